@@ -1,0 +1,271 @@
+//! The topic policy evaluator: the one place that decides who may publish or subscribe where.
+//!
+//! A policy is a list of [`Rule`]s; each grants one kind of principal (device or service) an
+//! action (publish, subscribe or both) on a topic filter pattern. Patterns may contain `{id}`
+//! (the device id) and `{tag:<key>}` (the value of the device's tag `<key>`). A rule whose
+//! substitution is impossible (missing tag, a tag value containing `/`, `+`, `#` or NUL) grants
+//! nothing. Everything not granted is denied.
+//!
+//! Defaults ([`Policy::default`]): a device may publish and subscribe under `devices/{id}/#`;
+//! a service may subscribe to `devices/#` (read-only).
+
+use crate::topic::{filter_covers, filter_matches, is_valid_filter};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Who is asking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Device {
+        id: String,
+        tags: BTreeMap<String, String>,
+    },
+    /// A backend service authenticated by an API token of role `service`.
+    Service { name: String },
+    /// Anonymous client on the development listener: everything is allowed.
+    Dev,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalKind {
+    Device,
+    Service,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Publish,
+    Subscribe,
+    Both,
+}
+
+/// One grant, as written in the config file:
+/// `{ principal = "device", action = "subscribe", filter = "sites/{tag:site}/#" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub principal: PrincipalKind,
+    pub action: Action,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy rule filter {0:?} is not a valid MQTT topic filter")]
+    BadFilter(String),
+    #[error("policy rule filter {0:?} has an unknown or unclosed substitution (use {{id}} or {{tag:<key>}})")]
+    BadSubstitution(String),
+}
+
+/// An evaluated set of rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            rules: Self::default_rules(),
+        }
+    }
+}
+
+impl Policy {
+    fn default_rules() -> Vec<Rule> {
+        vec![
+            Rule {
+                principal: PrincipalKind::Device,
+                action: Action::Both,
+                filter: "devices/{id}/#".into(),
+            },
+            Rule {
+                principal: PrincipalKind::Service,
+                action: Action::Subscribe,
+                filter: "devices/#".into(),
+            },
+        ]
+    }
+
+    /// The defaults plus `extra` rules, each validated.
+    pub fn with_rules(extra: Vec<Rule>) -> Result<Self, PolicyError> {
+        for rule in &extra {
+            validate_pattern(&rule.filter)?;
+        }
+        let mut rules = Self::default_rules();
+        rules.extend(extra);
+        Ok(Self { rules })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// May `who` publish to the concrete topic `topic`?
+    pub fn may_publish(&self, who: &Principal, topic: &str) -> bool {
+        self.granted(who, Action::Publish)
+            .any(|filter| filter_matches(&filter, topic))
+    }
+
+    /// May `who` subscribe to `filter`? True only if an allowed pattern covers every topic the
+    /// requested filter could match.
+    pub fn may_subscribe(&self, who: &Principal, filter: &str) -> bool {
+        self.granted(who, Action::Subscribe)
+            .any(|allowed| filter_covers(&allowed, filter))
+    }
+
+    fn granted<'a>(
+        &'a self,
+        who: &'a Principal,
+        want: Action,
+    ) -> Box<dyn Iterator<Item = String> + 'a> {
+        let kind = match who {
+            Principal::Dev => return Box::new(std::iter::once("#".to_owned())),
+            Principal::Device { .. } => PrincipalKind::Device,
+            Principal::Service { .. } => PrincipalKind::Service,
+        };
+        Box::new(
+            self.rules
+                .iter()
+                .filter(move |r| {
+                    r.principal == kind && (r.action == want || r.action == Action::Both)
+                })
+                .filter_map(move |r| substitute(&r.filter, who)),
+        )
+    }
+}
+
+fn validate_pattern(pattern: &str) -> Result<(), PolicyError> {
+    // Substitute every placeholder with a harmless value to check syntax.
+    let mut out = String::new();
+    let mut rest = pattern;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| PolicyError::BadSubstitution(pattern.into()))?;
+        let name = &rest[start + 1..start + end];
+        if name != "id" && name.strip_prefix("tag:").is_none_or(|k| k.is_empty()) {
+            return Err(PolicyError::BadSubstitution(pattern.into()));
+        }
+        out.push('x');
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    if out.contains('}') || !is_valid_filter(&out) {
+        return Err(PolicyError::BadFilter(pattern.into()));
+    }
+    Ok(())
+}
+
+/// Substitutes `{id}` and `{tag:key}`; `None` if the rule cannot apply to `who`.
+fn substitute(pattern: &str, who: &Principal) -> Option<String> {
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut rest = pattern;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}')?;
+        let name = &rest[start + 1..start + end];
+        let value = match (name, who) {
+            ("id", Principal::Device { id, .. }) => id.as_str(),
+            (n, Principal::Device { tags, .. }) => tags.get(n.strip_prefix("tag:")?)?.as_str(),
+            _ => return None,
+        };
+        if value.is_empty() || value.contains(['/', '+', '#', '\0']) {
+            return None;
+        }
+        out.push_str(value);
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(id: &str, tags: &[(&str, &str)]) -> Principal {
+        Principal::Device {
+            id: id.into(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn default_device_is_confined_to_its_subtree() {
+        let p = Policy::default();
+        let d1 = device("d1", &[]);
+        assert!(p.may_publish(&d1, "devices/d1/telemetry"));
+        assert!(p.may_publish(&d1, "devices/d1/a/b"));
+        assert!(!p.may_publish(&d1, "devices/d2/telemetry"));
+        assert!(!p.may_publish(&d1, "fleet/x"));
+        assert!(p.may_subscribe(&d1, "devices/d1/#"));
+        assert!(p.may_subscribe(&d1, "devices/d1/commands/+"));
+        assert!(!p.may_subscribe(&d1, "devices/+/telemetry"));
+        assert!(!p.may_subscribe(&d1, "#"));
+    }
+
+    #[test]
+    fn services_read_only_by_default() {
+        let p = Policy::default();
+        let s = Principal::Service {
+            name: "pipe".into(),
+        };
+        assert!(p.may_subscribe(&s, "devices/+/telemetry"));
+        assert!(p.may_subscribe(&s, "devices/#"));
+        assert!(!p.may_subscribe(&s, "#"));
+        assert!(!p.may_publish(&s, "devices/d1/commands/x"));
+    }
+
+    #[test]
+    fn extra_rules_with_substitutions() {
+        let p = Policy::with_rules(vec![
+            Rule {
+                principal: PrincipalKind::Device,
+                action: Action::Subscribe,
+                filter: "fleet/broadcast/#".into(),
+            },
+            Rule {
+                principal: PrincipalKind::Device,
+                action: Action::Both,
+                filter: "sites/{tag:site}/#".into(),
+            },
+        ])
+        .expect("valid rules");
+        let berlin = device("d1", &[("site", "berlin")]);
+        let untagged = device("d2", &[]);
+        let evil = device("d3", &[("site", "#")]);
+        assert!(p.may_subscribe(&berlin, "fleet/broadcast/#"));
+        assert!(!p.may_publish(&berlin, "fleet/broadcast/x"));
+        assert!(p.may_publish(&berlin, "sites/berlin/door"));
+        assert!(!p.may_publish(&berlin, "sites/paris/door"));
+        assert!(!p.may_subscribe(&untagged, "sites/berlin/#"));
+        assert!(!p.may_subscribe(&evil, "sites/berlin/#"));
+        assert!(!p.may_publish(&evil, "sites/berlin/x"));
+    }
+
+    #[test]
+    fn invalid_rules_are_refused() {
+        for filter in ["a/#/b", "sites/{tag:}/x", "sites/{nope}/x", "sites/{id"] {
+            let r = Policy::with_rules(vec![Rule {
+                principal: PrincipalKind::Device,
+                action: Action::Both,
+                filter: filter.into(),
+            }]);
+            assert!(r.is_err(), "{filter}");
+        }
+    }
+
+    #[test]
+    fn dev_principal_allows_everything() {
+        let p = Policy::default();
+        assert!(p.may_publish(&Principal::Dev, "anything/at/all"));
+        assert!(p.may_subscribe(&Principal::Dev, "#"));
+    }
+}

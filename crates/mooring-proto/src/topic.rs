@@ -1,0 +1,173 @@
+//! Every topic Mooring uses: built and parsed here, nowhere else; plus MQTT filter matching.
+
+use crate::id::DeviceId;
+use std::fmt;
+
+/// Root of every per-device topic.
+pub const DEVICES_ROOT: &str = "devices";
+/// Telemetry suffix: `devices/<id>/telemetry`.
+pub const TELEMETRY: &str = "telemetry";
+
+/// A topic Mooring gives meaning to. Topics under `devices/<id>/` that are not listed here are
+/// still allowed by the default policy (devices may use their own subtree freely), they just
+/// have no server-side meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    /// `devices/<id>/telemetry`: device → server, JSON telemetry (schema v1).
+    Telemetry(DeviceId),
+    /// Any other topic under `devices/<id>/`; the string is the rest after `devices/<id>/`.
+    DeviceOther(DeviceId, String),
+}
+
+impl Topic {
+    /// Parses a concrete topic name (no wildcards). Returns `None` for topics outside
+    /// `devices/<valid id>/...`.
+    pub fn parse(topic: &str) -> Option<Topic> {
+        let rest = topic.strip_prefix(DEVICES_ROOT)?.strip_prefix('/')?;
+        let (id, rest) = rest.split_once('/')?;
+        let id = DeviceId::parse(id).ok()?;
+        if rest.is_empty() {
+            return None;
+        }
+        Some(match rest {
+            TELEMETRY => Topic::Telemetry(id),
+            other => Topic::DeviceOther(id, other.to_owned()),
+        })
+    }
+
+    pub fn telemetry(id: &DeviceId) -> String {
+        format!("{DEVICES_ROOT}/{id}/{TELEMETRY}")
+    }
+
+    /// The device this topic belongs to.
+    pub fn device(&self) -> &DeviceId {
+        match self {
+            Topic::Telemetry(id) | Topic::DeviceOther(id, _) => id,
+        }
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Topic::Telemetry(id) => write!(f, "{DEVICES_ROOT}/{id}/{TELEMETRY}"),
+            Topic::DeviceOther(id, rest) => write!(f, "{DEVICES_ROOT}/{id}/{rest}"),
+        }
+    }
+}
+
+/// The filter covering a device's whole subtree: `devices/<id>/#`.
+pub fn device_subtree_filter(id: &DeviceId) -> String {
+    format!("{DEVICES_ROOT}/{id}/#")
+}
+
+/// Is `filter` a syntactically valid MQTT topic filter (MQTT 3.1.1 §4.7)?
+pub fn is_valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    let last = levels.len() - 1;
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i == last,
+        "+" => true,
+        l => !l.contains('#') && !l.contains('+'),
+    })
+}
+
+/// Is `topic` a valid MQTT topic name for PUBLISH (no wildcards, not empty)?
+pub fn is_valid_topic_name(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
+/// Does the concrete `topic` match `filter`? Implements MQTT wildcard rules including the
+/// rule that `+` / `#` at the first level do not match topics starting with `$`.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Does `outer` match every topic that `inner` matches? Used to decide whether a requested
+/// subscription stays inside what a policy allows. Conservative: may say `false` for exotic
+/// equivalent filters, never `true` wrongly.
+pub fn filter_covers(outer: &str, inner: &str) -> bool {
+    let mut o = outer.split('/');
+    let mut i = inner.split('/');
+    loop {
+        match (o.next(), i.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(il)) if il != "#" => {}
+            (Some(ol), Some(il)) if ol == il && ol != "+" && ol != "#" => {}
+            (Some("+"), Some("+")) => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::parse(s).expect("valid id")
+    }
+
+    #[test]
+    fn parse_roundtrip() {
+        let t = Topic::parse("devices/d1/telemetry").expect("parses");
+        assert_eq!(t, Topic::Telemetry(id("d1")));
+        assert_eq!(t.to_string(), "devices/d1/telemetry");
+        assert_eq!(Topic::telemetry(&id("d1")), "devices/d1/telemetry");
+        let o = Topic::parse("devices/d1/a/b").expect("parses");
+        assert_eq!(o, Topic::DeviceOther(id("d1"), "a/b".into()));
+        assert_eq!(Topic::parse("devices/-x/telemetry"), None);
+        assert_eq!(Topic::parse("devices/d1/"), None);
+        assert_eq!(Topic::parse("other/d1/telemetry"), None);
+    }
+
+    #[test]
+    fn matching() {
+        assert!(filter_matches(
+            "devices/+/telemetry",
+            "devices/d1/telemetry"
+        ));
+        assert!(filter_matches("devices/#", "devices/d1/telemetry"));
+        assert!(filter_matches("devices/d1/#", "devices/d1"));
+        assert!(!filter_matches("devices/d1/#", "devices/d2/x"));
+        assert!(!filter_matches("#", "$SYS/x"));
+        assert!(!filter_matches("devices/+", "devices/d1/telemetry"));
+    }
+
+    #[test]
+    fn covering() {
+        assert!(filter_covers("devices/d1/#", "devices/d1/#"));
+        assert!(filter_covers("devices/d1/#", "devices/d1/+/x"));
+        assert!(filter_covers("devices/+/telemetry", "devices/d1/telemetry"));
+        assert!(!filter_covers("devices/d1/#", "devices/+/telemetry"));
+        assert!(!filter_covers("devices/d1/#", "devices/#"));
+        assert!(!filter_covers("devices/d1/#", "#"));
+        assert!(!filter_covers("devices/d1/x", "devices/d1/+"));
+    }
+
+    #[test]
+    fn validity() {
+        assert!(is_valid_filter("a/+/#"));
+        assert!(!is_valid_filter("a/#/b"));
+        assert!(!is_valid_filter("a/b+"));
+        assert!(is_valid_topic_name("a/b"));
+        assert!(!is_valid_topic_name("a/+"));
+    }
+}
