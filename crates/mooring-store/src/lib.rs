@@ -1,1 +1,52 @@
-//! placeholder
+//! # mooring-store: where Mooring keeps its state
+//!
+//! No SQL appears outside this crate. The rest of Mooring sees three traits, one per concern,
+//! all `async` and object safe:
+//!
+//! * [`DeviceStore`]: the device registry (certificate identity, tags, last seen).
+//! * [`TokenStore`]: API tokens; only SHA-256 hashes of secrets are stored.
+//! * [`TelemetryStore`]: time-series points with per-device `seq` dedupe, a cheap "latest value
+//!   per metric" view and chunked retention.
+//!
+//! [`Store`] is all three at once (blanket impl); the server holds an `Arc<dyn Store>`.
+//!
+//! ## Backends
+//!
+//! [`SqliteStore`] (module [`sqlite`]) is the embedded backend: one file, WAL,
+//! `synchronous=FULL` so acknowledged telemetry survives kill -9 and power loss. All writes go
+//! through one writer connection; reads use a small pool of read connections, so API reads never
+//! wait behind ingest. Every call runs on tokio's blocking pool, never on the async runtime.
+//! Numbered migrations (`migrations/NNNN_*.sql`) are embedded in the binary and applied at open,
+//! tracked by SQLite's `user_version`. A PostgreSQL backend can be added later by implementing the
+//! same traits.
+//!
+//! ## Durability before acknowledgement: the group-commit writer
+//!
+//! Devices publish telemetry one message at a time; an fsync per message would cap ingest at a
+//! few hundred messages per second. [`TelemetryWriter`] (module [`writer`]) is a bounded queue in
+//! front of any [`TelemetryStore`]: one task takes everything queued (up to `batch_len_max`),
+//! writes it with one [`TelemetryStore::append_batch`] (one transaction, one fsync), then answers
+//! every waiter. The MQTT layer acknowledges a message only after its `append` returned `Ok`.
+//! [`run_retention_pass`] deletes old points in small chunks so ingest never stalls behind it.
+//!
+//! ## One behaviour, every backend
+//!
+//! [`conformance`] holds the behavioural contract as async test functions taking a `&dyn Store`,
+//! and [`conformance_tests!`] expands them into one `#[tokio::test]` each. `tests/sqlite.rs`
+//! runs it against SQLite; a new backend runs the same macro and must pass unchanged.
+
+pub mod conformance;
+pub mod error;
+pub mod model;
+pub mod sqlite;
+pub mod store;
+pub mod writer;
+
+pub use error::{Result, StoreError};
+pub use model::{
+    AppendOutcome, DeviceRecord, MetricValue, NewDevice, Point, TelemetryQuery, TelemetryRecord,
+    TokenRecord, TokenRole, TS_MS_MAX,
+};
+pub use sqlite::{SqliteStore, DB_FILE_NAME};
+pub use store::{DeviceStore, Store, TelemetryStore, TokenStore};
+pub use writer::{run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats};

@@ -1,0 +1,173 @@
+//! Plain records exchanged with a store: devices, tokens, telemetry. No serde on purpose.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+pub use mooring_proto::telemetry::MetricValue;
+
+use crate::error::{Result, StoreError};
+
+/// Largest timestamp (unix milliseconds) a store accepts; backends keep times as signed 64 bit.
+pub const TS_MS_MAX: u64 = i64::MAX as u64;
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceRecord {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+    pub created_at_ms: u64,
+    /// Lowercase hex of the SHA-256 of the device certificate (DER): the certificate identity.
+    pub cert_sha256: String,
+    pub cert_serial: String,
+    pub cert_not_after_ms: u64,
+    /// Newest time the device was seen; `None` until it first connects.
+    pub last_seen_ms: Option<u64>,
+}
+
+/// A device to register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDevice {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+    pub created_at_ms: u64,
+    pub cert_sha256: String,
+    pub cert_serial: String,
+    pub cert_not_after_ms: u64,
+}
+
+impl NewDevice {
+    /// The record as stored: never seen yet.
+    pub fn into_record(self) -> DeviceRecord {
+        DeviceRecord {
+            id: self.id,
+            tags: self.tags,
+            created_at_ms: self.created_at_ms,
+            cert_sha256: self.cert_sha256,
+            cert_serial: self.cert_serial,
+            cert_not_after_ms: self.cert_not_after_ms,
+            last_seen_ms: None,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_ts("created_at_ms", self.created_at_ms)?;
+        check_ts("cert_not_after_ms", self.cert_not_after_ms)
+    }
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenRole {
+    Admin,
+    Service,
+}
+
+impl TokenRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenRole::Admin => "admin",
+            TokenRole::Service => "service",
+        }
+    }
+}
+
+impl FromStr for TokenRole {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<TokenRole> {
+        match s {
+            "admin" => Ok(TokenRole::Admin),
+            "service" => Ok(TokenRole::Service),
+            other => Err(StoreError::InvalidInput(format!(
+                "unknown token role {other:?} (expected \"admin\" or \"service\")"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for TokenRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An API token. The secret itself is never stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub id: String,
+    pub name: String,
+    pub role: TokenRole,
+    /// Lowercase hex of the SHA-256 of the secret.
+    pub token_sha256: String,
+    pub created_at_ms: u64,
+}
+
+/// One telemetry message to store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TelemetryRecord {
+    pub device_id: String,
+    /// Device sequence number: a repeated `(device_id, seq)` is stored once. `None`: always stored.
+    pub seq: Option<u64>,
+    pub ts_ms: u64,
+    pub points: Vec<(String, MetricValue)>,
+}
+
+impl TelemetryRecord {
+    /// Checks what every backend must be able to store: `ts_ms <= TS_MS_MAX`, finite numbers,
+    /// non-empty metric names. The writer runs this per record so one bad record cannot fail
+    /// the batch it would have shared with others.
+    pub fn validate(&self) -> Result<()> {
+        check_ts("ts_ms", self.ts_ms)?;
+        for (metric, value) in &self.points {
+            if metric.is_empty() {
+                return Err(StoreError::InvalidInput("empty metric name".into()));
+            }
+            if let MetricValue::Number(n) = value {
+                if !n.is_finite() {
+                    return Err(StoreError::InvalidInput(format!(
+                        "metric {metric:?} is not a finite number"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether an appended record was stored or recognised as already stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendOutcome {
+    Stored,
+    /// `(device_id, seq)` was already stored; nothing was written. Acknowledge it anyway.
+    Duplicate,
+}
+
+/// One stored metric point.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub metric: String,
+    pub ts_ms: u64,
+    pub value: MetricValue,
+}
+
+/// Points of one device, optionally of one metric, in `[from_ms, to_ms)`, oldest first, at most
+/// `limit` of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TelemetryQuery {
+    pub device_id: String,
+    pub metric: Option<String>,
+    /// Inclusive lower bound; `None`: from the beginning.
+    pub from_ms: Option<u64>,
+    /// Exclusive upper bound; `None`: no upper bound.
+    pub to_ms: Option<u64>,
+    pub limit: usize,
+}
+
+pub(crate) fn check_ts(what: &str, ts_ms: u64) -> Result<()> {
+    if ts_ms > TS_MS_MAX {
+        return Err(StoreError::InvalidInput(format!(
+            "{what} {ts_ms} is above the largest storable time {TS_MS_MAX}"
+        )));
+    }
+    Ok(())
+}

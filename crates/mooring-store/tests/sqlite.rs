@@ -1,0 +1,142 @@
+//! The conformance suite and SQLite-specific behaviour (persistence, migrations) on a temp dir.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mooring_store::{
+    AppendOutcome, DeviceStore, MetricValue, NewDevice, SqliteStore, Store, StoreError,
+    TelemetryQuery, TelemetryRecord, TelemetryStore, TokenRecord, TokenRole, TokenStore,
+    DB_FILE_NAME,
+};
+
+async fn fresh_store() -> (Arc<dyn Store>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let store = SqliteStore::open(dir.path()).expect("open sqlite store");
+    (Arc::new(store), dir)
+}
+
+mooring_store::conformance_tests!(fresh_store);
+
+fn device(id: &str) -> NewDevice {
+    NewDevice {
+        id: id.to_owned(),
+        tags: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
+        created_at_ms: 1,
+        cert_sha256: "abc".into(),
+        cert_serial: "01".into(),
+        cert_not_after_ms: 2,
+    }
+}
+
+fn record(seq: u64) -> TelemetryRecord {
+    TelemetryRecord {
+        device_id: "d1".into(),
+        seq: Some(seq),
+        ts_ms: 1_000 + seq,
+        points: vec![
+            ("temp".into(), MetricValue::Number(20.5)),
+            ("door".into(), MetricValue::Bool(false)),
+        ],
+    }
+}
+
+#[tokio::test]
+async fn reopening_the_data_dir_keeps_data_and_dedupe_and_migrations_are_idempotent() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    {
+        let store = SqliteStore::open(dir.path()).expect("first open");
+        assert_eq!(store.path(), dir.path().join(DB_FILE_NAME));
+        store.create_device(device("d1")).await.expect("create");
+        store
+            .create_token(TokenRecord {
+                id: "t1".into(),
+                name: "ci".into(),
+                role: TokenRole::Service,
+                token_sha256: "h".into(),
+                created_at_ms: 3,
+            })
+            .await
+            .expect("token");
+        let outcomes = store
+            .append_batch(vec![record(1), record(2)])
+            .await
+            .expect("append");
+        assert_eq!(outcomes, [AppendOutcome::Stored, AppendOutcome::Stored]);
+    }
+    for _ in 0..2 {
+        let store = SqliteStore::open(dir.path()).expect("reopen");
+        let d = store
+            .get_device("d1")
+            .await
+            .expect("get")
+            .expect("device survives");
+        assert_eq!(d.tags.get("k").map(String::as_str), Some("v"));
+        assert!(store.find_token("h").await.expect("find").is_some());
+        let points = store
+            .query(TelemetryQuery {
+                device_id: "d1".into(),
+                metric: Some("door".into()),
+                from_ms: None,
+                to_ms: None,
+                limit: 10,
+            })
+            .await
+            .expect("query");
+        assert_eq!(points.len(), 2);
+        assert_eq!(points[0].value, MetricValue::Bool(false));
+        // Dedupe survives a restart.
+        let outcomes = store.append_batch(vec![record(2)]).await.expect("append");
+        assert_eq!(outcomes, [AppendOutcome::Duplicate]);
+        assert_eq!(store.latest("d1").await.expect("latest").len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn opens_an_explicit_database_file_path() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("nested/fleet.sqlite");
+    let store = SqliteStore::open(&file).expect("open file path");
+    assert_eq!(store.path(), file);
+    store.create_device(device("d1")).await.expect("create");
+    assert!(file.is_file());
+}
+
+#[tokio::test]
+async fn refuses_a_database_from_a_newer_schema() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("db.sqlite");
+    drop(SqliteStore::open(&file).expect("create"));
+    {
+        let conn = rusqlite::Connection::open(&file).expect("raw open");
+        conn.pragma_update(None, "user_version", 999)
+            .expect("bump version");
+    }
+    let err = SqliteStore::open(&file).expect_err("newer schema must be refused");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 999, .. }),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), "schema_too_new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_proceed_while_ingest_is_running() {
+    let (store, _dir) = fresh_store().await;
+    store.create_device(device("d1")).await.expect("create");
+    let writer_store = Arc::clone(&store);
+    let ingest = tokio::spawn(async move {
+        for chunk in 0..20u64 {
+            let batch = (0..100).map(|i| record(chunk * 100 + i)).collect();
+            writer_store.append_batch(batch).await.expect("append");
+        }
+    });
+    for _ in 0..20 {
+        assert!(store
+            .get_device("d1")
+            .await
+            .expect("read during ingest")
+            .is_some());
+    }
+    ingest.await.expect("ingest task");
+    assert_eq!(store.latest("d1").await.expect("latest").len(), 2);
+}
