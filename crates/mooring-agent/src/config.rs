@@ -1,0 +1,177 @@
+//! [`AgentConfig`]: the plain settings struct the CLI (or the simulator) builds, with defaults and checks.
+
+use std::path::PathBuf;
+
+/// Default seconds between host-metric samples.
+pub const INTERVAL_SECS_DEFAULT: u64 = 60;
+/// Default outbox bound, in messages.
+pub const OUTBOX_MAX_DEFAULT: u64 = 100_000;
+/// Default MQTT keepalive.
+pub const KEEPALIVE_SECS_DEFAULT: u64 = 30;
+
+/// Where extra telemetry lines come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputSource {
+    /// The process's standard input (`--input -`).
+    Stdin,
+    /// A file read once to its end.
+    File(PathBuf),
+}
+
+impl InputSource {
+    /// `-` means stdin, anything else is a path.
+    pub fn from_arg(arg: &str) -> Self {
+        if arg == "-" {
+            Self::Stdin
+        } else {
+            Self::File(PathBuf::from(arg))
+        }
+    }
+}
+
+/// Everything the agent needs to run. Built by the CLI; the simulator builds it directly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Server host name or IP address; also the TLS server name checked against the server
+    /// certificate.
+    pub server_host: String,
+    pub server_port: u16,
+    /// PEM client certificate (chain); its subject CN is the device id.
+    pub cert_path: PathBuf,
+    /// PEM private key of the client certificate.
+    pub key_path: PathBuf,
+    /// PEM CA certificate(s): the only roots trusted for the server certificate.
+    pub ca_path: PathBuf,
+    /// Directory holding the outbox database (created if missing).
+    pub state_dir: PathBuf,
+    /// Seconds between host-metric samples; 0 disables host metrics.
+    pub interval_secs: u64,
+    /// Extra telemetry, one JSON object per line.
+    pub input: Option<InputSource>,
+    /// Exit once the input is at EOF (or there is none) and the outbox is empty.
+    pub exit_when_drained: bool,
+    /// Most messages kept in the outbox; when full the oldest are dropped.
+    pub outbox_max: u64,
+    pub keepalive_secs: u64,
+    /// Seed for reconnect jitter; `None` seeds from the OS. The simulator sets it so the same
+    /// seed gives the same run.
+    pub jitter_seed: Option<u64>,
+}
+
+impl AgentConfig {
+    /// A config with every optional setting at its default.
+    pub fn new(
+        server_host: impl Into<String>,
+        server_port: u16,
+        cert_path: impl Into<PathBuf>,
+        key_path: impl Into<PathBuf>,
+        ca_path: impl Into<PathBuf>,
+        state_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            server_host: server_host.into(),
+            server_port,
+            cert_path: cert_path.into(),
+            key_path: key_path.into(),
+            ca_path: ca_path.into(),
+            state_dir: state_dir.into(),
+            interval_secs: INTERVAL_SECS_DEFAULT,
+            input: None,
+            exit_when_drained: false,
+            outbox_max: OUTBOX_MAX_DEFAULT,
+            keepalive_secs: KEEPALIVE_SECS_DEFAULT,
+            jitter_seed: None,
+        }
+    }
+
+    /// Checks what can be checked without touching the disk or the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server_host.is_empty() {
+            return Err(ConfigError::BadServer("empty host".into()));
+        }
+        if self.server_port == 0 {
+            return Err(ConfigError::BadServer("port 0".into()));
+        }
+        if self.outbox_max == 0 {
+            return Err(ConfigError::Invalid("--outbox-max must be at least 1"));
+        }
+        if self.keepalive_secs < 5 {
+            return Err(ConfigError::Invalid("keepalive must be at least 5 seconds"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--server must be HOST:PORT (e.g. mooring.example.com:8883 or [::1]:8883): {0}")]
+    BadServer(String),
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+/// Splits `HOST:PORT` (`[v6]:PORT` for IPv6 literals) into host and port.
+pub fn parse_server(s: &str) -> Result<(String, u16), ConfigError> {
+    let bad = |why: &str| ConfigError::BadServer(format!("{s:?}: {why}"));
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (host, rest) = rest.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+        let port = rest.strip_prefix(':').ok_or_else(|| bad("missing :PORT"))?;
+        (host, port)
+    } else {
+        let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("missing :PORT"))?;
+        if host.contains(':') {
+            return Err(bad("IPv6 addresses must be written [addr]:PORT"));
+        }
+        (host, port)
+    };
+    if host.is_empty() {
+        return Err(bad("empty host"));
+    }
+    let port: u16 = port.parse().map_err(|_| bad("port is not a number"))?;
+    if port == 0 {
+        return Err(bad("port 0"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_host_port_forms() {
+        assert_eq!(
+            parse_server("127.0.0.1:8883"),
+            Ok(("127.0.0.1".into(), 8883))
+        );
+        assert_eq!(
+            parse_server("mooring.example.com:1"),
+            Ok(("mooring.example.com".into(), 1))
+        );
+        assert_eq!(parse_server("[::1]:8883"), Ok(("::1".into(), 8883)));
+        for bad in [
+            "", "host", "host:", ":80", "host:0", "host:x", "::1:80", "[::1]80",
+        ] {
+            assert!(parse_server(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn input_dash_is_stdin() {
+        assert_eq!(InputSource::from_arg("-"), InputSource::Stdin);
+        assert_eq!(
+            InputSource::from_arg("x.jsonl"),
+            InputSource::File("x.jsonl".into())
+        );
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = AgentConfig::new("h", 8883, "c", "k", "ca", "s");
+        assert_eq!(c.interval_secs, 60);
+        assert_eq!(c.outbox_max, 100_000);
+        assert!(c.validate().is_ok());
+        let c = AgentConfig { outbox_max: 0, ..c };
+        assert!(c.validate().is_err());
+    }
+}
