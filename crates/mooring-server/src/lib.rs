@@ -1,1 +1,36 @@
-//! placeholder
+//! # mooring-server: one process that runs a fleet
+//!
+//! `mooring serve` builds a [`ServerConfig`], binds [`Listeners`] and calls [`run`]; tests bind
+//! port 0 and call the same function (or run the binary). The pieces:
+//!
+//! * [`pki`]: the fleet CA and server certificate in the data dir; device certificates.
+//! * [`mooring_broker`] (its own crate): the MQTT 3.1.1/5 session layer, over any stream.
+//! * [`hooks`]: the broker's view of Mooring: certificate → device identity, the topic policy,
+//!   telemetry ingest (PUBACK only after the group-commit writer made the point durable).
+//! * [`app`]: registry and telemetry operations shared by HTTP and MQTT; no SQL, no HTTP.
+//! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
+//! * [`presence`]: online/offline and `last_seen`, flushed to the store in batches.
+//! * [`mooring_store`] (its own crate): storage traits + SQLite, group-commit writer.
+//!
+//! Data flow of one telemetry point: TLS accept → broker CONNECT → [`hooks::ServerHooks`]
+//! authenticates the certificate → PUBLISH `devices/<id>/telemetry` → policy check → parse
+//! (`mooring_proto::telemetry`) → `TelemetryWriter::append` (batched transaction + fsync) →
+//! PUBACK → routed to subscribers.
+//!
+//! Every background task is owned: listeners and periodic jobs live in a `JoinSet`, connection
+//! tasks in a `TaskTracker`; shutdown stops accepting, closes sessions, flushes presence and
+//! drains the writer.
+
+pub mod app;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod hooks;
+pub mod http;
+pub mod metrics;
+pub mod pki;
+pub mod presence;
+mod serve;
+
+pub use config::ServerConfig;
+pub use serve::{render_metrics, run, Listeners, RunningServer};

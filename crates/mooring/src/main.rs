@@ -1,1 +1,209 @@
-fn main() {}
+//! The `mooring` command: `serve` runs the server; `device` and `token` talk to its API.
+
+mod client;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use mooring_server::config::ServerConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "mooring",
+    version,
+    about = "Mooring: run a fleet of connected devices"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server: MQTT over TLS (per-device certificates), HTTP API, telemetry store.
+    Serve(ServeArgs),
+    /// Manage devices through the running server's API.
+    Device {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Manage API tokens (e.g. a `service` token for a data pipeline's MQTT login).
+    Token {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "MOORING_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory [default: ./mooring-data].
+    #[arg(long, env = "MOORING_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// MQTT over TLS listen address [default: 0.0.0.0:8883].
+    #[arg(long, env = "MOORING_MQTT_ADDR")]
+    mqtt_addr: Option<SocketAddr>,
+    /// Plain, anonymous, unrestricted MQTT for local experiments (loopback only; off by default).
+    #[arg(long, env = "MOORING_MQTT_DEV_ADDR")]
+    mqtt_dev_addr: Option<SocketAddr>,
+    /// HTTP API listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "MOORING_HTTP_ADDR")]
+    http_addr: Option<SocketAddr>,
+    /// Serve the HTTP API over TLS with the server certificate.
+    #[arg(long, env = "MOORING_HTTP_TLS")]
+    http_tls: bool,
+    /// Name or IP for the server certificate (repeatable) [default: localhost, 127.0.0.1].
+    /// Used when the certificate is first created.
+    #[arg(
+        long = "server-name",
+        env = "MOORING_SERVER_NAME",
+        value_delimiter = ','
+    )]
+    server_names: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register a device and write its credentials to DIR (device.crt, device.key, ca.crt).
+    Create {
+        id: String,
+        /// Output directory [default: ./<ID>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Tag as key=value (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// List devices.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one device as JSON.
+    Show { id: String },
+    /// Delete a device: its certificate is refused from now on and a live session closed.
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token; prints the secret once.
+    Create {
+        name: String,
+        /// `service` or `admin`.
+        #[arg(long, default_value = "service")]
+        role: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Device { api, command } => client::device(api, command).await,
+            Command::Token { api, command } => client::token(api, command).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = e.downcast_ref::<client::UsageError>().map_or(1, |_| 2);
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let mut config = match &args.config {
+        Some(path) => ServerConfig::load(path)?,
+        None => ServerConfig::default(),
+    };
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(a) = args.mqtt_addr {
+        config.mqtt_addr = a;
+    }
+    if let Some(a) = args.mqtt_dev_addr {
+        config.mqtt_dev_addr = Some(a);
+    }
+    if let Some(a) = args.http_addr {
+        config.http_addr = a;
+    }
+    if args.http_tls {
+        config.http_tls = true;
+    }
+    if !args.server_names.is_empty() {
+        config.server_names = args.server_names;
+    }
+    config.validate()?;
+    let listeners = mooring_server::Listeners::bind(&config).await?;
+    let clock = std::sync::Arc::new(mooring_proto::SystemClock);
+    let data_dir = config.data_dir.clone();
+    let server = mooring_server::RunningServer::start(config, listeners, clock)
+        .await
+        .context("starting the server")?;
+    if let Some(token) = &server.new_admin_token {
+        println!(
+            "admin API token (saved to {}; shown once): {token}",
+            data_dir
+                .join(mooring_server::auth::ADMIN_TOKEN_FILE)
+                .display()
+        );
+    }
+    tracing::info!("ready");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

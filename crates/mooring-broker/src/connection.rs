@@ -1,0 +1,1370 @@
+//! One client connection: the tokio driver around the sans-IO `mqtt-protocol-core` server state machine.
+
+use crate::broker::{lock, Control, Shared};
+use crate::hooks::{
+    Authenticated, ConnInfo, ConnectRefusal, ConnectRequest, Message, MessageProps,
+    ProtocolVersion, PublishVerdict,
+};
+use crate::session::{Delivery, Inflight, InflightState, Link, Session, SubOptions};
+use bytes::Bytes;
+use futures::stream::{FuturesOrdered, StreamExt};
+use mooring_proto::policy::Principal;
+use mooring_proto::topic::{is_valid_filter, is_valid_topic_name};
+use mqtt_protocol_core::mqtt;
+use mqtt_protocol_core::mqtt::common::Cursor;
+use mqtt_protocol_core::mqtt::connection::{ConnectionOptions, Event, TimerKind};
+use mqtt_protocol_core::mqtt::packet::{v3_1_1, v5_0, GenericPacket, Property, Qos};
+use mqtt_protocol_core::mqtt::prelude::*;
+use mqtt_protocol_core::mqtt::result_code::{
+    ConnectReasonCode, ConnectReturnCode, DisconnectReasonCode, MqttError, PubackReasonCode,
+    PubrecReasonCode, SubackReasonCode, SubackReturnCode, UnsubackReasonCode,
+};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, Sleep};
+
+type Server = mqtt::Connection<mqtt::role::Server>;
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+const READ_CHUNK_BYTES: usize = 8 * 1024;
+
+/// A will as accepted at CONNECT.
+#[derive(Clone)]
+struct Will {
+    msg: Message,
+    delay_secs: u32,
+}
+
+/// What cleanup needs to know, written by the protocol task as it goes (so it survives a panic).
+#[derive(Default)]
+struct ConnRecord {
+    client_id: Option<String>,
+    principal: Option<Principal>,
+    session: Option<Arc<Mutex<Session>>>,
+    will: Option<Will>,
+    /// Normal DISCONNECT received (will suppressed), unless it was v5 0x04.
+    clean_disconnect: bool,
+    connected: bool,
+    qos2_in: Option<std::collections::HashSet<u16>>,
+}
+
+/// Entry point from [`crate::Broker::serve_connection`].
+pub(crate) async fn serve<S>(shared: Arc<Shared>, stream: S, info: ConnInfo)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        return;
+    }
+    shared.counters.connections.fetch_add(1, Ordering::SeqCst);
+    let conn_id = shared.conn_seq.fetch_add(1, Ordering::Relaxed);
+    let record = Arc::new(Mutex::new(ConnRecord::default()));
+    let (done_tx, done_rx) = watch::channel(());
+    let (control_tx, control_rx) = mpsc::channel(4);
+    let task = tokio::spawn(run(
+        shared.clone(),
+        stream,
+        info,
+        conn_id,
+        record.clone(),
+        Link {
+            conn_id,
+            control: control_tx,
+            done: done_rx,
+        },
+        control_rx,
+    ));
+    if let Err(e) = task.await {
+        if e.is_panic() {
+            shared.counters.panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(conn_id, "connection task panicked; connection closed");
+        }
+    }
+    cleanup(&shared, conn_id, &record).await;
+    drop(done_tx);
+    shared.counters.connections.fetch_sub(1, Ordering::SeqCst);
+    shared.conn_ended.notify_waiters();
+}
+
+async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>) {
+    let (session, will, clean, connected, client_id, principal, qos2_in) = {
+        let mut r = lock(record);
+        (
+            r.session.take(),
+            r.will.take(),
+            r.clean_disconnect,
+            r.connected,
+            r.client_id.clone(),
+            r.principal.clone(),
+            r.qos2_in.take(),
+        )
+    };
+    let (Some(client_id), Some(principal)) = (client_id, principal) else {
+        return;
+    };
+    let mut session_expiry_secs = 0;
+    if let Some(session) = &session {
+        let mut s = lock(session);
+        if s.link.as_ref().map(|l| l.conn_id) == Some(conn_id) {
+            s.link = None;
+            if let Some(q) = qos2_in {
+                s.qos2_in = q;
+            }
+            // QoS 0 messages are not kept for an offline session.
+            s.queue.retain(|d| d.qos > 0);
+            session_expiry_secs = s.expiry_secs;
+            let generation = s.generation;
+            drop(s);
+            if session_expiry_secs == 0 {
+                let mut state = lock(&shared.state);
+                if state
+                    .sessions
+                    .get(&client_id)
+                    .is_some_and(|cur| Arc::ptr_eq(cur, session))
+                {
+                    state.sessions.remove(&client_id);
+                }
+            } else if session_expiry_secs != u32::MAX {
+                let shared2 = shared.clone();
+                let session2 = session.clone();
+                let id2 = client_id.clone();
+                shared.spawn_timer(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(session_expiry_secs))).await;
+                    let mut state = lock(&shared2.state);
+                    let s = lock(&session2);
+                    if s.link.is_none() && s.generation == generation {
+                        drop(s);
+                        if state
+                            .sessions
+                            .get(&id2)
+                            .is_some_and(|cur| Arc::ptr_eq(cur, &session2))
+                        {
+                            state.sessions.remove(&id2);
+                        }
+                    }
+                });
+            }
+        }
+    }
+    if let Some(will) = will.filter(|_| !clean) {
+        let delay_secs = will.delay_secs.min(session_expiry_secs);
+        match (delay_secs, &session) {
+            (0, _) | (_, None) => shared.publish_as(&principal, &client_id, will.msg).await,
+            (delay, Some(session)) => {
+                let generation = lock(session).generation;
+                let shared2 = shared.clone();
+                let session2 = session.clone();
+                let principal2 = principal.clone();
+                let id2 = client_id.clone();
+                shared.spawn_timer(async move {
+                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
+                    // A reconnect to this session before the delay cancels the will.
+                    if lock(&session2).generation == generation {
+                        shared2.publish_as(&principal2, &id2, will.msg).await;
+                    }
+                });
+            }
+        }
+    }
+    if connected {
+        shared.hooks.on_disconnected(&client_id, &principal);
+    }
+}
+
+/// How the protocol loop ended.
+enum End {
+    Closed,
+}
+
+struct Conn<S> {
+    shared: Arc<Shared>,
+    stream: S,
+    mqtt: Server,
+    out: Vec<u8>,
+    close: bool,
+    keepalive: Option<Pin<Box<Sleep>>>,
+    version: ProtocolVersion,
+    record: Arc<Mutex<ConnRecord>>,
+    // Set after CONNECT:
+    client_id: String,
+    principal: Principal,
+    session: Option<Arc<Mutex<Session>>>,
+    /// Client's Receive Maximum (v5) bounded by our inflight_max.
+    send_window: usize,
+    /// Client's Maximum Packet Size (v5).
+    client_packet_size_max: u32,
+    /// Bytes read together with CONNECT, not yet processed.
+    leftover: Vec<u8>,
+}
+
+struct PendingPublish {
+    packet_id: Option<u16>,
+    msg: Message,
+    verdict: PublishVerdict,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    info: ConnInfo,
+    conn_id: u64,
+    record: Arc<Mutex<ConnRecord>>,
+    link: Link,
+    mut control_rx: mpsc::Receiver<Control>,
+) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let opts = ConnectionOptions::new()
+        .maximum_packet_size_recv(shared.config.packet_size_bytes_max)
+        .receive_maximum(shared.config.inflight_max);
+    let mqtt = Server::with_options(mqtt::Version::Undetermined, opts);
+    let mut c = Conn {
+        shared: shared.clone(),
+        stream,
+        mqtt,
+        out: Vec::new(),
+        close: false,
+        keepalive: None,
+        version: ProtocolVersion::V311,
+        record,
+        client_id: String::new(),
+        principal: Principal::Dev,
+        session: None,
+        send_window: 0,
+        client_packet_size_max: u32::MAX,
+        leftover: Vec::new(),
+    };
+    let connect_timeout = Duration::from_millis(shared.config.connect_timeout_ms);
+    let connect = match tokio::time::timeout(connect_timeout, c.read_connect()).await {
+        Ok(Some(p)) => p,
+        _ => {
+            let _ = c.flush().await;
+            return End::Closed;
+        }
+    };
+    if !c.handle_connect(connect, &info, conn_id, link).await {
+        let _ = c.flush().await;
+        return End::Closed;
+    }
+    if c.flush().await.is_err() {
+        return End::Closed;
+    }
+    c.main_loop(&mut control_rx).await;
+    End::Closed
+}
+
+fn qos_u8(q: Qos) -> u8 {
+    match q {
+        Qos::AtMostOnce => 0,
+        Qos::AtLeastOnce => 1,
+        Qos::ExactlyOnce => 2,
+    }
+}
+
+fn qos_of(q: u8) -> Qos {
+    match q {
+        0 => Qos::AtMostOnce,
+        1 => Qos::AtLeastOnce,
+        _ => Qos::ExactlyOnce,
+    }
+}
+
+fn props_to_message_props(props: &[Property]) -> MessageProps {
+    let mut m = MessageProps::default();
+    for p in props {
+        match p {
+            Property::PayloadFormatIndicator(v) => m.payload_utf8 = v.val() == 1,
+            Property::MessageExpiryInterval(v) => m.message_expiry_secs = Some(v.val()),
+            Property::ContentType(v) => m.content_type = Some(v.val().to_string()),
+            Property::ResponseTopic(v) => m.response_topic = Some(v.val().to_string()),
+            Property::CorrelationData(v) => {
+                m.correlation_data = Some(Bytes::copy_from_slice(v.val()))
+            }
+            Property::UserProperty(v) => m
+                .user_properties
+                .push((v.key().to_string(), v.val().to_string())),
+            _ => {}
+        }
+    }
+    m
+}
+
+fn message_props_to_props(m: &MessageProps, expiry_secs: Option<u32>) -> Vec<Property> {
+    let mut v: Vec<Property> = Vec::new();
+    if m.payload_utf8 {
+        if let Ok(p) =
+            mqtt::packet::PayloadFormatIndicator::new(mqtt::packet::PayloadFormat::String)
+        {
+            v.push(p.into());
+        }
+    }
+    if let Some(e) = expiry_secs {
+        if let Ok(p) = mqtt::packet::MessageExpiryInterval::new(e) {
+            v.push(p.into());
+        }
+    }
+    if let Some(ct) = &m.content_type {
+        if let Ok(p) = mqtt::packet::ContentType::new(ct.as_str()) {
+            v.push(p.into());
+        }
+    }
+    if let Some(rt) = &m.response_topic {
+        if let Ok(p) = mqtt::packet::ResponseTopic::new(rt.as_str()) {
+            v.push(p.into());
+        }
+    }
+    if let Some(cd) = &m.correlation_data {
+        if let Ok(p) = mqtt::packet::CorrelationData::new(cd.to_vec()) {
+            v.push(p.into());
+        }
+    }
+    for (k, val) in &m.user_properties {
+        if let Ok(p) = mqtt::packet::UserProperty::new(k.as_str(), val.as_str()) {
+            v.push(p.into());
+        }
+    }
+    v
+}
+
+enum ConnectPacket {
+    V3(v3_1_1::Connect),
+    V5(v5_0::Connect),
+}
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            let n = self.out.len();
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+            if self.out.capacity() > 64 * 1024 {
+                self.out = Vec::with_capacity(4096.min(n));
+            }
+        }
+        self.stream.flush().await
+    }
+
+    /// Apply the library's side-effect events; returns the received packets for dispatch.
+    fn apply(&mut self, events: Vec<Event>) -> Vec<GenericPacket<u16>> {
+        let mut received = Vec::new();
+        for ev in events {
+            match ev {
+                Event::RequestSendPacket { packet, .. } => {
+                    self.out.extend_from_slice(&packet.to_continuous_buffer());
+                }
+                Event::RequestClose => self.close = true,
+                Event::RequestTimerReset {
+                    kind: TimerKind::PingreqRecv,
+                    duration_ms,
+                } => {
+                    self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(
+                        duration_ms,
+                    ))));
+                }
+                Event::RequestTimerReset { .. } => {}
+                Event::RequestTimerCancel(TimerKind::PingreqRecv) => self.keepalive = None,
+                Event::RequestTimerCancel(_) => {}
+                Event::NotifyPacketIdReleased(pid) => {
+                    if let Some(session) = &self.session {
+                        let mut s = lock(session);
+                        s.inflight.retain(|i| i.packet_id != pid);
+                        s.notify.notify_one();
+                    }
+                }
+                Event::NotifyError(e) => {
+                    tracing::debug!(client_id = %self.client_id, error = ?e, "mqtt protocol error");
+                    if e == MqttError::UnsupportedProtocolVersion {
+                        // v3.1.1 §3.2.2.3: CONNACK 0x01 for an unsupported protocol level.
+                        self.out.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+                        self.close = true;
+                    }
+                }
+                Event::NotifyPacketReceived(p) => received.push(p),
+            }
+        }
+        received
+    }
+
+    async fn read_connect(&mut self) -> Option<ConnectPacket> {
+        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        loop {
+            let n = self.stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            let mut cur = Cursor::new(&buf[..n]);
+            while (cur.position() as usize) < n {
+                let events = self.mqtt.recv(&mut cur);
+                let first = self.apply(events).into_iter().next();
+                let connect = match first {
+                    Some(GenericPacket::V3_1_1Connect(p)) => {
+                        self.version = ProtocolVersion::V311;
+                        ConnectPacket::V3(p)
+                    }
+                    Some(GenericPacket::V5_0Connect(p)) => {
+                        self.version = ProtocolVersion::V5;
+                        ConnectPacket::V5(p)
+                    }
+                    Some(_) => return None,
+                    None if self.close => return None,
+                    None => continue,
+                };
+                // Bytes pipelined after CONNECT are processed once the session is attached.
+                let used = usize::try_from(cur.position()).unwrap_or(n).min(n);
+                self.leftover = buf[used..n].to_vec();
+                return Some(connect);
+            }
+        }
+    }
+
+    fn refuse(&mut self, v3: ConnectReturnCode, v5: ConnectReasonCode) {
+        let events = match self.version {
+            ProtocolVersion::V311 => match v3_1_1::Connack::builder()
+                .session_present(false)
+                .return_code(v3)
+                .build()
+            {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+            ProtocolVersion::V5 => match v5_0::Connack::builder()
+                .session_present(false)
+                .reason_code(v5)
+                .build()
+            {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+        };
+        self.apply(events);
+        self.close = true;
+    }
+
+    /// Authenticate, attach the session (taking over any live connection), send CONNACK.
+    async fn handle_connect(
+        &mut self,
+        p: ConnectPacket,
+        info: &ConnInfo,
+        conn_id: u64,
+        link: Link,
+    ) -> bool {
+        let cfg = self.shared.config.clone();
+        let (sent_id, clean, keep_alive, username, password, will_raw, props) = match &p {
+            ConnectPacket::V3(p) => (
+                p.client_id().to_string(),
+                p.clean_session(),
+                p.keep_alive(),
+                p.user_name().map(str::to_string),
+                p.password().map(<[u8]>::to_vec),
+                p.will_topic().map(|t| {
+                    (
+                        t.to_string(),
+                        p.will_payload().unwrap_or_default().to_vec(),
+                        qos_u8(p.will_qos()),
+                        p.will_retain(),
+                        Vec::new(),
+                    )
+                }),
+                Vec::new(),
+            ),
+            ConnectPacket::V5(p) => (
+                p.client_id().to_string(),
+                p.clean_start(),
+                p.keep_alive(),
+                p.user_name().map(str::to_string),
+                p.password().map(<[u8]>::to_vec),
+                p.will_topic().map(|t| {
+                    (
+                        t.to_string(),
+                        p.will_payload().unwrap_or_default().to_vec(),
+                        qos_u8(p.will_qos()),
+                        p.will_retain(),
+                        p.will_props().clone(),
+                    )
+                }),
+                p.props().clone(),
+            ),
+        };
+        let v5 = self.version == ProtocolVersion::V5;
+        if self.version == ProtocolVersion::V311 && sent_id.is_empty() && !clean {
+            self.refuse(
+                ConnectReturnCode::IdentifierRejected,
+                ConnectReasonCode::ClientIdentifierNotValid,
+            );
+            return false;
+        }
+        let req = ConnectRequest {
+            info,
+            client_id: &sent_id,
+            username: username.as_deref(),
+            password: password.as_deref(),
+            protocol_version: self.version,
+        };
+        let auth: Authenticated = match self.shared.hooks.authenticate(req).await {
+            Ok(a) => a,
+            Err(refusal) => {
+                self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+                let (v3c, v5c) = match refusal {
+                    ConnectRefusal::BadClientId => (
+                        ConnectReturnCode::IdentifierRejected,
+                        ConnectReasonCode::ClientIdentifierNotValid,
+                    ),
+                    ConnectRefusal::BadUsernameOrPassword => (
+                        ConnectReturnCode::BadUserNameOrPassword,
+                        ConnectReasonCode::BadUserNameOrPassword,
+                    ),
+                    ConnectRefusal::NotAuthorized => (
+                        ConnectReturnCode::NotAuthorized,
+                        ConnectReasonCode::NotAuthorized,
+                    ),
+                    ConnectRefusal::ServerUnavailable => (
+                        ConnectReturnCode::ServerUnavailable,
+                        ConnectReasonCode::ServerUnavailable,
+                    ),
+                };
+                self.refuse(v3c, v5c);
+                return false;
+            }
+        };
+        let mut client_id = auth.client_id;
+        if client_id.is_empty() {
+            client_id = if sent_id.is_empty() {
+                format!("mooring-auto-{conn_id}")
+            } else {
+                sent_id.clone()
+            };
+        }
+        let principal = auth.principal;
+
+        // Will: authorized at CONNECT like Mosquitto does (refuse the connection if forbidden).
+        let will = match will_raw {
+            Some((topic, payload, qos, retain, wprops)) => {
+                if !is_valid_topic_name(&topic)
+                    || !self.shared.hooks.may_publish(&principal, &topic)
+                {
+                    self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+                    self.refuse(
+                        ConnectReturnCode::NotAuthorized,
+                        ConnectReasonCode::NotAuthorized,
+                    );
+                    return false;
+                }
+                let delay_secs = wprops
+                    .iter()
+                    .find_map(|p| {
+                        if let Property::WillDelayInterval(v) = p {
+                            Some(v.val())
+                        } else {
+                            None
+                        }
+                    })
+                    .unwrap_or(0);
+                Some(Will {
+                    msg: Message {
+                        topic,
+                        payload: payload.into(),
+                        qos,
+                        retain,
+                        props: props_to_message_props(&wprops),
+                    },
+                    delay_secs,
+                })
+            }
+            None => None,
+        };
+
+        let mut requested_expiry = 0u32;
+        let mut client_recv_max = u16::MAX;
+        for prop in &props {
+            match prop {
+                Property::SessionExpiryInterval(v) => requested_expiry = v.val(),
+                Property::ReceiveMaximum(v) => client_recv_max = v.val(),
+                Property::MaximumPacketSize(v) => self.client_packet_size_max = v.val(),
+                _ => {}
+            }
+        }
+        let expiry_secs = if v5 {
+            requested_expiry.min(cfg.session_expiry_secs_max)
+        } else if clean {
+            0
+        } else {
+            cfg.session_expiry_secs_max
+        };
+        self.send_window = usize::from(client_recv_max.min(cfg.inflight_max.max(1)));
+
+        // Attach the session, taking over any live connection with this client id.
+        let mut waited = false;
+        enum Attach {
+            Wait(watch::Receiver<()>),
+            Full,
+            Done(Arc<Mutex<Session>>, bool),
+        }
+        let (session, session_present) = loop {
+            let step = {
+                let mut state = lock(&self.shared.state);
+                let existing = state.sessions.get(&client_id).cloned();
+                let old_done = existing.as_ref().and_then(|e| {
+                    let s = lock(e);
+                    s.link.as_ref().map(|old| {
+                        let _ = old.control.try_send(Control::TakenOver);
+                        old.done.clone()
+                    })
+                });
+                match old_done {
+                    Some(done) if !waited => Attach::Wait(done),
+                    _ if existing.is_none() && state.sessions.len() >= cfg.sessions_max => {
+                        Attach::Full
+                    }
+                    _ => {
+                        let (session, present) = match existing {
+                            Some(s) if !clean => (s, true),
+                            _ => {
+                                let s = Arc::new(Mutex::new(Session::new(
+                                    client_id.clone(),
+                                    principal.clone(),
+                                )));
+                                state.sessions.insert(client_id.clone(), s.clone());
+                                (s, false)
+                            }
+                        };
+                        {
+                            let mut s = lock(&session);
+                            s.principal = principal.clone();
+                            s.expiry_secs = expiry_secs;
+                            s.generation += 1;
+                            s.link = Some(Link {
+                                conn_id,
+                                control: link.control.clone(),
+                                done: link.done.clone(),
+                            });
+                        }
+                        Attach::Done(session, present)
+                    }
+                }
+            };
+            match step {
+                Attach::Wait(mut done) => {
+                    let wait = async move { while done.changed().await.is_ok() {} };
+                    if tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), wait)
+                        .await
+                        .is_err()
+                    {
+                        tracing::warn!(
+                            client_id,
+                            "previous connection did not end in time; taking its session anyway"
+                        );
+                    }
+                    waited = true;
+                }
+                Attach::Full => {
+                    self.refuse(
+                        ConnectReturnCode::ServerUnavailable,
+                        ConnectReasonCode::QuotaExceeded,
+                    );
+                    return false;
+                }
+                Attach::Done(session, present) => break (session, present),
+            }
+        };
+        self.client_id = client_id.clone();
+        self.principal = principal.clone();
+        self.session = Some(session.clone());
+        {
+            let mut r = lock(&self.record);
+            r.client_id = Some(client_id.clone());
+            r.principal = Some(principal.clone());
+            r.session = Some(session.clone());
+            r.will = will;
+        }
+        if session_present {
+            let q = lock(&session).qos2_in.clone();
+            self.mqtt
+                .restore_qos2_publish_handled(q.into_iter().collect());
+        }
+
+        // CONNACK
+        let events = if v5 {
+            let mut cprops: Vec<Property> = Vec::new();
+            let mut push = |r: Result<Property, MqttError>| {
+                if let Ok(p) = r {
+                    cprops.push(p);
+                }
+            };
+            if sent_id.is_empty() || sent_id != client_id {
+                push(
+                    mqtt::packet::AssignedClientIdentifier::new(client_id.as_str()).map(Into::into),
+                );
+            }
+            if requested_expiry != expiry_secs {
+                push(mqtt::packet::SessionExpiryInterval::new(expiry_secs).map(Into::into));
+            }
+            if keep_alive > cfg.keepalive_secs_max
+                || (keep_alive == 0 && cfg.keepalive_secs_max > 0)
+            {
+                push(mqtt::packet::ServerKeepAlive::new(cfg.keepalive_secs_max).map(Into::into));
+            }
+            if cfg.topic_alias_max > 0 {
+                push(mqtt::packet::TopicAliasMaximum::new(cfg.topic_alias_max).map(Into::into));
+            }
+            push(mqtt::packet::SharedSubscriptionAvailable::new(0).map(Into::into));
+            push(mqtt::packet::SubscriptionIdentifierAvailable::new(0).map(Into::into));
+            match v5_0::Connack::builder()
+                .session_present(session_present)
+                .reason_code(ConnectReasonCode::Success)
+                .props(cprops)
+                .build()
+            {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => return false,
+            }
+        } else {
+            match v3_1_1::Connack::builder()
+                .session_present(session_present)
+                .return_code(ConnectReturnCode::Accepted)
+                .build()
+            {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => return false,
+            }
+        };
+        self.apply(events);
+        if self.close {
+            return false;
+        }
+        lock(&self.record).connected = true;
+        self.shared.hooks.on_connected(&client_id, &principal);
+
+        // Resend unacknowledged outbound messages, in order, with DUP.
+        let inflight: Vec<Inflight> = lock(&session).inflight.iter().cloned().collect();
+        for i in inflight {
+            if self.mqtt.register_packet_id(i.packet_id).is_err() {
+                continue;
+            }
+            let events = match i.state {
+                InflightState::AwaitAck => {
+                    match self.build_publish(&i.delivery, Some(i.packet_id), true) {
+                        Some(p) => self.mqtt.send(p),
+                        None => continue,
+                    }
+                }
+                InflightState::AwaitComp => self.pubrel(i.packet_id),
+            };
+            self.apply(events);
+        }
+        self.pump();
+        true
+    }
+
+    fn pubrel(&mut self, pid: u16) -> Vec<Event> {
+        match self.version {
+            ProtocolVersion::V311 => match v3_1_1::Pubrel::builder().packet_id(pid).build() {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+            ProtocolVersion::V5 => match v5_0::Pubrel::builder().packet_id(pid).build() {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+        }
+    }
+
+    fn build_publish(
+        &self,
+        d: &Delivery,
+        pid: Option<u16>,
+        dup: bool,
+    ) -> Option<GenericPacket<u16>> {
+        let qos = qos_of(d.qos);
+        match self.version {
+            ProtocolVersion::V311 => {
+                let mut b = v3_1_1::Publish::builder()
+                    .topic_name(d.msg.topic.as_str())
+                    .ok()?
+                    .qos(qos)
+                    .retain(d.retain)
+                    .dup(dup)
+                    .payload(d.msg.payload.to_vec());
+                if let Some(pid) = pid {
+                    b = b.packet_id(pid);
+                }
+                b.build().ok().map(Into::into)
+            }
+            ProtocolVersion::V5 => {
+                let expiry = d.expires_at.map(|at| {
+                    let left = at.saturating_duration_since(Instant::now()).as_secs();
+                    u32::try_from(left).unwrap_or(u32::MAX).max(1)
+                });
+                let props = message_props_to_props(&d.msg.props, expiry);
+                let mut b = v5_0::Publish::builder()
+                    .topic_name(d.msg.topic.as_str())
+                    .ok()?
+                    .qos(qos)
+                    .retain(d.retain)
+                    .dup(dup)
+                    .payload(d.msg.payload.to_vec());
+                if !props.is_empty() {
+                    b = b.props(props);
+                }
+                if let Some(pid) = pid {
+                    b = b.packet_id(pid);
+                }
+                b.build().ok().map(Into::into)
+            }
+        }
+    }
+
+    /// Move queued deliveries to the wire while the inflight window has room (in order).
+    fn pump(&mut self) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        loop {
+            let d = {
+                let mut s = lock(&session);
+                let Some(front) = s.queue.front() else { return };
+                if front.expires_at.is_some_and(|at| at <= Instant::now()) {
+                    s.queue.pop_front();
+                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if front.qos > 0 && s.inflight.len() >= self.send_window {
+                    return;
+                }
+                match s.queue.pop_front() {
+                    Some(d) => d,
+                    None => return,
+                }
+            };
+            let pid = if d.qos > 0 {
+                match self.mqtt.acquire_packet_id() {
+                    Ok(pid) => Some(pid),
+                    Err(_) => {
+                        lock(&session).queue.push_front(d);
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            let Some(packet) = self.build_publish(&d, pid, false) else {
+                if let Some(pid) = pid {
+                    let _ = self.mqtt.release_packet_id(pid);
+                }
+                continue;
+            };
+            if packet.size() > self.client_packet_size_max as usize {
+                // v5 §3.1.2.11.4: a message too large for the client is discarded.
+                if let Some(pid) = pid {
+                    let _ = self.mqtt.release_packet_id(pid);
+                }
+                self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            if let Some(pid) = pid {
+                lock(&session).inflight.push_back(Inflight {
+                    packet_id: pid,
+                    delivery: d.clone(),
+                    state: InflightState::AwaitAck,
+                });
+            }
+            let events = self.mqtt.send(packet);
+            self.shared
+                .counters
+                .messages_out
+                .fetch_add(1, Ordering::Relaxed);
+            self.apply(events);
+        }
+    }
+
+    async fn main_loop(&mut self, control_rx: &mut mpsc::Receiver<Control>) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let notify = lock(&session).notify.clone();
+        let mut pending: FuturesOrdered<BoxFut<PendingPublish>> = FuturesOrdered::new();
+        let pending_max = usize::from(self.shared.config.inflight_max.max(1));
+        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        let leftover = std::mem::take(&mut self.leftover);
+        if !leftover.is_empty() {
+            self.process_input(&leftover, &mut pending);
+        }
+        loop {
+            if self.flush().await.is_err() || self.close {
+                break;
+            }
+            let keepalive = async {
+                match self.keepalive.as_mut() {
+                    Some(s) => s.await,
+                    None => std::future::pending().await,
+                }
+            };
+            enum Step {
+                Control(Option<Control>),
+                Keepalive,
+                Done(Option<PendingPublish>),
+                Notified,
+                Read(std::io::Result<usize>),
+            }
+            let step = tokio::select! {
+                biased;
+                c = control_rx.recv() => Step::Control(c),
+                () = keepalive => Step::Keepalive,
+                done = pending.next(), if !pending.is_empty() => Step::Done(done),
+                () = notify.notified() => Step::Notified,
+                r = self.stream.read(&mut buf), if pending.len() < pending_max => Step::Read(r),
+            };
+            match step {
+                Step::Control(None) => {}
+                Step::Control(Some(c)) => {
+                    let code = match c {
+                        Control::TakenOver => DisconnectReasonCode::SessionTakenOver,
+                        Control::Kick(0x87) => DisconnectReasonCode::NotAuthorized,
+                        Control::Kick(_) => DisconnectReasonCode::AdministrativeAction,
+                        Control::Shutdown => DisconnectReasonCode::ServerShuttingDown,
+                    };
+                    self.disconnect_v5(code);
+                    self.close = true;
+                }
+                Step::Keepalive => {
+                    self.keepalive = None;
+                    tracing::debug!(client_id = %self.client_id, "keepalive expired");
+                    let events = self.mqtt.notify_timer_fired(TimerKind::PingreqRecv);
+                    self.apply(events);
+                    self.close = true;
+                }
+                Step::Done(None) => {}
+                Step::Done(Some(p)) => self.finish_publish(p),
+                Step::Notified => self.pump(),
+                Step::Read(Err(_)) | Step::Read(Ok(0)) => break,
+                Step::Read(Ok(n)) => self.process_input(&buf[..n], &mut pending),
+            }
+        }
+        // PUBLISHes fully received before the end (e.g. right before DISCONNECT) are still
+        // authorized and routed; their acks are written if the stream still takes them.
+        while let Some(p) = pending.next().await {
+            self.finish_publish(p);
+        }
+        let _ = self.flush().await;
+    }
+
+    fn process_input(&mut self, data: &[u8], pending: &mut FuturesOrdered<BoxFut<PendingPublish>>) {
+        let mut cur = Cursor::new(data);
+        while (cur.position() as usize) < data.len() && !self.close {
+            let events = self.mqtt.recv(&mut cur);
+            for p in self.apply(events) {
+                self.dispatch(p, pending);
+                if self.close {
+                    break;
+                }
+            }
+        }
+        self.pump();
+    }
+
+    fn disconnect_v5(&mut self, code: DisconnectReasonCode) {
+        if self.version == ProtocolVersion::V5 {
+            if let Ok(p) = v5_0::Disconnect::builder().reason_code(code).build() {
+                let events = self.mqtt.send(p.into());
+                self.apply(events);
+            }
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        p: GenericPacket<u16>,
+        pending: &mut FuturesOrdered<BoxFut<PendingPublish>>,
+    ) {
+        match p {
+            GenericPacket::V3_1_1Publish(p) => {
+                let msg = Message {
+                    topic: p.topic_name().to_string(),
+                    payload: Bytes::copy_from_slice(p.payload().as_slice()),
+                    qos: qos_u8(p.qos()),
+                    retain: p.retain(),
+                    props: MessageProps::default(),
+                };
+                self.inbound_publish(msg, p.packet_id(), pending);
+            }
+            GenericPacket::V5_0Publish(p) => {
+                let msg = Message {
+                    topic: p.topic_name().to_string(),
+                    payload: Bytes::copy_from_slice(p.payload().as_slice()),
+                    qos: qos_u8(p.qos()),
+                    retain: p.retain(),
+                    props: props_to_message_props(p.props()),
+                };
+                self.inbound_publish(msg, p.packet_id(), pending);
+            }
+            GenericPacket::V3_1_1Pubrec(p) => self.outbound_pubrec(p.packet_id()),
+            GenericPacket::V5_0Pubrec(p)
+                if p.reason_code().is_none_or(|rc| {
+                    rc == PubrecReasonCode::Success || rc == PubrecReasonCode::NoMatchingSubscribers
+                }) =>
+            {
+                self.outbound_pubrec(p.packet_id());
+            }
+            GenericPacket::V3_1_1Pubrel(p) => {
+                let events = match v3_1_1::Pubcomp::builder().packet_id(p.packet_id()).build() {
+                    Ok(c) => self.mqtt.send(c.into()),
+                    Err(_) => Vec::new(),
+                };
+                self.apply(events);
+            }
+            GenericPacket::V5_0Pubrel(p) => {
+                let events = match v5_0::Pubcomp::builder().packet_id(p.packet_id()).build() {
+                    Ok(c) => self.mqtt.send(c.into()),
+                    Err(_) => Vec::new(),
+                };
+                self.apply(events);
+            }
+            GenericPacket::V3_1_1Subscribe(p) => {
+                let entries: Vec<(String, SubOptions, u8)> = p
+                    .entries()
+                    .iter()
+                    .map(|e| {
+                        let qos = qos_u8(e.sub_opts().qos());
+                        (
+                            e.topic_filter().to_string(),
+                            SubOptions {
+                                qos,
+                                ..Default::default()
+                            },
+                            0,
+                        )
+                    })
+                    .collect();
+                self.subscribe(p.packet_id(), entries);
+            }
+            GenericPacket::V5_0Subscribe(p) => {
+                let entries: Vec<(String, SubOptions, u8)> = p
+                    .entries()
+                    .iter()
+                    .map(|e| {
+                        let o = e.sub_opts();
+                        let rh = match o.rh() {
+                            mqtt::packet::RetainHandling::SendRetained => 0,
+                            mqtt::packet::RetainHandling::SendRetainedIfNotExists => 1,
+                            mqtt::packet::RetainHandling::DoNotSendRetained => 2,
+                        };
+                        let opts = SubOptions {
+                            qos: qos_u8(o.qos()),
+                            no_local: o.nl(),
+                            retain_as_published: o.rap(),
+                        };
+                        (e.topic_filter().to_string(), opts, rh)
+                    })
+                    .collect();
+                self.subscribe(p.packet_id(), entries);
+            }
+            GenericPacket::V3_1_1Unsubscribe(p) => {
+                let filters: Vec<String> =
+                    p.entries().iter().map(|e| e.as_str().to_string()).collect();
+                self.unsubscribe(p.packet_id(), filters);
+            }
+            GenericPacket::V5_0Unsubscribe(p) => {
+                let filters: Vec<String> =
+                    p.entries().iter().map(|e| e.as_str().to_string()).collect();
+                self.unsubscribe(p.packet_id(), filters);
+            }
+            GenericPacket::V3_1_1Pingreq(_) => {
+                let events = self.mqtt.send(v3_1_1::Pingresp::new().into());
+                self.apply(events);
+            }
+            GenericPacket::V5_0Pingreq(_) => {
+                let events = self.mqtt.send(v5_0::Pingresp::new().into());
+                self.apply(events);
+            }
+            GenericPacket::V3_1_1Disconnect(_) => {
+                lock(&self.record).clean_disconnect = true;
+                self.close = true;
+            }
+            GenericPacket::V5_0Disconnect(p) => {
+                let rc = p.reason_code();
+                let with_will = rc == Some(DisconnectReasonCode::DisconnectWithWillMessage);
+                lock(&self.record).clean_disconnect = !with_will;
+                // v5 §3.14.2.2.2: the client may change Session Expiry at DISCONNECT (not from 0).
+                for prop in p.props().iter().flatten() {
+                    if let Property::SessionExpiryInterval(v) = prop {
+                        if let Some(session) = &self.session {
+                            let mut s = lock(session);
+                            if s.expiry_secs != 0 {
+                                s.expiry_secs =
+                                    v.val().min(self.shared.config.session_expiry_secs_max);
+                            }
+                        }
+                    }
+                }
+                self.close = true;
+            }
+            // PUBACK / PUBCOMP are fully handled through NotifyPacketIdReleased.
+            _ => {}
+        }
+    }
+
+    fn outbound_pubrec(&mut self, pid: u16) {
+        if let Some(session) = &self.session {
+            let mut s = lock(session);
+            if let Some(i) = s.inflight.iter_mut().find(|i| i.packet_id == pid) {
+                i.state = InflightState::AwaitComp;
+            }
+        }
+        let events = self.pubrel(pid);
+        self.apply(events);
+    }
+
+    fn inbound_publish(
+        &mut self,
+        msg: Message,
+        pid: Option<u16>,
+        pending: &mut FuturesOrdered<BoxFut<PendingPublish>>,
+    ) {
+        let v5 = self.version == ProtocolVersion::V5;
+        if !is_valid_topic_name(&msg.topic) {
+            self.disconnect_v5(DisconnectReasonCode::TopicNameInvalid);
+            self.close = true;
+            return;
+        }
+        if !self.shared.hooks.may_publish(&self.principal, &msg.topic) {
+            self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client_id = %self.client_id, topic = %msg.topic, "publish denied");
+            match (v5, pid) {
+                (true, Some(pid)) => self.ack(pid, msg.qos, 0x87),
+                _ => {
+                    self.disconnect_v5(DisconnectReasonCode::NotAuthorized);
+                    self.close = true;
+                }
+            }
+            return;
+        }
+        let hooks = self.shared.hooks.clone();
+        let principal = self.principal.clone();
+        let client_id = self.client_id.clone();
+        pending.push_back(Box::pin(async move {
+            let verdict = hooks.on_publish(&principal, &client_id, &msg).await;
+            PendingPublish {
+                packet_id: pid,
+                msg,
+                verdict,
+            }
+        }));
+    }
+
+    fn finish_publish(&mut self, p: PendingPublish) {
+        match p.verdict {
+            PublishVerdict::Accept => {
+                self.shared
+                    .counters
+                    .messages_in
+                    .fetch_add(1, Ordering::Relaxed);
+                let qos = p.msg.qos;
+                self.shared.route(Arc::new(p.msg), Some(&self.client_id));
+                if let Some(pid) = p.packet_id {
+                    self.ack(pid, qos, 0);
+                }
+            }
+            PublishVerdict::Reject(code) => {
+                if let (ProtocolVersion::V5, Some(pid)) = (self.version, p.packet_id) {
+                    self.ack(pid, p.msg.qos, code);
+                } else if let Some(pid) = p.packet_id {
+                    // v3.1.1 cannot carry a failure: acknowledge so the client does not resend.
+                    self.ack(pid, p.msg.qos, 0);
+                }
+            }
+            PublishVerdict::Disconnect => {
+                // No ack: the client resends after reconnecting.
+                self.disconnect_v5(DisconnectReasonCode::ImplementationSpecificError);
+                self.close = true;
+                return;
+            }
+        }
+        self.pump();
+    }
+
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) with a v5 reason code (ignored on v3.1.1).
+    fn ack(&mut self, pid: u16, qos: u8, code: u8) {
+        let events = match (self.version, qos) {
+            (ProtocolVersion::V311, 1) => match v3_1_1::Puback::builder().packet_id(pid).build() {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+            (ProtocolVersion::V311, _) => match v3_1_1::Pubrec::builder().packet_id(pid).build() {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+            (ProtocolVersion::V5, 1) => {
+                let mut b = v5_0::Puback::builder().packet_id(pid);
+                if code != 0 {
+                    b = b.reason_code(
+                        PubackReasonCode::try_from(code)
+                            .unwrap_or(PubackReasonCode::UnspecifiedError),
+                    );
+                }
+                match b.build() {
+                    Ok(p) => self.mqtt.send(p.into()),
+                    Err(_) => Vec::new(),
+                }
+            }
+            (ProtocolVersion::V5, _) => {
+                let mut b = v5_0::Pubrec::builder().packet_id(pid);
+                if code != 0 {
+                    b = b.reason_code(
+                        PubrecReasonCode::try_from(code)
+                            .unwrap_or(PubrecReasonCode::UnspecifiedError),
+                    );
+                }
+                match b.build() {
+                    Ok(p) => self.mqtt.send(p.into()),
+                    Err(_) => Vec::new(),
+                }
+            }
+        };
+        self.apply(events);
+    }
+
+    fn subscribe(&mut self, pid: u16, entries: Vec<(String, SubOptions, u8)>) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let v5 = self.version == ProtocolVersion::V5;
+        let mut codes: Vec<u8> = Vec::with_capacity(entries.len());
+        let mut retained_for: Vec<(String, u8)> = Vec::new();
+        for (filter, opts, rh) in entries {
+            let shared_sub = filter.starts_with("$share/");
+            let code = if !is_valid_filter(&filter) || shared_sub {
+                if v5 {
+                    if shared_sub {
+                        0x9E
+                    } else {
+                        0x8F
+                    }
+                } else {
+                    0x80
+                }
+            } else if !self.shared.hooks.may_subscribe(&self.principal, &filter) {
+                self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+                if v5 {
+                    0x87
+                } else {
+                    0x80
+                }
+            } else {
+                let mut s = lock(&session);
+                let existed = s.subs.contains_key(&filter);
+                if !existed && s.subs.len() >= self.shared.config.subscriptions_per_session_max {
+                    if v5 {
+                        0x97
+                    } else {
+                        0x80
+                    }
+                } else {
+                    let qos = opts.qos.min(2);
+                    s.subs.insert(filter.clone(), SubOptions { qos, ..opts });
+                    if rh == 0 || (rh == 1 && !existed) {
+                        retained_for.push((filter, qos));
+                    }
+                    qos
+                }
+            };
+            codes.push(code);
+        }
+        let events = if v5 {
+            let rcs = codes
+                .iter()
+                .map(|c| {
+                    SubackReasonCode::try_from(*c).unwrap_or(SubackReasonCode::UnspecifiedError)
+                })
+                .collect();
+            match v5_0::Suback::builder()
+                .packet_id(pid)
+                .reason_codes(rcs)
+                .build()
+            {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            }
+        } else {
+            let rcs = codes
+                .iter()
+                .map(|c| SubackReturnCode::try_from(*c).unwrap_or(SubackReturnCode::Failure))
+                .collect();
+            match v3_1_1::Suback::builder()
+                .packet_id(pid)
+                .return_codes(rcs)
+                .build()
+            {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            }
+        };
+        self.apply(events);
+        // Retained messages go after the SUBACK (same write buffer, so in order).
+        for (filter, qos) in retained_for {
+            for (msg, expires_at) in self.shared.retained_matching(&filter) {
+                if expires_at.is_some_and(|at| at <= Instant::now()) {
+                    continue;
+                }
+                let d = Delivery {
+                    qos: qos.min(msg.qos),
+                    msg,
+                    retain: true,
+                    expires_at,
+                };
+                if !lock(&session).enqueue(d, self.shared.config.session_queue_len_max) {
+                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, pid: u16, filters: Vec<String>) {
+        let Some(session) = self.session.clone() else {
+            return;
+        };
+        let mut codes = Vec::with_capacity(filters.len());
+        {
+            let mut s = lock(&session);
+            for f in &filters {
+                codes.push(if s.subs.remove(f).is_some() {
+                    UnsubackReasonCode::Success
+                } else {
+                    UnsubackReasonCode::NoSubscriptionExisted
+                });
+            }
+        }
+        let events = match self.version {
+            ProtocolVersion::V311 => match v3_1_1::Unsuback::builder().packet_id(pid).build() {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+            ProtocolVersion::V5 => match v5_0::Unsuback::builder()
+                .packet_id(pid)
+                .reason_codes(codes)
+                .build()
+            {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+        };
+        self.apply(events);
+    }
+}
+
+impl<S> Drop for Conn<S> {
+    fn drop(&mut self) {
+        // Persist inbound QoS 2 dedup state for the session (runs on panic too).
+        if let Ok(mut r) = self.record.lock() {
+            r.qos2_in = Some(self.mqtt.get_qos2_publish_handled().into_iter().collect());
+        }
+    }
+}

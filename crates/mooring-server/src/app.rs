@@ -1,0 +1,269 @@
+//! The application core: shared state and the device-registry and telemetry operations that
+//! both the HTTP API and the MQTT hooks call. No transport details and no SQL here.
+
+use crate::config::ServerConfig;
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::metrics::Counters;
+use crate::pki::{IssuedCert, Pki};
+use crate::presence::Presence;
+use mooring_broker::Broker;
+use mooring_proto::policy::Policy;
+use mooring_proto::{Clock, DeviceId};
+use mooring_store::{DeviceRecord, NewDevice, Point, Store, TelemetryQuery, TelemetryWriter};
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+/// Most devices one list call returns.
+pub const DEVICE_PAGE_LEN_MAX: usize = 1000;
+pub const DEVICE_PAGE_LEN_DEFAULT: usize = 100;
+/// Most points one telemetry query returns.
+pub const TELEMETRY_QUERY_LEN_MAX: usize = 10_000;
+pub const TELEMETRY_QUERY_LEN_DEFAULT: usize = 1000;
+
+/// Shared state of one running server.
+pub struct App {
+    pub config: ServerConfig,
+    pub store: Arc<dyn Store>,
+    pub pki: Pki,
+    pub policy: Policy,
+    pub clock: Arc<dyn Clock>,
+    pub writer: TelemetryWriter,
+    pub presence: Presence,
+    pub counters: Counters,
+    broker: OnceLock<Broker>,
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Clone)]
+pub struct DeviceView {
+    pub record: DeviceRecord,
+    pub online: bool,
+    pub last_seen_ms: Option<u64>,
+}
+
+impl App {
+    pub fn new(
+        config: ServerConfig,
+        store: Arc<dyn Store>,
+        pki: Pki,
+        policy: Policy,
+        clock: Arc<dyn Clock>,
+        writer: TelemetryWriter,
+    ) -> Self {
+        Self {
+            config,
+            store,
+            pki,
+            policy,
+            clock,
+            writer,
+            presence: Presence::default(),
+            counters: Counters::default(),
+            broker: OnceLock::new(),
+        }
+    }
+
+    pub fn set_broker(&self, broker: Broker) {
+        let _ = self.broker.set(broker);
+    }
+
+    pub fn broker(&self) -> Option<&Broker> {
+        self.broker.get()
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn now_datetime(&self) -> time::OffsetDateTime {
+        let nanos = i128::from(self.now_ms()) * 1_000_000;
+        time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    }
+
+    pub fn parse_id(id: &str) -> ServiceResult<DeviceId> {
+        DeviceId::parse(id).map_err(|e| ServiceError::invalid("invalid_device_id", e.to_string()))
+    }
+
+    /// Registers a device and issues its certificate. The private key is returned once and
+    /// never stored.
+    pub async fn create_device(
+        &self,
+        id: &str,
+        tags: BTreeMap<String, String>,
+    ) -> ServiceResult<(DeviceRecord, IssuedCert)> {
+        let id = Self::parse_id(id)?;
+        validate_tags(&tags)?;
+        if self.store.get_device(id.as_str()).await?.is_some() {
+            return Err(ServiceError::new(
+                ErrorKind::AlreadyExists,
+                "device_exists",
+                format!("device {id} already exists"),
+            ));
+        }
+        let issued = self
+            .pki
+            .issue_device_cert(
+                id.as_str(),
+                self.now_datetime(),
+                self.config.certificates.device_validity_days,
+            )
+            .map_err(ServiceError::internal)?;
+        let record = self
+            .store
+            .create_device(NewDevice {
+                id: id.into_string(),
+                tags,
+                created_at_ms: self.now_ms(),
+                cert_sha256: issued.sha256_hex.clone(),
+                cert_serial: issued.serial_hex.clone(),
+                cert_not_after_ms: issued.not_after_ms,
+            })
+            .await
+            .map_err(|e| match e {
+                mooring_store::StoreError::AlreadyExists(m) => {
+                    ServiceError::new(ErrorKind::AlreadyExists, "device_exists", m)
+                }
+                other => other.into(),
+            })?;
+        Ok((record, issued))
+    }
+
+    fn view(&self, record: DeviceRecord) -> DeviceView {
+        let (online, mem_seen) = self.presence.get(&record.id);
+        let last_seen_ms = match (mem_seen, record.last_seen_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        DeviceView {
+            record,
+            online,
+            last_seen_ms,
+        }
+    }
+
+    pub async fn get_device(&self, id: &str) -> ServiceResult<DeviceView> {
+        let id = Self::parse_id(id)?;
+        let record = self
+            .store
+            .get_device(id.as_str())
+            .await?
+            .ok_or_else(|| device_not_found(id.as_str()))?;
+        Ok(self.view(record))
+    }
+
+    /// One page of devices ordered by id; the cursor is the last id of the previous page.
+    pub async fn list_devices(
+        &self,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
+        let limit = limit.unwrap_or(DEVICE_PAGE_LEN_DEFAULT);
+        if limit == 0 || limit > DEVICE_PAGE_LEN_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {DEVICE_PAGE_LEN_MAX}"),
+            ));
+        }
+        if let Some(c) = cursor {
+            Self::parse_id(c)
+                .map_err(|_| ServiceError::invalid("invalid_cursor", "cursor is not valid"))?;
+        }
+        let records = self.store.list_devices(limit, cursor).await?;
+        let next = if records.len() == limit {
+            records.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+        Ok((records.into_iter().map(|r| self.view(r)).collect(), next))
+    }
+
+    /// Deletes a device: its certificate is refused from now on and a live session is closed.
+    pub async fn delete_device(&self, id: &str) -> ServiceResult<()> {
+        let id = Self::parse_id(id)?;
+        if !self.store.delete_device(id.as_str()).await? {
+            return Err(device_not_found(id.as_str()));
+        }
+        if let Some(broker) = self.broker() {
+            broker.kick_device(id.as_str());
+        }
+        self.presence.forget(id.as_str());
+        Ok(())
+    }
+
+    pub async fn telemetry(
+        &self,
+        id: &str,
+        metric: Option<String>,
+        from_ms: Option<u64>,
+        to_ms: Option<u64>,
+        limit: Option<usize>,
+    ) -> ServiceResult<Vec<Point>> {
+        let view = self.get_device(id).await?;
+        let limit = limit.unwrap_or(TELEMETRY_QUERY_LEN_DEFAULT);
+        if limit == 0 || limit > TELEMETRY_QUERY_LEN_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {TELEMETRY_QUERY_LEN_MAX}"),
+            ));
+        }
+        if let (Some(f), Some(t)) = (from_ms, to_ms) {
+            if f > t {
+                return Err(ServiceError::invalid(
+                    "invalid_range",
+                    "from must not be after to",
+                ));
+            }
+        }
+        Ok(self
+            .store
+            .query(TelemetryQuery {
+                device_id: view.record.id,
+                metric,
+                from_ms,
+                // The API's `to` is inclusive; the store's upper bound is exclusive.
+                to_ms: to_ms.map(|t| t.saturating_add(1)),
+                limit,
+            })
+            .await?)
+    }
+
+    pub async fn telemetry_latest(
+        &self,
+        id: &str,
+    ) -> ServiceResult<BTreeMap<String, (u64, mooring_store::MetricValue)>> {
+        let view = self.get_device(id).await?;
+        Ok(self.store.latest(&view.record.id).await?)
+    }
+}
+
+fn device_not_found(id: &str) -> ServiceError {
+    ServiceError::not_found("device_not_found", format!("device {id} not found"))
+}
+
+/// Tag keys and values: short, printable, no MQTT wildcard or separator characters.
+pub fn validate_tags(tags: &BTreeMap<String, String>) -> ServiceResult<()> {
+    const TAGS_MAX: usize = 64;
+    const TAG_LEN_MAX: usize = 128;
+    if tags.len() > TAGS_MAX {
+        return Err(ServiceError::invalid(
+            "invalid_tags",
+            format!("at most {TAGS_MAX} tags"),
+        ));
+    }
+    for (k, v) in tags {
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= TAG_LEN_MAX
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+        };
+        if !ok(k) || !ok(v) {
+            return Err(ServiceError::invalid(
+                "invalid_tags",
+                format!("tag {k:?}={v:?}: keys and values are 1-{TAG_LEN_MAX} characters of letters, digits, '.', '_', '-', ':'"),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! API tokens: generation, hashing (only the SHA-256 is stored) and the admin token file.
+
+use anyhow::Context;
+use mooring_store::{TokenRecord, TokenRole, TokenStore};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// Prefix that makes Mooring tokens recognisable in logs and secret scanners.
+pub const TOKEN_PREFIX: &str = "mrt_";
+/// File in the data dir holding the admin token created at first start (mode 0600).
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// A new random token: `mrt_` + 64 hex characters (256 bits).
+pub fn generate_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    format!("{TOKEN_PREFIX}{}", hex::encode(bytes))
+}
+
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Looks a presented token up by its hash.
+pub async fn verify_token(store: &dyn TokenStore, token: &str) -> Option<TokenRecord> {
+    if token.is_empty() || token.len() > 256 {
+        return None;
+    }
+    store.find_token(&token_sha256(token)).await.ok().flatten()
+}
+
+/// Creates a token record and returns the secret (shown once, never stored).
+pub async fn create_token(
+    store: &dyn TokenStore,
+    name: &str,
+    role: TokenRole,
+    now_ms: u64,
+) -> anyhow::Result<(TokenRecord, String)> {
+    let secret = generate_token();
+    let id_bytes: [u8; 8] = rand::random();
+    let record = TokenRecord {
+        id: format!("tok_{}", hex::encode(id_bytes)),
+        name: name.to_owned(),
+        role,
+        token_sha256: token_sha256(&secret),
+        created_at_ms: now_ms,
+    };
+    store
+        .create_token(record.clone())
+        .await
+        .context("storing token")?;
+    Ok((record, secret))
+}
+
+/// On first start, creates the admin token and writes it to `<data-dir>/admin.token` (0600).
+/// Returns the secret if it was created now, so the caller can print it once.
+pub async fn ensure_admin_token(
+    store: &dyn TokenStore,
+    data_dir: &Path,
+    now_ms: u64,
+) -> anyhow::Result<Option<String>> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if path.exists() {
+        return Ok(None);
+    }
+    let (_, secret) = create_token(store, "admin", TokenRole::Admin, now_ms).await?;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(f, "{secret}")?;
+    f.sync_all()?;
+    Ok(Some(secret))
+}

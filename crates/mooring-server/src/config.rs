@@ -1,0 +1,199 @@
+//! Server configuration: the TOML file format, defaults, and validation at load time.
+//!
+//! Precedence is flags > `MOORING_*` environment > TOML file > defaults; the binary resolves
+//! flags and env (clap) and calls [`ServerConfig::load`] / [`ServerConfig::apply`] for the rest.
+
+use anyhow::{bail, Context};
+use mooring_proto::policy::{Policy, Rule};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_DATA_DIR: &str = "./mooring-data";
+pub const DEFAULT_MQTT_ADDR: &str = "0.0.0.0:8883";
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8080";
+
+/// Everything `mooring serve` needs, after merging file, env and flags.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    /// MQTT over TLS with client certificates.
+    pub mqtt_addr: SocketAddr,
+    /// Optional plain, anonymous, unrestricted MQTT for local experiments. Loopback only.
+    pub mqtt_dev_addr: Option<SocketAddr>,
+    pub http_addr: SocketAddr,
+    /// Serve the HTTP API over TLS with the server certificate.
+    pub http_tls: bool,
+    /// DNS names / IP addresses put in the server certificate at first start.
+    pub server_names: Vec<String>,
+    pub telemetry: TelemetryConfig,
+    pub certificates: CertificateConfig,
+    pub policy: PolicyConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Points older than this are deleted by the retention task.
+    pub retention_days: u32,
+    /// How often the retention task runs.
+    pub retention_interval_secs: u64,
+    /// Group-commit writer: most records in one transaction.
+    pub batch_len_max: usize,
+    /// Group-commit writer: most records waiting.
+    pub queue_len_max: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CertificateConfig {
+    /// Validity of device certificates issued by `device create`.
+    pub device_validity_days: u32,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Grants added to the defaults (`devices/{id}/#` for devices, read `devices/#` for services).
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub mqtt_packet_size_bytes_max: u32,
+    pub mqtt_session_queue_len_max: usize,
+    /// How often the in-memory `last_seen` values are written to the store.
+    pub presence_flush_interval_secs: u64,
+    /// Most connections on all MQTT listeners together.
+    pub mqtt_connections_max: usize,
+    /// Time allowed for a TLS handshake.
+    pub tls_handshake_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            mqtt_addr: DEFAULT_MQTT_ADDR.parse().expect("valid default address"),
+            mqtt_dev_addr: None,
+            http_addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"),
+            http_tls: false,
+            server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            telemetry: TelemetryConfig::default(),
+            certificates: CertificateConfig::default(),
+            policy: PolicyConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 30,
+            retention_interval_secs: 3600,
+            batch_len_max: 1024,
+            queue_len_max: 65536,
+        }
+    }
+}
+
+impl Default for CertificateConfig {
+    fn default() -> Self {
+        Self {
+            device_validity_days: 3650,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            mqtt_packet_size_bytes_max: 256 * 1024,
+            mqtt_session_queue_len_max: 1000,
+            presence_flush_interval_secs: 10,
+            mqtt_connections_max: 200_000,
+            tls_handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML config file (unknown keys are errors).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        let config: ServerConfig = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked before binding anything.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(dev) = self.mqtt_dev_addr {
+            if !dev.ip().is_loopback() {
+                bail!(
+                    "--mqtt-dev-addr {dev} refused: the development listener is anonymous and unrestricted, so it binds only loopback addresses (127.0.0.0/8 or ::1)"
+                );
+            }
+        }
+        if self.server_names.is_empty() {
+            bail!("at least one --server-name is needed for the server certificate");
+        }
+        if self.telemetry.retention_days == 0 {
+            bail!("telemetry.retention_days must be at least 1");
+        }
+        if self.telemetry.batch_len_max == 0 || self.telemetry.queue_len_max == 0 {
+            bail!("telemetry.batch_len_max and telemetry.queue_len_max must be at least 1");
+        }
+        if self.certificates.device_validity_days == 0 {
+            bail!("certificates.device_validity_days must be at least 1");
+        }
+        self.policy()?;
+        Ok(())
+    }
+
+    /// The topic policy: defaults plus the configured rules.
+    pub fn policy(&self) -> anyhow::Result<Policy> {
+        Policy::with_rules(self.policy.rules.clone()).context("invalid [policy] rules")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_file_and_rejects_unknown_keys() {
+        let c: ServerConfig = toml::from_str(
+            r#"
+            data_dir = "/tmp/x"
+            mqtt_addr = "127.0.0.1:9883"
+            server_names = ["mqtt.example.com"]
+            [telemetry]
+            retention_days = 7
+            [[policy.rules]]
+            principal = "device"
+            action = "subscribe"
+            filter = "sites/{tag:site}/#"
+            "#,
+        )
+        .expect("valid config");
+        assert_eq!(c.telemetry.retention_days, 7);
+        assert_eq!(c.policy.rules.len(), 1);
+        c.validate().expect("valid");
+        assert!(toml::from_str::<ServerConfig>("nope = 1").is_err());
+    }
+
+    #[test]
+    fn dev_listener_must_be_loopback() {
+        let c = ServerConfig {
+            mqtt_dev_addr: Some("0.0.0.0:1884".parse().expect("addr")),
+            ..ServerConfig::default()
+        };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,80 @@
+//! The service error type and the one table mapping error kinds to HTTP statuses.
+
+use std::fmt;
+
+/// What went wrong, independent of transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidArgument,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    AlreadyExists,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorKind::InvalidArgument => 400,
+            ErrorKind::Unauthorized => 401,
+            ErrorKind::Forbidden => 403,
+            ErrorKind::NotFound => 404,
+            ErrorKind::AlreadyExists => 409,
+            ErrorKind::Internal => 500,
+        }
+    }
+}
+
+/// An error a service operation returns: a kind, a stable machine code and a human message.
+#[derive(Debug, Clone)]
+pub struct ServiceError {
+    pub kind: ErrorKind,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ServiceError {
+    pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, code, message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, code, message)
+    }
+
+    pub fn internal(message: impl fmt::Display) -> Self {
+        tracing::error!(error = %message, "internal error");
+        Self::new(ErrorKind::Internal, "internal", message.to_string())
+    }
+}
+
+impl fmt::Display for ServiceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ServiceError {}
+
+impl From<mooring_store::StoreError> for ServiceError {
+    fn from(e: mooring_store::StoreError) -> Self {
+        match e {
+            mooring_store::StoreError::AlreadyExists(m) => {
+                Self::new(ErrorKind::AlreadyExists, "already_exists", m)
+            }
+            mooring_store::StoreError::NotFound(m) => Self::not_found("not_found", m),
+            other => Self::internal(other),
+        }
+    }
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;

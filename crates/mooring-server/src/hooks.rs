@@ -1,0 +1,196 @@
+//! The MQTT hooks: who a connecting client is, what it may do, and telemetry ingest.
+//!
+//! Devices are identified by the TLS client certificate (CN = device id, SHA-256 pinned in the
+//! registry). Services have no certificate and present an API token of role `service` as the
+//! MQTT password. The development listener admits anyone with unrestricted access and ingests
+//! nothing (no identity). Telemetry from a device on its own `devices/<id>/telemetry` topic is
+//! acknowledged only once the group-commit writer reports it durable.
+
+use crate::app::App;
+use crate::metrics::Counters;
+use mooring_broker::{
+    Authenticated, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message, PublishVerdict,
+};
+use mooring_proto::policy::Principal;
+use mooring_proto::telemetry::Telemetry;
+use mooring_proto::Topic;
+use mooring_store::{AppendOutcome, TelemetryRecord, TokenRole};
+use std::sync::Arc;
+
+/// MQTT v5 reason code: payload format invalid.
+pub const REASON_PAYLOAD_FORMAT_INVALID: u8 = 0x99;
+/// MQTT v5 reason code: implementation specific error (store unavailable).
+pub const REASON_IMPLEMENTATION_SPECIFIC_ERROR: u8 = 0x83;
+
+pub struct ServerHooks {
+    app: Arc<App>,
+}
+
+impl ServerHooks {
+    pub fn new(app: Arc<App>) -> Self {
+        Self { app }
+    }
+
+    fn generated_client_id(prefix: &str) -> String {
+        let bytes: [u8; 8] = rand::random();
+        format!("{prefix}-{}", hex::encode(bytes))
+    }
+}
+
+#[async_trait::async_trait]
+impl Hooks for ServerHooks {
+    async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal> {
+        let app = &self.app;
+        if let Some(cn) = req.info.cert_identity.as_deref() {
+            let record = match app.store.get_device(cn).await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    Counters::inc(&app.counters.connects_refused);
+                    tracing::info!(device = cn, "refused: no such device (deleted?)");
+                    return Err(ConnectRefusal::NotAuthorized);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "device lookup failed");
+                    return Err(ConnectRefusal::ServerUnavailable);
+                }
+            };
+            if req.info.cert_sha256.as_deref() != Some(record.cert_sha256.as_str()) {
+                Counters::inc(&app.counters.connects_refused);
+                tracing::info!(
+                    device = cn,
+                    "refused: certificate is not the device's current one"
+                );
+                return Err(ConnectRefusal::NotAuthorized);
+            }
+            if !req.client_id.is_empty() && req.client_id != cn {
+                Counters::inc(&app.counters.connects_refused);
+                tracing::info!(
+                    device = cn,
+                    client_id = req.client_id,
+                    "refused: client id is not the device id"
+                );
+                return Err(ConnectRefusal::BadClientId);
+            }
+            return Ok(Authenticated {
+                client_id: cn.to_owned(),
+                principal: Principal::Device {
+                    id: record.id,
+                    tags: record.tags,
+                },
+            });
+        }
+        if req.info.listener == ListenerKind::Dev {
+            let client_id = if req.client_id.is_empty() {
+                Self::generated_client_id("dev")
+            } else {
+                req.client_id.to_owned()
+            };
+            return Ok(Authenticated {
+                client_id,
+                principal: Principal::Dev,
+            });
+        }
+        // TLS without a client certificate: only services, with a token as the password.
+        let token = req
+            .password
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .unwrap_or("");
+        match crate::auth::verify_token(app.store.as_ref(), token).await {
+            Some(t) if t.role == TokenRole::Service => {
+                let client_id = if req.client_id.is_empty() {
+                    Self::generated_client_id("svc")
+                } else {
+                    req.client_id.to_owned()
+                };
+                Ok(Authenticated {
+                    client_id,
+                    principal: Principal::Service { name: t.name },
+                })
+            }
+            Some(_) => {
+                Counters::inc(&app.counters.connects_refused);
+                Err(ConnectRefusal::NotAuthorized)
+            }
+            None => {
+                Counters::inc(&app.counters.connects_refused);
+                if req.password.is_none() {
+                    Err(ConnectRefusal::NotAuthorized)
+                } else {
+                    Err(ConnectRefusal::BadUsernameOrPassword)
+                }
+            }
+        }
+    }
+
+    fn may_publish(&self, principal: &Principal, topic: &str) -> bool {
+        self.app.policy.may_publish(principal, topic)
+    }
+
+    fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
+        self.app.policy.may_subscribe(principal, filter)
+    }
+
+    async fn on_publish(
+        &self,
+        principal: &Principal,
+        _client_id: &str,
+        msg: &Message,
+    ) -> PublishVerdict {
+        let Principal::Device { id, .. } = principal else {
+            return PublishVerdict::Accept;
+        };
+        let app = &self.app;
+        let now_ms = app.now_ms();
+        app.presence.seen(id, now_ms);
+        let is_own_telemetry =
+            matches!(Topic::parse(&msg.topic), Some(Topic::Telemetry(ref t)) if t.as_str() == id);
+        if !is_own_telemetry {
+            return PublishVerdict::Accept;
+        }
+        let telemetry = match Telemetry::parse(&msg.payload) {
+            Ok(t) => t,
+            Err(e) => {
+                Counters::inc(&app.counters.telemetry_invalid);
+                tracing::debug!(device = %id, error = %e, "invalid telemetry dropped");
+                return PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID);
+            }
+        };
+        let points = telemetry.points.len() as u64;
+        let record = TelemetryRecord {
+            device_id: id.clone(),
+            seq: telemetry.seq,
+            ts_ms: telemetry.ts_ms.unwrap_or(now_ms),
+            points: telemetry.points,
+        };
+        match app.writer.append(record).await {
+            Ok(AppendOutcome::Stored) => {
+                Counters::inc(&app.counters.telemetry_messages);
+                Counters::add(&app.counters.telemetry_points, points);
+                PublishVerdict::Accept
+            }
+            Ok(AppendOutcome::Duplicate) => {
+                Counters::inc(&app.counters.telemetry_duplicates);
+                PublishVerdict::Accept
+            }
+            Err(e) => {
+                Counters::inc(&app.counters.telemetry_store_errors);
+                tracing::error!(device = %id, error = %e, "telemetry not stored; not acknowledged");
+                PublishVerdict::Disconnect
+            }
+        }
+    }
+
+    fn on_connected(&self, _client_id: &str, principal: &Principal) {
+        if let Principal::Device { id, .. } = principal {
+            self.app.presence.connected(id, self.app.now_ms());
+            tracing::debug!(device = %id, "online");
+        }
+    }
+
+    fn on_disconnected(&self, _client_id: &str, principal: &Principal) {
+        if let Principal::Device { id, .. } = principal {
+            self.app.presence.disconnected(id, self.app.now_ms());
+            tracing::debug!(device = %id, "offline");
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! `/api/v1` handlers and their OpenAPI description. API types are separate from store types.
+
+use super::{ApiError, ApiJson, ApiQuery, ApiResult, Caller, ErrorBody};
+use crate::app::{App, DeviceView};
+use crate::error::{ErrorKind, ServiceError};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use mooring_store::{MetricValue, TokenRole};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Mooring API", version = "1", description = "Device registry, provisioning and telemetry. Every call except /healthz, /metrics and this document needs `Authorization: Bearer <token>`. Times are unix milliseconds."),
+    paths(create_device, list_devices, get_device, delete_device, device_telemetry, device_telemetry_latest, create_token),
+    components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, CreateToken, CreatedToken)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        openapi.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new()
+        .route("/api/v1/devices", post(create_device).get(list_devices))
+        .route(
+            "/api/v1/devices/{id}",
+            get(get_device).delete(delete_device),
+        )
+        .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
+        .route(
+            "/api/v1/devices/{id}/telemetry/latest",
+            get(device_telemetry_latest),
+        )
+        .route("/api/v1/tokens", post(create_token))
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDevice {
+    /// Device id: `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`; becomes the certificate CN and MQTT client id.
+    pub id: String,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// A newly created device with its credentials. The private key is shown only here.
+#[derive(Serialize, ToSchema)]
+pub struct CreatedDevice {
+    #[serde(flatten)]
+    pub device: Device,
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+    pub ca_pem: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Device {
+    pub id: String,
+    pub tags: BTreeMap<String, String>,
+    pub online: bool,
+    /// Unix ms of the last connect, disconnect or message; null if never seen.
+    pub last_seen: Option<u64>,
+    pub created_at: u64,
+    pub cert_serial: String,
+    pub cert_sha256: String,
+    pub cert_not_after: u64,
+}
+
+impl From<DeviceView> for Device {
+    fn from(v: DeviceView) -> Self {
+        Device {
+            id: v.record.id,
+            tags: v.record.tags,
+            online: v.online,
+            last_seen: v.last_seen_ms,
+            created_at: v.record.created_at_ms,
+            cert_serial: v.record.cert_serial,
+            cert_sha256: v.record.cert_sha256,
+            cert_not_after: v.record.cert_not_after_ms,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeviceList {
+    pub devices: Vec<Device>,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Page size, 1..=1000 (default 100).
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TelemetryPoint {
+    pub ts: u64,
+    /// A number or a boolean.
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+    /// Present when the query did not name a metric.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TelemetryPoints {
+    pub points: Vec<TelemetryPoint>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryParams {
+    /// Metric name (flattened, e.g. `gps.lat`); all metrics if absent.
+    pub metric: Option<String>,
+    /// Inclusive lower bound, unix ms.
+    pub from: Option<u64>,
+    /// Inclusive upper bound, unix ms.
+    pub to: Option<u64>,
+    /// 1..=10000 (default 1000); oldest first.
+    pub limit: Option<usize>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LatestValue {
+    pub ts: u64,
+    #[schema(value_type = Object)]
+    pub value: serde_json::Value,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LatestMetrics {
+    pub metrics: BTreeMap<String, LatestValue>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    pub name: String,
+    /// `service` (MQTT read access per policy, read-only API) or `admin`.
+    pub role: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CreatedToken {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    /// The secret; shown only here (stored hashed).
+    pub token: String,
+}
+
+fn value_json(v: MetricValue) -> serde_json::Value {
+    v.to_json()
+}
+
+#[utoipa::path(post, path = "/api/v1/devices", request_body = CreateDevice,
+    responses((status = 201, body = CreatedDevice), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn create_device(
+    State(app): State<Arc<App>>,
+    ApiJson(req): ApiJson<CreateDevice>,
+) -> ApiResult<(StatusCode, Json<CreatedDevice>)> {
+    let (record, issued) = app.create_device(&req.id, req.tags).await?;
+    let device = Device::from(DeviceView {
+        record,
+        online: false,
+        last_seen_ms: None,
+    });
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedDevice {
+            device,
+            certificate_pem: issued.certificate_pem,
+            private_key_pem: issued.private_key_pem,
+            ca_pem: app.pki.ca_pem().to_owned(),
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices", params(ListParams),
+    responses((status = 200, body = DeviceList), (status = 400, body = ErrorBody)))]
+async fn list_devices(
+    State(app): State<Arc<App>>,
+    ApiQuery(p): ApiQuery<ListParams>,
+) -> ApiResult<Json<DeviceList>> {
+    let (devices, next_cursor) = app.list_devices(p.limit, p.cursor.as_deref()).await?;
+    Ok(Json(DeviceList {
+        devices: devices.into_iter().map(Device::from).collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Device), (status = 404, body = ErrorBody)))]
+async fn get_device(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Device>> {
+    Ok(Json(app.get_device(&id).await?.into()))
+}
+
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted; its certificate is refused and a live session closed"), (status = 404, body = ErrorBody)))]
+async fn delete_device(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    app.delete_device(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry", params(("id" = String, Path), TelemetryParams),
+    responses((status = 200, body = TelemetryPoints), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn device_telemetry(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+    ApiQuery(p): ApiQuery<TelemetryParams>,
+) -> ApiResult<Json<TelemetryPoints>> {
+    let named = p.metric.is_some();
+    let points = app.telemetry(&id, p.metric, p.from, p.to, p.limit).await?;
+    Ok(Json(TelemetryPoints {
+        points: points
+            .into_iter()
+            .map(|pt| TelemetryPoint {
+                ts: pt.ts_ms,
+                value: value_json(pt.value),
+                metric: (!named).then_some(pt.metric),
+            })
+            .collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry/latest", params(("id" = String, Path)),
+    responses((status = 200, body = LatestMetrics), (status = 404, body = ErrorBody)))]
+async fn device_telemetry_latest(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<LatestMetrics>> {
+    let latest = app.telemetry_latest(&id).await?;
+    Ok(Json(LatestMetrics {
+        metrics: latest
+            .into_iter()
+            .map(|(name, (ts, value))| {
+                (
+                    name,
+                    LatestValue {
+                        ts,
+                        value: value_json(value),
+                    },
+                )
+            })
+            .collect(),
+    }))
+}
+
+#[utoipa::path(post, path = "/api/v1/tokens", request_body = CreateToken,
+    responses((status = 201, body = CreatedToken), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn create_token(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(req): ApiJson<CreateToken>,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    if caller.role != TokenRole::Admin {
+        return Err(ApiError(ServiceError::new(
+            ErrorKind::Forbidden,
+            "forbidden",
+            "only admin tokens may create tokens",
+        )));
+    }
+    let role = match req.role.as_str() {
+        "service" => TokenRole::Service,
+        "admin" => TokenRole::Admin,
+        other => {
+            return Err(ApiError(ServiceError::invalid(
+                "invalid_role",
+                format!("role {other:?} is not one of: service, admin"),
+            )))
+        }
+    };
+    if req.name.is_empty() || req.name.len() > 128 {
+        return Err(ApiError(ServiceError::invalid(
+            "invalid_name",
+            "name must be 1-128 characters",
+        )));
+    }
+    let (record, secret) =
+        crate::auth::create_token(app.store.as_ref(), &req.name, role, app.now_ms())
+            .await
+            .map_err(ServiceError::internal)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedToken {
+            id: record.id,
+            name: record.name,
+            role: record.role.as_str().to_owned(),
+            token: secret,
+        }),
+    ))
+}

@@ -1,0 +1,66 @@
+//! Server counters and the Prometheus text rendering behind `GET /metrics`.
+//!
+//! Counters are plain atomics owned by one server instance (no global recorder), so several
+//! servers in one test process never mix their numbers.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Telemetry messages accepted and stored (or recognised as duplicates).
+    pub telemetry_messages: AtomicU64,
+    /// Telemetry points stored.
+    pub telemetry_points: AtomicU64,
+    /// Telemetry messages whose `(device, seq)` was already stored.
+    pub telemetry_duplicates: AtomicU64,
+    /// Telemetry messages dropped because the payload was invalid.
+    pub telemetry_invalid: AtomicU64,
+    /// Telemetry messages not acknowledged because the store failed.
+    pub telemetry_store_errors: AtomicU64,
+    /// CONNECTs refused by authentication.
+    pub connects_refused: AtomicU64,
+    /// TLS handshakes that failed (no/foreign certificate, timeouts, garbage).
+    pub tls_handshake_failures: AtomicU64,
+}
+
+impl Counters {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Builds a Prometheus text exposition (version 0.0.4).
+#[derive(Default)]
+pub struct Exposition {
+    out: String,
+}
+
+impl Exposition {
+    pub fn counter(&mut self, name: &str, help: &str, value: u64) -> &mut Self {
+        self.metric(name, help, "counter", value as f64)
+    }
+
+    pub fn gauge(&mut self, name: &str, help: &str, value: f64) -> &mut Self {
+        self.metric(name, help, "gauge", value)
+    }
+
+    fn metric(&mut self, name: &str, help: &str, kind: &str, value: f64) -> &mut Self {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        let _ = writeln!(self.out, "{name} {value}");
+        self
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+pub fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}

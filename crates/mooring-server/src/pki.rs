@@ -1,0 +1,289 @@
+//! The fleet PKI: the fleet CA, the server certificate, device certificates, TLS configs.
+//!
+//! Files in the data dir: `ca.crt`, `ca.key` (0600), `server.crt`, `server.key` (0600). They are
+//! created on first start and reused afterwards. Device certificates are issued with a random
+//! 128-bit serial, our own validity and extensions (CN = device id, clientAuth only); nothing is
+//! copied from a request. Devices are identified by the certificate's CN, and the registry
+//! pins the certificate's SHA-256 so a deleted-then-recreated id refuses the old certificate.
+
+use anyhow::{anyhow, Context};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig as TlsServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use time::{Duration, OffsetDateTime};
+
+const CA_VALIDITY_DAYS: i64 = 365 * 20;
+const SERVER_VALIDITY_DAYS: i64 = 365 * 5;
+
+/// A certificate issued to a device, as returned once by the API.
+pub struct IssuedCert {
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+    pub sha256_hex: String,
+    pub serial_hex: String,
+    pub not_after_ms: u64,
+}
+
+/// The fleet CA plus the server's own certificate, loaded from (or created in) the data dir.
+pub struct Pki {
+    ca_cert_pem: String,
+    ca_issuer: Issuer<'static, KeyPair>,
+    server_cert_pem: String,
+    server_key_pem: String,
+}
+
+fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn write_public(path: &Path, contents: &str) -> anyhow::Result<()> {
+    std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // positive
+    bytes[0] |= 0x01; // no leading zero byte
+    SerialNumber::from_slice(&bytes)
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Mooring");
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// SHA-256 of a DER certificate, lower-case hex: the registry's pin for a device certificate.
+pub fn cert_sha256_hex(der: &[u8]) -> String {
+    hex::encode(Sha256::digest(der))
+}
+
+/// The CN of a DER certificate, if it has exactly one.
+pub fn cert_common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut cns = cert.subject().iter_common_name();
+    let cn = cns.next()?.as_str().ok()?.to_owned();
+    if cns.next().is_some() {
+        return None;
+    }
+    Some(cn)
+}
+
+impl Pki {
+    /// Loads the CA and server certificate from `dir`, creating them on first start.
+    /// Returns the PKI and whether it was created now.
+    pub fn load_or_create(
+        dir: &Path,
+        server_names: &[String],
+        now: OffsetDateTime,
+    ) -> anyhow::Result<(Pki, bool)> {
+        let paths = PkiPaths::new(dir);
+        let created = !paths.ca_key.exists();
+        if created {
+            let ca_key = KeyPair::generate()?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = dn("Mooring fleet CA");
+            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params.serial_number = Some(random_serial());
+            params.not_before = now - Duration::hours(1);
+            params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
+            let ca = params.self_signed(&ca_key)?;
+            write_secret(&paths.ca_key, &ca_key.serialize_pem())?;
+            write_public(&paths.ca_cert, &ca.pem())?;
+        }
+        let ca_cert_pem = std::fs::read_to_string(&paths.ca_cert)
+            .with_context(|| format!("reading {}", paths.ca_cert.display()))?;
+        let ca_key_pem = std::fs::read_to_string(&paths.ca_key)
+            .with_context(|| format!("reading {}", paths.ca_key.display()))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing ca.key")?;
+        let ca_issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).context("parsing ca.crt")?;
+
+        if !paths.server_key.exists() {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = dn(server_names.first().map_or("localhost", |s| s));
+            params.subject_alt_names = server_names
+                .iter()
+                .map(|name| match name.parse::<std::net::IpAddr>() {
+                    Ok(ip) => Ok(SanType::IpAddress(ip)),
+                    Err(_) => {
+                        Ok(SanType::DnsName(name.clone().try_into().map_err(|e| {
+                            anyhow!("invalid --server-name {name:?}: {e}")
+                        })?))
+                    }
+                })
+                .collect::<anyhow::Result<_>>()?;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            params.serial_number = Some(random_serial());
+            params.not_before = now - Duration::hours(1);
+            params.not_after = now + Duration::days(SERVER_VALIDITY_DAYS);
+            params.use_authority_key_identifier_extension = true;
+            let cert = params.signed_by(&key, &ca_issuer)?;
+            write_secret(&paths.server_key, &key.serialize_pem())?;
+            write_public(&paths.server_cert, &cert.pem())?;
+        }
+        let server_cert_pem = std::fs::read_to_string(&paths.server_cert)?;
+        let server_key_pem = std::fs::read_to_string(&paths.server_key)?;
+        Ok((
+            Pki {
+                ca_cert_pem,
+                ca_issuer,
+                server_cert_pem,
+                server_key_pem,
+            },
+            created,
+        ))
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_cert_pem
+    }
+
+    /// Issues a certificate and a fresh key for device `id`.
+    pub fn issue_device_cert(
+        &self,
+        id: &str,
+        now: OffsetDateTime,
+        validity_days: u32,
+    ) -> anyhow::Result<IssuedCert> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn(id);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let serial = random_serial();
+        let serial_hex = hex::encode(serial.as_ref());
+        params.serial_number = Some(serial);
+        params.not_before = now - Duration::minutes(5);
+        let not_after = now + Duration::days(i64::from(validity_days));
+        params.not_after = not_after;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.ca_issuer)?;
+        Ok(IssuedCert {
+            certificate_pem: cert.pem(),
+            private_key_pem: key.serialize_pem(),
+            sha256_hex: cert_sha256_hex(cert.der()),
+            serial_hex,
+            not_after_ms: (not_after.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+        })
+    }
+
+    fn roots(&self) -> anyhow::Result<RootCertStore> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca_cert_pem.as_bytes()) {
+            roots.add(cert.context("parsing ca.crt")?)?;
+        }
+        Ok(roots)
+    }
+
+    fn server_chain(
+        &self,
+    ) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+        let chain = CertificateDer::pem_slice_iter(self.server_cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .context("parsing server.crt")?;
+        let key = PrivateKeyDer::from_pem_slice(self.server_key_pem.as_bytes())
+            .context("parsing server.key")?;
+        Ok((chain, key))
+    }
+
+    /// TLS for the MQTT listener: a client certificate chained to the fleet CA is verified when
+    /// presented; a client without one may still finish the handshake but must then present a
+    /// service token at CONNECT (devices never get in without a certificate).
+    pub fn mqtt_tls_config(&self) -> anyhow::Result<Arc<TlsServerConfig>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
+                .allow_unauthenticated()
+                .build()?;
+        let (chain, key) = self.server_chain()?;
+        let config = TlsServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)?;
+        // No ALPN list: clients offering "mqtt" (or nothing) are both accepted.
+        Ok(Arc::new(config))
+    }
+
+    /// TLS for the HTTP API (`--http-tls`): server certificate only.
+    pub fn http_tls_config(&self) -> anyhow::Result<Arc<TlsServerConfig>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (chain, key) = self.server_chain()?;
+        let mut config = TlsServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Where the PKI files live inside the data dir.
+pub struct PkiPaths {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl PkiPaths {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            ca_cert: dir.join("ca.crt"),
+            ca_key: dir.join("ca.key"),
+            server_cert: dir.join("server.crt"),
+            server_key: dir.join("server.key"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_once_and_issues_device_certs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = OffsetDateTime::now_utc();
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let (pki, created) = Pki::load_or_create(dir.path(), &names, now).expect("create");
+        assert!(created);
+        let ca_before = pki.ca_pem().to_owned();
+        let (pki, created) = Pki::load_or_create(dir.path(), &names, now).expect("reload");
+        assert!(!created);
+        assert_eq!(pki.ca_pem(), ca_before);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("ca.key"))
+            .expect("ca.key")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let issued = pki.issue_device_cert("lock-1", now, 30).expect("issue");
+        let der = CertificateDer::from_pem_slice(issued.certificate_pem.as_bytes()).expect("pem");
+        assert_eq!(cert_common_name(&der).as_deref(), Some("lock-1"));
+        assert_eq!(cert_sha256_hex(&der), issued.sha256_hex);
+        pki.mqtt_tls_config().expect("tls config");
+    }
+}

@@ -1,0 +1,508 @@
+//! Startup, listeners (MQTT/TLS, MQTT dev, HTTP), background jobs and graceful shutdown.
+
+use crate::app::App;
+use crate::config::ServerConfig;
+use crate::hooks::ServerHooks;
+use crate::metrics::{load, Counters, Exposition};
+use crate::pki::{cert_common_name, cert_sha256_hex, Pki};
+use anyhow::Context;
+use mooring_broker::{Broker, BrokerConfig, ConnInfo, ListenerKind};
+use mooring_proto::Clock;
+use mooring_store::{SqliteStore, Store, TelemetryWriter, TelemetryWriterConfig};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+
+/// Bound sockets, so the caller (binary or test) chooses addresses and ports.
+pub struct Listeners {
+    pub mqtt: TcpListener,
+    pub mqtt_dev: Option<TcpListener>,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `config`.
+    pub async fn bind(config: &ServerConfig) -> anyhow::Result<Self> {
+        let mqtt = TcpListener::bind(config.mqtt_addr)
+            .await
+            .with_context(|| format!("binding MQTT/TLS listener on {}", config.mqtt_addr))?;
+        let mqtt_dev = match config.mqtt_dev_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding MQTT dev listener on {addr}"))?,
+            ),
+            None => None,
+        };
+        let http = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("binding HTTP listener on {}", config.http_addr))?;
+        Ok(Self {
+            mqtt,
+            mqtt_dev,
+            http,
+        })
+    }
+}
+
+/// A started server: its addresses and state; stop it with [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub app: Arc<App>,
+    pub mqtt_addr: SocketAddr,
+    pub mqtt_dev_addr: Option<SocketAddr>,
+    pub http_addr: SocketAddr,
+    /// Set if the admin token was created by this start.
+    pub new_admin_token: Option<String>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    connections: TaskTracker,
+    broker: Broker,
+    writer_task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the server and runs it until `shutdown` resolves.
+pub async fn run(
+    config: ServerConfig,
+    listeners: Listeners,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let server = RunningServer::start(config, listeners, clock).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating data dir {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+impl RunningServer {
+    pub async fn start(
+        config: ServerConfig,
+        listeners: Listeners,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<RunningServer> {
+        config.validate()?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        create_data_dir(&config.data_dir)?;
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&config.data_dir)
+                .with_context(|| format!("opening store in {}", config.data_dir.display()))?,
+        );
+        let now =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(clock.now_ms()) * 1_000_000)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let (pki, created) = Pki::load_or_create(&config.data_dir, &config.server_names, now)?;
+        if created {
+            tracing::info!(dir = %config.data_dir.display(), "created fleet CA and server certificate");
+        }
+        let new_admin_token =
+            crate::auth::ensure_admin_token(store.as_ref(), &config.data_dir, clock.now_ms())
+                .await?;
+        let mqtt_tls = TlsAcceptor::from(pki.mqtt_tls_config()?);
+        let http_tls = if config.http_tls {
+            Some(TlsAcceptor::from(pki.http_tls_config()?))
+        } else {
+            None
+        };
+        let (writer, writer_task) = TelemetryWriter::spawn(
+            store.clone(),
+            TelemetryWriterConfig {
+                queue_len_max: config.telemetry.queue_len_max,
+                batch_len_max: config.telemetry.batch_len_max,
+            },
+        );
+        let policy = config.policy()?;
+        let broker_config = BrokerConfig {
+            packet_size_bytes_max: config.limits.mqtt_packet_size_bytes_max,
+            session_queue_len_max: config.limits.mqtt_session_queue_len_max,
+            ..BrokerConfig::default()
+        };
+        let app = Arc::new(App::new(config, store, pki, policy, clock, writer));
+        let broker = Broker::new(broker_config, Arc::new(ServerHooks::new(app.clone())));
+        app.set_broker(broker.clone());
+
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let connections = TaskTracker::new();
+        let conn_limit = Arc::new(Semaphore::new(app.config.limits.mqtt_connections_max));
+
+        let mqtt_addr = listeners.mqtt.local_addr()?;
+        tracing::info!("MQTT/TLS listening on {mqtt_addr}");
+        tasks.spawn(accept_mqtt(
+            listeners.mqtt,
+            Some(mqtt_tls),
+            ListenerKind::Tls,
+            broker.clone(),
+            app.clone(),
+            connections.clone(),
+            conn_limit.clone(),
+            stop_rx.clone(),
+        ));
+        let mut mqtt_dev_addr = None;
+        if let Some(dev) = listeners.mqtt_dev {
+            let addr = dev.local_addr()?;
+            anyhow::ensure!(
+                addr.ip().is_loopback(),
+                "the MQTT dev listener must be on a loopback address, not {addr}"
+            );
+            tracing::warn!("MQTT dev listener (plain, anonymous, unrestricted; for local experiments only) listening on {addr}");
+            mqtt_dev_addr = Some(addr);
+            tasks.spawn(accept_mqtt(
+                dev,
+                None,
+                ListenerKind::Dev,
+                broker.clone(),
+                app.clone(),
+                connections.clone(),
+                conn_limit.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        let http_addr = listeners.http.local_addr()?;
+        let scheme = if http_tls.is_some() { "https" } else { "http" };
+        tracing::info!("HTTP API listening on {scheme}://{http_addr}");
+        tasks.spawn(serve_http(
+            listeners.http,
+            http_tls,
+            app.clone(),
+            stop_rx.clone(),
+        ));
+        tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
+        tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
+
+        Ok(RunningServer {
+            app,
+            mqtt_addr,
+            mqtt_dev_addr,
+            http_addr,
+            new_admin_token,
+            stop,
+            tasks,
+            connections,
+            broker,
+            writer_task,
+        })
+    }
+
+    /// Stops accepting, closes every session, flushes presence and drains the telemetry writer.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        self.broker.shutdown().await;
+        self.connections.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.connections.wait()).await;
+        while self.tasks.join_next().await.is_some() {}
+        if let Err(e) = self.app.presence.flush(self.app.store.as_ref()).await {
+            tracing::warn!(error = %e, "final presence flush failed");
+        }
+        let app = self.app;
+        drop(app);
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.writer_task).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn accept_mqtt(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    kind: ListenerKind,
+    broker: Broker,
+    app: Arc<App>,
+    connections: TaskTracker,
+    limit: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let handshake_timeout = Duration::from_millis(app.config.limits.tls_handshake_timeout_ms);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; refusing");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let broker = broker.clone();
+        let tls = tls.clone();
+        let app = app.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => {
+                    let info = ConnInfo {
+                        peer: Some(peer),
+                        cert_identity: None,
+                        cert_sha256: None,
+                        listener: kind,
+                    };
+                    broker.serve_connection(tcp, info).await;
+                }
+                Some(acceptor) => {
+                    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            Counters::inc(&app.counters.tls_handshake_failures);
+                            tracing::info!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            Counters::inc(&app.counters.tls_handshake_failures);
+                            tracing::info!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let leaf = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.as_ref().to_vec());
+                    let (cert_identity, cert_sha256) = match leaf {
+                        Some(der) => match cert_common_name(&der) {
+                            Some(cn) => (Some(cn), Some(cert_sha256_hex(&der))),
+                            None => {
+                                tracing::info!(%peer, "client certificate without a single CN; refused");
+                                return;
+                            }
+                        },
+                        None => (None, None),
+                    };
+                    let info = ConnInfo {
+                        peer: Some(peer),
+                        cert_identity,
+                        cert_sha256,
+                        listener: kind,
+                    };
+                    broker.serve_connection(stream, info).await;
+                }
+            }
+        });
+    }
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Arc<App>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let router = crate::http::router(app);
+    match tls {
+        None => {
+            let result = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }
+        Some(acceptor) => {
+            let conns = TaskTracker::new();
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    _ = stop.changed() => break,
+                    a = listener.accept() => match a {
+                        Ok(a) => a,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    },
+                };
+                let acceptor = acceptor.clone();
+                let router = router.clone();
+                conns.spawn(async move {
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    else {
+                        tracing::debug!(%peer, "HTTPS handshake failed");
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(router);
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                        .await;
+                });
+            }
+            conns.close();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conns.wait()).await;
+        }
+    }
+}
+
+async fn presence_flush_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_secs(app.config.limits.presence_flush_interval_secs.max(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = app.presence.flush(app.store.as_ref()).await {
+            tracing::warn!(error = %e, "presence flush failed; will retry");
+        }
+    }
+}
+
+/// Rows deleted per retention chunk; small enough that ingest transactions interleave.
+const RETENTION_CHUNK_ROWS: usize = 5000;
+
+async fn retention_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_secs(app.config.telemetry.retention_interval_secs.max(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let retention_ms = u64::from(app.config.telemetry.retention_days) * 86_400_000;
+        let cutoff = app.now_ms().saturating_sub(retention_ms);
+        match mooring_store::run_retention_pass(app.store.as_ref(), cutoff, RETENTION_CHUNK_ROWS)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "telemetry retention removed old points"),
+            Err(e) => tracing::warn!(error = %e, "telemetry retention pass failed"),
+        }
+    }
+}
+
+/// The `/metrics` body.
+pub fn render_metrics(app: &App) -> String {
+    let c = &app.counters;
+    let mut e = Exposition::default();
+    if let Some(broker) = app.broker() {
+        let s = broker.stats();
+        e.gauge(
+            "mooring_mqtt_connections",
+            "Open MQTT connections",
+            s.connections as f64,
+        )
+        .gauge(
+            "mooring_mqtt_sessions",
+            "MQTT sessions (connected and persistent)",
+            s.sessions as f64,
+        )
+        .counter(
+            "mooring_mqtt_messages_in_total",
+            "PUBLISH packets received",
+            s.messages_in,
+        )
+        .counter(
+            "mooring_mqtt_messages_out_total",
+            "PUBLISH packets sent",
+            s.messages_out,
+        )
+        .counter(
+            "mooring_mqtt_denied_total",
+            "PUBLISH packets and subscription filters denied by the topic policy",
+            s.denied,
+        )
+        .counter(
+            "mooring_mqtt_messages_dropped_total",
+            "Messages dropped (full session queue, too large for the client)",
+            s.dropped,
+        )
+        .gauge(
+            "mooring_mqtt_retained_messages",
+            "Retained messages held",
+            s.retained as f64,
+        )
+        .counter(
+            "mooring_mqtt_connection_panics_total",
+            "Connection tasks that panicked (contained)",
+            s.panics,
+        );
+    }
+    let w = app.writer.stats();
+    e.gauge(
+        "mooring_devices_online",
+        "Devices with a live session",
+        app.presence.online_count() as f64,
+    )
+    .counter(
+        "mooring_telemetry_messages_total",
+        "Telemetry messages stored",
+        load(&c.telemetry_messages),
+    )
+    .counter(
+        "mooring_telemetry_points_total",
+        "Telemetry points stored",
+        load(&c.telemetry_points),
+    )
+    .counter(
+        "mooring_telemetry_duplicates_total",
+        "Telemetry messages already stored (same device and seq)",
+        load(&c.telemetry_duplicates),
+    )
+    .counter(
+        "mooring_telemetry_invalid_total",
+        "Telemetry messages dropped as invalid",
+        load(&c.telemetry_invalid),
+    )
+    .counter(
+        "mooring_telemetry_store_errors_total",
+        "Telemetry messages not stored because the store failed",
+        load(&c.telemetry_store_errors),
+    )
+    .counter(
+        "mooring_mqtt_connects_refused_total",
+        "CONNECTs refused by authentication",
+        load(&c.connects_refused),
+    )
+    .counter(
+        "mooring_tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out",
+        load(&c.tls_handshake_failures),
+    )
+    .counter(
+        "mooring_store_batches_total",
+        "Group-commit transactions written",
+        w.batches,
+    )
+    .gauge(
+        "mooring_store_batch_latency_seconds_last",
+        "Latency of the last group-commit batch",
+        w.last_batch_latency_ms as f64 / 1000.0,
+    )
+    .counter(
+        "mooring_store_batch_latency_seconds_sum_ms",
+        "Sum of group-commit batch latencies, ms",
+        w.total_batch_latency_ms,
+    );
+    e.finish()
+}

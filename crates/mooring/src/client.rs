@@ -1,0 +1,291 @@
+//! The API client behind `mooring device ...` and `mooring token ...`.
+
+use crate::{DeviceCommand, TokenCommand};
+use anyhow::{anyhow, bail, Context};
+use clap::Args;
+use mooring_proto::DeviceId;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// An error in what the user typed: exit code 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+#[derive(Args)]
+pub struct ApiArgs {
+    /// Server API URL.
+    #[arg(
+        long,
+        env = "MOORING_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
+    server: String,
+    /// API token [default: read from <data-dir>/admin.token].
+    #[arg(long, env = "MOORING_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Data directory holding admin.token (and ca.crt for https).
+    #[arg(
+        long,
+        env = "MOORING_DATA_DIR",
+        default_value = "./mooring-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+    /// CA certificate to trust for an https server [default: <data-dir>/ca.crt].
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+}
+
+struct Api {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(args: &ApiArgs) -> anyhow::Result<Api> {
+        let token = match &args.token {
+            Some(t) => t.trim().to_owned(),
+            None => {
+                let path = args.data_dir.join("admin.token");
+                std::fs::read_to_string(&path)
+                    .with_context(|| {
+                        format!(
+                            "no --token given, MOORING_TOKEN unset, and cannot read {}",
+                            path.display()
+                        )
+                    })?
+                    .trim()
+                    .to_owned()
+            }
+        };
+        let base = args.server.trim_end_matches('/').to_owned();
+        let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+        if base.starts_with("https://") {
+            let ca_path = args
+                .ca
+                .clone()
+                .unwrap_or_else(|| args.data_dir.join("ca.crt"));
+            builder = builder.use_preconfigured_tls(tls_config(&ca_path)?);
+        }
+        Ok(Api {
+            base,
+            token,
+            http: builder.build()?,
+        })
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the Mooring server at {} (is `mooring serve` running?)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let json: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        if !status.is_success() {
+            let msg = json
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| json.to_string());
+            let code = json
+                .pointer("/error/code")
+                .and_then(Value::as_str)
+                .unwrap_or("error");
+            bail!("{msg} ({code}, HTTP {})", status.as_u16());
+        }
+        Ok(json)
+    }
+}
+
+fn tls_config(ca_path: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_path)
+        .with_context(|| format!("reading CA certificate {}", ca_path.display()))?
+    {
+        roots.add(cert?)?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn parse_id(id: &str) -> anyhow::Result<DeviceId> {
+    DeviceId::parse(id).map_err(|e| UsageError(e.to_string()).into())
+}
+
+fn write_file(path: &Path, contents: &str, secret: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    if secret {
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+fn ms_to_text(v: &Value) -> String {
+    match v.as_u64() {
+        Some(ms) => format!("{ms}"),
+        None => "-".into(),
+    }
+}
+
+pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<()> {
+    match command {
+        DeviceCommand::Create { id, out, tags } => {
+            let id = parse_id(&id)?;
+            let mut tag_map = serde_json::Map::new();
+            for t in &tags {
+                let (k, v) = t
+                    .split_once('=')
+                    .ok_or_else(|| UsageError(format!("--tag {t:?} must be key=value")))?;
+                tag_map.insert(k.to_owned(), Value::String(v.to_owned()));
+            }
+            let dir = out.unwrap_or_else(|| PathBuf::from(id.as_str()));
+            let key_path = dir.join("device.key");
+            if key_path.exists() {
+                bail!(
+                    "{} already exists; refusing to overwrite a device key (choose another --out)",
+                    key_path.display()
+                );
+            }
+            let api = Api::new(&args)?;
+            let created = api
+                .call(
+                    reqwest::Method::POST,
+                    "/api/v1/devices",
+                    Some(serde_json::json!({"id": id.as_str(), "tags": tag_map})),
+                )
+                .await?;
+            let field = |name: &str| {
+                created
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| anyhow!("server response lacks {name}"))
+            };
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            write_file(&key_path, field("private_key_pem")?, true)?;
+            write_file(&dir.join("device.crt"), field("certificate_pem")?, false)?;
+            write_file(&dir.join("ca.crt"), field("ca_pem")?, false)?;
+            println!(
+                "created device {id}; credentials in {}/ (device.crt, device.key, ca.crt)",
+                dir.display()
+            );
+            Ok(())
+        }
+        DeviceCommand::List { json } => {
+            let api = Api::new(&args)?;
+            let mut all = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let path = match &cursor {
+                    Some(c) => format!("/api/v1/devices?limit=1000&cursor={c}"),
+                    None => "/api/v1/devices?limit=1000".to_owned(),
+                };
+                let page = api.call(reqwest::Method::GET, &path, None).await?;
+                if let Some(devices) = page.get("devices").and_then(Value::as_array) {
+                    all.extend(devices.iter().cloned());
+                }
+                match page.get("next_cursor").and_then(Value::as_str) {
+                    Some(c) => cursor = Some(c.to_owned()),
+                    None => break,
+                }
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                println!(
+                    "{:<32} {:<7} {:>15} {:>15}",
+                    "ID", "ONLINE", "LAST_SEEN_MS", "CREATED_AT_MS"
+                );
+                for d in &all {
+                    println!(
+                        "{:<32} {:<7} {:>15} {:>15}",
+                        d.get("id").and_then(Value::as_str).unwrap_or("?"),
+                        d.get("online").and_then(Value::as_bool).unwrap_or(false),
+                        ms_to_text(d.get("last_seen").unwrap_or(&Value::Null)),
+                        ms_to_text(d.get("created_at").unwrap_or(&Value::Null)),
+                    );
+                }
+            }
+            Ok(())
+        }
+        DeviceCommand::Show { id } => {
+            let id = parse_id(&id)?;
+            let api = Api::new(&args)?;
+            let d = api
+                .call(reqwest::Method::GET, &format!("/api/v1/devices/{id}"), None)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&d)?);
+            Ok(())
+        }
+        DeviceCommand::Delete { id } => {
+            let id = parse_id(&id)?;
+            let api = Api::new(&args)?;
+            api.call(
+                reqwest::Method::DELETE,
+                &format!("/api/v1/devices/{id}"),
+                None,
+            )
+            .await?;
+            println!("deleted device {id}");
+            Ok(())
+        }
+    }
+}
+
+pub async fn token(args: ApiArgs, command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create { name, role } => {
+            if role != "service" && role != "admin" {
+                return Err(UsageError(format!("--role {role:?} must be service or admin")).into());
+            }
+            let api = Api::new(&args)?;
+            let t = api
+                .call(
+                    reqwest::Method::POST,
+                    "/api/v1/tokens",
+                    Some(serde_json::json!({"name": name, "role": role})),
+                )
+                .await?;
+            println!("{}", t.get("token").and_then(Value::as_str).unwrap_or(""));
+            Ok(())
+        }
+    }
+}

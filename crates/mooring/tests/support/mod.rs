@@ -1,0 +1,340 @@
+//! Test harness: runs the real `mooring` binary on port 0 in a temp data dir, and drives it
+//! with real clients (the `mooring` CLI, mosquitto_pub/sub, HTTP).
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mooring");
+
+/// Longest a test waits for an expected condition before failing (never a sleep-for-readiness).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// An HTTP client (installs the ring crypto provider reqwest's rustls needs).
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+/// `GET url` without a token.
+pub async fn get(url: String) -> reqwest::Response {
+    http().get(url).send().await.expect("http")
+}
+
+pub struct Server {
+    pub data_dir: PathBuf,
+    pub mqtt: SocketAddr,
+    pub mqtt_dev: SocketAddr,
+    pub http: SocketAddr,
+    pub token: String,
+    child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+fn parse_addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let rest = rest
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+impl Server {
+    pub fn start(data_dir: &Path) -> Server {
+        Self::start_with(data_dir, "127.0.0.1:0", "127.0.0.1:0", &[])
+    }
+
+    pub fn start_with(data_dir: &Path, mqtt: &str, http: &str, extra: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--mqtt-addr",
+                mqtt,
+                "--http-addr",
+                http,
+                "--mqtt-dev-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("MOORING_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mooring serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                log2.lock().expect("log").push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let (mut m, mut d, mut h) = (None, None, None);
+        let deadline = Instant::now() + WAIT;
+        while !(m.is_some() && d.is_some() && h.is_some() && Instant::now() < deadline) {
+            let line = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) => l,
+                Err(_) => panic!(
+                    "server did not report its listeners; log: {:#?}",
+                    log.lock().expect("log")
+                ),
+            };
+            if let Some(a) = parse_addr_after(&line, "MQTT/TLS listening on ") {
+                m = Some(a);
+            }
+            if let Some(a) = parse_addr_after(&line, "for local experiments only) listening on ") {
+                d = Some(a);
+            }
+            if let Some(a) = parse_addr_after(&line, "HTTP API listening on ") {
+                h = Some(a);
+            }
+            if m.is_some() && d.is_some() && h.is_some() {
+                break;
+            }
+        }
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_owned();
+        Server {
+            data_dir: data_dir.to_owned(),
+            mqtt: m.expect("mqtt addr"),
+            mqtt_dev: d.expect("dev addr"),
+            http: h.expect("http addr"),
+            token,
+            child,
+            log,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http)
+    }
+
+    /// `kill -9`: no shutdown, no flush.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+
+    /// Runs the `mooring` CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .args(["--server", &self.url(), "--data-dir"])
+            .arg(&self.data_dir)
+            .env_remove("MOORING_TOKEN")
+            .output()
+            .expect("run mooring cli")
+    }
+
+    /// Creates a device with the CLI; returns its credentials directory.
+    pub fn create_device(&self, id: &str, root: &Path) -> Creds {
+        let dir = root.join(id);
+        let out = self.cli(&["device", "create", id, "--out", dir.to_str().expect("utf8")]);
+        assert!(
+            out.status.success(),
+            "device create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Creds { dir }
+    }
+
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let client = http();
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = client
+            .request(method, format!("{}{path}", self.url()))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("http");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        let json = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, json)
+    }
+
+    /// Polls the API until `pred` holds (bounded by [`WAIT`]).
+    pub async fn wait_for(&self, path: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let (status, v) = self.api("GET", path, None).await;
+            if status == 200 && pred(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "condition on {path} never held; last: {status} {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Creds {
+    pub dir: PathBuf,
+}
+
+impl Creds {
+    pub fn cert(&self) -> PathBuf {
+        self.dir.join("device.crt")
+    }
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("device.key")
+    }
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// TLS arguments for mosquitto_pub / mosquitto_sub.
+    pub fn mosquitto_args(&self, addr: SocketAddr) -> Vec<String> {
+        vec![
+            "-h".into(),
+            addr.ip().to_string(),
+            "-p".into(),
+            addr.port().to_string(),
+            "--cafile".into(),
+            self.ca().display().to_string(),
+            "--cert".into(),
+            self.cert().display().to_string(),
+            "--key".into(),
+            self.key().display().to_string(),
+        ]
+    }
+}
+
+/// Runs mosquitto_pub with `args` and returns its output.
+pub fn mosquitto_pub(args: &[String]) -> Output {
+    Command::new("mosquitto_pub")
+        .args(args)
+        .output()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)")
+}
+
+/// Starts mosquitto_sub with `args`; stdout lines are the received messages.
+pub fn mosquitto_sub(args: &[String]) -> Child {
+    Command::new("mosquitto_sub")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (apt-get install mosquitto-clients)")
+}
+
+pub fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+/// A running mosquitto_sub started with `-d`, so we can see SUBACK before publishing.
+pub struct Sub {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Sub {
+    /// Starts mosquitto_sub with `args` (plus `-d`) and waits for its SUBACK.
+    pub fn start(args: &[String]) -> Sub {
+        // stdbuf: mosquitto_sub block-buffers a piped stdout; we need each line as it happens.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub", "-d"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub (apt-get install mosquitto-clients)");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut sub = Sub { child, lines: rx };
+        sub.wait_line(|l| l.contains("received SUBACK"));
+        sub
+    }
+
+    /// Waits for a line matching `pred` (bounded by [`WAIT`]); returns it.
+    pub fn wait_line(&mut self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if pred(&l) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("mosquitto_sub: expected line not seen ({e})"),
+            }
+        }
+    }
+
+    /// The next message payload line (debug lines start with "Client ").
+    pub fn next_message(&mut self) -> String {
+        self.wait_line(|l| {
+            !l.starts_with("Client ")
+                && !l.starts_with("Subscribed (")
+                && !l.starts_with("Received ")
+        })
+    }
+
+    /// Waits for the process to exit (bounded); returns its exit status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "mosquitto_sub did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
