@@ -9,6 +9,8 @@
 //!   number or boolean is a metric point, nested objects flatten to `a.b`.
 //! * [`policy`]: the topic policy evaluator (which principal may publish / subscribe where),
 //!   with `{id}` and `{tag:<key>}` substitutions.
+//! * [`command`]: command request / result payloads (schema v1) and command-id rules.
+//! * [`shadow`]: shadow delta payload, merge-patch and delta rules (schema v1).
 //! * [`clock`]: the injected notion of "now" so business logic can run on virtual time.
 //!
 //! The crate does no I/O and does not depend on tokio: the server, the agent and the simulator
@@ -16,8 +18,10 @@
 //! field. Golden tests in `tests/golden.rs` pin every payload version ever shipped.
 
 pub mod clock;
+pub mod command;
 pub mod id;
 pub mod policy;
+pub mod shadow;
 pub mod telemetry;
 pub mod topic;
 

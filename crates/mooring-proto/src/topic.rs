@@ -7,6 +7,10 @@ use std::fmt;
 pub const DEVICES_ROOT: &str = "devices";
 /// Telemetry suffix: `devices/<id>/telemetry`.
 pub const TELEMETRY: &str = "telemetry";
+/// Commands level: `devices/<id>/commands/<cmd>[/ack|/result]`.
+pub const COMMANDS: &str = "commands";
+/// Shadow level: `devices/<id>/shadow/reported`, `devices/<id>/shadow/delta`.
+pub const SHADOW: &str = "shadow";
 
 /// A topic Mooring gives meaning to. Topics under `devices/<id>/` that are not listed here are
 /// still allowed by the default policy (devices may use their own subtree freely), they just
@@ -15,6 +19,16 @@ pub const TELEMETRY: &str = "telemetry";
 pub enum Topic {
     /// `devices/<id>/telemetry`: device → server, JSON telemetry (schema v1).
     Telemetry(DeviceId),
+    /// `devices/<id>/commands/<cmd>`: server → device, a command (QoS 1).
+    Command(DeviceId, String),
+    /// `devices/<id>/commands/<cmd>/ack`: device → server, "received, starting".
+    CommandAck(DeviceId, String),
+    /// `devices/<id>/commands/<cmd>/result`: device → server, `{status, output}`.
+    CommandResult(DeviceId, String),
+    /// `devices/<id>/shadow/reported`: device → server, a reported-state update (merge patch).
+    ShadowReported(DeviceId),
+    /// `devices/<id>/shadow/delta`: server → device, retained; desired minus reported.
+    ShadowDelta(DeviceId),
     /// Any other topic under `devices/<id>/`; the string is the rest after `devices/<id>/`.
     DeviceOther(DeviceId, String),
 }
@@ -29,10 +43,52 @@ impl Topic {
         if rest.is_empty() {
             return None;
         }
-        Some(match rest {
-            TELEMETRY => Topic::Telemetry(id),
-            other => Topic::DeviceOther(id, other.to_owned()),
+        let levels: Vec<&str> = rest.split('/').collect();
+        Some(match levels.as_slice() {
+            [TELEMETRY] => Topic::Telemetry(id),
+            [COMMANDS, cmd] if crate::command::is_valid_command_id(cmd) => {
+                Topic::Command(id, (*cmd).to_owned())
+            }
+            [COMMANDS, cmd, "ack"] if crate::command::is_valid_command_id(cmd) => {
+                Topic::CommandAck(id, (*cmd).to_owned())
+            }
+            [COMMANDS, cmd, "result"] if crate::command::is_valid_command_id(cmd) => {
+                Topic::CommandResult(id, (*cmd).to_owned())
+            }
+            [SHADOW, "reported"] => Topic::ShadowReported(id),
+            [SHADOW, "delta"] => Topic::ShadowDelta(id),
+            _ => Topic::DeviceOther(id, rest.to_owned()),
         })
+    }
+
+    /// `devices/<id>/commands/<cmd>`.
+    pub fn command(id: &DeviceId, cmd: &str) -> String {
+        format!("{DEVICES_ROOT}/{id}/{COMMANDS}/{cmd}")
+    }
+
+    /// `devices/<id>/commands/+`: what a device subscribes to for its commands.
+    pub fn commands_filter(id: &DeviceId) -> String {
+        format!("{DEVICES_ROOT}/{id}/{COMMANDS}/+")
+    }
+
+    /// `devices/<id>/commands/<cmd>/ack`.
+    pub fn command_ack(id: &DeviceId, cmd: &str) -> String {
+        format!("{DEVICES_ROOT}/{id}/{COMMANDS}/{cmd}/ack")
+    }
+
+    /// `devices/<id>/commands/<cmd>/result`.
+    pub fn command_result(id: &DeviceId, cmd: &str) -> String {
+        format!("{DEVICES_ROOT}/{id}/{COMMANDS}/{cmd}/result")
+    }
+
+    /// `devices/<id>/shadow/reported`.
+    pub fn shadow_reported(id: &DeviceId) -> String {
+        format!("{DEVICES_ROOT}/{id}/{SHADOW}/reported")
+    }
+
+    /// `devices/<id>/shadow/delta`.
+    pub fn shadow_delta(id: &DeviceId) -> String {
+        format!("{DEVICES_ROOT}/{id}/{SHADOW}/delta")
     }
 
     pub fn telemetry(id: &DeviceId) -> String {
@@ -42,7 +98,13 @@ impl Topic {
     /// The device this topic belongs to.
     pub fn device(&self) -> &DeviceId {
         match self {
-            Topic::Telemetry(id) | Topic::DeviceOther(id, _) => id,
+            Topic::Telemetry(id)
+            | Topic::Command(id, _)
+            | Topic::CommandAck(id, _)
+            | Topic::CommandResult(id, _)
+            | Topic::ShadowReported(id)
+            | Topic::ShadowDelta(id)
+            | Topic::DeviceOther(id, _) => id,
         }
     }
 }
@@ -51,6 +113,11 @@ impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Topic::Telemetry(id) => write!(f, "{DEVICES_ROOT}/{id}/{TELEMETRY}"),
+            Topic::Command(id, c) => f.write_str(&Topic::command(id, c)),
+            Topic::CommandAck(id, c) => f.write_str(&Topic::command_ack(id, c)),
+            Topic::CommandResult(id, c) => f.write_str(&Topic::command_result(id, c)),
+            Topic::ShadowReported(id) => f.write_str(&Topic::shadow_reported(id)),
+            Topic::ShadowDelta(id) => f.write_str(&Topic::shadow_delta(id)),
             Topic::DeviceOther(id, rest) => write!(f, "{DEVICES_ROOT}/{id}/{rest}"),
         }
     }
@@ -135,6 +202,21 @@ mod tests {
         assert_eq!(o, Topic::DeviceOther(id("d1"), "a/b".into()));
         assert_eq!(Topic::parse("devices/-x/telemetry"), None);
         assert_eq!(Topic::parse("devices/d1/"), None);
+        for t in [
+            "devices/d1/commands/c1",
+            "devices/d1/commands/c1/ack",
+            "devices/d1/commands/c1/result",
+            "devices/d1/shadow/reported",
+            "devices/d1/shadow/delta",
+        ] {
+            let parsed = Topic::parse(t).expect("parses");
+            assert!(!matches!(parsed, Topic::DeviceOther(..)), "{t}");
+            assert_eq!(parsed.to_string(), t);
+        }
+        assert_eq!(
+            Topic::parse("devices/d1/commands/c1/other"),
+            Some(Topic::DeviceOther(id("d1"), "commands/c1/other".into()))
+        );
         assert_eq!(Topic::parse("other/d1/telemetry"), None);
     }
 
