@@ -613,3 +613,208 @@ async fn acknowledged_points_survive_kill_9() {
         "every acknowledged point is there after kill -9"
     );
 }
+
+#[tokio::test]
+async fn flags_override_env_which_overrides_the_config_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (file_dir, env_dir, flag_dir) = (
+        tmp.path().join("file"),
+        tmp.path().join("env"),
+        tmp.path().join("flag"),
+    );
+    let config = tmp.path().join("mooring.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\nmqtt_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\nmqtt_dev_addr = \"127.0.0.1:0\"\n",
+            file_dir.display().to_string()
+        ),
+    )
+    .expect("write config");
+    let server = Server::start_custom(&file_dir, |cmd| {
+        cmd.arg("--config").arg(&config);
+    });
+    assert!(file_dir.join("admin.token").exists());
+    server.stop();
+    let server = Server::start_custom(&env_dir, |cmd| {
+        cmd.arg("--config")
+            .arg(&config)
+            .env("MOORING_DATA_DIR", &env_dir);
+    });
+    assert!(env_dir.join("admin.token").exists());
+    server.stop();
+    let server = Server::start_custom(&flag_dir, |cmd| {
+        cmd.arg("--config")
+            .arg(&config)
+            .env("MOORING_DATA_DIR", &env_dir)
+            .arg("--data-dir")
+            .arg(&flag_dir);
+    });
+    assert!(flag_dir.join("admin.token").exists());
+    server.stop();
+
+    // Unknown keys and a non-loopback dev listener are refused with a clear message.
+    std::fs::write(&config, "nope = 1\n").expect("write config");
+    let out = std::process::Command::new(support::BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(support::BIN)
+        .args(["serve", "--data-dir"])
+        .arg(tmp.path().join("x"))
+        .args([
+            "--mqtt-dev-addr",
+            "0.0.0.0:0",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
+
+#[tokio::test]
+async fn api_over_tls_with_http_tls() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &["--http-tls"]);
+    assert!(server
+        .log_text()
+        .contains(&format!("HTTP API listening on https://{}", server.http)));
+    let url = format!("https://localhost:{}", server.http.port());
+    let out = std::process::Command::new(support::BIN)
+        .args(["device", "create", "t1", "--server", &url, "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(tmp.path().join("t1"))
+        .output()
+        .expect("cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(support::BIN)
+        .args(["device", "list", "--server", &url, "--data-dir"])
+        .arg(&data)
+        .output()
+        .expect("cli");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("t1"));
+}
+
+#[tokio::test]
+async fn policy_rules_with_tag_substitution() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = tmp.path().join("mooring.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[policy.rules]]
+principal = "device"
+action = "both"
+filter = "sites/{tag:site}/#"
+
+[[policy.rules]]
+principal = "device"
+action = "subscribe"
+filter = "fleet/broadcast/#"
+"#,
+    )
+    .expect("config");
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--config", config.to_str().expect("utf8")],
+    );
+    let out = server.cli(&[
+        "device",
+        "create",
+        "berlin-1",
+        "--tag",
+        "site=berlin",
+        "--out",
+        tmp.path().join("berlin-1").to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = support::Creds {
+        dir: tmp.path().join("berlin-1"),
+    };
+    let publish = |topic: &str| {
+        let mut args = d.mosquitto_args(server.mqtt);
+        args.extend(s(&["-V", "mqttv5", "-q", "1", "-t", topic, "-m", "x"]));
+        mosquitto_pub(&args)
+    };
+    let ok = publish("sites/berlin/door");
+    assert!(
+        ok.status.success() && ok.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let denied = publish("sites/paris/door");
+    assert!(String::from_utf8_lossy(&denied.stderr)
+        .to_lowercase()
+        .contains("not authorized"));
+    let denied = publish("fleet/broadcast/x");
+    assert!(String::from_utf8_lossy(&denied.stderr)
+        .to_lowercase()
+        .contains("not authorized"));
+
+    // The broadcast subscription is granted; a message from the dev listener reaches it.
+    let mut args = d.mosquitto_args(server.mqtt);
+    args.extend(s(&["-V", "mqttv5", "-t", "fleet/broadcast/#"]));
+    let mut sub = Sub::start(&args);
+    let dev = s(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &server.mqtt_dev.port().to_string(),
+        "-t",
+        "fleet/broadcast/all",
+        "-m",
+        "hello fleet",
+    ]);
+    assert!(mosquitto_pub(&dev).status.success());
+    assert_eq!(sub.next_message(), "hello fleet");
+}
+
+#[tokio::test]
+async fn retention_removes_old_points_and_keeps_new_ones() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = tmp.path().join("mooring.toml");
+    std::fs::write(
+        &config,
+        "[telemetry]\nretention_days = 1\nretention_interval_secs = 1\n",
+    )
+    .expect("config");
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--config", config.to_str().expect("utf8")],
+    );
+    let d = server.create_device("d1", tmp.path());
+    for payload in [r#"{"ts":1000,"t":1}"#, r#"{"t":2}"#] {
+        let mut args = d.mosquitto_args(server.mqtt);
+        args.extend(s(&["-q", "1", "-t", "devices/d1/telemetry", "-m", payload]));
+        assert!(mosquitto_pub(&args).status.success());
+    }
+    let v = server
+        .wait_for("/api/v1/devices/d1/telemetry?metric=t", |v| points(v) == 1)
+        .await;
+    assert_eq!(v["points"][0]["value"], 2.0);
+}

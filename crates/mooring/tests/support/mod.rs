@@ -50,24 +50,27 @@ impl Server {
     }
 
     pub fn start_with(data_dir: &Path, mqtt: &str, http: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--data-dir"])
-            .arg(data_dir)
-            .args([
-                "--mqtt-addr",
-                mqtt,
-                "--http-addr",
-                http,
-                "--mqtt-dev-addr",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
+        Self::start_custom(data_dir, |cmd| {
+            cmd.arg("--data-dir")
+                .arg(data_dir)
+                .args(["--mqtt-addr", mqtt, "--http-addr", http])
+                .args(["--mqtt-dev-addr", "127.0.0.1:0"])
+                .args(extra);
+        })
+    }
+
+    /// Runs `mooring serve` with arguments and environment set by `configure`; `data_dir` is
+    /// where the server is expected to write `admin.token`. The dev listener must be enabled.
+    pub fn start_custom(data_dir: &Path, configure: impl FnOnce(&mut Command)) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("serve")
             .env("RUST_LOG", "info")
             .env_remove("MOORING_TOKEN")
+            .env_remove("MOORING_DATA_DIR")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn mooring serve");
+            .stderr(Stdio::piped());
+        configure(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn mooring serve");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel::<String>();
