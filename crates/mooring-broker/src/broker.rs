@@ -147,6 +147,53 @@ impl Broker {
         self.shared.route(Arc::new(msg), None);
     }
 
+    /// Publish a server-originated message to one client only: enqueued if that client's session
+    /// is connected and holds a subscription matching the topic (at the highest granted QoS).
+    /// Returns whether it was enqueued. Not retained, not routed to anyone else.
+    pub fn publish_to(&self, client_id: &str, msg: Message) -> bool {
+        let Some(session) = lock(&self.shared.state).sessions.get(client_id).cloned() else {
+            return false;
+        };
+        let mut s = lock(&session);
+        if s.link.is_none() {
+            return false;
+        }
+        let qos = s
+            .subs
+            .iter()
+            .filter(|(filter, _)| filter_matches(filter, &msg.topic))
+            .map(|(_, o)| o.qos)
+            .max();
+        let Some(qos) = qos else {
+            return false;
+        };
+        let d = Delivery {
+            qos: qos.min(msg.qos),
+            msg: Arc::new(msg),
+            retain: false,
+            expires_at: None,
+        };
+        let enqueued = s.enqueue(d, self.shared.config.session_queue_len_max);
+        if enqueued {
+            self.shared
+                .counters
+                .messages_in
+                .fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        enqueued
+    }
+
+    /// Whether `client_id` is connected and subscribed to a filter matching `topic`.
+    pub fn is_subscribed(&self, client_id: &str, topic: &str) -> bool {
+        let Some(session) = lock(&self.shared.state).sessions.get(client_id).cloned() else {
+            return false;
+        };
+        let s = lock(&session);
+        s.link.is_some() && s.subs.keys().any(|f| filter_matches(f, topic))
+    }
+
     /// A snapshot of one session, if it exists (for operators and tests waiting on a condition).
     pub fn session_info(&self, client_id: &str) -> Option<SessionInfo> {
         let session = lock(&self.shared.state).sessions.get(client_id).cloned()?;

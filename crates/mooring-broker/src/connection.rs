@@ -1239,6 +1239,7 @@ where
         let v5 = self.version == ProtocolVersion::V5;
         let mut codes: Vec<u8> = Vec::with_capacity(entries.len());
         let mut retained_for: Vec<(String, u8)> = Vec::new();
+        let mut granted: Vec<String> = Vec::new();
         for (filter, opts, rh) in entries {
             let shared_sub = filter.starts_with("$share/");
             let code = if !is_valid_filter(&filter) || shared_sub {
@@ -1270,6 +1271,7 @@ where
                 } else {
                     let qos = opts.qos.min(2);
                     s.subs.insert(filter.clone(), SubOptions { qos, ..opts });
+                    granted.push(filter.clone());
                     if rh == 0 || (rh == 1 && !existed) {
                         retained_for.push((filter, qos));
                     }
@@ -1308,6 +1310,12 @@ where
             }
         };
         self.apply(events);
+        if !granted.is_empty() {
+            let client_id = lock(&session).client_id.clone();
+            self.shared
+                .hooks
+                .on_subscribed(&client_id, &self.principal, &granted);
+        }
         // Retained messages go after the SUBACK (same write buffer, so in order).
         for (filter, qos) in retained_for {
             for (msg, expires_at) in self.shared.retained_matching(&filter) {

@@ -132,4 +132,7 @@ pub trait Hooks: Send + Sync + 'static {
     fn on_connected(&self, client_id: &str, principal: &Principal);
     /// Exactly once per connection that got `on_connected`, after will handling.
     fn on_disconnected(&self, client_id: &str, principal: &Principal);
+    /// After a SUBACK was queued for the client, with the filters that were granted (the
+    /// subscriptions exist now). Must not block.
+    fn on_subscribed(&self, _client_id: &str, _principal: &Principal, _filters: &[String]) {}
 }

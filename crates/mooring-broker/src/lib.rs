@@ -24,12 +24,14 @@
 //! * [`broker`] — the shared table of sessions and retained messages behind one mutex (each
 //!   session behind its own; lock order is table, then session), routing (`route`: store/clear
 //!   retained, then enqueue to every session with a matching filter, once per session at the
-//!   highest granted QoS), stats, `kick_device`, `shutdown`.
+//!   highest granted QoS), stats, `kick_device`, `shutdown`, and server-originated messages:
+//!   `publish` (routed like any publish) and `publish_to` (one connected client, only if it holds
+//!   a matching subscription; reports whether the message was enqueued).
 //! * [`hooks`] — the contract with the embedder: [`Hooks::authenticate`] at CONNECT,
 //!   [`Hooks::may_publish`] / [`Hooks::may_subscribe`] per packet, [`Hooks::on_publish`] before
 //!   any authorized message (and every will) is routed — acknowledgements for QoS 1/2 wait for it,
 //!   while the connection keeps reading (up to `inflight_max` pending, acks in arrival order) —
-//!   and presence callbacks.
+//!   presence callbacks, and [`Hooks::on_subscribed`] with the filters a SUBSCRIBE granted.
 //! * [`config`] — [`BrokerConfig`]: every bound.
 //!
 //! ## Delivery

@@ -11,6 +11,7 @@
 //!   with `{id}` and `{tag:<key>}` substitutions.
 //! * [`command`]: command request / result payloads (schema v1) and command-id rules.
 //! * [`shadow`]: shadow delta payload, merge-patch and delta rules (schema v1).
+//! * [`selector`]: the fleet selector syntax (`tag:site=berlin and online`), parsed and evaluated.
 //! * [`clock`]: the injected notion of "now" so business logic can run on virtual time.
 //!
 //! The crate does no I/O and does not depend on tokio: the server, the agent and the simulator
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod command;
 pub mod id;
 pub mod policy;
+pub mod selector;
 pub mod shadow;
 pub mod telemetry;
 pub mod topic;

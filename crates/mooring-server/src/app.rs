@@ -8,6 +8,7 @@ use crate::pki::{IssuedCert, Pki};
 use crate::presence::Presence;
 use mooring_broker::Broker;
 use mooring_proto::policy::Policy;
+use mooring_proto::selector::{DeviceFacts, Selector};
 use mooring_proto::{Clock, DeviceId};
 use mooring_store::{DeviceRecord, NewDevice, Point, Store, TelemetryQuery, TelemetryWriter};
 use std::collections::BTreeMap;
@@ -30,6 +31,8 @@ pub struct App {
     pub writer: TelemetryWriter,
     pub presence: Presence,
     pub counters: Counters,
+    pub commands: crate::commands::CommandRuntime,
+    pub(crate) shadow_lock: tokio::sync::Mutex<()>,
     broker: OnceLock<Broker>,
 }
 
@@ -59,6 +62,8 @@ impl App {
             writer,
             presence: Presence::default(),
             counters: Counters::default(),
+            commands: crate::commands::CommandRuntime::default(),
+            shadow_lock: tokio::sync::Mutex::new(()),
             broker: OnceLock::new(),
         }
     }
@@ -178,6 +183,114 @@ impl App {
         Ok((records.into_iter().map(|r| self.view(r)).collect(), next))
     }
 
+    /// Devices matching `sel`, ordered by id, after `cursor`, at most `limit`; the second value
+    /// is the cursor of the next page (`Some` only when the page is full). Evaluated over the
+    /// store traits: an ids term is looked up directly, anything else scans the registry in
+    /// pages; `version` comes from the shadow's reported `version` key.
+    pub async fn select_devices(
+        &self,
+        sel: &Selector,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
+        let mut out: Vec<DeviceView> = Vec::new();
+        let candidates = sel.id_candidates();
+        let mut after: Option<String> = cursor.map(str::to_owned);
+        loop {
+            let page: Vec<DeviceRecord> = match &candidates {
+                Some(ids) => {
+                    let mut page = Vec::new();
+                    for id in ids
+                        .iter()
+                        .filter(|i| after.as_deref().is_none_or(|a| i.as_str() > a))
+                    {
+                        if let Some(r) = self.store.get_device(id.as_str()).await? {
+                            page.push(r);
+                        }
+                    }
+                    page
+                }
+                None => {
+                    self.store
+                        .list_devices(SELECT_SCAN_PAGE_LEN, after.as_deref())
+                        .await?
+                }
+            };
+            let scanned_all = candidates.is_some() || page.len() < SELECT_SCAN_PAGE_LEN;
+            let versions: BTreeMap<String, String> = if sel.needs_version() && !page.is_empty() {
+                let ids: Vec<String> = page.iter().map(|r| r.id.clone()).collect();
+                self.store
+                    .get_shadows(&ids)
+                    .await?
+                    .into_iter()
+                    .filter_map(|s| Some((s.device_id.clone(), reported_version(&s)?)))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            };
+            after = page.last().map(|r| r.id.clone());
+            for record in page {
+                let view = self.view(record);
+                let facts = DeviceFacts {
+                    id: &view.record.id,
+                    tags: &view.record.tags,
+                    online: view.online,
+                    version: versions.get(&view.record.id).map(String::as_str),
+                };
+                if sel.matches(&facts) {
+                    out.push(view);
+                    if out.len() == limit {
+                        let next = out.last().map(|v| v.record.id.clone());
+                        return Ok((out, next));
+                    }
+                }
+            }
+            if scanned_all || after.is_none() {
+                return Ok((out, None));
+            }
+        }
+    }
+
+    /// Replaces a device's tags.
+    pub async fn set_tags(
+        &self,
+        id: &str,
+        tags: BTreeMap<String, String>,
+    ) -> ServiceResult<DeviceView> {
+        let id = Self::parse_id(id)?;
+        validate_tags(&tags)?;
+        self.store
+            .set_tags(id.as_str(), tags)
+            .await
+            .map_err(|e| match e {
+                mooring_store::StoreError::NotFound(_) => device_not_found(id.as_str()),
+                other => other.into(),
+            })?;
+        self.get_device(id.as_str()).await
+    }
+
+    /// One page of the devices matching a selector.
+    pub async fn list_selected_devices(
+        &self,
+        selector: &str,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
+        let sel = crate::commands::parse_selector(selector)?;
+        let limit = limit.unwrap_or(DEVICE_PAGE_LEN_DEFAULT);
+        if limit == 0 || limit > DEVICE_PAGE_LEN_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {DEVICE_PAGE_LEN_MAX}"),
+            ));
+        }
+        if let Some(c) = cursor {
+            Self::parse_id(c)
+                .map_err(|_| ServiceError::invalid("invalid_cursor", "cursor is not valid"))?;
+        }
+        self.select_devices(&sel, cursor, limit).await
+    }
+
     /// Deletes a device: its certificate is refused from now on and a live session is closed.
     pub async fn delete_device(&self, id: &str) -> ServiceResult<()> {
         let id = Self::parse_id(id)?;
@@ -234,6 +347,19 @@ impl App {
     ) -> ServiceResult<BTreeMap<String, (u64, mooring_store::MetricValue)>> {
         let view = self.get_device(id).await?;
         Ok(self.store.latest(&view.record.id).await?)
+    }
+}
+
+/// Devices read per store call while evaluating a selector.
+pub const SELECT_SCAN_PAGE_LEN: usize = 1000;
+
+/// The firmware version a device reports: its shadow's reported `version` key (a string, or a
+/// number written as text).
+pub fn reported_version(s: &mooring_store::ShadowRecord) -> Option<String> {
+    match s.reported.get("version")? {
+        serde_json::Value::String(v) => Some(v.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
     }
 }
 

@@ -31,6 +31,34 @@ pub struct ServerConfig {
     pub certificates: CertificateConfig,
     pub policy: PolicyConfig,
     pub limits: LimitsConfig,
+    pub commands: CommandsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// Time to live of a command created without `ttl_secs`.
+    pub default_ttl_secs: u64,
+    /// Deliveries of a command created without `max_attempts`.
+    pub default_max_attempts: u32,
+    /// Wait before the first redelivery of an unacknowledged command; doubles per attempt.
+    pub retry_backoff_initial_ms: u64,
+    /// Longest wait between redeliveries.
+    pub retry_backoff_max_ms: u64,
+    /// How often the scheduler looks for expired commands and due retries.
+    pub scheduler_tick_ms: u64,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl_secs: 86_400,
+            default_max_attempts: 5,
+            retry_backoff_initial_ms: 5_000,
+            retry_backoff_max_ms: 300_000,
+            scheduler_tick_ms: 1_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -86,6 +114,7 @@ impl Default for ServerConfig {
             certificates: CertificateConfig::default(),
             policy: PolicyConfig::default(),
             limits: LimitsConfig::default(),
+            commands: CommandsConfig::default(),
         }
     }
 }
@@ -151,6 +180,26 @@ impl ServerConfig {
         }
         if self.certificates.device_validity_days == 0 {
             bail!("certificates.device_validity_days must be at least 1");
+        }
+        let c = &self.commands;
+        if c.default_ttl_secs == 0 || c.default_ttl_secs > crate::commands::TTL_SECS_MAX {
+            bail!(
+                "commands.default_ttl_secs must be between 1 and {}",
+                crate::commands::TTL_SECS_MAX
+            );
+        }
+        if c.default_max_attempts == 0 || c.default_max_attempts > crate::commands::MAX_ATTEMPTS_MAX
+        {
+            bail!(
+                "commands.default_max_attempts must be between 1 and {}",
+                crate::commands::MAX_ATTEMPTS_MAX
+            );
+        }
+        if c.retry_backoff_initial_ms == 0
+            || c.retry_backoff_max_ms < c.retry_backoff_initial_ms
+            || c.scheduler_tick_ms == 0
+        {
+            bail!("commands: retry_backoff_initial_ms and scheduler_tick_ms must be at least 1, and retry_backoff_max_ms at least retry_backoff_initial_ms");
         }
         self.policy()?;
         Ok(())

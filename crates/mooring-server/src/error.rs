@@ -10,6 +10,12 @@ pub enum ErrorKind {
     Forbidden,
     NotFound,
     AlreadyExists,
+    /// The request conflicts with the resource's state (e.g. cancel after acknowledgement).
+    Conflict,
+    /// An `If-Match` precondition did not hold.
+    PreconditionFailed,
+    /// A bounded server resource is exhausted; retry later.
+    Unavailable,
     Internal,
 }
 
@@ -21,6 +27,9 @@ impl ErrorKind {
             ErrorKind::Forbidden => 403,
             ErrorKind::NotFound => 404,
             ErrorKind::AlreadyExists => 409,
+            ErrorKind::Conflict => 409,
+            ErrorKind::PreconditionFailed => 412,
+            ErrorKind::Unavailable => 503,
             ErrorKind::Internal => 500,
         }
     }

@@ -4,7 +4,9 @@
 //! registry). Services have no certificate and present an API token of role `service` as the
 //! MQTT password. The development listener admits anyone with unrestricted access and ingests
 //! nothing (no identity). Telemetry from a device on its own `devices/<id>/telemetry` topic is
-//! acknowledged only once the group-commit writer reports it durable.
+//! acknowledged only once the group-commit writer reports it durable; command acks/results and
+//! shadow reports on its own topics only once the state change is stored. Connects and
+//! subscriptions covering `devices/<id>/commands/+` wake the command dispatcher.
 
 use crate::app::App;
 use crate::metrics::Counters;
@@ -21,6 +23,17 @@ use std::sync::Arc;
 pub const REASON_PAYLOAD_FORMAT_INVALID: u8 = 0x99;
 /// MQTT v5 reason code: implementation specific error (store unavailable).
 pub const REASON_IMPLEMENTATION_SPECIFIC_ERROR: u8 = 0x83;
+
+/// Acknowledge a command or shadow message only once its effect is stored.
+fn store_verdict(r: crate::error::ServiceResult<()>, device: &str) -> PublishVerdict {
+    match r {
+        Ok(()) => PublishVerdict::Accept,
+        Err(e) => {
+            tracing::error!(device, error = %e, "command/shadow update not stored; not acknowledged");
+            PublishVerdict::Disconnect
+        }
+    }
+}
 
 pub struct ServerHooks {
     app: Arc<App>,
@@ -142,10 +155,23 @@ impl Hooks for ServerHooks {
         let app = &self.app;
         let now_ms = app.now_ms();
         app.presence.seen(id, now_ms);
-        let is_own_telemetry =
-            matches!(Topic::parse(&msg.topic), Some(Topic::Telemetry(ref t)) if t.as_str() == id);
-        if !is_own_telemetry {
-            return PublishVerdict::Accept;
+        let topic = Topic::parse(&msg.topic).filter(|t| t.device().as_str() == id);
+        match topic {
+            Some(Topic::Telemetry(_)) => {}
+            Some(Topic::CommandAck(_, cmd)) => {
+                return store_verdict(app.on_command_reply(id, &cmd, None).await, id);
+            }
+            Some(Topic::CommandResult(_, cmd)) => {
+                return store_verdict(app.on_command_reply(id, &cmd, Some(&msg.payload)).await, id);
+            }
+            Some(Topic::ShadowReported(_)) => {
+                return match app.on_shadow_reported(id, &msg.payload).await {
+                    Ok(true) => PublishVerdict::Accept,
+                    Ok(false) => PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID),
+                    Err(e) => store_verdict(Err(e), id),
+                };
+            }
+            _ => return PublishVerdict::Accept,
         }
         let telemetry = match Telemetry::parse(&msg.payload) {
             Ok(t) => t,
@@ -184,6 +210,24 @@ impl Hooks for ServerHooks {
         if let Principal::Device { id, .. } = principal {
             self.app.presence.connected(id, self.app.now_ms());
             tracing::debug!(device = %id, "online");
+            // A persistent session may already hold the commands subscription.
+            self.app.commands.kick(id, true);
+        }
+    }
+
+    fn on_subscribed(&self, _client_id: &str, principal: &Principal, filters: &[String]) {
+        let Principal::Device { id, .. } = principal else {
+            return;
+        };
+        let Ok(device) = mooring_proto::DeviceId::parse(id) else {
+            return;
+        };
+        let commands = Topic::command(&device, "c");
+        if filters
+            .iter()
+            .any(|f| mooring_proto::topic::filter_matches(f, &commands))
+        {
+            self.app.commands.kick(id, true);
         }
     }
 

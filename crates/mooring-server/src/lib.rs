@@ -10,6 +10,10 @@
 //! * [`app`]: registry and telemetry operations shared by HTTP and MQTT; no SQL, no HTTP.
 //! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
 //! * [`presence`]: online/offline and `last_seen`, flushed to the store in batches.
+//! * [`commands`]: the device command model (idempotent create, ordered MQTT delivery, retries
+//!   with backoff, expiry, cancel, acks/results, fleet fan-out, `wait_ms` waiters); the pure
+//!   transition rules are in [`commands::state`].
+//! * [`shadow`]: device shadows (desired via the API, reported via MQTT, retained delta).
 //! * [`mooring_store`] (its own crate): storage traits + SQLite, group-commit writer.
 //!
 //! Data flow of one telemetry point: TLS accept → broker CONNECT → [`hooks::ServerHooks`]
@@ -23,6 +27,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod commands;
 pub mod config;
 pub mod error;
 pub mod hooks;
@@ -31,6 +36,7 @@ pub mod metrics;
 pub mod pki;
 pub mod presence;
 mod serve;
+pub mod shadow;
 
 pub use config::ServerConfig;
 pub use serve::{render_metrics, run, Listeners, RunningServer};

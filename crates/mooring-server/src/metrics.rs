@@ -22,6 +22,21 @@ pub struct Counters {
     pub connects_refused: AtomicU64,
     /// TLS handshakes that failed (no/foreign certificate, timeouts, garbage).
     pub tls_handshake_failures: AtomicU64,
+    /// Device commands created (fleet commands count once per device).
+    pub commands_created: AtomicU64,
+    /// Commands handed to a device session for the first time.
+    pub commands_delivered: AtomicU64,
+    /// Redeliveries of unacknowledged commands.
+    pub commands_retried: AtomicU64,
+    pub commands_succeeded: AtomicU64,
+    /// Failed by the device, or after `max_attempts` deliveries without an ack.
+    pub commands_failed: AtomicU64,
+    pub commands_expired: AtomicU64,
+    pub commands_canceled: AtomicU64,
+    /// Acks / results for unknown, foreign or already-final commands, or with invalid payloads.
+    pub command_replies_ignored: AtomicU64,
+    /// Shadow reported updates applied.
+    pub shadow_reports: AtomicU64,
 }
 
 impl Counters {

@@ -184,6 +184,16 @@ impl RunningServer {
             app.clone(),
             stop_rx.clone(),
         ));
+        match app.republish_shadow_deltas().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(shadows = n, "republished retained shadow deltas"),
+            Err(e) => tracing::warn!(error = %e, "republishing shadow deltas failed"),
+        }
+        tasks.spawn(crate::commands::run_dispatcher(
+            app.clone(),
+            stop_rx.clone(),
+        ));
+        tasks.spawn(crate::commands::run_scheduler(app.clone(), stop_rx.clone()));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
 
@@ -458,6 +468,51 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_telemetry_messages_total",
         "Telemetry messages stored",
         load(&c.telemetry_messages),
+    )
+    .counter(
+        "mooring_commands_created_total",
+        "Device commands created (a fleet command counts once per device)",
+        load(&c.commands_created),
+    )
+    .counter(
+        "mooring_commands_delivered_total",
+        "Commands handed to a device session for the first time",
+        load(&c.commands_delivered),
+    )
+    .counter(
+        "mooring_commands_retried_total",
+        "Redeliveries of unacknowledged commands",
+        load(&c.commands_retried),
+    )
+    .counter(
+        "mooring_commands_succeeded_total",
+        "Commands the device reported succeeded",
+        load(&c.commands_succeeded),
+    )
+    .counter(
+        "mooring_commands_failed_total",
+        "Commands failed (by the device, or after max_attempts deliveries)",
+        load(&c.commands_failed),
+    )
+    .counter(
+        "mooring_commands_expired_total",
+        "Commands whose TTL passed before they ran",
+        load(&c.commands_expired),
+    )
+    .counter(
+        "mooring_commands_canceled_total",
+        "Commands canceled before acknowledgement",
+        load(&c.commands_canceled),
+    )
+    .counter(
+        "mooring_command_replies_ignored_total",
+        "Acks/results for unknown, foreign or finished commands, or invalid results",
+        load(&c.command_replies_ignored),
+    )
+    .counter(
+        "mooring_shadow_reports_total",
+        "Shadow reported updates applied",
+        load(&c.shadow_reports),
     )
     .counter(
         "mooring_telemetry_points_total",

@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::{
-    run_retention_pass, AppendOutcome, MetricValue, NewDevice, Point, Store, StoreError,
+    run_retention_pass, AppendOutcome, CommandOutcome, CommandParentRecord, CommandRecord,
+    CommandState, CreateOutcome, MetricValue, NewDevice, Point, ShadowRecord, Store, StoreError,
     TelemetryQuery, TelemetryRecord, TelemetryStore, TelemetryWriter, TelemetryWriterConfig,
     TokenRecord, TokenRole, TS_MS_MAX,
 };
@@ -46,6 +47,14 @@ macro_rules! conformance_tests {
             telemetry_retention_prunes_dedupe_keys_with_points,
             telemetry_invalid_records_are_refused_whole,
             telemetry_empty_batch_is_ok,
+            command_create_get_and_compare_and_set_update,
+            command_idempotency_key_returns_the_existing_command,
+            command_for_a_missing_device_is_not_found_and_nothing_is_stored,
+            command_list_is_newest_first_with_state_filter_and_cursor,
+            command_pending_and_due_queries_follow_state_and_times,
+            command_fleet_parent_counts_children_per_state,
+            command_and_shadow_are_deleted_with_their_device,
+            shadow_save_is_compare_and_set_on_version,
         );
         $crate::conformance_tests!(@by_arc $factory;
             writer_group_commits_concurrent_appends_and_reports_duplicates,
@@ -861,4 +870,329 @@ pub async fn retention_pass_deletes_everything_old_in_chunks(store: Arc<dyn Stor
         .await
         .expect_err("chunk 0");
     assert_eq!(err.kind(), "invalid_input");
+}
+
+// --------------------------------------------------------------------------------- commands
+
+fn command(id: &str, device: &str, created_at_ms: u64) -> CommandRecord {
+    CommandRecord {
+        id: id.to_owned(),
+        device_id: device.to_owned(),
+        name: "reboot".to_owned(),
+        params: serde_json::json!({"delay_secs": 5}),
+        state: CommandState::Queued,
+        attempts: 0,
+        max_attempts: 5,
+        created_at_ms,
+        expires_at_ms: created_at_ms + 60_000,
+        next_attempt_at_ms: created_at_ms,
+        parent_id: None,
+        idempotency_key: None,
+        history: vec![(CommandState::Queued, created_at_ms)],
+        result: None,
+    }
+}
+
+async fn create_one(store: &dyn Store, c: CommandRecord) -> CreateOutcome {
+    let mut out = store
+        .create_commands(None, vec![c])
+        .await
+        .expect("create_commands");
+    assert_eq!(out.len(), 1);
+    out.remove(0)
+}
+
+pub async fn command_create_get_and_compare_and_set_update(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("device");
+    let c = command("c1", "d1", 1000);
+    assert_eq!(
+        create_one(store, c.clone()).await,
+        CreateOutcome::Created(c.clone())
+    );
+    assert_eq!(store.get_command("c1").await.expect("get"), Some(c.clone()));
+    assert_eq!(store.get_command("nope").await.expect("get"), None);
+
+    let mut done = c.clone();
+    done.state = CommandState::Succeeded;
+    done.attempts = 1;
+    done.history.push((CommandState::Succeeded, 2000));
+    done.result = Some(CommandOutcome {
+        succeeded: true,
+        output: serde_json::json!({"bundle": {"log": ["a", "b"]}}),
+    });
+    // Wrong expected state: nothing changes.
+    assert!(!store
+        .update_command(done.clone(), CommandState::Delivered)
+        .await
+        .expect("update"));
+    assert_eq!(store.get_command("c1").await.expect("get"), Some(c));
+    assert!(store
+        .update_command(done.clone(), CommandState::Queued)
+        .await
+        .expect("update"));
+    assert_eq!(store.get_command("c1").await.expect("get"), Some(done));
+    // A duplicate command id is refused.
+    let err = store
+        .create_commands(None, vec![command("c1", "d1", 3000)])
+        .await
+        .expect_err("duplicate id");
+    assert_eq!(err.kind(), "already_exists");
+}
+
+pub async fn command_idempotency_key_returns_the_existing_command(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("device");
+    store.create_device(new_device("d2")).await.expect("device");
+    let mut a = command("c1", "d1", 1000);
+    a.idempotency_key = Some("k".into());
+    let mut b = command("c2", "d1", 2000);
+    b.idempotency_key = Some("k".into());
+    let mut other_device = command("c3", "d2", 2000);
+    other_device.idempotency_key = Some("k".into());
+    assert!(matches!(
+        create_one(store, a.clone()).await,
+        CreateOutcome::Created(_)
+    ));
+    assert_eq!(create_one(store, b).await, CreateOutcome::Existing(a));
+    assert!(store.get_command("c2").await.expect("get").is_none());
+    assert!(matches!(
+        create_one(store, other_device).await,
+        CreateOutcome::Created(_)
+    ));
+}
+
+pub async fn command_for_a_missing_device_is_not_found_and_nothing_is_stored(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("device");
+    let parent = CommandParentRecord {
+        id: "f1".into(),
+        selector: "d1,ghost".into(),
+        name: "reboot".into(),
+        params: serde_json::Value::Null,
+        created_at_ms: 1000,
+        expires_at_ms: 2000,
+        total: 2,
+    };
+    let err = store
+        .create_commands(
+            Some(parent),
+            vec![command("c1", "d1", 1000), command("c2", "ghost", 1000)],
+        )
+        .await
+        .expect_err("missing device");
+    assert_eq!(err.kind(), "not_found");
+    assert!(store.get_command("c1").await.expect("get").is_none());
+    assert!(store.get_command_parent("f1").await.expect("get").is_none());
+}
+
+pub async fn command_list_is_newest_first_with_state_filter_and_cursor(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("device");
+    store.create_device(new_device("d2")).await.expect("device");
+    let batch: Vec<CommandRecord> = (0..5)
+        .map(|i| command(&format!("c{i}"), "d1", 1000 + i))
+        .chain([command("x", "d2", 1000)])
+        .collect();
+    store.create_commands(None, batch).await.expect("create");
+    let mut c3 = store.get_command("c3").await.expect("get").expect("c3");
+    c3.state = CommandState::Canceled;
+    assert!(store
+        .update_command(c3, CommandState::Queued)
+        .await
+        .expect("update"));
+    let ids = |v: Vec<CommandRecord>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    let page = store
+        .list_commands("d1", None, 2, None)
+        .await
+        .expect("list");
+    assert_eq!(ids(page), ["c4", "c3"]);
+    let page = store
+        .list_commands("d1", None, 10, Some("c3"))
+        .await
+        .expect("list");
+    assert_eq!(ids(page), ["c2", "c1", "c0"]);
+    let page = store
+        .list_commands("d1", Some(CommandState::Canceled), 10, None)
+        .await
+        .expect("list");
+    assert_eq!(ids(page), ["c3"]);
+    assert!(
+        store
+            .list_commands("d1", None, 10, Some("x"))
+            .await
+            .is_err(),
+        "cursor of another device"
+    );
+}
+
+pub async fn command_pending_and_due_queries_follow_state_and_times(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("device");
+    let batch: Vec<CommandRecord> = (0..4)
+        .map(|i| command(&format!("c{i}"), "d1", 1000 + i))
+        .collect();
+    store.create_commands(None, batch).await.expect("create");
+    let set = |id: &str, state: CommandState, next_ms: u64, expires_ms: u64| {
+        let id = id.to_owned();
+        async move {
+            let mut c = store.get_command(&id).await.expect("get").expect("exists");
+            let from = c.state;
+            c.state = state;
+            c.next_attempt_at_ms = next_ms;
+            c.expires_at_ms = expires_ms;
+            assert!(store.update_command(c, from).await.expect("update"));
+        }
+    };
+    // c0 queued (expires 61000); c1 delivered, retry due at 5000; c2 delivered, retry at 9000;
+    // c3 acknowledged.
+    set("c1", CommandState::Delivered, 5000, 61_001).await;
+    set("c2", CommandState::Delivered, 9000, 61_002).await;
+    set("c3", CommandState::Acknowledged, 0, 0).await;
+    let ids = |v: Vec<CommandRecord>| v.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    let p = store
+        .pending_commands("d1", 6000, false, 10)
+        .await
+        .expect("pending");
+    assert_eq!(ids(p), ["c0", "c1"]);
+    let p = store
+        .pending_commands("d1", 6000, true, 10)
+        .await
+        .expect("pending");
+    assert_eq!(ids(p), ["c0", "c1", "c2"]);
+    let p = store
+        .pending_commands("d1", 6000, true, 1)
+        .await
+        .expect("pending");
+    assert_eq!(ids(p), ["c0"]);
+    assert_eq!(
+        ids(store.due_commands(4000, 10).await.expect("due")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(store.due_commands(9000, 10).await.expect("due")),
+        ["c1", "c2"]
+    );
+    // Expiry makes queued ones due too; the acknowledged one never is.
+    assert_eq!(
+        ids(store.due_commands(100_000, 10).await.expect("due")),
+        ["c0", "c1", "c2"]
+    );
+    assert_eq!(store.due_commands(100_000, 2).await.expect("due").len(), 2);
+}
+
+pub async fn command_fleet_parent_counts_children_per_state(store: &dyn Store) {
+    for i in 0..3 {
+        store
+            .create_device(new_device(&format!("d{i}")))
+            .await
+            .expect("device");
+    }
+    let parent = CommandParentRecord {
+        id: "f1".into(),
+        selector: "tag:site=north".into(),
+        name: "reboot".into(),
+        params: serde_json::json!({"a": 1}),
+        created_at_ms: 1000,
+        expires_at_ms: 61_000,
+        total: 3,
+    };
+    let children: Vec<CommandRecord> = (0..3)
+        .map(|i| {
+            let mut c = command(&format!("c{i}"), &format!("d{i}"), 1000);
+            c.parent_id = Some("f1".into());
+            c
+        })
+        .collect();
+    let out = store
+        .create_commands(Some(parent.clone()), children)
+        .await
+        .expect("create");
+    assert_eq!(out.len(), 3);
+    assert_eq!(
+        store.get_command_parent("f1").await.expect("get"),
+        Some(parent)
+    );
+    let mut c0 = store.get_command("c0").await.expect("get").expect("c0");
+    c0.state = CommandState::Expired;
+    assert!(store
+        .update_command(c0, CommandState::Queued)
+        .await
+        .expect("update"));
+    let counts = store.count_children("f1").await.expect("count");
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        [(CommandState::Queued, 2), (CommandState::Expired, 1)]
+    );
+    assert!(store
+        .count_children("nope")
+        .await
+        .expect("count")
+        .is_empty());
+}
+
+pub async fn command_and_shadow_are_deleted_with_their_device(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("device");
+    create_one(store, command("c1", "d1", 1000)).await;
+    let shadow = ShadowRecord {
+        device_id: "d1".into(),
+        version: 1,
+        ..ShadowRecord::default()
+    };
+    assert!(store.save_shadow(shadow, 0).await.expect("save"));
+    assert!(store.delete_device("d1").await.expect("delete"));
+    assert!(store.get_command("c1").await.expect("get").is_none());
+    assert!(store.get_shadow("d1").await.expect("get").is_none());
+}
+
+pub async fn shadow_save_is_compare_and_set_on_version(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("device");
+    store.create_device(new_device("d2")).await.expect("device");
+    assert!(store.get_shadow("d1").await.expect("get").is_none());
+    let obj = |v: serde_json::Value| match v {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    };
+    let v1 = ShadowRecord {
+        device_id: "d1".into(),
+        desired: obj(serde_json::json!({"led": "on"})),
+        reported: obj(serde_json::json!({"version": "1.4.0"})),
+        version: 1,
+        updated_at_ms: 1000,
+    };
+    assert!(store.save_shadow(v1.clone(), 0).await.expect("insert"));
+    assert!(!store
+        .save_shadow(v1.clone(), 0)
+        .await
+        .expect("second insert"));
+    assert_eq!(store.get_shadow("d1").await.expect("get"), Some(v1.clone()));
+    let mut v2 = v1.clone();
+    v2.version = 2;
+    v2.desired = obj(serde_json::json!({"led": "off"}));
+    assert!(!store.save_shadow(v2.clone(), 5).await.expect("stale"));
+    assert!(store.save_shadow(v2.clone(), 1).await.expect("update"));
+    assert_eq!(store.get_shadow("d1").await.expect("get"), Some(v2.clone()));
+    let missing = ShadowRecord {
+        device_id: "ghost".into(),
+        version: 1,
+        ..ShadowRecord::default()
+    };
+    assert_eq!(
+        store
+            .save_shadow(missing, 0)
+            .await
+            .expect_err("no device")
+            .kind(),
+        "not_found"
+    );
+    let d2 = ShadowRecord {
+        device_id: "d2".into(),
+        version: 1,
+        ..ShadowRecord::default()
+    };
+    assert!(store.save_shadow(d2.clone(), 0).await.expect("insert"));
+    let got = store
+        .get_shadows(&["d2".into(), "ghost".into(), "d1".into()])
+        .await
+        .expect("get_shadows");
+    assert_eq!(got.len(), 2);
+    let listed = store.list_shadows(1, None).await.expect("list");
+    assert_eq!(listed, vec![v2]);
+    let listed = store.list_shadows(10, Some("d1")).await.expect("list");
+    assert_eq!(listed, vec![d2]);
 }

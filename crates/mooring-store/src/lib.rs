@@ -1,14 +1,17 @@
 //! # mooring-store: where Mooring keeps its state
 //!
-//! No SQL appears outside this crate. The rest of Mooring sees three traits, one per concern,
+//! No SQL appears outside this crate. The rest of Mooring sees one trait per concern,
 //! all `async` and object safe:
 //!
 //! * [`DeviceStore`]: the device registry (certificate identity, tags, last seen).
 //! * [`TokenStore`]: API tokens; only SHA-256 hashes of secrets are stored.
 //! * [`TelemetryStore`]: time-series points with per-device `seq` dedupe, a cheap "latest value
 //!   per metric" view and chunked retention.
+//! * [`CommandStore`]: device commands (state, attempts, history, result) with idempotency keys,
+//!   fleet-command parents, and the bounded queries the delivery scheduler runs.
+//! * [`ShadowStore`]: device shadows (desired, reported, version) with compare-and-set writes.
 //!
-//! [`Store`] is all three at once (blanket impl); the server holds an `Arc<dyn Store>`.
+//! [`Store`] is all of them at once (blanket impl); the server holds an `Arc<dyn Store>`.
 //!
 //! ## Backends
 //!
@@ -44,9 +47,13 @@ pub mod writer;
 
 pub use error::{Result, StoreError};
 pub use model::{
-    AppendOutcome, DeviceRecord, MetricValue, NewDevice, Point, TelemetryQuery, TelemetryRecord,
+    AppendOutcome, CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
+    DeviceRecord, MetricValue, NewDevice, Point, ShadowRecord, TelemetryQuery, TelemetryRecord,
     TokenRecord, TokenRole, TS_MS_MAX,
 };
 pub use sqlite::{SqliteStore, DB_FILE_NAME};
-pub use store::{DeviceStore, Store, TelemetryStore, TokenStore};
+pub use store::{
+    CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore, TokenStore,
+    COMMAND_BATCH_LEN_MAX,
+};
 pub use writer::{run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats};

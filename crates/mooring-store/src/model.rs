@@ -171,3 +171,159 @@ pub(crate) fn check_ts(what: &str, ts_ms: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Where a device command is in its life. Final states never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CommandState {
+    Queued,
+    Delivered,
+    Acknowledged,
+    Succeeded,
+    Failed,
+    Expired,
+    Canceled,
+}
+
+impl CommandState {
+    pub const ALL: [CommandState; 7] = [
+        CommandState::Queued,
+        CommandState::Delivered,
+        CommandState::Acknowledged,
+        CommandState::Succeeded,
+        CommandState::Failed,
+        CommandState::Expired,
+        CommandState::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandState::Queued => "queued",
+            CommandState::Delivered => "delivered",
+            CommandState::Acknowledged => "acknowledged",
+            CommandState::Succeeded => "succeeded",
+            CommandState::Failed => "failed",
+            CommandState::Expired => "expired",
+            CommandState::Canceled => "canceled",
+        }
+    }
+
+    /// `succeeded`, `failed`, `expired`, `canceled`.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            CommandState::Succeeded
+                | CommandState::Failed
+                | CommandState::Expired
+                | CommandState::Canceled
+        )
+    }
+}
+
+impl FromStr for CommandState {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<CommandState> {
+        CommandState::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| StoreError::InvalidInput(format!("unknown command state {s:?}")))
+    }
+}
+
+impl std::fmt::Display for CommandState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a command ended, as reported by the device (or decided by the server, e.g. `max_attempts`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandOutcome {
+    pub succeeded: bool,
+    pub output: serde_json::Value,
+}
+
+/// One command for one device, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRecord {
+    pub id: String,
+    pub device_id: String,
+    pub name: String,
+    pub params: serde_json::Value,
+    pub state: CommandState,
+    /// Times the command was handed to the device's live session.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// When an unacknowledged delivery is retried next.
+    pub next_attempt_at_ms: u64,
+    pub parent_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    /// Every state entered, with its time, oldest first (starts with `queued`).
+    pub history: Vec<(CommandState, u64)>,
+    pub result: Option<CommandOutcome>,
+}
+
+impl CommandRecord {
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_ts("created_at_ms", self.created_at_ms)?;
+        check_ts("expires_at_ms", self.expires_at_ms)?;
+        check_ts("next_attempt_at_ms", self.next_attempt_at_ms)?;
+        for (_, at) in &self.history {
+            check_ts("history at", *at)?;
+        }
+        if self.id.is_empty() || self.device_id.is_empty() {
+            return Err(StoreError::InvalidInput(
+                "empty command or device id".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A fleet command: one parent for the device commands it fanned out to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandParentRecord {
+    pub id: String,
+    pub selector: String,
+    pub name: String,
+    pub params: serde_json::Value,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    /// Number of device commands created.
+    pub total: u64,
+}
+
+/// The result of creating one command: stored now, or an earlier one with the same
+/// `(device_id, idempotency_key)` returned instead.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateOutcome {
+    Created(CommandRecord),
+    Existing(CommandRecord),
+}
+
+impl CreateOutcome {
+    pub fn record(&self) -> &CommandRecord {
+        match self {
+            CreateOutcome::Created(r) | CreateOutcome::Existing(r) => r,
+        }
+    }
+
+    pub fn into_record(self) -> CommandRecord {
+        match self {
+            CreateOutcome::Created(r) | CreateOutcome::Existing(r) => r,
+        }
+    }
+}
+
+/// A device shadow: desired and reported JSON objects and a version bumped on every change.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ShadowRecord {
+    pub device_id: String,
+    pub desired: serde_json::Map<String, serde_json::Value>,
+    pub reported: serde_json::Map<String, serde_json::Value>,
+    /// 0 for a shadow never written.
+    pub version: u64,
+    pub updated_at_ms: u64,
+}

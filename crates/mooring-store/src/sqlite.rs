@@ -26,6 +26,9 @@ use crate::model::{
 };
 use crate::store::{DeviceStore, TelemetryStore, TokenStore};
 
+mod commands;
+mod shadows;
+
 /// File name used when [`SqliteStore::open`] is given a directory.
 pub const DB_FILE_NAME: &str = "mooring.db";
 /// Read connections per store.
@@ -37,7 +40,10 @@ const DELETE_CHUNK_ROWS: i64 = 10_000;
 
 /// Migration `i` (0-based) brings the schema to version `i + 1` (SQLite `user_version`).
 /// Append only: a shipped migration is never edited.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_commands_shadows.sql"),
+];
 
 const DEVICE_COLUMNS: &str =
     "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, last_seen_ms";

@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, DeviceRecord, MetricValue, NewDevice, Point, TelemetryQuery, TelemetryRecord,
-    TokenRecord,
+    AppendOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceRecord,
+    MetricValue, NewDevice, Point, ShadowRecord, TelemetryQuery, TelemetryRecord, TokenRecord,
 };
 
 /// The device registry.
@@ -62,7 +62,71 @@ pub trait TelemetryStore: Send + Sync + 'static {
     async fn delete_older_than(&self, cutoff_ms: u64, max_rows: usize) -> Result<usize>;
 }
 
-/// Everything a Mooring server needs from storage.
-pub trait Store: DeviceStore + TokenStore + TelemetryStore {}
+/// Most records one command or shadow query returns or one batch call accepts.
+pub const COMMAND_BATCH_LEN_MAX: usize = 10_000;
 
-impl<T: DeviceStore + TokenStore + TelemetryStore> Store for T {}
+/// Device commands and fleet-command parents. Deleting a device deletes its commands.
+#[async_trait::async_trait]
+pub trait CommandStore: Send + Sync + 'static {
+    /// Stores `parent` (if any) and every command in one transaction, returning one outcome per
+    /// command, in order. A command whose `(device_id, idempotency_key)` is already stored is not
+    /// stored again: the stored one comes back as `Existing`. `NotFound` (and nothing stored) if
+    /// a device does not exist; at most [`COMMAND_BATCH_LEN_MAX`] commands.
+    async fn create_commands(
+        &self,
+        parent: Option<CommandParentRecord>,
+        commands: Vec<CommandRecord>,
+    ) -> Result<Vec<CreateOutcome>>;
+    async fn get_command(&self, id: &str) -> Result<Option<CommandRecord>>;
+    /// Replaces the stored command with `record` if its stored state is still `expected`
+    /// (compare-and-set); `false` if it was not (or the command is gone).
+    async fn update_command(&self, record: CommandRecord, expected: CommandState) -> Result<bool>;
+    /// A device's commands, newest first, optionally in one state; at most `limit`, older than
+    /// the command `before_id` if given (keyset pagination).
+    async fn list_commands(
+        &self,
+        device_id: &str,
+        state: Option<CommandState>,
+        limit: usize,
+        before_id: Option<&str>,
+    ) -> Result<Vec<CommandRecord>>;
+    /// What to (re)deliver to a device now, oldest first: every `queued` command, plus
+    /// `delivered` ones whose `next_attempt_at_ms <= now_ms` (all `delivered` ones if
+    /// `all_delivered`). At most `limit`.
+    async fn pending_commands(
+        &self,
+        device_id: &str,
+        now_ms: u64,
+        all_delivered: bool,
+        limit: usize,
+    ) -> Result<Vec<CommandRecord>>;
+    /// Work for the scheduler, oldest first, at most `limit`: `queued`/`delivered` commands with
+    /// `expires_at_ms <= now_ms`, and `delivered` ones with `next_attempt_at_ms <= now_ms`.
+    async fn due_commands(&self, now_ms: u64, limit: usize) -> Result<Vec<CommandRecord>>;
+    async fn get_command_parent(&self, id: &str) -> Result<Option<CommandParentRecord>>;
+    /// How many children of `parent_id` are in each state (states with none are absent).
+    async fn count_children(&self, parent_id: &str) -> Result<BTreeMap<CommandState, u64>>;
+}
+
+/// Device shadows. Deleting a device deletes its shadow.
+#[async_trait::async_trait]
+pub trait ShadowStore: Send + Sync + 'static {
+    async fn get_shadow(&self, device_id: &str) -> Result<Option<ShadowRecord>>;
+    /// Writes `record` if the stored version is `expected_version` (0: no shadow stored yet);
+    /// `false` otherwise. `NotFound` if the device does not exist.
+    async fn save_shadow(&self, record: ShadowRecord, expected_version: u64) -> Result<bool>;
+    /// The stored shadows of these devices (absent ones are skipped); at most
+    /// [`COMMAND_BATCH_LEN_MAX`] ids.
+    async fn get_shadows(&self, device_ids: &[String]) -> Result<Vec<ShadowRecord>>;
+    /// At most `limit` shadows with `device_id > after_device_id`, ordered by device id.
+    async fn list_shadows(
+        &self,
+        limit: usize,
+        after_device_id: Option<&str>,
+    ) -> Result<Vec<ShadowRecord>>;
+}
+
+/// Everything a Mooring server needs from storage.
+pub trait Store: DeviceStore + TokenStore + TelemetryStore + CommandStore + ShadowStore {}
+
+impl<T: DeviceStore + TokenStore + TelemetryStore + CommandStore + ShadowStore> Store for T {}

@@ -1,8 +1,9 @@
-//! The API client behind `mooring device ...` and `mooring token ...`.
+//! The API client behind `mooring device ...`, `mooring command ...` and `mooring token ...`.
 
-use crate::{DeviceCommand, TokenCommand};
+use crate::{CommandCommand, DeviceCommand, TokenCommand};
 use anyhow::{anyhow, bail, Context};
 use clap::Args;
+use mooring_proto::selector::{Selector, Term};
 use mooring_proto::DeviceId;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -209,15 +210,21 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<()>
             );
             Ok(())
         }
-        DeviceCommand::List { json } => {
+        DeviceCommand::List { json, selector } => {
+            if let Some(sel) = &selector {
+                Selector::parse(sel).map_err(|e| UsageError(format!("invalid selector: {e}")))?;
+            }
             let api = Api::new(&args)?;
             let mut all = Vec::new();
             let mut cursor: Option<String> = None;
             loop {
-                let path = match &cursor {
-                    Some(c) => format!("/api/v1/devices?limit=1000&cursor={c}"),
-                    None => "/api/v1/devices?limit=1000".to_owned(),
-                };
+                let mut path = "/api/v1/devices?limit=1000".to_owned();
+                if let Some(c) = &cursor {
+                    path.push_str(&format!("&cursor={c}"));
+                }
+                if let Some(sel) = &selector {
+                    path.push_str(&format!("&selector={}", urlencode(sel)));
+                }
                 let page = api.call(reqwest::Method::GET, &path, None).await?;
                 if let Some(devices) = page.get("devices").and_then(Value::as_array) {
                     all.extend(devices.iter().cloned());
@@ -255,6 +262,45 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<()>
             println!("{}", serde_json::to_string_pretty(&d)?);
             Ok(())
         }
+        DeviceCommand::Tag { id, tags, remove } => {
+            let id = parse_id(&id)?;
+            let mut set = Vec::new();
+            for t in &tags {
+                let (k, v) = t
+                    .split_once('=')
+                    .ok_or_else(|| UsageError(format!("tag {t:?} must be key=value")))?;
+                set.push((k.to_owned(), v.to_owned()));
+            }
+            if set.is_empty() && remove.is_empty() {
+                return Err(UsageError("give key=value tags to set or --remove KEY".into()).into());
+            }
+            let api = Api::new(&args)?;
+            let path = format!("/api/v1/devices/{id}");
+            let device = api.call(reqwest::Method::GET, &path, None).await?;
+            let mut current = device
+                .get("tags")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            for k in &remove {
+                current.remove(k);
+            }
+            for (k, v) in set {
+                current.insert(k, Value::String(v));
+            }
+            let d = api
+                .call(
+                    reqwest::Method::PUT,
+                    &format!("{path}/tags"),
+                    Some(Value::Object(current)),
+                )
+                .await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(d.get("tags").unwrap_or(&Value::Null))?
+            );
+            Ok(())
+        }
         DeviceCommand::Delete { id } => {
             let id = parse_id(&id)?;
             let api = Api::new(&args)?;
@@ -265,6 +311,156 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<()>
             )
             .await?;
             println!("deleted device {id}");
+            Ok(())
+        }
+    }
+}
+
+/// Percent-encodes a query parameter value.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+fn command_id(id: &str) -> anyhow::Result<&str> {
+    if mooring_proto::command::is_valid_command_id(id) {
+        Ok(id)
+    } else {
+        Err(UsageError(format!("invalid command id {id:?}")).into())
+    }
+}
+
+pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<()> {
+    match command {
+        CommandCommand::Send {
+            to,
+            name,
+            params,
+            ttl_secs,
+            max_attempts,
+            wait_ms,
+            idempotency_key,
+        } => {
+            if !mooring_proto::command::is_valid_command_name(&name) {
+                return Err(UsageError(format!("invalid command name {name:?}")).into());
+            }
+            let params: Value = match params {
+                Some(p) => serde_json::from_str(&p)
+                    .map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?,
+                None => Value::Object(serde_json::Map::new()),
+            };
+            let selector =
+                Selector::parse(&to).map_err(|e| UsageError(format!("invalid --to: {e}")))?;
+            let single = match selector.terms.as_slice() {
+                [Term::Ids(ids)] if ids.len() == 1 && !to.starts_with("id:") => {
+                    Some(ids[0].clone())
+                }
+                _ => None,
+            };
+            let mut body = serde_json::json!({"name": name, "params": params});
+            if let Some(t) = ttl_secs {
+                body["ttl_secs"] = t.into();
+            }
+            if let Some(m) = max_attempts {
+                body["max_attempts"] = m.into();
+            }
+            let api = Api::new(&args)?;
+            let out = match single {
+                Some(device) => {
+                    if let Some(k) = idempotency_key {
+                        body["idempotency_key"] = k.into();
+                    }
+                    let mut path = format!("/api/v1/devices/{device}/commands");
+                    if let Some(w) = wait_ms {
+                        path.push_str(&format!("?wait_ms={w}"));
+                    }
+                    api.call(reqwest::Method::POST, &path, Some(body)).await?
+                }
+                None => {
+                    if wait_ms.is_some() || idempotency_key.is_some() {
+                        return Err(UsageError(
+                            "--wait-ms and --idempotency-key apply to one device; follow a fleet command with `mooring command show <id>`".into(),
+                        )
+                        .into());
+                    }
+                    body["selector"] = Value::String(to);
+                    api.call(reqwest::Method::POST, "/api/v1/commands", Some(body))
+                        .await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            Ok(())
+        }
+        CommandCommand::Show { id, wait_ms } => {
+            let id = command_id(&id)?;
+            let api = Api::new(&args)?;
+            let mut c = api
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/api/v1/commands/{id}"),
+                    None,
+                )
+                .await?;
+            if let (Some(w), Some(device)) = (wait_ms, c.get("device_id").and_then(Value::as_str)) {
+                c = api
+                    .call(
+                        reqwest::Method::GET,
+                        &format!("/api/v1/devices/{device}/commands/{id}?wait_ms={w}"),
+                        None,
+                    )
+                    .await?;
+            }
+            println!("{}", serde_json::to_string_pretty(&c)?);
+            Ok(())
+        }
+        CommandCommand::List { device, state } => {
+            let device = parse_id(&device)?;
+            let api = Api::new(&args)?;
+            let mut path = format!("/api/v1/devices/{device}/commands?limit=1000");
+            if let Some(s) = state {
+                path.push_str(&format!("&state={}", urlencode(&s)));
+            }
+            let page = api.call(reqwest::Method::GET, &path, None).await?;
+            println!(
+                "{:<34} {:<16} {:<13} {:>8} {:>15}",
+                "ID", "NAME", "STATE", "ATTEMPTS", "CREATED_AT_MS"
+            );
+            for c in page
+                .get("commands")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                println!(
+                    "{:<34} {:<16} {:<13} {:>8} {:>15}",
+                    c.get("id").and_then(Value::as_str).unwrap_or("?"),
+                    c.get("name").and_then(Value::as_str).unwrap_or("?"),
+                    c.get("state").and_then(Value::as_str).unwrap_or("?"),
+                    c.get("attempts").and_then(Value::as_u64).unwrap_or(0),
+                    ms_to_text(c.get("created_at").unwrap_or(&Value::Null)),
+                );
+            }
+            Ok(())
+        }
+        CommandCommand::Cancel { device, id } => {
+            let device = parse_id(&device)?;
+            let id = command_id(&id)?;
+            let api = Api::new(&args)?;
+            let c = api
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/api/v1/devices/{device}/commands/{id}/cancel"),
+                    None,
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&c)?);
             Ok(())
         }
     }

@@ -1,4 +1,4 @@
-//! The `mooring` command: `serve` runs the server; `device` and `token` talk to its API.
+//! The `mooring` command: `serve` runs the server; `device`, `command` and `token` talk to its API.
 
 mod client;
 
@@ -30,6 +30,14 @@ enum Command {
         api: client::ApiArgs,
         #[command(subcommand)]
         command: DeviceCommand,
+    },
+    /// Send commands to devices and follow them.
+    #[command(name = "command")]
+    Commands {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: CommandCommand,
     },
     /// Manage API tokens (e.g. a `service` token for a data pipeline's MQTT login).
     Token {
@@ -87,11 +95,64 @@ enum DeviceCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only devices matching this selector, e.g. 'tag:site=berlin and online'.
+        #[arg(long)]
+        selector: Option<String>,
+    },
+    /// Set tags (merged into the current ones): `mooring device tag lock-1 site=berlin hw=rev-b`.
+    Tag {
+        id: String,
+        /// key=value pairs to set.
+        tags: Vec<String>,
+        /// Tag keys to remove (repeatable).
+        #[arg(long = "remove")]
+        remove: Vec<String>,
     },
     /// Show one device as JSON.
     Show { id: String },
     /// Delete a device: its certificate is refused from now on and a live session closed.
     Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum CommandCommand {
+    /// Send a command: to one device (`--to lock-1`) or to every device a selector matches
+    /// (`--to 'tag:site=berlin'`, `--to d1,d2`), as a fleet command.
+    Send {
+        /// A device id or a selector.
+        #[arg(long)]
+        to: String,
+        /// Command name, e.g. reboot.
+        name: String,
+        /// Parameters as JSON.
+        #[arg(long)]
+        params: Option<String>,
+        #[arg(long)]
+        ttl_secs: Option<u64>,
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// One device only: wait up to this many ms (at most 30000) for the command to finish.
+        #[arg(long)]
+        wait_ms: Option<u64>,
+        /// One device only: the same key returns the earlier command instead of a new one.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+    },
+    /// Show a command (or a fleet command with its aggregate status) as JSON.
+    Show {
+        id: String,
+        /// Wait up to this many ms for a device command to finish.
+        #[arg(long)]
+        wait_ms: Option<u64>,
+    },
+    /// List a device's commands, newest first.
+    List {
+        device: String,
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Cancel a command that the device has not acknowledged yet.
+    Cancel { device: String, id: String },
 }
 
 #[derive(Subcommand)]
@@ -120,6 +181,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Device { api, command } => client::device(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
+            Command::Commands { api, command } => client::command(api, command).await,
         }
     });
     match result {

@@ -15,9 +15,15 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Mooring API", version = "1", description = "Device registry, provisioning and telemetry. Every call except /healthz, /metrics and this document needs `Authorization: Bearer <token>`. Times are unix milliseconds."),
-    paths(create_device, list_devices, get_device, delete_device, device_telemetry, device_telemetry_latest, create_token),
-    components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, CreateToken, CreatedToken)),
+    info(title = "Mooring API", version = "1", description = "Device registry, provisioning, telemetry, commands and shadows. Every call except /healthz, /metrics and this document needs `Authorization: Bearer <token>`. Times are unix milliseconds."),
+    paths(create_device, list_devices, get_device, delete_device, device_telemetry, device_telemetry_latest, create_token,
+        super::commands::create_command, super::commands::list_commands, super::commands::get_command,
+        super::commands::cancel_command, super::commands::create_fleet_command, super::commands::get_any_command,
+        super::commands::put_tags, super::commands::get_shadow, super::commands::patch_shadow),
+    components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, CreateToken, CreatedToken,
+        super::commands::CreateCommand, super::commands::CreateFleetCommand, super::commands::Command, super::commands::CommandList,
+        super::commands::HistoryEntry, super::commands::CommandResultBody, super::commands::FleetCommand, super::commands::AnyCommand,
+        super::commands::Shadow, super::commands::ShadowPatch)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -114,6 +120,8 @@ pub struct ListParams {
     /// Page size, 1..=1000 (default 100).
     pub limit: Option<usize>,
     pub cursor: Option<String>,
+    /// Only devices matching this selector, e.g. `tag:site=berlin and online`.
+    pub selector: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -207,7 +215,13 @@ async fn list_devices(
     State(app): State<Arc<App>>,
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> ApiResult<Json<DeviceList>> {
-    let (devices, next_cursor) = app.list_devices(p.limit, p.cursor.as_deref()).await?;
+    let (devices, next_cursor) = match p.selector.as_deref() {
+        None => app.list_devices(p.limit, p.cursor.as_deref()).await?,
+        Some(sel) => {
+            app.list_selected_devices(sel, p.limit, p.cursor.as_deref())
+                .await?
+        }
+    };
     Ok(Json(DeviceList {
         devices: devices.into_iter().map(Device::from).collect(),
         next_cursor,

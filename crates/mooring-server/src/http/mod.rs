@@ -4,6 +4,7 @@
 //! storage access here. Every error is `{"error":{"code":..,"message":..}}` with a 4xx/5xx status.
 
 mod api;
+mod commands;
 
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError};
@@ -171,10 +172,13 @@ async fn not_found() -> ApiError {
 
 /// The whole HTTP router.
 pub fn router(app: Arc<App>) -> Router {
-    let protected = api::routes().route_layer(axum::middleware::from_fn_with_state(
-        app.clone(),
-        require_token,
-    ));
+    let protected =
+        api::routes()
+            .merge(commands::routes())
+            .route_layer(axum::middleware::from_fn_with_state(
+                app.clone(),
+                require_token,
+            ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))

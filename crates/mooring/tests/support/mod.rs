@@ -341,3 +341,180 @@ impl Drop for Sub {
         let _ = self.child.wait();
     }
 }
+
+/// A device's MQTT 5 subscription (`-v`: each message line is `topic payload`), client id = id.
+pub fn device_sub(server: &Server, creds: &Creds, id: &str, filter: &str) -> Sub {
+    let mut args = creds.mosquitto_args(server.mqtt);
+    args.extend(s(&[
+        "-V", "mqttv5", "-q", "1", "-v", "-i", id, "-t", filter,
+    ]));
+    Sub::start(&args)
+}
+
+/// Publishes one QoS 1 message as the device; panics if mosquitto_pub fails.
+pub fn device_pub(server: &Server, creds: &Creds, id: &str, topic: &str, payload: &str) {
+    let mut args = creds.mosquitto_args(server.mqtt);
+    args.extend(s(&[
+        "-V", "mqttv5", "-q", "1", "-i", id, "-t", topic, "-m", payload,
+    ]));
+    let out = mosquitto_pub(&args);
+    assert!(
+        out.status.success(),
+        "mosquitto_pub {topic}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Sub {
+    /// The next `topic payload` line, split; payload parsed as JSON (Null if empty or not JSON).
+    pub fn next_json(&mut self) -> (String, Value) {
+        let line = self.next_message();
+        let (topic, payload) = line.split_once(' ').unwrap_or((line.as_str(), ""));
+        (
+            topic.to_owned(),
+            serde_json::from_str(payload).unwrap_or(Value::Null),
+        )
+    }
+}
+
+/// Writes a TOML config file into `dir` and returns `--config <path>` arguments.
+pub fn config_args(dir: &Path, toml: &str) -> Vec<String> {
+    let path = dir.join("mooring.toml");
+    std::fs::write(&path, toml).expect("write config");
+    vec!["--config".into(), path.display().to_string()]
+}
+
+/// What the device's MQTT event loop saw.
+#[derive(Debug)]
+enum Ev {
+    ConnAck,
+    SubAck,
+    PubAck,
+    Publish(String, Vec<u8>),
+    Closed(String),
+}
+
+/// A device speaking MQTT 3.1.1 over mutual TLS with one connection that both subscribes and
+/// publishes (a second connection with the same client id would take the session over).
+pub struct MqttDevice {
+    pub id: String,
+    client: rumqttc::AsyncClient,
+    events: tokio::sync::mpsc::UnboundedReceiver<Ev>,
+    pending: std::collections::VecDeque<(String, Vec<u8>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MqttDevice {
+    /// Connects with the device's certificate; returns after CONNACK.
+    pub async fn connect(server: &Server, creds: &Creds, id: &str) -> MqttDevice {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let read = |p: PathBuf| std::fs::read(&p).expect("credential file");
+        let mut opts =
+            rumqttc::MqttOptions::new(id, server.mqtt.ip().to_string(), server.mqtt.port());
+        opts.set_clean_session(true);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Simple {
+                ca: read(creds.ca()),
+                alpn: None,
+                client_auth: Some((read(creds.cert()), read(creds.key()))),
+            },
+        ));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 64);
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            use rumqttc::{Event, Packet};
+            loop {
+                let ev = match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => Ev::ConnAck,
+                    Ok(Event::Incoming(Packet::SubAck(_))) => Ev::SubAck,
+                    Ok(Event::Incoming(Packet::PubAck(_))) => Ev::PubAck,
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        Ev::Publish(p.topic.clone(), p.payload.to_vec())
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        let _ = tx.send(Ev::Closed(e.to_string()));
+                        return;
+                    }
+                };
+                if tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut d = MqttDevice {
+            id: id.to_owned(),
+            client,
+            events,
+            pending: Default::default(),
+            task,
+        };
+        let _ = d.wait(|e| matches!(e, Ev::ConnAck)).await;
+        d
+    }
+
+    async fn wait(&mut self, pred: impl Fn(&Ev) -> bool) -> Ev {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("device: expected MQTT event not seen in time")
+                .expect("device event loop ended");
+            if pred(&ev) {
+                return ev;
+            }
+            match ev {
+                Ev::Publish(t, p) => self.pending.push_back((t, p)),
+                Ev::Closed(e) => panic!("device {} connection closed: {e}", self.id),
+                _ => {}
+            }
+        }
+    }
+
+    /// Subscribes (QoS 1); returns after SUBACK.
+    pub async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        let _ = self.wait(|e| matches!(e, Ev::SubAck)).await;
+    }
+
+    /// Publishes at QoS 1; returns after PUBACK (the server has stored its effect).
+    pub async fn publish(&mut self, topic: &str, payload: &str) {
+        self.client
+            .publish(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.as_bytes().to_vec(),
+            )
+            .await
+            .expect("publish");
+        let _ = self.wait(|e| matches!(e, Ev::PubAck)).await;
+    }
+
+    /// The next received message: topic and raw payload.
+    pub async fn next_raw(&mut self) -> (String, Vec<u8>) {
+        if let Some(m) = self.pending.pop_front() {
+            return m;
+        }
+        match self.wait(|e| matches!(e, Ev::Publish(..))).await {
+            Ev::Publish(t, p) => (t, p),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    /// The next received message with its payload as JSON (Null if empty or not JSON).
+    pub async fn next_json(&mut self) -> (String, Value) {
+        let (t, p) = self.next_raw().await;
+        (t, serde_json::from_slice(&p).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for MqttDevice {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

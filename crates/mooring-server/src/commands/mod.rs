@@ -1,0 +1,700 @@
+//! Device commands: create (idempotent), deliver over MQTT in order, retry with backoff, expire,
+//! cancel, record acks and results, fan out fleet commands, and wake synchronous waiters.
+//!
+//! Every state change goes through [`state::apply`] under one mutation lock, is stored
+//! (compare-and-set on the previous state) and only then announced: to API waiters through a
+//! `watch` per waited-on command id (no database polling) and to the metrics.
+//!
+//! Delivery is owned by one dispatcher task ([`run_dispatcher`]) fed by "kicks" (device ids): on
+//! create, when a device connects, when it subscribes to a filter covering its commands topic,
+//! and when the scheduler ([`run_scheduler`]) finds a retry due. One task means a device's
+//! commands are published in order and never twice concurrently. A command counts as an attempt
+//! only when the broker actually enqueued it to the device's live, subscribed session.
+
+pub mod state;
+
+use crate::app::App;
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::metrics::Counters;
+use mooring_broker::Message;
+use mooring_proto::command::{
+    is_valid_command_name, CommandRequest, CommandResult, ResultStatus, COMMAND_BODY_SIZE_BYTES_MAX,
+};
+use mooring_proto::selector::Selector;
+use mooring_proto::{DeviceId, Topic};
+use mooring_store::{
+    CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
+};
+use state::{Event, Step};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::{watch, Notify};
+
+/// Longest `ttl_secs` (30 days).
+pub const TTL_SECS_MAX: u64 = 30 * 86_400;
+/// Largest `max_attempts`.
+pub const MAX_ATTEMPTS_MAX: u32 = 100;
+/// Longest `wait_ms` on create / get.
+pub const WAIT_MS_MAX: u64 = 30_000;
+/// Command ids being waited on at once (each id may have many waiters).
+pub const WAITED_COMMANDS_MAX: usize = 10_000;
+/// Devices waiting for the dispatcher.
+pub const KICKS_PENDING_MAX: usize = 100_000;
+/// Commands the dispatcher publishes to one device per pass (it re-kicks itself for more).
+pub const DELIVERY_BATCH_LEN_MAX: usize = 100;
+/// Commands the scheduler handles per tick.
+pub const SCHEDULER_BATCH_LEN_MAX: usize = 1000;
+/// Devices one fleet command may address.
+pub const FLEET_DEVICES_MAX: usize = 10_000;
+/// Longest idempotency key.
+pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
+/// Most commands one list call returns.
+pub const COMMAND_PAGE_LEN_MAX: usize = 1000;
+pub const COMMAND_PAGE_LEN_DEFAULT: usize = 100;
+
+/// In-memory command runtime: the mutation lock, waiters and the dispatcher's kick set.
+#[derive(Default)]
+pub struct CommandRuntime {
+    mutate: tokio::sync::Mutex<()>,
+    waiters: Mutex<HashMap<String, watch::Sender<CommandState>>>,
+    kicks: Mutex<BTreeMap<String, bool>>,
+    kick_notify: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl CommandRuntime {
+    /// Asks the dispatcher to deliver what is pending for `device_id`; `all_delivered` also
+    /// redelivers unacknowledged commands whose retry is not yet due (after a (re)connect).
+    pub fn kick(&self, device_id: &str, all_delivered: bool) {
+        {
+            let mut k = lock(&self.kicks);
+            if let Some(flag) = k.get_mut(device_id) {
+                *flag |= all_delivered;
+            } else if k.len() < KICKS_PENDING_MAX {
+                k.insert(device_id.to_owned(), all_delivered);
+            } else {
+                tracing::warn!(
+                    device = device_id,
+                    "command dispatcher backlog full; delivery waits for the next retry or reconnect"
+                );
+                return;
+            }
+        }
+        self.kick_notify.notify_one();
+    }
+
+    fn take_kicks(&self) -> BTreeMap<String, bool> {
+        std::mem::take(&mut *lock(&self.kicks))
+    }
+
+    fn notify(&self, id: &str, state: CommandState) {
+        if let Some(tx) = lock(&self.waiters).get(id) {
+            tx.send_replace(state);
+        }
+    }
+}
+
+/// A new command as the API asks for it.
+#[derive(Debug, Clone)]
+pub struct NewCommand {
+    pub name: String,
+    pub params: serde_json::Value,
+    pub ttl_secs: Option<u64>,
+    pub max_attempts: Option<u32>,
+    pub idempotency_key: Option<String>,
+}
+
+/// A fleet command with its children's aggregate state.
+#[derive(Debug, Clone)]
+pub struct FleetCommandView {
+    pub parent: CommandParentRecord,
+    pub counts: BTreeMap<CommandState, u64>,
+    /// Every child is in a final state.
+    pub done: bool,
+}
+
+fn new_id(prefix: char) -> String {
+    let bytes: [u8; 16] = rand::random();
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+fn command_not_found(id: &str) -> ServiceError {
+    ServiceError::not_found("command_not_found", format!("command {id} not found"))
+}
+
+/// Validates `wait_ms` (0..=[`WAIT_MS_MAX`]).
+pub fn check_wait_ms(wait_ms: Option<u64>) -> ServiceResult<u64> {
+    let w = wait_ms.unwrap_or(0);
+    if w > WAIT_MS_MAX {
+        return Err(ServiceError::invalid(
+            "invalid_wait_ms",
+            format!("wait_ms must be between 0 and {WAIT_MS_MAX}"),
+        ));
+    }
+    Ok(w)
+}
+
+impl App {
+    fn retry_backoff_ms(&self, attempts: u32) -> u64 {
+        let c = &self.config.commands;
+        let shift = attempts.saturating_sub(1).min(32);
+        c.retry_backoff_initial_ms
+            .saturating_mul(1u64 << shift)
+            .min(c.retry_backoff_max_ms)
+    }
+
+    fn build_command(
+        &self,
+        device_id: &str,
+        c: &NewCommand,
+        parent_id: Option<&str>,
+        now_ms: u64,
+    ) -> ServiceResult<CommandRecord> {
+        if !is_valid_command_name(&c.name) {
+            return Err(ServiceError::invalid(
+                "invalid_command_name",
+                "name must be 1-64 characters of letters, digits, '_', '.', '-', starting with a letter or digit",
+            ));
+        }
+        let params_len = serde_json::to_vec(&c.params).map_or(usize::MAX, |v| v.len());
+        if params_len > COMMAND_BODY_SIZE_BYTES_MAX {
+            return Err(ServiceError::invalid(
+                "params_too_large",
+                format!("params must encode to at most {COMMAND_BODY_SIZE_BYTES_MAX} bytes"),
+            ));
+        }
+        let ttl_secs = c.ttl_secs.unwrap_or(self.config.commands.default_ttl_secs);
+        if ttl_secs == 0 || ttl_secs > TTL_SECS_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_ttl",
+                format!("ttl_secs must be between 1 and {TTL_SECS_MAX}"),
+            ));
+        }
+        let max_attempts = c
+            .max_attempts
+            .unwrap_or(self.config.commands.default_max_attempts);
+        if max_attempts == 0 || max_attempts > MAX_ATTEMPTS_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_max_attempts",
+                format!("max_attempts must be between 1 and {MAX_ATTEMPTS_MAX}"),
+            ));
+        }
+        if let Some(k) = &c.idempotency_key {
+            if k.is_empty()
+                || k.len() > IDEMPOTENCY_KEY_LEN_MAX
+                || k.chars().any(|ch| ch.is_control())
+            {
+                return Err(ServiceError::invalid(
+                    "invalid_idempotency_key",
+                    format!(
+                        "idempotency_key must be 1-{IDEMPOTENCY_KEY_LEN_MAX} printable characters"
+                    ),
+                ));
+            }
+        }
+        Ok(CommandRecord {
+            id: new_id('c'),
+            device_id: device_id.to_owned(),
+            name: c.name.clone(),
+            params: c.params.clone(),
+            state: CommandState::Queued,
+            attempts: 0,
+            max_attempts,
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(ttl_secs.saturating_mul(1000)),
+            next_attempt_at_ms: now_ms,
+            parent_id: parent_id.map(str::to_owned),
+            idempotency_key: c.idempotency_key.clone(),
+            history: vec![(CommandState::Queued, now_ms)],
+            result: None,
+        })
+    }
+
+    /// Creates a command for one device (durably) and asks for its delivery. `true` if it was
+    /// created, `false` if an earlier command with the same idempotency key is returned.
+    pub async fn create_command(
+        &self,
+        device_id: &str,
+        c: NewCommand,
+        wait_ms: Option<u64>,
+    ) -> ServiceResult<(bool, CommandRecord)> {
+        let wait_ms = check_wait_ms(wait_ms)?;
+        let device = self.get_device(device_id).await?;
+        let record = self.build_command(&device.record.id, &c, None, self.now_ms())?;
+        let outcome = self
+            .store
+            .create_commands(None, vec![record])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ServiceError::internal("store returned no outcome"))?;
+        let created = matches!(outcome, CreateOutcome::Created(_));
+        let record = outcome.into_record();
+        if created {
+            Counters::inc(&self.counters.commands_created);
+            self.commands.kick(&record.device_id, false);
+        }
+        let record = self.wait_command(record, wait_ms).await?;
+        Ok((created, record))
+    }
+
+    /// One command of one device, after waiting up to `wait_ms` for a final state.
+    pub async fn get_command(
+        &self,
+        device_id: &str,
+        id: &str,
+        wait_ms: Option<u64>,
+    ) -> ServiceResult<CommandRecord> {
+        let wait_ms = check_wait_ms(wait_ms)?;
+        let device = Self::parse_id(device_id)?;
+        let record = self.command_of(device.as_str(), id).await?;
+        self.wait_command(record, wait_ms).await
+    }
+
+    /// Any command by id (device command), for `GET /api/v1/commands/<id>`.
+    pub async fn find_command(&self, id: &str) -> ServiceResult<Option<CommandRecord>> {
+        Ok(self.store.get_command(id).await?)
+    }
+
+    async fn command_of(&self, device_id: &str, id: &str) -> ServiceResult<CommandRecord> {
+        match self.store.get_command(id).await? {
+            Some(r) if r.device_id == device_id => Ok(r),
+            _ => Err(command_not_found(id)),
+        }
+    }
+
+    async fn wait_command(
+        &self,
+        record: CommandRecord,
+        wait_ms: u64,
+    ) -> ServiceResult<CommandRecord> {
+        if wait_ms == 0 || record.state.is_final() {
+            return Ok(record);
+        }
+        let id = record.id.clone();
+        let mut rx = {
+            let mut w = lock(&self.commands.waiters);
+            match w.get(&id) {
+                Some(tx) => tx.subscribe(),
+                None if w.len() < WAITED_COMMANDS_MAX => {
+                    let (tx, rx) = watch::channel(record.state);
+                    w.insert(id.clone(), tx);
+                    rx
+                }
+                None => {
+                    return Err(ServiceError::new(
+                        ErrorKind::Unavailable,
+                        "too_many_waiters",
+                        format!("more than {WAITED_COMMANDS_MAX} commands are being waited on; retry without wait_ms"),
+                    ))
+                }
+            }
+        };
+        // Re-read after subscribing: a transition between the first read and the subscription
+        // is then seen here rather than missed.
+        let current = self.store.get_command(&id).await?;
+        if !current.as_ref().is_some_and(|r| r.state.is_final()) {
+            let _ = tokio::time::timeout(Duration::from_millis(wait_ms), async {
+                while rx.changed().await.is_ok() {
+                    if rx.borrow().is_final() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        drop(rx);
+        {
+            let mut w = lock(&self.commands.waiters);
+            if w.get(&id).is_some_and(|tx| tx.receiver_count() == 0) {
+                w.remove(&id);
+            }
+        }
+        self.store
+            .get_command(&id)
+            .await?
+            .ok_or_else(|| command_not_found(&id))
+    }
+
+    /// A device's commands, newest first.
+    pub async fn list_commands(
+        &self,
+        device_id: &str,
+        state: Option<&str>,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> ServiceResult<(Vec<CommandRecord>, Option<String>)> {
+        let device = self.get_device(device_id).await?;
+        let state = state
+            .map(|s| {
+                s.parse::<CommandState>().map_err(|_| {
+                    ServiceError::invalid(
+                        "invalid_state",
+                        format!("state {s:?} is not one of queued, delivered, acknowledged, succeeded, failed, expired, canceled"),
+                    )
+                })
+            })
+            .transpose()?;
+        let limit = limit.unwrap_or(COMMAND_PAGE_LEN_DEFAULT);
+        if limit == 0 || limit > COMMAND_PAGE_LEN_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {COMMAND_PAGE_LEN_MAX}"),
+            ));
+        }
+        let records = self
+            .store
+            .list_commands(&device.record.id, state, limit, cursor)
+            .await
+            .map_err(|e| match e {
+                mooring_store::StoreError::InvalidInput(_) => {
+                    ServiceError::invalid("invalid_cursor", "cursor is not valid")
+                }
+                other => other.into(),
+            })?;
+        let next = if records.len() == limit {
+            records.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+        Ok((records, next))
+    }
+
+    /// Applies `event` to command `id` under the mutation lock, stores it, then announces it.
+    /// `Ok(None)` if the command does not exist (or belongs to another device).
+    async fn transition(
+        &self,
+        device_id: Option<&str>,
+        id: &str,
+        event: Event,
+    ) -> ServiceResult<Option<(Step, CommandRecord)>> {
+        let _guard = self.commands.mutate.lock().await;
+        let Some(mut record) = self.store.get_command(id).await? else {
+            return Ok(None);
+        };
+        if device_id.is_some_and(|d| d != record.device_id) {
+            return Ok(None);
+        }
+        let from = record.state;
+        let step = state::apply(&mut record, event, self.now_ms());
+        if let Step::To(to) = step {
+            if !self.store.update_command(record.clone(), from).await? {
+                return Err(ServiceError::internal(format!(
+                    "command {id} changed state concurrently"
+                )));
+            }
+            self.count_transition(to);
+            self.commands.notify(id, to);
+        }
+        Ok(Some((step, record)))
+    }
+
+    fn count_transition(&self, to: CommandState) {
+        let c = &self.counters;
+        match to {
+            CommandState::Succeeded => Counters::inc(&c.commands_succeeded),
+            CommandState::Failed => Counters::inc(&c.commands_failed),
+            CommandState::Expired => Counters::inc(&c.commands_expired),
+            CommandState::Canceled => Counters::inc(&c.commands_canceled),
+            _ => {}
+        }
+    }
+
+    /// Cancels a command that is not yet acknowledged; `409 command_not_cancelable` otherwise.
+    pub async fn cancel_command(&self, device_id: &str, id: &str) -> ServiceResult<CommandRecord> {
+        let device = Self::parse_id(device_id)?;
+        match self
+            .transition(Some(device.as_str()), id, Event::Cancel)
+            .await?
+        {
+            None => Err(command_not_found(id)),
+            Some((Step::Refused, r)) => Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "command_not_cancelable",
+                format!(
+                    "command {id} is {}; only queued or delivered commands can be canceled",
+                    r.state
+                ),
+            )),
+            Some((_, r)) => Ok(r),
+        }
+    }
+
+    /// A device acknowledged (`result: None`) or reported the result of one of its commands.
+    /// `Err` only if the store failed (the device's publish is then not acknowledged).
+    pub async fn on_command_reply(
+        &self,
+        device_id: &str,
+        id: &str,
+        result: Option<&[u8]>,
+    ) -> ServiceResult<()> {
+        let event = match result {
+            None => Event::Acked,
+            Some(payload) => match CommandResult::parse(payload) {
+                Ok(r) => Event::Finished(CommandOutcome {
+                    succeeded: r.status == ResultStatus::Succeeded,
+                    output: r.output,
+                }),
+                Err(e) => {
+                    Counters::inc(&self.counters.command_replies_ignored);
+                    tracing::info!(device = device_id, command = id, error = %e, "invalid command result ignored");
+                    return Ok(());
+                }
+            },
+        };
+        match self.transition(Some(device_id), id, event).await? {
+            Some((Step::To(_) | Step::Stay, _)) => {}
+            Some((Step::Refused, r)) => {
+                Counters::inc(&self.counters.command_replies_ignored);
+                tracing::debug!(device = device_id, command = id, state = %r.state, "late command reply ignored");
+            }
+            None => {
+                Counters::inc(&self.counters.command_replies_ignored);
+                tracing::info!(
+                    device = device_id,
+                    command = id,
+                    "reply for an unknown or foreign command ignored"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes what is pending for one device, in order, while its session takes it.
+    async fn deliver_pending(&self, device_id: &str, all_delivered: bool) -> ServiceResult<()> {
+        let Some(broker) = self.broker() else {
+            return Ok(());
+        };
+        let Ok(device) = DeviceId::parse(device_id) else {
+            return Ok(());
+        };
+        if !broker.is_subscribed(device_id, &Topic::command(&device, "c")) {
+            return Ok(());
+        }
+        let pending = self
+            .store
+            .pending_commands(
+                device_id,
+                self.now_ms(),
+                all_delivered,
+                DELIVERY_BATCH_LEN_MAX,
+            )
+            .await?;
+        let full_batch = pending.len() == DELIVERY_BATCH_LEN_MAX;
+        for p in pending {
+            let _guard = self.commands.mutate.lock().await;
+            let Some(mut record) = self.store.get_command(&p.id).await? else {
+                continue;
+            };
+            let from = record.state;
+            if !matches!(from, CommandState::Queued | CommandState::Delivered) {
+                continue;
+            }
+            let now_ms = self.now_ms();
+            let event = if now_ms >= record.expires_at_ms {
+                Event::Expire
+            } else if from == CommandState::Delivered && record.attempts >= record.max_attempts {
+                Event::GiveUp
+            } else {
+                let req = CommandRequest {
+                    id: record.id.clone(),
+                    name: record.name.clone(),
+                    params: record.params.clone(),
+                    expires_at: record.expires_at_ms,
+                };
+                let msg = Message::new(
+                    Topic::command(&device, &record.id),
+                    req.to_bytes(),
+                    1,
+                    false,
+                );
+                if !broker.publish_to(device_id, msg) {
+                    break;
+                }
+                record.attempts = record.attempts.saturating_add(1);
+                record.next_attempt_at_ms =
+                    now_ms.saturating_add(self.retry_backoff_ms(record.attempts));
+                if from == CommandState::Queued {
+                    Counters::inc(&self.counters.commands_delivered);
+                } else {
+                    Counters::inc(&self.counters.commands_retried);
+                }
+                Event::Delivered
+            };
+            let step = state::apply(&mut record, event, now_ms);
+            if !self.store.update_command(record.clone(), from).await? {
+                continue;
+            }
+            if let Step::To(to) = step {
+                self.count_transition(to);
+                self.commands.notify(&record.id, to);
+            }
+        }
+        if full_batch {
+            self.commands.kick(device_id, false);
+        }
+        Ok(())
+    }
+
+    /// One scheduler pass: expire, give up, or ask for redelivery of what is due.
+    pub async fn run_scheduler_pass(&self) -> ServiceResult<usize> {
+        let now_ms = self.now_ms();
+        let due = self
+            .store
+            .due_commands(now_ms, SCHEDULER_BATCH_LEN_MAX)
+            .await?;
+        let n = due.len();
+        for c in due {
+            if now_ms >= c.expires_at_ms {
+                self.transition(None, &c.id, Event::Expire).await?;
+            } else if c.attempts >= c.max_attempts {
+                self.transition(None, &c.id, Event::GiveUp).await?;
+            } else {
+                let subscribed = match (self.broker(), DeviceId::parse(&c.device_id)) {
+                    (Some(b), Ok(d)) => b.is_subscribed(&c.device_id, &Topic::command(&d, "c")),
+                    _ => false,
+                };
+                if subscribed {
+                    self.commands.kick(&c.device_id, false);
+                } else {
+                    // Offline: no attempt now; a reconnect redelivers it at once.
+                    self.postpone(&c.id, now_ms).await?;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    async fn postpone(&self, id: &str, now_ms: u64) -> ServiceResult<()> {
+        let _guard = self.commands.mutate.lock().await;
+        if let Some(mut r) = self.store.get_command(id).await? {
+            if r.state == CommandState::Delivered {
+                r.next_attempt_at_ms = now_ms
+                    .saturating_add(self.config.commands.retry_backoff_max_ms)
+                    .min(r.expires_at_ms);
+                self.store
+                    .update_command(r, CommandState::Delivered)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates one command per device matching `selector`, under one parent, in one transaction.
+    pub async fn create_fleet_command(
+        &self,
+        selector: &str,
+        c: NewCommand,
+    ) -> ServiceResult<FleetCommandView> {
+        if c.idempotency_key.is_some() {
+            return Err(ServiceError::invalid(
+                "invalid_body",
+                "idempotency_key is per device; fleet commands do not take one",
+            ));
+        }
+        let sel = parse_selector(selector)?;
+        let now_ms = self.now_ms();
+        let parent_id = new_id('f');
+        // Validate once before touching the fleet.
+        let probe = self.build_command("probe", &c, Some(&parent_id), now_ms)?;
+        let (devices, more) = self
+            .select_devices(&sel, None, FLEET_DEVICES_MAX + 1)
+            .await?;
+        if more.is_some() || devices.len() > FLEET_DEVICES_MAX {
+            return Err(ServiceError::invalid(
+                "too_many_devices",
+                format!("the selector matches more than {FLEET_DEVICES_MAX} devices"),
+            ));
+        }
+        let children = devices
+            .iter()
+            .map(|d| self.build_command(&d.record.id, &c, Some(&parent_id), now_ms))
+            .collect::<ServiceResult<Vec<_>>>()?;
+        let parent = CommandParentRecord {
+            id: parent_id,
+            selector: sel.to_string(),
+            name: probe.name,
+            params: probe.params,
+            created_at_ms: now_ms,
+            expires_at_ms: probe.expires_at_ms,
+            total: children.len() as u64,
+        };
+        let outcomes = self
+            .store
+            .create_commands(Some(parent.clone()), children)
+            .await?;
+        Counters::add(&self.counters.commands_created, outcomes.len() as u64);
+        for o in &outcomes {
+            self.commands.kick(&o.record().device_id, false);
+        }
+        self.fleet_command(&parent.id)
+            .await?
+            .ok_or_else(|| ServiceError::internal(format!("fleet command {} vanished", parent.id)))
+    }
+
+    /// A fleet command with counts per state; `None` if there is no such parent.
+    pub async fn fleet_command(&self, id: &str) -> ServiceResult<Option<FleetCommandView>> {
+        let Some(parent) = self.store.get_command_parent(id).await? else {
+            return Ok(None);
+        };
+        let counts = self.store.count_children(id).await?;
+        let finals: u64 = counts
+            .iter()
+            .filter(|(s, _)| s.is_final())
+            .map(|(_, n)| n)
+            .sum();
+        let all: u64 = counts.values().sum();
+        Ok(Some(FleetCommandView {
+            done: finals == all,
+            parent,
+            counts,
+        }))
+    }
+}
+
+/// Parses a selector; errors are `400 invalid_selector` with the parser's reason.
+pub fn parse_selector(text: &str) -> ServiceResult<Selector> {
+    Selector::parse(text).map_err(|e| ServiceError::invalid("invalid_selector", e.to_string()))
+}
+
+/// The delivery task: drains kicks until `stop` fires.
+pub async fn run_dispatcher(app: std::sync::Arc<App>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let kicks = app.commands.take_kicks();
+        if kicks.is_empty() {
+            let notified = app.commands.kick_notify.notified();
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = notified => continue,
+            }
+        }
+        for (device, all) in kicks {
+            if *stop.borrow() {
+                return;
+            }
+            if let Err(e) = app.deliver_pending(&device, all).await {
+                tracing::warn!(device = %device, error = %e, "command delivery failed; will retry");
+            }
+        }
+    }
+}
+
+/// The scheduler task: expiry, give-up and retries, every `commands.scheduler_tick_ms`.
+pub async fn run_scheduler(app: std::sync::Arc<App>, mut stop: watch::Receiver<bool>) {
+    let period = Duration::from_millis(app.config.commands.scheduler_tick_ms.max(1));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = app.run_scheduler_pass().await {
+            tracing::warn!(error = %e, "command scheduler pass failed; will retry");
+        }
+    }
+}
