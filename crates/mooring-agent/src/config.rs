@@ -1,6 +1,8 @@
-//! [`AgentConfig`]: the plain settings struct the CLI (or the simulator) builds, with defaults and checks.
+//! [`AgentConfig`]: the plain settings struct the CLI (or the simulator) builds, with defaults and checks; plus the `--config` TOML file ([`AgentFile`]).
 
-use std::path::PathBuf;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 /// Default seconds between host-metric samples.
 pub const INTERVAL_SECS_DEFAULT: u64 = 60;
@@ -8,6 +10,14 @@ pub const INTERVAL_SECS_DEFAULT: u64 = 60;
 pub const OUTBOX_MAX_DEFAULT: u64 = 100_000;
 /// Default MQTT keepalive.
 pub const KEEPALIVE_SECS_DEFAULT: u64 = 30;
+/// Default timeout of a user command handler.
+pub const HANDLER_TIMEOUT_SECS_DEFAULT: u64 = 30;
+/// Longest timeout a user command handler may ask for.
+pub const HANDLER_TIMEOUT_SECS_MAX: u64 = 3600;
+/// Most user command handlers in one config file.
+pub const HANDLERS_MAX: usize = 64;
+/// Names of the built-in command handlers; a user handler cannot take these.
+pub const BUILTIN_HANDLERS: [&str; 4] = ["ping", "reboot", "set_config", "diagnostics"];
 
 /// Where extra telemetry lines come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +66,102 @@ pub struct AgentConfig {
     /// Seed for reconnect jitter; `None` seeds from the OS. The simulator sets it so the same
     /// seed gives the same run.
     pub jitter_seed: Option<u64>,
+    /// From `--config`: user command handlers by command name.
+    pub handlers: BTreeMap<String, ExecHandler>,
+    /// From `--config`: the program (argv) the `reboot` command runs; `None` refuses reboots.
+    pub reboot_command: Option<Vec<String>>,
+    /// From `--config`: the firmware version reported in the shadow (`reported.version`).
+    pub firmware_version: Option<String>,
+}
+
+/// A user command handler: an executable given the params JSON on stdin, answering with the
+/// output JSON on stdout.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecHandler {
+    pub exec: PathBuf,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default = "handler_timeout_default")]
+    pub timeout_secs: u64,
+}
+
+fn handler_timeout_default() -> u64 {
+    HANDLER_TIMEOUT_SECS_DEFAULT
+}
+
+/// The agent config file (`--config FILE`, TOML). Everything is optional:
+///
+/// ```toml
+/// firmware_version = "1.4.2"
+/// reboot_command = ["/usr/bin/systemctl", "reboot"]
+///
+/// [handlers.restart_app]
+/// exec = "/usr/local/bin/restart-app"
+/// args = ["--graceful"]
+/// timeout_secs = 60
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    #[serde(default)]
+    pub firmware_version: Option<String>,
+    #[serde(default)]
+    pub reboot_command: Option<Vec<String>>,
+    #[serde(default)]
+    pub handlers: BTreeMap<String, ExecHandler>,
+}
+
+impl AgentFile {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File(format!("{}: {e}", path.display())))?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::File(m) => ConfigError::File(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let file: AgentFile = toml::from_str(text).map_err(|e| ConfigError::File(e.to_string()))?;
+        file.validate()?;
+        Ok(file)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::File(m));
+        if self.handlers.len() > HANDLERS_MAX {
+            return bad(format!("at most {HANDLERS_MAX} handlers"));
+        }
+        for (name, h) in &self.handlers {
+            if !mooring_proto::command::is_valid_command_name(name) {
+                return bad(format!("handler name {name:?} is not a valid command name"));
+            }
+            if BUILTIN_HANDLERS.contains(&name.as_str()) {
+                return bad(format!("handler name {name:?} is built in"));
+            }
+            if h.exec.as_os_str().is_empty() {
+                return bad(format!("handlers.{name}.exec is empty"));
+            }
+            if h.timeout_secs == 0 || h.timeout_secs > HANDLER_TIMEOUT_SECS_MAX {
+                return bad(format!(
+                    "handlers.{name}.timeout_secs must be 1..={HANDLER_TIMEOUT_SECS_MAX}"
+                ));
+            }
+        }
+        if self.reboot_command.as_ref().is_some_and(|c| c.is_empty()) {
+            return bad("reboot_command is empty (leave it out to refuse reboots)".into());
+        }
+        Ok(())
+    }
+
+    /// Copies the file's settings into `config`.
+    pub fn apply(self, config: &mut AgentConfig) {
+        config.firmware_version = self.firmware_version;
+        config.reboot_command = self.reboot_command;
+        config.handlers = self.handlers;
+    }
 }
 
 impl AgentConfig {
@@ -81,6 +187,9 @@ impl AgentConfig {
             outbox_max: OUTBOX_MAX_DEFAULT,
             keepalive_secs: KEEPALIVE_SECS_DEFAULT,
             jitter_seed: None,
+            handlers: BTreeMap::new(),
+            reboot_command: None,
+            firmware_version: None,
         }
     }
 
@@ -108,6 +217,8 @@ pub enum ConfigError {
     BadServer(String),
     #[error("{0}")]
     Invalid(&'static str),
+    #[error("config file: {0}")]
+    File(String),
 }
 
 /// Splits `HOST:PORT` (`[v6]:PORT` for IPv6 literals) into host and port.
@@ -162,6 +273,38 @@ mod tests {
         assert_eq!(
             InputSource::from_arg("x.jsonl"),
             InputSource::File("x.jsonl".into())
+        );
+    }
+
+    #[test]
+    fn config_file_parses_and_rejects_mistakes() {
+        let f = AgentFile::parse(
+            r#"
+            firmware_version = "1.4.2"
+            reboot_command = ["/bin/true"]
+            [handlers.restart_app]
+            exec = "/usr/local/bin/restart-app"
+            args = ["--soft"]
+            "#,
+        )
+        .expect("valid file");
+        assert_eq!(f.firmware_version.as_deref(), Some("1.4.2"));
+        let h = &f.handlers["restart_app"];
+        assert_eq!(h.args, vec!["--soft"]);
+        assert_eq!(h.timeout_secs, HANDLER_TIMEOUT_SECS_DEFAULT);
+        for bad in [
+            "nope = 1",
+            "[handlers.ping]\nexec = \"/bin/true\"",
+            "[handlers.x]\nexec = \"/bin/true\"\ntimeout_secs = 0",
+            "[handlers.x]\nexec = \"/bin/true\"\nextra = 1",
+            "[handlers.\"a b\"]\nexec = \"/bin/true\"",
+            "reboot_command = []",
+        ] {
+            assert!(AgentFile::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            AgentFile::parse("").expect("empty is fine"),
+            AgentFile::default()
         );
     }
 

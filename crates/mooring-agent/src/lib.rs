@@ -1,78 +1,218 @@
 //! # mooring-agent: the device runtime
 //!
-//! The agent turns host metrics and lines of JSON into telemetry messages and delivers each of
-//! them to the Mooring server at least once, in order, across server outages and agent
-//! restarts.
+//! The agent turns host metrics and lines of JSON into telemetry, executes commands at most
+//! once, keeps the device shadow in sync, and delivers everything it sends at least once, in
+//! order, across server outages and agent restarts. It is a library first: the binary calls
+//! [`run`]; the fleet simulator calls [`run_with`] with its own [`AgentDeps`] (in-memory
+//! transport and flash, virtual clock, synthetic metrics), so simulated devices run this exact
+//! code.
 //!
 //! ```text
-//!  metrics::HostSampler ──every interval──┐
-//!                                          ├─> add seq+ts ─> outbox::Outbox (SQLite, fsync) ─┐
-//!  input::read_lines ──one JSON obj/line──┘                                                  │
-//!                                                                                            v
-//!  server <── MQTT/mTLS ── link::drive (rumqttc, backoff) <── main loop: send window of 32 ──┘
-//!                                     └── PUBACK(pkid) ──> main loop: pkid→seq ──> Outbox::ack
+//!  metrics child ──every interval──┐
+//!  input child ──JSON obj/line─────┼─> add seq+ts ─> AgentStore outbox (durable) ─┐
+//!  shadow child ──reported─────────┤                                            │
+//!  commands child ──result─────────┘      outbox child: window of 32 ───────────┘
+//!                                                │  publish(topic, payload, token=seq)
+//!  server <── MQTT 3.1.1 over Connector ── link child (link::drive, backoff)
+//!            ├── PUBACK(token) ──────────────> outbox child: AgentStore::ack
+//!            ├── devices/<id>/commands/+ ───> commands child (commands::executor)
+//!            └── devices/<id>/shadow/delta ─> shadow child (shadow::run)
 //! ```
 //!
-//! * [`config`]: [`AgentConfig`], the plain settings struct the CLI or the simulator builds.
-//! * [`outbox`]: the durable bounded queue. A message is committed (WAL, `synchronous=FULL`)
-//!   with its `seq` before any send is attempted; `seq` is persisted and never reused; an entry
-//!   is deleted only after the server's PUBACK, and the server acknowledges only durable
-//!   points, so "gone from the outbox" means "stored on the server". When full, the oldest
-//!   entries are dropped and counted.
-//! * [`link`]: identity (device id = client certificate CN), the rustls (ring) mTLS config,
-//!   one rumqttc event loop per connection, and reconnect backoff (full jitter, 500 ms → 30 s).
-//! * [`metrics`]: host sampler (load averages, memory, uptime).
-//! * [`input`]: the `--input` line reader (bounded lines, bad lines logged and skipped).
+//! * [`config`]: [`AgentConfig`] (CLI flags + the `--config` TOML file, [`config::AgentFile`]).
+//! * [`transport`]: the [`transport::Connector`] trait (any byte stream) and the production
+//!   TCP + rustls mTLS connector; identity (device id = client certificate CN).
+//! * [`link`]: our small MQTT 3.1.1 client session on the sans-IO `mqtt-protocol-core`
+//!   (timers are `tokio::time`), reconnect backoff with full jitter from a seeded RNG.
+//! * [`store`]: the [`store::AgentStore`] trait (outbox, seq, executed commands, JSON docs)
+//!   and [`store::MemStore`] with fault injection; [`sqlite_store`]: the production store.
+//! * [`supervisor`]: one-for-one / one-for-all / rest-for-one restarts with an intensity limit.
+//! * [`commands`]: the executor (replay, interrupted, expired, unknown) and handlers.
+//! * [`shadow`]: applies deltas to `desired.json`, reports applied keys and versions.
+//! * [`diag`]: link quality, bounded rings of recent errors and log lines (`diagnostics`).
+//! * [`metrics`]: the [`metrics::MetricsSource`] trait and the host sampler.
+//! * [`input`]: the `--input` line reader.
 //!
-//! ## The main loop ([`run`])
+//! ## Supervision
 //!
-//! One task owns the outbox and the send window; it `select!`s over shutdown, input lines,
-//! the metrics timer and [`link::LinkEvent`]s. On `Connected` it publishes (QoS 1) the oldest
-//! entries, up to [`SEND_WINDOW_MAX`] unacknowledged at once, strictly in seq order. rumqttc
-//! numbers publishes in the order they are requested, so each `Published(pkid)` event pairs
-//! with the oldest sent-but-unnumbered seq, and `PubAck(pkid)` then names the seq to delete.
-//! On `Disconnected` the window is forgotten and the next connection resends from the oldest
-//! entry; duplicates are harmless because the server dedupes `(device, seq)`.
+//! [`run_with`] builds one shared [`Core`] (store behind a mutex, channels whose receivers
+//! survive restarts) and runs the parts as children of a one-for-one [`supervisor::Supervisor`]
+//! (at most [`RESTARTS_MAX`] restarts in [`RESTART_PERIOD_MS`]): `link`, `outbox`, `metrics`,
+//! `input`, `commands`, `shadow`. A failing part (a store error, a panic) is restarted alone;
+//! telemetry keeps flowing while the command executor restarts. Past the limit `run_with`
+//! returns the error and the binary exits non-zero, for systemd to restart it.
+//!
+//! ## Delivery
+//!
+//! Every message gets a persisted, monotonic `seq` and is committed to the store before any
+//! send. The outbox child publishes the oldest entries, at most [`SEND_WINDOW_MAX`] unacked,
+//! in seq order, each carrying its seq as the PUBACK token; an entry is deleted only when its
+//! PUBACK arrives (the server acknowledges telemetry only once it is durable). A new connection
+//! restarts the window from the oldest entry; duplicates are harmless (the server dedupes
+//! `(device, seq)` for telemetry; command results and reported updates are idempotent).
 //!
 //! Time: timers use `tokio::time` only and timestamps come from the injected
-//! [`mooring_proto::Clock`], so the simulator can run agents on virtual time. Every task the
-//! agent spawns lives in a `JoinSet` that [`run`] shuts down before returning.
+//! [`mooring_proto::Clock`]; randomness (jitter) comes from a seeded RNG. Every task the agent
+//! starts belongs to the supervisor's `JoinSet` (or to a handler task the executor owns).
 
+pub mod commands;
 pub mod config;
+pub mod diag;
 pub mod input;
 pub mod link;
 pub mod metrics;
-pub mod outbox;
+pub mod shadow;
+pub mod sqlite_store;
+pub mod store;
+pub mod supervisor;
+pub mod transport;
 
+pub use commands::{CommandHandler, Handlers, Outcome};
 pub use config::{AgentConfig, InputSource};
+pub use diag::Diagnostics;
+pub use metrics::MetricsSource;
+pub use store::{AgentStore, MemStore};
+pub use transport::{Connector, Stream};
 
 use anyhow::Context as _;
 use mooring_proto::telemetry::Telemetry;
-use mooring_proto::{Clock, Topic};
+use mooring_proto::{Clock, DeviceId, Topic};
 use rand::SeedableRng as _;
-use rumqttc::{AsyncClient, QoS};
 use serde_json::{Map, Value};
-use std::collections::{HashMap, VecDeque};
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use store::Entry;
+use supervisor::{Intensity, Strategy, Supervisor};
+use tokio::io::AsyncRead;
+use tokio::sync::{mpsc, watch, Notify};
 
+/// The agent's version (reported in the shadow and by `diagnostics`).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Most publishes awaiting PUBACK at once.
 pub const SEND_WINDOW_MAX: usize = 32;
-/// Parsed input lines buffered between the reader and the main loop.
+/// Parsed input lines buffered between the reader and the input child.
 pub const INPUT_CHANNEL_CAP: usize = 64;
-/// Link events buffered between the connection task and the main loop.
-pub const LINK_EVENT_CHANNEL_CAP: usize = 128;
-/// Most input lines committed in one outbox transaction.
+/// PUBACK tokens buffered between the connection and the outbox child.
+pub const ACK_CHANNEL_CAP: usize = 128;
+/// Most input lines (or PUBACKs) committed in one store transaction.
 pub const PUSH_BATCH_MAX: usize = 64;
 /// How long a clean shutdown waits for the DISCONNECT to be written.
 pub const DISCONNECT_WAIT_MS: u64 = 2_000;
+/// When the connection's request queue is full, the outbox retries after this long.
+pub const FILL_RETRY_MS: u64 = 50;
+/// Restart intensity of the agent's top supervisor: at most this many restarts ...
+pub const RESTARTS_MAX: u32 = 5;
+/// ... within this period; more and the agent exits with an error.
+pub const RESTART_PERIOD_MS: u64 = 60_000;
+/// Name of the local config document (`<state dir>/config.json`), written by `set_config`.
+pub const CONFIG_DOC: &str = "config";
+/// Name of the local desired-state document (`<state dir>/desired.json`), written by the shadow.
+pub const DESIRED_DOC: &str = "desired";
 
-/// Runs the agent until `shutdown` completes, or, with `exit_when_drained`, until the input
-/// is at EOF and the outbox is empty. Errors are setup failures (bad certificate, unusable
-/// state dir, unreadable input file) or a failing outbox disk; network trouble is retried
+/// Everything the agent gets from its environment. [`AgentDeps::production`] builds the real
+/// ones from an [`AgentConfig`]; the simulator and tests build their own.
+pub struct AgentDeps {
+    pub device_id: DeviceId,
+    /// Opens a stream to the server for each connection attempt.
+    pub connector: Arc<dyn Connector>,
+    /// Durable state: outbox, seq, executed commands, config and desired documents.
+    pub store: Box<dyn AgentStore>,
+    pub clock: Arc<dyn Clock>,
+    /// Seeds reconnect jitter (the same seed gives the same delays).
+    pub rng_seed: u64,
+    /// Sampled every `config.interval_secs` (unless 0).
+    pub metrics: Box<dyn MetricsSource>,
+    /// Telemetry objects fed in memory (the simulator's); when set, `config.input` is ignored.
+    pub input: Option<mpsc::Receiver<Map<String, Value>>>,
+    /// Extra command handlers by name; they take precedence over built-in and config ones.
+    pub handlers: Handlers,
+    /// Rings and counters `diagnostics` reports; the binary also feeds its log ring from tracing.
+    pub diagnostics: Diagnostics,
+}
+
+impl std::fmt::Debug for AgentDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentDeps")
+            .field("device_id", &self.device_id)
+            .field("connector", &self.connector.describe())
+            .field("rng_seed", &self.rng_seed)
+            .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Metrics that produce an empty object (only `seq` and `ts`); the default for [`AgentDeps::new`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoMetrics;
+
+impl MetricsSource for NoMetrics {
+    fn sample(&mut self) -> Map<String, Value> {
+        Map::new()
+    }
+}
+
+impl AgentDeps {
+    /// Deps with everything optional at its default: rng seed 0, [`NoMetrics`], no in-memory
+    /// input, no extra handlers, fresh diagnostics.
+    pub fn new(
+        device_id: DeviceId,
+        connector: Arc<dyn Connector>,
+        store: Box<dyn AgentStore>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            device_id,
+            connector,
+            store,
+            clock,
+            rng_seed: 0,
+            metrics: Box::new(NoMetrics),
+            input: None,
+            handlers: Handlers::new(),
+            diagnostics: Diagnostics::default(),
+        }
+    }
+
+    /// The real thing: identity from the certificate, TCP + mTLS to `server_host:server_port`,
+    /// the SQLite store in `state_dir` (created if missing), host metrics, jitter seeded from
+    /// `config.jitter_seed` or the OS.
+    pub fn production(config: &AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let identity =
+            transport::load_identity(&config.cert_path, &config.key_path, &config.ca_path)?;
+        std::fs::create_dir_all(&config.state_dir)
+            .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+        // A brand-new outbox starts its seq at unix-ms × 1000, so a device whose state dir was
+        // wiped does not reuse seqs the server has already stored (and would dedupe away).
+        let first_seq = clock.now_ms().saturating_mul(1000);
+        let store =
+            sqlite_store::SqliteStore::open(&config.state_dir, config.outbox_max, first_seq)
+                .with_context(|| format!("opening the outbox in {}", config.state_dir.display()))?;
+        let connector = transport::TlsConnector {
+            host: config.server_host.clone(),
+            port: config.server_port,
+            tls: identity.tls,
+        };
+        let rng_seed = config.jitter_seed.unwrap_or_else(rand::random);
+        Ok(Self {
+            rng_seed,
+            metrics: Box::new(metrics::HostSampler::new()),
+            ..Self::new(
+                identity.device_id,
+                Arc::new(connector),
+                Box::new(store),
+                clock,
+            )
+        })
+    }
+}
+
+/// Runs the agent with production dependencies ([`AgentDeps::production`]) until `shutdown`
+/// completes, or, with `exit_when_drained`, until the input is at EOF and the outbox is empty.
+/// Errors are setup failures (bad certificate, unusable state dir, unreadable input file) or
+/// a part failing more often than the restart intensity allows; network trouble is retried
 /// forever.
 pub async fn run(
     config: AgentConfig,
@@ -80,188 +220,353 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let identity = link::load_identity(&config.cert_path, &config.key_path, &config.ca_path)?;
-    let device_id = identity.device_id.clone();
-    let topic = Topic::telemetry(&device_id);
+    let deps = AgentDeps::production(&config, clock)?;
+    run_with(deps, config, shutdown).await
+}
 
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
-    // A brand-new outbox starts its seq at unix-ms × 1000, so a device whose state dir was
-    // wiped does not reuse seqs the server has already stored (and would dedupe away).
-    let first_seq = clock.now_ms().saturating_mul(1000);
-    let mut outbox = outbox::Outbox::open(&config.state_dir, config.outbox_max, first_seq)
-        .with_context(|| format!("opening outbox in {}", config.state_dir.display()))?;
-    tracing::info!(
-        device = %device_id,
-        queued = outbox.len(),
-        next_seq = outbox.next_seq(),
-        "agent starting"
+/// State shared by the agent's parts. Receivers sit behind async mutexes so a restarted part
+/// picks up the same channel.
+pub(crate) struct Core {
+    pub(crate) device_id: DeviceId,
+    pub(crate) telemetry_topic: String,
+    pub(crate) config: AgentConfig,
+    pub(crate) clock: Arc<dyn Clock>,
+    store: Mutex<Box<dyn AgentStore>>,
+    /// Poked after every push: the outbox child looks for new entries.
+    pub(crate) outbox_changed: Notify,
+    /// The live connection, if any.
+    pub(crate) link: watch::Sender<Option<link::LinkHandle>>,
+    pub(crate) acks_rx: tokio::sync::Mutex<mpsc::Receiver<u64>>,
+    pub(crate) input_rx: tokio::sync::Mutex<mpsc::Receiver<Map<String, Value>>>,
+    pub(crate) input_done: AtomicBool,
+    pub(crate) commands_rx: tokio::sync::Mutex<mpsc::Receiver<link::Inbound>>,
+    pub(crate) shadow_rx: tokio::sync::Mutex<mpsc::Receiver<link::Inbound>>,
+    pub(crate) metrics: Mutex<Box<dyn MetricsSource>>,
+    pub(crate) handlers: Handlers,
+    pub(crate) diag: Diagnostics,
+    pub(crate) started_at: tokio::time::Instant,
+    /// Set once `exit_when_drained` is satisfied.
+    pub(crate) drained: watch::Sender<bool>,
+}
+
+impl Core {
+    pub(crate) fn store(&self) -> MutexGuard<'_, Box<dyn AgentStore>> {
+        // A part that panicked while holding the store left it consistent (every store call
+        // is one transaction), so a poisoned lock is still usable.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Runs the agent on the given dependencies until `shutdown` completes (or, with
+/// `config.exit_when_drained`, the input is at EOF and the outbox is empty). Only
+/// `config.interval_secs`, `input` (when `deps.input` is `None`), `exit_when_drained`,
+/// `keepalive_secs` and the handler settings are read from `config`; the server address,
+/// certificate paths, state dir and outbox bound are the deps' business.
+pub async fn run_with(
+    deps: AgentDeps,
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        config.keepalive_secs >= 5,
+        "keepalive must be at least 5 seconds"
     );
+    let device_id = deps.device_id.clone();
+    let (acks_tx, acks_rx) = mpsc::channel(ACK_CHANNEL_CAP);
+    let (commands_tx, commands_rx) = mpsc::channel(commands::COMMAND_QUEUE_MAX);
+    let (shadow_tx, shadow_rx) = mpsc::channel(shadow::SHADOW_QUEUE_MAX);
+    let (link_tx, _) = watch::channel(None);
+    let (drained_tx, _) = watch::channel(false);
 
-    let mut tasks = JoinSet::new();
-
-    // Input lines.
-    let (input_tx, mut input_rx) = mpsc::channel(INPUT_CHANNEL_CAP);
-    let mut input_done = match &config.input {
-        None => true,
-        Some(InputSource::Stdin) => {
-            tasks.spawn(input::read_lines(tokio::io::stdin(), input_tx));
-            false
-        }
-        Some(InputSource::File(path)) => {
-            let file = tokio::fs::File::open(path)
-                .await
-                .with_context(|| format!("opening input {}", path.display()))?;
-            tasks.spawn(input::read_lines(file, input_tx));
-            false
+    // Input: in memory, a file, stdin, or none.
+    let mut reader: Option<Box<dyn AsyncRead + Send + Unpin>> = None;
+    let (input_rx, input_tx) = match deps.input {
+        Some(rx) => (rx, None),
+        None => {
+            let (tx, rx) = mpsc::channel(INPUT_CHANNEL_CAP);
+            match &config.input {
+                None => {}
+                Some(InputSource::Stdin) => reader = Some(Box::new(tokio::io::stdin())),
+                Some(InputSource::File(path)) => {
+                    let file = tokio::fs::File::open(path)
+                        .await
+                        .with_context(|| format!("opening input {}", path.display()))?;
+                    reader = Some(Box::new(file));
+                }
+            }
+            (rx, Some(tx))
         }
     };
+    let input_done = reader.is_none() && input_tx.is_some();
 
-    // Host metrics: one sample right away, then every interval.
-    let mut sampler = metrics::HostSampler::new();
-    let mut metrics_tick = (config.interval_secs > 0).then(|| {
-        let mut i = tokio::time::interval(Duration::from_secs(config.interval_secs));
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        i
+    let core = Arc::new(Core {
+        telemetry_topic: Topic::telemetry(&device_id),
+        device_id: device_id.clone(),
+        config: config.clone(),
+        clock: deps.clock,
+        store: Mutex::new(deps.store),
+        outbox_changed: Notify::new(),
+        link: link_tx,
+        acks_rx: tokio::sync::Mutex::new(acks_rx),
+        input_rx: tokio::sync::Mutex::new(input_rx),
+        input_done: AtomicBool::new(input_done),
+        commands_rx: tokio::sync::Mutex::new(commands_rx),
+        shadow_rx: tokio::sync::Mutex::new(shadow_rx),
+        metrics: Mutex::new(deps.metrics),
+        handlers: deps.handlers,
+        diag: deps.diagnostics,
+        started_at: tokio::time::Instant::now(),
+        drained: drained_tx,
     });
-    if let Some(tick) = &mut metrics_tick {
-        tick.tick().await;
-        enqueue(&mut outbox, clock.as_ref(), vec![sampler.sample()])?;
+    {
+        let store = core.store();
+        tracing::info!(
+            device = %device_id,
+            queued = store.len(),
+            next_seq = store.next_seq(),
+            "agent starting"
+        );
+    }
+    // The first metrics sample is queued before anything else runs, so `exit_when_drained`
+    // always sends at least one.
+    if config.interval_secs > 0 {
+        let sample = lock(&core.metrics).sample();
+        enqueue_telemetry(&core, vec![sample])?;
     }
 
-    // The connection.
-    let rng = match config.jitter_seed {
-        Some(seed) => rand::rngs::StdRng::seed_from_u64(seed),
-        None => rand::rngs::StdRng::from_os_rng(),
-    };
     let settings = link::LinkSettings {
-        host: config.server_host.clone(),
-        port: config.server_port,
-        identity,
+        device_id: device_id.clone(),
+        connector: deps.connector,
         keepalive: Duration::from_secs(config.keepalive_secs),
-        inflight_max: SEND_WINDOW_MAX as u16,
+        routes: vec![
+            link::Route {
+                filter: Topic::commands_filter(&device_id),
+                tx: commands_tx,
+            },
+            link::Route {
+                filter: Topic::shadow_delta(&device_id),
+                tx: shadow_tx,
+            },
+        ],
     };
-    let (link_tx, mut link_rx) = mpsc::channel(LINK_EVENT_CHANNEL_CAP);
-    tasks.spawn(link::drive(settings, link::Backoff::standard(rng), link_tx));
+    let outputs = link::LinkOutputs {
+        state: core.link.clone(),
+        acks: acks_tx,
+        diag: core.diag.clone(),
+    };
+    let link_starts = Arc::new(AtomicU64::new(0));
+    let rng_seed = deps.rng_seed;
+    let reader = Arc::new(Mutex::new(reader));
+    let input_tx = Arc::new(Mutex::new(input_tx));
 
-    let mut window: Option<Window> = None;
-    let mut acks = Vec::with_capacity(LINK_EVENT_CHANNEL_CAP);
-    tokio::pin!(shutdown);
-    let result: anyhow::Result<()> = async {
-        loop {
-            if let Some(w) = &mut window {
-                w.fill(&outbox, &topic)?;
+    let diag = core.diag.clone();
+    let c = || core.clone();
+    let sup = Supervisor::new(
+        "agent",
+        Strategy::OneForOne,
+        Intensity {
+            restarts_max: RESTARTS_MAX,
+            period_ms: RESTART_PERIOD_MS,
+        },
+    )
+    .on_failure(Arc::new(move |child, why| {
+        diag.error(format!("{child} failed: {why}"));
+    }))
+    .child("link", move || {
+        // Each start gets its own RNG stream, derived from the seed: deterministic.
+        let n = link_starts.fetch_add(1, Ordering::Relaxed);
+        let rng = rand::rngs::StdRng::seed_from_u64(rng_seed.wrapping_add(n));
+        let fut = link::drive(
+            settings.clone(),
+            link::Backoff::standard(rng),
+            outputs.clone(),
+        );
+        async move {
+            fut.await;
+            Ok(())
+        }
+    })
+    .child("outbox", {
+        let core = c();
+        move || drain(core.clone())
+    })
+    .child("metrics", {
+        let core = c();
+        move || sample_metrics(core.clone())
+    })
+    .child("input", {
+        let core = c();
+        move || take_input(core.clone())
+    })
+    .child("input-reader", move || {
+        let reader = lock(&reader).take();
+        let tx = lock(&input_tx).take();
+        async move {
+            if let (Some(reader), Some(tx)) = (reader, tx) {
+                input::read_lines(reader, tx).await;
             }
-            if config.exit_when_drained && input_done && outbox.is_empty() {
-                tracing::info!("input drained and outbox empty; exiting");
-                return Ok(());
-            }
+            Ok(())
+        }
+    })
+    .child("commands", {
+        let core = c();
+        move || commands::executor(core.clone())
+    })
+    .child("shadow", {
+        let core = c();
+        move || shadow::run(core.clone())
+    });
+
+    let stop = {
+        let core = core.clone();
+        async move {
+            let mut drained = core.drained.subscribe();
             tokio::select! {
-                () = &mut shutdown => {
-                    tracing::info!(queued = outbox.len(), "shutting down");
+                () = shutdown => {
+                    tracing::info!(queued = core.store().len(), "shutting down");
+                }
+                _ = drained.wait_for(|d| *d) => {
+                    tracing::info!("input drained and outbox empty; exiting");
+                }
+            }
+            // Say goodbye cleanly if connected, bounded in time; the outbox child still
+            // records late PUBACKs meanwhile.
+            let handle = core.link.borrow().clone();
+            if let Some(h) = handle {
+                if h.disconnect() {
+                    let mut state = core.link.subscribe();
+                    let gone =
+                        state.wait_for(|s| s.as_ref().is_none_or(|s| s.conn_no != h.conn_no));
+                    let _ =
+                        tokio::time::timeout(Duration::from_millis(DISCONNECT_WAIT_MS), gone).await;
+                }
+            }
+        }
+    };
+    let result = sup.run(stop).await;
+    {
+        let store = core.store();
+        tracing::info!(
+            queued = store.len(),
+            dropped_total = store.dropped_total(),
+            "agent stopped"
+        );
+    }
+    result.map_err(Into::into)
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The outbox child: publishes queued entries in seq order through the live connection, at
+/// most [`SEND_WINDOW_MAX`] unacknowledged, and deletes each one when its PUBACK arrives.
+async fn drain(core: Arc<Core>) -> anyhow::Result<()> {
+    let mut acks = core.acks_rx.lock().await;
+    let mut link_rx = core.link.subscribe();
+    let mut handle = link_rx.borrow_and_update().clone();
+    let mut inflight: BTreeSet<u64> = BTreeSet::new();
+    let mut last_sent = 0u64;
+    let mut acked: Vec<u64> = Vec::with_capacity(PUSH_BATCH_MAX);
+    loop {
+        let mut blocked = false;
+        if let Some(h) = &handle {
+            let room = SEND_WINDOW_MAX.saturating_sub(inflight.len());
+            let next_seq = core.store().next_seq();
+            if room > 0 && last_sent.saturating_add(1) < next_seq {
+                let entries = core.store().peek_after(last_sent, room)?;
+                for e in entries {
+                    let topic = e.topic.as_deref().unwrap_or(&core.telemetry_topic);
+                    if !h.try_publish(topic, e.payload, 1, Some(e.seq)) {
+                        blocked = true;
+                        break;
+                    }
+                    debug_assert!(e.seq > last_sent);
+                    inflight.insert(e.seq);
+                    last_sent = e.seq;
+                }
+            }
+        }
+        if core.config.exit_when_drained
+            && core.input_done.load(Ordering::SeqCst)
+            && core.store().is_empty()
+        {
+            core.drained.send_replace(true);
+        }
+        tokio::select! {
+            changed = link_rx.changed() => {
+                if changed.is_err() {
                     return Ok(());
                 }
-                line = input_rx.recv(), if !input_done => match line {
-                    Some(first) => {
-                        // Everything already waiting goes into the same transaction.
-                        let mut batch = vec![first];
-                        while batch.len() < PUSH_BATCH_MAX {
-                            match input_rx.try_recv() {
-                                Ok(obj) => batch.push(obj),
-                                Err(_) => break,
-                            }
-                        }
-                        enqueue(&mut outbox, clock.as_ref(), batch)?;
+                handle = link_rx.borrow_and_update().clone();
+                inflight.clear();
+                last_sent = 0;
+            }
+            token = acks.recv() => {
+                let Some(first) = token else { return Ok(()) };
+                // Everything already waiting is acknowledged in one transaction.
+                acked.push(first);
+                while acked.len() < PUSH_BATCH_MAX {
+                    match acks.try_recv() {
+                        Ok(t) => acked.push(t),
+                        Err(_) => break,
                     }
-                    None => {
-                        tracing::info!("input at end");
-                        input_done = true;
-                    }
-                },
-                () = next_tick(&mut metrics_tick) => {
-                    enqueue(&mut outbox, clock.as_ref(), vec![sampler.sample()])?;
                 }
-                event = link_rx.recv() => {
-                    let Some(event) = event else {
-                        anyhow::bail!("connection task ended unexpectedly");
-                    };
-                    // Everything already waiting is handled together: one fsync for its acks.
-                    on_link_event(event, &mut window, &mut acks);
-                    for _ in 1..LINK_EVENT_CHANNEL_CAP {
-                        match link_rx.try_recv() {
-                            Ok(event) => on_link_event(event, &mut window, &mut acks),
-                            Err(_) => break,
-                        }
-                    }
-                    outbox.ack_many(&acks)?;
-                    acks.clear();
+                for seq in &acked {
+                    inflight.remove(seq);
                 }
+                let result = core.store().ack(&acked);
+                acked.clear();
+                result?;
             }
+            () = core.outbox_changed.notified() => {}
+            () = tokio::time::sleep(Duration::from_millis(FILL_RETRY_MS)), if blocked => {}
         }
-    }
-    .await;
-
-    // Say goodbye cleanly if connected, bounded in time, still recording late PUBACKs; then
-    // stop every task.
-    if let Some(client) = window.as_ref().map(|w| w.client.clone()) {
-        if client.try_disconnect().is_ok() {
-            let drained = async {
-                while let Some(event) = link_rx.recv().await {
-                    on_link_event(event, &mut window, &mut acks);
-                }
-            };
-            let _ = tokio::time::timeout(Duration::from_millis(DISCONNECT_WAIT_MS), drained).await;
-            if let Err(e) = outbox.ack_many(&acks) {
-                tracing::warn!(error = %e, "recording final acknowledgements failed");
-            }
-        }
-    }
-    tasks.shutdown().await;
-    tracing::info!(
-        queued = outbox.len(),
-        dropped_total = outbox.dropped_total(),
-        "agent stopped"
-    );
-    result
-}
-
-/// Applies one link event to the send window; seqs acknowledged by the server go to `acks`.
-fn on_link_event(event: link::LinkEvent, window: &mut Option<Window>, acks: &mut Vec<u64>) {
-    match event {
-        link::LinkEvent::Connected(client) => *window = Some(Window::new(client)),
-        link::LinkEvent::Published(pkid) => {
-            if let Some(w) = window {
-                w.published(pkid);
-            }
-        }
-        link::LinkEvent::PubAck(pkid) => {
-            if let Some(seq) = window.as_mut().and_then(|w| w.acked(pkid)) {
-                acks.push(seq);
-            }
-        }
-        link::LinkEvent::Disconnected => *window = None,
     }
 }
 
-/// The next metrics tick; never, when metrics are off.
-async fn next_tick(interval: &mut Option<tokio::time::Interval>) {
-    match interval {
-        Some(i) => {
-            i.tick().await;
+/// The metrics child: one sample every `interval_secs` (the first was queued at start).
+async fn sample_metrics(core: Arc<Core>) -> anyhow::Result<()> {
+    if core.config.interval_secs == 0 {
+        return Ok(());
+    }
+    let period = Duration::from_secs(core.config.interval_secs);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let sample = lock(&core.metrics).sample();
+        enqueue_telemetry(&core, vec![sample])?;
+    }
+}
+
+/// The input child: commits input objects in batches until the input ends.
+async fn take_input(core: Arc<Core>) -> anyhow::Result<()> {
+    let mut rx = core.input_rx.lock().await;
+    loop {
+        let Some(first) = rx.recv().await else {
+            tracing::info!("input at end");
+            core.input_done.store(true, Ordering::SeqCst);
+            core.outbox_changed.notify_one();
+            return Ok(());
+        };
+        // Everything already waiting goes into the same transaction.
+        let mut batch = vec![first];
+        while batch.len() < PUSH_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(obj) => batch.push(obj),
+                Err(_) => break,
+            }
         }
-        None => std::future::pending().await,
+        enqueue_telemetry(&core, batch)?;
     }
 }
 
 /// Adds `seq` and `ts` to each object, keeps those that are valid v1 telemetry (others are
-/// logged and skipped) and commits them to the outbox in one transaction. Only an outbox
-/// failure is an error.
-fn enqueue(
-    outbox: &mut outbox::Outbox,
-    clock: &dyn Clock,
-    objs: Vec<Map<String, Value>>,
-) -> anyhow::Result<()> {
-    let now_ms = clock.now_ms();
+/// logged and skipped) and commits them in one store transaction. Only a store failure is an
+/// error.
+fn enqueue_telemetry(core: &Core, objs: Vec<Map<String, Value>>) -> anyhow::Result<()> {
+    let now_ms = core.clock.now_ms();
     let valid: Vec<_> = objs
         .into_iter()
         .filter(|obj| {
@@ -279,19 +584,28 @@ fn enqueue(
     if valid.is_empty() {
         return Ok(());
     }
-    let pushed = outbox.push_batch(
-        valid
-            .into_iter()
-            .map(|obj| move |seq| telemetry_payload(obj, seq, now_ms)),
-    )?;
+    let mut store = core.store();
+    let first = store.next_seq();
+    let entries = valid
+        .into_iter()
+        .zip(first..)
+        .map(|(obj, seq)| Entry {
+            seq,
+            topic: None,
+            payload: telemetry_payload(obj, seq, now_ms),
+        })
+        .collect();
+    let pushed = store.push(entries)?;
     if pushed.dropped > 0 {
         tracing::warn!(
             dropped = pushed.dropped,
-            dropped_total = outbox.dropped_total(),
-            capacity = outbox.capacity(),
+            dropped_total = store.dropped_total(),
+            capacity = store.capacity(),
             "outbox full; oldest messages dropped"
         );
     }
+    drop(store);
+    core.outbox_changed.notify_one();
     Ok(())
 }
 
@@ -301,109 +615,4 @@ pub fn telemetry_payload(mut obj: Map<String, Value>, seq: u64, now_ms: u64) -> 
     obj.insert("seq".into(), Value::from(seq));
     obj.entry("ts").or_insert_with(|| Value::from(now_ms));
     Value::Object(obj).to_string().into_bytes()
-}
-
-/// The send window of one connection: which seqs are in flight and under which packet id.
-struct Window {
-    client: AsyncClient,
-    /// Requested but not yet numbered by rumqttc, oldest first.
-    unnumbered: VecDeque<u64>,
-    by_pkid: HashMap<u16, u64>,
-    /// Highest seq requested on this connection.
-    last_sent: u64,
-}
-
-impl Window {
-    fn new(client: AsyncClient) -> Self {
-        Self {
-            client,
-            unnumbered: VecDeque::new(),
-            by_pkid: HashMap::new(),
-            last_sent: 0,
-        }
-    }
-
-    fn in_flight(&self) -> usize {
-        self.unnumbered.len() + self.by_pkid.len()
-    }
-
-    /// Requests publishes of the next entries until the window is full or the outbox has
-    /// nothing newer.
-    fn fill(&mut self, outbox: &outbox::Outbox, topic: &str) -> anyhow::Result<()> {
-        let room = SEND_WINDOW_MAX.saturating_sub(self.in_flight());
-        // Nothing to do when the window is full or every entry has been requested already.
-        if room == 0 || self.last_sent.saturating_add(1) >= outbox.next_seq() {
-            return Ok(());
-        }
-        for entry in outbox.peek_batch_after(self.last_sent, room)? {
-            // Full or closed request channel: the link is going away; the next connection
-            // resends from the outbox.
-            if self
-                .client
-                .try_publish(topic, QoS::AtLeastOnce, false, entry.payload)
-                .is_err()
-            {
-                break;
-            }
-            debug_assert!(entry.seq > self.last_sent);
-            self.unnumbered.push_back(entry.seq);
-            self.last_sent = entry.seq;
-        }
-        Ok(())
-    }
-
-    fn published(&mut self, pkid: u16) {
-        match self.unnumbered.pop_front() {
-            Some(seq) => {
-                if let Some(old) = self.by_pkid.insert(pkid, seq) {
-                    tracing::warn!(
-                        pkid,
-                        old_seq = old,
-                        seq,
-                        "packet id reused before its PUBACK"
-                    );
-                }
-            }
-            None => tracing::warn!(pkid, "publish event without a pending seq"),
-        }
-    }
-
-    fn acked(&mut self, pkid: u16) -> Option<u64> {
-        let seq = self.by_pkid.remove(&pkid);
-        if seq.is_none() {
-            tracing::debug!(pkid, "PUBACK for an unknown packet id");
-        }
-        seq
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn payload_gets_agent_seq_and_clock_ts() {
-        let obj = json!({"temp": 21.5, "seq": 9, "nested": {"ok": true}});
-        let Value::Object(obj) = obj else {
-            unreachable!()
-        };
-        let bytes = telemetry_payload(obj, 42, 1_700_000_000_000);
-        let v: Value = serde_json::from_slice(&bytes).expect("json");
-        assert_eq!(
-            v,
-            json!({"temp": 21.5, "seq": 42, "nested": {"ok": true}, "ts": 1_700_000_000_000u64})
-        );
-        let t = Telemetry::parse(&bytes).expect("valid v1");
-        assert_eq!(t.seq, Some(42));
-    }
-
-    #[test]
-    fn payload_keeps_a_ts_from_the_line() {
-        let Value::Object(obj) = json!({"ts": 5, "x": 1}) else {
-            unreachable!()
-        };
-        let v: Value = serde_json::from_slice(&telemetry_payload(obj, 1, 99)).expect("json");
-        assert_eq!(v["ts"], json!(5));
-    }
 }

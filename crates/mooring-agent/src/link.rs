@@ -1,39 +1,61 @@
-//! The MQTT-over-mTLS link: identity and TLS setup, one rumqttc event loop per connection, reconnect backoff.
+//! The MQTT 3.1.1 session over any [`Stream`]: connect, subscribe, publish, keep-alive and reconnect backoff, driven through the sans-IO `mqtt-protocol-core` client.
 //!
-//! [`drive`] owns the connection. Each attempt builds a fresh rumqttc client and event loop, so
-//! nothing from a previous connection (queued requests, packet ids) leaks into the next one: the
-//! outbox is the only source of truth for what still needs sending. The loop reports
-//! [`LinkEvent`]s to the agent's main loop, which publishes through the [`AsyncClient`] it was
-//! handed on [`LinkEvent::Connected`]. After a failed attempt or a lost connection it sleeps
-//! for [`Backoff::next_delay`] (exponential, full jitter) on `tokio::time`.
+//! [`drive`] owns the connection. Each attempt asks the [`Connector`] for a fresh stream and a
+//! fresh `Connection<role::Client>`, so nothing from a previous connection (packet ids,
+//! queued requests) leaks into the next one: the outbox is the only source of truth for what
+//! still needs sending. Bytes read from the stream are fed to the state machine; the events it
+//! returns are applied here: bytes to write, packets received, packet ids released (a PUBACK),
+//! timers to arm or cancel. Timers are `tokio::time` sleeps (PINGREQ after `keepalive` of
+//! silence, PINGRESP within `keepalive`), so a paused tokio clock drives them.
+//!
+//! What the rest of the agent sees: a [`watch`] of the current [`LinkHandle`] (`Some` while
+//! connected; publish through it), PUBACK tokens on the `acks` channel (the outbox seq a
+//! publish carried), and inbound PUBLISHes routed to the first [`Route`] whose filter matches.
+//! Inbound QoS 1 messages are acknowledged by the session as soon as they are read;
+//! application-level acks (command ack/result topics) are the agent's business.
+//!
+//! After a failed attempt or a lost connection it sleeps for [`Backoff::next_delay`]
+//! (exponential, full jitter, seeded RNG).
 
-use anyhow::Context as _;
+use crate::diag::Diagnostics;
+use crate::transport::{Connector, Stream};
 use mooring_proto::telemetry::PAYLOAD_SIZE_BYTES_MAX;
+use mooring_proto::topic::filter_matches;
 use mooring_proto::DeviceId;
+use mqtt_protocol_core::mqtt;
+use mqtt_protocol_core::mqtt::common::Cursor;
+use mqtt_protocol_core::mqtt::connection::{ConnectionOptions, Event, TimerKind};
+use mqtt_protocol_core::mqtt::packet::{v3_1_1, GenericPacket, Qos, SubEntry, SubOpts};
+use mqtt_protocol_core::mqtt::prelude::*;
+use mqtt_protocol_core::mqtt::result_code::{ConnectReturnCode, SubackReturnCode};
 use rand::rngs::StdRng;
 use rand::Rng as _;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, TlsConfiguration,
-    Transport,
-};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::path::Path;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, Sleep};
+
+type Client = mqtt::Connection<mqtt::role::Client>;
 
 /// First reconnect delay ceiling.
 pub const BACKOFF_BASE_MS: u64 = 500;
 /// Largest reconnect delay.
 pub const BACKOFF_CAP_MS: u64 = 30_000;
-/// Capacity of rumqttc's request channel; larger than the send window so `try_publish` never
-/// finds it full in normal operation.
+/// Requests (publishes) buffered between the agent and the connection task.
 pub const REQUEST_CHANNEL_CAP: usize = 64;
 /// Largest MQTT packet accepted from the server.
-pub const INCOMING_PACKET_BYTES_MAX: usize = 64 * 1024;
-/// Largest MQTT packet sent: a full telemetry payload plus topic and header.
-pub const OUTGOING_PACKET_BYTES_MAX: usize = PAYLOAD_SIZE_BYTES_MAX + 1024;
+pub const INCOMING_PACKET_BYTES_MAX: u32 = 128 * 1024;
+/// Largest payload published: a full telemetry payload.
+pub const OUTGOING_PAYLOAD_BYTES_MAX: usize = PAYLOAD_SIZE_BYTES_MAX;
+/// Time for TCP + TLS + CONNECT/CONNACK.
+pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
+/// Bytes read from the stream at once (one buffer per connection; kept small because the
+/// simulator runs 100k agents; larger packets are reassembled by the protocol layer).
+pub const READ_CHUNK_BYTES: usize = 2 * 1024;
 
 /// Exponential backoff with full jitter: the n-th delay is uniform in
 /// `[0, min(cap, base * 2^n)]`.
@@ -83,171 +105,464 @@ impl Backoff {
     }
 }
 
-/// Who the agent is and how it proves it.
-#[derive(Clone)]
-pub struct Identity {
-    /// The subject CN of the client certificate.
-    pub device_id: DeviceId,
-    pub tls: Arc<rustls::ClientConfig>,
-}
-
-impl std::fmt::Debug for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity")
-            .field("device_id", &self.device_id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Loads the client certificate, key and CA, reads the device id from the certificate's CN
-/// and builds the mTLS client config (ring provider, roots = only the given CA).
-pub fn load_identity(
-    cert_path: &Path,
-    key_path: &Path,
-    ca_path: &Path,
-) -> anyhow::Result<Identity> {
-    // Other crates may have installed a provider already; either way ring is what we use.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-
-    let certs = CertificateDer::pem_file_iter(cert_path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("reading client certificate {}", cert_path.display()))?;
-    let leaf = certs
-        .first()
-        .with_context(|| format!("no certificate in {}", cert_path.display()))?;
-    let device_id = device_id_from_cert(leaf)
-        .with_context(|| format!("client certificate {}", cert_path.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .with_context(|| format!("reading private key {}", key_path.display()))?;
-
-    let mut roots = rustls::RootCertStore::empty();
-    let cas = CertificateDer::pem_file_iter(ca_path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("reading CA certificate {}", ca_path.display()))?;
-    anyhow::ensure!(!cas.is_empty(), "no certificate in {}", ca_path.display());
-    for ca in cas {
-        roots
-            .add(ca)
-            .with_context(|| format!("CA certificate {}", ca_path.display()))?;
-    }
-
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS protocol versions")?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(certs, key)
-    .context("client certificate and key do not form a usable identity")?;
-    Ok(Identity {
-        device_id,
-        tls: Arc::new(tls),
-    })
-}
-
-/// The device id carried in a certificate's subject CN.
-pub fn device_id_from_cert(der: &CertificateDer<'_>) -> anyhow::Result<DeviceId> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| anyhow::anyhow!("not a valid X.509 certificate: {e}"))?;
-    let cn = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .context("subject has no CN (the CN is the device id)")?
-        .as_str()
-        .map_err(|e| anyhow::anyhow!("subject CN is not a string: {e}"))?;
-    Ok(DeviceId::parse(cn)?)
-}
-
-/// What the link reports to the main loop, in the order it happened.
+/// A request to the connection task.
 #[derive(Debug)]
-pub enum LinkEvent {
-    /// CONNACK received; publish through this client until [`LinkEvent::Disconnected`].
-    Connected(AsyncClient),
-    /// A publish request left, numbered `pkid`. These arrive in the order the publishes were
-    /// requested, which is how the main loop pairs packet ids with seqs.
-    Published(u16),
-    /// The server acknowledged packet `pkid`.
-    PubAck(u16),
-    /// The connection announced by the last `Connected` is gone; its unacked publishes are void.
-    Disconnected,
+pub enum Request {
+    Publish {
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        /// Reported on the acks channel when the PUBACK arrives (QoS 1 only).
+        token: Option<u64>,
+    },
+    /// Send DISCONNECT and stop (agent shutdown).
+    Disconnect,
+}
+
+/// Publishes on the connection it was handed out for; useless (every send fails) once that
+/// connection is gone.
+#[derive(Debug, Clone)]
+pub struct LinkHandle {
+    /// Counts connections; tells a new connection from an old one.
+    pub conn_no: u64,
+    tx: mpsc::Sender<Request>,
+}
+
+impl LinkHandle {
+    /// Queues a publish without waiting; `false` if the queue is full or the connection gone.
+    pub fn try_publish(&self, topic: &str, payload: Vec<u8>, qos: u8, token: Option<u64>) -> bool {
+        self.tx
+            .try_send(Request::Publish {
+                topic: topic.to_owned(),
+                payload,
+                qos,
+                token,
+            })
+            .is_ok()
+    }
+
+    /// Asks for a clean DISCONNECT.
+    pub fn disconnect(&self) -> bool {
+        self.tx.try_send(Request::Disconnect).is_ok()
+    }
+}
+
+/// Inbound PUBLISHes matching `filter` go to `tx` (subscribed QoS 1). When `tx` is full the
+/// message is dropped and logged (the connection never waits on the agent): commands are
+/// redelivered by the server until acknowledged, and a shadow delta carries the whole delta.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub filter: String,
+    pub tx: mpsc::Sender<Inbound>,
+}
+
+/// One inbound application message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
 }
 
 /// Where and how to connect.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LinkSettings {
-    pub host: String,
-    pub port: u16,
-    pub identity: Identity,
+    pub device_id: DeviceId,
+    pub connector: Arc<dyn Connector>,
     pub keepalive: Duration,
-    /// Most QoS1 publishes awaiting PUBACK.
-    pub inflight_max: u16,
+    pub routes: Vec<Route>,
 }
 
-impl LinkSettings {
-    fn mqtt_options(&self) -> MqttOptions {
-        let mut o = MqttOptions::new(
-            self.identity.device_id.as_str(),
-            self.host.as_str(),
-            self.port,
-        );
-        o.set_keep_alive(self.keepalive)
-            .set_clean_session(true)
-            .set_inflight(self.inflight_max)
-            .set_max_packet_size(INCOMING_PACKET_BYTES_MAX, OUTGOING_PACKET_BYTES_MAX)
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                self.identity.tls.clone(),
-            )));
-        o
-    }
+/// The channels the connection task reports on.
+#[derive(Debug, Clone)]
+pub struct LinkOutputs {
+    pub state: watch::Sender<Option<LinkHandle>>,
+    /// Tokens of acknowledged publishes.
+    pub acks: mpsc::Sender<u64>,
+    pub diag: Diagnostics,
 }
 
-/// Connects, reports events, reconnects with backoff; returns when `events` is closed or after
-/// the main loop asked for a clean DISCONNECT.
-pub async fn drive(settings: LinkSettings, mut backoff: Backoff, events: mpsc::Sender<LinkEvent>) {
-    let options = settings.mqtt_options();
-    let server = format!("{}:{}", settings.host, settings.port);
+/// Connects, reports, reconnects with backoff; returns after a requested DISCONNECT or when
+/// nobody listens any more.
+pub async fn drive(settings: LinkSettings, mut backoff: Backoff, out: LinkOutputs) {
+    let server = settings.connector.describe();
+    let mut conn_no = 0u64;
     loop {
-        let (client, mut eventloop) = AsyncClient::new(options.clone(), REQUEST_CHANNEL_CAP);
+        // A restarted link task starts from "not connected".
+        out.state.send_replace(None);
+        conn_no += 1;
+        let (tx, rx) = mpsc::channel(REQUEST_CHANNEL_CAP);
+        let handle = LinkHandle { conn_no, tx };
         let mut connected = false;
-        let why = loop {
-            let event = match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    if ack.code != ConnectReturnCode::Success {
-                        break format!("connection refused: {:?}", ack.code);
-                    }
-                    connected = true;
-                    backoff.reset();
-                    tracing::info!(%server, "connected");
-                    LinkEvent::Connected(client.clone())
-                }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Published(pkid),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => LinkEvent::PubAck(ack.pkid),
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                    tracing::info!(%server, "disconnected");
-                    return;
-                }
-                Ok(Event::Incoming(Packet::Disconnect)) => break "server sent DISCONNECT".into(),
-                Ok(_) => continue,
-                Err(e) => break e.to_string(),
-            };
-            if events.send(event).await.is_err() {
+        let result = session(&settings, handle, rx, &out, &mut connected, &mut backoff).await;
+        out.state.send_replace(None);
+        out.diag.link.connected.store(false, Ordering::Relaxed);
+        let why = match result {
+            Ok(SessionEnd::Disconnected) => {
+                tracing::info!(%server, "disconnected");
                 return;
             }
+            Ok(SessionEnd::Unwanted) => return,
+            Err(why) => why,
         };
-        drop(client);
-        if connected && events.send(LinkEvent::Disconnected).await.is_err() {
-            return;
-        }
+        out.diag
+            .link
+            .reconnects_total
+            .fetch_add(1, Ordering::Relaxed);
         let delay = backoff.next_delay();
+        let what = if connected { "lost" } else { "failed" };
         tracing::warn!(
             %server,
             error = %why,
             retry_in_ms = delay.as_millis() as u64,
-            "connection {}",
-            if connected { "lost" } else { "failed" }
+            "connection {what}"
         );
+        out.diag.error(format!("connection {what}: {why}"));
         tokio::time::sleep(delay).await;
+    }
+}
+
+enum SessionEnd {
+    /// We sent DISCONNECT on request.
+    Disconnected,
+    /// Nobody is interested in the link any more.
+    Unwanted,
+}
+
+/// One connection, from connect to close.
+async fn session(
+    settings: &LinkSettings,
+    handle: LinkHandle,
+    mut requests: mpsc::Receiver<Request>,
+    out: &LinkOutputs,
+    connected: &mut bool,
+    backoff: &mut Backoff,
+) -> Result<SessionEnd, String> {
+    let connect_timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
+    let stream = tokio::time::timeout(connect_timeout, settings.connector.connect())
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let opts = ConnectionOptions::new().maximum_packet_size_recv(INCOMING_PACKET_BYTES_MAX);
+    let mut s = Session {
+        stream,
+        mqtt: Client::with_options(mqtt::Version::V3_1_1, opts),
+        out: Vec::new(),
+        close: false,
+        ping_send: None,
+        pong_recv: None,
+        ping_sent_at: None,
+        tokens: HashMap::new(),
+        received: Vec::new(),
+        released: Vec::new(),
+    };
+    s.mqtt.set_auto_pub_response(true);
+    s.mqtt
+        .set_pingresp_recv_timeout(settings.keepalive.as_millis() as u64);
+
+    // CONNECT → CONNACK, bounded in time.
+    let keepalive_secs = u16::try_from(settings.keepalive.as_secs()).unwrap_or(u16::MAX);
+    let connect = v3_1_1::Connect::builder()
+        .client_id(settings.device_id.as_str())
+        .map_err(|e| format!("client id: {e:?}"))?
+        .clean_session(true)
+        .keep_alive(keepalive_secs)
+        .build()
+        .map_err(|e| format!("CONNECT: {e:?}"))?;
+    s.send(connect.into());
+    let connack = tokio::time::timeout(connect_timeout, s.read_until_connack())
+        .await
+        .map_err(|_| "no CONNACK in time".to_owned())??;
+    if connack != ConnectReturnCode::Accepted {
+        return Err(format!("connection refused: {connack:?}"));
+    }
+    *connected = true;
+    backoff.reset();
+    out.diag.link.connected.store(true, Ordering::Relaxed);
+    out.diag.link.connects_total.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(server = %settings.connector.describe(), "connected");
+
+    if !settings.routes.is_empty() {
+        let pid = s.mqtt.acquire_packet_id().map_err(|e| format!("{e:?}"))?;
+        let entries = settings
+            .routes
+            .iter()
+            .map(|r| SubEntry::new(r.filter.as_str(), SubOpts::new().set_qos(Qos::AtLeastOnce)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("subscription filter: {e:?}"))?;
+        let sub = v3_1_1::Subscribe::builder()
+            .packet_id(pid)
+            .entries(entries)
+            .build()
+            .map_err(|e| format!("SUBSCRIBE: {e:?}"))?;
+        s.send(sub.into());
+    }
+    s.flush().await?;
+    out.state.send_replace(Some(handle));
+
+    let mut buf = vec![0u8; READ_CHUNK_BYTES];
+    loop {
+        s.flush().await?;
+        if s.close {
+            return Err("closed by the protocol layer (keep-alive or protocol error)".into());
+        }
+        // Deliver what the last step produced.
+        for pid in s.released.drain(..) {
+            if let Some(token) = s.tokens.remove(&pid) {
+                if out.acks.send(token).await.is_err() {
+                    return Ok(SessionEnd::Unwanted);
+                }
+            }
+        }
+        for p in std::mem::take(&mut s.received) {
+            handle_packet(p, settings, out, &mut s);
+        }
+        if !s.out.is_empty() {
+            continue;
+        }
+        enum Step {
+            Request(Option<Request>),
+            Read(std::io::Result<usize>),
+            PingSend,
+            PongMissing,
+        }
+        let ping_send = sleep_or_never(&mut s.ping_send);
+        let pong_recv = sleep_or_never(&mut s.pong_recv);
+        let step = tokio::select! {
+            r = requests.recv() => Step::Request(r),
+            r = s.stream.read(&mut buf) => Step::Read(r),
+            () = ping_send => Step::PingSend,
+            () = pong_recv => Step::PongMissing,
+        };
+        match step {
+            Step::Request(None) => return Ok(SessionEnd::Unwanted),
+            Step::Request(Some(Request::Disconnect)) => {
+                s.send(v3_1_1::Disconnect::new().into());
+                s.flush().await?;
+                let _ = s.stream.shutdown().await;
+                return Ok(SessionEnd::Disconnected);
+            }
+            Step::Request(Some(Request::Publish {
+                topic,
+                payload,
+                qos,
+                token,
+            })) => s.publish(&topic, payload, qos, token),
+            Step::Read(Err(e)) => return Err(e.to_string()),
+            Step::Read(Ok(0)) => return Err("connection closed by the server".into()),
+            Step::Read(Ok(n)) => s.recv(&buf[..n]),
+            Step::PingSend => {
+                s.ping_send = None;
+                s.ping_sent_at = Some(Instant::now());
+                let events = s.mqtt.notify_timer_fired(TimerKind::PingreqSend);
+                s.apply(events);
+            }
+            Step::PongMissing => {
+                s.pong_recv = None;
+                let events = s.mqtt.notify_timer_fired(TimerKind::PingrespRecv);
+                s.apply(events);
+                return Err("no PINGRESP within the keep-alive".into());
+            }
+        }
+    }
+}
+
+fn handle_packet(
+    p: GenericPacket<u16>,
+    settings: &LinkSettings,
+    out: &LinkOutputs,
+    s: &mut Session,
+) {
+    match p {
+        GenericPacket::V3_1_1Publish(p) => {
+            let msg = Inbound {
+                topic: p.topic_name().to_owned(),
+                payload: p.payload().as_slice().to_vec(),
+            };
+            match settings
+                .routes
+                .iter()
+                .find(|r| filter_matches(&r.filter, &msg.topic))
+            {
+                Some(route) => {
+                    if route.tx.try_send(msg).is_err() {
+                        tracing::warn!(topic = %p.topic_name(), "inbound queue full; message dropped");
+                        out.diag
+                            .error(format!("inbound message dropped: {}", p.topic_name()));
+                    }
+                }
+                None => tracing::debug!(topic = %msg.topic, "message without a route; ignored"),
+            }
+        }
+        GenericPacket::V3_1_1Pingresp(_) => {
+            if let Some(at) = s.ping_sent_at.take() {
+                let rtt_ms = at.elapsed().as_millis() as u64;
+                out.diag.link.last_rtt_ms.store(rtt_ms, Ordering::Relaxed);
+            }
+        }
+        GenericPacket::V3_1_1Suback(p) => {
+            for (route, rc) in settings.routes.iter().zip(p.return_codes()) {
+                if rc == SubackReturnCode::Failure {
+                    tracing::warn!(filter = %route.filter, "subscription refused by the server");
+                    out.diag
+                        .error(format!("subscription refused: {}", route.filter));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+async fn sleep_or_never(timer: &mut Option<Pin<Box<Sleep>>>) {
+    match timer.as_mut() {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The per-connection state: the stream, the protocol state machine and the timers it asked for.
+struct Session {
+    stream: Box<dyn Stream>,
+    mqtt: Client,
+    out: Vec<u8>,
+    close: bool,
+    ping_send: Option<Pin<Box<Sleep>>>,
+    pong_recv: Option<Pin<Box<Sleep>>>,
+    ping_sent_at: Option<Instant>,
+    /// Packet id → token of an unacknowledged QoS 1 publish.
+    tokens: HashMap<u16, u64>,
+    received: Vec<GenericPacket<u16>>,
+    released: Vec<u16>,
+}
+
+impl Session {
+    fn send(&mut self, p: GenericPacket<u16>) {
+        let events = self.mqtt.send(p);
+        self.apply(events);
+    }
+
+    fn recv(&mut self, data: &[u8]) {
+        let mut cur = Cursor::new(data);
+        while (cur.position() as usize) < data.len() && !self.close {
+            let events = self.mqtt.recv(&mut cur);
+            self.apply(events);
+        }
+    }
+
+    fn apply(&mut self, events: Vec<Event>) {
+        for ev in events {
+            match ev {
+                Event::RequestSendPacket { packet, .. } => {
+                    self.out.extend_from_slice(&packet.to_continuous_buffer());
+                }
+                Event::NotifyPacketReceived(p) => self.received.push(p),
+                Event::NotifyPacketIdReleased(pid) => self.released.push(pid),
+                Event::RequestTimerReset { kind, duration_ms } => {
+                    let slot = match kind {
+                        TimerKind::PingreqSend => &mut self.ping_send,
+                        TimerKind::PingrespRecv => &mut self.pong_recv,
+                        TimerKind::PingreqRecv => continue,
+                    };
+                    // Re-arm in place: the PINGREQ timer is reset after every packet sent.
+                    let deadline = Instant::now() + Duration::from_millis(duration_ms);
+                    match slot {
+                        Some(t) => t.as_mut().reset(deadline),
+                        None => *slot = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                    }
+                }
+                Event::RequestTimerCancel(kind) => match kind {
+                    TimerKind::PingreqSend => self.ping_send = None,
+                    TimerKind::PingrespRecv => self.pong_recv = None,
+                    TimerKind::PingreqRecv => {}
+                },
+                Event::NotifyError(e) => tracing::debug!(error = ?e, "mqtt protocol error"),
+                Event::RequestClose => self.close = true,
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        if !self.out.is_empty() {
+            self.stream
+                .write_all(&self.out)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.out.clear();
+            self.stream.flush().await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn read_until_connack(&mut self) -> Result<ConnectReturnCode, String> {
+        self.flush().await?;
+        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        loop {
+            if let Some(i) = self
+                .received
+                .iter()
+                .position(|p| matches!(p, GenericPacket::V3_1_1Connack(_)))
+            {
+                if let GenericPacket::V3_1_1Connack(c) = self.received.remove(i) {
+                    return Ok(c.return_code());
+                }
+            }
+            if self.close {
+                return Err("closed before CONNACK".into());
+            }
+            let n = self
+                .stream
+                .read(&mut buf)
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("connection closed before CONNACK".into());
+            }
+            self.recv(&buf[..n]);
+            self.flush().await?;
+        }
+    }
+
+    fn publish(&mut self, topic: &str, payload: Vec<u8>, qos: u8, token: Option<u64>) {
+        if payload.len() > OUTGOING_PAYLOAD_BYTES_MAX {
+            tracing::warn!(topic, bytes = payload.len(), "payload too large; not sent");
+            return;
+        }
+        let qos = if qos == 0 {
+            Qos::AtMostOnce
+        } else {
+            Qos::AtLeastOnce
+        };
+        let pid = if qos == Qos::AtLeastOnce {
+            match self.mqtt.acquire_packet_id() {
+                Ok(pid) => Some(pid),
+                Err(e) => {
+                    tracing::warn!(error = ?e, topic, "no packet id free; not sent");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let built = v3_1_1::Publish::builder()
+            .topic_name(topic)
+            .map(|b| b.qos(qos).payload(payload))
+            .and_then(|b| match pid {
+                Some(pid) => b.packet_id(pid).build(),
+                None => b.build(),
+            });
+        match built {
+            Ok(p) => {
+                if let (Some(pid), Some(token)) = (pid, token) {
+                    self.tokens.insert(pid, token);
+                }
+                self.send(p.into());
+            }
+            Err(e) => {
+                tracing::warn!(error = ?e, topic, "cannot build PUBLISH; not sent");
+                if let Some(pid) = pid {
+                    let _ = self.mqtt.release_packet_id(pid);
+                }
+            }
+        }
     }
 }
 

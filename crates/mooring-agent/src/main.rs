@@ -1,10 +1,13 @@
-//! `mooring-agent`: the device agent binary (clap flags → [`mooring_agent::AgentConfig`] → [`mooring_agent::run`]).
+//! `mooring-agent`: the device agent binary (clap flags + `--config` file → [`mooring_agent::AgentConfig`] → [`mooring_agent::run_with`]).
 
 use clap::Parser;
-use mooring_agent::config::{self, AgentConfig, InputSource};
+use mooring_agent::config::{self, AgentConfig, AgentFile, InputSource};
+use mooring_agent::{AgentDeps, Diagnostics};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Mooring device agent: sends host metrics and JSON lines as telemetry over MQTT/mTLS, with a
 /// durable outbox so nothing is lost while the server is unreachable.
@@ -38,13 +41,21 @@ struct Cli {
     /// Most messages kept in the outbox; when full, the oldest are dropped.
     #[arg(long, value_name = "N", default_value_t = config::OUTBOX_MAX_DEFAULT)]
     outbox_max: u64,
+    /// Agent config file (TOML): command handlers, reboot command, firmware version.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
+    let diagnostics = Diagnostics::default();
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .with(mooring_agent::diag::log_layer(diagnostics.logs.clone()))
+        .with(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
@@ -57,13 +68,26 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = AgentConfig {
+    let mut config = AgentConfig {
         interval_secs: cli.interval_secs,
         input: cli.input.as_deref().map(InputSource::from_arg),
         exit_when_drained: cli.exit_when_drained,
         outbox_max: cli.outbox_max,
         ..AgentConfig::new(host, port, cli.cert, cli.key, cli.ca, cli.state_dir)
     };
+    if let Some(path) = &cli.config {
+        match AgentFile::load(path) {
+            Ok(file) => file.apply(&mut config),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let Err(e) = config.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -72,7 +96,13 @@ fn main() -> ExitCode {
         }
     };
     let clock = Arc::new(mooring_proto::SystemClock);
-    let result = runtime.block_on(mooring_agent::run(config, clock, shutdown_signal()));
+    let result = runtime.block_on(async {
+        let deps = AgentDeps {
+            diagnostics,
+            ..AgentDeps::production(&config, clock)?
+        };
+        mooring_agent::run_with(deps, config, shutdown_signal()).await
+    });
     // A blocking stdin read cannot be cancelled; do not wait for it.
     runtime.shutdown_background();
     match result {

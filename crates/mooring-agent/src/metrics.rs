@@ -1,7 +1,19 @@
-//! Host metrics sampler: load averages, memory used/total and uptime, as a telemetry object (via sysinfo).
+//! Metrics sources: the [`MetricsSource`] trait and the host sampler (load averages, memory, uptime via sysinfo).
 
 use serde_json::{json, Map, Value};
 use sysinfo::System;
+
+/// Something that produces one telemetry object per metrics tick (without `seq`/`ts`; the
+/// agent adds those). Production: [`HostSampler`]; the simulator supplies synthetic metrics.
+pub trait MetricsSource: Send + 'static {
+    fn sample(&mut self) -> Map<String, Value>;
+}
+
+impl MetricsSource for HostSampler {
+    fn sample(&mut self) -> Map<String, Value> {
+        HostSampler::sample(self)
+    }
+}
 
 /// Samples the host this agent runs on.
 pub struct HostSampler {
