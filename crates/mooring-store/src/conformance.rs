@@ -1054,7 +1054,7 @@ pub async fn command_pending_and_due_queries_follow_state_and_times(store: &dyn 
         .pending_commands("d1", 6000, true, 10)
         .await
         .expect("pending");
-    assert_eq!(ids(p), ["c0", "c1", "c2"]);
+    assert_eq!(ids(p), ["c0", "c1", "c2", "c3"]);
     let p = store
         .pending_commands("d1", 6000, true, 1)
         .await

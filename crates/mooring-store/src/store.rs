@@ -91,8 +91,10 @@ pub trait CommandStore: Send + Sync + 'static {
         before_id: Option<&str>,
     ) -> Result<Vec<CommandRecord>>;
     /// What to (re)deliver to a device now, oldest first: every `queued` command, plus
-    /// `delivered` ones whose `next_attempt_at_ms <= now_ms` (all `delivered` ones if
-    /// `all_delivered`). At most `limit`.
+    /// `delivered` ones whose `next_attempt_at_ms <= now_ms` (all `delivered` and all
+    /// `acknowledged` ones if `all_delivered`, which the server passes when the device has just
+    /// (re)subscribed: an acknowledged command without a result may have been interrupted, and
+    /// the device answers a redelivery from its own record). At most `limit`.
     async fn pending_commands(
         &self,
         device_id: &str,

@@ -491,13 +491,19 @@ impl App {
                 continue;
             };
             let from = record.state;
-            if !matches!(from, CommandState::Queued | CommandState::Delivered) {
+            if !matches!(
+                from,
+                CommandState::Queued | CommandState::Delivered | CommandState::Acknowledged
+            ) {
                 continue;
             }
             let now_ms = self.now_ms();
-            let event = if now_ms >= record.expires_at_ms {
+            // An acknowledged command has started on the device: it no longer expires; it is
+            // redelivered after a reconnect so the device reports its result (or that it was
+            // interrupted), never runs it twice.
+            let event = if from != CommandState::Acknowledged && now_ms >= record.expires_at_ms {
                 Event::Expire
-            } else if from == CommandState::Delivered && record.attempts >= record.max_attempts {
+            } else if from != CommandState::Queued && record.attempts >= record.max_attempts {
                 Event::GiveUp
             } else {
                 let req = CommandRequest {

@@ -50,7 +50,8 @@ pub fn step(from: CommandState, event: &Event) -> Step {
     match (from, event) {
         (Queued, Event::Delivered) => Step::To(Delivered),
         (Delivered, Event::Delivered) => Step::Stay,
-        (Acknowledged, Event::Delivered) => Step::Refused,
+        // Redelivered after a reconnect: the device answers from its own record.
+        (Acknowledged, Event::Delivered) => Step::Stay,
         (Queued | Delivered, Event::Acked) => Step::To(Acknowledged),
         (Acknowledged, Event::Acked) => Step::Stay,
         (_, Event::Finished(o)) => Step::To(if o.succeeded { Succeeded } else { Failed }),
@@ -123,7 +124,7 @@ mod tests {
         let cases: &[(CommandState, Event, Step)] = &[
             (Queued, Event::Delivered, Step::To(Delivered)),
             (Delivered, Event::Delivered, Step::Stay),
-            (Acknowledged, Event::Delivered, Step::Refused),
+            (Acknowledged, Event::Delivered, Step::Stay),
             (Queued, Event::Acked, Step::To(Acknowledged)),
             (Delivered, Event::Acked, Step::To(Acknowledged)),
             (Acknowledged, Event::Acked, Step::Stay),

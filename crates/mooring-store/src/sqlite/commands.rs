@@ -352,11 +352,15 @@ impl CommandStore for SqliteStore {
             conn.prepare_cached(&format!(
                 "SELECT {COMMAND_COLUMNS} FROM commands INDEXED BY commands_by_device_state_seq
                  WHERE device_id = ?1 AND (state = 'queued'
-                    OR (state = 'delivered' AND next_attempt_at_ms <= ?2))
+                    OR (state = 'delivered' AND next_attempt_at_ms <= ?2)
+                    OR (?4 AND state = 'acknowledged'))
                  ORDER BY seq LIMIT ?3"
             ))
             .db()?
-            .query_map(params![device_id, due, limit], command_from_row)
+            .query_map(
+                params![device_id, due, limit, all_delivered],
+                command_from_row,
+            )
             .db()?
             .collect::<rusqlite::Result<Vec<_>>>()
             .db()
