@@ -157,12 +157,8 @@ impl App {
         Ok(self.view(record))
     }
 
-    /// One page of devices ordered by id; the cursor is the last id of the previous page.
-    pub async fn list_devices(
-        &self,
-        limit: Option<usize>,
-        cursor: Option<&str>,
-    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
+    /// Checks a device page request; returns the page size.
+    fn device_page(limit: Option<usize>, cursor: Option<&str>) -> ServiceResult<usize> {
         let limit = limit.unwrap_or(DEVICE_PAGE_LEN_DEFAULT);
         if limit == 0 || limit > DEVICE_PAGE_LEN_MAX {
             return Err(ServiceError::invalid(
@@ -174,6 +170,16 @@ impl App {
             Self::parse_id(c)
                 .map_err(|_| ServiceError::invalid("invalid_cursor", "cursor is not valid"))?;
         }
+        Ok(limit)
+    }
+
+    /// One page of devices ordered by id; the cursor is the last id of the previous page.
+    pub async fn list_devices(
+        &self,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
+        let limit = Self::device_page(limit, cursor)?;
         let records = self.store.list_devices(limit, cursor).await?;
         let next = if records.len() == limit {
             records.last().map(|r| r.id.clone())
@@ -277,17 +283,7 @@ impl App {
         cursor: Option<&str>,
     ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
         let sel = crate::commands::parse_selector(selector)?;
-        let limit = limit.unwrap_or(DEVICE_PAGE_LEN_DEFAULT);
-        if limit == 0 || limit > DEVICE_PAGE_LEN_MAX {
-            return Err(ServiceError::invalid(
-                "invalid_limit",
-                format!("limit must be between 1 and {DEVICE_PAGE_LEN_MAX}"),
-            ));
-        }
-        if let Some(c) = cursor {
-            Self::parse_id(c)
-                .map_err(|_| ServiceError::invalid("invalid_cursor", "cursor is not valid"))?;
-        }
+        let limit = Self::device_page(limit, cursor)?;
         self.select_devices(&sel, cursor, limit).await
     }
 

@@ -372,8 +372,13 @@ async fn serve_http(
     }
 }
 
-async fn presence_flush_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
-    let period = Duration::from_secs(app.config.limits.presence_flush_interval_secs.max(1));
+/// Runs `job` every `period` (the first run at once) until `stop` changes. Missed ticks are
+/// delayed, not bunched: a slow pass never causes a burst of catch-up passes.
+pub(crate) async fn run_every<F, Fut>(period: Duration, mut stop: watch::Receiver<bool>, mut job: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -381,24 +386,26 @@ async fn presence_flush_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
             _ = tick.tick() => {}
         }
+        job().await;
+    }
+}
+
+async fn presence_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
+    let period = Duration::from_secs(app.config.limits.presence_flush_interval_secs.max(1));
+    run_every(period, stop, || async {
         if let Err(e) = app.presence.flush(app.store.as_ref()).await {
             tracing::warn!(error = %e, "presence flush failed; will retry");
         }
-    }
+    })
+    .await;
 }
 
 /// Rows deleted per retention chunk; small enough that ingest transactions interleave.
 const RETENTION_CHUNK_ROWS: usize = 5000;
 
-async fn retention_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+async fn retention_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
     let period = Duration::from_secs(app.config.telemetry.retention_interval_secs.max(1));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
+    run_every(period, stop, || async {
         let retention_ms = u64::from(app.config.telemetry.retention_days) * 86_400_000;
         let cutoff = app.now_ms().saturating_sub(retention_ms);
         match mooring_store::run_retention_pass(app.store.as_ref(), cutoff, RETENTION_CHUNK_ROWS)
@@ -408,7 +415,8 @@ async fn retention_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             Ok(n) => tracing::info!(rows = n, "telemetry retention removed old points"),
             Err(e) => tracing::warn!(error = %e, "telemetry retention pass failed"),
         }
-    }
+    })
+    .await;
 }
 
 /// The `/metrics` body.

@@ -690,17 +690,12 @@ pub async fn run_dispatcher(app: std::sync::Arc<App>, mut stop: watch::Receiver<
 }
 
 /// The scheduler task: expiry, give-up and retries, every `commands.scheduler_tick_ms`.
-pub async fn run_scheduler(app: std::sync::Arc<App>, mut stop: watch::Receiver<bool>) {
+pub async fn run_scheduler(app: std::sync::Arc<App>, stop: watch::Receiver<bool>) {
     let period = Duration::from_millis(app.config.commands.scheduler_tick_ms.max(1));
-    let mut tick = tokio::time::interval(period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
+    crate::serve::run_every(period, stop, || async {
         if let Err(e) = app.run_scheduler_pass().await {
             tracing::warn!(error = %e, "command scheduler pass failed; will retry");
         }
-    }
+    })
+    .await;
 }
