@@ -39,6 +39,8 @@ enum Command {
         #[command(subcommand)]
         command: CommandCommand,
     },
+    /// Benchmarks against a private Mosquitto on loopback, side by side (docs/benchmarks.md).
+    Bench(mooring_bench::BenchArgs),
     /// Manage API tokens (e.g. a `service` token for a data pipeline's MQTT login).
     Token {
         #[command(flatten)]
@@ -181,6 +183,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Device { api, command } => client::device(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
+            Command::Bench(args) => mooring_bench::run(args).await,
             Command::Commands { api, command } => client::command(api, command).await,
         }
     });

@@ -1,0 +1,363 @@
+//! # mooring-bench: our server and Mosquitto, side by side, on loopback
+//!
+//! `mooring-bench <suite>` (and `mooring bench <suite>`, which calls [`run`]) starts both servers
+//! itself, drives them with the same load generator over real sockets on 127.0.0.0/8, and prints
+//! one table per suite with both numbers and their ratio (mooring ÷ mosquitto).
+//!
+//! ## The two targets ([`target`])
+//! - **mooring**: the `mooring` binary (`--mooring-bin`, default: next to this executable, else
+//!   `target/release/mooring`) with a data dir in the work dir, MQTT/TLS and HTTP on port 0 (the
+//!   addresses are read from its log). Devices are created through `POST /api/v1/devices` and their
+//!   keys cached in the work dir, so a kept `--work-dir` skips provisioning next time.
+//! - **mosquitto**: a private `/usr/sbin/mosquitto` on a free loopback port (never 1883) with a
+//!   generated config: TLS, `require_certificate true`, `use_identity_as_username true`,
+//!   `max_connections -1`, persistence off. [`pki`] makes its CA, server certificate and one
+//!   client certificate per device (CN = device id), signed in parallel.
+//!
+//! Both run under `sh -c 'ulimit -n 262144; exec …'`, are killed on drop, and restart on the same
+//! port. Both use ECDSA P-256 certificates and TLS 1.3, and every connection is a full handshake.
+//!
+//! ## The load generator ([`client`], [`fleet`])
+//! A hand-rolled MQTT 3.1.1 client (CONNECT, PUBLISH, PUBACK, PINGREQ) over tokio-rustls: a few
+//! KiB per connection. [`fleet::Fleet`] runs one task per device with bounded connect concurrency,
+//! binds each socket to 127.0.0.2, .3, … (5,000 connections per address) to avoid ephemeral-port
+//! exhaustion, and reconnects with full-jitter backoff when asked to.
+//!
+//! ## Suites ([`suites`])
+//! 1. `idle-memory`: RSS delta of the server ÷ connected idle devices, and time to connect all.
+//! 2. `ingest`: msg/s for QoS 0/1 from 1 and 100 publishers (QoS 1 windowed); ours is durable
+//!    before PUBACK and the stored count is checked against the acks through `/metrics`.
+//! 3. `connect-storm`: `kill -9` + restart with N devices online; time until all are back.
+//! 4. `command-rtt`: p50/p99 of a command's round trip with 10,000 devices online (ours through
+//!    the commands API, durable at each step; Mosquitto as the same exchange over plain MQTT).
+//!    Against a server without the commands API it reports "not yet available".
+//!
+//! Every wait has a deadline (`--timeout-secs`), and results go to stdout as Markdown
+//! ([`report`]) and, with `--json FILE`, as raw numbers.
+
+pub mod client;
+pub mod fleet;
+pub mod pki;
+pub mod report;
+pub mod suites;
+pub mod target;
+
+use anyhow::Context;
+use client::SourceAddrs;
+use report::Table;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use target::Target;
+
+/// Which suite(s) to run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    /// RSS per idle mTLS connection (default 10,000 and 50,000 connections).
+    IdleMemory,
+    /// QoS 0/1 msg/s from 1 and 100 publishers.
+    Ingest,
+    /// Time for N devices (default 10,000) to reconnect after kill -9 and restart.
+    ConnectStorm,
+    /// Command round trip p50/p99 with 10,000 devices online.
+    CommandRtt,
+    /// All of the above, in that order.
+    All,
+}
+
+impl Suite {
+    fn expand(self) -> Vec<Suite> {
+        match self {
+            Suite::All => vec![
+                Suite::IdleMemory,
+                Suite::Ingest,
+                Suite::ConnectStorm,
+                Suite::CommandRtt,
+            ],
+            s => vec![s],
+        }
+    }
+}
+
+/// Which servers to benchmark.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TargetName {
+    Mooring,
+    Mosquitto,
+}
+
+/// `mooring-bench <suite>`: our server vs. a private Mosquitto, same load, one table per suite.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// The suite to run.
+    #[arg(value_enum)]
+    pub suite: Suite,
+    /// Connections for idle-memory (default 10000,50000) and connect-storm (default 10000).
+    #[arg(long, value_delimiter = ',')]
+    pub connections: Option<Vec<usize>>,
+    /// Publisher counts for ingest.
+    #[arg(long, value_delimiter = ',', default_value = "1,100")]
+    pub publishers: Vec<usize>,
+    /// QoS levels for ingest (0 and/or 1).
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    pub qos: Vec<u8>,
+    /// Messages per ingest case, split across the publishers.
+    #[arg(long, default_value_t = 100_000)]
+    pub messages: usize,
+    /// Times each ingest case runs per target (the table shows the median).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// QoS 1 messages in flight per publisher.
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// Devices online (each answering commands) during command-rtt.
+    #[arg(long, default_value_t = 10_000)]
+    pub command_devices: usize,
+    /// Commands sent in command-rtt.
+    #[arg(long, default_value_t = 1_000)]
+    pub commands: usize,
+    /// Commands in flight at once in command-rtt.
+    #[arg(long, default_value_t = 4)]
+    pub command_concurrency: usize,
+    /// Connects (TCP + TLS + CONNECT) the load generator keeps in flight.
+    #[arg(long, default_value_t = 128)]
+    pub connect_concurrency: usize,
+    /// Servers to run (both by default).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "mooring,mosquitto"
+    )]
+    pub targets: Vec<TargetName>,
+    /// The `mooring` binary (default: next to this executable, else target/release/mooring).
+    #[arg(long)]
+    pub mooring_bin: Option<PathBuf>,
+    /// The Mosquitto broker binary.
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    pub mosquitto_bin: PathBuf,
+    /// Work dir for data dirs, configs and cached device keys; kept (and reused) when given,
+    /// otherwise a temporary dir removed at exit.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+    /// Also write the raw numbers as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Longest any one wait (all connected, all reconnected, one ingest case) may take.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_secs: u64,
+}
+
+impl BenchArgs {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+
+    pub fn idle_connections(&self) -> Vec<usize> {
+        self.connections
+            .clone()
+            .unwrap_or_else(|| vec![10_000, 50_000])
+    }
+
+    pub fn storm_connections(&self) -> Vec<usize> {
+        self.connections.clone().unwrap_or_else(|| vec![10_000])
+    }
+
+    /// The largest connection count any selected suite asks for.
+    fn connections_max(&self) -> usize {
+        let suites = self.suite.expand();
+        let mut n = 0;
+        if suites.contains(&Suite::IdleMemory) {
+            n = n.max(self.idle_connections().into_iter().max().unwrap_or(0));
+        }
+        if suites.contains(&Suite::ConnectStorm) {
+            n = n.max(self.storm_connections().into_iter().max().unwrap_or(0));
+        }
+        if suites.contains(&Suite::CommandRtt) {
+            n = n.max(self.command_devices + 1);
+        }
+        if suites.contains(&Suite::Ingest) {
+            n = n.max(self.publishers.iter().copied().max().unwrap_or(0));
+        }
+        n
+    }
+}
+
+/// State shared by the suites of one run.
+pub struct Bench {
+    pub args: BenchArgs,
+    /// Ours first, then Mosquitto (as selected).
+    pub targets: Vec<Target>,
+    pub sources: Arc<SourceAddrs>,
+    /// Telemetry `seq` values start here (unique per run: the server stores a (device, seq) once).
+    pub seq_base: u64,
+    /// Open-file limit of the load generator and the servers.
+    pub fd_limit: u64,
+    cases: u64,
+}
+
+impl Bench {
+    /// A fresh number per ingest case, so every case uses its own `seq` range.
+    pub fn next_case(&mut self) -> u64 {
+        self.cases += 1;
+        self.cases
+    }
+}
+
+/// The machine the numbers were measured on.
+pub fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|r| r.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let ram_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    json!({ "cpu": cpu, "cpus": cpus, "ram_gib": (ram_kib as f64 / 1048576.0 * 10.0).round() / 10.0 })
+}
+
+/// Raises this process's open-file limit: the hard limit too where allowed (root with
+/// CAP_SYS_RESOURCE), else the soft limit up to the hard one. Returns the limit in force, which
+/// the servers get too (a child cannot exceed its parent's hard limit without the capability).
+fn raise_fd_limit() -> anyhow::Result<u64> {
+    use rlimit::Resource;
+    let want = target::FD_LIMIT;
+    if rlimit::setrlimit(Resource::NOFILE, want, want).is_err() {
+        let _ = rlimit::increase_nofile_limit(want);
+    }
+    let (soft, _) = rlimit::getrlimit(Resource::NOFILE)?;
+    Ok(soft)
+}
+
+fn default_mooring_bin() -> PathBuf {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(PathBuf::from))
+    {
+        let sibling = dir.join("mooring");
+        if sibling.is_file() {
+            return sibling;
+        }
+    }
+    PathBuf::from("target/release/mooring")
+}
+
+/// Runs the selected suite(s), prints a table per suite, and writes `--json` if asked.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let fd_limit = raise_fd_limit()?;
+    let need = args.connections_max() as u64 + target::FD_RESERVE;
+    if fd_limit < need {
+        eprintln!(
+            "note: the open-file limit is {fd_limit} (hard; raising it needs CAP_SYS_RESOURCE): \
+             connection counts above {} are reported as not measured",
+            fd_limit - target::FD_RESERVE
+        );
+    }
+
+    let (_tmp, work) = match &args.work_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            (None, dir.clone())
+        }
+        None => {
+            let tmp = tempfile::Builder::new()
+                .prefix("mooring-bench-")
+                .tempdir()?;
+            let path = tmp.path().to_owned();
+            (Some(tmp), path)
+        }
+    };
+    let mut targets = Vec::new();
+    if args.targets.contains(&TargetName::Mooring) {
+        let bin = args.mooring_bin.clone().unwrap_or_else(default_mooring_bin);
+        anyhow::ensure!(
+            bin.is_file(),
+            "no mooring binary at {} (cargo build --release -p mooring, or --mooring-bin)",
+            bin.display()
+        );
+        targets.push(Target::mooring(bin, &work.join("mooring"), fd_limit)?);
+    }
+    if args.targets.contains(&TargetName::Mosquitto) {
+        anyhow::ensure!(
+            args.mosquitto_bin.is_file(),
+            "no Mosquitto at {} (Debian package `mosquitto`, or --mosquitto-bin)",
+            args.mosquitto_bin.display()
+        );
+        targets.push(Target::mosquitto(
+            args.mosquitto_bin.clone(),
+            &work.join("mosquitto"),
+            fd_limit,
+        )?);
+    }
+    anyhow::ensure!(!targets.is_empty(), "no --targets");
+
+    let machine = machine();
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    println!(
+        "mooring-bench {:?} on {} × {} ({} GiB RAM), {date}\n",
+        args.suite, machine["cpus"], machine["cpu"], machine["ram_gib"]
+    );
+    let seq_base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        * 1_000_000_000;
+    let mut bench = Bench {
+        args: args.clone(),
+        targets,
+        sources: Arc::new(SourceAddrs::default()),
+        seq_base,
+        fd_limit,
+        cases: 0,
+    };
+    let mut tables: Vec<Table> = Vec::new();
+    let suites_run = async {
+        for suite in args.suite.expand() {
+            let r = match suite {
+                Suite::IdleMemory => suites::idle_memory(&mut bench).await,
+                Suite::Ingest => suites::ingest(&mut bench).await,
+                Suite::ConnectStorm => suites::connect_storm(&mut bench).await,
+                Suite::CommandRtt => suites::command_rtt(&mut bench).await,
+                Suite::All => unreachable!("expanded"),
+            };
+            let table = r.with_context(|| format!("suite {suite:?}"))?;
+            println!("{}", table.to_markdown());
+            tables.push(table);
+        }
+        anyhow::Ok(())
+    };
+    // Ctrl-C ends the run through the normal path, so the servers are killed, not orphaned.
+    let result = tokio::select! {
+        r = suites_run => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    for t in bench.targets.iter_mut() {
+        t.kill().await;
+    }
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "date": date,
+            "machine": machine,
+            "suite": format!("{:?}", args.suite),
+            "targets": bench.targets.iter().map(|t| t.name()).collect::<Vec<_>>(),
+            "tables": tables.iter().map(Table::to_json).collect::<Vec<_>>(),
+            "completed": result.is_ok(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    result
+}

@@ -1,0 +1,665 @@
+//! The servers under test: the `mooring` binary and a private Mosquitto, each spawned with a raised fd limit, killed on drop, restartable on the same port; RSS sampling and device provisioning.
+
+use crate::client::{Cred, Endpoint};
+use crate::pki::Pki;
+use anyhow::{anyhow, bail, Context};
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// Open-file limit sought for every server process and the load generator (capped by the hard limit).
+pub const FD_LIMIT: u64 = 262_144;
+/// File descriptors a server needs besides client connections (listeners, database, logs).
+pub const FD_RESERVE: u64 = 200;
+/// Longest a server may take to report (or open) its listeners.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest one HTTP API call may take.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent `POST /api/v1/devices` calls while provisioning.
+pub const PROVISION_CONCURRENCY: usize = 16;
+/// Log lines kept per process for error messages.
+const LOG_TAIL_LEN: usize = 50;
+
+/// Device ids are `bench-000000`, `bench-000001`, …
+pub fn device_id(i: usize) -> String {
+    format!("bench-{i:06}")
+}
+
+/// A spawned server process: `sh -c 'ulimit -n …; exec …'`, stderr captured, SIGKILLed on drop.
+struct Proc {
+    child: Child,
+    pid: u32,
+    lines: mpsc::Receiver<String>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    reader: JoinHandle<()>,
+}
+
+impl Proc {
+    fn spawn(
+        program: &Path,
+        args: &[OsString],
+        envs: &[(&str, &str)],
+        fd_limit: u64,
+    ) -> anyhow::Result<Proc> {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"ulimit -n "$0" && exec "$@""#)
+            .arg(fd_limit.to_string())
+            .arg(program)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {}", program.display()))?;
+        let pid = child.id().context("child pid")?;
+        let stderr = child.stderr.take().context("child stderr")?;
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let (tx, lines) = mpsc::channel(256);
+        let tail2 = tail.clone();
+        let reader = tokio::spawn(async move {
+            let mut r = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = r.next_line().await {
+                if let Ok(mut t) = tail2.lock() {
+                    if t.len() == LOG_TAIL_LEN {
+                        t.pop_front();
+                    }
+                    t.push_back(line.clone());
+                }
+                let _ = tx.try_send(line);
+            }
+        });
+        Ok(Proc {
+            child,
+            pid,
+            lines,
+            tail,
+            reader,
+        })
+    }
+
+    fn log_tail(&self) -> String {
+        self.tail
+            .lock()
+            .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+
+    /// Fails if the process has exited.
+    fn check_alive(&mut self, what: &str) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{what} exited ({status}); log:\n{}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        rss_kib(self.pid)
+    }
+
+    /// SIGKILL and reap (bounded).
+    async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        self.reader.abort();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        self.reader.abort();
+    }
+}
+
+/// Resident set size of `pid` in KiB (`VmRSS` in /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("reading /proc/{pid}/status"))?;
+    parse_vm_rss_kib(&status).context("no VmRSS line")
+}
+
+pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+/// A free loopback port (bound then released; never 1883, which is outside the ephemeral range).
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn parse_addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let rest = rest
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Which server a [`Target`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Mooring,
+    Mosquitto,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Mooring => "mooring",
+            Kind::Mosquitto => "mosquitto",
+        }
+    }
+}
+
+/// One server under test with the device credentials provisioned for it.
+pub struct Target {
+    pub kind: Kind,
+    /// `ulimit -n` of the server process.
+    pub fd_limit: u64,
+    proc: Option<Proc>,
+    creds: Vec<Cred>,
+    endpoint: Option<Endpoint>,
+    flavor: Flavor,
+}
+
+enum Flavor {
+    Mooring(MooringState),
+    Mosquitto(MosquittoState),
+}
+
+struct MooringState {
+    bin: PathBuf,
+    data_dir: PathBuf,
+    /// Device credentials already created in `data_dir` (JSON lines), reused by the next run.
+    creds_file: PathBuf,
+    mqtt: Option<SocketAddr>,
+    http: Option<SocketAddr>,
+    token: String,
+    client: reqwest::Client,
+}
+
+struct MosquittoState {
+    bin: PathBuf,
+    conf: PathBuf,
+    port: u16,
+    pki: Arc<Pki>,
+}
+
+impl Target {
+    /// Our server, with its data dir (and device cache) under `dir`.
+    pub fn mooring(bin: PathBuf, dir: &Path, fd_limit: u64) -> anyhow::Result<Target> {
+        std::fs::create_dir_all(dir)?;
+        let data_dir = dir.join("data");
+        let creds_file = dir.join("devices.jsonl");
+        let creds = if data_dir.join("mooring.db").exists() {
+            load_creds(&creds_file)?
+        } else {
+            let _ = std::fs::remove_file(&creds_file);
+            Vec::new()
+        };
+        let client = reqwest::Client::builder()
+            .timeout(HTTP_TIMEOUT)
+            .pool_max_idle_per_host(PROVISION_CONCURRENCY)
+            .build()?;
+        Ok(Target {
+            kind: Kind::Mooring,
+            fd_limit,
+            proc: None,
+            creds,
+            endpoint: None,
+            flavor: Flavor::Mooring(MooringState {
+                bin,
+                data_dir,
+                creds_file,
+                mqtt: None,
+                http: None,
+                token: String::new(),
+                client,
+            }),
+        })
+    }
+
+    /// A private Mosquitto on a free loopback port, configured under `dir`: TLS, client
+    /// certificates required, identity as username, `max_connections -1`, persistence off.
+    pub fn mosquitto(bin: PathBuf, dir: &Path, fd_limit: u64) -> anyhow::Result<Target> {
+        std::fs::create_dir_all(dir)?;
+        let pki = Arc::new(Pki::generate()?);
+        let port = free_port()?;
+        anyhow::ensure!(port != 1883, "refusing port 1883 (the system Mosquitto)");
+        let write = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+            Ok(p)
+        };
+        let ca = write("ca.crt", &pki.ca_pem)?;
+        let cert = write("server.crt", &pki.server_cert_pem)?;
+        let key = write("server.key", &pki.server_key_pem)?;
+        let conf = write("mosquitto.conf", &mosquitto_conf(port, &ca, &cert, &key))?;
+        Ok(Target {
+            kind: Kind::Mosquitto,
+            fd_limit,
+            proc: None,
+            creds: Vec::new(),
+            endpoint: None,
+            flavor: Flavor::Mosquitto(MosquittoState {
+                bin,
+                conf,
+                port,
+                pki,
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    /// The MQTT/TLS endpoint (known once started).
+    pub fn endpoint(&self) -> anyhow::Result<&Endpoint> {
+        self.endpoint
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} not started", self.name()))
+    }
+
+    /// The first `n` device credentials (call [`Target::ensure_devices`] first).
+    pub fn creds(&self, n: usize) -> anyhow::Result<&[Cred]> {
+        self.creds
+            .get(..n)
+            .ok_or_else(|| anyhow!("only {} devices provisioned", self.creds.len()))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(|p| p.pid)
+    }
+
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        self.proc
+            .as_ref()
+            .ok_or_else(|| anyhow!("{} not running", self.name()))?
+            .rss_kib()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.is_some()
+    }
+
+    /// Starts the server (on the same ports as before if it ran already) and waits until it listens.
+    pub async fn start(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.proc.is_none(), "{} already running", self.name());
+        match &mut self.flavor {
+            Flavor::Mooring(m) => {
+                let mqtt = m.mqtt.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+                let http = m.http.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
+                let args: Vec<OsString> = vec![
+                    "serve".into(),
+                    "--data-dir".into(),
+                    m.data_dir.clone().into(),
+                    "--mqtt-addr".into(),
+                    mqtt.into(),
+                    "--http-addr".into(),
+                    http.into(),
+                ];
+                let mut proc = Proc::spawn(&m.bin, &args, &[("RUST_LOG", "info")], self.fd_limit)?;
+                let (mut mqtt, mut http) = (None, None);
+                let deadline = Instant::now() + START_TIMEOUT;
+                while mqtt.is_none() || http.is_none() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, proc.lines.recv()).await {
+                        Ok(Some(line)) => {
+                            mqtt = mqtt.or(parse_addr_after(&line, "MQTT/TLS listening on "));
+                            http = http.or(parse_addr_after(&line, "HTTP API listening on "));
+                        }
+                        Ok(None) | Err(_) => {
+                            proc.check_alive("mooring serve")?;
+                            bail!(
+                                "mooring serve did not report its listeners within {START_TIMEOUT:?}; log:\n{}",
+                                proc.log_tail()
+                            );
+                        }
+                    }
+                }
+                let mqtt = mqtt.context("mqtt addr")?;
+                m.mqtt = Some(mqtt);
+                m.http = http;
+                m.token = std::fs::read_to_string(m.data_dir.join("admin.token"))
+                    .context("reading admin.token")?
+                    .trim()
+                    .to_owned();
+                let ca = std::fs::read_to_string(m.data_dir.join("ca.crt"))?;
+                self.endpoint = Some(Endpoint::new(mqtt, &ca)?);
+                self.proc = Some(proc);
+            }
+            Flavor::Mosquitto(s) => {
+                let args: Vec<OsString> = vec!["-c".into(), s.conf.clone().into()];
+                let mut proc = Proc::spawn(&s.bin, &args, &[], self.fd_limit)?;
+                let addr = SocketAddr::from(([127, 0, 0, 1], s.port));
+                let deadline = Instant::now() + START_TIMEOUT;
+                loop {
+                    proc.check_alive("mosquitto")?;
+                    if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        bail!(
+                            "mosquitto did not listen on {addr} within {START_TIMEOUT:?}; log:\n{}",
+                            proc.log_tail()
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                self.endpoint = Some(Endpoint::new(addr, &s.pki.ca_pem)?);
+                self.proc = Some(proc);
+            }
+        }
+        Ok(())
+    }
+
+    /// `kill -9` and reap. No-op when not running.
+    pub async fn kill(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill().await;
+        }
+    }
+
+    /// Makes sure at least `n` devices exist with credentials: ours through `POST
+    /// /api/v1/devices` (server must be running), Mosquitto's by signing client certificates.
+    pub async fn ensure_devices(&mut self, n: usize) -> anyhow::Result<Duration> {
+        let have = self.creds.len();
+        if have >= n {
+            return Ok(Duration::ZERO);
+        }
+        let started = Instant::now();
+        let ids: Vec<String> = (have..n).map(device_id).collect();
+        match &self.flavor {
+            Flavor::Mosquitto(s) => {
+                let new = s.pki.clients(ids).await?;
+                self.creds.extend(new);
+            }
+            Flavor::Mooring(m) => {
+                anyhow::ensure!(self.proc.is_some(), "mooring must run to create devices");
+                let new = m.create_devices(ids).await?;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&m.creds_file)?;
+                for c in &new {
+                    let line =
+                        serde_json::json!({"id": c.id, "cert": c.cert_pem, "key": c.key_pem});
+                    writeln!(f, "{line}")?;
+                }
+                f.sync_all()?;
+                self.creds.extend(new);
+            }
+        }
+        Ok(started.elapsed())
+    }
+
+    /// A Prometheus counter or gauge from ours' `/metrics` (`None` for Mosquitto).
+    pub async fn metric(&self, name: &str) -> anyhow::Result<Option<f64>> {
+        match &self.flavor {
+            Flavor::Mosquitto(_) => Ok(None),
+            Flavor::Mooring(m) => {
+                let text = m.get("/metrics", false).await?;
+                Ok(parse_metric(&text, name))
+            }
+        }
+    }
+
+    /// Whether the server has a device commands API (ours: looks in its OpenAPI document).
+    pub async fn has_commands_api(&self) -> anyhow::Result<bool> {
+        match &self.flavor {
+            Flavor::Mosquitto(_) => Ok(false),
+            Flavor::Mooring(m) => {
+                let text = m.get("/api/v1/openapi.json", false).await?;
+                let doc: Value = serde_json::from_str(&text).context("openapi.json")?;
+                Ok(doc["paths"]
+                    .as_object()
+                    .is_some_and(|p| p.contains_key("/api/v1/devices/{id}/commands")))
+            }
+        }
+    }
+
+    /// A client identity that is not a device (Mosquitto only: ours uses the HTTP API).
+    pub fn backend_cred(&self) -> anyhow::Result<Cred> {
+        match &self.flavor {
+            Flavor::Mosquitto(s) => s.pki.client("bench-backend"),
+            Flavor::Mooring(_) => bail!("mooring's backend is its HTTP API"),
+        }
+    }
+
+    /// An HTTP API client with the admin token (ours only).
+    pub fn api_client(&self) -> anyhow::Result<ApiClient> {
+        match &self.flavor {
+            Flavor::Mosquitto(_) => bail!("mosquitto has no HTTP API"),
+            Flavor::Mooring(m) => Ok(ApiClient {
+                base: m.url("")?,
+                token: m.token.clone(),
+                client: m.client.clone(),
+            }),
+        }
+    }
+
+    /// `GET path` with the admin token (ours only).
+    pub async fn api_get(&self, path: &str) -> anyhow::Result<Value> {
+        match &self.flavor {
+            Flavor::Mosquitto(_) => bail!("mosquitto has no HTTP API"),
+            Flavor::Mooring(m) => Ok(serde_json::from_str(&m.get(path, true).await?)?),
+        }
+    }
+}
+
+/// Our HTTP API, authenticated; cheap to clone.
+#[derive(Clone)]
+pub struct ApiClient {
+    base: String,
+    token: String,
+    client: reqwest::Client,
+}
+
+impl ApiClient {
+    /// `POST path` with a JSON body; the JSON answer of a 2xx.
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        anyhow::ensure!(status.is_success(), "POST {path}: {status}: {text}");
+        Ok(serde_json::from_str(&text)?)
+    }
+}
+
+impl MooringState {
+    fn url(&self, path: &str) -> anyhow::Result<String> {
+        let http = self.http.context("mooring not started")?;
+        Ok(format!("http://{http}{path}"))
+    }
+
+    async fn get(&self, path: &str, auth: bool) -> anyhow::Result<String> {
+        let mut req = self.client.get(self.url(path)?);
+        if auth {
+            req = req.bearer_auth(&self.token);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        anyhow::ensure!(status.is_success(), "GET {path}: {status}: {text}");
+        Ok(text)
+    }
+
+    /// Creates `ids` with [`PROVISION_CONCURRENCY`] requests in flight; returns them in order.
+    async fn create_devices(&self, ids: Vec<String>) -> anyhow::Result<Vec<Cred>> {
+        let ids = Arc::new(ids);
+        let next = Arc::new(AtomicUsize::new(0));
+        let url = self.url("/api/v1/devices")?;
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..PROVISION_CONCURRENCY {
+            let (ids, next, url) = (ids.clone(), next.clone(), url.clone());
+            let (client, token) = (self.client.clone(), self.token.clone());
+            workers.spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(id) = ids.get(i) else { break };
+                    let resp = client
+                        .post(&url)
+                        .bearer_auth(&token)
+                        .json(&serde_json::json!({ "id": id }))
+                        .send()
+                        .await
+                        .with_context(|| format!("POST /api/v1/devices {id}"))?;
+                    let status = resp.status();
+                    let body: Value = resp.json().await?;
+                    if status.as_u16() == 409 {
+                        bail!("device {id} already exists but its key is not cached; remove the bench work dir");
+                    }
+                    anyhow::ensure!(status.is_success(), "create {id}: {status}: {body}");
+                    let field = |k: &str| -> anyhow::Result<String> {
+                        Ok(body[k].as_str().with_context(|| format!("no {k}"))?.to_owned())
+                    };
+                    out.push((
+                        i,
+                        Cred {
+                            id: id.clone(),
+                            cert_pem: field("certificate_pem")?,
+                            key_pem: field("private_key_pem")?,
+                        },
+                    ));
+                }
+                anyhow::Ok(out)
+            });
+        }
+        let mut all = Vec::with_capacity(ids.len());
+        while let Some(r) = workers.join_next().await {
+            all.extend(r.context("provisioning task")??);
+        }
+        all.sort_by_key(|(i, _)| *i);
+        Ok(all.into_iter().map(|(_, c)| c).collect())
+    }
+}
+
+fn load_creds(path: &Path) -> anyhow::Result<Vec<Cred>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            break; // a torn last line: the devices after it get re-created (409 → clear error)
+        };
+        let s = |k: &str| v[k].as_str().map(str::to_owned);
+        match (s("id"), s("cert"), s("key")) {
+            (Some(id), Some(cert_pem), Some(key_pem)) if id == device_id(i) => out.push(Cred {
+                id,
+                cert_pem,
+                key_pem,
+            }),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+pub fn parse_metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let value = rest.strip_prefix(' ')?;
+        value.trim().parse().ok()
+    })
+}
+
+fn mosquitto_conf(port: u16, ca: &Path, cert: &Path, key: &Path) -> String {
+    // As root Mosquitto drops to user `mosquitto`, which could not read our files; `user root` keeps it.
+    let user = if is_root() { "user root\n" } else { "" };
+    format!(
+        "# Generated by mooring-bench: a private broker for the benchmark (not the system one on 1883).
+{user}per_listener_settings false
+persistence false
+max_connections -1
+set_tcp_nodelay true
+allow_anonymous false
+log_dest stderr
+log_type error
+log_type warning
+connection_messages false
+listener {port} 127.0.0.1
+cafile {ca}
+certfile {cert}
+keyfile {key}
+require_certificate true
+use_identity_as_username true
+",
+        ca = ca.display(),
+        cert = cert.display(),
+        key = key.display(),
+    )
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|r| r.split_whitespace().next().map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_vm_rss_and_metrics() {
+        let status = "Name:\tmosquitto\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\n";
+        assert_eq!(parse_vm_rss_kib(status), Some(12345));
+        let text =
+            "# HELP x\nmooring_telemetry_messages_total_x 9\nmooring_telemetry_messages_total 42\n";
+        assert_eq!(
+            parse_metric(text, "mooring_telemetry_messages_total"),
+            Some(42.0)
+        );
+        assert_eq!(parse_metric(text, "absent"), None);
+    }
+
+    #[test]
+    fn mosquitto_conf_requires_client_certs_and_never_uses_1883() {
+        let c = mosquitto_conf(
+            40001,
+            Path::new("/w/ca.crt"),
+            Path::new("/w/s.crt"),
+            Path::new("/w/s.key"),
+        );
+        assert!(c.contains("listener 40001 127.0.0.1"));
+        assert!(c.contains("require_certificate true"));
+        assert!(c.contains("use_identity_as_username true"));
+        assert!(c.contains("max_connections -1"));
+        assert!(!c.contains("listener 1883"));
+    }
+}

@@ -1,0 +1,168 @@
+//! Smoke tests: tiny runs of the real suites against the real `mooring` binary and a private Mosquitto.
+//!
+//! They need `target/<profile>/mooring` (built by `cargo test --workspace`, or `cargo build -p
+//! mooring`) and `/usr/sbin/mosquitto` (Debian package `mosquitto`); without either they skip.
+
+use clap::Parser;
+use mooring_bench::{BenchArgs, Suite};
+use serde_json::Value;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: BenchArgs,
+}
+
+/// `target/<profile>/mooring`, next to this test's `deps/` dir.
+fn mooring_bin() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let profile_dir = exe.parent()?.parent()?;
+    let bin = profile_dir.join("mooring");
+    bin.is_file().then_some(bin)
+}
+
+fn prerequisites() -> Option<PathBuf> {
+    let Some(bin) = mooring_bin() else {
+        eprintln!("skipped: no mooring binary next to the test (cargo build -p mooring)");
+        return None;
+    };
+    if !std::path::Path::new("/usr/sbin/mosquitto").is_file() {
+        eprintln!("skipped: /usr/sbin/mosquitto missing (apt-get install mosquitto)");
+        return None;
+    }
+    Some(bin)
+}
+
+async fn run_json(suite_args: &[&str], bin: PathBuf) -> anyhow::Result<Value> {
+    let dir = tempfile::tempdir()?;
+    let json = dir.path().join("out.json");
+    let mut argv = vec!["mooring-bench"];
+    argv.extend_from_slice(suite_args);
+    let mut args = Cli::try_parse_from(argv)?.args;
+    args.mooring_bin = Some(bin);
+    args.json = Some(json.clone());
+    args.work_dir = Some(dir.path().join("work"));
+    args.timeout_secs = 60;
+    mooring_bench::run(args).await?;
+    Ok(serde_json::from_str(&std::fs::read_to_string(json)?)?)
+}
+
+fn row<'a>(doc: &'a Value, metric_prefix: &str) -> &'a Value {
+    doc["tables"][0]["rows"]
+        .as_array()
+        .and_then(|rows| {
+            rows.iter().find(|r| {
+                r["metric"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with(metric_prefix))
+            })
+        })
+        .unwrap_or(&Value::Null)
+}
+
+#[test]
+fn defaults_match_the_documented_suites() -> anyhow::Result<()> {
+    let a = Cli::try_parse_from(["mooring-bench", "all"])?.args;
+    assert_eq!(a.suite, Suite::All);
+    assert_eq!(a.idle_connections(), vec![10_000, 50_000]);
+    assert_eq!(a.storm_connections(), vec![10_000]);
+    assert_eq!(a.publishers, vec![1, 100]);
+    assert_eq!(a.qos, vec![0, 1]);
+    let a = Cli::try_parse_from(["mooring-bench", "connect-storm", "--connections", "500"])?.args;
+    assert_eq!(a.storm_connections(), vec![500]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_of_ten_messages_runs_against_both_and_ours_stores_every_ack() -> anyhow::Result<()>
+{
+    let Some(bin) = prerequisites() else {
+        return Ok(());
+    };
+    let doc = run_json(
+        &[
+            "ingest",
+            "--publishers",
+            "1,2",
+            "--qos",
+            "0,1",
+            "--messages",
+            "10",
+        ],
+        bin,
+    )
+    .await?;
+    assert_eq!(doc["completed"], true, "{doc:#}");
+    for metric in [
+        "QoS0, 1 publisher",
+        "QoS1, 1 publisher",
+        "QoS1, 2 publishers",
+    ] {
+        let r = row(&doc, metric);
+        assert!(
+            r["mooring"].as_f64().is_some_and(|v| v > 0.0),
+            "{metric}: {r}"
+        );
+        assert!(
+            r["mosquitto"].as_f64().is_some_and(|v| v > 0.0),
+            "{metric}: {r}"
+        );
+        assert!(r["ratio"].is_number(), "{metric}: {r}");
+    }
+    let qos1 = row(&doc, "QoS1, 2 publishers");
+    assert!(
+        qos1["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("verified: 10 stored = 10 acked")),
+        "{qos1}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "heavier: 300 connections per target, two restarts"]
+async fn idle_memory_and_connect_storm_with_300_devices() -> anyhow::Result<()> {
+    let Some(bin) = prerequisites() else {
+        return Ok(());
+    };
+    let doc = run_json(&["idle-memory", "--connections", "300"], bin.clone()).await?;
+    let r = row(&doc, "KiB per idle connection");
+    assert!(
+        r["mooring"].is_number() && r["mosquitto"].is_number(),
+        "{r}"
+    );
+    let doc = run_json(&["connect-storm", "--connections", "300"], bin).await?;
+    let r = row(&doc, "kill -9 → all");
+    assert!(
+        r["mooring"].is_number() && r["mosquitto"].is_number(),
+        "{r}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_rtt_with_20_devices_measures_both_or_says_not_yet_available() -> anyhow::Result<()>
+{
+    let Some(bin) = prerequisites() else {
+        return Ok(());
+    };
+    let doc = run_json(
+        &["command-rtt", "--command-devices", "20", "--commands", "20"],
+        bin,
+    )
+    .await?;
+    assert_eq!(doc["completed"], true, "{doc:#}");
+    let p50 = row(&doc, "command RTT p50");
+    assert!(p50["mosquitto"].as_f64().is_some_and(|v| v > 0.0), "{p50}");
+    let rate = row(&doc, "commands/s");
+    // A server built before the commands API says so instead of a number.
+    let unavailable = rate["note"]
+        .as_str()
+        .is_some_and(|n| n.contains("mooring: not yet available"));
+    assert!(
+        unavailable || p50["mooring"].as_f64().is_some_and(|v| v > 0.0),
+        "{doc:#}"
+    );
+    Ok(())
+}
