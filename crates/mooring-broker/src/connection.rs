@@ -121,13 +121,9 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
             let generation = s.generation;
             drop(s);
             if session_expiry_secs == 0 {
-                let mut state = lock(&shared.state);
-                if state
-                    .sessions
-                    .get(&client_id)
-                    .is_some_and(|cur| Arc::ptr_eq(cur, session))
-                {
-                    state.sessions.remove(&client_id);
+                let mut table = lock(&shared.sessions);
+                if table.remove_if_same(&client_id, session) {
+                    shared.retire(&mut lock(session));
                 }
             } else if session_expiry_secs != u32::MAX {
                 let shared2 = shared.clone();
@@ -135,17 +131,13 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
                 let id2 = client_id.clone();
                 shared.spawn_timer(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(session_expiry_secs))).await;
-                    let mut state = lock(&shared2.state);
-                    let s = lock(&session2);
-                    if s.link.is_none() && s.generation == generation {
-                        drop(s);
-                        if state
-                            .sessions
-                            .get(&id2)
-                            .is_some_and(|cur| Arc::ptr_eq(cur, &session2))
-                        {
-                            state.sessions.remove(&id2);
-                        }
+                    let mut table = lock(&shared2.sessions);
+                    let mut s = lock(&session2);
+                    if s.link.is_none()
+                        && s.generation == generation
+                        && table.remove_if_same(&id2, &session2)
+                    {
+                        shared2.retire(&mut s);
                     }
                 });
             }
@@ -611,8 +603,8 @@ where
         }
         let (session, session_present) = loop {
             let step = {
-                let mut state = lock(&self.shared.state);
-                let existing = state.sessions.get(&client_id).cloned();
+                let mut table = lock(&self.shared.sessions);
+                let existing = table.get(&client_id).cloned();
                 let old_done = existing.as_ref().and_then(|e| {
                     let s = lock(e);
                     s.link.as_ref().map(|old| {
@@ -622,21 +614,25 @@ where
                 });
                 match old_done {
                     Some(done) if !waited => Attach::Wait(done),
-                    _ if existing.is_none() && state.sessions.len() >= cfg.sessions_max => {
-                        Attach::Full
-                    }
+                    _ if existing.is_none() && table.len() >= cfg.sessions_max => Attach::Full,
                     _ => {
                         let (session, present) = match existing {
                             Some(s) if !clean => (s, true),
                             _ => {
+                                let id = self.shared.session_seq.fetch_add(1, Ordering::Relaxed);
                                 let s = Arc::new(Mutex::new(Session::new(
+                                    id,
                                     client_id.clone(),
                                     principal.clone(),
                                 )));
-                                state.sessions.insert(client_id.clone(), s.clone());
+                                // Clean start: the old session (if any) ends here.
+                                if let Some(old) = table.insert(&client_id, s.clone(), &principal) {
+                                    self.shared.retire(&mut lock(&old));
+                                }
                                 (s, false)
                             }
                         };
+                        table.set_principal(&client_id, &principal);
                         {
                             let mut s = lock(&session);
                             s.principal = principal.clone();
@@ -1270,7 +1266,12 @@ where
                     }
                 } else {
                     let qos = opts.qos.min(2);
-                    s.subs.insert(filter.clone(), SubOptions { qos, ..opts });
+                    self.shared.add_subscription(
+                        &session,
+                        &mut s,
+                        filter.clone(),
+                        SubOptions { qos, ..opts },
+                    );
                     granted.push(filter.clone());
                     if rh == 0 || (rh == 1 && !existed) {
                         retained_for.push((filter, qos));
@@ -1343,7 +1344,7 @@ where
         {
             let mut s = lock(&session);
             for f in &filters {
-                codes.push(if s.subs.remove(f).is_some() {
+                codes.push(if self.shared.remove_subscription(&mut s, f) {
                     UnsubackReasonCode::Success
                 } else {
                     UnsubackReasonCode::NoSubscriptionExisted

@@ -21,18 +21,36 @@
 //!   inbound QoS 2 packet ids awaiting PUBREL. A session lives in the broker table until its
 //!   expiry (v5 Session Expiry Interval; v3.1.1 `clean_session = 0` gets
 //!   `session_expiry_secs_max`).
-//! * [`broker`] — the shared table of sessions and retained messages behind one mutex (each
-//!   session behind its own; lock order is table, then session), routing (`route`: store/clear
-//!   retained, then enqueue to every session with a matching filter, once per session at the
-//!   highest granted QoS), stats, `kick_device`, `shutdown`, and server-originated messages:
-//!   `publish` (routed like any publish) and `publish_to` (one connected client, only if it holds
-//!   a matching subscription; reports whether the message was enqueued).
+//! * [`broker`] — broker-wide state and operations: the session table (by client id, plus client
+//!   ids by device id for `kick_device`), the subscription index, retained messages, routing,
+//!   stats, `kick_device`, `shutdown`, and server-originated messages: `publish` (routed like any
+//!   publish) and `publish_to` (one connected client, only if it holds a matching subscription;
+//!   reports whether the message was enqueued). `route` stores/clears the retained message, then
+//!   asks the index which sessions match (under its read lock only), releases it, and enqueues
+//!   to each of them under that session's own lock, once per session at the highest granted QoS.
+//! * `index` — the subscription index: a topic-level trie (exact children, a `+` child, a `#`
+//!   set per node) from filter to (session id, session, options), kept in step with every
+//!   session's `subs` on SUBSCRIBE, UNSUBSCRIBE and session end (clean disconnect, expiry,
+//!   replacement by a clean start). Matching costs O(levels × matches), independent of the
+//!   number of sessions; it agrees with `mooring_proto::topic::filter_matches` (property-tested).
 //! * [`hooks`] — the contract with the embedder: [`Hooks::authenticate`] at CONNECT,
 //!   [`Hooks::may_publish`] / [`Hooks::may_subscribe`] per packet, [`Hooks::on_publish`] before
 //!   any authorized message (and every will) is routed — acknowledgements for QoS 1/2 wait for it,
 //!   while the connection keeps reading (up to `inflight_max` pending, acks in arrival order) —
 //!   presence callbacks, and [`Hooks::on_subscribed`] with the filters a SUBSCRIBE granted.
 //! * [`config`] — [`BrokerConfig`]: every bound.
+//!
+//! ## Locks
+//!
+//! Order: session table → one session → subscription index. The index (`RwLock`) and the
+//! retained table are leaf locks: nothing else is taken while one is held. No broker-wide lock
+//! is held while a session is locked on the publish path: `route` reads the index, releases it,
+//! then locks matching sessions one at a time. Every change to a session's subscriptions is made
+//! under its lock together with the index update and records the index generation, so a route
+//! that collected a session before the change re-checks that session's current filters (see
+//! `Shared::route`). Lookups by client id or device id are hash lookups; nothing on the connect,
+//! publish, `publish_to`, `is_subscribed`, `kick_device` or stats paths visits every session
+//! (only `shutdown` does).
 //!
 //! ## Delivery
 //!
@@ -45,12 +63,15 @@
 //!
 //! Packet size, inflight (both directions), per-session queue length (drop oldest QoS 0 first,
 //! counted in [`BrokerStats::dropped`]), subscriptions per session, number of sessions, retained
-//! messages, keepalive and session expiry are all capped by [`BrokerConfig`].
+//! messages, keepalive and session expiry are all capped by [`BrokerConfig`]. The subscription
+//! index holds one entry per subscription, so it is bounded by `sessions_max ×
+//! subscriptions_per_session_max` (its size is [`BrokerStats::subscriptions`]).
 
 pub mod broker;
 pub mod config;
 pub mod connection;
 pub mod hooks;
+mod index;
 pub mod session;
 
 pub use broker::{Broker, BrokerStats, SessionInfo};

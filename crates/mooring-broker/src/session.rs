@@ -1,6 +1,6 @@
 //! One MQTT session: subscriptions, the outbound queue and inflight window, surviving reconnects.
 
-use crate::broker::Control;
+use crate::broker::{Control, SessionId};
 use crate::hooks::Message;
 use mooring_proto::policy::Principal;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -51,9 +51,17 @@ pub(crate) struct Link {
 }
 
 pub(crate) struct Session {
+    /// Unique per session object: its key in the subscription index.
+    pub(crate) id: SessionId,
     pub(crate) client_id: String,
     pub(crate) principal: Principal,
+    /// Filter → options. Change only through `Shared::{add,remove}_subscription` / `retire`,
+    /// which keep the subscription index in step.
     pub(crate) subs: HashMap<String, SubOptions>,
+    /// Index generation of the last change to `subs` (see `Shared::route`).
+    pub(crate) subs_generation: u64,
+    /// Out of the session table: its subscriptions are no longer in the index.
+    pub(crate) retired: bool,
     pub(crate) queue: VecDeque<Delivery>,
     pub(crate) inflight: VecDeque<Inflight>,
     /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL not yet received.
@@ -66,11 +74,14 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(client_id: String, principal: Principal) -> Session {
+    pub(crate) fn new(id: SessionId, client_id: String, principal: Principal) -> Session {
         Session {
+            id,
             client_id,
             principal,
             subs: HashMap::new(),
+            subs_generation: 0,
+            retired: false,
             queue: VecDeque::new(),
             inflight: VecDeque::new(),
             qos2_in: HashSet::new(),

@@ -245,8 +245,14 @@ impl RawClient {
     }
 
     pub async fn subscribe(&mut self, filter: &str, q: u8) -> GenericPacket<u16> {
+        self.subscribe_opts(filter, SubOpts::new().set_qos(qos(q)))
+            .await
+    }
+
+    /// SUBSCRIBE one filter with explicit options (v5: no-local, retain-as-published, ...).
+    pub async fn subscribe_opts(&mut self, filter: &str, opts: SubOpts) -> GenericPacket<u16> {
         let pid = self.mqtt.acquire_packet_id().expect("pid");
-        let entry = SubEntry::new(filter, SubOpts::new().set_qos(qos(q))).expect("entry");
+        let entry = SubEntry::new(filter, opts).expect("entry");
         let p: GenericPacket<u16> = if self.v5 {
             v5_0::Subscribe::builder()
                 .packet_id(pid)
@@ -296,6 +302,43 @@ impl RawClient {
             b.build().expect("publish").into()
         };
         self.send(p).await;
+    }
+
+    /// UNSUBSCRIBE one filter; returns the UNSUBACK.
+    pub async fn unsubscribe(&mut self, filter: &str) -> GenericPacket<u16> {
+        let pid = self.mqtt.acquire_packet_id().expect("pid");
+        let p: GenericPacket<u16> = if self.v5 {
+            v5_0::Unsubscribe::builder()
+                .packet_id(pid)
+                .entries(vec![filter])
+                .expect("entries")
+                .build()
+                .expect("unsub")
+                .into()
+        } else {
+            v3_1_1::Unsubscribe::builder()
+                .packet_id(pid)
+                .entries(vec![filter])
+                .expect("entries")
+                .build()
+                .expect("unsub")
+                .into()
+        };
+        self.send(p).await;
+        self.recv().await.expect("UNSUBACK")
+    }
+
+    /// The next PUBLISH as (topic, payload, qos, retain, dup), skipping other packets.
+    pub async fn next_publish(&mut self) -> (String, String, u8, bool, bool) {
+        loop {
+            let p = self
+                .recv()
+                .await
+                .expect("a PUBLISH before the connection closed");
+            if let Some(p) = as_publish(&p) {
+                return p;
+            }
+        }
     }
 
     pub async fn ping(&mut self) -> Option<GenericPacket<u16>> {
