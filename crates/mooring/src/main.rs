@@ -48,6 +48,17 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Fleet simulator: real agents against an in-process server on virtual time.
+    Sim {
+        #[command(subcommand)]
+        command: SimCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SimCommand {
+    /// Run a scenario (see docs/simulator.md); exits 1 if an [expect] assertion fails.
+    Run(mooring_sim::SimRunArgs),
 }
 
 #[derive(Args)]
@@ -170,6 +181,24 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The simulator builds its own (paused-clock) runtime.
+    let Command::Sim {
+        command: SimCommand::Run(args),
+    } = cli.command
+    else {
+        return run(cli.command);
+    };
+    match mooring_sim::run_cli(args) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -179,7 +208,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        match command {
+            // Handled in main, before any runtime exists (it builds its own).
+            Command::Sim { .. } => Ok(()),
             Command::Serve(args) => serve(args).await,
             Command::Device { api, command } => client::device(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,

@@ -1,0 +1,583 @@
+//! The scenario file: what fleet to simulate, what happens when, and what must hold at the end.
+//!
+//! ```toml
+//! name = "smoke"
+//! seed = 42
+//! duration = "1h"
+//!
+//! [[cohort]]
+//! name = "locks"
+//! count = 1000
+//! tags = { site = "berlin", hw = "rev-b" }
+//! region = "eu"
+//! telemetry_interval = "60s"
+//!
+//! [[event]]
+//! at = "20m"
+//! action = "cut_link"
+//! region = "eu"
+//! duration = "10m"
+//!
+//! [expect]
+//! lost_acked_telemetry = 0
+//! ```
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Most devices one scenario may simulate.
+pub const DEVICES_MAX: usize = 1_000_000;
+/// Most samples in the report's time series.
+pub const SAMPLES_MAX: u64 = 100_000;
+/// Most telemetry messages one run may generate (the simulator remembers each acked one).
+pub const MESSAGES_MAX: u64 = 200_000_000;
+/// Longest simulated duration.
+pub const DURATION_MS_MAX: u64 = 30 * 86_400_000;
+
+/// A duration written as `500ms`, `30s`, `10m`, `2h` or `1d`, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct DurationMs(pub u64);
+
+impl DurationMs {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("duration {s:?} needs a unit (ms, s, m, h, d)"))?;
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("duration {s:?} must start with a whole number"))?;
+        let factor = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            other => {
+                return Err(format!(
+                    "duration {s:?}: unknown unit {other:?} (ms, s, m, h, d)"
+                ))
+            }
+        };
+        n.checked_mul(factor)
+            .map(DurationMs)
+            .ok_or_else(|| format!("duration {s:?} is too large"))
+    }
+
+    pub fn as_std(self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationMs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        DurationMs::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The whole scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Same seed, same run.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Simulated time to run.
+    pub duration: DurationMs,
+    /// Interval of the report's time series (online devices, telemetry rate, command states).
+    #[serde(default = "default_sample_interval")]
+    pub sample_interval: DurationMs,
+    #[serde(default)]
+    pub server: ServerTarget,
+    #[serde(rename = "cohort")]
+    pub cohorts: Vec<Cohort>,
+    #[serde(default, rename = "event")]
+    pub events: Vec<Event>,
+    #[serde(default)]
+    pub expect: Expect,
+}
+
+fn default_seed() -> u64 {
+    1
+}
+
+fn default_sample_interval() -> DurationMs {
+    DurationMs(60_000)
+}
+
+/// Where the server is.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "kebab-case")]
+pub enum ServerTarget {
+    /// A real `mooring` server started inside the simulator, on virtual time (default).
+    #[default]
+    InProcess,
+    /// A running server reached over MQTT/TLS, in real time; devices are registered and the
+    /// run is measured through its HTTP API (see [`crate::remote`]).
+    Remote {
+        /// MQTT/TLS address, `host:port`.
+        mqtt: String,
+        /// API base URL, e.g. `http://127.0.0.1:8080`.
+        api: String,
+        /// File holding an admin token.
+        token_file: String,
+    },
+}
+
+/// A group of devices sharing one device model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cohort {
+    pub name: String,
+    pub count: usize,
+    /// Device ids are `<id_prefix><n>`; default `<name>-`.
+    pub id_prefix: Option<String>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// Region label for link events (`cut_link region = "eu"`).
+    #[serde(default)]
+    pub region: String,
+    /// Firmware version the devices report.
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// How often a device sends a telemetry message.
+    #[serde(default = "default_telemetry_interval")]
+    pub telemetry_interval: DurationMs,
+    /// Metrics in each message, by name.
+    #[serde(default = "default_metrics")]
+    pub metrics: BTreeMap<String, MetricModel>,
+    #[serde(default)]
+    pub battery: Option<Battery>,
+    #[serde(default)]
+    pub link: Link,
+    /// Expected power losses per device per day (the device restarts; unsynced state is lost).
+    #[serde(default)]
+    pub power_loss_per_day: f64,
+    /// Offset of the device's clock from true time.
+    #[serde(default)]
+    pub clock_skew_ms: i64,
+    /// Probability that one flash write fails.
+    #[serde(default)]
+    pub flash_write_failure_rate: f64,
+    /// Expected firmware crashes per device per day (the agent process restarts).
+    #[serde(default)]
+    pub crash_per_day: f64,
+    /// Probability that a command handler panics (supervision must keep telemetry flowing).
+    #[serde(default)]
+    pub command_panic_rate: f64,
+    /// Spread the devices' first connection over this long.
+    #[serde(default = "default_connect_spread")]
+    pub connect_spread: DurationMs,
+    /// MQTT keep-alive of the agents (at least 5 s). A PINGREQ goes out after this long without
+    /// traffic, so a short keep-alive costs CPU at scale.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: DurationMs,
+    /// Outbox bound of each agent, in messages (the oldest are dropped when full).
+    #[serde(default = "default_outbox_max")]
+    pub outbox_max: u64,
+    /// Writes the flash acknowledges before they are synced (0 = an honest flash). A power loss
+    /// undoes them; with more than 0 the agent's delivery guarantees no longer hold (this models
+    /// broken hardware, to show what the simulator finds).
+    #[serde(default)]
+    pub flash_unsynced_writes: usize,
+    /// How long a device takes to boot after a power loss, crash or empty battery.
+    #[serde(default = "default_boot_delay")]
+    pub boot_delay: DurationMs,
+}
+
+fn default_keepalive() -> DurationMs {
+    DurationMs(60_000)
+}
+
+fn default_outbox_max() -> u64 {
+    1_000
+}
+
+fn default_boot_delay() -> DurationMs {
+    DurationMs(5_000)
+}
+
+fn default_version() -> String {
+    "1.0.0".into()
+}
+
+fn default_telemetry_interval() -> DurationMs {
+    DurationMs(60_000)
+}
+
+fn default_connect_spread() -> DurationMs {
+    DurationMs(60_000)
+}
+
+fn default_metrics() -> BTreeMap<String, MetricModel> {
+    let mut m = BTreeMap::new();
+    m.insert(
+        "temp".to_owned(),
+        MetricModel::Gauge {
+            mean: 21.0,
+            jitter: 2.0,
+        },
+    );
+    m
+}
+
+/// How one metric's values are generated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum MetricModel {
+    /// `mean ± jitter`, uniform.
+    Gauge { mean: f64, jitter: f64 },
+    /// Increases by `per_message` each message.
+    Counter { per_message: f64 },
+    /// True with probability `rate`.
+    Flag { rate: f64 },
+}
+
+/// Battery: reported as `battery.pct`; a device whose battery is empty goes offline until
+/// charged above 5 %.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Battery {
+    #[serde(default = "default_battery_start")]
+    pub start_pct: f64,
+    /// Percent per simulated hour while running.
+    pub drain_pct_per_hour: f64,
+    /// Percent per simulated hour (e.g. solar); 0 for none.
+    #[serde(default)]
+    pub charge_pct_per_hour: f64,
+}
+
+fn default_battery_start() -> f64 {
+    100.0
+}
+
+/// Link quality of a cohort.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Link {
+    /// One-way latency added to every delivery.
+    #[serde(default)]
+    pub latency_ms: u64,
+    /// Expected spontaneous connection drops per device per day.
+    #[serde(default)]
+    pub drops_per_day: f64,
+    /// Expected outages per device per day (no connectivity for `outage_duration`).
+    #[serde(default)]
+    pub outages_per_day: f64,
+    #[serde(default)]
+    pub outage_duration: DurationMs,
+}
+
+/// Something that happens at a simulated time. (Unknown keys are refused by [`Action`].)
+#[derive(Debug, Clone, Deserialize)]
+pub struct Event {
+    pub at: DurationMs,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// Send a command to the devices matching `to` (a selector: ids, `tag:k=v`, `online`, `and`).
+    Command {
+        to: String,
+        name: String,
+        #[serde(default)]
+        params: serde_json::Value,
+        #[serde(default)]
+        ttl: Option<DurationMs>,
+    },
+    /// Cut the link of every device in `region` (or every device if empty) for `duration`.
+    CutLink {
+        #[serde(default)]
+        region: String,
+        duration: DurationMs,
+    },
+    /// Delete a device from the registry (its session must be closed, its certificate refused).
+    DeleteDevice { device: String },
+    /// Restart the in-process server (stop, then start on the same data dir).
+    RestartServer {
+        #[serde(default)]
+        downtime: DurationMs,
+    },
+}
+
+/// Assertions checked at the end; `mooring sim run` exits non-zero if one fails.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// Telemetry messages acknowledged to an agent but missing from the store.
+    pub lost_acked_telemetry: Option<u64>,
+    /// Commands whose handler ran more than once on a device.
+    pub commands_executed_twice: Option<u64>,
+    /// Fewest devices online at the end.
+    pub min_online_at_end: Option<usize>,
+    /// Fewest telemetry messages stored.
+    pub min_telemetry_stored: Option<u64>,
+    /// Fewest commands that reached `succeeded`.
+    pub min_commands_succeeded: Option<u64>,
+    /// Most commands that ended `failed` or are still not final.
+    pub max_commands_not_succeeded: Option<u64>,
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> anyhow::Result<Scenario> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading scenario {}", path.display()))?;
+        let s: Scenario = toml::from_str(&text)
+            .with_context(|| format!("parsing scenario {}", path.display()))?;
+        s.validate()
+            .with_context(|| format!("invalid scenario {}", path.display()))?;
+        Ok(s)
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.cohorts.iter().map(|c| c.count).sum()
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.cohorts.is_empty() {
+            bail!("a scenario needs at least one [[cohort]]");
+        }
+        let n = self.device_count();
+        if n == 0 || n > DEVICES_MAX {
+            bail!("the cohorts hold {n} devices; between 1 and {DEVICES_MAX} are allowed");
+        }
+        if self.duration.0 == 0 || self.duration.0 > DURATION_MS_MAX {
+            bail!("duration must be between 1ms and 30d");
+        }
+        if self.sample_interval.0 == 0 {
+            bail!("sample_interval must be positive");
+        }
+        if self.duration.0 / self.sample_interval.0 > SAMPLES_MAX {
+            bail!("duration / sample_interval is more than {SAMPLES_MAX} samples");
+        }
+        let messages: u64 = self
+            .cohorts
+            .iter()
+            .map(|c| {
+                (c.count as u64).saturating_mul(self.duration.0 / c.telemetry_interval.0.max(1))
+            })
+            .sum();
+        if messages > MESSAGES_MAX {
+            bail!("the cohorts would send about {messages} messages; at most {MESSAGES_MAX} are allowed");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for c in &self.cohorts {
+            if !names.insert(c.name.as_str()) {
+                bail!("cohort name {:?} is used twice", c.name);
+            }
+            if c.telemetry_interval.0 == 0 {
+                bail!("cohort {}: telemetry_interval must be positive", c.name);
+            }
+            if c.keepalive.0 < 5_000 || c.keepalive.0 > 65_535_000 {
+                bail!("cohort {}: keepalive must be between 5s and 65535s", c.name);
+            }
+            if c.outbox_max == 0 {
+                bail!("cohort {}: outbox_max must be at least 1", c.name);
+            }
+            if c.flash_unsynced_writes > mooring_agent::store::UNSYNCED_OPS_MAX {
+                bail!(
+                    "cohort {}: flash_unsynced_writes must be at most {}",
+                    c.name,
+                    mooring_agent::store::UNSYNCED_OPS_MAX
+                );
+            }
+            if let Some(b) = &c.battery {
+                for (what, v) in [
+                    ("battery.start_pct", b.start_pct),
+                    ("battery.drain_pct_per_hour", b.drain_pct_per_hour),
+                    ("battery.charge_pct_per_hour", b.charge_pct_per_hour),
+                ] {
+                    if !(v >= 0.0 && v.is_finite()) {
+                        bail!("cohort {}: {what} must be a non-negative number", c.name);
+                    }
+                }
+                if b.start_pct > 100.0 {
+                    bail!("cohort {}: battery.start_pct must be at most 100", c.name);
+                }
+            }
+            for (metric, m) in &c.metrics {
+                if metric == SEQ_METRIC
+                    || metric == "battery.pct"
+                    || metric == "seq"
+                    || metric == "ts"
+                {
+                    bail!("cohort {}: metric name {metric:?} is reserved", c.name);
+                }
+                let ok = match m {
+                    MetricModel::Gauge { mean, jitter } => {
+                        mean.is_finite() && *jitter >= 0.0 && jitter.is_finite()
+                    }
+                    MetricModel::Counter { per_message } => per_message.is_finite(),
+                    MetricModel::Flag { rate } => (0.0..=1.0).contains(rate),
+                };
+                if !ok {
+                    bail!(
+                        "cohort {}: metric {metric:?} has invalid parameters",
+                        c.name
+                    );
+                }
+            }
+            for (what, p) in [
+                ("flash_write_failure_rate", c.flash_write_failure_rate),
+                ("command_panic_rate", c.command_panic_rate),
+            ] {
+                if !(0.0..=1.0).contains(&p) {
+                    bail!("cohort {}: {what} must be between 0 and 1", c.name);
+                }
+            }
+            for (what, r) in [
+                ("power_loss_per_day", c.power_loss_per_day),
+                ("crash_per_day", c.crash_per_day),
+                ("link.drops_per_day", c.link.drops_per_day),
+                ("link.outages_per_day", c.link.outages_per_day),
+            ] {
+                if !(r >= 0.0 && r.is_finite()) {
+                    bail!("cohort {}: {what} must be a non-negative number", c.name);
+                }
+            }
+            let prefix = c
+                .id_prefix
+                .clone()
+                .unwrap_or_else(|| format!("{}-", c.name));
+            mooring_proto::DeviceId::parse(&format!("{prefix}{}", c.count)).map_err(|e| {
+                anyhow::anyhow!("cohort {}: device ids would be invalid: {e}", c.name)
+            })?;
+        }
+        for e in &self.events {
+            if e.at > self.duration {
+                bail!("an event at {} ms is after the end of the scenario", e.at.0);
+            }
+            match &e.action {
+                Action::Command { to, name, ttl, .. } => {
+                    mooring_proto::selector::Selector::parse(to).map_err(|err| {
+                        anyhow::anyhow!("command event at {} ms: selector {to:?}: {err}", e.at.0)
+                    })?;
+                    if name.is_empty() {
+                        bail!("command event at {} ms: name is empty", e.at.0);
+                    }
+                    if ttl.is_some_and(|t| t.0 < 1_000) {
+                        bail!("command event at {} ms: ttl must be at least 1s", e.at.0);
+                    }
+                }
+                Action::CutLink { duration, .. } if duration.0 == 0 => {
+                    bail!("cut_link event at {} ms: duration must be positive", e.at.0);
+                }
+                Action::DeleteDevice { device } => {
+                    mooring_proto::DeviceId::parse(device).map_err(|err| {
+                        anyhow::anyhow!("delete_device event at {} ms: {err}", e.at.0)
+                    })?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The same scenario with `devices` devices in total, spread over the cohorts in proportion
+    /// (the last cohort takes the rounding remainder). Count-like expectations scale along:
+    /// minimums round down, maximums round up.
+    pub fn scaled_to(&self, devices: usize) -> anyhow::Result<Scenario> {
+        let total = self.device_count();
+        if devices == 0 || devices > DEVICES_MAX {
+            bail!("--devices must be between 1 and {DEVICES_MAX}");
+        }
+        let mut s = self.clone();
+        let mut left = devices;
+        let last = s.cohorts.len() - 1;
+        for (i, c) in s.cohorts.iter_mut().enumerate() {
+            let n = if i == last {
+                left
+            } else {
+                ((c.count as u128 * devices as u128) / total as u128) as usize
+            };
+            let n = n.min(left);
+            c.count = n;
+            left -= n;
+        }
+        let ratio = devices as f64 / total as f64;
+        let down = |v: u64| (v as f64 * ratio).floor() as u64;
+        let up = |v: u64| (v as f64 * ratio).ceil() as u64;
+        let e = &mut s.expect;
+        e.min_online_at_end = e.min_online_at_end.map(|v| down(v as u64) as usize);
+        e.min_telemetry_stored = e.min_telemetry_stored.map(down);
+        e.min_commands_succeeded = e.min_commands_succeeded.map(down);
+        e.max_commands_not_succeeded = e.max_commands_not_succeeded.map(up);
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+/// The metric every simulated telemetry message carries: a per-device message counter
+/// (1, 2, 3, ...), so the end-of-run check knows exactly which messages the store holds.
+pub const SEQ_METRIC: &str = "sim.n";
+
+impl Cohort {
+    pub fn device_id(&self, n: usize) -> String {
+        match &self.id_prefix {
+            Some(p) => format!("{p}{n}"),
+            None => format!("{}-{n}", self.name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(DurationMs::parse("500ms"), Ok(DurationMs(500)));
+        assert_eq!(DurationMs::parse("2h"), Ok(DurationMs(7_200_000)));
+        assert!(DurationMs::parse("5").is_err());
+        assert!(DurationMs::parse("5y").is_err());
+        assert!(DurationMs::parse("m").is_err());
+    }
+
+    #[test]
+    fn parses_and_validates() {
+        let s: Scenario = toml::from_str(
+            r#"
+            name = "t"
+            duration = "1h"
+            [[cohort]]
+            name = "locks"
+            count = 10
+            tags = { site = "berlin" }
+            [cohort.metrics.temp]
+            kind = "gauge"
+            mean = 20.0
+            jitter = 1.0
+            [[event]]
+            at = "10m"
+            action = "cut_link"
+            region = "eu"
+            duration = "5m"
+            [[event]]
+            at = "20m"
+            action = "command"
+            to = "tag:site=berlin"
+            name = "reboot"
+            [expect]
+            lost_acked_telemetry = 0
+            "#,
+        )
+        .expect("parses");
+        s.validate().expect("valid");
+        assert_eq!(s.device_count(), 10);
+        assert_eq!(s.cohorts[0].device_id(3), "locks-3");
+        assert!(toml::from_str::<Scenario>(
+            "name = \"x\"\nduration = \"1h\"\ncohort = []\nbogus = 1"
+        )
+        .is_err());
+    }
+}

@@ -1,0 +1,365 @@
+//! The simulator end to end: the real agents against the real in-process server on virtual
+//! time, with assertions on what a fleet operator cares about (nothing acknowledged is lost,
+//! every command runs exactly once) and on the simulator's own promise (same seed, same run).
+
+use mooring_sim::report::Report;
+use mooring_sim::scenario::Scenario;
+use std::path::Path;
+
+fn scenario(toml_text: &str) -> anyhow::Result<Scenario> {
+    let s: Scenario = toml::from_str(toml_text)?;
+    s.validate()?;
+    Ok(s)
+}
+
+fn run(s: &Scenario) -> anyhow::Result<Report> {
+    mooring_sim::quiet_injected_panics();
+    let dir = mooring_sim::temp_data_dir()?;
+    let report = mooring_sim::run::run_blocking(s, dir.path())?;
+    eprintln!("{}", report.table());
+    Ok(report)
+}
+
+fn failed(r: &Report) -> Vec<String> {
+    r.expectations
+        .iter()
+        .filter(|e| !e.ok)
+        .map(|e| format!("{}: expected {}, got {}", e.name, e.expected, e.actual))
+        .collect()
+}
+
+#[test]
+fn every_scenario_file_parses_and_validates() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let s = Scenario::load(&path)?;
+            assert!(s.device_count() > 0, "{}", path.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 8, "found {n} scenarios in {}", dir.display());
+    Ok(())
+}
+
+/// A fleet of 10,000 devices for 30 simulated minutes: a 10-minute regional outage, a fleet
+/// command sent while half the targets are offline, and a second command to the whole fleet.
+#[test]
+fn ten_thousand_devices_lose_no_acked_telemetry_and_run_every_command_once() -> anyhow::Result<()> {
+    let s = scenario(
+        r#"
+        name = "ci-10k"
+        seed = 11
+        duration = "30m"
+        sample_interval = "5m"
+
+        [[cohort]]
+        name = "eu"
+        count = 5000
+        region = "eu"
+        tags = { hw = "rev-b" }
+        telemetry_interval = "5m"
+        connect_spread = "2m"
+        keepalive = "300s"
+
+        [[cohort]]
+        name = "us"
+        count = 5000
+        region = "us"
+        tags = { hw = "rev-a" }
+        telemetry_interval = "5m"
+        connect_spread = "2m"
+        keepalive = "300s"
+
+        [[event]]
+        at = "8m"
+        action = "cut_link"
+        region = "eu"
+        duration = "10m"
+
+        [[event]]
+        at = "10m"
+        action = "command"
+        to = "tag:hw=rev-b"
+        name = "ping"
+        ttl = "15m"
+
+        [[event]]
+        at = "12m"
+        action = "command"
+        to = "tag:hw=rev-a"
+        name = "ping"
+        ttl = "15m"
+
+        [expect]
+        lost_acked_telemetry = 0
+        commands_executed_twice = 0
+        min_online_at_end = 10000
+        min_commands_succeeded = 10000
+        "#,
+    )?;
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    assert_eq!(r.devices, 10_000);
+    assert_eq!(r.lost_acked_telemetry, 0, "{:?}", r.lost_examples);
+    assert!(r.telemetry_acked > 0 && r.telemetry_stored >= r.telemetry_acked);
+    assert_eq!(r.commands_sent, 10_000);
+    assert_eq!(
+        r.commands_succeeded, 10_000,
+        "every command delivered and succeeded"
+    );
+    assert_eq!(
+        r.commands_executed_once, 10_000,
+        "every command executed exactly once"
+    );
+    assert_eq!(r.commands_executed_twice, 0);
+    assert_eq!(r.online_at_end, 10_000);
+    let cut = &r.faults["link_cut (drops, outages, cut_link)"];
+    assert_eq!(
+        cut.injected, 5_000,
+        "the outage cut every eu device's live connection"
+    );
+    assert_eq!(cut.detected, 5_000, "and every agent noticed");
+    Ok(())
+}
+
+/// Power loss, flash write failures, firmware crashes and panicking command handlers on one
+/// small fleet: the agents' guarantees hold.
+#[test]
+fn power_loss_flash_failures_and_crashes_keep_acked_telemetry_and_run_commands_at_most_once(
+) -> anyhow::Result<()> {
+    let s = scenario(
+        r#"
+        name = "ci-faults"
+        seed = 5
+        duration = "2h"
+        sample_interval = "10m"
+
+        [[cohort]]
+        name = "meter"
+        count = 100
+        tags = { kind = "meter" }
+        telemetry_interval = "1m"
+        power_loss_per_day = 48
+        boot_delay = "10s"
+
+        [[cohort]]
+        name = "tag"
+        count = 100
+        tags = { kind = "tag" }
+        telemetry_interval = "1m"
+        flash_write_failure_rate = 0.02
+
+        [[cohort]]
+        name = "kiosk"
+        count = 100
+        tags = { kind = "kiosk" }
+        telemetry_interval = "1m"
+        crash_per_day = 48
+        command_panic_rate = 0.3
+        link = { latency_ms = 100, drops_per_day = 24 }
+
+        [[event]]
+        at = "20m"
+        action = "command"
+        to = "tag:kind=meter"
+        name = "ping"
+        ttl = "1h"
+
+        [[event]]
+        at = "25m"
+        action = "command"
+        to = "tag:kind=tag"
+        name = "ping"
+        ttl = "1h"
+
+        [[event]]
+        at = "30m"
+        action = "command"
+        to = "tag:kind=kiosk"
+        name = "ping"
+        ttl = "1h"
+
+        [expect]
+        lost_acked_telemetry = 0
+        commands_executed_twice = 0
+        "#,
+    )?;
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    assert_eq!(r.lost_acked_telemetry, 0, "{:?}", r.lost_examples);
+    assert_eq!(r.commands_executed_twice, 0);
+    assert!(r.faults["power_loss"].injected > 50, "{:?}", r.faults);
+    assert!(r.faults["firmware_crash"].injected > 50, "{:?}", r.faults);
+    assert!(
+        r.faults["flash_write_failure"].injected > 50,
+        "{:?}",
+        r.faults
+    );
+    let panics = &r.faults["command_handler_panic"];
+    assert!(panics.injected > 0, "{:?}", r.faults);
+    assert_eq!(
+        panics.injected, panics.detected,
+        "every panic ended its command failed"
+    );
+    assert_eq!(r.commands_sent, 300);
+    // Not asserted: every command final. A flash write that fails while the agent records a
+    // command's result leaves the command `acknowledged` on the server until the device next
+    // reconnects (the server redelivers acknowledged commands only after a (re)subscribe; the
+    // agent then answers `failed: interrupted`). With this seed one `tag` device never
+    // reconnects afterwards; see `commands_not_final_examples`.
+    assert_eq!(
+        r.commands_succeeded + r.commands_failed + r.commands_not_final,
+        300
+    );
+    Ok(())
+}
+
+/// Same seed, same run: two runs give the same report, wall time and memory aside.
+#[test]
+fn same_seed_same_report() -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/server-restart.toml"),
+    )?;
+    let mut s = scenario(&text)?.scaled_to(60)?;
+    for c in &mut s.cohorts {
+        c.link.drops_per_day = 24.0;
+        c.power_loss_per_day = 12.0;
+    }
+    let strip = |r: &Report| -> anyhow::Result<serde_json::Value> {
+        let mut v = serde_json::to_value(r)?;
+        if let Some(o) = v.as_object_mut() {
+            for k in [
+                "wall_ms",
+                "rss_bytes",
+                "rss_peak_bytes",
+                "rss_bytes_per_device",
+            ] {
+                o.remove(k);
+            }
+            // The store's batch latency is measured in wall time.
+            if let Some(m) = o.get_mut("server_metrics").and_then(|m| m.as_object_mut()) {
+                m.retain(|k, _| !k.contains("latency"));
+            }
+        }
+        Ok(v)
+    };
+    let a = strip(&run(&s)?)?;
+    let b = strip(&run(&s)?)?;
+    if a != b {
+        let (Some(ao), Some(bo)) = (a.as_object(), b.as_object()) else {
+            anyhow::bail!("reports are not objects");
+        };
+        let differ: Vec<String> = ao
+            .iter()
+            .filter(|(k, v)| bo.get(*k) != Some(*v))
+            .map(|(k, v)| match (v, &bo[k]) {
+                (serde_json::Value::Array(x), serde_json::Value::Array(y)) => {
+                    let at: Vec<String> = x
+                        .iter()
+                        .zip(y)
+                        .enumerate()
+                        .filter(|(_, (p, q))| p != q)
+                        .take(3)
+                        .map(|(i, (p, q))| format!("[{i}] {p} vs {q}"))
+                        .collect();
+                    format!("{k}: {at:?}")
+                }
+                (x, y) => format!("{k}: {x} vs {y}"),
+            })
+            .collect();
+        panic!("same seed, different reports: {differ:#?}");
+    }
+    assert!(a["telemetry_stored"].as_u64().is_some_and(|n| n > 0));
+    assert_eq!(a["deleted_devices"], 1);
+    Ok(())
+}
+
+/// Remote mode: the fleet over real TCP + TLS (one client certificate per device) against a
+/// server running in its own runtime, in real time, measured through the HTTP API.
+#[test]
+fn remote_mode_runs_real_agents_over_tls_against_a_running_server() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let config = mooring_server::ServerConfig {
+        data_dir: data.path().to_owned(),
+        mqtt_addr: "127.0.0.1:0".parse()?,
+        http_addr: "127.0.0.1:0".parse()?,
+        ..mooring_server::ServerConfig::default()
+    };
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let server = server_rt.block_on(async {
+        let listeners = mooring_server::Listeners::bind(&config).await?;
+        mooring_server::RunningServer::start(
+            config,
+            listeners,
+            std::sync::Arc::new(mooring_proto::SystemClock),
+        )
+        .await
+    })?;
+    let token_file = data.path().join(mooring_server::auth::ADMIN_TOKEN_FILE);
+    let s = scenario(&format!(
+        r#"
+        name = "ci-remote"
+        seed = 3
+        duration = "12s"
+        sample_interval = "2s"
+
+        [server]
+        mode = "remote"
+        mqtt = "localhost:{mqtt}"
+        api = "http://{http}"
+        token_file = "{token}"
+
+        [[cohort]]
+        name = "rm"
+        count = 20
+        region = "eu"
+        tags = {{ kind = "rm" }}
+        telemetry_interval = "1s"
+        connect_spread = "1s"
+        keepalive = "5s"
+
+        [[event]]
+        at = "3s"
+        action = "cut_link"
+        region = "eu"
+        duration = "2s"
+
+        [[event]]
+        at = "6s"
+        action = "command"
+        to = "tag:kind=rm"
+        name = "ping"
+
+        [[event]]
+        at = "8s"
+        action = "delete_device"
+        device = "rm-3"
+
+        [expect]
+        lost_acked_telemetry = 0
+        commands_executed_twice = 0
+        min_online_at_end = 19
+        "#,
+        mqtt = server.mqtt_addr.port(),
+        http = server.http_addr,
+        token = token_file.display(),
+    ))?;
+    let r = run(&s);
+    server_rt.block_on(server.shutdown());
+    let r = r?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    assert_eq!(r.devices, 20);
+    assert!(r.telemetry_acked > 100, "{}", r.telemetry_acked);
+    assert_eq!(r.lost_acked_telemetry, 0, "{:?}", r.lost_examples);
+    assert_eq!(r.commands_sent, 20);
+    assert_eq!(r.commands_executed_twice, 0);
+    assert_eq!(r.deleted_devices, 1);
+    assert_eq!(r.faults["delete_device"].detected, 1, "{:?}", r.faults);
+    Ok(())
+}
