@@ -160,21 +160,37 @@ fn outcome_to_result(outcome: Outcome) -> CommandResult {
     CommandResult { status, output }
 }
 
-/// Records the result and queues it, in one durable step.
+/// Attempts at recording a result before giving up (a failed flash write changes nothing, so
+/// trying again is safe; without the record the server would wait for this result forever).
+pub const FINISH_ATTEMPTS_MAX: usize = 5;
+
+/// Records the result and queues it, in one durable step (retried on a failed write).
 fn finish(core: &Core, id: &str, result: CommandResult) -> anyhow::Result<()> {
     let payload = result.to_bytes();
-    let mut store = core.store();
-    let seq = store.next_seq();
-    store.command_done(
-        id,
-        payload.clone(),
-        Entry {
-            seq,
-            topic: Some(Topic::command_result(&core.device_id, id)),
-            payload,
-        },
-    )?;
-    drop(store);
+    let topic = Topic::command_result(&core.device_id, id);
+    let mut attempt = 1;
+    loop {
+        let mut store = core.store();
+        let seq = store.next_seq();
+        let done = store.command_done(
+            id,
+            payload.clone(),
+            Entry {
+                seq,
+                topic: Some(topic.clone()),
+                payload: payload.clone(),
+            },
+        );
+        drop(store);
+        match done {
+            Ok(_) => break,
+            Err(e) if attempt < FINISH_ATTEMPTS_MAX => {
+                tracing::warn!(id, attempt, error = %e, "recording a command result failed; retrying");
+                attempt += 1;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     core.outbox_changed.notify_one();
     Ok(())
 }
