@@ -273,14 +273,14 @@ fn svg_chart(title: &str, x: &[f64], series: &[(&str, &str, &[f64])]) -> String 
     let mut out = String::new();
     let _ = write!(
         out,
-        "<h2>{}</h2><svg width={W} height={H} viewBox='0 0 {W} {H}' xmlns='http://www.w3.org/2000/svg'>",
+        "<h2>{}</h2><svg width='{W}' height='{H}' viewBox='0 0 {W} {H}' xmlns='http://www.w3.org/2000/svg'>",
         escape(title)
     );
     let _ = write!(
         out,
-        "<line x1={PAD} y1={0} x2={PAD} y2={1} stroke=black /><line x1={PAD} y1={1} x2={W} y2={1} stroke=black />\
-         <text x=2 y=12 font-size=10>{2:.0}</text><text x=2 y={1} font-size=10>0</text>\
-         <text x={3} y={4} font-size=10>{5:.0} min</text>",
+        "<line x1='{PAD}' y1='{0}' x2='{PAD}' y2='{1}' stroke='black' /><line x1='{PAD}' y1='{1}' x2='{W}' y2='{1}' stroke='black' />\
+         <text x='2' y='12' font-size='10'>{2:.0}</text><text x='2' y='{1}' font-size='10'>0</text>\
+         <text x='{3}' y='{4}' font-size='10'>{5:.0} min</text>",
         PAD / 2.0,
         H - PAD,
         y_max,
@@ -300,8 +300,8 @@ fn svg_chart(title: &str, x: &[f64], series: &[(&str, &str, &[f64])]) -> String 
             .collect();
         let _ = write!(
             out,
-            "<polyline fill=none stroke='{color}' stroke-width=1.5 points='{}' />\
-             <text x={} y={} font-size=11 fill='{color}'>{}</text>",
+            "<polyline fill='none' stroke='{color}' stroke-width='1.5' points='{}' />\
+             <text x='{}' y='{}' font-size='11' fill='{color}'>{}</text>",
             points.join(" "),
             PAD + 10.0 + 120.0 * i as f64,
             H - 8.0,
