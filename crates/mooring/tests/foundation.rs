@@ -68,6 +68,12 @@ async fn device_lifecycle_through_cli_and_api() {
         .api("POST", "/api/v1/devices", Some(json!({"nope": 1})))
         .await;
     assert_eq!(status, 400);
+    let (status, body) = server.api("PUT", "/api/v1/devices", None).await;
+    assert_eq!(status, 405);
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    let (status, body) = server.api("GET", "/api/v1/devices?limit=abc", None).await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "invalid_query");
 
     // List (paginated), show, delete.
     server.create_device("lock-2", tmp.path());

@@ -166,6 +166,16 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     )
 }
 
+async fn method_not_allowed() -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: "method_not_allowed".to_owned(),
+            message: "this route does not accept that HTTP method".to_owned(),
+        },
+    };
+    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body)).into_response()
+}
+
 async fn not_found() -> ApiError {
     ApiError(ServiceError::not_found("route_not_found", "no such route"))
 }
@@ -185,6 +195,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/openapi.json", get(openapi_json))
         .merge(protected)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(
             REQUEST_BODY_SIZE_BYTES_MAX,
         ))
