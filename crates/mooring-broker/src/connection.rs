@@ -20,18 +20,51 @@ use mqtt_protocol_core::mqtt::result_code::{
     PubrecReasonCode, SubackReasonCode, SubackReturnCode, UnsubackReasonCode,
 };
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, Sleep};
 
 type Server = mqtt::Connection<mqtt::role::Server>;
 type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+/// Largest single read from the stream. The chunk is a stack array that exists only while a read
+/// is being polled (see [`poll_read_chunk`]), so a connection waiting for input holds no read
+/// buffer: idle connections are the common case for a device fleet.
 const READ_CHUNK_BYTES: usize = 8 * 1024;
+/// Capacity the read and write buffers may keep once they are empty; a burst that grew one beyond
+/// this gives the memory back instead of holding it while the connection idles.
+const IDLE_BUF_BYTES_MAX: usize = 1024;
+
+/// One read from `stream`: up to [`READ_CHUNK_BYTES`] through a stack chunk, copied into `into`
+/// (cleared first) only once bytes have arrived, so nothing is allocated while waiting.
+fn poll_read_chunk<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    into: &mut Vec<u8>,
+) -> Poll<std::io::Result<usize>> {
+    let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK_BYTES];
+    let mut rb = ReadBuf::uninit(&mut chunk);
+    ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
+    let data = rb.filled();
+    debug_assert!(data.len() <= READ_CHUNK_BYTES);
+    into.clear();
+    into.extend_from_slice(data);
+    Poll::Ready(Ok(data.len()))
+}
+
+/// Empty `buf`, and give its allocation back if it grew past [`IDLE_BUF_BYTES_MAX`].
+fn clear_and_trim(buf: &mut Vec<u8>) {
+    buf.clear();
+    if buf.capacity() > IDLE_BUF_BYTES_MAX {
+        *buf = Vec::new();
+    }
+}
 
 /// A will as accepted at CONNECT.
 #[derive(Clone)]
@@ -233,15 +266,19 @@ where
         client_packet_size_max: u32::MAX,
         leftover: Vec::new(),
     };
+    // The CONNECT phase (its packet, the authentication call, `info`) lives in its own heap
+    // future, freed once the session is attached, so an idle connection's task keeps none of it.
     let connect_timeout = Duration::from_millis(shared.config.connect_timeout_ms);
-    let connect = match tokio::time::timeout(connect_timeout, c.read_connect()).await {
-        Ok(Some(p)) => p,
-        _ => {
-            let _ = c.flush().await;
-            return End::Closed;
-        }
-    };
-    if !c.handle_connect(connect, &info, conn_id, link).await {
+    let conn = &mut c;
+    let attached = Box::pin(async move {
+        let connect = match tokio::time::timeout(connect_timeout, conn.read_connect()).await {
+            Ok(Some(p)) => p,
+            _ => return false,
+        };
+        conn.handle_connect(connect, &info, conn_id, link).await
+    })
+    .await;
+    if !attached {
         let _ = c.flush().await;
         return End::Closed;
     }
@@ -336,12 +373,8 @@ where
 {
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            let n = self.out.len();
             self.stream.write_all(&self.out).await?;
-            self.out.clear();
-            if self.out.capacity() > 64 * 1024 {
-                self.out = Vec::with_capacity(4096.min(n));
-            }
+            clear_and_trim(&mut self.out);
         }
         self.stream.flush().await
     }
@@ -388,9 +421,11 @@ where
     }
 
     async fn read_connect(&mut self) -> Option<ConnectPacket> {
-        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        let mut buf = Vec::new();
         loop {
-            let n = self.stream.read(&mut buf).await.ok()?;
+            let n = std::future::poll_fn(|cx| poll_read_chunk(&mut self.stream, cx, &mut buf))
+                .await
+                .ok()?;
             if n == 0 {
                 return None;
             }
@@ -889,11 +924,13 @@ where
         let notify = lock(&session).notify.clone();
         let mut pending: FuturesOrdered<BoxFut<PendingPublish>> = FuturesOrdered::new();
         let pending_max = usize::from(self.shared.config.inflight_max.max(1));
-        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        // Filled by a completed read only; emptied (and trimmed) once processed.
+        let mut buf: Vec<u8> = Vec::new();
         let leftover = std::mem::take(&mut self.leftover);
         if !leftover.is_empty() {
             self.process_input(&leftover, &mut pending);
         }
+        drop(leftover);
         loop {
             if self.flush().await.is_err() || self.close {
                 break;
@@ -917,7 +954,8 @@ where
                 () = keepalive => Step::Keepalive,
                 done = pending.next(), if !pending.is_empty() => Step::Done(done),
                 () = notify.notified() => Step::Notified,
-                r = self.stream.read(&mut buf), if pending.len() < pending_max => Step::Read(r),
+                r = std::future::poll_fn(|cx| poll_read_chunk(&mut self.stream, cx, &mut buf)),
+                    if pending.len() < pending_max => Step::Read(r),
             };
             match step {
                 Step::Control(None) => {}
@@ -942,7 +980,10 @@ where
                 Step::Done(Some(p)) => self.finish_publish(p),
                 Step::Notified => self.pump(),
                 Step::Read(Err(_)) | Step::Read(Ok(0)) => break,
-                Step::Read(Ok(n)) => self.process_input(&buf[..n], &mut pending),
+                Step::Read(Ok(n)) => {
+                    self.process_input(&buf[..n], &mut pending);
+                    clear_and_trim(&mut buf);
+                }
             }
         }
         // PUBLISHes fully received before the end (e.g. right before DISCONNECT) are still

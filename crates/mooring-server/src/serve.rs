@@ -274,7 +274,10 @@ async fn accept_mqtt(
                     broker.serve_connection(tcp, info).await;
                 }
                 Some(acceptor) => {
-                    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                    // The handshake state is boxed and the stream moved to the heap once, so this
+                    // task (and the broker's, which takes the stream) stays small while idle.
+                    let handshake = Box::pin(acceptor.accept(tcp));
+                    let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             Counters::inc(&app.counters.tls_handshake_failures);
@@ -309,7 +312,7 @@ async fn accept_mqtt(
                         cert_sha256,
                         listener: kind,
                     };
-                    broker.serve_connection(stream, info).await;
+                    broker.serve_connection(Box::new(stream), info).await;
                 }
             }
         });
