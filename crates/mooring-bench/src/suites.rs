@@ -48,6 +48,32 @@ fn over_fd_limit(b: &Bench, n: usize) -> Option<String> {
 
 /// Kill, start fresh, provision `n` devices and, if that took work, restart so the server starts
 /// from a clean heap (the HTTP provisioning traffic is not part of what we measure).
+/// Spawns a fleet of `n` devices against `t` and waits until all are connected. If they are
+/// not by `timeout`, records a note (`"<target>: only X of n <what>"`), tears the fleet and the
+/// target down and returns `None`.
+async fn spawn_connected(
+    t: &mut Target,
+    n: usize,
+    sources: std::sync::Arc<crate::client::SourceAddrs>,
+    opts: FleetOpts,
+    timeout: Duration,
+    what: &str,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Option<Fleet>> {
+    let fleet = Fleet::spawn(t.endpoint()?.clone(), t.creds(n)?, sources, opts);
+    if fleet.wait_until(timeout, |s| s.connacked(0) >= n).await {
+        return Ok(Some(fleet));
+    }
+    notes.push(format!(
+        "{}: only {} of {n} {what}",
+        t.name(),
+        fleet.stats.connacked(0)
+    ));
+    fleet.shutdown().await;
+    t.kill().await;
+    Ok(None)
+}
+
 async fn fresh_start(t: &mut Target, n: usize) -> anyhow::Result<()> {
     t.kill().await;
     t.start().await?;
@@ -422,31 +448,26 @@ pub async fn connect_storm(b: &mut Bench) -> anyhow::Result<Table> {
         for t in b.targets.iter_mut() {
             eprintln!("connect-storm: {} with {n} devices", t.name());
             fresh_start(t, n).await?;
-            let fleet = Fleet::spawn(
-                t.endpoint()?.clone(),
-                t.creds(n)?,
+            let opts = FleetOpts {
+                keepalive_secs: IDLE_KEEPALIVE_SECS,
+                reconnect: true,
+                attempts_max: u32::MAX,
+                concurrency: b.args.connect_concurrency,
+                respond_to_commands: false,
+            };
+            let Some(fleet) = spawn_connected(
+                t,
+                n,
                 b.sources.clone(),
-                FleetOpts {
-                    keepalive_secs: IDLE_KEEPALIVE_SECS,
-                    reconnect: true,
-                    attempts_max: u32::MAX,
-                    concurrency: b.args.connect_concurrency,
-                    respond_to_commands: false,
-                },
-            );
-            if !fleet
-                .wait_until(b.args.timeout(), |s| s.connacked(0) >= n)
-                .await
-            {
-                notes.push(format!(
-                    "{}: only {} of {n} connected initially",
-                    t.name(),
-                    fleet.stats.connacked(0)
-                ));
-                fleet.shutdown().await;
-                t.kill().await;
+                opts,
+                b.args.timeout(),
+                "connected initially",
+                &mut notes,
+            )
+            .await?
+            else {
                 continue;
-            }
+            };
             let errors_before = fleet.stats.connect_errors();
             fleet.set_epoch(1);
             let killed = Instant::now();
@@ -538,31 +559,26 @@ pub async fn command_rtt(b: &mut Bench) -> anyhow::Result<Table> {
             t.kill().await;
             continue;
         }
-        let fleet = Fleet::spawn(
-            t.endpoint()?.clone(),
-            t.creds(n)?,
+        let opts = FleetOpts {
+            keepalive_secs: IDLE_KEEPALIVE_SECS,
+            reconnect: false,
+            attempts_max: 5,
+            concurrency: b.args.connect_concurrency,
+            respond_to_commands: true,
+        };
+        let Some(fleet) = spawn_connected(
+            t,
+            n,
             b.sources.clone(),
-            FleetOpts {
-                keepalive_secs: IDLE_KEEPALIVE_SECS,
-                reconnect: false,
-                attempts_max: 5,
-                concurrency: b.args.connect_concurrency,
-                respond_to_commands: true,
-            },
-        );
-        if !fleet
-            .wait_until(b.args.timeout(), |s| s.connacked(0) >= n)
-            .await
-        {
-            notes.push(format!(
-                "{}: only {} of {n} devices subscribed",
-                t.name(),
-                fleet.stats.connacked(0)
-            ));
-            fleet.shutdown().await;
-            t.kill().await;
+            opts,
+            b.args.timeout(),
+            "devices subscribed",
+            &mut notes,
+        )
+        .await?
+        else {
             continue;
-        }
+        };
         let started = Instant::now();
         let result = match t.kind {
             Kind::Mooring => {
