@@ -173,11 +173,7 @@ async fn offline_command_is_delivered_once_after_subscribe_and_result_succeeds()
         .api("GET", "/api/v1/devices/d1/commands?state=succeeded", None)
         .await;
     assert_eq!(list["commands"].as_array().map(Vec::len), Some(1));
-    let metrics = support::get(format!("{}/metrics", server.url()))
-        .await
-        .text()
-        .await
-        .expect("metrics");
+    let metrics = server.metrics_text().await;
     for line in [
         "mooring_commands_created_total 2",
         "mooring_commands_delivered_total 2",
@@ -410,11 +406,7 @@ async fn unacknowledged_command_is_retried_until_max_attempts_then_fails() {
         json!({"status": "failed", "output": {"reason": "max_attempts"}})
     );
     assert_eq!(states(&c), ["queued", "delivered", "failed"]);
-    let metrics = support::get(format!("{}/metrics", server.url()))
-        .await
-        .text()
-        .await
-        .expect("metrics");
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains("mooring_commands_retried_total 2"),
         "{metrics}"

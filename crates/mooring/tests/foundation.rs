@@ -233,11 +233,7 @@ async fn repeated_seq_is_stored_once() {
         .api("GET", "/api/v1/devices/d1/telemetry?metric=v", None)
         .await;
     assert_eq!(points(&v), 1, "{v}");
-    let metrics = support::get(format!("{}/metrics", server.url()))
-        .await
-        .text()
-        .await
-        .expect("text");
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains("mooring_telemetry_duplicates_total 2"),
         "{metrics}"
@@ -291,11 +287,7 @@ async fn invalid_payload_is_dropped_counted_and_session_survives() {
         2,
         "both sessions stayed up for the valid message: {v}"
     );
-    let metrics = support::get(format!("{}/metrics", server.url()))
-        .await
-        .text()
-        .await
-        .expect("text");
+    let metrics = server.metrics_text().await;
     assert!(
         metrics.contains("mooring_telemetry_invalid_total 2"),
         "{metrics}"

@@ -120,6 +120,15 @@ impl Server {
         }
     }
 
+    /// The `/metrics` text (Prometheus exposition).
+    pub async fn metrics_text(&self) -> String {
+        get(format!("{}/metrics", self.url()))
+            .await
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.http)
     }
