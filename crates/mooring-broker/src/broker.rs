@@ -22,8 +22,81 @@ pub(crate) enum Control {
     TakenOver,
     /// Administrative kick (v5 DISCONNECT with this reason code).
     Kick(u8),
+    /// The principal was removed (device deleted): close with v5 DISCONNECT 0x98 and do not
+    /// publish the will.
+    Removed,
     /// Broker shutdown (v5 DISCONNECT 0x8B).
     Shutdown,
+}
+
+/// Why the broker refused or removed something; each reason has its own counter
+/// ([`BrokerStats::refusals`]) so operators see which bound or check was hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// CONNECT refused by the embedder's authentication.
+    Authentication,
+    /// CONNECT under a client id whose session belongs to another principal.
+    ClientIdInUse,
+    /// CONNECT refused: the principal holds `persistent_sessions_per_principal_max` persistent sessions.
+    SessionQuota,
+    /// CONNECT refused: `sessions_max` non-device sessions exist.
+    SessionsFull,
+    /// PUBLISH refused by the topic policy (or a will at CONNECT).
+    PublishDenied,
+    /// Subscription filter refused by the topic policy.
+    SubscribeDenied,
+    /// A held subscription removed because the policy no longer allows it (tags, policy reload,
+    /// a session resumed by a principal that may not hold it).
+    SubscriptionRevoked,
+    /// Topic name or filter over `topic_bytes_max` / `topic_levels_max`.
+    TopicTooLong,
+    /// Retained message over a retained quota (per principal or broker-wide).
+    RetainedQuota,
+    /// Subscription over `subscriptions_per_session_max`.
+    SubscriptionQuota,
+    /// Message dropped: session queue full (count or bytes), QoS 0 first.
+    QueueFull,
+    /// Connection closed: its socket accepted no bytes for `write_stall_timeout_ms`.
+    WriteStalled,
+    /// Connection closed: nothing received within the keep-alive (or the server's idle cap).
+    KeepaliveTimeout,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 13] = [
+        Refusal::Authentication,
+        Refusal::ClientIdInUse,
+        Refusal::SessionQuota,
+        Refusal::SessionsFull,
+        Refusal::PublishDenied,
+        Refusal::SubscribeDenied,
+        Refusal::SubscriptionRevoked,
+        Refusal::TopicTooLong,
+        Refusal::RetainedQuota,
+        Refusal::SubscriptionQuota,
+        Refusal::QueueFull,
+        Refusal::WriteStalled,
+        Refusal::KeepaliveTimeout,
+    ];
+
+    /// The `reason` label in `/metrics`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Authentication => "authentication",
+            Refusal::ClientIdInUse => "client_id_in_use",
+            Refusal::SessionQuota => "session_quota",
+            Refusal::SessionsFull => "sessions_full",
+            Refusal::PublishDenied => "publish_denied",
+            Refusal::SubscribeDenied => "subscribe_denied",
+            Refusal::SubscriptionRevoked => "subscription_revoked",
+            Refusal::TopicTooLong => "topic_too_long",
+            Refusal::RetainedQuota => "retained_quota",
+            Refusal::SubscriptionQuota => "subscription_quota",
+            Refusal::QueueFull => "queue_full",
+            Refusal::WriteStalled => "write_stalled",
+            Refusal::KeepaliveTimeout => "keepalive_timeout",
+        }
+    }
 }
 
 /// Counters since start (monotonic) and gauges (current).
@@ -36,6 +109,8 @@ pub struct BrokerStats {
     /// Subscriptions held by all sessions (gauge; the size of the subscription index).
     pub subscriptions: u64,
     pub retained: u64,
+    /// Topic + payload bytes of the retained messages clients published (gauge).
+    pub retained_bytes: u64,
     pub messages_in: u64,
     pub messages_out: u64,
     /// PUBLISH / SUBSCRIBE / CONNECT refused by policy or authentication.
@@ -44,6 +119,17 @@ pub struct BrokerStats {
     pub dropped: u64,
     /// Connection tasks that panicked (contained).
     pub panics: u64,
+    /// Every refusal by reason, in [`Refusal::ALL`] order.
+    pub refusals: Vec<(Refusal, u64)>,
+}
+
+impl BrokerStats {
+    pub fn refused(&self, reason: Refusal) -> u64 {
+        self.refusals
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
 }
 
 /// See [`Broker::session_info`].
@@ -63,11 +149,157 @@ pub(crate) struct Counters {
     pub(crate) denied: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) panics: AtomicU64,
+    refusals: [AtomicU64; Refusal::ALL.len()],
+}
+
+impl Counters {
+    pub(crate) fn refuse(&self, reason: Refusal) {
+        let i = Refusal::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.refusals[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Whose a session or a retained message is. Sessions live in one namespace per kind of
+/// principal, so a client id of one kind can never name, resume or take over a session of
+/// another kind; within a namespace a session belongs to the principal that created it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Owner {
+    Device(String),
+    Service(String),
+    /// Every anonymous client of the development listener.
+    Dev,
+}
+
+/// The session namespaces (see [`Owner`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Namespace {
+    Device,
+    Service,
+    Dev,
+}
+
+impl Owner {
+    pub(crate) fn of(principal: &Principal) -> Owner {
+        match principal {
+            Principal::Device { id, .. } => Owner::Device(id.clone()),
+            Principal::Service { name } => Owner::Service(name.clone()),
+            Principal::Dev => Owner::Dev,
+        }
+    }
+
+    pub(crate) fn namespace(&self) -> Namespace {
+        match self {
+            Owner::Device(_) => Namespace::Device,
+            Owner::Service(_) => Namespace::Service,
+            Owner::Dev => Namespace::Dev,
+        }
+    }
 }
 
 pub(crate) struct RetainedMsg {
     pub(crate) msg: Arc<Message>,
     pub(crate) expires_at: Option<Instant>,
+    /// `None`: published by the server itself (never counted, never refused).
+    owner: Option<Owner>,
+}
+
+fn retained_size(msg: &Message) -> usize {
+    msg.topic.len() + msg.payload.len()
+}
+
+#[derive(Default, Clone, Copy)]
+struct Usage {
+    count: usize,
+    bytes: usize,
+}
+
+/// Retained messages by topic, with what each principal owns, so quotas are checked in O(1).
+#[derive(Default)]
+pub(crate) struct RetainedTable {
+    msgs: BTreeMap<String, RetainedMsg>,
+    usage: HashMap<Owner, Usage>,
+    /// Messages and bytes owned by clients (all owners together).
+    clients: Usage,
+}
+
+impl RetainedTable {
+    fn account(&mut self, owner: &Option<Owner>, msg: &Message, add: bool) {
+        let Some(owner) = owner else { return };
+        let size = retained_size(msg);
+        let u = self.usage.entry(owner.clone()).or_default();
+        if add {
+            u.count += 1;
+            u.bytes += size;
+            self.clients.count += 1;
+            self.clients.bytes += size;
+        } else {
+            u.count = u.count.saturating_sub(1);
+            u.bytes = u.bytes.saturating_sub(size);
+            self.clients.count = self.clients.count.saturating_sub(1);
+            self.clients.bytes = self.clients.bytes.saturating_sub(size);
+            if u.count == 0 {
+                self.usage.remove(owner);
+            }
+        }
+    }
+
+    /// Whether `owner` may store `msg` (a non-empty retained message) under the limits.
+    fn fits(&self, config: &BrokerConfig, owner: Option<&Owner>, msg: &Message) -> bool {
+        let Some(owner) = owner else { return true };
+        let size = retained_size(msg);
+        let old = self.msgs.get(&msg.topic);
+        let mine = old.filter(|o| o.owner.as_ref() == Some(owner));
+        let clients_old = old.filter(|o| o.owner.is_some());
+        let u = self.usage.get(owner).copied().unwrap_or_default();
+        let count = u.count - usize::from(mine.is_some()) + 1;
+        let bytes = u.bytes - mine.map_or(0, |o| retained_size(&o.msg)) + size;
+        let all_count = self.clients.count - usize::from(clients_old.is_some()) + 1;
+        let all_bytes =
+            self.clients.bytes - clients_old.map_or(0, |o| retained_size(&o.msg)) + size;
+        count <= config.retained_per_principal_max
+            && bytes <= config.retained_bytes_per_principal_max
+            && all_count <= config.retained_messages_max
+            && all_bytes <= config.retained_bytes_max
+    }
+
+    fn remove(&mut self, topic: &str) {
+        if let Some(old) = self.msgs.remove(topic) {
+            self.account(&old.owner, &old.msg, false);
+        }
+    }
+
+    fn insert(&mut self, msg: Arc<Message>, expires_at: Option<Instant>, owner: Option<Owner>) {
+        self.remove(&msg.topic);
+        self.account(&owner, &msg, true);
+        self.msgs.insert(
+            msg.topic.clone(),
+            RetainedMsg {
+                msg,
+                expires_at,
+                owner,
+            },
+        );
+    }
+
+    /// Remove what `owner` published and everything under `prefix` (if given); returns how many.
+    fn remove_where(&mut self, owner: &Owner, prefix: Option<&str>) -> usize {
+        let doomed: Vec<String> = self
+            .msgs
+            .iter()
+            .filter(|(topic, m)| {
+                m.owner.as_ref() == Some(owner) || prefix.is_some_and(|p| topic.starts_with(p))
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in &doomed {
+            self.remove(t);
+        }
+        doomed.len()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.msgs.len()
+    }
 }
 
 pub(crate) type SessionRef = Arc<Mutex<Session>>;
@@ -82,102 +314,143 @@ pub(crate) struct Target {
     pub(crate) opts: SubOptions,
 }
 
-struct TableEntry {
-    session: SessionRef,
-    /// The device id of the session's principal, if it is a device (key of `by_device`).
-    device: Option<String>,
+/// A session's key in the table: its namespace and client id.
+pub(crate) type SessionKey = (Namespace, String);
+
+pub(crate) struct TableEntry {
+    pub(crate) session: SessionRef,
+    pub(crate) owner: Owner,
+    /// Asked for a session expiry > 0 when it was attached (counts against the owner's quota).
+    persistent: bool,
 }
 
-/// The session table: sessions by client id, and client ids by device id, so every lookup on the
-/// connect, publish_to and kick paths is a hash lookup.
+/// The session table: sessions by (namespace, client id), and client ids by device id, so every
+/// lookup on the connect, publish_to and kick paths is a hash lookup. Also counts non-device
+/// sessions (for `sessions_max`) and persistent sessions per non-device owner.
 #[derive(Default)]
 pub(crate) struct SessionTable {
-    by_client: HashMap<String, TableEntry>,
+    by_key: HashMap<SessionKey, TableEntry>,
     by_device: HashMap<String, HashSet<String>>,
-}
-
-fn device_of(principal: &Principal) -> Option<&str> {
-    match principal {
-        Principal::Device { id, .. } => Some(id),
-        _ => None,
-    }
+    persistent: HashMap<Owner, usize>,
+    /// Sessions outside the device namespace.
+    others: usize,
 }
 
 impl SessionTable {
-    pub(crate) fn get(&self, client_id: &str) -> Option<&SessionRef> {
-        self.by_client.get(client_id).map(|e| &e.session)
+    pub(crate) fn get(&self, key: &SessionKey) -> Option<&TableEntry> {
+        self.by_key.get(key)
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.by_client.len()
+        self.by_key.len()
     }
 
-    /// Put `session` under `client_id`; returns the session it replaced.
+    /// Non-device sessions (what `sessions_max` bounds).
+    pub(crate) fn others(&self) -> usize {
+        self.others
+    }
+
+    /// Persistent sessions `owner` holds.
+    pub(crate) fn persistent_of(&self, owner: &Owner) -> usize {
+        self.persistent.get(owner).copied().unwrap_or(0)
+    }
+
+    /// Put `session` under `key`, owned by `owner`; returns the session it replaced.
     pub(crate) fn insert(
         &mut self,
-        client_id: &str,
+        key: &SessionKey,
         session: SessionRef,
-        principal: &Principal,
+        owner: Owner,
+        persistent: bool,
     ) -> Option<SessionRef> {
-        let old = self.by_client.remove(client_id);
-        if let Some(old) = &old {
-            self.unlink_device(client_id, old.device.as_deref());
-        }
-        let device = device_of(principal).map(str::to_string);
-        if let Some(d) = &device {
+        let old = self.remove_key(key);
+        if let Owner::Device(d) = &owner {
             self.by_device
                 .entry(d.clone())
                 .or_default()
-                .insert(client_id.to_string());
+                .insert(key.1.clone());
+        } else {
+            self.others += 1;
         }
-        self.by_client
-            .insert(client_id.to_string(), TableEntry { session, device });
-        old.map(|e| e.session)
+        if persistent {
+            *self.persistent.entry(owner.clone()).or_default() += 1;
+        }
+        self.by_key.insert(
+            key.clone(),
+            TableEntry {
+                session,
+                owner,
+                persistent,
+            },
+        );
+        old
     }
 
-    /// Record the principal now attached to `client_id`'s session (a reconnect may change it).
-    pub(crate) fn set_principal(&mut self, client_id: &str, principal: &Principal) {
-        let device = device_of(principal);
-        let Some(entry) = self.by_client.get_mut(client_id) else {
+    /// Record whether the session under `key` is persistent now (a reconnect may change it).
+    pub(crate) fn set_persistent(&mut self, key: &SessionKey, persistent: bool) {
+        let Some(entry) = self.by_key.get_mut(key) else {
             return;
         };
-        if entry.device.as_deref() == device {
+        if entry.persistent == persistent {
             return;
         }
-        let old = entry.device.take();
-        entry.device = device.map(str::to_string);
-        self.unlink_device(client_id, old.as_deref());
-        if let Some(d) = device {
-            self.by_device
-                .entry(d.to_string())
-                .or_default()
-                .insert(client_id.to_string());
+        entry.persistent = persistent;
+        let owner = entry.owner.clone();
+        if persistent {
+            *self.persistent.entry(owner).or_default() += 1;
+        } else {
+            self.unpersist(&owner);
         }
     }
 
-    /// Remove `client_id` if it still names `session`; true if it was removed.
-    pub(crate) fn remove_if_same(&mut self, client_id: &str, session: &SessionRef) -> bool {
+    fn unpersist(&mut self, owner: &Owner) {
+        if let Some(n) = self.persistent.get_mut(owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.persistent.remove(owner);
+            }
+        }
+    }
+
+    fn remove_key(&mut self, key: &SessionKey) -> Option<SessionRef> {
+        let e = self.by_key.remove(key)?;
+        if e.persistent {
+            self.unpersist(&e.owner);
+        }
+        if let Owner::Device(d) = &e.owner {
+            if let Some(ids) = self.by_device.get_mut(d) {
+                ids.remove(&key.1);
+                if ids.is_empty() {
+                    self.by_device.remove(d);
+                }
+            }
+        } else {
+            self.others -= 1;
+        }
+        Some(e.session)
+    }
+
+    /// Remove `key` if it still names `session`; true if it was removed.
+    pub(crate) fn remove_if_same(&mut self, key: &SessionKey, session: &SessionRef) -> bool {
         if !self
-            .by_client
-            .get(client_id)
+            .by_key
+            .get(key)
             .is_some_and(|e| Arc::ptr_eq(&e.session, session))
         {
             return false;
         }
-        if let Some(e) = self.by_client.remove(client_id) {
-            self.unlink_device(client_id, e.device.as_deref());
-        }
+        self.remove_key(key);
         true
     }
 
-    fn unlink_device(&mut self, client_id: &str, device: Option<&str>) {
-        let Some(d) = device else { return };
-        if let Some(ids) = self.by_device.get_mut(d) {
-            ids.remove(client_id);
-            if ids.is_empty() {
-                self.by_device.remove(d);
-            }
-        }
+    /// Client ids of the sessions whose principal is `device_id`.
+    fn device_keys(&self, device_id: &str) -> Vec<SessionKey> {
+        self.by_device
+            .get(device_id)
+            .into_iter()
+            .flatten()
+            .map(|c| (Namespace::Device, c.clone()))
+            .collect()
     }
 
     /// Sessions whose principal is `device_id`.
@@ -186,11 +459,12 @@ impl SessionTable {
             .get(device_id)
             .into_iter()
             .flatten()
-            .filter_map(|c| self.get(c))
+            .filter_map(|c| self.by_key.get(&(Namespace::Device, c.clone())))
+            .map(|e| &e.session)
     }
 
     fn sessions(&self) -> impl Iterator<Item = &SessionRef> {
-        self.by_client.values().map(|e| &e.session)
+        self.by_key.values().map(|e| &e.session)
     }
 }
 
@@ -206,7 +480,7 @@ pub(crate) struct Shared {
     /// not add `parking_lot` (no measured need: readers never block each other, and critical
     /// sections only walk the trie and clone `Arc`s).
     pub(crate) subs: RwLock<SubIndex<SessionId, Target>>,
-    pub(crate) retained: Mutex<BTreeMap<String, RetainedMsg>>,
+    pub(crate) retained: Mutex<RetainedTable>,
     pub(crate) counters: Counters,
     pub(crate) conn_seq: AtomicU64,
     pub(crate) session_seq: AtomicU64,
@@ -244,7 +518,7 @@ impl Broker {
                 hooks,
                 sessions: Mutex::new(SessionTable::default()),
                 subs: RwLock::new(SubIndex::default()),
-                retained: Mutex::new(BTreeMap::new()),
+                retained: Mutex::new(RetainedTable::default()),
                 counters: Counters::default(),
                 conn_seq: AtomicU64::new(1),
                 session_seq: AtomicU64::new(1),
@@ -272,74 +546,143 @@ impl Broker {
     pub fn kick_device(&self, device_id: &str) {
         let table = lock(&self.shared.sessions);
         for session in table.of_device(device_id) {
-            let s = lock(session);
-            if let (Some(link), Principal::Device { id, .. }) = (&s.link, &s.principal) {
-                if id == device_id {
-                    let _ = link.control.try_send(Control::Kick(0x98));
-                }
+            if let Some(link) = &lock(session).link {
+                let _ = link.control.try_send(Control::Kick(0x98));
             }
         }
     }
 
+    /// The device is gone: close its live connections (v5 DISCONNECT 0x98, no will), end its
+    /// sessions, live or persisted (their queued messages go with them), and remove the retained
+    /// messages it published plus every retained message under `topic_prefix` (the server passes
+    /// `devices/<id>/`, so its shadow delta goes too). A device re-created under the same id
+    /// starts with nothing. Returns the number of retained messages removed.
+    pub fn remove_device(&self, device_id: &str, topic_prefix: Option<&str>) -> usize {
+        {
+            let mut table = lock(&self.shared.sessions);
+            for key in table.device_keys(device_id) {
+                let Some(session) = table.remove_key(&key) else {
+                    continue;
+                };
+                let mut s = lock(&session);
+                if let Some(link) = &s.link {
+                    let _ = link.control.try_send(Control::Removed);
+                }
+                self.shared.retire(&mut s);
+                s.removed = true;
+                s.clear_queue();
+            }
+        }
+        lock(&self.shared.retained).remove_where(&Owner::Device(device_id.to_owned()), topic_prefix)
+    }
+
+    /// The embedder's view of a principal changed (a device's tags): every session of that
+    /// principal, live or persisted, uses it from now on (every later PUBLISH and SUBSCRIBE is
+    /// checked against it), and subscriptions it no longer allows are removed at once. Returns
+    /// the number of subscriptions removed.
+    pub fn update_principal(&self, principal: Principal) -> usize {
+        let Principal::Device { id, .. } = &principal else {
+            return 0;
+        };
+        let sessions: Vec<SessionRef> =
+            lock(&self.shared.sessions).of_device(id).cloned().collect();
+        let principal = Arc::new(principal);
+        let mut removed = 0;
+        for session in sessions {
+            let mut s = lock(&session);
+            s.principal = principal.clone();
+            removed += self.shared.revoke_disallowed(&mut s);
+        }
+        removed
+    }
+
+    /// The policy changed (e.g. reloaded): check every session's subscriptions again and remove
+    /// what is no longer allowed. Returns the number removed.
+    pub fn reauthorize_all(&self) -> usize {
+        let sessions: Vec<SessionRef> = lock(&self.shared.sessions).sessions().cloned().collect();
+        sessions
+            .iter()
+            .map(|session| self.shared.revoke_disallowed(&mut lock(session)))
+            .sum()
+    }
+
     /// Publish a message originated by the server; routed (and retained) like any publish.
+    /// Server-owned retained messages are never refused by the retained limits (they are
+    /// bounded by what the server publishes, e.g. one shadow delta per device).
     pub fn publish(&self, msg: Message) {
         self.shared
             .counters
             .messages_in
             .fetch_add(1, Ordering::Relaxed);
-        self.shared.route(Arc::new(msg), None);
-    }
-
-    /// Publish a server-originated message to one client only: enqueued if that client's session
-    /// is connected and holds a subscription matching the topic (at the highest granted QoS).
-    /// Returns whether it was enqueued. Not retained, not routed to anyone else.
-    pub fn publish_to(&self, client_id: &str, msg: Message) -> bool {
-        let Some(session) = lock(&self.shared.sessions).get(client_id).cloned() else {
-            return false;
-        };
-        let mut s = lock(&session);
-        if s.link.is_none() {
-            return false;
+        let msg = Arc::new(msg);
+        if msg.retain {
+            self.shared.store_retained(&msg, None);
         }
-        let qos = s
-            .subs
-            .iter()
-            .filter(|(filter, _)| filter_matches(filter, &msg.topic))
-            .map(|(_, o)| o.qos)
-            .max();
-        let Some(qos) = qos else {
-            return false;
-        };
-        let d = Delivery {
-            qos: qos.min(msg.qos),
-            msg: Arc::new(msg),
-            retain: false,
-            expires_at: None,
-        };
-        let enqueued = s.enqueue(d, self.shared.config.session_queue_len_max);
-        if enqueued {
-            self.shared
-                .counters
-                .messages_in
-                .fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        self.shared.route(msg, None);
+    }
+
+    /// Publish a server-originated message to one device only: enqueued if a connected session
+    /// whose principal is that device holds a subscription matching the topic (at the highest
+    /// granted QoS). Sessions are found by principal, never by client id, so no other client can
+    /// receive it. Returns whether it was enqueued. Not retained, not routed to anyone else.
+    pub fn publish_to_device(&self, device_id: &str, msg: Message) -> bool {
+        let sessions: Vec<SessionRef> = lock(&self.shared.sessions)
+            .of_device(device_id)
+            .cloned()
+            .collect();
+        let msg = Arc::new(msg);
+        for session in sessions {
+            let mut s = lock(&session);
+            if s.link.is_none() {
+                continue;
+            }
+            let qos = s
+                .subs
+                .iter()
+                .filter(|(filter, _)| filter_matches(filter, &msg.topic))
+                .map(|(_, o)| o.qos)
+                .max();
+            let Some(qos) = qos else {
+                continue;
+            };
+            let d = Delivery {
+                qos: qos.min(msg.qos),
+                msg: msg.clone(),
+                retain: false,
+                expires_at: None,
+            };
+            let enqueued = self.shared.enqueue(&mut s, d);
+            if enqueued {
+                self.shared
+                    .counters
+                    .messages_in
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            return enqueued;
         }
-        enqueued
+        false
     }
 
-    /// Whether `client_id` is connected and subscribed to a filter matching `topic`.
-    pub fn is_subscribed(&self, client_id: &str, topic: &str) -> bool {
-        let Some(session) = lock(&self.shared.sessions).get(client_id).cloned() else {
-            return false;
-        };
-        let s = lock(&session);
-        s.link.is_some() && s.subs.keys().any(|f| filter_matches(f, topic))
+    /// Whether a connected session of this device is subscribed to a filter matching `topic`.
+    pub fn device_is_subscribed(&self, device_id: &str, topic: &str) -> bool {
+        let table = lock(&self.shared.sessions);
+        let subscribed = table.of_device(device_id).any(|session| {
+            let s = lock(session);
+            s.link.is_some() && s.subs.keys().any(|f| filter_matches(f, topic))
+        });
+        subscribed
     }
 
-    /// A snapshot of one session, if it exists (for operators and tests waiting on a condition).
+    /// A snapshot of the session under `client_id` (device namespace first, then services, then
+    /// the dev listener), for operators and tests waiting on a condition.
     pub fn session_info(&self, client_id: &str) -> Option<SessionInfo> {
-        let session = lock(&self.shared.sessions).get(client_id).cloned()?;
+        let session = {
+            let table = lock(&self.shared.sessions);
+            [Namespace::Device, Namespace::Service, Namespace::Dev]
+                .into_iter()
+                .find_map(|ns| table.get(&(ns, client_id.to_owned())))
+                .map(|e| e.session.clone())?
+        };
         let s = lock(&session);
         Some(SessionInfo {
             connected: s.link.is_some(),
@@ -352,18 +695,27 @@ impl Broker {
     pub fn stats(&self) -> BrokerStats {
         let sessions = lock(&self.shared.sessions).len() as u64;
         let subscriptions = read(&self.shared.subs).len() as u64;
-        let retained = lock(&self.shared.retained).len() as u64;
+        let (retained, retained_bytes) = {
+            let r = lock(&self.shared.retained);
+            (r.len() as u64, r.clients.bytes as u64)
+        };
         let c = &self.shared.counters;
         BrokerStats {
             connections: c.connections.load(Ordering::Relaxed),
             sessions,
             subscriptions,
             retained,
+            retained_bytes,
             messages_in: c.messages_in.load(Ordering::Relaxed),
             messages_out: c.messages_out.load(Ordering::Relaxed),
             denied: c.denied.load(Ordering::Relaxed),
             dropped: c.dropped.load(Ordering::Relaxed),
             panics: c.panics.load(Ordering::Relaxed),
+            refusals: Refusal::ALL
+                .iter()
+                .zip(&c.refusals)
+                .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+                .collect(),
         }
     }
 
@@ -401,8 +753,9 @@ impl Broker {
 }
 
 impl Shared {
-    /// Route one accepted message: update the retained table, then enqueue to every matching
-    /// session, once per session at the highest QoS its matching filters grant.
+    /// Route one accepted message: enqueue it to every matching session, once per session at the
+    /// highest QoS its matching filters grant. (The caller stores a retained message first,
+    /// through [`Shared::store_retained`].)
     ///
     /// Two phases so no broker-wide lock is held while sessions are touched: (1) under the index
     /// read lock, collect the matching `(session, options)` entries and the index generation;
@@ -416,24 +769,6 @@ impl Shared {
             .props
             .message_expiry_secs
             .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)));
-        if msg.retain {
-            let mut retained = lock(&self.retained);
-            if msg.payload.is_empty() {
-                retained.remove(&msg.topic);
-            } else if retained.len() < self.config.retained_messages_max
-                || retained.contains_key(&msg.topic)
-            {
-                retained.insert(
-                    msg.topic.clone(),
-                    RetainedMsg {
-                        msg: msg.clone(),
-                        expires_at,
-                    },
-                );
-            } else {
-                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
         let mut targets: Vec<(SessionId, SubOptions, SessionRef)> = Vec::new();
         let seen = {
             let index = read(&self.subs);
@@ -472,11 +807,71 @@ impl Shared {
                     retain: msg.retain && rap,
                     expires_at,
                 };
-                if !s.enqueue(d, self.config.session_queue_len_max) {
-                    self.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+                self.enqueue(&mut s, d);
             }
         }
+    }
+
+    /// Queue a delivery on a session (whose lock the caller holds) within the session's bounds;
+    /// a drop is counted. Returns whether the delivery was queued without dropping anything.
+    pub(crate) fn enqueue(&self, s: &mut Session, d: Delivery) -> bool {
+        let online = s.link.is_some();
+        let qos = d.qos;
+        let ok = s.enqueue(
+            d,
+            self.config.session_queue_len_max,
+            self.config.session_queue_bytes_max,
+        );
+        if !ok && (online || qos > 0) {
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            self.counters.refuse(Refusal::QueueFull);
+        }
+        ok
+    }
+
+    /// Store (or, with an empty payload, clear) a retained message on behalf of `owner` (`None`:
+    /// the server). False if a client's message was refused by a retained limit (counted).
+    pub(crate) fn store_retained(&self, msg: &Arc<Message>, owner: Option<&Owner>) -> bool {
+        let mut retained = lock(&self.retained);
+        if msg.payload.is_empty() {
+            retained.remove(&msg.topic);
+            return true;
+        }
+        if !retained.fits(&self.config, owner, msg) {
+            drop(retained);
+            self.counters.refuse(Refusal::RetainedQuota);
+            return false;
+        }
+        let expires_at = msg
+            .props
+            .message_expiry_secs
+            .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)));
+        retained.insert(msg.clone(), expires_at, owner.cloned());
+        true
+    }
+
+    /// Whether `owner` could store this retained message now (a check before the message is
+    /// accepted; [`Shared::store_retained`] decides).
+    pub(crate) fn retained_fits(&self, msg: &Message, owner: &Owner) -> bool {
+        msg.payload.is_empty() || lock(&self.retained).fits(&self.config, Some(owner), msg)
+    }
+
+    /// Remove the subscriptions of a session (whose lock the caller holds) that its current
+    /// principal may no longer hold; each is logged and counted. Returns how many.
+    pub(crate) fn revoke_disallowed(&self, s: &mut Session) -> usize {
+        let principal = s.principal.clone();
+        let revoked: Vec<String> = s
+            .subs
+            .keys()
+            .filter(|f| !self.hooks.may_subscribe(&principal, f))
+            .cloned()
+            .collect();
+        for filter in &revoked {
+            self.remove_subscription(s, filter);
+            self.counters.refuse(Refusal::SubscriptionRevoked);
+            tracing::info!(client_id = %s.client_id, filter = %filter, "subscription no longer allowed by the policy; removed");
+        }
+        revoked.len()
     }
 
     /// Add or replace a subscription of `session` (whose lock the caller holds as `s`), in the
@@ -541,6 +936,12 @@ impl Shared {
         match self.hooks.on_publish(principal, client_id, &msg).await {
             PublishVerdict::Accept => {
                 self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
+                let mut msg = msg;
+                if msg.retain
+                    && !self.store_retained(&Arc::new(msg.clone()), Some(&Owner::of(principal)))
+                {
+                    msg.retain = false;
+                }
                 self.route(Arc::new(msg), Some(client_id));
             }
             PublishVerdict::Reject(code) => {
@@ -570,6 +971,7 @@ impl Shared {
         let retained = lock(&self.retained);
         let prefix = retained_prefix(filter);
         retained
+            .msgs
             .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
             .take_while(|(topic, _)| topic.starts_with(prefix))
             .filter(|(topic, _)| filter_matches(filter, topic))

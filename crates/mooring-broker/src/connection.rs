@@ -1,6 +1,6 @@
 //! One client connection: the tokio driver around the sans-IO `mqtt-protocol-core` server state machine.
 
-use crate::broker::{lock, Control, Shared};
+use crate::broker::{lock, Control, Namespace, Owner, Refusal, SessionKey, Shared};
 use crate::hooks::{
     Authenticated, ConnInfo, ConnectRefusal, ConnectRequest, Message, MessageProps,
     ProtocolVersion, PublishVerdict,
@@ -58,6 +58,46 @@ fn poll_read_chunk<S: AsyncRead + Unpin>(
     Poll::Ready(Ok(data.len()))
 }
 
+/// What one poll of the socket did.
+enum Io {
+    Wrote(usize),
+    Flushed,
+    WriteFailed,
+    Read(std::io::Result<usize>),
+}
+
+/// One poll of the stream in both directions: write `out` (or flush once it is written), and
+/// read if `can_read`. Reading and writing are polled together so a peer that stops reading
+/// never stops the connection from acting on its input, timers and control messages.
+fn poll_io<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    cx: &mut Context<'_>,
+    out: &[u8],
+    needs_flush: bool,
+    can_read: bool,
+    buf: &mut Vec<u8>,
+) -> Poll<Io> {
+    if !out.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, out) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Io::WriteFailed),
+            Poll::Ready(Ok(n)) => return Poll::Ready(Io::Wrote(n)),
+            Poll::Pending => {}
+        }
+    } else if needs_flush {
+        match Pin::new(&mut *stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => return Poll::Ready(Io::Flushed),
+            Poll::Ready(Err(_)) => return Poll::Ready(Io::WriteFailed),
+            Poll::Pending => {}
+        }
+    }
+    if can_read {
+        if let Poll::Ready(r) = poll_read_chunk(stream, cx, buf) {
+            return Poll::Ready(Io::Read(r));
+        }
+    }
+    Poll::Pending
+}
+
 /// Empty `buf`, and give its allocation back if it grew past [`IDLE_BUF_BYTES_MAX`].
 fn clear_and_trim(buf: &mut Vec<u8>) {
     buf.clear();
@@ -77,6 +117,8 @@ struct Will {
 #[derive(Default)]
 struct ConnRecord {
     client_id: Option<String>,
+    /// The session's key in the table (namespace + client id).
+    key: Option<SessionKey>,
     principal: Option<Principal>,
     session: Option<Arc<Mutex<Session>>>,
     will: Option<Will>,
@@ -125,7 +167,7 @@ where
 }
 
 async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>) {
-    let (session, will, clean, connected, client_id, principal, qos2_in) = {
+    let (session, will, clean, connected, client_id, key, principal, qos2_in) = {
         let mut r = lock(record);
         (
             r.session.take(),
@@ -133,13 +175,22 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
             r.clean_disconnect,
             r.connected,
             r.client_id.clone(),
+            r.key.clone(),
             r.principal.clone(),
             r.qos2_in.take(),
         )
     };
-    let (Some(client_id), Some(principal)) = (client_id, principal) else {
+    let (Some(client_id), Some(key), Some(principal)) = (client_id, key, principal) else {
         return;
     };
+    // Authorize what happens now (the will) against the principal as it is now.
+    let (principal_now, removed) = session.as_ref().map_or_else(
+        || (principal.clone(), false),
+        |s| {
+            let s = lock(s);
+            ((*s.principal).clone(), s.removed)
+        },
+    );
     let mut session_expiry_secs = 0;
     if let Some(session) = &session {
         let mut s = lock(session);
@@ -149,26 +200,26 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
                 s.qos2_in = q;
             }
             // QoS 0 messages are not kept for an offline session.
-            s.queue.retain(|d| d.qos > 0);
+            s.drop_qos0();
             session_expiry_secs = s.expiry_secs;
             let generation = s.generation;
             drop(s);
             if session_expiry_secs == 0 {
                 let mut table = lock(&shared.sessions);
-                if table.remove_if_same(&client_id, session) {
+                if table.remove_if_same(&key, session) {
                     shared.retire(&mut lock(session));
                 }
             } else if session_expiry_secs != u32::MAX {
                 let shared2 = shared.clone();
                 let session2 = session.clone();
-                let id2 = client_id.clone();
+                let key2 = key.clone();
                 shared.spawn_timer(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(session_expiry_secs))).await;
                     let mut table = lock(&shared2.sessions);
                     let mut s = lock(&session2);
                     if s.link.is_none()
                         && s.generation == generation
-                        && table.remove_if_same(&id2, &session2)
+                        && table.remove_if_same(&key2, &session2)
                     {
                         shared2.retire(&mut s);
                     }
@@ -176,21 +227,37 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
             }
         }
     }
-    if let Some(will) = will.filter(|_| !clean) {
+    // The will is checked against the principal as it is now (its tags may have changed since
+    // CONNECT) when it fires.
+    let will = will
+        .filter(|_| !clean && !removed)
+        .filter(|w| shared.hooks.may_publish(&principal_now, &w.msg.topic));
+    if let Some(will) = will {
         let delay_secs = will.delay_secs.min(session_expiry_secs);
         match (delay_secs, &session) {
-            (0, _) | (_, None) => shared.publish_as(&principal, &client_id, will.msg).await,
+            (0, _) | (_, None) => {
+                shared
+                    .publish_as(&principal_now, &client_id, will.msg)
+                    .await
+            }
             (delay, Some(session)) => {
                 let generation = lock(session).generation;
                 let shared2 = shared.clone();
                 let session2 = session.clone();
-                let principal2 = principal.clone();
                 let id2 = client_id.clone();
                 shared.spawn_timer(async move {
                     tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    // A reconnect to this session before the delay cancels the will.
-                    if lock(&session2).generation == generation {
-                        shared2.publish_as(&principal2, &id2, will.msg).await;
+                    // A reconnect to this session before the delay cancels the will; so does
+                    // the removal of its principal, or a policy that no longer allows it.
+                    let (current, principal_now) = {
+                        let s = lock(&session2);
+                        (
+                            s.generation == generation && !s.removed,
+                            s.principal.clone(),
+                        )
+                    };
+                    if current && shared2.hooks.may_publish(&principal_now, &will.msg.topic) {
+                        shared2.publish_as(&principal_now, &id2, will.msg).await;
                     }
                 });
             }
@@ -217,7 +284,13 @@ struct Conn<S> {
     record: Arc<Mutex<ConnRecord>>,
     // Set after CONNECT:
     client_id: String,
-    principal: Principal,
+    /// The session's principal as last read (see `Conn::principal`).
+    principal: Arc<Principal>,
+    /// Idle supervision the client did not ask for (v3.1.1 keepalive 0 or above the maximum):
+    /// the timer is re-armed with this on every read.
+    idle_reset_ms: Option<u64>,
+    /// Bytes written to the stream since the last flush.
+    needs_flush: bool,
     session: Option<Arc<Mutex<Session>>>,
     /// Client's Receive Maximum (v5) bounded by our inflight_max.
     send_window: usize,
@@ -260,7 +333,9 @@ where
         version: ProtocolVersion::V311,
         record,
         client_id: String::new(),
-        principal: Principal::Dev,
+        principal: Arc::new(Principal::Dev),
+        idle_reset_ms: None,
+        needs_flush: false,
         session: None,
         send_window: 0,
         client_packet_size_max: u32::MAX,
@@ -278,11 +353,13 @@ where
         conn.handle_connect(connect, &info, conn_id, link).await
     })
     .await;
+    let close_flush = Duration::from_millis(shared.config.close_flush_timeout_ms);
     if !attached {
-        let _ = c.flush().await;
+        let _ = c.flush_within(close_flush).await;
         return End::Closed;
     }
-    if c.flush().await.is_err() {
+    let write_stall = Duration::from_millis(shared.config.write_stall_timeout_ms);
+    if c.flush_within(write_stall).await.is_err() {
         return End::Closed;
     }
     c.main_loop(&mut control_rx).await;
@@ -371,12 +448,32 @@ impl<S> Conn<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            clear_and_trim(&mut self.out);
+    /// Write and flush everything buffered, within `limit`; an error if the stream failed or
+    /// did not take it in time (a peer that stopped reading).
+    async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
+        let write = async {
+            if !self.out.is_empty() {
+                self.stream.write_all(&self.out).await?;
+                clear_and_trim(&mut self.out);
+            }
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(limit, write).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
         }
-        self.stream.flush().await
+    }
+
+    /// The session's principal as it is now (the embedder may have replaced it since CONNECT,
+    /// e.g. new tags): every authorization uses this.
+    fn principal(&mut self) -> Arc<Principal> {
+        if let Some(session) = &self.session {
+            let current = lock(session).principal.clone();
+            if !Arc::ptr_eq(&current, &self.principal) {
+                self.principal = current;
+            }
+        }
+        self.principal.clone()
     }
 
     /// Apply the library's side-effect events; returns the received packets for dispatch.
@@ -392,8 +489,10 @@ where
                     kind: TimerKind::PingreqRecv,
                     duration_ms,
                 } => {
+                    // Never longer than the server's own cap (a v3.1.1 client cannot be told).
+                    let cap_ms = self.idle_cap_ms();
                     self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(
-                        duration_ms,
+                        duration_ms.min(cap_ms),
                     ))));
                 }
                 Event::RequestTimerReset { .. } => {}
@@ -418,6 +517,11 @@ where
             }
         }
         received
+    }
+
+    /// The longest a connection may stay silent: 1.5 × `keepalive_secs_max`.
+    fn idle_cap_ms(&self) -> u64 {
+        u64::from(self.shared.config.keepalive_secs_max.max(1)) * 1500
     }
 
     async fn read_connect(&mut self) -> Option<ConnectPacket> {
@@ -541,6 +645,7 @@ where
             Ok(a) => a,
             Err(refusal) => {
                 self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.refuse(Refusal::Authentication);
                 let (v3c, v5c) = match refusal {
                     ConnectRefusal::BadClientId => (
                         ConnectReturnCode::IdentifierRejected,
@@ -576,10 +681,17 @@ where
         // Will: authorized at CONNECT like Mosquitto does (refuse the connection if forbidden).
         let will = match will_raw {
             Some((topic, payload, qos, retain, wprops)) => {
-                if !is_valid_topic_name(&topic)
+                let too_long = !cfg.topic_within_limits(&topic);
+                if too_long
+                    || !is_valid_topic_name(&topic)
                     || !self.shared.hooks.may_publish(&principal, &topic)
                 {
                     self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.refuse(if too_long {
+                        Refusal::TopicTooLong
+                    } else {
+                        Refusal::PublishDenied
+                    });
                     self.refuse(
                         ConnectReturnCode::NotAuthorized,
                         ConnectReasonCode::NotAuthorized,
@@ -629,30 +741,57 @@ where
         };
         self.send_window = usize::from(client_recv_max.min(cfg.inflight_max.max(1)));
 
-        // Attach the session, taking over any live connection with this client id.
+        // Attach the session, taking over any live connection with this client id. Sessions
+        // live in one namespace per kind of principal (devices, services, the dev listener), and
+        // within it a session belongs to the principal that created it: another principal using
+        // the same client id is refused, never given the session, and never kicks its connection.
+        let owner = Owner::of(&principal);
+        let key: SessionKey = (owner.namespace(), client_id.clone());
+        let persistent = expiry_secs > 0;
+        let principal = Arc::new(principal);
         let mut waited = false;
         enum Attach {
             Wait(watch::Receiver<()>),
-            Full,
+            Refuse(Refusal),
             Done(Arc<Mutex<Session>>, bool),
         }
         let (session, session_present) = loop {
             let step = {
                 let mut table = lock(&self.shared.sessions);
-                let existing = table.get(&client_id).cloned();
-                let old_done = existing.as_ref().and_then(|e| {
-                    let s = lock(e);
-                    s.link.as_ref().map(|old| {
-                        let _ = old.control.try_send(Control::TakenOver);
-                        old.done.clone()
+                let existing = table.get(&key);
+                let foreign = existing.is_some_and(|e| e.owner != owner);
+                let existing = existing.map(|e| e.session.clone());
+                let resumes = existing.is_some() && !clean;
+                let old_done = if foreign {
+                    None
+                } else {
+                    existing.as_ref().and_then(|e| {
+                        let s = lock(e);
+                        s.link.as_ref().map(|old| {
+                            let _ = old.control.try_send(Control::TakenOver);
+                            old.done.clone()
+                        })
                     })
-                });
+                };
+                let was_persistent = existing.as_ref().is_some_and(|e| lock(e).expiry_secs > 0);
+                let non_device = key.0 != Namespace::Device;
                 match old_done {
+                    _ if foreign => Attach::Refuse(Refusal::ClientIdInUse),
                     Some(done) if !waited => Attach::Wait(done),
-                    _ if existing.is_none() && table.len() >= cfg.sessions_max => Attach::Full,
+                    _ if non_device && existing.is_none() && table.others() >= cfg.sessions_max => {
+                        Attach::Refuse(Refusal::SessionsFull)
+                    }
+                    _ if non_device
+                        && persistent
+                        && !was_persistent
+                        && table.persistent_of(&owner)
+                            >= cfg.persistent_sessions_per_principal_max =>
+                    {
+                        Attach::Refuse(Refusal::SessionQuota)
+                    }
                     _ => {
                         let (session, present) = match existing {
-                            Some(s) if !clean => (s, true),
+                            Some(s) if resumes => (s, true),
                             _ => {
                                 let id = self.shared.session_seq.fetch_add(1, Ordering::Relaxed);
                                 let s = Arc::new(Mutex::new(Session::new(
@@ -661,13 +800,15 @@ where
                                     principal.clone(),
                                 )));
                                 // Clean start: the old session (if any) ends here.
-                                if let Some(old) = table.insert(&client_id, s.clone(), &principal) {
+                                if let Some(old) =
+                                    table.insert(&key, s.clone(), owner.clone(), persistent)
+                                {
                                     self.shared.retire(&mut lock(&old));
                                 }
                                 (s, false)
                             }
                         };
-                        table.set_principal(&client_id, &principal);
+                        table.set_persistent(&key, persistent);
                         {
                             let mut s = lock(&session);
                             s.principal = principal.clone();
@@ -678,6 +819,11 @@ where
                                 control: link.control.clone(),
                                 done: link.done.clone(),
                             });
+                            if present {
+                                // What a resumed session holds is authorized again, against
+                                // this principal and the current policy.
+                                self.shared.revoke_disallowed(&mut s);
+                            }
                         }
                         Attach::Done(session, present)
                     }
@@ -697,11 +843,21 @@ where
                     }
                     waited = true;
                 }
-                Attach::Full => {
-                    self.refuse(
-                        ConnectReturnCode::ServerUnavailable,
-                        ConnectReasonCode::QuotaExceeded,
-                    );
+                Attach::Refuse(reason) => {
+                    self.shared.counters.refuse(reason);
+                    self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(client_id, reason = reason.name(), "CONNECT refused");
+                    let (v3, v5) = match reason {
+                        Refusal::ClientIdInUse => (
+                            ConnectReturnCode::IdentifierRejected,
+                            ConnectReasonCode::ClientIdentifierNotValid,
+                        ),
+                        _ => (
+                            ConnectReturnCode::ServerUnavailable,
+                            ConnectReasonCode::QuotaExceeded,
+                        ),
+                    };
+                    self.refuse(v3, v5);
                     return false;
                 }
                 Attach::Done(session, present) => break (session, present),
@@ -713,7 +869,8 @@ where
         {
             let mut r = lock(&self.record);
             r.client_id = Some(client_id.clone());
-            r.principal = Some(principal.clone());
+            r.key = Some(key);
+            r.principal = Some((*principal).clone());
             r.session = Some(session.clone());
             r.will = will;
         }
@@ -771,6 +928,13 @@ where
         self.apply(events);
         if self.close {
             return false;
+        }
+        if self.keepalive.is_none() {
+            // Keepalive 0: the client asked for no supervision; the server still closes a
+            // connection that stays silent for 1.5 × keepalive_secs_max.
+            let cap_ms = self.idle_cap_ms();
+            self.idle_reset_ms = Some(cap_ms);
+            self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(cap_ms))));
         }
         lock(&self.record).connected = true;
         self.shared.hooks.on_connected(&client_id, &principal);
@@ -860,18 +1024,23 @@ where
             return;
         };
         loop {
+            // The write buffer holds at most about `write_buffer_bytes_max`: the rest waits in
+            // the bounded session queue (where QoS 0 is dropped first) until the socket drains.
+            if self.out.len() >= self.shared.config.write_buffer_bytes_max {
+                return;
+            }
             let d = {
                 let mut s = lock(&session);
                 let Some(front) = s.queue.front() else { return };
                 if front.expires_at.is_some_and(|at| at <= Instant::now()) {
-                    s.queue.pop_front();
+                    s.pop_front();
                     self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 if front.qos > 0 && s.inflight.len() >= self.send_window {
                     return;
                 }
-                match s.queue.pop_front() {
+                match s.pop_front() {
                     Some(d) => d,
                     None => return,
                 }
@@ -880,7 +1049,7 @@ where
                 match self.mqtt.acquire_packet_id() {
                     Ok(pid) => Some(pid),
                     Err(_) => {
-                        lock(&session).queue.push_front(d);
+                        lock(&session).push_front(d);
                         return;
                     }
                 }
@@ -924,6 +1093,13 @@ where
         let notify = lock(&session).notify.clone();
         let mut pending: FuturesOrdered<BoxFut<PendingPublish>> = FuturesOrdered::new();
         let pending_max = usize::from(self.shared.config.inflight_max.max(1));
+        let write_stall = Duration::from_millis(self.shared.config.write_stall_timeout_ms);
+        // Reading stops while this much output waits (a peer that sends but does not read
+        // cannot grow the write buffer with acks and ping responses).
+        let read_pause_bytes = self.shared.config.write_buffer_bytes_max.saturating_mul(2);
+        // Armed while output waits for the socket; re-armed on every byte it accepts.
+        let mut stall: Option<Pin<Box<Sleep>>> = None;
+        let mut stalled = false;
         // Filled by a completed read only; emptied (and trimmed) once processed.
         let mut buf: Vec<u8> = Vec::new();
         let leftover = std::mem::take(&mut self.leftover);
@@ -932,11 +1108,24 @@ where
         }
         drop(leftover);
         loop {
-            if self.flush().await.is_err() || self.close {
+            if self.close {
                 break;
             }
+            let want_write = !self.out.is_empty() || self.needs_flush;
+            if !want_write {
+                stall = None;
+            } else if stall.is_none() {
+                stall = Some(Box::pin(tokio::time::sleep(write_stall)));
+            }
+            let can_read = pending.len() < pending_max && self.out.len() < read_pause_bytes;
             let keepalive = async {
                 match self.keepalive.as_mut() {
+                    Some(s) => s.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stall_timer = async {
+                match stall.as_mut() {
                     Some(s) => s.await,
                     None => std::future::pending().await,
                 }
@@ -944,18 +1133,23 @@ where
             enum Step {
                 Control(Option<Control>),
                 Keepalive,
+                Stalled,
                 Done(Option<PendingPublish>),
                 Notified,
-                Read(std::io::Result<usize>),
+                Io(Io),
             }
+            let out = &self.out;
+            let needs_flush = self.needs_flush;
+            let stream = &mut self.stream;
             let step = tokio::select! {
                 biased;
                 c = control_rx.recv() => Step::Control(c),
                 () = keepalive => Step::Keepalive,
+                () = stall_timer => Step::Stalled,
                 done = pending.next(), if !pending.is_empty() => Step::Done(done),
                 () = notify.notified() => Step::Notified,
-                r = std::future::poll_fn(|cx| poll_read_chunk(&mut self.stream, cx, &mut buf)),
-                    if pending.len() < pending_max => Step::Read(r),
+                io = std::future::poll_fn(|cx| poll_io(stream, cx, out, needs_flush, can_read, &mut buf)),
+                    if want_write || can_read => Step::Io(io),
             };
             match step {
                 Step::Control(None) => {}
@@ -964,6 +1158,11 @@ where
                         Control::TakenOver => DisconnectReasonCode::SessionTakenOver,
                         Control::Kick(0x87) => DisconnectReasonCode::NotAuthorized,
                         Control::Kick(_) => DisconnectReasonCode::AdministrativeAction,
+                        Control::Removed => {
+                            // The principal is gone: its will must not fire.
+                            lock(&self.record).will = None;
+                            DisconnectReasonCode::AdministrativeAction
+                        }
                         Control::Shutdown => DisconnectReasonCode::ServerShuttingDown,
                     };
                     self.disconnect_v5(code);
@@ -971,27 +1170,60 @@ where
                 }
                 Step::Keepalive => {
                     self.keepalive = None;
+                    self.shared.counters.refuse(Refusal::KeepaliveTimeout);
                     tracing::debug!(client_id = %self.client_id, "keepalive expired");
                     let events = self.mqtt.notify_timer_fired(TimerKind::PingreqRecv);
                     self.apply(events);
                     self.close = true;
                 }
+                Step::Stalled => {
+                    self.shared.counters.refuse(Refusal::WriteStalled);
+                    tracing::info!(
+                        client_id = %self.client_id,
+                        waiting_bytes = self.out.len(),
+                        "closing a connection that stopped reading"
+                    );
+                    stalled = true;
+                    break;
+                }
                 Step::Done(None) => {}
                 Step::Done(Some(p)) => self.finish_publish(p),
                 Step::Notified => self.pump(),
-                Step::Read(Err(_)) | Step::Read(Ok(0)) => break,
-                Step::Read(Ok(n)) => {
+                Step::Io(Io::WriteFailed) => break,
+                Step::Io(Io::Wrote(n)) => {
+                    self.out.drain(..n.min(self.out.len()));
+                    self.needs_flush = true;
+                    stall = None;
+                    if self.out.is_empty() {
+                        clear_and_trim(&mut self.out);
+                    }
+                    self.pump();
+                }
+                Step::Io(Io::Flushed) => {
+                    self.needs_flush = false;
+                    stall = None;
+                }
+                Step::Io(Io::Read(Err(_))) | Step::Io(Io::Read(Ok(0))) => break,
+                Step::Io(Io::Read(Ok(n))) => {
+                    if let Some(ms) = self.idle_reset_ms {
+                        self.keepalive =
+                            Some(Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
+                    }
                     self.process_input(&buf[..n], &mut pending);
                     clear_and_trim(&mut buf);
                 }
             }
         }
         // PUBLISHes fully received before the end (e.g. right before DISCONNECT) are still
-        // authorized and routed; their acks are written if the stream still takes them.
+        // authorized and routed; their acks are written if the stream still takes them, within
+        // `close_flush_timeout_ms` (a takeover never waits on a peer that stopped reading).
         while let Some(p) = pending.next().await {
             self.finish_publish(p);
         }
-        let _ = self.flush().await;
+        if !stalled {
+            let limit = Duration::from_millis(self.shared.config.close_flush_timeout_ms);
+            let _ = self.flush_within(limit).await;
+        }
     }
 
     fn process_input(&mut self, data: &[u8], pending: &mut FuturesOrdered<BoxFut<PendingPublish>>) {
@@ -1167,12 +1399,27 @@ where
         pending: &mut FuturesOrdered<BoxFut<PendingPublish>>,
     ) {
         let v5 = self.version == ProtocolVersion::V5;
+        let mut msg = msg;
+        if !self.shared.config.topic_within_limits(&msg.topic) {
+            self.shared.counters.refuse(Refusal::TopicTooLong);
+            tracing::debug!(client_id = %self.client_id, "publish topic over the length/level limits");
+            match (v5, pid) {
+                (true, Some(pid)) => self.ack(pid, msg.qos, 0x90),
+                _ => {
+                    self.disconnect_v5(DisconnectReasonCode::TopicNameInvalid);
+                    self.close = true;
+                }
+            }
+            return;
+        }
         if !is_valid_topic_name(&msg.topic) {
             self.disconnect_v5(DisconnectReasonCode::TopicNameInvalid);
             self.close = true;
             return;
         }
-        if !self.shared.hooks.may_publish(&self.principal, &msg.topic) {
+        let principal = self.principal();
+        if !self.shared.hooks.may_publish(&principal, &msg.topic) {
+            self.shared.counters.refuse(Refusal::PublishDenied);
             self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(client_id = %self.client_id, topic = %msg.topic, "publish denied");
             match (v5, pid) {
@@ -1184,8 +1431,18 @@ where
             }
             return;
         }
+        // Over a retained quota: v5 QoS 1/2 is answered 0x97 (Quota exceeded) and not
+        // accepted; otherwise (v3.1.1, QoS 0) the message is delivered but not retained.
+        if msg.retain && !self.shared.retained_fits(&msg, &Owner::of(&principal)) {
+            self.shared.counters.refuse(Refusal::RetainedQuota);
+            tracing::debug!(client_id = %self.client_id, topic = %msg.topic, "retained message over quota");
+            if let (true, Some(pid)) = (v5, pid) {
+                self.ack(pid, msg.qos, 0x97);
+                return;
+            }
+            msg.retain = false;
+        }
         let hooks = self.shared.hooks.clone();
-        let principal = self.principal.clone();
         let client_id = self.client_id.clone();
         pending.push_back(Box::pin(async move {
             let verdict = hooks.on_publish(&principal, &client_id, &msg).await;
@@ -1205,7 +1462,15 @@ where
                     .messages_in
                     .fetch_add(1, Ordering::Relaxed);
                 let qos = p.msg.qos;
-                self.shared.route(Arc::new(p.msg), Some(&self.client_id));
+                let mut msg = Arc::new(p.msg);
+                if msg.retain {
+                    let owner = Owner::of(&self.principal());
+                    if !self.shared.store_retained(&msg, Some(&owner)) {
+                        // Filled up since the check at receipt: deliver, do not retain.
+                        Arc::make_mut(&mut msg).retain = false;
+                    }
+                }
+                self.shared.route(msg, Some(&self.client_id));
                 if let Some(pid) = p.packet_id {
                     self.ack(pid, qos, 0);
                 }
@@ -1277,9 +1542,17 @@ where
         let mut codes: Vec<u8> = Vec::with_capacity(entries.len());
         let mut retained_for: Vec<(String, u8)> = Vec::new();
         let mut granted: Vec<String> = Vec::new();
+        let principal = self.principal();
         for (filter, opts, rh) in entries {
             let shared_sub = filter.starts_with("$share/");
-            let code = if !is_valid_filter(&filter) || shared_sub {
+            let code = if !self.shared.config.topic_within_limits(&filter) {
+                self.shared.counters.refuse(Refusal::TopicTooLong);
+                if v5 {
+                    0x8F
+                } else {
+                    0x80
+                }
+            } else if !is_valid_filter(&filter) || shared_sub {
                 if v5 {
                     if shared_sub {
                         0x9E
@@ -1289,8 +1562,9 @@ where
                 } else {
                     0x80
                 }
-            } else if !self.shared.hooks.may_subscribe(&self.principal, &filter) {
+            } else if !self.shared.hooks.may_subscribe(&principal, &filter) {
                 self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.refuse(Refusal::SubscribeDenied);
                 if v5 {
                     0x87
                 } else {
@@ -1300,6 +1574,7 @@ where
                 let mut s = lock(&session);
                 let existed = s.subs.contains_key(&filter);
                 if !existed && s.subs.len() >= self.shared.config.subscriptions_per_session_max {
+                    self.shared.counters.refuse(Refusal::SubscriptionQuota);
                     if v5 {
                         0x97
                     } else {
@@ -1356,7 +1631,7 @@ where
             let client_id = lock(&session).client_id.clone();
             self.shared
                 .hooks
-                .on_subscribed(&client_id, &self.principal, &granted);
+                .on_subscribed(&client_id, &principal, &granted);
         }
         // Retained messages go after the SUBACK (same write buffer, so in order).
         for (filter, qos) in retained_for {
@@ -1370,9 +1645,7 @@ where
                     retain: true,
                     expires_at,
                 };
-                if !lock(&session).enqueue(d, self.shared.config.session_queue_len_max) {
-                    self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+                self.shared.enqueue(&mut lock(&session), d);
             }
         }
     }

@@ -54,7 +54,9 @@ pub(crate) struct Session {
     /// Unique per session object: its key in the subscription index.
     pub(crate) id: SessionId,
     pub(crate) client_id: String,
-    pub(crate) principal: Principal,
+    /// The principal as of now: replaced when the embedder reports new tags
+    /// ([`crate::Broker::update_principal`]); connections read it for every authorization.
+    pub(crate) principal: Arc<Principal>,
     /// Filter → options. Change only through `Shared::{add,remove}_subscription` / `retire`,
     /// which keep the subscription index in step.
     pub(crate) subs: HashMap<String, SubOptions>,
@@ -62,7 +64,13 @@ pub(crate) struct Session {
     pub(crate) subs_generation: u64,
     /// Out of the session table: its subscriptions are no longer in the index.
     pub(crate) retired: bool,
+    /// Its principal was removed ([`crate::Broker::remove_device`]): no will fires for it.
+    pub(crate) removed: bool,
+    /// Change only through `enqueue` / `pop_front` / `push_front` / `drop_qos0` / `clear_queue`,
+    /// which keep `queue_bytes` in step.
     pub(crate) queue: VecDeque<Delivery>,
+    /// Topic + payload bytes of everything in `queue`.
+    pub(crate) queue_bytes: usize,
     pub(crate) inflight: VecDeque<Inflight>,
     /// Inbound QoS 2 packet ids for which PUBREC was sent and PUBREL not yet received.
     pub(crate) qos2_in: HashSet<u16>,
@@ -74,7 +82,7 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(id: SessionId, client_id: String, principal: Principal) -> Session {
+    pub(crate) fn new(id: SessionId, client_id: String, principal: Arc<Principal>) -> Session {
         Session {
             id,
             client_id,
@@ -82,7 +90,9 @@ impl Session {
             subs: HashMap::new(),
             subs_generation: 0,
             retired: false,
+            removed: false,
             queue: VecDeque::new(),
+            queue_bytes: 0,
             inflight: VecDeque::new(),
             qos2_in: HashSet::new(),
             expiry_secs: 0,
@@ -92,23 +102,59 @@ impl Session {
         }
     }
 
-    /// Queue a delivery; false if it was dropped. Offline sessions do not queue QoS 0.
-    /// A full queue drops its oldest QoS 0 message first; with none, the new message is dropped.
-    pub(crate) fn enqueue(&mut self, d: Delivery, len_max: usize) -> bool {
+    /// Queue a delivery; false if it (or an older QoS 0 message to make room) was dropped.
+    /// Offline sessions do not queue QoS 0. The queue holds at most `len_max` messages and
+    /// `bytes_max` bytes (topic + payload); when full, the oldest queued QoS 0 messages are
+    /// dropped first, and with none left to drop the new message is dropped.
+    pub(crate) fn enqueue(&mut self, d: Delivery, len_max: usize, bytes_max: usize) -> bool {
         if self.link.is_none() && d.qos == 0 {
             return false;
         }
+        let size = d.size();
         let mut ok = true;
-        if self.queue.len() >= len_max {
-            if let Some(pos) = self.queue.iter().position(|q| q.qos == 0) {
-                self.queue.remove(pos);
-                ok = false;
-            } else {
+        while self.queue.len() >= len_max || self.queue_bytes + size > bytes_max {
+            let Some(pos) = self.queue.iter().position(|q| q.qos == 0) else {
                 return false;
+            };
+            if let Some(old) = self.queue.remove(pos) {
+                self.queue_bytes -= old.size();
             }
+            ok = false;
         }
+        self.queue_bytes += size;
         self.queue.push_back(d);
         self.notify.notify_one();
         ok
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Delivery> {
+        let d = self.queue.pop_front()?;
+        self.queue_bytes -= d.size();
+        Some(d)
+    }
+
+    /// Put back a delivery taken with `pop_front` (it fit before, so no bound is checked).
+    pub(crate) fn push_front(&mut self, d: Delivery) {
+        self.queue_bytes += d.size();
+        self.queue.push_front(d);
+    }
+
+    /// Drop queued QoS 0 messages (the session went offline).
+    pub(crate) fn drop_qos0(&mut self) {
+        self.queue.retain(|d| d.qos > 0);
+        self.queue_bytes = self.queue.iter().map(Delivery::size).sum();
+    }
+
+    pub(crate) fn clear_queue(&mut self) {
+        self.queue.clear();
+        self.queue_bytes = 0;
+        self.inflight.clear();
+    }
+}
+
+impl Delivery {
+    /// What the delivery costs a queue: topic + payload bytes.
+    pub(crate) fn size(&self) -> usize {
+        self.msg.topic.len() + self.msg.payload.len()
     }
 }

@@ -123,6 +123,11 @@ impl fmt::Display for Topic {
     }
 }
 
+/// The text every topic of one device starts with (`devices/<id>/`).
+pub fn device_topic_prefix(id: &DeviceId) -> String {
+    format!("{DEVICES_ROOT}/{id}/")
+}
+
 /// The filter covering a device's whole subtree: `devices/<id>/#`.
 pub fn device_subtree_filter(id: &DeviceId) -> String {
     format!("{DEVICES_ROOT}/{id}/#")

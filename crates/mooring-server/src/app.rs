@@ -12,7 +12,7 @@ use mooring_proto::selector::{DeviceFacts, Selector};
 use mooring_proto::{Clock, DeviceId};
 use mooring_store::{DeviceRecord, NewDevice, Point, Store, TelemetryQuery, TelemetryWriter};
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// Most devices one list call returns.
 pub const DEVICE_PAGE_LEN_MAX: usize = 1000;
@@ -26,7 +26,7 @@ pub struct App {
     pub config: ServerConfig,
     pub store: Arc<dyn Store>,
     pub pki: Pki,
-    pub policy: Policy,
+    policy: RwLock<Arc<Policy>>,
     pub clock: Arc<dyn Clock>,
     pub writer: TelemetryWriter,
     pub presence: Presence,
@@ -57,7 +57,7 @@ impl App {
             config,
             store,
             pki,
-            policy,
+            policy: RwLock::new(Arc::new(policy)),
             clock,
             writer,
             presence: Presence::default(),
@@ -74,6 +74,24 @@ impl App {
 
     pub fn broker(&self) -> Option<&Broker> {
         self.broker.get()
+    }
+
+    /// The topic policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Put a new topic policy in force (a config reload): every session's subscriptions are
+    /// checked against it at once and what it no longer allows is removed. Returns that number.
+    pub fn set_policy(&self, policy: Policy) -> usize {
+        *self
+            .policy
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(policy);
+        self.broker().map_or(0, Broker::reauthorize_all)
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -266,12 +284,23 @@ impl App {
         let id = Self::parse_id(id)?;
         validate_tags(&tags)?;
         self.store
-            .set_tags(id.as_str(), tags)
+            .set_tags(id.as_str(), tags.clone())
             .await
             .map_err(|e| match e {
                 mooring_store::StoreError::NotFound(_) => device_not_found(id.as_str()),
                 other => other.into(),
             })?;
+        // Policy follows the data: the device's sessions (live and persisted) are authorized
+        // against the new tags from now on, and what they no longer allow is removed.
+        if let Some(broker) = self.broker() {
+            let removed = broker.update_principal(mooring_proto::policy::Principal::Device {
+                id: id.as_str().to_owned(),
+                tags,
+            });
+            if removed > 0 {
+                tracing::info!(device = %id, removed, "tags changed: subscriptions no longer allowed were removed");
+            }
+        }
         self.get_device(id.as_str()).await
     }
 
@@ -287,14 +316,17 @@ impl App {
         self.select_devices(&sel, cursor, limit).await
     }
 
-    /// Deletes a device: its certificate is refused from now on and a live session is closed.
+    /// Deletes a device: its certificate is refused from now on, a live session is closed, and
+    /// its persisted sessions and retained messages (its own and everything under
+    /// `devices/<id>/`) are removed, so an id created again starts with nothing.
     pub async fn delete_device(&self, id: &str) -> ServiceResult<()> {
         let id = Self::parse_id(id)?;
         if !self.store.delete_device(id.as_str()).await? {
             return Err(device_not_found(id.as_str()));
         }
         if let Some(broker) = self.broker() {
-            broker.kick_device(id.as_str());
+            let prefix = mooring_proto::topic::device_topic_prefix(&id);
+            broker.remove_device(id.as_str(), Some(&prefix));
         }
         self.presence.forget(id.as_str());
         Ok(())

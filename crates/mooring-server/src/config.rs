@@ -99,6 +99,32 @@ pub struct LimitsConfig {
     pub mqtt_connections_max: usize,
     /// Time allowed for a TLS handshake.
     pub tls_handshake_timeout_ms: u64,
+    /// Topic + payload bytes queued for one MQTT session (QoS 0 dropped first when full).
+    pub mqtt_session_queue_bytes_max: usize,
+    /// A connection whose socket takes no bytes for this long while output waits is closed.
+    pub mqtt_write_stall_timeout_ms: u64,
+    /// Longest keepalive granted; keepalive 0 (or more) is supervised as this (× 1.5).
+    pub mqtt_keepalive_secs_max: u16,
+    /// Longest topic name or filter, in bytes.
+    pub mqtt_topic_bytes_max: usize,
+    /// Most levels in a topic name or filter.
+    pub mqtt_topic_levels_max: usize,
+    /// Subscriptions one session may hold.
+    pub mqtt_subscriptions_per_session_max: usize,
+    /// Retained messages one device (or service) may own.
+    pub mqtt_retained_per_principal_max: usize,
+    /// Topic + payload bytes of the retained messages one device (or service) may own.
+    pub mqtt_retained_bytes_per_principal_max: usize,
+    /// Retained messages published by clients, server-wide (the server's own, such as shadow
+    /// deltas, are not counted and never refused).
+    pub mqtt_retained_messages_max: usize,
+    /// Topic + payload bytes of the retained messages clients published, server-wide.
+    pub mqtt_retained_bytes_max: usize,
+    /// Sessions of services and dev-listener clients, server-wide (device sessions are bounded
+    /// by the registry and always admitted).
+    pub mqtt_sessions_max: usize,
+    /// Persistent sessions one service token may hold.
+    pub mqtt_persistent_sessions_per_service_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -140,12 +166,25 @@ impl Default for CertificateConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
+        let broker = mooring_broker::BrokerConfig::default();
         Self {
             mqtt_packet_size_bytes_max: 256 * 1024,
             mqtt_session_queue_len_max: 1000,
             presence_flush_interval_secs: 10,
             mqtt_connections_max: 200_000,
             tls_handshake_timeout_ms: 10_000,
+            mqtt_session_queue_bytes_max: broker.session_queue_bytes_max,
+            mqtt_write_stall_timeout_ms: broker.write_stall_timeout_ms,
+            mqtt_keepalive_secs_max: broker.keepalive_secs_max,
+            mqtt_topic_bytes_max: broker.topic_bytes_max,
+            mqtt_topic_levels_max: broker.topic_levels_max,
+            mqtt_subscriptions_per_session_max: broker.subscriptions_per_session_max,
+            mqtt_retained_per_principal_max: broker.retained_per_principal_max,
+            mqtt_retained_bytes_per_principal_max: broker.retained_bytes_per_principal_max,
+            mqtt_retained_messages_max: broker.retained_messages_max,
+            mqtt_retained_bytes_max: broker.retained_bytes_max,
+            mqtt_sessions_max: broker.sessions_max,
+            mqtt_persistent_sessions_per_service_max: broker.persistent_sessions_per_principal_max,
         }
     }
 }
@@ -201,8 +240,39 @@ impl ServerConfig {
         {
             bail!("commands: retry_backoff_initial_ms and scheduler_tick_ms must be at least 1, and retry_backoff_max_ms at least retry_backoff_initial_ms");
         }
+        let l = &self.limits;
+        if l.mqtt_keepalive_secs_max == 0
+            || l.mqtt_write_stall_timeout_ms == 0
+            || l.mqtt_topic_bytes_max == 0
+            || l.mqtt_topic_levels_max == 0
+            || l.mqtt_session_queue_bytes_max < l.mqtt_packet_size_bytes_max as usize
+        {
+            bail!("limits: mqtt_keepalive_secs_max, mqtt_write_stall_timeout_ms, mqtt_topic_bytes_max and mqtt_topic_levels_max must be at least 1, and mqtt_session_queue_bytes_max at least mqtt_packet_size_bytes_max");
+        }
         self.policy()?;
         Ok(())
+    }
+
+    /// The broker's bounds, from `[limits]`.
+    pub fn broker(&self) -> mooring_broker::BrokerConfig {
+        let l = &self.limits;
+        mooring_broker::BrokerConfig {
+            packet_size_bytes_max: l.mqtt_packet_size_bytes_max,
+            session_queue_len_max: l.mqtt_session_queue_len_max,
+            session_queue_bytes_max: l.mqtt_session_queue_bytes_max,
+            write_stall_timeout_ms: l.mqtt_write_stall_timeout_ms,
+            keepalive_secs_max: l.mqtt_keepalive_secs_max,
+            topic_bytes_max: l.mqtt_topic_bytes_max,
+            topic_levels_max: l.mqtt_topic_levels_max,
+            subscriptions_per_session_max: l.mqtt_subscriptions_per_session_max,
+            retained_per_principal_max: l.mqtt_retained_per_principal_max,
+            retained_bytes_per_principal_max: l.mqtt_retained_bytes_per_principal_max,
+            retained_messages_max: l.mqtt_retained_messages_max,
+            retained_bytes_max: l.mqtt_retained_bytes_max,
+            sessions_max: l.mqtt_sessions_max,
+            persistent_sessions_per_principal_max: l.mqtt_persistent_sessions_per_service_max,
+            ..mooring_broker::BrokerConfig::default()
+        }
     }
 
     /// The topic policy: defaults plus the configured rules.

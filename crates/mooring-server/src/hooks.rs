@@ -115,6 +115,24 @@ impl Hooks for ServerHooks {
                 } else {
                     req.client_id.to_owned()
                 };
+                // A service client id never equals a device id: nobody mistakes a service's
+                // session for a device's (in logs, in tools, in the broker's namespaces).
+                match app.store.get_device(&client_id).await {
+                    Ok(None) => {}
+                    Ok(Some(_)) => {
+                        Counters::inc(&app.counters.connects_refused);
+                        tracing::info!(
+                            service = %t.name,
+                            client_id,
+                            "refused: a service client id may not be a device id"
+                        );
+                        return Err(ConnectRefusal::BadClientId);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "device lookup failed");
+                        return Err(ConnectRefusal::ServerUnavailable);
+                    }
+                }
                 Ok(Authenticated {
                     client_id,
                     principal: Principal::Service { name: t.name },
@@ -136,11 +154,11 @@ impl Hooks for ServerHooks {
     }
 
     fn may_publish(&self, principal: &Principal, topic: &str) -> bool {
-        self.app.policy.may_publish(principal, topic)
+        self.app.policy().may_publish(principal, topic)
     }
 
     fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
-        self.app.policy.may_subscribe(principal, filter)
+        self.app.policy().may_subscribe(principal, filter)
     }
 
     async fn on_publish(

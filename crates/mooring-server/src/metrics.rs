@@ -60,6 +60,22 @@ impl Exposition {
         self.metric(name, help, "counter", value as f64)
     }
 
+    /// One counter with a series per label value: `name{label="value"} n`.
+    pub fn labeled_counters<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        series: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> &mut Self {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} counter");
+        for (value, n) in series {
+            let _ = writeln!(self.out, "{name}{{{label}=\"{value}\"}} {n}");
+        }
+        self
+    }
+
     pub fn gauge(&mut self, name: &str, help: &str, value: f64) -> &mut Self {
         self.metric(name, help, "gauge", value)
     }

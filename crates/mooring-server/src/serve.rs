@@ -6,7 +6,7 @@ use crate::hooks::ServerHooks;
 use crate::metrics::{load, Counters, Exposition};
 use crate::pki::{cert_common_name, cert_sha256_hex, Pki};
 use anyhow::Context;
-use mooring_broker::{Broker, BrokerConfig, ConnInfo, ListenerKind};
+use mooring_broker::{Broker, ConnInfo, ListenerKind};
 use mooring_proto::Clock;
 use mooring_store::{SqliteStore, Store, TelemetryWriter, TelemetryWriterConfig};
 use std::future::Future;
@@ -129,11 +129,7 @@ impl RunningServer {
             },
         );
         let policy = config.policy()?;
-        let broker_config = BrokerConfig {
-            packet_size_bytes_max: config.limits.mqtt_packet_size_bytes_max,
-            session_queue_len_max: config.limits.mqtt_session_queue_len_max,
-            ..BrokerConfig::default()
-        };
+        let broker_config = config.broker();
         let app = Arc::new(App::new(config, store, pki, policy, clock, writer));
         let broker = Broker::new(broker_config, Arc::new(ServerHooks::new(app.clone())));
         app.set_broker(broker.clone());
@@ -438,6 +434,11 @@ pub fn render_metrics(app: &App) -> String {
             "MQTT sessions (connected and persistent)",
             s.sessions as f64,
         )
+        .gauge(
+            "mooring_mqtt_subscriptions",
+            "Subscriptions held by all MQTT sessions",
+            s.subscriptions as f64,
+        )
         .counter(
             "mooring_mqtt_messages_in_total",
             "PUBLISH packets received",
@@ -467,6 +468,17 @@ pub fn render_metrics(app: &App) -> String {
             "mooring_mqtt_connection_panics_total",
             "Connection tasks that panicked (contained)",
             s.panics,
+        )
+        .gauge(
+            "mooring_mqtt_retained_bytes",
+            "Topic + payload bytes of the retained messages clients published",
+            s.retained_bytes as f64,
+        )
+        .labeled_counters(
+            "mooring_mqtt_refusals_total",
+            "MQTT refusals and removals by reason (connects, publishes, subscriptions, quotas, dropped messages, closed connections)",
+            "reason",
+            s.refusals.iter().map(|(r, n)| (r.name(), *n)),
         );
     }
     let w = app.writer.stats();

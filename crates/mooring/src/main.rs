@@ -275,10 +275,50 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!("ready");
-    shutdown_signal().await;
+    let reload = reload_loop(args.config.clone(), server.app.clone());
+    tokio::select! {
+        () = shutdown_signal() => {}
+        () = reload => {}
+    }
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())
+}
+
+/// SIGHUP re-reads the config file's `[policy]` rules and puts them in force: every session's
+/// subscriptions are checked again at once (like Mosquitto reloading its ACL file). Everything
+/// else in the file needs a restart. A file that does not parse or validate changes nothing.
+async fn reload_loop(config: Option<PathBuf>, app: std::sync::Arc<mooring_server::app::App>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return std::future::pending().await;
+        };
+        while hup.recv().await.is_some() {
+            let Some(path) = &config else {
+                tracing::info!("SIGHUP: no --config file; the built-in policy stays in force");
+                continue;
+            };
+            match ServerConfig::load(path).and_then(|c| c.policy()) {
+                Ok(policy) => {
+                    let removed = app.set_policy(policy);
+                    tracing::info!(
+                        file = %path.display(),
+                        subscriptions_removed = removed,
+                        "SIGHUP: policy reloaded"
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "SIGHUP: policy not reloaded; the previous one stays in force"
+                    );
+                }
+            }
+        }
+    }
+    std::future::pending().await
 }
 
 async fn shutdown_signal() {

@@ -298,7 +298,11 @@ async fn shadow_desired_state_reaches_the_agent_and_is_reported_back() {
     let _agent = Agent::start(&server, &d, &tmp.path().join("state"), &config);
     let shadow = server
         .wait_for("/api/v1/devices/lamp-1/shadow", |v| {
-            v["reported"]["led"] == "on" && v["delta"].as_object().is_some_and(|m| m.is_empty())
+            // The connect report (versions) and the delta report are separate updates in
+            // either order: wait for both.
+            v["reported"]["led"] == "on"
+                && v["reported"]["version"] == "1.4.0"
+                && v["delta"].as_object().is_some_and(|m| m.is_empty())
         })
         .await;
     assert_eq!(shadow["reported"]["hz"], 2);

@@ -472,7 +472,7 @@ impl App {
         let Ok(device) = DeviceId::parse(device_id) else {
             return Ok(());
         };
-        if !broker.is_subscribed(device_id, &Topic::command(&device, "c")) {
+        if !broker.device_is_subscribed(device_id, &Topic::command(&device, "c")) {
             return Ok(());
         }
         let pending = self
@@ -518,7 +518,7 @@ impl App {
                     1,
                     false,
                 );
-                if !broker.publish_to(device_id, msg) {
+                if !broker.publish_to_device(device_id, msg) {
                     break;
                 }
                 record.attempts = record.attempts.saturating_add(1);
@@ -561,7 +561,9 @@ impl App {
                 self.transition(None, &c.id, Event::GiveUp).await?;
             } else {
                 let subscribed = match (self.broker(), DeviceId::parse(&c.device_id)) {
-                    (Some(b), Ok(d)) => b.is_subscribed(&c.device_id, &Topic::command(&d, "c")),
+                    (Some(b), Ok(d)) => {
+                        b.device_is_subscribed(&c.device_id, &Topic::command(&d, "c"))
+                    }
                     _ => false,
                 };
                 if subscribed {
