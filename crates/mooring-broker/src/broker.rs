@@ -35,6 +35,8 @@ pub(crate) enum Control {
 pub enum Refusal {
     /// CONNECT refused by the embedder's authentication.
     Authentication,
+    /// CONNECT refused by the embedder: a client id this principal may not use.
+    ClientIdInvalid,
     /// CONNECT under a client id whose session belongs to another principal.
     ClientIdInUse,
     /// CONNECT refused: the principal holds `persistent_sessions_per_principal_max` persistent sessions.
@@ -63,8 +65,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 13] = [
+    pub const ALL: [Refusal; 14] = [
         Refusal::Authentication,
+        Refusal::ClientIdInvalid,
         Refusal::ClientIdInUse,
         Refusal::SessionQuota,
         Refusal::SessionsFull,
@@ -83,6 +86,7 @@ impl Refusal {
     pub fn name(self) -> &'static str {
         match self {
             Refusal::Authentication => "authentication",
+            Refusal::ClientIdInvalid => "client_id_invalid",
             Refusal::ClientIdInUse => "client_id_in_use",
             Refusal::SessionQuota => "session_quota",
             Refusal::SessionsFull => "sessions_full",

@@ -645,7 +645,10 @@ where
             Ok(a) => a,
             Err(refusal) => {
                 self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
-                self.shared.counters.refuse(Refusal::Authentication);
+                self.shared.counters.refuse(match refusal {
+                    ConnectRefusal::BadClientId => Refusal::ClientIdInvalid,
+                    _ => Refusal::Authentication,
+                });
                 let (v3c, v5c) = match refusal {
                     ConnectRefusal::BadClientId => (
                         ConnectReturnCode::IdentifierRejected,

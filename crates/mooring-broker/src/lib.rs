@@ -74,7 +74,7 @@ pub mod hooks;
 mod index;
 pub mod session;
 
-pub use broker::{Broker, BrokerStats, SessionInfo};
+pub use broker::{Broker, BrokerStats, Refusal, SessionInfo};
 pub use config::BrokerConfig;
 pub use hooks::{
     Authenticated, ConnInfo, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message,

@@ -133,6 +133,57 @@ impl Server {
         format!("http://{}", self.http)
     }
 
+    /// One sample from `/metrics` (`name` with its labels, e.g. `x_total{reason="y"}`); 0 if absent.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.metrics_text().await;
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (n, v) = l.rsplit_once(' ')?;
+                (n == name).then(|| v.parse().ok()).flatten()
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Waits (bounded by [`WAIT`]) until a `/metrics` sample satisfies `pred`; returns it.
+    pub async fn wait_metric(&self, name: &str, pred: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.metric(name).await;
+            if pred(v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "metric {name} stayed at {v}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits (bounded by [`WAIT`]) until the server's log has a line containing `text`.
+    pub fn wait_log(&self, text: &str) {
+        let deadline = Instant::now() + WAIT;
+        while !self.log_text().contains(text) {
+            assert!(Instant::now() < deadline, "log line {text:?} not seen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's process id (to send it signals or read its memory use).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The server's resident memory in KiB (from /proc), for reporting.
+    pub fn rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// `kill -9`: no shutdown, no flush.
     pub fn kill9(mut self) {
         let _ = self.child.kill();
