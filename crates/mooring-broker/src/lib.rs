@@ -21,18 +21,27 @@
 //!   inbound QoS 2 packet ids awaiting PUBREL. A session lives in the broker table until its
 //!   expiry (v5 Session Expiry Interval; v3.1.1 `clean_session = 0` gets
 //!   `session_expiry_secs_max`).
-//! * [`broker`] — broker-wide state and operations: the session table (by client id, plus client
-//!   ids by device id for `kick_device`), the subscription index, retained messages, routing,
-//!   stats, `kick_device`, `shutdown`, and server-originated messages: `publish` (routed like any
-//!   publish) and `publish_to` (one connected client, only if it holds a matching subscription;
-//!   reports whether the message was enqueued). `route` stores/clears the retained message, then
-//!   asks the index which sessions match (under its read lock only), releases it, and enqueues
+//! * [`broker`] — broker-wide state and operations: the session table (by namespace and client
+//!   id, plus client ids by device id), the subscription index, retained messages with their
+//!   owners, routing, stats, `kick_device`, `remove_device`, `update_principal`,
+//!   `reauthorize_all`, `shutdown`, and server-originated messages: `publish` (routed like any
+//!   publish) and `publish_to_device` (that device's connected session only, if it holds a
+//!   matching subscription; reports whether the message was enqueued). A retained message is
+//!   stored (within its owner's quota) before it is routed; `route` asks the index which sessions
+//!   match (under its read lock only), releases it, and enqueues
 //!   to each of them under that session's own lock, once per session at the highest granted QoS.
 //! * `index` — the subscription index: a topic-level trie (exact children, a `+` child, a `#`
 //!   set per node) from filter to (session id, session, options), kept in step with every
 //!   session's `subs` on SUBSCRIBE, UNSUBSCRIBE and session end (clean disconnect, expiry,
 //!   replacement by a clean start). Matching costs O(levels × matches), independent of the
 //!   number of sessions; it agrees with `mooring_proto::topic::filter_matches` (property-tested).
+//! * Ownership — sessions are keyed by (namespace, client id), one namespace per kind of
+//!   principal (device, service, dev listener), and belong to the principal that created them:
+//!   another principal's CONNECT with that client id is refused (0x85 / rc 2). A resumed session's
+//!   filters are authorized again; [`Broker::update_principal`] (a device's new tags) and
+//!   [`Broker::reauthorize_all`] (a policy reload) remove filters no longer allowed;
+//!   [`Broker::remove_device`] ends a device's sessions and retained messages. Every refusal is
+//!   counted by [`Refusal`] reason.
 //! * [`hooks`] — the contract with the embedder: [`Hooks::authenticate`] at CONNECT,
 //!   [`Hooks::may_publish`] / [`Hooks::may_subscribe`] per packet, [`Hooks::on_publish`] before
 //!   any authorized message (and every will) is routed — acknowledgements for QoS 1/2 wait for it,
@@ -49,8 +58,8 @@
 //! under its lock together with the index update and records the index generation, so a route
 //! that collected a session before the change re-checks that session's current filters (see
 //! `Shared::route`). Lookups by client id or device id are hash lookups; nothing on the connect,
-//! publish, `publish_to`, `is_subscribed`, `kick_device` or stats paths visits every session
-//! (only `shutdown` does).
+//! publish, `publish_to_device`, `device_is_subscribed`, `kick_device` or stats paths visits every session
+//! (only `shutdown` and `reauthorize_all`, a policy reload, do; `remove_device` scans the retained table).
 //!
 //! ## Delivery
 //!
@@ -61,9 +70,12 @@
 //!
 //! ## Bounds
 //!
-//! Packet size, inflight (both directions), per-session queue length (drop oldest QoS 0 first,
-//! counted in [`BrokerStats::dropped`]), subscriptions per session, number of sessions, retained
-//! messages, keepalive and session expiry are all capped by [`BrokerConfig`]. The subscription
+//! Packet size, inflight (both directions), per-session queue length and bytes (drop oldest QoS 0
+//! first, counted in [`BrokerStats::dropped`]), the write buffer, how long a write may make no
+//! progress, topic bytes and levels, subscriptions per session, non-device sessions, persistent
+//! sessions per principal, retained messages (count and bytes, per principal and broker-wide;
+//! the server's own are never refused), keepalive (0 is supervised too) and session expiry are
+//! all capped by [`BrokerConfig`]. The subscription
 //! index holds one entry per subscription, so it is bounded by `sessions_max ×
 //! subscriptions_per_session_max` (its size is [`BrokerStats::subscriptions`]).
 
