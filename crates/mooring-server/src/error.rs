@@ -16,6 +16,8 @@ pub enum ErrorKind {
     PreconditionFailed,
     /// A bounded server resource is exhausted; retry later.
     Unavailable,
+    /// The client did not send the request (body) in time.
+    RequestTimeout,
     Internal,
 }
 
@@ -30,6 +32,7 @@ impl ErrorKind {
             ErrorKind::Conflict => 409,
             ErrorKind::PreconditionFailed => 412,
             ErrorKind::Unavailable => 503,
+            ErrorKind::RequestTimeout => 408,
             ErrorKind::Internal => 500,
         }
     }

@@ -234,7 +234,9 @@ impl Pki {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(chain, key)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // HTTP/1.1 only: the API listener's bounds (header read and idle keep-alive timeout) are
+        // hyper HTTP/1 settings; hyper's HTTP/2 server has no idle timeout.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
     }
 }

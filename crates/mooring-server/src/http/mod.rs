@@ -8,6 +8,7 @@ mod commands;
 
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -75,12 +76,32 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(ApiError(ServiceError::invalid(
-                "invalid_body",
-                rejection.body_text(),
-            ))),
+            Err(rejection) => Err(ApiError(json_rejection(&rejection))),
         }
     }
+}
+
+fn json_rejection(rejection: &JsonRejection) -> ServiceError {
+    if caused_by_body_timeout(rejection) {
+        return ServiceError::new(
+            ErrorKind::RequestTimeout,
+            "request_timeout",
+            "the request body did not arrive in time",
+        );
+    }
+    ServiceError::invalid("invalid_body", rejection.body_text())
+}
+
+/// Whether reading the body failed because tower-http's `RequestBodyTimeoutLayer` gave up.
+fn caused_by_body_timeout(rejection: &JsonRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(e) = cause {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Query-string extractor whose rejections are JSON errors too.
@@ -182,6 +203,7 @@ async fn not_found() -> ApiError {
 
 /// The whole HTTP router.
 pub fn router(app: Arc<App>) -> Router {
+    let body_timeout = std::time::Duration::from_millis(app.config.http.request_body_timeout_ms);
     let protected =
         api::routes()
             .merge(commands::routes())
@@ -198,6 +220,9 @@ pub fn router(app: Arc<App>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(
             REQUEST_BODY_SIZE_BYTES_MAX,
+        ))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            body_timeout,
         ))
         .with_state(app)
 }
