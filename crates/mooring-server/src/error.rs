@@ -63,9 +63,16 @@ impl ServiceError {
         Self::new(ErrorKind::NotFound, code, message)
     }
 
+    /// An internal failure. The backend's text goes only to the server log, with a random id;
+    /// the client gets the code `internal` and that id, never the text.
     pub fn internal(message: impl fmt::Display) -> Self {
-        tracing::error!(error = %message, "internal error");
-        Self::new(ErrorKind::Internal, "internal", message.to_string())
+        let error_id = format!("{:016x}", rand::random::<u64>());
+        tracing::error!(error_id = %error_id, error = %message, "internal error");
+        Self::new(
+            ErrorKind::Internal,
+            "internal",
+            format!("internal error; see server log, id {error_id}"),
+        )
     }
 }
 
@@ -90,3 +97,22 @@ impl From<mooring_store::StoreError> for ServiceError {
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_error_hides_backend_text_behind_an_id() {
+        let e = ServiceError::internal("disk I/O error at /var/lib/mooring/mooring.db");
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert_eq!(e.code, "internal");
+        assert!(!e.message.contains("disk"), "{}", e.message);
+        let id = e
+            .message
+            .strip_prefix("internal error; see server log, id ")
+            .expect("message names the log id");
+        assert_eq!(id.len(), 16);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

@@ -208,3 +208,34 @@ async fn connection_cap_keeps_descriptors_for_devices_and_healthz_answers_when_i
     );
     drop(idlers);
 }
+
+#[tokio::test]
+async fn internal_errors_show_an_id_not_the_backend_text() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = start(tmp.path(), &[]);
+    // Another process holds the database's write lock, so the server's write fails (after its
+    // busy timeout) with SQLite's "database is locked".
+    let db = rusqlite::Connection::open(server.data_dir.join("mooring.db")).expect("open db");
+    db.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    let (status, body) = server
+        .api(
+            "POST",
+            "/api/v1/devices",
+            Some(serde_json::json!({"id": "d1"})),
+        )
+        .await;
+    db.execute_batch("ROLLBACK").expect("unlock");
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(body["error"]["code"], "internal");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(!message.contains("locked"), "{message}");
+    let id = message
+        .strip_prefix("internal error; see server log, id ")
+        .expect("message names a log id");
+    let log = server.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(id) && l.contains("database is locked")),
+        "the log line with id {id} and the backend text: {log}"
+    );
+}
