@@ -18,6 +18,10 @@ pub enum ErrorKind {
     Unavailable,
     /// The client did not send the request (body) in time.
     RequestTimeout,
+    /// The request body is larger than the server accepts.
+    PayloadTooLarge,
+    /// The request body is not in a media type the call accepts (e.g. no JSON content type).
+    UnsupportedMediaType,
     Internal,
 }
 
@@ -33,6 +37,8 @@ impl ErrorKind {
             ErrorKind::PreconditionFailed => 412,
             ErrorKind::Unavailable => 503,
             ErrorKind::RequestTimeout => 408,
+            ErrorKind::PayloadTooLarge => 413,
+            ErrorKind::UnsupportedMediaType => 415,
             ErrorKind::Internal => 500,
         }
     }

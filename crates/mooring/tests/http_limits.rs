@@ -210,6 +210,68 @@ async fn connection_cap_keeps_descriptors_for_devices_and_healthz_answers_when_i
 }
 
 #[tokio::test]
+async fn router_rejections_are_json_errors() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = start(tmp.path(), &[]);
+    let client = support::http();
+    let url = server.url();
+    let check = |resp: reqwest::Response, status: u16, code: &'static str| async move {
+        assert_eq!(resp.status().as_u16(), status, "{code}");
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        assert!(ct.starts_with("application/json"), "{code}: {ct}");
+        let body: Value = resp.json().await.expect("json body");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(body["error"]["message"].is_string(), "{body}");
+    };
+    let auth = |r: reqwest::RequestBuilder| r.bearer_auth(&server.token);
+
+    // A path segment that is not UTF-8 once percent-decoded.
+    let r = auth(client.get(format!("{url}/api/v1/devices/%ff")))
+        .send()
+        .await
+        .expect("http");
+    check(r, 400, "invalid_path").await;
+    let r = auth(client.get(format!("{url}/api/v1/devices/%ff/commands/%fe")))
+        .send()
+        .await
+        .expect("http");
+    check(r, 400, "invalid_path").await;
+    let r = auth(client.get(format!("{url}/api/v1/devices?limit=many")))
+        .send()
+        .await
+        .expect("http");
+    check(r, 400, "invalid_query").await;
+    let r = auth(client.get(format!("{url}/nope")))
+        .send()
+        .await
+        .expect("http");
+    check(r, 404, "route_not_found").await;
+    let r = auth(client.patch(format!("{url}/api/v1/devices")))
+        .send()
+        .await
+        .expect("http");
+    check(r, 405, "method_not_allowed").await;
+    let r = auth(client.post(format!("{url}/api/v1/devices")))
+        .body(r#"{"id":"x"}"#)
+        .send()
+        .await
+        .expect("http");
+    check(r, 415, "unsupported_media_type").await;
+    let r = auth(client.post(format!("{url}/api/v1/devices")))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .expect("http");
+    check(r, 413, "payload_too_large").await;
+}
+
+#[tokio::test]
 async fn internal_errors_show_an_id_not_the_backend_text() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = start(tmp.path(), &[]);
