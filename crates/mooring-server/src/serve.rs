@@ -80,14 +80,55 @@ pub async fn run(
     Ok(())
 }
 
-fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+/// Creates the data dir if needed and makes it 0700 whether or not we created it (umask and
+/// an existing 0755 directory notwithstanding); pre-creates the database file 0600, because
+/// SQLite gives its `-wal` and `-shm` files the database file's mode.
+fn prepare_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating data dir {}", dir.display()))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making data dir {} private (0700)", dir.display()))?;
+    let db = dir.join(mooring_store::DB_FILE_NAME);
+    if !db.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&db)
+            .with_context(|| format!("creating {}", db.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes every file in the data dir 0600 and every directory 0700 (symbolic links are left
+/// alone, not followed): the database and its `-wal`/`-shm`, keys, certificates, the token.
+fn restrict_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading data dir {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading data dir {}", dir.display()))?;
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("inspecting {}", path.display()))?;
+        let mode = if meta.is_file() {
+            0o600
+        } else if meta.is_dir() {
+            0o700
+        } else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o7777 != mode {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {} to {mode:o}", path.display()))?;
+        }
     }
     Ok(())
 }
@@ -100,7 +141,7 @@ impl RunningServer {
     ) -> anyhow::Result<RunningServer> {
         config.validate()?;
         let _ = rustls::crypto::ring::default_provider().install_default();
-        create_data_dir(&config.data_dir)?;
+        prepare_data_dir(&config.data_dir)?;
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(&config.data_dir)
                 .with_context(|| format!("opening store in {}", config.data_dir.display()))?,
@@ -115,6 +156,7 @@ impl RunningServer {
         let new_admin_token =
             crate::auth::ensure_admin_token(store.as_ref(), &config.data_dir, clock.now_ms())
                 .await?;
+        restrict_data_dir(&config.data_dir)?;
         let mqtt_tls = TlsAcceptor::from(pki.mqtt_tls_config()?);
         let http_tls = if config.http_tls {
             Some(TlsAcceptor::from(pki.http_tls_config()?))

@@ -1,11 +1,11 @@
 //! Files on disk: `device create --out` never follows a planted symbolic link nor truncates a
-//! file.
+//! file, and the server keeps its data dir private (0700, files 0600) whatever the umask.
 
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use support::Server;
+use support::{MqttDevice, Server};
 
 fn mode(path: &Path) -> u32 {
     std::fs::symlink_metadata(path)
@@ -135,4 +135,43 @@ async fn device_key_is_0600_at_creation_whatever_the_umask() {
     assert!(run.status.success(), "{}", stderr(&run));
     assert_eq!(mode(&out.join("device.key")), 0o600);
     assert_eq!(mode(&out.join("device.crt")), 0o644);
+}
+
+#[tokio::test]
+async fn data_dir_is_private_whoever_created_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let server = Server::start_after_shell(&data, "umask 022", &[]);
+    let creds = server.create_device("d1", tmp.path());
+    let mut device = MqttDevice::connect(&server, &creds, "d1").await;
+    device
+        .publish("devices/d1/telemetry", r#"{"seq":1,"n":1}"#)
+        .await;
+    server
+        .wait_for("/api/v1/devices/d1/telemetry?metric=n", |v| {
+            v["points"].as_array().is_some_and(|p| !p.is_empty())
+        })
+        .await;
+
+    assert_eq!(mode(&data), 0o700, "the data dir");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&data).expect("read data dir") {
+        let entry = entry.expect("entry");
+        names.push(entry.file_name().to_string_lossy().into_owned());
+        assert_eq!(mode(&entry.path()), 0o600, "{}", entry.path().display());
+    }
+    for expected in [
+        "mooring.db",
+        "mooring.db-wal",
+        "mooring.db-shm",
+        "ca.key",
+        "admin.token",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
+    }
 }
