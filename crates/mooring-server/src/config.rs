@@ -32,6 +32,34 @@ pub struct ServerConfig {
     pub policy: PolicyConfig,
     pub limits: LimitsConfig,
     pub commands: CommandsConfig,
+    pub http: HttpConfig,
+}
+
+/// Bounds on the HTTP API listener, so slow or idle clients cannot hold its connections (and the
+/// process's file descriptors, shared with the MQTT listeners) forever.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Longest wait for a complete request header: from accept (or the end of the previous
+    /// response on a kept-alive connection) to the header's last byte. So it is also the idle
+    /// keep-alive timeout: hyper runs one timer for both. Then the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// Longest wait for the next piece of a request body; then the request answers
+    /// `408 request_timeout` and the connection is closed.
+    pub request_body_timeout_ms: u64,
+    /// Most open API connections (TLS handshakes included). Further clients wait in the
+    /// kernel's accept backlog, holding none of the process's file descriptors.
+    pub connections_max: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 10_000,
+            request_body_timeout_ms: 10_000,
+            connections_max: 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +169,7 @@ impl Default for ServerConfig {
             policy: PolicyConfig::default(),
             limits: LimitsConfig::default(),
             commands: CommandsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -248,6 +277,11 @@ impl ServerConfig {
             || l.mqtt_session_queue_bytes_max < l.mqtt_packet_size_bytes_max as usize
         {
             bail!("limits: mqtt_keepalive_secs_max, mqtt_write_stall_timeout_ms, mqtt_topic_bytes_max and mqtt_topic_levels_max must be at least 1, and mqtt_session_queue_bytes_max at least mqtt_packet_size_bytes_max");
+        }
+        let h = &self.http;
+        if h.header_read_timeout_ms == 0 || h.request_body_timeout_ms == 0 || h.connections_max == 0
+        {
+            bail!("http: header_read_timeout_ms, request_body_timeout_ms and connections_max must be at least 1");
         }
         self.policy()?;
         Ok(())

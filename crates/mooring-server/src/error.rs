@@ -16,6 +16,12 @@ pub enum ErrorKind {
     PreconditionFailed,
     /// A bounded server resource is exhausted; retry later.
     Unavailable,
+    /// The client did not send the request (body) in time.
+    RequestTimeout,
+    /// The request body is larger than the server accepts.
+    PayloadTooLarge,
+    /// The request body is not in a media type the call accepts (e.g. no JSON content type).
+    UnsupportedMediaType,
     Internal,
 }
 
@@ -30,6 +36,9 @@ impl ErrorKind {
             ErrorKind::Conflict => 409,
             ErrorKind::PreconditionFailed => 412,
             ErrorKind::Unavailable => 503,
+            ErrorKind::RequestTimeout => 408,
+            ErrorKind::PayloadTooLarge => 413,
+            ErrorKind::UnsupportedMediaType => 415,
             ErrorKind::Internal => 500,
         }
     }
@@ -60,9 +69,16 @@ impl ServiceError {
         Self::new(ErrorKind::NotFound, code, message)
     }
 
+    /// An internal failure. The backend's text goes only to the server log, with a random id;
+    /// the client gets the code `internal` and that id, never the text.
     pub fn internal(message: impl fmt::Display) -> Self {
-        tracing::error!(error = %message, "internal error");
-        Self::new(ErrorKind::Internal, "internal", message.to_string())
+        let error_id = format!("{:016x}", rand::random::<u64>());
+        tracing::error!(error_id = %error_id, error = %message, "internal error");
+        Self::new(
+            ErrorKind::Internal,
+            "internal",
+            format!("internal error; see server log, id {error_id}"),
+        )
     }
 }
 
@@ -87,3 +103,22 @@ impl From<mooring_store::StoreError> for ServiceError {
 }
 
 pub type ServiceResult<T> = Result<T, ServiceError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_error_hides_backend_text_behind_an_id() {
+        let e = ServiceError::internal("disk I/O error at /var/lib/mooring/mooring.db");
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert_eq!(e.code, "internal");
+        assert!(!e.message.contains("disk"), "{}", e.message);
+        let id = e
+            .message
+            .strip_prefix("internal error; see server log, id ")
+            .expect("message names the log id");
+        assert_eq!(id.len(), 16);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+}

@@ -80,14 +80,55 @@ pub async fn run(
     Ok(())
 }
 
-fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
+/// Creates the data dir if needed and makes it 0700 whether or not we created it (umask and
+/// an existing 0755 directory notwithstanding); pre-creates the database file 0600, because
+/// SQLite gives its `-wal` and `-shm` files the database file's mode.
+fn prepare_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     if !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("creating data dir {}", dir.display()))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making data dir {} private (0700)", dir.display()))?;
+    let db = dir.join(mooring_store::DB_FILE_NAME);
+    if !db.exists() {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&db)
+            .with_context(|| format!("creating {}", db.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes every file in the data dir 0600 and every directory 0700 (symbolic links are left
+/// alone, not followed): the database and its `-wal`/`-shm`, keys, certificates, the token.
+fn restrict_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("reading data dir {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.with_context(|| format!("reading data dir {}", dir.display()))?;
+        let path = entry.path();
+        let meta = std::fs::symlink_metadata(&path)
+            .with_context(|| format!("inspecting {}", path.display()))?;
+        let mode = if meta.is_file() {
+            0o600
+        } else if meta.is_dir() {
+            0o700
+        } else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o7777 != mode {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {} to {mode:o}", path.display()))?;
+        }
     }
     Ok(())
 }
@@ -100,7 +141,7 @@ impl RunningServer {
     ) -> anyhow::Result<RunningServer> {
         config.validate()?;
         let _ = rustls::crypto::ring::default_provider().install_default();
-        create_data_dir(&config.data_dir)?;
+        prepare_data_dir(&config.data_dir)?;
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(&config.data_dir)
                 .with_context(|| format!("opening store in {}", config.data_dir.display()))?,
@@ -115,6 +156,7 @@ impl RunningServer {
         let new_admin_token =
             crate::auth::ensure_admin_token(store.as_ref(), &config.data_dir, clock.now_ms())
                 .await?;
+        restrict_data_dir(&config.data_dir)?;
         let mqtt_tls = TlsAcceptor::from(pki.mqtt_tls_config()?);
         let http_tls = if config.http_tls {
             Some(TlsAcceptor::from(pki.http_tls_config()?))
@@ -315,59 +357,92 @@ async fn accept_mqtt(
     }
 }
 
+/// Serves the HTTP API (HTTP/1.1, plain or TLS) with bounded connections: at most
+/// `http.connections_max` at once, each closed if a request header (or, on a kept-alive
+/// connection, the next request) does not arrive within `http.header_read_timeout_ms`.
 async fn serve_http(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     app: Arc<App>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let limits = app.config.http.clone();
+    let handshake_timeout = Duration::from_millis(app.config.limits.tls_handshake_timeout_ms);
     let router = crate::http::router(app);
-    match tls {
-        None => {
-            let result = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = stop.changed().await;
-                })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "HTTP server failed");
+    // hyper's header read timeout starts when it begins waiting for a request head: at accept
+    // and again after every response on a kept-alive connection (hyper >= 1.4), so it is the
+    // idle timeout too.
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms));
+    let slots = Arc::new(Semaphore::new(limits.connections_max));
+    let conns = TaskTracker::new();
+    loop {
+        // A slot first, then accept: clients over the cap wait in the kernel's backlog and
+        // hold none of our file descriptors, which the MQTT listeners need for devices.
+        let permit = tokio::select! {
+            _ = stop.changed() => break,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = stop.changed() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let tls = tls.clone();
+        let http1 = http1.clone();
+        let router = router.clone();
+        let stop = stop.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            match tls {
+                None => serve_http_connection(&http1, tcp, router, stop).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => serve_http_connection(&http1, stream, router, stop).await,
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTPS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "HTTPS handshake timed out"),
+                    }
+                }
             }
+        });
+    }
+    conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conns.wait()).await;
+}
+
+/// Serves one HTTP/1.1 connection until it closes; on shutdown, finishes the request in flight.
+async fn serve_http_connection<I>(
+    http1: &hyper::server::conn::http1::Builder,
+    io: I,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let conn = http1.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
         }
-        Some(acceptor) => {
-            let conns = TaskTracker::new();
-            loop {
-                let (tcp, peer) = tokio::select! {
-                    _ = stop.changed() => break,
-                    a = listener.accept() => match a {
-                        Ok(a) => a,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
-                };
-                let acceptor = acceptor.clone();
-                let router = router.clone();
-                conns.spawn(async move {
-                    let Ok(Ok(tls)) =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-                    else {
-                        tracing::debug!(%peer, "HTTPS handshake failed");
-                        return;
-                    };
-                    let service = hyper_util::service::TowerToHyperService::new(router);
-                    let builder = hyper_util::server::conn::auto::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    let _ = builder
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                        .await;
-                });
-            }
-            conns.close();
-            let _ = tokio::time::timeout(Duration::from_secs(5), conns.wait()).await;
-        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
 

@@ -1,9 +1,9 @@
 //! `/api/v1` handlers and their OpenAPI description. API types are separate from store types.
 
-use super::{ApiError, ApiJson, ApiQuery, ApiResult, Caller, ErrorBody};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
 use crate::app::{App, DeviceView};
 use crate::error::{ErrorKind, ServiceError};
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -232,7 +232,7 @@ async fn list_devices(
     responses((status = 200, body = Device), (status = 404, body = ErrorBody)))]
 async fn get_device(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Device>> {
     Ok(Json(app.get_device(&id).await?.into()))
 }
@@ -241,7 +241,7 @@ async fn get_device(
     responses((status = 204, description = "deleted; its certificate is refused and a live session closed"), (status = 404, body = ErrorBody)))]
 async fn delete_device(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
     app.delete_device(&id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -251,7 +251,7 @@ async fn delete_device(
     responses((status = 200, body = TelemetryPoints), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn device_telemetry(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(p): ApiQuery<TelemetryParams>,
 ) -> ApiResult<Json<TelemetryPoints>> {
     let named = p.metric.is_some();
@@ -272,7 +272,7 @@ async fn device_telemetry(
     responses((status = 200, body = LatestMetrics), (status = 404, body = ErrorBody)))]
 async fn device_telemetry_latest(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<LatestMetrics>> {
     let latest = app.telemetry_latest(&id).await?;
     Ok(Json(LatestMetrics {

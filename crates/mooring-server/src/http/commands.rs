@@ -1,11 +1,11 @@
 //! `/api/v1` handlers for commands, fleet commands, tags and shadows, with their OpenAPI types.
 
-use super::{ApiError, ApiJson, ApiQuery, ApiResult, ErrorBody};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, ErrorBody};
 use crate::app::App;
 use crate::commands::{FleetCommandView, NewCommand};
 use crate::error::ServiceError;
 use crate::shadow::ShadowView;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -272,7 +272,7 @@ fn new_command(
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn create_command(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(w): ApiQuery<WaitParams>,
     ApiJson(req): ApiJson<CreateCommand>,
 ) -> ApiResult<(StatusCode, Json<Command>)> {
@@ -296,7 +296,7 @@ pub(super) async fn create_command(
     responses((status = 200, body = CommandList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn list_commands(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiQuery(p): ApiQuery<CommandListParams>,
 ) -> ApiResult<Json<CommandList>> {
     let (records, next_cursor) = app
@@ -312,7 +312,7 @@ pub(super) async fn list_commands(
     responses((status = 200, body = Command), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_command(
     State(app): State<Arc<App>>,
-    Path((id, cmd)): Path<(String, String)>,
+    ApiPath((id, cmd)): ApiPath<(String, String)>,
     ApiQuery(w): ApiQuery<WaitParams>,
 ) -> ApiResult<Json<Command>> {
     Ok(Json(app.get_command(&id, &cmd, w.wait_ms).await?.into()))
@@ -322,7 +322,7 @@ pub(super) async fn get_command(
     responses((status = 200, body = Command), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "already acknowledged or final")))]
 pub(super) async fn cancel_command(
     State(app): State<Arc<App>>,
-    Path((id, cmd)): Path<(String, String)>,
+    ApiPath((id, cmd)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Command>> {
     Ok(Json(app.cancel_command(&id, &cmd).await?.into()))
 }
@@ -350,7 +350,7 @@ pub enum AnyCommand {
     responses((status = 200, body = AnyCommand, description = "a fleet command with counts per state, or a device command"), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_any_command(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<AnyCommand>> {
     if let Some(v) = app.fleet_command(&id).await? {
         return Ok(Json(AnyCommand::Fleet(v.into())));
@@ -369,7 +369,7 @@ pub(super) async fn get_any_command(
     responses((status = 200, body = super::api::Device), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn put_tags(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(tags): ApiJson<BTreeMap<String, String>>,
 ) -> ApiResult<Json<super::api::Device>> {
     Ok(Json(app.set_tags(&id, tags).await?.into()))
@@ -379,7 +379,7 @@ pub(super) async fn put_tags(
     responses((status = 200, body = Shadow, headers(("ETag" = String, description = "the version, quoted"))), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_shadow(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
     Ok(shadow_response(app.get_shadow(&id).await?))
 }
@@ -390,7 +390,7 @@ pub(super) async fn get_shadow(
         (status = 412, body = ErrorBody, description = "version_mismatch: the shadow changed since that version")))]
 pub(super) async fn patch_shadow(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<ShadowPatch>,
 ) -> ApiResult<Response> {

@@ -1,13 +1,16 @@
 //! The HTTP API: routes, bearer-token auth, JSON errors, OpenAPI, health and metrics.
 //!
 //! Handlers only translate between HTTP and [`App`](crate::app::App) operations; there is no
-//! storage access here. Every error is `{"error":{"code":..,"message":..}}` with a 4xx/5xx status.
+//! storage access here. Every error is `{"error":{"code":..,"message":..}}` with a 4xx/5xx status:
+//! our extractors answer JSON rejections, and [`json_errors`] rewrites any other error response
+//! (axum's own rejections, layers) into that shape.
 
 mod api;
 mod commands;
 
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError};
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
@@ -75,12 +78,44 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(ApiError(ServiceError::invalid(
-                "invalid_body",
-                rejection.body_text(),
-            ))),
+            Err(rejection) => Err(ApiError(json_rejection(&rejection))),
         }
     }
+}
+
+fn json_rejection(rejection: &JsonRejection) -> ServiceError {
+    if caused_by_body_timeout(rejection) {
+        return ServiceError::new(
+            ErrorKind::RequestTimeout,
+            "request_timeout",
+            "the request body did not arrive in time",
+        );
+    }
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ServiceError::new(
+            ErrorKind::PayloadTooLarge,
+            "payload_too_large",
+            format!("the request body is larger than {REQUEST_BODY_SIZE_BYTES_MAX} bytes"),
+        ),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ServiceError::new(
+            ErrorKind::UnsupportedMediaType,
+            "unsupported_media_type",
+            rejection.body_text(),
+        ),
+        _ => ServiceError::invalid("invalid_body", rejection.body_text()),
+    }
+}
+
+/// Whether reading the body failed because tower-http's `RequestBodyTimeoutLayer` gave up.
+fn caused_by_body_timeout(rejection: &JsonRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(e) = cause {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Query-string extractor whose rejections are JSON errors too.
@@ -100,6 +135,32 @@ where
                 "invalid_query",
                 rejection.body_text(),
             ))),
+        }
+    }
+}
+
+/// Path-parameter extractor whose rejections (e.g. `%ff`, not UTF-8) are JSON errors too.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(ApiPath(v)),
+            Err(rejection) => match rejection.status() {
+                s if s.is_server_error() => {
+                    Err(ApiError(ServiceError::internal(rejection.body_text())))
+                }
+                _ => Err(ApiError(ServiceError::invalid(
+                    "invalid_path",
+                    rejection.body_text(),
+                ))),
+            },
         }
     }
 }
@@ -180,8 +241,79 @@ async fn not_found() -> ApiError {
     ApiError(ServiceError::not_found("route_not_found", "no such route"))
 }
 
+/// Longest error body [`json_errors`] reads from a response it rewrites.
+const ERROR_BODY_SIZE_BYTES_MAX: usize = 4096;
+
+/// The stable code for an error status when nothing more specific is known.
+fn status_code_name(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable_entity",
+        StatusCode::TOO_MANY_REQUESTS => "too_many_requests",
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    }
+}
+
+/// Rewrites every 4xx/5xx response whose body is not JSON (axum's own rejections, layers)
+/// into `{"error":{"code","message"}}`. A 4xx keeps its text as the message; a 5xx's text goes
+/// to the log only, like [`ServiceError::internal`].
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, ERROR_BODY_SIZE_BYTES_MAX)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let text = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let error = if status.is_server_error() {
+        ServiceError::internal(format!("{status}: {text}"))
+    } else {
+        ServiceError::invalid(status_code_name(status), text)
+    };
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: error.code.to_owned(),
+            message: error.message,
+        },
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let mut rewritten = (status, axum::Json(body)).into_response();
+    // Keep the other headers (e.g. `Allow`), with the JSON content type.
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE {
+            rewritten.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    rewritten
+}
+
 /// The whole HTTP router.
 pub fn router(app: Arc<App>) -> Router {
+    let body_timeout = std::time::Duration::from_millis(app.config.http.request_body_timeout_ms);
     let protected =
         api::routes()
             .merge(commands::routes())
@@ -199,5 +331,42 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(
             REQUEST_BODY_SIZE_BYTES_MAX,
         ))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            body_timeout,
+        ))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(app)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn json_errors_rewrites_plain_text_errors_and_keeps_other_headers() {
+        let plain = (
+            StatusCode::BAD_REQUEST,
+            [(header::ALLOW, "GET")],
+            "Invalid URL: something",
+        )
+            .into_response();
+        let resp = json_errors(plain).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/json");
+        assert_eq!(resp.headers()[header::ALLOW], "GET");
+        let body = axum::body::to_bytes(resp.into_body(), 4096)
+            .await
+            .expect("body");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["error"]["code"], "bad_request");
+        assert_eq!(v["error"]["message"], "Invalid URL: something");
+
+        let backend = (StatusCode::BAD_GATEWAY, "upstream at 10.0.0.7 refused").into_response();
+        let body = axum::body::to_bytes(json_errors(backend).await.into_body(), 4096)
+            .await
+            .expect("body");
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["error"]["code"], "internal");
+        assert!(!v.to_string().contains("10.0.0.7"), "{v}");
+    }
 }

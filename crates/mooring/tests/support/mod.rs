@@ -26,6 +26,13 @@ pub async fn get(url: String) -> reqwest::Response {
     http().get(url).send().await.expect("http")
 }
 
+/// The environment every test server starts with (callers may override it afterwards).
+fn serve_env(cmd: &mut Command) {
+    cmd.env("RUST_LOG", "info")
+        .env_remove("MOORING_TOKEN")
+        .env_remove("MOORING_DATA_DIR");
+}
+
 pub struct Server {
     pub data_dir: PathBuf,
     pub mqtt: SocketAddr,
@@ -63,13 +70,29 @@ impl Server {
     /// where the server is expected to write `admin.token`. The dev listener must be enabled.
     pub fn start_custom(data_dir: &Path, configure: impl FnOnce(&mut Command)) -> Server {
         let mut cmd = Command::new(BIN);
-        cmd.arg("serve")
-            .env("RUST_LOG", "info")
-            .env_remove("MOORING_TOKEN")
-            .env_remove("MOORING_DATA_DIR")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+        cmd.arg("serve");
+        serve_env(&mut cmd);
         configure(&mut cmd);
+        Self::spawn(data_dir, cmd)
+    }
+
+    /// Like [`Server::start_with`] (port 0 everywhere), but `mooring serve` runs from `sh -c`
+    /// after the shell commands `setup` (e.g. `umask 022`, `ulimit -n 64`), in the same process.
+    pub fn start_after_shell(data_dir: &Path, setup: &str, extra: &[&str]) -> Server {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{setup} && exec \"$@\""))
+            .args(["sh", BIN, "serve", "--data-dir"])
+            .arg(data_dir)
+            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--mqtt-dev-addr", "127.0.0.1:0"])
+            .args(extra);
+        serve_env(&mut cmd);
+        Self::spawn(data_dir, cmd)
+    }
+
+    fn spawn(data_dir: &Path, mut cmd: Command) -> Server {
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn mooring serve");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -127,6 +150,11 @@ impl Server {
             .text()
             .await
             .expect("metrics body")
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn url(&self) -> String {
