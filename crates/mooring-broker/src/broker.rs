@@ -169,6 +169,7 @@ impl Counters {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum Owner {
     Device(String),
+    /// A service token, by its id (names are not unique).
     Service(String),
     /// Every anonymous client of the development listener.
     Dev,
@@ -186,7 +187,7 @@ impl Owner {
     pub(crate) fn of(principal: &Principal) -> Owner {
         match principal {
             Principal::Device { id, .. } => Owner::Device(id.clone()),
-            Principal::Service { name } => Owner::Service(name.clone()),
+            Principal::Service { id, .. } => Owner::Service(id.clone()),
             Principal::Dev => Owner::Dev,
         }
     }
@@ -208,40 +209,54 @@ pub(crate) struct RetainedMsg {
 }
 
 fn retained_size(msg: &Message) -> usize {
-    msg.topic.len() + msg.payload.len()
+    msg.size_bytes()
 }
 
 #[derive(Default, Clone, Copy)]
-struct Usage {
+struct Totals {
     count: usize,
     bytes: usize,
 }
 
-/// Retained messages by topic, with what each principal owns, so quotas are checked in O(1).
+/// What one owner holds in the retained table.
+#[derive(Default)]
+struct Usage {
+    totals: Totals,
+    topics: HashSet<String>,
+}
+
+/// Retained messages by topic, with what each principal owns, so quotas are checked in O(1) and
+/// an owner's expired messages can be found without scanning the table.
 #[derive(Default)]
 pub(crate) struct RetainedTable {
     msgs: BTreeMap<String, RetainedMsg>,
     usage: HashMap<Owner, Usage>,
     /// Messages and bytes owned by clients (all owners together).
-    clients: Usage,
+    clients: Totals,
+    /// Last sweep of every expired message (rate-limited: see `make_room`).
+    last_sweep: Option<Instant>,
 }
 
+/// Least time between two sweeps of the whole retained table for expired messages.
+const RETAINED_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl RetainedTable {
-    fn account(&mut self, owner: &Option<Owner>, msg: &Message, add: bool) {
+    fn account(&mut self, owner: &Option<Owner>, topic: &str, size: usize, add: bool) {
         let Some(owner) = owner else { return };
-        let size = retained_size(msg);
         let u = self.usage.entry(owner.clone()).or_default();
         if add {
-            u.count += 1;
-            u.bytes += size;
+            u.totals.count += 1;
+            u.totals.bytes += size;
+            u.topics.insert(topic.to_owned());
             self.clients.count += 1;
             self.clients.bytes += size;
         } else {
-            u.count = u.count.saturating_sub(1);
-            u.bytes = u.bytes.saturating_sub(size);
+            u.totals.count = u.totals.count.saturating_sub(1);
+            u.totals.bytes = u.totals.bytes.saturating_sub(size);
+            u.topics.remove(topic);
             self.clients.count = self.clients.count.saturating_sub(1);
             self.clients.bytes = self.clients.bytes.saturating_sub(size);
-            if u.count == 0 {
+            if u.totals.count == 0 {
                 self.usage.remove(owner);
             }
         }
@@ -254,7 +269,7 @@ impl RetainedTable {
         let old = self.msgs.get(&msg.topic);
         let mine = old.filter(|o| o.owner.as_ref() == Some(owner));
         let clients_old = old.filter(|o| o.owner.is_some());
-        let u = self.usage.get(owner).copied().unwrap_or_default();
+        let u = self.usage.get(owner).map(|u| u.totals).unwrap_or_default();
         let count = u.count - usize::from(mine.is_some()) + 1;
         let bytes = u.bytes - mine.map_or(0, |o| retained_size(&o.msg)) + size;
         let all_count = self.clients.count - usize::from(clients_old.is_some()) + 1;
@@ -266,15 +281,55 @@ impl RetainedTable {
             && all_bytes <= config.retained_bytes_max
     }
 
+    /// Like `fits`, but first gives back what has expired: the owner's own expired messages,
+    /// then (at most once per [`RETAINED_SWEEP_INTERVAL`]) every expired message.
+    fn make_room(&mut self, config: &BrokerConfig, owner: Option<&Owner>, msg: &Message) -> bool {
+        if self.fits(config, owner, msg) {
+            return true;
+        }
+        let Some(owner) = owner else { return true };
+        let now = Instant::now();
+        let expired = |m: &RetainedMsg| m.expires_at.is_some_and(|at| at <= now);
+        let mine: Vec<String> = self.usage.get(owner).map_or_else(Vec::new, |u| {
+            u.topics
+                .iter()
+                .filter(|t| self.msgs.get(*t).is_some_and(expired))
+                .cloned()
+                .collect()
+        });
+        for t in &mine {
+            self.remove(t);
+        }
+        if self.fits(config, Some(owner), msg) {
+            return true;
+        }
+        if self
+            .last_sweep
+            .is_none_or(|at| now.duration_since(at) >= RETAINED_SWEEP_INTERVAL)
+        {
+            self.last_sweep = Some(now);
+            let all: Vec<String> = self
+                .msgs
+                .iter()
+                .filter(|(_, m)| expired(m))
+                .map(|(t, _)| t.clone())
+                .collect();
+            for t in &all {
+                self.remove(t);
+            }
+        }
+        self.fits(config, Some(owner), msg)
+    }
+
     fn remove(&mut self, topic: &str) {
         if let Some(old) = self.msgs.remove(topic) {
-            self.account(&old.owner, &old.msg, false);
+            self.account(&old.owner, topic, retained_size(&old.msg), false);
         }
     }
 
     fn insert(&mut self, msg: Arc<Message>, expires_at: Option<Instant>, owner: Option<Owner>) {
         self.remove(&msg.topic);
-        self.account(&owner, &msg, true);
+        self.account(&owner, &msg.topic, retained_size(&msg), true);
         self.msgs.insert(
             msg.topic.clone(),
             RetainedMsg {
@@ -287,18 +342,23 @@ impl RetainedTable {
 
     /// Remove what `owner` published and everything under `prefix` (if given); returns how many.
     fn remove_where(&mut self, owner: &Owner, prefix: Option<&str>) -> usize {
-        let doomed: Vec<String> = self
-            .msgs
-            .iter()
-            .filter(|(topic, m)| {
-                m.owner.as_ref() == Some(owner) || prefix.is_some_and(|p| topic.starts_with(p))
-            })
-            .map(|(t, _)| t.clone())
-            .collect();
+        let mut doomed: Vec<String> = self
+            .usage
+            .get(owner)
+            .map_or_else(Vec::new, |u| u.topics.iter().cloned().collect());
+        if let Some(p) = prefix {
+            doomed.extend(
+                self.msgs
+                    .range::<str, _>((Bound::Included(p), Bound::Unbounded))
+                    .take_while(|(t, _)| t.starts_with(p))
+                    .map(|(t, _)| t.clone()),
+            );
+        }
+        let before = self.msgs.len();
         for t in &doomed {
             self.remove(t);
         }
-        doomed.len()
+        before - self.msgs.len()
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -336,6 +396,8 @@ pub(crate) struct SessionTable {
     by_key: HashMap<SessionKey, TableEntry>,
     by_device: HashMap<String, HashSet<String>>,
     persistent: HashMap<Owner, usize>,
+    /// Sessions (live or persisted) per non-device owner.
+    per_owner: HashMap<Owner, usize>,
     /// Sessions outside the device namespace.
     others: usize,
 }
@@ -352,6 +414,11 @@ impl SessionTable {
     /// Non-device sessions (what `sessions_max` bounds).
     pub(crate) fn others(&self) -> usize {
         self.others
+    }
+
+    /// Sessions (live or persisted) a non-device `owner` holds.
+    pub(crate) fn sessions_of(&self, owner: &Owner) -> usize {
+        self.per_owner.get(owner).copied().unwrap_or(0)
     }
 
     /// Persistent sessions `owner` holds.
@@ -375,6 +442,7 @@ impl SessionTable {
                 .insert(key.1.clone());
         } else {
             self.others += 1;
+            *self.per_owner.entry(owner.clone()).or_default() += 1;
         }
         if persistent {
             *self.persistent.entry(owner.clone()).or_default() += 1;
@@ -430,6 +498,12 @@ impl SessionTable {
             }
         } else {
             self.others -= 1;
+            if let Some(n) = self.per_owner.get_mut(&e.owner) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_owner.remove(&e.owner);
+                }
+            }
         }
         Some(e.session)
     }
@@ -487,6 +561,9 @@ pub(crate) struct Shared {
     pub(crate) retained: Mutex<RetainedTable>,
     pub(crate) counters: Counters,
     pub(crate) conn_seq: AtomicU64,
+    /// Moved (under the session table lock) whenever a principal is removed or changes
+    /// (`remove_device`, `update_principal`): a CONNECT that authenticated before re-asks.
+    pub(crate) principal_epoch: AtomicU64,
     pub(crate) session_seq: AtomicU64,
     pub(crate) shutting_down: AtomicBool,
     /// Timers that outlive a connection: will delay, session expiry.
@@ -525,6 +602,7 @@ impl Broker {
                 retained: Mutex::new(RetainedTable::default()),
                 counters: Counters::default(),
                 conn_seq: AtomicU64::new(1),
+                principal_epoch: AtomicU64::new(0),
                 session_seq: AtomicU64::new(1),
                 shutting_down: AtomicBool::new(false),
                 timers: Mutex::new(JoinSet::new()),
@@ -564,6 +642,7 @@ impl Broker {
     pub fn remove_device(&self, device_id: &str, topic_prefix: Option<&str>) -> usize {
         {
             let mut table = lock(&self.shared.sessions);
+            self.shared.principal_epoch.fetch_add(1, Ordering::SeqCst);
             for key in table.device_keys(device_id) {
                 let Some(session) = table.remove_key(&key) else {
                     continue;
@@ -588,14 +667,18 @@ impl Broker {
         let Principal::Device { id, .. } = &principal else {
             return 0;
         };
-        let sessions: Vec<SessionRef> =
-            lock(&self.shared.sessions).of_device(id).cloned().collect();
+        let sessions: Vec<SessionRef> = {
+            let table = lock(&self.shared.sessions);
+            self.shared.principal_epoch.fetch_add(1, Ordering::SeqCst);
+            table.of_device(id).cloned().collect()
+        };
         let principal = Arc::new(principal);
         let mut removed = 0;
         for session in sessions {
             let mut s = lock(&session);
             s.principal = principal.clone();
-            removed += self.shared.revoke_disallowed(&mut s);
+            let offline = s.link.is_none();
+            removed += self.shared.revoke_disallowed(&mut s, offline);
         }
         removed
     }
@@ -606,7 +689,11 @@ impl Broker {
         let sessions: Vec<SessionRef> = lock(&self.shared.sessions).sessions().cloned().collect();
         sessions
             .iter()
-            .map(|session| self.shared.revoke_disallowed(&mut lock(session)))
+            .map(|session| {
+                let mut s = lock(session);
+                let offline = s.link.is_none();
+                self.shared.revoke_disallowed(&mut s, offline)
+            })
             .sum()
     }
 
@@ -841,7 +928,7 @@ impl Shared {
             retained.remove(&msg.topic);
             return true;
         }
-        if !retained.fits(&self.config, owner, msg) {
+        if !retained.make_room(&self.config, owner, msg) {
             drop(retained);
             self.counters.refuse(Refusal::RetainedQuota);
             return false;
@@ -857,12 +944,15 @@ impl Shared {
     /// Whether `owner` could store this retained message now (a check before the message is
     /// accepted; [`Shared::store_retained`] decides).
     pub(crate) fn retained_fits(&self, msg: &Message, owner: &Owner) -> bool {
-        msg.payload.is_empty() || lock(&self.retained).fits(&self.config, Some(owner), msg)
+        msg.payload.is_empty() || lock(&self.retained).make_room(&self.config, Some(owner), msg)
     }
 
     /// Remove the subscriptions of a session (whose lock the caller holds) that its current
-    /// principal may no longer hold; each is logged and counted. Returns how many.
-    pub(crate) fn revoke_disallowed(&self, s: &mut Session) -> usize {
+    /// principal may no longer hold; each is logged and counted. What they already queued goes
+    /// too (a delivery stays only if a remaining filter matches it), and so do unacknowledged
+    /// deliveries not yet resent when `purge_inflight` (the session is offline or being resumed:
+    /// nothing of it is on the wire of a live connection). Returns how many filters were removed.
+    pub(crate) fn revoke_disallowed(&self, s: &mut Session, purge_inflight: bool) -> usize {
         let principal = s.principal.clone();
         let revoked: Vec<String> = s
             .subs
@@ -874,6 +964,17 @@ impl Shared {
             self.remove_subscription(s, filter);
             self.counters.refuse(Refusal::SubscriptionRevoked);
             tracing::info!(client_id = %s.client_id, filter = %filter, "subscription no longer allowed by the policy; removed");
+        }
+        if !revoked.is_empty() {
+            let subs: Vec<String> = s.subs.keys().cloned().collect();
+            let allowed = |topic: &str| subs.iter().any(|f| filter_matches(f, topic));
+            let dropped = s.retain_queue(|d| allowed(&d.msg.topic));
+            if purge_inflight {
+                s.inflight.retain(|i| allowed(&i.delivery.msg.topic));
+            }
+            if dropped > 0 {
+                tracing::info!(client_id = %s.client_id, dropped, "queued messages of revoked subscriptions dropped");
+            }
         }
         revoked.len()
     }

@@ -58,6 +58,10 @@ pub struct BrokerConfig {
     /// dev listener) may hold; beyond that a CONNECT asking for one is refused (v5 0x97, v3.1.1
     /// server unavailable).
     pub persistent_sessions_per_principal_max: usize,
+    /// Sessions, live or persisted, one non-device principal may hold (one service token opening
+    /// many clean connections cannot fill `sessions_max` for everyone); beyond that CONNECT is
+    /// refused like `persistent_sessions_per_principal_max`.
+    pub sessions_per_principal_max: usize,
     /// Topic Alias Maximum advertised to v5 clients for their inbound PUBLISHes.
     pub topic_alias_max: u16,
 }
@@ -84,6 +88,7 @@ impl Default for BrokerConfig {
             retained_bytes_per_principal_max: 256 * 1024,
             sessions_max: 100_000,
             persistent_sessions_per_principal_max: 100,
+            sessions_per_principal_max: 1000,
             topic_alias_max: 16,
         }
     }

@@ -291,6 +291,10 @@ struct Conn<S> {
     idle_reset_ms: Option<u64>,
     /// Bytes written to the stream since the last flush.
     needs_flush: bool,
+    /// Unacknowledged messages of a resumed session still to be resent (see `pump`).
+    resend: std::collections::VecDeque<Inflight>,
+    /// The keep-alive timeout last armed, to re-arm it while reading is paused (see main loop).
+    keepalive_ms: u64,
     session: Option<Arc<Mutex<Session>>>,
     /// Client's Receive Maximum (v5) bounded by our inflight_max.
     send_window: usize,
@@ -336,6 +340,8 @@ where
         principal: Arc::new(Principal::Dev),
         idle_reset_ms: None,
         needs_flush: false,
+        resend: std::collections::VecDeque::new(),
+        keepalive_ms: 0,
         session: None,
         send_window: 0,
         client_packet_size_max: u32::MAX,
@@ -358,10 +364,8 @@ where
         let _ = c.flush_within(close_flush).await;
         return End::Closed;
     }
-    let write_stall = Duration::from_millis(shared.config.write_stall_timeout_ms);
-    if c.flush_within(write_stall).await.is_err() {
-        return End::Closed;
-    }
+    // The CONNACK and any resent messages go out from the main loop, which keeps acting on
+    // control messages (takeover, kick, shutdown) while the socket is slow.
     c.main_loop(&mut control_rx).await;
     End::Closed
 }
@@ -491,8 +495,9 @@ where
                 } => {
                     // Never longer than the server's own cap (a v3.1.1 client cannot be told).
                     let cap_ms = self.idle_cap_ms();
+                    self.keepalive_ms = duration_ms.min(cap_ms);
                     self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(
-                        duration_ms.min(cap_ms),
+                        self.keepalive_ms,
                     ))));
                 }
                 Event::RequestTimerReset { .. } => {}
@@ -581,6 +586,63 @@ where
         self.close = true;
     }
 
+    /// Ask the embedder who is connecting; on a refusal the CONNACK is queued (the connection
+    /// closes) and `None` is returned.
+    async fn authenticate(&mut self, req: ConnectRequest<'_>) -> Option<Authenticated> {
+        let refusal = match self.shared.hooks.authenticate(req).await {
+            Ok(a) => return Some(a),
+            Err(refusal) => refusal,
+        };
+        self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.refuse(match refusal {
+            ConnectRefusal::BadClientId => Refusal::ClientIdInvalid,
+            _ => Refusal::Authentication,
+        });
+        let (v3c, v5c) = match refusal {
+            ConnectRefusal::BadClientId => (
+                ConnectReturnCode::IdentifierRejected,
+                ConnectReasonCode::ClientIdentifierNotValid,
+            ),
+            ConnectRefusal::BadUsernameOrPassword => (
+                ConnectReturnCode::BadUserNameOrPassword,
+                ConnectReasonCode::BadUserNameOrPassword,
+            ),
+            ConnectRefusal::NotAuthorized => (
+                ConnectReturnCode::NotAuthorized,
+                ConnectReasonCode::NotAuthorized,
+            ),
+            ConnectRefusal::ServerUnavailable => (
+                ConnectReturnCode::ServerUnavailable,
+                ConnectReasonCode::ServerUnavailable,
+            ),
+        };
+        self.refuse(v3c, v5c);
+        None
+    }
+
+    /// Whether `principal` may leave a will on `topic`; if not, the refusal is counted and the
+    /// CONNACK (not authorized) queued.
+    fn will_allowed(&mut self, principal: &Principal, topic: &str) -> bool {
+        let too_long = !self.shared.config.topic_within_limits(topic);
+        if !too_long
+            && is_valid_topic_name(topic)
+            && self.shared.hooks.may_publish(principal, topic)
+        {
+            return true;
+        }
+        self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+        self.shared.counters.refuse(if too_long {
+            Refusal::TopicTooLong
+        } else {
+            Refusal::PublishDenied
+        });
+        self.refuse(
+            ConnectReturnCode::NotAuthorized,
+            ConnectReasonCode::NotAuthorized,
+        );
+        false
+    }
+
     /// Authenticate, attach the session (taking over any live connection), send CONNACK.
     async fn handle_connect(
         &mut self,
@@ -634,42 +696,20 @@ where
             );
             return false;
         }
-        let req = ConnectRequest {
+        let version = self.version;
+        let request = || ConnectRequest {
             info,
             client_id: &sent_id,
             username: username.as_deref(),
             password: password.as_deref(),
-            protocol_version: self.version,
+            protocol_version: version,
         };
-        let auth: Authenticated = match self.shared.hooks.authenticate(req).await {
-            Ok(a) => a,
-            Err(refusal) => {
-                self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
-                self.shared.counters.refuse(match refusal {
-                    ConnectRefusal::BadClientId => Refusal::ClientIdInvalid,
-                    _ => Refusal::Authentication,
-                });
-                let (v3c, v5c) = match refusal {
-                    ConnectRefusal::BadClientId => (
-                        ConnectReturnCode::IdentifierRejected,
-                        ConnectReasonCode::ClientIdentifierNotValid,
-                    ),
-                    ConnectRefusal::BadUsernameOrPassword => (
-                        ConnectReturnCode::BadUserNameOrPassword,
-                        ConnectReasonCode::BadUserNameOrPassword,
-                    ),
-                    ConnectRefusal::NotAuthorized => (
-                        ConnectReturnCode::NotAuthorized,
-                        ConnectReasonCode::NotAuthorized,
-                    ),
-                    ConnectRefusal::ServerUnavailable => (
-                        ConnectReturnCode::ServerUnavailable,
-                        ConnectReasonCode::ServerUnavailable,
-                    ),
-                };
-                self.refuse(v3c, v5c);
-                return false;
-            }
+        // A device deleted or re-tagged while this CONNECT waits (authentication, takeover) must
+        // not attach with the old view: the attach step compares this epoch and, if it moved,
+        // asks the embedder again.
+        let mut epoch = self.shared.principal_epoch.load(Ordering::SeqCst);
+        let Some(auth) = self.authenticate(request()).await else {
+            return false;
         };
         let mut client_id = auth.client_id;
         if client_id.is_empty() {
@@ -684,21 +724,7 @@ where
         // Will: authorized at CONNECT like Mosquitto does (refuse the connection if forbidden).
         let will = match will_raw {
             Some((topic, payload, qos, retain, wprops)) => {
-                let too_long = !cfg.topic_within_limits(&topic);
-                if too_long
-                    || !is_valid_topic_name(&topic)
-                    || !self.shared.hooks.may_publish(&principal, &topic)
-                {
-                    self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
-                    self.shared.counters.refuse(if too_long {
-                        Refusal::TopicTooLong
-                    } else {
-                        Refusal::PublishDenied
-                    });
-                    self.refuse(
-                        ConnectReturnCode::NotAuthorized,
-                        ConnectReasonCode::NotAuthorized,
-                    );
+                if !self.will_allowed(&principal, &topic) {
                     return false;
                 }
                 let delay_secs = wprops
@@ -748,10 +774,10 @@ where
         // live in one namespace per kind of principal (devices, services, the dev listener), and
         // within it a session belongs to the principal that created it: another principal using
         // the same client id is refused, never given the session, and never kicks its connection.
-        let owner = Owner::of(&principal);
-        let key: SessionKey = (owner.namespace(), client_id.clone());
+        let mut owner = Owner::of(&principal);
+        let mut key: SessionKey = (owner.namespace(), client_id.clone());
         let persistent = expiry_secs > 0;
-        let principal = Arc::new(principal);
+        let mut principal = Arc::new(principal);
         let mut waited = false;
         enum Attach {
             Wait(watch::Receiver<()>),
@@ -761,6 +787,33 @@ where
         let (session, session_present) = loop {
             let step = {
                 let mut table = lock(&self.shared.sessions);
+                if self.shared.principal_epoch.load(Ordering::SeqCst) != epoch {
+                    // Checked under the table lock, which `remove_device` and
+                    // `update_principal` hold while they move the epoch.
+                    drop(table);
+                    epoch = self.shared.principal_epoch.load(Ordering::SeqCst);
+                    match self.authenticate(request()).await {
+                        Some(auth) if auth.client_id.is_empty() || auth.client_id == client_id => {
+                            if let Some(w) = &will {
+                                if !self.will_allowed(&auth.principal, &w.msg.topic) {
+                                    return false;
+                                }
+                            }
+                            owner = Owner::of(&auth.principal);
+                            key = (owner.namespace(), client_id.clone());
+                            principal = Arc::new(auth.principal);
+                            continue;
+                        }
+                        Some(_) => {
+                            self.refuse(
+                                ConnectReturnCode::IdentifierRejected,
+                                ConnectReasonCode::ClientIdentifierNotValid,
+                            );
+                            return false;
+                        }
+                        None => return false,
+                    }
+                }
                 let existing = table.get(&key);
                 let foreign = existing.is_some_and(|e| e.owner != owner);
                 let existing = existing.map(|e| e.session.clone());
@@ -783,6 +836,12 @@ where
                     Some(done) if !waited => Attach::Wait(done),
                     _ if non_device && existing.is_none() && table.others() >= cfg.sessions_max => {
                         Attach::Refuse(Refusal::SessionsFull)
+                    }
+                    _ if non_device
+                        && existing.is_none()
+                        && table.sessions_of(&owner) >= cfg.sessions_per_principal_max =>
+                    {
+                        Attach::Refuse(Refusal::SessionQuota)
                     }
                     _ if non_device
                         && persistent
@@ -825,7 +884,7 @@ where
                             if present {
                                 // What a resumed session holds is authorized again, against
                                 // this principal and the current policy.
-                                self.shared.revoke_disallowed(&mut s);
+                                self.shared.revoke_disallowed(&mut s, true);
                             }
                         }
                         Attach::Done(session, present)
@@ -937,27 +996,19 @@ where
             // connection that stays silent for 1.5 × keepalive_secs_max.
             let cap_ms = self.idle_cap_ms();
             self.idle_reset_ms = Some(cap_ms);
+            self.keepalive_ms = cap_ms;
             self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(cap_ms))));
         }
         lock(&self.record).connected = true;
         self.shared.hooks.on_connected(&client_id, &principal);
 
-        // Resend unacknowledged outbound messages, in order, with DUP.
+        // Unacknowledged outbound messages are resent, in order, with DUP, by `pump` (within
+        // the write buffer bound); their packet ids are taken now so new messages never reuse one.
         let inflight: Vec<Inflight> = lock(&session).inflight.iter().cloned().collect();
         for i in inflight {
-            if self.mqtt.register_packet_id(i.packet_id).is_err() {
-                continue;
+            if self.mqtt.register_packet_id(i.packet_id).is_ok() {
+                self.resend.push_back(i);
             }
-            let events = match i.state {
-                InflightState::AwaitAck => {
-                    match self.build_publish(&i.delivery, Some(i.packet_id), true) {
-                        Some(p) => self.mqtt.send(p),
-                        None => continue,
-                    }
-                }
-                InflightState::AwaitComp => self.pubrel(i.packet_id),
-            };
-            self.apply(events);
         }
         self.pump();
         true
@@ -1026,6 +1077,25 @@ where
         let Some(session) = self.session.clone() else {
             return;
         };
+        // Resends after a resume first (their packet ids are registered already).
+        while self.out.len() < self.shared.config.write_buffer_bytes_max {
+            let Some(i) = self.resend.pop_front() else {
+                break;
+            };
+            let events = match i.state {
+                InflightState::AwaitAck => {
+                    match self.build_publish(&i.delivery, Some(i.packet_id), true) {
+                        Some(p) => self.mqtt.send(p),
+                        None => continue,
+                    }
+                }
+                InflightState::AwaitComp => self.pubrel(i.packet_id),
+            };
+            self.apply(events);
+        }
+        if !self.resend.is_empty() {
+            return;
+        }
         loop {
             // The write buffer holds at most about `write_buffer_bytes_max`: the rest waits in
             // the bounded session queue (where QoS 0 is dropped first) until the socket drains.
@@ -1194,6 +1264,13 @@ where
                 Step::Notified => self.pump(),
                 Step::Io(Io::WriteFailed) => break,
                 Step::Io(Io::Wrote(n)) => {
+                    if !can_read && self.keepalive.is_some() && self.keepalive_ms > 0 {
+                        // Reading is paused while output waits, so PINGREQs cannot be seen: a
+                        // peer that takes our bytes is alive (the write-stall timer supervises).
+                        self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(
+                            self.keepalive_ms,
+                        ))));
+                    }
                     self.out.drain(..n.min(self.out.len()));
                     self.needs_flush = true;
                     stall = None;
@@ -1208,12 +1285,14 @@ where
                 }
                 Step::Io(Io::Read(Err(_))) | Step::Io(Io::Read(Ok(0))) => break,
                 Step::Io(Io::Read(Ok(n))) => {
-                    if let Some(ms) = self.idle_reset_ms {
+                    let got_packet = self.process_input(&buf[..n], &mut pending);
+                    clear_and_trim(&mut buf);
+                    // Only a whole packet counts as a sign of life (a trickled partial packet
+                    // must not keep a keep-alive 0 connection open).
+                    if let (true, Some(ms)) = (got_packet, self.idle_reset_ms) {
                         self.keepalive =
                             Some(Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
                     }
-                    self.process_input(&buf[..n], &mut pending);
-                    clear_and_trim(&mut buf);
                 }
             }
         }
@@ -1229,11 +1308,19 @@ where
         }
     }
 
-    fn process_input(&mut self, data: &[u8], pending: &mut FuturesOrdered<BoxFut<PendingPublish>>) {
+    /// Feeds received bytes to the protocol state machine and dispatches every complete packet;
+    /// returns whether there was one.
+    fn process_input(
+        &mut self,
+        data: &[u8],
+        pending: &mut FuturesOrdered<BoxFut<PendingPublish>>,
+    ) -> bool {
+        let mut got_packet = false;
         let mut cur = Cursor::new(data);
         while (cur.position() as usize) < data.len() && !self.close {
             let events = self.mqtt.recv(&mut cur);
             for p in self.apply(events) {
+                got_packet = true;
                 self.dispatch(p, pending);
                 if self.close {
                     break;
@@ -1241,6 +1328,7 @@ where
             }
         }
         self.pump();
+        got_packet
     }
 
     fn disconnect_v5(&mut self, code: DisconnectReasonCode) {

@@ -41,6 +41,20 @@ pub struct MessageProps {
     pub user_properties: Vec<(String, String)>,
 }
 
+impl MessageProps {
+    /// Bytes these properties hold (what they cost a queue or the retained table).
+    pub fn size_bytes(&self) -> usize {
+        self.content_type.as_ref().map_or(0, String::len)
+            + self.response_topic.as_ref().map_or(0, String::len)
+            + self.correlation_data.as_ref().map_or(0, Bytes::len)
+            + self
+                .user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+}
+
 /// An application message, as published.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -52,6 +66,11 @@ pub struct Message {
 }
 
 impl Message {
+    /// What the message costs a queue or the retained table: topic, payload and v5 properties.
+    pub fn size_bytes(&self) -> usize {
+        self.topic.len() + self.payload.len() + self.props.size_bytes()
+    }
+
     /// A message without v5 properties.
     pub fn new(
         topic: impl Into<String>,
@@ -114,7 +133,9 @@ pub enum PublishVerdict {
     Disconnect,
 }
 
-/// What the embedder decides. Called from connection tasks; must not block.
+/// What the embedder decides. Called from connection tasks; must not block. `may_publish` and
+/// `may_subscribe` may be called while the broker holds its session locks (re-authorization on
+/// resume, `update_principal`, `reauthorize_all`): they must not call back into the [`crate::Broker`].
 #[async_trait::async_trait]
 pub trait Hooks: Send + Sync + 'static {
     async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal>;

@@ -141,8 +141,15 @@ impl Session {
 
     /// Drop queued QoS 0 messages (the session went offline).
     pub(crate) fn drop_qos0(&mut self) {
-        self.queue.retain(|d| d.qos > 0);
+        self.retain_queue(|d| d.qos > 0);
+    }
+
+    /// Keep only the queued deliveries `keep` accepts; returns how many were dropped.
+    pub(crate) fn retain_queue(&mut self, keep: impl Fn(&Delivery) -> bool) -> usize {
+        let before = self.queue.len();
+        self.queue.retain(|d| keep(d));
         self.queue_bytes = self.queue.iter().map(Delivery::size).sum();
+        before - self.queue.len()
     }
 
     pub(crate) fn clear_queue(&mut self) {
@@ -153,8 +160,8 @@ impl Session {
 }
 
 impl Delivery {
-    /// What the delivery costs a queue: topic + payload bytes.
+    /// What the delivery costs a queue: topic, payload and v5 property bytes.
     pub(crate) fn size(&self) -> usize {
-        self.msg.topic.len() + self.msg.payload.len()
+        self.msg.size_bytes()
     }
 }

@@ -28,7 +28,10 @@ impl Hooks for PrincipalHooks {
     async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal> {
         let user = req.username.unwrap_or_default();
         let principal = if let Some(name) = user.strip_prefix("svc:") {
-            Principal::Service { name: name.into() }
+            Principal::Service {
+                id: name.into(),
+                name: name.into(),
+            }
         } else if let Some(rest) = user.strip_prefix("dev:") {
             let (id, site) = rest.split_once('@').unwrap_or((rest, ""));
             let mut tags = BTreeMap::new();
@@ -444,4 +447,38 @@ async fn publish(c: &mut RawClient, topic: &str, payload: &str) -> Option<Puback
         Some(GenericPacket::V5_0Puback(a)) => a.reason_code(),
         other => panic!("expected PUBACK, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn live_sessions_are_capped_per_principal_too() {
+    let broker = broker_with_principals(BrokerConfig {
+        sessions_per_principal_max: 2,
+        ..BrokerConfig::default()
+    });
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let mut c = RawClient::open(&broker, true);
+        assert_eq!(
+            connect_as(&mut c, "svc:a", &format!("live{i}"), true, 0).await,
+            ConnectReasonCode::Success
+        );
+        held.push(c);
+    }
+    let mut c = RawClient::open(&broker, true);
+    assert_eq!(
+        connect_as(&mut c, "svc:a", "live2", true, 0).await,
+        ConnectReasonCode::QuotaExceeded
+    );
+    // Taking over one of its own is not a new session; another token has its own budget.
+    let mut again = RawClient::open(&broker, true);
+    assert_eq!(
+        connect_as(&mut again, "svc:a", "live0", true, 0).await,
+        ConnectReasonCode::Success
+    );
+    let mut b = RawClient::open(&broker, true);
+    assert_eq!(
+        connect_as(&mut b, "svc:b", "live2", true, 0).await,
+        ConnectReasonCode::Success
+    );
+    assert_eq!(broker.stats().refused(Refusal::SessionQuota), 1);
 }

@@ -20,8 +20,9 @@ pub enum Principal {
         id: String,
         tags: BTreeMap<String, String>,
     },
-    /// A backend service authenticated by an API token of role `service`.
-    Service { name: String },
+    /// A backend service authenticated by an API token of role `service`: `id` is the token's
+    /// (unique) id, `name` its human-readable name (not unique).
+    Service { id: String, name: String },
     /// Anonymous client on the development listener: everything is allowed.
     Dev,
 }
@@ -215,6 +216,7 @@ mod tests {
     fn services_read_only_by_default() {
         let p = Policy::default();
         let s = Principal::Service {
+            id: "t1".into(),
             name: "pipe".into(),
         };
         assert!(p.may_subscribe(&s, "devices/+/telemetry"));

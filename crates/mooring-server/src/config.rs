@@ -153,6 +153,8 @@ pub struct LimitsConfig {
     pub mqtt_sessions_max: usize,
     /// Persistent sessions one service token may hold.
     pub mqtt_persistent_sessions_per_service_max: usize,
+    /// Sessions (live or persisted) one service token may hold.
+    pub mqtt_sessions_per_service_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -214,6 +216,7 @@ impl Default for LimitsConfig {
             mqtt_retained_bytes_max: broker.retained_bytes_max,
             mqtt_sessions_max: broker.sessions_max,
             mqtt_persistent_sessions_per_service_max: broker.persistent_sessions_per_principal_max,
+            mqtt_sessions_per_service_max: broker.sessions_per_principal_max,
         }
     }
 }
@@ -305,6 +308,7 @@ impl ServerConfig {
             retained_bytes_max: l.mqtt_retained_bytes_max,
             sessions_max: l.mqtt_sessions_max,
             persistent_sessions_per_principal_max: l.mqtt_persistent_sessions_per_service_max,
+            sessions_per_principal_max: l.mqtt_sessions_per_service_max,
             ..mooring_broker::BrokerConfig::default()
         }
     }

@@ -135,7 +135,10 @@ impl Hooks for ServerHooks {
                 }
                 Ok(Authenticated {
                     client_id,
-                    principal: Principal::Service { name: t.name },
+                    principal: Principal::Service {
+                        id: t.id,
+                        name: t.name,
+                    },
                 })
             }
             Some(_) => {

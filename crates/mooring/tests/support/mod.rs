@@ -152,7 +152,7 @@ impl Server {
             .expect("metrics body")
     }
 
-    /// The server's process id.
+    /// The server's process id (to send it signals or read its memory use).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -161,7 +161,8 @@ impl Server {
         format!("http://{}", self.http)
     }
 
-    /// One sample from `/metrics` (`name` with its labels, e.g. `x_total{reason="y"}`); 0 if absent.
+    /// One sample from `/metrics` (`name` with its labels, e.g. `x_total{reason="y"}`); a
+    /// series the server does not export fails the test (so `== 0` never passes vacuously).
     pub async fn metric(&self, name: &str) -> f64 {
         let text = self.metrics_text().await;
         text.lines()
@@ -170,7 +171,7 @@ impl Server {
                 let (n, v) = l.rsplit_once(' ')?;
                 (n == name).then(|| v.parse().ok()).flatten()
             })
-            .unwrap_or(0.0)
+            .unwrap_or_else(|| panic!("/metrics has no series {name}"))
     }
 
     /// Waits (bounded by [`WAIT`]) until a `/metrics` sample satisfies `pred`; returns it.
@@ -193,11 +194,6 @@ impl Server {
             assert!(Instant::now() < deadline, "log line {text:?} not seen");
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// The server's process id (to send it signals or read its memory use).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
     }
 
     /// The server's resident memory in KiB (from /proc), for reporting.
