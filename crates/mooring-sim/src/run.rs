@@ -653,6 +653,21 @@ async fn run_events(
                     Err(err) => control.error(format!("event {i} (delete_device at {at}): {err}")),
                 }
             }
+            Action::Retag { to, tags } => {
+                let Some(app) = control.app().filter(|_| control.remote.is_none()) else {
+                    control.error(format!(
+                        "event {i} (retag at {at}): needs the in-process server, running"
+                    ));
+                    continue;
+                };
+                match retag(&app, to, tags).await {
+                    Ok(n) => {
+                        control.log(format!("{at}: retag {to:?} -> {tags:?}: {n} devices"));
+                        control.fault("retag", n, 0);
+                    }
+                    Err(err) => control.error(format!("event {i} (retag at {at}): {err}")),
+                }
+            }
             Action::RestartServer { .. } if control.remote.is_some() => {
                 control.error(format!(
                     "event {i} (restart_server at {at}): needs the in-process server (remote mode cannot restart a server)"
@@ -811,6 +826,29 @@ pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// Replaces the tags of every device matching `selector`; returns how many were retagged.
+async fn retag(app: &App, selector: &str, tags: &BTreeMap<String, String>) -> Result<u64, String> {
+    let mut ids = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let (page, next) = app
+            .list_selected_devices(selector, Some(1000), cursor.as_deref())
+            .await
+            .map_err(|e| e.to_string())?;
+        ids.extend(page.into_iter().map(|v| v.record.id));
+        match next {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    for id in &ids {
+        app.set_tags(id, tags.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(ids.len() as u64)
+}
+
 fn check_expectations(s: &Scenario, r: &Report, event_errors: &[String]) -> Vec<ExpectationResult> {
     let e = &s.expect;
     let mut out = Vec::new();
@@ -834,6 +872,11 @@ fn check_expectations(s: &Scenario, r: &Report, event_errors: &[String]) -> Vec<
         e.commands_executed_twice,
         r.commands_executed_twice,
     );
+    for (reason, max) in &e.max_mqtt_refusals {
+        let key = format!("mooring_mqtt_refusals_total{{reason=\"{reason}\"}}");
+        let got = r.server_metrics.get(&key).copied().unwrap_or(0.0) as u64;
+        at_most(&format!("max_mqtt_refusals.{reason}"), Some(*max), got);
+    }
     at_most(
         "max_commands_not_succeeded",
         e.max_commands_not_succeeded,

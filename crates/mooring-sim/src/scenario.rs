@@ -303,6 +303,13 @@ pub enum Action {
     },
     /// Delete a device from the registry (its session must be closed, its certificate refused).
     DeleteDevice { device: String },
+    /// Replace the tags of every device matching `to` (a selector) with `tags`, through the
+    /// server's registry: the broker re-checks the devices' sessions against the new tags at
+    /// once, and later selectors see the new tags.
+    Retag {
+        to: String,
+        tags: BTreeMap<String, String>,
+    },
     /// Restart the in-process server (stop, then start on the same data dir).
     RestartServer {
         #[serde(default)]
@@ -326,6 +333,11 @@ pub struct Expect {
     pub min_commands_succeeded: Option<u64>,
     /// Most commands that ended `failed` or are still not final.
     pub max_commands_not_succeeded: Option<u64>,
+    /// Most MQTT refusals per reason (`mooring_mqtt_refusals_total{reason}` of the server as it
+    /// is at the end, i.e. since its last restart), e.g. `{ session_quota = 0, write_stalled = 0 }`:
+    /// a well-behaved fleet under faults must never hit a broker bound.
+    #[serde(default)]
+    pub max_mqtt_refusals: BTreeMap<String, u64>,
 }
 
 impl Scenario {
@@ -475,6 +487,11 @@ impl Scenario {
                 Action::DeleteDevice { device } => {
                     mooring_proto::DeviceId::parse(device).map_err(|err| {
                         anyhow::anyhow!("delete_device event at {} ms: {err}", e.at.0)
+                    })?;
+                }
+                Action::Retag { to, .. } => {
+                    mooring_proto::selector::Selector::parse(to).map_err(|err| {
+                        anyhow::anyhow!("retag event at {} ms: selector {to:?}: {err}", e.at.0)
                     })?;
                 }
                 _ => {}

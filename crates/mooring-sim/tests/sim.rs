@@ -362,3 +362,25 @@ fn remote_mode_runs_real_agents_over_tls_against_a_running_server() -> anyhow::R
     assert_eq!(r.faults["delete_device"].detected, 1, "{:?}", r.faults);
     Ok(())
 }
+
+/// scenarios/broker-bounds.toml at 1,000 devices: link drops and outages (takeovers, resumed
+/// sessions), a server restart, most of the fleet re-tagged (sessions re-checked against the new
+/// tags), a deletion and commands to the moved devices. A well-behaved fleet never hits a broker
+/// quota or timeout, loses nothing acknowledged and runs every command once.
+#[test]
+fn broker_bounds_never_refuse_a_well_behaved_fleet_under_faults() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/broker-bounds.toml");
+    let s = Scenario::load(&path)?.scaled_to(1_000)?;
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    assert_eq!(r.lost_acked_telemetry, 0, "{:?}", r.lost_examples);
+    assert_eq!(r.commands_executed_twice, 0);
+    assert_eq!(r.faults["retag"].injected, 600, "every lock moved");
+    // The moved devices got the command sent to their new tag.
+    assert!(
+        r.commands_succeeded >= 2 * 600 + 400 - 2,
+        "{}",
+        r.commands_succeeded
+    );
+    Ok(())
+}
