@@ -37,6 +37,18 @@ pub struct Counters {
     pub command_replies_ignored: AtomicU64,
     /// Shadow reported updates applied.
     pub shadow_reports: AtomicU64,
+    /// HTTP connections closed because no (next) request head arrived in time.
+    pub http_header_timeouts: AtomicU64,
+    /// HTTP requests answered 408: the body did not arrive in time.
+    pub http_body_timeouts: AtomicU64,
+    /// HTTP requests answered 413: the body was too large.
+    pub http_body_too_large: AtomicU64,
+    /// HTTP requests answered 401: no valid token.
+    pub http_unauthorized: AtomicU64,
+    /// HTTP connections that waited for a slot (`[http] connections_max` reached).
+    pub http_connection_cap: AtomicU64,
+    /// HTTPS handshakes that failed or timed out.
+    pub http_tls_handshake_failures: AtomicU64,
 }
 
 impl Counters {

@@ -368,7 +368,7 @@ async fn serve_http(
 ) {
     let limits = app.config.http.clone();
     let handshake_timeout = Duration::from_millis(app.config.limits.tls_handshake_timeout_ms);
-    let router = crate::http::router(app);
+    let router = crate::http::router(app.clone());
     // hyper's header read timeout starts when it begins waiting for a request head: at accept
     // and again after every response on a kept-alive connection (hyper >= 1.4), so it is the
     // idle timeout too.
@@ -381,6 +381,9 @@ async fn serve_http(
     loop {
         // A slot first, then accept: clients over the cap wait in the kernel's backlog and
         // hold none of our file descriptors, which the MQTT listeners need for devices.
+        if slots.available_permits() == 0 {
+            Counters::inc(&app.counters.http_connection_cap);
+        }
         let permit = tokio::select! {
             _ = stop.changed() => break,
             p = slots.clone().acquire_owned() => match p {
@@ -404,15 +407,25 @@ async fn serve_http(
         let http1 = http1.clone();
         let router = router.clone();
         let stop = stop.clone();
+        let app = app.clone();
         conns.spawn(async move {
             let _permit = permit;
+            let c = &app.counters;
             match tls {
-                None => serve_http_connection(&http1, tcp, router, stop).await,
+                None => serve_http_connection(&http1, tcp, router, stop, c).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_http_connection(&http1, stream, router, stop).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTPS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "HTTPS handshake timed out"),
+                        Ok(Ok(stream)) => {
+                            serve_http_connection(&http1, stream, router, stop, c).await
+                        }
+                        Ok(Err(e)) => {
+                            Counters::inc(&c.http_tls_handshake_failures);
+                            tracing::debug!(%peer, error = %e, "HTTPS handshake failed")
+                        }
+                        Err(_) => {
+                            Counters::inc(&c.http_tls_handshake_failures);
+                            tracing::debug!(%peer, "HTTPS handshake timed out")
+                        }
                     }
                 }
             }
@@ -428,6 +441,7 @@ async fn serve_http_connection<I>(
     io: I,
     router: axum::Router,
     mut stop: watch::Receiver<bool>,
+    counters: &Counters,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -442,6 +456,9 @@ async fn serve_http_connection<I>(
         }
     };
     if let Err(e) = result {
+        if e.is_timeout() {
+            Counters::inc(&counters.http_header_timeouts);
+        }
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
 }
@@ -641,6 +658,19 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_tls_handshake_failures_total",
         "TLS handshakes that failed or timed out",
         load(&c.tls_handshake_failures),
+    )
+    .labeled_counters(
+        "mooring_http_refusals_total",
+        "HTTP API refusals by reason (timeouts, size, token, connection cap, TLS handshake)",
+        "reason",
+        [
+            ("header_timeout", load(&c.http_header_timeouts)),
+            ("body_timeout", load(&c.http_body_timeouts)),
+            ("body_too_large", load(&c.http_body_too_large)),
+            ("unauthorized", load(&c.http_unauthorized)),
+            ("connection_cap", load(&c.http_connection_cap)),
+            ("tls_handshake", load(&c.http_tls_handshake_failures)),
+        ],
     )
     .counter(
         "mooring_store_batches_total",

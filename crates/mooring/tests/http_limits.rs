@@ -94,6 +94,13 @@ async fn idle_half_sent_and_kept_alive_connections_are_closed_after_the_header_t
         text.starts_with("HTTP/1.1 200") && text.contains(r#"{"status":"ok"}"#),
         "{text}"
     );
+    // Each of the three was counted as a header timeout.
+    assert_eq!(
+        server
+            .metric("mooring_http_refusals_total{reason=\"header_timeout\"}")
+            .await,
+        3.0
+    );
 }
 
 #[tokio::test]
@@ -123,6 +130,23 @@ async fn https_idle_and_half_sent_connections_are_closed_too() {
         .expect("write");
     let got = read_until_closed(&mut tls);
     assert!(!String::from_utf8_lossy(&got).contains("200 OK"));
+    // The silent socket was counted as a failed handshake (read /metrics over HTTPS).
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca"))
+        .build()
+        .expect("client");
+    let text = client
+        .get(format!("https://localhost:{}/metrics", server.http.port()))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        text.contains("mooring_http_refusals_total{reason=\"tls_handshake\"} 1\n"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -144,6 +168,12 @@ async fn request_body_that_never_arrives_answers_408_json() {
         "{headers}"
     );
     assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    assert_eq!(
+        server
+            .metric("mooring_http_refusals_total{reason=\"body_timeout\"}")
+            .await,
+        1.0
+    );
 }
 
 /// The server's descriptor limit in the cap test: it needs about 25 to run.
@@ -201,6 +231,12 @@ async fn connection_cap_keeps_descriptors_for_devices_and_healthz_answers_when_i
     let (status, _, body) = parse_response(&got);
     assert_eq!(status, 200, "after {:?}", started.elapsed());
     assert_eq!(body["status"], "ok");
+    assert!(
+        server
+            .metric("mooring_http_refusals_total{reason=\"connection_cap\"}")
+            .await
+            >= 1.0
+    );
     let now = fds();
     assert!(
         now <= baseline + 4 + 1 + SLACK,

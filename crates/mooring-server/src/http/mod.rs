@@ -10,6 +10,7 @@ mod commands;
 
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError};
+use crate::metrics::Counters;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
@@ -311,6 +312,19 @@ async fn json_errors(resp: Response) -> Response {
     rewritten
 }
 
+/// Counts the requests the API refused for a bound or a missing token (`/metrics`).
+async fn count_refusals(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let c = &app.counters;
+    match resp.status() {
+        StatusCode::REQUEST_TIMEOUT => Counters::inc(&c.http_body_timeouts),
+        StatusCode::PAYLOAD_TOO_LARGE => Counters::inc(&c.http_body_too_large),
+        StatusCode::UNAUTHORIZED => Counters::inc(&c.http_unauthorized),
+        _ => {}
+    }
+    resp
+}
+
 /// The whole HTTP router.
 pub fn router(app: Arc<App>) -> Router {
     let body_timeout = std::time::Duration::from_millis(app.config.http.request_body_timeout_ms);
@@ -335,6 +349,10 @@ pub fn router(app: Arc<App>) -> Router {
             body_timeout,
         ))
         .layer(axum::middleware::map_response(json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            count_refusals,
+        ))
         .with_state(app)
 }
 
