@@ -13,140 +13,10 @@ use mqtt_protocol_core::mqtt::result_code::{ConnectReasonCode, PubackReasonCode}
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use support::principals::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-
-/// Same as bounds.rs: `svc:<name>` a service, `dev:<id>[@site]` a device, else the dev listener.
-/// A device listed in `registry` is authenticated as the registry says, like the server does
-/// from its store: `None` = deleted (refused), `Some(site)` = its current site tag.
-#[derive(Default)]
-struct PrincipalHooks {
-    registry: std::sync::Mutex<std::collections::HashMap<String, Option<String>>>,
-}
-
-#[async_trait::async_trait]
-impl Hooks for PrincipalHooks {
-    async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal> {
-        let user = req.username.unwrap_or_default();
-        let principal = if let Some(name) = user.strip_prefix("svc:") {
-            Principal::Service {
-                id: name.into(),
-                name: name.into(),
-            }
-        } else if let Some(rest) = user.strip_prefix("dev:") {
-            let (id, site) = rest.split_once('@').unwrap_or((rest, ""));
-            let current = self
-                .registry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id)
-                .cloned();
-            let site = match &current {
-                Some(None) => return Err(ConnectRefusal::NotAuthorized),
-                Some(Some(s)) => s.as_str(),
-                None => site,
-            };
-            let mut tags = BTreeMap::new();
-            if !site.is_empty() {
-                tags.insert("site".to_string(), site.to_string());
-            }
-            Principal::Device {
-                id: id.into(),
-                tags,
-            }
-        } else {
-            Principal::Dev
-        };
-        Ok(Authenticated {
-            client_id: req.client_id.to_string(),
-            principal,
-        })
-    }
-    fn may_publish(&self, _: &Principal, _: &str) -> bool {
-        true
-    }
-    fn may_subscribe(&self, who: &Principal, filter: &str) -> bool {
-        match who {
-            Principal::Device { id, tags } => {
-                filter.starts_with(&format!("devices/{id}/"))
-                    || tags
-                        .get("site")
-                        .is_some_and(|s| filter.starts_with(&format!("sites/{s}/")))
-            }
-            _ => true,
-        }
-    }
-    async fn on_publish(&self, _: &Principal, _: &str, _: &Message) -> PublishVerdict {
-        PublishVerdict::Accept
-    }
-    fn on_connected(&self, _: &str, _: &Principal) {}
-    fn on_disconnected(&self, _: &str, _: &Principal) {}
-}
-
-fn broker_with_principals(config: BrokerConfig) -> Broker {
-    broker_with_registry(config).0
-}
-
-fn broker_with_registry(config: BrokerConfig) -> (Broker, Arc<PrincipalHooks>) {
-    let hooks = Arc::new(PrincipalHooks::default());
-    (Broker::new(config, hooks.clone()), hooks)
-}
-
-fn connect_packet(
-    user: &str,
-    client_id: &str,
-    clean: bool,
-    session_expiry_secs: u32,
-    keepalive: u16,
-) -> GenericPacket<u16> {
-    let mut b = v5_0::Connect::builder()
-        .client_id(client_id)
-        .expect("id")
-        .clean_start(clean)
-        .user_name(user)
-        .expect("user")
-        .keep_alive(keepalive);
-    if session_expiry_secs > 0 {
-        b = b.props(vec![mqtt::packet::SessionExpiryInterval::new(
-            session_expiry_secs,
-        )
-        .expect("sei")
-        .into()]);
-    }
-    b.build().expect("connect").into()
-}
-
-async fn connect_as(
-    c: &mut RawClient,
-    user: &str,
-    client_id: &str,
-    clean: bool,
-    session_expiry_secs: u32,
-) -> ConnectReasonCode {
-    c.send(connect_packet(
-        user,
-        client_id,
-        clean,
-        session_expiry_secs,
-        0,
-    ))
-    .await;
-    match c.recv().await {
-        Some(GenericPacket::V5_0Connack(a)) => a.reason_code(),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-}
-
-async fn wait_until(broker: &Broker, cond: impl Fn(&Broker) -> bool) {
-    for _ in 0..100_000 {
-        if cond(broker) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached");
-}
 
 /// Reads (and discards) the next PUBLISH that is not `skip`; returns its (topic, payload).
 async fn first_publish(c: &mut RawClient) -> (String, String) {
@@ -300,28 +170,33 @@ async fn a_device_deleted_while_its_takeover_waits_does_not_get_a_new_session() 
 // ---------------------------------------------------------------------------------------------
 // 3. The flush between CONNACK and the main loop ignores control messages.
 
-#[tokio::test(start_paused = true)]
-async fn takeover_is_not_held_by_a_resumed_connection_that_does_not_read_its_backlog() {
-    let broker = broker_with_principals(BrokerConfig::default());
-    let mut d = RawClient::open(&broker, true);
+/// d1 leaves 4 × 60 KiB of QoS 1 queued in its persistent session, then resumes it and never
+/// reads: the CONNACK and the backlog sit in the write buffer (the pipe holds 64 KiB).
+async fn resume_without_reading(broker: &Broker) -> RawClient {
+    let mut d = RawClient::open(broker, true);
     connect_as(&mut d, "dev:d1", "d1", true, 600).await;
     d.subscribe("devices/d1/#", 1).await;
     d.disconnect().await;
-    wait_until(&broker, |b| {
+    wait_until(broker, |b| {
         b.session_info("d1").is_some_and(|i| !i.connected)
     })
     .await;
-    // 4 × 60 KiB QoS 1 queued for the offline session.
     let payload = "q".repeat(60 * 1024);
     for _ in 0..4 {
         broker.publish(Message::new("devices/d1/x", payload.clone(), 1, false));
     }
-    // Resume and never read: CONNACK + ~120 KiB sit in the write buffer, the pipe holds 64 KiB.
-    let mut stuck = RawClient::open(&broker, true);
+    let mut stuck = RawClient::open(broker, true);
     stuck
         .send(connect_packet("dev:d1", "d1", false, 600, 0))
         .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
+    stuck
+}
+
+#[tokio::test(start_paused = true)]
+async fn takeover_is_not_held_by_a_resumed_connection_that_does_not_read_its_backlog() {
+    let broker = broker_with_principals(BrokerConfig::default());
+    let _stuck = resume_without_reading(&broker).await;
     assert!(broker.session_info("d1").is_some_and(|i| i.connected));
     let start = Instant::now();
     let mut again = RawClient::open(&broker, true);
@@ -340,23 +215,7 @@ async fn takeover_is_not_held_by_a_resumed_connection_that_does_not_read_its_bac
 #[tokio::test(start_paused = true)]
 async fn remove_device_closes_a_resumed_connection_that_does_not_read_its_backlog_at_once() {
     let broker = broker_with_principals(BrokerConfig::default());
-    let mut d = RawClient::open(&broker, true);
-    connect_as(&mut d, "dev:d1", "d1", true, 600).await;
-    d.subscribe("devices/d1/#", 1).await;
-    d.disconnect().await;
-    wait_until(&broker, |b| {
-        b.session_info("d1").is_some_and(|i| !i.connected)
-    })
-    .await;
-    let payload = "q".repeat(60 * 1024);
-    for _ in 0..4 {
-        broker.publish(Message::new("devices/d1/x", payload.clone(), 1, false));
-    }
-    let mut stuck = RawClient::open(&broker, true);
-    stuck
-        .send(connect_packet("dev:d1", "d1", false, 600, 0))
-        .await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _stuck = resume_without_reading(&broker).await;
     assert_eq!(broker.stats().connections, 1);
     let start = Instant::now();
     broker.remove_device("d1", None);

@@ -3,106 +3,16 @@
 
 mod support;
 
-use mooring_broker::{
-    Authenticated, Broker, BrokerConfig, ConnectRefusal, ConnectRequest, Hooks, Message, Principal,
-    PublishVerdict, Refusal,
-};
-use mqtt_protocol_core::mqtt;
-use mqtt_protocol_core::mqtt::packet::{v5_0, GenericPacket};
+use mooring_broker::{Broker, BrokerConfig, Message, Principal, Refusal};
+use mqtt_protocol_core::mqtt::packet::GenericPacket;
 use mqtt_protocol_core::mqtt::result_code::{
     ConnectReasonCode, DisconnectReasonCode, PubackReasonCode, SubackReasonCode,
 };
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
+use support::principals::*;
 use support::*;
 use tokio::time::Instant;
-
-/// The username names the principal: `svc:<name>` a service, `dev:<id>` a device (with tags
-/// `site=<rest after '@'>` if given), anything else the dev listener. Devices may subscribe to
-/// `devices/<id>/#` and `sites/<site>/#`; everything else is allowed.
-struct PrincipalHooks;
-
-#[async_trait::async_trait]
-impl Hooks for PrincipalHooks {
-    async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal> {
-        let user = req.username.unwrap_or_default();
-        let principal = if let Some(name) = user.strip_prefix("svc:") {
-            Principal::Service {
-                id: name.into(),
-                name: name.into(),
-            }
-        } else if let Some(rest) = user.strip_prefix("dev:") {
-            let (id, site) = rest.split_once('@').unwrap_or((rest, ""));
-            let mut tags = BTreeMap::new();
-            if !site.is_empty() {
-                tags.insert("site".to_string(), site.to_string());
-            }
-            Principal::Device {
-                id: id.into(),
-                tags,
-            }
-        } else {
-            Principal::Dev
-        };
-        Ok(Authenticated {
-            client_id: req.client_id.to_string(),
-            principal,
-        })
-    }
-    fn may_publish(&self, _: &Principal, _: &str) -> bool {
-        true
-    }
-    fn may_subscribe(&self, who: &Principal, filter: &str) -> bool {
-        match who {
-            Principal::Device { id, tags } => {
-                filter.starts_with(&format!("devices/{id}/"))
-                    || tags
-                        .get("site")
-                        .is_some_and(|s| filter.starts_with(&format!("sites/{s}/")))
-            }
-            _ => true,
-        }
-    }
-    async fn on_publish(&self, _: &Principal, _: &str, _: &Message) -> PublishVerdict {
-        PublishVerdict::Accept
-    }
-    fn on_connected(&self, _: &str, _: &Principal) {}
-    fn on_disconnected(&self, _: &str, _: &Principal) {}
-}
-
-fn broker_with_principals(config: BrokerConfig) -> Broker {
-    Broker::new(config, Arc::new(PrincipalHooks))
-}
-
-/// v5 CONNECT as `user`; returns the CONNACK reason code.
-async fn connect_as(
-    c: &mut RawClient,
-    user: &str,
-    client_id: &str,
-    clean: bool,
-    session_expiry_secs: u32,
-) -> ConnectReasonCode {
-    let mut b = v5_0::Connect::builder()
-        .client_id(client_id)
-        .expect("id")
-        .clean_start(clean)
-        .user_name(user)
-        .expect("user")
-        .keep_alive(0);
-    if session_expiry_secs > 0 {
-        b = b.props(vec![mqtt::packet::SessionExpiryInterval::new(
-            session_expiry_secs,
-        )
-        .expect("sei")
-        .into()]);
-    }
-    c.send(b.build().expect("connect").into()).await;
-    match c.recv().await {
-        Some(GenericPacket::V5_0Connack(a)) => a.reason_code(),
-        other => panic!("expected CONNACK, got {other:?}"),
-    }
-}
 
 #[tokio::test]
 async fn a_client_id_belongs_to_the_principal_that_made_the_session() {
@@ -427,17 +337,6 @@ async fn oversized_topics_and_filters_are_refused() {
         other => panic!("expected DISCONNECT 0x90, got {other:?}"),
     }
     assert_eq!(broker.stats().refused(Refusal::TopicTooLong), 4);
-}
-
-/// Polls `cond` on virtual time (auto-advanced while everything else is idle), bounded.
-async fn wait_until(broker: &Broker, cond: impl Fn(&Broker) -> bool) {
-    for _ in 0..100_000 {
-        if cond(broker) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("condition not reached");
 }
 
 /// A retained QoS 1 publish; returns the PUBACK reason code (None: success).

@@ -9,6 +9,33 @@ use std::process::Command;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Starts the server with a TOML config file written into `dir`.
+fn start_configured(dir: &std::path::Path, toml: &str) -> Server {
+    let cfg = config_args(dir, toml);
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    Server::start_with(&dir.join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg)
+}
+
+/// mosquitto_sub as a device (QoS 1, `-v`), optionally with a persistent session (`-c`).
+fn device_subscriber(
+    server: &Server,
+    creds: &Creds,
+    version: &str,
+    id: &str,
+    persistent: bool,
+    filters: &[&str],
+) -> Sub {
+    let mut args = creds.mosquitto_args(server.mqtt);
+    args.extend(s(&["-V", version, "-i", id, "-q", "1", "-v"]));
+    if persistent {
+        args.push("-c".into());
+    }
+    for f in filters {
+        args.extend(s(&["-t", f]));
+    }
+    Sub::start(&args)
+}
+
 /// A service token of role `service`.
 fn service_token(server: &Server, name: &str) -> String {
     let out = server.cli(&["token", "create", name, "--role", "service"]);
@@ -250,20 +277,7 @@ async fn a_device_never_inherits_a_session_planted_on_the_dev_listener() {
     planted.kill9();
 
     // The real d1 connects with a persistent session of its own.
-    let mut args = d1.mosquitto_args(server.mqtt);
-    args.extend(s(&[
-        "-V",
-        "mqttv311",
-        "-i",
-        "d1",
-        "-c",
-        "-q",
-        "1",
-        "-v",
-        "-t",
-        "devices/d1/x",
-    ]));
-    let mut sub = Sub::start(&args);
+    let mut sub = device_subscriber(&server, &d1, "mqttv311", "d1", true, &["devices/d1/x"]);
     device_pub(
         &server,
         &d2,
@@ -279,7 +293,7 @@ async fn a_device_never_inherits_a_session_planted_on_the_dev_listener() {
 #[tokio::test]
 async fn changing_tags_revokes_live_and_persisted_subscriptions_and_publishes() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = config_args(
+    let server = start_configured(
         tmp.path(),
         r#"
         [[policy.rules]]
@@ -288,8 +302,6 @@ async fn changing_tags_revokes_live_and_persisted_subscriptions_and_publishes() 
         filter = "sites/{tag:site}/#"
         "#,
     );
-    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
-    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
     let d1 = server.create_device("d1", tmp.path());
     let (status, v) = server
         .api(
@@ -301,22 +313,14 @@ async fn changing_tags_revokes_live_and_persisted_subscriptions_and_publishes() 
     assert_eq!(status, 200, "{v}");
 
     // A persistent session holding the site's topics, live.
-    let mut args = d1.mosquitto_args(server.mqtt);
-    args.extend(s(&[
-        "-V",
+    let mut sub = device_subscriber(
+        &server,
+        &d1,
         "mqttv311",
-        "-i",
         "d1",
-        "-c",
-        "-q",
-        "1",
-        "-v",
-        "-t",
-        "sites/berlin/#",
-        "-t",
-        "devices/d1/x",
-    ]));
-    let mut sub = Sub::start(&args);
+        true,
+        &["sites/berlin/#", "devices/d1/x"],
+    );
     dev_pub(&server, "sites/berlin/door", "before");
     assert_eq!(sub.next_message(), "sites/berlin/door before");
 
@@ -345,20 +349,7 @@ async fn changing_tags_revokes_live_and_persisted_subscriptions_and_publishes() 
         .wait_for("/api/v1/devices/d1", |v| v["online"] == false)
         .await;
     dev_pub(&server, "sites/berlin/door", "while-offline");
-    let mut args = d1.mosquitto_args(server.mqtt);
-    args.extend(s(&[
-        "-V",
-        "mqttv311",
-        "-i",
-        "d1",
-        "-c",
-        "-q",
-        "1",
-        "-v",
-        "-t",
-        "devices/d1/y",
-    ]));
-    let mut sub = Sub::start(&args);
+    let mut sub = device_subscriber(&server, &d1, "mqttv311", "d1", true, &["devices/d1/y"]);
     dev_pub(&server, "sites/berlin/door", "resumed");
     dev_pub(&server, "devices/d1/x", "m2");
     assert_eq!(sub.next_message(), "devices/d1/x m2");
@@ -392,7 +383,8 @@ async fn changing_tags_revokes_live_and_persisted_subscriptions_and_publishes() 
 #[tokio::test]
 async fn a_policy_reload_revokes_subscriptions_it_no_longer_allows() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = config_args(
+    let cfg_path = tmp.path().join("mooring.toml");
+    let server = start_configured(
         tmp.path(),
         r#"
         [[policy.rules]]
@@ -401,25 +393,15 @@ async fn a_policy_reload_revokes_subscriptions_it_no_longer_allows() {
         filter = "broadcast/#"
         "#,
     );
-    let cfg_path = tmp.path().join("mooring.toml");
-    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
-    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
     let d1 = server.create_device("d1", tmp.path());
-    let mut args = d1.mosquitto_args(server.mqtt);
-    args.extend(s(&[
-        "-V",
+    let mut sub = device_subscriber(
+        &server,
+        &d1,
         "mqttv5",
-        "-i",
         "d1",
-        "-q",
-        "1",
-        "-v",
-        "-t",
-        "broadcast/#",
-        "-t",
-        "devices/d1/x",
-    ]));
-    let mut sub = Sub::start(&args);
+        false,
+        &["broadcast/#", "devices/d1/x"],
+    );
     dev_pub(&server, "broadcast/all", "one");
     assert_eq!(sub.next_message(), "broadcast/all one");
 
@@ -491,20 +473,7 @@ async fn deleting_a_device_removes_its_persisted_session_and_retained_messages()
 
     // A new device under the same id starts with nothing: no retained state, no session.
     let again = server.create_device("d1", &tmp.path().join("again"));
-    let mut args = again.mosquitto_args(server.mqtt);
-    args.extend(s(&[
-        "-V",
-        "mqttv311",
-        "-i",
-        "d1",
-        "-c",
-        "-q",
-        "1",
-        "-v",
-        "-t",
-        "devices/d1/#",
-    ]));
-    let mut sub = Sub::start(&args);
+    let mut sub = device_subscriber(&server, &again, "mqttv311", "d1", true, &["devices/d1/#"]);
     dev_pub(&server, "devices/d1/marker", "fresh");
     assert_eq!(sub.next_message(), "devices/d1/marker fresh");
 }
@@ -512,12 +481,10 @@ async fn deleting_a_device_removes_its_persisted_session_and_retained_messages()
 #[tokio::test]
 async fn service_persistent_sessions_are_capped_per_token_and_devices_still_connect() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = config_args(
+    let server = start_configured(
         tmp.path(),
         "[limits]\nmqtt_persistent_sessions_per_service_max = 2\n",
     );
-    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
-    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
     let d1 = server.create_device("d1", tmp.path());
     let token = service_token(&server, "pipeline");
     for i in 0..2 {
@@ -582,12 +549,10 @@ async fn service_persistent_sessions_are_capped_per_token_and_devices_still_conn
 #[tokio::test]
 async fn retained_messages_are_capped_per_device_and_shadow_deltas_are_still_kept() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = config_args(
+    let server = start_configured(
         tmp.path(),
         "[limits]\nmqtt_retained_per_principal_max = 3\nmqtt_retained_bytes_per_principal_max = 4096\n",
     );
-    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
-    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
     let d1 = server.create_device("d1", tmp.path());
     let publish = |version: &str, topic: &str, payload: &str| {
         let mut args = d1.mosquitto_args(server.mqtt);
@@ -699,12 +664,10 @@ async fn flood(server: &Server, id: &str, count: usize, size: usize) {
 #[tokio::test]
 async fn a_device_that_stops_reading_cannot_hold_a_takeover_a_deletion_or_memory() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = config_args(
+    let server = start_configured(
         tmp.path(),
         "[limits]\nmqtt_write_stall_timeout_ms = 120000\n",
     );
-    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
-    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
     let d1 = server.create_device("d1", tmp.path());
     let d2 = server.create_device("d2", tmp.path());
     let rss_before = server.rss_kib();
@@ -756,9 +719,7 @@ async fn a_device_that_stops_reading_cannot_hold_a_takeover_a_deletion_or_memory
 #[tokio::test]
 async fn a_connection_whose_peer_stopped_reading_is_closed_after_the_write_timeout() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = config_args(tmp.path(), "[limits]\nmqtt_write_stall_timeout_ms = 300\n");
-    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
-    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let server = start_configured(tmp.path(), "[limits]\nmqtt_write_stall_timeout_ms = 300\n");
     let d1 = server.create_device("d1", tmp.path());
     let mut stuck = raw_device(&server, &d1, "d1", 0).await;
     stuck.subscribe("devices/d1/#", 0).await.expect("subscribe");
@@ -781,9 +742,7 @@ async fn a_connection_whose_peer_stopped_reading_is_closed_after_the_write_timeo
 #[tokio::test]
 async fn keepalive_zero_is_supervised_with_the_server_maximum() {
     let tmp = tempfile::tempdir().expect("tmp");
-    let cfg = config_args(tmp.path(), "[limits]\nmqtt_keepalive_secs_max = 1\n");
-    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
-    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let server = start_configured(tmp.path(), "[limits]\nmqtt_keepalive_secs_max = 1\n");
     // v3.1.1, keepalive 0, then silence: closed after 1.5 × mqtt_keepalive_secs_max.
     let mut tcp = raw_dev(&server, "silent", 0).await;
     wait_eof(&mut tcp).await;

@@ -1,6 +1,8 @@
 //! Test harness: a broker with test hooks on a TCP port or in-memory streams, and a raw client.
 #![allow(dead_code)]
 
+pub mod principals;
+
 use mooring_broker::{
     Authenticated, Broker, BrokerConfig, ConnInfo, ConnectRefusal, ConnectRequest, Hooks,
     ListenerKind, Message, Principal, PublishVerdict,
