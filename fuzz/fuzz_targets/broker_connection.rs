@@ -55,7 +55,11 @@ impl FuzzHooks {
             filter: filter.into(),
         };
         let policy = Policy::with_rules(vec![
-            rule(PrincipalKind::Device, Action::Subscribe, "fleet/broadcast/#"),
+            rule(
+                PrincipalKind::Device,
+                Action::Subscribe,
+                "fleet/broadcast/#",
+            ),
             rule(PrincipalKind::Device, Action::Both, "sites/{tag:site}/+/#"),
             rule(PrincipalKind::Device, Action::Both, "evil/{tag:evil}/x"),
         ])
@@ -262,7 +266,10 @@ async fn scenario(data: &[u8]) {
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert!(broker.is_subscribed(SUBSCRIBER, "a"), "subscriber never got its SUBSCRIBE in");
+        assert!(
+            broker.is_subscribed(SUBSCRIBER, "a"),
+            "subscriber never got its SUBSCRIBE in"
+        );
     }
 
     let hello = prefix(mode);
@@ -288,7 +295,10 @@ async fn scenario(data: &[u8]) {
     }
 
     let stats = broker.stats();
-    assert_eq!(stats.panics, 0, "a connection task panicked (contained by the broker)");
+    assert_eq!(
+        stats.panics, 0,
+        "a connection task panicked (contained by the broker)"
+    );
     assert_eq!(stats.connections, 0, "a connection outlived its client");
     assert_eq!(
         hooks.connected.load(Ordering::SeqCst),
@@ -301,7 +311,10 @@ async fn scenario(data: &[u8]) {
     let stats = broker.stats();
     assert_eq!(stats.panics, 0, "a broker timer task panicked");
     assert_eq!(stats.sessions, 0, "a session outlived its expiry");
-    assert_eq!(stats.subscriptions, 0, "the subscription index kept entries of dead sessions");
+    assert_eq!(
+        stats.subscriptions, 0,
+        "the subscription index kept entries of dead sessions"
+    );
     broker.shutdown().await;
 }
 

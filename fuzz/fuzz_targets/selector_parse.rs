@@ -104,8 +104,10 @@ fn satisfying_device_matches(sel: &Selector) {
         version,
     };
     assert_eq!(sel.matches(&facts), consistent, "{sel}");
-    assert!(!sel.matches(&DeviceFacts {
-        online: false,
-        ..facts
-    }) || !sel.terms.contains(&Term::Online));
+    assert!(
+        !sel.matches(&DeviceFacts {
+            online: false,
+            ..facts
+        }) || !sel.terms.contains(&Term::Online)
+    );
 }
