@@ -175,6 +175,11 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
 /// subscription stays inside what a policy allows. Conservative: may say `false` for exotic
 /// equivalent filters, never `true` wrongly.
 pub fn filter_covers(outer: &str, inner: &str) -> bool {
+    // A first-level `+` / `#` matches no topic starting with `$` (see [`filter_matches`]), so it
+    // covers no filter that names such a topic.
+    if inner.starts_with('$') && (outer.starts_with('+') || outer.starts_with('#')) {
+        return false;
+    }
     let mut o = outer.split('/');
     let mut i = inner.split('/');
     loop {
@@ -247,6 +252,23 @@ mod tests {
         assert!(!filter_covers("devices/d1/#", "devices/#"));
         assert!(!filter_covers("devices/d1/#", "#"));
         assert!(!filter_covers("devices/d1/x", "devices/d1/+"));
+    }
+
+    #[test]
+    fn wildcard_first_filters_do_not_cover_dollar_topics() {
+        // Found by fuzz/policy_eval: `+/x` does not match `$SYS/x`, so it must not cover it.
+        for (outer, inner) in [
+            ("+/x", "$SYS/x"),
+            ("#", "$SYS/#"),
+            ("#", "$x"),
+            ("+/+", "$a/+"),
+        ] {
+            assert!(!filter_covers(outer, inner), "{outer} covers {inner}");
+        }
+        assert!(!filter_matches("+/x", "$SYS/x"));
+        assert!(filter_covers("$SYS/#", "$SYS/x"));
+        assert!(filter_covers("$SYS/+", "$SYS/x"));
+        assert!(filter_covers("#", "+/x"));
     }
 
     #[test]
