@@ -71,7 +71,10 @@ fuzz_target!(|data: &[u8]| {
             }
             (Some("as"), Some("service")) => {
                 let name = words.next().unwrap_or_default().to_owned();
-                who = Principal::Service { name };
+                who = Principal::Service {
+                    id: name.clone(),
+                    name,
+                };
             }
             (Some("as"), Some("dev")) => who = Principal::Dev,
             (Some("pub"), Some(topic)) => pubs.push(topic.to_owned()),

@@ -62,10 +62,12 @@ pub enum Refusal {
     WriteStalled,
     /// Connection closed: nothing received within the keep-alive (or the server's idle cap).
     KeepaliveTimeout,
+    /// Connection closed: a packet that must carry a packet id carried 0.
+    MalformedPacket,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 14] = [
+    pub const ALL: [Refusal; 15] = [
         Refusal::Authentication,
         Refusal::ClientIdInvalid,
         Refusal::ClientIdInUse,
@@ -80,6 +82,7 @@ impl Refusal {
         Refusal::QueueFull,
         Refusal::WriteStalled,
         Refusal::KeepaliveTimeout,
+        Refusal::MalformedPacket,
     ];
 
     /// The `reason` label in `/metrics`.
@@ -99,6 +102,7 @@ impl Refusal {
             Refusal::QueueFull => "queue_full",
             Refusal::WriteStalled => "write_stalled",
             Refusal::KeepaliveTimeout => "keepalive_timeout",
+            Refusal::MalformedPacket => "malformed_packet",
         }
     }
 }

@@ -295,6 +295,8 @@ struct Conn<S> {
     resend: std::collections::VecDeque<Inflight>,
     /// The keep-alive timeout last armed, to re-arm it while reading is paused (see main loop).
     keepalive_ms: u64,
+    /// Zero packet ids are refused before the protocol library sees them (see `packet_ids`).
+    packet_ids: crate::packet_ids::PacketIdCheck,
     session: Option<Arc<Mutex<Session>>>,
     /// Client's Receive Maximum (v5) bounded by our inflight_max.
     send_window: usize,
@@ -342,6 +344,7 @@ where
         needs_flush: false,
         resend: std::collections::VecDeque::new(),
         keepalive_ms: 0,
+        packet_ids: Default::default(),
         session: None,
         send_window: 0,
         client_packet_size_max: u32::MAX,
@@ -1315,6 +1318,13 @@ where
         data: &[u8],
         pending: &mut FuturesOrdered<BoxFut<PendingPublish>>,
     ) -> bool {
+        if !self.packet_ids.feed(data) {
+            self.shared.counters.refuse(Refusal::MalformedPacket);
+            tracing::debug!(client_id = %self.client_id, "packet id 0 where one is required; closing");
+            self.disconnect_v5(DisconnectReasonCode::MalformedPacket);
+            self.close = true;
+            return false;
+        }
         let mut got_packet = false;
         let mut cur = Cursor::new(data);
         while (cur.position() as usize) < data.len() && !self.close {

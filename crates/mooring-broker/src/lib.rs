@@ -84,6 +84,7 @@ pub mod config;
 pub mod connection;
 pub mod hooks;
 mod index;
+mod packet_ids;
 pub mod session;
 
 pub use broker::{Broker, BrokerStats, Refusal, SessionInfo};

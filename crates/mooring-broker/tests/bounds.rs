@@ -381,3 +381,37 @@ async fn live_sessions_are_capped_per_principal_too() {
     );
     assert_eq!(broker.stats().refused(Refusal::SessionQuota), 1);
 }
+
+#[tokio::test]
+async fn a_zero_packet_id_closes_the_connection_without_a_panic() {
+    use tokio::io::AsyncWriteExt;
+    let broker = broker_with_principals(BrokerConfig::default());
+    for v5 in [false, true] {
+        let mut c = RawClient::open(&broker, v5);
+        c.connect_with("zero", true, 60, None, 0).await;
+        // The fuzzer's input: twice PUBLISH QoS 2 "a/b" with packet id 0 (v5: no properties).
+        let publish: &[u8] = if v5 {
+            &[0x34, 0x09, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x00, 0x00, b'x']
+        } else {
+            &[0x34, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x00, b'x']
+        };
+        c.io.write_all(&[publish, publish].concat())
+            .await
+            .expect("write");
+        let mut last = None;
+        while let Some(p) = c.recv().await {
+            last = Some(p);
+        }
+        if v5 {
+            match last {
+                Some(GenericPacket::V5_0Disconnect(d)) => {
+                    assert_eq!(d.reason_code(), Some(DisconnectReasonCode::MalformedPacket))
+                }
+                other => panic!("expected DISCONNECT 0x81, got {other:?}"),
+            }
+        }
+    }
+    let s = broker.stats();
+    assert_eq!(s.panics, 0);
+    assert_eq!(s.refused(Refusal::MalformedPacket), 2);
+}
