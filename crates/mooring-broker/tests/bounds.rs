@@ -391,7 +391,9 @@ async fn a_zero_packet_id_closes_the_connection_without_a_panic() {
         c.connect_with("zero", true, 60, None, 0).await;
         // The fuzzer's input: twice PUBLISH QoS 2 "a/b" with packet id 0 (v5: no properties).
         let publish: &[u8] = if v5 {
-            &[0x34, 0x09, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x00, 0x00, b'x']
+            &[
+                0x34, 0x09, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x00, 0x00, b'x',
+            ]
         } else {
             &[0x34, 0x08, 0x00, 0x03, b'a', b'/', b'b', 0x00, 0x00, b'x']
         };
@@ -414,4 +416,19 @@ async fn a_zero_packet_id_closes_the_connection_without_a_panic() {
     let s = broker.stats();
     assert_eq!(s.panics, 0);
     assert_eq!(s.refused(Refusal::MalformedPacket), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_does_not_wait_on_a_peer_that_stopped_reading() {
+    let broker = broker_with_principals(BrokerConfig::default());
+    let _stuck = stuck_reader(&broker, "stuck").await;
+    let start = Instant::now();
+    broker.shutdown().await;
+    assert_eq!(broker.stats().connections, 0);
+    // Bounded by close_flush_timeout_ms (500 ms), not by the write stall timeout (30 s).
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "shutdown took {:?} of virtual time",
+        start.elapsed()
+    );
 }
