@@ -325,9 +325,12 @@ async fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let opts = ConnectionOptions::new()
-        .maximum_packet_size_recv(shared.config.packet_size_bytes_max)
-        .receive_maximum(shared.config.inflight_max);
+    // No receive maximum here: the library would enforce it on v3.1.1 clients too, which have
+    // no such limit (they are slowed down by not reading their socket while `inflight_max`
+    // publishes are pending). v5 clients are told Receive Maximum in CONNACK, which is also what
+    // makes the library hold them to it.
+    let opts =
+        ConnectionOptions::new().maximum_packet_size_recv(shared.config.packet_size_bytes_max);
     let mqtt = Server::with_options(mqtt::Version::Undetermined, opts);
     let mut c = Conn {
         shared: shared.clone(),
@@ -969,6 +972,7 @@ where
             if cfg.topic_alias_max > 0 {
                 push(mqtt::packet::TopicAliasMaximum::new(cfg.topic_alias_max).map(Into::into));
             }
+            push(mqtt::packet::ReceiveMaximum::new(cfg.inflight_max.max(1)).map(Into::into));
             push(mqtt::packet::SharedSubscriptionAvailable::new(0).map(Into::into));
             push(mqtt::packet::SubscriptionIdentifierAvailable::new(0).map(Into::into));
             match v5_0::Connack::builder()

@@ -756,3 +756,35 @@ async fn keepalive_zero_is_supervised_with_the_server_maximum() {
         2.0
     );
 }
+
+#[tokio::test]
+async fn a_v311_device_with_200_qos1_messages_in_flight_gets_every_puback() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let d1 = server.create_device("d1", tmp.path());
+    let mut conn = raw_device(&server, &d1, "d1", 60).await;
+    // More in flight than the server processes at once (32): it stops reading, never closes.
+    for id in 1..=200u16 {
+        let payload = format!(r#"{{"seq":{id},"n":{id}}}"#);
+        conn.queue_publish("devices/d1/telemetry", payload.as_bytes(), 1, id);
+    }
+    conn.flush().await.expect("publish");
+    let mut acked = std::collections::BTreeSet::new();
+    while acked.len() < 200 {
+        match conn.read_packet().await.expect("read") {
+            Some(Packet::PubAck { packet_id }) => {
+                acked.insert(packet_id);
+            }
+            Some(_) => {}
+            None => panic!("closed after {} PUBACKs", acked.len()),
+        }
+    }
+    let (_, v) = server
+        .api(
+            "GET",
+            "/api/v1/devices/d1/telemetry?metric=n&limit=1000",
+            None,
+        )
+        .await;
+    assert_eq!(v["points"].as_array().map(Vec::len), Some(200), "{v}");
+}
