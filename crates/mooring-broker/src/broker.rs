@@ -3,7 +3,7 @@
 use crate::config::BrokerConfig;
 use crate::hooks::{ConnInfo, Hooks, Message, PublishVerdict};
 use crate::index::SubIndex;
-use crate::session::{Delivery, Session, SubOptions};
+use crate::session::{Delivery, Enqueue, Session, SubOptions};
 use mooring_proto::policy::Principal;
 use mooring_proto::topic::filter_matches;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -719,8 +719,9 @@ impl Broker {
     /// Publish a server-originated message to one device only: enqueued if a connected session
     /// whose principal is that device holds a subscription matching the topic (at the highest
     /// granted QoS). Sessions are found by principal, never by client id, so no other client can
-    /// receive it. Returns whether it was enqueued. Not retained, not routed to anyone else.
-    pub fn publish_to_device(&self, device_id: &str, msg: Message) -> bool {
+    /// receive it. Returns what happened (`Refused` also when no connected session of the device
+    /// holds a matching subscription). Not retained, not routed to anyone else.
+    pub fn publish_to_device(&self, device_id: &str, msg: Message) -> Enqueue {
         let sessions: Vec<SessionRef> = lock(&self.shared.sessions)
             .of_device(device_id)
             .cloned()
@@ -746,16 +747,16 @@ impl Broker {
                 retain: false,
                 expires_at: None,
             };
-            let enqueued = self.shared.enqueue(&mut s, d);
-            if enqueued {
+            let outcome = self.shared.enqueue(&mut s, d);
+            if outcome.is_enqueued() {
                 self.shared
                     .counters
                     .messages_in
                     .fetch_add(1, Ordering::Relaxed);
             }
-            return enqueued;
+            return outcome;
         }
-        false
+        Enqueue::Refused
     }
 
     /// Whether a connected session of this device is subscribed to a filter matching `topic`.
@@ -908,20 +909,26 @@ impl Shared {
     }
 
     /// Queue a delivery on a session (whose lock the caller holds) within the session's bounds;
-    /// a drop is counted. Returns whether the delivery was queued without dropping anything.
-    pub(crate) fn enqueue(&self, s: &mut Session, d: Delivery) -> bool {
+    /// a drop (of this message or of older QoS 0 ones) is counted.
+    pub(crate) fn enqueue(&self, s: &mut Session, d: Delivery) -> Enqueue {
         let online = s.link.is_some();
         let qos = d.qos;
-        let ok = s.enqueue(
+        let outcome = s.enqueue(
             d,
             self.config.session_queue_len_max,
             self.config.session_queue_bytes_max,
         );
-        if !ok && (online || qos > 0) {
+        let dropped = match outcome {
+            Enqueue::Enqueued => false,
+            Enqueue::EnqueuedDroppedOldest => true,
+            // An offline session not taking QoS 0 is no drop: it never asked for it.
+            Enqueue::Refused => online || qos > 0,
+        };
+        if dropped {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             self.counters.refuse(Refusal::QueueFull);
         }
-        ok
+        outcome
     }
 
     /// Store (or, with an empty payload, clear) a retained message on behalf of `owner` (`None`:

@@ -94,3 +94,4 @@ pub use hooks::{
     MessageProps, ProtocolVersion, PublishVerdict,
 };
 pub use mooring_proto::policy::Principal;
+pub use session::Enqueue;

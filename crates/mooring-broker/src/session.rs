@@ -16,6 +16,25 @@ pub(crate) struct SubOptions {
     pub(crate) retain_as_published: bool,
 }
 
+/// What queueing a message for a session did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueue {
+    /// Queued; nothing else was dropped.
+    Enqueued,
+    /// Queued, after dropping older QoS 0 messages to make room.
+    EnqueuedDroppedOldest,
+    /// Not queued: the queue is full of QoS 1/2 messages (or the session is offline and the
+    /// message is QoS 0).
+    Refused,
+}
+
+impl Enqueue {
+    /// Whether the message is in the queue now.
+    pub fn is_enqueued(self) -> bool {
+        self != Enqueue::Refused
+    }
+}
+
 /// A message on its way to one session.
 #[derive(Debug, Clone)]
 pub(crate) struct Delivery {
@@ -102,29 +121,28 @@ impl Session {
         }
     }
 
-    /// Queue a delivery; false if it (or an older QoS 0 message to make room) was dropped.
-    /// Offline sessions do not queue QoS 0. The queue holds at most `len_max` messages and
-    /// `bytes_max` bytes (topic + payload); when full, the oldest queued QoS 0 messages are
-    /// dropped first, and with none left to drop the new message is dropped.
-    pub(crate) fn enqueue(&mut self, d: Delivery, len_max: usize, bytes_max: usize) -> bool {
+    /// Queue a delivery. Offline sessions do not queue QoS 0. The queue holds at most
+    /// `len_max` messages and `bytes_max` bytes; when full, the oldest queued QoS 0 messages are
+    /// dropped first to make room, and with none left to drop the new message is refused.
+    pub(crate) fn enqueue(&mut self, d: Delivery, len_max: usize, bytes_max: usize) -> Enqueue {
         if self.link.is_none() && d.qos == 0 {
-            return false;
+            return Enqueue::Refused;
         }
         let size = d.size();
-        let mut ok = true;
+        let mut outcome = Enqueue::Enqueued;
         while self.queue.len() >= len_max || self.queue_bytes + size > bytes_max {
             let Some(pos) = self.queue.iter().position(|q| q.qos == 0) else {
-                return false;
+                return Enqueue::Refused;
             };
             if let Some(old) = self.queue.remove(pos) {
                 self.queue_bytes -= old.size();
             }
-            ok = false;
+            outcome = Enqueue::EnqueuedDroppedOldest;
         }
         self.queue_bytes += size;
         self.queue.push_back(d);
         self.notify.notify_one();
-        ok
+        outcome
     }
 
     pub(crate) fn pop_front(&mut self) -> Option<Delivery> {

@@ -3,7 +3,7 @@
 
 mod support;
 
-use mooring_broker::{Broker, BrokerConfig, Message, Principal, Refusal};
+use mooring_broker::{Broker, BrokerConfig, Enqueue, Message, Principal, Refusal};
 use mqtt_protocol_core::mqtt::packet::GenericPacket;
 use mqtt_protocol_core::mqtt::result_code::{
     ConnectReasonCode, DisconnectReasonCode, PubackReasonCode, SubackReasonCode,
@@ -46,7 +46,10 @@ async fn a_client_id_belongs_to_the_principal_that_made_the_session() {
     d.subscribe("devices/shared/#", 1).await;
     a.subscribe("devices/#", 1).await;
     anon.subscribe("devices/#", 1).await;
-    assert!(broker.publish_to_device("shared", Message::new("devices/shared/c", "x", 1, false)));
+    assert_eq!(
+        broker.publish_to_device("shared", Message::new("devices/shared/c", "x", 1, false)),
+        Enqueue::Enqueued
+    );
     assert_eq!(d.next_publish().await.0, "devices/shared/c");
     a.subscribe("marker", 0).await;
     a.publish("marker", "m", 0, false).await;
@@ -430,5 +433,33 @@ async fn shutdown_does_not_wait_on_a_peer_that_stopped_reading() {
         start.elapsed() < Duration::from_secs(1),
         "shutdown took {:?} of virtual time",
         start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn publish_to_device_says_whether_it_queued_and_what_it_dropped() {
+    let broker = broker_with_principals(BrokerConfig {
+        session_queue_len_max: 3,
+        ..BrokerConfig::default()
+    });
+    let mut d = RawClient::open(&broker, true);
+    connect_as(&mut d, "dev:d1", "d1", true, 0).await;
+    d.subscribe("devices/d1/#", 1).await;
+    // Nothing below awaits, so the connection task moves nothing out of the queue meanwhile:
+    // three QoS 0 messages fill it.
+    for _ in 0..3 {
+        broker.publish(Message::new("devices/d1/x", "q0", 0, false));
+    }
+    let command = || Message::new("devices/d1/commands/c", "{}", 1, false);
+    for _ in 0..3 {
+        assert_eq!(
+            broker.publish_to_device("d1", command()),
+            Enqueue::EnqueuedDroppedOldest
+        );
+    }
+    assert_eq!(broker.publish_to_device("d1", command()), Enqueue::Refused);
+    assert_eq!(
+        broker.publish_to_device("nobody", command()),
+        Enqueue::Refused
     );
 }

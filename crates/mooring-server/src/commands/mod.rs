@@ -518,7 +518,9 @@ impl App {
                     1,
                     false,
                 );
-                if !broker.publish_to_device(device_id, msg) {
+                // Queued (even if older QoS 0 messages made room for it) means sent: record
+                // the attempt. Refused: the session cannot take it now; try again later.
+                if !broker.publish_to_device(device_id, msg).is_enqueued() {
                     break;
                 }
                 record.attempts = record.attempts.saturating_add(1);
