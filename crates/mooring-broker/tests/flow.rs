@@ -68,3 +68,30 @@ async fn a_v5_client_is_told_receive_maximum_and_held_to_it() {
         other => panic!("expected DISCONNECT 0x93, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn wildcards_at_the_first_level_never_match_dollar_topics() {
+    let (broker, _hooks) = broker();
+    let mut all = RawClient::open(&broker, false);
+    all.connect("all").await;
+    all.subscribe("#", 1).await;
+    all.subscribe("+/x", 1).await;
+    let mut sys = RawClient::open(&broker, false);
+    sys.connect("sys").await;
+    sys.subscribe("$SYS/#", 1).await;
+    // A v3.1.1 QoS 1 publish to a `$` topic is acknowledged like any other.
+    let mut p = RawClient::open(&broker, false);
+    p.connect("pub").await;
+    p.publish("$SYS/x", "dollar", 1, false).await;
+    assert!(matches!(
+        p.recv().await,
+        Some(GenericPacket::V3_1_1Puback(_))
+    ));
+    p.publish("a/x", "plain", 1, false).await;
+    assert_eq!(sys.next_publish().await.1, "dollar");
+    // `#` and `+/x` saw only the plain topic (once: one delivery per session).
+    assert_eq!(all.next_publish().await.1, "plain");
+    all.subscribe("marker", 0).await;
+    p.publish("marker", "m", 0, false).await;
+    assert_eq!(all.next_publish().await.1, "m");
+}
