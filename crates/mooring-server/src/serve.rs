@@ -579,6 +579,11 @@ pub fn render_metrics(app: &App) -> String {
         "Devices with a live session",
         app.presence.online_count() as f64,
     )
+    .gauge(
+        "mooring_command_waiters",
+        "Commands being waited on by wait_ms requests",
+        app.commands.waited_commands() as f64,
+    )
     .counter(
         "mooring_telemetry_messages_total",
         "Telemetry messages stored",

@@ -671,3 +671,44 @@ async fn selectors_match_tags_online_and_version_and_device_tag_merges() {
     let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(listed.as_array().map(Vec::len), Some(1));
 }
+
+#[tokio::test]
+async fn abandoned_wait_ms_requests_leave_no_waiter_behind() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    server.create_device("d1", tmp.path());
+    // Commands for an offline device: nothing will answer them.
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let (status, v) = server
+            .api(
+                "POST",
+                "/api/v1/devices/d1/commands",
+                Some(serde_json::json!({"name": "reboot"})),
+            )
+            .await;
+        assert_eq!(status, 202, "{v}");
+        ids.push(v["id"].as_str().expect("id").to_owned());
+    }
+    // Clients that ask to wait 30 s and hang up after 300 ms.
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .expect("client");
+    let waits = ids.iter().map(|id| {
+        client
+            .get(format!(
+                "{}/api/v1/devices/d1/commands/{id}?wait_ms=30000",
+                server.url()
+            ))
+            .bearer_auth(&server.token)
+            .send()
+    });
+    for r in futures::future::join_all(waits).await {
+        assert!(r.is_err_and(|e| e.is_timeout()), "the client gave up");
+    }
+    // The server noticed the hang-ups: nobody waits any more.
+    server
+        .wait_metric("mooring_command_waiters", |v| v == 0.0)
+        .await;
+}

@@ -96,6 +96,30 @@ impl CommandRuntime {
             tx.send_replace(state);
         }
     }
+
+    /// Command ids being waited on now (`/metrics`).
+    pub fn waited_commands(&self) -> usize {
+        lock(&self.waiters).len()
+    }
+}
+
+/// One `wait_ms` waiter. However the wait ends, including the request being dropped because the
+/// client went away, the command's entry leaves the waiter map once nobody waits on it, so
+/// abandoned waits can never fill the map.
+struct Waiter<'a> {
+    waiters: &'a Mutex<HashMap<String, watch::Sender<CommandState>>>,
+    id: String,
+    rx: Option<watch::Receiver<CommandState>>,
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        let mut w = lock(self.waiters);
+        if w.get(&self.id).is_some_and(|tx| tx.receiver_count() == 0) {
+            w.remove(&self.id);
+        }
+    }
 }
 
 /// A new command as the API asks for it.
@@ -276,7 +300,7 @@ impl App {
             return Ok(record);
         }
         let id = record.id.clone();
-        let mut rx = {
+        let rx = {
             let mut w = lock(&self.commands.waiters);
             match w.get(&id) {
                 Some(tx) => tx.subscribe(),
@@ -294,10 +318,18 @@ impl App {
                 }
             }
         };
+        let mut waiter = Waiter {
+            waiters: &self.commands.waiters,
+            id: id.clone(),
+            rx: Some(rx),
+        };
         // Re-read after subscribing: a transition between the first read and the subscription
         // is then seen here rather than missed.
         let current = self.store.get_command(&id).await?;
-        if !current.as_ref().is_some_and(|r| r.state.is_final()) {
+        if let (false, Some(rx)) = (
+            current.as_ref().is_some_and(|r| r.state.is_final()),
+            waiter.rx.as_mut(),
+        ) {
             let _ = tokio::time::timeout(Duration::from_millis(wait_ms), async {
                 while rx.changed().await.is_ok() {
                     if rx.borrow().is_final() {
@@ -307,13 +339,7 @@ impl App {
             })
             .await;
         }
-        drop(rx);
-        {
-            let mut w = lock(&self.commands.waiters);
-            if w.get(&id).is_some_and(|tx| tx.receiver_count() == 0) {
-                w.remove(&id);
-            }
-        }
+        drop(waiter);
         self.store
             .get_command(&id)
             .await?
