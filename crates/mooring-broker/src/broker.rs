@@ -1063,7 +1063,7 @@ impl Shared {
             PublishVerdict::Reject(code) => {
                 tracing::debug!(client_id, code, topic = %msg.topic, "will rejected by on_publish");
             }
-            PublishVerdict::Disconnect => {
+            PublishVerdict::Failed(_) | PublishVerdict::Disconnect => {
                 tracing::warn!(client_id, topic = %msg.topic, "will dropped: on_publish failed");
             }
         }

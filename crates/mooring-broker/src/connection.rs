@@ -1588,7 +1588,13 @@ where
                     self.ack(pid, p.msg.qos, 0);
                 }
             }
-            PublishVerdict::Disconnect => {
+            PublishVerdict::Failed(code) if self.version == ProtocolVersion::V5 => {
+                if let Some(pid) = p.packet_id {
+                    self.ack(pid, p.msg.qos, code);
+                }
+            }
+            PublishVerdict::Failed(_) if p.packet_id.is_none() => {}
+            PublishVerdict::Failed(_) | PublishVerdict::Disconnect => {
                 // No ack: the client resends after reconnecting.
                 self.disconnect_v5(DisconnectReasonCode::ImplementationSpecificError);
                 self.close = true;

@@ -128,6 +128,11 @@ pub enum PublishVerdict {
     /// Do not route. v5 QoS 1/2: PUBACK/PUBREC carries this reason code (e.g. 0x99); otherwise the
     /// message is dropped silently and the session stays up.
     Reject(u8),
+    /// Not accepted, and the client should send it again later (e.g. the store could not make
+    /// it durable: disk full, I/O error). v5 QoS 1/2: PUBACK/PUBREC with this reason code (0x80
+    /// or 0x97), the session stays up. v3.1.1 cannot carry a failure, and acknowledging would
+    /// claim it was stored: like `Disconnect`. QoS 0: dropped.
+    Failed(u8),
     /// Do not route and do not acknowledge: close the connection (v5: DISCONNECT 0x83). For
     /// failures where the client must resend later, e.g. the store could not make it durable.
     Disconnect,

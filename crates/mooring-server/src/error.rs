@@ -82,6 +82,21 @@ impl ServiceError {
     }
 }
 
+impl ServiceError {
+    /// The store cannot take the operation now (disk full, I/O error, busy): 503 with the stable
+    /// code `storage_unavailable`; the backend's text goes to the log with an id, as for
+    /// [`ServiceError::internal`].
+    pub fn storage_unavailable(message: impl fmt::Display) -> Self {
+        let error_id = format!("{:016x}", rand::random::<u64>());
+        tracing::warn!(error_id = %error_id, error = %message, "storage unavailable");
+        Self::new(
+            ErrorKind::Unavailable,
+            "storage_unavailable",
+            format!("storage unavailable; retry later (server log id {error_id})"),
+        )
+    }
+}
+
 impl fmt::Display for ServiceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.code, self.message)
@@ -97,6 +112,7 @@ impl From<mooring_store::StoreError> for ServiceError {
                 Self::new(ErrorKind::AlreadyExists, "already_exists", m)
             }
             mooring_store::StoreError::NotFound(m) => Self::not_found("not_found", m),
+            mooring_store::StoreError::Unavailable(m) => Self::storage_unavailable(m),
             other => Self::internal(other),
         }
     }

@@ -23,25 +23,71 @@ use std::sync::Arc;
 pub const REASON_PAYLOAD_FORMAT_INVALID: u8 = 0x99;
 /// MQTT v5 reason code: implementation specific error (store unavailable).
 pub const REASON_IMPLEMENTATION_SPECIFIC_ERROR: u8 = 0x83;
+/// MQTT v5 reason code: unspecified error (the store failed; send again later).
+pub const REASON_UNSPECIFIED_ERROR: u8 = 0x80;
+/// MQTT v5 reason code: quota exceeded (the store is full or busy; send again later).
+pub const REASON_QUOTA_EXCEEDED: u8 = 0x97;
+/// A repeated store failure on the MQTT path is logged at most once per this interval.
+pub const STORE_FAILURE_LOG_INTERVAL_MS: u64 = 10_000;
 
-/// Acknowledge a command or shadow message only once its effect is stored.
+/// Acknowledge a command or shadow message only once its effect is stored; otherwise v5 clients
+/// are told per message (0x97 when the store is unavailable, 0x80 otherwise).
 fn store_verdict(r: crate::error::ServiceResult<()>, device: &str) -> PublishVerdict {
     match r {
         Ok(()) => PublishVerdict::Accept,
         Err(e) => {
-            tracing::error!(device, error = %e, "command/shadow update not stored; not acknowledged");
-            PublishVerdict::Disconnect
+            tracing::debug!(device, error = %e, "command/shadow update not stored; not acknowledged");
+            if e.kind == crate::error::ErrorKind::Unavailable {
+                PublishVerdict::Failed(REASON_QUOTA_EXCEEDED)
+            } else {
+                PublishVerdict::Failed(REASON_UNSPECIFIED_ERROR)
+            }
+        }
+    }
+}
+
+/// A failure that can repeat for every message (the store is full): logged at most once per
+/// [`STORE_FAILURE_LOG_INTERVAL_MS`], with how many happened since the last line.
+#[derive(Default)]
+struct FailureLog {
+    since_last: std::sync::atomic::AtomicU64,
+    last_ms: std::sync::atomic::AtomicU64,
+}
+
+impl FailureLog {
+    fn record(&self, now_ms: u64, error: &dyn std::fmt::Display) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.since_last.fetch_add(1, Relaxed) + 1;
+        let last = self.last_ms.load(Relaxed);
+        let due = last == 0 || now_ms >= last.saturating_add(STORE_FAILURE_LOG_INTERVAL_MS);
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms.max(1), Relaxed, Relaxed)
+                .is_ok()
+        {
+            self.since_last
+                .fetch_sub(n.min(self.since_last.load(Relaxed)), Relaxed);
+            tracing::error!(
+                messages = n,
+                error = %error,
+                "telemetry not stored and not acknowledged (count since the last such line); devices send it again"
+            );
         }
     }
 }
 
 pub struct ServerHooks {
     app: Arc<App>,
+    telemetry_failures: FailureLog,
 }
 
 impl ServerHooks {
     pub fn new(app: Arc<App>) -> Self {
-        Self { app }
+        Self {
+            app,
+            telemetry_failures: FailureLog::default(),
+        }
     }
 
     fn generated_client_id(prefix: &str) -> String {
@@ -221,8 +267,13 @@ impl Hooks for ServerHooks {
             }
             Err(e) => {
                 Counters::inc(&app.counters.telemetry_store_errors);
-                tracing::error!(device = %id, error = %e, "telemetry not stored; not acknowledged");
-                PublishVerdict::Disconnect
+                self.telemetry_failures.record(now_ms, &e);
+                match e {
+                    mooring_store::StoreError::Unavailable(_) => {
+                        PublishVerdict::Failed(REASON_QUOTA_EXCEEDED)
+                    }
+                    _ => PublishVerdict::Failed(REASON_UNSPECIFIED_ERROR),
+                }
             }
         }
     }

@@ -23,7 +23,11 @@ pub enum StoreError {
     /// The group-commit writer task has stopped; nothing was stored.
     #[error("telemetry writer is shut down")]
     Closed,
-    /// The backend failed (I/O, corruption, SQL error, panicked worker). Not retried here.
+    /// The storage cannot take the operation right now (disk full, I/O error, database busy or
+    /// locked, read-only): nothing was stored; the same operation may succeed later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// The backend failed (corruption, SQL error, panicked worker). Not retried here.
     #[error("storage backend error: {0}")]
     Backend(String),
 }
@@ -37,6 +41,7 @@ impl StoreError {
             StoreError::InvalidInput(_) => "invalid_input",
             StoreError::SchemaTooNew { .. } => "schema_too_new",
             StoreError::Closed => "closed",
+            StoreError::Unavailable(_) => "unavailable",
             StoreError::Backend(_) => "backend",
         }
     }

@@ -239,7 +239,25 @@ trait Db<T> {
 
 impl<T> Db<T> for rusqlite::Result<T> {
     fn db(self) -> Result<T> {
-        self.map_err(|e| StoreError::Backend(e.to_string()))
+        self.map_err(store_error)
+    }
+}
+
+/// A rusqlite error as a [`StoreError`]: conditions that pass (disk full, I/O errors, a busy or
+/// locked database, a read-only file) are [`StoreError::Unavailable`], the rest `Backend`.
+pub(crate) fn store_error(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode as C;
+    match e.sqlite_error_code() {
+        Some(
+            C::DiskFull
+            | C::SystemIoFailure
+            | C::DatabaseBusy
+            | C::DatabaseLocked
+            | C::ReadOnly
+            | C::CannotOpen
+            | C::OutOfMemory,
+        ) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Backend(e.to_string()),
     }
 }
 
@@ -344,7 +362,7 @@ impl DeviceStore for SqliteStore {
                 Err(e) if is_constraint_violation(&e) => {
                     Err(StoreError::AlreadyExists(format!("device {}", record.id)))
                 }
-                Err(e) => Err(StoreError::Backend(e.to_string())),
+                Err(e) => Err(store_error(e)),
             }
         })
         .await
@@ -511,7 +529,7 @@ impl TokenStore for SqliteStore {
                     "token {} (or its secret)",
                     t.id
                 ))),
-                Err(e) => Err(StoreError::Backend(e.to_string())),
+                Err(e) => Err(store_error(e)),
             }
         })
         .await

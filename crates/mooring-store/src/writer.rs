@@ -17,6 +17,9 @@ use crate::error::{Result, StoreError};
 use crate::model::{AppendOutcome, TelemetryRecord};
 use crate::store::TelemetryStore;
 
+/// A failing batch is logged at most this often (with how many failed since the last line).
+pub const FAILED_BATCH_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Bounds of the group-commit writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TelemetryWriterConfig {
@@ -148,6 +151,10 @@ async fn run(
 ) {
     let mut requests: Vec<Request> = Vec::with_capacity(batch_len_max);
     // `recv_many` returns 0 only once every sender is gone and the queue is empty.
+    // Failed batches are logged at most once per FAILED_BATCH_LOG_INTERVAL, with a count (a
+    // full disk fails every batch; the counters in `WriterStats` have every one).
+    let mut last_failure_log: Option<Instant> = None;
+    let mut failed_since_log = 0u64;
     while rx.recv_many(&mut requests, batch_len_max).await > 0 {
         let (records, waiters): (Vec<_>, Vec<_>) = requests.drain(..).unzip();
         let len = records.len();
@@ -188,7 +195,17 @@ async fn run(
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, records = len, "telemetry batch failed");
+                failed_since_log += 1;
+                if last_failure_log.is_none_or(|at| at.elapsed() >= FAILED_BATCH_LOG_INTERVAL) {
+                    tracing::error!(
+                        error = %e,
+                        records = len,
+                        batches = failed_since_log,
+                        "telemetry batches failed (count since the last such line)"
+                    );
+                    last_failure_log = Some(Instant::now());
+                    failed_since_log = 0;
+                }
                 counters.batches_failed.fetch_add(1, Ordering::Relaxed);
                 counters
                     .records_failed

@@ -788,3 +788,67 @@ async fn a_v311_device_with_200_qos1_messages_in_flight_gets_every_puback() {
         .await;
     assert_eq!(v["points"].as_array().map(Vec::len), Some(200), "{v}");
 }
+
+#[tokio::test]
+async fn a_store_that_cannot_write_is_answered_per_message_and_logged_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let d1 = server.create_device("d1", tmp.path());
+    // Another process holds the database's write lock: every batch fails (busy, after 5 s).
+    let db = rusqlite::Connection::open(server.data_dir.join("mooring.db")).expect("open db");
+    db.execute_batch("BEGIN EXCLUSIVE").expect("lock");
+    let mut args = d1.mosquitto_args(server.mqtt);
+    args.extend(s(&[
+        "-V",
+        "mqttv5",
+        "-i",
+        "d1",
+        "-q",
+        "1",
+        "-t",
+        "devices/d1/telemetry",
+        "-l",
+    ]));
+    // Three messages on one connection (-l: one per stdin line): each is answered 0x97 and the
+    // session stays up for the next one, instead of a DISCONNECT of the whole session.
+    let mut publisher = Command::new("mosquitto_pub")
+        .args(&args)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub");
+    {
+        use std::io::Write;
+        let mut stdin = publisher.stdin.take().expect("stdin");
+        for seq in 1..=3 {
+            writeln!(stdin, r#"{{"seq":{seq},"n":{seq}}}"#).expect("line");
+        }
+    }
+    let out = publisher.wait_with_output().expect("mosquitto_pub");
+    db.execute_batch("ROLLBACK").expect("unlock");
+    let err = stderr(&out);
+    assert_eq!(err.matches("quota exceeded").count(), 3, "{err}");
+    assert!(!err.contains("disconnect"), "{err}");
+    // Nothing unstored was acknowledged, and the log said so once, with the count.
+    server.wait_log("telemetry not stored and not acknowledged");
+    let log = server.log_text();
+    assert_eq!(
+        log.matches("telemetry not stored and not acknowledged")
+            .count(),
+        1,
+        "{log}"
+    );
+    // Ingest resumes by itself once the store takes writes again.
+    device_pub(
+        &server,
+        &d1,
+        "d1",
+        "devices/d1/telemetry",
+        r#"{"seq":4,"n":4}"#,
+    );
+    let (_, v) = server
+        .api("GET", "/api/v1/devices/d1/telemetry?metric=n", None)
+        .await;
+    assert_eq!(v["points"].as_array().map(Vec::len), Some(1), "{v}");
+}

@@ -172,7 +172,7 @@ impl CommandStore for SqliteStore {
                     Err(e) if is_constraint_violation(&e) => {
                         return Err(StoreError::AlreadyExists(format!("command {}", p.id)))
                     }
-                    Err(e) => return Err(StoreError::Backend(e.to_string())),
+                    Err(e) => return Err(super::store_error(e)),
                 }
             }
             let mut outcomes = Vec::with_capacity(commands.len());
