@@ -95,3 +95,26 @@ async fn wildcards_at_the_first_level_never_match_dollar_topics() {
     p.publish("marker", "m", 0, false).await;
     assert_eq!(all.next_publish().await.1, "m");
 }
+
+#[tokio::test]
+async fn connack_says_server_keep_alive_whenever_the_server_uses_another_value() {
+    use mooring_broker::BrokerConfig;
+    use mqtt_protocol_core::mqtt::packet::Property;
+    let (broker, _hooks) = broker_with(BrokerConfig {
+        keepalive_secs_max: 600,
+        ..BrokerConfig::default()
+    });
+    for (asked, told) in [(0u16, Some(600u16)), (601, Some(600)), (600, None), (30, None)] {
+        let mut c = RawClient::open(&broker, true);
+        match c.connect_with(&format!("ka{asked}"), true, asked, None, 0).await {
+            GenericPacket::V5_0Connack(a) => {
+                let server_keep_alive = a.props().iter().find_map(|p| match p {
+                    Property::ServerKeepAlive(v) => Some(v.val()),
+                    _ => None,
+                });
+                assert_eq!(server_keep_alive, told, "asked for {asked}");
+            }
+            other => panic!("CONNACK: {other:?}"),
+        }
+    }
+}
