@@ -104,9 +104,17 @@ async fn connack_says_server_keep_alive_whenever_the_server_uses_another_value()
         keepalive_secs_max: 600,
         ..BrokerConfig::default()
     });
-    for (asked, told) in [(0u16, Some(600u16)), (601, Some(600)), (600, None), (30, None)] {
+    for (asked, told) in [
+        (0u16, Some(600u16)),
+        (601, Some(600)),
+        (600, None),
+        (30, None),
+    ] {
         let mut c = RawClient::open(&broker, true);
-        match c.connect_with(&format!("ka{asked}"), true, asked, None, 0).await {
+        match c
+            .connect_with(&format!("ka{asked}"), true, asked, None, 0)
+            .await
+        {
             GenericPacket::V5_0Connack(a) => {
                 let server_keep_alive = a.props().iter().find_map(|p| match p {
                     Property::ServerKeepAlive(v) => Some(v.val()),

@@ -75,6 +75,9 @@ pub struct CommandsConfig {
     pub retry_backoff_max_ms: u64,
     /// How often the scheduler looks for expired commands and due retries.
     pub scheduler_tick_ms: u64,
+    /// How long an acknowledged command created without `result_timeout_secs` may wait for its
+    /// result before it fails with `timeout` (0: no limit).
+    pub default_result_timeout_secs: u64,
 }
 
 impl Default for CommandsConfig {
@@ -85,6 +88,7 @@ impl Default for CommandsConfig {
             retry_backoff_initial_ms: 5_000,
             retry_backoff_max_ms: 300_000,
             scheduler_tick_ms: 1_000,
+            default_result_timeout_secs: 3_600,
         }
     }
 }

@@ -35,6 +35,8 @@ pub struct Counters {
     pub commands_canceled: AtomicU64,
     /// Acks / results for unknown, foreign or already-final commands, or with invalid payloads.
     pub command_replies_ignored: AtomicU64,
+    /// Results that arrived after their command failed with `timeout` (kept as `late_result`).
+    pub commands_late_results: AtomicU64,
     /// Shadow reported updates applied.
     pub shadow_reports: AtomicU64,
     /// HTTP connections closed because no (next) request head arrived in time.

@@ -630,6 +630,11 @@ pub fn render_metrics(app: &App) -> String {
         load(&c.command_replies_ignored),
     )
     .counter(
+        "mooring_commands_late_results_total",
+        "Results that came after their command failed with timeout (kept as late_result)",
+        load(&c.commands_late_results),
+    )
+    .counter(
         "mooring_shadow_reports_total",
         "Shadow reported updates applied",
         load(&c.shadow_reports),

@@ -586,6 +586,7 @@ async fn run_events(
                             ttl_secs: ttl.map(|t| t.0 / 1000),
                             max_attempts: None,
                             idempotency_key: None,
+                            result_timeout_secs: None,
                         };
                         app.create_fleet_command(to, c)
                             .await

@@ -890,6 +890,7 @@ fn command(id: &str, device: &str, created_at_ms: u64) -> CommandRecord {
         idempotency_key: None,
         history: vec![(CommandState::Queued, created_at_ms)],
         result: None,
+        result_timeout_ms: 0,
     }
 }
 
@@ -1074,6 +1075,19 @@ pub async fn command_pending_and_due_queries_follow_state_and_times(store: &dyn 
         ["c0", "c1", "c2"]
     );
     assert_eq!(store.due_commands(100_000, 2).await.expect("due").len(), 2);
+    // An acknowledged command with a result timeout is due once its deadline (kept in
+    // next_attempt_at_ms) passes; the timeout is stored with it.
+    let mut c4 = command("c4", "d1", 1000);
+    c4.result_timeout_ms = 30_000;
+    store.create_commands(None, vec![c4]).await.expect("create");
+    set("c4", CommandState::Acknowledged, 50_000, 61_004).await;
+    let c4 = store.get_command("c4").await.expect("get").expect("c4");
+    assert_eq!(c4.result_timeout_ms, 30_000);
+    assert!(!ids(store.due_commands(49_999, 10).await.expect("due")).contains(&"c4".to_owned()));
+    assert_eq!(
+        ids(store.due_commands(100_000, 10).await.expect("due")),
+        ["c0", "c1", "c2", "c4"]
+    );
 }
 
 pub async fn command_fleet_parent_counts_children_per_state(store: &dyn Store) {

@@ -263,6 +263,9 @@ pub struct CommandRecord {
     /// Every state entered, with its time, oldest first (starts with `queued`).
     pub history: Vec<(CommandState, u64)>,
     pub result: Option<CommandOutcome>,
+    /// How long the command may stay `acknowledged` without a result (0: no limit). While it is
+    /// acknowledged, `next_attempt_at_ms` is that deadline.
+    pub result_timeout_ms: u64,
 }
 
 impl CommandRecord {

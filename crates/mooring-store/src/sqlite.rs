@@ -43,6 +43,7 @@ const DELETE_CHUNK_ROWS: i64 = 10_000;
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_commands_shadows.sql"),
+    include_str!("../migrations/0003_command_result_timeout.sql"),
 ];
 
 const DEVICE_COLUMNS: &str =

@@ -103,7 +103,8 @@ pub trait CommandStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<CommandRecord>>;
     /// Work for the scheduler, oldest first, at most `limit`: `queued`/`delivered` commands with
-    /// `expires_at_ms <= now_ms`, and `delivered` ones with `next_attempt_at_ms <= now_ms`.
+    /// `expires_at_ms <= now_ms`, `delivered` ones with `next_attempt_at_ms <= now_ms`, and
+    /// `acknowledged` ones with a result timeout whose deadline (`next_attempt_at_ms`) passed.
     async fn due_commands(&self, now_ms: u64, limit: usize) -> Result<Vec<CommandRecord>>;
     async fn get_command_parent(&self, id: &str) -> Result<Option<CommandParentRecord>>;
     /// How many children of `parent_id` are in each state (states with none are absent).

@@ -447,6 +447,7 @@ pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<(
             params,
             ttl_secs,
             max_attempts,
+            result_timeout_secs,
             wait_ms,
             idempotency_key,
         } => {
@@ -472,6 +473,9 @@ pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<(
             }
             if let Some(m) = max_attempts {
                 body["max_attempts"] = m.into();
+            }
+            if let Some(r) = result_timeout_secs {
+                body["result_timeout_secs"] = r.into();
             }
             let api = Api::new(&args)?;
             let out = match single {

@@ -144,6 +144,10 @@ enum CommandCommand {
         ttl_secs: Option<u64>,
         #[arg(long)]
         max_attempts: Option<u32>,
+        /// Seconds an acknowledged command may wait for its result before it fails with
+        /// `timeout` (0: no limit) [default: the server's, 3600].
+        #[arg(long)]
+        result_timeout_secs: Option<u64>,
         /// One device only: wait up to this many ms (at most 30000) for the command to finish.
         #[arg(long)]
         wait_ms: Option<u64>,

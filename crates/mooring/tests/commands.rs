@@ -712,3 +712,70 @@ async fn abandoned_wait_ms_requests_leave_no_waiter_behind() {
         .wait_metric("mooring_command_waiters", |v| v == 0.0)
         .await;
 }
+
+#[tokio::test]
+async fn an_acknowledged_command_without_a_result_fails_with_timeout_and_keeps_a_late_result() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = start_fast(tmp.path());
+    let d1 = server.create_device("d1", tmp.path());
+    let mut dev = online(&server, &d1, "d1").await;
+    // Bad input is refused.
+    let (status, v) = send(
+        &server,
+        "d1",
+        json!({"name": "reboot", "result_timeout_secs": 8 * 86_400}),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].clone()),
+        (400, json!("invalid_result_timeout"))
+    );
+
+    let (status, c) = send(
+        &server,
+        "d1",
+        json!({"name": "reboot", "result_timeout_secs": 1}),
+    )
+    .await;
+    assert_eq!(status, 202, "{c}");
+    assert_eq!(c["result_timeout_secs"], 1);
+    let (id, _) = next_command(&mut dev).await;
+    reply(&mut dev, &id, "ack", "").await;
+    // No result: a second after the ack it fails with reason timeout.
+    let done = server
+        .wait_for(&format!("/api/v1/devices/d1/commands/{id}"), |c| {
+            c["state"] == "failed"
+        })
+        .await;
+    assert_eq!(done["result"]["output"]["reason"], "timeout", "{done}");
+    assert_eq!(
+        states(&done),
+        ["queued", "delivered", "acknowledged", "failed"]
+    );
+    // The result that comes late is kept as late; the state does not change back.
+    reply(
+        &mut dev,
+        &id,
+        "result",
+        r#"{"status":"succeeded","output":{"rebooted":true}}"#,
+    )
+    .await;
+    let late = server
+        .wait_for(&format!("/api/v1/devices/d1/commands/{id}"), |c| {
+            c["result"]["output"]["late_result"].is_object()
+        })
+        .await;
+    assert_eq!(late["state"], "failed");
+    assert_eq!(
+        late["result"]["output"]["late_result"],
+        json!({"succeeded": true, "output": {"rebooted": true}})
+    );
+    // A command with result_timeout_secs 0 waits for its result as long as it takes.
+    let (_, c) = send(
+        &server,
+        "d1",
+        json!({"name": "ping", "result_timeout_secs": 0}),
+    )
+    .await;
+    assert_eq!(c["result_timeout_secs"], 0);
+}

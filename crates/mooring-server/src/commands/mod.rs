@@ -35,6 +35,8 @@ use tokio::sync::{watch, Notify};
 pub const TTL_SECS_MAX: u64 = 30 * 86_400;
 /// Largest `max_attempts`.
 pub const MAX_ATTEMPTS_MAX: u32 = 100;
+/// Longest `result_timeout_secs` (a week).
+pub const RESULT_TIMEOUT_SECS_MAX: u64 = 7 * 86_400;
 /// Longest `wait_ms` on create / get.
 pub const WAIT_MS_MAX: u64 = 30_000;
 /// Command ids being waited on at once (each id may have many waiters).
@@ -130,6 +132,9 @@ pub struct NewCommand {
     pub ttl_secs: Option<u64>,
     pub max_attempts: Option<u32>,
     pub idempotency_key: Option<String>,
+    /// How long it may stay acknowledged without a result before it fails with `timeout`
+    /// (0: no limit); `None`: the server's `commands.default_result_timeout_secs`.
+    pub result_timeout_secs: Option<u64>,
 }
 
 /// A fleet command with its children's aggregate state.
@@ -139,6 +144,14 @@ pub struct FleetCommandView {
     pub counts: BTreeMap<CommandState, u64>,
     /// Every child is in a final state.
     pub done: bool,
+}
+
+/// Whether a command failed because its result did not come in time.
+fn timed_out(r: &CommandRecord) -> bool {
+    r.state == CommandState::Failed
+        && r.result
+            .as_ref()
+            .is_some_and(|o| o.output.get("reason").and_then(|v| v.as_str()) == Some("timeout"))
 }
 
 fn new_id(prefix: char) -> String {
@@ -220,6 +233,15 @@ impl App {
                 ));
             }
         }
+        let result_timeout_secs = c
+            .result_timeout_secs
+            .unwrap_or(self.config.commands.default_result_timeout_secs);
+        if result_timeout_secs > RESULT_TIMEOUT_SECS_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_result_timeout",
+                format!("result_timeout_secs must be between 0 (no limit) and {RESULT_TIMEOUT_SECS_MAX}"),
+            ));
+        }
         Ok(CommandRecord {
             id: new_id('c'),
             device_id: device_id.to_owned(),
@@ -235,6 +257,7 @@ impl App {
             idempotency_key: c.idempotency_key.clone(),
             history: vec![(CommandState::Queued, now_ms)],
             result: None,
+            result_timeout_ms: result_timeout_secs.saturating_mul(1000),
         })
     }
 
@@ -419,6 +442,37 @@ impl App {
         Ok(Some((step, record)))
     }
 
+    /// A result that came after the command failed with `timeout`: kept in its result as
+    /// `late_result` (the state stays `failed`), once.
+    async fn record_late_result(&self, id: &str, outcome: CommandOutcome) -> ServiceResult<()> {
+        let _guard = self.commands.mutate.lock().await;
+        let Some(mut record) = self.store.get_command(id).await? else {
+            return Ok(());
+        };
+        if !timed_out(&record) {
+            return Ok(());
+        }
+        let Some(result) = record.result.as_mut() else {
+            return Ok(());
+        };
+        if result.output.get("late_result").is_some() {
+            return Ok(());
+        }
+        result.output["late_result"] = serde_json::json!({
+            "succeeded": outcome.succeeded,
+            "output": outcome.output,
+        });
+        self.store
+            .update_command(record, CommandState::Failed)
+            .await?;
+        Counters::inc(&self.counters.commands_late_results);
+        tracing::info!(
+            command = id,
+            "result arrived after the result timeout; recorded as late"
+        );
+        Ok(())
+    }
+
     fn count_transition(&self, to: CommandState) {
         let c = &self.counters;
         match to {
@@ -472,8 +526,17 @@ impl App {
                 }
             },
         };
+        let late = match &event {
+            Event::Finished(o) => Some(o.clone()),
+            _ => None,
+        };
         match self.transition(Some(device_id), id, event).await? {
             Some((Step::To(_) | Step::Stay, _)) => {}
+            Some((Step::Refused, r)) if late.is_some() && timed_out(&r) => {
+                if let Some(outcome) = late {
+                    self.record_late_result(id, outcome).await?;
+                }
+            }
             Some((Step::Refused, r)) => {
                 Counters::inc(&self.counters.command_replies_ignored);
                 tracing::debug!(device = device_id, command = id, state = %r.state, "late command reply ignored");
@@ -550,8 +613,12 @@ impl App {
                     break;
                 }
                 record.attempts = record.attempts.saturating_add(1);
-                record.next_attempt_at_ms =
-                    now_ms.saturating_add(self.retry_backoff_ms(record.attempts));
+                // An acknowledged command's next_attempt_at_ms is its result deadline (set at
+                // the ack): a redelivery after a reconnect does not move it.
+                if from != CommandState::Acknowledged {
+                    record.next_attempt_at_ms =
+                        now_ms.saturating_add(self.retry_backoff_ms(record.attempts));
+                }
                 if from == CommandState::Queued {
                     Counters::inc(&self.counters.commands_delivered);
                 } else {
@@ -583,7 +650,9 @@ impl App {
             .await?;
         let n = due.len();
         for c in due {
-            if now_ms >= c.expires_at_ms {
+            if c.state == CommandState::Acknowledged {
+                self.transition(None, &c.id, Event::ResultTimeout).await?;
+            } else if now_ms >= c.expires_at_ms {
                 self.transition(None, &c.id, Event::Expire).await?;
             } else if c.attempts >= c.max_attempts {
                 self.transition(None, &c.id, Event::GiveUp).await?;

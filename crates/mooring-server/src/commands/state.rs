@@ -7,7 +7,11 @@
 //!   ├─ cancel ──▶ canceled        (queued or delivered only; 409 once acknowledged)
 //!   ├─ expire ──▶ expired         (queued or delivered only: TTL passed before it ran)
 //!   └─ give up ─▶ failed          (max_attempts deliveries without an ack)
+//! acknowledged ──result timeout──▶ failed {"reason": "timeout"}  (no result within
+//!                                  result_timeout_ms of the ack; a later result changes nothing)
 //! ```
+//!
+//! While a command is acknowledged, `next_attempt_at_ms` is its result deadline.
 //!
 //! Final states (`succeeded`, `failed`, `expired`, `canceled`) never change.
 
@@ -28,6 +32,8 @@ pub enum Event {
     Expire,
     /// It was delivered `max_attempts` times without an acknowledgement.
     GiveUp,
+    /// Acknowledged, and no result came within its `result_timeout_ms`.
+    ResultTimeout,
 }
 
 /// What an event does to a command in a given state.
@@ -58,6 +64,8 @@ pub fn step(from: CommandState, event: &Event) -> Step {
         (Queued | Delivered, Event::Cancel) => Step::To(Canceled),
         (Queued | Delivered, Event::Expire) => Step::To(Expired),
         (Acknowledged, Event::Cancel | Event::Expire) => Step::Refused,
+        (Acknowledged, Event::ResultTimeout) => Step::To(Failed),
+        (Queued | Delivered, Event::ResultTimeout) => Step::Refused,
         (_, Event::GiveUp) => Step::To(Failed),
         // Final states were handled above.
         (Succeeded | Failed | Expired | Canceled, _) => Step::Refused,
@@ -74,12 +82,21 @@ pub fn apply(record: &mut CommandRecord, event: Event, now_ms: u64) -> Step {
         }
         record.history.push((next, now_ms));
         record.state = next;
+        if next == CommandState::Acknowledged && record.result_timeout_ms > 0 {
+            record.next_attempt_at_ms = now_ms.saturating_add(record.result_timeout_ms);
+        }
         match event {
             Event::Finished(o) => record.result = Some(o),
             Event::GiveUp => {
                 record.result = Some(CommandOutcome {
                     succeeded: false,
                     output: serde_json::json!({"reason": "max_attempts"}),
+                })
+            }
+            Event::ResultTimeout => {
+                record.result = Some(CommandOutcome {
+                    succeeded: false,
+                    output: serde_json::json!({"reason": "timeout"}),
                 })
             }
             _ => {}
@@ -109,6 +126,7 @@ mod tests {
             idempotency_key: None,
             history: vec![(Queued, 1)],
             result: None,
+            result_timeout_ms: 0,
         }
     }
 
@@ -117,6 +135,24 @@ mod tests {
             succeeded: true,
             output: serde_json::json!({}),
         })
+    }
+
+    #[test]
+    fn result_timeout_fails_only_acknowledged_commands_and_sets_the_deadline_at_the_ack() {
+        let mut r = record(Delivered);
+        r.result_timeout_ms = 5_000;
+        assert_eq!(apply(&mut r, Event::Acked, 10), Step::To(Acknowledged));
+        assert_eq!(r.next_attempt_at_ms, 5_010, "deadline counts from the ack");
+        assert_eq!(apply(&mut r, Event::ResultTimeout, 5_010), Step::To(Failed));
+        assert_eq!(
+            r.result.as_ref().map(|o| o.output["reason"].clone()),
+            Some(serde_json::json!("timeout"))
+        );
+        // A late result does not change it back.
+        assert_eq!(apply(&mut r, ok(), 6_000), Step::Refused);
+        for s in [Queued, Delivered, Succeeded, Expired, Canceled] {
+            assert_eq!(step(s, &Event::ResultTimeout), Step::Refused, "{s:?}");
+        }
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct CreateCommand {
     pub max_attempts: Option<u32>,
     /// Same key for the same device: the existing command is returned (200), none is created.
     pub idempotency_key: Option<String>,
+    /// Seconds an acknowledged command may wait for its result before it fails with reason
+    /// `timeout` (0: no limit; default `commands.default_result_timeout_secs`, 3600; at most 7 days).
+    pub result_timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -64,6 +67,8 @@ pub struct CreateFleetCommand {
     pub params: serde_json::Value,
     pub ttl_secs: Option<u64>,
     pub max_attempts: Option<u32>,
+    /// As for one device's command.
+    pub result_timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -118,6 +123,9 @@ pub struct Command {
     pub idempotency_key: Option<String>,
     pub history: Vec<HistoryEntry>,
     pub result: Option<CommandResultBody>,
+    /// Seconds it may stay acknowledged without a result before it fails with `timeout` (0: no
+    /// limit). A result that comes later is kept as `result.output.late_result`.
+    pub result_timeout_secs: u64,
 }
 
 impl From<CommandRecord> for Command {
@@ -146,6 +154,7 @@ impl From<CommandRecord> for Command {
                 status: if o.succeeded { "succeeded" } else { "failed" }.to_owned(),
                 output: o.output,
             }),
+            result_timeout_secs: r.result_timeout_ms / 1000,
         }
     }
 }
@@ -256,6 +265,7 @@ fn new_command(
     ttl_secs: Option<u64>,
     max_attempts: Option<u32>,
     idempotency_key: Option<String>,
+    result_timeout_secs: Option<u64>,
 ) -> NewCommand {
     NewCommand {
         name,
@@ -263,6 +273,7 @@ fn new_command(
         ttl_secs,
         max_attempts,
         idempotency_key,
+        result_timeout_secs,
     }
 }
 
@@ -282,6 +293,7 @@ pub(super) async fn create_command(
         req.ttl_secs,
         req.max_attempts,
         req.idempotency_key,
+        req.result_timeout_secs,
     );
     let (created, record) = app.create_command(&id, c, w.wait_ms).await?;
     let status = if created {
@@ -333,7 +345,14 @@ pub(super) async fn create_fleet_command(
     State(app): State<Arc<App>>,
     ApiJson(req): ApiJson<CreateFleetCommand>,
 ) -> ApiResult<(StatusCode, Json<FleetCommand>)> {
-    let c = new_command(req.name, req.params, req.ttl_secs, req.max_attempts, None);
+    let c = new_command(
+        req.name,
+        req.params,
+        req.ttl_secs,
+        req.max_attempts,
+        None,
+        req.result_timeout_secs,
+    );
     let view = app.create_fleet_command(&req.selector, c).await?;
     Ok((StatusCode::ACCEPTED, Json(view.into())))
 }

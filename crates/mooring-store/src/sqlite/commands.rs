@@ -14,7 +14,7 @@ use crate::store::{CommandStore, COMMAND_BATCH_LEN_MAX};
 
 const COMMAND_COLUMNS: &str = "id, device_id, name, params, state, attempts, max_attempts, \
      created_at_ms, expires_at_ms, next_attempt_at_ms, parent_id, idempotency_key, history, \
-     result_succeeded, result_output";
+     result_succeeded, result_output, result_timeout_ms";
 
 /// A command's columns as stored (everything after `id, device_id` that can change).
 struct Encoded {
@@ -28,6 +28,7 @@ struct Encoded {
     history: String,
     result_succeeded: Option<i64>,
     result_output: Option<String>,
+    result_timeout_ms: i64,
 }
 
 fn json_text(what: &str, v: &impl serde::Serialize) -> Result<String> {
@@ -52,6 +53,7 @@ fn encode(r: &CommandRecord) -> Result<Encoded> {
             .as_ref()
             .map(|o| json_text("output", &o.output))
             .transpose()?,
+        result_timeout_ms: ts_to_sql("result_timeout_ms", r.result_timeout_ms)?,
     })
 }
 
@@ -110,6 +112,7 @@ fn command_at(row: &Row<'_>, b: usize) -> rusqlite::Result<CommandRecord> {
         idempotency_key: row.get(b + 11)?,
         history,
         result,
+        result_timeout_ms: u64_column(row, b + 15)?,
     })
 }
 
@@ -189,7 +192,7 @@ impl CommandStore for SqliteStore {
                 let mut insert = tx
                     .prepare_cached(&format!(
                         "INSERT INTO commands ({COMMAND_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)"
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
                     ))
                     .db()?;
                 for (c, e) in commands.into_iter().zip(encoded) {
@@ -225,14 +228,15 @@ impl CommandStore for SqliteStore {
                         c.idempotency_key,
                         e.history,
                         e.result_succeeded,
-                        e.result_output
+                        e.result_output,
+                        e.result_timeout_ms
                     ]);
                     match inserted {
                         Ok(_) => outcomes.push(CreateOutcome::Created(c)),
                         Err(err) if is_constraint_violation(&err) => {
                             return Err(StoreError::AlreadyExists(format!("command {}", c.id)))
                         }
-                        Err(err) => return Err(StoreError::Backend(err.to_string())),
+                        Err(err) => return Err(super::store_error(err)),
                     }
                 }
             }
@@ -380,6 +384,10 @@ impl CommandStore for SqliteStore {
                  WHERE state = 'delivered' AND expires_at_ms <= ?1",
                 "FROM commands INDEXED BY commands_by_state_next_attempt
                  WHERE state = 'delivered' AND next_attempt_at_ms <= ?1",
+                // Acknowledged with a result timeout: next_attempt_at_ms is the deadline.
+                "FROM commands INDEXED BY commands_by_state_next_attempt
+                 WHERE state = 'acknowledged' AND next_attempt_at_ms <= ?1
+                   AND result_timeout_ms > 0",
             ] {
                 let mut stmt = conn
                     .prepare_cached(&format!("SELECT seq, {COMMAND_COLUMNS} {sql} LIMIT ?2"))
