@@ -732,20 +732,22 @@ impl Broker {
             if s.link.is_none() {
                 continue;
             }
-            let qos = s
-                .subs
-                .iter()
-                .filter(|(filter, _)| filter_matches(filter, &msg.topic))
-                .map(|(_, o)| o.qos)
-                .max();
-            let Some(qos) = qos else {
+            let grant = merge_grants(
+                s.subs
+                    .iter()
+                    .filter(|(filter, _)| filter_matches(filter, &msg.topic))
+                    .map(|(_, o)| *o),
+                false,
+            );
+            let Some(grant) = grant else {
                 continue;
             };
             let d = Delivery {
-                qos: qos.min(msg.qos),
+                qos: grant.qos.min(msg.qos),
                 msg: msg.clone(),
                 retain: false,
                 expires_at: None,
+                sub_ids: grant.sub_ids,
             };
             let outcome = self.shared.enqueue(&mut s, d);
             if outcome.is_enqueued() {
@@ -896,12 +898,13 @@ impl Shared {
             } else {
                 merge_grants(group.iter().map(|t| t.1), own)
             };
-            if let Some((qos, rap)) = best {
+            if let Some(grant) = best {
                 let d = Delivery {
                     msg: msg.clone(),
-                    qos: qos.min(msg.qos),
-                    retain: msg.retain && rap,
+                    qos: grant.qos.min(msg.qos),
+                    retain: msg.retain && grant.retain_as_published,
                     expires_at,
+                    sub_ids: grant.sub_ids,
                 };
                 self.enqueue(&mut s, d);
             }
@@ -1096,13 +1099,35 @@ impl Shared {
     }
 }
 
-/// Highest granted QoS and retain-as-published over a session's matching filters; a `no_local`
-/// filter does not count for the session's own messages. `None`: nothing to deliver.
-fn merge_grants(opts: impl Iterator<Item = SubOptions>, own: bool) -> Option<(u8, bool)> {
-    opts.filter(|o| !(o.no_local && own)).fold(None, |best, o| {
-        let (q, rap) = best.unwrap_or((0, false));
-        Some((q.max(o.qos), rap || o.retain_as_published))
-    })
+/// How one message goes to one session, merged over its matching subscriptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Grant {
+    qos: u8,
+    retain_as_published: bool,
+    /// Every matching subscription's identifier, ascending, once each.
+    sub_ids: Vec<u32>,
+}
+
+/// Highest granted QoS, retain-as-published and the subscription identifiers over a session's
+/// matching filters; a `no_local` filter does not count for the session's own messages.
+/// `None`: nothing to deliver.
+fn merge_grants(opts: impl Iterator<Item = SubOptions>, own: bool) -> Option<Grant> {
+    let mut grant =
+        opts.filter(|o| !(o.no_local && own))
+            .fold(None, |best: Option<Grant>, o| {
+                let mut g = best.unwrap_or(Grant {
+                    qos: 0,
+                    retain_as_published: false,
+                    sub_ids: Vec::new(),
+                });
+                g.qos = g.qos.max(o.qos);
+                g.retain_as_published |= o.retain_as_published;
+                g.sub_ids.extend(o.sub_id);
+                Some(g)
+            })?;
+    grant.sub_ids.sort_unstable();
+    grant.sub_ids.dedup();
+    Some(grant)
 }
 
 /// Every topic `filter` matches starts with this: the text before the first wildcard, minus the
@@ -1146,15 +1171,31 @@ mod tests {
 
     #[test]
     fn merged_grant_is_the_highest_qos_and_skips_no_local_for_own_messages() {
-        let o = |qos, no_local, retain_as_published| SubOptions {
+        let o = |qos, no_local, retain_as_published, sub_id| SubOptions {
             qos,
             no_local,
             retain_as_published,
+            sub_id,
         };
-        let opts = [o(0, false, false), o(2, true, false), o(1, false, true)];
-        assert_eq!(merge_grants(opts.into_iter(), false), Some((2, true)));
-        assert_eq!(merge_grants(opts.into_iter(), true), Some((1, true)));
-        assert_eq!(merge_grants([o(2, true, true)].into_iter(), true), None);
+        let g = |qos, retain_as_published, sub_ids: &[u32]| {
+            Some(Grant {
+                qos,
+                retain_as_published,
+                sub_ids: sub_ids.to_vec(),
+            })
+        };
+        let opts = [
+            o(0, false, false, Some(7)),
+            o(2, true, false, Some(3)),
+            o(1, false, true, None),
+            o(1, false, false, Some(7)),
+        ];
+        assert_eq!(merge_grants(opts.into_iter(), false), g(2, true, &[3, 7]));
+        assert_eq!(merge_grants(opts.into_iter(), true), g(1, true, &[7]));
+        assert_eq!(
+            merge_grants([o(2, true, true, None)].into_iter(), true),
+            None
+        );
         assert_eq!(merge_grants(std::iter::empty(), false), None);
     }
 }

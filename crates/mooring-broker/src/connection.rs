@@ -974,7 +974,6 @@ where
             }
             push(mqtt::packet::ReceiveMaximum::new(cfg.inflight_max.max(1)).map(Into::into));
             push(mqtt::packet::SharedSubscriptionAvailable::new(0).map(Into::into));
-            push(mqtt::packet::SubscriptionIdentifierAvailable::new(0).map(Into::into));
             match v5_0::Connack::builder()
                 .session_present(session_present)
                 .reason_code(ConnectReasonCode::Success)
@@ -1060,7 +1059,12 @@ where
                     let left = at.saturating_duration_since(Instant::now()).as_secs();
                     u32::try_from(left).unwrap_or(u32::MAX).max(1)
                 });
-                let props = message_props_to_props(&d.msg.props, expiry);
+                let mut props = message_props_to_props(&d.msg.props, expiry);
+                for id in &d.sub_ids {
+                    if let Ok(p) = mqtt::packet::SubscriptionIdentifier::new(*id) {
+                        props.push(p.into());
+                    }
+                }
                 let mut b = v5_0::Publish::builder()
                     .topic_name(d.msg.topic.as_str())
                     .ok()?
@@ -1421,6 +1425,10 @@ where
                 self.subscribe(p.packet_id(), entries);
             }
             GenericPacket::V5_0Subscribe(p) => {
+                let sub_id = p.props().iter().find_map(|prop| match prop {
+                    Property::SubscriptionIdentifier(v) => Some(v.val()),
+                    _ => None,
+                });
                 let entries: Vec<(String, SubOptions, u8)> = p
                     .entries()
                     .iter()
@@ -1435,6 +1443,7 @@ where
                             qos: qos_u8(o.qos()),
                             no_local: o.nl(),
                             retain_as_published: o.rap(),
+                            sub_id,
                         };
                         (e.topic_filter().to_string(), opts, rh)
                     })
@@ -1651,7 +1660,7 @@ where
         };
         let v5 = self.version == ProtocolVersion::V5;
         let mut codes: Vec<u8> = Vec::with_capacity(entries.len());
-        let mut retained_for: Vec<(String, u8)> = Vec::new();
+        let mut retained_for: Vec<(String, u8, Option<u32>)> = Vec::new();
         let mut granted: Vec<String> = Vec::new();
         let principal = self.principal();
         for (filter, opts, rh) in entries {
@@ -1701,7 +1710,7 @@ where
                     );
                     granted.push(filter.clone());
                     if rh == 0 || (rh == 1 && !existed) {
-                        retained_for.push((filter, qos));
+                        retained_for.push((filter, qos, opts.sub_id));
                     }
                     qos
                 }
@@ -1745,7 +1754,7 @@ where
                 .on_subscribed(&client_id, &principal, &granted);
         }
         // Retained messages go after the SUBACK (same write buffer, so in order).
-        for (filter, qos) in retained_for {
+        for (filter, qos, sub_id) in retained_for {
             for (msg, expires_at) in self.shared.retained_matching(&filter) {
                 if expires_at.is_some_and(|at| at <= Instant::now()) {
                     continue;
@@ -1755,6 +1764,7 @@ where
                     msg,
                     retain: true,
                     expires_at,
+                    sub_ids: sub_id.into_iter().collect(),
                 };
                 self.shared.enqueue(&mut lock(&session), d);
             }

@@ -14,6 +14,8 @@ pub(crate) struct SubOptions {
     pub(crate) qos: u8,
     pub(crate) no_local: bool,
     pub(crate) retain_as_published: bool,
+    /// v5 Subscription Identifier given with the SUBSCRIBE, sent back on every matching PUBLISH.
+    pub(crate) sub_id: Option<u32>,
 }
 
 /// What queueing a message for a session did.
@@ -44,6 +46,8 @@ pub(crate) struct Delivery {
     /// RETAIN flag as sent to this subscriber.
     pub(crate) retain: bool,
     pub(crate) expires_at: Option<Instant>,
+    /// Subscription Identifiers of every matching subscription (v5), ascending.
+    pub(crate) sub_ids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,67 @@
+//! MQTT 5 features beyond the basics: subscription identifiers.
+
+mod support;
+
+use mooring_broker::Message;
+use mqtt_protocol_core::mqtt;
+use mqtt_protocol_core::mqtt::packet::{v5_0, GenericPacket, Property, SubEntry, SubOpts};
+use support::*;
+
+/// SUBSCRIBE `filter` (QoS 1) with Subscription Identifier `id`.
+async fn subscribe_with_id(c: &mut RawClient, filter: &str, id: u32) {
+    let pid = c.mqtt.acquire_packet_id().expect("pid");
+    let entry = SubEntry::new(filter, SubOpts::new().set_qos(qos(1))).expect("entry");
+    let p: GenericPacket<u16> = v5_0::Subscribe::builder()
+        .packet_id(pid)
+        .entries(vec![entry])
+        .props(vec![mqtt::packet::SubscriptionIdentifier::new(id)
+            .expect("id")
+            .into()])
+        .build()
+        .expect("subscribe")
+        .into();
+    c.send(p).await;
+    assert!(matches!(c.recv().await, Some(GenericPacket::V5_0Suback(_))));
+}
+
+/// The next PUBLISH's topic and Subscription Identifiers.
+async fn next_ids(c: &mut RawClient) -> (String, Vec<u32>) {
+    loop {
+        match c.recv().await {
+            Some(GenericPacket::V5_0Publish(p)) => {
+                let ids = p
+                    .props()
+                    .iter()
+                    .filter_map(|prop| match prop {
+                        Property::SubscriptionIdentifier(v) => Some(v.val()),
+                        _ => None,
+                    })
+                    .collect();
+                return (p.topic_name().to_string(), ids);
+            }
+            Some(_) => {}
+            None => panic!("closed"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_matching_subscription_identifier_comes_with_the_message() {
+    let (broker, _hooks) = broker();
+    broker.publish(Message::new("r/kept", "retained", 1, true));
+    let mut c = RawClient::open(&broker, true);
+    c.connect("ids").await;
+    subscribe_with_id(&mut c, "a/+", 5).await;
+    subscribe_with_id(&mut c, "a/b", 9).await;
+    subscribe_with_id(&mut c, "r/#", 11).await;
+    // The retained message sent at SUBSCRIBE carries that subscription's id.
+    assert_eq!(next_ids(&mut c).await, ("r/kept".to_owned(), vec![11]));
+    broker.publish(Message::new("a/b", "both", 1, false));
+    assert_eq!(next_ids(&mut c).await, ("a/b".to_owned(), vec![5, 9]));
+    broker.publish(Message::new("a/c", "one", 1, false));
+    assert_eq!(next_ids(&mut c).await, ("a/c".to_owned(), vec![5]));
+    // A plain SUBSCRIBE has none: the filter's id goes away when it is subscribed again.
+    c.subscribe("a/b", 1).await;
+    broker.publish(Message::new("a/b", "again", 1, false));
+    assert_eq!(next_ids(&mut c).await, ("a/b".to_owned(), vec![5]));
+}
