@@ -331,7 +331,10 @@ where
     // makes the library hold them to it.
     let opts =
         ConnectionOptions::new().maximum_packet_size_recv(shared.config.packet_size_bytes_max);
-    let mqtt = Server::with_options(mqtt::Version::Undetermined, opts);
+    let mut mqtt = Server::with_options(mqtt::Version::Undetermined, opts);
+    // v5 clients that advertise a Topic Alias Maximum get aliases for the topics we send them
+    // (least recently used alias reused once all are taken).
+    mqtt.set_auto_map_topic_alias_send(true);
     let mut c = Conn {
         shared: shared.clone(),
         stream,

@@ -65,3 +65,46 @@ async fn every_matching_subscription_identifier_comes_with_the_message() {
     broker.publish(Message::new("a/b", "again", 1, false));
     assert_eq!(next_ids(&mut c).await, ("a/b".to_owned(), vec![5]));
 }
+
+#[tokio::test]
+async fn repeated_topics_go_out_as_topic_aliases_to_a_client_that_allows_them() {
+    let (broker, _hooks) = broker();
+    let mut c = RawClient::open(&broker, true);
+    let connect: GenericPacket<u16> = v5_0::Connect::builder()
+        .client_id("aliases")
+        .expect("id")
+        .clean_start(true)
+        .props(vec![mqtt::packet::TopicAliasMaximum::new(2)
+            .expect("tam")
+            .into()])
+        .build()
+        .expect("connect")
+        .into();
+    c.send(connect).await;
+    assert!(matches!(
+        c.recv().await,
+        Some(GenericPacket::V5_0Connack(_))
+    ));
+    c.subscribe("t/#", 0).await;
+    let alias_of = |p: &v5_0::GenericPublish<u16>| {
+        p.props().iter().find_map(|prop| match prop {
+            Property::TopicAlias(v) => Some(v.val()),
+            _ => None,
+        })
+    };
+    let mut seen = Vec::new();
+    for topic in ["t/long/topic/name", "t/long/topic/name", "t/other"] {
+        broker.publish(Message::new(topic, "x", 0, false));
+        match c.recv().await {
+            Some(GenericPacket::V5_0Publish(p)) => {
+                seen.push((p.topic_name().to_string(), alias_of(&p)))
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    // The first use sends topic and alias; a repeat sends the alias with an empty topic name
+    // (the client library resolves it, so only the alias property is checked there).
+    assert_eq!(seen[0], ("t/long/topic/name".to_owned(), Some(1)));
+    assert_eq!(seen[1].1, Some(1));
+    assert_eq!(seen[2], ("t/other".to_owned(), Some(2)));
+}
