@@ -33,6 +33,9 @@ pub struct App {
     pub counters: Counters,
     pub commands: crate::commands::CommandRuntime,
     pub(crate) shadow_lock: tokio::sync::Mutex<()>,
+    /// Tag changes are stored and handed to the broker in one step, so two concurrent changes
+    /// cannot leave the broker with the older tags.
+    tags_lock: tokio::sync::Mutex<()>,
     broker: OnceLock<Broker>,
 }
 
@@ -64,6 +67,7 @@ impl App {
             counters: Counters::default(),
             commands: crate::commands::CommandRuntime::default(),
             shadow_lock: tokio::sync::Mutex::new(()),
+            tags_lock: tokio::sync::Mutex::new(()),
             broker: OnceLock::new(),
         }
     }
@@ -283,6 +287,7 @@ impl App {
     ) -> ServiceResult<DeviceView> {
         let id = Self::parse_id(id)?;
         validate_tags(&tags)?;
+        let _serialized = self.tags_lock.lock().await;
         self.store
             .set_tags(id.as_str(), tags.clone())
             .await
