@@ -1239,7 +1239,9 @@ where
                     if want_write || can_read => Step::Io(io),
             };
             match step {
-                Step::Control(None) => {}
+                // Every sender is gone (the session has another link now): nobody can steer this
+                // connection any more, and a closed channel would be ready on every turn.
+                Step::Control(None) => self.close = true,
                 Step::Control(Some(c)) => {
                     let code = match c {
                         Control::TakenOver => DisconnectReasonCode::SessionTakenOver,
