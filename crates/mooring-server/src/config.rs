@@ -78,6 +78,8 @@ pub struct CommandsConfig {
     /// How long an acknowledged command created without `result_timeout_secs` may wait for its
     /// result before it fails with `timeout` (0: no limit).
     pub default_result_timeout_secs: u64,
+    /// Devices per transaction (and per registry page) when a fleet command fans out.
+    pub fleet_page_len: usize,
 }
 
 impl Default for CommandsConfig {
@@ -89,6 +91,7 @@ impl Default for CommandsConfig {
             retry_backoff_max_ms: 300_000,
             scheduler_tick_ms: 1_000,
             default_result_timeout_secs: 3_600,
+            fleet_page_len: 5_000,
         }
     }
 }

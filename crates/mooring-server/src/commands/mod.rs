@@ -48,7 +48,8 @@ pub const DELIVERY_BATCH_LEN_MAX: usize = 100;
 /// Commands the scheduler handles per tick.
 pub const SCHEDULER_BATCH_LEN_MAX: usize = 1000;
 /// Devices one fleet command may address.
-pub const FLEET_DEVICES_MAX: usize = 10_000;
+pub const FLEET_DEVICES_MAX: usize = 1_000_000;
+
 /// Longest idempotency key.
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
 /// Most commands one list call returns.
@@ -706,35 +707,67 @@ impl App {
         let parent_id = new_id('f');
         // Validate once before touching the fleet.
         let probe = self.build_command("probe", &c, Some(&parent_id), now_ms)?;
-        let (devices, more) = self
-            .select_devices(&sel, None, FLEET_DEVICES_MAX + 1)
-            .await?;
-        if more.is_some() || devices.len() > FLEET_DEVICES_MAX {
-            return Err(ServiceError::invalid(
-                "too_many_devices",
-                format!("the selector matches more than {FLEET_DEVICES_MAX} devices"),
-            ));
+        let page_len = self.config.commands.fleet_page_len.max(1);
+        // The matching devices, in pages of the registry (ids only).
+        let mut devices: Vec<String> = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let (page, next) = self
+                .select_devices(&sel, cursor.as_deref(), page_len)
+                .await?;
+            devices.extend(page.into_iter().map(|d| d.record.id));
+            if devices.len() > FLEET_DEVICES_MAX {
+                return Err(ServiceError::invalid(
+                    "too_many_devices",
+                    format!("the selector matches more than {FLEET_DEVICES_MAX} devices"),
+                ));
+            }
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
         }
-        let children = devices
-            .iter()
-            .map(|d| self.build_command(&d.record.id, &c, Some(&parent_id), now_ms))
-            .collect::<ServiceResult<Vec<_>>>()?;
         let parent = CommandParentRecord {
-            id: parent_id,
+            id: parent_id.clone(),
             selector: sel.to_string(),
             name: probe.name,
             params: probe.params,
             created_at_ms: now_ms,
             expires_at_ms: probe.expires_at_ms,
-            total: children.len() as u64,
+            total: devices.len() as u64,
         };
-        let outcomes = self
-            .store
-            .create_commands(Some(parent.clone()), children)
-            .await?;
-        Counters::add(&self.counters.commands_created, outcomes.len() as u64);
-        for o in &outcomes {
-            self.commands.kick(&o.record().device_id, false);
+        // One parent, children in pages of `fleet_page_len` (one transaction each, so a large
+        // fleet never holds the writer for long); each page's devices are kicked at once.
+        let mut pages = devices.chunks(page_len);
+        let mut first = Some(parent.clone());
+        loop {
+            let page = pages.next().unwrap_or(&[]);
+            let children = page
+                .iter()
+                .map(|d| self.build_command(d, &c, Some(&parent_id), now_ms))
+                .collect::<ServiceResult<Vec<_>>>()?;
+            let outcomes = match self.store.create_commands(first.clone(), children).await {
+                Ok(o) => o,
+                // A device deleted since it was selected: that page again without it.
+                Err(mooring_store::StoreError::NotFound(_)) => {
+                    let mut still = Vec::with_capacity(page.len());
+                    for d in page {
+                        if self.store.get_device(d).await?.is_some() {
+                            still.push(self.build_command(d, &c, Some(&parent_id), now_ms)?);
+                        }
+                    }
+                    self.store.create_commands(first.clone(), still).await?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            first = None;
+            Counters::add(&self.counters.commands_created, outcomes.len() as u64);
+            for o in &outcomes {
+                self.commands.kick(&o.record().device_id, false);
+            }
+            if pages.len() == 0 {
+                break;
+            }
         }
         self.fleet_command(&parent.id)
             .await?
