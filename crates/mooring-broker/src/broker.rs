@@ -162,8 +162,14 @@ pub(crate) struct Counters {
 
 impl Counters {
     pub(crate) fn refuse(&self, reason: Refusal) {
-        let i = Refusal::ALL.iter().position(|r| *r == reason).unwrap_or(0);
-        self.refusals[i].fetch_add(1, Ordering::Relaxed);
+        // `Refusal::ALL` lists the variants in declaration order (unit-tested).
+        self.refusals[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A CONNECT, PUBLISH or SUBSCRIBE refused: counted in `denied` and under its reason.
+    pub(crate) fn deny(&self, reason: Refusal) {
+        self.denied.fetch_add(1, Ordering::Relaxed);
+        self.refuse(reason);
     }
 }
 
@@ -210,10 +216,6 @@ pub(crate) struct RetainedMsg {
     pub(crate) expires_at: Option<Instant>,
     /// `None`: published by the server itself (never counted, never refused).
     owner: Option<Owner>,
-}
-
-fn retained_size(msg: &Message) -> usize {
-    msg.size_bytes()
 }
 
 #[derive(Default, Clone, Copy)]
@@ -269,16 +271,15 @@ impl RetainedTable {
     /// Whether `owner` may store `msg` (a non-empty retained message) under the limits.
     fn fits(&self, config: &BrokerConfig, owner: Option<&Owner>, msg: &Message) -> bool {
         let Some(owner) = owner else { return true };
-        let size = retained_size(msg);
+        let size = msg.size_bytes();
         let old = self.msgs.get(&msg.topic);
         let mine = old.filter(|o| o.owner.as_ref() == Some(owner));
         let clients_old = old.filter(|o| o.owner.is_some());
         let u = self.usage.get(owner).map(|u| u.totals).unwrap_or_default();
         let count = u.count - usize::from(mine.is_some()) + 1;
-        let bytes = u.bytes - mine.map_or(0, |o| retained_size(&o.msg)) + size;
+        let bytes = u.bytes - mine.map_or(0, |o| o.msg.size_bytes()) + size;
         let all_count = self.clients.count - usize::from(clients_old.is_some()) + 1;
-        let all_bytes =
-            self.clients.bytes - clients_old.map_or(0, |o| retained_size(&o.msg)) + size;
+        let all_bytes = self.clients.bytes - clients_old.map_or(0, |o| o.msg.size_bytes()) + size;
         count <= config.retained_per_principal_max
             && bytes <= config.retained_bytes_per_principal_max
             && all_count <= config.retained_messages_max
@@ -327,13 +328,13 @@ impl RetainedTable {
 
     fn remove(&mut self, topic: &str) {
         if let Some(old) = self.msgs.remove(topic) {
-            self.account(&old.owner, topic, retained_size(&old.msg), false);
+            self.account(&old.owner, topic, old.msg.size_bytes(), false);
         }
     }
 
     fn insert(&mut self, msg: Arc<Message>, expires_at: Option<Instant>, owner: Option<Owner>) {
         self.remove(&msg.topic);
-        self.account(&owner, &msg.topic, retained_size(&msg), true);
+        self.account(&owner, &msg.topic, msg.size_bytes(), true);
         self.msgs.insert(
             msg.topic.clone(),
             RetainedMsg {
@@ -389,19 +390,25 @@ pub(crate) struct TableEntry {
     pub(crate) session: SessionRef,
     pub(crate) owner: Owner,
     /// Asked for a session expiry > 0 when it was attached (counts against the owner's quota).
-    persistent: bool,
+    pub(crate) persistent: bool,
+}
+
+/// Sessions one non-device owner holds (the per-principal quotas).
+#[derive(Default, Clone, Copy)]
+struct OwnerSessions {
+    /// Live or persisted.
+    all: usize,
+    persistent: usize,
 }
 
 /// The session table: sessions by (namespace, client id), and client ids by device id, so every
 /// lookup on the connect, publish_to and kick paths is a hash lookup. Also counts non-device
-/// sessions (for `sessions_max`) and persistent sessions per non-device owner.
+/// sessions (for `sessions_max`) and, per non-device owner, its sessions and persistent ones.
 #[derive(Default)]
 pub(crate) struct SessionTable {
     by_key: HashMap<SessionKey, TableEntry>,
     by_device: HashMap<String, HashSet<String>>,
-    persistent: HashMap<Owner, usize>,
-    /// Sessions (live or persisted) per non-device owner.
-    per_owner: HashMap<Owner, usize>,
+    owners: HashMap<Owner, OwnerSessions>,
     /// Sessions outside the device namespace.
     others: usize,
 }
@@ -422,12 +429,25 @@ impl SessionTable {
 
     /// Sessions (live or persisted) a non-device `owner` holds.
     pub(crate) fn sessions_of(&self, owner: &Owner) -> usize {
-        self.per_owner.get(owner).copied().unwrap_or(0)
+        self.owners.get(owner).map_or(0, |o| o.all)
     }
 
-    /// Persistent sessions `owner` holds.
+    /// Persistent sessions a non-device `owner` holds.
     pub(crate) fn persistent_of(&self, owner: &Owner) -> usize {
-        self.persistent.get(owner).copied().unwrap_or(0)
+        self.owners.get(owner).map_or(0, |o| o.persistent)
+    }
+
+    /// Adjusts a non-device owner's counts (devices are not counted: one session each).
+    fn count(&mut self, owner: &Owner, all: isize, persistent: isize) {
+        if matches!(owner, Owner::Device(_)) {
+            return;
+        }
+        let o = self.owners.entry(owner.clone()).or_default();
+        o.all = o.all.saturating_add_signed(all);
+        o.persistent = o.persistent.saturating_add_signed(persistent);
+        if o.all == 0 {
+            self.owners.remove(owner);
+        }
     }
 
     /// Put `session` under `key`, owned by `owner`; returns the session it replaced.
@@ -446,11 +466,8 @@ impl SessionTable {
                 .insert(key.1.clone());
         } else {
             self.others += 1;
-            *self.per_owner.entry(owner.clone()).or_default() += 1;
         }
-        if persistent {
-            *self.persistent.entry(owner.clone()).or_default() += 1;
-        }
+        self.count(&owner, 1, isize::from(persistent));
         self.by_key.insert(
             key.clone(),
             TableEntry {
@@ -472,27 +489,12 @@ impl SessionTable {
         }
         entry.persistent = persistent;
         let owner = entry.owner.clone();
-        if persistent {
-            *self.persistent.entry(owner).or_default() += 1;
-        } else {
-            self.unpersist(&owner);
-        }
-    }
-
-    fn unpersist(&mut self, owner: &Owner) {
-        if let Some(n) = self.persistent.get_mut(owner) {
-            *n -= 1;
-            if *n == 0 {
-                self.persistent.remove(owner);
-            }
-        }
+        self.count(&owner, 0, if persistent { 1 } else { -1 });
     }
 
     fn remove_key(&mut self, key: &SessionKey) -> Option<SessionRef> {
         let e = self.by_key.remove(key)?;
-        if e.persistent {
-            self.unpersist(&e.owner);
-        }
+        self.count(&e.owner, -1, -isize::from(e.persistent));
         if let Owner::Device(d) = &e.owner {
             if let Some(ids) = self.by_device.get_mut(d) {
                 ids.remove(&key.1);
@@ -502,12 +504,6 @@ impl SessionTable {
             }
         } else {
             self.others -= 1;
-            if let Some(n) = self.per_owner.get_mut(&e.owner) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_owner.remove(&e.owner);
-                }
-            }
         }
         Some(e.session)
     }
@@ -863,10 +859,7 @@ impl Shared {
     /// filters instead, under its lock, so a message is never delivered on a subscription that
     /// was already removed (the same per-session atomicity the single table lock used to give).
     pub(crate) fn route(&self, msg: Arc<Message>, publisher: Option<&str>) {
-        let expires_at = msg
-            .props
-            .message_expiry_secs
-            .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)));
+        let expires_at = expiry_instant(&msg);
         let mut targets: Vec<(SessionId, SubOptions, SessionRef)> = Vec::new();
         let seen = {
             let index = read(&self.subs);
@@ -947,12 +940,23 @@ impl Shared {
             self.counters.refuse(Refusal::RetainedQuota);
             return false;
         }
-        let expires_at = msg
-            .props
-            .message_expiry_secs
-            .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)));
-        retained.insert(msg.clone(), expires_at, owner.cloned());
+        retained.insert(msg.clone(), expiry_instant(msg), owner.cloned());
         true
+    }
+
+    /// A client's accepted message: a retained one is stored within its owner's quota first
+    /// (over quota it is delivered without the retain flag), then it is routed. `owner` is only
+    /// asked for a retained message.
+    pub(crate) fn retain_and_route(
+        &self,
+        mut msg: Arc<Message>,
+        owner: impl FnOnce() -> Owner,
+        client_id: &str,
+    ) {
+        if msg.retain && !self.store_retained(&msg, Some(&owner())) {
+            Arc::make_mut(&mut msg).retain = false;
+        }
+        self.route(msg, Some(client_id));
     }
 
     /// Whether `owner` could store this retained message now (a check before the message is
@@ -1055,13 +1059,7 @@ impl Shared {
         match self.hooks.on_publish(principal, client_id, &msg).await {
             PublishVerdict::Accept => {
                 self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
-                let mut msg = msg;
-                if msg.retain
-                    && !self.store_retained(&Arc::new(msg.clone()), Some(&Owner::of(principal)))
-                {
-                    msg.retain = false;
-                }
-                self.route(Arc::new(msg), Some(client_id));
+                self.retain_and_route(Arc::new(msg), || Owner::of(principal), client_id);
             }
             PublishVerdict::Reject(code) => {
                 tracing::debug!(client_id, code, topic = %msg.topic, "will rejected by on_publish");
@@ -1097,6 +1095,13 @@ impl Shared {
             .map(|(_, r)| (r.msg.clone(), r.expires_at))
             .collect()
     }
+}
+
+/// When a message's v5 Message Expiry Interval (if any) runs out, counted from now.
+fn expiry_instant(msg: &Message) -> Option<Instant> {
+    msg.props
+        .message_expiry_secs
+        .map(|s| Instant::now() + std::time::Duration::from_secs(u64::from(s)))
 }
 
 /// How one message goes to one session, merged over its matching subscriptions.
@@ -1166,6 +1171,13 @@ mod tests {
                 topic.starts_with(retained_prefix(filter)),
                 "{filter} {topic}"
             );
+        }
+    }
+
+    #[test]
+    fn refusal_all_lists_the_variants_in_declaration_order() {
+        for (i, r) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
         }
     }
 

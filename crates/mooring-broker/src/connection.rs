@@ -116,7 +116,6 @@ struct Will {
 /// What cleanup needs to know, written by the protocol task as it goes (so it survives a panic).
 #[derive(Default)]
 struct ConnRecord {
-    client_id: Option<String>,
     /// The session's key in the table (namespace + client id).
     key: Option<SessionKey>,
     principal: Option<Principal>,
@@ -167,22 +166,22 @@ where
 }
 
 async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>) {
-    let (session, will, clean, connected, client_id, key, principal, qos2_in) = {
+    let (session, will, clean, connected, key, principal, qos2_in) = {
         let mut r = lock(record);
         (
             r.session.take(),
             r.will.take(),
             r.clean_disconnect,
             r.connected,
-            r.client_id.clone(),
             r.key.clone(),
             r.principal.clone(),
             r.qos2_in.take(),
         )
     };
-    let (Some(client_id), Some(key), Some(principal)) = (client_id, key, principal) else {
+    let (Some(key), Some(principal)) = (key, principal) else {
         return;
     };
+    let client_id = key.1.clone();
     // Authorize what happens now (the will) against the principal as it is now.
     let (principal_now, removed) = session.as_ref().map_or_else(
         || (principal.clone(), false),
@@ -284,11 +283,12 @@ struct Conn<S> {
     record: Arc<Mutex<ConnRecord>>,
     // Set after CONNECT:
     client_id: String,
-    /// The session's principal as last read (see `Conn::principal`).
+    /// The principal attached at CONNECT; once a session is attached, `Conn::principal` reads
+    /// the session's (which the embedder may replace).
     principal: Arc<Principal>,
-    /// Idle supervision the client did not ask for (v3.1.1 keepalive 0 or above the maximum):
-    /// the timer is re-armed with this on every read.
-    idle_reset_ms: Option<u64>,
+    /// Idle supervision the client did not ask for (keepalive 0): the server re-arms the
+    /// keep-alive timer (`keepalive_ms`) itself on every whole packet received.
+    self_supervised: bool,
     /// Bytes written to the stream since the last flush.
     needs_flush: bool,
     /// Unacknowledged messages of a resumed session still to be resent (see `pump`).
@@ -346,7 +346,7 @@ where
         record,
         client_id: String::new(),
         principal: Arc::new(Principal::Dev),
-        idle_reset_ms: None,
+        self_supervised: false,
         needs_flush: false,
         resend: std::collections::VecDeque::new(),
         keepalive_ms: 0,
@@ -479,14 +479,10 @@ where
 
     /// The session's principal as it is now (the embedder may have replaced it since CONNECT,
     /// e.g. new tags): every authorization uses this.
-    fn principal(&mut self) -> Arc<Principal> {
-        if let Some(session) = &self.session {
-            let current = lock(session).principal.clone();
-            if !Arc::ptr_eq(&current, &self.principal) {
-                self.principal = current;
-            }
-        }
-        self.principal.clone()
+    fn principal(&self) -> Arc<Principal> {
+        self.session
+            .as_ref()
+            .map_or_else(|| self.principal.clone(), |s| lock(s).principal.clone())
     }
 
     /// Apply the library's side-effect events; returns the received packets for dispatch.
@@ -602,8 +598,7 @@ where
             Ok(a) => return Some(a),
             Err(refusal) => refusal,
         };
-        self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
-        self.shared.counters.refuse(match refusal {
+        self.shared.counters.deny(match refusal {
             ConnectRefusal::BadClientId => Refusal::ClientIdInvalid,
             _ => Refusal::Authentication,
         });
@@ -639,8 +634,7 @@ where
         {
             return true;
         }
-        self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
-        self.shared.counters.refuse(if too_long {
+        self.shared.counters.deny(if too_long {
             Refusal::TopicTooLong
         } else {
             Refusal::PublishDenied
@@ -825,6 +819,7 @@ where
                 }
                 let existing = table.get(&key);
                 let foreign = existing.is_some_and(|e| e.owner != owner);
+                let was_persistent = existing.is_some_and(|e| e.persistent);
                 let existing = existing.map(|e| e.session.clone());
                 let resumes = existing.is_some() && !clean;
                 let old_done = if foreign {
@@ -838,7 +833,6 @@ where
                         })
                     })
                 };
-                let was_persistent = existing.as_ref().is_some_and(|e| lock(e).expiry_secs > 0);
                 let non_device = key.0 != Namespace::Device;
                 match old_done {
                     _ if foreign => Attach::Refuse(Refusal::ClientIdInUse),
@@ -915,8 +909,7 @@ where
                     waited = true;
                 }
                 Attach::Refuse(reason) => {
-                    self.shared.counters.refuse(reason);
-                    self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.deny(reason);
                     tracing::info!(client_id, reason = reason.name(), "CONNECT refused");
                     let (v3, v5) = match reason {
                         Refusal::ClientIdInUse => (
@@ -939,7 +932,6 @@ where
         self.session = Some(session.clone());
         {
             let mut r = lock(&self.record);
-            r.client_id = Some(client_id.clone());
             r.key = Some(key);
             r.principal = Some((*principal).clone());
             r.session = Some(session.clone());
@@ -1004,7 +996,7 @@ where
             // Keepalive 0: the client asked for no supervision; the server still closes a
             // connection that stays silent for 1.5 × keepalive_secs_max.
             let cap_ms = self.idle_cap_ms();
-            self.idle_reset_ms = Some(cap_ms);
+            self.self_supervised = true;
             self.keepalive_ms = cap_ms;
             self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(cap_ms))));
         }
@@ -1305,9 +1297,10 @@ where
                     clear_and_trim(&mut buf);
                     // Only a whole packet counts as a sign of life (a trickled partial packet
                     // must not keep a keep-alive 0 connection open).
-                    if let (true, Some(ms)) = (got_packet, self.idle_reset_ms) {
-                        self.keepalive =
-                            Some(Box::pin(tokio::time::sleep(Duration::from_millis(ms))));
+                    if got_packet && self.self_supervised {
+                        self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(
+                            self.keepalive_ms,
+                        ))));
                     }
                 }
             }
@@ -1538,8 +1531,7 @@ where
         }
         let principal = self.principal();
         if !self.shared.hooks.may_publish(&principal, &msg.topic) {
-            self.shared.counters.refuse(Refusal::PublishDenied);
-            self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
+            self.shared.counters.deny(Refusal::PublishDenied);
             tracing::debug!(client_id = %self.client_id, topic = %msg.topic, "publish denied");
             match (v5, pid) {
                 (true, Some(pid)) => self.ack(pid, msg.qos, 0x87),
@@ -1581,15 +1573,10 @@ where
                     .messages_in
                     .fetch_add(1, Ordering::Relaxed);
                 let qos = p.msg.qos;
-                let mut msg = Arc::new(p.msg);
-                if msg.retain {
-                    let owner = Owner::of(&self.principal());
-                    if !self.shared.store_retained(&msg, Some(&owner)) {
-                        // Filled up since the check at receipt: deliver, do not retain.
-                        Arc::make_mut(&mut msg).retain = false;
-                    }
-                }
-                self.shared.route(msg, Some(&self.client_id));
+                // A retained quota filled up since the check at receipt: delivered, not retained.
+                let owner = || Owner::of(&self.principal());
+                self.shared
+                    .retain_and_route(Arc::new(p.msg), owner, &self.client_id);
                 if let Some(pid) = p.packet_id {
                     self.ack(pid, qos, 0);
                 }
@@ -1688,8 +1675,7 @@ where
                     0x80
                 }
             } else if !self.shared.hooks.may_subscribe(&principal, &filter) {
-                self.shared.counters.denied.fetch_add(1, Ordering::Relaxed);
-                self.shared.counters.refuse(Refusal::SubscribeDenied);
+                self.shared.counters.deny(Refusal::SubscribeDenied);
                 if v5 {
                     0x87
                 } else {

@@ -72,7 +72,7 @@ impl ServiceError {
     /// An internal failure. The backend's text goes only to the server log, with a random id;
     /// the client gets the code `internal` and that id, never the text.
     pub fn internal(message: impl fmt::Display) -> Self {
-        let error_id = format!("{:016x}", rand::random::<u64>());
+        let error_id = log_id();
         tracing::error!(error_id = %error_id, error = %message, "internal error");
         Self::new(
             ErrorKind::Internal,
@@ -80,14 +80,12 @@ impl ServiceError {
             format!("internal error; see server log, id {error_id}"),
         )
     }
-}
 
-impl ServiceError {
     /// The store cannot take the operation now (disk full, I/O error, busy): 503 with the stable
     /// code `storage_unavailable`; the backend's text goes to the log with an id, as for
     /// [`ServiceError::internal`].
     pub fn storage_unavailable(message: impl fmt::Display) -> Self {
-        let error_id = format!("{:016x}", rand::random::<u64>());
+        let error_id = log_id();
         tracing::warn!(error_id = %error_id, error = %message, "storage unavailable");
         Self::new(
             ErrorKind::Unavailable,
@@ -95,6 +93,11 @@ impl ServiceError {
             format!("storage unavailable; retry later (server log id {error_id})"),
         )
     }
+}
+
+/// A random id that ties an error answer to its server log line (16 hex digits).
+fn log_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 impl fmt::Display for ServiceError {

@@ -31,19 +31,25 @@ pub const REASON_QUOTA_EXCEEDED: u8 = 0x97;
 pub const STORE_FAILURE_LOG_INTERVAL_MS: u64 = 10_000;
 
 /// Acknowledge a command or shadow message only once its effect is stored; otherwise v5 clients
-/// are told per message (0x97 when the store is unavailable, 0x80 otherwise).
+/// are told per message (see [`not_stored`]).
 fn store_verdict(r: crate::error::ServiceResult<()>, device: &str) -> PublishVerdict {
     match r {
         Ok(()) => PublishVerdict::Accept,
         Err(e) => {
             tracing::debug!(device, error = %e, "command/shadow update not stored; not acknowledged");
-            if e.kind == crate::error::ErrorKind::Unavailable {
-                PublishVerdict::Failed(REASON_QUOTA_EXCEEDED)
-            } else {
-                PublishVerdict::Failed(REASON_UNSPECIFIED_ERROR)
-            }
+            not_stored(e.kind == crate::error::ErrorKind::Unavailable)
         }
     }
+}
+
+/// The verdict on a message the store could not take: 0x97 when the store is unavailable (full,
+/// busy; send again later), 0x80 for other failures.
+fn not_stored(unavailable: bool) -> PublishVerdict {
+    PublishVerdict::Failed(if unavailable {
+        REASON_QUOTA_EXCEEDED
+    } else {
+        REASON_UNSPECIFIED_ERROR
+    })
 }
 
 /// A failure that can repeat for every message (the store is full): logged at most once per
@@ -57,7 +63,7 @@ struct FailureLog {
 impl FailureLog {
     fn record(&self, now_ms: u64, error: &dyn std::fmt::Display) {
         use std::sync::atomic::Ordering::Relaxed;
-        let n = self.since_last.fetch_add(1, Relaxed) + 1;
+        self.since_last.fetch_add(1, Relaxed);
         let last = self.last_ms.load(Relaxed);
         let due = last == 0 || now_ms >= last.saturating_add(STORE_FAILURE_LOG_INTERVAL_MS);
         if due
@@ -66,8 +72,7 @@ impl FailureLog {
                 .compare_exchange(last, now_ms.max(1), Relaxed, Relaxed)
                 .is_ok()
         {
-            self.since_last
-                .fetch_sub(n.min(self.since_last.load(Relaxed)), Relaxed);
+            let n = self.since_last.swap(0, Relaxed);
             tracing::error!(
                 messages = n,
                 error = %error,
@@ -268,12 +273,7 @@ impl Hooks for ServerHooks {
             Err(e) => {
                 Counters::inc(&app.counters.telemetry_store_errors);
                 self.telemetry_failures.record(now_ms, &e);
-                match e {
-                    mooring_store::StoreError::Unavailable(_) => {
-                        PublishVerdict::Failed(REASON_QUOTA_EXCEEDED)
-                    }
-                    _ => PublishVerdict::Failed(REASON_UNSPECIFIED_ERROR),
-                }
+                not_stored(matches!(e, mooring_store::StoreError::Unavailable(_)))
             }
         }
     }
