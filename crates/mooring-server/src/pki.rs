@@ -40,32 +40,24 @@ pub struct Pki {
     server_key_pem: String,
 }
 
-fn write_secret(path: &Path, contents: &str) -> anyhow::Result<()> {
+/// Writes a data-dir file, 0600 (keys are secret; certificates are public, but everything in
+/// the data dir is the server user's only), and syncs it. A key is created new (never
+/// overwritten); a certificate `replace`s what is there.
+fn write_private(path: &Path, contents: &str, replace: bool) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).mode(0o600);
+    if replace {
+        opts.create(true).truncate(true);
+    } else {
+        opts.create_new(true);
+    }
+    let mut f = opts
         .open(path)
         .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
-}
-
-/// Certificates are public, but everything in the data dir is the server user's only (0600).
-fn write_public(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -119,8 +111,8 @@ impl Pki {
             params.not_before = now - Duration::hours(1);
             params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
             let ca = params.self_signed(&ca_key)?;
-            write_secret(&paths.ca_key, &ca_key.serialize_pem())?;
-            write_public(&paths.ca_cert, &ca.pem())?;
+            write_private(&paths.ca_key, &ca_key.serialize_pem(), false)?;
+            write_private(&paths.ca_cert, &ca.pem(), true)?;
         }
         let ca_cert_pem = std::fs::read_to_string(&paths.ca_cert)
             .with_context(|| format!("reading {}", paths.ca_cert.display()))?;
@@ -151,8 +143,8 @@ impl Pki {
             params.not_after = now + Duration::days(SERVER_VALIDITY_DAYS);
             params.use_authority_key_identifier_extension = true;
             let cert = params.signed_by(&key, &ca_issuer)?;
-            write_secret(&paths.server_key, &key.serialize_pem())?;
-            write_public(&paths.server_cert, &cert.pem())?;
+            write_private(&paths.server_key, &key.serialize_pem(), false)?;
+            write_private(&paths.server_cert, &cert.pem(), true)?;
         }
         let server_cert_pem = std::fs::read_to_string(&paths.server_cert)?;
         let server_key_pem = std::fs::read_to_string(&paths.server_key)?;
