@@ -738,35 +738,41 @@ impl App {
         };
         // One parent, children in pages of `fleet_page_len` (one transaction each, so a large
         // fleet never holds the writer for long); each page's devices are kicked at once.
-        let mut pages = devices.chunks(page_len);
-        let mut first = Some(parent.clone());
-        loop {
-            let page = pages.next().unwrap_or(&[]);
-            let children = page
-                .iter()
-                .map(|d| self.build_command(d, &c, Some(&parent_id), now_ms))
-                .collect::<ServiceResult<Vec<_>>>()?;
-            let outcomes = match self.store.create_commands(first.clone(), children).await {
+        // At least one page, so the parent is stored even when nothing matches.
+        let pages: Vec<&[String]> = if devices.is_empty() {
+            vec![&[]]
+        } else {
+            devices.chunks(page_len).collect()
+        };
+        let mut parent_once = Some(parent.clone());
+        for page in pages {
+            let first = parent_once.take();
+            let build = |ids: &[String]| {
+                ids.iter()
+                    .map(|d| self.build_command(d, &c, Some(&parent_id), now_ms))
+                    .collect::<ServiceResult<Vec<_>>>()
+            };
+            let outcomes = match self
+                .store
+                .create_commands(first.clone(), build(page)?)
+                .await
+            {
                 Ok(o) => o,
                 // A device deleted since it was selected: that page again without it.
                 Err(mooring_store::StoreError::NotFound(_)) => {
                     let mut still = Vec::with_capacity(page.len());
                     for d in page {
                         if self.store.get_device(d).await?.is_some() {
-                            still.push(self.build_command(d, &c, Some(&parent_id), now_ms)?);
+                            still.push(d.clone());
                         }
                     }
-                    self.store.create_commands(first.clone(), still).await?
+                    self.store.create_commands(first, build(&still)?).await?
                 }
                 Err(e) => return Err(e.into()),
             };
-            first = None;
             Counters::add(&self.counters.commands_created, outcomes.len() as u64);
             for o in &outcomes {
                 self.commands.kick(&o.record().device_id, false);
-            }
-            if pages.len() == 0 {
-                break;
             }
         }
         self.fleet_command(&parent.id)
