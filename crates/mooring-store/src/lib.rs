@@ -10,6 +10,9 @@
 //! * [`CommandStore`]: device commands (state, attempts, history, result) with idempotency keys,
 //!   fleet-command parents, and the bounded queries the delivery scheduler runs.
 //! * [`ShadowStore`]: device shadows (desired, reported, version) with compare-and-set writes.
+//! * [`BrokerStateStore`]: the MQTT broker's retained messages and persistent sessions (opaque
+//!   values by key; the broker owns the encoding), written through [`BrokerStateWriter`], the
+//!   same group commit as telemetry: one transaction per batch, tickets answered once durable.
 //!
 //! [`Store`] is all of them at once (blanket impl); the server holds an `Arc<dyn Store>`.
 //!
@@ -38,6 +41,7 @@
 //! and [`conformance_tests!`] expands them into one `#[tokio::test]` each. `tests/sqlite.rs`
 //! runs it against SQLite; a new backend runs the same macro and must pass unchanged.
 
+pub mod broker_writer;
 pub mod conformance;
 pub mod error;
 pub mod model;
@@ -46,14 +50,15 @@ pub mod store;
 pub mod writer;
 
 pub use error::{Result, StoreError};
+pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_MAX};
 pub use model::{
-    AppendOutcome, CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
+    AppendOutcome, BrokerOp, BrokerState, StoredSession, CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
     DeviceRecord, MetricValue, NewDevice, Point, ShadowRecord, TelemetryQuery, TelemetryRecord,
     TokenRecord, TokenRole, TS_MS_MAX,
 };
 pub use sqlite::{SqliteStore, DB_FILE_NAME};
 pub use store::{
-    CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore, TokenStore,
+    BrokerStateStore, CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore, TokenStore,
     COMMAND_BATCH_LEN_MAX,
 };
 pub use writer::{run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats};

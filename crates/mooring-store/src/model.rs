@@ -330,3 +330,41 @@ pub struct ShadowRecord {
     pub version: u64,
     pub updated_at_ms: u64,
 }
+
+/// One change to the broker's durable state (see [`crate::BrokerStateStore`]). Values are opaque
+/// bytes: the broker owns their encoding, the store only keeps them by key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerOp {
+    /// Insert or replace the retained message of `topic`.
+    PutRetained { topic: String, value: Vec<u8> },
+    DeleteRetained { topic: String },
+    /// Insert or replace a persistent session (its subscriptions, expiry, inbound QoS 2 state).
+    PutSession { key: String, value: Vec<u8> },
+    /// Delete a session and every message queued for it.
+    DeleteSession { key: String },
+    /// Insert or replace a message queued (or unacknowledged) for `session`; `seq` orders a
+    /// session's messages.
+    PutMessage {
+        session: String,
+        seq: u64,
+        value: Vec<u8>,
+    },
+    DeleteMessage { session: String, seq: u64 },
+}
+
+/// A stored persistent session with its messages, ascending by `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StoredSession {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub messages: Vec<(u64, Vec<u8>)>,
+}
+
+/// Everything [`crate::BrokerStateStore::load_broker_state`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BrokerState {
+    /// `(topic, value)`, ascending by topic.
+    pub retained: Vec<(String, Vec<u8>)>,
+    /// Ascending by key.
+    pub sessions: Vec<StoredSession>,
+}

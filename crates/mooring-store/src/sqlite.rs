@@ -26,6 +26,7 @@ use crate::model::{
 };
 use crate::store::{DeviceStore, TelemetryStore, TokenStore};
 
+mod broker;
 mod commands;
 mod shadows;
 
@@ -44,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_commands_shadows.sql"),
     include_str!("../migrations/0003_command_result_timeout.sql"),
+    include_str!("../migrations/0004_broker_state.sql"),
 ];
 
 const DEVICE_COLUMNS: &str =

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceRecord,
+    AppendOutcome, BrokerOp, BrokerState, CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceRecord,
     MetricValue, NewDevice, Point, ShadowRecord, TelemetryQuery, TelemetryRecord, TokenRecord,
 };
 
@@ -129,7 +129,26 @@ pub trait ShadowStore: Send + Sync + 'static {
     ) -> Result<Vec<ShadowRecord>>;
 }
 
-/// Everything a Mooring server needs from storage.
-pub trait Store: DeviceStore + TokenStore + TelemetryStore + CommandStore + ShadowStore {}
+/// The MQTT broker's durable state: retained messages and persistent sessions with their
+/// messages, as opaque values by key. Writes come in batches from [`crate::BrokerStateWriter`]
+/// (group commit), so a batch is one transaction.
+#[async_trait::async_trait]
+pub trait BrokerStateStore: Send + Sync + 'static {
+    /// Applies `ops` in order, in one transaction (one fsync): all or nothing. Deleting what
+    /// does not exist is not an error.
+    async fn apply_broker_ops(&self, ops: Vec<BrokerOp>) -> Result<()>;
+    /// Everything stored. Messages whose session is not stored are not returned (and are
+    /// deleted).
+    async fn load_broker_state(&self) -> Result<BrokerState>;
+}
 
-impl<T: DeviceStore + TokenStore + TelemetryStore + CommandStore + ShadowStore> Store for T {}
+/// Everything a Mooring server needs from storage.
+pub trait Store:
+    DeviceStore + TokenStore + TelemetryStore + CommandStore + ShadowStore + BrokerStateStore
+{
+}
+
+impl<T> Store for T where
+    T: DeviceStore + TokenStore + TelemetryStore + CommandStore + ShadowStore + BrokerStateStore
+{
+}
