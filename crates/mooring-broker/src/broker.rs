@@ -3,7 +3,10 @@
 use crate::config::BrokerConfig;
 use crate::hooks::{ConnInfo, Hooks, Message, PublishVerdict};
 use crate::index::SubIndex;
-use crate::session::{Delivery, Enqueue, Session, SubOptions};
+use crate::persist::{
+    session_key, Durable, MessageValue, Persistence, RetainedValue, SessionValue, StateOp,
+};
+use crate::session::{Delivery, Enqueue, InflightState, PersistInfo, Session, SubOptions};
 use mooring_proto::policy::Principal;
 use mooring_proto::topic::filter_matches;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -138,6 +141,17 @@ impl BrokerStats {
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, n)| *n)
     }
+}
+
+/// What [`Broker::restore`] loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    pub retained: usize,
+    pub sessions: usize,
+    /// Queued and unacknowledged messages of the restored sessions.
+    pub messages: usize,
+    /// Sessions whose expiry passed while the server was down (deleted).
+    pub sessions_expired: usize,
 }
 
 /// See [`Broker::session_info`].
@@ -345,8 +359,9 @@ impl RetainedTable {
         );
     }
 
-    /// Remove what `owner` published and everything under `prefix` (if given); returns how many.
-    fn remove_where(&mut self, owner: &Owner, prefix: Option<&str>) -> usize {
+    /// Remove what `owner` published and everything under `prefix` (if given); returns the
+    /// topics removed.
+    fn remove_where(&mut self, owner: &Owner, prefix: Option<&str>) -> Vec<String> {
         let mut doomed: Vec<String> = self
             .usage
             .get(owner)
@@ -359,11 +374,13 @@ impl RetainedTable {
                     .map(|(t, _)| t.clone()),
             );
         }
-        let before = self.msgs.len();
+        doomed.sort_unstable();
+        doomed.dedup();
+        doomed.retain(|t| self.msgs.contains_key(t));
         for t in &doomed {
             self.remove(t);
         }
-        before - self.msgs.len()
+        doomed
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -569,6 +586,10 @@ pub(crate) struct Shared {
     /// Timers that outlive a connection: will delay, session expiry.
     pub(crate) timers: Mutex<JoinSet<()>>,
     pub(crate) conn_ended: Notify,
+    /// Where retained messages and persistent sessions are made durable (`None`: memory only).
+    pub(crate) persist: Option<Arc<dyn Persistence>>,
+    /// Next `seq` of a stored message (broker-wide, increasing; restored past the largest stored).
+    pub(crate) msg_seq: AtomicU64,
 }
 
 /// An MQTT 3.1.1/5.0 broker. Cheap to clone; all clones are the same broker.
@@ -592,7 +613,27 @@ pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 impl Broker {
+    /// A broker that keeps its state in memory only.
     pub fn new(config: BrokerConfig, hooks: Arc<dyn Hooks>) -> Broker {
+        Broker::build(config, hooks, None)
+    }
+
+    /// A broker that makes retained messages and persistent sessions durable through
+    /// `persist` (see `persist.rs`). Call [`Broker::restore`] with what was stored before
+    /// serving any connection.
+    pub fn with_persistence(
+        config: BrokerConfig,
+        hooks: Arc<dyn Hooks>,
+        persist: Arc<dyn Persistence>,
+    ) -> Broker {
+        Broker::build(config, hooks, Some(persist))
+    }
+
+    fn build(
+        config: BrokerConfig,
+        hooks: Arc<dyn Hooks>,
+        persist: Option<Arc<dyn Persistence>>,
+    ) -> Broker {
         Broker {
             shared: Arc::new(Shared {
                 config,
@@ -607,6 +648,8 @@ impl Broker {
                 shutting_down: AtomicBool::new(false),
                 timers: Mutex::new(JoinSet::new()),
                 conn_ended: Notify::new(),
+                persist,
+                msg_seq: AtomicU64::new(1),
             }),
         }
     }
@@ -656,7 +699,16 @@ impl Broker {
                 s.clear_queue();
             }
         }
-        lock(&self.shared.retained).remove_where(&Owner::Device(device_id.to_owned()), topic_prefix)
+        let topics = lock(&self.shared.retained)
+            .remove_where(&Owner::Device(device_id.to_owned()), topic_prefix);
+        let removed = topics.len();
+        self.shared.detach(
+            topics
+                .into_iter()
+                .map(|topic| StateOp::DeleteRetained { topic })
+                .collect(),
+        );
+        removed
     }
 
     /// The embedder's view of a principal changed (a device's tags): every session of that
@@ -706,10 +758,12 @@ impl Broker {
             .messages_in
             .fetch_add(1, Ordering::Relaxed);
         let msg = Arc::new(msg);
+        let mut ops = Vec::new();
         if msg.retain {
-            self.shared.store_retained(&msg, None);
+            self.shared.store_retained(&msg, None, &mut ops);
         }
-        self.shared.route(msg, None);
+        ops.extend(self.shared.route(msg, None));
+        self.shared.detach(ops);
     }
 
     /// Publish a server-originated message to one device only: enqueued if a connected session
@@ -744,8 +798,12 @@ impl Broker {
                 retain: false,
                 expires_at: None,
                 sub_ids: grant.sub_ids,
+                seq: 0,
             };
-            let outcome = self.shared.enqueue(&mut s, d);
+            let mut ops = Vec::new();
+            let outcome = self.shared.enqueue(&mut s, d, &mut ops);
+            drop(s);
+            self.shared.detach(ops);
             if outcome.is_enqueued() {
                 self.shared
                     .counters
@@ -784,6 +842,137 @@ impl Broker {
             queued: s.queue.len(),
             inflight: s.inflight.len(),
         })
+    }
+
+    /// Load what a previous run stored (see `persist.rs`), before any connection is served:
+    /// retained messages, and persistent sessions (offline) with their subscriptions, queued and
+    /// unacknowledged messages and inbound QoS 2 state. What expired while the server was down is
+    /// dropped (and deleted from the store); a session that was online when the server stopped
+    /// gets its full expiry from now. Values that cannot be decoded are skipped and logged.
+    pub fn restore(&self, state: crate::persist::Restored) -> RestoreStats {
+        let shared = &self.shared;
+        let mut stats = RestoreStats::default();
+        let Some(persist) = shared.persist.clone() else {
+            return stats;
+        };
+        let now_ms = persist.now_ms();
+        let mut ops = Vec::new();
+        {
+            let mut retained = lock(&shared.retained);
+            for (topic, value) in state.retained {
+                let Some(r) = RetainedValue::decode(&value) else {
+                    tracing::warn!(%topic, "stored retained message cannot be decoded; dropped");
+                    ops.push(StateOp::DeleteRetained { topic });
+                    continue;
+                };
+                if r.expires_at_ms != 0 && r.expires_at_ms <= now_ms {
+                    ops.push(StateOp::DeleteRetained { topic });
+                    continue;
+                }
+                let expires_at = shared.instant_of(r.expires_at_ms);
+                retained.insert(Arc::new(r.msg), expires_at, r.owner);
+                stats.retained += 1;
+            }
+        }
+        let mut max_seq = 0u64;
+        for crate::persist::RestoredSession {
+            key,
+            value,
+            messages,
+        } in state.sessions
+        {
+            let Some(v) = SessionValue::decode(&value) else {
+                tracing::warn!(%key, "stored session cannot be decoded; dropped");
+                ops.push(StateOp::DeleteSession { key });
+                continue;
+            };
+            if v.expires_at_ms != 0 && v.expires_at_ms <= now_ms {
+                ops.push(StateOp::DeleteSession { key });
+                stats.sessions_expired += 1;
+                continue;
+            }
+            let id = shared.session_seq.fetch_add(1, Ordering::Relaxed);
+            let mut s = Session::new(id, v.client_id.clone(), Arc::new(v.principal.clone()));
+            s.expiry_secs = v.expiry_secs;
+            s.qos2_in = v.qos2_set();
+            s.persist = Some(Box::new(PersistInfo {
+                key: key.clone(),
+                owner: v.owner.clone(),
+            }));
+            for (seq, mv) in messages {
+                max_seq = max_seq.max(seq);
+                let Some(m) = MessageValue::decode(&mv) else {
+                    tracing::warn!(%key, seq, "stored message cannot be decoded; dropped");
+                    ops.push(StateOp::DeleteMessage {
+                        session: key.clone(),
+                        seq,
+                    });
+                    continue;
+                };
+                let expires_at = shared.instant_of(m.expires_at_ms);
+                let awaiting_comp = matches!(m.inflight, Some((InflightState::AwaitComp, _)));
+                if m.expires_at_ms != 0 && m.expires_at_ms <= now_ms && !awaiting_comp {
+                    ops.push(StateOp::DeleteMessage {
+                        session: key.clone(),
+                        seq,
+                    });
+                    continue;
+                }
+                let d = Delivery {
+                    msg: Arc::new(m.msg),
+                    qos: m.qos,
+                    retain: m.retain,
+                    expires_at,
+                    sub_ids: m.sub_ids,
+                    seq,
+                };
+                match m.inflight {
+                    Some((state, packet_id)) => s.inflight.push_back(crate::session::Inflight {
+                        packet_id,
+                        delivery: d,
+                        state,
+                    }),
+                    None => s.push_restored(d),
+                }
+                stats.messages += 1;
+            }
+            let expiry = (v.expiry_secs != u32::MAX)
+                .then(|| std::time::Duration::from_secs(u64::from(v.expiry_secs)));
+            // Stored again with its deadline (one that was online has none yet).
+            ops.extend(shared.session_op(&s, true));
+            let session: SessionRef = Arc::new(Mutex::new(s));
+            {
+                let mut table = lock(&shared.sessions);
+                let table_key = (v.owner.namespace(), v.client_id.clone());
+                if let Some(old) = table.insert(&table_key, session.clone(), v.owner.clone(), true)
+                {
+                    shared.retire(&mut lock(&old));
+                }
+                let mut s = lock(&session);
+                for (filter, opts) in v.subs {
+                    shared.add_subscription(&session, &mut s, filter, opts);
+                }
+                if let Some(after) = expiry {
+                    let left = if v.expires_at_ms != 0 {
+                        std::time::Duration::from_millis(v.expires_at_ms.saturating_sub(now_ms))
+                    } else {
+                        after
+                    };
+                    shared.expire_after(session.clone(), table_key, s.generation, left);
+                }
+            }
+            stats.sessions += 1;
+        }
+        shared.msg_seq.fetch_max(max_seq + 1, Ordering::Relaxed);
+        shared.detach(ops);
+        tracing::info!(
+            retained = stats.retained,
+            sessions = stats.sessions,
+            messages = stats.messages,
+            expired_sessions = stats.sessions_expired,
+            "broker state restored"
+        );
+        stats
     }
 
     pub fn stats(&self) -> BrokerStats {
@@ -858,7 +1047,10 @@ impl Shared {
     /// what phase 1 saw: an UNSUBSCRIBE, a new SUBSCRIBE, or its end) is judged on its current
     /// filters instead, under its lock, so a message is never delivered on a subscription that
     /// was already removed (the same per-session atomicity the single table lock used to give).
-    pub(crate) fn route(&self, msg: Arc<Message>, publisher: Option<&str>) {
+    /// Returns the state ops that make what it queued for persisted sessions durable (the caller
+    /// submits them, and acknowledges the message only once they are durable).
+    pub(crate) fn route(&self, msg: Arc<Message>, publisher: Option<&str>) -> Vec<StateOp> {
+        let mut ops = Vec::new();
         let expires_at = expiry_instant(&msg);
         let mut targets: Vec<(SessionId, SubOptions, SessionRef)> = Vec::new();
         let seen = {
@@ -869,7 +1061,7 @@ impl Shared {
             index.generation()
         };
         if targets.is_empty() {
-            return;
+            return ops;
         }
         // Group a session's filters together (a session can match through several).
         targets.sort_unstable_by_key(|t| t.0);
@@ -898,17 +1090,36 @@ impl Shared {
                     retain: msg.retain && grant.retain_as_published,
                     expires_at,
                     sub_ids: grant.sub_ids,
+                    seq: 0,
                 };
-                self.enqueue(&mut s, d);
+                self.enqueue(&mut s, d, &mut ops);
             }
         }
+        ops
     }
 
     /// Queue a delivery on a session (whose lock the caller holds) within the session's bounds;
-    /// a drop (of this message or of older QoS 0 ones) is counted.
-    pub(crate) fn enqueue(&self, s: &mut Session, d: Delivery) -> Enqueue {
+    /// a drop (of this message or of older QoS 0 ones) is counted. A QoS 1/2 delivery to a
+    /// persisted session gets its `seq` and the op that stores it is pushed onto `ops`.
+    pub(crate) fn enqueue(
+        &self,
+        s: &mut Session,
+        mut d: Delivery,
+        ops: &mut Vec<StateOp>,
+    ) -> Enqueue {
         let online = s.link.is_some();
         let qos = d.qos;
+        let op = match s.persist_key() {
+            Some(key) if qos > 0 && d.seq == 0 => {
+                d.seq = self.msg_seq.fetch_add(1, Ordering::Relaxed);
+                Some(StateOp::PutMessage {
+                    session: key.to_owned(),
+                    seq: d.seq,
+                    value: self.message_value(&d, None),
+                })
+            }
+            _ => None,
+        };
         let outcome = s.enqueue(
             d,
             self.config.session_queue_len_max,
@@ -924,15 +1135,133 @@ impl Shared {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             self.counters.refuse(Refusal::QueueFull);
         }
+        if outcome.is_enqueued() {
+            ops.extend(op);
+        }
         outcome
+    }
+
+    /// Submit ops nobody waits for (in order after everything submitted before).
+    pub(crate) fn detach(&self, ops: Vec<StateOp>) {
+        if let (Some(p), false) = (&self.persist, ops.is_empty()) {
+            p.submit_detached(ops);
+        }
+    }
+
+    /// Submit ops and get what resolves once they are durable; `None` if there is nothing to wait for.
+    pub(crate) fn durable(&self, ops: Vec<StateOp>) -> Option<Durable> {
+        match (&self.persist, ops.is_empty()) {
+            (Some(p), false) => Some(p.submit(ops)),
+            _ => None,
+        }
+    }
+
+    /// A tokio instant as unix ms on the embedder's clock (0 for `None`).
+    fn wall_ms(&self, at: Option<Instant>) -> u64 {
+        let (Some(p), Some(at)) = (&self.persist, at) else {
+            return 0;
+        };
+        let left = at.saturating_duration_since(Instant::now()).as_millis();
+        p.now_ms()
+            .saturating_add(u64::try_from(left).unwrap_or(u64::MAX))
+            .max(1)
+    }
+
+    /// Unix ms (the embedder's clock) as a tokio instant (`None` for 0).
+    pub(crate) fn instant_of(&self, wall_ms: u64) -> Option<Instant> {
+        let p = self.persist.as_ref().filter(|_| wall_ms != 0)?;
+        let left = wall_ms.saturating_sub(p.now_ms());
+        Some(Instant::now() + std::time::Duration::from_millis(left))
+    }
+
+    pub(crate) fn message_value(
+        &self,
+        d: &Delivery,
+        inflight: Option<(InflightState, u16)>,
+    ) -> Vec<u8> {
+        MessageValue {
+            msg: (*d.msg).clone(),
+            qos: d.qos,
+            retain: d.retain,
+            expires_at_ms: self.wall_ms(d.expires_at),
+            sub_ids: d.sub_ids.clone(),
+            inflight,
+        }
+        .encode()
+    }
+
+    /// The op that stores a persisted session as it is now (`offline`: its expiry counts from now).
+    pub(crate) fn session_op(&self, s: &Session, offline: bool) -> Option<StateOp> {
+        let key = s.persist_key()?;
+        let owner = &s.persist.as_ref()?.owner;
+        let expires_at_ms = if offline && s.expiry_secs != u32::MAX {
+            self.persist.as_ref().map_or(0, |p| {
+                p.now_ms()
+                    .saturating_add(u64::from(s.expiry_secs) * 1000)
+                    .max(1)
+            })
+        } else {
+            0
+        };
+        Some(StateOp::PutSession {
+            key: key.to_owned(),
+            value: SessionValue::of(owner, s, expires_at_ms).encode(),
+        })
+    }
+
+    /// Start or stop persisting a session (whose lock the caller holds) per its expiry now:
+    /// returns the ops that store it with everything it holds, or delete it.
+    pub(crate) fn persist_session(&self, s: &mut Session, owner: &Owner) -> Vec<StateOp> {
+        let mut ops = Vec::new();
+        if self.persist.is_none() || s.retired {
+            return ops;
+        }
+        if s.expiry_secs == 0 {
+            if let Some(p) = s.persist.take() {
+                ops.push(StateOp::DeleteSession { key: p.key });
+            }
+            return ops;
+        }
+        let key = session_key(owner, &s.client_id);
+        if s.persist.is_none() {
+            // Became persisted: what it already holds is stored too.
+            s.persist = Some(Box::new(PersistInfo {
+                key: key.clone(),
+                owner: owner.clone(),
+            }));
+            let mut queue = std::mem::take(&mut s.queue);
+            for d in queue.iter_mut().filter(|d| d.qos > 0 && d.seq == 0) {
+                d.seq = self.msg_seq.fetch_add(1, Ordering::Relaxed);
+                ops.push(StateOp::PutMessage {
+                    session: key.clone(),
+                    seq: d.seq,
+                    value: self.message_value(d, None),
+                });
+            }
+            s.queue = queue;
+        }
+        ops.extend(self.session_op(s, false));
+        ops
     }
 
     /// Store (or, with an empty payload, clear) a retained message on behalf of `owner` (`None`:
     /// the server). False if a client's message was refused by a retained limit (counted).
-    pub(crate) fn store_retained(&self, msg: &Arc<Message>, owner: Option<&Owner>) -> bool {
+    /// The op that makes the change durable is pushed onto `ops`.
+    pub(crate) fn store_retained(
+        &self,
+        msg: &Arc<Message>,
+        owner: Option<&Owner>,
+        ops: &mut Vec<StateOp>,
+    ) -> bool {
         let mut retained = lock(&self.retained);
         if msg.payload.is_empty() {
             retained.remove(&msg.topic);
+            drop(retained);
+            if self.persist.is_some() {
+                ops.push(StateOp::DeleteRetained {
+                    topic: msg.topic.clone(),
+                });
+            }
             return true;
         }
         if !retained.make_room(&self.config, owner, msg) {
@@ -940,23 +1269,38 @@ impl Shared {
             self.counters.refuse(Refusal::RetainedQuota);
             return false;
         }
-        retained.insert(msg.clone(), expiry_instant(msg), owner.cloned());
+        let expires_at = expiry_instant(msg);
+        retained.insert(msg.clone(), expires_at, owner.cloned());
+        drop(retained);
+        if self.persist.is_some() {
+            ops.push(StateOp::PutRetained {
+                topic: msg.topic.clone(),
+                value: RetainedValue {
+                    owner: owner.cloned(),
+                    msg: (**msg).clone(),
+                    expires_at_ms: self.wall_ms(expires_at),
+                }
+                .encode(),
+            });
+        }
         true
     }
 
     /// A client's accepted message: a retained one is stored within its owner's quota first
     /// (over quota it is delivered without the retain flag), then it is routed. `owner` is only
-    /// asked for a retained message.
+    /// asked for a retained message. Returns the ops that make it durable (see `route`).
     pub(crate) fn retain_and_route(
         &self,
         mut msg: Arc<Message>,
         owner: impl FnOnce() -> Owner,
         client_id: &str,
-    ) {
-        if msg.retain && !self.store_retained(&msg, Some(&owner())) {
+    ) -> Vec<StateOp> {
+        let mut ops = Vec::new();
+        if msg.retain && !self.store_retained(&msg, Some(&owner()), &mut ops) {
             Arc::make_mut(&mut msg).retain = false;
         }
-        self.route(msg, Some(client_id));
+        ops.extend(self.route(msg, Some(client_id)));
+        ops
     }
 
     /// Whether `owner` could store this retained message now (a check before the message is
@@ -986,13 +1330,31 @@ impl Shared {
         if !revoked.is_empty() {
             let subs: Vec<String> = s.subs.keys().cloned().collect();
             let allowed = |topic: &str| subs.iter().any(|f| filter_matches(f, topic));
-            let dropped = s.retain_queue(|d| allowed(&d.msg.topic));
+            let mut dropped = s.retain_queue(|d| allowed(&d.msg.topic));
+            let queued = dropped.len();
             if purge_inflight {
-                s.inflight.retain(|i| allowed(&i.delivery.msg.topic));
+                s.inflight.retain(|i| {
+                    let keep = allowed(&i.delivery.msg.topic);
+                    if !keep {
+                        dropped.push(i.delivery.seq);
+                    }
+                    keep
+                });
             }
-            if dropped > 0 {
-                tracing::info!(client_id = %s.client_id, dropped, "queued messages of revoked subscriptions dropped");
+            if queued > 0 {
+                tracing::info!(client_id = %s.client_id, dropped = queued, "queued messages of revoked subscriptions dropped");
             }
+            let mut ops = Vec::new();
+            if let Some(key) = s.persist_key() {
+                for seq in dropped.into_iter().filter(|seq| *seq != 0) {
+                    ops.push(StateOp::DeleteMessage {
+                        session: key.to_owned(),
+                        seq,
+                    });
+                }
+            }
+            ops.extend(self.session_op(s, s.link.is_none()));
+            self.detach(ops);
         }
         revoked.len()
     }
@@ -1041,6 +1403,9 @@ impl Shared {
         if s.retired {
             return;
         }
+        if let Some(p) = s.persist.take() {
+            self.detach(vec![StateOp::DeleteSession { key: p.key }]);
+        }
         s.retired = true;
         if s.subs.is_empty() {
             return;
@@ -1059,7 +1424,8 @@ impl Shared {
         match self.hooks.on_publish(principal, client_id, &msg).await {
             PublishVerdict::Accept => {
                 self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
-                self.retain_and_route(Arc::new(msg), || Owner::of(principal), client_id);
+                let ops = self.retain_and_route(Arc::new(msg), || Owner::of(principal), client_id);
+                self.detach(ops);
             }
             PublishVerdict::Reject(code) => {
                 tracing::debug!(client_id, code, topic = %msg.topic, "will rejected by on_publish");
@@ -1068,6 +1434,29 @@ impl Shared {
                 tracing::warn!(client_id, topic = %msg.topic, "will dropped: on_publish failed");
             }
         }
+    }
+
+    /// End the session under `key` after `after` unless it was attached again meanwhile
+    /// (`generation` moved) or replaced.
+    pub(crate) fn expire_after(
+        self: &Arc<Self>,
+        session: SessionRef,
+        key: SessionKey,
+        generation: u64,
+        after: std::time::Duration,
+    ) {
+        let shared = self.clone();
+        self.spawn_timer(async move {
+            tokio::time::sleep(after).await;
+            let mut table = lock(&shared.sessions);
+            let mut s = lock(&session);
+            if s.link.is_none()
+                && s.generation == generation
+                && table.remove_if_same(&key, &session)
+            {
+                shared.retire(&mut s);
+            }
+        });
     }
 
     pub(crate) fn spawn_timer<F>(&self, fut: F)

@@ -5,6 +5,7 @@ use crate::hooks::{
     Authenticated, ConnInfo, ConnectRefusal, ConnectRequest, Message, MessageProps,
     ProtocolVersion, PublishVerdict,
 };
+use crate::persist::{packet_id_for, Durable, StateOp};
 use crate::session::{Delivery, Inflight, InflightState, Link, Session, SubOptions};
 use bytes::Bytes;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -201,6 +202,12 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
             // QoS 0 messages are not kept for an offline session.
             s.drop_qos0();
             session_expiry_secs = s.expiry_secs;
+            if session_expiry_secs != 0 {
+                // Stored with its deadline, so its expiry keeps running while the server is down.
+                if let Some(op) = shared.session_op(&s, true) {
+                    shared.detach(vec![op]);
+                }
+            }
             let generation = s.generation;
             drop(s);
             if session_expiry_secs == 0 {
@@ -209,20 +216,12 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
                     shared.retire(&mut lock(session));
                 }
             } else if session_expiry_secs != u32::MAX {
-                let shared2 = shared.clone();
-                let session2 = session.clone();
-                let key2 = key.clone();
-                shared.spawn_timer(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(session_expiry_secs))).await;
-                    let mut table = lock(&shared2.sessions);
-                    let mut s = lock(&session2);
-                    if s.link.is_none()
-                        && s.generation == generation
-                        && table.remove_if_same(&key2, &session2)
-                    {
-                        shared2.retire(&mut s);
-                    }
-                });
+                shared.expire_after(
+                    session.clone(),
+                    key.clone(),
+                    generation,
+                    Duration::from_secs(u64::from(session_expiry_secs)),
+                );
             }
         }
     }
@@ -304,6 +303,33 @@ struct Conn<S> {
     client_packet_size_max: u32,
     /// Bytes read together with CONNECT, not yet processed.
     leftover: Vec<u8>,
+    /// Acks of accepted publishes, in order, each waiting (if it must) until what the publish
+    /// queued for persisted sessions is durable. Sent in order: one still waiting holds back
+    /// the ones behind it.
+    acks: std::collections::VecDeque<DeferredAck>,
+}
+
+/// A PUBACK / PUBREC to send once `wait` (if any) resolves.
+struct DeferredAck {
+    pid: u16,
+    qos: u8,
+    /// v5 reason code.
+    code: u8,
+    wait: Option<Durable>,
+}
+
+/// Ready when the first deferred ack may go out: `Some(durable)` for it.
+fn poll_front_ack(
+    acks: &mut std::collections::VecDeque<DeferredAck>,
+    cx: &mut Context<'_>,
+) -> Poll<bool> {
+    let Some(front) = acks.front_mut() else {
+        return Poll::Pending;
+    };
+    match front.wait.as_mut() {
+        None => Poll::Ready(true),
+        Some(w) => w.as_mut().poll(cx),
+    }
 }
 
 struct PendingPublish {
@@ -355,6 +381,7 @@ where
         send_window: 0,
         client_packet_size_max: u32::MAX,
         leftover: Vec::new(),
+        acks: std::collections::VecDeque::new(),
     };
     // The CONNECT phase (its packet, the authentication call, `info`) lives in its own heap
     // future, freed once the session is attached, so an idle connection's task keeps none of it.
@@ -511,7 +538,11 @@ where
                 Event::NotifyPacketIdReleased(pid) => {
                     if let Some(session) = &self.session {
                         let mut s = lock(session);
-                        s.inflight.retain(|i| i.packet_id != pid);
+                        if let Some(pos) = s.inflight.iter().position(|i| i.packet_id == pid) {
+                            if let Some(done) = s.inflight.remove(pos) {
+                                self.forget(&s, done.delivery.seq);
+                            }
+                        }
                         s.notify.notify_one();
                     }
                 }
@@ -889,6 +920,8 @@ where
                                 // this principal and the current policy.
                                 self.shared.revoke_disallowed(&mut s, true);
                             }
+                            let ops = self.shared.persist_session(&mut s, &owner);
+                            self.shared.detach(ops);
                         }
                         Attach::Done(session, present)
                     }
@@ -1078,6 +1111,16 @@ where
         }
     }
 
+    /// A stored message of this session (whose lock the caller holds) is done with: delete it.
+    fn forget(&self, s: &Session, seq: u64) {
+        if let (Some(key), true) = (s.persist_key(), seq != 0) {
+            self.shared.detach(vec![StateOp::DeleteMessage {
+                session: key.to_owned(),
+                seq,
+            }]);
+        }
+    }
+
     /// Move queued deliveries to the wire while the inflight window has room (in order).
     fn pump(&mut self) {
         let Some(session) = self.session.clone() else {
@@ -1112,7 +1155,9 @@ where
                 let mut s = lock(&session);
                 let Some(front) = s.queue.front() else { return };
                 if front.expires_at.is_some_and(|at| at <= Instant::now()) {
-                    s.pop_front();
+                    if let Some(d) = s.pop_front() {
+                        self.forget(&s, d.seq);
+                    }
                     self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -1124,7 +1169,13 @@ where
                     None => return,
                 }
             };
-            let pid = if d.qos > 0 {
+            // A stored message goes out under the packet id its `seq` gives (the same after a
+            // restart, so a QoS 2 receiver recognises a message it already has); otherwise, or
+            // if that id is in use, any free one (then stored with the message).
+            let stable = d.seq != 0 && self.mqtt.register_packet_id(packet_id_for(d.seq)).is_ok();
+            let pid = if stable {
+                Some(packet_id_for(d.seq))
+            } else if d.qos > 0 {
                 match self.mqtt.acquire_packet_id() {
                     Ok(pid) => Some(pid),
                     Err(_) => {
@@ -1146,11 +1197,25 @@ where
                 if let Some(pid) = pid {
                     let _ = self.mqtt.release_packet_id(pid);
                 }
+                self.forget(&lock(&session), d.seq);
                 self.shared.counters.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             if let Some(pid) = pid {
-                lock(&session).inflight.push_back(Inflight {
+                let mut s = lock(&session);
+                if d.seq != 0 && !stable {
+                    if let Some(key) = s.persist_key() {
+                        let value = self
+                            .shared
+                            .message_value(&d, Some((InflightState::AwaitAck, pid)));
+                        self.shared.detach(vec![StateOp::PutMessage {
+                            session: key.to_owned(),
+                            seq: d.seq,
+                            value,
+                        }]);
+                    }
+                }
+                s.inflight.push_back(Inflight {
                     packet_id: pid,
                     delivery: d.clone(),
                     state: InflightState::AwaitAck,
@@ -1196,7 +1261,8 @@ where
             } else if stall.is_none() {
                 stall = Some(Box::pin(tokio::time::sleep(write_stall)));
             }
-            let can_read = pending.len() < pending_max && self.out.len() < read_pause_bytes;
+            let can_read =
+                pending.len() + self.acks.len() < pending_max && self.out.len() < read_pause_bytes;
             let keepalive = async {
                 match self.keepalive.as_mut() {
                     Some(s) => s.await,
@@ -1214,18 +1280,22 @@ where
                 Keepalive,
                 Stalled,
                 Done(Option<PendingPublish>),
+                Durable(bool),
                 Notified,
                 Io(Io),
             }
             let out = &self.out;
             let needs_flush = self.needs_flush;
             let stream = &mut self.stream;
+            let acks = &mut self.acks;
+            let acks_waiting = !acks.is_empty();
             let step = tokio::select! {
                 biased;
                 c = control_rx.recv() => Step::Control(c),
                 () = keepalive => Step::Keepalive,
                 () = stall_timer => Step::Stalled,
                 done = pending.next(), if !pending.is_empty() => Step::Done(done),
+                durable = std::future::poll_fn(|cx| poll_front_ack(acks, cx)), if acks_waiting => Step::Durable(durable),
                 () = notify.notified() => Step::Notified,
                 io = std::future::poll_fn(|cx| poll_io(stream, cx, out, needs_flush, can_read, &mut buf)),
                     if want_write || can_read => Step::Io(io),
@@ -1269,6 +1339,9 @@ where
                 }
                 Step::Done(None) => {}
                 Step::Done(Some(p)) => self.finish_publish(p),
+                Step::Durable(durable) => {
+                    self.release_ack(durable);
+                }
                 Step::Notified => self.pump(),
                 Step::Io(Io::WriteFailed) => break,
                 Step::Io(Io::Wrote(n)) => {
@@ -1311,6 +1384,16 @@ where
         while let Some(p) = pending.next().await {
             self.finish_publish(p);
         }
+        let limit = Duration::from_millis(self.shared.config.close_flush_timeout_ms);
+        let acks = async {
+            while !self.acks.is_empty() {
+                let durable = std::future::poll_fn(|cx| poll_front_ack(&mut self.acks, cx)).await;
+                if !self.release_ack(durable) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, acks).await;
         if !stalled {
             let limit = Duration::from_millis(self.shared.config.close_flush_timeout_ms);
             let _ = self.flush_within(limit).await;
@@ -1391,6 +1474,7 @@ where
                 self.outbound_pubrec(p.packet_id());
             }
             GenericPacket::V3_1_1Pubrel(p) => {
+                self.inbound_qos2_released(p.packet_id());
                 let events = match v3_1_1::Pubcomp::builder().packet_id(p.packet_id()).build() {
                     Ok(c) => self.mqtt.send(c.into()),
                     Err(_) => Vec::new(),
@@ -1398,6 +1482,7 @@ where
                 self.apply(events);
             }
             GenericPacket::V5_0Pubrel(p) => {
+                self.inbound_qos2_released(p.packet_id());
                 let events = match v5_0::Pubcomp::builder().packet_id(p.packet_id()).build() {
                     Ok(c) => self.mqtt.send(c.into()),
                     Err(_) => Vec::new(),
@@ -1493,11 +1578,39 @@ where
         }
     }
 
+    /// PUBREL of an inbound QoS 2 message: a persisted session stops remembering its id.
+    fn inbound_qos2_released(&self, pid: u16) {
+        if let Some(session) = &self.session {
+            let mut s = lock(session);
+            if s.persist_key().is_some() && s.qos2_in.remove(&pid) {
+                if let Some(op) = self.shared.session_op(&s, false) {
+                    self.shared.detach(vec![op]);
+                }
+            }
+        }
+    }
+
     fn outbound_pubrec(&mut self, pid: u16) {
         if let Some(session) = &self.session {
             let mut s = lock(session);
+            let mut stored = None;
             if let Some(i) = s.inflight.iter_mut().find(|i| i.packet_id == pid) {
                 i.state = InflightState::AwaitComp;
+                if i.delivery.seq != 0 {
+                    stored = Some(i.delivery.clone());
+                }
+            }
+            // Stored before the PUBREL goes out: after a restart the PUBREL is sent again, not
+            // the message.
+            if let (Some(d), Some(key)) = (stored, s.persist_key()) {
+                let value = self
+                    .shared
+                    .message_value(&d, Some((InflightState::AwaitComp, pid)));
+                self.shared.detach(vec![StateOp::PutMessage {
+                    session: key.to_owned(),
+                    seq: d.seq,
+                    value,
+                }]);
             }
         }
         let events = self.pubrel(pid);
@@ -1575,23 +1688,40 @@ where
                 let qos = p.msg.qos;
                 // A retained quota filled up since the check at receipt: delivered, not retained.
                 let owner = || Owner::of(&self.principal());
-                self.shared
+                let mut ops = self
+                    .shared
                     .retain_and_route(Arc::new(p.msg), owner, &self.client_id);
-                if let Some(pid) = p.packet_id {
-                    self.ack(pid, qos, 0);
+                let Some(pid) = p.packet_id else {
+                    self.shared.detach(ops);
+                    self.pump();
+                    return;
+                };
+                if qos == 2 {
+                    // A persisted session remembers the id until PUBREL, durably with the
+                    // message, so a resend after a restart is not routed twice.
+                    if let Some(session) = &self.session {
+                        let mut s = lock(session);
+                        if s.persist_key().is_some() {
+                            s.qos2_in.insert(pid);
+                            ops.extend(self.shared.session_op(&s, false));
+                        }
+                    }
                 }
+                // Acknowledged only once durable.
+                let wait = self.shared.durable(ops);
+                self.queue_ack(pid, qos, 0, wait);
             }
             PublishVerdict::Reject(code) => {
                 if let (ProtocolVersion::V5, Some(pid)) = (self.version, p.packet_id) {
-                    self.ack(pid, p.msg.qos, code);
+                    self.queue_ack(pid, p.msg.qos, code, None);
                 } else if let Some(pid) = p.packet_id {
                     // v3.1.1 cannot carry a failure: acknowledge so the client does not resend.
-                    self.ack(pid, p.msg.qos, 0);
+                    self.queue_ack(pid, p.msg.qos, 0, None);
                 }
             }
             PublishVerdict::Failed(code) if self.version == ProtocolVersion::V5 => {
                 if let Some(pid) = p.packet_id {
-                    self.ack(pid, p.msg.qos, code);
+                    self.queue_ack(pid, p.msg.qos, code, None);
                 }
             }
             PublishVerdict::Failed(_) if p.packet_id.is_none() => {}
@@ -1603,6 +1733,40 @@ where
             }
         }
         self.pump();
+    }
+
+    /// Send an ack now, or (if it must wait for durability, or earlier acks still wait) queue it:
+    /// acks go out in the order the publishes were received.
+    fn queue_ack(&mut self, pid: u16, qos: u8, code: u8, wait: Option<Durable>) {
+        if wait.is_none() && self.acks.is_empty() {
+            self.ack(pid, qos, code);
+        } else {
+            self.acks.push_back(DeferredAck {
+                pid,
+                qos,
+                code,
+                wait,
+            });
+        }
+    }
+
+    /// The first deferred ack may go out (`durable`: what it waited for is stored). Not durable:
+    /// v5 gets the ack with 0x80 (the client sends it again); v3.1.1 cannot carry a failure, and
+    /// acknowledging would claim it is stored, so the connection is closed without it.
+    /// Returns false if no ack may follow (the connection closes).
+    fn release_ack(&mut self, durable: bool) -> bool {
+        let Some(a) = self.acks.pop_front() else {
+            return true;
+        };
+        if durable || a.code != 0 {
+            self.ack(a.pid, a.qos, a.code);
+        } else if self.version == ProtocolVersion::V5 {
+            self.ack(a.pid, a.qos, 0x80);
+        } else {
+            self.close = true;
+            return false;
+        }
+        true
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) with a v5 reason code (ignored on v3.1.1).
@@ -1744,6 +1908,11 @@ where
                 .hooks
                 .on_subscribed(&client_id, &principal, &granted);
         }
+        let mut ops: Vec<StateOp> = self
+            .shared
+            .session_op(&lock(&session), false)
+            .into_iter()
+            .collect();
         // Retained messages go after the SUBACK (same write buffer, so in order).
         for (filter, qos, sub_id) in retained_for {
             for (msg, expires_at) in self.shared.retained_matching(&filter) {
@@ -1756,10 +1925,12 @@ where
                     retain: true,
                     expires_at,
                     sub_ids: sub_id.into_iter().collect(),
+                    seq: 0,
                 };
-                self.shared.enqueue(&mut lock(&session), d);
+                self.shared.enqueue(&mut lock(&session), d, &mut ops);
             }
         }
+        self.shared.detach(ops);
     }
 
     fn unsubscribe(&mut self, pid: u16, filters: Vec<String>) {
@@ -1775,6 +1946,9 @@ where
                 } else {
                     UnsubackReasonCode::NoSubscriptionExisted
                 });
+            }
+            if let Some(op) = self.shared.session_op(&s, false) {
+                self.shared.detach(vec![op]);
             }
         }
         let events = match self.version {

@@ -85,13 +85,15 @@ pub mod connection;
 pub mod hooks;
 mod index;
 mod packet_ids;
+pub mod persist;
 pub mod session;
 
-pub use broker::{Broker, BrokerStats, Refusal, SessionInfo};
+pub use broker::{Broker, BrokerStats, Refusal, RestoreStats, SessionInfo};
 pub use config::BrokerConfig;
 pub use hooks::{
     Authenticated, ConnInfo, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message,
     MessageProps, ProtocolVersion, PublishVerdict,
 };
 pub use mooring_proto::policy::Principal;
+pub use persist::{Durable, Persistence, Restored, RestoredSession, StateOp};
 pub use session::Enqueue;

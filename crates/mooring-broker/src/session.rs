@@ -48,6 +48,8 @@ pub(crate) struct Delivery {
     pub(crate) expires_at: Option<Instant>,
     /// Subscription Identifiers of every matching subscription (v5), ascending.
     pub(crate) sub_ids: Vec<u32>,
+    /// Its key in the session's stored messages; 0: not stored (see `persist.rs`).
+    pub(crate) seq: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +73,14 @@ pub(crate) struct Link {
     pub(crate) control: mpsc::Sender<Control>,
     /// Closed (sender dropped) when the connection has fully ended, cleanup included.
     pub(crate) done: watch::Receiver<()>,
+}
+
+/// How a persisted session is stored (present while the session is persisted).
+#[derive(Debug, Clone)]
+pub(crate) struct PersistInfo {
+    /// `persist::session_key`.
+    pub(crate) key: String,
+    pub(crate) owner: crate::broker::Owner,
 }
 
 pub(crate) struct Session {
@@ -102,6 +112,8 @@ pub(crate) struct Session {
     /// Bumped on every attach; timers (will delay, expiry) compare it to see a reconnect.
     pub(crate) generation: u64,
     pub(crate) notify: Arc<Notify>,
+    /// Set while the session is persisted (expiry > 0 and the broker has persistence).
+    pub(crate) persist: Option<Box<PersistInfo>>,
 }
 
 impl Session {
@@ -122,6 +134,7 @@ impl Session {
             link: None,
             generation: 0,
             notify: Arc::new(Notify::new()),
+            persist: None,
         }
     }
 
@@ -155,6 +168,12 @@ impl Session {
         Some(d)
     }
 
+    /// Append a restored delivery (no bound is checked: it fit when it was queued).
+    pub(crate) fn push_restored(&mut self, d: Delivery) {
+        self.queue_bytes += d.size();
+        self.queue.push_back(d);
+    }
+
     /// Put back a delivery taken with `pop_front` (it fit before, so no bound is checked).
     pub(crate) fn push_front(&mut self, d: Delivery) {
         self.queue_bytes += d.size();
@@ -166,12 +185,27 @@ impl Session {
         self.retain_queue(|d| d.qos > 0);
     }
 
-    /// Keep only the queued deliveries `keep` accepts; returns how many were dropped.
-    pub(crate) fn retain_queue(&mut self, keep: impl Fn(&Delivery) -> bool) -> usize {
-        let before = self.queue.len();
-        self.queue.retain(|d| keep(d));
+    /// Keep only the queued deliveries `keep` accepts; returns the `seq` of every dropped one
+    /// (0 for those not stored).
+    pub(crate) fn retain_queue(&mut self, keep: impl Fn(&Delivery) -> bool) -> Vec<u64> {
+        let mut dropped = Vec::new();
+        self.queue.retain(|d| {
+            let k = keep(d);
+            if !k {
+                dropped.push(d.seq);
+            }
+            k
+        });
         self.queue_bytes = self.queue.iter().map(Delivery::size).sum();
-        before - self.queue.len()
+        dropped
+    }
+
+    /// The store key of this session while it is persisted (and not retired).
+    pub(crate) fn persist_key(&self) -> Option<&str> {
+        self.persist
+            .as_ref()
+            .filter(|_| !self.retired)
+            .map(|p| p.key.as_str())
     }
 
     pub(crate) fn clear_queue(&mut self) {

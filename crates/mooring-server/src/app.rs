@@ -29,6 +29,8 @@ pub struct App {
     policy: RwLock<Arc<Policy>>,
     pub clock: Arc<dyn Clock>,
     pub writer: TelemetryWriter,
+    /// Group commit for the broker's retained messages and persistent sessions.
+    pub broker_state: mooring_store::BrokerStateWriter,
     pub presence: Presence,
     pub counters: Counters,
     pub commands: crate::commands::CommandRuntime,
@@ -55,6 +57,7 @@ impl App {
         policy: Policy,
         clock: Arc<dyn Clock>,
         writer: TelemetryWriter,
+        broker_state: mooring_store::BrokerStateWriter,
     ) -> Self {
         Self {
             config,
@@ -63,6 +66,7 @@ impl App {
             policy: RwLock::new(Arc::new(policy)),
             clock,
             writer,
+            broker_state,
             presence: Presence::default(),
             counters: Counters::default(),
             commands: crate::commands::CommandRuntime::default(),

@@ -27,6 +27,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod broker_state;
 pub mod commands;
 pub mod config;
 pub mod error;

@@ -1,6 +1,7 @@
 //! Startup, listeners (MQTT/TLS, MQTT dev, HTTP), background jobs and graceful shutdown.
 
 use crate::app::App;
+use crate::broker_state::StorePersistence;
 use crate::config::ServerConfig;
 use crate::hooks::ServerHooks;
 use crate::metrics::{load, Counters, Exposition};
@@ -8,7 +9,9 @@ use crate::pki::{cert_common_name, cert_sha256_hex, Pki};
 use anyhow::Context;
 use mooring_broker::{Broker, ConnInfo, ListenerKind};
 use mooring_proto::Clock;
-use mooring_store::{SqliteStore, Store, TelemetryWriter, TelemetryWriterConfig};
+use mooring_store::{
+    BrokerStateWriter, SqliteStore, Store, TelemetryWriter, TelemetryWriterConfig,
+};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -64,6 +67,7 @@ pub struct RunningServer {
     connections: TaskTracker,
     broker: Broker,
     writer_task: tokio::task::JoinHandle<()>,
+    broker_state_task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the server and runs it until `shutdown` resolves.
@@ -172,8 +176,29 @@ impl RunningServer {
         );
         let policy = config.policy()?;
         let broker_config = config.broker();
-        let app = Arc::new(App::new(config, store, pki, policy, clock, writer));
-        let broker = Broker::new(broker_config, Arc::new(ServerHooks::new(app.clone())));
+        // Retained messages and persistent sessions from the last run, restored before any
+        // listener accepts.
+        let stored_broker_state = store
+            .load_broker_state()
+            .await
+            .context("loading the broker's retained messages and sessions")?;
+        let (broker_state, broker_state_task) = BrokerStateWriter::spawn(store.clone());
+        let persistence = Arc::new(StorePersistence::new(broker_state.clone(), clock.clone()));
+        let app = Arc::new(App::new(
+            config,
+            store,
+            pki,
+            policy,
+            clock,
+            writer,
+            broker_state,
+        ));
+        let broker = Broker::with_persistence(
+            broker_config,
+            Arc::new(ServerHooks::new(app.clone())),
+            persistence,
+        );
+        broker.restore(crate::broker_state::restored(stored_broker_state));
         app.set_broker(broker.clone());
 
         let (stop, stop_rx) = watch::channel(false);
@@ -246,6 +271,7 @@ impl RunningServer {
             connections,
             broker,
             writer_task,
+            broker_state_task,
         })
     }
 
@@ -259,6 +285,13 @@ impl RunningServer {
         if let Err(e) = self.app.presence.flush(self.app.store.as_ref()).await {
             tracing::warn!(error = %e, "final presence flush failed");
         }
+        // Every session is offline now and stored with its expiry deadline.
+        if let Err(e) = self.app.broker_state.flush().await {
+            tracing::warn!(error = %e, "final broker state flush failed");
+        }
+        // The broker (which the hooks keep alive) holds a handle, so the task would not end
+        // by itself: everything submitted is durable now.
+        self.broker_state_task.abort();
         let app = self.app;
         drop(app);
         let _ = tokio::time::timeout(Duration::from_secs(5), self.writer_task).await;
@@ -573,6 +606,22 @@ pub fn render_metrics(app: &App) -> String {
             s.refusals.iter().map(|(r, n)| (r.name(), *n)),
         );
     }
+    let bs = app.broker_state.stats();
+    e.gauge(
+        "mooring_broker_state_queued_ops",
+        "Broker state changes (retained, sessions, queued messages) waiting for the group commit",
+        bs.queued_ops as f64,
+    )
+    .counter(
+        "mooring_broker_state_batches_total",
+        "Broker state group-commit transactions written",
+        bs.batches,
+    )
+    .counter(
+        "mooring_broker_state_batches_failed_total",
+        "Broker state group-commit transactions that failed",
+        bs.batches_failed,
+    );
     let w = app.writer.stats();
     e.gauge(
         "mooring_devices_online",

@@ -16,10 +16,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::{
-    run_retention_pass, AppendOutcome, BrokerOp, BrokerState, BrokerStateWriter, StoredSession, CommandOutcome, CommandParentRecord, CommandRecord,
-    CommandState, CreateOutcome, MetricValue, NewDevice, Point, ShadowRecord, Store, StoreError,
-    TelemetryQuery, TelemetryRecord, TelemetryStore, TelemetryWriter, TelemetryWriterConfig,
-    TokenRecord, TokenRole, TS_MS_MAX,
+    run_retention_pass, AppendOutcome, BrokerOp, BrokerState, BrokerStateWriter, CommandOutcome,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, MetricValue, NewDevice, Point,
+    ShadowRecord, Store, StoreError, StoredSession, TelemetryQuery, TelemetryRecord,
+    TelemetryStore, TelemetryWriter, TelemetryWriterConfig, TokenRecord, TokenRole, TS_MS_MAX,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case. See the [module docs](crate::conformance).

@@ -49,12 +49,12 @@ pub mod sqlite;
 pub mod store;
 pub mod writer;
 
-pub use error::{Result, StoreError};
 pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_MAX};
+pub use error::{Result, StoreError};
 pub use model::{
-    AppendOutcome, BrokerOp, BrokerState, StoredSession, CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
-    DeviceRecord, MetricValue, NewDevice, Point, ShadowRecord, TelemetryQuery, TelemetryRecord,
-    TokenRecord, TokenRole, TS_MS_MAX,
+    AppendOutcome, BrokerOp, BrokerState, CommandOutcome, CommandParentRecord, CommandRecord,
+    CommandState, CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point, ShadowRecord,
+    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, TokenRole, TS_MS_MAX,
 };
 pub use sqlite::{SqliteStore, DB_FILE_NAME};
 pub use store::{

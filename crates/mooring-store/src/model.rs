@@ -336,12 +336,22 @@ pub struct ShadowRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BrokerOp {
     /// Insert or replace the retained message of `topic`.
-    PutRetained { topic: String, value: Vec<u8> },
-    DeleteRetained { topic: String },
+    PutRetained {
+        topic: String,
+        value: Vec<u8>,
+    },
+    DeleteRetained {
+        topic: String,
+    },
     /// Insert or replace a persistent session (its subscriptions, expiry, inbound QoS 2 state).
-    PutSession { key: String, value: Vec<u8> },
+    PutSession {
+        key: String,
+        value: Vec<u8>,
+    },
     /// Delete a session and every message queued for it.
-    DeleteSession { key: String },
+    DeleteSession {
+        key: String,
+    },
     /// Insert or replace a message queued (or unacknowledged) for `session`; `seq` orders a
     /// session's messages.
     PutMessage {
@@ -349,7 +359,10 @@ pub enum BrokerOp {
         seq: u64,
         value: Vec<u8>,
     },
-    DeleteMessage { session: String, seq: u64 },
+    DeleteMessage {
+        session: String,
+        seq: u64,
+    },
 }
 
 /// A stored persistent session with its messages, ascending by `seq`.

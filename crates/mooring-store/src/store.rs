@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, BrokerOp, BrokerState, CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceRecord,
-    MetricValue, NewDevice, Point, ShadowRecord, TelemetryQuery, TelemetryRecord, TokenRecord,
+    AppendOutcome, BrokerOp, BrokerState, CommandParentRecord, CommandRecord, CommandState,
+    CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point, ShadowRecord, TelemetryQuery,
+    TelemetryRecord, TokenRecord,
 };
 
 /// The device registry.

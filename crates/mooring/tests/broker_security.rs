@@ -36,35 +36,6 @@ fn device_subscriber(
     Sub::start(&args)
 }
 
-/// A service token of role `service`.
-fn service_token(server: &Server, name: &str) -> String {
-    let out = server.cli(&["token", "create", name, "--role", "service"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// mosquitto_sub/pub arguments for a service over TLS (no client certificate, token as password).
-fn service_args(server: &Server, ca: &Creds, token: &str, client_id: &str) -> Vec<String> {
-    s(&[
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &server.mqtt.port().to_string(),
-        "--cafile",
-        ca.ca().to_str().expect("utf8"),
-        "-u",
-        "svc",
-        "-P",
-        token,
-        "-i",
-        client_id,
-    ])
-}
-
 /// mosquitto_pub/sub arguments for the anonymous dev listener.
 fn dev_args(server: &Server) -> Vec<String> {
     s(&["-h", "127.0.0.1", "-p", &server.mqtt_dev.port().to_string()])

@@ -356,6 +356,14 @@ pub struct Sub {
 impl Sub {
     /// Starts mosquitto_sub with `args` (plus `-d`) and waits for its SUBACK.
     pub fn start(args: &[String]) -> Sub {
+        let mut sub = Sub::spawn(args);
+        sub.wait_line(|l| l.contains("received SUBACK"));
+        sub
+    }
+
+    /// Starts mosquitto_sub with `args` (plus `-d`) without waiting for anything: a resumed
+    /// session's messages may arrive before the SUBACK, and `next_message` must see them.
+    pub fn spawn(args: &[String]) -> Sub {
         // stdbuf: mosquitto_sub block-buffers a piped stdout; we need each line as it happens.
         let mut child = Command::new("stdbuf")
             .args(["-oL", "mosquitto_sub", "-d"])
@@ -374,9 +382,7 @@ impl Sub {
                 }
             }
         });
-        let mut sub = Sub { child, lines: rx };
-        sub.wait_line(|l| l.contains("received SUBACK"));
-        sub
+        Sub { child, lines: rx }
     }
 
     /// Waits for a line matching `pred` (bounded by [`WAIT`]); returns it.
@@ -601,4 +607,33 @@ impl Drop for MqttDevice {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A service token of role `service`.
+pub fn service_token(server: &Server, name: &str) -> String {
+    let out = server.cli(&["token", "create", name, "--role", "service"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// mosquitto_sub/pub arguments for a service over TLS (no client certificate, token as password).
+pub fn service_args(server: &Server, ca: &Creds, token: &str, client_id: &str) -> Vec<String> {
+    s(&[
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &server.mqtt.port().to_string(),
+        "--cafile",
+        ca.ca().to_str().expect("utf8"),
+        "-u",
+        "svc",
+        "-P",
+        token,
+        "-i",
+        client_id,
+    ])
 }
