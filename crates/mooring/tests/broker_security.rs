@@ -36,11 +36,6 @@ fn device_subscriber(
     Sub::start(&args)
 }
 
-/// mosquitto_pub/sub arguments for the anonymous dev listener.
-fn dev_args(server: &Server) -> Vec<String> {
-    s(&["-h", "127.0.0.1", "-p", &server.mqtt_dev.port().to_string()])
-}
-
 fn dev_pub(server: &Server, topic: &str, payload: &str) {
     let mut args = dev_args(server);
     args.extend(s(&["-q", "1", "-t", topic, "-m", payload]));

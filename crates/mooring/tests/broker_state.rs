@@ -11,10 +11,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn dev_args(server: &Server) -> Vec<String> {
-    s(&["-h", "127.0.0.1", "-p", &server.mqtt_dev.port().to_string()])
-}
-
 fn publish(args: Vec<String>) {
     let out = mosquitto_pub(&args);
     assert!(
@@ -259,6 +255,19 @@ impl Raw {
         assert_eq!(self.next().await, Some(Pkt::SubAck));
     }
 
+    /// The next packet must be a QoS 2 PUBLISH of `payload`; returns its packet id.
+    async fn expect_qos2(&mut self, payload: &[u8]) -> u16 {
+        match self.next().await {
+            Some(Pkt::Publish {
+                pid,
+                qos: 2,
+                payload: got,
+                ..
+            }) if got == payload => pid,
+            other => panic!("expected a QoS 2 PUBLISH of {payload:?}: {other:?}"),
+        }
+    }
+
     async fn ack(&mut self, first: u8, pid: u16) {
         self.send(&packet(first, &pid.to_be_bytes())).await;
     }
@@ -350,26 +359,8 @@ async fn qos2_outbound_state_survives_kill_9_so_each_message_is_delivered_exactl
     // received and not acknowledged at all.
     let (mut sub, present) = Raw::connect(&server, "q2-sink").await;
     assert!(present);
-    let Some(Pkt::Publish {
-        pid: pid_a,
-        qos: 2,
-        payload,
-        ..
-    }) = sub.next().await
-    else {
-        panic!("a");
-    };
-    assert_eq!(payload, b"a");
-    let Some(Pkt::Publish {
-        pid: pid_b,
-        qos: 2,
-        payload,
-        ..
-    }) = sub.next().await
-    else {
-        panic!("b");
-    };
-    assert_eq!(payload, b"b");
+    let pid_a = sub.expect_qos2(b"a").await;
+    let pid_b = sub.expect_qos2(b"b").await;
     sub.ack(0x50, pid_a).await; // PUBREC
     assert_eq!(sub.next().await, Some(Pkt::PubRel { pid: pid_a }));
     state_settled(&server).await;

@@ -637,3 +637,8 @@ pub fn service_args(server: &Server, ca: &Creds, token: &str, client_id: &str) -
         client_id,
     ])
 }
+
+/// mosquitto_pub/sub arguments for the anonymous dev listener.
+pub fn dev_args(server: &Server) -> Vec<String> {
+    s(&["-h", "127.0.0.1", "-p", &server.mqtt_dev.port().to_string()])
+}
