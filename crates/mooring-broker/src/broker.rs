@@ -4,8 +4,9 @@ use crate::config::BrokerConfig;
 use crate::hooks::{ConnInfo, Hooks, Message, PublishVerdict};
 use crate::index::SubIndex;
 use crate::session::{Delivery, Enqueue, Session, SubOptions};
+use crate::shared_sub::Groups;
 use mooring_proto::policy::Principal;
-use mooring_proto::topic::filter_matches;
+use mooring_proto::topic::{filter_matches, is_shared_filter};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -114,8 +115,12 @@ pub struct BrokerStats {
     pub connections: u64,
     /// Sessions, live or persisted (gauge).
     pub sessions: u64,
-    /// Subscriptions held by all sessions (gauge; the size of the subscription index).
+    /// Subscriptions held by all sessions, shared ones included (gauge).
     pub subscriptions: u64,
+    /// Shared subscription groups (gauge).
+    pub shared_groups: u64,
+    /// Messages moved from a shared subscription member that left to another member.
+    pub shared_redelivered: u64,
     pub retained: u64,
     /// Topic + payload bytes of the retained messages clients published (gauge).
     pub retained_bytes: u64,
@@ -157,6 +162,7 @@ pub(crate) struct Counters {
     pub(crate) denied: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) panics: AtomicU64,
+    pub(crate) shared_redelivered: AtomicU64,
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -558,6 +564,8 @@ pub(crate) struct Shared {
     /// not add `parking_lot` (no measured need: readers never block each other, and critical
     /// sections only walk the trie and clone `Arc`s).
     pub(crate) subs: RwLock<SubIndex<SessionId, Target>>,
+    /// Shared subscription groups (`shared_sub.rs`); a leaf lock like `subs`.
+    pub(crate) groups: RwLock<Groups>,
     pub(crate) retained: Mutex<RetainedTable>,
     pub(crate) counters: Counters,
     pub(crate) conn_seq: AtomicU64,
@@ -599,6 +607,7 @@ impl Broker {
                 hooks,
                 sessions: Mutex::new(SessionTable::default()),
                 subs: RwLock::new(SubIndex::default()),
+                groups: RwLock::new(Groups::default()),
                 retained: Mutex::new(RetainedTable::default()),
                 counters: Counters::default(),
                 conn_seq: AtomicU64::new(1),
@@ -744,6 +753,7 @@ impl Broker {
                 retain: false,
                 expires_at: None,
                 sub_ids: grant.sub_ids,
+                shared: None,
             };
             let outcome = self.shared.enqueue(&mut s, d);
             if outcome.is_enqueued() {
@@ -789,6 +799,10 @@ impl Broker {
     pub fn stats(&self) -> BrokerStats {
         let sessions = lock(&self.shared.sessions).len() as u64;
         let subscriptions = read(&self.shared.subs).len() as u64;
+        let (shared_groups, shared_members) = {
+            let g = read(&self.shared.groups);
+            (g.len() as u64, g.members() as u64)
+        };
         let (retained, retained_bytes) = {
             let r = lock(&self.shared.retained);
             (r.len() as u64, r.clients.bytes as u64)
@@ -797,7 +811,9 @@ impl Broker {
         BrokerStats {
             connections: c.connections.load(Ordering::Relaxed),
             sessions,
-            subscriptions,
+            subscriptions: subscriptions + shared_members,
+            shared_groups,
+            shared_redelivered: c.shared_redelivered.load(Ordering::Relaxed),
             retained,
             retained_bytes,
             messages_in: c.messages_in.load(Ordering::Relaxed),
@@ -860,6 +876,8 @@ impl Shared {
     /// was already removed (the same per-session atomicity the single table lock used to give).
     pub(crate) fn route(&self, msg: Arc<Message>, publisher: Option<&str>) {
         let expires_at = expiry_instant(&msg);
+        // Shared subscriptions: one member of each matching group (shared_sub.rs).
+        self.route_shared(&msg, expires_at);
         let mut targets: Vec<(SessionId, SubOptions, SessionRef)> = Vec::new();
         let seen = {
             let index = read(&self.subs);
@@ -884,7 +902,9 @@ impl Shared {
                 merge_grants(
                     s.subs
                         .iter()
-                        .filter(|(filter, _)| filter_matches(filter, &msg.topic))
+                        .filter(|(filter, _)| {
+                            !is_shared_filter(filter) && filter_matches(filter, &msg.topic)
+                        })
                         .map(|(_, o)| *o),
                     own,
                 )
@@ -898,6 +918,7 @@ impl Shared {
                     retain: msg.retain && grant.retain_as_published,
                     expires_at,
                     sub_ids: grant.sub_ids,
+                    shared: None,
                 };
                 self.enqueue(&mut s, d);
             }
@@ -985,10 +1006,10 @@ impl Shared {
         }
         if !revoked.is_empty() {
             let subs: Vec<String> = s.subs.keys().cloned().collect();
-            let allowed = |topic: &str| subs.iter().any(|f| filter_matches(f, topic));
-            let dropped = s.retain_queue(|d| allowed(&d.msg.topic));
+            let allowed = |d: &Delivery| crate::shared_sub::still_subscribed(&subs, d);
+            let dropped = s.retain_queue(allowed);
             if purge_inflight {
-                s.inflight.retain(|i| allowed(&i.delivery.msg.topic));
+                s.inflight.retain(|i| allowed(&i.delivery));
             }
             if dropped > 0 {
                 tracing::info!(client_id = %s.client_id, dropped, "queued messages of revoked subscriptions dropped");
@@ -1007,7 +1028,9 @@ impl Shared {
         filter: String,
         opts: SubOptions,
     ) {
-        if !s.retired {
+        if !s.retired && is_shared_filter(&filter) {
+            self.join_group(session, s, &filter);
+        } else if !s.retired {
             let mut index = write(&self.subs);
             index.insert(
                 &filter,
@@ -1027,7 +1050,9 @@ impl Shared {
         if s.subs.remove(filter).is_none() {
             return false;
         }
-        if !s.retired {
+        if !s.retired && is_shared_filter(filter) {
+            self.leave_group(s, filter);
+        } else if !s.retired {
             let mut index = write(&self.subs);
             index.remove(filter, &s.id);
             s.subs_generation = index.generation();
@@ -1051,6 +1076,7 @@ impl Shared {
         }
         s.subs_generation = index.generation();
         drop(index);
+        self.leave_all_groups(s);
         s.subs.clear();
     }
 

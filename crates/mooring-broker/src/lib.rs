@@ -86,6 +86,7 @@ pub mod hooks;
 mod index;
 mod packet_ids;
 pub mod session;
+mod shared_sub;
 
 pub use broker::{Broker, BrokerStats, Refusal, SessionInfo};
 pub use config::BrokerConfig;

@@ -48,6 +48,8 @@ pub(crate) struct Delivery {
     pub(crate) expires_at: Option<Instant>,
     /// Subscription Identifiers of every matching subscription (v5), ascending.
     pub(crate) sub_ids: Vec<u32>,
+    /// The shared subscription group it came through (`None`: an ordinary subscription).
+    pub(crate) shared: Option<crate::shared_sub::Via>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
