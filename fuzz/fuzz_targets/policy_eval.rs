@@ -19,12 +19,17 @@
 //!   subscribable filter matches is publishable (subscribe grants stay within publish grants,
 //!   i.e. `filter_covers` is sound, `$` topics included), and for a concrete topic both
 //!   questions agree;
-//! * the default rules stay in force: a device may use `devices/<its id>/#`.
+//! * the default rules stay in force: a device may use `devices/<its id>/#`;
+//! * a shared subscription `$share/<group>/<filter>` is judged on its filter (the invariants
+//!   above hold for the topics that filter reaches), and a device's allowed shared filter
+//!   reaches only topics under `devices/<its id>/`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use mooring_proto::policy::{Action, Policy, Principal, PrincipalKind, Rule};
-use mooring_proto::topic::{filter_matches, is_valid_filter, is_valid_topic_name};
+use mooring_proto::topic::{
+    filter_matches, is_shared_filter, is_valid_filter, is_valid_topic_name, parse_shared_filter,
+};
 use std::collections::BTreeMap;
 
 /// Bounds the work per input (rules × questions).
@@ -104,7 +109,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(allowed);
         }
         assert_eq!(allowed, policy.may_publish(&safe_who, topic), "{topic}");
-        if is_valid_topic_name(topic) {
+        // A topic name that looks like a shared subscription is, as a filter, a different one.
+        if is_valid_topic_name(topic) && !is_shared_filter(topic) {
             assert_eq!(
                 widened.may_publish(&who, topic),
                 widened.may_subscribe(&who, topic),
@@ -118,12 +124,32 @@ fuzz_target!(|data: &[u8]| {
             assert!(allowed);
         }
         assert_eq!(allowed, policy.may_subscribe(&safe_who, filter), "{filter}");
-        if is_valid_filter(filter) && widened.may_subscribe(&who, filter) {
+        // What the subscription reaches: a shared one, the topics its inner filter matches.
+        let reach = if is_shared_filter(filter) {
+            parse_shared_filter(filter).map(|s| s.filter)
+        } else {
+            Some(filter.as_str()).filter(|f| is_valid_filter(f))
+        };
+        let Some(reach) = reach else {
+            continue;
+        };
+        if widened.may_subscribe(&who, filter) {
             for topic in pubs.iter().chain(&subs) {
-                if is_valid_topic_name(topic) && filter_matches(filter, topic) {
+                if is_valid_topic_name(topic) && filter_matches(reach, topic) {
                     assert!(
                         widened.may_publish(&who, topic),
                         "subscribe {filter} reaches {topic}, which is not publishable"
+                    );
+                }
+            }
+        }
+        if let (Principal::Device { id, .. }, true) = (&who, allowed && is_shared_filter(filter)) {
+            let own = format!("devices/{id}/");
+            for topic in pubs.iter().chain(&subs) {
+                if is_valid_topic_name(topic) && filter_matches(reach, topic) {
+                    assert!(
+                        topic.starts_with(&own),
+                        "device {id} shares {filter}, which reaches {topic}"
                     );
                 }
             }

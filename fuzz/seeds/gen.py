@@ -238,5 +238,10 @@ for name, text in [
     ("dev", "as dev\npub anything\nsub #\n"),
     ("dollar", "rule device both #\nrule device subscribe +/x\npub $SYS/x\nsub $SYS/#\nsub +/x\n"),
     ("bad-pattern", "rule device both a/{nope}/#\nrule device both {tag:}\n"),
+    ("shared", "rule device subscribe fleet/#\nas device d1\nsub $share/g/devices/d1/#\n"
+               "sub $share/g/fleet/x\nsub $share/g/devices/+/telemetry\nsub $share/g+/devices/d1/x\n"
+               "pub devices/d1/x\npub fleet/x\npub $share/g/devices/d1/x\n"),
+    ("shared-service", "as service pipe\nsub $share/workers/devices/+/telemetry\nsub $share/w/#\n"
+                       "pub devices/d1/telemetry\n"),
 ]:
     write("policy_eval", name, text)

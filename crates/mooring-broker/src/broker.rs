@@ -7,8 +7,9 @@ use crate::persist::{
     session_key, Durable, MessageValue, Persistence, RetainedValue, SessionValue, StateOp,
 };
 use crate::session::{Delivery, Enqueue, InflightState, PersistInfo, Session, SubOptions};
+use crate::shared_sub::Groups;
 use mooring_proto::policy::Principal;
-use mooring_proto::topic::filter_matches;
+use mooring_proto::topic::{filter_matches, is_shared_filter};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,8 +118,12 @@ pub struct BrokerStats {
     pub connections: u64,
     /// Sessions, live or persisted (gauge).
     pub sessions: u64,
-    /// Subscriptions held by all sessions (gauge; the size of the subscription index).
+    /// Subscriptions held by all sessions, shared ones included (gauge).
     pub subscriptions: u64,
+    /// Shared subscription groups (gauge).
+    pub shared_groups: u64,
+    /// Messages moved from a shared subscription member that left to another member.
+    pub shared_redelivered: u64,
     pub retained: u64,
     /// Topic + payload bytes of the retained messages clients published (gauge).
     pub retained_bytes: u64,
@@ -171,6 +176,7 @@ pub(crate) struct Counters {
     pub(crate) denied: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) panics: AtomicU64,
+    pub(crate) shared_redelivered: AtomicU64,
     refusals: [AtomicU64; Refusal::ALL.len()],
 }
 
@@ -575,6 +581,8 @@ pub(crate) struct Shared {
     /// not add `parking_lot` (no measured need: readers never block each other, and critical
     /// sections only walk the trie and clone `Arc`s).
     pub(crate) subs: RwLock<SubIndex<SessionId, Target>>,
+    /// Shared subscription groups (`shared_sub.rs`); a leaf lock like `subs`.
+    pub(crate) groups: RwLock<Groups>,
     pub(crate) retained: Mutex<RetainedTable>,
     pub(crate) counters: Counters,
     pub(crate) conn_seq: AtomicU64,
@@ -640,6 +648,7 @@ impl Broker {
                 hooks,
                 sessions: Mutex::new(SessionTable::default()),
                 subs: RwLock::new(SubIndex::default()),
+                groups: RwLock::new(Groups::default()),
                 retained: Mutex::new(RetainedTable::default()),
                 counters: Counters::default(),
                 conn_seq: AtomicU64::new(1),
@@ -799,6 +808,7 @@ impl Broker {
                 expires_at: None,
                 sub_ids: grant.sub_ids,
                 seq: 0,
+                shared: None,
             };
             let mut ops = Vec::new();
             let outcome = self.shared.enqueue(&mut s, d, &mut ops);
@@ -925,6 +935,12 @@ impl Broker {
                     expires_at,
                     sub_ids: m.sub_ids,
                     seq,
+                    shared: m
+                        .shared
+                        .map(|(subscription, redelivered)| crate::shared_sub::Via {
+                            subscription: Arc::from(subscription),
+                            redelivered,
+                        }),
                 };
                 match m.inflight {
                     Some((state, packet_id)) => s.inflight.push_back(crate::session::Inflight {
@@ -978,6 +994,10 @@ impl Broker {
     pub fn stats(&self) -> BrokerStats {
         let sessions = lock(&self.shared.sessions).len() as u64;
         let subscriptions = read(&self.shared.subs).len() as u64;
+        let (shared_groups, shared_members) = {
+            let g = read(&self.shared.groups);
+            (g.len() as u64, g.members() as u64)
+        };
         let (retained, retained_bytes) = {
             let r = lock(&self.shared.retained);
             (r.len() as u64, r.clients.bytes as u64)
@@ -986,7 +1006,9 @@ impl Broker {
         BrokerStats {
             connections: c.connections.load(Ordering::Relaxed),
             sessions,
-            subscriptions,
+            subscriptions: subscriptions + shared_members,
+            shared_groups,
+            shared_redelivered: c.shared_redelivered.load(Ordering::Relaxed),
             retained,
             retained_bytes,
             messages_in: c.messages_in.load(Ordering::Relaxed),
@@ -1052,6 +1074,8 @@ impl Shared {
     pub(crate) fn route(&self, msg: Arc<Message>, publisher: Option<&str>) -> Vec<StateOp> {
         let mut ops = Vec::new();
         let expires_at = expiry_instant(&msg);
+        // Shared subscriptions: one member of each matching group (shared_sub.rs).
+        self.route_shared(&msg, expires_at, &mut ops);
         let mut targets: Vec<(SessionId, SubOptions, SessionRef)> = Vec::new();
         let seen = {
             let index = read(&self.subs);
@@ -1076,7 +1100,9 @@ impl Shared {
                 merge_grants(
                     s.subs
                         .iter()
-                        .filter(|(filter, _)| filter_matches(filter, &msg.topic))
+                        .filter(|(filter, _)| {
+                            !is_shared_filter(filter) && filter_matches(filter, &msg.topic)
+                        })
                         .map(|(_, o)| *o),
                     own,
                 )
@@ -1091,6 +1117,7 @@ impl Shared {
                     expires_at,
                     sub_ids: grant.sub_ids,
                     seq: 0,
+                    shared: None,
                 };
                 self.enqueue(&mut s, d, &mut ops);
             }
@@ -1186,6 +1213,10 @@ impl Shared {
             expires_at_ms: self.wall_ms(d.expires_at),
             sub_ids: d.sub_ids.clone(),
             inflight,
+            shared: d
+                .shared
+                .as_ref()
+                .map(|v| (v.subscription.to_string(), v.redelivered)),
         }
         .encode()
     }
@@ -1329,12 +1360,12 @@ impl Shared {
         }
         if !revoked.is_empty() {
             let subs: Vec<String> = s.subs.keys().cloned().collect();
-            let allowed = |topic: &str| subs.iter().any(|f| filter_matches(f, topic));
-            let mut dropped = s.retain_queue(|d| allowed(&d.msg.topic));
+            let allowed = |d: &Delivery| crate::shared_sub::still_subscribed(&subs, d);
+            let mut dropped = s.retain_queue(allowed);
             let queued = dropped.len();
             if purge_inflight {
                 s.inflight.retain(|i| {
-                    let keep = allowed(&i.delivery.msg.topic);
+                    let keep = allowed(&i.delivery);
                     if !keep {
                         dropped.push(i.delivery.seq);
                     }
@@ -1369,7 +1400,9 @@ impl Shared {
         filter: String,
         opts: SubOptions,
     ) {
-        if !s.retired {
+        if !s.retired && is_shared_filter(&filter) {
+            self.join_group(session, s, &filter);
+        } else if !s.retired {
             let mut index = write(&self.subs);
             index.insert(
                 &filter,
@@ -1389,7 +1422,9 @@ impl Shared {
         if s.subs.remove(filter).is_none() {
             return false;
         }
-        if !s.retired {
+        if !s.retired && is_shared_filter(filter) {
+            self.leave_group(s, filter);
+        } else if !s.retired {
             let mut index = write(&self.subs);
             index.remove(filter, &s.id);
             s.subs_generation = index.generation();
@@ -1416,6 +1451,7 @@ impl Shared {
         }
         s.subs_generation = index.generation();
         drop(index);
+        self.leave_all_groups(s);
         s.subs.clear();
     }
 
@@ -1456,6 +1492,10 @@ impl Shared {
             {
                 shared.retire(&mut s);
             }
+            drop(s);
+            drop(table);
+            // What it held through shared subscriptions goes to another member.
+            shared.redeliver_shared(&session);
         });
     }
 

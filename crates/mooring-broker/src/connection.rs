@@ -10,7 +10,9 @@ use crate::session::{Delivery, Inflight, InflightState, Link, Session, SubOption
 use bytes::Bytes;
 use futures::stream::{FuturesOrdered, StreamExt};
 use mooring_proto::policy::Principal;
-use mooring_proto::topic::{is_valid_filter, is_valid_topic_name};
+use mooring_proto::topic::{
+    is_shared_filter, is_valid_filter, is_valid_topic_name, parse_shared_filter,
+};
 use mqtt_protocol_core::mqtt;
 use mqtt_protocol_core::mqtt::common::Cursor;
 use mqtt_protocol_core::mqtt::connection::{ConnectionOptions, Event, TimerKind};
@@ -215,6 +217,8 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
                 if table.remove_if_same(&key, session) {
                     shared.retire(&mut lock(session));
                 }
+                drop(table);
+                shared.redeliver_shared(session);
             } else if session_expiry_secs != u32::MAX {
                 shared.expire_after(
                     session.clone(),
@@ -222,6 +226,10 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
                     generation,
                     Duration::from_secs(u64::from(session_expiry_secs)),
                 );
+            }
+            if session_expiry_secs != 0 {
+                // A persistent member's messages may move to an online member of its groups.
+                shared.redeliver_shared(session);
             }
         }
     }
@@ -900,6 +908,7 @@ where
                                     table.insert(&key, s.clone(), owner.clone(), persistent)
                                 {
                                     self.shared.retire(&mut lock(&old));
+                                    self.shared.redeliver_shared(&old);
                                 }
                                 (s, false)
                             }
@@ -1001,7 +1010,7 @@ where
                 push(mqtt::packet::TopicAliasMaximum::new(cfg.topic_alias_max).map(Into::into));
             }
             push(mqtt::packet::ReceiveMaximum::new(cfg.inflight_max.max(1)).map(Into::into));
-            push(mqtt::packet::SharedSubscriptionAvailable::new(0).map(Into::into));
+            push(mqtt::packet::SharedSubscriptionAvailable::new(1).map(Into::into));
             match v5_0::Connack::builder()
                 .session_present(session_present)
                 .reason_code(ConnectReasonCode::Success)
@@ -1819,8 +1828,22 @@ where
         let mut retained_for: Vec<(String, u8, Option<u32>)> = Vec::new();
         let mut granted: Vec<String> = Vec::new();
         let principal = self.principal();
+        if entries
+            .iter()
+            .any(|(f, o, _)| o.no_local && is_shared_filter(f))
+        {
+            // v5 §3.8.3.1: No Local on a shared subscription is a Protocol Error.
+            self.disconnect_v5(DisconnectReasonCode::ProtocolError);
+            self.close = true;
+            return;
+        }
         for (filter, opts, rh) in entries {
-            let shared_sub = filter.starts_with("$share/");
+            let shared_sub = is_shared_filter(&filter);
+            let valid = if shared_sub {
+                parse_shared_filter(&filter).is_some()
+            } else {
+                is_valid_filter(&filter)
+            };
             let code = if !self.shared.config.topic_within_limits(&filter) {
                 self.shared.counters.refuse(Refusal::TopicTooLong);
                 if v5 {
@@ -1828,13 +1851,9 @@ where
                 } else {
                     0x80
                 }
-            } else if !is_valid_filter(&filter) || shared_sub {
+            } else if !valid {
                 if v5 {
-                    if shared_sub {
-                        0x9E
-                    } else {
-                        0x8F
-                    }
+                    0x8F
                 } else {
                     0x80
                 }
@@ -1864,7 +1883,8 @@ where
                         SubOptions { qos, ..opts },
                     );
                     granted.push(filter.clone());
-                    if rh == 0 || (rh == 1 && !existed) {
+                    // No retained messages for a shared subscription (v5 §4.8.2).
+                    if !shared_sub && (rh == 0 || (rh == 1 && !existed)) {
                         retained_for.push((filter, qos, opts.sub_id));
                     }
                     qos
@@ -1926,6 +1946,7 @@ where
                     expires_at,
                     sub_ids: sub_id.into_iter().collect(),
                     seq: 0,
+                    shared: None,
                 };
                 self.shared.enqueue(&mut lock(&session), d, &mut ops);
             }

@@ -35,6 +35,11 @@
 //!   session's `subs` on SUBSCRIBE, UNSUBSCRIBE and session end (clean disconnect, expiry,
 //!   replacement by a clean start). Matching costs O(levels × matches), independent of the
 //!   number of sessions; it agrees with `mooring_proto::topic::filter_matches` (property-tested).
+//! * `shared_sub` — shared subscriptions (`$share/<group>/<filter>`): groups keyed by owner
+//!   principal and subscription text (so different principals never share one), in their own
+//!   index; `route` gives each matching group's message to one member (round robin, connected
+//!   members first), and a member that leaves hands its unacknowledged shared messages to
+//!   another member, once per message.
 //! * Ownership — sessions are keyed by (namespace, client id), one namespace per kind of
 //!   principal (device, service, dev listener), and belong to the principal that created them:
 //!   another principal's CONNECT with that client id is refused (0x85 / rc 2). A resumed session's
@@ -51,8 +56,9 @@
 //!
 //! ## Locks
 //!
-//! Order: session table → one session → subscription index. The index (`RwLock`) and the
-//! retained table are leaf locks: nothing else is taken while one is held. No broker-wide lock
+//! Order: session table → one session → subscription index. The index (`RwLock`), the shared
+//! subscription groups (`RwLock`) and the retained table are leaf locks: nothing else is taken
+//! while one is held. No broker-wide lock
 //! is held while a session is locked on the publish path: `route` reads the index, releases it,
 //! then locks matching sessions one at a time. Every change to a session's subscriptions is made
 //! under its lock together with the index update and records the index generation, so a route
@@ -76,8 +82,9 @@
 //! sessions per principal, retained messages (count and bytes, per principal and broker-wide;
 //! the server's own are never refused), keepalive (0 is supervised too) and session expiry are
 //! all capped by [`BrokerConfig`]. The subscription
-//! index holds one entry per subscription, so it is bounded by `sessions_max ×
-//! subscriptions_per_session_max` (its size is [`BrokerStats::subscriptions`]).
+//! index and the shared subscription groups hold one entry per subscription, so together they
+//! are bounded by `sessions_max × subscriptions_per_session_max` (their size is
+//! [`BrokerStats::subscriptions`]); a group goes with its last member.
 
 pub mod broker;
 pub mod config;
@@ -87,6 +94,7 @@ mod index;
 mod packet_ids;
 pub mod persist;
 pub mod session;
+mod shared_sub;
 
 pub use broker::{Broker, BrokerStats, Refusal, RestoreStats, SessionInfo};
 pub use config::BrokerConfig;

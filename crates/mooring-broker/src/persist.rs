@@ -111,6 +111,9 @@ pub(crate) struct MessageValue {
     pub(crate) sub_ids: Vec<u32>,
     /// `None`: queued; otherwise the state of the unacknowledged delivery and its packet id.
     pub(crate) inflight: Option<(InflightState, u16)>,
+    /// Came through this shared subscription (`$share/<group>/<filter>`); `true`: already moved
+    /// once from a member that left.
+    pub(crate) shared: Option<(String, bool)>,
 }
 
 /// A persisted retained message.
@@ -352,6 +355,14 @@ impl MessageValue {
                 b.put_u16(pid);
             }
         }
+        match &self.shared {
+            Some((subscription, redelivered)) => {
+                b.put_u8(1);
+                put_str(&mut b, subscription);
+                b.put_u8(u8::from(*redelivered));
+            }
+            None => b.put_u8(0),
+        }
         b
     }
 
@@ -373,6 +384,11 @@ impl MessageValue {
             2 => Some((InflightState::AwaitComp, r.u16()?)),
             _ => return None,
         };
+        let shared = match r.u8()? {
+            0 => None,
+            1 => Some((r.string()?, r.u8()? != 0)),
+            _ => return None,
+        };
         Some(MessageValue {
             msg,
             qos,
@@ -380,6 +396,7 @@ impl MessageValue {
             expires_at_ms,
             sub_ids,
             inflight,
+            shared,
         })
     }
 }
@@ -567,11 +584,12 @@ mod tests {
             expires_at_ms: 1000,
             sub_ids: vec![3, 4],
             inflight: Some((InflightState::AwaitComp, 42)),
+            shared: Some(("$share/g/x".into(), true)),
         };
         let enc = m.encode();
         assert_eq!(
             hex(&enc),
-            "0100000003612f62000000026869020101010000003c0100000001740001000000016300000001000000016b0000000176010000000000000003e800000002000000030000000402002a"
+            "0100000003612f62000000026869020101010000003c0100000001740001000000016300000001000000016b0000000176010000000000000003e800000002000000030000000402002a010000000a2473686172652f672f7801"
         );
         assert_eq!(MessageValue::decode(&enc), Some(m));
 
@@ -597,6 +615,7 @@ mod tests {
             expires_at_ms: 0,
             sub_ids: vec![],
             inflight: None,
+            shared: None,
         }
         .encode();
         for n in 0..m.len() {

@@ -50,6 +50,8 @@ pub(crate) struct Delivery {
     pub(crate) sub_ids: Vec<u32>,
     /// Its key in the session's stored messages; 0: not stored (see `persist.rs`).
     pub(crate) seq: u64,
+    /// The shared subscription group it came through (`None`: an ordinary subscription).
+    pub(crate) shared: Option<crate::shared_sub::Via>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,9 +7,13 @@
 //! nothing. Everything not granted is denied.
 //!
 //! Defaults ([`Policy::default`]): a device may publish and subscribe under `devices/{id}/#`;
-//! a service may subscribe to `devices/#` (read-only).
+//! a service may subscribe to `devices/#` (read-only). A shared subscription
+//! (`$share/<group>/<filter>`) is judged on its filter, and a device may share only within its own
+//! subtree.
 
-use crate::topic::{filter_covers, filter_matches, is_valid_filter};
+use crate::topic::{
+    filter_covers, filter_matches, is_shared_filter, is_valid_filter, parse_shared_filter,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -74,13 +78,16 @@ impl Default for Policy {
     }
 }
 
+/// A device's own subtree, as a pattern: its default grant, and where it may share.
+const DEVICE_SUBTREE: &str = "devices/{id}/#";
+
 impl Policy {
     fn default_rules() -> Vec<Rule> {
         vec![
             Rule {
                 principal: PrincipalKind::Device,
                 action: Action::Both,
-                filter: "devices/{id}/#".into(),
+                filter: DEVICE_SUBTREE.into(),
             },
             Rule {
                 principal: PrincipalKind::Service,
@@ -113,12 +120,30 @@ impl Policy {
     }
 
     /// May `who` subscribe to `filter`? True only if an allowed pattern covers every topic the
-    /// requested filter could match.
+    /// requested filter could match. A shared subscription `$share/<group>/<inner>` is judged
+    /// on its inner filter; a device may share only within its own subtree `devices/{id}/#`
+    /// (whatever else it may subscribe to), so its group can never pull messages away from
+    /// another principal's topics. An invalid `$share/` filter is refused.
     pub fn may_subscribe(&self, who: &Principal, filter: &str) -> bool {
-        *who == Principal::Dev
-            || self
-                .granted(who, Action::Subscribe)
-                .any(|allowed| filter_covers(&allowed, filter))
+        if *who == Principal::Dev {
+            return true;
+        }
+        let filter = if is_shared_filter(filter) {
+            let Some(shared) = parse_shared_filter(filter) else {
+                return false;
+            };
+            if let Principal::Device { .. } = who {
+                let own = substitute(DEVICE_SUBTREE, who);
+                if !own.is_some_and(|own| filter_covers(&own, shared.filter)) {
+                    return false;
+                }
+            }
+            shared.filter
+        } else {
+            filter
+        };
+        self.granted(who, Action::Subscribe)
+            .any(|allowed| filter_covers(&allowed, filter))
     }
 
     fn granted<'a>(
@@ -256,6 +281,36 @@ mod tests {
         assert!(!p.may_subscribe(&untagged, "sites/berlin/#"));
         assert!(!p.may_subscribe(&evil, "sites/berlin/#"));
         assert!(!p.may_publish(&evil, "sites/berlin/x"));
+    }
+
+    #[test]
+    fn shared_subscriptions_are_judged_on_their_inner_filter() {
+        let p = Policy::with_rules(vec![Rule {
+            principal: PrincipalKind::Device,
+            action: Action::Subscribe,
+            filter: "fleet/broadcast/#".into(),
+        }])
+        .expect("valid rules");
+        let s = Principal::Service {
+            id: "t1".into(),
+            name: "workers".into(),
+        };
+        assert!(p.may_subscribe(&s, "$share/workers/devices/+/telemetry"));
+        assert!(p.may_subscribe(&s, "$share/w/devices/#"));
+        assert!(!p.may_subscribe(&s, "$share/w/#"));
+        assert!(!p.may_subscribe(&s, "$share/w/fleet/x"));
+        assert!(!p.may_subscribe(&s, "$share/w+/devices/#"));
+        assert!(!p.may_subscribe(&s, "$share/w"));
+        let d1 = device("d1", &[]);
+        assert!(p.may_subscribe(&d1, "$share/g/devices/d1/#"));
+        assert!(p.may_subscribe(&d1, "$share/g/devices/d1/jobs/+"));
+        // Granted to the device, but outside its own subtree: no sharing there.
+        assert!(p.may_subscribe(&d1, "fleet/broadcast/#"));
+        assert!(!p.may_subscribe(&d1, "$share/g/fleet/broadcast/#"));
+        assert!(!p.may_subscribe(&d1, "$share/g/devices/other/#"));
+        assert!(!p.may_subscribe(&d1, "$share/g/devices/+/telemetry"));
+        assert!(!p.may_subscribe(&d1, "$share/g/#"));
+        assert!(p.may_subscribe(&Principal::Dev, "$share/g/#"));
     }
 
     #[test]

@@ -147,6 +147,35 @@ pub fn is_valid_filter(filter: &str) -> bool {
     })
 }
 
+/// What every shared subscription filter starts with (MQTT 5 §4.8.2; v3.1.1 clients may use it too).
+pub const SHARED_PREFIX: &str = "$share/";
+
+/// A shared subscription filter `$share/<group>/<filter>`, split (see [`parse_shared_filter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedFilter<'a> {
+    /// The share name: not empty, no `/`, `+`, `#` or NUL.
+    pub group: &'a str,
+    /// The topic filter the group subscribes to: a valid filter.
+    pub filter: &'a str,
+}
+
+/// Does `filter` ask for a shared subscription (start with `$share/`)? Such a filter is either
+/// a valid [`SharedFilter`] or invalid: it is never an ordinary filter.
+pub fn is_shared_filter(filter: &str) -> bool {
+    filter.starts_with(SHARED_PREFIX)
+}
+
+/// Splits `$share/<group>/<filter>`; `None` if `filter` is not a valid shared subscription
+/// filter (not `$share/`, an empty group or one with `+`, `#` or NUL, no or an invalid filter).
+pub fn parse_shared_filter(filter: &str) -> Option<SharedFilter<'_>> {
+    let (group, inner) = filter.strip_prefix(SHARED_PREFIX)?.split_once('/')?;
+    let group_ok = !group.is_empty() && !group.contains(['+', '#', '\0']);
+    (group_ok && is_valid_filter(inner)).then_some(SharedFilter {
+        group,
+        filter: inner,
+    })
+}
+
 /// Is `topic` a valid MQTT topic name for PUBLISH (no wildcards, not empty)?
 pub fn is_valid_topic_name(topic: &str) -> bool {
     !topic.is_empty() && !topic.contains(['+', '#', '\0'])
@@ -269,6 +298,36 @@ mod tests {
         assert!(filter_covers("$SYS/#", "$SYS/x"));
         assert!(filter_covers("$SYS/+", "$SYS/x"));
         assert!(filter_covers("#", "+/x"));
+    }
+
+    #[test]
+    fn shared_filters_split_into_group_and_filter() {
+        let s = parse_shared_filter("$share/workers/devices/+/telemetry").expect("valid");
+        assert_eq!(s.group, "workers");
+        assert_eq!(s.filter, "devices/+/telemetry");
+        assert_eq!(
+            parse_shared_filter("$share/g/#").map(|s| s.filter),
+            Some("#")
+        );
+        for bad in [
+            "$share/",
+            "$share/g",
+            "$share/g/",
+            "$share//a",
+            "$share/g+/a",
+            "$share/+/a",
+            "$share/#/a",
+            "$share/g#x/a",
+            "$share/g/a/#/b",
+            "$share/g/a+",
+            "$SHARE/g/a",
+            "devices/+/telemetry",
+        ] {
+            assert_eq!(parse_shared_filter(bad), None, "{bad}");
+        }
+        assert!(is_shared_filter("$share/g"));
+        assert!(!is_shared_filter("$share"));
+        assert!(!is_shared_filter("share/g/a"));
     }
 
     #[test]

@@ -564,6 +564,16 @@ pub fn render_metrics(app: &App) -> String {
             "Subscriptions held by all MQTT sessions",
             s.subscriptions as f64,
         )
+        .gauge(
+            "mooring_mqtt_shared_groups",
+            "Shared subscription groups ($share/<group>/<filter>, per principal)",
+            s.shared_groups as f64,
+        )
+        .counter(
+            "mooring_mqtt_shared_redelivered_total",
+            "Messages moved from a shared subscription member that left to another member",
+            s.shared_redelivered,
+        )
         .counter(
             "mooring_mqtt_messages_in_total",
             "PUBLISH packets received",

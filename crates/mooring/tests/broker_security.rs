@@ -818,3 +818,80 @@ async fn a_store_that_cannot_write_is_answered_per_message_and_logged_once() {
         .await;
     assert_eq!(v["points"].as_array().map(Vec::len), Some(1), "{v}");
 }
+
+#[tokio::test]
+async fn two_service_workers_split_device_telemetry_and_a_device_may_not_share_another_devices() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let d1 = server.create_device("d1", tmp.path());
+    let token = service_token(&server, "workers");
+    let filter = "$share/workers/devices/+/telemetry";
+    let mut workers: Vec<Sub> = ["worker-1", "worker-2"]
+        .iter()
+        .map(|id| {
+            let mut args = service_args(&server, &d1, &token, id);
+            args.extend(s(&["-V", "mqttv5", "-q", "1", "-v", "-t", filter]));
+            Sub::start(&args)
+        })
+        .collect();
+    // Another token's group of the same name is its own group: it gets every message.
+    let other = service_token(&server, "audit");
+    let mut args = service_args(&server, &d1, &other, "audit-1");
+    args.extend(s(&["-V", "mqttv311", "-q", "1", "-v", "-t", filter]));
+    let mut audit = Sub::start(&args);
+
+    let mut device = MqttDevice::connect(&server, &d1, "d1").await;
+    let sent: Vec<String> = (1..=4)
+        .map(|i| format!(r#"{{"seq":{i},"v":{i}}}"#))
+        .collect();
+    for payload in &sent {
+        device.publish("devices/d1/telemetry", payload).await;
+    }
+    let mut got = Vec::new();
+    for w in &mut workers {
+        for _ in 0..2 {
+            let line = w.next_message();
+            let payload = line
+                .strip_prefix("devices/d1/telemetry ")
+                .unwrap_or_else(|| panic!("unexpected line {line}"));
+            got.push(payload.to_owned());
+        }
+    }
+    got.sort();
+    assert_eq!(got, sent, "each message reached exactly one worker");
+    for payload in &sent {
+        assert_eq!(
+            audit.next_message(),
+            format!("devices/d1/telemetry {payload}")
+        );
+    }
+    assert_eq!(server.metric("mooring_mqtt_shared_groups").await, 2.0);
+    drop(device);
+
+    // A device may share only within its own subtree.
+    for (version, code) in [("mqttv311", "128"), ("mqttv5", "135")] {
+        let mut args = d1.mosquitto_args(server.mqtt);
+        args.extend(s(&[
+            "-V",
+            version,
+            "-i",
+            "d1",
+            "-t",
+            "$share/g/devices/other/#",
+            "-C",
+            "1",
+            "-W",
+            "10",
+            "-d",
+        ]));
+        let out = Command::new("mosquitto_sub")
+            .args(&args)
+            .output()
+            .expect("mosquitto_sub");
+        let text = stderr(&out);
+        assert!(
+            text.contains(&format!("subscribed (mid: 1): {code}")),
+            "{version}: {text}"
+        );
+    }
+}

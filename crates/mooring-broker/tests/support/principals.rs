@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// `svc:<name>` a service, `dev:<id>[@site]` a device (tag `site`), anything else the dev
-/// listener. Devices may subscribe to `devices/<id>/#` and `sites/<site>/#`; everything else is
-/// allowed.
+/// listener. Devices may subscribe to `devices/<id>/#` and `sites/<site>/#`, and share (`$share/<g>/...`)
+/// only within `devices/<id>/#` (as mooring's policy says); everything else is allowed.
 /// A device listed in `registry` is authenticated as the registry says, like the server does
 /// from its store: `None` = deleted (refused), `Some(site)` = its current site tag.
 #[derive(Default)]
@@ -64,12 +64,15 @@ impl Hooks for PrincipalHooks {
         true
     }
     fn may_subscribe(&self, who: &Principal, filter: &str) -> bool {
+        let shared = mooring_proto::topic::parse_shared_filter(filter);
+        let filter = shared.map_or(filter, |s| s.filter);
         match who {
             Principal::Device { id, tags } => {
                 filter.starts_with(&format!("devices/{id}/"))
-                    || tags
-                        .get("site")
-                        .is_some_and(|s| filter.starts_with(&format!("sites/{s}/")))
+                    || (shared.is_none()
+                        && tags
+                            .get("site")
+                            .is_some_and(|s| filter.starts_with(&format!("sites/{s}/"))))
             }
             _ => true,
         }
