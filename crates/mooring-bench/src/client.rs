@@ -1,4 +1,4 @@
-//! The load generator's device: a minimal MQTT 3.1.1 client over mTLS (CONNECT, PUBLISH, PUBACK, PINGREQ), hand-rolled to stay small per connection.
+//! The load generator's device: a minimal MQTT 3.1.1 client over mTLS (CONNECT, PUBLISH, PUBACK, PINGREQ), hand-rolled to stay small per connection; also a backend's login (token as password, persistent session).
 //!
 //! Hand-rolled rather than `mqtt-protocol-core`: the benchmark needs five packet types, and a
 //! connection here must cost as little memory as possible so 50k of them fit beside the server.
@@ -69,6 +69,16 @@ impl Endpoint {
         config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
+
+    /// A TLS client config without a client certificate (a backend that logs in with a password).
+    pub fn tls_config_without_cert(&self) -> anyhow::Result<Arc<ClientConfig>> {
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(self.roots.clone())
+            .with_no_client_auth();
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Arc::new(config))
+    }
 }
 
 /// Hands out loopback source addresses 127.0.0.2, 127.0.0.3, … so that many connections to one
@@ -91,6 +101,8 @@ impl SourceAddrs {
 pub enum Packet {
     ConnAck {
         return_code: u8,
+        /// The server resumed a stored session (CONNACK flags bit 0).
+        session_present: bool,
     },
     PubAck {
         packet_id: u16,
@@ -118,6 +130,27 @@ pub struct Conn {
     wbuf: Vec<u8>,
 }
 
+/// What a CONNECT says besides the client id.
+#[derive(Clone, Debug)]
+pub struct ConnectOpts {
+    pub keepalive_secs: u16,
+    /// `false` asks the server to keep the session (subscriptions, queued QoS 1) across connections.
+    pub clean_session: bool,
+    /// User name and password (a backend's token); devices log in with their certificate only.
+    pub login: Option<(String, String)>,
+}
+
+impl ConnectOpts {
+    /// A device's CONNECT: clean session, no user name or password.
+    pub fn device(keepalive_secs: u16) -> ConnectOpts {
+        ConnectOpts {
+            keepalive_secs,
+            clean_session: true,
+            login: None,
+        }
+    }
+}
+
 /// TCP connect from `src`, TLS handshake with `config`, CONNECT (clean session, client id `id`)
 /// and CONNACK; bounded by [`CONNECT_TIMEOUT`].
 pub async fn connect(
@@ -127,9 +160,28 @@ pub async fn connect(
     src: IpAddr,
     keepalive_secs: u16,
 ) -> anyhow::Result<Conn> {
+    let (conn, _) = connect_with(
+        endpoint,
+        config,
+        id,
+        src,
+        &ConnectOpts::device(keepalive_secs),
+    )
+    .await?;
+    Ok(conn)
+}
+
+/// [`connect`] with any [`ConnectOpts`]; also returns CONNACK's session-present flag.
+pub async fn connect_with(
+    endpoint: &Endpoint,
+    config: Arc<ClientConfig>,
+    id: &str,
+    src: IpAddr,
+    opts: &ConnectOpts,
+) -> anyhow::Result<(Conn, bool)> {
     tokio::time::timeout(
         CONNECT_TIMEOUT,
-        connect_inner(endpoint, config, id, src, keepalive_secs),
+        connect_inner(endpoint, config, id, src, opts),
     )
     .await
     .map_err(|_| anyhow!("connect timed out after {CONNECT_TIMEOUT:?}"))?
@@ -140,8 +192,8 @@ async fn connect_inner(
     config: Arc<ClientConfig>,
     id: &str,
     src: IpAddr,
-    keepalive_secs: u16,
-) -> anyhow::Result<Conn> {
+    opts: &ConnectOpts,
+) -> anyhow::Result<(Conn, bool)> {
     let socket = TcpSocket::new_v4()?;
     socket
         .bind(SocketAddr::new(src, 0))
@@ -158,19 +210,22 @@ async fn connect_inner(
         rbuf: Vec::new(),
         wbuf: Vec::with_capacity(64),
     };
-    encode_connect(&mut conn.wbuf, id, keepalive_secs);
+    encode_connect_with(&mut conn.wbuf, id, opts);
     conn.flush().await?;
-    match conn.read_packet().await? {
-        Some(Packet::ConnAck { return_code: 0 }) => {}
-        Some(Packet::ConnAck { return_code }) => {
+    let session_present = match conn.read_packet().await? {
+        Some(Packet::ConnAck {
+            return_code: 0,
+            session_present,
+        }) => session_present,
+        Some(Packet::ConnAck { return_code, .. }) => {
             bail!("CONNACK refused, return code {return_code}")
         }
         Some(p) => bail!("expected CONNACK, got {p:?}"),
         None => bail!("closed before CONNACK"),
-    }
+    };
     conn.rbuf.shrink_to(256);
     conn.wbuf = Vec::new();
-    Ok(conn)
+    Ok((conn, session_present))
 }
 
 impl Conn {
@@ -216,6 +271,13 @@ impl Conn {
 
     pub fn queue_disconnect(&mut self) {
         self.wbuf.extend_from_slice(&[0xE0, 0x00]);
+    }
+
+    /// Whether a whole packet is already buffered, so [`Conn::read_packet`] returns without
+    /// reading the socket (a reader flushes its acks only when this is false).
+    pub fn has_buffered_packet(&self) -> bool {
+        packet_len(&self.rbuf)
+            .is_ok_and(|h| h.is_some_and(|(head, body)| self.rbuf.len() >= head + body))
     }
 
     /// Bytes queued and not yet flushed.
@@ -294,13 +356,31 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
 
 /// CONNECT, MQTT 3.1.1, clean session, no will, no username/password (identity is the certificate).
 pub fn encode_connect(buf: &mut Vec<u8>, client_id: &str, keepalive_secs: u16) {
+    encode_connect_with(buf, client_id, &ConnectOpts::device(keepalive_secs));
+}
+
+/// CONNECT, MQTT 3.1.1, no will; clean session and user name + password as `opts` say.
+pub fn encode_connect_with(buf: &mut Vec<u8>, client_id: &str, opts: &ConnectOpts) {
+    let mut flags = 0u8;
+    let mut len = 10 + 2 + client_id.len();
+    if opts.clean_session {
+        flags |= 0x02;
+    }
+    if let Some((user, password)) = &opts.login {
+        flags |= 0xC0;
+        len += 2 + user.len() + 2 + password.len();
+    }
     buf.push(0x10);
-    put_remaining_len(buf, 10 + 2 + client_id.len());
+    put_remaining_len(buf, len);
     put_str(buf, "MQTT");
     buf.push(4); // protocol level 3.1.1
-    buf.push(0x02); // clean session
-    buf.extend_from_slice(&keepalive_secs.to_be_bytes());
+    buf.push(flags);
+    buf.extend_from_slice(&opts.keepalive_secs.to_be_bytes());
     put_str(buf, client_id);
+    if let Some((user, password)) = &opts.login {
+        put_str(buf, user);
+        put_str(buf, password);
+    }
 }
 
 pub fn encode_publish(buf: &mut Vec<u8>, topic: &str, payload: &[u8], qos: u8, packet_id: u16) {
@@ -323,11 +403,12 @@ pub fn encode_subscribe(buf: &mut Vec<u8>, packet_id: u16, filter: &str, qos: u8
     buf.push(qos);
 }
 
-/// Decodes one packet from the front of `buf`: `Some((packet, bytes used))`, or `None` if incomplete.
-pub fn decode(buf: &[u8]) -> anyhow::Result<Option<(Packet, usize)>> {
-    let Some(&first) = buf.first() else {
+/// The lengths of the fixed header and of the rest of the packet at the front of `buf`, once
+/// its fixed header is complete; `None` before. Errors on a malformed or oversized length.
+fn packet_len(buf: &[u8]) -> anyhow::Result<Option<(usize, usize)>> {
+    if buf.is_empty() {
         return Ok(None);
-    };
+    }
     let mut len = 0usize;
     let mut shift = 0;
     let mut i = 1;
@@ -348,6 +429,17 @@ pub fn decode(buf: &[u8]) -> anyhow::Result<Option<(Packet, usize)>> {
     if len > PACKET_LEN_MAX {
         bail!("packet of {len} bytes from server exceeds {PACKET_LEN_MAX}");
     }
+    Ok(Some((i, len)))
+}
+
+/// Decodes one packet from the front of `buf`: `Some((packet, bytes used))`, or `None` if incomplete.
+pub fn decode(buf: &[u8]) -> anyhow::Result<Option<(Packet, usize)>> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    let Some((i, len)) = packet_len(buf)? else {
+        return Ok(None);
+    };
     let total = i + len;
     if buf.len() < total {
         return Ok(None);
@@ -356,6 +448,7 @@ pub fn decode(buf: &[u8]) -> anyhow::Result<Option<(Packet, usize)>> {
     let packet = match first >> 4 {
         2 if body.len() >= 2 => Packet::ConnAck {
             return_code: body[1],
+            session_present: body[0] & 0x01 != 0,
         },
         4 if body.len() >= 2 => Packet::PubAck {
             packet_id: u16::from_be_bytes([body[0], body[1]]),
@@ -409,6 +502,39 @@ mod tests {
     }
 
     #[test]
+    fn persistent_connect_with_login_sets_its_flags_and_appends_user_and_password() {
+        let mut b = Vec::new();
+        let opts = ConnectOpts {
+            keepalive_secs: 60,
+            clean_session: false,
+            login: Some(("u".into(), "pw".into())),
+        };
+        encode_connect_with(&mut b, "p", &opts);
+        assert_eq!(
+            b,
+            [
+                0x10, 20, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC0, 0, 60, 0, 1, b'p', 0, 1, b'u', 0,
+                2, b'p', b'w'
+            ]
+        );
+    }
+
+    #[test]
+    fn connack_session_present_flag_is_decoded() -> anyhow::Result<()> {
+        assert_eq!(
+            decode(&[0x20, 2, 1, 0])?,
+            Some((
+                Packet::ConnAck {
+                    return_code: 0,
+                    session_present: true
+                },
+                4
+            ))
+        );
+        Ok(())
+    }
+
+    #[test]
     fn publish_qos1_carries_packet_id_and_long_lengths_use_two_bytes() {
         let mut b = Vec::new();
         encode_publish(&mut b, "t", &[7u8; 200], 1, 0x0102);
@@ -424,7 +550,13 @@ mod tests {
         assert_eq!(decode(&bytes[..3])?, None);
         assert_eq!(
             decode(&bytes)?,
-            Some((Packet::ConnAck { return_code: 0 }, 4))
+            Some((
+                Packet::ConnAck {
+                    return_code: 0,
+                    session_present: false
+                },
+                4
+            ))
         );
         assert_eq!(
             decode(&bytes[4..])?,

@@ -31,6 +31,9 @@
 //! 4. `command-rtt`: p50/p99 of a command's round trip with 10,000 devices online (ours through
 //!    the commands API, durable at each step; Mosquitto as the same exchange over plain MQTT).
 //!    Against a server without the commands API it reports "not yet available".
+//! 5. `fanout`: QoS 1 from 1 and 100 publishers to one backend subscriber with a persistent
+//!    session (`devices/+/telemetry`; ours logs in with a service token over TLS): msg/s
+//!    delivered with the subscriber online, and queued then drained with it offline.
 //!
 //! Every wait has a deadline (`--timeout-secs`), and results go to stdout as Markdown
 //! ([`report`]) and, with `--json FILE`, as raw numbers.
@@ -62,6 +65,8 @@ pub enum Suite {
     ConnectStorm,
     /// Command round trip p50/p99 with 10,000 devices online.
     CommandRtt,
+    /// QoS 1 fan-out to one persistent backend subscriber, online and offline (queue, then drain).
+    Fanout,
     /// All of the above, in that order.
     All,
 }
@@ -74,6 +79,7 @@ impl Suite {
                 Suite::Ingest,
                 Suite::ConnectStorm,
                 Suite::CommandRtt,
+                Suite::Fanout,
             ],
             s => vec![s],
         }
@@ -96,21 +102,25 @@ pub struct BenchArgs {
     /// Connections for idle-memory (default 10000,50000) and connect-storm (default 10000).
     #[arg(long, value_delimiter = ',')]
     pub connections: Option<Vec<usize>>,
-    /// Publisher counts for ingest.
+    /// Publisher counts for ingest and fanout.
     #[arg(long, value_delimiter = ',', default_value = "1,100")]
     pub publishers: Vec<usize>,
     /// QoS levels for ingest (0 and/or 1).
     #[arg(long, value_delimiter = ',', default_value = "0,1")]
     pub qos: Vec<u8>,
-    /// Messages per ingest case, split across the publishers.
+    /// Messages per ingest or fanout case, split across the publishers.
     #[arg(long, default_value_t = 100_000)]
     pub messages: usize,
-    /// Times each ingest case runs per target (the table shows the median).
+    /// Times each ingest or fanout case runs per target (the table shows the median).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
     /// QoS 1 messages in flight per publisher.
     #[arg(long, default_value_t = 16)]
     pub window: usize,
+    /// fanout: also run Mosquitto with `persistence true` (extra rows; it saves only every
+    /// `autosave_interval` and at a clean shutdown, so never during a run).
+    #[arg(long)]
+    pub mosquitto_persistence: bool,
     /// Devices online (each answering commands) during command-rtt.
     #[arg(long, default_value_t = 10_000)]
     pub command_devices: usize,
@@ -179,6 +189,9 @@ impl BenchArgs {
         }
         if suites.contains(&Suite::Ingest) {
             n = n.max(self.publishers.iter().copied().max().unwrap_or(0));
+        }
+        if suites.contains(&Suite::Fanout) {
+            n = n.max(self.publishers.iter().copied().max().unwrap_or(0) + 1);
         }
         n
     }
@@ -331,6 +344,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Suite::Ingest => suites::ingest(&mut bench).await,
                 Suite::ConnectStorm => suites::connect_storm(&mut bench).await,
                 Suite::CommandRtt => suites::command_rtt(&mut bench).await,
+                Suite::Fanout => suites::fanout(&mut bench).await,
                 Suite::All => unreachable!("expanded"),
             };
             let table = r.with_context(|| format!("suite {suite:?}"))?;

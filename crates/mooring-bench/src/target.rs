@@ -1,8 +1,9 @@
-//! The servers under test: the `mooring` binary and a private Mosquitto, each spawned with a raised fd limit, killed on drop, restartable on the same port; RSS sampling and device provisioning.
+//! The servers under test: the `mooring` binary and a private Mosquitto, each spawned with a raised fd limit, killed on drop, restartable on the same port; RSS sampling, device provisioning, backend logins and session-queue settings.
 
 use crate::client::{Cred, Endpoint};
 use crate::pki::Pki;
 use anyhow::{anyhow, bail, Context};
+use rustls::ClientConfig;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -33,6 +34,22 @@ const LOG_TAIL_LEN: usize = 50;
 /// Device ids are `bench-000000`, `bench-000001`, …
 pub fn device_id(i: usize) -> String {
     format!("bench-{i:06}")
+}
+
+/// Client id of the backend (the fan-out subscriber) on both targets; never a device id.
+pub const BACKEND_CLIENT_ID: &str = "bench-pipeline";
+
+/// How a backend logs in: its TLS config and, on ours, a service token as the MQTT password.
+pub struct BackendLogin {
+    pub tls: Arc<ClientConfig>,
+    pub login: Option<(String, String)>,
+}
+
+/// Session-queue bounds a target is started with (`None`: the server's defaults).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueBounds {
+    pub len_max: usize,
+    pub bytes_max: usize,
 }
 
 /// A spawned server process: `sh -c 'ulimit -n …; exec …'`, stderr captured, SIGKILLed on drop.
@@ -189,6 +206,11 @@ enum Flavor {
 struct MooringState {
     bin: PathBuf,
     data_dir: PathBuf,
+    /// `--config` file with the `[limits]` the bench sets (written at start when there are any).
+    config_file: PathBuf,
+    queue_bounds: Option<QueueBounds>,
+    /// A `service` token created in this data dir (the fan-out subscriber's password).
+    service_token: Option<String>,
     /// Device credentials already created in `data_dir` (JSON lines), reused by the next run.
     creds_file: PathBuf,
     mqtt: Option<SocketAddr>,
@@ -199,9 +221,21 @@ struct MooringState {
 
 struct MosquittoState {
     bin: PathBuf,
+    dir: PathBuf,
     conf: PathBuf,
     port: u16,
     pki: Arc<Pki>,
+    files: MosquittoFiles,
+    queue_bounds: Option<QueueBounds>,
+    /// `persistence true` (database in `dir`, removed at each start) instead of `false`.
+    persistence: bool,
+}
+
+/// The TLS files a generated Mosquitto config points at.
+struct MosquittoFiles {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 impl Target {
@@ -229,6 +263,9 @@ impl Target {
             flavor: Flavor::Mooring(MooringState {
                 bin,
                 data_dir,
+                config_file: dir.join("mooring.toml"),
+                queue_bounds: None,
+                service_token: None,
                 creds_file,
                 mqtt: None,
                 http: None,
@@ -253,7 +290,8 @@ impl Target {
         let ca = write("ca.crt", &pki.ca_pem)?;
         let cert = write("server.crt", &pki.server_cert_pem)?;
         let key = write("server.key", &pki.server_key_pem)?;
-        let conf = write("mosquitto.conf", &mosquitto_conf(port, &ca, &cert, &key))?;
+        let files = MosquittoFiles { ca, cert, key };
+        let conf = write("mosquitto.conf", &mosquitto_conf(port, &files, None, None))?;
         Ok(Target {
             kind: Kind::Mosquitto,
             fd_limit,
@@ -262,9 +300,13 @@ impl Target {
             endpoint: None,
             flavor: Flavor::Mosquitto(MosquittoState {
                 bin,
+                dir: dir.to_owned(),
                 conf,
                 port,
                 pki,
+                files,
+                queue_bounds: None,
+                persistence: false,
             }),
         })
     }
@@ -302,6 +344,70 @@ impl Target {
         self.proc.is_some()
     }
 
+    /// Session-queue bounds for the next start (ours: `[limits]` `mqtt_session_queue_len_max` and
+    /// `…_bytes_max`; Mosquitto: `max_queued_messages` and `max_queued_bytes`); `None`: defaults.
+    pub fn set_queue_bounds(&mut self, bounds: Option<QueueBounds>) {
+        match &mut self.flavor {
+            Flavor::Mooring(m) => m.queue_bounds = bounds,
+            Flavor::Mosquitto(s) => s.queue_bounds = bounds,
+        }
+    }
+
+    /// Mosquitto's `persistence true` for the next start (ours always stores what it acknowledges).
+    pub fn set_persistence(&mut self, on: bool) -> anyhow::Result<()> {
+        match &mut self.flavor {
+            Flavor::Mosquitto(s) => s.persistence = on,
+            Flavor::Mooring(_) => anyhow::ensure!(!on, "mooring has no persistence switch"),
+        }
+        Ok(())
+    }
+
+    /// Whether the next (or current) Mosquitto start has `persistence true`.
+    pub fn persistence(&self) -> bool {
+        matches!(&self.flavor, Flavor::Mosquitto(s) if s.persistence)
+    }
+
+    /// How a backend logs in. Ours: TLS without a client certificate and a `service` token
+    /// (created on first use, server running) as the password, as docs/server.md describes for
+    /// data pipelines. Mosquitto: a client certificate of its own (CN `bench-backend`).
+    pub async fn backend_login(&mut self) -> anyhow::Result<BackendLogin> {
+        let endpoint = self.endpoint()?.clone();
+        match &mut self.flavor {
+            Flavor::Mosquitto(s) => Ok(BackendLogin {
+                tls: endpoint.tls_config(&s.pki.client("bench-backend")?)?,
+                login: None,
+            }),
+            Flavor::Mooring(m) => {
+                let token = match &m.service_token {
+                    Some(t) => t.clone(),
+                    None => {
+                        let api = ApiClient {
+                            base: m.url("")?,
+                            token: m.token.clone(),
+                            client: m.client.clone(),
+                        };
+                        let body = api
+                            .post(
+                                "/api/v1/tokens",
+                                serde_json::json!({"name": BACKEND_CLIENT_ID, "role": "service"}),
+                            )
+                            .await?;
+                        let t = body["token"]
+                            .as_str()
+                            .context("no token in POST /api/v1/tokens")?
+                            .to_owned();
+                        m.service_token = Some(t.clone());
+                        t
+                    }
+                };
+                Ok(BackendLogin {
+                    tls: endpoint.tls_config_without_cert()?,
+                    login: Some((BACKEND_CLIENT_ID.to_owned(), token)),
+                })
+            }
+        }
+    }
+
     /// Starts the server (on the same ports as before if it ran already) and waits until it listens.
     pub async fn start(&mut self) -> anyhow::Result<()> {
         anyhow::ensure!(self.proc.is_none(), "{} already running", self.name());
@@ -309,7 +415,7 @@ impl Target {
             Flavor::Mooring(m) => {
                 let mqtt = m.mqtt.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
                 let http = m.http.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
-                let args: Vec<OsString> = vec![
+                let mut args: Vec<OsString> = vec![
                     "serve".into(),
                     "--data-dir".into(),
                     m.data_dir.clone().into(),
@@ -318,6 +424,15 @@ impl Target {
                     "--http-addr".into(),
                     http.into(),
                 ];
+                if let Some(q) = m.queue_bounds {
+                    let toml = format!(
+                        "# Generated by mooring-bench.\n[limits]\nmqtt_session_queue_len_max = {}\nmqtt_session_queue_bytes_max = {}\n",
+                        q.len_max, q.bytes_max
+                    );
+                    std::fs::write(&m.config_file, toml)
+                        .with_context(|| format!("writing {}", m.config_file.display()))?;
+                    args.extend(["--config".into(), m.config_file.clone().into()]);
+                }
                 let mut proc = Proc::spawn(&m.bin, &args, &[("RUST_LOG", "info")], self.fd_limit)?;
                 let (mut mqtt, mut http) = (None, None);
                 let deadline = Instant::now() + START_TIMEOUT;
@@ -349,6 +464,15 @@ impl Target {
                 self.proc = Some(proc);
             }
             Flavor::Mosquitto(s) => {
+                let db_dir = s.persistence.then(|| s.dir.join("db"));
+                if let Some(db) = &db_dir {
+                    // Every start begins empty: no sessions from an earlier run.
+                    let _ = std::fs::remove_dir_all(db);
+                    std::fs::create_dir_all(db)?;
+                }
+                let conf = mosquitto_conf(s.port, &s.files, s.queue_bounds, db_dir.as_deref());
+                std::fs::write(&s.conf, conf)
+                    .with_context(|| format!("writing {}", s.conf.display()))?;
                 let args: Vec<OsString> = vec!["-c".into(), s.conf.clone().into()];
                 let mut proc = Proc::spawn(&s.bin, &args, &[], self.fd_limit)?;
                 let addr = SocketAddr::from(([127, 0, 0, 1], s.port));
@@ -593,14 +717,34 @@ pub fn parse_metric(text: &str, name: &str) -> Option<f64> {
     })
 }
 
-fn mosquitto_conf(port: u16, ca: &Path, cert: &Path, key: &Path) -> String {
+/// Mosquitto's config: `queue` sets `max_queued_messages`/`max_queued_bytes` (else its defaults,
+/// 1000 messages and no byte bound); `persistence_dir` turns `persistence true` on there (saved
+/// only every `autosave_interval`, 1800 s by default, and at a clean shutdown).
+fn mosquitto_conf(
+    port: u16,
+    files: &MosquittoFiles,
+    queue: Option<QueueBounds>,
+    persistence_dir: Option<&Path>,
+) -> String {
     // As root Mosquitto drops to user `mosquitto`, which could not read our files; `user root` keeps it.
     let user = if is_root() { "user root\n" } else { "" };
+    let persistence = match persistence_dir {
+        Some(dir) => format!(
+            "persistence true\npersistence_location {}/\n",
+            dir.display()
+        ),
+        None => "persistence false\n".to_owned(),
+    };
+    let queue = queue.map_or(String::new(), |q| {
+        format!(
+            "max_queued_messages {}\nmax_queued_bytes {}\n",
+            q.len_max, q.bytes_max
+        )
+    });
     format!(
         "# Generated by mooring-bench: a private broker for the benchmark (not the system one on 1883).
 {user}per_listener_settings false
-persistence false
-max_connections -1
+{persistence}{queue}max_connections -1
 set_tcp_nodelay true
 allow_anonymous false
 log_dest stderr
@@ -614,9 +758,9 @@ keyfile {key}
 require_certificate true
 use_identity_as_username true
 ",
-        ca = ca.display(),
-        cert = cert.display(),
-        key = key.display(),
+        ca = files.ca.display(),
+        cert = files.cert.display(),
+        key = files.key.display(),
     )
 }
 
@@ -650,16 +794,26 @@ mod tests {
 
     #[test]
     fn mosquitto_conf_requires_client_certs_and_never_uses_1883() {
-        let c = mosquitto_conf(
-            40001,
-            Path::new("/w/ca.crt"),
-            Path::new("/w/s.crt"),
-            Path::new("/w/s.key"),
-        );
+        let files = MosquittoFiles {
+            ca: "/w/ca.crt".into(),
+            cert: "/w/s.crt".into(),
+            key: "/w/s.key".into(),
+        };
+        let c = mosquitto_conf(40001, &files, None, None);
         assert!(c.contains("listener 40001 127.0.0.1"));
         assert!(c.contains("require_certificate true"));
         assert!(c.contains("use_identity_as_username true"));
         assert!(c.contains("max_connections -1"));
+        assert!(c.contains("persistence false"));
+        assert!(!c.contains("max_queued"));
         assert!(!c.contains("listener 1883"));
+        let q = QueueBounds {
+            len_max: 5000,
+            bytes_max: 1 << 20,
+        };
+        let c = mosquitto_conf(40001, &files, Some(q), Some(Path::new("/w/db")));
+        assert!(c.contains("persistence true\npersistence_location /w/db/\n"));
+        assert!(c.contains("max_queued_messages 5000\nmax_queued_bytes 1048576\n"));
+        assert!(!c.contains("persistence false"));
     }
 }

@@ -166,3 +166,57 @@ async fn command_rtt_with_20_devices_measures_both_or_says_not_yet_available() -
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_of_ten_messages_reaches_the_persistent_subscriber_online_and_offline(
+) -> anyhow::Result<()> {
+    let Some(bin) = prerequisites() else {
+        return Ok(());
+    };
+    let doc = run_json(
+        &[
+            "fanout",
+            "--publishers",
+            "1,2",
+            "--messages",
+            "10",
+            "--repeat",
+            "1",
+            "--mosquitto-persistence",
+        ],
+        bin,
+    )
+    .await?;
+    assert_eq!(doc["completed"], true, "{doc:#}");
+    for metric in [
+        "online subscriber, 1 publisher: delivered",
+        "online subscriber, 2 publishers: publisher PUBACKs",
+        "offline subscriber, 1 publisher: queued",
+        "offline subscriber, 2 publishers: drained",
+    ] {
+        let r = row(&doc, metric);
+        for target in ["mooring", "mosquitto"] {
+            assert!(
+                r[target].as_f64().is_some_and(|v| v > 0.0),
+                "{metric}: {target}: {r}"
+            );
+        }
+        // Every acknowledged message reached the subscriber (a loss is noted as "only").
+        assert!(
+            r["note"]
+                .as_str()
+                .is_some_and(|n| !n.contains("only") && !n.contains("failed")),
+            "{metric}: {r}"
+        );
+        let persist = r["metric"]
+            .as_str()
+            .map(|m| format!("{m}, mosquitto persistence true"))
+            .unwrap_or_default();
+        let p = row(&doc, &persist);
+        assert!(
+            p["mosquitto"].as_f64().is_some_and(|v| v > 0.0),
+            "{persist}: {p}"
+        );
+    }
+    Ok(())
+}

@@ -86,7 +86,7 @@ async fn raw_dev(server: &Server, client_id: &str, keepalive_secs: u16) -> tokio
     raw::encode_connect(&mut buf, client_id, keepalive_secs);
     tcp.write_all(&buf).await.expect("connect");
     match read_packet(&mut tcp).await {
-        Some(Packet::ConnAck { return_code: 0 }) => tcp,
+        Some(Packet::ConnAck { return_code: 0, .. }) => tcp,
         other => panic!("dev CONNACK: {other:?}"),
     }
 }
