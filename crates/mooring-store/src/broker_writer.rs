@@ -11,6 +11,7 @@
 //! inflight window), and the connection that waits for durability stops reading its client
 //! while it waits. `queued_ops` is exported as a gauge.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -119,6 +120,36 @@ impl BrokerStateWriter {
     }
 }
 
+/// Drops every `PutMessage` that a later `DeleteMessage` of the same message in the same batch
+/// undoes (a subscriber that acknowledged a message before its batch was written): the
+/// `DeleteMessage` stays (an earlier batch may have stored the message), so the result is the
+/// same, minus the insert.
+fn skip_overwritten(mut ops: Vec<BrokerOp>) -> Vec<BrokerOp> {
+    let mut deleted: HashSet<(&str, u64)> = HashSet::new();
+    let mut skip = vec![false; ops.len()];
+    for (i, op) in ops.iter().enumerate().rev() {
+        match op {
+            BrokerOp::DeleteMessage { session, seq } => {
+                deleted.insert((session.as_str(), *seq));
+            }
+            BrokerOp::PutMessage { session, seq, .. } => {
+                skip[i] = deleted.contains(&(session.as_str(), *seq));
+            }
+            _ => {}
+        }
+    }
+    if !skip.contains(&true) {
+        return ops;
+    }
+    let mut i = 0;
+    ops.retain(|_| {
+        let keep = !skip[i];
+        i += 1;
+        keep
+    });
+    ops
+}
+
 async fn run(
     store: Arc<dyn BrokerStateStore>,
     mut rx: mpsc::UnboundedReceiver<Request>,
@@ -152,7 +183,7 @@ async fn run(
             }
         }
         let n = ops.len();
-        let result = store.apply_broker_ops(ops).await;
+        let result = store.apply_broker_ops(skip_overwritten(ops)).await;
         counters.queued_ops.fetch_sub(n, Ordering::Relaxed);
         match &result {
             Ok(()) => {
@@ -181,4 +212,33 @@ async fn run(
         }
     }
     tracing::debug!("broker state writer drained and stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(seq: u64) -> BrokerOp {
+        BrokerOp::PutMessage {
+            session: "s:a".into(),
+            seq,
+            value: vec![1],
+        }
+    }
+
+    fn delete(seq: u64) -> BrokerOp {
+        BrokerOp::DeleteMessage {
+            session: "s:a".into(),
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_put_undone_by_a_later_delete_in_the_batch_is_skipped_and_the_delete_kept() {
+        let ops = vec![put(1), put(2), put(1), delete(1), put(3), delete(2)];
+        assert_eq!(skip_overwritten(ops), vec![delete(1), put(3), delete(2)]);
+        // A delete before the put does not undo it.
+        let ops = vec![delete(4), put(4)];
+        assert_eq!(skip_overwritten(ops.clone()), ops);
+    }
 }
