@@ -574,7 +574,12 @@ where
     }
 
     async fn read_connect(&mut self) -> Option<ConnectPacket> {
+        use crate::connect_fixup::{first_packet, without_zero_topic_alias_maximum, First};
         let mut buf = Vec::new();
+        // The CONNECT is collected whole first (see `connect_fixup`); anything that is not a
+        // CONNECT the broker accepts goes to the library as it arrives (`unchecked`).
+        let mut pending = Vec::new();
+        let mut unchecked = false;
         loop {
             let n = std::future::poll_fn(|cx| poll_read_chunk(&mut self.stream, cx, &mut buf))
                 .await
@@ -582,6 +587,21 @@ where
             if n == 0 {
                 return None;
             }
+            if !unchecked {
+                pending.extend_from_slice(&buf[..n]);
+                match first_packet(&pending, self.shared.config.packet_size_bytes_max) {
+                    First::Incomplete => continue,
+                    First::Complete(len) => {
+                        let rest = pending.split_off(len);
+                        buf = without_zero_topic_alias_maximum(&pending).unwrap_or(pending);
+                        buf.extend_from_slice(&rest);
+                    }
+                    First::Unchecked => buf = pending,
+                }
+                pending = Vec::new();
+                unchecked = true;
+            }
+            let n = buf.len();
             let mut cur = Cursor::new(&buf[..n]);
             while (cur.position() as usize) < n {
                 let events = self.mqtt.recv(&mut cur);

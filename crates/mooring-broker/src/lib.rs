@@ -88,6 +88,7 @@
 
 pub mod broker;
 pub mod config;
+mod connect_fixup;
 pub mod connection;
 pub mod hooks;
 mod index;

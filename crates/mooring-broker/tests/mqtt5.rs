@@ -1,11 +1,14 @@
-//! MQTT 5 features beyond the basics: subscription identifiers.
+//! MQTT 5 features beyond the basics: subscription identifiers, topic aliases.
 
 mod support;
 
 use mooring_broker::Message;
 use mqtt_protocol_core::mqtt;
-use mqtt_protocol_core::mqtt::packet::{v5_0, GenericPacket, Property, SubEntry, SubOpts};
+use mqtt_protocol_core::mqtt::packet::{
+    v5_0, GenericPacket, GenericPacketTrait, Property, SubEntry, SubOpts,
+};
 use support::*;
+use tokio::io::AsyncWriteExt;
 
 /// SUBSCRIBE `filter` (QoS 1) with Subscription Identifier `id`.
 async fn subscribe_with_id(c: &mut RawClient, filter: &str, id: u32) {
@@ -107,4 +110,56 @@ async fn repeated_topics_go_out_as_topic_aliases_to_a_client_that_allows_them() 
     assert_eq!(seen[0], ("t/long/topic/name".to_owned(), Some(1)));
     assert_eq!(seen[1].1, Some(1));
     assert_eq!(seen[2], ("t/other".to_owned(), Some(2)));
+}
+
+#[tokio::test]
+async fn a_client_that_sends_topic_alias_maximum_zero_is_served_without_aliases() {
+    // MQTT 5.0 §3.1.2.11.5: 0 means "no aliases", like leaving the property out. The protocol
+    // library panicked on it, so the client got no CONNACK (Paho interoperability suite).
+    let (broker, _hooks) = broker();
+    let mut c = RawClient::open(&broker, true);
+    let connect: GenericPacket<u16> = v5_0::Connect::builder()
+        .client_id("no-aliases")
+        .expect("id")
+        .clean_start(true)
+        .props(vec![
+            mqtt::packet::TopicAliasMaximum::new(0).expect("tam").into(),
+            mqtt::packet::UserProperty::new("k", "v")
+                .expect("up")
+                .into(),
+        ])
+        .build()
+        .expect("connect")
+        .into();
+    // Written in two pieces, so the broker has to put the CONNECT together first.
+    let bytes = connect.to_continuous_buffer();
+    let _ = c.mqtt.send(connect);
+    let (head, tail) = bytes.split_at(bytes.len() / 2);
+    c.io.write_all(head).await.expect("write");
+    c.io.flush().await.expect("flush");
+    tokio::task::yield_now().await;
+    c.io.write_all(tail).await.expect("write");
+    match c.recv().await {
+        Some(GenericPacket::V5_0Connack(ack)) => {
+            assert_eq!(
+                ack.reason_code(),
+                mqtt::result_code::ConnectReasonCode::Success
+            )
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    c.subscribe("t/#", 0).await;
+    for _ in 0..2 {
+        broker.publish(Message::new("t/one", "x", 0, false));
+        match c.recv().await {
+            Some(GenericPacket::V5_0Publish(p)) => {
+                assert_eq!(p.topic_name(), "t/one");
+                assert!(!p
+                    .props()
+                    .iter()
+                    .any(|prop| matches!(prop, Property::TopicAlias(_))));
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
 }
