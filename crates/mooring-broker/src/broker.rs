@@ -954,8 +954,16 @@ impl Broker {
             }
             let expiry = (v.expiry_secs != u32::MAX)
                 .then(|| std::time::Duration::from_secs(u64::from(v.expiry_secs)));
-            // Stored again with its deadline (one that was online has none yet).
-            ops.extend(shared.session_op(&s, true));
+            // Offline from now on: one that was online when the server stopped gets its full
+            // expiry from now; one that was offline keeps its deadline (a restart must not
+            // extend it, or a server restarted often enough would keep it for ever).
+            let deadline_ms = match expiry {
+                Some(_) if v.expires_at_ms != 0 => v.expires_at_ms,
+                Some(after) => now_ms
+                    .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
+                    .max(1),
+                None => 0,
+            };
             let session: SessionRef = Arc::new(Mutex::new(s));
             {
                 let mut table = lock(&shared.sessions);
@@ -968,6 +976,10 @@ impl Broker {
                 for (filter, opts) in v.subs {
                     shared.add_subscription(&session, &mut s, filter, opts);
                 }
+                // Stored again with that deadline, and with its subscriptions (stored before
+                // they were added, the next restart would bring it back with none).
+                s.offline_until_ms = deadline_ms;
+                ops.extend(shared.session_op_at(&s, deadline_ms));
                 if let Some(after) = expiry {
                     let left = if v.expires_at_ms != 0 {
                         std::time::Duration::from_millis(v.expires_at_ms.saturating_sub(now_ms))
@@ -1221,19 +1233,34 @@ impl Shared {
         .encode()
     }
 
-    /// The op that stores a persisted session as it is now (`offline`: its expiry counts from now).
+    /// Unix ms at which `s`, going offline now, ends (0: never, or no persistence).
+    pub(crate) fn deadline_from_now(&self, s: &Session) -> u64 {
+        if s.expiry_secs == u32::MAX {
+            return 0;
+        }
+        self.persist.as_ref().map_or(0, |p| {
+            p.now_ms()
+                .saturating_add(u64::from(s.expiry_secs) * 1000)
+                .max(1)
+        })
+    }
+
+    /// The op that stores a persisted session as it is now (`offline`: with its deadline; one
+    /// that already has a deadline keeps it, otherwise its expiry counts from now).
     pub(crate) fn session_op(&self, s: &Session, offline: bool) -> Option<StateOp> {
+        let expires_at_ms = match (offline, s.offline_until_ms) {
+            (false, _) => 0,
+            (true, 0) => self.deadline_from_now(s),
+            (true, at) => at,
+        };
+        self.session_op_at(s, expires_at_ms)
+    }
+
+    /// The op that stores a persisted session as it is now, gone at `expires_at_ms` (unix ms;
+    /// 0: online, or never).
+    pub(crate) fn session_op_at(&self, s: &Session, expires_at_ms: u64) -> Option<StateOp> {
         let key = s.persist_key()?;
         let owner = &s.persist.as_ref()?.owner;
-        let expires_at_ms = if offline && s.expiry_secs != u32::MAX {
-            self.persist.as_ref().map_or(0, |p| {
-                p.now_ms()
-                    .saturating_add(u64::from(s.expiry_secs) * 1000)
-                    .max(1)
-            })
-        } else {
-            0
-        };
         Some(StateOp::PutSession {
             key: key.to_owned(),
             value: SessionValue::of(owner, s, expires_at_ms).encode(),

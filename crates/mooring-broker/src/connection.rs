@@ -206,6 +206,7 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
             session_expiry_secs = s.expiry_secs;
             if session_expiry_secs != 0 {
                 // Stored with its deadline, so its expiry keeps running while the server is down.
+                s.offline_until_ms = shared.deadline_from_now(&s);
                 if let Some(op) = shared.session_op(&s, true) {
                     shared.detach(vec![op]);
                 }
@@ -939,6 +940,7 @@ where
                             s.principal = principal.clone();
                             s.expiry_secs = expiry_secs;
                             s.generation += 1;
+                            s.offline_until_ms = 0;
                             s.link = Some(Link {
                                 conn_id,
                                 control: link.control.clone(),
