@@ -1757,7 +1757,10 @@ where
             }
             PublishVerdict::Failed(_) if p.packet_id.is_none() => {}
             PublishVerdict::Failed(_) | PublishVerdict::Disconnect => {
-                // No ack: the client resends after reconnecting.
+                // No ack: the client resends after reconnecting (and that must be routed).
+                if let (Some(pid), 2) = (p.packet_id, p.msg.qos) {
+                    self.qos2_not_received(pid);
+                }
                 self.disconnect_v5(DisconnectReasonCode::ImplementationSpecificError);
                 self.close = true;
                 return;
@@ -1791,13 +1794,47 @@ where
         };
         if durable || a.code != 0 {
             self.ack(a.pid, a.qos, a.code);
-        } else if self.version == ProtocolVersion::V5 {
-            self.ack(a.pid, a.qos, 0x80);
-        } else {
-            self.close = true;
-            return false;
+            return true;
         }
-        true
+        if a.qos == 2 {
+            self.qos2_not_received(a.pid);
+        }
+        if self.version == ProtocolVersion::V5 {
+            self.ack(a.pid, a.qos, 0x80);
+            true
+        } else {
+            // Closed without acks: the QoS 2 publishes still waiting behind this one are
+            // resent too (whether or not they became durable, routing a resend again is a
+            // duplicate at worst; answering it as one already received could lose it).
+            for rest in std::mem::take(&mut self.acks) {
+                if rest.qos == 2 && rest.code == 0 {
+                    self.qos2_not_received(rest.pid);
+                }
+            }
+            self.close = true;
+            false
+        }
+    }
+
+    /// A QoS 2 PUBLISH under `pid` is not acknowledged as received (no PUBREC, or one with a
+    /// failure code): the library took note of its id when it arrived, and the session when it
+    /// was routed, but the client will send it again (a resend after reconnecting, or a new
+    /// message under the same id), and that must be routed, not answered as a duplicate (which
+    /// would acknowledge a message that is not stored). Rare (a failing store or embedder), so
+    /// rebuilding the library's set is fine.
+    fn qos2_not_received(&mut self, pid: u16) {
+        let mut handled = self.mqtt.get_qos2_publish_handled();
+        if handled.remove(&pid) {
+            self.mqtt.restore_qos2_publish_handled(handled);
+        }
+        if let Some(session) = &self.session {
+            let mut s = lock(session);
+            if s.qos2_in.remove(&pid) {
+                if let Some(op) = self.shared.session_op(&s, false) {
+                    self.shared.detach(vec![op]);
+                }
+            }
+        }
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) with a v5 reason code (ignored on v3.1.1).

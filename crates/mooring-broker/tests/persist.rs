@@ -5,7 +5,7 @@ mod support;
 
 use mooring_broker::{Broker, BrokerConfig, Restored};
 use support::mem_persist::MemPersist;
-use support::raw3::Raw3;
+use support::raw3::{packet, string, Pkt, Raw3};
 use support::*;
 
 fn cfg() -> BrokerConfig {
@@ -21,6 +21,15 @@ fn start(p: &MemPersist, state: Restored) -> (Broker, mooring_broker::RestoreSta
     let broker = Broker::with_persistence(cfg(), hooks, std::sync::Arc::new(p.clone()));
     let stats = broker.restore(state);
     (broker, stats)
+}
+
+/// A QoS 2 PUBLISH of `payload` on `topic` under `pid` (v3.1.1).
+fn qos2_publish(topic: &str, pid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(topic, &mut body);
+    body.extend_from_slice(&pid.to_be_bytes());
+    body.extend_from_slice(payload);
+    packet(0x34, &body)
 }
 
 #[tokio::test]
@@ -67,4 +76,54 @@ async fn a_restored_session_keeps_its_subscriptions_and_deadline_over_a_second_r
         "a restart must not move the deadline of an offline session"
     );
     assert!(broker.session_info("keeper").is_none());
+}
+
+#[tokio::test]
+async fn a_qos2_publish_never_acknowledged_because_the_store_failed_is_routed_when_resent() {
+    let p = MemPersist::new(1_000_000);
+    let (broker, _) = start(&p, Restored::default());
+    // A persistent subscriber, offline: what is routed to it lives only in the store.
+    let (mut watcher, _) = Raw3::connect(&broker, "watcher", false).await;
+    watcher.subscribe("in/#", 2).await;
+    watcher.disconnect().await;
+    wait_for("watcher offline", || {
+        broker.session_info("watcher").is_some_and(|i| !i.connected)
+    })
+    .await;
+    let (mut publisher, _) = Raw3::connect(&broker, "source", false).await;
+    let publish = qos2_publish("in/x", 7, b"once");
+    p.set_fail(true);
+    publisher.send(&publish).await;
+    // v3.1.1 cannot say "not stored": the connection closes without PUBREC.
+    assert_eq!(publisher.next().await, None);
+    p.set_fail(false);
+    wait_for("publisher offline", || {
+        broker.session_info("source").is_some_and(|i| !i.connected)
+    })
+    .await;
+
+    // The client resends it (DUP, same id) after reconnecting: this time it must be stored.
+    let (mut publisher, present) = Raw3::connect(&broker, "source", false).await;
+    assert!(present);
+    let mut dup = publish.clone();
+    dup[0] |= 0x08;
+    publisher.send(&dup).await;
+    assert_eq!(publisher.next().await, Some(Pkt::Other(5)), "PUBREC");
+    publisher.send(&packet(0x62, &7u16.to_be_bytes())).await;
+    assert_eq!(publisher.next().await, Some(Pkt::Other(7)), "PUBCOMP");
+    drop(publisher);
+
+    // kill -9: only what the store holds counts.
+    let state = p.snapshot();
+    drop(broker);
+    let (broker, _) = start(&p, state);
+    let (mut watcher, present) = Raw3::connect(&broker, "watcher", false).await;
+    assert!(present);
+    match watcher.next().await {
+        Some(Pkt::Publish { payload, .. }) => assert_eq!(
+            payload, b"once",
+            "the acknowledged resend must have been routed and stored"
+        ),
+        other => panic!("expected the message: {other:?}"),
+    }
 }
