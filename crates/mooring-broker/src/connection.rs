@@ -313,13 +313,29 @@ struct Conn<S> {
     /// Bytes read together with CONNECT, not yet processed.
     leftover: Vec<u8>,
     /// Acks of accepted publishes, in order, each waiting (if it must) until what the publish
-    /// queued for persisted sessions is durable. Sent in order: one still waiting holds back
-    /// the ones behind it.
+    /// queued for persisted sessions is durable; likewise PUBCOMP and PUBREL, which wait until
+    /// the QoS 2 state they end is durable. Sent in order: one still waiting holds back the
+    /// ones behind it.
     acks: std::collections::VecDeque<DeferredAck>,
 }
 
-/// A PUBACK / PUBREC to send once `wait` (if any) resolves.
+/// What a [`DeferredAck`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckKind {
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) of a received PUBLISH.
+    Publish,
+    /// PUBCOMP: a received QoS 2 message is released. Sent before the session's stored value
+    /// forgets its id, a restart would bring the id back while the client, told it is free,
+    /// uses it for a new message, which would then be dropped as a resend.
+    Pubcomp,
+    /// PUBREL: the client has our QoS 2 message. Sent before that is stored, a restart would
+    /// send the message again, and the client would take it for a new one.
+    Pubrel,
+}
+
+/// A PUBACK / PUBREC / PUBCOMP / PUBREL to send once `wait` (if any) resolves.
 struct DeferredAck {
+    kind: AckKind,
     pid: u16,
     qos: u8,
     /// v5 reason code.
@@ -1079,6 +1095,19 @@ where
         true
     }
 
+    fn pubcomp(&mut self, pid: u16) -> Vec<Event> {
+        match self.version {
+            ProtocolVersion::V311 => match v3_1_1::Pubcomp::builder().packet_id(pid).build() {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+            ProtocolVersion::V5 => match v5_0::Pubcomp::builder().packet_id(pid).build() {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+        }
+    }
+
     fn pubrel(&mut self, pid: u16) -> Vec<Event> {
         match self.version {
             ProtocolVersion::V311 => match v3_1_1::Pubrel::builder().packet_id(pid).build() {
@@ -1505,20 +1534,12 @@ where
                 self.outbound_pubrec(p.packet_id());
             }
             GenericPacket::V3_1_1Pubrel(p) => {
-                self.inbound_qos2_released(p.packet_id());
-                let events = match v3_1_1::Pubcomp::builder().packet_id(p.packet_id()).build() {
-                    Ok(c) => self.mqtt.send(c.into()),
-                    Err(_) => Vec::new(),
-                };
-                self.apply(events);
+                let wait = self.inbound_qos2_released(p.packet_id());
+                self.queue_deferred(AckKind::Pubcomp, p.packet_id(), 2, 0, wait);
             }
             GenericPacket::V5_0Pubrel(p) => {
-                self.inbound_qos2_released(p.packet_id());
-                let events = match v5_0::Pubcomp::builder().packet_id(p.packet_id()).build() {
-                    Ok(c) => self.mqtt.send(c.into()),
-                    Err(_) => Vec::new(),
-                };
-                self.apply(events);
+                let wait = self.inbound_qos2_released(p.packet_id());
+                self.queue_deferred(AckKind::Pubcomp, p.packet_id(), 2, 0, wait);
             }
             GenericPacket::V3_1_1Subscribe(p) => {
                 let entries: Vec<(String, SubOptions, u8)> = p
@@ -1609,19 +1630,21 @@ where
         }
     }
 
-    /// PUBREL of an inbound QoS 2 message: a persisted session stops remembering its id.
-    fn inbound_qos2_released(&self, pid: u16) {
-        if let Some(session) = &self.session {
-            let mut s = lock(session);
-            if s.persist_key().is_some() && s.qos2_in.remove(&pid) {
-                if let Some(op) = self.shared.session_op(&s, false) {
-                    self.shared.detach(vec![op]);
-                }
-            }
+    /// PUBREL of an inbound QoS 2 message: a persisted session stops remembering its id;
+    /// what the PUBCOMP waits for.
+    fn inbound_qos2_released(&self, pid: u16) -> Option<Durable> {
+        let session = self.session.as_ref()?;
+        let mut s = lock(session);
+        if s.persist_key().is_some() && s.qos2_in.remove(&pid) {
+            return self
+                .shared
+                .durable(self.shared.session_op(&s, false).into_iter().collect());
         }
+        None
     }
 
     fn outbound_pubrec(&mut self, pid: u16) {
+        let mut wait = None;
         if let Some(session) = &self.session {
             let mut s = lock(session);
             let mut stored = None;
@@ -1631,21 +1654,20 @@ where
                     stored = Some(i.delivery.clone());
                 }
             }
-            // Stored before the PUBREL goes out: after a restart the PUBREL is sent again, not
-            // the message.
+            // Durable before the PUBREL goes out: after a restart the PUBREL is sent again,
+            // not the message.
             if let (Some(d), Some(key)) = (stored, s.persist_key()) {
                 let value = self
                     .shared
                     .message_value(&d, Some((InflightState::AwaitComp, pid)));
-                self.shared.detach(vec![StateOp::PutMessage {
+                wait = self.shared.durable(vec![StateOp::PutMessage {
                     session: key.to_owned(),
                     seq: d.seq,
                     value,
                 }]);
             }
         }
-        let events = self.pubrel(pid);
-        self.apply(events);
+        self.queue_deferred(AckKind::Pubrel, pid, 2, 0, wait);
     }
 
     fn inbound_publish(
@@ -1772,15 +1794,43 @@ where
     /// Send an ack now, or (if it must wait for durability, or earlier acks still wait) queue it:
     /// acks go out in the order the publishes were received.
     fn queue_ack(&mut self, pid: u16, qos: u8, code: u8, wait: Option<Durable>) {
-        if wait.is_none() && self.acks.is_empty() {
-            self.ack(pid, qos, code);
+        self.queue_deferred(AckKind::Publish, pid, qos, code, wait);
+    }
+
+    /// Send `kind` for `pid` now, or queue it behind what still waits (see `acks`).
+    fn queue_deferred(
+        &mut self,
+        kind: AckKind,
+        pid: u16,
+        qos: u8,
+        code: u8,
+        wait: Option<Durable>,
+    ) {
+        let a = DeferredAck {
+            kind,
+            pid,
+            qos,
+            code,
+            wait,
+        };
+        if a.wait.is_none() && self.acks.is_empty() {
+            self.send_deferred(&a);
         } else {
-            self.acks.push_back(DeferredAck {
-                pid,
-                qos,
-                code,
-                wait,
-            });
+            self.acks.push_back(a);
+        }
+    }
+
+    fn send_deferred(&mut self, a: &DeferredAck) {
+        match a.kind {
+            AckKind::Publish => self.ack(a.pid, a.qos, a.code),
+            AckKind::Pubcomp => {
+                let events = self.pubcomp(a.pid);
+                self.apply(events);
+            }
+            AckKind::Pubrel => {
+                let events = self.pubrel(a.pid);
+                self.apply(events);
+            }
         }
     }
 
@@ -1792,8 +1842,10 @@ where
         let Some(a) = self.acks.pop_front() else {
             return true;
         };
-        if durable || a.code != 0 {
-            self.ack(a.pid, a.qos, a.code);
+        // A PUBCOMP / PUBREL whose state could not be stored goes out anyway: memory is right,
+        // and holding it back would not store it later (the peer's repeat changes nothing).
+        if durable || a.code != 0 || a.kind != AckKind::Publish {
+            self.send_deferred(&a);
             return true;
         }
         if a.qos == 2 {
@@ -1807,7 +1859,7 @@ where
             // resent too (whether or not they became durable, routing a resend again is a
             // duplicate at worst; answering it as one already received could lose it).
             for rest in std::mem::take(&mut self.acks) {
-                if rest.qos == 2 && rest.code == 0 {
+                if rest.kind == AckKind::Publish && rest.qos == 2 && rest.code == 0 {
                     self.qos2_not_received(rest.pid);
                 }
             }

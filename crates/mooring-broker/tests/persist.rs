@@ -4,6 +4,7 @@
 mod support;
 
 use mooring_broker::{Broker, BrokerConfig, Restored};
+use std::time::Duration;
 use support::mem_persist::MemPersist;
 use support::raw3::{packet, string, Pkt, Raw3};
 use support::*;
@@ -126,4 +127,60 @@ async fn a_qos2_publish_never_acknowledged_because_the_store_failed_is_routed_wh
         ),
         other => panic!("expected the message: {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn pubcomp_waits_until_the_released_id_is_durable() {
+    let p = MemPersist::new(1_000_000);
+    let (broker, _) = start(&p, Restored::default());
+    let (mut publisher, _) = Raw3::connect(&broker, "source", false).await;
+    publisher.send(&qos2_publish("in/x", 9, b"m")).await;
+    assert_eq!(publisher.next().await, Some(Pkt::Other(5)), "PUBREC");
+    p.set_hold(true);
+    publisher.send(&packet(0x62, &9u16.to_be_bytes())).await;
+    // Until the store has forgotten id 9, a PUBCOMP would let the client reuse it for a new
+    // message, which a restart (the id still stored) would then take for a resend and drop.
+    assert_eq!(
+        publisher.next_within(Duration::from_millis(300)).await,
+        None,
+        "PUBCOMP before the session without id 9 is durable"
+    );
+    // kill -9 now: the id is still stored, and the client (no PUBCOMP) sends PUBREL again.
+    let state = p.snapshot();
+    p.set_hold(false);
+    assert_eq!(publisher.next().await, Some(Pkt::Other(7)), "PUBCOMP");
+    drop(publisher);
+    drop(broker);
+    let (broker, _) = start(&MemPersist::new(1_000_000), state);
+    let (mut publisher, present) = Raw3::connect(&broker, "source", false).await;
+    assert!(present);
+    publisher.send(&packet(0x62, &9u16.to_be_bytes())).await;
+    assert_eq!(publisher.next().await, Some(Pkt::Other(7)), "PUBCOMP");
+}
+
+#[tokio::test]
+async fn pubrel_waits_until_the_received_state_is_durable() {
+    let p = MemPersist::new(1_000_000);
+    let (broker, _) = start(&p, Restored::default());
+    let (mut sink, _) = Raw3::connect(&broker, "sink", false).await;
+    sink.subscribe("q2/#", 2).await;
+    let (mut publisher, _) = Raw3::connect(&broker, "source", false).await;
+    publisher.send(&qos2_publish("q2/a", 3, b"a")).await;
+    assert_eq!(publisher.next().await, Some(Pkt::Other(5)), "PUBREC");
+    let pid = match sink.next().await {
+        Some(Pkt::Publish { pid, qos: 2, .. }) => pid,
+        other => panic!("expected the message: {other:?}"),
+    };
+    p.set_hold(true);
+    // PUBREC
+    sink.send(&packet(0x50, &pid.to_be_bytes())).await;
+    // The PUBREL tells the client the flow is done with the message; if the server died before
+    // storing that, it would send the message again after the restart (a second delivery).
+    assert_eq!(
+        sink.next_within(Duration::from_millis(300)).await,
+        None,
+        "PUBREL before the received state is durable"
+    );
+    p.set_hold(false);
+    assert_eq!(sink.next().await, Some(Pkt::PubRel { pid }));
 }
