@@ -317,6 +317,11 @@ struct Conn<S> {
     /// the QoS 2 state they end is durable. Sent in order: one still waiting holds back the
     /// ones behind it.
     acks: std::collections::VecDeque<DeferredAck>,
+    /// SUBSCRIBE / UNSUBSCRIBE changed a persisted session: its value is written once after
+    /// the input at hand is processed (not once per packet; see `write_session`).
+    session_dirty: bool,
+    /// That write, until it is durable; reading waits for it.
+    session_write: Option<Durable>,
 }
 
 /// What a [`DeferredAck`] sends.
@@ -407,6 +412,8 @@ where
         client_packet_size_max: u32::MAX,
         leftover: Vec::new(),
         acks: std::collections::VecDeque::new(),
+        session_dirty: false,
+        session_write: None,
     };
     // The CONNECT phase (its packet, the authentication call, `info`) lives in its own heap
     // future, freed once the session is attached, so an idle connection's task keeps none of it.
@@ -1321,8 +1328,9 @@ where
             } else if stall.is_none() {
                 stall = Some(Box::pin(tokio::time::sleep(write_stall)));
             }
-            let can_read =
-                pending.len() + self.acks.len() < pending_max && self.out.len() < read_pause_bytes;
+            let can_read = pending.len() + self.acks.len() < pending_max
+                && self.out.len() < read_pause_bytes
+                && self.session_write.is_none();
             let keepalive = async {
                 match self.keepalive.as_mut() {
                     Some(s) => s.await,
@@ -1341,6 +1349,7 @@ where
                 Stalled,
                 Done(Option<PendingPublish>),
                 Durable(bool),
+                SessionStored,
                 Notified,
                 Io(Io),
             }
@@ -1349,6 +1358,8 @@ where
             let stream = &mut self.stream;
             let acks = &mut self.acks;
             let acks_waiting = !acks.is_empty();
+            let session_write = &mut self.session_write;
+            let session_writing = session_write.is_some();
             let step = tokio::select! {
                 biased;
                 c = control_rx.recv() => Step::Control(c),
@@ -1356,6 +1367,10 @@ where
                 () = stall_timer => Step::Stalled,
                 done = pending.next(), if !pending.is_empty() => Step::Done(done),
                 durable = std::future::poll_fn(|cx| poll_front_ack(acks, cx)), if acks_waiting => Step::Durable(durable),
+                _ = std::future::poll_fn(|cx| match session_write.as_mut() {
+                    Some(w) => w.as_mut().poll(cx),
+                    None => Poll::Pending,
+                }), if session_writing => Step::SessionStored,
                 () = notify.notified() => Step::Notified,
                 io = std::future::poll_fn(|cx| poll_io(stream, cx, out, needs_flush, can_read, &mut buf)),
                     if want_write || can_read => Step::Io(io),
@@ -1402,6 +1417,9 @@ where
                 Step::Durable(durable) => {
                     self.release_ack(durable);
                 }
+                // Stored or not (a failing store), reading goes on: the next write carries
+                // the session as it is then.
+                Step::SessionStored => self.session_write = None,
                 Step::Notified => self.pump(),
                 Step::Io(Io::WriteFailed) => break,
                 Step::Io(Io::Wrote(n)) => {
@@ -1486,8 +1504,27 @@ where
                 }
             }
         }
+        self.write_session();
         self.pump();
         got_packet
+    }
+
+    /// Write the session's value if SUBSCRIBE / UNSUBSCRIBE changed it. Each write is the whole
+    /// value (up to `subscriptions_per_session_max` filters), so one per packet would let a
+    /// client flooding SUBSCRIBEs (a few bytes each) queue copies for the store without bound:
+    /// one per processed read, and no reading until it is durable, keeps a connection to one
+    /// value in the queue at a time.
+    fn write_session(&mut self) {
+        if !std::mem::take(&mut self.session_dirty) {
+            return;
+        }
+        let Some(session) = &self.session else {
+            return;
+        };
+        let op = self.shared.session_op(&lock(session), false);
+        if let Some(w) = self.shared.durable(op.into_iter().collect()) {
+            self.session_write = Some(w);
+        }
     }
 
     fn disconnect_v5(&mut self, code: DisconnectReasonCode) {
@@ -2039,11 +2076,8 @@ where
                 .hooks
                 .on_subscribed(&client_id, &principal, &granted);
         }
-        let mut ops: Vec<StateOp> = self
-            .shared
-            .session_op(&lock(&session), false)
-            .into_iter()
-            .collect();
+        self.session_dirty = true;
+        let mut ops: Vec<StateOp> = Vec::new();
         // Retained messages go after the SUBACK (same write buffer, so in order).
         for (filter, qos, sub_id) in retained_for {
             for (msg, expires_at) in self.shared.retained_matching(&filter) {
@@ -2079,10 +2113,8 @@ where
                     UnsubackReasonCode::NoSubscriptionExisted
                 });
             }
-            if let Some(op) = self.shared.session_op(&s, false) {
-                self.shared.detach(vec![op]);
-            }
         }
+        self.session_dirty = true;
         let events = match self.version {
             ProtocolVersion::V311 => match v3_1_1::Unsuback::builder().packet_id(pid).build() {
                 Ok(p) => self.mqtt.send(p.into()),

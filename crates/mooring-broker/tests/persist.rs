@@ -3,7 +3,7 @@
 
 mod support;
 
-use mooring_broker::{Broker, BrokerConfig, Restored};
+use mooring_broker::{Broker, BrokerConfig, Persistence, Restored};
 use std::time::Duration;
 use support::mem_persist::MemPersist;
 use support::raw3::{packet, string, Pkt, Raw3};
@@ -183,4 +183,45 @@ async fn pubrel_waits_until_the_received_state_is_durable() {
     );
     p.set_hold(false);
     assert_eq!(sink.next().await, Some(Pkt::PubRel { pid }));
+}
+
+#[tokio::test]
+async fn a_subscribe_flood_on_a_persistent_session_does_not_queue_a_session_value_per_packet() {
+    let p = MemPersist::new(1_000_000);
+    let (broker, _) = start(&p, Restored::default());
+    let (mut c, _) = Raw3::connect(&broker, "flood", false).await;
+    p.set_hold(true);
+    // 2000 SUBSCRIBE packets of the same filter, sent without waiting for any SUBACK.
+    let mut burst = Vec::new();
+    for i in 0..2000u16 {
+        let mut body = (i + 1).to_be_bytes().to_vec();
+        string("flood/topic/with/some/levels", &mut body);
+        body.push(1);
+        burst.extend_from_slice(&packet(0x82, &body));
+    }
+    c.send(&burst).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = p.held_ops();
+    assert!(
+        held <= 4,
+        "{held} ops wait for the store: each SUBSCRIBE queued a copy of the session"
+    );
+    p.set_hold(false);
+    let mut subacks = 0;
+    while subacks < 2000 {
+        match c.next().await {
+            Some(Pkt::SubAck) => subacks += 1,
+            other => panic!("expected SUBACK: {other:?}"),
+        }
+    }
+    assert_eq!(
+        broker.session_info("flood").map(|i| i.subscriptions),
+        Some(1)
+    );
+    let _ = p.submit(Vec::new()).await;
+    let (broker, _) = start(&p, p.snapshot());
+    assert_eq!(
+        broker.session_info("flood").map(|i| i.subscriptions),
+        Some(1)
+    );
 }
