@@ -767,12 +767,10 @@ impl Broker {
             .messages_in
             .fetch_add(1, Ordering::Relaxed);
         let msg = Arc::new(msg);
-        let mut ops = Vec::new();
         if msg.retain {
-            self.shared.store_retained(&msg, None, &mut ops);
+            self.shared.store_retained(&msg, None, &mut false);
         }
-        ops.extend(self.shared.route(msg, None));
-        self.shared.detach(ops);
+        self.shared.route(msg, None);
     }
 
     /// Publish a server-originated message to one device only: enqueued if a connected session
@@ -810,10 +808,8 @@ impl Broker {
                 seq: 0,
                 shared: None,
             };
-            let mut ops = Vec::new();
-            let outcome = self.shared.enqueue(&mut s, d, &mut ops);
+            let outcome = self.shared.enqueue(&mut s, d, &mut false);
             drop(s);
-            self.shared.detach(ops);
             if outcome.is_enqueued() {
                 self.shared
                     .counters
@@ -1081,13 +1077,14 @@ impl Shared {
     /// what phase 1 saw: an UNSUBSCRIBE, a new SUBSCRIBE, or its end) is judged on its current
     /// filters instead, under its lock, so a message is never delivered on a subscription that
     /// was already removed (the same per-session atomicity the single table lock used to give).
-    /// Returns the state ops that make what it queued for persisted sessions durable (the caller
-    /// submits them, and acknowledges the message only once they are durable).
-    pub(crate) fn route(&self, msg: Arc<Message>, publisher: Option<&str>) -> Vec<StateOp> {
-        let mut ops = Vec::new();
+    /// What it queued for persisted sessions is submitted to the store as it goes (see
+    /// `enqueue`); returns whether there was any (the caller acknowledges the message only once
+    /// that is durable: [`Shared::barrier`]).
+    pub(crate) fn route(&self, msg: Arc<Message>, publisher: Option<&str>) -> bool {
+        let mut stored = false;
         let expires_at = expiry_instant(&msg);
         // Shared subscriptions: one member of each matching group (shared_sub.rs).
-        self.route_shared(&msg, expires_at, &mut ops);
+        self.route_shared(&msg, expires_at, &mut stored);
         let mut targets: Vec<(SessionId, SubOptions, SessionRef)> = Vec::new();
         let seen = {
             let index = read(&self.subs);
@@ -1097,7 +1094,7 @@ impl Shared {
             index.generation()
         };
         if targets.is_empty() {
-            return ops;
+            return stored;
         }
         // Group a session's filters together (a session can match through several).
         targets.sort_unstable_by_key(|t| t.0);
@@ -1131,21 +1128,20 @@ impl Shared {
                     seq: 0,
                     shared: None,
                 };
-                self.enqueue(&mut s, d, &mut ops);
+                self.enqueue(&mut s, d, &mut stored);
             }
         }
-        ops
+        stored
     }
 
     /// Queue a delivery on a session (whose lock the caller holds) within the session's bounds;
     /// a drop (of this message or of older QoS 0 ones) is counted. A QoS 1/2 delivery to a
-    /// persisted session gets its `seq` and the op that stores it is pushed onto `ops`.
-    pub(crate) fn enqueue(
-        &self,
-        s: &mut Session,
-        mut d: Delivery,
-        ops: &mut Vec<StateOp>,
-    ) -> Enqueue {
+    /// persisted session gets its `seq` and is submitted to the store (`stored` is set) before
+    /// the session's lock is released: once it is released, the session's connection may send
+    /// the message, get it acknowledged and submit its delete, which must come after the put
+    /// (a put applied after its delete would stay stored for the session's life, and come back
+    /// after a restart as a second delivery).
+    pub(crate) fn enqueue(&self, s: &mut Session, mut d: Delivery, stored: &mut bool) -> Enqueue {
         let online = s.link.is_some();
         let qos = d.qos;
         let op = match s.persist_key() {
@@ -1174,8 +1170,9 @@ impl Shared {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             self.counters.refuse(Refusal::QueueFull);
         }
-        if outcome.is_enqueued() {
-            ops.extend(op);
+        if let (true, Some(op)) = (outcome.is_enqueued(), op) {
+            self.detach(vec![op]);
+            *stored = true;
         }
         outcome
     }
@@ -1185,6 +1182,11 @@ impl Shared {
         if let (Some(p), false) = (&self.persist, ops.is_empty()) {
             p.submit_detached(ops);
         }
+    }
+
+    /// What resolves once everything submitted so far is durable (`None`: no persistence).
+    pub(crate) fn barrier(&self) -> Option<Durable> {
+        self.persist.as_ref().map(|p| p.submit(Vec::new()))
     }
 
     /// Submit ops and get what resolves once they are durable; `None` if there is nothing to wait for.
@@ -1304,21 +1306,22 @@ impl Shared {
 
     /// Store (or, with an empty payload, clear) a retained message on behalf of `owner` (`None`:
     /// the server). False if a client's message was refused by a retained limit (counted).
-    /// The op that makes the change durable is pushed onto `ops`.
+    /// The op that makes the change durable is submitted under the table's lock (`stored` is
+    /// set), so two publishers of one topic reach the store in the order the table saw them.
     pub(crate) fn store_retained(
         &self,
         msg: &Arc<Message>,
         owner: Option<&Owner>,
-        ops: &mut Vec<StateOp>,
+        stored: &mut bool,
     ) -> bool {
         let mut retained = lock(&self.retained);
         if msg.payload.is_empty() {
             retained.remove(&msg.topic);
-            drop(retained);
             if self.persist.is_some() {
-                ops.push(StateOp::DeleteRetained {
+                self.detach(vec![StateOp::DeleteRetained {
                     topic: msg.topic.clone(),
-                });
+                }]);
+                *stored = true;
             }
             return true;
         }
@@ -1329,9 +1332,8 @@ impl Shared {
         }
         let expires_at = expiry_instant(msg);
         retained.insert(msg.clone(), expires_at, owner.cloned());
-        drop(retained);
         if self.persist.is_some() {
-            ops.push(StateOp::PutRetained {
+            self.detach(vec![StateOp::PutRetained {
                 topic: msg.topic.clone(),
                 value: RetainedValue {
                     owner: owner.cloned(),
@@ -1339,26 +1341,27 @@ impl Shared {
                     expires_at_ms: self.wall_ms(expires_at),
                 }
                 .encode(),
-            });
+            }]);
+            *stored = true;
         }
         true
     }
 
     /// A client's accepted message: a retained one is stored within its owner's quota first
     /// (over quota it is delivered without the retain flag), then it is routed. `owner` is only
-    /// asked for a retained message. Returns the ops that make it durable (see `route`).
+    /// asked for a retained message. Returns whether anything was submitted to the store (see
+    /// `route`).
     pub(crate) fn retain_and_route(
         &self,
         mut msg: Arc<Message>,
         owner: impl FnOnce() -> Owner,
         client_id: &str,
-    ) -> Vec<StateOp> {
-        let mut ops = Vec::new();
-        if msg.retain && !self.store_retained(&msg, Some(&owner()), &mut ops) {
+    ) -> bool {
+        let mut stored = false;
+        if msg.retain && !self.store_retained(&msg, Some(&owner()), &mut stored) {
             Arc::make_mut(&mut msg).retain = false;
         }
-        ops.extend(self.route(msg, Some(client_id)));
-        ops
+        self.route(msg, Some(client_id)) || stored
     }
 
     /// Whether `owner` could store this retained message now (a check before the message is
@@ -1487,8 +1490,7 @@ impl Shared {
         match self.hooks.on_publish(principal, client_id, &msg).await {
             PublishVerdict::Accept => {
                 self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
-                let ops = self.retain_and_route(Arc::new(msg), || Owner::of(principal), client_id);
-                self.detach(ops);
+                self.retain_and_route(Arc::new(msg), || Owner::of(principal), client_id);
             }
             PublishVerdict::Reject(code) => {
                 tracing::debug!(client_id, code, topic = %msg.topic, "will rejected by on_publish");

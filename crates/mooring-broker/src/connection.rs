@@ -1778,14 +1778,14 @@ where
                 let qos = p.msg.qos;
                 // A retained quota filled up since the check at receipt: delivered, not retained.
                 let owner = || Owner::of(&self.principal());
-                let mut ops = self
+                let stored = self
                     .shared
                     .retain_and_route(Arc::new(p.msg), owner, &self.client_id);
                 let Some(pid) = p.packet_id else {
-                    self.shared.detach(ops);
                     self.pump();
                     return;
                 };
+                let mut ops = Vec::new();
                 if qos == 2 {
                     // A persisted session remembers the id until PUBREL, durably with the
                     // message, so a resend after a restart is not routed twice.
@@ -1797,8 +1797,15 @@ where
                         }
                     }
                 }
-                // Acknowledged only once durable.
-                let wait = self.shared.durable(ops);
+                // Acknowledged only once durable (ops go after what routing submitted, so
+                // their ticket covers that too).
+                let wait = if !ops.is_empty() {
+                    self.shared.durable(ops)
+                } else if stored {
+                    self.shared.barrier()
+                } else {
+                    None
+                };
                 self.queue_ack(pid, qos, 0, wait);
             }
             PublishVerdict::Reject(code) => {
@@ -2077,7 +2084,6 @@ where
                 .on_subscribed(&client_id, &principal, &granted);
         }
         self.session_dirty = true;
-        let mut ops: Vec<StateOp> = Vec::new();
         // Retained messages go after the SUBACK (same write buffer, so in order).
         for (filter, qos, sub_id) in retained_for {
             for (msg, expires_at) in self.shared.retained_matching(&filter) {
@@ -2093,10 +2099,9 @@ where
                     seq: 0,
                     shared: None,
                 };
-                self.shared.enqueue(&mut lock(&session), d, &mut ops);
+                self.shared.enqueue(&mut lock(&session), d, &mut false);
             }
         }
-        self.shared.detach(ops);
     }
 
     fn unsubscribe(&mut self, pid: u16, filters: Vec<String>) {

@@ -12,6 +12,7 @@ use support::*;
 fn cfg() -> BrokerConfig {
     BrokerConfig {
         session_expiry_secs_max: 3600,
+        persistent_sessions_per_principal_max: 1000,
         ..BrokerConfig::default()
     }
 }
@@ -223,5 +224,50 @@ async fn a_subscribe_flood_on_a_persistent_session_does_not_queue_a_session_valu
     assert_eq!(
         broker.session_info("flood").map(|i| i.subscriptions),
         Some(1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_acknowledged_while_it_is_still_being_routed_is_not_left_stored() {
+    let p = MemPersist::new(1_000_000);
+    let (broker, _) = start(&p, Restored::default());
+    // Many persistent subscribers acknowledging at once: the first ones acknowledge a message
+    // while it is still being queued for the others.
+    const SUBS: usize = 400;
+    const MSGS: usize = 10;
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for i in 0..SUBS {
+        let (mut c, _) = Raw3::connect(&broker, &format!("fan{i}"), false).await;
+        c.subscribe("fan/#", 1).await;
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(Pkt::Publish { pid, .. }) = c.next_within(Duration::from_secs(30)).await
+            {
+                c.send(&packet(0x40, &pid.to_be_bytes())).await;
+                received.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    }
+    let (mut publisher, _) = Raw3::connect(&broker, "fan-source", true).await;
+    for m in 0..MSGS as u16 {
+        let mut body = Vec::new();
+        string("fan/x", &mut body);
+        body.extend_from_slice(&(m + 1).to_be_bytes());
+        body.extend_from_slice(&[b'm'; 16 * 1024]);
+        publisher.send(&packet(0x32, &body)).await;
+        assert_eq!(publisher.next().await, Some(Pkt::Other(4)), "PUBACK");
+    }
+    wait_for("every message acknowledged", || {
+        received.load(std::sync::atomic::Ordering::SeqCst) == SUBS * MSGS
+    })
+    .await;
+    wait_for("every delete applied", || {
+        p.messages() == 0 || p.late_puts() > 0
+    })
+    .await;
+    assert_eq!(
+        (p.late_puts(), p.messages()),
+        (0, 0),
+        "a put applied after the delete of its message stays stored"
     );
 }

@@ -19,6 +19,10 @@ struct Inner {
     fail: bool,
     hold: bool,
     held: Vec<Held>,
+    /// Every message deleted, and the puts that came after the delete of the same message (a
+    /// row that stays stored although its message is done with).
+    deleted: std::collections::HashSet<(String, u64)>,
+    late_puts: usize,
 }
 
 impl Inner {
@@ -47,10 +51,14 @@ impl Inner {
                     seq,
                     value,
                 } => {
+                    if self.deleted.contains(&(session.clone(), seq)) {
+                        self.late_puts += 1;
+                    }
                     self.messages.insert((session, seq), value);
                 }
                 StateOp::DeleteMessage { session, seq } => {
-                    self.messages.remove(&(session, seq));
+                    self.messages.remove(&(session.clone(), seq));
+                    self.deleted.insert((session, seq));
                 }
             }
         }
@@ -109,6 +117,16 @@ impl MemPersist {
     /// Ops submitted and held (not applied).
     pub fn held_ops(&self) -> usize {
         self.lock().held.iter().map(|(ops, _)| ops.len()).sum()
+    }
+
+    /// Puts of a message applied after its delete.
+    pub fn late_puts(&self) -> usize {
+        self.lock().late_puts
+    }
+
+    /// Stored messages of all sessions.
+    pub fn messages(&self) -> usize {
+        self.lock().messages.len()
     }
 
     /// Stored messages of a session.
