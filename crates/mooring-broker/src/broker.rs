@@ -739,7 +739,15 @@ impl Broker {
             let mut s = lock(&session);
             s.principal = principal.clone();
             let offline = s.link.is_none();
-            removed += self.shared.revoke_disallowed(&mut s, offline);
+            let revoked = self.shared.revoke_disallowed(&mut s, offline);
+            if revoked == 0 {
+                // Stored with the new principal (a revocation stores it already), which is what
+                // a restored session is judged by until its client is back.
+                if let Some(op) = self.shared.session_op(&s, offline) {
+                    self.shared.detach(vec![op]);
+                }
+            }
+            removed += revoked;
         }
         removed
     }
@@ -975,6 +983,9 @@ impl Broker {
                 // Stored again with that deadline, and with its subscriptions (stored before
                 // they were added, the next restart would bring it back with none).
                 s.offline_until_ms = deadline_ms;
+                // The policy may have changed while the server was down: what it no longer
+                // allows must not collect messages until the client comes back.
+                shared.revoke_disallowed(&mut s, true);
                 ops.extend(shared.session_op_at(&s, deadline_ms));
                 if let Some(after) = expiry {
                     let left = if v.expires_at_ms != 0 {

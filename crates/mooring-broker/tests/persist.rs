@@ -3,7 +3,10 @@
 
 mod support;
 
-use mooring_broker::{Broker, BrokerConfig, Persistence, Restored};
+use mooring_broker::{
+    Authenticated, Broker, BrokerConfig, ConnectRefusal, ConnectRequest, Hooks, Message,
+    Persistence, Principal, PublishVerdict, Restored,
+};
 use std::time::Duration;
 use support::mem_persist::MemPersist;
 use support::raw3::{packet, string, Pkt, Raw3};
@@ -19,10 +22,42 @@ fn cfg() -> BrokerConfig {
 
 /// A broker on `p`, restored from `state` (a restart).
 fn start(p: &MemPersist, state: Restored) -> (Broker, mooring_broker::RestoreStats) {
-    let hooks = std::sync::Arc::new(TestHooks::default());
+    start_with(p, state, std::sync::Arc::new(TestHooks::default()))
+}
+
+fn start_with(
+    p: &MemPersist,
+    state: Restored,
+    hooks: std::sync::Arc<dyn Hooks>,
+) -> (Broker, mooring_broker::RestoreStats) {
     let broker = Broker::with_persistence(cfg(), hooks, std::sync::Arc::new(p.clone()));
     let stats = broker.restore(state);
     (broker, stats)
+}
+
+/// [`TestHooks`], except that filters under `denied` may not be subscribed (a policy that
+/// changed while the server was down).
+struct PolicyHooks {
+    inner: TestHooks,
+    denied: &'static str,
+}
+
+#[async_trait::async_trait]
+impl Hooks for PolicyHooks {
+    async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal> {
+        self.inner.authenticate(req).await
+    }
+    fn may_publish(&self, who: &Principal, topic: &str) -> bool {
+        self.inner.may_publish(who, topic)
+    }
+    fn may_subscribe(&self, who: &Principal, filter: &str) -> bool {
+        !filter.starts_with(self.denied) && self.inner.may_subscribe(who, filter)
+    }
+    async fn on_publish(&self, who: &Principal, client_id: &str, msg: &Message) -> PublishVerdict {
+        self.inner.on_publish(who, client_id, msg).await
+    }
+    fn on_connected(&self, _: &str, _: &Principal) {}
+    fn on_disconnected(&self, _: &str, _: &Principal) {}
 }
 
 /// A QoS 2 PUBLISH of `payload` on `topic` under `pid` (v3.1.1).
@@ -270,4 +305,32 @@ async fn a_message_acknowledged_while_it_is_still_being_routed_is_not_left_store
         (0, 0),
         "a put applied after the delete of its message stays stored"
     );
+}
+
+#[tokio::test]
+async fn a_restored_session_loses_the_subscriptions_the_policy_no_longer_allows() {
+    let p = MemPersist::new(1_000_000);
+    let (broker, _) = start(&p, Restored::default());
+    let (mut c, _) = Raw3::connect(&broker, "watcher", false).await;
+    c.subscribe("open/#", 1).await;
+    c.subscribe("closed/#", 1).await;
+    c.disconnect().await;
+    wait_for("watcher offline", || {
+        broker.session_info("watcher").is_some_and(|i| !i.connected)
+    })
+    .await;
+    drop(broker);
+    // Restarted with a policy that no longer allows closed/#.
+    let hooks = std::sync::Arc::new(PolicyHooks {
+        inner: TestHooks::default(),
+        denied: "closed/",
+    });
+    let (broker, _) = start_with(&p, p.snapshot(), hooks);
+    assert_eq!(
+        broker.session_info("watcher").map(|i| i.subscriptions),
+        Some(1)
+    );
+    broker.publish(Message::new("closed/x", "not for it", 1, false));
+    broker.publish(Message::new("open/x", "for it", 1, false));
+    assert_eq!(broker.session_info("watcher").map(|i| i.queued), Some(1));
 }
