@@ -307,8 +307,15 @@ impl RetainedTable {
     }
 
     /// Like `fits`, but first gives back what has expired: the owner's own expired messages,
-    /// then (at most once per [`RETAINED_SWEEP_INTERVAL`]) every expired message.
-    fn make_room(&mut self, config: &BrokerConfig, owner: Option<&Owner>, msg: &Message) -> bool {
+    /// then (at most once per [`RETAINED_SWEEP_INTERVAL`]) every expired message. The topics
+    /// removed are appended to `removed` (they are deleted from the store too).
+    fn make_room(
+        &mut self,
+        config: &BrokerConfig,
+        owner: Option<&Owner>,
+        msg: &Message,
+        removed: &mut Vec<String>,
+    ) -> bool {
         if self.fits(config, owner, msg) {
             return true;
         }
@@ -325,6 +332,7 @@ impl RetainedTable {
         for t in &mine {
             self.remove(t);
         }
+        removed.extend(mine);
         if self.fits(config, Some(owner), msg) {
             return true;
         }
@@ -342,6 +350,7 @@ impl RetainedTable {
             for t in &all {
                 self.remove(t);
             }
+            removed.extend(all);
         }
         self.fits(config, Some(owner), msg)
     }
@@ -1336,7 +1345,10 @@ impl Shared {
             }
             return true;
         }
-        if !retained.make_room(&self.config, owner, msg) {
+        let mut expired = Vec::new();
+        let fits = retained.make_room(&self.config, owner, msg, &mut expired);
+        self.delete_retained(expired);
+        if !fits {
             drop(retained);
             self.counters.refuse(Refusal::RetainedQuota);
             return false;
@@ -1378,7 +1390,27 @@ impl Shared {
     /// Whether `owner` could store this retained message now (a check before the message is
     /// accepted; [`Shared::store_retained`] decides).
     pub(crate) fn retained_fits(&self, msg: &Message, owner: &Owner) -> bool {
-        msg.payload.is_empty() || lock(&self.retained).make_room(&self.config, Some(owner), msg)
+        if msg.payload.is_empty() {
+            return true;
+        }
+        let mut retained = lock(&self.retained);
+        let mut expired = Vec::new();
+        let fits = retained.make_room(&self.config, Some(owner), msg, &mut expired);
+        self.delete_retained(expired);
+        fits
+    }
+
+    /// Expired retained messages the table gave back leave the store too (otherwise their rows
+    /// would pile up until the next restart). Called under the table's lock, for order.
+    fn delete_retained(&self, topics: Vec<String>) {
+        if self.persist.is_some() && !topics.is_empty() {
+            self.detach(
+                topics
+                    .into_iter()
+                    .map(|topic| StateOp::DeleteRetained { topic })
+                    .collect(),
+            );
+        }
     }
 
     /// Remove the subscriptions of a session (whose lock the caller holds) that its current

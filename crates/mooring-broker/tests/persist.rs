@@ -334,3 +334,49 @@ async fn a_restored_session_loses_the_subscriptions_the_policy_no_longer_allows(
     broker.publish(Message::new("open/x", "for it", 1, false));
     assert_eq!(broker.session_info("watcher").map(|i| i.queued), Some(1));
 }
+
+#[tokio::test]
+async fn expired_retained_messages_given_back_for_room_leave_the_store_too() {
+    use mqtt_protocol_core::mqtt;
+    use mqtt_protocol_core::mqtt::packet::{v5_0, GenericPacket, Qos};
+    let p = MemPersist::new(1_000_000);
+    let hooks = std::sync::Arc::new(TestHooks::default());
+    let config = BrokerConfig {
+        retained_per_principal_max: 2,
+        ..cfg()
+    };
+    let broker = Broker::with_persistence(config, hooks, std::sync::Arc::new(p.clone()));
+    broker.restore(Restored::default());
+    let mut c = RawClient::open(&broker, true);
+    c.connect("retainer").await;
+    for (topic, expiry) in [("r/1", Some(1)), ("r/2", Some(1)), ("r/3", None)] {
+        if topic == "r/3" {
+            // r/1 and r/2 have expired: storing r/3 gives their room back.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let pid = c.mqtt.acquire_packet_id().expect("pid");
+        let mut b = v5_0::Publish::builder()
+            .topic_name(topic)
+            .expect("topic")
+            .qos(Qos::AtLeastOnce)
+            .retain(true)
+            .payload("x")
+            .packet_id(pid);
+        if let Some(secs) = expiry {
+            b = b.props(vec![mqtt::packet::MessageExpiryInterval::new(secs)
+                .expect("expiry")
+                .into()]);
+        }
+        c.send(b.build().expect("publish").into()).await;
+        match c.recv().await {
+            Some(GenericPacket::V5_0Puback(a)) => assert_eq!(a.packet_id(), pid),
+            other => panic!("PUBACK: {other:?}"),
+        }
+    }
+    let stored: Vec<String> = p.snapshot().retained.into_iter().map(|(t, _)| t).collect();
+    assert_eq!(
+        stored,
+        vec!["r/3".to_string()],
+        "expired rows left in the store"
+    );
+}
