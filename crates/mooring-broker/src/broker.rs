@@ -1228,11 +1228,13 @@ impl Shared {
             .max(1)
     }
 
-    /// Unix ms (the embedder's clock) as a tokio instant (`None` for 0).
+    /// Unix ms (the embedder's clock) as a tokio instant (`None` for 0, and for a deadline too
+    /// far away to represent: a stored value is not trusted to be sane, and `Instant + Duration`
+    /// would panic, failing every start).
     pub(crate) fn instant_of(&self, wall_ms: u64) -> Option<Instant> {
         let p = self.persist.as_ref().filter(|_| wall_ms != 0)?;
         let left = wall_ms.saturating_sub(p.now_ms());
-        Some(Instant::now() + std::time::Duration::from_millis(left))
+        Instant::now().checked_add(std::time::Duration::from_millis(left))
     }
 
     pub(crate) fn message_value(

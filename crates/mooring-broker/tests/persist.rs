@@ -380,3 +380,28 @@ async fn expired_retained_messages_given_back_for_room_leave_the_store_too() {
         "expired rows left in the store"
     );
 }
+
+#[tokio::test]
+async fn a_stored_deadline_too_far_away_does_not_panic_the_restore() {
+    let p = MemPersist::new(1_000_000);
+    // A retained message (owner d1, topic t, payload p) whose stored expiry is u64::MAX.
+    let mut value = Vec::new();
+    for pair in "0101000000000264310000000174000000017001010000000000"
+        .as_bytes()
+        .chunks(2)
+    {
+        let hex = std::str::from_utf8(pair).expect("hex");
+        value.push(u8::from_str_radix(hex, 16).expect("hex"));
+    }
+    value.extend_from_slice(&[0, 0, 0, 0]); // no user properties
+    value.extend_from_slice(&u64::MAX.to_be_bytes());
+    let (broker, stats) = start(
+        &p,
+        Restored {
+            retained: vec![("t".into(), value)],
+            sessions: Vec::new(),
+        },
+    );
+    assert_eq!(stats.retained, 1);
+    assert_eq!(broker.stats().retained, 1);
+}
