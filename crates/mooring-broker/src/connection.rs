@@ -336,6 +336,10 @@ enum AckKind {
     /// PUBREL: the client has our QoS 2 message. Sent before that is stored, a restart would
     /// send the message again, and the client would take it for a new one.
     Pubrel,
+    /// Nothing to send: a QoS 0 publish that changed a retained message waits here only so it
+    /// counts against reading like the others (a retained QoS 0 flood would otherwise queue
+    /// payloads for the store as fast as the client sends them).
+    Flow,
 }
 
 /// A PUBACK / PUBREC / PUBCOMP / PUBREL to send once `wait` (if any) resolves.
@@ -1782,6 +1786,10 @@ where
                     .shared
                     .retain_and_route(Arc::new(p.msg), owner, &self.client_id);
                 let Some(pid) = p.packet_id else {
+                    if stored {
+                        let wait = self.shared.barrier();
+                        self.queue_deferred(AckKind::Flow, 0, 0, 0, wait);
+                    }
                     self.pump();
                     return;
                 };
@@ -1875,6 +1883,7 @@ where
                 let events = self.pubrel(a.pid);
                 self.apply(events);
             }
+            AckKind::Flow => {}
         }
     }
 
@@ -1888,6 +1897,7 @@ where
         };
         // A PUBCOMP / PUBREL whose state could not be stored goes out anyway: memory is right,
         // and holding it back would not store it later (the peer's repeat changes nothing).
+        // QoS 0 (`Flow`) promised nothing.
         if durable || a.code != 0 || a.kind != AckKind::Publish {
             self.send_deferred(&a);
             return true;

@@ -405,3 +405,32 @@ async fn a_stored_deadline_too_far_away_does_not_panic_the_restore() {
     assert_eq!(stats.retained, 1);
     assert_eq!(broker.stats().retained, 1);
 }
+
+#[tokio::test]
+async fn a_qos0_retained_flood_waits_for_the_store_like_acknowledged_publishes() {
+    let p = MemPersist::new(1_000_000);
+    let (broker, _) = start(&p, Restored::default());
+    let (mut c, _) = Raw3::connect(&broker, "retainer", true).await;
+    p.set_hold(true);
+    // 500 QoS 0 retained messages on one topic (each replaces the last), 1 KiB each.
+    let mut burst = Vec::new();
+    for _ in 0..500 {
+        let mut body = Vec::new();
+        string("r/t", &mut body);
+        body.extend_from_slice(&[b'x'; 1024]);
+        burst.extend_from_slice(&packet(0x31, &body));
+    }
+    c.send(&burst).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = p.held_ops();
+    let bound = usize::from(cfg().inflight_max) + 16; // and what one read holds
+    assert!(
+        held <= bound,
+        "{held} retained values wait for the store (more than {bound})"
+    );
+    p.set_hold(false);
+    // All of them are processed once the store moves.
+    c.send(&[0xC0, 0]).await; // PINGREQ
+    assert_eq!(c.next().await, Some(Pkt::Other(13)), "PINGRESP");
+    assert_eq!(broker.stats().retained, 1);
+}
