@@ -717,15 +717,12 @@ impl Broker {
                 s.clear_queue();
             }
         }
-        let topics = lock(&self.shared.retained)
-            .remove_where(&Owner::Device(device_id.to_owned()), topic_prefix);
+        // The deletes are submitted under the table's lock, like every retained op, so a
+        // publish to one of these topics right after is stored after them.
+        let mut retained = lock(&self.shared.retained);
+        let topics = retained.remove_where(&Owner::Device(device_id.to_owned()), topic_prefix);
         let removed = topics.len();
-        self.shared.detach(
-            topics
-                .into_iter()
-                .map(|topic| StateOp::DeleteRetained { topic })
-                .collect(),
-        );
+        self.shared.delete_retained(topics);
         removed
     }
 
@@ -1402,8 +1399,8 @@ impl Shared {
         fits
     }
 
-    /// Expired retained messages the table gave back leave the store too (otherwise their rows
-    /// would pile up until the next restart). Called under the table's lock, for order.
+    /// Retained messages the table removed (expired ones given back for room, a removed
+    /// device's) leave the store too. Called under the table's lock, for order.
     fn delete_retained(&self, topics: Vec<String>) {
         if self.persist.is_some() && !topics.is_empty() {
             self.detach(
