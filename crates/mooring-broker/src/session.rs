@@ -116,6 +116,8 @@ pub(crate) struct Session {
     pub(crate) notify: Arc<Notify>,
     /// Set while the session is persisted (expiry > 0 and the broker has persistence).
     pub(crate) persist: Option<Box<PersistInfo>>,
+    /// A persisted session's will, stored with it (see `persist::StoredWill`).
+    pub(crate) will: Option<Box<crate::persist::StoredWill>>,
 }
 
 impl Session {
@@ -137,6 +139,7 @@ impl Session {
             generation: 0,
             notify: Arc::new(Notify::new()),
             persist: None,
+            will: None,
         }
     }
 

@@ -506,3 +506,49 @@ async fn session_expiry_keeps_running_while_the_server_is_down() {
         assert_eq!(sub.next_message(), "marker", "{id}");
     }
 }
+
+#[tokio::test]
+async fn the_will_of_a_persistent_session_cut_by_a_crash_fires_after_the_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path());
+    let mut args = dev_args(&server);
+    args.extend(s(&["-c", "-i", "watcher", "-q", "1", "-t", "wills/#"]));
+    let mut watcher = Sub::start(&args);
+    watcher.kill9();
+    // Connected when the server dies: its connection ends without DISCONNECT.
+    let mut args = dev_args(&server);
+    args.extend(s(&[
+        "-V",
+        "mqttv5",
+        "-c",
+        "-x",
+        "3600",
+        "-i",
+        "lock-7",
+        "-q",
+        "1",
+        "-t",
+        "x/y",
+        "--will-topic",
+        "wills/lock-7",
+        "--will-payload",
+        "gone",
+        "--will-qos",
+        "1",
+    ]));
+    let mut client = Sub::start(&args);
+    state_settled(&server).await;
+    let data_dir = server.data_dir.clone();
+    server.kill9();
+    client.kill9();
+    let server = Server::start(&data_dir);
+    assert!(
+        server.log_text().contains("wills=1"),
+        "{}",
+        server.log_text()
+    );
+    let mut args = dev_args(&server);
+    args.extend(s(&["-c", "-i", "watcher", "-q", "1", "-t", "wills/#"]));
+    let mut watcher = Sub::spawn(&args);
+    assert_eq!(watcher.next_message(), "gone");
+}
