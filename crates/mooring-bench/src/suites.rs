@@ -966,7 +966,8 @@ pub async fn fanout(b: &mut Bench) -> anyhow::Result<Table> {
          client certificate); publishers QoS 1, ≤{} in flight each; session queue bound {} \
          messages / {} bytes on both, so nothing is dropped (defaults: 1,000 / 4 MiB on \
          mooring, 1,000 / none on mosquitto); in flight to the subscriber: mooring 32, mosquitto 20 (defaults); mooring \
-         stores every telemetry point before its PUBACK and keeps sessions in memory; \
+         stores every telemetry point, and every message queued for the persistent \
+         subscriber, before the publisher's PUBACK (two group commits); \
          mosquitto persistence {}",
         args.window,
         crate::report::fmt_value(Some(bounds.len_max as f64)),

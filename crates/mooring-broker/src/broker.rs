@@ -157,6 +157,9 @@ pub struct RestoreStats {
     pub messages: usize,
     /// Sessions whose expiry passed while the server was down (deleted).
     pub sessions_expired: usize,
+    /// Wills of restored sessions scheduled to fire (their clients' connections ended with the
+    /// server, or their will delay was running).
+    pub wills: usize,
 }
 
 /// See [`Broker::session_info`].
@@ -914,6 +917,7 @@ impl Broker {
             let id = shared.session_seq.fetch_add(1, Ordering::Relaxed);
             let mut s = Session::new(id, v.client_id.clone(), Arc::new(v.principal.clone()));
             s.expiry_secs = v.expiry_secs;
+            s.will = v.will.clone().map(Box::new);
             s.qos2_in = v.qos2_set();
             s.persist = Some(Box::new(PersistInfo {
                 key: key.clone(),
@@ -1001,6 +1005,23 @@ impl Broker {
                     };
                     shared.expire_after(session.clone(), table_key, s.generation, left);
                 }
+                // The connection of a session that was online ended with the server: its will
+                // runs now, after its delay; one whose delay was running keeps its deadline.
+                if let Some(w) = &v.will {
+                    let left_ms = if w.fire_at_ms != 0 {
+                        w.fire_at_ms.saturating_sub(now_ms)
+                    } else {
+                        u64::from(w.delay_secs) * 1000
+                    };
+                    shared.will_after(
+                        session.clone(),
+                        s.generation,
+                        v.client_id.clone(),
+                        w.msg.clone(),
+                        std::time::Duration::from_millis(left_ms),
+                    );
+                    stats.wills += 1;
+                }
             }
             stats.sessions += 1;
         }
@@ -1011,6 +1032,7 @@ impl Broker {
             sessions = stats.sessions,
             messages = stats.messages,
             expired_sessions = stats.sessions_expired,
+            wills = stats.wills,
             "broker state restored"
         );
         stats
@@ -1568,6 +1590,41 @@ impl Shared {
             // What it held through shared subscriptions goes to another member.
             shared.redeliver_shared(&session);
         });
+    }
+
+    /// Publish a session's will after `after` unless the session was attached again meanwhile
+    /// (`generation` moved), its principal was removed, or the policy no longer allows it. A
+    /// persisted session forgets its stored will once it fired.
+    pub(crate) fn will_after(
+        self: &Arc<Self>,
+        session: SessionRef,
+        generation: u64,
+        client_id: String,
+        msg: Message,
+        after: std::time::Duration,
+    ) {
+        let shared = self.clone();
+        self.spawn_timer(async move {
+            tokio::time::sleep(after).await;
+            let (current, principal_now) = {
+                let mut s = lock(&session);
+                let current = s.generation == generation && !s.removed;
+                if current && s.will.take().is_some() {
+                    if let Some(op) = shared.session_op(&s, s.link.is_none()) {
+                        shared.detach(vec![op]);
+                    }
+                }
+                (current, s.principal.clone())
+            };
+            if current && shared.hooks.may_publish(&principal_now, &msg.topic) {
+                shared.publish_as(&principal_now, &client_id, msg).await;
+            }
+        });
+    }
+
+    /// Wall-clock unix ms on the embedder's clock (0 without persistence).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.persist.as_ref().map_or(0, |p| p.now_ms())
     }
 
     pub(crate) fn spawn_timer<F>(&self, fut: F)

@@ -5,7 +5,7 @@ use crate::hooks::{
     Authenticated, ConnInfo, ConnectRefusal, ConnectRequest, Message, MessageProps,
     ProtocolVersion, PublishVerdict,
 };
-use crate::persist::{packet_id_for, Durable, StateOp};
+use crate::persist::{packet_id_for, Durable, StateOp, StoredWill};
 use crate::session::{Delivery, Inflight, InflightState, Link, Session, SubOptions};
 use bytes::Bytes;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -204,6 +204,20 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
             // QoS 0 messages are not kept for an offline session.
             s.drop_qos0();
             session_expiry_secs = s.expiry_secs;
+            // A will whose delay now runs is stored with its deadline (it fires after a restart
+            // too); any other is forgotten (published below, or suppressed).
+            s.will = will
+                .as_ref()
+                .filter(|_| !clean && !removed && s.persist.is_some())
+                .map(|w| (w, w.delay_secs.min(session_expiry_secs)))
+                .filter(|(_, delay)| *delay > 0)
+                .map(|(w, delay)| {
+                    Box::new(StoredWill {
+                        msg: w.msg.clone(),
+                        delay_secs: delay,
+                        fire_at_ms: shared.now_ms().saturating_add(u64::from(delay) * 1000),
+                    })
+                });
             if session_expiry_secs != 0 {
                 // Stored with its deadline, so its expiry keeps running while the server is down.
                 s.offline_until_ms = shared.deadline_from_now(&s);
@@ -249,24 +263,13 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
             }
             (delay, Some(session)) => {
                 let generation = lock(session).generation;
-                let shared2 = shared.clone();
-                let session2 = session.clone();
-                let id2 = client_id.clone();
-                shared.spawn_timer(async move {
-                    tokio::time::sleep(Duration::from_secs(u64::from(delay))).await;
-                    // A reconnect to this session before the delay cancels the will; so does
-                    // the removal of its principal, or a policy that no longer allows it.
-                    let (current, principal_now) = {
-                        let s = lock(&session2);
-                        (
-                            s.generation == generation && !s.removed,
-                            s.principal.clone(),
-                        )
-                    };
-                    if current && shared2.hooks.may_publish(&principal_now, &will.msg.topic) {
-                        shared2.publish_as(&principal_now, &id2, will.msg).await;
-                    }
-                });
+                shared.will_after(
+                    session.clone(),
+                    generation,
+                    client_id.clone(),
+                    will.msg,
+                    Duration::from_secs(u64::from(delay)),
+                );
             }
         }
     }
@@ -978,6 +981,16 @@ where
                                 // this principal and the current policy.
                                 self.shared.revoke_disallowed(&mut s, true);
                             }
+                            // Stored while connected, so a server that dies fires it after
+                            // its restart (the connection was cut without DISCONNECT).
+                            let persisted = expiry_secs > 0 && self.shared.persist.is_some();
+                            s.will = will.as_ref().filter(|_| persisted).map(|w| {
+                                Box::new(StoredWill {
+                                    msg: w.msg.clone(),
+                                    delay_secs: w.delay_secs.min(expiry_secs),
+                                    fire_at_ms: 0,
+                                })
+                            });
                             let ops = self.shared.persist_session(&mut s, &owner);
                             self.shared.detach(ops);
                         }

@@ -99,6 +99,17 @@ pub(crate) struct SessionValue {
     pub(crate) expires_at_ms: u64,
     pub(crate) subs: Vec<(String, SubOptions)>,
     pub(crate) qos2_in: Vec<u16>,
+    pub(crate) will: Option<StoredWill>,
+}
+
+/// A persisted session's will: its connection ended without DISCONNECT and the will delay is
+/// running (`fire_at_ms`), or it was connected when the server stopped (`fire_at_ms` 0: the will
+/// fires `delay_secs` after the next start unless the client returns first).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoredWill {
+    pub(crate) msg: Message,
+    pub(crate) delay_secs: u32,
+    pub(crate) fire_at_ms: u64,
 }
 
 /// One persisted queued or unacknowledged message.
@@ -246,6 +257,15 @@ impl SessionValue {
         for pid in &self.qos2_in {
             b.put_u16(*pid);
         }
+        match &self.will {
+            Some(w) => {
+                b.put_u8(1);
+                put_message(&mut b, &w.msg);
+                b.put_u32(w.delay_secs);
+                b.put_u64(w.fire_at_ms);
+            }
+            None => b.put_u8(0),
+        }
         b
     }
 
@@ -295,6 +315,15 @@ impl SessionValue {
         for _ in 0..n {
             qos2_in.push(r.u16()?);
         }
+        let will = match r.u8()? {
+            0 => None,
+            1 => Some(StoredWill {
+                msg: r.message()?,
+                delay_secs: r.u32()?,
+                fire_at_ms: r.u64()?,
+            }),
+            _ => return None,
+        };
         Some(SessionValue {
             owner,
             principal,
@@ -303,6 +332,7 @@ impl SessionValue {
             expires_at_ms,
             subs,
             qos2_in,
+            will,
         })
     }
 
@@ -325,6 +355,7 @@ impl SessionValue {
             expires_at_ms,
             subs,
             qos2_in,
+            will: s.will.as_deref().cloned(),
         }
     }
 
@@ -570,11 +601,16 @@ mod tests {
                 },
             )],
             qos2_in: vec![7],
+            will: Some(StoredWill {
+                msg: Message::new("w", "x", 1, false),
+                delay_secs: 30,
+                fire_at_ms: 9,
+            }),
         };
         let enc = s.encode();
         assert_eq!(
             hex(&enc),
-            "010100000004746f6b310100000004746f6b310000000470697065000000016300000e1000000000000000050000000100000003782f23010500000009000000010007"
+            "010100000004746f6b310100000004746f6b310000000470697065000000016300000e1000000000000000050000000100000003782f23010500000009000000010007010000000177000000017801000000000000000000000000001e0000000000000009"
         );
         assert_eq!(SessionValue::decode(&enc), Some(s));
 

@@ -120,6 +120,8 @@ pub(crate) struct Session {
     /// or never), so a value written again while it is offline (a revocation, a restore)
     /// keeps the deadline instead of starting a new one.
     pub(crate) offline_until_ms: u64,
+    /// A persisted session's will, stored with it (see `persist::StoredWill`).
+    pub(crate) will: Option<Box<crate::persist::StoredWill>>,
 }
 
 impl Session {
@@ -142,6 +144,7 @@ impl Session {
             notify: Arc::new(Notify::new()),
             persist: None,
             offline_until_ms: 0,
+            will: None,
         }
     }
 

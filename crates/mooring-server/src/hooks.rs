@@ -17,7 +17,7 @@ use mooring_proto::policy::Principal;
 use mooring_proto::telemetry::Telemetry;
 use mooring_proto::Topic;
 use mooring_store::{AppendOutcome, TelemetryRecord, TokenRole};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 /// MQTT v5 reason code: payload format invalid.
 pub const REASON_PAYLOAD_FORMAT_INVALID: u8 = 0x99;
@@ -82,17 +82,24 @@ impl FailureLog {
     }
 }
 
+/// The broker's hooks. They hold the server only weakly: the app holds the broker, the broker
+/// holds its hooks, so a strong reference here would be a cycle that keeps the app (its store,
+/// its writers) alive after shutdown. Once the app is gone, every question is answered "no".
 pub struct ServerHooks {
-    app: Arc<App>,
+    app: Weak<App>,
     telemetry_failures: FailureLog,
 }
 
 impl ServerHooks {
-    pub fn new(app: Arc<App>) -> Self {
+    pub fn new(app: &Arc<App>) -> Self {
         Self {
-            app,
+            app: Arc::downgrade(app),
             telemetry_failures: FailureLog::default(),
         }
+    }
+
+    fn app(&self) -> Option<Arc<App>> {
+        self.app.upgrade()
     }
 
     fn generated_client_id(prefix: &str) -> String {
@@ -104,7 +111,9 @@ impl ServerHooks {
 #[async_trait::async_trait]
 impl Hooks for ServerHooks {
     async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal> {
-        let app = &self.app;
+        let Some(app) = self.app() else {
+            return Err(ConnectRefusal::ServerUnavailable);
+        };
         if let Some(cn) = req.info.cert_identity.as_deref() {
             let record = match app.store.get_device(cn).await {
                 Ok(Some(r)) => r,
@@ -208,11 +217,13 @@ impl Hooks for ServerHooks {
     }
 
     fn may_publish(&self, principal: &Principal, topic: &str) -> bool {
-        self.app.policy().may_publish(principal, topic)
+        self.app()
+            .is_some_and(|app| app.policy().may_publish(principal, topic))
     }
 
     fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
-        self.app.policy().may_subscribe(principal, filter)
+        self.app()
+            .is_some_and(|app| app.policy().may_subscribe(principal, filter))
     }
 
     async fn on_publish(
@@ -224,7 +235,9 @@ impl Hooks for ServerHooks {
         let Principal::Device { id, .. } = principal else {
             return PublishVerdict::Accept;
         };
-        let app = &self.app;
+        let Some(app) = self.app() else {
+            return PublishVerdict::Disconnect;
+        };
         let now_ms = app.now_ms();
         app.presence.seen(id, now_ms);
         let topic = Topic::parse(&msg.topic).filter(|t| t.device().as_str() == id);
@@ -279,16 +292,16 @@ impl Hooks for ServerHooks {
     }
 
     fn on_connected(&self, _client_id: &str, principal: &Principal) {
-        if let Principal::Device { id, .. } = principal {
-            self.app.presence.connected(id, self.app.now_ms());
+        if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
+            app.presence.connected(id, app.now_ms());
             tracing::debug!(device = %id, "online");
             // A persistent session may already hold the commands subscription.
-            self.app.commands.kick(id, true);
+            app.commands.kick(id, true);
         }
     }
 
     fn on_subscribed(&self, _client_id: &str, principal: &Principal, filters: &[String]) {
-        let Principal::Device { id, .. } = principal else {
+        let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) else {
             return;
         };
         let Ok(device) = mooring_proto::DeviceId::parse(id) else {
@@ -299,13 +312,13 @@ impl Hooks for ServerHooks {
             .iter()
             .any(|f| mooring_proto::topic::filter_matches(f, &commands))
         {
-            self.app.commands.kick(id, true);
+            app.commands.kick(id, true);
         }
     }
 
     fn on_disconnected(&self, _client_id: &str, principal: &Principal) {
-        if let Principal::Device { id, .. } = principal {
-            self.app.presence.disconnected(id, self.app.now_ms());
+        if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
+            app.presence.disconnected(id, app.now_ms());
             tracing::debug!(device = %id, "offline");
         }
     }

@@ -14,7 +14,7 @@ use mooring_store::{
 };
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -193,11 +193,8 @@ impl RunningServer {
             writer,
             broker_state,
         ));
-        let broker = Broker::with_persistence(
-            broker_config,
-            Arc::new(ServerHooks::new(app.clone())),
-            persistence,
-        );
+        let broker =
+            Broker::with_persistence(broker_config, Arc::new(ServerHooks::new(&app)), persistence);
         broker.restore(crate::broker_state::restored(stored_broker_state));
         app.set_broker(broker.clone());
 
@@ -275,26 +272,50 @@ impl RunningServer {
         })
     }
 
-    /// Stops accepting, closes every session, flushes presence and drains the telemetry writer.
-    pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        self.broker.shutdown().await;
-        self.connections.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.connections.wait()).await;
-        while self.tasks.join_next().await.is_some() {}
-        if let Err(e) = self.app.presence.flush(self.app.store.as_ref()).await {
+    /// Stops accepting, closes every session, flushes presence, then drops the server's state
+    /// and waits for both writers to drain what was queued and stop. Nothing keeps the state
+    /// alive after this (the broker's hooks hold the app weakly), so the store's connections
+    /// are closed when it returns ([`RunningServer::state_probe`]).
+    pub async fn shutdown(self) {
+        let RunningServer {
+            app,
+            stop,
+            mut tasks,
+            connections,
+            broker,
+            writer_task,
+            broker_state_task,
+            ..
+        } = self;
+        let _ = stop.send(true);
+        broker.shutdown().await;
+        connections.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
+        while tasks.join_next().await.is_some() {}
+        if let Err(e) = app.presence.flush(app.store.as_ref()).await {
             tracing::warn!(error = %e, "final presence flush failed");
         }
-        // Every session is offline now and stored with its expiry deadline.
-        if let Err(e) = self.app.broker_state.flush().await {
-            tracing::warn!(error = %e, "final broker state flush failed");
-        }
-        // The broker (which the hooks keep alive) holds a handle, so the task would not end
-        // by itself: everything submitted is durable now.
-        self.broker_state_task.abort();
-        let app = self.app;
+        // The last handles of the app and the broker: the writers' senders go with them, so
+        // each writer drains its queue and ends.
         drop(app);
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.writer_task).await;
+        drop(broker);
+        for (name, task) in [
+            ("telemetry", writer_task),
+            ("broker state", broker_state_task),
+        ] {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(writer = name, "writer did not drain within 5 s");
+            }
+        }
+    }
+
+    /// A weak handle on the server's state, to check that it is freed after
+    /// [`RunningServer::shutdown`] (tests; the simulator restarts servers in one process).
+    pub fn state_probe(&self) -> Weak<App> {
+        Arc::downgrade(&self.app)
     }
 }
 

@@ -532,3 +532,75 @@ async fn an_offline_session_keeps_its_subscription_over_two_restarts() {
     let mut sub = Sub::spawn(&args);
     assert_eq!(sub.next_message(), "after two restarts");
 }
+
+#[tokio::test]
+async fn the_will_of_a_persistent_session_cut_by_a_crash_fires_after_the_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path());
+    let mut args = dev_args(&server);
+    args.extend(s(&["-c", "-i", "watcher", "-q", "1", "-t", "wills/#"]));
+    let mut watcher = Sub::start(&args);
+    watcher.kill9();
+    // Connected when the server dies: its connection ends without DISCONNECT.
+    let mut args = dev_args(&server);
+    args.extend(s(&[
+        "-V",
+        "mqttv5",
+        "-c",
+        "-x",
+        "3600",
+        "-i",
+        "lock-7",
+        "-q",
+        "1",
+        "-t",
+        "x/y",
+        "--will-topic",
+        "wills/lock-7",
+        "--will-payload",
+        "gone",
+        "--will-qos",
+        "1",
+    ]));
+    let mut client = Sub::start(&args);
+    state_settled(&server).await;
+    let data_dir = server.data_dir.clone();
+    server.kill9();
+    client.kill9();
+    let server = Server::start(&data_dir);
+    assert!(
+        server.log_text().contains("wills=1"),
+        "{}",
+        server.log_text()
+    );
+    let mut args = dev_args(&server);
+    args.extend(s(&["-c", "-i", "watcher", "-q", "1", "-t", "wills/#"]));
+    let mut watcher = Sub::spawn(&args);
+    assert_eq!(watcher.next_message(), "gone");
+}
+
+#[tokio::test]
+async fn sigterm_with_connected_clients_exits_at_once_and_keeps_their_sessions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path());
+    let creds = server.create_device("d1", dir.path());
+    let _device = device_sub(&server, &creds, "d1", "devices/d1/commands/+");
+    let mut args = dev_args(&server);
+    args.extend(s(&["-c", "-i", "keeper", "-q", "1", "-t", "keep/#"]));
+    let _client = Sub::start(&args);
+    let data_dir = server.data_dir.clone();
+    let started = std::time::Instant::now();
+    server.stop();
+    let took = started.elapsed();
+    // Nothing waits out a drain timeout any more (the writers end when the server's state is
+    // dropped); the old shutdown took over 5 s here. Generous bound for a loaded machine.
+    assert!(took < Duration::from_secs(3), "SIGTERM took {took:?}");
+    let server = Server::start(&data_dir);
+    let mut args = dev_args(&server);
+    args.extend(s(&["-q", "1", "-t", "keep/x", "-m", "kept"]));
+    publish(args);
+    let mut args = dev_args(&server);
+    args.extend(s(&["-c", "-i", "keeper", "-q", "1", "-t", "other/x"]));
+    let mut client = Sub::spawn(&args);
+    assert_eq!(client.next_message(), "kept");
+}
