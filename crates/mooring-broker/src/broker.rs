@@ -310,8 +310,15 @@ impl RetainedTable {
     }
 
     /// Like `fits`, but first gives back what has expired: the owner's own expired messages,
-    /// then (at most once per [`RETAINED_SWEEP_INTERVAL`]) every expired message.
-    fn make_room(&mut self, config: &BrokerConfig, owner: Option<&Owner>, msg: &Message) -> bool {
+    /// then (at most once per [`RETAINED_SWEEP_INTERVAL`]) every expired message. The topics
+    /// removed are appended to `removed` (they are deleted from the store too).
+    fn make_room(
+        &mut self,
+        config: &BrokerConfig,
+        owner: Option<&Owner>,
+        msg: &Message,
+        removed: &mut Vec<String>,
+    ) -> bool {
         if self.fits(config, owner, msg) {
             return true;
         }
@@ -328,6 +335,7 @@ impl RetainedTable {
         for t in &mine {
             self.remove(t);
         }
+        removed.extend(mine);
         if self.fits(config, Some(owner), msg) {
             return true;
         }
@@ -345,6 +353,7 @@ impl RetainedTable {
             for t in &all {
                 self.remove(t);
             }
+            removed.extend(all);
         }
         self.fits(config, Some(owner), msg)
     }
@@ -711,15 +720,12 @@ impl Broker {
                 s.clear_queue();
             }
         }
-        let topics = lock(&self.shared.retained)
-            .remove_where(&Owner::Device(device_id.to_owned()), topic_prefix);
+        // The deletes are submitted under the table's lock, like every retained op, so a
+        // publish to one of these topics right after is stored after them.
+        let mut retained = lock(&self.shared.retained);
+        let topics = retained.remove_where(&Owner::Device(device_id.to_owned()), topic_prefix);
         let removed = topics.len();
-        self.shared.detach(
-            topics
-                .into_iter()
-                .map(|topic| StateOp::DeleteRetained { topic })
-                .collect(),
-        );
+        self.shared.delete_retained(topics);
         removed
     }
 
@@ -742,7 +748,15 @@ impl Broker {
             let mut s = lock(&session);
             s.principal = principal.clone();
             let offline = s.link.is_none();
-            removed += self.shared.revoke_disallowed(&mut s, offline);
+            let revoked = self.shared.revoke_disallowed(&mut s, offline);
+            if revoked == 0 {
+                // Stored with the new principal (a revocation stores it already), which is what
+                // a restored session is judged by until its client is back.
+                if let Some(op) = self.shared.session_op(&s, offline) {
+                    self.shared.detach(vec![op]);
+                }
+            }
+            removed += revoked;
         }
         removed
     }
@@ -770,12 +784,10 @@ impl Broker {
             .messages_in
             .fetch_add(1, Ordering::Relaxed);
         let msg = Arc::new(msg);
-        let mut ops = Vec::new();
         if msg.retain {
-            self.shared.store_retained(&msg, None, &mut ops);
+            self.shared.store_retained(&msg, None, &mut false);
         }
-        ops.extend(self.shared.route(msg, None));
-        self.shared.detach(ops);
+        self.shared.route(msg, None);
     }
 
     /// Publish a server-originated message to one device only: enqueued if a connected session
@@ -813,10 +825,8 @@ impl Broker {
                 seq: 0,
                 shared: None,
             };
-            let mut ops = Vec::new();
-            let outcome = self.shared.enqueue(&mut s, d, &mut ops);
+            let outcome = self.shared.enqueue(&mut s, d, &mut false);
             drop(s);
-            self.shared.detach(ops);
             if outcome.is_enqueued() {
                 self.shared
                     .counters
@@ -958,8 +968,16 @@ impl Broker {
             }
             let expiry = (v.expiry_secs != u32::MAX)
                 .then(|| std::time::Duration::from_secs(u64::from(v.expiry_secs)));
-            // Stored again with its deadline (one that was online has none yet).
-            ops.extend(shared.session_op(&s, true));
+            // Offline from now on: one that was online when the server stopped gets its full
+            // expiry from now; one that was offline keeps its deadline (a restart must not
+            // extend it, or a server restarted often enough would keep it for ever).
+            let deadline_ms = match expiry {
+                Some(_) if v.expires_at_ms != 0 => v.expires_at_ms,
+                Some(after) => now_ms
+                    .saturating_add(u64::try_from(after.as_millis()).unwrap_or(u64::MAX))
+                    .max(1),
+                None => 0,
+            };
             let session: SessionRef = Arc::new(Mutex::new(s));
             {
                 let mut table = lock(&shared.sessions);
@@ -972,6 +990,13 @@ impl Broker {
                 for (filter, opts) in v.subs {
                     shared.add_subscription(&session, &mut s, filter, opts);
                 }
+                // Stored again with that deadline, and with its subscriptions (stored before
+                // they were added, the next restart would bring it back with none).
+                s.offline_until_ms = deadline_ms;
+                // The policy may have changed while the server was down: what it no longer
+                // allows must not collect messages until the client comes back.
+                shared.revoke_disallowed(&mut s, true);
+                ops.extend(shared.session_op_at(&s, deadline_ms));
                 if let Some(after) = expiry {
                     let left = if v.expires_at_ms != 0 {
                         std::time::Duration::from_millis(v.expires_at_ms.saturating_sub(now_ms))
@@ -1091,13 +1116,14 @@ impl Shared {
     /// what phase 1 saw: an UNSUBSCRIBE, a new SUBSCRIBE, or its end) is judged on its current
     /// filters instead, under its lock, so a message is never delivered on a subscription that
     /// was already removed (the same per-session atomicity the single table lock used to give).
-    /// Returns the state ops that make what it queued for persisted sessions durable (the caller
-    /// submits them, and acknowledges the message only once they are durable).
-    pub(crate) fn route(&self, msg: Arc<Message>, publisher: Option<&str>) -> Vec<StateOp> {
-        let mut ops = Vec::new();
+    /// What it queued for persisted sessions is submitted to the store as it goes (see
+    /// `enqueue`); returns whether there was any (the caller acknowledges the message only once
+    /// that is durable: [`Shared::barrier`]).
+    pub(crate) fn route(&self, msg: Arc<Message>, publisher: Option<&str>) -> bool {
+        let mut stored = false;
         let expires_at = expiry_instant(&msg);
         // Shared subscriptions: one member of each matching group (shared_sub.rs).
-        self.route_shared(&msg, expires_at, &mut ops);
+        self.route_shared(&msg, expires_at, &mut stored);
         let mut targets: Vec<(SessionId, SubOptions, SessionRef)> = Vec::new();
         let seen = {
             let index = read(&self.subs);
@@ -1107,7 +1133,7 @@ impl Shared {
             index.generation()
         };
         if targets.is_empty() {
-            return ops;
+            return stored;
         }
         // Group a session's filters together (a session can match through several).
         targets.sort_unstable_by_key(|t| t.0);
@@ -1141,21 +1167,20 @@ impl Shared {
                     seq: 0,
                     shared: None,
                 };
-                self.enqueue(&mut s, d, &mut ops);
+                self.enqueue(&mut s, d, &mut stored);
             }
         }
-        ops
+        stored
     }
 
     /// Queue a delivery on a session (whose lock the caller holds) within the session's bounds;
     /// a drop (of this message or of older QoS 0 ones) is counted. A QoS 1/2 delivery to a
-    /// persisted session gets its `seq` and the op that stores it is pushed onto `ops`.
-    pub(crate) fn enqueue(
-        &self,
-        s: &mut Session,
-        mut d: Delivery,
-        ops: &mut Vec<StateOp>,
-    ) -> Enqueue {
+    /// persisted session gets its `seq` and is submitted to the store (`stored` is set) before
+    /// the session's lock is released: once it is released, the session's connection may send
+    /// the message, get it acknowledged and submit its delete, which must come after the put
+    /// (a put applied after its delete would stay stored for the session's life, and come back
+    /// after a restart as a second delivery).
+    pub(crate) fn enqueue(&self, s: &mut Session, mut d: Delivery, stored: &mut bool) -> Enqueue {
         let online = s.link.is_some();
         let qos = d.qos;
         let op = match s.persist_key() {
@@ -1184,8 +1209,9 @@ impl Shared {
             self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             self.counters.refuse(Refusal::QueueFull);
         }
-        if outcome.is_enqueued() {
-            ops.extend(op);
+        if let (true, Some(op)) = (outcome.is_enqueued(), op) {
+            self.detach(vec![op]);
+            *stored = true;
         }
         outcome
     }
@@ -1195,6 +1221,11 @@ impl Shared {
         if let (Some(p), false) = (&self.persist, ops.is_empty()) {
             p.submit_detached(ops);
         }
+    }
+
+    /// What resolves once everything submitted so far is durable (`None`: no persistence).
+    pub(crate) fn barrier(&self) -> Option<Durable> {
+        self.persist.as_ref().map(|p| p.submit(Vec::new()))
     }
 
     /// Submit ops and get what resolves once they are durable; `None` if there is nothing to wait for.
@@ -1216,11 +1247,13 @@ impl Shared {
             .max(1)
     }
 
-    /// Unix ms (the embedder's clock) as a tokio instant (`None` for 0).
+    /// Unix ms (the embedder's clock) as a tokio instant (`None` for 0, and for a deadline too
+    /// far away to represent: a stored value is not trusted to be sane, and `Instant + Duration`
+    /// would panic, failing every start).
     pub(crate) fn instant_of(&self, wall_ms: u64) -> Option<Instant> {
         let p = self.persist.as_ref().filter(|_| wall_ms != 0)?;
         let left = wall_ms.saturating_sub(p.now_ms());
-        Some(Instant::now() + std::time::Duration::from_millis(left))
+        Instant::now().checked_add(std::time::Duration::from_millis(left))
     }
 
     pub(crate) fn message_value(
@@ -1243,19 +1276,34 @@ impl Shared {
         .encode()
     }
 
-    /// The op that stores a persisted session as it is now (`offline`: its expiry counts from now).
+    /// Unix ms at which `s`, going offline now, ends (0: never, or no persistence).
+    pub(crate) fn deadline_from_now(&self, s: &Session) -> u64 {
+        if s.expiry_secs == u32::MAX {
+            return 0;
+        }
+        self.persist.as_ref().map_or(0, |p| {
+            p.now_ms()
+                .saturating_add(u64::from(s.expiry_secs) * 1000)
+                .max(1)
+        })
+    }
+
+    /// The op that stores a persisted session as it is now (`offline`: with its deadline; one
+    /// that already has a deadline keeps it, otherwise its expiry counts from now).
     pub(crate) fn session_op(&self, s: &Session, offline: bool) -> Option<StateOp> {
+        let expires_at_ms = match (offline, s.offline_until_ms) {
+            (false, _) => 0,
+            (true, 0) => self.deadline_from_now(s),
+            (true, at) => at,
+        };
+        self.session_op_at(s, expires_at_ms)
+    }
+
+    /// The op that stores a persisted session as it is now, gone at `expires_at_ms` (unix ms;
+    /// 0: online, or never).
+    pub(crate) fn session_op_at(&self, s: &Session, expires_at_ms: u64) -> Option<StateOp> {
         let key = s.persist_key()?;
         let owner = &s.persist.as_ref()?.owner;
-        let expires_at_ms = if offline && s.expiry_secs != u32::MAX {
-            self.persist.as_ref().map_or(0, |p| {
-                p.now_ms()
-                    .saturating_add(u64::from(s.expiry_secs) * 1000)
-                    .max(1)
-            })
-        } else {
-            0
-        };
         Some(StateOp::PutSession {
             key: key.to_owned(),
             value: SessionValue::of(owner, s, expires_at_ms).encode(),
@@ -1299,34 +1347,37 @@ impl Shared {
 
     /// Store (or, with an empty payload, clear) a retained message on behalf of `owner` (`None`:
     /// the server). False if a client's message was refused by a retained limit (counted).
-    /// The op that makes the change durable is pushed onto `ops`.
+    /// The op that makes the change durable is submitted under the table's lock (`stored` is
+    /// set), so two publishers of one topic reach the store in the order the table saw them.
     pub(crate) fn store_retained(
         &self,
         msg: &Arc<Message>,
         owner: Option<&Owner>,
-        ops: &mut Vec<StateOp>,
+        stored: &mut bool,
     ) -> bool {
         let mut retained = lock(&self.retained);
         if msg.payload.is_empty() {
             retained.remove(&msg.topic);
-            drop(retained);
             if self.persist.is_some() {
-                ops.push(StateOp::DeleteRetained {
+                self.detach(vec![StateOp::DeleteRetained {
                     topic: msg.topic.clone(),
-                });
+                }]);
+                *stored = true;
             }
             return true;
         }
-        if !retained.make_room(&self.config, owner, msg) {
+        let mut expired = Vec::new();
+        let fits = retained.make_room(&self.config, owner, msg, &mut expired);
+        self.delete_retained(expired);
+        if !fits {
             drop(retained);
             self.counters.refuse(Refusal::RetainedQuota);
             return false;
         }
         let expires_at = expiry_instant(msg);
         retained.insert(msg.clone(), expires_at, owner.cloned());
-        drop(retained);
         if self.persist.is_some() {
-            ops.push(StateOp::PutRetained {
+            self.detach(vec![StateOp::PutRetained {
                 topic: msg.topic.clone(),
                 value: RetainedValue {
                     owner: owner.cloned(),
@@ -1334,32 +1385,53 @@ impl Shared {
                     expires_at_ms: self.wall_ms(expires_at),
                 }
                 .encode(),
-            });
+            }]);
+            *stored = true;
         }
         true
     }
 
     /// A client's accepted message: a retained one is stored within its owner's quota first
     /// (over quota it is delivered without the retain flag), then it is routed. `owner` is only
-    /// asked for a retained message. Returns the ops that make it durable (see `route`).
+    /// asked for a retained message. Returns whether anything was submitted to the store (see
+    /// `route`).
     pub(crate) fn retain_and_route(
         &self,
         mut msg: Arc<Message>,
         owner: impl FnOnce() -> Owner,
         client_id: &str,
-    ) -> Vec<StateOp> {
-        let mut ops = Vec::new();
-        if msg.retain && !self.store_retained(&msg, Some(&owner()), &mut ops) {
+    ) -> bool {
+        let mut stored = false;
+        if msg.retain && !self.store_retained(&msg, Some(&owner()), &mut stored) {
             Arc::make_mut(&mut msg).retain = false;
         }
-        ops.extend(self.route(msg, Some(client_id)));
-        ops
+        self.route(msg, Some(client_id)) || stored
     }
 
     /// Whether `owner` could store this retained message now (a check before the message is
     /// accepted; [`Shared::store_retained`] decides).
     pub(crate) fn retained_fits(&self, msg: &Message, owner: &Owner) -> bool {
-        msg.payload.is_empty() || lock(&self.retained).make_room(&self.config, Some(owner), msg)
+        if msg.payload.is_empty() {
+            return true;
+        }
+        let mut retained = lock(&self.retained);
+        let mut expired = Vec::new();
+        let fits = retained.make_room(&self.config, Some(owner), msg, &mut expired);
+        self.delete_retained(expired);
+        fits
+    }
+
+    /// Retained messages the table removed (expired ones given back for room, a removed
+    /// device's) leave the store too. Called under the table's lock, for order.
+    fn delete_retained(&self, topics: Vec<String>) {
+        if self.persist.is_some() && !topics.is_empty() {
+            self.detach(
+                topics
+                    .into_iter()
+                    .map(|topic| StateOp::DeleteRetained { topic })
+                    .collect(),
+            );
+        }
     }
 
     /// Remove the subscriptions of a session (whose lock the caller holds) that its current
@@ -1482,8 +1554,7 @@ impl Shared {
         match self.hooks.on_publish(principal, client_id, &msg).await {
             PublishVerdict::Accept => {
                 self.counters.messages_in.fetch_add(1, Ordering::Relaxed);
-                let ops = self.retain_and_route(Arc::new(msg), || Owner::of(principal), client_id);
-                self.detach(ops);
+                self.retain_and_route(Arc::new(msg), || Owner::of(principal), client_id);
             }
             PublishVerdict::Reject(code) => {
                 tracing::debug!(client_id, code, topic = %msg.topic, "will rejected by on_publish");

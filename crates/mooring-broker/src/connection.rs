@@ -220,6 +220,7 @@ async fn cleanup(shared: &Arc<Shared>, conn_id: u64, record: &Mutex<ConnRecord>)
                 });
             if session_expiry_secs != 0 {
                 // Stored with its deadline, so its expiry keeps running while the server is down.
+                s.offline_until_ms = shared.deadline_from_now(&s);
                 if let Some(op) = shared.session_op(&s, true) {
                     shared.detach(vec![op]);
                 }
@@ -315,13 +316,38 @@ struct Conn<S> {
     /// Bytes read together with CONNECT, not yet processed.
     leftover: Vec<u8>,
     /// Acks of accepted publishes, in order, each waiting (if it must) until what the publish
-    /// queued for persisted sessions is durable. Sent in order: one still waiting holds back
-    /// the ones behind it.
+    /// queued for persisted sessions is durable; likewise PUBCOMP and PUBREL, which wait until
+    /// the QoS 2 state they end is durable. Sent in order: one still waiting holds back the
+    /// ones behind it.
     acks: std::collections::VecDeque<DeferredAck>,
+    /// SUBSCRIBE / UNSUBSCRIBE changed a persisted session: its value is written once after
+    /// the input at hand is processed (not once per packet; see `write_session`).
+    session_dirty: bool,
+    /// That write, until it is durable; reading waits for it.
+    session_write: Option<Durable>,
 }
 
-/// A PUBACK / PUBREC to send once `wait` (if any) resolves.
+/// What a [`DeferredAck`] sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AckKind {
+    /// PUBACK (QoS 1) or PUBREC (QoS 2) of a received PUBLISH.
+    Publish,
+    /// PUBCOMP: a received QoS 2 message is released. Sent before the session's stored value
+    /// forgets its id, a restart would bring the id back while the client, told it is free,
+    /// uses it for a new message, which would then be dropped as a resend.
+    Pubcomp,
+    /// PUBREL: the client has our QoS 2 message. Sent before that is stored, a restart would
+    /// send the message again, and the client would take it for a new one.
+    Pubrel,
+    /// Nothing to send: a QoS 0 publish that changed a retained message waits here only so it
+    /// counts against reading like the others (a retained QoS 0 flood would otherwise queue
+    /// payloads for the store as fast as the client sends them).
+    Flow,
+}
+
+/// A PUBACK / PUBREC / PUBCOMP / PUBREL to send once `wait` (if any) resolves.
 struct DeferredAck {
+    kind: AckKind,
     pid: u16,
     qos: u8,
     /// v5 reason code.
@@ -393,6 +419,8 @@ where
         client_packet_size_max: u32::MAX,
         leftover: Vec::new(),
         acks: std::collections::VecDeque::new(),
+        session_dirty: false,
+        session_write: None,
     };
     // The CONNECT phase (its packet, the authentication call, `info`) lives in its own heap
     // future, freed once the session is attached, so an idle connection's task keeps none of it.
@@ -942,6 +970,7 @@ where
                             s.principal = principal.clone();
                             s.expiry_secs = expiry_secs;
                             s.generation += 1;
+                            s.offline_until_ms = 0;
                             s.link = Some(Link {
                                 conn_id,
                                 control: link.control.clone(),
@@ -1088,6 +1117,19 @@ where
         }
         self.pump();
         true
+    }
+
+    fn pubcomp(&mut self, pid: u16) -> Vec<Event> {
+        match self.version {
+            ProtocolVersion::V311 => match v3_1_1::Pubcomp::builder().packet_id(pid).build() {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+            ProtocolVersion::V5 => match v5_0::Pubcomp::builder().packet_id(pid).build() {
+                Ok(p) => self.mqtt.send(p.into()),
+                Err(_) => Vec::new(),
+            },
+        }
     }
 
     fn pubrel(&mut self, pid: u16) -> Vec<Event> {
@@ -1303,8 +1345,9 @@ where
             } else if stall.is_none() {
                 stall = Some(Box::pin(tokio::time::sleep(write_stall)));
             }
-            let can_read =
-                pending.len() + self.acks.len() < pending_max && self.out.len() < read_pause_bytes;
+            let can_read = pending.len() + self.acks.len() < pending_max
+                && self.out.len() < read_pause_bytes
+                && self.session_write.is_none();
             let keepalive = async {
                 match self.keepalive.as_mut() {
                     Some(s) => s.await,
@@ -1323,6 +1366,7 @@ where
                 Stalled,
                 Done(Option<PendingPublish>),
                 Durable(bool),
+                SessionStored,
                 Notified,
                 Io(Io),
             }
@@ -1331,6 +1375,8 @@ where
             let stream = &mut self.stream;
             let acks = &mut self.acks;
             let acks_waiting = !acks.is_empty();
+            let session_write = &mut self.session_write;
+            let session_writing = session_write.is_some();
             let step = tokio::select! {
                 biased;
                 c = control_rx.recv() => Step::Control(c),
@@ -1338,6 +1384,10 @@ where
                 () = stall_timer => Step::Stalled,
                 done = pending.next(), if !pending.is_empty() => Step::Done(done),
                 durable = std::future::poll_fn(|cx| poll_front_ack(acks, cx)), if acks_waiting => Step::Durable(durable),
+                _ = std::future::poll_fn(|cx| match session_write.as_mut() {
+                    Some(w) => w.as_mut().poll(cx),
+                    None => Poll::Pending,
+                }), if session_writing => Step::SessionStored,
                 () = notify.notified() => Step::Notified,
                 io = std::future::poll_fn(|cx| poll_io(stream, cx, out, needs_flush, can_read, &mut buf)),
                     if want_write || can_read => Step::Io(io),
@@ -1384,6 +1434,9 @@ where
                 Step::Durable(durable) => {
                     self.release_ack(durable);
                 }
+                // Stored or not (a failing store), reading goes on: the next write carries
+                // the session as it is then.
+                Step::SessionStored => self.session_write = None,
                 Step::Notified => self.pump(),
                 Step::Io(Io::WriteFailed) => break,
                 Step::Io(Io::Wrote(n)) => {
@@ -1468,8 +1521,27 @@ where
                 }
             }
         }
+        self.write_session();
         self.pump();
         got_packet
+    }
+
+    /// Write the session's value if SUBSCRIBE / UNSUBSCRIBE changed it. Each write is the whole
+    /// value (up to `subscriptions_per_session_max` filters), so one per packet would let a
+    /// client flooding SUBSCRIBEs (a few bytes each) queue copies for the store without bound:
+    /// one per processed read, and no reading until it is durable, keeps a connection to one
+    /// value in the queue at a time.
+    fn write_session(&mut self) {
+        if !std::mem::take(&mut self.session_dirty) {
+            return;
+        }
+        let Some(session) = &self.session else {
+            return;
+        };
+        let op = self.shared.session_op(&lock(session), false);
+        if let Some(w) = self.shared.durable(op.into_iter().collect()) {
+            self.session_write = Some(w);
+        }
     }
 
     fn disconnect_v5(&mut self, code: DisconnectReasonCode) {
@@ -1516,20 +1588,12 @@ where
                 self.outbound_pubrec(p.packet_id());
             }
             GenericPacket::V3_1_1Pubrel(p) => {
-                self.inbound_qos2_released(p.packet_id());
-                let events = match v3_1_1::Pubcomp::builder().packet_id(p.packet_id()).build() {
-                    Ok(c) => self.mqtt.send(c.into()),
-                    Err(_) => Vec::new(),
-                };
-                self.apply(events);
+                let wait = self.inbound_qos2_released(p.packet_id());
+                self.queue_deferred(AckKind::Pubcomp, p.packet_id(), 2, 0, wait);
             }
             GenericPacket::V5_0Pubrel(p) => {
-                self.inbound_qos2_released(p.packet_id());
-                let events = match v5_0::Pubcomp::builder().packet_id(p.packet_id()).build() {
-                    Ok(c) => self.mqtt.send(c.into()),
-                    Err(_) => Vec::new(),
-                };
-                self.apply(events);
+                let wait = self.inbound_qos2_released(p.packet_id());
+                self.queue_deferred(AckKind::Pubcomp, p.packet_id(), 2, 0, wait);
             }
             GenericPacket::V3_1_1Subscribe(p) => {
                 let entries: Vec<(String, SubOptions, u8)> = p
@@ -1620,19 +1684,21 @@ where
         }
     }
 
-    /// PUBREL of an inbound QoS 2 message: a persisted session stops remembering its id.
-    fn inbound_qos2_released(&self, pid: u16) {
-        if let Some(session) = &self.session {
-            let mut s = lock(session);
-            if s.persist_key().is_some() && s.qos2_in.remove(&pid) {
-                if let Some(op) = self.shared.session_op(&s, false) {
-                    self.shared.detach(vec![op]);
-                }
-            }
+    /// PUBREL of an inbound QoS 2 message: a persisted session stops remembering its id;
+    /// what the PUBCOMP waits for.
+    fn inbound_qos2_released(&self, pid: u16) -> Option<Durable> {
+        let session = self.session.as_ref()?;
+        let mut s = lock(session);
+        if s.persist_key().is_some() && s.qos2_in.remove(&pid) {
+            return self
+                .shared
+                .durable(self.shared.session_op(&s, false).into_iter().collect());
         }
+        None
     }
 
     fn outbound_pubrec(&mut self, pid: u16) {
+        let mut wait = None;
         if let Some(session) = &self.session {
             let mut s = lock(session);
             let mut stored = None;
@@ -1642,21 +1708,20 @@ where
                     stored = Some(i.delivery.clone());
                 }
             }
-            // Stored before the PUBREL goes out: after a restart the PUBREL is sent again, not
-            // the message.
+            // Durable before the PUBREL goes out: after a restart the PUBREL is sent again,
+            // not the message.
             if let (Some(d), Some(key)) = (stored, s.persist_key()) {
                 let value = self
                     .shared
                     .message_value(&d, Some((InflightState::AwaitComp, pid)));
-                self.shared.detach(vec![StateOp::PutMessage {
+                wait = self.shared.durable(vec![StateOp::PutMessage {
                     session: key.to_owned(),
                     seq: d.seq,
                     value,
                 }]);
             }
         }
-        let events = self.pubrel(pid);
-        self.apply(events);
+        self.queue_deferred(AckKind::Pubrel, pid, 2, 0, wait);
     }
 
     fn inbound_publish(
@@ -1730,14 +1795,18 @@ where
                 let qos = p.msg.qos;
                 // A retained quota filled up since the check at receipt: delivered, not retained.
                 let owner = || Owner::of(&self.principal());
-                let mut ops = self
+                let stored = self
                     .shared
                     .retain_and_route(Arc::new(p.msg), owner, &self.client_id);
                 let Some(pid) = p.packet_id else {
-                    self.shared.detach(ops);
+                    if stored {
+                        let wait = self.shared.barrier();
+                        self.queue_deferred(AckKind::Flow, 0, 0, 0, wait);
+                    }
                     self.pump();
                     return;
                 };
+                let mut ops = Vec::new();
                 if qos == 2 {
                     // A persisted session remembers the id until PUBREL, durably with the
                     // message, so a resend after a restart is not routed twice.
@@ -1749,8 +1818,15 @@ where
                         }
                     }
                 }
-                // Acknowledged only once durable.
-                let wait = self.shared.durable(ops);
+                // Acknowledged only once durable (ops go after what routing submitted, so
+                // their ticket covers that too).
+                let wait = if !ops.is_empty() {
+                    self.shared.durable(ops)
+                } else if stored {
+                    self.shared.barrier()
+                } else {
+                    None
+                };
                 self.queue_ack(pid, qos, 0, wait);
             }
             PublishVerdict::Reject(code) => {
@@ -1768,7 +1844,10 @@ where
             }
             PublishVerdict::Failed(_) if p.packet_id.is_none() => {}
             PublishVerdict::Failed(_) | PublishVerdict::Disconnect => {
-                // No ack: the client resends after reconnecting.
+                // No ack: the client resends after reconnecting (and that must be routed).
+                if let (Some(pid), 2) = (p.packet_id, p.msg.qos) {
+                    self.qos2_not_received(pid);
+                }
                 self.disconnect_v5(DisconnectReasonCode::ImplementationSpecificError);
                 self.close = true;
                 return;
@@ -1780,15 +1859,44 @@ where
     /// Send an ack now, or (if it must wait for durability, or earlier acks still wait) queue it:
     /// acks go out in the order the publishes were received.
     fn queue_ack(&mut self, pid: u16, qos: u8, code: u8, wait: Option<Durable>) {
-        if wait.is_none() && self.acks.is_empty() {
-            self.ack(pid, qos, code);
+        self.queue_deferred(AckKind::Publish, pid, qos, code, wait);
+    }
+
+    /// Send `kind` for `pid` now, or queue it behind what still waits (see `acks`).
+    fn queue_deferred(
+        &mut self,
+        kind: AckKind,
+        pid: u16,
+        qos: u8,
+        code: u8,
+        wait: Option<Durable>,
+    ) {
+        let a = DeferredAck {
+            kind,
+            pid,
+            qos,
+            code,
+            wait,
+        };
+        if a.wait.is_none() && self.acks.is_empty() {
+            self.send_deferred(&a);
         } else {
-            self.acks.push_back(DeferredAck {
-                pid,
-                qos,
-                code,
-                wait,
-            });
+            self.acks.push_back(a);
+        }
+    }
+
+    fn send_deferred(&mut self, a: &DeferredAck) {
+        match a.kind {
+            AckKind::Publish => self.ack(a.pid, a.qos, a.code),
+            AckKind::Pubcomp => {
+                let events = self.pubcomp(a.pid);
+                self.apply(events);
+            }
+            AckKind::Pubrel => {
+                let events = self.pubrel(a.pid);
+                self.apply(events);
+            }
+            AckKind::Flow => {}
         }
     }
 
@@ -1800,15 +1908,52 @@ where
         let Some(a) = self.acks.pop_front() else {
             return true;
         };
-        if durable || a.code != 0 {
-            self.ack(a.pid, a.qos, a.code);
-        } else if self.version == ProtocolVersion::V5 {
-            self.ack(a.pid, a.qos, 0x80);
-        } else {
-            self.close = true;
-            return false;
+        // A PUBCOMP / PUBREL whose state could not be stored goes out anyway: memory is right,
+        // and holding it back would not store it later (the peer's repeat changes nothing).
+        // QoS 0 (`Flow`) promised nothing.
+        if durable || a.code != 0 || a.kind != AckKind::Publish {
+            self.send_deferred(&a);
+            return true;
         }
-        true
+        if a.qos == 2 {
+            self.qos2_not_received(a.pid);
+        }
+        if self.version == ProtocolVersion::V5 {
+            self.ack(a.pid, a.qos, 0x80);
+            true
+        } else {
+            // Closed without acks: the QoS 2 publishes still waiting behind this one are
+            // resent too (whether or not they became durable, routing a resend again is a
+            // duplicate at worst; answering it as one already received could lose it).
+            for rest in std::mem::take(&mut self.acks) {
+                if rest.kind == AckKind::Publish && rest.qos == 2 && rest.code == 0 {
+                    self.qos2_not_received(rest.pid);
+                }
+            }
+            self.close = true;
+            false
+        }
+    }
+
+    /// A QoS 2 PUBLISH under `pid` is not acknowledged as received (no PUBREC, or one with a
+    /// failure code): the library took note of its id when it arrived, and the session when it
+    /// was routed, but the client will send it again (a resend after reconnecting, or a new
+    /// message under the same id), and that must be routed, not answered as a duplicate (which
+    /// would acknowledge a message that is not stored). Rare (a failing store or embedder), so
+    /// rebuilding the library's set is fine.
+    fn qos2_not_received(&mut self, pid: u16) {
+        let mut handled = self.mqtt.get_qos2_publish_handled();
+        if handled.remove(&pid) {
+            self.mqtt.restore_qos2_publish_handled(handled);
+        }
+        if let Some(session) = &self.session {
+            let mut s = lock(session);
+            if s.qos2_in.remove(&pid) {
+                if let Some(op) = self.shared.session_op(&s, false) {
+                    self.shared.detach(vec![op]);
+                }
+            }
+        }
     }
 
     /// PUBACK (QoS 1) or PUBREC (QoS 2) with a v5 reason code (ignored on v3.1.1).
@@ -1961,11 +2106,7 @@ where
                 .hooks
                 .on_subscribed(&client_id, &principal, &granted);
         }
-        let mut ops: Vec<StateOp> = self
-            .shared
-            .session_op(&lock(&session), false)
-            .into_iter()
-            .collect();
+        self.session_dirty = true;
         // Retained messages go after the SUBACK (same write buffer, so in order).
         for (filter, qos, sub_id) in retained_for {
             for (msg, expires_at) in self.shared.retained_matching(&filter) {
@@ -1981,10 +2122,9 @@ where
                     seq: 0,
                     shared: None,
                 };
-                self.shared.enqueue(&mut lock(&session), d, &mut ops);
+                self.shared.enqueue(&mut lock(&session), d, &mut false);
             }
         }
-        self.shared.detach(ops);
     }
 
     fn unsubscribe(&mut self, pid: u16, filters: Vec<String>) {
@@ -2001,10 +2141,8 @@ where
                     UnsubackReasonCode::NoSubscriptionExisted
                 });
             }
-            if let Some(op) = self.shared.session_op(&s, false) {
-                self.shared.detach(vec![op]);
-            }
         }
+        self.session_dirty = true;
         let events = match self.version {
             ProtocolVersion::V311 => match v3_1_1::Unsuback::builder().packet_id(pid).build() {
                 Ok(p) => self.mqtt.send(p.into()),

@@ -58,7 +58,8 @@ pub type Durable = Pin<Box<dyn Future<Output = bool> + Send>>;
 
 /// Where the broker's durable state goes (the server: the store's group-commit writer).
 pub trait Persistence: Send + Sync + 'static {
-    /// Queues `ops` after everything submitted before; the future resolves once they are durable.
+    /// Queues `ops` after everything submitted before; the future resolves once they are durable
+    /// (and so is everything submitted before them: with no ops, it is a barrier).
     fn submit(&self, ops: Vec<StateOp>) -> Durable;
     /// Queues `ops` after everything submitted before; nobody waits for them.
     fn submit_detached(&self, ops: Vec<StateOp>);

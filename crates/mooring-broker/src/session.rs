@@ -116,6 +116,10 @@ pub(crate) struct Session {
     pub(crate) notify: Arc<Notify>,
     /// Set while the session is persisted (expiry > 0 and the broker has persistence).
     pub(crate) persist: Option<Box<PersistInfo>>,
+    /// While offline and persisted: the unix ms its stored value says it ends at (0: online,
+    /// or never), so a value written again while it is offline (a revocation, a restore)
+    /// keeps the deadline instead of starting a new one.
+    pub(crate) offline_until_ms: u64,
     /// A persisted session's will, stored with it (see `persist::StoredWill`).
     pub(crate) will: Option<Box<crate::persist::StoredWill>>,
 }
@@ -139,6 +143,7 @@ impl Session {
             generation: 0,
             notify: Arc::new(Notify::new()),
             persist: None,
+            offline_until_ms: 0,
             will: None,
         }
     }

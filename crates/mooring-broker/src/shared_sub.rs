@@ -257,7 +257,7 @@ impl Shared {
         &self,
         msg: &Arc<Message>,
         expires_at: Option<Instant>,
-        ops: &mut Vec<StateOp>,
+        stored: &mut bool,
     ) {
         let picks = {
             let groups = read(&self.groups);
@@ -271,7 +271,7 @@ impl Shared {
                 subscription: pick.subscription.clone(),
                 redelivered: false,
             };
-            self.deliver_to_group(&pick, None, true, ops, |opts| {
+            self.deliver_to_group(&pick, None, true, stored, |opts| {
                 delivery(msg, opts, expires_at, via.clone())
             });
         }
@@ -279,13 +279,13 @@ impl Shared {
 
     /// Enqueue a delivery (made by `make` from the member's subscription options) on one member
     /// of the group, other than `exclude`, chosen round robin from `pick.start` (see [`Pass`]).
-    /// False if no member took it.
+    /// False if no member took it. (`stored`: see [`Shared::enqueue`].)
     fn deliver_to_group(
         &self,
         pick: &Pick,
         exclude: Option<SessionId>,
         offline_ok: bool,
-        ops: &mut Vec<StateOp>,
+        stored: &mut bool,
         make: impl Fn(SubOptions) -> Delivery,
     ) -> bool {
         let members = &pick.members;
@@ -318,7 +318,7 @@ impl Shared {
                     Pass::Offline => !online && d.qos > 0,
                 };
                 if take {
-                    return self.enqueue(&mut s, d, ops).is_enqueued();
+                    return self.enqueue(&mut s, d, stored).is_enqueued();
                 }
             }
         }
@@ -422,7 +422,7 @@ impl Shared {
                     redelivered: true,
                     ..via.clone()
                 };
-                self.deliver_to_group(&pick, Some(id), ended, ops, |opts| {
+                self.deliver_to_group(&pick, Some(id), ended, &mut false, |opts| {
                     delivery(&d.msg, opts, d.expires_at, via.clone())
                 })
             });
@@ -432,7 +432,7 @@ impl Shared {
                     .fetch_add(1, Ordering::Relaxed);
             } else if !ended {
                 // The other member left meanwhile: the session keeps it after all.
-                self.enqueue(&mut lock(session), d, ops);
+                self.enqueue(&mut lock(session), d, &mut false);
             } else {
                 self.counters.dropped.fetch_add(1, Ordering::Relaxed);
             }

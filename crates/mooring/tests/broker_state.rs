@@ -508,6 +508,32 @@ async fn session_expiry_keeps_running_while_the_server_is_down() {
 }
 
 #[tokio::test]
+async fn an_offline_session_keeps_its_subscription_over_two_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(dir.path());
+    let mut args = dev_args(&server);
+    args.extend(s(&["-c", "-i", "twice", "-q", "1", "-t", "twice/#"]));
+    let mut sub = Sub::start(&args);
+    sub.kill9();
+    state_settled(&server).await;
+    let data_dir = server.data_dir.clone();
+    server.kill9();
+    // The first restart stores the restored session again; a second one (the client still
+    // away) must find its subscription in that value.
+    let server = Server::start(&data_dir);
+    state_settled(&server).await;
+    server.kill9();
+    let server = Server::start(&data_dir);
+    let mut args = dev_args(&server);
+    args.extend(s(&["-q", "1", "-t", "twice/x", "-m", "after two restarts"]));
+    publish(args);
+    let mut args = dev_args(&server);
+    args.extend(s(&["-c", "-i", "twice", "-q", "1", "-t", "other/x"]));
+    let mut sub = Sub::spawn(&args);
+    assert_eq!(sub.next_message(), "after two restarts");
+}
+
+#[tokio::test]
 async fn the_will_of_a_persistent_session_cut_by_a_crash_fires_after_the_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path());

@@ -1,7 +1,9 @@
 //! Test harness: a broker with test hooks on a TCP port or in-memory streams, and a raw client.
 #![allow(dead_code)]
 
+pub mod mem_persist;
 pub mod principals;
+pub mod raw3;
 
 use mooring_broker::{
     Authenticated, Broker, BrokerConfig, ConnInfo, ConnectRefusal, ConnectRequest, Hooks,
