@@ -34,7 +34,7 @@ impl Ring {
             }
             line.truncate(cut);
         }
-        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lines = mooring_proto::sync::lock(&self.lines);
         while lines.len() >= self.cap {
             lines.pop_front();
         }
@@ -43,7 +43,7 @@ impl Ring {
 
     /// Oldest first.
     pub fn snapshot(&self) -> Vec<String> {
-        let lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        let lines = mooring_proto::sync::lock(&self.lines);
         lines.iter().cloned().collect()
     }
 }

@@ -75,6 +75,7 @@ pub use store::{AgentStore, MemStore};
 pub use transport::{Connector, Stream};
 
 use anyhow::Context as _;
+use mooring_proto::sync::lock;
 use mooring_proto::telemetry::Telemetry;
 use mooring_proto::{Clock, DeviceId, Topic};
 use rand::SeedableRng as _;
@@ -253,7 +254,7 @@ impl Core {
     pub(crate) fn store(&self) -> MutexGuard<'_, Box<dyn AgentStore>> {
         // A part that panicked while holding the store left it consistent (every store call
         // is one transaction), so a poisoned lock is still usable.
-        self.store.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.store)
     }
 }
 
@@ -453,10 +454,6 @@ pub async fn run_with(
         );
     }
     result.map_err(Into::into)
-}
-
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The outbox child: publishes queued entries in seq order through the live connection, at

@@ -210,7 +210,7 @@ impl MemStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, MemInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        mooring_proto::sync::lock(&self.inner)
     }
 }
 

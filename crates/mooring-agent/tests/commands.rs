@@ -65,12 +65,11 @@ fn later() -> u64 {
 async fn results(world: &World, id: &DeviceId, cmd: &str, n: usize) -> Vec<Value> {
     let topic = Topic::command_result(id, cmd);
     world
-        .hooks
         .wait_for(&format!("{n} result(s) of {cmd}"), |h| {
             h.on(&topic).len() >= n
         })
         .await;
-    world.hooks.on(&topic)
+    world.on(&topic)
 }
 
 fn handlers(list: Vec<(&str, Arc<dyn CommandHandler>)>) -> Handlers {
@@ -92,7 +91,7 @@ async fn ping_is_acked_then_answered() -> anyhow::Result<()> {
         .as_u64()
         .is_some_and(|ts| ts >= EPOCH_MS));
     // The ack was published before the result.
-    let msgs = world.hooks.msgs.lock().expect("lock").clone();
+    let msgs = world.hooks.published();
     let pos = |t: &str| msgs.iter().position(|m| m.topic == t);
     let ack = pos(&Topic::command_ack(&id, "c1")).expect("ack published");
     let res = pos(&Topic::command_result(&id, "c1")).expect("result published");
@@ -147,10 +146,7 @@ async fn an_agent_killed_while_running_a_command_does_not_run_it_again() -> anyh
     tokio::time::sleep(Duration::from_secs(1)).await;
     send(&world, &id, "c9", "work", json!({}), later());
     let ack = Topic::command_ack(&id, "c9");
-    world
-        .hooks
-        .wait_for("the ack", |h| !h.on(&ack).is_empty())
-        .await;
+    world.wait_for("the ack", |h| !h.on(&ack).is_empty()).await;
     assert_eq!(hangs.0.load(Ordering::SeqCst), 1);
     agent.kill().await; // power cut while the handler runs: no result recorded
 
@@ -193,7 +189,7 @@ async fn expired_and_unknown_commands_fail_without_running() -> anyhow::Result<(
         json!({"status": "failed", "output": {"reason": "expired"}})
     );
     assert!(
-        world.hooks.on(&Topic::command_ack(&id, "c-old")).is_empty(),
+        world.on(&Topic::command_ack(&id, "c-old")).is_empty(),
         "no ack"
     );
     let r = results(&world, &id, "c-what", 1).await;
@@ -216,7 +212,7 @@ async fn a_panicking_handler_fails_its_command_and_telemetry_keeps_flowing() -> 
     );
     let telemetry = Topic::telemetry(&id);
     tokio::time::sleep(Duration::from_secs(90)).await;
-    let before = world.hooks.on(&telemetry).len();
+    let before = world.on(&telemetry).len();
     assert_eq!(before, 2);
     send(&world, &id, "c1", "boom", json!({}), later());
     let r = results(&world, &id, "c1", 1).await;
@@ -230,7 +226,7 @@ async fn a_panicking_handler_fails_its_command_and_telemetry_keeps_flowing() -> 
     );
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert_eq!(
-        world.hooks.on(&telemetry).len(),
+        world.on(&telemetry).len(),
         before + 10,
         "telemetry kept flowing"
     );
@@ -320,16 +316,13 @@ async fn a_result_produced_while_offline_is_delivered_after_reconnect() -> anyho
     tokio::time::sleep(Duration::from_secs(1)).await;
     send(&world, &id, "c1", "gated", json!({}), later());
     let ack = Topic::command_ack(&id, "c1");
-    world
-        .hooks
-        .wait_for("the ack", |h| !h.on(&ack).is_empty())
-        .await;
+    world.wait_for("the ack", |h| !h.on(&ack).is_empty()).await;
     // The link drops while the command runs; it finishes offline.
     world.connector.set_online(false);
     world.connector.cut();
     gate.0.notify_one();
     tokio::time::sleep(Duration::from_secs(120)).await;
-    assert!(world.hooks.on(&Topic::command_result(&id, "c1")).is_empty());
+    assert!(world.on(&Topic::command_result(&id, "c1")).is_empty());
     assert_eq!(store.len(), 1, "the result waits in the outbox");
     world.connector.set_online(true);
     let r = results(&world, &id, "c1", 1).await;
@@ -354,10 +347,9 @@ async fn shadow_delta_is_applied_and_reported_and_versions_are_reported_on_conne
     let agent = Agent::start(world.deps(&id, &store, Handlers::new()), config);
     let reported = Topic::shadow_reported(&id);
     world
-        .hooks
         .wait_for("two reported updates", |h| h.on(&reported).len() >= 2)
         .await;
-    let r = world.hooks.on(&reported);
+    let r = world.on(&reported);
     assert!(
         r.contains(&json!({"agent": {"version": env!("CARGO_PKG_VERSION")}, "version": "1.4.2"})),
         "{r:?}"
@@ -377,7 +369,6 @@ async fn shadow_delta_is_applied_and_reported_and_versions_are_reported_on_conne
     };
     world.publish(&Topic::shadow_delta(&id), &delta.to_bytes(), true);
     world
-        .hooks
         .wait_for("the second delta reported", |h| h.on(&reported).len() >= 3)
         .await;
     assert_eq!(
@@ -411,7 +402,6 @@ async fn user_handlers_run_as_processes_with_a_timeout() -> anyhow::Result<()> {
     let agent = Agent::start(world.deps(&id, &store, Handlers::new()), config);
     let now = EPOCH_MS + 10 * 365 * 86_400_000; // the real clock is far from EPOCH_MS
     world
-        .hooks
         .wait_for("connected", |_| {
             world
                 .broker
@@ -454,7 +444,6 @@ async fn reboot_answers_first_then_runs_the_configured_command() -> anyhow::Resu
     config.reboot_command = Some(vec!["/bin/sh".into(), "-c".into(), probe]);
     let agent = Agent::start(world.deps(&id, &store, Handlers::new()), config);
     world
-        .hooks
         .wait_for("subscribed", |_| {
             world
                 .broker

@@ -33,7 +33,7 @@ async fn an_hour_of_60s_metrics_is_60_messages_on_virtual_time() -> anyhow::Resu
 
     // Samples at 0 s, 60 s, ..., 3540 s: 60 of them before the hour is over.
     tokio::time::sleep(Duration::from_millis(3_600_000 - 500)).await;
-    let msgs = world.hooks.on(&Topic::telemetry(&id));
+    let msgs = world.on(&Topic::telemetry(&id));
     assert_eq!(msgs.len(), 60, "{msgs:?}");
     for (i, m) in msgs.iter().enumerate() {
         assert_eq!(m["n"], json!(i + 1), "{m}");
@@ -79,10 +79,7 @@ async fn telemetry_buffers_through_an_outage_and_drains_in_order() -> anyhow::Re
         tx.send(line(i)).await?;
     }
     let topic = Topic::telemetry(&id);
-    world
-        .hooks
-        .wait_for("5 lines", |h| h.on(&topic).len() == 5)
-        .await;
+    world.wait_for("5 lines", |h| h.on(&topic).len() == 5).await;
 
     // Outage: the link is cut and the server refuses connections for 10 virtual minutes.
     world.connector.set_online(false);
@@ -92,7 +89,7 @@ async fn telemetry_buffers_through_an_outage_and_drains_in_order() -> anyhow::Re
     }
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert_eq!(
-        world.hooks.on(&topic).len(),
+        world.on(&topic).len(),
         5,
         "nothing gets through while offline"
     );
@@ -104,11 +101,9 @@ async fn telemetry_buffers_through_an_outage_and_drains_in_order() -> anyhow::Re
 
     world.connector.set_online(true);
     world
-        .hooks
         .wait_for("the backlog", |h| h.on(&topic).len() >= 10)
         .await;
     let lines: Vec<u64> = world
-        .hooks
         .on(&topic)
         .iter()
         .filter_map(|m| m["line"].as_u64())

@@ -9,39 +9,14 @@
 //! subscribes (so each SUBSCRIBE gets one retained message), as after a server restart.
 //! Runs on a current-thread runtime: the simulator's one core.
 
-use mooring_broker::{
-    Authenticated, Broker, BrokerConfig, ConnInfo, ConnectRefusal, ConnectRequest, Hooks,
-    ListenerKind, Message, Principal, PublishVerdict,
-};
+use mooring_broker::test_support::AllowAll;
+use mooring_broker::{Broker, BrokerConfig, ConnInfo, ListenerKind, Message};
 use mqtt_protocol_core::mqtt::packet::{
     v3_1_1, GenericPacket, GenericPacketTrait, Qos, SubEntry, SubOpts,
 };
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-
-struct AllowAll;
-
-#[async_trait::async_trait]
-impl Hooks for AllowAll {
-    async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal> {
-        Ok(Authenticated {
-            client_id: req.client_id.to_string(),
-            principal: Principal::Dev,
-        })
-    }
-    fn may_publish(&self, _: &Principal, _: &str) -> bool {
-        true
-    }
-    fn may_subscribe(&self, _: &Principal, _: &str) -> bool {
-        true
-    }
-    async fn on_publish(&self, _: &Principal, _: &str, _: &Message) -> PublishVerdict {
-        PublishVerdict::Accept
-    }
-    fn on_connected(&self, _: &str, _: &Principal) {}
-    fn on_disconnected(&self, _: &str, _: &Principal) {}
-}
 
 fn info() -> ConnInfo {
     ConnInfo {
@@ -127,7 +102,7 @@ async fn run(n: usize, messages: usize, retained: bool) {
         session_queue_len_max: messages + 16,
         ..Default::default()
     };
-    let broker = Broker::new(config, Arc::new(AllowAll));
+    let broker = Broker::new(config, Arc::new(AllowAll::new()));
     let rss_before = rss_mib();
     if retained {
         for i in 0..n {

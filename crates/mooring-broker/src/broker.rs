@@ -13,7 +13,7 @@ use mooring_proto::topic::{filter_matches, is_shared_filter};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
@@ -618,19 +618,9 @@ pub struct Broker {
     pub(crate) shared: Arc<Shared>,
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding a lock must not wedge the broker: the data is still consistent
-    // enough (every critical section is short and updates whole entries).
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-pub(crate) fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-pub(crate) fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+// A panic while holding a lock must not wedge the broker: the data is still consistent
+// enough (every critical section is short and updates whole entries).
+pub(crate) use mooring_proto::sync::{lock, read, write};
 
 impl Broker {
     /// A broker that keeps its state in memory only.

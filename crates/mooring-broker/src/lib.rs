@@ -96,6 +96,8 @@ mod packet_ids;
 pub mod persist;
 pub mod session;
 mod shared_sub;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 
 pub use broker::{Broker, BrokerStats, Refusal, RestoreStats, SessionInfo};
 pub use config::BrokerConfig;

@@ -4,13 +4,10 @@
 
 mod support;
 
-use mooring_broker::{
-    Authenticated, Broker, BrokerConfig, ConnectRefusal, ConnectRequest, Hooks, Message, Principal,
-    PublishVerdict,
-};
+use mooring_broker::test_support::AllowAll;
+use mooring_broker::{Broker, BrokerConfig, Message};
 use mqtt_protocol_core::mqtt::packet::{GenericPacket, SubOpts};
 use mqtt_protocol_core::mqtt::result_code::DisconnectReasonCode;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use support::*;
 
@@ -243,37 +240,12 @@ async fn retained_messages_are_found_by_prefix_and_by_wildcards() {
     }
 }
 
-/// Client id `<device>.<anything>` authenticates as that device.
-struct DeviceHooks;
-
-#[async_trait::async_trait]
-impl Hooks for DeviceHooks {
-    async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal> {
-        let device = req.client_id.split('.').next().unwrap_or_default();
-        Ok(Authenticated {
-            client_id: req.client_id.to_string(),
-            principal: Principal::Device {
-                id: device.to_string(),
-                tags: BTreeMap::new(),
-            },
-        })
-    }
-    fn may_publish(&self, _: &Principal, _: &str) -> bool {
-        true
-    }
-    fn may_subscribe(&self, _: &Principal, _: &str) -> bool {
-        true
-    }
-    async fn on_publish(&self, _: &Principal, _: &str, _: &Message) -> PublishVerdict {
-        PublishVerdict::Accept
-    }
-    fn on_connected(&self, _: &str, _: &Principal) {}
-    fn on_disconnected(&self, _: &str, _: &Principal) {}
-}
-
 #[tokio::test]
 async fn kick_device_closes_only_that_devices_connections() {
-    let broker = Broker::new(BrokerConfig::default(), Arc::new(DeviceHooks));
+    let broker = Broker::new(
+        BrokerConfig::default(),
+        Arc::new(AllowAll::new().as_devices()),
+    );
     let mut d1a = RawClient::open(&broker, true);
     d1a.connect("d1.a").await;
     let mut d1b = RawClient::open(&broker, true);

@@ -13,6 +13,7 @@
 //! * [`shadow`]: shadow delta payload, merge-patch and delta rules (schema v1).
 //! * [`selector`]: the fleet selector syntax (`tag:site=berlin and online`), parsed and evaluated.
 //! * [`clock`]: the injected notion of "now" so business logic can run on virtual time.
+//! * [`sync`]: poison-tolerant `std::sync` locking, the one helper every crate uses.
 //!
 //! The crate does no I/O and does not depend on tokio: the server, the agent and the simulator
 //! all link it, so a change here is a change to the protocol promise made to devices in the
@@ -24,6 +25,7 @@ pub mod id;
 pub mod policy;
 pub mod selector;
 pub mod shadow;
+pub mod sync;
 pub mod telemetry;
 pub mod topic;
 

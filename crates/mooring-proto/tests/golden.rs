@@ -2,8 +2,11 @@
 //! run old firmware for years; if one of these fails, the change broke them. Add a new case for
 //! a new version; never edit an old one.
 
+use mooring_proto::command::{self, CommandRequest, CommandResult, ResultStatus};
+use mooring_proto::shadow::{self, ShadowDelta, ShadowError};
 use mooring_proto::telemetry::{MetricValue, Telemetry, TelemetryError};
 use mooring_proto::{DeviceId, Topic};
+use serde_json::{json, Map, Value};
 
 fn id(s: &str) -> DeviceId {
     DeviceId::parse(s).expect("valid id")
@@ -85,5 +88,208 @@ fn telemetry_v1_rejections() {
     assert!(matches!(
         Telemetry::parse(b"{\"temp\":"),
         Err(TelemetryError::NotJson(_))
+    ));
+}
+
+#[test]
+fn command_and_shadow_topics_v1() {
+    let d = id("lock-01");
+    let cases = [
+        (
+            Topic::command(&d, "c0123abcd"),
+            "devices/lock-01/commands/c0123abcd",
+        ),
+        (Topic::commands_filter(&d), "devices/lock-01/commands/+"),
+        (
+            Topic::command_ack(&d, "c0123abcd"),
+            "devices/lock-01/commands/c0123abcd/ack",
+        ),
+        (
+            Topic::command_result(&d, "c0123abcd"),
+            "devices/lock-01/commands/c0123abcd/result",
+        ),
+        (
+            Topic::shadow_reported(&d),
+            "devices/lock-01/shadow/reported",
+        ),
+        (Topic::shadow_delta(&d), "devices/lock-01/shadow/delta"),
+    ];
+    for (built, pinned) in cases {
+        assert_eq!(built, pinned);
+    }
+    let cmd = || "c0123abcd".to_owned();
+    assert_eq!(
+        Topic::parse("devices/lock-01/commands/c0123abcd"),
+        Some(Topic::Command(d.clone(), cmd()))
+    );
+    assert_eq!(
+        Topic::parse("devices/lock-01/commands/c0123abcd/ack"),
+        Some(Topic::CommandAck(d.clone(), cmd()))
+    );
+    assert_eq!(
+        Topic::parse("devices/lock-01/commands/c0123abcd/result"),
+        Some(Topic::CommandResult(d.clone(), cmd()))
+    );
+    assert_eq!(
+        Topic::parse("devices/lock-01/shadow/reported"),
+        Some(Topic::ShadowReported(d.clone()))
+    );
+    assert_eq!(
+        Topic::parse("devices/lock-01/shadow/delta"),
+        Some(Topic::ShadowDelta(d))
+    );
+}
+
+#[test]
+fn command_v1_request_encoding_is_stable() {
+    let req = CommandRequest {
+        id: "c0123abcd".into(),
+        name: "set_config".into(),
+        params: json!({"interval_secs": 30, "mode": "eco"}),
+        expires_at: 1_767_229_200_000,
+    };
+    let pinned = r#"{"id":"c0123abcd","name":"set_config","params":{"interval_secs":30,"mode":"eco"},"expires_at":1767229200000}"#;
+    assert_eq!(String::from_utf8(req.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(
+        CommandRequest::parse(pinned.as_bytes()).expect("valid"),
+        req
+    );
+
+    // A command without parameters is sent with `"params":null`.
+    let bare = CommandRequest {
+        id: "c1".into(),
+        name: "reboot".into(),
+        params: Value::Null,
+        expires_at: 1,
+    };
+    let pinned = r#"{"id":"c1","name":"reboot","params":null,"expires_at":1}"#;
+    assert_eq!(String::from_utf8(bare.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(
+        CommandRequest::parse(pinned.as_bytes()).expect("valid"),
+        bare
+    );
+}
+
+#[test]
+fn command_v1_request_parsing() {
+    // `params` may be missing; fields a later server adds are ignored.
+    let req =
+        CommandRequest::parse(br#"{"id":"c1","name":"reboot","expires_at":5,"priority":"high"}"#)
+            .expect("valid");
+    assert_eq!(req.params, Value::Null);
+    assert_eq!(req.expires_at, 5);
+    for bad in [
+        &br#"{"id":"a/b","name":"reboot","expires_at":5}"#[..],
+        br#"{"id":"c1","name":"-x","expires_at":5}"#,
+        br#"{"id":"c1","name":"reboot"}"#,
+        br#"{"id":"c1","name":"reboot","expires_at":-1}"#,
+        b"[]",
+    ] {
+        assert!(
+            matches!(
+                CommandRequest::parse(bad),
+                Err(command::CommandPayloadError::Invalid(_))
+            ),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+#[test]
+fn command_v1_ack_payload() {
+    assert_eq!(command::ack_payload(), b"{}");
+}
+
+#[test]
+fn command_v1_result_encoding_is_stable() {
+    let ok = CommandResult {
+        status: ResultStatus::Succeeded,
+        output: json!({"applied": true, "took_ms": 12}),
+    };
+    let pinned = r#"{"status":"succeeded","output":{"applied":true,"took_ms":12}}"#;
+    assert_eq!(String::from_utf8(ok.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(CommandResult::parse(pinned.as_bytes()).expect("valid"), ok);
+
+    let failed = CommandResult {
+        status: ResultStatus::Failed,
+        output: json!({"reason": "expired"}),
+    };
+    let pinned = r#"{"status":"failed","output":{"reason":"expired"}}"#;
+    assert_eq!(String::from_utf8(failed.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(
+        CommandResult::parse(pinned.as_bytes()).expect("valid"),
+        failed
+    );
+}
+
+#[test]
+fn command_v1_result_parsing() {
+    // What a minimal C device sends: no output.
+    let r = CommandResult::parse(br#"{"status":"succeeded"}"#).expect("valid");
+    assert_eq!(r.status, ResultStatus::Succeeded);
+    assert_eq!(r.output, Value::Null);
+    // Output is any JSON.
+    let r =
+        CommandResult::parse(br#"{"status":"failed","output":"unknown command"}"#).expect("valid");
+    assert_eq!(r.output, json!("unknown command"));
+    assert!(CommandResult::parse(br#"{"status":"maybe"}"#).is_err());
+    assert!(CommandResult::parse(br#"{"output":1}"#).is_err());
+}
+
+fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+#[test]
+fn shadow_v1_delta_encoding_is_stable() {
+    // The server computes the delta from desired and reported, then publishes it retained.
+    let desired = object(json!({"fw": "1.4.0", "led": {"on": true, "hz": 2}, "mode": "eco"}));
+    let reported = object(json!({"fw": "1.4.0", "led": {"on": false, "hz": 2}}));
+    let delta = ShadowDelta {
+        version: 7,
+        delta: Value::Object(shadow::delta(&desired, &reported)),
+    };
+    let pinned = r#"{"version":7,"delta":{"led":{"on":true},"mode":"eco"}}"#;
+    assert_eq!(String::from_utf8(delta.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(ShadowDelta::parse(pinned.as_bytes()).expect("valid"), delta);
+    // docs/protocol.md's example.
+    assert_eq!(
+        ShadowDelta::parse(br#"{"version": 7, "delta": {"led": "on"}}"#).expect("valid"),
+        ShadowDelta {
+            version: 7,
+            delta: json!({"led": "on"}),
+        }
+    );
+    assert!(ShadowDelta::parse(br#"{"delta":{}}"#).is_err());
+}
+
+#[test]
+fn shadow_v1_reported_parsing() {
+    // A merge patch: objects merge, other values replace, null deletes.
+    let pinned = br#"{"fw":"1.4.1","led":{"on":true},"battery":null}"#;
+    let patch = shadow::parse_update(pinned).expect("valid");
+    assert_eq!(
+        Value::Object(patch.clone()),
+        json!({"fw": "1.4.1", "led": {"on": true}, "battery": null})
+    );
+    let mut state = object(json!({"fw": "1.4.0", "led": {"on": false, "hz": 2}, "battery": 80}));
+    shadow::merge(&mut state, &patch);
+    assert_eq!(
+        Value::Object(state),
+        json!({"fw": "1.4.1", "led": {"on": true, "hz": 2}})
+    );
+    // The agent encodes its patch as a compact JSON object.
+    assert_eq!(Value::Object(patch).to_string().as_bytes(), pinned);
+    assert!(matches!(
+        shadow::parse_update(b"[1]"),
+        Err(ShadowError::Invalid(_))
+    ));
+    assert!(matches!(
+        shadow::parse_update(b"{\"a\":"),
+        Err(ShadowError::Invalid(_))
     ));
 }

@@ -86,19 +86,13 @@ impl App {
 
     /// The topic policy in force.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        mooring_proto::sync::read(&self.policy).clone()
     }
 
     /// Put a new topic policy in force (a config reload): every session's subscriptions are
     /// checked against it at once and what it no longer allows is removed. Returns that number.
     pub fn set_policy(&self, policy: Policy) -> usize {
-        *self
-            .policy
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(policy);
+        *mooring_proto::sync::write(&self.policy) = Arc::new(policy);
         self.broker().map_or(0, Broker::reauthorize_all)
     }
 

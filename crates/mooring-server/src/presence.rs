@@ -22,10 +22,7 @@ pub struct Presence {
 
 impl Presence {
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, Entry>) -> R) -> R {
-        let mut guard = match self.devices.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut guard = mooring_proto::sync::lock(&self.devices);
         f(&mut guard)
     }
 

@@ -14,6 +14,7 @@ use mooring_agent::{
     AgentConfig, AgentDeps, AgentStore, CommandHandler, Diagnostics, MemStore, Outcome,
 };
 use mooring_broker::{Broker, ConnInfo, ListenerKind};
+use mooring_proto::sync::{lock, read, write};
 use mooring_proto::{Clock, DeviceId};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -132,14 +133,11 @@ impl Net {
     }
 
     pub fn set_broker(&self, broker: Option<Broker>) {
-        *self.broker.write().unwrap_or_else(|p| p.into_inner()) = broker;
+        *write(&self.broker) = broker;
     }
 
     fn broker(&self) -> Option<Broker> {
-        self.broker
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        read(&self.broker).clone()
     }
 
     /// Waits for every connection task to end (after the broker shut down).
@@ -417,7 +415,7 @@ impl DeviceState {
     }
 
     fn record_execution(&self, event: u32) {
-        let mut ex = self.executions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut ex = lock(&self.executions);
         match ex.iter_mut().find(|(e, _)| *e == event) {
             Some((_, n)) => *n += 1,
             None => ex.push((event, 1)),
@@ -505,11 +503,7 @@ impl AgentStore for LedgerStore {
                 .fetch_add(ns.len() as u64, Ordering::Relaxed);
             self.stats
                 .acked_at(self.clock.elapsed_ms(), ns.len() as u64);
-            self.dev
-                .acked
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(ns);
+            lock(&self.dev.acked).extend(ns);
         }
         Ok(removed)
     }
@@ -563,7 +557,7 @@ impl CommandHandler for SimHandler {
             self.dev.record_execution(ev as u32);
         }
         let panic = self.panic_rate > 0.0 && {
-            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            let mut rng = lock(&self.rng);
             rng.random_bool(self.panic_rate)
         };
         if panic {

@@ -14,6 +14,7 @@ use crate::remote::RemoteApi;
 use crate::report::{ExpectationResult, FaultCount, Report, Sample};
 use crate::scenario::{Action, Scenario, ServerTarget, SEQ_METRIC};
 use anyhow::Context as _;
+use mooring_proto::sync::{lock, read, write};
 use mooring_proto::{Clock, DeviceId};
 use mooring_server::app::App;
 use mooring_store::{CommandState, Store, TelemetryQuery};
@@ -66,11 +67,11 @@ struct Control {
 
 impl Control {
     fn app(&self) -> Option<Arc<App>> {
-        self.app.read().unwrap_or_else(|p| p.into_inner()).clone()
+        read(&self.app).clone()
     }
 
     fn set_app(&self, app: Option<Arc<App>>) {
-        *self.app.write().unwrap_or_else(|p| p.into_inner()) = app;
+        *write(&self.app) = app;
     }
 
     fn put_server(&self, s: &InProcessServer) {
@@ -108,7 +109,7 @@ impl Control {
     }
 
     fn fault(&self, kind: &str, injected: u64, detected: u64) {
-        let mut f = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = lock(&self.faults);
         let e = f.entry(kind.to_owned()).or_default();
         e.injected += injected;
         e.detected += detected;
@@ -116,18 +117,12 @@ impl Control {
 
     fn log(&self, line: String) {
         tracing::info!("{line}");
-        self.event_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(line);
+        lock(&self.event_log).push(line);
     }
 
     fn error(&self, line: String) {
         tracing::warn!("{line}");
-        self.event_errors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(line);
+        lock(&self.event_errors).push(line);
     }
 }
 
@@ -289,11 +284,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     let reconnects: u64 = devices.iter().map(|d| d.reconnects_total()).sum();
     // A deleted device is detected when its session is gone and stays refused.
     let deleted_offline = {
-        let deleted = control
-            .deleted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let deleted = lock(&control.deleted).clone();
         let mut n = 0u64;
         for id in &deleted {
             if !control.is_online(id).await {
@@ -333,11 +324,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     };
 
     // Telemetry: every acknowledged sim.n must be in the store.
-    let deleted = control
-        .deleted
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let deleted = lock(&control.deleted).clone();
     let mut telemetry_stored = 0u64;
     let mut lost = 0u64;
     let mut lost_examples = Vec::new();
@@ -353,7 +340,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
             .into_iter()
             .collect();
         telemetry_stored += stored.len() as u64;
-        let acked = d.acked.lock().unwrap_or_else(|p| p.into_inner());
+        let acked = lock(&d.acked);
         for n in acked.iter().filter(|n| !stored.contains(n)) {
             lost += 1;
             if lost_examples.len() < LOST_EXAMPLES_MAX {
@@ -363,11 +350,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     }
 
     // Commands: final states from the store; the time series from each command's history.
-    let fleet_commands = control
-        .fleet_commands
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let fleet_commands = lock(&control.fleet_commands).clone();
     let parents: HashMap<String, usize> = fleet_commands
         .iter()
         .map(|(ev, id, _)| (id.clone(), *ev))
@@ -377,11 +360,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     let mut panicked_failures = 0u64;
     let mut commands_found = 0u64;
     let mut not_final_examples = Vec::new();
-    let mut samples = control
-        .samples
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let mut samples = lock(&control.samples).clone();
     for sample in &mut samples {
         let i = (sample.t_ms / s.sample_interval.0.max(1)) as usize;
         let acked = i
@@ -431,12 +410,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     let mut executed_twice = 0u64;
     let mut executed_once = 0u64;
     for d in &devices {
-        for (_, n) in d
-            .executions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+        for (_, n) in lock(&d.executions).iter() {
             match n {
                 1 => executed_once += 1,
                 0 => {}
@@ -484,11 +458,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         panicked_failures,
     );
     control.fault("agent_exit (supervisor gave up)", 0, st(&stats.agent_exits));
-    let mut faults = control
-        .faults
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let mut faults = lock(&control.faults).clone();
     faults.retain(|_, f| f.injected > 0 || f.detected > 0);
 
     let n = devices.len() as u64;
@@ -523,18 +493,10 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         faults,
         server_metrics,
         samples,
-        events: control
-            .event_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone(),
+        events: lock(&control.event_log).clone(),
         expectations: Vec::new(),
     };
-    let errors = control
-        .event_errors
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let errors = lock(&control.event_errors).clone();
     report.expectations = check_expectations(s, &report, &errors);
     Ok(report)
 }
@@ -598,11 +560,7 @@ async fn run_events(
                 match created {
                     Ok((id, total)) => {
                         control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
-                        control
-                            .fleet_commands
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((i, id, total));
+                        lock(&control.fleet_commands).push((i, id, total));
                     }
                     Err(err) => control.error(format!("event {i} (command at {at}): {err}")),
                 }
@@ -644,11 +602,7 @@ async fn run_events(
                 match deleted {
                     Ok(()) => {
                         control.log(format!("{at}: deleted device {device}"));
-                        control
-                            .deleted
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(device.clone());
+                        lock(&control.deleted).insert(device.clone());
                         control.fault("delete_device", 1, 0);
                     }
                     Err(err) => control.error(format!("event {i} (delete_device at {at}): {err}")),
@@ -719,15 +673,11 @@ async fn run_sampler(control: Arc<Control>, start: Instant, end: Instant, interv
         // whole seconds) are never racing the read.
         tokio::time::sleep_until(t - SAMPLE_LEAD).await;
         let online = control.online_count().await;
-        control
-            .samples
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Sample {
-                t_ms: (interval * k).as_millis() as u64,
-                online,
-                ..Sample::default()
-            });
+        lock(&control.samples).push(Sample {
+            t_ms: (interval * k).as_millis() as u64,
+            online,
+            ..Sample::default()
+        });
         k += 1;
     }
 }

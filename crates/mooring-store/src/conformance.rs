@@ -10,7 +10,8 @@
 //!
 //! The factory is anything callable with no arguments that returns a future of
 //! `(Arc<dyn Store>, guard)`; the guard (a temp dir, a throwaway database) lives until the case
-//! ends. The calling crate needs `tokio` (with `macros` and `rt`) as a dev-dependency.
+//! ends. The calling crate needs `tokio` (with `macros` and `rt`) and `mooring-store` with the
+//! `conformance` feature (this module exists only with it) as dev-dependencies.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

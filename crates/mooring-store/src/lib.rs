@@ -39,9 +39,12 @@
 //!
 //! [`conformance`] holds the behavioural contract as async test functions taking a `&dyn Store`,
 //! and [`conformance_tests!`] expands them into one `#[tokio::test]` each. `tests/sqlite.rs`
-//! runs it against SQLite; a new backend runs the same macro and must pass unchanged.
+//! runs it against SQLite; a new backend runs the same macro and must pass unchanged. Both exist
+//! only with the `conformance` feature, which this crate's dev-dependencies turn on (test code
+//! stays out of the production build).
 
 pub mod broker_writer;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
 pub mod model;

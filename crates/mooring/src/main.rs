@@ -49,12 +49,21 @@ enum Command {
         command: TokenCommand,
     },
     /// Fleet simulator: real agents against an in-process server on virtual time.
+    #[cfg(feature = "sim")]
     Sim {
         #[command(subcommand)]
         command: SimCommand,
     },
+    /// Fleet simulator (not in this build: build with `--features sim`, docs/simulator.md).
+    #[cfg(not(feature = "sim"))]
+    #[command(disable_help_flag = true)]
+    Sim {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
 }
 
+#[cfg(feature = "sim")]
 #[derive(Subcommand)]
 enum SimCommand {
     /// Run a scenario (see docs/simulator.md); exits 1 if an [expect] assertion fails.
@@ -185,20 +194,29 @@ enum TokenCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The simulator builds its own (paused-clock) runtime.
-    let Command::Sim {
-        command: SimCommand::Run(args),
-    } = cli.command
-    else {
-        return run(cli.command);
-    };
-    match mooring_sim::run_cli(args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("error: {e:#}");
+    match cli.command {
+        // The simulator builds its own (paused-clock) runtime.
+        #[cfg(feature = "sim")]
+        Command::Sim {
+            command: SimCommand::Run(args),
+        } => match mooring_sim::run_cli(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        #[cfg(not(feature = "sim"))]
+        Command::Sim { .. } => {
+            eprintln!(
+                "error: this mooring was built without the simulator (it needs tokio's test-util, \
+                 which production builds leave out); build it with \
+                 `cargo build --release -p mooring --features sim`"
+            );
             ExitCode::from(2)
         }
+        command => run(command),
     }
 }
 

@@ -1,20 +1,18 @@
-//! Test harness: a real `mooring_broker::Broker` served over in-memory streams, a recording
-//! `Hooks`, a connector the test can cut, a clock on tokio's (paused) timeline, and an agent
-//! the test can start and stop.
+//! Test harness: a real `mooring_broker::Broker` served over in-memory streams with the broker's
+//! `AllowAll` hooks (recording), a connector the test can cut, a clock on tokio's (paused)
+//! timeline, and an agent the test can start and stop.
 #![allow(dead_code)]
 
 use mooring_agent::{AgentConfig, AgentDeps, Connector, Handlers, MemStore, Stream};
-use mooring_broker::{
-    Authenticated, Broker, BrokerConfig, ConnInfo, ConnectRefusal, ConnectRequest, Hooks,
-    ListenerKind, Message, Principal, PublishVerdict,
-};
+use mooring_broker::test_support::AllowAll;
+use mooring_broker::{Broker, BrokerConfig, ConnInfo, ListenerKind, Message};
 use mooring_proto::{Clock, DeviceId};
 use serde_json::Value;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Unix ms at virtual time zero.
@@ -38,63 +36,6 @@ impl TokioClock {
 impl Clock for TokioClock {
     fn now_ms(&self) -> u64 {
         EPOCH_MS + self.start.elapsed().as_millis() as u64
-    }
-}
-
-/// Accepts everything and records every publish.
-#[derive(Default)]
-pub struct RecHooks {
-    pub msgs: Mutex<Vec<Message>>,
-    pub changed: Notify,
-}
-
-#[async_trait::async_trait]
-impl Hooks for RecHooks {
-    async fn authenticate(&self, req: ConnectRequest<'_>) -> Result<Authenticated, ConnectRefusal> {
-        Ok(Authenticated {
-            client_id: req.client_id.to_string(),
-            principal: Principal::Dev,
-        })
-    }
-    fn may_publish(&self, _: &Principal, _: &str) -> bool {
-        true
-    }
-    fn may_subscribe(&self, _: &Principal, _: &str) -> bool {
-        true
-    }
-    async fn on_publish(&self, _: &Principal, _: &str, msg: &Message) -> PublishVerdict {
-        self.msgs.lock().expect("msgs lock").push(msg.clone());
-        self.changed.notify_waiters();
-        PublishVerdict::Accept
-    }
-    fn on_connected(&self, _: &str, _: &Principal) {}
-    fn on_disconnected(&self, _: &str, _: &Principal) {}
-}
-
-impl RecHooks {
-    /// JSON payloads of the messages published on `topic`, in order.
-    pub fn on(&self, topic: &str) -> Vec<Value> {
-        self.msgs
-            .lock()
-            .expect("msgs lock")
-            .iter()
-            .filter(|m| m.topic == topic)
-            .map(|m| serde_json::from_slice(&m.payload).unwrap_or(Value::Null))
-            .collect()
-    }
-
-    /// Waits (bounded, on tokio's clock) until `cond` holds over the recorded messages.
-    pub async fn wait_for(&self, what: &str, cond: impl Fn(&RecHooks) -> bool) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(WAIT_SECS_MAX);
-        loop {
-            let changed = self.changed.notified();
-            if cond(self) {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                panic!("timed out waiting for {what}");
-            }
-        }
     }
 }
 
@@ -165,14 +106,39 @@ impl Connector for MemConnector {
 /// A broker, its hooks and a connector to it.
 pub struct World {
     pub broker: Broker,
-    pub hooks: Arc<RecHooks>,
+    /// Allows everything and records every publish.
+    pub hooks: Arc<AllowAll>,
     pub connector: Arc<MemConnector>,
     pub clock: Arc<TokioClock>,
 }
 
 impl World {
+    /// JSON payloads of the messages published on `topic`, in order.
+    pub fn on(&self, topic: &str) -> Vec<Value> {
+        self.hooks
+            .published()
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| serde_json::from_slice(&m.payload).unwrap_or(Value::Null))
+            .collect()
+    }
+
+    /// Waits (bounded, on tokio's clock) until `cond` holds, checking after each recorded publish.
+    pub async fn wait_for(&self, what: &str, cond: impl Fn(&World) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(WAIT_SECS_MAX);
+        loop {
+            let changed = self.hooks.changed();
+            if cond(self) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!("timed out waiting for {what}");
+            }
+        }
+    }
+
     pub fn new() -> Self {
-        let hooks = Arc::new(RecHooks::default());
+        let hooks = Arc::new(AllowAll::new().recording());
         let broker = Broker::new(BrokerConfig::default(), hooks.clone());
         Self {
             connector: MemConnector::new(broker.clone()),

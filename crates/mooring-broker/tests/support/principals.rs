@@ -33,12 +33,7 @@ impl Hooks for PrincipalHooks {
             }
         } else if let Some(rest) = user.strip_prefix("dev:") {
             let (id, site) = rest.split_once('@').unwrap_or((rest, ""));
-            let current = self
-                .registry
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(id)
-                .cloned();
+            let current = mooring_proto::sync::lock(&self.registry).get(id).cloned();
             let site = match &current {
                 Some(None) => return Err(ConnectRefusal::NotAuthorized),
                 Some(Some(s)) => s.as_str(),

@@ -21,6 +21,7 @@ use mooring_proto::command::{
     is_valid_command_name, CommandRequest, CommandResult, ResultStatus, COMMAND_BODY_SIZE_BYTES_MAX,
 };
 use mooring_proto::selector::Selector;
+use mooring_proto::sync::lock;
 use mooring_proto::{DeviceId, Topic};
 use mooring_store::{
     CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
@@ -63,10 +64,6 @@ pub struct CommandRuntime {
     waiters: Mutex<HashMap<String, watch::Sender<CommandState>>>,
     kicks: Mutex<BTreeMap<String, bool>>,
     kick_notify: Notify,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl CommandRuntime {
