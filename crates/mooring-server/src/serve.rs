@@ -201,7 +201,7 @@ impl RunningServer {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let connections = TaskTracker::new();
-        let conn_limit = Arc::new(Semaphore::new(app.config.limits.mqtt_connections_max));
+        let conn_limit = Arc::new(Semaphore::new(app.config().limits.mqtt_connections_max));
 
         let mqtt_addr = listeners.mqtt.local_addr()?;
         tracing::info!("MQTT/TLS listening on {mqtt_addr}");
@@ -244,16 +244,19 @@ impl RunningServer {
             app.clone(),
             stop_rx.clone(),
         ));
-        match app.republish_shadow_deltas().await {
+        match app.shadows.republish_deltas().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(shadows = n, "republished retained shadow deltas"),
             Err(e) => tracing::warn!(error = %e, "republishing shadow deltas failed"),
         }
         tasks.spawn(crate::commands::run_dispatcher(
-            app.clone(),
+            app.commands.clone(),
             stop_rx.clone(),
         ));
-        tasks.spawn(crate::commands::run_scheduler(app.clone(), stop_rx.clone()));
+        tasks.spawn(crate::commands::run_scheduler(
+            app.commands.clone(),
+            stop_rx.clone(),
+        ));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
 
@@ -292,7 +295,7 @@ impl RunningServer {
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
         while tasks.join_next().await.is_some() {}
-        if let Err(e) = app.presence.flush(app.store.as_ref()).await {
+        if let Err(e) = app.presence.flush().await {
             tracing::warn!(error = %e, "final presence flush failed");
         }
         // The last handles of the app and the broker: the writers' senders go with them, so
@@ -330,7 +333,7 @@ async fn accept_mqtt(
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let handshake_timeout = Duration::from_millis(app.config.limits.tls_handshake_timeout_ms);
+    let handshake_timeout = Duration::from_millis(app.config().limits.tls_handshake_timeout_ms);
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
@@ -372,12 +375,12 @@ async fn accept_mqtt(
                     let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
-                            Counters::inc(&app.counters.tls_handshake_failures);
+                            Counters::inc(&app.counters().tls_handshake_failures);
                             tracing::info!(%peer, error = %e, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
-                            Counters::inc(&app.counters.tls_handshake_failures);
+                            Counters::inc(&app.counters().tls_handshake_failures);
                             tracing::info!(%peer, "TLS handshake timed out");
                             return;
                         }
@@ -420,8 +423,8 @@ async fn serve_http(
     app: Arc<App>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let limits = app.config.http.clone();
-    let handshake_timeout = Duration::from_millis(app.config.limits.tls_handshake_timeout_ms);
+    let limits = app.config().http.clone();
+    let handshake_timeout = Duration::from_millis(app.config().limits.tls_handshake_timeout_ms);
     let router = crate::http::router(app.clone());
     // hyper's header read timeout starts when it begins waiting for a request head: at accept
     // and again after every response on a kept-alive connection (hyper >= 1.4), so it is the
@@ -436,7 +439,7 @@ async fn serve_http(
         // A slot first, then accept: clients over the cap wait in the kernel's backlog and
         // hold none of our file descriptors, which the MQTT listeners need for devices.
         if slots.available_permits() == 0 {
-            Counters::inc(&app.counters.http_connection_cap);
+            Counters::inc(&app.counters().http_connection_cap);
         }
         let permit = tokio::select! {
             _ = stop.changed() => break,
@@ -464,7 +467,7 @@ async fn serve_http(
         let app = app.clone();
         conns.spawn(async move {
             let _permit = permit;
-            let c = &app.counters;
+            let c = app.counters();
             match tls {
                 None => serve_http_connection(&http1, tcp, router, stop, c).await,
                 Some(acceptor) => {
@@ -536,26 +539,19 @@ where
 }
 
 async fn presence_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
-    let period = Duration::from_secs(app.config.limits.presence_flush_interval_secs.max(1));
+    let period = Duration::from_secs(app.config().limits.presence_flush_interval_secs.max(1));
     run_every(period, stop, || async {
-        if let Err(e) = app.presence.flush(app.store.as_ref()).await {
+        if let Err(e) = app.presence.flush().await {
             tracing::warn!(error = %e, "presence flush failed; will retry");
         }
     })
     .await;
 }
 
-/// Rows deleted per retention chunk; small enough that ingest transactions interleave.
-const RETENTION_CHUNK_ROWS: usize = 5000;
-
 async fn retention_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
-    let period = Duration::from_secs(app.config.telemetry.retention_interval_secs.max(1));
+    let period = Duration::from_secs(app.config().telemetry.retention_interval_secs.max(1));
     run_every(period, stop, || async {
-        let retention_ms = u64::from(app.config.telemetry.retention_days) * 86_400_000;
-        let cutoff = app.now_ms().saturating_sub(retention_ms);
-        match mooring_store::run_retention_pass(app.store.as_ref(), cutoff, RETENTION_CHUNK_ROWS)
-            .await
-        {
+        match app.telemetry.retention_pass().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "telemetry retention removed old points"),
             Err(e) => tracing::warn!(error = %e, "telemetry retention pass failed"),
@@ -566,7 +562,7 @@ async fn retention_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
 
 /// The `/metrics` body.
 pub fn render_metrics(app: &App) -> String {
-    let c = &app.counters;
+    let c = app.counters();
     let mut e = Exposition::default();
     if let Some(broker) = app.broker() {
         let s = broker.stats();
@@ -637,7 +633,7 @@ pub fn render_metrics(app: &App) -> String {
             s.refusals.iter().map(|(r, n)| (r.name(), *n)),
         );
     }
-    let bs = app.broker_state.stats();
+    let bs = app.broker_state_stats();
     e.gauge(
         "mooring_broker_state_queued_ops",
         "Broker state changes (retained, sessions, queued messages) waiting for the group commit",
@@ -653,7 +649,7 @@ pub fn render_metrics(app: &App) -> String {
         "Broker state group-commit transactions that failed",
         bs.batches_failed,
     );
-    let w = app.writer.stats();
+    let w = app.telemetry.writer_stats();
     e.gauge(
         "mooring_devices_online",
         "Devices with a live session",
