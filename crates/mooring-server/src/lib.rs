@@ -47,4 +47,5 @@ pub mod shadow;
 pub mod telemetry;
 
 pub use config::ServerConfig;
-pub use serve::{render_metrics, run, Listeners, RunningServer};
+pub use metrics::render_metrics;
+pub use serve::{run, Listeners, RunningServer};
