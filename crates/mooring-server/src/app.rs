@@ -1,52 +1,70 @@
-//! The application core: shared state and the device-registry and telemetry operations that
-//! both the HTTP API and the MQTT hooks call. No transport details and no SQL here.
+//! The application: the bundle of services one running server is made of, and the small shared
+//! core (store, clock, config, counters, policy, broker) they are built on.
+//!
+//! Each service owns its state behind private fields and is reached only through its methods;
+//! HTTP handlers, MQTT hooks, the CLI and the simulator never touch the storage underneath.
+//! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`.
 
+use crate::auth::Tokens;
+use crate::commands::Commands;
 use crate::config::ServerConfig;
-use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Counters;
-use crate::pki::{IssuedCert, Pki};
+use crate::pki::Pki;
 use crate::presence::Presence;
+use crate::registry::Registry;
+use crate::shadow::Shadows;
+use crate::telemetry::Telemetry;
 use mooring_broker::Broker;
 use mooring_proto::policy::Policy;
-use mooring_proto::selector::{DeviceFacts, Selector};
-use mooring_proto::{Clock, DeviceId};
-use mooring_store::{DeviceRecord, NewDevice, Point, Store, TelemetryQuery, TelemetryWriter};
-use std::collections::BTreeMap;
+use mooring_proto::Clock;
+use mooring_store::{BrokerStateWriter, BrokerWriterStats, Store, TelemetryWriter};
 use std::sync::{Arc, OnceLock, RwLock};
 
-/// Most devices one list call returns.
-pub const DEVICE_PAGE_LEN_MAX: usize = 1000;
-pub const DEVICE_PAGE_LEN_DEFAULT: usize = 100;
-/// Most points one telemetry query returns.
-pub const TELEMETRY_QUERY_LEN_MAX: usize = 10_000;
-pub const TELEMETRY_QUERY_LEN_DEFAULT: usize = 1000;
+pub use crate::registry::{
+    reported_version, validate_tags, DeviceView, DEVICE_PAGE_LEN_DEFAULT, DEVICE_PAGE_LEN_MAX,
+    SELECT_SCAN_PAGE_LEN,
+};
+pub use crate::telemetry::{TELEMETRY_QUERY_LEN_DEFAULT, TELEMETRY_QUERY_LEN_MAX};
 
-/// Shared state of one running server.
-pub struct App {
-    pub config: ServerConfig,
-    pub store: Arc<dyn Store>,
-    pub pki: Pki,
+/// What every service shares. Crate-private: only services hold it, and each reads and writes
+/// the store only for the concern it owns.
+pub(crate) struct Core {
+    pub(crate) config: ServerConfig,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) counters: Counters,
     policy: RwLock<Arc<Policy>>,
-    pub clock: Arc<dyn Clock>,
-    pub writer: TelemetryWriter,
-    /// Group commit for the broker's retained messages and persistent sessions.
-    pub broker_state: mooring_store::BrokerStateWriter,
-    pub presence: Presence,
-    pub counters: Counters,
-    pub commands: crate::commands::CommandRuntime,
-    pub(crate) shadow_lock: tokio::sync::Mutex<()>,
-    /// Tag changes are stored and handed to the broker in one step, so two concurrent changes
-    /// cannot leave the broker with the older tags.
-    tags_lock: tokio::sync::Mutex<()>,
     broker: OnceLock<Broker>,
 }
 
-/// A device as the API shows it.
-#[derive(Debug, Clone)]
-pub struct DeviceView {
-    pub record: DeviceRecord,
-    pub online: bool,
-    pub last_seen_ms: Option<u64>,
+impl Core {
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    pub(crate) fn broker(&self) -> Option<&Broker> {
+        self.broker.get()
+    }
+}
+
+/// One running server's services. The fields are the services' public interfaces; what each
+/// holds is private to it.
+pub struct App {
+    core: Arc<Core>,
+    /// Devices: create (with certificates), read, list, select, tag, delete.
+    pub registry: Arc<Registry>,
+    /// Telemetry ingest (group commit) and queries.
+    pub telemetry: Telemetry,
+    /// The command model: create, deliver, retry, expire, cancel, replies, fleet commands.
+    pub commands: Arc<Commands>,
+    /// Device shadows and their retained deltas.
+    pub shadows: Shadows,
+    /// Online/offline and `last_seen`.
+    pub presence: Arc<Presence>,
+    /// API and service tokens.
+    pub tokens: Tokens,
+    /// Group commit for the broker's retained messages and persistent sessions (stats only).
+    broker_state: BrokerStateWriter,
 }
 
 impl App {
@@ -57,370 +75,100 @@ impl App {
         policy: Policy,
         clock: Arc<dyn Clock>,
         writer: TelemetryWriter,
-        broker_state: mooring_store::BrokerStateWriter,
+        broker_state: BrokerStateWriter,
     ) -> Self {
-        Self {
+        let core = Arc::new(Core {
             config,
             store,
-            pki,
-            policy: RwLock::new(Arc::new(policy)),
             clock,
-            writer,
-            broker_state,
-            presence: Presence::default(),
             counters: Counters::default(),
-            commands: crate::commands::CommandRuntime::default(),
-            shadow_lock: tokio::sync::Mutex::new(()),
-            tags_lock: tokio::sync::Mutex::new(()),
+            policy: RwLock::new(Arc::new(policy)),
             broker: OnceLock::new(),
+        });
+        let presence = Arc::new(Presence::new(core.store.clone()));
+        let registry = Arc::new(Registry::new(core.clone(), pki, presence.clone()));
+        Self {
+            telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
+            commands: Arc::new(Commands::new(core.clone(), registry.clone())),
+            shadows: Shadows::new(core.clone(), registry.clone()),
+            tokens: Tokens::new(core.clone()),
+            registry,
+            presence,
+            broker_state,
+            core,
         }
     }
 
     pub fn set_broker(&self, broker: Broker) {
-        let _ = self.broker.set(broker);
+        let _ = self.core.broker.set(broker);
     }
 
     pub fn broker(&self) -> Option<&Broker> {
-        self.broker.get()
+        self.core.broker()
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.core.config
+    }
+
+    /// The server's counters (`/metrics`).
+    pub fn counters(&self) -> &Counters {
+        &self.core.counters
+    }
+
+    /// The broker state writer's queue and batches (`/metrics`).
+    pub fn broker_state_stats(&self) -> BrokerWriterStats {
+        self.broker_state.stats()
     }
 
     /// The topic policy in force.
     pub fn policy(&self) -> Arc<Policy> {
-        mooring_proto::sync::read(&self.policy).clone()
+        mooring_proto::sync::read(&self.core.policy).clone()
     }
 
     /// Put a new topic policy in force (a config reload): every session's subscriptions are
     /// checked against it at once and what it no longer allows is removed. Returns that number.
     pub fn set_policy(&self, policy: Policy) -> usize {
-        *mooring_proto::sync::write(&self.policy) = Arc::new(policy);
+        *mooring_proto::sync::write(&self.core.policy) = Arc::new(policy);
         self.broker().map_or(0, Broker::reauthorize_all)
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.clock.now_ms()
+        self.core.now_ms()
     }
 
-    fn now_datetime(&self) -> time::OffsetDateTime {
-        let nanos = i128::from(self.now_ms()) * 1_000_000;
-        time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
-    }
-
-    pub fn parse_id(id: &str) -> ServiceResult<DeviceId> {
-        DeviceId::parse(id).map_err(|e| ServiceError::invalid("invalid_device_id", e.to_string()))
-    }
-
-    /// Registers a device and issues its certificate. The private key is returned once and
-    /// never stored.
-    pub async fn create_device(
-        &self,
-        id: &str,
-        tags: BTreeMap<String, String>,
-    ) -> ServiceResult<(DeviceRecord, IssuedCert)> {
-        let id = Self::parse_id(id)?;
-        validate_tags(&tags)?;
-        if self.store.get_device(id.as_str()).await?.is_some() {
-            return Err(ServiceError::new(
-                ErrorKind::AlreadyExists,
-                "device_exists",
-                format!("device {id} already exists"),
-            ));
-        }
-        let issued = self
-            .pki
-            .issue_device_cert(
-                id.as_str(),
-                self.now_datetime(),
-                self.config.certificates.device_validity_days,
-            )
-            .map_err(ServiceError::internal)?;
-        let record = self
-            .store
-            .create_device(NewDevice {
-                id: id.into_string(),
-                tags,
-                created_at_ms: self.now_ms(),
-                cert_sha256: issued.sha256_hex.clone(),
-                cert_serial: issued.serial_hex.clone(),
-                cert_not_after_ms: issued.not_after_ms,
-            })
-            .await
-            .map_err(|e| match e {
-                mooring_store::StoreError::AlreadyExists(m) => {
-                    ServiceError::new(ErrorKind::AlreadyExists, "device_exists", m)
-                }
-                other => other.into(),
-            })?;
-        Ok((record, issued))
-    }
-
-    fn view(&self, record: DeviceRecord) -> DeviceView {
-        let (online, mem_seen) = self.presence.get(&record.id);
-        let last_seen_ms = match (mem_seen, record.last_seen_ms) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-        DeviceView {
-            record,
-            online,
-            last_seen_ms,
+    /// What the simulator measures after the server stopped: read-only views of the store. The
+    /// services cannot serve these then (they hold the writers, which must drain and end at
+    /// shutdown), so this hands out the store behind a type that can only read telemetry and
+    /// commands.
+    pub fn readback(&self) -> Readback {
+        Readback {
+            store: self.core.store.clone(),
         }
     }
+}
 
-    pub async fn get_device(&self, id: &str) -> ServiceResult<DeviceView> {
-        let id = Self::parse_id(id)?;
-        let record = self
-            .store
-            .get_device(id.as_str())
-            .await?
-            .ok_or_else(|| device_not_found(id.as_str()))?;
-        Ok(self.view(record))
-    }
+/// Read-only access to stored telemetry and commands that outlives the server (see
+/// [`App::readback`]). Holding one keeps the store open, not the server.
+#[derive(Clone)]
+pub struct Readback {
+    store: Arc<dyn Store>,
+}
 
-    /// Checks a device page request; returns the page size.
-    fn device_page(limit: Option<usize>, cursor: Option<&str>) -> ServiceResult<usize> {
-        let limit = limit.unwrap_or(DEVICE_PAGE_LEN_DEFAULT);
-        if limit == 0 || limit > DEVICE_PAGE_LEN_MAX {
-            return Err(ServiceError::invalid(
-                "invalid_limit",
-                format!("limit must be between 1 and {DEVICE_PAGE_LEN_MAX}"),
-            ));
-        }
-        if let Some(c) = cursor {
-            Self::parse_id(c)
-                .map_err(|_| ServiceError::invalid("invalid_cursor", "cursor is not valid"))?;
-        }
-        Ok(limit)
-    }
-
-    /// One page of devices ordered by id; the cursor is the last id of the previous page.
-    pub async fn list_devices(
-        &self,
-        limit: Option<usize>,
-        cursor: Option<&str>,
-    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
-        let limit = Self::device_page(limit, cursor)?;
-        let records = self.store.list_devices(limit, cursor).await?;
-        let next = if records.len() == limit {
-            records.last().map(|r| r.id.clone())
-        } else {
-            None
-        };
-        Ok((records.into_iter().map(|r| self.view(r)).collect(), next))
-    }
-
-    /// Devices matching `sel`, ordered by id, after `cursor`, at most `limit`; the second value
-    /// is the cursor of the next page (`Some` only when the page is full). Evaluated over the
-    /// store traits: an ids term is looked up directly, anything else scans the registry in
-    /// pages; `version` comes from the shadow's reported `version` key.
-    pub async fn select_devices(
-        &self,
-        sel: &Selector,
-        cursor: Option<&str>,
-        limit: usize,
-    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
-        let mut out: Vec<DeviceView> = Vec::new();
-        let candidates = sel.id_candidates();
-        let mut after: Option<String> = cursor.map(str::to_owned);
-        loop {
-            let page: Vec<DeviceRecord> = match &candidates {
-                Some(ids) => {
-                    let mut page = Vec::new();
-                    for id in ids
-                        .iter()
-                        .filter(|i| after.as_deref().is_none_or(|a| i.as_str() > a))
-                    {
-                        if let Some(r) = self.store.get_device(id.as_str()).await? {
-                            page.push(r);
-                        }
-                    }
-                    page
-                }
-                None => {
-                    self.store
-                        .list_devices(SELECT_SCAN_PAGE_LEN, after.as_deref())
-                        .await?
-                }
-            };
-            let scanned_all = candidates.is_some() || page.len() < SELECT_SCAN_PAGE_LEN;
-            let versions: BTreeMap<String, String> = if sel.needs_version() && !page.is_empty() {
-                let ids: Vec<String> = page.iter().map(|r| r.id.clone()).collect();
-                self.store
-                    .get_shadows(&ids)
-                    .await?
-                    .into_iter()
-                    .filter_map(|s| Some((s.device_id.clone(), reported_version(&s)?)))
-                    .collect()
-            } else {
-                BTreeMap::new()
-            };
-            after = page.last().map(|r| r.id.clone());
-            for record in page {
-                let view = self.view(record);
-                let facts = DeviceFacts {
-                    id: &view.record.id,
-                    tags: &view.record.tags,
-                    online: view.online,
-                    version: versions.get(&view.record.id).map(String::as_str),
-                };
-                if sel.matches(&facts) {
-                    out.push(view);
-                    if out.len() == limit {
-                        let next = out.last().map(|v| v.record.id.clone());
-                        return Ok((out, next));
-                    }
-                }
-            }
-            if scanned_all || after.is_none() {
-                return Ok((out, None));
-            }
-        }
-    }
-
-    /// Replaces a device's tags.
-    pub async fn set_tags(
-        &self,
-        id: &str,
-        tags: BTreeMap<String, String>,
-    ) -> ServiceResult<DeviceView> {
-        let id = Self::parse_id(id)?;
-        validate_tags(&tags)?;
-        let _serialized = self.tags_lock.lock().await;
-        self.store
-            .set_tags(id.as_str(), tags.clone())
-            .await
-            .map_err(|e| match e {
-                mooring_store::StoreError::NotFound(_) => device_not_found(id.as_str()),
-                other => other.into(),
-            })?;
-        // Policy follows the data: the device's sessions (live and persisted) are authorized
-        // against the new tags from now on, and what they no longer allow is removed.
-        if let Some(broker) = self.broker() {
-            let removed = broker.update_principal(mooring_proto::policy::Principal::Device {
-                id: id.as_str().to_owned(),
-                tags,
-            });
-            if removed > 0 {
-                tracing::info!(device = %id, removed, "tags changed: subscriptions no longer allowed were removed");
-            }
-        }
-        self.get_device(id.as_str()).await
-    }
-
-    /// One page of the devices matching a selector.
-    pub async fn list_selected_devices(
-        &self,
-        selector: &str,
-        limit: Option<usize>,
-        cursor: Option<&str>,
-    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
-        let sel = crate::commands::parse_selector(selector)?;
-        let limit = Self::device_page(limit, cursor)?;
-        self.select_devices(&sel, cursor, limit).await
-    }
-
-    /// Deletes a device: its certificate is refused from now on, a live session is closed, and
-    /// its persisted sessions and retained messages (its own and everything under
-    /// `devices/<id>/`) are removed, so an id created again starts with nothing.
-    pub async fn delete_device(&self, id: &str) -> ServiceResult<()> {
-        let id = Self::parse_id(id)?;
-        if !self.store.delete_device(id.as_str()).await? {
-            return Err(device_not_found(id.as_str()));
-        }
-        if let Some(broker) = self.broker() {
-            let prefix = mooring_proto::topic::device_topic_prefix(&id);
-            broker.remove_device(id.as_str(), Some(&prefix));
-        }
-        self.presence.forget(id.as_str());
-        Ok(())
-    }
-
+impl Readback {
     pub async fn telemetry(
         &self,
-        id: &str,
-        metric: Option<String>,
-        from_ms: Option<u64>,
-        to_ms: Option<u64>,
-        limit: Option<usize>,
-    ) -> ServiceResult<Vec<Point>> {
-        let view = self.get_device(id).await?;
-        let limit = limit.unwrap_or(TELEMETRY_QUERY_LEN_DEFAULT);
-        if limit == 0 || limit > TELEMETRY_QUERY_LEN_MAX {
-            return Err(ServiceError::invalid(
-                "invalid_limit",
-                format!("limit must be between 1 and {TELEMETRY_QUERY_LEN_MAX}"),
-            ));
-        }
-        if let (Some(f), Some(t)) = (from_ms, to_ms) {
-            if f > t {
-                return Err(ServiceError::invalid(
-                    "invalid_range",
-                    "from must not be after to",
-                ));
-            }
-        }
-        Ok(self
-            .store
-            .query(TelemetryQuery {
-                device_id: view.record.id,
-                metric,
-                from_ms,
-                // The API's `to` is inclusive; the store's upper bound is exclusive.
-                to_ms: to_ms.map(|t| t.saturating_add(1)),
-                limit,
-            })
-            .await?)
+        q: mooring_store::TelemetryQuery,
+    ) -> mooring_store::Result<Vec<mooring_store::Point>> {
+        self.store.query(q).await
     }
 
-    pub async fn telemetry_latest(
+    /// A device's commands, newest first, at most `limit`.
+    pub async fn commands(
         &self,
-        id: &str,
-    ) -> ServiceResult<BTreeMap<String, (u64, mooring_store::MetricValue)>> {
-        let view = self.get_device(id).await?;
-        Ok(self.store.latest(&view.record.id).await?)
+        device_id: &str,
+        limit: usize,
+    ) -> mooring_store::Result<Vec<mooring_store::CommandRecord>> {
+        self.store.list_commands(device_id, None, limit, None).await
     }
-}
-
-/// Devices read per store call while evaluating a selector.
-pub const SELECT_SCAN_PAGE_LEN: usize = 1000;
-
-/// The firmware version a device reports: its shadow's reported `version` key (a string, or a
-/// number written as text).
-pub fn reported_version(s: &mooring_store::ShadowRecord) -> Option<String> {
-    match s.reported.get("version")? {
-        serde_json::Value::String(v) => Some(v.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn device_not_found(id: &str) -> ServiceError {
-    ServiceError::not_found("device_not_found", format!("device {id} not found"))
-}
-
-/// Tag keys and values: short, printable, no MQTT wildcard or separator characters.
-pub fn validate_tags(tags: &BTreeMap<String, String>) -> ServiceResult<()> {
-    const TAGS_MAX: usize = 64;
-    const TAG_LEN_MAX: usize = 128;
-    if tags.len() > TAGS_MAX {
-        return Err(ServiceError::invalid(
-            "invalid_tags",
-            format!("at most {TAGS_MAX} tags"),
-        ));
-    }
-    for (k, v) in tags {
-        let ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= TAG_LEN_MAX
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
-        };
-        if !ok(k) || !ok(v) {
-            return Err(ServiceError::invalid(
-                "invalid_tags",
-                format!("tag {k:?}={v:?}: keys and values are 1-{TAG_LEN_MAX} characters of letters, digits, '.', '_', '-', ':'"),
-            ));
-        }
-    }
-    Ok(())
 }

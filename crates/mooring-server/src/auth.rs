@@ -75,3 +75,29 @@ pub async fn ensure_admin_token(
     f.sync_all()?;
     Ok(Some(secret))
 }
+
+/// The token service: verifies presented tokens (HTTP bearer, MQTT service password) and creates
+/// new ones. Owns the token store.
+pub struct Tokens {
+    core: std::sync::Arc<crate::app::Core>,
+}
+
+impl Tokens {
+    pub(crate) fn new(core: std::sync::Arc<crate::app::Core>) -> Self {
+        Self { core }
+    }
+
+    /// The token's record if `token` is a valid, unrevoked token.
+    pub async fn verify(&self, token: &str) -> Option<TokenRecord> {
+        verify_token(self.core.store.as_ref(), token).await
+    }
+
+    /// Creates a token; the secret is returned once and never stored.
+    pub async fn create(
+        &self,
+        name: &str,
+        role: TokenRole,
+    ) -> anyhow::Result<(TokenRecord, String)> {
+        create_token(self.core.store.as_ref(), name, role, self.core.now_ms()).await
+    }
+}

@@ -10,13 +10,13 @@
 
 use crate::app::App;
 use crate::metrics::Counters;
+use crate::telemetry::Ingest;
 use mooring_broker::{
     Authenticated, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message, PublishVerdict,
 };
 use mooring_proto::policy::Principal;
-use mooring_proto::telemetry::Telemetry;
 use mooring_proto::Topic;
-use mooring_store::{AppendOutcome, TelemetryRecord, TokenRole};
+use mooring_store::TokenRole;
 use std::sync::{Arc, Weak};
 
 /// MQTT v5 reason code: payload format invalid.
@@ -115,10 +115,10 @@ impl Hooks for ServerHooks {
             return Err(ConnectRefusal::ServerUnavailable);
         };
         if let Some(cn) = req.info.cert_identity.as_deref() {
-            let record = match app.store.get_device(cn).await {
+            let record = match app.registry.lookup(cn).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    Counters::inc(&app.counters.connects_refused);
+                    Counters::inc(&app.counters().connects_refused);
                     tracing::info!(device = cn, "refused: no such device (deleted?)");
                     return Err(ConnectRefusal::NotAuthorized);
                 }
@@ -128,7 +128,7 @@ impl Hooks for ServerHooks {
                 }
             };
             if req.info.cert_sha256.as_deref() != Some(record.cert_sha256.as_str()) {
-                Counters::inc(&app.counters.connects_refused);
+                Counters::inc(&app.counters().connects_refused);
                 tracing::info!(
                     device = cn,
                     "refused: certificate is not the device's current one"
@@ -136,7 +136,7 @@ impl Hooks for ServerHooks {
                 return Err(ConnectRefusal::NotAuthorized);
             }
             if !req.client_id.is_empty() && req.client_id != cn {
-                Counters::inc(&app.counters.connects_refused);
+                Counters::inc(&app.counters().connects_refused);
                 tracing::info!(
                     device = cn,
                     client_id = req.client_id,
@@ -168,7 +168,7 @@ impl Hooks for ServerHooks {
             .password
             .and_then(|p| std::str::from_utf8(p).ok())
             .unwrap_or("");
-        match crate::auth::verify_token(app.store.as_ref(), token).await {
+        match app.tokens.verify(token).await {
             Some(t) if t.role == TokenRole::Service => {
                 let client_id = if req.client_id.is_empty() {
                     Self::generated_client_id("svc")
@@ -177,10 +177,10 @@ impl Hooks for ServerHooks {
                 };
                 // A service client id never equals a device id: nobody mistakes a service's
                 // session for a device's (in logs, in tools, in the broker's namespaces).
-                match app.store.get_device(&client_id).await {
+                match app.registry.lookup(&client_id).await {
                     Ok(None) => {}
                     Ok(Some(_)) => {
-                        Counters::inc(&app.counters.connects_refused);
+                        Counters::inc(&app.counters().connects_refused);
                         tracing::info!(
                             service = %t.name,
                             client_id,
@@ -202,11 +202,11 @@ impl Hooks for ServerHooks {
                 })
             }
             Some(_) => {
-                Counters::inc(&app.counters.connects_refused);
+                Counters::inc(&app.counters().connects_refused);
                 Err(ConnectRefusal::NotAuthorized)
             }
             None => {
-                Counters::inc(&app.counters.connects_refused);
+                Counters::inc(&app.counters().connects_refused);
                 if req.password.is_none() {
                     Err(ConnectRefusal::NotAuthorized)
                 } else {
@@ -244,13 +244,16 @@ impl Hooks for ServerHooks {
         match topic {
             Some(Topic::Telemetry(_)) => {}
             Some(Topic::CommandAck(_, cmd)) => {
-                return store_verdict(app.on_command_reply(id, &cmd, None).await, id);
+                return store_verdict(app.commands.on_reply(id, &cmd, None).await, id);
             }
             Some(Topic::CommandResult(_, cmd)) => {
-                return store_verdict(app.on_command_reply(id, &cmd, Some(&msg.payload)).await, id);
+                return store_verdict(
+                    app.commands.on_reply(id, &cmd, Some(&msg.payload)).await,
+                    id,
+                );
             }
             Some(Topic::ShadowReported(_)) => {
-                return match app.on_shadow_reported(id, &msg.payload).await {
+                return match app.shadows.on_reported(id, &msg.payload).await {
                     Ok(true) => PublishVerdict::Accept,
                     Ok(false) => PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID),
                     Err(e) => store_verdict(Err(e), id),
@@ -258,33 +261,13 @@ impl Hooks for ServerHooks {
             }
             _ => return PublishVerdict::Accept,
         }
-        let telemetry = match Telemetry::parse(&msg.payload) {
-            Ok(t) => t,
-            Err(e) => {
-                Counters::inc(&app.counters.telemetry_invalid);
+        match app.telemetry.ingest(id, &msg.payload, now_ms).await {
+            Ingest::Stored | Ingest::Duplicate => PublishVerdict::Accept,
+            Ingest::Invalid(e) => {
                 tracing::debug!(device = %id, error = %e, "invalid telemetry dropped");
-                return PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID);
+                PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID)
             }
-        };
-        let points = telemetry.points.len() as u64;
-        let record = TelemetryRecord {
-            device_id: id.clone(),
-            seq: telemetry.seq,
-            ts_ms: telemetry.ts_ms.unwrap_or(now_ms),
-            points: telemetry.points,
-        };
-        match app.writer.append(record).await {
-            Ok(AppendOutcome::Stored) => {
-                Counters::inc(&app.counters.telemetry_messages);
-                Counters::add(&app.counters.telemetry_points, points);
-                PublishVerdict::Accept
-            }
-            Ok(AppendOutcome::Duplicate) => {
-                Counters::inc(&app.counters.telemetry_duplicates);
-                PublishVerdict::Accept
-            }
-            Err(e) => {
-                Counters::inc(&app.counters.telemetry_store_errors);
+            Ingest::Failed(e) => {
                 self.telemetry_failures.record(now_ms, &e);
                 not_stored(matches!(e, mooring_store::StoreError::Unavailable(_)))
             }

@@ -7,13 +7,18 @@
 //! * [`mooring_broker`] (its own crate): the MQTT 3.1.1/5 session layer, over any stream.
 //! * [`hooks`]: the broker's view of Mooring: certificate → device identity, the topic policy,
 //!   telemetry ingest (PUBACK only after the group-commit writer made the point durable).
-//! * [`app`]: registry and telemetry operations shared by HTTP and MQTT; no SQL, no HTTP.
+//! * [`app`]: [`app::App`], the bundle of services one server is made of; each service has
+//!   private state and a narrow interface, and HTTP, MQTT, the CLI and the simulator use only
+//!   those methods (no SQL, no HTTP in a service):
+//!   * [`registry`]: devices, certificates, tags, selectors, delete.
+//!   * [`telemetry`]: ingest through the group-commit writer, queries, retention.
+//!   * [`commands`]: the device command model (idempotent create, ordered MQTT delivery,
+//!     retries with backoff, expiry, cancel, acks/results, fleet fan-out, `wait_ms` waiters);
+//!     the pure transition rules are in [`commands::state`].
+//!   * [`shadow`]: device shadows (desired via the API, reported via MQTT, retained delta).
+//!   * [`presence`]: online/offline and `last_seen`, flushed to the store in batches.
+//!   * [`auth`]: API and service tokens.
 //! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
-//! * [`presence`]: online/offline and `last_seen`, flushed to the store in batches.
-//! * [`commands`]: the device command model (idempotent create, ordered MQTT delivery, retries
-//!   with backoff, expiry, cancel, acks/results, fleet fan-out, `wait_ms` waiters); the pure
-//!   transition rules are in [`commands::state`].
-//! * [`shadow`]: device shadows (desired via the API, reported via MQTT, retained delta).
 //! * [`mooring_store`] (its own crate): storage traits + SQLite, group-commit writer.
 //!
 //! Data flow of one telemetry point: TLS accept → broker CONNECT → [`hooks::ServerHooks`]
@@ -36,8 +41,11 @@ pub mod http;
 pub mod metrics;
 pub mod pki;
 pub mod presence;
+pub mod registry;
 mod serve;
 pub mod shadow;
+pub mod telemetry;
 
 pub use config::ServerConfig;
-pub use serve::{render_metrics, run, Listeners, RunningServer};
+pub use metrics::render_metrics;
+pub use serve::{run, Listeners, RunningServer};

@@ -3,6 +3,7 @@
 //! Counters are plain atomics owned by one server instance (no global recorder), so several
 //! servers in one test process never mix their numbers.
 
+use crate::app::App;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -108,4 +109,220 @@ impl Exposition {
 
 pub fn load(c: &AtomicU64) -> u64 {
     c.load(Ordering::Relaxed)
+}
+
+/// The `/metrics` body.
+pub fn render_metrics(app: &App) -> String {
+    let c = app.counters();
+    let mut e = Exposition::default();
+    if let Some(broker) = app.broker() {
+        let s = broker.stats();
+        e.gauge(
+            "mooring_mqtt_connections",
+            "Open MQTT connections",
+            s.connections as f64,
+        )
+        .gauge(
+            "mooring_mqtt_sessions",
+            "MQTT sessions (connected and persistent)",
+            s.sessions as f64,
+        )
+        .gauge(
+            "mooring_mqtt_subscriptions",
+            "Subscriptions held by all MQTT sessions",
+            s.subscriptions as f64,
+        )
+        .gauge(
+            "mooring_mqtt_shared_groups",
+            "Shared subscription groups ($share/<group>/<filter>, per principal)",
+            s.shared_groups as f64,
+        )
+        .counter(
+            "mooring_mqtt_shared_redelivered_total",
+            "Messages moved from a shared subscription member that left to another member",
+            s.shared_redelivered,
+        )
+        .counter(
+            "mooring_mqtt_messages_in_total",
+            "PUBLISH packets received",
+            s.messages_in,
+        )
+        .counter(
+            "mooring_mqtt_messages_out_total",
+            "PUBLISH packets sent",
+            s.messages_out,
+        )
+        .counter(
+            "mooring_mqtt_denied_total",
+            "PUBLISH packets and subscription filters denied by the topic policy",
+            s.denied,
+        )
+        .counter(
+            "mooring_mqtt_messages_dropped_total",
+            "Messages dropped (full session queue, too large for the client)",
+            s.dropped,
+        )
+        .gauge(
+            "mooring_mqtt_retained_messages",
+            "Retained messages held",
+            s.retained as f64,
+        )
+        .counter(
+            "mooring_mqtt_connection_panics_total",
+            "Connection tasks that panicked (contained)",
+            s.panics,
+        )
+        .gauge(
+            "mooring_mqtt_retained_bytes",
+            "Topic + payload bytes of the retained messages clients published",
+            s.retained_bytes as f64,
+        )
+        .labeled_counters(
+            "mooring_mqtt_refusals_total",
+            "MQTT refusals and removals by reason (connects, publishes, subscriptions, quotas, dropped messages, closed connections)",
+            "reason",
+            s.refusals.iter().map(|(r, n)| (r.name(), *n)),
+        );
+    }
+    let bs = app.broker_state_stats();
+    e.gauge(
+        "mooring_broker_state_queued_ops",
+        "Broker state changes (retained, sessions, queued messages) waiting for the group commit",
+        bs.queued_ops as f64,
+    )
+    .counter(
+        "mooring_broker_state_batches_total",
+        "Broker state group-commit transactions written",
+        bs.batches,
+    )
+    .counter(
+        "mooring_broker_state_batches_failed_total",
+        "Broker state group-commit transactions that failed",
+        bs.batches_failed,
+    );
+    let w = app.telemetry.writer_stats();
+    e.gauge(
+        "mooring_devices_online",
+        "Devices with a live session",
+        app.presence.online_count() as f64,
+    )
+    .gauge(
+        "mooring_command_waiters",
+        "Commands being waited on by wait_ms requests",
+        app.commands.waited_commands() as f64,
+    )
+    .counter(
+        "mooring_telemetry_messages_total",
+        "Telemetry messages stored",
+        load(&c.telemetry_messages),
+    )
+    .counter(
+        "mooring_commands_created_total",
+        "Device commands created (a fleet command counts once per device)",
+        load(&c.commands_created),
+    )
+    .counter(
+        "mooring_commands_delivered_total",
+        "Commands handed to a device session for the first time",
+        load(&c.commands_delivered),
+    )
+    .counter(
+        "mooring_commands_retried_total",
+        "Redeliveries of unacknowledged commands",
+        load(&c.commands_retried),
+    )
+    .counter(
+        "mooring_commands_succeeded_total",
+        "Commands the device reported succeeded",
+        load(&c.commands_succeeded),
+    )
+    .counter(
+        "mooring_commands_failed_total",
+        "Commands failed (by the device, or after max_attempts deliveries)",
+        load(&c.commands_failed),
+    )
+    .counter(
+        "mooring_commands_expired_total",
+        "Commands whose TTL passed before they ran",
+        load(&c.commands_expired),
+    )
+    .counter(
+        "mooring_commands_canceled_total",
+        "Commands canceled before acknowledgement",
+        load(&c.commands_canceled),
+    )
+    .counter(
+        "mooring_command_replies_ignored_total",
+        "Acks/results for unknown, foreign or finished commands, or invalid results",
+        load(&c.command_replies_ignored),
+    )
+    .counter(
+        "mooring_commands_late_results_total",
+        "Results that came after their command failed with timeout (kept as late_result)",
+        load(&c.commands_late_results),
+    )
+    .counter(
+        "mooring_shadow_reports_total",
+        "Shadow reported updates applied",
+        load(&c.shadow_reports),
+    )
+    .counter(
+        "mooring_telemetry_points_total",
+        "Telemetry points stored",
+        load(&c.telemetry_points),
+    )
+    .counter(
+        "mooring_telemetry_duplicates_total",
+        "Telemetry messages already stored (same device and seq)",
+        load(&c.telemetry_duplicates),
+    )
+    .counter(
+        "mooring_telemetry_invalid_total",
+        "Telemetry messages dropped as invalid",
+        load(&c.telemetry_invalid),
+    )
+    .counter(
+        "mooring_telemetry_store_errors_total",
+        "Telemetry messages not stored because the store failed",
+        load(&c.telemetry_store_errors),
+    )
+    .counter(
+        "mooring_mqtt_connects_refused_total",
+        "CONNECTs refused by authentication",
+        load(&c.connects_refused),
+    )
+    .counter(
+        "mooring_tls_handshake_failures_total",
+        "TLS handshakes that failed or timed out",
+        load(&c.tls_handshake_failures),
+    )
+    .labeled_counters(
+        "mooring_http_refusals_total",
+        "HTTP API refusals by reason (timeouts, size, token, connection cap, TLS handshake)",
+        "reason",
+        [
+            ("header_timeout", load(&c.http_header_timeouts)),
+            ("body_timeout", load(&c.http_body_timeouts)),
+            ("body_too_large", load(&c.http_body_too_large)),
+            ("unauthorized", load(&c.http_unauthorized)),
+            ("connection_cap", load(&c.http_connection_cap)),
+            ("tls_handshake", load(&c.http_tls_handshake_failures)),
+        ],
+    )
+    .counter(
+        "mooring_store_batches_total",
+        "Group-commit transactions written",
+        w.batches,
+    )
+    .gauge(
+        "mooring_store_batch_latency_seconds_last",
+        "Latency of the last group-commit batch",
+        w.last_batch_latency_ms as f64 / 1000.0,
+    )
+    .counter(
+        "mooring_store_batch_latency_seconds_sum_ms",
+        "Sum of group-commit batch latencies, ms",
+        w.total_batch_latency_ms,
+    );
+    e.finish()
 }

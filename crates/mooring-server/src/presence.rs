@@ -6,7 +6,7 @@
 
 use mooring_store::DeviceStore;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Entry {
@@ -15,12 +15,21 @@ struct Entry {
     dirty: bool,
 }
 
-#[derive(Debug, Default)]
+/// The presence service: owns the in-memory online/last-seen table and its flushes to the
+/// registry's `last_seen` column.
 pub struct Presence {
     devices: Mutex<HashMap<String, Entry>>,
+    store: Arc<dyn DeviceStore>,
 }
 
 impl Presence {
+    pub(crate) fn new(store: Arc<dyn DeviceStore>) -> Self {
+        Self {
+            devices: Mutex::default(),
+            store,
+        }
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<String, Entry>) -> R) -> R {
         let mut guard = mooring_proto::sync::lock(&self.devices);
         f(&mut guard)
@@ -73,7 +82,7 @@ impl Presence {
     }
 
     /// Writes every changed `last_seen` to the store in one batch.
-    pub async fn flush(&self, store: &dyn DeviceStore) -> mooring_store::Result<usize> {
+    pub async fn flush(&self) -> mooring_store::Result<usize> {
         let batch: Vec<(String, u64)> = self.with(|m| {
             m.retain(|_, e| e.connections > 0 || e.dirty);
             m.iter_mut()
@@ -88,7 +97,7 @@ impl Presence {
             return Ok(0);
         }
         let n = batch.len();
-        if let Err(e) = store.record_last_seen(&batch).await {
+        if let Err(e) = self.store.record_last_seen(&batch).await {
             // Put them back so the next flush retries.
             self.with(|m| {
                 for (id, _) in &batch {

@@ -4,7 +4,7 @@ use crate::app::App;
 use crate::broker_state::StorePersistence;
 use crate::config::ServerConfig;
 use crate::hooks::ServerHooks;
-use crate::metrics::{load, Counters, Exposition};
+use crate::metrics::Counters;
 use crate::pki::{cert_common_name, cert_sha256_hex, Pki};
 use anyhow::Context;
 use mooring_broker::{Broker, ConnInfo, ListenerKind};
@@ -201,7 +201,7 @@ impl RunningServer {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let connections = TaskTracker::new();
-        let conn_limit = Arc::new(Semaphore::new(app.config.limits.mqtt_connections_max));
+        let conn_limit = Arc::new(Semaphore::new(app.config().limits.mqtt_connections_max));
 
         let mqtt_addr = listeners.mqtt.local_addr()?;
         tracing::info!("MQTT/TLS listening on {mqtt_addr}");
@@ -244,16 +244,19 @@ impl RunningServer {
             app.clone(),
             stop_rx.clone(),
         ));
-        match app.republish_shadow_deltas().await {
+        match app.shadows.republish_deltas().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(shadows = n, "republished retained shadow deltas"),
             Err(e) => tracing::warn!(error = %e, "republishing shadow deltas failed"),
         }
         tasks.spawn(crate::commands::run_dispatcher(
-            app.clone(),
+            app.commands.clone(),
             stop_rx.clone(),
         ));
-        tasks.spawn(crate::commands::run_scheduler(app.clone(), stop_rx.clone()));
+        tasks.spawn(crate::commands::run_scheduler(
+            app.commands.clone(),
+            stop_rx.clone(),
+        ));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
 
@@ -292,7 +295,7 @@ impl RunningServer {
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
         while tasks.join_next().await.is_some() {}
-        if let Err(e) = app.presence.flush(app.store.as_ref()).await {
+        if let Err(e) = app.presence.flush().await {
             tracing::warn!(error = %e, "final presence flush failed");
         }
         // The last handles of the app and the broker: the writers' senders go with them, so
@@ -330,7 +333,7 @@ async fn accept_mqtt(
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let handshake_timeout = Duration::from_millis(app.config.limits.tls_handshake_timeout_ms);
+    let handshake_timeout = Duration::from_millis(app.config().limits.tls_handshake_timeout_ms);
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
@@ -372,12 +375,12 @@ async fn accept_mqtt(
                     let stream = match tokio::time::timeout(handshake_timeout, handshake).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
-                            Counters::inc(&app.counters.tls_handshake_failures);
+                            Counters::inc(&app.counters().tls_handshake_failures);
                             tracing::info!(%peer, error = %e, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
-                            Counters::inc(&app.counters.tls_handshake_failures);
+                            Counters::inc(&app.counters().tls_handshake_failures);
                             tracing::info!(%peer, "TLS handshake timed out");
                             return;
                         }
@@ -420,8 +423,8 @@ async fn serve_http(
     app: Arc<App>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let limits = app.config.http.clone();
-    let handshake_timeout = Duration::from_millis(app.config.limits.tls_handshake_timeout_ms);
+    let limits = app.config().http.clone();
+    let handshake_timeout = Duration::from_millis(app.config().limits.tls_handshake_timeout_ms);
     let router = crate::http::router(app.clone());
     // hyper's header read timeout starts when it begins waiting for a request head: at accept
     // and again after every response on a kept-alive connection (hyper >= 1.4), so it is the
@@ -436,7 +439,7 @@ async fn serve_http(
         // A slot first, then accept: clients over the cap wait in the kernel's backlog and
         // hold none of our file descriptors, which the MQTT listeners need for devices.
         if slots.available_permits() == 0 {
-            Counters::inc(&app.counters.http_connection_cap);
+            Counters::inc(&app.counters().http_connection_cap);
         }
         let permit = tokio::select! {
             _ = stop.changed() => break,
@@ -464,7 +467,7 @@ async fn serve_http(
         let app = app.clone();
         conns.spawn(async move {
             let _permit = permit;
-            let c = &app.counters;
+            let c = app.counters();
             match tls {
                 None => serve_http_connection(&http1, tcp, router, stop, c).await,
                 Some(acceptor) => {
@@ -536,246 +539,23 @@ where
 }
 
 async fn presence_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
-    let period = Duration::from_secs(app.config.limits.presence_flush_interval_secs.max(1));
+    let period = Duration::from_secs(app.config().limits.presence_flush_interval_secs.max(1));
     run_every(period, stop, || async {
-        if let Err(e) = app.presence.flush(app.store.as_ref()).await {
+        if let Err(e) = app.presence.flush().await {
             tracing::warn!(error = %e, "presence flush failed; will retry");
         }
     })
     .await;
 }
 
-/// Rows deleted per retention chunk; small enough that ingest transactions interleave.
-const RETENTION_CHUNK_ROWS: usize = 5000;
-
 async fn retention_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
-    let period = Duration::from_secs(app.config.telemetry.retention_interval_secs.max(1));
+    let period = Duration::from_secs(app.config().telemetry.retention_interval_secs.max(1));
     run_every(period, stop, || async {
-        let retention_ms = u64::from(app.config.telemetry.retention_days) * 86_400_000;
-        let cutoff = app.now_ms().saturating_sub(retention_ms);
-        match mooring_store::run_retention_pass(app.store.as_ref(), cutoff, RETENTION_CHUNK_ROWS)
-            .await
-        {
+        match app.telemetry.retention_pass().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "telemetry retention removed old points"),
             Err(e) => tracing::warn!(error = %e, "telemetry retention pass failed"),
         }
     })
     .await;
-}
-
-/// The `/metrics` body.
-pub fn render_metrics(app: &App) -> String {
-    let c = &app.counters;
-    let mut e = Exposition::default();
-    if let Some(broker) = app.broker() {
-        let s = broker.stats();
-        e.gauge(
-            "mooring_mqtt_connections",
-            "Open MQTT connections",
-            s.connections as f64,
-        )
-        .gauge(
-            "mooring_mqtt_sessions",
-            "MQTT sessions (connected and persistent)",
-            s.sessions as f64,
-        )
-        .gauge(
-            "mooring_mqtt_subscriptions",
-            "Subscriptions held by all MQTT sessions",
-            s.subscriptions as f64,
-        )
-        .gauge(
-            "mooring_mqtt_shared_groups",
-            "Shared subscription groups ($share/<group>/<filter>, per principal)",
-            s.shared_groups as f64,
-        )
-        .counter(
-            "mooring_mqtt_shared_redelivered_total",
-            "Messages moved from a shared subscription member that left to another member",
-            s.shared_redelivered,
-        )
-        .counter(
-            "mooring_mqtt_messages_in_total",
-            "PUBLISH packets received",
-            s.messages_in,
-        )
-        .counter(
-            "mooring_mqtt_messages_out_total",
-            "PUBLISH packets sent",
-            s.messages_out,
-        )
-        .counter(
-            "mooring_mqtt_denied_total",
-            "PUBLISH packets and subscription filters denied by the topic policy",
-            s.denied,
-        )
-        .counter(
-            "mooring_mqtt_messages_dropped_total",
-            "Messages dropped (full session queue, too large for the client)",
-            s.dropped,
-        )
-        .gauge(
-            "mooring_mqtt_retained_messages",
-            "Retained messages held",
-            s.retained as f64,
-        )
-        .counter(
-            "mooring_mqtt_connection_panics_total",
-            "Connection tasks that panicked (contained)",
-            s.panics,
-        )
-        .gauge(
-            "mooring_mqtt_retained_bytes",
-            "Topic + payload bytes of the retained messages clients published",
-            s.retained_bytes as f64,
-        )
-        .labeled_counters(
-            "mooring_mqtt_refusals_total",
-            "MQTT refusals and removals by reason (connects, publishes, subscriptions, quotas, dropped messages, closed connections)",
-            "reason",
-            s.refusals.iter().map(|(r, n)| (r.name(), *n)),
-        );
-    }
-    let bs = app.broker_state.stats();
-    e.gauge(
-        "mooring_broker_state_queued_ops",
-        "Broker state changes (retained, sessions, queued messages) waiting for the group commit",
-        bs.queued_ops as f64,
-    )
-    .counter(
-        "mooring_broker_state_batches_total",
-        "Broker state group-commit transactions written",
-        bs.batches,
-    )
-    .counter(
-        "mooring_broker_state_batches_failed_total",
-        "Broker state group-commit transactions that failed",
-        bs.batches_failed,
-    );
-    let w = app.writer.stats();
-    e.gauge(
-        "mooring_devices_online",
-        "Devices with a live session",
-        app.presence.online_count() as f64,
-    )
-    .gauge(
-        "mooring_command_waiters",
-        "Commands being waited on by wait_ms requests",
-        app.commands.waited_commands() as f64,
-    )
-    .counter(
-        "mooring_telemetry_messages_total",
-        "Telemetry messages stored",
-        load(&c.telemetry_messages),
-    )
-    .counter(
-        "mooring_commands_created_total",
-        "Device commands created (a fleet command counts once per device)",
-        load(&c.commands_created),
-    )
-    .counter(
-        "mooring_commands_delivered_total",
-        "Commands handed to a device session for the first time",
-        load(&c.commands_delivered),
-    )
-    .counter(
-        "mooring_commands_retried_total",
-        "Redeliveries of unacknowledged commands",
-        load(&c.commands_retried),
-    )
-    .counter(
-        "mooring_commands_succeeded_total",
-        "Commands the device reported succeeded",
-        load(&c.commands_succeeded),
-    )
-    .counter(
-        "mooring_commands_failed_total",
-        "Commands failed (by the device, or after max_attempts deliveries)",
-        load(&c.commands_failed),
-    )
-    .counter(
-        "mooring_commands_expired_total",
-        "Commands whose TTL passed before they ran",
-        load(&c.commands_expired),
-    )
-    .counter(
-        "mooring_commands_canceled_total",
-        "Commands canceled before acknowledgement",
-        load(&c.commands_canceled),
-    )
-    .counter(
-        "mooring_command_replies_ignored_total",
-        "Acks/results for unknown, foreign or finished commands, or invalid results",
-        load(&c.command_replies_ignored),
-    )
-    .counter(
-        "mooring_commands_late_results_total",
-        "Results that came after their command failed with timeout (kept as late_result)",
-        load(&c.commands_late_results),
-    )
-    .counter(
-        "mooring_shadow_reports_total",
-        "Shadow reported updates applied",
-        load(&c.shadow_reports),
-    )
-    .counter(
-        "mooring_telemetry_points_total",
-        "Telemetry points stored",
-        load(&c.telemetry_points),
-    )
-    .counter(
-        "mooring_telemetry_duplicates_total",
-        "Telemetry messages already stored (same device and seq)",
-        load(&c.telemetry_duplicates),
-    )
-    .counter(
-        "mooring_telemetry_invalid_total",
-        "Telemetry messages dropped as invalid",
-        load(&c.telemetry_invalid),
-    )
-    .counter(
-        "mooring_telemetry_store_errors_total",
-        "Telemetry messages not stored because the store failed",
-        load(&c.telemetry_store_errors),
-    )
-    .counter(
-        "mooring_mqtt_connects_refused_total",
-        "CONNECTs refused by authentication",
-        load(&c.connects_refused),
-    )
-    .counter(
-        "mooring_tls_handshake_failures_total",
-        "TLS handshakes that failed or timed out",
-        load(&c.tls_handshake_failures),
-    )
-    .labeled_counters(
-        "mooring_http_refusals_total",
-        "HTTP API refusals by reason (timeouts, size, token, connection cap, TLS handshake)",
-        "reason",
-        [
-            ("header_timeout", load(&c.http_header_timeouts)),
-            ("body_timeout", load(&c.http_body_timeouts)),
-            ("body_too_large", load(&c.http_body_too_large)),
-            ("unauthorized", load(&c.http_unauthorized)),
-            ("connection_cap", load(&c.http_connection_cap)),
-            ("tls_handshake", load(&c.http_tls_handshake_failures)),
-        ],
-    )
-    .counter(
-        "mooring_store_batches_total",
-        "Group-commit transactions written",
-        w.batches,
-    )
-    .gauge(
-        "mooring_store_batch_latency_seconds_last",
-        "Latency of the last group-commit batch",
-        w.last_batch_latency_ms as f64 / 1000.0,
-    )
-    .counter(
-        "mooring_store_batch_latency_seconds_sum_ms",
-        "Sum of group-commit batch latencies, ms",
-        w.total_batch_latency_ms,
-    );
-    e.finish()
 }

@@ -8,14 +8,16 @@
 //! retained deltas of every out-of-sync shadow are published again (retained messages live in the
 //! broker's memory).
 
-use crate::app::App;
+use crate::app::Core;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Counters;
+use crate::registry::Registry;
 use mooring_broker::Message;
 use mooring_proto::shadow::{self, ShadowDelta, SHADOW_SIZE_BYTES_MAX};
 use mooring_proto::{DeviceId, Topic};
 use mooring_store::ShadowRecord;
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 /// Shadows read per store call when republishing deltas at startup.
 pub const REPUBLISH_PAGE_LEN: usize = 1000;
@@ -52,9 +54,26 @@ fn check_document(what: &str, doc: &Map<String, Value>) -> ServiceResult<()> {
         .map_err(|e| ServiceError::invalid("shadow_too_deep", format!("{what}: {e}")))
 }
 
-impl App {
+/// The shadow service: the shadow store and the lock that orders changes to it.
+pub struct Shadows {
+    core: Arc<Core>,
+    registry: Arc<Registry>,
+    /// One change at a time: read, merge, compare-and-set, publish.
+    lock: tokio::sync::Mutex<()>,
+}
+
+impl Shadows {
+    pub(crate) fn new(core: Arc<Core>, registry: Arc<Registry>) -> Self {
+        Self {
+            core,
+            registry,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
     async fn load_shadow(&self, device_id: &str) -> ServiceResult<ShadowRecord> {
         Ok(self
+            .core
             .store
             .get_shadow(device_id)
             .await?
@@ -64,8 +83,8 @@ impl App {
             }))
     }
 
-    pub async fn get_shadow(&self, id: &str) -> ServiceResult<ShadowView> {
-        let device = self.get_device(id).await?;
+    pub async fn get(&self, id: &str) -> ServiceResult<ShadowView> {
+        let device = self.registry.get_device(id).await?;
         Ok(self.load_shadow(&device.record.id).await?.into())
     }
 
@@ -77,7 +96,7 @@ impl App {
         patch: Value,
         if_match: Option<u64>,
     ) -> ServiceResult<ShadowView> {
-        let device = self.get_device(id).await?;
+        let device = self.registry.get_device(id).await?;
         let Value::Object(patch) = patch else {
             return Err(ServiceError::invalid(
                 "invalid_shadow",
@@ -85,7 +104,7 @@ impl App {
             ));
         };
         check_document("the patch", &patch)?;
-        let _guard = self.shadow_lock.lock().await;
+        let _guard = self.lock.lock().await;
         let current = self.load_shadow(&device.record.id).await?;
         if let Some(v) = if_match {
             if v != current.version {
@@ -106,7 +125,7 @@ impl App {
     }
 
     /// A reported update from the device (merge patch). `Err` if the store failed.
-    pub async fn on_shadow_reported(&self, device_id: &str, payload: &[u8]) -> ServiceResult<bool> {
+    pub async fn on_reported(&self, device_id: &str, payload: &[u8]) -> ServiceResult<bool> {
         let patch = match shadow::parse_update(payload) {
             Ok(p) => p,
             Err(e) => {
@@ -114,14 +133,14 @@ impl App {
                 return Ok(false);
             }
         };
-        let _guard = self.shadow_lock.lock().await;
+        let _guard = self.lock.lock().await;
         let current = self.load_shadow(device_id).await?;
         let mut next = current.clone();
         shadow::merge(&mut next.reported, &patch);
         if check_document("reported", &next.reported).is_err() {
             return Ok(false);
         }
-        Counters::inc(&self.counters.shadow_reports);
+        Counters::inc(&self.core.counters.shadow_reports);
         if next.reported != current.reported {
             self.save_and_publish(current, next).await?;
         }
@@ -134,8 +153,9 @@ impl App {
         mut next: ShadowRecord,
     ) -> ServiceResult<ShadowRecord> {
         next.version = current.version + 1;
-        next.updated_at_ms = self.now_ms();
+        next.updated_at_ms = self.core.now_ms();
         if !self
+            .core
             .store
             .save_shadow(next.clone(), current.version)
             .await?
@@ -155,8 +175,8 @@ impl App {
     }
 
     /// Publishes the retained delta of `s` (or clears it when in sync).
-    pub fn publish_delta(&self, s: &ShadowRecord) {
-        let (Some(broker), Ok(id)) = (self.broker(), DeviceId::parse(&s.device_id)) else {
+    fn publish_delta(&self, s: &ShadowRecord) {
+        let (Some(broker), Ok(id)) = (self.core.broker(), DeviceId::parse(&s.device_id)) else {
             return;
         };
         let delta = shadow::delta(&s.desired, &s.reported);
@@ -173,11 +193,12 @@ impl App {
     }
 
     /// Publishes the retained delta of every out-of-sync shadow (at startup).
-    pub async fn republish_shadow_deltas(&self) -> ServiceResult<usize> {
+    pub async fn republish_deltas(&self) -> ServiceResult<usize> {
         let mut after: Option<String> = None;
         let mut published = 0;
         loop {
             let page = self
+                .core
                 .store
                 .list_shadows(REPUBLISH_PAGE_LEN, after.as_deref())
                 .await?;

@@ -10,8 +10,8 @@
 
 use anyhow::Context;
 use mooring_proto::Clock;
+use mooring_server::registry::PinnedCert;
 use mooring_server::{Listeners, RunningServer, ServerConfig};
-use mooring_store::NewDevice;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,16 +62,18 @@ impl InProcessServer {
 
     /// Registers a device with a simulated certificate.
     pub async fn register(&self, id: &str, tags: BTreeMap<String, String>) -> anyhow::Result<()> {
-        let app = &self.server.app;
-        app.store
-            .create_device(NewDevice {
-                id: id.to_owned(),
+        self.server
+            .app
+            .registry
+            .create_device_pinned(
+                id,
                 tags,
-                created_at_ms: app.now_ms(),
-                cert_sha256: sim_cert_sha256(id),
-                cert_serial: "00".into(),
-                cert_not_after_ms: u64::MAX / 2,
-            })
+                PinnedCert {
+                    sha256_hex: sim_cert_sha256(id),
+                    serial_hex: "00".into(),
+                    not_after_ms: u64::MAX / 2,
+                },
+            )
             .await
             .with_context(|| format!("registering {id}"))?;
         Ok(())

@@ -13,7 +13,7 @@
 //!   │     faults: power loss / crash (abort + restart), battery,      SimConnector ── duplex ──>
 //!   │     link drops/outages (DeviceLink::cut)                        broker.serve_connection
 //!   │     LedgerStore (MemStore + record of acked sim.n), SimHandler (counts executions)
-//!   ├─ events task: command (App::create_fleet_command), cut_link, delete_device, restart_server
+//!   ├─ events task: command (Commands::create_fleet_command), cut_link, delete_device, restart_server
 //!   ├─ sampler task: online devices every sample_interval
 //!   └─ at the end: stop the fleet, stop the server (writer drained), compare acked vs. stored,
 //!      read command states and histories → Report (report.rs): JSON, table, HTML plots

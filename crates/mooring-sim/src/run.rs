@@ -16,8 +16,8 @@ use crate::scenario::{Action, Scenario, ServerTarget, SEQ_METRIC};
 use anyhow::Context as _;
 use mooring_proto::sync::{lock, read, write};
 use mooring_proto::{Clock, DeviceId};
-use mooring_server::app::App;
-use mooring_store::{CommandState, Store, TelemetryQuery};
+use mooring_server::app::{App, Readback};
+use mooring_store::{CommandState, TelemetryQuery};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -316,10 +316,10 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
                 // The run ended during a server restart's downtime: open the data dir to read it.
                 None => InProcessServer::start(data_dir, server_clock.clone()).await?,
             };
-            let store: Arc<dyn Store> = server.server.app.store.clone();
+            let readback = server.server.app.readback();
             server.shutdown().await;
             net.close().await;
-            Reader::Store(store)
+            Reader::Store(readback)
         }
     };
 
@@ -550,7 +550,8 @@ async fn run_events(
                             idempotency_key: None,
                             result_timeout_secs: None,
                         };
-                        app.create_fleet_command(to, c)
+                        app.commands
+                            .create_fleet_command(to, c)
                             .await
                             .map(|v| (v.parent.id.clone(), v.parent.total))
                             .map_err(|e| e.to_string())
@@ -595,7 +596,10 @@ async fn run_events(
                     }
                     (None, Some(app)) => (
                         device.clone(),
-                        app.delete_device(device).await.map_err(|e| e.to_string()),
+                        app.registry
+                            .delete_device(device)
+                            .await
+                            .map_err(|e| e.to_string()),
                     ),
                     (None, None) => (device.clone(), Err("the server is down".to_owned())),
                 };
@@ -685,7 +689,8 @@ async fn run_sampler(control: Arc<Control>, start: Instant, end: Instant, interv
 /// Where the end-of-run numbers come from: the in-process server's store (after it stopped),
 /// or the remote server's API.
 enum Reader {
-    Store(Arc<dyn Store>),
+    /// Read after the server stopped, so only the store can answer (see `App::readback`).
+    Store(Readback),
     Remote(Arc<RemoteApi>),
 }
 
@@ -702,7 +707,7 @@ impl Reader {
         match self {
             Reader::Remote(api) => api.telemetry_values(id, limit).await,
             Reader::Store(store) => Ok(store
-                .query(TelemetryQuery {
+                .telemetry(TelemetryQuery {
                     device_id: id.to_owned(),
                     metric: Some(SEQ_METRIC.to_owned()),
                     from_ms: None,
@@ -733,7 +738,7 @@ impl Reader {
                 })
                 .collect()),
             Reader::Store(store) => Ok(store
-                .list_commands(id, None, COMMANDS_PER_DEVICE_MAX, None)
+                .commands(id, COMMANDS_PER_DEVICE_MAX)
                 .await?
                 .into_iter()
                 .map(|c| CommandView {
@@ -783,6 +788,7 @@ async fn retag(app: &App, selector: &str, tags: &BTreeMap<String, String>) -> Re
     let mut cursor: Option<String> = None;
     loop {
         let (page, next) = app
+            .registry
             .list_selected_devices(selector, Some(1000), cursor.as_deref())
             .await
             .map_err(|e| e.to_string())?;
@@ -793,7 +799,8 @@ async fn retag(app: &App, selector: &str, tags: &BTreeMap<String, String>) -> Re
         }
     }
     for id in &ids {
-        app.set_tags(id, tags.clone())
+        app.registry
+            .set_tags(id, tags.clone())
             .await
             .map_err(|e| e.to_string())?;
     }

@@ -88,7 +88,7 @@ impl MemPersist {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        mooring_proto::sync::lock(&self.0)
     }
 
     pub fn set_now(&self, now_ms: u64) {

@@ -11,24 +11,26 @@
 //! commands are published in order and never twice concurrently. A command counts as an attempt
 //! only when the broker actually enqueued it to the device's live, subscribed session.
 
+mod delivery;
 pub mod state;
 
-use crate::app::App;
+pub use delivery::{run_dispatcher, run_scheduler};
+
+use crate::app::Core;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Counters;
-use mooring_broker::Message;
+use crate::registry::Registry;
 use mooring_proto::command::{
-    is_valid_command_name, CommandRequest, CommandResult, ResultStatus, COMMAND_BODY_SIZE_BYTES_MAX,
+    is_valid_command_name, CommandResult, ResultStatus, COMMAND_BODY_SIZE_BYTES_MAX,
 };
 use mooring_proto::selector::Selector;
 use mooring_proto::sync::lock;
-use mooring_proto::{DeviceId, Topic};
 use mooring_store::{
     CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
 };
 use state::{Event, Step};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
 
@@ -57,16 +59,29 @@ pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 128;
 pub const COMMAND_PAGE_LEN_MAX: usize = 1000;
 pub const COMMAND_PAGE_LEN_DEFAULT: usize = 100;
 
-/// In-memory command runtime: the mutation lock, waiters and the dispatcher's kick set.
-#[derive(Default)]
-pub struct CommandRuntime {
+/// The command service: the command store, the mutation lock, the `wait_ms` waiters and the
+/// dispatcher's kick set.
+pub struct Commands {
+    core: Arc<Core>,
+    registry: Arc<Registry>,
     mutate: tokio::sync::Mutex<()>,
     waiters: Mutex<HashMap<String, watch::Sender<CommandState>>>,
     kicks: Mutex<BTreeMap<String, bool>>,
     kick_notify: Notify,
 }
 
-impl CommandRuntime {
+impl Commands {
+    pub(crate) fn new(core: Arc<Core>, registry: Arc<Registry>) -> Self {
+        Self {
+            core,
+            registry,
+            mutate: tokio::sync::Mutex::default(),
+            waiters: Mutex::default(),
+            kicks: Mutex::default(),
+            kick_notify: Notify::new(),
+        }
+    }
+
     /// Asks the dispatcher to deliver what is pending for `device_id`; `all_delivered` also
     /// redelivers unacknowledged commands whose retry is not yet due (after a (re)connect).
     pub fn kick(&self, device_id: &str, all_delivered: bool) {
@@ -173,9 +188,9 @@ pub fn check_wait_ms(wait_ms: Option<u64>) -> ServiceResult<u64> {
     Ok(w)
 }
 
-impl App {
+impl Commands {
     fn retry_backoff_ms(&self, attempts: u32) -> u64 {
-        let c = &self.config.commands;
+        let c = &self.core.config.commands;
         let shift = attempts.saturating_sub(1).min(32);
         c.retry_backoff_initial_ms
             .saturating_mul(1u64 << shift)
@@ -202,7 +217,9 @@ impl App {
                 format!("params must encode to at most {COMMAND_BODY_SIZE_BYTES_MAX} bytes"),
             ));
         }
-        let ttl_secs = c.ttl_secs.unwrap_or(self.config.commands.default_ttl_secs);
+        let ttl_secs = c
+            .ttl_secs
+            .unwrap_or(self.core.config.commands.default_ttl_secs);
         if ttl_secs == 0 || ttl_secs > TTL_SECS_MAX {
             return Err(ServiceError::invalid(
                 "invalid_ttl",
@@ -211,7 +228,7 @@ impl App {
         }
         let max_attempts = c
             .max_attempts
-            .unwrap_or(self.config.commands.default_max_attempts);
+            .unwrap_or(self.core.config.commands.default_max_attempts);
         if max_attempts == 0 || max_attempts > MAX_ATTEMPTS_MAX {
             return Err(ServiceError::invalid(
                 "invalid_max_attempts",
@@ -233,7 +250,7 @@ impl App {
         }
         let result_timeout_secs = c
             .result_timeout_secs
-            .unwrap_or(self.config.commands.default_result_timeout_secs);
+            .unwrap_or(self.core.config.commands.default_result_timeout_secs);
         if result_timeout_secs > RESULT_TIMEOUT_SECS_MAX {
             return Err(ServiceError::invalid(
                 "invalid_result_timeout",
@@ -268,9 +285,10 @@ impl App {
         wait_ms: Option<u64>,
     ) -> ServiceResult<(bool, CommandRecord)> {
         let wait_ms = check_wait_ms(wait_ms)?;
-        let device = self.get_device(device_id).await?;
-        let record = self.build_command(&device.record.id, &c, None, self.now_ms())?;
+        let device = self.registry.get_device(device_id).await?;
+        let record = self.build_command(&device.record.id, &c, None, self.core.now_ms())?;
         let outcome = self
+            .core
             .store
             .create_commands(None, vec![record])
             .await?
@@ -280,8 +298,8 @@ impl App {
         let created = matches!(outcome, CreateOutcome::Created(_));
         let record = outcome.into_record();
         if created {
-            Counters::inc(&self.counters.commands_created);
-            self.commands.kick(&record.device_id, false);
+            Counters::inc(&self.core.counters.commands_created);
+            self.kick(&record.device_id, false);
         }
         let record = self.wait_command(record, wait_ms).await?;
         Ok((created, record))
@@ -295,18 +313,18 @@ impl App {
         wait_ms: Option<u64>,
     ) -> ServiceResult<CommandRecord> {
         let wait_ms = check_wait_ms(wait_ms)?;
-        let device = Self::parse_id(device_id)?;
+        let device = Registry::parse_id(device_id)?;
         let record = self.command_of(device.as_str(), id).await?;
         self.wait_command(record, wait_ms).await
     }
 
     /// Any command by id (device command), for `GET /api/v1/commands/<id>`.
     pub async fn find_command(&self, id: &str) -> ServiceResult<Option<CommandRecord>> {
-        Ok(self.store.get_command(id).await?)
+        Ok(self.core.store.get_command(id).await?)
     }
 
     async fn command_of(&self, device_id: &str, id: &str) -> ServiceResult<CommandRecord> {
-        match self.store.get_command(id).await? {
+        match self.core.store.get_command(id).await? {
             Some(r) if r.device_id == device_id => Ok(r),
             _ => Err(command_not_found(id)),
         }
@@ -322,7 +340,7 @@ impl App {
         }
         let id = record.id.clone();
         let rx = {
-            let mut w = lock(&self.commands.waiters);
+            let mut w = lock(&self.waiters);
             match w.get(&id) {
                 Some(tx) => tx.subscribe(),
                 None if w.len() < WAITED_COMMANDS_MAX => {
@@ -340,13 +358,13 @@ impl App {
             }
         };
         let mut waiter = Waiter {
-            waiters: &self.commands.waiters,
+            waiters: &self.waiters,
             id: id.clone(),
             rx: Some(rx),
         };
         // Re-read after subscribing: a transition between the first read and the subscription
         // is then seen here rather than missed.
-        let current = self.store.get_command(&id).await?;
+        let current = self.core.store.get_command(&id).await?;
         if let (false, Some(rx)) = (
             current.as_ref().is_some_and(|r| r.state.is_final()),
             waiter.rx.as_mut(),
@@ -361,7 +379,8 @@ impl App {
             .await;
         }
         drop(waiter);
-        self.store
+        self.core
+            .store
             .get_command(&id)
             .await?
             .ok_or_else(|| command_not_found(&id))
@@ -375,7 +394,7 @@ impl App {
         limit: Option<usize>,
         cursor: Option<&str>,
     ) -> ServiceResult<(Vec<CommandRecord>, Option<String>)> {
-        let device = self.get_device(device_id).await?;
+        let device = self.registry.get_device(device_id).await?;
         let state = state
             .map(|s| {
                 s.parse::<CommandState>().map_err(|_| {
@@ -394,6 +413,7 @@ impl App {
             ));
         }
         let records = self
+            .core
             .store
             .list_commands(&device.record.id, state, limit, cursor)
             .await
@@ -419,23 +439,23 @@ impl App {
         id: &str,
         event: Event,
     ) -> ServiceResult<Option<(Step, CommandRecord)>> {
-        let _guard = self.commands.mutate.lock().await;
-        let Some(mut record) = self.store.get_command(id).await? else {
+        let _guard = self.mutate.lock().await;
+        let Some(mut record) = self.core.store.get_command(id).await? else {
             return Ok(None);
         };
         if device_id.is_some_and(|d| d != record.device_id) {
             return Ok(None);
         }
         let from = record.state;
-        let step = state::apply(&mut record, event, self.now_ms());
+        let step = state::apply(&mut record, event, self.core.now_ms());
         if let Step::To(to) = step {
-            if !self.store.update_command(record.clone(), from).await? {
+            if !self.core.store.update_command(record.clone(), from).await? {
                 return Err(ServiceError::internal(format!(
                     "command {id} changed state concurrently"
                 )));
             }
             self.count_transition(to);
-            self.commands.notify(id, to);
+            self.notify(id, to);
         }
         Ok(Some((step, record)))
     }
@@ -443,8 +463,8 @@ impl App {
     /// A result that came after the command failed with `timeout`: kept in its result as
     /// `late_result` (the state stays `failed`), once.
     async fn record_late_result(&self, id: &str, outcome: CommandOutcome) -> ServiceResult<()> {
-        let _guard = self.commands.mutate.lock().await;
-        let Some(mut record) = self.store.get_command(id).await? else {
+        let _guard = self.mutate.lock().await;
+        let Some(mut record) = self.core.store.get_command(id).await? else {
             return Ok(());
         };
         if !timed_out(&record) {
@@ -460,10 +480,11 @@ impl App {
             "succeeded": outcome.succeeded,
             "output": outcome.output,
         });
-        self.store
+        self.core
+            .store
             .update_command(record, CommandState::Failed)
             .await?;
-        Counters::inc(&self.counters.commands_late_results);
+        Counters::inc(&self.core.counters.commands_late_results);
         tracing::info!(
             command = id,
             "result arrived after the result timeout; recorded as late"
@@ -472,7 +493,7 @@ impl App {
     }
 
     fn count_transition(&self, to: CommandState) {
-        let c = &self.counters;
+        let c = &self.core.counters;
         match to {
             CommandState::Succeeded => Counters::inc(&c.commands_succeeded),
             CommandState::Failed => Counters::inc(&c.commands_failed),
@@ -484,7 +505,7 @@ impl App {
 
     /// Cancels a command that is not yet acknowledged; `409 command_not_cancelable` otherwise.
     pub async fn cancel_command(&self, device_id: &str, id: &str) -> ServiceResult<CommandRecord> {
-        let device = Self::parse_id(device_id)?;
+        let device = Registry::parse_id(device_id)?;
         match self
             .transition(Some(device.as_str()), id, Event::Cancel)
             .await?
@@ -504,7 +525,7 @@ impl App {
 
     /// A device acknowledged (`result: None`) or reported the result of one of its commands.
     /// `Err` only if the store failed (the device's publish is then not acknowledged).
-    pub async fn on_command_reply(
+    pub async fn on_reply(
         &self,
         device_id: &str,
         id: &str,
@@ -518,7 +539,7 @@ impl App {
                     output: r.output,
                 }),
                 Err(e) => {
-                    Counters::inc(&self.counters.command_replies_ignored);
+                    Counters::inc(&self.core.counters.command_replies_ignored);
                     tracing::info!(device = device_id, command = id, error = %e, "invalid command result ignored");
                     return Ok(());
                 }
@@ -536,152 +557,16 @@ impl App {
                 }
             }
             Some((Step::Refused, r)) => {
-                Counters::inc(&self.counters.command_replies_ignored);
+                Counters::inc(&self.core.counters.command_replies_ignored);
                 tracing::debug!(device = device_id, command = id, state = %r.state, "late command reply ignored");
             }
             None => {
-                Counters::inc(&self.counters.command_replies_ignored);
+                Counters::inc(&self.core.counters.command_replies_ignored);
                 tracing::info!(
                     device = device_id,
                     command = id,
                     "reply for an unknown or foreign command ignored"
                 );
-            }
-        }
-        Ok(())
-    }
-
-    /// Publishes what is pending for one device, in order, while its session takes it.
-    async fn deliver_pending(&self, device_id: &str, all_delivered: bool) -> ServiceResult<()> {
-        let Some(broker) = self.broker() else {
-            return Ok(());
-        };
-        let Ok(device) = DeviceId::parse(device_id) else {
-            return Ok(());
-        };
-        if !broker.device_is_subscribed(device_id, &Topic::command(&device, "c")) {
-            return Ok(());
-        }
-        let pending = self
-            .store
-            .pending_commands(
-                device_id,
-                self.now_ms(),
-                all_delivered,
-                DELIVERY_BATCH_LEN_MAX,
-            )
-            .await?;
-        let full_batch = pending.len() == DELIVERY_BATCH_LEN_MAX;
-        for p in pending {
-            let _guard = self.commands.mutate.lock().await;
-            let Some(mut record) = self.store.get_command(&p.id).await? else {
-                continue;
-            };
-            let from = record.state;
-            if !matches!(
-                from,
-                CommandState::Queued | CommandState::Delivered | CommandState::Acknowledged
-            ) {
-                continue;
-            }
-            let now_ms = self.now_ms();
-            // An acknowledged command has started on the device: it no longer expires; it is
-            // redelivered after a reconnect so the device reports its result (or that it was
-            // interrupted), never runs it twice.
-            let event = if from != CommandState::Acknowledged && now_ms >= record.expires_at_ms {
-                Event::Expire
-            } else if from != CommandState::Queued && record.attempts >= record.max_attempts {
-                Event::GiveUp
-            } else {
-                let req = CommandRequest {
-                    id: record.id.clone(),
-                    name: record.name.clone(),
-                    params: record.params.clone(),
-                    expires_at: record.expires_at_ms,
-                };
-                let msg = Message::new(
-                    Topic::command(&device, &record.id),
-                    req.to_bytes(),
-                    1,
-                    false,
-                );
-                // Queued (even if older QoS 0 messages made room for it) means sent: record
-                // the attempt. Refused: the session cannot take it now; try again later.
-                if !broker.publish_to_device(device_id, msg).is_enqueued() {
-                    break;
-                }
-                record.attempts = record.attempts.saturating_add(1);
-                // An acknowledged command's next_attempt_at_ms is its result deadline (set at
-                // the ack): a redelivery after a reconnect does not move it.
-                if from != CommandState::Acknowledged {
-                    record.next_attempt_at_ms =
-                        now_ms.saturating_add(self.retry_backoff_ms(record.attempts));
-                }
-                if from == CommandState::Queued {
-                    Counters::inc(&self.counters.commands_delivered);
-                } else {
-                    Counters::inc(&self.counters.commands_retried);
-                }
-                Event::Delivered
-            };
-            let step = state::apply(&mut record, event, now_ms);
-            if !self.store.update_command(record.clone(), from).await? {
-                continue;
-            }
-            if let Step::To(to) = step {
-                self.count_transition(to);
-                self.commands.notify(&record.id, to);
-            }
-        }
-        if full_batch {
-            self.commands.kick(device_id, false);
-        }
-        Ok(())
-    }
-
-    /// One scheduler pass: expire, give up, or ask for redelivery of what is due.
-    pub async fn run_scheduler_pass(&self) -> ServiceResult<usize> {
-        let now_ms = self.now_ms();
-        let due = self
-            .store
-            .due_commands(now_ms, SCHEDULER_BATCH_LEN_MAX)
-            .await?;
-        let n = due.len();
-        for c in due {
-            if c.state == CommandState::Acknowledged {
-                self.transition(None, &c.id, Event::ResultTimeout).await?;
-            } else if now_ms >= c.expires_at_ms {
-                self.transition(None, &c.id, Event::Expire).await?;
-            } else if c.attempts >= c.max_attempts {
-                self.transition(None, &c.id, Event::GiveUp).await?;
-            } else {
-                let subscribed = match (self.broker(), DeviceId::parse(&c.device_id)) {
-                    (Some(b), Ok(d)) => {
-                        b.device_is_subscribed(&c.device_id, &Topic::command(&d, "c"))
-                    }
-                    _ => false,
-                };
-                if subscribed {
-                    self.commands.kick(&c.device_id, false);
-                } else {
-                    // Offline: no attempt now; a reconnect redelivers it at once.
-                    self.postpone(&c.id, now_ms).await?;
-                }
-            }
-        }
-        Ok(n)
-    }
-
-    async fn postpone(&self, id: &str, now_ms: u64) -> ServiceResult<()> {
-        let _guard = self.commands.mutate.lock().await;
-        if let Some(mut r) = self.store.get_command(id).await? {
-            if r.state == CommandState::Delivered {
-                r.next_attempt_at_ms = now_ms
-                    .saturating_add(self.config.commands.retry_backoff_max_ms)
-                    .min(r.expires_at_ms);
-                self.store
-                    .update_command(r, CommandState::Delivered)
-                    .await?;
             }
         }
         Ok(())
@@ -700,16 +585,17 @@ impl App {
             ));
         }
         let sel = parse_selector(selector)?;
-        let now_ms = self.now_ms();
+        let now_ms = self.core.now_ms();
         let parent_id = new_id('f');
         // Validate once before touching the fleet.
         let probe = self.build_command("probe", &c, Some(&parent_id), now_ms)?;
-        let page_len = self.config.commands.fleet_page_len.max(1);
+        let page_len = self.core.config.commands.fleet_page_len.max(1);
         // The matching devices, in pages of the registry (ids only).
         let mut devices: Vec<String> = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
             let (page, next) = self
+                .registry
                 .select_devices(&sel, cursor.as_deref(), page_len)
                 .await?;
             devices.extend(page.into_iter().map(|d| d.record.id));
@@ -750,6 +636,7 @@ impl App {
                     .collect::<ServiceResult<Vec<_>>>()
             };
             let outcomes = match self
+                .core
                 .store
                 .create_commands(first.clone(), build(page)?)
                 .await
@@ -759,17 +646,20 @@ impl App {
                 Err(mooring_store::StoreError::NotFound(_)) => {
                     let mut still = Vec::with_capacity(page.len());
                     for d in page {
-                        if self.store.get_device(d).await?.is_some() {
+                        if self.core.store.get_device(d).await?.is_some() {
                             still.push(d.clone());
                         }
                     }
-                    self.store.create_commands(first, build(&still)?).await?
+                    self.core
+                        .store
+                        .create_commands(first, build(&still)?)
+                        .await?
                 }
                 Err(e) => return Err(e.into()),
             };
-            Counters::add(&self.counters.commands_created, outcomes.len() as u64);
+            Counters::add(&self.core.counters.commands_created, outcomes.len() as u64);
             for o in &outcomes {
-                self.commands.kick(&o.record().device_id, false);
+                self.kick(&o.record().device_id, false);
             }
         }
         self.fleet_command(&parent.id)
@@ -779,10 +669,10 @@ impl App {
 
     /// A fleet command with counts per state; `None` if there is no such parent.
     pub async fn fleet_command(&self, id: &str) -> ServiceResult<Option<FleetCommandView>> {
-        let Some(parent) = self.store.get_command_parent(id).await? else {
+        let Some(parent) = self.core.store.get_command_parent(id).await? else {
             return Ok(None);
         };
-        let counts = self.store.count_children(id).await?;
+        let counts = self.core.store.count_children(id).await?;
         let finals: u64 = counts
             .iter()
             .filter(|(s, _)| s.is_final())
@@ -800,37 +690,4 @@ impl App {
 /// Parses a selector; errors are `400 invalid_selector` with the parser's reason.
 pub fn parse_selector(text: &str) -> ServiceResult<Selector> {
     Selector::parse(text).map_err(|e| ServiceError::invalid("invalid_selector", e.to_string()))
-}
-
-/// The delivery task: drains kicks until `stop` fires.
-pub async fn run_dispatcher(app: std::sync::Arc<App>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let kicks = app.commands.take_kicks();
-        if kicks.is_empty() {
-            let notified = app.commands.kick_notify.notified();
-            tokio::select! {
-                _ = stop.changed() => return,
-                _ = notified => continue,
-            }
-        }
-        for (device, all) in kicks {
-            if *stop.borrow() {
-                return;
-            }
-            if let Err(e) = app.deliver_pending(&device, all).await {
-                tracing::warn!(device = %device, error = %e, "command delivery failed; will retry");
-            }
-        }
-    }
-}
-
-/// The scheduler task: expiry, give-up and retries, every `commands.scheduler_tick_ms`.
-pub async fn run_scheduler(app: std::sync::Arc<App>, stop: watch::Receiver<bool>) {
-    let period = Duration::from_millis(app.config.commands.scheduler_tick_ms.max(1));
-    crate::serve::run_every(period, stop, || async {
-        if let Err(e) = app.run_scheduler_pass().await {
-            tracing::warn!(error = %e, "command scheduler pass failed; will retry");
-        }
-    })
-    .await;
 }

@@ -192,7 +192,7 @@ async fn create_device(
     State(app): State<Arc<App>>,
     ApiJson(req): ApiJson<CreateDevice>,
 ) -> ApiResult<(StatusCode, Json<CreatedDevice>)> {
-    let (record, issued) = app.create_device(&req.id, req.tags).await?;
+    let (record, issued) = app.registry.create_device(&req.id, req.tags).await?;
     let device = Device::from(DeviceView {
         record,
         online: false,
@@ -204,7 +204,7 @@ async fn create_device(
             device,
             certificate_pem: issued.certificate_pem,
             private_key_pem: issued.private_key_pem,
-            ca_pem: app.pki.ca_pem().to_owned(),
+            ca_pem: app.registry.ca_pem().to_owned(),
         }),
     ))
 }
@@ -216,9 +216,14 @@ async fn list_devices(
     ApiQuery(p): ApiQuery<ListParams>,
 ) -> ApiResult<Json<DeviceList>> {
     let (devices, next_cursor) = match p.selector.as_deref() {
-        None => app.list_devices(p.limit, p.cursor.as_deref()).await?,
+        None => {
+            app.registry
+                .list_devices(p.limit, p.cursor.as_deref())
+                .await?
+        }
         Some(sel) => {
-            app.list_selected_devices(sel, p.limit, p.cursor.as_deref())
+            app.registry
+                .list_selected_devices(sel, p.limit, p.cursor.as_deref())
                 .await?
         }
     };
@@ -234,7 +239,7 @@ async fn get_device(
     State(app): State<Arc<App>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Device>> {
-    Ok(Json(app.get_device(&id).await?.into()))
+    Ok(Json(app.registry.get_device(&id).await?.into()))
 }
 
 #[utoipa::path(delete, path = "/api/v1/devices/{id}", params(("id" = String, Path)),
@@ -243,7 +248,7 @@ async fn delete_device(
     State(app): State<Arc<App>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    app.delete_device(&id).await?;
+    app.registry.delete_device(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -255,7 +260,10 @@ async fn device_telemetry(
     ApiQuery(p): ApiQuery<TelemetryParams>,
 ) -> ApiResult<Json<TelemetryPoints>> {
     let named = p.metric.is_some();
-    let points = app.telemetry(&id, p.metric, p.from, p.to, p.limit).await?;
+    let points = app
+        .telemetry
+        .query(&id, p.metric, p.from, p.to, p.limit)
+        .await?;
     Ok(Json(TelemetryPoints {
         points: points
             .into_iter()
@@ -274,7 +282,7 @@ async fn device_telemetry_latest(
     State(app): State<Arc<App>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<LatestMetrics>> {
-    let latest = app.telemetry_latest(&id).await?;
+    let latest = app.telemetry.latest(&id).await?;
     Ok(Json(LatestMetrics {
         metrics: latest
             .into_iter()
@@ -321,10 +329,11 @@ async fn create_token(
             "name must be 1-128 characters",
         )));
     }
-    let (record, secret) =
-        crate::auth::create_token(app.store.as_ref(), &req.name, role, app.now_ms())
-            .await
-            .map_err(ServiceError::internal)?;
+    let (record, secret) = app
+        .tokens
+        .create(&req.name, role)
+        .await
+        .map_err(ServiceError::internal)?;
     Ok((
         StatusCode::CREATED,
         Json(CreatedToken {

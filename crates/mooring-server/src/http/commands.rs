@@ -295,7 +295,7 @@ pub(super) async fn create_command(
         req.idempotency_key,
         req.result_timeout_secs,
     );
-    let (created, record) = app.create_command(&id, c, w.wait_ms).await?;
+    let (created, record) = app.commands.create_command(&id, c, w.wait_ms).await?;
     let status = if created {
         StatusCode::ACCEPTED
     } else {
@@ -312,6 +312,7 @@ pub(super) async fn list_commands(
     ApiQuery(p): ApiQuery<CommandListParams>,
 ) -> ApiResult<Json<CommandList>> {
     let (records, next_cursor) = app
+        .commands
         .list_commands(&id, p.state.as_deref(), p.limit, p.cursor.as_deref())
         .await?;
     Ok(Json(CommandList {
@@ -327,7 +328,9 @@ pub(super) async fn get_command(
     ApiPath((id, cmd)): ApiPath<(String, String)>,
     ApiQuery(w): ApiQuery<WaitParams>,
 ) -> ApiResult<Json<Command>> {
-    Ok(Json(app.get_command(&id, &cmd, w.wait_ms).await?.into()))
+    Ok(Json(
+        app.commands.get_command(&id, &cmd, w.wait_ms).await?.into(),
+    ))
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/{id}/commands/{cmd}/cancel", params(("id" = String, Path), ("cmd" = String, Path)),
@@ -336,7 +339,7 @@ pub(super) async fn cancel_command(
     State(app): State<Arc<App>>,
     ApiPath((id, cmd)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Command>> {
-    Ok(Json(app.cancel_command(&id, &cmd).await?.into()))
+    Ok(Json(app.commands.cancel_command(&id, &cmd).await?.into()))
 }
 
 #[utoipa::path(post, path = "/api/v1/commands", request_body = CreateFleetCommand,
@@ -353,7 +356,7 @@ pub(super) async fn create_fleet_command(
         None,
         req.result_timeout_secs,
     );
-    let view = app.create_fleet_command(&req.selector, c).await?;
+    let view = app.commands.create_fleet_command(&req.selector, c).await?;
     Ok((StatusCode::ACCEPTED, Json(view.into())))
 }
 
@@ -371,10 +374,10 @@ pub(super) async fn get_any_command(
     State(app): State<Arc<App>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<AnyCommand>> {
-    if let Some(v) = app.fleet_command(&id).await? {
+    if let Some(v) = app.commands.fleet_command(&id).await? {
         return Ok(Json(AnyCommand::Fleet(v.into())));
     }
-    match app.find_command(&id).await? {
+    match app.commands.find_command(&id).await? {
         Some(r) => Ok(Json(AnyCommand::Device(r.into()))),
         None => Err(ApiError(ServiceError::not_found(
             "command_not_found",
@@ -391,7 +394,7 @@ pub(super) async fn put_tags(
     ApiPath(id): ApiPath<String>,
     ApiJson(tags): ApiJson<BTreeMap<String, String>>,
 ) -> ApiResult<Json<super::api::Device>> {
-    Ok(Json(app.set_tags(&id, tags).await?.into()))
+    Ok(Json(app.registry.set_tags(&id, tags).await?.into()))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/shadow", params(("id" = String, Path)),
@@ -400,7 +403,7 @@ pub(super) async fn get_shadow(
     State(app): State<Arc<App>>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    Ok(shadow_response(app.get_shadow(&id).await?))
+    Ok(shadow_response(app.shadows.get(&id).await?))
 }
 
 #[utoipa::path(patch, path = "/api/v1/devices/{id}/shadow", request_body = ShadowPatch,
@@ -415,6 +418,8 @@ pub(super) async fn patch_shadow(
 ) -> ApiResult<Response> {
     let expected = if_match(&headers)?;
     Ok(shadow_response(
-        app.patch_desired(&id, req.desired, expected).await?,
+        app.shadows
+            .patch_desired(&id, req.desired, expected)
+            .await?,
     ))
 }

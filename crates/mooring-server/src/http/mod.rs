@@ -191,7 +191,7 @@ async fn require_token(
             "missing `Authorization: Bearer <token>` header",
         )));
     };
-    let Some(record) = crate::auth::verify_token(app.store.as_ref(), token).await else {
+    let Some(record) = app.tokens.verify(token).await else {
         return Err(ApiError(ServiceError::new(
             ErrorKind::Unauthorized,
             "unauthorized",
@@ -315,7 +315,7 @@ async fn json_errors(resp: Response) -> Response {
 /// Counts the requests the API refused for a bound or a missing token (`/metrics`).
 async fn count_refusals(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
-    let c = &app.counters;
+    let c = app.counters();
     match resp.status() {
         StatusCode::REQUEST_TIMEOUT => Counters::inc(&c.http_body_timeouts),
         StatusCode::PAYLOAD_TOO_LARGE => Counters::inc(&c.http_body_too_large),
@@ -327,7 +327,7 @@ async fn count_refusals(State(app): State<Arc<App>>, req: Request, next: Next) -
 
 /// The whole HTTP router.
 pub fn router(app: Arc<App>) -> Router {
-    let body_timeout = std::time::Duration::from_millis(app.config.http.request_body_timeout_ms);
+    let body_timeout = std::time::Duration::from_millis(app.config().http.request_body_timeout_ms);
     let protected =
         api::routes()
             .merge(commands::routes())

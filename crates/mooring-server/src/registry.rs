@@ -1,0 +1,384 @@
+//! The device registry: devices, their certificates (issued by the fleet CA), tags and the
+//! selectors that address them. Presence answers `online`; the broker is told when a device's
+//! tags change (its sessions are re-authorized) and when it is deleted (its sessions and
+//! retained messages go).
+//!
+//! Invariants: a device id is valid ([`DeviceId`]) and its tags pass [`validate_tags`] before
+//! anything is stored; a tag change is stored and handed to the broker in one step; a deleted
+//! device's certificate is refused from then on (the hooks look the pin up here).
+
+use crate::app::Core;
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::pki::{IssuedCert, Pki};
+use crate::presence::Presence;
+use mooring_proto::selector::{DeviceFacts, Selector};
+use mooring_proto::DeviceId;
+use mooring_store::{DeviceRecord, NewDevice};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Most devices one list call returns.
+pub const DEVICE_PAGE_LEN_MAX: usize = 1000;
+pub const DEVICE_PAGE_LEN_DEFAULT: usize = 100;
+
+/// The registry service.
+pub struct Registry {
+    core: Arc<Core>,
+    pki: Pki,
+    presence: Arc<Presence>,
+    /// Tag changes are stored and handed to the broker in one step, so two concurrent changes
+    /// cannot leave the broker with the older tags.
+    tags_lock: tokio::sync::Mutex<()>,
+}
+
+/// A certificate issued outside this server (the simulator's devices): only its pin is stored.
+#[derive(Debug, Clone)]
+pub struct PinnedCert {
+    pub sha256_hex: String,
+    pub serial_hex: String,
+    pub not_after_ms: u64,
+}
+
+/// A device as the API shows it.
+#[derive(Debug, Clone)]
+pub struct DeviceView {
+    pub record: DeviceRecord,
+    pub online: bool,
+    pub last_seen_ms: Option<u64>,
+}
+
+impl Registry {
+    pub(crate) fn new(core: Arc<Core>, pki: Pki, presence: Arc<Presence>) -> Self {
+        Self {
+            core,
+            pki,
+            presence,
+            tags_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The fleet CA certificate (PEM), for devices and clients to trust.
+    pub fn ca_pem(&self) -> &str {
+        self.pki.ca_pem()
+    }
+
+    /// The stored record of `id` as it is, without validating the id (the MQTT hooks look up a
+    /// certificate's CN and a service's client id). Store errors are returned as they are.
+    pub async fn lookup(&self, id: &str) -> mooring_store::Result<Option<DeviceRecord>> {
+        self.core.store.get_device(id).await
+    }
+
+    /// Registers a device whose certificate was issued elsewhere, pinning its fingerprint (the
+    /// simulator's devices, which skip the TLS handshake).
+    pub async fn create_device_pinned(
+        &self,
+        id: &str,
+        tags: BTreeMap<String, String>,
+        cert: PinnedCert,
+    ) -> ServiceResult<DeviceRecord> {
+        let id = Self::parse_id(id)?;
+        validate_tags(&tags)?;
+        self.insert(NewDevice {
+            id: id.into_string(),
+            tags,
+            created_at_ms: self.core.now_ms(),
+            cert_sha256: cert.sha256_hex,
+            cert_serial: cert.serial_hex,
+            cert_not_after_ms: cert.not_after_ms,
+        })
+        .await
+    }
+
+    async fn insert(&self, device: NewDevice) -> ServiceResult<DeviceRecord> {
+        self.core
+            .store
+            .create_device(device)
+            .await
+            .map_err(|e| match e {
+                mooring_store::StoreError::AlreadyExists(m) => {
+                    ServiceError::new(ErrorKind::AlreadyExists, "device_exists", m)
+                }
+                other => other.into(),
+            })
+    }
+}
+
+impl Registry {
+    fn now_datetime(&self) -> time::OffsetDateTime {
+        let nanos = i128::from(self.core.now_ms()) * 1_000_000;
+        time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    }
+
+    pub fn parse_id(id: &str) -> ServiceResult<DeviceId> {
+        DeviceId::parse(id).map_err(|e| ServiceError::invalid("invalid_device_id", e.to_string()))
+    }
+
+    /// Registers a device and issues its certificate. The private key is returned once and
+    /// never stored.
+    pub async fn create_device(
+        &self,
+        id: &str,
+        tags: BTreeMap<String, String>,
+    ) -> ServiceResult<(DeviceRecord, IssuedCert)> {
+        let id = Self::parse_id(id)?;
+        validate_tags(&tags)?;
+        if self.core.store.get_device(id.as_str()).await?.is_some() {
+            return Err(ServiceError::new(
+                ErrorKind::AlreadyExists,
+                "device_exists",
+                format!("device {id} already exists"),
+            ));
+        }
+        let issued = self
+            .pki
+            .issue_device_cert(
+                id.as_str(),
+                self.now_datetime(),
+                self.core.config.certificates.device_validity_days,
+            )
+            .map_err(ServiceError::internal)?;
+        let record = self
+            .insert(NewDevice {
+                id: id.into_string(),
+                tags,
+                created_at_ms: self.core.now_ms(),
+                cert_sha256: issued.sha256_hex.clone(),
+                cert_serial: issued.serial_hex.clone(),
+                cert_not_after_ms: issued.not_after_ms,
+            })
+            .await?;
+        Ok((record, issued))
+    }
+
+    fn view(&self, record: DeviceRecord) -> DeviceView {
+        let (online, mem_seen) = self.presence.get(&record.id);
+        let last_seen_ms = match (mem_seen, record.last_seen_ms) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        DeviceView {
+            record,
+            online,
+            last_seen_ms,
+        }
+    }
+
+    pub async fn get_device(&self, id: &str) -> ServiceResult<DeviceView> {
+        let id = Self::parse_id(id)?;
+        let record = self
+            .core
+            .store
+            .get_device(id.as_str())
+            .await?
+            .ok_or_else(|| device_not_found(id.as_str()))?;
+        Ok(self.view(record))
+    }
+
+    /// Checks a device page request; returns the page size.
+    fn device_page(limit: Option<usize>, cursor: Option<&str>) -> ServiceResult<usize> {
+        let limit = limit.unwrap_or(DEVICE_PAGE_LEN_DEFAULT);
+        if limit == 0 || limit > DEVICE_PAGE_LEN_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {DEVICE_PAGE_LEN_MAX}"),
+            ));
+        }
+        if let Some(c) = cursor {
+            Self::parse_id(c)
+                .map_err(|_| ServiceError::invalid("invalid_cursor", "cursor is not valid"))?;
+        }
+        Ok(limit)
+    }
+
+    /// One page of devices ordered by id; the cursor is the last id of the previous page.
+    pub async fn list_devices(
+        &self,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
+        let limit = Self::device_page(limit, cursor)?;
+        let records = self.core.store.list_devices(limit, cursor).await?;
+        let next = if records.len() == limit {
+            records.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+        Ok((records.into_iter().map(|r| self.view(r)).collect(), next))
+    }
+
+    /// Devices matching `sel`, ordered by id, after `cursor`, at most `limit`; the second value
+    /// is the cursor of the next page (`Some` only when the page is full). Evaluated over the
+    /// store traits: an ids term is looked up directly, anything else scans the registry in
+    /// pages; `version` comes from the shadow's reported `version` key, read straight from the
+    /// shadow store (read only: `Shadows` depends on the registry, so asking it would close a
+    /// cycle; `Shadows` alone writes shadows).
+    pub async fn select_devices(
+        &self,
+        sel: &Selector,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
+        let mut out: Vec<DeviceView> = Vec::new();
+        let candidates = sel.id_candidates();
+        let mut after: Option<String> = cursor.map(str::to_owned);
+        loop {
+            let page: Vec<DeviceRecord> = match &candidates {
+                Some(ids) => {
+                    let mut page = Vec::new();
+                    for id in ids
+                        .iter()
+                        .filter(|i| after.as_deref().is_none_or(|a| i.as_str() > a))
+                    {
+                        if let Some(r) = self.core.store.get_device(id.as_str()).await? {
+                            page.push(r);
+                        }
+                    }
+                    page
+                }
+                None => {
+                    self.core
+                        .store
+                        .list_devices(SELECT_SCAN_PAGE_LEN, after.as_deref())
+                        .await?
+                }
+            };
+            let scanned_all = candidates.is_some() || page.len() < SELECT_SCAN_PAGE_LEN;
+            let versions: BTreeMap<String, String> = if sel.needs_version() && !page.is_empty() {
+                let ids: Vec<String> = page.iter().map(|r| r.id.clone()).collect();
+                self.core
+                    .store
+                    .get_shadows(&ids)
+                    .await?
+                    .into_iter()
+                    .filter_map(|s| Some((s.device_id.clone(), reported_version(&s)?)))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            };
+            after = page.last().map(|r| r.id.clone());
+            for record in page {
+                let view = self.view(record);
+                let facts = DeviceFacts {
+                    id: &view.record.id,
+                    tags: &view.record.tags,
+                    online: view.online,
+                    version: versions.get(&view.record.id).map(String::as_str),
+                };
+                if sel.matches(&facts) {
+                    out.push(view);
+                    if out.len() == limit {
+                        let next = out.last().map(|v| v.record.id.clone());
+                        return Ok((out, next));
+                    }
+                }
+            }
+            if scanned_all || after.is_none() {
+                return Ok((out, None));
+            }
+        }
+    }
+
+    /// Replaces a device's tags.
+    pub async fn set_tags(
+        &self,
+        id: &str,
+        tags: BTreeMap<String, String>,
+    ) -> ServiceResult<DeviceView> {
+        let id = Self::parse_id(id)?;
+        validate_tags(&tags)?;
+        let _serialized = self.tags_lock.lock().await;
+        self.core
+            .store
+            .set_tags(id.as_str(), tags.clone())
+            .await
+            .map_err(|e| match e {
+                mooring_store::StoreError::NotFound(_) => device_not_found(id.as_str()),
+                other => other.into(),
+            })?;
+        // Policy follows the data: the device's sessions (live and persisted) are authorized
+        // against the new tags from now on, and what they no longer allow is removed.
+        if let Some(broker) = self.core.broker() {
+            let removed = broker.update_principal(mooring_proto::policy::Principal::Device {
+                id: id.as_str().to_owned(),
+                tags,
+            });
+            if removed > 0 {
+                tracing::info!(device = %id, removed, "tags changed: subscriptions no longer allowed were removed");
+            }
+        }
+        self.get_device(id.as_str()).await
+    }
+
+    /// One page of the devices matching a selector.
+    pub async fn list_selected_devices(
+        &self,
+        selector: &str,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
+        let sel = crate::commands::parse_selector(selector)?;
+        let limit = Self::device_page(limit, cursor)?;
+        self.select_devices(&sel, cursor, limit).await
+    }
+
+    /// Deletes a device: its certificate is refused from now on, a live session is closed, and
+    /// its persisted sessions and retained messages (its own and everything under
+    /// `devices/<id>/`) are removed, so an id created again starts with nothing.
+    pub async fn delete_device(&self, id: &str) -> ServiceResult<()> {
+        let id = Self::parse_id(id)?;
+        if !self.core.store.delete_device(id.as_str()).await? {
+            return Err(device_not_found(id.as_str()));
+        }
+        if let Some(broker) = self.core.broker() {
+            let prefix = mooring_proto::topic::device_topic_prefix(&id);
+            broker.remove_device(id.as_str(), Some(&prefix));
+        }
+        self.presence.forget(id.as_str());
+        Ok(())
+    }
+}
+
+/// Devices read per store call while evaluating a selector.
+pub const SELECT_SCAN_PAGE_LEN: usize = 1000;
+
+/// The firmware version a device reports: its shadow's reported `version` key (a string, or a
+/// number written as text).
+pub fn reported_version(s: &mooring_store::ShadowRecord) -> Option<String> {
+    match s.reported.get("version")? {
+        serde_json::Value::String(v) => Some(v.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn device_not_found(id: &str) -> ServiceError {
+    ServiceError::not_found("device_not_found", format!("device {id} not found"))
+}
+
+/// Tag keys and values: short, printable, no MQTT wildcard or separator characters.
+pub fn validate_tags(tags: &BTreeMap<String, String>) -> ServiceResult<()> {
+    const TAGS_MAX: usize = 64;
+    const TAG_LEN_MAX: usize = 128;
+    if tags.len() > TAGS_MAX {
+        return Err(ServiceError::invalid(
+            "invalid_tags",
+            format!("at most {TAGS_MAX} tags"),
+        ));
+    }
+    for (k, v) in tags {
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= TAG_LEN_MAX
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))
+        };
+        if !ok(k) || !ok(v) {
+            return Err(ServiceError::invalid(
+                "invalid_tags",
+                format!("tag {k:?}={v:?}: keys and values are 1-{TAG_LEN_MAX} characters of letters, digits, '.', '_', '-', ':'"),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,147 @@
+//! Telemetry: ingest of device messages through the group-commit writer, and queries.
+//!
+//! Invariants: a point is acknowledged to its device only once the writer reports it durable
+//! (the hooks answer PUBACK from [`Ingest`]); `(device, seq)` is stored once (a repeat is
+//! [`Ingest::Duplicate`]); retention deletes in bounded chunks so ingest never stalls.
+
+use crate::app::Core;
+use crate::error::{ServiceError, ServiceResult};
+use crate::metrics::Counters;
+use crate::registry::Registry;
+use mooring_store::{
+    AppendOutcome, Point, StoreError, TelemetryQuery, TelemetryRecord, TelemetryWriter, WriterStats,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Most points one telemetry query returns.
+pub const TELEMETRY_QUERY_LEN_MAX: usize = 10_000;
+pub const TELEMETRY_QUERY_LEN_DEFAULT: usize = 1000;
+/// Rows deleted per retention chunk; small enough that ingest transactions interleave.
+const RETENTION_CHUNK_ROWS: usize = 5000;
+
+/// What became of one telemetry message.
+#[derive(Debug)]
+pub enum Ingest {
+    /// Durable now.
+    Stored,
+    /// Stored before (same device and seq).
+    Duplicate,
+    /// Not a valid telemetry payload; dropped.
+    Invalid(String),
+    /// The store failed; not stored, the device sends it again.
+    Failed(StoreError),
+}
+
+/// The telemetry service: owns the group-commit writer's handle.
+pub struct Telemetry {
+    core: Arc<Core>,
+    registry: Arc<Registry>,
+    writer: TelemetryWriter,
+}
+
+impl Telemetry {
+    pub(crate) fn new(core: Arc<Core>, registry: Arc<Registry>, writer: TelemetryWriter) -> Self {
+        Self {
+            core,
+            registry,
+            writer,
+        }
+    }
+
+    /// Parses and stores one message the device `device_id` published on its telemetry topic;
+    /// returns once it is durable (or refused).
+    pub async fn ingest(&self, device_id: &str, payload: &[u8], now_ms: u64) -> Ingest {
+        let counters = &self.core.counters;
+        let telemetry = match mooring_proto::telemetry::Telemetry::parse(payload) {
+            Ok(t) => t,
+            Err(e) => {
+                Counters::inc(&counters.telemetry_invalid);
+                return Ingest::Invalid(e.to_string());
+            }
+        };
+        let points = telemetry.points.len() as u64;
+        let record = TelemetryRecord {
+            device_id: device_id.to_owned(),
+            seq: telemetry.seq,
+            ts_ms: telemetry.ts_ms.unwrap_or(now_ms),
+            points: telemetry.points,
+        };
+        match self.writer.append(record).await {
+            Ok(AppendOutcome::Stored) => {
+                Counters::inc(&counters.telemetry_messages);
+                Counters::add(&counters.telemetry_points, points);
+                Ingest::Stored
+            }
+            Ok(AppendOutcome::Duplicate) => {
+                Counters::inc(&counters.telemetry_duplicates);
+                Ingest::Duplicate
+            }
+            Err(e) => {
+                Counters::inc(&counters.telemetry_store_errors);
+                Ingest::Failed(e)
+            }
+        }
+    }
+
+    /// The group-commit writer's batches and latency (`/metrics`).
+    pub fn writer_stats(&self) -> WriterStats {
+        self.writer.stats()
+    }
+
+    pub async fn query(
+        &self,
+        id: &str,
+        metric: Option<String>,
+        from_ms: Option<u64>,
+        to_ms: Option<u64>,
+        limit: Option<usize>,
+    ) -> ServiceResult<Vec<Point>> {
+        let view = self.registry.get_device(id).await?;
+        let limit = limit.unwrap_or(TELEMETRY_QUERY_LEN_DEFAULT);
+        if limit == 0 || limit > TELEMETRY_QUERY_LEN_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {TELEMETRY_QUERY_LEN_MAX}"),
+            ));
+        }
+        if let (Some(f), Some(t)) = (from_ms, to_ms) {
+            if f > t {
+                return Err(ServiceError::invalid(
+                    "invalid_range",
+                    "from must not be after to",
+                ));
+            }
+        }
+        Ok(self
+            .core
+            .store
+            .query(TelemetryQuery {
+                device_id: view.record.id,
+                metric,
+                from_ms,
+                // The API's `to` is inclusive; the store's upper bound is exclusive.
+                to_ms: to_ms.map(|t| t.saturating_add(1)),
+                limit,
+            })
+            .await?)
+    }
+
+    pub async fn latest(
+        &self,
+        id: &str,
+    ) -> ServiceResult<BTreeMap<String, (u64, mooring_store::MetricValue)>> {
+        let view = self.registry.get_device(id).await?;
+        Ok(self.core.store.latest(&view.record.id).await?)
+    }
+
+    /// Deletes points older than `telemetry.retention_days`, in bounded chunks; returns how
+    /// many rows went.
+    pub async fn retention_pass(&self) -> mooring_store::Result<usize> {
+        let config = &self.core.config.telemetry;
+        let retention_ms = u64::from(config.retention_days) * 86_400_000;
+        let cutoff = self.core.now_ms().saturating_sub(retention_ms);
+        mooring_store::run_retention_pass(self.core.store.as_ref(), cutoff, RETENTION_CHUNK_ROWS)
+            .await
+    }
+}
