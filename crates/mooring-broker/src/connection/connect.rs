@@ -13,7 +13,7 @@ use mooring_proto::policy::Principal;
 use mooring_proto::topic::is_valid_topic_name;
 use mqtt_protocol_core::mqtt;
 use mqtt_protocol_core::mqtt::common::Cursor;
-use mqtt_protocol_core::mqtt::packet::{v3_1_1, v5_0, GenericPacket, Property};
+use mqtt_protocol_core::mqtt::packet::{v3_1_1, v5_0, GenericPacket, Property, Qos};
 use mqtt_protocol_core::mqtt::result_code::{ConnectReasonCode, ConnectReturnCode, MqttError};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -21,16 +21,139 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-pub(super) enum ConnectPacket {
-    V3(v3_1_1::Connect),
-    V5(v5_0::Connect),
+/// A CONNECT as the broker uses it, decoded once whatever its protocol version (v3.1.1 has no
+/// properties: those fields keep their defaults).
+pub(super) struct Connect {
+    /// As sent; may be empty.
+    client_id: String,
+    /// Clean Session (v3.1.1) / Clean Start (v5).
+    clean: bool,
+    keep_alive_secs: u16,
+    username: Option<String>,
+    password: Option<Vec<u8>>,
+    /// Not yet authorized (see `will_allowed`).
+    will: Option<Will>,
+    /// Session Expiry Interval asked for (v5; 0 when absent).
+    session_expiry_secs: u32,
+    /// Receive Maximum (v5).
+    receive_max: u16,
+    /// Maximum Packet Size (v5).
+    packet_size_max: u32,
+}
+
+impl Connect {
+    fn v3(p: &v3_1_1::Connect) -> Connect {
+        Connect {
+            client_id: p.client_id().to_string(),
+            clean: p.clean_session(),
+            keep_alive_secs: p.keep_alive(),
+            username: p.user_name().map(str::to_string),
+            password: p.password().map(<[u8]>::to_vec),
+            will: p.will_topic().map(|t| {
+                will(
+                    t,
+                    p.will_payload().unwrap_or_default(),
+                    p.will_qos(),
+                    p.will_retain(),
+                    &[],
+                )
+            }),
+            session_expiry_secs: 0,
+            receive_max: u16::MAX,
+            packet_size_max: u32::MAX,
+        }
+    }
+
+    fn v5(p: &v5_0::Connect) -> Connect {
+        let mut c = Connect {
+            client_id: p.client_id().to_string(),
+            clean: p.clean_start(),
+            keep_alive_secs: p.keep_alive(),
+            username: p.user_name().map(str::to_string),
+            password: p.password().map(<[u8]>::to_vec),
+            will: p.will_topic().map(|t| {
+                will(
+                    t,
+                    p.will_payload().unwrap_or_default(),
+                    p.will_qos(),
+                    p.will_retain(),
+                    p.will_props(),
+                )
+            }),
+            session_expiry_secs: 0,
+            receive_max: u16::MAX,
+            packet_size_max: u32::MAX,
+        };
+        for prop in p.props() {
+            match prop {
+                Property::SessionExpiryInterval(v) => c.session_expiry_secs = v.val(),
+                Property::ReceiveMaximum(v) => c.receive_max = v.val(),
+                Property::MaximumPacketSize(v) => c.packet_size_max = v.val(),
+                _ => {}
+            }
+        }
+        c
+    }
+
+    /// The CONNECT as the hooks see it.
+    fn request<'a>(&'a self, info: &'a ConnInfo, version: ProtocolVersion) -> ConnectRequest<'a> {
+        ConnectRequest {
+            info,
+            client_id: &self.client_id,
+            username: self.username.as_deref(),
+            password: self.password.as_deref(),
+            protocol_version: version,
+        }
+    }
+}
+
+/// A will as the CONNECT carries it (v3.1.1: no properties).
+fn will(topic: &str, payload: &[u8], qos: Qos, retain: bool, props: &[Property]) -> Will {
+    let delay_secs = props
+        .iter()
+        .find_map(|p| {
+            if let Property::WillDelayInterval(v) = p {
+                Some(v.val())
+            } else {
+                None
+            }
+        })
+        .unwrap_or(0);
+    Will {
+        msg: Message {
+            topic: topic.to_string(),
+            payload: payload.to_vec().into(),
+            qos: qos_u8(qos),
+            retain,
+            props: props_to_message_props(props),
+        },
+        delay_secs,
+    }
+}
+
+/// One turn of attaching a session (see `Conn::attach`).
+enum Attach {
+    /// A live connection holds the session: wait (once) for it to end.
+    Wait(watch::Receiver<()>),
+    Refuse(Refusal),
+    Done(Arc<Mutex<Session>>, bool),
+}
+
+/// A session attached to this connection.
+struct Attached {
+    session: Arc<Mutex<Session>>,
+    /// It was resumed (CONNACK Session Present).
+    present: bool,
+    /// The principal it was attached for (re-asked if it changed while the CONNECT waited).
+    principal: Arc<Principal>,
+    key: SessionKey,
 }
 
 impl<S> Conn<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    pub(super) async fn read_connect(&mut self) -> Option<ConnectPacket> {
+    pub(super) async fn read_connect(&mut self) -> Option<Connect> {
         use crate::connect_fixup::{first_packet, without_zero_topic_alias_maximum, First};
         let mut buf = Vec::new();
         // The CONNECT is collected whole first (see `connect_fixup`); anything that is not a
@@ -66,11 +189,11 @@ where
                 let connect = match first {
                     Some(GenericPacket::V3_1_1Connect(p)) => {
                         self.version = ProtocolVersion::V311;
-                        ConnectPacket::V3(p)
+                        Connect::v3(&p)
                     }
                     Some(GenericPacket::V5_0Connect(p)) => {
                         self.version = ProtocolVersion::V5;
-                        ConnectPacket::V5(p)
+                        Connect::v5(&p)
                     }
                     Some(_) => return None,
                     None if self.close => return None,
@@ -165,145 +288,130 @@ where
     /// Authenticate, attach the session (taking over any live connection), send CONNACK.
     pub(super) async fn handle_connect(
         &mut self,
-        p: ConnectPacket,
+        mut c: Connect,
         info: &ConnInfo,
-        conn_id: u64,
         link: Link,
     ) -> bool {
         let cfg = self.shared.config.clone();
-        let (sent_id, clean, keep_alive, username, password, will_raw, props) = match &p {
-            ConnectPacket::V3(p) => (
-                p.client_id().to_string(),
-                p.clean_session(),
-                p.keep_alive(),
-                p.user_name().map(str::to_string),
-                p.password().map(<[u8]>::to_vec),
-                p.will_topic().map(|t| {
-                    (
-                        t.to_string(),
-                        p.will_payload().unwrap_or_default().to_vec(),
-                        qos_u8(p.will_qos()),
-                        p.will_retain(),
-                        Vec::new(),
-                    )
-                }),
-                Vec::new(),
-            ),
-            ConnectPacket::V5(p) => (
-                p.client_id().to_string(),
-                p.clean_start(),
-                p.keep_alive(),
-                p.user_name().map(str::to_string),
-                p.password().map(<[u8]>::to_vec),
-                p.will_topic().map(|t| {
-                    (
-                        t.to_string(),
-                        p.will_payload().unwrap_or_default().to_vec(),
-                        qos_u8(p.will_qos()),
-                        p.will_retain(),
-                        p.will_props().clone(),
-                    )
-                }),
-                p.props().clone(),
-            ),
-        };
         let v5 = self.version == ProtocolVersion::V5;
-        if self.version == ProtocolVersion::V311 && sent_id.is_empty() && !clean {
+        if self.version == ProtocolVersion::V311 && c.client_id.is_empty() && !c.clean {
             self.refuse(
                 ConnectReturnCode::IdentifierRejected,
                 ConnectReasonCode::ClientIdentifierNotValid,
             );
             return false;
         }
-        let version = self.version;
-        let request = || ConnectRequest {
-            info,
-            client_id: &sent_id,
-            username: username.as_deref(),
-            password: password.as_deref(),
-            protocol_version: version,
-        };
         // A device deleted or re-tagged while this CONNECT waits (authentication, takeover) must
         // not attach with the old view: the attach step compares this epoch and, if it moved,
         // asks the embedder again.
-        let mut epoch = self.shared.principal_epoch.load(Ordering::SeqCst);
-        let Some(auth) = self.authenticate(request()).await else {
+        let epoch = self.shared.principal_epoch.load(Ordering::SeqCst);
+        let Some(auth) = self.authenticate(c.request(info, self.version)).await else {
             return false;
         };
         let mut client_id = auth.client_id;
         if client_id.is_empty() {
-            client_id = if sent_id.is_empty() {
-                format!("mooring-auto-{conn_id}")
+            client_id = if c.client_id.is_empty() {
+                format!("mooring-auto-{}", link.conn_id)
             } else {
-                sent_id.clone()
+                c.client_id.clone()
             };
         }
         let principal = auth.principal;
 
         // Will: authorized at CONNECT like Mosquitto does (refuse the connection if forbidden).
-        let will = match will_raw {
-            Some((topic, payload, qos, retain, wprops)) => {
-                if !self.will_allowed(&principal, &topic) {
-                    return false;
-                }
-                let delay_secs = wprops
-                    .iter()
-                    .find_map(|p| {
-                        if let Property::WillDelayInterval(v) = p {
-                            Some(v.val())
-                        } else {
-                            None
-                        }
-                    })
-                    .unwrap_or(0);
-                Some(Will {
-                    msg: Message {
-                        topic,
-                        payload: payload.into(),
-                        qos,
-                        retain,
-                        props: props_to_message_props(&wprops),
-                    },
-                    delay_secs,
-                })
-            }
-            None => None,
-        };
-
-        let mut requested_expiry = 0u32;
-        let mut client_recv_max = u16::MAX;
-        for prop in &props {
-            match prop {
-                Property::SessionExpiryInterval(v) => requested_expiry = v.val(),
-                Property::ReceiveMaximum(v) => client_recv_max = v.val(),
-                Property::MaximumPacketSize(v) => self.client_packet_size_max = v.val(),
-                _ => {}
+        if let Some(w) = &c.will {
+            if !self.will_allowed(&principal, &w.msg.topic) {
+                return false;
             }
         }
+
         let expiry_secs = if v5 {
-            requested_expiry.min(cfg.session_expiry_secs_max)
-        } else if clean {
+            c.session_expiry_secs.min(cfg.session_expiry_secs_max)
+        } else if c.clean {
             0
         } else {
             cfg.session_expiry_secs_max
         };
-        self.send_window = usize::from(client_recv_max.min(cfg.inflight_max.max(1)));
+        self.client_packet_size_max = c.packet_size_max;
+        self.send_window = usize::from(c.receive_max.min(cfg.inflight_max.max(1)));
 
+        let Some(Attached {
+            session,
+            present,
+            principal,
+            key,
+        }) = self
+            .attach(&c, info, epoch, &client_id, principal, expiry_secs, &link)
+            .await
+        else {
+            return false;
+        };
+        self.client_id = client_id.clone();
+        self.principal = principal.clone();
+        self.session = Some(session.clone());
+        {
+            let mut r = lock(&self.record);
+            r.key = Some(key);
+            r.principal = Some((*principal).clone());
+            r.session = Some(session.clone());
+            r.will = c.will.take();
+        }
+        if present {
+            let q = lock(&session).qos2_in.clone();
+            self.mqtt
+                .restore_qos2_publish_handled(q.into_iter().collect());
+        }
+
+        if !self.connack(&c, &client_id, expiry_secs, present) {
+            return false;
+        }
+        if self.keepalive.is_none() {
+            // Keepalive 0: the client asked for no supervision; the server still closes a
+            // connection that stays silent for 1.5 × keepalive_secs_max.
+            let cap_ms = self.idle_cap_ms();
+            self.self_supervised = true;
+            self.keepalive_ms = cap_ms;
+            self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(cap_ms))));
+        }
+        lock(&self.record).connected = true;
+        self.shared.hooks.on_connected(&client_id, &principal);
+
+        // Unacknowledged outbound messages are resent, in order, with DUP, by `pump` (within
+        // the write buffer bound); their packet ids are taken now so new messages never reuse one.
+        let inflight: Vec<Inflight> = lock(&session).inflight.iter().cloned().collect();
+        for i in inflight {
+            if self.mqtt.register_packet_id(i.packet_id).is_ok() {
+                self.resend.push_back(i);
+            }
+        }
+        self.pump();
+        true
+    }
+    /// Attach the session under `client_id` for `principal` (authenticated at `epoch`), taking
+    /// over any live connection with this client id; `None` if refused (the CONNACK is queued).
+    #[allow(clippy::too_many_arguments)]
+    async fn attach(
+        &mut self,
+        c: &Connect,
+        info: &ConnInfo,
+        mut epoch: u64,
+        client_id: &str,
+        principal: Principal,
+        expiry_secs: u32,
+        link: &Link,
+    ) -> Option<Attached> {
+        let cfg = self.shared.config.clone();
+        let version = self.version;
         // Attach the session, taking over any live connection with this client id. Sessions
         // live in one namespace per kind of principal (devices, services, the dev listener), and
         // within it a session belongs to the principal that created it: another principal using
         // the same client id is refused, never given the session, and never kicks its connection.
         let mut owner = Owner::of(&principal);
-        let mut key: SessionKey = (owner.namespace(), client_id.clone());
+        let mut key: SessionKey = (owner.namespace(), client_id.to_owned());
         let persistent = expiry_secs > 0;
         let mut principal = Arc::new(principal);
         let mut waited = false;
-        enum Attach {
-            Wait(watch::Receiver<()>),
-            Refuse(Refusal),
-            Done(Arc<Mutex<Session>>, bool),
-        }
-        let (session, session_present) = loop {
+        loop {
             let step = {
                 let mut table = lock(&self.shared.sessions);
                 if self.shared.principal_epoch.load(Ordering::SeqCst) != epoch {
@@ -311,15 +419,15 @@ where
                     // `update_principal` hold while they move the epoch.
                     drop(table);
                     epoch = self.shared.principal_epoch.load(Ordering::SeqCst);
-                    match self.authenticate(request()).await {
+                    match self.authenticate(c.request(info, version)).await {
                         Some(auth) if auth.client_id.is_empty() || auth.client_id == client_id => {
-                            if let Some(w) = &will {
+                            if let Some(w) = &c.will {
                                 if !self.will_allowed(&auth.principal, &w.msg.topic) {
-                                    return false;
+                                    return None;
                                 }
                             }
                             owner = Owner::of(&auth.principal);
-                            key = (owner.namespace(), client_id.clone());
+                            key = (owner.namespace(), client_id.to_owned());
                             principal = Arc::new(auth.principal);
                             continue;
                         }
@@ -328,16 +436,16 @@ where
                                 ConnectReturnCode::IdentifierRejected,
                                 ConnectReasonCode::ClientIdentifierNotValid,
                             );
-                            return false;
+                            return None;
                         }
-                        None => return false,
+                        None => return None,
                     }
                 }
                 let existing = table.get(&key);
                 let foreign = existing.is_some_and(|e| e.owner != owner);
                 let was_persistent = existing.is_some_and(|e| e.persistent);
                 let existing = existing.map(|e| e.session.clone());
-                let resumes = existing.is_some() && !clean;
+                let resumes = existing.is_some() && !c.clean;
                 let old_done = if foreign {
                     None
                 } else {
@@ -377,7 +485,7 @@ where
                                 let id = self.shared.session_seq.fetch_add(1, Ordering::Relaxed);
                                 let s = Arc::new(Mutex::new(Session::new(
                                     id,
-                                    client_id.clone(),
+                                    client_id.to_owned(),
                                     principal.clone(),
                                 )));
                                 // Clean start: the old session (if any) ends here.
@@ -398,7 +506,7 @@ where
                             s.generation += 1;
                             s.offline_until_ms = 0;
                             s.link = Some(Link {
-                                conn_id,
+                                conn_id: link.conn_id,
                                 control: link.control.clone(),
                                 done: link.done.clone(),
                             });
@@ -410,7 +518,7 @@ where
                             // Stored while connected, so a server that dies fires it after
                             // its restart (the connection was cut without DISCONNECT).
                             let persisted = expiry_secs > 0 && self.shared.persist.is_some();
-                            s.will = will.as_ref().filter(|_| persisted).map(|w| {
+                            s.will = c.will.as_ref().filter(|_| persisted).map(|w| {
                                 Box::new(StoredWill {
                                     msg: w.msg.clone(),
                                     delay_secs: w.delay_secs.min(expiry_secs),
@@ -452,45 +560,38 @@ where
                         ),
                     };
                     self.refuse(v3, v5);
-                    return false;
+                    return None;
                 }
-                Attach::Done(session, present) => break (session, present),
+                Attach::Done(session, present) => {
+                    return Some(Attached {
+                        session,
+                        present,
+                        principal,
+                        key,
+                    })
+                }
             }
-        };
-        self.client_id = client_id.clone();
-        self.principal = principal.clone();
-        self.session = Some(session.clone());
-        {
-            let mut r = lock(&self.record);
-            r.key = Some(key);
-            r.principal = Some((*principal).clone());
-            r.session = Some(session.clone());
-            r.will = will;
         }
-        if session_present {
-            let q = lock(&session).qos2_in.clone();
-            self.mqtt
-                .restore_qos2_publish_handled(q.into_iter().collect());
-        }
+    }
 
-        // CONNACK
-        let events = if v5 {
+    /// Queue the CONNACK of an accepted CONNECT; false if the connection closes instead.
+    fn connack(&mut self, c: &Connect, client_id: &str, expiry_secs: u32, present: bool) -> bool {
+        let cfg = self.shared.config.clone();
+        let events = if self.version == ProtocolVersion::V5 {
             let mut cprops: Vec<Property> = Vec::new();
             let mut push = |r: Result<Property, MqttError>| {
                 if let Ok(p) = r {
                     cprops.push(p);
                 }
             };
-            if sent_id.is_empty() || sent_id != client_id {
-                push(
-                    mqtt::packet::AssignedClientIdentifier::new(client_id.as_str()).map(Into::into),
-                );
+            if c.client_id.is_empty() || c.client_id != client_id {
+                push(mqtt::packet::AssignedClientIdentifier::new(client_id).map(Into::into));
             }
-            if requested_expiry != expiry_secs {
+            if c.session_expiry_secs != expiry_secs {
                 push(mqtt::packet::SessionExpiryInterval::new(expiry_secs).map(Into::into));
             }
-            if keep_alive > cfg.keepalive_secs_max
-                || (keep_alive == 0 && cfg.keepalive_secs_max > 0)
+            if c.keep_alive_secs > cfg.keepalive_secs_max
+                || (c.keep_alive_secs == 0 && cfg.keepalive_secs_max > 0)
             {
                 push(mqtt::packet::ServerKeepAlive::new(cfg.keepalive_secs_max).map(Into::into));
             }
@@ -500,7 +601,7 @@ where
             push(mqtt::packet::ReceiveMaximum::new(cfg.inflight_max.max(1)).map(Into::into));
             push(mqtt::packet::SharedSubscriptionAvailable::new(1).map(Into::into));
             match v5_0::Connack::builder()
-                .session_present(session_present)
+                .session_present(present)
                 .reason_code(ConnectReasonCode::Success)
                 .props(cprops)
                 .build()
@@ -510,7 +611,7 @@ where
             }
         } else {
             match v3_1_1::Connack::builder()
-                .session_present(session_present)
+                .session_present(present)
                 .return_code(ConnectReturnCode::Accepted)
                 .build()
             {
@@ -519,29 +620,6 @@ where
             }
         };
         self.apply(events);
-        if self.close {
-            return false;
-        }
-        if self.keepalive.is_none() {
-            // Keepalive 0: the client asked for no supervision; the server still closes a
-            // connection that stays silent for 1.5 × keepalive_secs_max.
-            let cap_ms = self.idle_cap_ms();
-            self.self_supervised = true;
-            self.keepalive_ms = cap_ms;
-            self.keepalive = Some(Box::pin(tokio::time::sleep(Duration::from_millis(cap_ms))));
-        }
-        lock(&self.record).connected = true;
-        self.shared.hooks.on_connected(&client_id, &principal);
-
-        // Unacknowledged outbound messages are resent, in order, with DUP, by `pump` (within
-        // the write buffer bound); their packet ids are taken now so new messages never reuse one.
-        let inflight: Vec<Inflight> = lock(&session).inflight.iter().cloned().collect();
-        for i in inflight {
-            if self.mqtt.register_packet_id(i.packet_id).is_ok() {
-                self.resend.push_back(i);
-            }
-        }
-        self.pump();
-        true
+        !self.close
     }
 }

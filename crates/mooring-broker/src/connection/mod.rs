@@ -67,7 +67,6 @@ where
         shared.clone(),
         stream,
         info,
-        conn_id,
         record.clone(),
         Link {
             conn_id,
@@ -247,12 +246,10 @@ struct Conn<S> {
     session_write: Option<Durable>,
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run<S>(
     shared: Arc<Shared>,
     stream: S,
     info: ConnInfo,
-    conn_id: u64,
     record: Arc<Mutex<ConnRecord>>,
     link: Link,
     mut control_rx: mpsc::Receiver<Control>,
@@ -303,7 +300,7 @@ where
             Ok(Some(p)) => p,
             _ => return false,
         };
-        conn.handle_connect(connect, &info, conn_id, link).await
+        conn.handle_connect(connect, &info, link).await
     })
     .await;
     let close_flush = Duration::from_millis(shared.config.close_flush_timeout_ms);
