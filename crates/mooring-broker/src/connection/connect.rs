@@ -3,7 +3,7 @@
 use super::convert::{props_to_message_props, qos_u8};
 use super::driver::poll_read_chunk;
 use super::{Conn, Will};
-use crate::broker::{lock, Control, Namespace, Owner, Refusal, SessionKey};
+use crate::broker::{lock, Control, Owner, Refusal, SessionKey};
 use crate::hooks::{
     Authenticated, ConnInfo, ConnectRefusal, ConnectRequest, Message, ProtocolVersion,
 };
@@ -415,7 +415,7 @@ where
             let step = {
                 let mut table = lock(&self.shared.sessions);
                 if self.shared.principal_epoch.load(Ordering::SeqCst) != epoch {
-                    // Checked under the table lock, which `remove_device` and
+                    // Checked under the table lock, which `remove_principal` and
                     // `update_principal` hold while they move the epoch.
                     drop(table);
                     epoch = self.shared.principal_epoch.load(Ordering::SeqCst);
@@ -457,20 +457,20 @@ where
                         })
                     })
                 };
-                let non_device = key.0 != Namespace::Device;
+                let bounded = owner.quota_bound();
                 match old_done {
                     _ if foreign => Attach::Refuse(Refusal::ClientIdInUse),
                     Some(done) if !waited => Attach::Wait(done),
-                    _ if non_device && existing.is_none() && table.others() >= cfg.sessions_max => {
+                    _ if bounded && existing.is_none() && table.others() >= cfg.sessions_max => {
                         Attach::Refuse(Refusal::SessionsFull)
                     }
-                    _ if non_device
+                    _ if bounded
                         && existing.is_none()
                         && table.sessions_of(&owner) >= cfg.sessions_per_principal_max =>
                     {
                         Attach::Refuse(Refusal::SessionQuota)
                     }
-                    _ if non_device
+                    _ if bounded
                         && persistent
                         && !was_persistent
                         && table.persistent_of(&owner)

@@ -4,7 +4,7 @@
 use super::convert::{props_to_message_props, qos_u8};
 use super::publish::{poll_front_ack, AckKind, PendingPublish};
 use super::{BoxFut, Conn};
-use crate::broker::{lock, Control, Refusal};
+use crate::broker::{lock, Control, KickReason, Refusal};
 use crate::hooks::{Message, MessageProps};
 use crate::persist::{packet_id_for, StateOp};
 use crate::session::{Inflight, InflightState, SubOptions};
@@ -344,8 +344,12 @@ where
                 Step::Control(Some(c)) => {
                     let code = match c {
                         Control::TakenOver => DisconnectReasonCode::SessionTakenOver,
-                        Control::Kick(0x87) => DisconnectReasonCode::NotAuthorized,
-                        Control::Kick(_) => DisconnectReasonCode::AdministrativeAction,
+                        Control::Kick(KickReason::NotAuthorized) => {
+                            DisconnectReasonCode::NotAuthorized
+                        }
+                        Control::Kick(KickReason::AdministrativeAction) => {
+                            DisconnectReasonCode::AdministrativeAction
+                        }
                         Control::Removed => {
                             // The principal is gone: its will must not fire.
                             lock(&self.record).will = None;
