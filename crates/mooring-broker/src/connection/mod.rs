@@ -1,4 +1,11 @@
 //! One client connection: the tokio driver around the sans-IO `mqtt-protocol-core` server state machine.
+//!
+//! This file: `serve` (the task and its cleanup: session detach, will, `on_disconnected`) and the
+//! `Conn` state. The rest, one seam each: `connect` (CONNECT decoded once for both versions,
+//! authentication, session attach and takeover, CONNACK), `driver` (socket polling, the main
+//! loop, dispatch of received packets, `pump`), `publish` (inbound PUBLISH, QoS 2 flows, acks
+//! held until durable), `subscribe` (SUBSCRIBE / UNSUBSCRIBE), `convert` (QoS, properties,
+//! building PUBLISH).
 
 mod connect;
 mod convert;
