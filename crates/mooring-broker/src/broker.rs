@@ -24,13 +24,23 @@ use tokio::time::Instant;
 pub(crate) enum Control {
     /// Another connection took the client id (v5 DISCONNECT 0x8E).
     TakenOver,
-    /// Administrative kick (v5 DISCONNECT with this reason code).
-    Kick(u8),
-    /// The principal was removed (device deleted): close with v5 DISCONNECT 0x98 and do not
-    /// publish the will.
+    /// Kicked by the embedder ([`Broker::kick`]).
+    Kick(KickReason),
+    /// The principal was removed ([`Broker::remove_principal`]): close with v5 DISCONNECT 0x98
+    /// and do not publish the will.
     Removed,
     /// Broker shutdown (v5 DISCONNECT 0x8B).
     Shutdown,
+}
+
+/// Why the embedder closes a principal's connections ([`Broker::kick`]); a v5 client is told in
+/// its DISCONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KickReason {
+    /// v5 DISCONNECT 0x87 (Not authorized): e.g. its credentials were revoked.
+    NotAuthorized,
+    /// v5 DISCONNECT 0x98 (Administrative action).
+    AdministrativeAction,
 }
 
 /// Why the broker refused or removed something; each reason has its own counter
@@ -216,7 +226,26 @@ pub(crate) enum Namespace {
     Dev,
 }
 
+/// A principal as the broker indexes its sessions and retained messages: every session is found
+/// by the key of the principal it belongs to, whatever kind that is. The embedder names whose
+/// sessions to act on ([`Broker::kick`], [`Broker::publish_to`], ...) with one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PrincipalKey(pub(crate) Owner);
+
+impl PrincipalKey {
+    /// The key of `principal` (its tags or permissions play no part).
+    pub fn of(principal: &Principal) -> PrincipalKey {
+        PrincipalKey(Owner::of(principal))
+    }
+
+    /// The key of the device `device_id` (what the `*_device` methods act on).
+    pub fn device(device_id: &str) -> PrincipalKey {
+        PrincipalKey(Owner::Device(device_id.to_owned()))
+    }
+}
+
 impl Owner {
+    /// The one place a principal becomes a key: its kind and id.
     pub(crate) fn of(principal: &Principal) -> Owner {
         match principal {
             Principal::Device { id, .. } => Owner::Device(id.clone()),
@@ -231,6 +260,13 @@ impl Owner {
             Owner::Service(_) => Namespace::Service,
             Owner::Dev => Namespace::Dev,
         }
+    }
+
+    /// Whether the broker's session quotas (`sessions_max`, the per-principal ones) bound this
+    /// owner's sessions. A device's are bounded by the embedder instead: it gives each device
+    /// one client id.
+    pub(crate) fn quota_bound(&self) -> bool {
+        !matches!(self, Owner::Device(_))
     }
 }
 
@@ -428,7 +464,7 @@ pub(crate) struct TableEntry {
     pub(crate) persistent: bool,
 }
 
-/// Sessions one non-device owner holds (the per-principal quotas).
+/// Sessions one quota-bound owner holds (the per-principal quotas).
 #[derive(Default, Clone, Copy)]
 struct OwnerSessions {
     /// Live or persisted.
@@ -436,15 +472,17 @@ struct OwnerSessions {
     persistent: usize,
 }
 
-/// The session table: sessions by (namespace, client id), and client ids by device id, so every
-/// lookup on the connect, publish_to and kick paths is a hash lookup. Also counts non-device
-/// sessions (for `sessions_max`) and, per non-device owner, its sessions and persistent ones.
+/// The session table: sessions by (namespace, client id), and client ids by owner principal, so
+/// every lookup on the connect, publish_to and kick paths is a hash lookup. Also counts
+/// quota-bound sessions (for `sessions_max`) and, per quota-bound owner, its sessions and
+/// persistent ones (see [`Owner::quota_bound`]).
 #[derive(Default)]
 pub(crate) struct SessionTable {
     by_key: HashMap<SessionKey, TableEntry>,
-    by_device: HashMap<String, HashSet<String>>,
+    /// Client ids (in the owner's namespace) of each owner's sessions.
+    by_owner: HashMap<Owner, HashSet<String>>,
     owners: HashMap<Owner, OwnerSessions>,
-    /// Sessions outside the device namespace.
+    /// Quota-bound sessions.
     others: usize,
 }
 
@@ -457,24 +495,24 @@ impl SessionTable {
         self.by_key.len()
     }
 
-    /// Non-device sessions (what `sessions_max` bounds).
+    /// Quota-bound sessions (what `sessions_max` bounds).
     pub(crate) fn others(&self) -> usize {
         self.others
     }
 
-    /// Sessions (live or persisted) a non-device `owner` holds.
+    /// Sessions (live or persisted) a quota-bound `owner` holds.
     pub(crate) fn sessions_of(&self, owner: &Owner) -> usize {
         self.owners.get(owner).map_or(0, |o| o.all)
     }
 
-    /// Persistent sessions a non-device `owner` holds.
+    /// Persistent sessions a quota-bound `owner` holds.
     pub(crate) fn persistent_of(&self, owner: &Owner) -> usize {
         self.owners.get(owner).map_or(0, |o| o.persistent)
     }
 
-    /// Adjusts a non-device owner's counts (devices are not counted: one session each).
+    /// Adjusts a quota-bound owner's counts.
     fn count(&mut self, owner: &Owner, all: isize, persistent: isize) {
-        if matches!(owner, Owner::Device(_)) {
+        if !owner.quota_bound() {
             return;
         }
         let o = self.owners.entry(owner.clone()).or_default();
@@ -493,13 +531,13 @@ impl SessionTable {
         owner: Owner,
         persistent: bool,
     ) -> Option<SessionRef> {
+        debug_assert_eq!(key.0, owner.namespace());
         let old = self.remove_key(key);
-        if let Owner::Device(d) = &owner {
-            self.by_device
-                .entry(d.clone())
-                .or_default()
-                .insert(key.1.clone());
-        } else {
+        self.by_owner
+            .entry(owner.clone())
+            .or_default()
+            .insert(key.1.clone());
+        if owner.quota_bound() {
             self.others += 1;
         }
         self.count(&owner, 1, isize::from(persistent));
@@ -530,14 +568,13 @@ impl SessionTable {
     fn remove_key(&mut self, key: &SessionKey) -> Option<SessionRef> {
         let e = self.by_key.remove(key)?;
         self.count(&e.owner, -1, -isize::from(e.persistent));
-        if let Owner::Device(d) = &e.owner {
-            if let Some(ids) = self.by_device.get_mut(d) {
-                ids.remove(&key.1);
-                if ids.is_empty() {
-                    self.by_device.remove(d);
-                }
+        if let Some(ids) = self.by_owner.get_mut(&e.owner) {
+            ids.remove(&key.1);
+            if ids.is_empty() {
+                self.by_owner.remove(&e.owner);
             }
-        } else {
+        }
+        if e.owner.quota_bound() {
             self.others -= 1;
         }
         Some(e.session)
@@ -556,23 +593,23 @@ impl SessionTable {
         true
     }
 
-    /// Client ids of the sessions whose principal is `device_id`.
-    fn device_keys(&self, device_id: &str) -> Vec<SessionKey> {
-        self.by_device
-            .get(device_id)
+    /// Keys of the sessions `owner` holds.
+    fn keys_of(&self, owner: &Owner) -> Vec<SessionKey> {
+        self.by_owner
+            .get(owner)
             .into_iter()
             .flatten()
-            .map(|c| (Namespace::Device, c.clone()))
+            .map(|c| (owner.namespace(), c.clone()))
             .collect()
     }
 
-    /// Sessions whose principal is `device_id`.
-    fn of_device<'a>(&'a self, device_id: &str) -> impl Iterator<Item = &'a SessionRef> + 'a {
-        self.by_device
-            .get(device_id)
+    /// Sessions `owner` holds.
+    fn of_owner<'a>(&'a self, owner: &'a Owner) -> impl Iterator<Item = &'a SessionRef> + 'a {
+        self.by_owner
+            .get(owner)
             .into_iter()
             .flatten()
-            .filter_map(|c| self.by_key.get(&(Namespace::Device, c.clone())))
+            .filter_map(|c| self.by_key.get(&(owner.namespace(), c.clone())))
             .map(|e| &e.session)
     }
 
@@ -599,7 +636,7 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     pub(crate) conn_seq: AtomicU64,
     /// Moved (under the session table lock) whenever a principal is removed or changes
-    /// (`remove_device`, `update_principal`): a CONNECT that authenticated before re-asks.
+    /// (`remove_principal`, `update_principal`): a CONNECT that authenticated before re-asks.
     pub(crate) principal_epoch: AtomicU64,
     pub(crate) session_seq: AtomicU64,
     pub(crate) shutting_down: AtomicBool,
@@ -678,26 +715,35 @@ impl Broker {
         crate::connection::serve(self.shared.clone(), stream, info).await;
     }
 
-    /// Disconnect every live connection whose principal is this device (v5: DISCONNECT 0x98).
-    pub fn kick_device(&self, device_id: &str) {
+    /// Disconnect every live connection of the principal `who` (a v5 client is told `reason`).
+    pub fn kick(&self, who: &PrincipalKey, reason: KickReason) {
         let table = lock(&self.shared.sessions);
-        for session in table.of_device(device_id) {
+        for session in table.of_owner(&who.0) {
             if let Some(link) = &lock(session).link {
-                let _ = link.control.try_send(Control::Kick(0x98));
+                let _ = link.control.try_send(Control::Kick(reason));
             }
         }
     }
 
-    /// The device is gone: close its live connections (v5 DISCONNECT 0x98, no will), end its
-    /// sessions, live or persisted (their queued messages go with them), and remove the retained
-    /// messages it published plus every retained message under `topic_prefix` (the server passes
-    /// `devices/<id>/`, so its shadow delta goes too). A device re-created under the same id
-    /// starts with nothing. Returns the number of retained messages removed.
-    pub fn remove_device(&self, device_id: &str, topic_prefix: Option<&str>) -> usize {
+    /// Disconnect every live connection whose principal is this device (v5: DISCONNECT 0x98).
+    pub fn kick_device(&self, device_id: &str) {
+        self.kick(
+            &PrincipalKey::device(device_id),
+            KickReason::AdministrativeAction,
+        );
+    }
+
+    /// The principal `who` is gone: close its live connections (v5 DISCONNECT 0x98, no will),
+    /// end its sessions, live or persisted (their queued messages go with them), and remove the
+    /// retained messages it published plus every retained message under `topic_prefix` (the
+    /// server passes `devices/<id>/` for a device, so its shadow delta goes too). A principal
+    /// re-created under the same key starts with nothing. Returns the number of retained
+    /// messages removed.
+    pub fn remove_principal(&self, who: &PrincipalKey, topic_prefix: Option<&str>) -> usize {
         {
             let mut table = lock(&self.shared.sessions);
             self.shared.principal_epoch.fetch_add(1, Ordering::SeqCst);
-            for key in table.device_keys(device_id) {
+            for key in table.keys_of(&who.0) {
                 let Some(session) = table.remove_key(&key) else {
                     continue;
                 };
@@ -713,24 +759,27 @@ impl Broker {
         // The deletes are submitted under the table's lock, like every retained op, so a
         // publish to one of these topics right after is stored after them.
         let mut retained = lock(&self.shared.retained);
-        let topics = retained.remove_where(&Owner::Device(device_id.to_owned()), topic_prefix);
+        let topics = retained.remove_where(&who.0, topic_prefix);
         let removed = topics.len();
         self.shared.delete_retained(topics);
         removed
     }
 
-    /// The embedder's view of a principal changed (a device's tags): every session of that
-    /// principal, live or persisted, uses it from now on (every later PUBLISH and SUBSCRIBE is
-    /// checked against it), and subscriptions it no longer allows are removed at once. Returns
-    /// the number of subscriptions removed.
+    /// The device is gone: [`Broker::remove_principal`] for it.
+    pub fn remove_device(&self, device_id: &str, topic_prefix: Option<&str>) -> usize {
+        self.remove_principal(&PrincipalKey::device(device_id), topic_prefix)
+    }
+
+    /// The embedder's view of a principal changed (e.g. a device's tags): every session of that
+    /// principal ([`PrincipalKey::of`]), live or persisted, uses it from now on (every later
+    /// PUBLISH and SUBSCRIBE is checked against it), and subscriptions it no longer allows are
+    /// removed at once. Returns the number of subscriptions removed.
     pub fn update_principal(&self, principal: Principal) -> usize {
-        let Principal::Device { id, .. } = &principal else {
-            return 0;
-        };
+        let owner = Owner::of(&principal);
         let sessions: Vec<SessionRef> = {
             let table = lock(&self.shared.sessions);
             self.shared.principal_epoch.fetch_add(1, Ordering::SeqCst);
-            table.of_device(id).cloned().collect()
+            table.of_owner(&owner).cloned().collect()
         };
         let principal = Arc::new(principal);
         let mut removed = 0;
@@ -780,14 +829,14 @@ impl Broker {
         self.shared.route(msg, None);
     }
 
-    /// Publish a server-originated message to one device only: enqueued if a connected session
-    /// whose principal is that device holds a subscription matching the topic (at the highest
-    /// granted QoS). Sessions are found by principal, never by client id, so no other client can
-    /// receive it. Returns what happened (`Refused` also when no connected session of the device
-    /// holds a matching subscription). Not retained, not routed to anyone else.
-    pub fn publish_to_device(&self, device_id: &str, msg: Message) -> Enqueue {
+    /// Publish a server-originated message to one principal only: enqueued if a connected
+    /// session of `who` holds a subscription matching the topic (at the highest granted QoS).
+    /// Sessions are found by principal, never by client id, so no other client can receive it.
+    /// Returns what happened (`Refused` also when no connected session of `who` holds a
+    /// matching subscription). Not retained, not routed to anyone else.
+    pub fn publish_to(&self, who: &PrincipalKey, msg: Message) -> Enqueue {
         let sessions: Vec<SessionRef> = lock(&self.shared.sessions)
-            .of_device(device_id)
+            .of_owner(&who.0)
             .cloned()
             .collect();
         let msg = Arc::new(msg);
@@ -828,14 +877,24 @@ impl Broker {
         Enqueue::Refused
     }
 
-    /// Whether a connected session of this device is subscribed to a filter matching `topic`.
-    pub fn device_is_subscribed(&self, device_id: &str, topic: &str) -> bool {
+    /// [`Broker::publish_to`] the device `device_id`.
+    pub fn publish_to_device(&self, device_id: &str, msg: Message) -> Enqueue {
+        self.publish_to(&PrincipalKey::device(device_id), msg)
+    }
+
+    /// Whether a connected session of `who` is subscribed to a filter matching `topic`.
+    pub fn is_subscribed(&self, who: &PrincipalKey, topic: &str) -> bool {
         let table = lock(&self.shared.sessions);
-        let subscribed = table.of_device(device_id).any(|session| {
+        let subscribed = table.of_owner(&who.0).any(|session| {
             let s = lock(session);
             s.link.is_some() && s.subs.keys().any(|f| filter_matches(f, topic))
         });
         subscribed
+    }
+
+    /// Whether a connected session of this device is subscribed to a filter matching `topic`.
+    pub fn device_is_subscribed(&self, device_id: &str, topic: &str) -> bool {
+        self.is_subscribed(&PrincipalKey::device(device_id), topic)
     }
 
     /// A snapshot of the session under `client_id` (device namespace first, then services, then

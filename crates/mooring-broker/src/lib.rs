@@ -22,11 +22,13 @@
 //!   expiry (v5 Session Expiry Interval; v3.1.1 `clean_session = 0` gets
 //!   `session_expiry_secs_max`).
 //! * [`broker`] — broker-wide state and operations: the session table (by namespace and client
-//!   id, plus client ids by device id), the subscription index, retained messages with their
-//!   owners, routing, stats, `kick_device`, `remove_device`, `update_principal`,
+//!   id, plus client ids by owner principal, [`PrincipalKey`]), the subscription index, retained
+//!   messages with their owners, routing, stats, `kick`, `remove_principal`, `update_principal`,
 //!   `reauthorize_all`, `shutdown`, and server-originated messages: `publish` (routed like any
-//!   publish) and `publish_to_device` (that device's connected session only, if it holds a
-//!   matching subscription; reports whether the message was enqueued). A retained message is
+//!   publish) and `publish_to` (that principal's connected session only, if it holds a
+//!   matching subscription; reports whether the message was enqueued). The `*_device` methods
+//!   (`kick_device`, `remove_device`, `publish_to_device`, `device_is_subscribed`) are these for
+//!   [`PrincipalKey::device`]; the table itself has no notion of a device. A retained message is
 //!   stored (within its owner's quota) before it is routed; `route` asks the index which sessions
 //!   match (under its read lock only), releases it, and enqueues
 //!   to each of them under that session's own lock, once per session at the highest granted QoS.
@@ -43,9 +45,9 @@
 //! * Ownership — sessions are keyed by (namespace, client id), one namespace per kind of
 //!   principal (device, service, dev listener), and belong to the principal that created them:
 //!   another principal's CONNECT with that client id is refused (0x85 / rc 2). A resumed session's
-//!   filters are authorized again; [`Broker::update_principal`] (a device's new tags) and
+//!   filters are authorized again; [`Broker::update_principal`] (e.g. a device's new tags) and
 //!   [`Broker::reauthorize_all`] (a policy reload) remove filters no longer allowed;
-//!   [`Broker::remove_device`] ends a device's sessions and retained messages. Every refusal is
+//!   [`Broker::remove_principal`] ends a principal's sessions and retained messages. Every refusal is
 //!   counted by [`Refusal`] reason.
 //! * [`hooks`] — the contract with the embedder: [`Hooks::authenticate`] at CONNECT,
 //!   [`Hooks::may_publish`] / [`Hooks::may_subscribe`] per packet, [`Hooks::on_publish`] before
@@ -63,9 +65,9 @@
 //! then locks matching sessions one at a time. Every change to a session's subscriptions is made
 //! under its lock together with the index update and records the index generation, so a route
 //! that collected a session before the change re-checks that session's current filters (see
-//! `Shared::route`). Lookups by client id or device id are hash lookups; nothing on the connect,
-//! publish, `publish_to_device`, `device_is_subscribed`, `kick_device` or stats paths visits every session
-//! (only `shutdown` and `reauthorize_all`, a policy reload, do; `remove_device` scans the retained table).
+//! `Shared::route`). Lookups by client id or principal are hash lookups; nothing on the connect,
+//! publish, `publish_to`, `is_subscribed`, `kick` or stats paths visits every session
+//! (only `shutdown` and `reauthorize_all`, a policy reload, do; `remove_principal` scans the retained table).
 //!
 //! ## Delivery
 //!
@@ -99,7 +101,9 @@ mod shared_sub;
 #[cfg(feature = "test-support")]
 pub mod test_support;
 
-pub use broker::{Broker, BrokerStats, Refusal, RestoreStats, SessionInfo};
+pub use broker::{
+    Broker, BrokerStats, KickReason, PrincipalKey, Refusal, RestoreStats, SessionInfo,
+};
 pub use config::BrokerConfig;
 pub use hooks::{
     Authenticated, ConnInfo, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message,

@@ -99,7 +99,7 @@ pub(crate) struct Session {
     pub(crate) subs_generation: u64,
     /// Out of the session table: its subscriptions are no longer in the index.
     pub(crate) retired: bool,
-    /// Its principal was removed ([`crate::Broker::remove_device`]): no will fires for it.
+    /// Its principal was removed ([`crate::Broker::remove_principal`]): no will fires for it.
     pub(crate) removed: bool,
     /// Change only through `enqueue` / `pop_front` / `push_front` / `drop_qos0` / `clear_queue`,
     /// which keep `queue_bytes` in step.

@@ -3,7 +3,9 @@
 
 mod support;
 
-use mooring_broker::{Broker, BrokerConfig, Enqueue, Message, Principal, Refusal};
+use mooring_broker::{
+    Broker, BrokerConfig, Enqueue, KickReason, Message, Principal, PrincipalKey, Refusal,
+};
 use mqtt_protocol_core::mqtt::packet::GenericPacket;
 use mqtt_protocol_core::mqtt::result_code::{
     ConnectReasonCode, DisconnectReasonCode, PubackReasonCode, SubackReasonCode,
@@ -462,4 +464,35 @@ async fn publish_to_device_says_whether_it_queued_and_what_it_dropped() {
         broker.publish_to_device("nobody", command()),
         Enqueue::Refused
     );
+}
+
+#[tokio::test]
+async fn a_service_principals_sessions_are_found_by_its_key_like_a_devices() {
+    let broker = broker_with_principals(BrokerConfig::default());
+    let svc = PrincipalKey::of(&Principal::Service {
+        id: "s1".into(),
+        name: "renamed".into(),
+    });
+    let mut a = RawClient::open(&broker, true);
+    connect_as(&mut a, "svc:s1", "s1.a", true, 0).await;
+    a.subscribe("jobs/#", 1).await;
+    let mut other = RawClient::open(&broker, true);
+    connect_as(&mut other, "svc:s2", "s2.a", true, 0).await;
+    other.subscribe("jobs/#", 1).await;
+    assert!(broker.is_subscribed(&svc, "jobs/1"));
+    assert!(!broker.is_subscribed(&svc, "other/1"));
+    let job = Message::new("jobs/1", "{}", 1, false);
+    assert!(broker.publish_to(&svc, job).is_enqueued());
+    assert_eq!(a.next_publish().await.0, "jobs/1");
+    broker.kick(&svc, KickReason::NotAuthorized);
+    match a.recv().await {
+        Some(GenericPacket::V5_0Disconnect(d)) => {
+            assert_eq!(d.reason_code(), Some(DisconnectReasonCode::NotAuthorized))
+        }
+        other => panic!("expected DISCONNECT 0x87, got {other:?}"),
+    }
+    assert!(a.recv().await.is_none(), "closed");
+    assert!(other.ping().await.is_some(), "another principal untouched");
+    // A device key never names a service's sessions, even with the same id.
+    assert!(!broker.is_subscribed(&PrincipalKey::device("s2"), "jobs/1"));
 }
