@@ -144,11 +144,14 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         if let (Principal::Device { id, .. }, true) = (&who, allowed && is_shared_filter(filter)) {
-            let own = format!("devices/{id}/");
+            // Its own subtree: `devices/<id>` itself (which `devices/<id>/#` matches too) and
+            // everything below it.
+            let root = format!("devices/{id}");
+            let own = format!("{root}/");
             for topic in pubs.iter().chain(&subs) {
                 if is_valid_topic_name(topic) && filter_matches(reach, topic) {
                     assert!(
-                        topic.starts_with(&own),
+                        *topic == root || topic.starts_with(&own),
                         "device {id} shares {filter}, which reaches {topic}"
                     );
                 }
