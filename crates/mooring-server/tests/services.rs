@@ -1,0 +1,147 @@
+//! The services' behaviour without a subprocess: a server started in-process, driven through
+//! its services (`app.registry`, `app.telemetry`, `app.commands`, `app.shadows`), as the HTTP
+//! handlers, the MQTT hooks and the simulator use them. The end-to-end tests of the binary stay
+//! in crates/mooring/tests.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mooring_server::commands::NewCommand;
+use mooring_server::error::ErrorKind;
+use mooring_server::registry::PinnedCert;
+use mooring_server::telemetry::Ingest;
+use mooring_server::{Listeners, RunningServer, ServerConfig};
+use mooring_store::CommandState;
+use serde_json::json;
+
+async fn start(dir: &std::path::Path) -> RunningServer {
+    let config = ServerConfig {
+        data_dir: dir.to_owned(),
+        mqtt_addr: "127.0.0.1:0".parse().expect("addr"),
+        http_addr: "127.0.0.1:0".parse().expect("addr"),
+        ..ServerConfig::default()
+    };
+    let listeners = Listeners::bind(&config).await.expect("bind");
+    RunningServer::start(config, listeners, Arc::new(mooring_proto::SystemClock))
+        .await
+        .expect("start")
+}
+
+fn cert(id: &str) -> PinnedCert {
+    PinnedCert {
+        sha256_hex: format!("{:0>64}", id.len()),
+        serial_hex: "01".into(),
+        not_after_ms: 4_102_444_800_000,
+    }
+}
+
+#[tokio::test]
+async fn registry_telemetry_commands_and_shadows_through_their_services() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path()).await;
+    let app = server.app.clone();
+
+    // Registry: invalid input is refused with a kind the API maps to 400, nothing stored.
+    let bad = app
+        .registry
+        .create_device_pinned("bad/id", BTreeMap::new(), cert("x"))
+        .await
+        .expect_err("a '/' in an id");
+    assert_eq!(bad.kind, ErrorKind::InvalidArgument);
+    let tags = BTreeMap::from([("site".to_owned(), "berlin".to_owned())]);
+    app.registry
+        .create_device_pinned("lock-1", tags, cert("lock-1"))
+        .await
+        .expect("create");
+    let view = app.registry.get_device("lock-1").await.expect("get");
+    assert!(!view.online);
+    assert_eq!(
+        view.record.tags.get("site").map(String::as_str),
+        Some("berlin")
+    );
+
+    // Telemetry: stored once, a repeated seq is a duplicate, garbage is refused.
+    let payload = br#"{"seq": 1, "ts": 1000, "temp": 21.5}"#;
+    let now = app.now_ms();
+    assert!(matches!(
+        app.telemetry.ingest("lock-1", payload, now).await,
+        Ingest::Stored
+    ));
+    assert!(matches!(
+        app.telemetry.ingest("lock-1", payload, now).await,
+        Ingest::Duplicate
+    ));
+    assert!(matches!(
+        app.telemetry.ingest("lock-1", b"not json", now).await,
+        Ingest::Invalid(_)
+    ));
+    let latest = app.telemetry.latest("lock-1").await.expect("latest");
+    assert_eq!(latest.get("temp").map(|(ts, _)| *ts), Some(1000));
+
+    // Commands: queued for an offline device, cancelled, and a cancelled one cannot be again.
+    let (_, cmd) = app
+        .commands
+        .create_command(
+            "lock-1",
+            NewCommand {
+                name: "unlock".into(),
+                params: json!({"secs": 5}),
+                ttl_secs: None,
+                max_attempts: None,
+                idempotency_key: Some("k1".into()),
+                result_timeout_secs: None,
+            },
+            None,
+        )
+        .await
+        .expect("create command");
+    assert_eq!(cmd.state, CommandState::Queued);
+    let canceled = app
+        .commands
+        .cancel_command("lock-1", &cmd.id)
+        .await
+        .expect("cancel");
+    assert_eq!(canceled.state, CommandState::Canceled);
+    let again = app
+        .commands
+        .cancel_command("lock-1", &cmd.id)
+        .await
+        .expect_err("final");
+    assert_eq!(again.kind, ErrorKind::Conflict);
+    let missing = app
+        .commands
+        .get_command("lock-1", "nope", None)
+        .await
+        .expect_err("unknown id");
+    assert_eq!(missing.kind, ErrorKind::NotFound);
+
+    // Shadows: desired → delta; a device report that matches clears it.
+    let s = app
+        .shadows
+        .patch_desired("lock-1", json!({"led": "on"}), None)
+        .await
+        .expect("patch");
+    assert_eq!(s.version, 1);
+    assert_eq!(s.delta.get("led"), Some(&json!("on")));
+    assert!(app
+        .shadows
+        .on_reported("lock-1", br#"{"led": "on"}"#)
+        .await
+        .expect("report"));
+    let s = app.shadows.get("lock-1").await.expect("get shadow");
+    assert!(s.delta.is_empty(), "{:?}", s.delta);
+    assert_eq!(s.version, 2);
+    let stale = app
+        .shadows
+        .patch_desired("lock-1", json!({"led": "off"}), Some(1))
+        .await
+        .expect_err("if_match on an old version");
+    assert_eq!(stale.kind, ErrorKind::PreconditionFailed);
+
+    // Deleting the device takes its data with it.
+    app.registry.delete_device("lock-1").await.expect("delete");
+    let gone = app.registry.get_device("lock-1").await.expect_err("gone");
+    assert_eq!(gone.kind, ErrorKind::NotFound);
+    drop(app);
+    server.shutdown().await;
+}
