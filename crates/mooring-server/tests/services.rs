@@ -60,15 +60,20 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
         Some("berlin")
     );
 
-    // Telemetry: stored once, a repeated seq is a duplicate, garbage is refused.
-    let payload = br#"{"seq": 1, "ts": 1000, "temp": 21.5}"#;
+    // Telemetry: stored once, a repeated seq is a duplicate, garbage is refused. (A current
+    // timestamp: the retention pass at start would delete an old point with its dedupe key.)
     let now = app.now_ms();
+    let payload = format!(r#"{{"seq": 1, "ts": {now}, "temp": 21.5}}"#);
     assert!(matches!(
-        app.telemetry.ingest("lock-1", payload, now).await,
+        app.telemetry
+            .ingest("lock-1", payload.as_bytes(), now)
+            .await,
         Ingest::Stored
     ));
     assert!(matches!(
-        app.telemetry.ingest("lock-1", payload, now).await,
+        app.telemetry
+            .ingest("lock-1", payload.as_bytes(), now)
+            .await,
         Ingest::Duplicate
     ));
     assert!(matches!(
@@ -76,7 +81,7 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
         Ingest::Invalid(_)
     ));
     let latest = app.telemetry.latest("lock-1").await.expect("latest");
-    assert_eq!(latest.get("temp").map(|(ts, _)| *ts), Some(1000));
+    assert_eq!(latest.get("temp").map(|(ts, _)| *ts), Some(now));
 
     // Commands: queued for an offline device, cancelled, and a cancelled one cannot be again.
     let (_, cmd) = app
