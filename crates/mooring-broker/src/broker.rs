@@ -1235,11 +1235,7 @@ impl Shared {
         let op = match s.persist_key() {
             Some(key) if qos > 0 && d.seq == 0 => {
                 d.seq = self.msg_seq.fetch_add(1, Ordering::Relaxed);
-                Some(StateOp::PutMessage {
-                    session: key.to_owned(),
-                    seq: d.seq,
-                    value: self.message_value(&d, None),
-                })
+                Some(self.put_message(key, &d, None))
             }
             _ => None,
         };
@@ -1305,12 +1301,15 @@ impl Shared {
         Instant::now().checked_add(std::time::Duration::from_millis(left))
     }
 
-    pub(crate) fn message_value(
+    /// The op that stores `d` (its `seq` assigned) under the session `key`, queued (`inflight`
+    /// `None`) or unacknowledged with its state and packet id.
+    pub(crate) fn put_message(
         &self,
+        key: &str,
         d: &Delivery,
         inflight: Option<(InflightState, u16)>,
-    ) -> Vec<u8> {
-        MessageValue {
+    ) -> StateOp {
+        let value = MessageValue {
             msg: (*d.msg).clone(),
             qos: d.qos,
             retain: d.retain,
@@ -1322,7 +1321,12 @@ impl Shared {
                 .as_ref()
                 .map(|v| (v.subscription.to_string(), v.redelivered)),
         }
-        .encode()
+        .encode();
+        StateOp::PutMessage {
+            session: key.to_owned(),
+            seq: d.seq,
+            value,
+        }
     }
 
     /// Unix ms at which `s`, going offline now, ends (0: never, or no persistence).
@@ -1382,11 +1386,7 @@ impl Shared {
             let mut queue = std::mem::take(&mut s.queue);
             for d in queue.iter_mut().filter(|d| d.qos > 0 && d.seq == 0) {
                 d.seq = self.msg_seq.fetch_add(1, Ordering::Relaxed);
-                ops.push(StateOp::PutMessage {
-                    session: key.clone(),
-                    seq: d.seq,
-                    value: self.message_value(d, None),
-                });
+                ops.push(self.put_message(&key, d, None));
             }
             s.queue = queue;
         }

@@ -6,7 +6,7 @@ use super::publish::{poll_front_ack, AckKind, PendingPublish};
 use super::{BoxFut, Conn};
 use crate::broker::{lock, Control, KickReason, Refusal};
 use crate::hooks::{Message, MessageProps};
-use crate::persist::{packet_id_for, StateOp};
+use crate::persist::packet_id_for;
 use crate::session::{Inflight, InflightState, SubOptions};
 use bytes::Bytes;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -234,14 +234,10 @@ where
                 let mut s = lock(&session);
                 if d.seq != 0 && !stable {
                     if let Some(key) = s.persist_key() {
-                        let value = self
-                            .shared
-                            .message_value(&d, Some((InflightState::AwaitAck, pid)));
-                        self.shared.detach(vec![StateOp::PutMessage {
-                            session: key.to_owned(),
-                            seq: d.seq,
-                            value,
-                        }]);
+                        let op =
+                            self.shared
+                                .put_message(key, &d, Some((InflightState::AwaitAck, pid)));
+                        self.shared.detach(vec![op]);
                     }
                 }
                 s.inflight.push_back(Inflight {

@@ -133,14 +133,10 @@ where
             // Durable before the PUBREL goes out: after a restart the PUBREL is sent again,
             // not the message.
             if let (Some(d), Some(key)) = (stored, s.persist_key()) {
-                let value = self
+                let op = self
                     .shared
-                    .message_value(&d, Some((InflightState::AwaitComp, pid)));
-                wait = self.shared.durable(vec![StateOp::PutMessage {
-                    session: key.to_owned(),
-                    seq: d.seq,
-                    value,
-                }]);
+                    .put_message(key, &d, Some((InflightState::AwaitComp, pid)));
+                wait = self.shared.durable(vec![op]);
             }
         }
         self.queue_deferred(AckKind::Pubrel, pid, 2, 0, wait);
