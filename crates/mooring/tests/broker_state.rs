@@ -401,6 +401,10 @@ async fn qos2_outbound_state_survives_kill_9_so_each_message_is_delivered_exactl
     sub.ack(0x50, pid_b).await; // PUBREC
     assert_eq!(sub.next().await, Some(Pkt::PubRel { pid: pid_b }));
     sub.ack(0x70, pid_b).await;
+    // PINGRESP comes after the server has read the PUBCOMPs (packets are handled in order), so
+    // the deletes they cause are submitted before the settle check below reads the queue.
+    sub.send(&[0xC0, 0x00]).await;
+    assert_eq!(sub.next().await, Some(Pkt::Other(13)));
     state_settled(&server).await;
     // Done with both: after another restart nothing comes again.
     let data_dir = server.data_dir.clone();
