@@ -215,8 +215,8 @@ struct MooringState {
     creds_file: PathBuf,
     mqtt: Option<SocketAddr>,
     http: Option<SocketAddr>,
-    token: String,
-    client: reqwest::Client,
+    /// The admin-token API client, once the server runs.
+    api: Option<mooring_api::Client>,
 }
 
 struct MosquittoState {
@@ -250,10 +250,6 @@ impl Target {
             let _ = std::fs::remove_file(&creds_file);
             Vec::new()
         };
-        let client = reqwest::Client::builder()
-            .timeout(HTTP_TIMEOUT)
-            .pool_max_idle_per_host(PROVISION_CONCURRENCY)
-            .build()?;
         Ok(Target {
             kind: Kind::Mooring,
             fd_limit,
@@ -269,8 +265,7 @@ impl Target {
                 creds_file,
                 mqtt: None,
                 http: None,
-                token: String::new(),
-                client,
+                api: None,
             }),
         })
     }
@@ -381,21 +376,11 @@ impl Target {
                 let token = match &m.service_token {
                     Some(t) => t.clone(),
                     None => {
-                        let api = ApiClient {
-                            base: m.url("")?,
-                            token: m.token.clone(),
-                            client: m.client.clone(),
+                        let req = mooring_api::CreateToken {
+                            name: BACKEND_CLIENT_ID.to_owned(),
+                            role: "service".to_owned(),
                         };
-                        let body = api
-                            .post(
-                                "/api/v1/tokens",
-                                serde_json::json!({"name": BACKEND_CLIENT_ID, "role": "service"}),
-                            )
-                            .await?;
-                        let t = body["token"]
-                            .as_str()
-                            .context("no token in POST /api/v1/tokens")?
-                            .to_owned();
+                        let t = m.api()?.create_token(&req).await?.token;
                         m.service_token = Some(t.clone());
                         t
                     }
@@ -455,10 +440,14 @@ impl Target {
                 let mqtt = mqtt.context("mqtt addr")?;
                 m.mqtt = Some(mqtt);
                 m.http = http;
-                m.token = std::fs::read_to_string(m.data_dir.join("admin.token"))
-                    .context("reading admin.token")?
-                    .trim()
-                    .to_owned();
+                let token = std::fs::read_to_string(m.data_dir.join("admin.token"))
+                    .context("reading admin.token")?;
+                let http = http.context("mooring serve logged no HTTP listener")?;
+                m.api = Some(
+                    mooring_api::Client::builder(&format!("http://{http}"), &token)
+                        .timeout(HTTP_TIMEOUT)
+                        .build()?,
+                );
                 let ca = std::fs::read_to_string(m.data_dir.join("ca.crt"))?;
                 self.endpoint = Some(Endpoint::new(mqtt, &ca)?);
                 self.proc = Some(proc);
@@ -542,7 +531,7 @@ impl Target {
         match &self.flavor {
             Flavor::Mosquitto(_) => Ok(None),
             Flavor::Mooring(m) => {
-                let text = m.get("/metrics", false).await?;
+                let text = m.api()?.metrics().await?;
                 Ok(parse_metric(&text, name))
             }
         }
@@ -553,8 +542,7 @@ impl Target {
         match &self.flavor {
             Flavor::Mosquitto(_) => Ok(false),
             Flavor::Mooring(m) => {
-                let text = m.get("/api/v1/openapi.json", false).await?;
-                let doc: Value = serde_json::from_str(&text).context("openapi.json")?;
+                let doc = m.api()?.openapi().await?;
                 Ok(doc["paths"]
                     .as_object()
                     .is_some_and(|p| p.contains_key("/api/v1/devices/{id}/commands")))
@@ -571,106 +559,49 @@ impl Target {
     }
 
     /// An HTTP API client with the admin token (ours only).
-    pub fn api_client(&self) -> anyhow::Result<ApiClient> {
+    pub fn api_client(&self) -> anyhow::Result<mooring_api::Client> {
         match &self.flavor {
             Flavor::Mosquitto(_) => bail!("mosquitto has no HTTP API"),
-            Flavor::Mooring(m) => Ok(ApiClient {
-                base: m.url("")?,
-                token: m.token.clone(),
-                client: m.client.clone(),
-            }),
+            Flavor::Mooring(m) => m.api(),
         }
-    }
-
-    /// `GET path` with the admin token (ours only).
-    pub async fn api_get(&self, path: &str) -> anyhow::Result<Value> {
-        match &self.flavor {
-            Flavor::Mosquitto(_) => bail!("mosquitto has no HTTP API"),
-            Flavor::Mooring(m) => Ok(serde_json::from_str(&m.get(path, true).await?)?),
-        }
-    }
-}
-
-/// Our HTTP API, authenticated; cheap to clone.
-#[derive(Clone)]
-pub struct ApiClient {
-    base: String,
-    token: String,
-    client: reqwest::Client,
-}
-
-impl ApiClient {
-    /// `POST path` with a JSON body; the JSON answer of a 2xx.
-    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
-        let resp = self
-            .client
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .with_context(|| format!("POST {path}"))?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        anyhow::ensure!(status.is_success(), "POST {path}: {status}: {text}");
-        Ok(serde_json::from_str(&text)?)
     }
 }
 
 impl MooringState {
-    fn url(&self, path: &str) -> anyhow::Result<String> {
-        let http = self.http.context("mooring not started")?;
-        Ok(format!("http://{http}{path}"))
-    }
-
-    async fn get(&self, path: &str, auth: bool) -> anyhow::Result<String> {
-        let mut req = self.client.get(self.url(path)?);
-        if auth {
-            req = req.bearer_auth(&self.token);
-        }
-        let resp = req.send().await?;
-        let status = resp.status();
-        let text = resp.text().await?;
-        anyhow::ensure!(status.is_success(), "GET {path}: {status}: {text}");
-        Ok(text)
+    fn api(&self) -> anyhow::Result<mooring_api::Client> {
+        self.api.clone().context("mooring not started")
     }
 
     /// Creates `ids` with [`PROVISION_CONCURRENCY`] requests in flight; returns them in order.
     async fn create_devices(&self, ids: Vec<String>) -> anyhow::Result<Vec<Cred>> {
         let ids = Arc::new(ids);
         let next = Arc::new(AtomicUsize::new(0));
-        let url = self.url("/api/v1/devices")?;
+        let api = self.api()?;
         let mut workers = tokio::task::JoinSet::new();
         for _ in 0..PROVISION_CONCURRENCY {
-            let (ids, next, url) = (ids.clone(), next.clone(), url.clone());
-            let (client, token) = (self.client.clone(), self.token.clone());
+            let (ids, next, api) = (ids.clone(), next.clone(), api.clone());
             workers.spawn(async move {
                 let mut out = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(id) = ids.get(i) else { break };
-                    let resp = client
-                        .post(&url)
-                        .bearer_auth(&token)
-                        .json(&serde_json::json!({ "id": id }))
-                        .send()
-                        .await
-                        .with_context(|| format!("POST /api/v1/devices {id}"))?;
-                    let status = resp.status();
-                    let body: Value = resp.json().await?;
-                    if status.as_u16() == 409 {
-                        bail!("device {id} already exists but its key is not cached; remove the bench work dir");
-                    }
-                    anyhow::ensure!(status.is_success(), "create {id}: {status}: {body}");
-                    let field = |k: &str| -> anyhow::Result<String> {
-                        Ok(body[k].as_str().with_context(|| format!("no {k}"))?.to_owned())
+                    let req = mooring_api::CreateDevice {
+                        id: id.clone(),
+                        ..Default::default()
+                    };
+                    let created = match api.create_device(&req).await {
+                        Ok(c) => c,
+                        Err(e) if e.status() == Some(409) => bail!(
+                            "device {id} already exists but its key is not cached; remove the bench work dir"
+                        ),
+                        Err(e) => return Err(anyhow::Error::new(e).context(format!("create {id}"))),
                     };
                     out.push((
                         i,
                         Cred {
                             id: id.clone(),
-                            cert_pem: field("certificate_pem")?,
-                            key_pem: field("private_key_pem")?,
+                            cert_pem: created.certificate_pem,
+                            key_pem: created.private_key_pem,
                         },
                     ));
                 }

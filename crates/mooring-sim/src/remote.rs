@@ -7,22 +7,20 @@
 
 use anyhow::Context as _;
 use mooring_agent::transport::TlsConnector;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Telemetry points read per device at the end (the API's page limit).
-pub const TELEMETRY_PAGE_LEN_MAX: usize = 10_000;
+pub const TELEMETRY_PAGE_LEN_MAX: usize = mooring_api::TELEMETRY_PAGE_LEN_MAX;
 /// Commands read per device at the end (the API's page limit).
-pub const COMMAND_PAGE_LEN_MAX: usize = 1_000;
+pub const COMMAND_PAGE_LEN_MAX: usize = mooring_api::COMMAND_PAGE_LEN_MAX;
 /// Bound on every HTTP call.
 pub const HTTP_TIMEOUT_SECS: u64 = 60;
 
 /// The server's HTTP API with an admin token.
 pub struct RemoteApi {
-    http: reqwest::Client,
-    base: String,
-    token: String,
+    api: mooring_api::Client,
     mqtt_host: String,
     mqtt_port: u16,
     /// Prefix of this run's device ids and value of its `sim_run` tag.
@@ -41,25 +39,19 @@ pub struct RemoteCommand {
 impl RemoteApi {
     pub fn new(mqtt: &str, api: &str, token_file: &str, run: String) -> anyhow::Result<Self> {
         let token = std::fs::read_to_string(token_file)
-            .with_context(|| format!("reading the token file {token_file}"))?
-            .trim()
-            .to_owned();
+            .with_context(|| format!("reading the token file {token_file}"))?;
         let (host, port) = mqtt
             .rsplit_once(':')
             .with_context(|| format!("server.mqtt {mqtt:?} must be host:port"))?;
         let port: u16 = port
             .parse()
             .with_context(|| format!("server.mqtt {mqtt:?}: bad port"))?;
-        // reqwest is built without a default crypto provider; ring is the one we use.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
+        let api = mooring_api::Client::builder(api, &token)
             .timeout(std::time::Duration::from_secs(HTTP_TIMEOUT_SECS))
             .build()
-            .context("building the HTTP client")?;
+            .context("server.api")?;
         Ok(Self {
-            http,
-            base: format!("{}/api/v1", api.trim_end_matches('/')),
-            token,
+            api,
             mqtt_host: host.trim_matches(['[', ']']).to_owned(),
             mqtt_port: port,
             run,
@@ -92,34 +84,6 @@ impl RemoteApi {
         format!("{} and tag:sim_run={}", terms.join(" and "), self.run)
     }
 
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self
-            .http
-            .request(method.clone(), &url)
-            .bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req
-            .send()
-            .await
-            .with_context(|| format!("{method} {url}"))?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        anyhow::ensure!(status.is_success(), "{method} {url}: {status}: {text}");
-        Ok(if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text)?
-        })
-    }
-
     /// Registers a device (with the `sim_run` tag) and builds its mTLS connector from the
     /// credentials the server issued; the PEM files go to `dir`.
     pub async fn register(
@@ -130,27 +94,23 @@ impl RemoteApi {
     ) -> anyhow::Result<TlsConnector> {
         let mut tags = tags.clone();
         tags.insert("sim_run".into(), self.run.clone());
-        let created = self
-            .call(
-                reqwest::Method::POST,
-                "/devices",
-                Some(json!({"id": id, "tags": tags})),
-            )
-            .await?;
-        let pem = |k: &str| -> anyhow::Result<String> {
-            Ok(created[k]
-                .as_str()
-                .with_context(|| format!("device creation answered without {k}"))?
-                .to_owned())
+        let req = mooring_api::CreateDevice {
+            id: id.to_owned(),
+            tags,
         };
+        let created = self
+            .api
+            .create_device(&req)
+            .await
+            .with_context(|| format!("registering {id}"))?;
         let (cert, key, ca) = (
             dir.join(format!("{id}.crt")),
             dir.join(format!("{id}.key")),
             dir.join("ca.crt"),
         );
-        std::fs::write(&cert, pem("certificate_pem")?)?;
-        std::fs::write(&key, pem("private_key_pem")?)?;
-        std::fs::write(&ca, pem("ca_pem")?)?;
+        std::fs::write(&cert, &created.certificate_pem)?;
+        std::fs::write(&key, &created.private_key_pem)?;
+        std::fs::write(&ca, &created.ca_pem)?;
         let identity = mooring_agent::transport::load_identity(&cert, &key, &ca)?;
         Ok(TlsConnector {
             host: self.mqtt_host.clone(),
@@ -167,107 +127,61 @@ impl RemoteApi {
         params: Value,
         ttl_secs: Option<u64>,
     ) -> anyhow::Result<(String, u64)> {
-        let mut body = json!({"selector": self.selector(selector), "name": name, "params": params});
-        if let Some(t) = ttl_secs {
-            body["ttl_secs"] = json!(t);
-        }
-        let v = self
-            .call(reqwest::Method::POST, "/commands", Some(body))
-            .await?;
-        Ok((
-            v["id"]
-                .as_str()
-                .context("fleet command without id")?
-                .to_owned(),
-            v["total"].as_u64().unwrap_or(0),
-        ))
+        let req = mooring_api::CreateFleetCommand {
+            selector: self.selector(selector),
+            name: name.to_owned(),
+            params,
+            ttl_secs,
+            ..Default::default()
+        };
+        let f = self.api.create_fleet_command(&req).await?;
+        Ok((f.id, f.total))
     }
 
     pub async fn delete_device(&self, id: &str) -> anyhow::Result<()> {
-        self.call(reqwest::Method::DELETE, &format!("/devices/{id}"), None)
-            .await?;
-        Ok(())
+        Ok(self.api.delete_device(id).await?)
     }
 
     pub async fn is_online(&self, id: &str) -> anyhow::Result<bool> {
-        let v = self
-            .call(reqwest::Method::GET, &format!("/devices/{id}"), None)
-            .await;
-        Ok(v.ok().and_then(|v| v["online"].as_bool()).unwrap_or(false))
+        Ok(self.api.get_device(id).await.is_ok_and(|d| d.online))
     }
 
     /// The server's `/metrics`.
     pub async fn metrics(&self) -> anyhow::Result<BTreeMap<String, f64>> {
-        let url = format!("{}/metrics", self.base.trim_end_matches("/api/v1"));
-        let text = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?
-            .text()
-            .await?;
-        Ok(crate::run::parse_metrics(&text))
+        Ok(crate::run::parse_metrics(&self.api.metrics().await?))
     }
 
     /// The `sim.n` values stored for a device.
     pub async fn telemetry_values(&self, id: &str, limit: usize) -> anyhow::Result<Vec<u32>> {
-        let limit = limit.clamp(1, TELEMETRY_PAGE_LEN_MAX);
-        let v = self
-            .call(
-                reqwest::Method::GET,
-                &format!(
-                    "/devices/{id}/telemetry?metric={}&limit={limit}",
-                    crate::scenario::SEQ_METRIC
-                ),
-                None,
-            )
-            .await?;
-        Ok(v["points"]
-            .as_array()
-            .map(|ps| {
-                ps.iter()
-                    .filter_map(|p| p["value"].as_f64())
-                    .map(|n| n as u32)
-                    .collect()
-            })
-            .unwrap_or_default())
+        let params = mooring_api::TelemetryParams {
+            metric: Some(crate::scenario::SEQ_METRIC.to_owned()),
+            limit: Some(limit.clamp(1, TELEMETRY_PAGE_LEN_MAX)),
+            ..Default::default()
+        };
+        let points = self.api.telemetry(id, &params).await?.points;
+        Ok(points
+            .iter()
+            .filter_map(|p| p.value.as_f64())
+            .map(|n| n as u32)
+            .collect())
     }
 
     pub async fn commands(&self, id: &str) -> anyhow::Result<Vec<RemoteCommand>> {
-        let v = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/devices/{id}/commands?limit={COMMAND_PAGE_LEN_MAX}"),
-                None,
-            )
-            .await?;
-        Ok(v["commands"]
-            .as_array()
-            .map(|cs| {
-                cs.iter()
-                    .map(|c| RemoteCommand {
-                        state: c["state"].as_str().unwrap_or("").to_owned(),
-                        parent_id: c["parent_id"].as_str().map(str::to_owned),
-                        failed_reason: c["result"]["output"]["reason"].as_str().map(str::to_owned),
-                        history: c["history"]
-                            .as_array()
-                            .map(|h| {
-                                h.iter()
-                                    .map(|e| {
-                                        (
-                                            e["state"].as_str().unwrap_or("").to_owned(),
-                                            e["at"].as_u64().unwrap_or(0),
-                                        )
-                                    })
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                    })
-                    .collect()
+        let params = mooring_api::CommandListParams {
+            limit: Some(COMMAND_PAGE_LEN_MAX),
+            ..Default::default()
+        };
+        let page = self.api.list_commands(id, &params).await?;
+        Ok(page
+            .commands
+            .into_iter()
+            .map(|c| RemoteCommand {
+                failed_reason: c.failure_reason().map(str::to_owned),
+                state: c.state,
+                parent_id: c.parent_id,
+                history: c.history.into_iter().map(|h| (h.state, h.at)).collect(),
             })
-            .unwrap_or_default())
+            .collect())
     }
 }
 

@@ -1,12 +1,26 @@
-//! The API client behind `mooring device ...`, `mooring command ...` and `mooring token ...`.
+//! The API-facing commands (`mooring device|command|token ...`): arguments in, one typed
+//! [`mooring_api::Client`] call out, the answer printed as a table or as the API's JSON.
 
+use crate::credentials::CredentialFiles;
+use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};
 use crate::{CommandCommand, DeviceCommand, TokenCommand};
-use anyhow::{anyhow, bail, Context};
+use anyhow::Context;
 use clap::Args;
+use mooring_api::{AnyCommand, Command, Device, FleetCommand};
 use mooring_proto::selector::{Selector, Term};
 use mooring_proto::DeviceId;
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Exit status: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: the server refused the call, or the awaited command failed, expired or was
+/// canceled.
+pub const EXIT_FAILED: u8 = 1;
+/// Exit status: invalid arguments.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: the awaited command was not final within `--wait-ms`.
+pub const EXIT_NOT_FINAL: u8 = 3;
 
 /// An error in what the user typed: exit code 2.
 #[derive(Debug)]
@@ -20,7 +34,13 @@ impl std::fmt::Display for UsageError {
 
 impl std::error::Error for UsageError {}
 
+fn usage<T>(msg: impl Into<String>) -> anyhow::Result<T> {
+    Err(UsageError(msg.into()).into())
+}
+
+/// How to reach the server; shared by every API-facing command.
 #[derive(Args)]
+#[command(next_help_heading = "Connection options")]
 pub struct ApiArgs {
     /// Server API URL.
     #[arg(
@@ -46,262 +66,113 @@ pub struct ApiArgs {
     ca: Option<PathBuf>,
 }
 
-struct Api {
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl Api {
-    fn new(args: &ApiArgs) -> anyhow::Result<Api> {
-        let token = match &args.token {
-            Some(t) => t.trim().to_owned(),
+impl ApiArgs {
+    fn connect(&self) -> anyhow::Result<mooring_api::Client> {
+        let token = match &self.token {
+            Some(t) => t.clone(),
             None => {
-                let path = args.data_dir.join("admin.token");
-                std::fs::read_to_string(&path)
-                    .with_context(|| {
-                        format!(
-                            "no --token given, MOORING_TOKEN unset, and cannot read {}",
-                            path.display()
-                        )
-                    })?
-                    .trim()
-                    .to_owned()
+                let path = self.data_dir.join("admin.token");
+                std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "no --token given, MOORING_TOKEN unset, and cannot read {}",
+                        path.display()
+                    )
+                })?
             }
         };
-        let base = args.server.trim_end_matches('/').to_owned();
-        let mut builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
-        if base.starts_with("https://") {
-            let ca_path = args
+        let mut builder = mooring_api::Client::builder(&self.server, &token);
+        if self.server.starts_with("https://") {
+            let ca = self
                 .ca
                 .clone()
-                .unwrap_or_else(|| args.data_dir.join("ca.crt"));
-            builder = builder.use_preconfigured_tls(tls_config(&ca_path)?);
+                .unwrap_or_else(|| self.data_dir.join("ca.crt"));
+            builder = builder.ca_file(&ca)?;
         }
-        Ok(Api {
-            base,
-            token,
-            http: builder.build()?,
-        })
-    }
-
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> anyhow::Result<Value> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url).bearer_auth(&self.token);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().await.with_context(|| {
-            format!(
-                "cannot reach the Mooring server at {} (is `mooring serve` running?)",
-                self.base
-            )
-        })?;
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        let json: Value = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        if !status.is_success() {
-            let msg = json
-                .pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-                .unwrap_or_else(|| json.to_string());
-            let code = json
-                .pointer("/error/code")
-                .and_then(Value::as_str)
-                .unwrap_or("error");
-            bail!("{msg} ({code}, HTTP {})", status.as_u16());
-        }
-        Ok(json)
+        Ok(builder.build()?)
     }
 }
 
-fn tls_config(ca_path: &Path) -> anyhow::Result<rustls::ClientConfig> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_path)
-        .with_context(|| format!("reading CA certificate {}", ca_path.display()))?
-    {
-        roots.add(cert?)?;
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+/// Adds "is `mooring serve` running?" to an unreachable server.
+fn call<T>(r: Result<T, mooring_api::Error>) -> anyhow::Result<T> {
+    r.map_err(|e| match e {
+        e @ mooring_api::Error::Transport { .. } => {
+            anyhow::Error::new(e).context("is `mooring serve` running? (--server, MOORING_SERVER)")
+        }
+        e => e.into(),
+    })
 }
 
 fn parse_id(id: &str) -> anyhow::Result<DeviceId> {
     DeviceId::parse(id).map_err(|e| UsageError(e.to_string()).into())
 }
 
-/// The credential files `device create` writes, with their modes; the private key first.
-const CREDENTIAL_FILES: [(&str, u32); 3] = [
-    ("device.key", 0o600),
-    ("device.crt", 0o644),
-    ("ca.crt", 0o644),
-];
-
-/// The credential files of `device create`, created empty (never truncating or following
-/// anything) before the device exists, so a refused write leaves no orphan device behind.
-struct CredentialFiles {
-    dir: PathBuf,
-    created_dir: bool,
-    files: Vec<(PathBuf, std::fs::File)>,
-}
-
-impl CredentialFiles {
-    /// Checks `dir` (not a symbolic link; a directory if it exists) and creates every file
-    /// with `O_CREAT | O_EXCL | O_NOFOLLOW` and its final mode (the key 0600). A file that
-    /// exists, or is a symbolic link even to nowhere, is refused, naming it: exit code 2.
-    fn create(dir: &Path) -> anyhow::Result<Self> {
-        // Without a trailing slash, so a symbolic link is seen as one, not followed.
-        let dir: PathBuf = dir.components().collect();
-        let created_dir = match std::fs::symlink_metadata(&dir) {
-            Ok(m) if m.file_type().is_symlink() => {
-                return Err(UsageError(format!(
-                    "--out {} is a symbolic link; refusing to write credentials through it",
-                    dir.display()
-                ))
-                .into())
-            }
-            Ok(m) if !m.is_dir() => {
-                return Err(UsageError(format!(
-                    "--out {} exists and is not a directory",
-                    dir.display()
-                ))
-                .into())
-            }
-            Ok(_) => false,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                use std::os::unix::fs::DirBuilderExt;
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(&dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
-                true
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!("checking {}", dir.display())))
-            }
+fn parse_tags(tags: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for t in tags {
+        let Some((k, v)) = t.split_once('=') else {
+            return usage(format!("{what} {t:?} must be key=value"));
         };
-        let mut out = CredentialFiles {
-            dir,
-            created_dir,
-            files: Vec::new(),
-        };
-        for (name, mode) in CREDENTIAL_FILES {
-            let path = out.dir.join(name);
-            let file = create_new_file(&path, mode)?;
-            out.files.push((path, file));
-        }
-        Ok(out)
+        out.insert(k.to_owned(), v.to_owned());
     }
-
-    /// Writes each file's contents (in [`CREDENTIAL_FILES`] order) and syncs it.
-    fn write(mut self, contents: [&str; 3]) -> anyhow::Result<()> {
-        use std::io::Write;
-        for ((path, file), text) in self.files.iter_mut().zip(contents) {
-            file.write_all(text.as_bytes())
-                .and_then(|()| file.sync_all())
-                .with_context(|| format!("writing {}", path.display()))?;
-        }
-        self.files.clear();
-        self.created_dir = false;
-        Ok(())
-    }
+    Ok(out)
 }
 
-impl Drop for CredentialFiles {
-    /// Not written (the API call failed): remove the empty files and the directory we made.
-    fn drop(&mut self) {
-        for (path, _) in self.files.drain(..) {
-            let _ = std::fs::remove_file(path);
-        }
-        if self.created_dir {
-            let _ = std::fs::remove_dir(&self.dir);
-        }
+fn tags_text(tags: &BTreeMap<String, String>) -> String {
+    if tags.is_empty() {
+        return "-".to_owned();
     }
+    tags.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
-/// Creates `path` with `mode`; refuses (exit code 2) if it exists or is a symbolic link.
-fn create_new_file(path: &Path, mode: u32) -> anyhow::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let opened = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        // create_new (O_EXCL) already refuses a symbolic link as the last component; O_NOFOLLOW
-        // keeps that true should the flags ever change.
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(mode)
-        .open(path);
-    match opened {
-        Ok(f) => Ok(f),
-        Err(e)
-            if e.kind() == std::io::ErrorKind::AlreadyExists
-                || e.raw_os_error() == Some(libc::ELOOP) =>
-        {
-            Err(UsageError(format!(
-                "{} already exists (or is a symbolic link); refusing to overwrite or follow it (choose another --out)",
-                path.display()
-            ))
-            .into())
-        }
-        Err(e) => Err(anyhow::Error::new(e).context(format!("creating {}", path.display()))),
-    }
+fn last_seen_text(d: &Device) -> String {
+    d.last_seen.map_or_else(|| "never".to_owned(), ago)
 }
 
-fn ms_to_text(v: &Value) -> String {
-    match v.as_u64() {
-        Some(ms) => format!("{ms}"),
-        None => "-".into(),
+fn print_device(d: &Device, out: OutputArgs) -> anyhow::Result<()> {
+    if out.json() {
+        return print_json(d);
     }
+    print_fields(&[
+        ("id", d.id.clone()),
+        ("online", if d.online { "yes" } else { "no" }.to_owned()),
+        (
+            "last seen",
+            match d.last_seen {
+                Some(ms) => format!("{} ({})", ago(ms), rfc3339(ms)),
+                None => "never".to_owned(),
+            },
+        ),
+        ("created", rfc3339(d.created_at)),
+        ("tags", tags_text(&d.tags)),
+        ("cert serial", d.cert_serial.clone()),
+        ("cert sha256", d.cert_sha256.clone()),
+        ("cert expires", rfc3339(d.cert_not_after)),
+    ]);
+    Ok(())
 }
 
-pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<()> {
+pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8> {
     match command {
         DeviceCommand::Create { id, out, tags } => {
             let id = parse_id(&id)?;
-            let mut tag_map = serde_json::Map::new();
-            for t in &tags {
-                let (k, v) = t
-                    .split_once('=')
-                    .ok_or_else(|| UsageError(format!("--tag {t:?} must be key=value")))?;
-                tag_map.insert(k.to_owned(), Value::String(v.to_owned()));
-            }
+            let tags = parse_tags(&tags, "--tag")?;
             let dir = out.unwrap_or_else(|| PathBuf::from(id.as_str()));
-            let api = Api::new(&args)?;
+            let api = args.connect()?;
             // The files first: a refused write must not leave a device whose key is lost.
             let files = CredentialFiles::create(&dir)?;
-            let created = api
-                .call(
-                    reqwest::Method::POST,
-                    "/api/v1/devices",
-                    Some(serde_json::json!({"id": id.as_str(), "tags": tag_map})),
-                )
-                .await?;
-            let field = |name: &str| {
-                created
-                    .get(name)
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| anyhow!("server response lacks {name}"))
+            let req = mooring_api::CreateDevice {
+                id: id.as_str().to_owned(),
+                tags,
             };
+            let created = call(api.create_device(&req).await)?;
             files
                 .write([
-                    field("private_key_pem")?,
-                    field("certificate_pem")?,
-                    field("ca_pem")?,
+                    &created.private_key_pem,
+                    &created.certificate_pem,
+                    &created.ca_pem,
                 ])
                 .with_context(|| {
                     format!("device {id} was created, but its credentials were not saved; delete it (`mooring device delete {id}`) and create it again")
@@ -310,136 +181,154 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<()>
                 "created device {id}; credentials in {}/ (device.crt, device.key, ca.crt)",
                 dir.display()
             );
-            Ok(())
         }
-        DeviceCommand::List { json, selector } => {
+        DeviceCommand::List {
+            json,
+            selector,
+            output,
+        } => {
             if let Some(sel) = &selector {
                 Selector::parse(sel).map_err(|e| UsageError(format!("invalid selector: {e}")))?;
             }
-            let api = Api::new(&args)?;
-            let mut all = Vec::new();
-            let mut cursor: Option<String> = None;
-            loop {
-                let mut path = "/api/v1/devices?limit=1000".to_owned();
-                if let Some(c) = &cursor {
-                    path.push_str(&format!("&cursor={c}"));
-                }
-                if let Some(sel) = &selector {
-                    path.push_str(&format!("&selector={}", urlencode(sel)));
-                }
-                let page = api.call(reqwest::Method::GET, &path, None).await?;
-                if let Some(devices) = page.get("devices").and_then(Value::as_array) {
-                    all.extend(devices.iter().cloned());
-                }
-                match page.get("next_cursor").and_then(Value::as_str) {
-                    Some(c) => cursor = Some(c.to_owned()),
-                    None => break,
-                }
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&all)?);
+            let api = args.connect()?;
+            let devices = call(api.list_all_devices(selector.as_deref()).await)?;
+            if json || output.json() {
+                // The API's body, every page in one.
+                print_json(&mooring_api::DeviceList {
+                    devices,
+                    next_cursor: None,
+                })?;
             } else {
-                println!(
-                    "{:<32} {:<7} {:>15} {:>15}",
-                    "ID", "ONLINE", "LAST_SEEN_MS", "CREATED_AT_MS"
-                );
-                for d in &all {
-                    println!(
-                        "{:<32} {:<7} {:>15} {:>15}",
-                        d.get("id").and_then(Value::as_str).unwrap_or("?"),
-                        d.get("online").and_then(Value::as_bool).unwrap_or(false),
-                        ms_to_text(d.get("last_seen").unwrap_or(&Value::Null)),
-                        ms_to_text(d.get("created_at").unwrap_or(&Value::Null)),
-                    );
+                let mut t = Table::new(&["ID", "ONLINE", "LAST SEEN", "CREATED", "TAGS"]);
+                for d in &devices {
+                    t.row(vec![
+                        d.id.clone(),
+                        if d.online { "yes" } else { "no" }.to_owned(),
+                        last_seen_text(d),
+                        rfc3339(d.created_at),
+                        tags_text(&d.tags),
+                    ]);
                 }
+                t.print();
             }
-            Ok(())
         }
-        DeviceCommand::Show { id } => {
+        DeviceCommand::Show { id, output } => {
             let id = parse_id(&id)?;
-            let api = Api::new(&args)?;
-            let d = api
-                .call(reqwest::Method::GET, &format!("/api/v1/devices/{id}"), None)
-                .await?;
-            println!("{}", serde_json::to_string_pretty(&d)?);
-            Ok(())
+            let d = call(args.connect()?.get_device(id.as_str()).await)?;
+            print_device(&d, output)?;
         }
-        DeviceCommand::Tag { id, tags, remove } => {
+        DeviceCommand::Tag {
+            id,
+            tags,
+            remove,
+            output,
+        } => {
             let id = parse_id(&id)?;
-            let mut set = Vec::new();
-            for t in &tags {
-                let (k, v) = t
-                    .split_once('=')
-                    .ok_or_else(|| UsageError(format!("tag {t:?} must be key=value")))?;
-                set.push((k.to_owned(), v.to_owned()));
-            }
+            let set = parse_tags(&tags, "tag")?;
             if set.is_empty() && remove.is_empty() {
-                return Err(UsageError("give key=value tags to set or --remove KEY".into()).into());
+                return usage("give key=value tags to set or --remove KEY");
             }
-            let api = Api::new(&args)?;
-            let path = format!("/api/v1/devices/{id}");
-            let device = api.call(reqwest::Method::GET, &path, None).await?;
-            let mut current = device
-                .get("tags")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
+            let api = args.connect()?;
+            let mut current = call(api.get_device(id.as_str()).await)?.tags;
             for k in &remove {
                 current.remove(k);
             }
-            for (k, v) in set {
-                current.insert(k, Value::String(v));
-            }
-            let d = api
-                .call(
-                    reqwest::Method::PUT,
-                    &format!("{path}/tags"),
-                    Some(Value::Object(current)),
-                )
-                .await?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(d.get("tags").unwrap_or(&Value::Null))?
-            );
-            Ok(())
+            current.extend(set);
+            let d = call(api.set_tags(id.as_str(), &current).await)?;
+            print_device(&d, output)?;
         }
         DeviceCommand::Delete { id } => {
             let id = parse_id(&id)?;
-            let api = Api::new(&args)?;
-            api.call(
-                reqwest::Method::DELETE,
-                &format!("/api/v1/devices/{id}"),
-                None,
-            )
-            .await?;
+            call(args.connect()?.delete_device(id.as_str()).await)?;
             println!("deleted device {id}");
-            Ok(())
         }
     }
-}
-
-/// Percent-encodes a query parameter value.
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
+    Ok(EXIT_OK)
 }
 
 fn command_id(id: &str) -> anyhow::Result<&str> {
     if mooring_proto::command::is_valid_command_id(id) {
         Ok(id)
     } else {
-        Err(UsageError(format!("invalid command id {id:?}")).into())
+        usage(format!("invalid command id {id:?}"))
     }
 }
 
-pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<()> {
+fn print_command(c: &Command, out: OutputArgs) -> anyhow::Result<()> {
+    if out.json() {
+        return print_json(c);
+    }
+    let mut fields = vec![
+        ("id", c.id.clone()),
+        ("device", c.device_id.clone()),
+        ("name", c.name.clone()),
+        ("state", c.state.clone()),
+        ("attempts", format!("{}/{}", c.attempts, c.max_attempts)),
+        ("params", c.params.to_string()),
+        ("created", rfc3339(c.created_at)),
+        ("expires", rfc3339(c.expires_at)),
+    ];
+    if let Some(p) = &c.parent_id {
+        fields.push(("fleet command", p.clone()));
+    }
+    if let Some(k) = &c.idempotency_key {
+        fields.push(("idempotency key", k.clone()));
+    }
+    if let Some(r) = &c.result {
+        fields.push(("result", format!("{} {}", r.status, r.output)));
+    }
+    let history: Vec<String> = c
+        .history
+        .iter()
+        .map(|h| format!("{} {}", h.state, rfc3339(h.at)))
+        .collect();
+    fields.push(("history", history.join(", ")));
+    print_fields(&fields);
+    Ok(())
+}
+
+fn print_fleet_command(f: &FleetCommand, out: OutputArgs) -> anyhow::Result<()> {
+    if out.json() {
+        return print_json(f);
+    }
+    let states: Vec<String> = f
+        .counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(s, n)| format!("{s} {n}"))
+        .collect();
+    print_fields(&[
+        ("id", f.id.clone()),
+        ("selector", f.selector.clone()),
+        ("name", f.name.clone()),
+        ("params", f.params.to_string()),
+        ("devices", f.total.to_string()),
+        (
+            "states",
+            if states.is_empty() {
+                "-".to_owned()
+            } else {
+                states.join(", ")
+            },
+        ),
+        ("done", if f.done { "yes" } else { "no" }.to_owned()),
+        ("created", rfc3339(f.created_at)),
+        ("expires", rfc3339(f.expires_at)),
+    ]);
+    Ok(())
+}
+
+/// The exit status for a command someone waited on: 0 succeeded, 1 failed/expired/canceled,
+/// 3 still running.
+fn waited_exit(c: &Command) -> u8 {
+    match c.state.as_str() {
+        "succeeded" => EXIT_OK,
+        _ if c.is_final() => EXIT_FAILED,
+        _ => EXIT_NOT_FINAL,
+    }
+}
+
+pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<u8> {
     match command {
         CommandCommand::Send {
             to,
@@ -450,14 +339,15 @@ pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<(
             result_timeout_secs,
             wait_ms,
             idempotency_key,
+            output,
         } => {
             if !mooring_proto::command::is_valid_command_name(&name) {
-                return Err(UsageError(format!("invalid command name {name:?}")).into());
+                return usage(format!("invalid command name {name:?}"));
             }
-            let params: Value = match params {
+            let params: serde_json::Value = match params {
                 Some(p) => serde_json::from_str(&p)
                     .map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?,
-                None => Value::Object(serde_json::Map::new()),
+                None => serde_json::Value::Object(serde_json::Map::new()),
             };
             let selector =
                 Selector::parse(&to).map_err(|e| UsageError(format!("invalid --to: {e}")))?;
@@ -467,127 +357,120 @@ pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<(
                 }
                 _ => None,
             };
-            let mut body = serde_json::json!({"name": name, "params": params});
-            if let Some(t) = ttl_secs {
-                body["ttl_secs"] = t.into();
-            }
-            if let Some(m) = max_attempts {
-                body["max_attempts"] = m.into();
-            }
-            if let Some(r) = result_timeout_secs {
-                body["result_timeout_secs"] = r.into();
-            }
-            let api = Api::new(&args)?;
-            let out = match single {
+            let api = args.connect()?;
+            match single {
                 Some(device) => {
-                    if let Some(k) = idempotency_key {
-                        body["idempotency_key"] = k.into();
+                    let req = mooring_api::CreateCommand {
+                        name,
+                        params,
+                        ttl_secs,
+                        max_attempts,
+                        idempotency_key,
+                        result_timeout_secs,
+                    };
+                    let (_, c) = call(api.create_command(device.as_str(), &req, wait_ms).await)?;
+                    print_command(&c, output)?;
+                    if wait_ms.is_some() {
+                        return Ok(waited_exit(&c));
                     }
-                    let mut path = format!("/api/v1/devices/{device}/commands");
-                    if let Some(w) = wait_ms {
-                        path.push_str(&format!("?wait_ms={w}"));
-                    }
-                    api.call(reqwest::Method::POST, &path, Some(body)).await?
                 }
                 None => {
                     if wait_ms.is_some() || idempotency_key.is_some() {
-                        return Err(UsageError(
-                            "--wait-ms and --idempotency-key apply to one device; follow a fleet command with `mooring command show <id>`".into(),
-                        )
-                        .into());
+                        return usage(
+                            "--wait-ms and --idempotency-key apply to one device; follow a fleet command with `mooring command show <id>`",
+                        );
                     }
-                    body["selector"] = Value::String(to);
-                    api.call(reqwest::Method::POST, "/api/v1/commands", Some(body))
-                        .await?
+                    let req = mooring_api::CreateFleetCommand {
+                        selector: to,
+                        name,
+                        params,
+                        ttl_secs,
+                        max_attempts,
+                        result_timeout_secs,
+                    };
+                    let f = call(api.create_fleet_command(&req).await)?;
+                    print_fleet_command(&f, output)?;
                 }
+            }
+        }
+        CommandCommand::Show {
+            id,
+            wait_ms,
+            output,
+        } => {
+            let id = command_id(&id)?;
+            let api = args.connect()?;
+            match call(api.get_any_command(id).await)? {
+                AnyCommand::Fleet(f) => print_fleet_command(&f, output)?,
+                AnyCommand::Device(c) => {
+                    let c = match wait_ms {
+                        Some(w) if !c.is_final() => {
+                            call(api.get_command(&c.device_id, id, Some(w)).await)?
+                        }
+                        _ => c,
+                    };
+                    print_command(&c, output)?;
+                    if wait_ms.is_some() {
+                        return Ok(waited_exit(&c));
+                    }
+                }
+            }
+        }
+        CommandCommand::List {
+            device,
+            state,
+            output,
+        } => {
+            let device = parse_id(&device)?;
+            let api = args.connect()?;
+            let params = mooring_api::CommandListParams {
+                state,
+                limit: Some(mooring_api::COMMAND_PAGE_LEN_MAX),
+                cursor: None,
             };
-            println!("{}", serde_json::to_string_pretty(&out)?);
-            Ok(())
-        }
-        CommandCommand::Show { id, wait_ms } => {
-            let id = command_id(&id)?;
-            let api = Api::new(&args)?;
-            let mut c = api
-                .call(
-                    reqwest::Method::GET,
-                    &format!("/api/v1/commands/{id}"),
-                    None,
-                )
-                .await?;
-            if let (Some(w), Some(device)) = (wait_ms, c.get("device_id").and_then(Value::as_str)) {
-                c = api
-                    .call(
-                        reqwest::Method::GET,
-                        &format!("/api/v1/devices/{device}/commands/{id}?wait_ms={w}"),
-                        None,
-                    )
-                    .await?;
+            let page = call(api.list_commands(device.as_str(), &params).await)?;
+            if output.json() {
+                print_json(&page)?;
+            } else {
+                let mut t = Table::new(&["ID", "NAME", "STATE", "ATTEMPTS", "CREATED"]);
+                for c in &page.commands {
+                    t.row(vec![
+                        c.id.clone(),
+                        c.name.clone(),
+                        c.state.clone(),
+                        format!("{}/{}", c.attempts, c.max_attempts),
+                        rfc3339(c.created_at),
+                    ]);
+                }
+                t.print();
+                if page.next_cursor.is_some() {
+                    eprintln!(
+                        "(the {} newest shown; filter with --state)",
+                        page.commands.len()
+                    );
+                }
             }
-            println!("{}", serde_json::to_string_pretty(&c)?);
-            Ok(())
         }
-        CommandCommand::List { device, state } => {
-            let device = parse_id(&device)?;
-            let api = Api::new(&args)?;
-            let mut path = format!("/api/v1/devices/{device}/commands?limit=1000");
-            if let Some(s) = state {
-                path.push_str(&format!("&state={}", urlencode(&s)));
-            }
-            let page = api.call(reqwest::Method::GET, &path, None).await?;
-            println!(
-                "{:<34} {:<16} {:<13} {:>8} {:>15}",
-                "ID", "NAME", "STATE", "ATTEMPTS", "CREATED_AT_MS"
-            );
-            for c in page
-                .get("commands")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                println!(
-                    "{:<34} {:<16} {:<13} {:>8} {:>15}",
-                    c.get("id").and_then(Value::as_str).unwrap_or("?"),
-                    c.get("name").and_then(Value::as_str).unwrap_or("?"),
-                    c.get("state").and_then(Value::as_str).unwrap_or("?"),
-                    c.get("attempts").and_then(Value::as_u64).unwrap_or(0),
-                    ms_to_text(c.get("created_at").unwrap_or(&Value::Null)),
-                );
-            }
-            Ok(())
-        }
-        CommandCommand::Cancel { device, id } => {
+        CommandCommand::Cancel { device, id, output } => {
             let device = parse_id(&device)?;
             let id = command_id(&id)?;
-            let api = Api::new(&args)?;
-            let c = api
-                .call(
-                    reqwest::Method::POST,
-                    &format!("/api/v1/devices/{device}/commands/{id}/cancel"),
-                    None,
-                )
-                .await?;
-            println!("{}", serde_json::to_string_pretty(&c)?);
-            Ok(())
+            let c = call(args.connect()?.cancel_command(device.as_str(), id).await)?;
+            print_command(&c, output)?;
         }
     }
+    Ok(EXIT_OK)
 }
 
-pub async fn token(args: ApiArgs, command: TokenCommand) -> anyhow::Result<()> {
+pub async fn token(args: ApiArgs, command: TokenCommand) -> anyhow::Result<u8> {
     match command {
         TokenCommand::Create { name, role } => {
             if role != "service" && role != "admin" {
-                return Err(UsageError(format!("--role {role:?} must be service or admin")).into());
+                return usage(format!("--role {role:?} must be service or admin"));
             }
-            let api = Api::new(&args)?;
-            let t = api
-                .call(
-                    reqwest::Method::POST,
-                    "/api/v1/tokens",
-                    Some(serde_json::json!({"name": name, "role": role})),
-                )
-                .await?;
-            println!("{}", t.get("token").and_then(Value::as_str).unwrap_or(""));
-            Ok(())
+            let req = mooring_api::CreateToken { name, role };
+            let t = call(args.connect()?.create_token(&req).await)?;
+            println!("{}", t.token);
         }
     }
+    Ok(EXIT_OK)
 }

@@ -1,6 +1,8 @@
 //! The `mooring` command: `serve` runs the server; `device`, `command` and `token` talk to its API.
 
 mod client;
+mod credentials;
+mod output;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -9,11 +11,20 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The exit statuses, shown under `--help` (docs/api.md has them too).
+const EXIT_STATUS_HELP: &str = "Exit status:
+  0  success
+  1  the server refused the call or could not be reached; with --wait-ms: the command failed,
+     expired or was canceled
+  2  invalid arguments
+  3  with --wait-ms: the command was not final within the wait";
+
 #[derive(Parser)]
 #[command(
     name = "mooring",
     version,
-    about = "Mooring: run a fleet of connected devices"
+    about = "Mooring: run a fleet of connected devices",
+    after_help = EXIT_STATUS_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -25,6 +36,7 @@ enum Command {
     /// Run the server: MQTT over TLS (per-device certificates), HTTP API, telemetry store.
     Serve(ServeArgs),
     /// Manage devices through the running server's API.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Device {
         #[command(flatten)]
         api: client::ApiArgs,
@@ -32,7 +44,7 @@ enum Command {
         command: DeviceCommand,
     },
     /// Send commands to devices and follow them.
-    #[command(name = "command")]
+    #[command(name = "command", after_help = EXIT_STATUS_HELP)]
     Commands {
         #[command(flatten)]
         api: client::ApiArgs,
@@ -104,6 +116,8 @@ struct ServeArgs {
 enum DeviceCommand {
     /// Register a device and write its credentials to DIR (device.crt, device.key, ca.crt).
     Create {
+        /// Device id (letters, digits, `.`, `_`, `-`; at most 64): the certificate CN and MQTT
+        /// client id.
         id: String,
         /// Output directory [default: ./<ID>].
         #[arg(long)]
@@ -112,79 +126,119 @@ enum DeviceCommand {
         #[arg(long = "tag")]
         tags: Vec<String>,
     },
-    /// List devices.
+    /// List devices (every page).
     List {
-        /// Print JSON instead of a table.
-        #[arg(long)]
+        /// Same as `--output json`.
+        #[arg(long, hide = true)]
         json: bool,
         /// Only devices matching this selector, e.g. 'tag:site=berlin and online'.
         #[arg(long)]
         selector: Option<String>,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
     /// Set tags (merged into the current ones): `mooring device tag lock-1 site=berlin hw=rev-b`.
     Tag {
+        /// Device id.
         id: String,
         /// key=value pairs to set.
         tags: Vec<String>,
         /// Tag keys to remove (repeatable).
         #[arg(long = "remove")]
         remove: Vec<String>,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
-    /// Show one device as JSON.
-    Show { id: String },
+    /// Show one device.
+    Show {
+        /// Device id.
+        id: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
     /// Delete a device: its certificate is refused from now on and a live session closed.
-    Delete { id: String },
+    Delete {
+        /// Device id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum CommandCommand {
     /// Send a command: to one device (`--to lock-1`) or to every device a selector matches
     /// (`--to 'tag:site=berlin'`, `--to d1,d2`), as a fleet command.
+    ///
+    /// With --wait-ms the exit status tells the outcome: 0 succeeded; 1 failed, expired or
+    /// canceled; 3 not final within the wait.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Send {
         /// A device id or a selector.
         #[arg(long)]
         to: String,
         /// Command name, e.g. reboot.
         name: String,
-        /// Parameters as JSON.
+        /// Parameters as JSON, e.g. '{"delay_secs":5}'.
         #[arg(long)]
         params: Option<String>,
+        /// Seconds until the command expires if it has not run [default: the server's].
         #[arg(long)]
         ttl_secs: Option<u64>,
+        /// Deliveries without an acknowledgement before it fails [default: the server's, 5].
         #[arg(long)]
         max_attempts: Option<u32>,
         /// Seconds an acknowledged command may wait for its result before it fails with
         /// `timeout` (0: no limit) [default: the server's, 3600].
         #[arg(long)]
         result_timeout_secs: Option<u64>,
-        /// One device only: wait up to this many ms (at most 30000) for the command to finish.
+        /// One device only: wait up to this many ms (at most 30000) for the command to finish;
+        /// the exit status then tells how it ended.
         #[arg(long)]
         wait_ms: Option<u64>,
         /// One device only: the same key returns the earlier command instead of a new one.
         #[arg(long)]
         idempotency_key: Option<String>,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
-    /// Show a command (or a fleet command with its aggregate status) as JSON.
+    /// Show a command, or a fleet command with its devices' states.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Show {
+        /// Command id (`c...`) or fleet command id (`f...`).
         id: String,
-        /// Wait up to this many ms for a device command to finish.
+        /// Wait up to this many ms for a device command to finish; the exit status then tells
+        /// how it ended (as for `send`).
         #[arg(long)]
         wait_ms: Option<u64>,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
-    /// List a device's commands, newest first.
+    /// List a device's commands, newest first (at most 1000).
     List {
+        /// Device id.
         device: String,
+        /// Only commands in this state: queued, delivered, acknowledged, succeeded, failed,
+        /// expired or canceled.
         #[arg(long)]
         state: Option<String>,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
     /// Cancel a command that the device has not acknowledged yet.
-    Cancel { device: String, id: String },
+    Cancel {
+        /// Device id.
+        device: String,
+        /// Command id.
+        id: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
 }
 
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Create a token; prints the secret once.
     Create {
+        /// A name for the token (1-128 characters), e.g. the pipeline that uses it.
         name: String,
         /// `service` or `admin`.
         #[arg(long, default_value = "service")]
@@ -232,18 +286,20 @@ fn run(command: Command) -> ExitCode {
     let result = runtime.block_on(async {
         match command {
             // Handled in main, before any runtime exists (it builds its own).
-            Command::Sim { .. } => Ok(()),
-            Command::Serve(args) => serve(args).await,
+            Command::Sim { .. } => Ok(client::EXIT_OK),
+            Command::Serve(args) => serve(args).await.map(|()| client::EXIT_OK),
             Command::Device { api, command } => client::device(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
-            Command::Bench(args) => mooring_bench::run(args).await,
+            Command::Bench(args) => mooring_bench::run(args).await.map(|()| client::EXIT_OK),
             Command::Commands { api, command } => client::command(api, command).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let code = e.downcast_ref::<client::UsageError>().map_or(1, |_| 2);
+            let code = e
+                .downcast_ref::<client::UsageError>()
+                .map_or(client::EXIT_FAILED, |_| client::EXIT_USAGE);
             eprintln!("error: {e:#}");
             ExitCode::from(code)
         }
@@ -363,5 +419,38 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every subcommand, option and argument says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && !cmd.is_hide_set() && path.contains(' ') {
+                missing.push(format!("{path}: the command"));
+            }
+            for arg in cmd.get_arguments() {
+                if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
+                    continue;
+                }
+                if arg.get_help().is_none() {
+                    missing.push(format!("{path}: {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &path, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no help line: {missing:#?}");
     }
 }

@@ -535,6 +535,8 @@ async fn fleet_command_to_1000_devices_reports_aggregate_status() {
         "reboot",
         "--params",
         r#"{"a":1}"#,
+        "--output",
+        "json",
     ]);
     assert!(
         out.status.success(),
@@ -662,6 +664,25 @@ async fn selectors_match_tags_online_and_version_and_device_tag_merges() {
     ] {
         assert!(openapi["paths"][path].is_object(), "{path} in openapi.json");
     }
+    // Query parameters are documented as query parameters (they once said `in: path`).
+    for (path, name) in [
+        ("/api/v1/devices", "selector"),
+        ("/api/v1/devices/{id}/commands", "state"),
+        ("/api/v1/devices/{id}/telemetry", "metric"),
+    ] {
+        let params = openapi["paths"][path]["get"]["parameters"]
+            .as_array()
+            .expect("parameters");
+        let p = params
+            .iter()
+            .find(|p| p["name"] == name)
+            .expect("parameter documented");
+        assert_eq!(
+            (p["in"].as_str(), p["required"].as_bool()),
+            (Some("query"), Some(false)),
+            "{path} {name}"
+        );
+    }
     let out = server.cli(&[
         "device",
         "list",
@@ -670,7 +691,7 @@ async fn selectors_match_tags_online_and_version_and_device_tag_merges() {
         "--json",
     ]);
     let listed: Value = serde_json::from_slice(&out.stdout).expect("json");
-    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    assert_eq!(listed["devices"].as_array().map(Vec::len), Some(1));
 }
 
 #[tokio::test]

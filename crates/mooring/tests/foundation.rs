@@ -92,7 +92,7 @@ async fn device_lifecycle_through_cli_and_api() {
     let list = server.cli(&["device", "list"]);
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(text.contains("lock-1") && text.contains("lock-2"), "{text}");
-    let show = server.cli(&["device", "show", "lock-1"]);
+    let show = server.cli(&["device", "show", "lock-1", "--output", "json"]);
     let shown: Value = serde_json::from_slice(&show.stdout).expect("json");
     assert_eq!(shown["id"], "lock-1");
     assert_eq!(shown["online"], false);

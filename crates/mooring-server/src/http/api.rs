@@ -7,11 +7,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
+use mooring_api::{
+    CreateDevice, CreateToken, CreatedDevice, CreatedToken, Device, DeviceList, LatestMetrics,
+    LatestValue, ListDevicesParams, TelemetryParams, TelemetryPoint, TelemetryPoints,
+};
 use mooring_store::{MetricValue, TokenRole};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use utoipa::{IntoParams, OpenApi, ToSchema};
+use utoipa::OpenApi;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -21,9 +23,9 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
         super::commands::cancel_command, super::commands::create_fleet_command, super::commands::get_any_command,
         super::commands::put_tags, super::commands::get_shadow, super::commands::patch_shadow),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, CreateToken, CreatedToken,
-        super::commands::CreateCommand, super::commands::CreateFleetCommand, super::commands::Command, super::commands::CommandList,
-        super::commands::HistoryEntry, super::commands::CommandResultBody, super::commands::FleetCommand, super::commands::AnyCommand,
-        super::commands::Shadow, super::commands::ShadowPatch)),
+        mooring_api::CreateCommand, mooring_api::CreateFleetCommand, mooring_api::Command, mooring_api::CommandList,
+        mooring_api::HistoryEntry, mooring_api::CommandResultBody, mooring_api::FleetCommand, mooring_api::AnyCommand,
+        mooring_api::Shadow, mooring_api::ShadowPatch)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
@@ -60,38 +62,6 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/api/v1/tokens", post(create_token))
 }
 
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateDevice {
-    /// Device id: `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`; becomes the certificate CN and MQTT client id.
-    pub id: String,
-    #[serde(default)]
-    pub tags: BTreeMap<String, String>,
-}
-
-/// A newly created device with its credentials. The private key is shown only here.
-#[derive(Serialize, ToSchema)]
-pub struct CreatedDevice {
-    #[serde(flatten)]
-    pub device: Device,
-    pub certificate_pem: String,
-    pub private_key_pem: String,
-    pub ca_pem: String,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct Device {
-    pub id: String,
-    pub tags: BTreeMap<String, String>,
-    pub online: bool,
-    /// Unix ms of the last connect, disconnect or message; null if never seen.
-    pub last_seen: Option<u64>,
-    pub created_at: u64,
-    pub cert_serial: String,
-    pub cert_sha256: String,
-    pub cert_not_after: u64,
-}
-
 impl From<DeviceView> for Device {
     fn from(v: DeviceView) -> Self {
         Device {
@@ -105,81 +75,6 @@ impl From<DeviceView> for Device {
             cert_not_after: v.record.cert_not_after_ms,
         }
     }
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct DeviceList {
-    pub devices: Vec<Device>,
-    /// Pass as `cursor` to get the next page; null on the last page.
-    pub next_cursor: Option<String>,
-}
-
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct ListParams {
-    /// Page size, 1..=1000 (default 100).
-    pub limit: Option<usize>,
-    pub cursor: Option<String>,
-    /// Only devices matching this selector, e.g. `tag:site=berlin and online`.
-    pub selector: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct TelemetryPoint {
-    pub ts: u64,
-    /// A number or a boolean.
-    #[schema(value_type = Object)]
-    pub value: serde_json::Value,
-    /// Present when the query did not name a metric.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub metric: Option<String>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct TelemetryPoints {
-    pub points: Vec<TelemetryPoint>,
-}
-
-#[derive(Deserialize, IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct TelemetryParams {
-    /// Metric name (flattened, e.g. `gps.lat`); all metrics if absent.
-    pub metric: Option<String>,
-    /// Inclusive lower bound, unix ms.
-    pub from: Option<u64>,
-    /// Inclusive upper bound, unix ms.
-    pub to: Option<u64>,
-    /// 1..=10000 (default 1000); oldest first.
-    pub limit: Option<usize>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct LatestValue {
-    pub ts: u64,
-    #[schema(value_type = Object)]
-    pub value: serde_json::Value,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct LatestMetrics {
-    pub metrics: BTreeMap<String, LatestValue>,
-}
-
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CreateToken {
-    pub name: String,
-    /// `service` (MQTT read access per policy, read-only API) or `admin`.
-    pub role: String,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct CreatedToken {
-    pub id: String,
-    pub name: String,
-    pub role: String,
-    /// The secret; shown only here (stored hashed).
-    pub token: String,
 }
 
 fn value_json(v: MetricValue) -> serde_json::Value {
@@ -209,11 +104,11 @@ async fn create_device(
     ))
 }
 
-#[utoipa::path(get, path = "/api/v1/devices", params(ListParams),
+#[utoipa::path(get, path = "/api/v1/devices", params(ListDevicesParams),
     responses((status = 200, body = DeviceList), (status = 400, body = ErrorBody)))]
 async fn list_devices(
     State(app): State<Arc<App>>,
-    ApiQuery(p): ApiQuery<ListParams>,
+    ApiQuery(p): ApiQuery<ListDevicesParams>,
 ) -> ApiResult<Json<DeviceList>> {
     let (devices, next_cursor) = match p.selector.as_deref() {
         None => {

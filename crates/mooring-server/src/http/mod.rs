@@ -20,26 +20,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use mooring_store::TokenRole;
-use serde::Serialize;
 use std::sync::Arc;
 use utoipa::OpenApi;
 
 pub use api::ApiDoc;
+pub use mooring_api::{ErrorBody, ErrorDetail};
 
 /// Largest request body accepted, in bytes.
 pub const REQUEST_BODY_SIZE_BYTES_MAX: usize = 1024 * 1024;
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail {
-    /// Stable machine-readable code, e.g. `device_not_found`.
-    pub code: String,
-    pub message: String,
-}
 
 /// An API error response.
 pub struct ApiError(pub ServiceError);

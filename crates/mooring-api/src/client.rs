@@ -1,0 +1,480 @@
+//! A typed client for `/api/v1` (feature `client`): one method per call, the crate's types in
+//! and out, every failure an [`Error`] that says what the server answered.
+
+use crate::{
+    AnyCommand, Command, CommandList, CommandListParams, CreateCommand, CreateDevice,
+    CreateFleetCommand, CreateToken, CreatedDevice, CreatedToken, Device, DeviceList, ErrorBody,
+    FleetCommand, LatestMetrics, ListDevicesParams, Shadow, ShadowPatch, TelemetryParams,
+    TelemetryPoints, WaitParams,
+};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+/// Longest error or unexpected body kept in an [`Error`], in bytes.
+const ERROR_TEXT_BYTES_MAX: usize = 2048;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server answered with an error status and its JSON error body.
+    #[error("{message} ({code}, HTTP {status})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The server answered with an error status but no error body (a proxy, say).
+    #[error("HTTP {status} from {url}: {text}")]
+    Status {
+        status: u16,
+        url: String,
+        text: String,
+    },
+    /// The server could not be reached, or the exchange broke off.
+    #[error("cannot reach the Mooring server at {base}: {source}")]
+    Transport {
+        base: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// A success status with a body that is not what the call returns.
+    #[error("unexpected answer from {url}: {source}")]
+    Decode {
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The client could not be built (a CA file, a URL).
+    #[error("{0}")]
+    Config(String),
+}
+
+impl Error {
+    /// The HTTP status the server answered with, if it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Api { status, .. } | Error::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The stable error code of an [`Error::Api`] (`device_not_found`, ...).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Builds a [`Client`].
+pub struct ClientBuilder {
+    base: String,
+    token: String,
+    timeout: Duration,
+    roots: rustls::RootCertStore,
+}
+
+impl ClientBuilder {
+    /// Bound on every call, from connect to the last byte (default 30 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Trust the CA certificates in this PEM file for an `https://` server (e.g. the fleet CA,
+    /// `<data-dir>/ca.crt`). Without it, no `https://` server is trusted.
+    pub fn ca_file(mut self, path: &Path) -> Result<Self> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::CertificateDer;
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(path).map_err(|e| {
+            Error::Config(format!("reading CA certificate {}: {e}", path.display()))
+        })?;
+        for cert in certs {
+            let cert = cert.map_err(|e| {
+                Error::Config(format!("reading CA certificate {}: {e}", path.display()))
+            })?;
+            roots
+                .add(cert)
+                .map_err(|e| Error::Config(format!("CA certificate {}: {e}", path.display())))?;
+        }
+        self.roots = roots;
+        Ok(self)
+    }
+
+    pub fn build(self) -> Result<Client> {
+        let base = Url::parse(self.base.trim_end_matches('/'))
+            .map_err(|e| Error::Config(format!("server URL {:?}: {e}", self.base)))?;
+        if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
+            return Err(Error::Config(format!(
+                "server URL {:?} must be http://host:port or https://host:port",
+                self.base
+            )));
+        }
+        // Our one crypto provider (ring), given explicitly: reqwest is built without a default.
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(format!("TLS: {e}")))?
+            .with_root_certificates(self.roots)
+            .with_no_client_auth();
+        let http = reqwest::Client::builder()
+            .timeout(self.timeout)
+            .use_preconfigured_tls(tls)
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client: {e}")))?;
+        Ok(Client {
+            base,
+            token: self.token,
+            http,
+        })
+    }
+}
+
+/// An authenticated connection to one server's API; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    base: Url,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `base` is the server's URL (`http://127.0.0.1:8080`), `token` an API token.
+    pub fn builder(base: &str, token: &str) -> ClientBuilder {
+        ClientBuilder {
+            base: base.to_owned(),
+            token: token.trim().to_owned(),
+            timeout: Duration::from_secs(30),
+            roots: rustls::RootCertStore::empty(),
+        }
+    }
+
+    /// The server's URL as given.
+    pub fn base(&self) -> &str {
+        self.base.as_str().trim_end_matches('/')
+    }
+
+    /// `base` + the path segments (each percent-encoded) + a query.
+    fn url(&self, segments: &[&str], query: Option<&impl Serialize>) -> Result<Url> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| Error::Config(format!("server URL {} cannot take a path", self.base)))?
+            .pop_if_empty()
+            .extend(segments);
+        if let Some(q) = query {
+            let text = serde_urlencoded_query(q)?;
+            if !text.is_empty() {
+                url.set_query(Some(&text));
+            }
+        }
+        Ok(url)
+    }
+
+    /// One call; the 2xx status and the body's text.
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&impl Serialize>,
+        headers: &[(&str, String)],
+    ) -> Result<(StatusCode, String)> {
+        let mut req = self
+            .http
+            .request(method, url.clone())
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        let transport = |source| Error::Transport {
+            base: self.base().to_owned(),
+            source,
+        };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(transport)?;
+        if status.is_success() {
+            return Ok((status, text));
+        }
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => Error::Api {
+                status: status.as_u16(),
+                code: b.error.code,
+                message: b.error.message,
+            },
+            Err(_) => Error::Status {
+                status: status.as_u16(),
+                url: url.to_string(),
+                text: truncate(text),
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<&impl Serialize>,
+    ) -> Result<(StatusCode, T)> {
+        let (status, text) = self.send(method, url.clone(), body, &[]).await?;
+        let value = serde_json::from_str(&text).map_err(|source| Error::Decode {
+            url: url.to_string(),
+            source,
+        })?;
+        Ok((status, value))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, url: Url) -> Result<T> {
+        Ok(self.json(Method::GET, url, None::<&()>).await?.1)
+    }
+
+    /// `POST /api/v1/devices`: registers a device; the answer carries its private key (only
+    /// this once).
+    pub async fn create_device(&self, req: &CreateDevice) -> Result<CreatedDevice> {
+        let url = self.url(&["api", "v1", "devices"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req)).await?.1)
+    }
+
+    /// `GET /api/v1/devices`: one page.
+    pub async fn list_devices(&self, params: &ListDevicesParams) -> Result<DeviceList> {
+        self.get(self.url(&["api", "v1", "devices"], Some(params))?)
+            .await
+    }
+
+    /// Every device (matching `selector`), following `next_cursor` page by page.
+    pub async fn list_all_devices(&self, selector: Option<&str>) -> Result<Vec<Device>> {
+        let mut params = ListDevicesParams {
+            limit: Some(crate::DEVICE_PAGE_LEN_MAX),
+            cursor: None,
+            selector: selector.map(str::to_owned),
+        };
+        let mut all = Vec::new();
+        loop {
+            let page = self.list_devices(&params).await?;
+            all.extend(page.devices);
+            match page.next_cursor {
+                Some(c) => params.cursor = Some(c),
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// `GET /api/v1/devices/{id}`.
+    pub async fn get_device(&self, id: &str) -> Result<Device> {
+        self.get(self.url(&["api", "v1", "devices", id], None::<&()>)?)
+            .await
+    }
+
+    /// `DELETE /api/v1/devices/{id}`.
+    pub async fn delete_device(&self, id: &str) -> Result<()> {
+        let url = self.url(&["api", "v1", "devices", id], None::<&()>)?;
+        self.send(Method::DELETE, url, None::<&()>, &[]).await?;
+        Ok(())
+    }
+
+    /// `PUT /api/v1/devices/{id}/tags`: replaces all tags.
+    pub async fn set_tags(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<Device> {
+        let url = self.url(&["api", "v1", "devices", id, "tags"], None::<&()>)?;
+        Ok(self.json(Method::PUT, url, Some(tags)).await?.1)
+    }
+
+    /// `GET /api/v1/devices/{id}/telemetry`.
+    pub async fn telemetry(&self, id: &str, params: &TelemetryParams) -> Result<TelemetryPoints> {
+        self.get(self.url(&["api", "v1", "devices", id, "telemetry"], Some(params))?)
+            .await
+    }
+
+    /// `GET /api/v1/devices/{id}/telemetry/latest`.
+    pub async fn latest_telemetry(&self, id: &str) -> Result<LatestMetrics> {
+        let segments = ["api", "v1", "devices", id, "telemetry", "latest"];
+        self.get(self.url(&segments, None::<&()>)?).await
+    }
+
+    /// `POST /api/v1/tokens` (admin tokens only).
+    pub async fn create_token(&self, req: &CreateToken) -> Result<CreatedToken> {
+        let url = self.url(&["api", "v1", "tokens"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req)).await?.1)
+    }
+
+    /// `POST /api/v1/devices/{id}/commands[?wait_ms=]`: `(created, command)`; `created` is
+    /// false when an earlier command with the same `idempotency_key` was returned.
+    pub async fn create_command(
+        &self,
+        device: &str,
+        req: &CreateCommand,
+        wait_ms: Option<u64>,
+    ) -> Result<(bool, Command)> {
+        let url = self.url(
+            &["api", "v1", "devices", device, "commands"],
+            Some(&WaitParams { wait_ms }),
+        )?;
+        let (status, command) = self.json(Method::POST, url, Some(req)).await?;
+        Ok((status == StatusCode::ACCEPTED, command))
+    }
+
+    /// `GET /api/v1/devices/{id}/commands`: one page, newest first.
+    pub async fn list_commands(
+        &self,
+        device: &str,
+        params: &CommandListParams,
+    ) -> Result<CommandList> {
+        self.get(self.url(&["api", "v1", "devices", device, "commands"], Some(params))?)
+            .await
+    }
+
+    /// `GET /api/v1/devices/{id}/commands/{cmd}[?wait_ms=]`.
+    pub async fn get_command(
+        &self,
+        device: &str,
+        id: &str,
+        wait_ms: Option<u64>,
+    ) -> Result<Command> {
+        self.get(self.url(
+            &["api", "v1", "devices", device, "commands", id],
+            Some(&WaitParams { wait_ms }),
+        )?)
+        .await
+    }
+
+    /// `POST /api/v1/devices/{id}/commands/{cmd}/cancel`.
+    pub async fn cancel_command(&self, device: &str, id: &str) -> Result<Command> {
+        let segments = ["api", "v1", "devices", device, "commands", id, "cancel"];
+        let url = self.url(&segments, None::<&()>)?;
+        Ok(self.json(Method::POST, url, None::<&()>).await?.1)
+    }
+
+    /// `POST /api/v1/commands`: one command per device the selector matches.
+    pub async fn create_fleet_command(&self, req: &CreateFleetCommand) -> Result<FleetCommand> {
+        let url = self.url(&["api", "v1", "commands"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req)).await?.1)
+    }
+
+    /// `GET /api/v1/commands/{id}`: a fleet command or a device command.
+    pub async fn get_any_command(&self, id: &str) -> Result<AnyCommand> {
+        self.get(self.url(&["api", "v1", "commands", id], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/devices/{id}/shadow`.
+    pub async fn get_shadow(&self, id: &str) -> Result<Shadow> {
+        self.get(self.url(&["api", "v1", "devices", id, "shadow"], None::<&()>)?)
+            .await
+    }
+
+    /// `PATCH /api/v1/devices/{id}/shadow`, only if the shadow is at `if_match` when given.
+    pub async fn patch_shadow(
+        &self,
+        id: &str,
+        patch: &ShadowPatch,
+        if_match: Option<u64>,
+    ) -> Result<Shadow> {
+        let url = self.url(&["api", "v1", "devices", id, "shadow"], None::<&()>)?;
+        let headers: Vec<(&str, String)> = if_match
+            .map(|v| ("if-match", format!("\"{v}\"")))
+            .into_iter()
+            .collect();
+        let (_, text) = self
+            .send(Method::PATCH, url.clone(), Some(patch), &headers)
+            .await?;
+        serde_json::from_str(&text).map_err(|source| Error::Decode {
+            url: url.to_string(),
+            source,
+        })
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    pub async fn metrics(&self) -> Result<String> {
+        let url = self.url(&["metrics"], None::<&()>)?;
+        Ok(self.send(Method::GET, url, None::<&()>, &[]).await?.1)
+    }
+
+    /// `GET /api/v1/openapi.json`.
+    pub async fn openapi(&self) -> Result<serde_json::Value> {
+        self.get(self.url(&["api", "v1", "openapi.json"], None::<&()>)?)
+            .await
+    }
+}
+
+/// A query string from a flat struct of optional scalars (what every query type here is).
+fn serde_urlencoded_query(q: &impl Serialize) -> Result<String> {
+    let value = serde_json::to_value(q).map_err(|e| Error::Config(format!("query: {e}")))?;
+    let mut out = Url::parse("http://q/").map_err(|e| Error::Config(e.to_string()))?;
+    {
+        let mut pairs = out.query_pairs_mut();
+        if let serde_json::Value::Object(map) = value {
+            for (k, v) in map {
+                match v {
+                    serde_json::Value::Null => {}
+                    serde_json::Value::String(s) => {
+                        pairs.append_pair(&k, &s);
+                    }
+                    other => {
+                        pairs.append_pair(&k, &other.to_string());
+                    }
+                }
+            }
+        }
+    }
+    Ok(out.query().unwrap_or("").to_owned())
+}
+
+fn truncate(mut text: String) -> String {
+    if text.len() > ERROR_TEXT_BYTES_MAX {
+        let mut end = ERROR_TEXT_BYTES_MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_escaped_and_a_base_path_is_kept() -> Result<()> {
+        let c = Client::builder("https://fleet.example/mooring/", "t").build()?;
+        let url = c.url(&["api", "v1", "devices", "a/b?c"], None::<&()>)?;
+        assert_eq!(
+            url.as_str(),
+            "https://fleet.example/mooring/api/v1/devices/a%2Fb%3Fc"
+        );
+        let q = CommandListParams {
+            state: Some("queued".into()),
+            limit: Some(10),
+            cursor: None,
+        };
+        let url = c.url(&["api", "v1", "devices", "d1", "commands"], Some(&q))?;
+        assert_eq!(url.query(), Some("state=queued&limit=10"));
+        let sel = ListDevicesParams {
+            selector: Some("tag:site=berlin and online".into()),
+            ..Default::default()
+        };
+        let url = c.url(&["api", "v1", "devices"], Some(&sel))?;
+        assert_eq!(url.query(), Some("selector=tag%3Asite%3Dberlin+and+online"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_server_url_that_is_not_http_is_refused() {
+        for bad in ["127.0.0.1:8080", "mailto:x@y", "ftp://h/"] {
+            assert!(
+                matches!(Client::builder(bad, "t").build(), Err(Error::Config(_))),
+                "{bad}"
+            );
+        }
+    }
+}

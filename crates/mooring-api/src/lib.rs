@@ -1,0 +1,81 @@
+//! The Mooring HTTP API (`/api/v1`) as Rust types, shared by everything that speaks it.
+//!
+//! The server's handlers take and return these types (and derive its OpenAPI document from
+//! their `utoipa` schemas); the CLI, the simulator's remote mode and the benchmarks call the
+//! server through [`Client`] (feature `client`) with the same types. A new field is added here,
+//! once, and the OpenAPI document, the server and every client agree by construction.
+//!
+//! Wire rules, kept by every type here:
+//! - times are unix milliseconds (`u64`), durations say their unit (`ttl_secs`, `wait_ms`);
+//! - request bodies refuse unknown fields (`deny_unknown_fields`) so a typo is an error, while
+//!   responses are read leniently, so an older client keeps working against a newer server;
+//! - every error is [`ErrorBody`]: `{"error":{"code":..,"message":..}}` with a 4xx/5xx status.
+//!
+//! Device ids travel as strings: the server validates them (and answers a stable error code), a
+//! client need not parse them first.
+
+mod commands;
+mod devices;
+mod error;
+mod shadow;
+mod telemetry;
+mod tokens;
+
+#[cfg(feature = "client")]
+mod client;
+
+pub use commands::{
+    AnyCommand, Command, CommandList, CommandListParams, CommandResultBody, CreateCommand,
+    CreateFleetCommand, FleetCommand, HistoryEntry, WaitParams,
+};
+pub use devices::{CreateDevice, CreatedDevice, Device, DeviceList, ListDevicesParams};
+pub use error::{ErrorBody, ErrorDetail};
+pub use shadow::{Shadow, ShadowPatch};
+pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
+pub use tokens::{CreateToken, CreatedToken};
+
+#[cfg(feature = "client")]
+pub use client::{Client, ClientBuilder, Error};
+
+/// Largest page of `GET /api/v1/devices` (`limit`).
+pub const DEVICE_PAGE_LEN_MAX: usize = 1000;
+/// Largest page of `GET /api/v1/devices/{id}/commands` (`limit`).
+pub const COMMAND_PAGE_LEN_MAX: usize = 1000;
+/// Largest page of `GET /api/v1/devices/{id}/telemetry` (`limit`).
+pub const TELEMETRY_PAGE_LEN_MAX: usize = 10_000;
+/// Longest `wait_ms` the command endpoints accept.
+pub const WAIT_MS_MAX: u64 = 30_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn any_command_tells_a_fleet_command_from_a_device_command() {
+        let fleet = json!({"id": "f1", "selector": "tag:a=b", "name": "x", "params": {},
+            "created_at": 1, "expires_at": 2, "total": 3, "counts": {"queued": 3}, "done": false});
+        assert!(matches!(
+            serde_json::from_value::<AnyCommand>(fleet),
+            Ok(AnyCommand::Fleet(f)) if f.total == 3
+        ));
+        let device = json!({"id": "c1", "device_id": "d1", "name": "x", "params": {},
+            "state": "failed", "attempts": 1, "max_attempts": 5, "created_at": 1, "expires_at": 2,
+            "parent_id": null, "idempotency_key": null, "history": [],
+            "result": {"status": "failed", "output": {"reason": "timeout"}},
+            "result_timeout_secs": 0, "added_in_a_later_version": true});
+        match serde_json::from_value::<AnyCommand>(device) {
+            Ok(AnyCommand::Device(c)) => {
+                assert!(c.is_final());
+                assert_eq!(c.failure_reason(), Some("timeout"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        let typo = json!({"name": "reboot", "ttl_sec": 5});
+        assert!(serde_json::from_value::<CreateCommand>(typo).is_err());
+    }
+}
