@@ -21,7 +21,8 @@
 //!   inbound QoS 2 packet ids awaiting PUBREL. A session lives in the broker table until its
 //!   expiry (v5 Session Expiry Interval; v3.1.1 `clean_session = 0` gets
 //!   `session_expiry_secs_max`).
-//! * [`broker`] — broker-wide state and operations: the session table (by namespace and client
+//! * [`broker`] — broker-wide state and operations (one concern per file: see `broker/mod.rs`):
+//!   the session table (by namespace and client
 //!   id, plus client ids by owner principal, [`PrincipalKey`]), the subscription index, retained
 //!   messages with their owners, routing, stats, `kick`, `remove_principal`, `update_principal`,
 //!   `reauthorize_all`, `shutdown`, and server-originated messages: `publish` (routed like any

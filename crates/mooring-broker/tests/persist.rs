@@ -3,13 +3,13 @@
 
 mod support;
 
+use mooring_broker::test_support::raw3::{packet, string, Pkt, Raw3};
 use mooring_broker::{
     Authenticated, Broker, BrokerConfig, ConnectRefusal, ConnectRequest, Hooks, Message,
     Persistence, Principal, PublishVerdict, Restored,
 };
 use std::time::Duration;
 use support::mem_persist::MemPersist;
-use support::raw3::{packet, string, Pkt, Raw3};
 use support::*;
 
 fn cfg() -> BrokerConfig {
@@ -73,7 +73,7 @@ fn qos2_publish(topic: &str, pid: u16, payload: &[u8]) -> Vec<u8> {
 async fn a_restored_session_keeps_its_subscriptions_and_deadline_over_a_second_restart() {
     let p = MemPersist::new(1_000_000);
     let (broker, _) = start(&p, Restored::default());
-    let (mut c, present) = Raw3::connect(&broker, "keeper", false).await;
+    let (mut c, present) = Raw3::open(&broker, "keeper", false).await;
     assert!(!present);
     c.subscribe("keep/#", 1).await;
     c.disconnect().await;
@@ -120,14 +120,14 @@ async fn a_qos2_publish_never_acknowledged_because_the_store_failed_is_routed_wh
     let p = MemPersist::new(1_000_000);
     let (broker, _) = start(&p, Restored::default());
     // A persistent subscriber, offline: what is routed to it lives only in the store.
-    let (mut watcher, _) = Raw3::connect(&broker, "watcher", false).await;
+    let (mut watcher, _) = Raw3::open(&broker, "watcher", false).await;
     watcher.subscribe("in/#", 2).await;
     watcher.disconnect().await;
     wait_for("watcher offline", || {
         broker.session_info("watcher").is_some_and(|i| !i.connected)
     })
     .await;
-    let (mut publisher, _) = Raw3::connect(&broker, "source", false).await;
+    let (mut publisher, _) = Raw3::open(&broker, "source", false).await;
     let publish = qos2_publish("in/x", 7, b"once");
     p.set_fail(true);
     publisher.send(&publish).await;
@@ -140,7 +140,7 @@ async fn a_qos2_publish_never_acknowledged_because_the_store_failed_is_routed_wh
     .await;
 
     // The client resends it (DUP, same id) after reconnecting: this time it must be stored.
-    let (mut publisher, present) = Raw3::connect(&broker, "source", false).await;
+    let (mut publisher, present) = Raw3::open(&broker, "source", false).await;
     assert!(present);
     let mut dup = publish.clone();
     dup[0] |= 0x08;
@@ -154,7 +154,7 @@ async fn a_qos2_publish_never_acknowledged_because_the_store_failed_is_routed_wh
     let state = p.snapshot();
     drop(broker);
     let (broker, _) = start(&p, state);
-    let (mut watcher, present) = Raw3::connect(&broker, "watcher", false).await;
+    let (mut watcher, present) = Raw3::open(&broker, "watcher", false).await;
     assert!(present);
     match watcher.next().await {
         Some(Pkt::Publish { payload, .. }) => assert_eq!(
@@ -169,7 +169,7 @@ async fn a_qos2_publish_never_acknowledged_because_the_store_failed_is_routed_wh
 async fn pubcomp_waits_until_the_released_id_is_durable() {
     let p = MemPersist::new(1_000_000);
     let (broker, _) = start(&p, Restored::default());
-    let (mut publisher, _) = Raw3::connect(&broker, "source", false).await;
+    let (mut publisher, _) = Raw3::open(&broker, "source", false).await;
     publisher.send(&qos2_publish("in/x", 9, b"m")).await;
     assert_eq!(publisher.next().await, Some(Pkt::Other(5)), "PUBREC");
     p.set_hold(true);
@@ -188,7 +188,7 @@ async fn pubcomp_waits_until_the_released_id_is_durable() {
     drop(publisher);
     drop(broker);
     let (broker, _) = start(&MemPersist::new(1_000_000), state);
-    let (mut publisher, present) = Raw3::connect(&broker, "source", false).await;
+    let (mut publisher, present) = Raw3::open(&broker, "source", false).await;
     assert!(present);
     publisher.send(&packet(0x62, &9u16.to_be_bytes())).await;
     assert_eq!(publisher.next().await, Some(Pkt::Other(7)), "PUBCOMP");
@@ -198,9 +198,9 @@ async fn pubcomp_waits_until_the_released_id_is_durable() {
 async fn pubrel_waits_until_the_received_state_is_durable() {
     let p = MemPersist::new(1_000_000);
     let (broker, _) = start(&p, Restored::default());
-    let (mut sink, _) = Raw3::connect(&broker, "sink", false).await;
+    let (mut sink, _) = Raw3::open(&broker, "sink", false).await;
     sink.subscribe("q2/#", 2).await;
-    let (mut publisher, _) = Raw3::connect(&broker, "source", false).await;
+    let (mut publisher, _) = Raw3::open(&broker, "source", false).await;
     publisher.send(&qos2_publish("q2/a", 3, b"a")).await;
     assert_eq!(publisher.next().await, Some(Pkt::Other(5)), "PUBREC");
     let pid = match sink.next().await {
@@ -225,7 +225,7 @@ async fn pubrel_waits_until_the_received_state_is_durable() {
 async fn a_subscribe_flood_on_a_persistent_session_does_not_queue_a_session_value_per_packet() {
     let p = MemPersist::new(1_000_000);
     let (broker, _) = start(&p, Restored::default());
-    let (mut c, _) = Raw3::connect(&broker, "flood", false).await;
+    let (mut c, _) = Raw3::open(&broker, "flood", false).await;
     p.set_hold(true);
     // 2000 SUBSCRIBE packets of the same filter, sent without waiting for any SUBACK.
     let mut burst = Vec::new();
@@ -272,7 +272,7 @@ async fn a_message_acknowledged_while_it_is_still_being_routed_is_not_left_store
     const MSGS: usize = 10;
     let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for i in 0..SUBS {
-        let (mut c, _) = Raw3::connect(&broker, &format!("fan{i}"), false).await;
+        let (mut c, _) = Raw3::open(&broker, &format!("fan{i}"), false).await;
         c.subscribe("fan/#", 1).await;
         let received = received.clone();
         tokio::spawn(async move {
@@ -283,7 +283,7 @@ async fn a_message_acknowledged_while_it_is_still_being_routed_is_not_left_store
             }
         });
     }
-    let (mut publisher, _) = Raw3::connect(&broker, "fan-source", true).await;
+    let (mut publisher, _) = Raw3::open(&broker, "fan-source", true).await;
     for m in 0..MSGS as u16 {
         let mut body = Vec::new();
         string("fan/x", &mut body);
@@ -311,7 +311,7 @@ async fn a_message_acknowledged_while_it_is_still_being_routed_is_not_left_store
 async fn a_restored_session_loses_the_subscriptions_the_policy_no_longer_allows() {
     let p = MemPersist::new(1_000_000);
     let (broker, _) = start(&p, Restored::default());
-    let (mut c, _) = Raw3::connect(&broker, "watcher", false).await;
+    let (mut c, _) = Raw3::open(&broker, "watcher", false).await;
     c.subscribe("open/#", 1).await;
     c.subscribe("closed/#", 1).await;
     c.disconnect().await;
@@ -410,7 +410,7 @@ async fn a_stored_deadline_too_far_away_does_not_panic_the_restore() {
 async fn a_qos0_retained_flood_waits_for_the_store_like_acknowledged_publishes() {
     let p = MemPersist::new(1_000_000);
     let (broker, _) = start(&p, Restored::default());
-    let (mut c, _) = Raw3::connect(&broker, "retainer", true).await;
+    let (mut c, _) = Raw3::open(&broker, "retainer", true).await;
     p.set_hold(true);
     // 500 QoS 0 retained messages on one topic (each replaces the last), 1 KiB each.
     let mut burst = Vec::new();

@@ -6,9 +6,9 @@
 
 mod support;
 
+use mooring_broker::test_support::raw3::{packet, string, Pkt, Raw3};
 use std::time::Duration;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn publish(args: Vec<String>) {
@@ -166,187 +166,22 @@ async fn acknowledged_retained_and_queued_messages_survive_kill_9_exactly_once()
     );
 }
 
-// ---- a raw MQTT 3.1.1 client on the dev listener: the test decides when to acknowledge ----
-
-struct Raw {
-    tcp: TcpStream,
-    buf: Vec<u8>,
-}
-
-#[derive(Debug, PartialEq)]
-enum Pkt {
-    ConnAck {
-        session_present: bool,
-        code: u8,
-    },
-    SubAck,
-    Publish {
-        qos: u8,
-        dup: bool,
-        pid: u16,
-        topic: String,
-        payload: Vec<u8>,
-    },
-    PubRel {
-        pid: u16,
-    },
-    Other(u8),
-}
-
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    remaining_length(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(s: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-impl Raw {
-    /// CONNECT with clean_session=0 under `client_id`.
-    async fn connect(server: &Server, client_id: &str) -> (Raw, bool) {
-        let tcp = TcpStream::connect(server.mqtt_dev)
-            .await
-            .expect("dev listener");
-        let mut raw = Raw {
-            tcp,
-            buf: Vec::new(),
-        };
-        let mut body = Vec::new();
-        string("MQTT", &mut body);
-        body.extend_from_slice(&[4, 0x00, 0, 60]);
-        string(client_id, &mut body);
-        raw.send(&packet(0x10, &body)).await;
-        match raw.next().await {
-            Some(Pkt::ConnAck {
-                session_present,
-                code: 0,
-            }) => (raw, session_present),
-            other => panic!("CONNACK: {other:?}"),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.tcp.write_all(bytes).await.expect("write");
-    }
-
-    async fn subscribe(&mut self, filter: &str, qos: u8) {
-        let mut body = vec![0, 1];
-        string(filter, &mut body);
-        body.push(qos);
-        self.send(&packet(0x82, &body)).await;
-        assert_eq!(self.next().await, Some(Pkt::SubAck));
-    }
-
-    /// The next packet must be a QoS 2 PUBLISH of `payload`; returns its packet id.
-    async fn expect_qos2(&mut self, payload: &[u8]) -> u16 {
-        match self.next().await {
-            Some(Pkt::Publish {
-                pid,
-                qos: 2,
-                payload: got,
-                ..
-            }) if got == payload => pid,
-            other => panic!("expected a QoS 2 PUBLISH of {payload:?}: {other:?}"),
-        }
-    }
-
-    async fn ack(&mut self, first: u8, pid: u16) {
-        self.send(&packet(first, &pid.to_be_bytes())).await;
-    }
-
-    /// The next packet (bounded by WAIT); None on EOF.
-    async fn next(&mut self) -> Option<Pkt> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(p) = self.parse() {
-                return Some(p);
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout_at(deadline, self.tcp.read(&mut chunk))
-                .await
-                .expect("a packet in time")
-                .unwrap_or(0);
-            if n == 0 {
-                return None;
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    fn parse(&mut self) -> Option<Pkt> {
-        let mut len = 0usize;
-        let mut mult = 1usize;
-        let mut i = 1;
-        loop {
-            let b = *self.buf.get(i)?;
-            len += usize::from(b & 0x7f) * mult;
-            mult *= 128;
-            i += 1;
-            if b & 0x80 == 0 {
-                break;
-            }
-        }
-        if self.buf.len() < i + len {
-            return None;
-        }
-        let first = self.buf[0];
-        let body: Vec<u8> = self.buf[i..i + len].to_vec();
-        self.buf.drain(..i + len);
-        let pid_at = |at: usize| u16::from_be_bytes([body[at], body[at + 1]]);
-        Some(match first >> 4 {
-            2 => Pkt::ConnAck {
-                session_present: body[0] & 1 == 1,
-                code: body[1],
-            },
-            9 => Pkt::SubAck,
-            3 => {
-                let qos = (first >> 1) & 3;
-                let tlen = usize::from(pid_at(0));
-                let topic = String::from_utf8_lossy(&body[2..2 + tlen]).into_owned();
-                let mut at = 2 + tlen;
-                let pid = if qos > 0 {
-                    at += 2;
-                    pid_at(at - 2)
-                } else {
-                    0
-                };
-                Pkt::Publish {
-                    qos,
-                    dup: first & 0x08 != 0,
-                    pid,
-                    topic,
-                    payload: body[at..].to_vec(),
-                }
-            }
-            6 => Pkt::PubRel { pid: pid_at(0) },
-            t => Pkt::Other(t),
-        })
-    }
+/// A raw MQTT 3.1.1 client on the dev listener, persistent session (clean_session=0) under
+/// `client_id`: the test decides when to acknowledge. Returns the client and session present.
+async fn connect(server: &Server, client_id: &str) -> (Raw3<TcpStream>, bool) {
+    let tcp = TcpStream::connect(server.mqtt_dev)
+        .await
+        .expect("dev listener");
+    let mut raw = Raw3::new(tcp).wait_each(WAIT);
+    let present = raw.connect(client_id, false).await;
+    (raw, present)
 }
 
 #[tokio::test]
 async fn qos2_outbound_state_survives_kill_9_so_each_message_is_delivered_exactly_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(dir.path());
-    let (mut sub, present) = Raw::connect(&server, "q2-sink").await;
+    let (mut sub, present) = connect(&server, "q2-sink").await;
     assert!(!present);
     sub.subscribe("q2/#", 2).await;
     drop(sub);
@@ -357,7 +192,7 @@ async fn qos2_outbound_state_survives_kill_9_so_each_message_is_delivered_exactl
     }
     // Online again: "a" is received and PUBREC'd (the server moves on to PUBREL); "b" is
     // received and not acknowledged at all.
-    let (mut sub, present) = Raw::connect(&server, "q2-sink").await;
+    let (mut sub, present) = connect(&server, "q2-sink").await;
     assert!(present);
     let pid_a = sub.expect_qos2(b"a").await;
     let pid_b = sub.expect_qos2(b"b").await;
@@ -369,7 +204,7 @@ async fn qos2_outbound_state_survives_kill_9_so_each_message_is_delivered_exactl
     server.kill9();
     drop(sub);
     let server = Server::start(&data_dir);
-    let (mut sub, present) = Raw::connect(&server, "q2-sink").await;
+    let (mut sub, present) = connect(&server, "q2-sink").await;
     assert!(present, "the persistent session survived");
     // "a": only its PUBREL again (it was received; sending it again would deliver it twice).
     // "b": sent again under the same packet id, so a receiver that already has it knows it.
@@ -403,15 +238,14 @@ async fn qos2_outbound_state_survives_kill_9_so_each_message_is_delivered_exactl
     sub.ack(0x70, pid_b).await;
     // PINGRESP comes after the server has read the PUBCOMPs (packets are handled in order), so
     // the deletes they cause are submitted before the settle check below reads the queue.
-    sub.send(&[0xC0, 0x00]).await;
-    assert_eq!(sub.next().await, Some(Pkt::Other(13)));
+    sub.ping().await;
     state_settled(&server).await;
     // Done with both: after another restart nothing comes again.
     let data_dir = server.data_dir.clone();
     server.kill9();
     drop(sub);
     let server = Server::start(&data_dir);
-    let (mut sub, present) = Raw::connect(&server, "q2-sink").await;
+    let (mut sub, present) = connect(&server, "q2-sink").await;
     assert!(present);
     let mut args = dev_args(&server);
     args.extend(s(&["-q", "2", "-t", "q2/c", "-m", "c"]));
@@ -433,7 +267,7 @@ async fn inbound_qos2_state_survives_kill_9_so_a_resent_publish_is_not_routed_tw
     };
     // A persistent publisher sends a QoS 2 message and gets PUBREC, then the server dies before
     // its PUBREL.
-    let (mut publisher, _) = Raw::connect(&server, "q2-source").await;
+    let (mut publisher, _) = connect(&server, "q2-source").await;
     let mut body = Vec::new();
     string("in/x", &mut body);
     body.extend_from_slice(&7u16.to_be_bytes());
@@ -452,7 +286,7 @@ async fn inbound_qos2_state_survives_kill_9_so_a_resent_publish_is_not_routed_tw
     drop(publisher);
     let server = Server::start(&data_dir);
     // The publisher did not see... it resends the PUBLISH (DUP) with the same id, then PUBREL.
-    let (mut publisher, present) = Raw::connect(&server, "q2-source").await;
+    let (mut publisher, present) = connect(&server, "q2-source").await;
     assert!(present);
     let mut dup = publish_pkt.clone();
     dup[0] |= 0x08;

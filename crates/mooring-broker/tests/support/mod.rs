@@ -1,9 +1,9 @@
-//! Test harness: a broker with test hooks on a TCP port or in-memory streams, and a raw client.
+//! Test harness: a broker with test hooks on a TCP port or in-memory streams, and a client driven
+//! through mqtt-protocol-core (the byte-level one is `mooring_broker::test_support::raw3`).
 #![allow(dead_code)]
 
 pub mod mem_persist;
 pub mod principals;
-pub mod raw3;
 
 use mooring_broker::{
     Authenticated, Broker, BrokerConfig, ConnInfo, ConnectRefusal, ConnectRequest, Hooks,

@@ -1,8 +1,13 @@
-//! Test doubles for the broker's embedders (feature `test-support`, for dev-dependencies only).
+//! Test doubles and a raw MQTT client for tests (feature `test-support`, for dev-dependencies only).
 //!
 //! [`AllowAll`] is the one allow-everything [`Hooks`]: tests that are not about policy use it
 //! instead of writing their own. Hooks that refuse something (the subject of a test) stay in
 //! that test.
+//!
+//! [`raw3`] is the byte-level MQTT 3.1.1 client tests use when they must decide exactly what is
+//! sent and when anything is acknowledged (the broker's tests in memory, mooring's over TCP).
+
+pub mod raw3;
 
 use crate::{Authenticated, ConnectRefusal, ConnectRequest, Hooks, Message, PublishVerdict};
 use mooring_proto::policy::Principal;

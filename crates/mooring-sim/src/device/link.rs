@@ -1,0 +1,266 @@
+//! The in-memory network: [`Net`] (the current broker), each device's [`DeviceLink`] (cuts,
+//! outages, latency) and the [`SimConnector`] whose streams go through it.
+
+use super::{inc, Stats};
+use crate::clock::VirtualClock;
+use futures::task::AtomicWaker;
+use mooring_broker::{Broker, ConnInfo, ListenerKind};
+use mooring_proto::sync::{read, write};
+use std::future::Future as _;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+use tokio_util::task::TaskTracker;
+
+/// Bytes buffered in each direction of an in-memory connection (allocated as used).
+pub const PIPE_SIZE_BYTES: usize = 8 * 1024;
+/// Bytes read at once from the pipe when latency is simulated (one chunk is delayed at a time).
+pub const LATENCY_CHUNK_BYTES: usize = 2 * 1024;
+
+/// The in-memory network between the devices and the (current) server.
+pub struct Net {
+    /// The server's broker; `None` while the server is down.
+    broker: RwLock<Option<Broker>>,
+    /// The broker's side of every device connection.
+    conns: TaskTracker,
+    pub clock: VirtualClock,
+    pub stats: Arc<Stats>,
+}
+
+impl Net {
+    pub fn new(clock: VirtualClock, stats: Arc<Stats>) -> Self {
+        Self {
+            broker: RwLock::new(None),
+            conns: TaskTracker::new(),
+            clock,
+            stats,
+        }
+    }
+
+    pub fn set_broker(&self, broker: Option<Broker>) {
+        *write(&self.broker) = broker;
+    }
+
+    fn broker(&self) -> Option<Broker> {
+        read(&self.broker).clone()
+    }
+
+    /// Waits for every connection task to end (after the broker shut down).
+    pub async fn close(&self) {
+        self.conns.close();
+        self.conns.wait().await;
+    }
+}
+
+/// A device's link: cut by bumping the epoch (live streams fail), down until a virtual time.
+pub struct DeviceLink {
+    id: String,
+    epoch: AtomicU64,
+    /// Streams opened with this epoch and still open (0 or 1).
+    open_epoch: AtomicU64,
+    /// Virtual ms (since the start) until which connection attempts are refused.
+    down_until_ms: AtomicU64,
+    /// Wakes the live stream's reader when the link is cut.
+    waker: AtomicWaker,
+    /// Added to every chunk the device receives (round trip = 2 x one-way latency).
+    rtt: Duration,
+}
+
+impl DeviceLink {
+    pub(super) fn new(id: String, latency_ms: u64) -> Self {
+        Self {
+            id,
+            epoch: AtomicU64::new(1),
+            open_epoch: AtomicU64::new(0),
+            down_until_ms: AtomicU64::new(0),
+            waker: AtomicWaker::new(),
+            rtt: Duration::from_millis(latency_ms.saturating_mul(2)),
+        }
+    }
+
+    /// Cuts the live connection (if any) and refuses new ones until `until_ms` (virtual ms since
+    /// the start; 0 = only the cut).
+    pub fn cut(&self, until_ms: u64, stats: &Stats) {
+        self.down_until_ms.fetch_max(until_ms, Ordering::Relaxed);
+        let old = self.epoch.fetch_add(1, Ordering::Relaxed);
+        if self.open_epoch.load(Ordering::Relaxed) == old {
+            inc(&stats.cuts_injected);
+        }
+        self.waker.wake();
+    }
+}
+
+/// Opens in-memory connections for one device, through its [`DeviceLink`], to the current
+/// broker, as if the device's TLS client certificate had been verified.
+pub struct SimConnector {
+    pub link: Arc<DeviceLink>,
+    pub net: Arc<Net>,
+    /// Remote mode: TCP + TLS with the device's certificate instead of the in-process broker.
+    pub tls: Option<mooring_agent::transport::TlsConnector>,
+}
+
+#[async_trait::async_trait]
+impl mooring_agent::Connector for SimConnector {
+    async fn connect(&self) -> io::Result<Box<dyn mooring_agent::Stream>> {
+        let now_ms = self.net.clock.elapsed_ms();
+        if self.link.down_until_ms.load(Ordering::Relaxed) > now_ms {
+            inc(&self.net.stats.connects_refused_link_down);
+            return Err(io::ErrorKind::NetworkUnreachable.into());
+        }
+        let device_end: Box<dyn mooring_agent::Stream> = match &self.tls {
+            Some(tls) => tls.connect().await?,
+            None => {
+                let Some(broker) = self.net.broker() else {
+                    return Err(io::ErrorKind::ConnectionRefused.into());
+                };
+                let (device_end, server_end) = tokio::io::duplex(PIPE_SIZE_BYTES);
+                let info = ConnInfo {
+                    peer: None,
+                    cert_identity: Some(self.link.id.clone()),
+                    cert_sha256: Some(crate::harness::sim_cert_sha256(&self.link.id)),
+                    listener: ListenerKind::Tls,
+                };
+                self.net
+                    .conns
+                    .spawn(async move { broker.serve_connection(server_end, info).await });
+                Box::new(device_end)
+            }
+        };
+        let epoch = self.link.epoch.load(Ordering::Relaxed);
+        self.link.open_epoch.store(epoch, Ordering::Relaxed);
+        let delay = (!self.link.rtt.is_zero()).then(|| {
+            Box::new(Delay {
+                buf: Vec::new(),
+                pos: 0,
+                sleep: None,
+            })
+        });
+        Ok(Box::new(SimStream {
+            inner: device_end,
+            link: self.link.clone(),
+            stats: self.net.stats.clone(),
+            epoch,
+            observed: false,
+            delay,
+        }))
+    }
+
+    fn describe(&self) -> String {
+        "in-process server (simulated link)".into()
+    }
+}
+
+/// The device's end of a connection: fails once the link is cut; optionally delays what the
+/// device receives.
+struct SimStream {
+    inner: Box<dyn mooring_agent::Stream>,
+    link: Arc<DeviceLink>,
+    stats: Arc<Stats>,
+    epoch: u64,
+    observed: bool,
+    delay: Option<Box<Delay>>,
+}
+
+struct Delay {
+    buf: Vec<u8>,
+    pos: usize,
+    sleep: Option<Pin<Box<Sleep>>>,
+}
+
+impl SimStream {
+    fn check(&mut self) -> io::Result<()> {
+        if self.link.epoch.load(Ordering::Relaxed) != self.epoch {
+            if !self.observed {
+                self.observed = true;
+                inc(&self.stats.cuts_observed);
+            }
+            return Err(io::ErrorKind::ConnectionReset.into());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SimStream {
+    fn drop(&mut self) {
+        let _ = self.link.open_epoch.compare_exchange(
+            self.epoch,
+            0,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl AsyncRead for SimStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        this.link.waker.register(cx.waker());
+        this.check()?;
+        let Some(d) = this.delay.as_mut() else {
+            return Pin::new(&mut this.inner).poll_read(cx, out);
+        };
+        if d.pos >= d.buf.len() {
+            d.buf.resize(LATENCY_CHUNK_BYTES, 0);
+            let mut rb = ReadBuf::new(&mut d.buf);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    let n = rb.filled().len();
+                    d.buf.truncate(n);
+                    d.pos = 0;
+                    if n == 0 {
+                        return Poll::Ready(Ok(())); // EOF
+                    }
+                    d.sleep = Some(Box::pin(tokio::time::sleep(this.link.rtt)));
+                }
+                Poll::Ready(Err(e)) => {
+                    d.buf.clear();
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    d.buf.clear();
+                    d.pos = 0;
+                    return Poll::Pending;
+                }
+            }
+        }
+        if let Some(s) = d.sleep.as_mut() {
+            if s.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            d.sleep = None;
+        }
+        let n = out.remaining().min(d.buf.len() - d.pos);
+        out.put_slice(&d.buf[d.pos..d.pos + n]);
+        d.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for SimStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.check()?;
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.check()?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,210 @@
+//! What the run measures: the fleet sampler during the run, the readback of telemetry and
+//! commands at the end, the server's metrics, and the `[expect]` checks.
+
+use super::{Control, COMMANDS_PER_DEVICE_MAX};
+use crate::remote::RemoteApi;
+use crate::report::{ExpectationResult, Report, Sample};
+use crate::scenario::{Scenario, SEQ_METRIC};
+use mooring_proto::sync::lock;
+use mooring_server::app::Readback;
+use mooring_store::{CommandState, TelemetryQuery};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How long before each sample mark the sampler reads.
+const SAMPLE_LEAD: Duration = Duration::from_millis(1);
+
+/// Samples the fleet every `interval` (online devices as the server sees them); the telemetry
+/// and command series are filled in at the end from recorded times.
+pub(super) async fn run_sampler(
+    control: Arc<Control>,
+    start: Instant,
+    end: Instant,
+    interval: Duration,
+) {
+    let mut k = 1u32;
+    loop {
+        let t = start + interval * k;
+        if t > end {
+            return;
+        }
+        // Read 1 ms before the mark, so events scheduled at the mark (scenario events are
+        // whole seconds) are never racing the read.
+        tokio::time::sleep_until(t - SAMPLE_LEAD).await;
+        let online = control.online_count().await;
+        lock(&control.samples).push(Sample {
+            t_ms: (interval * k).as_millis() as u64,
+            online,
+            ..Sample::default()
+        });
+        k += 1;
+    }
+}
+
+/// Where the end-of-run numbers come from: the in-process server's store (after it stopped),
+/// or the remote server's API.
+pub(super) enum Reader {
+    /// Read after the server stopped, so only the store can answer (see `App::readback`).
+    Store(Readback),
+    Remote(Arc<RemoteApi>),
+}
+
+/// A command as the end of the run needs it.
+pub(super) struct CommandView {
+    pub(super) state: String,
+    pub(super) parent_id: Option<String>,
+    pub(super) failed_reason: Option<String>,
+    pub(super) history: Vec<(String, u64)>,
+}
+
+impl Reader {
+    pub(super) async fn telemetry_values(
+        &self,
+        id: &str,
+        limit: usize,
+    ) -> anyhow::Result<Vec<u32>> {
+        match self {
+            Reader::Remote(api) => api.telemetry_values(id, limit).await,
+            Reader::Store(store) => Ok(store
+                .telemetry(TelemetryQuery {
+                    device_id: id.to_owned(),
+                    metric: Some(SEQ_METRIC.to_owned()),
+                    from_ms: None,
+                    to_ms: None,
+                    limit,
+                })
+                .await?
+                .iter()
+                .filter_map(|p| match p.value {
+                    mooring_proto::telemetry::MetricValue::Number(v) => Some(v as u32),
+                    mooring_proto::telemetry::MetricValue::Bool(_) => None,
+                })
+                .collect()),
+        }
+    }
+
+    pub(super) async fn commands(&self, id: &str) -> anyhow::Result<Vec<CommandView>> {
+        match self {
+            Reader::Remote(api) => Ok(api
+                .commands(id)
+                .await?
+                .into_iter()
+                .map(|c| CommandView {
+                    state: c.state,
+                    parent_id: c.parent_id,
+                    failed_reason: c.failed_reason,
+                    history: c.history,
+                })
+                .collect()),
+            Reader::Store(store) => Ok(store
+                .commands(id, COMMANDS_PER_DEVICE_MAX)
+                .await?
+                .into_iter()
+                .map(|c| CommandView {
+                    state: c.state.as_str().to_owned(),
+                    failed_reason: (c.state == CommandState::Failed)
+                        .then(|| {
+                            c.result.as_ref()?.output["reason"]
+                                .as_str()
+                                .map(str::to_owned)
+                        })
+                        .flatten(),
+                    parent_id: c.parent_id,
+                    history: c
+                        .history
+                        .iter()
+                        .map(|(s, at)| (s.as_str().to_owned(), *at))
+                        .collect(),
+                })
+                .collect()),
+        }
+    }
+}
+
+/// Prometheus text → `name{labels}` → value (comments skipped).
+pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.trim().to_owned(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+pub(super) fn check_expectations(
+    s: &Scenario,
+    r: &Report,
+    event_errors: &[String],
+) -> Vec<ExpectationResult> {
+    let e = &s.expect;
+    let mut out = Vec::new();
+    let mut at_most = |name: &str, want: Option<u64>, got: u64| {
+        if let Some(w) = want {
+            out.push(ExpectationResult {
+                name: name.into(),
+                expected: format!("<= {w}"),
+                actual: got.to_string(),
+                ok: got <= w,
+            });
+        }
+    };
+    at_most(
+        "lost_acked_telemetry",
+        e.lost_acked_telemetry,
+        r.lost_acked_telemetry,
+    );
+    at_most(
+        "commands_executed_twice",
+        e.commands_executed_twice,
+        r.commands_executed_twice,
+    );
+    for (reason, max) in &e.max_mqtt_refusals {
+        let key = format!("mooring_mqtt_refusals_total{{reason=\"{reason}\"}}");
+        let got = r.server_metrics.get(&key).copied().unwrap_or(0.0) as u64;
+        at_most(&format!("max_mqtt_refusals.{reason}"), Some(*max), got);
+    }
+    at_most(
+        "max_commands_not_succeeded",
+        e.max_commands_not_succeeded,
+        r.commands_sent
+            .saturating_sub(r.commands_deleted)
+            .saturating_sub(r.commands_succeeded),
+    );
+    let mut at_least = |name: &str, want: Option<u64>, got: u64| {
+        if let Some(w) = want {
+            out.push(ExpectationResult {
+                name: name.into(),
+                expected: format!(">= {w}"),
+                actual: got.to_string(),
+                ok: got >= w,
+            });
+        }
+    };
+    at_least(
+        "min_online_at_end",
+        e.min_online_at_end.map(|v| v as u64),
+        r.online_at_end,
+    );
+    at_least(
+        "min_telemetry_stored",
+        e.min_telemetry_stored,
+        r.telemetry_stored,
+    );
+    at_least(
+        "min_commands_succeeded",
+        e.min_commands_succeeded,
+        r.commands_succeeded,
+    );
+    for err in event_errors {
+        out.push(ExpectationResult {
+            name: "event".into(),
+            expected: "applied".into(),
+            actual: err.clone(),
+            ok: false,
+        });
+    }
+    out
+}

@@ -1,0 +1,193 @@
+//! Conformance cases for [`DeviceStore`](crate::DeviceStore): create, find, list, tags, last seen, delete.
+
+use super::*;
+
+pub async fn device_create_then_get_round_trips(store: &dyn Store) {
+    let created = store.create_device(new_device("d1")).await.expect("create");
+    assert_eq!(created, new_device("d1").into_record());
+    assert_eq!(created.last_seen_ms, None);
+    let got = store.get_device("d1").await.expect("get");
+    assert_eq!(got, Some(created));
+    assert_eq!(store.get_device("nope").await.expect("get missing"), None);
+}
+
+pub async fn device_duplicate_id_is_already_exists(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("create");
+    let mut again = new_device("d1");
+    again.cert_sha256 = "other".into();
+    let err = store
+        .create_device(again)
+        .await
+        .expect_err("duplicate id must fail");
+    assert!(matches!(err, StoreError::AlreadyExists(_)), "{err:?}");
+    assert_eq!(err.kind(), "already_exists");
+    let kept = store.get_device("d1").await.expect("get").expect("present");
+    assert_eq!(kept.cert_sha256, "sha-d1", "the first registration is kept");
+}
+
+pub async fn device_find_by_cert_returns_the_owner(store: &dyn Store) {
+    store
+        .create_device(new_device("d1"))
+        .await
+        .expect("create d1");
+    store
+        .create_device(new_device("d2"))
+        .await
+        .expect("create d2");
+    let found = store
+        .find_device_by_cert("sha-d2")
+        .await
+        .expect("find")
+        .expect("present");
+    assert_eq!(found.id, "d2");
+    assert_eq!(
+        store.find_device_by_cert("sha-x").await.expect("find"),
+        None
+    );
+}
+
+pub async fn device_list_is_ordered_by_id_with_keyset_pagination(store: &dyn Store) {
+    // Byte order: uppercase sorts before lowercase, "d10" before "d2".
+    for id in ["d2", "a", "d10", "B", "c.1", "c-1"] {
+        store.create_device(new_device(id)).await.expect("create");
+    }
+    let expected = ["B", "a", "c-1", "c.1", "d10", "d2"];
+    let all: Vec<String> = store
+        .list_devices(100, None)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(all, expected);
+
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..10 {
+        let page = store.list_devices(4, after.as_deref()).await.expect("page");
+        assert!(page.len() <= 4);
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        paged.extend(page.into_iter().map(|d| d.id));
+    }
+    assert_eq!(paged, expected);
+    assert!(store
+        .list_devices(0, None)
+        .await
+        .expect("list 0")
+        .is_empty());
+    assert!(store
+        .list_devices(10, Some("zzz"))
+        .await
+        .expect("after last")
+        .is_empty());
+}
+
+pub async fn device_delete_removes_device_telemetry_latest_and_dedupe_keys(store: &dyn Store) {
+    store
+        .create_device(new_device("d1"))
+        .await
+        .expect("create d1");
+    store
+        .create_device(new_device("d2"))
+        .await
+        .expect("create d2");
+    let batch = (0..50)
+        .flat_map(|i| {
+            [
+                rec(
+                    "d1",
+                    Some(i),
+                    1_000 + i,
+                    &[("t", num(1.0)), ("u", num(2.0))],
+                ),
+                rec("d2", Some(i), 1_000 + i, &[("t", num(3.0))]),
+            ]
+        })
+        .collect();
+    append(store, batch).await;
+
+    assert!(store.delete_device("d1").await.expect("delete"));
+    assert_eq!(store.get_device("d1").await.expect("get"), None);
+    assert_eq!(count_points(store, "d1").await, 0);
+    assert!(store.latest("d1").await.expect("latest").is_empty());
+    assert!(!store.delete_device("d1").await.expect("delete again"));
+
+    // Other devices are untouched.
+    assert_eq!(count_points(store, "d2").await, 50);
+    assert_eq!(store.latest("d2").await.expect("latest d2").len(), 1);
+
+    // A device re-registered under the same id starts afresh: its old seqs are not duplicates.
+    store
+        .create_device(new_device("d1"))
+        .await
+        .expect("re-create");
+    let outcomes = append(store, vec![rec("d1", Some(0), 5_000, &[("t", num(9.0))])]).await;
+    assert_eq!(outcomes, [AppendOutcome::Stored]);
+}
+
+pub async fn device_set_tags_replaces_all_and_missing_is_not_found(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("create");
+    let new_tags = tags(&[("fw", "1.2"), ("room", "7")]);
+    store
+        .set_tags("d1", new_tags.clone())
+        .await
+        .expect("set tags");
+    let got = store.get_device("d1").await.expect("get").expect("present");
+    assert_eq!(got.tags, new_tags, "tags are replaced, not merged");
+    store
+        .set_tags("d1", BTreeMap::new())
+        .await
+        .expect("clear tags");
+    let got = store.get_device("d1").await.expect("get").expect("present");
+    assert!(got.tags.is_empty());
+
+    let err = store
+        .set_tags("nope", new_tags)
+        .await
+        .expect_err("missing device");
+    assert!(matches!(err, StoreError::NotFound(_)), "{err:?}");
+    assert_eq!(err.kind(), "not_found");
+}
+
+pub async fn device_last_seen_keeps_the_maximum_and_skips_unknown_ids(store: &dyn Store) {
+    store
+        .create_device(new_device("d1"))
+        .await
+        .expect("create d1");
+    store
+        .create_device(new_device("d2"))
+        .await
+        .expect("create d2");
+    let last_seen = |id: &'static str| async move {
+        store
+            .get_device(id)
+            .await
+            .expect("get")
+            .expect("present")
+            .last_seen_ms
+    };
+
+    store
+        .record_last_seen(&[("d1".into(), 500), ("ghost".into(), 9_000)])
+        .await
+        .expect("record");
+    assert_eq!(last_seen("d1").await, Some(500));
+    assert_eq!(last_seen("d2").await, None);
+    assert_eq!(store.get_device("ghost").await.expect("get"), None);
+
+    // Older values never move it back; within one batch the maximum wins.
+    store
+        .record_last_seen(&[("d1".into(), 400), ("d2".into(), 700), ("d2".into(), 600)])
+        .await
+        .expect("record older");
+    assert_eq!(last_seen("d1").await, Some(500));
+    assert_eq!(last_seen("d2").await, Some(700));
+
+    store
+        .record_last_seen(&[("d1".into(), 900)])
+        .await
+        .expect("record newer");
+    assert_eq!(last_seen("d1").await, Some(900));
+    store.record_last_seen(&[]).await.expect("empty batch");
+}

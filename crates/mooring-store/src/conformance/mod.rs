@@ -1,0 +1,175 @@
+//! The behavioural contract of every backend, as async test cases plus [`conformance_tests!`](crate::conformance_tests).
+//!
+//! Each case gets a fresh, empty store and panics on a violation. A backend's test file runs
+//! them all with one line:
+//!
+//! ```ignore
+//! async fn fresh_store() -> (std::sync::Arc<dyn mooring_store::Store>, tempfile::TempDir) { ... }
+//! mooring_store::conformance_tests!(fresh_store);
+//! ```
+//!
+//! The factory is anything callable with no arguments that returns a future of
+//! `(Arc<dyn Store>, guard)`; the guard (a temp dir, a throwaway database) lives until the case
+//! ends. The calling crate needs `tokio` (with `macros` and `rt`) and `mooring-store` with the
+//! `conformance` feature (this module exists only with it) as dev-dependencies.
+//!
+//! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`) plus `writer.rs` for the group-commit writer and
+//! the retention pass; the helpers they share are here.
+
+mod broker_state;
+mod commands;
+mod devices;
+mod shadows;
+mod telemetry;
+mod tokens;
+mod writer;
+
+pub use broker_state::*;
+pub use commands::*;
+pub use devices::*;
+pub use shadows::*;
+pub use telemetry::*;
+pub use tokens::*;
+pub use writer::*;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::{
+    run_retention_pass, AppendOutcome, BrokerOp, BrokerState, BrokerStateWriter, CommandOutcome,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, MetricValue, NewDevice, Point,
+    ShadowRecord, Store, StoreError, StoredSession, TelemetryQuery, TelemetryRecord,
+    TelemetryStore, TelemetryWriter, TelemetryWriterConfig, TokenRecord, TokenRole, TS_MS_MAX,
+};
+
+/// Expands to one `#[tokio::test]` per conformance case. See the [module docs](crate::conformance).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(@by_ref $factory;
+            device_create_then_get_round_trips,
+            device_duplicate_id_is_already_exists,
+            device_find_by_cert_returns_the_owner,
+            device_list_is_ordered_by_id_with_keyset_pagination,
+            device_delete_removes_device_telemetry_latest_and_dedupe_keys,
+            device_set_tags_replaces_all_and_missing_is_not_found,
+            device_last_seen_keeps_the_maximum_and_skips_unknown_ids,
+            token_create_find_list_delete,
+            token_duplicate_id_or_secret_is_already_exists,
+            telemetry_append_then_query_round_trips,
+            telemetry_duplicate_seq_in_one_batch_is_stored_once,
+            telemetry_duplicate_seq_across_batches_is_stored_once,
+            telemetry_seq_is_per_device_and_none_is_always_stored,
+            telemetry_query_filters_and_orders,
+            telemetry_latest_is_newest_point_per_metric,
+            telemetry_booleans_round_trip_distinct_from_numbers,
+            telemetry_retention_deletes_only_old_rows_in_chunks,
+            telemetry_retention_prunes_dedupe_keys_with_points,
+            telemetry_invalid_records_are_refused_whole,
+            telemetry_empty_batch_is_ok,
+            command_create_get_and_compare_and_set_update,
+            command_idempotency_key_returns_the_existing_command,
+            command_for_a_missing_device_is_not_found_and_nothing_is_stored,
+            command_list_is_newest_first_with_state_filter_and_cursor,
+            command_pending_and_due_queries_follow_state_and_times,
+            command_fleet_parent_counts_children_per_state,
+            command_and_shadow_are_deleted_with_their_device,
+            shadow_save_is_compare_and_set_on_version,
+            broker_state_ops_apply_in_order_and_load_back,
+            broker_state_delete_session_takes_its_messages,
+        );
+        $crate::conformance_tests!(@by_arc $factory;
+            writer_group_commits_concurrent_appends_and_reports_duplicates,
+            writer_drains_queue_and_stops_when_handles_are_dropped,
+            writer_refuses_invalid_record_without_failing_others,
+            retention_pass_deletes_everything_old_in_chunks,
+            broker_writer_applies_submissions_in_order_and_answers_tickets,
+        );
+    };
+    (@by_ref $factory:expr; $($case:ident),* $(,)?) => {$(
+        #[tokio::test]
+        async fn $case() {
+            let (store, _guard) = ($factory)().await;
+            $crate::conformance::$case(&*store).await;
+        }
+    )*};
+    (@by_arc $factory:expr; $($case:ident),* $(,)?) => {$(
+        #[tokio::test]
+        async fn $case() {
+            let (store, _guard) = ($factory)().await;
+            $crate::conformance::$case(store).await;
+        }
+    )*};
+}
+
+fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn new_device(id: &str) -> NewDevice {
+    NewDevice {
+        id: id.to_owned(),
+        tags: tags(&[("site", "north")]),
+        created_at_ms: 1_700_000_000_000,
+        cert_sha256: format!("sha-{id}"),
+        cert_serial: format!("serial-{id}"),
+        cert_not_after_ms: 1_800_000_000_000,
+    }
+}
+
+fn rec(
+    device: &str,
+    seq: Option<u64>,
+    ts_ms: u64,
+    points: &[(&str, MetricValue)],
+) -> TelemetryRecord {
+    TelemetryRecord {
+        device_id: device.to_owned(),
+        seq,
+        ts_ms,
+        points: points.iter().map(|(m, v)| ((*m).to_owned(), *v)).collect(),
+    }
+}
+
+fn num(n: f64) -> MetricValue {
+    MetricValue::Number(n)
+}
+
+fn all_points(device: &str) -> TelemetryQuery {
+    TelemetryQuery {
+        device_id: device.to_owned(),
+        metric: None,
+        from_ms: None,
+        to_ms: None,
+        limit: 10_000,
+    }
+}
+
+async fn count_points(store: &dyn Store, device: &str) -> usize {
+    store
+        .query(all_points(device))
+        .await
+        .expect("query all points")
+        .len()
+}
+
+async fn append(store: &dyn Store, batch: Vec<TelemetryRecord>) -> Vec<AppendOutcome> {
+    let len = batch.len();
+    let outcomes = store.append_batch(batch).await.expect("append_batch");
+    assert_eq!(outcomes.len(), len, "one outcome per record");
+    outcomes
+}
+
+fn token(id: &str, role: TokenRole) -> TokenRecord {
+    TokenRecord {
+        id: id.to_owned(),
+        name: format!("token {id}"),
+        role,
+        token_sha256: format!("hash-{id}"),
+        created_at_ms: 1_700_000_000_000,
+    }
+}

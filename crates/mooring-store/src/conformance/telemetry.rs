@@ -1,0 +1,360 @@
+//! Conformance cases for [`TelemetryStore`](crate::TelemetryStore): append, dedupe, query, latest, retention.
+
+use super::*;
+
+pub async fn telemetry_append_then_query_round_trips(store: &dyn Store) {
+    let outcomes = append(
+        store,
+        vec![
+            rec(
+                "d1",
+                Some(1),
+                1_000,
+                &[("temp", num(21.5)), ("hum", num(40.0))],
+            ),
+            rec("d1", Some(2), 2_000, &[("temp", num(-3.25))]),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes, [AppendOutcome::Stored, AppendOutcome::Stored]);
+    let points = store.query(all_points("d1")).await.expect("query");
+    assert_eq!(
+        points,
+        [
+            Point {
+                metric: "temp".into(),
+                ts_ms: 1_000,
+                value: num(21.5)
+            },
+            Point {
+                metric: "hum".into(),
+                ts_ms: 1_000,
+                value: num(40.0)
+            },
+            Point {
+                metric: "temp".into(),
+                ts_ms: 2_000,
+                value: num(-3.25)
+            },
+        ],
+        "ts ascending, ties in insertion order"
+    );
+    assert!(store
+        .query(all_points("other"))
+        .await
+        .expect("query")
+        .is_empty());
+}
+
+pub async fn telemetry_duplicate_seq_in_one_batch_is_stored_once(store: &dyn Store) {
+    let outcomes = append(
+        store,
+        vec![
+            rec("d1", Some(7), 1_000, &[("t", num(1.0))]),
+            rec("d1", Some(7), 1_000, &[("t", num(1.0))]),
+            rec("d1", Some(8), 1_001, &[("t", num(2.0))]),
+            rec("d1", Some(7), 1_002, &[("t", num(3.0))]),
+        ],
+    )
+    .await;
+    use AppendOutcome::{Duplicate, Stored};
+    assert_eq!(outcomes, [Stored, Duplicate, Stored, Duplicate]);
+    assert_eq!(count_points(store, "d1").await, 2);
+}
+
+pub async fn telemetry_duplicate_seq_across_batches_is_stored_once(store: &dyn Store) {
+    use AppendOutcome::{Duplicate, Stored};
+    let first = append(
+        store,
+        vec![
+            rec("d1", Some(1), 1_000, &[("t", num(1.0))]),
+            rec("d1", Some(u64::MAX), 1_000, &[("t", num(1.0))]),
+        ],
+    )
+    .await;
+    assert_eq!(first, [Stored, Stored]);
+    let second = append(
+        store,
+        vec![
+            rec("d1", Some(u64::MAX), 1_500, &[("t", num(5.0))]),
+            rec("d1", Some(2), 2_000, &[("t", num(2.0))]),
+            rec("d1", Some(1), 2_000, &[("t", num(9.0))]),
+        ],
+    )
+    .await;
+    assert_eq!(second, [Duplicate, Stored, Duplicate]);
+    assert_eq!(count_points(store, "d1").await, 3);
+    let latest = store.latest("d1").await.expect("latest");
+    assert_eq!(
+        latest.get("t"),
+        Some(&(2_000, num(2.0))),
+        "duplicates do not touch latest"
+    );
+}
+
+pub async fn telemetry_seq_is_per_device_and_none_is_always_stored(store: &dyn Store) {
+    use AppendOutcome::Stored;
+    let outcomes = append(
+        store,
+        vec![
+            rec("d1", Some(1), 1_000, &[("t", num(1.0))]),
+            rec("d2", Some(1), 1_000, &[("t", num(1.0))]),
+            rec("d1", None, 1_000, &[("t", num(1.0))]),
+            rec("d1", None, 1_000, &[("t", num(1.0))]),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes, [Stored, Stored, Stored, Stored]);
+    assert_eq!(count_points(store, "d1").await, 3);
+    assert_eq!(count_points(store, "d2").await, 1);
+    // A record without points still claims its seq.
+    assert_eq!(
+        append(store, vec![rec("d3", Some(5), 1, &[])]).await,
+        [Stored]
+    );
+    assert_eq!(
+        append(store, vec![rec("d3", Some(5), 2, &[("t", num(1.0))])]).await,
+        [AppendOutcome::Duplicate]
+    );
+}
+
+pub async fn telemetry_query_filters_and_orders(store: &dyn Store) {
+    // Arrives out of order; stored for two metrics and another device.
+    let batch = [30u64, 10, 50, 20, 40]
+        .iter()
+        .map(|ts| {
+            #[allow(clippy::cast_precision_loss)]
+            let v = *ts as f64;
+            rec("d1", None, *ts, &[("a", num(v)), ("b", num(-v))])
+        })
+        .chain([rec("d2", None, 25, &[("a", num(0.0))])])
+        .collect();
+    append(store, batch).await;
+
+    let q = |metric: Option<&str>, from_ms: Option<u64>, to_ms: Option<u64>, limit: usize| {
+        TelemetryQuery {
+            device_id: "d1".into(),
+            metric: metric.map(str::to_owned),
+            from_ms,
+            to_ms,
+            limit,
+        }
+    };
+    let ts_of = |points: Vec<Point>| points.into_iter().map(|p| p.ts_ms).collect::<Vec<_>>();
+
+    let a = store.query(q(Some("a"), None, None, 100)).await.expect("a");
+    assert!(a.iter().all(|p| p.metric == "a"));
+    assert_eq!(
+        a.iter().map(|p| p.ts_ms).collect::<Vec<_>>(),
+        [10, 20, 30, 40, 50]
+    );
+    assert_eq!(a[0].value, num(10.0));
+
+    let both = store.query(q(None, None, None, 100)).await.expect("all");
+    assert_eq!(ts_of(both), [10, 10, 20, 20, 30, 30, 40, 40, 50, 50]);
+
+    // from inclusive, to exclusive.
+    let window = store
+        .query(q(Some("b"), Some(20), Some(40), 100))
+        .await
+        .expect("window");
+    assert_eq!(ts_of(window), [20, 30]);
+    let from_only = store
+        .query(q(Some("a"), Some(35), None, 100))
+        .await
+        .expect("from");
+    assert_eq!(ts_of(from_only), [40, 50]);
+    let to_only = store
+        .query(q(Some("a"), None, Some(11), 100))
+        .await
+        .expect("to");
+    assert_eq!(ts_of(to_only), [10]);
+    let empty = store
+        .query(q(Some("a"), Some(40), Some(40), 100))
+        .await
+        .expect("empty");
+    assert!(empty.is_empty());
+    let to_zero = store
+        .query(q(None, None, Some(0), 100))
+        .await
+        .expect("to 0");
+    assert!(to_zero.is_empty());
+    let huge = store
+        .query(q(Some("a"), Some(0), Some(u64::MAX), 100))
+        .await
+        .expect("huge");
+    assert_eq!(huge.len(), 5);
+
+    // limit keeps the oldest.
+    let limited = store
+        .query(q(Some("a"), Some(15), None, 2))
+        .await
+        .expect("limit");
+    assert_eq!(ts_of(limited), [20, 30]);
+    assert!(store
+        .query(q(None, None, None, 0))
+        .await
+        .expect("limit 0")
+        .is_empty());
+
+    assert!(store
+        .query(q(Some("zzz"), None, None, 10))
+        .await
+        .expect("none")
+        .is_empty());
+}
+
+pub async fn telemetry_latest_is_newest_point_per_metric(store: &dyn Store) {
+    assert!(store.latest("d1").await.expect("latest empty").is_empty());
+    append(
+        store,
+        vec![
+            rec(
+                "d1",
+                None,
+                2_000,
+                &[("t", num(2.0)), ("on", MetricValue::Bool(true))],
+            ),
+            rec("d1", None, 1_000, &[("t", num(1.0))]),
+            rec("d2", None, 9_000, &[("t", num(99.0))]),
+        ],
+    )
+    .await;
+    // An older point arriving later does not replace a newer one.
+    append(
+        store,
+        vec![rec("d1", None, 1_500, &[("t", num(1.5)), ("h", num(50.0))])],
+    )
+    .await;
+    let latest = store.latest("d1").await.expect("latest");
+    let expected: BTreeMap<String, (u64, MetricValue)> = [
+        ("t".to_owned(), (2_000, num(2.0))),
+        ("on".to_owned(), (2_000, MetricValue::Bool(true))),
+        ("h".to_owned(), (1_500, num(50.0))),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(latest, expected);
+    append(store, vec![rec("d1", None, 3_000, &[("t", num(3.0))])]).await;
+    let latest = store.latest("d1").await.expect("latest");
+    assert_eq!(latest.get("t"), Some(&(3_000, num(3.0))));
+}
+
+pub async fn telemetry_booleans_round_trip_distinct_from_numbers(store: &dyn Store) {
+    let values = [
+        ("b_true", MetricValue::Bool(true)),
+        ("b_false", MetricValue::Bool(false)),
+        ("n_one", num(1.0)),
+        ("n_zero", num(0.0)),
+        ("n_small", num(1e-300)),
+        ("n_big", num(-1.5e300)),
+    ];
+    append(store, vec![rec("d1", Some(1), 1_000, &values)]).await;
+    let points = store.query(all_points("d1")).await.expect("query");
+    let got: Vec<(String, MetricValue)> = points.into_iter().map(|p| (p.metric, p.value)).collect();
+    let want: Vec<(String, MetricValue)> =
+        values.iter().map(|(m, v)| ((*m).to_owned(), *v)).collect();
+    assert_eq!(got, want);
+    let latest = store.latest("d1").await.expect("latest");
+    for (metric, value) in values {
+        assert_eq!(latest.get(metric), Some(&(1_000, value)), "{metric}");
+    }
+}
+
+pub async fn telemetry_retention_deletes_only_old_rows_in_chunks(store: &dyn Store) {
+    // 10 old points (ts 0..10) and 5 new ones (ts 100..105), no seq.
+    let batch = (0..10)
+        .chain(100..105)
+        .map(|ts| rec("d1", None, ts, &[("t", num(1.0))]))
+        .collect();
+    append(store, batch).await;
+
+    let mut chunks = Vec::new();
+    loop {
+        let deleted = store.delete_older_than(100, 4).await.expect("delete chunk");
+        assert!(deleted <= 4, "at most max_rows per call, got {deleted}");
+        if deleted == 0 {
+            break;
+        }
+        chunks.push(deleted);
+        assert!(chunks.len() <= 10, "retention must terminate");
+    }
+    assert_eq!(chunks, [4, 4, 2]);
+    let left: Vec<u64> = store
+        .query(all_points("d1"))
+        .await
+        .expect("query")
+        .into_iter()
+        .map(|p| p.ts_ms)
+        .collect();
+    assert_eq!(left, [100, 101, 102, 103, 104]);
+    assert_eq!(store.delete_older_than(100, 0).await.expect("max 0"), 0);
+    // The last known value survives retention.
+    assert_eq!(
+        store.latest("d1").await.expect("latest").get("t"),
+        Some(&(104, num(1.0)))
+    );
+}
+
+pub async fn telemetry_retention_prunes_dedupe_keys_with_points(store: &dyn Store) {
+    append(
+        store,
+        vec![
+            rec("d1", Some(1), 10, &[("t", num(1.0))]),
+            rec("d1", Some(2), 200, &[("t", num(2.0))]),
+        ],
+    )
+    .await;
+    // Point + dedupe key of seq 1 are older than the cutoff; seq 2 is not.
+    let deleted = run_retention_pass(store, 100, 1).await.expect("retention");
+    assert_eq!(deleted, 2, "one point and one dedupe key");
+    use AppendOutcome::{Duplicate, Stored};
+    let outcomes = append(
+        store,
+        vec![
+            rec("d1", Some(2), 200, &[("t", num(2.0))]),
+            rec("d1", Some(1), 10, &[("t", num(1.0))]),
+        ],
+    )
+    .await;
+    assert_eq!(
+        outcomes,
+        [Duplicate, Stored],
+        "pruned key is forgotten, kept key still dedupes"
+    );
+}
+
+pub async fn telemetry_invalid_records_are_refused_whole(store: &dyn Store) {
+    let err = store
+        .append_batch(vec![
+            rec("d1", Some(1), 1_000, &[("t", num(1.0))]),
+            rec("d1", Some(2), TS_MS_MAX + 1, &[("t", num(1.0))]),
+        ])
+        .await
+        .expect_err("timestamp out of range");
+    assert_eq!(err.kind(), "invalid_input", "{err:?}");
+    let err = store
+        .append_batch(vec![rec("d1", Some(3), 1_000, &[("t", num(f64::NAN))])])
+        .await
+        .expect_err("NaN");
+    assert_eq!(err.kind(), "invalid_input", "{err:?}");
+    assert_eq!(
+        count_points(store, "d1").await,
+        0,
+        "nothing of a failed batch is stored"
+    );
+    // Their seqs were not consumed.
+    assert_eq!(
+        append(store, vec![rec("d1", Some(1), 1_000, &[("t", num(1.0))])]).await,
+        [AppendOutcome::Stored]
+    );
+    // The largest storable time is fine.
+    assert_eq!(
+        append(store, vec![rec("d1", None, TS_MS_MAX, &[("t", num(1.0))])]).await,
+        [AppendOutcome::Stored]
+    );
+}
+
+pub async fn telemetry_empty_batch_is_ok(store: &dyn Store) {
+    assert!(append(store, Vec::new()).await.is_empty());
+}

@@ -1,0 +1,212 @@
+//! [`DeviceStore`] for SQLite: devices, their tags, pinned certificates and last-seen times.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rusqlite::types::Type;
+use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
+
+use super::{
+    blocking, count_to_sql, is_constraint_violation, store_error, ts_to_sql, u64_column, Db,
+    SqliteStore,
+};
+use crate::error::{Result, StoreError};
+use crate::model::{DeviceRecord, NewDevice};
+use crate::store::DeviceStore;
+
+/// Rows deleted per transaction when a device's telemetry is removed.
+const DELETE_CHUNK_ROWS: i64 = 10_000;
+const DEVICE_COLUMNS: &str =
+    "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, last_seen_ms";
+
+fn tags_to_sql(tags: &BTreeMap<String, String>) -> Result<String> {
+    serde_json::to_string(tags).map_err(|e| StoreError::InvalidInput(format!("tags: {e}")))
+}
+
+fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
+    let tags: String = row.get(1)?;
+    let tags = serde_json::from_str(&tags)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, Type::Text, Box::new(e)))?;
+    Ok(DeviceRecord {
+        id: row.get(0)?,
+        tags,
+        created_at_ms: u64_column(row, 2)?,
+        cert_sha256: row.get(3)?,
+        cert_serial: row.get(4)?,
+        cert_not_after_ms: u64_column(row, 5)?,
+        last_seen_ms: match row.get::<_, Option<i64>>(6)? {
+            None => None,
+            Some(_) => Some(u64_column(row, 6)?),
+        },
+    })
+}
+
+#[async_trait::async_trait]
+impl DeviceStore for SqliteStore {
+    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+        d.validate()?;
+        let record = d.into_record();
+        let tags = tags_to_sql(&record.tags)?;
+        let created_at_ms = ts_to_sql("created_at_ms", record.created_at_ms)?;
+        let not_after_ms = ts_to_sql("cert_not_after_ms", record.cert_not_after_ms)?;
+        self.write(move |conn| {
+            let inserted = conn.execute(
+                "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![record.id, tags, created_at_ms, record.cert_sha256, record.cert_serial, not_after_ms],
+            );
+            match inserted {
+                Ok(_) => Ok(record),
+                Err(e) if is_constraint_violation(&e) => {
+                    Err(StoreError::AlreadyExists(format!("device {}", record.id)))
+                }
+                Err(e) => Err(store_error(e)),
+            }
+        })
+        .await
+    }
+
+    async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        let id = id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"
+            ))
+            .db()?
+            .query_row(params![id], device_from_row)
+            .optional()
+            .db()
+        })
+        .await
+    }
+
+    async fn find_device_by_cert(&self, cert_sha256: &str) -> Result<Option<DeviceRecord>> {
+        let cert_sha256 = cert_sha256.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE cert_sha256 = ?1 ORDER BY id LIMIT 1"
+            ))
+            .db()?
+            .query_row(params![cert_sha256], device_from_row)
+            .optional()
+            .db()
+        })
+        .await
+    }
+
+    async fn list_devices(
+        &self,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> Result<Vec<DeviceRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Every id sorts after "" (ids are never empty), so "" means "from the start".
+        let after_id = after_id.unwrap_or("").to_owned();
+        let limit = count_to_sql(limit);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {DEVICE_COLUMNS} FROM devices WHERE id > ?1 ORDER BY id LIMIT ?2"
+                ))
+                .db()?;
+            let rows = stmt
+                .query_map(params![after_id, limit], device_from_row)
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
+        })
+        .await
+    }
+
+    async fn delete_device(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            let existed = {
+                let mut conn = inner.writer()?;
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .db()?;
+                let deleted = tx
+                    .execute("DELETE FROM devices WHERE id = ?1", params![id])
+                    .db()?;
+                tx.execute(
+                    "DELETE FROM telemetry_latest WHERE device_id = ?1",
+                    params![id],
+                )
+                .db()?;
+                tx.commit().db()?;
+                deleted > 0
+            };
+            // Telemetry (and dedupe keys) go in bounded chunks, each its own transaction, with
+            // the writer lock released in between so ingest batches interleave.
+            for sql in [
+                "DELETE FROM telemetry WHERE id IN
+                   (SELECT id FROM telemetry WHERE device_id = ?1 LIMIT ?2)",
+                "DELETE FROM telemetry_seq WHERE device_id = ?1 AND seq IN
+                   (SELECT seq FROM telemetry_seq WHERE device_id = ?1 LIMIT ?2)",
+            ] {
+                loop {
+                    let deleted = inner
+                        .writer()?
+                        .prepare_cached(sql)
+                        .db()?
+                        .execute(params![id, DELETE_CHUNK_ROWS])
+                        .db()?;
+                    if count_to_sql(deleted) < DELETE_CHUNK_ROWS {
+                        break;
+                    }
+                }
+            }
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<()> {
+        let id = id.to_owned();
+        let tags = tags_to_sql(&tags)?;
+        self.write(move |conn| {
+            let updated = conn
+                .execute(
+                    "UPDATE devices SET tags = ?2 WHERE id = ?1",
+                    params![id, tags],
+                )
+                .db()?;
+            if updated == 0 {
+                return Err(StoreError::NotFound(format!("device {id}")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let seen = seen
+            .iter()
+            .map(|(id, ts)| Ok((id.clone(), ts_to_sql("last_seen_ms", *ts)?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.write(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "UPDATE devices SET last_seen_ms = ?2
+                         WHERE id = ?1 AND (last_seen_ms IS NULL OR last_seen_ms < ?2)",
+                    )
+                    .db()?;
+                for (id, ts) in &seen {
+                    stmt.execute(params![id, ts]).db()?;
+                }
+            }
+            tx.commit().db()
+        })
+        .await
+    }
+}
