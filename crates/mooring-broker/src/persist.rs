@@ -275,7 +275,7 @@ impl SessionValue {
         let owner = r.owner()?;
         let principal = match r.u8()? {
             0 => {
-                let id = r.string()?;
+                let id = mooring_proto::DeviceId::parse(&r.string()?).ok()?;
                 let n = r.u32()?;
                 let mut tags = BTreeMap::new();
                 for _ in 0..n {

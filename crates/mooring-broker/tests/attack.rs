@@ -47,7 +47,7 @@ async fn messages_queued_under_a_revoked_subscription_are_not_delivered_after_a_
     tags.insert("site".to_string(), "paris".to_string());
     assert_eq!(
         broker.update_principal(Principal::Device {
-            id: "d1".into(),
+            id: mooring_proto::DeviceId::parse("d1").expect("test device id"),
             tags
         }),
         1
@@ -76,7 +76,7 @@ async fn messages_queued_under_a_revoked_subscription_are_not_delivered_after_a_
             Ok(Authenticated {
                 client_id: req.client_id.to_string(),
                 principal: Principal::Device {
-                    id: req.client_id.to_string(),
+                    id: mooring_proto::DeviceId::parse(req.client_id).expect("test device id"),
                     tags: BTreeMap::new(),
                 },
             })
@@ -429,7 +429,7 @@ async fn a_connect_authenticated_before_a_tag_change_does_not_attach_with_the_ol
     let mut tags = BTreeMap::new();
     tags.insert("site".to_string(), "paris".to_string());
     broker.update_principal(Principal::Device {
-        id: "d1".into(),
+        id: mooring_proto::DeviceId::parse("d1").expect("test device id"),
         tags,
     });
     match b.recv().await {

@@ -174,7 +174,7 @@ async fn a_new_principal_view_revokes_live_and_persisted_subscriptions() {
     let mut tags = BTreeMap::new();
     tags.insert("site".to_string(), "paris".to_string());
     let removed = broker.update_principal(Principal::Device {
-        id: "d1".into(),
+        id: mooring_proto::DeviceId::parse("d1").expect("test device id"),
         tags,
     });
     assert_eq!(removed, 1);

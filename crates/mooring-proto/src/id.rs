@@ -68,9 +68,77 @@ impl AsRef<str> for DeviceId {
     }
 }
 
+/// A `DeviceId` reads as the `&str` it holds (`&id` where a `&str` is wanted), so code that
+/// only passes ids along needs no conversion; creating one always goes through [`DeviceId::parse`].
+impl std::ops::Deref for DeviceId {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Maps and sets keyed by `DeviceId` can be looked up with a `&str`.
+impl std::borrow::Borrow<str> for DeviceId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for DeviceId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for DeviceId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialEq<String> for DeviceId {
+    fn eq(&self, other: &String) -> bool {
+        &self.0 == other
+    }
+}
+
+impl From<DeviceId> for String {
+    fn from(id: DeviceId) -> String {
+        id.0
+    }
+}
+
+/// On the wire a device id is its string; reading one validates it.
+impl serde::Serialize for DeviceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for DeviceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        DeviceId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serde_is_the_plain_string_and_reading_validates() {
+        let id = DeviceId::parse("lock-1").expect("valid");
+        assert_eq!(
+            serde_json::to_string(&id).ok().as_deref(),
+            Some("\"lock-1\"")
+        );
+        assert_eq!(
+            serde_json::from_str::<DeviceId>("\"lock-1\"").ok(),
+            Some(id)
+        );
+        assert!(serde_json::from_str::<DeviceId>("\"a/b\"").is_err());
+    }
 
     #[test]
     fn accepts_valid_ids() {

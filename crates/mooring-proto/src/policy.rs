@@ -14,6 +14,7 @@
 use crate::topic::{
     filter_covers, filter_matches, is_shared_filter, is_valid_filter, parse_shared_filter,
 };
+use crate::DeviceId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -21,7 +22,7 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
     Device {
-        id: String,
+        id: DeviceId,
         tags: BTreeMap<String, String>,
     },
     /// A backend service authenticated by an API token of role `service`: `id` is the token's
@@ -221,7 +222,7 @@ mod tests {
 
     fn device(id: &str, tags: &[(&str, &str)]) -> Principal {
         Principal::Device {
-            id: id.into(),
+            id: DeviceId::parse(id).expect("test device id"),
             tags: tags
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -240,7 +240,7 @@ impl Hooks for ServerHooks {
         };
         let now_ms = app.now_ms();
         app.presence.seen(id, now_ms);
-        let topic = Topic::parse(&msg.topic).filter(|t| t.device().as_str() == id);
+        let topic = Topic::parse(&msg.topic).filter(|t| t.device() == id);
         match topic {
             Some(Topic::Telemetry(_)) => {}
             Some(Topic::CommandAck(_, cmd)) => {
@@ -287,10 +287,7 @@ impl Hooks for ServerHooks {
         let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) else {
             return;
         };
-        let Ok(device) = mooring_proto::DeviceId::parse(id) else {
-            return;
-        };
-        let commands = Topic::command(&device, "c");
+        let commands = Topic::command(id, "c");
         if filters
             .iter()
             .any(|f| mooring_proto::topic::filter_matches(f, &commands))

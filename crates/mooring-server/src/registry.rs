@@ -79,7 +79,7 @@ impl Registry {
         let id = Self::parse_id(id)?;
         validate_tags(&tags)?;
         self.insert(NewDevice {
-            id: id.into_string(),
+            id,
             tags,
             created_at_ms: self.core.now_ms(),
             cert_sha256: cert.sha256_hex,
@@ -140,7 +140,7 @@ impl Registry {
             .map_err(ServiceError::internal)?;
         let record = self
             .insert(NewDevice {
-                id: id.into_string(),
+                id: id.clone(),
                 tags,
                 created_at_ms: self.core.now_ms(),
                 cert_sha256: issued.sha256_hex.clone(),
@@ -200,7 +200,7 @@ impl Registry {
         let limit = Self::device_page(limit, cursor)?;
         let records = self.core.store.list_devices(limit, cursor).await?;
         let next = if records.len() == limit {
-            records.last().map(|r| r.id.clone())
+            records.last().map(|r| r.id.to_string())
         } else {
             None
         };
@@ -244,8 +244,8 @@ impl Registry {
                 }
             };
             let scanned_all = candidates.is_some() || page.len() < SELECT_SCAN_PAGE_LEN;
-            let versions: BTreeMap<String, String> = if sel.needs_version() && !page.is_empty() {
-                let ids: Vec<String> = page.iter().map(|r| r.id.clone()).collect();
+            let versions: BTreeMap<DeviceId, String> = if sel.needs_version() && !page.is_empty() {
+                let ids: Vec<String> = page.iter().map(|r| r.id.to_string()).collect();
                 self.core
                     .store
                     .get_shadows(&ids)
@@ -256,7 +256,7 @@ impl Registry {
             } else {
                 BTreeMap::new()
             };
-            after = page.last().map(|r| r.id.clone());
+            after = page.last().map(|r| r.id.to_string());
             for record in page {
                 let view = self.view(record);
                 let facts = DeviceFacts {
@@ -268,7 +268,7 @@ impl Registry {
                 if sel.matches(&facts) {
                     out.push(view);
                     if out.len() == limit {
-                        let next = out.last().map(|v| v.record.id.clone());
+                        let next = out.last().map(|v| v.record.id.to_string());
                         return Ok((out, next));
                     }
                 }
@@ -300,7 +300,7 @@ impl Registry {
         // against the new tags from now on, and what they no longer allow is removed.
         if let Some(broker) = self.core.broker() {
             let removed = broker.update_principal(mooring_proto::policy::Principal::Device {
-                id: id.as_str().to_owned(),
+                id: id.clone(),
                 tags,
             });
             if removed > 0 {

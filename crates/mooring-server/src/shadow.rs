@@ -71,16 +71,13 @@ impl Shadows {
         }
     }
 
-    async fn load_shadow(&self, device_id: &str) -> ServiceResult<ShadowRecord> {
+    async fn load_shadow(&self, device_id: &DeviceId) -> ServiceResult<ShadowRecord> {
         Ok(self
             .core
             .store
             .get_shadow(device_id)
             .await?
-            .unwrap_or_else(|| ShadowRecord {
-                device_id: device_id.to_owned(),
-                ..ShadowRecord::default()
-            }))
+            .unwrap_or_else(|| ShadowRecord::empty(device_id.clone())))
     }
 
     pub async fn get(&self, id: &str) -> ServiceResult<ShadowView> {
@@ -125,11 +122,11 @@ impl Shadows {
     }
 
     /// A reported update from the device (merge patch). `Err` if the store failed.
-    pub async fn on_reported(&self, device_id: &str, payload: &[u8]) -> ServiceResult<bool> {
+    pub async fn on_reported(&self, device_id: &DeviceId, payload: &[u8]) -> ServiceResult<bool> {
         let patch = match shadow::parse_update(payload) {
             Ok(p) => p,
             Err(e) => {
-                tracing::info!(device = device_id, error = %e, "invalid shadow report refused");
+                tracing::info!(device = %device_id, error = %e, "invalid shadow report refused");
                 return Ok(false);
             }
         };
@@ -176,9 +173,10 @@ impl Shadows {
 
     /// Publishes the retained delta of `s` (or clears it when in sync).
     fn publish_delta(&self, s: &ShadowRecord) {
-        let (Some(broker), Ok(id)) = (self.core.broker(), DeviceId::parse(&s.device_id)) else {
+        let Some(broker) = self.core.broker() else {
             return;
         };
+        let id = &s.device_id;
         let delta = shadow::delta(&s.desired, &s.reported);
         let payload = if delta.is_empty() {
             Vec::new()
@@ -189,7 +187,7 @@ impl Shadows {
             }
             .to_bytes()
         };
-        broker.publish(Message::new(Topic::shadow_delta(&id), payload, 1, true));
+        broker.publish(Message::new(Topic::shadow_delta(id), payload, 1, true));
     }
 
     /// Publishes the retained delta of every out-of-sync shadow (at startup).
@@ -211,7 +209,7 @@ impl Shadows {
             if page.len() < REPUBLISH_PAGE_LEN {
                 return Ok(published);
             }
-            after = page.last().map(|s| s.device_id.clone());
+            after = page.last().map(|s| s.device_id.to_string());
         }
     }
 }

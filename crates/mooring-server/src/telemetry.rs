@@ -8,6 +8,7 @@ use crate::app::Core;
 use crate::error::{ServiceError, ServiceResult};
 use crate::metrics::Counters;
 use crate::registry::Registry;
+use mooring_proto::DeviceId;
 use mooring_store::{
     AppendOutcome, Point, StoreError, TelemetryQuery, TelemetryRecord, TelemetryWriter, WriterStats,
 };
@@ -51,7 +52,7 @@ impl Telemetry {
 
     /// Parses and stores one message the device `device_id` published on its telemetry topic;
     /// returns once it is durable (or refused).
-    pub async fn ingest(&self, device_id: &str, payload: &[u8], now_ms: u64) -> Ingest {
+    pub async fn ingest(&self, device_id: &DeviceId, payload: &[u8], now_ms: u64) -> Ingest {
         let counters = &self.core.counters;
         let telemetry = match mooring_proto::telemetry::Telemetry::parse(payload) {
             Ok(t) => t,
@@ -62,7 +63,7 @@ impl Telemetry {
         };
         let points = telemetry.points.len() as u64;
         let record = TelemetryRecord {
-            device_id: device_id.to_owned(),
+            device_id: device_id.clone(),
             seq: telemetry.seq,
             ts_ms: telemetry.ts_ms.unwrap_or(now_ms),
             points: telemetry.points,

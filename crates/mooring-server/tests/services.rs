@@ -66,18 +66,18 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
     let payload = format!(r#"{{"seq": 1, "ts": {now}, "temp": 21.5}}"#);
     assert!(matches!(
         app.telemetry
-            .ingest("lock-1", payload.as_bytes(), now)
+            .ingest(&lock1(), payload.as_bytes(), now)
             .await,
         Ingest::Stored
     ));
     assert!(matches!(
         app.telemetry
-            .ingest("lock-1", payload.as_bytes(), now)
+            .ingest(&lock1(), payload.as_bytes(), now)
             .await,
         Ingest::Duplicate
     ));
     assert!(matches!(
-        app.telemetry.ingest("lock-1", b"not json", now).await,
+        app.telemetry.ingest(&lock1(), b"not json", now).await,
         Ingest::Invalid(_)
     ));
     let latest = app.telemetry.latest("lock-1").await.expect("latest");
@@ -130,7 +130,7 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
     assert_eq!(s.delta.get("led"), Some(&json!("on")));
     assert!(app
         .shadows
-        .on_reported("lock-1", br#"{"led": "on"}"#)
+        .on_reported(&lock1(), br#"{"led": "on"}"#)
         .await
         .expect("report"));
     let s = app.shadows.get("lock-1").await.expect("get shadow");
@@ -149,4 +149,8 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
     assert_eq!(gone.kind, ErrorKind::NotFound);
     drop(app);
     server.shutdown().await;
+}
+
+fn lock1() -> mooring_proto::DeviceId {
+    mooring_proto::DeviceId::parse("lock-1").expect("valid id")
 }

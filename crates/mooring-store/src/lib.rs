@@ -56,8 +56,9 @@ pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_M
 pub use error::{Result, StoreError};
 pub use model::{
     AppendOutcome, BrokerOp, BrokerState, CommandOutcome, CommandParentRecord, CommandRecord,
-    CommandState, CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point, ShadowRecord,
-    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, TokenRole, TS_MS_MAX,
+    CommandState, CreateOutcome, DeviceId, DeviceRecord, MetricValue, NewDevice, Point,
+    ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, TokenRole,
+    TS_MS_MAX,
 };
 pub use sqlite::{SqliteStore, DB_FILE_NAME};
 pub use store::{

@@ -1,5 +1,6 @@
 //! Plain records exchanged with a store: devices, tokens, telemetry. No serde on purpose.
 
+pub use mooring_proto::DeviceId;
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
@@ -13,7 +14,7 @@ pub const TS_MS_MAX: u64 = i64::MAX as u64;
 /// A registered device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceRecord {
-    pub id: String,
+    pub id: DeviceId,
     pub tags: BTreeMap<String, String>,
     pub created_at_ms: u64,
     /// Lowercase hex of the SHA-256 of the device certificate (DER): the certificate identity.
@@ -27,7 +28,7 @@ pub struct DeviceRecord {
 /// A device to register.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewDevice {
-    pub id: String,
+    pub id: DeviceId,
     pub tags: BTreeMap<String, String>,
     pub created_at_ms: u64,
     pub cert_sha256: String,
@@ -105,7 +106,7 @@ pub struct TokenRecord {
 /// One telemetry message to store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TelemetryRecord {
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Device sequence number: a repeated `(device_id, seq)` is stored once. `None`: always stored.
     pub seq: Option<u64>,
     pub ts_ms: u64,
@@ -154,7 +155,7 @@ pub struct Point {
 /// `limit` of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TelemetryQuery {
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub metric: Option<String>,
     /// Inclusive lower bound; `None`: from the beginning.
     pub from_ms: Option<u64>,
@@ -247,7 +248,7 @@ pub struct CommandOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandRecord {
     pub id: String,
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub name: String,
     pub params: serde_json::Value,
     pub state: CommandState,
@@ -276,10 +277,8 @@ impl CommandRecord {
         for (_, at) in &self.history {
             check_ts("history at", *at)?;
         }
-        if self.id.is_empty() || self.device_id.is_empty() {
-            return Err(StoreError::InvalidInput(
-                "empty command or device id".into(),
-            ));
+        if self.id.is_empty() {
+            return Err(StoreError::InvalidInput("empty command id".into()));
         }
         Ok(())
     }
@@ -321,14 +320,27 @@ impl CreateOutcome {
 }
 
 /// A device shadow: desired and reported JSON objects and a version bumped on every change.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ShadowRecord {
-    pub device_id: String,
+    pub device_id: DeviceId,
     pub desired: serde_json::Map<String, serde_json::Value>,
     pub reported: serde_json::Map<String, serde_json::Value>,
     /// 0 for a shadow never written.
     pub version: u64,
     pub updated_at_ms: u64,
+}
+
+impl ShadowRecord {
+    /// The shadow of a device never written: empty documents, version 0.
+    pub fn empty(device_id: DeviceId) -> Self {
+        ShadowRecord {
+            device_id,
+            desired: serde_json::Map::new(),
+            reported: serde_json::Map::new(),
+            version: 0,
+            updated_at_ms: 0,
+        }
+    }
 }
 
 /// One change to the broker's durable state (see [`crate::BrokerStateStore`]). Values are opaque

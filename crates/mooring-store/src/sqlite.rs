@@ -287,6 +287,15 @@ fn u64_column(row: &Row<'_>, index: usize) -> rusqlite::Result<u64> {
     u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(index, v))
 }
 
+/// A device id column, validated as it is read: every id was validated when written, so a
+/// row that fails is corrupt and answers an error, never a panic.
+fn device_id_column(row: &Row<'_>, index: usize) -> rusqlite::Result<mooring_proto::DeviceId> {
+    let s: String = row.get(index)?;
+    mooring_proto::DeviceId::parse(&s).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -270,7 +270,7 @@ mod tests {
 
     fn record(seq: u64) -> TelemetryRecord {
         TelemetryRecord {
-            device_id: "d1".into(),
+            device_id: mooring_proto::DeviceId::parse("d1").expect("test id"),
             seq: Some(seq),
             ts_ms: seq,
             points: vec![("t".into(), MetricValue::Number(1.0))],

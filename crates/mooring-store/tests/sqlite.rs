@@ -19,7 +19,7 @@ mooring_store::conformance_tests!(fresh_store);
 
 fn device(id: &str) -> NewDevice {
     NewDevice {
-        id: id.to_owned(),
+        id: mooring_proto::DeviceId::parse(id).expect("test id"),
         tags: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
         created_at_ms: 1,
         cert_sha256: "abc".into(),
@@ -30,7 +30,7 @@ fn device(id: &str) -> NewDevice {
 
 fn record(seq: u64) -> TelemetryRecord {
     TelemetryRecord {
-        device_id: "d1".into(),
+        device_id: mooring_proto::DeviceId::parse("d1").expect("test id"),
         seq: Some(seq),
         ts_ms: 1_000 + seq,
         points: vec![
@@ -74,7 +74,7 @@ async fn reopening_the_data_dir_keeps_data_and_dedupe_and_migrations_are_idempot
         assert!(store.find_token("h").await.expect("find").is_some());
         let points = store
             .query(TelemetryQuery {
-                device_id: "d1".into(),
+                device_id: mooring_proto::DeviceId::parse("d1").expect("test id"),
                 metric: Some("door".into()),
                 from_ms: None,
                 to_ms: None,

@@ -149,16 +149,15 @@ async fn api_commands(
                 }
                 let id = &ids[command_device(i, ids.len())];
                 let sent = Instant::now();
-                let body = api
-                    .post(
-                        &format!("/api/v1/devices/{id}/commands?wait_ms=10000"),
-                        serde_json::json!({"name": "ping"}),
-                    )
-                    .await?;
+                let ping = mooring_api::CreateCommand {
+                    name: "ping".to_owned(),
+                    ..Default::default()
+                };
+                let (_, c) = api.create_command(id, &ping, Some(10_000)).await?;
                 let rtt = sent.elapsed().as_secs_f64() * 1000.0;
                 anyhow::ensure!(
-                    body["state"] == "succeeded",
-                    "command to {id} not succeeded after {rtt:.0} ms: {body}"
+                    c.state == "succeeded",
+                    "command to {id} not succeeded after {rtt:.0} ms: {c:?}"
                 );
                 rtts.push(rtt);
             }

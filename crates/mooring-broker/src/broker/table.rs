@@ -47,7 +47,7 @@ impl Owner {
     /// The one place a principal becomes a key: its kind and id.
     pub(crate) fn of(principal: &Principal) -> Owner {
         match principal {
-            Principal::Device { id, .. } => Owner::Device(id.clone()),
+            Principal::Device { id, .. } => Owner::Device(id.to_string()),
             Principal::Service { id, .. } => Owner::Service(id.clone()),
             Principal::Dev => Owner::Dev,
         }

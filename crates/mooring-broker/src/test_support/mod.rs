@@ -66,7 +66,8 @@ impl Hooks for AllowAll {
         let principal = if self.as_devices {
             let device = req.client_id.split('.').next().unwrap_or_default();
             Principal::Device {
-                id: device.to_string(),
+                id: mooring_proto::DeviceId::parse(device)
+                    .map_err(|_| ConnectRefusal::BadClientId)?,
                 tags: BTreeMap::new(),
             }
         } else {

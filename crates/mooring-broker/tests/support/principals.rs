@@ -44,7 +44,7 @@ impl Hooks for PrincipalHooks {
                 tags.insert("site".to_string(), site.to_string());
             }
             Principal::Device {
-                id: id.into(),
+                id: mooring_proto::DeviceId::parse(id).expect("test device id"),
                 tags,
             }
         } else {

@@ -15,14 +15,15 @@ use tokio::sync::watch;
 
 impl Commands {
     /// Publishes what is pending for one device, in order, while its session takes it.
-    async fn deliver_pending(&self, device_id: &str, all_delivered: bool) -> ServiceResult<()> {
+    async fn deliver_pending(
+        &self,
+        device_id: &DeviceId,
+        all_delivered: bool,
+    ) -> ServiceResult<()> {
         let Some(broker) = self.core.broker() else {
             return Ok(());
         };
-        let Ok(device) = DeviceId::parse(device_id) else {
-            return Ok(());
-        };
-        if !broker.device_is_subscribed(device_id, &Topic::command(&device, "c")) {
+        if !broker.device_is_subscribed(device_id, &Topic::command(device_id, "c")) {
             return Ok(());
         }
         let pending = self
@@ -64,7 +65,7 @@ impl Commands {
                     expires_at: record.expires_at_ms,
                 };
                 let msg = Message::new(
-                    Topic::command(&device, &record.id),
+                    Topic::command(device_id, &record.id),
                     req.to_bytes(),
                     1,
                     false,
@@ -120,12 +121,9 @@ impl Commands {
             } else if c.attempts >= c.max_attempts {
                 self.transition(None, &c.id, Event::GiveUp).await?;
             } else {
-                let subscribed = match (self.core.broker(), DeviceId::parse(&c.device_id)) {
-                    (Some(b), Ok(d)) => {
-                        b.device_is_subscribed(&c.device_id, &Topic::command(&d, "c"))
-                    }
-                    _ => false,
-                };
+                let subscribed = self.core.broker().is_some_and(|b| {
+                    b.device_is_subscribed(&c.device_id, &Topic::command(&c.device_id, "c"))
+                });
                 if subscribed {
                     self.kick(&c.device_id, false);
                 } else {

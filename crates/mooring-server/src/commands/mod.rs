@@ -25,6 +25,7 @@ use mooring_proto::command::{
 };
 use mooring_proto::selector::Selector;
 use mooring_proto::sync::lock;
+use mooring_proto::DeviceId;
 use mooring_store::{
     CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
 };
@@ -66,7 +67,7 @@ pub struct Commands {
     registry: Arc<Registry>,
     mutate: tokio::sync::Mutex<()>,
     waiters: Mutex<HashMap<String, watch::Sender<CommandState>>>,
-    kicks: Mutex<BTreeMap<String, bool>>,
+    kicks: Mutex<BTreeMap<DeviceId, bool>>,
     kick_notify: Notify,
 }
 
@@ -84,16 +85,16 @@ impl Commands {
 
     /// Asks the dispatcher to deliver what is pending for `device_id`; `all_delivered` also
     /// redelivers unacknowledged commands whose retry is not yet due (after a (re)connect).
-    pub fn kick(&self, device_id: &str, all_delivered: bool) {
+    pub fn kick(&self, device_id: &DeviceId, all_delivered: bool) {
         {
             let mut k = lock(&self.kicks);
             if let Some(flag) = k.get_mut(device_id) {
                 *flag |= all_delivered;
             } else if k.len() < KICKS_PENDING_MAX {
-                k.insert(device_id.to_owned(), all_delivered);
+                k.insert(device_id.clone(), all_delivered);
             } else {
                 tracing::warn!(
-                    device = device_id,
+                    device = %device_id,
                     "command dispatcher backlog full; delivery waits for the next retry or reconnect"
                 );
                 return;
@@ -102,7 +103,7 @@ impl Commands {
         self.kick_notify.notify_one();
     }
 
-    fn take_kicks(&self) -> BTreeMap<String, bool> {
+    fn take_kicks(&self) -> BTreeMap<DeviceId, bool> {
         std::mem::take(&mut *lock(&self.kicks))
     }
 
@@ -199,7 +200,7 @@ impl Commands {
 
     fn build_command(
         &self,
-        device_id: &str,
+        device_id: &DeviceId,
         c: &NewCommand,
         parent_id: Option<&str>,
         now_ms: u64,
@@ -259,7 +260,7 @@ impl Commands {
         }
         Ok(CommandRecord {
             id: new_id('c'),
-            device_id: device_id.to_owned(),
+            device_id: device_id.clone(),
             name: c.name.clone(),
             params: c.params.clone(),
             state: CommandState::Queued,
@@ -443,7 +444,7 @@ impl Commands {
         let Some(mut record) = self.core.store.get_command(id).await? else {
             return Ok(None);
         };
-        if device_id.is_some_and(|d| d != record.device_id) {
+        if device_id.is_some_and(|d| record.device_id != d) {
             return Ok(None);
         }
         let from = record.state;
@@ -588,10 +589,11 @@ impl Commands {
         let now_ms = self.core.now_ms();
         let parent_id = new_id('f');
         // Validate once before touching the fleet.
-        let probe = self.build_command("probe", &c, Some(&parent_id), now_ms)?;
+        let probe_device = DeviceId::parse("probe").map_err(ServiceError::internal)?;
+        let probe = self.build_command(&probe_device, &c, Some(&parent_id), now_ms)?;
         let page_len = self.core.config.commands.fleet_page_len.max(1);
         // The matching devices, in pages of the registry (ids only).
-        let mut devices: Vec<String> = Vec::new();
+        let mut devices: Vec<DeviceId> = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
             let (page, next) = self
@@ -622,7 +624,7 @@ impl Commands {
         // One parent, children in pages of `fleet_page_len` (one transaction each, so a large
         // fleet never holds the writer for long); each page's devices are kicked at once.
         // At least one page, so the parent is stored even when nothing matches.
-        let pages: Vec<&[String]> = if devices.is_empty() {
+        let pages: Vec<&[DeviceId]> = if devices.is_empty() {
             vec![&[]]
         } else {
             devices.chunks(page_len).collect()
@@ -630,7 +632,7 @@ impl Commands {
         let mut parent_once = Some(parent.clone());
         for page in pages {
             let first = parent_once.take();
-            let build = |ids: &[String]| {
+            let build = |ids: &[DeviceId]| {
                 ids.iter()
                     .map(|d| self.build_command(d, &c, Some(&parent_id), now_ms))
                     .collect::<ServiceResult<Vec<_>>>()

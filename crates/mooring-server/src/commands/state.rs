@@ -113,7 +113,7 @@ mod tests {
     fn record(state: CommandState) -> CommandRecord {
         CommandRecord {
             id: "c1".into(),
-            device_id: "d1".into(),
+            device_id: mooring_proto::DeviceId::parse("d1").expect("test device id"),
             name: "reboot".into(),
             params: serde_json::Value::Null,
             state,

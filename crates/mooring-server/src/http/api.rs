@@ -65,7 +65,7 @@ pub fn routes() -> Router<Arc<App>> {
 impl From<DeviceView> for Device {
     fn from(v: DeviceView) -> Self {
         Device {
-            id: v.record.id,
+            id: v.record.id.into_string(),
             tags: v.record.tags,
             online: v.online,
             last_seen: v.last_seen_ms,

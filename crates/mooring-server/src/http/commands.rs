@@ -42,7 +42,7 @@ pub fn routes() -> Router<Arc<App>> {
 pub(super) fn command_body(r: CommandRecord) -> Command {
     Command {
         id: r.id,
-        device_id: r.device_id,
+        device_id: r.device_id.into_string(),
         name: r.name,
         params: r.params,
         state: r.state.as_str().to_owned(),

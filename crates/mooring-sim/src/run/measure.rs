@@ -69,7 +69,7 @@ impl Reader {
             Reader::Remote(api) => api.telemetry_values(id, limit).await,
             Reader::Store(store) => Ok(store
                 .telemetry(TelemetryQuery {
-                    device_id: id.to_owned(),
+                    device_id: mooring_proto::DeviceId::parse(id)?,
                     metric: Some(SEQ_METRIC.to_owned()),
                     from_ms: None,
                     to_ms: None,

@@ -5,7 +5,7 @@ use super::*;
 fn command(id: &str, device: &str, created_at_ms: u64) -> CommandRecord {
     CommandRecord {
         id: id.to_owned(),
-        device_id: device.to_owned(),
+        device_id: super::id(device),
         name: "reboot".to_owned(),
         params: serde_json::json!({"delay_secs": 5}),
         state: CommandState::Queued,
@@ -272,9 +272,8 @@ pub async fn command_and_shadow_are_deleted_with_their_device(store: &dyn Store)
     store.create_device(new_device("d1")).await.expect("device");
     create_one(store, command("c1", "d1", 1000)).await;
     let shadow = ShadowRecord {
-        device_id: "d1".into(),
         version: 1,
-        ..ShadowRecord::default()
+        ..ShadowRecord::empty(id("d1"))
     };
     assert!(store.save_shadow(shadow, 0).await.expect("save"));
     assert!(store.delete_device("d1").await.expect("delete"));

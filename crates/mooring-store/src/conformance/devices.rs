@@ -57,7 +57,7 @@ pub async fn device_list_is_ordered_by_id_with_keyset_pagination(store: &dyn Sto
         .await
         .expect("list")
         .into_iter()
-        .map(|d| d.id)
+        .map(|d| d.id.into_string())
         .collect();
     assert_eq!(all, expected);
 
@@ -67,7 +67,7 @@ pub async fn device_list_is_ordered_by_id_with_keyset_pagination(store: &dyn Sto
         let page = store.list_devices(4, after.as_deref()).await.expect("page");
         assert!(page.len() <= 4);
         let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
+        after = Some(last.id.to_string());
         paged.extend(page.into_iter().map(|d| d.id));
     }
     assert_eq!(paged, expected);

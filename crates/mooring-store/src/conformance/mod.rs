@@ -38,9 +38,10 @@ use std::sync::Arc;
 
 use crate::{
     run_retention_pass, AppendOutcome, BrokerOp, BrokerState, BrokerStateWriter, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, MetricValue, NewDevice, Point,
-    ShadowRecord, Store, StoreError, StoredSession, TelemetryQuery, TelemetryRecord,
-    TelemetryStore, TelemetryWriter, TelemetryWriterConfig, TokenRecord, TokenRole, TS_MS_MAX,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, MetricValue,
+    NewDevice, Point, ShadowRecord, Store, StoreError, StoredSession, TelemetryQuery,
+    TelemetryRecord, TelemetryStore, TelemetryWriter, TelemetryWriterConfig, TokenRecord,
+    TokenRole, TS_MS_MAX,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case. See the [module docs](crate::conformance).
@@ -103,6 +104,11 @@ macro_rules! conformance_tests {
     )*};
 }
 
+/// A device id for a test (every literal here is valid).
+fn id(s: &str) -> DeviceId {
+    DeviceId::parse(s).expect("test device id")
+}
+
 fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs
         .iter()
@@ -112,7 +118,7 @@ fn tags(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 
 fn new_device(id: &str) -> NewDevice {
     NewDevice {
-        id: id.to_owned(),
+        id: self::id(id),
         tags: tags(&[("site", "north")]),
         created_at_ms: 1_700_000_000_000,
         cert_sha256: format!("sha-{id}"),
@@ -128,7 +134,7 @@ fn rec(
     points: &[(&str, MetricValue)],
 ) -> TelemetryRecord {
     TelemetryRecord {
-        device_id: device.to_owned(),
+        device_id: id(device),
         seq,
         ts_ms,
         points: points.iter().map(|(m, v)| ((*m).to_owned(), *v)).collect(),
@@ -141,7 +147,7 @@ fn num(n: f64) -> MetricValue {
 
 fn all_points(device: &str) -> TelemetryQuery {
     TelemetryQuery {
-        device_id: device.to_owned(),
+        device_id: id(device),
         metric: None,
         from_ms: None,
         to_ms: None,

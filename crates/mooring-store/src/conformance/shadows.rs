@@ -11,7 +11,7 @@ pub async fn shadow_save_is_compare_and_set_on_version(store: &dyn Store) {
         _ => serde_json::Map::new(),
     };
     let v1 = ShadowRecord {
-        device_id: "d1".into(),
+        device_id: id("d1"),
         desired: obj(serde_json::json!({"led": "on"})),
         reported: obj(serde_json::json!({"version": "1.4.0"})),
         version: 1,
@@ -30,9 +30,8 @@ pub async fn shadow_save_is_compare_and_set_on_version(store: &dyn Store) {
     assert!(store.save_shadow(v2.clone(), 1).await.expect("update"));
     assert_eq!(store.get_shadow("d1").await.expect("get"), Some(v2.clone()));
     let missing = ShadowRecord {
-        device_id: "ghost".into(),
         version: 1,
-        ..ShadowRecord::default()
+        ..ShadowRecord::empty(id("ghost"))
     };
     assert_eq!(
         store
@@ -43,9 +42,8 @@ pub async fn shadow_save_is_compare_and_set_on_version(store: &dyn Store) {
         "not_found"
     );
     let d2 = ShadowRecord {
-        device_id: "d2".into(),
         version: 1,
-        ..ShadowRecord::default()
+        ..ShadowRecord::empty(id("d2"))
     };
     assert!(store.save_shadow(d2.clone(), 0).await.expect("insert"));
     let got = store

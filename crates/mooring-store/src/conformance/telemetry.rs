@@ -133,7 +133,7 @@ pub async fn telemetry_query_filters_and_orders(store: &dyn Store) {
 
     let q = |metric: Option<&str>, from_ms: Option<u64>, to_ms: Option<u64>, limit: usize| {
         TelemetryQuery {
-            device_id: "d1".into(),
+            device_id: id("d1"),
             metric: metric.map(str::to_owned),
             from_ms,
             to_ms,

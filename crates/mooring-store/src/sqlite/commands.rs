@@ -99,7 +99,7 @@ fn command_at(row: &Row<'_>, b: usize) -> rusqlite::Result<CommandRecord> {
     };
     Ok(CommandRecord {
         id: row.get(b)?,
-        device_id: row.get(b + 1)?,
+        device_id: super::device_id_column(row, b + 1)?,
         name: row.get(b + 2)?,
         params: json_column(row, b + 3)?,
         state: state_column(row, b + 4)?,
@@ -198,7 +198,7 @@ impl CommandStore for SqliteStore {
                 for (c, e) in commands.into_iter().zip(encoded) {
                     if let Some(key) = &c.idempotency_key {
                         let existing = find_key
-                            .query_row(params![c.device_id, key], command_from_row)
+                            .query_row(params![c.device_id.as_str(), key], command_from_row)
                             .optional()
                             .db()?;
                         if let Some(existing) = existing {
@@ -207,7 +207,7 @@ impl CommandStore for SqliteStore {
                         }
                     }
                     let exists = device_exists
-                        .query_row(params![c.device_id], |_| Ok(()))
+                        .query_row(params![c.device_id.as_str()], |_| Ok(()))
                         .optional()
                         .db()?;
                     if exists.is_none() {
@@ -215,7 +215,7 @@ impl CommandStore for SqliteStore {
                     }
                     let inserted = insert.execute(params![
                         c.id,
-                        c.device_id,
+                        c.device_id.as_str(),
                         c.name,
                         e.params,
                         e.state,

@@ -28,7 +28,7 @@ fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
     let tags = serde_json::from_str(&tags)
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(1, Type::Text, Box::new(e)))?;
     Ok(DeviceRecord {
-        id: row.get(0)?,
+        id: super::device_id_column(row, 0)?,
         tags,
         created_at_ms: u64_column(row, 2)?,
         cert_sha256: row.get(3)?,
@@ -53,7 +53,7 @@ impl DeviceStore for SqliteStore {
             let inserted = conn.execute(
                 "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![record.id, tags, created_at_ms, record.cert_sha256, record.cert_serial, not_after_ms],
+                params![record.id.as_str(), tags, created_at_ms, record.cert_sha256, record.cert_serial, not_after_ms],
             );
             match inserted {
                 Ok(_) => Ok(record),

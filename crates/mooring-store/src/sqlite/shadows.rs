@@ -23,7 +23,7 @@ fn object_column(
 
 fn shadow_from_row(row: &Row<'_>) -> rusqlite::Result<ShadowRecord> {
     Ok(ShadowRecord {
-        device_id: row.get(0)?,
+        device_id: super::device_id_column(row, 0)?,
         desired: object_column(row, 1)?,
         reported: object_column(row, 2)?,
         version: u64_column(row, 3)?,
@@ -61,7 +61,7 @@ impl ShadowStore for SqliteStore {
             let exists = conn
                 .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")
                 .db()?
-                .query_row(params![record.device_id], |_| Ok(()))
+                .query_row(params![record.device_id.as_str()], |_| Ok(()))
                 .optional()
                 .db()?;
             if exists.is_none() {
@@ -73,7 +73,7 @@ impl ShadowStore for SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
                 )
                 .db()?
-                .execute(params![record.device_id, desired, reported, version, updated_at_ms])
+                .execute(params![record.device_id.as_str(), desired, reported, version, updated_at_ms])
                 .db()?
             } else {
                 conn.prepare_cached(
@@ -82,7 +82,7 @@ impl ShadowStore for SqliteStore {
                 )
                 .db()?
                 .execute(params![
-                    record.device_id,
+                    record.device_id.as_str(),
                     desired,
                     reported,
                     version,

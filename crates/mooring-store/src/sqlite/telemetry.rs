@@ -66,7 +66,7 @@ impl TelemetryStore for SqliteStore {
                     let ts_ms = ts_to_sql("ts_ms", record.ts_ms)?;
                     if let Some(seq) = record.seq {
                         let fresh = insert_seq
-                            .execute(params![record.device_id, seq_to_sql(seq), ts_ms])
+                            .execute(params![record.device_id.as_str(), seq_to_sql(seq), ts_ms])
                             .db()?;
                         if fresh == 0 {
                             outcomes.push(AppendOutcome::Duplicate);
@@ -75,7 +75,7 @@ impl TelemetryStore for SqliteStore {
                     }
                     for (metric, value) in &record.points {
                         let (value, is_bool) = encode_value(*value);
-                        let row = params![record.device_id, metric, ts_ms, value, is_bool];
+                        let row = params![record.device_id.as_str(), metric, ts_ms, value, is_bool];
                         insert_point.execute(row).db()?;
                         upsert_latest.execute(row).db()?;
                     }
@@ -119,7 +119,13 @@ impl TelemetryStore for SqliteStore {
                     )
                     .db()?
                     .query_map(
-                        params![q.device_id, metric, from_ms, to_ms_inclusive, limit],
+                        params![
+                            q.device_id.as_str(),
+                            metric,
+                            from_ms,
+                            to_ms_inclusive,
+                            limit
+                        ],
                         to_point,
                     )
                     .db()?
@@ -133,7 +139,7 @@ impl TelemetryStore for SqliteStore {
                     )
                     .db()?
                     .query_map(
-                        params![q.device_id, from_ms, to_ms_inclusive, limit],
+                        params![q.device_id.as_str(), from_ms, to_ms_inclusive, limit],
                         to_point,
                     )
                     .db()?

@@ -1,0 +1,255 @@
+//! The MQTT hooks (`ServerHooks`) without a socket: what the broker asks the server at CONNECT,
+//! on every PUBLISH and on (dis)connect, answered from a server started in-process, and what a
+//! hook answers once the server is gone.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mooring_broker::{
+    ConnInfo, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message, ProtocolVersion,
+    PublishVerdict,
+};
+use mooring_proto::policy::Principal;
+use mooring_proto::DeviceId;
+use mooring_server::commands::NewCommand;
+use mooring_server::hooks::ServerHooks;
+use mooring_server::registry::PinnedCert;
+use mooring_server::{Listeners, RunningServer, ServerConfig};
+use mooring_store::{CommandState, TokenRole};
+use serde_json::json;
+
+async fn start(dir: &std::path::Path) -> RunningServer {
+    let config = ServerConfig {
+        data_dir: dir.to_owned(),
+        mqtt_addr: "127.0.0.1:0".parse().expect("addr"),
+        http_addr: "127.0.0.1:0".parse().expect("addr"),
+        ..ServerConfig::default()
+    };
+    let listeners = Listeners::bind(&config).await.expect("bind");
+    RunningServer::start(config, listeners, Arc::new(mooring_proto::SystemClock))
+        .await
+        .expect("start")
+}
+
+const SHA: &str = "aa00000000000000000000000000000000000000000000000000000000000000";
+
+fn tls(cert: Option<(&str, &str)>) -> ConnInfo {
+    ConnInfo {
+        peer: None,
+        cert_identity: cert.map(|(cn, _)| cn.to_owned()),
+        cert_sha256: cert.map(|(_, sha)| sha.to_owned()),
+        listener: ListenerKind::Tls,
+    }
+}
+
+async fn connect(
+    hooks: &ServerHooks,
+    info: &ConnInfo,
+    client_id: &str,
+    password: Option<&[u8]>,
+) -> Result<Principal, ConnectRefusal> {
+    hooks
+        .authenticate(ConnectRequest {
+            info,
+            client_id,
+            username: None,
+            password,
+            protocol_version: ProtocolVersion::V5,
+        })
+        .await
+        .map(|a| a.principal)
+}
+
+#[tokio::test]
+async fn connect_is_decided_by_the_pinned_certificate_the_client_id_and_service_tokens() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path()).await;
+    let app = server.app.clone();
+    let hooks = ServerHooks::new(&app);
+    let tags = BTreeMap::from([("site".to_owned(), "berlin".to_owned())]);
+    let pinned = PinnedCert {
+        sha256_hex: SHA.to_owned(),
+        serial_hex: "01".into(),
+        not_after_ms: 4_102_444_800_000,
+    };
+    app.registry
+        .create_device_pinned("lock-1", tags.clone(), pinned)
+        .await
+        .expect("create");
+
+    // The device's own certificate: a device principal with its tags, empty client id allowed.
+    let info = tls(Some(("lock-1", SHA)));
+    for client_id in ["lock-1", ""] {
+        match connect(&hooks, &info, client_id, None).await {
+            Ok(Principal::Device { id, tags: t }) => {
+                assert_eq!(id, "lock-1");
+                assert_eq!(t, tags);
+            }
+            other => panic!("{client_id:?}: {other:?}"),
+        }
+    }
+    // Another client id, a certificate that is not the pinned one, an unknown device.
+    assert_eq!(
+        connect(&hooks, &info, "lock-2", None).await.err(),
+        Some(ConnectRefusal::BadClientId)
+    );
+    let other_cert = tls(Some(("lock-1", &"bb".repeat(32))));
+    assert_eq!(
+        connect(&hooks, &other_cert, "lock-1", None).await.err(),
+        Some(ConnectRefusal::NotAuthorized)
+    );
+    let ghost = tls(Some(("ghost", SHA)));
+    assert_eq!(
+        connect(&hooks, &ghost, "ghost", None).await.err(),
+        Some(ConnectRefusal::NotAuthorized)
+    );
+
+    // TLS without a certificate: a service token, never a device's client id; admin tokens and
+    // wrong secrets are refused.
+    let (_, secret) = app
+        .tokens
+        .create("pipeline", TokenRole::Service)
+        .await
+        .expect("token");
+    let anon = tls(None);
+    assert!(matches!(
+        connect(&hooks, &anon, "ingest-1", Some(secret.as_bytes())).await,
+        Ok(Principal::Service { ref name, .. }) if name == "pipeline"
+    ));
+    assert_eq!(
+        connect(&hooks, &anon, "lock-1", Some(secret.as_bytes()))
+            .await
+            .err(),
+        Some(ConnectRefusal::BadClientId)
+    );
+    let (_, admin) = app
+        .tokens
+        .create("ops", TokenRole::Admin)
+        .await
+        .expect("token");
+    assert_eq!(
+        connect(&hooks, &anon, "ops-1", Some(admin.as_bytes()))
+            .await
+            .err(),
+        Some(ConnectRefusal::NotAuthorized)
+    );
+    assert_eq!(
+        connect(&hooks, &anon, "x", Some(b"wrong")).await.err(),
+        Some(ConnectRefusal::BadUsernameOrPassword)
+    );
+    assert_eq!(
+        connect(&hooks, &anon, "x", None).await.err(),
+        Some(ConnectRefusal::NotAuthorized)
+    );
+
+    // Once the server is gone the hooks (which hold it only weakly) refuse, they do not panic.
+    drop(app);
+    server.shutdown().await;
+    assert_eq!(
+        connect(&hooks, &info, "lock-1", None).await.err(),
+        Some(ConnectRefusal::ServerUnavailable)
+    );
+    let device = Principal::Device {
+        id: DeviceId::parse("lock-1").expect("id"),
+        tags: BTreeMap::new(),
+    };
+    assert!(!hooks.may_publish(&device, "devices/lock-1/telemetry"));
+}
+
+#[tokio::test]
+async fn publishes_are_routed_to_telemetry_commands_and_shadow_and_presence_follows_connects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path()).await;
+    let app = server.app.clone();
+    let hooks = ServerHooks::new(&app);
+    let pinned = PinnedCert {
+        sha256_hex: SHA.to_owned(),
+        serial_hex: "01".into(),
+        not_after_ms: 4_102_444_800_000,
+    };
+    app.registry
+        .create_device_pinned("lock-1", BTreeMap::new(), pinned)
+        .await
+        .expect("create");
+    let device = Principal::Device {
+        id: DeviceId::parse("lock-1").expect("id"),
+        tags: BTreeMap::new(),
+    };
+
+    hooks.on_connected("lock-1", &device);
+    assert!(app.registry.get_device("lock-1").await.expect("get").online);
+
+    // Telemetry on its own topic is stored before the verdict; garbage is refused with 0x99.
+    let now = app.now_ms();
+    let point = format!(r#"{{"seq": 7, "ts": {now}, "temp": 20.5}}"#);
+    let msg = Message::new("devices/lock-1/telemetry", point.into_bytes(), 1, false);
+    assert_eq!(
+        hooks.on_publish(&device, "lock-1", &msg).await,
+        PublishVerdict::Accept
+    );
+    let latest = app.telemetry.latest("lock-1").await.expect("latest");
+    assert_eq!(latest.get("temp").map(|(ts, _)| *ts), Some(now));
+    let bad = Message::new("devices/lock-1/telemetry", &b"{not json"[..], 1, false);
+    assert_eq!(
+        hooks.on_publish(&device, "lock-1", &bad).await,
+        PublishVerdict::Reject(0x99)
+    );
+
+    // A command's ack and result, published by the device, move the command.
+    let (_, cmd) = app
+        .commands
+        .create_command(
+            "lock-1",
+            NewCommand {
+                name: "unlock".into(),
+                params: json!({}),
+                ttl_secs: None,
+                max_attempts: None,
+                idempotency_key: None,
+                result_timeout_secs: None,
+            },
+            None,
+        )
+        .await
+        .expect("command");
+    let result = Message::new(
+        format!("devices/lock-1/commands/{}/result", cmd.id),
+        &br#"{"status":"succeeded","output":{"ok":true}}"#[..],
+        1,
+        false,
+    );
+    assert_eq!(
+        hooks.on_publish(&device, "lock-1", &result).await,
+        PublishVerdict::Accept
+    );
+    let done = app
+        .commands
+        .get_command("lock-1", &cmd.id, None)
+        .await
+        .expect("get");
+    assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
+
+    // A reported shadow update is merged; an invalid one is refused.
+    let reported = Message::new(
+        "devices/lock-1/shadow/reported",
+        &br#"{"fw":"1.4.0"}"#[..],
+        1,
+        false,
+    );
+    assert_eq!(
+        hooks.on_publish(&device, "lock-1", &reported).await,
+        PublishVerdict::Accept
+    );
+    let shadow = app.shadows.get("lock-1").await.expect("shadow");
+    assert_eq!(shadow.reported.get("fw"), Some(&json!("1.4.0")));
+    let not_object = Message::new("devices/lock-1/shadow/reported", &b"[1]"[..], 1, false);
+    assert_eq!(
+        hooks.on_publish(&device, "lock-1", &not_object).await,
+        PublishVerdict::Reject(0x99)
+    );
+
+    hooks.on_disconnected("lock-1", &device);
+    assert!(!app.registry.get_device("lock-1").await.expect("get").online);
+    drop(app);
+    server.shutdown().await;
+}
