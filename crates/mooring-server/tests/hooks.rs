@@ -2,8 +2,9 @@
 //! on every PUBLISH and on (dis)connect, answered from a server started in-process, and what a
 //! hook answers once the server is gone.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use mooring_broker::{
     ConnInfo, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message, ProtocolVersion,
@@ -14,21 +15,12 @@ use mooring_proto::DeviceId;
 use mooring_server::commands::NewCommand;
 use mooring_server::hooks::ServerHooks;
 use mooring_server::registry::PinnedCert;
-use mooring_server::{Listeners, RunningServer, ServerConfig};
+use mooring_server::RunningServer;
 use mooring_store::{CommandState, TokenRole};
 use serde_json::json;
 
 async fn start(dir: &std::path::Path) -> RunningServer {
-    let config = ServerConfig {
-        data_dir: dir.to_owned(),
-        mqtt_addr: "127.0.0.1:0".parse().expect("addr"),
-        http_addr: "127.0.0.1:0".parse().expect("addr"),
-        ..ServerConfig::default()
-    };
-    let listeners = Listeners::bind(&config).await.expect("bind");
-    RunningServer::start(config, listeners, Arc::new(mooring_proto::SystemClock))
-        .await
-        .expect("start")
+    support::start(dir, false).await
 }
 
 const SHA: &str = "aa00000000000000000000000000000000000000000000000000000000000000";

@@ -3,28 +3,20 @@
 //! handlers, the MQTT hooks and the simulator use them. The end-to-end tests of the binary stay
 //! in crates/mooring/tests.
 
+mod support;
+
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use mooring_server::commands::NewCommand;
 use mooring_server::error::ErrorKind;
 use mooring_server::registry::PinnedCert;
 use mooring_server::telemetry::Ingest;
-use mooring_server::{Listeners, RunningServer, ServerConfig};
+use mooring_server::RunningServer;
 use mooring_store::CommandState;
 use serde_json::json;
 
 async fn start(dir: &std::path::Path) -> RunningServer {
-    let config = ServerConfig {
-        data_dir: dir.to_owned(),
-        mqtt_addr: "127.0.0.1:0".parse().expect("addr"),
-        http_addr: "127.0.0.1:0".parse().expect("addr"),
-        ..ServerConfig::default()
-    };
-    let listeners = Listeners::bind(&config).await.expect("bind");
-    RunningServer::start(config, listeners, Arc::new(mooring_proto::SystemClock))
-        .await
-        .expect("start")
+    support::start(dir, false).await
 }
 
 fn cert(id: &str) -> PinnedCert {

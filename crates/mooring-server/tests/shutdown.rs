@@ -2,23 +2,14 @@
 //! broker's hooks) keeps the app, its store connections or its writers alive afterwards, which
 //! is what lets the simulator restart a server in one process without leaking the old one.
 
-use std::sync::Arc;
+mod support;
 
-use mooring_server::{Listeners, RunningServer, ServerConfig};
+
+use mooring_server::RunningServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn start(dir: &std::path::Path) -> RunningServer {
-    let config = ServerConfig {
-        data_dir: dir.to_owned(),
-        mqtt_addr: "127.0.0.1:0".parse().expect("addr"),
-        mqtt_dev_addr: Some("127.0.0.1:0".parse().expect("addr")),
-        http_addr: "127.0.0.1:0".parse().expect("addr"),
-        ..ServerConfig::default()
-    };
-    let listeners = Listeners::bind(&config).await.expect("bind");
-    RunningServer::start(config, listeners, Arc::new(mooring_proto::SystemClock))
-        .await
-        .expect("start")
+    support::start(dir, true).await
 }
 
 /// A v3.1.1 client on the dev listener with a persistent session and a subscription.
