@@ -4,7 +4,6 @@
 
 mod support;
 
-
 use mooring_server::RunningServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
