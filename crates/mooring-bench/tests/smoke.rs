@@ -117,6 +117,19 @@ async fn ingest_of_ten_messages_runs_against_both_and_ours_stores_every_ack() ->
             .is_some_and(|n| n.contains("verified: 10 stored = 10 acked")),
         "{qos1}"
     );
+    // The fair peer: Mosquitto relaying to one subscriber, next to ours stored.
+    let relay = row(
+        &doc,
+        "QoS0, 1 publisher, mosquitto relaying to 1 subscriber",
+    );
+    assert!(
+        relay["mosquitto"].as_f64().is_some_and(|v| v > 0.0),
+        "{relay}"
+    );
+    assert!(
+        relay["mooring"].as_f64().is_some_and(|v| v > 0.0),
+        "{relay}"
+    );
     Ok(())
 }
 

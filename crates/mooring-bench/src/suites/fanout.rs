@@ -346,7 +346,7 @@ const QUEUE_FULL_METRIC: &str = "mooring_mqtt_refusals_total{reason=\"queue_full
 /// Reads QoS 1 messages and PUBACKs each (acks flushed whenever no further packet is already
 /// buffered) until `expect` arrived, nothing came for [`FANOUT_IDLE_TIMEOUT`] after the first,
 /// or `deadline`; then disconnects. Returns the count and when the last one arrived.
-async fn receive_all(
+pub(super) async fn receive_all(
     mut conn: client::Conn,
     expect: usize,
     deadline: tokio::time::Instant,

@@ -1,10 +1,11 @@
 //! Suite 2: QoS 0/1 telemetry ingest, from publish to the store.
 
+use super::fanout::receive_all;
 use super::publishers::{connect_publishers, publish_all, MESSAGES_PER_PUBLISHER_MAX};
-use super::{fresh_start, percentile, row_from};
+use super::{fresh_start, percentile, row_from, FANOUT_FILTER};
 use crate::client::{self};
 use crate::report::{Row, Table};
-use crate::target::Target;
+use crate::target::{self, Kind, Target};
 use crate::Bench;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -87,14 +88,31 @@ pub async fn ingest(b: &mut Bench) -> anyhow::Result<Table> {
                 )
                 .note(notes.join("; ")),
             );
+            // The fair peers: Mosquitto relaying everything to one subscriber (data that goes
+            // somewhere), and, with --mosquitto-persistence, doing so with `persistence true`.
+            let mooring_rate = rates.get(Kind::Mooring.name()).copied();
+            let mut variants = vec![false];
+            if b.args.mosquitto_persistence {
+                variants.push(true);
+            }
+            for persistence in variants {
+                let seq_base = seq_base_for(b);
+                if let Some(row) = relay_row(b, qos, p, persistence, seq_base, mooring_rate).await?
+                {
+                    table.push(row);
+                }
+            }
         }
     }
     for t in b.targets.iter_mut() {
         t.kill().await;
+        t.set_persistence(false)?;
     }
     table.push(Row::new("setup", None, None).note(
         "mooring: PUBACK only after the point is in SQLite (WAL, synchronous=FULL, fsync per group commit); \
-         mosquitto: defaults, persistence off, no subscribers (messages are accepted and dropped)",
+         mosquitto: defaults, persistence off, no subscribers (messages are accepted and dropped); \
+         'relaying to 1 subscriber' rows: mosquitto's rate is what one subscriber (QoS as published, \
+         clean session, devices/+/telemetry) received per second, next to ours stored per second",
     ));
     Ok(table)
 }
@@ -156,4 +174,120 @@ async fn ingest_case(
         rate: stored.min(expect) as f64 / elapsed.as_secs_f64(),
         note,
     })
+}
+
+/// A sequence base for a case of its own (so a relay run's seqs never repeat an earlier run's).
+fn seq_base_for(b: &mut Bench) -> u64 {
+    let case = b.next_case();
+    b.seq_base + case * MESSAGES_PER_PUBLISHER_MAX as u64
+}
+
+/// One row: Mosquitto relaying a `qos`/`publishers` ingest case to one subscriber (median of
+/// `--repeat` runs), beside ours stored. `None` without a Mosquitto target.
+async fn relay_row(
+    b: &mut Bench,
+    qos: u8,
+    publishers: usize,
+    persistence: bool,
+    seq_base: u64,
+    mooring_rate: Option<f64>,
+) -> anyhow::Result<Option<Row>> {
+    let (args, sources) = (b.args.clone(), b.sources.clone());
+    let Some(t) = b.targets.iter_mut().find(|t| t.kind == Kind::Mosquitto) else {
+        return Ok(None);
+    };
+    if t.persistence() != persistence {
+        t.set_persistence(persistence)?;
+        fresh_start(t, publishers).await?;
+    }
+    let mut rates = Vec::new();
+    let mut notes = Vec::new();
+    for rep in 0..args.repeat.max(1) {
+        let base = seq_base + rep as u64 * (args.messages as u64 + 1);
+        match relay_case(t, &args, &sources, publishers, qos, base).await {
+            Ok((rate, note)) => {
+                eprintln!("  mosquitto relaying to 1 subscriber: {rate:.0} msg/s {note}");
+                if !note.is_empty() {
+                    notes.push(note);
+                }
+                rates.push(rate);
+            }
+            Err(e) => notes.push(format!("run {}: failed: {e}", rep + 1)),
+        }
+    }
+    if persistence {
+        // The next ingest case measures the default Mosquitto again.
+        t.set_persistence(false)?;
+        fresh_start(t, publishers).await?;
+    }
+    rates.sort_by(f64::total_cmp);
+    let label = format!(
+        "QoS{qos}, {publishers} publisher{}, mosquitto relaying to 1 subscriber{}",
+        if publishers == 1 { "" } else { "s" },
+        if persistence {
+            ", persistence true"
+        } else {
+            ""
+        }
+    );
+    let median = (!rates.is_empty()).then(|| percentile(&rates, 0.5));
+    Ok(Some(
+        Row::new(label, mooring_rate, median).note(notes.join("; ")),
+    ))
+}
+
+/// Publishes an ingest case while one subscriber receives everything; the rate is what the
+/// subscriber received per second, from the first publish to the last message it got.
+async fn relay_case(
+    t: &mut Target,
+    args: &crate::BenchArgs,
+    sources: &std::sync::Arc<client::SourceAddrs>,
+    publishers: usize,
+    qos: u8,
+    seq_base: u64,
+) -> anyhow::Result<(f64, String)> {
+    let total = args.messages.max(publishers);
+    let ep = t.endpoint()?.clone();
+    let backend = t.backend_login().await?;
+    let opts = client::ConnectOpts {
+        keepalive_secs: super::IDLE_KEEPALIVE_SECS,
+        clean_session: true,
+        login: backend.login.clone(),
+    };
+    let (mut sub, _) = client::connect_with(
+        &ep,
+        backend.tls.clone(),
+        target::BACKEND_CLIENT_ID,
+        sources.next(),
+        &opts,
+    )
+    .await?;
+    sub.subscribe(FANOUT_FILTER, qos).await?;
+    let deadline = tokio::time::Instant::now() + args.timeout();
+    let conns = connect_publishers(t, sources, publishers).await?;
+    let started = Instant::now();
+    let receiver = tokio::spawn(receive_all(sub, total, deadline));
+    let published = publish_all(conns, total, qos, args, seq_base).await;
+    let (sent, _) = match published {
+        Ok(r) => r,
+        Err(e) => {
+            receiver.abort();
+            return Err(e);
+        }
+    };
+    let (got, last) = receiver
+        .await
+        .map_err(|e| anyhow::anyhow!("subscriber task: {e}"))??;
+    let elapsed = last.map_or(Duration::ZERO, |l| l - started);
+    let rate = if elapsed > Duration::ZERO {
+        got as f64 / elapsed.as_secs_f64()
+    } else {
+        0.0
+    };
+    let note = if got < sent {
+        format!("the subscriber received {got} of {sent}")
+    } else {
+        String::new()
+    };
+    Ok((rate, note))
 }
