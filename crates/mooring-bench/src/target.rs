@@ -362,6 +362,14 @@ impl Target {
         Ok(())
     }
 
+    /// Ours: the data directory (where the store fsyncs).
+    pub fn data_dir(&self) -> Option<&Path> {
+        match &self.flavor {
+            Flavor::Mooring(m) => Some(&m.data_dir),
+            Flavor::Mosquitto(_) => None,
+        }
+    }
+
     /// Whether the next (or current) Mosquitto start has `persistence true`.
     pub fn persistence(&self) -> bool {
         matches!(&self.flavor, Flavor::Mosquitto(s) if s.persistence)

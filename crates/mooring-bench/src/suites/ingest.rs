@@ -88,6 +88,13 @@ pub async fn ingest(b: &mut Bench) -> anyhow::Result<Table> {
                 )
                 .note(notes.join("; ")),
             );
+            if qos == 1 && p == 1 {
+                if let Some(row) =
+                    fsync_bound_row(b, rates.get(Kind::Mooring.name()).copied()).await?
+                {
+                    table.push(row);
+                }
+            }
             // The fair peers: Mosquitto relaying everything to one subscriber (data that goes
             // somewhere), and, with --mosquitto-persistence, doing so with `persistence true`.
             let mooring_rate = rates.get(Kind::Mooring.name()).copied();
@@ -290,4 +297,63 @@ async fn relay_case(
         String::new()
     };
     Ok((rate, note))
+}
+
+/// fsyncs timed by [`fsync_latency_ms`].
+const FSYNC_SAMPLES: usize = 200;
+
+/// One publisher's QoS 1 rate is bounded by how fast the disk makes a write durable: at most
+/// `window` messages per commit, one commit per fsync. This row states that bound for the disk
+/// under our data dir and our rate as a share of it.
+async fn fsync_bound_row(b: &Bench, ours: Option<f64>) -> anyhow::Result<Option<Row>> {
+    let Some(dir) = b
+        .targets
+        .iter()
+        .find_map(|t| t.data_dir().map(std::path::Path::to_path_buf))
+    else {
+        return Ok(None);
+    };
+    let (p50, p99) = tokio::task::spawn_blocking(move || fsync_latency_ms(&dir, FSYNC_SAMPLES))
+        .await
+        .map_err(|e| anyhow::anyhow!("fsync probe: {e}"))??;
+    let window = b.args.window.max(1) as f64;
+    let bound = window / (p50 / 1000.0);
+    let share = ours.map_or_else(
+        || "ours not measured".to_owned(),
+        |r| format!("ours = {:.0} % of it", 100.0 * r / bound),
+    );
+    Ok(Some(
+        Row::new(
+            "QoS1, 1 publisher: fsync bound (in flight ÷ p50 fsync)",
+            Some(bound),
+            None,
+        )
+        .note(format!(
+            "{share}; this disk's fsync (4 KiB write + fdatasync, {FSYNC_SAMPLES} samples in the data dir): p50 {p50:.2} ms, p99 {p99:.2} ms; {window} in flight"
+        )),
+    ))
+}
+
+/// p50 and p99, in ms, of rewriting 4 KiB of a file in `dir` and `fdatasync`ing it.
+fn fsync_latency_ms(dir: &std::path::Path, samples: usize) -> anyhow::Result<(f64, f64)> {
+    use std::io::{Seek, SeekFrom, Write};
+    let path = dir.join("bench-fsync-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)?;
+    let block = [0x5au8; 4096];
+    let mut ms = Vec::with_capacity(samples);
+    for _ in 0..samples.max(1) {
+        f.seek(SeekFrom::Start(0))?;
+        f.write_all(&block)?;
+        let started = Instant::now();
+        f.sync_data()?;
+        ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    ms.sort_by(f64::total_cmp);
+    Ok((percentile(&ms, 0.5), percentile(&ms, 0.99)))
 }
