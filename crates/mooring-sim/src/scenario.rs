@@ -317,6 +317,19 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The action's name as written in a scenario file (`action = "cut_link"`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Command { .. } => "command",
+            Action::CutLink { .. } => "cut_link",
+            Action::DeleteDevice { .. } => "delete_device",
+            Action::Retag { .. } => "retag",
+            Action::RestartServer { .. } => "restart_server",
+        }
+    }
+}
+
 /// Assertions checked at the end; `mooring sim run` exits non-zero if one fails.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -384,3 +384,171 @@ fn broker_bounds_never_refuse_a_well_behaved_fleet_under_faults() -> anyhow::Res
     );
     Ok(())
 }
+
+/// The HTML report from a real run says what a reader needs first: whether the run passed
+/// (every expectation with what was measured), what each event did in plain words (a link cut
+/// and a server restart with how the devices came back), and charts with an axis in simulated
+/// time, value ticks with units and a marker per event, in one file that needs no network.
+#[test]
+fn the_html_report_shows_the_verdict_the_events_in_words_and_marked_charts() -> anyhow::Result<()> {
+    let s = scenario(
+        r#"
+        name = "ci-report"
+        seed = 7
+        duration = "30m"
+        sample_interval = "1m"
+
+        [[cohort]]
+        name = "eu"
+        count = 10
+        region = "eu"
+        tags = { hw = "a" }
+        telemetry_interval = "1m"
+        connect_spread = "30s"
+
+        [[cohort]]
+        name = "us"
+        count = 10
+        region = "us"
+        tags = { hw = "b" }
+        telemetry_interval = "1m"
+        connect_spread = "30s"
+        power_loss_per_day = 96
+
+        [[event]]
+        at = "5m"
+        action = "cut_link"
+        region = "eu"
+        duration = "5m"
+
+        [[event]]
+        at = "8m"
+        action = "command"
+        to = "tag:hw=a"
+        name = "ping"
+        ttl = "15m"
+
+        [[event]]
+        at = "15m"
+        action = "restart_server"
+        downtime = "1m"
+
+        [[event]]
+        at = "20m"
+        action = "delete_device"
+        device = "us-3"
+
+        [expect]
+        lost_acked_telemetry = 0
+        commands_executed_twice = 0
+        # One device is deleted: 20 cannot be online at the end, so this one fails.
+        min_online_at_end = 20
+        "#,
+    )?;
+    let r = run(&s)?;
+    let html = r.html();
+
+    // The verdict, and every expectation with its measured value.
+    assert_eq!(
+        failed(&r),
+        vec!["min_online_at_end: expected >= 20, got 19"]
+    );
+    assert!(
+        html.contains("FAILED — 1 of 3 expectations failed"),
+        "{html}"
+    );
+    assert!(html
+        .contains("<td>min_online_at_end</td><td class=num>≥ 20</td><td class='num bad'>19</td>"));
+    assert!(html
+        .contains("<td>lost_acked_telemetry</td><td class=num>≤ 0</td><td class='num ok'>0</td>"));
+
+    // Each event in words, the cut and the restart with how the devices came back.
+    let cut = &r.timeline[0];
+    let back = cut.reconnected.as_ref().expect("the cut's reconnections");
+    assert_eq!(
+        (back.devices, back.of),
+        (10, 10),
+        "every eu device came back"
+    );
+    // The agents' reconnect backoff is capped at 30 s (plus jitter), in simulated time.
+    assert!(
+        back.median_ms <= back.max_ms && back.max_ms <= 60_000,
+        "{back:?}"
+    );
+    let lines = r.event_lines();
+    assert!(
+        lines[0].starts_with(
+            "cut_link (region eu) at 0:05: 10 devices cut for 5 min; all 10 devices \
+             reconnected within "
+        ),
+        "{lines:#?}"
+    );
+    assert!(
+        lines[0].contains(" of the link returning (median "),
+        "{lines:#?}"
+    );
+    assert_eq!(
+        lines[1],
+        "command ping to tag:hw=a at 0:08: sent to 10 devices"
+    );
+    assert!(
+        lines[2].starts_with(
+            "restart_server at 0:15: the server was down for 1 min; all 19 devices reconnected \
+             within "
+        ) && lines[2].contains("1 device deleted since is not counted"),
+        "{lines:#?}"
+    );
+    assert_eq!(lines[3], "delete_device us-3 at 0:20: deleted");
+    let faults = r.fault_lines();
+    assert!(
+        faults.iter().any(|l| l.starts_with("power loss: ")
+            && l.ends_with(" times a device lost power and rebooted on the same flash")),
+        "{faults:#?}"
+    );
+    assert!(
+        faults.contains(
+            &"deleted devices: the deleted device was offline at the end (session ended, \
+              reconnects refused)"
+                .to_owned()
+        ),
+        "{faults:#?}"
+    );
+    // On the page: numbered, with the time apart.
+    assert!(html.contains(
+        "<span class=t>0:05</span>cut_link (region eu): 10 devices cut for 5 min; all 10 \
+         devices reconnected within "
+    ));
+    assert!(html.contains("<span class=t>0:20</span>delete_device us-3: deleted</li>"));
+    for line in &faults {
+        assert!(html.contains(line.as_str()), "the page says {line:?}");
+    }
+
+    // Charts: as wide as the page, simulated time on the x axis, units on the y axis, and a
+    // numbered marker for each event on every chart.
+    let charts = html.matches("<svg class=chart").count();
+    assert_eq!(charts, 3, "online, telemetry, commands");
+    assert_eq!(
+        html.matches("viewBox='0 0 1000 300' width='100%'").count(),
+        charts
+    );
+    assert_eq!(
+        html.matches("<g class=marker>").count(),
+        charts * r.timeline.len()
+    );
+    for tick in ["0:00", "0:05", "0:15", "0:30"] {
+        assert!(
+            html.contains(&format!(">{tick}</text>")),
+            "time tick {tick}"
+        );
+    }
+    for unit in ["devices", "messages / min", "commands"] {
+        assert!(html.contains(&format!(">{unit}</text>")), "unit {unit}");
+    }
+    assert!(html.contains("class=ytick"));
+
+    // One self-contained file.
+    for external in ["<script", "http://", "https://", "src=", "<link"] {
+        assert!(!html.contains(external), "the page contains {external}");
+    }
+    Ok(())
+}

@@ -5,12 +5,12 @@ use super::{inc, Stats};
 use crate::clock::VirtualClock;
 use futures::task::AtomicWaker;
 use mooring_broker::{Broker, ConnInfo, ListenerKind};
-use mooring_proto::sync::{read, write};
+use mooring_proto::sync::{lock, read, write};
 use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -69,6 +69,12 @@ pub struct DeviceLink {
     waker: AtomicWaker,
     /// Added to every chunk the device receives (round trip = 2 x one-way latency).
     rtt: Duration,
+    /// Virtual ms since which the run waits for this device to be accepted by the server again
+    /// (0: not waiting); see [`DeviceLink::await_reconnect`].
+    reconnect_since_ms: AtomicU64,
+    /// `(since_ms, accepted_at_ms)` of every wait that ended: one per `cut_link` or
+    /// `restart_server` event at most, so bounded by the scenario's events.
+    reconnects: Mutex<Vec<(u64, u64)>>,
 }
 
 impl DeviceLink {
@@ -80,6 +86,40 @@ impl DeviceLink {
             down_until_ms: AtomicU64::new(0),
             waker: AtomicWaker::new(),
             rtt: Duration::from_millis(latency_ms.saturating_mul(2)),
+            reconnect_since_ms: AtomicU64::new(0),
+            reconnects: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// From `since_ms` (virtual ms since the start) on, note when the server next accepts a
+    /// connection of this device ([`DeviceLink::reconnected_after`]). A later call replaces a
+    /// wait that has not ended.
+    pub fn await_reconnect(&self, since_ms: u64) {
+        self.reconnect_since_ms
+            .store(since_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// When the server first accepted this device's connection at or after `since_ms`, if it
+    /// did (for a wait started with [`DeviceLink::await_reconnect`]`(since_ms)`).
+    pub fn reconnected_after(&self, since_ms: u64) -> Option<u64> {
+        lock(&self.reconnects)
+            .iter()
+            .find(|(since, _)| *since == since_ms.max(1))
+            .map(|(_, at)| *at)
+    }
+
+    /// The server accepted a connection of this device (its CONNACK said so) at `now_ms`.
+    fn accepted(&self, now_ms: u64) {
+        let since = self.reconnect_since_ms.load(Ordering::Relaxed);
+        if since == 0 || now_ms < since {
+            return;
+        }
+        if self
+            .reconnect_since_ms
+            .compare_exchange(since, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            lock(&self.reconnects).push((since, now_ms));
         }
     }
 
@@ -144,9 +184,11 @@ impl mooring_agent::Connector for SimConnector {
             inner: device_end,
             link: self.link.clone(),
             stats: self.net.stats.clone(),
+            clock: self.net.clock,
             epoch,
             observed: false,
             delay,
+            connack: ConnackWatch::default(),
         }))
     }
 
@@ -161,9 +203,36 @@ struct SimStream {
     inner: Box<dyn mooring_agent::Stream>,
     link: Arc<DeviceLink>,
     stats: Arc<Stats>,
+    clock: VirtualClock,
     epoch: u64,
     observed: bool,
     delay: Option<Box<Delay>>,
+    connack: ConnackWatch,
+}
+
+/// The first four bytes the device receives on a connection: an MQTT 3.1.1 server sends its
+/// CONNACK first (`0x20 0x02 <flags> <return code>`), so they say whether (and when) the server
+/// accepted the connection.
+#[derive(Default)]
+struct ConnackWatch {
+    head: [u8; 4],
+    len: usize,
+}
+
+impl ConnackWatch {
+    /// Feeds received bytes; true once, when they complete a CONNACK that accepts.
+    fn feed(&mut self, bytes: &[u8]) -> bool {
+        if self.len == self.head.len() || bytes.is_empty() {
+            return false;
+        }
+        let n = bytes.len().min(self.head.len() - self.len);
+        self.head[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+        self.len += n;
+        self.len == self.head.len()
+            && self.head[0] == 0x20
+            && self.head[1] == 2
+            && self.head[3] == 0
+    }
 }
 
 struct Delay {
@@ -198,6 +267,23 @@ impl Drop for SimStream {
 
 impl AsyncRead for SimStream {
     fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = out.filled().len();
+        let polled = self.as_mut().poll_read_link(cx, out);
+        let this = &mut *self;
+        if matches!(polled, Poll::Ready(Ok(()))) && this.connack.feed(&out.filled()[before..]) {
+            this.link.accepted(this.clock.elapsed_ms());
+        }
+        polled
+    }
+}
+
+impl SimStream {
+    /// Reads through the link: fails once it is cut, delays by its latency.
+    fn poll_read_link(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
@@ -262,5 +348,24 @@ impl AsyncWrite for SimStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_accepting_connack_is_seen_across_chunks_and_only_once() {
+        let mut w = ConnackWatch::default();
+        assert!(!w.feed(&[0x20]));
+        assert!(!w.feed(&[0x02, 0x00]));
+        assert!(w.feed(&[0x00, 0x30, 0x01]), "CONNACK, return code 0");
+        assert!(
+            !w.feed(&[0x20, 0x02, 0x00, 0x00]),
+            "only the first packet counts"
+        );
+        let mut refused = ConnackWatch::default();
+        assert!(!refused.feed(&[0x20, 0x02, 0x00, 0x05]), "not authorized");
     }
 }

@@ -4,14 +4,15 @@
 use super::Control;
 use crate::device::{DeviceState, SIM_CMD_KEY};
 use crate::harness::InProcessServer;
-use crate::scenario::{Action, Scenario};
+use crate::report::TimelineEvent;
+use crate::scenario::{Action, DurationMs, Scenario};
 use mooring_proto::sync::lock;
 use mooring_server::app::App;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::time::Instant;
 
-/// Plays the scenario's events at their times.
+/// Plays the scenario's events at their times; each one's outcome goes on the run's timeline.
 pub(super) async fn run_events(
     s: Scenario,
     control: Arc<Control>,
@@ -23,79 +24,49 @@ pub(super) async fn run_events(
     for (i, e) in events {
         tokio::time::sleep_until(start + e.at.as_std()).await;
         let at = fmt_ms(e.at.0);
-        match &e.action {
+        let (target, detail) = describe(&e.action);
+        let mut ev = TimelineEvent {
+            at_ms: e.at.0,
+            action: e.action.name().to_owned(),
+            target,
+            detail,
+            ..TimelineEvent::default()
+        };
+        let mut watch = None;
+        let outcome = match &e.action {
             Action::Command {
                 to,
                 name,
                 params,
                 ttl,
-            } => {
-                let mut params = match params {
-                    serde_json::Value::Null => serde_json::Map::new(),
-                    serde_json::Value::Object(m) => m.clone(),
-                    _ => {
-                        control.error(format!(
-                            "event {i} (command at {at}): params must be an object"
-                        ));
-                        continue;
-                    }
-                };
-                params.insert(SIM_CMD_KEY.into(), serde_json::Value::from(i));
-                let created = match (&control.remote, control.app()) {
-                    (Some(api), _) => api
-                        .fleet_command(
-                            to,
-                            name,
-                            serde_json::Value::Object(params),
-                            ttl.map(|t| t.0 / 1000),
-                        )
-                        .await
-                        .map_err(|e| format!("{e:#}")),
-                    (None, Some(app)) => {
-                        let c = mooring_server::commands::NewCommand {
-                            name: name.clone(),
-                            params: serde_json::Value::Object(params),
-                            ttl_secs: ttl.map(|t| t.0 / 1000),
-                            max_attempts: None,
-                            idempotency_key: None,
-                            result_timeout_secs: None,
-                        };
-                        app.commands
-                            .create_fleet_command(to, c)
-                            .await
-                            .map(|v| (v.parent.id.clone(), v.parent.total))
-                            .map_err(|e| e.to_string())
-                    }
-                    (None, None) => Err("the server is down".to_owned()),
-                };
-                match created {
-                    Ok((id, total)) => {
-                        control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
-                        lock(&control.fleet_commands).push((i, id, total));
-                    }
-                    Err(err) => control.error(format!("event {i} (command at {at}): {err}")),
-                }
-            }
+            } => command(&control, i, to, name, params, *ttl)
+                .await
+                .map(|total| {
+                    control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
+                    ev.devices = total;
+                }),
             Action::CutLink { region, duration } => {
                 let until = control.net.clock.elapsed_ms() + duration.0;
-                let mut hit = 0u64;
+                let mut hit = Vec::new();
                 for d in devices
                     .iter()
                     .filter(|d| region.is_empty() || s.cohorts[d.cohort].region == *region)
                 {
                     d.link.cut(until, &control.net.stats);
-                    hit += 1;
+                    d.link.await_reconnect(until);
+                    hit.push(d.index);
                 }
-                let what = if region.is_empty() {
-                    "all regions".to_owned()
-                } else {
-                    format!("region {region}")
-                };
                 control.log(format!(
-                    "{at}: cut_link {what} for {}: {hit} devices",
-                    fmt_ms(duration.0)
+                    "{at}: cut_link {} for {}: {} devices",
+                    ev.target,
+                    fmt_ms(duration.0),
+                    hit.len()
                 ));
-                control.fault("cut_link (devices)", hit, 0);
+                control.fault("cut_link (devices)", hit.len() as u64, 0);
+                ev.devices = hit.len() as u64;
+                ev.until_ms = Some(until);
+                watch = Some((until, hit));
+                Ok(())
             }
             Action::DeleteDevice { device } => {
                 let (device, deleted) = match (&control.remote, control.app()) {
@@ -113,34 +84,26 @@ pub(super) async fn run_events(
                     ),
                     (None, None) => (device.clone(), Err("the server is down".to_owned())),
                 };
-                match deleted {
-                    Ok(()) => {
-                        control.log(format!("{at}: deleted device {device}"));
-                        lock(&control.deleted).insert(device.clone());
-                        control.fault("delete_device", 1, 0);
-                    }
-                    Err(err) => control.error(format!("event {i} (delete_device at {at}): {err}")),
-                }
+                ev.target = device.clone();
+                deleted.map(|()| {
+                    control.log(format!("{at}: deleted device {device}"));
+                    lock(&control.deleted).insert(device);
+                    control.fault("delete_device", 1, 0);
+                    ev.devices = 1;
+                })
             }
             Action::Retag { to, tags } => {
-                let Some(app) = control.app().filter(|_| control.remote.is_none()) else {
-                    control.error(format!(
-                        "event {i} (retag at {at}): needs the in-process server, running"
-                    ));
-                    continue;
-                };
-                match retag(&app, to, tags).await {
-                    Ok(n) => {
+                match control.app().filter(|_| control.remote.is_none()) {
+                    None => Err("needs the in-process server, running".to_owned()),
+                    Some(app) => retag(&app, to, tags).await.map(|n| {
                         control.log(format!("{at}: retag {to:?} -> {tags:?}: {n} devices"));
                         control.fault("retag", n, 0);
-                    }
-                    Err(err) => control.error(format!("event {i} (retag at {at}): {err}")),
+                        ev.devices = n;
+                    }),
                 }
             }
             Action::RestartServer { .. } if control.remote.is_some() => {
-                control.error(format!(
-                    "event {i} (restart_server at {at}): needs the in-process server (remote mode cannot restart a server)"
-                ));
+                Err("needs the in-process server (remote mode cannot restart a server)".to_owned())
             }
             Action::RestartServer { downtime } => {
                 let old = control.server.lock().await.take();
@@ -160,13 +123,104 @@ pub(super) async fn run_events(
                             fmt_ms(downtime.0)
                         ));
                         control.fault("server_restart", 1, 1);
+                        let back = control.net.clock.elapsed_ms();
+                        let deleted = lock(&control.deleted).clone();
+                        let expected: Vec<usize> = devices
+                            .iter()
+                            .filter(|d| !deleted.contains(d.id.as_str()))
+                            .map(|d| {
+                                d.link.await_reconnect(back);
+                                d.index
+                            })
+                            .collect();
+                        ev.devices = expected.len() as u64;
+                        ev.until_ms = Some(back);
+                        watch = Some((back, expected));
+                        Ok(())
                     }
-                    Err(err) => {
-                        control.error(format!("event {i} (restart_server at {at}): {err:#}"));
-                        return;
-                    }
+                    Err(err) => Err(format!("{err:#}")),
                 }
             }
+        };
+        let server_lost = matches!(e.action, Action::RestartServer { .. })
+            && outcome.is_err()
+            && control.remote.is_none();
+        if let Err(err) = outcome {
+            control.error(format!("event {i} ({} at {at}): {err}", ev.action));
+            ev.error = Some(err);
+        }
+        control.happened(ev, watch);
+        if server_lost {
+            // Nothing more can be played without a server.
+            return;
+        }
+    }
+}
+
+/// Creates the fleet command of event `i`; returns how many devices it targets.
+async fn command(
+    control: &Control,
+    i: usize,
+    to: &str,
+    name: &str,
+    params: &serde_json::Value,
+    ttl: Option<DurationMs>,
+) -> Result<u64, String> {
+    let mut params = match params {
+        serde_json::Value::Null => serde_json::Map::new(),
+        serde_json::Value::Object(m) => m.clone(),
+        _ => return Err("params must be an object".to_owned()),
+    };
+    params.insert(SIM_CMD_KEY.into(), serde_json::Value::from(i));
+    let (id, total) = match (&control.remote, control.app()) {
+        (Some(api), _) => api
+            .fleet_command(
+                to,
+                name,
+                serde_json::Value::Object(params),
+                ttl.map(|t| t.0 / 1000),
+            )
+            .await
+            .map_err(|e| format!("{e:#}"))?,
+        (None, Some(app)) => {
+            let c = mooring_server::commands::NewCommand {
+                name: name.to_owned(),
+                params: serde_json::Value::Object(params),
+                ttl_secs: ttl.map(|t| t.0 / 1000),
+                max_attempts: None,
+                idempotency_key: None,
+                result_timeout_secs: None,
+            };
+            app.commands
+                .create_fleet_command(to, c)
+                .await
+                .map(|v| (v.parent.id.clone(), v.parent.total))
+                .map_err(|e| e.to_string())?
+        }
+        (None, None) => return Err("the server is down".to_owned()),
+    };
+    lock(&control.fleet_commands).push((i, id, total));
+    Ok(total)
+}
+
+/// An event's target (a region, a selector, a device) and detail (a command's name, new tags).
+fn describe(action: &Action) -> (String, String) {
+    match action {
+        Action::Command { to, name, .. } => (to.clone(), name.clone()),
+        Action::CutLink { region, .. } if region.is_empty() => {
+            ("all regions".into(), String::new())
+        }
+        Action::CutLink { region, .. } => (format!("region {region}"), String::new()),
+        Action::DeleteDevice { device } => (device.clone(), String::new()),
+        Action::Retag { to, tags } => (
+            to.clone(),
+            tags.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        Action::RestartServer { downtime } => {
+            (String::new(), format!("{} down", fmt_ms(downtime.0)))
         }
     }
 }

@@ -1,9 +1,11 @@
 //! What the run measures: the fleet sampler during the run, the readback of telemetry and
-//! commands at the end, the server's metrics, and the `[expect]` checks.
+//! commands at the end, how devices came back after each cut or restart, and the `[expect]`
+//! checks.
 
 use super::{Control, COMMANDS_PER_DEVICE_MAX};
+use crate::device::DeviceState;
 use crate::remote::RemoteApi;
-use crate::report::{ExpectationResult, Report, Sample};
+use crate::report::{ExpectationResult, Reconnected, Report, Sample, TimelineEvent};
 use crate::scenario::{Scenario, SEQ_METRIC};
 use mooring_proto::sync::lock;
 use mooring_server::app::Readback;
@@ -207,4 +209,38 @@ pub(super) fn check_expectations(
         });
     }
     out
+}
+
+/// The events' outcomes as played, each `cut_link` and `restart_server` with how its devices
+/// came back: how many the server accepted again after the link returned or the server was
+/// back, and how long the median and the slowest took. Devices deleted since do not count.
+pub(super) fn timeline(control: &Control, devices: &[Arc<DeviceState>]) -> Vec<TimelineEvent> {
+    let deleted = lock(&control.deleted).clone();
+    lock(&control.timeline)
+        .iter()
+        .map(|(event, watch)| {
+            let mut event = event.clone();
+            if let Some((since_ms, indices)) = watch {
+                let mut of = 0u64;
+                let mut delays: Vec<u64> = Vec::new();
+                for d in indices.iter().filter_map(|i| devices.get(*i)) {
+                    if deleted.contains(d.id.as_str()) {
+                        continue;
+                    }
+                    of += 1;
+                    if let Some(at_ms) = d.link.reconnected_after(*since_ms) {
+                        delays.push(at_ms.saturating_sub(*since_ms));
+                    }
+                }
+                delays.sort_unstable();
+                event.reconnected = Some(Reconnected {
+                    devices: delays.len() as u64,
+                    of,
+                    median_ms: delays.get(delays.len() / 2).copied().unwrap_or(0),
+                    max_ms: delays.last().copied().unwrap_or(0),
+                });
+            }
+            event
+        })
+        .collect()
 }

@@ -22,7 +22,7 @@ use crate::clock::VirtualClock;
 use crate::device::{self, CohortModel, DeviceState, Net, Stats};
 use crate::harness::InProcessServer;
 use crate::remote::RemoteApi;
-use crate::report::{FaultCount, Report, Sample};
+use crate::report::{FaultCount, Report, Sample, TimelineEvent};
 use crate::scenario::{Action, Scenario, ServerTarget};
 use anyhow::Context as _;
 use mooring_proto::sync::{lock, read, write};
@@ -56,6 +56,9 @@ pub fn run_blocking(scenario: &Scenario, data_dir: &Path) -> anyhow::Result<Repo
     rt.block_on(run(scenario, data_dir))
 }
 
+/// Devices (by index) whose reconnection an event waits for, from a virtual ms on.
+type Watch = (u64, Vec<usize>);
+
 /// What the control tasks (events, sampler) share with the run.
 struct Control {
     server: tokio::sync::Mutex<Option<InProcessServer>>,
@@ -71,6 +74,9 @@ struct Control {
     deleted: Mutex<HashSet<String>>,
     faults: Mutex<BTreeMap<String, FaultCount>>,
     samples: Mutex<Vec<Sample>>,
+    /// Every event's outcome, in the order played, with the devices whose reconnection it
+    /// waits for (since when, device indices): `cut_link` and `restart_server`.
+    timeline: Mutex<Vec<(TimelineEvent, Option<Watch>)>>,
     /// Remote mode: the server's API (no in-process server then).
     remote: Option<Arc<RemoteApi>>,
 }
@@ -123,6 +129,10 @@ impl Control {
         let e = f.entry(kind.to_owned()).or_default();
         e.injected += injected;
         e.detected += detected;
+    }
+
+    fn happened(&self, event: TimelineEvent, watch: Option<Watch>) {
+        lock(&self.timeline).push((event, watch));
     }
 
     fn log(&self, line: String) {
@@ -245,6 +255,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         deleted: Mutex::new(HashSet::new()),
         faults: Mutex::new(BTreeMap::new()),
         samples: Mutex::new(Vec::new()),
+        timeline: Mutex::new(Vec::new()),
         remote: remote.clone(),
     });
     if let Some(server) = server {
@@ -410,7 +421,9 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
                 }
                 for sample in &mut samples {
                     let t_unix = epoch_ms + sample.t_ms;
-                    if let Some((state, _)) = c.history.iter().rev().find(|(_, at)| *at <= t_unix) {
+                    // The state just before the mark, like the other series (the sampler reads
+                    // before events scheduled at the mark).
+                    if let Some((state, _)) = c.history.iter().rev().find(|(_, at)| *at < t_unix) {
                         *sample.commands.entry(state.clone()).or_default() += 1;
                     }
                 }
@@ -504,6 +517,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         server_metrics,
         samples,
         events: lock(&control.event_log).clone(),
+        timeline: measure::timeline(&control, &devices),
         expectations: Vec::new(),
     };
     let errors = lock(&control.event_errors).clone();

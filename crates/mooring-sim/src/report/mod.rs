@@ -1,5 +1,11 @@
 //! The run report: raw numbers as JSON, a human table, and an HTML page with SVG plots of
 //! online devices, telemetry rate and command states over simulated time.
+//!
+//! Here: the report's data and the table; `words.rs` says faults and events in plain language
+//! (shared by the table and the page) and `html.rs` renders the page.
+
+mod html;
+mod words;
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -31,6 +37,43 @@ pub struct ExpectationResult {
     pub expected: String,
     pub actual: String,
     pub ok: bool,
+}
+
+/// One scenario event as it was played: the report's chart markers and event lines.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TimelineEvent {
+    /// Simulated ms since the start.
+    pub at_ms: u64,
+    /// When what the event started was over (the cut link restored, the restarted server
+    /// accepting again); `None` for an instant event.
+    pub until_ms: Option<u64>,
+    /// The scenario action: `command`, `cut_link`, `delete_device`, `retag`, `restart_server`.
+    pub action: String,
+    /// What it was aimed at: a selector, `region <r>` or `all regions`, a device id.
+    pub target: String,
+    /// A command's name, a retag's new tags, a restart's downtime.
+    pub detail: String,
+    /// Devices it reached: targeted by the command, cut, deleted, re-tagged, or (a restart)
+    /// every device not deleted.
+    pub devices: u64,
+    /// `cut_link` and `restart_server`: how the devices came back.
+    pub reconnected: Option<Reconnected>,
+    /// Why the event could not be applied (it then fails the run).
+    pub error: Option<String>,
+}
+
+/// How the devices an event cut off came back once it was over (`until_ms`): the first
+/// connection the server accepted from each (its CONNACK, seen on the device's link).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Reconnected {
+    /// Devices that connected again before the run ended.
+    pub devices: u64,
+    /// Devices expected to: those the event reached, minus devices deleted since.
+    pub of: u64,
+    /// Time from `until_ms` to the median device's reconnection.
+    pub median_ms: u64,
+    /// Time from `until_ms` to the slowest reconnection.
+    pub max_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -82,6 +125,8 @@ pub struct Report {
     pub samples: Vec<Sample>,
     /// What each scenario event did, in order.
     pub events: Vec<String>,
+    /// Each scenario event with its time, reach and outcome, in the order played.
+    pub timeline: Vec<TimelineEvent>,
     pub expectations: Vec<ExpectationResult>,
 }
 
@@ -171,6 +216,9 @@ impl Report {
                 let _ = writeln!(out, "  {k:<52} {:>10} {:>10}", f.injected, f.detected);
             }
         }
+        for line in self.event_lines().iter().chain(&self.fault_lines()) {
+            let _ = writeln!(out, "  * {line}");
+        }
         for e in &self.events {
             let _ = writeln!(out, "  event {e}");
         }
@@ -193,123 +241,24 @@ impl Report {
         out
     }
 
-    /// A self-contained HTML page (inline SVG, no scripts).
+    /// A self-contained HTML page: a pass/fail banner with every expectation, the events and
+    /// faults in plain words, and charts (inline SVG, no scripts, nothing fetched).
     pub fn html(&self) -> String {
-        let mut out = String::new();
-        let _ = write!(
-            out,
-            "<!doctype html><meta charset=utf-8><title>mooring sim: {0}</title>\
-             <style>body{{font-family:sans-serif;margin:2em}}pre{{background:#f4f4f4;padding:1em}}\
-             svg{{border:1px solid #ccc;margin:.5em 0}}</style><h1>Scenario {0}</h1><pre>{1}</pre>",
-            escape(&self.scenario),
-            escape(&self.table())
-        );
-        let t: Vec<f64> = self
-            .samples
-            .iter()
-            .map(|s| s.t_ms as f64 / 60_000.0)
-            .collect();
-        let online: Vec<f64> = self.samples.iter().map(|s| s.online as f64).collect();
-        let rate: Vec<f64> = self.samples.iter().map(|s| s.telemetry_per_min).collect();
-        out.push_str(&svg_chart(
-            "Online devices",
-            &t,
-            &[("online", "#1f77b4", &online)],
-        ));
-        out.push_str(&svg_chart(
-            "Telemetry acknowledged (durably stored) per simulated minute",
-            &t,
-            &[("msg/min", "#2ca02c", &rate)],
-        ));
-        let states: std::collections::BTreeSet<&String> = self
-            .samples
-            .iter()
-            .flat_map(|s| s.commands.keys())
-            .collect();
-        let palette = [
-            "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e",
-        ];
-        let series: Vec<(String, &str, Vec<f64>)> = states
-            .iter()
-            .enumerate()
-            .map(|(i, st)| {
-                (
-                    (*st).clone(),
-                    palette[i % palette.len()],
-                    self.samples
-                        .iter()
-                        .map(|s| s.commands.get(*st).copied().unwrap_or(0) as f64)
-                        .collect(),
-                )
-            })
-            .collect();
-        let refs: Vec<(&str, &str, &[f64])> = series
-            .iter()
-            .map(|(n, c, v)| (n.as_str(), *c, v.as_slice()))
-            .collect();
-        if !refs.is_empty() {
-            out.push_str(&svg_chart("Commands by state", &t, &refs));
-        }
-        out
+        html::page(self)
     }
-}
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// A line chart: x in simulated minutes, one polyline per series.
-fn svg_chart(title: &str, x: &[f64], series: &[(&str, &str, &[f64])]) -> String {
-    const W: f64 = 800.0;
-    const H: f64 = 240.0;
-    const PAD: f64 = 40.0;
-    let x_max = x.iter().copied().fold(1.0_f64, f64::max);
-    let y_max = series
-        .iter()
-        .flat_map(|(_, _, v)| v.iter().copied())
-        .fold(1.0_f64, f64::max);
-    let mut out = String::new();
-    let _ = write!(
-        out,
-        "<h2>{}</h2><svg width='{W}' height='{H}' viewBox='0 0 {W} {H}' xmlns='http://www.w3.org/2000/svg'>",
-        escape(title)
-    );
-    let _ = write!(
-        out,
-        "<line x1='{PAD}' y1='{0}' x2='{PAD}' y2='{1}' stroke='black' /><line x1='{PAD}' y1='{1}' x2='{W}' y2='{1}' stroke='black' />\
-         <text x='2' y='12' font-size='10'>{2:.0}</text><text x='2' y='{1}' font-size='10'>0</text>\
-         <text x='{3}' y='{4}' font-size='10'>{5:.0} min</text>",
-        PAD / 2.0,
-        H - PAD,
-        y_max,
-        W - 60.0,
-        H - PAD + 14.0,
-        x_max
-    );
-    for (i, (name, color, values)) in series.iter().enumerate() {
-        let points: Vec<String> = x
-            .iter()
-            .zip(values.iter())
-            .map(|(xv, yv)| {
-                let px = PAD + xv / x_max * (W - PAD - 10.0);
-                let py = (H - PAD) - yv / y_max * (H - PAD - PAD / 2.0);
-                format!("{px:.1},{py:.1}")
-            })
-            .collect();
-        let _ = write!(
-            out,
-            "<polyline fill='none' stroke='{color}' stroke-width='1.5' points='{}' />\
-             <text x='{}' y='{}' font-size='11' fill='{color}'>{}</text>",
-            points.join(" "),
-            PAD + 10.0 + 120.0 * i as f64,
-            H - 8.0,
-            escape(name)
-        );
+    /// One line per scenario event, in the order played: what it did and, for a link cut or a
+    /// server restart, how the devices came back.
+    pub fn event_lines(&self) -> Vec<String> {
+        self.timeline.iter().map(words::event_line).collect()
     }
-    out.push_str("</svg>");
-    out
+
+    /// One line per kind of fault counted over the run (drops, outages, power losses, crashes,
+    /// ...; the events' own are in [`Report::event_lines`]) and what the agents and the server
+    /// made of it.
+    pub fn fault_lines(&self) -> Vec<String> {
+        words::fault_lines(self)
+    }
 }
 
 #[cfg(test)]
@@ -339,7 +288,18 @@ mod tests {
         });
         assert!(r.passed());
         assert!(r.table().contains("3600x"));
-        assert!(r.html().contains("<polyline"));
+        let html = r.html();
+        assert!(html.contains("<polyline"));
+        assert!(html.contains("PASSED — the expectation held"), "{html}");
+        r.expectations.push(ExpectationResult {
+            name: "min_online_at_end".into(),
+            expected: ">= 4".into(),
+            actual: "3".into(),
+            ok: false,
+        });
+        assert!(r.html().contains("FAILED — 1 of 2 expectations failed"));
+        r.expectations.clear();
+        assert!(r.html().contains("No expectations"));
         let json = serde_json::to_value(&r).expect("json");
         assert_eq!(json["devices"], 3);
     }

@@ -1,0 +1,529 @@
+//! The report as one self-contained HTML page: banner, events and faults in words, charts as inline SVG.
+//!
+//! Nothing is fetched and nothing runs: CSS is inline, charts are SVG drawn here (a `viewBox`
+//! at 100 % width, so they use the page's width), and event details are SVG `<title>` tooltips.
+
+use super::words::{self, clock, count};
+use super::{Report, TimelineEvent};
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+const STYLE: &str = "\
+:root{--ok:#1a7f37;--bad:#cf222e;--muted:#57606a;--line:#d0d7de}\
+body{font:15px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;color:#1f2328;\
+margin:0 auto;padding:1.2em 2em 3em;max-width:1280px}\
+h1{font-size:1.6em;margin:.3em 0 .1em}h2{font-size:1.15em;margin:1.8em 0 .4em}\
+.sub{color:var(--muted);margin:0}\
+.banner{padding:.7em 1em;border-radius:6px;font-weight:600;font-size:1.2em;margin:1em 0 .6em}\
+.banner.pass{background:#dafbe1;color:var(--ok);border:1px solid #4ac26b}\
+.banner.fail{background:#ffebe9;color:var(--bad);border:1px solid #ff8182}\
+.banner.none{background:#f6f8fa;color:var(--muted);border:1px solid var(--line)}\
+table{border-collapse:collapse}td,th{padding:.25em .9em .25em 0;text-align:left;\
+border-bottom:1px solid #eaeef2;vertical-align:top}th{font-weight:600;color:var(--muted)}\
+.ok{color:var(--ok);font-weight:600}.bad{color:var(--bad);font-weight:600}\
+.num{font-variant-numeric:tabular-nums}\
+ol.events{padding-left:0;list-style:none}ol.events li,ul.faults li{margin:.25em 0}\
+.n{display:inline-block;min-width:1.5em;height:1.5em;line-height:1.5em;border-radius:.75em;\
+color:#fff;text-align:center;font-size:.8em;font-weight:600;margin-right:.5em}\
+.t{font-variant-numeric:tabular-nums;color:var(--muted);margin-right:.4em}\
+.legend{margin:.2em 0 .3em}.legend span{margin-right:1.3em;white-space:nowrap}\
+.sw{display:inline-block;width:.9em;height:.9em;border-radius:2px;vertical-align:-1px;margin-right:.35em}\
+svg.chart{width:100%;height:auto;display:block}\
+.figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(14em,1fr));gap:.6em}\
+.fig{background:#f6f8fa;border-radius:6px;padding:.5em .8em;color:var(--muted)}\
+.fig b{display:block;font-size:1.35em;color:#1f2328}\
+details pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:13px}";
+
+/// Colours of series without a colour of their own, in order.
+const PALETTE: [&str; 4] = ["#1b7c83", "#bf8700", "#bc4c00", "#6e7781"];
+
+/// A command state's colour: green for success, red and orange for the failures, blues and
+/// greys for the way there.
+fn state_color(state: &str) -> Option<&'static str> {
+    Some(match state {
+        "succeeded" => "#2da44e",
+        "failed" => "#cf222e",
+        "expired" => "#e16f24",
+        "canceled" => "#6e7781",
+        "queued" => "#afb8c1",
+        "delivered" => "#54aeff",
+        "acknowledged" => "#8250df",
+        _ => return None,
+    })
+}
+
+/// Text safe inside HTML/SVG element content and single- or double-quoted attributes.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\'', "&#39;")
+        .replace('"', "&quot;")
+}
+
+/// The colour an event is marked with.
+fn event_color(e: &TimelineEvent) -> &'static str {
+    if e.error.is_some() {
+        return "#1f2328";
+    }
+    match e.action.as_str() {
+        "cut_link" => "#e16f24",
+        "restart_server" => "#cf222e",
+        "command" => "#0969da",
+        "delete_device" => "#8250df",
+        "retag" => "#1b7c83",
+        _ => "#57606a",
+    }
+}
+
+/// The whole page.
+pub fn page(r: &Report) -> String {
+    let mut out = String::new();
+    let speed = r.simulated_ms as f64 / r.wall_ms.max(1) as f64;
+    let _ = write!(
+        out,
+        "<!doctype html><html lang=en><meta charset=utf-8>\
+         <meta name=viewport content='width=device-width,initial-scale=1'>\
+         <title>mooring sim: {name}</title><style>{STYLE}</style>\
+         <h1>Scenario {name}</h1><p class=sub>{devices} devices · {sim} simulated in {wall} \
+         ({speed:.0}× real time) · seed {seed}</p>",
+        name = escape(&r.scenario),
+        devices = count(r.devices),
+        sim = words::duration(r.simulated_ms),
+        wall = words::duration(r.wall_ms),
+        seed = r.seed,
+    );
+    banner(r, &mut out);
+    events_and_faults(r, &mut out);
+    charts(r, &mut out);
+    figures(r, &mut out);
+    let _ = write!(
+        out,
+        "<details><summary>Every number (as printed by <code>mooring sim run</code>; all of \
+         them are in report.json)</summary><pre>{}</pre></details></html>",
+        escape(&r.table())
+    );
+    out
+}
+
+/// PASSED / FAILED with every expectation and what was measured.
+fn banner(r: &Report, out: &mut String) {
+    let failed = r.expectations.iter().filter(|e| !e.ok).count();
+    let total = r.expectations.len();
+    let (class, text) = match (total, failed) {
+        (0, _) => (
+            "none",
+            "No expectations: this scenario has no [expect] section".to_owned(),
+        ),
+        (1, 0) => ("pass", "PASSED — the expectation held".to_owned()),
+        (1, _) => ("fail", "FAILED — the expectation failed".to_owned()),
+        (n, 0) => ("pass", format!("PASSED — all {n} expectations held")),
+        (n, f) => ("fail", format!("FAILED — {f} of {n} expectations failed")),
+    };
+    let _ = write!(out, "<div class='banner {class}'>{text}</div>");
+    if total == 0 {
+        return;
+    }
+    out.push_str(
+        "<table class=expect><tr><th></th><th>expectation</th><th>expected</th>\
+         <th>measured</th></tr>",
+    );
+    for e in &r.expectations {
+        let (class, mark) = if e.ok { ("ok", "✓") } else { ("bad", "✗") };
+        let expected = e.expected.replace("<=", "≤").replace(">=", "≥");
+        let _ = write!(
+            out,
+            "<tr class={class}><td class={class}>{mark}</td><td>{}</td><td class=num>{}</td>\
+             <td class='num {class}'>{}</td></tr>",
+            escape(&e.name),
+            escape(&expected),
+            escape(&e.actual)
+        );
+    }
+    out.push_str("</table>");
+}
+
+/// The numbered events (the numbers mark the charts) and the faults, in words.
+fn events_and_faults(r: &Report, out: &mut String) {
+    let faults = r.fault_lines();
+    if r.timeline.is_empty() && faults.is_empty() {
+        return;
+    }
+    out.push_str("<h2>What happened</h2>");
+    if !r.timeline.is_empty() {
+        out.push_str("<ol class=events>");
+        for (i, e) in r.timeline.iter().enumerate() {
+            let _ = write!(
+                out,
+                "<li class=event><span class=n style='background:{}'>{}</span>\
+                 <span class=t>{}</span>{}</li>",
+                event_color(e),
+                i + 1,
+                clock(e.at_ms),
+                escape(&words::event_text(e))
+            );
+        }
+        out.push_str("</ol>");
+    }
+    if !faults.is_empty() {
+        out.push_str(
+            "<p class=sub>Faults over the whole run (the cohorts' own rates and the events \
+             above) and what the agents and the server made of them:</p><ul class=faults>",
+        );
+        for f in &faults {
+            let _ = write!(out, "<li class=fault>{}</li>", escape(f));
+        }
+        out.push_str("</ul>");
+    }
+}
+
+/// Online devices, telemetry rate and commands by state over simulated time.
+fn charts(r: &Report, out: &mut String) {
+    let x: Vec<u64> = r.samples.iter().map(|s| s.t_ms).collect();
+    let frame = Frame {
+        x_ms: &x,
+        duration_ms: r.simulated_ms.max(x.last().copied().unwrap_or(0)).max(1),
+        events: &r.timeline,
+    };
+    let online: Vec<f64> = r.samples.iter().map(|s| s.online as f64).collect();
+    out.push_str("<h2>Online devices</h2>");
+    out.push_str(&frame.chart(
+        "devices online (as the server's presence sees them)",
+        "devices",
+        &[("online", "#0969da", &online)],
+        true,
+    ));
+    let rate: Vec<f64> = r.samples.iter().map(|s| s.telemetry_per_min).collect();
+    out.push_str("<h2>Telemetry acknowledged (durably stored)</h2>");
+    out.push_str(&frame.chart(
+        "telemetry messages acknowledged per simulated minute",
+        "messages / min",
+        &[("messages / min", "#2da44e", &rate)],
+        false,
+    ));
+    let states: BTreeSet<&String> = r.samples.iter().flat_map(|s| s.commands.keys()).collect();
+    if states.is_empty() {
+        return;
+    }
+    let series: Vec<(String, &str, Vec<f64>)> = states
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            (
+                (*st).clone(),
+                state_color(st).unwrap_or(PALETTE[i % PALETTE.len()]),
+                r.samples
+                    .iter()
+                    .map(|s| s.commands.get(*st).copied().unwrap_or(0) as f64)
+                    .collect(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str, &[f64])> = series
+        .iter()
+        .map(|(n, c, v)| (n.as_str(), *c, v.as_slice()))
+        .collect();
+    out.push_str("<h2>Commands by state</h2><div class=legend>");
+    for (name, color, _) in &refs {
+        let _ = write!(
+            out,
+            "<span><i class=sw style='background:{color}'></i>{}</span>",
+            escape(name)
+        );
+    }
+    out.push_str("</div>");
+    out.push_str(&frame.chart(
+        "commands of the scenario's fleet commands, by state",
+        "commands",
+        &refs,
+        true,
+    ));
+}
+
+/// The main numbers as tiles.
+fn figures(r: &Report, out: &mut String) {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1_048_576.0);
+    let figs = [
+        ("telemetry sent", count(r.telemetry_sent)),
+        ("telemetry acknowledged", count(r.telemetry_acked)),
+        ("telemetry stored", count(r.telemetry_stored)),
+        ("acknowledged but lost", count(r.lost_acked_telemetry)),
+        ("commands sent", count(r.commands_sent)),
+        ("commands succeeded", count(r.commands_succeeded)),
+        ("commands run twice", count(r.commands_executed_twice)),
+        ("online at the end", count(r.online_at_end)),
+        ("reconnects", count(r.reconnects)),
+        ("memory (process)", mib(r.rss_bytes)),
+        (
+            "memory per device",
+            format!("{:.1} KiB", r.rss_bytes_per_device as f64 / 1024.0),
+        ),
+    ];
+    out.push_str("<h2>Numbers</h2><div class=figs>");
+    for (k, v) in figs {
+        let _ = write!(out, "<div class=fig><b>{v}</b>{k}</div>");
+    }
+    out.push_str("</div>");
+}
+
+/// Chart geometry (SVG user units; the SVG scales to the page width).
+const W: f64 = 1000.0;
+const H: f64 = 300.0;
+const LEFT: f64 = 72.0;
+const RIGHT: f64 = 16.0;
+const TOP: f64 = 34.0;
+const BOTTOM: f64 = 46.0;
+/// Radius of an event's numbered label.
+const MARKER_R: f64 = 10.0;
+/// At most this many ticks on the time axis.
+const X_TICKS_MAX: u64 = 10;
+/// About this many ticks on a value axis.
+const Y_TICKS: f64 = 5.0;
+
+/// Tick steps of the time axis, in ms.
+const TIME_STEPS_MS: [u64; 22] = [
+    1_000,
+    2_000,
+    5_000,
+    10_000,
+    15_000,
+    30_000,
+    60_000,
+    120_000,
+    300_000,
+    600_000,
+    900_000,
+    1_800_000,
+    3_600_000,
+    7_200_000,
+    10_800_000,
+    21_600_000,
+    43_200_000,
+    86_400_000,
+    172_800_000,
+    432_000_000,
+    604_800_000,
+    1_209_600_000,
+];
+
+/// What every chart of one report shares: sample times, the run's length and its events.
+struct Frame<'a> {
+    x_ms: &'a [u64],
+    duration_ms: u64,
+    events: &'a [TimelineEvent],
+}
+
+impl Frame<'_> {
+    fn x(&self, t_ms: u64) -> f64 {
+        LEFT + t_ms.min(self.duration_ms) as f64 / self.duration_ms as f64 * (W - LEFT - RIGHT)
+    }
+
+    /// A line chart over simulated time with ticked axes and a marker per event.
+    fn chart(
+        &self,
+        title: &str,
+        unit: &str,
+        series: &[(&str, &str, &[f64])],
+        integer: bool,
+    ) -> String {
+        let data_max = series
+            .iter()
+            .flat_map(|(_, _, v)| v.iter().copied())
+            .fold(0.0_f64, f64::max);
+        let (y_step, y_top) = value_ticks(data_max, integer);
+        let bottom = H - BOTTOM;
+        let y = |v: f64| bottom - v / y_top * (bottom - TOP);
+        let mut out = String::new();
+        let _ = write!(
+            out,
+            "<svg class=chart viewBox='0 0 {W} {H}' width='100%' role=img \
+             aria-label='{}' font-size='13' font-family='system-ui,sans-serif'>\
+             <title>{}</title>",
+            escape(title),
+            escape(title)
+        );
+        // Value axis: grid line and label per tick, the unit along it.
+        let mut v = 0.0;
+        while v <= y_top + y_step / 2.0 {
+            let py = y(v);
+            let _ = write!(
+                out,
+                "<line x1='{LEFT}' y1='{py:.1}' x2='{:.1}' y2='{py:.1}' stroke='#eaeef2'/>\
+                 <text class=ytick x='{:.1}' y='{:.1}' text-anchor='end' fill='#57606a'>{}</text>",
+                W - RIGHT,
+                LEFT - 8.0,
+                py + 4.0,
+                axis_value(v)
+            );
+            v += y_step;
+        }
+        let _ = write!(
+            out,
+            "<text class=unit transform='rotate(-90)' x='{:.1}' y='18' text-anchor='middle' \
+             fill='#57606a'>{}</text>",
+            -(TOP + bottom) / 2.0,
+            escape(unit)
+        );
+        // Time axis: a tick and a clock reading per step, in simulated time.
+        let step = TIME_STEPS_MS
+            .iter()
+            .copied()
+            .find(|s| self.duration_ms / s <= X_TICKS_MAX)
+            .unwrap_or(self.duration_ms);
+        let mut t = 0;
+        while t <= self.duration_ms {
+            let px = self.x(t);
+            let _ = write!(
+                out,
+                "<line x1='{px:.1}' y1='{TOP}' x2='{px:.1}' y2='{bottom}' stroke='#f3f4f6'/>\
+                 <line x1='{px:.1}' y1='{bottom}' x2='{px:.1}' y2='{:.1}' stroke='#57606a'/>\
+                 <text class=xtick x='{px:.1}' y='{:.1}' text-anchor='middle' fill='#57606a'>{}</text>",
+                bottom + 5.0,
+                bottom + 19.0,
+                clock(t)
+            );
+            t += step;
+        }
+        let _ = write!(
+            out,
+            "<line x1='{LEFT}' y1='{bottom}' x2='{:.1}' y2='{bottom}' stroke='#57606a'/>\
+             <line x1='{LEFT}' y1='{TOP}' x2='{LEFT}' y2='{bottom}' stroke='#57606a'/>\
+             <text x='{:.1}' y='{:.1}' text-anchor='middle' fill='#57606a'>simulated time \
+             (h:mm since the start)</text>",
+            W - RIGHT,
+            (LEFT + W - RIGHT) / 2.0,
+            H - 6.0
+        );
+        self.markers(&mut out);
+        if self.x_ms.is_empty() {
+            let _ = write!(
+                out,
+                "<text x='{:.1}' y='{:.1}' text-anchor='middle' fill='#57606a'>no samples: \
+                 the run was shorter than its sample interval</text>",
+                (LEFT + W - RIGHT) / 2.0,
+                (TOP + bottom) / 2.0
+            );
+        }
+        for (name, color, values) in series {
+            let points: Vec<String> = self
+                .x_ms
+                .iter()
+                .zip(values.iter())
+                .map(|(t, v)| format!("{:.1},{:.1}", self.x(*t), y(*v)))
+                .collect();
+            let _ = write!(
+                out,
+                "<polyline fill='none' stroke='{color}' stroke-width='2' \
+                 stroke-linejoin='round' points='{}'><title>{}</title></polyline>",
+                points.join(" "),
+                escape(name)
+            );
+        }
+        out.push_str("</svg>");
+        out
+    }
+
+    /// A numbered marker per event: a line at its time, a band while it lasted, the event's
+    /// line of text as a tooltip.
+    fn markers(&self, out: &mut String) {
+        let bottom = H - BOTTOM;
+        let mut last_label_x = f64::NEG_INFINITY;
+        for (i, e) in self.events.iter().enumerate() {
+            let color = event_color(e);
+            let x0 = self.x(e.at_ms);
+            let _ = write!(
+                out,
+                "<g class=marker><title>{}</title>",
+                escape(&words::event_line(e))
+            );
+            if let Some(until) = e.until_ms {
+                let x1 = self.x(until).max(x0 + 1.0);
+                let _ = write!(
+                    out,
+                    "<rect x='{x0:.1}' y='{TOP}' width='{:.1}' height='{:.1}' fill='{color}' \
+                     fill-opacity='0.13'/>",
+                    x1 - x0,
+                    bottom - TOP
+                );
+            }
+            // A label too close to the previous one moves right, tied to its line.
+            let lx = x0.max(last_label_x + 2.0 * MARKER_R + 2.0);
+            last_label_x = lx;
+            let ly = TOP - MARKER_R - 6.0;
+            let _ = write!(
+                out,
+                "<line x1='{x0:.1}' y1='{TOP}' x2='{x0:.1}' y2='{bottom}' stroke='{color}' \
+                 stroke-width='1.5' stroke-dasharray='5 3'/>\
+                 <line x1='{lx:.1}' y1='{ly:.1}' x2='{x0:.1}' y2='{TOP}' stroke='{color}'/>\
+                 <circle cx='{lx:.1}' cy='{ly:.1}' r='{MARKER_R}' fill='{color}'/>\
+                 <text x='{lx:.1}' y='{:.1}' text-anchor='middle' fill='#fff' font-size='12' \
+                 font-weight='600'>{}</text></g>",
+                ly + 4.0,
+                i + 1
+            );
+        }
+    }
+}
+
+/// The value axis: a round step (1, 2, 2.5 or 5 × 10ⁿ; whole numbers for counts) giving about
+/// [`Y_TICKS`] ticks, and the top of the axis (a multiple of the step, at least the data's maximum).
+fn value_ticks(max: f64, integer: bool) -> (f64, f64) {
+    let max = if max > 0.0 { max } else { 1.0 };
+    let raw = max / Y_TICKS;
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|f| f * magnitude)
+        .filter(|s| !integer || s.fract() == 0.0)
+        .find(|s| *s >= raw)
+        .unwrap_or(10.0 * magnitude);
+    let step = if integer { step.max(1.0) } else { step };
+    (step, (max / step).ceil() * step)
+}
+
+/// A value-axis label: `0`, `250`, `1,500`, `12.5k`, `1.2M`, `0.25`.
+fn axis_value(v: f64) -> String {
+    let trim = |s: String| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_owned()
+        } else {
+            s
+        }
+    };
+    if v >= 1e6 {
+        format!("{}M", trim(format!("{:.2}", v / 1e6)))
+    } else if v >= 1e4 {
+        format!("{}k", trim(format!("{:.1}", v / 1e3)))
+    } else if v.fract() == 0.0 {
+        count(v as u64)
+    } else {
+        trim(format!("{v:.2}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_axes_use_round_steps_that_cover_the_data() {
+        assert_eq!(value_ticks(1000.0, true), (200.0, 1000.0));
+        assert_eq!(value_ticks(1003.0, true), (250.0, 1250.0));
+        assert_eq!(value_ticks(3.0, true), (1.0, 3.0));
+        assert_eq!(value_ticks(0.0, true), (1.0, 1.0));
+        assert_eq!(value_ticks(1.2, false), (0.25, 1.25));
+        assert_eq!(axis_value(0.0), "0");
+        assert_eq!(axis_value(1500.0), "1,500");
+        assert_eq!(axis_value(12_500.0), "12.5k");
+        assert_eq!(axis_value(1_250_000.0), "1.25M");
+        assert_eq!(axis_value(0.25), "0.25");
+    }
+
+    #[test]
+    fn escape_covers_markup_and_both_quotes() {
+        assert_eq!(
+            escape("<a href='x'>\"&"),
+            "&lt;a href=&#39;x&#39;&gt;&quot;&amp;"
+        );
+    }
+}
