@@ -18,6 +18,7 @@ use crate::hooks::{ConnInfo, Message, ProtocolVersion};
 use crate::persist::{Durable, StoredWill};
 use crate::session::{Inflight, Link, Session};
 use driver::clear_and_trim;
+use futures::FutureExt;
 use mooring_proto::policy::Principal;
 use mqtt_protocol_core::mqtt;
 use mqtt_protocol_core::mqtt::connection::ConnectionOptions;
@@ -70,7 +71,10 @@ where
     let record = Arc::new(Mutex::new(ConnRecord::default()));
     let (done_tx, done_rx) = watch::channel(());
     let (control_tx, control_rx) = mpsc::channel(4);
-    let task = tokio::spawn(run(
+    // The protocol runs in this task (no second task per connection: an idle device then costs
+    // one task, not two), with a panic caught here exactly as a task boundary would catch it;
+    // what cleanup needs is in `record`, which the protocol keeps current as it goes.
+    let protocol = run(
         shared.clone(),
         stream,
         info,
@@ -81,12 +85,14 @@ where
             done: done_rx,
         },
         control_rx,
-    ));
-    if let Err(e) = task.await {
-        if e.is_panic() {
-            shared.counters.panics.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(conn_id, "connection task panicked; connection closed");
-        }
+    );
+    if std::panic::AssertUnwindSafe(protocol)
+        .catch_unwind()
+        .await
+        .is_err()
+    {
+        shared.counters.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(conn_id, "connection task panicked; connection closed");
     }
     cleanup(&shared, conn_id, &record).await;
     drop(done_tx);
