@@ -281,11 +281,20 @@ pub fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         let _ = dir.sync_all();
     }
     println!(
-        "restored {count} files from {} into {}; start it with `mooring serve --data-dir {}`",
+        "restored {count} files from {} into {}",
         args.from.display(),
-        target.display(),
         target.display()
     );
+    let owned_by_root = std::fs::metadata(target).is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    if owned_by_root {
+        println!(
+            "the files belong to root; for the packaged server: chown -R mooring:mooring {}",
+            target.display()
+        );
+    }
     Ok(())
 }
 
