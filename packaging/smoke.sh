@@ -73,6 +73,12 @@ trap cleanup EXIT
 step "dpkg -i ${debs[*]}"
 dpkg -i "${debs[@]}"
 
+if [ -d /run/systemd/system ]; then
+    # Where systemd runs, the package started mooring.service on the same data dir: stop it, so
+    # the server under test is the only one.
+    systemctl stop mooring.service
+fi
+
 step "checking what the packages installed"
 unit_dir=$(dirname "$(dpkg -L mooring | grep '/mooring\.service$')")
 for f in /usr/bin/mooring /usr/bin/mooring-agent /etc/mooring/mooring.toml \

@@ -138,17 +138,21 @@ pub fn backup(args: BackupArgs) -> anyhow::Result<()> {
     file.sync_all().context("syncing the archive")?;
     drop(file);
     // A hard link publishes the finished archive under its name atomically and never replaces
-    // a file that appeared meanwhile.
-    std::fs::hard_link(&archive_path, &args.out).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            anyhow::Error::new(UsageError(format!(
-                "{} exists; choose a new --out file (a backup never overwrites one)",
-                args.out.display()
-            )))
-        } else {
-            anyhow::Error::new(e).context(format!("writing {}", args.out.display()))
-        }
-    })?;
+    // a file that appeared meanwhile. A filesystem without hard links gets a rename after a
+    // check (a file created between the two would be replaced).
+    let exists = || {
+        anyhow::Error::new(UsageError(format!(
+            "{} exists; choose a new --out file (a backup never overwrites one)",
+            args.out.display()
+        )))
+    };
+    match std::fs::hard_link(&archive_path, &args.out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(exists()),
+        Err(_) if args.out.exists() => return Err(exists()),
+        Err(_) => std::fs::rename(&archive_path, &args.out)
+            .with_context(|| format!("writing {}", args.out.display()))?,
+    }
     if let Ok(dir) = std::fs::File::open(&parent) {
         let _ = dir.sync_all();
     }
