@@ -5,7 +5,9 @@
 # `mooring` with the packaged /etc/mooring/mooring.toml (only the listen addresses overridden, to
 # free loopback ports), creates a device, publishes telemetry over mTLS with mosquitto_pub, reads
 # it back through the API with curl, takes a `mooring backup` while it runs, stops it, and purges
-# the packages. systemd need not be running (the server is started directly, not by systemctl).
+# the packages; in between, the installed agent runs as `mooring-agent` with the packaged
+# agent.env and delivers one line. systemd need not be running (the server is started directly,
+# not by systemctl).
 #
 # Leaves the machine as it found it: the server it started is stopped, the packages purged, and
 # the system users removed if this run created them. Refuses to run where mooring is installed
@@ -40,8 +42,9 @@ fi
 step "building the packages"
 MOORING_DEB_FAST=1 packaging/build-deb.sh
 debs=(target/debian/mooring_*.deb target/debian/mooring-agent_*.deb)
-[ ${#debs[@]} = 2 ] && [ -f "${debs[0]}" ] && [ -f "${debs[1]}" ] ||
+if [ ${#debs[@]} != 2 ] || [ ! -f "${debs[0]}" ] || [ ! -f "${debs[1]}" ]; then
     fail "expected one mooring and one mooring-agent .deb in target/debian/, found: ${debs[*]}"
+fi
 
 had_user_mooring=$(getent passwd mooring >/dev/null && echo yes || echo no)
 had_user_agent=$(getent passwd mooring-agent >/dev/null && echo yes || echo no)
@@ -125,7 +128,7 @@ until [ -n "$mqtt_port" ] && [ -n "$http_port" ]; do
     [ $SECONDS -lt $deadline ] || fail "the server did not report its listeners within 60 s"
     mqtt_port=$(sed -n 's/.*MQTT\/TLS listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/serve.log")
     http_port=$(sed -n 's/.*HTTP API listening on http:\/\/127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/serve.log")
-    [ -n "$mqtt_port" ] && [ -n "$http_port" ] || sleep 0.1
+    if [ -z "$mqtt_port" ] || [ -z "$http_port" ]; then sleep 0.1; fi
 done
 echo "MQTT/TLS on 127.0.0.1:$mqtt_port, API on 127.0.0.1:$http_port"
 [ "$(stat -c '%U %a' /var/lib/mooring/admin.token)" = "mooring 600" ] ||
@@ -152,6 +155,25 @@ if grep -q 'Illegal SNI' "$work/serve.log"; then
     fail "the server logged rustls' SNI warning for a device connecting to 127.0.0.1"
 fi
 
+step "the installed agent as user mooring-agent with /etc/mooring-agent/agent.env"
+install -o mooring-agent -g mooring-agent -m 0600 "$work/smoke-1/device.key" /etc/mooring-agent/
+install -m 0644 "$work/smoke-1/device.crt" "$work/smoke-1/ca.crt" /etc/mooring-agent/
+echo '{"door": 1}' >"$work/input.jsonl"
+chmod 0644 "$work/input.jsonl"
+(
+    set -a
+    # shellcheck disable=SC1091
+    . /etc/mooring-agent/agent.env
+    set +a
+    cd / && exec timeout 60 setpriv --reuid=mooring-agent --regid=mooring-agent --init-groups -- \
+        /usr/bin/mooring-agent --server "127.0.0.1:$mqtt_port" --input "$work/input.jsonl" \
+        --exit-when-drained
+) || fail "the agent did not deliver its input and exit"
+points=$(curl -sSf -H "Authorization: Bearer $token" \
+    "$api/api/v1/devices/smoke-1/telemetry?metric=door")
+echo "$points"
+echo "$points" | grep -q '"value":1' || fail "the agent's point is not in the API's answer"
+
 step "mooring backup while the server runs"
 /usr/bin/mooring backup --data-dir /var/lib/mooring --out "$work/backup.tar"
 tar -tf "$work/backup.tar" | grep -qx mooring.db || fail "the backup has no mooring.db"
@@ -172,5 +194,6 @@ dpkg --purge mooring-agent mooring
 [ ! -e /var/lib/mooring ] || fail "/var/lib/mooring is still there after purge"
 [ ! -e /etc/mooring/mooring.toml ] || fail "/etc/mooring/mooring.toml is still there after purge"
 [ ! -e /usr/bin/mooring ] || fail "/usr/bin/mooring is still there after purge"
+[ ! -e /etc/mooring-agent ] || fail "/etc/mooring-agent (the device key) is still there after purge"
 
 step "passed"
