@@ -24,7 +24,8 @@ fail() {
 
 [ "$(id -u)" = 0 ] || fail "needs root (dpkg -i)"
 for package in mooring mooring-agent; do
-    if dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null | grep -qv '^not-installed$'; then
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null || true)
+    if [ -n "$status" ] && [ "$status" != not-installed ]; then
         fail "$package is installed here; this test purges it (and its data): remove it first"
     fi
 done
@@ -95,7 +96,7 @@ for f in /usr/bin/mooring /usr/bin/mooring-agent /etc/mooring/mooring.toml \
     /usr/share/doc/mooring/install.md; do
     [ -f "$f" ] || fail "$f not installed"
 done
-dpkg-query -W -f='${Conffiles}\n' mooring | grep -q '/etc/mooring/mooring.toml' ||
+grep -q '/etc/mooring/mooring.toml' <<<"$(dpkg-query -W -f='${Conffiles}\n' mooring)" ||
     fail "/etc/mooring/mooring.toml is not a conffile"
 getent passwd mooring >/dev/null || fail "no system user mooring"
 getent passwd mooring-agent >/dev/null || fail "no system user mooring-agent"
@@ -133,7 +134,7 @@ done
 echo "MQTT/TLS on 127.0.0.1:$mqtt_port, API on 127.0.0.1:$http_port"
 [ "$(stat -c '%U %a' /var/lib/mooring/admin.token)" = "mooring 600" ] ||
     fail "admin.token is $(stat -c '%U %a' /var/lib/mooring/admin.token), not mooring 600"
-ps -o user= -p "$server_pid" | grep -qx mooring || fail "the server does not run as mooring"
+[ "$(ps -o user= -p "$server_pid")" = mooring ] || fail "the server does not run as mooring"
 
 api="http://127.0.0.1:$http_port"
 export MOORING_DATA_DIR=/var/lib/mooring
@@ -150,7 +151,7 @@ token=$(cat /var/lib/mooring/admin.token)
 points=$(curl -sSf -H "Authorization: Bearer $token" \
     "$api/api/v1/devices/smoke-1/telemetry?metric=temp")
 echo "$points"
-echo "$points" | grep -q '"value":21.5' || fail "the point is not in the API's answer"
+grep -q '"value":21.5' <<<"$points" || fail "the point is not in the API's answer"
 if grep -q 'Illegal SNI' "$work/serve.log"; then
     fail "the server logged rustls' SNI warning for a device connecting to 127.0.0.1"
 fi
@@ -172,12 +173,15 @@ chmod 0644 "$work/input.jsonl"
 points=$(curl -sSf -H "Authorization: Bearer $token" \
     "$api/api/v1/devices/smoke-1/telemetry?metric=door")
 echo "$points"
-echo "$points" | grep -q '"value":1' || fail "the agent's point is not in the API's answer"
+grep -q '"value":1' <<<"$points" || fail "the agent's point is not in the API's answer"
 
 step "mooring backup while the server runs"
 /usr/bin/mooring backup --data-dir /var/lib/mooring --out "$work/backup.tar"
-tar -tf "$work/backup.tar" | grep -qx mooring.db || fail "the backup has no mooring.db"
-tar -tf "$work/backup.tar" | grep -qx ca.key || fail "the backup has no ca.key"
+# The listing in a variable: `tar | grep -q` would fail under pipefail when grep stops reading.
+listing=$(tar -tf "$work/backup.tar")
+for f in mooring.db ca.key ca.crt server.key server.crt admin.token; do
+    grep -qx "$f" <<<"$listing" || fail "the backup has no $f: $listing"
+done
 
 step "stopping the server (SIGTERM)"
 kill -TERM "$server_pid"
