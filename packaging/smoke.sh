@@ -116,7 +116,8 @@ fi
 
 step "starting the installed server as user mooring with /etc/mooring/mooring.toml"
 # setpriv execs (no child process), so $! is the server. Port 0: the kernel picks free ports,
-# the server logs them.
+# the server logs them. The log exists before the server starts, so the wait can read it at once.
+: >"$work/serve.log"
 (cd / && exec setpriv --reuid=mooring --regid=mooring --init-groups -- \
     /usr/bin/mooring serve --config /etc/mooring/mooring.toml \
     --mqtt-addr 127.0.0.1:0 --http-addr 127.0.0.1:0) \
