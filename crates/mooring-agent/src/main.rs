@@ -1,6 +1,6 @@
 //! `mooring-agent`: the device agent binary (clap flags + `--config` file → [`mooring_agent::AgentConfig`] → [`mooring_agent::run_with`]).
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use mooring_agent::config::{self, AgentConfig, AgentFile, InputSource};
 use mooring_agent::{AgentDeps, Diagnostics};
 use std::path::PathBuf;
@@ -15,22 +15,27 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 #[command(name = "mooring-agent", version)]
 struct Cli {
     /// Mooring server MQTT/TLS endpoint, HOST:PORT ([v6addr]:PORT for IPv6).
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, value_name = "HOST:PORT", env = "MOORING_AGENT_SERVER")]
     server: String,
     /// Client certificate (PEM); its subject CN is the device id.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CERT")]
     cert: PathBuf,
     /// Private key of the client certificate (PEM).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_KEY")]
     key: PathBuf,
     /// CA certificate (PEM) that signed the server certificate; the only trusted root.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CA")]
     ca: PathBuf,
     /// Directory for durable state (the outbox); created if missing.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "MOORING_AGENT_STATE_DIR")]
     state_dir: PathBuf,
     /// Seconds between host-metric samples (0 disables host metrics).
-    #[arg(long, value_name = "N", default_value_t = config::INTERVAL_SECS_DEFAULT)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = config::INTERVAL_SECS_DEFAULT,
+        env = "MOORING_AGENT_INTERVAL_SECS"
+    )]
     interval_secs: u64,
     /// Extra telemetry: a file of JSON objects, one per line, or `-` for stdin.
     #[arg(long, value_name = "FILE|-")]
@@ -42,8 +47,38 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = config::OUTBOX_MAX_DEFAULT)]
     outbox_max: u64,
     /// Agent config file (TOML): command handlers, reboot command, firmware version.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CONFIG")]
     config: Option<PathBuf>,
+    /// Print a shell completion script (packaging).
+    #[arg(long, value_name = "SHELL", hide = true, exclusive = true)]
+    completions: Option<clap_complete::Shell>,
+    /// Write the man page into DIR (packaging).
+    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
+    man: Option<PathBuf>,
+}
+
+/// `--completions SHELL` / `--man DIR`: generated from the clap definition for the packages.
+/// Checked before the other flags are read, since those are required for a run.
+fn generate(matches: &clap::ArgMatches) -> Option<ExitCode> {
+    if let Some(shell) = matches.get_one::<clap_complete::Shell>("completions") {
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "mooring-agent",
+            &mut std::io::stdout(),
+        );
+        return Some(ExitCode::SUCCESS);
+    }
+    let dir = matches.get_one::<PathBuf>("man")?;
+    let written =
+        std::fs::create_dir_all(dir).and_then(|()| clap_mangen::generate_to(Cli::command(), dir));
+    Some(match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: writing the man page to {}: {e}", dir.display());
+            ExitCode::FAILURE
+        }
+    })
 }
 
 fn main() -> ExitCode {
@@ -60,7 +95,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    if let Some(code) = generate(&matches) {
+        return code;
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let (host, port) = match config::parse_server(&cli.server) {
         Ok(hp) => hp,
         Err(e) => {

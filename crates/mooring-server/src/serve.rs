@@ -34,24 +34,35 @@ impl Listeners {
     pub async fn bind(config: &ServerConfig) -> anyhow::Result<Self> {
         let mqtt = TcpListener::bind(config.mqtt_addr)
             .await
-            .with_context(|| format!("binding MQTT/TLS listener on {}", config.mqtt_addr))?;
+            .with_context(|| bind_failed("MQTT/TLS", config.mqtt_addr, "mqtt-addr"))?;
         let mqtt_dev = match config.mqtt_dev_addr {
             Some(addr) => Some(
                 TcpListener::bind(addr)
                     .await
-                    .with_context(|| format!("binding MQTT dev listener on {addr}"))?,
+                    .with_context(|| bind_failed("MQTT dev", addr, "mqtt-dev-addr"))?,
             ),
             None => None,
         };
         let http = TcpListener::bind(config.http_addr)
             .await
-            .with_context(|| format!("binding HTTP listener on {}", config.http_addr))?;
+            .with_context(|| bind_failed("HTTP API", config.http_addr, "http-addr"))?;
         Ok(Self {
             mqtt,
             mqtt_dev,
             http,
         })
     }
+}
+
+/// The context of a failed bind: which listener, and the flag (environment variable, config
+/// key) that moves it, since the usual cause is a port another process holds.
+fn bind_failed(listener: &str, addr: SocketAddr, flag: &str) -> String {
+    let env = format!("MOORING_{}", flag.replace('-', "_").to_uppercase());
+    let key = flag.replace('-', "_");
+    format!(
+        "cannot listen for {listener} on {addr}; choose another address with --{flag} \
+         (or {env}, or {key} in the config file)"
+    )
 }
 
 /// A started server: its addresses and state; stop it with [`RunningServer::shutdown`].

@@ -17,8 +17,8 @@ pub enum StoreError {
     /// [`crate::TS_MS_MAX`], a non-finite number, an unknown token role).
     #[error("invalid input: {0}")]
     InvalidInput(String),
-    /// The database was written by a newer Mooring: refuse to touch it.
-    #[error("database schema version {found} is newer than the newest this build knows ({supported}); upgrade Mooring")]
+    /// The database was written by a newer Mooring: refuse to touch it (no downgrades).
+    #[error("database schema version {found} was written by a newer Mooring; this build knows schema versions up to {supported} and never downgrades a database: run a Mooring that knows schema version {found}, or restore a backup taken before the upgrade")]
     SchemaTooNew { found: i64, supported: i64 },
     /// The group-commit writer task has stopped; nothing was stored.
     #[error("telemetry writer is shut down")]

@@ -60,7 +60,7 @@ pub use model::{
     ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, TokenRole,
     TS_MS_MAX,
 };
-pub use sqlite::{SqliteStore, DB_FILE_NAME};
+pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
     BrokerStateStore, CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore, TokenStore,
     COMMAND_BATCH_LEN_MAX,

@@ -36,6 +36,9 @@ pub const DB_FILE_NAME: &str = "mooring.db";
 pub const READ_CONNECTIONS: usize = 4;
 /// How long a connection waits for a lock held by another process before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Times [`backup_database`] retries a step that found the source locked, and the pause between.
+const BACKUP_RETRIES_MAX: u32 = 100;
+const BACKUP_RETRY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Migration `i` (0-based) brings the schema to version `i + 1` (SQLite `user_version`).
 /// Append only: a shipped migration is never edited.
@@ -151,6 +154,93 @@ where
 /// Schema version this build migrates to.
 pub fn schema_version() -> i64 {
     i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+}
+
+/// What [`backup_database`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupInfo {
+    /// Schema version (`user_version`) of the copy: the one of the database backed up.
+    pub schema_version: i64,
+    /// Size of the copy in bytes.
+    pub bytes: u64,
+}
+
+/// Copies the database file `src` into the new file `dest` (created 0600; it must not exist)
+/// with SQLite's online backup API, in one step: the copy is the consistent snapshot of one read
+/// transaction, taken while a server may be writing to `src` (WAL mode lets the reader and the
+/// writer run side by side; committed transactions still in the `-wal` file are included).
+///
+/// `src` is opened read-only and never migrated, so a server of any version may be running on
+/// it. The copy is one self-contained file (rollback journal, no `-wal` to carry along; the next
+/// [`SqliteStore::open`] puts it back into WAL mode), checked with `PRAGMA quick_check`.
+///
+/// Blocking: call it from a CLI, or from `spawn_blocking`.
+pub fn backup_database(src: &Path, dest: &Path) -> Result<BackupInfo> {
+    use rusqlite::OpenFlags;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !src.is_file() {
+        return Err(StoreError::NotFound(format!("database {}", src.display())));
+    }
+    let source = Connection::open_with_flags(
+        src,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .db()?;
+    source.busy_timeout(BUSY_TIMEOUT).db()?;
+    // Created here, 0600 and exclusively, before SQLite opens it: SQLite would create it with
+    // the umask's mode, and must not write over an existing file.
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dest)
+    {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(StoreError::AlreadyExists(format!("{}", dest.display())));
+        }
+        Err(e) => return Err(StoreError::Backend(format!("{}: {e}", dest.display()))),
+    }
+    let mut target = Connection::open(dest).db()?;
+    {
+        let backup = rusqlite::backup::Backup::new(&source, &mut target).db()?;
+        // -1: every page in one step, so one read transaction: a writer committing meanwhile
+        // cannot restart the copy (it would with several steps, forever under steady ingest).
+        // Busy/Locked (another connection holds a lock the step needs) is retried, boundedly.
+        let mut retries = 0;
+        while backup.step(-1).db()? != rusqlite::backup::StepResult::Done {
+            retries += 1;
+            if retries > BACKUP_RETRIES_MAX {
+                return Err(StoreError::Unavailable(format!(
+                    "{} stayed locked; try again",
+                    src.display()
+                )));
+            }
+            std::thread::sleep(BACKUP_RETRY_PAUSE);
+        }
+    }
+    drop(source);
+    let _: String = target
+        .pragma_update_and_check(None, "journal_mode", "DELETE", |row| row.get(0))
+        .db()?;
+    let check: String = target
+        .pragma_query_value(None, "quick_check", |row| row.get(0))
+        .db()?;
+    if check != "ok" {
+        return Err(StoreError::Backend(format!(
+            "the copy in {} failed its integrity check: {check}",
+            dest.display()
+        )));
+    }
+    let schema_version = user_version(&target)?;
+    target.close().map_err(|(_, e)| store_error(e))?;
+    let bytes = std::fs::metadata(dest)
+        .map_err(|e| StoreError::Backend(format!("{}: {e}", dest.display())))?
+        .len();
+    Ok(BackupInfo {
+        schema_version,
+        bytes,
+    })
 }
 
 fn resolve_db_path(p: &Path) -> Result<PathBuf> {

@@ -8,6 +8,7 @@ use mooring_store::{
     TelemetryQuery, TelemetryRecord, TelemetryStore, TokenRecord, TokenRole, TokenStore,
     DB_FILE_NAME,
 };
+use std::os::unix::fs::PermissionsExt;
 
 async fn fresh_store() -> (Arc<dyn Store>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("create temp dir");
@@ -117,6 +118,77 @@ async fn refuses_a_database_from_a_newer_schema() {
         "{err:?}"
     );
     assert_eq!(err.kind(), "schema_too_new");
+    let message = err.to_string();
+    assert!(
+        message.contains("schema version 999")
+            && message.contains(&format!(
+                "up to {}",
+                mooring_store::sqlite::schema_version()
+            )),
+        "the message names both versions: {message}"
+    );
+}
+
+#[tokio::test]
+async fn backup_of_an_open_store_holds_every_committed_write_in_one_private_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The store stays open (as a running server's does): its last writes are still in the WAL.
+    let store = SqliteStore::open(dir.path()).expect("open");
+    store.create_device(device("d1")).await.expect("create");
+    let batch = (1..=50).map(record).collect();
+    store.append_batch(batch).await.expect("append");
+    let copy = dir.path().join("copy.db");
+    let info = mooring_store::backup_database(store.path(), &copy).expect("backup");
+    assert_eq!(info.schema_version, mooring_store::sqlite::schema_version());
+    assert_eq!(info.bytes, std::fs::metadata(&copy).expect("copy").len());
+    let mode = std::fs::metadata(&copy).expect("copy").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the copy is private");
+    assert!(
+        !dir.path().join("copy.db-wal").exists(),
+        "the copy is one self-contained file"
+    );
+    // Writes after the backup are not in it.
+    store.create_device(device("d2")).await.expect("create d2");
+
+    let restored = SqliteStore::open(&copy).expect("open the copy");
+    assert!(restored.get_device("d1").await.expect("get").is_some());
+    assert!(restored.get_device("d2").await.expect("get").is_none());
+    let points = restored
+        .query(TelemetryQuery {
+            device_id: mooring_proto::DeviceId::parse("d1").expect("test id"),
+            metric: Some("temp".into()),
+            from_ms: None,
+            to_ms: None,
+            limit: 100,
+        })
+        .await
+        .expect("query");
+    assert_eq!(points.len(), 50);
+    // Dedupe keys came along: a resent seq is still a duplicate.
+    let again = restored
+        .append_batch(vec![record(7)])
+        .await
+        .expect("append");
+    assert_eq!(again, vec![AppendOutcome::Duplicate]);
+}
+
+#[tokio::test]
+async fn backup_refuses_an_existing_target_and_a_missing_source() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path()).expect("open");
+    let taken = dir.path().join("taken.db");
+    std::fs::write(&taken, b"keep me").expect("write");
+    let err = mooring_store::backup_database(store.path(), &taken).expect_err("exists");
+    assert_eq!(err.kind(), "already_exists", "{err}");
+    assert_eq!(std::fs::read(&taken).expect("read"), b"keep me");
+    let err = mooring_store::backup_database(&dir.path().join("nope.db"), &dir.path().join("x.db"))
+        .expect_err("missing source");
+    assert_eq!(err.kind(), "not_found", "{err}");
+    assert!(!dir.path().join("x.db").exists());
+    assert!(
+        !dir.path().join("nope.db").exists(),
+        "a missing source is not created"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

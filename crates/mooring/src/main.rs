@@ -2,6 +2,7 @@
 
 mod client;
 mod credentials;
+mod ops;
 mod output;
 
 use anyhow::Context;
@@ -60,6 +61,17 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Back up a data dir (the server may be running) into one file: database snapshot, CA,
+    /// server key, admin token.
+    Backup(ops::BackupArgs),
+    /// Restore a `mooring backup` file into a new data dir.
+    Restore(ops::RestoreArgs),
+    /// Print a shell completion script (packaging).
+    #[command(hide = true)]
+    Completions(ops::CompletionsArgs),
+    /// Write man pages (packaging).
+    #[command(hide = true)]
+    Man(ops::ManArgs),
     /// Fleet simulator: real agents against an in-process server on virtual time.
     #[cfg(feature = "sim")]
     Sim {
@@ -292,6 +304,10 @@ fn run(command: Command) -> ExitCode {
             Command::Token { api, command } => client::token(api, command).await,
             Command::Bench(args) => mooring_bench::run(args).await.map(|()| client::EXIT_OK),
             Command::Commands { api, command } => client::command(api, command).await,
+            Command::Backup(args) => ops::backup(args).map(|()| client::EXIT_OK),
+            Command::Restore(args) => ops::restore(args).map(|()| client::EXIT_OK),
+            Command::Completions(args) => ops::completions(args).map(|()| client::EXIT_OK),
+            Command::Man(args) => ops::man(args).map(|()| client::EXIT_OK),
         }
     });
     match result {
@@ -308,10 +324,7 @@ fn run(command: Command) -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(ops::server_log_filter())
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
