@@ -13,8 +13,9 @@
 //!   `Connection<role::Server>`, applies the events it returns (bytes to send, timers to arm,
 //!   packet ids released, close), and dispatches received packets: CONNECT (authenticate,
 //!   take over, attach session, CONNACK), PUBLISH, SUBSCRIBE, UNSUBSCRIBE, PING, DISCONNECT and
-//!   the QoS 1/2 acknowledgements. [`Broker::serve_connection`] spawns the protocol loop in its
-//!   own task and, whatever happens to it (EOF, error, panic), runs cleanup: detach the session,
+//!   the QoS 1/2 acknowledgements. [`Broker::serve_connection`] runs the protocol loop in the
+//!   caller's task with a panic caught (`catch_unwind`; one task per connection, not two) and,
+//!   whatever happens to it (EOF, error, panic), runs cleanup: detach the session,
 //!   fire or schedule the will, call `on_disconnected`.
 //! * [`session`] — what survives a reconnect: subscriptions, the outbound queue, the outbound
 //!   inflight window (QoS 1/2 sent but not acknowledged, resent with DUP on resume), and the

@@ -139,8 +139,9 @@ impl Broker {
         &self.shared.config
     }
 
-    /// Serve one client connection until it closes. Runs the protocol in its own task so a panic
-    /// in it is contained; cleanup (session detach, will, `on_disconnected`) always runs.
+    /// Serve one client connection until it closes. A panic in the protocol is caught here (the
+    /// caller's task is the connection's only task) and contained to this connection; cleanup
+    /// (session detach, will, `on_disconnected`) always runs.
     pub async fn serve_connection<S>(&self, stream: S, info: ConnInfo)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
