@@ -165,8 +165,12 @@ impl Client {
         self.base.as_str().trim_end_matches('/')
     }
 
-    /// `base` + the path segments (each percent-encoded) + a query.
+    /// `base` + the path segments (each percent-encoded) + a query. `.` and `..` are refused:
+    /// `url` would drop them, and the call would go to another resource.
     fn url(&self, segments: &[&str], query: Option<&impl Serialize>) -> Result<Url> {
+        if let Some(s) = segments.iter().find(|s| matches!(**s, "." | "..")) {
+            return Err(Error::Config(format!("{s:?} is not a valid id")));
+        }
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|()| Error::Config(format!("server URL {} cannot take a path", self.base)))?
@@ -518,6 +522,23 @@ mod tests {
         let command = c.get_command("d1", "c1", Some(600)).await?;
         assert_eq!(command.state, "queued");
         server.join().expect("server thread");
+        Ok(())
+    }
+
+    #[test]
+    fn dot_segments_are_refused_not_dropped() -> Result<()> {
+        // `url` drops "." and ".." pushed as segments: set_tags("..") would PUT
+        // /api/v1/devices/tags, the tags of a device named "tags".
+        let c = Client::builder("http://127.0.0.1:1", "t").build()?;
+        for id in [".", ".."] {
+            assert!(
+                matches!(
+                    c.url(&["api", "v1", "devices", id, "tags"], None::<&()>),
+                    Err(Error::Config(_))
+                ),
+                "{id}"
+            );
+        }
         Ok(())
     }
 
