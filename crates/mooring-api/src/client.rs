@@ -82,7 +82,8 @@ pub struct ClientBuilder {
 }
 
 impl ClientBuilder {
-    /// Bound on every call, from connect to the last byte (default 30 s).
+    /// Bound on every call, from connect to the last byte (default 30 s); a call that asks the
+    /// server to wait (`wait_ms`) gets the wait on top.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -133,6 +134,7 @@ impl ClientBuilder {
         Ok(Client {
             base,
             token: self.token,
+            timeout: self.timeout,
             http,
         })
     }
@@ -143,6 +145,7 @@ impl ClientBuilder {
 pub struct Client {
     base: Url,
     token: String,
+    timeout: Duration,
     http: reqwest::Client,
 }
 
@@ -162,8 +165,12 @@ impl Client {
         self.base.as_str().trim_end_matches('/')
     }
 
-    /// `base` + the path segments (each percent-encoded) + a query.
+    /// `base` + the path segments (each percent-encoded) + a query. `.` and `..` are refused:
+    /// `url` would drop them, and the call would go to another resource.
     fn url(&self, segments: &[&str], query: Option<&impl Serialize>) -> Result<Url> {
+        if let Some(s) = segments.iter().find(|s| matches!(**s, "." | "..")) {
+            return Err(Error::Config(format!("{s:?} is not a valid id")));
+        }
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|()| Error::Config(format!("server URL {} cannot take a path", self.base)))?
@@ -178,18 +185,23 @@ impl Client {
         Ok(url)
     }
 
-    /// One call; the 2xx status and the body's text.
+    /// One call; the 2xx status and the body's text. `wait_ms`: how long the server may hold
+    /// the answer back (added to the timeout, or a wait that ends undecided becomes an error).
     async fn send(
         &self,
         method: Method,
         url: Url,
         body: Option<&impl Serialize>,
         headers: &[(&str, String)],
+        wait_ms: Option<u64>,
     ) -> Result<(StatusCode, String)> {
         let mut req = self
             .http
             .request(method, url.clone())
             .bearer_auth(&self.token);
+        if let Some(w) = wait_ms {
+            req = req.timeout(self.timeout.saturating_add(Duration::from_millis(w)));
+        }
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -225,8 +237,9 @@ impl Client {
         method: Method,
         url: Url,
         body: Option<&impl Serialize>,
+        wait_ms: Option<u64>,
     ) -> Result<(StatusCode, T)> {
-        let (status, text) = self.send(method, url.clone(), body, &[]).await?;
+        let (status, text) = self.send(method, url.clone(), body, &[], wait_ms).await?;
         let value = serde_json::from_str(&text).map_err(|source| Error::Decode {
             url: url.to_string(),
             source,
@@ -235,14 +248,14 @@ impl Client {
     }
 
     async fn get<T: DeserializeOwned>(&self, url: Url) -> Result<T> {
-        Ok(self.json(Method::GET, url, None::<&()>).await?.1)
+        Ok(self.json(Method::GET, url, None::<&()>, None).await?.1)
     }
 
     /// `POST /api/v1/devices`: registers a device; the answer carries its private key (only
     /// this once).
     pub async fn create_device(&self, req: &CreateDevice) -> Result<CreatedDevice> {
         let url = self.url(&["api", "v1", "devices"], None::<&()>)?;
-        Ok(self.json(Method::POST, url, Some(req)).await?.1)
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
     }
 
     /// `GET /api/v1/devices`: one page.
@@ -278,14 +291,15 @@ impl Client {
     /// `DELETE /api/v1/devices/{id}`.
     pub async fn delete_device(&self, id: &str) -> Result<()> {
         let url = self.url(&["api", "v1", "devices", id], None::<&()>)?;
-        self.send(Method::DELETE, url, None::<&()>, &[]).await?;
+        self.send(Method::DELETE, url, None::<&()>, &[], None)
+            .await?;
         Ok(())
     }
 
     /// `PUT /api/v1/devices/{id}/tags`: replaces all tags.
     pub async fn set_tags(&self, id: &str, tags: &BTreeMap<String, String>) -> Result<Device> {
         let url = self.url(&["api", "v1", "devices", id, "tags"], None::<&()>)?;
-        Ok(self.json(Method::PUT, url, Some(tags)).await?.1)
+        Ok(self.json(Method::PUT, url, Some(tags), None).await?.1)
     }
 
     /// `GET /api/v1/devices/{id}/telemetry`.
@@ -303,7 +317,7 @@ impl Client {
     /// `POST /api/v1/tokens` (admin tokens only).
     pub async fn create_token(&self, req: &CreateToken) -> Result<CreatedToken> {
         let url = self.url(&["api", "v1", "tokens"], None::<&()>)?;
-        Ok(self.json(Method::POST, url, Some(req)).await?.1)
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
     }
 
     /// `POST /api/v1/devices/{id}/commands[?wait_ms=]`: `(created, command)`; `created` is
@@ -318,7 +332,7 @@ impl Client {
             &["api", "v1", "devices", device, "commands"],
             Some(&WaitParams { wait_ms }),
         )?;
-        let (status, command) = self.json(Method::POST, url, Some(req)).await?;
+        let (status, command) = self.json(Method::POST, url, Some(req), wait_ms).await?;
         Ok((status == StatusCode::ACCEPTED, command))
     }
 
@@ -339,24 +353,24 @@ impl Client {
         id: &str,
         wait_ms: Option<u64>,
     ) -> Result<Command> {
-        self.get(self.url(
+        let url = self.url(
             &["api", "v1", "devices", device, "commands", id],
             Some(&WaitParams { wait_ms }),
-        )?)
-        .await
+        )?;
+        Ok(self.json(Method::GET, url, None::<&()>, wait_ms).await?.1)
     }
 
     /// `POST /api/v1/devices/{id}/commands/{cmd}/cancel`.
     pub async fn cancel_command(&self, device: &str, id: &str) -> Result<Command> {
         let segments = ["api", "v1", "devices", device, "commands", id, "cancel"];
         let url = self.url(&segments, None::<&()>)?;
-        Ok(self.json(Method::POST, url, None::<&()>).await?.1)
+        Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
     }
 
     /// `POST /api/v1/commands`: one command per device the selector matches.
     pub async fn create_fleet_command(&self, req: &CreateFleetCommand) -> Result<FleetCommand> {
         let url = self.url(&["api", "v1", "commands"], None::<&()>)?;
-        Ok(self.json(Method::POST, url, Some(req)).await?.1)
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
     }
 
     /// `GET /api/v1/commands/{id}`: a fleet command or a device command.
@@ -384,7 +398,7 @@ impl Client {
             .into_iter()
             .collect();
         let (_, text) = self
-            .send(Method::PATCH, url.clone(), Some(patch), &headers)
+            .send(Method::PATCH, url.clone(), Some(patch), &headers, None)
             .await?;
         serde_json::from_str(&text).map_err(|source| Error::Decode {
             url: url.to_string(),
@@ -395,7 +409,7 @@ impl Client {
     /// `GET /metrics`: the Prometheus text.
     pub async fn metrics(&self) -> Result<String> {
         let url = self.url(&["metrics"], None::<&()>)?;
-        Ok(self.send(Method::GET, url, None::<&()>, &[]).await?.1)
+        Ok(self.send(Method::GET, url, None::<&()>, &[], None).await?.1)
     }
 
     /// `GET /api/v1/openapi.json`.
@@ -465,6 +479,66 @@ mod tests {
         };
         let url = c.url(&["api", "v1", "devices"], Some(&sel))?;
         assert_eq!(url.query(), Some("selector=tag%3Asite%3Dberlin+and+online"));
+        Ok(())
+    }
+
+    /// A server that answers one request after `delay`, with a queued command (what the real
+    /// one does when the command stays pending for the whole `wait_ms`).
+    fn slow_server(delay: Duration) -> (String, std::thread::JoinHandle<()>) {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).expect("read");
+                assert!(n > 0, "request ended early");
+                request.extend_from_slice(&buf[..n]);
+            }
+            std::thread::sleep(delay);
+            let body = r#"{"id":"c1","device_id":"d1","name":"ping","params":{},"state":"queued",
+                "attempts":0,"max_attempts":5,"created_at":1,"expires_at":2,"history":[],
+                "idempotency_key":null,"parent_id":null,"result":null,"result_timeout_secs":0}"#;
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        });
+        (base, server)
+    }
+
+    #[tokio::test]
+    async fn a_call_that_waits_is_not_cut_off_by_the_timeout_before_the_wait_is_over() -> Result<()>
+    {
+        // The server holds a wait_ms call for the whole wait; a timeout shorter than the wait
+        // (the CLI's 30 s against --wait-ms 30000) must not turn that answer into an error.
+        let (base, server) = slow_server(Duration::from_millis(600));
+        let c = Client::builder(&base, "t")
+            .timeout(Duration::from_millis(300))
+            .build()?;
+        let command = c.get_command("d1", "c1", Some(600)).await?;
+        assert_eq!(command.state, "queued");
+        server.join().expect("server thread");
+        Ok(())
+    }
+
+    #[test]
+    fn dot_segments_are_refused_not_dropped() -> Result<()> {
+        // `url` drops "." and ".." pushed as segments: set_tags("..") would PUT
+        // /api/v1/devices/tags, the tags of a device named "tags".
+        let c = Client::builder("http://127.0.0.1:1", "t").build()?;
+        for id in [".", ".."] {
+            assert!(
+                matches!(
+                    c.url(&["api", "v1", "devices", id, "tags"], None::<&()>),
+                    Err(Error::Config(_))
+                ),
+                "{id}"
+            );
+        }
         Ok(())
     }
 

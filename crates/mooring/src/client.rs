@@ -401,6 +401,11 @@ pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<u
             let id = command_id(&id)?;
             let api = args.connect()?;
             match call(api.get_any_command(id).await)? {
+                AnyCommand::Fleet(_) if wait_ms.is_some() => {
+                    return usage(format!(
+                        "--wait-ms applies to one device's command; {id} is a fleet command (without --wait-ms, `done` says whether it has ended)"
+                    ));
+                }
                 AnyCommand::Fleet(f) => print_fleet_command(&f, output)?,
                 AnyCommand::Device(c) => {
                     let c = match wait_ms {

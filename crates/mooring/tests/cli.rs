@@ -123,6 +123,25 @@ async fn command_send_wait_ms_exit_status_tells_how_the_command_ended() {
         text(&show.stdout)
     );
 
+    // A fleet command is not waited for: --wait-ms is refused as `send` refuses it, not
+    // answered with 0 (success) for a fleet command that is not done.
+    let fleet = cli(
+        &server,
+        &["command", "send", "--to", "id:d2", "ping", "-o", "json"],
+    )
+    .await;
+    assert_eq!(fleet.status.code(), Some(0), "{}", text(&fleet.stderr));
+    let f: Value = serde_json::from_slice(&fleet.stdout).expect("json");
+    assert_eq!(f["done"], false);
+    let fid = f["id"].as_str().expect("fleet id");
+    let show = cli(&server, &["command", "show", fid, "--wait-ms", "200"]).await;
+    assert_eq!(show.status.code(), Some(2), "{}", text(&show.stdout));
+    assert!(
+        text(&show.stderr).contains("--wait-ms"),
+        "{}",
+        text(&show.stderr)
+    );
+
     // The exit statuses are in --help.
     let help = cli(&server, &["command", "send", "--help"]).await;
     let help = text(&help.stdout);
