@@ -29,6 +29,11 @@ for package in mooring mooring-agent; do
         fail "$package is installed here; this test purges it (and its data): remove it first"
     fi
 done
+# A hand-made installation without the packages: postinst would adopt these and the purge at the
+# end would delete them.
+for path in /var/lib/mooring /etc/mooring /var/lib/mooring-agent /etc/mooring-agent; do
+    [ ! -e "$path" ] || fail "$path exists; this test would purge it: move it away first"
+done
 
 missing=()
 command -v systemd-analyze >/dev/null || missing+=(systemd)
