@@ -44,6 +44,7 @@
 //! stays out of the production build).
 
 pub mod broker_writer;
+pub mod chunk;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
