@@ -163,7 +163,10 @@ pub fn decode_keys(bytes: &[u8]) -> Result<Vec<(i64, u64)>, ChunkError> {
     let ts = get_timestamps(&mut r, count)?;
     let seqs = get_deltas(&mut r, count, true)?;
     r.finish()?;
-    Ok(ts.into_iter().zip(seqs.into_iter().map(|s| s as u64)).collect())
+    Ok(ts
+        .into_iter()
+        .zip(seqs.into_iter().map(|s| s as u64))
+        .collect())
 }
 
 fn as_f64(v: MetricValue) -> f64 {
@@ -174,7 +177,8 @@ fn as_f64(v: MetricValue) -> f64 {
 }
 
 fn decimal_value(k: i64, scale: f64) -> f64 {
-    #[allow(clippy::cast_precision_loss)] // |k| <= 2^53 when encoded; any k decodes deterministically
+    #[allow(clippy::cast_precision_loss)]
+    // |k| <= 2^53 when encoded; any k decodes deterministically
     let k = k as f64;
     k / scale
 }
@@ -186,7 +190,7 @@ fn decimal_ints(values: impl Iterator<Item = f64> + Clone) -> Option<(u8, Vec<i6
         let mut ints = Vec::new();
         for v in values.clone() {
             let k = (v * scale).round();
-            if !(k.abs() <= DECIMAL_INT_MAX) {
+            if k.is_nan() || k.abs() > DECIMAL_INT_MAX {
                 continue 'digits;
             }
             #[allow(clippy::cast_possible_truncation)] // |k| <= 2^53, integral
@@ -600,7 +604,10 @@ mod tests {
         ];
         let bytes = encode_keys(&keys);
         assert_eq!(decode_keys(&bytes).expect("keys"), keys);
-        assert!(decode_points(&bytes).is_err(), "a key chunk is not a points chunk");
+        assert!(
+            decode_points(&bytes).is_err(),
+            "a key chunk is not a points chunk"
+        );
         assert!(decode_keys(&encode_points(&[(0, num(1.0))])).is_err());
     }
 
