@@ -388,8 +388,20 @@ impl BitWriter {
 
     /// The low `n` bits of `v`, most significant first.
     fn put_bits(&mut self, v: u64, n: u32) {
-        for i in (0..n).rev() {
-            self.put_bit((v >> i) & 1 == 1);
+        let mut left = n;
+        while left > 0 {
+            if self.used == 0 {
+                self.bytes.push(0);
+            }
+            let room = 8 - self.used;
+            let take = room.min(left);
+            // The next `take` bits of `v` (below the `left - take` still to come).
+            let chunk = ((v >> (left - take)) & ((1u64 << take) - 1)) as u8;
+            if let Some(last) = self.bytes.last_mut() {
+                *last |= chunk << (room - take);
+            }
+            self.used = (self.used + take) % 8;
+            left -= take;
         }
     }
 
@@ -447,9 +459,24 @@ impl<'a> BitReader<'a> {
     }
 
     fn bits(&mut self, n: u32) -> Result<u64, ChunkError> {
+        debug_assert!(n <= 64);
+        if self.bits_left() < n as usize {
+            return Err(corrupt("truncated bit stream"));
+        }
         let mut v = 0u64;
-        for _ in 0..n {
-            v = (v << 1) | u64::from(self.bit()?);
+        let mut left = n;
+        while left > 0 {
+            let byte = *self
+                .bytes
+                .get(self.pos / 8)
+                .ok_or_else(|| corrupt("truncated bit stream"))?;
+            let offset = (self.pos % 8) as u32;
+            let avail = 8 - offset;
+            let take = avail.min(left);
+            let chunk = (u64::from(byte) >> (avail - take)) & ((1u64 << take) - 1);
+            v = (v << take) | chunk;
+            self.pos += take as usize;
+            left -= take;
         }
         Ok(v)
     }

@@ -103,6 +103,19 @@ impl SqliteStore {
         &self.inner.path
     }
 
+    /// Checkpoints the WAL into the database file and rewrites the file without free pages
+    /// (`VACUUM`): what the data takes on disk. Holds the writer for the whole rewrite, so ingest
+    /// waits: an offline or benchmark operation, not one the server runs.
+    pub async fn vacuum(&self) -> Result<()> {
+        self.write(|conn| {
+            conn.execute_batch(
+                "PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .db()
+        })
+        .await
+    }
+
     /// Runs `f` on the writer connection, on the blocking pool.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
