@@ -67,6 +67,9 @@ pub enum Suite {
     CommandRtt,
     /// QoS 1 fan-out to one persistent backend subscriber, online and offline (queue, then drain).
     Fanout,
+    /// Telemetry bytes on disk per point (regular, irregular, 1 Hz) and a one-day range query
+    /// p50/p99: the store in-process, no server and no peer.
+    TelemetryStorage,
     /// All of the above, in that order.
     All,
 }
@@ -80,6 +83,7 @@ impl Suite {
                 Suite::ConnectStorm,
                 Suite::CommandRtt,
                 Suite::Fanout,
+                Suite::TelemetryStorage,
             ],
             s => vec![s],
         }
@@ -130,6 +134,9 @@ pub struct BenchArgs {
     /// Commands in flight at once in command-rtt.
     #[arg(long, default_value_t = 4)]
     pub command_concurrency: usize,
+    /// Days of the regular and irregular series in telemetry-storage (at least 2).
+    #[arg(long, default_value_t = 30)]
+    pub storage_days: u64,
     /// Connects (TCP + TLS + CONNECT) the load generator keeps in flight.
     #[arg(long, default_value_t = 128)]
     pub connect_concurrency: usize,
@@ -291,7 +298,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let mut targets = Vec::new();
-    if args.targets.contains(&TargetName::Mooring) {
+    // telemetry-storage runs the store in-process: it needs neither server.
+    let needs_targets = args
+        .suite
+        .expand()
+        .iter()
+        .any(|s| *s != Suite::TelemetryStorage);
+    if needs_targets && args.targets.contains(&TargetName::Mooring) {
         let bin = args.mooring_bin.clone().unwrap_or_else(default_mooring_bin);
         anyhow::ensure!(
             bin.is_file(),
@@ -300,7 +313,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         targets.push(Target::mooring(bin, &work.join("mooring"), fd_limit)?);
     }
-    if args.targets.contains(&TargetName::Mosquitto) {
+    if needs_targets && args.targets.contains(&TargetName::Mosquitto) {
         anyhow::ensure!(
             args.mosquitto_bin.is_file(),
             "no Mosquitto at {} (Debian package `mosquitto`, or --mosquitto-bin)",
@@ -312,7 +325,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             fd_limit,
         )?);
     }
-    anyhow::ensure!(!targets.is_empty(), "no --targets");
+    anyhow::ensure!(!needs_targets || !targets.is_empty(), "no --targets");
 
     let machine = machine();
     let date = std::process::Command::new("date")
@@ -345,6 +358,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Suite::ConnectStorm => suites::connect_storm(&mut bench).await,
                 Suite::CommandRtt => suites::command_rtt(&mut bench).await,
                 Suite::Fanout => suites::fanout(&mut bench).await,
+                Suite::TelemetryStorage => suites::telemetry_storage(&mut bench).await,
                 Suite::All => unreachable!("expanded"),
             };
             let table = r.with_context(|| format!("suite {suite:?}"))?;

@@ -270,6 +270,7 @@ impl RunningServer {
         ));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
+        tasks.spawn(compaction_loop(app.clone(), stop_rx.clone()));
 
         Ok(RunningServer {
             app,
@@ -554,6 +555,18 @@ async fn presence_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
     run_every(period, stop, || async {
         if let Err(e) = app.presence.flush().await {
             tracing::warn!(error = %e, "presence flush failed; will retry");
+        }
+    })
+    .await;
+}
+
+async fn compaction_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
+    let period = Duration::from_secs(crate::telemetry::COMPACTION_INTERVAL_SECS);
+    run_every(period, stop, || async {
+        match app.telemetry.compaction_pass().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "telemetry compaction moved points into chunks"),
+            Err(e) => tracing::warn!(error = %e, "telemetry compaction pass failed"),
         }
     })
     .await;

@@ -2,7 +2,9 @@
 //!
 //! Invariants: a point is acknowledged to its device only once the writer reports it durable
 //! (the hooks answer PUBACK from [`Ingest`]); `(device, seq)` is stored once (a repeat is
-//! [`Ingest::Duplicate`]); retention deletes in bounded chunks so ingest never stalls.
+//! [`Ingest::Duplicate`]); retention deletes in bounded chunks so ingest never stalls; the
+//! compaction pass compresses closed windows in short transactions, bounded per pass, so
+//! ingest never waits behind it either.
 
 use crate::app::Core;
 use crate::error::{ServiceError, ServiceResult};
@@ -20,6 +22,15 @@ pub const TELEMETRY_QUERY_LEN_MAX: usize = 10_000;
 pub const TELEMETRY_QUERY_LEN_DEFAULT: usize = 1000;
 /// Rows deleted per retention chunk; small enough that ingest transactions interleave.
 const RETENTION_CHUNK_ROWS: usize = 5000;
+/// How often the server compacts closed telemetry windows into chunks.
+pub const COMPACTION_INTERVAL_SECS: u64 = 60;
+/// A window is compacted once it closed this long ago; points arriving later still are merged
+/// into its chunk by a later pass.
+const COMPACTION_GRACE_MS: u64 = 10 * 60_000;
+/// Recent rows moved per compaction transaction (whole windows, so a little more at times).
+const COMPACTION_TX_ROWS: usize = 5000;
+/// Most compaction transactions per pass; what is left waits for the next pass.
+const COMPACTION_TXS_MAX: usize = 200;
 
 /// What became of one telemetry message.
 #[derive(Debug)]
@@ -144,5 +155,18 @@ impl Telemetry {
         let cutoff = self.core.now_ms().saturating_sub(retention_ms);
         mooring_store::run_retention_pass(self.core.store.as_ref(), cutoff, RETENTION_CHUNK_ROWS)
             .await
+    }
+
+    /// Compresses the recent points of windows closed more than [`COMPACTION_GRACE_MS`] ago into
+    /// chunks, at most [`COMPACTION_TXS_MAX`] short transactions; returns how many rows moved.
+    pub async fn compaction_pass(&self) -> mooring_store::Result<usize> {
+        let closed_before = self.core.now_ms().saturating_sub(COMPACTION_GRACE_MS);
+        mooring_store::run_compaction_pass(
+            self.core.store.as_ref(),
+            closed_before,
+            COMPACTION_TX_ROWS,
+            COMPACTION_TXS_MAX,
+        )
+        .await
     }
 }

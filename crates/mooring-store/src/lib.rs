@@ -35,6 +35,14 @@
 //! every waiter. The MQTT layer acknowledges a message only after its `append` returned `Ok`.
 //! [`run_retention_pass`] deletes old points in small chunks so ingest never stalls behind it.
 //!
+//! ## Telemetry layout: recent rows, then compressed chunks
+//!
+//! A point is first a small row keyed by an integer series id (one per device and metric), so
+//! the acknowledged write is one short transaction as before. [`run_compaction_pass`] later moves
+//! each closed window (an hour) of a series into one chunk, a versioned Gorilla-style blob
+//! (module [`chunk`]), in short transactions that ingest interleaves with. Queries, `latest`,
+//! retention and device deletion see both layers as one.
+//!
 //! ## One behaviour, every backend
 //!
 //! [`conformance`] holds the behavioural contract as async test functions taking a `&dyn Store`,
@@ -44,6 +52,7 @@
 //! stays out of the production build).
 
 pub mod broker_writer;
+pub mod chunk;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
@@ -65,4 +74,6 @@ pub use store::{
     BrokerStateStore, CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore, TokenStore,
     COMMAND_BATCH_LEN_MAX,
 };
-pub use writer::{run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats};
+pub use writer::{
+    run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,
+};

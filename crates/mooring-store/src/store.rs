@@ -52,7 +52,8 @@ pub trait TelemetryStore: Send + Sync + 'static {
     /// also across restarts) is `Duplicate` and not stored again; `seq: None` is always stored.
     /// All-or-nothing: on `Err` nothing of the batch is stored.
     async fn append_batch(&self, batch: Vec<TelemetryRecord>) -> Result<Vec<AppendOutcome>>;
-    /// Points matching `q`, ts ascending (ties in insertion order), at most `q.limit`.
+    /// Points matching `q`, ts ascending, at most `q.limit`. Ties at one timestamp: by metric in
+    /// the order the device first sent each, then in insertion order (compaction keeps it).
     async fn query(&self, q: TelemetryQuery) -> Result<Vec<Point>>;
     /// Newest point per metric (ties: the one stored last). This is the last known value: it
     /// survives retention and is removed only with the device.
@@ -61,6 +62,16 @@ pub trait TelemetryStore: Send + Sync + 'static {
     /// in total, and returns how many rows it deleted. Returns 0 only when nothing older than
     /// the cutoff remains; callers loop (see [`crate::run_retention_pass`]).
     async fn delete_older_than(&self, cutoff_ms: u64, max_rows: usize) -> Result<usize>;
+    /// Compresses recent points (and dedupe keys) of time windows that closed at or before
+    /// `closed_before_ms` into chunks, one short transaction moving about `max_rows` recent
+    /// rows (whole windows; late points are merged into their window's chunk). Returns how many
+    /// rows it moved, 0 when nothing is left to compact; callers loop (see
+    /// [`crate::run_compaction_pass`]). Invisible to every other method. A backend without
+    /// compaction keeps this default.
+    async fn compact(&self, closed_before_ms: u64, max_rows: usize) -> Result<usize> {
+        let _ = (closed_before_ms, max_rows);
+        Ok(0)
+    }
 }
 
 /// Most records one command or shadow query returns or one batch call accepts.

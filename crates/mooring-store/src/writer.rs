@@ -242,6 +242,33 @@ pub async fn run_retention_pass(
     }
 }
 
+/// Compresses the recent telemetry of windows closed at or before `closed_before_ms` into chunks
+/// ([`TelemetryStore::compact`]), about `tx_rows` recent rows per transaction and at most
+/// `txs_max` transactions (bounded work per pass: what is left waits for the next pass),
+/// yielding between transactions so ingest batches interleave. Returns the rows moved.
+pub async fn run_compaction_pass(
+    store: &dyn TelemetryStore,
+    closed_before_ms: u64,
+    tx_rows: usize,
+    txs_max: usize,
+) -> Result<usize> {
+    if tx_rows == 0 {
+        return Err(StoreError::InvalidInput(
+            "compaction tx_rows must be positive".into(),
+        ));
+    }
+    let mut total = 0usize;
+    for _ in 0..txs_max {
+        let moved = store.compact(closed_before_ms, tx_rows).await?;
+        if moved == 0 {
+            break;
+        }
+        total += moved;
+        tokio::task::yield_now().await;
+    }
+    Ok(total)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -212,3 +212,124 @@ async fn reads_proceed_while_ingest_is_running() {
     ingest.await.expect("ingest task");
     assert_eq!(store.latest("d1").await.expect("latest").len(), 2);
 }
+
+/// Builds a database at schema 4 (telemetry as one text-keyed row per point) with points of two
+/// devices, dedupe keys and latest values, as a pre-0005 Mooring left it.
+fn old_layout_database(file: &std::path::Path) {
+    let mut conn = rusqlite::Connection::open(file).expect("raw open");
+    for sql in [
+        include_str!("../migrations/0001_init.sql"),
+        include_str!("../migrations/0002_commands_shadows.sql"),
+        include_str!("../migrations/0003_command_result_timeout.sql"),
+        include_str!("../migrations/0004_broker_state.sql"),
+    ] {
+        conn.execute_batch(sql).expect("old migration");
+    }
+    conn.pragma_update(None, "user_version", 4)
+        .expect("version");
+    let conn = conn.transaction().expect("one transaction");
+    let t0: i64 = 1_767_225_600_000;
+    for i in 0..500i64 {
+        for (device, metric, value, is_bool) in [
+            ("d1", "temp", 20.0 + i as f64 / 10.0, 0),
+            ("d1", "door", (i % 2) as f64, 1),
+            ("d2", "temp", -(i as f64), 0),
+        ] {
+            conn.execute(
+                "INSERT INTO telemetry (device_id, metric, ts_ms, value, is_bool) VALUES (?1, ?2, ?3, ?4, ?5)",
+                rusqlite::params![device, metric, t0 + i * 60_000, value, is_bool],
+            )
+            .expect("point");
+        }
+        for device in ["d1", "d2"] {
+            conn.execute(
+                "INSERT INTO telemetry_seq (device_id, seq, ts_ms) VALUES (?1, ?2, ?3)",
+                rusqlite::params![device, 7_000 + i, t0 + i * 60_000],
+            )
+            .expect("seq");
+        }
+    }
+    conn.execute_batch(&format!(
+        "INSERT INTO telemetry_latest (device_id, metric, ts_ms, value, is_bool) VALUES
+           ('d1', 'temp', {last}, 69.9, 0), ('d1', 'door', {last}, 1.0, 1),
+           ('d2', 'temp', {last}, -499.0, 0), ('d3', 'gone', 5, 1.0, 0);",
+        last = t0 + 499 * 60_000
+    ))
+    .expect("latest");
+    conn.commit().expect("commit");
+}
+
+#[tokio::test]
+async fn an_old_layout_database_migrates_and_reads_back_the_same() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("old.sqlite");
+    old_layout_database(&file);
+    let store = SqliteStore::open(&file).expect("migrate");
+    let q = |device: &str, metric: Option<&str>| TelemetryQuery {
+        device_id: mooring_proto::DeviceId::parse(device).expect("id"),
+        metric: metric.map(str::to_owned),
+        from_ms: None,
+        to_ms: None,
+        limit: 100_000,
+    };
+    let t0 = 1_767_225_600_000u64;
+    let d1 = store.query(q("d1", None)).await.expect("d1");
+    assert_eq!(d1.len(), 1000);
+    for (i, pair) in d1.chunks(2).enumerate() {
+        let ts = t0 + i as u64 * 60_000;
+        assert_eq!(pair[0].metric, "temp", "ties keep the old insertion order");
+        assert_eq!(pair[0].ts_ms, ts);
+        assert_eq!(pair[0].value, MetricValue::Number(20.0 + i as f64 / 10.0));
+        assert_eq!(pair[1].metric, "door");
+        assert_eq!(pair[1].value, MetricValue::Bool(i % 2 == 1));
+    }
+    let d2 = store.query(q("d2", Some("temp"))).await.expect("d2");
+    assert_eq!(d2.len(), 500);
+    assert_eq!(d2[499].value, MetricValue::Number(-499.0));
+    let latest = store.latest("d1").await.expect("latest");
+    assert_eq!(latest.len(), 2);
+    assert_eq!(
+        latest.get("door"),
+        Some(&(t0 + 499 * 60_000, MetricValue::Bool(true)))
+    );
+    assert_eq!(store.latest("d3").await.expect("latest d3").len(), 1);
+    let dup = |device: &str, seq: u64| TelemetryRecord {
+        device_id: mooring_proto::DeviceId::parse(device).expect("id"),
+        seq: Some(seq),
+        ts_ms: t0,
+        points: vec![("temp".into(), MetricValue::Number(0.0))],
+    };
+    assert_eq!(
+        store
+            .append_batch(vec![dup("d1", 7_000), dup("d2", 7_499)])
+            .await
+            .expect("append"),
+        [AppendOutcome::Duplicate, AppendOutcome::Duplicate],
+        "migrated dedupe keys still dedupe"
+    );
+
+    // Compacting the migrated rows changes no answer, and leaves them in chunks.
+    mooring_store::run_compaction_pass(&store, u64::MAX, 10_000, 100)
+        .await
+        .expect("compact");
+    assert_eq!(store.query(q("d1", None)).await.expect("d1"), d1);
+    assert_eq!(store.query(q("d2", Some("temp"))).await.expect("d2"), d2);
+    assert_eq!(
+        store
+            .append_batch(vec![dup("d1", 7_001)])
+            .await
+            .expect("append"),
+        [AppendOutcome::Duplicate]
+    );
+    let conn = rusqlite::Connection::open(&file).expect("raw open");
+    let count = |table: &str| -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |row| {
+            row.get(0)
+        })
+        .expect("count")
+    };
+    assert_eq!(count("telemetry_points"), 0);
+    assert_eq!(count("telemetry_seq"), 0);
+    // 500 minutes = 9 hour windows for each of 3 series and 2 key series.
+    assert_eq!(count("telemetry_chunks"), 5 * 9);
+}

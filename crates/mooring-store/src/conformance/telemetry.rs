@@ -358,3 +358,279 @@ pub async fn telemetry_invalid_records_are_refused_whole(store: &dyn Store) {
 pub async fn telemetry_empty_batch_is_ok(store: &dyn Store) {
     assert!(append(store, Vec::new()).await.is_empty());
 }
+
+/// 2026-01-01T00:00:00Z: a whole hour, day and minute.
+const T0: u64 = 1_767_225_600_000;
+const HOUR_MS: u64 = 3_600_000;
+
+/// Compacts everything closed before `closed_before_ms` (as the server's pass does, bounded).
+async fn compact_all(store: &dyn Store, closed_before_ms: u64) {
+    crate::run_compaction_pass(store, closed_before_ms, 7, 1_000)
+        .await
+        .expect("compaction pass");
+    assert_eq!(
+        store.compact(closed_before_ms, 7).await.expect("compact"),
+        0,
+        "a finished pass leaves nothing to compact"
+    );
+}
+
+fn query(
+    device: &str,
+    metric: Option<&str>,
+    from_ms: Option<u64>,
+    to_ms: Option<u64>,
+    limit: usize,
+) -> TelemetryQuery {
+    TelemetryQuery {
+        device_id: id(device),
+        metric: metric.map(str::to_owned),
+        from_ms,
+        to_ms,
+        limit,
+    }
+}
+
+/// Three hours of two metrics every 10 minutes (plus a boolean), with seqs.
+fn three_hours(device: &str) -> Vec<TelemetryRecord> {
+    (0..18u64)
+        .map(|i| {
+            #[allow(clippy::cast_precision_loss)]
+            let v = 20.0 + i as f64 / 10.0;
+            rec(
+                device,
+                Some(1_000 + i),
+                T0 + i * 600_000,
+                &[
+                    ("temp", num(v)),
+                    ("hum", num(40.0 - v)),
+                    ("door", MetricValue::Bool(i % 3 == 0)),
+                ],
+            )
+        })
+        .collect()
+}
+
+pub async fn telemetry_query_spans_compacted_and_recent_points(store: &dyn Store) {
+    append(store, three_hours("d1")).await;
+    append(store, three_hours("d2")).await;
+    let queries = [
+        query("d1", None, None, None, 10_000),
+        query("d1", Some("temp"), None, None, 10_000),
+        query(
+            "d1",
+            Some("door"),
+            Some(T0 + HOUR_MS - 1),
+            Some(T0 + 2 * HOUR_MS + 1),
+            10_000,
+        ),
+        query(
+            "d1",
+            None,
+            Some(T0 + 1_800_000),
+            Some(T0 + 2 * HOUR_MS + 600_000),
+            10_000,
+        ),
+        query("d1", None, Some(T0 + HOUR_MS + 1), None, 5),
+        query(
+            "d1",
+            Some("hum"),
+            None,
+            Some(T0 + 2 * HOUR_MS + 600_001),
+            10_000,
+        ),
+    ];
+    let mut before = Vec::new();
+    for q in &queries {
+        before.push(store.query(q.clone()).await.expect("query before"));
+    }
+    assert_eq!(before[0].len(), 54);
+    let latest_before = store.latest("d1").await.expect("latest");
+    // The first two hours become chunks; the third stays recent.
+    compact_all(store, T0 + 2 * HOUR_MS).await;
+    for (q, want) in queries.iter().zip(&before) {
+        assert_eq!(&store.query(q.clone()).await.expect("query"), want, "{q:?}");
+    }
+    assert_eq!(store.latest("d1").await.expect("latest"), latest_before);
+    // Compacting again (and everything) changes nothing either.
+    compact_all(store, T0 + 2 * HOUR_MS).await;
+    compact_all(store, T0 + 10 * HOUR_MS).await;
+    for (q, want) in queries.iter().zip(&before) {
+        assert_eq!(&store.query(q.clone()).await.expect("query"), want, "{q:?}");
+    }
+    // Dedupe keys of compacted windows still dedupe.
+    use AppendOutcome::{Duplicate, Stored};
+    let outcomes = append(
+        store,
+        vec![
+            rec("d1", Some(1_000), T0, &[("temp", num(99.0))]),
+            rec("d1", Some(1_017), T0 + 5, &[("temp", num(99.0))]),
+            rec("d1", Some(999), T0, &[("temp", num(19.9))]),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes, [Duplicate, Duplicate, Stored]);
+}
+
+pub async fn telemetry_late_points_into_a_compacted_window_are_merged(store: &dyn Store) {
+    append(store, three_hours("d1")).await;
+    compact_all(store, T0 + 3 * HOUR_MS).await;
+    // Late: into the first (compacted) hour, one tying an existing timestamp, one older than
+    // anything stored, and one duplicate seq (its original is in a compacted window).
+    use AppendOutcome::{Duplicate, Stored};
+    let outcomes = append(
+        store,
+        vec![
+            rec("d1", Some(5_000), T0 + 600_000, &[("temp", num(-1.0))]),
+            rec("d1", Some(5_001), T0 - 1, &[("temp", num(-2.0))]),
+            rec("d1", Some(1_005), T0 + 1, &[("temp", num(-3.0))]),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes, [Stored, Stored, Duplicate]);
+    let temp = |points: Vec<Point>| {
+        points
+            .into_iter()
+            .map(|p| (p.ts_ms, p.value))
+            .take(4)
+            .collect::<Vec<_>>()
+    };
+    let want = vec![
+        (T0 - 1, num(-2.0)),
+        (T0, num(20.0)),
+        (T0 + 600_000, num(20.1)),
+        (T0 + 600_000, num(-1.0)),
+    ];
+    let q = query("d1", Some("temp"), None, None, 100);
+    assert_eq!(temp(store.query(q.clone()).await.expect("merged")), want);
+    assert_eq!(store.query(q.clone()).await.expect("count").len(), 20);
+    compact_all(store, T0 + 3 * HOUR_MS).await;
+    assert_eq!(
+        temp(store.query(q.clone()).await.expect("recompacted")),
+        want,
+        "the next pass rewrites the window's chunk with them, same order"
+    );
+    assert_eq!(store.query(q).await.expect("count").len(), 20);
+    assert_eq!(
+        append(
+            store,
+            vec![rec("d1", Some(5_001), T0, &[("temp", num(0.0))])]
+        )
+        .await,
+        [Duplicate]
+    );
+    assert_eq!(
+        store.latest("d1").await.expect("latest").get("temp"),
+        Some(&(T0 + 17 * 600_000, num(21.7))),
+        "late points do not replace the latest value"
+    );
+}
+
+pub async fn telemetry_retention_across_chunks_is_exact(store: &dyn Store) {
+    append(store, three_hours("d1")).await;
+    compact_all(store, T0 + 2 * HOUR_MS).await;
+    // The cutoff falls inside the second (compacted) hour.
+    let cutoff = T0 + HOUR_MS + 1_200_000;
+    let mut calls = 0;
+    loop {
+        let deleted = store.delete_older_than(cutoff, 2).await.expect("delete");
+        assert!(deleted <= 2, "at most max_rows per call, got {deleted}");
+        if deleted == 0 {
+            break;
+        }
+        calls += 1;
+        assert!(calls <= 100, "retention must terminate");
+    }
+    let points = store
+        .query(query("d1", None, None, None, 10_000))
+        .await
+        .expect("query");
+    assert_eq!(points.len(), 3 * 10, "{points:?}");
+    assert!(points.iter().all(|p| p.ts_ms >= cutoff));
+    assert_eq!(points[0].ts_ms, cutoff);
+    // Dedupe keys went with their points, exactly at the cutoff.
+    use AppendOutcome::{Duplicate, Stored};
+    let outcomes = append(
+        store,
+        vec![
+            rec("d1", Some(1_007), T0 + 7 * 600_000, &[]),
+            rec("d1", Some(1_008), T0 + 8 * 600_000, &[]),
+            rec("d1", Some(1_017), T0 + 17 * 600_000, &[]),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes, [Stored, Duplicate, Duplicate]);
+    assert_eq!(store.latest("d1").await.expect("latest").len(), 3);
+    // Compaction after retention keeps the same answer.
+    compact_all(store, T0 + 10 * HOUR_MS).await;
+    let after = store
+        .query(query("d1", None, None, None, 10_000))
+        .await
+        .expect("query");
+    assert_eq!(after, points);
+}
+
+pub async fn telemetry_device_delete_removes_compacted_chunks(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("create");
+    store.create_device(new_device("d2")).await.expect("create");
+    append(store, three_hours("d1")).await;
+    append(store, three_hours("d2")).await;
+    compact_all(store, T0 + 2 * HOUR_MS).await;
+    assert!(store.delete_device("d1").await.expect("delete"));
+    assert_eq!(count_points(store, "d1").await, 0);
+    assert!(store.latest("d1").await.expect("latest").is_empty());
+    assert_eq!(count_points(store, "d2").await, 54);
+    store
+        .create_device(new_device("d1"))
+        .await
+        .expect("re-create");
+    assert_eq!(
+        append(
+            store,
+            vec![rec("d1", Some(1_000), T0, &[("temp", num(1.0))])]
+        )
+        .await,
+        [AppendOutcome::Stored],
+        "the compacted dedupe keys went with the device"
+    );
+    assert_eq!(count_points(store, "d1").await, 1);
+    assert_eq!(
+        append(
+            store,
+            vec![rec("d2", Some(1_000), T0, &[("temp", num(1.0))])]
+        )
+        .await,
+        [AppendOutcome::Duplicate]
+    );
+}
+
+pub async fn telemetry_limit_cuts_inside_a_chunk(store: &dyn Store) {
+    let batch = (0..100u64)
+        .map(|i| {
+            #[allow(clippy::cast_precision_loss)]
+            let v = i as f64;
+            rec("d1", None, T0 + i * 1_000, &[("a", num(v)), ("b", num(-v))])
+        })
+        .collect();
+    append(store, batch).await;
+    compact_all(store, T0 + HOUR_MS).await;
+    let ts = |points: Vec<Point>| points.into_iter().map(|p| p.ts_ms).collect::<Vec<_>>();
+    let one = store
+        .query(query("d1", Some("a"), Some(T0 + 10_500), None, 7))
+        .await
+        .expect("one metric");
+    assert_eq!(
+        ts(one),
+        (11..18).map(|i| T0 + i * 1_000).collect::<Vec<_>>()
+    );
+    let both = store
+        .query(query("d1", None, Some(T0 + 10_000), Some(T0 + 50_000), 5))
+        .await
+        .expect("all metrics");
+    let got: Vec<(String, u64)> = both.into_iter().map(|p| (p.metric, p.ts_ms)).collect();
+    let want: Vec<(String, u64)> = [("a", 10), ("b", 10), ("a", 11), ("b", 11), ("a", 12)]
+        .iter()
+        .map(|(m, i)| ((*m).to_owned(), T0 + i * 1_000))
+        .collect();
+    assert_eq!(got, want);
+}

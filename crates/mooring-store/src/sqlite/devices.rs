@@ -14,8 +14,6 @@ use crate::error::{Result, StoreError};
 use crate::model::{DeviceRecord, NewDevice};
 use crate::store::DeviceStore;
 
-/// Rows deleted per transaction when a device's telemetry is removed.
-const DELETE_CHUNK_ROWS: i64 = 10_000;
 const DEVICE_COLUMNS: &str =
     "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, last_seen_ms";
 
@@ -131,34 +129,13 @@ impl DeviceStore for SqliteStore {
                 let deleted = tx
                     .execute("DELETE FROM devices WHERE id = ?1", params![id])
                     .db()?;
-                tx.execute(
-                    "DELETE FROM telemetry_latest WHERE device_id = ?1",
-                    params![id],
-                )
-                .db()?;
+                tx.execute(super::telemetry::DELETE_DEVICE_LATEST_SQL, params![id])
+                    .db()?;
                 tx.commit().db()?;
                 deleted > 0
             };
-            // Telemetry (and dedupe keys) go in bounded chunks, each its own transaction, with
-            // the writer lock released in between so ingest batches interleave.
-            for sql in [
-                "DELETE FROM telemetry WHERE id IN
-                   (SELECT id FROM telemetry WHERE device_id = ?1 LIMIT ?2)",
-                "DELETE FROM telemetry_seq WHERE device_id = ?1 AND seq IN
-                   (SELECT seq FROM telemetry_seq WHERE device_id = ?1 LIMIT ?2)",
-            ] {
-                loop {
-                    let deleted = inner
-                        .writer()?
-                        .prepare_cached(sql)
-                        .db()?
-                        .execute(params![id, DELETE_CHUNK_ROWS])
-                        .db()?;
-                    if count_to_sql(deleted) < DELETE_CHUNK_ROWS {
-                        break;
-                    }
-                }
-            }
+            // Telemetry (points, dedupe keys, chunks) goes in bounded transactions.
+            super::telemetry::delete_device_telemetry(&inner, &id)?;
             Ok(existed)
         })
         .await
