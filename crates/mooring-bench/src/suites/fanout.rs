@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 /// The backend's subscription in the fan-out suite.
 pub const FANOUT_FILTER: &str = "devices/+/telemetry";
 /// Session-queue bytes the fan-out suite allows per message (topic + payload is about 70).
-const FANOUT_QUEUE_BYTES_PER_MESSAGE: usize = 256;
+pub(super) const FANOUT_QUEUE_BYTES_PER_MESSAGE: usize = 256;
 /// The servers' default session-queue bound, kept when a case needs less.
-const FANOUT_QUEUE_LEN_MIN: usize = 1_000;
-const FANOUT_QUEUE_BYTES_MIN: usize = 4 * 1024 * 1024;
+pub(super) const FANOUT_QUEUE_LEN_MIN: usize = 1_000;
+pub(super) const FANOUT_QUEUE_BYTES_MIN: usize = 4 * 1024 * 1024;
 /// Longest the subscriber waits for the next message once messages flow; a lost message ends
 /// the wait after this instead of after `--timeout-secs`.
 const FANOUT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,6 +1,8 @@
 //! Suite 2: QoS 0/1 telemetry ingest, from publish to the store.
 
-use super::fanout::receive_all;
+use super::fanout::{
+    receive_all, FANOUT_QUEUE_BYTES_MIN, FANOUT_QUEUE_BYTES_PER_MESSAGE, FANOUT_QUEUE_LEN_MIN,
+};
 use super::publishers::{connect_publishers, publish_all, MESSAGES_PER_PUBLISHER_MAX};
 use super::{fresh_start, percentile, row_from, FANOUT_FILTER};
 use crate::client::{self};
@@ -119,7 +121,8 @@ pub async fn ingest(b: &mut Bench) -> anyhow::Result<Table> {
         "mooring: PUBACK only after the point is in SQLite (WAL, synchronous=FULL, fsync per group commit); \
          mosquitto: defaults, persistence off, no subscribers (messages are accepted and dropped); \
          'relaying to 1 subscriber' rows: mosquitto's rate is what one subscriber (QoS as published, \
-         clean session, devices/+/telemetry) received per second, next to ours stored per second",
+         clean session, devices/+/telemetry, queue bounds that hold a whole case) received per \
+         second, next to ours stored per second",
     ));
     Ok(table)
 }
@@ -203,10 +206,15 @@ async fn relay_row(
     let Some(t) = b.targets.iter_mut().find(|t| t.kind == Kind::Mosquitto) else {
         return Ok(None);
     };
-    if t.persistence() != persistence {
-        t.set_persistence(persistence)?;
-        fresh_start(t, publishers).await?;
-    }
+    // Room in the subscriber's queue for a whole case (as in the fan-out suite): Mosquitto's
+    // default of 1,000 queued messages would drop most of a fast case's QoS 1 messages.
+    let total = args.messages.max(publishers);
+    t.set_queue_bounds(Some(target::QueueBounds {
+        len_max: total.max(FANOUT_QUEUE_LEN_MIN),
+        bytes_max: (total * FANOUT_QUEUE_BYTES_PER_MESSAGE).max(FANOUT_QUEUE_BYTES_MIN),
+    }));
+    t.set_persistence(persistence)?;
+    fresh_start(t, publishers).await?;
     let mut rates = Vec::new();
     let mut notes = Vec::new();
     for rep in 0..args.repeat.max(1) {
@@ -222,11 +230,10 @@ async fn relay_row(
             Err(e) => notes.push(format!("run {}: failed: {e}", rep + 1)),
         }
     }
-    if persistence {
-        // The next ingest case measures the default Mosquitto again.
-        t.set_persistence(false)?;
-        fresh_start(t, publishers).await?;
-    }
+    // The next ingest case measures the default Mosquitto again.
+    t.set_queue_bounds(None);
+    t.set_persistence(false)?;
+    fresh_start(t, publishers).await?;
     rates.sort_by(f64::total_cmp);
     let label = format!(
         "QoS{qos}, {publishers} publisher{}, mosquitto relaying to 1 subscriber{}",
