@@ -83,7 +83,7 @@ impl Hooks for FuzzHooks {
         }
         let principal = if self.device && req.client_id != SUBSCRIBER {
             Principal::Device {
-                id: "d1".into(),
+                id: mooring_proto::DeviceId::parse("d1").expect("a valid id"),
                 tags: [
                     ("site".to_owned(), "s1".to_owned()),
                     ("evil".to_owned(), "x/+".to_owned()),

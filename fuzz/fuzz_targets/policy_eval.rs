@@ -30,6 +30,7 @@ use mooring_proto::policy::{Action, Policy, Principal, PrincipalKind, Rule};
 use mooring_proto::topic::{
     filter_matches, is_shared_filter, is_valid_filter, is_valid_topic_name, parse_shared_filter,
 };
+use mooring_proto::DeviceId;
 use std::collections::BTreeMap;
 
 /// Bounds the work per input (rules × questions).
@@ -39,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let mut rules = Vec::new();
     let mut who = Principal::Device {
-        id: "d1".into(),
+        id: DeviceId::parse("d1").expect("a valid id"),
         tags: [("site".to_owned(), "s1".to_owned())].into(),
     };
     let mut pubs = Vec::new();
@@ -67,7 +68,10 @@ fuzz_target!(|data: &[u8]| {
                 });
             }
             (Some("as"), Some("device")) => {
-                let id = words.next().unwrap_or_default().to_owned();
+                // A principal holds a validated id (an invalid one cannot authenticate).
+                let Ok(id) = DeviceId::parse(words.next().unwrap_or_default()) else {
+                    continue;
+                };
                 let tags = words
                     .filter_map(|kv| kv.split_once('='))
                     .map(|(k, v)| (k.to_owned(), v.to_owned()))
