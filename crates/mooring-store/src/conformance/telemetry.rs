@@ -238,6 +238,18 @@ pub async fn telemetry_latest_is_newest_point_per_metric(store: &dyn Store) {
     append(store, vec![rec("d1", None, 3_000, &[("t", num(3.0))])]).await;
     let latest = store.latest("d1").await.expect("latest");
     assert_eq!(latest.get("t"), Some(&(3_000, num(3.0))));
+    // Two points at one time in one batch: the later one is the latest, as if sent one by one.
+    append(
+        store,
+        vec![
+            rec("d1", None, 4_000, &[("t", num(4.0))]),
+            rec("d1", None, 4_000, &[("t", num(4.5))]),
+            rec("d1", None, 3_500, &[("t", num(3.5))]),
+        ],
+    )
+    .await;
+    let latest = store.latest("d1").await.expect("latest");
+    assert_eq!(latest.get("t"), Some(&(4_000, num(4.5))));
 }
 
 pub async fn telemetry_booleans_round_trip_distinct_from_numbers(store: &dyn Store) {

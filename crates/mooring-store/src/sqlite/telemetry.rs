@@ -202,6 +202,7 @@ impl TelemetryStore for SqliteStore {
                 .db()?;
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut series = HashMap::new();
+            let mut latest: HashMap<i64, (i64, f64, i64)> = HashMap::new();
             for record in &batch {
                 let device = record.device_id.as_str();
                 let ts_ms = ts_to_sql("ts_ms", record.ts_ms)?;
@@ -234,18 +235,29 @@ impl TelemetryStore for SqliteStore {
                     .db()?
                     .execute(row)
                     .db()?;
-                    tx.prepare_cached(
-                        "INSERT INTO telemetry_latest (series_id, ts_ms, value, is_bool)
-                         VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (series_id) DO UPDATE
-                           SET ts_ms = excluded.ts_ms, value = excluded.value, is_bool = excluded.is_bool
-                           WHERE excluded.ts_ms >= telemetry_latest.ts_ms",
-                    )
-                    .db()?
-                    .execute(row)
-                    .db()?;
+                    // The batch's newest point per series (a later one wins a tie, as a later
+                    // upsert would): one `latest` write per series per batch, not per point.
+                    match latest.get_mut(&id) {
+                        Some(l) if ts_ms < l.0 => {}
+                        Some(l) => *l = (ts_ms, value, is_bool),
+                        None => {
+                            latest.insert(id, (ts_ms, value, is_bool));
+                        }
+                    }
                 }
                 outcomes.push(AppendOutcome::Stored);
+            }
+            for (id, (ts_ms, value, is_bool)) in latest {
+                tx.prepare_cached(
+                    "INSERT INTO telemetry_latest (series_id, ts_ms, value, is_bool)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (series_id) DO UPDATE
+                       SET ts_ms = excluded.ts_ms, value = excluded.value, is_bool = excluded.is_bool
+                       WHERE excluded.ts_ms >= telemetry_latest.ts_ms",
+                )
+                .db()?
+                .execute(params![id, ts_ms, value, is_bool])
+                .db()?;
             }
             tx.commit().db()?;
             debug_assert_eq!(outcomes.len(), batch.len());
