@@ -118,6 +118,29 @@ impl PacketIdCheck {
                     };
                 }
                 State::Body {
+                    id_at: IdAt::AfterTopic { topic_len: Some(t) },
+                    len,
+                    off,
+                    hi,
+                } if off < 2 + u32::from(t) => {
+                    // The topic name: nothing to check until the packet id after it; skip it in
+                    // bulk (within this read and this packet).
+                    let to_id = 2 + u32::from(t) - off;
+                    let take = (to_id.min(len - off) as usize).min(data.len());
+                    data = &data[take..];
+                    let off = off + take as u32;
+                    self.state = if off == len {
+                        State::Header
+                    } else {
+                        State::Body {
+                            id_at: IdAt::AfterTopic { topic_len: Some(t) },
+                            len,
+                            off,
+                            hi,
+                        }
+                    };
+                }
+                State::Body {
                     mut id_at,
                     len,
                     off,
@@ -230,11 +253,16 @@ mod tests {
             vec![0x82, 0x06, 0x00, 0x00, 0x00, 0x01, b'#', 0x01],
         ]
         .concat();
-        for step in [1, 2, 3, 5, 7, 64, 4096] {
+        // A long topic (skipped in bulk) before the id, and a zero id after one.
+        let long_topic = "devices/lock-1/telemetry/".repeat(12);
+        let good = [good, publish(1, &long_topic, 0x0001, b"p")].concat();
+        let bad_long = [good.clone(), publish(1, &long_topic, 0, b"p")].concat();
+        for step in [1, 2, 3, 5, 7, 64, 301, 4096] {
             assert!(ok_in_pieces(&good, step), "step {step}");
             assert!(!ok_in_pieces(&bad_publish, step), "step {step}");
             assert!(!ok_in_pieces(&bad_ack, step), "step {step}");
             assert!(!ok_in_pieces(&bad_sub, step), "step {step}");
+            assert!(!ok_in_pieces(&bad_long, step), "step {step}");
         }
     }
 
