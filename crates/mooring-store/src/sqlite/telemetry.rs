@@ -506,10 +506,30 @@ fn compact_points(tx: &Transaction<'_>, series: i64, window: i64) -> Result<usiz
     }
     // Stable: ties keep compacted-then-recent, each in insertion order.
     points.sort_by_key(|(ts, _)| *ts);
-    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+    if !put_point_chunk(tx, series, window, &points)? {
         return Ok(0);
+    }
+    tx.prepare_cached(
+        "DELETE FROM telemetry_points WHERE series_id = ?1 AND ts_ms >= ?2 AND ts_ms < ?3",
+    )
+    .db()?
+    .execute(params![series, window, end])
+    .db()?;
+    Ok(moved)
+}
+
+/// Writes `points` (oldest first) as the chunk of `(series, window)`; false, writing nothing,
+/// when there are none.
+fn put_point_chunk(
+    tx: &Transaction<'_>,
+    series: i64,
+    window: i64,
+    points: &[(i64, MetricValue)],
+) -> Result<bool> {
+    let (Some(first), Some(last)) = (points.first(), points.last()) else {
+        return Ok(false);
     };
-    let data = chunk::encode_points(&points);
+    let data = chunk::encode_points(points);
     put_chunk(
         tx,
         series,
@@ -520,13 +540,7 @@ fn compact_points(tx: &Transaction<'_>, series: i64, window: i64) -> Result<usiz
         None,
         &data,
     )?;
-    tx.prepare_cached(
-        "DELETE FROM telemetry_points WHERE series_id = ?1 AND ts_ms >= ?2 AND ts_ms < ?3",
-    )
-    .db()?
-    .execute(params![series, window, end])
-    .db()?;
-    Ok(moved)
+    Ok(true)
 }
 
 /// Encodes dedupe keys sorted by seq (as stored, i64) and writes their chunk.
@@ -643,19 +657,7 @@ fn expire_chunks(tx: &Transaction<'_>, cutoff_ms: i64, budget: i64) -> Result<us
             let mut points = chunk::decode_points(&data).map_err(|e| corrupt(series, &e))?;
             points.retain(|(ts, _)| *ts >= cutoff_ms);
             delete()?;
-            if let (Some(first), Some(last)) = (points.first(), points.last()) {
-                let data = chunk::encode_points(&points);
-                put_chunk(
-                    tx,
-                    series,
-                    window,
-                    first.0,
-                    last.0,
-                    points.len(),
-                    None,
-                    &data,
-                )?;
-            }
+            put_point_chunk(tx, series, window, &points)?;
         }
     }
     Ok(old.len())
