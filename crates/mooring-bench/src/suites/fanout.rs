@@ -1,7 +1,7 @@
 //! Suite 5: QoS 1 fan-out from publishers to one persistent backend subscriber, online and offline.
 
 use super::publishers::{connect_publishers, publish_all, MESSAGES_PER_PUBLISHER_MAX};
-use super::{fresh_start, percentile, row_from, IDLE_KEEPALIVE_SECS};
+use super::{fresh_start, medians, per_sec, row_from, IDLE_KEEPALIVE_SECS};
 use crate::client::{self, Packet};
 use crate::report::{Row, Table};
 use crate::target::{self, Kind, Target};
@@ -210,24 +210,6 @@ pub async fn fanout(b: &mut Bench) -> anyhow::Result<Table> {
     Ok(table)
 }
 
-/// The medians per column and a note with their spreads.
-fn medians(samples: &BTreeMap<&'static str, Vec<f64>>) -> (BTreeMap<&'static str, f64>, String) {
-    let mut out = BTreeMap::new();
-    let mut notes = Vec::new();
-    for (&name, v) in samples {
-        let mut v = v.clone();
-        v.sort_by(f64::total_cmp);
-        notes.push(format!(
-            "{name}: median of {}, range {}–{}",
-            v.len(),
-            crate::report::fmt_value(v.first().copied()),
-            crate::report::fmt_value(v.last().copied())
-        ));
-        out.insert(name, percentile(&v, 0.5));
-    }
-    (out, notes.join("; "))
-}
-
 /// A row with ours and Mosquitto's medians, or (with `mosquitto_label`) Mosquitto's variant only.
 fn fanout_row(
     metric: String,
@@ -324,16 +306,9 @@ async fn fanout_run(
         _ => None,
     };
     connect(true).await?.0.close().await;
-    let rate = |n: usize, d: Duration| {
-        if d > Duration::ZERO {
-            n as f64 / d.as_secs_f64()
-        } else {
-            0.0
-        }
-    };
     Ok(FanoutRun {
-        acked_rate: rate(acked, acked_elapsed),
-        delivered_rate: rate(delivered, delivered_elapsed),
+        acked_rate: per_sec(acked, acked_elapsed),
+        delivered_rate: per_sec(delivered, delivered_elapsed),
         acked,
         delivered,
         queue_full,

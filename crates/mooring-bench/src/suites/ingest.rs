@@ -4,7 +4,7 @@ use super::fanout::{
     receive_all, FANOUT_QUEUE_BYTES_MIN, FANOUT_QUEUE_BYTES_PER_MESSAGE, FANOUT_QUEUE_LEN_MIN,
 };
 use super::publishers::{connect_publishers, publish_all, MESSAGES_PER_PUBLISHER_MAX};
-use super::{fresh_start, percentile, row_from, FANOUT_FILTER};
+use super::{fresh_start, medians, per_sec, percentile, row_from, FANOUT_FILTER};
 use crate::client::{self};
 use crate::report::{Row, Table};
 use crate::target::{self, Kind, Target};
@@ -64,16 +64,9 @@ pub async fn ingest(b: &mut Bench) -> anyhow::Result<Table> {
                     }
                 }
             }
-            let mut rates = BTreeMap::new();
-            for (name, mut v) in samples {
-                v.sort_by(f64::total_cmp);
-                notes.push(format!(
-                    "{name}: median of {}, range {}–{}",
-                    v.len(),
-                    crate::report::fmt_value(v.first().copied()),
-                    crate::report::fmt_value(v.last().copied())
-                ));
-                rates.insert(name, percentile(&v, 0.5));
+            let (rates, spread) = medians(&samples);
+            if !spread.is_empty() {
+                notes.push(spread);
             }
             let window = if qos == 1 {
                 format!(", ≤{} in flight each", b.args.window)
@@ -293,11 +286,7 @@ async fn relay_case(
         .await
         .map_err(|e| anyhow::anyhow!("subscriber task: {e}"))??;
     let elapsed = last.map_or(Duration::ZERO, |l| l - started);
-    let rate = if elapsed > Duration::ZERO {
-        got as f64 / elapsed.as_secs_f64()
-    } else {
-        0.0
-    };
+    let rate = per_sec(got, elapsed);
     let note = if got < sent {
         format!("the subscriber received {got} of {sent}")
     } else {

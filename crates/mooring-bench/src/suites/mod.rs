@@ -107,3 +107,32 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
     let i = ((v.len() - 1) as f64 * p).round() as usize;
     v[i.min(v.len() - 1)]
 }
+
+/// The medians per column and a note with their spreads.
+pub(super) fn medians(
+    samples: &BTreeMap<&'static str, Vec<f64>>,
+) -> (BTreeMap<&'static str, f64>, String) {
+    let mut out = BTreeMap::new();
+    let mut notes = Vec::new();
+    for (&name, v) in samples {
+        let mut v = v.clone();
+        v.sort_by(f64::total_cmp);
+        notes.push(format!(
+            "{name}: median of {}, range {}–{}",
+            v.len(),
+            crate::report::fmt_value(v.first().copied()),
+            crate::report::fmt_value(v.last().copied())
+        ));
+        out.insert(name, percentile(&v, 0.5));
+    }
+    (out, notes.join("; "))
+}
+
+/// `n` events over `d` per second; 0 when no time passed.
+pub(super) fn per_sec(n: usize, d: Duration) -> f64 {
+    if d > Duration::ZERO {
+        n as f64 / d.as_secs_f64()
+    } else {
+        0.0
+    }
+}
