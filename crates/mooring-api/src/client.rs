@@ -177,7 +177,8 @@ impl Client {
             .pop_if_empty()
             .extend(segments);
         if let Some(q) = query {
-            let text = serde_urlencoded_query(q)?;
+            let text =
+                serde_urlencoded::to_string(q).map_err(|e| Error::Config(format!("query: {e}")))?;
             if !text.is_empty() {
                 url.set_query(Some(&text));
             }
@@ -417,29 +418,6 @@ impl Client {
         self.get(self.url(&["api", "v1", "openapi.json"], None::<&()>)?)
             .await
     }
-}
-
-/// A query string from a flat struct of optional scalars (what every query type here is).
-fn serde_urlencoded_query(q: &impl Serialize) -> Result<String> {
-    let value = serde_json::to_value(q).map_err(|e| Error::Config(format!("query: {e}")))?;
-    let mut out = Url::parse("http://q/").map_err(|e| Error::Config(e.to_string()))?;
-    {
-        let mut pairs = out.query_pairs_mut();
-        if let serde_json::Value::Object(map) = value {
-            for (k, v) in map {
-                match v {
-                    serde_json::Value::Null => {}
-                    serde_json::Value::String(s) => {
-                        pairs.append_pair(&k, &s);
-                    }
-                    other => {
-                        pairs.append_pair(&k, &other.to_string());
-                    }
-                }
-            }
-        }
-    }
-    Ok(out.query().unwrap_or("").to_owned())
 }
 
 fn truncate(mut text: String) -> String {
