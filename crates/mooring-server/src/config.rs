@@ -107,6 +107,9 @@ pub struct TelemetryConfig {
     pub batch_len_max: usize,
     /// Group-commit writer: most records waiting.
     pub queue_len_max: usize,
+    /// Most distinct metric names one device may have stored (they outlive retention, as its
+    /// last known values do); a message naming one more is refused (v5 PUBACK 0x97).
+    pub metrics_per_device_max: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -190,6 +193,7 @@ impl Default for TelemetryConfig {
             retention_interval_secs: 3600,
             batch_len_max: 1024,
             queue_len_max: 65536,
+            metrics_per_device_max: mooring_store::METRICS_PER_DEVICE_MAX_DEFAULT,
         }
     }
 }
@@ -253,8 +257,14 @@ impl ServerConfig {
         if self.telemetry.retention_days == 0 {
             bail!("telemetry.retention_days must be at least 1");
         }
-        if self.telemetry.batch_len_max == 0 || self.telemetry.queue_len_max == 0 {
-            bail!("telemetry.batch_len_max and telemetry.queue_len_max must be at least 1");
+        if self.telemetry.batch_len_max == 0
+            || self.telemetry.queue_len_max == 0
+            || self.telemetry.metrics_per_device_max == 0
+        {
+            bail!(
+                "telemetry.batch_len_max, telemetry.queue_len_max and \
+                 telemetry.metrics_per_device_max must be at least 1"
+            );
         }
         if self.certificates.device_validity_days == 0 {
             bail!("certificates.device_validity_days must be at least 1");

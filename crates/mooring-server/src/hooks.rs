@@ -267,6 +267,10 @@ impl Hooks for ServerHooks {
                 tracing::debug!(device = %id, error = %e, "invalid telemetry dropped");
                 PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID)
             }
+            Ingest::MetricsLimit => {
+                tracing::debug!(device = %id, "telemetry over the device's metric bound dropped");
+                PublishVerdict::Reject(REASON_QUOTA_EXCEEDED)
+            }
             Ingest::Failed(e) => {
                 self.telemetry_failures.record(now_ms, &e);
                 not_stored(matches!(e, mooring_store::StoreError::Unavailable(_)))

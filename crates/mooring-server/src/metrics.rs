@@ -19,6 +19,9 @@ pub struct Counters {
     pub telemetry_invalid: AtomicU64,
     /// Telemetry messages not acknowledged because the store failed.
     pub telemetry_store_errors: AtomicU64,
+    /// Telemetry messages refused because they would give a device more than
+    /// `telemetry.metrics_per_device_max` distinct metrics.
+    pub telemetry_metrics_limited: AtomicU64,
     /// CONNECTs refused by authentication.
     pub connects_refused: AtomicU64,
     /// TLS handshakes that failed (no/foreign certificate, timeouts, garbage).
@@ -280,6 +283,11 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_telemetry_invalid_total",
         "Telemetry messages dropped as invalid",
         load(&c.telemetry_invalid),
+    )
+    .counter(
+        "mooring_telemetry_metrics_limited_total",
+        "Telemetry messages refused: the device already has telemetry.metrics_per_device_max metrics",
+        load(&c.telemetry_metrics_limited),
     )
     .counter(
         "mooring_telemetry_store_errors_total",

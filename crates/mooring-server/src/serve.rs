@@ -183,6 +183,7 @@ impl RunningServer {
             TelemetryWriterConfig {
                 queue_len_max: config.telemetry.queue_len_max,
                 batch_len_max: config.telemetry.batch_len_max,
+                metrics_per_device_max: config.telemetry.metrics_per_device_max,
             },
         );
         let policy = config.policy()?;

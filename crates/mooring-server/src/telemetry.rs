@@ -41,6 +41,9 @@ pub enum Ingest {
     Duplicate,
     /// Not a valid telemetry payload; dropped.
     Invalid(String),
+    /// It names a metric the device never sent and the device already has
+    /// `telemetry.metrics_per_device_max` of them; dropped.
+    MetricsLimit,
     /// The store failed; not stored, the device sends it again.
     Failed(StoreError),
 }
@@ -88,6 +91,10 @@ impl Telemetry {
             Ok(AppendOutcome::Duplicate) => {
                 Counters::inc(&counters.telemetry_duplicates);
                 Ingest::Duplicate
+            }
+            Ok(AppendOutcome::MetricsLimit) => {
+                Counters::inc(&counters.telemetry_metrics_limited);
+                Ingest::MetricsLimit
             }
             Err(e) => {
                 Counters::inc(&counters.telemetry_store_errors);

@@ -76,4 +76,5 @@ pub use store::{
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,
+    METRICS_PER_DEVICE_MAX_DEFAULT,
 };

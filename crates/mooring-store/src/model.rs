@@ -141,6 +141,11 @@ pub enum AppendOutcome {
     Stored,
     /// `(device_id, seq)` was already stored; nothing was written. Acknowledge it anyway.
     Duplicate,
+    /// The record names metrics its device has never sent, and storing them would give the
+    /// device more distinct metrics than the bound passed to
+    /// [`crate::TelemetryStore::append_batch_bounded`]; nothing of it was written (not even its
+    /// dedupe key). Sending it again does not help.
+    MetricsLimit,
 }
 
 /// One stored metric point.

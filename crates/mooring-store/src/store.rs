@@ -51,7 +51,19 @@ pub trait TelemetryStore: Send + Sync + 'static {
     /// order. A repeated `(device_id, seq)` (within the batch or with anything stored before,
     /// also across restarts) is `Duplicate` and not stored again; `seq: None` is always stored.
     /// All-or-nothing: on `Err` nothing of the batch is stored.
-    async fn append_batch(&self, batch: Vec<TelemetryRecord>) -> Result<Vec<AppendOutcome>>;
+    async fn append_batch(&self, batch: Vec<TelemetryRecord>) -> Result<Vec<AppendOutcome>> {
+        self.append_batch_bounded(batch, usize::MAX).await
+    }
+    /// [`TelemetryStore::append_batch`], where a record that would give its device more than
+    /// `metrics_per_device_max` distinct metric names (counting everything stored before, also
+    /// earlier in the batch) is [`AppendOutcome::MetricsLimit`] and not stored. A device's
+    /// metric names outlive retention (its last known values do), so this bounds what a device
+    /// can make the store keep for it forever.
+    async fn append_batch_bounded(
+        &self,
+        batch: Vec<TelemetryRecord>,
+        metrics_per_device_max: usize,
+    ) -> Result<Vec<AppendOutcome>>;
     /// Points matching `q`, ts ascending, at most `q.limit`. Ties at one timestamp: by metric in
     /// the order the device first sent each, then in insertion order (compaction keeps it).
     async fn query(&self, q: TelemetryQuery) -> Result<Vec<Point>>;

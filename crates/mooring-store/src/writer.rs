@@ -20,6 +20,10 @@ use crate::store::TelemetryStore;
 /// A failing batch is logged at most this often (with how many failed since the last line).
 pub const FAILED_BATCH_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Default of [`TelemetryWriterConfig::metrics_per_device_max`]: ten times what a busy device
+/// sends (a few dozen gauges), far below what would let one device fill the series table.
+pub const METRICS_PER_DEVICE_MAX_DEFAULT: usize = 256;
+
 /// Bounds of the group-commit writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TelemetryWriterConfig {
@@ -28,6 +32,9 @@ pub struct TelemetryWriterConfig {
     pub queue_len_max: usize,
     /// Most records written by one `append_batch` (one transaction).
     pub batch_len_max: usize,
+    /// Most distinct metric names one device may have stored; a record over it is
+    /// [`AppendOutcome::MetricsLimit`] (see [`TelemetryStore::append_batch_bounded`]).
+    pub metrics_per_device_max: usize,
 }
 
 impl Default for TelemetryWriterConfig {
@@ -35,6 +42,7 @@ impl Default for TelemetryWriterConfig {
         TelemetryWriterConfig {
             queue_len_max: 65_536,
             batch_len_max: 1024,
+            metrics_per_device_max: METRICS_PER_DEVICE_MAX_DEFAULT,
         }
     }
 }
@@ -107,7 +115,7 @@ impl TelemetryWriter {
         assert!(cfg.batch_len_max > 0, "batch_len_max must be positive");
         let (tx, rx) = mpsc::channel(cfg.queue_len_max);
         let counters = Arc::new(Counters::default());
-        let task = tokio::spawn(run(store, rx, cfg.batch_len_max, Arc::clone(&counters)));
+        let task = tokio::spawn(run(store, rx, cfg, Arc::clone(&counters)));
         (TelemetryWriter { tx, counters }, task)
     }
 
@@ -146,9 +154,10 @@ impl TelemetryWriter {
 async fn run(
     store: Arc<dyn TelemetryStore>,
     mut rx: mpsc::Receiver<Request>,
-    batch_len_max: usize,
+    cfg: TelemetryWriterConfig,
     counters: Arc<Counters>,
 ) {
+    let batch_len_max = cfg.batch_len_max;
     let mut requests: Vec<Request> = Vec::with_capacity(batch_len_max);
     // `recv_many` returns 0 only once every sender is gone and the queue is empty.
     // Failed batches are logged at most once per FAILED_BATCH_LOG_INTERVAL, with a count (a
@@ -159,7 +168,10 @@ async fn run(
         let (records, waiters): (Vec<_>, Vec<_>) = requests.drain(..).unzip();
         let len = records.len();
         let started = Instant::now();
-        let result = match store.append_batch(records).await {
+        let result = match store
+            .append_batch_bounded(records, cfg.metrics_per_device_max)
+            .await
+        {
             Ok(outcomes) if outcomes.len() == len => Ok(outcomes),
             Ok(outcomes) => Err(StoreError::Backend(format!(
                 "backend returned {} outcomes for {len} records",
@@ -281,7 +293,11 @@ mod tests {
 
     #[async_trait::async_trait]
     impl TelemetryStore for BrokenDisk {
-        async fn append_batch(&self, _: Vec<TelemetryRecord>) -> Result<Vec<AppendOutcome>> {
+        async fn append_batch_bounded(
+            &self,
+            _: Vec<TelemetryRecord>,
+            _: usize,
+        ) -> Result<Vec<AppendOutcome>> {
             Err(StoreError::Backend("disk I/O error".into()))
         }
         async fn query(&self, _: TelemetryQuery) -> Result<Vec<Point>> {
@@ -311,6 +327,7 @@ mod tests {
             TelemetryWriterConfig {
                 queue_len_max: 16,
                 batch_len_max: 4,
+                ..TelemetryWriterConfig::default()
             },
         );
         let results = append_concurrently(&writer, 6).await;

@@ -513,6 +513,77 @@ async fn service_persistent_sessions_are_capped_per_token_and_devices_still_conn
 }
 
 #[tokio::test]
+async fn a_device_cannot_grow_its_metric_names_without_bound() {
+    // Every distinct metric name is a series the store keeps for the device's lifetime (its last
+    // known value outlives retention), so a device that invents names must hit a bound.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = start_configured(tmp.path(), "[telemetry]\nmetrics_per_device_max = 3\n");
+    let d1 = server.create_device("d1", tmp.path());
+    let publish = |version: &str, seq: u32, payload: &str| {
+        let mut args = d1.mosquitto_args(server.mqtt);
+        let body = format!(r#"{{"seq": {seq}, {payload}}}"#);
+        args.extend(s(&[
+            "-V",
+            version,
+            "-i",
+            "d1",
+            "-q",
+            "1",
+            "-t",
+            "devices/d1/telemetry",
+            "-m",
+            &body,
+        ]));
+        mosquitto_pub(&args)
+    };
+    let out = publish("mqttv5", 1, r#""a": 1, "b": 2, "c": 3"#);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A fourth name: v5 is told 0x97 and nothing of that message is stored.
+    let out = publish("mqttv5", 2, r#""a": 10, "evil-1": 1"#);
+    assert!(stderr(&out).contains("quota exceeded"), "{}", stderr(&out));
+    // v3.1.1 cannot be told; the message is dropped all the same.
+    let out = publish("mqttv311", 3, r#""evil-2": 1"#);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Names the device already has are still stored.
+    let out = publish("mqttv5", 4, r#""a": 4, "c": 5"#);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let latest = server
+        .wait_for("/api/v1/devices/d1/telemetry/latest", |v| {
+            v["metrics"]["a"]["value"] == 4.0
+        })
+        .await;
+    let names: Vec<&String> = latest["metrics"]
+        .as_object()
+        .expect("metrics object")
+        .keys()
+        .collect();
+    assert_eq!(names, ["a", "b", "c"], "{latest}");
+    assert_eq!(
+        server
+            .metric("mooring_telemetry_metrics_limited_total")
+            .await,
+        2.0
+    );
+    // Another device has its own bound.
+    let d2 = server.create_device("d2", tmp.path());
+    let mut args = d2.mosquitto_args(server.mqtt);
+    args.extend(s(&[
+        "-V",
+        "mqttv5",
+        "-i",
+        "d2",
+        "-q",
+        "1",
+        "-t",
+        "devices/d2/telemetry",
+        "-m",
+        r#"{"seq": 1, "evil-1": 1}"#,
+    ]));
+    let out = mosquitto_pub(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[tokio::test]
 async fn retained_messages_are_capped_per_device_and_shadow_deltas_are_still_kept() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = start_configured(

@@ -74,6 +74,7 @@ macro_rules! conformance_tests {
             telemetry_retention_across_chunks_is_exact,
             telemetry_device_delete_removes_compacted_chunks,
             telemetry_limit_cuts_inside_a_chunk,
+            telemetry_metrics_per_device_bound_refuses_new_names_only,
             command_create_get_and_compare_and_set_update,
             command_idempotency_key_returns_the_existing_command,
             command_for_a_missing_device_is_not_found_and_nothing_is_stored,

@@ -646,3 +646,53 @@ pub async fn telemetry_limit_cuts_inside_a_chunk(store: &dyn Store) {
         .collect();
     assert_eq!(got, want);
 }
+
+pub async fn telemetry_metrics_per_device_bound_refuses_new_names_only(store: &dyn Store) {
+    use AppendOutcome::{Duplicate, MetricsLimit, Stored};
+    let outcomes = store
+        .append_batch_bounded(
+            vec![
+                rec("d1", Some(1), 1_000, &[("a", num(1.0)), ("b", num(2.0))]),
+                // Two names the device has; a third in the same batch is one too many.
+                rec("d1", Some(2), 2_000, &[("a", num(3.0)), ("c", num(4.0))]),
+                // Refused records leave no dedupe key: the same seq is stored once it fits.
+                rec("d1", Some(2), 2_000, &[("a", num(3.0))]),
+                // Another device has its own bound.
+                rec("d2", Some(1), 1_000, &[("x", num(1.0)), ("y", num(1.0))]),
+            ],
+            2,
+        )
+        .await
+        .expect("append");
+    assert_eq!(outcomes, [Stored, MetricsLimit, Stored, Stored]);
+    let later = store
+        .append_batch_bounded(
+            vec![
+                rec("d1", Some(3), 3_000, &[("b", num(5.0))]),
+                rec("d1", Some(4), 4_000, &[("z", num(5.0))]),
+                rec("d1", Some(2), 2_000, &[("a", num(3.0))]),
+            ],
+            2,
+        )
+        .await
+        .expect("append");
+    assert_eq!(later, [Stored, MetricsLimit, Duplicate]);
+    let stored: Vec<(String, u64)> = store
+        .query(all_points("d1"))
+        .await
+        .expect("query")
+        .into_iter()
+        .map(|p| (p.metric, p.ts_ms))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            ("a".to_owned(), 1_000),
+            ("b".to_owned(), 1_000),
+            ("a".to_owned(), 2_000),
+            ("b".to_owned(), 3_000)
+        ]
+    );
+    let latest = store.latest("d1").await.expect("latest");
+    assert_eq!(latest.keys().collect::<Vec<_>>(), ["a", "b"]);
+}

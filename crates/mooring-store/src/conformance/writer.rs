@@ -11,6 +11,7 @@ pub async fn writer_group_commits_concurrent_appends_and_reports_duplicates(stor
         TelemetryWriterConfig {
             queue_len_max: 1024,
             batch_len_max: 64,
+            ..TelemetryWriterConfig::default()
         },
     );
     let mut appends = tokio::task::JoinSet::new();
@@ -59,6 +60,7 @@ pub async fn writer_drains_queue_and_stops_when_handles_are_dropped(store: Arc<d
         TelemetryWriterConfig {
             queue_len_max: 8,
             batch_len_max: 3,
+            ..TelemetryWriterConfig::default()
         },
     );
     let second = writer.clone();

@@ -77,6 +77,39 @@ fn series_id(
     Ok(id)
 }
 
+/// Whether storing `record` would give its device more than `max` distinct metric names. Looks
+/// at the store only when the record names a metric not already in this batch's `cache`.
+fn over_metrics_bound(
+    tx: &Transaction<'_>,
+    cache: &HashMap<(String, String), i64>,
+    record: &TelemetryRecord,
+    max: usize,
+) -> Result<bool> {
+    let device = record.device_id.as_str();
+    let mut new: Vec<&str> = Vec::new();
+    for (metric, _) in &record.points {
+        let key = (device.to_owned(), metric.clone());
+        if !cache.contains_key(&key)
+            && !new.contains(&metric.as_str())
+            && find_series(tx, device, metric)?.is_none()
+        {
+            new.push(metric);
+        }
+    }
+    if new.is_empty() {
+        return Ok(false);
+    }
+    let existing: i64 = tx
+        .prepare_cached(
+            "SELECT count(*) FROM telemetry_series WHERE device_id = ?1 AND metric != ?2",
+        )
+        .db()?
+        .query_row(params![device, KEYS_METRIC], |row| row.get(0))
+        .db()?;
+    let existing = usize::try_from(existing).unwrap_or(usize::MAX);
+    Ok(existing.saturating_add(new.len()) > max)
+}
+
 fn find_series(conn: &Connection, device_id: &str, metric: &str) -> Result<Option<i64>> {
     conn.prepare_cached("SELECT id FROM telemetry_series WHERE device_id = ?1 AND metric = ?2")
         .db()?
@@ -189,7 +222,11 @@ fn series_points(
 
 #[async_trait::async_trait]
 impl TelemetryStore for SqliteStore {
-    async fn append_batch(&self, batch: Vec<TelemetryRecord>) -> Result<Vec<AppendOutcome>> {
+    async fn append_batch_bounded(
+        &self,
+        batch: Vec<TelemetryRecord>,
+        metrics_per_device_max: usize,
+    ) -> Result<Vec<AppendOutcome>> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -206,6 +243,10 @@ impl TelemetryStore for SqliteStore {
             for record in &batch {
                 let device = record.device_id.as_str();
                 let ts_ms = ts_to_sql("ts_ms", record.ts_ms)?;
+                if over_metrics_bound(&tx, &series, record, metrics_per_device_max)? {
+                    outcomes.push(AppendOutcome::MetricsLimit);
+                    continue;
+                }
                 if let Some(seq) = record.seq {
                     let keys = series_id(&tx, &mut series, device, KEYS_METRIC)?;
                     let seq = seq_to_sql(seq);
