@@ -70,7 +70,10 @@ pub enum Suite {
     /// Telemetry bytes on disk per point (regular, irregular, 1 Hz) and a one-day range query
     /// p50/p99: the store in-process, no server and no peer.
     TelemetryStorage,
-    /// All of the above, in that order.
+    /// Retention of a day of `--retention-devices` devices' telemetry while `--publishers`
+    /// (the largest) devices publish: PUBACK p50/p99 during and after the pass (ours only).
+    Retention,
+    /// All of the above but retention (its prefill takes minutes), in that order.
     All,
 }
 
@@ -134,6 +137,9 @@ pub struct BenchArgs {
     /// Commands in flight at once in command-rtt.
     #[arg(long, default_value_t = 4)]
     pub command_concurrency: usize,
+    /// Devices whose day of telemetry the retention suite expires.
+    #[arg(long, default_value_t = 100_000)]
+    pub retention_devices: usize,
     /// Days of the regular and irregular series in telemetry-storage (at least 2).
     #[arg(long, default_value_t = 30)]
     pub storage_days: u64,
@@ -359,6 +365,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Suite::CommandRtt => suites::command_rtt(&mut bench).await,
                 Suite::Fanout => suites::fanout(&mut bench).await,
                 Suite::TelemetryStorage => suites::telemetry_storage(&mut bench).await,
+                Suite::Retention => suites::retention(&mut bench).await,
                 Suite::All => unreachable!("expanded"),
             };
             let table = r.with_context(|| format!("suite {suite:?}"))?;

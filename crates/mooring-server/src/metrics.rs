@@ -19,6 +19,10 @@ pub struct Counters {
     pub telemetry_invalid: AtomicU64,
     /// Telemetry messages not acknowledged because the store failed.
     pub telemetry_store_errors: AtomicU64,
+    /// Telemetry rows (points, dedupe keys, chunks) the retention task deleted.
+    pub telemetry_retention_rows: AtomicU64,
+    /// Retention passes that ran to the end (nothing older than the cutoff left).
+    pub telemetry_retention_passes: AtomicU64,
     /// Telemetry messages refused because they would give a device more than
     /// `telemetry.metrics_per_device_max` distinct metrics.
     pub telemetry_metrics_limited: AtomicU64,
@@ -288,6 +292,16 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_telemetry_metrics_limited_total",
         "Telemetry messages refused: the device already has telemetry.metrics_per_device_max metrics",
         load(&c.telemetry_metrics_limited),
+    )
+    .counter(
+        "mooring_telemetry_retention_rows_total",
+        "Telemetry rows (points, dedupe keys, chunks) deleted by retention",
+        load(&c.telemetry_retention_rows),
+    )
+    .counter(
+        "mooring_telemetry_retention_passes_total",
+        "Retention passes completed (nothing older than the cutoff left)",
+        load(&c.telemetry_retention_passes),
     )
     .counter(
         "mooring_telemetry_store_errors_total",

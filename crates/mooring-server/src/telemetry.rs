@@ -160,8 +160,16 @@ impl Telemetry {
         let config = &self.core.config.telemetry;
         let retention_ms = u64::from(config.retention_days) * 86_400_000;
         let cutoff = self.core.now_ms().saturating_sub(retention_ms);
-        mooring_store::run_retention_pass(self.core.store.as_ref(), cutoff, RETENTION_CHUNK_ROWS)
-            .await
+        let rows = mooring_store::run_retention_pass(
+            self.core.store.as_ref(),
+            cutoff,
+            RETENTION_CHUNK_ROWS,
+        )
+        .await?;
+        let counters = &self.core.counters;
+        Counters::add(&counters.telemetry_retention_rows, rows as u64);
+        Counters::inc(&counters.telemetry_retention_passes);
+        Ok(rows)
     }
 
     /// Compresses the recent points of windows closed more than [`COMPACTION_GRACE_MS`] ago into

@@ -2,8 +2,13 @@
 //!
 //! Every trait method moves its work onto tokio's blocking pool (`spawn_blocking`), so the async
 //! runtime never waits on disk. Writes serialise on the single writer connection (SQLite allows
-//! one writer anyway; one connection keeps its statement cache hot). Reads take one of
-//! [`READ_CONNECTIONS`] connections round-robin; WAL lets them run while a write is in progress.
+//! one writer anyway; one connection keeps its statement cache hot) and are **group-committed**:
+//! writes that queue up while one transaction is being written share the next one (each in its
+//! own savepoint, so one failing write rolls back alone), and each caller is answered only once
+//! that transaction is durable. A lone write is committed at once, so idle latency is one fsync;
+//! under load many callers (command state changes, shadow updates, telemetry batches) share one.
+//! Reads take one of [`READ_CONNECTIONS`] connections round-robin; WAL lets them run while a
+//! write is in progress.
 //!
 //! Type mapping: times are `INTEGER` unix milliseconds (`u64` values above [`TS_MS_MAX`] are
 //! refused); a telemetry `seq` is the device's `u64` bit-cast to `i64` (lossless, so dedupe is
@@ -34,6 +39,8 @@ mod tokens;
 pub const DB_FILE_NAME: &str = "mooring.db";
 /// Read connections per store.
 pub const READ_CONNECTIONS: usize = 4;
+/// Most writes committed in one group transaction.
+const GROUP_WRITES_MAX: usize = 256;
 /// How long a connection waits for a lock held by another process before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Times [`backup_database`] retries a step that found the source locked, and the pause between.
@@ -58,6 +65,8 @@ pub struct SqliteStore {
 struct Inner {
     path: PathBuf,
     writer: Mutex<Connection>,
+    /// Writes waiting for the next group transaction (see [`Inner::commit_group`]).
+    queued: Mutex<Vec<Box<dyn GroupWrite>>>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
 }
@@ -95,6 +104,7 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 writer: Mutex::new(writer),
+                queued: Mutex::new(Vec::new()),
                 readers,
                 next_reader: AtomicUsize::new(0),
             }),
@@ -110,7 +120,7 @@ impl SqliteStore {
     /// (`VACUUM`): what the data takes on disk. Holds the writer for the whole rewrite, so ingest
     /// waits: an offline or benchmark operation, not one the server runs.
     pub async fn vacuum(&self) -> Result<()> {
-        self.write(|conn| {
+        self.write_alone(|conn| {
             conn.execute_batch(
                 "PRAGMA wal_checkpoint(TRUNCATE); VACUUM; PRAGMA wal_checkpoint(TRUNCATE);",
             )
@@ -119,8 +129,30 @@ impl SqliteStore {
         .await
     }
 
-    /// Runs `f` on the writer connection, on the blocking pool.
+    /// Runs `f` on the writer connection, on the blocking pool, inside a group transaction
+    /// (its own savepoint: an `Err` rolls back what `f` wrote, and only that); answers once the
+    /// transaction is committed. `f` must not begin a transaction (`conn.savepoint()` nests).
     async fn write<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.queue()?.push(Box::new(Queued { f, tx }));
+        // One commit call per queued write, each after its push: the calls together take every
+        // write; ours may be taken by an earlier call still running, so wait for our answer.
+        let inner = Arc::clone(&self.inner);
+        blocking(move || {
+            inner.commit_group();
+            Ok(())
+        })
+        .await?;
+        rx.await
+            .map_err(|_| StoreError::Backend("sqlite write abandoned by a panic".into()))?
+    }
+
+    /// Runs `f` on the writer connection alone, outside any transaction (`VACUUM`, checkpoints).
+    async fn write_alone<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
@@ -140,11 +172,125 @@ impl SqliteStore {
     }
 }
 
+/// One write waiting for a group transaction: runs, then learns whether its group committed.
+trait GroupWrite: Send {
+    /// Runs the write; `Some` (to be called with the commit's outcome) if it succeeded, `None`
+    /// if it failed and was answered (the caller rolls back its savepoint).
+    fn run(self: Box<Self>, conn: &mut Connection) -> Option<Box<dyn FnOnce(Result<()>) + Send>>;
+    /// Answers without running: the group could not start.
+    fn fail(self: Box<Self>, e: StoreError);
+}
+
+struct Queued<F, T> {
+    f: F,
+    tx: tokio::sync::oneshot::Sender<Result<T>>,
+}
+
+impl<F, T> GroupWrite for Queued<F, T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+{
+    fn run(self: Box<Self>, conn: &mut Connection) -> Option<Box<dyn FnOnce(Result<()>) + Send>> {
+        let Queued { f, tx } = *self;
+        match f(conn) {
+            Ok(value) => Some(Box::new(move |committed: Result<()>| {
+                // The caller may have given up (cancelled); what it wrote is committed anyway.
+                let _ = tx.send(committed.map(|()| value));
+            })),
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                None
+            }
+        }
+    }
+
+    fn fail(self: Box<Self>, e: StoreError) {
+        let _ = self.tx.send(Err(e));
+    }
+}
+
 impl Inner {
+    /// The writer connection, out of any transaction a panic may have left open.
     fn writer(&self) -> Result<MutexGuard<'_, Connection>> {
-        self.writer
+        let conn = self.writer.lock().map_err(|_| {
+            StoreError::Backend("sqlite writer connection poisoned by a panic".into())
+        })?;
+        if !conn.is_autocommit() {
+            conn.execute_batch("ROLLBACK").db()?;
+        }
+        Ok(conn)
+    }
+
+    fn queue(&self) -> Result<MutexGuard<'_, Vec<Box<dyn GroupWrite>>>> {
+        self.queued
             .lock()
-            .map_err(|_| StoreError::Backend("sqlite writer connection poisoned by a panic".into()))
+            .map_err(|_| StoreError::Backend("sqlite write queue poisoned by a panic".into()))
+    }
+
+    /// Takes up to [`GROUP_WRITES_MAX`] queued writes (none if an earlier call took them) and
+    /// commits them in one transaction, each in a savepoint; answers every one.
+    fn commit_group(&self) {
+        let conn = self.writer();
+        let writes: Vec<Box<dyn GroupWrite>> = match self.queue() {
+            Ok(mut queued) => {
+                let n = queued.len().min(GROUP_WRITES_MAX);
+                queued.drain(..n).collect()
+            }
+            Err(_) => return,
+        };
+        if writes.is_empty() {
+            return;
+        }
+        let mut conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => return writes.into_iter().for_each(|w| w.fail(e.clone())),
+        };
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE").db() {
+            return writes.into_iter().for_each(|w| w.fail(e.clone()));
+        }
+        let mut done = Vec::with_capacity(writes.len());
+        let mut writes = writes.into_iter();
+        let mut aborted = None;
+        for write in writes.by_ref() {
+            if let Err(e) = conn.execute_batch("SAVEPOINT write").db() {
+                write.fail(e);
+                continue;
+            }
+            match write.run(&mut conn) {
+                Some(answer) => {
+                    let released = conn.execute_batch("RELEASE write").db();
+                    match released {
+                        Ok(()) => done.push(answer),
+                        Err(e) => answer(Err(e)),
+                    }
+                }
+                None => {
+                    let _ = conn.execute_batch("ROLLBACK TO write; RELEASE write");
+                }
+            }
+            // Some errors (disk full, I/O) make SQLite roll the whole transaction back.
+            if conn.is_autocommit() {
+                aborted = Some(StoreError::Backend(
+                    "sqlite rolled back the group transaction after an error".into(),
+                ));
+                break;
+            }
+        }
+        let committed = match aborted {
+            Some(e) => Err(e),
+            None => conn.execute_batch("COMMIT").db(),
+        };
+        if let Err(e) = &committed {
+            if !conn.is_autocommit() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            writes.for_each(|w| w.fail(e.clone()));
+        }
+        drop(conn);
+        for answer in done {
+            answer(committed.clone());
+        }
     }
 
     fn reader(&self) -> Result<MutexGuard<'_, Connection>> {

@@ -1,4 +1,4 @@
-//! The benchmark suites (idle memory, ingest, connect storm, command RTT, fan-out, telemetry storage): each returns one table; all but telemetry storage drive every target with the same load.
+//! The benchmark suites (idle memory, ingest, connect storm, command RTT, fan-out, telemetry storage, retention): each returns one table; all but telemetry storage drive every target with the same load.
 //!
 //! One file per suite; the QoS 0/1 publishers the ingest and fan-out suites share are in
 //! `publishers.rs`, and the helpers every suite uses are here.
@@ -9,6 +9,7 @@ mod fanout;
 mod idle_memory;
 mod ingest;
 mod publishers;
+mod retention;
 mod telemetry_storage;
 
 pub use command_rtt::command_rtt;
@@ -17,6 +18,7 @@ pub use fanout::{fanout, FANOUT_FILTER};
 pub use idle_memory::idle_memory;
 pub use ingest::ingest;
 pub use publishers::MESSAGES_PER_PUBLISHER_MAX;
+pub use retention::retention;
 pub use telemetry_storage::telemetry_storage;
 
 use crate::fleet::{Fleet, FleetOpts};

@@ -1,8 +1,8 @@
-//! Command delivery: the dispatcher task (one per server, so a device's commands go out in
-//! order and never concurrently) and the scheduler (expiry, give-up, retries).
+//! Command delivery: the dispatcher task (one per server; devices side by side, one device's
+//! commands in order and never concurrently) and the scheduler (expiry, give-up, retries).
 
 use super::state::{self, Event, Step};
-use super::{Commands, DELIVERY_BATCH_LEN_MAX, SCHEDULER_BATCH_LEN_MAX};
+use super::{Commands, DELIVERIES_CONCURRENT_MAX, DELIVERY_BATCH_LEN_MAX, SCHEDULER_BATCH_LEN_MAX};
 use crate::error::ServiceResult;
 use crate::metrics::Counters;
 use mooring_broker::Message;
@@ -38,7 +38,7 @@ impl Commands {
             .await?;
         let full_batch = pending.len() == DELIVERY_BATCH_LEN_MAX;
         for p in pending {
-            let _guard = self.mutate.lock().await;
+            let _guard = self.lock_command(&p.id).await;
             let Some(mut record) = self.core.store.get_command(&p.id).await? else {
                 continue;
             };
@@ -136,7 +136,7 @@ impl Commands {
     }
 
     async fn postpone(&self, id: &str, now_ms: u64) -> ServiceResult<()> {
-        let _guard = self.mutate.lock().await;
+        let _guard = self.lock_command(id).await;
         if let Some(mut r) = self.core.store.get_command(id).await? {
             if r.state == CommandState::Delivered {
                 r.next_attempt_at_ms = now_ms
@@ -152,7 +152,9 @@ impl Commands {
     }
 }
 
-/// The delivery task: drains kicks until `stop` fires.
+/// The delivery task: drains kicks until `stop` fires. Each set of kicked devices is delivered
+/// to [`DELIVERIES_CONCURRENT_MAX`] devices at a time, and finished (deliveries are never cut
+/// short, so a published command is always recorded) before the next set is taken.
 pub async fn run_dispatcher(commands: Arc<Commands>, mut stop: watch::Receiver<bool>) {
     loop {
         let kicks = commands.take_kicks();
@@ -163,13 +165,24 @@ pub async fn run_dispatcher(commands: Arc<Commands>, mut stop: watch::Receiver<b
                 _ = notified => continue,
             }
         }
+        let mut deliveries = tokio::task::JoinSet::new();
         for (device, all) in kicks {
             if *stop.borrow() {
-                return;
+                break;
             }
-            if let Err(e) = commands.deliver_pending(&device, all).await {
-                tracing::warn!(device = %device, error = %e, "command delivery failed; will retry");
+            if deliveries.len() >= DELIVERIES_CONCURRENT_MAX {
+                deliveries.join_next().await;
             }
+            let commands = Arc::clone(&commands);
+            deliveries.spawn(async move {
+                if let Err(e) = commands.deliver_pending(&device, all).await {
+                    tracing::warn!(device = %device, error = %e, "command delivery failed; will retry");
+                }
+            });
+        }
+        while deliveries.join_next().await.is_some() {}
+        if *stop.borrow() {
+            return;
         }
     }
 }

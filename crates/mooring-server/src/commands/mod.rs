@@ -1,15 +1,19 @@
 //! Device commands: create (idempotent), deliver over MQTT in order, retry with backoff, expire,
 //! cancel, record acks and results, fan out fleet commands, and wake synchronous waiters.
 //!
-//! Every state change goes through [`state::apply`] under one mutation lock, is stored
-//! (compare-and-set on the previous state) and only then announced: to API waiters through a
-//! `watch` per waited-on command id (no database polling) and to the metrics.
+//! Every state change goes through [`state::apply`] under its command's mutation lock (one of
+//! [`MUTATION_LOCKS`] striped by command id, so changes to different commands proceed side by
+//! side and their store writes share group commits), is stored (compare-and-set on the previous
+//! state) and only then announced: to API waiters through a `watch` per waited-on command id (no
+//! database polling) and to the metrics.
 //!
 //! Delivery is owned by one dispatcher task ([`run_dispatcher`]) fed by "kicks" (device ids): on
 //! create, when a device connects, when it subscribes to a filter covering its commands topic,
-//! and when the scheduler ([`run_scheduler`]) finds a retry due. One task means a device's
-//! commands are published in order and never twice concurrently. A command counts as an attempt
-//! only when the broker actually enqueued it to the device's live, subscribed session.
+//! and when the scheduler ([`run_scheduler`]) finds a retry due. It takes the kicked devices as a
+//! set and delivers to up to [`DELIVERIES_CONCURRENT_MAX`] of them at once, and takes the next
+//! set only when that one is done, so one device's commands are published in order and never
+//! twice concurrently. A command counts as an attempt only when the broker actually enqueued it
+//! to the device's live, subscribed session.
 
 mod delivery;
 pub mod state;
@@ -49,6 +53,10 @@ pub const WAITED_COMMANDS_MAX: usize = 10_000;
 pub const KICKS_PENDING_MAX: usize = 100_000;
 /// Commands the dispatcher publishes to one device per pass (it re-kicks itself for more).
 pub const DELIVERY_BATCH_LEN_MAX: usize = 100;
+/// Devices the dispatcher delivers to at once.
+pub const DELIVERIES_CONCURRENT_MAX: usize = 64;
+/// Mutation locks, striped by command id.
+pub const MUTATION_LOCKS: usize = 256;
 /// Commands the scheduler handles per tick.
 pub const SCHEDULER_BATCH_LEN_MAX: usize = 1000;
 /// Devices one fleet command may address.
@@ -65,7 +73,7 @@ pub const COMMAND_PAGE_LEN_DEFAULT: usize = 100;
 pub struct Commands {
     core: Arc<Core>,
     registry: Arc<Registry>,
-    mutate: tokio::sync::Mutex<()>,
+    mutate: Vec<tokio::sync::Mutex<()>>,
     waiters: Mutex<HashMap<String, watch::Sender<CommandState>>>,
     kicks: Mutex<BTreeMap<DeviceId, bool>>,
     kick_notify: Notify,
@@ -76,7 +84,9 @@ impl Commands {
         Self {
             core,
             registry,
-            mutate: tokio::sync::Mutex::default(),
+            mutate: (0..MUTATION_LOCKS)
+                .map(|_| tokio::sync::Mutex::default())
+                .collect(),
             waiters: Mutex::default(),
             kicks: Mutex::default(),
             kick_notify: Notify::new(),
@@ -101,6 +111,15 @@ impl Commands {
             }
         }
         self.kick_notify.notify_one();
+    }
+
+    /// The mutation lock of command `id`: held across read, [`state::apply`] and store.
+    async fn lock_command(&self, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hash =
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(id);
+        let stripe = usize::try_from(hash % MUTATION_LOCKS as u64).unwrap_or(0);
+        self.mutate[stripe].lock().await
     }
 
     fn take_kicks(&self) -> BTreeMap<DeviceId, bool> {
@@ -432,7 +451,7 @@ impl Commands {
         Ok((records, next))
     }
 
-    /// Applies `event` to command `id` under the mutation lock, stores it, then announces it.
+    /// Applies `event` to command `id` under its mutation lock, stores it, then announces it.
     /// `Ok(None)` if the command does not exist (or belongs to another device).
     async fn transition(
         &self,
@@ -440,7 +459,7 @@ impl Commands {
         id: &str,
         event: Event,
     ) -> ServiceResult<Option<(Step, CommandRecord)>> {
-        let _guard = self.mutate.lock().await;
+        let _guard = self.lock_command(id).await;
         let Some(mut record) = self.core.store.get_command(id).await? else {
             return Ok(None);
         };
@@ -464,7 +483,7 @@ impl Commands {
     /// A result that came after the command failed with `timeout`: kept in its result as
     /// `late_result` (the state stays `failed`), once.
     async fn record_late_result(&self, id: &str, outcome: CommandOutcome) -> ServiceResult<()> {
-        let _guard = self.mutate.lock().await;
+        let _guard = self.lock_command(id).await;
         let Some(mut record) = self.core.store.get_command(id).await? else {
             return Ok(());
         };

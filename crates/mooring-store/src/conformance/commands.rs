@@ -280,3 +280,37 @@ pub async fn command_and_shadow_are_deleted_with_their_device(store: &dyn Store)
     assert!(store.get_command("c1").await.expect("get").is_none());
     assert!(store.get_shadow("d1").await.expect("get").is_none());
 }
+
+/// Many writes at once (a backend may commit them together): each failing one leaves nothing,
+/// each succeeding one is stored and answered only as stored.
+pub async fn concurrent_writes_that_fail_roll_back_alone(store: Arc<dyn Store>) {
+    store.create_device(new_device("d1")).await.expect("device");
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..200u64 {
+        let store = Arc::clone(&store);
+        writes.spawn(async move {
+            // Odd writes name a missing device after a valid one: refused whole.
+            let mut batch = vec![command(&format!("c{i}"), "d1", 1000 + i)];
+            if i % 2 == 1 {
+                batch.push(command(&format!("g{i}"), "ghost", 1000 + i));
+            }
+            (i, store.create_commands(None, batch).await)
+        });
+    }
+    while let Some(joined) = writes.join_next().await {
+        let (i, result) = joined.expect("write task");
+        match result {
+            Ok(outcomes) => assert!(i % 2 == 0 && outcomes.len() == 1, "{i}: {outcomes:?}"),
+            Err(e) => assert!(i % 2 == 1 && e.kind() == "not_found", "{i}: {e}"),
+        }
+    }
+    for i in 0..200u64 {
+        let stored = store.get_command(&format!("c{i}")).await.expect("get");
+        assert_eq!(stored.is_some(), i % 2 == 0, "c{i}");
+    }
+    let listed = store
+        .list_commands("d1", None, 500, None)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 100);
+}

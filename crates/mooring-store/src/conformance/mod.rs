@@ -92,6 +92,7 @@ macro_rules! conformance_tests {
             writer_refuses_invalid_record_without_failing_others,
             retention_pass_deletes_everything_old_in_chunks,
             broker_writer_applies_submissions_in_order_and_answers_tickets,
+            concurrent_writes_that_fail_roll_back_alone,
         );
     };
     (@by_ref $factory:expr; $($case:ident),* $(,)?) => {$(

@@ -1,6 +1,6 @@
 //! [`BrokerStateStore`] for SQLite: three key → blob tables, one transaction per batch.
 
-use rusqlite::{params, TransactionBehavior};
+use rusqlite::params;
 
 use super::{Db, SqliteStore};
 use crate::error::{Result, StoreError};
@@ -18,9 +18,7 @@ impl BrokerStateStore for SqliteStore {
             return Ok(());
         }
         self.write(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
+            let tx = conn.savepoint().db()?;
             for op in &ops {
                 match op {
                     BrokerOp::PutRetained { topic, value } => tx

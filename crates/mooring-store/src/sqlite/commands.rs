@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use rusqlite::types::Type;
-use rusqlite::{params, OptionalExtension, Row, TransactionBehavior};
+use rusqlite::{params, OptionalExtension, Row};
 
 use super::{count_to_sql, is_constraint_violation, ts_to_sql, u64_column, Db, SqliteStore};
 use crate::error::{Result, StoreError};
@@ -161,9 +161,7 @@ impl CommandStore for SqliteStore {
             None => None,
         };
         self.write(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
+            let tx = conn.savepoint().db()?;
             if let Some((params_text, created, expires, total, p)) = &parent {
                 let inserted = tx.execute(
                     "INSERT INTO command_parents (id, selector, name, params, created_at_ms, expires_at_ms, total)

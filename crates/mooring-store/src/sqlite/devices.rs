@@ -168,9 +168,7 @@ impl DeviceStore for SqliteStore {
             .map(|(id, ts)| Ok((id.clone(), ts_to_sql("last_seen_ms", *ts)?)))
             .collect::<Result<Vec<_>>>()?;
         self.write(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
+            let tx = conn.savepoint().db()?;
             {
                 let mut stmt = tx
                     .prepare_cached(

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{bound_to_sql, count_to_sql, seq_to_sql, ts_to_sql, Db, Inner, SqliteStore};
 use crate::chunk::{self, CHUNK_POINTS_MAX};
@@ -55,7 +55,7 @@ fn window_of(ts_ms: i64) -> i64 {
 
 /// The id of `(device, metric)`, created if new; `cache` spans one batch.
 fn series_id(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     cache: &mut HashMap<(String, String), i64>,
     device_id: &str,
     metric: &str,
@@ -80,7 +80,7 @@ fn series_id(
 /// Whether storing `record` would give its device more than `max` distinct metric names. Looks
 /// at the store only when the record names a metric not already in this batch's `cache`.
 fn over_metrics_bound(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     cache: &HashMap<(String, String), i64>,
     record: &TelemetryRecord,
     max: usize,
@@ -121,7 +121,7 @@ fn find_series(conn: &Connection, device_id: &str, metric: &str) -> Result<Optio
 /// Whether a compacted dedupe-key chunk of `keys_series` holds `seq`. A chunk that cannot be
 /// decoded is logged and treated as not holding it: one device's corrupt chunk must not fail
 /// the whole group-commit batch (at worst a resent point is stored twice).
-fn seq_in_chunks(tx: &Transaction<'_>, keys_series: i64, seq: i64) -> Result<bool> {
+fn seq_in_chunks(tx: &Connection, keys_series: i64, seq: i64) -> Result<bool> {
     let mut stmt = tx
         .prepare_cached(
             "SELECT data FROM telemetry_chunks INDEXED BY telemetry_chunks_by_seq_max
@@ -234,9 +234,7 @@ impl TelemetryStore for SqliteStore {
             record.validate()?;
         }
         self.write(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
+            let tx = conn.savepoint().db()?;
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut series = HashMap::new();
             let mut latest: HashMap<i64, (i64, f64, i64)> = HashMap::new();
@@ -392,9 +390,7 @@ impl TelemetryStore for SqliteStore {
         let cutoff_ms = bound_to_sql(cutoff_ms);
         let max_rows = count_to_sql(max_rows);
         self.write(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
+            let tx = conn.savepoint().db()?;
             let points = tx
                 .prepare_cached(
                     "DELETE FROM telemetry_points WHERE id IN
@@ -435,9 +431,7 @@ impl TelemetryStore for SqliteStore {
         // Only whole windows that end at or before `closed_before_ms`.
         let boundary = window_of(bound_to_sql(closed_before_ms));
         self.write(move |conn| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .db()?;
+            let tx = conn.savepoint().db()?;
             let mut moved = 0usize;
             while moved < max_rows {
                 let oldest = |sql: &str| -> Result<Option<(i64, i64)>> {
@@ -469,7 +463,7 @@ impl TelemetryStore for SqliteStore {
 }
 
 /// The chunk of `(series, window)` if there is one: `(id, data)`.
-fn existing_chunk(tx: &Transaction<'_>, series: i64, window: i64) -> Result<Option<Vec<u8>>> {
+fn existing_chunk(tx: &Connection, series: i64, window: i64) -> Result<Option<Vec<u8>>> {
     tx.prepare_cached(
         "SELECT data FROM telemetry_chunks WHERE series_id = ?1 AND window_start_ms = ?2",
     )
@@ -481,7 +475,7 @@ fn existing_chunk(tx: &Transaction<'_>, series: i64, window: i64) -> Result<Opti
 
 #[allow(clippy::too_many_arguments)]
 fn put_chunk(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     series: i64,
     window: i64,
     ts_min_ms: i64,
@@ -522,7 +516,7 @@ fn too_many(series: i64, window: i64) -> StoreError {
 
 /// Moves the recent points of `(series, window)` into its chunk (merging with the chunk already
 /// there, if late points arrived). Returns how many recent rows it moved.
-fn compact_points(tx: &Transaction<'_>, series: i64, window: i64) -> Result<usize> {
+fn compact_points(tx: &Connection, series: i64, window: i64) -> Result<usize> {
     let mut points = match existing_chunk(tx, series, window)? {
         Some(data) => chunk::decode_points(&data).map_err(|e| corrupt(series, &e))?,
         None => Vec::new(),
@@ -562,7 +556,7 @@ fn compact_points(tx: &Transaction<'_>, series: i64, window: i64) -> Result<usiz
 /// Writes `points` (oldest first) as the chunk of `(series, window)`; false, writing nothing,
 /// when there are none.
 fn put_point_chunk(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     series: i64,
     window: i64,
     points: &[(i64, MetricValue)],
@@ -585,12 +579,7 @@ fn put_point_chunk(
 }
 
 /// Encodes dedupe keys sorted by seq (as stored, i64) and writes their chunk.
-fn put_key_chunk(
-    tx: &Transaction<'_>,
-    series: i64,
-    window: i64,
-    keys: &mut [(i64, u64)],
-) -> Result<()> {
+fn put_key_chunk(tx: &Connection, series: i64, window: i64, keys: &mut [(i64, u64)]) -> Result<()> {
     keys.sort_by_key(|(_, seq)| seq_to_sql(*seq));
     let ts_min = keys.iter().map(|k| k.0).min();
     let ts_max = keys.iter().map(|k| k.0).max();
@@ -614,7 +603,7 @@ fn put_key_chunk(
 }
 
 /// [`compact_points`] for a device's dedupe keys.
-fn compact_keys(tx: &Transaction<'_>, series: i64, window: i64) -> Result<usize> {
+fn compact_keys(tx: &Connection, series: i64, window: i64) -> Result<usize> {
     let mut keys = match existing_chunk(tx, series, window)? {
         Some(data) => chunk::decode_keys(&data).map_err(|e| corrupt(series, &e))?,
         None => Vec::new(),
@@ -652,7 +641,7 @@ fn compact_keys(tx: &Transaction<'_>, series: i64, window: i64) -> Result<usize>
 
 /// Retention for chunks: deletes those wholly older than `cutoff_ms` and rewrites those that
 /// straddle it without their old points; at most `budget` chunks, one row each.
-fn expire_chunks(tx: &Transaction<'_>, cutoff_ms: i64, budget: i64) -> Result<usize> {
+fn expire_chunks(tx: &Connection, cutoff_ms: i64, budget: i64) -> Result<usize> {
     let old: Vec<(i64, i64, i64, i64, bool)> = tx
         .prepare_cached(
             "SELECT id, series_id, window_start_ms, ts_max_ms, seq_max IS NOT NULL
