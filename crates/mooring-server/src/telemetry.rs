@@ -20,17 +20,20 @@ use std::sync::Arc;
 /// Most points one telemetry query returns.
 pub const TELEMETRY_QUERY_LEN_MAX: usize = 10_000;
 pub const TELEMETRY_QUERY_LEN_DEFAULT: usize = 1000;
-/// Rows deleted per retention chunk; small enough that ingest transactions interleave.
-const RETENTION_CHUNK_ROWS: usize = 5000;
+/// Rows deleted per retention transaction: a few milliseconds of work, the longest any ingest
+/// batch waits behind retention (maintenance writes yield to every other waiting write).
+const RETENTION_CHUNK_ROWS: usize = 1000;
 /// How often the server compacts closed telemetry windows into chunks.
 pub const COMPACTION_INTERVAL_SECS: u64 = 60;
 /// A window is compacted once it closed this long ago; points arriving later still are merged
 /// into its chunk by a later pass.
 const COMPACTION_GRACE_MS: u64 = 10 * 60_000;
-/// Recent rows moved per compaction transaction (whole windows, so a little more at times).
-const COMPACTION_TX_ROWS: usize = 5000;
-/// Most compaction transactions per pass; what is left waits for the next pass.
-const COMPACTION_TXS_MAX: usize = 200;
+/// Recent rows moved per compaction transaction (whole windows, so a little more at times):
+/// short, like retention's, for the same reason.
+const COMPACTION_TX_ROWS: usize = 1000;
+/// Most compaction transactions per pass (1M rows a minute, far above what 100k devices
+/// reporting every minute write); what is left waits for the next pass.
+const COMPACTION_TXS_MAX: usize = 1000;
 
 /// What became of one telemetry message.
 #[derive(Debug)]

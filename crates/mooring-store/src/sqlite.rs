@@ -7,6 +7,10 @@
 //! own savepoint, so one failing write rolls back alone), and each caller is answered only once
 //! that transaction is durable. A lone write is committed at once, so idle latency is one fsync;
 //! under load many callers (command state changes, shadow updates, telemetry batches) share one.
+//! Maintenance writes (retention, compaction) are committed alone and only when nothing else
+//! waits. The WAL is checkpointed by a thread of its own on its own connection (PASSIVE, which
+//! never blocks the writer) once a commit leaves [`CHECKPOINT_PAGES`] in it, not inside a commit
+//! as SQLite's automatic checkpoint would, so no caller waits for a checkpoint.
 //! Reads take one of [`READ_CONNECTIONS`] connections round-robin; WAL lets them run while a
 //! write is in progress.
 //!
@@ -39,6 +43,12 @@ mod tokens;
 pub const DB_FILE_NAME: &str = "mooring.db";
 /// Read connections per store.
 pub const READ_CONNECTIONS: usize = 4;
+/// WAL pages after a commit that wake the checkpoint thread (SQLite's own default threshold).
+pub const CHECKPOINT_PAGES: usize = 1000;
+/// WAL pages after a commit at which the writer checkpoints itself before taking the next
+/// group (the checkpoint thread fell behind, e.g. readers kept old snapshots while writes went
+/// on): bounds the WAL at about 80 MiB.
+pub const CHECKPOINT_PAGES_INLINE: usize = 20_000;
 /// Most writes committed in one group transaction.
 const GROUP_WRITES_MAX: usize = 256;
 /// How long a connection waits for a lock held by another process before failing.
@@ -66,9 +76,45 @@ struct Inner {
     path: PathBuf,
     writer: Mutex<Connection>,
     /// Writes waiting for the next group transaction (see [`Inner::commit_group`]).
-    queued: Mutex<Vec<Box<dyn GroupWrite>>>,
+    queued: Mutex<Queues>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
+    /// Pages in the WAL after the writer's last commit (its `wal_hook`).
+    wal_pages: Arc<AtomicUsize>,
+    /// Wakes the checkpoint thread (at most one wake-up pending); dropped first on drop, which
+    /// ends the thread.
+    checkpoint_wake: Option<std::sync::mpsc::SyncSender<()>>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        drop(self.checkpoint_wake.take());
+        if let Some(thread) = self.checkpointer.take() {
+            // Ends after at most the checkpoint it is running.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The checkpoint thread: a PASSIVE checkpoint per wake-up until `wake` closes.
+fn spawn_checkpointer(
+    path: &Path,
+) -> Result<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)> {
+    let conn = Connection::open(path).db()?;
+    conn.busy_timeout(BUSY_TIMEOUT).db()?;
+    let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+    let thread = std::thread::Builder::new()
+        .name("sqlite-checkpoint".into())
+        .spawn(move || {
+            while woken.recv().is_ok() {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "sqlite WAL checkpoint failed; retried after the next commit");
+                }
+            }
+        })
+        .map_err(|e| StoreError::Backend(format!("starting the checkpoint thread: {e}")))?;
+    Ok((wake, thread))
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -92,6 +138,18 @@ impl SqliteStore {
         let mut writer = Connection::open(&path).db()?;
         configure(&writer, Role::Writer)?;
         migrate(&mut writer)?;
+        // Replaces SQLite's automatic checkpoint (itself a WAL hook) with the checkpoint thread.
+        let wal_pages = Arc::new(AtomicUsize::new(0));
+        let pages = Arc::clone(&wal_pages);
+        writer
+            .wal_hook(Some(
+                move |_: &mut rusqlite::hooks::Wal, n: std::ffi::c_int| {
+                    pages.store(usize::try_from(n).unwrap_or(0), Ordering::Relaxed);
+                    Ok(())
+                },
+            ))
+            .db()?;
+        let (checkpoint_wake, checkpointer) = spawn_checkpointer(&path)?;
         let readers = (0..READ_CONNECTIONS)
             .map(|_| {
                 let conn = Connection::open(&path).db()?;
@@ -104,9 +162,12 @@ impl SqliteStore {
             inner: Arc::new(Inner {
                 path,
                 writer: Mutex::new(writer),
-                queued: Mutex::new(Vec::new()),
+                queued: Mutex::new(Queues::default()),
                 readers,
                 next_reader: AtomicUsize::new(0),
+                wal_pages,
+                checkpoint_wake: Some(checkpoint_wake),
+                checkpointer: Some(checkpointer),
             }),
         })
     }
@@ -137,10 +198,38 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
     {
+        self.queue_write(f, false).await
+    }
+
+    /// [`SqliteStore::write`] for maintenance (retention, compaction): committed alone, and only
+    /// when no other write is waiting, so what devices and users wait for never waits behind it
+    /// for more than the one maintenance transaction already running.
+    async fn write_background<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
+        self.queue_write(f, true).await
+    }
+
+    async fn queue_write<T, F>(&self, f: F, background: bool) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner.queue()?.push(Box::new(Queued { f, tx }));
-        // One commit call per queued write, each after its push: the calls together take every
-        // write; ours may be taken by an earlier call still running, so wait for our answer.
+        {
+            let mut queues = self.inner.queue()?;
+            let queue = if background {
+                &mut queues.background
+            } else {
+                &mut queues.foreground
+            };
+            queue.push_back(Box::new(Queued { f, tx }));
+        }
+        // One commit call per queued write, each after its push, each taking at least one write
+        // while any waits: the calls together take every write; ours may be taken by an earlier
+        // call still running, so wait for our answer.
         let inner = Arc::clone(&self.inner);
         blocking(move || {
             inner.commit_group();
@@ -170,6 +259,13 @@ impl SqliteStore {
         let inner = Arc::clone(&self.inner);
         blocking(move || f(&*inner.reader()?)).await
     }
+}
+
+/// Writes waiting for the writer, oldest first.
+#[derive(Default)]
+struct Queues {
+    foreground: std::collections::VecDeque<Box<dyn GroupWrite>>,
+    background: std::collections::VecDeque<Box<dyn GroupWrite>>,
 }
 
 /// One write waiting for a group transaction: runs, then learns whether its group committed.
@@ -222,20 +318,25 @@ impl Inner {
         Ok(conn)
     }
 
-    fn queue(&self) -> Result<MutexGuard<'_, Vec<Box<dyn GroupWrite>>>> {
+    fn queue(&self) -> Result<MutexGuard<'_, Queues>> {
         self.queued
             .lock()
             .map_err(|_| StoreError::Backend("sqlite write queue poisoned by a panic".into()))
     }
 
-    /// Takes up to [`GROUP_WRITES_MAX`] queued writes (none if an earlier call took them) and
-    /// commits them in one transaction, each in a savepoint; answers every one.
+    /// Takes up to [`GROUP_WRITES_MAX`] waiting writes, or else one background write (none if
+    /// earlier calls took them all), and commits them in one transaction, each in a savepoint;
+    /// answers every one.
     fn commit_group(&self) {
         let conn = self.writer();
         let writes: Vec<Box<dyn GroupWrite>> = match self.queue() {
-            Ok(mut queued) => {
-                let n = queued.len().min(GROUP_WRITES_MAX);
-                queued.drain(..n).collect()
+            Ok(mut queues) => {
+                let n = queues.foreground.len().min(GROUP_WRITES_MAX);
+                if n > 0 {
+                    queues.foreground.drain(..n).collect()
+                } else {
+                    queues.background.pop_front().into_iter().collect()
+                }
             }
             Err(_) => return,
         };
@@ -287,9 +388,21 @@ impl Inner {
             }
             writes.for_each(|w| w.fail(e.clone()));
         }
-        drop(conn);
+        let ok = committed.is_ok();
         for answer in done {
             answer(committed.clone());
+        }
+        let wal_pages = self.wal_pages.load(Ordering::Relaxed);
+        if ok && wal_pages >= CHECKPOINT_PAGES_INLINE {
+            // Still holding the writer: the next group waits for this, the answered ones not.
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::warn!(error = %e, wal_pages, "sqlite WAL checkpoint by the writer failed");
+            }
+        } else if ok && wal_pages >= CHECKPOINT_PAGES {
+            if let Some(wake) = &self.checkpoint_wake {
+                // Full: a wake-up is already pending.
+                let _ = wake.try_send(());
+            }
         }
     }
 

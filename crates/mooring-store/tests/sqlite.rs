@@ -333,3 +333,57 @@ async fn an_old_layout_database_migrates_and_reads_back_the_same() {
     // 500 minutes = 9 hour windows for each of 3 series and 2 key series.
     assert_eq!(count("telemetry_chunks"), 5 * 9);
 }
+
+#[tokio::test]
+async fn the_wal_is_checkpointed_by_the_store_without_any_call_to_do_it() {
+    // SQLite's automatic checkpoint (inside a commit) is replaced by the store's checkpoint
+    // thread: once a commit leaves CHECKPOINT_PAGES in the WAL, the pages reach the database
+    // file with no caller waiting for it.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(dir.path()).expect("open");
+    let db = dir.path().join(DB_FILE_NAME);
+    let empty = std::fs::metadata(&db).expect("db file").len();
+    let big = "x".repeat(200);
+    for batch in 0..40u64 {
+        let records = (0..256u64)
+            .map(|i| TelemetryRecord {
+                device_id: mooring_proto::DeviceId::parse("d1").expect("test id"),
+                seq: Some(batch * 1000 + i),
+                ts_ms: 1_000 + batch * 1000 + i,
+                points: vec![(format!("m{}", i % 8), MetricValue::Number(i as f64))],
+            })
+            .collect();
+        store.append_batch(records).await.expect("append");
+        // Make each commit carry many pages: a big token row per batch.
+        store
+            .create_token(TokenRecord {
+                id: format!("t{batch}"),
+                name: big.repeat(20),
+                role: TokenRole::Service,
+                token_sha256: format!("h{batch}"),
+                created_at_ms: 1,
+            })
+            .await
+            .expect("token");
+    }
+    let wal = std::fs::metadata(dir.path().join(format!("{DB_FILE_NAME}-wal")))
+        .expect("wal file")
+        .len();
+    assert!(
+        wal >= (mooring_store::sqlite::CHECKPOINT_PAGES as u64) * 4096 / 2,
+        "the test must write enough to need a checkpoint (wal {wal} bytes)"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let size = std::fs::metadata(&db).expect("db file").len();
+        // What the batches wrote, at least (without a checkpoint it all stays in the WAL).
+        if size > empty + 400_000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing checkpointed into the database file ({size} bytes, {empty} at first, wal {wal})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

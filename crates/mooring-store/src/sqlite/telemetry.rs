@@ -389,7 +389,7 @@ impl TelemetryStore for SqliteStore {
         }
         let cutoff_ms = bound_to_sql(cutoff_ms);
         let max_rows = count_to_sql(max_rows);
-        self.write(move |conn| {
+        self.write_background(move |conn| {
             let tx = conn.savepoint().db()?;
             let points = tx
                 .prepare_cached(
@@ -430,7 +430,7 @@ impl TelemetryStore for SqliteStore {
         }
         // Only whole windows that end at or before `closed_before_ms`.
         let boundary = window_of(bound_to_sql(closed_before_ms));
-        self.write(move |conn| {
+        self.write_background(move |conn| {
             let tx = conn.savepoint().db()?;
             let mut moved = 0usize;
             while moved < max_rows {
