@@ -611,8 +611,10 @@ fn compact_keys(tx: &Connection, series: i64, window: i64) -> Result<usize> {
     let end = window + CHUNK_WINDOW_MS;
     let recent = tx
         .prepare_cached(
-            "SELECT ts_ms, seq FROM telemetry_seq INDEXED BY telemetry_seq_by_ts_v2
-             WHERE series_id = ?1 AND ts_ms >= ?2 AND ts_ms < ?3",
+            // By the primary key's series prefix: the series' recent keys are few (compaction
+            // keeps up), while the ts index would walk every device's keys of the window.
+            "SELECT ts_ms, seq FROM telemetry_seq
+             WHERE series_id = ?1 AND +ts_ms >= ?2 AND +ts_ms < ?3",
         )
         .db()?
         .query_map(params![series, window, end], |row| {
@@ -629,9 +631,7 @@ fn compact_keys(tx: &Connection, series: i64, window: i64) -> Result<usize> {
     }
     put_key_chunk(tx, series, window, &mut keys)?;
     tx.prepare_cached(
-        "DELETE FROM telemetry_seq WHERE (series_id, seq) IN
-           (SELECT series_id, seq FROM telemetry_seq INDEXED BY telemetry_seq_by_ts_v2
-            WHERE series_id = ?1 AND ts_ms >= ?2 AND ts_ms < ?3)",
+        "DELETE FROM telemetry_seq WHERE series_id = ?1 AND +ts_ms >= ?2 AND +ts_ms < ?3",
     )
     .db()?
     .execute(params![series, window, end])
