@@ -58,6 +58,11 @@ pub struct TimelineEvent {
     pub devices: u64,
     /// `cut_link` and `restart_server`: how the devices came back.
     pub reconnected: Option<Reconnected>,
+    /// `command`: how fast its device commands succeeded.
+    pub completed: Option<Completed>,
+    /// `command`: the fleet command's id (to match its device commands; not in the report).
+    #[serde(skip)]
+    pub fleet_command: Option<String>,
     /// Why the event could not be applied (it then fails the run).
     pub error: Option<String>,
 }
@@ -74,6 +79,24 @@ pub struct Reconnected {
     pub median_ms: u64,
     /// Time from `until_ms` to the slowest reconnection.
     pub max_ms: u64,
+}
+
+/// How a fleet command's device commands succeeded: times from the event (the fleet command's
+/// creation) to each one's `succeeded` (the device's result stored), in simulated time.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Completed {
+    /// Device commands that succeeded.
+    pub succeeded: u64,
+    /// Device commands the fleet command created (those of devices deleted since included).
+    pub of: u64,
+    pub median_ms: u64,
+    pub p99_ms: u64,
+    /// The last one to succeed.
+    pub max_ms: u64,
+    /// In-process: wall-clock ms from the fleet command's creation until every device command
+    /// was final (what the simulated times cost this machine); `None` if that never happened
+    /// before the run ended, or in remote mode.
+    pub wall_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

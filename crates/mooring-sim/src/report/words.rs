@@ -127,12 +127,28 @@ fn event_said(e: &TimelineEvent, at: &str) -> String {
         return format!("{}{target}{at} failed: {err}", e.action);
     }
     match e.action.as_str() {
-        "command" => format!(
-            "command {} to {}{at}: sent to {}",
-            e.detail,
-            e.target,
-            devices(e.devices)
-        ),
+        "command" => {
+            let mut line = format!(
+                "command {} to {}{at}: sent to {}",
+                e.detail,
+                e.target,
+                devices(e.devices)
+            );
+            if let Some(c) = &e.completed {
+                line.push_str(&format!(
+                    "; {} of {} succeeded, the last {} after it was sent (median {}, p99 {})",
+                    count(c.succeeded),
+                    count(c.of),
+                    duration(c.max_ms),
+                    duration(c.median_ms),
+                    duration(c.p99_ms)
+                ));
+                if let Some(wall) = c.wall_ms {
+                    line.push_str(&format!(", all final in {} of wall time", duration(wall)));
+                }
+            }
+            line
+        }
         "cut_link" => {
             let mut line = format!(
                 "cut_link ({}){at}: {} cut for {}",
@@ -259,6 +275,7 @@ pub fn fault_lines(r: &Report) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::Completed;
 
     #[test]
     fn times_read_like_a_clock_and_durations_like_speech() {
@@ -280,6 +297,32 @@ mod tests {
         assert_eq!(count(999), "999");
         assert_eq!(count(1_000), "1,000");
         assert_eq!(count(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn a_fleet_command_says_how_fast_its_devices_answered() {
+        let e = TimelineEvent {
+            at_ms: 6 * HOUR_MS,
+            action: "command".into(),
+            target: "tag:fleet=demo".into(),
+            detail: "ping".into(),
+            devices: 100_000,
+            completed: Some(Completed {
+                succeeded: 100_000,
+                of: 100_000,
+                median_ms: 1_200,
+                p99_ms: 4_100,
+                max_ms: 5_300,
+                wall_ms: Some(8_200),
+            }),
+            ..TimelineEvent::default()
+        };
+        assert_eq!(
+            event_line(&e),
+            "command ping to tag:fleet=demo at 6:00: sent to 100,000 devices; 100,000 of \
+             100,000 succeeded, the last 5.3 s after it was sent (median 1.2 s, p99 4.1 s), \
+             all final in 8.2 s of wall time"
+        );
     }
 
     #[test]

@@ -44,6 +44,12 @@ pub(super) async fn run_events(
                 .map(|total| {
                     control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
                     ev.devices = total;
+                    ev.fleet_command = lock(&control.fleet_commands)
+                        .last()
+                        .map(|(_, id, _)| id.clone());
+                    if let (Some(id), None) = (&ev.fleet_command, &control.remote) {
+                        tokio::spawn(watch_fleet_command(Arc::clone(&control), id.clone()));
+                    }
                 }),
             Action::CutLink { region, duration } => {
                 let until = control.net.clock.elapsed_ms() + duration.0;
@@ -201,6 +207,25 @@ async fn command(
     };
     lock(&control.fleet_commands).push((i, id, total));
     Ok(total)
+}
+
+/// Records the wall time until every device command of fleet command `id` is final (polled
+/// every simulated 100 ms while the server runs; gives up when the run ends).
+async fn watch_fleet_command(control: Arc<Control>, id: String) {
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let Some(app) = control.app() else {
+            continue;
+        };
+        if let Ok(Some(view)) = app.commands.fleet_command(&id).await {
+            if view.done {
+                let wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                lock(&control.fleet_done_wall_ms).insert(id, wall_ms);
+                return;
+            }
+        }
+    }
 }
 
 /// An event's target (a region, a selector, a device) and detail (a command's name, new tags).

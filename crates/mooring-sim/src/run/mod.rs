@@ -22,7 +22,7 @@ use crate::clock::VirtualClock;
 use crate::device::{self, CohortModel, DeviceState, Net, Stats};
 use crate::harness::InProcessServer;
 use crate::remote::RemoteApi;
-use crate::report::{FaultCount, Report, Sample, TimelineEvent};
+use crate::report::{Completed, FaultCount, Report, Sample, TimelineEvent};
 use crate::scenario::{Action, Scenario, ServerTarget};
 use anyhow::Context as _;
 use mooring_proto::sync::{lock, read, write};
@@ -69,6 +69,9 @@ struct Control {
     server_clock: Arc<dyn Clock>,
     /// (event index, fleet command id, devices targeted).
     fleet_commands: Mutex<Vec<(usize, String, u64)>>,
+    /// In-process: fleet command id -> wall ms from its creation until every device command
+    /// was final (watched by polling its counts every simulated 100 ms).
+    fleet_done_wall_ms: Mutex<HashMap<String, u64>>,
     event_log: Mutex<Vec<String>>,
     event_errors: Mutex<Vec<String>>,
     deleted: Mutex<HashSet<String>>,
@@ -250,6 +253,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         data_dir: data_dir.to_owned(),
         server_clock: server_clock.clone(),
         fleet_commands: Mutex::new(Vec::new()),
+        fleet_done_wall_ms: Mutex::new(HashMap::new()),
         event_log: Mutex::new(Vec::new()),
         event_errors: Mutex::new(Vec::new()),
         deleted: Mutex::new(HashSet::new()),
@@ -381,6 +385,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     let mut panicked_failures = 0u64;
     let mut commands_found = 0u64;
     let mut not_final_examples = Vec::new();
+    let mut succeeded_after: HashMap<String, Vec<u64>> = HashMap::new();
     let mut samples = lock(&control.samples).clone();
     for sample in &mut samples {
         let i = (sample.t_ms / s.sample_interval.0.max(1)) as usize;
@@ -406,6 +411,21 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
             }) {
                 commands_found += 1;
                 *finals.entry(c.state.clone()).or_default() += 1;
+                let succeeded_at = c
+                    .history
+                    .iter()
+                    .find(|(state, _)| state == CommandState::Succeeded.as_str())
+                    .map(|(_, at)| *at);
+                if let (Some(at), Some(parent)) = (succeeded_at, c.parent_id.as_ref()) {
+                    let created = parents
+                        .get(parent)
+                        .and_then(|i| s.events.get(*i))
+                        .map_or(epoch_ms, |e| epoch_ms + e.at.0);
+                    succeeded_after
+                        .entry(parent.clone())
+                        .or_default()
+                        .push(at.saturating_sub(created));
+                }
                 let is_final = CommandState::ALL
                     .iter()
                     .any(|st| st.is_final() && st.as_str() == c.state);
@@ -520,6 +540,25 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         timeline: measure::timeline(&control, &devices),
         expectations: Vec::new(),
     };
+    for event in &mut report.timeline {
+        let Some(parent) = &event.fleet_command else {
+            continue;
+        };
+        let mut delays = succeeded_after.remove(parent).unwrap_or_default();
+        delays.sort_unstable();
+        let at = |q: f64| {
+            let i = ((delays.len().saturating_sub(1)) as f64 * q).round() as usize;
+            delays.get(i).copied().unwrap_or(0)
+        };
+        event.completed = Some(Completed {
+            wall_ms: lock(&control.fleet_done_wall_ms).get(parent).copied(),
+            succeeded: delays.len() as u64,
+            of: event.devices,
+            median_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: delays.last().copied().unwrap_or(0),
+        });
+    }
     let errors = lock(&control.event_errors).clone();
     report.expectations = check_expectations(s, &report, &errors);
     Ok(report)
