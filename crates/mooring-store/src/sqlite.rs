@@ -231,11 +231,9 @@ impl SqliteStore {
         // while any waits: the calls together take every write; ours may be taken by an earlier
         // call still running, so wait for our answer.
         let inner = Arc::clone(&self.inner);
-        blocking(move || {
-            inner.commit_group();
-            Ok(())
-        })
-        .await?;
+        // Not awaited: our write may be answered by an earlier call; this one may run later
+        // groups (or panic on them) that are none of our business.
+        drop(tokio::task::spawn_blocking(move || inner.commit_group()));
         rx.await
             .map_err(|_| StoreError::Backend("sqlite write abandoned by a panic".into()))?
     }
@@ -358,16 +356,27 @@ impl Inner {
                 write.fail(e);
                 continue;
             }
-            match write.run(&mut conn) {
-                Some(answer) => {
-                    let released = conn.execute_batch("RELEASE write").db();
-                    match released {
-                        Ok(()) => done.push(answer),
-                        Err(e) => answer(Err(e)),
+            let ran =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write.run(&mut conn)));
+            // A panicking write was answered (its sender dropped): rolled back alone.
+            // If the savepoint cannot be released or rolled back, what this write did cannot be
+            // kept apart from the others: the whole group fails.
+            match ran.unwrap_or(None) {
+                Some(answer) => match conn.execute_batch("RELEASE write").db() {
+                    Ok(()) => done.push(answer),
+                    Err(e) => {
+                        answer(Err(e.clone()));
+                        aborted = Some(e);
+                        break;
                     }
-                }
+                },
                 None => {
-                    let _ = conn.execute_batch("ROLLBACK TO write; RELEASE write");
+                    if let Err(e) = conn.execute_batch("ROLLBACK TO write; RELEASE write").db() {
+                        if !conn.is_autocommit() {
+                            aborted = Some(e);
+                            break;
+                        }
+                    }
                 }
             }
             // Some errors (disk full, I/O) make SQLite roll the whole transaction back.
@@ -662,6 +671,100 @@ fn device_id_column(row: &Row<'_>, index: usize) -> rusqlite::Result<mooring_pro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn wait_queued(store: &SqliteStore, n: usize) {
+        for _ in 0..2000 {
+            if store.inner.queue().expect("queue").foreground.len() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("{n} writes never queued");
+    }
+
+    /// A committed write must not be answered `Err` because the `commit_group` call that its own
+    /// `queue_write` spawned ran (and panicked on) a later, unrelated group.
+    #[test]
+    fn a_committed_write_is_answered_ok_even_if_a_later_group_panics() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = Arc::new(SqliteStore::open(dir.path()).expect("open"));
+            store
+                .write(|conn| conn.execute_batch("CREATE TABLE t (x INTEGER)").db())
+                .await
+                .expect("create");
+            // Hold the only blocking thread so X and A are both queued before X's call runs.
+            let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+            let blocker = tokio::task::spawn_blocking(move || {
+                let _ = release_rx.recv();
+            });
+            let (running_tx, running_rx) = tokio::sync::oneshot::channel::<()>();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            let s = Arc::clone(&store);
+            let x = tokio::spawn(async move {
+                s.write(move |conn| {
+                    let _ = running_tx.send(());
+                    let _ = go_rx.recv();
+                    conn.execute("INSERT INTO t VALUES (0)", []).db()
+                })
+                .await
+            });
+            wait_queued(&store, 1).await;
+            let s = Arc::clone(&store);
+            let a = tokio::spawn(async move {
+                s.write(|conn| conn.execute("INSERT INTO t VALUES (1)", []).db())
+                    .await
+            });
+            wait_queued(&store, 2).await;
+            release_tx.send(()).expect("release");
+            blocker.await.expect("blocker");
+            running_rx.await.expect("X running"); // X's call took [X, A]
+            let s = Arc::clone(&store);
+            let p = tokio::spawn(async move {
+                s.write(|_conn| -> Result<()> { panic!("a bug in some write closure") })
+                    .await
+            });
+            wait_queued(&store, 1).await; // P queued; A's own call will take it
+            go_tx.send(()).expect("go");
+            assert!(x.await.expect("x").is_ok());
+            let a_result = a.await.expect("a");
+            let _ = p.await;
+            let committed: i64 = store
+                .read(|conn| {
+                    conn.query_row("SELECT count(*) FROM t WHERE x = 1", [], |r| r.get(0))
+                        .db()
+                })
+                .await
+                .expect("read");
+            assert_eq!(committed, 1, "A is committed");
+            assert!(
+                a_result.is_ok(),
+                "A is committed but was answered {a_result:?}"
+            );
+        });
+    }
+
+    /// One panicking write closure must not make every later write fail until restart
+    /// (`Inner::writer` even has the ROLLBACK for this case, but never reaches it).
+    #[tokio::test]
+    async fn a_panicking_write_fails_alone_and_later_writes_still_work() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SqliteStore::open(dir.path()).expect("open");
+        let r = store
+            .write(|_conn| -> Result<()> { panic!("a bug in some write closure") })
+            .await;
+        assert!(r.is_err());
+        store
+            .write(|conn| conn.execute_batch("CREATE TABLE t (x INTEGER)").db())
+            .await
+            .expect("a later, unrelated write");
+    }
 
     #[test]
     fn seq_mapping_is_lossless_at_the_edges() {
