@@ -157,6 +157,7 @@ pub struct Consumer {
 
 pub(crate) enum ConsumerInner {
     InProcess(crate::in_process::QueueConsumer),
+    Nats(Box<crate::nats::NatsConsumer>),
 }
 
 impl Consumer {
@@ -166,6 +167,7 @@ impl Consumer {
     pub async fn next(&mut self) -> Result<Delivery, BusError> {
         match &mut self.inner {
             ConsumerInner::InProcess(c) => c.next().await,
+            ConsumerInner::Nats(c) => c.next().await,
         }
     }
 }
@@ -187,6 +189,7 @@ pub struct Delivery {
 
 pub(crate) enum Acker {
     InProcess(crate::in_process::QueueAcker),
+    Nats(Box<async_nats::jetstream::Message>),
 }
 
 impl Delivery {
@@ -197,6 +200,7 @@ impl Delivery {
     pub async fn ack(self) -> Result<(), BusError> {
         match self.acker {
             Acker::InProcess(a) => a.ack(),
+            Acker::Nats(m) => crate::nats::ack(&m).await,
         }
     }
 }

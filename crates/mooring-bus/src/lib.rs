@@ -24,9 +24,10 @@
 //!
 //! * [`InProcessBus`]: one node. Tokio channels; a work queue lives in memory, durable only for
 //!   the process's life, which is enough where the store holds the commands.
-//! * `NatsBus` (next): a cluster, on NATS JetStream.
+//! * [`NatsBus`]: a cluster. Core NATS subjects for broadcast, a JetStream stream per work
+//!   queue with one shared durable pull consumer; every name under a configurable prefix.
 //!
-//! Every implementation passes one behavioural suite, [`conformance`] (feature `conformance`, test code only),
+//! Both pass one behavioural suite, [`conformance`] (feature `conformance`, test code only),
 //! expanded into tests by [`conformance_tests!`].
 //!
 //! Not used by the server yet.
@@ -35,6 +36,7 @@ mod bus;
 mod error;
 mod in_process;
 pub mod names;
+mod nats;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -42,3 +44,4 @@ pub mod conformance;
 pub use bus::{Bus, BusConfig, Consumer, Delivery, Message, Subscription};
 pub use error::BusError;
 pub use in_process::InProcessBus;
+pub use nats::{NatsBus, NatsConfig};
