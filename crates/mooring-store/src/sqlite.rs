@@ -8,9 +8,9 @@
 //! that transaction is durable. A lone write is committed at once, so idle latency is one fsync;
 //! under load many callers (command state changes, shadow updates, telemetry batches) share one.
 //! Maintenance writes (retention, compaction) are committed alone and only when nothing else
-//! waits. The WAL is checkpointed by a thread of its own on its own connection (PASSIVE, which
-//! never blocks the writer) once a commit leaves [`CHECKPOINT_PAGES`] in it, not inside a commit
-//! as SQLite's automatic checkpoint would, so no caller waits for a checkpoint.
+//! waits. Checkpoints are SQLite's own (automatic, at 1,000 WAL pages, inside the commit that
+//! crosses it): a checkpoint thread of our own was tried and made one publisher's ingest 15 %
+//! slower (its passive checkpoints, racing the writer, kept the WAL from being reset).
 //! Reads take one of [`READ_CONNECTIONS`] connections round-robin; WAL lets them run while a
 //! write is in progress.
 //!
@@ -43,12 +43,6 @@ mod tokens;
 pub const DB_FILE_NAME: &str = "mooring.db";
 /// Read connections per store.
 pub const READ_CONNECTIONS: usize = 4;
-/// WAL pages after a commit that wake the checkpoint thread (SQLite's own default threshold).
-pub const CHECKPOINT_PAGES: usize = 1000;
-/// WAL pages after a commit at which the writer checkpoints itself before taking the next
-/// group (the checkpoint thread fell behind, e.g. readers kept old snapshots while writes went
-/// on): bounds the WAL at about 80 MiB.
-pub const CHECKPOINT_PAGES_INLINE: usize = 20_000;
 /// Most writes committed in one group transaction.
 const GROUP_WRITES_MAX: usize = 256;
 /// How long a connection waits for a lock held by another process before failing.
@@ -79,42 +73,6 @@ struct Inner {
     queued: Mutex<Queues>,
     readers: Vec<Mutex<Connection>>,
     next_reader: AtomicUsize,
-    /// Pages in the WAL after the writer's last commit (its `wal_hook`).
-    wal_pages: Arc<AtomicUsize>,
-    /// Wakes the checkpoint thread (at most one wake-up pending); dropped first on drop, which
-    /// ends the thread.
-    checkpoint_wake: Option<std::sync::mpsc::SyncSender<()>>,
-    checkpointer: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        drop(self.checkpoint_wake.take());
-        if let Some(thread) = self.checkpointer.take() {
-            // Ends after at most the checkpoint it is running.
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The checkpoint thread: a PASSIVE checkpoint per wake-up until `wake` closes.
-fn spawn_checkpointer(
-    path: &Path,
-) -> Result<(std::sync::mpsc::SyncSender<()>, std::thread::JoinHandle<()>)> {
-    let conn = Connection::open(path).db()?;
-    conn.busy_timeout(BUSY_TIMEOUT).db()?;
-    let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
-    let thread = std::thread::Builder::new()
-        .name("sqlite-checkpoint".into())
-        .spawn(move || {
-            while woken.recv().is_ok() {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::warn!(error = %e, "sqlite WAL checkpoint failed; retried after the next commit");
-                }
-            }
-        })
-        .map_err(|e| StoreError::Backend(format!("starting the checkpoint thread: {e}")))?;
-    Ok((wake, thread))
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -138,18 +96,6 @@ impl SqliteStore {
         let mut writer = Connection::open(&path).db()?;
         configure(&writer, Role::Writer)?;
         migrate(&mut writer)?;
-        // Replaces SQLite's automatic checkpoint (itself a WAL hook) with the checkpoint thread.
-        let wal_pages = Arc::new(AtomicUsize::new(0));
-        let pages = Arc::clone(&wal_pages);
-        writer
-            .wal_hook(Some(
-                move |_: &mut rusqlite::hooks::Wal, n: std::ffi::c_int| {
-                    pages.store(usize::try_from(n).unwrap_or(0), Ordering::Relaxed);
-                    Ok(())
-                },
-            ))
-            .db()?;
-        let (checkpoint_wake, checkpointer) = spawn_checkpointer(&path)?;
         let readers = (0..READ_CONNECTIONS)
             .map(|_| {
                 let conn = Connection::open(&path).db()?;
@@ -165,9 +111,6 @@ impl SqliteStore {
                 queued: Mutex::new(Queues::default()),
                 readers,
                 next_reader: AtomicUsize::new(0),
-                wal_pages,
-                checkpoint_wake: Some(checkpoint_wake),
-                checkpointer: Some(checkpointer),
             }),
         })
     }
@@ -259,6 +202,12 @@ impl SqliteStore {
     }
 }
 
+/// Runs a transaction-control statement through the statement cache (the group commit runs
+/// four of them per group or write; parsing them each time was measurable on one publisher).
+fn control(conn: &Connection, sql: &str) -> Result<()> {
+    conn.prepare_cached(sql).db()?.execute([]).db().map(|_| ())
+}
+
 /// Writes waiting for the writer, oldest first.
 #[derive(Default)]
 struct Queues {
@@ -345,14 +294,14 @@ impl Inner {
             Ok(conn) => conn,
             Err(e) => return writes.into_iter().for_each(|w| w.fail(e.clone())),
         };
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE").db() {
+        if let Err(e) = control(&conn, "BEGIN IMMEDIATE") {
             return writes.into_iter().for_each(|w| w.fail(e.clone()));
         }
         let mut done = Vec::with_capacity(writes.len());
         let mut writes = writes.into_iter();
         let mut aborted = None;
         for write in writes.by_ref() {
-            if let Err(e) = conn.execute_batch("SAVEPOINT write").db() {
+            if let Err(e) = control(&conn, "SAVEPOINT write") {
                 write.fail(e);
                 continue;
             }
@@ -362,7 +311,7 @@ impl Inner {
             // If the savepoint cannot be released or rolled back, what this write did cannot be
             // kept apart from the others: the whole group fails.
             match ran.unwrap_or(None) {
-                Some(answer) => match conn.execute_batch("RELEASE write").db() {
+                Some(answer) => match control(&conn, "RELEASE write") {
                     Ok(()) => done.push(answer),
                     Err(e) => {
                         answer(Err(e.clone()));
@@ -389,7 +338,7 @@ impl Inner {
         }
         let committed = match aborted {
             Some(e) => Err(e),
-            None => conn.execute_batch("COMMIT").db(),
+            None => control(&conn, "COMMIT"),
         };
         if let Err(e) = &committed {
             if !conn.is_autocommit() {
@@ -397,21 +346,8 @@ impl Inner {
             }
             writes.for_each(|w| w.fail(e.clone()));
         }
-        let ok = committed.is_ok();
         for answer in done {
             answer(committed.clone());
-        }
-        let wal_pages = self.wal_pages.load(Ordering::Relaxed);
-        if ok && wal_pages >= CHECKPOINT_PAGES_INLINE {
-            // Still holding the writer: the next group waits for this, the answered ones not.
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::warn!(error = %e, wal_pages, "sqlite WAL checkpoint by the writer failed");
-            }
-        } else if ok && wal_pages >= CHECKPOINT_PAGES {
-            if let Some(wake) = &self.checkpoint_wake {
-                // Full: a wake-up is already pending.
-                let _ = wake.try_send(());
-            }
         }
     }
 

@@ -18,7 +18,8 @@ impl BrokerStateStore for SqliteStore {
             return Ok(());
         }
         self.write(move |conn| {
-            let tx = conn.savepoint().db()?;
+            // The group commit runs this write in a savepoint of its own.
+            let tx: &rusqlite::Connection = conn;
             for op in &ops {
                 match op {
                     BrokerOp::PutRetained { topic, value } => tx
@@ -71,7 +72,7 @@ impl BrokerStateStore for SqliteStore {
                         .db()?,
                 };
             }
-            tx.commit().db()
+            Ok(())
         })
         .await
     }

@@ -161,7 +161,8 @@ impl CommandStore for SqliteStore {
             None => None,
         };
         self.write(move |conn| {
-            let tx = conn.savepoint().db()?;
+            // The group commit runs this write in a savepoint of its own.
+            let tx: &rusqlite::Connection = conn;
             if let Some((params_text, created, expires, total, p)) = &parent {
                 let inserted = tx.execute(
                     "INSERT INTO command_parents (id, selector, name, params, created_at_ms, expires_at_ms, total)
@@ -238,7 +239,6 @@ impl CommandStore for SqliteStore {
                     }
                 }
             }
-            tx.commit().db()?;
             Ok(outcomes)
         })
         .await

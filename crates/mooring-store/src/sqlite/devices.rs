@@ -168,7 +168,8 @@ impl DeviceStore for SqliteStore {
             .map(|(id, ts)| Ok((id.clone(), ts_to_sql("last_seen_ms", *ts)?)))
             .collect::<Result<Vec<_>>>()?;
         self.write(move |conn| {
-            let tx = conn.savepoint().db()?;
+            // The group commit runs this write in a savepoint of its own.
+            let tx: &rusqlite::Connection = conn;
             {
                 let mut stmt = tx
                     .prepare_cached(
@@ -180,7 +181,7 @@ impl DeviceStore for SqliteStore {
                     stmt.execute(params![id, ts]).db()?;
                 }
             }
-            tx.commit().db()
+            Ok(())
         })
         .await
     }

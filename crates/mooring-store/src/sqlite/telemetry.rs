@@ -234,21 +234,22 @@ impl TelemetryStore for SqliteStore {
             record.validate()?;
         }
         self.write(move |conn| {
-            let tx = conn.savepoint().db()?;
+            // The group commit runs this write in a savepoint of its own.
+            let tx: &Connection = conn;
             let mut outcomes = Vec::with_capacity(batch.len());
             let mut series = HashMap::new();
             let mut latest: HashMap<i64, (i64, f64, i64)> = HashMap::new();
             for record in &batch {
                 let device = record.device_id.as_str();
                 let ts_ms = ts_to_sql("ts_ms", record.ts_ms)?;
-                if over_metrics_bound(&tx, &series, record, metrics_per_device_max)? {
+                if over_metrics_bound(tx, &series, record, metrics_per_device_max)? {
                     outcomes.push(AppendOutcome::MetricsLimit);
                     continue;
                 }
                 if let Some(seq) = record.seq {
-                    let keys = series_id(&tx, &mut series, device, KEYS_METRIC)?;
+                    let keys = series_id(tx, &mut series, device, KEYS_METRIC)?;
                     let seq = seq_to_sql(seq);
-                    let fresh = !seq_in_chunks(&tx, keys, seq)?
+                    let fresh = !seq_in_chunks(tx, keys, seq)?
                         && tx
                             .prepare_cached(
                                 "INSERT INTO telemetry_seq (series_id, seq, ts_ms) VALUES (?1, ?2, ?3)
@@ -264,7 +265,7 @@ impl TelemetryStore for SqliteStore {
                     }
                 }
                 for (metric, value) in &record.points {
-                    let id = series_id(&tx, &mut series, device, metric)?;
+                    let id = series_id(tx, &mut series, device, metric)?;
                     let (value, is_bool) = encode_value(*value);
                     let row = params![id, ts_ms, value, is_bool];
                     tx.prepare_cached(
@@ -298,7 +299,6 @@ impl TelemetryStore for SqliteStore {
                 .execute(params![id, ts_ms, value, is_bool])
                 .db()?;
             }
-            tx.commit().db()?;
             debug_assert_eq!(outcomes.len(), batch.len());
             Ok(outcomes)
         })
@@ -390,7 +390,8 @@ impl TelemetryStore for SqliteStore {
         let cutoff_ms = bound_to_sql(cutoff_ms);
         let max_rows = count_to_sql(max_rows);
         self.write_background(move |conn| {
-            let tx = conn.savepoint().db()?;
+            // The group commit runs this write in a savepoint of its own.
+            let tx: &Connection = conn;
             let points = tx
                 .prepare_cached(
                     "DELETE FROM telemetry_points WHERE id IN
@@ -414,11 +415,10 @@ impl TelemetryStore for SqliteStore {
             };
             budget -= count_to_sql(keys);
             let chunks = if budget > 0 {
-                expire_chunks(&tx, cutoff_ms, budget)?
+                expire_chunks(tx, cutoff_ms, budget)?
             } else {
                 0
             };
-            tx.commit().db()?;
             Ok(points + keys + chunks)
         })
         .await
@@ -431,7 +431,8 @@ impl TelemetryStore for SqliteStore {
         // Only whole windows that end at or before `closed_before_ms`.
         let boundary = window_of(bound_to_sql(closed_before_ms));
         self.write_background(move |conn| {
-            let tx = conn.savepoint().db()?;
+            // The group commit runs this write in a savepoint of its own.
+            let tx: &Connection = conn;
             let mut moved = 0usize;
             while moved < max_rows {
                 let oldest = |sql: &str| -> Result<Option<(i64, i64)>> {
@@ -445,17 +446,16 @@ impl TelemetryStore for SqliteStore {
                     "SELECT series_id, ts_ms FROM telemetry_points INDEXED BY telemetry_points_by_ts
                      WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT 1",
                 )? {
-                    moved += compact_points(&tx, series, window_of(ts))?;
+                    moved += compact_points(tx, series, window_of(ts))?;
                 } else if let Some((series, ts)) = oldest(
                     "SELECT series_id, ts_ms FROM telemetry_seq INDEXED BY telemetry_seq_by_ts_v2
                      WHERE ts_ms < ?1 ORDER BY ts_ms LIMIT 1",
                 )? {
-                    moved += compact_keys(&tx, series, window_of(ts))?;
+                    moved += compact_keys(tx, series, window_of(ts))?;
                 } else {
                     break;
                 }
             }
-            tx.commit().db()?;
             Ok(moved)
         })
         .await
