@@ -27,6 +27,9 @@ pub struct ServerConfig {
     pub http_tls: bool,
     /// DNS names / IP addresses put in the server certificate at first start.
     pub server_names: Vec<String>,
+    /// This node's name in `/healthz` and `/metrics` (`mooring_node_info{node=...}`), so a
+    /// monitor behind a load balancer can tell which node answered. Default: the host name.
+    pub node_id: String,
     pub telemetry: TelemetryConfig,
     pub certificates: CertificateConfig,
     pub policy: PolicyConfig,
@@ -176,6 +179,7 @@ impl Default for ServerConfig {
             http_addr: DEFAULT_HTTP_ADDR.parse().expect("valid default address"),
             http_tls: false,
             server_names: vec!["localhost".into(), "127.0.0.1".into()],
+            node_id: default_node_id(),
             telemetry: TelemetryConfig::default(),
             certificates: CertificateConfig::default(),
             policy: PolicyConfig::default(),
@@ -232,6 +236,27 @@ impl Default for LimitsConfig {
     }
 }
 
+/// Longest node id.
+pub const NODE_ID_LEN_MAX: usize = 64;
+
+/// The host name (`/proc/sys/kernel/hostname`), if it is a valid node id; else `mooring`.
+pub fn default_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| is_valid_node_id(h))
+        .unwrap_or_else(|| "mooring".to_owned())
+}
+
+/// 1 to [`NODE_ID_LEN_MAX`] letters, digits, `.`, `_` or `-` (safe in a label and a log line).
+pub fn is_valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= NODE_ID_LEN_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 impl ServerConfig {
     /// Reads a TOML config file (unknown keys are errors).
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -253,6 +278,12 @@ impl ServerConfig {
         }
         if self.server_names.is_empty() {
             bail!("at least one --server-name is needed for the server certificate");
+        }
+        if !is_valid_node_id(&self.node_id) {
+            bail!(
+                "--node-id {:?} refused: use 1 to {NODE_ID_LEN_MAX} letters, digits, '.', '_' or '-'",
+                self.node_id
+            );
         }
         if self.telemetry.retention_days == 0 {
             bail!("telemetry.retention_days must be at least 1");

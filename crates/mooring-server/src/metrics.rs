@@ -90,10 +90,32 @@ impl Exposition {
         label: &str,
         series: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> &mut Self {
+        self.labeled(name, help, "counter", label, series)
+    }
+
+    /// One gauge with a series per label value: `name{label="value"} x`.
+    pub fn labeled_gauges<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        series: impl IntoIterator<Item = (&'a str, f64)>,
+    ) -> &mut Self {
+        self.labeled(name, help, "gauge", label, series)
+    }
+
+    fn labeled<'a, V: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: &str,
+        label: &str,
+        series: impl IntoIterator<Item = (&'a str, V)>,
+    ) -> &mut Self {
         let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} counter");
-        for (value, n) in series {
-            let _ = writeln!(self.out, "{name}{{{label}=\"{value}\"}} {n}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+        for (value, x) in series {
+            let _ = writeln!(self.out, "{name}{{{label}=\"{value}\"}} {x}");
         }
         self
     }
@@ -122,6 +144,12 @@ pub fn load(c: &AtomicU64) -> u64 {
 pub fn render_metrics(app: &App) -> String {
     let c = app.counters();
     let mut e = Exposition::default();
+    e.labeled_gauges(
+        "mooring_node_info",
+        "This node (its --node-id); always 1",
+        "node",
+        [(app.config().node_id.as_str(), 1.0)],
+    );
     if let Some(broker) = app.broker() {
         let s = broker.stats();
         e.gauge(

@@ -122,6 +122,9 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     server_names: Vec<String>,
+    /// This node's name in /healthz and /metrics [default: the host name].
+    #[arg(long, env = "MOORING_NODE_ID")]
+    node_id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -349,6 +352,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if !args.server_names.is_empty() {
         config.server_names = args.server_names;
+    }
+    if let Some(n) = args.node_id {
+        config.node_id = n;
     }
     config.validate()?;
     let listeners = mooring_server::Listeners::bind(&config).await?;

@@ -91,7 +91,7 @@ async fn idle_half_sent_and_kept_alive_connections_are_closed_after_the_header_t
     let got = read_until_closed(&mut kept);
     let text = String::from_utf8_lossy(&got);
     assert!(
-        text.starts_with("HTTP/1.1 200") && text.contains(r#"{"status":"ok"}"#),
+        text.starts_with("HTTP/1.1 200") && text.contains(r#""status":"ok""#),
         "{text}"
     );
     // Each of the three was counted as a header timeout.

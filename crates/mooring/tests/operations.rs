@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use support::{device_pub, Server, BIN, WAIT};
+use support::{device_pub, get, Server, BIN, WAIT};
 
 /// Runs `mooring` with `args` (no server flags added) and returns its output.
 fn mooring(args: &[&str]) -> Output {
@@ -330,6 +330,49 @@ fn a_busy_port_error_names_the_flag_that_moves_the_listener() {
                 "on {busy_addr}; choose another address with {flag}"
             )) && stderr.contains("in use"),
             "{flag}: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_node_id_names_the_node_in_healthz_and_metrics_and_a_bad_one_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &["--node-id", "node-a.eu_1"],
+    );
+    let health: serde_json::Value = get(format!("{}/healthz", server.url()))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["node"], "node-a.eu_1");
+    assert_eq!(
+        server
+            .metric("mooring_node_info{node=\"node-a.eu_1\"}")
+            .await,
+        1.0
+    );
+    drop(server);
+    for bad in ["a b", "", "x\"y", &"n".repeat(65)] {
+        let out = serve_expecting_failure(&[
+            "--data-dir",
+            &tmp.path().join("data2").display().to_string(),
+            "--mqtt-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--node-id",
+            bad,
+        ]);
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(
+            text(&out.stderr).contains("--node-id") && text(&out.stderr).contains("refused"),
+            "{bad:?}: {}",
+            text(&out.stderr)
         );
     }
 }

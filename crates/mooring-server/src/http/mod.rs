@@ -201,8 +201,8 @@ async fn require_token(
     Ok(next.run(req).await)
 }
 
-async fn healthz() -> impl IntoResponse {
-    axum::Json(serde_json::json!({"status": "ok"}))
+async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok", "node": app.config().node_id}))
 }
 
 async fn openapi_json() -> impl IntoResponse {
