@@ -23,8 +23,12 @@
 //! through one writer connection; reads use a small pool of read connections, so API reads never
 //! wait behind ingest. Every call runs on tokio's blocking pool, never on the async runtime.
 //! Numbered migrations (`migrations/NNNN_*.sql`) are embedded in the binary and applied at open,
-//! tracked by SQLite's `user_version`. A PostgreSQL backend can be added later by implementing the
-//! same traits.
+//! tracked by SQLite's `user_version`.
+//!
+//! `PgStore` (module `postgres`, cargo feature `postgres`, off by default) is the PostgreSQL
+//! backend, so far for [`DeviceStore`] and [`TokenStore`] only: a pool of `tokio-postgres`
+//! connections, its own numbered migrations (`migrations/postgres/`) applied at connect under an
+//! advisory lock. The server cannot select it yet.
 //!
 //! ## Durability before acknowledgement: the group-commit writer
 //!
@@ -57,6 +61,8 @@ pub mod chunk;
 pub mod conformance;
 pub mod error;
 pub mod model;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sqlite;
 pub mod store;
 pub mod writer;
@@ -69,6 +75,8 @@ pub use model::{
     ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, TokenRole,
     TS_MS_MAX,
 };
+#[cfg(feature = "postgres")]
+pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
     BrokerStateStore, CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore, TokenStore,

@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub async fn device_create_then_get_round_trips(store: &dyn Store) {
+pub async fn device_create_then_get_round_trips<S: DeviceStore + ?Sized>(store: &S) {
     let created = store.create_device(new_device("d1")).await.expect("create");
     assert_eq!(created, new_device("d1").into_record());
     assert_eq!(created.last_seen_ms, None);
@@ -11,7 +11,7 @@ pub async fn device_create_then_get_round_trips(store: &dyn Store) {
     assert_eq!(store.get_device("nope").await.expect("get missing"), None);
 }
 
-pub async fn device_duplicate_id_is_already_exists(store: &dyn Store) {
+pub async fn device_duplicate_id_is_already_exists<S: DeviceStore + ?Sized>(store: &S) {
     store.create_device(new_device("d1")).await.expect("create");
     let mut again = new_device("d1");
     again.cert_sha256 = "other".into();
@@ -25,7 +25,7 @@ pub async fn device_duplicate_id_is_already_exists(store: &dyn Store) {
     assert_eq!(kept.cert_sha256, "sha-d1", "the first registration is kept");
 }
 
-pub async fn device_find_by_cert_returns_the_owner(store: &dyn Store) {
+pub async fn device_find_by_cert_returns_the_owner<S: DeviceStore + ?Sized>(store: &S) {
     store
         .create_device(new_device("d1"))
         .await
@@ -46,7 +46,9 @@ pub async fn device_find_by_cert_returns_the_owner(store: &dyn Store) {
     );
 }
 
-pub async fn device_list_is_ordered_by_id_with_keyset_pagination(store: &dyn Store) {
+pub async fn device_list_is_ordered_by_id_with_keyset_pagination<S: DeviceStore + ?Sized>(
+    store: &S,
+) {
     // Byte order: uppercase sorts before lowercase, "d10" before "d2".
     for id in ["d2", "a", "d10", "B", "c.1", "c-1"] {
         store.create_device(new_device(id)).await.expect("create");
@@ -126,7 +128,41 @@ pub async fn device_delete_removes_device_telemetry_latest_and_dedupe_keys(store
     assert_eq!(outcomes, [AppendOutcome::Stored]);
 }
 
-pub async fn device_set_tags_replaces_all_and_missing_is_not_found(store: &dyn Store) {
+pub async fn device_delete_removes_only_that_device<S: DeviceStore + ?Sized>(store: &S) {
+    store
+        .create_device(new_device("d1"))
+        .await
+        .expect("create d1");
+    store
+        .create_device(new_device("d2"))
+        .await
+        .expect("create d2");
+    assert!(store.delete_device("d1").await.expect("delete"));
+    assert_eq!(store.get_device("d1").await.expect("get"), None);
+    assert_eq!(
+        store.find_device_by_cert("sha-d1").await.expect("find"),
+        None
+    );
+    assert!(!store.delete_device("d1").await.expect("delete again"));
+    assert!(!store.delete_device("ghost").await.expect("delete unknown"));
+    let left: Vec<DeviceId> = store
+        .list_devices(10, None)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(left, [id("d2")], "other devices are untouched");
+    // The id is free again.
+    store
+        .create_device(new_device("d1"))
+        .await
+        .expect("re-create");
+}
+
+pub async fn device_set_tags_replaces_all_and_missing_is_not_found<S: DeviceStore + ?Sized>(
+    store: &S,
+) {
     store.create_device(new_device("d1")).await.expect("create");
     let new_tags = tags(&[("fw", "1.2"), ("room", "7")]);
     store
@@ -150,7 +186,9 @@ pub async fn device_set_tags_replaces_all_and_missing_is_not_found(store: &dyn S
     assert_eq!(err.kind(), "not_found");
 }
 
-pub async fn device_last_seen_keeps_the_maximum_and_skips_unknown_ids(store: &dyn Store) {
+pub async fn device_last_seen_keeps_the_maximum_and_skips_unknown_ids<S: DeviceStore + ?Sized>(
+    store: &S,
+) {
     store
         .create_device(new_device("d1"))
         .await

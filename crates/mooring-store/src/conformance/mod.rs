@@ -1,4 +1,6 @@
 //! The behavioural contract of every backend, as async test cases plus [`conformance_tests!`](crate::conformance_tests).
+//! A backend that implements only the device and token traits so far runs
+//! [`conformance_device_token_tests!`](crate::conformance_device_token_tests) instead.
 //!
 //! Each case gets a fresh, empty store and panics on a violation. A backend's test file runs
 //! them all with one line:
@@ -38,10 +40,10 @@ use std::sync::Arc;
 
 use crate::{
     run_retention_pass, AppendOutcome, BrokerOp, BrokerState, BrokerStateWriter, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, MetricValue,
-    NewDevice, Point, ShadowRecord, Store, StoreError, StoredSession, TelemetryQuery,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, DeviceStore,
+    MetricValue, NewDevice, Point, ShadowRecord, Store, StoreError, StoredSession, TelemetryQuery,
     TelemetryRecord, TelemetryStore, TelemetryWriter, TelemetryWriterConfig, TokenRecord,
-    TokenRole, TS_MS_MAX,
+    TokenRole, TokenStore, TS_MS_MAX,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case. See the [module docs](crate::conformance).
@@ -109,6 +111,29 @@ macro_rules! conformance_tests {
             $crate::conformance::$case(store).await;
         }
     )*};
+}
+
+/// Expands to one `#[tokio::test]` per [`DeviceStore`] and [`TokenStore`] case that needs no
+/// other trait, for a backend that implements only those two so far (the PostgreSQL one). The
+/// factory returns `(Arc<S>, guard)` with `S: DeviceStore + TokenStore`. Every case here is also
+/// in [`conformance_tests!`](crate::conformance_tests), except
+/// `device_delete_removes_only_that_device`, the telemetry-free stand-in for
+/// `device_delete_removes_device_telemetry_latest_and_dedupe_keys`.
+#[macro_export]
+macro_rules! conformance_device_token_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(@by_ref $factory;
+            device_create_then_get_round_trips,
+            device_duplicate_id_is_already_exists,
+            device_find_by_cert_returns_the_owner,
+            device_list_is_ordered_by_id_with_keyset_pagination,
+            device_delete_removes_only_that_device,
+            device_set_tags_replaces_all_and_missing_is_not_found,
+            device_last_seen_keeps_the_maximum_and_skips_unknown_ids,
+            token_create_find_list_delete,
+            token_duplicate_id_or_secret_is_already_exists,
+        );
+    };
 }
 
 /// A device id for a test (every literal here is valid).

@@ -2,7 +2,7 @@
 
 use super::*;
 
-pub async fn token_create_find_list_delete(store: &dyn Store) {
+pub async fn token_create_find_list_delete<S: TokenStore + ?Sized>(store: &S) {
     assert!(store.list_tokens().await.expect("list").is_empty());
     store
         .create_token(token("t2", TokenRole::Service))
@@ -34,7 +34,7 @@ pub async fn token_create_find_list_delete(store: &dyn Store) {
     assert_eq!(store.list_tokens().await.expect("list").len(), 1);
 }
 
-pub async fn token_duplicate_id_or_secret_is_already_exists(store: &dyn Store) {
+pub async fn token_duplicate_id_or_secret_is_already_exists<S: TokenStore + ?Sized>(store: &S) {
     store
         .create_token(token("t1", TokenRole::Admin))
         .await

@@ -1,0 +1,234 @@
+//! The PostgreSQL backend, [`PgStore`] (feature `postgres`): a pool of `tokio-postgres`
+//! connections, numbered migrations under an advisory lock, and the type mapping.
+//!
+//! So far it implements [`DeviceStore`](crate::DeviceStore) and [`TokenStore`](crate::TokenStore)
+//! (`postgres/devices.rs`, `postgres/tokens.rs`), with the SQLite backend's semantics: ids in byte
+//! order (`COLLATE "C"`), keyset pagination, the same [`StoreError`] kinds; tags are JSONB, times
+//! BIGINT unix milliseconds. It is not a full [`Store`](crate::Store) yet, so the server cannot
+//! select it.
+//!
+//! Migrations (`migrations/postgres/NNNN_*.sql`, append only) are embedded in the binary and
+//! applied at [`PgStore::connect`], each in its own transaction that first takes a transaction
+//! advisory lock, so several servers starting together against one database migrate it once.
+//! Applied versions are rows of `schema_migrations`.
+
+mod devices;
+mod tokens;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{NoTls, Row};
+
+use crate::error::{Result, StoreError};
+use crate::model::check_ts;
+
+/// Every schema migration, in order; migration `n` (1-based) is `MIGRATIONS[n - 1]`.
+/// Append only: a shipped migration is never edited.
+const MIGRATIONS: &[&str] = &[include_str!(
+    "../migrations/postgres/0001_devices_tokens.sql"
+)];
+
+/// Key of the transaction advisory lock every migration transaction takes first ("mooring" in
+/// ASCII, then 1): two processes starting together migrate one after the other.
+const MIGRATION_LOCK_KEY: i64 = 0x6d6f_6f72_696e_6701;
+
+/// Most connections one store keeps open.
+pub const POOL_SIZE_MAX: usize = 16;
+/// How long opening one connection may take (unless the URL sets `connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a caller waits for a free connection before the call is `Unavailable`.
+const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Schema version this build migrates to.
+pub fn schema_version() -> i64 {
+    i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX)
+}
+
+/// A store on a PostgreSQL database. Cheap to share behind an `Arc`; every call takes a pooled
+/// connection for its duration.
+pub struct PgStore {
+    pool: Pool,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl PgStore {
+    /// Connects to `url` (`postgres://user@host:port/db`, any libpq-style URL or key=value
+    /// string) and applies pending migrations. `Unavailable` if the server cannot be reached,
+    /// `SchemaTooNew` if a newer Mooring migrated the database.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let config = url
+            .parse::<tokio_postgres::Config>()
+            .map_err(|e| StoreError::InvalidInput(format!("postgres url: {e}")))?;
+        Self::connect_with(config).await
+    }
+
+    /// [`PgStore::connect`] with a parsed configuration.
+    pub async fn connect_with(mut config: tokio_postgres::Config) -> Result<Self> {
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE_MAX)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Backend(format!("postgres pool: {e}")))?;
+        let store = PgStore { pool };
+        let mut client = store.client().await?;
+        migrate(&mut client).await?;
+        Ok(store)
+    }
+
+    /// A pooled connection.
+    async fn client(&self) -> Result<Object> {
+        self.pool.get().await.map_err(pool_error)
+    }
+}
+
+/// Applies pending migrations, one transaction each, every one under the advisory lock and
+/// re-reading the applied version once it holds it (another process may have migrated).
+async fn migrate(client: &mut Object) -> Result<()> {
+    let supported = schema_version();
+    loop {
+        let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
+            .await
+            .map_err(pg_error)?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version       BIGINT NOT NULL PRIMARY KEY,
+                 applied_at_ms BIGINT NOT NULL
+             )",
+        )
+        .await
+        .map_err(pg_error)?;
+        let found: i64 = tx
+            .query_one(
+                "SELECT COALESCE(max(version), 0)::BIGINT FROM schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(pg_error)?
+            .try_get(0)
+            .map_err(pg_error)?;
+        if found > supported {
+            return Err(StoreError::SchemaTooNew { found, supported });
+        }
+        let version = found + 1;
+        let Some(sql) = usize::try_from(found)
+            .ok()
+            .and_then(|applied| MIGRATIONS.get(applied))
+        else {
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(());
+        };
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| StoreError::Backend(format!("migration {version} failed: {e}")))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at_ms)
+             VALUES ($1, (extract(epoch FROM clock_timestamp()) * 1000)::BIGINT)",
+            &[&version],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        tracing::info!(version, "applied postgres migration");
+    }
+}
+
+/// A pool error as a [`StoreError`]: no connection to be had (timeout, closed pool) is
+/// `Unavailable`; a connection that failed to open is mapped like any client error.
+fn pool_error(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => pg_error(e),
+        other => StoreError::Unavailable(format!("postgres pool: {other}")),
+    }
+}
+
+/// A client error as a [`StoreError`]: conditions that pass (lost connection, server shutting
+/// down or out of resources, serialization failure, deadlock, read-only) are `Unavailable`;
+/// data the database refuses (class 22: e.g. a NUL character in a text) is `InvalidInput`; the
+/// rest `Backend`. Unique violations are mapped by the caller, which knows what is taken.
+fn pg_error(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        let message = db.to_string();
+        let passing = ["08", "53", "57P", "58"]
+            .iter()
+            .any(|class| code.starts_with(class))
+            || [
+                SqlState::T_R_SERIALIZATION_FAILURE,
+                SqlState::T_R_DEADLOCK_DETECTED,
+                SqlState::READ_ONLY_SQL_TRANSACTION,
+            ]
+            .contains(db.code());
+        return if passing {
+            StoreError::Unavailable(message)
+        } else if code.starts_with("22") {
+            StoreError::InvalidInput(message)
+        } else {
+            StoreError::Backend(format!("{message} (SQLSTATE {code})"))
+        };
+    }
+    let source = std::error::Error::source(&e);
+    let io = source.is_some_and(|s| s.is::<std::io::Error>());
+    let message = match source {
+        Some(s) => format!("postgres: {e}: {s}"),
+        None => format!("postgres: {e}"),
+    };
+    if e.is_closed() || io {
+        StoreError::Unavailable(message)
+    } else {
+        StoreError::Backend(message)
+    }
+}
+
+fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+/// A caller-supplied time as stored; refuses values above [`crate::TS_MS_MAX`].
+fn ts_to_sql(what: &str, ts_ms: u64) -> Result<i64> {
+    check_ts(what, ts_ms)?;
+    Ok(i64::try_from(ts_ms).unwrap_or(i64::MAX))
+}
+
+fn count_to_sql(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize) -> Result<T> {
+    row.try_get(index).map_err(pg_error)
+}
+
+/// A BIGINT time column; a negative value is corrupt and answers an error, never a panic.
+fn u64_column(row: &Row, index: usize) -> Result<u64> {
+    let v: i64 = column(row, index)?;
+    u64::try_from(v).map_err(|_| StoreError::Backend(format!("column {index}: negative value {v}")))
+}
+
+/// A device id column, validated as it is read (every id was validated when written, so a row
+/// that fails is corrupt).
+fn device_id_column(row: &Row, index: usize) -> Result<mooring_proto::DeviceId> {
+    let s: &str = column(row, index)?;
+    mooring_proto::DeviceId::parse(s)
+        .map_err(|e| StoreError::Backend(format!("stored device id {s:?}: {e}")))
+}

@@ -1,0 +1,183 @@
+//! [`DeviceStore`] for PostgreSQL: devices, their tags (JSONB), pinned certificates and last-seen
+//! times.
+
+use std::collections::BTreeMap;
+
+use tokio_postgres::types::Json;
+use tokio_postgres::Row;
+
+use super::{
+    column, count_to_sql, device_id_column, is_unique_violation, pg_error, ts_to_sql, u64_column,
+    PgStore,
+};
+use crate::error::{Result, StoreError};
+use crate::model::{DeviceRecord, NewDevice};
+use crate::store::DeviceStore;
+
+const DEVICE_COLUMNS: &str =
+    "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, last_seen_ms";
+
+fn device_from_row(row: &Row) -> Result<DeviceRecord> {
+    let Json(tags) = column::<Json<BTreeMap<String, String>>>(row, 1)?;
+    let last_seen_ms = match column::<Option<i64>>(row, 6)? {
+        None => None,
+        Some(_) => Some(u64_column(row, 6)?),
+    };
+    Ok(DeviceRecord {
+        id: device_id_column(row, 0)?,
+        tags,
+        created_at_ms: u64_column(row, 2)?,
+        cert_sha256: column(row, 3)?,
+        cert_serial: column(row, 4)?,
+        cert_not_after_ms: u64_column(row, 5)?,
+        last_seen_ms,
+    })
+}
+
+#[async_trait::async_trait]
+impl DeviceStore for PgStore {
+    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+        d.validate()?;
+        let record = d.into_record();
+        let created_at_ms = ts_to_sql("created_at_ms", record.created_at_ms)?;
+        let not_after_ms = ts_to_sql("cert_not_after_ms", record.cert_not_after_ms)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await
+            .map_err(pg_error)?;
+        let inserted = client
+            .execute(
+                &stmt,
+                &[
+                    &record.id.as_str(),
+                    &Json(&record.tags),
+                    &created_at_ms,
+                    &record.cert_sha256,
+                    &record.cert_serial,
+                    &not_after_ms,
+                ],
+            )
+            .await;
+        match inserted {
+            Ok(_) => Ok(record),
+            Err(e) if is_unique_violation(&e) => {
+                Err(StoreError::AlreadyExists(format!("device {}", record.id)))
+            }
+            Err(e) => Err(pg_error(e)),
+        }
+    }
+
+    async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let row = client.query_opt(&stmt, &[&id]).await.map_err(pg_error)?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    async fn find_device_by_cert(&self, cert_sha256: &str) -> Result<Option<DeviceRecord>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE cert_sha256 = $1 ORDER BY id LIMIT 1"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(&stmt, &[&cert_sha256])
+            .await
+            .map_err(pg_error)?;
+        row.as_ref().map(device_from_row).transpose()
+    }
+
+    async fn list_devices(
+        &self,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> Result<Vec<DeviceRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        // Every id sorts after "" (ids are never empty), so "" means "from the start". Ids
+        // are COLLATE "C": byte order, as in SQLite.
+        let after_id = after_id.unwrap_or("");
+        let limit = count_to_sql(limit);
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE id > $1 ORDER BY id LIMIT $2"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let rows = client
+            .query(&stmt, &[&after_id, &limit])
+            .await
+            .map_err(pg_error)?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    /// Deletes the device row. The schema so far (migration 0001) holds nothing else of a
+    /// device: the migrations that add telemetry (points, dedupe keys, latest values, chunks:
+    /// deleted here in bounded transactions, as `sqlite/devices.rs` does), commands and shadows
+    /// (`ON DELETE CASCADE` foreign keys to `devices`) must extend this.
+    async fn delete_device(&self, id: &str) -> Result<bool> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM devices WHERE id = $1")
+            .await
+            .map_err(pg_error)?;
+        let deleted = client.execute(&stmt, &[&id]).await.map_err(pg_error)?;
+        Ok(deleted > 0)
+    }
+
+    async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<()> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("UPDATE devices SET tags = $2 WHERE id = $1")
+            .await
+            .map_err(pg_error)?;
+        let updated = client
+            .execute(&stmt, &[&id, &Json(&tags)])
+            .await
+            .map_err(pg_error)?;
+        if updated == 0 {
+            return Err(StoreError::NotFound(format!("device {id}")));
+        }
+        Ok(())
+    }
+
+    async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        // One update per device with its newest time, in id order: concurrent batches lock
+        // rows in the same order, so they cannot deadlock.
+        let mut newest: BTreeMap<&str, i64> = BTreeMap::new();
+        for (id, ts) in seen {
+            let ts = ts_to_sql("last_seen_ms", *ts)?;
+            let slot = newest.entry(id.as_str()).or_insert(ts);
+            *slot = (*slot).max(ts);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE devices SET last_seen_ms = $2
+                 WHERE id = $1 AND (last_seen_ms IS NULL OR last_seen_ms < $2)",
+            )
+            .await
+            .map_err(pg_error)?;
+        for (id, ts) in &newest {
+            tx.execute(&stmt, &[id, ts]).await.map_err(pg_error)?;
+        }
+        tx.commit().await.map_err(pg_error)
+    }
+}

@@ -1,0 +1,94 @@
+//! [`TokenStore`] for PostgreSQL: API tokens, stored by the SHA-256 of their secret.
+
+use tokio_postgres::Row;
+
+use super::{column, is_unique_violation, pg_error, ts_to_sql, u64_column, PgStore};
+use crate::error::{Result, StoreError};
+use crate::model::{TokenRecord, TokenRole};
+use crate::store::TokenStore;
+
+const TOKEN_COLUMNS: &str = "id, name, role, token_sha256, created_at_ms";
+
+fn token_from_row(row: &Row) -> Result<TokenRecord> {
+    let role: &str = column(row, 2)?;
+    let role = role
+        .parse::<TokenRole>()
+        .map_err(|e| StoreError::Backend(format!("stored token role: {e}")))?;
+    Ok(TokenRecord {
+        id: column(row, 0)?,
+        name: column(row, 1)?,
+        role,
+        token_sha256: column(row, 3)?,
+        created_at_ms: u64_column(row, 4)?,
+    })
+}
+
+#[async_trait::async_trait]
+impl TokenStore for PgStore {
+    async fn create_token(&self, t: TokenRecord) -> Result<()> {
+        let created_at_ms = ts_to_sql("created_at_ms", t.created_at_ms)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO tokens (id, name, role, token_sha256, created_at_ms)
+                 VALUES ($1, $2, $3, $4, $5)",
+            )
+            .await
+            .map_err(pg_error)?;
+        let inserted = client
+            .execute(
+                &stmt,
+                &[
+                    &t.id,
+                    &t.name,
+                    &t.role.as_str(),
+                    &t.token_sha256,
+                    &created_at_ms,
+                ],
+            )
+            .await;
+        match inserted {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists(format!(
+                "token {} (or its secret)",
+                t.id
+            ))),
+            Err(e) => Err(pg_error(e)),
+        }
+    }
+
+    async fn find_token(&self, token_sha256: &str) -> Result<Option<TokenRecord>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_sha256 = $1"
+            ))
+            .await
+            .map_err(pg_error)?;
+        let row = client
+            .query_opt(&stmt, &[&token_sha256])
+            .await
+            .map_err(pg_error)?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY id"))
+            .await
+            .map_err(pg_error)?;
+        let rows = client.query(&stmt, &[]).await.map_err(pg_error)?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn delete_token(&self, id: &str) -> Result<bool> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM tokens WHERE id = $1")
+            .await
+            .map_err(pg_error)?;
+        let deleted = client.execute(&stmt, &[&id]).await.map_err(pg_error)?;
+        Ok(deleted > 0)
+    }
+}
