@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use crate::error::{Result, StoreError};
@@ -99,6 +100,37 @@ impl PgStore {
     /// A pooled connection.
     async fn client(&self) -> Result<Object> {
         self.pool.get().await.map_err(pool_error)
+    }
+
+    /// `sql` (a cached statement on a pooled connection) with `params`: every row.
+    async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+        client.query(&stmt, params).await.map_err(pg_error)
+    }
+
+    /// Like [`PgStore::query`], for at most one row.
+    async fn query_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+        client.query_opt(&stmt, params).await.map_err(pg_error)
+    }
+
+    /// Like [`PgStore::query`], for a statement without rows: how many rows it changed. A
+    /// unique violation is `AlreadyExists(taken())`.
+    async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        taken: impl FnOnce() -> String,
+    ) -> Result<u64> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.map_err(pg_error)?;
+        match client.execute(&stmt, params).await {
+            Ok(n) => Ok(n),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists(taken())),
+            Err(e) => Err(pg_error(e)),
+        }
     }
 }
 

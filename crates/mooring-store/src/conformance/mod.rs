@@ -50,16 +50,9 @@ use crate::{
 #[macro_export]
 macro_rules! conformance_tests {
     ($factory:expr) => {
+        $crate::conformance_device_token_tests!($factory);
         $crate::conformance_tests!(@by_ref $factory;
-            device_create_then_get_round_trips,
-            device_duplicate_id_is_already_exists,
-            device_find_by_cert_returns_the_owner,
-            device_list_is_ordered_by_id_with_keyset_pagination,
             device_delete_removes_device_telemetry_latest_and_dedupe_keys,
-            device_set_tags_replaces_all_and_missing_is_not_found,
-            device_last_seen_keeps_the_maximum_and_skips_unknown_ids,
-            token_create_find_list_delete,
-            token_duplicate_id_or_secret_is_already_exists,
             telemetry_append_then_query_round_trips,
             telemetry_duplicate_seq_in_one_batch_is_stored_once,
             telemetry_duplicate_seq_across_batches_is_stored_once,
@@ -115,10 +108,9 @@ macro_rules! conformance_tests {
 
 /// Expands to one `#[tokio::test]` per [`DeviceStore`] and [`TokenStore`] case that needs no
 /// other trait, for a backend that implements only those two so far (the PostgreSQL one). The
-/// factory returns `(Arc<S>, guard)` with `S: DeviceStore + TokenStore`. Every case here is also
-/// in [`conformance_tests!`](crate::conformance_tests), except
-/// `device_delete_removes_only_that_device`, the telemetry-free stand-in for
-/// `device_delete_removes_device_telemetry_latest_and_dedupe_keys`.
+/// factory returns `(Arc<S>, guard)` with `S: DeviceStore + TokenStore`. The full suite
+/// ([`conformance_tests!`](crate::conformance_tests)) runs these too, and adds
+/// `device_delete_removes_device_telemetry_latest_and_dedupe_keys`, which needs telemetry.
 #[macro_export]
 macro_rules! conformance_device_token_tests {
     ($factory:expr) => {

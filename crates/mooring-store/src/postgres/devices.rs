@@ -6,10 +6,7 @@ use std::collections::BTreeMap;
 use tokio_postgres::types::Json;
 use tokio_postgres::Row;
 
-use super::{
-    column, count_to_sql, device_id_column, is_unique_violation, pg_error, ts_to_sql, u64_column,
-    PgStore,
-};
+use super::{column, count_to_sql, device_id_column, pg_error, ts_to_sql, u64_column, PgStore};
 use crate::error::{Result, StoreError};
 use crate::model::{DeviceRecord, NewDevice};
 use crate::store::DeviceStore;
@@ -41,60 +38,34 @@ impl DeviceStore for PgStore {
         let record = d.into_record();
         let created_at_ms = ts_to_sql("created_at_ms", record.created_at_ms)?;
         let not_after_ms = ts_to_sql("cert_not_after_ms", record.cert_not_after_ms)?;
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .await
-            .map_err(pg_error)?;
-        let inserted = client
-            .execute(
-                &stmt,
-                &[
-                    &record.id.as_str(),
-                    &Json(&record.tags),
-                    &created_at_ms,
-                    &record.cert_sha256,
-                    &record.cert_serial,
-                    &not_after_ms,
-                ],
-            )
-            .await;
-        match inserted {
-            Ok(_) => Ok(record),
-            Err(e) if is_unique_violation(&e) => {
-                Err(StoreError::AlreadyExists(format!("device {}", record.id)))
-            }
-            Err(e) => Err(pg_error(e)),
-        }
+        self.execute(
+            "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
+             VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &record.id.as_str(),
+                &Json(&record.tags),
+                &created_at_ms,
+                &record.cert_sha256,
+                &record.cert_serial,
+                &not_after_ms,
+            ],
+            || format!("device {}", record.id),
+        )
+        .await?;
+        Ok(record)
     }
 
     async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1"
-            ))
-            .await
-            .map_err(pg_error)?;
-        let row = client.query_opt(&stmt, &[&id]).await.map_err(pg_error)?;
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1");
+        let row = self.query_opt(&sql, &[&id]).await?;
         row.as_ref().map(device_from_row).transpose()
     }
 
     async fn find_device_by_cert(&self, cert_sha256: &str) -> Result<Option<DeviceRecord>> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices WHERE cert_sha256 = $1 ORDER BY id LIMIT 1"
-            ))
-            .await
-            .map_err(pg_error)?;
-        let row = client
-            .query_opt(&stmt, &[&cert_sha256])
-            .await
-            .map_err(pg_error)?;
+        let sql = format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE cert_sha256 = $1 ORDER BY id LIMIT 1"
+        );
+        let row = self.query_opt(&sql, &[&cert_sha256]).await?;
         row.as_ref().map(device_from_row).transpose()
     }
 
@@ -110,17 +81,9 @@ impl DeviceStore for PgStore {
         // are COLLATE "C": byte order, as in SQLite.
         let after_id = after_id.unwrap_or("");
         let limit = count_to_sql(limit);
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices WHERE id > $1 ORDER BY id LIMIT $2"
-            ))
-            .await
-            .map_err(pg_error)?;
-        let rows = client
-            .query(&stmt, &[&after_id, &limit])
-            .await
-            .map_err(pg_error)?;
+        let sql =
+            format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id > $1 ORDER BY id LIMIT $2");
+        let rows = self.query(&sql, &[&after_id, &limit]).await?;
         rows.iter().map(device_from_row).collect()
     }
 
@@ -129,25 +92,22 @@ impl DeviceStore for PgStore {
     /// deleted here in bounded transactions, as `sqlite/devices.rs` does), commands and shadows
     /// (`ON DELETE CASCADE` foreign keys to `devices`) must extend this.
     async fn delete_device(&self, id: &str) -> Result<bool> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("DELETE FROM devices WHERE id = $1")
-            .await
-            .map_err(pg_error)?;
-        let deleted = client.execute(&stmt, &[&id]).await.map_err(pg_error)?;
+        let deleted = self
+            .execute("DELETE FROM devices WHERE id = $1", &[&id], || {
+                format!("device {id}")
+            })
+            .await?;
         Ok(deleted > 0)
     }
 
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<()> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("UPDATE devices SET tags = $2 WHERE id = $1")
-            .await
-            .map_err(pg_error)?;
-        let updated = client
-            .execute(&stmt, &[&id, &Json(&tags)])
-            .await
-            .map_err(pg_error)?;
+        let updated = self
+            .execute(
+                "UPDATE devices SET tags = $2 WHERE id = $1",
+                &[&id, &Json(&tags)],
+                || format!("device {id}"),
+            )
+            .await?;
         if updated == 0 {
             return Err(StoreError::NotFound(format!("device {id}")));
         }

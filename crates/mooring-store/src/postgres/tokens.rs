@@ -2,7 +2,7 @@
 
 use tokio_postgres::Row;
 
-use super::{column, is_unique_violation, pg_error, ts_to_sql, u64_column, PgStore};
+use super::{column, ts_to_sql, u64_column, PgStore};
 use crate::error::{Result, StoreError};
 use crate::model::{TokenRecord, TokenRole};
 use crate::store::TokenStore;
@@ -27,68 +27,40 @@ fn token_from_row(row: &Row) -> Result<TokenRecord> {
 impl TokenStore for PgStore {
     async fn create_token(&self, t: TokenRecord) -> Result<()> {
         let created_at_ms = ts_to_sql("created_at_ms", t.created_at_ms)?;
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "INSERT INTO tokens (id, name, role, token_sha256, created_at_ms)
-                 VALUES ($1, $2, $3, $4, $5)",
-            )
-            .await
-            .map_err(pg_error)?;
-        let inserted = client
-            .execute(
-                &stmt,
-                &[
-                    &t.id,
-                    &t.name,
-                    &t.role.as_str(),
-                    &t.token_sha256,
-                    &created_at_ms,
-                ],
-            )
-            .await;
-        match inserted {
-            Ok(_) => Ok(()),
-            Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists(format!(
-                "token {} (or its secret)",
-                t.id
-            ))),
-            Err(e) => Err(pg_error(e)),
-        }
+        self.execute(
+            "INSERT INTO tokens (id, name, role, token_sha256, created_at_ms)
+             VALUES ($1, $2, $3, $4, $5)",
+            &[
+                &t.id,
+                &t.name,
+                &t.role.as_str(),
+                &t.token_sha256,
+                &created_at_ms,
+            ],
+            || format!("token {} (or its secret)", t.id),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn find_token(&self, token_sha256: &str) -> Result<Option<TokenRecord>> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_sha256 = $1"
-            ))
-            .await
-            .map_err(pg_error)?;
-        let row = client
-            .query_opt(&stmt, &[&token_sha256])
-            .await
-            .map_err(pg_error)?;
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens WHERE token_sha256 = $1");
+        let row = self.query_opt(&sql, &[&token_sha256]).await?;
         row.as_ref().map(token_from_row).transpose()
     }
 
     async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(&format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY id"))
-            .await
-            .map_err(pg_error)?;
-        let rows = client.query(&stmt, &[]).await.map_err(pg_error)?;
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM tokens ORDER BY id");
+        let rows = self.query(&sql, &[]).await?;
         rows.iter().map(token_from_row).collect()
     }
 
     async fn delete_token(&self, id: &str) -> Result<bool> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached("DELETE FROM tokens WHERE id = $1")
-            .await
-            .map_err(pg_error)?;
-        let deleted = client.execute(&stmt, &[&id]).await.map_err(pg_error)?;
+        let deleted = self
+            .execute("DELETE FROM tokens WHERE id = $1", &[&id], || {
+                format!("token {id}")
+            })
+            .await?;
         Ok(deleted > 0)
     }
 }
