@@ -53,14 +53,17 @@ fn window_of(ts_ms: i64) -> i64 {
     ts_ms.div_euclid(CHUNK_WINDOW_MS) * CHUNK_WINDOW_MS
 }
 
+/// Series ids of one batch by (device, metric), borrowed from the batch's records.
+type SeriesCache<'a> = HashMap<(&'a str, &'a str), i64>;
+
 /// The id of `(device, metric)`, created if new; `cache` spans one batch.
-fn series_id(
+fn series_id<'a>(
     tx: &Connection,
-    cache: &mut HashMap<(String, String), i64>,
-    device_id: &str,
-    metric: &str,
+    cache: &mut SeriesCache<'a>,
+    device_id: &'a str,
+    metric: &'a str,
 ) -> Result<i64> {
-    if let Some(id) = cache.get(&(device_id.to_owned(), metric.to_owned())) {
+    if let Some(id) = cache.get(&(device_id, metric)) {
         return Ok(*id);
     }
     let id = match find_series(tx, device_id, metric)? {
@@ -73,27 +76,31 @@ fn series_id(
             tx.last_insert_rowid()
         }
     };
-    cache.insert((device_id.to_owned(), metric.to_owned()), id);
+    cache.insert((device_id, metric), id);
     Ok(id)
 }
 
 /// Whether storing `record` would give its device more than `max` distinct metric names. Looks
-/// at the store only when the record names a metric not already in this batch's `cache`.
-fn over_metrics_bound(
+/// at the store only when the record names a metric not already in this batch's `cache`, and
+/// caches what it finds there, so [`series_id`] does not look again.
+fn over_metrics_bound<'a>(
     tx: &Connection,
-    cache: &HashMap<(String, String), i64>,
-    record: &TelemetryRecord,
+    cache: &mut SeriesCache<'a>,
+    record: &'a TelemetryRecord,
     max: usize,
 ) -> Result<bool> {
     let device = record.device_id.as_str();
     let mut new: Vec<&str> = Vec::new();
     for (metric, _) in &record.points {
-        let key = (device.to_owned(), metric.clone());
-        if !cache.contains_key(&key)
-            && !new.contains(&metric.as_str())
-            && find_series(tx, device, metric)?.is_none()
-        {
-            new.push(metric);
+        let metric = metric.as_str();
+        if cache.contains_key(&(device, metric)) || new.contains(&metric) {
+            continue;
+        }
+        match find_series(tx, device, metric)? {
+            Some(id) => {
+                cache.insert((device, metric), id);
+            }
+            None => new.push(metric),
         }
     }
     if new.is_empty() {
@@ -242,7 +249,7 @@ impl TelemetryStore for SqliteStore {
             for record in &batch {
                 let device = record.device_id.as_str();
                 let ts_ms = ts_to_sql("ts_ms", record.ts_ms)?;
-                if over_metrics_bound(tx, &series, record, metrics_per_device_max)? {
+                if over_metrics_bound(tx, &mut series, record, metrics_per_device_max)? {
                     outcomes.push(AppendOutcome::MetricsLimit);
                     continue;
                 }
