@@ -13,6 +13,8 @@
 //! * [`BrokerStateStore`]: the MQTT broker's retained messages and persistent sessions (opaque
 //!   values by key; the broker owns the encoding), written through [`BrokerStateWriter`], the
 //!   same group commit as telemetry: one transaction per batch, tickets answered once durable.
+//! * [`ClusterStore`]: what a cluster's nodes coordinate through the database: heartbeats,
+//!   leases for once-only work, which node holds each device's session, values created once.
 //!
 //! [`Store`] is all of them at once (blanket impl); the server holds an `Arc<dyn Store>`.
 //!
@@ -71,7 +73,7 @@ pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_M
 pub use error::{Result, StoreError};
 pub use model::{
     AppendOutcome, BrokerOp, BrokerState, CommandOutcome, CommandParentRecord, CommandRecord,
-    CommandState, CreateOutcome, DeviceId, DeviceRecord, MetricValue, NewDevice, Point,
+    CommandState, CreateOutcome, DeviceId, DeviceRecord, MetricValue, NewDevice, Point, SessionOp,
     ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, TokenRole,
     TS_MS_MAX,
 };
@@ -79,8 +81,8 @@ pub use model::{
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    BrokerStateStore, CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore, TokenStore,
-    COMMAND_BATCH_LEN_MAX,
+    BrokerStateStore, ClusterStore, CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore,
+    TokenStore, COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

@@ -169,6 +169,16 @@ pub struct TelemetryQuery {
     pub limit: usize,
 }
 
+/// Refuses a batch of more than `max` items.
+pub(crate) fn check_len(what: &str, len: usize, max: usize) -> Result<()> {
+    if len > max {
+        return Err(StoreError::InvalidInput(format!(
+            "{len} {what} in one call; at most {max}"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_ts(what: &str, ts_ms: u64) -> Result<()> {
     if ts_ms > TS_MS_MAX {
         return Err(StoreError::InvalidInput(format!(
@@ -397,4 +407,17 @@ pub struct BrokerState {
     pub retained: Vec<(String, Vec<u8>)>,
     /// Ascending by key.
     pub sessions: Vec<StoredSession>,
+}
+
+/// One change to which node holds a device's session ([`crate::ClusterStore::apply_session_ops`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionOp {
+    /// `node_id` holds the device's session since `since_ms` (replacing any other node).
+    Open {
+        device_id: String,
+        node_id: String,
+        since_ms: u64,
+    },
+    /// `node_id` no longer holds it (ignored if another node took it over meanwhile).
+    Close { device_id: String, node_id: String },
 }

@@ -12,6 +12,7 @@
 //! advisory lock, so several servers starting together against one database migrate it once.
 //! Applied versions are rows of `schema_migrations`.
 
+mod cluster;
 mod devices;
 mod tokens;
 
@@ -27,9 +28,10 @@ use crate::model::check_ts;
 
 /// Every schema migration, in order; migration `n` (1-based) is `MIGRATIONS[n - 1]`.
 /// Append only: a shipped migration is never edited.
-const MIGRATIONS: &[&str] = &[include_str!(
-    "../migrations/postgres/0001_devices_tokens.sql"
-)];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_devices_tokens.sql"),
+    include_str!("../migrations/postgres/0002_cluster.sql"),
+];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in
 /// ASCII, then 1): two processes starting together migrate one after the other.

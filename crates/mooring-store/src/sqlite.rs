@@ -33,6 +33,7 @@ use crate::error::{Result, StoreError};
 use crate::model::{check_ts, TS_MS_MAX};
 
 mod broker;
+mod cluster;
 mod commands;
 mod devices;
 mod shadows;
@@ -59,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_command_result_timeout.sql"),
     include_str!("../migrations/0004_broker_state.sql"),
     include_str!("../migrations/0005_telemetry_series_chunks.sql"),
+    include_str!("../migrations/0006_cluster.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

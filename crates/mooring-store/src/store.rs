@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::model::{
     AppendOutcome, BrokerOp, BrokerState, CommandParentRecord, CommandRecord, CommandState,
-    CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point, ShadowRecord, TelemetryQuery,
-    TelemetryRecord, TokenRecord,
+    CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point, SessionOp, ShadowRecord,
+    TelemetryQuery, TelemetryRecord, TokenRecord,
 };
 
 /// The device registry.
@@ -166,13 +166,79 @@ pub trait BrokerStateStore: Send + Sync + 'static {
     async fn load_broker_state(&self) -> Result<BrokerState>;
 }
 
+/// Most device ids one [`ClusterStore::session_nodes`] call takes.
+pub const SESSION_LOOKUP_LEN_MAX: usize = 10_000;
+
+/// What the nodes of a cluster coordinate through the database (issue 13): node liveness,
+/// leases for work that must run once, which node holds each device's session (presence), and
+/// cluster-wide values created once (the fleet CA). A single node uses it too, with itself as
+/// the only node. Times are the callers' unix milliseconds: every node passes its own clock,
+/// so leases assume clocks agree to well within a lease (NTP).
+#[async_trait::async_trait]
+pub trait ClusterStore: Send + Sync + 'static {
+    /// Records that `node_id` is alive at `now_ms` (its first heartbeat registers it).
+    async fn heartbeat(&self, node_id: &str, now_ms: u64) -> Result<()>;
+    /// Nodes heard from at or after `alive_since_ms`, with their last heartbeat, by id.
+    async fn live_nodes(&self, alive_since_ms: u64) -> Result<Vec<(String, u64)>>;
+    /// Takes or renews the lease `name` for `holder` until `now_ms + ttl_ms`, if it is free,
+    /// expired (its deadline `<= now_ms`) or already `holder`'s. `true` if `holder` holds it now.
+    /// Atomic: of several nodes asking for a free lease at once, exactly one gets it.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> Result<bool>;
+    /// Gives up `name` if `holder` holds it (so another node may take it at once).
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
+    /// Applies session changes in order, in one transaction. `Open` makes the node the
+    /// device's session holder (replacing any other); `Close` removes the row only if that node
+    /// still holds it (a later `Open` elsewhere wins). Unknown devices are skipped.
+    async fn apply_session_ops(&self, ops: Vec<SessionOp>) -> Result<()>;
+    /// For each of `device_ids` (at most [`SESSION_LOOKUP_LEN_MAX`]) whose session is held by
+    /// a node heard from at or after `alive_since_ms`: that node. Others are absent.
+    async fn session_nodes(
+        &self,
+        device_ids: &[String],
+        alive_since_ms: u64,
+    ) -> Result<BTreeMap<String, String>>;
+    /// How many devices have a session on a node heard from at or after `alive_since_ms`.
+    async fn count_sessions(&self, alive_since_ms: u64) -> Result<u64>;
+    /// Removes the session rows of `node_id` (a node starting again: whatever it held before
+    /// is gone) and returns how many it removed.
+    async fn clear_node_sessions(&self, node_id: &str) -> Result<u64>;
+    /// Removes the session rows of nodes last heard from before `alive_since_ms` (and of nodes
+    /// never heard from), and those nodes' heartbeat rows, at most `max_rows` sessions; returns
+    /// the devices whose row it removed.
+    async fn reap_dead_sessions(&self, alive_since_ms: u64, max_rows: usize)
+        -> Result<Vec<String>>;
+    /// Stores `value` under `key` unless a value is stored there already, and returns the
+    /// stored one: of several nodes creating the same value at once, one wins and all get
+    /// its value. Values are never replaced.
+    async fn put_value_once(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>>;
+    async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>>;
+}
+
 /// Everything a Mooring server needs from storage.
 pub trait Store:
-    DeviceStore + TokenStore + TelemetryStore + CommandStore + ShadowStore + BrokerStateStore
+    DeviceStore
+    + TokenStore
+    + TelemetryStore
+    + CommandStore
+    + ShadowStore
+    + BrokerStateStore
+    + ClusterStore
 {
 }
 
 impl<T> Store for T where
-    T: DeviceStore + TokenStore + TelemetryStore + CommandStore + ShadowStore + BrokerStateStore
+    T: DeviceStore
+        + TokenStore
+        + TelemetryStore
+        + CommandStore
+        + ShadowStore
+        + BrokerStateStore
+        + ClusterStore
 {
 }

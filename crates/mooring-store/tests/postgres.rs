@@ -117,6 +117,7 @@ async fn fresh_store() -> (Arc<PgStore>, TestDb) {
 }
 
 mooring_store::conformance_device_token_tests!(fresh_store);
+mooring_store::conformance_cluster_tests!(fresh_store);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn servers_starting_together_migrate_once() {

@@ -20,6 +20,7 @@
 //! the retention pass; the helpers they share are here.
 
 mod broker_state;
+mod cluster;
 mod commands;
 mod devices;
 mod shadows;
@@ -28,6 +29,7 @@ mod tokens;
 mod writer;
 
 pub use broker_state::*;
+pub use cluster::*;
 pub use commands::*;
 pub use devices::*;
 pub use shadows::*;
@@ -51,6 +53,7 @@ use crate::{
 macro_rules! conformance_tests {
     ($factory:expr) => {
         $crate::conformance_device_token_tests!($factory);
+        $crate::conformance_cluster_tests!($factory);
         $crate::conformance_tests!(@by_ref $factory;
             device_delete_removes_device_telemetry_latest_and_dedupe_keys,
             telemetry_append_then_query_round_trips,
@@ -124,6 +127,20 @@ macro_rules! conformance_device_token_tests {
             device_last_seen_keeps_the_maximum_and_skips_unknown_ids,
             token_create_find_list_delete,
             token_duplicate_id_or_secret_is_already_exists,
+        );
+    };
+}
+
+/// Expands to one `#[tokio::test]` per [`ClusterStore`](crate::ClusterStore) case; the factory
+/// returns `(Arc<S>, guard)` with `S: DeviceStore + ClusterStore`. Part of the full suite.
+#[macro_export]
+macro_rules! conformance_cluster_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(@by_ref $factory;
+            cluster_lease_is_exclusive_until_it_expires_or_is_released,
+            cluster_lease_race_has_one_winner,
+            cluster_sessions_follow_open_close_and_node_liveness,
+            cluster_value_is_created_once,
         );
     };
 }
