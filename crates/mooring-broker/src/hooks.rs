@@ -161,4 +161,14 @@ pub trait Hooks: Send + Sync + 'static {
     /// After a SUBACK was queued for the client, with the filters that were granted (the
     /// subscriptions exist now). Must not block.
     fn on_subscribed(&self, _client_id: &str, _principal: &Principal, _filters: &[String]) {}
+    /// Whether [`Hooks::on_routed`] wants messages (a cluster node does; a single broker does
+    /// not, and then nothing is encoded). Asked once per routed message.
+    fn forwards(&self) -> bool {
+        false
+    }
+    /// After a message accepted here (from a client, a will, or [`crate::Broker::publish`]) was
+    /// retained and routed locally: the message as another node's broker takes it
+    /// ([`crate::Broker::route_forwarded`]), for the embedder to carry there. Must not block.
+    /// Never called for a message that itself arrived through `route_forwarded`.
+    fn on_routed(&self, _forwarded: Vec<u8>) {}
 }

@@ -217,6 +217,35 @@ fn put_message(b: &mut Vec<u8>, m: &Message) {
     }
 }
 
+/// A message carried to another node's broker: the owner of a retained message (so its
+/// quota and removal with its principal work there too) and the message.
+pub(crate) fn encode_forwarded(owner: Option<&Owner>, m: &Message) -> Vec<u8> {
+    let mut b = Vec::with_capacity(32 + m.topic.len() + m.payload.len());
+    b.put_u8(FORMAT_V1);
+    match owner {
+        Some(o) => {
+            b.put_u8(1);
+            put_owner(&mut b, o);
+        }
+        None => b.put_u8(0),
+    }
+    put_message(&mut b, m);
+    b
+}
+
+/// Inverse of [`encode_forwarded`]; `None` for anything truncated or foreign.
+pub(crate) fn decode_forwarded(v: &[u8]) -> Option<(Option<Owner>, Message)> {
+    let mut r = Reader(v);
+    r.version()?;
+    let owner = match r.u8()? {
+        0 => None,
+        1 => Some(r.owner()?),
+        _ => return None,
+    };
+    let msg = r.message()?;
+    r.0.is_empty().then_some((owner, msg))
+}
+
 impl SessionValue {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = Vec::with_capacity(64);

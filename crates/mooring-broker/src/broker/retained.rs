@@ -242,6 +242,17 @@ impl Shared {
 
     /// Whether `owner` could store this retained message now (a check before the message is
     /// accepted; [`Shared::store_retained`] decides).
+    /// A retained message another node accepted (and made durable): kept in memory under its
+    /// owner, replacing what was there, without a quota check or a write.
+    pub(crate) fn store_retained_from_peer(&self, msg: &Arc<Message>, owner: Option<Owner>) {
+        let mut retained = lock(&self.retained);
+        if msg.payload.is_empty() {
+            retained.remove(&msg.topic);
+            return;
+        }
+        retained.insert(msg.clone(), expiry_instant(msg), owner);
+    }
+
     pub(crate) fn retained_fits(&self, msg: &Message, owner: &Owner) -> bool {
         if msg.payload.is_empty() {
             return true;

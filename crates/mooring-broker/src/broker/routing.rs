@@ -22,7 +22,28 @@ impl Broker {
         if msg.retain {
             self.shared.store_retained(&msg, None, &mut false);
         }
+        self.shared.route(msg.clone(), None);
+        self.shared.forward(None, &msg);
+    }
+
+    /// Retains (in memory: the node that accepted it made it durable) and routes a message
+    /// another node's broker accepted, as its [`crate::Hooks::on_routed`] encoded it. Retained
+    /// quotas were checked where it was accepted. `false` (and nothing done) if the bytes are
+    /// not a forwarded message.
+    pub fn route_forwarded(&self, forwarded: &[u8]) -> bool {
+        let Some((owner, msg)) = crate::persist::decode_forwarded(forwarded) else {
+            return false;
+        };
+        self.shared
+            .counters
+            .messages_in
+            .fetch_add(1, Ordering::Relaxed);
+        let msg = Arc::new(msg);
+        if msg.retain {
+            self.shared.store_retained_from_peer(&msg, owner);
+        }
         self.shared.route(msg, None);
+        true
     }
 
     /// Publish a server-originated message to one principal only: enqueued if a connected
@@ -174,10 +195,21 @@ impl Shared {
         client_id: &str,
     ) -> bool {
         let mut stored = false;
-        if msg.retain && !self.store_retained(&msg, Some(&owner()), &mut stored) {
+        let owner = msg.retain.then(owner);
+        if msg.retain && !self.store_retained(&msg, owner.as_ref(), &mut stored) {
             Arc::make_mut(&mut msg).retain = false;
         }
-        self.route(msg, Some(client_id)) || stored
+        let stored = self.route(msg.clone(), Some(client_id)) || stored;
+        self.forward(owner.as_ref().filter(|_| msg.retain), &msg);
+        stored
+    }
+
+    /// Hands a message accepted here to the embedder for the other nodes, if it wants them.
+    fn forward(&self, owner: Option<&Owner>, msg: &Message) {
+        if self.hooks.forwards() {
+            self.hooks
+                .on_routed(crate::persist::encode_forwarded(owner, msg));
+        }
     }
 
     /// Queue a delivery on a session (whose lock the caller holds) within the session's bounds;
