@@ -12,6 +12,7 @@
 //! advisory lock, so several servers starting together against one database migrate it once.
 //! Applied versions are rows of `schema_migrations`.
 
+mod commands;
 mod devices;
 mod tokens;
 
@@ -27,9 +28,10 @@ use crate::model::check_ts;
 
 /// Every schema migration, in order; migration `n` (1-based) is `MIGRATIONS[n - 1]`.
 /// Append only: a shipped migration is never edited.
-const MIGRATIONS: &[&str] = &[include_str!(
-    "../migrations/postgres/0001_devices_tokens.sql"
-)];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/postgres/0001_devices_tokens.sql"),
+    include_str!("../migrations/postgres/0002_telemetry_commands_shadows_broker.sql"),
+];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in
 /// ASCII, then 1): two processes starting together migrate one after the other.
@@ -255,6 +257,13 @@ fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize)
 fn u64_column(row: &Row, index: usize) -> Result<u64> {
     let v: i64 = column(row, index)?;
     u64::try_from(v).map_err(|_| StoreError::Backend(format!("column {index}: negative value {v}")))
+}
+
+/// A BIGINT count column that must fit a `u32`; anything else is corrupt.
+fn u32_column(row: &Row, index: usize) -> Result<u32> {
+    let v: i64 = column(row, index)?;
+    u32::try_from(v)
+        .map_err(|_| StoreError::Backend(format!("column {index}: value {v} out of range")))
 }
 
 /// A device id column, validated as it is read (every id was validated when written, so a row
