@@ -14,6 +14,7 @@
 
 mod commands;
 mod devices;
+mod shadows;
 mod tokens;
 
 use std::time::Duration;
