@@ -12,6 +12,7 @@
 //! advisory lock, so several servers starting together against one database migrate it once.
 //! Applied versions are rows of `schema_migrations`.
 
+mod broker;
 mod commands;
 mod devices;
 mod shadows;
