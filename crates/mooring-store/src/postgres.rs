@@ -16,6 +16,7 @@ mod broker;
 mod commands;
 mod devices;
 mod shadows;
+mod telemetry;
 mod tokens;
 
 use std::time::Duration;
@@ -26,7 +27,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use crate::error::{Result, StoreError};
-use crate::model::check_ts;
+use crate::model::{check_ts, TS_MS_MAX};
 
 /// Every schema migration, in order; migration `n` (1-based) is `MIGRATIONS[n - 1]`.
 /// Append only: a shipped migration is never edited.
@@ -55,6 +56,8 @@ pub fn schema_version() -> i64 {
 /// connection for its duration.
 pub struct PgStore {
     pool: Pool,
+    /// Which telemetry day partitions exist (`postgres/telemetry.rs`).
+    partitions: std::sync::Mutex<telemetry::PartitionCache>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -95,7 +98,10 @@ impl PgStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Backend(format!("postgres pool: {e}")))?;
-        let store = PgStore { pool };
+        let store = PgStore {
+            pool,
+            partitions: std::sync::Mutex::default(),
+        };
         let mut client = store.client().await?;
         migrate(&mut client).await?;
         Ok(store)
@@ -200,7 +206,8 @@ fn pool_error(e: PoolError) -> StoreError {
 }
 
 /// A client error as a [`StoreError`]: conditions that pass (lost connection, server shutting
-/// down or out of resources, serialization failure, deadlock, read-only) are `Unavailable`;
+/// down or out of resources, serialization failure, deadlock, a lock not granted within
+/// `lock_timeout`, read-only) are `Unavailable`;
 /// data the database refuses (class 22: e.g. a NUL character in a text) is `InvalidInput`; the
 /// rest `Backend`. Unique violations are mapped by the caller, which knows what is taken.
 fn pg_error(e: tokio_postgres::Error) -> StoreError {
@@ -214,6 +221,7 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
                 SqlState::T_R_SERIALIZATION_FAILURE,
                 SqlState::T_R_DEADLOCK_DETECTED,
                 SqlState::READ_ONLY_SQL_TRANSACTION,
+                SqlState::LOCK_NOT_AVAILABLE,
             ]
             .contains(db.code());
         return if passing {
@@ -247,8 +255,18 @@ fn ts_to_sql(what: &str, ts_ms: u64) -> Result<i64> {
     Ok(i64::try_from(ts_ms).unwrap_or(i64::MAX))
 }
 
+/// A query bound: anything above the storable range means "no bound".
+fn bound_to_sql(ts_ms: u64) -> i64 {
+    i64::try_from(ts_ms.min(TS_MS_MAX)).unwrap_or(i64::MAX)
+}
+
 fn count_to_sql(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// Lossless bijection u64 -> i64 (a telemetry `seq` as stored), so every `seq` dedupes exactly.
+fn seq_to_sql(seq: u64) -> i64 {
+    i64::from_ne_bytes(seq.to_ne_bytes())
 }
 
 fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize) -> Result<T> {
