@@ -1,11 +1,28 @@
 //! The PostgreSQL backend, [`PgStore`] (feature `postgres`): a pool of `tokio-postgres`
 //! connections, numbered migrations under an advisory lock, and the type mapping.
 //!
-//! So far it implements [`DeviceStore`](crate::DeviceStore) and [`TokenStore`](crate::TokenStore)
-//! (`postgres/devices.rs`, `postgres/tokens.rs`), with the SQLite backend's semantics: ids in byte
-//! order (`COLLATE "C"`), keyset pagination, the same [`StoreError`] kinds; tags are JSONB, times
-//! BIGINT unix milliseconds. It is not a full [`Store`](crate::Store) yet, so the server cannot
-//! select it.
+//! It is a full [`Store`](crate::Store), one file per trait as in `sqlite/`: `devices.rs`,
+//! `tokens.rs`, `telemetry.rs` (points partitioned by UTC day, retention by dropping partitions:
+//! see that module), `commands.rs`, `shadows.rs`, `broker.rs`. The semantics are the SQLite
+//! backend's, checked by the same conformance suite (`tests/postgres.rs`): ids in byte order
+//! (`COLLATE "C"`), keyset pagination, the same [`StoreError`] kinds, ties ordered the same way;
+//! tags are JSONB, other JSON documents `json` (the text as written, key order included), times
+//! BIGINT unix milliseconds; metric names and broker topics and keys are BYTEA (their UTF-8, so
+//! U+0000, which PostgreSQL text refuses, is stored as SQLite stores it), broker values BYTEA. The
+//! server does not select it yet (that wiring is a separate step).
+//!
+//! Every call takes a pooled connection for its duration; a write is one transaction (a
+//! telemetry or broker batch too: a few bulk `unnest` statements, not one per row), answered
+//! once committed. Several servers may share one database: what must not interleave across
+//! them is serialised by the database (unique keys, compare-and-set updates, per-device
+//! advisory locks for telemetry batches), never by a lock in this process. Durability is
+//! PostgreSQL's: with `synchronous_commit` on (the default) a committed batch is on disk before
+//! it is acknowledged.
+//!
+//! Errors: a lost connection, a server shutting down or out of resources, a serialization
+//! failure or deadlock, a lock not granted in time, a read-only server are
+//! [`StoreError::Unavailable`]; data the database refuses (class 22) `InvalidInput`; a stored
+//! value this build cannot read (a negative time, an unknown state) `Backend`, never a panic.
 //!
 //! Migrations (`migrations/postgres/NNNN_*.sql`, append only) are embedded in the binary and
 //! applied at [`PgStore::connect`], each in its own transaction that first takes a transaction
