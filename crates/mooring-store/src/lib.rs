@@ -28,9 +28,10 @@
 //! tracked by SQLite's `user_version`.
 //!
 //! `PgStore` (module `postgres`, cargo feature `postgres`, off by default) is the PostgreSQL
-//! backend, so far for [`DeviceStore`] and [`TokenStore`] only: a pool of `tokio-postgres`
-//! connections, its own numbered migrations (`migrations/postgres/`) applied at connect under an
-//! advisory lock. The server cannot select it yet.
+//! backend, a full [`Store`] for several servers sharing one database: a pool of
+//! `tokio-postgres` connections, its own numbered migrations (`migrations/postgres/`) applied at
+//! connect under an advisory lock, telemetry points partitioned by UTC day (retention drops
+//! whole days). The server does not select it yet.
 //!
 //! ## Durability before acknowledgement: the group-commit writer
 //!
@@ -53,7 +54,8 @@
 //!
 //! [`conformance`] holds the behavioural contract as async test functions taking a `&dyn Store`,
 //! and [`conformance_tests!`] expands them into one `#[tokio::test]` each. `tests/sqlite.rs`
-//! runs it against SQLite; a new backend runs the same macro and must pass unchanged. Both exist
+//! runs it against SQLite and `tests/postgres.rs` against PostgreSQL (a throwaway database per
+//! case); a new backend runs the same macro and must pass unchanged. Both exist
 //! only with the `conformance` feature, which this crate's dev-dependencies turn on (test code
 //! stays out of the production build).
 

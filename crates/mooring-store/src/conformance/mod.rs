@@ -110,7 +110,8 @@ macro_rules! conformance_tests {
 }
 
 /// Expands to one `#[tokio::test]` per [`DeviceStore`] and [`TokenStore`] case that needs no
-/// other trait, for a backend that implements only those two so far (the PostgreSQL one). The
+/// other trait, for a backend that implements only those two so far (as the PostgreSQL one did
+/// at first). The
 /// factory returns `(Arc<S>, guard)` with `S: DeviceStore + TokenStore`. The full suite
 /// ([`conformance_tests!`](crate::conformance_tests)) runs these too, and adds
 /// `device_delete_removes_device_telemetry_latest_and_dedupe_keys`, which needs telemetry.

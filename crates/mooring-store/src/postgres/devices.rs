@@ -87,17 +87,28 @@ impl DeviceStore for PgStore {
         rows.iter().map(device_from_row).collect()
     }
 
-    /// Deletes the device row. The schema so far (migration 0001) holds nothing else of a
-    /// device: the migrations that add telemetry (points, dedupe keys, latest values, chunks:
-    /// deleted here in bounded transactions, as `sqlite/devices.rs` does), commands and shadows
-    /// (`ON DELETE CASCADE` foreign keys to `devices`) must extend this.
+    /// Deletes the device row (its commands and shadow go with it: `ON DELETE CASCADE`) and its
+    /// latest values in one transaction, then its telemetry in bounded transactions
+    /// (`postgres/telemetry.rs`), as `sqlite/devices.rs` does.
     async fn delete_device(&self, id: &str) -> Result<bool> {
-        let deleted = self
-            .execute("DELETE FROM devices WHERE id = $1", &[&id], || {
-                format!("device {id}")
-            })
-            .await?;
-        Ok(deleted > 0)
+        let existed = {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            let device = tx
+                .prepare_cached("DELETE FROM devices WHERE id = $1")
+                .await
+                .map_err(pg_error)?;
+            let deleted = tx.execute(&device, &[&id]).await.map_err(pg_error)?;
+            let latest = tx
+                .prepare_cached(super::telemetry::DELETE_DEVICE_LATEST_SQL)
+                .await
+                .map_err(pg_error)?;
+            tx.execute(&latest, &[&id]).await.map_err(pg_error)?;
+            tx.commit().await.map_err(pg_error)?;
+            deleted > 0
+        };
+        super::telemetry::delete_device_telemetry(self, id).await?;
+        Ok(existed)
     }
 
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<()> {

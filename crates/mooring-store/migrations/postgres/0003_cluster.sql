@@ -1,4 +1,4 @@
--- Mooring PostgreSQL schema v2: what a cluster's nodes coordinate through the database (issue
+-- Mooring PostgreSQL schema v3: what a cluster's nodes coordinate through the database (issue
 -- 13): node heartbeats, leases for once-only work, which node holds each device's session, and
 -- values created once (the fleet PKI). Never edit a shipped migration: add a new one instead.
 CREATE TABLE cluster_nodes (
