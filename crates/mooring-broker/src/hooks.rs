@@ -97,6 +97,8 @@ pub struct ConnectRequest<'a> {
     pub username: Option<&'a str>,
     pub password: Option<&'a [u8]>,
     pub protocol_version: ProtocolVersion,
+    /// v3.1.1 clean session / v5 clean start: the client does not resume a stored session.
+    pub clean_start: bool,
 }
 
 /// A successful authentication.

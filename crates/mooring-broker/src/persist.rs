@@ -138,6 +138,12 @@ pub(crate) struct RetainedValue {
 }
 
 /// The storage key of a session.
+/// The key under which the session of `principal`'s client `client_id` is stored (what an
+/// embedder loads to hand to [`crate::Broker::adopt`]).
+pub fn stored_session_key(principal: &Principal, client_id: &str) -> String {
+    session_key(&Owner::of(principal), client_id)
+}
+
 pub(crate) fn session_key(owner: &Owner, client_id: &str) -> String {
     let ns = match owner {
         Owner::Device(_) => 'd',

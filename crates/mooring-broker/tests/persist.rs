@@ -434,3 +434,44 @@ async fn a_qos0_retained_flood_waits_for_the_store_like_acknowledged_publishes()
     assert_eq!(c.next().await, Some(Pkt::Other(13)), "PINGRESP");
     assert_eq!(broker.stats().retained, 1);
 }
+
+#[tokio::test]
+async fn a_session_handed_over_to_another_broker_resumes_there_with_its_queued_messages() {
+    // Two brokers on one store, as two nodes of a cluster.
+    let p = MemPersist::new(1_000_000);
+    let (a, _) = start(&p, Restored::default());
+    let (b, _) = start(&p, Restored::default());
+    let (mut c, _) = Raw3::open(&a, "mover", false).await;
+    c.subscribe("jobs/#", 2).await;
+    c.disconnect().await;
+    wait_for("mover offline on a", || {
+        a.session_info("mover").is_some_and(|i| !i.connected)
+    })
+    .await;
+    a.publish(Message::new("jobs/1", "queued while away", 2, false));
+    wait_for("queued message stored", || p.messages_of("x:mover") == 1).await;
+
+    // The client shows up at b: a hands it over (forgetting it without touching the store),
+    // b takes it from the store before serving the client.
+    assert_eq!(
+        a.hand_over(&mooring_broker::PrincipalKey::of(&Principal::Dev)),
+        1
+    );
+    assert!(a.session_info("mover").is_none());
+    let stored = p
+        .snapshot()
+        .sessions
+        .into_iter()
+        .find(|s| s.key == "x:mover")
+        .expect("still stored after the hand-over");
+    assert!(b.adopt(stored.clone()));
+    assert!(!b.adopt(stored), "a session b holds is not replaced");
+    let (mut c, present) = Raw3::open(&b, "mover", false).await;
+    assert!(present, "the session resumes on b");
+    c.expect_qos2(b"queued while away").await;
+    assert_eq!(
+        b.session_info("mover").map(|i| i.subscriptions),
+        Some(1),
+        "with its subscription"
+    );
+}

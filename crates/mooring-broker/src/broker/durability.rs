@@ -28,6 +28,38 @@ impl Broker {
     /// dropped (and deleted from the store); a session that was online when the server stopped
     /// gets its full expiry from now. Values that cannot be decoded are skipped and logged.
     pub fn restore(&self, state: crate::persist::Restored) -> RestoreStats {
+        let stats = self.restore_quietly(state);
+        tracing::info!(
+            retained = stats.retained,
+            sessions = stats.sessions,
+            messages = stats.messages,
+            expired_sessions = stats.sessions_expired,
+            wills = stats.wills,
+            "broker state restored"
+        );
+        stats
+    }
+
+    /// Takes over one persistent session another broker of a cluster held (as it stored it):
+    /// like [`Broker::restore`] for that session alone, unless this broker has a session under
+    /// its key already (then nothing changes). Returns whether it was taken over. Call it before
+    /// the session's client is served, so the client resumes it.
+    pub fn adopt(&self, session: crate::persist::RestoredSession) -> bool {
+        let Some(v) = SessionValue::decode(&session.value) else {
+            return false;
+        };
+        let table_key = (v.owner.namespace(), v.client_id.clone());
+        if lock(&self.shared.sessions).get(&table_key).is_some() {
+            return false;
+        }
+        let stats = self.restore_quietly(crate::persist::Restored {
+            retained: Vec::new(),
+            sessions: vec![session],
+        });
+        stats.sessions == 1
+    }
+
+    fn restore_quietly(&self, state: crate::persist::Restored) -> RestoreStats {
         let shared = &self.shared;
         let mut stats = RestoreStats::default();
         let Some(persist) = shared.persist.clone() else {
@@ -182,14 +214,6 @@ impl Broker {
         }
         shared.msg_seq.fetch_max(max_seq + 1, Ordering::Relaxed);
         shared.detach(ops);
-        tracing::info!(
-            retained = stats.retained,
-            sessions = stats.sessions,
-            messages = stats.messages,
-            expired_sessions = stats.sessions_expired,
-            wills = stats.wills,
-            "broker state restored"
-        );
         stats
     }
 }

@@ -15,6 +15,9 @@ pub enum KickReason {
     NotAuthorized,
     /// v5 DISCONNECT 0x98 (Administrative action).
     AdministrativeAction,
+    /// v5 DISCONNECT 0x8E (Session taken over): the client connected again elsewhere (another
+    /// node of a cluster).
+    SessionTakenOver,
 }
 
 impl Broker {
@@ -66,6 +69,39 @@ impl Broker {
         let removed = topics.len();
         self.shared.delete_retained(topics);
         removed
+    }
+
+    /// Whether this broker holds any session of `who` (connected or not).
+    pub fn holds_sessions(&self, who: &PrincipalKey) -> bool {
+        !lock(&self.shared.sessions).keys_of(&who.0).is_empty()
+    }
+
+    /// The principal `who` connected to another broker of a cluster, which owns its sessions
+    /// from now on: close its live connections here (v5 DISCONNECT 0x8E, no will) and forget
+    /// its sessions without touching their stored state (the other broker writes that now).
+    /// Returns how many sessions were handed over.
+    pub fn hand_over(&self, who: &PrincipalKey) -> usize {
+        let mut table = lock(&self.shared.sessions);
+        self.shared.principal_epoch.fetch_add(1, Ordering::SeqCst);
+        let keys = table.keys_of(&who.0);
+        let n = keys.len();
+        for key in keys {
+            let Some(session) = table.remove_key(&key) else {
+                continue;
+            };
+            let mut s = lock(&session);
+            if let Some(link) = &s.link {
+                let _ = link
+                    .control
+                    .try_send(Control::Kick(KickReason::SessionTakenOver));
+            }
+            // No longer ours to write: retiring it must not delete what the new owner stores.
+            s.persist = None;
+            self.shared.retire(&mut s);
+            s.removed = true;
+            s.clear_queue();
+        }
+        n
     }
 
     /// The device is gone: [`Broker::remove_principal`] for it.

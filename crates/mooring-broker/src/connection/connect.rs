@@ -103,6 +103,7 @@ impl Connect {
             username: self.username.as_deref(),
             password: self.password.as_deref(),
             protocol_version: version,
+            clean_start: self.clean,
         }
     }
 }

@@ -339,7 +339,9 @@ where
                 Step::Control(None) => self.close = true,
                 Step::Control(Some(c)) => {
                     let code = match c {
-                        Control::TakenOver => DisconnectReasonCode::SessionTakenOver,
+                        Control::TakenOver | Control::Kick(KickReason::SessionTakenOver) => {
+                            DisconnectReasonCode::SessionTakenOver
+                        }
                         Control::Kick(KickReason::NotAuthorized) => {
                             DisconnectReasonCode::NotAuthorized
                         }

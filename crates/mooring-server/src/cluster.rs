@@ -1,0 +1,641 @@
+//! The cluster: what one node tells the others, and what it hears from them (issue 13).
+//!
+//! Nodes share one store (PostgreSQL) and one [`Bus`] (NATS). The store is the truth: commands,
+//! shadows, telemetry, which node holds each device's session ([`mooring_store::ClusterStore`]),
+//! leases. The bus only makes things prompt; every notice is best effort and something
+//! recovers a lost one (a redelivery, a reconnect, a re-read of the store):
+//!
+//! | subject            | body                                  | a receiving node                                   |
+//! |--------------------|---------------------------------------|----------------------------------------------------|
+//! | `cluster.session`  | `[[device, since_ms], ..]`            | hands over its own older session of that device (closed with v5 0x8E, forgotten without touching its stored state) |
+//! | `cluster.kick`     | `[[device, all_delivered], ..]`       | delivers the device's pending commands if it holds its session |
+//! | `cluster.final`    | `[[command id, state], ..]`           | wakes its `wait_ms` waiters on those commands       |
+//! | `cluster.device`   | `[{"d": id, "tags": {..} or null}, ..]` | re-authorizes the device's sessions (tags) or removes them (deleted) |
+//! | `cluster.released` | `[device, ..]`                        | lets the connects waiting for those hand-overs go on |
+//! | `cluster.mqtt`     | forwarded MQTT messages               | retains (memory) and routes them to its sessions    |
+//!
+//! A device connecting to node B while node A holds its session (the store says so): at
+//! CONNECT, B announces the session (`cluster.session`); A hands its session over (closes the
+//! connection, forgets the session without touching its stored state), waits until everything
+//! it wrote for it is durable, and answers `cluster.released`; B waits for that (at most
+//! [`TAKEOVER_WAIT_MS`]: a dead A never answers), then loads the stored session and resumes it
+//! for the client, subscriptions and queued messages included.
+//!
+//! Every payload is `[node id length][node id][body]`; a node ignores its own. Bodies are JSON
+//! except `cluster.mqtt`: `[u32 length][message]...`, each message in the broker's forwarding
+//! encoding. Outgoing notices wait in one bounded outbox (`OUTBOX_ITEMS_MAX`, then dropped and
+//! counted), coalesced and sent by one task in messages of at most `BATCH_BYTES_MAX`.
+//!
+//! Work that must run once (command scheduler, presence reaper, retention, compaction) runs
+//! under a lease ([`Cluster::holds`]): taken by whichever node asks first, renewed by its
+//! heartbeat, released at shutdown, and taken over by another node `node_lease_ms` after its
+//! holder stops renewing it.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes};
+use mooring_bus::Bus;
+use mooring_proto::sync::lock;
+use mooring_proto::Clock;
+use mooring_store::Store;
+use tokio::sync::{watch, Notify};
+
+use crate::metrics::Counters;
+
+pub(crate) const SUBJECT_ALL: &str = "cluster.>";
+const SUBJECT_SESSION: &str = "cluster.session";
+const SUBJECT_KICK: &str = "cluster.kick";
+const SUBJECT_FINAL: &str = "cluster.final";
+const SUBJECT_DEVICE: &str = "cluster.device";
+const SUBJECT_MQTT: &str = "cluster.mqtt";
+const SUBJECT_RELEASED: &str = "cluster.released";
+
+/// Longest a connecting device waits for the node that held its session to hand it over.
+pub const TAKEOVER_WAIT_MS: u64 = 1_000;
+
+/// Most body bytes of one bus message (a batch of notices or forwarded messages).
+pub const BATCH_BYTES_MAX: usize = 64 * 1024;
+/// Notices and forwarded messages waiting to be sent; more are dropped and counted.
+pub const OUTBOX_ITEMS_MAX: usize = 100_000;
+
+pub(crate) const LEASE_SCHEDULER: &str = "commands.scheduler";
+pub(crate) const LEASE_RETENTION: &str = "telemetry.retention";
+pub(crate) const LEASE_COMPACTION: &str = "telemetry.compaction";
+pub(crate) const LEASE_REAPER: &str = "presence.reaper";
+
+/// Session rows of dead nodes removed per reaper pass.
+const REAP_BATCH_LEN: usize = 10_000;
+
+/// A device's tags changed (`Some`) or it was deleted (`None`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct DeviceNotice {
+    d: String,
+    tags: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Default)]
+struct Outbox {
+    sessions: Vec<(String, u64)>,
+    kicks: BTreeMap<String, bool>,
+    finals: Vec<(String, String)>,
+    devices: Vec<DeviceNotice>,
+    released: Vec<String>,
+    mqtt: Vec<Vec<u8>>,
+    items: usize,
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.items == 0
+    }
+}
+
+/// Cluster counters (`/metrics`, `mooring_cluster_*`).
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    /// Bus messages this node published.
+    pub bus_sent: AtomicU64,
+    /// Bus messages from other nodes this node handled.
+    pub bus_received: AtomicU64,
+    /// Notices and forwarded messages dropped because the outbox was full or the bus refused.
+    pub outbox_dropped: AtomicU64,
+    /// Bus messages this node's subscription dropped because it fell behind.
+    pub bus_dropped: AtomicU64,
+    /// Sessions this node closed because the device connected to another node.
+    pub takeovers: AtomicU64,
+    /// Session rows of dead nodes the reaper removed.
+    pub reaped_sessions: AtomicU64,
+}
+
+/// This node's part in a cluster: its id, the bus, the shared store, its outbox and leases.
+pub struct Cluster {
+    node: String,
+    bus: Arc<dyn Bus>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    node_lease_ms: u64,
+    heartbeat_interval_ms: u64,
+    outbox: Mutex<Outbox>,
+    wake: Notify,
+    /// Leases this node holds, with when each runs out unless renewed (by the heartbeat).
+    held: Mutex<BTreeMap<&'static str, u64>>,
+    /// Connects waiting for another node to release their device's session.
+    releases: Mutex<BTreeMap<String, Vec<tokio::sync::oneshot::Sender<()>>>>,
+    pub counters: ClusterCounters,
+}
+
+impl Cluster {
+    pub(crate) fn new(
+        node: String,
+        bus: Arc<dyn Bus>,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: &crate::config::ClusterConfig,
+    ) -> Cluster {
+        Cluster {
+            node,
+            bus,
+            store,
+            clock,
+            node_lease_ms: config.node_lease_ms,
+            heartbeat_interval_ms: config.heartbeat_interval_ms,
+            outbox: Mutex::default(),
+            wake: Notify::new(),
+            held: Mutex::default(),
+            releases: Mutex::default(),
+            counters: ClusterCounters::default(),
+        }
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Nodes heard from at or after this time are alive.
+    pub(crate) fn alive_since_ms(&self) -> u64 {
+        self.clock.now_ms().saturating_sub(self.node_lease_ms)
+    }
+
+    fn push(&self, f: impl FnOnce(&mut Outbox)) {
+        {
+            let mut o = lock(&self.outbox);
+            if o.items >= OUTBOX_ITEMS_MAX {
+                drop(o);
+                Counters::inc(&self.counters.outbox_dropped);
+                return;
+            }
+            o.items += 1;
+            f(&mut o);
+        }
+        self.wake.notify_one();
+    }
+
+    /// The device's session opened here at `since_ms`: other nodes close theirs.
+    pub(crate) fn session_opened(&self, device: &str, since_ms: u64) {
+        self.push(|o| o.sessions.push((device.to_owned(), since_ms)));
+    }
+
+    /// This node handed the device's session over and what it stored for it is durable.
+    fn released(&self, device: &str) {
+        self.push(|o| o.released.push(device.to_owned()));
+    }
+
+    /// A device authenticated here (CONNECT): other nodes hand its session over. Unless the
+    /// client starts clean, waits (at most [`TAKEOVER_WAIT_MS`]) for the node that held it to
+    /// release it, then takes the stored session over into `broker`, so the client resumes it.
+    pub(crate) async fn take_over(
+        &self,
+        broker: &mooring_broker::Broker,
+        principal: &mooring_broker::Principal,
+        client_id: &str,
+        device: &str,
+        clean_start: bool,
+    ) {
+        let now = self.clock.now_ms();
+        let mut wait = None;
+        if !clean_start {
+            let holder = self
+                .store
+                .session_nodes(&[device.to_owned()], self.alive_since_ms())
+                .await
+                .ok()
+                .and_then(|m| m.get(device).cloned());
+            if holder.is_some_and(|h| h != self.node) {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                lock(&self.releases)
+                    .entry(device.to_owned())
+                    .or_default()
+                    .push(tx);
+                wait = Some(rx);
+            }
+        }
+        self.session_opened(device, now);
+        if let Some(rx) = wait {
+            if tokio::time::timeout(Duration::from_millis(TAKEOVER_WAIT_MS), rx)
+                .await
+                .is_err()
+            {
+                tracing::warn!(device, "the node holding the session did not release it in time; resuming what is stored");
+                let mut r = lock(&self.releases);
+                if let Some(list) = r.get_mut(device) {
+                    list.retain(|tx| !tx.is_closed());
+                    if list.is_empty() {
+                        r.remove(device);
+                    }
+                }
+            }
+        }
+        if clean_start {
+            return;
+        }
+        let key = mooring_broker::persist::stored_session_key(principal, client_id);
+        match self.store.load_broker_session(&key).await {
+            Ok(Some(s)) => {
+                if broker.adopt(mooring_broker::RestoredSession {
+                    key: s.key,
+                    value: s.value,
+                    messages: s.messages,
+                }) {
+                    tracing::debug!(device, "took over the stored session");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(device, error = %e, "loading the stored session failed"),
+        }
+    }
+
+    fn on_released(&self, device: &str) {
+        if let Some(list) = lock(&self.releases).remove(device) {
+            for tx in list {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Asks whichever node holds the device's session to deliver its pending commands.
+    pub(crate) fn kick(&self, device: &str, all_delivered: bool) {
+        self.push(|o| {
+            let flag = o.kicks.entry(device.to_owned()).or_default();
+            *flag |= all_delivered;
+        });
+    }
+
+    /// A command reached a final state: waiters on other nodes wake.
+    pub(crate) fn command_final(&self, id: &str, state: &str) {
+        self.push(|o| o.finals.push((id.to_owned(), state.to_owned())));
+    }
+
+    /// A device's tags changed (`Some`) or it was deleted (`None`).
+    pub(crate) fn device_changed(&self, device: &str, tags: Option<BTreeMap<String, String>>) {
+        self.push(|o| {
+            o.devices.push(DeviceNotice {
+                d: device.to_owned(),
+                tags,
+            })
+        });
+    }
+
+    /// A message the local broker accepted, for the other nodes' brokers.
+    pub(crate) fn forward(&self, forwarded: Vec<u8>) {
+        self.push(|o| o.mqtt.push(forwarded));
+    }
+
+    /// Whether this node holds (or now takes) the lease `name`. Held leases are renewed by the
+    /// heartbeat; a store error answers `false` (the work waits for the next tick).
+    pub(crate) async fn holds(&self, name: &'static str) -> bool {
+        let now = self.clock.now_ms();
+        // Held and renewed recently enough that it cannot have run out in the store.
+        if lock(&self.held).get(name).is_some_and(|until| now < *until) {
+            return true;
+        }
+        match self
+            .store
+            .acquire_lease(name, &self.node, now, self.node_lease_ms)
+            .await
+        {
+            Ok(true) => {
+                let until = now.saturating_add(self.node_lease_ms);
+                if lock(&self.held).insert(name, until).is_none() {
+                    tracing::info!(lease = name, node = %self.node, "took the lease");
+                }
+                true
+            }
+            Ok(false) => {
+                lock(&self.held).remove(name);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(lease = name, error = %e, "lease check failed");
+                false
+            }
+        }
+    }
+
+    /// Leases this node holds now (renewed within the lease time).
+    pub fn held_leases(&self) -> Vec<&'static str> {
+        let now = self.clock.now_ms();
+        lock(&self.held)
+            .iter()
+            .filter(|(_, until)| now < **until)
+            .map(|(name, _)| *name)
+            .collect()
+    }
+
+    /// One heartbeat: records this node alive and renews its leases (a lease it lost, because
+    /// it could not renew in time, is dropped from its set).
+    pub(crate) async fn heartbeat(&self) -> mooring_store::Result<()> {
+        let now = self.clock.now_ms();
+        self.store.heartbeat(&self.node, now).await?;
+        let held: Vec<&'static str> = lock(&self.held).keys().copied().collect();
+        for name in held {
+            let kept = self
+                .store
+                .acquire_lease(name, &self.node, now, self.node_lease_ms)
+                .await?;
+            let mut h = lock(&self.held);
+            if kept {
+                h.insert(name, now.saturating_add(self.node_lease_ms));
+            } else {
+                tracing::warn!(lease = name, node = %self.node, "lost the lease");
+                h.remove(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives up every lease (shutdown), so another node takes the work at once.
+    pub(crate) async fn release_leases(&self) {
+        let held = std::mem::take(&mut *lock(&self.held));
+        for name in held.into_keys() {
+            if let Err(e) = self.store.release_lease(name, &self.node).await {
+                tracing::warn!(lease = name, error = %e, "releasing the lease failed");
+            }
+        }
+    }
+
+    /// Removes the sessions of dead nodes (under the reaper lease); returns how many.
+    pub(crate) async fn reap(&self) -> mooring_store::Result<usize> {
+        if !self.holds(LEASE_REAPER).await {
+            return Ok(0);
+        }
+        let gone = self
+            .store
+            .reap_dead_sessions(self.alive_since_ms(), REAP_BATCH_LEN)
+            .await?;
+        Counters::add(&self.counters.reaped_sessions, gone.len() as u64);
+        Ok(gone.len())
+    }
+
+    fn envelope(&self, body: &[u8]) -> Bytes {
+        let node = self.node.as_bytes();
+        let mut b = Vec::with_capacity(1 + node.len() + body.len());
+        b.put_u8(u8::try_from(node.len()).unwrap_or(u8::MAX));
+        b.extend_from_slice(&node[..node.len().min(255)]);
+        b.extend_from_slice(body);
+        Bytes::from(b)
+    }
+
+    async fn send(&self, subject: &str, body: &[u8]) {
+        match self.bus.publish(subject, self.envelope(body)).await {
+            Ok(()) => Counters::inc(&self.counters.bus_sent),
+            Err(e) => {
+                Counters::inc(&self.counters.outbox_dropped);
+                tracing::warn!(subject, error = %e, "bus publish failed; notice dropped");
+            }
+        }
+    }
+
+    /// Sends JSON arrays of at most about [`BATCH_BYTES_MAX`] bytes each.
+    async fn send_json<T: serde::Serialize>(&self, subject: &str, items: &[T]) {
+        let mut start = 0;
+        while start < items.len() {
+            let mut end = start;
+            let mut bytes = 2;
+            while end < items.len() && (end == start || bytes < BATCH_BYTES_MAX) {
+                bytes += serde_json::to_vec(&items[end]).map_or(0, |v| v.len() + 1);
+                end += 1;
+            }
+            match serde_json::to_vec(&items[start..end]) {
+                Ok(body) => self.send(subject, &body).await,
+                Err(e) => tracing::warn!(subject, error = %e, "encoding a notice failed"),
+            }
+            start = end;
+        }
+    }
+
+    /// Sends what waits in the outbox.
+    async fn flush(&self) {
+        let o = std::mem::take(&mut *lock(&self.outbox));
+        if o.is_empty() {
+            return;
+        }
+        if !o.sessions.is_empty() {
+            self.send_json(SUBJECT_SESSION, &o.sessions).await;
+        }
+        if !o.kicks.is_empty() {
+            let kicks: Vec<(String, bool)> = o.kicks.into_iter().collect();
+            self.send_json(SUBJECT_KICK, &kicks).await;
+        }
+        if !o.finals.is_empty() {
+            self.send_json(SUBJECT_FINAL, &o.finals).await;
+        }
+        if !o.devices.is_empty() {
+            self.send_json(SUBJECT_DEVICE, &o.devices).await;
+        }
+        if !o.released.is_empty() {
+            self.send_json(SUBJECT_RELEASED, &o.released).await;
+        }
+        let mut body: Vec<u8> = Vec::new();
+        for m in o.mqtt {
+            if !body.is_empty() && body.len() + m.len() + 4 > BATCH_BYTES_MAX {
+                self.send(SUBJECT_MQTT, &body).await;
+                body.clear();
+            }
+            body.put_u32(u32::try_from(m.len()).unwrap_or(u32::MAX));
+            body.extend_from_slice(&m);
+        }
+        if !body.is_empty() {
+            self.send(SUBJECT_MQTT, &body).await;
+        }
+    }
+}
+
+/// Splits a bus payload into (sender node, body); `None` if malformed.
+fn open_envelope(payload: &[u8]) -> Option<(&str, &[u8])> {
+    let (&len, rest) = payload.split_first()?;
+    let len = usize::from(len);
+    if rest.len() < len {
+        return None;
+    }
+    let (node, body) = rest.split_at(len);
+    Some((std::str::from_utf8(node).ok()?, body))
+}
+
+/// Splits a `cluster.mqtt` body into its forwarded messages; stops at the first malformed one.
+fn mqtt_frames(mut body: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if body.len() < 4 {
+            return None;
+        }
+        let (len, rest) = body.split_at(4);
+        let len = usize::try_from(u32::from_be_bytes([len[0], len[1], len[2], len[3]])).ok()?;
+        if rest.len() < len {
+            return None;
+        }
+        let (frame, rest) = rest.split_at(len);
+        body = rest;
+        Some(frame)
+    })
+}
+
+/// Sends the outbox whenever something is put in it, until `stop`; then once more.
+pub(crate) async fn run_outbox(cluster: Arc<Cluster>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let woken = cluster.wake.notified();
+        cluster.flush().await;
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = woken => {}
+        }
+    }
+    cluster.flush().await;
+}
+
+/// Heartbeat, lease renewal, session flushes and the reaper, until `stop`.
+pub(crate) async fn run_heartbeat(app: Arc<crate::app::App>, stop: watch::Receiver<bool>) {
+    let Some(cluster) = app.cluster() else {
+        return;
+    };
+    let period = Duration::from_millis(cluster.heartbeat_interval_ms.max(1));
+    crate::serve::run_every(period, stop, || async {
+        if let Err(e) = cluster.heartbeat().await {
+            tracing::warn!(error = %e, "cluster heartbeat failed; will retry");
+        }
+        match cluster.reap().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(sessions = n, "removed the sessions of dead nodes"),
+            Err(e) => tracing::warn!(error = %e, "reaping dead nodes' sessions failed"),
+        }
+    })
+    .await;
+}
+
+/// Handles what other nodes send, until `stop` or the bus closes.
+pub(crate) async fn run_inbox(
+    app: Arc<crate::app::App>,
+    mut sub: mooring_bus::Subscription,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(cluster) = app.cluster().cloned() else {
+        return;
+    };
+    let mut dropped_seen = 0;
+    loop {
+        let msg = tokio::select! {
+            _ = stop.changed() => return,
+            m = sub.next() => match m {
+                Some(m) => m,
+                None => return,
+            },
+        };
+        let dropped = sub.dropped();
+        if dropped > dropped_seen {
+            Counters::add(&cluster.counters.bus_dropped, dropped - dropped_seen);
+            dropped_seen = dropped;
+        }
+        let Some((from, body)) = open_envelope(&msg.payload) else {
+            tracing::warn!(subject = %msg.subject, "malformed cluster message ignored");
+            continue;
+        };
+        if from == cluster.node {
+            continue;
+        }
+        Counters::inc(&cluster.counters.bus_received);
+        let from = from.to_owned();
+        handle(&app, &cluster, &from, &msg.subject, body);
+    }
+}
+
+fn handle(app: &Arc<crate::app::App>, cluster: &Arc<Cluster>, from: &str, subject: &str, body: &[u8]) {
+    let bad = |e: serde_json::Error| {
+        tracing::warn!(subject, from, error = %e, "malformed cluster notice ignored");
+    };
+    match subject {
+        SUBJECT_MQTT => {
+            if let Some(broker) = app.broker() {
+                for frame in mqtt_frames(body) {
+                    if !broker.route_forwarded(frame) {
+                        tracing::warn!(from, "malformed forwarded message ignored");
+                    }
+                }
+            }
+        }
+        SUBJECT_SESSION => match serde_json::from_slice::<Vec<(String, u64)>>(body) {
+            Ok(list) => {
+                for (device, since_ms) in list {
+                    if app.presence.taken_over(&device, since_ms, from, &cluster.node) {
+                        if let Some(broker) = app.broker() {
+                            broker.hand_over(&mooring_broker::PrincipalKey::device(&device));
+                            Counters::inc(&cluster.counters.takeovers);
+                            tracing::debug!(device, to = from, "session taken over by another node");
+                            // Released once what this node wrote for it is durable.
+                            let barrier = app.broker_state_barrier();
+                            let cluster = cluster.clone();
+                            tokio::spawn(async move {
+                                let _ = barrier.await;
+                                cluster.released(&device);
+                            });
+                        }
+                    }
+                }
+            }
+            Err(e) => bad(e),
+        },
+        SUBJECT_KICK => match serde_json::from_slice::<Vec<(String, bool)>>(body) {
+            Ok(list) => {
+                for (device, all) in list {
+                    app.commands.kick_here(&device, all);
+                }
+            }
+            Err(e) => bad(e),
+        },
+        SUBJECT_FINAL => match serde_json::from_slice::<Vec<(String, String)>>(body) {
+            Ok(list) => {
+                for (id, state) in list {
+                    if let Ok(state) = state.parse() {
+                        app.commands.notify_here(&id, state);
+                    }
+                }
+            }
+            Err(e) => bad(e),
+        },
+        SUBJECT_RELEASED => match serde_json::from_slice::<Vec<String>>(body) {
+            Ok(list) => {
+                for device in list {
+                    cluster.on_released(&device);
+                }
+            }
+            Err(e) => bad(e),
+        },
+        SUBJECT_DEVICE => match serde_json::from_slice::<Vec<DeviceNotice>>(body) {
+            Ok(list) => {
+                for n in list {
+                    app.registry.apply_remote_change(&n.d, n.tags);
+                }
+            }
+            Err(e) => bad(e),
+        },
+        other => tracing::debug!(subject = other, "unknown cluster subject ignored"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_and_frames_round_trip_and_refuse_truncation() {
+        let mut b = vec![3u8];
+        b.extend_from_slice(b"abc");
+        b.extend_from_slice(b"body");
+        assert_eq!(open_envelope(&b), Some(("abc", &b"body"[..])));
+        assert_eq!(open_envelope(&[5, b'a']), None);
+        assert_eq!(open_envelope(&[]), None);
+
+        let mut body = Vec::new();
+        for m in [&b"one"[..], b"", b"three"] {
+            body.put_u32(m.len() as u32);
+            body.extend_from_slice(m);
+        }
+        let frames: Vec<&[u8]> = mqtt_frames(&body).collect();
+        assert_eq!(frames, vec![&b"one"[..], b"", b"three"]);
+        // A length past the end stops the iteration instead of reading beyond it.
+        let mut bad = Vec::new();
+        bad.put_u32(100);
+        bad.extend_from_slice(b"short");
+        assert_eq!(mqtt_frames(&bad).count(), 0);
+    }
+}

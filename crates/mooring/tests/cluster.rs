@@ -1,0 +1,551 @@
+//! Several `mooring serve` processes on loopback as one cluster, on the PostgreSQL and NATS
+//! this machine runs (as CI does): one identity for all nodes, any node serving any device or
+//! API call, a session moving between nodes, commands across nodes, kill -9 under QoS 1 load
+//! with nothing acknowledged lost, leases moving off a dead node, and a rolling restart with
+//! the API polled every 100 ms.
+//!
+//! Needs PostgreSQL at `MOORING_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`; every test creates a database of its own and
+//! drops it) and NATS with JetStream at `MOORING_TEST_NATS_URL` (default
+//! `nats://127.0.0.1:4222`; every test uses a prefix of its own). Never skipped: an unreachable
+//! server fails the test, saying so.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::{config_args, Creds, MqttDevice, Server, WAIT};
+
+fn postgres_admin_url() -> String {
+    std::env::var("MOORING_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+fn nats_url() -> String {
+    std::env::var("MOORING_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn admin_execute(sql: &str) {
+    let url = postgres_admin_url();
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("PostgreSQL is unreachable at {url} ({e}): the cluster tests need it (CI has one at 127.0.0.1:5432); set MOORING_TEST_POSTGRES_URL to use another")
+        });
+    let driver = tokio::spawn(connection);
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    drop(client);
+    let _ = driver.await;
+}
+
+/// A cluster's shared pieces: a fresh database, a NATS prefix, the cluster key file, and a
+/// temp dir with one data dir per node. The database is dropped with it.
+struct Env {
+    tmp: tempfile::TempDir,
+    db: String,
+    prefix: String,
+    key_file: PathBuf,
+}
+
+impl Env {
+    async fn new() -> Env {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let db = format!("mooring_cluster_{}_{nanos}_{n}", std::process::id());
+        admin_execute(&format!("CREATE DATABASE \"{db}\"")).await;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let key_file = tmp.path().join("cluster.key");
+        let key: [u8; 32] = rand::random();
+        std::fs::write(&key_file, hex::encode(key)).expect("key file");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod key");
+        Env {
+            tmp,
+            db,
+            prefix: format!("t{}x{nanos}x{n}", std::process::id()),
+            key_file,
+        }
+    }
+
+    fn db_url(&self) -> String {
+        let admin = postgres_admin_url();
+        let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+        format!("{base}/{}", self.db)
+    }
+
+    fn data_dir(&self, node: &str) -> PathBuf {
+        self.tmp.path().join(node)
+    }
+
+    /// The config file of `node`: shared store and bus, fast heartbeats and command retries.
+    fn config(&self, node: &str) -> Vec<String> {
+        let dir = self.data_dir(node);
+        std::fs::create_dir_all(&dir).expect("node dir");
+        config_args(
+            &dir,
+            &format!(
+                "node_id = \"{node}\"\n\
+                 [store]\nurl = \"{}\"\n\
+                 [bus]\nurl = \"{}\"\nprefix = \"{}\"\n\
+                 [cluster]\nsecret_key_file = \"{}\"\nheartbeat_interval_ms = 200\nnode_lease_ms = 1000\n\
+                 [commands]\nretry_backoff_initial_ms = 100\nretry_backoff_max_ms = 200\nscheduler_tick_ms = 50\n",
+                self.db_url(),
+                nats_url(),
+                self.prefix,
+                self.key_file.display()
+            ),
+        )
+    }
+
+    /// Starts `node` on port 0. Every node but the first finds the admin token the first one
+    /// created (a cluster creates one) copied into its data dir, as an operator would.
+    fn start(&self, node: &str) -> Server {
+        self.start_on(node, "127.0.0.1:0", "127.0.0.1:0")
+    }
+
+    fn start_on(&self, node: &str, mqtt: &str, http: &str) -> Server {
+        let args = self.config(node);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dir = self.data_dir(node);
+        if !dir.join("admin.token").exists() {
+            if let Some(token) = self.any_token() {
+                std::fs::write(dir.join("admin.token"), token).expect("copy token");
+            }
+        }
+        Server::start_with(&dir, mqtt, http, &args)
+    }
+
+    fn any_token(&self) -> Option<String> {
+        std::fs::read_dir(self.tmp.path())
+            .ok()?
+            .filter_map(Result::ok)
+            .find_map(|e| std::fs::read_to_string(e.path().join("admin.token")).ok())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.db);
+        // Drop runs outside any runtime the test may still be in: a thread of its own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(admin_execute(&sql));
+            }
+        })
+        .join();
+    }
+}
+
+/// Connects as `id` to `server` and subscribes to its commands.
+async fn online(server: &Server, creds: &Creds, id: &str) -> MqttDevice {
+    let mut dev = MqttDevice::connect(server, creds, id).await;
+    dev.subscribe(&format!("devices/{id}/commands/+")).await;
+    dev
+}
+
+async fn device_online(server: &Server, id: &str) -> bool {
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/devices/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v["online"] == json!(true)
+}
+
+async fn wait_online(server: &Server, id: &str, want: bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while device_online(server, id).await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "device {id} never became online={want} as node {} sees it",
+            server.url()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends a command through `server` and waits (up to 15 s) for it to end; `dev` answers it.
+async fn command_round_trip(server: &Server, dev: &mut MqttDevice, name: &str) -> Value {
+    let url = format!("/api/v1/devices/{}/commands?wait_ms=15000", dev.id);
+    let post = server.api("POST", &url, Some(json!({ "name": name })));
+    let answer = async {
+        let (topic, req) = dev.next_json().await;
+        assert_eq!(req["name"], json!(name), "{topic}");
+        let cmd = topic.rsplit('/').next().unwrap_or_default().to_owned();
+        dev.publish(&format!("devices/{}/commands/{cmd}/ack", dev.id), "{}")
+            .await;
+        dev.publish(
+            &format!("devices/{}/commands/{cmd}/result", dev.id),
+            r#"{"status":"succeeded"}"#,
+        )
+        .await;
+    };
+    let ((status, body), ()) = tokio::join!(post, answer);
+    assert!(status == 200 || status == 202, "{status} {body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_one_identity_and_a_device_moves_between_them_with_its_commands() {
+    let env = Env::new().await;
+    let a = env.start("a");
+    let b = env.start("b");
+    let c = env.start("c");
+
+    // One CA for all: a device created on a is accepted by b and c; a device created on b gets
+    // the same CA.
+    let creds = a.create_device("lock-1", env.tmp.path());
+    let (status, created) = b
+        .api("POST", "/api/v1/devices", Some(json!({ "id": "lock-2" })))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let ca = std::fs::read_to_string(creds.ca()).expect("ca");
+    assert_eq!(created["ca_pem"].as_str(), Some(ca.as_str()));
+    for node in [&a, &b, &c] {
+        let (_, health) = node.api("GET", "/healthz", None).await;
+        assert_eq!(health["status"], json!("ok"));
+    }
+
+    // On b; every node sees it online; a command through a reaches it.
+    let mut dev_b = online(&b, &creds, "lock-1").await;
+    for node in [&a, &b, &c] {
+        wait_online(node, "lock-1", true).await;
+    }
+    let done = command_round_trip(&a, &mut dev_b, "unlock").await;
+    assert_eq!(done["state"], json!("succeeded"), "{done}");
+
+    // It moves to c: b hands its session over (v5 0x8E to a v5 client; this one is 3.1.1 and
+    // sees its connection closed), and a command through b now reaches it on c.
+    let mut dev_c = online(&c, &creds, "lock-1").await;
+    b.wait_metric("mooring_cluster_takeovers_total", |v| v >= 1.0)
+        .await;
+    assert_eq!(b.metric("mooring_mqtt_connections").await, 0.0);
+    let done = command_round_trip(&b, &mut dev_c, "lock").await;
+    assert_eq!(done["state"], json!("succeeded"), "{done}");
+    wait_online(&a, "lock-1", true).await;
+
+    // Telemetry published on c is stored once and readable through a.
+    dev_c
+        .publish(
+            "devices/lock-1/telemetry",
+            &format!(r#"{{"v":1,"seq":1,"ts":{},"metrics":{{"battery":87}}}}"#, now_ms()),
+        )
+        .await;
+    let points = a
+        .wait_for("/api/v1/devices/lock-1/telemetry?metric=battery", |v| {
+            v["points"].as_array().is_some_and(|p| p.len() == 1)
+        })
+        .await;
+    assert_eq!(points["points"][0]["value"].as_f64(), Some(87.0));
+
+    // A shadow change through a reaches the device on c as its retained delta.
+    dev_c.subscribe("devices/lock-1/shadow/delta").await;
+    let (status, body) = a
+        .api(
+            "PATCH",
+            "/api/v1/devices/lock-1/shadow",
+            Some(json!({ "desired": { "mode": "eco" } })),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (topic, delta) = dev_c.next_json().await;
+    assert_eq!(topic, "devices/lock-1/shadow/delta");
+    assert_eq!(delta["state"]["mode"], json!("eco"), "{delta}");
+
+    // Gone from c: offline everywhere.
+    drop(dev_c);
+    drop(dev_b);
+    for node in [&a, &b, &c] {
+        wait_online(node, "lock-1", false).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_starting_together_on_an_empty_database_create_one_ca_and_one_admin_token() {
+    let env = Arc::new(Env::new().await);
+    let (e1, e2) = (env.clone(), env.clone());
+    let t1 = std::thread::spawn(move || e1.start("x"));
+    let t2 = std::thread::spawn(move || e2.start("y"));
+    let (x, y) = (t1.join().expect("x"), t2.join().expect("y"));
+    let tokens: Vec<bool> = ["x", "y"]
+        .iter()
+        .map(|n| env.data_dir(n).join("admin.token").exists())
+        .collect();
+    assert_eq!(
+        tokens.iter().filter(|t| **t).count(),
+        1,
+        "exactly one node wrote the cluster's admin token"
+    );
+    // The node without the file uses the one the other wrote.
+    let token = env.any_token().expect("a token").trim().to_owned();
+    let mut cas = Vec::new();
+    for (node, id) in [(&x, "d-x"), (&y, "d-y")] {
+        let resp = support::http()
+            .post(format!("{}/api/v1/devices", node.url()))
+            .bearer_auth(&token)
+            .json(&json!({ "id": id }))
+            .send()
+            .await
+            .expect("create");
+        assert_eq!(resp.status().as_u16(), 201);
+        let v: Value = resp.json().await.expect("json");
+        cas.push(v["ca_pem"].as_str().expect("ca").to_owned());
+    }
+    assert_eq!(cas[0], cas[1], "both nodes issue under one CA");
+    drop((x, y));
+}
+
+/// Publishes QoS 1 telemetry with increasing `seq` until told to stop, reconnecting to the next
+/// node when its connection dies; records every seq whose PUBACK arrived.
+async fn publish_until(
+    nodes: Vec<SocketAddr>,
+    creds: PathBuf,
+    id: String,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    acked: Arc<Mutex<Vec<u64>>>,
+) {
+    let read = |p: &Path| std::fs::read(p).expect("credential file");
+    let mut seq = 0u64;
+    let mut node = 0usize;
+    let t0 = now_ms();
+    while !stop.load(Ordering::Relaxed) {
+        let addr = nodes[node % nodes.len()];
+        node += 1;
+        let mut opts = rumqttc::MqttOptions::new(&id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Simple {
+                ca: read(&creds.join("ca.crt")),
+                alpn: None,
+                client_auth: Some((
+                    read(&creds.join("device.crt")),
+                    read(&creds.join("device.key")),
+                )),
+            },
+        ));
+        opts.set_inflight(16);
+        let (client, mut events) = rumqttc::AsyncClient::new(opts, 64);
+        // pkid -> seq of what is in flight on this connection.
+        let mut in_flight: std::collections::HashMap<u16, u64> = Default::default();
+        let mut pending_seqs: std::collections::VecDeque<u64> = Default::default();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if pending_seqs.len() < 16 {
+                seq += 1;
+                let payload = format!(
+                    r#"{{"v":1,"seq":{seq},"ts":{},"metrics":{{"n":{seq}}}}}"#,
+                    t0 + seq
+                );
+                if client
+                    .try_publish(
+                        format!("devices/{id}/telemetry"),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        payload,
+                    )
+                    .is_ok()
+                {
+                    pending_seqs.push_back(seq);
+                } else {
+                    seq -= 1;
+                }
+            }
+            let ev = tokio::time::timeout(Duration::from_secs(2), events.poll()).await;
+            match ev {
+                Ok(Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Publish(pkid)))) => {
+                    if let Some(s) = pending_seqs.pop_front() {
+                        in_flight.insert(pkid, s);
+                    }
+                }
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(ack)))) => {
+                    if let Some(s) = in_flight.remove(&ack.pkid) {
+                        acked.lock().expect("acked").push(s);
+                    }
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_a_node_under_qos1_load_loses_nothing_acknowledged_and_its_leases_move() {
+    let env = Env::new().await;
+    let a = env.start("a");
+    let b = env.start("b");
+    let c = env.start("c");
+    let creds = a.create_device("meter-1", env.tmp.path());
+
+    // Whoever holds the scheduler lease (the first node asking: a, b or c) is the one to kill,
+    // together with the device's node: b carries the load and is killed.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let publisher = tokio::spawn(publish_until(
+        vec![b.mqtt, c.mqtt],
+        creds.dir.clone(),
+        "meter-1".to_owned(),
+        stop.clone(),
+        acked.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while acked.lock().expect("acked").len() < 300 {
+        assert!(tokio::time::Instant::now() < deadline, "no QoS 1 load");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut holders = Vec::new();
+    for (name, node) in [("a", &a), ("b", &b), ("c", &c)] {
+        if node
+            .metric("mooring_cluster_lease_held{lease=\"commands.scheduler\"}")
+            .await
+            == 1.0
+        {
+            holders.push(name);
+        }
+    }
+    assert_eq!(holders.len(), 1, "one scheduler: {holders:?}");
+    b.kill9();
+    // The publisher moves to c and keeps going.
+    let before = acked.lock().expect("acked").len();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while acked.lock().expect("acked").len() < before + 300 {
+        assert!(tokio::time::Instant::now() < deadline, "publishing did not resume on c");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = publisher.await;
+
+    // Every acknowledged seq is stored, read through a.
+    let acked = acked.lock().expect("acked").clone();
+    let max = acked.iter().copied().max().unwrap_or(0);
+    let (status, body) = a
+        .api(
+            "GET",
+            &format!("/api/v1/devices/meter-1/telemetry?metric=n&limit={}", max + 10),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let stored: std::collections::BTreeSet<u64> = body["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .filter_map(|p| p["value"].as_f64())
+        .map(|v| v as u64)
+        .collect();
+    let lost: Vec<u64> = acked.iter().filter(|s| !stored.contains(s)).copied().collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(20)]
+    );
+
+    // The scheduler lease is held by a live node (moved if b held it).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut held = 0.0;
+        for node in [&a, &c] {
+            held += node
+                .metric("mooring_cluster_lease_held{lease=\"commands.scheduler\"}")
+                .await;
+        }
+        if held == 1.0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "scheduler lease never moved to a live node");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A device connected to the killed node only goes offline once b's lease ran out.
+    let creds2 = a.create_device("meter-2", env.tmp.path());
+    let dev = online(&c, &creds2, "meter-2").await;
+    wait_online(&a, "meter-2", true).await;
+    drop(dev);
+    wait_online(&a, "meter-2", false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_node_keeps_the_api_answering() {
+    let env = Env::new().await;
+    let mut nodes: Vec<Option<Server>> = vec![
+        Some(env.start("a")),
+        Some(env.start("b")),
+        Some(env.start("c")),
+    ];
+    let token = nodes[0].as_ref().map(|n| n.token.clone()).unwrap_or_default();
+    let addrs: Arc<Mutex<Vec<Option<SocketAddr>>>> = Arc::new(Mutex::new(
+        nodes.iter().map(|n| n.as_ref().map(|s| s.http)).collect(),
+    ));
+    // A client behind a load balancer: every 100 ms, the first node that answers.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (addrs, stop) = (addrs.clone(), stop.clone());
+        tokio::spawn(async move {
+            let client = support::http();
+            let (mut ticks, mut unanswered) = (0u32, 0u32);
+            let mut next = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                ticks += 1;
+                let candidates: Vec<SocketAddr> = addrs.lock().expect("addrs").iter().flatten().copied().collect();
+                let mut answered = false;
+                for i in 0..candidates.len() {
+                    let addr = candidates[(next + i) % candidates.len()];
+                    let resp = client
+                        .get(format!("http://{addr}/api/v1/devices?limit=1"))
+                        .bearer_auth(&token)
+                        .timeout(Duration::from_millis(500))
+                        .send()
+                        .await;
+                    if resp.is_ok_and(|r| r.status().is_success()) {
+                        answered = true;
+                        break;
+                    }
+                }
+                next += 1;
+                if !answered {
+                    unanswered += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            (ticks, unanswered)
+        })
+    };
+    for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+        // A load balancer's health check takes the node out first.
+        addrs.lock().expect("addrs")[i] = None;
+        if let Some(node) = nodes[i].take() {
+            node.stop();
+        }
+        let node = env.start(name);
+        addrs.lock().expect("addrs")[i] = Some(node.http);
+        nodes[i] = Some(node);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ticks, unanswered) = poller.await.expect("poller");
+    assert!(ticks >= 3, "the poller ran ({ticks} ticks)");
+    assert_eq!(unanswered, 0, "{unanswered} of {ticks} polls found no node answering");
+}
