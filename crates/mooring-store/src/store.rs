@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::model::{
     AppendOutcome, BrokerOp, BrokerState, CommandParentRecord, CommandRecord, CommandState,
     CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point, SessionOp, ShadowRecord,
-    TelemetryQuery, TelemetryRecord, TokenRecord,
+    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
 };
 
 /// The device registry.
@@ -70,10 +70,17 @@ pub trait TelemetryStore: Send + Sync + 'static {
     /// Newest point per metric (ties: the one stored last). This is the last known value: it
     /// survives retention and is removed only with the device.
     async fn latest(&self, device_id: &str) -> Result<BTreeMap<String, (u64, MetricValue)>>;
-    /// Deletes points (and dedupe keys) with `ts < cutoff_ms`, at most `max_rows` rows per call
-    /// in total, and returns how many rows it deleted. Returns 0 only when nothing older than
-    /// the cutoff remains; callers loop (see [`crate::run_retention_pass`]).
+    /// Deletes points (and dedupe keys) with `ts < cutoff_ms`, and returns how many rows it
+    /// deleted: at most `max_rows` deleted one by one, or a whole time partition (of any size)
+    /// dropped at once. Returns 0 only when nothing older than the cutoff remains; callers
+    /// loop (see [`crate::run_retention_pass`]).
     async fn delete_older_than(&self, cutoff_ms: u64, max_rows: usize) -> Result<usize>;
+    /// Retention is cheapest when its cutoff falls on a multiple of this (a partition
+    /// boundary: a day on PostgreSQL, where whole partitions are dropped); callers round
+    /// their cutoff down to it. 1: any cutoff is as cheap as another.
+    fn retention_granularity_ms(&self) -> u64 {
+        1
+    }
     /// Compresses recent points (and dedupe keys) of time windows that closed at or before
     /// `closed_before_ms` into chunks, one short transaction moving about `max_rows` recent
     /// rows (whole windows; late points are merged into their window's chunk). Returns how many
@@ -164,6 +171,9 @@ pub trait BrokerStateStore: Send + Sync + 'static {
     /// Everything stored. Messages whose session is not stored are not returned (and are
     /// deleted).
     async fn load_broker_state(&self) -> Result<BrokerState>;
+    /// One stored session with its messages (ascending by seq), if stored: what a cluster node
+    /// takes over when the session's client connects to it after another node held it.
+    async fn load_broker_session(&self, key: &str) -> Result<Option<StoredSession>>;
 }
 
 /// Most device ids one [`ClusterStore::session_nodes`] call takes.

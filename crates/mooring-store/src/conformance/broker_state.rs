@@ -139,6 +139,47 @@ pub async fn broker_state_delete_session_takes_its_messages(store: &dyn Store) {
     assert_eq!(state.sessions[1].messages, vec![(1, b"b1".to_vec())]);
 }
 
+pub async fn broker_state_loads_one_session_by_key(store: &dyn Store) {
+    assert_eq!(
+        store.load_broker_session("d:x").await.expect("load none"),
+        None
+    );
+    store
+        .apply_broker_ops(vec![
+            BrokerOp::PutSession {
+                key: "d:x".into(),
+                value: b"x".to_vec(),
+            },
+            put_message("d:x", 9, b"9"),
+            put_message("d:x", 3, b"3"),
+            BrokerOp::PutSession {
+                key: "d:y".into(),
+                value: b"y".to_vec(),
+            },
+            put_message("d:y", 1, b"y1"),
+        ])
+        .await
+        .expect("apply");
+    let x = store
+        .load_broker_session("d:x")
+        .await
+        .expect("load x")
+        .expect("stored");
+    assert_eq!(
+        x,
+        StoredSession {
+            key: "d:x".into(),
+            value: b"x".to_vec(),
+            messages: vec![(3, b"3".to_vec()), (9, b"9".to_vec())],
+        }
+    );
+    store
+        .apply_broker_ops(vec![BrokerOp::DeleteSession { key: "d:x".into() }])
+        .await
+        .expect("delete");
+    assert_eq!(store.load_broker_session("d:x").await.expect("load"), None);
+}
+
 pub async fn broker_writer_applies_submissions_in_order_and_answers_tickets(store: Arc<dyn Store>) {
     let (writer, task) = BrokerStateWriter::spawn(store.clone());
     writer.submit_detached(vec![BrokerOp::PutSession {

@@ -83,6 +83,7 @@ macro_rules! conformance_tests {
             shadow_save_is_compare_and_set_on_version,
             broker_state_ops_apply_in_order_and_load_back,
             broker_state_delete_session_takes_its_messages,
+            broker_state_loads_one_session_by_key,
         );
         $crate::conformance_tests!(@by_arc $factory;
             writer_group_commits_concurrent_appends_and_reports_duplicates,

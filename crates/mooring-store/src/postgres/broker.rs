@@ -238,4 +238,44 @@ impl BrokerStateStore for PgStore {
         tx.commit().await.map_err(pg_error)?;
         Ok(BrokerState { retained, sessions })
     }
+
+    async fn load_broker_session(&self, key: &str) -> Result<Option<StoredSession>> {
+        let mut client = self.client().await?;
+        // One snapshot for both reads.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg_error)?;
+        let row = tx
+            .query_opt(
+                "SELECT value FROM broker_sessions WHERE key = $1",
+                &[&key.as_bytes()],
+            )
+            .await
+            .map_err(pg_error)?;
+        let Some(row) = row else {
+            tx.commit().await.map_err(pg_error)?;
+            return Ok(None);
+        };
+        let value: Vec<u8> = column(&row, 0)?;
+        let messages = tx
+            .query(
+                "SELECT seq, value FROM broker_messages WHERE session = $1 ORDER BY seq",
+                &[&key.as_bytes()],
+            )
+            .await
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| Ok((seq_column(r, 0)?, column(r, 1)?)))
+            .collect::<Result<Vec<_>>>()?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(StoredSession {
+            key: key.to_owned(),
+            value,
+            messages,
+        }))
+    }
 }

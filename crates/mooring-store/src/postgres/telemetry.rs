@@ -750,6 +750,11 @@ async fn partition_attached(tx: &Transaction<'_>, name: &str) -> Result<bool> {
 
 #[async_trait::async_trait]
 impl TelemetryStore for PgStore {
+    /// A day: the partition size; a cutoff on a day boundary drops whole partitions.
+    fn retention_granularity_ms(&self) -> u64 {
+        DAY_MS.unsigned_abs()
+    }
+
     async fn append_batch_bounded(
         &self,
         batch: Vec<TelemetryRecord>,

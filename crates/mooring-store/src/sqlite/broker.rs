@@ -1,6 +1,6 @@
 //! [`BrokerStateStore`] for SQLite: three key → blob tables, one transaction per batch.
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 
 use super::{Db, SqliteStore};
 use crate::error::{Result, StoreError};
@@ -124,6 +124,40 @@ impl BrokerStateStore for SqliteStore {
                 }
             }
             Ok(BrokerState { retained, sessions })
+        })
+        .await
+    }
+
+    async fn load_broker_session(&self, key: &str) -> Result<Option<StoredSession>> {
+        let key = key.to_owned();
+        self.read(move |conn| {
+            let value: Option<Vec<u8>> = conn
+                .prepare_cached("SELECT value FROM broker_sessions WHERE key = ?1")
+                .db()?
+                .query_row(params![key], |r| r.get(0))
+                .optional()
+                .db()?;
+            let Some(value) = value else {
+                return Ok(None);
+            };
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT seq, value FROM broker_messages WHERE session = ?1 ORDER BY seq",
+                )
+                .db()?;
+            let messages = stmt
+                .query_map(params![key], |r| {
+                    let seq: i64 = r.get(0)?;
+                    Ok((u64::try_from(seq).unwrap_or(0), r.get::<_, Vec<u8>>(1)?))
+                })
+                .db()?
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .db()?;
+            Ok(Some(StoredSession {
+                key,
+                value,
+                messages,
+            }))
         })
         .await
     }
