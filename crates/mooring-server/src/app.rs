@@ -6,6 +6,7 @@
 //! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`.
 
 use crate::auth::Tokens;
+use crate::cluster::Cluster;
 use crate::commands::Commands;
 use crate::config::ServerConfig;
 use crate::metrics::Counters;
@@ -35,6 +36,8 @@ pub(crate) struct Core {
     pub(crate) counters: Counters,
     policy: RwLock<Arc<Policy>>,
     broker: OnceLock<Broker>,
+    /// Set when nodes share the store: what this node tells the others.
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }
 
 impl Core {
@@ -44,6 +47,10 @@ impl Core {
 
     pub(crate) fn broker(&self) -> Option<&Broker> {
         self.broker.get()
+    }
+
+    pub(crate) fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
     }
 }
 
@@ -68,6 +75,7 @@ pub struct App {
 }
 
 impl App {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: ServerConfig,
         store: Arc<dyn Store>,
@@ -76,7 +84,9 @@ impl App {
         clock: Arc<dyn Clock>,
         writer: TelemetryWriter,
         broker_state: BrokerStateWriter,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
+        let node = cluster.as_ref().map(|c| c.node().to_owned());
         let core = Arc::new(Core {
             config,
             store,
@@ -84,8 +94,9 @@ impl App {
             counters: Counters::default(),
             policy: RwLock::new(Arc::new(policy)),
             broker: OnceLock::new(),
+            cluster,
         });
-        let presence = Arc::new(Presence::new(core.store.clone()));
+        let presence = Arc::new(Presence::new(core.store.clone(), node));
         let registry = Arc::new(Registry::new(core.clone(), pki, presence.clone()));
         Self {
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
@@ -107,6 +118,11 @@ impl App {
         self.core.broker()
     }
 
+    /// This node's part in a cluster (`None`: a single node on its own store).
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.core.cluster()
+    }
+
     pub fn config(&self) -> &ServerConfig {
         &self.core.config
     }
@@ -114,6 +130,13 @@ impl App {
     /// The server's counters (`/metrics`).
     pub fn counters(&self) -> &Counters {
         &self.core.counters
+    }
+
+    /// Resolves once everything submitted to the broker state writer so far is durable.
+    pub(crate) fn broker_state_barrier(
+        &self,
+    ) -> tokio::sync::oneshot::Receiver<mooring_store::Result<()>> {
+        self.broker_state.submit(Vec::new())
     }
 
     /// The broker state writer's queue and batches (`/metrics`).

@@ -63,17 +63,53 @@ pub async fn ensure_admin_token(
         return Ok(None);
     }
     let (_, secret) = create_token(store, "admin", TokenRole::Admin, now_ms).await?;
+    write_admin_token(data_dir, &secret)?;
+    Ok(Some(secret))
+}
+
+/// Id of the admin token a cluster creates once: the store's unique id decides which of the
+/// nodes starting together on an empty database creates it.
+pub const BOOTSTRAP_ADMIN_TOKEN_ID: &str = "tok_bootstrap_admin";
+
+/// Cluster mode: the admin token is created once for the whole cluster, by the node whose
+/// insert of [`BOOTSTRAP_ADMIN_TOKEN_ID`] succeeds; that node writes it to its own data dir
+/// (0600) and prints it. Every other node (and every later start) creates nothing.
+pub async fn ensure_shared_admin_token(
+    store: &dyn TokenStore,
+    data_dir: &Path,
+    now_ms: u64,
+) -> anyhow::Result<Option<String>> {
+    let secret = generate_token();
+    let record = TokenRecord {
+        id: BOOTSTRAP_ADMIN_TOKEN_ID.to_owned(),
+        name: "admin".to_owned(),
+        role: TokenRole::Admin,
+        token_sha256: token_sha256(&secret),
+        created_at_ms: now_ms,
+    };
+    match store.create_token(record).await {
+        Ok(()) => {}
+        Err(mooring_store::StoreError::AlreadyExists(_)) => return Ok(None),
+        Err(e) => return Err(e).context("creating the cluster's admin token"),
+    }
+    write_admin_token(data_dir, &secret)?;
+    Ok(Some(secret))
+}
+
+fn write_admin_token(data_dir: &Path, secret: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
     writeln!(f, "{secret}")?;
     f.sync_all()?;
-    Ok(Some(secret))
+    Ok(())
 }
 
 /// The token service: verifies presented tokens (HTTP bearer, MQTT service password) and creates

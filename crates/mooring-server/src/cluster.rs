@@ -7,19 +7,21 @@
 //!
 //! | subject            | body                                  | a receiving node                                   |
 //! |--------------------|---------------------------------------|----------------------------------------------------|
-//! | `cluster.session`  | `[[device, since_ms], ..]`            | hands over its own older session of that device (closed with v5 0x8E, forgotten without touching its stored state) |
+//! | `cluster.session`  | `[[device, since_ms, answer], ..]`    | hands over what it holds of that device unless its own connection is newer (closed with v5 0x8E, forgotten without touching its stored state); answers if asked |
 //! | `cluster.kick`     | `[[device, all_delivered], ..]`       | delivers the device's pending commands if it holds its session |
 //! | `cluster.final`    | `[[command id, state], ..]`           | wakes its `wait_ms` waiters on those commands       |
 //! | `cluster.device`   | `[{"d": id, "tags": {..} or null}, ..]` | re-authorizes the device's sessions (tags) or removes them (deleted) |
-//! | `cluster.released` | `[device, ..]`                        | lets the connects waiting for those hand-overs go on |
+//! | `cluster.released` | `[device, ..]`                        | counts the sender's answer for the connects waiting on those devices |
 //! | `cluster.mqtt`     | forwarded MQTT messages               | retains (memory) and routes them to its sessions    |
 //!
-//! A device connecting to node B while node A holds its session (the store says so): at
-//! CONNECT, B announces the session (`cluster.session`); A hands its session over (closes the
-//! connection, forgets the session without touching its stored state), waits until everything
-//! it wrote for it is durable, and answers `cluster.released`; B waits for that (at most
-//! [`TAKEOVER_WAIT_MS`]: a dead A never answers), then loads the stored session and resumes it
-//! for the client, subscriptions and queued messages included.
+//! A device connecting to node B: at CONNECT, B announces the session (`cluster.session`).
+//! A node holding anything of the device (a connection, or an offline persistent session)
+//! hands it over: closes the connection, forgets the session without touching its stored
+//! state. If the client asked to resume its session (not clean start), every other live node
+//! answers (`cluster.released`; the one that held it once everything it wrote for it is
+//! durable), B waits for all answers (at most [`TAKEOVER_WAIT_MS`]: a dead node never
+//! answers), then loads the stored session and resumes it for the client, subscriptions and
+//! queued messages included. A clean start waits for nobody.
 //!
 //! Every payload is `[node id length][node id][body]`; a node ignores its own. Bodies are JSON
 //! except `cluster.mqtt`: `[u32 length][message]...`, each message in the broker's forwarding
@@ -76,9 +78,16 @@ struct DeviceNotice {
     tags: Option<BTreeMap<String, String>>,
 }
 
+/// A connect waiting for the other live nodes to answer its session notice.
+struct ReleaseWait {
+    pending: std::collections::BTreeSet<String>,
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
 #[derive(Default)]
 struct Outbox {
-    sessions: Vec<(String, u64)>,
+    /// `(device, since_ms, answer wanted)`.
+    sessions: Vec<(String, u64, bool)>,
     kicks: BTreeMap<String, bool>,
     finals: Vec<(String, String)>,
     devices: Vec<DeviceNotice>,
@@ -123,7 +132,7 @@ pub struct Cluster {
     /// Leases this node holds, with when each runs out unless renewed (by the heartbeat).
     held: Mutex<BTreeMap<&'static str, u64>>,
     /// Connects waiting for another node to release their device's session.
-    releases: Mutex<BTreeMap<String, Vec<tokio::sync::oneshot::Sender<()>>>>,
+    releases: Mutex<BTreeMap<String, Vec<ReleaseWait>>>,
     pub counters: ClusterCounters,
 }
 
@@ -173,9 +182,10 @@ impl Cluster {
         self.wake.notify_one();
     }
 
-    /// The device's session opened here at `since_ms`: other nodes close theirs.
-    pub(crate) fn session_opened(&self, device: &str, since_ms: u64) {
-        self.push(|o| o.sessions.push((device.to_owned(), since_ms)));
+    /// The device's session opens here at `since_ms`: other nodes hand theirs over (and, if
+    /// `answer`, say when they are done).
+    fn session_opened(&self, device: &str, since_ms: u64, answer: bool) {
+        self.push(|o| o.sessions.push((device.to_owned(), since_ms, answer)));
     }
 
     /// This node handed the device's session over and what it stored for it is durable.
@@ -184,8 +194,9 @@ impl Cluster {
     }
 
     /// A device authenticated here (CONNECT): other nodes hand its session over. Unless the
-    /// client starts clean, waits (at most [`TAKEOVER_WAIT_MS`]) for the node that held it to
-    /// release it, then takes the stored session over into `broker`, so the client resumes it.
+    /// client starts clean, waits (at most [`TAKEOVER_WAIT_MS`]) until every other live node
+    /// answered (one that held the session answers once what it stored for it is durable),
+    /// then takes the stored session over into `broker`, so the client resumes it.
     pub(crate) async fn take_over(
         &self,
         broker: &mooring_broker::Broker,
@@ -195,41 +206,54 @@ impl Cluster {
         clean_start: bool,
     ) {
         let now = self.clock.now_ms();
-        let mut wait = None;
-        if !clean_start {
-            let holder = self
-                .store
-                .session_nodes(&[device.to_owned()], self.alive_since_ms())
-                .await
-                .ok()
-                .and_then(|m| m.get(device).cloned());
-            if holder.is_some_and(|h| h != self.node) {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                lock(&self.releases)
-                    .entry(device.to_owned())
-                    .or_default()
-                    .push(tx);
-                wait = Some(rx);
-            }
+        if clean_start {
+            self.session_opened(device, now, false);
+            return;
         }
-        self.session_opened(device, now);
+        let others: std::collections::BTreeSet<String> = match self
+            .store
+            .live_nodes(self.alive_since_ms())
+            .await
+        {
+            Ok(nodes) => nodes
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| *n != self.node)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(device, error = %e, "listing live nodes failed; not waiting for a hand-over");
+                Default::default()
+            }
+        };
+        let wait = (!others.is_empty()).then(|| {
+            let (done, rx) = tokio::sync::oneshot::channel();
+            lock(&self.releases)
+                .entry(device.to_owned())
+                .or_default()
+                .push(ReleaseWait {
+                    pending: others,
+                    done,
+                });
+            rx
+        });
+        self.session_opened(device, now, true);
         if let Some(rx) = wait {
             if tokio::time::timeout(Duration::from_millis(TAKEOVER_WAIT_MS), rx)
                 .await
                 .is_err()
             {
-                tracing::warn!(device, "the node holding the session did not release it in time; resuming what is stored");
+                tracing::warn!(
+                    device,
+                    "not every node answered the hand-over in time; resuming what is stored"
+                );
                 let mut r = lock(&self.releases);
                 if let Some(list) = r.get_mut(device) {
-                    list.retain(|tx| !tx.is_closed());
+                    list.retain(|w| !w.done.is_closed());
                     if list.is_empty() {
                         r.remove(device);
                     }
                 }
             }
-        }
-        if clean_start {
-            return;
         }
         let key = mooring_broker::persist::stored_session_key(principal, client_id);
         match self.store.load_broker_session(&key).await {
@@ -247,11 +271,24 @@ impl Cluster {
         }
     }
 
-    fn on_released(&self, device: &str) {
-        if let Some(list) = lock(&self.releases).remove(device) {
-            for tx in list {
-                let _ = tx.send(());
+    /// Node `from` answered the session notice for `device`.
+    fn on_released(&self, device: &str, from: &str) {
+        let mut r = lock(&self.releases);
+        let Some(list) = r.get_mut(device) else {
+            return;
+        };
+        let mut i = 0;
+        while i < list.len() {
+            list[i].pending.remove(from);
+            if list[i].pending.is_empty() {
+                let w = list.swap_remove(i);
+                let _ = w.done.send(());
+            } else {
+                i += 1;
             }
+        }
+        if list.is_empty() {
+            r.remove(device);
         }
     }
 
@@ -539,7 +576,13 @@ pub(crate) async fn run_inbox(
     }
 }
 
-fn handle(app: &Arc<crate::app::App>, cluster: &Arc<Cluster>, from: &str, subject: &str, body: &[u8]) {
+fn handle(
+    app: &Arc<crate::app::App>,
+    cluster: &Arc<Cluster>,
+    from: &str,
+    subject: &str,
+    body: &[u8],
+) {
     let bad = |e: serde_json::Error| {
         tracing::warn!(subject, from, error = %e, "malformed cluster notice ignored");
     };
@@ -553,23 +596,10 @@ fn handle(app: &Arc<crate::app::App>, cluster: &Arc<Cluster>, from: &str, subjec
                 }
             }
         }
-        SUBJECT_SESSION => match serde_json::from_slice::<Vec<(String, u64)>>(body) {
+        SUBJECT_SESSION => match serde_json::from_slice::<Vec<(String, u64, bool)>>(body) {
             Ok(list) => {
-                for (device, since_ms) in list {
-                    if app.presence.taken_over(&device, since_ms, from, &cluster.node) {
-                        if let Some(broker) = app.broker() {
-                            broker.hand_over(&mooring_broker::PrincipalKey::device(&device));
-                            Counters::inc(&cluster.counters.takeovers);
-                            tracing::debug!(device, to = from, "session taken over by another node");
-                            // Released once what this node wrote for it is durable.
-                            let barrier = app.broker_state_barrier();
-                            let cluster = cluster.clone();
-                            tokio::spawn(async move {
-                                let _ = barrier.await;
-                                cluster.released(&device);
-                            });
-                        }
-                    }
+                for (device, since_ms, answer) in list {
+                    hand_over(app, cluster, from, device, since_ms, answer);
                 }
             }
             Err(e) => bad(e),
@@ -595,7 +625,7 @@ fn handle(app: &Arc<crate::app::App>, cluster: &Arc<Cluster>, from: &str, subjec
         SUBJECT_RELEASED => match serde_json::from_slice::<Vec<String>>(body) {
             Ok(list) => {
                 for device in list {
-                    cluster.on_released(&device);
+                    cluster.on_released(&device, from);
                 }
             }
             Err(e) => bad(e),
@@ -609,6 +639,44 @@ fn handle(app: &Arc<crate::app::App>, cluster: &Arc<Cluster>, from: &str, subjec
             Err(e) => bad(e),
         },
         other => tracing::debug!(subject = other, "unknown cluster subject ignored"),
+    }
+}
+
+/// Node `from` opens a session of `device` (since `since_ms`): unless this node's own
+/// connection of it is newer, this node hands whatever it holds of the device over (closing
+/// a connection, forgetting an offline persistent session). If `answer`, it says so once
+/// what it stored for the device is durable.
+fn hand_over(
+    app: &Arc<crate::app::App>,
+    cluster: &Arc<Cluster>,
+    from: &str,
+    device: String,
+    since_ms: u64,
+    answer: bool,
+) {
+    let Some(broker) = app.broker() else {
+        return;
+    };
+    let who = mooring_broker::PrincipalKey::device(&device);
+    let keep = app
+        .presence
+        .newer_here(&device, since_ms, from, &cluster.node);
+    if keep || !broker.holds_sessions(&who) {
+        if answer {
+            cluster.released(&device);
+        }
+        return;
+    }
+    broker.hand_over(&who);
+    Counters::inc(&cluster.counters.takeovers);
+    tracing::debug!(device, to = from, "session handed over to another node");
+    if answer {
+        let barrier = app.broker_state_barrier();
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let _ = barrier.await;
+            cluster.released(&device);
+        });
     }
 }
 

@@ -36,6 +36,71 @@ pub struct ServerConfig {
     pub limits: LimitsConfig,
     pub commands: CommandsConfig,
     pub http: HttpConfig,
+    /// Where state lives: absent `url` is the embedded SQLite in `data_dir`.
+    pub store: StoreConfig,
+    /// What crosses nodes: absent `url` is the in-process bus (one node).
+    pub bus: BusUrlConfig,
+    /// How the nodes sharing one store coordinate.
+    pub cluster: ClusterConfig,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `postgres://user@host:port/db` (any libpq URL): the shared PostgreSQL database of a
+    /// cluster. Absent: the embedded SQLite database in the data dir.
+    pub url: Option<String>,
+}
+
+/// `[bus]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusUrlConfig {
+    /// `nats://host:port`: NATS (with JetStream) shared by the cluster's nodes. Absent: an
+    /// in-process bus, enough for one node.
+    pub url: Option<String>,
+    /// Prefix of every NATS subject and stream this cluster uses, so several clusters can share
+    /// one NATS (`[A-Za-z0-9-]`, at most 32 bytes).
+    pub prefix: String,
+    /// Messages one node buffers from the bus before newer ones are dropped (counted in
+    /// `mooring_cluster_bus_dropped_total`).
+    pub buffer_len: usize,
+}
+
+impl Default for BusUrlConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            prefix: "mooring".to_owned(),
+            buffer_len: 65_536,
+        }
+    }
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// A file every node has (0600: 64 hex digits, e.g. `openssl rand -hex 32`): the key that
+    /// encrypts the fleet CA's and the server's private keys in a shared database. Required with
+    /// `[store] url`.
+    pub secret_key_file: Option<PathBuf>,
+    /// How often a node records that it is alive.
+    pub heartbeat_interval_ms: u64,
+    /// A node not heard from for this long is dead: its devices are offline and its leases
+    /// (for once-only work: command scheduler, retention, compaction) go to another node.
+    pub node_lease_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            secret_key_file: None,
+            heartbeat_interval_ms: 1_000,
+            node_lease_ms: 5_000,
+        }
+    }
 }
 
 /// Bounds on the HTTP API listener, so slow or idle clients cannot hold its connections (and the
@@ -186,6 +251,9 @@ impl Default for ServerConfig {
             limits: LimitsConfig::default(),
             commands: CommandsConfig::default(),
             http: HttpConfig::default(),
+            store: StoreConfig::default(),
+            bus: BusUrlConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -334,8 +402,41 @@ impl ServerConfig {
         {
             bail!("http: header_read_timeout_ms, request_body_timeout_ms and connections_max must be at least 1");
         }
+        if let Some(url) = &self.store.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                bail!(
+                    "[store] url must start with postgres:// (absent: the embedded SQLite store)"
+                );
+            }
+            if self.cluster.secret_key_file.is_none() {
+                bail!(
+                    "[store] url needs [cluster] secret_key_file: a file every node has, with 64 hex                      digits (create one with `openssl rand -hex 32 > cluster.key; chmod 600 cluster.key`)"
+                );
+            }
+        }
+        if let Some(url) = &self.bus.url {
+            if !url.starts_with("nats://") {
+                bail!("[bus] url must start with nats:// (absent: the in-process bus)");
+            }
+            if self.store.url.is_none() {
+                bail!("[bus] url needs [store] url: nodes that share a bus must share a database");
+            }
+        }
+        if self.bus.buffer_len == 0 {
+            bail!("bus.buffer_len must be at least 1");
+        }
+        let k = &self.cluster;
+        if k.heartbeat_interval_ms == 0 || k.node_lease_ms < 2 * k.heartbeat_interval_ms {
+            bail!("cluster: heartbeat_interval_ms must be at least 1 and node_lease_ms at least twice heartbeat_interval_ms");
+        }
         self.policy()?;
         Ok(())
+    }
+
+    /// Whether nodes share the store (PostgreSQL): presence, the PKI and once-only work are
+    /// then coordinated through it.
+    pub fn is_shared(&self) -> bool {
+        self.store.url.is_some()
     }
 
     /// The broker's bounds, from `[limits]`.

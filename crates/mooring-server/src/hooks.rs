@@ -88,6 +88,8 @@ impl FailureLog {
 pub struct ServerHooks {
     app: Weak<App>,
     telemetry_failures: FailureLog,
+    /// The cluster this node forwards accepted messages to (held weakly, like the app).
+    cluster: Option<Weak<crate::cluster::Cluster>>,
 }
 
 impl ServerHooks {
@@ -95,6 +97,7 @@ impl ServerHooks {
         Self {
             app: Arc::downgrade(app),
             telemetry_failures: FailureLog::default(),
+            cluster: app.cluster().map(Arc::downgrade),
         }
     }
 
@@ -144,12 +147,19 @@ impl Hooks for ServerHooks {
                 );
                 return Err(ConnectRefusal::BadClientId);
             }
+            let principal = Principal::Device {
+                id: record.id,
+                tags: record.tags,
+            };
+            // In a cluster: the node that held this device's session hands it over first.
+            if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
+                cluster
+                    .take_over(broker, &principal, cn, cn, req.clean_start)
+                    .await;
+            }
             return Ok(Authenticated {
                 client_id: cn.to_owned(),
-                principal: Principal::Device {
-                    id: record.id,
-                    tags: record.tags,
-                },
+                principal,
             });
         }
         if req.info.listener == ListenerKind::Dev {
@@ -283,7 +293,7 @@ impl Hooks for ServerHooks {
             app.presence.connected(id, app.now_ms());
             tracing::debug!(device = %id, "online");
             // A persistent session may already hold the commands subscription.
-            app.commands.kick(id, true);
+            app.commands.kick_local(id, true);
         }
     }
 
@@ -296,7 +306,17 @@ impl Hooks for ServerHooks {
             .iter()
             .any(|f| mooring_proto::topic::filter_matches(f, &commands))
         {
-            app.commands.kick(id, true);
+            app.commands.kick_local(id, true);
+        }
+    }
+
+    fn forwards(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    fn on_routed(&self, forwarded: Vec<u8>) {
+        if let Some(cluster) = self.cluster.as_ref().and_then(Weak::upgrade) {
+            cluster.forward(forwarded);
         }
     }
 

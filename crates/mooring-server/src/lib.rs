@@ -33,6 +33,7 @@
 pub mod app;
 pub mod auth;
 pub mod broker_state;
+pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod error;

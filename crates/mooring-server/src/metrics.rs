@@ -150,6 +150,53 @@ pub fn render_metrics(app: &App) -> String {
         "node",
         [(app.config().node_id.as_str(), 1.0)],
     );
+    if let Some(cluster) = app.cluster() {
+        let k = &cluster.counters;
+        let held = cluster.held_leases();
+        e.counter(
+            "mooring_cluster_bus_sent_total",
+            "Bus messages this node published (batches of notices or forwarded MQTT messages)",
+            load(&k.bus_sent),
+        )
+        .counter(
+            "mooring_cluster_bus_received_total",
+            "Bus messages from other nodes this node handled",
+            load(&k.bus_received),
+        )
+        .counter(
+            "mooring_cluster_outbox_dropped_total",
+            "Notices or forwarded messages not sent: the outbox was full or the bus refused",
+            load(&k.outbox_dropped),
+        )
+        .counter(
+            "mooring_cluster_bus_dropped_total",
+            "Bus messages this node's subscription dropped because it fell behind ([bus] buffer_len)",
+            load(&k.bus_dropped),
+        )
+        .counter(
+            "mooring_cluster_takeovers_total",
+            "Sessions this node handed over because their device connected to another node",
+            load(&k.takeovers),
+        )
+        .counter(
+            "mooring_cluster_reaped_sessions_total",
+            "Session rows of dead nodes this node removed (reaper lease)",
+            load(&k.reaped_sessions),
+        )
+        .labeled_gauges(
+            "mooring_cluster_lease_held",
+            "1 for each once-only job whose lease this node holds",
+            "lease",
+            [
+                crate::cluster::LEASE_SCHEDULER,
+                crate::cluster::LEASE_RETENTION,
+                crate::cluster::LEASE_COMPACTION,
+                crate::cluster::LEASE_REAPER,
+            ]
+            .into_iter()
+            .map(|l| (l, if held.contains(&l) { 1.0 } else { 0.0 })),
+        );
+    }
     if let Some(broker) = app.broker() {
         let s = broker.stats();
         e.gauge(

@@ -7,6 +7,7 @@
 //! pins the certificate's SHA-256 so a deleted-then-recreated id refuses the old certificate.
 
 use anyhow::{anyhow, Context};
+use mooring_store::ClusterStore;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
@@ -102,49 +103,19 @@ impl Pki {
         let paths = PkiPaths::new(dir);
         let created = !paths.ca_key.exists();
         if created {
-            let ca_key = KeyPair::generate()?;
-            let mut params = CertificateParams::default();
-            params.distinguished_name = dn("Mooring fleet CA");
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            params.serial_number = Some(random_serial());
-            params.not_before = now - Duration::hours(1);
-            params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
-            let ca = params.self_signed(&ca_key)?;
-            write_private(&paths.ca_key, &ca_key.serialize_pem(), false)?;
-            write_private(&paths.ca_cert, &ca.pem(), true)?;
+            let (ca_cert_pem, ca_key_pem) = new_ca(now)?;
+            write_private(&paths.ca_key, &ca_key_pem, false)?;
+            write_private(&paths.ca_cert, &ca_cert_pem, true)?;
         }
         let ca_cert_pem = std::fs::read_to_string(&paths.ca_cert)
             .with_context(|| format!("reading {}", paths.ca_cert.display()))?;
         let ca_key_pem = std::fs::read_to_string(&paths.ca_key)
             .with_context(|| format!("reading {}", paths.ca_key.display()))?;
-        let ca_key = KeyPair::from_pem(&ca_key_pem).context("parsing ca.key")?;
-        let ca_issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key).context("parsing ca.crt")?;
-
+        let ca_issuer = issuer(&ca_cert_pem, &ca_key_pem)?;
         if !paths.server_key.exists() {
-            let key = KeyPair::generate()?;
-            let mut params = CertificateParams::default();
-            params.distinguished_name = dn(server_names.first().map_or("localhost", |s| s));
-            params.subject_alt_names = server_names
-                .iter()
-                .map(|name| match name.parse::<std::net::IpAddr>() {
-                    Ok(ip) => Ok(SanType::IpAddress(ip)),
-                    Err(_) => {
-                        Ok(SanType::DnsName(name.clone().try_into().map_err(|e| {
-                            anyhow!("invalid --server-name {name:?}: {e}")
-                        })?))
-                    }
-                })
-                .collect::<anyhow::Result<_>>()?;
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-            params.serial_number = Some(random_serial());
-            params.not_before = now - Duration::hours(1);
-            params.not_after = now + Duration::days(SERVER_VALIDITY_DAYS);
-            params.use_authority_key_identifier_extension = true;
-            let cert = params.signed_by(&key, &ca_issuer)?;
-            write_private(&paths.server_key, &key.serialize_pem(), false)?;
-            write_private(&paths.server_cert, &cert.pem(), true)?;
+            let (cert_pem, key_pem) = new_server_cert(&ca_issuer, server_names, now)?;
+            write_private(&paths.server_key, &key_pem, false)?;
+            write_private(&paths.server_cert, &cert_pem, true)?;
         }
         let server_cert_pem = std::fs::read_to_string(&paths.server_cert)?;
         let server_key_pem = std::fs::read_to_string(&paths.server_key)?;
@@ -153,6 +124,64 @@ impl Pki {
                 ca_cert_pem,
                 ca_issuer,
                 server_cert_pem,
+                server_key_pem,
+            },
+            created,
+        ))
+    }
+
+    /// The cluster's PKI, kept in the shared database under [`SHARED_PKI_KEY`] with both private
+    /// keys encrypted under `key`, so every node presents the same server certificate and trusts
+    /// the same CA. The first node to start on an empty database creates it; nodes starting
+    /// together race through [`ClusterStore::put_value_once`], so exactly one CA is ever stored
+    /// and every node uses it. Returns the PKI and whether this call created it.
+    pub async fn load_or_create_shared(
+        store: &dyn ClusterStore,
+        key: &SecretKey,
+        server_names: &[String],
+        now: OffsetDateTime,
+    ) -> anyhow::Result<(Pki, bool)> {
+        let stored = store
+            .get_value(SHARED_PKI_KEY)
+            .await
+            .context("reading the cluster's PKI from the database")?;
+        let (bytes, created) = match stored {
+            Some(b) => (b, false),
+            None => {
+                let (ca_cert_pem, ca_key_pem) = new_ca(now)?;
+                let ca_issuer = issuer(&ca_cert_pem, &ca_key_pem)?;
+                let (server_cert_pem, server_key_pem) =
+                    new_server_cert(&ca_issuer, server_names, now)?;
+                let ours = serde_json::to_vec(&SharedPki {
+                    version: 1,
+                    ca_cert_pem,
+                    ca_key: key.seal(ca_key_pem.as_bytes(), b"ca.key")?,
+                    server_cert_pem,
+                    server_key: key.seal(server_key_pem.as_bytes(), b"server.key")?,
+                })?;
+                let stored = store
+                    .put_value_once(SHARED_PKI_KEY, ours.clone())
+                    .await
+                    .context("storing the cluster's PKI in the database")?;
+                let created = stored == ours;
+                (stored, created)
+            }
+        };
+        let shared: SharedPki = serde_json::from_slice(&bytes)
+            .context("the cluster's PKI in the database is corrupt")?;
+        anyhow::ensure!(
+            shared.version == 1,
+            "the cluster's PKI in the database has format {}, this build reads 1",
+            shared.version
+        );
+        let ca_key_pem = key.open(&shared.ca_key, b"ca.key")?;
+        let server_key_pem = key.open(&shared.server_key, b"server.key")?;
+        let ca_issuer = issuer(&shared.ca_cert_pem, &ca_key_pem)?;
+        Ok((
+            Pki {
+                ca_cert_pem: shared.ca_cert_pem,
+                ca_issuer,
+                server_cert_pem: shared.server_cert_pem,
                 server_key_pem,
             },
             created,
@@ -244,6 +273,147 @@ impl Pki {
     }
 }
 
+/// A new self-signed fleet CA: `(certificate PEM, private key PEM)`.
+fn new_ca(now: OffsetDateTime) -> anyhow::Result<(String, String)> {
+    let ca_key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn("Mooring fleet CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.serial_number = Some(random_serial());
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
+    let ca = params.self_signed(&ca_key)?;
+    Ok((ca.pem(), ca_key.serialize_pem()))
+}
+
+fn issuer(ca_cert_pem: &str, ca_key_pem: &str) -> anyhow::Result<Issuer<'static, KeyPair>> {
+    let ca_key = KeyPair::from_pem(ca_key_pem).context("parsing the CA key")?;
+    Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).context("parsing the CA certificate")
+}
+
+/// A new server certificate for `server_names`, signed by the CA: `(certificate PEM, key PEM)`.
+fn new_server_cert(
+    ca: &Issuer<'static, KeyPair>,
+    server_names: &[String],
+    now: OffsetDateTime,
+) -> anyhow::Result<(String, String)> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(server_names.first().map_or("localhost", |s| s));
+    params.subject_alt_names = server_names
+        .iter()
+        .map(|name| match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => {
+                Ok(SanType::DnsName(name.clone().try_into().map_err(|e| {
+                    anyhow!("invalid --server-name {name:?}: {e}")
+                })?))
+            }
+        })
+        .collect::<anyhow::Result<_>>()?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.serial_number = Some(random_serial());
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(SERVER_VALIDITY_DAYS);
+    params.use_authority_key_identifier_extension = true;
+    let cert = params.signed_by(&key, ca)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Key of the cluster's PKI in [`ClusterStore`]'s values.
+pub const SHARED_PKI_KEY: &str = "pki.v1";
+
+/// The cluster's PKI as stored: certificates in clear, private keys sealed with the cluster
+/// key (hex of nonce ‖ AES-256-GCM ciphertext and tag).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SharedPki {
+    version: u32,
+    ca_cert_pem: String,
+    ca_key: String,
+    server_cert_pem: String,
+    server_key: String,
+}
+
+/// The cluster key (`[cluster] secret_key_file`): 32 bytes every node has, sealing the private
+/// keys the cluster keeps in its database.
+pub struct SecretKey(ring::aead::LessSafeKey);
+
+impl SecretKey {
+    /// Reads a key file: 64 hex digits (surrounding white space ignored). Refused if others can
+    /// read it (mode `& 0o077`), like ssh refuses a readable private key.
+    pub fn from_file(path: &Path) -> anyhow::Result<SecretKey> {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("reading the cluster key file {}", path.display()))?;
+        let mode = meta.permissions().mode() & 0o777;
+        anyhow::ensure!(
+            mode & 0o077 == 0,
+            "the cluster key file {} is readable by others (mode {mode:o}); chmod 600 it",
+            path.display()
+        );
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the cluster key file {}", path.display()))?;
+        SecretKey::from_hex(text.trim()).with_context(|| {
+            format!(
+                "the cluster key file {} must hold 64 hex digits (openssl rand -hex 32)",
+                path.display()
+            )
+        })
+    }
+
+    pub fn from_hex(text: &str) -> anyhow::Result<SecretKey> {
+        let bytes = hex::decode(text).map_err(|e| anyhow!("not hex: {e}"))?;
+        anyhow::ensure!(bytes.len() == 32, "{} bytes, not 32", bytes.len());
+        let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &bytes)
+            .map_err(|_| anyhow!("not an AES-256 key"))?;
+        Ok(SecretKey(ring::aead::LessSafeKey::new(key)))
+    }
+
+    /// `plain` sealed under the key, bound to `label` (a value moved to another label does not
+    /// open): hex of a random 96-bit nonce followed by the ciphertext and tag.
+    fn seal(&self, plain: &[u8], label: &[u8]) -> anyhow::Result<String> {
+        let nonce_bytes: [u8; 12] = rand::random();
+        let mut buf = plain.to_vec();
+        self.0
+            .seal_in_place_append_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce_bytes),
+                ring::aead::Aad::from(label),
+                &mut buf,
+            )
+            .map_err(|_| anyhow!("sealing failed"))?;
+        let mut out = nonce_bytes.to_vec();
+        out.extend_from_slice(&buf);
+        Ok(hex::encode(out))
+    }
+
+    fn open(&self, sealed: &str, label: &[u8]) -> anyhow::Result<String> {
+        let wrong = || {
+            anyhow!(
+                "cannot decrypt the cluster's {} from the database: the cluster key file differs \
+                 from the one the first node used (every node needs the same key)",
+                String::from_utf8_lossy(label)
+            )
+        };
+        let mut bytes = hex::decode(sealed).map_err(|_| wrong())?;
+        if bytes.len() < 12 {
+            return Err(wrong());
+        }
+        let mut body = bytes.split_off(12);
+        let nonce: [u8; 12] = bytes.try_into().map_err(|_| wrong())?;
+        let plain = self
+            .0
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(label),
+                &mut body,
+            )
+            .map_err(|_| wrong())?;
+        String::from_utf8(plain.to_vec()).map_err(|_| wrong())
+    }
+}
+
 /// Where the PKI files live inside the data dir.
 pub struct PkiPaths {
     pub ca_cert: PathBuf,
@@ -266,6 +436,63 @@ impl PkiPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_shared_pki_is_created_once_and_opens_only_with_the_cluster_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = mooring_store::SqliteStore::open(dir.path()).expect("store");
+        let key = SecretKey::from_hex(&"ab".repeat(32)).expect("key");
+        let names = vec!["localhost".to_string()];
+        let now = OffsetDateTime::now_utc();
+        let (one, two) = tokio::join!(
+            Pki::load_or_create_shared(&store, &key, &names, now),
+            Pki::load_or_create_shared(&store, &key, &names, now),
+        );
+        let ((one, c1), (two, c2)) = (one.expect("one"), two.expect("two"));
+        assert_eq!(
+            one.ca_pem(),
+            two.ca_pem(),
+            "racing nodes end up with one CA"
+        );
+        assert_eq!(one.server_cert_pem, two.server_cert_pem);
+        assert!(c1 || c2);
+        let (again, created) = Pki::load_or_create_shared(&store, &key, &names, now)
+            .await
+            .expect("reload");
+        assert!(!created);
+        assert_eq!(again.ca_pem(), one.ca_pem());
+        // The private keys are not stored in clear.
+        let stored = store
+            .get_value(SHARED_PKI_KEY)
+            .await
+            .expect("get")
+            .expect("stored");
+        let text = String::from_utf8_lossy(&stored);
+        assert!(!text.contains("PRIVATE KEY"), "{text}");
+        // Another key cannot open it, and says why.
+        let other = SecretKey::from_hex(&"cd".repeat(32)).expect("key");
+        let err = Pki::load_or_create_shared(&store, &other, &names, now)
+            .await
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("cluster key"), "{err:#}");
+        // Issued device certificates chain to the one CA on every node.
+        one.issue_device_cert("d1", now, 30).expect("issue");
+        assert!(SecretKey::from_hex("abcd").is_err());
+    }
+
+    #[test]
+    fn a_cluster_key_file_readable_by_others_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("cluster.key");
+        std::fs::write(&path, "ab".repeat(32)).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let err = SecretKey::from_file(&path).err().expect("refused");
+        assert!(err.to_string().contains("chmod 600"), "{err:#}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        SecretKey::from_file(&path).expect("accepted at 0600");
+    }
 
     #[test]
     fn creates_once_and_issues_device_certs() {

@@ -1,31 +1,57 @@
 //! Presence: which devices are online now, and `last_seen` without one write per message.
 //!
-//! The live view is in memory (updated on connect, disconnect and every inbound message);
-//! `last_seen` reaches the store in batches, every `presence_flush_interval_secs` and at
-//! shutdown, through one `record_last_seen` transaction.
+//! The live view of this node's own sessions is in memory (updated on connect, disconnect and
+//! every inbound message); `last_seen` reaches the store in batches, every
+//! `presence_flush_interval_secs` and at shutdown, through one `record_last_seen` transaction.
+//!
+//! In a cluster (a shared store) a device is online if any live node holds its session: each
+//! node records which devices it holds ([`mooring_store::ClusterStore::apply_session_ops`],
+//! coalesced per device and flushed every `SESSION_FLUSH_INTERVAL_MS`), and asks the store
+//! about devices it does not hold. A node that stops heartbeating takes its devices offline
+//! `node_lease_ms` later (the store's answer counts only live nodes).
 
-use mooring_store::DeviceStore;
-use std::collections::HashMap;
+use mooring_store::{SessionOp, Store};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
+
+/// How often a cluster node writes its session opens and closes to the store.
+pub const SESSION_FLUSH_INTERVAL_MS: u64 = 100;
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Entry {
     connections: u32,
     last_seen_ms: u64,
+    /// When the newest of its connections here opened.
+    since_ms: u64,
     dirty: bool,
 }
 
+/// Cluster mode: this node's id, and its session changes waiting for the store (the newest per
+/// device, so the map is bounded by the devices that changed since the last flush).
+struct Shared {
+    node: String,
+    pending: BTreeMap<String, SessionOp>,
+}
+
 /// The presence service: owns the in-memory online/last-seen table and its flushes to the
-/// registry's `last_seen` column.
+/// registry's `last_seen` column (and, in a cluster, to the session table).
 pub struct Presence {
     devices: Mutex<HashMap<String, Entry>>,
-    store: Arc<dyn DeviceStore>,
+    shared: Option<Mutex<Shared>>,
+    store: Arc<dyn Store>,
 }
 
 impl Presence {
-    pub(crate) fn new(store: Arc<dyn DeviceStore>) -> Self {
+    /// `node`: this node's id in a cluster (`None`: a single node; presence is all in memory).
+    pub(crate) fn new(store: Arc<dyn Store>, node: Option<String>) -> Self {
         Self {
             devices: Mutex::default(),
+            shared: node.map(|node| {
+                Mutex::new(Shared {
+                    node,
+                    pending: BTreeMap::new(),
+                })
+            }),
             store,
         }
     }
@@ -35,23 +61,45 @@ impl Presence {
         f(&mut guard)
     }
 
+    fn record(&self, id: &str, op: impl FnOnce(String) -> SessionOp) {
+        if let Some(shared) = &self.shared {
+            let mut s = mooring_proto::sync::lock(shared);
+            let node = s.node.clone();
+            let op = op(node);
+            s.pending.insert(id.to_owned(), op);
+        }
+    }
+
     pub fn connected(&self, id: &str, now_ms: u64) {
         self.with(|m| {
             let e = m.entry(id.to_owned()).or_default();
             e.connections += 1;
             e.last_seen_ms = e.last_seen_ms.max(now_ms);
+            e.since_ms = now_ms;
             e.dirty = true;
+        });
+        self.record(id, |node_id| SessionOp::Open {
+            device_id: id.to_owned(),
+            node_id,
+            since_ms: now_ms,
         });
     }
 
     pub fn disconnected(&self, id: &str, now_ms: u64) {
-        self.with(|m| {
-            if let Some(e) = m.get_mut(id) {
+        let gone = self.with(|m| {
+            m.get_mut(id).is_some_and(|e| {
                 e.connections = e.connections.saturating_sub(1);
                 e.last_seen_ms = e.last_seen_ms.max(now_ms);
                 e.dirty = true;
-            }
+                e.connections == 0
+            })
         });
+        if gone {
+            self.record(id, |node_id| SessionOp::Close {
+                device_id: id.to_owned(),
+                node_id,
+            });
+        }
     }
 
     pub fn seen(&self, id: &str, now_ms: u64) {
@@ -67,9 +115,29 @@ impl Presence {
 
     pub fn forget(&self, id: &str) {
         self.with(|m| m.remove(id));
+        if let Some(shared) = &self.shared {
+            mooring_proto::sync::lock(shared).pending.remove(id);
+        }
     }
 
-    /// `(online, last_seen_ms known in memory)`.
+    /// Whether a connection of `id` here is newer than one that opened at `since_ms` on node
+    /// `other` (ties: the node with the larger id wins, so exactly one of two simultaneous
+    /// connections survives): then this node keeps its session and the other hands over.
+    pub fn newer_here(&self, id: &str, since_ms: u64, other: &str, own: &str) -> bool {
+        self.with(|m| {
+            m.get(id).is_some_and(|e| {
+                e.connections > 0
+                    && (e.since_ms > since_ms || (e.since_ms == since_ms && own > other))
+            })
+        })
+    }
+
+    /// Whether this node holds a session of `id` now.
+    pub fn is_here(&self, id: &str) -> bool {
+        self.with(|m| m.get(id).is_some_and(|e| e.connections > 0))
+    }
+
+    /// `(online on this node, last_seen_ms known in memory)`.
     pub fn get(&self, id: &str) -> (bool, Option<u64>) {
         self.with(|m| match m.get(id) {
             Some(e) => (e.connections > 0, Some(e.last_seen_ms)),
@@ -77,8 +145,62 @@ impl Presence {
         })
     }
 
+    /// Which of `ids` are online anywhere: held here, or (in a cluster) by another live node
+    /// (`alive_since_ms`: nodes heard from since then are alive). At most
+    /// [`mooring_store::SESSION_LOOKUP_LEN_MAX`] ids.
+    pub async fn online(
+        &self,
+        ids: &[String],
+        alive_since_ms: u64,
+    ) -> mooring_store::Result<BTreeSet<String>> {
+        let mut online: BTreeSet<String> =
+            ids.iter().filter(|id| self.is_here(id)).cloned().collect();
+        let Some(shared) = &self.shared else {
+            return Ok(online);
+        };
+        let node = mooring_proto::sync::lock(shared).node.clone();
+        let elsewhere: Vec<String> = ids
+            .iter()
+            .filter(|id| !online.contains(*id))
+            .cloned()
+            .collect();
+        if elsewhere.is_empty() {
+            return Ok(online);
+        }
+        // A row naming this node for a device it does not hold is a close not flushed yet.
+        for (device, holder) in self.store.session_nodes(&elsewhere, alive_since_ms).await? {
+            if holder != node {
+                online.insert(device);
+            }
+        }
+        Ok(online)
+    }
+
+    /// Devices with a session on this node.
     pub fn online_count(&self) -> usize {
         self.with(|m| m.values().filter(|e| e.connections > 0).count())
+    }
+
+    /// Writes this node's session opens and closes to the store (cluster mode; else nothing).
+    pub async fn flush_sessions(&self) -> mooring_store::Result<usize> {
+        let Some(shared) = &self.shared else {
+            return Ok(0);
+        };
+        let batch = std::mem::take(&mut mooring_proto::sync::lock(shared).pending);
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let n = batch.len();
+        let ops: Vec<SessionOp> = batch.values().cloned().collect();
+        if let Err(e) = self.store.apply_session_ops(ops).await {
+            // Put them back, unless a newer change for the same device came meanwhile.
+            let mut s = mooring_proto::sync::lock(shared);
+            for (id, op) in batch {
+                s.pending.entry(id).or_insert(op);
+            }
+            return Err(e);
+        }
+        Ok(n)
     }
 
     /// Writes every changed `last_seen` to the store in one batch.

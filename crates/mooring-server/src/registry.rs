@@ -14,7 +14,7 @@ use crate::presence::Presence;
 use mooring_proto::selector::{DeviceFacts, Selector};
 use mooring_proto::DeviceId;
 use mooring_store::{DeviceRecord, NewDevice};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// Most devices one list call returns.
@@ -58,6 +58,11 @@ impl Registry {
     }
 
     /// The fleet CA certificate (PEM), for devices and clients to trust.
+    /// The presence service (online anywhere in the cluster).
+    pub(crate) fn presence(&self) -> &Presence {
+        &self.presence
+    }
+
     pub fn ca_pem(&self) -> &str {
         self.pki.ca_pem()
     }
@@ -151,16 +156,70 @@ impl Registry {
         Ok((record, issued))
     }
 
-    fn view(&self, record: DeviceRecord) -> DeviceView {
-        let (online, mem_seen) = self.presence.get(&record.id);
-        let last_seen_ms = match (mem_seen, record.last_seen_ms) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
+    /// The devices as the API shows them: `online` anywhere in the cluster, `last_seen` the
+    /// newer of memory and store.
+    async fn views(&self, records: Vec<DeviceRecord>) -> ServiceResult<Vec<DeviceView>> {
+        let online = match self.core.cluster() {
+            Some(cluster) => {
+                let ids: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
+                let mut online = BTreeSet::new();
+                for chunk in ids.chunks(mooring_store::SESSION_LOOKUP_LEN_MAX) {
+                    online.extend(
+                        self.presence
+                            .online(chunk, cluster.alive_since_ms())
+                            .await?,
+                    );
+                }
+                Some(online)
+            }
+            None => None,
         };
-        DeviceView {
-            record,
-            online,
-            last_seen_ms,
+        Ok(records
+            .into_iter()
+            .map(|record| {
+                let (here, mem_seen) = self.presence.get(&record.id);
+                let online = online
+                    .as_ref()
+                    .map_or(here, |o| o.contains(record.id.as_str()));
+                let last_seen_ms = match (mem_seen, record.last_seen_ms) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                DeviceView {
+                    record,
+                    online,
+                    last_seen_ms,
+                }
+            })
+            .collect())
+    }
+
+    async fn view(&self, record: DeviceRecord) -> ServiceResult<DeviceView> {
+        let mut views = self.views(vec![record]).await?;
+        views
+            .pop()
+            .ok_or_else(|| ServiceError::internal(anyhow::anyhow!("no view for a device")))
+    }
+
+    /// Another node changed a device: its tags (`Some`) or deleted it (`None`). This node's
+    /// sessions of the device follow, as on the node that made the change.
+    pub(crate) fn apply_remote_change(&self, id: &str, tags: Option<BTreeMap<String, String>>) {
+        let Ok(id) = DeviceId::parse(id) else {
+            return;
+        };
+        match tags {
+            Some(tags) => {
+                if let Some(broker) = self.core.broker() {
+                    broker.update_principal(mooring_proto::policy::Principal::Device { id, tags });
+                }
+            }
+            None => {
+                if let Some(broker) = self.core.broker() {
+                    let prefix = mooring_proto::topic::device_topic_prefix(&id);
+                    broker.remove_device(id.as_str(), Some(&prefix));
+                }
+                self.presence.forget(id.as_str());
+            }
         }
     }
 
@@ -172,7 +231,7 @@ impl Registry {
             .get_device(id.as_str())
             .await?
             .ok_or_else(|| device_not_found(id.as_str()))?;
-        Ok(self.view(record))
+        self.view(record).await
     }
 
     /// Checks a device page request; returns the page size.
@@ -204,7 +263,7 @@ impl Registry {
         } else {
             None
         };
-        Ok((records.into_iter().map(|r| self.view(r)).collect(), next))
+        Ok((self.views(records).await?, next))
     }
 
     /// Devices matching `sel`, ordered by id, after `cursor`, at most `limit`; the second value
@@ -257,8 +316,7 @@ impl Registry {
                 BTreeMap::new()
             };
             after = page.last().map(|r| r.id.to_string());
-            for record in page {
-                let view = self.view(record);
+            for view in self.views(page).await? {
                 let facts = DeviceFacts {
                     id: &view.record.id,
                     tags: &view.record.tags,
@@ -288,6 +346,7 @@ impl Registry {
         let id = Self::parse_id(id)?;
         validate_tags(&tags)?;
         let _serialized = self.tags_lock.lock().await;
+        let tags_for_cluster = tags.clone();
         self.core
             .store
             .set_tags(id.as_str(), tags.clone())
@@ -306,6 +365,9 @@ impl Registry {
             if removed > 0 {
                 tracing::info!(device = %id, removed, "tags changed: subscriptions no longer allowed were removed");
             }
+        }
+        if let Some(cluster) = self.core.cluster() {
+            cluster.device_changed(id.as_str(), Some(tags_for_cluster));
         }
         self.get_device(id.as_str()).await
     }
@@ -335,6 +397,9 @@ impl Registry {
             broker.remove_device(id.as_str(), Some(&prefix));
         }
         self.presence.forget(id.as_str());
+        if let Some(cluster) = self.core.cluster() {
+            cluster.device_changed(id.as_str(), None);
+        }
         Ok(())
     }
 }

@@ -95,6 +95,94 @@ pub async fn run(
     Ok(())
 }
 
+/// The store `config` names: PostgreSQL at `[store] url`, else SQLite in the data dir.
+async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
+    match &config.store.url {
+        Some(url) => {
+            let store = mooring_store::PgStore::connect(url)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| format!("connecting to PostgreSQL at {}", redact_url(url)))?;
+            Ok(Arc::new(store))
+        }
+        None => Ok(Arc::new(SqliteStore::open(&config.data_dir).with_context(
+            || format!("opening store in {}", config.data_dir.display()),
+        )?)),
+    }
+}
+
+/// A URL without its password, for messages and logs.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Joins the cluster: the bus (NATS at `[bus] url`, else in-process), this node's first
+/// heartbeat, the sessions a previous run of this node left in the store cleared, and the
+/// subscription to the other nodes' notices, ready before any listener accepts.
+async fn start_cluster(
+    config: &ServerConfig,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<(Arc<crate::cluster::Cluster>, mooring_bus::Subscription)> {
+    let bus_config = mooring_bus::BusConfig {
+        subscription_buffer_len: config.bus.buffer_len,
+        ..mooring_bus::BusConfig::default()
+    };
+    let bus: Arc<dyn mooring_bus::Bus> = match &config.bus.url {
+        Some(url) => {
+            let mut nats = mooring_bus::NatsConfig::new(url.clone(), config.bus.prefix.clone());
+            nats.bus = bus_config;
+            Arc::new(
+                mooring_bus::NatsBus::connect(nats)
+                    .await
+                    .with_context(|| format!("connecting to NATS at {}", redact_url(url)))?,
+            )
+        }
+        None => Arc::new(mooring_bus::InProcessBus::new(bus_config)?),
+    };
+    let cluster = Arc::new(crate::cluster::Cluster::new(
+        config.node_id.clone(),
+        bus.clone(),
+        store.clone(),
+        clock,
+        &config.cluster,
+    ));
+    cluster
+        .heartbeat()
+        .await
+        .context("recording this node in the store")?;
+    let cleared = store
+        .clear_node_sessions(&config.node_id)
+        .await
+        .context("clearing this node's sessions from its previous run")?;
+    if cleared > 0 {
+        tracing::info!(
+            sessions = cleared,
+            "cleared the sessions this node held before it restarted"
+        );
+    }
+    let inbox = bus
+        .subscribe(crate::cluster::SUBJECT_ALL)
+        .await
+        .context("subscribing to the cluster's notices")?;
+    tracing::info!(node = %config.node_id, bus = if config.bus.url.is_some() { "nats" } else { "in-process" }, "joined the cluster");
+    Ok((cluster, inbox))
+}
+
 /// Creates the data dir if needed and makes it 0700 whether or not we created it (umask and
 /// an existing 0755 directory notwithstanding); pre-creates the database file 0600, because
 /// SQLite gives its `-wal` and `-shm` files the database file's mode.
@@ -157,20 +245,27 @@ impl RunningServer {
         config.validate()?;
         let _ = rustls::crypto::ring::default_provider().install_default();
         prepare_data_dir(&config.data_dir)?;
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&config.data_dir)
-                .with_context(|| format!("opening store in {}", config.data_dir.display()))?,
-        );
+        let store = open_store(&config).await?;
         let now =
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(clock.now_ms()) * 1_000_000)
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let (pki, created) = Pki::load_or_create(&config.data_dir, &config.server_names, now)?;
+        let (pki, created) = match &config.cluster.secret_key_file {
+            Some(key_file) if config.is_shared() => {
+                let key = crate::pki::SecretKey::from_file(key_file)?;
+                Pki::load_or_create_shared(store.as_ref(), &key, &config.server_names, now).await?
+            }
+            _ => Pki::load_or_create(&config.data_dir, &config.server_names, now)?,
+        };
         if created {
-            tracing::info!(dir = %config.data_dir.display(), "created fleet CA and server certificate");
+            tracing::info!("created the fleet CA and the server certificate");
         }
-        let new_admin_token =
+        let new_admin_token = if config.is_shared() {
+            crate::auth::ensure_shared_admin_token(store.as_ref(), &config.data_dir, clock.now_ms())
+                .await?
+        } else {
             crate::auth::ensure_admin_token(store.as_ref(), &config.data_dir, clock.now_ms())
-                .await?;
+                .await?
+        };
         restrict_data_dir(&config.data_dir)?;
         let mqtt_tls = TlsAcceptor::from(pki.mqtt_tls_config()?);
         let http_tls = if config.http_tls {
@@ -190,10 +285,20 @@ impl RunningServer {
         let broker_config = config.broker();
         // Retained messages and persistent sessions from the last run, restored before any
         // listener accepts.
-        let stored_broker_state = store
+        let mut stored_broker_state = store
             .load_broker_state()
             .await
             .context("loading the broker's retained messages and sessions")?;
+        let cluster = if config.is_shared() {
+            Some(start_cluster(&config, store.clone(), clock.clone()).await?)
+        } else {
+            None
+        };
+        if cluster.is_some() {
+            // A stored persistent session may belong to a client now on another node, which
+            // owns it: a node takes sessions only from the clients that connect to it.
+            stored_broker_state.sessions.clear();
+        }
         let (broker_state, broker_state_task) = BrokerStateWriter::spawn(store.clone());
         let persistence = Arc::new(StorePersistence::new(broker_state.clone(), clock.clone()));
         let app = Arc::new(App::new(
@@ -204,6 +309,7 @@ impl RunningServer {
             clock,
             writer,
             broker_state,
+            cluster.as_ref().map(|(c, _)| c.clone()),
         ));
         let broker =
             Broker::with_persistence(broker_config, Arc::new(ServerHooks::new(&app)), persistence);
@@ -256,10 +362,23 @@ impl RunningServer {
             app.clone(),
             stop_rx.clone(),
         ));
-        match app.shadows.republish_deltas().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(shadows = n, "republished retained shadow deltas"),
-            Err(e) => tracing::warn!(error = %e, "republishing shadow deltas failed"),
+        if let Some((cluster, inbox)) = cluster {
+            tasks.spawn(crate::cluster::run_inbox(
+                app.clone(),
+                inbox,
+                stop_rx.clone(),
+            ));
+            tasks.spawn(crate::cluster::run_outbox(cluster, stop_rx.clone()));
+            tasks.spawn(crate::cluster::run_heartbeat(app.clone(), stop_rx.clone()));
+            tasks.spawn(session_flush_loop(app.clone(), stop_rx.clone()));
+        } else {
+            // One node: the deltas it restored are the whole truth. (A cluster node restored
+            // every retained message from the shared store already.)
+            match app.shadows.republish_deltas().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(shadows = n, "republished retained shadow deltas"),
+                Err(e) => tracing::warn!(error = %e, "republishing shadow deltas failed"),
+            }
         }
         tasks.spawn(crate::commands::run_dispatcher(
             app.commands.clone(),
@@ -310,6 +429,12 @@ impl RunningServer {
         while tasks.join_next().await.is_some() {}
         if let Err(e) = app.presence.flush().await {
             tracing::warn!(error = %e, "final presence flush failed");
+        }
+        if let Some(cluster) = app.cluster() {
+            if let Err(e) = app.presence.flush_sessions().await {
+                tracing::warn!(error = %e, "final session flush failed");
+            }
+            cluster.release_leases().await;
         }
         // The last handles of the app and the broker: the writers' senders go with them, so
         // each writer drains its queue and ends.
@@ -561,9 +686,33 @@ async fn presence_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
     .await;
 }
 
+/// Whether this node runs once-only work `lease` now: always on a single node; in a cluster
+/// only while it holds the lease.
+async fn runs(app: &App, lease: &'static str) -> bool {
+    match app.cluster() {
+        Some(cluster) => cluster.holds(lease).await,
+        None => true,
+    }
+}
+
+/// Cluster mode: this node's session opens and closes reach the store every
+/// [`crate::presence::SESSION_FLUSH_INTERVAL_MS`].
+async fn session_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
+    let period = Duration::from_millis(crate::presence::SESSION_FLUSH_INTERVAL_MS);
+    run_every(period, stop, || async {
+        if let Err(e) = app.presence.flush_sessions().await {
+            tracing::warn!(error = %e, "session flush failed; will retry");
+        }
+    })
+    .await;
+}
+
 async fn compaction_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
     let period = Duration::from_secs(crate::telemetry::COMPACTION_INTERVAL_SECS);
     run_every(period, stop, || async {
+        if !runs(&app, crate::cluster::LEASE_COMPACTION).await {
+            return;
+        }
         match app.telemetry.compaction_pass().await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(rows = n, "telemetry compaction moved points into chunks"),
@@ -576,6 +725,9 @@ async fn compaction_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
 async fn retention_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
     let period = Duration::from_secs(app.config().telemetry.retention_interval_secs.max(1));
     run_every(period, stop, || async {
+        if !runs(&app, crate::cluster::LEASE_RETENTION).await {
+            return;
+        }
         match app.telemetry.retention_pass().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "telemetry retention removed old points"),

@@ -162,7 +162,12 @@ impl Telemetry {
     pub async fn retention_pass(&self) -> mooring_store::Result<usize> {
         let config = &self.core.config.telemetry;
         let retention_ms = u64::from(config.retention_days) * 86_400_000;
+        // Rounded down to the store's granularity (a day on PostgreSQL: whole partitions are
+        // dropped instead of rows deleted one by one), so points live at most one granule
+        // longer than `retention_days`.
+        let granularity = self.core.store.retention_granularity_ms().max(1);
         let cutoff = self.core.now_ms().saturating_sub(retention_ms);
+        let cutoff = cutoff - cutoff % granularity;
         let rows = mooring_store::run_retention_pass(
             self.core.store.as_ref(),
             cutoff,

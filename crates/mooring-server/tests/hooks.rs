@@ -47,6 +47,7 @@ async fn connect(
             username: None,
             password,
             protocol_version: ProtocolVersion::V5,
+            clean_start: true,
         })
         .await
         .map(|a| a.principal)

@@ -99,13 +99,19 @@ impl Commands {
             }
         }
         if full_batch {
-            self.kick(device_id, false);
+            self.kick_local(device_id, false);
         }
         Ok(())
     }
 
-    /// One scheduler pass: expire, give up, or ask for redelivery of what is due.
+    /// One scheduler pass: expire, give up, or ask for redelivery of what is due. In a cluster
+    /// only the holder of the scheduler lease runs it.
     pub async fn run_scheduler_pass(&self) -> ServiceResult<usize> {
+        if let Some(cluster) = self.core.cluster() {
+            if !cluster.holds(crate::cluster::LEASE_SCHEDULER).await {
+                return Ok(0);
+            }
+        }
         let now_ms = self.core.now_ms();
         let due = self
             .core
@@ -113,6 +119,23 @@ impl Commands {
             .due_commands(now_ms, SCHEDULER_BATCH_LEN_MAX)
             .await?;
         let n = due.len();
+        // In a cluster, which of the devices with a redelivery due are online on other nodes.
+        let elsewhere: std::collections::BTreeSet<String> = match self.core.cluster() {
+            Some(cluster) => {
+                let ids: Vec<String> = due
+                    .iter()
+                    .filter(|c| c.state == CommandState::Delivered)
+                    .map(|c| c.device_id.to_string())
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                self.registry
+                    .presence()
+                    .online(&ids, cluster.alive_since_ms())
+                    .await?
+            }
+            None => Default::default(),
+        };
         for c in due {
             if c.state == CommandState::Acknowledged {
                 self.transition(None, &c.id, Event::ResultTimeout).await?;
@@ -124,7 +147,7 @@ impl Commands {
                 let subscribed = self.core.broker().is_some_and(|b| {
                     b.device_is_subscribed(&c.device_id, &Topic::command(&c.device_id, "c"))
                 });
-                if subscribed {
+                if subscribed || elsewhere.contains(c.device_id.as_str()) {
                     self.kick(&c.device_id, false);
                 } else {
                     // Offline: no attempt now; a reconnect redelivers it at once.

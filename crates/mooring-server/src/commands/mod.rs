@@ -95,7 +95,36 @@ impl Commands {
 
     /// Asks the dispatcher to deliver what is pending for `device_id`; `all_delivered` also
     /// redelivers unacknowledged commands whose retry is not yet due (after a (re)connect).
+    /// In a cluster, a device whose commands subscription is not on this node is asked of the
+    /// other nodes (the one holding its session delivers).
     pub fn kick(&self, device_id: &DeviceId, all_delivered: bool) {
+        if let Some(cluster) = self.core.cluster() {
+            let here = self.core.broker().is_some_and(|b| {
+                b.device_is_subscribed(device_id, &mooring_proto::Topic::command(device_id, "c"))
+            });
+            if !here {
+                cluster.kick(device_id, all_delivered);
+                return;
+            }
+        }
+        self.kick_local(device_id, all_delivered);
+    }
+
+    /// A kick from another node: delivered here only if this node holds the device's session.
+    pub(crate) fn kick_here(&self, device_id: &str, all_delivered: bool) {
+        let Ok(device_id) = DeviceId::parse(device_id) else {
+            return;
+        };
+        let here = self.core.broker().is_some_and(|b| {
+            b.device_is_subscribed(&device_id, &mooring_proto::Topic::command(&device_id, "c"))
+        });
+        if here {
+            self.kick_local(&device_id, all_delivered);
+        }
+    }
+
+    /// [`Commands::kick`] on this node only (the device's session is here).
+    pub(crate) fn kick_local(&self, device_id: &DeviceId, all_delivered: bool) {
         {
             let mut k = lock(&self.kicks);
             if let Some(flag) = k.get_mut(device_id) {
@@ -127,6 +156,16 @@ impl Commands {
     }
 
     fn notify(&self, id: &str, state: CommandState) {
+        self.notify_here(id, state);
+        if state.is_final() {
+            if let Some(cluster) = self.core.cluster() {
+                cluster.command_final(id, state.as_str());
+            }
+        }
+    }
+
+    /// Wakes this node's `wait_ms` waiters on command `id` (also for another node's transition).
+    pub(crate) fn notify_here(&self, id: &str, state: CommandState) {
         if let Some(tx) = lock(&self.waiters).get(id) {
             tx.send_replace(state);
         }

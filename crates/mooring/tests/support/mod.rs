@@ -128,8 +128,9 @@ impl Server {
                 break;
             }
         }
+        // A cluster node that did not create the cluster's admin token has none (empty).
         let token = std::fs::read_to_string(data_dir.join("admin.token"))
-            .expect("admin.token")
+            .unwrap_or_default()
             .trim()
             .to_owned();
         Server {
