@@ -45,12 +45,24 @@ pub struct ServerConfig {
 }
 
 /// `[store]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `postgres://user@host:port/db` (any libpq URL): the shared PostgreSQL database of a
     /// cluster. Absent: the embedded SQLite database in the data dir.
     pub url: Option<String>,
+    /// Most PostgreSQL connections this node opens (nodes × pool_size must stay below the
+    /// database's `max_connections`).
+    pub pool_size: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            pool_size: 16,
+        }
+    }
 }
 
 /// `[bus]`.
@@ -413,6 +425,9 @@ impl ServerConfig {
                     "[store] url needs [cluster] secret_key_file: a file every node has, with 64 hex                      digits (create one with `openssl rand -hex 32 > cluster.key; chmod 600 cluster.key`)"
                 );
             }
+        }
+        if self.store.pool_size == 0 {
+            bail!("store.pool_size must be at least 1");
         }
         if let Some(url) = &self.bus.url {
             if !url.starts_with("nats://") {

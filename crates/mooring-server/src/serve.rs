@@ -99,7 +99,7 @@ pub async fn run(
 async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
     match &config.store.url {
         Some(url) => {
-            let store = mooring_store::PgStore::connect(url)
+            let store = mooring_store::PgStore::connect_sized(url, config.store.pool_size)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| format!("connecting to PostgreSQL at {}", redact_url(url)))?;

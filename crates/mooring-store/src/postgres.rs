@@ -59,7 +59,7 @@ const MIGRATIONS: &[&str] = &[
 /// ASCII, then 1): two processes starting together migrate one after the other.
 const MIGRATION_LOCK_KEY: i64 = 0x6d6f_6f72_696e_6701;
 
-/// Most connections one store keeps open.
+/// Most connections one store keeps open, unless [`PgStore::connect_sized`] says otherwise.
 pub const POOL_SIZE_MAX: usize = 16;
 /// How long opening one connection may take (unless the URL sets `connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -92,14 +92,27 @@ impl PgStore {
     /// string) and applies pending migrations. `Unavailable` if the server cannot be reached,
     /// `SchemaTooNew` if a newer Mooring migrated the database.
     pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_sized(url, POOL_SIZE_MAX).await
+    }
+
+    /// [`PgStore::connect`] keeping at most `pool_size` connections open (at least 1): several
+    /// servers share the database's `max_connections`.
+    pub async fn connect_sized(url: &str, pool_size: usize) -> Result<Self> {
         let config = url
             .parse::<tokio_postgres::Config>()
             .map_err(|e| StoreError::InvalidInput(format!("postgres url: {e}")))?;
-        Self::connect_with(config).await
+        Self::connect_with_pool(config, pool_size).await
     }
 
     /// [`PgStore::connect`] with a parsed configuration.
-    pub async fn connect_with(mut config: tokio_postgres::Config) -> Result<Self> {
+    pub async fn connect_with(config: tokio_postgres::Config) -> Result<Self> {
+        Self::connect_with_pool(config, POOL_SIZE_MAX).await
+    }
+
+    async fn connect_with_pool(
+        mut config: tokio_postgres::Config,
+        pool_size: usize,
+    ) -> Result<Self> {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -111,7 +124,7 @@ impl PgStore {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE_MAX)
+            .max_size(pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .wait_timeout(Some(POOL_WAIT_TIMEOUT))
             .create_timeout(Some(CONNECT_TIMEOUT))
