@@ -285,7 +285,7 @@ pub fn render_metrics(app: &App) -> String {
     let w = app.telemetry.writer_stats();
     e.gauge(
         "mooring_devices_online",
-        "Devices with a live session",
+        "Devices with a live session on this node (in a cluster: sum over the nodes)",
         app.presence.online_count() as f64,
     )
     .gauge(
