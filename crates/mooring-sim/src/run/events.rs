@@ -34,128 +34,128 @@ pub(super) async fn run_events(
             ..TimelineEvent::default()
         };
         let mut watch = None;
-        let outcome = match &e.action {
-            Action::Command {
-                to,
-                name,
-                params,
-                ttl,
-            } => command(&control, i, to, name, params, *ttl)
-                .await
-                .map(|total| {
-                    control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
-                    ev.devices = total;
-                    ev.fleet_command = lock(&control.fleet_commands)
-                        .last()
-                        .map(|(_, id, _)| id.clone());
-                    if let (Some(id), None) = (&ev.fleet_command, &control.remote) {
-                        tokio::spawn(watch_fleet_command(Arc::clone(&control), id.clone()));
-                    }
-                }),
-            Action::CutLink { region, duration } => {
-                let until = control.net.clock.elapsed_ms() + duration.0;
-                let mut hit = Vec::new();
-                for d in devices
-                    .iter()
-                    .filter(|d| region.is_empty() || s.cohorts[d.cohort].region == *region)
-                {
-                    d.link.cut(until, &control.net.stats);
-                    d.link.await_reconnect(until);
-                    hit.push(d.index);
-                }
-                control.log(format!(
-                    "{at}: cut_link {} for {}: {} devices",
-                    ev.target,
-                    fmt_ms(duration.0),
-                    hit.len()
-                ));
-                control.fault("cut_link (devices)", hit.len() as u64, 0);
-                ev.devices = hit.len() as u64;
-                ev.until_ms = Some(until);
-                watch = Some((until, hit));
-                Ok(())
-            }
-            Action::DeleteDevice { device } => {
-                let (device, deleted) = match (&control.remote, control.app()) {
-                    (Some(api), _) => {
-                        let id = api.device_id(device);
-                        let r = api.delete_device(&id).await.map_err(|e| format!("{e:#}"));
-                        (id, r)
-                    }
-                    (None, Some(app)) => (
-                        device.clone(),
-                        app.registry
-                            .delete_device(device)
-                            .await
-                            .map_err(|e| e.to_string()),
-                    ),
-                    (None, None) => (device.clone(), Err("the server is down".to_owned())),
-                };
-                ev.target = device.clone();
-                deleted.map(|()| {
-                    control.log(format!("{at}: deleted device {device}"));
-                    lock(&control.deleted).insert(device);
-                    control.fault("delete_device", 1, 0);
-                    ev.devices = 1;
-                })
-            }
-            Action::Retag { to, tags } => {
-                match control.app().filter(|_| control.remote.is_none()) {
-                    None => Err("needs the in-process server, running".to_owned()),
-                    Some(app) => retag(&app, to, tags).await.map(|n| {
-                        control.log(format!("{at}: retag {to:?} -> {tags:?}: {n} devices"));
-                        control.fault("retag", n, 0);
-                        ev.devices = n;
-                    }),
-                }
-            }
-            Action::RestartServer { .. } if control.remote.is_some() => {
-                Err("needs the in-process server (remote mode cannot restart a server)".to_owned())
-            }
-            Action::RestartServer { downtime } => {
-                let old = control
-                    .servers
-                    .lock()
+        let outcome =
+            match &e.action {
+                Action::Command {
+                    to,
+                    name,
+                    params,
+                    ttl,
+                } => command(&control, i, to, name, params, *ttl)
                     .await
-                    .first_mut()
-                    .and_then(Option::take);
-                control.net.set_broker(None);
-                control.set_app(0, None);
-                if let Some(old) = old {
-                    old.shutdown().await;
-                }
-                tokio::time::sleep(downtime.as_std()).await;
-                match control.start_server(0).await {
-                    Ok(new) => {
-                        control.put_server(0, &new);
-                        if let Some(slot) = control.servers.lock().await.first_mut() {
-                            *slot = Some(new);
+                    .map(|total| {
+                        control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
+                        ev.devices = total;
+                        ev.fleet_command = lock(&control.fleet_commands)
+                            .last()
+                            .map(|(_, id, _)| id.clone());
+                        if let (Some(id), None) = (&ev.fleet_command, &control.remote) {
+                            tokio::spawn(watch_fleet_command(Arc::clone(&control), id.clone()));
                         }
-                        control.log(format!(
-                            "{at}: server restarted after {} down",
-                            fmt_ms(downtime.0)
-                        ));
-                        control.fault("server_restart", 1, 1);
-                        let back = control.net.clock.elapsed_ms();
-                        let deleted = lock(&control.deleted).clone();
-                        let expected: Vec<usize> = devices
-                            .iter()
-                            .filter(|d| !deleted.contains(d.id.as_str()))
-                            .map(|d| {
-                                d.link.await_reconnect(back);
-                                d.index
-                            })
-                            .collect();
-                        ev.devices = expected.len() as u64;
-                        ev.until_ms = Some(back);
-                        watch = Some((back, expected));
-                        Ok(())
+                    }),
+                Action::CutLink { region, duration } => {
+                    let until = control.net.clock.elapsed_ms() + duration.0;
+                    let mut hit = Vec::new();
+                    for d in devices
+                        .iter()
+                        .filter(|d| region.is_empty() || s.cohorts[d.cohort].region == *region)
+                    {
+                        d.link.cut(until, &control.net.stats);
+                        d.link.await_reconnect(until);
+                        hit.push(d.index);
                     }
-                    Err(err) => Err(format!("{err:#}")),
+                    control.log(format!(
+                        "{at}: cut_link {} for {}: {} devices",
+                        ev.target,
+                        fmt_ms(duration.0),
+                        hit.len()
+                    ));
+                    control.fault("cut_link (devices)", hit.len() as u64, 0);
+                    ev.devices = hit.len() as u64;
+                    ev.until_ms = Some(until);
+                    watch = Some((until, hit));
+                    Ok(())
                 }
-            }
-            Action::KillNode { node } => {
-                kill_node(&control, &devices, *node)
+                Action::DeleteDevice { device } => {
+                    let (device, deleted) = match (&control.remote, control.app()) {
+                        (Some(api), _) => {
+                            let id = api.device_id(device);
+                            let r = api.delete_device(&id).await.map_err(|e| format!("{e:#}"));
+                            (id, r)
+                        }
+                        (None, Some(app)) => (
+                            device.clone(),
+                            app.registry
+                                .delete_device(device)
+                                .await
+                                .map_err(|e| e.to_string()),
+                        ),
+                        (None, None) => (device.clone(), Err("the server is down".to_owned())),
+                    };
+                    ev.target = device.clone();
+                    deleted.map(|()| {
+                        control.log(format!("{at}: deleted device {device}"));
+                        lock(&control.deleted).insert(device);
+                        control.fault("delete_device", 1, 0);
+                        ev.devices = 1;
+                    })
+                }
+                Action::Retag { to, tags } => {
+                    match control.app().filter(|_| control.remote.is_none()) {
+                        None => Err("needs the in-process server, running".to_owned()),
+                        Some(app) => retag(&app, to, tags).await.map(|n| {
+                            control.log(format!("{at}: retag {to:?} -> {tags:?}: {n} devices"));
+                            control.fault("retag", n, 0);
+                            ev.devices = n;
+                        }),
+                    }
+                }
+                Action::RestartServer { .. } if control.remote.is_some() => Err(
+                    "needs the in-process server (remote mode cannot restart a server)".to_owned(),
+                ),
+                Action::RestartServer { downtime } => {
+                    let old = control
+                        .servers
+                        .lock()
+                        .await
+                        .first_mut()
+                        .and_then(Option::take);
+                    control.net.set_broker(None);
+                    control.set_app(0, None);
+                    if let Some(old) = old {
+                        old.shutdown().await;
+                    }
+                    tokio::time::sleep(downtime.as_std()).await;
+                    match control.start_server(0).await {
+                        Ok(new) => {
+                            control.put_server(0, &new);
+                            if let Some(slot) = control.servers.lock().await.first_mut() {
+                                *slot = Some(new);
+                            }
+                            control.log(format!(
+                                "{at}: server restarted after {} down",
+                                fmt_ms(downtime.0)
+                            ));
+                            control.fault("server_restart", 1, 1);
+                            let back = control.net.clock.elapsed_ms();
+                            let deleted = lock(&control.deleted).clone();
+                            let expected: Vec<usize> = devices
+                                .iter()
+                                .filter(|d| !deleted.contains(d.id.as_str()))
+                                .map(|d| {
+                                    d.link.await_reconnect(back);
+                                    d.index
+                                })
+                                .collect();
+                            ev.devices = expected.len() as u64;
+                            ev.until_ms = Some(back);
+                            watch = Some((back, expected));
+                            Ok(())
+                        }
+                        Err(err) => Err(format!("{err:#}")),
+                    }
+                }
+                Action::KillNode { node } => kill_node(&control, &devices, *node, e.at.0)
                     .await
                     .map(|(hit, since)| {
                         control.log(format!(
@@ -165,12 +165,11 @@ pub(super) async fn run_events(
                         ));
                         ev.devices = hit.len() as u64;
                         watch = Some((since, hit));
-                    })
-            }
-            Action::RestartNode { node } => restart_node(&control, *node).await.map(|()| {
-                control.log(format!("{at}: {} started again", ev.target));
-            }),
-        };
+                    }),
+                Action::RestartNode { node } => restart_node(&control, *node).await.map(|()| {
+                    control.log(format!("{at}: {} started again", ev.target));
+                }),
+            };
         let server_lost = matches!(e.action, Action::RestartServer { .. })
             && outcome.is_err()
             && control.remote.is_none();
@@ -277,11 +276,12 @@ fn describe(action: &Action) -> (String, String) {
 /// Kills cluster node `node` (1-based) as `kill -9` would: off the network, every connection
 /// to it dropped where it is, its tasks aborted (`RunningServer::kill`). Returns the devices
 /// that were connected to it (whose reconnection the run then measures) and the virtual ms of
-/// the kill; starts a watch of where its leases go.
+/// the kill; starts a watch of where its leases go (noted under the event's time `at_ms`).
 async fn kill_node(
     control: &Arc<Control>,
     devices: &[Arc<DeviceState>],
     node: usize,
+    at_ms: u64,
 ) -> Result<(Vec<usize>, u64), String> {
     let slot = node
         .checked_sub(1)
@@ -336,7 +336,7 @@ async fn kill_node(
     server.kill();
     control.fault("node_kill", 1, 0);
     if !leases.is_empty() {
-        let key = (since, node_id(node));
+        let key = (at_ms, node_id(node));
         lock(&control.watchers).spawn(watch_leases(control.clone(), key, leases, since));
     }
     Ok((hit, since))

@@ -73,7 +73,7 @@ struct Control {
     cluster: Option<ClusterParts>,
     /// Cluster mode: each node's starts, kills and the counters of its killed runs, by slot.
     node_history: Mutex<Vec<NodeHistory>>,
-    /// Cluster mode: where each killed node's leases went, by (kill time, node id).
+    /// Cluster mode: where each killed node's leases went, by (the kill event's time, node id).
     lease_moves: Mutex<BTreeMap<(u64, String), Vec<LeaseMove>>>,
     /// Watches events start that outlive them (where a killed node's leases go); aborted
     /// when the run ends.
