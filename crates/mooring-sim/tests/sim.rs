@@ -691,7 +691,10 @@ fn a_cluster_loses_nodes_under_load_and_keeps_every_promise() -> anyhow::Result<
         assert!(kill.devices > 0, "{kill:?}");
         assert_eq!(back.devices, kill.devices, "{kill:?}");
     }
-    // Per-node counts were sampled over the run.
+    // Per-node counts were sampled over the run, and the page shows them and each node.
     assert!(r.samples.iter().all(|s| !s.nodes.is_empty()));
+    let html = r.html();
+    assert!(html.contains("Devices per node"));
+    assert!(html.contains("node node-2: alive (started 2 times, killed once)"));
     Ok(())
 }
