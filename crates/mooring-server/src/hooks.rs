@@ -154,7 +154,7 @@ impl Hooks for ServerHooks {
             // In a cluster: the node that held this device's session hands it over first.
             if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
                 cluster
-                    .take_over(broker, &principal, cn, cn, req.clean_start)
+                    .take_over(broker, &app.presence, &principal, cn, cn, req.clean_start)
                     .await;
             }
             return Ok(Authenticated {
@@ -290,7 +290,15 @@ impl Hooks for ServerHooks {
 
     fn on_connected(&self, _client_id: &str, principal: &Principal) {
         if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
-            app.presence.connected(id, app.now_ms());
+            if !app.presence.connected(id, app.now_ms()) {
+                // A newer session of this device opened on another node while this one was
+                // connecting: it goes, as an older one would have.
+                if let Some(broker) = app.broker() {
+                    broker.hand_over(&mooring_broker::PrincipalKey::device(id));
+                }
+                tracing::debug!(device = %id, "superseded by a newer session elsewhere");
+                return;
+            }
             tracing::debug!(device = %id, "online");
             // A persistent session may already hold the commands subscription.
             app.commands.kick_local(id, true);

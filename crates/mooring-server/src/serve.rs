@@ -102,31 +102,17 @@ async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
             let store = mooring_store::PgStore::connect_sized(url, config.store.pool_size)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))
-                .with_context(|| format!("connecting to PostgreSQL at {}", redact_url(url)))?;
+                .with_context(|| {
+                    format!(
+                        "connecting to PostgreSQL at {}",
+                        mooring_bus::redact_url(url)
+                    )
+                })?;
             Ok(Arc::new(store))
         }
         None => Ok(Arc::new(SqliteStore::open(&config.data_dir).with_context(
             || format!("opening store in {}", config.data_dir.display()),
         )?)),
-    }
-}
-
-/// A URL without its password, for messages and logs.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &creds[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -137,6 +123,7 @@ async fn start_cluster(
     config: &ServerConfig,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    bus_key: ring::hmac::Key,
 ) -> anyhow::Result<(Arc<crate::cluster::Cluster>, mooring_bus::Subscription)> {
     let bus_config = mooring_bus::BusConfig {
         subscription_buffer_len: config.bus.buffer_len,
@@ -146,17 +133,16 @@ async fn start_cluster(
         Some(url) => {
             let mut nats = mooring_bus::NatsConfig::new(url.clone(), config.bus.prefix.clone());
             nats.bus = bus_config;
-            Arc::new(
-                mooring_bus::NatsBus::connect(nats)
-                    .await
-                    .with_context(|| format!("connecting to NATS at {}", redact_url(url)))?,
-            )
+            Arc::new(mooring_bus::NatsBus::connect(nats).await.with_context(|| {
+                format!("connecting to NATS at {}", mooring_bus::redact_url(url))
+            })?)
         }
         None => Arc::new(mooring_bus::InProcessBus::new(bus_config)?),
     };
     let cluster = Arc::new(crate::cluster::Cluster::new(
         config.node_id.clone(),
         bus.clone(),
+        bus_key,
         store.clone(),
         clock,
         &config.cluster,
@@ -249,12 +235,17 @@ impl RunningServer {
         let now =
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(clock.now_ms()) * 1_000_000)
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let (pki, created) = match &config.cluster.secret_key_file {
+        let cluster_key = match &config.cluster.secret_key_file {
             Some(key_file) if config.is_shared() => {
-                let key = crate::pki::SecretKey::from_file(key_file)?;
-                Pki::load_or_create_shared(store.as_ref(), &key, &config.server_names, now).await?
+                Some(crate::pki::SecretKey::from_file(key_file)?)
             }
-            _ => Pki::load_or_create(&config.data_dir, &config.server_names, now)?,
+            _ => None,
+        };
+        let (pki, created) = match &cluster_key {
+            Some(key) => {
+                Pki::load_or_create_shared(store.as_ref(), key, &config.server_names, now).await?
+            }
+            None => Pki::load_or_create(&config.data_dir, &config.server_names, now)?,
         };
         if created {
             tracing::info!("created the fleet CA and the server certificate");
@@ -289,8 +280,8 @@ impl RunningServer {
             .load_broker_state()
             .await
             .context("loading the broker's retained messages and sessions")?;
-        let cluster = if config.is_shared() {
-            Some(start_cluster(&config, store.clone(), clock.clone()).await?)
+        let cluster = if let Some(key) = &cluster_key {
+            Some(start_cluster(&config, store.clone(), clock.clone(), key.bus_key()).await?)
         } else {
             None
         };

@@ -369,6 +369,70 @@ async fn a_persistent_session_moves_with_its_device_and_keeps_what_was_queued_fo
         .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_bus_messages_are_refused_and_a_revoked_bootstrap_token_stays_revoked() {
+    let env = Env::new().await;
+    let a = env.start("a");
+    let creds = a.create_device("lock-9", env.tmp.path());
+    let dev = online(&a, &creds, "lock-9").await;
+    wait_online(&a, "lock-9", true).await;
+
+    // Someone else on the NATS server, without the cluster key, tries to take the device's
+    // session away and to inject a message: both are dropped and counted.
+    let rogue =
+        mooring_bus::NatsBus::connect(mooring_bus::NatsConfig::new(nats_url(), env.prefix.clone()))
+            .await
+            .expect("rogue NATS client");
+    use mooring_bus::Bus;
+    let mut forged = vec![5u8];
+    forged.extend_from_slice(b"rogue");
+    forged.extend_from_slice(&now_ms().to_be_bytes());
+    forged.extend_from_slice(&[0u8; 32]);
+    forged.extend_from_slice(br#"[["lock-9", 18446744073709551615, false]]"#);
+    rogue
+        .publish("cluster.session", forged.clone().into())
+        .await
+        .expect("publish");
+    rogue
+        .publish("cluster.mqtt", b"garbage".to_vec().into())
+        .await
+        .expect("publish");
+    a.wait_metric("mooring_cluster_bus_rejected_total", |v| v >= 2.0)
+        .await;
+    assert_eq!(a.metric("mooring_cluster_takeovers_total").await, 0.0);
+    assert!(device_online(&a, "lock-9").await);
+    assert_eq!(a.metric("mooring_mqtt_connections").await, 1.0);
+    drop(dev);
+
+    // The admin token the cluster made once is revoked (in the database: the token API comes
+    // with accounts); a restart does not make another.
+    let (client, connection) = tokio_postgres::connect(&env.db_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the cluster's database");
+    let driver = tokio::spawn(connection);
+    let revoked = client
+        .execute("DELETE FROM tokens WHERE role = 'admin'", &[])
+        .await
+        .expect("revoke");
+    assert_eq!(revoked, 1, "one admin token in the cluster");
+    let dir = a.data_dir.clone();
+    a.stop();
+    std::fs::remove_file(dir.join("admin.token")).expect("remove old token file");
+    let _a = env.start("a");
+    assert!(
+        !dir.join("admin.token").exists(),
+        "a restarted node must not create a new admin token"
+    );
+    let admins: i64 = client
+        .query_one("SELECT count(*) FROM tokens WHERE role = 'admin'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(admins, 0);
+    drop(client);
+    let _ = driver.await;
+}
+
 /// Publishes QoS 1 telemetry with increasing `seq` until told to stop, reconnecting to the next
 /// node when its connection dies; records every seq whose PUBACK arrived.
 async fn publish_until(
