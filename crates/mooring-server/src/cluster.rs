@@ -7,11 +7,11 @@
 //!
 //! | subject            | body                                  | a receiving node                                   |
 //! |--------------------|---------------------------------------|----------------------------------------------------|
-//! | `cluster.session`  | `[[device, since_ms, answer], ..]`    | hands over what it holds of that device unless its own connection is newer (closed with v5 0x8E, forgotten without touching its stored state); answers if asked |
+//! | `cluster.session`  | `[[session key, owner, since_ms, answer], ..]` | hands over the session it holds under that key (`d:<device>`, `s:<client>`, `x:<client>`) unless its own connection of that device is newer (closed with v5 0x8E, forgotten without touching its stored state); answers if asked |
 //! | `cluster.kick`     | `[[device, all_delivered], ..]`       | delivers the device's pending commands if it holds its session |
 //! | `cluster.final`    | `[[command id, state], ..]`           | wakes its `wait_ms` waiters on those commands       |
 //! | `cluster.device`   | `[device, ..]`                        | re-reads each from the store: re-authorizes its sessions with the stored tags, or removes them if it is gone |
-//! | `cluster.released` | `[device, ..]`                        | counts the sender's answer for the connects waiting on those devices |
+//! | `cluster.released` | `[session key, ..]`                   | counts the sender's answer for the connects waiting on those sessions |
 //! | `cluster.mqtt`     | forwarded MQTT messages               | retains (memory) and routes them to its sessions    |
 //!
 //! A device connecting to node B: at CONNECT, B announces the session (`cluster.session`).
@@ -91,8 +91,8 @@ struct ReleaseWait {
 
 #[derive(Default)]
 struct Outbox {
-    /// `(device, since_ms, answer wanted)`.
-    sessions: Vec<(String, u64, bool)>,
+    /// `(session key, owner as PrincipalKey text, since_ms, answer wanted)`.
+    sessions: Vec<(String, String, u64, bool)>,
     kicks: BTreeMap<String, bool>,
     finals: Vec<(String, String)>,
     devices: BTreeSet<String>,
@@ -200,17 +200,18 @@ impl Cluster {
         self.wake.notify_one();
     }
 
-    /// The device's session opens here at `since_ms`: other nodes hand theirs over (and, if
-    /// `answer`, say when they are done).
-    fn session_opened(&self, device: &str, since_ms: u64, answer: bool) {
-        self.push(device.len() + 16, |o| {
-            o.sessions.push((device.to_owned(), since_ms, answer))
+    /// Session `key` opens here at `since_ms`: other nodes hand theirs over (and, if `answer`,
+    /// say when they are done).
+    fn session_opened(&self, key: &str, owner: &str, since_ms: u64, answer: bool) {
+        self.push(key.len() + owner.len() + 16, |o| {
+            o.sessions
+                .push((key.to_owned(), owner.to_owned(), since_ms, answer))
         });
     }
 
-    /// This node handed the device's session over and what it stored for it is durable.
-    fn released(&self, device: &str) {
-        self.push(device.len(), |o| o.released.push(device.to_owned()));
+    /// This node handed session `key` over (or held none) and what it stored is durable.
+    fn released(&self, key: &str) {
+        self.push(key.len(), |o| o.released.push(key.to_owned()));
     }
 
     /// A device authenticated here (CONNECT): other nodes hand its session over. Unless the
@@ -223,65 +224,65 @@ impl Cluster {
         presence: &crate::presence::Presence,
         principal: &mooring_broker::Principal,
         client_id: &str,
-        device: &str,
         clean_start: bool,
     ) {
         let now = self.clock.now_ms();
-        presence.connecting(device, now);
+        // Sessions are announced by their stored key (`d:<device>`, `s:<client>`, `x:<client>`),
+        // so every kind of client moves, not only devices.
+        let key = mooring_broker::persist::stored_session_key(principal, client_id);
+        let who = mooring_broker::PrincipalKey::of(principal);
+        let owner = who.as_text();
+        if let mooring_broker::Principal::Device { id, .. } = principal {
+            presence.connecting(id, now);
+        }
         if clean_start {
-            self.session_opened(device, now, false);
+            self.session_opened(&key, &owner, now, false);
             return;
         }
-        let others: std::collections::BTreeSet<String> = match self
-            .store
-            .live_nodes(self.alive_since_ms())
-            .await
-        {
+        let others: BTreeSet<String> = match self.store.live_nodes(self.alive_since_ms()).await {
             Ok(nodes) => nodes
                 .into_iter()
                 .map(|(n, _)| n)
                 .filter(|n| *n != self.node)
                 .collect(),
             Err(e) => {
-                tracing::warn!(device, error = %e, "listing live nodes failed; not waiting for a hand-over");
-                Default::default()
+                tracing::warn!(session = key, error = %e, "listing live nodes failed; not waiting for a hand-over");
+                BTreeSet::new()
             }
         };
         let wait = (!others.is_empty()).then(|| {
             let (done, rx) = tokio::sync::oneshot::channel();
-            lock(&self.releases)
-                .entry(device.to_owned())
-                .or_default()
-                .push(ReleaseWait {
-                    pending: others,
-                    done,
-                });
+            let mut r = lock(&self.releases);
+            // Bounded by the connects in progress; a cancelled one's entry goes at its timeout.
+            r.entry(key.clone()).or_default().push(ReleaseWait {
+                pending: others,
+                done,
+            });
             rx
         });
-        self.session_opened(device, now, true);
+        self.session_opened(&key, &owner, now, true);
         if let Some(rx) = wait {
             if tokio::time::timeout(Duration::from_millis(TAKEOVER_WAIT_MS), rx)
                 .await
                 .is_err()
             {
                 tracing::warn!(
-                    device,
+                    session = key,
                     "not every node answered the hand-over in time; resuming what is stored"
                 );
                 let mut r = lock(&self.releases);
-                if let Some(list) = r.get_mut(device) {
+                if let Some(list) = r.get_mut(&key) {
                     list.retain(|w| !w.done.is_closed());
                     if list.is_empty() {
-                        r.remove(device);
+                        r.remove(&key);
                     }
                 }
             }
         }
-        if broker.holds_sessions(&mooring_broker::PrincipalKey::of(principal)) {
+        if broker.holds_stored(&key, &who) {
             // Still (or already) here: resumed from memory.
             return;
         }
-        let key = mooring_broker::persist::stored_session_key(principal, client_id);
         match self.store.load_broker_session(&key).await {
             Ok(Some(s)) => {
                 if broker.adopt(mooring_broker::RestoredSession {
@@ -289,18 +290,20 @@ impl Cluster {
                     value: s.value,
                     messages: s.messages,
                 }) {
-                    tracing::debug!(device, "took over the stored session");
+                    tracing::debug!(session = key, "took over the stored session");
                 }
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(device, error = %e, "loading the stored session failed"),
+            Err(e) => {
+                tracing::warn!(session = key, error = %e, "loading the stored session failed")
+            }
         }
     }
 
-    /// Node `from` answered the session notice for `device`.
-    fn on_released(&self, device: &str, from: &str) {
+    /// Node `from` answered the session notice for session `key`.
+    fn on_released(&self, key: &str, from: &str) {
         let mut r = lock(&self.releases);
-        let Some(list) = r.get_mut(device) else {
+        let Some(list) = r.get_mut(key) else {
             return;
         };
         let mut i = 0;
@@ -314,7 +317,7 @@ impl Cluster {
             }
         }
         if list.is_empty() {
-            r.remove(device);
+            r.remove(key);
         }
     }
 
@@ -689,10 +692,10 @@ fn handle(
                 }
             }
         }
-        SUBJECT_SESSION => match serde_json::from_slice::<Vec<(String, u64, bool)>>(body) {
+        SUBJECT_SESSION => match serde_json::from_slice::<Vec<(String, String, u64, bool)>>(body) {
             Ok(list) => {
-                for (device, since_ms, answer) in list {
-                    hand_over(app, cluster, from, device, since_ms, answer);
+                for (key, owner, since_ms, answer) in list {
+                    hand_over(app, cluster, from, key, &owner, since_ms, answer);
                 }
             }
             Err(e) => bad(e),
@@ -717,8 +720,8 @@ fn handle(
         },
         SUBJECT_RELEASED => match serde_json::from_slice::<Vec<String>>(body) {
             Ok(list) => {
-                for device in list {
-                    cluster.on_released(&device, from);
+                for key in list {
+                    cluster.on_released(&key, from);
                 }
             }
             Err(e) => bad(e),
@@ -739,40 +742,50 @@ fn handle(
     }
 }
 
-/// Node `from` opens a session of `device` (since `since_ms`): unless this node's own
-/// connection of it is newer, this node hands whatever it holds of the device over (closing
-/// a connection, forgetting an offline persistent session). If `answer`, it says so once
-/// what it stored for the device is durable.
+/// Node `from` opens session `key` (since `since_ms`): unless this node's own connection of
+/// that device is newer, this node hands over what it holds under the key (closing a
+/// connection, forgetting an offline persistent session). If `answer`, it says so once what it
+/// stored for the session is durable.
+#[allow(clippy::too_many_arguments)]
 fn hand_over(
     app: &Arc<crate::app::App>,
     cluster: &Arc<Cluster>,
     from: &str,
-    device: String,
+    key: String,
+    owner: &str,
     since_ms: u64,
     answer: bool,
 ) {
     let Some(broker) = app.broker() else {
         return;
     };
-    let who = mooring_broker::PrincipalKey::device(&device);
-    let keep = app
-        .presence
-        .newer_here(&device, since_ms, from, &cluster.node);
-    if keep || !broker.holds_sessions(&who) {
+    // Only the same principal's session under that key is handed over: another service's
+    // session that happens to use the same client id stays (its connect is refused there).
+    let who = mooring_broker::PrincipalKey::parse(owner);
+    let device = key.strip_prefix("d:");
+    let keep = device.is_some_and(|d| app.presence.newer_here(d, since_ms, from, &cluster.node));
+    let held = who.as_ref().is_some_and(|w| broker.holds_stored(&key, w));
+    if keep || !held {
         if answer {
-            cluster.released(&device);
+            cluster.released(&key);
         }
         return;
     }
-    broker.hand_over(&who);
+    if let Some(w) = &who {
+        broker.hand_over_stored(&key, w);
+    }
     Counters::inc(&cluster.counters.takeovers);
-    tracing::debug!(device, to = from, "session handed over to another node");
+    tracing::debug!(
+        session = key,
+        to = from,
+        "session handed over to another node"
+    );
     if answer {
         let barrier = app.broker_state_barrier();
         let cluster = cluster.clone();
         tokio::spawn(async move {
             let _ = barrier.await;
-            cluster.released(&device);
+            cluster.released(&key);
         });
     }
 }

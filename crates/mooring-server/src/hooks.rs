@@ -154,7 +154,7 @@ impl Hooks for ServerHooks {
             // In a cluster: the node that held this device's session hands it over first.
             if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
                 cluster
-                    .take_over(broker, &app.presence, &principal, cn, cn, req.clean_start)
+                    .take_over(broker, &app.presence, &principal, cn, req.clean_start)
                     .await;
             }
             return Ok(Authenticated {
@@ -168,9 +168,22 @@ impl Hooks for ServerHooks {
             } else {
                 req.client_id.to_owned()
             };
+            let principal = Principal::Dev;
+            // In a cluster: the node that held this client's session hands it over first.
+            if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
+                cluster
+                    .take_over(
+                        broker,
+                        &app.presence,
+                        &principal,
+                        &client_id,
+                        req.clean_start,
+                    )
+                    .await;
+            }
             return Ok(Authenticated {
                 client_id,
-                principal: Principal::Dev,
+                principal,
             });
         }
         // TLS without a client certificate: only services, with a token as the password.
@@ -203,12 +216,25 @@ impl Hooks for ServerHooks {
                         return Err(ConnectRefusal::ServerUnavailable);
                     }
                 }
+                let principal = Principal::Service {
+                    id: t.id,
+                    name: t.name,
+                };
+                // In a cluster: the node that held this client's session hands it over first.
+                if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
+                    cluster
+                        .take_over(
+                            broker,
+                            &app.presence,
+                            &principal,
+                            &client_id,
+                            req.clean_start,
+                        )
+                        .await;
+                }
                 Ok(Authenticated {
                     client_id,
-                    principal: Principal::Service {
-                        id: t.id,
-                        name: t.name,
-                    },
+                    principal,
                 })
             }
             Some(_) => {

@@ -370,6 +370,44 @@ async fn a_persistent_session_moves_with_its_device_and_keeps_what_was_queued_fo
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_clients_persistent_session_moves_between_nodes_too() {
+    let env = Env::new().await;
+    let a = env.start("a");
+    let b = env.start("b");
+    let c = env.start("c");
+    let creds = a.create_device("probe-1", env.tmp.path());
+    let token = support::service_token(&a, "pipeline");
+    let sub = |node: &Server, extra: &[&str]| {
+        let mut args = support::service_args(node, &creds, &token, "pipeline-1");
+        args.extend(support::s(&["-c", "-q", "1", "-t", "devices/+/telemetry"]));
+        args.extend(support::s(extra));
+        std::process::Command::new("mosquitto_sub")
+            .args(&args)
+            .output()
+            .expect("mosquitto_sub")
+    };
+    // The pipeline's persistent session on b; it goes away.
+    let out = sub(&b, &["-W", "1"]);
+    assert!(out.stdout.is_empty(), "{out:?}");
+    // Telemetry stored through a while the pipeline is away: queued in its session on b.
+    let mut dev = MqttDevice::connect(&a, &creds, "probe-1").await;
+    dev.publish(
+        "devices/probe-1/telemetry",
+        &format!(r#"{{"seq":1,"ts":{},"t":21.5}}"#, now_ms()),
+    )
+    .await;
+    b.wait_metric("mooring_mqtt_messages_in_total", |v| v >= 1.0)
+        .await;
+    // The pipeline comes back on c: b hands its session over, c resumes it.
+    let out = sub(&c, &["-C", "1", "-W", "15"]);
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains("21.5"), "{out:?}");
+    b.wait_metric("mooring_cluster_takeovers_total", |v| v >= 1.0)
+        .await;
+    drop(dev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_bus_messages_are_refused_and_a_revoked_bootstrap_token_stays_revoked() {
     let env = Env::new().await;
     let a = env.start("a");
