@@ -82,6 +82,16 @@ impl FailureLog {
     }
 }
 
+/// In a cluster: the node that held this client's session hands it over first (and a
+/// resuming client gets it from the store); a single node has nothing to do.
+async fn take_over(app: &App, principal: &Principal, client_id: &str, clean_start: bool) {
+    if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
+        cluster
+            .take_over(broker, &app.presence, principal, client_id, clean_start)
+            .await;
+    }
+}
+
 /// The broker's hooks. They hold the server only weakly: the app holds the broker, the broker
 /// holds its hooks, so a strong reference here would be a cycle that keeps the app (its store,
 /// its writers) alive after shutdown. Once the app is gone, every question is answered "no".
@@ -151,12 +161,7 @@ impl Hooks for ServerHooks {
                 id: record.id,
                 tags: record.tags,
             };
-            // In a cluster: the node that held this device's session hands it over first.
-            if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
-                cluster
-                    .take_over(broker, &app.presence, &principal, cn, req.clean_start)
-                    .await;
-            }
+            take_over(&app, &principal, cn, req.clean_start).await;
             return Ok(Authenticated {
                 client_id: cn.to_owned(),
                 principal,
@@ -169,18 +174,7 @@ impl Hooks for ServerHooks {
                 req.client_id.to_owned()
             };
             let principal = Principal::Dev;
-            // In a cluster: the node that held this client's session hands it over first.
-            if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
-                cluster
-                    .take_over(
-                        broker,
-                        &app.presence,
-                        &principal,
-                        &client_id,
-                        req.clean_start,
-                    )
-                    .await;
-            }
+            take_over(&app, &principal, &client_id, req.clean_start).await;
             return Ok(Authenticated {
                 client_id,
                 principal,
@@ -220,18 +214,7 @@ impl Hooks for ServerHooks {
                     id: t.id,
                     name: t.name,
                 };
-                // In a cluster: the node that held this client's session hands it over first.
-                if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
-                    cluster
-                        .take_over(
-                            broker,
-                            &app.presence,
-                            &principal,
-                            &client_id,
-                            req.clean_start,
-                        )
-                        .await;
-                }
+                take_over(&app, &principal, &client_id, req.clean_start).await;
                 Ok(Authenticated {
                     client_id,
                     principal,

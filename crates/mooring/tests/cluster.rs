@@ -116,6 +116,11 @@ impl Env {
         )
     }
 
+    /// Nodes a, b and c.
+    fn start_three(&self) -> (Server, Server, Server) {
+        (self.start("a"), self.start("b"), self.start("c"))
+    }
+
     /// Starts `node` on port 0. Every node but the first finds the admin token the first one
     /// created (a cluster creates one) copied into its data dir, as an operator would.
     fn start(&self, node: &str) -> Server {
@@ -209,9 +214,7 @@ async fn command_round_trip(server: &Server, dev: &mut MqttDevice, name: &str) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_one_identity_and_a_device_moves_between_them_with_its_commands() {
     let env = Env::new().await;
-    let a = env.start("a");
-    let b = env.start("b");
-    let c = env.start("c");
+    let (a, b, c) = env.start_three();
 
     // One CA for all: a device created on a is accepted by b and c; a device created on b gets
     // the same CA.
@@ -319,9 +322,7 @@ async fn two_nodes_starting_together_on_an_empty_database_create_one_ca_and_one_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_session_moves_with_its_device_and_keeps_what_was_queued_for_it() {
     let env = Env::new().await;
-    let a = env.start("a");
-    let b = env.start("b");
-    let c = env.start("c");
+    let (a, b, c) = env.start_three();
     let creds = a.create_device("cart-1", env.tmp.path());
     let sub = |node: &Server, extra: &[&str]| {
         let mut args = creds.mosquitto_args(node.mqtt);
@@ -372,9 +373,7 @@ async fn a_persistent_session_moves_with_its_device_and_keeps_what_was_queued_fo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_clients_persistent_session_moves_between_nodes_too() {
     let env = Env::new().await;
-    let a = env.start("a");
-    let b = env.start("b");
-    let c = env.start("c");
+    let (a, b, c) = env.start_three();
     let creds = a.create_device("probe-1", env.tmp.path());
     let token = support::service_token(&a, "pipeline");
     let sub = |node: &Server, extra: &[&str]| {
@@ -547,9 +546,7 @@ async fn publish_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_a_node_under_qos1_load_loses_nothing_acknowledged_and_its_leases_move() {
     let env = Env::new().await;
-    let a = env.start("a");
-    let b = env.start("b");
-    let c = env.start("c");
+    let (a, b, c) = env.start_three();
     let creds = a.create_device("meter-1", env.tmp.path());
 
     // Whoever holds the scheduler lease (the first node asking: a, b or c) is the one to kill,
