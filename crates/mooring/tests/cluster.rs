@@ -576,7 +576,26 @@ async fn kill9_of_a_node_under_qos1_load_loses_nothing_acknowledged_and_its_leas
         }
     }
     assert_eq!(holders.len(), 1, "one scheduler: {holders:?}");
+    // A device that stays with b alone: online until b dies.
+    let lone = a.create_device("meter-lone", env.tmp.path());
+    let lone_dev = online(&b, &lone, "meter-lone").await;
+    wait_online(&a, "meter-lone", true).await;
     b.kill9();
+    // The killed node's devices go offline once its lease (1 s here) runs out; a command for
+    // one is kept, and delivered when it is back (on another node).
+    wait_online(&a, "meter-lone", false).await;
+    drop(lone_dev);
+    let (status, cmd) = a
+        .api(
+            "POST",
+            "/api/v1/devices/meter-lone/commands",
+            Some(json!({ "name": "ping" })),
+        )
+        .await;
+    assert_eq!(status, 202, "{cmd}");
+    let mut back = online(&c, &lone, "meter-lone").await;
+    let (topic, req) = back.next_json().await;
+    assert_eq!(req["name"], json!("ping"), "{topic}");
     // The publisher moves to c and keeps going.
     let before = acked.lock().expect("acked").len();
     let deadline = tokio::time::Instant::now() + WAIT;
