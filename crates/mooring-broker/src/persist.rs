@@ -153,6 +153,18 @@ pub(crate) fn session_key(owner: &Owner, client_id: &str) -> String {
     format!("{ns}:{client_id}")
 }
 
+/// The table key of a stored session key (`None` if it is not one).
+pub(crate) fn parse_session_key(key: &str) -> Option<crate::broker::SessionKey> {
+    let (ns, client_id) = key.split_once(':')?;
+    let ns = match ns {
+        "d" => crate::broker::Namespace::Device,
+        "s" => crate::broker::Namespace::Service,
+        "x" => crate::broker::Namespace::Dev,
+        _ => return None,
+    };
+    Some((ns, client_id.to_owned()))
+}
+
 /// The packet id a persisted message is sent under (stable across restarts).
 pub(crate) fn packet_id_for(seq: u64) -> u16 {
     u16::try_from(seq % 65_535).unwrap_or(0) + 1

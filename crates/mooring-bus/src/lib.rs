@@ -44,4 +44,5 @@ pub mod conformance;
 pub use bus::{Bus, BusConfig, Consumer, Delivery, Message, Subscription};
 pub use error::BusError;
 pub use in_process::InProcessBus;
+pub use names::redact_url;
 pub use nats::{NatsBus, NatsConfig};

@@ -174,3 +174,70 @@ mod tests {
         }
     }
 }
+
+/// A URL (or libpq `key=value` string) fit for logs and error messages: user info (`user:pass@`,
+/// `token@`) and password-like query or key=value parameters replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let mut out = match url.find("://") {
+        Some(scheme_end) => {
+            let rest = &url[scheme_end + 3..];
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{}***@{}", &url[..scheme_end + 3], &rest[at + 1..]),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
+    };
+    for key in ["password", "pass", "token", "sslpassword"] {
+        for sep in ["?", "&", " ", ""] {
+            let needle = format!("{sep}{key}=");
+            let mut from = 0;
+            while let Some(i) = out[from..].find(&needle) {
+                let start = from + i + needle.len();
+                if sep.is_empty()
+                    && start > needle.len()
+                    && !out[..start - needle.len()].ends_with(['?', '&', ' '])
+                {
+                    from = start;
+                    continue;
+                }
+                let end = out[start..]
+                    .find(['&', ' ', '#'])
+                    .map_or(out.len(), |e| start + e);
+                out.replace_range(start..end, "***");
+                from = start + 3;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn credentials_never_survive() {
+        for (url, want) in [
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("nats://alice:hunter2@h:4222", "nats://***@h:4222"),
+            ("nats://s3cr3ttoken@h:4222", "nats://***@h:4222"),
+            (
+                "postgres://u:pw@db/x?sslmode=require&password=pw2",
+                "postgres://***@db/x?sslmode=require&password=***",
+            ),
+            (
+                "postgres://db/x?password=pw",
+                "postgres://db/x?password=***",
+            ),
+            (
+                "host=db user=u password=pw dbname=x",
+                "host=db user=u password=*** dbname=x",
+            ),
+            ("password=pw host=db", "password=*** host=db"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+    }
+}

@@ -80,7 +80,7 @@ impl NatsBus {
         validate_prefix(&config.prefix)?;
         config.bus.validate()?;
         let request_timeout = Duration::from_millis(config.request_timeout_ms);
-        let url = config.url.clone();
+        let url = crate::names::redact_url(&config.url);
         let client = async_nats::ConnectOptions::new()
             .name(format!("mooring-bus {}", config.prefix))
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
@@ -91,7 +91,12 @@ impl NatsBus {
             })
             .connect(config.url.as_str())
             .await
-            .map_err(|e| unavailable(format!("connecting to {}", config.url), e))?;
+            .map_err(|e| {
+                unavailable(
+                    format!("connecting to {}", crate::names::redact_url(&config.url)),
+                    e,
+                )
+            })?;
         let server_max = client.server_info().max_payload;
         if config.bus.payload_bytes_max > server_max {
             return Err(BusError::InvalidConfig(format!(

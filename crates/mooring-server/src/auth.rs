@@ -67,31 +67,27 @@ pub async fn ensure_admin_token(
     Ok(Some(secret))
 }
 
-/// Id of the admin token a cluster creates once: the store's unique id decides which of the
-/// nodes starting together on an empty database creates it.
-pub const BOOTSTRAP_ADMIN_TOKEN_ID: &str = "tok_bootstrap_admin";
+/// Key of the cluster's "admin token created" marker among the store's values.
+pub const BOOTSTRAP_MARKER_KEY: &str = "bootstrap.admin_token";
 
-/// Cluster mode: the admin token is created once for the whole cluster, by the node whose
-/// insert of [`BOOTSTRAP_ADMIN_TOKEN_ID`] succeeds; that node writes it to its own data dir
-/// (0600) and prints it. Every other node (and every later start) creates nothing.
+/// Cluster mode: the admin token is created once for the whole cluster, ever: by the node whose
+/// random marker [`mooring_store::ClusterStore::put_value_once`] keeps. That node writes it to
+/// its own data dir (0600) and prints it; every other node, and every later start (also after the
+/// token was revoked), creates nothing.
 pub async fn ensure_shared_admin_token(
-    store: &dyn TokenStore,
+    store: &dyn mooring_store::Store,
     data_dir: &Path,
     now_ms: u64,
 ) -> anyhow::Result<Option<String>> {
-    let secret = generate_token();
-    let record = TokenRecord {
-        id: BOOTSTRAP_ADMIN_TOKEN_ID.to_owned(),
-        name: "admin".to_owned(),
-        role: TokenRole::Admin,
-        token_sha256: token_sha256(&secret),
-        created_at_ms: now_ms,
-    };
-    match store.create_token(record).await {
-        Ok(()) => {}
-        Err(mooring_store::StoreError::AlreadyExists(_)) => return Ok(None),
-        Err(e) => return Err(e).context("creating the cluster's admin token"),
+    let marker: [u8; 16] = rand::random();
+    let kept = store
+        .put_value_once(BOOTSTRAP_MARKER_KEY, marker.to_vec())
+        .await
+        .context("marking the cluster's admin token as created")?;
+    if kept != marker {
+        return Ok(None);
     }
+    let (_, secret) = create_token(store, "admin", TokenRole::Admin, now_ms).await?;
     write_admin_token(data_dir, &secret)?;
     Ok(Some(secret))
 }

@@ -7,11 +7,11 @@
 //!
 //! | subject            | body                                  | a receiving node                                   |
 //! |--------------------|---------------------------------------|----------------------------------------------------|
-//! | `cluster.session`  | `[[device, since_ms, answer], ..]`    | hands over what it holds of that device unless its own connection is newer (closed with v5 0x8E, forgotten without touching its stored state); answers if asked |
+//! | `cluster.session`  | `[[session key, owner, since_ms, answer], ..]` | hands over the session it holds under that key (`d:<device>`, `s:<client>`, `x:<client>`) unless its own connection of that device is newer (closed with v5 0x8E, forgotten without touching its stored state); answers if asked |
 //! | `cluster.kick`     | `[[device, all_delivered], ..]`       | delivers the device's pending commands if it holds its session |
 //! | `cluster.final`    | `[[command id, state], ..]`           | wakes its `wait_ms` waiters on those commands       |
-//! | `cluster.device`   | `[{"d": id, "tags": {..} or null}, ..]` | re-authorizes the device's sessions (tags) or removes them (deleted) |
-//! | `cluster.released` | `[device, ..]`                        | counts the sender's answer for the connects waiting on those devices |
+//! | `cluster.device`   | `[device, ..]`                        | re-reads each from the store: re-authorizes its sessions with the stored tags, or removes them if it is gone |
+//! | `cluster.released` | `[session key, ..]`                   | counts the sender's answer for the connects waiting on those sessions |
 //! | `cluster.mqtt`     | forwarded MQTT messages               | retains (memory) and routes them to its sessions    |
 //!
 //! A device connecting to node B: at CONNECT, B announces the session (`cluster.session`).
@@ -23,7 +23,11 @@
 //! answers), then loads the stored session and resumes it for the client, subscriptions and
 //! queued messages included. A clean start waits for nobody.
 //!
-//! Every payload is `[node id length][node id][body]`; a node ignores its own. Bodies are JSON
+//! Every payload is `[node id length][node id][sent at, unix ms, u64][HMAC-SHA256][body]`, the
+//! HMAC (keyed from the cluster key file every node has) over the subject, node id, time and
+//! body: a message that does not verify, or was sent more than `MESSAGE_AGE_MAX_MS` away from
+//! this node's clock, is dropped and counted (anyone else on the NATS server can publish on our
+//! subjects, but cannot make a node act on it). A node ignores its own. Bodies are JSON
 //! except `cluster.mqtt`: `[u32 length][message]...`, each message in the broker's forwarding
 //! encoding. Outgoing notices wait in one bounded outbox (`OUTBOX_ITEMS_MAX`, then dropped and
 //! counted), coalesced and sent by one task in messages of at most `BATCH_BYTES_MAX`.
@@ -33,7 +37,7 @@
 //! heartbeat, released at shutdown, and taken over by another node `node_lease_ms` after its
 //! holder stops renewing it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,6 +59,12 @@ const SUBJECT_DEVICE: &str = "cluster.device";
 const SUBJECT_MQTT: &str = "cluster.mqtt";
 const SUBJECT_RELEASED: &str = "cluster.released";
 
+/// A bus message sent longer ago (or later) than this, by the receiver's clock, is dropped.
+pub const MESSAGE_AGE_MAX_MS: u64 = 60_000;
+
+/// Bytes of the HMAC-SHA256 tag in every bus message.
+const TAG_LEN: usize = 32;
+
 /// Longest a connecting device waits for the node that held its session to hand it over.
 pub const TAKEOVER_WAIT_MS: u64 = 1_000;
 
@@ -62,6 +72,8 @@ pub const TAKEOVER_WAIT_MS: u64 = 1_000;
 pub const BATCH_BYTES_MAX: usize = 64 * 1024;
 /// Notices and forwarded messages waiting to be sent; more are dropped and counted.
 pub const OUTBOX_ITEMS_MAX: usize = 100_000;
+/// Bytes of forwarded messages waiting to be sent; more are dropped and counted.
+pub const OUTBOX_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 pub(crate) const LEASE_SCHEDULER: &str = "commands.scheduler";
 pub(crate) const LEASE_RETENTION: &str = "telemetry.retention";
@@ -71,13 +83,6 @@ pub(crate) const LEASE_REAPER: &str = "presence.reaper";
 /// Session rows of dead nodes removed per reaper pass.
 const REAP_BATCH_LEN: usize = 10_000;
 
-/// A device's tags changed (`Some`) or it was deleted (`None`).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-struct DeviceNotice {
-    d: String,
-    tags: Option<BTreeMap<String, String>>,
-}
-
 /// A connect waiting for the other live nodes to answer its session notice.
 struct ReleaseWait {
     pending: std::collections::BTreeSet<String>,
@@ -86,14 +91,15 @@ struct ReleaseWait {
 
 #[derive(Default)]
 struct Outbox {
-    /// `(device, since_ms, answer wanted)`.
-    sessions: Vec<(String, u64, bool)>,
+    /// `(session key, owner as PrincipalKey text, since_ms, answer wanted)`.
+    sessions: Vec<(String, String, u64, bool)>,
     kicks: BTreeMap<String, bool>,
     finals: Vec<(String, String)>,
-    devices: Vec<DeviceNotice>,
+    devices: BTreeSet<String>,
     released: Vec<String>,
     mqtt: Vec<Vec<u8>>,
     items: usize,
+    bytes: usize,
 }
 
 impl Outbox {
@@ -113,6 +119,9 @@ pub struct ClusterCounters {
     pub outbox_dropped: AtomicU64,
     /// Bus messages this node's subscription dropped because it fell behind.
     pub bus_dropped: AtomicU64,
+    /// Bus messages dropped because their signature did not verify, they were malformed, or
+    /// too old.
+    pub bus_rejected: AtomicU64,
     /// Sessions this node closed because the device connected to another node.
     pub takeovers: AtomicU64,
     /// Session rows of dead nodes the reaper removed.
@@ -123,6 +132,8 @@ pub struct ClusterCounters {
 pub struct Cluster {
     node: String,
     bus: Arc<dyn Bus>,
+    /// Signs and verifies every bus message (derived from the cluster key).
+    key: ring::hmac::Key,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     node_lease_ms: u64,
@@ -131,6 +142,8 @@ pub struct Cluster {
     wake: Notify,
     /// Leases this node holds, with when each runs out unless renewed (by the heartbeat).
     held: Mutex<BTreeMap<&'static str, u64>>,
+    /// When this node's last heartbeat reached the store (0: never).
+    last_heartbeat_ms: AtomicU64,
     /// Connects waiting for another node to release their device's session.
     releases: Mutex<BTreeMap<String, Vec<ReleaseWait>>>,
     pub counters: ClusterCounters,
@@ -140,6 +153,7 @@ impl Cluster {
     pub(crate) fn new(
         node: String,
         bus: Arc<dyn Bus>,
+        key: ring::hmac::Key,
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         config: &crate::config::ClusterConfig,
@@ -147,6 +161,7 @@ impl Cluster {
         Cluster {
             node,
             bus,
+            key,
             store,
             clock,
             node_lease_ms: config.node_lease_ms,
@@ -155,6 +170,7 @@ impl Cluster {
             wake: Notify::new(),
             held: Mutex::default(),
             releases: Mutex::default(),
+            last_heartbeat_ms: AtomicU64::new(0),
             counters: ClusterCounters::default(),
         }
     }
@@ -168,29 +184,34 @@ impl Cluster {
         self.clock.now_ms().saturating_sub(self.node_lease_ms)
     }
 
-    fn push(&self, f: impl FnOnce(&mut Outbox)) {
+    /// Queues one notice (of about `bytes`) unless the outbox is full.
+    fn push(&self, bytes: usize, f: impl FnOnce(&mut Outbox)) {
         {
             let mut o = lock(&self.outbox);
-            if o.items >= OUTBOX_ITEMS_MAX {
+            if o.items >= OUTBOX_ITEMS_MAX || o.bytes.saturating_add(bytes) > OUTBOX_BYTES_MAX {
                 drop(o);
                 Counters::inc(&self.counters.outbox_dropped);
                 return;
             }
             o.items += 1;
+            o.bytes += bytes;
             f(&mut o);
         }
         self.wake.notify_one();
     }
 
-    /// The device's session opens here at `since_ms`: other nodes hand theirs over (and, if
-    /// `answer`, say when they are done).
-    fn session_opened(&self, device: &str, since_ms: u64, answer: bool) {
-        self.push(|o| o.sessions.push((device.to_owned(), since_ms, answer)));
+    /// Session `key` opens here at `since_ms`: other nodes hand theirs over (and, if `answer`,
+    /// say when they are done).
+    fn session_opened(&self, key: &str, owner: &str, since_ms: u64, answer: bool) {
+        self.push(key.len() + owner.len() + 16, |o| {
+            o.sessions
+                .push((key.to_owned(), owner.to_owned(), since_ms, answer))
+        });
     }
 
-    /// This node handed the device's session over and what it stored for it is durable.
-    fn released(&self, device: &str) {
-        self.push(|o| o.released.push(device.to_owned()));
+    /// This node handed session `key` over (or held none) and what it stored is durable.
+    fn released(&self, key: &str) {
+        self.push(key.len(), |o| o.released.push(key.to_owned()));
     }
 
     /// A device authenticated here (CONNECT): other nodes hand its session over. Unless the
@@ -200,62 +221,68 @@ impl Cluster {
     pub(crate) async fn take_over(
         &self,
         broker: &mooring_broker::Broker,
+        presence: &crate::presence::Presence,
         principal: &mooring_broker::Principal,
         client_id: &str,
-        device: &str,
         clean_start: bool,
     ) {
         let now = self.clock.now_ms();
+        // Sessions are announced by their stored key (`d:<device>`, `s:<client>`, `x:<client>`),
+        // so every kind of client moves, not only devices.
+        let key = mooring_broker::persist::stored_session_key(principal, client_id);
+        let who = mooring_broker::PrincipalKey::of(principal);
+        let owner = who.as_text();
+        if let mooring_broker::Principal::Device { id, .. } = principal {
+            presence.connecting(id, now);
+        }
         if clean_start {
-            self.session_opened(device, now, false);
+            self.session_opened(&key, &owner, now, false);
             return;
         }
-        let others: std::collections::BTreeSet<String> = match self
-            .store
-            .live_nodes(self.alive_since_ms())
-            .await
-        {
+        let others: BTreeSet<String> = match self.store.live_nodes(self.alive_since_ms()).await {
             Ok(nodes) => nodes
                 .into_iter()
                 .map(|(n, _)| n)
                 .filter(|n| *n != self.node)
                 .collect(),
             Err(e) => {
-                tracing::warn!(device, error = %e, "listing live nodes failed; not waiting for a hand-over");
-                Default::default()
+                tracing::warn!(session = key, error = %e, "listing live nodes failed; not waiting for a hand-over");
+                BTreeSet::new()
             }
         };
         let wait = (!others.is_empty()).then(|| {
             let (done, rx) = tokio::sync::oneshot::channel();
-            lock(&self.releases)
-                .entry(device.to_owned())
-                .or_default()
-                .push(ReleaseWait {
-                    pending: others,
-                    done,
-                });
+            let mut r = lock(&self.releases);
+            // Bounded by the connects in progress; a cancelled one's entry goes at its timeout.
+            r.entry(key.clone()).or_default().push(ReleaseWait {
+                pending: others,
+                done,
+            });
             rx
         });
-        self.session_opened(device, now, true);
+        self.session_opened(&key, &owner, now, true);
         if let Some(rx) = wait {
             if tokio::time::timeout(Duration::from_millis(TAKEOVER_WAIT_MS), rx)
                 .await
                 .is_err()
             {
                 tracing::warn!(
-                    device,
+                    session = key,
                     "not every node answered the hand-over in time; resuming what is stored"
                 );
                 let mut r = lock(&self.releases);
-                if let Some(list) = r.get_mut(device) {
+                if let Some(list) = r.get_mut(&key) {
                     list.retain(|w| !w.done.is_closed());
                     if list.is_empty() {
-                        r.remove(device);
+                        r.remove(&key);
                     }
                 }
             }
         }
-        let key = mooring_broker::persist::stored_session_key(principal, client_id);
+        if broker.holds_stored(&key, &who) {
+            // Still (or already) here: resumed from memory.
+            return;
+        }
         match self.store.load_broker_session(&key).await {
             Ok(Some(s)) => {
                 if broker.adopt(mooring_broker::RestoredSession {
@@ -263,18 +290,20 @@ impl Cluster {
                     value: s.value,
                     messages: s.messages,
                 }) {
-                    tracing::debug!(device, "took over the stored session");
+                    tracing::debug!(session = key, "took over the stored session");
                 }
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(device, error = %e, "loading the stored session failed"),
+            Err(e) => {
+                tracing::warn!(session = key, error = %e, "loading the stored session failed")
+            }
         }
     }
 
-    /// Node `from` answered the session notice for `device`.
-    fn on_released(&self, device: &str, from: &str) {
+    /// Node `from` answered the session notice for session `key`.
+    fn on_released(&self, key: &str, from: &str) {
         let mut r = lock(&self.releases);
-        let Some(list) = r.get_mut(device) else {
+        let Some(list) = r.get_mut(key) else {
             return;
         };
         let mut i = 0;
@@ -288,13 +317,13 @@ impl Cluster {
             }
         }
         if list.is_empty() {
-            r.remove(device);
+            r.remove(key);
         }
     }
 
     /// Asks whichever node holds the device's session to deliver its pending commands.
     pub(crate) fn kick(&self, device: &str, all_delivered: bool) {
-        self.push(|o| {
+        self.push(device.len() + 8, |o| {
             let flag = o.kicks.entry(device.to_owned()).or_default();
             *flag |= all_delivered;
         });
@@ -302,22 +331,21 @@ impl Cluster {
 
     /// A command reached a final state: waiters on other nodes wake.
     pub(crate) fn command_final(&self, id: &str, state: &str) {
-        self.push(|o| o.finals.push((id.to_owned(), state.to_owned())));
+        self.push(id.len() + state.len(), |o| {
+            o.finals.push((id.to_owned(), state.to_owned()))
+        });
     }
 
-    /// A device's tags changed (`Some`) or it was deleted (`None`).
-    pub(crate) fn device_changed(&self, device: &str, tags: Option<BTreeMap<String, String>>) {
-        self.push(|o| {
-            o.devices.push(DeviceNotice {
-                d: device.to_owned(),
-                tags,
-            })
+    /// A device's tags changed or it was deleted: other nodes re-read it from the store.
+    pub(crate) fn device_changed(&self, device: &str) {
+        self.push(device.len(), |o| {
+            o.devices.insert(device.to_owned());
         });
     }
 
     /// A message the local broker accepted, for the other nodes' brokers.
     pub(crate) fn forward(&self, forwarded: Vec<u8>) {
-        self.push(|o| o.mqtt.push(forwarded));
+        self.push(forwarded.len(), |o| o.mqtt.push(forwarded));
     }
 
     /// Whether this node holds (or now takes) the lease `name`. Held leases are renewed by the
@@ -325,7 +353,13 @@ impl Cluster {
     pub(crate) async fn holds(&self, name: &'static str) -> bool {
         let now = self.clock.now_ms();
         // Held and renewed recently enough that it cannot have run out in the store.
-        if lock(&self.held).get(name).is_some_and(|until| now < *until) {
+        // A heartbeat's worth of margin: a node stops trusting its lease before the deadline
+        // the store has, so a slow renewal never lets two nodes run the work at once.
+        let margin = self.heartbeat_interval_ms;
+        if lock(&self.held)
+            .get(name)
+            .is_some_and(|until| now.saturating_add(margin) < *until)
+        {
             return true;
         }
         match self
@@ -356,16 +390,22 @@ impl Cluster {
         let now = self.clock.now_ms();
         lock(&self.held)
             .iter()
-            .filter(|(_, until)| now < **until)
+            .filter(|(_, until)| now.saturating_add(self.heartbeat_interval_ms) < **until)
             .map(|(name, _)| *name)
             .collect()
     }
 
     /// One heartbeat: records this node alive and renews its leases (a lease it lost, because
-    /// it could not renew in time, is dropped from its set).
-    pub(crate) async fn heartbeat(&self) -> mooring_store::Result<()> {
+    /// it could not renew in time, is dropped from its set). Returns whether the previous one
+    /// was longer ago than the node lease: the other nodes may have taken this node for dead
+    /// and removed the sessions it holds from the store.
+    pub(crate) async fn heartbeat(&self) -> mooring_store::Result<bool> {
         let now = self.clock.now_ms();
         self.store.heartbeat(&self.node, now).await?;
+        let before = self
+            .last_heartbeat_ms
+            .swap(now, std::sync::atomic::Ordering::Relaxed);
+        let lapsed = before != 0 && now.saturating_sub(before) > self.node_lease_ms;
         let held: Vec<&'static str> = lock(&self.held).keys().copied().collect();
         for name in held {
             let kept = self
@@ -380,7 +420,7 @@ impl Cluster {
                 h.remove(name);
             }
         }
-        Ok(())
+        Ok(lapsed)
     }
 
     /// Gives up every lease (shutdown), so another node takes the work at once.
@@ -406,17 +446,16 @@ impl Cluster {
         Ok(gone.len())
     }
 
-    fn envelope(&self, body: &[u8]) -> Bytes {
-        let node = self.node.as_bytes();
-        let mut b = Vec::with_capacity(1 + node.len() + body.len());
-        b.put_u8(u8::try_from(node.len()).unwrap_or(u8::MAX));
-        b.extend_from_slice(&node[..node.len().min(255)]);
-        b.extend_from_slice(body);
-        Bytes::from(b)
+    fn envelope(&self, subject: &str, body: &[u8]) -> Bytes {
+        seal(&self.key, subject, &self.node, self.clock.now_ms(), body)
     }
 
     async fn send(&self, subject: &str, body: &[u8]) {
-        match self.bus.publish(subject, self.envelope(body)).await {
+        match self
+            .bus
+            .publish(subject, self.envelope(subject, body))
+            .await
+        {
             Ok(()) => Counters::inc(&self.counters.bus_sent),
             Err(e) => {
                 Counters::inc(&self.counters.outbox_dropped);
@@ -460,7 +499,8 @@ impl Cluster {
             self.send_json(SUBJECT_FINAL, &o.finals).await;
         }
         if !o.devices.is_empty() {
-            self.send_json(SUBJECT_DEVICE, &o.devices).await;
+            let devices: Vec<String> = o.devices.into_iter().collect();
+            self.send_json(SUBJECT_DEVICE, &devices).await;
         }
         if !o.released.is_empty() {
             self.send_json(SUBJECT_RELEASED, &o.released).await;
@@ -480,14 +520,53 @@ impl Cluster {
     }
 }
 
-/// Splits a bus payload into (sender node, body); `None` if malformed.
-fn open_envelope(payload: &[u8]) -> Option<(&str, &[u8])> {
+/// What the HMAC covers: the subject (so a message cannot be replayed on another subject),
+/// the node id, the time and the body, each length-delimited.
+fn signed_input(subject: &str, node: &[u8], sent_ms: u64, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(16 + subject.len() + node.len() + body.len());
+    m.put_u32(u32::try_from(subject.len()).unwrap_or(u32::MAX));
+    m.extend_from_slice(subject.as_bytes());
+    m.put_u32(u32::try_from(node.len()).unwrap_or(u32::MAX));
+    m.extend_from_slice(node);
+    m.put_u64(sent_ms);
+    m.extend_from_slice(body);
+    m
+}
+
+/// A bus payload: `[node len][node][sent_ms][HMAC][body]`.
+fn seal(key: &ring::hmac::Key, subject: &str, node: &str, sent_ms: u64, body: &[u8]) -> Bytes {
+    let node = &node.as_bytes()[..node.len().min(255)];
+    let tag = ring::hmac::sign(key, &signed_input(subject, node, sent_ms, body));
+    let mut b = Vec::with_capacity(1 + node.len() + 8 + TAG_LEN + body.len());
+    b.put_u8(u8::try_from(node.len()).unwrap_or(u8::MAX));
+    b.extend_from_slice(node);
+    b.put_u64(sent_ms);
+    b.extend_from_slice(tag.as_ref());
+    b.extend_from_slice(body);
+    Bytes::from(b)
+}
+
+/// Checks a bus payload: (sender node, body) if it is well formed, its HMAC verifies for
+/// `subject`, and it was sent within [`MESSAGE_AGE_MAX_MS`] of `now_ms`; else `None`.
+fn open_envelope<'a>(
+    key: &ring::hmac::Key,
+    subject: &str,
+    payload: &'a [u8],
+    now_ms: u64,
+) -> Option<(&'a str, &'a [u8])> {
     let (&len, rest) = payload.split_first()?;
     let len = usize::from(len);
-    if rest.len() < len {
+    if rest.len() < len + 8 + TAG_LEN {
         return None;
     }
-    let (node, body) = rest.split_at(len);
+    let (node, rest) = rest.split_at(len);
+    let (sent, rest) = rest.split_at(8);
+    let (tag, body) = rest.split_at(TAG_LEN);
+    let sent_ms = u64::from_be_bytes(sent.try_into().ok()?);
+    ring::hmac::verify(key, &signed_input(subject, node, sent_ms, body), tag).ok()?;
+    if now_ms.abs_diff(sent_ms) > MESSAGE_AGE_MAX_MS {
+        return None;
+    }
     Some((std::str::from_utf8(node).ok()?, body))
 }
 
@@ -528,8 +607,16 @@ pub(crate) async fn run_heartbeat(app: Arc<crate::app::App>, stop: watch::Receiv
     };
     let period = Duration::from_millis(cluster.heartbeat_interval_ms.max(1));
     crate::serve::run_every(period, stop, || async {
-        if let Err(e) = cluster.heartbeat().await {
-            tracing::warn!(error = %e, "cluster heartbeat failed; will retry");
+        match cluster.heartbeat().await {
+            Ok(true) => {
+                let n = app.presence.reassert();
+                tracing::warn!(
+                    sessions = n,
+                    "this node was silent longer than its lease; its sessions are recorded again"
+                );
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cluster heartbeat failed; will retry"),
         }
         match cluster.reap().await {
             Ok(0) => {}
@@ -555,7 +642,10 @@ pub(crate) async fn run_inbox(
             _ = stop.changed() => return,
             m = sub.next() => match m {
                 Some(m) => m,
-                None => return,
+                None => {
+                    tracing::error!("the cluster bus subscription ended: this node no longer hears the others");
+                    return;
+                }
             },
         };
         let dropped = sub.dropped();
@@ -563,8 +653,14 @@ pub(crate) async fn run_inbox(
             Counters::add(&cluster.counters.bus_dropped, dropped - dropped_seen);
             dropped_seen = dropped;
         }
-        let Some((from, body)) = open_envelope(&msg.payload) else {
-            tracing::warn!(subject = %msg.subject, "malformed cluster message ignored");
+        let Some((from, body)) = open_envelope(
+            &cluster.key,
+            &msg.subject,
+            &msg.payload,
+            cluster.clock.now_ms(),
+        ) else {
+            Counters::inc(&cluster.counters.bus_rejected);
+            tracing::debug!(subject = %msg.subject, "cluster message dropped: malformed, not signed with the cluster key, or too old");
             continue;
         };
         if from == cluster.node {
@@ -596,10 +692,10 @@ fn handle(
                 }
             }
         }
-        SUBJECT_SESSION => match serde_json::from_slice::<Vec<(String, u64, bool)>>(body) {
+        SUBJECT_SESSION => match serde_json::from_slice::<Vec<(String, String, u64, bool)>>(body) {
             Ok(list) => {
-                for (device, since_ms, answer) in list {
-                    hand_over(app, cluster, from, device, since_ms, answer);
+                for (key, owner, since_ms, answer) in list {
+                    hand_over(app, cluster, from, key, &owner, since_ms, answer);
                 }
             }
             Err(e) => bad(e),
@@ -624,17 +720,21 @@ fn handle(
         },
         SUBJECT_RELEASED => match serde_json::from_slice::<Vec<String>>(body) {
             Ok(list) => {
-                for device in list {
-                    cluster.on_released(&device, from);
+                for key in list {
+                    cluster.on_released(&key, from);
                 }
             }
             Err(e) => bad(e),
         },
-        SUBJECT_DEVICE => match serde_json::from_slice::<Vec<DeviceNotice>>(body) {
+        SUBJECT_DEVICE => match serde_json::from_slice::<Vec<String>>(body) {
             Ok(list) => {
-                for n in list {
-                    app.registry.apply_remote_change(&n.d, n.tags);
-                }
+                // Re-read from the store, the truth (never the notice's word), off this task.
+                let app = app.clone();
+                tokio::spawn(async move {
+                    for device in list {
+                        app.registry.refresh_device(&device).await;
+                    }
+                });
             }
             Err(e) => bad(e),
         },
@@ -642,40 +742,50 @@ fn handle(
     }
 }
 
-/// Node `from` opens a session of `device` (since `since_ms`): unless this node's own
-/// connection of it is newer, this node hands whatever it holds of the device over (closing
-/// a connection, forgetting an offline persistent session). If `answer`, it says so once
-/// what it stored for the device is durable.
+/// Node `from` opens session `key` (since `since_ms`): unless this node's own connection of
+/// that device is newer, this node hands over what it holds under the key (closing a
+/// connection, forgetting an offline persistent session). If `answer`, it says so once what it
+/// stored for the session is durable.
+#[allow(clippy::too_many_arguments)]
 fn hand_over(
     app: &Arc<crate::app::App>,
     cluster: &Arc<Cluster>,
     from: &str,
-    device: String,
+    key: String,
+    owner: &str,
     since_ms: u64,
     answer: bool,
 ) {
     let Some(broker) = app.broker() else {
         return;
     };
-    let who = mooring_broker::PrincipalKey::device(&device);
-    let keep = app
-        .presence
-        .newer_here(&device, since_ms, from, &cluster.node);
-    if keep || !broker.holds_sessions(&who) {
+    // Only the same principal's session under that key is handed over: another service's
+    // session that happens to use the same client id stays (its connect is refused there).
+    let who = mooring_broker::PrincipalKey::parse(owner);
+    let device = key.strip_prefix("d:");
+    let keep = device.is_some_and(|d| app.presence.newer_here(d, since_ms, from, &cluster.node));
+    let held = who.as_ref().is_some_and(|w| broker.holds_stored(&key, w));
+    if keep || !held {
         if answer {
-            cluster.released(&device);
+            cluster.released(&key);
         }
         return;
     }
-    broker.hand_over(&who);
+    if let Some(w) = &who {
+        broker.hand_over_stored(&key, w);
+    }
     Counters::inc(&cluster.counters.takeovers);
-    tracing::debug!(device, to = from, "session handed over to another node");
+    tracing::debug!(
+        session = key,
+        to = from,
+        "session handed over to another node"
+    );
     if answer {
         let barrier = app.broker_state_barrier();
         let cluster = cluster.clone();
         tokio::spawn(async move {
             let _ = barrier.await;
-            cluster.released(&device);
+            cluster.released(&key);
         });
     }
 }
@@ -685,13 +795,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn envelopes_and_frames_round_trip_and_refuse_truncation() {
-        let mut b = vec![3u8];
-        b.extend_from_slice(b"abc");
-        b.extend_from_slice(b"body");
-        assert_eq!(open_envelope(&b), Some(("abc", &b"body"[..])));
-        assert_eq!(open_envelope(&[5, b'a']), None);
-        assert_eq!(open_envelope(&[]), None);
+    fn envelopes_verify_only_with_the_key_subject_and_time_they_were_sealed_for() {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[7; 32]);
+        let other = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[8; 32]);
+        let now = 1_800_000_000_000;
+        let b = seal(&key, "cluster.kick", "abc", now, b"body");
+        assert_eq!(
+            open_envelope(&key, "cluster.kick", &b, now + 1_000),
+            Some(("abc", &b"body"[..]))
+        );
+        // Another key, another subject, a changed byte, too old or too far ahead: refused.
+        assert_eq!(open_envelope(&other, "cluster.kick", &b, now), None);
+        assert_eq!(open_envelope(&key, "cluster.mqtt", &b, now), None);
+        let mut tampered = b.to_vec();
+        if let Some(last) = tampered.last_mut() {
+            *last ^= 1;
+        }
+        assert_eq!(open_envelope(&key, "cluster.kick", &tampered, now), None);
+        assert_eq!(
+            open_envelope(&key, "cluster.kick", &b, now + MESSAGE_AGE_MAX_MS + 1),
+            None
+        );
+        assert_eq!(
+            open_envelope(&key, "cluster.kick", &b, now - MESSAGE_AGE_MAX_MS - 1),
+            None
+        );
+        // Truncated or empty: refused, never a panic.
+        for cut in 0..b.len() {
+            let _ = open_envelope(&key, "cluster.kick", &b[..cut], now);
+        }
+        assert_eq!(open_envelope(&key, "cluster.kick", &[5, b'a'], now), None);
+        assert_eq!(open_envelope(&key, "cluster.kick", &[], now), None);
 
         let mut body = Vec::new();
         for m in [&b"one"[..], b"", b"three"] {

@@ -82,6 +82,16 @@ impl FailureLog {
     }
 }
 
+/// In a cluster: the node that held this client's session hands it over first (and a
+/// resuming client gets it from the store); a single node has nothing to do.
+async fn take_over(app: &App, principal: &Principal, client_id: &str, clean_start: bool) {
+    if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
+        cluster
+            .take_over(broker, &app.presence, principal, client_id, clean_start)
+            .await;
+    }
+}
+
 /// The broker's hooks. They hold the server only weakly: the app holds the broker, the broker
 /// holds its hooks, so a strong reference here would be a cycle that keeps the app (its store,
 /// its writers) alive after shutdown. Once the app is gone, every question is answered "no".
@@ -151,12 +161,7 @@ impl Hooks for ServerHooks {
                 id: record.id,
                 tags: record.tags,
             };
-            // In a cluster: the node that held this device's session hands it over first.
-            if let (Some(cluster), Some(broker)) = (app.cluster(), app.broker()) {
-                cluster
-                    .take_over(broker, &principal, cn, cn, req.clean_start)
-                    .await;
-            }
+            take_over(&app, &principal, cn, req.clean_start).await;
             return Ok(Authenticated {
                 client_id: cn.to_owned(),
                 principal,
@@ -168,9 +173,11 @@ impl Hooks for ServerHooks {
             } else {
                 req.client_id.to_owned()
             };
+            let principal = Principal::Dev;
+            take_over(&app, &principal, &client_id, req.clean_start).await;
             return Ok(Authenticated {
                 client_id,
-                principal: Principal::Dev,
+                principal,
             });
         }
         // TLS without a client certificate: only services, with a token as the password.
@@ -203,12 +210,14 @@ impl Hooks for ServerHooks {
                         return Err(ConnectRefusal::ServerUnavailable);
                     }
                 }
+                let principal = Principal::Service {
+                    id: t.id,
+                    name: t.name,
+                };
+                take_over(&app, &principal, &client_id, req.clean_start).await;
                 Ok(Authenticated {
                     client_id,
-                    principal: Principal::Service {
-                        id: t.id,
-                        name: t.name,
-                    },
+                    principal,
                 })
             }
             Some(_) => {
@@ -290,7 +299,15 @@ impl Hooks for ServerHooks {
 
     fn on_connected(&self, _client_id: &str, principal: &Principal) {
         if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
-            app.presence.connected(id, app.now_ms());
+            if !app.presence.connected(id, app.now_ms()) {
+                // A newer session of this device opened on another node while this one was
+                // connecting: it goes, as an older one would have.
+                if let Some(broker) = app.broker() {
+                    broker.hand_over(&mooring_broker::PrincipalKey::device(id));
+                }
+                tracing::debug!(device = %id, "superseded by a newer session elsewhere");
+                return;
+            }
             tracing::debug!(device = %id, "online");
             // A persistent session may already hold the commands subscription.
             app.commands.kick_local(id, true);

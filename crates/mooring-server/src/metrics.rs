@@ -174,6 +174,11 @@ pub fn render_metrics(app: &App) -> String {
             load(&k.bus_dropped),
         )
         .counter(
+            "mooring_cluster_bus_rejected_total",
+            "Bus messages dropped: malformed, not signed with the cluster key, or too old",
+            load(&k.bus_rejected),
+        )
+        .counter(
             "mooring_cluster_takeovers_total",
             "Sessions this node handed over because their device connected to another node",
             load(&k.takeovers),

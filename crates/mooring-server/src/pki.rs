@@ -338,7 +338,11 @@ struct SharedPki {
 
 /// The cluster key (`[cluster] secret_key_file`): 32 bytes every node has, sealing the private
 /// keys the cluster keeps in its database.
-pub struct SecretKey(ring::aead::LessSafeKey);
+pub struct SecretKey {
+    aead: ring::aead::LessSafeKey,
+    /// The key the cluster's bus messages are signed with, derived from the same 32 bytes.
+    bus: ring::hmac::Key,
+}
 
 impl SecretKey {
     /// Reads a key file: 64 hex digits (surrounding white space ignored). Refused if others can
@@ -368,7 +372,18 @@ impl SecretKey {
         anyhow::ensure!(bytes.len() == 32, "{} bytes, not 32", bytes.len());
         let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &bytes)
             .map_err(|_| anyhow!("not an AES-256 key"))?;
-        Ok(SecretKey(ring::aead::LessSafeKey::new(key)))
+        // A separate key for signing, so one key never serves two algorithms.
+        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes);
+        let bus_bytes = ring::hmac::sign(&derive, b"mooring cluster bus signing key v1");
+        Ok(SecretKey {
+            aead: ring::aead::LessSafeKey::new(key),
+            bus: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bus_bytes.as_ref()),
+        })
+    }
+
+    /// The key every node signs its bus messages with (HMAC-SHA256).
+    pub fn bus_key(&self) -> ring::hmac::Key {
+        self.bus.clone()
     }
 
     /// `plain` sealed under the key, bound to `label` (a value moved to another label does not
@@ -376,7 +391,7 @@ impl SecretKey {
     fn seal(&self, plain: &[u8], label: &[u8]) -> anyhow::Result<String> {
         let nonce_bytes: [u8; 12] = rand::random();
         let mut buf = plain.to_vec();
-        self.0
+        self.aead
             .seal_in_place_append_tag(
                 ring::aead::Nonce::assume_unique_for_key(nonce_bytes),
                 ring::aead::Aad::from(label),
@@ -403,7 +418,7 @@ impl SecretKey {
         let mut body = bytes.split_off(12);
         let nonce: [u8; 12] = bytes.try_into().map_err(|_| wrong())?;
         let plain = self
-            .0
+            .aead
             .open_in_place(
                 ring::aead::Nonce::assume_unique_for_key(nonce),
                 ring::aead::Aad::from(label),

@@ -31,7 +31,20 @@ struct Entry {
 struct Shared {
     node: String,
     pending: BTreeMap<String, SessionOp>,
+    /// Devices whose CONNECT announced a session here and has not attached yet: the time it
+    /// announced, and whether a newer session elsewhere has superseded it meanwhile.
+    connecting: HashMap<String, Connecting>,
 }
+
+#[derive(Debug, Clone, Copy)]
+struct Connecting {
+    since_ms: u64,
+    superseded: bool,
+}
+
+/// Announced connects tracked at once; beyond this the oldest-announced are forgotten (a
+/// connect that never attached, e.g. its client vanished mid-handshake).
+const CONNECTING_MAX: usize = 65_536;
 
 /// The presence service: owns the in-memory online/last-seen table and its flushes to the
 /// registry's `last_seen` column (and, in a cluster, to the session table).
@@ -50,6 +63,7 @@ impl Presence {
                 Mutex::new(Shared {
                     node,
                     pending: BTreeMap::new(),
+                    connecting: HashMap::new(),
                 })
             }),
             store,
@@ -70,19 +84,52 @@ impl Presence {
         }
     }
 
-    pub fn connected(&self, id: &str, now_ms: u64) {
+    /// Cluster mode: a CONNECT of `id` announced its session at `since_ms` (before it attaches).
+    pub fn connecting(&self, id: &str, since_ms: u64) {
+        if let Some(shared) = &self.shared {
+            let mut s = mooring_proto::sync::lock(shared);
+            if s.connecting.len() >= CONNECTING_MAX {
+                if let Some(oldest) = s
+                    .connecting
+                    .iter()
+                    .min_by_key(|(_, c)| c.since_ms)
+                    .map(|(k, _)| k.clone())
+                {
+                    s.connecting.remove(&oldest);
+                }
+            }
+            s.connecting.insert(
+                id.to_owned(),
+                Connecting {
+                    since_ms,
+                    superseded: false,
+                },
+            );
+        }
+    }
+
+    /// A session of `id` attached here. Its `since` is when its CONNECT announced it (cluster)
+    /// or `now_ms`. Returns `false` if a newer session elsewhere superseded it while it was
+    /// connecting: the caller closes it at once.
+    pub fn connected(&self, id: &str, now_ms: u64) -> bool {
+        let announced = self
+            .shared
+            .as_ref()
+            .and_then(|shared| mooring_proto::sync::lock(shared).connecting.remove(id));
+        let since_ms = announced.map_or(now_ms, |c| c.since_ms);
         self.with(|m| {
             let e = m.entry(id.to_owned()).or_default();
             e.connections += 1;
             e.last_seen_ms = e.last_seen_ms.max(now_ms);
-            e.since_ms = now_ms;
+            e.since_ms = since_ms;
             e.dirty = true;
         });
         self.record(id, |node_id| SessionOp::Open {
             device_id: id.to_owned(),
             node_id,
-            since_ms: now_ms,
+            since_ms,
         });
+        !announced.is_some_and(|c| c.superseded)
     }
 
     pub fn disconnected(&self, id: &str, now_ms: u64) {
@@ -124,12 +171,41 @@ impl Presence {
     /// `other` (ties: the node with the larger id wins, so exactly one of two simultaneous
     /// connections survives): then this node keeps its session and the other hands over.
     pub fn newer_here(&self, id: &str, since_ms: u64, other: &str, own: &str) -> bool {
+        let newer = |here: u64| here > since_ms || (here == since_ms && own > other);
+        // A connect still attaching here: newer wins; older is marked superseded (it closes
+        // as soon as it attaches).
+        if let Some(shared) = &self.shared {
+            let mut s = mooring_proto::sync::lock(shared);
+            if let Some(c) = s.connecting.get_mut(id) {
+                if newer(c.since_ms) {
+                    return true;
+                }
+                c.superseded = true;
+            }
+        }
         self.with(|m| {
-            m.get(id).is_some_and(|e| {
-                e.connections > 0
-                    && (e.since_ms > since_ms || (e.since_ms == since_ms && own > other))
-            })
+            m.get(id)
+                .is_some_and(|e| e.connections > 0 && newer(e.since_ms))
         })
+    }
+
+    /// Records again, for the store, every session this node holds (after this node was
+    /// silent long enough for others to take it for dead and reap its rows). Returns how many.
+    pub fn reassert(&self) -> usize {
+        let held: Vec<(String, u64)> = self.with(|m| {
+            m.iter()
+                .filter(|(_, e)| e.connections > 0)
+                .map(|(id, e)| (id.clone(), e.since_ms))
+                .collect()
+        });
+        for (id, since_ms) in &held {
+            self.record(id, |node_id| SessionOp::Open {
+                device_id: id.clone(),
+                node_id,
+                since_ms: *since_ms,
+            });
+        }
+        held.len()
     }
 
     /// Whether this node holds a session of `id` now.

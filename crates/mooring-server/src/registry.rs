@@ -201,24 +201,30 @@ impl Registry {
             .ok_or_else(|| ServiceError::internal(anyhow::anyhow!("no view for a device")))
     }
 
-    /// Another node changed a device: its tags (`Some`) or deleted it (`None`). This node's
-    /// sessions of the device follow, as on the node that made the change.
-    pub(crate) fn apply_remote_change(&self, id: &str, tags: Option<BTreeMap<String, String>>) {
+    /// Another node changed a device (tags, or deleted it): this node's sessions of it follow
+    /// what the store says now, whatever order notices arrived in.
+    pub(crate) async fn refresh_device(&self, id: &str) {
         let Ok(id) = DeviceId::parse(id) else {
             return;
         };
-        match tags {
-            Some(tags) => {
+        match self.core.store.get_device(id.as_str()).await {
+            Ok(Some(record)) => {
                 if let Some(broker) = self.core.broker() {
-                    broker.update_principal(mooring_proto::policy::Principal::Device { id, tags });
+                    broker.update_principal(mooring_proto::policy::Principal::Device {
+                        id,
+                        tags: record.tags,
+                    });
                 }
             }
-            None => {
+            Ok(None) => {
                 if let Some(broker) = self.core.broker() {
                     let prefix = mooring_proto::topic::device_topic_prefix(&id);
                     broker.remove_device(id.as_str(), Some(&prefix));
                 }
                 self.presence.forget(id.as_str());
+            }
+            Err(e) => {
+                tracing::warn!(device = %id, error = %e, "re-reading a device another node changed failed")
             }
         }
     }
@@ -346,7 +352,6 @@ impl Registry {
         let id = Self::parse_id(id)?;
         validate_tags(&tags)?;
         let _serialized = self.tags_lock.lock().await;
-        let tags_for_cluster = tags.clone();
         self.core
             .store
             .set_tags(id.as_str(), tags.clone())
@@ -367,7 +372,7 @@ impl Registry {
             }
         }
         if let Some(cluster) = self.core.cluster() {
-            cluster.device_changed(id.as_str(), Some(tags_for_cluster));
+            cluster.device_changed(id.as_str());
         }
         self.get_device(id.as_str()).await
     }
@@ -398,7 +403,7 @@ impl Registry {
         }
         self.presence.forget(id.as_str());
         if let Some(cluster) = self.core.cluster() {
-            cluster.device_changed(id.as_str(), None);
+            cluster.device_changed(id.as_str());
         }
         Ok(())
     }

@@ -102,31 +102,17 @@ async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
             let store = mooring_store::PgStore::connect_sized(url, config.store.pool_size)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))
-                .with_context(|| format!("connecting to PostgreSQL at {}", redact_url(url)))?;
+                .with_context(|| {
+                    format!(
+                        "connecting to PostgreSQL at {}",
+                        mooring_bus::redact_url(url)
+                    )
+                })?;
             Ok(Arc::new(store))
         }
         None => Ok(Arc::new(SqliteStore::open(&config.data_dir).with_context(
             || format!("opening store in {}", config.data_dir.display()),
         )?)),
-    }
-}
-
-/// A URL without its password, for messages and logs.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &creds[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }
 
@@ -140,11 +126,9 @@ async fn open_bus(config: &ServerConfig) -> anyhow::Result<Arc<dyn mooring_bus::
         Some(url) => {
             let mut nats = mooring_bus::NatsConfig::new(url.clone(), config.bus.prefix.clone());
             nats.bus = bus_config;
-            Arc::new(
-                mooring_bus::NatsBus::connect(nats)
-                    .await
-                    .with_context(|| format!("connecting to NATS at {}", redact_url(url)))?,
-            )
+            Arc::new(mooring_bus::NatsBus::connect(nats).await.with_context(|| {
+                format!("connecting to NATS at {}", mooring_bus::redact_url(url))
+            })?)
         }
         None => Arc::new(mooring_bus::InProcessBus::new(bus_config)?),
     })
@@ -165,10 +149,12 @@ async fn start_cluster(
     store: Arc<dyn Store>,
     bus: Arc<dyn mooring_bus::Bus>,
     clock: Arc<dyn Clock>,
+    bus_key: ring::hmac::Key,
 ) -> anyhow::Result<(Arc<crate::cluster::Cluster>, mooring_bus::Subscription)> {
     let cluster = Arc::new(crate::cluster::Cluster::new(
         config.node_id.clone(),
         bus.clone(),
+        bus_key,
         store.clone(),
         clock,
         &config.cluster,
@@ -350,9 +336,16 @@ impl RunningServer {
             .await
             .context("loading the broker's retained messages and sessions")?;
         let cluster = match shared {
-            Some(parts) => {
-                Some(start_cluster(&config, store.clone(), parts.bus, clock.clone()).await?)
-            }
+            Some(parts) => Some(
+                start_cluster(
+                    &config,
+                    store.clone(),
+                    parts.bus,
+                    clock.clone(),
+                    parts.key.bus_key(),
+                )
+                .await?,
+            ),
             None => None,
         };
         if cluster.is_some() {

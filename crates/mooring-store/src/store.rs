@@ -203,8 +203,10 @@ pub trait ClusterStore: Send + Sync + 'static {
     /// Gives up `name` if `holder` holds it (so another node may take it at once).
     async fn release_lease(&self, name: &str, holder: &str) -> Result<()>;
     /// Applies session changes in order, in one transaction. `Open` makes the node the
-    /// device's session holder (replacing any other); `Close` removes the row only if that node
-    /// still holds it (a later `Open` elsewhere wins). Unknown devices are skipped.
+    /// device's session holder, replacing one that opened at the same time or earlier (an
+    /// `Open` older than the stored one, arriving late, changes nothing); `Close` removes the
+    /// row only if that node still holds it (a later `Open` elsewhere wins). Unknown devices
+    /// are skipped.
     async fn apply_session_ops(&self, ops: Vec<SessionOp>) -> Result<()>;
     /// For each of `device_ids` (at most [`SESSION_LOOKUP_LEN_MAX`]) whose session is held by
     /// a node heard from at or after `alive_since_ms`: that node. Others are absent.

@@ -116,6 +116,11 @@ impl Env {
         )
     }
 
+    /// Nodes a, b and c.
+    fn start_three(&self) -> (Server, Server, Server) {
+        (self.start("a"), self.start("b"), self.start("c"))
+    }
+
     /// Starts `node` on port 0. Every node but the first finds the admin token the first one
     /// created (a cluster creates one) copied into its data dir, as an operator would.
     fn start(&self, node: &str) -> Server {
@@ -209,9 +214,7 @@ async fn command_round_trip(server: &Server, dev: &mut MqttDevice, name: &str) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_share_one_identity_and_a_device_moves_between_them_with_its_commands() {
     let env = Env::new().await;
-    let a = env.start("a");
-    let b = env.start("b");
-    let c = env.start("c");
+    let (a, b, c) = env.start_three();
 
     // One CA for all: a device created on a is accepted by b and c; a device created on b gets
     // the same CA.
@@ -319,9 +322,7 @@ async fn two_nodes_starting_together_on_an_empty_database_create_one_ca_and_one_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_session_moves_with_its_device_and_keeps_what_was_queued_for_it() {
     let env = Env::new().await;
-    let a = env.start("a");
-    let b = env.start("b");
-    let c = env.start("c");
+    let (a, b, c) = env.start_three();
     let creds = a.create_device("cart-1", env.tmp.path());
     let sub = |node: &Server, extra: &[&str]| {
         let mut args = creds.mosquitto_args(node.mqtt);
@@ -367,6 +368,106 @@ async fn a_persistent_session_moves_with_its_device_and_keeps_what_was_queued_fo
     );
     b.wait_metric("mooring_cluster_takeovers_total", |v| v >= 1.0)
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_clients_persistent_session_moves_between_nodes_too() {
+    let env = Env::new().await;
+    let (a, b, c) = env.start_three();
+    let creds = a.create_device("probe-1", env.tmp.path());
+    let token = support::service_token(&a, "pipeline");
+    let sub = |node: &Server, extra: &[&str]| {
+        let mut args = support::service_args(node, &creds, &token, "pipeline-1");
+        args.extend(support::s(&["-c", "-q", "1", "-t", "devices/+/telemetry"]));
+        args.extend(support::s(extra));
+        std::process::Command::new("mosquitto_sub")
+            .args(&args)
+            .output()
+            .expect("mosquitto_sub")
+    };
+    // The pipeline's persistent session on b; it goes away.
+    let out = sub(&b, &["-W", "1"]);
+    assert!(out.stdout.is_empty(), "{out:?}");
+    // Telemetry stored through a while the pipeline is away: queued in its session on b.
+    let mut dev = MqttDevice::connect(&a, &creds, "probe-1").await;
+    dev.publish(
+        "devices/probe-1/telemetry",
+        &format!(r#"{{"seq":1,"ts":{},"t":21.5}}"#, now_ms()),
+    )
+    .await;
+    b.wait_metric("mooring_mqtt_messages_in_total", |v| v >= 1.0)
+        .await;
+    // The pipeline comes back on c: b hands its session over, c resumes it.
+    let out = sub(&c, &["-C", "1", "-W", "15"]);
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains("21.5"), "{out:?}");
+    b.wait_metric("mooring_cluster_takeovers_total", |v| v >= 1.0)
+        .await;
+    drop(dev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_bus_messages_are_refused_and_a_revoked_bootstrap_token_stays_revoked() {
+    let env = Env::new().await;
+    let a = env.start("a");
+    let creds = a.create_device("lock-9", env.tmp.path());
+    let dev = online(&a, &creds, "lock-9").await;
+    wait_online(&a, "lock-9", true).await;
+
+    // Someone else on the NATS server, without the cluster key, tries to take the device's
+    // session away and to inject a message: both are dropped and counted.
+    let rogue =
+        mooring_bus::NatsBus::connect(mooring_bus::NatsConfig::new(nats_url(), env.prefix.clone()))
+            .await
+            .expect("rogue NATS client");
+    use mooring_bus::Bus;
+    let mut forged = vec![5u8];
+    forged.extend_from_slice(b"rogue");
+    forged.extend_from_slice(&now_ms().to_be_bytes());
+    forged.extend_from_slice(&[0u8; 32]);
+    forged.extend_from_slice(br#"[["lock-9", 18446744073709551615, false]]"#);
+    rogue
+        .publish("cluster.session", forged.clone().into())
+        .await
+        .expect("publish");
+    rogue
+        .publish("cluster.mqtt", b"garbage".to_vec().into())
+        .await
+        .expect("publish");
+    a.wait_metric("mooring_cluster_bus_rejected_total", |v| v >= 2.0)
+        .await;
+    assert_eq!(a.metric("mooring_cluster_takeovers_total").await, 0.0);
+    assert!(device_online(&a, "lock-9").await);
+    assert_eq!(a.metric("mooring_mqtt_connections").await, 1.0);
+    drop(dev);
+
+    // The admin token the cluster made once is revoked (in the database: the token API comes
+    // with accounts); a restart does not make another.
+    let (client, connection) = tokio_postgres::connect(&env.db_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the cluster's database");
+    let driver = tokio::spawn(connection);
+    let revoked = client
+        .execute("DELETE FROM tokens WHERE role = 'admin'", &[])
+        .await
+        .expect("revoke");
+    assert_eq!(revoked, 1, "one admin token in the cluster");
+    let dir = a.data_dir.clone();
+    a.stop();
+    std::fs::remove_file(dir.join("admin.token")).expect("remove old token file");
+    let _a = env.start("a");
+    assert!(
+        !dir.join("admin.token").exists(),
+        "a restarted node must not create a new admin token"
+    );
+    let admins: i64 = client
+        .query_one("SELECT count(*) FROM tokens WHERE role = 'admin'", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(admins, 0);
+    drop(client);
+    let _ = driver.await;
 }
 
 /// Publishes QoS 1 telemetry with increasing `seq` until told to stop, reconnecting to the next
@@ -445,9 +546,7 @@ async fn publish_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_a_node_under_qos1_load_loses_nothing_acknowledged_and_its_leases_move() {
     let env = Env::new().await;
-    let a = env.start("a");
-    let b = env.start("b");
-    let c = env.start("c");
+    let (a, b, c) = env.start_three();
     let creds = a.create_device("meter-1", env.tmp.path());
 
     // Whoever holds the scheduler lease (the first node asking: a, b or c) is the one to kill,
@@ -477,7 +576,26 @@ async fn kill9_of_a_node_under_qos1_load_loses_nothing_acknowledged_and_its_leas
         }
     }
     assert_eq!(holders.len(), 1, "one scheduler: {holders:?}");
+    // A device that stays with b alone: online until b dies.
+    let lone = a.create_device("meter-lone", env.tmp.path());
+    let lone_dev = online(&b, &lone, "meter-lone").await;
+    wait_online(&a, "meter-lone", true).await;
     b.kill9();
+    // The killed node's devices go offline once its lease (1 s here) runs out; a command for
+    // one is kept, and delivered when it is back (on another node).
+    wait_online(&a, "meter-lone", false).await;
+    drop(lone_dev);
+    let (status, cmd) = a
+        .api(
+            "POST",
+            "/api/v1/devices/meter-lone/commands",
+            Some(json!({ "name": "ping" })),
+        )
+        .await;
+    assert_eq!(status, 202, "{cmd}");
+    let mut back = online(&c, &lone, "meter-lone").await;
+    let (topic, req) = back.next_json().await;
+    assert_eq!(req["name"], json!("ping"), "{topic}");
     // The publisher moves to c and keeps going.
     let before = acked.lock().expect("acked").len();
     let deadline = tokio::time::Instant::now() + WAIT;

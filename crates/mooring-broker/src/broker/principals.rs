@@ -86,22 +86,52 @@ impl Broker {
         let keys = table.keys_of(&who.0);
         let n = keys.len();
         for key in keys {
-            let Some(session) = table.remove_key(&key) else {
-                continue;
-            };
-            let mut s = lock(&session);
-            if let Some(link) = &s.link {
-                let _ = link
-                    .control
-                    .try_send(Control::Kick(KickReason::SessionTakenOver));
-            }
-            // No longer ours to write: retiring it must not delete what the new owner stores.
-            s.persist = None;
-            self.shared.retire(&mut s);
-            s.removed = true;
-            s.clear_queue();
+            self.hand_over_locked(&mut table, &key);
         }
         n
+    }
+
+    /// [`Broker::hand_over`] for the one session stored under `key`
+    /// ([`crate::persist::stored_session_key`]), if it belongs to `owner`: its client connected
+    /// to another broker. `false` if this broker holds no such session (another principal's
+    /// session under the same client id is never touched).
+    pub fn hand_over_stored(&self, key: &str, owner: &PrincipalKey) -> bool {
+        let Some(key) = crate::persist::parse_session_key(key) else {
+            return false;
+        };
+        let mut table = lock(&self.shared.sessions);
+        if table.get(&key).is_none_or(|e| e.owner != owner.0) {
+            return false;
+        }
+        self.shared.principal_epoch.fetch_add(1, Ordering::SeqCst);
+        self.hand_over_locked(&mut table, &key)
+    }
+
+    /// Whether this broker holds a session of `owner` under the stored key `key`.
+    pub fn holds_stored(&self, key: &str, owner: &PrincipalKey) -> bool {
+        crate::persist::parse_session_key(key).is_some_and(|k| {
+            lock(&self.shared.sessions)
+                .get(&k)
+                .is_some_and(|e| e.owner == owner.0)
+        })
+    }
+
+    fn hand_over_locked(&self, table: &mut super::SessionTable, key: &super::SessionKey) -> bool {
+        let Some(session) = table.remove_key(key) else {
+            return false;
+        };
+        let mut s = lock(&session);
+        if let Some(link) = &s.link {
+            let _ = link
+                .control
+                .try_send(Control::Kick(KickReason::SessionTakenOver));
+        }
+        // No longer ours to write: retiring it must not delete what the new owner stores.
+        s.persist = None;
+        self.shared.retire(&mut s);
+        s.removed = true;
+        s.clear_queue();
+        true
     }
 
     /// The device is gone: [`Broker::remove_principal`] for it.

@@ -41,6 +41,37 @@ impl PrincipalKey {
     pub fn device(device_id: &str) -> PrincipalKey {
         PrincipalKey(Owner::Device(device_id.to_owned()))
     }
+
+    /// The key of the service token `token_id`.
+    pub fn service(token_id: &str) -> PrincipalKey {
+        PrincipalKey(Owner::Service(token_id.to_owned()))
+    }
+
+    /// The key of the development listener's (anonymous) clients.
+    pub fn dev() -> PrincipalKey {
+        PrincipalKey(Owner::Dev)
+    }
+
+    /// The kind and id of this principal as text (`device:<id>`, `service:<token id>`, `dev`),
+    /// and back ([`PrincipalKey::parse`]): for an embedder that names a principal to another
+    /// broker.
+    pub fn as_text(&self) -> String {
+        match &self.0 {
+            Owner::Device(id) => format!("device:{id}"),
+            Owner::Service(id) => format!("service:{id}"),
+            Owner::Dev => "dev".to_owned(),
+        }
+    }
+
+    /// Inverse of [`PrincipalKey::as_text`].
+    pub fn parse(text: &str) -> Option<PrincipalKey> {
+        match text.split_once(':') {
+            Some(("device", id)) => Some(PrincipalKey::device(id)),
+            Some(("service", id)) => Some(PrincipalKey::service(id)),
+            None if text == "dev" => Some(PrincipalKey::dev()),
+            _ => None,
+        }
+    }
 }
 
 impl Owner {

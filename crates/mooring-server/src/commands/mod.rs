@@ -718,8 +718,37 @@ impl Commands {
                 Err(e) => return Err(e.into()),
             };
             Counters::add(&self.core.counters.commands_created, outcomes.len() as u64);
+            // In a cluster, kick only devices online somewhere (one store lookup per page): an
+            // offline device gets its commands when it connects, and the bus carries no kicks
+            // for it.
+            let online = match self.core.cluster() {
+                Some(cluster) => {
+                    let ids: Vec<String> = outcomes
+                        .iter()
+                        .map(|o| o.record().device_id.to_string())
+                        .collect();
+                    let mut online = std::collections::BTreeSet::new();
+                    for chunk in ids.chunks(mooring_store::SESSION_LOOKUP_LEN_MAX) {
+                        online.extend(
+                            self.registry
+                                .presence()
+                                .online(chunk, cluster.alive_since_ms())
+                                .await?,
+                        );
+                    }
+                    Some(online)
+                }
+                None => None,
+            };
             for o in &outcomes {
-                self.kick(&o.record().device_id, false);
+                let device = &o.record().device_id;
+                if online
+                    .as_ref()
+                    .is_some_and(|on| !on.contains(device.as_str()))
+                {
+                    continue;
+                }
+                self.kick(device, false);
             }
         }
         self.fleet_command(&parent.id)

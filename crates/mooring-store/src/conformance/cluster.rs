@@ -117,11 +117,16 @@ pub async fn cluster_sessions_follow_open_close_and_node_liveness<
         ])
         .await
         .expect("open");
-    // d1 moves to b; a's late close of its old session does not remove b's.
+    // d1 moves to b; a's late close of its old session does not remove b's, nor does a's
+    // older open arriving after b's.
     store
         .apply_session_ops(vec![open("d1", "b", 10_100), close("d1", "a")])
         .await
         .expect("move");
+    store
+        .apply_session_ops(vec![open("d1", "a", 10_000), close("d1", "a")])
+        .await
+        .expect("late open");
     let held = store
         .session_nodes(&ids(&["d1", "d2", "d3", "nobody"]), 9_500)
         .await

@@ -86,7 +86,8 @@ impl ClusterStore for PgStore {
                 "INSERT INTO device_sessions (device_id, node_id, since_ms)
                  SELECT id, $2, $3 FROM devices WHERE id = $1
                  ON CONFLICT (device_id) DO UPDATE
-                 SET node_id = excluded.node_id, since_ms = excluded.since_ms",
+                 SET node_id = excluded.node_id, since_ms = excluded.since_ms
+                 WHERE device_sessions.since_ms <= excluded.since_ms",
             )
             .await
             .map_err(pg_error)?;

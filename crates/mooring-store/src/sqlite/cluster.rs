@@ -110,7 +110,8 @@ impl ClusterStore for SqliteStore {
                             "INSERT INTO device_sessions (device_id, node_id, since_ms)
                              SELECT id, ?2, ?3 FROM devices WHERE id = ?1
                              ON CONFLICT (device_id) DO UPDATE
-                             SET node_id = excluded.node_id, since_ms = excluded.since_ms",
+                             SET node_id = excluded.node_id, since_ms = excluded.since_ms
+                             WHERE device_sessions.since_ms <= excluded.since_ms",
                         )
                         .db()?
                         .execute(params![device_id, node_id, bound_to_sql(*since_ms)])
