@@ -169,10 +169,11 @@ impl ServerTarget {
 
 /// The counters of a cluster node (`mooring_cluster_<name>_total`) that `[expect]
 /// max_cluster_counters` may bound.
-pub const CLUSTER_COUNTERS: [&str; 6] = [
+pub const CLUSTER_COUNTERS: [&str; 7] = [
     "bus_sent",
     "bus_received",
     "bus_dropped",
+    "bus_rejected",
     "outbox_dropped",
     "takeovers",
     "reaped_sessions",

@@ -638,7 +638,7 @@ fn a_cluster_loses_nodes_under_load_and_keeps_every_promise() -> anyhow::Result<
         min_online_at_end = 240
         min_commands_succeeded = 720
         max_reconnect_time = "10s"
-        max_cluster_counters = { bus_dropped = 0, outbox_dropped = 0 }
+        max_cluster_counters = { bus_dropped = 0, bus_rejected = 0, outbox_dropped = 0 }
         "#,
     )?;
     let r = run(&s)?;
