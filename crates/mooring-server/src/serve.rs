@@ -116,20 +116,13 @@ async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
-/// Joins the cluster: the bus (NATS at `[bus] url`, else in-process), this node's first
-/// heartbeat, the sessions a previous run of this node left in the store cleared, and the
-/// subscription to the other nodes' notices, ready before any listener accepts.
-async fn start_cluster(
-    config: &ServerConfig,
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-    bus_key: ring::hmac::Key,
-) -> anyhow::Result<(Arc<crate::cluster::Cluster>, mooring_bus::Subscription)> {
+/// The bus `config` names: NATS at `[bus] url`, else in-process (one node on a shared store).
+async fn open_bus(config: &ServerConfig) -> anyhow::Result<Arc<dyn mooring_bus::Bus>> {
     let bus_config = mooring_bus::BusConfig {
         subscription_buffer_len: config.bus.buffer_len,
         ..mooring_bus::BusConfig::default()
     };
-    let bus: Arc<dyn mooring_bus::Bus> = match &config.bus.url {
+    Ok(match &config.bus.url {
         Some(url) => {
             let mut nats = mooring_bus::NatsConfig::new(url.clone(), config.bus.prefix.clone());
             nats.bus = bus_config;
@@ -138,7 +131,26 @@ async fn start_cluster(
             })?)
         }
         None => Arc::new(mooring_bus::InProcessBus::new(bus_config)?),
-    };
+    })
+}
+
+/// What a cluster node shares with the other nodes besides the store: the bus and the cluster
+/// key (which seals the PKI kept in the store).
+struct SharedParts {
+    bus: Arc<dyn mooring_bus::Bus>,
+    key: crate::pki::SecretKey,
+}
+
+/// Joins the cluster on `bus`: this node's first heartbeat, the sessions a previous run of this
+/// node left in the store cleared, and the subscription to the other nodes' notices, ready
+/// before any listener accepts.
+async fn start_cluster(
+    config: &ServerConfig,
+    store: Arc<dyn Store>,
+    bus: Arc<dyn mooring_bus::Bus>,
+    clock: Arc<dyn Clock>,
+    bus_key: ring::hmac::Key,
+) -> anyhow::Result<(Arc<crate::cluster::Cluster>, mooring_bus::Subscription)> {
     let cluster = Arc::new(crate::cluster::Cluster::new(
         config.node_id.clone(),
         bus.clone(),
@@ -223,34 +235,77 @@ fn restrict_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 impl RunningServer {
+    /// Starts the server `config` describes: on SQLite in the data dir, or (`[store] url`) as a
+    /// cluster node on PostgreSQL and the bus at `[bus] url`.
     pub async fn start(
         config: ServerConfig,
         listeners: Listeners,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<RunningServer> {
         config.validate()?;
-        let _ = rustls::crypto::ring::default_provider().install_default();
         prepare_data_dir(&config.data_dir)?;
         let store = open_store(&config).await?;
+        let shared = match &config.cluster.secret_key_file {
+            Some(key_file) if config.is_shared() => Some(SharedParts {
+                key: crate::pki::SecretKey::from_file(key_file)?,
+                bus: open_bus(&config).await?,
+            }),
+            _ => None,
+        };
+        Self::start_on(config, listeners, clock, store, shared).await
+    }
+
+    /// Starts a cluster node on a store and a bus the caller opened (and shares with the
+    /// other nodes), with the cluster key `key`: the fleet simulator runs several nodes in one
+    /// process on one store and one in-process bus. `[store] url` and `[bus] url` must be unset
+    /// (the store and bus are these); everything else is [`RunningServer::start`]'s.
+    pub async fn start_shared(
+        config: ServerConfig,
+        listeners: Listeners,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn Store>,
+        bus: Arc<dyn mooring_bus::Bus>,
+        key: crate::pki::SecretKey,
+    ) -> anyhow::Result<RunningServer> {
+        config.validate()?;
+        anyhow::ensure!(
+            config.store.url.is_none() && config.bus.url.is_none(),
+            "a node started on a given store and bus takes no [store] url or [bus] url"
+        );
+        prepare_data_dir(&config.data_dir)?;
+        Self::start_on(
+            config,
+            listeners,
+            clock,
+            store,
+            Some(SharedParts { bus, key }),
+        )
+        .await
+    }
+
+    /// The start itself, on an open store; `shared`: a cluster node's bus and key.
+    async fn start_on(
+        config: ServerConfig,
+        listeners: Listeners,
+        clock: Arc<dyn Clock>,
+        store: Arc<dyn Store>,
+        shared: Option<SharedParts>,
+    ) -> anyhow::Result<RunningServer> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let now =
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(clock.now_ms()) * 1_000_000)
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-        let cluster_key = match &config.cluster.secret_key_file {
-            Some(key_file) if config.is_shared() => {
-                Some(crate::pki::SecretKey::from_file(key_file)?)
-            }
-            _ => None,
-        };
-        let (pki, created) = match &cluster_key {
-            Some(key) => {
-                Pki::load_or_create_shared(store.as_ref(), key, &config.server_names, now).await?
+        let (pki, created) = match &shared {
+            Some(parts) => {
+                Pki::load_or_create_shared(store.as_ref(), &parts.key, &config.server_names, now)
+                    .await?
             }
             None => Pki::load_or_create(&config.data_dir, &config.server_names, now)?,
         };
         if created {
             tracing::info!("created the fleet CA and the server certificate");
         }
-        let new_admin_token = if config.is_shared() {
+        let new_admin_token = if shared.is_some() {
             crate::auth::ensure_shared_admin_token(store.as_ref(), &config.data_dir, clock.now_ms())
                 .await?
         } else {
@@ -280,10 +335,18 @@ impl RunningServer {
             .load_broker_state()
             .await
             .context("loading the broker's retained messages and sessions")?;
-        let cluster = if let Some(key) = &cluster_key {
-            Some(start_cluster(&config, store.clone(), clock.clone(), key.bus_key()).await?)
-        } else {
-            None
+        let cluster = match shared {
+            Some(parts) => Some(
+                start_cluster(
+                    &config,
+                    store.clone(),
+                    parts.bus,
+                    clock.clone(),
+                    parts.key.bus_key(),
+                )
+                .await?,
+            ),
+            None => None,
         };
         if cluster.is_some() {
             // A stored persistent session may belong to a client now on another node, which
@@ -442,6 +505,27 @@ impl RunningServer {
                 tracing::warn!(writer = name, "writer did not drain within 5 s");
             }
         }
+    }
+
+    /// Stops the server at once, as `kill -9` would (the fleet simulator's `kill_node`): every
+    /// task is aborted where it is, the two writers too (what they had queued and not committed
+    /// is lost; none of it was acknowledged), nothing is flushed, no session is closed and no
+    /// lease released. A cluster node's heartbeats stop, so the other nodes see it dead after
+    /// `node_lease_ms`. Not ended here: connections (the embedder drops those it serves through
+    /// `Broker::serve_connection`; TCP connections this server accepted run on, writers
+    /// gone, until their peer goes) and broker timers (a will delay, a persistent session's
+    /// expiry: each fires once, then ends). The simulator's devices use neither TCP nor
+    /// persistent sessions nor wills.
+    pub fn kill(self) {
+        let RunningServer {
+            mut tasks,
+            writer_task,
+            broker_state_task,
+            ..
+        } = self;
+        tasks.abort_all();
+        writer_task.abort();
+        broker_state_task.abort();
     }
 
     /// A weak handle on the server's state, to check that it is freed after

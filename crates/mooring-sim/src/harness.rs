@@ -12,6 +12,7 @@ use anyhow::Context;
 use mooring_proto::Clock;
 use mooring_server::registry::PinnedCert;
 use mooring_server::{Listeners, RunningServer, ServerConfig};
+use mooring_store::Store;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -27,17 +28,64 @@ pub fn sim_cert_sha256(device_id: &str) -> String {
     format!("sim-{device_id}")
 }
 
+/// The node id of cluster node `n` (1-based, as scenario events name nodes).
+pub fn node_id(n: usize) -> String {
+    format!("node-{n}")
+}
+
+/// What the nodes of an in-process cluster share, as the nodes of a real one share a
+/// PostgreSQL database, a NATS server and a key file: one store (SQLite in the run's data dir,
+/// which implements the whole `Store`, cluster tables included), one in-process bus and one
+/// cluster key. Each node is otherwise a whole server of its own.
+pub struct ClusterParts {
+    pub store: Arc<dyn Store>,
+    pub bus: Arc<dyn mooring_bus::Bus>,
+    /// The cluster key, 64 hex digits (`[cluster] secret_key_file`'s content).
+    key_hex: String,
+    pub heartbeat_interval_ms: u64,
+    pub node_lease_ms: u64,
+}
+
+impl ClusterParts {
+    /// Opens the shared store in `data_dir` and a bus with the server's default bounds.
+    pub fn open(
+        data_dir: &Path,
+        heartbeat_interval_ms: u64,
+        node_lease_ms: u64,
+    ) -> anyhow::Result<Self> {
+        let store = mooring_store::SqliteStore::open(data_dir)
+            .with_context(|| format!("opening the cluster's store in {}", data_dir.display()))?;
+        let bus = mooring_bus::InProcessBus::new(mooring_bus::BusConfig {
+            subscription_buffer_len: ServerConfig::default().bus.buffer_len,
+            ..mooring_bus::BusConfig::default()
+        })?;
+        let key: [u8; 32] = rand::random();
+        Ok(Self {
+            store: Arc::new(store),
+            bus: Arc::new(bus),
+            key_hex: key.iter().map(|b| format!("{b:02x}")).collect(),
+            heartbeat_interval_ms,
+            node_lease_ms,
+        })
+    }
+}
+
+/// A server's configuration in the simulator: its data dir, loopback port 0 for the TCP
+/// listeners (the HTTP API stays usable for inspection; devices do not use them).
+fn config(data_dir: &Path) -> anyhow::Result<ServerConfig> {
+    Ok(ServerConfig {
+        data_dir: data_dir.to_owned(),
+        mqtt_addr: "127.0.0.1:0".parse()?,
+        http_addr: "127.0.0.1:0".parse()?,
+        ..ServerConfig::default()
+    })
+}
+
 impl InProcessServer {
-    /// Starts a server with its data in `data_dir` on `clock`. TCP listeners are bound on
-    /// loopback port 0 (the HTTP API stays usable for inspection) but devices use
-    /// [`crate::device::SimConnector`].
+    /// Starts a server with its data in `data_dir` on `clock`. Devices reach it through
+    /// [`crate::device::SimConnector`], not its TCP listeners.
     pub async fn start(data_dir: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let config = ServerConfig {
-            data_dir: data_dir.to_owned(),
-            mqtt_addr: "127.0.0.1:0".parse()?,
-            http_addr: "127.0.0.1:0".parse()?,
-            ..ServerConfig::default()
-        };
+        let config = config(data_dir)?;
         let listeners = Listeners::bind(&config).await?;
         let server = RunningServer::start(config, listeners, clock)
             .await
@@ -46,6 +94,44 @@ impl InProcessServer {
             server,
             data_dir: data_dir.to_owned(),
         })
+    }
+
+    /// Starts cluster node `n` (1-based; node id [`node_id`]) on the cluster's shared store
+    /// and bus (`RunningServer::start_shared`: the production start of a cluster node, on a
+    /// store and bus given instead of URLs). The nodes share the data dir, which holds the
+    /// store (and the admin token the first node creates).
+    pub async fn start_node(
+        data_dir: &Path,
+        clock: Arc<dyn Clock>,
+        parts: &ClusterParts,
+        n: usize,
+    ) -> anyhow::Result<Self> {
+        let mut config = config(data_dir)?;
+        config.node_id = node_id(n);
+        config.cluster.heartbeat_interval_ms = parts.heartbeat_interval_ms;
+        config.cluster.node_lease_ms = parts.node_lease_ms;
+        let listeners = Listeners::bind(&config).await?;
+        let key = mooring_server::pki::SecretKey::from_hex(&parts.key_hex)?;
+        let server = RunningServer::start_shared(
+            config,
+            listeners,
+            clock,
+            parts.store.clone(),
+            parts.bus.clone(),
+            key,
+        )
+        .await
+        .with_context(|| format!("starting cluster node {}", node_id(n)))?;
+        Ok(Self {
+            server,
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    /// Kills the server as `kill -9` would (`RunningServer::kill`); its connections must be
+    /// dropped by the caller ([`crate::device::Net::kill_node`]).
+    pub fn kill(self) {
+        self.server.kill();
     }
 
     /// Stops the server gracefully (sessions closed, writer drained) and starts it again on the

@@ -13,15 +13,17 @@
 //!   │     faults: power loss / crash (abort + restart), battery,      SimConnector ── duplex ──>
 //!   │     link drops/outages (DeviceLink::cut)                        broker.serve_connection
 //!   │     LedgerStore (MemStore + record of acked sim.n), SimHandler (counts executions)
-//!   ├─ events task: command (Commands::create_fleet_command), cut_link, delete_device, restart_server
-//!   ├─ sampler task: online devices every sample_interval
+//!   ├─ events task: command (Commands::create_fleet_command), cut_link, delete_device, restart_server;
+//!   │     cluster mode (N InProcessServers on one store + bus): kill_node, restart_node
+//!   ├─ sampler task: online devices (per node) every sample_interval
 //!   └─ at the end: stop the fleet, stop the server (writer drained), compare acked vs. stored,
 //!      read command states and histories → Report (report.rs): JSON, table, HTML plots
 //! ```
 //!
 //! * [`scenario`]: the scenario file (cohorts of device models, timed events, expectations).
 //! * [`clock`]: the virtual wall clock, derived from tokio's (paused) timeline.
-//! * [`harness`]: the in-process server.
+//! * [`harness`]: the in-process server, or the nodes of an in-process cluster (one shared
+//!   store and bus).
 //! * [`device`]: one simulated device: link, flash, handlers, life cycle.
 //! * [`run`]: one run, start to report.
 //! * [`remote`]: remote mode (a running server over TLS, real time, measured via the API).

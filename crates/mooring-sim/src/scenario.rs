@@ -119,6 +119,21 @@ pub enum ServerTarget {
     /// A real `mooring` server started inside the simulator, on virtual time (default).
     #[default]
     InProcess,
+    /// `nodes` real `mooring` server nodes started inside the simulator as one cluster, on
+    /// virtual time: one shared store (SQLite) and one in-process bus, each node with its own
+    /// broker, services, heartbeats and leases. Devices are spread over the live nodes.
+    Cluster {
+        /// How many nodes (`node = 1` .. `nodes` in events), 2 to [`CLUSTER_NODES_MAX`].
+        nodes: usize,
+        /// How often each node records that it is alive (the server's
+        /// `[cluster] heartbeat_interval_ms`; virtual time).
+        #[serde(default = "default_heartbeat_interval")]
+        heartbeat_interval: DurationMs,
+        /// A node not heard from for this long is dead: its devices are offline and its leases
+        /// move (the server's `[cluster] node_lease_ms`; virtual time).
+        #[serde(default = "default_node_lease")]
+        node_lease: DurationMs,
+    },
     /// A running server reached over MQTT/TLS, in real time; devices are registered and the
     /// run is measured through its HTTP API (see [`crate::remote`]).
     Remote {
@@ -130,6 +145,39 @@ pub enum ServerTarget {
         token_file: String,
     },
 }
+
+/// Most nodes of an in-process cluster.
+pub const CLUSTER_NODES_MAX: usize = 16;
+
+fn default_heartbeat_interval() -> DurationMs {
+    DurationMs(1_000)
+}
+
+fn default_node_lease() -> DurationMs {
+    DurationMs(5_000)
+}
+
+impl ServerTarget {
+    /// Cluster mode: how many nodes; else `None`.
+    pub fn cluster_nodes(&self) -> Option<usize> {
+        match self {
+            ServerTarget::Cluster { nodes, .. } => Some(*nodes),
+            _ => None,
+        }
+    }
+}
+
+/// The counters of a cluster node (`mooring_cluster_<name>_total`) that `[expect]
+/// max_cluster_counters` may bound.
+pub const CLUSTER_COUNTERS: [&str; 7] = [
+    "bus_sent",
+    "bus_received",
+    "bus_dropped",
+    "bus_rejected",
+    "outbox_dropped",
+    "takeovers",
+    "reaped_sessions",
+];
 
 /// A group of devices sharing one device model.
 #[derive(Debug, Clone, Deserialize)]
@@ -315,6 +363,11 @@ pub enum Action {
         #[serde(default)]
         downtime: DurationMs,
     },
+    /// Cluster mode: kill node `node` (1-based) as `kill -9` would: no graceful shutdown, its
+    /// connections dropped, its tasks gone; its devices reconnect to the other nodes.
+    KillNode { node: usize },
+    /// Cluster mode: start a killed node again, with the same node id, on the shared store.
+    RestartNode { node: usize },
 }
 
 impl Action {
@@ -326,6 +379,8 @@ impl Action {
             Action::DeleteDevice { .. } => "delete_device",
             Action::Retag { .. } => "retag",
             Action::RestartServer { .. } => "restart_server",
+            Action::KillNode { .. } => "kill_node",
+            Action::RestartNode { .. } => "restart_node",
         }
     }
 }
@@ -351,6 +406,15 @@ pub struct Expect {
     /// a well-behaved fleet under faults must never hit a broker bound.
     #[serde(default)]
     pub max_mqtt_refusals: BTreeMap<String, u64>,
+    /// Longest time any device cut off by a `cut_link`, `restart_server` or `kill_node` event
+    /// may take to be accepted again after the event ended (the link back, the server up, the
+    /// node killed); a device that never came back fails it too.
+    pub max_reconnect_time: Option<DurationMs>,
+    /// Cluster mode: most of each counter summed over the nodes and over every run of each
+    /// node (`mooring_cluster_<name>_total`, one of [`CLUSTER_COUNTERS`]), e.g.
+    /// `{ bus_dropped = 0, outbox_dropped = 0 }`: no notice may be lost under load.
+    #[serde(default)]
+    pub max_cluster_counters: BTreeMap<String, u64>,
 }
 
 impl Scenario {
@@ -478,6 +542,32 @@ impl Scenario {
                 anyhow::anyhow!("cohort {}: device ids would be invalid: {e}", c.name)
             })?;
         }
+        match &self.server {
+            ServerTarget::Cluster {
+                nodes,
+                heartbeat_interval,
+                node_lease,
+            } => {
+                if !(2..=CLUSTER_NODES_MAX).contains(nodes) {
+                    bail!("[server] nodes must be between 2 and {CLUSTER_NODES_MAX}, not {nodes}");
+                }
+                if heartbeat_interval.0 == 0 || node_lease.0 < 2 * heartbeat_interval.0 {
+                    bail!("[server] heartbeat_interval must be positive and node_lease at least twice as long");
+                }
+            }
+            _ if !self.expect.max_cluster_counters.is_empty() => {
+                bail!("[expect] max_cluster_counters needs [server] mode = \"cluster\"");
+            }
+            _ => {}
+        }
+        for name in self.expect.max_cluster_counters.keys() {
+            if !CLUSTER_COUNTERS.contains(&name.as_str()) {
+                bail!(
+                    "[expect] max_cluster_counters: unknown counter {name:?} (known: {})",
+                    CLUSTER_COUNTERS.join(", ")
+                );
+            }
+        }
         for e in &self.events {
             if e.at > self.duration {
                 bail!("an event at {} ms is after the end of the scenario", e.at.0);
@@ -506,6 +596,76 @@ impl Scenario {
                     mooring_proto::selector::Selector::parse(to).map_err(|err| {
                         anyhow::anyhow!("retag event at {} ms: selector {to:?}: {err}", e.at.0)
                     })?;
+                }
+                Action::RestartServer { .. } if self.server.cluster_nodes().is_some() => {
+                    bail!(
+                        "restart_server event at {} ms: in cluster mode, use kill_node and restart_node",
+                        e.at.0
+                    );
+                }
+                Action::KillNode { node } | Action::RestartNode { node } => {
+                    let what = e.action.name();
+                    let Some(nodes) = self.server.cluster_nodes() else {
+                        bail!(
+                            "{what} event at {} ms: needs [server] mode = \"cluster\"",
+                            e.at.0
+                        );
+                    };
+                    if !(1..=nodes).contains(node) {
+                        bail!(
+                            "{what} event at {} ms: there is no node {node} (nodes are 1 to {nodes})",
+                            e.at.0
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.validate_node_events()
+    }
+
+    /// Cluster mode: plays the `kill_node` and `restart_node` events in order (by time, then
+    /// as written, as the run plays them): no node is killed twice or restarted while it runs,
+    /// and one node always stays alive.
+    fn validate_node_events(&self) -> anyhow::Result<()> {
+        let Some(nodes) = self.server.cluster_nodes() else {
+            return Ok(());
+        };
+        // `None`: running; `Some(at)`: killed at that time.
+        let mut killed: Vec<Option<u64>> = vec![None; nodes];
+        let mut events: Vec<(usize, &Event)> = self.events.iter().enumerate().collect();
+        events.sort_by_key(|(i, e)| (e.at, *i));
+        for (_, e) in events {
+            match &e.action {
+                Action::KillNode { node } => {
+                    let Some(state) = node.checked_sub(1).and_then(|i| killed.get_mut(i)) else {
+                        continue;
+                    };
+                    if let Some(at) = state {
+                        bail!(
+                            "kill_node event at {} ms: node {node} is already dead (killed at {at} ms)",
+                            e.at.0
+                        );
+                    }
+                    *state = Some(e.at.0);
+                    if killed.iter().all(Option::is_some) {
+                        bail!(
+                            "kill_node event at {} ms: node {node} is the last one alive; a cluster needs one",
+                            e.at.0
+                        );
+                    }
+                }
+                Action::RestartNode { node } => {
+                    let Some(state) = node.checked_sub(1).and_then(|i| killed.get_mut(i)) else {
+                        continue;
+                    };
+                    if state.is_none() {
+                        bail!(
+                            "restart_node event at {} ms: node {node} is running (only a killed node can be restarted)",
+                            e.at.0
+                        );
+                    }
+                    *state = None;
                 }
                 _ => {}
             }
@@ -609,5 +769,79 @@ mod tests {
             "name = \"x\"\nduration = \"1h\"\ncohort = []\nbogus = 1"
         )
         .is_err());
+    }
+
+    fn cluster(server: &str, events: &str) -> anyhow::Result<Scenario> {
+        let s: Scenario = toml::from_str(&format!(
+            "name = \"c\"\nduration = \"1h\"\n[server]\n{server}\n\
+             [[cohort]]\nname = \"d\"\ncount = 10\n{events}"
+        ))?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn kill(at: &str, node: usize) -> String {
+        format!("[[event]]\nat = \"{at}\"\naction = \"kill_node\"\nnode = {node}\n")
+    }
+
+    fn restart(at: &str, node: usize) -> String {
+        format!("[[event]]\nat = \"{at}\"\naction = \"restart_node\"\nnode = {node}\n")
+    }
+
+    fn error(r: anyhow::Result<Scenario>) -> String {
+        match r {
+            Ok(_) => "valid".to_owned(),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn cluster_mode_and_node_events_are_checked() {
+        let three = "mode = \"cluster\"\nnodes = 3";
+        let ok = cluster(
+            three,
+            &format!("{}{}{}", kill("10m", 2), restart("20m", 2), kill("30m", 1)),
+        )
+        .expect("valid");
+        assert_eq!(ok.server.cluster_nodes(), Some(3));
+        assert!(error(cluster("mode = \"cluster\"\nnodes = 1", "")).contains("between 2 and 16"));
+        assert!(error(cluster("mode = \"cluster\"\nnodes = 17", "")).contains("between 2 and 16"));
+        assert!(error(cluster(three, &kill("10m", 4))).contains("there is no node 4"));
+        assert!(error(cluster(three, &kill("10m", 0))).contains("there is no node 0"));
+        assert!(error(cluster(
+            three,
+            &format!("{}{}", kill("10m", 2), kill("20m", 2))
+        ))
+        .contains("node 2 is already dead (killed at 600000 ms)"));
+        assert!(error(cluster(
+            three,
+            &format!("{}{}{}", kill("10m", 1), kill("20m", 2), kill("30m", 3))
+        ))
+        .contains("node 3 is the last one alive"));
+        assert!(error(cluster(three, &restart("10m", 2))).contains("node 2 is running"));
+        // Order is by time, not as written.
+        cluster(three, &format!("{}{}", restart("20m", 2), kill("10m", 2))).expect("valid");
+        assert!(error(cluster("mode = \"in-process\"", &kill("10m", 1)))
+            .contains("needs [server] mode = \"cluster\""));
+        assert!(error(cluster(
+            three,
+            "[[event]]\nat = \"10m\"\naction = \"restart_server\"\n"
+        ))
+        .contains("use kill_node and restart_node"));
+        assert!(error(cluster(
+            &format!("{three}\nheartbeat_interval = \"3s\"\nnode_lease = \"5s\""),
+            ""
+        ))
+        .contains("node_lease at least twice"));
+        assert!(error(cluster(
+            three,
+            "[expect]\nmax_cluster_counters = { bogus = 0 }"
+        ))
+        .contains("unknown counter \"bogus\""));
+        assert!(error(cluster(
+            "mode = \"in-process\"",
+            "[expect]\nmax_cluster_counters = { takeovers = 0 }"
+        ))
+        .contains("needs [server] mode"));
     }
 }

@@ -571,3 +571,130 @@ fn the_html_report_shows_the_verdict_the_events_in_words_and_marked_charts() -> 
     }
     Ok(())
 }
+
+/// Cluster mode: three server nodes in one process on one store and one bus. A node is killed
+/// (no shutdown) while a fleet command is being delivered, the lease holder later too, the
+/// first one started again: nothing acknowledged is lost, every command runs once, every
+/// device is online again on the surviving nodes, and no notice between nodes is dropped.
+#[test]
+fn a_cluster_loses_nodes_under_load_and_keeps_every_promise() -> anyhow::Result<()> {
+    let s = scenario(
+        r#"
+        name = "ci-cluster"
+        seed = 13
+        duration = "15m"
+        sample_interval = "1m"
+
+        [server]
+        mode = "cluster"
+        nodes = 3
+
+        [[cohort]]
+        name = "meter"
+        count = 240
+        tags = { kind = "meter" }
+        telemetry_interval = "1m"
+        connect_spread = "30s"
+
+        [[event]]
+        at = "3m"
+        action = "command"
+        to = "tag:kind=meter"
+        name = "ping"
+        ttl = "15m"
+
+        [[event]]
+        at = "5m"
+        action = "command"
+        to = "tag:kind=meter"
+        name = "ping"
+        ttl = "10m"
+
+        [[event]]
+        at = "5m"
+        action = "kill_node"
+        node = 2
+
+        [[event]]
+        at = "8m"
+        action = "restart_node"
+        node = 2
+
+        [[event]]
+        at = "10m"
+        action = "kill_node"
+        node = 1
+
+        [[event]]
+        at = "12m"
+        action = "command"
+        to = "tag:kind=meter"
+        name = "ping"
+        ttl = "3m"
+
+        [expect]
+        lost_acked_telemetry = 0
+        commands_executed_twice = 0
+        min_online_at_end = 240
+        min_commands_succeeded = 720
+        max_reconnect_time = "10s"
+        max_cluster_counters = { bus_dropped = 0, bus_rejected = 0, outbox_dropped = 0 }
+        "#,
+    )?;
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    assert_eq!(r.lost_acked_telemetry, 0, "{:?}", r.lost_examples);
+    assert!(r.telemetry_acked > 0 && r.telemetry_stored >= r.telemetry_acked);
+    assert_eq!(r.commands_succeeded, 720);
+    assert_eq!(r.commands_executed_once, 720);
+    // Every device online again, on the nodes alive at the end, as the cluster answers too.
+    assert_eq!(r.online_at_end, 240);
+    assert_eq!(r.cluster_online_at_end, Some(240));
+    let ids: Vec<&str> = r.nodes.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(ids, ["node-1", "node-2", "node-3"]);
+    let node = |id: &str| r.nodes.iter().find(|n| n.id == id);
+    let (Some(n1), Some(n2), Some(n3)) = (node("node-1"), node("node-2"), node("node-3")) else {
+        anyhow::bail!("nodes missing: {:?}", r.nodes);
+    };
+    assert!(!n1.alive_at_end && n1.kills == 1 && n1.devices_at_end == 0);
+    assert!(n2.alive_at_end && n2.kills == 1 && n2.starts == 2);
+    assert!(n3.alive_at_end && n3.devices_at_end > 0);
+    assert_eq!(n2.devices_at_end + n3.devices_at_end, 240);
+    // Node 1 held the once-only work; it moved to a surviving node.
+    let kill1 = r
+        .timeline
+        .iter()
+        .find(|e| e.action == "kill_node" && e.target == "node-1")
+        .ok_or_else(|| anyhow::anyhow!("no kill of node-1 on the timeline"))?;
+    let scheduler = kill1
+        .leases
+        .iter()
+        .find(|l| l.lease == "commands.scheduler")
+        .ok_or_else(|| anyhow::anyhow!("node-1 held no scheduler lease: {:?}", kill1.leases))?;
+    assert!(
+        scheduler.to.as_deref().is_some_and(|to| to != "node-1"),
+        "{scheduler:?}"
+    );
+    // Taken over once the dead node's lease ran out: node_lease (5 s) after its last renewal
+    // (heartbeat every 1 s), at another node's next scheduler tick (1 s).
+    assert!(
+        scheduler
+            .after_ms
+            .is_some_and(|ms| (4_000..=6_100).contains(&ms)),
+        "{scheduler:?}"
+    );
+    for kill in r.timeline.iter().filter(|e| e.action == "kill_node") {
+        let back = kill
+            .reconnected
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("{kill:?}"))?;
+        assert!(kill.devices > 0, "{kill:?}");
+        assert_eq!(back.devices, kill.devices, "{kill:?}");
+    }
+    // Per-node counts were sampled over the run, and the page shows them and each node.
+    assert!(r.samples.iter().all(|s| !s.nodes.is_empty()));
+    let html = r.html();
+    assert!(html.contains("Devices per node"));
+    assert!(html.contains("node node-2: alive (started 2 times, killed once)"));
+    Ok(())
+}

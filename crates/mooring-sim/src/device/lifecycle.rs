@@ -262,6 +262,7 @@ fn boot(
     let deps = AgentDeps {
         device_id: dev.id.clone(),
         connector: Arc::new(SimConnector {
+            index: dev.index,
             link: dev.link.clone(),
             net: net.clone(),
             tls: dev.tls.clone(),

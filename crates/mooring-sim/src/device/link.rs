@@ -9,12 +9,13 @@ use mooring_proto::sync::{lock, read, write};
 use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// Bytes buffered in each direction of an in-memory connection (allocated as used).
@@ -22,32 +23,79 @@ pub const PIPE_SIZE_BYTES: usize = 8 * 1024;
 /// Bytes read at once from the pipe when latency is simulated (one chunk is delayed at a time).
 pub const LATENCY_CHUNK_BYTES: usize = 2 * 1024;
 
-/// The in-memory network between the devices and the (current) server.
+/// The in-memory network between the devices and the (current) server, or the nodes of an
+/// in-process cluster.
 pub struct Net {
-    /// The server's broker; `None` while the server is down.
-    broker: RwLock<Option<Broker>>,
+    /// Each node's broker (one for a single server), `None` while it is down.
+    nodes: RwLock<Vec<Option<NodeLink>>>,
     /// The broker's side of every device connection.
     conns: TaskTracker,
     pub clock: VirtualClock,
     pub stats: Arc<Stats>,
 }
 
+/// A node on the network: its broker, and the token that drops every connection to it at once
+/// when it is killed.
+struct NodeLink {
+    broker: Broker,
+    killed: CancellationToken,
+}
+
 impl Net {
-    pub fn new(clock: VirtualClock, stats: Arc<Stats>) -> Self {
+    /// A network with `nodes` server slots (1 for a single server), all down.
+    pub fn new(clock: VirtualClock, stats: Arc<Stats>, nodes: usize) -> Self {
         Self {
-            broker: RwLock::new(None),
+            nodes: RwLock::new((0..nodes.max(1)).map(|_| None).collect()),
             conns: TaskTracker::new(),
             clock,
             stats,
         }
     }
 
+    /// The single server's broker (slot 0); `None` while it is down.
     pub fn set_broker(&self, broker: Option<Broker>) {
-        *write(&self.broker) = broker;
+        self.set_node(0, broker);
     }
 
-    fn broker(&self) -> Option<Broker> {
-        read(&self.broker).clone()
+    /// Node `i`'s broker (0-based slot); `None` while it is down. Connections to a broker that
+    /// is replaced or removed here stay until it closes them (a graceful shutdown).
+    pub fn set_node(&self, i: usize, broker: Option<Broker>) {
+        if let Some(slot) = write(&self.nodes).get_mut(i) {
+            *slot = broker.map(|broker| NodeLink {
+                broker,
+                killed: CancellationToken::new(),
+            });
+        }
+    }
+
+    /// Takes node `i` off the network and drops every connection to it where it is, as the
+    /// death of its process would: the devices see their connection end.
+    pub fn kill_node(&self, i: usize) {
+        let link = write(&self.nodes).get_mut(i).and_then(Option::take);
+        if let Some(link) = link {
+            link.killed.cancel();
+        }
+    }
+
+    /// Where device `index` connects: its home node (`index % nodes`) while that is up, else
+    /// one of the live nodes (spread by index), as a load balancer would. The slot, the broker
+    /// and the node's kill token.
+    fn route(&self, index: usize) -> Option<(usize, Broker, CancellationToken)> {
+        let nodes = read(&self.nodes);
+        let n = nodes.len();
+        let pick = |i: usize| {
+            nodes[i]
+                .as_ref()
+                .map(|l| (i, l.broker.clone(), l.killed.clone()))
+        };
+        if let Some(home) = pick(index % n) {
+            return Some(home);
+        }
+        let live: Vec<usize> = (0..n).filter(|i| nodes[*i].is_some()).collect();
+        if live.is_empty() {
+            return None;
+        }
+        pick(live[(index / n) % live.len()])
     }
 
     /// Waits for every connection task to end (after the broker shut down).
@@ -72,9 +120,11 @@ pub struct DeviceLink {
     /// Virtual ms since which the run waits for this device to be accepted by the server again
     /// (0: not waiting); see [`DeviceLink::await_reconnect`].
     reconnect_since_ms: AtomicU64,
-    /// `(since_ms, accepted_at_ms)` of every wait that ended: one per `cut_link` or
-    /// `restart_server` event at most, so bounded by the scenario's events.
+    /// `(since_ms, accepted_at_ms)` of every wait that ended: one per `cut_link`,
+    /// `restart_server` or `kill_node` event at most, so bounded by the scenario's events.
     reconnects: Mutex<Vec<(u64, u64)>>,
+    /// The node slot + 1 of the last stream opened (0: none yet).
+    node: AtomicUsize,
 }
 
 impl DeviceLink {
@@ -88,7 +138,18 @@ impl DeviceLink {
             rtt: Duration::from_millis(latency_ms.saturating_mul(2)),
             reconnect_since_ms: AtomicU64::new(0),
             reconnects: Mutex::new(Vec::new()),
+            node: AtomicUsize::new(0),
         }
+    }
+
+    /// The node slot (0-based) this device's open connection goes to; `None` when no
+    /// connection is open.
+    pub fn connected_node(&self) -> Option<usize> {
+        let open = self.open_epoch.load(Ordering::Relaxed);
+        if open == 0 || open != self.epoch.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.node.load(Ordering::Relaxed).checked_sub(1)
     }
 
     /// From `since_ms` (virtual ms since the start) on, note when the server next accepts a
@@ -138,6 +199,8 @@ impl DeviceLink {
 /// Opens in-memory connections for one device, through its [`DeviceLink`], to the current
 /// broker, as if the device's TLS client certificate had been verified.
 pub struct SimConnector {
+    /// The device's index in the run (which node it prefers, see [`Net`]).
+    pub index: usize,
     pub link: Arc<DeviceLink>,
     pub net: Arc<Net>,
     /// Remote mode: TCP + TLS with the device's certificate instead of the in-process broker.
@@ -155,7 +218,7 @@ impl mooring_agent::Connector for SimConnector {
         let device_end: Box<dyn mooring_agent::Stream> = match &self.tls {
             Some(tls) => tls.connect().await?,
             None => {
-                let Some(broker) = self.net.broker() else {
+                let Some((node, broker, killed)) = self.net.route(self.index) else {
                     return Err(io::ErrorKind::ConnectionRefused.into());
                 };
                 let (device_end, server_end) = tokio::io::duplex(PIPE_SIZE_BYTES);
@@ -165,9 +228,16 @@ impl mooring_agent::Connector for SimConnector {
                     cert_sha256: Some(crate::harness::sim_cert_sha256(&self.link.id)),
                     listener: ListenerKind::Tls,
                 };
-                self.net
-                    .conns
-                    .spawn(async move { broker.serve_connection(server_end, info).await });
+                self.net.conns.spawn(async move {
+                    tokio::select! {
+                        biased;
+                        // The node was killed: the connection ends where it is (the server's
+                        // end of the pipe is dropped; nothing of the broker's cleanup runs).
+                        () = killed.cancelled() => {}
+                        () = broker.serve_connection(server_end, info) => {}
+                    }
+                });
+                self.link.node.store(node + 1, Ordering::Relaxed);
                 Box::new(device_end)
             }
         };

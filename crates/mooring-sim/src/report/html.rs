@@ -37,6 +37,11 @@ details pre{background:#f6f8fa;padding:1em;overflow-x:auto;font-size:13px}";
 /// Colours of series without a colour of their own, in order.
 const PALETTE: [&str; 4] = ["#1b7c83", "#bf8700", "#bc4c00", "#6e7781"];
 
+/// Colours of cluster nodes, in order.
+const NODE_PALETTE: [&str; 8] = [
+    "#0969da", "#bf8700", "#8250df", "#1b7c83", "#bc4c00", "#2da44e", "#cf222e", "#6e7781",
+];
+
 /// A command state's colour: green for success, red and orange for the failures, blues and
 /// greys for the way there.
 fn state_color(state: &str) -> Option<&'static str> {
@@ -68,7 +73,8 @@ fn event_color(e: &TimelineEvent) -> &'static str {
     }
     match e.action.as_str() {
         "cut_link" => "#e16f24",
-        "restart_server" => "#cf222e",
+        "restart_server" | "kill_node" => "#cf222e",
+        "restart_node" => "#2da44e",
         "command" => "#0969da",
         "delete_device" => "#8250df",
         "retag" => "#1b7c83",
@@ -175,9 +181,21 @@ fn events_and_faults(r: &Report, out: &mut String) {
         }
         out.push_str("</ul>");
     }
+    let nodes = r.node_lines();
+    if !nodes.is_empty() {
+        out.push_str(
+            "<p class=sub>The cluster's nodes over the whole run (counters summed over each \
+             node's runs):</p><ul class=faults>",
+        );
+        for n in &nodes {
+            let _ = write!(out, "<li class=fault>{}</li>", escape(n));
+        }
+        out.push_str("</ul>");
+    }
 }
 
-/// Online devices, telemetry rate and commands by state over simulated time.
+/// Online devices (per node in cluster mode), telemetry rate and commands by state over
+/// simulated time.
 fn charts(r: &Report, out: &mut String) {
     let x: Vec<u64> = r.samples.iter().map(|s| s.t_ms).collect();
     let frame = Frame {
@@ -193,6 +211,32 @@ fn charts(r: &Report, out: &mut String) {
         &[("online", "#0969da", &online)],
         true,
     ));
+    let node_ids: Vec<&str> = r.nodes.iter().map(|n| n.id.as_str()).collect();
+    if !node_ids.is_empty() {
+        let per_node: Vec<Vec<f64>> = node_ids
+            .iter()
+            .map(|id| {
+                r.samples
+                    .iter()
+                    .map(|s| s.nodes.get(*id).copied().unwrap_or(0) as f64)
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<(&str, &str, &[f64])> = node_ids
+            .iter()
+            .zip(&per_node)
+            .enumerate()
+            .map(|(i, (id, v))| (*id, NODE_PALETTE[i % NODE_PALETTE.len()], v.as_slice()))
+            .collect();
+        out.push_str("<h2>Devices per node</h2>");
+        legend(&refs, out);
+        out.push_str(&frame.chart(
+            "devices with a session on each cluster node (0 while a node is dead)",
+            "devices",
+            &refs,
+            true,
+        ));
+    }
     let rate: Vec<f64> = r.samples.iter().map(|s| s.telemetry_per_min).collect();
     out.push_str("<h2>Telemetry acknowledged (durably stored)</h2>");
     out.push_str(&frame.chart(
@@ -223,8 +267,20 @@ fn charts(r: &Report, out: &mut String) {
         .iter()
         .map(|(n, c, v)| (n.as_str(), *c, v.as_slice()))
         .collect();
-    out.push_str("<h2>Commands by state</h2><div class=legend>");
-    for (name, color, _) in &refs {
+    out.push_str("<h2>Commands by state</h2>");
+    legend(&refs, out);
+    out.push_str(&frame.chart(
+        "commands of the scenario's fleet commands, by state",
+        "commands",
+        &refs,
+        true,
+    ));
+}
+
+/// A chart's legend: a swatch and the name of each series.
+fn legend(series: &[(&str, &str, &[f64])], out: &mut String) {
+    out.push_str("<div class=legend>");
+    for (name, color, _) in series {
         let _ = write!(
             out,
             "<span><i class=sw style='background:{color}'></i>{}</span>",
@@ -232,12 +288,6 @@ fn charts(r: &Report, out: &mut String) {
         );
     }
     out.push_str("</div>");
-    out.push_str(&frame.chart(
-        "commands of the scenario's fleet commands, by state",
-        "commands",
-        &refs,
-        true,
-    ));
 }
 
 /// The main numbers as tiles.

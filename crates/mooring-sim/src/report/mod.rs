@@ -21,6 +21,9 @@ pub struct Sample {
     pub telemetry_per_min: f64,
     /// Commands by state.
     pub commands: BTreeMap<String, u64>,
+    /// Cluster mode: devices with a session on each live node, by node id.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub nodes: BTreeMap<String, u64>,
 }
 
 /// A fault kind: how many were injected and how many the server or the agents noticed.
@@ -60,6 +63,10 @@ pub struct TimelineEvent {
     pub reconnected: Option<Reconnected>,
     /// `command`: how fast its device commands succeeded.
     pub completed: Option<Completed>,
+    /// `kill_node`: the leases (once-only work) the node held when it was killed, and which
+    /// node took each over, how long after the kill.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<LeaseMove>,
     /// `command`: the fleet command's id (to match its device commands; not in the report).
     #[serde(skip)]
     pub fleet_command: Option<String>,
@@ -79,6 +86,36 @@ pub struct Reconnected {
     pub median_ms: u64,
     /// Time from `until_ms` to the slowest reconnection.
     pub max_ms: u64,
+}
+
+/// A lease a killed node held, and where it went.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LeaseMove {
+    /// The lease (`commands.scheduler`, `presence.reaper`, ...).
+    pub lease: String,
+    /// The node that took it over; `None` if none did by the end of the run.
+    pub to: Option<String>,
+    /// Simulated ms from the kill until that node held it.
+    pub after_ms: Option<u64>,
+}
+
+/// Cluster mode: one node over the whole run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeReport {
+    pub id: String,
+    /// Running at the end of the run.
+    pub alive_at_end: bool,
+    /// Times it was started (1 + `restart_node` events that started it).
+    pub starts: u64,
+    /// Times it was killed (`kill_node`).
+    pub kills: u64,
+    /// Devices with a session on it at the end.
+    pub devices_at_end: u64,
+    /// Leases it held at the end.
+    pub leases_at_end: Vec<String>,
+    /// Its cluster counters (`mooring_cluster_<name>_total`), summed over its runs (each
+    /// killed run's as they were when it was killed).
+    pub counters: BTreeMap<String, u64>,
 }
 
 /// How a fleet command's device commands succeeded: times from the event (the fleet command's
@@ -140,7 +177,15 @@ pub struct Report {
     pub reconnects: u64,
     /// Connection attempts refused because the device's link was down.
     pub connects_refused_link_down: u64,
+    /// Devices with a session at the end (in cluster mode: summed over the live nodes).
     pub online_at_end: u64,
+    /// Cluster mode: devices online at the end as the cluster answers (a node's own sessions
+    /// and, through the store, those of every live node), asked of one node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_online_at_end: Option<u64>,
+    /// Cluster mode: every node over the run.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeReport>,
     pub deleted_devices: u64,
     pub faults: BTreeMap<String, FaultCount>,
     /// The server's own `/metrics` numbers at the end.
@@ -229,6 +274,12 @@ impl Report {
         for (k, v) in rows {
             let _ = writeln!(out, "  {k:<52} {v}");
         }
+        if let Some(n) = self.cluster_online_at_end {
+            let _ = writeln!(out, "  {:<52} {n}", "online at end (the cluster's answer)");
+        }
+        for line in self.node_lines() {
+            let _ = writeln!(out, "  {line}");
+        }
         if !self.faults.is_empty() {
             let _ = writeln!(
                 out,
@@ -276,6 +327,11 @@ impl Report {
         self.timeline.iter().map(words::event_line).collect()
     }
 
+    /// Cluster mode: one line per node (state, devices and leases at the end, counters).
+    pub fn node_lines(&self) -> Vec<String> {
+        self.nodes.iter().map(words::node_line).collect()
+    }
+
     /// One line per kind of fault counted over the run (drops, outages, power losses, crashes,
     /// ...; the events' own are in [`Report::event_lines`]) and what the agents and the server
     /// made of it.
@@ -302,6 +358,7 @@ mod tests {
             online: 3,
             telemetry_per_min: 3.0,
             commands: BTreeMap::from([("succeeded".to_owned(), 2)]),
+            ..Sample::default()
         });
         r.expectations.push(ExpectationResult {
             name: "lost_acked_telemetry".into(),

@@ -1,6 +1,6 @@
 //! The report in plain language: events, faults, times, durations and counts as a reader says them.
 
-use super::{FaultCount, Reconnected, Report, TimelineEvent};
+use super::{FaultCount, LeaseMove, NodeReport, Reconnected, Report, TimelineEvent};
 
 const SECOND_MS: u64 = 1_000;
 const MINUTE_MS: u64 = 60 * SECOND_MS;
@@ -173,6 +173,27 @@ fn event_said(e: &TimelineEvent, at: &str) -> String {
             }
             line
         }
+        "kill_node" => {
+            let mut line = format!(
+                "kill_node ({}){at}: killed (no shutdown) with {} connected",
+                e.target,
+                devices(e.devices)
+            );
+            if let Some(r) = &e.reconnected {
+                line.push_str("; ");
+                line.push_str(&reconnected(r, e.devices, "the kill, to the other nodes"));
+            }
+            if !e.leases.is_empty() {
+                line.push_str("; its leases: ");
+                line.push_str(&leases(&e.leases));
+            }
+            line
+        }
+        "restart_node" => format!(
+            "restart_node ({}){at}: started again with the same node id (devices come to it as \
+             they connect anew)",
+            e.target
+        ),
         "delete_device" => format!("delete_device {}{at}: deleted", e.target),
         "retag" => format!(
             "retag {}{at}: {} re-tagged ({})",
@@ -182,6 +203,61 @@ fn event_said(e: &TimelineEvent, at: &str) -> String {
         ),
         other => format!("{other} {}{at}: {}", e.target, devices(e.devices)),
     }
+}
+
+/// `commands.scheduler to node-1 after 5.2 s, telemetry.retention not taken over by the end
+/// of the run`.
+fn leases(moves: &[LeaseMove]) -> String {
+    moves
+        .iter()
+        .map(|m| match (&m.to, m.after_ms) {
+            (Some(to), Some(after)) => format!("{} to {to} after {}", m.lease, duration(after)),
+            _ => format!(
+                "{} not taken over by the end of the run (a node takes it when it next runs that \
+                 work)",
+                m.lease
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// One cluster node over the run, e.g. `node node-2: alive (started 2 times, killed once),
+/// 1,650 devices at the end, leases: none; bus_dropped 0, ...`.
+pub fn node_line(n: &NodeReport) -> String {
+    let times = |k: u64| match k {
+        1 => "once".to_owned(),
+        k => format!("{k} times"),
+    };
+    let mut history = Vec::new();
+    if n.starts > 1 {
+        history.push(format!("started {}", times(n.starts)));
+    }
+    if n.kills > 0 {
+        history.push(format!("killed {}", times(n.kills)));
+    }
+    let history = if history.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", history.join(", "))
+    };
+    let counters: Vec<String> = n
+        .counters
+        .iter()
+        .map(|(k, v)| format!("{k} {}", count(*v)))
+        .collect();
+    format!(
+        "node {}: {}{history}, {} at the end, leases: {}; {}",
+        n.id,
+        if n.alive_at_end { "alive" } else { "dead" },
+        devices(n.devices_at_end),
+        if n.leases_at_end.is_empty() {
+            "none".to_owned()
+        } else {
+            n.leases_at_end.join(", ")
+        },
+        counters.join(", ")
+    )
 }
 
 /// `all 40` when every one of `of` happened, `the 1` for one, else `31 of 40`.
@@ -210,7 +286,8 @@ const FAULT_ORDER: [&str; 11] = [
 ];
 
 /// One line per fault kind the report counted, in plain words. Kinds that scenario events
-/// caused (`cut_link`, `server_restart`, `retag`) are said per event by [`event_line`].
+/// caused (`cut_link`, `server_restart`, `retag`, `node_kill`, `node_restart`) are said per
+/// event by [`event_line`].
 pub fn fault_lines(r: &Report) -> Vec<String> {
     let mut out = Vec::new();
     let mut kinds: Vec<(&String, &FaultCount)> = r.faults.iter().collect();
@@ -224,7 +301,9 @@ pub fn fault_lines(r: &Report) -> Vec<String> {
         let FaultCount { injected, detected } = *f;
         let (i, d) = (count(injected), count(detected));
         let line = match kind.as_str() {
-            "cut_link (devices)" | "server_restart" | "retag" => continue,
+            "cut_link (devices)" | "server_restart" | "retag" | "node_kill" | "node_restart" => {
+                continue
+            }
             "link_drop" => format!("link drops: {i} spontaneous connection drops"),
             "link_outage" => format!("link outages: {i} spontaneous outages"),
             "link_cut (drops, outages, cut_link)" => format!(
@@ -322,6 +401,56 @@ mod tests {
             "command ping to tag:fleet=demo at 6:00: sent to 100,000 devices; 100,000 of \
              100,000 succeeded, the last 5.3 s after it was sent (median 1.2 s, p99 4.1 s), \
              all final in 8.2 s of wall time"
+        );
+    }
+
+    #[test]
+    fn a_killed_node_says_where_its_devices_and_leases_went() {
+        let e = TimelineEvent {
+            at_ms: HOUR_MS,
+            action: "kill_node".into(),
+            target: "node-2".into(),
+            devices: 3_334,
+            reconnected: Some(Reconnected {
+                devices: 3_334,
+                of: 3_334,
+                median_ms: 250,
+                max_ms: 510,
+            }),
+            leases: vec![
+                LeaseMove {
+                    lease: "commands.scheduler".into(),
+                    to: Some("node-1".into()),
+                    after_ms: Some(5_200),
+                },
+                LeaseMove {
+                    lease: "telemetry.retention".into(),
+                    to: None,
+                    after_ms: None,
+                },
+            ],
+            ..TimelineEvent::default()
+        };
+        assert_eq!(
+            event_line(&e),
+            "kill_node (node-2) at 1:00: killed (no shutdown) with 3,334 devices connected; all \
+             3,334 devices reconnected within 510 ms of the kill, to the other nodes (median \
+             250 ms); its leases: commands.scheduler to node-1 after 5.2 s, telemetry.retention \
+             not taken over by the end of the run (a node takes it when it next runs that work)"
+        );
+        let n = NodeReport {
+            id: "node-2".into(),
+            alive_at_end: true,
+            starts: 2,
+            kills: 1,
+            devices_at_end: 12,
+            leases_at_end: vec![],
+            counters: [("bus_dropped".to_owned(), 0), ("takeovers".to_owned(), 3)].into(),
+        };
+        assert_eq!(
+            node_line(&n),
+            "node node-2: alive (started 2 times, killed once), 12 devices at the end, leases: \
+             none; bus_dropped 0, takeovers 3"
         );
     }
 

@@ -1,10 +1,11 @@
 //! The scenario's events played at their times, through the server's own services (or the
-//! remote server's API): fleet commands, link cuts, device deletion, retagging, restarts.
+//! remote server's API): fleet commands, link cuts, device deletion, retagging, restarts, and
+//! in cluster mode killing and restarting nodes.
 
-use super::Control;
+use super::{cluster_counters, parse_metrics, Control};
 use crate::device::{DeviceState, SIM_CMD_KEY};
-use crate::harness::InProcessServer;
-use crate::report::TimelineEvent;
+use crate::harness::node_id;
+use crate::report::{LeaseMove, TimelineEvent};
 use crate::scenario::{Action, DurationMs, Scenario};
 use mooring_proto::sync::lock;
 use mooring_server::app::App;
@@ -33,121 +34,142 @@ pub(super) async fn run_events(
             ..TimelineEvent::default()
         };
         let mut watch = None;
-        let outcome = match &e.action {
-            Action::Command {
-                to,
-                name,
-                params,
-                ttl,
-            } => command(&control, i, to, name, params, *ttl)
-                .await
-                .map(|total| {
-                    control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
-                    ev.devices = total;
-                    ev.fleet_command = lock(&control.fleet_commands)
-                        .last()
-                        .map(|(_, id, _)| id.clone());
-                    if let (Some(id), None) = (&ev.fleet_command, &control.remote) {
-                        tokio::spawn(watch_fleet_command(Arc::clone(&control), id.clone()));
-                    }
-                }),
-            Action::CutLink { region, duration } => {
-                let until = control.net.clock.elapsed_ms() + duration.0;
-                let mut hit = Vec::new();
-                for d in devices
-                    .iter()
-                    .filter(|d| region.is_empty() || s.cohorts[d.cohort].region == *region)
-                {
-                    d.link.cut(until, &control.net.stats);
-                    d.link.await_reconnect(until);
-                    hit.push(d.index);
-                }
-                control.log(format!(
-                    "{at}: cut_link {} for {}: {} devices",
-                    ev.target,
-                    fmt_ms(duration.0),
-                    hit.len()
-                ));
-                control.fault("cut_link (devices)", hit.len() as u64, 0);
-                ev.devices = hit.len() as u64;
-                ev.until_ms = Some(until);
-                watch = Some((until, hit));
-                Ok(())
-            }
-            Action::DeleteDevice { device } => {
-                let (device, deleted) = match (&control.remote, control.app()) {
-                    (Some(api), _) => {
-                        let id = api.device_id(device);
-                        let r = api.delete_device(&id).await.map_err(|e| format!("{e:#}"));
-                        (id, r)
-                    }
-                    (None, Some(app)) => (
-                        device.clone(),
-                        app.registry
-                            .delete_device(device)
-                            .await
-                            .map_err(|e| e.to_string()),
-                    ),
-                    (None, None) => (device.clone(), Err("the server is down".to_owned())),
-                };
-                ev.target = device.clone();
-                deleted.map(|()| {
-                    control.log(format!("{at}: deleted device {device}"));
-                    lock(&control.deleted).insert(device);
-                    control.fault("delete_device", 1, 0);
-                    ev.devices = 1;
-                })
-            }
-            Action::Retag { to, tags } => {
-                match control.app().filter(|_| control.remote.is_none()) {
-                    None => Err("needs the in-process server, running".to_owned()),
-                    Some(app) => retag(&app, to, tags).await.map(|n| {
-                        control.log(format!("{at}: retag {to:?} -> {tags:?}: {n} devices"));
-                        control.fault("retag", n, 0);
-                        ev.devices = n;
+        let outcome =
+            match &e.action {
+                Action::Command {
+                    to,
+                    name,
+                    params,
+                    ttl,
+                } => command(&control, i, to, name, params, *ttl)
+                    .await
+                    .map(|total| {
+                        control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
+                        ev.devices = total;
+                        ev.fleet_command = lock(&control.fleet_commands)
+                            .last()
+                            .map(|(_, id, _)| id.clone());
+                        if let (Some(id), None) = (&ev.fleet_command, &control.remote) {
+                            tokio::spawn(watch_fleet_command(Arc::clone(&control), id.clone()));
+                        }
                     }),
-                }
-            }
-            Action::RestartServer { .. } if control.remote.is_some() => {
-                Err("needs the in-process server (remote mode cannot restart a server)".to_owned())
-            }
-            Action::RestartServer { downtime } => {
-                let old = control.server.lock().await.take();
-                control.net.set_broker(None);
-                control.set_app(None);
-                if let Some(old) = old {
-                    old.shutdown().await;
-                }
-                tokio::time::sleep(downtime.as_std()).await;
-                match InProcessServer::start(&control.data_dir, control.server_clock.clone()).await
-                {
-                    Ok(new) => {
-                        control.put_server(&new);
-                        *control.server.lock().await = Some(new);
-                        control.log(format!(
-                            "{at}: server restarted after {} down",
-                            fmt_ms(downtime.0)
-                        ));
-                        control.fault("server_restart", 1, 1);
-                        let back = control.net.clock.elapsed_ms();
-                        let deleted = lock(&control.deleted).clone();
-                        let expected: Vec<usize> = devices
-                            .iter()
-                            .filter(|d| !deleted.contains(d.id.as_str()))
-                            .map(|d| {
-                                d.link.await_reconnect(back);
-                                d.index
-                            })
-                            .collect();
-                        ev.devices = expected.len() as u64;
-                        ev.until_ms = Some(back);
-                        watch = Some((back, expected));
-                        Ok(())
+                Action::CutLink { region, duration } => {
+                    let until = control.net.clock.elapsed_ms() + duration.0;
+                    let mut hit = Vec::new();
+                    for d in devices
+                        .iter()
+                        .filter(|d| region.is_empty() || s.cohorts[d.cohort].region == *region)
+                    {
+                        d.link.cut(until, &control.net.stats);
+                        d.link.await_reconnect(until);
+                        hit.push(d.index);
                     }
-                    Err(err) => Err(format!("{err:#}")),
+                    control.log(format!(
+                        "{at}: cut_link {} for {}: {} devices",
+                        ev.target,
+                        fmt_ms(duration.0),
+                        hit.len()
+                    ));
+                    control.fault("cut_link (devices)", hit.len() as u64, 0);
+                    ev.devices = hit.len() as u64;
+                    ev.until_ms = Some(until);
+                    watch = Some((until, hit));
+                    Ok(())
                 }
-            }
-        };
+                Action::DeleteDevice { device } => {
+                    let (device, deleted) = match (&control.remote, control.app()) {
+                        (Some(api), _) => {
+                            let id = api.device_id(device);
+                            let r = api.delete_device(&id).await.map_err(|e| format!("{e:#}"));
+                            (id, r)
+                        }
+                        (None, Some(app)) => (
+                            device.clone(),
+                            app.registry
+                                .delete_device(device)
+                                .await
+                                .map_err(|e| e.to_string()),
+                        ),
+                        (None, None) => (device.clone(), Err("the server is down".to_owned())),
+                    };
+                    ev.target = device.clone();
+                    deleted.map(|()| {
+                        control.log(format!("{at}: deleted device {device}"));
+                        lock(&control.deleted).insert(device);
+                        control.fault("delete_device", 1, 0);
+                        ev.devices = 1;
+                    })
+                }
+                Action::Retag { to, tags } => {
+                    match control.app().filter(|_| control.remote.is_none()) {
+                        None => Err("needs the in-process server, running".to_owned()),
+                        Some(app) => retag(&app, to, tags).await.map(|n| {
+                            control.log(format!("{at}: retag {to:?} -> {tags:?}: {n} devices"));
+                            control.fault("retag", n, 0);
+                            ev.devices = n;
+                        }),
+                    }
+                }
+                Action::RestartServer { .. } if control.remote.is_some() => Err(
+                    "needs the in-process server (remote mode cannot restart a server)".to_owned(),
+                ),
+                Action::RestartServer { downtime } => {
+                    let old = control
+                        .servers
+                        .lock()
+                        .await
+                        .first_mut()
+                        .and_then(Option::take);
+                    control.net.set_broker(None);
+                    control.set_app(0, None);
+                    if let Some(old) = old {
+                        old.shutdown().await;
+                    }
+                    tokio::time::sleep(downtime.as_std()).await;
+                    match control.start_server(0).await {
+                        Ok(new) => {
+                            control.put_server(0, &new);
+                            if let Some(slot) = control.servers.lock().await.first_mut() {
+                                *slot = Some(new);
+                            }
+                            control.log(format!(
+                                "{at}: server restarted after {} down",
+                                fmt_ms(downtime.0)
+                            ));
+                            control.fault("server_restart", 1, 1);
+                            let back = control.net.clock.elapsed_ms();
+                            let deleted = lock(&control.deleted).clone();
+                            let expected: Vec<usize> = devices
+                                .iter()
+                                .filter(|d| !deleted.contains(d.id.as_str()))
+                                .map(|d| {
+                                    d.link.await_reconnect(back);
+                                    d.index
+                                })
+                                .collect();
+                            ev.devices = expected.len() as u64;
+                            ev.until_ms = Some(back);
+                            watch = Some((back, expected));
+                            Ok(())
+                        }
+                        Err(err) => Err(format!("{err:#}")),
+                    }
+                }
+                Action::KillNode { node } => kill_node(&control, &devices, *node, e.at.0)
+                    .await
+                    .map(|(hit, since)| {
+                        control.log(format!(
+                            "{at}: {} killed with {} devices connected",
+                            ev.target,
+                            hit.len()
+                        ));
+                        ev.devices = hit.len() as u64;
+                        watch = Some((since, hit));
+                    }),
+                Action::RestartNode { node } => restart_node(&control, *node).await.map(|()| {
+                    control.log(format!("{at}: {} started again", ev.target));
+                }),
+            };
         let server_lost = matches!(e.action, Action::RestartServer { .. })
             && outcome.is_err()
             && control.remote.is_none();
@@ -247,6 +269,136 @@ fn describe(action: &Action) -> (String, String) {
         Action::RestartServer { downtime } => {
             (String::new(), format!("{} down", fmt_ms(downtime.0)))
         }
+        Action::KillNode { node } | Action::RestartNode { node } => (node_id(*node), String::new()),
+    }
+}
+
+/// Kills cluster node `node` (1-based) as `kill -9` would: off the network, every connection
+/// to it dropped where it is, its tasks aborted (`RunningServer::kill`). Returns the devices
+/// that were connected to it (whose reconnection the run then measures) and the virtual ms of
+/// the kill; starts a watch of where its leases go (noted under the event's time `at_ms`).
+async fn kill_node(
+    control: &Arc<Control>,
+    devices: &[Arc<DeviceState>],
+    node: usize,
+    at_ms: u64,
+) -> Result<(Vec<usize>, u64), String> {
+    let slot = node
+        .checked_sub(1)
+        .ok_or_else(|| format!("there is no node {node}"))?;
+    let mut servers = control.servers.lock().await;
+    let live = servers.iter().filter(|s| s.is_some()).count();
+    let server = match servers.get_mut(slot) {
+        None => return Err(format!("there is no node {node}")),
+        Some(s) => s.take(),
+    };
+    let Some(server) = server else {
+        return Err(format!("{} is not running", node_id(node)));
+    };
+    if live <= 1 {
+        if let Some(s) = servers.get_mut(slot) {
+            *s = Some(server);
+        }
+        return Err(format!(
+            "{} is the last node running; a cluster needs one",
+            node_id(node)
+        ));
+    }
+    drop(servers);
+    // From here to the kill nothing awaits: no other task runs in between.
+    let since = control.net.clock.elapsed_ms();
+    let hit: Vec<usize> = devices
+        .iter()
+        .filter(|d| d.link.connected_node() == Some(slot))
+        .map(|d| {
+            d.link.await_reconnect(since);
+            d.index
+        })
+        .collect();
+    // What the node was doing, read before it dies (measurement only: a real kill -9 leaves
+    // nothing to read).
+    let app = &server.server.app;
+    let counters = cluster_counters(&parse_metrics(&mooring_server::render_metrics(app)));
+    let leases: Vec<String> = app.cluster().map_or_else(Vec::new, |c| {
+        c.held_leases().iter().map(|l| (*l).to_owned()).collect()
+    });
+    {
+        let mut history = lock(&control.node_history);
+        if let Some(h) = history.get_mut(slot) {
+            h.kills += 1;
+            for (k, v) in counters {
+                *h.counters.entry(k).or_default() += v;
+            }
+        }
+    }
+    control.net.kill_node(slot);
+    control.set_app(slot, None);
+    server.kill();
+    control.fault("node_kill", 1, 0);
+    if !leases.is_empty() {
+        let key = (at_ms, node_id(node));
+        lock(&control.watchers).spawn(watch_leases(control.clone(), key, leases, since));
+    }
+    Ok((hit, since))
+}
+
+/// Starts killed cluster node `node` (1-based) again, same node id, on the shared store.
+async fn restart_node(control: &Control, node: usize) -> Result<(), String> {
+    let slot = node
+        .checked_sub(1)
+        .ok_or_else(|| format!("there is no node {node}"))?;
+    match control.servers.lock().await.get(slot) {
+        None => return Err(format!("there is no node {node}")),
+        Some(Some(_)) => return Err(format!("{} is running", node_id(node))),
+        Some(None) => {}
+    }
+    let server = control
+        .start_server(slot)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    control.put_server(slot, &server);
+    if let Some(s) = control.servers.lock().await.get_mut(slot) {
+        *s = Some(server);
+    }
+    if let Some(h) = lock(&control.node_history).get_mut(slot) {
+        h.starts += 1;
+    }
+    control.fault("node_restart", 1, 1);
+    Ok(())
+}
+
+/// How often a killed node's leases are looked for on the other nodes (simulated time).
+const LEASE_WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Watches the live nodes until each of `leases` (held by the node killed at `since` ms) is
+/// held by one of them, noting which and when (in `control.lease_moves` under `key`). A lease
+/// is taken when a node next runs its work, so some move only when that work's period comes
+/// round; the watch ends when every one moved or the run ends.
+async fn watch_leases(control: Arc<Control>, key: (u64, String), leases: Vec<String>, since: u64) {
+    let mut moves: Vec<LeaseMove> = leases
+        .into_iter()
+        .map(|lease| LeaseMove {
+            lease,
+            ..LeaseMove::default()
+        })
+        .collect();
+    lock(&control.lease_moves).insert(key.clone(), moves.clone());
+    while moves.iter().any(|m| m.to.is_none()) {
+        tokio::time::sleep(LEASE_WATCH_INTERVAL).await;
+        let now = control.net.clock.elapsed_ms();
+        for (slot, app) in control.live_apps() {
+            let Some(cluster) = app.cluster() else {
+                continue;
+            };
+            let held = cluster.held_leases();
+            for m in moves.iter_mut().filter(|m| m.to.is_none()) {
+                if held.contains(&m.lease.as_str()) {
+                    m.to = Some(node_id(slot + 1));
+                    m.after_ms = Some(now.saturating_sub(since));
+                }
+            }
+        }
+        lock(&control.lease_moves).insert(key.clone(), moves.clone());
     }
 }
 

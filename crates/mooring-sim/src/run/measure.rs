@@ -4,6 +4,7 @@
 
 use super::{Control, COMMANDS_PER_DEVICE_MAX};
 use crate::device::DeviceState;
+use crate::harness::node_id;
 use crate::remote::RemoteApi;
 use crate::report::{ExpectationResult, Reconnected, Report, Sample, TimelineEvent};
 use crate::scenario::{Scenario, SEQ_METRIC};
@@ -18,8 +19,9 @@ use tokio::time::Instant;
 /// How long before each sample mark the sampler reads.
 const SAMPLE_LEAD: Duration = Duration::from_millis(1);
 
-/// Samples the fleet every `interval` (online devices as the server sees them); the telemetry
-/// and command series are filled in at the end from recorded times.
+/// Samples the fleet every `interval` (online devices as the server sees them; in cluster mode
+/// per node too); the telemetry and command series are filled in at the end from recorded
+/// times.
 pub(super) async fn run_sampler(
     control: Arc<Control>,
     start: Instant,
@@ -36,9 +38,18 @@ pub(super) async fn run_sampler(
         // whole seconds) are never racing the read.
         tokio::time::sleep_until(t - SAMPLE_LEAD).await;
         let online = control.online_count().await;
+        let nodes = match &control.cluster {
+            Some(_) => control
+                .live_apps()
+                .iter()
+                .map(|(slot, app)| (node_id(slot + 1), app.presence.online_count() as u64))
+                .collect(),
+            None => BTreeMap::new(),
+        };
         lock(&control.samples).push(Sample {
             t_ms: (interval * k).as_millis() as u64,
             online,
+            nodes,
             ..Sample::default()
         });
         k += 1;
@@ -200,6 +211,41 @@ pub(super) fn check_expectations(
         e.min_commands_succeeded,
         r.commands_succeeded,
     );
+    if let Some(bound) = e.max_reconnect_time {
+        // Every device each event cut off, back within the bound after the event ended.
+        let mut worst = 0u64;
+        let mut missing = Vec::new();
+        for ev in &r.timeline {
+            if let Some(rc) = &ev.reconnected {
+                worst = worst.max(rc.max_ms);
+                if rc.devices < rc.of {
+                    missing.push(format!(
+                        "{} at {} ms: {} of {} devices reconnected",
+                        ev.action, ev.at_ms, rc.devices, rc.of
+                    ));
+                }
+            }
+        }
+        out.push(ExpectationResult {
+            name: "max_reconnect_time".into(),
+            expected: format!("<= {} ms", bound.0),
+            actual: if missing.is_empty() {
+                format!("{worst} ms")
+            } else {
+                missing.join("; ")
+            },
+            ok: missing.is_empty() && worst <= bound.0,
+        });
+    }
+    for (name, max) in &e.max_cluster_counters {
+        let got: u64 = r.nodes.iter().filter_map(|n| n.counters.get(name)).sum();
+        out.push(ExpectationResult {
+            name: format!("max_cluster_counters.{name}"),
+            expected: format!("<= {max}"),
+            actual: got.to_string(),
+            ok: got <= *max,
+        });
+    }
     for err in event_errors {
         out.push(ExpectationResult {
             name: "event".into(),
@@ -211,15 +257,22 @@ pub(super) fn check_expectations(
     out
 }
 
-/// The events' outcomes as played, each `cut_link` and `restart_server` with how its devices
-/// came back: how many the server accepted again after the link returned or the server was
-/// back, and how long the median and the slowest took. Devices deleted since do not count.
+/// The events' outcomes as played, each `cut_link`, `restart_server` and `kill_node` with how
+/// its devices came back: how many the server accepted again after the link returned, the
+/// server was back or the node was killed, and how long the median and the slowest took.
+/// Devices deleted since do not count. A `kill_node` says where the node's leases went.
 pub(super) fn timeline(control: &Control, devices: &[Arc<DeviceState>]) -> Vec<TimelineEvent> {
     let deleted = lock(&control.deleted).clone();
+    let lease_moves = lock(&control.lease_moves).clone();
     lock(&control.timeline)
         .iter()
         .map(|(event, watch)| {
             let mut event = event.clone();
+            if event.action == "kill_node" && event.error.is_none() {
+                if let Some(moves) = lease_moves.get(&(event.at_ms, event.target.clone())) {
+                    event.leases = moves.clone();
+                }
+            }
             if let Some((since_ms, indices)) = watch {
                 let mut of = 0u64;
                 let mut delays: Vec<u64> = Vec::new();

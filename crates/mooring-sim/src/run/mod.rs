@@ -20,9 +20,9 @@ use measure::{check_expectations, run_sampler, Reader};
 
 use crate::clock::VirtualClock;
 use crate::device::{self, CohortModel, DeviceState, Net, Stats};
-use crate::harness::InProcessServer;
+use crate::harness::{node_id, ClusterParts, InProcessServer};
 use crate::remote::RemoteApi;
-use crate::report::{Completed, FaultCount, Report, Sample, TimelineEvent};
+use crate::report::{Completed, FaultCount, LeaseMove, NodeReport, Report, Sample, TimelineEvent};
 use crate::scenario::{Action, Scenario, ServerTarget};
 use anyhow::Context as _;
 use mooring_proto::sync::{lock, read, write};
@@ -47,7 +47,7 @@ pub const LOST_EXAMPLES_MAX: usize = 20;
 /// the server's data in `data_dir`.
 pub fn run_blocking(scenario: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     // Remote mode runs in real time (the server's clock is the wall clock).
-    let paused = matches!(scenario.server, ServerTarget::InProcess);
+    let paused = !matches!(scenario.server, ServerTarget::Remote { .. });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .start_paused(paused)
@@ -61,12 +61,23 @@ type Watch = (u64, Vec<usize>);
 
 /// What the control tasks (events, sampler) share with the run.
 struct Control {
-    server: tokio::sync::Mutex<Option<InProcessServer>>,
-    /// The running server's app; `None` while it is down. Never held across a shutdown.
-    app: RwLock<Option<Arc<App>>>,
+    /// The in-process servers by slot: the one server (slot 0), or cluster node `slot + 1`;
+    /// `None` while down.
+    servers: tokio::sync::Mutex<Vec<Option<InProcessServer>>>,
+    /// Each slot's app; `None` while it is down. Never held across a shutdown.
+    apps: RwLock<Vec<Option<Arc<App>>>>,
     net: Arc<Net>,
     data_dir: PathBuf,
     server_clock: Arc<dyn Clock>,
+    /// Cluster mode: the store, bus and key the nodes share.
+    cluster: Option<ClusterParts>,
+    /// Cluster mode: each node's starts, kills and the counters of its killed runs, by slot.
+    node_history: Mutex<Vec<NodeHistory>>,
+    /// Cluster mode: where each killed node's leases went, by (the kill event's time, node id).
+    lease_moves: Mutex<BTreeMap<(u64, String), Vec<LeaseMove>>>,
+    /// Watches events start that outlive them (where a killed node's leases go); aborted
+    /// when the run ends.
+    watchers: Mutex<JoinSet<()>>,
     /// (event index, fleet command id, devices targeted).
     fleet_commands: Mutex<Vec<(usize, String, u64)>>,
     /// In-process: fleet command id -> wall ms from its creation until every device command
@@ -84,20 +95,78 @@ struct Control {
     remote: Option<Arc<RemoteApi>>,
 }
 
+/// Cluster mode: one node's past, by slot.
+#[derive(Debug, Default, Clone)]
+struct NodeHistory {
+    starts: u64,
+    kills: u64,
+    /// Its cluster counters as they were when each of its runs was killed, summed.
+    counters: BTreeMap<String, u64>,
+}
+
+/// A node's cluster counters from its metrics: `mooring_cluster_<name>_total` -> name.
+fn cluster_counters(metrics: &BTreeMap<String, f64>) -> BTreeMap<String, u64> {
+    metrics
+        .iter()
+        .filter_map(|(k, v)| {
+            let name = k.strip_prefix("mooring_cluster_")?.strip_suffix("_total")?;
+            (!name.contains('{')).then(|| (name.to_owned(), *v as u64))
+        })
+        .collect()
+}
+
+/// Starts the server of `slot`: the one in-process server, or cluster node `slot + 1` on the
+/// cluster's shared parts.
+async fn start_server(
+    data_dir: &Path,
+    clock: Arc<dyn Clock>,
+    cluster: Option<&ClusterParts>,
+    slot: usize,
+) -> anyhow::Result<InProcessServer> {
+    match cluster {
+        Some(parts) => InProcessServer::start_node(data_dir, clock, parts, slot + 1).await,
+        None => InProcessServer::start(data_dir, clock).await,
+    }
+}
+
 impl Control {
+    /// A running server's app (cluster mode: the first live node's).
     fn app(&self) -> Option<Arc<App>> {
-        read(&self.app).clone()
+        read(&self.apps).iter().flatten().next().cloned()
     }
 
-    fn set_app(&self, app: Option<Arc<App>>) {
-        *write(&self.app) = app;
+    /// Every running server's app, with its slot.
+    fn live_apps(&self) -> Vec<(usize, Arc<App>)> {
+        read(&self.apps)
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| Some((i, a.clone()?)))
+            .collect()
     }
 
-    fn put_server(&self, s: &InProcessServer) {
-        self.net.set_broker(s.server.app.broker().cloned());
-        self.set_app(Some(s.server.app.clone()));
+    fn set_app(&self, slot: usize, app: Option<Arc<App>>) {
+        if let Some(a) = write(&self.apps).get_mut(slot) {
+            *a = app;
+        }
     }
 
+    /// Puts the server of `slot` on the network.
+    fn put_server(&self, slot: usize, s: &InProcessServer) {
+        self.net.set_node(slot, s.server.app.broker().cloned());
+        self.set_app(slot, Some(s.server.app.clone()));
+    }
+
+    async fn start_server(&self, slot: usize) -> anyhow::Result<InProcessServer> {
+        start_server(
+            &self.data_dir,
+            self.server_clock.clone(),
+            self.cluster.as_ref(),
+            slot,
+        )
+        .await
+    }
+
+    /// Devices with a session (cluster mode: summed over the live nodes).
     async fn online_count(&self) -> u64 {
         match &self.remote {
             Some(api) => api
@@ -106,25 +175,84 @@ impl Control {
                 .ok()
                 .and_then(|m| m.get("mooring_devices_online").copied())
                 .map_or(0, |v| v as u64),
-            None => self.app().map_or(0, |a| a.presence.online_count() as u64),
+            None => self
+                .live_apps()
+                .iter()
+                .map(|(_, a)| a.presence.online_count() as u64)
+                .sum(),
         }
     }
 
+    /// The server's metrics (cluster mode: each summed over the live nodes).
     async fn server_metrics(&self) -> BTreeMap<String, f64> {
         match &self.remote {
             Some(api) => api.metrics().await.unwrap_or_default(),
-            None => self
-                .app()
-                .map(|a| parse_metrics(&mooring_server::render_metrics(&a)))
-                .unwrap_or_default(),
+            None => {
+                let mut sum: BTreeMap<String, f64> = BTreeMap::new();
+                for (_, a) in self.live_apps() {
+                    for (k, v) in parse_metrics(&mooring_server::render_metrics(&a)) {
+                        *sum.entry(k).or_default() += v;
+                    }
+                }
+                sum
+            }
         }
     }
 
     async fn is_online(&self, id: &str) -> bool {
         match &self.remote {
             Some(api) => api.is_online(id).await.unwrap_or(false),
-            None => self.app().is_some_and(|a| a.presence.get(id).0),
+            None => self.live_apps().iter().any(|(_, a)| a.presence.get(id).0),
         }
+    }
+
+    /// Cluster mode: the devices among `ids` the cluster answers online (asked of one live
+    /// node: its own sessions and, through the store, every live node's).
+    async fn cluster_online(&self, ids: &[String]) -> anyhow::Result<Option<u64>> {
+        let (Some(parts), Some(app)) = (&self.cluster, self.app()) else {
+            return Ok(None);
+        };
+        let alive_since = self
+            .server_clock
+            .now_ms()
+            .saturating_sub(parts.node_lease_ms);
+        let mut n = 0u64;
+        for chunk in ids.chunks(mooring_store::SESSION_LOOKUP_LEN_MAX) {
+            n += app.presence.online(chunk, alive_since).await?.len() as u64;
+        }
+        Ok(Some(n))
+    }
+
+    /// Cluster mode: every node as it is now, with its past.
+    fn node_reports(&self) -> Vec<NodeReport> {
+        let history = lock(&self.node_history).clone();
+        let apps = read(&self.apps).clone();
+        history
+            .into_iter()
+            .enumerate()
+            .map(|(slot, h)| {
+                let mut counters = h.counters;
+                let mut report = NodeReport {
+                    id: node_id(slot + 1),
+                    starts: h.starts,
+                    kills: h.kills,
+                    ..NodeReport::default()
+                };
+                if let Some(Some(app)) = apps.get(slot) {
+                    let metrics = parse_metrics(&mooring_server::render_metrics(app));
+                    for (k, v) in cluster_counters(&metrics) {
+                        *counters.entry(k).or_default() += v;
+                    }
+                    report.alive_at_end = true;
+                    report.devices_at_end = app.presence.online_count() as u64;
+                    report.leases_at_end = app.cluster().map_or_else(Vec::new, |c| {
+                        c.held_leases().iter().map(|l| (*l).to_owned()).collect()
+                    });
+                }
+                report.counters = counters;
+                report
+            })
+            .collect()
     }
 
     fn fault(&self, kind: &str, injected: u64, detected: u64) {
@@ -168,7 +296,7 @@ fn rss_bytes(field: &str) -> u64 {
 pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     let wall_start = std::time::Instant::now();
     let remote = match &s.server {
-        ServerTarget::InProcess => None,
+        ServerTarget::InProcess | ServerTarget::Cluster { .. } => None,
         ServerTarget::Remote {
             mqtt,
             api,
@@ -187,11 +315,29 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     let clock = VirtualClock::new(epoch_ms);
     let server_clock: Arc<dyn Clock> = Arc::new(clock);
     let stats = Arc::new(Stats::new(s.duration.0, s.sample_interval.0));
-    let net = Arc::new(Net::new(clock, stats.clone()));
-    let server = match &remote {
-        Some(_) => None,
-        None => Some(InProcessServer::start(data_dir, server_clock.clone()).await?),
+    let slots = s.server.cluster_nodes().unwrap_or(1);
+    let net = Arc::new(Net::new(clock, stats.clone(), slots));
+    let cluster = match &s.server {
+        ServerTarget::Cluster {
+            heartbeat_interval,
+            node_lease,
+            ..
+        } => Some(ClusterParts::open(
+            data_dir,
+            heartbeat_interval.0,
+            node_lease.0,
+        )?),
+        _ => None,
     };
+    let mut servers: Vec<Option<InProcessServer>> = Vec::new();
+    if remote.is_none() {
+        for slot in 0..slots {
+            let server =
+                start_server(data_dir, server_clock.clone(), cluster.as_ref(), slot).await?;
+            servers.push(Some(server));
+        }
+    }
+    let server = servers.first().and_then(Option::as_ref);
     let creds_dir = match &remote {
         Some(_) => {
             Some(tempfile::tempdir().context("creating a directory for device credentials")?)
@@ -221,7 +367,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
             let id =
                 DeviceId::parse(&name).map_err(|e| anyhow::anyhow!("cohort {}: {e}", c.name))?;
             let mut dev = DeviceState::new(devices.len(), id, ci, c, s.seed)?;
-            match (&server, &remote, &creds_dir) {
+            match (server, &remote, &creds_dir) {
                 (Some(server), _, _) => server.register(dev.id.as_str(), c.tags.clone()).await?,
                 (None, Some(api), Some(dir)) => {
                     dev.tls = Some(api.register(dev.id.as_str(), &c.tags, dir.path()).await?);
@@ -247,11 +393,24 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     }
     let rss_base = rss_bytes("VmRSS:");
     let control = Arc::new(Control {
-        server: tokio::sync::Mutex::new(None),
-        app: RwLock::new(None),
+        servers: tokio::sync::Mutex::new(Vec::new()),
+        apps: RwLock::new(vec![None; slots]),
         net: net.clone(),
         data_dir: data_dir.to_owned(),
         server_clock: server_clock.clone(),
+        node_history: Mutex::new(match &cluster {
+            Some(_) => vec![
+                NodeHistory {
+                    starts: 1,
+                    ..NodeHistory::default()
+                };
+                slots
+            ],
+            None => Vec::new(),
+        }),
+        cluster,
+        lease_moves: Mutex::new(BTreeMap::new()),
+        watchers: Mutex::new(JoinSet::new()),
         fleet_commands: Mutex::new(Vec::new()),
         fleet_done_wall_ms: Mutex::new(HashMap::new()),
         event_log: Mutex::new(Vec::new()),
@@ -262,10 +421,12 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         timeline: Mutex::new(Vec::new()),
         remote: remote.clone(),
     });
-    if let Some(server) = server {
-        control.put_server(&server);
-        *control.server.lock().await = Some(server);
+    for (slot, server) in servers.iter().enumerate() {
+        if let Some(server) = server {
+            control.put_server(slot, server);
+        }
     }
+    *control.servers.lock().await = servers;
     if let Some(api) = &remote {
         control.log(format!(
             "remote run {0}: {1} devices registered as {0}-<id> with tag sim_run={0} (left in place)",
@@ -319,30 +480,46 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         n
     };
     control.fault("delete_device", 0, deleted_offline);
+    let nodes = control.node_reports();
+    let cluster_online_at_end = {
+        let ids: Vec<String> = devices
+            .iter()
+            .map(|d| d.id.as_str().to_owned())
+            .filter(|id| !lock(&control.deleted).contains(id))
+            .collect();
+        control.cluster_online(&ids).await?
+    };
     let rss_end = rss_bytes("VmRSS:");
     let rss_peak = rss_bytes("VmHWM:");
     let st = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     let telemetry_sent = st(&stats.telemetry_sent);
     let telemetry_acked = st(&stats.telemetry_acked);
 
-    // Stop the fleet and the control tasks, then the server (gracefully: the writer drains).
+    // Stop the fleet and the control tasks, then the servers (gracefully: the writers drain).
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    let mut watchers = std::mem::take(&mut *lock(&control.watchers));
+    watchers.abort_all();
+    while watchers.join_next().await.is_some() {}
     fleet.abort_all();
     while fleet.join_next().await.is_some() {}
     let reader = match &remote {
         Some(api) => Reader::Remote(api.clone()),
         None => {
-            let server = control.server.lock().await.take();
-            net.set_broker(None);
-            control.set_app(None);
-            let server = match server {
-                Some(s) => s,
+            let mut servers: Vec<InProcessServer> = Vec::new();
+            for (slot, server) in control.servers.lock().await.iter_mut().enumerate() {
+                net.set_node(slot, None);
+                control.set_app(slot, None);
+                servers.extend(server.take());
+            }
+            if servers.is_empty() {
                 // The run ended during a server restart's downtime: open the data dir to read it.
-                None => InProcessServer::start(data_dir, server_clock.clone()).await?,
-            };
-            let readback = server.server.app.readback();
-            server.shutdown().await;
+                servers.push(control.start_server(0).await?);
+            }
+            let readback = servers[0].server.app.readback();
+            for server in servers {
+                server.shutdown().await;
+            }
             net.close().await;
             Reader::Store(readback)
         }
@@ -532,6 +709,8 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         reconnects,
         connects_refused_link_down: st(&stats.connects_refused_link_down),
         online_at_end,
+        cluster_online_at_end,
+        nodes,
         deleted_devices: deleted.len() as u64,
         faults,
         server_metrics,
