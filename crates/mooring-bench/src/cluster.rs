@@ -558,8 +558,8 @@ struct Worker {
 /// The load generator's processes, each connecting a range of the devices.
 pub struct Workers {
     workers: Vec<Worker>,
-    /// When `go` was sent.
-    pub started: Option<Instant>,
+    /// When `go` was sent (Unix ms, comparable with [`WorkerReport::all_up_unix_ms`]).
+    pub started_unix_ms: Option<u64>,
 }
 
 impl Workers {
@@ -611,7 +611,7 @@ impl Workers {
         }
         let mut w = Workers {
             workers,
-            started: None,
+            started_unix_ms: None,
         };
         w.wait(WORKER_READY_TIMEOUT, |r| r.iter().all(|r| r.ready))
             .await
@@ -629,6 +629,7 @@ impl Workers {
 
     /// Every worker starts connecting.
     pub async fn go(&mut self) -> anyhow::Result<()> {
+        self.started_unix_ms = Some(crate::worker::unix_ms());
         for w in &mut self.workers {
             let stdin = w.stdin.as_mut().context("worker already stopped")?;
             stdin
@@ -637,7 +638,6 @@ impl Workers {
                 .context("telling a worker to go")?;
             stdin.flush().await?;
         }
-        self.started = Some(Instant::now());
         Ok(())
     }
 

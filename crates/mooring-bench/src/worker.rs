@@ -61,6 +61,8 @@ pub struct WorkerReport {
     pub rss_kib: u64,
     /// The first failed attempt's error.
     pub first_error: Option<String>,
+    /// When (Unix ms) every device of this worker was up at once, if they were.
+    pub all_up_unix_ms: Option<u64>,
     /// Final report: every device disconnected.
     pub done: bool,
 }
@@ -71,6 +73,8 @@ impl WorkerReport {
         let mut t = WorkerReport {
             ready: !reports.is_empty(),
             done: !reports.is_empty(),
+            // The last worker's moment, once every worker has one.
+            all_up_unix_ms: (!reports.is_empty()).then_some(0),
             ..Default::default()
         };
         for r in reports {
@@ -85,6 +89,10 @@ impl WorkerReport {
             if t.first_error.is_none() {
                 t.first_error.clone_from(&r.first_error);
             }
+            t.all_up_unix_ms = match (t.all_up_unix_ms, r.all_up_unix_ms) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                _ => None,
+            };
         }
         t
     }
@@ -135,7 +143,14 @@ async fn write_report(out: &mut tokio::io::Stdout, r: &WorkerReport) -> anyhow::
     Ok(())
 }
 
-fn report_of(fleet: &Fleet, done: bool) -> WorkerReport {
+/// Now, in ms since the Unix epoch (comparable across the processes of one machine).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn report_of(fleet: &Fleet, all_up_unix_ms: Option<u64>, done: bool) -> WorkerReport {
     let s = &fleet.stats;
     WorkerReport {
         ready: true,
@@ -146,6 +161,7 @@ fn report_of(fleet: &Fleet, done: bool) -> WorkerReport {
         dropped: s.dropped(),
         rss_kib: crate::target::rss_kib(std::process::id()).unwrap_or(0),
         first_error: s.first_error(),
+        all_up_unix_ms,
         done,
     }
 }
@@ -208,11 +224,20 @@ pub async fn run_worker() -> anyhow::Result<()> {
         },
     );
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
+    let mut all_up = None;
     loop {
+        let lifetime_left = deadline.saturating_duration_since(Instant::now());
         tokio::select! {
             _ = tick.tick() => {
-                if write_report(&mut out, &report_of(&fleet, false)).await.is_err() {
+                if write_report(&mut out, &report_of(&fleet, all_up, false)).await.is_err() {
                     break; // the parent is gone
+                }
+            }
+            // The moment the last device is up, timed here (the reports come at intervals).
+            up = fleet.wait_until(lifetime_left, |s| s.connected_now() >= spec.count), if all_up.is_none() => {
+                if up {
+                    all_up = Some(unix_ms());
+                    tick.reset_immediately();
                 }
             }
             line = stdin.next_line() => match line {
@@ -227,7 +252,7 @@ pub async fn run_worker() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
         }
     }
-    let last = report_of(&fleet, false);
+    let last = report_of(&fleet, all_up, false);
     fleet.shutdown().await;
     let _ = write_report(&mut out, &WorkerReport { done: true, ..last }).await;
     Ok(())
@@ -261,7 +286,14 @@ mod tests {
             (5, 7, 1, 10)
         );
         assert_eq!(t.first_error.as_deref(), Some("x"));
-        assert!(WorkerReport::sum(&[a]).ready);
+        assert!(WorkerReport::sum(std::slice::from_ref(&a)).ready);
+        // "All up" is the last worker's moment, and only once every worker has one.
+        let up = |ms| WorkerReport {
+            all_up_unix_ms: Some(ms),
+            ..a.clone()
+        };
+        assert_eq!(WorkerReport::sum(&[up(5), up(9)]).all_up_unix_ms, Some(9));
+        assert_eq!(WorkerReport::sum(&[up(5), a.clone()]).all_up_unix_ms, None);
         assert!(!WorkerReport::sum(&[]).ready);
     }
 

@@ -488,9 +488,13 @@ impl Run {
         w.go().await?;
         let started = Instant::now();
         let connect = self.wait_connected(&mut w, n, args.timeout()).await;
-        let connect_secs = started.elapsed().as_secs_f64();
         let cpu = cpu.since(&node_pids, &worker_pids);
         let after_connect = w.total();
+        // The last worker's own moment of "all up", else when the parent saw it.
+        let connect_secs = match (after_connect.all_up_unix_ms, w.started_unix_ms) {
+            (Some(up), Some(go)) if up >= go => (up - go) as f64 / 1000.0,
+            _ => started.elapsed().as_secs_f64(),
+        };
         tokio::time::sleep(RSS_SETTLE).await;
         let rss1: Vec<u64> = self
             .c
@@ -655,7 +659,7 @@ impl Run {
         let mut next_print = Instant::now() + PROGRESS_INTERVAL;
         loop {
             let t = w.total();
-            if t.connected >= n {
+            if t.connected >= n && t.all_up_unix_ms.is_some() {
                 return Ok(());
             }
             if t.connected + t.failed >= n {
