@@ -16,6 +16,7 @@ use crate::target::{self, Proc, SpawnOpts};
 use crate::worker::{WorkerReport, WorkerSpec};
 use anyhow::{anyhow, bail, Context};
 use std::ffi::OsString;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -246,6 +247,14 @@ impl Cluster {
                 (name, true)
             }
         };
+        // Node logs are per run (each start of a node appends to its log).
+        for entry in std::fs::read_dir(&opts.dir)?.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".log") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let creds = if db_created {
             Vec::new()
         } else {
@@ -370,8 +379,15 @@ impl Cluster {
             "--config".into(),
             config_file.into(),
         ];
+        // One log per node and run: every start of the node appends to it.
         let log_file = self.log_file(i);
-        let _ = std::fs::write(&log_file, format!("--- {name} started by mooring-bench\n"));
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_file)
+            .with_context(|| format!("opening {}", log_file.display()))?;
+        writeln!(log, "--- {name} started by mooring-bench")?;
+        drop(log);
         let spawn = SpawnOpts {
             log_file: Some(log_file),
             piped_stdio: false,

@@ -729,13 +729,16 @@ impl CpuSample {
 
     fn note(&self, wall_secs: f64) -> String {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let ours = self.nodes + self.workers + self.postgres + self.nats;
         format!(
-            "CPU seconds meanwhile: nodes {:.0}, load generator {:.0}, PostgreSQL {:.0}, NATS {:.0}; \
-             the machine was {:.0} % busy ({:.0} of {:.0} core-seconds, other work included)",
+            "CPU seconds meanwhile: nodes {:.0}, load generator {:.0}, PostgreSQL {:.0}, NATS {:.0}, \
+             everything else {:.0} (other work on the machine, the kernel's softirqs, this process); \
+             the machine was {:.0} % busy ({:.0} of {:.0} core-seconds)",
             self.nodes,
             self.workers,
             self.postgres,
             self.nats,
+            (self.machine - ours).max(0.0),
             100.0 * self.machine / (wall_secs * cpus).max(1e-9),
             self.machine,
             wall_secs * cpus
