@@ -371,7 +371,13 @@ impl Run {
             let ids: Vec<String> = creds.iter().map(|c| c.id.clone()).collect();
             tokio::time::timeout(
                 args.timeout(),
-                send_commands(apis, ids, args.commands, args.cluster_commands_in_flight),
+                send_commands(
+                    apis,
+                    ids,
+                    args.commands,
+                    args.cluster_commands_in_flight,
+                    Route::OtherNode,
+                ),
             )
             .await
             .map_err(|_| anyhow::anyhow!("commands timed out after {:?}", args.timeout()))
@@ -580,23 +586,39 @@ impl Run {
             );
         }
 
-        // Command round trip across nodes, with every device online.
-        let rtt = if connect.is_ok() {
-            eprintln!(
-                "cluster: {} commands, {} in flight, each through another node than the device's",
-                args.commands, args.command_concurrency
-            );
-            let apis: Vec<_> = self.c.running().map(|node| node.api.clone()).collect();
-            let ids: Vec<String> = self.c.creds(n)?.iter().map(|c| c.id.clone()).collect();
-            tokio::time::timeout(
-                args.timeout(),
-                send_commands(apis, ids, args.commands, args.command_concurrency),
-            )
-            .await
-            .map_err(|_| anyhow::anyhow!("commands timed out after {:?}", args.timeout()))
-        } else {
-            Err(anyhow::anyhow!("not measured: not every device connected"))
-        };
+        // Command round trip across nodes, with every device online; then, for comparison,
+        // through each device's own node.
+        let mut runs = Vec::new();
+        for route in [Route::OtherNode, Route::SameNode] {
+            let r = if connect.is_ok() {
+                eprintln!(
+                    "cluster: {} commands, {} in flight, through {}",
+                    args.commands,
+                    args.command_concurrency,
+                    match route {
+                        Route::OtherNode => "another node than the device's",
+                        Route::SameNode => "the device's own node",
+                    }
+                );
+                let apis: Vec<_> = self.c.running().map(|node| node.api.clone()).collect();
+                let ids: Vec<String> = self.c.creds(n)?.iter().map(|c| c.id.clone()).collect();
+                tokio::time::timeout(
+                    args.timeout(),
+                    send_commands(apis, ids, args.commands, args.command_concurrency, route),
+                )
+                .await
+                .map_err(|_| anyhow::anyhow!("commands timed out after {:?}", args.timeout()))
+            } else {
+                Err(anyhow::anyhow!("not measured: not every device connected"))
+            };
+            runs.push(r);
+        }
+        let same = runs
+            .pop()
+            .unwrap_or_else(|| Err(anyhow::anyhow!("not run")));
+        let rtt = runs
+            .pop()
+            .unwrap_or_else(|| Err(anyhow::anyhow!("not run")));
         let still = w.total();
         let health = self.health_of().await;
         self.health
@@ -643,6 +665,27 @@ impl Run {
                 );
             }
             Err(e) => rows.push(Row::new(rtt_metric("p50"), None, None).note(format!("{e:#}"))),
+        }
+        let same_metric = format!(
+            "command RTT p50, ms, API on the device's own node, {nn} online (for comparison)"
+        );
+        match same {
+            Ok(r) => {
+                eprintln!(
+                    "  same node: p50 {:.2} ms, p99 {:.2} ms, {} failed",
+                    r.p(0.5),
+                    r.p(0.99),
+                    r.failed.len()
+                );
+                rows.push(Row::new(same_metric, Some(r.p(0.5)), None).note(format!(
+                    "p99 {:.2} ms; {} of {} succeeded{}; the same commands without the two bus hops, run after the row above",
+                    r.p(0.99),
+                    r.rtts_ms.len(),
+                    args.commands,
+                    r.failures_note()
+                )));
+            }
+            Err(e) => rows.push(Row::new(same_metric, None, None).note(format!("{e:#}"))),
         }
         self.c.kill_all().await;
         Ok(rows)
@@ -770,22 +813,31 @@ impl CommandRun {
     }
 }
 
-/// Which node's API sends command `i` to device `d` of `nodes`: another node than `d`'s
-/// (`d mod nodes`), in turn; the only one when there is one.
-fn api_node_for(i: usize, d: usize, nodes: usize) -> usize {
-    if nodes <= 1 {
-        return 0;
+/// Through which node's API commands go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// Another node than the device's, in turn (the only one when there is one).
+    OtherNode,
+    /// The device's own node (a comparison without the bus hops).
+    SameNode,
+}
+
+/// Which node's API sends command `i` to device `d` (on node `d mod nodes`).
+fn api_node_for(i: usize, d: usize, nodes: usize, route: Route) -> usize {
+    if nodes <= 1 || route == Route::SameNode {
+        return d % nodes.max(1);
     }
     (d % nodes + 1 + i % (nodes - 1)) % nodes
 }
 
 /// `total` commands (`{"name":"ping"}`, `wait_ms` [`COMMAND_WAIT_MS`]) to devices spread over
-/// `ids`, `in_flight` at once, command `i` through `apis[api_node_for(i, d, apis.len())]`.
+/// `ids`, `in_flight` at once, command `i` through `apis[api_node_for(i, d, apis.len(), route)]`.
 async fn send_commands(
     apis: Vec<mooring_api::Client>,
     ids: Vec<String>,
     total: usize,
     in_flight: usize,
+    route: Route,
 ) -> CommandRun {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let (apis, ids) = (Arc::new(apis), Arc::new(ids));
@@ -801,7 +853,7 @@ async fn send_commands(
                     return (rtts, failed);
                 }
                 let d = (i * 7_919) % ids.len();
-                let api = &apis[api_node_for(i, d, apis.len())];
+                let api = &apis[api_node_for(i, d, apis.len(), route)];
                 let id = &ids[d];
                 let ping = mooring_api::CreateCommand {
                     name: "ping".to_owned(),
@@ -851,13 +903,14 @@ mod tests {
             let mut seen = std::collections::BTreeSet::new();
             for i in 0..100 {
                 let d = 13;
-                let a = api_node_for(i, d, nodes);
+                let a = api_node_for(i, d, nodes, Route::OtherNode);
                 assert!(a < nodes);
                 assert_ne!(a, d % nodes, "i {i} nodes {nodes}");
                 seen.insert(a);
             }
             assert_eq!(seen.len(), nodes - 1, "every other node takes a turn");
         }
-        assert_eq!(api_node_for(5, 3, 1), 0);
+        assert_eq!(api_node_for(5, 3, 1, Route::OtherNode), 0);
+        assert_eq!(api_node_for(5, 13, 6, Route::SameNode), 1);
     }
 }
