@@ -200,7 +200,7 @@ pub struct BenchArgs {
     /// cluster: devices connected at once (mTLS, each answering commands).
     #[arg(long, default_value_t = 100_000)]
     pub cluster_devices: usize,
-    /// cluster: node counts the ingest and command throughput rows are measured with.
+    /// cluster: node counts the ingest and command throughput rows are measured with (0: none).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     pub cluster_scaling: Vec<usize>,
     /// cluster: publishers (QoS 1, `--messages` in total) and command-answering devices of the

@@ -268,40 +268,54 @@ pub fn parse_cpu_secs(stat: &str) -> Option<f64> {
 /// `USER_HZ`: the unit of `/proc` CPU times on Linux.
 const CLOCK_TICKS_PER_SEC: f64 = 100.0;
 
-/// CPU seconds so far of every process whose `comm` is `name` (e.g. all `postgres` backends).
-pub fn cpu_secs_of_comm(name: &str) -> f64 {
+/// CPU seconds so far of every process on the machine, with its `comm` (name), by pid.
+pub fn all_processes_cpu_secs() -> std::collections::BTreeMap<u32, (String, f64)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0.0;
+        return Default::default();
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+        .filter_map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            Some((pid, (comm.trim().to_owned(), cpu_secs(pid).ok()?)))
         })
-        .filter_map(|pid| cpu_secs(pid).ok())
-        .sum()
+        .collect()
 }
 
-/// Busy CPU seconds of the whole machine so far, all cores (`/proc/stat`: every column but
-/// idle and iowait).
-pub fn machine_busy_cpu_secs() -> f64 {
+/// The whole machine's CPU time so far, all cores, from `/proc/stat`, in seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MachineCpu {
+    /// Everything but idle and iowait (user, nice, system, irq, softirq, steal).
+    pub busy: f64,
+    /// Interrupt and softirq time (loopback TCP is largely softirq work).
+    pub irq: f64,
+    /// Time the hypervisor gave to someone else while we wanted to run.
+    pub steal: f64,
+}
+
+pub fn machine_cpu_secs() -> MachineCpu {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    let ticks: Vec<u64> = line
+    stat.lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(parse_machine_cpu)
+        .unwrap_or_default()
+}
+
+/// The `cpu ` line of `/proc/stat`: user nice system idle iowait irq softirq steal [guest …]
+/// (guest time is already inside user).
+pub fn parse_machine_cpu(line: &str) -> MachineCpu {
+    let t: Vec<f64> = line
         .split_whitespace()
         .skip(1)
-        .filter_map(|v| v.parse().ok())
+        .take(8)
+        .map(|v| v.parse::<u64>().unwrap_or(0) as f64 / CLOCK_TICKS_PER_SEC)
         .collect();
-    let busy: u64 = ticks
-        .iter()
-        .enumerate()
-        // user nice system idle iowait irq softirq steal (guest time is inside user)
-        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
-        .map(|(_, v)| v)
-        .sum();
-    busy as f64 / CLOCK_TICKS_PER_SEC
+    let at = |i: usize| t.get(i).copied().unwrap_or(0.0);
+    MachineCpu {
+        busy: at(0) + at(1) + at(2) + at(5) + at(6) + at(7),
+        irq: at(5) + at(6),
+        steal: at(7),
+    }
 }
 
 pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
@@ -940,6 +954,12 @@ mod tests {
         assert_eq!(parse_metric(text, "absent"), None);
         let stat = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
         assert_eq!(parse_cpu_secs(stat), Some(3.0));
+        let m = parse_machine_cpu("cpu  100 0 50 1000 20 10 30 5 0 0");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(
+            close(m.busy, 1.95) && close(m.irq, 0.4) && close(m.steal, 0.05),
+            "{m:?}"
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::client::{Cred, CONNECTIONS_PER_SOURCE_ADDR};
 use crate::cluster::{pool_size_for, Cluster, ClusterOpts, Workers};
 use crate::fleet::{Fleet, FleetOpts};
 use crate::report::{fmt_count, Row, Table};
-use crate::target::{self, cpu_secs, cpu_secs_of_comm, machine_busy_cpu_secs};
+use crate::target::{self, all_processes_cpu_secs, machine_cpu_secs, MachineCpu};
 use crate::worker::WorkerSpec;
 use crate::Bench;
 use std::collections::BTreeMap;
@@ -66,10 +66,6 @@ pub async fn cluster(b: &mut Bench) -> anyhow::Result<Table> {
     anyhow::ensure!(
         args.cluster_publishers >= 1,
         "--cluster-publishers must be at least 1"
-    );
-    anyhow::ensure!(
-        args.cluster_scaling.iter().all(|k| *k >= 1),
-        "--cluster-scaling counts must be at least 1"
     );
     let bin = crate::mooring_bin(&args)?;
     let dir = b.work.join("cluster");
@@ -182,6 +178,7 @@ impl Run {
 
         // 2. Throughput with 1, 2, 3 nodes.
         let mut scaling = args.cluster_scaling.clone();
+        scaling.retain(|k| *k > 0);
         scaling.sort_unstable();
         scaling.dedup();
         let mut scaling_rows = Vec::new();
@@ -490,7 +487,7 @@ impl Run {
         let mut w = Workers::spawn(&worker_bin, specs, b.fd_limit, self.c.dir()).await?;
         let worker_pids = w.pids();
         let node_pids: Vec<u32> = self.c.running().map(|node| node.pid()).collect();
-        let cpu = CpuSample::take(&node_pids, &worker_pids);
+        let cpu = CpuSample::take();
         w.go().await?;
         let started = Instant::now();
         let connect = self.wait_connected(&mut w, n, args.timeout()).await;
@@ -737,53 +734,89 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
-/// CPU seconds of the parts of the system at one moment.
+/// Every process's CPU seconds and the machine's at one moment.
 struct CpuSample {
+    procs: BTreeMap<u32, (String, f64)>,
+    machine: MachineCpu,
+}
+
+/// CPU seconds spent between two [`CpuSample`]s, by part of the system.
+#[derive(Default)]
+struct CpuUse {
     nodes: f64,
     workers: f64,
     postgres: f64,
     nats: f64,
-    machine: f64,
+    this: f64,
+    /// Every other process alive at the end (ones that exited meanwhile are not counted).
+    others: f64,
+    machine: MachineCpu,
 }
 
 impl CpuSample {
-    fn take(nodes: &[u32], workers: &[u32]) -> CpuSample {
-        let sum = |pids: &[u32]| pids.iter().filter_map(|p| cpu_secs(*p).ok()).sum::<f64>();
+    fn take() -> CpuSample {
         CpuSample {
-            nodes: sum(nodes),
-            workers: sum(workers),
-            postgres: cpu_secs_of_comm("postgres"),
-            nats: cpu_secs_of_comm("nats-server"),
-            machine: machine_busy_cpu_secs(),
+            procs: all_processes_cpu_secs(),
+            machine: machine_cpu_secs(),
         }
     }
 
-    /// What was used since `self`.
-    fn since(&self, nodes: &[u32], workers: &[u32]) -> CpuSample {
-        let now = CpuSample::take(nodes, workers);
-        CpuSample {
-            nodes: now.nodes - self.nodes,
-            workers: now.workers - self.workers,
-            postgres: now.postgres - self.postgres,
-            nats: now.nats - self.nats,
-            machine: now.machine - self.machine,
+    /// What each part used since `self` (`nodes` and `workers`: our pids).
+    fn since(&self, nodes: &[u32], workers: &[u32]) -> CpuUse {
+        let now = CpuSample::take();
+        let me = std::process::id();
+        let mut u = CpuUse {
+            machine: MachineCpu {
+                busy: now.machine.busy - self.machine.busy,
+                irq: now.machine.irq - self.machine.irq,
+                steal: now.machine.steal - self.machine.steal,
+            },
+            ..Default::default()
+        };
+        for (pid, (comm, secs)) in &now.procs {
+            let before = self
+                .procs
+                .get(pid)
+                .filter(|(c, _)| c == comm)
+                .map_or(0.0, |(_, s)| *s);
+            let d = (secs - before).max(0.0);
+            let part = if nodes.contains(pid) {
+                &mut u.nodes
+            } else if workers.contains(pid) {
+                &mut u.workers
+            } else if *pid == me {
+                &mut u.this
+            } else if comm == "postgres" {
+                &mut u.postgres
+            } else if comm == "nats-server" {
+                &mut u.nats
+            } else {
+                &mut u.others
+            };
+            *part += d;
         }
+        u
     }
+}
 
+impl CpuUse {
     fn note(&self, wall_secs: f64) -> String {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        let ours = self.nodes + self.workers + self.postgres + self.nats;
         format!(
-            "CPU seconds meanwhile: nodes {:.0}, load generator {:.0}, PostgreSQL {:.0}, NATS {:.0}, \
-             everything else {:.0} (other work on the machine, the kernel's softirqs, this process); \
-             the machine was {:.0} % busy ({:.0} of {:.0} core-seconds)",
+            "CPU core-seconds meanwhile: nodes {:.0}, load generator {:.0} (+ {:.0} this process), \
+             PostgreSQL {:.0}, NATS {:.0}, interrupts/softirq {:.0}, other processes on the \
+             machine {:.0} (at least: ones that ended are not counted), steal {:.0}; the machine \
+             was {:.0} % busy ({:.0} of {:.0} core-seconds)",
             self.nodes,
             self.workers,
+            self.this,
             self.postgres,
             self.nats,
-            (self.machine - ours).max(0.0),
-            100.0 * self.machine / (wall_secs * cpus).max(1e-9),
-            self.machine,
+            self.machine.irq,
+            self.others,
+            self.machine.steal,
+            100.0 * self.machine.busy / (wall_secs * cpus).max(1e-9),
+            self.machine.busy,
             wall_secs * cpus
         )
     }
