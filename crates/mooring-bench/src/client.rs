@@ -89,6 +89,14 @@ pub struct SourceAddrs {
 }
 
 impl SourceAddrs {
+    /// Starts at the `block`-th address (127.0.0.(2 + block)), so several load-generator
+    /// processes can each take addresses of their own.
+    pub fn from_block(block: usize) -> SourceAddrs {
+        SourceAddrs {
+            next: AtomicUsize::new(block * CONNECTIONS_PER_SOURCE_ADDR),
+        }
+    }
+
     pub fn next(&self) -> IpAddr {
         let k = self.next.fetch_add(1, Ordering::Relaxed);
         let octet = 2 + (k / CONNECTIONS_PER_SOURCE_ADDR) % 250;
@@ -605,5 +613,7 @@ mod tests {
             assert_eq!(s.next(), first);
         }
         assert_eq!(s.next(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)));
+        let third = SourceAddrs::from_block(2);
+        assert_eq!(third.next(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4)));
     }
 }

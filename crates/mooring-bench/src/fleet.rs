@@ -46,6 +46,8 @@ pub struct FleetStats {
     pub connect_errors: AtomicUsize,
     /// Sessions the server closed.
     pub dropped: AtomicUsize,
+    /// The first failed connect attempt's error, for the report.
+    first_error: std::sync::Mutex<Option<String>>,
     epoch: AtomicUsize,
     /// Devices that got a CONNACK in each epoch (each device counted once per epoch).
     connacked: [AtomicUsize; EPOCHS],
@@ -63,6 +65,13 @@ impl FleetStats {
     }
     pub fn connect_errors(&self) -> usize {
         self.connect_errors.load(Ordering::Acquire)
+    }
+    pub fn dropped(&self) -> usize {
+        self.dropped.load(Ordering::Acquire)
+    }
+    /// The first failed connect attempt's error (`None` while every attempt succeeded).
+    pub fn first_error(&self) -> Option<String> {
+        self.first_error.lock().ok().and_then(|e| e.clone())
     }
 }
 
@@ -82,15 +91,25 @@ impl Fleet {
         sources: Arc<SourceAddrs>,
         opts: FleetOpts,
     ) -> Fleet {
+        let endpoint = Arc::new(endpoint);
+        let devices = creds.iter().map(|c| (endpoint.clone(), c.clone()));
+        Fleet::spawn_assigned(devices, sources, opts)
+    }
+
+    /// Like [`Fleet::spawn`], each device to the endpoint it is paired with (a cluster's nodes).
+    pub fn spawn_assigned(
+        devices: impl IntoIterator<Item = (Arc<Endpoint>, Cred)>,
+        sources: Arc<SourceAddrs>,
+        opts: FleetOpts,
+    ) -> Fleet {
         let stats = Arc::new(FleetStats::default());
         let cancel = CancellationToken::new();
         let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
-        let endpoint = Arc::new(endpoint);
         let mut tasks = JoinSet::new();
-        for cred in creds {
+        for (endpoint, cred) in devices {
             let d = Device {
-                cred: cred.clone(),
-                endpoint: endpoint.clone(),
+                cred,
+                endpoint,
                 sources: sources.clone(),
                 sem: sem.clone(),
                 stats: stats.clone(),
@@ -184,8 +203,11 @@ impl Device {
                         return;
                     }
                 }
-                Err(_) => {
+                Err(e) => {
                     self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut first) = self.stats.first_error.lock() {
+                        first.get_or_insert_with(|| format!("{}: {e:#}", self.cred.id));
+                    }
                     attempt += 1;
                     if !self.opts.reconnect && attempt >= self.opts.attempts_max {
                         self.stats.failed.fetch_add(1, Ordering::AcqRel);

@@ -34,16 +34,31 @@
 //! 5. `fanout`: QoS 1 from 1 and 100 publishers to one backend subscriber with a persistent
 //!    session (`devices/+/telemetry`; ours logs in with a service token over TLS): msg/s
 //!    delivered with the subscriber online, and queued then drained with it offline.
+//! 6. `telemetry-storage` and `retention` (ours only): bytes per point and a range query in
+//!    the store in-process; PUBACK latency while retention expires a day of many devices.
+//! 7. `cluster` (ours only; issue 13, [`suites::cluster`]): `--cluster-devices` (100,000)
+//!    devices over `--cluster-nodes` (6) nodes sharing a PostgreSQL database and a NATS
+//!    prefix ([`cluster`]: a database created for the run and dropped after it, a 0600
+//!    cluster key, the first node's admin token copied to the others). One process cannot
+//!    hold 100,000 sockets here, so the load generator is several processes of this binary
+//!    (hidden suite `cluster-worker`, [`worker`]: a spec on stdin, JSON reports on stdout,
+//!    stops when stdin closes), device i on node i mod N, disjoint source addresses each.
+//!    Reports server RSS per connection (summed over the nodes), time to connect all, command
+//!    round trip p50/p99 with the API on another node than the device's, and QoS 1 ingest and
+//!    command throughput with 1, 2 and 3 nodes; every node's cluster counters (bus drops,
+//!    outbox drops, takeovers) and log warnings go into the notes. Not part of `all`.
 //!
 //! Every wait has a deadline (`--timeout-secs`), and results go to stdout as Markdown
 //! ([`report`]) and, with `--json FILE`, as raw numbers.
 
 pub mod client;
+pub mod cluster;
 pub mod fleet;
 pub mod pki;
 pub mod report;
 pub mod suites;
 pub mod target;
+pub mod worker;
 
 use anyhow::Context;
 use client::SourceAddrs;
@@ -73,8 +88,17 @@ pub enum Suite {
     /// Retention of a day of `--retention-devices` devices' telemetry while `--publishers`
     /// (the largest) devices publish: PUBACK p50/p99 during and after the pass (ours only).
     Retention,
-    /// All of the above but retention (its prefill takes minutes), in that order.
+    /// Ours only, as a cluster (issue 13): `--cluster-devices` devices (100,000) over
+    /// `--cluster-nodes` nodes (6) on PostgreSQL + NATS, from several load-generator processes:
+    /// server RSS per connection, connect time, command RTT across nodes; ingest and command
+    /// throughput with 1, 2 and 3 nodes.
+    Cluster,
+    /// All of the above but retention (its prefill takes minutes) and cluster (it needs
+    /// PostgreSQL and NATS), in that order.
     All,
+    /// One load-generator process of the cluster suite (spawned by it; spec on stdin).
+    #[value(hide = true)]
+    ClusterWorker,
 }
 
 impl Suite {
@@ -170,6 +194,49 @@ pub struct BenchArgs {
     /// Longest any one wait (all connected, all reconnected, one ingest case) may take.
     #[arg(long, default_value_t = 600)]
     pub timeout_secs: u64,
+    /// cluster: nodes the devices are spread over (device i on node i mod N).
+    #[arg(long, default_value_t = 6)]
+    pub cluster_nodes: usize,
+    /// cluster: devices connected at once (mTLS, each answering commands).
+    #[arg(long, default_value_t = 100_000)]
+    pub cluster_devices: usize,
+    /// cluster: node counts the ingest and command throughput rows are measured with (0: none).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub cluster_scaling: Vec<usize>,
+    /// cluster: publishers (QoS 1, `--messages` in total) and command-answering devices of the
+    /// throughput rows, spread over the nodes.
+    #[arg(long, default_value_t = 100)]
+    pub cluster_publishers: usize,
+    /// cluster: commands in flight in the command throughput rows (`--commands` of them).
+    #[arg(long, default_value_t = 64)]
+    pub cluster_commands_in_flight: usize,
+    /// cluster: most devices one load-generator process connects (each process is held to the
+    /// open-file limit too).
+    #[arg(long, default_value_t = 16_000)]
+    pub devices_per_worker: usize,
+    /// cluster: `[store] pool_size` of every node (default: PostgreSQL's free connections
+    /// shared out, at most 16).
+    #[arg(long)]
+    pub pool_size: Option<usize>,
+    /// cluster: PostgreSQL URL of a user who may create databases; the suite creates one of
+    /// its own and drops it at the end (kept with `--work-dir`, for the next run).
+    #[arg(
+        long,
+        env = "MOORING_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/test"
+    )]
+    pub postgres_url: String,
+    /// cluster: NATS with JetStream (a random subject prefix per run).
+    #[arg(
+        long,
+        env = "MOORING_BENCH_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub nats_url: String,
+    /// cluster: the binary the load-generator processes run (`cluster-worker`; default: this
+    /// executable; a `mooring` binary is run as `mooring bench cluster-worker`).
+    #[arg(long)]
+    pub worker_bin: Option<PathBuf>,
 }
 
 impl BenchArgs {
@@ -206,6 +273,10 @@ impl BenchArgs {
         if suites.contains(&Suite::Fanout) {
             n = n.max(self.publishers.iter().copied().max().unwrap_or(0) + 1);
         }
+        if suites.contains(&Suite::Cluster) {
+            // Per node; the load generator is split into processes that each fit.
+            n = n.max(self.cluster_devices.div_ceil(self.cluster_nodes.max(1)));
+        }
         n
     }
 }
@@ -213,6 +284,8 @@ impl BenchArgs {
 /// State shared by the suites of one run.
 pub struct Bench {
     pub args: BenchArgs,
+    /// The work dir (`--work-dir`, or a temporary one removed at exit).
+    pub work: PathBuf,
     /// Ours first, then Mosquitto (as selected).
     pub targets: Vec<Target>,
     pub sources: Arc<SourceAddrs>,
@@ -264,6 +337,17 @@ fn raise_fd_limit() -> anyhow::Result<u64> {
     Ok(soft)
 }
 
+/// The `mooring` binary the suites start (`--mooring-bin`, else [`default_mooring_bin`]).
+pub(crate) fn mooring_bin(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    let bin = args.mooring_bin.clone().unwrap_or_else(default_mooring_bin);
+    anyhow::ensure!(
+        bin.is_file(),
+        "no mooring binary at {} (cargo build --release -p mooring, or --mooring-bin)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
 fn default_mooring_bin() -> PathBuf {
     if let Some(dir) = std::env::current_exe()
         .ok()
@@ -281,6 +365,10 @@ fn default_mooring_bin() -> PathBuf {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let fd_limit = raise_fd_limit()?;
+    if args.suite == Suite::ClusterWorker {
+        // Spawned by the cluster suite: its stdout is the protocol, so nothing else is printed.
+        return worker::run_worker().await;
+    }
     let need = args.connections_max() as u64 + target::FD_RESERVE;
     if fd_limit < need {
         eprintln!(
@@ -309,14 +397,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .suite
         .expand()
         .iter()
-        .any(|s| *s != Suite::TelemetryStorage);
+        .any(|s| !matches!(s, Suite::TelemetryStorage | Suite::Cluster));
     if needs_targets && args.targets.contains(&TargetName::Mooring) {
-        let bin = args.mooring_bin.clone().unwrap_or_else(default_mooring_bin);
-        anyhow::ensure!(
-            bin.is_file(),
-            "no mooring binary at {} (cargo build --release -p mooring, or --mooring-bin)",
-            bin.display()
-        );
+        let bin = mooring_bin(&args)?;
         targets.push(Target::mooring(bin, &work.join("mooring"), fd_limit)?);
     }
     if needs_targets && args.targets.contains(&TargetName::Mosquitto) {
@@ -349,6 +432,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         * 1_000_000_000;
     let mut bench = Bench {
         args: args.clone(),
+        work: work.clone(),
         targets,
         sources: Arc::new(SourceAddrs::default()),
         seq_base,
@@ -366,7 +450,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Suite::Fanout => suites::fanout(&mut bench).await,
                 Suite::TelemetryStorage => suites::telemetry_storage(&mut bench).await,
                 Suite::Retention => suites::retention(&mut bench).await,
-                Suite::All => unreachable!("expanded"),
+                Suite::Cluster => suites::cluster(&mut bench).await,
+                Suite::All | Suite::ClusterWorker => unreachable!("expanded or run above"),
             };
             let table = r.with_context(|| format!("suite {suite:?}"))?;
             println!("{}", table.to_markdown());

@@ -132,6 +132,15 @@ pub fn fmt_value(v: Option<f64>) -> String {
     }
 }
 
+/// A count with thousands separators (`100,000`); fractions are rounded.
+pub fn fmt_count(v: f64) -> String {
+    if v.is_finite() {
+        group_thousands(v.round() as i64)
+    } else {
+        "—".to_owned()
+    }
+}
+
 /// `0.42×`; `—` when absent.
 pub fn fmt_ratio(r: Option<f64>) -> String {
     match r {
@@ -168,6 +177,8 @@ mod tests {
         assert_eq!(fmt_value(Some(512.6)), "513");
         assert_eq!(fmt_value(Some(1234567.0)), "1,234,567");
         assert_eq!(fmt_value(Some(-1500.0)), "-1,500");
+        assert_eq!(fmt_count(50.0), "50");
+        assert_eq!(fmt_count(100_000.0), "100,000");
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -57,22 +57,53 @@ pub struct QueueBounds {
     pub bytes_max: usize,
 }
 
-/// A spawned server process: `sh -c 'ulimit -n …; exec …'`, stderr captured, SIGKILLed on drop.
-struct Proc {
+/// How [`Proc::spawn_with`] connects a child: where its stderr is copied, whether its stdin and
+/// stdout are pipes the caller takes (a load-generator worker) or closed (a server).
+#[derive(Default)]
+pub(crate) struct SpawnOpts {
+    /// Every stderr line is also appended to this file (a node's full log, kept in the work dir).
+    pub log_file: Option<PathBuf>,
+    /// Pipe stdin and stdout ([`Proc::take_stdin`], [`Proc::take_stdout`]) instead of closing them.
+    pub piped_stdio: bool,
+}
+
+/// A spawned process: `sh -c 'ulimit -n …; exec …'`, stderr captured (a tail kept, warning and
+/// error lines counted), SIGKILLed on drop.
+pub(crate) struct Proc {
     child: Child,
-    pid: u32,
-    lines: mpsc::Receiver<String>,
+    pub(crate) pid: u32,
+    pub(crate) lines: mpsc::Receiver<String>,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// Log lines at WARN and at ERROR level (tracing's format: `<time>  WARN target: …`).
+    warnings: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
     reader: JoinHandle<()>,
 }
 
 impl Proc {
-    fn spawn(
+    pub(crate) fn spawn(
         program: &Path,
         args: &[OsString],
         envs: &[(&str, &str)],
         fd_limit: u64,
     ) -> anyhow::Result<Proc> {
+        Proc::spawn_with(program, args, envs, fd_limit, SpawnOpts::default())
+    }
+
+    pub(crate) fn spawn_with(
+        program: &Path,
+        args: &[OsString],
+        envs: &[(&str, &str)],
+        fd_limit: u64,
+        opts: SpawnOpts,
+    ) -> anyhow::Result<Proc> {
+        let piped = || {
+            if opts.piped_stdio {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            }
+        };
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(r#"ulimit -n "$0" && exec "$@""#)
@@ -80,21 +111,41 @@ impl Proc {
             .arg(program)
             .args(args)
             .envs(envs.iter().copied())
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+            .stdin(piped())
+            .stdout(piped())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
+        let mut log = match &opts.log_file {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            )),
+            None => None,
+        };
         let mut child = cmd
             .spawn()
             .with_context(|| format!("spawning {}", program.display()))?;
         let pid = child.id().context("child pid")?;
         let stderr = child.stderr.take().context("child stderr")?;
         let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let (warnings, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let (tx, lines) = mpsc::channel(256);
-        let tail2 = tail.clone();
+        let (tail2, warnings2, errors2) = (tail.clone(), warnings.clone(), errors.clone());
         let reader = tokio::spawn(async move {
             let mut r = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = r.next_line().await {
+                match log_level(&line) {
+                    Some("WARN") => warnings2.fetch_add(1, Ordering::Relaxed),
+                    Some("ERROR") => errors2.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+                if let Some(f) = log.as_mut() {
+                    // Best effort: a full disk must not stop the server's stderr being drained.
+                    let _ = writeln!(f, "{line}").and_then(|()| f.flush());
+                }
                 if let Ok(mut t) = tail2.lock() {
                     if t.len() == LOG_TAIL_LEN {
                         t.pop_front();
@@ -109,34 +160,70 @@ impl Proc {
             pid,
             lines,
             tail,
+            warnings,
+            errors,
             reader,
         })
     }
 
-    fn log_tail(&self) -> String {
+    pub(crate) fn log_tail(&self) -> String {
         self.tail
             .lock()
             .map(|t| t.iter().cloned().collect::<Vec<_>>().join("\n"))
             .unwrap_or_default()
     }
 
+    /// (WARN, ERROR) log lines so far.
+    pub(crate) fn log_counts(&self) -> (u64, u64) {
+        (
+            self.warnings.load(Ordering::Relaxed),
+            self.errors.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The child's stdin pipe (once; only with [`SpawnOpts::piped_stdio`]).
+    pub(crate) fn take_stdin(&mut self) -> Option<tokio::process::ChildStdin> {
+        self.child.stdin.take()
+    }
+
+    /// The child's stdout pipe (once; only with [`SpawnOpts::piped_stdio`]).
+    pub(crate) fn take_stdout(&mut self) -> Option<tokio::process::ChildStdout> {
+        self.child.stdout.take()
+    }
+
     /// Fails if the process has exited.
-    fn check_alive(&mut self, what: &str) -> anyhow::Result<()> {
+    pub(crate) fn check_alive(&mut self, what: &str) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!("{what} exited ({status}); log:\n{}", self.log_tail());
         }
         Ok(())
     }
 
-    fn rss_kib(&self) -> anyhow::Result<u64> {
+    pub(crate) fn rss_kib(&self) -> anyhow::Result<u64> {
         rss_kib(self.pid)
     }
 
     /// SIGKILL and reap (bounded).
-    async fn kill(mut self) {
+    pub(crate) async fn kill(mut self) {
         let _ = self.child.start_kill();
         let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
         self.reader.abort();
+    }
+
+    /// Waits (at most `timeout`) for the process to exit by itself; SIGKILLs it if it does not.
+    /// Returns whether it exited by itself.
+    pub(crate) async fn wait_or_kill(mut self, timeout: Duration) -> bool {
+        let exited = tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !exited {
+            let _ = self.child.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await;
+        }
+        // Let the reader drain what the process wrote last (bounded), then stop it.
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.reader).await;
+        self.reader.abort();
+        exited
     }
 }
 
@@ -147,11 +234,88 @@ impl Drop for Proc {
     }
 }
 
+/// The level of a tracing log line (`2026-…Z  WARN target: …`): its second word.
+fn log_level(line: &str) -> Option<&str> {
+    line.split_whitespace()
+        .nth(1)
+        .filter(|w| matches!(*w, "TRACE" | "DEBUG" | "INFO" | "WARN" | "ERROR"))
+}
+
 /// Resident set size of `pid` in KiB (`VmRSS` in /proc/<pid>/status).
 pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     parse_vm_rss_kib(&status).context("no VmRSS line")
+}
+
+/// User + system CPU time of `pid` so far, in seconds (`/proc/<pid>/stat`, 100 ticks per second).
+pub fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    parse_cpu_secs(&stat).context("malformed /proc/<pid>/stat")
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line, in seconds.
+pub fn parse_cpu_secs(stat: &str) -> Option<f64> {
+    // The command name (field 2) may hold spaces; the fields after it follow its last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / CLOCK_TICKS_PER_SEC)
+}
+
+/// `USER_HZ`: the unit of `/proc` CPU times on Linux.
+const CLOCK_TICKS_PER_SEC: f64 = 100.0;
+
+/// CPU seconds so far of every process on the machine, with its `comm` (name), by pid.
+pub fn all_processes_cpu_secs() -> std::collections::BTreeMap<u32, (String, f64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Default::default();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            Some((pid, (comm.trim().to_owned(), cpu_secs(pid).ok()?)))
+        })
+        .collect()
+}
+
+/// The whole machine's CPU time so far, all cores, from `/proc/stat`, in seconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MachineCpu {
+    /// Everything but idle and iowait (user, nice, system, irq, softirq, steal).
+    pub busy: f64,
+    /// Interrupt and softirq time (loopback TCP is largely softirq work).
+    pub irq: f64,
+    /// Time the hypervisor gave to someone else while we wanted to run.
+    pub steal: f64,
+}
+
+pub fn machine_cpu_secs() -> MachineCpu {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .find(|l| l.starts_with("cpu "))
+        .map(parse_machine_cpu)
+        .unwrap_or_default()
+}
+
+/// The `cpu ` line of `/proc/stat`: user nice system idle iowait irq softirq steal [guest …]
+/// (guest time is already inside user).
+pub fn parse_machine_cpu(line: &str) -> MachineCpu {
+    let t: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|v| v.parse::<u64>().unwrap_or(0) as f64 / CLOCK_TICKS_PER_SEC)
+        .collect();
+    let at = |i: usize| t.get(i).copied().unwrap_or(0.0);
+    MachineCpu {
+        busy: at(0) + at(1) + at(2) + at(5) + at(6) + at(7),
+        irq: at(5) + at(6),
+        steal: at(7),
+    }
 }
 
 pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
@@ -450,31 +614,12 @@ impl Target {
                         .with_context(|| format!("writing {}", m.config_file.display()))?;
                     args.extend(["--config".into(), m.config_file.clone().into()]);
                 }
-                let mut proc = Proc::spawn(&m.bin, &args, &[("RUST_LOG", "info")], self.fd_limit)?;
-                let (mut mqtt, mut http) = (None, None);
-                let deadline = Instant::now() + START_TIMEOUT;
-                while mqtt.is_none() || http.is_none() {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(left, proc.lines.recv()).await {
-                        Ok(Some(line)) => {
-                            mqtt = mqtt.or(parse_addr_after(&line, "MQTT/TLS listening on "));
-                            http = http.or(parse_addr_after(&line, "HTTP API listening on "));
-                        }
-                        Ok(None) | Err(_) => {
-                            proc.check_alive("mooring serve")?;
-                            bail!(
-                                "mooring serve did not report its listeners within {START_TIMEOUT:?}; log:\n{}",
-                                proc.log_tail()
-                            );
-                        }
-                    }
-                }
-                let mqtt = mqtt.context("mqtt addr")?;
+                let (proc, mqtt, http) =
+                    spawn_mooring(&m.bin, &args, self.fd_limit, SpawnOpts::default()).await?;
                 m.mqtt = Some(mqtt);
-                m.http = http;
+                m.http = Some(http);
                 let token = std::fs::read_to_string(m.data_dir.join("admin.token"))
                     .context("reading admin.token")?;
-                let http = http.context("mooring serve logged no HTTP listener")?;
                 m.api = Some(
                     mooring_api::Client::builder(&format!("http://{http}"), &token)
                         .timeout(HTTP_TIMEOUT)
@@ -541,17 +686,8 @@ impl Target {
             }
             Flavor::Mooring(m) => {
                 anyhow::ensure!(self.proc.is_some(), "mooring must run to create devices");
-                let new = m.create_devices(ids).await?;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&m.creds_file)?;
-                for c in &new {
-                    let line =
-                        serde_json::json!({"id": c.id, "cert": c.cert_pem, "key": c.key_pem});
-                    writeln!(f, "{line}")?;
-                }
-                f.sync_all()?;
+                let (new, _) = create_devices(&m.api()?, ids).await?;
+                append_creds(&m.creds_file, &new)?;
                 self.creds.extend(new);
             }
         }
@@ -603,53 +739,116 @@ impl MooringState {
     fn api(&self) -> anyhow::Result<mooring_api::Client> {
         self.api.clone().context("mooring not started")
     }
+}
 
-    /// Creates `ids` with [`PROVISION_CONCURRENCY`] requests in flight; returns them in order.
-    async fn create_devices(&self, ids: Vec<String>) -> anyhow::Result<Vec<Cred>> {
-        let ids = Arc::new(ids);
-        let next = Arc::new(AtomicUsize::new(0));
-        let api = self.api()?;
-        let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..PROVISION_CONCURRENCY {
-            let (ids, next, api) = (ids.clone(), next.clone(), api.clone());
-            workers.spawn(async move {
-                let mut out = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(id) = ids.get(i) else { break };
-                    let req = mooring_api::CreateDevice {
-                        id: id.clone(),
-                        ..Default::default()
-                    };
-                    let created = match api.create_device(&req).await {
-                        Ok(c) => c,
-                        Err(e) if e.status() == Some(409) => bail!(
-                            "device {id} already exists but its key is not cached; remove the bench work dir"
-                        ),
-                        Err(e) => return Err(anyhow::Error::new(e).context(format!("create {id}"))),
-                    };
-                    out.push((
-                        i,
-                        Cred {
-                            id: id.clone(),
-                            cert_pem: created.certificate_pem,
-                            key_pem: created.private_key_pem,
-                        },
-                    ));
-                }
-                anyhow::Ok(out)
-            });
+/// Starts `mooring` with `args` (a `serve` command line) and waits, at most [`START_TIMEOUT`],
+/// until it logs its MQTT/TLS and HTTP listeners; returns the process and both addresses.
+pub(crate) async fn spawn_mooring(
+    bin: &Path,
+    args: &[OsString],
+    fd_limit: u64,
+    opts: SpawnOpts,
+) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
+    let mut proc = Proc::spawn_with(bin, args, &[("RUST_LOG", "info")], fd_limit, opts)?;
+    let (mut mqtt, mut http) = (None, None);
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let (Some(mqtt), Some(http)) = (mqtt, http) {
+            return Ok((proc, mqtt, http));
         }
-        let mut all = Vec::with_capacity(ids.len());
-        while let Some(r) = workers.join_next().await {
-            all.extend(r.context("provisioning task")??);
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, proc.lines.recv()).await {
+            Ok(Some(line)) => {
+                mqtt = mqtt.or(parse_addr_after(&line, "MQTT/TLS listening on "));
+                http = http.or(parse_addr_after(&line, "HTTP API listening on "));
+            }
+            Ok(None) | Err(_) => {
+                proc.check_alive("mooring serve")?;
+                bail!(
+                    "mooring serve did not report its listeners within {START_TIMEOUT:?}; log:\n{}",
+                    proc.log_tail()
+                );
+            }
         }
-        all.sort_by_key(|(i, _)| *i);
-        Ok(all.into_iter().map(|(_, c)| c).collect())
     }
 }
 
-fn load_creds(path: &Path) -> anyhow::Result<Vec<Cred>> {
+/// Creates `ids` through `POST /api/v1/devices` with [`PROVISION_CONCURRENCY`] requests in
+/// flight; returns their credentials in order and the fleet CA the server named (`None` when
+/// `ids` is empty).
+pub(crate) async fn create_devices(
+    api: &mooring_api::Client,
+    ids: Vec<String>,
+) -> anyhow::Result<(Vec<Cred>, Option<String>)> {
+    let ids = Arc::new(ids);
+    let next = Arc::new(AtomicUsize::new(0));
+    let ca = Arc::new(Mutex::new(None::<String>));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..PROVISION_CONCURRENCY {
+        let (ids, next, api, ca) = (ids.clone(), next.clone(), api.clone(), ca.clone());
+        workers.spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(id) = ids.get(i) else { break };
+                let req = mooring_api::CreateDevice {
+                    id: id.clone(),
+                    ..Default::default()
+                };
+                let created = match api.create_device(&req).await {
+                    Ok(c) => c,
+                    Err(e) if e.status() == Some(409) => bail!(
+                        "device {id} already exists but its key is not cached; remove the bench work dir"
+                    ),
+                    Err(e) => return Err(anyhow::Error::new(e).context(format!("create {id}"))),
+                };
+                if let Ok(mut ca) = ca.lock() {
+                    ca.get_or_insert_with(|| created.ca_pem.clone());
+                }
+                out.push((
+                    i,
+                    Cred {
+                        id: id.clone(),
+                        cert_pem: created.certificate_pem,
+                        key_pem: created.private_key_pem,
+                    },
+                ));
+            }
+            anyhow::Ok(out)
+        });
+    }
+    let mut all = Vec::with_capacity(ids.len());
+    while let Some(r) = workers.join_next().await {
+        all.extend(r.context("provisioning task")??);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    let ca = ca.lock().ok().and_then(|mut c| c.take());
+    Ok((all.into_iter().map(|(_, c)| c).collect(), ca))
+}
+
+/// Appends `creds` to the JSON-lines cache at `path` (one `{"id","cert","key"}` per line) and
+/// syncs it.
+pub(crate) fn append_creds(path: &Path, creds: &[Cred]) -> anyhow::Result<()> {
+    let mut f = std::io::BufWriter::new(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?,
+    );
+    for c in creds {
+        let line = serde_json::json!({"id": c.id, "cert": c.cert_pem, "key": c.key_pem});
+        writeln!(f, "{line}")?;
+    }
+    f.into_inner()
+        .map_err(|e| anyhow!("writing {}: {}", path.display(), e.error()))?
+        .sync_all()?;
+    Ok(())
+}
+
+/// The cached credentials of `bench-000000`, `bench-000001`, … in order, up to the first line
+/// that is torn or out of order (the devices after it get re-created, and a 409 says so).
+pub(crate) fn load_creds(path: &Path) -> anyhow::Result<Vec<Cred>> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(Vec::new());
     };
@@ -753,6 +952,14 @@ mod tests {
             Some(42.0)
         );
         assert_eq!(parse_metric(text, "absent"), None);
+        let stat = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
+        assert_eq!(parse_cpu_secs(stat), Some(3.0));
+        let m = parse_machine_cpu("cpu  100 0 50 1000 20 10 30 5 0 0");
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(
+            close(m.busy, 1.95) && close(m.irq, 0.4) && close(m.steal, 0.05),
+            "{m:?}"
+        );
     }
 
     #[test]

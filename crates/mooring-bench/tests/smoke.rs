@@ -2,6 +2,9 @@
 //!
 //! They need `target/<profile>/mooring` (built by `cargo test --workspace`, or `cargo build -p
 //! mooring`) and `/usr/sbin/mosquitto` (Debian package `mosquitto`); without either they skip.
+//! The cluster suite's test needs no Mosquitto but PostgreSQL and NATS (JetStream) on loopback,
+//! as `crates/mooring/tests/cluster.rs` does (`MOORING_BENCH_POSTGRES_URL`,
+//! `MOORING_BENCH_NATS_URL` point elsewhere): without them it fails, never skips.
 
 use clap::Parser;
 use mooring_bench::{BenchArgs, Suite};
@@ -231,5 +234,107 @@ async fn fanout_of_ten_messages_reaches_the_persistent_subscriber_online_and_off
             "{persist}: {p}"
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_of_two_nodes_connects_50_devices_from_three_processes_and_commands_cross_nodes(
+) -> anyhow::Result<()> {
+    let Some(bin) = mooring_bin() else {
+        eprintln!("skipped: no mooring binary next to the test (cargo build -p mooring)");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let json = dir.path().join("out.json");
+    let mut args = Cli::try_parse_from([
+        "mooring-bench",
+        "cluster",
+        "--cluster-nodes",
+        "2",
+        "--cluster-devices",
+        "50",
+        "--devices-per-worker",
+        "20",
+        "--cluster-scaling",
+        "1,2",
+        "--cluster-publishers",
+        "5",
+        "--messages",
+        "200",
+        "--commands",
+        "20",
+        "--repeat",
+        "1",
+    ])?
+    .args;
+    args.mooring_bin = Some(bin);
+    args.worker_bin = Some(PathBuf::from(env!("CARGO_BIN_EXE_mooring-bench")));
+    args.json = Some(json.clone());
+    args.timeout_secs = 60;
+    // No --work-dir: the suite's database is dropped at the end.
+    let postgres_url = args.postgres_url.clone();
+    mooring_bench::run(args).await?;
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
+    assert_eq!(doc["completed"], true, "{doc:#}");
+
+    let connected = row(&doc, "devices connected over 2 nodes");
+    assert_eq!(connected["mooring"].as_f64(), Some(50.0), "{doc:#}");
+    assert!(
+        connected["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("3 load-generator processes") && n.contains("25 / 25")),
+        "{connected}"
+    );
+    for metric in [
+        "server RSS per connection",
+        "time to connect all 50",
+        "command RTT p50",
+        "ingest QoS 1, 5 publishers over 1 node",
+        "ingest QoS 1, 5 publishers over 2 nodes",
+        "commands/s over 1 node",
+        "commands/s over 2 nodes",
+    ] {
+        let r = row(&doc, metric);
+        assert!(r["mooring"].is_number(), "{metric}: {doc:#}");
+    }
+    let p99 = row(&doc, "command RTT p99");
+    assert!(
+        p99["note"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("20 of 20 succeeded")),
+        "{p99}"
+    );
+    for k in ["1 node", "2 nodes"] {
+        let ingest = row(&doc, &format!("ingest QoS 1, 5 publishers over {k}"));
+        assert!(
+            ingest["note"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("verified each run")),
+            "{ingest}"
+        );
+    }
+    let setup = row(&doc, "setup");
+    let note = setup["note"].as_str().unwrap_or_default();
+    assert!(note.contains("share this machine's"), "{setup}");
+
+    // The suite's database is gone.
+    let db = note
+        .split_whitespace()
+        .find(|w| w.starts_with("mooring_bench_"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!db.is_empty(), "{setup}");
+    let (client, connection) =
+        tokio_postgres::connect(&postgres_url, tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(connection);
+    let left = client
+        .query_one(
+            "SELECT count(*) FROM pg_database WHERE datname = $1",
+            &[&db],
+        )
+        .await?;
+    assert_eq!(left.get::<_, i64>(0), 0, "database {db} was not dropped");
+    drop(client);
+    let _ = driver.await;
     Ok(())
 }

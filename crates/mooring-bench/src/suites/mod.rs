@@ -1,8 +1,9 @@
-//! The benchmark suites (idle memory, ingest, connect storm, command RTT, fan-out, telemetry storage, retention): each returns one table; all but telemetry storage drive every target with the same load.
+//! The benchmark suites (idle memory, ingest, connect storm, command RTT, fan-out, telemetry storage, retention, cluster): each returns one table; all but telemetry storage and cluster (ours only) drive every target with the same load.
 //!
 //! One file per suite; the QoS 0/1 publishers the ingest and fan-out suites share are in
 //! `publishers.rs`, and the helpers every suite uses are here.
 
+mod cluster;
 mod command_rtt;
 mod connect_storm;
 mod fanout;
@@ -12,6 +13,7 @@ mod publishers;
 mod retention;
 mod telemetry_storage;
 
+pub use cluster::cluster;
 pub use command_rtt::command_rtt;
 pub use connect_storm::connect_storm;
 pub use fanout::{fanout, FANOUT_FILTER};

@@ -17,22 +17,37 @@ pub(super) async fn connect_publishers(
     sources: &std::sync::Arc<client::SourceAddrs>,
     publishers: usize,
 ) -> anyhow::Result<Vec<(String, client::Conn)>> {
-    let endpoint = t.endpoint()?.clone();
-    let creds = t.creds(publishers)?.to_vec();
-    let mut conns = Vec::with_capacity(publishers);
-    for chunk in creds.chunks(PUBLISHER_CONNECT_CONCURRENCY) {
+    let endpoint = t.endpoint()?;
+    let devices = t
+        .creds(publishers)?
+        .iter()
+        .map(|c| (endpoint.clone(), c.clone()));
+    connect_publishers_to(devices.collect(), sources).await
+}
+
+/// Connects each device to the endpoint it is paired with (32 at a time); returns (device id,
+/// connection) in order.
+pub(super) async fn connect_publishers_to(
+    devices: Vec<(client::Endpoint, client::Cred)>,
+    sources: &std::sync::Arc<client::SourceAddrs>,
+) -> anyhow::Result<Vec<(String, client::Conn)>> {
+    let mut conns = Vec::with_capacity(devices.len());
+    for chunk in devices.chunks(PUBLISHER_CONNECT_CONCURRENCY) {
         let mut set = tokio::task::JoinSet::new();
-        for cred in chunk {
-            let (ep, cred, src) = (endpoint.clone(), cred.clone(), sources.next());
+        for (i, (ep, cred)) in chunk.iter().enumerate() {
+            let (ep, cred, src) = (ep.clone(), cred.clone(), sources.next());
             set.spawn(async move {
                 let config = ep.tls_config(&cred)?;
                 let conn = client::connect(&ep, config, &cred.id, src, 60).await?;
-                anyhow::Ok((cred.id, conn))
+                anyhow::Ok((i, cred.id, conn))
             });
         }
+        let mut done = Vec::with_capacity(chunk.len());
         while let Some(r) = set.join_next().await {
-            conns.push(r.context("connect task")??);
+            done.push(r.context("connect task")??);
         }
+        done.sort_by_key(|(i, _, _)| *i);
+        conns.extend(done.into_iter().map(|(_, id, conn)| (id, conn)));
     }
     Ok(conns)
 }
