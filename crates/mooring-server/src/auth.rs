@@ -1,7 +1,7 @@
 //! API tokens: generation, hashing (only the SHA-256 is stored) and the admin token file.
 
 use anyhow::Context;
-use mooring_store::{TokenRecord, TokenRole, TokenStore};
+use mooring_store::{TokenRecord, Role, TokenStore};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
@@ -32,7 +32,7 @@ pub async fn verify_token(store: &dyn TokenStore, token: &str) -> Option<TokenRe
 pub async fn create_token(
     store: &dyn TokenStore,
     name: &str,
-    role: TokenRole,
+    role: Role,
     now_ms: u64,
 ) -> anyhow::Result<(TokenRecord, String)> {
     let secret = generate_token();
@@ -62,7 +62,7 @@ pub async fn ensure_admin_token(
     if path.exists() {
         return Ok(None);
     }
-    let (_, secret) = create_token(store, "admin", TokenRole::Admin, now_ms).await?;
+    let (_, secret) = create_token(store, "admin", Role::Admin, now_ms).await?;
     write_admin_token(data_dir, &secret)?;
     Ok(Some(secret))
 }
@@ -87,7 +87,7 @@ pub async fn ensure_shared_admin_token(
     if kept != marker {
         return Ok(None);
     }
-    let (_, secret) = create_token(store, "admin", TokenRole::Admin, now_ms).await?;
+    let (_, secret) = create_token(store, "admin", Role::Admin, now_ms).await?;
     write_admin_token(data_dir, &secret)?;
     Ok(Some(secret))
 }
@@ -128,7 +128,7 @@ impl Tokens {
     pub async fn create(
         &self,
         name: &str,
-        role: TokenRole,
+        role: Role,
     ) -> anyhow::Result<(TokenRecord, String)> {
         create_token(self.core.store.as_ref(), name, role, self.core.now_ms()).await
     }

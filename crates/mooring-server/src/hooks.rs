@@ -16,7 +16,7 @@ use mooring_broker::{
 };
 use mooring_proto::policy::Principal;
 use mooring_proto::Topic;
-use mooring_store::TokenRole;
+use mooring_store::Role;
 use std::sync::{Arc, Weak};
 
 /// MQTT v5 reason code: payload format invalid.
@@ -186,7 +186,7 @@ impl Hooks for ServerHooks {
             .and_then(|p| std::str::from_utf8(p).ok())
             .unwrap_or("");
         match app.tokens.verify(token).await {
-            Some(t) if t.role == TokenRole::Service => {
+            Some(t) if t.role == Role::Service => {
                 let client_id = if req.client_id.is_empty() {
                     Self::generated_client_id("svc")
                 } else {

@@ -16,7 +16,7 @@ use mooring_server::commands::NewCommand;
 use mooring_server::hooks::ServerHooks;
 use mooring_server::registry::PinnedCert;
 use mooring_server::RunningServer;
-use mooring_store::{CommandState, TokenRole};
+use mooring_store::{CommandState, Role};
 use serde_json::json;
 
 async fn start(dir: &std::path::Path) -> RunningServer {
@@ -101,7 +101,7 @@ async fn connect_is_decided_by_the_pinned_certificate_the_client_id_and_service_
     // wrong secrets are refused.
     let (_, secret) = app
         .tokens
-        .create("pipeline", TokenRole::Service)
+        .create("pipeline", Role::Service)
         .await
         .expect("token");
     let anon = tls(None);
@@ -117,7 +117,7 @@ async fn connect_is_decided_by_the_pinned_certificate_the_client_id_and_service_
     );
     let (_, admin) = app
         .tokens
-        .create("ops", TokenRole::Admin)
+        .create("ops", Role::Admin)
         .await
         .expect("token");
     assert_eq!(

@@ -76,14 +76,14 @@ pub use error::{Result, StoreError};
 pub use model::{
     AppendOutcome, BrokerOp, BrokerState, CommandOutcome, CommandParentRecord, CommandRecord,
     CommandState, CreateOutcome, DeviceId, DeviceRecord, MetricValue, NewDevice, Point, SessionOp,
-    ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, TokenRole,
+    ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, Role, AuditQuery, AuditRecord, SessionRecord, UserRecord,
     TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    BrokerStateStore, ClusterStore, CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore,
+    AccountStore, AuditStore, BrokerStateStore, ClusterStore, CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore,
     TokenStore, COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{

@@ -56,37 +56,59 @@ impl NewDevice {
     }
 }
 
-/// What an API token may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TokenRole {
+/// What a person or an API token may do (issue 14). The server maps each role to its
+/// permissions; the store only keeps the name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Everything.
     Admin,
+    /// Devices, commands, shadows, OTA, rollouts, rules.
+    Operator,
+    /// Records installations; reads the devices it is assigned (its scope).
+    Installer,
+    /// Reads everything its scope allows, changes nothing.
+    Viewer,
+    /// MQTT data access (the `service` MQTT login) and a read-only API.
     Service,
 }
 
-impl TokenRole {
+impl Role {
+    pub const ALL: [Role; 5] = [
+        Role::Admin,
+        Role::Operator,
+        Role::Installer,
+        Role::Viewer,
+        Role::Service,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
-            TokenRole::Admin => "admin",
-            TokenRole::Service => "service",
+            Role::Admin => "admin",
+            Role::Operator => "operator",
+            Role::Installer => "installer",
+            Role::Viewer => "viewer",
+            Role::Service => "service",
         }
     }
 }
 
-impl FromStr for TokenRole {
+impl FromStr for Role {
     type Err = StoreError;
 
-    fn from_str(s: &str) -> Result<TokenRole> {
-        match s {
-            "admin" => Ok(TokenRole::Admin),
-            "service" => Ok(TokenRole::Service),
-            other => Err(StoreError::InvalidInput(format!(
-                "unknown token role {other:?} (expected \"admin\" or \"service\")"
-            ))),
-        }
+    fn from_str(s: &str) -> Result<Role> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                StoreError::InvalidInput(format!(
+                    "unknown role {other:?} (expected one of admin, operator, installer, viewer, service)",
+                    other = s
+                ))
+            })
     }
 }
 
-impl std::fmt::Display for TokenRole {
+impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -97,10 +119,94 @@ impl std::fmt::Display for TokenRole {
 pub struct TokenRecord {
     pub id: String,
     pub name: String,
-    pub role: TokenRole,
+    pub role: Role,
     /// Lowercase hex of the SHA-256 of the secret.
     pub token_sha256: String,
     pub created_at_ms: u64,
+    /// A fleet selector limiting which devices the token reaches (`None`: all).
+    pub scope: Option<String>,
+    /// The token is refused from this time on (`None`: never expires).
+    pub expires_at_ms: Option<u64>,
+    /// Last time the token was used (recorded at most about once a minute).
+    pub last_used_at_ms: Option<u64>,
+}
+
+/// A person who logs in (issue 14): by password (argon2id, PHC string) or OpenID Connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// `usr_<hex>`.
+    pub id: String,
+    /// Lowercase; unique.
+    pub email: String,
+    pub role: Role,
+    /// A fleet selector limiting which devices the user reaches (`None`: all).
+    pub scope: Option<String>,
+    /// argon2id PHC string; `None`: no password (not set yet, or OpenID Connect only).
+    pub password_hash: Option<String>,
+    /// SHA-256 (hex) of the one-time password-set token, while one is outstanding; unique.
+    pub password_set_sha256: Option<String>,
+    pub password_set_expires_at_ms: Option<u64>,
+    pub disabled: bool,
+    /// `<issuer> <subject>` of the OpenID Connect identity linked to this user; unique.
+    pub oidc_subject: Option<String>,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// A logged-in browser or app session: an opaque cookie whose SHA-256 is the key, so every
+/// node accepts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// SHA-256 (hex) of the cookie's secret.
+    pub id_sha256: String,
+    pub user_id: String,
+    /// SHA-256 (hex) of the session's CSRF token (sent back in `X-CSRF-Token` on writes).
+    pub csrf_sha256: String,
+    pub created_at_ms: u64,
+    /// Last request (recorded at most about once a minute): idle expiry counts from here.
+    pub last_used_at_ms: u64,
+    /// Absolute expiry.
+    pub expires_at_ms: u64,
+    /// Where the login came from (remote address).
+    pub source: String,
+    pub user_agent: String,
+}
+
+/// One entry of the audit log: who did what, when, from where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Assigned by the store, increasing (ignored by `append_audit`).
+    pub id: u64,
+    pub at_ms: u64,
+    /// `user:<email>`, `token:<name> (<id>)`, `anonymous`.
+    pub actor: String,
+    /// What was done, e.g. `device.create`, `auth.login`.
+    pub action: String,
+    /// What it was done to: the request path, e.g. `/api/v1/devices/lock-1`.
+    pub target: String,
+    /// Remote address.
+    pub source: String,
+    /// The node that served it.
+    pub node: String,
+    /// HTTP status of the answer.
+    pub status: u16,
+    /// Short extra detail (e.g. the reason of a refusal); may be empty.
+    pub detail: String,
+}
+
+/// Filters of an audit log read; newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    pub actor: Option<String>,
+    /// Exact action, or a prefix when it ends with `.` (e.g. `device.`).
+    pub action: Option<String>,
+    /// Target prefix.
+    pub target_prefix: Option<String>,
+    pub since_ms: Option<u64>,
+    pub until_ms: Option<u64>,
+    /// Only entries with `id < before_id` (the cursor: the last id of the previous page).
+    pub before_id: Option<u64>,
+    pub limit: usize,
 }
 
 /// One telemetry message to store.

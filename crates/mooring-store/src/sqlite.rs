@@ -39,6 +39,8 @@ mod devices;
 mod shadows;
 mod telemetry;
 mod tokens;
+mod accounts;
+mod audit;
 
 /// File name used when [`SqliteStore::open`] is given a directory.
 pub const DB_FILE_NAME: &str = "mooring.db";
@@ -61,6 +63,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0004_broker_state.sql"),
     include_str!("../migrations/0005_telemetry_series_chunks.sql"),
     include_str!("../migrations/0006_cluster.sql"),
+    include_str!("../migrations/0007_accounts.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.
@@ -96,12 +99,12 @@ impl SqliteStore {
     pub fn open(data_dir_or_file: &Path) -> Result<Self> {
         let path = resolve_db_path(data_dir_or_file)?;
         let mut writer = Connection::open(&path).db()?;
-        configure(&writer, Role::Writer)?;
+        configure(&writer, ConnRole::Writer)?;
         migrate(&mut writer)?;
         let readers = (0..READ_CONNECTIONS)
             .map(|_| {
                 let conn = Connection::open(&path).db()?;
-                configure(&conn, Role::Reader)?;
+                configure(&conn, ConnRole::Reader)?;
                 Ok(Mutex::new(conn))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -482,19 +485,19 @@ fn resolve_db_path(p: &Path) -> Result<PathBuf> {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Role {
+enum ConnRole {
     Writer,
     Reader,
 }
 
-fn configure(conn: &Connection, role: Role) -> Result<()> {
+fn configure(conn: &Connection, role: ConnRole) -> Result<()> {
     conn.busy_timeout(BUSY_TIMEOUT).db()?;
     conn.pragma_update(None, "foreign_keys", true).db()?;
     // FULL: the WAL is fsynced at every commit, so a committed (acknowledged) batch survives
     // power loss, not only a process crash.
     conn.pragma_update(None, "synchronous", "FULL").db()?;
     match role {
-        Role::Writer => {
+        ConnRole::Writer => {
             let mode: String = conn
                 .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
                 .db()?;
@@ -504,7 +507,7 @@ fn configure(conn: &Connection, role: Role) -> Result<()> {
                 )));
             }
         }
-        Role::Reader => conn.pragma_update(None, "query_only", true).db()?,
+        ConnRole::Reader => conn.pragma_update(None, "query_only", true).db()?,
     }
     Ok(())
 }

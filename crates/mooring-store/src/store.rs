@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::model::{
     AppendOutcome, BrokerOp, BrokerState, CommandParentRecord, CommandRecord, CommandState,
-    CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point, SessionOp, ShadowRecord,
-    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
+    AuditQuery, AuditRecord, CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point, SessionOp,
+    SessionRecord, ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
+    UserRecord,
 };
 
 /// The device registry.
@@ -38,10 +39,72 @@ pub trait TokenStore: Send + Sync + 'static {
     /// `AlreadyExists` if the id or the hash is taken.
     async fn create_token(&self, t: TokenRecord) -> Result<()>;
     async fn find_token(&self, token_sha256: &str) -> Result<Option<TokenRecord>>;
-    /// All tokens, ordered by id.
-    async fn list_tokens(&self) -> Result<Vec<TokenRecord>>;
-    /// `false` if it did not exist.
+    async fn get_token(&self, id: &str) -> Result<Option<TokenRecord>>;
+    /// At most `limit` tokens with `id > after_id`, ordered by id (keyset pagination).
+    async fn list_tokens(&self, limit: usize, after_id: Option<&str>) -> Result<Vec<TokenRecord>>;
+    /// Sets `last_used_at_ms = max(old, at_ms)`. Unknown ids are ignored.
+    async fn touch_token(&self, id: &str, at_ms: u64) -> Result<()>;
+    /// Revokes (deletes) the token. `false` if it did not exist.
     async fn delete_token(&self, id: &str) -> Result<bool>;
+}
+
+/// People (users), their login sessions and login throttling (issue 14).
+#[async_trait::async_trait]
+pub trait AccountStore: Send + Sync + 'static {
+    /// `AlreadyExists` if the id, the email, the password-set hash or the OIDC subject is taken.
+    async fn create_user(&self, u: UserRecord) -> Result<()>;
+    async fn get_user(&self, id: &str) -> Result<Option<UserRecord>>;
+    async fn find_user_by_email(&self, email: &str) -> Result<Option<UserRecord>>;
+    async fn find_user_by_password_set(&self, sha256: &str) -> Result<Option<UserRecord>>;
+    async fn find_user_by_oidc_subject(&self, subject: &str) -> Result<Option<UserRecord>>;
+    /// At most `limit` users with `email > after_email`, ordered by email.
+    async fn list_users(&self, limit: usize, after_email: Option<&str>) -> Result<Vec<UserRecord>>;
+    /// Replaces the user's row (by id). `false` if it does not exist; `AlreadyExists` on a
+    /// unique column taken by another user.
+    async fn update_user(&self, u: UserRecord) -> Result<bool>;
+    /// Deletes the user and all its sessions. `false` if it did not exist.
+    async fn delete_user(&self, id: &str) -> Result<bool>;
+
+    /// Stores a session; if the user then has more than `per_user_max` sessions, the ones used
+    /// least recently go. `NotFound` if the user does not exist.
+    async fn create_session(&self, s: SessionRecord, per_user_max: usize) -> Result<()>;
+    async fn find_session(&self, id_sha256: &str) -> Result<Option<SessionRecord>>;
+    /// Sets `last_used_at_ms = max(old, at_ms)`. Unknown sessions are ignored.
+    async fn touch_session(&self, id_sha256: &str, at_ms: u64) -> Result<()>;
+    /// `false` if it did not exist.
+    async fn delete_session(&self, id_sha256: &str) -> Result<bool>;
+    /// Deletes every session of the user; returns how many.
+    async fn delete_user_sessions(&self, user_id: &str) -> Result<u64>;
+    /// Deletes sessions last used before `idle_before_ms` or expiring at or before `now_ms`,
+    /// at most `max_rows`; returns how many.
+    async fn delete_expired_sessions(
+        &self,
+        idle_before_ms: u64,
+        now_ms: u64,
+        max_rows: usize,
+    ) -> Result<u64>;
+
+    /// Counts one failed login under `key` (e.g. `acct:<email>`, `addr:<ip>`) in a fixed window
+    /// of `window_ms` (a window that started `window_ms` or more before `now_ms` starts again
+    /// at `now_ms`) and returns the count in the current window, this one included. Atomic
+    /// across nodes.
+    async fn record_login_failure(&self, key: &str, now_ms: u64, window_ms: u64) -> Result<u32>;
+    /// Failures under `key` in the window still open at `now_ms` (0 if none).
+    async fn login_failures(&self, key: &str, now_ms: u64, window_ms: u64) -> Result<u32>;
+    async fn clear_login_failures(&self, key: &str) -> Result<()>;
+    /// Deletes counters whose window started before `before_ms`; returns how many.
+    async fn prune_login_failures(&self, before_ms: u64) -> Result<u64>;
+}
+
+/// The audit log: every write through the API (issue 14). Append-only except for retention.
+#[async_trait::async_trait]
+pub trait AuditStore: Send + Sync + 'static {
+    /// Appends the entries in one transaction, in order (their `id`s are assigned, increasing).
+    async fn append_audit(&self, entries: Vec<AuditRecord>) -> Result<()>;
+    /// Entries matching `q`, newest (highest id) first, at most `q.limit`.
+    async fn list_audit(&self, q: AuditQuery) -> Result<Vec<AuditRecord>>;
+    /// Deletes entries with `at_ms < before_ms`, at most `max_rows`; returns how many.
+    async fn prune_audit(&self, before_ms: u64, max_rows: usize) -> Result<u64>;
 }
 
 /// Time-series telemetry.
@@ -241,6 +304,8 @@ pub trait Store:
     + ShadowStore
     + BrokerStateStore
     + ClusterStore
+    + AccountStore
+    + AuditStore
 {
 }
 
@@ -252,5 +317,7 @@ impl<T> Store for T where
         + ShadowStore
         + BrokerStateStore
         + ClusterStore
+    + AccountStore
+    + AuditStore
 {
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use mooring_store::{
     AppendOutcome, DeviceStore, MetricValue, NewDevice, SqliteStore, Store, StoreError,
-    TelemetryQuery, TelemetryRecord, TelemetryStore, TokenRecord, TokenRole, TokenStore,
+    TelemetryQuery, TelemetryRecord, TelemetryStore, TokenRecord, Role, TokenStore,
     DB_FILE_NAME,
 };
 use std::os::unix::fs::PermissionsExt;
@@ -52,7 +52,7 @@ async fn reopening_the_data_dir_keeps_data_and_dedupe_and_migrations_are_idempot
             .create_token(TokenRecord {
                 id: "t1".into(),
                 name: "ci".into(),
-                role: TokenRole::Service,
+                role: Role::Service,
                 token_sha256: "h".into(),
                 created_at_ms: 3,
             })

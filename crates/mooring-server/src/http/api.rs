@@ -11,7 +11,7 @@ use mooring_api::{
     CreateDevice, CreateToken, CreatedDevice, CreatedToken, Device, DeviceList, LatestMetrics,
     LatestValue, ListDevicesParams, TelemetryParams, TelemetryPoint, TelemetryPoints,
 };
-use mooring_store::{MetricValue, TokenRole};
+use mooring_store::{MetricValue, Role};
 use std::sync::Arc;
 use utoipa::OpenApi;
 
@@ -201,7 +201,7 @@ async fn create_token(
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateToken>,
 ) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
-    if caller.role != TokenRole::Admin {
+    if caller.role != Role::Admin {
         return Err(ApiError(ServiceError::new(
             ErrorKind::Forbidden,
             "forbidden",
@@ -209,8 +209,8 @@ async fn create_token(
         )));
     }
     let role = match req.role.as_str() {
-        "service" => TokenRole::Service,
-        "admin" => TokenRole::Admin,
+        "service" => Role::Service,
+        "admin" => Role::Admin,
         other => {
             return Err(ApiError(ServiceError::invalid(
                 "invalid_role",

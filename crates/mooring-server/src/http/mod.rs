@@ -19,7 +19,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use mooring_store::TokenRole;
+use mooring_store::Role;
 use std::sync::Arc;
 use utoipa::OpenApi;
 
@@ -157,7 +157,7 @@ where
 /// The authenticated caller, put in request extensions by [`require_token`].
 #[derive(Clone)]
 pub struct Caller {
-    pub role: TokenRole,
+    pub role: Role,
     pub name: String,
 }
 
@@ -187,7 +187,7 @@ async fn require_token(
         )));
     };
     // Service tokens are read-only on the API.
-    if record.role != TokenRole::Admin && req.method() != axum::http::Method::GET {
+    if record.role != Role::Admin && req.method() != axum::http::Method::GET {
         return Err(ApiError(ServiceError::new(
             ErrorKind::Forbidden,
             "forbidden",

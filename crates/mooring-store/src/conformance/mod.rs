@@ -45,7 +45,7 @@ use crate::{
     CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, DeviceStore,
     MetricValue, NewDevice, Point, ShadowRecord, Store, StoreError, StoredSession, TelemetryQuery,
     TelemetryRecord, TelemetryStore, TelemetryWriter, TelemetryWriterConfig, TokenRecord,
-    TokenRole, TokenStore, TS_MS_MAX,
+    Role, TokenStore, TS_MS_MAX,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case. See the [module docs](crate::conformance).
@@ -213,7 +213,7 @@ async fn append(store: &dyn Store, batch: Vec<TelemetryRecord>) -> Vec<AppendOut
     outcomes
 }
 
-fn token(id: &str, role: TokenRole) -> TokenRecord {
+fn token(id: &str, role: Role) -> TokenRecord {
     TokenRecord {
         id: id.to_owned(),
         name: format!("token {id}"),

@@ -4,7 +4,7 @@ use tokio_postgres::Row;
 
 use super::{column, ts_to_sql, u64_column, PgStore};
 use crate::error::{Result, StoreError};
-use crate::model::{TokenRecord, TokenRole};
+use crate::model::{TokenRecord, Role};
 use crate::store::TokenStore;
 
 const TOKEN_COLUMNS: &str = "id, name, role, token_sha256, created_at_ms";
@@ -12,7 +12,7 @@ const TOKEN_COLUMNS: &str = "id, name, role, token_sha256, created_at_ms";
 fn token_from_row(row: &Row) -> Result<TokenRecord> {
     let role: &str = column(row, 2)?;
     let role = role
-        .parse::<TokenRole>()
+        .parse::<Role>()
         .map_err(|e| StoreError::Backend(format!("stored token role: {e}")))?;
     Ok(TokenRecord {
         id: column(row, 0)?,
