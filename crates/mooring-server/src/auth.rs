@@ -1,7 +1,7 @@
 //! API tokens: generation, hashing (only the SHA-256 is stored) and the admin token file.
 
 use anyhow::Context;
-use mooring_store::{TokenRecord, Role, TokenStore};
+use mooring_store::{Role, TokenRecord, TokenStore};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
@@ -125,11 +125,7 @@ impl Tokens {
     }
 
     /// Creates a token; the secret is returned once and never stored.
-    pub async fn create(
-        &self,
-        name: &str,
-        role: Role,
-    ) -> anyhow::Result<(TokenRecord, String)> {
+    pub async fn create(&self, name: &str, role: Role) -> anyhow::Result<(TokenRecord, String)> {
         create_token(self.core.store.as_ref(), name, role, self.core.now_ms()).await
     }
 }

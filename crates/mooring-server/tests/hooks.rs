@@ -115,11 +115,7 @@ async fn connect_is_decided_by_the_pinned_certificate_the_client_id_and_service_
             .err(),
         Some(ConnectRefusal::BadClientId)
     );
-    let (_, admin) = app
-        .tokens
-        .create("ops", Role::Admin)
-        .await
-        .expect("token");
+    let (_, admin) = app.tokens.create("ops", Role::Admin).await.expect("token");
     assert_eq!(
         connect(&hooks, &anon, "ops-1", Some(admin.as_bytes()))
             .await

@@ -74,17 +74,17 @@ pub mod writer;
 pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_MAX};
 pub use error::{Result, StoreError};
 pub use model::{
-    AppendOutcome, BrokerOp, BrokerState, CommandOutcome, CommandParentRecord, CommandRecord,
-    CommandState, CreateOutcome, DeviceId, DeviceRecord, MetricValue, NewDevice, Point, SessionOp,
-    ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, Role, AuditQuery, AuditRecord, SessionRecord, UserRecord,
-    TS_MS_MAX,
+    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandOutcome,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, DeviceRecord,
+    MetricValue, NewDevice, Point, Role, SessionOp, SessionRecord, ShadowRecord, StoredSession,
+    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    AccountStore, AuditStore, BrokerStateStore, ClusterStore, CommandStore, DeviceStore, ShadowStore, Store, TelemetryStore,
-    TokenStore, COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
+    AccountStore, AuditStore, BrokerStateStore, ClusterStore, CommandStore, DeviceStore,
+    ShadowStore, Store, TelemetryStore, TokenStore, COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

@@ -32,6 +32,8 @@ use rusqlite::{Connection, Row, TransactionBehavior};
 use crate::error::{Result, StoreError};
 use crate::model::{check_ts, TS_MS_MAX};
 
+mod accounts;
+mod audit;
 mod broker;
 mod cluster;
 mod commands;
@@ -39,8 +41,6 @@ mod devices;
 mod shadows;
 mod telemetry;
 mod tokens;
-mod accounts;
-mod audit;
 
 /// File name used when [`SqliteStore::open`] is given a directory.
 pub const DB_FILE_NAME: &str = "mooring.db";

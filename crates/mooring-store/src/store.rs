@@ -4,10 +4,10 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, BrokerOp, BrokerState, CommandParentRecord, CommandRecord, CommandState,
-    AuditQuery, AuditRecord, CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point, SessionOp,
-    SessionRecord, ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
-    UserRecord,
+    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandParentRecord,
+    CommandRecord, CommandState, CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point,
+    SessionOp, SessionRecord, ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord,
+    TokenRecord, UserRecord,
 };
 
 /// The device registry.
@@ -317,7 +317,7 @@ impl<T> Store for T where
         + ShadowStore
         + BrokerStateStore
         + ClusterStore
-    + AccountStore
-    + AuditStore
+        + AccountStore
+        + AuditStore
 {
 }
