@@ -131,6 +131,16 @@ pub struct TokenRecord {
     pub last_used_at_ms: Option<u64>,
 }
 
+impl TokenRecord {
+    /// Refuses U+0000 in any of its texts (see [`check_text`]).
+    pub(crate) fn check_text(&self) -> Result<()> {
+        check_text("token id", &self.id)?;
+        check_text("token name", &self.name)?;
+        check_text("token hash", &self.token_sha256)?;
+        check_text("token scope", self.scope.as_deref().unwrap_or(""))
+    }
+}
+
 /// A person who logs in (issue 14): by password (argon2id, PHC string) or OpenID Connect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {
@@ -153,6 +163,23 @@ pub struct UserRecord {
     pub updated_at_ms: u64,
 }
 
+impl UserRecord {
+    /// Refuses U+0000 in any of its texts (see [`check_text`]).
+    pub(crate) fn check_text(&self) -> Result<()> {
+        check_text("user id", &self.id)?;
+        check_text("user email", &self.email)?;
+        for (what, v) in [
+            ("user scope", &self.scope),
+            ("user password hash", &self.password_hash),
+            ("user password-set hash", &self.password_set_sha256),
+            ("user OIDC subject", &self.oidc_subject),
+        ] {
+            check_text(what, v.as_deref().unwrap_or(""))?;
+        }
+        Ok(())
+    }
+}
+
 /// A logged-in browser or app session: an opaque cookie whose SHA-256 is the key, so every
 /// node accepts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +197,22 @@ pub struct SessionRecord {
     /// Where the login came from (remote address).
     pub source: String,
     pub user_agent: String,
+}
+
+impl SessionRecord {
+    /// Refuses U+0000 in any of its texts (see [`check_text`]).
+    pub(crate) fn check_text(&self) -> Result<()> {
+        for (what, v) in [
+            ("session id hash", &self.id_sha256),
+            ("session user id", &self.user_id),
+            ("session CSRF hash", &self.csrf_sha256),
+            ("session source", &self.source),
+            ("session user agent", &self.user_agent),
+        ] {
+            check_text(what, v)?;
+        }
+        Ok(())
+    }
 }
 
 /// One entry of the audit log: who did what, when, from where.
@@ -200,9 +243,11 @@ pub struct AuditQuery {
     pub actor: Option<String>,
     /// Exact action, or a prefix when it ends with `.` (e.g. `device.`).
     pub action: Option<String>,
-    /// Target prefix.
+    /// Target prefix (matched byte for byte: case-sensitive, `%` and `_` are plain characters).
     pub target_prefix: Option<String>,
+    /// Only entries with `at_ms >= since_ms`.
     pub since_ms: Option<u64>,
+    /// Only entries with `at_ms < until_ms`.
     pub until_ms: Option<u64>,
     /// Only entries with `id < before_id` (the cursor: the last id of the previous page).
     pub before_id: Option<u64>,
@@ -283,6 +328,26 @@ pub(crate) fn check_len(what: &str, len: usize, max: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Refuses text holding U+0000: PostgreSQL text cannot store it, so no backend takes it in an
+/// account, session, token or login-failure key (a lookup by such a text finds nothing).
+pub(crate) fn check_text(what: &str, s: &str) -> Result<()> {
+    if s.contains('\0') {
+        return Err(StoreError::InvalidInput(format!(
+            "{what} contains a NUL character (U+0000)"
+        )));
+    }
+    Ok(())
+}
+
+/// The earliest start of a login-failure window still open at `now_ms`: a window that started
+/// `window_ms` or more before `now_ms` is over, so one is open iff `start > now_ms - window_ms`,
+/// i.e. `start >= now_ms - window_ms + 1` (negative when `now_ms < window_ms`).
+pub(crate) fn window_open_since(now_ms: u64, window_ms: u64) -> i64 {
+    let now = i64::try_from(now_ms.min(TS_MS_MAX)).unwrap_or(i64::MAX);
+    let window = i64::try_from(window_ms).unwrap_or(i64::MAX);
+    now.saturating_sub(window).saturating_add(1)
 }
 
 pub(crate) fn check_ts(what: &str, ts_ms: u64) -> Result<()> {

@@ -3,7 +3,8 @@
 //!
 //! It is a full [`Store`](crate::Store), one file per trait as in `sqlite/`: `devices.rs`,
 //! `tokens.rs`, `telemetry.rs` (points partitioned by UTC day, retention by dropping partitions:
-//! see that module), `commands.rs`, `shadows.rs`, `broker.rs`. The semantics are the SQLite
+//! see that module), `commands.rs`, `shadows.rs`, `broker.rs`, `cluster.rs`, `accounts.rs`
+//! (users, login sessions, login-failure counters), `audit.rs`. The semantics are the SQLite
 //! backend's, checked by the same conformance suite (`tests/postgres.rs`): ids in byte order
 //! (`COLLATE "C"`), keyset pagination, the same [`StoreError`] kinds, ties ordered the same way;
 //! tags are JSONB, other JSON documents `json` (the text as written, key order included), times
@@ -29,6 +30,8 @@
 //! advisory lock, so several servers starting together against one database migrate it once.
 //! Applied versions are rows of `schema_migrations`.
 
+mod accounts;
+mod audit;
 mod broker;
 mod cluster;
 mod commands;
@@ -53,6 +56,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0001_devices_tokens.sql"),
     include_str!("../migrations/postgres/0002_telemetry_commands_shadows_broker.sql"),
     include_str!("../migrations/postgres/0003_cluster.sql"),
+    include_str!("../migrations/postgres/0004_accounts.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in
@@ -309,6 +313,32 @@ fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize)
 fn u64_column(row: &Row, index: usize) -> Result<u64> {
     let v: i64 = column(row, index)?;
     u64::try_from(v).map_err(|_| StoreError::Backend(format!("column {index}: negative value {v}")))
+}
+
+/// A keyset cursor PostgreSQL text can hold: `after` cut at its first U+0000. No stored key
+/// holds U+0000, so the keys after `p\0...` (byte order) are exactly the keys after `p`.
+fn nul_free_cursor(after: &str) -> &str {
+    after.split('\0').next().unwrap_or("")
+}
+
+/// A nullable BIGINT time column.
+fn opt_u64_column(row: &Row, index: usize) -> Result<Option<u64>> {
+    match column::<Option<i64>>(row, index)? {
+        None => Ok(None),
+        Some(_) => u64_column(row, index).map(Some),
+    }
+}
+
+/// A caller-supplied optional time as stored.
+fn opt_ts_to_sql(what: &str, ts_ms: Option<u64>) -> Result<Option<i64>> {
+    ts_ms.map(|t| ts_to_sql(what, t)).transpose()
+}
+
+/// A role column; an unknown name is corrupt.
+fn role_column(row: &Row, index: usize) -> Result<crate::model::Role> {
+    let role: &str = column(row, index)?;
+    role.parse()
+        .map_err(|e| StoreError::Backend(format!("stored role: {e}")))
 }
 
 /// A BIGINT count column that must fit a `u32`; anything else is corrupt.
