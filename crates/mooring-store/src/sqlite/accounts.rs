@@ -8,7 +8,7 @@ use super::{
     SqliteStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{SessionRecord, UserRecord};
+use crate::model::{check_text, window_open_since, SessionRecord, UserRecord};
 use crate::store::AccountStore;
 
 const USER_COLUMNS: &str = "id, email, role, scope, password_hash, password_set_sha256, \
@@ -80,11 +80,13 @@ impl SqliteStore {
     async fn find_user_by(&self, column: &'static str, value: &str) -> Result<Option<UserRecord>> {
         let value = value.to_owned();
         self.read(move |conn| {
-            conn.prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE {column} = ?1"))
-                .db()?
-                .query_row(params![value], user_from_row)
-                .optional()
-                .db()
+            conn.prepare_cached(&format!(
+                "SELECT {USER_COLUMNS} FROM users WHERE {column} = ?1"
+            ))
+            .db()?
+            .query_row(params![value], user_from_row)
+            .optional()
+            .db()
         })
         .await
     }
@@ -93,6 +95,7 @@ impl SqliteStore {
 #[async_trait::async_trait]
 impl AccountStore for SqliteStore {
     async fn create_user(&self, u: UserRecord) -> Result<()> {
+        u.check_text()?;
         let r = UserRow::new(u)?;
         self.write(move |conn| {
             let u = &r.u;
@@ -153,6 +156,7 @@ impl AccountStore for SqliteStore {
     }
 
     async fn update_user(&self, u: UserRecord) -> Result<bool> {
+        u.check_text()?;
         let r = UserRow::new(u)?;
         self.write(move |conn| {
             let u = &r.u;
@@ -195,6 +199,7 @@ impl AccountStore for SqliteStore {
     }
 
     async fn create_session(&self, s: SessionRecord, per_user_max: usize) -> Result<()> {
+        s.check_text()?;
         let created = ts_to_sql("created_at_ms", s.created_at_ms)?;
         let used = ts_to_sql("last_used_at_ms", s.last_used_at_ms)?;
         let expires = ts_to_sql("expires_at_ms", s.expires_at_ms)?;
@@ -235,7 +240,7 @@ impl AccountStore for SqliteStore {
             conn.execute(
                 "DELETE FROM user_sessions WHERE user_id = ?1 AND id_sha256 NOT IN (
                      SELECT id_sha256 FROM user_sessions WHERE user_id = ?1
-                     ORDER BY last_used_at_ms DESC, created_at_ms DESC LIMIT ?2)",
+                     ORDER BY last_used_at_ms DESC, created_at_ms DESC, id_sha256 DESC LIMIT ?2)",
                 params![s.user_id, keep],
             )
             .db()?;
@@ -278,7 +283,10 @@ impl AccountStore for SqliteStore {
         let id = id_sha256.to_owned();
         self.write(move |conn| {
             let n = conn
-                .execute("DELETE FROM user_sessions WHERE id_sha256 = ?1", params![id])
+                .execute(
+                    "DELETE FROM user_sessions WHERE id_sha256 = ?1",
+                    params![id],
+                )
                 .db()?;
             Ok(n > 0)
         })
@@ -320,8 +328,9 @@ impl AccountStore for SqliteStore {
     }
 
     async fn record_login_failure(&self, key: &str, now_ms: u64, window_ms: u64) -> Result<u32> {
+        check_text("login-failure key", key)?;
         let now = ts_to_sql("now_ms", now_ms)?;
-        let window_open_since = bound_to_sql(now_ms.saturating_sub(window_ms).saturating_add(1));
+        let window_open_since = window_open_since(now_ms, window_ms);
         let key = key.to_owned();
         self.write(move |conn| {
             let count: i64 = conn
@@ -342,7 +351,7 @@ impl AccountStore for SqliteStore {
     }
 
     async fn login_failures(&self, key: &str, now_ms: u64, window_ms: u64) -> Result<u32> {
-        let window_open_since = bound_to_sql(now_ms.saturating_sub(window_ms).saturating_add(1));
+        let window_open_since = window_open_since(now_ms, window_ms);
         let key = key.to_owned();
         self.read(move |conn| {
             let count: Option<i64> = conn

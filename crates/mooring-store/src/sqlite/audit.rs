@@ -24,17 +24,21 @@ fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRecord> {
     })
 }
 
-/// `LIKE` pattern matching strings that start with `prefix` (escape character `\`).
-pub(super) fn like_prefix(prefix: &str) -> String {
-    let mut p = String::with_capacity(prefix.len() + 1);
-    for c in prefix.chars() {
-        if matches!(c, '%' | '_' | '\\') {
-            p.push('\\');
-        }
-        p.push(c);
-    }
-    p.push('%');
-    p
+/// `column` starts with `p`, byte for byte (`LIKE` would ignore ASCII case and need escapes;
+/// `length`/`substr` on text stop at U+0000): the column's first bytes, as a blob, equal `p`'s.
+fn prefix(
+    arg: &mut impl FnMut(&mut String, &str, rusqlite::types::Value),
+    sql: &mut String,
+    column: &str,
+    p: String,
+) {
+    let p = p.into_bytes();
+    let len = i64::try_from(p.len()).unwrap_or(i64::MAX);
+    arg(
+        sql,
+        &format!(" AND substr(CAST({column} AS BLOB), 1, {len}) = ?"),
+        rusqlite::types::Value::Blob(p),
+    );
 }
 
 #[async_trait::async_trait]
@@ -84,14 +88,12 @@ impl AuditStore for SqliteStore {
                 arg(&mut sql, " AND actor = ?", actor.into());
             }
             match q.action {
-                Some(a) if a.ends_with('.') => {
-                    arg(&mut sql, " AND action LIKE ? ESCAPE '\\'", like_prefix(&a).into())
-                }
+                Some(a) if a.ends_with('.') => prefix(&mut arg, &mut sql, "action", a),
                 Some(a) => arg(&mut sql, " AND action = ?", a.into()),
                 None => {}
             }
             if let Some(t) = q.target_prefix {
-                arg(&mut sql, " AND target LIKE ? ESCAPE '\\'", like_prefix(&t).into());
+                prefix(&mut arg, &mut sql, "target", t);
             }
             if let Some(s) = q.since_ms {
                 arg(&mut sql, " AND at_ms >= ?", bound_to_sql(s).into());
@@ -100,9 +102,17 @@ impl AuditStore for SqliteStore {
                 arg(&mut sql, " AND at_ms < ?", bound_to_sql(u).into());
             }
             if let Some(b) = q.before_id {
-                arg(&mut sql, " AND id < ?", i64::try_from(b).unwrap_or(i64::MAX).into());
+                arg(
+                    &mut sql,
+                    " AND id < ?",
+                    i64::try_from(b).unwrap_or(i64::MAX).into(),
+                );
             }
-            arg(&mut sql, " ORDER BY id DESC LIMIT ?", count_to_sql(q.limit).into());
+            arg(
+                &mut sql,
+                " ORDER BY id DESC LIMIT ?",
+                count_to_sql(q.limit).into(),
+            );
             let mut stmt = conn.prepare(&sql).db()?;
             let rows = stmt
                 .query_map(params_from_iter(args), audit_from_row)

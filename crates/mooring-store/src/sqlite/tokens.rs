@@ -45,12 +45,15 @@ fn token_from_row(row: &Row<'_>) -> rusqlite::Result<TokenRecord> {
 #[async_trait::async_trait]
 impl TokenStore for SqliteStore {
     async fn create_token(&self, t: TokenRecord) -> Result<()> {
+        t.check_text()?;
         let created_at_ms = ts_to_sql("created_at_ms", t.created_at_ms)?;
         let expires_at_ms = opt_ts_to_sql("expires_at_ms", t.expires_at_ms)?;
         let last_used_at_ms = opt_ts_to_sql("last_used_at_ms", t.last_used_at_ms)?;
         self.write(move |conn| {
             let inserted = conn.execute(
-                &format!("INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                &format!(
+                    "INSERT INTO tokens ({TOKEN_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+                ),
                 params![
                     t.id,
                     t.name,
