@@ -572,6 +572,14 @@ async fn one_idempotency_key_on_two_servers_at_once_is_one_command() {
     assert_eq!(listed, created);
 }
 
+/// The conformance case on two servers: every count lands, none is lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn login_failures_counted_at_once_on_two_servers_are_all_counted() {
+    let db = TestDb::create().await;
+    let (a, b) = (db.store().await, db.store().await);
+    mooring_store::conformance::login_failures_counted_at_once_are_all_counted(&a, &b).await;
+}
+
 #[tokio::test]
 async fn deleting_a_device_removes_its_telemetry_from_every_partition() {
     let db = TestDb::create().await;

@@ -4,9 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mooring_store::{
-    AppendOutcome, DeviceStore, MetricValue, NewDevice, SqliteStore, Store, StoreError,
-    TelemetryQuery, TelemetryRecord, TelemetryStore, TokenRecord, Role, TokenStore,
-    DB_FILE_NAME,
+    AppendOutcome, DeviceStore, MetricValue, NewDevice, Role, SqliteStore, Store, StoreError,
+    TelemetryQuery, TelemetryRecord, TelemetryStore, TokenRecord, TokenStore, DB_FILE_NAME,
 };
 use std::os::unix::fs::PermissionsExt;
 
@@ -55,6 +54,9 @@ async fn reopening_the_data_dir_keeps_data_and_dedupe_and_migrations_are_idempot
                 role: Role::Service,
                 token_sha256: "h".into(),
                 created_at_ms: 3,
+                scope: None,
+                expires_at_ms: None,
+                last_used_at_ms: None,
             })
             .await
             .expect("token");

@@ -16,9 +16,11 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
+mod accounts;
+mod audit;
 mod broker_state;
 mod cluster;
 mod commands;
@@ -28,6 +30,8 @@ mod telemetry;
 mod tokens;
 mod writer;
 
+pub use accounts::*;
+pub use audit::*;
 pub use broker_state::*;
 pub use cluster::*;
 pub use commands::*;
@@ -43,9 +47,9 @@ use std::sync::Arc;
 use crate::{
     run_retention_pass, AppendOutcome, BrokerOp, BrokerState, BrokerStateWriter, CommandOutcome,
     CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, DeviceStore,
-    MetricValue, NewDevice, Point, ShadowRecord, Store, StoreError, StoredSession, TelemetryQuery,
-    TelemetryRecord, TelemetryStore, TelemetryWriter, TelemetryWriterConfig, TokenRecord,
-    Role, TokenStore, TS_MS_MAX,
+    MetricValue, NewDevice, Point, Role, ShadowRecord, Store, StoreError, StoredSession,
+    TelemetryQuery, TelemetryRecord, TelemetryStore, TelemetryWriter, TelemetryWriterConfig,
+    TokenRecord, TokenStore, TS_MS_MAX,
 };
 
 /// Expands to one `#[tokio::test]` per conformance case. See the [module docs](crate::conformance).
@@ -54,6 +58,7 @@ macro_rules! conformance_tests {
     ($factory:expr) => {
         $crate::conformance_device_token_tests!($factory);
         $crate::conformance_cluster_tests!($factory);
+        $crate::conformance_account_audit_tests!($factory);
         $crate::conformance_tests!(@by_ref $factory;
             device_delete_removes_device_telemetry_latest_and_dedupe_keys,
             telemetry_append_then_query_round_trips,
@@ -129,6 +134,10 @@ macro_rules! conformance_device_token_tests {
             device_last_seen_keeps_the_maximum_and_skips_unknown_ids,
             token_create_find_list_delete,
             token_duplicate_id_or_secret_is_already_exists,
+            token_scope_expiry_and_last_use_round_trip,
+            token_touch_keeps_the_latest_use,
+            token_list_pages_by_id,
+            token_text_with_nul_is_invalid_input,
         );
     };
 }
@@ -144,6 +153,42 @@ macro_rules! conformance_cluster_tests {
             cluster_sessions_follow_open_close_and_node_liveness,
             cluster_value_is_created_once,
         );
+    };
+}
+
+/// Expands to one `#[tokio::test]` per [`AccountStore`](crate::AccountStore) and
+/// [`AuditStore`](crate::AuditStore) case; the factory returns `(Arc<S>, guard)` with
+/// `S: AccountStore + AuditStore`. Part of the full suite. A backend for several servers also
+/// runs [`login_failures_counted_at_once_are_all_counted`] with two stores on one database.
+#[macro_export]
+macro_rules! conformance_account_audit_tests {
+    ($factory:expr) => {
+        $crate::conformance_tests!(@by_ref $factory;
+            user_create_then_find_by_each_key,
+            user_unique_keys_are_already_exists,
+            user_update_replaces_the_row_and_refuses_a_taken_key,
+            user_list_pages_by_email,
+            user_delete_removes_its_sessions,
+            user_text_with_nul_is_invalid_input,
+            session_create_find_touch_delete,
+            session_for_a_missing_user_is_not_found,
+            session_cap_keeps_the_most_recently_used,
+            session_expiry_by_idle_time_and_absolute_deadline_in_chunks,
+            login_failures_count_within_a_fixed_window,
+            login_failures_clear_and_prune,
+            audit_append_assigns_increasing_ids_listed_newest_first,
+            audit_filters_by_actor_action_target_and_time,
+            audit_target_and_action_prefixes_match_literally,
+            audit_cursor_pages_through_everything_once,
+            audit_prune_deletes_old_entries_in_chunks,
+            audit_text_round_trips_exactly,
+        );
+        #[tokio::test]
+        async fn login_failures_counted_at_once_are_all_counted() {
+            let (store, _guard) = ($factory)().await;
+            $crate::conformance::login_failures_counted_at_once_are_all_counted(&*store, &*store)
+                .await;
+        }
     };
 }
 
@@ -220,5 +265,8 @@ fn token(id: &str, role: Role) -> TokenRecord {
         role,
         token_sha256: format!("hash-{id}"),
         created_at_ms: 1_700_000_000_000,
+        scope: None,
+        expires_at_ms: None,
+        last_used_at_ms: None,
     }
 }
