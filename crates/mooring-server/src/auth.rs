@@ -43,6 +43,9 @@ pub async fn create_token(
         role,
         token_sha256: token_sha256(&secret),
         created_at_ms: now_ms,
+        scope: None,
+        expires_at_ms: None,
+        last_used_at_ms: None,
     };
     store
         .create_token(record.clone())
