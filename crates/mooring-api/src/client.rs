@@ -2,10 +2,11 @@
 //! and out, every failure an [`Error`] that says what the server answered.
 
 use crate::{
-    AnyCommand, Command, CommandList, CommandListParams, CreateCommand, CreateDevice,
-    CreateFleetCommand, CreateToken, CreatedDevice, CreatedToken, Device, DeviceList, ErrorBody,
-    FleetCommand, LatestMetrics, ListDevicesParams, Shadow, ShadowPatch, TelemetryParams,
-    TelemetryPoints, WaitParams,
+    AnyCommand, AuditList, AuditParams, Command, CommandList, CommandListParams, CreateCommand,
+    CreateDevice, CreateFleetCommand, CreateToken, CreateUser, CreatedDevice, CreatedToken,
+    CreatedUser, Device, DeviceList, ErrorBody, FleetCommand, LatestMetrics, ListDevicesParams, Me,
+    PageParams, PasswordLink, Shadow, ShadowPatch, TelemetryParams, TelemetryPoints, TokenList,
+    UpdateUser, User, UserList, WaitParams,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -319,6 +320,70 @@ impl Client {
     pub async fn create_token(&self, req: &CreateToken) -> Result<CreatedToken> {
         let url = self.url(&["api", "v1", "tokens"], None::<&()>)?;
         Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/tokens`: one page.
+    pub async fn list_tokens(&self, params: &PageParams) -> Result<TokenList> {
+        self.get(self.url(&["api", "v1", "tokens"], Some(params))?)
+            .await
+    }
+
+    /// `DELETE /api/v1/tokens/{id}`: revokes a token.
+    pub async fn revoke_token(&self, id: &str) -> Result<()> {
+        let url = self.url(&["api", "v1", "tokens", id], None::<&()>)?;
+        self.send(Method::DELETE, url, None::<&()>, &[], None)
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /api/v1/tokens/rotate-admin`.
+    pub async fn rotate_admin_token(&self) -> Result<CreatedToken> {
+        let url = self.url(&["api", "v1", "tokens", "rotate-admin"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
+    }
+
+    /// `GET /api/v1/auth/me`.
+    pub async fn me(&self) -> Result<Me> {
+        self.get(self.url(&["api", "v1", "auth", "me"], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/users`.
+    pub async fn create_user(&self, req: &CreateUser) -> Result<CreatedUser> {
+        let url = self.url(&["api", "v1", "users"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/users`: one page.
+    pub async fn list_users(&self, params: &PageParams) -> Result<UserList> {
+        self.get(self.url(&["api", "v1", "users"], Some(params))?)
+            .await
+    }
+
+    /// `PATCH /api/v1/users/{id or email}`.
+    pub async fn update_user(&self, user: &str, req: &UpdateUser) -> Result<User> {
+        let url = self.url(&["api", "v1", "users", user], None::<&()>)?;
+        Ok(self.json(Method::PATCH, url, Some(req), None).await?.1)
+    }
+
+    /// `DELETE /api/v1/users/{id or email}`.
+    pub async fn delete_user(&self, user: &str) -> Result<()> {
+        let url = self.url(&["api", "v1", "users", user], None::<&()>)?;
+        self.send(Method::DELETE, url, None::<&()>, &[], None)
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /api/v1/users/{id or email}/password-link`.
+    pub async fn password_link(&self, user: &str) -> Result<PasswordLink> {
+        let url = self.url(&["api", "v1", "users", user, "password-link"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
+    }
+
+    /// `GET /api/v1/audit`: one page, newest first.
+    pub async fn audit(&self, params: &AuditParams) -> Result<AuditList> {
+        self.get(self.url(&["api", "v1", "audit"], Some(params))?)
+            .await
     }
 
     /// `POST /api/v1/devices/{id}/commands[?wait_ms=]`: `(created, command)`; `created` is

@@ -14,6 +14,7 @@
 //! Device ids travel as strings: the server validates them (and answers a stable error code), a
 //! client need not parse them first.
 
+mod accounts;
 mod commands;
 mod devices;
 mod error;
@@ -24,6 +25,10 @@ mod tokens;
 #[cfg(feature = "client")]
 mod client;
 
+pub use accounts::{
+    AuditEntry, AuditList, AuditParams, CreateUser, CreatedUser, LoginRequest, LoginResponse, Me,
+    PasswordLink, SetPassword, UpdateUser, User, UserList,
+};
 pub use commands::{
     AnyCommand, Command, CommandList, CommandListParams, CommandResultBody, CreateCommand,
     CreateFleetCommand, FleetCommand, HistoryEntry, WaitParams,
@@ -32,7 +37,7 @@ pub use devices::{CreateDevice, CreatedDevice, Device, DeviceList, ListDevicesPa
 pub use error::{ErrorBody, ErrorDetail};
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
-pub use tokens::{CreateToken, CreatedToken};
+pub use tokens::{CreateToken, CreatedToken, PageParams, TokenInfo, TokenList};
 
 #[cfg(feature = "client")]
 pub use client::{Client, ClientBuilder, Error};

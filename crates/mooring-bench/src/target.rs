@@ -571,6 +571,8 @@ impl Target {
                         let req = mooring_api::CreateToken {
                             name: BACKEND_CLIENT_ID.to_owned(),
                             role: "service".to_owned(),
+                            scope: None,
+                            expires_in_ms: None,
                         };
                         let t = m.api()?.create_token(&req).await?.token;
                         m.service_token = Some(t.clone());

@@ -5,6 +5,8 @@
 //! HTTP handlers, MQTT hooks, the CLI and the simulator never touch the storage underneath.
 //! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`.
 
+use crate::accounts::Accounts;
+use crate::audit::Audit;
 use crate::auth::Tokens;
 use crate::cluster::Cluster;
 use crate::commands::Commands;
@@ -70,6 +72,10 @@ pub struct App {
     pub presence: Arc<Presence>,
     /// API and service tokens.
     pub tokens: Tokens,
+    /// People: users, logins, sessions.
+    pub accounts: Accounts,
+    /// The audit log.
+    pub audit: Audit,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
 }
@@ -103,6 +109,8 @@ impl App {
             commands: Arc::new(Commands::new(core.clone(), registry.clone())),
             shadows: Shadows::new(core.clone(), registry.clone()),
             tokens: Tokens::new(core.clone()),
+            accounts: Accounts::new(core.clone()),
+            audit: Audit::new(core.clone()),
             registry,
             presence,
             broker_state,

@@ -56,6 +56,7 @@ const SUBJECT_SESSION: &str = "cluster.session";
 const SUBJECT_KICK: &str = "cluster.kick";
 const SUBJECT_FINAL: &str = "cluster.final";
 const SUBJECT_DEVICE: &str = "cluster.device";
+const SUBJECT_TOKEN: &str = "cluster.token";
 const SUBJECT_MQTT: &str = "cluster.mqtt";
 const SUBJECT_RELEASED: &str = "cluster.released";
 
@@ -96,6 +97,7 @@ struct Outbox {
     kicks: BTreeMap<String, bool>,
     finals: Vec<(String, String)>,
     devices: BTreeSet<String>,
+    tokens: BTreeSet<String>,
     released: Vec<String>,
     mqtt: Vec<Vec<u8>>,
     items: usize,
@@ -343,6 +345,13 @@ impl Cluster {
         });
     }
 
+    /// A token was revoked: other nodes close its MQTT sessions (once the store says it is gone).
+    pub(crate) fn token_revoked(&self, token_id: &str) {
+        self.push(token_id.len(), |o| {
+            o.tokens.insert(token_id.to_owned());
+        });
+    }
+
     /// A message the local broker accepted, for the other nodes' brokers.
     pub(crate) fn forward(&self, forwarded: Vec<u8>) {
         self.push(forwarded.len(), |o| o.mqtt.push(forwarded));
@@ -504,6 +513,10 @@ impl Cluster {
         }
         if !o.released.is_empty() {
             self.send_json(SUBJECT_RELEASED, &o.released).await;
+        }
+        if !o.tokens.is_empty() {
+            let tokens: Vec<String> = o.tokens.into_iter().collect();
+            self.send_json(SUBJECT_TOKEN, &tokens).await;
         }
         let mut body: Vec<u8> = Vec::new();
         for m in o.mqtt {
@@ -733,6 +746,17 @@ fn handle(
                 tokio::spawn(async move {
                     for device in list {
                         app.registry.refresh_device(&device).await;
+                    }
+                });
+            }
+            Err(e) => bad(e),
+        },
+        SUBJECT_TOKEN => match serde_json::from_slice::<Vec<String>>(body) {
+            Ok(list) => {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    for token in list {
+                        app.tokens.on_revoked_elsewhere(&token).await;
                     }
                 });
             }

@@ -42,6 +42,73 @@ pub struct ServerConfig {
     pub bus: BusUrlConfig,
     /// How the nodes sharing one store coordinate.
     pub cluster: ClusterConfig,
+    /// People's logins: sessions, throttling, password links (issue 14).
+    pub auth: AuthConfig,
+    /// The audit log of every write through the API.
+    pub audit: AuditConfig,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A login session unused this long ends.
+    pub session_idle_ms: u64,
+    /// A login session ends this long after the login, used or not.
+    pub session_absolute_ms: u64,
+    /// Most sessions one user holds; a new login beyond it ends the least recently used one.
+    pub sessions_per_user_max: usize,
+    /// Failed logins of one account within `login_window_ms` after which its logins are
+    /// refused (`429`) until the window ends.
+    pub login_failures_per_account_max: u32,
+    /// Failed logins from one source address within `login_window_ms` after which logins from
+    /// it are refused until the window ends.
+    pub login_failures_per_address_max: u32,
+    pub login_window_ms: u64,
+    /// How long a password-set link (from `mooring user create`) stays valid.
+    pub password_link_ttl_ms: u64,
+    /// The URL people reach this server's web UI and API at, for password-set links
+    /// (default: from `http_addr` and whether the API uses TLS).
+    pub public_url: Option<String>,
+    /// Take the client address from the last `X-Forwarded-For` entry (set it only behind a
+    /// load balancer that appends it): login throttling and the audit log use that address.
+    pub trust_forwarded_for: bool,
+    /// Browser origins (e.g. `https://fleet.example.com`) allowed to call the API with
+    /// credentials (CORS). Empty: same origin only.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            session_idle_ms: 8 * 3_600_000,
+            session_absolute_ms: 7 * 24 * 3_600_000,
+            sessions_per_user_max: 20,
+            login_failures_per_account_max: 5,
+            login_failures_per_address_max: 50,
+            login_window_ms: 15 * 60_000,
+            password_link_ttl_ms: 72 * 3_600_000,
+            public_url: None,
+            trust_forwarded_for: false,
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Entries older than this are deleted.
+    pub retention_days: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            retention_days: 365,
+        }
+    }
 }
 
 /// `[store]`.
@@ -266,6 +333,8 @@ impl Default for ServerConfig {
             store: StoreConfig::default(),
             bus: BusUrlConfig::default(),
             cluster: ClusterConfig::default(),
+            auth: AuthConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -348,6 +417,48 @@ impl ServerConfig {
     }
 
     /// Checks everything that can be checked before binding anything.
+    fn validate_auth(&self) -> anyhow::Result<()> {
+        let a = &self.auth;
+        if a.session_idle_ms == 0
+            || a.session_absolute_ms == 0
+            || a.sessions_per_user_max == 0
+            || a.login_failures_per_account_max == 0
+            || a.login_failures_per_address_max == 0
+            || a.login_window_ms == 0
+            || a.password_link_ttl_ms == 0
+        {
+            bail!("auth.session_idle_ms, session_absolute_ms, sessions_per_user_max, login_failures_per_account_max, login_failures_per_address_max, login_window_ms and password_link_ttl_ms must be at least 1");
+        }
+        if let Some(url) = &a.public_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("auth.public_url {url:?} must start with http:// or https://");
+            }
+        }
+        for origin in &a.cors_origins {
+            let ok = (origin.starts_with("http://") || origin.starts_with("https://"))
+                && !origin.ends_with('/')
+                && axum::http::HeaderValue::from_str(origin).is_ok();
+            if !ok {
+                bail!("auth.cors_origins entry {origin:?} must be an origin like https://fleet.example.com (scheme and host, no path or trailing slash)");
+            }
+        }
+        if self.audit.retention_days == 0 {
+            bail!("audit.retention_days must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The URL password-set links start with.
+    pub fn public_url(&self) -> String {
+        match &self.auth.public_url {
+            Some(u) => u.trim_end_matches('/').to_owned(),
+            None => {
+                let scheme = if self.http_tls { "https" } else { "http" };
+                format!("{scheme}://{}", self.http_addr)
+            }
+        }
+    }
+
     pub fn validate(&self) -> anyhow::Result<()> {
         if let Some(dev) = self.mqtt_dev_addr {
             if !dev.ip().is_loopback() {
@@ -365,6 +476,7 @@ impl ServerConfig {
                 self.node_id
             );
         }
+        self.validate_auth()?;
         if self.telemetry.retention_days == 0 {
             bail!("telemetry.retention_days must be at least 1");
         }

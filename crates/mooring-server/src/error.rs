@@ -22,6 +22,8 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// The request body is not in a media type the call accepts (e.g. no JSON content type).
     UnsupportedMediaType,
+    /// The caller is throttled (e.g. too many failed logins); retry later.
+    TooManyRequests,
     Internal,
 }
 
@@ -39,6 +41,7 @@ impl ErrorKind {
             ErrorKind::RequestTimeout => 408,
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::UnsupportedMediaType => 415,
+            ErrorKind::TooManyRequests => 429,
             ErrorKind::Internal => 500,
         }
     }

@@ -186,6 +186,13 @@ impl Hooks for ServerHooks {
             .and_then(|p| std::str::from_utf8(p).ok())
             .unwrap_or("");
         match app.tokens.verify(token).await {
+            Some(t) if t.role == Role::Service && t.scope.is_some() => {
+                // The topic policy is not scope-aware: a scoped token would read beyond its
+                // scope over MQTT, so it may use the API only.
+                Counters::inc(&app.counters().connects_refused);
+                tracing::info!(service = %t.name, "refused: a scoped token cannot use MQTT");
+                Err(ConnectRefusal::NotAuthorized)
+            }
             Some(t) if t.role == Role::Service => {
                 let client_id = if req.client_id.is_empty() {
                     Self::generated_client_id("svc")
@@ -209,6 +216,10 @@ impl Hooks for ServerHooks {
                         tracing::error!(error = %e, "device lookup failed");
                         return Err(ConnectRefusal::ServerUnavailable);
                     }
+                }
+                if let Some(expires_at_ms) = t.expires_at_ms {
+                    // The token's sessions end when it does.
+                    app.tokens.watch_expiry(&t.id, expires_at_ms);
                 }
                 let principal = Principal::Service {
                     id: t.id,

@@ -30,7 +30,10 @@
 //! tasks in a `TaskTracker`; shutdown stops accepting, closes sessions, flushes presence and
 //! drains the writer.
 
+pub mod access;
+pub mod accounts;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod broker_state;
 pub mod cluster;

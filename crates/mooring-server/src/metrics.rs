@@ -55,6 +55,12 @@ pub struct Counters {
     pub http_body_too_large: AtomicU64,
     /// HTTP requests answered 401: no valid token.
     pub http_unauthorized: AtomicU64,
+    /// HTTP requests answered 403 (role lacks the permission, CSRF token missing, scope).
+    pub http_forbidden: AtomicU64,
+    /// HTTP requests answered 429 (login throttling).
+    pub http_throttled: AtomicU64,
+    /// Audit log entries that could not be stored (logged as errors).
+    pub audit_write_failures: AtomicU64,
     /// HTTP connections that waited for a slot (`[http] connections_max` reached).
     pub http_connection_cap: AtomicU64,
     /// HTTPS handshakes that failed or timed out.
@@ -394,6 +400,11 @@ pub fn render_metrics(app: &App) -> String {
         load(&c.connects_refused),
     )
     .counter(
+        "mooring_audit_write_failures_total",
+        "Audit log entries that could not be stored",
+        load(&c.audit_write_failures),
+    )
+    .counter(
         "mooring_tls_handshake_failures_total",
         "TLS handshakes that failed or timed out",
         load(&c.tls_handshake_failures),
@@ -407,6 +418,8 @@ pub fn render_metrics(app: &App) -> String {
             ("body_timeout", load(&c.http_body_timeouts)),
             ("body_too_large", load(&c.http_body_too_large)),
             ("unauthorized", load(&c.http_unauthorized)),
+            ("forbidden", load(&c.http_forbidden)),
+            ("throttled", load(&c.http_throttled)),
             ("connection_cap", load(&c.http_connection_cap)),
             ("tls_handshake", load(&c.http_tls_handshake_failures)),
         ],

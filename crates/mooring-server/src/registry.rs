@@ -7,6 +7,7 @@
 //! anything is stored; a tag change is stored and handed to the broker in one step; a deleted
 //! device's certificate is refused from then on (the hooks look the pin up here).
 
+use crate::access::Access;
 use crate::app::Core;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::pki::{IssuedCert, Pki};
@@ -123,11 +124,15 @@ impl Registry {
     /// never stored.
     pub async fn create_device(
         &self,
+        access: &Access,
         id: &str,
         tags: BTreeMap<String, String>,
     ) -> ServiceResult<(DeviceRecord, IssuedCert)> {
         let id = Self::parse_id(id)?;
         validate_tags(&tags)?;
+        if !access.sees_facts(id.as_str(), &tags) {
+            return Err(outside_scope(id.as_str()));
+        }
         if self.core.store.get_device(id.as_str()).await?.is_some() {
             return Err(ServiceError::new(
                 ErrorKind::AlreadyExists,
@@ -229,13 +234,16 @@ impl Registry {
         }
     }
 
-    pub async fn get_device(&self, id: &str) -> ServiceResult<DeviceView> {
+    /// The device, if it exists and `access` reaches it (else `device_not_found`, the same
+    /// answer either way, so a scoped caller cannot learn what exists outside its scope).
+    pub async fn get_device(&self, access: &Access, id: &str) -> ServiceResult<DeviceView> {
         let id = Self::parse_id(id)?;
         let record = self
             .core
             .store
             .get_device(id.as_str())
             .await?
+            .filter(|r| access.sees(r))
             .ok_or_else(|| device_not_found(id.as_str()))?;
         self.view(record).await
     }
@@ -259,10 +267,14 @@ impl Registry {
     /// One page of devices ordered by id; the cursor is the last id of the previous page.
     pub async fn list_devices(
         &self,
+        access: &Access,
         limit: Option<usize>,
         cursor: Option<&str>,
     ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
         let limit = Self::device_page(limit, cursor)?;
+        if let Some(scope) = access.scope() {
+            return self.select_devices(scope, cursor, limit).await;
+        }
         let records = self.core.store.list_devices(limit, cursor).await?;
         let next = if records.len() == limit {
             records.last().map(|r| r.id.to_string())
@@ -346,12 +358,17 @@ impl Registry {
     /// Replaces a device's tags.
     pub async fn set_tags(
         &self,
+        access: &Access,
         id: &str,
         tags: BTreeMap<String, String>,
     ) -> ServiceResult<DeviceView> {
         let id = Self::parse_id(id)?;
         validate_tags(&tags)?;
         let _serialized = self.tags_lock.lock().await;
+        self.get_device(access, id.as_str()).await?;
+        if !access.sees_facts(id.as_str(), &tags) {
+            return Err(outside_scope(id.as_str()));
+        }
         self.core
             .store
             .set_tags(id.as_str(), tags.clone())
@@ -374,26 +391,29 @@ impl Registry {
         if let Some(cluster) = self.core.cluster() {
             cluster.device_changed(id.as_str());
         }
-        self.get_device(id.as_str()).await
+        self.get_device(access, id.as_str()).await
     }
 
-    /// One page of the devices matching a selector.
+    /// One page of the devices matching a selector (within `access`).
     pub async fn list_selected_devices(
         &self,
+        access: &Access,
         selector: &str,
         limit: Option<usize>,
         cursor: Option<&str>,
     ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
         let sel = crate::commands::parse_selector(selector)?;
         let limit = Self::device_page(limit, cursor)?;
+        let sel = access.narrow(Some(sel)).unwrap_or(sel_all());
         self.select_devices(&sel, cursor, limit).await
     }
 
     /// Deletes a device: its certificate is refused from now on, a live session is closed, and
     /// its persisted sessions and retained messages (its own and everything under
     /// `devices/<id>/`) are removed, so an id created again starts with nothing.
-    pub async fn delete_device(&self, id: &str) -> ServiceResult<()> {
+    pub async fn delete_device(&self, access: &Access, id: &str) -> ServiceResult<()> {
         let id = Self::parse_id(id)?;
+        self.get_device(access, id.as_str()).await?;
         if !self.core.store.delete_device(id.as_str()).await? {
             return Err(device_not_found(id.as_str()));
         }
@@ -420,6 +440,19 @@ pub fn reported_version(s: &mooring_store::ShadowRecord) -> Option<String> {
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
+}
+
+/// A selector with no terms: every device.
+fn sel_all() -> Selector {
+    Selector { terms: Vec::new() }
+}
+
+fn outside_scope(id: &str) -> ServiceError {
+    ServiceError::new(
+        ErrorKind::Forbidden,
+        "outside_scope",
+        format!("device {id} with these tags would be outside your scope"),
+    )
 }
 
 fn device_not_found(id: &str) -> ServiceError {

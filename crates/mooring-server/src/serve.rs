@@ -285,13 +285,17 @@ impl RunningServer {
 
     /// The start itself, on an open store; `shared`: a cluster node's bus and key.
     async fn start_on(
-        config: ServerConfig,
+        mut config: ServerConfig,
         listeners: Listeners,
         clock: Arc<dyn Clock>,
         store: Arc<dyn Store>,
         shared: Option<SharedParts>,
     ) -> anyhow::Result<RunningServer> {
         let _ = rustls::crypto::ring::default_provider().install_default();
+        // The address actually bound (port 0 picks one), for links the server hands out.
+        if let Ok(addr) = listeners.http.local_addr() {
+            config.http_addr = addr;
+        }
         let now =
             time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(clock.now_ms()) * 1_000_000)
                 .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
@@ -444,6 +448,7 @@ impl RunningServer {
         ));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
+        tasks.spawn(token_expiry_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(compaction_loop(app.clone(), stop_rx.clone()));
 
         Ok(RunningServer {
@@ -682,11 +687,11 @@ async fn serve_http(
             let _permit = permit;
             let c = app.counters();
             match tls {
-                None => serve_http_connection(&http1, tcp, router, stop, c).await,
+                None => serve_http_connection(&http1, tcp, router, peer, stop, c).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
-                            serve_http_connection(&http1, stream, router, stop, c).await
+                            serve_http_connection(&http1, stream, router, peer, stop, c).await
                         }
                         Ok(Err(e)) => {
                             Counters::inc(&c.http_tls_handshake_failures);
@@ -710,12 +715,22 @@ async fn serve_http_connection<I>(
     http1: &hyper::server::conn::http1::Builder,
     io: I,
     router: axum::Router,
+    peer: std::net::SocketAddr,
     mut stop: watch::Receiver<bool>,
     counters: &Counters,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper_util::service::TowerToHyperService::new(router);
+    // The peer's address for the handlers (login throttling, the audit log).
+    let service = tower::ServiceExt::map_request(
+        router,
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            req
+        },
+    );
+    let service = hyper_util::service::TowerToHyperService::new(service);
     let conn = http1.serve_connection(hyper_util::rt::TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -808,6 +823,24 @@ async fn retention_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
             Ok(n) => tracing::info!(rows = n, "telemetry retention removed old points"),
             Err(e) => tracing::warn!(error = %e, "telemetry retention pass failed"),
         }
+        match app.audit.prune().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "audit retention removed old entries"),
+            Err(e) => tracing::warn!(error = %e, "audit retention pass failed"),
+        }
+        match app.accounts.prune().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(rows = n, "ended sessions and old login failures removed"),
+            Err(e) => tracing::warn!(error = %e, "session pruning failed"),
+        }
+    })
+    .await;
+}
+
+/// Closes the MQTT sessions of tokens as they expire (every second).
+async fn token_expiry_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
+    run_every(Duration::from_secs(1), stop, || async {
+        app.tokens.expire_due();
     })
     .await;
 }

@@ -8,6 +8,7 @@
 //! retained deltas of every out-of-sync shadow are published again (retained messages live in the
 //! broker's memory).
 
+use crate::access::Access;
 use crate::app::Core;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Counters;
@@ -80,8 +81,8 @@ impl Shadows {
             .unwrap_or_else(|| ShadowRecord::empty(device_id.clone())))
     }
 
-    pub async fn get(&self, id: &str) -> ServiceResult<ShadowView> {
-        let device = self.registry.get_device(id).await?;
+    pub async fn get(&self, access: &Access, id: &str) -> ServiceResult<ShadowView> {
+        let device = self.registry.get_device(access, id).await?;
         Ok(self.load_shadow(&device.record.id).await?.into())
     }
 
@@ -89,11 +90,12 @@ impl Shadows {
     /// still at that version (`412 version_mismatch` otherwise).
     pub async fn patch_desired(
         &self,
+        access: &Access,
         id: &str,
         patch: Value,
         if_match: Option<u64>,
     ) -> ServiceResult<ShadowView> {
-        let device = self.registry.get_device(id).await?;
+        let device = self.registry.get_device(access, id).await?;
         let Value::Object(patch) = patch else {
             return Err(ServiceError::invalid(
                 "invalid_shadow",

@@ -6,6 +6,7 @@
 //! compaction pass compresses closed windows in short transactions, bounded per pass, so
 //! ingest never waits behind it either.
 
+use crate::access::Access;
 use crate::app::Core;
 use crate::error::{ServiceError, ServiceResult};
 use crate::metrics::Counters;
@@ -113,13 +114,14 @@ impl Telemetry {
 
     pub async fn query(
         &self,
+        access: &Access,
         id: &str,
         metric: Option<String>,
         from_ms: Option<u64>,
         to_ms: Option<u64>,
         limit: Option<usize>,
     ) -> ServiceResult<Vec<Point>> {
-        let view = self.registry.get_device(id).await?;
+        let view = self.registry.get_device(access, id).await?;
         let limit = limit.unwrap_or(TELEMETRY_QUERY_LEN_DEFAULT);
         if limit == 0 || limit > TELEMETRY_QUERY_LEN_MAX {
             return Err(ServiceError::invalid(
@@ -151,9 +153,10 @@ impl Telemetry {
 
     pub async fn latest(
         &self,
+        access: &Access,
         id: &str,
     ) -> ServiceResult<BTreeMap<String, (u64, mooring_store::MetricValue)>> {
-        let view = self.registry.get_device(id).await?;
+        let view = self.registry.get_device(access, id).await?;
         Ok(self.core.store.latest(&view.record.id).await?)
     }
 

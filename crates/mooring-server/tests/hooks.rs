@@ -101,7 +101,12 @@ async fn connect_is_decided_by_the_pinned_certificate_the_client_id_and_service_
     // wrong secrets are refused.
     let (_, secret) = app
         .tokens
-        .create("pipeline", Role::Service)
+        .create(mooring_server::auth::NewToken {
+            name: "pipeline".into(),
+            role: Role::Service,
+            scope: None,
+            expires_in_ms: None,
+        })
         .await
         .expect("token");
     let anon = tls(None);
@@ -115,7 +120,16 @@ async fn connect_is_decided_by_the_pinned_certificate_the_client_id_and_service_
             .err(),
         Some(ConnectRefusal::BadClientId)
     );
-    let (_, admin) = app.tokens.create("ops", Role::Admin).await.expect("token");
+    let (_, admin) = app
+        .tokens
+        .create(mooring_server::auth::NewToken {
+            name: "ops".into(),
+            role: Role::Admin,
+            scope: None,
+            expires_in_ms: None,
+        })
+        .await
+        .expect("token");
     assert_eq!(
         connect(&hooks, &anon, "ops-1", Some(admin.as_bytes()))
             .await
@@ -166,7 +180,13 @@ async fn publishes_are_routed_to_telemetry_commands_and_shadow_and_presence_foll
     };
 
     hooks.on_connected("lock-1", &device);
-    assert!(app.registry.get_device("lock-1").await.expect("get").online);
+    assert!(
+        app.registry
+            .get_device(&mooring_server::access::Access::all(), "lock-1")
+            .await
+            .expect("get")
+            .online
+    );
 
     // Telemetry on its own topic is stored before the verdict; garbage is refused with 0x99.
     let now = app.now_ms();
@@ -176,7 +196,11 @@ async fn publishes_are_routed_to_telemetry_commands_and_shadow_and_presence_foll
         hooks.on_publish(&device, "lock-1", &msg).await,
         PublishVerdict::Accept
     );
-    let latest = app.telemetry.latest("lock-1").await.expect("latest");
+    let latest = app
+        .telemetry
+        .latest(&mooring_server::access::Access::all(), "lock-1")
+        .await
+        .expect("latest");
     assert_eq!(latest.get("temp").map(|(ts, _)| *ts), Some(now));
     let bad = Message::new("devices/lock-1/telemetry", &b"{not json"[..], 1, false);
     assert_eq!(
@@ -188,6 +212,7 @@ async fn publishes_are_routed_to_telemetry_commands_and_shadow_and_presence_foll
     let (_, cmd) = app
         .commands
         .create_command(
+            &mooring_server::access::Access::all(),
             "lock-1",
             NewCommand {
                 name: "unlock".into(),
@@ -213,7 +238,12 @@ async fn publishes_are_routed_to_telemetry_commands_and_shadow_and_presence_foll
     );
     let done = app
         .commands
-        .get_command("lock-1", &cmd.id, None)
+        .get_command(
+            &mooring_server::access::Access::all(),
+            "lock-1",
+            &cmd.id,
+            None,
+        )
         .await
         .expect("get");
     assert_eq!(done.state, CommandState::Succeeded, "{done:?}");
@@ -229,7 +259,11 @@ async fn publishes_are_routed_to_telemetry_commands_and_shadow_and_presence_foll
         hooks.on_publish(&device, "lock-1", &reported).await,
         PublishVerdict::Accept
     );
-    let shadow = app.shadows.get("lock-1").await.expect("shadow");
+    let shadow = app
+        .shadows
+        .get(&mooring_server::access::Access::all(), "lock-1")
+        .await
+        .expect("shadow");
     assert_eq!(shadow.reported.get("fw"), Some(&json!("1.4.0")));
     let not_object = Message::new("devices/lock-1/shadow/reported", &b"[1]"[..], 1, false);
     assert_eq!(
@@ -238,7 +272,13 @@ async fn publishes_are_routed_to_telemetry_commands_and_shadow_and_presence_foll
     );
 
     hooks.on_disconnected("lock-1", &device);
-    assert!(!app.registry.get_device("lock-1").await.expect("get").online);
+    assert!(
+        !app.registry
+            .get_device(&mooring_server::access::Access::all(), "lock-1")
+            .await
+            .expect("get")
+            .online
+    );
     drop(app);
     server.shutdown().await;
 }

@@ -45,7 +45,11 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
         .create_device_pinned("lock-1", tags, cert("lock-1"))
         .await
         .expect("create");
-    let view = app.registry.get_device("lock-1").await.expect("get");
+    let view = app
+        .registry
+        .get_device(&mooring_server::access::Access::all(), "lock-1")
+        .await
+        .expect("get");
     assert!(!view.online);
     assert_eq!(
         view.record.tags.get("site").map(String::as_str),
@@ -72,13 +76,18 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
         app.telemetry.ingest(&lock1(), b"not json", now).await,
         Ingest::Invalid(_)
     ));
-    let latest = app.telemetry.latest("lock-1").await.expect("latest");
+    let latest = app
+        .telemetry
+        .latest(&mooring_server::access::Access::all(), "lock-1")
+        .await
+        .expect("latest");
     assert_eq!(latest.get("temp").map(|(ts, _)| *ts), Some(now));
 
     // Commands: queued for an offline device, cancelled, and a cancelled one cannot be again.
     let (_, cmd) = app
         .commands
         .create_command(
+            &mooring_server::access::Access::all(),
             "lock-1",
             NewCommand {
                 name: "unlock".into(),
@@ -95,19 +104,24 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
     assert_eq!(cmd.state, CommandState::Queued);
     let canceled = app
         .commands
-        .cancel_command("lock-1", &cmd.id)
+        .cancel_command(&mooring_server::access::Access::all(), "lock-1", &cmd.id)
         .await
         .expect("cancel");
     assert_eq!(canceled.state, CommandState::Canceled);
     let again = app
         .commands
-        .cancel_command("lock-1", &cmd.id)
+        .cancel_command(&mooring_server::access::Access::all(), "lock-1", &cmd.id)
         .await
         .expect_err("final");
     assert_eq!(again.kind, ErrorKind::Conflict);
     let missing = app
         .commands
-        .get_command("lock-1", "nope", None)
+        .get_command(
+            &mooring_server::access::Access::all(),
+            "lock-1",
+            "nope",
+            None,
+        )
         .await
         .expect_err("unknown id");
     assert_eq!(missing.kind, ErrorKind::NotFound);
@@ -115,7 +129,12 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
     // Shadows: desired → delta; a device report that matches clears it.
     let s = app
         .shadows
-        .patch_desired("lock-1", json!({"led": "on"}), None)
+        .patch_desired(
+            &mooring_server::access::Access::all(),
+            "lock-1",
+            json!({"led": "on"}),
+            None,
+        )
         .await
         .expect("patch");
     assert_eq!(s.version, 1);
@@ -125,19 +144,35 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
         .on_reported(&lock1(), br#"{"led": "on"}"#)
         .await
         .expect("report"));
-    let s = app.shadows.get("lock-1").await.expect("get shadow");
+    let s = app
+        .shadows
+        .get(&mooring_server::access::Access::all(), "lock-1")
+        .await
+        .expect("get shadow");
     assert!(s.delta.is_empty(), "{:?}", s.delta);
     assert_eq!(s.version, 2);
     let stale = app
         .shadows
-        .patch_desired("lock-1", json!({"led": "off"}), Some(1))
+        .patch_desired(
+            &mooring_server::access::Access::all(),
+            "lock-1",
+            json!({"led": "off"}),
+            Some(1),
+        )
         .await
         .expect_err("if_match on an old version");
     assert_eq!(stale.kind, ErrorKind::PreconditionFailed);
 
     // Deleting the device takes its data with it.
-    app.registry.delete_device("lock-1").await.expect("delete");
-    let gone = app.registry.get_device("lock-1").await.expect_err("gone");
+    app.registry
+        .delete_device(&mooring_server::access::Access::all(), "lock-1")
+        .await
+        .expect("delete");
+    let gone = app
+        .registry
+        .get_device(&mooring_server::access::Access::all(), "lock-1")
+        .await
+        .expect_err("gone");
     assert_eq!(gone.kind, ErrorKind::NotFound);
     drop(app);
     server.shutdown().await;

@@ -3,7 +3,7 @@
 
 use crate::credentials::CredentialFiles;
 use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};
-use crate::{CommandCommand, DeviceCommand, TokenCommand};
+use crate::{CommandCommand, DeviceCommand, TokenCommand, UserCommand};
 use anyhow::Context;
 use clap::Args;
 use mooring_api::{AnyCommand, Command, Device, FleetCommand};
@@ -466,16 +466,319 @@ pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<u
     Ok(EXIT_OK)
 }
 
+const ROLES: [&str; 5] = ["admin", "operator", "installer", "viewer", "service"];
+
+fn check_role(role: &str) -> anyhow::Result<()> {
+    if ROLES.contains(&role) {
+        Ok(())
+    } else {
+        usage(format!(
+            "--role {role:?} must be one of {}",
+            ROLES.join(", ")
+        ))
+    }
+}
+
+/// A duration like `90d`, `12h`, `30m`, `3600s` or `500ms`, in milliseconds.
+pub fn parse_duration_ms(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = match n.parse() {
+        Ok(n) if n > 0 => n,
+        _ => {
+            return usage(format!(
+                "{text:?} is not a duration like 90d, 12h, 30m or 3600s"
+            ))
+        }
+    };
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return usage(format!("{text:?}: the unit must be ms, s, m, h or d")),
+    };
+    match n.checked_mul(unit_ms) {
+        Some(ms) => Ok(ms),
+        None => usage(format!("{text:?} is too long")),
+    }
+}
+
 pub async fn token(args: ApiArgs, command: TokenCommand) -> anyhow::Result<u8> {
     match command {
-        TokenCommand::Create { name, role } => {
-            if role != "service" && role != "admin" {
-                return usage(format!("--role {role:?} must be service or admin"));
-            }
-            let req = mooring_api::CreateToken { name, role };
+        TokenCommand::Create {
+            name,
+            name_flag,
+            role,
+            expires,
+            scope,
+        } => {
+            check_role(&role)?;
+            let expires_in_ms = expires.as_deref().map(parse_duration_ms).transpose()?;
+            let name = name.or(name_flag).unwrap_or_default();
+            let req = mooring_api::CreateToken {
+                name,
+                role,
+                scope,
+                expires_in_ms,
+            };
             let t = call(args.connect()?.create_token(&req).await)?;
             println!("{}", t.token);
         }
+        TokenCommand::List { output } => {
+            let client = args.connect()?;
+            let mut params = mooring_api::PageParams {
+                limit: Some(1000),
+                cursor: None,
+            };
+            let mut all = Vec::new();
+            loop {
+                let page = call(client.list_tokens(&params).await)?;
+                all.extend(page.tokens);
+                match page.next_cursor {
+                    Some(c) => params.cursor = Some(c),
+                    None => break,
+                }
+            }
+            if output.json() {
+                print_json(&all)?;
+            } else {
+                let mut t = Table::new(&[
+                    "ID",
+                    "NAME",
+                    "ROLE",
+                    "SCOPE",
+                    "EXPIRES",
+                    "LAST USED",
+                    "CREATED",
+                ]);
+                for k in &all {
+                    t.row(vec![
+                        k.id.clone(),
+                        k.name.clone(),
+                        k.role.clone(),
+                        k.scope.clone().unwrap_or_else(|| "-".into()),
+                        k.expires_at.map_or_else(|| "never".into(), rfc3339),
+                        k.last_used_at.map_or_else(|| "never".into(), ago),
+                        rfc3339(k.created_at),
+                    ]);
+                }
+                t.print();
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            call(args.connect()?.revoke_token(&id).await)?;
+            eprintln!("token {id} revoked");
+        }
+        TokenCommand::RotateAdmin => {
+            let t = call(args.connect()?.rotate_admin_token().await)?;
+            println!("{}", t.token);
+            eprintln!("the previous admin token is revoked; the server rewrote its admin.token");
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+pub async fn user(args: ApiArgs, command: UserCommand) -> anyhow::Result<u8> {
+    let client = args.connect()?;
+    let update = |role: Option<String>, scope: Option<Option<String>>, disabled: Option<bool>| {
+        mooring_api::UpdateUser {
+            role,
+            scope,
+            disabled,
+        }
+    };
+    match command {
+        UserCommand::Create {
+            email,
+            role,
+            scope,
+            password_stdin,
+        } => {
+            check_role(&role)?;
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("reading the password from stdin")?;
+                let p = line.trim_end_matches(['\r', '\n']).to_owned();
+                if p.is_empty() {
+                    return usage("--password-stdin: standard input held no password");
+                }
+                Some(p)
+            } else {
+                None
+            };
+            let created = call(
+                client
+                    .create_user(&mooring_api::CreateUser {
+                        email,
+                        role,
+                        scope,
+                        password,
+                    })
+                    .await,
+            )?;
+            match created.password_link {
+                Some(link) => {
+                    eprintln!(
+                        "user {} created; send them this one-time link to set a password:",
+                        created.user.email
+                    );
+                    println!("{link}");
+                }
+                None => eprintln!("user {} created", created.user.email),
+            }
+        }
+        UserCommand::List { output } => {
+            let mut params = mooring_api::PageParams {
+                limit: Some(1000),
+                cursor: None,
+            };
+            let mut all = Vec::new();
+            loop {
+                let page = call(client.list_users(&params).await)?;
+                all.extend(page.users);
+                match page.next_cursor {
+                    Some(c) => params.cursor = Some(c),
+                    None => break,
+                }
+            }
+            if output.json() {
+                print_json(&all)?;
+            } else {
+                let mut t = Table::new(&["EMAIL", "ROLE", "SCOPE", "STATE", "LOGIN", "CREATED"]);
+                for u in &all {
+                    t.row(vec![
+                        u.email.clone(),
+                        u.role.clone(),
+                        u.scope.clone().unwrap_or_else(|| "-".into()),
+                        if u.disabled { "disabled" } else { "active" }.into(),
+                        match (u.has_password, u.oidc) {
+                            (true, true) => "password, oidc",
+                            (true, false) => "password",
+                            (false, true) => "oidc",
+                            (false, false) => "link pending",
+                        }
+                        .into(),
+                        rfc3339(u.created_at),
+                    ]);
+                }
+                t.print();
+            }
+        }
+        UserCommand::Disable { user } => {
+            call(
+                client
+                    .update_user(&user, &update(None, None, Some(true)))
+                    .await,
+            )?;
+            eprintln!("user {user} disabled; its sessions ended");
+        }
+        UserCommand::Enable { user } => {
+            call(
+                client
+                    .update_user(&user, &update(None, None, Some(false)))
+                    .await,
+            )?;
+            eprintln!("user {user} enabled");
+        }
+        UserCommand::Delete { user } => {
+            call(client.delete_user(&user).await)?;
+            eprintln!("user {user} deleted");
+        }
+        UserCommand::SetRole { user, role } => {
+            check_role(&role)?;
+            call(
+                client
+                    .update_user(&user, &update(Some(role.clone()), None, None))
+                    .await,
+            )?;
+            eprintln!("user {user} is now {role}; its sessions ended");
+        }
+        UserCommand::SetScope { user, scope, clear } => {
+            let scope = if clear { None } else { scope };
+            call(
+                client
+                    .update_user(&user, &update(None, Some(scope), None))
+                    .await,
+            )?;
+            eprintln!("user {user}'s scope changed; its sessions ended");
+        }
+        UserCommand::PasswordLink { user } => {
+            let l = call(client.password_link(&user).await)?;
+            println!("{}", l.password_link);
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// `mooring audit` filters.
+#[derive(Args)]
+pub struct AuditArgs {
+    /// Only this actor, e.g. user:ann@example.com or "token:grafana (tok_...)".
+    #[arg(long)]
+    actor: Option<String>,
+    /// Only this action, or a prefix ending in "." (device.).
+    #[arg(long)]
+    action: Option<String>,
+    /// Only targets starting with this path, e.g. /api/v1/devices/lock-1.
+    #[arg(long)]
+    target: Option<String>,
+    /// Only entries from the last DURATION (e.g. 24h, 7d).
+    #[arg(long, value_name = "DURATION")]
+    since: Option<String>,
+    /// At most this many entries, newest first.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    #[command(flatten)]
+    output: OutputArgs,
+}
+
+pub async fn audit(args: ApiArgs, a: AuditArgs) -> anyhow::Result<u8> {
+    let since = match a.since.as_deref() {
+        None => None,
+        Some(d) => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            Some(now_ms.saturating_sub(parse_duration_ms(d)?))
+        }
+    };
+    if a.limit == 0 || a.limit > 1000 {
+        return usage("--limit must be between 1 and 1000");
+    }
+    let params = mooring_api::AuditParams {
+        actor: a.actor,
+        action: a.action,
+        target: a.target,
+        since,
+        until: None,
+        limit: Some(a.limit),
+        cursor: None,
+    };
+    let page = call(args.connect()?.audit(&params).await)?;
+    if a.output.json() {
+        print_json(&page.entries)?;
+    } else {
+        let mut t = Table::new(&["TIME", "ACTOR", "ACTION", "TARGET", "STATUS", "SOURCE"]);
+        for e in &page.entries {
+            t.row(vec![
+                rfc3339(e.at),
+                e.actor.clone(),
+                e.action.clone(),
+                e.target.clone(),
+                if e.detail.is_empty() {
+                    e.status.to_string()
+                } else {
+                    format!("{} {}", e.status, e.detail)
+                },
+                e.source.clone(),
+            ]);
+        }
+        t.print();
     }
     Ok(EXIT_OK)
 }

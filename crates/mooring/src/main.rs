@@ -54,12 +54,30 @@ enum Command {
     },
     /// Benchmarks against a private Mosquitto on loopback, side by side (docs/benchmarks.md).
     Bench(mooring_bench::BenchArgs),
-    /// Manage API tokens (e.g. a `service` token for a data pipeline's MQTT login).
+    /// Manage API tokens for apps and machines (e.g. a `service` token for a data pipeline's
+    /// MQTT login, a `viewer` token for Grafana).
+    #[command(after_help = EXIT_STATUS_HELP)]
     Token {
         #[command(flatten)]
         api: client::ApiArgs,
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Manage the people who log in (roles admin, operator, installer, viewer, service).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    User {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: UserCommand,
+    },
+    /// Read the audit log: every write through the API (who, what, when, from where).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Audit {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(flatten)]
+        args: client::AuditArgs,
     },
     /// Back up a data dir (the server may be running) into one file: database snapshot, CA,
     /// server key, admin token.
@@ -251,14 +269,82 @@ enum CommandCommand {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Create a token; prints the secret once.
+    /// Create a token; prints the secret once (stored hashed).
     Create {
-        /// A name for the token (1-128 characters), e.g. the pipeline that uses it.
-        name: String,
-        /// `service` or `admin`.
+        /// A name for the token (1-128 characters), e.g. the app that uses it.
+        #[arg(
+            value_name = "NAME",
+            conflicts_with = "name_flag",
+            required_unless_present = "name_flag"
+        )]
+        name: Option<String>,
+        /// The name, as a flag (same as the positional NAME).
+        #[arg(long = "name", value_name = "NAME")]
+        name_flag: Option<String>,
+        /// admin, operator, installer, viewer or service.
         #[arg(long, default_value = "service")]
         role: String,
+        /// Expire after this long: e.g. 90d, 12h, 30m, 3600s.
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+        /// Limit the token to the devices matching this selector (tag: and id: terms), e.g.
+        /// tag:customer=acme.
+        #[arg(long, value_name = "SELECTOR")]
+        scope: Option<String>,
     },
+    /// List tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Revoke a token: refused on every node from the next request, its MQTT sessions closed.
+    Revoke {
+        /// Token id (`tok_...`, from `token list`).
+        id: String,
+    },
+    /// Replace the admin token created at first start: prints the new one, revokes the old
+    /// ones, and the server rewrites its `<data-dir>/admin.token`.
+    RotateAdmin,
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a user; prints a one-time password-set link (or reads the password from stdin).
+    Create {
+        email: String,
+        /// admin, operator, installer, viewer or service.
+        #[arg(long)]
+        role: String,
+        /// Limit the user to the devices matching this selector (tag: and id: terms).
+        #[arg(long, value_name = "SELECTOR")]
+        scope: Option<String>,
+        /// Read the password from standard input (first line) instead of making a link.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// List users.
+    List {
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Disable a user: its sessions end and it cannot log in.
+    Disable { user: String },
+    /// Enable a disabled user again.
+    Enable { user: String },
+    /// Delete a user and its sessions.
+    Delete { user: String },
+    /// Change a user's role (its sessions end).
+    SetRole { user: String, role: String },
+    /// Set or remove (`--clear`) a user's scope (its sessions end).
+    SetScope {
+        user: String,
+        #[arg(required_unless_present = "clear")]
+        scope: Option<String>,
+        #[arg(long)]
+        clear: bool,
+    },
+    /// Print a new one-time password-set link for a user (the previous one stops working).
+    PasswordLink { user: String },
 }
 
 fn main() -> ExitCode {
@@ -305,6 +391,8 @@ fn run(command: Command) -> ExitCode {
             Command::Serve(args) => serve(args).await.map(|()| client::EXIT_OK),
             Command::Device { api, command } => client::device(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
+            Command::User { api, command } => client::user(api, command).await,
+            Command::Audit { api, args } => client::audit(api, args).await,
             Command::Bench(args) => mooring_bench::run(args).await.map(|()| client::EXIT_OK),
             Command::Commands { api, command } => client::command(api, command).await,
             Command::Backup(args) => ops::backup(args).map(|()| client::EXIT_OK),

@@ -20,6 +20,7 @@ pub mod state;
 
 pub use delivery::{run_dispatcher, run_scheduler};
 
+use crate::access::Access;
 use crate::app::Core;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::metrics::Counters;
@@ -339,12 +340,13 @@ impl Commands {
     /// created, `false` if an earlier command with the same idempotency key is returned.
     pub async fn create_command(
         &self,
+        access: &Access,
         device_id: &str,
         c: NewCommand,
         wait_ms: Option<u64>,
     ) -> ServiceResult<(bool, CommandRecord)> {
         let wait_ms = check_wait_ms(wait_ms)?;
-        let device = self.registry.get_device(device_id).await?;
+        let device = self.registry.get_device(access, device_id).await?;
         let record = self.build_command(&device.record.id, &c, None, self.core.now_ms())?;
         let outcome = self
             .core
@@ -367,19 +369,38 @@ impl Commands {
     /// One command of one device, after waiting up to `wait_ms` for a final state.
     pub async fn get_command(
         &self,
+        access: &Access,
         device_id: &str,
         id: &str,
         wait_ms: Option<u64>,
     ) -> ServiceResult<CommandRecord> {
         let wait_ms = check_wait_ms(wait_ms)?;
-        let device = Registry::parse_id(device_id)?;
+        let device = self.registry.get_device(access, device_id).await?.record.id;
         let record = self.command_of(device.as_str(), id).await?;
         self.wait_command(record, wait_ms).await
     }
 
     /// Any command by id (device command), for `GET /api/v1/commands/<id>`.
-    pub async fn find_command(&self, id: &str) -> ServiceResult<Option<CommandRecord>> {
-        Ok(self.core.store.get_command(id).await?)
+    pub async fn find_command(
+        &self,
+        access: &Access,
+        id: &str,
+    ) -> ServiceResult<Option<CommandRecord>> {
+        let Some(record) = self.core.store.get_command(id).await? else {
+            return Ok(None);
+        };
+        if access.scope().is_some() {
+            match self
+                .registry
+                .get_device(access, record.device_id.as_str())
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.kind == ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Some(record))
     }
 
     async fn command_of(&self, device_id: &str, id: &str) -> ServiceResult<CommandRecord> {
@@ -448,12 +469,13 @@ impl Commands {
     /// A device's commands, newest first.
     pub async fn list_commands(
         &self,
+        access: &Access,
         device_id: &str,
         state: Option<&str>,
         limit: Option<usize>,
         cursor: Option<&str>,
     ) -> ServiceResult<(Vec<CommandRecord>, Option<String>)> {
-        let device = self.registry.get_device(device_id).await?;
+        let device = self.registry.get_device(access, device_id).await?;
         let state = state
             .map(|s| {
                 s.parse::<CommandState>().map_err(|_| {
@@ -563,8 +585,13 @@ impl Commands {
     }
 
     /// Cancels a command that is not yet acknowledged; `409 command_not_cancelable` otherwise.
-    pub async fn cancel_command(&self, device_id: &str, id: &str) -> ServiceResult<CommandRecord> {
-        let device = Registry::parse_id(device_id)?;
+    pub async fn cancel_command(
+        &self,
+        access: &Access,
+        device_id: &str,
+        id: &str,
+    ) -> ServiceResult<CommandRecord> {
+        let device = self.registry.get_device(access, device_id).await?.record.id;
         match self
             .transition(Some(device.as_str()), id, Event::Cancel)
             .await?
@@ -634,6 +661,7 @@ impl Commands {
     /// Creates one command per device matching `selector`, under one parent, in one transaction.
     pub async fn create_fleet_command(
         &self,
+        access: &Access,
         selector: &str,
         c: NewCommand,
     ) -> ServiceResult<FleetCommandView> {
@@ -644,6 +672,9 @@ impl Commands {
             ));
         }
         let sel = parse_selector(selector)?;
+        // A scoped caller's fleet command reaches only its devices; the parent records the
+        // narrowed selector, which is what was applied.
+        let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
         let now_ms = self.core.now_ms();
         let parent_id = new_id('f');
         // Validate once before touching the fleet.
@@ -751,16 +782,29 @@ impl Commands {
                 self.kick(device, false);
             }
         }
-        self.fleet_command(&parent.id)
+        self.fleet_command(&Access::all(), &parent.id)
             .await?
             .ok_or_else(|| ServiceError::internal(format!("fleet command {} vanished", parent.id)))
     }
 
     /// A fleet command with counts per state; `None` if there is no such parent.
-    pub async fn fleet_command(&self, id: &str) -> ServiceResult<Option<FleetCommandView>> {
+    /// A scoped caller sees only fleet commands whose selector carries every term of its scope
+    /// (those created within it).
+    pub async fn fleet_command(
+        &self,
+        access: &Access,
+        id: &str,
+    ) -> ServiceResult<Option<FleetCommandView>> {
         let Some(parent) = self.core.store.get_command_parent(id).await? else {
             return Ok(None);
         };
+        if let Some(scope) = access.scope() {
+            let within = Selector::parse(&parent.selector)
+                .is_ok_and(|s| scope.terms.iter().all(|t| s.terms.contains(t)));
+            if !within {
+                return Ok(None);
+            }
+        }
         let counts = self.core.store.count_children(id).await?;
         let finals: u64 = counts
             .iter()

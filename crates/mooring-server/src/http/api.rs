@@ -1,28 +1,33 @@
 //! `/api/v1` handlers and their OpenAPI description. API types are separate from store types.
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
+use super::{ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
 use crate::app::{App, DeviceView};
-use crate::error::{ErrorKind, ServiceError};
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Extension, Json};
 use mooring_api::{
-    CreateDevice, CreateToken, CreatedDevice, CreatedToken, Device, DeviceList, LatestMetrics,
-    LatestValue, ListDevicesParams, TelemetryParams, TelemetryPoint, TelemetryPoints,
+    CreateDevice, CreatedDevice, Device, DeviceList, LatestMetrics, LatestValue, ListDevicesParams,
+    TelemetryParams, TelemetryPoint, TelemetryPoints,
 };
-use mooring_store::{MetricValue, Role};
+use mooring_store::MetricValue;
 use std::sync::Arc;
 use utoipa::OpenApi;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Mooring API", version = "1", description = "Device registry, provisioning, telemetry, commands and shadows. Every call except /healthz, /metrics and this document needs `Authorization: Bearer <token>`. Times are unix milliseconds."),
-    paths(create_device, list_devices, get_device, delete_device, device_telemetry, device_telemetry_latest, create_token,
+    info(title = "Mooring API", version = "1", description = "Device registry, provisioning, telemetry, commands and shadows. Every call except /healthz, /metrics, this document, /api/v1/auth/login and /api/v1/auth/password needs `Authorization: Bearer <token>` or a login session cookie (`mooring_session`; writes with the cookie also need `X-CSRF-Token`). Each route needs one permission (docs/access.md). Times are unix milliseconds."),
+    paths(create_device, list_devices, get_device, delete_device, device_telemetry, device_telemetry_latest,
+        super::accounts::login, super::accounts::logout, super::accounts::me, super::accounts::set_password,
+        super::accounts::create_user, super::accounts::list_users, super::accounts::get_user, super::accounts::update_user,
+        super::accounts::delete_user, super::accounts::password_link, super::accounts::create_token, super::accounts::list_tokens,
+        super::accounts::get_token, super::accounts::revoke_token, super::accounts::rotate_admin, super::accounts::list_audit,
         super::commands::create_command, super::commands::list_commands, super::commands::get_command,
         super::commands::cancel_command, super::commands::create_fleet_command, super::commands::get_any_command,
         super::commands::put_tags, super::commands::get_shadow, super::commands::patch_shadow),
-    components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, CreateToken, CreatedToken,
+    components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
+        mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
+        mooring_api::CreateUser, mooring_api::CreatedUser, mooring_api::UpdateUser, mooring_api::UserList, mooring_api::PasswordLink,
+        mooring_api::SetPassword, mooring_api::Me, mooring_api::AuditEntry, mooring_api::AuditList,
         mooring_api::CreateCommand, mooring_api::CreateFleetCommand, mooring_api::Command, mooring_api::CommandList,
         mooring_api::HistoryEntry, mooring_api::CommandResultBody, mooring_api::FleetCommand, mooring_api::AnyCommand,
         mooring_api::Shadow, mooring_api::ShadowPatch)),
@@ -47,21 +52,6 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-pub fn routes() -> Router<Arc<App>> {
-    Router::new()
-        .route("/api/v1/devices", post(create_device).get(list_devices))
-        .route(
-            "/api/v1/devices/{id}",
-            get(get_device).delete(delete_device),
-        )
-        .route("/api/v1/devices/{id}/telemetry", get(device_telemetry))
-        .route(
-            "/api/v1/devices/{id}/telemetry/latest",
-            get(device_telemetry_latest),
-        )
-        .route("/api/v1/tokens", post(create_token))
-}
-
 impl From<DeviceView> for Device {
     fn from(v: DeviceView) -> Self {
         Device {
@@ -83,11 +73,15 @@ fn value_json(v: MetricValue) -> serde_json::Value {
 
 #[utoipa::path(post, path = "/api/v1/devices", request_body = CreateDevice,
     responses((status = 201, body = CreatedDevice), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn create_device(
+pub(super) async fn create_device(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateDevice>,
 ) -> ApiResult<(StatusCode, Json<CreatedDevice>)> {
-    let (record, issued) = app.registry.create_device(&req.id, req.tags).await?;
+    let (record, issued) = app
+        .registry
+        .create_device(&caller.access, &req.id, req.tags)
+        .await?;
     let device = Device::from(DeviceView {
         record,
         online: false,
@@ -106,19 +100,20 @@ async fn create_device(
 
 #[utoipa::path(get, path = "/api/v1/devices", params(ListDevicesParams),
     responses((status = 200, body = DeviceList), (status = 400, body = ErrorBody)))]
-async fn list_devices(
+pub(super) async fn list_devices(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiQuery(p): ApiQuery<ListDevicesParams>,
 ) -> ApiResult<Json<DeviceList>> {
     let (devices, next_cursor) = match p.selector.as_deref() {
         None => {
             app.registry
-                .list_devices(p.limit, p.cursor.as_deref())
+                .list_devices(&caller.access, p.limit, p.cursor.as_deref())
                 .await?
         }
         Some(sel) => {
             app.registry
-                .list_selected_devices(sel, p.limit, p.cursor.as_deref())
+                .list_selected_devices(&caller.access, sel, p.limit, p.cursor.as_deref())
                 .await?
         }
     };
@@ -130,34 +125,39 @@ async fn list_devices(
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}", params(("id" = String, Path)),
     responses((status = 200, body = Device), (status = 404, body = ErrorBody)))]
-async fn get_device(
+pub(super) async fn get_device(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Device>> {
-    Ok(Json(app.registry.get_device(&id).await?.into()))
+    Ok(Json(
+        app.registry.get_device(&caller.access, &id).await?.into(),
+    ))
 }
 
 #[utoipa::path(delete, path = "/api/v1/devices/{id}", params(("id" = String, Path)),
     responses((status = 204, description = "deleted; its certificate is refused and a live session closed"), (status = 404, body = ErrorBody)))]
-async fn delete_device(
+pub(super) async fn delete_device(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
-    app.registry.delete_device(&id).await?;
+    app.registry.delete_device(&caller.access, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry", params(("id" = String, Path), TelemetryParams),
     responses((status = 200, body = TelemetryPoints), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
-async fn device_telemetry(
+pub(super) async fn device_telemetry(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(p): ApiQuery<TelemetryParams>,
 ) -> ApiResult<Json<TelemetryPoints>> {
     let named = p.metric.is_some();
     let points = app
         .telemetry
-        .query(&id, p.metric, p.from, p.to, p.limit)
+        .query(&caller.access, &id, p.metric, p.from, p.to, p.limit)
         .await?;
     Ok(Json(TelemetryPoints {
         points: points
@@ -173,11 +173,12 @@ async fn device_telemetry(
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry/latest", params(("id" = String, Path)),
     responses((status = 200, body = LatestMetrics), (status = 404, body = ErrorBody)))]
-async fn device_telemetry_latest(
+pub(super) async fn device_telemetry_latest(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<LatestMetrics>> {
-    let latest = app.telemetry.latest(&id).await?;
+    let latest = app.telemetry.latest(&caller.access, &id).await?;
     Ok(Json(LatestMetrics {
         metrics: latest
             .into_iter()
@@ -192,50 +193,4 @@ async fn device_telemetry_latest(
             })
             .collect(),
     }))
-}
-
-#[utoipa::path(post, path = "/api/v1/tokens", request_body = CreateToken,
-    responses((status = 201, body = CreatedToken), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
-async fn create_token(
-    State(app): State<Arc<App>>,
-    Extension(caller): Extension<Caller>,
-    ApiJson(req): ApiJson<CreateToken>,
-) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
-    if caller.role != Role::Admin {
-        return Err(ApiError(ServiceError::new(
-            ErrorKind::Forbidden,
-            "forbidden",
-            "only admin tokens may create tokens",
-        )));
-    }
-    let role = match req.role.as_str() {
-        "service" => Role::Service,
-        "admin" => Role::Admin,
-        other => {
-            return Err(ApiError(ServiceError::invalid(
-                "invalid_role",
-                format!("role {other:?} is not one of: service, admin"),
-            )))
-        }
-    };
-    if req.name.is_empty() || req.name.len() > 128 {
-        return Err(ApiError(ServiceError::invalid(
-            "invalid_name",
-            "name must be 1-128 characters",
-        )));
-    }
-    let (record, secret) = app
-        .tokens
-        .create(&req.name, role)
-        .await
-        .map_err(ServiceError::internal)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedToken {
-            id: record.id,
-            name: record.name,
-            role: record.role.as_str().to_owned(),
-            token: secret,
-        }),
-    ))
 }

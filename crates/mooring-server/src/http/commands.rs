@@ -1,6 +1,6 @@
 //! `/api/v1` handlers for commands, fleet commands, tags and shadows, with their OpenAPI types.
 
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, ErrorBody};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
 use crate::app::App;
 use crate::commands::{FleetCommandView, NewCommand};
 use crate::error::ServiceError;
@@ -8,8 +8,7 @@ use crate::shadow::ShadowView;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json};
 use mooring_api::{
     AnyCommand, Command, CommandList, CommandListParams, CommandResultBody, CreateCommand,
     CreateFleetCommand, FleetCommand, HistoryEntry, Shadow, ShadowPatch, WaitParams,
@@ -17,26 +16,6 @@ use mooring_api::{
 use mooring_store::{CommandRecord, CommandState};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-pub fn routes() -> Router<Arc<App>> {
-    Router::new()
-        .route(
-            "/api/v1/devices/{id}/commands",
-            post(create_command).get(list_commands),
-        )
-        .route("/api/v1/devices/{id}/commands/{cmd}", get(get_command))
-        .route(
-            "/api/v1/devices/{id}/commands/{cmd}/cancel",
-            post(cancel_command),
-        )
-        .route("/api/v1/commands", post(create_fleet_command))
-        .route("/api/v1/commands/{id}", get(get_any_command))
-        .route("/api/v1/devices/{id}/tags", put(put_tags))
-        .route(
-            "/api/v1/devices/{id}/shadow",
-            get(get_shadow).patch(patch_shadow),
-        )
-}
 
 /// A stored command as the API shows it.
 pub(super) fn command_body(r: CommandRecord) -> Command {
@@ -146,6 +125,7 @@ fn new_command(
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn create_command(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(w): ApiQuery<WaitParams>,
     ApiJson(req): ApiJson<CreateCommand>,
@@ -158,7 +138,10 @@ pub(super) async fn create_command(
         req.idempotency_key,
         req.result_timeout_secs,
     );
-    let (created, record) = app.commands.create_command(&id, c, w.wait_ms).await?;
+    let (created, record) = app
+        .commands
+        .create_command(&caller.access, &id, c, w.wait_ms)
+        .await?;
     let status = if created {
         StatusCode::ACCEPTED
     } else {
@@ -171,12 +154,19 @@ pub(super) async fn create_command(
     responses((status = 200, body = CommandList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn list_commands(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(p): ApiQuery<CommandListParams>,
 ) -> ApiResult<Json<CommandList>> {
     let (records, next_cursor) = app
         .commands
-        .list_commands(&id, p.state.as_deref(), p.limit, p.cursor.as_deref())
+        .list_commands(
+            &caller.access,
+            &id,
+            p.state.as_deref(),
+            p.limit,
+            p.cursor.as_deref(),
+        )
         .await?;
     Ok(Json(CommandList {
         commands: records.into_iter().map(command_body).collect(),
@@ -188,11 +178,14 @@ pub(super) async fn list_commands(
     responses((status = 200, body = Command), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_command(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath((id, cmd)): ApiPath<(String, String)>,
     ApiQuery(w): ApiQuery<WaitParams>,
 ) -> ApiResult<Json<Command>> {
     Ok(Json(command_body(
-        app.commands.get_command(&id, &cmd, w.wait_ms).await?,
+        app.commands
+            .get_command(&caller.access, &id, &cmd, w.wait_ms)
+            .await?,
     )))
 }
 
@@ -200,10 +193,13 @@ pub(super) async fn get_command(
     responses((status = 200, body = Command), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "already acknowledged or final")))]
 pub(super) async fn cancel_command(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath((id, cmd)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<Command>> {
     Ok(Json(command_body(
-        app.commands.cancel_command(&id, &cmd).await?,
+        app.commands
+            .cancel_command(&caller.access, &id, &cmd)
+            .await?,
     )))
 }
 
@@ -211,6 +207,7 @@ pub(super) async fn cancel_command(
     responses((status = 202, body = FleetCommand), (status = 400, body = ErrorBody)))]
 pub(super) async fn create_fleet_command(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateFleetCommand>,
 ) -> ApiResult<(StatusCode, Json<FleetCommand>)> {
     let c = new_command(
@@ -221,7 +218,10 @@ pub(super) async fn create_fleet_command(
         None,
         req.result_timeout_secs,
     );
-    let view = app.commands.create_fleet_command(&req.selector, c).await?;
+    let view = app
+        .commands
+        .create_fleet_command(&caller.access, &req.selector, c)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(view.into())))
 }
 
@@ -229,12 +229,13 @@ pub(super) async fn create_fleet_command(
     responses((status = 200, body = AnyCommand, description = "a fleet command with counts per state, or a device command"), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_any_command(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<AnyCommand>> {
-    if let Some(v) = app.commands.fleet_command(&id).await? {
+    if let Some(v) = app.commands.fleet_command(&caller.access, &id).await? {
         return Ok(Json(AnyCommand::Fleet(v.into())));
     }
-    match app.commands.find_command(&id).await? {
+    match app.commands.find_command(&caller.access, &id).await? {
         Some(r) => Ok(Json(AnyCommand::Device(command_body(r)))),
         None => Err(ApiError(ServiceError::not_found(
             "command_not_found",
@@ -248,19 +249,26 @@ pub(super) async fn get_any_command(
     responses((status = 200, body = mooring_api::Device), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn put_tags(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiJson(tags): ApiJson<BTreeMap<String, String>>,
 ) -> ApiResult<Json<mooring_api::Device>> {
-    Ok(Json(app.registry.set_tags(&id, tags).await?.into()))
+    Ok(Json(
+        app.registry
+            .set_tags(&caller.access, &id, tags)
+            .await?
+            .into(),
+    ))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/shadow", params(("id" = String, Path)),
     responses((status = 200, body = Shadow, headers(("ETag" = String, description = "the version, quoted"))), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_shadow(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Response> {
-    Ok(shadow_response(app.shadows.get(&id).await?))
+    Ok(shadow_response(app.shadows.get(&caller.access, &id).await?))
 }
 
 #[utoipa::path(patch, path = "/api/v1/devices/{id}/shadow", request_body = ShadowPatch,
@@ -269,6 +277,7 @@ pub(super) async fn get_shadow(
         (status = 412, body = ErrorBody, description = "version_mismatch: the shadow changed since that version")))]
 pub(super) async fn patch_shadow(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     headers: HeaderMap,
     ApiJson(req): ApiJson<ShadowPatch>,
@@ -276,7 +285,7 @@ pub(super) async fn patch_shadow(
     let expected = if_match(&headers)?;
     Ok(shadow_response(
         app.shadows
-            .patch_desired(&id, req.desired, expected)
+            .patch_desired(&caller.access, &id, req.desired, expected)
             .await?,
     ))
 }

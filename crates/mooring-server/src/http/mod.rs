@@ -5,10 +5,15 @@
 //! our extractors answer JSON rejections, and [`json_errors`] rewrites any other error response
 //! (axum's own rejections, layers) into that shape.
 
+mod accounts;
 mod api;
 mod commands;
+pub mod routes;
 
+use crate::access::{access_of, role_allows, Access, Permission};
+use crate::accounts::{CSRF_HEADER, SESSION_COOKIE};
 use crate::app::App;
+use crate::audit::AuditEntryIn;
 use crate::error::{ErrorKind, ServiceError};
 use crate::metrics::Counters;
 use axum::extract::rejection::JsonRejection;
@@ -17,14 +22,16 @@ use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::Router;
 use mooring_store::Role;
 use std::sync::Arc;
 use utoipa::OpenApi;
 
+#[allow(unused_imports)] // login_response: for the OpenID Connect callback
+pub(crate) use accounts::{cookie, login_response};
 pub use api::ApiDoc;
 pub use mooring_api::{ErrorBody, ErrorDetail};
+pub use routes::{route_specs, RouteSpec};
 
 /// Largest request body accepted, in bytes.
 pub const REQUEST_BODY_SIZE_BYTES_MAX: usize = 1024 * 1024;
@@ -48,9 +55,15 @@ impl IntoResponse for ApiError {
                 message: self.0.message,
             },
         };
-        (status, axum::Json(body)).into_response()
+        let mut resp = (status, axum::Json(body)).into_response();
+        resp.extensions_mut().insert(ErrorCode(self.0.code));
+        resp
     }
 }
+
+/// The stable code of an error response (in its extensions, for the audit log).
+#[derive(Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
@@ -154,62 +167,194 @@ where
     }
 }
 
-/// The authenticated caller, put in request extensions by [`require_token`].
-#[derive(Clone)]
+/// Who is calling: a person (login session cookie) or an app (API token).
+#[derive(Clone, Debug)]
+pub enum CallerKind {
+    User { id: String, email: String },
+    Token { id: String },
+}
+
+/// The authenticated caller, put in request extensions by the route table's check.
+#[derive(Clone, Debug)]
 pub struct Caller {
     pub role: Role,
+    /// The user's email or the token's name.
     pub name: String,
+    pub kind: CallerKind,
+    /// The devices the caller reaches (its scope).
+    pub access: Access,
 }
 
-async fn require_token(
-    State(app): State<Arc<App>>,
+impl Caller {
+    /// How the audit log names the caller.
+    pub fn actor(&self) -> String {
+        match &self.kind {
+            CallerKind::User { email, .. } => format!("user:{email}"),
+            CallerKind::Token { id } => format!("token:{} ({id})", self.name),
+        }
+    }
+}
+
+fn unauthorized(message: &str) -> ApiError {
+    ApiError(ServiceError::new(
+        ErrorKind::Unauthorized,
+        "unauthorized",
+        message,
+    ))
+}
+
+/// The client's address: the TCP peer, or (with `auth.trust_forwarded_for`, behind a load
+/// balancer) the last `X-Forwarded-For` entry.
+pub(crate) fn client_addr(app: &App, req: &Request) -> String {
+    if app.config().auth.trust_forwarded_for {
+        let forwarded = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|v| v.parse::<std::net::IpAddr>().is_ok());
+        if let Some(addr) = forwarded {
+            return addr.to_owned();
+        }
+    }
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |c| c.0.ip().to_string())
+}
+
+fn is_write(method: &axum::http::Method) -> bool {
+    !matches!(
+        *method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    )
+}
+
+/// The caller a request authenticates as: `Authorization: Bearer <token>`, else the session
+/// cookie (a write with the cookie must carry the session's CSRF token in `X-CSRF-Token`).
+/// `Ok(None)`: no credentials at all.
+async fn authenticate(
+    app: &App,
+    method: &axum::http::Method,
+    headers: &axum::http::HeaderMap,
+) -> Result<Option<Caller>, ApiError> {
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        let token = auth
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <token>`"))?;
+        let record = app
+            .tokens
+            .verify(token)
+            .await
+            .ok_or_else(|| unauthorized("invalid, expired or revoked token"))?;
+        return Ok(Some(Caller {
+            role: record.role,
+            name: record.name,
+            access: access_of(record.scope.as_deref()),
+            kind: CallerKind::Token { id: record.id },
+        }));
+    }
+    let Some(secret) = cookie(headers, SESSION_COOKIE) else {
+        return Ok(None);
+    };
+    let (session, user) = app.accounts.session(secret).await?.ok_or_else(|| {
+        unauthorized("the session has ended (logged out, expired or disabled); log in again")
+    })?;
+    if is_write(method) {
+        let presented = headers
+            .get(CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(crate::auth::token_sha256);
+        if presented.as_deref() != Some(session.csrf_sha256.as_str()) {
+            return Err(ApiError(ServiceError::new(
+                ErrorKind::Forbidden,
+                "csrf_failed",
+                "a write with the session cookie must carry the session's CSRF token in X-CSRF-Token (the mooring_csrf cookie)",
+            )));
+        }
+    }
+    Ok(Some(Caller {
+        role: user.role,
+        name: user.email.clone(),
+        access: access_of(user.scope.as_deref()),
+        kind: CallerKind::User {
+            id: user.id,
+            email: user.email,
+        },
+    }))
+}
+
+/// Every route's check: authenticates the caller, checks its role against the route's one
+/// permission, and after the handler logs a write (and a refused write by an authenticated
+/// caller) in the audit log.
+async fn authorize(
+    State((app, spec)): State<(Arc<App>, RouteSpec)>,
     mut req: Request,
     next: Next,
-) -> Result<Response, ApiError> {
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else {
-        return Err(ApiError(ServiceError::new(
-            ErrorKind::Unauthorized,
-            "unauthorized",
-            "missing `Authorization: Bearer <token>` header",
-        )));
-    };
-    let Some(record) = app.tokens.verify(token).await else {
-        return Err(ApiError(ServiceError::new(
-            ErrorKind::Unauthorized,
-            "unauthorized",
-            "invalid or revoked token",
-        )));
-    };
-    // Service tokens are read-only on the API.
-    if record.role != Role::Admin && req.method() != axum::http::Method::GET {
-        return Err(ApiError(ServiceError::new(
+) -> Response {
+    if spec.permission == Permission::Public {
+        return next.run(req).await;
+    }
+    let write = is_write(req.method());
+    let target = req.uri().path().to_owned();
+    let source = client_addr(&app, &req);
+    let method = req.method().clone();
+    let caller =
+        match authenticate(&app, &method, req.headers()).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return unauthorized(
+                "missing credentials: `Authorization: Bearer <token>` or a login session cookie",
+            )
+            .into_response(),
+            Err(e) => return e.into_response(),
+        };
+    let resp = if role_allows(caller.role, spec.permission) {
+        req.extensions_mut().insert(caller.clone());
+        next.run(req).await
+    } else {
+        ApiError(ServiceError::new(
             ErrorKind::Forbidden,
             "forbidden",
-            "this token's role may only read; use an admin token",
-        )));
+            format!(
+                "role {} does not have the permission {} this call needs",
+                caller.role,
+                spec.permission.as_str()
+            ),
+        ))
+        .into_response()
+    };
+    if write {
+        app.audit
+            .record(AuditEntryIn {
+                actor: caller.actor(),
+                action: spec.action,
+                target,
+                source,
+                status: resp.status().as_u16(),
+                detail: resp
+                    .extensions()
+                    .get::<ErrorCode>()
+                    .map(|c| c.0.to_owned())
+                    .unwrap_or_default(),
+            })
+            .await;
     }
-    req.extensions_mut().insert(Caller {
-        role: record.role,
-        name: record.name,
-    });
-    Ok(next.run(req).await)
+    resp
 }
 
-async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
+pub(super) async fn healthz(State(app): State<Arc<App>>) -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok", "node": app.config().node_id}))
 }
 
-async fn openapi_json() -> impl IntoResponse {
+pub(super) async fn openapi_json() -> impl IntoResponse {
     axum::Json(ApiDoc::openapi())
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+pub(super) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::render_metrics(&app),
@@ -308,28 +453,120 @@ async fn count_refusals(State(app): State<Arc<App>>, req: Request, next: Next) -
         StatusCode::REQUEST_TIMEOUT => Counters::inc(&c.http_body_timeouts),
         StatusCode::PAYLOAD_TOO_LARGE => Counters::inc(&c.http_body_too_large),
         StatusCode::UNAUTHORIZED => Counters::inc(&c.http_unauthorized),
+        StatusCode::FORBIDDEN => Counters::inc(&c.http_forbidden),
+        StatusCode::TOO_MANY_REQUESTS => Counters::inc(&c.http_throttled),
         _ => {}
     }
     resp
 }
 
-/// The whole HTTP router.
+/// Longest response body [`etags`] hashes; larger ones go out without an ETag.
+const ETAG_BODY_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// `ETag` on every successful JSON read, and `304 Not Modified` when `If-None-Match` names it
+/// (a weak tag over the body, so a client polling an unchanged resource gets no body). A
+/// handler's own `ETag` (the shadow's version) is kept. Streams (SSE) pass untouched.
+async fn etags(req: Request, next: Next) -> Response {
+    let if_none_match = req.headers().get(header::IF_NONE_MATCH).cloned();
+    let is_get = req.method() == axum::http::Method::GET;
+    let resp = next.run(req).await;
+    let json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !is_get || resp.status() != StatusCode::OK || !json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let not_modified = |tag: axum::http::HeaderValue| {
+        let mut r = StatusCode::NOT_MODIFIED.into_response();
+        r.headers_mut().insert(header::ETAG, tag);
+        r
+    };
+    if let Some(tag) = parts.headers.get(header::ETAG).cloned() {
+        if matches_etag(if_none_match.as_ref(), &tag) {
+            return not_modified(tag);
+        }
+        return Response::from_parts(parts, body);
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, ETAG_BODY_BYTES_MAX).await else {
+        return ApiError(ServiceError::internal("response body too large to tag")).into_response();
+    };
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(&bytes);
+    if let Ok(tag) =
+        axum::http::HeaderValue::from_str(&format!("W/\"{}\"", hex::encode(&digest[..16])))
+    {
+        if matches_etag(if_none_match.as_ref(), &tag) {
+            return not_modified(tag);
+        }
+        parts.headers.insert(header::ETAG, tag);
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
+/// Whether an `If-None-Match` header names this tag (weak comparison, `*` matches all).
+fn matches_etag(header: Option<&axum::http::HeaderValue>, tag: &axum::http::HeaderValue) -> bool {
+    let Some(h) = header.and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let bare = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    let want = tag.to_str().map(bare).unwrap_or_default();
+    h.split(',').any(|t| t.trim() == "*" || bare(t) == want)
+}
+
+/// CORS for the configured web and mobile origins (credentials allowed, so the session cookie
+/// works cross-origin for exactly those origins).
+fn cors(app: &App) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    let origins: Vec<HeaderValue> = app
+        .config()
+        .auth
+        .cors_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        tower_http::cors::CorsLayer::new()
+            .allow_origin(origins)
+            .allow_credentials(true)
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            .allow_headers([
+                header::AUTHORIZATION,
+                header::CONTENT_TYPE,
+                header::IF_MATCH,
+                header::IF_NONE_MATCH,
+                HeaderName::from_static(CSRF_HEADER),
+                HeaderName::from_static("last-event-id"),
+            ])
+            .expose_headers([header::ETAG])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+/// The whole HTTP router, built from the route table ([`routes::table`]): each route gets its
+/// permission check.
 pub fn router(app: Arc<App>) -> Router {
     let body_timeout = std::time::Duration::from_millis(app.config().http.request_body_timeout_ms);
-    let protected =
-        api::routes()
-            .merge(commands::routes())
-            .route_layer(axum::middleware::from_fn_with_state(
-                app.clone(),
-                require_token,
-            ));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/openapi.json", get(openapi_json))
-        .merge(protected)
+    let mut router: Router<Arc<App>> = Router::new();
+    for (spec, handler) in routes::table() {
+        let check = axum::middleware::from_fn_with_state((app.clone(), spec), authorize);
+        router = router.route(spec.path, handler.route_layer(check));
+    }
+    let mut router = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(etags))
         .layer(axum::extract::DefaultBodyLimit::max(
             REQUEST_BODY_SIZE_BYTES_MAX,
         ))
@@ -340,8 +577,11 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             count_refusals,
-        ))
-        .with_state(app)
+        ));
+    if let Some(cors) = cors(&app) {
+        router = router.layer(cors);
+    }
+    router.with_state(app)
 }
 
 #[cfg(test)]

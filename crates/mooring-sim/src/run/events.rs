@@ -86,7 +86,7 @@ pub(super) async fn run_events(
                         (None, Some(app)) => (
                             device.clone(),
                             app.registry
-                                .delete_device(device)
+                                .delete_device(&mooring_server::access::Access::all(), device)
                                 .await
                                 .map_err(|e| e.to_string()),
                         ),
@@ -220,7 +220,7 @@ async fn command(
                 result_timeout_secs: None,
             };
             app.commands
-                .create_fleet_command(to, c)
+                .create_fleet_command(&mooring_server::access::Access::all(), to, c)
                 .await
                 .map(|v| (v.parent.id.clone(), v.parent.total))
                 .map_err(|e| e.to_string())?
@@ -240,7 +240,11 @@ async fn watch_fleet_command(control: Arc<Control>, id: String) {
         let Some(app) = control.app() else {
             continue;
         };
-        if let Ok(Some(view)) = app.commands.fleet_command(&id).await {
+        if let Ok(Some(view)) = app
+            .commands
+            .fleet_command(&mooring_server::access::Access::all(), &id)
+            .await
+        {
             if view.done {
                 let wall_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                 lock(&control.fleet_done_wall_ms).insert(id, wall_ms);
@@ -422,7 +426,12 @@ pub(super) async fn retag(
     loop {
         let (page, next) = app
             .registry
-            .list_selected_devices(selector, Some(1000), cursor.as_deref())
+            .list_selected_devices(
+                &mooring_server::access::Access::all(),
+                selector,
+                Some(1000),
+                cursor.as_deref(),
+            )
             .await
             .map_err(|e| e.to_string())?;
         ids.extend(page.into_iter().map(|v| v.record.id));
@@ -433,7 +442,7 @@ pub(super) async fn retag(
     }
     for id in &ids {
         app.registry
-            .set_tags(id, tags.clone())
+            .set_tags(&mooring_server::access::Access::all(), id, tags.clone())
             .await
             .map_err(|e| e.to_string())?;
     }

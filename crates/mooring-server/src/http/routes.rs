@@ -1,0 +1,291 @@
+//! The route table: every HTTP route with the one [`Permission`] it needs and the audit action
+//! its writes are logged as. The router is built only from this table, so a route cannot exist
+//! without a declared permission; `tests/access.rs` walks every row × every role against a
+//! running server.
+
+use super::{accounts, api, commands};
+use crate::access::{role_allows, Permission};
+use crate::app::App;
+use axum::routing::{delete, get, patch, post, put, MethodRouter};
+use mooring_store::Role;
+use std::sync::Arc;
+
+/// One row of the route table (without its handler).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub method: &'static str,
+    /// The axum path, `{name}` for a parameter.
+    pub path: &'static str,
+    pub permission: Permission,
+    /// What the audit log calls a write to this route (e.g. `device.create`).
+    pub action: &'static str,
+}
+
+type Handler = MethodRouter<Arc<App>>;
+
+macro_rules! row {
+    ($method:ident, $path:expr, $perm:ident, $action:expr, $handler:expr) => {
+        (
+            RouteSpec {
+                method: stringify!($method),
+                path: $path,
+                permission: Permission::$perm,
+                action: $action,
+            },
+            $method($handler),
+        )
+    };
+}
+
+/// The table.
+pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
+    vec![
+        row!(get, "/healthz", Public, "health", super::healthz),
+        row!(get, "/metrics", Public, "metrics", super::metrics),
+        row!(
+            get,
+            "/api/v1/openapi.json",
+            Public,
+            "openapi",
+            super::openapi_json
+        ),
+        // People.
+        row!(
+            post,
+            "/api/v1/auth/login",
+            Public,
+            "auth.login",
+            accounts::login
+        ),
+        row!(
+            post,
+            "/api/v1/auth/password",
+            Public,
+            "auth.password_set",
+            accounts::set_password
+        ),
+        row!(
+            post,
+            "/api/v1/auth/logout",
+            Authenticated,
+            "auth.logout",
+            accounts::logout
+        ),
+        row!(
+            get,
+            "/api/v1/auth/me",
+            Authenticated,
+            "auth.me",
+            accounts::me
+        ),
+        row!(
+            post,
+            "/api/v1/users",
+            UsersManage,
+            "user.create",
+            accounts::create_user
+        ),
+        row!(
+            get,
+            "/api/v1/users",
+            UsersManage,
+            "user.list",
+            accounts::list_users
+        ),
+        row!(
+            get,
+            "/api/v1/users/{id}",
+            UsersManage,
+            "user.get",
+            accounts::get_user
+        ),
+        row!(
+            patch,
+            "/api/v1/users/{id}",
+            UsersManage,
+            "user.update",
+            accounts::update_user
+        ),
+        row!(
+            delete,
+            "/api/v1/users/{id}",
+            UsersManage,
+            "user.delete",
+            accounts::delete_user
+        ),
+        row!(
+            post,
+            "/api/v1/users/{id}/password-link",
+            UsersManage,
+            "user.password_link",
+            accounts::password_link
+        ),
+        // Apps and machines.
+        row!(
+            post,
+            "/api/v1/tokens",
+            TokensManage,
+            "token.create",
+            accounts::create_token
+        ),
+        row!(
+            get,
+            "/api/v1/tokens",
+            TokensManage,
+            "token.list",
+            accounts::list_tokens
+        ),
+        row!(
+            post,
+            "/api/v1/tokens/rotate-admin",
+            TokensManage,
+            "token.rotate_admin",
+            accounts::rotate_admin
+        ),
+        row!(
+            get,
+            "/api/v1/tokens/{id}",
+            TokensManage,
+            "token.get",
+            accounts::get_token
+        ),
+        row!(
+            delete,
+            "/api/v1/tokens/{id}",
+            TokensManage,
+            "token.revoke",
+            accounts::revoke_token
+        ),
+        row!(
+            get,
+            "/api/v1/audit",
+            AuditRead,
+            "audit.list",
+            accounts::list_audit
+        ),
+        // Devices.
+        row!(
+            post,
+            "/api/v1/devices",
+            DevicesWrite,
+            "device.create",
+            api::create_device
+        ),
+        row!(
+            get,
+            "/api/v1/devices",
+            DevicesRead,
+            "device.list",
+            api::list_devices
+        ),
+        row!(
+            get,
+            "/api/v1/devices/{id}",
+            DevicesRead,
+            "device.get",
+            api::get_device
+        ),
+        row!(
+            delete,
+            "/api/v1/devices/{id}",
+            DevicesWrite,
+            "device.delete",
+            api::delete_device
+        ),
+        row!(
+            put,
+            "/api/v1/devices/{id}/tags",
+            DevicesWrite,
+            "device.tag",
+            commands::put_tags
+        ),
+        row!(
+            get,
+            "/api/v1/devices/{id}/telemetry",
+            TelemetryRead,
+            "telemetry.query",
+            api::device_telemetry
+        ),
+        row!(
+            get,
+            "/api/v1/devices/{id}/telemetry/latest",
+            TelemetryRead,
+            "telemetry.latest",
+            api::device_telemetry_latest
+        ),
+        // Commands and shadows.
+        row!(
+            post,
+            "/api/v1/devices/{id}/commands",
+            CommandsWrite,
+            "command.create",
+            commands::create_command
+        ),
+        row!(
+            get,
+            "/api/v1/devices/{id}/commands",
+            CommandsRead,
+            "command.list",
+            commands::list_commands
+        ),
+        row!(
+            get,
+            "/api/v1/devices/{id}/commands/{cmd}",
+            CommandsRead,
+            "command.get",
+            commands::get_command
+        ),
+        row!(
+            post,
+            "/api/v1/devices/{id}/commands/{cmd}/cancel",
+            CommandsWrite,
+            "command.cancel",
+            commands::cancel_command
+        ),
+        row!(
+            post,
+            "/api/v1/commands",
+            CommandsWrite,
+            "fleet_command.create",
+            commands::create_fleet_command
+        ),
+        row!(
+            get,
+            "/api/v1/commands/{id}",
+            CommandsRead,
+            "command.get",
+            commands::get_any_command
+        ),
+        row!(
+            get,
+            "/api/v1/devices/{id}/shadow",
+            ShadowRead,
+            "shadow.get",
+            commands::get_shadow
+        ),
+        row!(
+            patch,
+            "/api/v1/devices/{id}/shadow",
+            ShadowWrite,
+            "shadow.update",
+            commands::patch_shadow
+        ),
+    ]
+}
+
+/// Every route with its permission (for tests, docs and `GET /api/v1/auth/me`).
+pub fn route_specs() -> Vec<RouteSpec> {
+    table().into_iter().map(|(spec, _)| spec).collect()
+}
+
+/// The names of the permissions a role holds.
+pub fn permissions_of(role: Role) -> Vec<String> {
+    let mut perms: Vec<Permission> = route_specs()
+        .into_iter()
+        .map(|r| r.permission)
+        .filter(|p| !matches!(p, Permission::Public) && role_allows(role, *p))
+        .collect();
+    perms.sort();
+    perms.dedup();
+    perms.into_iter().map(|p| p.as_str().to_owned()).collect()
+}
