@@ -78,6 +78,8 @@ pub struct App {
     pub audit: Audit,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
+    /// OpenID Connect login, when `[oidc]` is configured.
+    oidc: OnceLock<Arc<crate::oidc::Oidc>>,
 }
 
 impl App {
@@ -115,7 +117,17 @@ impl App {
             presence,
             broker_state,
             core,
+            oidc: OnceLock::new(),
         }
+    }
+
+    pub fn set_oidc(&self, oidc: Arc<crate::oidc::Oidc>) {
+        let _ = self.oidc.set(oidc);
+    }
+
+    /// OpenID Connect login (`None`: not configured).
+    pub fn oidc(&self) -> Option<&Arc<crate::oidc::Oidc>> {
+        self.oidc.get()
     }
 
     pub fn set_broker(&self, broker: Broker) {

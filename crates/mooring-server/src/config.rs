@@ -6,6 +6,7 @@
 use anyhow::{bail, Context};
 use mooring_proto::policy::{Policy, Rule};
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -46,6 +47,8 @@ pub struct ServerConfig {
     pub auth: AuthConfig,
     /// The audit log of every write through the API.
     pub audit: AuditConfig,
+    /// OpenID Connect login (docs/access.md). Absent: no OIDC login.
+    pub oidc: Option<OidcConfig>,
 }
 
 /// `[auth]`.
@@ -109,6 +112,147 @@ impl Default for AuditConfig {
             retention_days: 365,
         }
     }
+}
+
+/// `[oidc]`: login through an OpenID provider (authorization code + PKCE); see
+/// [`crate::oidc`] and docs/access.md.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OidcConfig {
+    /// The provider's issuer URL, exactly as its ID tokens name it (`iss`); discovery reads
+    /// `<issuer>/.well-known/openid-configuration`. `https://`, or `http://` on loopback only.
+    pub issuer: String,
+    pub client_id: String,
+    /// A file (0600, like every secret file) holding the client secret. Absent: a public
+    /// client (PKCE only, no secret).
+    pub client_secret_file: Option<PathBuf>,
+    /// Refused: a secret inline in the config file ends up in backups, diffs and bug reports.
+    /// Only here to say so clearly (use `client_secret_file`).
+    #[serde(default)]
+    pub client_secret: Option<InlineSecret>,
+    /// Where the provider sends the browser back: this server's
+    /// `/api/v1/auth/oidc/callback`, as registered at the provider.
+    pub redirect_url: String,
+    #[serde(default = "default_oidc_scopes")]
+    pub scopes: Vec<String>,
+    /// The ID token claim whose value (a string, or an array of strings) maps to a role.
+    #[serde(default = "default_oidc_role_claim")]
+    pub role_claim: String,
+    /// Claim value → role name (`admin`, `operator`, `installer`, `viewer`, `service`). Of
+    /// several mapped values, the most privileged role wins.
+    #[serde(default)]
+    pub role_map: BTreeMap<String, String>,
+    /// The role of a user none of whose claim values is mapped. Absent: such a user is refused.
+    pub default_role: Option<String>,
+    /// A claim whose string value is a fleet selector limiting what the user may act on.
+    /// Absent (or a user without the claim): no limit beyond the role.
+    pub scope_claim: Option<String>,
+    /// The claim holding the user's e-mail address (refused when `email_verified` is false).
+    #[serde(default = "default_oidc_email_claim")]
+    pub email_claim: String,
+    /// A PEM file of CA certificates trusted for the provider's HTTPS, instead of the system's
+    /// trust roots (a provider behind a private CA).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A secret written inline in the config file: never printed (`Debug` redacts it).
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct InlineSecret(#[allow(dead_code)] String);
+
+impl std::fmt::Debug for InlineSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+fn default_oidc_scopes() -> Vec<String> {
+    ["openid", "email", "profile"].map(String::from).to_vec()
+}
+
+fn default_oidc_role_claim() -> String {
+    "mooring_role".to_owned()
+}
+
+fn default_oidc_email_claim() -> String {
+    "email".to_owned()
+}
+
+impl OidcConfig {
+    /// Checks the `[oidc]` table: URLs, roles, claims (not the secret file, read at start).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use crate::oidc::ROLES;
+        if self.client_secret.is_some() {
+            bail!("oidc.client_secret refused: do not put the secret in the config file; write it to a file only the server's user can read (chmod 600) and name it in oidc.client_secret_file");
+        }
+        check_oidc_url("oidc.issuer", &self.issuer)?;
+        check_oidc_url("oidc.redirect_url", &self.redirect_url)?;
+        if self.client_id.trim().is_empty() {
+            bail!("oidc.client_id must not be empty");
+        }
+        if !self.scopes.iter().any(|s| s == "openid") {
+            bail!("oidc.scopes must include \"openid\"");
+        }
+        if let Some(bad) = self
+            .scopes
+            .iter()
+            .find(|s| s.is_empty() || s.chars().any(|c| c.is_whitespace()))
+        {
+            bail!("oidc.scopes: {bad:?} is not a scope (no spaces, not empty)");
+        }
+        for (name, claim) in [
+            ("role_claim", &self.role_claim),
+            ("email_claim", &self.email_claim),
+        ]
+        .into_iter()
+        .chain(self.scope_claim.as_ref().map(|c| ("scope_claim", c)))
+        {
+            if claim.trim().is_empty() {
+                bail!("oidc.{name} must not be empty");
+            }
+        }
+        for (value, role) in &self.role_map {
+            if !ROLES.contains(&role.as_str()) {
+                bail!(
+                    "oidc.role_map: {value:?} maps to unknown role {role:?}; roles are {}",
+                    ROLES.join(", ")
+                );
+            }
+        }
+        if let Some(role) = &self.default_role {
+            if !ROLES.contains(&role.as_str()) {
+                bail!(
+                    "oidc.default_role: unknown role {role:?}; roles are {}",
+                    ROLES.join(", ")
+                );
+            }
+        }
+        if self.role_map.is_empty() && self.default_role.is_none() {
+            bail!("oidc: set role_map (claim value -> role) or default_role, else no one could log in");
+        }
+        Ok(())
+    }
+}
+
+/// An absolute `https://` URL (or `http://` to a loopback host, for development), no fragment.
+fn check_oidc_url(name: &str, text: &str) -> anyhow::Result<()> {
+    let url = openidconnect::url::Url::parse(text)
+        .with_context(|| format!("{name} {text:?} is not a URL"))?;
+    let loopback = match url.host() {
+        Some(openidconnect::url::Host::Domain(d)) => d == "localhost",
+        Some(openidconnect::url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(openidconnect::url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        _ => bail!("{name} {text:?} must be an https:// URL (http:// only to localhost)"),
+    }
+    if url.host().is_none() || url.fragment().is_some() || !url.username().is_empty() {
+        bail!("{name} {text:?} must be an absolute URL with a host, no user name and no #fragment");
+    }
+    Ok(())
 }
 
 /// `[store]`.
@@ -335,6 +479,7 @@ impl Default for ServerConfig {
             cluster: ClusterConfig::default(),
             auth: AuthConfig::default(),
             audit: AuditConfig::default(),
+            oidc: None,
         }
     }
 }
@@ -556,6 +701,9 @@ impl ServerConfig {
         if k.heartbeat_interval_ms == 0 || k.node_lease_ms < 2 * k.heartbeat_interval_ms {
             bail!("cluster: heartbeat_interval_ms must be at least 1 and node_lease_ms at least twice heartbeat_interval_ms");
         }
+        if let Some(oidc) = &self.oidc {
+            oidc.validate()?;
+        }
         self.policy()?;
         Ok(())
     }
@@ -628,5 +776,58 @@ mod tests {
             ..ServerConfig::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    fn oidc(extra: &str) -> anyhow::Result<()> {
+        let text = format!(
+            "[oidc]\nissuer = \"https://id.example.com/realms/fleet\"\nclient_id = \"mooring\"\n\
+             redirect_url = \"https://mooring.example.com/api/v1/auth/oidc/callback\"\n{extra}"
+        );
+        let c: ServerConfig = toml::from_str(&text)?;
+        c.validate()
+    }
+
+    #[test]
+    fn oidc_table_is_validated_with_clear_messages() {
+        oidc("role_map = { fleet-admins = \"admin\", ops = \"operator\" }").expect("valid");
+        oidc("default_role = \"viewer\"").expect("valid");
+        let refused = |extra: &str, needle: &str| {
+            let e = format!("{:#}", oidc(extra).expect_err(extra));
+            assert!(e.contains(needle), "{extra}: {e}");
+        };
+        refused("", "role_map");
+        refused("role_map = { ops = \"root\" }", "unknown role \"root\"");
+        refused("default_role = \"god\"", "unknown role \"god\"");
+        refused(
+            "default_role = \"viewer\"\nclient_secret = \"hunter2\"",
+            "client_secret_file",
+        );
+        refused(
+            "default_role = \"viewer\"\nscopes = [\"email\"]",
+            "\"openid\"",
+        );
+        let http = "[oidc]\nissuer = \"http://id.example.com\"\nclient_id = \"m\"\n\
+                    redirect_url = \"https://m.example.com/cb\"\ndefault_role = \"viewer\"";
+        let e = format!(
+            "{:#}",
+            toml::from_str::<ServerConfig>(http)
+                .expect("parse")
+                .validate()
+                .expect_err("http issuer")
+        );
+        assert!(e.contains("oidc.issuer") && e.contains("https://"), "{e}");
+        let bad_url = http.replace("http://id.example.com", "not a url");
+        let e = format!(
+            "{:#}",
+            toml::from_str::<ServerConfig>(&bad_url)
+                .expect("parse")
+                .validate()
+                .expect_err("bad url")
+        );
+        assert!(e.contains("is not a URL"), "{e}");
+        // The inline secret is never printed.
+        let c: ServerConfig =
+            toml::from_str(&format!("{http}\nclient_secret = \"hunter2\"")).expect("parse");
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -18,6 +18,8 @@
 //!   * [`shadow`]: device shadows (desired via the API, reported via MQTT, retained delta).
 //!   * [`presence`]: online/offline and `last_seen`, flushed to the store in batches.
 //!   * [`auth`]: API and service tokens.
+//!   * [`oidc`]: OpenID Connect login (authorization code + PKCE, sealed state cookie, ID token
+//!     claims → role and fleet scope), handing the identity to the accounts service.
 //! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
 //! * [`mooring_store`] (its own crate): storage traits + SQLite, group-commit writer.
 //!
@@ -43,6 +45,7 @@ pub mod error;
 pub mod hooks;
 pub mod http;
 pub mod metrics;
+pub mod oidc;
 pub mod pki;
 pub mod presence;
 pub mod registry;

@@ -342,6 +342,9 @@ pub struct SecretKey {
     aead: ring::aead::LessSafeKey,
     /// The key the cluster's bus messages are signed with, derived from the same 32 bytes.
     bus: ring::hmac::Key,
+    /// The key OpenID Connect login states are sealed with (derived likewise), so a login
+    /// begun on one node finishes on any.
+    oidc_state: [u8; 32],
 }
 
 impl SecretKey {
@@ -375,10 +378,20 @@ impl SecretKey {
         // A separate key for signing, so one key never serves two algorithms.
         let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes);
         let bus_bytes = ring::hmac::sign(&derive, b"mooring cluster bus signing key v1");
+        let mut oidc_state = [0u8; 32];
+        oidc_state.copy_from_slice(
+            &ring::hmac::sign(&derive, b"mooring oidc state key v1").as_ref()[..32],
+        );
         Ok(SecretKey {
             aead: ring::aead::LessSafeKey::new(key),
             bus: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bus_bytes.as_ref()),
+            oidc_state,
         })
+    }
+
+    /// The key OpenID Connect login states are sealed with.
+    pub fn oidc_state_key(&self) -> [u8; 32] {
+        self.oidc_state
     }
 
     /// The key every node signs its bus messages with (HMAC-SHA256).

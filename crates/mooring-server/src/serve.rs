@@ -339,6 +339,9 @@ impl RunningServer {
             .load_broker_state()
             .await
             .context("loading the broker's retained messages and sessions")?;
+        let oidc_state_key: [u8; 32] = shared
+            .as_ref()
+            .map_or_else(rand::random, |p| p.key.oidc_state_key());
         let cluster = match shared {
             Some(parts) => Some(
                 start_cluster(
@@ -359,6 +362,7 @@ impl RunningServer {
         }
         let (broker_state, broker_state_task) = BrokerStateWriter::spawn(store.clone());
         let persistence = Arc::new(StorePersistence::new(broker_state.clone(), clock.clone()));
+        let app_clock = clock.clone();
         let app = Arc::new(App::new(
             config,
             store,
@@ -369,6 +373,14 @@ impl RunningServer {
             broker_state,
             cluster.as_ref().map(|(c, _)| c.clone()),
         ));
+        if let Some(oidc_config) = &app.config().oidc {
+            // Login states are sealed under a key every node derives from the cluster key; a
+            // single node's is random per start (a login in flight across a restart starts over).
+            let oidc = crate::oidc::Oidc::new(oidc_config, oidc_state_key, app_clock.clone())
+                .await
+                .context("[oidc]")?;
+            app.set_oidc(Arc::new(oidc));
+        }
         let broker =
             Broker::with_persistence(broker_config, Arc::new(ServerHooks::new(&app)), persistence);
         broker.restore(crate::broker_state::restored(stored_broker_state));

@@ -413,3 +413,87 @@ pub(super) async fn list_audit(
         next_cursor,
     }))
 }
+
+fn oidc_off() -> ApiError {
+    ApiError(ServiceError::not_found(
+        "oidc_not_configured",
+        "OpenID Connect login is not configured on this server ([oidc] in the config)",
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/auth/oidc/login", security(()),
+    params(("return_to" = Option<String>, Query, description = "relative path to land on after the login (default /)")),
+    responses((status = 302, description = "to the OpenID provider, with the sealed login state in a cookie"), (status = 404, body = ErrorBody, description = "oidc_not_configured")))]
+pub(super) async fn oidc_login(
+    State(app): State<Arc<App>>,
+    ApiQuery(q): ApiQuery<crate::oidc::LoginQuery>,
+) -> ApiResult<Response> {
+    let oidc = app.oidc().ok_or_else(oidc_off)?;
+    crate::oidc::login_redirect(oidc, q).await
+}
+
+#[utoipa::path(get, path = "/api/v1/auth/oidc/callback", security(()),
+    params(("code" = String, Query), ("state" = String, Query)),
+    responses((status = 303, description = "logged in: the session cookies are set, to return_to"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody, description = "oidc_token_invalid, oidc_state_*"), (status = 403, body = ErrorBody, description = "oidc_no_role, user_disabled")))]
+pub(super) async fn oidc_callback(
+    State(app): State<Arc<App>>,
+    ApiQuery(q): ApiQuery<crate::oidc::CallbackQuery>,
+    parts: axum::http::request::Parts,
+) -> ApiResult<Response> {
+    let oidc = app.oidc().ok_or_else(oidc_off)?;
+    Ok(crate::oidc::callback_response(oidc, &AccountsLogin(&app), q, &parts).await)
+}
+
+/// Turns a verified OpenID Connect identity into a session: the accounts service links or
+/// creates the user; the browser goes on to `return_to` with the session cookies.
+struct AccountsLogin<'a>(&'a App);
+
+#[async_trait::async_trait]
+impl crate::oidc::OidcLogin for AccountsLogin<'_> {
+    async fn login(
+        &self,
+        id: crate::oidc::OidcIdentity,
+        source: String,
+        user_agent: String,
+    ) -> Result<Response, ServiceError> {
+        let app = self.0;
+        let role = id
+            .role
+            .parse::<Role>()
+            .map_err(|e| ServiceError::invalid("invalid_role", e.to_string()))?;
+        let actor = format!("user:{}", id.email);
+        let result = app
+            .accounts
+            .login_external(
+                crate::accounts::ExternalIdentity {
+                    subject: format!("{} {}", id.issuer, id.subject),
+                    email: id.email,
+                    role,
+                    scope: id.scope,
+                },
+                &source,
+                &user_agent,
+            )
+            .await;
+        let (status, detail) = match &result {
+            Ok(_) => (303, String::new()),
+            Err(e) => (e.kind.http_status(), e.code.to_owned()),
+        };
+        app.audit
+            .record(AuditEntryIn {
+                actor,
+                action: "auth.oidc_login",
+                target: "/api/v1/auth/oidc/callback".to_owned(),
+                source,
+                status,
+                detail,
+            })
+            .await;
+        let session = result?;
+        let mut resp = StatusCode::SEE_OTHER.into_response();
+        if let Ok(to) = HeaderValue::from_str(&id.return_to) {
+            resp.headers_mut().insert(header::LOCATION, to);
+        }
+        Ok(login_response(app, session, resp))
+    }
+}

@@ -17,7 +17,7 @@ use utoipa::OpenApi;
 #[openapi(
     info(title = "Mooring API", version = "1", description = "Device registry, provisioning, telemetry, commands and shadows. Every call except /healthz, /metrics, this document, /api/v1/auth/login and /api/v1/auth/password needs `Authorization: Bearer <token>` or a login session cookie (`mooring_session`; writes with the cookie also need `X-CSRF-Token`). Each route needs one permission (docs/access.md). Times are unix milliseconds."),
     paths(create_device, list_devices, get_device, delete_device, device_telemetry, device_telemetry_latest,
-        super::accounts::login, super::accounts::logout, super::accounts::me, super::accounts::set_password,
+        super::accounts::login, super::accounts::oidc_login, super::accounts::oidc_callback, super::accounts::logout, super::accounts::me, super::accounts::set_password,
         super::accounts::create_user, super::accounts::list_users, super::accounts::get_user, super::accounts::update_user,
         super::accounts::delete_user, super::accounts::password_link, super::accounts::create_token, super::accounts::list_tokens,
         super::accounts::get_token, super::accounts::revoke_token, super::accounts::rotate_admin, super::accounts::list_audit,

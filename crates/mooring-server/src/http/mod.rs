@@ -27,8 +27,7 @@ use mooring_store::Role;
 use std::sync::Arc;
 use utoipa::OpenApi;
 
-#[allow(unused_imports)] // login_response: for the OpenID Connect callback
-pub(crate) use accounts::{cookie, login_response};
+pub(crate) use accounts::cookie;
 pub use api::ApiDoc;
 pub use mooring_api::{ErrorBody, ErrorDetail};
 pub use routes::{route_specs, RouteSpec};

@@ -38,238 +38,49 @@ macro_rules! row {
 }
 
 /// The table.
+#[rustfmt::skip]
 pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
     vec![
         row!(get, "/healthz", Public, "health", super::healthz),
         row!(get, "/metrics", Public, "metrics", super::metrics),
-        row!(
-            get,
-            "/api/v1/openapi.json",
-            Public,
-            "openapi",
-            super::openapi_json
-        ),
+        row!(get, "/api/v1/openapi.json", Public, "openapi", super::openapi_json),
         // People.
-        row!(
-            post,
-            "/api/v1/auth/login",
-            Public,
-            "auth.login",
-            accounts::login
-        ),
-        row!(
-            post,
-            "/api/v1/auth/password",
-            Public,
-            "auth.password_set",
-            accounts::set_password
-        ),
-        row!(
-            post,
-            "/api/v1/auth/logout",
-            Authenticated,
-            "auth.logout",
-            accounts::logout
-        ),
-        row!(
-            get,
-            "/api/v1/auth/me",
-            Authenticated,
-            "auth.me",
-            accounts::me
-        ),
-        row!(
-            post,
-            "/api/v1/users",
-            UsersManage,
-            "user.create",
-            accounts::create_user
-        ),
-        row!(
-            get,
-            "/api/v1/users",
-            UsersManage,
-            "user.list",
-            accounts::list_users
-        ),
-        row!(
-            get,
-            "/api/v1/users/{id}",
-            UsersManage,
-            "user.get",
-            accounts::get_user
-        ),
-        row!(
-            patch,
-            "/api/v1/users/{id}",
-            UsersManage,
-            "user.update",
-            accounts::update_user
-        ),
-        row!(
-            delete,
-            "/api/v1/users/{id}",
-            UsersManage,
-            "user.delete",
-            accounts::delete_user
-        ),
-        row!(
-            post,
-            "/api/v1/users/{id}/password-link",
-            UsersManage,
-            "user.password_link",
-            accounts::password_link
-        ),
+        row!(post, "/api/v1/auth/login", Public, "auth.login", accounts::login),
+        row!(post, "/api/v1/auth/password", Public, "auth.password_set", accounts::set_password),
+        row!(get, "/api/v1/auth/oidc/login", Public, "auth.oidc_begin", accounts::oidc_login),
+        row!(get, "/api/v1/auth/oidc/callback", Public, "auth.oidc_login", accounts::oidc_callback),
+        row!(post, "/api/v1/auth/logout", Authenticated, "auth.logout", accounts::logout),
+        row!(get, "/api/v1/auth/me", Authenticated, "auth.me", accounts::me),
+        row!(post, "/api/v1/users", UsersManage, "user.create", accounts::create_user),
+        row!(get, "/api/v1/users", UsersManage, "user.list", accounts::list_users),
+        row!(get, "/api/v1/users/{id}", UsersManage, "user.get", accounts::get_user),
+        row!(patch, "/api/v1/users/{id}", UsersManage, "user.update", accounts::update_user),
+        row!(delete, "/api/v1/users/{id}", UsersManage, "user.delete", accounts::delete_user),
+        row!(post, "/api/v1/users/{id}/password-link", UsersManage, "user.password_link", accounts::password_link),
         // Apps and machines.
-        row!(
-            post,
-            "/api/v1/tokens",
-            TokensManage,
-            "token.create",
-            accounts::create_token
-        ),
-        row!(
-            get,
-            "/api/v1/tokens",
-            TokensManage,
-            "token.list",
-            accounts::list_tokens
-        ),
-        row!(
-            post,
-            "/api/v1/tokens/rotate-admin",
-            TokensManage,
-            "token.rotate_admin",
-            accounts::rotate_admin
-        ),
-        row!(
-            get,
-            "/api/v1/tokens/{id}",
-            TokensManage,
-            "token.get",
-            accounts::get_token
-        ),
-        row!(
-            delete,
-            "/api/v1/tokens/{id}",
-            TokensManage,
-            "token.revoke",
-            accounts::revoke_token
-        ),
-        row!(
-            get,
-            "/api/v1/audit",
-            AuditRead,
-            "audit.list",
-            accounts::list_audit
-        ),
+        row!(post, "/api/v1/tokens", TokensManage, "token.create", accounts::create_token),
+        row!(get, "/api/v1/tokens", TokensManage, "token.list", accounts::list_tokens),
+        row!(post, "/api/v1/tokens/rotate-admin", TokensManage, "token.rotate_admin", accounts::rotate_admin),
+        row!(get, "/api/v1/tokens/{id}", TokensManage, "token.get", accounts::get_token),
+        row!(delete, "/api/v1/tokens/{id}", TokensManage, "token.revoke", accounts::revoke_token),
+        row!(get, "/api/v1/audit", AuditRead, "audit.list", accounts::list_audit),
         // Devices.
-        row!(
-            post,
-            "/api/v1/devices",
-            DevicesWrite,
-            "device.create",
-            api::create_device
-        ),
-        row!(
-            get,
-            "/api/v1/devices",
-            DevicesRead,
-            "device.list",
-            api::list_devices
-        ),
-        row!(
-            get,
-            "/api/v1/devices/{id}",
-            DevicesRead,
-            "device.get",
-            api::get_device
-        ),
-        row!(
-            delete,
-            "/api/v1/devices/{id}",
-            DevicesWrite,
-            "device.delete",
-            api::delete_device
-        ),
-        row!(
-            put,
-            "/api/v1/devices/{id}/tags",
-            DevicesWrite,
-            "device.tag",
-            commands::put_tags
-        ),
-        row!(
-            get,
-            "/api/v1/devices/{id}/telemetry",
-            TelemetryRead,
-            "telemetry.query",
-            api::device_telemetry
-        ),
-        row!(
-            get,
-            "/api/v1/devices/{id}/telemetry/latest",
-            TelemetryRead,
-            "telemetry.latest",
-            api::device_telemetry_latest
-        ),
+        row!(post, "/api/v1/devices", DevicesWrite, "device.create", api::create_device),
+        row!(get, "/api/v1/devices", DevicesRead, "device.list", api::list_devices),
+        row!(get, "/api/v1/devices/{id}", DevicesRead, "device.get", api::get_device),
+        row!(delete, "/api/v1/devices/{id}", DevicesWrite, "device.delete", api::delete_device),
+        row!(put, "/api/v1/devices/{id}/tags", DevicesWrite, "device.tag", commands::put_tags),
+        row!(get, "/api/v1/devices/{id}/telemetry", TelemetryRead, "telemetry.query", api::device_telemetry),
+        row!(get, "/api/v1/devices/{id}/telemetry/latest", TelemetryRead, "telemetry.latest", api::device_telemetry_latest),
         // Commands and shadows.
-        row!(
-            post,
-            "/api/v1/devices/{id}/commands",
-            CommandsWrite,
-            "command.create",
-            commands::create_command
-        ),
-        row!(
-            get,
-            "/api/v1/devices/{id}/commands",
-            CommandsRead,
-            "command.list",
-            commands::list_commands
-        ),
-        row!(
-            get,
-            "/api/v1/devices/{id}/commands/{cmd}",
-            CommandsRead,
-            "command.get",
-            commands::get_command
-        ),
-        row!(
-            post,
-            "/api/v1/devices/{id}/commands/{cmd}/cancel",
-            CommandsWrite,
-            "command.cancel",
-            commands::cancel_command
-        ),
-        row!(
-            post,
-            "/api/v1/commands",
-            CommandsWrite,
-            "fleet_command.create",
-            commands::create_fleet_command
-        ),
-        row!(
-            get,
-            "/api/v1/commands/{id}",
-            CommandsRead,
-            "command.get",
-            commands::get_any_command
-        ),
-        row!(
-            get,
-            "/api/v1/devices/{id}/shadow",
-            ShadowRead,
-            "shadow.get",
-            commands::get_shadow
-        ),
-        row!(
-            patch,
-            "/api/v1/devices/{id}/shadow",
-            ShadowWrite,
-            "shadow.update",
-            commands::patch_shadow
-        ),
+        row!(post, "/api/v1/devices/{id}/commands", CommandsWrite, "command.create", commands::create_command),
+        row!(get, "/api/v1/devices/{id}/commands", CommandsRead, "command.list", commands::list_commands),
+        row!(get, "/api/v1/devices/{id}/commands/{cmd}", CommandsRead, "command.get", commands::get_command),
+        row!(post, "/api/v1/devices/{id}/commands/{cmd}/cancel", CommandsWrite, "command.cancel", commands::cancel_command),
+        row!(post, "/api/v1/commands", CommandsWrite, "fleet_command.create", commands::create_fleet_command),
+        row!(get, "/api/v1/commands/{id}", CommandsRead, "command.get", commands::get_any_command),
+        row!(get, "/api/v1/devices/{id}/shadow", ShadowRead, "shadow.get", commands::get_shadow),
+        row!(patch, "/api/v1/devices/{id}/shadow", ShadowWrite, "shadow.update", commands::patch_shadow),
     ]
 }
 
