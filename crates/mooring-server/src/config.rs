@@ -42,6 +42,8 @@ pub struct ServerConfig {
     pub bus: BusUrlConfig,
     /// How the nodes sharing one store coordinate.
     pub cluster: ClusterConfig,
+    /// Live event streams (`GET /api/v1/events`).
+    pub events: crate::events::EventsConfig,
 }
 
 /// `[store]`.
@@ -266,6 +268,7 @@ impl Default for ServerConfig {
             store: StoreConfig::default(),
             bus: BusUrlConfig::default(),
             cluster: ClusterConfig::default(),
+            events: crate::events::EventsConfig::default(),
         }
     }
 }
@@ -426,6 +429,7 @@ impl ServerConfig {
                 );
             }
         }
+        self.events.validate()?;
         if self.store.pool_size == 0 {
             bail!("store.pool_size must be at least 1");
         }

@@ -18,6 +18,8 @@
 //!   * [`shadow`]: device shadows (desired via the API, reported via MQTT, retained delta).
 //!   * [`presence`]: online/offline and `last_seen`, flushed to the store in batches.
 //!   * [`auth`]: API and service tokens.
+//!   * [`events`]: live events (presence, telemetry, commands, shadows) for SSE streams,
+//!     resumable on any node.
 //! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
 //! * [`mooring_store`] (its own crate): storage traits + SQLite, group-commit writer.
 //!
@@ -37,6 +39,7 @@ pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod hooks;
 pub mod http;
 pub mod metrics;

@@ -477,6 +477,7 @@ impl RunningServer {
             ..
         } = self;
         let _ = stop.send(true);
+        app.events.close().await;
         broker.shutdown().await;
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
@@ -715,11 +716,22 @@ async fn serve_http_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // An event stream whose client stopped reading closes its connection through this.
+    let closer = tokio_util::sync::CancellationToken::new();
+    let handle = crate::http::ConnectionCloser(closer.clone());
+    let router = tower::ServiceExt::map_request(
+        router,
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(handle.clone());
+            req
+        },
+    );
     let service = hyper_util::service::TowerToHyperService::new(router);
     let conn = http1.serve_connection(hyper_util::rt::TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        _ = closer.cancelled() => Ok(()),
         _ = stop.changed() => {
             conn.as_mut().graceful_shutdown();
             conn.await

@@ -764,3 +764,63 @@ async fn a_rolling_restart_of_every_node_keeps_the_api_answering() {
     );
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_events_cross_nodes_and_a_stream_resumes_on_another_node_without_loss() {
+    use support::Sse;
+    let env = Env::new().await;
+    let a = env.start("a");
+    let b = env.start("b");
+    let creds = a.create_device("d1", env.tmp.path());
+    let mut on_b = Sse::open(&b, Some("d1"), None).await;
+    let mut on_a = Sse::open(&a, Some("d1"), None).await;
+
+    // The device is on node A; the stream on node B sees its telemetry.
+    let mut dev = MqttDevice::connect(&a, &creds, "d1").await;
+    let seqs = |msgs: &[support::Msg]| -> Vec<u64> {
+        msgs.iter()
+            .filter(|m| m.event == "telemetry")
+            .filter_map(|m| m.data["seq"].as_u64())
+            .collect()
+    };
+    for seq in 1..=3 {
+        dev.publish(
+            "devices/d1/telemetry",
+            &format!(r#"{{"seq": {seq}, "t": 1}}"#),
+        )
+        .await;
+    }
+    let seen = on_b.until(|m| m.data["seq"] == 3).await;
+    assert_eq!(seqs(&seen), [1, 2, 3]);
+    assert!(seen
+        .iter()
+        .any(|m| m.event == "presence" && m.data["node"] == "a"));
+
+    // The stream on A breaks off after seq 2; it resumes on B with A's cursor.
+    let seen = on_a.until(|m| m.data["seq"] == 2).await;
+    let cursor = seen[seen.len() - 1].id.clone();
+    drop(on_a);
+    for seq in 4..=6 {
+        dev.publish(
+            "devices/d1/telemetry",
+            &format!(r#"{{"seq": {seq}, "t": 1}}"#),
+        )
+        .await;
+    }
+    on_b.until(|m| m.data["seq"] == 6).await;
+    // A command created through B (its events originate on B and on A, which delivers it).
+    let (status, c) = b
+        .api(
+            "POST",
+            "/api/v1/devices/d1/commands",
+            Some(json!({"name": "ping"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{c}");
+    on_b.until(|m| m.event == "command").await;
+    let mut resumed = Sse::open(&b, Some("d1"), Some(&cursor)).await;
+    let seen = resumed.until(|m| m.event == "command").await;
+    assert_eq!(seqs(&seen), [3, 4, 5, 6], "{seen:?}");
+    assert!(seen.iter().all(|m| m.event != "reset"), "{seen:?}");
+    assert_eq!(b.metric("mooring_cluster_outbox_dropped_total").await, 0.0);
+}

@@ -21,11 +21,12 @@ use utoipa::OpenApi;
     paths(create_device, list_devices, get_device, delete_device, device_telemetry, device_telemetry_latest, create_token,
         super::commands::create_command, super::commands::list_commands, super::commands::get_command,
         super::commands::cancel_command, super::commands::create_fleet_command, super::commands::get_any_command,
-        super::commands::put_tags, super::commands::get_shadow, super::commands::patch_shadow),
+        super::commands::put_tags, super::commands::get_shadow, super::commands::patch_shadow,
+        super::events::events),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, CreateToken, CreatedToken,
         mooring_api::CreateCommand, mooring_api::CreateFleetCommand, mooring_api::Command, mooring_api::CommandList,
         mooring_api::HistoryEntry, mooring_api::CommandResultBody, mooring_api::FleetCommand, mooring_api::AnyCommand,
-        mooring_api::Shadow, mooring_api::ShadowPatch)),
+        mooring_api::Shadow, mooring_api::ShadowPatch, mooring_api::Event, mooring_api::EventBody, mooring_api::EventsReset)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -7,6 +7,7 @@
 
 mod api;
 mod commands;
+mod events;
 
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError};
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use utoipa::OpenApi;
 
 pub use api::ApiDoc;
+pub use events::ConnectionCloser;
 pub use mooring_api::{ErrorBody, ErrorDetail};
 
 /// Largest request body accepted, in bytes.
@@ -316,13 +318,13 @@ async fn count_refusals(State(app): State<Arc<App>>, req: Request, next: Next) -
 /// The whole HTTP router.
 pub fn router(app: Arc<App>) -> Router {
     let body_timeout = std::time::Duration::from_millis(app.config().http.request_body_timeout_ms);
-    let protected =
-        api::routes()
-            .merge(commands::routes())
-            .route_layer(axum::middleware::from_fn_with_state(
-                app.clone(),
-                require_token,
-            ));
+    let protected = api::routes()
+        .merge(commands::routes())
+        .merge(events::routes())
+        .route_layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            require_token,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))

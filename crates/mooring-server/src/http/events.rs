@@ -1,0 +1,72 @@
+//! `GET /api/v1/events`: live events as Server-Sent Events (see `events.rs` and docs/events.md).
+
+use super::{ApiError, ApiQuery, ApiResult, Caller, ErrorBody};
+use crate::app::App;
+use crate::error::{ErrorKind, ServiceError};
+use crate::events::{EventFilter, Opened};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, Sse};
+use axum::routing::get;
+use axum::{Extension, Router};
+use futures::Stream;
+use mooring_api::EventsParams;
+use std::convert::Infallible;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub fn routes() -> Router<Arc<App>> {
+    Router::new().route("/api/v1/events", get(events))
+}
+
+/// Closes the HTTP connection a request came on (set by `serve.rs` per connection): a stream
+/// whose client stopped reading is ended even though hyper no longer polls its body.
+#[derive(Clone)]
+pub struct ConnectionCloser(pub CancellationToken);
+
+/// The request's selector and the caller's access scope, as one filter.
+fn filter(params: &EventsParams, _caller: &Caller) -> ApiResult<EventFilter> {
+    let selector = params
+        .selector
+        .as_deref()
+        .map(crate::commands::parse_selector)
+        .transpose()?;
+    // The caller's access scope goes here as the second selector once tokens carry one.
+    Ok(EventFilter::new(selector, None))
+}
+
+#[utoipa::path(get, path = "/api/v1/events", params(EventsParams,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event: the `id:` of the last message received, on any node")),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = mooring_api::Event,
+         description = "Server-Sent Events: `event: <kind>` (presence, telemetry, command, shadow), `id: <cursor>`, `data: <Event JSON>`; \
+            `event: reset` (data `EventsReset`) when the stream cannot resume without a gap: reload state; a keep-alive comment every 15 s"),
+        (status = 400, body = ErrorBody),
+        (status = 503, body = ErrorBody, description = "too_many_streams: this node serves `[events] streams_max` streams")))]
+async fn events(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    closer: Option<Extension<ConnectionCloser>>,
+    headers: HeaderMap,
+    ApiQuery(params): ApiQuery<EventsParams>,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let filter = filter(&params, &caller)?;
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty());
+    let closer = closer.map(|Extension(c)| c.0);
+    match app.events.open(app.registry.clone(), filter, last, closer) {
+        Opened::Full => Err(ApiError(ServiceError::new(
+            ErrorKind::Unavailable,
+            "too_many_streams",
+            "this node serves as many event streams as it may; retry later or on another node",
+        ))),
+        Opened::Stream(rx) => {
+            let stream = futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|frame| (Ok(frame), rx))
+            });
+            Ok(Sse::new(stream))
+        }
+    }
+}
