@@ -4,9 +4,9 @@
 use crate::{
     AnyCommand, AuditList, AuditParams, Command, CommandList, CommandListParams, CreateCommand,
     CreateDevice, CreateFleetCommand, CreateToken, CreateUser, CreatedDevice, CreatedToken,
-    CreatedUser, Device, DeviceList, ErrorBody, FleetCommand, LatestMetrics, ListDevicesParams, Me,
-    PageParams, PasswordLink, Shadow, ShadowPatch, TelemetryParams, TelemetryPoints, TokenList,
-    UpdateUser, User, UserList, WaitParams,
+    CreatedUser, Device, DeviceList, ErrorBody, Event, EventsParams, FleetCommand, LatestMetrics,
+    ListDevicesParams, Me, PageParams, PasswordLink, Shadow, ShadowPatch, StreamItem,
+    TelemetryParams, TelemetryPoints, TokenList, UpdateUser, User, UserList, WaitParams,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -52,6 +52,9 @@ pub enum Error {
     /// The client could not be built (a CA file, a URL).
     #[error("{0}")]
     Config(String),
+    /// An event stream went silent or broke off (resume it with its last event id).
+    #[error("{0}")]
+    Stream(String),
 }
 
 impl Error {
@@ -482,6 +485,162 @@ impl Client {
     pub async fn openapi(&self) -> Result<serde_json::Value> {
         self.get(self.url(&["api", "v1", "openapi.json"], None::<&()>)?)
             .await
+    }
+
+    /// `GET /api/v1/events`: the live event stream (Server-Sent Events), resumed after
+    /// `last_event_id` if given. The call's timeout bounds only the answer's head; then the
+    /// stream runs until the server ends it, and breaks off with [`Error::Stream`] if nothing
+    /// (not even a keep-alive) arrives for [`EVENT_STREAM_IDLE_MAX`].
+    pub async fn events(
+        &self,
+        params: &EventsParams,
+        last_event_id: Option<&str>,
+    ) -> Result<EventStream> {
+        let url = self.url(&["api", "v1", "events"], Some(params))?;
+        let mut req = self
+            .http
+            .get(url.clone())
+            .bearer_auth(&self.token)
+            .header("accept", "text/event-stream")
+            // The stream has no total deadline: the idle bound below replaces it.
+            .timeout(Duration::from_secs(365 * 24 * 3600));
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let transport = |source| Error::Transport {
+            base: self.base().to_owned(),
+            source,
+        };
+        let resp = tokio::time::timeout(self.timeout, req.send())
+            .await
+            .map_err(|_| Error::Stream(format!("no answer from {url} in {:?}", self.timeout)))?
+            .map_err(transport)?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.map_err(transport)?;
+            return Err(match serde_json::from_str::<ErrorBody>(&text) {
+                Ok(b) => Error::Api {
+                    status: status.as_u16(),
+                    code: b.error.code,
+                    message: b.error.message,
+                },
+                Err(_) => Error::Status {
+                    status: status.as_u16(),
+                    url: url.to_string(),
+                    text: truncate(text),
+                },
+            });
+        }
+        Ok(EventStream {
+            resp,
+            buf: Vec::new(),
+            pending: SseFields::default(),
+            last_event_id: last_event_id.map(str::to_owned),
+        })
+    }
+}
+
+/// Longest silence on an event stream before [`EventStream::next`] gives up (the server sends
+/// a keep-alive every 15 s).
+pub const EVENT_STREAM_IDLE_MAX: Duration = Duration::from_secs(45);
+/// Longest line of an event stream the client accepts.
+const EVENT_LINE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+#[derive(Default)]
+struct SseFields {
+    event: String,
+    data: String,
+    id: Option<String>,
+}
+
+/// An open event stream ([`Client::events`]).
+pub struct EventStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    pending: SseFields,
+    last_event_id: Option<String>,
+}
+
+impl EventStream {
+    /// The cursor to resume from (`Last-Event-ID`): the newest `id:` the server sent.
+    pub fn last_event_id(&self) -> Option<&str> {
+        self.last_event_id.as_deref()
+    }
+
+    /// The next event or reset; `Ok(None)` when the server ended the stream. Keep-alives and
+    /// events of kinds this client does not know are skipped.
+    pub async fn next(&mut self) -> Result<Option<StreamItem>> {
+        loop {
+            while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                let line = String::from_utf8_lossy(&line[..line.len() - 1]);
+                let line = line.strip_suffix('\r').unwrap_or(&line);
+                if let Some(item) = self.line(line)? {
+                    return Ok(Some(item));
+                }
+            }
+            if self.buf.len() > EVENT_LINE_BYTES_MAX {
+                return Err(Error::Stream(format!(
+                    "an event stream line is longer than {EVENT_LINE_BYTES_MAX} bytes"
+                )));
+            }
+            let chunk = tokio::time::timeout(EVENT_STREAM_IDLE_MAX, self.resp.chunk())
+                .await
+                .map_err(|_| {
+                    Error::Stream(format!(
+                        "the event stream was silent for {EVENT_STREAM_IDLE_MAX:?}"
+                    ))
+                })?
+                .map_err(|e| Error::Stream(format!("the event stream broke off: {e}")))?;
+            match chunk {
+                Some(c) => self.buf.extend_from_slice(&c),
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// One line of the stream; an item when it ends an event.
+    fn line(&mut self, line: &str) -> Result<Option<StreamItem>> {
+        if !line.is_empty() {
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "event" => value.clone_into(&mut self.pending.event),
+                "data" => {
+                    if !self.pending.data.is_empty() {
+                        self.pending.data.push('\n');
+                    }
+                    self.pending.data.push_str(value);
+                }
+                "id" => self.pending.id = Some(value.to_owned()),
+                _ => {}
+            }
+            return Ok(None);
+        }
+        let f = std::mem::take(&mut self.pending);
+        if let Some(id) = &f.id {
+            self.last_event_id = Some(id.clone());
+        }
+        if f.data.is_empty() {
+            return Ok(None);
+        }
+        let id =
+            f.id.or_else(|| self.last_event_id.clone())
+                .unwrap_or_default();
+        let decode = |source| Error::Decode {
+            url: "event stream".to_owned(),
+            source,
+        };
+        if f.event == crate::RESET_EVENT {
+            let reset = serde_json::from_str(&f.data).map_err(decode)?;
+            return Ok(Some(StreamItem::Reset { id, reset }));
+        }
+        match serde_json::from_str::<Event>(&f.data) {
+            Ok(event) => Ok(Some(StreamItem::Event { id, event })),
+            // A kind added after this client was built.
+            Err(e) if e.to_string().contains("unknown variant") => Ok(None),
+            Err(e) => Err(decode(e)),
+        }
     }
 }
 

@@ -18,6 +18,7 @@ mod accounts;
 mod commands;
 mod devices;
 mod error;
+mod events;
 mod shadow;
 mod telemetry;
 mod tokens;
@@ -35,12 +36,13 @@ pub use commands::{
 };
 pub use devices::{CreateDevice, CreatedDevice, Device, DeviceList, ListDevicesParams};
 pub use error::{ErrorBody, ErrorDetail};
+pub use events::{Event, EventBody, EventsParams, EventsReset, StreamItem, RESET_EVENT};
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
 pub use tokens::{CreateToken, CreatedToken, PageParams, TokenInfo, TokenList};
 
 #[cfg(feature = "client")]
-pub use client::{Client, ClientBuilder, Error};
+pub use client::{Client, ClientBuilder, Error, EventStream, EVENT_STREAM_IDLE_MAX};
 
 /// Largest page of `GET /api/v1/devices` (`limit`).
 pub const DEVICE_PAGE_LEN_MAX: usize = 1000;

@@ -11,6 +11,7 @@ use crate::auth::Tokens;
 use crate::cluster::Cluster;
 use crate::commands::Commands;
 use crate::config::ServerConfig;
+use crate::events::Events;
 use crate::metrics::Counters;
 use crate::pki::Pki;
 use crate::presence::Presence;
@@ -40,6 +41,8 @@ pub(crate) struct Core {
     broker: OnceLock<Broker>,
     /// Set when nodes share the store: what this node tells the others.
     pub(crate) cluster: Option<Arc<Cluster>>,
+    /// Live events: every service publishes what changed here.
+    pub(crate) events: Arc<Events>,
 }
 
 impl Core {
@@ -76,6 +79,8 @@ pub struct App {
     pub accounts: Accounts,
     /// The audit log.
     pub audit: Audit,
+    /// Live events (`GET /api/v1/events`): the ring, the streams.
+    pub events: Arc<Events>,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -95,6 +100,12 @@ impl App {
         cluster: Option<Arc<Cluster>>,
     ) -> Self {
         let node = cluster.as_ref().map(|c| c.node().to_owned());
+        let events = Arc::new(Events::new(
+            config.events.clone(),
+            clock.clone(),
+            config.node_id.clone(),
+            cluster.clone(),
+        ));
         let core = Arc::new(Core {
             config,
             store,
@@ -103,6 +114,7 @@ impl App {
             policy: RwLock::new(Arc::new(policy)),
             broker: OnceLock::new(),
             cluster,
+            events: events.clone(),
         });
         let presence = Arc::new(Presence::new(core.store.clone(), node));
         let registry = Arc::new(Registry::new(core.clone(), pki, presence.clone()));
@@ -115,6 +127,7 @@ impl App {
             audit: Audit::new(core.clone()),
             registry,
             presence,
+            events,
             broker_state,
             core,
             oidc: OnceLock::new(),

@@ -13,6 +13,7 @@
 //! | `cluster.device`   | `[device, ..]`                        | re-reads each from the store: re-authorizes its sessions with the stored tags, or removes them if it is gone |
 //! | `cluster.released` | `[session key, ..]`                   | counts the sender's answer for the connects waiting on those sessions |
 //! | `cluster.mqtt`     | forwarded MQTT messages               | retains (memory) and routes them to its sessions    |
+//! | `cluster.events`   | `[[origin, seq, at_ms, kind, device, data], ..]` | adds them to its live-event ring (`events.rs`), for its streams and resumes |
 //!
 //! A device connecting to node B: at CONNECT, B announces the session (`cluster.session`).
 //! A node holding anything of the device (a connection, or an offline persistent session)
@@ -59,6 +60,7 @@ const SUBJECT_DEVICE: &str = "cluster.device";
 const SUBJECT_TOKEN: &str = "cluster.token";
 const SUBJECT_MQTT: &str = "cluster.mqtt";
 const SUBJECT_RELEASED: &str = "cluster.released";
+const SUBJECT_EVENTS: &str = "cluster.events";
 
 /// A bus message sent longer ago (or later) than this, by the receiver's clock, is dropped.
 pub const MESSAGE_AGE_MAX_MS: u64 = 60_000;
@@ -100,6 +102,8 @@ struct Outbox {
     tokens: BTreeSet<String>,
     released: Vec<String>,
     mqtt: Vec<Vec<u8>>,
+    /// Live events this node originated, in seq order.
+    events: Vec<crate::events::WireItem>,
     items: usize,
     bytes: usize,
 }
@@ -352,6 +356,12 @@ impl Cluster {
         });
     }
 
+    /// A live event this node originated, for the other nodes' rings. Dropped (and counted)
+    /// when the outbox is full: receivers see the seq gap and reset their streams.
+    pub(crate) fn event(&self, origin: u64, item: &crate::events::Item) {
+        self.push(item.wire_bytes(), |o| o.events.push(item.to_wire(origin)));
+    }
+
     /// A message the local broker accepted, for the other nodes' brokers.
     pub(crate) fn forward(&self, forwarded: Vec<u8>) {
         self.push(forwarded.len(), |o| o.mqtt.push(forwarded));
@@ -517,6 +527,9 @@ impl Cluster {
         if !o.tokens.is_empty() {
             let tokens: Vec<String> = o.tokens.into_iter().collect();
             self.send_json(SUBJECT_TOKEN, &tokens).await;
+        }
+        if !o.events.is_empty() {
+            self.send_json(SUBJECT_EVENTS, &o.events).await;
         }
         let mut body: Vec<u8> = Vec::new();
         for m in o.mqtt {
@@ -737,6 +750,14 @@ fn handle(
                     cluster.on_released(&key, from);
                 }
             }
+            Err(e) => bad(e),
+        },
+        SUBJECT_EVENTS => match serde_json::from_slice::<Vec<crate::events::WireItem>>(body) {
+            Ok(list) => app.events.receive(
+                list.into_iter()
+                    .filter_map(crate::events::Item::from_wire)
+                    .collect(),
+            ),
             Err(e) => bad(e),
         },
         SUBJECT_DEVICE => match serde_json::from_slice::<Vec<String>>(body) {

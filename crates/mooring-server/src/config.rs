@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub audit: AuditConfig,
     /// OpenID Connect login (docs/access.md). Absent: no OIDC login.
     pub oidc: Option<OidcConfig>,
+    /// Live event streams (`GET /api/v1/events`).
+    pub events: crate::events::EventsConfig,
 }
 
 /// `[auth]`.
@@ -480,6 +482,7 @@ impl Default for ServerConfig {
             auth: AuthConfig::default(),
             audit: AuditConfig::default(),
             oidc: None,
+            events: crate::events::EventsConfig::default(),
         }
     }
 }
@@ -683,6 +686,7 @@ impl ServerConfig {
                 );
             }
         }
+        self.events.validate()?;
         if self.store.pool_size == 0 {
             bail!("store.pool_size must be at least 1");
         }

@@ -320,6 +320,13 @@ impl Hooks for ServerHooks {
                 return;
             }
             tracing::debug!(device = %id, "online");
+            app.events.publish(
+                Some(id),
+                mooring_api::EventBody::Presence {
+                    online: true,
+                    node: app.events.node().to_owned(),
+                },
+            );
             // A persistent session may already hold the commands subscription.
             app.commands.kick_local(id, true);
         }
@@ -352,6 +359,15 @@ impl Hooks for ServerHooks {
         if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
             app.presence.disconnected(id, app.now_ms());
             tracing::debug!(device = %id, "offline");
+            if !app.presence.is_here(id) {
+                app.events.publish(
+                    Some(id),
+                    mooring_api::EventBody::Presence {
+                        online: false,
+                        node: app.events.node().to_owned(),
+                    },
+                );
+            }
         }
     }
 }

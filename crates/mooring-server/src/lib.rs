@@ -20,6 +20,8 @@
 //!   * [`auth`]: API and service tokens.
 //!   * [`oidc`]: OpenID Connect login (authorization code + PKCE, sealed state cookie, ID token
 //!     claims → role and fleet scope), handing the identity to the accounts service.
+//!   * [`events`]: live events (presence, telemetry, commands, shadows) for SSE streams,
+//!     resumable on any node.
 //! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
 //! * [`mooring_store`] (its own crate): storage traits + SQLite, group-commit writer.
 //!
@@ -42,6 +44,7 @@ pub mod cluster;
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod hooks;
 pub mod http;
 pub mod metrics;

@@ -300,6 +300,36 @@ pub fn render_metrics(app: &App) -> String {
         app.presence.online_count() as f64,
     )
     .gauge(
+        "mooring_events_streams",
+        "Live event streams open on this node (GET /api/v1/events)",
+        app.events.streams() as f64,
+    )
+    .counter(
+        "mooring_events_published_total",
+        "Live events this node originated",
+        load(&app.events.counters.published),
+    )
+    .counter(
+        "mooring_events_received_total",
+        "Live events received from other nodes",
+        load(&app.events.counters.received),
+    )
+    .counter(
+        "mooring_events_streams_refused_total",
+        "Event streams refused: [events] streams_max reached",
+        load(&app.events.counters.streams_refused),
+    )
+    .counter(
+        "mooring_events_streams_slow_total",
+        "Event streams closed because their client stopped reading (it may resume)",
+        load(&app.events.counters.streams_slow),
+    )
+    .counter(
+        "mooring_events_resets_total",
+        "Resets sent: a resume from a cursor older than the window, or events lost between nodes",
+        load(&app.events.counters.resets),
+    )
+    .gauge(
         "mooring_command_waiters",
         "Commands being waited on by wait_ms requests",
         app.commands.waited_commands() as f64,

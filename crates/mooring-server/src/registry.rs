@@ -30,6 +30,23 @@ pub struct Registry {
     /// Tag changes are stored and handed to the broker in one step, so two concurrent changes
     /// cannot leave the broker with the older tags.
     tags_lock: tokio::sync::Mutex<()>,
+    /// What event streams filter on: each device's current facts, read once per
+    /// [`FACTS_TTL_MS`] at most, forgotten when this node changes or hears of a change.
+    facts: std::sync::Mutex<std::collections::HashMap<DeviceId, CachedFacts>>,
+}
+
+/// How long a device's cached facts (tags, online, version) serve event filters. Changes made
+/// or announced (tags, deletion, presence and shadow events) drop the entry at once; this bounds
+/// how stale a missed one leaves it.
+pub const FACTS_TTL_MS: u64 = 10_000;
+/// Devices whose facts are cached at once; when full the cache starts over.
+pub const FACTS_CACHE_LEN_MAX: usize = 100_000;
+
+/// A device's facts as of `read_ms` (`None`: no such device).
+#[derive(Debug, Clone)]
+struct CachedFacts {
+    read_ms: u64,
+    facts: Option<(BTreeMap<String, String>, bool, Option<String>)>,
 }
 
 /// A certificate issued outside this server (the simulator's devices): only its pin is stored.
@@ -55,6 +72,7 @@ impl Registry {
             pki,
             presence,
             tags_lock: tokio::sync::Mutex::new(()),
+            facts: std::sync::Mutex::default(),
         }
     }
 
@@ -212,6 +230,7 @@ impl Registry {
         let Ok(id) = DeviceId::parse(id) else {
             return;
         };
+        self.forget_facts(&id);
         match self.core.store.get_device(id.as_str()).await {
             Ok(Some(record)) => {
                 if let Some(broker) = self.core.broker() {
@@ -355,6 +374,66 @@ impl Registry {
         }
     }
 
+    /// Whether device `id` matches `sel` now, by its cached facts (see [`FACTS_TTL_MS`]); the
+    /// selector is evaluated by the one evaluator, [`Selector::matches`]. A device that does
+    /// not exist, or whose facts cannot be read, matches nothing.
+    pub async fn matches_cached(&self, sel: &Selector, id: &DeviceId) -> bool {
+        let now = self.core.now_ms();
+        let cached = mooring_proto::sync::lock(&self.facts)
+            .get(id)
+            .filter(|c| now.saturating_sub(c.read_ms) < FACTS_TTL_MS)
+            .cloned();
+        let cached = match cached {
+            Some(c) => c,
+            None => {
+                let Ok(c) = self.read_facts(id, now).await else {
+                    return false;
+                };
+                let mut m = mooring_proto::sync::lock(&self.facts);
+                if m.len() >= FACTS_CACHE_LEN_MAX {
+                    m.clear();
+                }
+                m.insert(id.clone(), c.clone());
+                c
+            }
+        };
+        let Some((tags, online, version)) = &cached.facts else {
+            return false;
+        };
+        sel.matches(&DeviceFacts {
+            id,
+            tags,
+            online: *online,
+            version: version.as_deref(),
+        })
+    }
+
+    async fn read_facts(&self, id: &DeviceId, now: u64) -> ServiceResult<CachedFacts> {
+        let Some(record) = self.core.store.get_device(id.as_str()).await? else {
+            return Ok(CachedFacts {
+                read_ms: now,
+                facts: None,
+            });
+        };
+        let version = self
+            .core
+            .store
+            .get_shadows(&[id.to_string()])
+            .await?
+            .first()
+            .and_then(reported_version);
+        let view = self.view(record).await?;
+        Ok(CachedFacts {
+            read_ms: now,
+            facts: Some((view.record.tags, view.online, version)),
+        })
+    }
+
+    /// Drops the cached facts of `id` (it changed).
+    pub fn forget_facts(&self, id: &DeviceId) {
+        mooring_proto::sync::lock(&self.facts).remove(id);
+    }
+
     /// Replaces a device's tags.
     pub async fn set_tags(
         &self,
@@ -377,6 +456,7 @@ impl Registry {
                 mooring_store::StoreError::NotFound(_) => device_not_found(id.as_str()),
                 other => other.into(),
             })?;
+        self.forget_facts(&id);
         // Policy follows the data: the device's sessions (live and persisted) are authorized
         // against the new tags from now on, and what they no longer allow is removed.
         if let Some(broker) = self.core.broker() {
@@ -422,6 +502,7 @@ impl Registry {
             broker.remove_device(id.as_str(), Some(&prefix));
         }
         self.presence.forget(id.as_str());
+        self.forget_facts(&id);
         if let Some(cluster) = self.core.cluster() {
             cluster.device_changed(id.as_str());
         }

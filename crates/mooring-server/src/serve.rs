@@ -494,6 +494,7 @@ impl RunningServer {
             ..
         } = self;
         let _ = stop.send(true);
+        app.events.close().await;
         broker.shutdown().await;
         connections.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), connections.wait()).await;
@@ -733,12 +734,16 @@ async fn serve_http_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    // The peer's address for the handlers (login throttling, the audit log).
+    // The peer's address for the handlers (login throttling, the audit log), and the
+    // connection's closer: an event stream whose client stopped reading closes it.
+    let closer = tokio_util::sync::CancellationToken::new();
+    let handle = crate::http::ConnectionCloser(closer.clone());
     let service = tower::ServiceExt::map_request(
         router,
         move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
+            req.extensions_mut().insert(handle.clone());
             req
         },
     );
@@ -747,6 +752,7 @@ async fn serve_http_connection<I>(
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
+        _ = closer.cancelled() => Ok(()),
         _ = stop.changed() => {
             conn.as_mut().graceful_shutdown();
             conn.await

@@ -165,6 +165,14 @@ impl Shadows {
                 "the shadow changed concurrently; read it again",
             ));
         }
+        self.core.events.publish(
+            Some(&next.device_id),
+            mooring_api::EventBody::Shadow {
+                desired: next.desired.clone(),
+                reported: next.reported.clone(),
+                version: next.version,
+            },
+        );
         let before = shadow::delta(&current.desired, &current.reported);
         let after = shadow::delta(&next.desired, &next.reported);
         if before != after || !after.is_empty() {

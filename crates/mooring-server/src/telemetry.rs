@@ -80,6 +80,16 @@ impl Telemetry {
             }
         };
         let points = telemetry.points.len() as u64;
+        // The event's points, taken before the record goes to the writer.
+        let event = mooring_api::EventBody::Telemetry {
+            seq: telemetry.seq,
+            ts: telemetry.ts_ms.unwrap_or(now_ms),
+            points: telemetry
+                .points
+                .iter()
+                .map(|(name, v)| (name.clone(), v.to_json()))
+                .collect(),
+        };
         let record = TelemetryRecord {
             device_id: device_id.clone(),
             seq: telemetry.seq,
@@ -90,6 +100,7 @@ impl Telemetry {
             Ok(AppendOutcome::Stored) => {
                 Counters::inc(&counters.telemetry_messages);
                 Counters::add(&counters.telemetry_points, points);
+                self.core.events.publish(Some(device_id), event);
                 Ingest::Stored
             }
             Ok(AppendOutcome::Duplicate) => {

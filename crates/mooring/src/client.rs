@@ -782,3 +782,88 @@ pub async fn audit(args: ApiArgs, a: AuditArgs) -> anyhow::Result<u8> {
     }
     Ok(EXIT_OK)
 }
+
+/// `mooring events`.
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Only events about devices matching this selector, e.g. `tag:site=berlin`.
+    #[arg(long)]
+    selector: Option<String>,
+    /// Resume after this event id (a previous run's `id`, printed with --with-ids).
+    #[arg(long)]
+    last_event_id: Option<String>,
+    /// Exit after this many events (resets included).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Print `{"id": <cursor>, "event": <event>}` instead of the bare event.
+    #[arg(long)]
+    with_ids: bool,
+}
+
+/// Longest pause between reconnects of `mooring events`.
+const EVENTS_RECONNECT_MAX_MS: u64 = 10_000;
+
+/// Prints events as JSON lines until `--count` or the server refuses; a broken stream is
+/// resumed from its last id (a reset says when that could not be done without a gap).
+pub async fn events(api: ApiArgs, args: EventsArgs) -> anyhow::Result<u8> {
+    use std::io::Write;
+    if let Some(s) = &args.selector {
+        Selector::parse(s).map_err(|e| UsageError(format!("--selector: {e}")))?;
+    }
+    let client = api.connect()?;
+    let params = mooring_api::EventsParams {
+        selector: args.selector.clone(),
+    };
+    let mut last = args.last_event_id.clone();
+    let mut printed = 0u64;
+    let mut backoff_ms = 500;
+    loop {
+        let mut stream = match client.events(&params, last.as_deref()).await {
+            Ok(s) => s,
+            Err(e @ (mooring_api::Error::Transport { .. } | mooring_api::Error::Stream(_)))
+                if printed > 0 || last.is_some() =>
+            {
+                eprintln!("events: {e}; reconnecting");
+                tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(EVENTS_RECONNECT_MAX_MS);
+                continue;
+            }
+            Err(e) => {
+                call::<()>(Err(e))?;
+                return Ok(EXIT_FAILED);
+            }
+        };
+        loop {
+            let item = match stream.next().await {
+                Ok(Some(item)) => item,
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("events: {e}; resuming");
+                    break;
+                }
+            };
+            backoff_ms = 500;
+            let (id, value) = match item {
+                mooring_api::StreamItem::Event { id, event } => (id, serde_json::to_value(event)?),
+                mooring_api::StreamItem::Reset { id, reset } => (
+                    id,
+                    serde_json::json!({"kind": "reset", "reason": reset.reason}),
+                ),
+            };
+            let line = if args.with_ids {
+                serde_json::json!({"id": id, "event": value})
+            } else {
+                value
+            };
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}")?;
+            out.flush()?;
+            printed += 1;
+            if args.count.is_some_and(|n| printed >= n) {
+                return Ok(EXIT_OK);
+            }
+        }
+        last = stream.last_event_id().map(str::to_owned).or(last);
+        tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+    }
+}

@@ -52,6 +52,15 @@ enum Command {
         #[command(subcommand)]
         command: CommandCommand,
     },
+    /// Follow live events (presence, telemetry, commands, shadows) as JSON lines
+    /// (docs/events.md); reconnects and resumes by itself.
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Events {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(flatten)]
+        args: client::EventsArgs,
+    },
     /// Benchmarks against a private Mosquitto on loopback, side by side (docs/benchmarks.md).
     Bench(mooring_bench::BenchArgs),
     /// Manage API tokens for apps and machines (e.g. a `service` token for a data pipeline's
@@ -393,6 +402,7 @@ fn run(command: Command) -> ExitCode {
             Command::Token { api, command } => client::token(api, command).await,
             Command::User { api, command } => client::user(api, command).await,
             Command::Audit { api, args } => client::audit(api, args).await,
+            Command::Events { api, args } => client::events(api, args).await,
             Command::Bench(args) => mooring_bench::run(args).await.map(|()| client::EXIT_OK),
             Command::Commands { api, command } => client::command(api, command).await,
             Command::Backup(args) => ops::backup(args).map(|()| client::EXIT_OK),

@@ -2,6 +2,8 @@
 //! role walk, scopes, people's logins (cookies, CSRF, throttling, password links), token
 //! lifecycle, the audit log, ETags and CORS.
 
+#[path = "../../mooring-server/tests/support/oidc_provider.rs"]
+mod oidc_provider;
 mod support;
 
 use mooring_server::access::{role_allows, Permission};
@@ -53,7 +55,16 @@ async fn call(
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_owned))
         .collect();
-    let text = resp.text().await.expect("body");
+    // An event stream never ends: its headers are the answer.
+    let streaming = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let text = if streaming {
+        String::new()
+    } else {
+        resp.text().await.expect("body")
+    };
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
     Resp {
         status,
@@ -267,6 +278,26 @@ async fn a_scope_limits_what_a_token_lists_reads_and_acts_on() {
         .await
         .status,
         200
+    );
+
+    // Live events are filtered by the scope too: a shadow change outside it never shows.
+    let mut events = support::Sse::open_as(&server, &viewer, None, None).await;
+    for id in ["globex-1", "acme-2"] {
+        let (status, v) = server
+            .api(
+                "PATCH",
+                &format!("/api/v1/devices/{id}/shadow"),
+                Some(json!({"desired": {"led": "on"}})),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let first = events.next().await;
+    assert_eq!(
+        (first.event.as_str(), first.data["device_id"].as_str()),
+        ("shadow", Some("acme-2")),
+        "{:?}",
+        first.data
     );
 
     // The scoped operator acts only inside its scope.
@@ -1101,5 +1132,130 @@ async fn cors_answers_only_the_configured_origins() {
         String::from_utf8_lossy(&bad.stderr).contains("cors_origins"),
         "{}",
         String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+/// One browser round of an OpenID Connect login against `server` (redirects followed by hand):
+/// the callback's response.
+async fn oidc_round(server: &Server) -> reqwest::Response {
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let begin = browser
+        .get(format!(
+            "{}/api/v1/auth/oidc/login?return_to=/devices",
+            server.url()
+        ))
+        .send()
+        .await
+        .expect("begin");
+    assert_eq!(begin.status(), 302);
+    let state_cookie = begin.headers()["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .split(';')
+        .next()
+        .expect("pair")
+        .to_owned();
+    let to_provider = begin.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    let approved = browser.get(to_provider).send().await.expect("authorize");
+    let back = approved.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_owned();
+    let query = back.split_once('?').expect("query").1.to_owned();
+    browser
+        .get(format!(
+            "{}/api/v1/auth/oidc/callback?{query}",
+            server.url()
+        ))
+        .header("cookie", state_cookie)
+        .send()
+        .await
+        .expect("callback")
+}
+
+#[tokio::test]
+async fn an_openid_connect_login_becomes_a_session_and_a_tampered_id_token_is_refused() {
+    let provider = oidc_provider::TestProvider::start("mooring", "provider-secret").await;
+    provider.set_claims(json!({"email": "olga@example.com", "mooring_role": "fleet-ops", "mooring_scope": "tag:site=berlin"}));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let secret = tmp.path().join("oidc.secret");
+    std::fs::write(&secret, "provider-secret").expect("secret");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let args = config_args(
+        tmp.path(),
+        &format!(
+            "[oidc]\nissuer = \"{}\"\nclient_id = \"mooring\"\nclient_secret_file = \"{}\"\n\
+             redirect_url = \"http://127.0.0.1:9/api/v1/auth/oidc/callback\"\n\
+             scope_claim = \"mooring_scope\"\n[oidc.role_map]\n\"fleet-ops\" = \"operator\"\n",
+            provider.issuer,
+            secret.display()
+        ),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start_with(tmp.path(), "127.0.0.1:0", "127.0.0.1:0", &args);
+
+    let done = oidc_round(&server).await;
+    assert_eq!(done.status(), 303);
+    assert_eq!(done.headers()["location"], "/devices");
+    let cookies: Vec<String> = done
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    assert!(
+        cookies
+            .iter()
+            .any(|c| c.starts_with("mooring_session=mrs_")),
+        "{cookies:?}"
+    );
+    let cookie = cookie_header(&cookies);
+    let me = call(
+        &server,
+        "GET",
+        "/api/v1/auth/me",
+        None,
+        Some(&cookie),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.body["name"], "olga@example.com");
+    assert_eq!(me.body["role"], "operator");
+    assert_eq!(me.body["scope"], "tag:site=berlin");
+    let (_, users) = server.api("GET", "/api/v1/users", None).await;
+    assert_eq!(users["users"][0]["oidc"], true, "{users}");
+
+    // A tampered ID token gives no session.
+    provider.set_flip_signature(true);
+    let refused = oidc_round(&server).await;
+    let status = refused.status().as_u16();
+    let no_session = !refused.headers().get_all("set-cookie").iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|c| c.starts_with("mooring_session=mrs_"))
+    });
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("oidc_token_invalid")),
+        "{body}"
+    );
+    assert!(no_session);
+    // Both logins are in the audit log... the refused one never reached the accounts service.
+    let (_, audit) = server
+        .api("GET", "/api/v1/audit?action=auth.oidc_login", None)
+        .await;
+    assert_eq!(
+        audit["entries"].as_array().map(Vec::len),
+        Some(1),
+        "{audit}"
     );
 }

@@ -764,3 +764,255 @@ async fn a_rolling_restart_of_every_node_keeps_the_api_answering() {
     );
     drop(nodes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_events_cross_nodes_and_a_stream_resumes_on_another_node_without_loss() {
+    use support::Sse;
+    let env = Env::new().await;
+    let a = env.start("a");
+    let b = env.start("b");
+    let creds = a.create_device("d1", env.tmp.path());
+    let mut on_b = Sse::open(&b, Some("d1"), None).await;
+    let mut on_a = Sse::open(&a, Some("d1"), None).await;
+
+    // The device is on node A; the stream on node B sees its telemetry.
+    let mut dev = MqttDevice::connect(&a, &creds, "d1").await;
+    let seqs = |msgs: &[support::Msg]| -> Vec<u64> {
+        msgs.iter()
+            .filter(|m| m.event == "telemetry")
+            .filter_map(|m| m.data["seq"].as_u64())
+            .collect()
+    };
+    for seq in 1..=3 {
+        dev.publish(
+            "devices/d1/telemetry",
+            &format!(r#"{{"seq": {seq}, "t": 1}}"#),
+        )
+        .await;
+    }
+    let seen = on_b.until(|m| m.data["seq"] == 3).await;
+    assert_eq!(seqs(&seen), [1, 2, 3]);
+    assert!(seen
+        .iter()
+        .any(|m| m.event == "presence" && m.data["node"] == "a"));
+
+    // The stream on A breaks off after seq 2; it resumes on B with A's cursor.
+    let seen = on_a.until(|m| m.data["seq"] == 2).await;
+    let cursor = seen[seen.len() - 1].id.clone();
+    drop(on_a);
+    for seq in 4..=6 {
+        dev.publish(
+            "devices/d1/telemetry",
+            &format!(r#"{{"seq": {seq}, "t": 1}}"#),
+        )
+        .await;
+    }
+    on_b.until(|m| m.data["seq"] == 6).await;
+    // A command created through B (its events originate on B and on A, which delivers it).
+    let (status, c) = b
+        .api(
+            "POST",
+            "/api/v1/devices/d1/commands",
+            Some(json!({"name": "ping"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{c}");
+    on_b.until(|m| m.event == "command").await;
+    let mut resumed = Sse::open(&b, Some("d1"), Some(&cursor)).await;
+    let seen = resumed.until(|m| m.event == "command").await;
+    assert_eq!(seqs(&seen), [3, 4, 5, 6], "{seen:?}");
+    assert!(seen.iter().all(|m| m.event != "reset"), "{seen:?}");
+    assert_eq!(b.metric("mooring_cluster_outbox_dropped_total").await, 0.0);
+}
+
+/// One HTTP call with a cookie and extra headers: (status, body, Set-Cookie values).
+async fn call_with(
+    server: &Server,
+    method: reqwest::Method,
+    path: &str,
+    bearer: Option<&str>,
+    cookie: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, Value, Vec<String>) {
+    let mut req = support::http().request(method, format!("{}{path}", server.url()));
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("http");
+    let status = resp.status().as_u16();
+    let cookies = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| {
+            v.to_str()
+                .ok()
+                .map(|c| c.split(';').next().unwrap_or("").to_owned())
+        })
+        .collect();
+    let text = resp.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        cookies,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_session_and_a_token_revocation_hold_on_every_node() {
+    use reqwest::Method;
+    let env = Env::new().await;
+    let a = env.start("a");
+    let b = env.start("b");
+    let (status, v) = a
+        .api(
+            "POST",
+            "/api/v1/users",
+            Some(json!({"email": "ann@example.com", "role": "operator", "password": "correct horse battery"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+
+    // Log in on a, use the cookie on b, log out on b: refused on a.
+    let (status, login, cookies) = call_with(
+        &a,
+        Method::POST,
+        "/api/v1/auth/login",
+        None,
+        None,
+        &[],
+        Some(json!({"email": "ann@example.com", "password": "correct horse battery"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{login}");
+    let cookie = cookies.join("; ");
+    let csrf = login["csrf_token"].as_str().expect("csrf").to_owned();
+    let (status, me, _) = call_with(
+        &b,
+        Method::GET,
+        "/api/v1/auth/me",
+        None,
+        Some(&cookie),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, me["name"].as_str()),
+        (200, Some("ann@example.com")),
+        "{me}"
+    );
+    let (status, v, _) = call_with(
+        &b,
+        Method::POST,
+        "/api/v1/devices",
+        None,
+        Some(&cookie),
+        &[("x-csrf-token", &csrf)],
+        Some(json!({"id": "lock-9"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let (status, _, _) = call_with(
+        &b,
+        Method::POST,
+        "/api/v1/auth/logout",
+        None,
+        Some(&cookie),
+        &[("x-csrf-token", &csrf)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let (status, _, _) = call_with(
+        &a,
+        Method::GET,
+        "/api/v1/auth/me",
+        None,
+        Some(&cookie),
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 401, "the session ended on b, so on a too");
+
+    // A token revoked on b is refused on a at once; its MQTT session on a is closed.
+    let creds = a.create_device("probe-1", env.tmp.path());
+    let service = support::service_token(&a, "pipeline");
+    let mut sub = support::Sub::start(&{
+        let mut args = support::service_args(&a, &creds, &service, "pipeline-1");
+        args.extend(support::s(&["-t", "devices/+/telemetry"]));
+        args
+    });
+    let (status, v) = a.api("GET", "/api/v1/tokens?limit=1000", None).await;
+    assert_eq!(status, 200, "{v}");
+    let id = v["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|t| t["name"] == "pipeline")
+        .and_then(|t| t["id"].as_str())
+        .expect("pipeline token")
+        .to_owned();
+    assert_eq!(
+        call_with(
+            &a,
+            Method::GET,
+            "/api/v1/devices",
+            Some(&service),
+            None,
+            &[],
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    let (status, _, _) = call_with(
+        &b,
+        Method::DELETE,
+        &format!("/api/v1/tokens/{id}"),
+        Some(&b.token),
+        None,
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(status, 204);
+    let revoked_at = std::time::Instant::now();
+    assert_eq!(
+        call_with(
+            &a,
+            Method::GET,
+            "/api/v1/devices",
+            Some(&service),
+            None,
+            &[],
+            None
+        )
+        .await
+        .0,
+        401
+    );
+    assert!(revoked_at.elapsed() < Duration::from_secs(1));
+    sub.wait_exit();
+    // The audit log (one table for the cluster) has both nodes' writes.
+    let (_, audit) = a.api("GET", "/api/v1/audit?limit=100", None).await;
+    let nodes: std::collections::BTreeSet<&str> = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["node"].as_str())
+        .collect();
+    assert!(nodes.contains("a") && nodes.contains("b"), "{audit}");
+}

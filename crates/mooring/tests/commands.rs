@@ -661,6 +661,7 @@ async fn selectors_match_tags_online_and_version_and_device_tag_merges() {
         "/api/v1/commands/{id}",
         "/api/v1/devices/{id}/tags",
         "/api/v1/devices/{id}/shadow",
+        "/api/v1/events",
     ] {
         assert!(openapi["paths"][path].is_object(), "{path} in openapi.json");
     }

@@ -95,6 +95,7 @@ impl Commands {
             }
             if let Step::To(to) = step {
                 self.count_transition(to);
+                self.announce(&record);
                 self.notify(&record.id, to);
             }
         }

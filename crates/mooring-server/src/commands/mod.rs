@@ -165,6 +165,19 @@ impl Commands {
         }
     }
 
+    /// A command was stored in a new state: its live event.
+    fn announce(&self, r: &CommandRecord) {
+        self.core.events.publish(
+            Some(&r.device_id),
+            mooring_api::EventBody::Command {
+                command_id: r.id.clone(),
+                name: r.name.clone(),
+                state: r.state.as_str().to_owned(),
+                parent_id: r.parent_id.clone(),
+            },
+        );
+    }
+
     /// Wakes this node's `wait_ms` waiters on command `id` (also for another node's transition).
     pub(crate) fn notify_here(&self, id: &str, state: CommandState) {
         if let Some(tx) = lock(&self.waiters).get(id) {
@@ -360,6 +373,7 @@ impl Commands {
         let record = outcome.into_record();
         if created {
             Counters::inc(&self.core.counters.commands_created);
+            self.announce(&record);
             self.kick(&record.device_id, false);
         }
         let record = self.wait_command(record, wait_ms).await?;
@@ -536,6 +550,7 @@ impl Commands {
                 )));
             }
             self.count_transition(to);
+            self.announce(&record);
             self.notify(id, to);
         }
         Ok(Some((step, record)))
@@ -749,6 +764,11 @@ impl Commands {
                 Err(e) => return Err(e.into()),
             };
             Counters::add(&self.core.counters.commands_created, outcomes.len() as u64);
+            for o in &outcomes {
+                if matches!(o, CreateOutcome::Created(_)) {
+                    self.announce(o.record());
+                }
+            }
             // In a cluster, kick only devices online somewhere (one store lookup per page): an
             // offline device gets its commands when it connects, and the bus carries no kicks
             // for it.

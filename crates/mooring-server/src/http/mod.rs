@@ -8,6 +8,7 @@
 mod accounts;
 mod api;
 mod commands;
+mod events;
 pub mod routes;
 
 use crate::access::{access_of, role_allows, Access, Permission};
@@ -29,6 +30,7 @@ use utoipa::OpenApi;
 
 pub(crate) use accounts::cookie;
 pub use api::ApiDoc;
+pub use events::ConnectionCloser;
 pub use mooring_api::{ErrorBody, ErrorDetail};
 pub use routes::{route_specs, RouteSpec};
 

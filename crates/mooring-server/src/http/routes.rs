@@ -3,7 +3,7 @@
 //! without a declared permission; `tests/access.rs` walks every row × every role against a
 //! running server.
 
-use super::{accounts, api, commands};
+use super::{accounts, api, commands, events};
 use crate::access::{role_allows, Permission};
 use crate::app::App;
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
@@ -64,6 +64,7 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(get, "/api/v1/tokens/{id}", TokensManage, "token.get", accounts::get_token),
         row!(delete, "/api/v1/tokens/{id}", TokensManage, "token.revoke", accounts::revoke_token),
         row!(get, "/api/v1/audit", AuditRead, "audit.list", accounts::list_audit),
+        row!(get, "/api/v1/events", EventsRead, "events.stream", events::events),
         // Devices.
         row!(post, "/api/v1/devices", DevicesWrite, "device.create", api::create_device),
         row!(get, "/api/v1/devices", DevicesRead, "device.list", api::list_devices),

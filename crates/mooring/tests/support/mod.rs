@@ -643,3 +643,125 @@ pub fn service_args(server: &Server, ca: &Creds, token: &str, client_id: &str) -
 pub fn dev_args(server: &Server) -> Vec<String> {
     s(&["-h", "127.0.0.1", "-p", &server.mqtt_dev.port().to_string()])
 }
+
+/// One message of a live event stream (`GET /api/v1/events`).
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub event: String,
+    pub id: String,
+    pub data: Value,
+}
+
+/// A minimal SSE reader: keep-alives and id-only messages update `last_id` and are skipped.
+pub struct Sse {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    last_id: Option<String>,
+}
+
+impl Sse {
+    pub async fn open(server: &Server, selector: Option<&str>, last_id: Option<&str>) -> Sse {
+        Self::open_as(server, &server.token, selector, last_id).await
+    }
+
+    /// [`Sse::open`] with another token (a scoped one, say).
+    pub async fn open_as(
+        server: &Server,
+        token: &str,
+        selector: Option<&str>,
+        last_id: Option<&str>,
+    ) -> Sse {
+        let resp = Self::request_as(server, token, selector, last_id).await;
+        assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        Sse {
+            resp,
+            buf: Vec::new(),
+            last_id: last_id.map(str::to_owned),
+        }
+    }
+
+    pub async fn request(
+        server: &Server,
+        selector: Option<&str>,
+        last_id: Option<&str>,
+    ) -> reqwest::Response {
+        Self::request_as(server, &server.token, selector, last_id).await
+    }
+
+    pub async fn request_as(
+        server: &Server,
+        token: &str,
+        selector: Option<&str>,
+        last_id: Option<&str>,
+    ) -> reqwest::Response {
+        let mut req = http()
+            .get(format!("{}/api/v1/events", server.url()))
+            .bearer_auth(token);
+        if let Some(s) = selector {
+            req = req.query(&[("selector", s)]);
+        }
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        req.send().await.expect("events request")
+    }
+
+    /// The next message with data (bounded by [`WAIT`]).
+    pub async fn next(&mut self) -> Msg {
+        tokio::time::timeout(WAIT, self.next_inner())
+            .await
+            .expect("no event in time")
+            .expect("the stream ended")
+    }
+
+    /// `None` when the server ended the stream.
+    async fn next_inner(&mut self) -> Option<Msg> {
+        let (mut event, mut id, mut data) = (String::new(), None::<String>, String::new());
+        loop {
+            while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                let line = String::from_utf8_lossy(&line[..line.len() - 1]).to_string();
+                if line.is_empty() {
+                    if let Some(i) = id.take() {
+                        self.last_id = Some(i);
+                    }
+                    if !data.is_empty() {
+                        return Some(Msg {
+                            event: std::mem::take(&mut event),
+                            id: self.last_id.clone().unwrap_or_default(),
+                            data: serde_json::from_str(&data).expect("event data is JSON"),
+                        });
+                    }
+                    event.clear();
+                    continue;
+                }
+                let (field, value) = line.split_once(':').unwrap_or((&line, ""));
+                let value = value.strip_prefix(' ').unwrap_or(value);
+                match field {
+                    "event" => event = value.to_owned(),
+                    "data" => data.push_str(value),
+                    "id" => id = Some(value.to_owned()),
+                    _ => {}
+                }
+            }
+            match self.resp.chunk().await {
+                Ok(Some(c)) => self.buf.extend_from_slice(&c),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Reads until `pred` holds; returns every message read, the matching one last.
+    pub async fn until(&mut self, pred: impl Fn(&Msg) -> bool) -> Vec<Msg> {
+        let mut seen = Vec::new();
+        loop {
+            let m = self.next().await;
+            let done = pred(&m);
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
