@@ -331,6 +331,24 @@ impl Client {
             .await
     }
 
+    /// Every token, following `next_cursor` page by page.
+    pub async fn list_all_tokens(&self) -> Result<Vec<crate::TokenInfo>> {
+        all_pages(|cursor| async move {
+            let page = self.list_tokens(&page_params(cursor)).await?;
+            Ok((page.tokens, page.next_cursor))
+        })
+        .await
+    }
+
+    /// Every user, following `next_cursor` page by page.
+    pub async fn list_all_users(&self) -> Result<Vec<User>> {
+        all_pages(|cursor| async move {
+            let page = self.list_users(&page_params(cursor)).await?;
+            Ok((page.users, page.next_cursor))
+        })
+        .await
+    }
+
     /// `DELETE /api/v1/tokens/{id}`: revokes a token.
     pub async fn revoke_token(&self, id: &str) -> Result<()> {
         let url = self.url(&["api", "v1", "tokens", id], None::<&()>)?;
@@ -640,6 +658,32 @@ impl EventStream {
             // A kind added after this client was built.
             Err(e) if e.to_string().contains("unknown variant") => Ok(None),
             Err(e) => Err(decode(e)),
+        }
+    }
+}
+
+/// The largest page of a list call.
+fn page_params(cursor: Option<String>) -> PageParams {
+    PageParams {
+        limit: Some(1000),
+        cursor,
+    }
+}
+
+/// Every item of a paged list: `fetch(cursor)` returns one page and the next cursor.
+async fn all_pages<T, F, Fut>(mut fetch: F) -> Result<Vec<T>>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<String>)>>,
+{
+    let mut all = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (page, next) = fetch(cursor).await?;
+        all.extend(page);
+        match next {
+            Some(c) => cursor = Some(c),
+            None => return Ok(all),
         }
     }
 }

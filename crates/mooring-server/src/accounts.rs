@@ -78,6 +78,9 @@ pub struct ExternalIdentity {
     /// `<issuer> <subject>`.
     pub subject: String,
     pub email: String,
+    /// The provider verified the address: only then is the identity linked to an existing user
+    /// with that email.
+    pub email_verified: bool,
     pub role: Role,
     pub scope: Option<String>,
 }
@@ -138,6 +141,21 @@ fn check_password(password: &str) -> ServiceResult<()> {
             "weak_password",
             format!("a password has {PASSWORD_LEN_MIN} to {PASSWORD_BYTES_MAX} bytes' worth of characters (at least {PASSWORD_LEN_MIN} characters)"),
         ));
+    }
+    Ok(())
+}
+
+/// An admin manages users, tokens and the audit log of the whole fleet, so a scope would not
+/// hold it: refused.
+fn check_role_scope(role: Role, scope: Option<&str>) -> ServiceResult<()> {
+    if role == Role::Admin && scope.is_some() {
+        return Err(ServiceError::invalid(
+            "invalid_scope",
+            "an admin cannot be limited to a scope (it manages users and tokens); use operator",
+        ));
+    }
+    if let Some(s) = scope {
+        parse_scope(s)?;
     }
     Ok(())
 }
@@ -210,9 +228,7 @@ impl Accounts {
     /// Creates a user. Without a password, returns a one-time password-set link.
     pub async fn create_user(&self, req: NewUser) -> ServiceResult<(UserRecord, Option<String>)> {
         let email = normalize_email(&req.email)?;
-        if let Some(scope) = &req.scope {
-            parse_scope(scope)?;
-        }
+        check_role_scope(req.role, req.scope.as_deref())?;
         let now_ms = self.core.now_ms();
         let (password_hash, link) = match req.password {
             Some(p) => {
@@ -283,9 +299,9 @@ impl Accounts {
     /// scope) ends the user's sessions, so what a session may do never outlives a change.
     pub async fn update_user(&self, key: &str, change: UserChange) -> ServiceResult<UserRecord> {
         let mut user = self.get_user(key).await?;
-        if let Some(Some(scope)) = &change.scope {
-            parse_scope(scope)?;
-        }
+        let role = change.role.unwrap_or(user.role);
+        let scope = change.scope.clone().unwrap_or_else(|| user.scope.clone());
+        check_role_scope(role, scope.as_deref())?;
         let ends_sessions = change.disabled == Some(true)
             || change.role.is_some_and(|r| r != user.role)
             || change.scope.as_ref().is_some_and(|s| *s != user.scope);
@@ -369,8 +385,11 @@ impl Accounts {
         Ok(user)
     }
 
-    /// Refuses a login attempt if the account or the address failed too often in the window.
-    async fn check_throttle(&self, keys: &[String]) -> ServiceResult<()> {
+    /// Counts this attempt against the account and the address *before* the password is
+    /// checked (so attempts sent in parallel cannot all pass a check made earlier), and refuses
+    /// it when either is over its bound for the window. A successful login clears the
+    /// account's count; the address keeps it until the window ends.
+    async fn count_attempt(&self, keys: &[String]) -> ServiceResult<()> {
         let a = &self.core.config.auth;
         let now_ms = self.core.now_ms();
         for key in keys {
@@ -379,13 +398,12 @@ impl Accounts {
             } else {
                 a.login_failures_per_address_max
             };
-            if self
+            let n = self
                 .core
                 .store
-                .login_failures(key, now_ms, a.login_window_ms)
-                .await?
-                >= max
-            {
+                .record_login_failure(key, now_ms, a.login_window_ms)
+                .await?;
+            if n > max {
                 return Err(ServiceError::new(
                     ErrorKind::TooManyRequests,
                     "too_many_attempts",
@@ -408,14 +426,16 @@ impl Accounts {
         source: &str,
         user_agent: &str,
     ) -> ServiceResult<LoginSession> {
+        // The address first, before anything else: every attempt counts, a malformed one too,
+        // and an address over its bound cannot grow account counters.
+        self.count_attempt(&[format!("addr:{}", throttle_address(source))])
+            .await?;
         let email = normalize_email(email).map_err(|_| bad_login())?;
         if password.len() > PASSWORD_BYTES_MAX {
             return Err(bad_login());
         }
         let acct_key = format!("acct:{email}");
-        let addr_key = format!("addr:{source}");
-        self.check_throttle(&[acct_key.clone(), addr_key.clone()])
-            .await?;
+        self.count_attempt(std::slice::from_ref(&acct_key)).await?;
         let user = self.core.store.find_user_by_email(&email).await?;
         let phc = user
             .as_ref()
@@ -427,21 +447,7 @@ impl Accounts {
             .await?;
         let user = match user {
             Some(u) if matches && u.password_hash.is_some() && !u.disabled => u,
-            other => {
-                let a = &self.core.config.auth;
-                let now_ms = self.core.now_ms();
-                if other.is_some() {
-                    self.core
-                        .store
-                        .record_login_failure(&acct_key, now_ms, a.login_window_ms)
-                        .await?;
-                }
-                self.core
-                    .store
-                    .record_login_failure(&addr_key, now_ms, a.login_window_ms)
-                    .await?;
-                return Err(bad_login());
-            }
+            _ => return Err(bad_login()),
         };
         self.core.store.clear_login_failures(&acct_key).await?;
         self.open_session(user, source, user_agent).await
@@ -457,9 +463,7 @@ impl Accounts {
         user_agent: &str,
     ) -> ServiceResult<LoginSession> {
         let email = normalize_email(&id.email)?;
-        if let Some(scope) = &id.scope {
-            parse_scope(scope)?;
-        }
+        check_role_scope(id.role, id.scope.as_deref())?;
         let now_ms = self.core.now_ms();
         let existing = match self
             .core
@@ -468,7 +472,18 @@ impl Accounts {
             .await?
         {
             Some(u) => Some(u),
-            None => self.core.store.find_user_by_email(&email).await?,
+            None => match self.core.store.find_user_by_email(&email).await? {
+                // Linking by email hands that user's account to whoever the provider vouches
+                // for: only for an address the provider verified.
+                Some(_) if !id.email_verified => {
+                    return Err(ServiceError::new(
+                        ErrorKind::Forbidden,
+                        "identity_mismatch",
+                        "a user with this email exists and the provider did not verify the address; an admin can delete that user",
+                    ))
+                }
+                other => other,
+            },
         };
         let user = match existing {
             Some(mut u) => {
@@ -599,6 +614,29 @@ impl Accounts {
         Ok(Some((session, user)))
     }
 
+    /// Whether the session (by the SHA-256 of its cookie) is still live and its user enabled
+    /// (a store failure counts as live: the next request checks again).
+    pub async fn session_still_valid(&self, id_sha256: &str) -> bool {
+        let now_ms = self.core.now_ms();
+        let idle_ms = self.core.config.auth.session_idle_ms;
+        let session = match self.core.store.find_session(id_sha256).await {
+            Ok(Some(s)) => s,
+            Ok(None) => return false,
+            Err(_) => return true,
+        };
+        if now_ms >= session.expires_at_ms
+            || now_ms.saturating_sub(session.last_used_at_ms)
+                >= idle_ms.saturating_add(SESSION_TOUCH_INTERVAL_MS)
+        {
+            return false;
+        }
+        match self.core.store.get_user(&session.user_id).await {
+            Ok(Some(u)) => !u.disabled,
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
     /// Ends the session (`false` if there was none).
     pub async fn logout(&self, secret: &str) -> ServiceResult<bool> {
         Ok(self
@@ -633,6 +671,19 @@ impl Accounts {
     }
 }
 
+/// The key an address is throttled under: an IPv4 address, or the /64 an IPv6 address is in
+/// (one host usually holds a whole /64).
+pub fn throttle_address(source: &str) -> String {
+    match source.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Ok(ip) => ip.to_string(),
+        Err(_) => truncate(source, 64),
+    }
+}
+
 fn truncate(s: &str, chars: usize) -> String {
     s.chars().take(chars).collect()
 }
@@ -650,6 +701,20 @@ mod tests {
         for bad in ["", "ann", "@x", "ann@", "a b@x", "a@b@c", "a\u{0}@x"] {
             assert!(normalize_email(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_ipv6_client_is_throttled_by_its_64() {
+        assert_eq!(
+            throttle_address("2001:db8:1:2:aaaa::1"),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            throttle_address("2001:db8:1:2:ffff::9"),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(throttle_address("192.0.2.7"), "192.0.2.7");
+        assert_eq!(throttle_address("unknown"), "unknown");
     }
 
     #[test]

@@ -28,12 +28,13 @@ pub struct AuditEntryIn {
     pub detail: String,
 }
 
+/// At most [`FIELD_CHARS_MAX`] characters, control characters (newlines, terminal escapes)
+/// replaced, so an entry cannot fake or garble lines where it is printed.
 fn cut(s: String) -> String {
-    if s.chars().count() <= FIELD_CHARS_MAX {
-        s
-    } else {
-        s.chars().take(FIELD_CHARS_MAX).collect()
-    }
+    s.chars()
+        .take(FIELD_CHARS_MAX)
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
 }
 
 /// The audit service.

@@ -217,6 +217,12 @@ impl Tokens {
                 "name must not contain control characters",
             ));
         }
+        if req.role == Role::Admin && req.scope.is_some() {
+            return Err(ServiceError::invalid(
+                "invalid_scope",
+                "an admin token cannot be limited to a scope (it manages users and tokens); use operator",
+            ));
+        }
         if let Some(scope) = &req.scope {
             crate::access::parse_scope(scope)?;
         }
@@ -286,6 +292,17 @@ impl Tokens {
         Ok(record)
     }
 
+    /// Whether the token still exists and has not expired (a store failure counts as valid:
+    /// the next request checks again).
+    pub async fn still_valid(&self, id: &str) -> bool {
+        let now_ms = self.core.now_ms();
+        match self.core.store.get_token(id).await {
+            Ok(Some(t)) => t.expires_at_ms.is_none_or(|e| now_ms < e),
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
     /// Closes the token's MQTT sessions on this node when it expires ([`Tokens::expire_due`]).
     pub(crate) fn watch_expiry(&self, token_id: &str, expires_at_ms: u64) {
         mooring_proto::sync::lock(&self.expiring).insert(token_id.to_owned(), expires_at_ms);
@@ -344,25 +361,33 @@ impl Tokens {
                 expires_in_ms: None,
             })
             .await?;
+        // The file first: a failure below leaves a working token in it.
+        let path = self.core.config.data_dir.join(ADMIN_TOKEN_FILE);
+        if path.exists() {
+            write_admin_token(&self.core.config.data_dir, &secret)
+                .map_err(ServiceError::internal)?;
+        }
         let mut cursor: Option<String> = None;
         loop {
             let (page, next) = self
                 .list(Some(TOKEN_PAGE_LEN_MAX), cursor.as_deref())
                 .await?;
             for t in page {
-                if t.name == ADMIN_TOKEN_NAME && t.role == Role::Admin && t.id != record.id {
-                    self.revoke(&t.id).await?;
+                // Only ones created before this one: a rotation running at the same time
+                // elsewhere keeps its own new token.
+                let older = t.created_at_ms <= record.created_at_ms && t.id != record.id;
+                if t.name == ADMIN_TOKEN_NAME && t.role == Role::Admin && older {
+                    match self.revoke(&t.id).await {
+                        Ok(_) => {}
+                        Err(e) if e.kind == crate::error::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             match next {
                 Some(n) => cursor = Some(n),
                 None => break,
             }
-        }
-        let path = self.core.config.data_dir.join(ADMIN_TOKEN_FILE);
-        if path.exists() {
-            write_admin_token(&self.core.config.data_dir, &secret)
-                .map_err(ServiceError::internal)?;
         }
         Ok((record, secret))
     }

@@ -90,6 +90,9 @@ pub struct OidcIdentity {
     pub issuer: String,
     pub subject: String,
     pub email: String,
+    /// The provider said the address is verified (`email_verified: true` with the `email`
+    /// claim); only then may the login be linked to an existing user by email.
+    pub email_verified: bool,
     /// One of [`ROLES`].
     pub role: String,
     /// A fleet selector (mooring-proto `selector`) limiting the user, from `scope_claim`.
@@ -541,6 +544,7 @@ impl Oidc {
         Ok(OidcIdentity {
             issuer: claims.issuer().as_str().to_owned(),
             subject: claims.subject().as_str().to_owned(),
+            email_verified: self.email_claim == "email" && claims.email_verified() == Some(true),
             email,
             role,
             scope,

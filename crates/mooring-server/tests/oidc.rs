@@ -280,6 +280,7 @@ async fn login_round_trip_maps_role_scope_and_email() {
             issuer: h.provider.issuer.clone(),
             subject: "ada-42".to_owned(),
             email: "ada@example.com".to_owned(),
+            email_verified: true,
             role: "admin".to_owned(),
             scope: Some("tag:site=berlin".to_owned()),
             return_to: "/devices?tag=site%3Dberlin".to_owned(),

@@ -528,20 +528,7 @@ pub async fn token(args: ApiArgs, command: TokenCommand) -> anyhow::Result<u8> {
             println!("{}", t.token);
         }
         TokenCommand::List { output } => {
-            let client = args.connect()?;
-            let mut params = mooring_api::PageParams {
-                limit: Some(1000),
-                cursor: None,
-            };
-            let mut all = Vec::new();
-            loop {
-                let page = call(client.list_tokens(&params).await)?;
-                all.extend(page.tokens);
-                match page.next_cursor {
-                    Some(c) => params.cursor = Some(c),
-                    None => break,
-                }
-            }
+            let all = call(args.connect()?.list_all_tokens().await)?;
             if output.json() {
                 print_json(&all)?;
             } else {
@@ -633,19 +620,7 @@ pub async fn user(args: ApiArgs, command: UserCommand) -> anyhow::Result<u8> {
             }
         }
         UserCommand::List { output } => {
-            let mut params = mooring_api::PageParams {
-                limit: Some(1000),
-                cursor: None,
-            };
-            let mut all = Vec::new();
-            loop {
-                let page = call(client.list_users(&params).await)?;
-                all.extend(page.users);
-                match page.next_cursor {
-                    Some(c) => params.cursor = Some(c),
-                    None => break,
-                }
-            }
+            let all = call(client.list_all_users().await)?;
             if output.json() {
                 print_json(&all)?;
             } else {

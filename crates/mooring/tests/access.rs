@@ -13,66 +13,7 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::{config_args, http, Server, BIN, WAIT};
-
-/// A response's status, JSON body and `Set-Cookie` values.
-struct Resp {
-    status: u16,
-    body: Value,
-    cookies: Vec<String>,
-    headers: reqwest::header::HeaderMap,
-}
-
-/// One HTTP call with optional bearer token, cookie header and extra headers.
-async fn call(
-    server: &Server,
-    method: &str,
-    path: &str,
-    bearer: Option<&str>,
-    cookie: Option<&str>,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> Resp {
-    let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
-    let mut req = http().request(method, format!("{}{path}", server.url()));
-    if let Some(t) = bearer {
-        req = req.bearer_auth(t);
-    }
-    if let Some(c) = cookie {
-        req = req.header("cookie", c);
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.expect("http");
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let cookies = headers
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_owned))
-        .collect();
-    // An event stream never ends: its headers are the answer.
-    let streaming = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    let text = if streaming {
-        String::new()
-    } else {
-        resp.text().await.expect("body")
-    };
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Resp {
-        status,
-        body,
-        cookies,
-        headers,
-    }
-}
+use support::{call, config_args, cookie_header, http, Resp, Server, BIN, WAIT};
 
 async fn create_token(server: &Server, body: Value) -> (String, String) {
     let (status, v) = server.api("POST", "/api/v1/tokens", Some(body)).await;
@@ -389,6 +330,32 @@ async fn a_scope_limits_what_a_token_lists_reads_and_acts_on() {
         "untouched"
     );
 
+    // A stream ends once its token is revoked (re-checked every second).
+    let (status, v) = server.api("GET", "/api/v1/tokens", None).await;
+    assert_eq!(status, 200, "{v}");
+    let dash_id = v["tokens"]
+        .as_array()
+        .expect("tokens")
+        .iter()
+        .find(|t| t["name"] == "acme-dash")
+        .and_then(|t| t["id"].as_str())
+        .expect("acme-dash")
+        .to_owned();
+    let revoke = format!("/api/v1/tokens/{dash_id}");
+    assert_eq!(server.api("DELETE", &revoke, None).await.0, 204);
+    events.wait_end().await;
+
+    // An admin cannot be scoped (it manages users and tokens).
+    let scoped_admin = json!({"name": "x", "role": "admin", "scope": "tag:customer=acme"});
+    let (status, v) = server
+        .api("POST", "/api/v1/tokens", Some(scoped_admin))
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_scope")),
+        "{v}"
+    );
+
     // A scope may not depend on what a device reports.
     let (status, v) = server
         .api(
@@ -441,15 +408,6 @@ async fn login(server: &Server, email: &str, password: &str) -> Resp {
         Some(json!({"email": email, "password": password})),
     )
     .await
-}
-
-/// The `name=value` pairs of a login's cookies, for a `Cookie` header.
-fn cookie_header(cookies: &[String]) -> String {
-    cookies
-        .iter()
-        .filter_map(|c| c.split(';').next())
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 #[tokio::test]
@@ -692,73 +650,74 @@ async fn failed_logins_are_throttled_per_account_and_per_address() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let args = config_args(
         tmp.path(),
-        "[auth]\nlogin_failures_per_account_max = 3\nlogin_failures_per_address_max = 8\n",
+        "[auth]\nlogin_failures_per_account_max = 3\nlogin_failures_per_address_max = 20\n",
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start_with(tmp.path(), "127.0.0.1:0", "127.0.0.1:0", &args);
-    user_create_with_password(
-        &server,
-        "ann@example.com",
-        "viewer",
-        "correct horse battery",
-    );
-    user_create_with_password(
-        &server,
-        "bob@example.com",
-        "viewer",
-        "correct horse battery",
-    );
-    for _ in 0..3 {
-        assert_eq!(
-            login(&server, "ann@example.com", "wrong password!")
-                .await
-                .status,
-            401
-        );
-    }
-    // The account is locked for the window, even with the right password...
-    let r = login(&server, "ann@example.com", "correct horse battery").await;
+    let password = "correct horse battery";
+    user_create_with_password(&server, "ann@example.com", "viewer", password);
+    user_create_with_password(&server, "bob@example.com", "viewer", password);
+    // Attempts sent at once are counted before any password is checked: of 10 parallel
+    // guesses, 3 are checked (401) and 7 refused (429).
+    let guesses = (0..10).map(|_| login(&server, "ann@example.com", "wrong password!"));
+    let statuses: Vec<u16> = futures::future::join_all(guesses)
+        .await
+        .into_iter()
+        .map(|r| r.status)
+        .collect();
     assert_eq!(
-        (r.status, r.body["error"]["code"].as_str()),
+        statuses.iter().filter(|s| **s == 401).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 429).count(),
+        7,
+        "{statuses:?}"
+    );
+    // The account is locked for the window, even with the right password...
+    let r = login(&server, "ann@example.com", password).await;
+    let code = r.body["error"]["code"].as_str();
+    assert_eq!(
+        (r.status, code),
         (429, Some("too_many_attempts")),
         "{}",
         r.body
     );
-    // ...while another account still logs in from the same address.
+    // ...while another account still logs in from the same address (12 attempts so far).
     assert_eq!(
-        login(&server, "bob@example.com", "correct horse battery")
-            .await
-            .status,
+        login(&server, "bob@example.com", password).await.status,
         200
     );
-    // Unknown emails count against the address: after 8 failures it is refused outright.
-    for i in 0..5 {
-        assert_eq!(
-            login(&server, &format!("nobody{i}@example.com"), "x")
-                .await
-                .status,
-            401
-        );
+    // Every attempt counts against the address, unknown and malformed emails too: after 20
+    // it is refused outright.
+    for i in 0..7 {
+        let r = login(&server, &format!("nobody{i}@example.com"), "x").await;
+        assert_eq!(r.status, 401, "{}", r.body);
     }
-    let r = login(&server, "bob@example.com", "correct horse battery").await;
+    let r = login(&server, "nobody\n@example.com", "x").await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = login(&server, "bob@example.com", password).await;
     assert_eq!(r.status, 429, "{}", r.body);
-    assert!(
-        server
-            .metric("mooring_http_refusals_total{reason=\"throttled\"}")
-            .await
-            >= 2.0
-    );
-    // Both throttled logins and the failures are in the audit log, with the address.
+    let throttled = server
+        .metric("mooring_http_refusals_total{reason=\"throttled\"}")
+        .await;
+    assert!(throttled >= 9.0, "{throttled}");
+    // Checked attempts are in the audit log with the address; throttled ones only counted; a
+    // malformed email is logged as anonymous, never verbatim.
     let (_, audit) = server
         .api("GET", "/api/v1/audit?action=auth.login&limit=100", None)
         .await;
     let entries = audit["entries"].as_array().expect("entries");
+    assert!(entries.iter().all(|e| e["status"] != 429), "{audit}");
     assert!(
-        entries
-            .iter()
-            .any(|e| e["status"] == 429 && e["source"] == "127.0.0.1"),
+        entries.iter().any(|e| e["status"] == 401
+            && e["source"] == "127.0.0.1"
+            && e["actor"] == "user:ann@example.com"),
         "{audit}"
     );
+    assert!(entries.iter().any(|e| e["actor"] == "anonymous"), "{audit}");
+    assert!(!audit.to_string().contains("nobody\\n"), "{audit}");
 }
 
 #[tokio::test]
@@ -1138,6 +1097,7 @@ async fn cors_answers_only_the_configured_origins() {
 /// One browser round of an OpenID Connect login against `server` (redirects followed by hand):
 /// the callback's response.
 async fn oidc_round(server: &Server) -> reqwest::Response {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -1234,6 +1194,22 @@ async fn an_openid_connect_login_becomes_a_session_and_a_tampered_id_token_is_re
     let (_, users) = server.api("GET", "/api/v1/users", None).await;
     assert_eq!(users["users"][0]["oidc"], true, "{users}");
 
+    // An existing user is linked by email only when the provider verified the address.
+    let pam =
+        json!({"email": "pam@example.com", "role": "viewer", "password": "pam's long password"});
+    assert_eq!(server.api("POST", "/api/v1/users", Some(pam)).await.0, 201);
+    provider.set_claims(json!({"sub": "pam-1", "email": "pam@example.com", "email_verified": null, "mooring_role": "fleet-ops"}));
+    let r = oidc_round(&server).await;
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("identity_mismatch")),
+        "{body}"
+    );
+    provider.set_claims(json!({"sub": "pam-1", "email": "pam@example.com", "email_verified": true, "mooring_role": "fleet-ops"}));
+    assert_eq!(oidc_round(&server).await.status(), 303);
+
     // A tampered ID token gives no session.
     provider.set_flip_signature(true);
     let refused = oidc_round(&server).await;
@@ -1249,13 +1225,16 @@ async fn an_openid_connect_login_becomes_a_session_and_a_tampered_id_token_is_re
         "{body}"
     );
     assert!(no_session);
-    // Both logins are in the audit log... the refused one never reached the accounts service.
+    // The logins that reached the accounts service are in the audit log; the tampered one
+    // was refused before it.
     let (_, audit) = server
         .api("GET", "/api/v1/audit?action=auth.oidc_login", None)
         .await;
-    assert_eq!(
-        audit["entries"].as_array().map(Vec::len),
-        Some(1),
-        "{audit}"
-    );
+    let outcomes: Vec<u64> = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["status"].as_u64())
+        .collect();
+    assert_eq!(outcomes, [303, 403, 303], "{audit}");
 }

@@ -825,126 +825,64 @@ async fn live_events_cross_nodes_and_a_stream_resumes_on_another_node_without_lo
     assert_eq!(b.metric("mooring_cluster_outbox_dropped_total").await, 0.0);
 }
 
-/// One HTTP call with a cookie and extra headers: (status, body, Set-Cookie values).
-async fn call_with(
-    server: &Server,
-    method: reqwest::Method,
-    path: &str,
-    bearer: Option<&str>,
-    cookie: Option<&str>,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> (u16, Value, Vec<String>) {
-    let mut req = support::http().request(method, format!("{}{path}", server.url()));
-    if let Some(t) = bearer {
-        req = req.bearer_auth(t);
-    }
-    if let Some(c) = cookie {
-        req = req.header("cookie", c);
-    }
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.expect("http");
-    let status = resp.status().as_u16();
-    let cookies = resp
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| {
-            v.to_str()
-                .ok()
-                .map(|c| c.split(';').next().unwrap_or("").to_owned())
-        })
-        .collect();
-    let text = resp.text().await.expect("body");
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        cookies,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_session_and_a_token_revocation_hold_on_every_node() {
-    use reqwest::Method;
+    use support::call;
     let env = Env::new().await;
     let a = env.start("a");
     let b = env.start("b");
-    let (status, v) = a
-        .api(
-            "POST",
-            "/api/v1/users",
-            Some(json!({"email": "ann@example.com", "role": "operator", "password": "correct horse battery"})),
-        )
-        .await;
+    let user = json!({"email": "ann@example.com", "role": "operator", "password": "correct horse battery"});
+    let (status, v) = a.api("POST", "/api/v1/users", Some(user)).await;
     assert_eq!(status, 201, "{v}");
 
     // Log in on a, use the cookie on b, log out on b: refused on a.
-    let (status, login, cookies) = call_with(
+    let creds = json!({"email": "ann@example.com", "password": "correct horse battery"});
+    let login = call(
         &a,
-        Method::POST,
+        "POST",
         "/api/v1/auth/login",
         None,
         None,
         &[],
-        Some(json!({"email": "ann@example.com", "password": "correct horse battery"})),
+        Some(creds),
     )
     .await;
-    assert_eq!(status, 200, "{login}");
-    let cookie = cookies.join("; ");
-    let csrf = login["csrf_token"].as_str().expect("csrf").to_owned();
-    let (status, me, _) = call_with(
-        &b,
-        Method::GET,
-        "/api/v1/auth/me",
-        None,
-        Some(&cookie),
-        &[],
-        None,
-    )
-    .await;
+    assert_eq!(login.status, 200, "{}", login.body);
+    let cookie = support::cookie_header(&login.cookies);
+    let csrf = login.body["csrf_token"].as_str().expect("csrf").to_owned();
+    let csrf = [("x-csrf-token", csrf.as_str())];
+    let me = call(&b, "GET", "/api/v1/auth/me", None, Some(&cookie), &[], None).await;
     assert_eq!(
-        (status, me["name"].as_str()),
+        (me.status, me.body["name"].as_str()),
         (200, Some("ann@example.com")),
-        "{me}"
+        "{}",
+        me.body
     );
-    let (status, v, _) = call_with(
+    let dev = Some(json!({"id": "lock-9"}));
+    let r = call(
         &b,
-        Method::POST,
+        "POST",
         "/api/v1/devices",
         None,
         Some(&cookie),
-        &[("x-csrf-token", &csrf)],
-        Some(json!({"id": "lock-9"})),
+        &csrf,
+        dev,
     )
     .await;
-    assert_eq!(status, 201, "{v}");
-    let (status, _, _) = call_with(
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = call(
         &b,
-        Method::POST,
+        "POST",
         "/api/v1/auth/logout",
         None,
         Some(&cookie),
-        &[("x-csrf-token", &csrf)],
+        &csrf,
         None,
     )
     .await;
-    assert_eq!(status, 204);
-    let (status, _, _) = call_with(
-        &a,
-        Method::GET,
-        "/api/v1/auth/me",
-        None,
-        Some(&cookie),
-        &[],
-        None,
-    )
-    .await;
-    assert_eq!(status, 401, "the session ended on b, so on a too");
+    assert_eq!(r.status, 204);
+    let r = call(&a, "GET", "/api/v1/auth/me", None, Some(&cookie), &[], None).await;
+    assert_eq!(r.status, 401, "the session ended on b, so on a too");
 
     // A token revoked on b is refused on a at once; its MQTT session on a is closed.
     let creds = a.create_device("probe-1", env.tmp.path());
@@ -964,46 +902,23 @@ async fn a_login_session_and_a_token_revocation_hold_on_every_node() {
         .and_then(|t| t["id"].as_str())
         .expect("pipeline token")
         .to_owned();
-    assert_eq!(
-        call_with(
-            &a,
-            Method::GET,
+    let devices = |node| {
+        call(
+            node,
+            "GET",
             "/api/v1/devices",
             Some(&service),
             None,
             &[],
-            None
+            None,
         )
-        .await
-        .0,
-        200
-    );
-    let (status, _, _) = call_with(
-        &b,
-        Method::DELETE,
-        &format!("/api/v1/tokens/{id}"),
-        Some(&b.token),
-        None,
-        &[],
-        None,
-    )
-    .await;
-    assert_eq!(status, 204);
+    };
+    assert_eq!(devices(&a).await.status, 200);
+    let revoke = format!("/api/v1/tokens/{id}");
+    let r = call(&b, "DELETE", &revoke, Some(&b.token), None, &[], None).await;
+    assert_eq!(r.status, 204);
     let revoked_at = std::time::Instant::now();
-    assert_eq!(
-        call_with(
-            &a,
-            Method::GET,
-            "/api/v1/devices",
-            Some(&service),
-            None,
-            &[],
-            None
-        )
-        .await
-        .0,
-        401
-    );
+    assert_eq!(devices(&a).await.status, 401);
     assert!(revoked_at.elapsed() < Duration::from_secs(1));
     sub.wait_exit();
     // The audit log (one table for the cluster) has both nodes' writes.

@@ -8,7 +8,7 @@ use crate::accounts::{LoginSession, NewUser, UserChange, CSRF_COOKIE, SESSION_CO
 use crate::app::App;
 use crate::audit::AuditEntryIn;
 use crate::auth::NewToken;
-use crate::error::ServiceError;
+use crate::error::{ErrorKind, ServiceError};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -124,28 +124,27 @@ pub(super) async fn login(
         .accounts
         .login_password(&body.email, &body.password, &source, user_agent)
         .await;
-    let (status, detail) = match &result {
-        Ok(_) => (200, String::new()),
-        Err(e) => (e.kind.http_status(), e.code.to_owned()),
+    // Throttled and busy answers are only counted (`/metrics`): an anonymous client must not
+    // grow the log; every attempt that reached a password check is recorded.
+    let recorded = match &result {
+        Ok(_) => Some((200, String::new())),
+        Err(e) if matches!(e.kind, ErrorKind::TooManyRequests | ErrorKind::Unavailable) => None,
+        Err(e) => Some((e.kind.http_status(), e.code.to_owned())),
     };
-    app.audit
-        .record(AuditEntryIn {
-            actor: format!(
-                "user:{}",
-                body.email
-                    .trim()
-                    .to_lowercase()
-                    .chars()
-                    .take(254)
-                    .collect::<String>()
-            ),
-            action: "auth.login",
-            target: "/api/v1/auth/login".to_owned(),
-            source,
-            status,
-            detail,
-        })
-        .await;
+    if let Some((status, detail)) = recorded {
+        let actor = crate::accounts::normalize_email(&body.email)
+            .map_or_else(|_| "anonymous".to_owned(), |e| format!("user:{e}"));
+        app.audit
+            .record(AuditEntryIn {
+                actor,
+                action: "auth.login",
+                target: "/api/v1/auth/login".to_owned(),
+                source,
+                status,
+                detail,
+            })
+            .await;
+    }
     let session = result?;
     let body = LoginResponse {
         user: user_body(session.user.clone()),
@@ -198,26 +197,23 @@ pub(super) async fn set_password(
 ) -> ApiResult<Json<User>> {
     let source = client_addr(&app, &req);
     let body = ApiJson::<SetPassword>::from_request(req, &()).await?.0;
-    let result = app.accounts.set_password(&body.token, body.password).await;
-    let (actor, status, detail) = match &result {
-        Ok(u) => (format!("user:{}", u.email), 200, String::new()),
-        Err(e) => (
-            "anonymous".to_owned(),
-            e.kind.http_status(),
-            e.code.to_owned(),
-        ),
-    };
+    // Only a password actually set is recorded (a failed attempt names nobody; link tokens
+    // are 256-bit random, so guessing is hopeless).
+    let user = app
+        .accounts
+        .set_password(&body.token, body.password)
+        .await?;
     app.audit
         .record(AuditEntryIn {
-            actor,
+            actor: format!("user:{}", user.email),
             action: "auth.password_set",
             target: "/api/v1/auth/password".to_owned(),
             source,
-            status,
-            detail,
+            status: 200,
+            detail: String::new(),
         })
         .await;
-    Ok(Json(user_body(result?)))
+    Ok(Json(user_body(user)))
 }
 
 #[utoipa::path(post, path = "/api/v1/users", request_body = CreateUser,
@@ -324,17 +320,18 @@ pub(super) async fn create_token(
             expires_in_ms: req.expires_in_ms,
         })
         .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedToken {
-            id: record.id,
-            name: record.name,
-            role: record.role.as_str().to_owned(),
-            token: secret,
-            scope: record.scope,
-            expires_at: record.expires_at_ms,
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(created_token(record, secret))))
+}
+
+fn created_token(record: TokenRecord, secret: String) -> CreatedToken {
+    CreatedToken {
+        id: record.id,
+        name: record.name,
+        role: record.role.as_str().to_owned(),
+        token: secret,
+        scope: record.scope,
+        expires_at: record.expires_at_ms,
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/tokens", params(PageParams),
@@ -375,17 +372,7 @@ pub(super) async fn rotate_admin(
     State(app): State<Arc<App>>,
 ) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
     let (record, secret) = app.tokens.rotate_admin().await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedToken {
-            id: record.id,
-            name: record.name,
-            role: record.role.as_str().to_owned(),
-            token: secret,
-            scope: None,
-            expires_at: None,
-        }),
-    ))
+    Ok((StatusCode::CREATED, Json(created_token(record, secret))))
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", params(AuditParams),
@@ -468,6 +455,7 @@ impl crate::oidc::OidcLogin for AccountsLogin<'_> {
                 crate::accounts::ExternalIdentity {
                     subject: format!("{} {}", id.issuer, id.subject),
                     email: id.email,
+                    email_verified: id.email_verified,
                     role,
                     scope: id.scope,
                 },

@@ -14,6 +14,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// How often a live stream re-checks its caller's credentials.
+pub const CREDENTIALS_RECHECK_MS: u64 = 1_000;
+
 /// Closes the HTTP connection a request came on (set by `serve.rs` per connection): a stream
 /// whose client stopped reading is ended even though hyper no longer polls its body.
 #[derive(Clone)]
@@ -58,9 +61,29 @@ pub(super) async fn events(
             "this node serves as many event streams as it may; retry later or on another node",
         ))),
         Opened::Stream(rx) => {
-            let stream = futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|frame| (Ok(frame), rx))
-            });
+            // A stream outlives its request: the caller's credentials are checked again every
+            // CREDENTIALS_RECHECK_MS, and the stream ends once they no longer hold (token
+            // revoked or expired, logged out, user disabled, role or scope changed).
+            let mut recheck =
+                tokio::time::interval(std::time::Duration::from_millis(CREDENTIALS_RECHECK_MS));
+            recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            recheck.reset();
+            let state = (rx, recheck, app, caller);
+            let stream =
+                futures::stream::unfold(state, |(mut rx, mut recheck, app, caller)| async move {
+                    loop {
+                        tokio::select! {
+                            frame = rx.recv() => {
+                                return frame.map(|f| (Ok(f), (rx, recheck, app, caller)));
+                            }
+                            _ = recheck.tick() => {
+                                if !caller.still_valid(&app).await {
+                                    return None;
+                                }
+                            }
+                        }
+                    }
+                });
             Ok(Sse::new(stream))
         }
     }

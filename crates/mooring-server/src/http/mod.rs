@@ -171,8 +171,15 @@ where
 /// Who is calling: a person (login session cookie) or an app (API token).
 #[derive(Clone, Debug)]
 pub enum CallerKind {
-    User { id: String, email: String },
-    Token { id: String },
+    /// `session`: the SHA-256 of the session cookie.
+    User {
+        id: String,
+        email: String,
+        session: String,
+    },
+    Token {
+        id: String,
+    },
 }
 
 /// The authenticated caller, put in request extensions by the route table's check.
@@ -187,6 +194,15 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether the caller's credentials still hold (a long-lived stream re-checks them): the
+    /// token not revoked or expired, the session not ended, the user not disabled.
+    pub async fn still_valid(&self, app: &App) -> bool {
+        match &self.kind {
+            CallerKind::Token { id } => app.tokens.still_valid(id).await,
+            CallerKind::User { session, .. } => app.accounts.session_still_valid(session).await,
+        }
+    }
+
     /// How the audit log names the caller.
     pub fn actor(&self) -> String {
         match &self.kind {
@@ -285,6 +301,7 @@ async fn authenticate(
         kind: CallerKind::User {
             id: user.id,
             email: user.email,
+            session: session.id_sha256,
         },
     }))
 }
@@ -489,6 +506,12 @@ async fn etags(req: Request, next: Next) -> Response {
         if matches_etag(if_none_match.as_ref(), &tag) {
             return not_modified(tag);
         }
+        return Response::from_parts(parts, body);
+    }
+    // Only bodies of a known size within the bound are buffered and tagged; others go out as
+    // they are.
+    let size = axum::body::HttpBody::size_hint(&body).exact();
+    if size.is_none_or(|n| n > ETAG_BODY_BYTES_MAX as u64) {
         return Response::from_parts(parts, body);
     }
     let Ok(bytes) = axum::body::to_bytes(body, ETAG_BODY_BYTES_MAX).await else {

@@ -752,6 +752,13 @@ impl Sse {
         }
     }
 
+    /// Reads until the server ends the stream (bounded by [`WAIT`]).
+    pub async fn wait_end(&mut self) {
+        tokio::time::timeout(WAIT, async { while self.next_inner().await.is_some() {} })
+            .await
+            .expect("the stream did not end in time");
+    }
+
     /// Reads until `pred` holds; returns every message read, the matching one last.
     pub async fn until(&mut self, pred: impl Fn(&Msg) -> bool) -> Vec<Msg> {
         let mut seen = Vec::new();
@@ -764,4 +771,72 @@ impl Sse {
             }
         }
     }
+}
+
+/// A response's status, JSON body and `Set-Cookie` values.
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+    pub cookies: Vec<String>,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+/// One HTTP call with optional bearer token, cookie header and extra headers.
+pub async fn call(
+    server: &Server,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    cookie: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> Resp {
+    let method = reqwest::Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+    let mut req = http().request(method, format!("{}{path}", server.url()));
+    if let Some(t) = bearer {
+        req = req.bearer_auth(t);
+    }
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("http");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let cookies = headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_owned))
+        .collect();
+    // An event stream never ends: its headers are the answer.
+    let streaming = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let text = if streaming {
+        String::new()
+    } else {
+        resp.text().await.expect("body")
+    };
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Resp {
+        status,
+        body,
+        cookies,
+        headers,
+    }
+}
+
+/// The `name=value` pairs of a login's cookies, for a `Cookie` header.
+pub fn cookie_header(cookies: &[String]) -> String {
+    cookies
+        .iter()
+        .filter_map(|c| c.split(';').next())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
