@@ -320,6 +320,7 @@ enum TokenCommand {
 enum UserCommand {
     /// Create a user; prints a one-time password-set link (or reads the password from stdin).
     Create {
+        /// The user's email address (their login name).
         email: String,
         /// admin, operator, installer, viewer or service.
         #[arg(long)]
@@ -337,23 +338,43 @@ enum UserCommand {
         output: output::OutputArgs,
     },
     /// Disable a user: its sessions end and it cannot log in.
-    Disable { user: String },
+    Disable {
+        /// The user's email or id (`usr_...`).
+        user: String,
+    },
     /// Enable a disabled user again.
-    Enable { user: String },
+    Enable {
+        /// The user's email or id (`usr_...`).
+        user: String,
+    },
     /// Delete a user and its sessions.
-    Delete { user: String },
+    Delete {
+        /// The user's email or id (`usr_...`).
+        user: String,
+    },
     /// Change a user's role (its sessions end).
-    SetRole { user: String, role: String },
+    SetRole {
+        /// The user's email or id (`usr_...`).
+        user: String,
+        /// admin, operator, installer, viewer or service.
+        role: String,
+    },
     /// Set or remove (`--clear`) a user's scope (its sessions end).
     SetScope {
+        /// The user's email or id (`usr_...`).
         user: String,
+        /// A selector of tag: and id: terms, e.g. tag:customer=acme.
         #[arg(required_unless_present = "clear")]
         scope: Option<String>,
+        /// Remove the scope: the user reaches every device its role allows.
         #[arg(long)]
         clear: bool,
     },
     /// Print a new one-time password-set link for a user (the previous one stops working).
-    PasswordLink { user: String },
+    PasswordLink {
+        /// The user's email or id (`usr_...`).
+        user: String,
+    },
 }
 
 fn main() -> ExitCode {
