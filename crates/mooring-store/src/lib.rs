@@ -15,6 +15,9 @@
 //!   same group commit as telemetry: one transaction per batch, tickets answered once durable.
 //! * [`ClusterStore`]: what a cluster's nodes coordinate through the database: heartbeats,
 //!   leases for once-only work, which node holds each device's session, values created once.
+//! * [`AccountStore`]: people (users), their login sessions (by the SHA-256 of the cookie) and
+//!   login-failure counters, atomic across nodes.
+//! * [`AuditStore`]: the append-only audit log of API writes, filtered reads, retention.
 //!
 //! [`Store`] is all of them at once (blanket impl); the server holds an `Arc<dyn Store>`.
 //!
