@@ -89,8 +89,8 @@ pub struct ExternalIdentity {
 pub struct Accounts {
     core: Arc<Core>,
     hashing: tokio::sync::Semaphore,
-    /// Session hash → when this node last wrote its last use.
-    touched: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// When this node last wrote each session's last use.
+    touched: crate::auth::TouchThrottle,
     /// A hash verified when the email is unknown, so both cases take as long.
     decoy_hash: String,
 }
@@ -589,22 +589,12 @@ impl Accounts {
         if user.disabled {
             return Ok(None);
         }
-        let due = {
-            let mut touched = mooring_proto::sync::lock(&self.touched);
-            let last = touched
-                .get(&session.id_sha256)
-                .copied()
-                .unwrap_or(session.last_used_at_ms);
-            if now_ms.saturating_sub(last) >= SESSION_TOUCH_INTERVAL_MS {
-                if touched.len() >= 10_000 {
-                    touched.clear();
-                }
-                touched.insert(session.id_sha256.clone(), now_ms);
-                true
-            } else {
-                false
-            }
-        };
+        let due = self.touched.due(
+            &session.id_sha256,
+            session.last_used_at_ms,
+            now_ms,
+            SESSION_TOUCH_INTERVAL_MS,
+        );
         if due {
             self.core
                 .store

@@ -150,6 +150,29 @@ pub const TOKEN_TOUCH_INTERVAL_MS: u64 = 60_000;
 /// cleared (a token is then touched once more than needed).
 const TOUCHED_REMEMBERED_MAX: usize = 10_000;
 
+/// Which keys (token ids, session hashes) this node wrote a last-use time for, and when: the
+/// write happens at most once per interval per key. Holds at most [`TOUCHED_REMEMBERED_MAX`]
+/// keys; beyond that it starts over (a key is then written once more than needed).
+#[derive(Default)]
+pub(crate) struct TouchThrottle(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+impl TouchThrottle {
+    /// Whether `key`'s last use should be written now; `stored_ms` is the time the store
+    /// already has (for a key this node has not written yet).
+    pub(crate) fn due(&self, key: &str, stored_ms: u64, now_ms: u64, interval_ms: u64) -> bool {
+        let mut touched = mooring_proto::sync::lock(&self.0);
+        let last = touched.get(key).copied().unwrap_or(stored_ms);
+        if now_ms.saturating_sub(last) < interval_ms {
+            return false;
+        }
+        if touched.len() >= TOUCHED_REMEMBERED_MAX {
+            touched.clear();
+        }
+        touched.insert(key.to_owned(), now_ms);
+        true
+    }
+}
+
 /// What `POST /api/v1/tokens` asks for, checked.
 pub struct NewToken {
     pub name: String,
@@ -162,8 +185,8 @@ pub struct NewToken {
 /// lists, revokes and rotates them. Owns the token store.
 pub struct Tokens {
     core: std::sync::Arc<crate::app::Core>,
-    /// Token id → when this node last wrote its last-used time.
-    touched: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// When this node last wrote each token's last-used time.
+    touched: TouchThrottle,
     /// Expiring tokens with MQTT sessions on this node: id → expiry. At most one entry per
     /// token (tokens are created by admins, not by clients).
     expiring: std::sync::Mutex<std::collections::HashMap<String, u64>>,
@@ -182,20 +205,11 @@ impl Tokens {
     pub async fn verify(&self, token: &str) -> Option<TokenRecord> {
         let now_ms = self.core.now_ms();
         let record = verify_token(self.core.store.as_ref(), token, now_ms).await?;
-        let due = {
-            let mut touched = mooring_proto::sync::lock(&self.touched);
-            let last = touched.get(&record.id).copied().unwrap_or(0);
-            if now_ms.saturating_sub(last) >= TOKEN_TOUCH_INTERVAL_MS {
-                if touched.len() >= TOUCHED_REMEMBERED_MAX {
-                    touched.clear();
-                }
-                touched.insert(record.id.clone(), now_ms);
-                true
-            } else {
-                false
-            }
-        };
-        if due {
+        let stored_ms = record.last_used_at_ms.unwrap_or(0);
+        if self
+            .touched
+            .due(&record.id, stored_ms, now_ms, TOKEN_TOUCH_INTERVAL_MS)
+        {
             if let Err(e) = self.core.store.touch_token(&record.id, now_ms).await {
                 tracing::warn!(token = %record.id, error = %e, "recording a token's last use failed");
             }

@@ -1010,15 +1010,7 @@ async fn callback(
 
 /// The state cookie's value from the request's `Cookie` headers.
 fn state_cookie_value(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == STATE_COOKIE)
-        .map(|(_, value)| value)
-        .filter(|v| !v.is_empty())
+    crate::http::cookie(headers, STATE_COOKIE).filter(|v| !v.is_empty())
 }
 
 #[cfg(test)]
