@@ -54,6 +54,9 @@ pub struct EventsConfig {
     pub window_ms: u64,
     /// Concurrent streams per node; more are refused with 503 `too_many_streams`.
     pub streams_max: usize,
+    /// Concurrent streams per user or token on one node (a dashboard opens one per tab); more
+    /// are refused with 429 `too_many_streams`, so one principal cannot take every place.
+    pub streams_per_caller_max: usize,
     /// Messages queued for one stream's client; a client that lets it fill is disconnected.
     pub stream_queue_len: usize,
 }
@@ -65,6 +68,7 @@ impl Default for EventsConfig {
             buffer_bytes_max: 64 * 1024 * 1024,
             window_ms: 300_000,
             streams_max: 1_000,
+            streams_per_caller_max: 16,
             stream_queue_len: 256,
         }
     }
@@ -76,9 +80,10 @@ impl EventsConfig {
             || self.buffer_bytes_max == 0
             || self.window_ms == 0
             || self.streams_max == 0
+            || self.streams_per_caller_max == 0
             || self.stream_queue_len == 0
         {
-            anyhow::bail!("events: buffer_len, buffer_bytes_max, window_ms, streams_max and stream_queue_len must be at least 1");
+            anyhow::bail!("events: buffer_len, buffer_bytes_max, window_ms, streams_max, streams_per_caller_max and stream_queue_len must be at least 1");
         }
         Ok(())
     }
@@ -297,6 +302,8 @@ pub struct Events {
     head: watch::Sender<u64>,
     cluster: Option<Arc<crate::cluster::Cluster>>,
     streams: Arc<AtomicUsize>,
+    /// Open streams per principal (user or token id); an entry leaves with its last stream.
+    per_caller: Arc<Mutex<HashMap<String, usize>>>,
     tasks: TaskTracker,
     closing: CancellationToken,
     pub counters: EventCounters,
@@ -307,6 +314,8 @@ pub enum Opened {
     Stream(mpsc::Receiver<axum::response::sse::Event>),
     /// Over `streams_max`.
     Full,
+    /// The caller holds `streams_per_caller_max` streams on this node already.
+    CallerFull,
 }
 
 /// Holds one of the `streams_max` places; given back on drop.
@@ -315,6 +324,24 @@ struct StreamSlot(Arc<AtomicUsize>);
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Holds one of a caller's `streams_per_caller_max` places; given back on drop.
+struct CallerSlot {
+    map: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut map = mooring_proto::sync::lock(&self.map);
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -335,6 +362,7 @@ impl Events {
             head: watch::Sender::new(0),
             cluster,
             streams: Arc::new(AtomicUsize::new(0)),
+            per_caller: Arc::default(),
             tasks: TaskTracker::new(),
             closing: CancellationToken::new(),
             counters: EventCounters::default(),
@@ -444,12 +472,14 @@ impl Events {
         (ring.base, cursor, None)
     }
 
-    /// Opens a stream for `filter` from `last_event_id`: a task copies matching events into a
-    /// queue of `stream_queue_len` frames, which the response drains. `closer` ends the HTTP
-    /// connection (a client that stops reading is closed: it may resume).
+    /// Opens a stream for `filter` from `last_event_id` for the principal `caller` (a user or
+    /// token id): a task copies matching events into a queue of `stream_queue_len` frames,
+    /// which the response drains. `closer` ends the HTTP connection (a client that stops
+    /// reading is closed: it may resume).
     pub fn open(
         self: &Arc<Self>,
         registry: Arc<crate::registry::Registry>,
+        caller: &str,
         filter: EventFilter,
         last_event_id: Option<&str>,
         closer: Option<CancellationToken>,
@@ -460,12 +490,26 @@ impl Events {
             Counters::inc(&self.counters.streams_refused);
             return Opened::Full;
         }
+        let caller_slot = {
+            let mut map = mooring_proto::sync::lock(&self.per_caller);
+            let held = map.entry(caller.to_owned()).or_insert(0);
+            if *held >= self.config.streams_per_caller_max {
+                drop(map);
+                Counters::inc(&self.counters.streams_refused);
+                return Opened::CallerFull;
+            }
+            *held += 1;
+            CallerSlot {
+                map: self.per_caller.clone(),
+                key: caller.to_owned(),
+            }
+        };
         Counters::inc(&self.counters.streams_opened);
         let (tx, rx) = mpsc::channel(self.config.stream_queue_len);
         let (pos, cursor, reset) = self.start(last_event_id);
         let me = self.clone();
         self.tasks.spawn(async move {
-            let _slot = slot;
+            let _slots = (slot, caller_slot);
             let slow = me
                 .run_stream(&registry, &filter, &tx, pos, cursor, reset)
                 .await;

@@ -10,8 +10,7 @@ use mooring_server::access::{role_allows, Permission};
 use mooring_server::http::route_specs;
 use mooring_store::Role;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::{call, config_args, cookie_header, http, Resp, Server, BIN, WAIT};
 
@@ -371,32 +370,6 @@ async fn a_scope_limits_what_a_token_lists_reads_and_acts_on() {
     );
 }
 
-/// `mooring user create ... --password-stdin`, fed `password`.
-fn user_create_with_password(server: &Server, email: &str, role: &str, password: &str) {
-    let mut child = Command::new(BIN)
-        .args(["user", "create", email, "--role", role, "--password-stdin"])
-        .args(["--server", &server.url(), "--data-dir"])
-        .arg(&server.data_dir)
-        .env_remove("MOORING_TOKEN")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(format!("{password}\n").as_bytes())
-        .expect("write password");
-    let out = child.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 async fn login(server: &Server, email: &str, password: &str) -> Resp {
     call(
         server,
@@ -414,12 +387,7 @@ async fn login(server: &Server, email: &str, password: &str) -> Resp {
 async fn people_log_in_with_a_session_cookie_that_needs_csrf_for_writes() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let server = Server::start(tmp.path());
-    user_create_with_password(
-        &server,
-        "Ann@Example.com",
-        "operator",
-        "correct horse battery",
-    );
+    server.create_user("Ann@Example.com", "operator", "correct horse battery");
 
     let r = login(&server, "ann@example.com", "correct horse battery").await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -655,8 +623,8 @@ async fn failed_logins_are_throttled_per_account_and_per_address() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let server = Server::start_with(tmp.path(), "127.0.0.1:0", "127.0.0.1:0", &args);
     let password = "correct horse battery";
-    user_create_with_password(&server, "ann@example.com", "viewer", password);
-    user_create_with_password(&server, "bob@example.com", "viewer", password);
+    server.create_user("ann@example.com", "viewer", password);
+    server.create_user("bob@example.com", "viewer", password);
     // Attempts sent at once are counted before any password is checked: of 10 parallel
     // guesses, 3 are checked (401) and 7 refused (429).
     let guesses = (0..10).map(|_| login(&server, "ann@example.com", "wrong password!"));

@@ -216,6 +216,31 @@ async fn a_cursor_older_than_the_window_gets_a_reset_and_streams_are_capped() {
 }
 
 #[tokio::test]
+async fn one_caller_cannot_take_every_stream_place() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = start_configured(
+        tmp.path(),
+        "[events]\nstreams_max = 100\nstreams_per_caller_max = 2\n",
+    );
+    let a = Sse::open(&server, None, None).await;
+    let _b = Sse::open(&server, None, None).await;
+    // A third stream of the same token: 429, as JSON.
+    let resp = Sse::request(&server, None, None).await;
+    assert_eq!(resp.status(), 429);
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    // Another principal still gets one.
+    let other = support::service_token(&server, "dash");
+    let _c = Sse::open_as(&server, &other, None, None).await;
+    // The place comes back when a stream closes.
+    drop(a);
+    server
+        .wait_metric("mooring_events_streams", |v| v == 2.0)
+        .await;
+    let _d = Sse::open(&server, None, None).await;
+}
+
+#[tokio::test]
 async fn a_reader_that_stops_is_closed_and_counted_while_a_fast_one_keeps_up() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tmp = tempfile::tempdir().expect("tmp");

@@ -40,6 +40,7 @@ fn filter(params: &EventsParams, caller: &Caller) -> ApiResult<EventFilter> {
          description = "Server-Sent Events: `event: <kind>` (presence, telemetry, command, shadow), `id: <cursor>`, `data: <Event JSON>`; \
             `event: reset` (data `EventsReset`) when the stream cannot resume without a gap: reload state; a keep-alive comment every 15 s"),
         (status = 400, body = ErrorBody),
+        (status = 429, body = ErrorBody, description = "too_many_streams: the caller holds `[events] streams_per_caller_max` streams on this node"),
         (status = 503, body = ErrorBody, description = "too_many_streams: this node serves `[events] streams_max` streams")))]
 pub(super) async fn events(
     State(app): State<Arc<App>>,
@@ -54,11 +55,19 @@ pub(super) async fn events(
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty());
     let closer = closer.map(|Extension(c)| c.0);
-    match app.events.open(app.registry.clone(), filter, last, closer) {
+    match app
+        .events
+        .open(app.registry.clone(), caller.principal(), filter, last, closer)
+    {
         Opened::Full => Err(ApiError(ServiceError::new(
             ErrorKind::Unavailable,
             "too_many_streams",
             "this node serves as many event streams as it may; retry later or on another node",
+        ))),
+        Opened::CallerFull => Err(ApiError(ServiceError::new(
+            ErrorKind::TooManyRequests,
+            "too_many_streams",
+            "you hold as many event streams on this node as one user or token may; close one (another tab?) first",
         ))),
         Opened::Stream(rx) => {
             // A stream outlives its request: the caller's credentials are checked again every

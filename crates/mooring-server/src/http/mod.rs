@@ -203,6 +203,14 @@ impl Caller {
         }
     }
 
+    /// The principal's stable id (`usr_...` or the token id): what per-caller bounds count by.
+    pub fn principal(&self) -> &str {
+        match &self.kind {
+            CallerKind::User { id, .. } => id,
+            CallerKind::Token { id } => id,
+        }
+    }
+
     /// How the audit log names the caller.
     pub fn actor(&self) -> String {
         match &self.kind {

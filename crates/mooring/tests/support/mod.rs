@@ -246,6 +246,33 @@ impl Server {
         Creds { dir }
     }
 
+    /// `mooring user create <email> --role <role> --password-stdin`, fed `password`.
+    pub fn create_user(&self, email: &str, role: &str, password: &str) {
+        use std::io::Write;
+        let mut child = Command::new(BIN)
+            .args(["user", "create", email, "--role", role, "--password-stdin"])
+            .args(["--server", &self.url(), "--data-dir"])
+            .arg(&self.data_dir)
+            .env_remove("MOORING_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mooring user create");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(format!("{password}\n").as_bytes())
+            .expect("write password");
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "user create {email}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
         let client = http();
         let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
