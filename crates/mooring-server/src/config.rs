@@ -343,6 +343,9 @@ pub struct HttpConfig {
     /// Most open API connections (TLS handshakes included). Further clients wait in the
     /// kernel's accept backlog, holding none of the process's file descriptors.
     pub connections_max: usize,
+    /// Serve the dashboard's files from this directory (a checkout's `web/`) instead of the
+    /// copies embedded in the binary: for editing the dashboard without rebuilding.
+    pub web_dir: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -351,6 +354,7 @@ impl Default for HttpConfig {
             header_read_timeout_ms: 10_000,
             request_body_timeout_ms: 10_000,
             connections_max: 256,
+            web_dir: None,
         }
     }
 }

@@ -152,6 +152,10 @@ struct ServeArgs {
     /// This node's name in /healthz and /metrics [default: the host name].
     #[arg(long, env = "MOORING_NODE_ID")]
     node_id: Option<String>,
+    /// Serve the web dashboard's files from this directory (a checkout's web/) instead of the
+    /// ones built into the binary, to edit them without rebuilding.
+    #[arg(long, env = "MOORING_WEB_DIR")]
+    web_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -474,6 +478,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = args.node_id {
         config.node_id = n;
+    }
+    if let Some(d) = args.web_dir {
+        config.http.web_dir = Some(d);
     }
     config.validate()?;
     let listeners = mooring_server::Listeners::bind(&config).await?;

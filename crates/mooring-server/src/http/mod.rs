@@ -10,6 +10,7 @@ mod api;
 mod commands;
 mod events;
 pub mod routes;
+mod web;
 
 use crate::access::{access_of, role_allows, Access, Permission};
 use crate::accounts::{CSRF_HEADER, SESSION_COOKIE};
@@ -33,6 +34,7 @@ pub use api::ApiDoc;
 pub use events::ConnectionCloser;
 pub use mooring_api::{ErrorBody, ErrorDetail};
 pub use routes::{route_specs, RouteSpec};
+pub use web::CONTENT_SECURITY_POLICY;
 
 /// Largest request body accepted, in bytes.
 pub const REQUEST_BODY_SIZE_BYTES_MAX: usize = 1024 * 1024;
@@ -596,7 +598,7 @@ pub fn router(app: Arc<App>) -> Router {
         router = router.route(spec.path, handler.route_layer(check));
     }
     let mut router = router
-        .fallback(not_found)
+        .fallback(web::fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(etags))
         .layer(axum::extract::DefaultBodyLimit::max(
