@@ -11,7 +11,7 @@ use super::{
     SqliteStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{DeviceRecord, NewDevice};
+use crate::model::{DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
 use crate::store::DeviceStore;
 
 const DEVICE_COLUMNS: &str =
@@ -157,6 +157,50 @@ impl DeviceStore for SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    async fn select_devices(
+        &self,
+        filter: &DeviceFilter,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> Result<Vec<DeviceRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (cond, mut params) = super::fleet::filter_sql(filter)?;
+        params.push(rusqlite::types::Value::Text(
+            after_id.unwrap_or("").to_owned(),
+        ));
+        params.push(rusqlite::types::Value::Integer(count_to_sql(limit)));
+        let columns = DEVICE_COLUMNS
+            .split(", ")
+            .map(|c| format!("d.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let from = if filter.version.is_some() {
+            super::fleet::FROM_SQL
+        } else {
+            "devices d"
+        };
+        let sql =
+            format!("SELECT {columns} FROM {from} WHERE {cond} AND d.id > ? ORDER BY d.id LIMIT ?");
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).db()?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(params), device_from_row)
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
+        })
+        .await
+    }
+
+    async fn count_device_versions(
+        &self,
+        filter: &DeviceFilter,
+        versions_max: usize,
+    ) -> Result<VersionCounts> {
+        super::fleet::count_device_versions(self, filter, versions_max).await
     }
 
     async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()> {
