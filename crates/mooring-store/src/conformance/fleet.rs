@@ -271,6 +271,45 @@ pub async fn device_selection_matches_selector_semantics(store: &dyn Store) {
             want.iter().take(2).cloned().collect::<Vec<_>>()
         );
     }
+    // Tag changes and deletions are selected at once.
+    let ids =
+        |v: Vec<crate::DeviceRecord>| v.into_iter().map(|d| d.id.to_string()).collect::<Vec<_>>();
+    let by = |text: &str| {
+        DeviceFilter::from_selector(
+            &Selector::parse(text).expect("selector"),
+            OnlineFilter::default(),
+        )
+    };
+    store
+        .set_tags("d00", tags(&[("site", "nowhere")]))
+        .await
+        .expect("tags");
+    assert_eq!(
+        ids(store
+            .select_devices(&by("tag:site=nowhere"), 10, None)
+            .await
+            .expect("select")),
+        vec!["d00"]
+    );
+    assert!(!ids(store
+        .select_devices(&by("tag:rare=yes"), 10, None)
+        .await
+        .expect("select"))
+    .contains(&"d00".to_owned()));
+    assert!(store.delete_device("d10").await.expect("delete"));
+    assert_eq!(
+        ids(store
+            .select_devices(&by("tag:rare=yes"), 10, None)
+            .await
+            .expect("select")),
+        vec!["d20", "d30", "d40", "d50"]
+    );
+    let counts = store
+        .count_device_versions(&DeviceFilter::default(), 50)
+        .await
+        .expect("count");
+    assert_eq!(counts.total, 59);
+    assert_eq!(counts.versions.iter().map(|(_, n)| n).sum::<u64>(), 59);
     // A single node: only the devices held here are online.
     let single = DeviceFilter {
         online: Some(OnlineFilter {

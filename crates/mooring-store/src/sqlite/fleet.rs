@@ -9,15 +9,18 @@ use crate::error::{Result, StoreError};
 use crate::model::{DeviceFilter, FleetSample, FleetTotals, VersionCounts};
 use crate::store::FleetStore;
 
-/// The firmware version a shadow reports (`s` is the joined `shadows` row): the reported key
-/// `version` if a string, or a number's JSON text (the server's `reported_version`).
+/// The firmware version a shadow reports (`s` is a `shadows` row): the reported key `version`
+/// if a string, or a number's JSON text (the server's `reported_version`). The same expression
+/// as the index `shadows_by_version` (migration 0008), so queries grouping or filtering on it
+/// read the index, not the JSON.
 pub(super) const VERSION_SQL: &str = "CASE json_type(s.reported, '$.version') \
      WHEN 'text' THEN s.reported ->> '$.version' \
      WHEN 'integer' THEN s.reported -> '$.version' \
      WHEN 'real' THEN s.reported -> '$.version' END";
 
-/// The `WHERE` conditions (joined by `AND`, `1` when none) of `f` over `devices d` (and, when
-/// it names a version, `shadows s` joined on the device), with their parameters in order.
+/// The `WHERE` conditions (joined by `AND`, `1` when none) of `f` over `devices d`, with their
+/// parameters in order. Tags are looked up in `device_tags` and versions in the shadows'
+/// version index, so a selective term never reads every device.
 pub(super) fn filter_sql(f: &DeviceFilter) -> Result<(String, Vec<Value>)> {
     let mut conds: Vec<String> = Vec::new();
     let mut params: Vec<Value> = Vec::new();
@@ -29,20 +32,15 @@ pub(super) fn filter_sql(f: &DeviceFilter) -> Result<(String, Vec<Value>)> {
         params.push(Value::Text(json_list(ids)?));
     }
     for (key, value) in &f.tags {
-        if key.contains(['"', '\\']) {
-            // Not expressible as a JSON path: compare the keys one by one.
-            conds.push(
-                "EXISTS (SELECT 1 FROM json_each(d.tags) WHERE key = ? AND value = ?)".into(),
-            );
-            params.push(Value::Text(key.clone()));
-        } else {
-            conds.push("json_extract(d.tags, ?) = ?".into());
-            params.push(Value::Text(format!("$.\"{key}\"")));
-        }
+        conds
+            .push("d.id IN (SELECT device_id FROM device_tags WHERE key = ? AND value = ?)".into());
+        params.push(Value::Text(key.clone()));
         params.push(Value::Text(value.clone()));
     }
     if let Some(v) = &f.version {
-        conds.push(format!("({VERSION_SQL}) = ?"));
+        conds.push(format!(
+            "d.id IN (SELECT s.device_id FROM shadows s WHERE ({VERSION_SQL}) = ?)"
+        ));
         params.push(Value::Text(v.clone()));
     }
     if let Some(online) = &f.online {
@@ -74,14 +72,13 @@ pub(super) async fn count_device_versions(
     versions_max: usize,
 ) -> Result<VersionCounts> {
     let (cond, mut params) = filter_sql(filter)?;
+    if versions_max > 0 && filter.ids.is_none() && filter.tags.is_empty() && filter.online.is_none()
+    {
+        return count_all_versions(store, filter.version.clone(), versions_max).await;
+    }
     if versions_max == 0 {
-        // The total alone: no grouping, and the shadows only if the filter names a version.
-        let from = if filter.version.is_some() {
-            FROM_SQL
-        } else {
-            "devices d"
-        };
-        let sql = format!("SELECT count(*) FROM {from} WHERE {cond}");
+        // The total alone: no grouping, no shadows.
+        let sql = format!("SELECT count(*) FROM devices d WHERE {cond}");
         return store
             .read(move |conn| {
                 let total = conn
@@ -119,6 +116,56 @@ pub(super) async fn count_device_versions(
                 let (v, n, total) = row.db()?;
                 out.total = total;
                 out.versions.push((v, n));
+            }
+            Ok(out)
+        })
+        .await
+}
+
+/// [`count_device_versions`] of every device (or of those reporting `version`): the versions
+/// grouped from the shadows' version index alone, the devices without one by difference.
+async fn count_all_versions(
+    store: &SqliteStore,
+    version: Option<String>,
+    versions_max: usize,
+) -> Result<VersionCounts> {
+    let limit = count_to_sql(versions_max);
+    let sql = format!(
+        "WITH g AS (SELECT {VERSION_SQL} AS v, count(*) AS n FROM shadows s GROUP BY v),
+              t AS (SELECT CASE WHEN ?1 IS NULL THEN (SELECT count(*) FROM devices)
+                                ELSE (SELECT coalesce(sum(n), 0) FROM g WHERE v = ?1) END AS total)
+         SELECT v, n, t.total FROM (
+             SELECT v, n FROM g WHERE v IS NOT NULL AND (?1 IS NULL OR v = ?1)
+             UNION ALL
+             SELECT NULL, (SELECT total FROM t) - (SELECT coalesce(sum(n), 0) FROM g WHERE v IS NOT NULL)
+             WHERE ?1 IS NULL
+         ), t WHERE n > 0 ORDER BY n DESC, v IS NULL, v LIMIT ?2"
+    );
+    store
+        .read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).db()?;
+            let rows = stmt
+                .query_map(params![version, limit], |r| {
+                    Ok((
+                        r.get::<_, Option<String>>(0)?,
+                        u64_column(r, 1)?,
+                        u64_column(r, 2)?,
+                    ))
+                })
+                .db()?;
+            let mut out = VersionCounts::default();
+            for row in rows {
+                let (v, n, total) = row.db()?;
+                out.total = total;
+                out.versions.push((v, n));
+            }
+            if out.versions.is_empty() && version.is_none() {
+                // No device at all, or none listed: the total still counts.
+                out.total = conn
+                    .prepare_cached("SELECT count(*) FROM devices")
+                    .db()?
+                    .query_row([], |r| u64_column(r, 0))
+                    .db()?;
             }
             Ok(out)
         })
