@@ -287,6 +287,24 @@ impl Client {
         }
     }
 
+    /// `GET /api/v1/fleet/summary`.
+    pub async fn fleet_summary(
+        &self,
+        params: &crate::FleetSummaryParams,
+    ) -> Result<crate::FleetSummary> {
+        self.get(self.url(&["api", "v1", "fleet", "summary"], Some(params))?)
+            .await
+    }
+
+    /// `GET /api/v1/fleet/history`.
+    pub async fn fleet_history(
+        &self,
+        params: &crate::FleetHistoryParams,
+    ) -> Result<crate::FleetHistory> {
+        self.get(self.url(&["api", "v1", "fleet", "history"], Some(params))?)
+            .await
+    }
+
     /// `GET /api/v1/devices/{id}`.
     pub async fn get_device(&self, id: &str) -> Result<Device> {
         self.get(self.url(&["api", "v1", "devices", id], None::<&()>)?)

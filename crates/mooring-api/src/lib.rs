@@ -19,6 +19,7 @@ mod commands;
 mod devices;
 mod error;
 mod events;
+mod fleet;
 mod shadow;
 mod telemetry;
 mod tokens;
@@ -37,6 +38,10 @@ pub use commands::{
 pub use devices::{CreateDevice, CreatedDevice, Device, DeviceList, ListDevicesParams};
 pub use error::{ErrorBody, ErrorDetail};
 pub use events::{Event, EventBody, EventsParams, EventsReset, StreamItem, RESET_EVENT};
+pub use fleet::{
+    FleetHistory, FleetHistoryParams, FleetSamplePoint, FleetSummary, FleetSummaryParams,
+    VersionCount, FLEET_VERSIONS_MAX,
+};
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
 pub use tokens::{CreateToken, CreatedToken, PageParams, TokenInfo, TokenList};

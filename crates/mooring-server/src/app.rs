@@ -12,6 +12,7 @@ use crate::cluster::Cluster;
 use crate::commands::Commands;
 use crate::config::ServerConfig;
 use crate::events::Events;
+use crate::fleet::Fleet;
 use crate::metrics::Counters;
 use crate::pki::Pki;
 use crate::presence::Presence;
@@ -26,7 +27,6 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 pub use crate::registry::{
     reported_version, validate_tags, DeviceView, DEVICE_PAGE_LEN_DEFAULT, DEVICE_PAGE_LEN_MAX,
-    SELECT_SCAN_PAGE_LEN,
 };
 pub use crate::telemetry::{TELEMETRY_QUERY_LEN_DEFAULT, TELEMETRY_QUERY_LEN_MAX};
 
@@ -81,6 +81,8 @@ pub struct App {
     pub audit: Audit,
     /// Live events (`GET /api/v1/events`): the ring, the streams.
     pub events: Arc<Events>,
+    /// Fleet statistics: summaries of selections, the sampled history.
+    pub fleet: Arc<Fleet>,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -125,6 +127,7 @@ impl App {
             tokens: Tokens::new(core.clone()),
             accounts: Accounts::new(core.clone()),
             audit: Audit::new(core.clone()),
+            fleet: Arc::new(Fleet::new(core.clone(), registry.clone())),
             registry,
             presence,
             events,

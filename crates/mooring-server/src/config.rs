@@ -51,6 +51,28 @@ pub struct ServerConfig {
     pub oidc: Option<OidcConfig>,
     /// Live event streams (`GET /api/v1/events`).
     pub events: crate::events::EventsConfig,
+    /// Fleet statistics (`/api/v1/fleet/*`, docs/fleet.md).
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// How often each node records its fleet sample (devices, online, points, messages): the
+    /// history's step.
+    pub sample_interval_ms: u64,
+}
+
+/// Shortest `[fleet] sample_interval_ms` (tests use short intervals; a minute is the default).
+pub const FLEET_SAMPLE_INTERVAL_MS_MIN: u64 = 100;
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            sample_interval_ms: 60_000,
+        }
+    }
 }
 
 /// `[auth]`.
@@ -487,6 +509,7 @@ impl Default for ServerConfig {
             audit: AuditConfig::default(),
             oidc: None,
             events: crate::events::EventsConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }
@@ -691,6 +714,11 @@ impl ServerConfig {
             }
         }
         self.events.validate()?;
+        if !(FLEET_SAMPLE_INTERVAL_MS_MIN..=86_400_000).contains(&self.fleet.sample_interval_ms) {
+            bail!(
+                "fleet.sample_interval_ms must be between {FLEET_SAMPLE_INTERVAL_MS_MIN} and 86400000"
+            );
+        }
         if self.store.pool_size == 0 {
             bail!("store.pool_size must be at least 1");
         }

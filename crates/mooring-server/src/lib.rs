@@ -20,6 +20,8 @@
 //!   * [`auth`]: API and service tokens.
 //!   * [`oidc`]: OpenID Connect login (authorization code + PKCE, sealed state cookie, ID token
 //!     claims → role and fleet scope), handing the identity to the accounts service.
+//!   * [`fleet`]: fleet statistics: a selection's summary (online, per version), the sampled
+//!     history of devices, online, points and messages per interval.
 //!   * [`events`]: live events (presence, telemetry, commands, shadows) for SSE streams,
 //!     resumable on any node.
 //! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
@@ -45,6 +47,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod fleet;
 pub mod hooks;
 pub mod http;
 pub mod metrics;

@@ -13,6 +13,8 @@ pub struct Counters {
     pub telemetry_messages: AtomicU64,
     /// Telemetry points stored.
     pub telemetry_points: AtomicU64,
+    /// MQTT PUBLISH packets this node's clients sent that the policy accepted (fleet history).
+    pub mqtt_publishes_received: AtomicU64,
     /// Telemetry messages whose `(device, seq)` was already stored.
     pub telemetry_duplicates: AtomicU64,
     /// Telemetry messages dropped because the payload was invalid.
@@ -393,6 +395,11 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_telemetry_points_total",
         "Telemetry points stored",
         load(&c.telemetry_points),
+    )
+    .counter(
+        "mooring_mqtt_publishes_received_total",
+        "MQTT PUBLISH packets received from clients and accepted by the policy",
+        load(&c.mqtt_publishes_received),
     )
     .counter(
         "mooring_telemetry_duplicates_total",

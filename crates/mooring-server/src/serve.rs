@@ -462,6 +462,10 @@ impl RunningServer {
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(token_expiry_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(compaction_loop(app.clone(), stop_rx.clone()));
+        tasks.spawn(crate::fleet::run_sampler(
+            app.fleet.clone(),
+            stop_rx.clone(),
+        ));
 
         Ok(RunningServer {
             app,

@@ -527,6 +527,16 @@ impl ShadowRecord {
             updated_at_ms: 0,
         }
     }
+
+    /// The firmware version the device reports: reported key `version`, a string as it is or a
+    /// number as its JSON text (what a selector's `version=` term and the fleet summary use).
+    pub fn reported_version(&self) -> Option<String> {
+        match self.reported.get("version")? {
+            serde_json::Value::String(v) => Some(v.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
 }
 
 /// One change to the broker's durable state (see [`crate::BrokerStateStore`]). Values are opaque
@@ -591,4 +601,97 @@ pub enum SessionOp {
     },
     /// `node_id` no longer holds it (ignored if another node took it over meanwhile).
     Close { device_id: String, node_id: String },
+}
+
+/// Conditions on devices the store evaluates itself (what a fleet selector's `id:`, `tag:`,
+/// `version=` and `online` terms become), so a selection never scans the registry in the server.
+/// Every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFilter {
+    /// The id is one of these (`None`: any id).
+    pub ids: Option<Vec<String>>,
+    /// The device carries each of these tags with exactly this value.
+    pub tags: Vec<(String, String)>,
+    /// The device's shadow reports this firmware version: reported key `version`, a string as
+    /// it is, or a number as its JSON text.
+    pub version: Option<String>,
+    /// The device is online (`None`: either).
+    pub online: Option<OnlineFilter>,
+}
+
+impl DeviceFilter {
+    /// The filter that selects exactly what `sel` matches ([`mooring_proto::selector::Selector::matches`]):
+    /// `online` is how the caller knows presence (used only if `sel` has an `online` term).
+    pub fn from_selector(sel: &mooring_proto::selector::Selector, online: OnlineFilter) -> Self {
+        use mooring_proto::selector::Term;
+        let mut f = DeviceFilter {
+            ids: sel
+                .id_candidates()
+                .map(|ids| ids.iter().map(|i| i.as_str().to_owned()).collect()),
+            ..DeviceFilter::default()
+        };
+        let mut online = Some(online);
+        for t in &sel.terms {
+            match t {
+                Term::Ids(_) => {}
+                Term::Tag { key, value } => f.tags.push((key.clone(), value.clone())),
+                Term::Version(v) => match &f.version {
+                    // Two different versions: no device reports both.
+                    Some(prev) if prev != v => f.ids = Some(Vec::new()),
+                    _ => f.version = Some(v.clone()),
+                },
+                Term::Online => f.online = online.take(),
+            }
+        }
+        f
+    }
+}
+
+/// Which devices count as online: those held by the asking node (it knows them in memory), and
+/// in a cluster those whose session row names another node heard from recently.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OnlineFilter {
+    /// Devices with a session on the asking node.
+    pub here: Vec<String>,
+    /// `(node, alive_since_ms)`: devices whose session row names a node other than `node`
+    /// whose heartbeat is at or after `alive_since_ms` (`None`: a single node, `here` only).
+    pub elsewhere: Option<(String, u64)>,
+}
+
+/// How many of the devices a [`DeviceFilter`] selects report each firmware version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VersionCounts {
+    /// Every device the filter selects.
+    pub total: u64,
+    /// The most common versions (`None`: the device reports none), most devices first, ties by
+    /// version (byte order) with `None` last; at most the limit asked for.
+    pub versions: Vec<(Option<String>, u64)>,
+}
+
+/// One node's counts for one sample interval (fleet history).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSample {
+    pub node_id: String,
+    /// The start of the interval, unix ms (nodes align it to the interval, so the samples of
+    /// several nodes for one interval share it).
+    pub ts_ms: u64,
+    /// Registered devices.
+    pub devices: u64,
+    /// Devices with a session on this node.
+    pub online: u64,
+    /// Telemetry points this node stored during the interval.
+    pub points: u64,
+    /// MQTT PUBLISH packets this node received during the interval.
+    pub messages: u64,
+}
+
+/// The samples of every node for one `ts_ms`: `online`, `points`, `messages` summed, `devices`
+/// the largest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetTotals {
+    pub ts_ms: u64,
+    pub devices: u64,
+    pub online: u64,
+    pub points: u64,
+    pub messages: u64,
 }

@@ -36,6 +36,7 @@ mod broker;
 mod cluster;
 mod commands;
 mod devices;
+mod fleet;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -57,6 +58,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0002_telemetry_commands_shadows_broker.sql"),
     include_str!("../migrations/postgres/0003_cluster.sql"),
     include_str!("../migrations/postgres/0004_accounts.sql"),
+    include_str!("../migrations/postgres/0005_fleet_samples.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

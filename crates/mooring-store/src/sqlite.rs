@@ -38,6 +38,7 @@ mod broker;
 mod cluster;
 mod commands;
 mod devices;
+mod fleet;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -64,6 +65,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0005_telemetry_series_chunks.sql"),
     include_str!("../migrations/0006_cluster.sql"),
     include_str!("../migrations/0007_accounts.sql"),
+    include_str!("../migrations/0008_fleet_samples.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandParentRecord,
-    CommandRecord, CommandState, CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point,
-    SessionOp, SessionRecord, ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord,
-    TokenRecord, UserRecord,
+    CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceRecord, FleetSample,
+    FleetTotals, MetricValue, NewDevice, Point, SessionOp, SessionRecord, ShadowRecord,
+    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -31,6 +31,38 @@ pub trait DeviceStore: Send + Sync + 'static {
     /// Sets `last_seen_ms = max(old, new)` for every pair, in one transaction. Unknown ids are
     /// skipped (the device may have been deleted meanwhile).
     async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()>;
+    /// At most `limit` devices matching `filter` with `id > after_id`, ordered by id (byte
+    /// order): a selection evaluated by the store, never by scanning pages in the caller.
+    async fn select_devices(
+        &self,
+        filter: &DeviceFilter,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> Result<Vec<DeviceRecord>>;
+    /// How many devices match `filter`, and how many of them report each version (the
+    /// `versions_max` most common).
+    async fn count_device_versions(
+        &self,
+        filter: &DeviceFilter,
+        versions_max: usize,
+    ) -> Result<VersionCounts>;
+}
+
+/// The fleet's history: one sample per node per interval (devices, online, points, messages).
+#[async_trait::async_trait]
+pub trait FleetStore: Send + Sync + 'static {
+    /// Stores a node's sample; a second sample of the same node and `ts_ms` replaces the first.
+    async fn record_fleet_sample(&self, sample: FleetSample) -> Result<()>;
+    /// The samples with `from_ms <= ts_ms < to_ms`, summed over nodes per `ts_ms` (`devices`:
+    /// the largest), oldest first; at most `limit`, the newest ones if there are more.
+    async fn fleet_totals(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<FleetTotals>>;
+    /// Deletes samples with `ts_ms < before_ms`, at most `max_rows`; returns how many.
+    async fn prune_fleet_samples(&self, before_ms: u64, max_rows: usize) -> Result<u64>;
 }
 
 /// API tokens (secrets stored hashed).
@@ -306,6 +338,7 @@ pub trait Store:
     + ClusterStore
     + AccountStore
     + AuditStore
+    + FleetStore
 {
 }
 
@@ -319,5 +352,6 @@ impl<T> Store for T where
         + ClusterStore
         + AccountStore
         + AuditStore
+        + FleetStore
 {
 }

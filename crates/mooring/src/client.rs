@@ -842,3 +842,71 @@ pub async fn events(api: ApiArgs, args: EventsArgs) -> anyhow::Result<u8> {
         tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
     }
 }
+
+/// `mooring fleet summary`.
+pub async fn fleet_summary(
+    args: ApiArgs,
+    selector: Option<String>,
+    output: OutputArgs,
+) -> anyhow::Result<u8> {
+    let params = mooring_api::FleetSummaryParams { selector };
+    let s = call(args.connect()?.fleet_summary(&params).await)?;
+    if output.json() {
+        print_json(&s)?;
+        return Ok(EXIT_OK);
+    }
+    print_fields(&[
+        (
+            "selector",
+            s.selector.clone().unwrap_or_else(|| "(all)".into()),
+        ),
+        ("devices", s.devices.to_string()),
+        ("online", s.online.to_string()),
+    ]);
+    println!();
+    let mut t = Table::new(&["VERSION", "DEVICES"]);
+    for v in &s.versions {
+        t.row(vec![
+            v.version.clone().unwrap_or_else(|| "(none)".into()),
+            v.devices.to_string(),
+        ]);
+    }
+    if s.versions_other > 0 {
+        t.row(vec!["(other)".into(), s.versions_other.to_string()]);
+    }
+    t.print();
+    Ok(EXIT_OK)
+}
+
+/// `mooring fleet history`.
+pub async fn fleet_history(args: ApiArgs, since: &str, output: OutputArgs) -> anyhow::Result<u8> {
+    let window_ms = parse_duration_ms(since)?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let params = mooring_api::FleetHistoryParams {
+        from_ms: Some(now_ms.saturating_sub(window_ms)),
+        to_ms: Some(now_ms.saturating_add(1)),
+    };
+    let h = call(args.connect()?.fleet_history(&params).await)?;
+    if output.json() {
+        print_json(&h)?;
+        return Ok(EXIT_OK);
+    }
+    let step_secs = (h.step_ms as f64 / 1000.0).max(0.001);
+    let mut t = Table::new(&[
+        "TIME", "DEVICES", "ONLINE", "POINTS", "POINTS/S", "MESSAGES",
+    ]);
+    for s in &h.samples {
+        t.row(vec![
+            rfc3339(s.ts_ms),
+            s.devices.to_string(),
+            s.online.to_string(),
+            s.points.to_string(),
+            format!("{:.1}", s.points as f64 / step_secs),
+            s.messages.to_string(),
+        ]);
+    }
+    t.print();
+    Ok(EXIT_OK)
+}

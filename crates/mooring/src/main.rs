@@ -61,6 +61,15 @@ enum Command {
         #[command(flatten)]
         args: client::EventsArgs,
     },
+    /// Fleet statistics: devices, online and firmware versions of a selection; the fleet's
+    /// history (docs/fleet.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Fleet {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: FleetCommand,
+    },
     /// Benchmarks against a private Mosquitto on loopback, side by side (docs/benchmarks.md).
     Bench(mooring_bench::BenchArgs),
     /// Manage API tokens for apps and machines (e.g. a `service` token for a data pipeline's
@@ -206,6 +215,32 @@ enum DeviceCommand {
     Delete {
         /// Device id.
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// How many devices a selector matches, how many are online, and their firmware versions.
+    Summary {
+        /// Only devices matching this selector, e.g. 'tag:site=berlin and online' [default: all].
+        #[arg(long)]
+        selector: Option<String>,
+        /// Same as `--output json`.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// The fleet's history: devices, online, telemetry points and MQTT messages per interval.
+    History {
+        /// How far back, e.g. 30m, 24h, 7d (at most 7d).
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        since: String,
+        /// Same as `--output json`.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
 }
 
@@ -428,6 +463,28 @@ fn run(command: Command) -> ExitCode {
             Command::User { api, command } => client::user(api, command).await,
             Command::Audit { api, args } => client::audit(api, args).await,
             Command::Events { api, args } => client::events(api, args).await,
+            Command::Fleet { api, command } => match command {
+                FleetCommand::Summary {
+                    selector,
+                    json,
+                    mut output,
+                } => {
+                    if json {
+                        output.output = output::Format::Json;
+                    }
+                    client::fleet_summary(api, selector, output).await
+                }
+                FleetCommand::History {
+                    since,
+                    json,
+                    mut output,
+                } => {
+                    if json {
+                        output.output = output::Format::Json;
+                    }
+                    client::fleet_history(api, &since, output).await
+                }
+            },
             Command::Bench(args) => mooring_bench::run(args).await.map(|()| client::EXIT_OK),
             Command::Commands { api, command } => client::command(api, command).await,
             Command::Backup(args) => ops::backup(args).map(|()| client::EXIT_OK),

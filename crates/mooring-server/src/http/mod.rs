@@ -9,6 +9,7 @@ mod accounts;
 mod api;
 mod commands;
 mod events;
+mod fleet;
 pub mod routes;
 mod web;
 

@@ -16,7 +16,7 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
@@ -25,6 +25,7 @@ mod broker_state;
 mod cluster;
 mod commands;
 mod devices;
+mod fleet;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -36,6 +37,7 @@ pub use broker_state::*;
 pub use cluster::*;
 pub use commands::*;
 pub use devices::*;
+pub use fleet::*;
 pub use shadows::*;
 pub use telemetry::*;
 pub use tokens::*;
@@ -89,6 +91,8 @@ macro_rules! conformance_tests {
             broker_state_ops_apply_in_order_and_load_back,
             broker_state_delete_session_takes_its_messages,
             broker_state_loads_one_session_by_key,
+            fleet_samples_sum_per_interval_and_prune_in_chunks,
+            device_selection_matches_selector_semantics,
         );
         $crate::conformance_tests!(@by_arc $factory;
             writer_group_commits_concurrent_appends_and_reports_duplicates,
