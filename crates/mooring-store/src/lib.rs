@@ -18,6 +18,8 @@
 //! * [`AccountStore`]: people (users), their login sessions (by the SHA-256 of the cookie) and
 //!   login-failure counters, atomic across nodes.
 //! * [`AuditStore`]: the append-only audit log of API writes, filtered reads, retention.
+//! * [`JobStore`]: background jobs (bulk actions on devices) with progress, compare-and-set
+//!   updates and pruning of finished ones.
 //!
 //! [`Store`] is all of them at once (blanket impl); the server holds an `Arc<dyn Store>`.
 //!
@@ -78,7 +80,8 @@ pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_M
 pub use error::{Result, StoreError};
 pub use model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, DeviceRecord,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, DeviceRecord, JobError,
+    JobRecord, JobState,
     MetricValue, NewDevice, Point, Role, SessionOp, SessionRecord, ShadowRecord, StoredSession,
     TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, TS_MS_MAX,
 };
@@ -86,7 +89,7 @@ pub use model::{
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    AccountStore, AuditStore, BrokerStateStore, ClusterStore, CommandStore, DeviceStore,
+    AccountStore, AuditStore, BrokerStateStore, ClusterStore, CommandStore, DeviceStore, JobStore,
     ShadowStore, Store, TelemetryStore, TokenStore, COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{

@@ -36,6 +36,7 @@ mod broker;
 mod cluster;
 mod commands;
 mod devices;
+mod jobs;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -57,6 +58,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0002_telemetry_commands_shadows_broker.sql"),
     include_str!("../migrations/postgres/0003_cluster.sql"),
     include_str!("../migrations/postgres/0004_accounts.sql"),
+    // Numbered 0006: 0005 is another branch's; renumbered when both are merged.
+    include_str!("../migrations/postgres/0006_jobs.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

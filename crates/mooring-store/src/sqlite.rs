@@ -38,6 +38,7 @@ mod broker;
 mod cluster;
 mod commands;
 mod devices;
+mod jobs;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -64,6 +65,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0005_telemetry_series_chunks.sql"),
     include_str!("../migrations/0006_cluster.sql"),
     include_str!("../migrations/0007_accounts.sql"),
+    // Numbered 0009: 0008 is another branch's; renumbered when both are merged.
+    include_str!("../migrations/0009_jobs.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.
