@@ -51,6 +51,32 @@ pub struct ServerConfig {
     pub oidc: Option<OidcConfig>,
     /// Live event streams (`GET /api/v1/events`).
     pub events: crate::events::EventsConfig,
+    /// Background jobs: bulk actions on a selection of devices (docs/jobs.md).
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Devices per batch: a job's progress (done, failed, cursor) is stored after each batch,
+    /// and a cancel takes effect at the next one. 1..=500.
+    pub batch_len: usize,
+    /// How often the runner looks for queued jobs when it was not woken (a job created on
+    /// this node wakes it at once).
+    pub poll_interval_ms: u64,
+    /// A pause after every batch (0: none). For tests and to go easy on a busy server.
+    pub batch_pause_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            batch_len: crate::jobs::BATCH_LEN_MAX,
+            poll_interval_ms: 1_000,
+            batch_pause_ms: 0,
+        }
+    }
 }
 
 /// `[auth]`.
@@ -483,6 +509,7 @@ impl Default for ServerConfig {
             audit: AuditConfig::default(),
             oidc: None,
             events: crate::events::EventsConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -687,6 +714,15 @@ impl ServerConfig {
             }
         }
         self.events.validate()?;
+        if self.jobs.batch_len == 0 || self.jobs.batch_len > crate::jobs::BATCH_LEN_MAX {
+            bail!(
+                "jobs.batch_len must be between 1 and {}",
+                crate::jobs::BATCH_LEN_MAX
+            );
+        }
+        if self.jobs.poll_interval_ms == 0 || self.jobs.batch_pause_ms > 60_000 {
+            bail!("jobs.poll_interval_ms must be at least 1 and jobs.batch_pause_ms at most 60000");
+        }
         if self.store.pool_size == 0 {
             bail!("store.pool_size must be at least 1");
         }

@@ -20,6 +20,8 @@
 //!   * [`auth`]: API and service tokens.
 //!   * [`oidc`]: OpenID Connect login (authorization code + PKCE, sealed state cookie, ID token
 //!     claims → role and fleet scope), handing the identity to the accounts service.
+//!   * [`jobs`]: background jobs: bulk actions (tag, untag, command, delete) on a selection
+//!     of devices, run once across a cluster with their progress stored per batch.
 //!   * [`events`]: live events (presence, telemetry, commands, shadows) for SSE streams,
 //!     resumable on any node.
 //! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
@@ -47,6 +49,7 @@ pub mod error;
 pub mod events;
 pub mod hooks;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
 pub mod oidc;
 pub mod pki;

@@ -445,6 +445,38 @@ impl Registry {
         validate_tags(&tags)?;
         let _serialized = self.tags_lock.lock().await;
         self.get_device(access, id.as_str()).await?;
+        self.store_tags(access, id, tags).await
+    }
+
+    /// Changes a device's tags with `change` (read, changed and stored under the tag lock, so
+    /// a concurrent change is never lost); a change that leaves them as they were stores
+    /// nothing. Used by bulk jobs (tag, untag).
+    pub async fn update_tags(
+        &self,
+        access: &Access,
+        id: &str,
+        change: impl FnOnce(&mut BTreeMap<String, String>),
+    ) -> ServiceResult<DeviceView> {
+        let id = Self::parse_id(id)?;
+        let _serialized = self.tags_lock.lock().await;
+        let current = self.get_device(access, id.as_str()).await?;
+        let mut tags = current.record.tags.clone();
+        change(&mut tags);
+        if tags == current.record.tags {
+            return Ok(current);
+        }
+        validate_tags(&tags)?;
+        self.store_tags(access, id, tags).await
+    }
+
+    /// Stores a device's tags (the caller holds the tag lock and has checked it reaches the
+    /// device), then tells the broker and the other nodes.
+    async fn store_tags(
+        &self,
+        access: &Access,
+        id: DeviceId,
+        tags: BTreeMap<String, String>,
+    ) -> ServiceResult<DeviceView> {
         if !access.sees_facts(id.as_str(), &tags) {
             return Err(outside_scope(id.as_str()));
         }

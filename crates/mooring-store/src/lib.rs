@@ -80,10 +80,10 @@ pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_M
 pub use error::{Result, StoreError};
 pub use model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, DeviceRecord, JobError,
-    JobRecord, JobState,
-    MetricValue, NewDevice, Point, Role, SessionOp, SessionRecord, ShadowRecord, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, TS_MS_MAX,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, DeviceRecord,
+    JobError, JobRecord, JobState, MetricValue, NewDevice, Point, Role, SessionOp, SessionRecord,
+    ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord,
+    TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandParentRecord,
-    CommandRecord, CommandState, CreateOutcome, DeviceRecord, JobRecord, MetricValue, NewDevice, Point,
-    SessionOp, SessionRecord, ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord,
+    CommandRecord, CommandState, CreateOutcome, DeviceRecord, JobRecord, MetricValue, NewDevice,
+    Point, SessionOp, SessionRecord, ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord,
     TokenRecord, UserRecord,
 };
 
@@ -344,6 +344,6 @@ impl<T> Store for T where
         + ClusterStore
         + AccountStore
         + AuditStore
-    + JobStore
+        + JobStore
 {
 }

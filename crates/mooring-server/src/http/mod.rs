@@ -9,6 +9,7 @@ mod accounts;
 mod api;
 mod commands;
 mod events;
+mod jobs;
 pub mod routes;
 
 use crate::access::{access_of, role_allows, Access, Permission};

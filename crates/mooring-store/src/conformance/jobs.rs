@@ -138,7 +138,10 @@ pub async fn job_unfinished_list_and_count_per_creator<S: JobStore + ?Sized>(sto
     }
     assert_eq!(store.count_unfinished_jobs("ann").await.expect("count"), 2);
     assert_eq!(store.count_unfinished_jobs("bob").await.expect("count"), 1);
-    assert_eq!(store.count_unfinished_jobs("nobody").await.expect("count"), 0);
+    assert_eq!(
+        store.count_unfinished_jobs("nobody").await.expect("count"),
+        0
+    );
     let unfinished: Vec<u64> = store
         .unfinished_jobs(10)
         .await
@@ -163,7 +166,11 @@ pub async fn job_prune_keeps_unfinished_and_the_newest<S: JobStore + ?Sized>(sto
     }
     // Finished before T0 + 2000: job 1 only.
     assert_eq!(store.prune_jobs(T0 + 2000, 100).await.expect("prune"), 1);
-    assert!(store.get_job(&job(1, "ann").id).await.expect("get").is_none());
+    assert!(store
+        .get_job(&job(1, "ann").id)
+        .await
+        .expect("get")
+        .is_none());
     // Keep the newest 3 (6, 5, 4): job 3 goes, job 2 (queued) stays.
     assert_eq!(store.prune_jobs(0, 3).await.expect("prune"), 1);
     let left: Vec<u64> = store

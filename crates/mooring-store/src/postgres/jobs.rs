@@ -3,12 +3,16 @@
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
-use super::{bound_to_sql, column, count_to_sql, nul_free_cursor, opt_u64_column, ts_to_sql, u64_column, PgStore};
+use super::{
+    bound_to_sql, column, count_to_sql, nul_free_cursor, opt_u64_column, ts_to_sql, u64_column,
+    PgStore,
+};
 use crate::error::{Result, StoreError};
 use crate::model::{job_errors_from_json, job_errors_to_json, JobRecord, JobState};
 use crate::store::JobStore;
 
-const JOB_COLUMNS: &str = "id, action, selector, params, scope, state, total, done, failed, errors, \
+const JOB_COLUMNS: &str =
+    "id, action, selector, params, scope, state, total, done, failed, errors, \
      cursor, command_id, created_by, created_ms, started_ms, finished_ms, rev";
 
 fn job_from_row(row: &Row) -> Result<JobRecord> {
@@ -75,8 +79,14 @@ impl Encoded {
             failed: count(j.failed),
             errors: job_errors_to_json(&j.errors),
             created_ms: ts_to_sql("created_ms", j.created_ms)?,
-            started_ms: j.started_ms.map(|t| ts_to_sql("started_ms", t)).transpose()?,
-            finished_ms: j.finished_ms.map(|t| ts_to_sql("finished_ms", t)).transpose()?,
+            started_ms: j
+                .started_ms
+                .map(|t| ts_to_sql("started_ms", t))
+                .transpose()?,
+            finished_ms: j
+                .finished_ms
+                .map(|t| ts_to_sql("finished_ms", t))
+                .transpose()?,
             rev: count(j.rev),
             id: j.id,
             action: j.action,

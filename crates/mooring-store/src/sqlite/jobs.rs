@@ -2,12 +2,15 @@
 
 use rusqlite::{params, OptionalExtension, Row};
 
-use super::{bound_to_sql, count_to_sql, is_constraint_violation, store_error, ts_to_sql, Db, SqliteStore};
+use super::{
+    bound_to_sql, count_to_sql, is_constraint_violation, store_error, ts_to_sql, Db, SqliteStore,
+};
 use crate::error::{Result, StoreError};
 use crate::model::{job_errors_from_json, job_errors_to_json, JobRecord, JobState};
 use crate::store::JobStore;
 
-const JOB_COLUMNS: &str = "id, action, selector, params, scope, state, total, done, failed, errors, \
+const JOB_COLUMNS: &str =
+    "id, action, selector, params, scope, state, total, done, failed, errors, \
      cursor, command_id, created_by, created_ms, started_ms, finished_ms, rev";
 
 /// A row as read, decoded outside rusqlite's error type.
@@ -70,8 +73,14 @@ fn decode(r: RawJob) -> Result<JobRecord> {
         failed: unsigned("failed", r.failed)?,
         errors: job_errors_from_json(&r.errors)?,
         created_ms: unsigned("created_ms", r.created_ms)?,
-        started_ms: r.started_ms.map(|t| unsigned("started_ms", t)).transpose()?,
-        finished_ms: r.finished_ms.map(|t| unsigned("finished_ms", t)).transpose()?,
+        started_ms: r
+            .started_ms
+            .map(|t| unsigned("started_ms", t))
+            .transpose()?,
+        finished_ms: r
+            .finished_ms
+            .map(|t| unsigned("finished_ms", t))
+            .transpose()?,
         rev: unsigned("rev", r.rev)?,
         id: r.id,
         action: r.action,
@@ -126,8 +135,12 @@ fn encode(j: JobRecord) -> Result<Encoded> {
         j.command_id,
         j.created_by,
         ts_to_sql("created_ms", j.created_ms)?,
-        j.started_ms.map(|t| ts_to_sql("started_ms", t)).transpose()?,
-        j.finished_ms.map(|t| ts_to_sql("finished_ms", t)).transpose()?,
+        j.started_ms
+            .map(|t| ts_to_sql("started_ms", t))
+            .transpose()?,
+        j.finished_ms
+            .map(|t| ts_to_sql("finished_ms", t))
+            .transpose()?,
         count(j.rev),
     ))
 }
@@ -204,8 +217,8 @@ impl JobStore for SqliteStore {
                 )
                 .db()?
                 .execute(params![
-                    e.0, e.1, e.2, e.3, e.4, e.5, e.6, e.7, e.8, e.9, e.10, e.11, e.12, e.13,
-                    e.14, e.15, e.16
+                    e.0, e.1, e.2, e.3, e.4, e.5, e.6, e.7, e.8, e.9, e.10, e.11, e.12, e.13, e.14,
+                    e.15, e.16
                 ])
                 .db()?;
             Ok(n == 1)
