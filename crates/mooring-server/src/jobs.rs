@@ -26,6 +26,7 @@ use crate::commands::{Commands, NewCommand};
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::registry::{validate_tags, Registry};
 use mooring_proto::selector::Selector;
+use mooring_proto::DeviceId;
 use mooring_store::{JobError, JobRecord, JobState};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -491,9 +492,11 @@ impl Jobs {
                 .registry
                 .select_devices(&sel, job.cursor.as_deref(), batch_len)
                 .await?;
-            for device in &page {
-                let id = device.record.id.as_str();
-                match self.apply(&access, &action, id).await {
+            let ids: Vec<DeviceId> = page.iter().map(|d| d.record.id.clone()).collect();
+            let outcomes = self.apply_batch(&access, &action, &ids).await;
+            for (id, outcome) in ids.iter().zip(outcomes) {
+                let id = id.as_str();
+                match outcome {
                     Ok(()) => job.done += 1,
                     Err(e) if e.kind == ErrorKind::Internal || e.kind == ErrorKind::Unavailable => {
                         // The store failed: nothing of this batch is recorded; retried later.
@@ -530,35 +533,48 @@ impl Jobs {
         }
     }
 
-    /// The action on one device.
-    async fn apply(&self, access: &Access, action: &JobAction, id: &str) -> ServiceResult<()> {
+    /// The action on one batch of devices: one result per device, in order. Tag changes go
+    /// to the store together (one group-committed transaction on SQLite).
+    async fn apply_batch(
+        &self,
+        access: &Access,
+        action: &JobAction,
+        ids: &[DeviceId],
+    ) -> Vec<ServiceResult<()>> {
         match action {
             JobAction::Tag(tags) => {
-                self.registry
-                    .update_tags(access, id, |t| {
-                        t.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())))
-                    })
-                    .await?;
+                let set = |t: &mut BTreeMap<String, String>| {
+                    t.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())))
+                };
+                self.registry.update_tags_many(access, ids, &set).await
             }
             JobAction::Untag(keys) => {
-                self.registry
-                    .update_tags(access, id, |t| {
-                        for k in keys {
-                            t.remove(k);
-                        }
-                    })
-                    .await?;
+                let remove = |t: &mut BTreeMap<String, String>| {
+                    for k in keys {
+                        t.remove(k);
+                    }
+                };
+                self.registry.update_tags_many(access, ids, &remove).await
             }
-            JobAction::Delete => match self.registry.delete_device(access, id).await {
-                // Gone already (a batch applied again after a restart, or deleted meanwhile).
-                Err(e) if e.kind == ErrorKind::NotFound => {}
-                other => other?,
-            },
-            JobAction::Command(_) => {
-                return Err(ServiceError::internal("command jobs act on the selection"))
+            JobAction::Delete => {
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    out.push(
+                        match self.registry.delete_device(access, id.as_str()).await {
+                            // Gone already (a batch applied again after a restart, or deleted
+                            // meanwhile).
+                            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
+                            other => other,
+                        },
+                    );
+                }
+                out
             }
+            JobAction::Command(_) => ids
+                .iter()
+                .map(|_| Err(ServiceError::internal("command jobs act on the selection")))
+                .collect(),
         }
-        Ok(())
     }
 
     /// Action `command`: one fleet command to the selection, under an id stored first.
