@@ -20,6 +20,7 @@ mod devices;
 mod error;
 mod events;
 mod fleet;
+mod jobs;
 mod shadow;
 mod telemetry;
 mod tokens;
@@ -42,6 +43,7 @@ pub use fleet::{
     FleetHistory, FleetHistoryParams, FleetSamplePoint, FleetSummary, FleetSummaryParams,
     VersionCount, FLEET_VERSIONS_MAX,
 };
+pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
 pub use tokens::{CreateToken, CreatedToken, PageParams, TokenInfo, TokenList};

@@ -3,7 +3,8 @@
 //!
 //! Each service owns its state behind private fields and is reached only through its methods;
 //! HTTP handlers, MQTT hooks, the CLI and the simulator never touch the storage underneath.
-//! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`.
+//! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`;
+//! `Registry`, `Commands` ← `Jobs`.
 
 use crate::accounts::Accounts;
 use crate::audit::Audit;
@@ -13,6 +14,7 @@ use crate::commands::Commands;
 use crate::config::ServerConfig;
 use crate::events::Events;
 use crate::fleet::Fleet;
+use crate::jobs::Jobs;
 use crate::metrics::Counters;
 use crate::pki::Pki;
 use crate::presence::Presence;
@@ -83,6 +85,8 @@ pub struct App {
     pub events: Arc<Events>,
     /// Fleet statistics: summaries of selections, the sampled history.
     pub fleet: Arc<Fleet>,
+    /// Background jobs: bulk actions on a selection of devices.
+    pub jobs: Arc<Jobs>,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -120,9 +124,11 @@ impl App {
         });
         let presence = Arc::new(Presence::new(core.store.clone(), node));
         let registry = Arc::new(Registry::new(core.clone(), pki, presence.clone()));
+        let commands = Arc::new(Commands::new(core.clone(), registry.clone()));
         Self {
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
-            commands: Arc::new(Commands::new(core.clone(), registry.clone())),
+            jobs: Arc::new(Jobs::new(core.clone(), registry.clone(), commands.clone())),
+            commands,
             shadows: Shadows::new(core.clone(), registry.clone()),
             tokens: Tokens::new(core.clone()),
             accounts: Accounts::new(core.clone()),

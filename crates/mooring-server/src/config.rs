@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub events: crate::events::EventsConfig,
     /// Fleet statistics (`/api/v1/fleet/*`, docs/fleet.md).
     pub fleet: FleetConfig,
+    /// Background jobs: bulk actions on a selection of devices (docs/jobs.md).
+    pub jobs: JobsConfig,
 }
 
 /// `[fleet]`.
@@ -71,6 +73,30 @@ impl Default for FleetConfig {
     fn default() -> Self {
         Self {
             sample_interval_ms: 60_000,
+        }
+    }
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Devices per batch: a job's progress (done, failed, cursor) is stored after each batch,
+    /// and a cancel takes effect at the next one. 1..=500.
+    pub batch_len: usize,
+    /// How often the runner looks for queued jobs when it was not woken (a job created on
+    /// this node wakes it at once).
+    pub poll_interval_ms: u64,
+    /// A pause after every batch (0: none). For tests and to go easy on a busy server.
+    pub batch_pause_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            batch_len: crate::jobs::BATCH_LEN_MAX,
+            poll_interval_ms: 1_000,
+            batch_pause_ms: 0,
         }
     }
 }
@@ -510,6 +536,7 @@ impl Default for ServerConfig {
             oidc: None,
             events: crate::events::EventsConfig::default(),
             fleet: FleetConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -718,6 +745,15 @@ impl ServerConfig {
             bail!(
                 "fleet.sample_interval_ms must be between {FLEET_SAMPLE_INTERVAL_MS_MIN} and 86400000"
             );
+        }
+        if self.jobs.batch_len == 0 || self.jobs.batch_len > crate::jobs::BATCH_LEN_MAX {
+            bail!(
+                "jobs.batch_len must be between 1 and {}",
+                crate::jobs::BATCH_LEN_MAX
+            );
+        }
+        if self.jobs.poll_interval_ms == 0 || self.jobs.batch_pause_ms > 60_000 {
+            bail!("jobs.poll_interval_ms must be at least 1 and jobs.batch_pause_ms at most 60000");
         }
         if self.store.pool_size == 0 {
             bail!("store.pool_size must be at least 1");

@@ -416,18 +416,103 @@ impl Registry {
         validate_tags(&tags)?;
         let _serialized = self.tags_lock.lock().await;
         self.get_device(access, id.as_str()).await?;
+        self.store_tags(access, id, tags).await
+    }
+
+    /// Stores a device's tags (the caller holds the tag lock and has checked it reaches the
+    /// device), then tells the broker and the other nodes.
+    async fn store_tags(
+        &self,
+        access: &Access,
+        id: DeviceId,
+        tags: BTreeMap<String, String>,
+    ) -> ServiceResult<DeviceView> {
         if !access.sees_facts(id.as_str(), &tags) {
             return Err(outside_scope(id.as_str()));
         }
+        self.write_tags(&id, tags.clone()).await?;
+        self.announce_tags(&id, tags);
+        self.get_device(access, id.as_str()).await
+    }
+
+    /// Changes the tags of many devices with `change` (a bulk job's batch: tag, untag): each
+    /// device's tags are read, changed and stored under the tag lock, taken once, so no
+    /// concurrent change is lost; the writes go to the store together, so its group commit
+    /// makes them one transaction; a change that leaves a device's tags as they were stores
+    /// nothing. One result per id, in order.
+    pub async fn update_tags_many(
+        &self,
+        access: &Access,
+        ids: &[DeviceId],
+        change: &(dyn Fn(&mut BTreeMap<String, String>) + Sync),
+    ) -> Vec<ServiceResult<()>> {
+        let _serialized = self.tags_lock.lock().await;
+        let mut results: Vec<ServiceResult<()>> = Vec::with_capacity(ids.len());
+        let mut writes = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let changed = async {
+                let current = self
+                    .core
+                    .store
+                    .get_device(id.as_str())
+                    .await?
+                    .filter(|r| access.sees(r))
+                    .ok_or_else(|| device_not_found(id.as_str()))?;
+                let mut tags = current.tags.clone();
+                change(&mut tags);
+                if tags == current.tags {
+                    return Ok(None);
+                }
+                validate_tags(&tags)?;
+                if !access.sees_facts(id.as_str(), &tags) {
+                    return Err(outside_scope(id.as_str()));
+                }
+                Ok(Some(tags))
+            }
+            .await;
+            match changed {
+                Ok(Some(tags)) => writes.push((i, id, tags)),
+                Ok(None) => {}
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            }
+            results.push(Ok(()));
+        }
+        let stored = futures::future::join_all(
+            writes
+                .iter()
+                .map(|(_, id, tags)| self.write_tags(id, tags.clone())),
+        )
+        .await;
+        for ((i, id, tags), r) in writes.into_iter().zip(stored) {
+            match r {
+                Ok(()) => self.announce_tags(id, tags),
+                Err(e) => {
+                    if let Some(slot) = results.get_mut(i) {
+                        *slot = Err(e);
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    async fn write_tags(&self, id: &DeviceId, tags: BTreeMap<String, String>) -> ServiceResult<()> {
         self.core
             .store
-            .set_tags(id.as_str(), tags.clone())
+            .set_tags(id.as_str(), tags)
             .await
             .map_err(|e| match e {
                 mooring_store::StoreError::NotFound(_) => device_not_found(id.as_str()),
                 other => other.into(),
-            })?;
-        self.forget_facts(&id);
+            })
+    }
+
+    /// After a tag change is stored: the cached facts, the broker and the other nodes.
+    fn announce_tags(&self, id: &DeviceId, tags: BTreeMap<String, String>) {
+        self.forget_facts(id);
         // Policy follows the data: the device's sessions (live and persisted) are authorized
         // against the new tags from now on, and what they no longer allow is removed.
         if let Some(broker) = self.core.broker() {
@@ -442,7 +527,6 @@ impl Registry {
         if let Some(cluster) = self.core.cluster() {
             cluster.device_changed(id.as_str());
         }
-        self.get_device(access, id.as_str()).await
     }
 
     /// One page of the devices matching a selector (within `access`).

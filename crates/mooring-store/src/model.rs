@@ -695,3 +695,122 @@ pub struct FleetTotals {
     pub points: u64,
     pub messages: u64,
 }
+
+/// Where a background job (issue 15: a bulk action on a selection of devices) is in its life.
+/// `succeeded`, `failed` and `canceled` are final and never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Canceled => "canceled",
+        }
+    }
+
+    /// `succeeded`, `failed`, `canceled`.
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+impl FromStr for JobState {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<JobState> {
+        JobState::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| StoreError::InvalidInput(format!("unknown job state {s:?}")))
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One device a job could not act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobError {
+    pub device_id: String,
+    pub message: String,
+}
+
+/// A stored background job. The store keeps it as given; the server owns what `action` and
+/// `params` mean.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    /// The server makes ids that sort by creation time (`job_<ms hex><random>`): the store lists
+    /// newest first by id.
+    pub id: String,
+    pub action: String,
+    /// The selector as applied (already narrowed by the creator's scope).
+    pub selector: String,
+    pub params: serde_json::Value,
+    /// The creator's scope when it created the job (`None`: every device).
+    pub scope: Option<String>,
+    pub state: JobState,
+    /// Devices matched, once counted.
+    pub total: Option<u64>,
+    pub done: u64,
+    pub failed: u64,
+    /// The first failures (the server bounds how many it keeps).
+    pub errors: Vec<JobError>,
+    /// Where the walk continues: the last device id handled.
+    pub cursor: Option<String>,
+    /// The fleet command an action `command` created.
+    pub command_id: Option<String>,
+    pub created_by: String,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    /// Revision for compare-and-set: each successful [`crate::JobStore::update_job`] adds one.
+    pub rev: u64,
+}
+
+/// Job errors as stored (a JSON array of `{"device_id", "message"}`), the same on every backend.
+pub(crate) fn job_errors_to_json(errors: &[JobError]) -> String {
+    serde_json::Value::Array(
+        errors
+            .iter()
+            .map(|e| serde_json::json!({"device_id": e.device_id, "message": e.message}))
+            .collect(),
+    )
+    .to_string()
+}
+
+/// The stored errors back; anything unreadable is corrupt.
+pub(crate) fn job_errors_from_json(text: &str) -> Result<Vec<JobError>> {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| StoreError::Backend(format!("stored job errors: {e}")))?;
+    let items = v
+        .as_array()
+        .ok_or_else(|| StoreError::Backend("stored job errors: not an array".into()))?;
+    Ok(items
+        .iter()
+        .map(|i| JobError {
+            device_id: i["device_id"].as_str().unwrap_or_default().to_owned(),
+            message: i["message"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect())
+}

@@ -37,6 +37,7 @@ mod cluster;
 mod commands;
 mod devices;
 mod fleet;
+mod jobs;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -59,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0003_cluster.sql"),
     include_str!("../migrations/postgres/0004_accounts.sql"),
     include_str!("../migrations/postgres/0005_fleet_samples.sql"),
+    include_str!("../migrations/postgres/0006_jobs.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

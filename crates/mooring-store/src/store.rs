@@ -6,7 +6,7 @@ use crate::error::Result;
 use crate::model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandParentRecord,
     CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceRecord, FleetSample,
-    FleetTotals, MetricValue, NewDevice, Point, SessionOp, SessionRecord, ShadowRecord,
+    FleetTotals, JobRecord, MetricValue, NewDevice, Point, SessionOp, SessionRecord, ShadowRecord,
     StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
@@ -327,6 +327,30 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>>;
 }
 
+/// Background jobs (issue 15): bulk actions on a selection of devices, with their progress.
+/// Writes are compare-and-set on the job's `rev`, so a runner and a cancel never overwrite
+/// each other.
+#[async_trait::async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Stores a new job (its `rev` as given). `AlreadyExists` if the id is taken.
+    async fn create_job(&self, job: JobRecord) -> Result<()>;
+    async fn get_job(&self, id: &str) -> Result<Option<JobRecord>>;
+    /// Newest first (by id descending), at most `limit`, with ids below `before_id` if given
+    /// (keyset pagination: pass the last id of a page).
+    async fn list_jobs(&self, limit: usize, before_id: Option<&str>) -> Result<Vec<JobRecord>>;
+    /// Replaces the stored job with `job` if the stored `rev` is still `job.rev`, storing
+    /// `rev + 1` (compare-and-set); `false` if it was not (or the job is gone). This is also
+    /// how a runner claims a queued job: `queued` -> `running` at the `rev` it read.
+    async fn update_job(&self, job: JobRecord) -> Result<bool>;
+    /// Jobs not final (`queued` or `running`), oldest first, at most `limit`.
+    async fn unfinished_jobs(&self, limit: usize) -> Result<Vec<JobRecord>>;
+    /// How many of `created_by`'s jobs are not final.
+    async fn count_unfinished_jobs(&self, created_by: &str) -> Result<u64>;
+    /// Deletes final jobs that finished before `finished_before_ms`, and final jobs beyond
+    /// the newest `keep_max` jobs (by id); never a job that is not final. Returns how many.
+    async fn prune_jobs(&self, finished_before_ms: u64, keep_max: usize) -> Result<u64>;
+}
+
 /// Everything a Mooring server needs from storage.
 pub trait Store:
     DeviceStore
@@ -339,6 +363,7 @@ pub trait Store:
     + AccountStore
     + AuditStore
     + FleetStore
+    + JobStore
 {
 }
 
@@ -353,5 +378,6 @@ impl<T> Store for T where
         + AccountStore
         + AuditStore
         + FleetStore
+        + JobStore
 {
 }

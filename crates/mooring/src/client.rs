@@ -3,10 +3,10 @@
 
 use crate::credentials::CredentialFiles;
 use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};
-use crate::{CommandCommand, DeviceCommand, TokenCommand, UserCommand};
+use crate::{CommandCommand, DeviceCommand, JobCommand, TokenCommand, UserCommand};
 use anyhow::Context;
 use clap::Args;
-use mooring_api::{AnyCommand, Command, Device, FleetCommand};
+use mooring_api::{AnyCommand, Command, Device, FleetCommand, Job};
 use mooring_proto::selector::{Selector, Term};
 use mooring_proto::DeviceId;
 use std::collections::BTreeMap;
@@ -909,4 +909,187 @@ pub async fn fleet_history(args: ApiArgs, since: &str, output: OutputArgs) -> an
     }
     t.print();
     Ok(EXIT_OK)
+}
+
+fn job_progress(j: &Job) -> String {
+    let total = j.total.map_or_else(|| "?".to_owned(), |t| t.to_string());
+    format!("{}/{total} done, {} failed", j.done, j.failed)
+}
+
+fn print_job(j: &Job, out: OutputArgs) -> anyhow::Result<()> {
+    if out.json() {
+        return print_json(j);
+    }
+    let mut fields = vec![
+        ("id", j.id.clone()),
+        ("action", j.action.clone()),
+        ("selector", j.selector.clone()),
+        ("params", j.params.to_string()),
+        ("state", j.state.clone()),
+        ("progress", job_progress(j)),
+        (
+            "created",
+            format!("{} by {}", rfc3339(j.created_ms), j.created_by),
+        ),
+    ];
+    if let Some(c) = &j.command_id {
+        fields.push(("command", format!("{c} (mooring command show {c})")));
+    }
+    if let Some(f) = j.finished_ms {
+        fields.push(("finished", rfc3339(f)));
+    }
+    for e in &j.errors {
+        let what = if e.device_id.is_empty() {
+            "job".to_owned()
+        } else {
+            e.device_id.clone()
+        };
+        fields.push(("error", format!("{what}: {}", e.message)));
+    }
+    print_fields(&fields);
+    Ok(())
+}
+
+/// How often `--wait` asks for a job's progress.
+const JOB_POLL_MS: u64 = 500;
+
+/// Polls the job until it finishes, printing its progress to stderr when it changes.
+async fn wait_job(api: &mooring_api::Client, mut job: Job) -> anyhow::Result<Job> {
+    let mut shown = String::new();
+    loop {
+        let line = format!("{} {}: {}", job.id, job.state, job_progress(&job));
+        if line != shown {
+            eprintln!("{line}");
+            shown = line;
+        }
+        if job.is_finished() {
+            return Ok(job);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(JOB_POLL_MS)).await;
+        job = call(api.get_job(&job.id).await)?;
+    }
+}
+
+/// 0 if the job succeeded on every device, else 1.
+fn job_exit(j: &Job) -> u8 {
+    if j.state == "succeeded" && j.failed == 0 {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}
+
+fn job_id(id: &str) -> anyhow::Result<&str> {
+    if !id.starts_with("job_")
+        || id.len() > 64
+        || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return usage(format!("{id:?} is not a job id (job_...)"));
+    }
+    Ok(id)
+}
+
+pub async fn job(args: ApiArgs, command: JobCommand) -> anyhow::Result<u8> {
+    match command {
+        JobCommand::Create {
+            selector,
+            tags,
+            untag,
+            command,
+            params,
+            ttl_ms,
+            delete,
+            wait,
+            output,
+        } => {
+            Selector::parse(&selector)
+                .map_err(|e| UsageError(format!("invalid --selector: {e}")))?;
+            let mut req = mooring_api::CreateJob {
+                selector,
+                ..Default::default()
+            };
+            if !tags.is_empty() {
+                req.action = "tag".to_owned();
+                req.tags = Some(parse_tags(&tags, "--tag")?);
+            } else if !untag.is_empty() {
+                req.action = "untag".to_owned();
+                req.keys = Some(untag);
+            } else if let Some(name) = command {
+                if !mooring_proto::command::is_valid_command_name(&name) {
+                    return usage(format!("invalid command name {name:?}"));
+                }
+                let params: serde_json::Value = match params {
+                    Some(p) => serde_json::from_str(&p)
+                        .map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?,
+                    None => serde_json::Value::Object(serde_json::Map::new()),
+                };
+                req.action = "command".to_owned();
+                req.command = Some(mooring_api::JobCommand {
+                    name,
+                    params,
+                    ttl_ms,
+                });
+            } else if delete {
+                req.action = "delete".to_owned();
+            } else {
+                return usage("one of --tag, --untag, --command or --delete is needed");
+            }
+            let api = args.connect()?;
+            let job = call(api.create_job(&req).await)?;
+            if !wait {
+                print_job(&job, output)?;
+                return Ok(EXIT_OK);
+            }
+            let job = wait_job(&api, job).await?;
+            print_job(&job, output)?;
+            Ok(job_exit(&job))
+        }
+        JobCommand::List { output } => {
+            let api = args.connect()?;
+            let page = call(
+                api.list_jobs(&mooring_api::JobListParams {
+                    limit: Some(200),
+                    cursor: None,
+                })
+                .await,
+            )?;
+            if output.json() {
+                print_json(&page)?;
+            } else {
+                let mut t =
+                    Table::new(&["ID", "ACTION", "STATE", "PROGRESS", "SELECTOR", "CREATED"]);
+                for j in &page.jobs {
+                    t.row(vec![
+                        j.id.clone(),
+                        j.action.clone(),
+                        j.state.clone(),
+                        job_progress(j),
+                        j.selector.clone(),
+                        ago(j.created_ms),
+                    ]);
+                }
+                t.print();
+            }
+            Ok(EXIT_OK)
+        }
+        JobCommand::Show { id, wait, output } => {
+            let id = job_id(&id)?;
+            let api = args.connect()?;
+            let job = call(api.get_job(id).await)?;
+            if !wait {
+                print_job(&job, output)?;
+                return Ok(EXIT_OK);
+            }
+            let job = wait_job(&api, job).await?;
+            print_job(&job, output)?;
+            Ok(job_exit(&job))
+        }
+        JobCommand::Cancel { id, output } => {
+            let id = job_id(&id)?;
+            let api = args.connect()?;
+            let job = call(api.cancel_job(id).await)?;
+            print_job(&job, output)?;
+            Ok(EXIT_OK)
+        }
+    }
 }

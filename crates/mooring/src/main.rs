@@ -1,4 +1,5 @@
-//! The `mooring` command: `serve` runs the server; `device`, `command` and `token` talk to its API.
+//! The `mooring` command: `serve` runs the server; `device`, `command`, `job`, `token`, `user`,
+//! `audit` and `events` talk to its API.
 
 mod client;
 mod credentials;
@@ -51,6 +52,15 @@ enum Command {
         api: client::ApiArgs,
         #[command(subcommand)]
         command: CommandCommand,
+    },
+    /// Bulk actions on a selection of devices (tag, untag, command, delete), run in the
+    /// background as jobs with progress (docs/jobs.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Job {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: JobCommand,
     },
     /// Follow live events (presence, telemetry, commands, shadows) as JSON lines
     /// (docs/events.md); reconnects and resumes by itself.
@@ -316,6 +326,69 @@ enum CommandCommand {
 }
 
 #[derive(Subcommand)]
+enum JobCommand {
+    /// Start a job: one action (exactly one of --tag, --untag, --command, --delete) on every
+    /// device the selector matches, e.g.
+    /// `mooring job create --selector 'tag:site=berlin' --tag fw=2 --wait`.
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["tags", "untag", "command", "delete"])))]
+    Create {
+        /// Which devices, e.g. 'tag:site=berlin and online' or d1,d2,d3 (narrowed by your
+        /// scope).
+        #[arg(long)]
+        selector: String,
+        /// Action tag: set this tag, as key=value (repeatable); other tags are kept.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Action untag: remove this tag key (repeatable).
+        #[arg(long = "untag", value_name = "KEY")]
+        untag: Vec<String>,
+        /// Action command: send this command (e.g. reboot) to every matching device, as one
+        /// fleet command.
+        #[arg(long, value_name = "NAME")]
+        command: Option<String>,
+        /// With --command: its parameters as JSON, e.g. '{"delay_secs":5}'.
+        #[arg(long, requires = "command")]
+        params: Option<String>,
+        /// With --command: milliseconds until each device's command expires if it has not run
+        /// [default: the server's].
+        #[arg(long, requires = "command")]
+        ttl_ms: Option<u64>,
+        /// Action delete: delete the matching devices.
+        #[arg(long)]
+        delete: bool,
+        /// Wait until the job finishes, printing its progress; exit 0 only if it succeeded on
+        /// every device.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// List jobs, newest first (at most 200).
+    List {
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Show a job and its progress.
+    Show {
+        /// Job id (`job_...`).
+        id: String,
+        /// Wait until the job finishes, printing its progress; exit 0 only if it succeeded on
+        /// every device.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Cancel a job: it stops at its next batch (what it did so far stays done).
+    Cancel {
+        /// Job id (`job_...`).
+        id: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenCommand {
     /// Create a token; prints the secret once (stored hashed).
     Create {
@@ -487,6 +560,7 @@ fn run(command: Command) -> ExitCode {
             },
             Command::Bench(args) => mooring_bench::run(args).await.map(|()| client::EXIT_OK),
             Command::Commands { api, command } => client::command(api, command).await,
+            Command::Job { api, command } => client::job(api, command).await,
             Command::Backup(args) => ops::backup(args).map(|()| client::EXIT_OK),
             Command::Restore(args) => ops::restore(args).map(|()| client::EXIT_OK),
             Command::Completions(args) => ops::completions(args).map(|()| client::EXIT_OK),

@@ -10,6 +10,7 @@ mod api;
 mod commands;
 mod events;
 mod fleet;
+mod jobs;
 pub mod routes;
 mod web;
 

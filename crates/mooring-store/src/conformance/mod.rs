@@ -16,7 +16,7 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
@@ -26,6 +26,7 @@ mod cluster;
 mod commands;
 mod devices;
 mod fleet;
+mod jobs;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -38,6 +39,7 @@ pub use cluster::*;
 pub use commands::*;
 pub use devices::*;
 pub use fleet::*;
+pub use jobs::*;
 pub use shadows::*;
 pub use telemetry::*;
 pub use tokens::*;
@@ -62,6 +64,11 @@ macro_rules! conformance_tests {
         $crate::conformance_cluster_tests!($factory);
         $crate::conformance_account_audit_tests!($factory);
         $crate::conformance_tests!(@by_ref $factory;
+            job_create_get_round_trips,
+            job_update_is_compare_and_set_on_rev,
+            job_list_is_newest_first_with_cursor,
+            job_unfinished_list_and_count_per_creator,
+            job_prune_keeps_unfinished_and_the_newest,
             device_delete_removes_device_telemetry_latest_and_dedupe_keys,
             telemetry_append_then_query_round_trips,
             telemetry_duplicate_seq_in_one_batch_is_stored_once,
