@@ -47,7 +47,7 @@ function Chips({ selector, summary, devices, onPick }) {
   </div>`;
 }
 
-function JobProgress({ job, onCancel }) {
+function JobProgress({ job, onCancel, onDismiss }) {
   const total = job.total ?? 0;
   const pct = total ? Math.round((100 * (job.done + job.failed)) / total) : FINAL.has(job.state) ? 100 : 0;
   return html`<div class=${"job card s-" + job.state} data-testid="job-progress" data-job-id=${job.id} data-state=${job.state} data-done=${job.done} data-total=${job.total ?? ""} role="status" aria-live="polite">
@@ -55,6 +55,7 @@ function JobProgress({ job, onCancel }) {
       <strong>${job.action} · ${job.state}</strong>
       <span>${fmtNum(job.done)} done${job.failed ? `, ${fmtNum(job.failed)} failed` : ""} of ${job.total === null ? "…" : fmtNum(job.total)}</span>
       ${!FINAL.has(job.state) && can("devices.write") && html`<button type="button" class="btn small" onClick=${onCancel}>Cancel job</button>`}
+      ${FINAL.has(job.state) && html`<button type="button" class="btn small ghost" onClick=${onDismiss}>Dismiss</button>`}
     </div>
     <progress max="100" value=${pct} aria-label="Job progress">${pct}%</progress>
     ${job.errors && job.errors.length > 0 && html`<details><summary>${plural(job.errors.length, "error")}</summary>
@@ -268,7 +269,7 @@ export default function Devices({ query }) {
       ${bulkButton("command", "Command…", "bulk-command", canCommand)}
       ${bulkButton("delete", "Delete…", "bulk-delete", canWrite, true)}
     </div>
-    ${job && html`<${JobProgress} job=${job} onCancel=${cancelJob} />`}
+    ${job && html`<${JobProgress} job=${job} onCancel=${cancelJob} onDismiss=${() => setJob(null)} />`}
 
     ${list.error ? html`<${ErrorBox} error=${list.error} retry=${list.reload} />`
       : list.loading && !list.data ? html`<${Loading} label="Loading devices…" />`
@@ -285,7 +286,7 @@ export default function Devices({ query }) {
               <td data-label="Device"><a href=${"#/devices/" + encodeURIComponent(d.id)} class="mono">${d.id}</a></td>
               <td data-label="State"><${OnlineBadge} online=${d.online} /></td>
               <td data-label="Last seen" title=${d.last_seen ? new Date(d.last_seen).toISOString() : ""}>${d.online ? "now" : fmtAgo(d.last_seen)}</td>
-              <td data-label="Tags" class="tags">${Object.entries(d.tags || {}).map(([k, v]) => html`<span class="tag" key=${k}>${k}=${v}</span>`)}</td>
+              <td data-label="Tags"><div class="tags">${Object.entries(d.tags || {}).map(([k, v]) => html`<span class="tag" key=${k}>${k}=${v}</span>`)}</div></td>
             </tr>`)}
           </tbody>
         </table>

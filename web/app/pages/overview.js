@@ -20,7 +20,9 @@ function Versions({ summary }) {
   return html`<ul class="bars" data-testid="versions-chart" aria-label="Devices per firmware version">
     ${rows.map(
       (r) => html`<li key=${r.version ?? "-"}>
-        <a class="bar-label" href=${r.version === null ? "#/devices" : "#/devices?selector=" + encodeURIComponent("version=" + r.version)}>${r.version ?? "no version reported"}</a>
+        ${r.version === null
+          ? html`<span class="bar-label muted">no version reported</span>`
+          : html`<a class="bar-label" href=${"#/devices?selector=" + encodeURIComponent("version=" + r.version)}>${r.version}</a>`}
         <span class="bar-track"><span class="bar-fill" style=${{ width: (100 * r.devices) / max + "%" }}></span></span>
         <span class="bar-num">${fmtNum(r.devices)}</span>
       </li>`,
