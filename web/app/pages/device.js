@@ -364,7 +364,7 @@ export default function Device({ params }) {
 
   return html`
     <div class="crumbs"><a href="#/devices">← Devices</a></div>
-    <${PageTitle}><span data-testid="device-title">${id}</span></${PageTitle}>
+    <${PageTitle} title=${id}><span data-testid="device-title">${id}</span></${PageTitle}>
     <${Async} res=${dev} label="Loading the device…">${(d) => html`
       <div class="grid2 detail-top">
         <${Info} device=${d} online=${online ?? d.online} onReload=${dev.reload} />

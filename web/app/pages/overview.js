@@ -63,7 +63,8 @@ export default function Overview() {
       <${Stat} testid="stat-ingest" label="Ingest" value=${ingest === null ? (history.error ? "–" : "…") : fmtNum(Math.round(ingest * 10) / 10) + " points/s"}
         sub=${last ? "last minute" : history.error ? "unavailable" : null} />
     </section>
-    ${history.error && html`<${ErrorBox} error=${history.error} retry=${history.reload} />`}
+    ${history.error && history.error.code !== "fleet_wide" && html`<${ErrorBox} error=${history.error} retry=${history.reload} />`}
+    ${history.error && history.error.code === "fleet_wide" && html`<p class="hint">Your account is limited to part of the fleet, so the fleet-wide history and ingest rate are not shown.</p>`}
     <div class="grid2">
       <section class="card">
         <h2>Online devices, last 24 h</h2>
