@@ -15,7 +15,7 @@ function Stat({ label, value, testid, sub }) {
 
 function Versions({ summary }) {
   const rows = summary.versions || [];
-  if (!summary.devices) return html`<${Empty}>No devices yet. Register one with <code>mooring device create</code>.</${Empty}>`;
+  if (!summary.devices) return html`<div data-testid="versions-chart"><${Empty}>No devices yet. Register one with <code>mooring device create</code>.</${Empty}></div>`;
   const max = Math.max(1, ...rows.map((r) => r.devices));
   return html`<ul class="bars" data-testid="versions-chart" aria-label="Devices per firmware version">
     ${rows.map(
