@@ -3,7 +3,7 @@
 // with a confirmation naming the count and a progress bar.
 import {
   html, useState, useEffect, useMemo, useRef, api, qs, useApi, useDebounced, useInterval, navigate,
-  can, toast, Loading, Empty, ErrorBox, Dialog, Confirm, PageTitle, OnlineBadge, fmtNum, fmtAgo,
+  can, toast, Loading, Empty, ErrorBox, Dialog, PageTitle, OnlineBadge, fmtNum, fmtAgo,
   plural, parseJson, currentRoute,
 } from "../lib.js";
 
@@ -63,9 +63,9 @@ function JobProgress({ job, onCancel, onDismiss }) {
   </div>`;
 }
 
-/** The dialog that asks what to do (tag, untag, command), then the confirmation naming the count. */
+/** One dialog per bulk action: what to do (tags, command), the count it applies to ("Tag 37
+ *  devices with k=v"), and Confirm; then the job starts. */
 function BulkFlow({ action, count, selector, onDone, onClose }) {
-  const [step, setStep] = useState(action === "delete" ? "confirm" : "form");
   const [key, setKey] = useState("");
   const [value, setValue] = useState("");
   const [name, setName] = useState("");
@@ -79,7 +79,7 @@ function BulkFlow({ action, count, selector, onDone, onClose }) {
     if (action === "command") return { selector, action, command: { name: name.trim(), params: parseJson(params)[0] } };
     return { selector, action };
   };
-  const next = (e) => {
+  const run = async (e) => {
     e.preventDefault();
     setError(null);
     if ((action === "tag" || action === "untag") && !key.trim()) return setError("Enter a tag key.");
@@ -88,50 +88,38 @@ function BulkFlow({ action, count, selector, onDone, onClose }) {
       const [, err] = parseJson(params);
       if (err) return setError("Parameters " + err);
     }
-    setStep("confirm");
-  };
-  const run = async () => {
     setBusy(true);
     try {
-      const job = await api("POST", "/jobs", body());
-      onDone(job);
-    } catch (e) {
+      onDone(await api("POST", "/jobs", body()));
+    } catch (err) {
       setBusy(false);
-      setStep("form");
-      setError(e.message);
-      if (action === "delete") {
-        toast("Delete failed: " + e.message, "error");
-        onClose();
-      }
+      setError(err.message);
     }
   };
   const n = plural(count, "device");
   const what = {
-    tag: `Tag ${n} with ${key.trim()}=${value.trim()}`,
-    untag: `Remove tag ${key.trim()} from ${n}`,
-    command: `Send ${name.trim()} to ${n}`,
+    tag: `Tag ${n}` + (key.trim() ? ` with ${key.trim()}=${value.trim()}` : ""),
+    untag: `Remove tag ${key.trim() || "…"} from ${n}`,
+    command: `Send ${name.trim() || "a command"} to ${n}`,
     delete: `Delete ${n}`,
   }[action];
-  if (step === "confirm") {
-    return html`<${Confirm} title="Confirm" text=${what + (action === "delete" ? ". Their certificates stop working; this cannot be undone." : "?")}
-      okLabel=${{ tag: "Tag", untag: "Untag", command: "Send", delete: "Delete" }[action] + " " + n} danger=${action === "delete"} busy=${busy}
-      onOk=${run} onCancel=${onClose} />`;
-  }
-  const titles = { tag: "Tag devices", untag: "Remove a tag", command: "Send a command" };
-  return html`<${Dialog} title=${titles[action] + ` (${n})`} onClose=${onClose} testid="bulk-dialog">
-    <form onSubmit=${next}>
+  const titles = { tag: "Tag devices", untag: "Remove a tag", command: "Send a command", delete: "Delete devices" };
+  const danger = action === "delete";
+  return html`<${Dialog} title=${titles[action]} onClose=${onClose} testid="confirm-dialog">
+    <form onSubmit=${run}>
       ${action === "tag" && html`<div class="row2">
-        <label>Key<input data-testid="bulk-tag-key" value=${key} onInput=${(e) => setKey(e.target.value)} required pattern="[A-Za-z0-9._:\\-]{1,128}" autofocus /></label>
-        <label>Value<input data-testid="bulk-tag-value" value=${value} onInput=${(e) => setValue(e.target.value)} pattern="[A-Za-z0-9._:\\-]{0,128}" /></label>
+        <label>Key<input data-testid="bulk-tag-key" value=${key} onInput=${(e) => setKey(e.target.value)} required autofocus /></label>
+        <label>Value<input data-testid="bulk-tag-value" value=${value} onInput=${(e) => setValue(e.target.value)} /></label>
       </div>`}
       ${action === "untag" && html`<label>Tag key to remove<input data-testid="bulk-untag-key" value=${key} onInput=${(e) => setKey(e.target.value)} required autofocus /></label>`}
       ${action === "command" && html`
         <label>Command name<input data-testid="bulk-command-name" value=${name} onInput=${(e) => setName(e.target.value)} required autofocus placeholder="reboot" /></label>
         <label>Parameters (JSON object)<textarea data-testid="bulk-command-params" rows="4" class="mono" value=${params} onInput=${(e) => setParams(e.target.value)}></textarea></label>`}
+      <p class="confirm-text" aria-live="polite"><strong>${what}</strong>${danger ? ". Their certificates stop working; this cannot be undone." : "."}</p>
       ${error && html`<p class="form-error" role="alert">${error}</p>`}
       <div class="actions">
-        <button type="button" class="btn" onClick=${onClose}>Cancel</button>
-        <button type="submit" class="btn primary">Continue</button>
+        <button type="button" class="btn" data-testid="confirm-cancel" onClick=${onClose} autofocus=${danger}>Cancel</button>
+        <button type="submit" class=${"btn " + (danger ? "danger" : "primary")} data-testid="confirm-ok" disabled=${busy}>${{ tag: "Tag", untag: "Untag", command: "Send to", delete: "Delete" }[action] + " " + n}</button>
       </div>
     </form>
   </${Dialog}>`;
