@@ -226,9 +226,9 @@ export function Empty({ children }) {
 
 export function ErrorBox({ error, retry }) {
   if (!error) return null;
-  const forbidden = error.status === 403;
+  const heading = error.status === 403 ? "Not allowed" : error.status >= 400 && error.status < 500 && error.status !== 404 ? "Not accepted" : "Something went wrong";
   return html`<div class="state error" data-testid="error" role="alert">
-    <strong>${forbidden ? "Not allowed" : "Something went wrong"}</strong>
+    <strong>${heading}</strong>
     <span>${error.message}${error.code && error.status ? ` (${error.code})` : ""}</span>
     ${retry && html`<button type="button" class="btn" onClick=${retry}>Try again</button>`}
   </div>`;

@@ -167,7 +167,8 @@ export default function Devices({ query }) {
       setCursors([...cursors, list.data.next_cursor]);
     }
   }, [list.data]);
-  const hasNext = !!(list.data && list.data.next_cursor);
+  const lastPage = total !== null && (pageIx + 1) * PAGE_SIZE >= total;
+  const hasNext = !!(list.data && list.data.next_cursor) && !lastPage;
 
   // Job progress polling.
   useInterval(async () => {

@@ -60,8 +60,8 @@ export default function Overview() {
       <${Stat} testid="stat-devices" label="Devices" value=${s ? fmtNum(s.devices) : summary.error ? "–" : "…"} />
       <${Stat} testid="stat-online" label="Online" value=${s ? fmtNum(s.online) : summary.error ? "–" : "…"}
         sub=${s && s.devices ? Math.round((100 * s.online) / s.devices) + "% of the fleet" : null} />
-      <${Stat} testid="stat-ingest" label="Ingest" value=${ingest === null ? (history.error ? "–" : "…") : fmtNum(Math.round(ingest * 10) / 10) + " points/s"}
-        sub=${last ? "last minute" : history.error ? "unavailable" : null} />
+      <${Stat} testid="stat-ingest" label="Ingest" value=${ingest === null ? (history.error || h ? "–" : "…") : fmtNum(Math.round(ingest * 10) / 10) + " points/s"}
+        sub=${last ? "last minute" : history.error ? "unavailable" : h ? "no samples yet" : null} />
     </section>
     ${history.error && history.error.code !== "fleet_wide" && html`<${ErrorBox} error=${history.error} retry=${history.reload} />`}
     ${history.error && history.error.code === "fleet_wide" && html`<p class="hint">Your account is limited to part of the fleet, so the fleet-wide history and ingest rate are not shown.</p>`}
