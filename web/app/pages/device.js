@@ -16,6 +16,8 @@ const RANGES = [
 ];
 /** Points the API returns for one metric in one request (its `limit` bound). */
 const POINTS_PER_METRIC_MAX = 10_000;
+/** Requests per metric for one range (so at most 50,000 points per metric are loaded). */
+const PAGES_MAX = 5;
 /** Points kept in the chart per metric while live points arrive. */
 const LIVE_POINTS_MAX = 20_000;
 const CANCELLABLE = new Set(["queued", "delivered"]);
@@ -117,6 +119,7 @@ function Telemetry({ id, liveRef }) {
   const [byMetric, setByMetric] = useState({});
   const [state, setState] = useState({ loading: false, error: null });
   const [zoomed, setZoomed] = useState(false);
+  const [truncated, setTruncated] = useState(false);
   const reset = useRef(null);
 
   const names = latest.data ? Object.keys(latest.data.metrics).filter((m) => toNum(latest.data.metrics[m].value) !== null) : [];
@@ -130,11 +133,23 @@ function Telemetry({ id, liveRef }) {
     const ctrl = new AbortController();
     const from = Date.now() - rangeMs;
     setState({ loading: true, error: null });
-    Promise.all(
-      metrics.map((m) => api("GET", `/devices/${enc(id)}/telemetry` + qs({ metric: m, from, limit: POINTS_PER_METRIC_MAX }), undefined, { signal: ctrl.signal }).then((r) => [m, r.points])),
-    )
-      .then((pairs) => {
-        setByMetric(Object.fromEntries(pairs));
+    // The API returns at most POINTS_PER_METRIC_MAX points per request, oldest first: page
+    // forward from the last one, up to PAGES_MAX requests per metric.
+    const load = async (m) => {
+      let points = [];
+      let start = from;
+      for (let i = 0; i < PAGES_MAX; i++) {
+        const r = await api("GET", `/devices/${enc(id)}/telemetry` + qs({ metric: m, from: start, limit: POINTS_PER_METRIC_MAX }), undefined, { signal: ctrl.signal });
+        points = points.concat(r.points);
+        if (r.points.length < POINTS_PER_METRIC_MAX) return [m, points, false];
+        start = r.points[r.points.length - 1].ts + 1;
+      }
+      return [m, points, true];
+    };
+    Promise.all(metrics.map(load))
+      .then((triples) => {
+        setByMetric(Object.fromEntries(triples.map(([m, p]) => [m, p])));
+        setTruncated(triples.some(([, , t]) => t));
         setState({ loading: false, error: null });
         setZoomed(false);
       })
@@ -189,7 +204,8 @@ function Telemetry({ id, liveRef }) {
               <${TimeChart} testid="telemetry-chart" label=${"Telemetry: " + chosen.join(", ")} data=${data}
                 series=${chosen.map((m) => ({ label: m }))} attrs=${{ "data-points": plotted, "data-last-ts": lastTs ?? "" }}
                 onZoom=${setZoomed} resetRef=${reset} />
-              <p class="hint">Drag across the chart to zoom in. ${fmtNum(plotted)} points; new ones appear live.</p>
+              <p class="hint">Drag across the chart to zoom in. ${fmtNum(plotted)} points; new ones appear live.
+                ${truncated && html` Only the oldest ${fmtNum(POINTS_PER_METRIC_MAX * PAGES_MAX)} points per metric of this range were loaded: pick a shorter range for the latest ones.`}</p>
             </div>`}`}
     </${Async}>
   </section>`;

@@ -2,7 +2,7 @@
 // by hand, by page or every one matching the filter, and run bulk actions as jobs (POST /jobs)
 // with a confirmation naming the count and a progress bar.
 import {
-  html, useState, useEffect, useMemo, useRef, api, qs, useApi, useDebounced, useInterval, navigate,
+  html, useState, useEffect, useMemo, useRef, api, qs, useApi, useDebounced, useInterval, useEvents, navigate,
   can, toast, Loading, Empty, ErrorBox, Dialog, PageTitle, OnlineBadge, fmtNum, fmtAgo,
   plural, parseJson, currentRoute,
 } from "../lib.js";
@@ -187,6 +187,15 @@ export default function Devices({ query }) {
   }, JOB_POLL_MS, !!job && !FINAL.has(job.state));
 
   const pageIds = devices.map((d) => d.id);
+  // Online badges follow presence events for the devices on this page.
+  useEvents(pageIds.join(","), (kind, ev) => {
+    if (kind !== "presence" || !list.data) return;
+    const i = list.data.devices.findIndex((d) => d.id === ev.device_id);
+    if (i < 0 || list.data.devices[i].online === !!ev.online) return;
+    const copy = [...list.data.devices];
+    copy[i] = { ...copy[i], online: !!ev.online, last_seen: ev.at };
+    list.setData({ ...list.data, devices: copy });
+  }, pageIds.length > 0);
   const pageAllPicked = pageIds.length > 0 && pageIds.every((id) => picked.has(id));
   const selCount = allMatching ? total ?? 0 : picked.size;
   const bulkSelector = allMatching ? selector : [...picked].join(",");
