@@ -234,11 +234,13 @@ function Shadow({ id, shadowRef }) {
   const [text, setText] = useState("");
   const [error, setError] = useState(null);
   const [busy, setBusy] = useState(false);
+  const [base, setBase] = useState(null); // the shadow as it was when editing began
   shadowRef.current = (ev) => {
     if (res.data) res.setData({ ...res.data, desired: ev.desired ?? res.data.desired, reported: ev.reported ?? res.data.reported, version: ev.version ?? res.data.version });
   };
   if (!can("shadow.read")) return null;
   const start = () => {
+    setBase(res.data);
     setText(JSON.stringify(res.data.desired, null, 2));
     setError(null);
     setEditing(true);
@@ -249,12 +251,12 @@ function Shadow({ id, shadowRef }) {
     setBusy(true);
     setError(null);
     try {
-      const s = await api("PATCH", `/devices/${enc(id)}/shadow`, { desired: mergePatch(res.data.desired, doc) }, { headers: { "If-Match": `"${res.data.version}"` } });
+      const s = await api("PATCH", `/devices/${enc(id)}/shadow`, { desired: mergePatch(base.desired, doc) }, { headers: { "If-Match": `"${base.version}"` } });
       res.setData(s);
       setEditing(false);
       toast("Desired state saved (version " + s.version + ")");
     } catch (e) {
-      setError(e.status === 412 ? "The shadow changed meanwhile (now newer than version " + res.data.version + "): reload and edit again." : e.message);
+      setError(e.status === 412 ? `The shadow changed while you edited it (you started from version ${base.version}): cancel and edit again. (${e.message})` : e.message);
     } finally {
       setBusy(false);
     }

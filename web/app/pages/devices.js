@@ -228,6 +228,10 @@ export default function Devices({ query }) {
     setJob(j);
     clearSel();
     toast(`Job started: ${j.action}`);
+    if (FINAL.has(j.state)) {
+      list.reload();
+      summary.reload();
+    }
   };
   const cancelJob = async () => {
     try {
