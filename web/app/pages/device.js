@@ -320,6 +320,15 @@ function Commands({ id, commandRef }) {
       setBusy(false);
     }
   };
+  const older = async () => {
+    try {
+      const more = await api("GET", `/devices/${enc(id)}/commands` + qs({ limit: COMMANDS_PAGE, cursor: res.data.next_cursor }));
+      const seen = new Set(res.data.commands.map((c) => c.id));
+      res.setData({ commands: [...res.data.commands, ...more.commands.filter((c) => !seen.has(c.id))], next_cursor: more.next_cursor });
+    } catch (e2) {
+      toast("Could not load older commands: " + e2.message, "error");
+    }
+  };
   const cancel = async (c) => {
     try {
       const n = await api("POST", `/devices/${enc(id)}/commands/${enc(c.id)}/cancel`);
@@ -344,7 +353,8 @@ function Commands({ id, commandRef }) {
         <td data-label="Created">${fmtTime(c.created_at)}</td>
         <td data-label="Result">${c.result ? html`<code>${c.result.status} ${JSON.stringify(c.result.output)}</code>` : html`<span class="muted">–</span>`}</td>
         <td>${CANCELLABLE.has(c.state) && can("commands.write") && html`<button type="button" class="btn small" data-testid="command-cancel" onClick=${() => cancel(c)}>Cancel</button>`}</td>
-      </tr>`)}</tbody></table></div>`}</${Async}>
+      </tr>`)}</tbody></table></div>
+      ${d.next_cursor && html`<div class="pager"><button type="button" class="btn small" data-testid="commands-older" onClick=${older}>Show older commands</button></div>`}`}</${Async}>
   </section>`;
 }
 
