@@ -65,7 +65,7 @@ export default function Overview() {
     </section>
     ${history.error && history.error.code !== "fleet_wide" && html`<${ErrorBox} error=${history.error} retry=${history.reload} />`}
     ${history.error && history.error.code === "fleet_wide" && html`<p class="hint">Your account is limited to part of the fleet, so the fleet-wide history and ingest rate are not shown.</p>`}
-    <div class="grid2">
+    ${!(history.error && history.error.code === "fleet_wide") && html`<div class="grid2">
       <section class="card">
         <h2>Online devices, last 24 h</h2>
         ${history.loading && !h ? html`<${Loading} />` : series && h.samples.length
@@ -78,7 +78,7 @@ export default function Overview() {
           ? html`<${TimeChart} testid="ingest-chart" label="Telemetry points and MQTT messages per second" data=${series.ingest} series=${[{ label: "points/s" }, { label: "messages/s" }]} height=${220} />`
           : !history.error && html`<${Empty}>No samples yet.</${Empty}>`}
       </section>
-    </div>
+    </div>`}
     <section class="card">
       <h2>Devices per firmware version</h2>
       <${Async} res=${summary}>${(d) => html`<${Versions} summary=${d} />`}</${Async}>
