@@ -226,9 +226,9 @@ export function Empty({ children }) {
 
 export function ErrorBox({ error, retry }) {
   if (!error) return null;
-  const forbidden = error.status === 403;
+  const heading = error.status === 403 ? "Not allowed" : error.status >= 400 && error.status < 500 && error.status !== 404 ? "Not accepted" : "Something went wrong";
   return html`<div class="state error" data-testid="error" role="alert">
-    <strong>${forbidden ? "Not allowed" : "Something went wrong"}</strong>
+    <strong>${heading}</strong>
     <span>${error.message}${error.code && error.status ? ` (${error.code})` : ""}</span>
     ${retry && html`<button type="button" class="btn" onClick=${retry}>Try again</button>`}
   </div>`;
@@ -276,8 +276,8 @@ export function Confirm({ title, text, okLabel = "Confirm", danger, onOk, onCanc
   return html`<${Dialog} title=${title} onClose=${onCancel} testid="confirm-dialog">
     <p class="confirm-text">${text}</p>
     <div class="actions">
-      <button type="button" class="btn" data-testid="confirm-cancel" onClick=${onCancel}>Cancel</button>
-      <button type="button" class=${"btn " + (danger ? "danger" : "primary")} data-testid="confirm-ok" disabled=${busy} onClick=${onOk} autofocus>${okLabel}</button>
+      <button type="button" class="btn" data-testid="confirm-cancel" onClick=${onCancel} autofocus=${!!danger}>Cancel</button>
+      <button type="button" class=${"btn " + (danger ? "danger" : "primary")} data-testid="confirm-ok" disabled=${busy} onClick=${onOk} autofocus=${!danger}>${okLabel}</button>
     </div>
   </${Dialog}>`;
 }
@@ -307,11 +307,11 @@ export function plural(n, word, many = word + "s") {
   return `${fmtNum(n)} ${n === 1 ? word : many}`;
 }
 
-export function PageTitle({ children, sub }) {
+export function PageTitle({ children, sub, title }) {
+  const text = title || (typeof children === "string" ? children : Array.isArray(children) && children.every((c) => typeof c === "string") ? children.join("") : "");
   useEffect(() => {
-    const t = Array.isArray(children) ? children.join("") : String(children);
-    document.title = t + " · Mooring";
-  }, [children]);
+    document.title = text ? text + " · Mooring" : "Mooring";
+  }, [text]);
   return html`<div class="page-head"><h1 data-testid="page-title" tabindex="-1">${children}</h1>${sub && html`<p class="sub">${sub}</p>`}</div>`;
 }
 

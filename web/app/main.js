@@ -105,17 +105,17 @@ function Shell({ me, active, children }) {
     <a class="skip" href="#main" onClick=${(e) => { e.preventDefault(); document.getElementById("main").focus(); }}>Skip to content</a>
     <header class="topbar">
       <a class="brand" href="#/overview"><img src="app/icon.svg" alt="" width="24" height="24" /> Mooring</a>
-      <button type="button" class="btn ghost menu-btn" aria-expanded=${open} aria-controls="nav" onClick=${() => setOpen(!open)}>☰ Menu</button>
       <nav id="nav" class=${"nav" + (open ? " open" : "")} aria-label="Main">
         <${Nav} active=${active} me=${me} onNavigate=${() => setOpen(false)} />
         <div class="nav-tools">
-          <span class="user" data-testid="user-menu" title=${"Signed in as " + me.name + " (" + me.role + ")"}>
-            <span class="user-name">${me.name}</span> <span class="badge">${me.role}</span>
-          </span>
           <${ThemeToggle} />
           <button type="button" class="btn ghost" data-testid="logout" onClick=${logout}>Log out</button>
         </div>
       </nav>
+      <span class="user" data-testid="user-menu" title=${"Signed in as " + me.name + " (" + me.role + ")"}>
+        <span class="user-name">${me.name}</span> <span class="badge">${me.role}</span>
+      </span>
+      <button type="button" class="btn ghost menu-btn" aria-expanded=${open} aria-controls="nav" onClick=${() => setOpen(!open)}>☰ Menu</button>
     </header>
     <main id="main" tabindex="-1">${children}</main>
     <${Toasts} />

@@ -16,6 +16,8 @@ const RANGES = [
 ];
 /** Points the API returns for one metric in one request (its `limit` bound). */
 const POINTS_PER_METRIC_MAX = 10_000;
+/** Requests per metric for one range (so at most 50,000 points per metric are loaded). */
+const PAGES_MAX = 5;
 /** Points kept in the chart per metric while live points arrive. */
 const LIVE_POINTS_MAX = 20_000;
 const CANCELLABLE = new Set(["queued", "delivered"]);
@@ -117,6 +119,7 @@ function Telemetry({ id, liveRef }) {
   const [byMetric, setByMetric] = useState({});
   const [state, setState] = useState({ loading: false, error: null });
   const [zoomed, setZoomed] = useState(false);
+  const [truncated, setTruncated] = useState(false);
   const reset = useRef(null);
 
   const names = latest.data ? Object.keys(latest.data.metrics).filter((m) => toNum(latest.data.metrics[m].value) !== null) : [];
@@ -130,11 +133,23 @@ function Telemetry({ id, liveRef }) {
     const ctrl = new AbortController();
     const from = Date.now() - rangeMs;
     setState({ loading: true, error: null });
-    Promise.all(
-      metrics.map((m) => api("GET", `/devices/${enc(id)}/telemetry` + qs({ metric: m, from, limit: POINTS_PER_METRIC_MAX }), undefined, { signal: ctrl.signal }).then((r) => [m, r.points])),
-    )
-      .then((pairs) => {
-        setByMetric(Object.fromEntries(pairs));
+    // The API returns at most POINTS_PER_METRIC_MAX points per request, oldest first: page
+    // forward from the last one, up to PAGES_MAX requests per metric.
+    const load = async (m) => {
+      let points = [];
+      let start = from;
+      for (let i = 0; i < PAGES_MAX; i++) {
+        const r = await api("GET", `/devices/${enc(id)}/telemetry` + qs({ metric: m, from: start, limit: POINTS_PER_METRIC_MAX }), undefined, { signal: ctrl.signal });
+        points = points.concat(r.points);
+        if (r.points.length < POINTS_PER_METRIC_MAX) return [m, points, false];
+        start = r.points[r.points.length - 1].ts + 1;
+      }
+      return [m, points, true];
+    };
+    Promise.all(metrics.map(load))
+      .then((triples) => {
+        setByMetric(Object.fromEntries(triples.map(([m, p]) => [m, p])));
+        setTruncated(triples.some(([, , t]) => t));
         setState({ loading: false, error: null });
         setZoomed(false);
       })
@@ -189,7 +204,8 @@ function Telemetry({ id, liveRef }) {
               <${TimeChart} testid="telemetry-chart" label=${"Telemetry: " + chosen.join(", ")} data=${data}
                 series=${chosen.map((m) => ({ label: m }))} attrs=${{ "data-points": plotted, "data-last-ts": lastTs ?? "" }}
                 onZoom=${setZoomed} resetRef=${reset} />
-              <p class="hint">Drag across the chart to zoom in. ${fmtNum(plotted)} points; new ones appear live.</p>
+              <p class="hint">Drag across the chart to zoom in. ${fmtNum(plotted)} points; new ones appear live.
+                ${truncated && html` Only the oldest ${fmtNum(POINTS_PER_METRIC_MAX * PAGES_MAX)} points per metric of this range were loaded: pick a shorter range for the latest ones.`}</p>
             </div>`}`}
     </${Async}>
   </section>`;
@@ -218,11 +234,13 @@ function Shadow({ id, shadowRef }) {
   const [text, setText] = useState("");
   const [error, setError] = useState(null);
   const [busy, setBusy] = useState(false);
+  const [base, setBase] = useState(null); // the shadow as it was when editing began
   shadowRef.current = (ev) => {
     if (res.data) res.setData({ ...res.data, desired: ev.desired ?? res.data.desired, reported: ev.reported ?? res.data.reported, version: ev.version ?? res.data.version });
   };
   if (!can("shadow.read")) return null;
   const start = () => {
+    setBase(res.data);
     setText(JSON.stringify(res.data.desired, null, 2));
     setError(null);
     setEditing(true);
@@ -233,12 +251,12 @@ function Shadow({ id, shadowRef }) {
     setBusy(true);
     setError(null);
     try {
-      const s = await api("PATCH", `/devices/${enc(id)}/shadow`, { desired: mergePatch(res.data.desired, doc) }, { headers: { "If-Match": `"${res.data.version}"` } });
+      const s = await api("PATCH", `/devices/${enc(id)}/shadow`, { desired: mergePatch(base.desired, doc) }, { headers: { "If-Match": `"${base.version}"` } });
       res.setData(s);
       setEditing(false);
       toast("Desired state saved (version " + s.version + ")");
     } catch (e) {
-      setError(e.status === 412 ? "The shadow changed meanwhile (now newer than version " + res.data.version + "): reload and edit again." : e.message);
+      setError(e.status === 412 ? `The shadow changed while you edited it (you started from version ${base.version}): cancel and edit again. (${e.message})` : e.message);
     } finally {
       setBusy(false);
     }
@@ -302,6 +320,15 @@ function Commands({ id, commandRef }) {
       setBusy(false);
     }
   };
+  const older = async () => {
+    try {
+      const more = await api("GET", `/devices/${enc(id)}/commands` + qs({ limit: COMMANDS_PAGE, cursor: res.data.next_cursor }));
+      const seen = new Set(res.data.commands.map((c) => c.id));
+      res.setData({ commands: [...res.data.commands, ...more.commands.filter((c) => !seen.has(c.id))], next_cursor: more.next_cursor });
+    } catch (e2) {
+      toast("Could not load older commands: " + e2.message, "error");
+    }
+  };
   const cancel = async (c) => {
     try {
       const n = await api("POST", `/devices/${enc(id)}/commands/${enc(c.id)}/cancel`);
@@ -326,7 +353,8 @@ function Commands({ id, commandRef }) {
         <td data-label="Created">${fmtTime(c.created_at)}</td>
         <td data-label="Result">${c.result ? html`<code>${c.result.status} ${JSON.stringify(c.result.output)}</code>` : html`<span class="muted">–</span>`}</td>
         <td>${CANCELLABLE.has(c.state) && can("commands.write") && html`<button type="button" class="btn small" data-testid="command-cancel" onClick=${() => cancel(c)}>Cancel</button>`}</td>
-      </tr>`)}</tbody></table></div>`}</${Async}>
+      </tr>`)}</tbody></table></div>
+      ${d.next_cursor && html`<div class="pager"><button type="button" class="btn small" data-testid="commands-older" onClick=${older}>Show older commands</button></div>`}`}</${Async}>
   </section>`;
 }
 
@@ -364,7 +392,7 @@ export default function Device({ params }) {
 
   return html`
     <div class="crumbs"><a href="#/devices">← Devices</a></div>
-    <${PageTitle}><span data-testid="device-title">${id}</span></${PageTitle}>
+    <${PageTitle} title=${id}><span data-testid="device-title">${id}</span></${PageTitle}>
     <${Async} res=${dev} label="Loading the device…">${(d) => html`
       <div class="grid2 detail-top">
         <${Info} device=${d} online=${online ?? d.online} onReload=${dev.reload} />

@@ -2,8 +2,8 @@
 // by hand, by page or every one matching the filter, and run bulk actions as jobs (POST /jobs)
 // with a confirmation naming the count and a progress bar.
 import {
-  html, useState, useEffect, useMemo, useRef, api, qs, useApi, useDebounced, useInterval, navigate,
-  can, toast, Loading, Empty, ErrorBox, Dialog, Confirm, PageTitle, OnlineBadge, fmtNum, fmtAgo,
+  html, useState, useEffect, useMemo, useRef, api, qs, useApi, useDebounced, useInterval, useEvents, navigate,
+  can, toast, Loading, Empty, ErrorBox, Dialog, PageTitle, OnlineBadge, fmtNum, fmtAgo,
   plural, parseJson, currentRoute,
 } from "../lib.js";
 
@@ -47,7 +47,7 @@ function Chips({ selector, summary, devices, onPick }) {
   </div>`;
 }
 
-function JobProgress({ job, onCancel }) {
+function JobProgress({ job, onCancel, onDismiss }) {
   const total = job.total ?? 0;
   const pct = total ? Math.round((100 * (job.done + job.failed)) / total) : FINAL.has(job.state) ? 100 : 0;
   return html`<div class=${"job card s-" + job.state} data-testid="job-progress" data-job-id=${job.id} data-state=${job.state} data-done=${job.done} data-total=${job.total ?? ""} role="status" aria-live="polite">
@@ -55,6 +55,7 @@ function JobProgress({ job, onCancel }) {
       <strong>${job.action} · ${job.state}</strong>
       <span>${fmtNum(job.done)} done${job.failed ? `, ${fmtNum(job.failed)} failed` : ""} of ${job.total === null ? "…" : fmtNum(job.total)}</span>
       ${!FINAL.has(job.state) && can("devices.write") && html`<button type="button" class="btn small" onClick=${onCancel}>Cancel job</button>`}
+      ${FINAL.has(job.state) && html`<button type="button" class="btn small ghost" onClick=${onDismiss}>Dismiss</button>`}
     </div>
     <progress max="100" value=${pct} aria-label="Job progress">${pct}%</progress>
     ${job.errors && job.errors.length > 0 && html`<details><summary>${plural(job.errors.length, "error")}</summary>
@@ -62,9 +63,9 @@ function JobProgress({ job, onCancel }) {
   </div>`;
 }
 
-/** The dialog that asks what to do (tag, untag, command), then the confirmation naming the count. */
+/** One dialog per bulk action: what to do (tags, command), the count it applies to ("Tag 37
+ *  devices with k=v"), and Confirm; then the job starts. */
 function BulkFlow({ action, count, selector, onDone, onClose }) {
-  const [step, setStep] = useState(action === "delete" ? "confirm" : "form");
   const [key, setKey] = useState("");
   const [value, setValue] = useState("");
   const [name, setName] = useState("");
@@ -78,7 +79,7 @@ function BulkFlow({ action, count, selector, onDone, onClose }) {
     if (action === "command") return { selector, action, command: { name: name.trim(), params: parseJson(params)[0] } };
     return { selector, action };
   };
-  const next = (e) => {
+  const run = async (e) => {
     e.preventDefault();
     setError(null);
     if ((action === "tag" || action === "untag") && !key.trim()) return setError("Enter a tag key.");
@@ -87,50 +88,38 @@ function BulkFlow({ action, count, selector, onDone, onClose }) {
       const [, err] = parseJson(params);
       if (err) return setError("Parameters " + err);
     }
-    setStep("confirm");
-  };
-  const run = async () => {
     setBusy(true);
     try {
-      const job = await api("POST", "/jobs", body());
-      onDone(job);
-    } catch (e) {
+      onDone(await api("POST", "/jobs", body()));
+    } catch (err) {
       setBusy(false);
-      setStep("form");
-      setError(e.message);
-      if (action === "delete") {
-        toast("Delete failed: " + e.message, "error");
-        onClose();
-      }
+      setError(err.message);
     }
   };
   const n = plural(count, "device");
   const what = {
-    tag: `Tag ${n} with ${key.trim()}=${value.trim()}`,
-    untag: `Remove tag ${key.trim()} from ${n}`,
-    command: `Send ${name.trim()} to ${n}`,
+    tag: `Tag ${n}` + (key.trim() ? ` with ${key.trim()}=${value.trim()}` : ""),
+    untag: `Remove tag ${key.trim() || "…"} from ${n}`,
+    command: `Send ${name.trim() || "a command"} to ${n}`,
     delete: `Delete ${n}`,
   }[action];
-  if (step === "confirm") {
-    return html`<${Confirm} title="Confirm" text=${what + (action === "delete" ? ". Their certificates stop working; this cannot be undone." : "?")}
-      okLabel=${{ tag: "Tag", untag: "Untag", command: "Send", delete: "Delete" }[action] + " " + n} danger=${action === "delete"} busy=${busy}
-      onOk=${run} onCancel=${onClose} />`;
-  }
-  const titles = { tag: "Tag devices", untag: "Remove a tag", command: "Send a command" };
-  return html`<${Dialog} title=${titles[action] + ` (${n})`} onClose=${onClose} testid="bulk-dialog">
-    <form onSubmit=${next}>
+  const titles = { tag: "Tag devices", untag: "Remove a tag", command: "Send a command", delete: "Delete devices" };
+  const danger = action === "delete";
+  return html`<${Dialog} title=${titles[action]} onClose=${onClose} testid="confirm-dialog">
+    <form onSubmit=${run}>
       ${action === "tag" && html`<div class="row2">
-        <label>Key<input data-testid="bulk-tag-key" value=${key} onInput=${(e) => setKey(e.target.value)} required pattern="[A-Za-z0-9._:\\-]{1,128}" autofocus /></label>
-        <label>Value<input data-testid="bulk-tag-value" value=${value} onInput=${(e) => setValue(e.target.value)} pattern="[A-Za-z0-9._:\\-]{0,128}" /></label>
+        <label>Key<input data-testid="bulk-tag-key" value=${key} onInput=${(e) => setKey(e.target.value)} required autofocus /></label>
+        <label>Value<input data-testid="bulk-tag-value" value=${value} onInput=${(e) => setValue(e.target.value)} /></label>
       </div>`}
       ${action === "untag" && html`<label>Tag key to remove<input data-testid="bulk-untag-key" value=${key} onInput=${(e) => setKey(e.target.value)} required autofocus /></label>`}
       ${action === "command" && html`
         <label>Command name<input data-testid="bulk-command-name" value=${name} onInput=${(e) => setName(e.target.value)} required autofocus placeholder="reboot" /></label>
         <label>Parameters (JSON object)<textarea data-testid="bulk-command-params" rows="4" class="mono" value=${params} onInput=${(e) => setParams(e.target.value)}></textarea></label>`}
+      <p class="confirm-text" aria-live="polite"><strong>${what}</strong>${danger ? ". Their certificates stop working; this cannot be undone." : "."}</p>
       ${error && html`<p class="form-error" role="alert">${error}</p>`}
       <div class="actions">
-        <button type="button" class="btn" onClick=${onClose}>Cancel</button>
-        <button type="submit" class="btn primary">Continue</button>
+        <button type="button" class="btn" data-testid="confirm-cancel" onClick=${onClose} autofocus=${danger}>Cancel</button>
+        <button type="submit" class=${"btn " + (danger ? "danger" : "primary")} data-testid="confirm-ok" disabled=${busy}>${{ tag: "Tag", untag: "Untag", command: "Send to", delete: "Delete" }[action] + " " + n}</button>
       </div>
     </form>
   </${Dialog}>`;
@@ -178,7 +167,8 @@ export default function Devices({ query }) {
       setCursors([...cursors, list.data.next_cursor]);
     }
   }, [list.data]);
-  const hasNext = !!(list.data && list.data.next_cursor);
+  const lastPage = total !== null && (pageIx + 1) * PAGE_SIZE >= total;
+  const hasNext = !!(list.data && list.data.next_cursor) && !lastPage;
 
   // Job progress polling.
   useInterval(async () => {
@@ -197,6 +187,15 @@ export default function Devices({ query }) {
   }, JOB_POLL_MS, !!job && !FINAL.has(job.state));
 
   const pageIds = devices.map((d) => d.id);
+  // Online badges follow presence events for the devices on this page.
+  useEvents(pageIds.join(","), (kind, ev) => {
+    if (kind !== "presence" || !list.data) return;
+    const i = list.data.devices.findIndex((d) => d.id === ev.device_id);
+    if (i < 0 || list.data.devices[i].online === !!ev.online) return;
+    const copy = [...list.data.devices];
+    copy[i] = { ...copy[i], online: !!ev.online, last_seen: ev.at };
+    list.setData({ ...list.data, devices: copy });
+  }, pageIds.length > 0);
   const pageAllPicked = pageIds.length > 0 && pageIds.every((id) => picked.has(id));
   const selCount = allMatching ? total ?? 0 : picked.size;
   const bulkSelector = allMatching ? selector : [...picked].join(",");
@@ -229,6 +228,10 @@ export default function Devices({ query }) {
     setJob(j);
     clearSel();
     toast(`Job started: ${j.action}`);
+    if (FINAL.has(j.state)) {
+      list.reload();
+      summary.reload();
+    }
   };
   const cancelJob = async () => {
     try {
@@ -254,7 +257,7 @@ export default function Devices({ query }) {
     </div>
     <${Chips} selector=${selector} summary=${summary.data} devices=${devices} onPick=${(s) => { setText(s); apply(s); }} />
     <p class="hint">Selector: <code>online</code>, <code>tag:key=value</code>, <code>version=1.2.0</code>, ids <code>d1,d2</code>, joined by <code>and</code>. See docs/commands.md.</p>
-    ${summary.error && summary.error.code === "bad_selector" && html`<${ErrorBox} error=${summary.error} />`}
+    ${summary.error && summary.error.code !== "bad_selector" && !list.error && html`<p class="hint" role="status">The count is unavailable: ${summary.error.message}</p>`}
 
     <div class="selection-bar" role="region" aria-label="Selection and bulk actions">
       <span data-testid="selection-count">${selCount === 0 ? "No devices selected" : plural(selCount, "device") + " selected" + (allMatching ? " (all matching)" : "")}</span>
@@ -268,7 +271,7 @@ export default function Devices({ query }) {
       ${bulkButton("command", "Command…", "bulk-command", canCommand)}
       ${bulkButton("delete", "Delete…", "bulk-delete", canWrite, true)}
     </div>
-    ${job && html`<${JobProgress} job=${job} onCancel=${cancelJob} />`}
+    ${job && html`<${JobProgress} job=${job} onCancel=${cancelJob} onDismiss=${() => setJob(null)} />`}
 
     ${list.error ? html`<${ErrorBox} error=${list.error} retry=${list.reload} />`
       : list.loading && !list.data ? html`<${Loading} label="Loading devices…" />`
@@ -285,7 +288,7 @@ export default function Devices({ query }) {
               <td data-label="Device"><a href=${"#/devices/" + encodeURIComponent(d.id)} class="mono">${d.id}</a></td>
               <td data-label="State"><${OnlineBadge} online=${d.online} /></td>
               <td data-label="Last seen" title=${d.last_seen ? new Date(d.last_seen).toISOString() : ""}>${d.online ? "now" : fmtAgo(d.last_seen)}</td>
-              <td data-label="Tags" class="tags">${Object.entries(d.tags || {}).map(([k, v]) => html`<span class="tag" key=${k}>${k}=${v}</span>`)}</td>
+              <td data-label="Tags"><div class="tags">${Object.entries(d.tags || {}).map(([k, v]) => html`<span class="tag" key=${k}>${k}=${v}</span>`)}</div></td>
             </tr>`)}
           </tbody>
         </table>

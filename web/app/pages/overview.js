@@ -15,12 +15,14 @@ function Stat({ label, value, testid, sub }) {
 
 function Versions({ summary }) {
   const rows = summary.versions || [];
-  if (!summary.devices) return html`<${Empty}>No devices yet. Register one with <code>mooring device create</code>.</${Empty}>`;
+  if (!summary.devices) return html`<div data-testid="versions-chart"><${Empty}>No devices yet. Register one with <code>mooring device create</code>.</${Empty}></div>`;
   const max = Math.max(1, ...rows.map((r) => r.devices));
   return html`<ul class="bars" data-testid="versions-chart" aria-label="Devices per firmware version">
     ${rows.map(
       (r) => html`<li key=${r.version ?? "-"}>
-        <a class="bar-label" href=${r.version === null ? "#/devices" : "#/devices?selector=" + encodeURIComponent("version=" + r.version)}>${r.version ?? "no version reported"}</a>
+        ${r.version === null
+          ? html`<span class="bar-label muted">no version reported</span>`
+          : html`<a class="bar-label" href=${"#/devices?selector=" + encodeURIComponent("version=" + r.version)}>${r.version}</a>`}
         <span class="bar-track"><span class="bar-fill" style=${{ width: (100 * r.devices) / max + "%" }}></span></span>
         <span class="bar-num">${fmtNum(r.devices)}</span>
       </li>`,
@@ -58,11 +60,12 @@ export default function Overview() {
       <${Stat} testid="stat-devices" label="Devices" value=${s ? fmtNum(s.devices) : summary.error ? "–" : "…"} />
       <${Stat} testid="stat-online" label="Online" value=${s ? fmtNum(s.online) : summary.error ? "–" : "…"}
         sub=${s && s.devices ? Math.round((100 * s.online) / s.devices) + "% of the fleet" : null} />
-      <${Stat} testid="stat-ingest" label="Ingest" value=${ingest === null ? (history.error ? "–" : "…") : fmtNum(Math.round(ingest * 10) / 10) + " points/s"}
-        sub=${last ? "last minute" : history.error ? "unavailable" : null} />
+      <${Stat} testid="stat-ingest" label="Ingest" value=${ingest === null ? (history.error || h ? "–" : "…") : fmtNum(Math.round(ingest * 10) / 10) + " points/s"}
+        sub=${last ? "last minute" : history.error ? "unavailable" : h ? "no samples yet" : null} />
     </section>
-    ${history.error && html`<${ErrorBox} error=${history.error} retry=${history.reload} />`}
-    <div class="grid2">
+    ${history.error && history.error.code !== "fleet_wide" && html`<${ErrorBox} error=${history.error} retry=${history.reload} />`}
+    ${history.error && history.error.code === "fleet_wide" && html`<p class="hint">Your account is limited to part of the fleet, so the fleet-wide history and ingest rate are not shown.</p>`}
+    ${!(history.error && history.error.code === "fleet_wide") && html`<div class="grid2">
       <section class="card">
         <h2>Online devices, last 24 h</h2>
         ${history.loading && !h ? html`<${Loading} />` : series && h.samples.length
@@ -75,7 +78,7 @@ export default function Overview() {
           ? html`<${TimeChart} testid="ingest-chart" label="Telemetry points and MQTT messages per second" data=${series.ingest} series=${[{ label: "points/s" }, { label: "messages/s" }]} height=${220} />`
           : !history.error && html`<${Empty}>No samples yet.</${Empty}>`}
       </section>
-    </div>
+    </div>`}
     <section class="card">
       <h2>Devices per firmware version</h2>
       <${Async} res=${summary}>${(d) => html`<${Versions} summary=${d} />`}</${Async}>

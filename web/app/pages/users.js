@@ -50,11 +50,36 @@ function CreateUser({ onCreated, onClose }) {
   </${Dialog}>`;
 }
 
+function EditUser({ user, onSaved, onClose }) {
+  const [role, setRole] = useState(user.role);
+  const [scope, setScope] = useState(user.scope || "");
+  const [error, setError] = useState(null);
+  const submit = async (e) => {
+    e.preventDefault();
+    setError(null);
+    try {
+      await api("PATCH", `/users/${enc(user.id)}`, { role, scope: role === "admin" ? null : scope.trim() || null });
+      onSaved();
+    } catch (err) {
+      setError(err.message);
+    }
+  };
+  return html`<${Dialog} title=${"Edit " + user.email} onClose=${onClose} testid="user-edit-dialog">
+    <form onSubmit=${submit}>
+      <label>Role<select data-testid="user-edit-role" value=${role} onChange=${(e) => setRole(e.target.value)}>${ROLES.map((r) => html`<option value=${r}>${r}</option>`)}</select></label>
+      <label>Scope (empty: the whole fleet)<input class="mono" data-testid="user-edit-scope" value=${scope} onInput=${(e) => setScope(e.target.value)} disabled=${role === "admin"} /></label>
+      ${error && html`<p class="form-error" role="alert">${error}</p>`}
+      <div class="actions"><button type="button" class="btn" onClick=${onClose}>Cancel</button><button type="submit" class="btn primary" data-testid="user-edit-save">Save</button></div>
+    </form>
+  </${Dialog}>`;
+}
+
 export default function Users() {
   const res = useApi("/users?limit=500");
   const [creating, setCreating] = useState(false);
   const [link, setLink] = useState(null);
   const [deleting, setDeleting] = useState(null);
+  const [editing, setEditing] = useState(null);
   if (!can("users.manage")) return null;
   const act = async (fn, msg) => {
     try {
@@ -82,11 +107,13 @@ export default function Users() {
         <td class="row-actions">
           ${!u.oidc && html`<button type="button" class="btn small" data-testid="user-password-link" onClick=${() => newLink(u)}>Password link</button>`}
           ${session.me && session.me.id !== u.id && html`
+            <button type="button" class="btn small" data-testid="user-edit" onClick=${() => setEditing(u)}>Edit</button>
             <button type="button" class="btn small" data-testid="user-toggle" onClick=${() => setDisabled(u, !u.disabled)}>${u.disabled ? "Enable" : "Disable"}</button>
             <button type="button" class="btn small danger" data-testid="user-delete" onClick=${() => setDeleting(u)}>Delete</button>`}
         </td>
       </tr>`)}</tbody></table></div>`}</${Async}>
     ${creating && html`<${CreateUser} onClose=${() => setCreating(false)} onCreated=${(r) => { setCreating(false); res.reload(); toast(`${r.user.email} created`); if (r.password_link) setLink(r.password_link); }} />`}
+    ${editing && html`<${EditUser} user=${editing} onClose=${() => setEditing(null)} onSaved=${() => { toast(`${editing.email} saved`); setEditing(null); res.reload(); }} />`}
     ${link && html`<${LinkBox} link=${link} onClose=${() => setLink(null)} />`}
     ${deleting && html`<${Confirm} title="Delete user" text=${`Delete ${deleting.email}? Their sessions end now.`} okLabel="Delete" danger onOk=${() => del(deleting)} onCancel=${() => setDeleting(null)} />`}
   `;
