@@ -259,7 +259,7 @@ export default function Devices({ query }) {
     <p class="hint">Selector: <code>online</code>, <code>tag:key=value</code>, <code>version=1.2.0</code>, ids <code>d1,d2</code>, joined by <code>and</code>. See docs/commands.md.</p>
     ${summary.error && summary.error.code !== "bad_selector" && !list.error && html`<p class="hint" role="status">The count is unavailable: ${summary.error.message}</p>`}
 
-    <div class="selection-bar" role="region" aria-label="Selection and bulk actions">
+    ${canWrite && html`<div class="selection-bar" role="region" aria-label="Selection and bulk actions">
       <span data-testid="selection-count">${selCount === 0 ? "No devices selected" : plural(selCount, "device") + " selected" + (allMatching ? " (all matching)" : "")}</span>
       <button type="button" class="btn small" data-testid="select-all-matching" disabled=${!selector || !total || allMatching}
         title=${selector ? "" : "Filter first: a bulk action runs on a selector"}
@@ -270,7 +270,7 @@ export default function Devices({ query }) {
       ${bulkButton("untag", "Untag…", "bulk-untag", canWrite)}
       ${bulkButton("command", "Command…", "bulk-command", canCommand)}
       ${bulkButton("delete", "Delete…", "bulk-delete", canWrite, true)}
-    </div>
+    </div>`}
     ${job && html`<${JobProgress} job=${job} onCancel=${cancelJob} onDismiss=${() => setJob(null)} />`}
 
     ${list.error ? html`<${ErrorBox} error=${list.error} retry=${list.reload} />`
@@ -279,12 +279,12 @@ export default function Devices({ query }) {
       : html`<div class="table-wrap">
         <table class="table devices-table">
           <thead><tr>
-            <th class="check"><input type="checkbox" data-testid="select-page" aria-label="Select every device on this page" checked=${pageAllPicked || allMatching} disabled=${allMatching} onChange=${(e) => pickPage(e.target.checked)} /></th>
+            ${canWrite && html`<th class="check"><input type="checkbox" data-testid="select-page" aria-label="Select every device on this page" checked=${pageAllPicked || allMatching} disabled=${allMatching} onChange=${(e) => pickPage(e.target.checked)} /></th>`}
             <th>Device</th><th>State</th><th>Last seen</th><th>Tags</th>
           </tr></thead>
           <tbody>
             ${devices.map((d) => html`<tr key=${d.id} data-testid="device-row" data-device-id=${d.id}>
-              <td class="check"><input type="checkbox" data-testid="device-select" aria-label=${"Select " + d.id} checked=${allMatching || picked.has(d.id)} disabled=${allMatching} onChange=${(e) => pick(d.id, e.target.checked)} /></td>
+              ${canWrite && html`<td class="check"><input type="checkbox" data-testid="device-select" aria-label=${"Select " + d.id} checked=${allMatching || picked.has(d.id)} disabled=${allMatching} onChange=${(e) => pick(d.id, e.target.checked)} /></td>`}
               <td data-label="Device"><a href=${"#/devices/" + encodeURIComponent(d.id)} class="mono">${d.id}</a></td>
               <td data-label="State"><${OnlineBadge} online=${d.online} /></td>
               <td data-label="Last seen" title=${d.last_seen ? new Date(d.last_seen).toISOString() : ""}>${d.online ? "now" : fmtAgo(d.last_seen)}</td>
