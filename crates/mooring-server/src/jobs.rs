@@ -559,14 +559,19 @@ impl Jobs {
             JobAction::Delete => {
                 let mut out = Vec::with_capacity(ids.len());
                 for id in ids {
-                    out.push(
-                        match self.registry.delete_device(access, id.as_str()).await {
-                            // Gone already (a batch applied again after a restart, or deleted
-                            // meanwhile).
-                            Err(e) if e.kind == ErrorKind::NotFound => Ok(()),
-                            other => other,
-                        },
-                    );
+                    let deleted = match self.registry.delete_device(access, id.as_str()).await {
+                        // Gone already (a batch applied again after a restart, or deleted
+                        // meanwhile) is done; still there (moved out of the scope) is not.
+                        Err(e) if e.kind == ErrorKind::NotFound => {
+                            match self.core.store.get_device(id.as_str()).await {
+                                Ok(None) => Ok(()),
+                                Ok(Some(_)) => Err(e),
+                                Err(store) => Err(store.into()),
+                            }
+                        }
+                        other => other,
+                    };
+                    out.push(deleted);
                 }
                 out
             }
