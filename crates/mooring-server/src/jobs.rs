@@ -20,7 +20,7 @@
 //! Adding an action is one [`JobAction`] variant: its name, parameters, permission and what it
 //! does to one device (or to the whole selection, as `command` does).
 
-use crate::access::{access_of, Access, Permission};
+use crate::access::{access_of, role_allows, Access, Permission};
 use crate::app::Core;
 use crate::commands::{Commands, NewCommand};
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
@@ -471,6 +471,14 @@ impl Jobs {
                 return Ok(());
             }
         };
+        if let Some(reason) = self.creator_refused(&job, &action).await? {
+            job.errors.push(JobError {
+                device_id: String::new(),
+                message: reason,
+            });
+            self.finish(&mut job, JobState::Failed).await?;
+            return Ok(());
+        }
         let access = access_of(job.scope.as_deref());
         if let JobAction::Command(c) = &action {
             return self.run_command(job, &access, c).await;
@@ -486,6 +494,17 @@ impl Jobs {
         loop {
             if *stop.borrow() || !self.holds_lease().await {
                 // Resumed from the stored cursor by whoever runs jobs next.
+                return Ok(());
+            }
+            // The creator is re-checked before every batch: a job stops (failed, with the
+            // reason) once its creator is disabled, deleted, revoked, expired, or given
+            // another role or scope.
+            if let Some(reason) = self.creator_refused(&job, &action).await? {
+                job.errors.push(JobError {
+                    device_id: String::new(),
+                    message: reason,
+                });
+                self.finish(&mut job, JobState::Failed).await?;
                 return Ok(());
             }
             let (page, next) = self
@@ -531,6 +550,53 @@ impl Jobs {
                 }
             }
         }
+    }
+
+    /// Why the job's creator may no longer do what the job does (`None`: it still may): a user
+    /// (`created_by` is an email) must still exist, be enabled and keep the role's
+    /// permissions and the scope the job was made under; a token (`created_by` is its id) must
+    /// still exist (not revoked), not be expired, and keep its role and scope.
+    async fn creator_refused(
+        &self,
+        job: &JobRecord,
+        action: &JobAction,
+    ) -> ServiceResult<Option<String>> {
+        let store = &self.core.store;
+        let (role, scope) = if job.created_by.contains('@') {
+            match store.find_user_by_email(&job.created_by).await? {
+                Some(u) if !u.disabled => (u.role, u.scope),
+                Some(_) => return Ok(Some(format!("{} was disabled", job.created_by))),
+                None => return Ok(Some(format!("{} was deleted", job.created_by))),
+            }
+        } else {
+            match store.get_token(&job.created_by).await? {
+                Some(t) if t.expires_at_ms.is_some_and(|e| e <= self.core.now_ms()) => {
+                    return Ok(Some(format!("token {} expired", job.created_by)))
+                }
+                Some(t) => (t.role, t.scope),
+                None => return Ok(Some(format!("token {} was revoked", job.created_by))),
+            }
+        };
+        // Compared as the job stores it: the parsed selector's text.
+        let scope = scope.map(|s| Selector::parse(&s).map_or(s, |sel| sel.to_string()));
+        let allowed = role_allows(role, Permission::DevicesWrite)
+            && action
+                .extra_permission()
+                .is_none_or(|p| role_allows(role, p));
+        if !allowed {
+            return Ok(Some(format!(
+                "{} no longer has the permissions this job needs (role {})",
+                job.created_by,
+                role.as_str()
+            )));
+        }
+        if scope != job.scope {
+            return Ok(Some(format!(
+                "the scope of {} changed since the job was created",
+                job.created_by
+            )));
+        }
+        Ok(None)
     }
 
     /// The action on one batch of devices: one result per device, in order. Tag changes go

@@ -658,3 +658,57 @@ async fn a_restart_mid_job_resumes_from_its_cursor_and_counts_every_device_once(
     );
     assert!(selected(&server, "tag:fw=9").await.is_empty());
 }
+
+#[tokio::test]
+async fn a_job_stops_when_its_creator_loses_the_right_to_run_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = "[jobs]\nbatch_len = 10\nbatch_pause_ms = 100\n";
+    let args = config_args(tmp.path(), config);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Arc::new(Server::start_with(
+        tmp.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &args,
+    ));
+    create_devices(&server, "v", 100, json!({"site": "x"})).await;
+
+    // An operator token starts a tag job, then is revoked while it runs.
+    let secret = token(&server, json!({"name": "ops", "role": "operator"})).await;
+    let r = call(
+        &server,
+        "POST",
+        "/api/v1/jobs",
+        Some(&secret),
+        None,
+        &[],
+        Some(json!({"selector": "tag:site=x", "action": "tag", "tags": {"by": "ops"}})),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["id"].as_str().expect("id").to_owned();
+    let token_id = r.body["created_by"].as_str().expect("creator").to_owned();
+    server
+        .wait_for(&format!("/api/v1/jobs/{id}"), |j| {
+            j["done"].as_u64().unwrap_or(0) >= 10
+        })
+        .await;
+    let (status, body) = server
+        .api("DELETE", &format!("/api/v1/tokens/{token_id}"), None)
+        .await;
+    assert_eq!(status, 204, "{body}");
+    let job = finished(&server, &id, WAIT).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(
+        job["done"].as_u64().unwrap_or(100) < 100,
+        "stopped before the end: {job}"
+    );
+    assert!(
+        job["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("revoked")),
+        "{job}"
+    );
+    let tagged = selected(&server, "tag:by=ops").await.len() as u64;
+    assert_eq!(tagged, job["done"].as_u64().unwrap_or(0), "{job}");
+}
