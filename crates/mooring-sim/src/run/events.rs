@@ -111,24 +111,39 @@ pub(super) async fn run_events(
             }
             Action::TagJob { to, tags } => match control.app() {
                 None => Err("needs a running server".to_owned()),
-                Some(app) => app
-                    .jobs
-                    .create(
-                        &mooring_server::access::Access::all(),
-                        &mooring_server::jobs::Creator {
-                            name: "sim".to_owned(),
-                            may_send_commands: true,
-                        },
-                        to,
-                        mooring_server::jobs::JobAction::Tag(tags.clone()),
-                    )
-                    .await
-                    .map(|job| {
-                        control.log(format!("{at}: tag_job {to:?} -> {tags:?}: job {}", job.id));
-                        ev.detail = format!("{} ({})", ev.detail, job.id);
-                        lock(&control.jobs).push(job.id);
+                // Created as a real principal (an operator token), as the API would: the
+                // runner re-checks the creator before every batch.
+                Some(app) => match app
+                    .tokens
+                    .create(mooring_server::auth::NewToken {
+                        name: "sim-jobs".to_owned(),
+                        role: mooring_store::Role::Operator,
+                        scope: None,
+                        expires_in_ms: None,
                     })
-                    .map_err(|e| e.to_string()),
+                    .await
+                {
+                    Err(e) => Err(e.to_string()),
+                    Ok((token, _secret)) => app
+                        .jobs
+                        .create(
+                            &mooring_server::access::Access::all(),
+                            &mooring_server::jobs::Creator {
+                                name: token.id,
+                                may_send_commands: true,
+                            },
+                            to,
+                            mooring_server::jobs::JobAction::Tag(tags.clone()),
+                        )
+                        .await
+                        .map(|job| {
+                            control
+                                .log(format!("{at}: tag_job {to:?} -> {tags:?}: job {}", job.id));
+                            ev.detail = format!("{} ({})", ev.detail, job.id);
+                            lock(&control.jobs).push(job.id);
+                        })
+                        .map_err(|e| e.to_string()),
+                },
             },
             Action::RestartServer { .. } if control.remote.is_some() => {
                 Err("needs the in-process server (remote mode cannot restart a server)".to_owned())
