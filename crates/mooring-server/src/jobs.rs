@@ -285,6 +285,15 @@ impl Jobs {
         }
         let sel = crate::commands::parse_selector(selector)?;
         let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
+        // The job stores the narrowed selector as text and the runner (and `visible`) parse
+        // it again: the scope's terms must not push it past the parser's bounds (terms, ids,
+        // length), or the job would fail later and be hidden from its own creator.
+        if let Err(e) = Selector::parse(&sel.to_string()) {
+            return Err(ServiceError::invalid(
+                "invalid_selector",
+                format!("the selector narrowed by your scope is too large: {e}"),
+            ));
+        }
         let _one_at_a_time = self.creating.lock().await;
         let unfinished = self.core.store.count_unfinished_jobs(&creator.name).await?;
         if unfinished >= JOBS_UNFINISHED_PER_CREATOR_MAX {

@@ -712,3 +712,68 @@ async fn a_job_stops_when_its_creator_loses_the_right_to_run_it() {
     let tagged = selected(&server, "tag:by=ops").await.len() as u64;
     assert_eq!(tagged, job["done"].as_u64().unwrap_or(0), "{job}");
 }
+
+/// Attack: a scoped operator sends a selector already at the parser's bounds (16 terms); the
+/// scope's terms narrowing it push it past them. The job must be refused at creation, not
+/// accepted and then left failed with a selector that no longer parses (and, since its
+/// selector cannot be read, hidden from its own creator, who could not see or cancel it).
+#[tokio::test]
+async fn a_scoped_selector_that_outgrows_the_bounds_when_narrowed_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Arc::new(Server::start(tmp.path()));
+    let operator = token(
+        &server,
+        json!({"name": "acme-ops", "role": "operator", "scope": "tag:customer=acme"}),
+    )
+    .await;
+    let selector = (0..16)
+        .map(|i| format!("tag:k{i}=v"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let r = call(
+        &server,
+        "POST",
+        "/api/v1/jobs",
+        Some(&operator),
+        None,
+        &[],
+        Some(json!({"selector": selector, "action": "tag", "tags": {"fw": "3"}})),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (400, Some("invalid_selector")),
+        "{}",
+        r.body
+    );
+    // Fifteen terms and the scope's one still fit, and the job is its creator's to see.
+    let selector = (0..15)
+        .map(|i| format!("tag:k{i}=v"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let r = call(
+        &server,
+        "POST",
+        "/api/v1/jobs",
+        Some(&operator),
+        None,
+        &[],
+        Some(json!({"selector": selector, "action": "tag", "tags": {"fw": "3"}})),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["id"].as_str().expect("id").to_owned();
+    let job = finished(&server, &id, WAIT).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let r = call(
+        &server,
+        "GET",
+        &format!("/api/v1/jobs/{id}"),
+        Some(&operator),
+        None,
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
