@@ -42,6 +42,9 @@ pub const JOBS_UNFINISHED_PER_CREATOR_MAX: u64 = 10;
 pub const JOB_ERRORS_MAX: usize = 20;
 /// Finished jobs kept at most; older ones are pruned.
 pub const JOBS_KEPT_MAX: usize = 1_000;
+/// Jobs one creator keeps at most (its newest; unfinished ones are never pruned): older
+/// finished ones go when it creates another.
+pub const JOBS_KEPT_PER_CREATOR_MAX: usize = 100;
 /// Finished jobs are pruned this long after they finished.
 pub const JOBS_KEPT_MS: u64 = 30 * 86_400_000;
 /// Page size of `GET /api/v1/jobs`.
@@ -326,6 +329,12 @@ impl Jobs {
             rev: 0,
         };
         self.core.store.create_job(job.clone()).await?;
+        // The bound per creator on kept jobs: one creator's many (finished at once, say) never
+        // push the others' out of the newest JOBS_KEPT_MAX.
+        self.core
+            .store
+            .prune_jobs_of(&creator.name, JOBS_KEPT_PER_CREATOR_MAX)
+            .await?;
         self.wake.notify_one();
         Ok(job)
     }
