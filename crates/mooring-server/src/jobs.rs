@@ -42,6 +42,9 @@ pub const JOBS_UNFINISHED_PER_CREATOR_MAX: u64 = 10;
 pub const JOB_ERRORS_MAX: usize = 20;
 /// Finished jobs kept at most; older ones are pruned.
 pub const JOBS_KEPT_MAX: usize = 1_000;
+/// Jobs one creator keeps at most (its newest; unfinished ones are never pruned): older
+/// finished ones go when it creates another.
+pub const JOBS_KEPT_PER_CREATOR_MAX: usize = 100;
 /// Finished jobs are pruned this long after they finished.
 pub const JOBS_KEPT_MS: u64 = 30 * 86_400_000;
 /// Page size of `GET /api/v1/jobs`.
@@ -285,6 +288,15 @@ impl Jobs {
         }
         let sel = crate::commands::parse_selector(selector)?;
         let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
+        // The job stores the narrowed selector as text and the runner (and `visible`) parse
+        // it again: the scope's terms must not push it past the parser's bounds (terms, ids,
+        // length), or the job would fail later and be hidden from its own creator.
+        if let Err(e) = Selector::parse(&sel.to_string()) {
+            return Err(ServiceError::invalid(
+                "invalid_selector",
+                format!("the selector narrowed by your scope is too large: {e}"),
+            ));
+        }
         let _one_at_a_time = self.creating.lock().await;
         let unfinished = self.core.store.count_unfinished_jobs(&creator.name).await?;
         if unfinished >= JOBS_UNFINISHED_PER_CREATOR_MAX {
@@ -317,6 +329,12 @@ impl Jobs {
             rev: 0,
         };
         self.core.store.create_job(job.clone()).await?;
+        // The bound per creator on kept jobs: one creator's many (finished at once, say) never
+        // push the others' out of the newest JOBS_KEPT_MAX.
+        self.core
+            .store
+            .prune_jobs_of(&creator.name, JOBS_KEPT_PER_CREATOR_MAX)
+            .await?;
         self.wake.notify_one();
         Ok(job)
     }

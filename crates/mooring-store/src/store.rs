@@ -349,6 +349,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// Deletes final jobs that finished before `finished_before_ms`, and final jobs beyond
     /// the newest `keep_max` jobs (by id); never a job that is not final. Returns how many.
     async fn prune_jobs(&self, finished_before_ms: u64, keep_max: usize) -> Result<u64>;
+    /// Deletes `created_by`'s final jobs beyond its newest `keep_max` jobs (by id); never a
+    /// job that is not final, nor another creator's. Returns how many. (The bound per creator:
+    /// one creator's many jobs never push out the others'.)
+    async fn prune_jobs_of(&self, created_by: &str, keep_max: usize) -> Result<u64>;
 }
 
 /// Everything a Mooring server needs from storage.

@@ -105,3 +105,42 @@ async fn web_dir_serves_the_files_from_disk() {
     assert_eq!(css.headers()["content-type"], "text/css; charset=utf-8");
     assert_eq!(get(format!("{base}/vendor/preact.mjs")).await.status(), 404);
 }
+
+/// Attack: a response that is not a dashboard file (an API answer, a JSON error, a missing
+/// file, a refused method) loaded in a frame or sniffed as another type by a browser. Every
+/// response says `nosniff` and carries a policy that forbids framing.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_response_carries_nosniff_and_forbids_framing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let base = format!("http://{}", server.http);
+    let mut responses = Vec::new();
+    for path in [
+        "/",
+        "/app/missing.js",
+        "/app/%2e%2e/Cargo.toml",
+        "/api/v1/nope",
+        "/api/v1/devices",
+        "/api/v1/jobs",
+        "/api/v1/fleet/summary?selector=%3Cscript%3E",
+    ] {
+        responses.push((path, get(format!("{base}{path}")).await));
+    }
+    responses.push((
+        "POST /",
+        http().post(format!("{base}/")).send().await.expect("http"),
+    ));
+    for (path, resp) in responses {
+        let h = resp.headers();
+        assert_eq!(
+            h.get("x-content-type-options").map(|v| v.as_bytes()),
+            Some(&b"nosniff"[..]),
+            "{path}: {h:?}"
+        );
+        let csp = h
+            .get("content-security-policy")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        assert!(csp.contains("frame-ancestors 'none'"), "{path}: {h:?}");
+    }
+}

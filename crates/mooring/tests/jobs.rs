@@ -712,3 +712,132 @@ async fn a_job_stops_when_its_creator_loses_the_right_to_run_it() {
     let tagged = selected(&server, "tag:by=ops").await.len() as u64;
     assert_eq!(tagged, job["done"].as_u64().unwrap_or(0), "{job}");
 }
+
+/// Attack: a scoped operator sends a selector already at the parser's bounds (16 terms); the
+/// scope's terms narrowing it push it past them. The job must be refused at creation, not
+/// accepted and then left failed with a selector that no longer parses (and, since its
+/// selector cannot be read, hidden from its own creator, who could not see or cancel it).
+#[tokio::test]
+async fn a_scoped_selector_that_outgrows_the_bounds_when_narrowed_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Arc::new(Server::start(tmp.path()));
+    let operator = token(
+        &server,
+        json!({"name": "acme-ops", "role": "operator", "scope": "tag:customer=acme"}),
+    )
+    .await;
+    let selector = (0..16)
+        .map(|i| format!("tag:k{i}=v"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let r = call(
+        &server,
+        "POST",
+        "/api/v1/jobs",
+        Some(&operator),
+        None,
+        &[],
+        Some(json!({"selector": selector, "action": "tag", "tags": {"fw": "3"}})),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (400, Some("invalid_selector")),
+        "{}",
+        r.body
+    );
+    // Fifteen terms and the scope's one still fit, and the job is its creator's to see.
+    let selector = (0..15)
+        .map(|i| format!("tag:k{i}=v"))
+        .collect::<Vec<_>>()
+        .join(" and ");
+    let r = call(
+        &server,
+        "POST",
+        "/api/v1/jobs",
+        Some(&operator),
+        None,
+        &[],
+        Some(json!({"selector": selector, "action": "tag", "tags": {"fw": "3"}})),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.body["id"].as_str().expect("id").to_owned();
+    let job = finished(&server, &id, WAIT).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let r = call(
+        &server,
+        "GET",
+        &format!("/api/v1/jobs/{id}"),
+        Some(&operator),
+        None,
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Attack: an operator token creates jobs that finish at once (a selector matching nothing), as
+/// fast as it can. Only unfinished jobs were bounded per creator, so its finished ones filled
+/// the table (between prunes) and pushed everyone else's out of the newest 1,000 kept. Each
+/// creator keeps at most its newest 100 jobs; another creator's job stays.
+#[tokio::test]
+async fn one_creators_finished_jobs_are_bounded_and_do_not_push_out_others() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Arc::new(Server::start(tmp.path()));
+    create_devices(&server, "d", 1, json!({"site": "x"})).await;
+    let admin_job = create_job(
+        &server,
+        json!({"selector": "d0000", "action": "tag", "tags": {"fw": "1"}}),
+    )
+    .await;
+    let admin_id = admin_job["id"].as_str().expect("id").to_owned();
+    finished(&server, &admin_id, WAIT).await;
+    let flooder = token(&server, json!({"name": "flood", "role": "operator"})).await;
+    let mut created = 0;
+    let deadline = Instant::now() + WAIT;
+    while created < 130 {
+        let r = call(
+            &server,
+            "POST",
+            "/api/v1/jobs",
+            Some(&flooder),
+            None,
+            &[],
+            Some(json!({"selector": "nothing", "action": "untag", "keys": ["zz"]})),
+        )
+        .await;
+        match r.status {
+            202 => created += 1,
+            // Ten unfinished already: wait for the runner.
+            429 => tokio::time::sleep(Duration::from_millis(10)).await,
+            other => panic!("{other}: {}", r.body),
+        }
+        assert!(Instant::now() < deadline, "only {created} jobs created");
+    }
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/api/v1/jobs?limit=200&cursor={c}"),
+            None => "/api/v1/jobs?limit=200".to_owned(),
+        };
+        let (status, page) = server.api("GET", &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        all.extend(page["jobs"].as_array().cloned().unwrap_or_default());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    let flooders = all
+        .iter()
+        .filter(|j| j["created_by"] != admin_job["created_by"])
+        .count();
+    assert!(flooders <= 110, "{flooders} of the flooder's jobs kept");
+    assert!(
+        all.iter().any(|j| j["id"] == admin_id.as_str()),
+        "the admin's job is gone"
+    );
+}

@@ -183,3 +183,32 @@ pub async fn job_prune_keeps_unfinished_and_the_newest<S: JobStore + ?Sized>(sto
     assert_eq!(left, vec![6, 5, 4, 2]);
     assert_eq!(store.prune_jobs(0, 3).await.expect("again"), 0);
 }
+
+/// Pruning one creator's jobs keeps its newest `keep_max` and its unfinished ones, and never
+/// touches another creator's.
+pub async fn job_prune_of_one_creator_leaves_the_others<S: JobStore + ?Sized>(store: &S) {
+    for n in 1..=8 {
+        let who = if n % 2 == 0 { "ann" } else { "bob" };
+        let mut j = job(n, who);
+        if n != 2 {
+            j.state = JobState::Failed;
+            j.finished_ms = Some(T0 + n * 1000);
+        }
+        store.create_job(j).await.expect("create");
+    }
+    // ann: 8, 6, 4 (final), 2 (queued). Keep her newest 2 (8, 6): 4 goes, 2 stays.
+    assert_eq!(store.prune_jobs_of("ann", 2).await.expect("prune"), 1);
+    let left: Vec<u64> = store
+        .list_jobs(100, None)
+        .await
+        .expect("list")
+        .iter()
+        .map(|j| j.created_ms - T0)
+        .collect();
+    assert_eq!(left, vec![8, 7, 6, 5, 3, 2, 1]);
+    assert_eq!(store.prune_jobs_of("ann", 2).await.expect("again"), 0);
+    assert_eq!(store.prune_jobs_of("nobody", 0).await.expect("nobody"), 0);
+    // Keep none of bob's: all four final ones go.
+    assert_eq!(store.prune_jobs_of("bob", 0).await.expect("bob"), 4);
+    assert_eq!(store.list_jobs(100, None).await.expect("list").len(), 3);
+}

@@ -69,6 +69,7 @@ macro_rules! conformance_tests {
             job_list_is_newest_first_with_cursor,
             job_unfinished_list_and_count_per_creator,
             job_prune_keeps_unfinished_and_the_newest,
+            job_prune_of_one_creator_leaves_the_others,
             device_delete_removes_device_telemetry_latest_and_dedupe_keys,
             telemetry_append_then_query_round_trips,
             telemetry_duplicate_seq_in_one_batch_is_stored_once,

@@ -234,4 +234,18 @@ impl JobStore for PgStore {
             .await?;
         Ok(old + beyond)
     }
+
+    async fn prune_jobs_of(&self, created_by: &str, keep_max: usize) -> Result<u64> {
+        if created_by.contains('\0') {
+            return Ok(0);
+        }
+        let keep = count_to_sql(keep_max);
+        self.execute(
+            "DELETE FROM jobs WHERE created_by = $1 AND state NOT IN ('queued', 'running')
+                 AND id IN (SELECT id FROM jobs WHERE created_by = $1 ORDER BY id DESC OFFSET $2)",
+            &[&created_by, &keep],
+            || "job".to_owned(),
+        )
+        .await
+    }
 }

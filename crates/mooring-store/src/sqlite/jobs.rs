@@ -281,4 +281,21 @@ impl JobStore for SqliteStore {
         })
         .await
     }
+
+    async fn prune_jobs_of(&self, created_by: &str, keep_max: usize) -> Result<u64> {
+        let created_by = created_by.to_owned();
+        let keep = count_to_sql(keep_max);
+        self.write_background(move |conn| {
+            let n = conn
+                .execute(
+                    "DELETE FROM jobs WHERE created_by = ?1 AND state NOT IN ('queued', 'running')
+                         AND id IN (SELECT id FROM jobs WHERE created_by = ?1
+                                    ORDER BY id DESC LIMIT -1 OFFSET ?2)",
+                    params![created_by, keep],
+                )
+                .db()?;
+            Ok(n as u64)
+        })
+        .await
+    }
 }
