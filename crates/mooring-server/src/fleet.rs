@@ -50,9 +50,7 @@ impl Fleet {
         selector: Option<&str>,
     ) -> ServiceResult<FleetSummary> {
         let sel = match selector {
-            Some(text) => Some(Selector::parse(text).map_err(|e| {
-                ServiceError::invalid("bad_selector", format!("selector {text:?}: {e}"))
-            })?),
+            Some(text) => Some(crate::commands::parse_selector(text)?),
             None => None,
         };
         let sel = access.narrow(sel).unwrap_or(Selector { terms: Vec::new() });

@@ -141,7 +141,7 @@ async fn summary_counts_selections_and_history_sums_the_samples() {
     let (status, v) = server.api("GET", &summary_path("tag:"), None).await;
     assert_eq!(
         (status, v["error"]["code"].as_str()),
-        (400, Some("bad_selector")),
+        (400, Some("invalid_selector")),
         "{v}"
     );
 
@@ -283,6 +283,6 @@ async fn summary_counts_selections_and_history_sums_the_samples() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("POINTS/S"));
     let out = server.cli(&["fleet", "summary", "--selector", "tag:"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("bad_selector"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid_selector"));
     drop(dev);
 }

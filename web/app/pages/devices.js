@@ -257,7 +257,7 @@ export default function Devices({ query }) {
     </div>
     <${Chips} selector=${selector} summary=${summary.data} devices=${devices} onPick=${(s) => { setText(s); apply(s); }} />
     <p class="hint">Selector: <code>online</code>, <code>tag:key=value</code>, <code>version=1.2.0</code>, ids <code>d1,d2</code>, joined by <code>and</code>. See docs/commands.md.</p>
-    ${summary.error && summary.error.code !== "bad_selector" && !list.error && html`<p class="hint" role="status">The count is unavailable: ${summary.error.message}</p>`}
+    ${summary.error && summary.error.code !== "invalid_selector" && !list.error && html`<p class="hint" role="status">The count is unavailable: ${summary.error.message}</p>`}
 
     ${canWrite && html`<div class="selection-bar" role="region" aria-label="Selection and bulk actions">
       <span data-testid="selection-count">${selCount === 0 ? "No devices selected" : plural(selCount, "device") + " selected" + (allMatching ? " (all matching)" : "")}</span>

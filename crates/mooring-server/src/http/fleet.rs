@@ -8,7 +8,7 @@ use mooring_api::{FleetHistory, FleetHistoryParams, FleetSummary, FleetSummaryPa
 use std::sync::Arc;
 
 #[utoipa::path(get, path = "/api/v1/fleet/summary", params(FleetSummaryParams),
-    responses((status = 200, body = FleetSummary), (status = 400, body = ErrorBody, description = "bad_selector")))]
+    responses((status = 200, body = FleetSummary), (status = 400, body = ErrorBody, description = "invalid_selector")))]
 pub(super) async fn summary(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
