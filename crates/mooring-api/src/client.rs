@@ -3,10 +3,11 @@
 
 use crate::{
     AnyCommand, AuditList, AuditParams, Command, CommandList, CommandListParams, CreateCommand,
-    CreateDevice, CreateFleetCommand, CreateToken, CreateUser, CreatedDevice, CreatedToken,
-    CreatedUser, Device, DeviceList, ErrorBody, Event, EventsParams, FleetCommand, LatestMetrics,
-    ListDevicesParams, Me, PageParams, PasswordLink, Shadow, ShadowPatch, StreamItem,
-    TelemetryParams, TelemetryPoints, TokenList, UpdateUser, User, UserList, WaitParams,
+    CreateDevice, CreateFleetCommand, CreateJob, CreateToken, CreateUser, CreatedDevice,
+    CreatedToken, CreatedUser, Device, DeviceList, ErrorBody, Event, EventsParams, FleetCommand,
+    Job, JobList, JobListParams, LatestMetrics, ListDevicesParams, Me, PageParams, PasswordLink,
+    Shadow, ShadowPatch, StreamItem, TelemetryParams, TelemetryPoints, TokenList, UpdateUser, User,
+    UserList, WaitParams,
 };
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -287,6 +288,24 @@ impl Client {
         }
     }
 
+    /// `GET /api/v1/fleet/summary`.
+    pub async fn fleet_summary(
+        &self,
+        params: &crate::FleetSummaryParams,
+    ) -> Result<crate::FleetSummary> {
+        self.get(self.url(&["api", "v1", "fleet", "summary"], Some(params))?)
+            .await
+    }
+
+    /// `GET /api/v1/fleet/history`.
+    pub async fn fleet_history(
+        &self,
+        params: &crate::FleetHistoryParams,
+    ) -> Result<crate::FleetHistory> {
+        self.get(self.url(&["api", "v1", "fleet", "history"], Some(params))?)
+            .await
+    }
+
     /// `GET /api/v1/devices/{id}`.
     pub async fn get_device(&self, id: &str) -> Result<Device> {
         self.get(self.url(&["api", "v1", "devices", id], None::<&()>)?)
@@ -464,6 +483,30 @@ impl Client {
     pub async fn get_any_command(&self, id: &str) -> Result<AnyCommand> {
         self.get(self.url(&["api", "v1", "commands", id], None::<&()>)?)
             .await
+    }
+
+    /// `POST /api/v1/jobs`: a bulk action, run in the background.
+    pub async fn create_job(&self, req: &CreateJob) -> Result<Job> {
+        let url = self.url(&["api", "v1", "jobs"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/jobs`: one page, newest first.
+    pub async fn list_jobs(&self, params: &JobListParams) -> Result<JobList> {
+        self.get(self.url(&["api", "v1", "jobs"], Some(params))?)
+            .await
+    }
+
+    /// `GET /api/v1/jobs/{id}`.
+    pub async fn get_job(&self, id: &str) -> Result<Job> {
+        self.get(self.url(&["api", "v1", "jobs", id], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/jobs/{id}/cancel`.
+    pub async fn cancel_job(&self, id: &str) -> Result<Job> {
+        let url = self.url(&["api", "v1", "jobs", id, "cancel"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
     }
 
     /// `GET /api/v1/devices/{id}/shadow`.

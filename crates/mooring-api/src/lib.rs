@@ -19,6 +19,8 @@ mod commands;
 mod devices;
 mod error;
 mod events;
+mod fleet;
+mod jobs;
 mod shadow;
 mod telemetry;
 mod tokens;
@@ -37,6 +39,11 @@ pub use commands::{
 pub use devices::{CreateDevice, CreatedDevice, Device, DeviceList, ListDevicesParams};
 pub use error::{ErrorBody, ErrorDetail};
 pub use events::{Event, EventBody, EventsParams, EventsReset, StreamItem, RESET_EVENT};
+pub use fleet::{
+    FleetHistory, FleetHistoryParams, FleetSamplePoint, FleetSummary, FleetSummaryParams,
+    VersionCount, FLEET_VERSIONS_MAX,
+};
+pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
 pub use tokens::{CreateToken, CreatedToken, PageParams, TokenInfo, TokenList};

@@ -47,6 +47,10 @@
 //!    round trip p50/p99 with the API on another node than the device's, and QoS 1 ingest and
 //!    command throughput with 1, 2 and 3 nodes; every node's cluster counters (bus drops,
 //!    outbox drops, takeovers) and log warnings go into the notes. Not part of `all`.
+//! 8. `devices-filter` (ours only; issue 15, [`suites::devices_filter`]): 100,000 devices (1,000
+//!    provisioned and connected, the rest written into the store), then p50/p99 of the devices
+//!    page's request pair (list with a selector, limit 50, and the fleet summary) per selector.
+//!    Not part of `all`.
 //!
 //! Every wait has a deadline (`--timeout-secs`), and results go to stdout as Markdown
 //! ([`report`]) and, with `--json FILE`, as raw numbers.
@@ -93,8 +97,12 @@ pub enum Suite {
     /// server RSS per connection, connect time, command RTT across nodes; ingest and command
     /// throughput with 1, 2 and 3 nodes.
     Cluster,
-    /// All of the above but retention (its prefill takes minutes) and cluster (it needs
-    /// PostgreSQL and NATS), in that order.
+    /// Ours only (issue 15): the dashboard's devices page with 100,000 devices: p50/p99 of
+    /// `GET /api/v1/devices?selector=S&limit=50` + `GET /api/v1/fleet/summary?selector=S`
+    /// for several selectors.
+    DevicesFilter,
+    /// All of the above but retention (its prefill takes minutes), cluster (it needs
+    /// PostgreSQL and NATS) and devices-filter (its seeding takes minutes), in that order.
     All,
     /// One load-generator process of the cluster suite (spawned by it; spec on stdin).
     #[value(hide = true)]
@@ -451,6 +459,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 Suite::TelemetryStorage => suites::telemetry_storage(&mut bench).await,
                 Suite::Retention => suites::retention(&mut bench).await,
                 Suite::Cluster => suites::cluster(&mut bench).await,
+                Suite::DevicesFilter => suites::devices_filter(&mut bench).await,
                 Suite::All | Suite::ClusterWorker => unreachable!("expanded or run above"),
             };
             let table = r.with_context(|| format!("suite {suite:?}"))?;

@@ -3,7 +3,8 @@
 //!
 //! Each service owns its state behind private fields and is reached only through its methods;
 //! HTTP handlers, MQTT hooks, the CLI and the simulator never touch the storage underneath.
-//! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`.
+//! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`;
+//! `Registry`, `Commands` ← `Jobs`.
 
 use crate::accounts::Accounts;
 use crate::audit::Audit;
@@ -12,6 +13,8 @@ use crate::cluster::Cluster;
 use crate::commands::Commands;
 use crate::config::ServerConfig;
 use crate::events::Events;
+use crate::fleet::Fleet;
+use crate::jobs::Jobs;
 use crate::metrics::Counters;
 use crate::pki::Pki;
 use crate::presence::Presence;
@@ -26,7 +29,6 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 pub use crate::registry::{
     reported_version, validate_tags, DeviceView, DEVICE_PAGE_LEN_DEFAULT, DEVICE_PAGE_LEN_MAX,
-    SELECT_SCAN_PAGE_LEN,
 };
 pub use crate::telemetry::{TELEMETRY_QUERY_LEN_DEFAULT, TELEMETRY_QUERY_LEN_MAX};
 
@@ -81,6 +83,10 @@ pub struct App {
     pub audit: Audit,
     /// Live events (`GET /api/v1/events`): the ring, the streams.
     pub events: Arc<Events>,
+    /// Fleet statistics: summaries of selections, the sampled history.
+    pub fleet: Arc<Fleet>,
+    /// Background jobs: bulk actions on a selection of devices.
+    pub jobs: Arc<Jobs>,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -118,13 +124,16 @@ impl App {
         });
         let presence = Arc::new(Presence::new(core.store.clone(), node));
         let registry = Arc::new(Registry::new(core.clone(), pki, presence.clone()));
+        let commands = Arc::new(Commands::new(core.clone(), registry.clone()));
         Self {
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
-            commands: Arc::new(Commands::new(core.clone(), registry.clone())),
+            jobs: Arc::new(Jobs::new(core.clone(), registry.clone(), commands.clone())),
+            commands,
             shadows: Shadows::new(core.clone(), registry.clone()),
             tokens: Tokens::new(core.clone()),
             accounts: Accounts::new(core.clone()),
             audit: Audit::new(core.clone()),
+            fleet: Arc::new(Fleet::new(core.clone(), registry.clone())),
             registry,
             presence,
             events,

@@ -82,6 +82,7 @@ pub(crate) const LEASE_SCHEDULER: &str = "commands.scheduler";
 pub(crate) const LEASE_RETENTION: &str = "telemetry.retention";
 pub(crate) const LEASE_COMPACTION: &str = "telemetry.compaction";
 pub(crate) const LEASE_REAPER: &str = "presence.reaper";
+pub(crate) const LEASE_JOBS: &str = "jobs.runner";
 
 /// Session rows of dead nodes removed per reaper pass.
 const REAP_BATCH_LEN: usize = 10_000;

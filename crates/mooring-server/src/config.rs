@@ -51,6 +51,54 @@ pub struct ServerConfig {
     pub oidc: Option<OidcConfig>,
     /// Live event streams (`GET /api/v1/events`).
     pub events: crate::events::EventsConfig,
+    /// Fleet statistics (`/api/v1/fleet/*`, docs/fleet.md).
+    pub fleet: FleetConfig,
+    /// Background jobs: bulk actions on a selection of devices (docs/jobs.md).
+    pub jobs: JobsConfig,
+}
+
+/// `[fleet]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// How often each node records its fleet sample (devices, online, points, messages): the
+    /// history's step.
+    pub sample_interval_ms: u64,
+}
+
+/// Shortest `[fleet] sample_interval_ms` (tests use short intervals; a minute is the default).
+pub const FLEET_SAMPLE_INTERVAL_MS_MIN: u64 = 100;
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            sample_interval_ms: 60_000,
+        }
+    }
+}
+
+/// `[jobs]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Devices per batch: a job's progress (done, failed, cursor) is stored after each batch,
+    /// and a cancel takes effect at the next one. 1..=500.
+    pub batch_len: usize,
+    /// How often the runner looks for queued jobs when it was not woken (a job created on
+    /// this node wakes it at once).
+    pub poll_interval_ms: u64,
+    /// A pause after every batch (0: none). For tests and to go easy on a busy server.
+    pub batch_pause_ms: u64,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            batch_len: crate::jobs::BATCH_LEN_MAX,
+            poll_interval_ms: 1_000,
+            batch_pause_ms: 0,
+        }
+    }
 }
 
 /// `[auth]`.
@@ -343,6 +391,9 @@ pub struct HttpConfig {
     /// Most open API connections (TLS handshakes included). Further clients wait in the
     /// kernel's accept backlog, holding none of the process's file descriptors.
     pub connections_max: usize,
+    /// Serve the dashboard's files from this directory (a checkout's `web/`) instead of the
+    /// copies embedded in the binary: for editing the dashboard without rebuilding.
+    pub web_dir: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -351,6 +402,7 @@ impl Default for HttpConfig {
             header_read_timeout_ms: 10_000,
             request_body_timeout_ms: 10_000,
             connections_max: 256,
+            web_dir: None,
         }
     }
 }
@@ -483,6 +535,8 @@ impl Default for ServerConfig {
             audit: AuditConfig::default(),
             oidc: None,
             events: crate::events::EventsConfig::default(),
+            fleet: FleetConfig::default(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -687,6 +741,20 @@ impl ServerConfig {
             }
         }
         self.events.validate()?;
+        if !(FLEET_SAMPLE_INTERVAL_MS_MIN..=86_400_000).contains(&self.fleet.sample_interval_ms) {
+            bail!(
+                "fleet.sample_interval_ms must be between {FLEET_SAMPLE_INTERVAL_MS_MIN} and 86400000"
+            );
+        }
+        if self.jobs.batch_len == 0 || self.jobs.batch_len > crate::jobs::BATCH_LEN_MAX {
+            bail!(
+                "jobs.batch_len must be between 1 and {}",
+                crate::jobs::BATCH_LEN_MAX
+            );
+        }
+        if self.jobs.poll_interval_ms == 0 || self.jobs.batch_pause_ms > 60_000 {
+            bail!("jobs.poll_interval_ms must be at least 1 and jobs.batch_pause_ms at most 60000");
+        }
         if self.store.pool_size == 0 {
             bail!("store.pool_size must be at least 1");
         }

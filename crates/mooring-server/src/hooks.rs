@@ -262,6 +262,9 @@ impl Hooks for ServerHooks {
         _client_id: &str,
         msg: &Message,
     ) -> PublishVerdict {
+        if let Some(app) = self.app() {
+            crate::metrics::Counters::inc(&app.counters().mqtt_publishes_received);
+        }
         let Principal::Device { id, .. } = principal else {
             return PublishVerdict::Accept;
         };

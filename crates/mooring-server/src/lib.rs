@@ -20,6 +20,10 @@
 //!   * [`auth`]: API and service tokens.
 //!   * [`oidc`]: OpenID Connect login (authorization code + PKCE, sealed state cookie, ID token
 //!     claims → role and fleet scope), handing the identity to the accounts service.
+//!   * [`fleet`]: fleet statistics: a selection's summary (online, per version), the sampled
+//!     history of devices, online, points and messages per interval.
+//!   * [`jobs`]: background jobs: bulk actions (tag, untag, command, delete) on a selection
+//!     of devices, run once across a cluster with their progress stored per batch.
 //!   * [`events`]: live events (presence, telemetry, commands, shadows) for SSE streams,
 //!     resumable on any node.
 //! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
@@ -45,8 +49,10 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod fleet;
 pub mod hooks;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
 pub mod oidc;
 pub mod pki;

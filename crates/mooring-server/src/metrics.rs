@@ -13,6 +13,8 @@ pub struct Counters {
     pub telemetry_messages: AtomicU64,
     /// Telemetry points stored.
     pub telemetry_points: AtomicU64,
+    /// MQTT PUBLISH packets this node's clients sent that the policy accepted (fleet history).
+    pub mqtt_publishes_received: AtomicU64,
     /// Telemetry messages whose `(device, seq)` was already stored.
     pub telemetry_duplicates: AtomicU64,
     /// Telemetry messages dropped because the payload was invalid.
@@ -203,6 +205,7 @@ pub fn render_metrics(app: &App) -> String {
                 crate::cluster::LEASE_RETENTION,
                 crate::cluster::LEASE_COMPACTION,
                 crate::cluster::LEASE_REAPER,
+                crate::cluster::LEASE_JOBS,
             ]
             .into_iter()
             .map(|l| (l, if held.contains(&l) { 1.0 } else { 0.0 })),
@@ -393,6 +396,11 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_telemetry_points_total",
         "Telemetry points stored",
         load(&c.telemetry_points),
+    )
+    .counter(
+        "mooring_mqtt_publishes_received_total",
+        "MQTT PUBLISH packets received from clients and accepted by the policy",
+        load(&c.mqtt_publishes_received),
     )
     .counter(
         "mooring_telemetry_duplicates_total",

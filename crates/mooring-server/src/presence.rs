@@ -252,6 +252,25 @@ impl Presence {
         Ok(online)
     }
 
+    /// Which devices count as online, for a selection the store evaluates
+    /// ([`mooring_store::DeviceFilter`]): those held here and, in a cluster, those another node
+    /// heard from since `alive_since_ms` holds (what [`Presence::online`] answers per device).
+    pub fn online_filter(&self, alive_since_ms: u64) -> mooring_store::OnlineFilter {
+        let here = self.with(|m| {
+            m.iter()
+                .filter(|(_, e)| e.connections > 0)
+                .map(|(id, _)| id.clone())
+                .collect()
+        });
+        let elsewhere = self.shared.as_ref().map(|shared| {
+            (
+                mooring_proto::sync::lock(shared).node.clone(),
+                alive_since_ms,
+            )
+        });
+        mooring_store::OnlineFilter { here, elsewhere }
+    }
+
     /// Devices with a session on this node.
     pub fn online_count(&self) -> usize {
         self.with(|m| m.values().filter(|e| e.connections > 0).count())

@@ -12,9 +12,9 @@ use crate::app::Core;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::pki::{IssuedCert, Pki};
 use crate::presence::Presence;
-use mooring_proto::selector::{DeviceFacts, Selector};
+use mooring_proto::selector::{DeviceFacts, Selector, Term};
 use mooring_proto::DeviceId;
-use mooring_store::{DeviceRecord, NewDevice};
+use mooring_store::{DeviceFilter, DeviceRecord, NewDevice, OnlineFilter};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -304,74 +304,45 @@ impl Registry {
     }
 
     /// Devices matching `sel`, ordered by id, after `cursor`, at most `limit`; the second value
-    /// is the cursor of the next page (`Some` only when the page is full). Evaluated over the
-    /// store traits: an ids term is looked up directly, anything else scans the registry in
-    /// pages; `version` comes from the shadow's reported `version` key, read straight from the
-    /// shadow store (read only: `Shadows` depends on the registry, so asking it would close a
-    /// cycle; `Shadows` alone writes shadows).
+    /// is the cursor of the next page (`Some` only when the page is full). The store evaluates
+    /// the selector ([`DeviceFilter::from_selector`]: ids, tags and the reported version in
+    /// its query, `online` as the devices presence knows online now), so a page costs one
+    /// query whatever the fleet's size; the store's conformance suite checks it selects exactly
+    /// what [`Selector::matches`] does.
     pub async fn select_devices(
         &self,
         sel: &Selector,
         cursor: Option<&str>,
         limit: usize,
     ) -> ServiceResult<(Vec<DeviceView>, Option<String>)> {
-        let mut out: Vec<DeviceView> = Vec::new();
-        let candidates = sel.id_candidates();
-        let mut after: Option<String> = cursor.map(str::to_owned);
-        loop {
-            let page: Vec<DeviceRecord> = match &candidates {
-                Some(ids) => {
-                    let mut page = Vec::new();
-                    for id in ids
-                        .iter()
-                        .filter(|i| after.as_deref().is_none_or(|a| i.as_str() > a))
-                    {
-                        if let Some(r) = self.core.store.get_device(id.as_str()).await? {
-                            page.push(r);
-                        }
-                    }
-                    page
-                }
-                None => {
-                    self.core
-                        .store
-                        .list_devices(SELECT_SCAN_PAGE_LEN, after.as_deref())
-                        .await?
-                }
-            };
-            let scanned_all = candidates.is_some() || page.len() < SELECT_SCAN_PAGE_LEN;
-            let versions: BTreeMap<DeviceId, String> = if sel.needs_version() && !page.is_empty() {
-                let ids: Vec<String> = page.iter().map(|r| r.id.to_string()).collect();
-                self.core
-                    .store
-                    .get_shadows(&ids)
-                    .await?
-                    .into_iter()
-                    .filter_map(|s| Some((s.device_id.clone(), reported_version(&s)?)))
-                    .collect()
-            } else {
-                BTreeMap::new()
-            };
-            after = page.last().map(|r| r.id.to_string());
-            for view in self.views(page).await? {
-                let facts = DeviceFacts {
-                    id: &view.record.id,
-                    tags: &view.record.tags,
-                    online: view.online,
-                    version: versions.get(&view.record.id).map(String::as_str),
-                };
-                if sel.matches(&facts) {
-                    out.push(view);
-                    if out.len() == limit {
-                        let next = out.last().map(|v| v.record.id.to_string());
-                        return Ok((out, next));
-                    }
-                }
-            }
-            if scanned_all || after.is_none() {
-                return Ok((out, None));
-            }
-        }
+        let filter = self.filter_of(sel);
+        let page = self
+            .core
+            .store
+            .select_devices(&filter, limit, cursor)
+            .await?;
+        let next = if page.len() == limit {
+            page.last().map(|r| r.id.to_string())
+        } else {
+            None
+        };
+        Ok((self.views(page).await?, next))
+    }
+
+    /// The store filter selecting what `sel` matches now.
+    pub(crate) fn filter_of(&self, sel: &Selector) -> DeviceFilter {
+        let online = if sel.terms.iter().any(|t| matches!(t, Term::Online)) {
+            self.online_filter()
+        } else {
+            OnlineFilter::default()
+        };
+        DeviceFilter::from_selector(sel, online)
+    }
+
+    /// Which devices are online now, for the store to intersect with.
+    pub(crate) fn online_filter(&self) -> OnlineFilter {
+        let alive_since_ms = self.core.cluster().map_or(0, |c| c.alive_since_ms());
+        self.presence.online_filter(alive_since_ms)
     }
 
     /// Whether device `id` matches `sel` now, by its cached facts (see [`FACTS_TTL_MS`]); the
@@ -445,18 +416,103 @@ impl Registry {
         validate_tags(&tags)?;
         let _serialized = self.tags_lock.lock().await;
         self.get_device(access, id.as_str()).await?;
+        self.store_tags(access, id, tags).await
+    }
+
+    /// Stores a device's tags (the caller holds the tag lock and has checked it reaches the
+    /// device), then tells the broker and the other nodes.
+    async fn store_tags(
+        &self,
+        access: &Access,
+        id: DeviceId,
+        tags: BTreeMap<String, String>,
+    ) -> ServiceResult<DeviceView> {
         if !access.sees_facts(id.as_str(), &tags) {
             return Err(outside_scope(id.as_str()));
         }
+        self.write_tags(&id, tags.clone()).await?;
+        self.announce_tags(&id, tags);
+        self.get_device(access, id.as_str()).await
+    }
+
+    /// Changes the tags of many devices with `change` (a bulk job's batch: tag, untag): each
+    /// device's tags are read, changed and stored under the tag lock, taken once, so no
+    /// concurrent change is lost; the writes go to the store together, so its group commit
+    /// makes them one transaction; a change that leaves a device's tags as they were stores
+    /// nothing. One result per id, in order.
+    pub async fn update_tags_many(
+        &self,
+        access: &Access,
+        ids: &[DeviceId],
+        change: &(dyn Fn(&mut BTreeMap<String, String>) + Sync),
+    ) -> Vec<ServiceResult<()>> {
+        let _serialized = self.tags_lock.lock().await;
+        let mut results: Vec<ServiceResult<()>> = Vec::with_capacity(ids.len());
+        let mut writes = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let changed = async {
+                let current = self
+                    .core
+                    .store
+                    .get_device(id.as_str())
+                    .await?
+                    .filter(|r| access.sees(r))
+                    .ok_or_else(|| device_not_found(id.as_str()))?;
+                let mut tags = current.tags.clone();
+                change(&mut tags);
+                if tags == current.tags {
+                    return Ok(None);
+                }
+                validate_tags(&tags)?;
+                if !access.sees_facts(id.as_str(), &tags) {
+                    return Err(outside_scope(id.as_str()));
+                }
+                Ok(Some(tags))
+            }
+            .await;
+            match changed {
+                Ok(Some(tags)) => writes.push((i, id, tags)),
+                Ok(None) => {}
+                Err(e) => {
+                    results.push(Err(e));
+                    continue;
+                }
+            }
+            results.push(Ok(()));
+        }
+        let stored = futures::future::join_all(
+            writes
+                .iter()
+                .map(|(_, id, tags)| self.write_tags(id, tags.clone())),
+        )
+        .await;
+        for ((i, id, tags), r) in writes.into_iter().zip(stored) {
+            match r {
+                Ok(()) => self.announce_tags(id, tags),
+                Err(e) => {
+                    if let Some(slot) = results.get_mut(i) {
+                        *slot = Err(e);
+                    }
+                }
+            }
+        }
+        results
+    }
+
+    async fn write_tags(&self, id: &DeviceId, tags: BTreeMap<String, String>) -> ServiceResult<()> {
         self.core
             .store
-            .set_tags(id.as_str(), tags.clone())
+            .set_tags(id.as_str(), tags)
             .await
             .map_err(|e| match e {
                 mooring_store::StoreError::NotFound(_) => device_not_found(id.as_str()),
                 other => other.into(),
-            })?;
-        self.forget_facts(&id);
+            })
+    }
+
+    /// After a tag change is stored: the cached facts, the broker and the other nodes.
+    fn announce_tags(&self, id: &DeviceId, tags: BTreeMap<String, String>) {
+        self.forget_facts(id);
         // Policy follows the data: the device's sessions (live and persisted) are authorized
         // against the new tags from now on, and what they no longer allow is removed.
         if let Some(broker) = self.core.broker() {
@@ -471,7 +527,6 @@ impl Registry {
         if let Some(cluster) = self.core.cluster() {
             cluster.device_changed(id.as_str());
         }
-        self.get_device(access, id.as_str()).await
     }
 
     /// One page of the devices matching a selector (within `access`).
@@ -510,17 +565,10 @@ impl Registry {
     }
 }
 
-/// Devices read per store call while evaluating a selector.
-pub const SELECT_SCAN_PAGE_LEN: usize = 1000;
-
 /// The firmware version a device reports: its shadow's reported `version` key (a string, or a
 /// number written as text).
 pub fn reported_version(s: &mooring_store::ShadowRecord) -> Option<String> {
-    match s.reported.get("version")? {
-        serde_json::Value::String(v) => Some(v.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+    s.reported_version()
 }
 
 /// A selector with no terms: every device.

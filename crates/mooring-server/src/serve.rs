@@ -458,10 +458,15 @@ impl RunningServer {
             app.commands.clone(),
             stop_rx.clone(),
         ));
+        tasks.spawn(crate::jobs::run_jobs(app.jobs.clone(), stop_rx.clone()));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(token_expiry_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(compaction_loop(app.clone(), stop_rx.clone()));
+        tasks.spawn(crate::fleet::run_sampler(
+            app.fleet.clone(),
+            stop_rx.clone(),
+        ));
 
         Ok(RunningServer {
             app,

@@ -72,20 +72,27 @@ impl ClusterParts {
 
 /// A server's configuration in the simulator: its data dir, loopback port 0 for the TCP
 /// listeners (the HTTP API stays usable for inspection; devices do not use them).
-fn config(data_dir: &Path) -> anyhow::Result<ServerConfig> {
-    Ok(ServerConfig {
+fn config(data_dir: &Path, job_batch_pause_ms: u64) -> anyhow::Result<ServerConfig> {
+    let mut config = ServerConfig {
         data_dir: data_dir.to_owned(),
         mqtt_addr: "127.0.0.1:0".parse()?,
         http_addr: "127.0.0.1:0".parse()?,
         ..ServerConfig::default()
-    })
+    };
+    config.jobs.batch_pause_ms = job_batch_pause_ms;
+    Ok(config)
 }
 
 impl InProcessServer {
     /// Starts a server with its data in `data_dir` on `clock`. Devices reach it through
     /// [`crate::device::SimConnector`], not its TCP listeners.
-    pub async fn start(data_dir: &Path, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let config = config(data_dir)?;
+    /// `job_batch_pause_ms`: the scenario's `job_batch_pause`.
+    pub async fn start(
+        data_dir: &Path,
+        clock: Arc<dyn Clock>,
+        job_batch_pause_ms: u64,
+    ) -> anyhow::Result<Self> {
+        let config = config(data_dir, job_batch_pause_ms)?;
         let listeners = Listeners::bind(&config).await?;
         let server = RunningServer::start(config, listeners, clock)
             .await
@@ -105,8 +112,9 @@ impl InProcessServer {
         clock: Arc<dyn Clock>,
         parts: &ClusterParts,
         n: usize,
+        job_batch_pause_ms: u64,
     ) -> anyhow::Result<Self> {
-        let mut config = config(data_dir)?;
+        let mut config = config(data_dir, job_batch_pause_ms)?;
         config.node_id = node_id(n);
         config.cluster.heartbeat_interval_ms = parts.heartbeat_interval_ms;
         config.cluster.node_lease_ms = parts.node_lease_ms;
@@ -138,8 +146,9 @@ impl InProcessServer {
     /// same data dir.
     pub async fn restart(self, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let dir = self.data_dir.clone();
+        let job_batch_pause_ms = self.server.app.config().jobs.batch_pause_ms;
         self.server.shutdown().await;
-        Self::start(&dir, clock).await
+        Self::start(&dir, clock, job_batch_pause_ms).await
     }
 
     pub async fn shutdown(self) {

@@ -96,6 +96,10 @@ pub struct Scenario {
     pub sample_interval: DurationMs,
     #[serde(default)]
     pub server: ServerTarget,
+    /// The server's `[jobs] batch_pause_ms` (virtual time; default none): a pause after each
+    /// batch of a bulk job, so a job spans simulated time and a restart can fall inside it.
+    #[serde(default)]
+    pub job_batch_pause: DurationMs,
     #[serde(rename = "cohort")]
     pub cohorts: Vec<Cohort>,
     #[serde(default, rename = "event")]
@@ -358,6 +362,13 @@ pub enum Action {
         to: String,
         tags: BTreeMap<String, String>,
     },
+    /// A bulk tag job (`POST /api/v1/jobs`, action `tag`) on the devices matching `to`: sets
+    /// `tags`, keeps the others, in the background with its progress stored per batch (a
+    /// restart resumes it).
+    TagJob {
+        to: String,
+        tags: BTreeMap<String, String>,
+    },
     /// Restart the in-process server (stop, then start on the same data dir).
     RestartServer {
         #[serde(default)]
@@ -378,6 +389,7 @@ impl Action {
             Action::CutLink { .. } => "cut_link",
             Action::DeleteDevice { .. } => "delete_device",
             Action::Retag { .. } => "retag",
+            Action::TagJob { .. } => "tag_job",
             Action::RestartServer { .. } => "restart_server",
             Action::KillNode { .. } => "kill_node",
             Action::RestartNode { .. } => "restart_node",
@@ -401,6 +413,9 @@ pub struct Expect {
     pub min_commands_succeeded: Option<u64>,
     /// Most commands that ended `failed` or are still not final.
     pub max_commands_not_succeeded: Option<u64>,
+    /// Most `tag_job` jobs that did not succeed on every device they counted (not finished,
+    /// failed, canceled, a device failed, or `done` differs from `total`) by the end.
+    pub max_jobs_not_succeeded: Option<u64>,
     /// Most MQTT refusals per reason (`mooring_mqtt_refusals_total{reason}` of the server as it
     /// is at the end, i.e. since its last restart), e.g. `{ session_quota = 0, write_stalled = 0 }`:
     /// a well-behaved fleet under faults must never hit a broker bound.
@@ -596,6 +611,20 @@ impl Scenario {
                     mooring_proto::selector::Selector::parse(to).map_err(|err| {
                         anyhow::anyhow!("retag event at {} ms: selector {to:?}: {err}", e.at.0)
                     })?;
+                }
+                Action::TagJob { to, tags } => {
+                    mooring_proto::selector::Selector::parse(to).map_err(|err| {
+                        anyhow::anyhow!("tag_job event at {} ms: selector {to:?}: {err}", e.at.0)
+                    })?;
+                    if tags.is_empty() {
+                        bail!("tag_job event at {} ms: tags is empty", e.at.0);
+                    }
+                    if matches!(self.server, ServerTarget::Remote { .. }) {
+                        bail!(
+                            "tag_job event at {} ms: needs the in-process server or a cluster",
+                            e.at.0
+                        );
+                    }
                 }
                 Action::RestartServer { .. } if self.server.cluster_nodes().is_some() => {
                     bail!(

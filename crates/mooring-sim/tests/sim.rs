@@ -393,6 +393,31 @@ fn broker_bounds_never_refuse_a_well_behaved_fleet_under_faults() -> anyhow::Res
     Ok(())
 }
 
+/// scenarios/bulk-tag-job.toml at 1,000 devices, with batches far enough apart that the
+/// server restart falls between the job's two batches: the job resumes from its cursor after
+/// the restart and ends with every device tagged and counted once.
+#[test]
+fn a_bulk_tag_job_survives_a_server_restart_in_its_middle() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/bulk-tag-job.toml");
+    let mut s = Scenario::load(&path)?.scaled_to(1_000)?;
+    s.job_batch_pause = mooring_sim::scenario::DurationMs(20_000);
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    assert!(
+        r.events
+            .iter()
+            .any(|e| e.contains("is running at 500/1000 devices as the server stops")),
+        "{:#?}",
+        r.events
+    );
+    let job = r.jobs.first().expect("the job");
+    assert_eq!(
+        (job.state.as_str(), job.total, job.done, job.failed),
+        ("succeeded", Some(1_000), 1_000, 0)
+    );
+    Ok(())
+}
+
 /// The HTML report from a real run says what a reader needs first: whether the run passed
 /// (every expectation with what was measured), what each event did in plain words (a link cut
 /// and a server restart with how the devices came back), and charts with an axis in simulated

@@ -18,6 +18,9 @@
 //! * [`AccountStore`]: people (users), their login sessions (by the SHA-256 of the cookie) and
 //!   login-failure counters, atomic across nodes.
 //! * [`AuditStore`]: the append-only audit log of API writes, filtered reads, retention.
+//! * [`FleetStore`]: the fleet's history, one sample per node per interval, summed per interval.
+//! * [`JobStore`]: background jobs (bulk actions on devices) with progress, compare-and-set
+//!   updates and pruning of finished ones.
 //!
 //! [`Store`] is all of them at once (blanket impl); the server holds an `Arc<dyn Store>`.
 //!
@@ -78,16 +81,18 @@ pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_M
 pub use error::{Result, StoreError};
 pub use model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceId, DeviceRecord,
-    MetricValue, NewDevice, Point, Role, SessionOp, SessionRecord, ShadowRecord, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, TS_MS_MAX,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceId,
+    DeviceRecord, FleetSample, FleetTotals, JobError, JobRecord, JobState, MetricValue, NewDevice,
+    OnlineFilter, Point, Role, SessionOp, SessionRecord, ShadowRecord, StoredSession,
+    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
     AccountStore, AuditStore, BrokerStateStore, ClusterStore, CommandStore, DeviceStore,
-    ShadowStore, Store, TelemetryStore, TokenStore, COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
+    FleetStore, JobStore, ShadowStore, Store, TelemetryStore, TokenStore, COMMAND_BATCH_LEN_MAX,
+    SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

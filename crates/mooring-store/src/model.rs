@@ -527,6 +527,16 @@ impl ShadowRecord {
             updated_at_ms: 0,
         }
     }
+
+    /// The firmware version the device reports: reported key `version`, a string as it is or a
+    /// number as its JSON text (what a selector's `version=` term and the fleet summary use).
+    pub fn reported_version(&self) -> Option<String> {
+        match self.reported.get("version")? {
+            serde_json::Value::String(v) => Some(v.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
 }
 
 /// One change to the broker's durable state (see [`crate::BrokerStateStore`]). Values are opaque
@@ -591,4 +601,216 @@ pub enum SessionOp {
     },
     /// `node_id` no longer holds it (ignored if another node took it over meanwhile).
     Close { device_id: String, node_id: String },
+}
+
+/// Conditions on devices the store evaluates itself (what a fleet selector's `id:`, `tag:`,
+/// `version=` and `online` terms become), so a selection never scans the registry in the server.
+/// Every condition given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceFilter {
+    /// The id is one of these (`None`: any id).
+    pub ids: Option<Vec<String>>,
+    /// The device carries each of these tags with exactly this value.
+    pub tags: Vec<(String, String)>,
+    /// The device's shadow reports this firmware version: reported key `version`, a string as
+    /// it is, or a number as its JSON text.
+    pub version: Option<String>,
+    /// The device is online (`None`: either).
+    pub online: Option<OnlineFilter>,
+}
+
+impl DeviceFilter {
+    /// The filter that selects exactly what `sel` matches ([`mooring_proto::selector::Selector::matches`]):
+    /// `online` is how the caller knows presence (used only if `sel` has an `online` term).
+    pub fn from_selector(sel: &mooring_proto::selector::Selector, online: OnlineFilter) -> Self {
+        use mooring_proto::selector::Term;
+        let mut f = DeviceFilter {
+            ids: sel
+                .id_candidates()
+                .map(|ids| ids.iter().map(|i| i.as_str().to_owned()).collect()),
+            ..DeviceFilter::default()
+        };
+        let mut online = Some(online);
+        for t in &sel.terms {
+            match t {
+                Term::Ids(_) => {}
+                Term::Tag { key, value } => f.tags.push((key.clone(), value.clone())),
+                Term::Version(v) => match &f.version {
+                    // Two different versions: no device reports both.
+                    Some(prev) if prev != v => f.ids = Some(Vec::new()),
+                    _ => f.version = Some(v.clone()),
+                },
+                Term::Online => f.online = online.take(),
+            }
+        }
+        f
+    }
+}
+
+/// Which devices count as online: those held by the asking node (it knows them in memory), and
+/// in a cluster those whose session row names another node heard from recently.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OnlineFilter {
+    /// Devices with a session on the asking node.
+    pub here: Vec<String>,
+    /// `(node, alive_since_ms)`: devices whose session row names a node other than `node`
+    /// whose heartbeat is at or after `alive_since_ms` (`None`: a single node, `here` only).
+    pub elsewhere: Option<(String, u64)>,
+}
+
+/// How many of the devices a [`DeviceFilter`] selects report each firmware version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VersionCounts {
+    /// Every device the filter selects.
+    pub total: u64,
+    /// The most common versions (`None`: the device reports none), most devices first, ties by
+    /// version (byte order) with `None` last; at most the limit asked for.
+    pub versions: Vec<(Option<String>, u64)>,
+}
+
+/// One node's counts for one sample interval (fleet history).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSample {
+    pub node_id: String,
+    /// The start of the interval, unix ms (nodes align it to the interval, so the samples of
+    /// several nodes for one interval share it).
+    pub ts_ms: u64,
+    /// Registered devices.
+    pub devices: u64,
+    /// Devices with a session on this node.
+    pub online: u64,
+    /// Telemetry points this node stored during the interval.
+    pub points: u64,
+    /// MQTT PUBLISH packets this node received during the interval.
+    pub messages: u64,
+}
+
+/// The samples of every node for one `ts_ms`: `online`, `points`, `messages` summed, `devices`
+/// the largest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetTotals {
+    pub ts_ms: u64,
+    pub devices: u64,
+    pub online: u64,
+    pub points: u64,
+    pub messages: u64,
+}
+
+/// Where a background job (issue 15: a bulk action on a selection of devices) is in its life.
+/// `succeeded`, `failed` and `canceled` are final and never change again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Canceled,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 5] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Canceled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Canceled => "canceled",
+        }
+    }
+
+    /// `succeeded`, `failed`, `canceled`.
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+impl FromStr for JobState {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<JobState> {
+        JobState::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| StoreError::InvalidInput(format!("unknown job state {s:?}")))
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One device a job could not act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobError {
+    pub device_id: String,
+    pub message: String,
+}
+
+/// A stored background job. The store keeps it as given; the server owns what `action` and
+/// `params` mean.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    /// The server makes ids that sort by creation time (`job_<ms hex><random>`): the store lists
+    /// newest first by id.
+    pub id: String,
+    pub action: String,
+    /// The selector as applied (already narrowed by the creator's scope).
+    pub selector: String,
+    pub params: serde_json::Value,
+    /// The creator's scope when it created the job (`None`: every device).
+    pub scope: Option<String>,
+    pub state: JobState,
+    /// Devices matched, once counted.
+    pub total: Option<u64>,
+    pub done: u64,
+    pub failed: u64,
+    /// The first failures (the server bounds how many it keeps).
+    pub errors: Vec<JobError>,
+    /// Where the walk continues: the last device id handled.
+    pub cursor: Option<String>,
+    /// The fleet command an action `command` created.
+    pub command_id: Option<String>,
+    pub created_by: String,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    /// Revision for compare-and-set: each successful [`crate::JobStore::update_job`] adds one.
+    pub rev: u64,
+}
+
+/// Job errors as stored (a JSON array of `{"device_id", "message"}`), the same on every backend.
+pub(crate) fn job_errors_to_json(errors: &[JobError]) -> String {
+    serde_json::Value::Array(
+        errors
+            .iter()
+            .map(|e| serde_json::json!({"device_id": e.device_id, "message": e.message}))
+            .collect(),
+    )
+    .to_string()
+}
+
+/// The stored errors back; anything unreadable is corrupt.
+pub(crate) fn job_errors_from_json(text: &str) -> Result<Vec<JobError>> {
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| StoreError::Backend(format!("stored job errors: {e}")))?;
+    let items = v
+        .as_array()
+        .ok_or_else(|| StoreError::Backend("stored job errors: not an array".into()))?;
+    Ok(items
+        .iter()
+        .map(|i| JobError {
+            device_id: i["device_id"].as_str().unwrap_or_default().to_owned(),
+            message: i["message"].as_str().unwrap_or_default().to_owned(),
+        })
+        .collect())
 }

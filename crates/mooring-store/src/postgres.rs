@@ -36,6 +36,8 @@ mod broker;
 mod cluster;
 mod commands;
 mod devices;
+mod fleet;
+mod jobs;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -57,6 +59,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0002_telemetry_commands_shadows_broker.sql"),
     include_str!("../migrations/postgres/0003_cluster.sql"),
     include_str!("../migrations/postgres/0004_accounts.sql"),
+    include_str!("../migrations/postgres/0005_fleet_samples.sql"),
+    include_str!("../migrations/postgres/0006_jobs.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

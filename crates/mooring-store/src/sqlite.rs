@@ -38,6 +38,8 @@ mod broker;
 mod cluster;
 mod commands;
 mod devices;
+mod fleet;
+mod jobs;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -64,6 +66,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0005_telemetry_series_chunks.sql"),
     include_str!("../migrations/0006_cluster.sql"),
     include_str!("../migrations/0007_accounts.sql"),
+    include_str!("../migrations/0008_fleet_samples.sql"),
+    include_str!("../migrations/0009_jobs.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

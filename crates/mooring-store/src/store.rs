@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandParentRecord,
-    CommandRecord, CommandState, CreateOutcome, DeviceRecord, MetricValue, NewDevice, Point,
-    SessionOp, SessionRecord, ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord,
-    TokenRecord, UserRecord,
+    CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceRecord, FleetSample,
+    FleetTotals, JobRecord, MetricValue, NewDevice, Point, SessionOp, SessionRecord, ShadowRecord,
+    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -31,6 +31,38 @@ pub trait DeviceStore: Send + Sync + 'static {
     /// Sets `last_seen_ms = max(old, new)` for every pair, in one transaction. Unknown ids are
     /// skipped (the device may have been deleted meanwhile).
     async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()>;
+    /// At most `limit` devices matching `filter` with `id > after_id`, ordered by id (byte
+    /// order): a selection evaluated by the store, never by scanning pages in the caller.
+    async fn select_devices(
+        &self,
+        filter: &DeviceFilter,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> Result<Vec<DeviceRecord>>;
+    /// How many devices match `filter`, and how many of them report each version (the
+    /// `versions_max` most common).
+    async fn count_device_versions(
+        &self,
+        filter: &DeviceFilter,
+        versions_max: usize,
+    ) -> Result<VersionCounts>;
+}
+
+/// The fleet's history: one sample per node per interval (devices, online, points, messages).
+#[async_trait::async_trait]
+pub trait FleetStore: Send + Sync + 'static {
+    /// Stores a node's sample; a second sample of the same node and `ts_ms` replaces the first.
+    async fn record_fleet_sample(&self, sample: FleetSample) -> Result<()>;
+    /// The samples with `from_ms <= ts_ms < to_ms`, summed over nodes per `ts_ms` (`devices`:
+    /// the largest), oldest first; at most `limit`, the newest ones if there are more.
+    async fn fleet_totals(
+        &self,
+        from_ms: u64,
+        to_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<FleetTotals>>;
+    /// Deletes samples with `ts_ms < before_ms`, at most `max_rows`; returns how many.
+    async fn prune_fleet_samples(&self, before_ms: u64, max_rows: usize) -> Result<u64>;
 }
 
 /// API tokens (secrets stored hashed).
@@ -295,6 +327,34 @@ pub trait ClusterStore: Send + Sync + 'static {
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>>;
 }
 
+/// Background jobs (issue 15): bulk actions on a selection of devices, with their progress.
+/// Writes are compare-and-set on the job's `rev`, so a runner and a cancel never overwrite
+/// each other.
+#[async_trait::async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Stores a new job (its `rev` as given). `AlreadyExists` if the id is taken.
+    async fn create_job(&self, job: JobRecord) -> Result<()>;
+    async fn get_job(&self, id: &str) -> Result<Option<JobRecord>>;
+    /// Newest first (by id descending), at most `limit`, with ids below `before_id` if given
+    /// (keyset pagination: pass the last id of a page).
+    async fn list_jobs(&self, limit: usize, before_id: Option<&str>) -> Result<Vec<JobRecord>>;
+    /// Replaces the stored job with `job` if the stored `rev` is still `job.rev`, storing
+    /// `rev + 1` (compare-and-set); `false` if it was not (or the job is gone). This is also
+    /// how a runner claims a queued job: `queued` -> `running` at the `rev` it read.
+    async fn update_job(&self, job: JobRecord) -> Result<bool>;
+    /// Jobs not final (`queued` or `running`), oldest first, at most `limit`.
+    async fn unfinished_jobs(&self, limit: usize) -> Result<Vec<JobRecord>>;
+    /// How many of `created_by`'s jobs are not final.
+    async fn count_unfinished_jobs(&self, created_by: &str) -> Result<u64>;
+    /// Deletes final jobs that finished before `finished_before_ms`, and final jobs beyond
+    /// the newest `keep_max` jobs (by id); never a job that is not final. Returns how many.
+    async fn prune_jobs(&self, finished_before_ms: u64, keep_max: usize) -> Result<u64>;
+    /// Deletes `created_by`'s final jobs beyond its newest `keep_max` jobs (by id); never a
+    /// job that is not final, nor another creator's. Returns how many. (The bound per creator:
+    /// one creator's many jobs never push out the others'.)
+    async fn prune_jobs_of(&self, created_by: &str, keep_max: usize) -> Result<u64>;
+}
+
 /// Everything a Mooring server needs from storage.
 pub trait Store:
     DeviceStore
@@ -306,6 +366,8 @@ pub trait Store:
     + ClusterStore
     + AccountStore
     + AuditStore
+    + FleetStore
+    + JobStore
 {
 }
 
@@ -319,5 +381,7 @@ impl<T> Store for T where
         + ClusterStore
         + AccountStore
         + AuditStore
+        + FleetStore
+        + JobStore
 {
 }

@@ -3,10 +3,10 @@
 
 use crate::credentials::CredentialFiles;
 use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};
-use crate::{CommandCommand, DeviceCommand, TokenCommand, UserCommand};
+use crate::{CommandCommand, DeviceCommand, JobCommand, TokenCommand, UserCommand};
 use anyhow::Context;
 use clap::Args;
-use mooring_api::{AnyCommand, Command, Device, FleetCommand};
+use mooring_api::{AnyCommand, Command, Device, FleetCommand, Job};
 use mooring_proto::selector::{Selector, Term};
 use mooring_proto::DeviceId;
 use std::collections::BTreeMap;
@@ -840,5 +840,256 @@ pub async fn events(api: ApiArgs, args: EventsArgs) -> anyhow::Result<u8> {
         }
         last = stream.last_event_id().map(str::to_owned).or(last);
         tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+    }
+}
+
+/// `mooring fleet summary`.
+pub async fn fleet_summary(
+    args: ApiArgs,
+    selector: Option<String>,
+    output: OutputArgs,
+) -> anyhow::Result<u8> {
+    let params = mooring_api::FleetSummaryParams { selector };
+    let s = call(args.connect()?.fleet_summary(&params).await)?;
+    if output.json() {
+        print_json(&s)?;
+        return Ok(EXIT_OK);
+    }
+    print_fields(&[
+        (
+            "selector",
+            s.selector.clone().unwrap_or_else(|| "(all)".into()),
+        ),
+        ("devices", s.devices.to_string()),
+        ("online", s.online.to_string()),
+    ]);
+    println!();
+    let mut t = Table::new(&["VERSION", "DEVICES"]);
+    for v in &s.versions {
+        t.row(vec![
+            v.version.clone().unwrap_or_else(|| "(none)".into()),
+            v.devices.to_string(),
+        ]);
+    }
+    if s.versions_other > 0 {
+        t.row(vec!["(other)".into(), s.versions_other.to_string()]);
+    }
+    t.print();
+    Ok(EXIT_OK)
+}
+
+/// `mooring fleet history`.
+pub async fn fleet_history(args: ApiArgs, since: &str, output: OutputArgs) -> anyhow::Result<u8> {
+    let window_ms = parse_duration_ms(since)?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let params = mooring_api::FleetHistoryParams {
+        from_ms: Some(now_ms.saturating_sub(window_ms)),
+        to_ms: Some(now_ms.saturating_add(1)),
+    };
+    let h = call(args.connect()?.fleet_history(&params).await)?;
+    if output.json() {
+        print_json(&h)?;
+        return Ok(EXIT_OK);
+    }
+    let step_secs = (h.step_ms as f64 / 1000.0).max(0.001);
+    let mut t = Table::new(&[
+        "TIME", "DEVICES", "ONLINE", "POINTS", "POINTS/S", "MESSAGES",
+    ]);
+    for s in &h.samples {
+        t.row(vec![
+            rfc3339(s.ts_ms),
+            s.devices.to_string(),
+            s.online.to_string(),
+            s.points.to_string(),
+            format!("{:.1}", s.points as f64 / step_secs),
+            s.messages.to_string(),
+        ]);
+    }
+    t.print();
+    Ok(EXIT_OK)
+}
+
+fn job_progress(j: &Job) -> String {
+    let total = j.total.map_or_else(|| "?".to_owned(), |t| t.to_string());
+    format!("{}/{total} done, {} failed", j.done, j.failed)
+}
+
+fn print_job(j: &Job, out: OutputArgs) -> anyhow::Result<()> {
+    if out.json() {
+        return print_json(j);
+    }
+    let mut fields = vec![
+        ("id", j.id.clone()),
+        ("action", j.action.clone()),
+        ("selector", j.selector.clone()),
+        ("params", j.params.to_string()),
+        ("state", j.state.clone()),
+        ("progress", job_progress(j)),
+        (
+            "created",
+            format!("{} by {}", rfc3339(j.created_ms), j.created_by),
+        ),
+    ];
+    if let Some(c) = &j.command_id {
+        fields.push(("command", format!("{c} (mooring command show {c})")));
+    }
+    if let Some(f) = j.finished_ms {
+        fields.push(("finished", rfc3339(f)));
+    }
+    for e in &j.errors {
+        let what = if e.device_id.is_empty() {
+            "job".to_owned()
+        } else {
+            e.device_id.clone()
+        };
+        fields.push(("error", format!("{what}: {}", e.message)));
+    }
+    print_fields(&fields);
+    Ok(())
+}
+
+/// How often `--wait` asks for a job's progress.
+const JOB_POLL_MS: u64 = 500;
+
+/// Polls the job until it finishes, printing its progress to stderr when it changes.
+async fn wait_job(api: &mooring_api::Client, mut job: Job) -> anyhow::Result<Job> {
+    let mut shown = String::new();
+    loop {
+        let line = format!("{} {}: {}", job.id, job.state, job_progress(&job));
+        if line != shown {
+            eprintln!("{line}");
+            shown = line;
+        }
+        if job.is_finished() {
+            return Ok(job);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(JOB_POLL_MS)).await;
+        job = call(api.get_job(&job.id).await)?;
+    }
+}
+
+/// 0 if the job succeeded on every device, else 1.
+fn job_exit(j: &Job) -> u8 {
+    if j.state == "succeeded" && j.failed == 0 {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    }
+}
+
+fn job_id(id: &str) -> anyhow::Result<&str> {
+    if !id.starts_with("job_")
+        || id.len() > 64
+        || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return usage(format!("{id:?} is not a job id (job_...)"));
+    }
+    Ok(id)
+}
+
+pub async fn job(args: ApiArgs, command: JobCommand) -> anyhow::Result<u8> {
+    match command {
+        JobCommand::Create {
+            selector,
+            tags,
+            untag,
+            command,
+            params,
+            ttl_ms,
+            delete,
+            wait,
+            output,
+        } => {
+            Selector::parse(&selector)
+                .map_err(|e| UsageError(format!("invalid --selector: {e}")))?;
+            let mut req = mooring_api::CreateJob {
+                selector,
+                ..Default::default()
+            };
+            if !tags.is_empty() {
+                req.action = "tag".to_owned();
+                req.tags = Some(parse_tags(&tags, "--tag")?);
+            } else if !untag.is_empty() {
+                req.action = "untag".to_owned();
+                req.keys = Some(untag);
+            } else if let Some(name) = command {
+                if !mooring_proto::command::is_valid_command_name(&name) {
+                    return usage(format!("invalid command name {name:?}"));
+                }
+                let params: serde_json::Value = match params {
+                    Some(p) => serde_json::from_str(&p)
+                        .map_err(|e| UsageError(format!("--params is not valid JSON: {e}")))?,
+                    None => serde_json::Value::Object(serde_json::Map::new()),
+                };
+                req.action = "command".to_owned();
+                req.command = Some(mooring_api::JobCommand {
+                    name,
+                    params,
+                    ttl_ms,
+                });
+            } else if delete {
+                req.action = "delete".to_owned();
+            } else {
+                return usage("one of --tag, --untag, --command or --delete is needed");
+            }
+            let api = args.connect()?;
+            let job = call(api.create_job(&req).await)?;
+            if !wait {
+                print_job(&job, output)?;
+                return Ok(EXIT_OK);
+            }
+            let job = wait_job(&api, job).await?;
+            print_job(&job, output)?;
+            Ok(job_exit(&job))
+        }
+        JobCommand::List { output } => {
+            let api = args.connect()?;
+            let page = call(
+                api.list_jobs(&mooring_api::JobListParams {
+                    limit: Some(200),
+                    cursor: None,
+                })
+                .await,
+            )?;
+            if output.json() {
+                print_json(&page)?;
+            } else {
+                let mut t =
+                    Table::new(&["ID", "ACTION", "STATE", "PROGRESS", "SELECTOR", "CREATED"]);
+                for j in &page.jobs {
+                    t.row(vec![
+                        j.id.clone(),
+                        j.action.clone(),
+                        j.state.clone(),
+                        job_progress(j),
+                        j.selector.clone(),
+                        ago(j.created_ms),
+                    ]);
+                }
+                t.print();
+            }
+            Ok(EXIT_OK)
+        }
+        JobCommand::Show { id, wait, output } => {
+            let id = job_id(&id)?;
+            let api = args.connect()?;
+            let job = call(api.get_job(id).await)?;
+            if !wait {
+                print_job(&job, output)?;
+                return Ok(EXIT_OK);
+            }
+            let job = wait_job(&api, job).await?;
+            print_job(&job, output)?;
+            Ok(job_exit(&job))
+        }
+        JobCommand::Cancel { id, output } => {
+            let id = job_id(&id)?;
+            let api = args.connect()?;
+            let job = call(api.cancel_job(id).await)?;
+            print_job(&job, output)?;
+            Ok(EXIT_OK)
+        }
     }
 }

@@ -1,4 +1,5 @@
-//! The `mooring` command: `serve` runs the server; `device`, `command` and `token` talk to its API.
+//! The `mooring` command: `serve` runs the server; `device`, `command`, `job`, `token`, `user`,
+//! `audit` and `events` talk to its API.
 
 mod client;
 mod credentials;
@@ -52,6 +53,15 @@ enum Command {
         #[command(subcommand)]
         command: CommandCommand,
     },
+    /// Bulk actions on a selection of devices (tag, untag, command, delete), run in the
+    /// background as jobs with progress (docs/jobs.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Job {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: JobCommand,
+    },
     /// Follow live events (presence, telemetry, commands, shadows) as JSON lines
     /// (docs/events.md); reconnects and resumes by itself.
     #[command(after_help = EXIT_STATUS_HELP)]
@@ -60,6 +70,15 @@ enum Command {
         api: client::ApiArgs,
         #[command(flatten)]
         args: client::EventsArgs,
+    },
+    /// Fleet statistics: devices, online and firmware versions of a selection; the fleet's
+    /// history (docs/fleet.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Fleet {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: FleetCommand,
     },
     /// Benchmarks against a private Mosquitto on loopback, side by side (docs/benchmarks.md).
     Bench(mooring_bench::BenchArgs),
@@ -152,6 +171,10 @@ struct ServeArgs {
     /// This node's name in /healthz and /metrics [default: the host name].
     #[arg(long, env = "MOORING_NODE_ID")]
     node_id: Option<String>,
+    /// Serve the web dashboard's files from this directory (a checkout's web/) instead of the
+    /// ones built into the binary, to edit them without rebuilding.
+    #[arg(long, env = "MOORING_WEB_DIR")]
+    web_dir: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -202,6 +225,32 @@ enum DeviceCommand {
     Delete {
         /// Device id.
         id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// How many devices a selector matches, how many are online, and their firmware versions.
+    Summary {
+        /// Only devices matching this selector, e.g. 'tag:site=berlin and online' [default: all].
+        #[arg(long)]
+        selector: Option<String>,
+        /// Same as `--output json`.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// The fleet's history: devices, online, telemetry points and MQTT messages per interval.
+    History {
+        /// How far back, e.g. 30m, 24h, 7d (at most 7d).
+        #[arg(long, value_name = "DURATION", default_value = "24h")]
+        since: String,
+        /// Same as `--output json`.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
     },
 }
 
@@ -270,6 +319,69 @@ enum CommandCommand {
         /// Device id.
         device: String,
         /// Command id.
+        id: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobCommand {
+    /// Start a job: one action (exactly one of --tag, --untag, --command, --delete) on every
+    /// device the selector matches, e.g.
+    /// `mooring job create --selector 'tag:site=berlin' --tag fw=2 --wait`.
+    #[command(group(clap::ArgGroup::new("action").required(true).args(["tags", "untag", "command", "delete"])))]
+    Create {
+        /// Which devices, e.g. 'tag:site=berlin and online' or d1,d2,d3 (narrowed by your
+        /// scope).
+        #[arg(long)]
+        selector: String,
+        /// Action tag: set this tag, as key=value (repeatable); other tags are kept.
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// Action untag: remove this tag key (repeatable).
+        #[arg(long = "untag", value_name = "KEY")]
+        untag: Vec<String>,
+        /// Action command: send this command (e.g. reboot) to every matching device, as one
+        /// fleet command.
+        #[arg(long, value_name = "NAME")]
+        command: Option<String>,
+        /// With --command: its parameters as JSON, e.g. '{"delay_secs":5}'.
+        #[arg(long, requires = "command")]
+        params: Option<String>,
+        /// With --command: milliseconds until each device's command expires if it has not run
+        /// [default: the server's].
+        #[arg(long, requires = "command")]
+        ttl_ms: Option<u64>,
+        /// Action delete: delete the matching devices.
+        #[arg(long)]
+        delete: bool,
+        /// Wait until the job finishes, printing its progress; exit 0 only if it succeeded on
+        /// every device.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// List jobs, newest first (at most 200).
+    List {
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Show a job and its progress.
+    Show {
+        /// Job id (`job_...`).
+        id: String,
+        /// Wait until the job finishes, printing its progress; exit 0 only if it succeeded on
+        /// every device.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Cancel a job: it stops at its next batch (what it did so far stays done).
+    Cancel {
+        /// Job id (`job_...`).
         id: String,
         #[command(flatten)]
         output: output::OutputArgs,
@@ -424,8 +536,31 @@ fn run(command: Command) -> ExitCode {
             Command::User { api, command } => client::user(api, command).await,
             Command::Audit { api, args } => client::audit(api, args).await,
             Command::Events { api, args } => client::events(api, args).await,
+            Command::Fleet { api, command } => match command {
+                FleetCommand::Summary {
+                    selector,
+                    json,
+                    mut output,
+                } => {
+                    if json {
+                        output.output = output::Format::Json;
+                    }
+                    client::fleet_summary(api, selector, output).await
+                }
+                FleetCommand::History {
+                    since,
+                    json,
+                    mut output,
+                } => {
+                    if json {
+                        output.output = output::Format::Json;
+                    }
+                    client::fleet_history(api, &since, output).await
+                }
+            },
             Command::Bench(args) => mooring_bench::run(args).await.map(|()| client::EXIT_OK),
             Command::Commands { api, command } => client::command(api, command).await,
+            Command::Job { api, command } => client::job(api, command).await,
             Command::Backup(args) => ops::backup(args).map(|()| client::EXIT_OK),
             Command::Restore(args) => ops::restore(args).map(|()| client::EXIT_OK),
             Command::Completions(args) => ops::completions(args).map(|()| client::EXIT_OK),
@@ -474,6 +609,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(n) = args.node_id {
         config.node_id = n;
+    }
+    if let Some(d) = args.web_dir {
+        config.http.web_dir = Some(d);
     }
     config.validate()?;
     let listeners = mooring_server::Listeners::bind(&config).await?;

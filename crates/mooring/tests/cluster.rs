@@ -107,7 +107,8 @@ impl Env {
                  [store]\nurl = \"{}\"\n\
                  [bus]\nurl = \"{}\"\nprefix = \"{}\"\n\
                  [cluster]\nsecret_key_file = \"{}\"\nheartbeat_interval_ms = 200\nnode_lease_ms = 1000\n\
-                 [commands]\nretry_backoff_initial_ms = 100\nretry_backoff_max_ms = 200\nscheduler_tick_ms = 50\n",
+                 [commands]\nretry_backoff_initial_ms = 100\nretry_backoff_max_ms = 200\nscheduler_tick_ms = 50\n\
+                 [fleet]\nsample_interval_ms = 200\n",
                 self.db_url(),
                 nats_url(),
                 self.prefix,
@@ -161,6 +162,54 @@ impl Drop for Env {
         })
         .join();
     }
+}
+
+/// The fleet's numbers across nodes: a summary on one node counts a device online on another,
+/// and the history sums both nodes' samples (online, points, messages) per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_history_sums_the_samples_of_every_node() {
+    let env = Env::new().await;
+    let (a, b) = (env.start("a"), env.start("b"));
+    let c1 = a.create_device("d1", env.tmp.path());
+    let c2 = a.create_device("d2", env.tmp.path());
+    let mut d1 = MqttDevice::connect(&a, &c1, "d1").await;
+    let mut d2 = MqttDevice::connect(&b, &c2, "d2").await;
+    d1.publish("devices/d1/telemetry", r#"{"seq":1,"t":1}"#)
+        .await;
+    d2.publish("devices/d2/telemetry", r#"{"seq":1,"t":1,"u":2}"#)
+        .await;
+
+    // d2 is held by b; a counts it online through the session rows.
+    let summary = a
+        .wait_for("/api/v1/fleet/summary?selector=online", |v| {
+            v["devices"] == 2
+        })
+        .await;
+    assert_eq!(summary["online"], 2, "{summary}");
+    // One interval with both nodes' samples: online 1 + 1; devices the same count, not summed.
+    let history = a
+        .wait_for("/api/v1/fleet/history", |v| {
+            let samples = v["samples"].as_array().cloned().unwrap_or_default();
+            let points: u64 = samples.iter().filter_map(|s| s["points"].as_u64()).sum();
+            points >= 3 && samples.iter().any(|s| s["online"] == 2)
+        })
+        .await;
+    let samples = history["samples"].as_array().expect("samples");
+    assert!(
+        samples
+            .iter()
+            .filter(|s| s["online"] == 2)
+            .all(|s| s["devices"] == 2),
+        "{history}"
+    );
+    let messages: u64 = samples.iter().filter_map(|s| s["messages"].as_u64()).sum();
+    assert!(messages >= 2, "{history}");
+    // Both nodes answer the same history.
+    let (_, from_b) = b.api("GET", "/api/v1/fleet/history", None).await;
+    assert!(
+        !from_b["samples"].as_array().expect("samples").is_empty(),
+        "{from_b}"
+    );
 }
 
 /// Connects as `id` to `server` and subscribes to its commands.

@@ -1,5 +1,5 @@
 //! The README's walkthrough, run as written: its `sh` blocks from "From a new device to a stored
-//! point" up to "Documentation", in order, in one directory, against a real server. Only what a
+//! point" up to "Documentation" (the dashboard's user included), in order, in one directory, against a real server. Only what a
 //! test must change is changed: the ports (the server listens on port 0), the binaries' paths
 //! (this build's), the agent's state dir (inside the test's directory), `cargo build` lines
 //! (already built) and lines with a `<placeholder>`. So the README cannot rot unnoticed.
@@ -89,8 +89,8 @@ async fn the_readme_walkthrough_works_as_written() {
     let blocks = walkthrough_blocks(&readme);
     assert_eq!(
         blocks.len(),
-        3,
-        "device + API, agent, commands: {blocks:#?}"
+        4,
+        "device + API, agent, commands, dashboard user: {blocks:#?}"
     );
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start(&tmp.path().join("mooring-data"));
@@ -137,4 +137,38 @@ async fn the_readme_walkthrough_works_as_written() {
     );
     assert!(stdout.contains("succeeded"), "{stdout}");
     assert!(stdout.contains(r#""led":"on""#), "{stdout}");
+
+    // 4. The dashboard: a person with a password (typed on stdin), who can then sign in, and
+    // the page itself at `/`.
+    let mut user = bash(&adapt(&blocks[3], &server), tmp.path(), &server)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bash");
+    {
+        use std::io::Write;
+        let mut stdin = user.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"a long enough password\n")
+            .expect("type the password");
+    }
+    let out = user.wait_with_output().expect("bash");
+    assert!(
+        out.status.success(),
+        "block 4 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let login = support::http()
+        .post(format!("{}/api/v1/auth/login", server.url()))
+        .json(
+            &serde_json::json!({"email": "you@example.com", "password": "a long enough password"}),
+        )
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(login.status(), 200);
+    let page = support::get(format!("{}/", server.url())).await;
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.expect("page").contains("<html"));
 }

@@ -1,4 +1,4 @@
-//! The benchmark suites (idle memory, ingest, connect storm, command RTT, fan-out, telemetry storage, retention, cluster): each returns one table; all but telemetry storage and cluster (ours only) drive every target with the same load.
+//! The benchmark suites (idle memory, ingest, connect storm, command RTT, fan-out, telemetry storage, retention, cluster, devices filter): each returns one table; all but telemetry storage and cluster (ours only) drive every target with the same load.
 //!
 //! One file per suite; the QoS 0/1 publishers the ingest and fan-out suites share are in
 //! `publishers.rs`, and the helpers every suite uses are here.
@@ -6,6 +6,7 @@
 mod cluster;
 mod command_rtt;
 mod connect_storm;
+mod devices_filter;
 mod fanout;
 mod idle_memory;
 mod ingest;
@@ -16,6 +17,7 @@ mod telemetry_storage;
 pub use cluster::cluster;
 pub use command_rtt::command_rtt;
 pub use connect_storm::connect_storm;
+pub use devices_filter::devices_filter;
 pub use fanout::{fanout, FANOUT_FILTER};
 pub use idle_memory::idle_memory;
 pub use ingest::ingest;

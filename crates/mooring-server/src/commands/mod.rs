@@ -240,6 +240,11 @@ fn timed_out(r: &CommandRecord) -> bool {
             .is_some_and(|o| o.output.get("reason").and_then(|v| v.as_str()) == Some("timeout"))
 }
 
+/// A new fleet command (parent) id.
+pub fn new_fleet_command_id() -> String {
+    new_id('f')
+}
+
 fn new_id(prefix: char) -> String {
     let bytes: [u8; 16] = rand::random();
     format!("{prefix}{}", hex::encode(bytes))
@@ -347,6 +352,14 @@ impl Commands {
             result: None,
             result_timeout_ms: result_timeout_secs.saturating_mul(1000),
         })
+    }
+
+    /// Checks a command as [`Commands::create_fleet_command`] would (name, params size, TTL,
+    /// attempts), without creating anything: a bulk job checks its command when it is created.
+    pub fn check_command(&self, c: &NewCommand) -> ServiceResult<()> {
+        let probe_device = DeviceId::parse("probe").map_err(ServiceError::internal)?;
+        self.build_command(&probe_device, c, None, self.core.now_ms())
+            .map(|_| ())
     }
 
     /// Creates a command for one device (durably) and asks for its delivery. `true` if it was
@@ -680,6 +693,20 @@ impl Commands {
         selector: &str,
         c: NewCommand,
     ) -> ServiceResult<FleetCommandView> {
+        self.create_fleet_command_as(access, selector, c, new_fleet_command_id())
+            .await
+    }
+
+    /// [`Commands::create_fleet_command`] under a parent id chosen (and recorded) by the caller
+    /// beforehand: a bulk job stores the id first, so after a restart it can tell whether the
+    /// fleet command exists and never creates it twice.
+    pub async fn create_fleet_command_as(
+        &self,
+        access: &Access,
+        selector: &str,
+        c: NewCommand,
+        parent_id: String,
+    ) -> ServiceResult<FleetCommandView> {
         if c.idempotency_key.is_some() {
             return Err(ServiceError::invalid(
                 "invalid_body",
@@ -691,7 +718,6 @@ impl Commands {
         // narrowed selector, which is what was applied.
         let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
         let now_ms = self.core.now_ms();
-        let parent_id = new_id('f');
         // Validate once before touching the fleet.
         let probe_device = DeviceId::parse("probe").map_err(ServiceError::internal)?;
         let probe = self.build_command(&probe_device, &c, Some(&parent_id), now_ms)?;

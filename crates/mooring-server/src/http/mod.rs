@@ -9,7 +9,10 @@ mod accounts;
 mod api;
 mod commands;
 mod events;
+mod fleet;
+mod jobs;
 pub mod routes;
+mod web;
 
 use crate::access::{access_of, role_allows, Access, Permission};
 use crate::accounts::{CSRF_HEADER, SESSION_COOKIE};
@@ -33,6 +36,7 @@ pub use api::ApiDoc;
 pub use events::ConnectionCloser;
 pub use mooring_api::{ErrorBody, ErrorDetail};
 pub use routes::{route_specs, RouteSpec};
+pub use web::CONTENT_SECURITY_POLICY;
 
 /// Largest request body accepted, in bytes.
 pub const REQUEST_BODY_SIZE_BYTES_MAX: usize = 1024 * 1024;
@@ -423,6 +427,26 @@ fn status_code_name(status: StatusCode) -> &'static str {
     }
 }
 
+/// The Content-Security-Policy of every response that is not a dashboard file (API answers,
+/// errors, event streams): nothing in it may load or run anything, nor be framed.
+pub const API_CONTENT_SECURITY_POLICY: &str = "default-src 'none'; frame-ancestors 'none'";
+
+/// Every response (API, errors, dashboard files, refused methods) says `nosniff` and has a
+/// Content-Security-Policy (the dashboard files keep their own), so no answer can be sniffed
+/// as another type or framed by another origin.
+async fn security_headers(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        header::HeaderValue::from_static("nosniff"),
+    );
+    h.entry(header::CONTENT_SECURITY_POLICY)
+        .or_insert(header::HeaderValue::from_static(
+            API_CONTENT_SECURITY_POLICY,
+        ));
+    resp
+}
+
 /// Rewrites every 4xx/5xx response whose body is not JSON (axum's own rejections, layers)
 /// into `{"error":{"code","message"}}`. A 4xx keeps its text as the message; a 5xx's text goes
 /// to the log only, like [`ServiceError::internal`].
@@ -596,7 +620,7 @@ pub fn router(app: Arc<App>) -> Router {
         router = router.route(spec.path, handler.route_layer(check));
     }
     let mut router = router
-        .fallback(not_found)
+        .fallback(web::fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(etags))
         .layer(axum::extract::DefaultBodyLimit::max(
@@ -613,7 +637,9 @@ pub fn router(app: Arc<App>) -> Router {
     if let Some(cors) = cors(&app) {
         router = router.layer(cors);
     }
-    router.with_state(app)
+    router
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(app)
 }
 
 #[cfg(test)]

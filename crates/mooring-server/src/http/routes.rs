@@ -3,7 +3,7 @@
 //! without a declared permission; `tests/access.rs` walks every row × every role against a
 //! running server.
 
-use super::{accounts, api, commands, events};
+use super::{accounts, api, commands, events, fleet, jobs};
 use crate::access::{role_allows, Permission};
 use crate::app::App;
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
@@ -73,6 +73,9 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(put, "/api/v1/devices/{id}/tags", DevicesWrite, "device.tag", commands::put_tags),
         row!(get, "/api/v1/devices/{id}/telemetry", TelemetryRead, "telemetry.query", api::device_telemetry),
         row!(get, "/api/v1/devices/{id}/telemetry/latest", TelemetryRead, "telemetry.latest", api::device_telemetry_latest),
+        // Fleet statistics.
+        row!(get, "/api/v1/fleet/summary", DevicesRead, "fleet.summary", fleet::summary),
+        row!(get, "/api/v1/fleet/history", DevicesRead, "fleet.history", fleet::history),
         // Commands and shadows.
         row!(post, "/api/v1/devices/{id}/commands", CommandsWrite, "command.create", commands::create_command),
         row!(get, "/api/v1/devices/{id}/commands", CommandsRead, "command.list", commands::list_commands),
@@ -82,6 +85,11 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(get, "/api/v1/commands/{id}", CommandsRead, "command.get", commands::get_any_command),
         row!(get, "/api/v1/devices/{id}/shadow", ShadowRead, "shadow.get", commands::get_shadow),
         row!(patch, "/api/v1/devices/{id}/shadow", ShadowWrite, "shadow.update", commands::patch_shadow),
+        // Bulk actions as background jobs (action command also needs commands.write).
+        row!(post, "/api/v1/jobs", DevicesWrite, "job.create", jobs::create_job),
+        row!(get, "/api/v1/jobs", DevicesRead, "job.list", jobs::list_jobs),
+        row!(get, "/api/v1/jobs/{id}", DevicesRead, "job.get", jobs::get_job),
+        row!(post, "/api/v1/jobs/{id}/cancel", DevicesWrite, "job.cancel", jobs::cancel_job),
     ]
 }
 

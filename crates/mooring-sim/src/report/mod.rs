@@ -136,6 +136,27 @@ pub struct Completed {
     pub wall_ms: Option<u64>,
 }
 
+/// A `tag_job` event's job as it was at the end of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JobReport {
+    pub id: String,
+    /// `queued`, `running`, `succeeded`, `failed`, `canceled`, or `unknown` (the server was
+    /// down at the end).
+    pub state: String,
+    pub total: Option<u64>,
+    pub done: u64,
+    pub failed: u64,
+    /// Simulated ms from its start to its end (pauses and restarts included).
+    pub run_ms: Option<u64>,
+}
+
+impl JobReport {
+    /// Succeeded on every device it counted.
+    pub fn succeeded(&self) -> bool {
+        self.state == "succeeded" && self.failed == 0 && self.total == Some(self.done)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub scenario: String,
@@ -173,6 +194,9 @@ pub struct Report {
     /// Commands (device, command) whose handler ran exactly once.
     pub commands_executed_once: u64,
     pub commands_executed_twice: u64,
+    /// The `tag_job` events' jobs at the end.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<JobReport>,
     /// Connections the agents lost or failed to open (their `reconnects_total`).
     pub reconnects: u64,
     /// Connection attempts refused because the device's link was down.

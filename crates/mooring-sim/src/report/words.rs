@@ -201,6 +201,7 @@ fn event_said(e: &TimelineEvent, at: &str) -> String {
             devices(e.devices),
             e.detail
         ),
+        "tag_job" => format!("tag_job {}{at}: set {}", e.target, e.detail),
         other => format!("{other} {}{at}: {}", e.target, devices(e.devices)),
     }
 }

@@ -34,128 +34,175 @@ pub(super) async fn run_events(
             ..TimelineEvent::default()
         };
         let mut watch = None;
-        let outcome =
-            match &e.action {
-                Action::Command {
-                    to,
-                    name,
-                    params,
-                    ttl,
-                } => command(&control, i, to, name, params, *ttl)
-                    .await
-                    .map(|total| {
-                        control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
-                        ev.devices = total;
-                        ev.fleet_command = lock(&control.fleet_commands)
-                            .last()
-                            .map(|(_, id, _)| id.clone());
-                        if let (Some(id), None) = (&ev.fleet_command, &control.remote) {
-                            tokio::spawn(watch_fleet_command(Arc::clone(&control), id.clone()));
-                        }
+        let outcome = match &e.action {
+            Action::Command {
+                to,
+                name,
+                params,
+                ttl,
+            } => command(&control, i, to, name, params, *ttl)
+                .await
+                .map(|total| {
+                    control.log(format!("{at}: command {name} to {to:?}: {total} devices"));
+                    ev.devices = total;
+                    ev.fleet_command = lock(&control.fleet_commands)
+                        .last()
+                        .map(|(_, id, _)| id.clone());
+                    if let (Some(id), None) = (&ev.fleet_command, &control.remote) {
+                        tokio::spawn(watch_fleet_command(Arc::clone(&control), id.clone()));
+                    }
+                }),
+            Action::CutLink { region, duration } => {
+                let until = control.net.clock.elapsed_ms() + duration.0;
+                let mut hit = Vec::new();
+                for d in devices
+                    .iter()
+                    .filter(|d| region.is_empty() || s.cohorts[d.cohort].region == *region)
+                {
+                    d.link.cut(until, &control.net.stats);
+                    d.link.await_reconnect(until);
+                    hit.push(d.index);
+                }
+                control.log(format!(
+                    "{at}: cut_link {} for {}: {} devices",
+                    ev.target,
+                    fmt_ms(duration.0),
+                    hit.len()
+                ));
+                control.fault("cut_link (devices)", hit.len() as u64, 0);
+                ev.devices = hit.len() as u64;
+                ev.until_ms = Some(until);
+                watch = Some((until, hit));
+                Ok(())
+            }
+            Action::DeleteDevice { device } => {
+                let (device, deleted) = match (&control.remote, control.app()) {
+                    (Some(api), _) => {
+                        let id = api.device_id(device);
+                        let r = api.delete_device(&id).await.map_err(|e| format!("{e:#}"));
+                        (id, r)
+                    }
+                    (None, Some(app)) => (
+                        device.clone(),
+                        app.registry
+                            .delete_device(&mooring_server::access::Access::all(), device)
+                            .await
+                            .map_err(|e| e.to_string()),
+                    ),
+                    (None, None) => (device.clone(), Err("the server is down".to_owned())),
+                };
+                ev.target = device.clone();
+                deleted.map(|()| {
+                    control.log(format!("{at}: deleted device {device}"));
+                    lock(&control.deleted).insert(device);
+                    control.fault("delete_device", 1, 0);
+                    ev.devices = 1;
+                })
+            }
+            Action::Retag { to, tags } => {
+                match control.app().filter(|_| control.remote.is_none()) {
+                    None => Err("needs the in-process server, running".to_owned()),
+                    Some(app) => retag(&app, to, tags).await.map(|n| {
+                        control.log(format!("{at}: retag {to:?} -> {tags:?}: {n} devices"));
+                        control.fault("retag", n, 0);
+                        ev.devices = n;
                     }),
-                Action::CutLink { region, duration } => {
-                    let until = control.net.clock.elapsed_ms() + duration.0;
-                    let mut hit = Vec::new();
-                    for d in devices
-                        .iter()
-                        .filter(|d| region.is_empty() || s.cohorts[d.cohort].region == *region)
-                    {
-                        d.link.cut(until, &control.net.stats);
-                        d.link.await_reconnect(until);
-                        hit.push(d.index);
-                    }
-                    control.log(format!(
-                        "{at}: cut_link {} for {}: {} devices",
-                        ev.target,
-                        fmt_ms(duration.0),
-                        hit.len()
-                    ));
-                    control.fault("cut_link (devices)", hit.len() as u64, 0);
-                    ev.devices = hit.len() as u64;
-                    ev.until_ms = Some(until);
-                    watch = Some((until, hit));
-                    Ok(())
                 }
-                Action::DeleteDevice { device } => {
-                    let (device, deleted) = match (&control.remote, control.app()) {
-                        (Some(api), _) => {
-                            let id = api.device_id(device);
-                            let r = api.delete_device(&id).await.map_err(|e| format!("{e:#}"));
-                            (id, r)
-                        }
-                        (None, Some(app)) => (
-                            device.clone(),
-                            app.registry
-                                .delete_device(&mooring_server::access::Access::all(), device)
-                                .await
-                                .map_err(|e| e.to_string()),
-                        ),
-                        (None, None) => (device.clone(), Err("the server is down".to_owned())),
-                    };
-                    ev.target = device.clone();
-                    deleted.map(|()| {
-                        control.log(format!("{at}: deleted device {device}"));
-                        lock(&control.deleted).insert(device);
-                        control.fault("delete_device", 1, 0);
-                        ev.devices = 1;
+            }
+            Action::TagJob { to, tags } => match control.app() {
+                None => Err("needs a running server".to_owned()),
+                // Created as a real principal (an operator token), as the API would: the
+                // runner re-checks the creator before every batch.
+                Some(app) => match app
+                    .tokens
+                    .create(mooring_server::auth::NewToken {
+                        name: "sim-jobs".to_owned(),
+                        role: mooring_store::Role::Operator,
+                        scope: None,
+                        expires_in_ms: None,
                     })
-                }
-                Action::Retag { to, tags } => {
-                    match control.app().filter(|_| control.remote.is_none()) {
-                        None => Err("needs the in-process server, running".to_owned()),
-                        Some(app) => retag(&app, to, tags).await.map(|n| {
-                            control.log(format!("{at}: retag {to:?} -> {tags:?}: {n} devices"));
-                            control.fault("retag", n, 0);
-                            ev.devices = n;
-                        }),
-                    }
-                }
-                Action::RestartServer { .. } if control.remote.is_some() => Err(
-                    "needs the in-process server (remote mode cannot restart a server)".to_owned(),
-                ),
-                Action::RestartServer { downtime } => {
-                    let old = control
-                        .servers
-                        .lock()
+                    .await
+                {
+                    Err(e) => Err(e.to_string()),
+                    Ok((token, _secret)) => app
+                        .jobs
+                        .create(
+                            &mooring_server::access::Access::all(),
+                            &mooring_server::jobs::Creator {
+                                name: token.id,
+                                may_send_commands: true,
+                            },
+                            to,
+                            mooring_server::jobs::JobAction::Tag(tags.clone()),
+                        )
                         .await
-                        .first_mut()
-                        .and_then(Option::take);
-                    control.net.set_broker(None);
-                    control.set_app(0, None);
-                    if let Some(old) = old {
-                        old.shutdown().await;
-                    }
-                    tokio::time::sleep(downtime.as_std()).await;
-                    match control.start_server(0).await {
-                        Ok(new) => {
-                            control.put_server(0, &new);
-                            if let Some(slot) = control.servers.lock().await.first_mut() {
-                                *slot = Some(new);
-                            }
-                            control.log(format!(
-                                "{at}: server restarted after {} down",
-                                fmt_ms(downtime.0)
-                            ));
-                            control.fault("server_restart", 1, 1);
-                            let back = control.net.clock.elapsed_ms();
-                            let deleted = lock(&control.deleted).clone();
-                            let expected: Vec<usize> = devices
-                                .iter()
-                                .filter(|d| !deleted.contains(d.id.as_str()))
-                                .map(|d| {
-                                    d.link.await_reconnect(back);
-                                    d.index
-                                })
-                                .collect();
-                            ev.devices = expected.len() as u64;
-                            ev.until_ms = Some(back);
-                            watch = Some((back, expected));
-                            Ok(())
-                        }
-                        Err(err) => Err(format!("{err:#}")),
+                        .map(|job| {
+                            control
+                                .log(format!("{at}: tag_job {to:?} -> {tags:?}: job {}", job.id));
+                            ev.detail = format!("{} ({})", ev.detail, job.id);
+                            lock(&control.jobs).push(job.id);
+                        })
+                        .map_err(|e| e.to_string()),
+                },
+            },
+            Action::RestartServer { .. } if control.remote.is_some() => {
+                Err("needs the in-process server (remote mode cannot restart a server)".to_owned())
+            }
+            Action::RestartServer { downtime } => {
+                for j in control.job_reports().await {
+                    if j.state == "running" || j.state == "queued" {
+                        control.log(format!(
+                            "{at}: job {} is {} at {}/{} devices as the server stops",
+                            j.id,
+                            j.state,
+                            j.done,
+                            j.total.map_or_else(|| "?".to_owned(), |t| t.to_string())
+                        ));
                     }
                 }
-                Action::KillNode { node } => kill_node(&control, &devices, *node, e.at.0)
+                let old = control
+                    .servers
+                    .lock()
+                    .await
+                    .first_mut()
+                    .and_then(Option::take);
+                control.net.set_broker(None);
+                control.set_app(0, None);
+                if let Some(old) = old {
+                    old.shutdown().await;
+                }
+                tokio::time::sleep(downtime.as_std()).await;
+                match control.start_server(0).await {
+                    Ok(new) => {
+                        control.put_server(0, &new);
+                        if let Some(slot) = control.servers.lock().await.first_mut() {
+                            *slot = Some(new);
+                        }
+                        control.log(format!(
+                            "{at}: server restarted after {} down",
+                            fmt_ms(downtime.0)
+                        ));
+                        control.fault("server_restart", 1, 1);
+                        let back = control.net.clock.elapsed_ms();
+                        let deleted = lock(&control.deleted).clone();
+                        let expected: Vec<usize> = devices
+                            .iter()
+                            .filter(|d| !deleted.contains(d.id.as_str()))
+                            .map(|d| {
+                                d.link.await_reconnect(back);
+                                d.index
+                            })
+                            .collect();
+                        ev.devices = expected.len() as u64;
+                        ev.until_ms = Some(back);
+                        watch = Some((back, expected));
+                        Ok(())
+                    }
+                    Err(err) => Err(format!("{err:#}")),
+                }
+            }
+            Action::KillNode { node } => {
+                kill_node(&control, &devices, *node, e.at.0)
                     .await
                     .map(|(hit, since)| {
                         control.log(format!(
@@ -165,11 +212,12 @@ pub(super) async fn run_events(
                         ));
                         ev.devices = hit.len() as u64;
                         watch = Some((since, hit));
-                    }),
-                Action::RestartNode { node } => restart_node(&control, *node).await.map(|()| {
-                    control.log(format!("{at}: {} started again", ev.target));
-                }),
-            };
+                    })
+            }
+            Action::RestartNode { node } => restart_node(&control, *node).await.map(|()| {
+                control.log(format!("{at}: {} started again", ev.target));
+            }),
+        };
         let server_lost = matches!(e.action, Action::RestartServer { .. })
             && outcome.is_err()
             && control.remote.is_none();
@@ -263,7 +311,7 @@ fn describe(action: &Action) -> (String, String) {
         }
         Action::CutLink { region, .. } => (format!("region {region}"), String::new()),
         Action::DeleteDevice { device } => (device.clone(), String::new()),
-        Action::Retag { to, tags } => (
+        Action::Retag { to, tags } | Action::TagJob { to, tags } => (
             to.clone(),
             tags.iter()
                 .map(|(k, v)| format!("{k}={v}"))

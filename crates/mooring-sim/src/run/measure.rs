@@ -186,6 +186,11 @@ pub(super) fn check_expectations(
             .saturating_sub(r.commands_deleted)
             .saturating_sub(r.commands_succeeded),
     );
+    at_most(
+        "max_jobs_not_succeeded",
+        e.max_jobs_not_succeeded,
+        r.jobs.iter().filter(|j| !j.succeeded()).count() as u64,
+    );
     let mut at_least = |name: &str, want: Option<u64>, got: u64| {
         if let Some(w) = want {
             out.push(ExpectationResult {

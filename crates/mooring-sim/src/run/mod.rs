@@ -80,6 +80,10 @@ struct Control {
     watchers: Mutex<JoinSet<()>>,
     /// (event index, fleet command id, devices targeted).
     fleet_commands: Mutex<Vec<(usize, String, u64)>>,
+    /// The `tag_job` events' job ids, in the order created.
+    jobs: Mutex<Vec<String>>,
+    /// The scenario's `job_batch_pause`, for every server start.
+    job_batch_pause_ms: u64,
     /// In-process: fleet command id -> wall ms from its creation until every device command
     /// was final (watched by polling its counts every simulated 100 ms).
     fleet_done_wall_ms: Mutex<HashMap<String, u64>>,
@@ -122,10 +126,13 @@ async fn start_server(
     clock: Arc<dyn Clock>,
     cluster: Option<&ClusterParts>,
     slot: usize,
+    job_batch_pause_ms: u64,
 ) -> anyhow::Result<InProcessServer> {
     match cluster {
-        Some(parts) => InProcessServer::start_node(data_dir, clock, parts, slot + 1).await,
-        None => InProcessServer::start(data_dir, clock).await,
+        Some(parts) => {
+            InProcessServer::start_node(data_dir, clock, parts, slot + 1, job_batch_pause_ms).await
+        }
+        None => InProcessServer::start(data_dir, clock, job_batch_pause_ms).await,
     }
 }
 
@@ -162,8 +169,45 @@ impl Control {
             self.server_clock.clone(),
             self.cluster.as_ref(),
             slot,
+            self.job_batch_pause_ms,
         )
         .await
+    }
+
+    /// The `tag_job` events' jobs as they are now (`unknown` if no server is up).
+    async fn job_reports(&self) -> Vec<crate::report::JobReport> {
+        let ids = lock(&self.jobs).clone();
+        let app = self.app();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let job = match &app {
+                Some(app) => app
+                    .jobs
+                    .get(&mooring_server::access::Access::all(), &id)
+                    .await
+                    .ok(),
+                None => None,
+            };
+            out.push(match job {
+                Some(j) => crate::report::JobReport {
+                    id,
+                    state: j.state.as_str().to_owned(),
+                    total: j.total,
+                    done: j.done,
+                    failed: j.failed,
+                    run_ms: j
+                        .finished_ms
+                        .zip(j.started_ms)
+                        .map(|(f, s)| f.saturating_sub(s)),
+                },
+                None => crate::report::JobReport {
+                    id,
+                    state: "unknown".to_owned(),
+                    ..Default::default()
+                },
+            });
+        }
+        out
     }
 
     /// Devices with a session (cluster mode: summed over the live nodes).
@@ -332,8 +376,14 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     let mut servers: Vec<Option<InProcessServer>> = Vec::new();
     if remote.is_none() {
         for slot in 0..slots {
-            let server =
-                start_server(data_dir, server_clock.clone(), cluster.as_ref(), slot).await?;
+            let server = start_server(
+                data_dir,
+                server_clock.clone(),
+                cluster.as_ref(),
+                slot,
+                s.job_batch_pause.0,
+            )
+            .await?;
             servers.push(Some(server));
         }
     }
@@ -412,6 +462,8 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         lease_moves: Mutex::new(BTreeMap::new()),
         watchers: Mutex::new(JoinSet::new()),
         fleet_commands: Mutex::new(Vec::new()),
+        jobs: Mutex::new(Vec::new()),
+        job_batch_pause_ms: s.job_batch_pause.0,
         fleet_done_wall_ms: Mutex::new(HashMap::new()),
         event_log: Mutex::new(Vec::new()),
         event_errors: Mutex::new(Vec::new()),
@@ -489,6 +541,18 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
             .collect();
         control.cluster_online(&ids).await?
     };
+    let jobs = control.job_reports().await;
+    for j in &jobs {
+        control.log(format!(
+            "job {}: {} at the end, {}/{} devices done, {} failed, ran {}",
+            j.id,
+            j.state,
+            j.done,
+            j.total.map_or_else(|| "?".to_owned(), |t| t.to_string()),
+            j.failed,
+            j.run_ms.map_or_else(|| "-".to_owned(), events::fmt_ms),
+        ));
+    }
     let rss_end = rss_bytes("VmRSS:");
     let rss_peak = rss_bytes("VmHWM:");
     let st = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
@@ -706,6 +770,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         commands_not_final_examples: not_final_examples,
         commands_executed_once: executed_once,
         commands_executed_twice: executed_twice,
+        jobs,
         reconnects,
         connects_refused_link_down: st(&stats.connects_refused_link_down),
         online_at_end,

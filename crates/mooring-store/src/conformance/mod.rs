@@ -16,7 +16,7 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
@@ -25,6 +25,8 @@ mod broker_state;
 mod cluster;
 mod commands;
 mod devices;
+mod fleet;
+mod jobs;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -36,6 +38,8 @@ pub use broker_state::*;
 pub use cluster::*;
 pub use commands::*;
 pub use devices::*;
+pub use fleet::*;
+pub use jobs::*;
 pub use shadows::*;
 pub use telemetry::*;
 pub use tokens::*;
@@ -60,6 +64,12 @@ macro_rules! conformance_tests {
         $crate::conformance_cluster_tests!($factory);
         $crate::conformance_account_audit_tests!($factory);
         $crate::conformance_tests!(@by_ref $factory;
+            job_create_get_round_trips,
+            job_update_is_compare_and_set_on_rev,
+            job_list_is_newest_first_with_cursor,
+            job_unfinished_list_and_count_per_creator,
+            job_prune_keeps_unfinished_and_the_newest,
+            job_prune_of_one_creator_leaves_the_others,
             device_delete_removes_device_telemetry_latest_and_dedupe_keys,
             telemetry_append_then_query_round_trips,
             telemetry_duplicate_seq_in_one_batch_is_stored_once,
@@ -89,6 +99,8 @@ macro_rules! conformance_tests {
             broker_state_ops_apply_in_order_and_load_back,
             broker_state_delete_session_takes_its_messages,
             broker_state_loads_one_session_by_key,
+            fleet_samples_sum_per_interval_and_prune_in_chunks,
+            device_selection_matches_selector_semantics,
         );
         $crate::conformance_tests!(@by_arc $factory;
             writer_group_commits_concurrent_appends_and_reports_duplicates,

@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 
 use super::{column, count_to_sql, device_id_column, pg_error, ts_to_sql, u64_column, PgStore};
 use crate::error::{Result, StoreError};
-use crate::model::{DeviceRecord, NewDevice};
+use crate::model::{DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
 use crate::store::DeviceStore;
 
 const DEVICE_COLUMNS: &str =
@@ -123,6 +123,47 @@ impl DeviceStore for PgStore {
             return Err(StoreError::NotFound(format!("device {id}")));
         }
         Ok(())
+    }
+
+    async fn select_devices(
+        &self,
+        filter: &DeviceFilter,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> Result<Vec<DeviceRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (cond, mut params) = super::fleet::filter_sql(filter, 1);
+        params.push(Box::new(
+            super::nul_free_cursor(after_id.unwrap_or("")).to_owned(),
+        ));
+        let after = format!("${}", params.len());
+        params.push(Box::new(count_to_sql(limit)));
+        let lim = format!("${}", params.len());
+        let columns = DEVICE_COLUMNS
+            .split(", ")
+            .map(|c| format!("d.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let from = if filter.version.is_some() {
+            super::fleet::FROM_SQL
+        } else {
+            "devices d"
+        };
+        let sql = format!(
+            "SELECT {columns} FROM {from} WHERE {cond} AND d.id > {after} ORDER BY d.id LIMIT {lim}"
+        );
+        let rows = self.query(&sql, &super::fleet::refs(&params)).await?;
+        rows.iter().map(device_from_row).collect()
+    }
+
+    async fn count_device_versions(
+        &self,
+        filter: &DeviceFilter,
+        versions_max: usize,
+    ) -> Result<VersionCounts> {
+        super::fleet::count_device_versions(self, filter, versions_max).await
     }
 
     async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()> {

@@ -11,7 +11,7 @@ use super::{
     SqliteStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{DeviceRecord, NewDevice};
+use crate::model::{DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
 use crate::store::DeviceStore;
 
 const DEVICE_COLUMNS: &str =
@@ -39,6 +39,29 @@ fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
     })
 }
 
+/// The `device_tags` rows of a device (what selections look tags up in), replacing its old
+/// ones when `replace`; in the caller's transaction, with the `devices.tags` write.
+fn write_tags(
+    conn: &rusqlite::Connection,
+    id: &str,
+    tags: &BTreeMap<String, String>,
+    replace: bool,
+) -> Result<()> {
+    if replace {
+        conn.prepare_cached("DELETE FROM device_tags WHERE device_id = ?1")
+            .db()?
+            .execute(params![id])
+            .db()?;
+    }
+    let mut insert = conn
+        .prepare_cached("INSERT INTO device_tags (device_id, key, value) VALUES (?1, ?2, ?3)")
+        .db()?;
+    for (k, v) in tags {
+        insert.execute(params![id, k, v]).db()?;
+    }
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl DeviceStore for SqliteStore {
     async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
@@ -54,7 +77,10 @@ impl DeviceStore for SqliteStore {
                 params![record.id.as_str(), tags, created_at_ms, record.cert_sha256, record.cert_serial, not_after_ms],
             );
             match inserted {
-                Ok(_) => Ok(record),
+                Ok(_) => {
+                    write_tags(conn, record.id.as_str(), &record.tags, false)?;
+                    Ok(record)
+                }
                 Err(e) if is_constraint_violation(&e) => {
                     Err(StoreError::AlreadyExists(format!("device {}", record.id)))
                 }
@@ -143,20 +169,61 @@ impl DeviceStore for SqliteStore {
 
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<()> {
         let id = id.to_owned();
-        let tags = tags_to_sql(&tags)?;
+        let tags_json = tags_to_sql(&tags)?;
         self.write(move |conn| {
             let updated = conn
                 .execute(
                     "UPDATE devices SET tags = ?2 WHERE id = ?1",
-                    params![id, tags],
+                    params![id, tags_json],
                 )
                 .db()?;
             if updated == 0 {
                 return Err(StoreError::NotFound(format!("device {id}")));
             }
+            write_tags(conn, &id, &tags, true)?;
             Ok(())
         })
         .await
+    }
+
+    async fn select_devices(
+        &self,
+        filter: &DeviceFilter,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> Result<Vec<DeviceRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (cond, mut params) = super::fleet::filter_sql(filter)?;
+        params.push(rusqlite::types::Value::Text(
+            after_id.unwrap_or("").to_owned(),
+        ));
+        params.push(rusqlite::types::Value::Integer(count_to_sql(limit)));
+        let columns = DEVICE_COLUMNS
+            .split(", ")
+            .map(|c| format!("d.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT {columns} FROM devices d WHERE {cond} AND d.id > ? ORDER BY d.id LIMIT ?"
+        );
+        self.read(move |conn| {
+            let mut stmt = conn.prepare_cached(&sql).db()?;
+            let rows = stmt
+                .query_map(rusqlite::params_from_iter(params), device_from_row)
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
+        })
+        .await
+    }
+
+    async fn count_device_versions(
+        &self,
+        filter: &DeviceFilter,
+        versions_max: usize,
+    ) -> Result<VersionCounts> {
+        super::fleet::count_device_versions(self, filter, versions_max).await
     }
 
     async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()> {

@@ -30,7 +30,8 @@ pub async fn get(url: String) -> reqwest::Response {
 fn serve_env(cmd: &mut Command) {
     cmd.env("RUST_LOG", "info")
         .env_remove("MOORING_TOKEN")
-        .env_remove("MOORING_DATA_DIR");
+        .env_remove("MOORING_DATA_DIR")
+        .env_remove("MOORING_WEB_DIR");
 }
 
 pub struct Server {

@@ -1,0 +1,845 @@
+//! Background jobs (issue 15): one bulk action (tag, untag, command, delete) on the devices a
+//! selector matches, run by one runner per cluster with its progress stored as it goes.
+//!
+//! `POST /api/v1/jobs` validates the action and selector, narrows the selector by the creator's
+//! scope, bounds the creator's unfinished jobs ([`JOBS_UNFINISHED_PER_CREATOR_MAX`]) and stores
+//! the job `queued`. The runner ([`run_jobs`], under the lease `jobs.runner`, so once across a
+//! cluster) takes unfinished jobs oldest first: it counts the matching devices (`total`), then
+//! walks them in id order in batches of `[jobs] batch_len` (≤ [`BATCH_LEN_MAX`]), acting on each
+//! device through the registry with the creator's scope (so a scoped creator's job cannot tag a
+//! device out of its scope), and stores `done`, `failed`, the first errors and the cursor (the
+//! last id handled) after each batch with compare-and-set on the job's `rev`.
+//!
+//! Invariants: a job's stored progress only moves forward; after a restart (or a lease
+//! hand-over) the walk continues after the stored cursor, so at most the one batch in flight is
+//! applied again, and every per-device action is idempotent (tag and untag leave a device as
+//! they found it the second time, delete skips what is gone). Action `command` creates one fleet
+//! command whose id the job stores *before* creating it, so it is never created twice. A cancel
+//! is a compare-and-set to `canceled`: the runner's next progress write fails and it stops.
+//!
+//! Adding an action is one [`JobAction`] variant: its name, parameters, permission and what it
+//! does to one device (or to the whole selection, as `command` does).
+
+use crate::access::{access_of, role_allows, Access, Permission};
+use crate::app::Core;
+use crate::commands::{Commands, NewCommand};
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::registry::{validate_tags, Registry};
+use mooring_proto::selector::Selector;
+use mooring_proto::DeviceId;
+use mooring_store::{JobError, JobRecord, JobState};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{watch, Mutex, Notify};
+
+/// Most devices one batch handles (and the default `[jobs] batch_len`).
+pub const BATCH_LEN_MAX: usize = 500;
+/// Jobs one creator may have queued or running at once; more is `429 too_many_jobs`.
+pub const JOBS_UNFINISHED_PER_CREATOR_MAX: u64 = 10;
+/// Failures a job keeps the details of (the count goes on).
+pub const JOB_ERRORS_MAX: usize = 20;
+/// Finished jobs kept at most; older ones are pruned.
+pub const JOBS_KEPT_MAX: usize = 1_000;
+/// Jobs one creator keeps at most (its newest; unfinished ones are never pruned): older
+/// finished ones go when it creates another.
+pub const JOBS_KEPT_PER_CREATOR_MAX: usize = 100;
+/// Finished jobs are pruned this long after they finished.
+pub const JOBS_KEPT_MS: u64 = 30 * 86_400_000;
+/// Page size of `GET /api/v1/jobs`.
+pub const JOB_PAGE_LEN_DEFAULT: usize = 50;
+pub const JOB_PAGE_LEN_MAX: usize = 200;
+/// Keys one untag job removes at most; tags one tag job sets at most (as a device holds).
+pub const UNTAG_KEYS_MAX: usize = 64;
+/// Unfinished jobs one runner pass reads.
+const RUNNER_JOBS_PER_PASS: usize = 16;
+/// How often finished jobs are pruned.
+const PRUNE_INTERVAL_MS: u64 = 60_000;
+
+/// What a job does. The stored form is [`JobAction::name`] plus [`JobAction::params`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum JobAction {
+    /// Set these tags (others kept).
+    Tag(BTreeMap<String, String>),
+    /// Remove these tag keys.
+    Untag(Vec<String>),
+    /// One fleet command to the selection.
+    Command(JobCommand),
+    /// Delete the devices.
+    Delete,
+}
+
+/// The command of an action `command`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobCommand {
+    pub name: String,
+    pub params: serde_json::Value,
+    pub ttl_ms: Option<u64>,
+}
+
+impl JobAction {
+    pub const NAMES: [&'static str; 4] = ["tag", "untag", "command", "delete"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobAction::Tag(_) => "tag",
+            JobAction::Untag(_) => "untag",
+            JobAction::Command(_) => "command",
+            JobAction::Delete => "delete",
+        }
+    }
+
+    /// The permission the creator needs beyond the route's `devices.write`.
+    pub fn extra_permission(&self) -> Option<Permission> {
+        match self {
+            JobAction::Command(_) => Some(Permission::CommandsWrite),
+            JobAction::Tag(_) | JobAction::Untag(_) | JobAction::Delete => None,
+        }
+    }
+
+    /// The parameters as stored and shown (`{"tags": ..}`, `{"keys": ..}`, `{"command": ..}`).
+    pub fn params(&self) -> serde_json::Value {
+        match self {
+            JobAction::Tag(tags) => json!({ "tags": tags }),
+            JobAction::Untag(keys) => json!({ "keys": keys }),
+            JobAction::Command(c) => {
+                let mut cmd = json!({"name": c.name, "params": c.params});
+                if let Some(t) = c.ttl_ms {
+                    cmd["ttl_ms"] = json!(t);
+                }
+                json!({ "command": cmd })
+            }
+            JobAction::Delete => json!({}),
+        }
+    }
+
+    /// Builds and validates an action from a request: `action` names it, and exactly the
+    /// parameter it takes is given.
+    pub fn from_request(
+        action: &str,
+        tags: Option<BTreeMap<String, String>>,
+        keys: Option<Vec<String>>,
+        command: Option<JobCommand>,
+    ) -> ServiceResult<JobAction> {
+        let given: Vec<&str> = [
+            tags.is_some().then_some("tags"),
+            keys.is_some().then_some("keys"),
+            command.is_some().then_some("command"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let wants: Option<&str> = match action {
+            "tag" => Some("tags"),
+            "untag" => Some("keys"),
+            "command" => Some("command"),
+            "delete" => None,
+            other => {
+                return Err(ServiceError::invalid(
+                    "invalid_action",
+                    format!(
+                        "action {other:?} is not one of {}",
+                        JobAction::NAMES.join(", ")
+                    ),
+                ))
+            }
+        };
+        if given.iter().any(|g| Some(*g) != wants) || (wants.is_some() && given.is_empty()) {
+            return Err(ServiceError::invalid(
+                "invalid_params",
+                match wants {
+                    Some(w) => format!("action {action} takes {w:?} (and nothing else)"),
+                    None => format!("action {action} takes no tags, keys or command"),
+                },
+            ));
+        }
+        let a = match (action, tags, keys, command) {
+            ("tag", Some(t), _, _) => JobAction::Tag(t),
+            ("untag", _, Some(k), _) => JobAction::Untag(k),
+            ("command", _, _, Some(c)) => JobAction::Command(c),
+            _ => JobAction::Delete,
+        };
+        a.validate()?;
+        Ok(a)
+    }
+
+    fn validate(&self) -> ServiceResult<()> {
+        match self {
+            JobAction::Tag(tags) => {
+                if tags.is_empty() {
+                    return Err(ServiceError::invalid("invalid_tags", "tags is empty"));
+                }
+                validate_tags(tags)
+            }
+            JobAction::Untag(keys) => {
+                if keys.is_empty() || keys.len() > UNTAG_KEYS_MAX {
+                    return Err(ServiceError::invalid(
+                        "invalid_keys",
+                        format!("keys must name 1 to {UNTAG_KEYS_MAX} tag keys"),
+                    ));
+                }
+                let as_tags: BTreeMap<String, String> =
+                    keys.iter().map(|k| (k.clone(), "x".to_owned())).collect();
+                validate_tags(&as_tags)
+                    .map_err(|e| ServiceError::invalid("invalid_keys", e.message))
+            }
+            JobAction::Command(c) => {
+                if c.ttl_ms.is_some_and(|t| t == 0) {
+                    return Err(ServiceError::invalid(
+                        "invalid_ttl",
+                        "command.ttl_ms must be at least 1",
+                    ));
+                }
+                Ok(())
+            }
+            JobAction::Delete => Ok(()),
+        }
+    }
+
+    /// The action of a stored job.
+    fn from_stored(name: &str, params: &serde_json::Value) -> Result<JobAction, String> {
+        let a = match name {
+            "tag" => JobAction::Tag(
+                serde_json::from_value(params["tags"].clone()).map_err(|e| e.to_string())?,
+            ),
+            "untag" => JobAction::Untag(
+                serde_json::from_value(params["keys"].clone()).map_err(|e| e.to_string())?,
+            ),
+            "command" => {
+                let c = &params["command"];
+                JobAction::Command(JobCommand {
+                    name: c["name"].as_str().ok_or("no command name")?.to_owned(),
+                    params: c["params"].clone(),
+                    ttl_ms: c["ttl_ms"].as_u64(),
+                })
+            }
+            "delete" => JobAction::Delete,
+            other => return Err(format!("unknown action {other:?}")),
+        };
+        Ok(a)
+    }
+}
+
+impl JobCommand {
+    fn new_command(&self) -> NewCommand {
+        NewCommand {
+            name: self.name.clone(),
+            params: self.params.clone(),
+            // Rounded up: a command never lives shorter than asked.
+            ttl_secs: self.ttl_ms.map(|t| t.div_ceil(1000)),
+            max_attempts: None,
+            idempotency_key: None,
+            result_timeout_secs: None,
+        }
+    }
+}
+
+/// Who creates a job: how jobs name it (`created_by`, the per-creator bound) and whether its
+/// role may send commands.
+#[derive(Debug, Clone)]
+pub struct Creator {
+    pub name: String,
+    pub may_send_commands: bool,
+}
+
+/// The jobs service.
+pub struct Jobs {
+    core: Arc<Core>,
+    registry: Arc<Registry>,
+    commands: Arc<Commands>,
+    /// Wakes the runner when a job is created on this node.
+    wake: Notify,
+    /// Creations on this node one at a time, so the per-creator bound holds here exactly
+    /// (across nodes it may be passed by the jobs created at the same moment elsewhere).
+    creating: Mutex<()>,
+}
+
+impl Jobs {
+    pub(crate) fn new(core: Arc<Core>, registry: Arc<Registry>, commands: Arc<Commands>) -> Self {
+        Self {
+            core,
+            registry,
+            commands,
+            wake: Notify::new(),
+            creating: Mutex::new(()),
+        }
+    }
+
+    /// Creates a job (queued) and wakes the runner.
+    pub async fn create(
+        &self,
+        access: &Access,
+        creator: &Creator,
+        selector: &str,
+        action: JobAction,
+    ) -> ServiceResult<JobRecord> {
+        if action.extra_permission() == Some(Permission::CommandsWrite)
+            && !creator.may_send_commands
+        {
+            return Err(ServiceError::new(
+                ErrorKind::Forbidden,
+                "forbidden",
+                "action command needs the permission commands.write",
+            ));
+        }
+        if let JobAction::Command(c) = &action {
+            self.commands.check_command(&c.new_command())?;
+        }
+        let sel = crate::commands::parse_selector(selector)?;
+        let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
+        // The job stores the narrowed selector as text and the runner (and `visible`) parse
+        // it again: the scope's terms must not push it past the parser's bounds (terms, ids,
+        // length), or the job would fail later and be hidden from its own creator.
+        if let Err(e) = Selector::parse(&sel.to_string()) {
+            return Err(ServiceError::invalid(
+                "invalid_selector",
+                format!("the selector narrowed by your scope is too large: {e}"),
+            ));
+        }
+        let _one_at_a_time = self.creating.lock().await;
+        let unfinished = self.core.store.count_unfinished_jobs(&creator.name).await?;
+        if unfinished >= JOBS_UNFINISHED_PER_CREATOR_MAX {
+            return Err(ServiceError::new(
+                ErrorKind::TooManyRequests,
+                "too_many_jobs",
+                format!(
+                    "you have {unfinished} unfinished jobs; at most {JOBS_UNFINISHED_PER_CREATOR_MAX} may be queued or running at once"
+                ),
+            ));
+        }
+        let now_ms = self.core.now_ms();
+        let job = JobRecord {
+            id: new_job_id(now_ms),
+            action: action.name().to_owned(),
+            selector: sel.to_string(),
+            params: action.params(),
+            scope: access.scope().map(|s| s.to_string()),
+            state: JobState::Queued,
+            total: None,
+            done: 0,
+            failed: 0,
+            errors: Vec::new(),
+            cursor: None,
+            command_id: None,
+            created_by: creator.name.clone(),
+            created_ms: now_ms,
+            started_ms: None,
+            finished_ms: None,
+            rev: 0,
+        };
+        self.core.store.create_job(job.clone()).await?;
+        // The bound per creator on kept jobs: one creator's many (finished at once, say) never
+        // push the others' out of the newest JOBS_KEPT_MAX.
+        self.core
+            .store
+            .prune_jobs_of(&creator.name, JOBS_KEPT_PER_CREATOR_MAX)
+            .await?;
+        self.wake.notify_one();
+        Ok(job)
+    }
+
+    /// A job the caller sees (else `job_not_found`): a scoped caller sees the jobs whose
+    /// selector carries every term of its scope (those created within it).
+    pub async fn get(&self, access: &Access, id: &str) -> ServiceResult<JobRecord> {
+        self.core
+            .store
+            .get_job(id)
+            .await?
+            .filter(|j| visible(access, j))
+            .ok_or_else(|| job_not_found(id))
+    }
+
+    /// Jobs the caller sees, newest first; the cursor is the last id of the previous page.
+    pub async fn list(
+        &self,
+        access: &Access,
+        limit: Option<usize>,
+        cursor: Option<&str>,
+    ) -> ServiceResult<(Vec<JobRecord>, Option<String>)> {
+        let limit = limit.unwrap_or(JOB_PAGE_LEN_DEFAULT);
+        if limit == 0 || limit > JOB_PAGE_LEN_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {JOB_PAGE_LEN_MAX}"),
+            ));
+        }
+        let mut out = Vec::new();
+        let mut before = cursor.map(str::to_owned);
+        // A scoped caller's page may skip jobs it does not see: read on until it is full. The
+        // table is bounded (finished jobs are pruned beyond JOBS_KEPT_MAX), so this ends.
+        loop {
+            let page = self.core.store.list_jobs(limit, before.as_deref()).await?;
+            let full = page.len() == limit;
+            before = page.last().map(|j| j.id.clone());
+            for j in page {
+                if visible(access, &j) {
+                    out.push(j);
+                    if out.len() == limit {
+                        let next = out.last().map(|j| j.id.clone());
+                        return Ok((out, next));
+                    }
+                }
+            }
+            if !full {
+                return Ok((out, None));
+            }
+        }
+    }
+
+    /// Cancels a job that has not finished (the runner stops at its next batch); a finished
+    /// job is returned as it is.
+    pub async fn cancel(&self, access: &Access, id: &str) -> ServiceResult<JobRecord> {
+        // The runner writes progress concurrently: retry on a lost compare-and-set.
+        for _ in 0..100 {
+            let mut job = self.get(access, id).await?;
+            if job.state.is_final() {
+                return Ok(job);
+            }
+            job.state = JobState::Canceled;
+            job.finished_ms = Some(self.core.now_ms());
+            if self.core.store.update_job(job.clone()).await? {
+                job.rev += 1;
+                tracing::info!(job = id, "job canceled");
+                return Ok(job);
+            }
+        }
+        Err(ServiceError::new(
+            ErrorKind::Unavailable,
+            "job_busy",
+            "the job changed too often while canceling; retry",
+        ))
+    }
+
+    /// One runner pass: runs every unfinished job, oldest first, until it finishes, is
+    /// canceled, `stop` is set or this node loses the runner lease. Returns how many jobs it
+    /// touched.
+    pub async fn run_pass(&self, stop: &watch::Receiver<bool>) -> ServiceResult<usize> {
+        if !self.holds_lease().await {
+            return Ok(0);
+        }
+        let jobs = self
+            .core
+            .store
+            .unfinished_jobs(RUNNER_JOBS_PER_PASS)
+            .await?;
+        let n = jobs.len();
+        for job in jobs {
+            if *stop.borrow() {
+                break;
+            }
+            self.run_job(job, stop).await?;
+        }
+        Ok(n)
+    }
+
+    async fn holds_lease(&self) -> bool {
+        match self.core.cluster() {
+            Some(cluster) => cluster.holds(crate::cluster::LEASE_JOBS).await,
+            None => true,
+        }
+    }
+
+    /// Stores `job` at its rev; `false` if it changed meanwhile (canceled): the caller stops.
+    async fn save(&self, job: &mut JobRecord) -> ServiceResult<bool> {
+        if self.core.store.update_job(job.clone()).await? {
+            job.rev += 1;
+            Ok(true)
+        } else {
+            tracing::info!(job = %job.id, "job changed elsewhere (canceled); stopping");
+            Ok(false)
+        }
+    }
+
+    async fn finish(&self, job: &mut JobRecord, state: JobState) -> ServiceResult<bool> {
+        job.state = state;
+        job.finished_ms = Some(self.core.now_ms());
+        let saved = self.save(job).await?;
+        if saved {
+            let elapsed_ms = job
+                .finished_ms
+                .unwrap_or(0)
+                .saturating_sub(job.started_ms.unwrap_or(0));
+            tracing::info!(job = %job.id, action = %job.action, state = %job.state, done = job.done, failed = job.failed, elapsed_ms, "job finished");
+        }
+        Ok(saved)
+    }
+
+    async fn run_job(&self, mut job: JobRecord, stop: &watch::Receiver<bool>) -> ServiceResult<()> {
+        if job.state == JobState::Queued {
+            job.state = JobState::Running;
+            job.started_ms = Some(self.core.now_ms());
+            if !self.save(&mut job).await? {
+                return Ok(());
+            }
+        }
+        let plan = JobAction::from_stored(&job.action, &job.params).and_then(|a| {
+            Selector::parse(&job.selector)
+                .map(|s| (a, s))
+                .map_err(|e| format!("stored selector {:?}: {e}", job.selector))
+        });
+        let (action, sel) = match plan {
+            Ok(p) => p,
+            Err(message) => {
+                job.errors.push(JobError {
+                    device_id: String::new(),
+                    message,
+                });
+                self.finish(&mut job, JobState::Failed).await?;
+                return Ok(());
+            }
+        };
+        if let Some(reason) = self.creator_refused(&job, &action).await? {
+            job.errors.push(JobError {
+                device_id: String::new(),
+                message: reason,
+            });
+            self.finish(&mut job, JobState::Failed).await?;
+            return Ok(());
+        }
+        let access = access_of(job.scope.as_deref());
+        if let JobAction::Command(c) = &action {
+            return self.run_command(job, &access, c).await;
+        }
+        if job.total.is_none() {
+            job.total = Some(self.count(&sel).await?);
+            if !self.save(&mut job).await? {
+                return Ok(());
+            }
+        }
+        let batch_len = self.core.config.jobs.batch_len.clamp(1, BATCH_LEN_MAX);
+        let pause = Duration::from_millis(self.core.config.jobs.batch_pause_ms);
+        loop {
+            if *stop.borrow() || !self.holds_lease().await {
+                // Resumed from the stored cursor by whoever runs jobs next.
+                return Ok(());
+            }
+            // The creator is re-checked before every batch: a job stops (failed, with the
+            // reason) once its creator is disabled, deleted, revoked, expired, or given
+            // another role or scope.
+            if let Some(reason) = self.creator_refused(&job, &action).await? {
+                job.errors.push(JobError {
+                    device_id: String::new(),
+                    message: reason,
+                });
+                self.finish(&mut job, JobState::Failed).await?;
+                return Ok(());
+            }
+            let (page, next) = self
+                .registry
+                .select_devices(&sel, job.cursor.as_deref(), batch_len)
+                .await?;
+            let ids: Vec<DeviceId> = page.iter().map(|d| d.record.id.clone()).collect();
+            let outcomes = self.apply_batch(&access, &action, &ids).await;
+            for (id, outcome) in ids.iter().zip(outcomes) {
+                let id = id.as_str();
+                match outcome {
+                    Ok(()) => job.done += 1,
+                    Err(e) if e.kind == ErrorKind::Internal || e.kind == ErrorKind::Unavailable => {
+                        // The store failed: nothing of this batch is recorded; retried later.
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        job.failed += 1;
+                        if job.errors.len() < JOB_ERRORS_MAX {
+                            job.errors.push(JobError {
+                                device_id: id.to_owned(),
+                                message: e.message,
+                            });
+                        }
+                    }
+                }
+            }
+            if let Some(last) = page.last() {
+                job.cursor = Some(last.record.id.to_string());
+            }
+            if next.is_none() {
+                self.finish(&mut job, JobState::Succeeded).await?;
+                return Ok(());
+            }
+            if !self.save(&mut job).await? {
+                return Ok(());
+            }
+            if !pause.is_zero() {
+                let mut stop = stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// Why the job's creator may no longer do what the job does (`None`: it still may): a user
+    /// (`created_by` is an email) must still exist, be enabled and keep the role's
+    /// permissions and the scope the job was made under; a token (`created_by` is its id) must
+    /// still exist (not revoked), not be expired, and keep its role and scope.
+    async fn creator_refused(
+        &self,
+        job: &JobRecord,
+        action: &JobAction,
+    ) -> ServiceResult<Option<String>> {
+        let store = &self.core.store;
+        let (role, scope) = if job.created_by.contains('@') {
+            match store.find_user_by_email(&job.created_by).await? {
+                Some(u) if !u.disabled => (u.role, u.scope),
+                Some(_) => return Ok(Some(format!("{} was disabled", job.created_by))),
+                None => return Ok(Some(format!("{} was deleted", job.created_by))),
+            }
+        } else {
+            match store.get_token(&job.created_by).await? {
+                Some(t) if t.expires_at_ms.is_some_and(|e| e <= self.core.now_ms()) => {
+                    return Ok(Some(format!("token {} expired", job.created_by)))
+                }
+                Some(t) => (t.role, t.scope),
+                None => return Ok(Some(format!("token {} was revoked", job.created_by))),
+            }
+        };
+        // Compared as the job stores it: the parsed selector's text.
+        let scope = scope.map(|s| Selector::parse(&s).map_or(s, |sel| sel.to_string()));
+        let allowed = role_allows(role, Permission::DevicesWrite)
+            && action
+                .extra_permission()
+                .is_none_or(|p| role_allows(role, p));
+        if !allowed {
+            return Ok(Some(format!(
+                "{} no longer has the permissions this job needs (role {})",
+                job.created_by,
+                role.as_str()
+            )));
+        }
+        if scope != job.scope {
+            return Ok(Some(format!(
+                "the scope of {} changed since the job was created",
+                job.created_by
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The action on one batch of devices: one result per device, in order. Tag changes go
+    /// to the store together (one group-committed transaction on SQLite).
+    async fn apply_batch(
+        &self,
+        access: &Access,
+        action: &JobAction,
+        ids: &[DeviceId],
+    ) -> Vec<ServiceResult<()>> {
+        match action {
+            JobAction::Tag(tags) => {
+                let set = |t: &mut BTreeMap<String, String>| {
+                    t.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())))
+                };
+                self.registry.update_tags_many(access, ids, &set).await
+            }
+            JobAction::Untag(keys) => {
+                let remove = |t: &mut BTreeMap<String, String>| {
+                    for k in keys {
+                        t.remove(k);
+                    }
+                };
+                self.registry.update_tags_many(access, ids, &remove).await
+            }
+            JobAction::Delete => {
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let deleted = match self.registry.delete_device(access, id.as_str()).await {
+                        // Gone already (a batch applied again after a restart, or deleted
+                        // meanwhile) is done; still there (moved out of the scope) is not.
+                        Err(e) if e.kind == ErrorKind::NotFound => {
+                            match self.core.store.get_device(id.as_str()).await {
+                                Ok(None) => Ok(()),
+                                Ok(Some(_)) => Err(e),
+                                Err(store) => Err(store.into()),
+                            }
+                        }
+                        other => other,
+                    };
+                    out.push(deleted);
+                }
+                out
+            }
+            JobAction::Command(_) => ids
+                .iter()
+                .map(|_| Err(ServiceError::internal("command jobs act on the selection")))
+                .collect(),
+        }
+    }
+
+    /// Action `command`: one fleet command to the selection, under an id stored first.
+    async fn run_command(
+        &self,
+        mut job: JobRecord,
+        access: &Access,
+        c: &JobCommand,
+    ) -> ServiceResult<()> {
+        let parent_id = match &job.command_id {
+            Some(id) => id.clone(),
+            None => {
+                job.command_id = Some(crate::commands::new_fleet_command_id());
+                if !self.save(&mut job).await? {
+                    return Ok(());
+                }
+                job.command_id.clone().unwrap_or_default()
+            }
+        };
+        let view = match self
+            .commands
+            .fleet_command(&Access::all(), &parent_id)
+            .await?
+        {
+            // Created before a restart: not again.
+            Some(v) => Ok(v),
+            None => {
+                self.commands
+                    .create_fleet_command_as(access, &job.selector, c.new_command(), parent_id)
+                    .await
+            }
+        };
+        match view {
+            Ok(v) => {
+                job.total = Some(v.parent.total);
+                job.done = v.parent.total;
+                self.finish(&mut job, JobState::Succeeded).await?;
+            }
+            Err(e) if e.kind == ErrorKind::Internal || e.kind == ErrorKind::Unavailable => {
+                return Err(e)
+            }
+            Err(e) => {
+                job.errors.push(JobError {
+                    device_id: String::new(),
+                    message: e.message,
+                });
+                self.finish(&mut job, JobState::Failed).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many devices `sel` matches now (one store count, no scan).
+    async fn count(&self, sel: &Selector) -> ServiceResult<u64> {
+        Ok(self
+            .core
+            .store
+            .count_device_versions(&self.registry.filter_of(sel), 0)
+            .await?
+            .total)
+    }
+
+    /// Deletes finished jobs older than [`JOBS_KEPT_MS`] or beyond the newest [`JOBS_KEPT_MAX`].
+    pub async fn prune(&self) -> ServiceResult<u64> {
+        let before = self.core.now_ms().saturating_sub(JOBS_KEPT_MS);
+        Ok(self.core.store.prune_jobs(before, JOBS_KEPT_MAX).await?)
+    }
+}
+
+/// Whether a scoped caller sees a job: its selector carries every term of the scope.
+fn visible(access: &Access, job: &JobRecord) -> bool {
+    match access.scope() {
+        None => true,
+        Some(scope) => Selector::parse(&job.selector)
+            .is_ok_and(|s| scope.terms.iter().all(|t| s.terms.contains(t))),
+    }
+}
+
+fn job_not_found(id: &str) -> ServiceError {
+    ServiceError::not_found("job_not_found", format!("job {id} not found"))
+}
+
+/// `job_<creation ms, 12 hex digits><8 random hex digits>`: ids sort by creation time, which
+/// is the order the store lists them in.
+fn new_job_id(now_ms: u64) -> String {
+    let r: u32 = rand::random();
+    format!("job_{now_ms:012x}{r:08x}")
+}
+
+/// The runner: a pass at once, then whenever a job is created here or every
+/// `[jobs] poll_interval_ms`; prunes finished jobs once a minute. Stops with the server; a job
+/// it was running is resumed from its stored progress by the next runner.
+pub async fn run_jobs(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
+    let poll = Duration::from_millis(jobs.core.config.jobs.poll_interval_ms.max(1));
+    let mut last_prune_ms = 0u64;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if let Err(e) = jobs.run_pass(&stop).await {
+            tracing::warn!(error = %e, "job runner pass failed; will retry");
+        }
+        let now = jobs.core.now_ms();
+        if now.saturating_sub(last_prune_ms) >= PRUNE_INTERVAL_MS && jobs.holds_lease().await {
+            last_prune_ms = now;
+            match jobs.prune().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "finished jobs pruned"),
+                Err(e) => tracing::warn!(error = %e, "pruning jobs failed"),
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = jobs.wake.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_take_exactly_their_parameter_and_round_trip_through_storage() {
+        let tags: BTreeMap<String, String> = [("fw".to_owned(), "2".to_owned())].into();
+        let tag = JobAction::from_request("tag", Some(tags.clone()), None, None).expect("tag");
+        assert_eq!(tag, JobAction::Tag(tags.clone()));
+        assert_eq!(
+            JobAction::from_stored("tag", &tag.params()).expect("stored"),
+            tag
+        );
+        let cmd = JobCommand {
+            name: "reboot".to_owned(),
+            params: json!({"delay": 1}),
+            ttl_ms: Some(1500),
+        };
+        let c = JobAction::from_request("command", None, None, Some(cmd.clone())).expect("cmd");
+        assert_eq!(
+            JobAction::from_stored("command", &c.params()).expect("stored"),
+            c
+        );
+        assert_eq!(cmd.new_command().ttl_secs, Some(2));
+        let untag =
+            JobAction::from_request("untag", None, Some(vec!["fw".into()]), None).expect("untag");
+        assert_eq!(
+            JobAction::from_stored("untag", &untag.params()).expect("s"),
+            untag
+        );
+        assert_eq!(
+            JobAction::from_request("delete", None, None, None).expect("delete"),
+            JobAction::Delete
+        );
+        for bad in [
+            JobAction::from_request("tag", None, None, None),
+            JobAction::from_request("tag", Some(tags.clone()), Some(vec![]), None),
+            JobAction::from_request("delete", Some(tags.clone()), None, None),
+            JobAction::from_request("untag", None, Some(vec![]), None),
+            JobAction::from_request("reboot", None, None, None),
+            JobAction::from_request("tag", Some(BTreeMap::new()), None, None),
+            JobAction::from_request(
+                "tag",
+                Some([("bad key".to_owned(), "v".to_owned())].into()),
+                None,
+                None,
+            ),
+        ] {
+            assert_eq!(bad.map_err(|e| e.kind), Err(ErrorKind::InvalidArgument));
+        }
+    }
+
+    #[test]
+    fn job_ids_sort_by_creation_time() {
+        let a = new_job_id(1_764_540_000_000);
+        let b = new_job_id(1_764_540_000_001);
+        assert!(a < b, "{a} {b}");
+        assert!(a.starts_with("job_"));
+    }
+}

@@ -1,0 +1,214 @@
+//! Conformance cases for [`JobStore`](crate::JobStore): round trip, compare-and-set, listing
+//! newest first with a cursor, the unfinished list and count, pruning.
+
+use crate::{JobError, JobRecord, JobState, JobStore, StoreError};
+
+const T0: u64 = 1_700_000_000_000;
+
+fn job(n: u64, created_by: &str) -> JobRecord {
+    JobRecord {
+        id: format!("job_{:012x}{n:04}", T0 + n),
+        action: "tag".to_owned(),
+        selector: "tag:site=berlin".to_owned(),
+        params: serde_json::json!({"tags": {"fw": "2"}}),
+        scope: None,
+        state: JobState::Queued,
+        total: None,
+        done: 0,
+        failed: 0,
+        errors: Vec::new(),
+        cursor: None,
+        command_id: None,
+        created_by: created_by.to_owned(),
+        created_ms: T0 + n,
+        started_ms: None,
+        finished_ms: None,
+        rev: 0,
+    }
+}
+
+/// Create, get back field for field, duplicate id refused.
+pub async fn job_create_get_round_trips<S: JobStore + ?Sized>(store: &S) {
+    let mut j = job(1, "ann@example.com");
+    j.scope = Some("tag:customer=acme".to_owned());
+    j.total = Some(300);
+    j.done = 250;
+    j.failed = 2;
+    j.errors = vec![JobError {
+        device_id: "d7".to_owned(),
+        message: "device \"d7\" not found — gone".to_owned(),
+    }];
+    j.cursor = Some("d-250".to_owned());
+    j.command_id = Some("f0123".to_owned());
+    j.started_ms = Some(T0 + 5);
+    store.create_job(j.clone()).await.expect("create");
+    assert_eq!(store.get_job(&j.id).await.expect("get"), Some(j.clone()));
+    assert_eq!(store.get_job("job_missing").await.expect("get"), None);
+    match store.create_job(j.clone()).await {
+        Err(StoreError::AlreadyExists(_)) => {}
+        other => panic!("duplicate job id: {other:?}"),
+    }
+}
+
+/// An update applies only at the stored rev, and bumps it: two writers from one read, one wins.
+pub async fn job_update_is_compare_and_set_on_rev<S: JobStore + ?Sized>(store: &S) {
+    let j = job(1, "ann");
+    store.create_job(j.clone()).await.expect("create");
+    let mut claim = j.clone();
+    claim.state = JobState::Running;
+    claim.started_ms = Some(T0 + 10);
+    let mut cancel = j.clone();
+    cancel.state = JobState::Canceled;
+    cancel.finished_ms = Some(T0 + 10);
+    assert!(store.update_job(claim.clone()).await.expect("claim"));
+    assert!(!store.update_job(cancel).await.expect("stale cancel"));
+    let stored = store.get_job(&j.id).await.expect("get").expect("job");
+    assert_eq!(stored.state, JobState::Running);
+    assert_eq!(stored.rev, 1);
+    let mut progress = stored.clone();
+    progress.done = 100;
+    progress.cursor = Some("d-100".to_owned());
+    assert!(store.update_job(progress).await.expect("progress"));
+    let stored = store.get_job(&j.id).await.expect("get").expect("job");
+    assert_eq!((stored.done, stored.rev), (100, 2));
+    assert_eq!(stored.cursor.as_deref(), Some("d-100"));
+    let mut gone = job(9, "ann");
+    gone.rev = 0;
+    assert!(!store.update_job(gone).await.expect("missing job"));
+}
+
+/// Newest first by id, pages by cursor, every job once.
+pub async fn job_list_is_newest_first_with_cursor<S: JobStore + ?Sized>(store: &S) {
+    for n in [3, 1, 5, 2, 4] {
+        store.create_job(job(n, "ann")).await.expect("create");
+    }
+    let all = store.list_jobs(100, None).await.expect("list");
+    let ids: Vec<u64> = all.iter().map(|j| j.created_ms - T0).collect();
+    assert_eq!(ids, vec![5, 4, 3, 2, 1]);
+    let first = store.list_jobs(2, None).await.expect("page 1");
+    assert_eq!(first.len(), 2);
+    let second = store
+        .list_jobs(2, Some(&first[1].id))
+        .await
+        .expect("page 2");
+    let third = store
+        .list_jobs(2, Some(&second[1].id))
+        .await
+        .expect("page 3");
+    let paged: Vec<u64> = first
+        .iter()
+        .chain(&second)
+        .chain(&third)
+        .map(|j| j.created_ms - T0)
+        .collect();
+    assert_eq!(paged, vec![5, 4, 3, 2, 1]);
+    assert!(store
+        .list_jobs(2, Some(&third[0].id))
+        .await
+        .expect("past the end")
+        .is_empty());
+}
+
+/// Unfinished jobs oldest first; the count is per creator and leaves final ones out.
+pub async fn job_unfinished_list_and_count_per_creator<S: JobStore + ?Sized>(store: &S) {
+    for n in 1..=4 {
+        store.create_job(job(n, "ann")).await.expect("create");
+    }
+    store.create_job(job(5, "bob")).await.expect("create");
+    let mut running = store
+        .get_job(&job(2, "ann").id)
+        .await
+        .expect("get")
+        .expect("job");
+    running.state = JobState::Running;
+    assert!(store.update_job(running).await.expect("run"));
+    for n in [3, 4] {
+        let mut done = store
+            .get_job(&job(n, "ann").id)
+            .await
+            .expect("get")
+            .expect("job");
+        done.state = if n == 3 {
+            JobState::Succeeded
+        } else {
+            JobState::Canceled
+        };
+        done.finished_ms = Some(T0 + 100);
+        assert!(store.update_job(done).await.expect("finish"));
+    }
+    assert_eq!(store.count_unfinished_jobs("ann").await.expect("count"), 2);
+    assert_eq!(store.count_unfinished_jobs("bob").await.expect("count"), 1);
+    assert_eq!(
+        store.count_unfinished_jobs("nobody").await.expect("count"),
+        0
+    );
+    let unfinished: Vec<u64> = store
+        .unfinished_jobs(10)
+        .await
+        .expect("unfinished")
+        .iter()
+        .map(|j| j.created_ms - T0)
+        .collect();
+    assert_eq!(unfinished, vec![1, 2, 5]);
+    assert_eq!(store.unfinished_jobs(1).await.expect("limit").len(), 1);
+}
+
+/// Pruning removes final jobs finished before the cutoff and final jobs beyond the newest
+/// `keep_max`, never an unfinished one.
+pub async fn job_prune_keeps_unfinished_and_the_newest<S: JobStore + ?Sized>(store: &S) {
+    for n in 1..=6 {
+        let mut j = job(n, "ann");
+        if n != 2 {
+            j.state = JobState::Succeeded;
+            j.finished_ms = Some(T0 + n * 1000);
+        }
+        store.create_job(j).await.expect("create");
+    }
+    // Finished before T0 + 2000: job 1 only.
+    assert_eq!(store.prune_jobs(T0 + 2000, 100).await.expect("prune"), 1);
+    assert!(store
+        .get_job(&job(1, "ann").id)
+        .await
+        .expect("get")
+        .is_none());
+    // Keep the newest 3 (6, 5, 4): job 3 goes, job 2 (queued) stays.
+    assert_eq!(store.prune_jobs(0, 3).await.expect("prune"), 1);
+    let left: Vec<u64> = store
+        .list_jobs(100, None)
+        .await
+        .expect("list")
+        .iter()
+        .map(|j| j.created_ms - T0)
+        .collect();
+    assert_eq!(left, vec![6, 5, 4, 2]);
+    assert_eq!(store.prune_jobs(0, 3).await.expect("again"), 0);
+}
+
+/// Pruning one creator's jobs keeps its newest `keep_max` and its unfinished ones, and never
+/// touches another creator's.
+pub async fn job_prune_of_one_creator_leaves_the_others<S: JobStore + ?Sized>(store: &S) {
+    for n in 1..=8 {
+        let who = if n % 2 == 0 { "ann" } else { "bob" };
+        let mut j = job(n, who);
+        if n != 2 {
+            j.state = JobState::Failed;
+            j.finished_ms = Some(T0 + n * 1000);
+        }
+        store.create_job(j).await.expect("create");
+    }
+    // ann: 8, 6, 4 (final), 2 (queued). Keep her newest 2 (8, 6): 4 goes, 2 stays.
+    assert_eq!(store.prune_jobs_of("ann", 2).await.expect("prune"), 1);
+    let left: Vec<u64> = store
+        .list_jobs(100, None)
+        .await
+        .expect("list")
+        .iter()
+        .map(|j| j.created_ms - T0)
+        .collect();
+    assert_eq!(left, vec![8, 7, 6, 5, 3, 2, 1]);
+    assert_eq!(store.prune_jobs_of("ann", 2).await.expect("again"), 0);
+    assert_eq!(store.prune_jobs_of("nobody", 0).await.expect("nobody"), 0);
+    // Keep none of bob's: all four final ones go.
+    assert_eq!(store.prune_jobs_of("bob", 0).await.expect("bob"), 4);
+    assert_eq!(store.list_jobs(100, None).await.expect("list").len(), 3);
+}

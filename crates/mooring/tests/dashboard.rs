@@ -1,0 +1,213 @@
+//! The web dashboard in a real browser: Debian's chromium, driven by playwright-core from
+//! `web/tests/dashboard.test.mjs`, against the real `mooring serve` holding 1,000 devices, one of
+//! them a live `mooring-agent`. This file prepares the server and runs the Node test; the
+//! assertions about what a person sees are in the `.mjs` file.
+//!
+//! Needs Node.js, npm (the first run installs `web/node_modules` with `npm ci`) and chromium
+//! (`apt-get install -y chromium`; another binary with `MOORING_TEST_CHROMIUM`). With
+//! `SCREENSHOTS=<dir>` set, also writes every page's screenshot there
+//! (`web/scripts/screenshots.sh` keeps docs/screenshots/ up to date that way).
+
+mod support;
+
+use serde_json::json;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::Server;
+
+const PASSWORD: &str = "correct horse battery staple";
+const DEVICES: usize = 1000;
+/// How long the whole browser run may take before it is killed.
+const BROWSER_RUN_MAX: Duration = Duration::from_secs(300);
+
+fn web_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../web")
+}
+
+fn chromium() -> PathBuf {
+    let path = std::env::var_os("MOORING_TEST_CHROMIUM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(
+        path.exists(),
+        "{} not found: the dashboard's browser tests need chromium \
+         (`apt-get install -y chromium`, or set MOORING_TEST_CHROMIUM)",
+        path.display()
+    );
+    path
+}
+
+/// `web/node_modules` with playwright-core, installed from the lockfile on first use.
+fn ensure_node_modules() {
+    let web = web_dir();
+    if web
+        .join("node_modules/playwright-core/package.json")
+        .exists()
+    {
+        return;
+    }
+    let out = Command::new("npm")
+        .args(["ci", "--no-audit", "--no-fund"])
+        .current_dir(&web)
+        .output()
+        .expect("npm not found: the dashboard's browser tests need Node.js and npm");
+    assert!(
+        out.status.success(),
+        "npm ci in web/ failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn agent_bin() -> PathBuf {
+    let path = Path::new(support::BIN).with_file_name("mooring-agent");
+    assert!(
+        path.exists(),
+        "{} not built; run `cargo test --workspace` (or `cargo build -p mooring-agent`)",
+        path.display()
+    );
+    path
+}
+
+/// Creates devices `dev-0000`.. through the API, `site` tag `s<i % 10>`, 8 requests at a time.
+async fn seed_devices(server: &Server, n: usize) {
+    let client = support::http();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        if set.len() >= 8 {
+            let _ = set.join_next().await;
+        }
+        let (client, url, token) = (client.clone(), server.url(), server.token.clone());
+        set.spawn(async move {
+            let r = client
+                .post(format!("{url}/api/v1/devices"))
+                .bearer_auth(token)
+                .json(
+                    &json!({"id": format!("dev-{i:04}"), "tags": {"site": format!("s{}", i % 10)}}),
+                )
+                .send()
+                .await
+                .expect("http");
+            assert_eq!(
+                r.status().as_u16(),
+                201,
+                "{}",
+                r.text().await.unwrap_or_default()
+            );
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.expect("seed task");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_in_a_real_browser() {
+    let chromium = chromium();
+    ensure_node_modules();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    // A sample of the fleet's history every second (default: a minute), so the overview's
+    // charts have points within the run.
+    let cfg = support::config_args(tmp.path(), "[fleet]\nsample_interval_ms = 1000\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    server.create_user("admin@example.com", "admin", PASSWORD);
+    server.create_user("viewer@example.com", "viewer", PASSWORD);
+
+    // 999 devices through the API plus the live one: 1,000.
+    seed_devices(&server, DEVICES - 1).await;
+    let live = "cart-7";
+    let creds = server.create_device(live, tmp.path());
+    let (status, body) = server
+        .api(
+            "PUT",
+            &format!("/api/v1/devices/{live}/tags"),
+            Some(json!({"site": "depot", "asset": "a-77"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // The live device: the real agent, host metrics every second, a `blink` handler.
+    let config = tmp.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "firmware_version = \"1.4.2\"\n\
+         [handlers.blink]\n\
+         exec = \"/bin/echo\"\n\
+         args = ['{\"blinked\": true}']\n",
+    )
+    .expect("agent config");
+    let mut agent = Command::new(agent_bin())
+        .args(["--server", &server.mqtt.to_string()])
+        .arg("--cert")
+        .arg(creds.cert())
+        .arg("--key")
+        .arg(creds.key())
+        .arg("--ca")
+        .arg(creds.ca())
+        .arg("--state-dir")
+        .arg(tmp.path().join("agent-state"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--interval-secs", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mooring-agent");
+    server
+        .wait_for(&format!("/api/v1/devices/{live}"), |v| v["online"] == true)
+        .await;
+
+    let mut node = Command::new("node");
+    node.args(["--test", "--test-reporter=spec", "--test-concurrency=1"])
+        .arg(web_dir().join("tests/dashboard.test.mjs"))
+        .env("MOORING_URL", server.url())
+        .env("MOORING_TOKEN", &server.token)
+        .env("ADMIN_EMAIL", "admin@example.com")
+        .env("VIEWER_EMAIL", "viewer@example.com")
+        .env("PASSWORD", PASSWORD)
+        .env("LIVE_DEVICE", live)
+        .env("LIVE_TAG", "asset=a-77")
+        .env("BULK_SELECTOR", "tag:site=s3")
+        .env("BULK_COUNT", "100")
+        .env("CHROMIUM", &chromium)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(dir) = std::env::var_os("SCREENSHOTS") {
+        std::fs::create_dir_all(&dir).expect("screenshots dir");
+        node.env("SCREENSHOTS", dir);
+    }
+    let child = node
+        .spawn()
+        .expect("node not found: the browser tests need Node.js");
+    let pid = child.id();
+    let started = Instant::now();
+    let watchdog = std::thread::spawn(move || {
+        // Kill a hung browser run instead of hanging CI.
+        while started.elapsed() < BROWSER_RUN_MAX {
+            std::thread::sleep(Duration::from_millis(200));
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return;
+            }
+        }
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("node output");
+    let _ = watchdog.join();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "browser tests failed ({}):\n{stdout}\n{}\nserver log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+}

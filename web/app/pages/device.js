@@ -1,0 +1,411 @@
+// #/devices/<id>: one device: facts and tags, live telemetry chart, shadow (reported vs desired,
+// with an editor), commands (history with live states, send, cancel), delete.
+import {
+  html, useState, useEffect, useMemo, useRef, useCallback, api, qs, useApi, useEvents, can, toast,
+  navigate, Loading, Empty, ErrorBox, Async, Dialog, Confirm, PageTitle, OnlineBadge, StateBadge,
+  fmtTime, fmtAgo, fmtNum, parseJson,
+} from "../lib.js";
+import { TimeChart } from "../chart.js";
+
+const RANGES = [
+  { key: "15m", label: "Last 15 minutes", ms: 15 * 60_000 },
+  { key: "1h", label: "Last hour", ms: 3_600_000 },
+  { key: "6h", label: "Last 6 hours", ms: 6 * 3_600_000 },
+  { key: "24h", label: "Last 24 hours", ms: 24 * 3_600_000 },
+  { key: "7d", label: "Last 7 days", ms: 7 * 24 * 3_600_000 },
+];
+/** Points the API returns for one metric in one request (its `limit` bound). */
+const POINTS_PER_METRIC_MAX = 10_000;
+/** Requests per metric for one range (so at most 50,000 points per metric are loaded). */
+const PAGES_MAX = 5;
+/** Points kept in the chart per metric while live points arrive. */
+const LIVE_POINTS_MAX = 20_000;
+const CANCELLABLE = new Set(["queued", "delivered"]);
+const COMMANDS_PAGE = 20;
+
+const enc = encodeURIComponent;
+
+// ---------------------------------------------------------------- info + tags
+
+function TagsEditor({ device, onSaved }) {
+  const [editing, setEditing] = useState(false);
+  const [rows, setRows] = useState([]);
+  const [error, setError] = useState(null);
+  const start = () => {
+    setRows([...Object.entries(device.tags || {}), ["", ""]]);
+    setError(null);
+    setEditing(true);
+  };
+  const save = async (e) => {
+    e.preventDefault();
+    const tags = {};
+    for (const [k, v] of rows) if (k.trim()) tags[k.trim()] = v.trim();
+    try {
+      await api("PUT", `/devices/${enc(device.id)}/tags`, { tags });
+      setEditing(false);
+      toast("Tags saved");
+      onSaved();
+    } catch (err) {
+      setError(err.message);
+    }
+  };
+  const set = (i, j, v) => setRows(rows.map((r, k) => (k === i ? (j === 0 ? [v, r[1]] : [r[0], v]) : r)));
+  return html`<div>
+    <div class="tags" data-testid="device-tags">
+      ${Object.keys(device.tags || {}).length === 0 && html`<span class="muted">no tags</span>`}
+      ${Object.entries(device.tags || {}).map(([k, v]) => html`<span class="tag" key=${k}>${k}=${v}</span>`)}
+      ${can("devices.write") && html`<button type="button" class="btn small" data-testid="tag-edit" onClick=${start}>Edit tags</button>`}
+    </div>
+    ${editing && html`<${Dialog} title="Edit tags" onClose=${() => setEditing(false)} testid="tags-dialog">
+      <form onSubmit=${save}>
+        <p class="hint">Empty key: the row is dropped. A tag left out is removed.</p>
+        ${rows.map((r, i) => html`<div class="row2" key=${i}>
+          <label>Key<input value=${r[0]} onInput=${(e) => set(i, 0, e.target.value)} data-testid="tag-key" /></label>
+          <label>Value<input value=${r[1]} onInput=${(e) => set(i, 1, e.target.value)} data-testid="tag-value" /></label>
+        </div>`)}
+        <button type="button" class="btn small" onClick=${() => setRows([...rows, ["", ""]])}>Add a tag</button>
+        ${error && html`<p class="form-error" role="alert">${error}</p>`}
+        <div class="actions">
+          <button type="button" class="btn" onClick=${() => setEditing(false)}>Cancel</button>
+          <button type="submit" class="btn primary" data-testid="tag-save">Save tags</button>
+        </div>
+      </form>
+    </${Dialog}>`}
+  </div>`;
+}
+
+function Info({ device, online, onReload }) {
+  return html`<section class="card">
+    <h2>Device</h2>
+    <dl class="facts">
+      <dt>Id</dt><dd class="mono">${device.id}</dd>
+      <dt>State</dt><dd><${OnlineBadge} online=${online} testid="device-online" /></dd>
+      <dt>Last seen</dt><dd>${online ? "now" : device.last_seen ? fmtTime(device.last_seen) + " (" + fmtAgo(device.last_seen) + ")" : "never"}</dd>
+      <dt>Certificate</dt><dd><span class="mono" title="serial number">${device.cert_serial}</span><br /><span class="muted">valid until ${fmtTime(device.cert_not_after)}</span></dd>
+      <dt>Created</dt><dd>${fmtTime(device.created_at)}</dd>
+      <dt>Tags</dt><dd><${TagsEditor} device=${device} onSaved=${onReload} /></dd>
+    </dl>
+  </section>`;
+}
+
+// ---------------------------------------------------------------- telemetry
+
+function toNum(v) {
+  if (typeof v === "number") return v;
+  if (typeof v === "boolean") return v ? 1 : 0;
+  return null;
+}
+
+/** Aligns per-metric point lists into uPlot's [xs, ys...] (seconds, nulls where absent). */
+function align(metrics, byMetric) {
+  const rows = new Map();
+  metrics.forEach((m, i) => {
+    for (const p of byMetric[m] || []) {
+      let row = rows.get(p.ts);
+      if (!row) rows.set(p.ts, (row = new Array(metrics.length).fill(null)));
+      row[i] = toNum(p.value);
+    }
+  });
+  const ts = [...rows.keys()].sort((a, b) => a - b);
+  const data = [ts.map((t) => t / 1000)];
+  metrics.forEach((_, i) => data.push(ts.map((t) => rows.get(t)[i])));
+  return { data, lastTs: ts.length ? ts[ts.length - 1] : null };
+}
+
+function Telemetry({ id, liveRef }) {
+  const latest = useApi(can("telemetry.read") ? `/devices/${enc(id)}/telemetry/latest` : null);
+  const [metrics, setMetrics] = useState(null);
+  const [range, setRange] = useState("1h");
+  const [byMetric, setByMetric] = useState({});
+  const [state, setState] = useState({ loading: false, error: null });
+  const [zoomed, setZoomed] = useState(false);
+  const [truncated, setTruncated] = useState(false);
+  const reset = useRef(null);
+
+  const names = latest.data ? Object.keys(latest.data.metrics).filter((m) => toNum(latest.data.metrics[m].value) !== null) : [];
+  useEffect(() => {
+    if (latest.data && metrics === null && names.length > 0) setMetrics(names.slice(0, 1));
+  }, [latest.data]);
+
+  const rangeMs = RANGES.find((r) => r.key === range).ms;
+  useEffect(() => {
+    if (!metrics || metrics.length === 0) return;
+    const ctrl = new AbortController();
+    const from = Date.now() - rangeMs;
+    setState({ loading: true, error: null });
+    // The API returns at most POINTS_PER_METRIC_MAX points per request, oldest first: page
+    // forward from the last one, up to PAGES_MAX requests per metric.
+    const load = async (m) => {
+      let points = [];
+      let start = from;
+      for (let i = 0; i < PAGES_MAX; i++) {
+        const r = await api("GET", `/devices/${enc(id)}/telemetry` + qs({ metric: m, from: start, limit: POINTS_PER_METRIC_MAX }), undefined, { signal: ctrl.signal });
+        points = points.concat(r.points);
+        if (r.points.length < POINTS_PER_METRIC_MAX) return [m, points, false];
+        start = r.points[r.points.length - 1].ts + 1;
+      }
+      return [m, points, true];
+    };
+    Promise.all(metrics.map(load))
+      .then((triples) => {
+        setByMetric(Object.fromEntries(triples.map(([m, p]) => [m, p])));
+        setTruncated(triples.some(([, , t]) => t));
+        setState({ loading: false, error: null });
+        setZoomed(false);
+      })
+      .catch((e) => e.name !== "AbortError" && setState({ loading: false, error: e }));
+    return () => ctrl.abort();
+  }, [id, (metrics || []).join(","), rangeMs]);
+
+  // Live points from the device page's event stream.
+  liveRef.current = (ev) => {
+    if (!metrics) {
+      latest.reload();
+      return;
+    }
+    const fresh = Object.entries(ev.points || {}).filter(([m]) => metrics.includes(m));
+    if (Object.keys(ev.points || {}).some((m) => !names.includes(m))) latest.reload();
+    if (fresh.length === 0) return;
+    setByMetric((prev) => {
+      const next = { ...prev };
+      for (const [m, v] of fresh) next[m] = [...(next[m] || []).slice(-LIVE_POINTS_MAX), { ts: ev.ts, value: v }];
+      return next;
+    });
+  };
+
+  const chosen = metrics || [];
+  const { data, lastTs } = useMemo(() => align(chosen, byMetric), [byMetric, chosen.join(",")]);
+  const plotted = data.slice(1).reduce((n, ys) => n + ys.filter((y) => y !== null).length, 0);
+
+  if (!can("telemetry.read")) return null;
+  const toggle = (m, on) => setMetrics(on ? [...chosen, m] : chosen.filter((x) => x !== m));
+  return html`<section class="card">
+    <div class="card-head">
+      <h2>Telemetry</h2>
+      <label class="inline">Range
+        <select data-testid="range-picker" value=${range} onChange=${(e) => setRange(e.target.value)}>
+          ${RANGES.map((r) => html`<option value=${r.key}>${r.key}</option>`)}
+        </select>
+      </label>
+      ${zoomed && html`<button type="button" class="btn small" data-testid="zoom-reset" onClick=${() => reset.current && reset.current()}>Reset zoom</button>`}
+    </div>
+    <${Async} res=${latest} label="Loading metrics…">${() =>
+      names.length === 0
+        ? html`<${Empty}>This device has sent no telemetry yet.</${Empty}>`
+        : html`
+          <fieldset class="metrics" data-testid="metric-picker">
+            <legend>Metrics</legend>
+            ${names.map((m) => html`<label class="check-chip" key=${m}><input type="checkbox" data-testid=${"metric-" + m} checked=${chosen.includes(m)} onChange=${(e) => toggle(m, e.target.checked)} /> ${m}</label>`)}
+          </fieldset>
+          ${state.error && html`<${ErrorBox} error=${state.error} />`}
+          ${chosen.length === 0 ? html`<${Empty}>Pick a metric to plot.</${Empty}>`
+            : html`<div class="chart-wrap">
+              ${state.loading && html`<div class="chart-overlay"><${Loading} label="Loading points…" /></div>`}
+              <${TimeChart} testid="telemetry-chart" label=${"Telemetry: " + chosen.join(", ")} data=${data}
+                series=${chosen.map((m) => ({ label: m }))} attrs=${{ "data-points": plotted, "data-last-ts": lastTs ?? "" }}
+                onZoom=${setZoomed} resetRef=${reset} />
+              <p class="hint">Drag across the chart to zoom in. ${fmtNum(plotted)} points; new ones appear live.
+                ${truncated && html` Only the oldest ${fmtNum(POINTS_PER_METRIC_MAX * PAGES_MAX)} points per metric of this range were loaded: pick a shorter range for the latest ones.`}</p>
+            </div>`}`}
+    </${Async}>
+  </section>`;
+}
+
+// ---------------------------------------------------------------- shadow
+
+/** The JSON merge patch (RFC 7396) that turns `from` into `to`. */
+function mergePatch(from, to) {
+  const patch = {};
+  for (const k of Object.keys(from)) if (!(k in to)) patch[k] = null;
+  for (const [k, v] of Object.entries(to)) {
+    const a = from[k];
+    const isObj = (x) => x && typeof x === "object" && !Array.isArray(x);
+    if (isObj(a) && isObj(v)) {
+      const sub = mergePatch(a, v);
+      if (Object.keys(sub).length) patch[k] = sub;
+    } else if (JSON.stringify(a) !== JSON.stringify(v)) patch[k] = v;
+  }
+  return patch;
+}
+
+function Shadow({ id, shadowRef }) {
+  const res = useApi(can("shadow.read") ? `/devices/${enc(id)}/shadow` : null);
+  const [editing, setEditing] = useState(false);
+  const [text, setText] = useState("");
+  const [error, setError] = useState(null);
+  const [busy, setBusy] = useState(false);
+  const [base, setBase] = useState(null); // the shadow as it was when editing began
+  shadowRef.current = (ev) => {
+    if (res.data) res.setData({ ...res.data, desired: ev.desired ?? res.data.desired, reported: ev.reported ?? res.data.reported, version: ev.version ?? res.data.version });
+  };
+  if (!can("shadow.read")) return null;
+  const start = () => {
+    setBase(res.data);
+    setText(JSON.stringify(res.data.desired, null, 2));
+    setError(null);
+    setEditing(true);
+  };
+  const save = async () => {
+    const [doc, err] = parseJson(text);
+    if (err) return setError("Desired " + err);
+    setBusy(true);
+    setError(null);
+    try {
+      const s = await api("PATCH", `/devices/${enc(id)}/shadow`, { desired: mergePatch(base.desired, doc) }, { headers: { "If-Match": `"${base.version}"` } });
+      res.setData(s);
+      setEditing(false);
+      toast("Desired state saved (version " + s.version + ")");
+    } catch (e) {
+      setError(e.status === 412 ? `The shadow changed while you edited it (you started from version ${base.version}): cancel and edit again. (${e.message})` : e.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+  return html`<section class="card">
+    <div class="card-head">
+      <h2>Shadow</h2>
+      ${res.data && html`<span class="muted" data-testid="shadow-version">version ${res.data.version}</span>`}
+      ${res.data && can("shadow.write") && !editing && html`<button type="button" class="btn small" data-testid="shadow-edit" onClick=${start}>Edit desired</button>`}
+    </div>
+    <${Async} res=${res}>${(s) => html`<div class="grid2 shadow">
+      <div><h3>Reported <span class="muted">(by the device)</span></h3><pre class="json" data-testid="shadow-reported">${JSON.stringify(s.reported, null, 2)}</pre></div>
+      <div><h3>Desired <span class="muted">(set here)</span></h3>
+        ${editing
+          ? html`<textarea class="json mono" rows="10" data-testid="shadow-desired-editor" aria-label="Desired state as JSON" value=${text} onInput=${(e) => setText(e.target.value)}></textarea>
+            ${error && html`<p class="form-error" data-testid="shadow-error" role="alert">${error}</p>`}
+            <div class="actions">
+              <button type="button" class="btn" onClick=${() => setEditing(false)}>Cancel</button>
+              <button type="button" class="btn primary" data-testid="shadow-save" disabled=${busy} onClick=${save}>Save</button>
+            </div>`
+          : html`<pre class="json" data-testid="shadow-desired">${JSON.stringify(s.desired, null, 2)}</pre>`}
+        ${Object.keys(s.delta || {}).length > 0 && html`<p class="hint">Not yet applied by the device: <code>${Object.keys(s.delta).join(", ")}</code></p>`}
+      </div>
+    </div>`}</${Async}>
+  </section>`;
+}
+
+// ---------------------------------------------------------------- commands
+
+function Commands({ id, commandRef }) {
+  const res = useApi(can("commands.read") ? `/devices/${enc(id)}/commands?limit=${COMMANDS_PAGE}` : null);
+  const [name, setName] = useState("");
+  const [params, setParams] = useState("{}");
+  const [error, setError] = useState(null);
+  const [busy, setBusy] = useState(false);
+  commandRef.current = (ev) => {
+    if (!res.data) return;
+    const cmds = res.data.commands;
+    const i = cmds.findIndex((c) => c.id === ev.command_id);
+    if (i >= 0) {
+      const copy = [...cmds];
+      copy[i] = { ...cmds[i], state: ev.state };
+      res.setData({ ...res.data, commands: copy });
+    } else res.reload();
+  };
+  if (!can("commands.read")) return null;
+  const send = async (e) => {
+    e.preventDefault();
+    const [p, err] = parseJson(params);
+    if (err) return setError("Parameters " + err);
+    if (!name.trim()) return setError("Enter a command name.");
+    setBusy(true);
+    setError(null);
+    try {
+      const c = await api("POST", `/devices/${enc(id)}/commands`, { name: name.trim(), params: p });
+      toast(`Command ${c.name} queued`);
+      res.setData({ ...res.data, commands: [c, ...res.data.commands.filter((x) => x.id !== c.id)] });
+    } catch (e2) {
+      setError(e2.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+  const older = async () => {
+    try {
+      const more = await api("GET", `/devices/${enc(id)}/commands` + qs({ limit: COMMANDS_PAGE, cursor: res.data.next_cursor }));
+      const seen = new Set(res.data.commands.map((c) => c.id));
+      res.setData({ commands: [...res.data.commands, ...more.commands.filter((c) => !seen.has(c.id))], next_cursor: more.next_cursor });
+    } catch (e2) {
+      toast("Could not load older commands: " + e2.message, "error");
+    }
+  };
+  const cancel = async (c) => {
+    try {
+      const n = await api("POST", `/devices/${enc(id)}/commands/${enc(c.id)}/cancel`);
+      res.setData({ ...res.data, commands: res.data.commands.map((x) => (x.id === n.id ? n : x)) });
+    } catch (e2) {
+      toast("Cancel failed: " + e2.message, "error");
+    }
+  };
+  return html`<section class="card">
+    <h2>Commands</h2>
+    ${can("commands.write") && html`<form class="command-form" onSubmit=${send}>
+      <label>Name<input data-testid="command-name" value=${name} onInput=${(e) => setName(e.target.value)} placeholder="reboot" required /></label>
+      <label>Parameters (JSON)<textarea data-testid="command-params" class="mono" rows="2" value=${params} onInput=${(e) => setParams(e.target.value)}></textarea></label>
+      <button type="submit" class="btn primary" data-testid="command-send" disabled=${busy}>Send command</button>
+      ${error && html`<p class="form-error" role="alert">${error}</p>`}
+    </form>`}
+    <${Async} res=${res}>${(d) => d.commands.length === 0 ? html`<${Empty}>No commands sent to this device yet.</${Empty}>` : html`<div class="table-wrap"><table class="table">
+      <thead><tr><th>Command</th><th>State</th><th>Created</th><th>Result</th><th><span class="sr-only">Actions</span></th></tr></thead>
+      <tbody>${d.commands.map((c) => html`<tr key=${c.id} data-testid="command-row" data-command-id=${c.id} data-state=${c.state}>
+        <td data-label="Command"><strong>${c.name}</strong> <code class="muted">${JSON.stringify(c.params)}</code></td>
+        <td data-label="State"><${StateBadge} state=${c.state} /></td>
+        <td data-label="Created">${fmtTime(c.created_at)}</td>
+        <td data-label="Result">${c.result ? html`<code>${c.result.status} ${JSON.stringify(c.result.output)}</code>` : html`<span class="muted">–</span>`}</td>
+        <td>${CANCELLABLE.has(c.state) && can("commands.write") && html`<button type="button" class="btn small" data-testid="command-cancel" onClick=${() => cancel(c)}>Cancel</button>`}</td>
+      </tr>`)}</tbody></table></div>
+      ${d.next_cursor && html`<div class="pager"><button type="button" class="btn small" data-testid="commands-older" onClick=${older}>Show older commands</button></div>`}`}</${Async}>
+  </section>`;
+}
+
+// ---------------------------------------------------------------- page
+
+export default function Device({ params }) {
+  const id = params.id;
+  const dev = useApi(`/devices/${enc(id)}`);
+  const [online, setOnline] = useState(null);
+  const [confirmDelete, setConfirmDelete] = useState(false);
+  const live = useRef(() => {});
+  const shadow = useRef(() => {});
+  const command = useRef(() => {});
+  useEffect(() => setOnline(null), [id]);
+
+  useEvents("id:" + id, (kind, ev) => {
+    if (ev.device_id !== id) return;
+    if (kind === "telemetry") live.current(ev);
+    else if (kind === "presence") setOnline(!!ev.online);
+    else if (kind === "shadow") shadow.current(ev);
+    else if (kind === "command") command.current(ev);
+    else if (kind === "reset") dev.reload();
+  });
+
+  const del = async () => {
+    try {
+      await api("DELETE", `/devices/${enc(id)}`);
+      toast(`Device ${id} deleted`);
+      navigate("#/devices");
+    } catch (e) {
+      toast("Delete failed: " + e.message, "error");
+      setConfirmDelete(false);
+    }
+  };
+
+  return html`
+    <div class="crumbs"><a href="#/devices">← Devices</a></div>
+    <${PageTitle} title=${id}><span data-testid="device-title">${id}</span></${PageTitle}>
+    <${Async} res=${dev} label="Loading the device…">${(d) => html`
+      <div class="grid2 detail-top">
+        <${Info} device=${d} online=${online ?? d.online} onReload=${dev.reload} />
+        <${Shadow} id=${id} shadowRef=${shadow} />
+      </div>
+      <${Telemetry} id=${id} liveRef=${live} />
+      <${Commands} id=${id} commandRef=${command} />
+      ${can("devices.write") && html`<section class="card danger-zone">
+        <h2>Delete</h2>
+        <p>Deleting removes the device, its telemetry and commands; its certificate stops working.</p>
+        <button type="button" class="btn danger" data-testid="device-delete" onClick=${() => setConfirmDelete(true)}>Delete device</button>
+      </section>`}
+    `}</${Async}>
+    ${confirmDelete && html`<${Confirm} title="Delete device" text=${`Delete device ${id}? This cannot be undone.`} okLabel="Delete" danger onOk=${del} onCancel=${() => setConfirmDelete(false)} />`}
+  `;
+}

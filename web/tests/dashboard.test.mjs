@@ -1,0 +1,271 @@
+// Browser tests of the dashboard: Debian's chromium driven by playwright-core, against a real
+// `mooring serve` that crates/mooring/tests/dashboard.rs started and filled (1,000 devices, a
+// live `mooring-agent`, an admin and a viewer). Run through that Rust test (`cargo test -p
+// mooring --test dashboard`), which passes everything in the environment:
+//   MOORING_URL, MOORING_TOKEN (admin API token), ADMIN_EMAIL, VIEWER_EMAIL, PASSWORD,
+//   LIVE_DEVICE (the agent's device id), LIVE_TAG (a tag only it carries: key=value),
+//   BULK_SELECTOR + BULK_COUNT (a tag selector and how many devices it matches),
+//   CHROMIUM (the browser binary), SCREENSHOTS (optional: a directory for page screenshots).
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const env = (name) => {
+  const v = process.env[name];
+  if (!v) throw new Error(`${name} is not set: run this through crates/mooring/tests/dashboard.rs`);
+  return v;
+};
+const BASE = env("MOORING_URL");
+const TOKEN = env("MOORING_TOKEN");
+const PASSWORD = env("PASSWORD");
+const ADMIN = env("ADMIN_EMAIL");
+const VIEWER = env("VIEWER_EMAIL");
+const LIVE = env("LIVE_DEVICE");
+const LIVE_TAG = env("LIVE_TAG");
+const BULK_SELECTOR = env("BULK_SELECTOR");
+const BULK_COUNT = Number(env("BULK_COUNT"));
+const WAIT_MS = 20_000;
+
+let browser;
+before(async () => {
+  browser = await chromium.launch({
+    executablePath: env("CHROMIUM"),
+    // CI runs as root, where chromium's sandbox cannot start.
+    args: ["--no-sandbox", "--disable-dev-shm-usage"],
+  });
+});
+after(async () => {
+  await browser?.close();
+});
+
+/// The API as the admin token sees it (to check what the browser did, from outside).
+async function api(path) {
+  const r = await fetch(`${BASE}${path}`, { headers: { authorization: `Bearer ${TOKEN}` } });
+  const text = await r.text();
+  assert.equal(r.status, 200, `${path}: ${r.status} ${text}`);
+  return JSON.parse(text);
+}
+
+async function newPage(viewport = { width: 1280, height: 800 }) {
+  const context = await browser.newContext({ viewport });
+  const page = await context.newPage();
+  page.setDefaultTimeout(WAIT_MS);
+  const errors = [];
+  page.on("pageerror", (e) => errors.push(String(e)));
+  page.errors = errors;
+  return page;
+}
+
+async function login(page, email) {
+  await page.goto(`${BASE}/`);
+  // Not signed in: the app sends us to the login page.
+  await page.getByTestId("login-email").waitFor();
+  await page.getByTestId("login-email").fill(email);
+  await page.getByTestId("login-password").fill(PASSWORD);
+  await page.getByTestId("login-submit").click();
+  await page.getByTestId("user-menu").filter({ hasText: email }).waitFor();
+}
+
+const byId = (page, id) => page.locator(`[data-testid="device-row"][data-device-id="${id}"]`);
+
+async function filterDevices(page, selector) {
+  await page.getByTestId("nav-devices").click();
+  const input = page.getByTestId("device-filter");
+  await input.fill(selector);
+  await input.press("Enter");
+}
+
+/// Digits of an element's text, thousands separators dropped ("1,000 devices" -> 1000).
+async function countIn(locator) {
+  const text = await locator.innerText();
+  const m = text.replace(/[,.\u202f\u00a0 ](?=\d{3})/g, "").match(/\d+/);
+  return m ? Number(m[0]) : NaN;
+}
+
+async function waitCount(locator, n) {
+  const deadline = Date.now() + WAIT_MS;
+  let last;
+  while (Date.now() < deadline) {
+    last = await countIn(locator);
+    if (last === n) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  assert.fail(`expected ${n}, last saw ${last} in "${await locator.innerText()}"`);
+}
+
+test("a bad password is refused with a message, the right one signs in", async () => {
+  const page = await newPage();
+  await page.goto(`${BASE}/`);
+  await page.getByTestId("login-email").fill(ADMIN);
+  await page.getByTestId("login-password").fill("not-the-password");
+  await page.getByTestId("login-submit").click();
+  await page.getByTestId("login-error").waitFor();
+  assert.notEqual((await page.getByTestId("login-error").innerText()).trim(), "");
+  await page.getByTestId("login-password").fill(PASSWORD);
+  await page.getByTestId("login-submit").click();
+  await page.getByTestId("user-menu").filter({ hasText: ADMIN }).waitFor();
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+});
+
+test("find a device among 1,000 by tag, watch its chart update live, send a command, edit the shadow", async () => {
+  const page = await newPage();
+  await login(page, ADMIN);
+
+  // Every device first, then narrowed to the one tag only the live device carries.
+  await page.getByTestId("nav-devices").click();
+  await waitCount(page.getByTestId("device-count"), 1000);
+  await filterDevices(page, `tag:${LIVE_TAG}`);
+  await waitCount(page.getByTestId("device-count"), 1);
+  await byId(page, LIVE).waitFor();
+  assert.equal(await page.getByTestId("device-row").count(), 1);
+  assert.match(page.url(), /selector=/, "the filter is in the URL");
+
+  // Open it: its chart shows points and the newest one moves on as the agent publishes.
+  await byId(page, LIVE).getByRole("link").first().click();
+  await page.getByTestId("device-title").filter({ hasText: LIVE }).waitFor();
+  const chart = page.getByTestId("telemetry-chart");
+  await page.waitForFunction(
+    () => Number(document.querySelector('[data-testid="telemetry-chart"]')?.dataset.points) > 0,
+  );
+  const first = Number(await chart.getAttribute("data-last-ts"));
+  await page.waitForFunction(
+    (t) => Number(document.querySelector('[data-testid="telemetry-chart"]')?.dataset.lastTs) > t,
+    first,
+  );
+
+  // Send a command the agent handles; its row reaches "succeeded" without a reload.
+  await page.getByTestId("command-name").fill("blink");
+  await page.getByTestId("command-params").fill('{"times": 2}');
+  await page.getByTestId("command-send").click();
+  await page.locator('[data-testid="command-row"][data-state="succeeded"]').first().waitFor();
+  const cmds = await api(`/api/v1/devices/${LIVE}/commands`);
+  assert.ok(
+    cmds.commands.some((c) => c.name === "blink" && c.state === "succeeded"),
+    JSON.stringify(cmds),
+  );
+
+  // Edit the desired shadow; the page shows it and the server stored it.
+  await page.getByTestId("shadow-edit").click();
+  await page.getByTestId("shadow-desired-editor").fill('{"led": "green"}');
+  await page.getByTestId("shadow-save").click();
+  await page.getByTestId("shadow-desired").filter({ hasText: "green" }).waitFor();
+  const shadow = await api(`/api/v1/devices/${LIVE}/shadow`);
+  assert.equal(shadow.desired.led, "green", JSON.stringify(shadow));
+
+  // Bad JSON in the editor: a clear error, nothing stored.
+  await page.getByTestId("shadow-edit").click();
+  await page.getByTestId("shadow-desired-editor").fill("{not json");
+  await page.getByTestId("shadow-save").click();
+  await page.getByTestId("shadow-error").waitFor();
+  assert.equal((await api(`/api/v1/devices/${LIVE}/shadow`)).desired.led, "green");
+
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+});
+
+test("bulk tag a selection: the confirmation names the count, the job reports progress to the end", async () => {
+  const page = await newPage();
+  await login(page, ADMIN);
+  await filterDevices(page, BULK_SELECTOR);
+  await waitCount(page.getByTestId("device-count"), BULK_COUNT);
+  await page.getByTestId("select-all-matching").click();
+  await waitCount(page.getByTestId("selection-count"), BULK_COUNT);
+  await page.getByTestId("bulk-tag").click();
+  await page.getByTestId("bulk-tag-key").fill("batch");
+  await page.getByTestId("bulk-tag-value").fill("b1");
+  // The dialog that takes the tag is the confirmation: it names the count it applies to.
+  const confirm = page.getByTestId("confirm-dialog");
+  assert.match(await confirm.innerText(), new RegExp(`\\b${BULK_COUNT}\\b`));
+  await page.getByTestId("confirm-ok").click();
+  const progress = page.locator('[data-testid="job-progress"][data-state="succeeded"]');
+  await progress.waitFor();
+  assert.equal(Number(await progress.getAttribute("data-done")), BULK_COUNT);
+  assert.equal(Number(await progress.getAttribute("data-total")), BULK_COUNT);
+  const summary = await api(`/api/v1/fleet/summary?selector=${encodeURIComponent("tag:batch=b1")}`);
+  assert.equal(summary.devices, BULK_COUNT, JSON.stringify(summary));
+
+  // A hand selection of two rows: the confirmation says 2.
+  await filterDevices(page, BULK_SELECTOR);
+  await page.getByTestId("device-select").nth(0).check();
+  await page.getByTestId("device-select").nth(1).check();
+  await waitCount(page.getByTestId("selection-count"), 2);
+  await page.getByTestId("bulk-tag").click();
+  await page.getByTestId("bulk-tag-key").fill("picked");
+  await page.getByTestId("bulk-tag-value").fill("yes");
+  assert.match(await confirm.innerText(), /\b2\b/);
+  await page.getByTestId("confirm-ok").click();
+  await page.locator('[data-testid="job-progress"][data-state="succeeded"][data-done="2"]').waitFor();
+  assert.equal((await api("/api/v1/fleet/summary?selector=tag:picked=yes")).devices, 2);
+
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+});
+
+test("a viewer sees no write action, and a forced write is refused", async () => {
+  const page = await newPage();
+  await login(page, VIEWER);
+  for (const id of ["nav-users", "nav-tokens", "nav-audit"]) {
+    assert.equal(await page.getByTestId(id).count(), 0, `${id} shown to a viewer`);
+  }
+  await filterDevices(page, `tag:${LIVE_TAG}`);
+  await byId(page, LIVE).waitFor();
+  for (const id of ["bulk-tag", "bulk-untag", "bulk-command", "bulk-delete", "device-select"]) {
+    assert.equal(await page.getByTestId(id).count(), 0, `${id} shown to a viewer`);
+  }
+  await byId(page, LIVE).getByRole("link").first().click();
+  await page.getByTestId("device-title").filter({ hasText: LIVE }).waitFor();
+  // Wait until the page has loaded what it shows (the shadow and command history).
+  await page.getByTestId("shadow-reported").waitFor();
+  for (const id of ["command-send", "shadow-edit", "shadow-save", "device-delete", "tag-edit", "command-cancel"]) {
+    assert.equal(await page.getByTestId(id).count(), 0, `${id} shown to a viewer`);
+  }
+  // The viewer crafts the request the hidden button would have sent, CSRF token and all.
+  const status = await page.evaluate(async (id) => {
+    const csrf = document.cookie.split("; ").find((c) => c.startsWith("mooring_csrf="))?.split("=")[1];
+    const r = await fetch(`/api/v1/devices/${id}/commands`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "x-csrf-token": csrf ?? "" },
+      body: JSON.stringify({ name: "blink", params: {} }),
+    });
+    return r.status;
+  }, LIVE);
+  assert.equal(status, 403);
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+});
+
+// Screenshots of every page, desktop and phone width, light and dark (docs/screenshots/).
+test("screenshots", { skip: !process.env.SCREENSHOTS }, async () => {
+  const dir = process.env.SCREENSHOTS;
+  const pages = [
+    ["overview", "#/overview", "stat-devices"],
+    ["devices", "#/devices", "device-row"],
+    ["device", `#/devices/${LIVE}`, "shadow-reported"],
+    ["users", "#/users", "user-row"],
+    ["tokens", "#/tokens", "token-row"],
+    ["audit", "#/audit", "audit-row"],
+  ];
+  const sizes = [
+    ["desktop", { width: 1280, height: 800 }],
+    ["phone", { width: 390, height: 844 }],
+  ];
+  for (const scheme of ["light", "dark"]) {
+    for (const [size, viewport] of sizes) {
+      const page = await newPage(viewport);
+      await page.emulateMedia({ colorScheme: scheme });
+      await page.goto(`${BASE}/#/login`);
+      await page.getByTestId("login-email").waitFor();
+      await page.screenshot({ path: `${dir}/login-${size}-${scheme}.png` });
+      await login(page, ADMIN);
+      for (const [name, hash, ready] of pages) {
+        await page.goto(`${BASE}/${hash}`);
+        await page.getByTestId(ready).first().waitFor();
+        // Charts draw after their data arrives.
+        await page.waitForTimeout(700);
+        await page.screenshot({ path: `${dir}/${name}-${size}-${scheme}.png`, fullPage: size === "desktop" });
+      }
+      await page.context().close();
+    }
+  }
+});
