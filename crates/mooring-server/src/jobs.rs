@@ -53,7 +53,7 @@ pub const JOB_PAGE_LEN_MAX: usize = 200;
 /// Keys one untag job removes at most; tags one tag job sets at most (as a device holds).
 pub const UNTAG_KEYS_MAX: usize = 64;
 /// Unfinished jobs one runner pass reads.
-const RUNNER_JOBS_PER_PASS: usize = 16;
+const RUNNER_JOBS_PER_PASS: usize = 1_000;
 /// How often finished jobs are pruned.
 const PRUNE_INTERVAL_MS: u64 = 60_000;
 
@@ -411,26 +411,35 @@ impl Jobs {
         ))
     }
 
-    /// One runner pass: runs every unfinished job, oldest first, until it finishes, is
-    /// canceled, `stop` is set or this node loses the runner lease. Returns how many jobs it
-    /// touched.
+    /// One runner pass: runs the unfinished jobs in turns until none is left, `stop` is set or
+    /// this node loses the runner lease. A turn gives each creator's oldest unfinished job one
+    /// batch, so one creator's long jobs never hold up another's (their jobs interleave batch
+    /// by batch). Returns how many turns of a job it ran.
     pub async fn run_pass(&self, stop: &watch::Receiver<bool>) -> ServiceResult<usize> {
-        if !self.holds_lease().await {
-            return Ok(0);
-        }
-        let jobs = self
-            .core
-            .store
-            .unfinished_jobs(RUNNER_JOBS_PER_PASS)
-            .await?;
-        let n = jobs.len();
-        for job in jobs {
-            if *stop.borrow() {
-                break;
+        let mut turns = 0;
+        loop {
+            if *stop.borrow() || !self.holds_lease().await {
+                return Ok(turns);
             }
-            self.run_job(job, stop).await?;
+            let jobs = self
+                .core
+                .store
+                .unfinished_jobs(RUNNER_JOBS_PER_PASS)
+                .await?;
+            if jobs.is_empty() {
+                return Ok(turns);
+            }
+            let mut creators = std::collections::HashSet::new();
+            for job in jobs {
+                if *stop.borrow() {
+                    return Ok(turns);
+                }
+                if creators.insert(job.created_by.clone()) {
+                    self.run_job(job, stop).await?;
+                    turns += 1;
+                }
+            }
         }
-        Ok(n)
     }
 
     async fn holds_lease(&self) -> bool {
@@ -465,6 +474,8 @@ impl Jobs {
         Ok(saved)
     }
 
+    /// One turn of `job`: started if queued, counted if not yet, then one batch (or, for action
+    /// `command`, the fleet command), its progress stored before the next turn.
     async fn run_job(&self, mut job: JobRecord, stop: &watch::Receiver<bool>) -> ServiceResult<()> {
         if job.state == JobState::Queued {
             job.state = JobState::Running;
@@ -489,6 +500,9 @@ impl Jobs {
                 return Ok(());
             }
         };
+        // The creator is re-checked every turn (before every batch): a job stops (failed,
+        // with the reason) once its creator is disabled, deleted, revoked, expired, or given
+        // another role or scope.
         if let Some(reason) = self.creator_refused(&job, &action).await? {
             job.errors.push(JobError {
                 device_id: String::new(),
@@ -509,65 +523,53 @@ impl Jobs {
         }
         let batch_len = self.core.config.jobs.batch_len.clamp(1, BATCH_LEN_MAX);
         let pause = Duration::from_millis(self.core.config.jobs.batch_pause_ms);
-        loop {
-            if *stop.borrow() || !self.holds_lease().await {
-                // Resumed from the stored cursor by whoever runs jobs next.
-                return Ok(());
-            }
-            // The creator is re-checked before every batch: a job stops (failed, with the
-            // reason) once its creator is disabled, deleted, revoked, expired, or given
-            // another role or scope.
-            if let Some(reason) = self.creator_refused(&job, &action).await? {
-                job.errors.push(JobError {
-                    device_id: String::new(),
-                    message: reason,
-                });
-                self.finish(&mut job, JobState::Failed).await?;
-                return Ok(());
-            }
-            let (page, next) = self
-                .registry
-                .select_devices(&sel, job.cursor.as_deref(), batch_len)
-                .await?;
-            let ids: Vec<DeviceId> = page.iter().map(|d| d.record.id.clone()).collect();
-            let outcomes = self.apply_batch(&access, &action, &ids).await;
-            for (id, outcome) in ids.iter().zip(outcomes) {
-                let id = id.as_str();
-                match outcome {
-                    Ok(()) => job.done += 1,
-                    Err(e) if e.kind == ErrorKind::Internal || e.kind == ErrorKind::Unavailable => {
-                        // The store failed: nothing of this batch is recorded; retried later.
-                        return Err(e);
-                    }
-                    Err(e) => {
-                        job.failed += 1;
-                        if job.errors.len() < JOB_ERRORS_MAX {
-                            job.errors.push(JobError {
-                                device_id: id.to_owned(),
-                                message: e.message,
-                            });
-                        }
-                    }
+        if *stop.borrow() || !self.holds_lease().await {
+            // Resumed from the stored cursor by whoever runs jobs next.
+            return Ok(());
+        }
+        let (page, next) = self
+            .registry
+            .select_devices(&sel, job.cursor.as_deref(), batch_len)
+            .await?;
+        let ids: Vec<DeviceId> = page.iter().map(|d| d.record.id.clone()).collect();
+        let outcomes = self.apply_batch(&access, &action, &ids).await;
+        for (id, outcome) in ids.iter().zip(outcomes) {
+            let id = id.as_str();
+            match outcome {
+                Ok(()) => job.done += 1,
+                Err(e) if e.kind == ErrorKind::Internal || e.kind == ErrorKind::Unavailable => {
+                    // The store failed: nothing of this batch is recorded; retried later.
+                    return Err(e);
                 }
-            }
-            if let Some(last) = page.last() {
-                job.cursor = Some(last.record.id.to_string());
-            }
-            if next.is_none() {
-                self.finish(&mut job, JobState::Succeeded).await?;
-                return Ok(());
-            }
-            if !self.save(&mut job).await? {
-                return Ok(());
-            }
-            if !pause.is_zero() {
-                let mut stop = stop.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => {}
-                    _ = stop.changed() => {}
+                Err(e) => {
+                    job.failed += 1;
+                    if job.errors.len() < JOB_ERRORS_MAX {
+                        job.errors.push(JobError {
+                            device_id: id.to_owned(),
+                            message: e.message,
+                        });
+                    }
                 }
             }
         }
+        if let Some(last) = page.last() {
+            job.cursor = Some(last.record.id.to_string());
+        }
+        if next.is_none() {
+            self.finish(&mut job, JobState::Succeeded).await?;
+            return Ok(());
+        }
+        if !self.save(&mut job).await? {
+            return Ok(());
+        }
+        if !pause.is_zero() {
+            let mut stop = stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        Ok(())
     }
 
     /// Why the job's creator may no longer do what the job does (`None`: it still may): a user

@@ -6,19 +6,8 @@ mod support;
 use serde_json::Value;
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use support::Server;
-
-fn agent_bin() -> PathBuf {
-    // `cargo test --workspace` builds every binary of the workspace into the same directory.
-    let path = std::path::Path::new(support::BIN).with_file_name("mooring-agent");
-    assert!(
-        path.exists(),
-        "{} not built; run `cargo test --workspace` (or `cargo build -p mooring-agent`)",
-        path.display()
-    );
-    path
-}
 
 fn seqs(v: &Value) -> Vec<f64> {
     v["points"]
@@ -33,16 +22,7 @@ async fn agent_outbox_survives_server_restart_in_order_without_duplicates() {
     let data = tmp.path().join("data");
     let server = Server::start(&data);
     let d = server.create_device("cart-7", tmp.path());
-    let mut agent = Command::new(agent_bin())
-        .args(["--server", &server.mqtt.to_string()])
-        .arg("--cert")
-        .arg(d.cert())
-        .arg("--key")
-        .arg(d.key())
-        .arg("--ca")
-        .arg(d.ca())
-        .arg("--state-dir")
-        .arg(tmp.path().join("agent-state"))
+    let mut agent = support::agent_command(&server, &d, &tmp.path().join("agent-state"))
         .args([
             "--interval-secs",
             "0",
@@ -110,16 +90,7 @@ impl Agent {
         state: &std::path::Path,
         config: &std::path::Path,
     ) -> Agent {
-        let child = Command::new(agent_bin())
-            .args(["--server", &server.mqtt.to_string()])
-            .arg("--cert")
-            .arg(creds.cert())
-            .arg("--key")
-            .arg(creds.key())
-            .arg("--ca")
-            .arg(creds.ca())
-            .arg("--state-dir")
-            .arg(state)
+        let child = support::agent_command(server, creds, state)
             .arg("--config")
             .arg(config)
             .args(["--interval-secs", "0"])

@@ -59,16 +59,6 @@ fn ensure_node_modules() {
     );
 }
 
-fn agent_bin() -> PathBuf {
-    let path = Path::new(support::BIN).with_file_name("mooring-agent");
-    assert!(
-        path.exists(),
-        "{} not built; run `cargo test --workspace` (or `cargo build -p mooring-agent`)",
-        path.display()
-    );
-    path
-}
-
 /// Creates devices `dev-0000`.. through the API, `site` tag `s<i % 10>`, 8 requests at a time.
 async fn seed_devices(server: &Server, n: usize) {
     let client = support::http();
@@ -138,16 +128,7 @@ async fn the_dashboard_in_a_real_browser() {
          args = ['{\"blinked\": true}']\n",
     )
     .expect("agent config");
-    let mut agent = Command::new(agent_bin())
-        .args(["--server", &server.mqtt.to_string()])
-        .arg("--cert")
-        .arg(creds.cert())
-        .arg("--key")
-        .arg(creds.key())
-        .arg("--ca")
-        .arg(creds.ca())
-        .arg("--state-dir")
-        .arg(tmp.path().join("agent-state"))
+    let mut agent = support::agent_command(&server, &creds, &tmp.path().join("agent-state"))
         .arg("--config")
         .arg(&config)
         .args(["--interval-secs", "1"])

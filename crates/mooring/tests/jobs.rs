@@ -841,3 +841,57 @@ async fn one_creators_finished_jobs_are_bounded_and_do_not_push_out_others() {
         "the admin's job is gone"
     );
 }
+
+#[tokio::test]
+async fn one_creators_long_job_does_not_hold_up_anothers() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = "[jobs]\nbatch_len = 10\nbatch_pause_ms = 50\n";
+    let args = config_args(tmp.path(), config);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Arc::new(Server::start_with(
+        tmp.path(),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &args,
+    ));
+    create_devices(&server, "big", 400, json!({"site": "big"})).await;
+    create_devices(&server, "small", 20, json!({"site": "small"})).await;
+    // The admin token starts a long job (40 batches); an operator token's short one (2
+    // batches) comes after it started.
+    let long = create_job(
+        &server,
+        json!({"selector": "tag:site=big", "action": "tag", "tags": {"long": "1"}}),
+    )
+    .await;
+    let long_id = long["id"].as_str().expect("id").to_owned();
+    server
+        .wait_for(&format!("/api/v1/jobs/{long_id}"), |j| {
+            j["state"] == "running"
+        })
+        .await;
+    let secret = token(&server, json!({"name": "other", "role": "operator"})).await;
+    let r = call(
+        &server,
+        "POST",
+        "/api/v1/jobs",
+        Some(&secret),
+        None,
+        &[],
+        Some(json!({"selector": "tag:site=small", "action": "tag", "tags": {"short": "1"}})),
+    )
+    .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let short = finished(&server, r.body["id"].as_str().expect("id"), WAIT).await;
+    assert_eq!(short["state"], "succeeded", "{short}");
+    // Taking turns batch by batch: the short job ended while the long one was still running.
+    let (_, long_now) = server
+        .api("GET", &format!("/api/v1/jobs/{long_id}"), None)
+        .await;
+    assert_eq!(long_now["state"], "running", "{long_now}");
+    assert!(long_now["done"].as_u64().unwrap_or(400) < 400, "{long_now}");
+    let long = finished(&server, &long_id, WAIT).await;
+    assert_eq!(
+        (&long["state"], &long["done"]),
+        (&json!("succeeded"), &json!(400))
+    );
+}

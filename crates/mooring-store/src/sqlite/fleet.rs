@@ -100,25 +100,7 @@ pub(super) async fn count_device_versions(
          ) ORDER BY n DESC, v IS NULL, v LIMIT ?"
     );
     store
-        .read(move |conn| {
-            let mut stmt = conn.prepare_cached(&sql).db()?;
-            let rows = stmt
-                .query_map(params_from_iter(params), |r| {
-                    Ok((
-                        r.get::<_, Option<String>>(0)?,
-                        u64_column(r, 1)?,
-                        u64_column(r, 2)?,
-                    ))
-                })
-                .db()?;
-            let mut out = VersionCounts::default();
-            for row in rows {
-                let (v, n, total) = row.db()?;
-                out.total = total;
-                out.versions.push((v, n));
-            }
-            Ok(out)
-        })
+        .read(move |conn| version_counts(conn, &sql, params_from_iter(params)))
         .await
 }
 
@@ -143,22 +125,7 @@ async fn count_all_versions(
     );
     store
         .read(move |conn| {
-            let mut stmt = conn.prepare_cached(&sql).db()?;
-            let rows = stmt
-                .query_map(params![version, limit], |r| {
-                    Ok((
-                        r.get::<_, Option<String>>(0)?,
-                        u64_column(r, 1)?,
-                        u64_column(r, 2)?,
-                    ))
-                })
-                .db()?;
-            let mut out = VersionCounts::default();
-            for row in rows {
-                let (v, n, total) = row.db()?;
-                out.total = total;
-                out.versions.push((v, n));
-            }
+            let mut out = version_counts(conn, &sql, params![version, limit])?;
             if out.versions.is_empty() && version.is_none() {
                 // No device at all, or none listed: the total still counts.
                 out.total = conn
@@ -170,6 +137,31 @@ async fn count_all_versions(
             Ok(out)
         })
         .await
+}
+
+/// Reads `(version, devices, total)` rows (most devices first) into [`VersionCounts`].
+fn version_counts(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<VersionCounts> {
+    let mut stmt = conn.prepare_cached(sql).db()?;
+    let rows = stmt
+        .query_map(params, |r| {
+            Ok((
+                r.get::<_, Option<String>>(0)?,
+                u64_column(r, 1)?,
+                u64_column(r, 2)?,
+            ))
+        })
+        .db()?;
+    let mut out = VersionCounts::default();
+    for row in rows {
+        let (v, n, total) = row.db()?;
+        out.total = total;
+        out.versions.push((v, n));
+    }
+    Ok(out)
 }
 
 #[async_trait::async_trait]

@@ -322,6 +322,28 @@ impl Drop for Server {
     }
 }
 
+/// `mooring-agent` (built beside `mooring` by `cargo test --workspace`) as device `creds`
+/// against `server`, its state in `state_dir`; callers add the rest of the arguments.
+pub fn agent_command(server: &Server, creds: &Creds, state_dir: &Path) -> Command {
+    let bin = Path::new(BIN).with_file_name("mooring-agent");
+    assert!(
+        bin.exists(),
+        "{} not built; run `cargo test --workspace` (or `cargo build -p mooring-agent`)",
+        bin.display()
+    );
+    let mut cmd = Command::new(bin);
+    cmd.args(["--server", &server.mqtt.to_string()])
+        .arg("--cert")
+        .arg(creds.cert())
+        .arg("--key")
+        .arg(creds.key())
+        .arg("--ca")
+        .arg(creds.ca())
+        .arg("--state-dir")
+        .arg(state_dir);
+    cmd
+}
+
 pub struct Creds {
     pub dir: PathBuf,
 }
