@@ -12,6 +12,12 @@ pub struct CreateDevice {
     pub id: String,
     #[serde(default)]
     pub tags: BTreeMap<String, String>,
+    /// A PEM certificate signing request (PKCS#10) made on the device: the certificate is issued
+    /// for its key, which never leaves the device, and no private key is returned. Only the
+    /// public key is used (the server sets serial, validity, key usage and CN = id). Without
+    /// it the server makes the key and returns it once (quick starts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csr_pem: Option<String>,
 }
 
 /// A newly created device with its credentials. The private key is shown only here.
@@ -20,7 +26,9 @@ pub struct CreatedDevice {
     #[serde(flatten)]
     pub device: Device,
     pub certificate_pem: String,
-    pub private_key_pem: String,
+    /// The key the server made; absent when the device sent a CSR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key_pem: Option<String>,
     pub ca_pem: String,
 }
 

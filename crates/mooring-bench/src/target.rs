@@ -812,7 +812,9 @@ pub(crate) async fn create_devices(
                     Cred {
                         id: id.clone(),
                         cert_pem: created.certificate_pem,
-                        key_pem: created.private_key_pem,
+                        key_pem: created.private_key_pem.with_context(|| {
+                            format!("create {id}: the server returned no private key")
+                        })?,
                     },
                 ));
             }

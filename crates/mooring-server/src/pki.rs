@@ -27,7 +27,9 @@ const SERVER_VALIDITY_DAYS: i64 = 365 * 5;
 /// A certificate issued to a device, as returned once by the API.
 pub struct IssuedCert {
     pub certificate_pem: String,
-    pub private_key_pem: String,
+    /// The key the server made (`None`: the certificate is for a key from a CSR, which never
+    /// left the device).
+    pub private_key_pem: Option<String>,
     pub sha256_hex: String,
     pub serial_hex: String,
     pub not_after_ms: u64,
@@ -77,6 +79,29 @@ fn dn(cn: &str) -> DistinguishedName {
 }
 
 /// SHA-256 of a DER certificate, lower-case hex: the registry's pin for a device certificate.
+/// Longest certificate signing request accepted, in bytes of PEM.
+pub const CSR_PEM_LEN_MAX: usize = 16 * 1024;
+
+/// The public key of a PEM certificate signing request (PKCS#10), whose signature must verify
+/// (the requester holds the private key). Only the key is used; the CSR's subject, extensions
+/// and attributes are ignored. `Err` says what is wrong, for a 400.
+pub fn parse_csr(csr_pem: &str) -> Result<rcgen::PublicKey, String> {
+    if csr_pem.len() > CSR_PEM_LEN_MAX {
+        return Err(format!("csr_pem is longer than {CSR_PEM_LEN_MAX} bytes"));
+    }
+    rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+        .map(|csr| csr.public_key)
+        .map_err(|e| match e {
+            rcgen::Error::InvalidCertificationRequestSignature => {
+                "the CSR's signature does not verify with its public key".to_owned()
+            }
+            rcgen::Error::UnsupportedSignatureAlgorithm => {
+                "the CSR's key or signature algorithm is not supported (use ECDSA P-256/P-384, Ed25519 or RSA)".to_owned()
+            }
+            _ => "csr_pem is not a PEM certificate signing request (-----BEGIN CERTIFICATE REQUEST-----)".to_owned(),
+        })
+}
+
 pub fn cert_sha256_hex(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
 }
@@ -192,7 +217,8 @@ impl Pki {
         &self.ca_cert_pem
     }
 
-    /// Issues a certificate and a fresh key for device `id`.
+    /// Issues a certificate and a fresh key for device `id` (the quick-start path: the key is
+    /// made here and handed out once).
     pub fn issue_device_cert(
         &self,
         id: &str,
@@ -200,6 +226,21 @@ impl Pki {
         validity_days: u32,
     ) -> anyhow::Result<IssuedCert> {
         let key = KeyPair::generate()?;
+        let mut issued = self.issue_device_cert_for_key(id, &key, now, validity_days)?;
+        issued.private_key_pem = Some(key.serialize_pem());
+        Ok(issued)
+    }
+
+    /// Issues a certificate for device `id` to the public key `key` (from [`parse_csr`]). The
+    /// server decides everything in it: its own serial, validity, key usage (digital
+    /// signature, client authentication) and CN = `id`; nothing is copied from a CSR.
+    pub fn issue_device_cert_for_key(
+        &self,
+        id: &str,
+        key: &impl rcgen::PublicKeyData,
+        now: OffsetDateTime,
+        validity_days: u32,
+    ) -> anyhow::Result<IssuedCert> {
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(id);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -211,10 +252,10 @@ impl Pki {
         let not_after = now + Duration::days(i64::from(validity_days));
         params.not_after = not_after;
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.ca_issuer)?;
+        let cert = params.signed_by(key, &self.ca_issuer)?;
         Ok(IssuedCert {
             certificate_pem: cert.pem(),
-            private_key_pem: key.serialize_pem(),
+            private_key_pem: None,
             sha256_hex: cert_sha256_hex(cert.der()),
             serial_hex,
             not_after_ms: (not_after.unix_timestamp_nanos() / 1_000_000).max(0) as u64,

@@ -140,14 +140,22 @@ impl Registry {
 
     /// Registers a device and issues its certificate. The private key is returned once and
     /// never stored.
+    /// Registers device `id` with a certificate for the key in `csr_pem` (made on the device;
+    /// the private key never leaves it), or, without one, for a key made here and returned
+    /// once (quick starts).
     pub async fn create_device(
         &self,
         access: &Access,
         id: &str,
         tags: BTreeMap<String, String>,
+        csr_pem: Option<&str>,
     ) -> ServiceResult<(DeviceRecord, IssuedCert)> {
         let id = Self::parse_id(id)?;
         validate_tags(&tags)?;
+        let csr_key = csr_pem
+            .map(crate::pki::parse_csr)
+            .transpose()
+            .map_err(|m| ServiceError::invalid("invalid_csr", m))?;
         if !access.sees_facts(id.as_str(), &tags) {
             return Err(outside_scope(id.as_str()));
         }
@@ -158,14 +166,19 @@ impl Registry {
                 format!("device {id} already exists"),
             ));
         }
-        let issued = self
-            .pki
-            .issue_device_cert(
+        let validity_days = self.core.config.certificates.device_validity_days;
+        let issued = match &csr_key {
+            Some(key) => self.pki.issue_device_cert_for_key(
                 id.as_str(),
+                key,
                 self.now_datetime(),
-                self.core.config.certificates.device_validity_days,
-            )
-            .map_err(ServiceError::internal)?;
+                validity_days,
+            ),
+            None => self
+                .pki
+                .issue_device_cert(id.as_str(), self.now_datetime(), validity_days),
+        }
+        .map_err(ServiceError::internal)?;
         let record = self
             .insert(NewDevice {
                 id: id.clone(),

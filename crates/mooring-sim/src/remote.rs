@@ -97,6 +97,7 @@ impl RemoteApi {
         let req = mooring_api::CreateDevice {
             id: id.to_owned(),
             tags,
+            csr_pem: None,
         };
         let created = self
             .api
@@ -109,7 +110,11 @@ impl RemoteApi {
             dir.join("ca.crt"),
         );
         std::fs::write(&cert, &created.certificate_pem)?;
-        std::fs::write(&key, &created.private_key_pem)?;
+        let key_pem = created
+            .private_key_pem
+            .as_deref()
+            .context("the server returned no private key")?;
+        std::fs::write(&key, key_pem)?;
         std::fs::write(&ca, &created.ca_pem)?;
         let identity = mooring_agent::transport::load_identity(&cert, &key, &ca)?;
         Ok(TlsConnector {

@@ -156,29 +156,42 @@ fn print_device(d: &Device, out: OutputArgs) -> anyhow::Result<()> {
 
 pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8> {
     match command {
-        DeviceCommand::Create { id, out, tags } => {
+        DeviceCommand::Create { id, out, tags, csr } => {
             let id = parse_id(&id)?;
             let tags = parse_tags(&tags, "--tag")?;
+            let csr_pem = csr
+                .as_deref()
+                .map(|path| {
+                    std::fs::read_to_string(path)
+                        .map_err(|e| UsageError(format!("--csr {}: {e}", path.display())))
+                })
+                .transpose()?;
             let dir = out.unwrap_or_else(|| PathBuf::from(id.as_str()));
             let api = args.connect()?;
             // The files first: a refused write must not leave a device whose key is lost.
-            let files = CredentialFiles::create(&dir)?;
+            let files = CredentialFiles::create(&dir, csr_pem.is_none())?;
+            let with_key = csr_pem.is_none();
             let req = mooring_api::CreateDevice {
                 id: id.as_str().to_owned(),
                 tags,
+                csr_pem,
             };
             let created = call(api.create_device(&req).await)?;
-            files
-                .write([
-                    &created.private_key_pem,
-                    &created.certificate_pem,
-                    &created.ca_pem,
-                ])
-                .with_context(|| {
-                    format!("device {id} was created, but its credentials were not saved; delete it (`mooring device delete {id}`) and create it again")
-                })?;
+            let written = match (with_key, created.private_key_pem.as_deref()) {
+                (true, Some(key)) => files.write(&[key, &created.certificate_pem, &created.ca_pem]),
+                (true, None) => Err(anyhow::anyhow!("the server returned no private key")),
+                (false, _) => files.write(&[&created.certificate_pem, &created.ca_pem]),
+            };
+            written.with_context(|| {
+                format!("device {id} was created, but its credentials were not saved; delete it (`mooring device delete {id}`) and create it again")
+            })?;
+            let names = if with_key {
+                "device.crt, device.key, ca.crt"
+            } else {
+                "device.crt, ca.crt; the key stays where the CSR was made"
+            };
             println!(
-                "created device {id}; credentials in {}/ (device.crt, device.key, ca.crt)",
+                "created device {id}; credentials in {}/ ({names})",
                 dir.display()
             );
         }

@@ -25,7 +25,8 @@ impl CredentialFiles {
     /// Checks `dir` (not a symbolic link; a directory if it exists) and creates every file
     /// with `O_CREAT | O_EXCL | O_NOFOLLOW` and its final mode (the key 0600). A file that
     /// exists, or is a symbolic link even to nowhere, is refused, naming it: exit code 2.
-    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+    /// `with_key: false` (a CSR: the key stays on the device) leaves out `device.key`.
+    pub fn create(dir: &Path, with_key: bool) -> anyhow::Result<Self> {
         // Without a trailing slash, so a symbolic link is seen as one, not followed.
         let dir: PathBuf = dir.components().collect();
         let created_dir = match std::fs::symlink_metadata(&dir) {
@@ -62,7 +63,10 @@ impl CredentialFiles {
             created_dir,
             files: Vec::new(),
         };
-        for (name, mode) in CREDENTIAL_FILES {
+        for (name, mode) in CREDENTIAL_FILES
+            .into_iter()
+            .filter(|(name, _)| with_key || *name != "device.key")
+        {
             let path = out.dir.join(name);
             let file = create_new_file(&path, mode)?;
             out.files.push((path, file));
@@ -70,8 +74,15 @@ impl CredentialFiles {
         Ok(out)
     }
 
-    /// Writes each file's contents (in [`CREDENTIAL_FILES`] order) and syncs it.
-    pub fn write(mut self, contents: [&str; 3]) -> anyhow::Result<()> {
+    /// Writes each file's contents (in [`CREDENTIAL_FILES`] order, of the files created) and
+    /// syncs it.
+    pub fn write(mut self, contents: &[&str]) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            contents.len() == self.files.len(),
+            "{} credential files, {} contents",
+            self.files.len(),
+            contents.len()
+        );
         use std::io::Write;
         for ((path, file), text) in self.files.iter_mut().zip(contents) {
             file.write_all(text.as_bytes())

@@ -190,6 +190,11 @@ enum DeviceCommand {
         /// Tag as key=value (repeatable).
         #[arg(long = "tag")]
         tags: Vec<String>,
+        /// A certificate signing request (PEM) made on the device: the certificate is issued for
+        /// its key, which never leaves the device; writes device.crt and ca.crt only. Without
+        /// it the server makes the key (quick starts).
+        #[arg(long, value_name = "FILE")]
+        csr: Option<PathBuf>,
     },
     /// List devices (every page).
     List {

@@ -84,7 +84,7 @@ pub(super) async fn create_device(
 ) -> ApiResult<(StatusCode, Json<CreatedDevice>)> {
     let (record, issued) = app
         .registry
-        .create_device(&caller.access, &req.id, req.tags)
+        .create_device(&caller.access, &req.id, req.tags, req.csr_pem.as_deref())
         .await?;
     let device = Device::from(DeviceView {
         record,
