@@ -32,7 +32,7 @@ pub async fn verify_token(store: &dyn TokenStore, token: &str, now_ms: u64) -> O
         .await
         .ok()
         .flatten()
-        .filter(|t| t.expires_at_ms.is_none_or(|e| now_ms < e))
+        .filter(|t| t.is_live(now_ms))
 }
 
 /// A new token record and its secret (shown once, never stored).
@@ -311,7 +311,7 @@ impl Tokens {
     pub async fn still_valid(&self, id: &str) -> bool {
         let now_ms = self.core.now_ms();
         match self.core.store.get_token(id).await {
-            Ok(Some(t)) => t.expires_at_ms.is_none_or(|e| now_ms < e),
+            Ok(Some(t)) => t.is_live(now_ms),
             Ok(None) => false,
             Err(_) => true,
         }

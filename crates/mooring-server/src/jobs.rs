@@ -590,7 +590,7 @@ impl Jobs {
             }
         } else {
             match store.get_token(&job.created_by).await? {
-                Some(t) if t.expires_at_ms.is_some_and(|e| e <= self.core.now_ms()) => {
+                Some(t) if !t.is_live(self.core.now_ms()) => {
                     return Ok(Some(format!("token {} expired", job.created_by)))
                 }
                 Some(t) => (t.role, t.scope),

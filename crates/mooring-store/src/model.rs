@@ -132,6 +132,11 @@ pub struct TokenRecord {
 }
 
 impl TokenRecord {
+    /// Whether the token still holds at `now_ms`: no expiry, or an expiry still ahead.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.expires_at_ms.is_none_or(|e| now_ms < e)
+    }
+
     /// Refuses U+0000 in any of its texts (see [`check_text`]).
     pub(crate) fn check_text(&self) -> Result<()> {
         check_text("token id", &self.id)?;
