@@ -4,8 +4,8 @@
 //! `POST /api/v1/jobs` validates the action and selector, narrows the selector by the creator's
 //! scope, bounds the creator's unfinished jobs ([`JOBS_UNFINISHED_PER_CREATOR_MAX`]) and stores
 //! the job `queued`. The runner ([`run_jobs`], under the lease `jobs.runner`, so once across a
-//! cluster) takes unfinished jobs oldest first: it counts the matching devices (`total`), then
-//! walks them in id order in batches of `[jobs] batch_len` (≤ [`BATCH_LEN_MAX`]), acting on each
+//! cluster) runs unfinished jobs in turns, one batch of each creator's oldest per turn: it
+//! counts a job's matching devices (`total`), then walks them in id order in batches of `[jobs] batch_len` (≤ [`BATCH_LEN_MAX`]), acting on each
 //! device through the registry with the creator's scope (so a scoped creator's job cannot tag a
 //! device out of its scope), and stores `done`, `failed`, the first errors and the cursor (the
 //! last id handled) after each batch with compare-and-set on the job's `rev`.
@@ -27,7 +27,7 @@ use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::registry::{validate_tags, Registry};
 use mooring_proto::selector::Selector;
 use mooring_proto::DeviceId;
-use mooring_store::{JobError, JobRecord, JobState};
+use mooring_store::{JobError, JobRecord, JobState, Role};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -96,6 +96,13 @@ impl JobAction {
             JobAction::Command(_) => Some(Permission::CommandsWrite),
             JobAction::Tag(_) | JobAction::Untag(_) | JobAction::Delete => None,
         }
+    }
+
+    /// Whether `role` may run this action: `devices.write` and the action's own permission.
+    /// Checked when the job is created and again before every batch.
+    pub fn allowed_for(&self, role: Role) -> bool {
+        role_allows(role, Permission::DevicesWrite)
+            && self.extra_permission().is_none_or(|p| role_allows(role, p))
     }
 
     /// The parameters as stored and shown (`{"tags": ..}`, `{"keys": ..}`, `{"command": ..}`).
@@ -235,12 +242,11 @@ impl JobCommand {
     }
 }
 
-/// Who creates a job: how jobs name it (`created_by`, the per-creator bound) and whether its
-/// role may send commands.
+/// Who creates a job: how jobs name it (`created_by`, the per-creator bound) and its role.
 #[derive(Debug, Clone)]
 pub struct Creator {
     pub name: String,
-    pub may_send_commands: bool,
+    pub role: Role,
 }
 
 /// The jobs service.
@@ -274,13 +280,16 @@ impl Jobs {
         selector: &str,
         action: JobAction,
     ) -> ServiceResult<JobRecord> {
-        if action.extra_permission() == Some(Permission::CommandsWrite)
-            && !creator.may_send_commands
-        {
+        if !action.allowed_for(creator.role) {
+            let needs = action
+                .extra_permission()
+                .map_or("devices.write".to_owned(), |p| {
+                    format!("devices.write and {}", p.as_str())
+                });
             return Err(ServiceError::new(
                 ErrorKind::Forbidden,
                 "forbidden",
-                "action command needs the permission commands.write",
+                format!("action {} needs the permissions {needs}", action.name()),
             ));
         }
         if let JobAction::Command(c) = &action {
@@ -599,11 +608,7 @@ impl Jobs {
         };
         // Compared as the job stores it: the parsed selector's text.
         let scope = scope.map(|s| Selector::parse(&s).map_or(s, |sel| sel.to_string()));
-        let allowed = role_allows(role, Permission::DevicesWrite)
-            && action
-                .extra_permission()
-                .is_none_or(|p| role_allows(role, p));
-        if !allowed {
+        if !action.allowed_for(role) {
             return Ok(Some(format!(
                 "{} no longer has the permissions this job needs (role {})",
                 job.created_by,

@@ -1,7 +1,6 @@
 //! `/api/v1/jobs` handlers: bulk actions on a selection of devices, run in the background.
 
 use super::{ApiJson, ApiPath, ApiQuery, ApiResult, Caller, CallerKind, ErrorBody};
-use crate::access::{role_allows, Permission};
 use crate::app::App;
 use crate::jobs::{Creator, JobAction, JobCommand};
 use axum::extract::State;
@@ -45,7 +44,7 @@ fn creator(caller: &Caller) -> Creator {
             CallerKind::User { email, .. } => email.clone(),
             CallerKind::Token { id } => id.clone(),
         },
-        may_send_commands: role_allows(caller.role, Permission::CommandsWrite),
+        role: caller.role,
     }
 }
 

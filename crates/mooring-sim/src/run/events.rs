@@ -130,7 +130,7 @@ pub(super) async fn run_events(
                             &mooring_server::access::Access::all(),
                             &mooring_server::jobs::Creator {
                                 name: token.id,
-                                may_send_commands: true,
+                                role: mooring_store::Role::Operator,
                             },
                             to,
                             mooring_server::jobs::JobAction::Tag(tags.clone()),
