@@ -46,14 +46,20 @@ pub(super) async fn fallback(State(app): State<Arc<App>>, req: Request) -> Respo
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return resp;
     }
-    let bytes = match &app.config().http.web_dir {
-        Some(dir) => read_from_dir(&dir.join(rel)).await.map(Cow::Owned),
-        None => Files::get(rel).map(|f| f.data),
+    // The embedded files' SHA-256 is computed when the binary is built; a file from
+    // `web_dir` is hashed as it is read.
+    let file = match &app.config().http.web_dir {
+        Some(dir) => read_from_dir(&dir.join(rel)).await.map(|bytes| {
+            use sha2::Digest;
+            let sha256: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+            (Cow::Owned(bytes), sha256)
+        }),
+        None => Files::get(rel).map(|f| (f.data, f.metadata.sha256_hash())),
     };
-    let Some(bytes) = bytes else {
+    let Some((bytes, sha256)) = file else {
         return ApiError(ServiceError::not_found("file_not_found", "no such file")).into_response();
     };
-    respond(rel, &bytes, req.headers(), head)
+    respond(rel, &bytes, &sha256, req.headers(), head)
 }
 
 /// The file path (relative to `web/`) a request path names, if it is one that may be served:
@@ -102,10 +108,15 @@ fn content_type(rel: &str) -> &'static str {
     }
 }
 
-fn respond(rel: &str, bytes: &[u8], request: &HeaderMap, head: bool) -> Response {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(bytes);
-    let etag = format!("\"{}\"", hex::encode(&digest[..16]));
+fn respond(
+    rel: &str,
+    bytes: &[u8],
+    sha256: &[u8; 32],
+    request: &HeaderMap,
+    head: bool,
+) -> Response {
+    let etag = HeaderValue::from_str(&format!("\"{}\"", hex::encode(&sha256[..16])))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"\""));
     // The page and the app's own modules are checked on every load (a new binary takes effect
     // at once); the vendored libraries change only with their pinned versions.
     let cache = if rel.starts_with("vendor/") {
@@ -113,10 +124,7 @@ fn respond(rel: &str, bytes: &[u8], request: &HeaderMap, head: bool) -> Response
     } else {
         "no-cache"
     };
-    let not_modified = request
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let not_modified = super::matches_etag(request.get(header::IF_NONE_MATCH), &etag);
     let mut resp = if not_modified {
         StatusCode::NOT_MODIFIED.into_response()
     } else if head {
@@ -133,16 +141,11 @@ fn respond(rel: &str, bytes: &[u8], request: &HeaderMap, head: bool) -> Response
         HeaderValue::from_static(content_type(rel)),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        h.insert(header::ETAG, v);
-    }
+    h.insert(header::ETAG, etag);
+    // nosniff is set on every response by the router's `security_headers`.
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CONTENT_SECURITY_POLICY),
-    );
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
     );
     h.insert(
         header::REFERRER_POLICY,
