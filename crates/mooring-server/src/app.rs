@@ -28,7 +28,7 @@ use mooring_store::{BrokerStateWriter, BrokerWriterStats, Store, TelemetryWriter
 use std::sync::{Arc, OnceLock, RwLock};
 
 pub use crate::registry::{
-    reported_version, validate_tags, DeviceView, DEVICE_PAGE_LEN_DEFAULT, DEVICE_PAGE_LEN_MAX,
+    validate_tags, DeviceView, DEVICE_PAGE_LEN_DEFAULT, DEVICE_PAGE_LEN_MAX,
 };
 pub use crate::telemetry::{TELEMETRY_QUERY_LEN_DEFAULT, TELEMETRY_QUERY_LEN_MAX};
 

@@ -141,11 +141,7 @@ impl Fleet {
     /// Records this node's sample for the interval starting at `ts_ms`, with the counts since
     /// `last` (the counters at the previous sample), and returns the counters now.
     async fn sample(&self, ts_ms: u64, last: (u64, u64)) -> ServiceResult<(u64, u64)> {
-        let counters = &self.core.counters;
-        let now = (
-            counters.telemetry_points.load(Ordering::Relaxed),
-            counters.mqtt_publishes_received.load(Ordering::Relaxed),
-        );
+        let now = self.counters_now();
         let devices = self
             .core
             .store
@@ -166,6 +162,16 @@ impl Fleet {
         Ok(now)
     }
 
+    /// This node's counters the samples difference: telemetry points stored, MQTT PUBLISH
+    /// received.
+    fn counters_now(&self) -> (u64, u64) {
+        let counters = &self.core.counters;
+        (
+            counters.telemetry_points.load(Ordering::Relaxed),
+            counters.mqtt_publishes_received.load(Ordering::Relaxed),
+        )
+    }
+
     async fn prune(&self) -> ServiceResult<u64> {
         let before = self
             .core
@@ -184,11 +190,7 @@ impl Fleet {
 /// interval that just ended, then prunes samples older than 7 days. Ends when `stop` changes.
 pub(crate) async fn run_sampler(fleet: Arc<Fleet>, mut stop: watch::Receiver<bool>) {
     let period_ms = fleet.core.config.fleet.sample_interval_ms.max(1);
-    let counters = &fleet.core.counters;
-    let mut last = (
-        counters.telemetry_points.load(Ordering::Relaxed),
-        counters.mqtt_publishes_received.load(Ordering::Relaxed),
-    );
+    let mut last = fleet.counters_now();
     let to_boundary = period_ms - fleet.core.now_ms() % period_ms;
     let start = tokio::time::Instant::now() + Duration::from_millis(to_boundary);
     let mut tick = tokio::time::interval_at(start, Duration::from_millis(period_ms));

@@ -138,8 +138,6 @@ impl Registry {
         DeviceId::parse(id).map_err(|e| ServiceError::invalid("invalid_device_id", e.to_string()))
     }
 
-    /// Registers a device and issues its certificate. The private key is returned once and
-    /// never stored.
     /// Registers device `id` with a certificate for the key in `csr_pem` (made on the device;
     /// the private key never leaves it), or, without one, for a key made here and returned
     /// once (quick starts).
@@ -405,7 +403,7 @@ impl Registry {
             .get_shadows(&[id.to_string()])
             .await?
             .first()
-            .and_then(reported_version);
+            .and_then(mooring_store::ShadowRecord::reported_version);
         let view = self.view(record).await?;
         Ok(CachedFacts {
             read_ms: now,
@@ -576,12 +574,6 @@ impl Registry {
         }
         Ok(())
     }
-}
-
-/// The firmware version a device reports: its shadow's reported `version` key (a string, or a
-/// number written as text).
-pub fn reported_version(s: &mooring_store::ShadowRecord) -> Option<String> {
-    s.reported_version()
 }
 
 /// A selector with no terms: every device.
