@@ -149,6 +149,7 @@ pub(crate) fn session_key(owner: &Owner, client_id: &str) -> String {
         Owner::Device(_) => 'd',
         Owner::Service(_) => 's',
         Owner::Dev => 'x',
+        Owner::Claim(_) => 'c',
     };
     format!("{ns}:{client_id}")
 }
@@ -160,6 +161,7 @@ pub(crate) fn parse_session_key(key: &str) -> Option<crate::broker::SessionKey> 
         "d" => crate::broker::Namespace::Device,
         "s" => crate::broker::Namespace::Service,
         "x" => crate::broker::Namespace::Dev,
+        "c" => crate::broker::Namespace::Claim,
         _ => return None,
     };
     Some((ns, client_id.to_owned()))
@@ -202,6 +204,10 @@ fn put_owner(b: &mut Vec<u8>, o: &Owner) {
             put_str(b, id);
         }
         Owner::Dev => b.put_u8(2),
+        Owner::Claim(id) => {
+            b.put_u8(3);
+            put_str(b, id);
+        }
     }
 }
 
@@ -285,6 +291,10 @@ impl SessionValue {
                 put_str(&mut b, name);
             }
             Principal::Dev => b.put_u8(2),
+            Principal::Claim { client_id } => {
+                b.put_u8(3);
+                put_str(&mut b, client_id);
+            }
         }
         put_str(&mut b, &self.client_id);
         b.put_u32(self.expiry_secs);
@@ -335,6 +345,9 @@ impl SessionValue {
                 name: r.string()?,
             },
             2 => Principal::Dev,
+            3 => Principal::Claim {
+                client_id: r.string()?,
+            },
             _ => return None,
         };
         let client_id = r.string()?;
@@ -557,6 +570,7 @@ impl Reader<'_> {
             0 => Some(Owner::Device(self.string()?)),
             1 => Some(Owner::Service(self.string()?)),
             2 => Some(Owner::Dev),
+            3 => Some(Owner::Claim(self.string()?)),
             _ => None,
         }
     }

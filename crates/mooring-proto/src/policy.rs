@@ -30,6 +30,10 @@ pub enum Principal {
     Service { id: String, name: String },
     /// Anonymous client on the development listener: everything is allowed.
     Dev,
+    /// A device enrolling with a claim token (username `claim`, no certificate yet): it may
+    /// only publish `provision/<client id>/request` and subscribe within
+    /// `provision/<client id>/#`, whatever the configured rules say.
+    Claim { client_id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,6 +118,9 @@ impl Policy {
 
     /// May `who` publish to the concrete topic `topic`?
     pub fn may_publish(&self, who: &Principal, topic: &str) -> bool {
+        if let Principal::Claim { client_id } = who {
+            return topic == crate::provision::request_topic(client_id);
+        }
         *who == Principal::Dev
             || self
                 .granted(who, Action::Publish)
@@ -128,6 +135,10 @@ impl Policy {
     pub fn may_subscribe(&self, who: &Principal, filter: &str) -> bool {
         if *who == Principal::Dev {
             return true;
+        }
+        if let Principal::Claim { client_id } = who {
+            return !is_shared_filter(filter)
+                && filter_covers(&crate::provision::subtree_filter(client_id), filter);
         }
         let filter = if is_shared_filter(filter) {
             let Some(shared) = parse_shared_filter(filter) else {
@@ -155,7 +166,7 @@ impl Policy {
         let kind = match who {
             // Allowed everything by `may_publish` / `may_subscribe` (a `#` grant would still
             // leave out `$` topics).
-            Principal::Dev => return Box::new(std::iter::empty()),
+            Principal::Dev | Principal::Claim { .. } => return Box::new(std::iter::empty()),
             Principal::Device { .. } => PrincipalKind::Device,
             Principal::Service { .. } => PrincipalKind::Service,
         };
@@ -242,6 +253,28 @@ mod tests {
         assert!(p.may_subscribe(&d1, "devices/d1/commands/+"));
         assert!(!p.may_subscribe(&d1, "devices/+/telemetry"));
         assert!(!p.may_subscribe(&d1, "#"));
+    }
+
+    #[test]
+    fn a_claim_reaches_only_its_own_provisioning_topics_whatever_the_rules() {
+        let everything = Rule {
+            principal: PrincipalKind::Device,
+            action: Action::Both,
+            filter: "#".into(),
+        };
+        let p = Policy::with_rules(vec![everything]).expect("valid rule");
+        let c = Principal::Claim {
+            client_id: "sn-1".into(),
+        };
+        assert!(p.may_publish(&c, "provision/sn-1/request"));
+        assert!(!p.may_publish(&c, "provision/sn-1/accepted"));
+        assert!(!p.may_publish(&c, "provision/sn-2/request"));
+        assert!(!p.may_publish(&c, "devices/sn-1/telemetry"));
+        assert!(p.may_subscribe(&c, "provision/sn-1/#"));
+        assert!(p.may_subscribe(&c, "provision/sn-1/accepted"));
+        assert!(!p.may_subscribe(&c, "provision/+/accepted"));
+        assert!(!p.may_subscribe(&c, "$share/g/provision/sn-1/#"));
+        assert!(!p.may_subscribe(&c, "#"));
     }
 
     #[test]

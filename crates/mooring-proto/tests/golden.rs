@@ -293,3 +293,55 @@ fn shadow_v1_reported_parsing() {
         Err(ShadowError::Invalid(_))
     ));
 }
+
+#[test]
+fn provision_v1_topics() {
+    use mooring_proto::provision as p;
+    assert_eq!(p::CLAIM_USERNAME, "claim");
+    assert_eq!(p::request_topic("sn-0042"), "provision/sn-0042/request");
+    assert_eq!(p::accepted_topic("sn-0042"), "provision/sn-0042/accepted");
+    assert_eq!(p::rejected_topic("sn-0042"), "provision/sn-0042/rejected");
+    assert_eq!(p::subtree_filter("sn-0042"), "provision/sn-0042/#");
+    assert_eq!(
+        p::renew_request_topic(&id("lock-01")),
+        "devices/lock-01/cert/request"
+    );
+    assert_eq!(
+        p::renew_accepted_topic(&id("lock-01")),
+        "devices/lock-01/cert/accepted"
+    );
+    assert_eq!(
+        p::renew_rejected_topic(&id("lock-01")),
+        "devices/lock-01/cert/rejected"
+    );
+}
+
+#[test]
+fn provision_v1_encoding_is_stable() {
+    use mooring_proto::provision::{EnrollAccepted, EnrollRejected, EnrollRequest, RenewRequest};
+    let req = EnrollRequest::new("CSR".into(), Some("sn-1".into()));
+    let pinned = r#"{"v":1,"csr_pem":"CSR","device_id":"sn-1"}"#;
+    assert_eq!(String::from_utf8(req.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(EnrollRequest::parse(pinned.as_bytes()).expect("valid"), req);
+    // What a minimal device sends under a claim that assigns ids.
+    let r = EnrollRequest::parse(br#"{"v":1,"csr_pem":"CSR"}"#).expect("valid");
+    assert_eq!(r.device_id, None);
+
+    let renew = RenewRequest::new("CSR".into());
+    assert_eq!(renew.to_bytes(), br#"{"v":1,"csr_pem":"CSR"}"#);
+
+    let ok = EnrollAccepted {
+        v: 1,
+        device_id: "sn-1".into(),
+        certificate_pem: "CERT".into(),
+        ca_pem: "CA".into(),
+    };
+    let pinned = r#"{"v":1,"device_id":"sn-1","certificate_pem":"CERT","ca_pem":"CA"}"#;
+    assert_eq!(String::from_utf8(ok.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(EnrollAccepted::parse(pinned.as_bytes()).expect("valid"), ok);
+
+    let no = EnrollRejected::new("claim_used", "claim already used");
+    let pinned = r#"{"v":1,"code":"claim_used","message":"claim already used"}"#;
+    assert_eq!(String::from_utf8(no.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(EnrollRejected::parse(pinned.as_bytes()).expect("valid"), no);
+}

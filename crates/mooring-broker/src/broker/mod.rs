@@ -154,10 +154,15 @@ impl Broker {
     pub fn session_info(&self, client_id: &str) -> Option<SessionInfo> {
         let session = {
             let table = lock(&self.shared.sessions);
-            [Namespace::Device, Namespace::Service, Namespace::Dev]
-                .into_iter()
-                .find_map(|ns| table.get(&(ns, client_id.to_owned())))
-                .map(|e| e.session.clone())?
+            [
+                Namespace::Device,
+                Namespace::Service,
+                Namespace::Dev,
+                Namespace::Claim,
+            ]
+            .into_iter()
+            .find_map(|ns| table.get(&(ns, client_id.to_owned())))
+            .map(|e| e.session.clone())?
         };
         let s = lock(&session);
         Some(SessionInfo {

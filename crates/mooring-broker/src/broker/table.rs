@@ -15,6 +15,8 @@ pub(crate) enum Owner {
     Service(String),
     /// Every anonymous client of the development listener.
     Dev,
+    /// A device enrolling with a claim token, by its client id (it has no identity yet).
+    Claim(String),
 }
 
 /// The session namespaces (see [`Owner`]).
@@ -23,6 +25,7 @@ pub(crate) enum Namespace {
     Device,
     Service,
     Dev,
+    Claim,
 }
 
 /// A principal as the broker indexes its sessions and retained messages: every session is found
@@ -60,6 +63,7 @@ impl PrincipalKey {
             Owner::Device(id) => format!("device:{id}"),
             Owner::Service(id) => format!("service:{id}"),
             Owner::Dev => "dev".to_owned(),
+            Owner::Claim(id) => format!("claim:{id}"),
         }
     }
 
@@ -68,6 +72,7 @@ impl PrincipalKey {
         match text.split_once(':') {
             Some(("device", id)) => Some(PrincipalKey::device(id)),
             Some(("service", id)) => Some(PrincipalKey::service(id)),
+            Some(("claim", id)) => Some(PrincipalKey(Owner::Claim(id.to_owned()))),
             None if text == "dev" => Some(PrincipalKey::dev()),
             _ => None,
         }
@@ -81,6 +86,7 @@ impl Owner {
             Principal::Device { id, .. } => Owner::Device(id.to_string()),
             Principal::Service { id, .. } => Owner::Service(id.clone()),
             Principal::Dev => Owner::Dev,
+            Principal::Claim { client_id } => Owner::Claim(client_id.clone()),
         }
     }
 
@@ -89,6 +95,7 @@ impl Owner {
             Owner::Device(_) => Namespace::Device,
             Owner::Service(_) => Namespace::Service,
             Owner::Dev => Namespace::Dev,
+            Owner::Claim(_) => Namespace::Claim,
         }
     }
 
