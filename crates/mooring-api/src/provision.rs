@@ -15,7 +15,7 @@ pub struct CreateClaim {
     /// 365 d by default). Give this or `ttl`, not both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_ms: Option<u64>,
-    /// Lifetime as text: a number and a unit, `s`, `m`, `h` or `d` (`24h`, `30d`).
+    /// Lifetime as text: a number and a unit, `ms`, `s`, `m`, `h` or `d` (`24h`, `30d`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
     /// Tags every device enrolled with it gets.
@@ -94,26 +94,30 @@ pub struct EnrollResponse {
     pub ca_pem: String,
 }
 
-/// Parses a duration written as a number and a unit: `s`, `m`, `h` or `d` (`90s`, `24h`,
-/// `30d`); milliseconds, or why not.
+/// Parses a duration written as a whole positive number and a unit: `ms`, `s`, `m`, `h` or
+/// `d` (`90s`, `24h`, `30d`); milliseconds, or why not. The CLI's and the API's one parser.
 pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {text:?} needs a unit: s, m, h or d (e.g. 24h)"))?;
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("duration {text:?} must start with a whole number (e.g. 24h)"))?;
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(split);
+    let n: u64 = match n.parse() {
+        Ok(n) if n > 0 => n,
+        _ => {
+            return Err(format!(
+                "{text:?} is not a duration like 90d, 12h, 30m or 3600s"
+            ))
+        }
+    };
     let unit_ms: u64 = match unit {
-        "s" => 1_000,
+        "ms" => 1,
+        "s" => 1000,
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(format!("duration {text:?}: unit must be s, m, h or d")),
+        _ => return Err(format!("{text:?}: the unit must be ms, s, m, h or d")),
     };
     n.checked_mul(unit_ms)
-        .ok_or_else(|| format!("duration {text:?} is too long"))
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 #[cfg(test)]
@@ -126,7 +130,17 @@ mod tests {
         assert_eq!(parse_duration_ms("90s"), Ok(90_000));
         assert_eq!(parse_duration_ms("30d"), Ok(30 * 86_400_000));
         assert_eq!(parse_duration_ms("5m"), Ok(300_000));
-        for bad in ["", "24", "h", "1.5h", "-1h", "2w", "99999999999999999999d"] {
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        for bad in [
+            "",
+            "24",
+            "h",
+            "0h",
+            "1.5h",
+            "-1h",
+            "2w",
+            "99999999999999999999d",
+        ] {
             assert!(parse_duration_ms(bad).is_err(), "{bad}");
         }
     }

@@ -94,8 +94,9 @@ async fn take_over(app: &App, principal: &Principal, client_id: &str, clean_star
     }
 }
 
-/// MQTT v5 reason code: retain not supported (a claim client may not retain).
-pub const REASON_RETAIN_NOT_SUPPORTED: u8 = 0x9A;
+/// MQTT v5 reason code: not authorized (a claim client may not retain; PUBACK cannot carry
+/// 0x9A, retain not supported).
+pub const REASON_NOT_AUTHORIZED: u8 = 0x87;
 /// MQTT v5 reason code: no matching subscribers (a handled enrollment request: answered on its
 /// own topic, routed to nobody).
 pub const REASON_NO_MATCHING_SUBSCRIBERS: u8 = 0x10;
@@ -112,7 +113,7 @@ async fn on_claim_request(
 ) -> PublishVerdict {
     use mooring_proto::provision::{self as p, EnrollAccepted, EnrollRejected, EnrollRequest};
     if msg.retain {
-        return PublishVerdict::Reject(REASON_RETAIN_NOT_SUPPORTED);
+        return PublishVerdict::Reject(REASON_NOT_AUTHORIZED);
     }
     let mut verdict = PublishVerdict::Reject(REASON_NO_MATCHING_SUBSCRIBERS);
     let outcome = match app.provisioning.count_request(client_id) {

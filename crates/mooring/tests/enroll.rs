@@ -355,3 +355,442 @@ async fn a_device_enrolls_over_mqtt_with_a_claim_and_publishes_with_its_own_key(
     assert_eq!(claim_now["uses"], 1, "{claim_now}");
     assert_eq!(claim_now["devices"], json!(["sn-0042"]), "{claim_now}");
 }
+
+/// `POST /api/v1/provision/enroll` without an API token (the claim token is the credential).
+async fn https_enroll(server: &Server, body: Value) -> (u16, Value) {
+    let resp = support::http()
+        .post(format!("{}/api/v1/provision/enroll", server.url()))
+        .json(&body)
+        .send()
+        .await
+        .expect("http");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn https_enrollment_is_idempotent_per_key_and_refusals_change_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let claim = create_claim(
+        &server,
+        json!({"count": 2, "ttl": "1h", "tags": {"batch": "b7"}, "name": "batch 7"}),
+    )
+    .await;
+    let token = claim["token"].as_str().expect("token");
+    let claim_id = claim["id"].as_str().expect("id");
+    assert_eq!(
+        (claim["uses_max"].clone(), claim["state"].clone()),
+        (json!(2), json!("live"))
+    );
+    let csrs: Vec<String> = (0..3)
+        .map(|i| key_and_csr(tmp.path(), &format!("k{i}")))
+        .collect();
+
+    let (status, first) = https_enroll(
+        &server,
+        json!({"claim_token": token, "csr_pem": csrs[0], "device_id": "meter-1"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["device_id"], "meter-1");
+    let (subject, _) = cert_text(tmp.path(), first["certificate_pem"].as_str().expect("pem"));
+    assert_eq!(subject, "subject=CN=meter-1,O=Mooring");
+    let (_, device) = server.api("GET", "/api/v1/devices/meter-1", None).await;
+    assert_eq!(device["tags"]["batch"], "b7", "{device}");
+    publish_as_device(
+        &server,
+        tmp.path(),
+        "meter-1",
+        "k0.key",
+        first["certificate_pem"].as_str().expect("pem"),
+    )
+    .await;
+
+    // The same key again (another proposed id too): the same certificate, 200, no use taken.
+    let (status, again) = https_enroll(
+        &server,
+        json!({"claim_token": token, "csr_pem": csrs[0], "device_id": "meter-9"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again, first);
+
+    // A proposed id that is taken: device_exists, no use taken.
+    let (status, taken) = https_enroll(
+        &server,
+        json!({"claim_token": token, "csr_pem": csrs[1], "device_id": "meter-1"}),
+    )
+    .await;
+    assert_eq!((status, code(&taken)), (409, "device_exists"), "{taken}");
+    // Bad input: invalid_csr, invalid_device_id, a missing id.
+    for (body, want) in [
+        (
+            json!({"claim_token": token, "csr_pem": "nope", "device_id": "meter-2"}),
+            "invalid_csr",
+        ),
+        (
+            json!({"claim_token": token, "csr_pem": csrs[1], "device_id": "bad/id"}),
+            "invalid_device_id",
+        ),
+        (
+            json!({"claim_token": token, "csr_pem": csrs[1]}),
+            "invalid_device_id",
+        ),
+    ] {
+        let (status, refused) = https_enroll(&server, body).await;
+        assert_eq!((status, code(&refused)), (400, want), "{refused}");
+    }
+
+    // The second use, then the claim is exhausted.
+    let (status, second) = https_enroll(
+        &server,
+        json!({"claim_token": token, "csr_pem": csrs[1], "device_id": "meter-2"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{second}");
+    let (status, exhausted) = https_enroll(
+        &server,
+        json!({"claim_token": token, "csr_pem": csrs[2], "device_id": "meter-3"}),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&exhausted)),
+        (409, "claim_exhausted"),
+        "{exhausted}"
+    );
+    let (status, _) = server.api("GET", "/api/v1/devices/meter-3", None).await;
+    assert_eq!(status, 404);
+    let (_, shown) = server
+        .api("GET", &format!("/api/v1/claims/{claim_id}"), None)
+        .await;
+    assert_eq!(
+        (
+            shown["uses"].clone(),
+            shown["state"].clone(),
+            shown["devices"].clone()
+        ),
+        (json!(2), json!("used"), json!(["meter-1", "meter-2"])),
+        "{shown}"
+    );
+    // The token is never shown again.
+    let (_, list) = server.api("GET", "/api/v1/claims", None).await;
+    assert!(!list.to_string().contains(token), "{list}");
+    assert_eq!(list["claims"][0]["id"], claim_id, "{list}");
+
+    // Unknown and revoked tokens: the same answer, claim_invalid.
+    let (status, unknown) = https_enroll(
+        &server,
+        json!({"claim_token": format!("mct_{}", "0".repeat(64)), "csr_pem": csrs[2], "device_id": "x1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, code(&unknown)),
+        (401, "claim_invalid"),
+        "{unknown}"
+    );
+    let (status, revoked) = server
+        .api("DELETE", &format!("/api/v1/claims/{claim_id}"), None)
+        .await;
+    assert_eq!(
+        (status, revoked["state"].clone()),
+        (200, json!("revoked")),
+        "{revoked}"
+    );
+    let (status, after) = https_enroll(
+        &server,
+        json!({"claim_token": token, "csr_pem": csrs[0], "device_id": "meter-1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, after["error"].clone()),
+        (401, unknown["error"].clone())
+    );
+    // The enrolled devices keep working.
+    let (status, _) = server.api("GET", "/api/v1/devices/meter-2", None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn the_cli_creates_lists_and_revokes_claims_and_assign_ids_ignores_proposed_ids() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let out = server.cli(&[
+        "claim",
+        "create",
+        "--count",
+        "3",
+        "--ttl",
+        "2h",
+        "--tag",
+        "site=oslo",
+        "--tag",
+        "line=4",
+        "--assign-ids",
+        "--name",
+        "oslo line 4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(token.starts_with("mct_"), "{token}");
+    let info = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        info.contains("3 uses") && info.contains("assigns device ids"),
+        "{info}"
+    );
+
+    let csr = key_and_csr(tmp.path(), "a");
+    let (status, enrolled) = https_enroll(
+        &server,
+        json!({"claim_token": token, "csr_pem": csr, "device_id": "my-own-id"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{enrolled}");
+    let id = enrolled["device_id"].as_str().expect("id");
+    assert!(
+        id.len() == 14 && id.starts_with("d-") && id[2..].chars().all(|c| c.is_ascii_hexdigit()),
+        "{id}"
+    );
+    let (_, device) = server
+        .api("GET", &format!("/api/v1/devices/{id}"), None)
+        .await;
+    assert_eq!(
+        device["tags"],
+        json!({"site": "oslo", "line": "4"}),
+        "{device}"
+    );
+    let (status, _) = server.api("GET", "/api/v1/devices/my-own-id", None).await;
+    assert_eq!(status, 404);
+
+    let out = server.cli(&["claim", "list"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        table.contains("oslo line 4") && table.contains("1/3"),
+        "{table}"
+    );
+    assert!(!table.contains(&token), "{table}");
+    let out = server.cli(&["claim", "list", "--output", "json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let claim_id = list[0]["id"].as_str().expect("id").to_owned();
+    let out = server.cli(&["claim", "revoke", &claim_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = server.cli(&["claim", "list", "--output", "json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(list[0]["state"], "revoked", "{list}");
+    // Unknown claim: an error message, a failing exit.
+    let out = server.cli(&["claim", "revoke", "clm_nope"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    // Bad arguments are refused before anything is sent.
+    let out = server.cli(&["claim", "create", "--ttl", "forever"]);
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn a_scoped_caller_creates_claims_only_for_devices_inside_its_scope() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let out = server.cli(&[
+        "token",
+        "create",
+        "acme-ops",
+        "--role",
+        "operator",
+        "--scope",
+        "tag:customer=acme",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scoped = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let post = |body: Value| {
+        let scoped = scoped.clone();
+        let url = format!("{}/api/v1/claims", server.url());
+        async move {
+            let resp = support::http()
+                .post(url)
+                .bearer_auth(scoped)
+                .json(&body)
+                .send()
+                .await
+                .expect("http");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, refused) = post(json!({"tags": {"customer": "other"}})).await;
+    assert_eq!(
+        (status, code(&refused)),
+        (403, "outside_scope"),
+        "{refused}"
+    );
+    let (status, refused) = post(json!({})).await;
+    assert_eq!(
+        (status, code(&refused)),
+        (403, "outside_scope"),
+        "{refused}"
+    );
+    let (status, ok) = post(json!({"tags": {"customer": "acme"}})).await;
+    assert_eq!(status, 201, "{ok}");
+    // The admin's claim for another customer is invisible to the scoped caller.
+    create_claim(&server, json!({"tags": {"customer": "other"}})).await;
+    let resp = support::http()
+        .get(format!("{}/api/v1/claims", server.url()))
+        .bearer_auth(&scoped)
+        .send()
+        .await
+        .expect("http");
+    let list: Value = resp.json().await.expect("json");
+    assert_eq!(list["claims"].as_array().map(Vec::len), Some(1), "{list}");
+}
+
+#[tokio::test]
+async fn a_claim_client_is_confined_to_its_provision_topics_and_a_wrong_token_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let claim = create_claim(&server, json!({})).await;
+    let token = claim["token"].as_str().expect("token");
+
+    // Publishing outside provision/<cid>/request: v5 PUBACK 0x87 (not authorized).
+    for topic in [
+        "devices/sn-1/telemetry",
+        "provision/sn-2/request",
+        "provision/sn-1/accepted",
+    ] {
+        let mut args = claim_args(&server, token, "sn-1");
+        args.extend(s(&["-q", "1", "-t", topic, "-m", "{}"]));
+        let out = mosquitto_pub(&args);
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(err.contains("not authorized"), "{topic}: {err}");
+    }
+    // Subscribing outside provision/<cid>/#: SUBACK 0x87.
+    for filter in ["devices/#", "provision/+/accepted", "#"] {
+        let mut args = claim_args(&server, token, "sn-1");
+        args.extend(s(&["-t", filter, "-C", "1", "-W", "10", "-d"]));
+        let out = Command::new("mosquitto_sub")
+            .args(&args)
+            .output()
+            .expect("sub");
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("Subscribed (mid: 1): 135"),
+            "{filter}: {text}"
+        );
+    }
+    // A retained request is refused (0x87) and starts no enrollment.
+    let mut args = claim_args(&server, token, "sn-1");
+    args.extend(s(&[
+        "-q",
+        "1",
+        "-r",
+        "-t",
+        "provision/sn-1/request",
+        "-m",
+        "{}",
+    ]));
+    let out = mosquitto_pub(&args);
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(err.contains("not authorized"), "{err}");
+
+    // A wrong token (and none at all): bad user name or password at CONNECT.
+    for password in [format!("mct_{}", "f".repeat(64)), "nonsense".to_owned()] {
+        let mut args = claim_args(&server, &password, "sn-1");
+        args.extend(s(&["-q", "1", "-t", "provision/sn-1/request", "-m", "{}"]));
+        let out = mosquitto_pub(&args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(err.contains("bad user name or password"), "{err}");
+    }
+    let refused = ClaimClient::connect(&server, "mct_wrong", "sn-1").await;
+    assert!(refused.is_err());
+
+    // A claim client's session is not kept, whatever it asked for (v5 session expiry 3600 s,
+    // no clean start): once it is gone the broker holds no session.
+    let mut args = claim_args(&server, token, "sn-1");
+    args.extend(s(&[
+        "-x",
+        "3600",
+        "-c",
+        "-t",
+        "provision/sn-1/#",
+        "-C",
+        "1",
+        "-W",
+        "1",
+    ]));
+    Command::new("mosquitto_sub")
+        .args(&args)
+        .output()
+        .expect("sub");
+    server
+        .wait_metric("mooring_mqtt_sessions", |v| v == 0.0)
+        .await;
+}
+
+#[tokio::test]
+async fn mqtt_rejections_carry_the_http_error_codes() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let claim = create_claim(&server, json!({"count": 1})).await;
+    let token = claim["token"].as_str().expect("token");
+    let mut client = ClaimClient::connect(&server, token, "sn-7")
+        .await
+        .expect("connect");
+    let csr = key_and_csr(tmp.path(), "k");
+    for (request, want) in [
+        (
+            json!({"v": 1, "csr_pem": "nope", "device_id": "sn-7"}),
+            "invalid_csr",
+        ),
+        (
+            json!({"v": 1, "csr_pem": csr, "device_id": "bad/id"}),
+            "invalid_device_id",
+        ),
+        (json!({"v": 1, "csr_pem": csr}), "invalid_device_id"),
+        (json!({"v": 2, "csr_pem": csr}), "invalid_request"),
+    ] {
+        let (kind, answer) = client.enroll(&request).await;
+        assert_eq!(
+            (kind.as_str(), answer["code"].as_str()),
+            ("rejected", Some(want)),
+            "{answer}"
+        );
+    }
+    // Revoked while connected: the next request is refused with claim_invalid.
+    server
+        .api(
+            "DELETE",
+            &format!("/api/v1/claims/{}", claim["id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    let (kind, answer) = client
+        .enroll(&json!({"v": 1, "csr_pem": csr, "device_id": "sn-7"}))
+        .await;
+    assert_eq!(
+        (kind.as_str(), answer["code"].as_str()),
+        ("rejected", Some("claim_invalid"))
+    );
+    let (status, _) = server.api("GET", "/api/v1/devices/sn-7", None).await;
+    assert_eq!(status, 404);
+}
