@@ -794,3 +794,54 @@ async fn mqtt_rejections_carry_the_http_error_codes() {
     let (status, _) = server.api("GET", "/api/v1/devices/sn-7", None).await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn claim_connections_and_requests_are_bounded() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let args = support::config_args(
+        tmp.path(),
+        "[provisioning]\nconnections_per_claim_max = 1\nrequests_per_minute_max = 2\n",
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &args,
+    );
+    let claim = create_claim(&server, json!({"count": 5})).await;
+    let token = claim["token"].as_str().expect("token");
+    let other = create_claim(&server, json!({})).await;
+
+    let mut first = ClaimClient::connect(&server, token, "sn-a")
+        .await
+        .expect("first");
+    // A second connection with the same claim: refused (server unavailable), another claim's
+    // is not.
+    let refused = ClaimClient::connect(&server, token, "sn-b").await;
+    assert!(refused.is_err());
+    let _other = ClaimClient::connect(&server, other["token"].as_str().expect("token"), "sn-c")
+        .await
+        .expect("another claim");
+
+    // Two requests a minute per client: the third is rejected with rate_limited.
+    let bad = json!({"v": 1, "csr_pem": "nope", "device_id": "sn-a"});
+    for want in ["invalid_csr", "invalid_csr", "rate_limited"] {
+        let (kind, answer) = first.enroll(&bad).await;
+        assert_eq!(
+            (kind.as_str(), answer["code"].as_str()),
+            ("rejected", Some(want))
+        );
+    }
+
+    // Once the first is gone, the claim's place is free again.
+    drop(first);
+    let deadline = std::time::Instant::now() + support::WAIT;
+    loop {
+        if ClaimClient::connect(&server, token, "sn-b").await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "place never freed");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
