@@ -50,6 +50,10 @@ pub const CLAIM_DEVICES_SHOWN_MAX: usize = 100;
 pub const ASSIGNED_ID_PREFIX: &str = "d-";
 /// Prefix of a server-assigned claim client id: `claim-` + 16 hex digits.
 pub const CLAIM_CLIENT_ID_PREFIX: &str = "claim-";
+/// How long a revoked or expired claim (and which devices it enrolled) is kept before pruning.
+pub const CLAIM_KEEP_DEAD_MS: u64 = 7 * 86_400_000;
+/// Claims one prune step deletes.
+const PRUNE_ROWS_MAX: usize = 1000;
 /// Clients whose request counts are kept at once; when full the counts start over.
 const REQUEST_COUNTERS_LEN_MAX: usize = 100_000;
 const MINUTE_MS: u64 = 60_000;
@@ -339,6 +343,20 @@ impl Provisioning {
             .revoke_claim(id, self.core.now_ms())
             .await?
             .ok_or_else(|| claim_not_found(id))
+    }
+
+    /// Deletes claims revoked or expired more than [`CLAIM_KEEP_DEAD_MS`] ago, with their
+    /// enrollments, in bounded steps (under the retention lease). Returns how many.
+    pub async fn prune(&self) -> mooring_store::Result<u64> {
+        let before = self.core.now_ms().saturating_sub(CLAIM_KEEP_DEAD_MS);
+        let mut n = 0;
+        loop {
+            let deleted = self.core.store.prune_claims(before, PRUNE_ROWS_MAX).await?;
+            n += deleted;
+            if deleted < PRUNE_ROWS_MAX as u64 {
+                return Ok(n);
+            }
+        }
     }
 
     fn address_key(source: &str) -> String {

@@ -1,7 +1,8 @@
 //! The provisioning service in-process (issue 16): claims expire on the server's clock, failed
 //! enrollments are throttled per address, concurrent enrollments of a single-use claim have one
 //! winner, and a half-done enrollment (reserved, device not created: a crash in between) is
-//! finished by the retry, or released if its device id was taken meanwhile.
+//! finished by the retry, or released if its device id was taken meanwhile. Dead claims are
+//! pruned after a week.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -109,6 +110,19 @@ async fn expired_claims_are_invalid_and_failed_enrollments_are_throttled_per_add
         .await
         .expect_err("too long");
     assert_eq!(e.code, "invalid_ttl");
+
+    // Seven days after it expired, the claim is pruned (with the devices it enrolled listed).
+    let (claim_id, _) = claim(&server, 1, 60_000).await;
+    clock.advance_ms(60_000 + mooring_server::provision::CLAIM_KEEP_DEAD_MS - 1);
+    server.app.provisioning.prune().await.expect("prune");
+    assert!(p.get_claim(&Access::all(), &claim_id).await.is_ok());
+    clock.advance_ms(2);
+    assert!(server.app.provisioning.prune().await.expect("prune") >= 1);
+    let e = p
+        .get_claim(&Access::all(), &claim_id)
+        .await
+        .expect_err("pruned");
+    assert_eq!(e.code, "claim_not_found");
     server.shutdown().await;
 }
 

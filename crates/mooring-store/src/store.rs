@@ -393,6 +393,9 @@ pub trait ClaimStore: Send + Sync + 'static {
     /// Undoes a reservation (its device could not be created): deletes the enrollment and
     /// gives its use back, in one transaction. `false` if there was none.
     async fn release_enrollment(&self, claim_id: &str, key_sha256: &str) -> Result<bool>;
+    /// Deletes claims revoked or expired before `dead_before_ms` (with their enrollments), at
+    /// most `max_rows`; returns how many.
+    async fn prune_claims(&self, dead_before_ms: u64, max_rows: usize) -> Result<u64>;
     /// A claim's enrollments, oldest first, at most `limit`.
     async fn list_enrollments(&self, claim_id: &str, limit: usize)
         -> Result<Vec<EnrollmentRecord>>;

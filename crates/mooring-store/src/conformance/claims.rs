@@ -298,3 +298,46 @@ pub async fn concurrent_reservations_of_a_single_use_claim_have_one_winner(store
         1
     );
 }
+
+/// Pruning deletes claims revoked or expired before the cutoff, with their enrollments, at most
+/// `max_rows` at a time, and never a live one.
+pub async fn claim_prune_deletes_dead_claims_with_their_enrollments<S: ClaimStore + ?Sized>(
+    store: &S,
+) {
+    let mut short = claim(1, "tok_a", 1);
+    short.expires_at_ms = T0 + 10;
+    create(store, short).await;
+    create(store, claim(2, "tok_a", 1)).await;
+    create(store, claim(3, "tok_a", 1)).await;
+    create(store, claim(4, "tok_a", 1)).await;
+    assert_eq!(
+        store
+            .reserve_enrollment(enrollment("clm_0001", 1, "sn-1"), T0)
+            .await
+            .expect("reserve"),
+        EnrollmentReserve::Reserved
+    );
+    store
+        .revoke_claim("clm_0002", T0 + 20)
+        .await
+        .expect("revoke");
+    store
+        .revoke_claim("clm_0003", T0 + 500)
+        .await
+        .expect("revoke");
+    // Dead before T0 + 100: claim 1 (expired at T0 + 10) and 2 (revoked at T0 + 20), one at a time.
+    assert_eq!(store.prune_claims(T0 + 100, 1).await.expect("prune"), 1);
+    assert_eq!(store.prune_claims(T0 + 100, 10).await.expect("prune"), 1);
+    assert_eq!(store.prune_claims(T0 + 100, 10).await.expect("prune"), 0);
+    assert_eq!(store.get_claim("clm_0001").await.expect("get"), None);
+    assert_eq!(store.get_claim("clm_0002").await.expect("get"), None);
+    assert!(store.get_claim("clm_0003").await.expect("get").is_some());
+    assert!(store.get_claim("clm_0004").await.expect("get").is_some());
+    assert_eq!(
+        store
+            .get_enrollment("clm_0001", &format!("{:064x}", 1))
+            .await
+            .expect("get"),
+        None
+    );
+}

@@ -69,6 +69,7 @@ macro_rules! conformance_tests {
             claim_create_get_find_list_revoke_round_trip,
             claim_live_bounds_per_creator_and_in_total,
             enrollment_reservations_take_uses_once_per_key,
+            claim_prune_deletes_dead_claims_with_their_enrollments,
             job_create_get_round_trips,
             job_update_is_compare_and_set_on_rev,
             job_list_is_newest_first_with_cursor,

@@ -9,8 +9,8 @@ use tokio_postgres::types::{Json, ToSql};
 use tokio_postgres::Row;
 
 use super::{
-    column, count_to_sql, is_unique_violation, nul_free_cursor, opt_ts_to_sql, opt_u64_column,
-    pg_error, ts_to_sql, u32_column, u64_column, PgStore,
+    bound_to_sql, column, count_to_sql, is_unique_violation, nul_free_cursor, opt_ts_to_sql,
+    opt_u64_column, pg_error, ts_to_sql, u32_column, u64_column, PgStore,
 };
 use crate::error::{Result, StoreError};
 use crate::model::{check_text, ClaimCreate, ClaimRecord, EnrollmentRecord, EnrollmentReserve};
@@ -298,6 +298,24 @@ impl ClaimStore for PgStore {
         }
         tx.commit().await.map_err(pg_error)?;
         Ok(n > 0)
+    }
+
+    async fn prune_claims(&self, dead_before_ms: u64, max_rows: usize) -> Result<u64> {
+        if max_rows == 0 {
+            return Ok(0);
+        }
+        let before = bound_to_sql(dead_before_ms);
+        let limit = count_to_sql(max_rows);
+        // Enrollments go with their claim (foreign key, ON DELETE CASCADE).
+        self.execute(
+            "DELETE FROM claims WHERE id IN (
+                 SELECT id FROM claims
+                 WHERE (revoked_at_ms IS NOT NULL AND revoked_at_ms < $1) OR expires_at_ms < $1
+                 LIMIT $2)",
+            &[&before, &limit],
+            || "claims".to_owned(),
+        )
+        .await
     }
 
     async fn list_enrollments(

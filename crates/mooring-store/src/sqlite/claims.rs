@@ -4,7 +4,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::tokens::{opt_ts_to_sql, opt_u64_column};
 use super::{
-    count_to_sql, is_constraint_violation, store_error, ts_to_sql, u64_column, Db, SqliteStore,
+    bound_to_sql, count_to_sql, is_constraint_violation, store_error, ts_to_sql, u64_column, Db,
+    SqliteStore,
 };
 use crate::error::{Result, StoreError};
 use crate::model::{ClaimCreate, ClaimRecord, EnrollmentRecord, EnrollmentReserve};
@@ -258,6 +259,27 @@ impl ClaimStore for SqliteStore {
                     .db()?;
             }
             Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn prune_claims(&self, dead_before_ms: u64, max_rows: usize) -> Result<u64> {
+        let before = bound_to_sql(dead_before_ms);
+        let limit = count_to_sql(max_rows);
+        // Enrollments go with their claim (foreign key, ON DELETE CASCADE).
+        self.write_background(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM claims WHERE id IN (
+                         SELECT id FROM claims
+                         WHERE (revoked_at_ms IS NOT NULL AND revoked_at_ms < ?1)
+                            OR expires_at_ms < ?1
+                         LIMIT ?2)",
+                )
+                .db()?
+                .execute(params![before, limit])
+                .db()?;
+            Ok(n as u64)
         })
         .await
     }
