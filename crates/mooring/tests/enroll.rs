@@ -513,6 +513,32 @@ async fn https_enrollment_is_idempotent_per_key_and_refusals_change_nothing() {
     // The enrolled devices keep working.
     let (status, _) = server.api("GET", "/api/v1/devices/meter-2", None).await;
     assert_eq!(status, 200);
+
+    // The audit log: the claim's creation and revocation, every enrollment with its outcome.
+    let (_, audit) = server.api("GET", "/api/v1/audit?action=claim.", None).await;
+    let actions: Vec<&str> = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(actions, ["claim.revoke", "claim.create"], "{audit}");
+    let (_, audit) = server
+        .api("GET", "/api/v1/audit?action=provision.enroll", None)
+        .await;
+    let entries = audit["entries"].as_array().expect("entries");
+    let first = entries.last().expect("an entry");
+    assert_eq!(
+        (first["actor"].as_str(), first["status"].as_u64()),
+        (Some(format!("claim:{claim_id}").as_str()), Some(201)),
+        "{first}"
+    );
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["actor"] == "anonymous" && e["detail"] == "claim_invalid"),
+        "{audit}"
+    );
 }
 
 #[tokio::test]
