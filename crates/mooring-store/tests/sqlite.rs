@@ -22,8 +22,8 @@ fn device(id: &str) -> NewDevice {
         id: mooring_proto::DeviceId::parse(id).expect("test id"),
         tags: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
         created_at_ms: 1,
-        cert_sha256: "abc".into(),
-        cert_serial: "01".into(),
+        cert_sha256: format!("sha-{id}"),
+        cert_serial: format!("serial-{id}"),
         cert_not_after_ms: 2,
     }
 }
