@@ -216,7 +216,7 @@ async fn cert_revoke_by_serial_kicks_its_session_and_an_unknown_serial_is_404() 
         Some(1)
     );
     let (status, v) = server
-        .api("GET", &format!("/api/v1/audit?action=cert.revoke"), None)
+        .api("GET", "/api/v1/audit?action=cert.revoke", None)
         .await;
     assert_eq!(status, 200);
     assert!(
