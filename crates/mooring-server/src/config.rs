@@ -849,6 +849,25 @@ mod tests {
     }
 
     #[test]
+    fn certificates_expiring_warn_days_is_validated() {
+        let with = |days: &str| -> anyhow::Result<ServerConfig> {
+            let c: ServerConfig =
+                toml::from_str(&format!("[certificates]\nexpiring_warn_days = {days}\n"))?;
+            c.validate()?;
+            Ok(c)
+        };
+        assert_eq!(ServerConfig::default().certificates.expiring_warn_days, 30);
+        assert_eq!(
+            with("90").expect("valid").certificates.expiring_warn_days,
+            90
+        );
+        for bad in ["0", "3651"] {
+            let e = format!("{:#}", with(bad).expect_err(bad));
+            assert!(e.contains("certificates.expiring_warn_days"), "{e}");
+        }
+    }
+
+    #[test]
     fn dev_listener_must_be_loopback() {
         let c = ServerConfig {
             mqtt_dev_addr: Some("0.0.0.0:1884".parse().expect("addr")),
