@@ -485,6 +485,44 @@ impl Client {
             .await
     }
 
+    /// `POST /api/v1/devices/{id}/revoke`: revokes every active certificate of the device.
+    pub async fn revoke_device(
+        &self,
+        id: &str,
+        req: &crate::RevokeRequest,
+    ) -> Result<crate::Revoked> {
+        let url = self.url(&["api", "v1", "devices", id, "revoke"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `POST /api/v1/certificates/{serial}/revoke`.
+    pub async fn revoke_certificate(
+        &self,
+        serial: &str,
+        req: &crate::RevokeRequest,
+    ) -> Result<crate::Revoked> {
+        let url = self.url(
+            &["api", "v1", "certificates", serial, "revoke"],
+            None::<&()>,
+        )?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/devices/{id}/certificates`: newest issued first.
+    pub async fn device_certificates(&self, id: &str) -> Result<crate::CertificateList> {
+        self.get(self.url(&["api", "v1", "devices", id, "certificates"], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/certificates`: one page of active certificates expiring soon, soonest first.
+    pub async fn expiring_certificates(
+        &self,
+        params: &crate::ExpiringParams,
+    ) -> Result<crate::CertificateList> {
+        self.get(self.url(&["api", "v1", "certificates"], Some(params))?)
+            .await
+    }
+
     /// `POST /api/v1/jobs`: a bulk action, run in the background.
     pub async fn create_job(&self, req: &CreateJob) -> Result<Job> {
         let url = self.url(&["api", "v1", "jobs"], None::<&()>)?;

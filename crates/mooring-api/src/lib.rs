@@ -15,6 +15,7 @@
 //! client need not parse them first.
 
 mod accounts;
+mod certs;
 mod commands;
 mod devices;
 mod error;
@@ -32,6 +33,7 @@ pub use accounts::{
     AuditEntry, AuditList, AuditParams, CreateUser, CreatedUser, LoginRequest, LoginResponse, Me,
     PasswordLink, SetPassword, UpdateUser, User, UserList,
 };
+pub use certs::{Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked};
 pub use commands::{
     AnyCommand, Command, CommandList, CommandListParams, CommandResultBody, CreateCommand,
     CreateFleetCommand, FleetCommand, HistoryEntry, WaitParams,

@@ -462,6 +462,9 @@ pub struct TelemetryConfig {
 pub struct CertificateConfig {
     /// Validity of device certificates issued by `device create`.
     pub device_validity_days: u32,
+    /// `/metrics` counts active certificates expiring within this many days
+    /// (`mooring_certificates_expiring`); 1..=3650.
+    pub expiring_warn_days: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -557,6 +560,7 @@ impl Default for CertificateConfig {
     fn default() -> Self {
         Self {
             device_validity_days: 3650,
+            expiring_warn_days: 30,
         }
     }
 }
@@ -693,6 +697,9 @@ impl ServerConfig {
         }
         if self.certificates.device_validity_days == 0 {
             bail!("certificates.device_validity_days must be at least 1");
+        }
+        if !(1..=3650).contains(&self.certificates.expiring_warn_days) {
+            bail!("certificates.expiring_warn_days must be between 1 and 3650");
         }
         let c = &self.commands;
         if c.default_ttl_secs == 0 || c.default_ttl_secs > crate::commands::TTL_SECS_MAX {
@@ -839,6 +846,25 @@ mod tests {
         assert_eq!(c.policy.rules.len(), 1);
         c.validate().expect("valid");
         assert!(toml::from_str::<ServerConfig>("nope = 1").is_err());
+    }
+
+    #[test]
+    fn certificates_expiring_warn_days_is_validated() {
+        let with = |days: &str| -> anyhow::Result<ServerConfig> {
+            let c: ServerConfig =
+                toml::from_str(&format!("[certificates]\nexpiring_warn_days = {days}\n"))?;
+            c.validate()?;
+            Ok(c)
+        };
+        assert_eq!(ServerConfig::default().certificates.expiring_warn_days, 30);
+        assert_eq!(
+            with("90").expect("valid").certificates.expiring_warn_days,
+            90
+        );
+        for bad in ["0", "3651"] {
+            let e = format!("{:#}", with(bad).expect_err(bad));
+            assert!(e.contains("certificates.expiring_warn_days"), "{e}");
+        }
     }
 
     #[test]

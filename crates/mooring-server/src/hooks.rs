@@ -1,7 +1,7 @@
 //! The MQTT hooks: who a connecting client is, what it may do, and telemetry ingest.
 //!
-//! Devices are identified by the TLS client certificate (CN = device id, SHA-256 pinned in the
-//! registry). Services have no certificate and present an API token of role `service` as the
+//! Devices are identified by the TLS client certificate (CN = device id; its SHA-256 must be an
+//! active, unexpired certificate of that device in the registry's ledger). Services have no certificate and present an API token of role `service` as the
 //! MQTT password. The development listener admits anyone with unrestricted access and ingests
 //! nothing (no identity). Telemetry from a device on its own `devices/<id>/telemetry` topic is
 //! acknowledged only once the group-commit writer reports it durable; command acks/results and
@@ -10,6 +10,7 @@
 
 use crate::app::App;
 use crate::metrics::Counters;
+use crate::registry::CertVerdict;
 use crate::telemetry::Ingest;
 use mooring_broker::{
     Authenticated, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message, PublishVerdict,
@@ -82,6 +83,34 @@ impl FailureLog {
     }
 }
 
+/// The log line of a device certificate the ledger refuses.
+fn log_certificate_refusal(device: &str, verdict: &CertVerdict) {
+    let at = |ms: u64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| format!("{ms} ms"))
+    };
+    match verdict {
+        CertVerdict::Revoked { serial, at_ms } => tracing::info!(
+            device,
+            "refused: certificate {serial} of {device} was revoked at {}",
+            at(*at_ms)
+        ),
+        CertVerdict::Expired { serial, at_ms } => tracing::info!(
+            device,
+            "refused: certificate {serial} of {device} expired at {}",
+            at(*at_ms)
+        ),
+        CertVerdict::Unknown | CertVerdict::Valid => {
+            tracing::info!(device, "refused: certificate is not one issued to {device}")
+        }
+    }
+}
+
 /// In a cluster: the node that held this client's session hands it over first (and a
 /// resuming client gets it from the store); a single node has nothing to do.
 async fn take_over(app: &App, principal: &Principal, client_id: &str, clean_start: bool) {
@@ -140,13 +169,19 @@ impl Hooks for ServerHooks {
                     return Err(ConnectRefusal::ServerUnavailable);
                 }
             };
-            if req.info.cert_sha256.as_deref() != Some(record.cert_sha256.as_str()) {
-                Counters::inc(&app.counters().connects_refused);
-                tracing::info!(
-                    device = cn,
-                    "refused: certificate is not the device's current one"
-                );
-                return Err(ConnectRefusal::NotAuthorized);
+            let sha256 = req.info.cert_sha256.as_deref().unwrap_or("");
+            match app.registry.check_certificate(cn, sha256).await {
+                Ok(CertVerdict::Valid) => {}
+                Ok(refused) => {
+                    Counters::inc(&app.counters().connects_refused);
+                    Counters::inc(&app.counters().connects_refused_certificate);
+                    log_certificate_refusal(cn, &refused);
+                    return Err(ConnectRefusal::NotAuthorized);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "certificate lookup failed");
+                    return Err(ConnectRefusal::ServerUnavailable);
+                }
             }
             if !req.client_id.is_empty() && req.client_id != cn {
                 Counters::inc(&app.counters().connects_refused);
@@ -157,6 +192,7 @@ impl Hooks for ServerHooks {
                 );
                 return Err(ConnectRefusal::BadClientId);
             }
+            app.registry.note_session_cert(&record.id, sha256);
             let principal = Principal::Device {
                 id: record.id,
                 tags: record.tags,

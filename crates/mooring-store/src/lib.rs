@@ -80,19 +80,20 @@ pub mod writer;
 pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_MAX};
 pub use error::{Result, StoreError};
 pub use model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceId,
-    DeviceRecord, FleetSample, FleetTotals, JobError, JobRecord, JobState, MetricValue, NewDevice,
-    OnlineFilter, Point, Role, SessionOp, SessionRecord, ShadowRecord, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts, TS_MS_MAX,
+    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, CertState,
+    CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceFilter,
+    DeviceId, DeviceRecord, FleetSample, FleetTotals, JobError, JobRecord, JobState, MetricValue,
+    NewDevice, OnlineFilter, Point, Role, SessionOp, SessionRecord, ShadowRecord, StoredSession,
+    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts, CERT_ISSUER_FLEET,
+    TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    AccountStore, AuditStore, BrokerStateStore, ClusterStore, CommandStore, DeviceStore,
-    FleetStore, JobStore, ShadowStore, Store, TelemetryStore, TokenStore, COMMAND_BATCH_LEN_MAX,
-    SESSION_LOOKUP_LEN_MAX,
+    AccountStore, AuditStore, BrokerStateStore, CertStore, ClusterStore, CommandStore, DeviceStore,
+    FleetStore, JobStore, ShadowStore, Store, TelemetryStore, TokenStore, CERT_PAGE_LEN_MAX,
+    COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

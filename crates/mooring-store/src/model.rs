@@ -819,3 +819,84 @@ pub(crate) fn job_errors_from_json(text: &str) -> Result<Vec<JobError>> {
         })
         .collect())
 }
+
+/// Whether a certificate of the ledger is still accepted (issue 16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CertState {
+    Active,
+    Revoked,
+}
+
+impl CertState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertState::Active => "active",
+            CertState::Revoked => "revoked",
+        }
+    }
+}
+
+impl FromStr for CertState {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "active" => Ok(CertState::Active),
+            "revoked" => Ok(CertState::Revoked),
+            other => Err(StoreError::Backend(format!(
+                "unknown certificate state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Who issued a certificate of the ledger: the fleet CA.
+pub const CERT_ISSUER_FLEET: &str = "fleet";
+
+/// One certificate issued to a device (the ledger, issue 16). MQTT authentication accepts a
+/// certificate only while it is `Active` and `now < not_after_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRecord {
+    /// Lowercase hex of the serial number; unique.
+    pub serial: String,
+    pub device_id: DeviceId,
+    /// Lowercase hex of the SHA-256 of the certificate (DER); unique.
+    pub sha256: String,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+    pub issued_at_ms: u64,
+    /// `fleet` ([`CERT_ISSUER_FLEET`]) or `ca:<id>`.
+    pub issuer: String,
+    pub state: CertState,
+    pub revoked_at_ms: Option<u64>,
+    pub revoke_reason: Option<String>,
+}
+
+impl CertRecord {
+    /// The ledger row of a device's certificate as registered with the device.
+    pub fn of_new_device(d: &NewDevice) -> CertRecord {
+        CertRecord {
+            serial: d.cert_serial.clone(),
+            device_id: d.id.clone(),
+            sha256: d.cert_sha256.clone(),
+            not_before_ms: d.created_at_ms,
+            not_after_ms: d.cert_not_after_ms,
+            issued_at_ms: d.created_at_ms,
+            issuer: CERT_ISSUER_FLEET.to_owned(),
+            state: CertState::Active,
+            revoked_at_ms: None,
+            revoke_reason: None,
+        }
+    }
+
+    /// Refuses U+0000 in its texts and times beyond [`TS_MS_MAX`].
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_text("certificate serial", &self.serial)?;
+        check_text("certificate sha256", &self.sha256)?;
+        check_text("certificate issuer", &self.issuer)?;
+        check_text("revoke reason", self.revoke_reason.as_deref().unwrap_or(""))?;
+        check_ts("not_before_ms", self.not_before_ms)?;
+        check_ts("not_after_ms", self.not_after_ms)?;
+        check_ts("issued_at_ms", self.issued_at_ms)?;
+        check_ts("revoked_at_ms", self.revoked_at_ms.unwrap_or(0))
+    }
+}

@@ -33,6 +33,7 @@
 mod accounts;
 mod audit;
 mod broker;
+mod certs;
 mod cluster;
 mod commands;
 mod devices;
@@ -61,6 +62,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0004_accounts.sql"),
     include_str!("../migrations/postgres/0005_fleet_samples.sql"),
     include_str!("../migrations/postgres/0006_jobs.sql"),
+    include_str!("../migrations/postgres/0007_device_certs.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in
@@ -287,6 +289,10 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
 
 fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+fn is_foreign_key_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION)
 }
 
 /// A caller-supplied time as stored; refuses values above [`crate::TS_MS_MAX`].

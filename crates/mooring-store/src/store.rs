@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandParentRecord,
+    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, CommandParentRecord,
     CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceRecord, FleetSample,
     FleetTotals, JobRecord, MetricValue, NewDevice, Point, SessionOp, SessionRecord, ShadowRecord,
     StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
@@ -46,6 +46,47 @@ pub trait DeviceStore: Send + Sync + 'static {
         filter: &DeviceFilter,
         versions_max: usize,
     ) -> Result<VersionCounts>;
+}
+
+/// Most certificates one ledger query returns.
+pub const CERT_PAGE_LEN_MAX: usize = 1000;
+
+/// The certificate ledger (issue 16): every certificate issued to a device. Creating a device
+/// ([`DeviceStore::create_device`]) adds its certificate in the same transaction; deleting it
+/// deletes its certificates.
+#[async_trait::async_trait]
+pub trait CertStore: Send + Sync + 'static {
+    /// Adds a certificate to an existing device. `NotFound` if the device does not exist,
+    /// `AlreadyExists` if the serial or the SHA-256 is taken.
+    async fn add_cert(&self, cert: CertRecord) -> Result<()>;
+    async fn find_cert_by_sha256(&self, sha256: &str) -> Result<Option<CertRecord>>;
+    async fn get_cert(&self, serial: &str) -> Result<Option<CertRecord>>;
+    /// A device's certificates, newest issued first (ties: by serial), at most `limit`.
+    async fn list_device_certs(&self, device_id: &str, limit: usize) -> Result<Vec<CertRecord>>;
+    /// Revokes the certificate if it is active; `false` if it is unknown or already revoked
+    /// (idempotent: the first revocation's time and reason stay).
+    async fn revoke_cert(&self, serial: &str, at_ms: u64, reason: Option<&str>) -> Result<bool>;
+    /// Revokes every active certificate of the device in one transaction; returns their
+    /// serials (none if the device has none, or does not exist).
+    async fn revoke_device_certs(
+        &self,
+        device_id: &str,
+        at_ms: u64,
+        reason: Option<&str>,
+    ) -> Result<Vec<String>>;
+    /// Active certificates with `not_after_ms < before_ms` (expired ones included), ordered by
+    /// `(not_after_ms, serial)`, after `after` (the last pair of the previous page), at most
+    /// `limit`.
+    async fn expiring_certs(
+        &self,
+        before_ms: u64,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<CertRecord>>;
+    /// How many active certificates have `not_after_ms < before_ms`.
+    async fn count_expiring_certs(&self, before_ms: u64) -> Result<u64>;
+    /// How many certificates are revoked.
+    async fn count_revoked_certs(&self) -> Result<u64>;
 }
 
 /// The fleet's history: one sample per node per interval (devices, online, points, messages).
@@ -368,6 +409,7 @@ pub trait Store:
     + AuditStore
     + FleetStore
     + JobStore
+    + CertStore
 {
 }
 
@@ -383,5 +425,6 @@ impl<T> Store for T where
         + AuditStore
         + FleetStore
         + JobStore
+        + CertStore
 {
 }

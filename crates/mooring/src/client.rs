@@ -1,6 +1,9 @@
 //! The API-facing commands (`mooring device|command|token ...`): arguments in, one typed
 //! [`mooring_api::Client`] call out, the answer printed as a table or as the API's JSON.
 
+mod certs;
+pub use certs::{cert, CertCommand};
+
 use crate::credentials::CredentialFiles;
 use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};
 use crate::{CommandCommand, DeviceCommand, JobCommand, TokenCommand, UserCommand};
@@ -254,6 +257,9 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8>
             let id = parse_id(&id)?;
             call(args.connect()?.delete_device(id.as_str()).await)?;
             println!("deleted device {id}");
+        }
+        DeviceCommand::Revoke { id, reason } => {
+            return certs::revoke_device(args, &id, reason).await;
         }
     }
     Ok(EXIT_OK)

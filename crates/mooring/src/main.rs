@@ -1,5 +1,5 @@
-//! The `mooring` command: `serve` runs the server; `device`, `command`, `job`, `token`, `user`,
-//! `audit` and `events` talk to its API.
+//! The `mooring` command: `serve` runs the server; `device`, `cert`, `command`, `job`, `token`,
+//! `user`, `audit` and `events` talk to its API.
 
 mod client;
 mod credentials;
@@ -79,6 +79,15 @@ enum Command {
         api: client::ApiArgs,
         #[command(subcommand)]
         command: FleetCommand,
+    },
+    /// Device certificates: list a device's, list those expiring soon, revoke one
+    /// (docs/provisioning.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Cert {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::CertCommand,
     },
     /// Benchmarks against a private Mosquitto on loopback, side by side (docs/benchmarks.md).
     Bench(mooring_bench::BenchArgs),
@@ -230,6 +239,15 @@ enum DeviceCommand {
     Delete {
         /// Device id.
         id: String,
+    },
+    /// Revoke every certificate of a device: refused at the next handshake, and a live
+    /// session closed within a second, on every node (the device stays registered).
+    Revoke {
+        /// Device id.
+        id: String,
+        /// Why (kept with the certificates; at most 256 characters).
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -537,6 +555,7 @@ fn run(command: Command) -> ExitCode {
             Command::Sim { .. } => Ok(client::EXIT_OK),
             Command::Serve(args) => serve(args).await.map(|()| client::EXIT_OK),
             Command::Device { api, command } => client::device(api, command).await,
+            Command::Cert { api, command } => client::cert(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
             Command::User { api, command } => client::user(api, command).await,
             Command::Audit { api, args } => client::audit(api, args).await,

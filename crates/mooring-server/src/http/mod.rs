@@ -7,6 +7,7 @@
 
 mod accounts;
 mod api;
+mod certs;
 mod commands;
 mod events;
 mod fleet;
@@ -385,6 +386,8 @@ pub(super) async fn openapi_json() -> impl IntoResponse {
 }
 
 pub(super) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    // Counted at most every few seconds (a scrape costs two count queries at most).
+    app.registry.cert_gauges().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::render_metrics(&app),

@@ -16,12 +16,13 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`, `certs.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
 mod audit;
 mod broker_state;
+mod certs;
 mod cluster;
 mod commands;
 mod devices;
@@ -35,6 +36,7 @@ mod writer;
 pub use accounts::*;
 pub use audit::*;
 pub use broker_state::*;
+pub use certs::*;
 pub use cluster::*;
 pub use commands::*;
 pub use devices::*;
@@ -101,6 +103,11 @@ macro_rules! conformance_tests {
             broker_state_loads_one_session_by_key,
             fleet_samples_sum_per_interval_and_prune_in_chunks,
             device_selection_matches_selector_semantics,
+            cert_created_with_its_device_and_deleted_with_it,
+            cert_taken_by_another_device_fails_the_whole_creation,
+            cert_add_lists_newest_first_and_refuses_taken_or_orphan,
+            cert_revoke_is_idempotent_and_per_device_revokes_only_active,
+            cert_expiring_lists_active_ones_soonest_first_in_pages,
         );
         $crate::conformance_tests!(@by_arc $factory;
             writer_group_commits_concurrent_appends_and_reports_duplicates,

@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 
 use super::{column, count_to_sql, device_id_column, pg_error, ts_to_sql, u64_column, PgStore};
 use crate::error::{Result, StoreError};
-use crate::model::{DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
+use crate::model::{CertRecord, DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
 use crate::store::DeviceStore;
 
 const DEVICE_COLUMNS: &str =
@@ -33,25 +33,45 @@ fn device_from_row(row: &Row) -> Result<DeviceRecord> {
 
 #[async_trait::async_trait]
 impl DeviceStore for PgStore {
+    /// The device row, its tags and its certificate's ledger row, in one transaction.
     async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
         d.validate()?;
+        let cert = CertRecord::of_new_device(&d);
+        cert.validate()?;
         let record = d.into_record();
         let created_at_ms = ts_to_sql("created_at_ms", record.created_at_ms)?;
         let not_after_ms = ts_to_sql("cert_not_after_ms", record.cert_not_after_ms)?;
-        self.execute(
-            "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &record.id.as_str(),
-                &Json(&record.tags),
-                &created_at_ms,
-                &record.cert_sha256,
-                &record.cert_serial,
-                &not_after_ms,
-            ],
-            || format!("device {}", record.id),
-        )
-        .await?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await
+            .map_err(pg_error)?;
+        let inserted = tx
+            .execute(
+                &stmt,
+                &[
+                    &record.id.as_str(),
+                    &Json(&record.tags),
+                    &created_at_ms,
+                    &record.cert_sha256,
+                    &record.cert_serial,
+                    &not_after_ms,
+                ],
+            )
+            .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if super::is_unique_violation(&e) => {
+                return Err(StoreError::AlreadyExists(format!("device {}", record.id)))
+            }
+            Err(e) => return Err(pg_error(e)),
+        }
+        super::certs::insert_cert(&tx, &cert).await?;
+        tx.commit().await.map_err(pg_error)?;
         Ok(record)
     }
 

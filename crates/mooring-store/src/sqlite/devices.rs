@@ -1,4 +1,5 @@
-//! [`DeviceStore`] for SQLite: devices, their tags, pinned certificates and last-seen times.
+//! [`DeviceStore`] for SQLite: devices, their tags, pinned certificates (and their ledger rows)
+//! and last-seen times.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use super::{
     SqliteStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
+use crate::model::{CertRecord, DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
 use crate::store::DeviceStore;
 
 const DEVICE_COLUMNS: &str =
@@ -66,6 +67,8 @@ fn write_tags(
 impl DeviceStore for SqliteStore {
     async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
         d.validate()?;
+        let cert = CertRecord::of_new_device(&d);
+        cert.validate()?;
         let record = d.into_record();
         let tags = tags_to_sql(&record.tags)?;
         let created_at_ms = ts_to_sql("created_at_ms", record.created_at_ms)?;
@@ -79,6 +82,7 @@ impl DeviceStore for SqliteStore {
             match inserted {
                 Ok(_) => {
                     write_tags(conn, record.id.as_str(), &record.tags, false)?;
+                    super::certs::insert_cert(conn, &cert)?;
                     Ok(record)
                 }
                 Err(e) if is_constraint_violation(&e) => {
@@ -156,6 +160,8 @@ impl DeviceStore for SqliteStore {
                     .execute("DELETE FROM devices WHERE id = ?1", params![id])
                     .db()?;
                 tx.execute(super::telemetry::DELETE_DEVICE_LATEST_SQL, params![id])
+                    .db()?;
+                tx.execute("DELETE FROM device_certs WHERE device_id = ?1", params![id])
                     .db()?;
                 tx.commit().db()?;
                 deleted > 0
