@@ -10,6 +10,7 @@
 
 use crate::app::App;
 use crate::metrics::Counters;
+use crate::pipeline::Step;
 use crate::telemetry::Ingest;
 use mooring_broker::{
     Authenticated, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message, PublishVerdict,
@@ -146,6 +147,11 @@ impl Hooks for ServerHooks {
                     device = cn,
                     "refused: certificate is not the device's current one"
                 );
+                app.pipeline.step_failed(
+                    cn,
+                    Step::FirstConnect,
+                    "refused: the certificate presented is not the device's current one".into(),
+                );
                 return Err(ConnectRefusal::NotAuthorized);
             }
             if !req.client_id.is_empty() && req.client_id != cn {
@@ -154,6 +160,14 @@ impl Hooks for ServerHooks {
                     device = cn,
                     client_id = req.client_id,
                     "refused: client id is not the device id"
+                );
+                app.pipeline.step_failed(
+                    cn,
+                    Step::FirstConnect,
+                    format!(
+                        "refused: client id {:?} is not the device id",
+                        req.client_id
+                    ),
                 );
                 return Err(ConnectRefusal::BadClientId);
             }
@@ -295,9 +309,17 @@ impl Hooks for ServerHooks {
             _ => return PublishVerdict::Accept,
         }
         match app.telemetry.ingest(id, &msg.payload, now_ms).await {
-            Ingest::Stored | Ingest::Duplicate => PublishVerdict::Accept,
+            Ingest::Stored | Ingest::Duplicate => {
+                app.presence.telemetry(id, now_ms);
+                PublishVerdict::Accept
+            }
             Ingest::Invalid(e) => {
                 tracing::debug!(device = %id, error = %e, "invalid telemetry dropped");
+                app.pipeline.step_failed(
+                    id,
+                    Step::FirstTelemetry,
+                    format!("telemetry refused (payload format invalid): {e}"),
+                );
                 PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID)
             }
             Ingest::MetricsLimit => {

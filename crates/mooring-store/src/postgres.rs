@@ -61,6 +61,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0004_accounts.sql"),
     include_str!("../migrations/postgres/0005_fleet_samples.sql"),
     include_str!("../migrations/postgres/0006_jobs.sql"),
+    // 0007 and 0008 are taken by the certificate ledger and claims (issue 16).
+    include_str!("../migrations/postgres/0009_device_activity.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

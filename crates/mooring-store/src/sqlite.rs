@@ -68,6 +68,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0007_accounts.sql"),
     include_str!("../migrations/0008_fleet_samples.sql"),
     include_str!("../migrations/0009_jobs.sql"),
+    // 0010 and 0011 are taken by the certificate ledger and claims (issue 16).
+    include_str!("../migrations/0012_device_activity.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.
