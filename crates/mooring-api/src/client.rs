@@ -326,6 +326,22 @@ impl Client {
         Ok(self.json(Method::PUT, url, Some(tags), None).await?.1)
     }
 
+    /// `POST /api/v1/devices/{id}/installation`: records who installed the device, where.
+    pub async fn record_installation(
+        &self,
+        id: &str,
+        req: &crate::RecordInstallation,
+    ) -> Result<Device> {
+        let url = self.url(&["api", "v1", "devices", id, "installation"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/devices/{id}/provisioning`: where the device is in its pipeline.
+    pub async fn provisioning(&self, id: &str) -> Result<crate::Provisioning> {
+        self.get(self.url(&["api", "v1", "devices", id, "provisioning"], None::<&()>)?)
+            .await
+    }
+
     /// `GET /api/v1/devices/{id}/telemetry`.
     pub async fn telemetry(&self, id: &str, params: &TelemetryParams) -> Result<TelemetryPoints> {
         self.get(self.url(&["api", "v1", "devices", id, "telemetry"], Some(params))?)

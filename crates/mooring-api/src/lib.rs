@@ -22,6 +22,7 @@ mod error;
 mod events;
 mod fleet;
 mod jobs;
+mod pipeline;
 mod shadow;
 mod telemetry;
 mod tokens;
@@ -46,6 +47,10 @@ pub use fleet::{
     VersionCount, FLEET_VERSIONS_MAX,
 };
 pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
+pub use pipeline::{
+    Installation, PipelineStep, Provisioning, RecordInstallation, StepFailure, StepState,
+    INSTALLATION_LOCATION_LEN_MAX, INSTALLATION_NOTES_LEN_MAX,
+};
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
 pub use tokens::{CreateToken, CreatedToken, PageParams, TokenInfo, TokenList};

@@ -55,6 +55,25 @@ pub struct ServerConfig {
     pub fleet: FleetConfig,
     /// Background jobs: bulk actions on a selection of devices (docs/jobs.md).
     pub jobs: JobsConfig,
+    /// Installation confirmations (docs/provisioning.md).
+    pub installations: InstallationsConfig,
+}
+
+/// `[installations]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstallationsConfig {
+    /// An installation is accepted only if the device's telemetry was stored this recently
+    /// (default 10 minutes): it is connected and working where the installer stands.
+    pub seen_within_ms: u64,
+}
+
+impl Default for InstallationsConfig {
+    fn default() -> Self {
+        Self {
+            seen_within_ms: 600_000,
+        }
+    }
 }
 
 /// `[fleet]`.
@@ -539,6 +558,7 @@ impl Default for ServerConfig {
             oidc: None,
             events: crate::events::EventsConfig::default(),
             fleet: FleetConfig::default(),
+            installations: InstallationsConfig::default(),
             jobs: JobsConfig::default(),
         }
     }
@@ -748,6 +768,11 @@ impl ServerConfig {
             }
         }
         self.events.validate()?;
+        if !(1_000..=30 * 86_400_000).contains(&self.installations.seen_within_ms) {
+            bail!(
+                "installations.seen_within_ms must be between 1000 (1 s) and 2592000000 (30 days)"
+            );
+        }
         if !(FLEET_SAMPLE_INTERVAL_MS_MIN..=86_400_000).contains(&self.fleet.sample_interval_ms) {
             bail!(
                 "fleet.sample_interval_ms must be between {FLEET_SAMPLE_INTERVAL_MS_MIN} and 86400000"

@@ -10,6 +10,7 @@
 
 use crate::app::App;
 use crate::metrics::Counters;
+use crate::pipeline::Step;
 use crate::registry::CertVerdict;
 use crate::telemetry::Ingest;
 use mooring_broker::{
@@ -84,7 +85,8 @@ impl FailureLog {
 }
 
 /// The log line of a device certificate the ledger refuses.
-fn log_certificate_refusal(device: &str, verdict: &CertVerdict) {
+/// Why a certificate was refused, as the log and the device's pipeline say it.
+fn certificate_refusal_text(device: &str, verdict: &CertVerdict) -> String {
     let at = |ms: u64| {
         time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
             .ok()
@@ -95,18 +97,16 @@ fn log_certificate_refusal(device: &str, verdict: &CertVerdict) {
             .unwrap_or_else(|| format!("{ms} ms"))
     };
     match verdict {
-        CertVerdict::Revoked { serial, at_ms } => tracing::info!(
-            device,
+        CertVerdict::Revoked { serial, at_ms } => format!(
             "refused: certificate {serial} of {device} was revoked at {}",
             at(*at_ms)
         ),
-        CertVerdict::Expired { serial, at_ms } => tracing::info!(
-            device,
+        CertVerdict::Expired { serial, at_ms } => format!(
             "refused: certificate {serial} of {device} expired at {}",
             at(*at_ms)
         ),
         CertVerdict::Unknown | CertVerdict::Valid => {
-            tracing::info!(device, "refused: certificate is not one issued to {device}")
+            format!("refused: certificate is not one issued to {device}")
         }
     }
 }
@@ -175,7 +175,9 @@ impl Hooks for ServerHooks {
                 Ok(refused) => {
                     Counters::inc(&app.counters().connects_refused);
                     Counters::inc(&app.counters().connects_refused_certificate);
-                    log_certificate_refusal(cn, &refused);
+                    let why = certificate_refusal_text(cn, &refused);
+                    tracing::info!(device = cn, "{why}");
+                    app.pipeline.step_failed(cn, Step::FirstConnect, why);
                     return Err(ConnectRefusal::NotAuthorized);
                 }
                 Err(e) => {
@@ -189,6 +191,14 @@ impl Hooks for ServerHooks {
                     device = cn,
                     client_id = req.client_id,
                     "refused: client id is not the device id"
+                );
+                app.pipeline.step_failed(
+                    cn,
+                    Step::FirstConnect,
+                    format!(
+                        "refused: client id {:?} is not the device id",
+                        req.client_id
+                    ),
                 );
                 return Err(ConnectRefusal::BadClientId);
             }
@@ -331,9 +341,17 @@ impl Hooks for ServerHooks {
             _ => return PublishVerdict::Accept,
         }
         match app.telemetry.ingest(id, &msg.payload, now_ms).await {
-            Ingest::Stored | Ingest::Duplicate => PublishVerdict::Accept,
+            Ingest::Stored | Ingest::Duplicate => {
+                app.presence.telemetry(id, now_ms);
+                PublishVerdict::Accept
+            }
             Ingest::Invalid(e) => {
                 tracing::debug!(device = %id, error = %e, "invalid telemetry dropped");
+                app.pipeline.step_failed(
+                    id,
+                    Step::FirstTelemetry,
+                    format!("telemetry refused (payload format invalid): {e}"),
+                );
                 PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID)
             }
             Ingest::MetricsLimit => {

@@ -55,6 +55,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod oidc;
+pub mod pipeline;
 pub mod pki;
 pub mod presence;
 pub mod registry;

@@ -81,11 +81,11 @@ pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_M
 pub use error::{Result, StoreError};
 pub use model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, CertState,
-    CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceFilter,
-    DeviceId, DeviceRecord, FleetSample, FleetTotals, JobError, JobRecord, JobState, MetricValue,
-    NewDevice, OnlineFilter, Point, Role, SessionOp, SessionRecord, ShadowRecord, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts, CERT_ISSUER_FLEET,
-    TS_MS_MAX,
+    CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
+    DeviceActivity, DeviceFilter, DeviceId, DeviceRecord, FleetSample, FleetTotals, Installation,
+    JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter, Point, Role, SessionOp,
+    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
+    TokenRecord, UserRecord, VersionCounts, CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;

@@ -23,6 +23,46 @@ pub struct DeviceRecord {
     pub cert_not_after_ms: u64,
     /// Newest time the device was seen; `None` until it first connects.
     pub last_seen_ms: Option<u64>,
+    /// When it first connected (the provisioning pipeline's "first connect").
+    pub first_connect_ms: Option<u64>,
+    /// When its first telemetry point was stored ("first telemetry").
+    pub first_telemetry_ms: Option<u64>,
+    /// When its newest telemetry was stored (server time; installation confirmation checks it).
+    pub last_telemetry_ms: Option<u64>,
+    /// Who installed it, where and when (the newest confirmed installation).
+    pub installation: Option<Installation>,
+    /// The last error of each provisioning step that failed for it (step name → error).
+    pub provisioning_errors: BTreeMap<String, StepError>,
+}
+
+/// A confirmed installation (issue 16): recorded by an installer once the device is seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installation {
+    pub at_ms: u64,
+    /// The user's email or the token's name that recorded it.
+    pub by: String,
+    pub location: String,
+    pub notes: String,
+}
+
+/// The last failure of one provisioning step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepError {
+    pub at_ms: u64,
+    pub message: String,
+}
+
+/// What presence reports about a device since its last flush (one row of
+/// [`crate::DeviceStore::record_activity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceActivity {
+    pub id: String,
+    /// Newest time it was seen.
+    pub last_seen_ms: u64,
+    /// When a connection of it opened since the last flush (the earliest), if one did.
+    pub connected_at_ms: Option<u64>,
+    /// When it last sent telemetry that was stored, if it did since the last flush.
+    pub telemetry_at_ms: Option<u64>,
 }
 
 /// A device to register.
@@ -47,6 +87,11 @@ impl NewDevice {
             cert_serial: self.cert_serial,
             cert_not_after_ms: self.cert_not_after_ms,
             last_seen_ms: None,
+            first_connect_ms: None,
+            first_telemetry_ms: None,
+            last_telemetry_ms: None,
+            installation: None,
+            provisioning_errors: BTreeMap::new(),
         }
     }
 
@@ -899,4 +944,36 @@ impl CertRecord {
         check_ts("issued_at_ms", self.issued_at_ms)?;
         check_ts("revoked_at_ms", self.revoked_at_ms.unwrap_or(0))
     }
+}
+
+/// Longest step-error message a store keeps (longer ones are cut at a character boundary).
+pub const STEP_ERROR_LEN_MAX: usize = 512;
+
+/// The provisioning step errors as stored (a JSON object: step → `{at_ms, message}`); entries
+/// it cannot read are skipped.
+pub(crate) fn step_errors_from_json(text: Option<&str>) -> BTreeMap<String, StepError> {
+    let Some(serde_json::Value::Object(map)) = text.and_then(|t| serde_json::from_str(t).ok())
+    else {
+        return BTreeMap::new();
+    };
+    map.into_iter()
+        .filter_map(|(step, v)| {
+            Some((
+                step,
+                StepError {
+                    at_ms: v.get("at_ms")?.as_u64()?,
+                    message: v.get("message")?.as_str()?.to_owned(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// `message` cut to [`STEP_ERROR_LEN_MAX`] bytes at a character boundary.
+pub(crate) fn clip_step_error(message: &str) -> String {
+    let mut end = message.len().min(STEP_ERROR_LEN_MAX);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_owned()
 }

@@ -63,6 +63,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0005_fleet_samples.sql"),
     include_str!("../migrations/postgres/0006_jobs.sql"),
     include_str!("../migrations/postgres/0007_device_certs.sql"),
+    include_str!("../migrations/postgres/0009_device_activity.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

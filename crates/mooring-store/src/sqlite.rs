@@ -70,6 +70,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0008_fleet_samples.sql"),
     include_str!("../migrations/0009_jobs.sql"),
     include_str!("../migrations/0010_device_certs.sql"),
+    include_str!("../migrations/0012_device_activity.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

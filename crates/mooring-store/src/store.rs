@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, CommandParentRecord,
-    CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceRecord, FleetSample,
-    FleetTotals, JobRecord, MetricValue, NewDevice, Point, SessionOp, SessionRecord, ShadowRecord,
-    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    CommandRecord, CommandState, CreateOutcome, DeviceActivity, DeviceFilter, DeviceRecord,
+    FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, Point, SessionOp,
+    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
+    TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -28,9 +29,16 @@ pub trait DeviceStore: Send + Sync + 'static {
     async fn delete_device(&self, id: &str) -> Result<bool>;
     /// Replaces all tags. `NotFound` if the device does not exist.
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<()>;
-    /// Sets `last_seen_ms = max(old, new)` for every pair, in one transaction. Unknown ids are
-    /// skipped (the device may have been deleted meanwhile).
-    async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()>;
+    /// For every row, in one transaction: `last_seen_ms = max(old, new)`, `last_telemetry_ms`
+    /// likewise, `first_connect_ms` and `first_telemetry_ms` set once (never moved). Unknown ids
+    /// are skipped (the device may have been deleted meanwhile).
+    async fn record_activity(&self, activity: &[DeviceActivity]) -> Result<()>;
+    /// Records the newest installation of a device; `false` if there is no such device.
+    async fn set_installation(&self, id: &str, installation: Installation) -> Result<bool>;
+    /// Sets the last error of provisioning step `step` of a device (replacing that step's
+    /// previous one; the message is clipped to [`crate::STEP_ERROR_LEN_MAX`]). Unknown ids are
+    /// skipped.
+    async fn record_step_error(&self, id: &str, step: &str, error: StepError) -> Result<()>;
     /// At most `limit` devices matching `filter` with `id > after_id`, ordered by id (byte
     /// order): a selection evaluated by the store, never by scanning pages in the caller.
     async fn select_devices(

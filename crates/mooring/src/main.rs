@@ -228,10 +228,24 @@ enum DeviceCommand {
         #[command(flatten)]
         output: output::OutputArgs,
     },
-    /// Show one device.
+    /// Show one device, its installation and where it is in its provisioning pipeline.
     Show {
         /// Device id.
         id: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Confirm a device is installed (role installer or above): accepted only while its
+    /// telemetry is recent, so the record says it works where it was mounted.
+    Install {
+        /// Device id.
+        id: String,
+        /// Where it is installed, e.g. 'Hall 3, door 2' (at most 256 characters).
+        #[arg(long)]
+        location: String,
+        /// Anything else worth knowing (at most 2048 characters).
+        #[arg(long)]
+        notes: Option<String>,
         #[command(flatten)]
         output: output::OutputArgs,
     },

@@ -12,6 +12,7 @@ mod commands;
 mod events;
 mod fleet;
 mod jobs;
+mod pipeline;
 pub mod routes;
 mod web;
 

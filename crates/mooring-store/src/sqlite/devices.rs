@@ -12,11 +12,23 @@ use super::{
     SqliteStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{CertRecord, DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
+use crate::model::{
+    clip_step_error, step_errors_from_json, CertRecord, DeviceActivity, DeviceFilter, DeviceRecord,
+    Installation, NewDevice, StepError, VersionCounts,
+};
 use crate::store::DeviceStore;
 
 const DEVICE_COLUMNS: &str =
-    "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, last_seen_ms";
+    "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, \
+    last_seen_ms, first_connect_ms, first_telemetry_ms, last_telemetry_ms, installed_at_ms, \
+    installed_by, installed_location, installed_notes, provisioning_errors";
+
+fn opt_u64_column(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<u64>> {
+    match row.get::<_, Option<i64>>(index)? {
+        None => Ok(None),
+        Some(_) => u64_column(row, index).map(Some),
+    }
+}
 
 fn tags_to_sql(tags: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(tags).map_err(|e| StoreError::InvalidInput(format!("tags: {e}")))
@@ -33,10 +45,20 @@ fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
         cert_sha256: row.get(3)?,
         cert_serial: row.get(4)?,
         cert_not_after_ms: u64_column(row, 5)?,
-        last_seen_ms: match row.get::<_, Option<i64>>(6)? {
+        last_seen_ms: opt_u64_column(row, 6)?,
+        first_connect_ms: opt_u64_column(row, 7)?,
+        first_telemetry_ms: opt_u64_column(row, 8)?,
+        last_telemetry_ms: opt_u64_column(row, 9)?,
+        installation: match opt_u64_column(row, 10)? {
             None => None,
-            Some(_) => Some(u64_column(row, 6)?),
+            Some(at_ms) => Some(Installation {
+                at_ms,
+                by: row.get::<_, Option<String>>(11)?.unwrap_or_default(),
+                location: row.get::<_, Option<String>>(12)?.unwrap_or_default(),
+                notes: row.get::<_, Option<String>>(13)?.unwrap_or_default(),
+            }),
         },
+        provisioning_errors: step_errors_from_json(row.get::<_, Option<String>>(14)?.as_deref()),
     })
 }
 
@@ -232,13 +254,21 @@ impl DeviceStore for SqliteStore {
         super::fleet::count_device_versions(self, filter, versions_max).await
     }
 
-    async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()> {
-        if seen.is_empty() {
+    async fn record_activity(&self, activity: &[DeviceActivity]) -> Result<()> {
+        if activity.is_empty() {
             return Ok(());
         }
-        let seen = seen
+        let opt = |what: &str, ts: Option<u64>| ts.map(|t| ts_to_sql(what, t)).transpose();
+        let rows = activity
             .iter()
-            .map(|(id, ts)| Ok((id.clone(), ts_to_sql("last_seen_ms", *ts)?)))
+            .map(|a| {
+                Ok((
+                    a.id.clone(),
+                    ts_to_sql("last_seen_ms", a.last_seen_ms)?,
+                    opt("connected_at_ms", a.connected_at_ms)?,
+                    opt("telemetry_at_ms", a.telemetry_at_ms)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         self.write(move |conn| {
             // The group commit runs this write in a savepoint of its own.
@@ -246,14 +276,55 @@ impl DeviceStore for SqliteStore {
             {
                 let mut stmt = tx
                     .prepare_cached(
-                        "UPDATE devices SET last_seen_ms = ?2
-                         WHERE id = ?1 AND (last_seen_ms IS NULL OR last_seen_ms < ?2)",
+                        "UPDATE devices SET
+                           last_seen_ms = max(COALESCE(last_seen_ms, ?2), ?2),
+                           first_connect_ms = COALESCE(first_connect_ms, ?3),
+                           first_telemetry_ms = COALESCE(first_telemetry_ms, ?4),
+                           last_telemetry_ms = CASE WHEN ?4 IS NULL THEN last_telemetry_ms
+                             ELSE max(COALESCE(last_telemetry_ms, ?4), ?4) END
+                         WHERE id = ?1",
                     )
                     .db()?;
-                for (id, ts) in &seen {
-                    stmt.execute(params![id, ts]).db()?;
+                for (id, seen, connected, telemetry) in &rows {
+                    stmt.execute(params![id, seen, connected, telemetry]).db()?;
                 }
             }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_installation(&self, id: &str, i: Installation) -> Result<bool> {
+        let id = id.to_owned();
+        let at_ms = ts_to_sql("installation at_ms", i.at_ms)?;
+        self.write(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE devices SET installed_at_ms = ?2, installed_by = ?3,
+                       installed_location = ?4, installed_notes = ?5
+                     WHERE id = ?1",
+                    params![id, at_ms, i.by, i.location, i.notes],
+                )
+                .db()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn record_step_error(&self, id: &str, step: &str, error: StepError) -> Result<()> {
+        let id = id.to_owned();
+        let path = format!("$.\"{}\"", step.replace(['"', '\\'], ""));
+        let at_ms = ts_to_sql("step error at_ms", error.at_ms)?;
+        let message = clip_step_error(&error.message);
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE devices SET provisioning_errors = json_set(
+                   COALESCE(provisioning_errors, '{}'), ?2,
+                   json_object('at_ms', ?3, 'message', ?4))
+                 WHERE id = ?1",
+                params![id, path, at_ms, message],
+            )
+            .db()?;
             Ok(())
         })
         .await
