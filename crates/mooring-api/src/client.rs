@@ -336,6 +336,12 @@ impl Client {
         Ok(self.json(Method::POST, url, Some(req), None).await?.1)
     }
 
+    /// `GET /api/v1/provisioning/funnel`: how many devices reached each provisioning step.
+    pub async fn provisioning_funnel(&self, params: &crate::FunnelParams) -> Result<crate::Funnel> {
+        self.get(self.url(&["api", "v1", "provisioning", "funnel"], Some(params))?)
+            .await
+    }
+
     /// `GET /api/v1/devices/{id}/provisioning`: where the device is in its pipeline.
     pub async fn provisioning(&self, id: &str) -> Result<crate::Provisioning> {
         self.get(self.url(&["api", "v1", "devices", id, "provisioning"], None::<&()>)?)

@@ -48,8 +48,9 @@ pub use fleet::{
 };
 pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
 pub use pipeline::{
-    Installation, PipelineStep, Provisioning, RecordInstallation, StepFailure, StepState,
-    INSTALLATION_LOCATION_LEN_MAX, INSTALLATION_NOTES_LEN_MAX,
+    Funnel, FunnelParams, FunnelStage, Installation, PipelineStep, Provisioning,
+    RecordInstallation, StepFailure, StepState, INSTALLATION_LOCATION_LEN_MAX,
+    INSTALLATION_NOTES_LEN_MAX,
 };
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};

@@ -68,3 +68,31 @@ pub struct Provisioning {
     /// The confirmed installation, if any.
     pub installation: Option<Installation>,
 }
+
+/// Query of `GET /api/v1/provisioning/funnel`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct FunnelParams {
+    /// Only devices matching this selector, e.g. `tag:site=berlin` [default: all].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+}
+
+/// One stage of the funnel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FunnelStage {
+    /// `registered`, `first_connect`, `first_telemetry` or `installed`.
+    pub step: String,
+    /// Devices that reached it.
+    pub devices: u64,
+}
+
+/// `GET /api/v1/provisioning/funnel`: how many devices reached each step.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Funnel {
+    pub selector: Option<String>,
+    /// In pipeline order; each stage counts the devices that reached it (and so every
+    /// earlier one).
+    pub stages: Vec<FunnelStage>,
+}

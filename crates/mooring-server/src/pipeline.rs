@@ -82,6 +82,39 @@ impl Pipeline {
         Ok(provisioning(&view.record, &facts))
     }
 
+    /// How many devices (matching `selector`, inside `access`) reached each step.
+    pub async fn funnel(
+        &self,
+        access: &Access,
+        selector: Option<&str>,
+    ) -> ServiceResult<mooring_api::Funnel> {
+        let sel = match selector {
+            Some(text) => Some(crate::commands::parse_selector(text)?),
+            None => None,
+        };
+        let sel = access
+            .narrow(sel)
+            .unwrap_or(mooring_proto::selector::Selector { terms: Vec::new() });
+        let c = self
+            .core
+            .store
+            .count_pipeline(&self.registry.filter_of(&sel))
+            .await?;
+        let stage = |step: &str, devices: u64| mooring_api::FunnelStage {
+            step: step.to_owned(),
+            devices,
+        };
+        Ok(mooring_api::Funnel {
+            selector: selector.map(str::to_owned),
+            stages: vec![
+                stage("registered", c.devices),
+                stage("first_connect", c.connected),
+                stage("first_telemetry", c.reporting),
+                stage("installed", c.installed),
+            ],
+        })
+    }
+
     /// Records that `step` failed for device `id` (an existing device; others are ignored,
     /// so nobody can grow this by naming devices). Written in the background, throttled.
     pub fn step_failed(&self, id: &str, step: Step, message: String) {

@@ -83,9 +83,10 @@ pub use model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, CertState,
     CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
     DeviceActivity, DeviceFilter, DeviceId, DeviceRecord, FleetSample, FleetTotals, Installation,
-    JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter, Point, Role, SessionOp,
-    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
-    TokenRecord, UserRecord, VersionCounts, CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
+    JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter, PipelineCounts, Point,
+    Role, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery,
+    TelemetryRecord, TokenRecord, UserRecord, VersionCounts, CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX,
+    TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;

@@ -35,6 +35,15 @@ pub struct DeviceRecord {
     pub provisioning_errors: BTreeMap<String, StepError>,
 }
 
+/// The provisioning funnel of a selection of devices ([`crate::DeviceStore::count_pipeline`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipelineCounts {
+    pub devices: u64,
+    pub connected: u64,
+    pub reporting: u64,
+    pub installed: u64,
+}
+
 /// A confirmed installation (issue 16): recorded by an installer once the device is seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Installation {

@@ -6,9 +6,9 @@ use crate::error::Result;
 use crate::model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, CommandParentRecord,
     CommandRecord, CommandState, CreateOutcome, DeviceActivity, DeviceFilter, DeviceRecord,
-    FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, Point, SessionOp,
-    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
-    TokenRecord, UserRecord, VersionCounts,
+    FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts,
+    Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery,
+    TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -54,6 +54,9 @@ pub trait DeviceStore: Send + Sync + 'static {
         filter: &DeviceFilter,
         versions_max: usize,
     ) -> Result<VersionCounts>;
+    /// How many devices match `filter`, and how many of them have connected, have sent
+    /// telemetry and have a recorded installation (the provisioning funnel).
+    async fn count_pipeline(&self, filter: &DeviceFilter) -> Result<PipelineCounts>;
 }
 
 /// Most certificates one ledger query returns.

@@ -959,6 +959,26 @@ pub async fn fleet_summary(
     Ok(EXIT_OK)
 }
 
+/// `mooring fleet funnel`.
+pub async fn fleet_funnel(
+    args: ApiArgs,
+    selector: Option<String>,
+    output: OutputArgs,
+) -> anyhow::Result<u8> {
+    let params = mooring_api::FunnelParams { selector };
+    let f = call(args.connect()?.provisioning_funnel(&params).await)?;
+    if output.json() {
+        print_json(&f)?;
+        return Ok(EXIT_OK);
+    }
+    let mut t = Table::new(&["STEP", "DEVICES"]);
+    for s in &f.stages {
+        t.row(vec![s.step.clone(), s.devices.to_string()]);
+    }
+    t.print();
+    Ok(EXIT_OK)
+}
+
 /// `mooring fleet history`.
 pub async fn fleet_history(args: ApiArgs, since: &str, output: OutputArgs) -> anyhow::Result<u8> {
     let window_ms = parse_duration_ms(since)?;

@@ -278,6 +278,15 @@ enum FleetCommand {
         #[command(flatten)]
         output: output::OutputArgs,
     },
+    /// The provisioning funnel: how many devices were registered, connected, sent telemetry
+    /// and were installed.
+    Funnel {
+        /// Only devices matching this selector, e.g. 'tag:site=berlin' [default: all].
+        #[arg(long)]
+        selector: Option<String>,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
     /// The fleet's history: devices, online, telemetry points and MQTT messages per interval.
     History {
         /// How far back, e.g. 30m, 24h, 7d (at most 7d).
@@ -584,6 +593,9 @@ fn run(command: Command) -> ExitCode {
                         output.output = output::Format::Json;
                     }
                     client::fleet_summary(api, selector, output).await
+                }
+                FleetCommand::Funnel { selector, output } => {
+                    client::fleet_funnel(api, selector, output).await
                 }
                 FleetCommand::History {
                     since,

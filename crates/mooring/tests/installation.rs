@@ -167,6 +167,42 @@ async fn an_installation_is_accepted_only_while_the_device_reports() {
         "{text}"
     );
 
+    // The funnel counts it at every step; a second device never connected stops at registered.
+    server.create_device("lock-8", tmp.path());
+    let out = server.cli(&["fleet", "funnel", "-o", "json"]);
+    assert!(out.status.success());
+    let f: Value = serde_json::from_slice(&out.stdout).expect("funnel json");
+    let counts: Vec<(String, u64)> = f["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap_or("").to_owned(),
+                s["devices"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("registered".to_owned(), 2),
+            ("first_connect".to_owned(), 1),
+            ("first_telemetry".to_owned(), 1),
+            ("installed".to_owned(), 1)
+        ]
+    );
+    let (status, f) = server
+        .api(
+            "GET",
+            "/api/v1/provisioning/funnel?selector=id:lock-8",
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{f}");
+    assert_eq!(f["stages"][0]["devices"], 1);
+    assert_eq!(f["stages"][1]["devices"], 0);
+
     // Bad input is refused with a reason and changes nothing.
     for (body, code) in [
         (json!({"location": "  "}), "invalid_location"),
@@ -196,7 +232,7 @@ async fn an_installation_is_accepted_only_while_the_device_reports() {
     assert_eq!(d["installation"]["location"], "Hall 3, door 2");
 
     // An installer may do nothing else; a viewer may not install.
-    let out = cli_as(&server, &installer, &["device", "create", "lock-8"]);
+    let out = cli_as(&server, &installer, &["device", "create", "lock-9"]);
     assert!(!out.status.success());
     let viewer = token(&server, "viewer", "val");
     let r = call(

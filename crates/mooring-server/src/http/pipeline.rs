@@ -1,10 +1,10 @@
 //! `/api/v1/devices/{id}/provisioning` and `/installation` handlers (issue 16).
 
-use super::{ApiJson, ApiPath, ApiResult, Caller, ErrorBody};
+use super::{ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
 use crate::app::App;
 use axum::extract::State;
 use axum::{Extension, Json};
-use mooring_api::{Device, Provisioning, RecordInstallation};
+use mooring_api::{Device, Funnel, FunnelParams, Provisioning, RecordInstallation};
 use std::sync::Arc;
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/provisioning", params(("id" = String, Path)),
@@ -40,4 +40,19 @@ pub(super) async fn record_installation(
         )
         .await?;
     Ok(Json(view.into()))
+}
+
+#[utoipa::path(get, path = "/api/v1/provisioning/funnel", params(FunnelParams),
+    responses((status = 200, body = Funnel, description = "devices that reached each step: registered, first_connect, first_telemetry, installed"),
+        (status = 400, body = ErrorBody)))]
+pub(super) async fn funnel(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiQuery(p): ApiQuery<FunnelParams>,
+) -> ApiResult<Json<Funnel>> {
+    Ok(Json(
+        app.pipeline
+            .funnel(&caller.access, p.selector.as_deref())
+            .await?,
+    ))
 }

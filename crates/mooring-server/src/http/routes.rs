@@ -81,6 +81,7 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         // Provisioning pipeline and installations.
         row!(get, "/api/v1/devices/{id}/provisioning", DevicesRead, "device.provisioning", pipeline::provisioning),
         row!(post, "/api/v1/devices/{id}/installation", InstallationsWrite, "device.install", pipeline::record_installation),
+        row!(get, "/api/v1/provisioning/funnel", DevicesRead, "provisioning.funnel", pipeline::funnel),
         // Fleet statistics.
         row!(get, "/api/v1/fleet/summary", DevicesRead, "fleet.summary", fleet::summary),
         row!(get, "/api/v1/fleet/history", DevicesRead, "fleet.history", fleet::history),

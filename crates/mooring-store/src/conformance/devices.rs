@@ -344,3 +344,63 @@ pub async fn device_installation_and_step_errors_round_trip<S: DeviceStore + ?Si
     assert_eq!(d.installation, None);
     assert!(d.provisioning_errors.is_empty());
 }
+
+/// The funnel counts devices that connected, reported and were installed, within a filter.
+pub async fn device_pipeline_counts_follow_activity_and_filters<S: DeviceStore + ?Sized>(
+    store: &S,
+) {
+    let filter = crate::DeviceFilter::default();
+    assert_eq!(
+        store.count_pipeline(&filter).await.expect("empty"),
+        crate::PipelineCounts::default()
+    );
+    for id in ["a", "b", "c"] {
+        store.create_device(new_device(id)).await.expect("create");
+    }
+    let mut south = new_device("d");
+    south.tags = tags(&[("site", "south")]);
+    store.create_device(south).await.expect("create d");
+    let act = |id: &str, connected: bool, telemetry: bool| crate::DeviceActivity {
+        id: id.into(),
+        last_seen_ms: 10,
+        connected_at_ms: connected.then_some(5),
+        telemetry_at_ms: telemetry.then_some(10),
+    };
+    store
+        .record_activity(&[
+            act("a", true, true),
+            act("b", true, false),
+            act("d", true, true),
+        ])
+        .await
+        .expect("activity");
+    let inst = crate::Installation {
+        at_ms: 20,
+        by: "ann".into(),
+        location: "x".into(),
+        notes: String::new(),
+    };
+    assert!(store.set_installation("a", inst).await.expect("install"));
+    assert_eq!(
+        store.count_pipeline(&filter).await.expect("all"),
+        crate::PipelineCounts {
+            devices: 4,
+            connected: 3,
+            reporting: 2,
+            installed: 1,
+        }
+    );
+    let north = crate::DeviceFilter {
+        tags: vec![("site".into(), "north".into())],
+        ..crate::DeviceFilter::default()
+    };
+    assert_eq!(
+        store.count_pipeline(&north).await.expect("north"),
+        crate::PipelineCounts {
+            devices: 3,
+            connected: 2,
+            reporting: 1,
+            installed: 1,
+        }
+    );
+}

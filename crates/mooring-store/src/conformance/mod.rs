@@ -153,6 +153,7 @@ macro_rules! conformance_device_token_tests {
             device_last_seen_keeps_the_maximum_and_skips_unknown_ids,
             device_activity_sets_firsts_once_and_keeps_the_newest_telemetry,
             device_installation_and_step_errors_round_trip,
+            device_pipeline_counts_follow_activity_and_filters,
             token_create_find_list_delete,
             token_duplicate_id_or_secret_is_already_exists,
             token_scope_expiry_and_last_use_round_trip,

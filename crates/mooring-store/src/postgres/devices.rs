@@ -13,7 +13,7 @@ use super::{
 use crate::error::{Result, StoreError};
 use crate::model::{
     clip_step_error, step_errors_from_json, CertRecord, DeviceActivity, DeviceFilter, DeviceRecord,
-    Installation, NewDevice, StepError, VersionCounts,
+    Installation, NewDevice, PipelineCounts, StepError, VersionCounts,
 };
 use crate::store::DeviceStore;
 
@@ -201,6 +201,29 @@ impl DeviceStore for PgStore {
         versions_max: usize,
     ) -> Result<VersionCounts> {
         super::fleet::count_device_versions(self, filter, versions_max).await
+    }
+
+    async fn count_pipeline(&self, filter: &DeviceFilter) -> Result<PipelineCounts> {
+        let (cond, params) = super::fleet::filter_sql(filter, 1);
+        let from = if filter.version.is_some() {
+            super::fleet::FROM_SQL
+        } else {
+            "devices d"
+        };
+        let sql = format!(
+            "SELECT count(*), count(d.first_connect_ms), count(d.first_telemetry_ms),
+                    count(d.installed_at_ms)
+             FROM {from} WHERE {cond}"
+        );
+        let Some(r) = self.query_opt(&sql, &super::fleet::refs(&params)).await? else {
+            return Ok(PipelineCounts::default());
+        };
+        Ok(PipelineCounts {
+            devices: u64_column(&r, 0)?,
+            connected: u64_column(&r, 1)?,
+            reporting: u64_column(&r, 2)?,
+            installed: u64_column(&r, 3)?,
+        })
     }
 
     async fn record_activity(&self, activity: &[DeviceActivity]) -> Result<()> {
