@@ -2,7 +2,7 @@
 // `mooring serve` that crates/mooring/tests/dashboard.rs started and filled (1,000 devices, a
 // live `mooring-agent`, an admin and a viewer). Run through that Rust test (`cargo test -p
 // mooring --test dashboard`), which passes everything in the environment:
-//   MOORING_URL, MOORING_TOKEN (admin API token), ADMIN_EMAIL, VIEWER_EMAIL, PASSWORD,
+//   MOORING_URL, MOORING_TOKEN (admin API token), ADMIN_EMAIL, VIEWER_EMAIL, INSTALLER_EMAIL, PASSWORD,
 //   LIVE_DEVICE (the agent's device id), LIVE_TAG (a tag only it carries: key=value),
 //   BULK_SELECTOR + BULK_COUNT (a tag selector and how many devices it matches),
 //   CHROMIUM (the browser binary), SCREENSHOTS (optional: a directory for page screenshots).
@@ -20,6 +20,7 @@ const TOKEN = env("MOORING_TOKEN");
 const PASSWORD = env("PASSWORD");
 const ADMIN = env("ADMIN_EMAIL");
 const VIEWER = env("VIEWER_EMAIL");
+const INSTALLER = env("INSTALLER_EMAIL");
 const LIVE = env("LIVE_DEVICE");
 const LIVE_TAG = env("LIVE_TAG");
 const BULK_SELECTOR = env("BULK_SELECTOR");
@@ -231,6 +232,39 @@ test("a viewer sees no write action, and a forced write is refused", async () =>
     return r.status;
   }, LIVE);
   assert.equal(status, 403);
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+});
+
+test("an installer follows a device's pipeline and confirms its installation once it reports", async () => {
+  const page = await newPage();
+  await login(page, INSTALLER);
+  // A unit that never connected: its pipeline stops at registration; a confirmation is refused.
+  await page.goto(`${BASE}/#/devices/dev-0001`);
+  await page.getByTestId("device-title").filter({ hasText: "dev-0001" }).waitFor();
+  const first = page.locator('[data-testid="step-first_connect"][data-state="pending"]');
+  await first.waitFor();
+  assert.equal(await page.locator('[data-testid="step-registered"]').getAttribute("data-state"), "done");
+  assert.equal(await page.locator('[data-testid="step-claimed"]').getAttribute("data-state"), "skipped");
+  await page.getByTestId("install-location").fill("Depot, bay 4");
+  await page.getByTestId("install-submit").click();
+  await page.getByTestId("install-error").filter({ hasText: "never connected" }).waitFor();
+  assert.equal((await api("/api/v1/devices/dev-0001")).installation, undefined);
+  // An installer may only read and confirm installations.
+  for (const id of ["command-send", "shadow-edit", "device-delete", "tag-edit"]) {
+    assert.equal(await page.getByTestId(id).count(), 0, `${id} shown to an installer`);
+  }
+  // The live unit: connected and reporting, so the pipeline is done and the confirmation holds.
+  await page.goto(`${BASE}/#/devices/${LIVE}`);
+  await page.getByTestId("device-title").filter({ hasText: LIVE }).waitFor();
+  await page.locator('[data-testid="step-first_telemetry"][data-state="done"]').waitFor();
+  await page.getByTestId("install-location").fill("Depot, bay 7");
+  await page.getByTestId("install-notes").fill("charger on the left");
+  await page.getByTestId("install-submit").click();
+  await page.getByTestId("installation").filter({ hasText: "Depot, bay 7" }).waitFor();
+  const device = await api(`/api/v1/devices/${LIVE}`);
+  assert.equal(device.installation.location, "Depot, bay 7");
+  assert.equal(device.installation.by, INSTALLER);
   assert.deepEqual(page.errors, []);
   await page.context().close();
 });

@@ -327,6 +327,28 @@ impl Client {
         Ok(self.json(Method::PUT, url, Some(tags), None).await?.1)
     }
 
+    /// `POST /api/v1/devices/{id}/installation`: records who installed the device, where.
+    pub async fn record_installation(
+        &self,
+        id: &str,
+        req: &crate::RecordInstallation,
+    ) -> Result<Device> {
+        let url = self.url(&["api", "v1", "devices", id, "installation"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/provisioning/funnel`: how many devices reached each provisioning step.
+    pub async fn provisioning_funnel(&self, params: &crate::FunnelParams) -> Result<crate::Funnel> {
+        self.get(self.url(&["api", "v1", "provisioning", "funnel"], Some(params))?)
+            .await
+    }
+
+    /// `GET /api/v1/devices/{id}/provisioning`: where the device is in its pipeline.
+    pub async fn provisioning(&self, id: &str) -> Result<crate::Provisioning> {
+        self.get(self.url(&["api", "v1", "devices", id, "provisioning"], None::<&()>)?)
+            .await
+    }
+
     /// `GET /api/v1/devices/{id}/telemetry`.
     pub async fn telemetry(&self, id: &str, params: &TelemetryParams) -> Result<TelemetryPoints> {
         self.get(self.url(&["api", "v1", "devices", id, "telemetry"], Some(params))?)
@@ -523,6 +545,44 @@ impl Client {
     /// `GET /api/v1/commands/{id}`: a fleet command or a device command.
     pub async fn get_any_command(&self, id: &str) -> Result<AnyCommand> {
         self.get(self.url(&["api", "v1", "commands", id], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/devices/{id}/revoke`: revokes every active certificate of the device.
+    pub async fn revoke_device(
+        &self,
+        id: &str,
+        req: &crate::RevokeRequest,
+    ) -> Result<crate::Revoked> {
+        let url = self.url(&["api", "v1", "devices", id, "revoke"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `POST /api/v1/certificates/{serial}/revoke`.
+    pub async fn revoke_certificate(
+        &self,
+        serial: &str,
+        req: &crate::RevokeRequest,
+    ) -> Result<crate::Revoked> {
+        let url = self.url(
+            &["api", "v1", "certificates", serial, "revoke"],
+            None::<&()>,
+        )?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/devices/{id}/certificates`: newest issued first.
+    pub async fn device_certificates(&self, id: &str) -> Result<crate::CertificateList> {
+        self.get(self.url(&["api", "v1", "devices", id, "certificates"], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/certificates`: one page of active certificates expiring soon, soonest first.
+    pub async fn expiring_certificates(
+        &self,
+        params: &crate::ExpiringParams,
+    ) -> Result<crate::CertificateList> {
+        self.get(self.url(&["api", "v1", "certificates"], Some(params))?)
             .await
     }
 

@@ -43,6 +43,9 @@ pub struct Device {
     pub cert_serial: String,
     pub cert_sha256: String,
     pub cert_not_after: u64,
+    /// Who installed it, where and when; absent until an installation is recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installation: Option<crate::Installation>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -15,12 +15,14 @@
 //! client need not parse them first.
 
 mod accounts;
+mod certs;
 mod commands;
 mod devices;
 mod error;
 mod events;
 mod fleet;
 mod jobs;
+mod pipeline;
 mod provision;
 mod shadow;
 mod telemetry;
@@ -33,6 +35,7 @@ pub use accounts::{
     AuditEntry, AuditList, AuditParams, CreateUser, CreatedUser, LoginRequest, LoginResponse, Me,
     PasswordLink, SetPassword, UpdateUser, User, UserList,
 };
+pub use certs::{Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked};
 pub use commands::{
     AnyCommand, Command, CommandList, CommandListParams, CommandResultBody, CreateCommand,
     CreateFleetCommand, FleetCommand, HistoryEntry, WaitParams,
@@ -45,6 +48,11 @@ pub use fleet::{
     VersionCount, FLEET_VERSIONS_MAX,
 };
 pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
+pub use pipeline::{
+    Funnel, FunnelParams, FunnelStage, Installation, PipelineStep, Provisioning,
+    RecordInstallation, StepFailure, StepState, INSTALLATION_LOCATION_LEN_MAX,
+    INSTALLATION_NOTES_LEN_MAX,
+};
 pub use provision::{
     parse_duration_ms, Claim, ClaimList, CreateClaim, CreatedClaim, EnrollRequest, EnrollResponse,
 };

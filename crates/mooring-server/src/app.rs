@@ -88,6 +88,8 @@ pub struct App {
     pub fleet: Arc<Fleet>,
     /// Background jobs: bulk actions on a selection of devices.
     pub jobs: Arc<Jobs>,
+    /// Where each device is in its provisioning pipeline; installation confirmations.
+    pub pipeline: crate::pipeline::Pipeline,
     /// Claim tokens and enrollment (issue 16).
     pub provisioning: Provisioning,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
@@ -131,6 +133,7 @@ impl App {
         Self {
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
             jobs: Arc::new(Jobs::new(core.clone(), registry.clone(), commands.clone())),
+            pipeline: crate::pipeline::Pipeline::new(core.clone(), registry.clone()),
             commands,
             shadows: Shadows::new(core.clone(), registry.clone()),
             tokens: Tokens::new(core.clone()),

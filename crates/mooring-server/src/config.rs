@@ -57,6 +57,25 @@ pub struct ServerConfig {
     pub jobs: JobsConfig,
     /// Enrollment with claim tokens (docs/provisioning.md).
     pub provisioning: ProvisioningConfig,
+    /// Installation confirmations (docs/provisioning.md).
+    pub installations: InstallationsConfig,
+}
+
+/// `[installations]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InstallationsConfig {
+    /// An installation is accepted only if the device's telemetry was stored this recently
+    /// (default 10 minutes): it is connected and working where the installer stands.
+    pub seen_within_ms: u64,
+}
+
+impl Default for InstallationsConfig {
+    fn default() -> Self {
+        Self {
+            seen_within_ms: 600_000,
+        }
+    }
 }
 
 /// `[provisioning]`: the bounds of claims and of enrolling clients.
@@ -501,6 +520,9 @@ pub struct TelemetryConfig {
 pub struct CertificateConfig {
     /// Validity of device certificates issued by `device create`.
     pub device_validity_days: u32,
+    /// `/metrics` counts active certificates expiring within this many days
+    /// (`mooring_certificates_expiring`); 1..=3650.
+    pub expiring_warn_days: u32,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -575,6 +597,7 @@ impl Default for ServerConfig {
             oidc: None,
             events: crate::events::EventsConfig::default(),
             fleet: FleetConfig::default(),
+            installations: InstallationsConfig::default(),
             jobs: JobsConfig::default(),
             provisioning: ProvisioningConfig::default(),
         }
@@ -597,6 +620,7 @@ impl Default for CertificateConfig {
     fn default() -> Self {
         Self {
             device_validity_days: 3650,
+            expiring_warn_days: 30,
         }
     }
 }
@@ -734,6 +758,9 @@ impl ServerConfig {
         if self.certificates.device_validity_days == 0 {
             bail!("certificates.device_validity_days must be at least 1");
         }
+        if !(1..=3650).contains(&self.certificates.expiring_warn_days) {
+            bail!("certificates.expiring_warn_days must be between 1 and 3650");
+        }
         let c = &self.commands;
         if c.default_ttl_secs == 0 || c.default_ttl_secs > crate::commands::TTL_SECS_MAX {
             bail!(
@@ -781,6 +808,11 @@ impl ServerConfig {
             }
         }
         self.events.validate()?;
+        if !(1_000..=30 * 86_400_000).contains(&self.installations.seen_within_ms) {
+            bail!(
+                "installations.seen_within_ms must be between 1000 (1 s) and 2592000000 (30 days)"
+            );
+        }
         if !(FLEET_SAMPLE_INTERVAL_MS_MIN..=86_400_000).contains(&self.fleet.sample_interval_ms) {
             bail!(
                 "fleet.sample_interval_ms must be between {FLEET_SAMPLE_INTERVAL_MS_MIN} and 86400000"
@@ -898,6 +930,25 @@ mod tests {
         assert_eq!(c.policy.rules.len(), 1);
         c.validate().expect("valid");
         assert!(toml::from_str::<ServerConfig>("nope = 1").is_err());
+    }
+
+    #[test]
+    fn certificates_expiring_warn_days_is_validated() {
+        let with = |days: &str| -> anyhow::Result<ServerConfig> {
+            let c: ServerConfig =
+                toml::from_str(&format!("[certificates]\nexpiring_warn_days = {days}\n"))?;
+            c.validate()?;
+            Ok(c)
+        };
+        assert_eq!(ServerConfig::default().certificates.expiring_warn_days, 30);
+        assert_eq!(
+            with("90").expect("valid").certificates.expiring_warn_days,
+            90
+        );
+        for bad in ["0", "3651"] {
+            let e = format!("{:#}", with(bad).expect_err(bad));
+            assert!(e.contains("certificates.expiring_warn_days"), "{e}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The MQTT hooks: who a connecting client is, what it may do, and telemetry ingest.
 //!
-//! Devices are identified by the TLS client certificate (CN = device id, SHA-256 pinned in the
-//! registry). Services have no certificate and present an API token of role `service` as the
+//! Devices are identified by the TLS client certificate (CN = device id; its SHA-256 must be an
+//! active, unexpired certificate of that device in the registry's ledger). Services have no certificate and present an API token of role `service` as the
 //! MQTT password. The development listener admits anyone with unrestricted access and ingests
 //! nothing (no identity). Telemetry from a device on its own `devices/<id>/telemetry` topic is
 //! acknowledged only once the group-commit writer reports it durable; command acks/results and
@@ -12,6 +12,8 @@
 
 use crate::app::App;
 use crate::metrics::Counters;
+use crate::pipeline::Step;
+use crate::registry::CertVerdict;
 use crate::telemetry::Ingest;
 use mooring_broker::{
     Authenticated, ConnectRefusal, ConnectRequest, Hooks, ListenerKind, Message, PublishVerdict,
@@ -80,6 +82,33 @@ impl FailureLog {
                 error = %error,
                 "telemetry not stored and not acknowledged (count since the last such line); devices send it again"
             );
+        }
+    }
+}
+
+/// The log line of a device certificate the ledger refuses.
+/// Why a certificate was refused, as the log and the device's pipeline say it.
+fn certificate_refusal_text(device: &str, verdict: &CertVerdict) -> String {
+    let at = |ms: u64| {
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| format!("{ms} ms"))
+    };
+    match verdict {
+        CertVerdict::Revoked { serial, at_ms } => format!(
+            "refused: certificate {serial} of {device} was revoked at {}",
+            at(*at_ms)
+        ),
+        CertVerdict::Expired { serial, at_ms } => format!(
+            "refused: certificate {serial} of {device} expired at {}",
+            at(*at_ms)
+        ),
+        CertVerdict::Unknown | CertVerdict::Valid => {
+            format!("refused: certificate is not one issued to {device}")
         }
     }
 }
@@ -270,13 +299,21 @@ impl Hooks for ServerHooks {
                     return Err(ConnectRefusal::ServerUnavailable);
                 }
             };
-            if req.info.cert_sha256.as_deref() != Some(record.cert_sha256.as_str()) {
-                Counters::inc(&app.counters().connects_refused);
-                tracing::info!(
-                    device = cn,
-                    "refused: certificate is not the device's current one"
-                );
-                return Err(ConnectRefusal::NotAuthorized);
+            let sha256 = req.info.cert_sha256.as_deref().unwrap_or("");
+            match app.registry.check_certificate(cn, sha256).await {
+                Ok(CertVerdict::Valid) => {}
+                Ok(refused) => {
+                    Counters::inc(&app.counters().connects_refused);
+                    Counters::inc(&app.counters().connects_refused_certificate);
+                    let why = certificate_refusal_text(cn, &refused);
+                    tracing::info!(device = cn, "{why}");
+                    app.pipeline.step_failed(cn, Step::FirstConnect, why);
+                    return Err(ConnectRefusal::NotAuthorized);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "certificate lookup failed");
+                    return Err(ConnectRefusal::ServerUnavailable);
+                }
             }
             if !req.client_id.is_empty() && req.client_id != cn {
                 Counters::inc(&app.counters().connects_refused);
@@ -285,8 +322,17 @@ impl Hooks for ServerHooks {
                     client_id = req.client_id,
                     "refused: client id is not the device id"
                 );
+                app.pipeline.step_failed(
+                    cn,
+                    Step::FirstConnect,
+                    format!(
+                        "refused: client id {:?} is not the device id",
+                        req.client_id
+                    ),
+                );
                 return Err(ConnectRefusal::BadClientId);
             }
+            app.registry.note_session_cert(&record.id, sha256);
             let principal = Principal::Device {
                 id: record.id,
                 tags: record.tags,
@@ -438,9 +484,17 @@ impl Hooks for ServerHooks {
             _ => return PublishVerdict::Accept,
         }
         match app.telemetry.ingest(id, &msg.payload, now_ms).await {
-            Ingest::Stored | Ingest::Duplicate => PublishVerdict::Accept,
+            Ingest::Stored | Ingest::Duplicate => {
+                app.presence.telemetry(id, now_ms);
+                PublishVerdict::Accept
+            }
             Ingest::Invalid(e) => {
                 tracing::debug!(device = %id, error = %e, "invalid telemetry dropped");
+                app.pipeline.step_failed(
+                    id,
+                    Step::FirstTelemetry,
+                    format!("telemetry refused (payload format invalid): {e}"),
+                );
                 PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID)
             }
             Ingest::MetricsLimit => {

@@ -57,6 +57,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod oidc;
+pub mod pipeline;
 pub mod pki;
 pub mod presence;
 pub mod provision;

@@ -30,6 +30,8 @@ pub struct Counters {
     pub telemetry_metrics_limited: AtomicU64,
     /// CONNECTs refused by authentication.
     pub connects_refused: AtomicU64,
+    /// Of those, device certificates the ledger refused (revoked, expired, not the device's).
+    pub connects_refused_certificate: AtomicU64,
     /// TLS handshakes that failed (no/foreign certificate, timeouts, garbage).
     pub tls_handshake_failures: AtomicU64,
     /// Device commands created (fleet commands count once per device).
@@ -151,6 +153,7 @@ pub fn load(c: &AtomicU64) -> u64 {
 /// The `/metrics` body.
 pub fn render_metrics(app: &App) -> String {
     let c = app.counters();
+    let certs = app.registry.cached_cert_gauges();
     let mut e = Exposition::default();
     e.labeled_gauges(
         "mooring_node_info",
@@ -436,6 +439,21 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_mqtt_connects_refused_total",
         "CONNECTs refused by authentication",
         load(&c.connects_refused),
+    )
+    .gauge(
+        "mooring_certificates_expiring",
+        "Active device certificates whose not_after is within [certificates] expiring_warn_days (expired ones included)",
+        certs.expiring as f64,
+    )
+    .gauge(
+        "mooring_certificates_revoked",
+        "Device certificates revoked (in the ledger)",
+        certs.revoked as f64,
+    )
+    .counter(
+        "mooring_mqtt_connects_refused_certificate_total",
+        "CONNECTs refused because the device certificate is revoked, expired or not the device's",
+        load(&c.connects_refused_certificate),
     )
     .counter(
         "mooring_audit_write_failures_total",

@@ -10,7 +10,7 @@
 //! about devices it does not hold. A node that stops heartbeating takes its devices offline
 //! `node_lease_ms` later (the store's answer counts only live nodes).
 
-use mooring_store::{SessionOp, Store};
+use mooring_store::{DeviceActivity, SessionOp, Store};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +23,9 @@ struct Entry {
     last_seen_ms: u64,
     /// When the newest of its connections here opened.
     since_ms: u64,
+    /// Not yet flushed: the earliest connection opened and the newest telemetry stored.
+    connected_ms: Option<u64>,
+    telemetry_ms: Option<u64>,
     dirty: bool,
 }
 
@@ -122,6 +125,7 @@ impl Presence {
             e.connections += 1;
             e.last_seen_ms = e.last_seen_ms.max(now_ms);
             e.since_ms = since_ms;
+            e.connected_ms = Some(e.connected_ms.map_or(since_ms, |c| c.min(since_ms)));
             e.dirty = true;
         });
         self.record(id, |node_id| SessionOp::Open {
@@ -298,15 +302,38 @@ impl Presence {
         Ok(n)
     }
 
-    /// Writes every changed `last_seen` to the store in one batch.
+    /// Telemetry of `id` was stored at `now_ms` (the pipeline's "first telemetry", and what an
+    /// installation confirmation checks).
+    pub fn telemetry(&self, id: &str, now_ms: u64) {
+        self.with(|m| {
+            if let Some(e) = m.get_mut(id) {
+                e.telemetry_ms = Some(e.telemetry_ms.map_or(now_ms, |t| t.max(now_ms)));
+                e.last_seen_ms = e.last_seen_ms.max(now_ms);
+                e.dirty = true;
+            }
+        });
+    }
+
+    /// The newest telemetry of `id` stored through this node and not yet flushed.
+    pub fn unflushed_telemetry_ms(&self, id: &str) -> Option<u64> {
+        self.with(|m| m.get(id).and_then(|e| e.telemetry_ms))
+    }
+
+    /// Writes every changed `last_seen` (and connect / telemetry times) to the store in one
+    /// batch.
     pub async fn flush(&self) -> mooring_store::Result<usize> {
-        let batch: Vec<(String, u64)> = self.with(|m| {
+        let batch: Vec<DeviceActivity> = self.with(|m| {
             m.retain(|_, e| e.connections > 0 || e.dirty);
             m.iter_mut()
                 .filter(|(_, e)| e.dirty)
                 .map(|(id, e)| {
                     e.dirty = false;
-                    (id.clone(), e.last_seen_ms)
+                    DeviceActivity {
+                        id: id.clone(),
+                        last_seen_ms: e.last_seen_ms,
+                        connected_at_ms: e.connected_ms.take(),
+                        telemetry_at_ms: e.telemetry_ms.take(),
+                    }
                 })
                 .collect()
         });
@@ -314,12 +341,17 @@ impl Presence {
             return Ok(0);
         }
         let n = batch.len();
-        if let Err(e) = self.store.record_last_seen(&batch).await {
+        if let Err(e) = self.store.record_activity(&batch).await {
             // Put them back so the next flush retries.
             self.with(|m| {
-                for (id, _) in &batch {
-                    if let Some(e) = m.get_mut(id) {
+                for a in &batch {
+                    if let Some(e) = m.get_mut(&a.id) {
                         e.dirty = true;
+                        e.connected_ms = match (e.connected_ms, a.connected_at_ms) {
+                            (Some(x), Some(y)) => Some(x.min(y)),
+                            (x, y) => x.or(y),
+                        };
+                        e.telemetry_ms = e.telemetry_ms.max(a.telemetry_at_ms);
                     }
                 }
             });

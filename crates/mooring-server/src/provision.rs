@@ -171,7 +171,7 @@ fn claim_in_scope(access: &Access, tags: &BTreeMap<String, String>) -> bool {
 
 impl Provisioning {
     fn sessions(&self) -> std::sync::MutexGuard<'_, ClaimSessions> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+        mooring_proto::sync::lock(&self.sessions)
     }
 
     pub(crate) fn new(core: Arc<Core>, registry: Arc<Registry>) -> Self {

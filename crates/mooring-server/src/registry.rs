@@ -5,7 +5,9 @@
 //!
 //! Invariants: a device id is valid ([`DeviceId`]) and its tags pass [`validate_tags`] before
 //! anything is stored; a tag change is stored and handed to the broker in one step; a deleted
-//! device's certificate is refused from then on (the hooks look the pin up here).
+//! device's certificate is refused from then on (the hooks look the pin up here). Every
+//! certificate issued to a device is in the ledger (`registry/certs.rs`): MQTT accepts only
+//! active, unexpired ones, and a revocation closes the sessions that used it on every node.
 
 use crate::access::Access;
 use crate::app::Core;
@@ -17,6 +19,11 @@ use mooring_proto::DeviceId;
 use mooring_store::{DeviceFilter, DeviceRecord, NewDevice, OnlineFilter};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+
+mod certs;
+pub use certs::{
+    CertGauges, CertVerdict, CERT_GAUGES_TTL_MS, CERT_LIST_LEN_DEFAULT, REVOKE_REASON_LEN_MAX,
+};
 
 /// Most devices one list call returns.
 pub const DEVICE_PAGE_LEN_MAX: usize = 1000;
@@ -33,6 +40,12 @@ pub struct Registry {
     /// What event streams filter on: each device's current facts, read once per
     /// [`FACTS_TTL_MS`] at most, forgotten when this node changes or hears of a change.
     facts: std::sync::Mutex<std::collections::HashMap<DeviceId, CachedFacts>>,
+    /// The certificate (SHA-256) each device's latest session on this node authenticated
+    /// with, to close it when that certificate is revoked (`certs.rs`). One entry per device
+    /// that connected here, removed with the device.
+    session_certs: std::sync::Mutex<std::collections::HashMap<DeviceId, String>>,
+    /// The certificate gauges of `/metrics` and when they were counted.
+    cert_gauges: std::sync::Mutex<Option<(u64, CertGauges)>>,
 }
 
 /// How long a device's cached facts (tags, online, version) serve event filters. Changes made
@@ -73,6 +86,8 @@ impl Registry {
             presence,
             tags_lock: tokio::sync::Mutex::new(()),
             facts: std::sync::Mutex::default(),
+            session_certs: std::sync::Mutex::default(),
+            cert_gauges: std::sync::Mutex::default(),
         }
     }
 
@@ -253,8 +268,9 @@ impl Registry {
             .ok_or_else(|| ServiceError::internal(anyhow::anyhow!("no view for a device")))
     }
 
-    /// Another node changed a device (tags, or deleted it): this node's sessions of it follow
-    /// what the store says now, whatever order notices arrived in.
+    /// Another node changed a device (tags, certificates, or deleted it): this node's sessions
+    /// of it follow what the store says now, whatever order notices arrived in (a session whose
+    /// certificate was revoked is closed).
     pub(crate) async fn refresh_device(&self, id: &str) {
         let Ok(id) = DeviceId::parse(id) else {
             return;
@@ -264,12 +280,14 @@ impl Registry {
             Ok(Some(record)) => {
                 if let Some(broker) = self.core.broker() {
                     broker.update_principal(mooring_proto::policy::Principal::Device {
-                        id,
+                        id: id.clone(),
                         tags: record.tags,
                     });
                 }
+                self.close_sessions_if_cert_invalid(&id).await;
             }
             Ok(None) => {
+                mooring_proto::sync::lock(&self.session_certs).remove(&id);
                 if let Some(broker) = self.core.broker() {
                     let prefix = mooring_proto::topic::device_topic_prefix(&id);
                     broker.remove_device(id.as_str(), Some(&prefix));
@@ -587,6 +605,7 @@ impl Registry {
         }
         self.presence.forget(id.as_str());
         self.forget_facts(&id);
+        mooring_proto::sync::lock(&self.session_certs).remove(&id);
         if let Some(cluster) = self.core.cluster() {
             cluster.device_changed(id.as_str());
         }

@@ -159,6 +159,104 @@ async fn connect_is_decided_by_the_pinned_certificate_the_client_id_and_service_
     assert!(!hooks.may_publish(&device, "devices/lock-1/telemetry"));
 }
 
+/// The certificate ledger decides: an expired certificate, a revoked one, and another
+/// device's certificate under this device's CN are refused; a second active certificate of the
+/// device is accepted.
+#[tokio::test]
+async fn connect_needs_an_active_unexpired_certificate_of_the_device_in_the_ledger() {
+    use mooring_server::access::Access;
+    use mooring_server::registry::CertVerdict;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path()).await;
+    let app = server.app.clone();
+    let hooks = ServerHooks::new(&app);
+    let pinned = |sha: &str, serial: &str, not_after_ms: u64| PinnedCert {
+        sha256_hex: sha.to_owned(),
+        serial_hex: serial.to_owned(),
+        not_after_ms,
+    };
+    let (old, fresh, other) = ("a1".repeat(32), "b2".repeat(32), "c3".repeat(32));
+    app.registry
+        .create_device_pinned("old-1", BTreeMap::new(), pinned(&old, "0a", 1_000))
+        .await
+        .expect("create");
+    app.registry
+        .create_device_pinned(
+            "new-1",
+            BTreeMap::new(),
+            pinned(&fresh, "0b", 4_102_444_800_000),
+        )
+        .await
+        .expect("create");
+    app.registry
+        .create_device_pinned(
+            "other-1",
+            BTreeMap::new(),
+            pinned(&other, "0c", 4_102_444_800_000),
+        )
+        .await
+        .expect("create");
+
+    assert_eq!(
+        app.registry
+            .check_certificate("old-1", &old)
+            .await
+            .expect("check"),
+        CertVerdict::Expired {
+            serial: "0a".into(),
+            at_ms: 1_000
+        }
+    );
+    assert_eq!(
+        connect(&hooks, &tls(Some(("old-1", &old))), "old-1", None)
+            .await
+            .err(),
+        Some(ConnectRefusal::NotAuthorized)
+    );
+    assert_eq!(
+        app.registry
+            .check_certificate("new-1", &other)
+            .await
+            .expect("check"),
+        CertVerdict::Unknown,
+        "another device's certificate"
+    );
+    assert!(
+        connect(&hooks, &tls(Some(("new-1", &fresh))), "new-1", None)
+            .await
+            .is_ok()
+    );
+
+    let revoked = app
+        .registry
+        .revoke_device(&Access::all(), "new-1", Some("lost"))
+        .await
+        .expect("revoke");
+    assert_eq!(revoked, ["0b"]);
+    assert!(matches!(
+        app.registry.check_certificate("new-1", &fresh).await.expect("check"),
+        CertVerdict::Revoked { ref serial, .. } if serial == "0b"
+    ));
+    assert_eq!(
+        connect(&hooks, &tls(Some(("new-1", &fresh))), "new-1", None)
+            .await
+            .err(),
+        Some(ConnectRefusal::NotAuthorized)
+    );
+    assert!(
+        connect(&hooks, &tls(Some(("other-1", &other))), "other-1", None)
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        app.counters()
+            .connects_refused_certificate
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn publishes_are_routed_to_telemetry_commands_and_shadow_and_presence_follows_connects() {
     let dir = tempfile::tempdir().expect("tempdir");

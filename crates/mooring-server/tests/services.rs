@@ -21,8 +21,8 @@ async fn start(dir: &std::path::Path) -> RunningServer {
 
 fn cert(id: &str) -> PinnedCert {
     PinnedCert {
-        sha256_hex: format!("{:0>64}", id.len()),
-        serial_hex: "01".into(),
+        sha256_hex: format!("{:0>64}", hex::encode(id)),
+        serial_hex: hex::encode(id),
         not_after_ms: 4_102_444_800_000,
     }
 }

@@ -165,7 +165,8 @@ impl InProcessServer {
                 tags,
                 PinnedCert {
                     sha256_hex: sim_cert_sha256(id),
-                    serial_hex: "00".into(),
+                    // Unique, as the certificate ledger wants (its key).
+                    serial_hex: sim_cert_sha256(id),
                     not_after_ms: u64::MAX / 2,
                 },
             )

@@ -23,6 +23,55 @@ pub struct DeviceRecord {
     pub cert_not_after_ms: u64,
     /// Newest time the device was seen; `None` until it first connects.
     pub last_seen_ms: Option<u64>,
+    /// When it first connected (the provisioning pipeline's "first connect").
+    pub first_connect_ms: Option<u64>,
+    /// When its first telemetry point was stored ("first telemetry").
+    pub first_telemetry_ms: Option<u64>,
+    /// When its newest telemetry was stored (server time; installation confirmation checks it).
+    pub last_telemetry_ms: Option<u64>,
+    /// Who installed it, where and when (the newest confirmed installation).
+    pub installation: Option<Installation>,
+    /// The last error of each provisioning step that failed for it (step name → error).
+    pub provisioning_errors: BTreeMap<String, StepError>,
+}
+
+/// The provisioning funnel of a selection of devices ([`crate::DeviceStore::count_pipeline`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PipelineCounts {
+    pub devices: u64,
+    pub connected: u64,
+    pub reporting: u64,
+    pub installed: u64,
+}
+
+/// A confirmed installation (issue 16): recorded by an installer once the device is seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installation {
+    pub at_ms: u64,
+    /// The user's email or the token's name that recorded it.
+    pub by: String,
+    pub location: String,
+    pub notes: String,
+}
+
+/// The last failure of one provisioning step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepError {
+    pub at_ms: u64,
+    pub message: String,
+}
+
+/// What presence reports about a device since its last flush (one row of
+/// [`crate::DeviceStore::record_activity`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceActivity {
+    pub id: String,
+    /// Newest time it was seen.
+    pub last_seen_ms: u64,
+    /// When a connection of it opened since the last flush (the earliest), if one did.
+    pub connected_at_ms: Option<u64>,
+    /// When it last sent telemetry that was stored, if it did since the last flush.
+    pub telemetry_at_ms: Option<u64>,
 }
 
 /// A device to register.
@@ -47,6 +96,11 @@ impl NewDevice {
             cert_serial: self.cert_serial,
             cert_not_after_ms: self.cert_not_after_ms,
             last_seen_ms: None,
+            first_connect_ms: None,
+            first_telemetry_ms: None,
+            last_telemetry_ms: None,
+            installation: None,
+            provisioning_errors: BTreeMap::new(),
         }
     }
 
@@ -818,6 +872,119 @@ pub(crate) fn job_errors_from_json(text: &str) -> Result<Vec<JobError>> {
             message: i["message"].as_str().unwrap_or_default().to_owned(),
         })
         .collect())
+}
+
+/// Whether a certificate of the ledger is still accepted (issue 16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CertState {
+    Active,
+    Revoked,
+}
+
+impl CertState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertState::Active => "active",
+            CertState::Revoked => "revoked",
+        }
+    }
+}
+
+impl FromStr for CertState {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "active" => Ok(CertState::Active),
+            "revoked" => Ok(CertState::Revoked),
+            other => Err(StoreError::Backend(format!(
+                "unknown certificate state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Who issued a certificate of the ledger: the fleet CA.
+pub const CERT_ISSUER_FLEET: &str = "fleet";
+
+/// One certificate issued to a device (the ledger, issue 16). MQTT authentication accepts a
+/// certificate only while it is `Active` and `now < not_after_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRecord {
+    /// Lowercase hex of the serial number; unique.
+    pub serial: String,
+    pub device_id: DeviceId,
+    /// Lowercase hex of the SHA-256 of the certificate (DER); unique.
+    pub sha256: String,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+    pub issued_at_ms: u64,
+    /// `fleet` ([`CERT_ISSUER_FLEET`]) or `ca:<id>`.
+    pub issuer: String,
+    pub state: CertState,
+    pub revoked_at_ms: Option<u64>,
+    pub revoke_reason: Option<String>,
+}
+
+impl CertRecord {
+    /// The ledger row of a device's certificate as registered with the device.
+    pub fn of_new_device(d: &NewDevice) -> CertRecord {
+        CertRecord {
+            serial: d.cert_serial.clone(),
+            device_id: d.id.clone(),
+            sha256: d.cert_sha256.clone(),
+            not_before_ms: d.created_at_ms,
+            not_after_ms: d.cert_not_after_ms,
+            issued_at_ms: d.created_at_ms,
+            issuer: CERT_ISSUER_FLEET.to_owned(),
+            state: CertState::Active,
+            revoked_at_ms: None,
+            revoke_reason: None,
+        }
+    }
+
+    /// Refuses U+0000 in its texts and times beyond [`TS_MS_MAX`].
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_text("certificate serial", &self.serial)?;
+        check_text("certificate sha256", &self.sha256)?;
+        check_text("certificate issuer", &self.issuer)?;
+        check_text("revoke reason", self.revoke_reason.as_deref().unwrap_or(""))?;
+        check_ts("not_before_ms", self.not_before_ms)?;
+        check_ts("not_after_ms", self.not_after_ms)?;
+        check_ts("issued_at_ms", self.issued_at_ms)?;
+        check_ts("revoked_at_ms", self.revoked_at_ms.unwrap_or(0))
+    }
+}
+
+/// Longest step-error message a store keeps (longer ones are cut at a character boundary).
+pub const STEP_ERROR_LEN_MAX: usize = 512;
+
+/// The provisioning step errors as stored (a JSON object: step → `{at_ms, message}`); entries
+/// it cannot read are skipped.
+pub(crate) fn step_errors_from_json(text: Option<&str>) -> BTreeMap<String, StepError> {
+    let Some(serde_json::Value::Object(map)) = text.and_then(|t| serde_json::from_str(t).ok())
+    else {
+        return BTreeMap::new();
+    };
+    map.into_iter()
+        .filter_map(|(step, v)| {
+            Some((
+                step,
+                StepError {
+                    at_ms: v.get("at_ms")?.as_u64()?,
+                    message: v.get("message")?.as_str()?.to_owned(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// `message` cut to [`STEP_ERROR_LEN_MAX`] bytes at a character boundary.
+pub(crate) fn clip_step_error(message: &str) -> String {
+    let mut end = message.len().min(STEP_ERROR_LEN_MAX);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    message[..end].to_owned()
 }
 
 /// A claim token (issue 16): a secret a device enrolls with. Only the token's SHA-256 is stored.

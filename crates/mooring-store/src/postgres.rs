@@ -33,6 +33,7 @@
 mod accounts;
 mod audit;
 mod broker;
+mod certs;
 mod claims;
 mod cluster;
 mod commands;
@@ -62,8 +63,9 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0004_accounts.sql"),
     include_str!("../migrations/postgres/0005_fleet_samples.sql"),
     include_str!("../migrations/postgres/0006_jobs.sql"),
-    // 0007 is another branch's (device certificates); the lead orders them when merging.
+    include_str!("../migrations/postgres/0007_device_certs.sql"),
     include_str!("../migrations/postgres/0008_claims.sql"),
+    include_str!("../migrations/postgres/0009_device_activity.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in
@@ -290,6 +292,10 @@ fn pg_error(e: tokio_postgres::Error) -> StoreError {
 
 fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+}
+
+fn is_foreign_key_violation(e: &tokio_postgres::Error) -> bool {
+    e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION)
 }
 
 /// A caller-supplied time as stored; refuses values above [`crate::TS_MS_MAX`].

@@ -35,6 +35,7 @@ use crate::model::{check_ts, TS_MS_MAX};
 mod accounts;
 mod audit;
 mod broker;
+mod certs;
 mod claims;
 mod cluster;
 mod commands;
@@ -69,8 +70,9 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0007_accounts.sql"),
     include_str!("../migrations/0008_fleet_samples.sql"),
     include_str!("../migrations/0009_jobs.sql"),
-    // 0010 is another branch's (device certificates); the lead orders them when merging.
+    include_str!("../migrations/0010_device_certs.sql"),
     include_str!("../migrations/0011_claims.sql"),
+    include_str!("../migrations/0012_device_activity.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

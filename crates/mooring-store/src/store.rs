@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, ClaimCreate, ClaimRecord,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceRecord,
-    EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals, JobRecord, MetricValue,
-    NewDevice, Point, SessionOp, SessionRecord, ShadowRecord, StoredSession, TelemetryQuery,
-    TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, ClaimCreate,
+    ClaimRecord, CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceActivity,
+    DeviceFilter, DeviceRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
+    Installation, JobRecord, MetricValue, NewDevice, PipelineCounts, Point, SessionOp,
+    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
+    TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -29,9 +30,16 @@ pub trait DeviceStore: Send + Sync + 'static {
     async fn delete_device(&self, id: &str) -> Result<bool>;
     /// Replaces all tags. `NotFound` if the device does not exist.
     async fn set_tags(&self, id: &str, tags: BTreeMap<String, String>) -> Result<()>;
-    /// Sets `last_seen_ms = max(old, new)` for every pair, in one transaction. Unknown ids are
-    /// skipped (the device may have been deleted meanwhile).
-    async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()>;
+    /// For every row, in one transaction: `last_seen_ms = max(old, new)`, `last_telemetry_ms`
+    /// likewise, `first_connect_ms` and `first_telemetry_ms` set once (never moved). Unknown ids
+    /// are skipped (the device may have been deleted meanwhile).
+    async fn record_activity(&self, activity: &[DeviceActivity]) -> Result<()>;
+    /// Records the newest installation of a device; `false` if there is no such device.
+    async fn set_installation(&self, id: &str, installation: Installation) -> Result<bool>;
+    /// Sets the last error of provisioning step `step` of a device (replacing that step's
+    /// previous one; the message is clipped to [`crate::STEP_ERROR_LEN_MAX`]). Unknown ids are
+    /// skipped.
+    async fn record_step_error(&self, id: &str, step: &str, error: StepError) -> Result<()>;
     /// At most `limit` devices matching `filter` with `id > after_id`, ordered by id (byte
     /// order): a selection evaluated by the store, never by scanning pages in the caller.
     async fn select_devices(
@@ -47,6 +55,50 @@ pub trait DeviceStore: Send + Sync + 'static {
         filter: &DeviceFilter,
         versions_max: usize,
     ) -> Result<VersionCounts>;
+    /// How many devices match `filter`, and how many of them have connected, have sent
+    /// telemetry and have a recorded installation (the provisioning funnel).
+    async fn count_pipeline(&self, filter: &DeviceFilter) -> Result<PipelineCounts>;
+}
+
+/// Most certificates one ledger query returns.
+pub const CERT_PAGE_LEN_MAX: usize = 1000;
+
+/// The certificate ledger (issue 16): every certificate issued to a device. Creating a device
+/// ([`DeviceStore::create_device`]) adds its certificate in the same transaction; deleting it
+/// deletes its certificates.
+#[async_trait::async_trait]
+pub trait CertStore: Send + Sync + 'static {
+    /// Adds a certificate to an existing device. `NotFound` if the device does not exist,
+    /// `AlreadyExists` if the serial or the SHA-256 is taken.
+    async fn add_cert(&self, cert: CertRecord) -> Result<()>;
+    async fn find_cert_by_sha256(&self, sha256: &str) -> Result<Option<CertRecord>>;
+    async fn get_cert(&self, serial: &str) -> Result<Option<CertRecord>>;
+    /// A device's certificates, newest issued first (ties: by serial), at most `limit`.
+    async fn list_device_certs(&self, device_id: &str, limit: usize) -> Result<Vec<CertRecord>>;
+    /// Revokes the certificate if it is active; `false` if it is unknown or already revoked
+    /// (idempotent: the first revocation's time and reason stay).
+    async fn revoke_cert(&self, serial: &str, at_ms: u64, reason: Option<&str>) -> Result<bool>;
+    /// Revokes every active certificate of the device in one transaction; returns their
+    /// serials (none if the device has none, or does not exist).
+    async fn revoke_device_certs(
+        &self,
+        device_id: &str,
+        at_ms: u64,
+        reason: Option<&str>,
+    ) -> Result<Vec<String>>;
+    /// Active certificates with `not_after_ms < before_ms` (expired ones included), ordered by
+    /// `(not_after_ms, serial)`, after `after` (the last pair of the previous page), at most
+    /// `limit`.
+    async fn expiring_certs(
+        &self,
+        before_ms: u64,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<CertRecord>>;
+    /// How many active certificates have `not_after_ms < before_ms`.
+    async fn count_expiring_certs(&self, before_ms: u64) -> Result<u64>;
+    /// How many certificates are revoked.
+    async fn count_revoked_certs(&self) -> Result<u64>;
 }
 
 /// The fleet's history: one sample per node per interval (devices, online, points, messages).
@@ -414,6 +466,7 @@ pub trait Store:
     + AuditStore
     + FleetStore
     + JobStore
+    + CertStore
     + ClaimStore
 {
 }
@@ -430,6 +483,7 @@ impl<T> Store for T where
         + AuditStore
         + FleetStore
         + JobStore
+        + CertStore
         + ClaimStore
 {
 }

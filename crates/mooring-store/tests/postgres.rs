@@ -727,7 +727,7 @@ fn device(id: &str) -> mooring_store::NewDevice {
         tags: BTreeMap::new(),
         created_at_ms: 1,
         cert_sha256: format!("sha-{id}"),
-        cert_serial: "01".into(),
+        cert_serial: format!("serial-{id}"),
         cert_not_after_ms: 2,
     }
 }

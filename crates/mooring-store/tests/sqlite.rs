@@ -22,8 +22,8 @@ fn device(id: &str) -> NewDevice {
         id: mooring_proto::DeviceId::parse(id).expect("test id"),
         tags: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
         created_at_ms: 1,
-        cert_sha256: "abc".into(),
-        cert_serial: "01".into(),
+        cert_sha256: format!("sha-{id}"),
+        cert_serial: format!("serial-{id}"),
         cert_not_after_ms: 2,
     }
 }
@@ -334,4 +334,65 @@ async fn an_old_layout_database_migrates_and_reads_back_the_same() {
     assert_eq!(count("telemetry_seq"), 0);
     // 500 minutes = 9 hour windows for each of 3 series and 2 key series.
     assert_eq!(count("telemetry_chunks"), 5 * 9);
+}
+
+/// A database from before the certificate ledger (schema 9): migration 10 enters each device's
+/// pinned certificate as its active ledger row; a certificate two devices share goes to the
+/// first (by id), the second keeps its device row.
+#[tokio::test]
+async fn the_certificate_ledger_is_backfilled_from_the_pinned_certificates() {
+    use mooring_store::{CertState, CertStore};
+    let dir = tempfile::tempdir().expect("tmp");
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE_NAME)).expect("raw open");
+        for sql in [
+            include_str!("../migrations/0001_init.sql"),
+            include_str!("../migrations/0002_commands_shadows.sql"),
+            include_str!("../migrations/0003_command_result_timeout.sql"),
+            include_str!("../migrations/0004_broker_state.sql"),
+            include_str!("../migrations/0005_telemetry_series_chunks.sql"),
+            include_str!("../migrations/0006_cluster.sql"),
+            include_str!("../migrations/0007_accounts.sql"),
+            include_str!("../migrations/0008_fleet_samples.sql"),
+            include_str!("../migrations/0009_jobs.sql"),
+        ] {
+            conn.execute_batch(sql).expect("old migration");
+        }
+        conn.pragma_update(None, "user_version", 9)
+            .expect("version");
+        conn.execute_batch(
+            "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
+             VALUES ('a', '{}', 10, 'sha-a', '0a', 1000),
+                    ('b', '{}', 20, 'sha-shared', '0b', 2000),
+                    ('c', '{}', 30, 'sha-shared', '0c', 3000);",
+        )
+        .expect("devices");
+    }
+    let store = SqliteStore::open(dir.path()).expect("open migrates");
+    let a = store
+        .get_cert("0a")
+        .await
+        .expect("get")
+        .expect("backfilled");
+    assert_eq!(
+        (
+            a.device_id.as_str(),
+            a.sha256.as_str(),
+            a.not_after_ms,
+            a.state
+        ),
+        ("a", "sha-a", 1000, CertState::Active)
+    );
+    assert_eq!(
+        (a.not_before_ms, a.issued_at_ms, a.issuer.as_str()),
+        (10, 10, "fleet")
+    );
+    let shared = store
+        .find_cert_by_sha256("sha-shared")
+        .await
+        .expect("find")
+        .expect("one row");
+    assert_eq!(shared.device_id.as_str(), "b");
+    assert_eq!(store.get_cert("0c").await.expect("get"), None);
+    assert!(store.get_device("c").await.expect("get").is_some());
 }

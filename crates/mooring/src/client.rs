@@ -1,6 +1,9 @@
 //! The API-facing commands (`mooring device|command|token ...`): arguments in, one typed
 //! [`mooring_api::Client`] call out, the answer printed as a table or as the API's JSON.
 
+mod certs;
+pub use certs::{cert, CertCommand};
+
 use crate::credentials::CredentialFiles;
 use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};
 use crate::{ClaimCommand, CommandCommand, DeviceCommand, JobCommand, TokenCommand, UserCommand};
@@ -150,8 +153,48 @@ fn print_device(d: &Device, out: OutputArgs) -> anyhow::Result<()> {
         ("cert serial", d.cert_serial.clone()),
         ("cert sha256", d.cert_sha256.clone()),
         ("cert expires", rfc3339(d.cert_not_after)),
+        (
+            "installed",
+            match &d.installation {
+                Some(i) if i.notes.is_empty() => {
+                    format!("{} by {} at {}", rfc3339(i.at), i.by, i.location)
+                }
+                Some(i) => format!(
+                    "{} by {} at {} ({})",
+                    rfc3339(i.at),
+                    i.by,
+                    i.location,
+                    i.notes
+                ),
+                None => "not yet".to_owned(),
+            },
+        ),
     ]);
     Ok(())
+}
+
+/// The pipeline steps under a device: one line each, state, time, last error.
+fn print_pipeline(p: &mooring_api::Provisioning) {
+    println!();
+    println!("provisioning:");
+    let mut table = Table::new(&["STEP", "STATE", "AT", "LAST ERROR"]);
+    for s in &p.steps {
+        let state = match s.state {
+            mooring_api::StepState::Done => "done",
+            mooring_api::StepState::Pending => "pending",
+            mooring_api::StepState::Skipped => "skipped",
+        };
+        table.row(vec![
+            s.step.clone(),
+            state.to_owned(),
+            s.at.map_or_else(|| "-".to_owned(), rfc3339),
+            s.last_error.as_ref().map_or_else(
+                || "-".to_owned(),
+                |e| format!("{} {}", rfc3339(e.at), e.message),
+            ),
+        ]);
+    }
+    table.print();
 }
 
 pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8> {
@@ -227,7 +270,29 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8>
         }
         DeviceCommand::Show { id, output } => {
             let id = parse_id(&id)?;
-            let d = call(args.connect()?.get_device(id.as_str()).await)?;
+            let api = args.connect()?;
+            let d = call(api.get_device(id.as_str()).await)?;
+            let p = call(api.provisioning(id.as_str()).await)?;
+            if output.json() {
+                let mut v = serde_json::to_value(&d)?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("provisioning".into(), serde_json::to_value(&p.steps)?);
+                }
+                print_json(&v)?;
+            } else {
+                print_device(&d, output)?;
+                print_pipeline(&p);
+            }
+        }
+        DeviceCommand::Install {
+            id,
+            location,
+            notes,
+            output,
+        } => {
+            let id = parse_id(&id)?;
+            let req = mooring_api::RecordInstallation { location, notes };
+            let d = call(args.connect()?.record_installation(id.as_str(), &req).await)?;
             print_device(&d, output)?;
         }
         DeviceCommand::Tag {
@@ -254,6 +319,9 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8>
             let id = parse_id(&id)?;
             call(args.connect()?.delete_device(id.as_str()).await)?;
             println!("deleted device {id}");
+        }
+        DeviceCommand::Revoke { id, reason } => {
+            return certs::revoke_device(args, &id, reason).await;
         }
     }
     Ok(EXIT_OK)
@@ -939,6 +1007,26 @@ pub async fn fleet_summary(
     }
     if s.versions_other > 0 {
         t.row(vec!["(other)".into(), s.versions_other.to_string()]);
+    }
+    t.print();
+    Ok(EXIT_OK)
+}
+
+/// `mooring fleet funnel`.
+pub async fn fleet_funnel(
+    args: ApiArgs,
+    selector: Option<String>,
+    output: OutputArgs,
+) -> anyhow::Result<u8> {
+    let params = mooring_api::FunnelParams { selector };
+    let f = call(args.connect()?.provisioning_funnel(&params).await)?;
+    if output.json() {
+        print_json(&f)?;
+        return Ok(EXIT_OK);
+    }
+    let mut t = Table::new(&["STEP", "DEVICES"]);
+    for s in &f.stages {
+        t.row(vec![s.step.clone(), s.devices.to_string()]);
     }
     t.print();
     Ok(EXIT_OK)

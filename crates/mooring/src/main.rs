@@ -1,5 +1,5 @@
-//! The `mooring` command: `serve` runs the server; `device`, `command`, `job`, `token`, `user`,
-//! `audit` and `events` talk to its API.
+//! The `mooring` command: `serve` runs the server; `device`, `cert`, `command`, `job`, `token`,
+//! `user`, `audit` and `events` talk to its API.
 
 mod client;
 mod credentials;
@@ -79,6 +79,15 @@ enum Command {
         api: client::ApiArgs,
         #[command(subcommand)]
         command: FleetCommand,
+    },
+    /// Device certificates: list a device's, list those expiring soon, revoke one
+    /// (docs/provisioning.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Cert {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::CertCommand,
     },
     /// Benchmarks against a private Mosquitto on loopback, side by side (docs/benchmarks.md).
     Bench(mooring_bench::BenchArgs),
@@ -227,10 +236,24 @@ enum DeviceCommand {
         #[command(flatten)]
         output: output::OutputArgs,
     },
-    /// Show one device.
+    /// Show one device, its installation and where it is in its provisioning pipeline.
     Show {
         /// Device id.
         id: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Confirm a device is installed (role installer or above): accepted only while its
+    /// telemetry is recent, so the record says it works where it was mounted.
+    Install {
+        /// Device id.
+        id: String,
+        /// Where it is installed, e.g. 'Hall 3, door 2' (at most 256 characters).
+        #[arg(long)]
+        location: String,
+        /// Anything else worth knowing (at most 2048 characters).
+        #[arg(long)]
+        notes: Option<String>,
         #[command(flatten)]
         output: output::OutputArgs,
     },
@@ -238,6 +261,15 @@ enum DeviceCommand {
     Delete {
         /// Device id.
         id: String,
+    },
+    /// Revoke every certificate of a device: refused at the next handshake, and a live
+    /// session closed within a second, on every node (the device stays registered).
+    Revoke {
+        /// Device id.
+        id: String,
+        /// Why (kept with the certificates; at most 256 characters).
+        #[arg(long)]
+        reason: Option<String>,
     },
 }
 
@@ -251,6 +283,15 @@ enum FleetCommand {
         /// Same as `--output json`.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// The provisioning funnel: how many devices were registered, connected, sent telemetry
+    /// and were installed.
+    Funnel {
+        /// Only devices matching this selector, e.g. 'tag:site=berlin' [default: all].
+        #[arg(long)]
+        selector: Option<String>,
         #[command(flatten)]
         output: output::OutputArgs,
     },
@@ -581,6 +622,7 @@ fn run(command: Command) -> ExitCode {
             Command::Sim { .. } => Ok(client::EXIT_OK),
             Command::Serve(args) => serve(args).await.map(|()| client::EXIT_OK),
             Command::Device { api, command } => client::device(api, command).await,
+            Command::Cert { api, command } => client::cert(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
             Command::Claim { api, command } => client::claim(api, command).await,
             Command::User { api, command } => client::user(api, command).await,
@@ -596,6 +638,9 @@ fn run(command: Command) -> ExitCode {
                         output.output = output::Format::Json;
                     }
                     client::fleet_summary(api, selector, output).await
+                }
+                FleetCommand::Funnel { selector, output } => {
+                    client::fleet_funnel(api, selector, output).await
                 }
                 FleetCommand::History {
                     since,

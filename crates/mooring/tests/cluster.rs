@@ -981,6 +981,55 @@ async fn a_login_session_and_a_token_revocation_hold_on_every_node() {
     assert!(nodes.contains("a") && nodes.contains("b"), "{audit}");
 }
 
+/// Revoking a device's certificate on node a closes its session on node b within a second
+/// (the `cluster.device` notice: b re-reads the ledger), and b refuses it from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_node_closes_the_session_on_another_within_a_second() {
+    let env = Env::new().await;
+    let (a, b) = (env.start("a"), env.start("b"));
+    let creds = a.create_device("d1", env.tmp.path());
+    let mut args = creds.mosquitto_args(b.mqtt);
+    args.extend(support::s(&[
+        "-V",
+        "mqttv5",
+        "-i",
+        "d1",
+        "-t",
+        "devices/d1/#",
+    ]));
+    let mut sub = support::Sub::start(&args);
+    wait_online(&a, "d1", true).await;
+    let (status, v) = a
+        .api(
+            "POST",
+            "/api/v1/devices/d1/revoke",
+            Some(json!({"reason": "lost"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let revoked_at = std::time::Instant::now();
+    // MQTT 5: DISCONNECT 0x87 (not authorized).
+    sub.wait_line(|l| l.contains("DISCONNECT (135)"));
+    let closed_after = revoked_at.elapsed();
+    assert!(
+        closed_after < Duration::from_secs(1),
+        "closed {closed_after:?} after the revocation on another node"
+    );
+    sub.wait_exit();
+    let mut args = creds.mosquitto_args(b.mqtt);
+    args.extend(support::s(&[
+        "-i",
+        "d1",
+        "-q",
+        "1",
+        "-t",
+        "devices/d1/telemetry",
+        "-m",
+        "{}",
+    ]));
+    assert!(!support::mosquitto_pub(&args).status.success());
+}
+
 /// A new EC key `<name>.key` in `dir` and its CSR (PEM), made with openssl as a device would.
 fn device_key_and_csr(dir: &Path, name: &str) -> String {
     for args in [

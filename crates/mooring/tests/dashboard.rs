@@ -99,11 +99,16 @@ async fn the_dashboard_in_a_real_browser() {
     let data = tmp.path().join("data");
     // A sample of the fleet's history every second (default: a minute), so the overview's
     // charts have points within the run.
-    let cfg = support::config_args(tmp.path(), "[fleet]\nsample_interval_ms = 1000\n");
+    // Presence flushed every second, so the pipeline's first connect shows up within the run.
+    let cfg = support::config_args(
+        tmp.path(),
+        "[fleet]\nsample_interval_ms = 1000\n[limits]\npresence_flush_interval_secs = 1\n",
+    );
     let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
     let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
     server.create_user("admin@example.com", "admin", PASSWORD);
     server.create_user("viewer@example.com", "viewer", PASSWORD);
+    server.create_user("installer@example.com", "installer", PASSWORD);
 
     // 999 devices through the API plus the live one: 1,000.
     seed_devices(&server, DEVICES - 1).await;
@@ -148,6 +153,7 @@ async fn the_dashboard_in_a_real_browser() {
         .env("MOORING_TOKEN", &server.token)
         .env("ADMIN_EMAIL", "admin@example.com")
         .env("VIEWER_EMAIL", "viewer@example.com")
+        .env("INSTALLER_EMAIL", "installer@example.com")
         .env("PASSWORD", PASSWORD)
         .env("LIVE_DEVICE", live)
         .env("LIVE_TAG", "asset=a-77")

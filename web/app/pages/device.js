@@ -1,5 +1,6 @@
-// #/devices/<id>: one device: facts and tags, live telemetry chart, shadow (reported vs desired,
-// with an editor), commands (history with live states, send, cancel), delete.
+// #/devices/<id>: one device: facts and tags, its provisioning pipeline and installation (with
+// the installer's confirmation form), live telemetry chart, shadow (reported vs desired, with an
+// editor), commands (history with live states, send, cancel), delete.
 import {
   html, useState, useEffect, useMemo, useRef, useCallback, api, qs, useApi, useEvents, can, toast,
   navigate, Loading, Empty, ErrorBox, Async, Dialog, Confirm, PageTitle, OnlineBadge, StateBadge,
@@ -85,6 +86,84 @@ function Info({ device, online, onReload }) {
       <dt>Created</dt><dd>${fmtTime(device.created_at)}</dd>
       <dt>Tags</dt><dd><${TagsEditor} device=${device} onSaved=${onReload} /></dd>
     </dl>
+  </section>`;
+}
+
+// ---------------------------------------------------------------- provisioning
+
+const STEP_LABELS = {
+  claimed: "Claimed",
+  certificate_issued: "Certificate issued",
+  registered: "Registered",
+  first_connect: "First connect",
+  first_telemetry: "First telemetry",
+};
+
+function InstallForm({ id, onDone }) {
+  const [location, setLocation] = useState("");
+  const [notes, setNotes] = useState("");
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState(null);
+  const submit = async (e) => {
+    e.preventDefault();
+    setBusy(true);
+    setError(null);
+    try {
+      const body = { location };
+      if (notes.trim()) body.notes = notes;
+      await api("POST", `/devices/${enc(id)}/installation`, body);
+      toast(`Installation of ${id} recorded`);
+      setLocation("");
+      setNotes("");
+      onDone();
+    } catch (err) {
+      setError(err.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+  return html`<form class="stack" data-testid="install-form" onSubmit=${submit}>
+    <h3>Confirm installation</h3>
+    <label>Location<input data-testid="install-location" value=${location} onInput=${(e) => setLocation(e.target.value)} placeholder="Hall 3, door 2" maxlength="256" required /></label>
+    <label>Notes<textarea data-testid="install-notes" rows="2" value=${notes} onInput=${(e) => setNotes(e.target.value)} maxlength="2048"></textarea></label>
+    ${error && html`<p class="form-error" data-testid="install-error" role="alert">${error}</p>`}
+    <button type="submit" class="btn primary" data-testid="install-submit" disabled=${busy}>Record installation</button>
+  </form>`;
+}
+
+/** Fewest milliseconds between two reloads of the pipeline caused by live events. */
+const PIPELINE_RELOAD_MIN_MS = 2_000;
+
+function Provisioning({ id, reloadRef }) {
+  const res = useApi(`/devices/${enc(id)}/provisioning`, [id]);
+  const last = useRef(0);
+  // Live events (presence, telemetry) may complete a pending step; the server records first
+  // connect and first telemetry with its next presence flush, so a reload waits a moment.
+  reloadRef.current = () => {
+    const pending = !res.data || res.data.steps.some((s) => s.state === "pending");
+    const now = Date.now();
+    if (!pending || now - last.current < PIPELINE_RELOAD_MIN_MS) return;
+    last.current = now;
+    res.reload();
+  };
+  return html`<section class="card" data-testid="provisioning">
+    <h2>Provisioning</h2>
+    <${Async} res=${res} label="Loading the pipeline…">${(p) => html`
+      <ol class="pipeline" data-testid="pipeline">
+        ${p.steps.map((s) => html`<li key=${s.step} data-testid=${"step-" + s.step} data-state=${s.state} class=${"step " + s.state}>
+          <span class="step-name">${STEP_LABELS[s.step] || s.step}</span>
+          <span class=${"badge s-" + (s.state === "done" ? "succeeded" : s.state === "pending" ? "queued" : "skipped")}>${s.state}</span>
+          ${s.at && html`<span class="muted">${fmtTime(s.at)}</span>`}
+          ${s.last_error && html`<div class="step-error" data-testid=${"step-error-" + s.step}>Last error ${fmtAgo(s.last_error.at)}: ${s.last_error.message}</div>`}
+        </li>`)}
+      </ol>
+      <div data-testid="installation">
+        ${p.installation
+          ? html`<p>Installed ${fmtTime(p.installation.at)} by <b>${p.installation.by}</b> at <b>${p.installation.location}</b>${p.installation.notes && html` — ${p.installation.notes}`}</p>`
+          : html`<p class="muted">No installation recorded yet.</p>`}
+      </div>
+      ${can("installations.write") && html`<${InstallForm} id=${id} onDone=${res.reload} />`}
+    `}</${Async}>
   </section>`;
 }
 
@@ -368,12 +447,19 @@ export default function Device({ params }) {
   const live = useRef(() => {});
   const shadow = useRef(() => {});
   const command = useRef(() => {});
+  const pipeline = useRef(() => {});
   useEffect(() => setOnline(null), [id]);
 
   useEvents("id:" + id, (kind, ev) => {
     if (ev.device_id !== id) return;
-    if (kind === "telemetry") live.current(ev);
-    else if (kind === "presence") setOnline(!!ev.online);
+    if (kind === "telemetry") {
+      live.current(ev);
+      pipeline.current();
+    }
+    else if (kind === "presence") {
+      setOnline(!!ev.online);
+      pipeline.current();
+    }
     else if (kind === "shadow") shadow.current(ev);
     else if (kind === "command") command.current(ev);
     else if (kind === "reset") dev.reload();
@@ -398,6 +484,7 @@ export default function Device({ params }) {
         <${Info} device=${d} online=${online ?? d.online} onReload=${dev.reload} />
         <${Shadow} id=${id} shadowRef=${shadow} />
       </div>
+      <${Provisioning} id=${id} reloadRef=${pipeline} />
       <${Telemetry} id=${id} liveRef=${live} />
       <${Commands} id=${id} commandRef=${command} />
       ${can("devices.write") && html`<section class="card danger-zone">

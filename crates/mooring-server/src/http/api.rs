@@ -25,7 +25,10 @@ use utoipa::OpenApi;
         super::commands::cancel_command, super::commands::create_fleet_command, super::commands::get_any_command,
         super::commands::put_tags, super::commands::get_shadow, super::commands::patch_shadow,
         super::events::events, super::fleet::summary, super::fleet::history, super::jobs::create_job, super::jobs::list_jobs, super::jobs::get_job,
-        super::jobs::cancel_job, super::provision::create_claim, super::provision::list_claims,
+        super::jobs::cancel_job, super::certs::device_certificates, super::certs::expiring_certificates,
+        super::certs::revoke_device, super::certs::revoke_certificate,
+        super::pipeline::provisioning, super::pipeline::record_installation, super::pipeline::funnel,
+        super::provision::create_claim, super::provision::list_claims,
         super::provision::get_claim, super::provision::revoke_claim, super::provision::enroll),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
         mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
@@ -36,6 +39,9 @@ use utoipa::OpenApi;
         mooring_api::Shadow, mooring_api::ShadowPatch, mooring_api::Event, mooring_api::EventBody, mooring_api::EventsReset,
         mooring_api::FleetSummary, mooring_api::VersionCount, mooring_api::FleetHistory, mooring_api::FleetSamplePoint,
         mooring_api::CreateJob, mooring_api::JobCommand, mooring_api::Job, mooring_api::JobErrorEntry, mooring_api::JobList,
+        mooring_api::Certificate, mooring_api::CertificateList, mooring_api::RevokeRequest, mooring_api::Revoked,
+        mooring_api::RecordInstallation, mooring_api::Installation, mooring_api::Provisioning, mooring_api::PipelineStep,
+        mooring_api::StepState, mooring_api::StepFailure, mooring_api::Funnel, mooring_api::FunnelStage,
         mooring_api::CreateClaim, mooring_api::Claim, mooring_api::CreatedClaim, mooring_api::ClaimList,
         mooring_api::EnrollRequest, mooring_api::EnrollResponse)),
     modifiers(&BearerAuth)
@@ -70,7 +76,17 @@ impl From<DeviceView> for Device {
             cert_serial: v.record.cert_serial,
             cert_sha256: v.record.cert_sha256,
             cert_not_after: v.record.cert_not_after_ms,
+            installation: v.record.installation.map(installation_json),
         }
+    }
+}
+
+pub(super) fn installation_json(i: mooring_store::Installation) -> mooring_api::Installation {
+    mooring_api::Installation {
+        at: i.at_ms,
+        by: i.by,
+        location: i.location,
+        notes: i.notes,
     }
 }
 

@@ -7,10 +7,12 @@
 
 mod accounts;
 mod api;
+mod certs;
 mod commands;
 mod events;
 mod fleet;
 mod jobs;
+mod pipeline;
 mod provision;
 pub mod routes;
 mod web;
@@ -386,6 +388,8 @@ pub(super) async fn openapi_json() -> impl IntoResponse {
 }
 
 pub(super) async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    // Counted at most every few seconds (a scrape costs two count queries at most).
+    app.registry.cert_gauges().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         crate::render_metrics(&app),

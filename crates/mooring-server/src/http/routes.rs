@@ -3,7 +3,7 @@
 //! without a declared permission; `tests/access.rs` walks every row × every role against a
 //! running server.
 
-use super::{accounts, api, commands, events, fleet, jobs, provision};
+use super::{accounts, api, certs, commands, events, fleet, jobs, pipeline, provision};
 use crate::access::{role_allows, Permission};
 use crate::app::App;
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
@@ -73,6 +73,15 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(put, "/api/v1/devices/{id}/tags", DevicesWrite, "device.tag", commands::put_tags),
         row!(get, "/api/v1/devices/{id}/telemetry", TelemetryRead, "telemetry.query", api::device_telemetry),
         row!(get, "/api/v1/devices/{id}/telemetry/latest", TelemetryRead, "telemetry.latest", api::device_telemetry_latest),
+        // Certificates (issue 16).
+        row!(get, "/api/v1/devices/{id}/certificates", DevicesRead, "cert.list", certs::device_certificates),
+        row!(post, "/api/v1/devices/{id}/revoke", DevicesWrite, "device.revoke", certs::revoke_device),
+        row!(get, "/api/v1/certificates", DevicesRead, "cert.expiring", certs::expiring_certificates),
+        row!(post, "/api/v1/certificates/{serial}/revoke", DevicesWrite, "cert.revoke", certs::revoke_certificate),
+        // Provisioning pipeline and installations.
+        row!(get, "/api/v1/devices/{id}/provisioning", DevicesRead, "device.provisioning", pipeline::provisioning),
+        row!(post, "/api/v1/devices/{id}/installation", InstallationsWrite, "device.install", pipeline::record_installation),
+        row!(get, "/api/v1/provisioning/funnel", DevicesRead, "provisioning.funnel", pipeline::funnel),
         // Fleet statistics.
         row!(get, "/api/v1/fleet/summary", DevicesRead, "fleet.summary", fleet::summary),
         row!(get, "/api/v1/fleet/history", DevicesRead, "fleet.history", fleet::history),

@@ -207,7 +207,7 @@ pub async fn device_last_seen_keeps_the_maximum_and_skips_unknown_ids<S: DeviceS
     };
 
     store
-        .record_last_seen(&[("d1".into(), 500), ("ghost".into(), 9_000)])
+        .record_activity(&[seen("d1", 500), seen("ghost", 9_000)])
         .await
         .expect("record");
     assert_eq!(last_seen("d1").await, Some(500));
@@ -216,16 +216,191 @@ pub async fn device_last_seen_keeps_the_maximum_and_skips_unknown_ids<S: DeviceS
 
     // Older values never move it back; within one batch the maximum wins.
     store
-        .record_last_seen(&[("d1".into(), 400), ("d2".into(), 700), ("d2".into(), 600)])
+        .record_activity(&[seen("d1", 400), seen("d2", 700), seen("d2", 600)])
         .await
         .expect("record older");
     assert_eq!(last_seen("d1").await, Some(500));
     assert_eq!(last_seen("d2").await, Some(700));
 
     store
-        .record_last_seen(&[("d1".into(), 900)])
+        .record_activity(&[seen("d1", 900)])
         .await
         .expect("record newer");
     assert_eq!(last_seen("d1").await, Some(900));
-    store.record_last_seen(&[]).await.expect("empty batch");
+    store.record_activity(&[]).await.expect("empty batch");
+}
+
+fn seen(id: &str, at_ms: u64) -> crate::DeviceActivity {
+    crate::DeviceActivity {
+        id: id.into(),
+        last_seen_ms: at_ms,
+        connected_at_ms: None,
+        telemetry_at_ms: None,
+    }
+}
+
+/// First connect and first telemetry are set once; last telemetry only moves forward and only
+/// with telemetry.
+pub async fn device_activity_sets_firsts_once_and_keeps_the_newest_telemetry<
+    S: DeviceStore + ?Sized,
+>(
+    store: &S,
+) {
+    store.create_device(new_device("d1")).await.expect("create");
+    let get = || async { store.get_device("d1").await.expect("get").expect("present") };
+    let d = get().await;
+    assert_eq!(
+        (
+            d.first_connect_ms,
+            d.first_telemetry_ms,
+            d.last_telemetry_ms
+        ),
+        (None, None, None)
+    );
+    let act = |seen: u64, connected: Option<u64>, telemetry: Option<u64>| crate::DeviceActivity {
+        id: "d1".into(),
+        last_seen_ms: seen,
+        connected_at_ms: connected,
+        telemetry_at_ms: telemetry,
+    };
+    store
+        .record_activity(&[act(100, Some(90), None)])
+        .await
+        .expect("connect");
+    let d = get().await;
+    assert_eq!(d.first_connect_ms, Some(90));
+    assert_eq!(d.first_telemetry_ms, None);
+    store
+        .record_activity(&[act(300, Some(250), Some(300)), act(200, None, Some(200))])
+        .await
+        .expect("telemetry");
+    let d = get().await;
+    assert_eq!(d.first_connect_ms, Some(90), "first connect never moves");
+    assert_eq!(d.last_seen_ms, Some(300));
+    assert_eq!(d.last_telemetry_ms, Some(300));
+    assert!(matches!(d.first_telemetry_ms, Some(200 | 300)));
+    let first_telemetry = d.first_telemetry_ms;
+    store
+        .record_activity(&[act(400, None, None), act(350, None, Some(250))])
+        .await
+        .expect("older telemetry");
+    let d = get().await;
+    assert_eq!(d.last_telemetry_ms, Some(300), "never moves back");
+    assert_eq!(d.first_telemetry_ms, first_telemetry);
+    assert_eq!(d.last_seen_ms, Some(400));
+}
+
+/// An installation and step errors are kept with the device (and go with it).
+pub async fn device_installation_and_step_errors_round_trip<S: DeviceStore + ?Sized>(store: &S) {
+    store.create_device(new_device("d1")).await.expect("create");
+    let inst = crate::Installation {
+        at_ms: 1_000,
+        by: "ann@example.com".into(),
+        location: "Hall 3, door 2".into(),
+        notes: "café \"quotes\"".into(),
+    };
+    assert!(store
+        .set_installation("d1", inst.clone())
+        .await
+        .expect("set"));
+    assert!(!store
+        .set_installation("ghost", inst.clone())
+        .await
+        .expect("ghost"));
+    let err = |at_ms: u64, m: &str| crate::StepError {
+        at_ms,
+        message: m.into(),
+    };
+    store
+        .record_step_error("d1", "first_connect", err(5, "certificate revoked"))
+        .await
+        .expect("error");
+    store
+        .record_step_error("d1", "first_connect", err(6, "certificate \"expired\""))
+        .await
+        .expect("error replaced");
+    let long = "é".repeat(crate::STEP_ERROR_LEN_MAX);
+    store
+        .record_step_error("d1", "claimed", err(7, &long))
+        .await
+        .expect("long error");
+    store
+        .record_step_error("ghost", "claimed", err(7, "x"))
+        .await
+        .expect("unknown ids are skipped");
+    let d = store.get_device("d1").await.expect("get").expect("present");
+    assert_eq!(d.installation, Some(inst));
+    assert_eq!(d.provisioning_errors.len(), 2);
+    assert_eq!(
+        d.provisioning_errors.get("first_connect"),
+        Some(&err(6, "certificate \"expired\""))
+    );
+    let claimed = d.provisioning_errors.get("claimed").expect("claimed error");
+    assert!(claimed.message.len() <= crate::STEP_ERROR_LEN_MAX);
+    assert!(claimed.message.starts_with("é"));
+    assert!(store.delete_device("d1").await.expect("delete"));
+    store.create_device(new_device("d1")).await.expect("again");
+    let d = store.get_device("d1").await.expect("get").expect("present");
+    assert_eq!(d.installation, None);
+    assert!(d.provisioning_errors.is_empty());
+}
+
+/// The funnel counts devices that connected, reported and were installed, within a filter.
+pub async fn device_pipeline_counts_follow_activity_and_filters<S: DeviceStore + ?Sized>(
+    store: &S,
+) {
+    let filter = crate::DeviceFilter::default();
+    assert_eq!(
+        store.count_pipeline(&filter).await.expect("empty"),
+        crate::PipelineCounts::default()
+    );
+    for id in ["a", "b", "c"] {
+        store.create_device(new_device(id)).await.expect("create");
+    }
+    let mut south = new_device("d");
+    south.tags = tags(&[("site", "south")]);
+    store.create_device(south).await.expect("create d");
+    let act = |id: &str, connected: bool, telemetry: bool| crate::DeviceActivity {
+        id: id.into(),
+        last_seen_ms: 10,
+        connected_at_ms: connected.then_some(5),
+        telemetry_at_ms: telemetry.then_some(10),
+    };
+    store
+        .record_activity(&[
+            act("a", true, true),
+            act("b", true, false),
+            act("d", true, true),
+        ])
+        .await
+        .expect("activity");
+    let inst = crate::Installation {
+        at_ms: 20,
+        by: "ann".into(),
+        location: "x".into(),
+        notes: String::new(),
+    };
+    assert!(store.set_installation("a", inst).await.expect("install"));
+    assert_eq!(
+        store.count_pipeline(&filter).await.expect("all"),
+        crate::PipelineCounts {
+            devices: 4,
+            connected: 3,
+            reporting: 2,
+            installed: 1,
+        }
+    );
+    let north = crate::DeviceFilter {
+        tags: vec![("site".into(), "north".into())],
+        ..crate::DeviceFilter::default()
+    };
+    assert_eq!(
+        store.count_pipeline(&north).await.expect("north"),
+        crate::PipelineCounts {
+            devices: 3,
+            connected: 2,
+            reporting: 1,
+            installed: 1,
+        }
+    );
 }

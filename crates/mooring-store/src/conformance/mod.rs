@@ -16,12 +16,13 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`, `claims.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`, `certs.rs`, `claims.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
 mod audit;
 mod broker_state;
+mod certs;
 mod claims;
 mod cluster;
 mod commands;
@@ -36,6 +37,7 @@ mod writer;
 pub use accounts::*;
 pub use audit::*;
 pub use broker_state::*;
+pub use certs::*;
 pub use claims::*;
 pub use cluster::*;
 pub use commands::*;
@@ -107,6 +109,11 @@ macro_rules! conformance_tests {
             broker_state_loads_one_session_by_key,
             fleet_samples_sum_per_interval_and_prune_in_chunks,
             device_selection_matches_selector_semantics,
+            cert_created_with_its_device_and_deleted_with_it,
+            cert_taken_by_another_device_fails_the_whole_creation,
+            cert_add_lists_newest_first_and_refuses_taken_or_orphan,
+            cert_revoke_is_idempotent_and_per_device_revokes_only_active,
+            cert_expiring_lists_active_ones_soonest_first_in_pages,
         );
         $crate::conformance_tests!(@by_arc $factory;
             concurrent_reservations_of_a_single_use_claim_have_one_winner,
@@ -151,6 +158,9 @@ macro_rules! conformance_device_token_tests {
             device_delete_removes_only_that_device,
             device_set_tags_replaces_all_and_missing_is_not_found,
             device_last_seen_keeps_the_maximum_and_skips_unknown_ids,
+            device_activity_sets_firsts_once_and_keeps_the_newest_telemetry,
+            device_installation_and_step_errors_round_trip,
+            device_pipeline_counts_follow_activity_and_filters,
             token_create_find_list_delete,
             token_duplicate_id_or_secret_is_already_exists,
             token_scope_expiry_and_last_use_round_trip,

@@ -6,20 +6,24 @@ use std::collections::BTreeMap;
 use tokio_postgres::types::Json;
 use tokio_postgres::Row;
 
-use super::{column, count_to_sql, device_id_column, pg_error, ts_to_sql, u64_column, PgStore};
+use super::{
+    column, count_to_sql, device_id_column, opt_u64_column, pg_error, ts_to_sql, u64_column,
+    PgStore,
+};
 use crate::error::{Result, StoreError};
-use crate::model::{DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
+use crate::model::{
+    clip_step_error, step_errors_from_json, CertRecord, DeviceActivity, DeviceFilter, DeviceRecord,
+    Installation, NewDevice, PipelineCounts, StepError, VersionCounts,
+};
 use crate::store::DeviceStore;
 
 const DEVICE_COLUMNS: &str =
-    "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, last_seen_ms";
+    "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, \
+    last_seen_ms, first_connect_ms, first_telemetry_ms, last_telemetry_ms, installed_at_ms, \
+    installed_by, installed_location, installed_notes, provisioning_errors::text";
 
 fn device_from_row(row: &Row) -> Result<DeviceRecord> {
     let Json(tags) = column::<Json<BTreeMap<String, String>>>(row, 1)?;
-    let last_seen_ms = match column::<Option<i64>>(row, 6)? {
-        None => None,
-        Some(_) => Some(u64_column(row, 6)?),
-    };
     Ok(DeviceRecord {
         id: device_id_column(row, 0)?,
         tags,
@@ -27,31 +31,64 @@ fn device_from_row(row: &Row) -> Result<DeviceRecord> {
         cert_sha256: column(row, 3)?,
         cert_serial: column(row, 4)?,
         cert_not_after_ms: u64_column(row, 5)?,
-        last_seen_ms,
+        last_seen_ms: opt_u64_column(row, 6)?,
+        first_connect_ms: opt_u64_column(row, 7)?,
+        first_telemetry_ms: opt_u64_column(row, 8)?,
+        last_telemetry_ms: opt_u64_column(row, 9)?,
+        installation: match opt_u64_column(row, 10)? {
+            None => None,
+            Some(at_ms) => Some(Installation {
+                at_ms,
+                by: column::<Option<String>>(row, 11)?.unwrap_or_default(),
+                location: column::<Option<String>>(row, 12)?.unwrap_or_default(),
+                notes: column::<Option<String>>(row, 13)?.unwrap_or_default(),
+            }),
+        },
+        provisioning_errors: step_errors_from_json(column::<Option<String>>(row, 14)?.as_deref()),
     })
 }
 
 #[async_trait::async_trait]
 impl DeviceStore for PgStore {
+    /// The device row, its tags and its certificate's ledger row, in one transaction.
     async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
         d.validate()?;
+        let cert = CertRecord::of_new_device(&d);
+        cert.validate()?;
         let record = d.into_record();
         let created_at_ms = ts_to_sql("created_at_ms", record.created_at_ms)?;
         let not_after_ms = ts_to_sql("cert_not_after_ms", record.cert_not_after_ms)?;
-        self.execute(
-            "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
-             VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &record.id.as_str(),
-                &Json(&record.tags),
-                &created_at_ms,
-                &record.cert_sha256,
-                &record.cert_serial,
-                &not_after_ms,
-            ],
-            || format!("device {}", record.id),
-        )
-        .await?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO devices (id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .await
+            .map_err(pg_error)?;
+        let inserted = tx
+            .execute(
+                &stmt,
+                &[
+                    &record.id.as_str(),
+                    &Json(&record.tags),
+                    &created_at_ms,
+                    &record.cert_sha256,
+                    &record.cert_serial,
+                    &not_after_ms,
+                ],
+            )
+            .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if super::is_unique_violation(&e) => {
+                return Err(StoreError::AlreadyExists(format!("device {}", record.id)))
+            }
+            Err(e) => return Err(pg_error(e)),
+        }
+        super::certs::insert_cert(&tx, &cert).await?;
+        tx.commit().await.map_err(pg_error)?;
         Ok(record)
     }
 
@@ -166,30 +203,109 @@ impl DeviceStore for PgStore {
         super::fleet::count_device_versions(self, filter, versions_max).await
     }
 
-    async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()> {
-        if seen.is_empty() {
+    async fn count_pipeline(&self, filter: &DeviceFilter) -> Result<PipelineCounts> {
+        let (cond, params) = super::fleet::filter_sql(filter, 1);
+        let from = if filter.version.is_some() {
+            super::fleet::FROM_SQL
+        } else {
+            "devices d"
+        };
+        let sql = format!(
+            "SELECT count(*), count(d.first_connect_ms), count(d.first_telemetry_ms),
+                    count(d.installed_at_ms)
+             FROM {from} WHERE {cond}"
+        );
+        let Some(r) = self.query_opt(&sql, &super::fleet::refs(&params)).await? else {
+            return Ok(PipelineCounts::default());
+        };
+        Ok(PipelineCounts {
+            devices: u64_column(&r, 0)?,
+            connected: u64_column(&r, 1)?,
+            reporting: u64_column(&r, 2)?,
+            installed: u64_column(&r, 3)?,
+        })
+    }
+
+    async fn record_activity(&self, activity: &[DeviceActivity]) -> Result<()> {
+        if activity.is_empty() {
             return Ok(());
         }
-        // One update per device with its newest time, in id order: concurrent batches lock
-        // rows in the same order, so they cannot deadlock.
-        let mut newest: BTreeMap<&str, i64> = BTreeMap::new();
-        for (id, ts) in seen {
-            let ts = ts_to_sql("last_seen_ms", *ts)?;
-            let slot = newest.entry(id.as_str()).or_insert(ts);
-            *slot = (*slot).max(ts);
+        // One update per device (its newest sighting and telemetry, its earliest connect), in
+        // id order: concurrent batches lock rows in the same order, so they cannot deadlock.
+        type Row = (i64, Option<i64>, Option<i64>);
+        let mut merged: BTreeMap<&str, Row> = BTreeMap::new();
+        let opt = |what: &str, ts: Option<u64>| ts.map(|t| ts_to_sql(what, t)).transpose();
+        for a in activity {
+            let seen = ts_to_sql("last_seen_ms", a.last_seen_ms)?;
+            let connected = opt("connected_at_ms", a.connected_at_ms)?;
+            let telemetry = opt("telemetry_at_ms", a.telemetry_at_ms)?;
+            let slot = merged
+                .entry(a.id.as_str())
+                .or_insert((seen, connected, telemetry));
+            slot.0 = slot.0.max(seen);
+            slot.1 = match (slot.1, connected) {
+                (Some(x), Some(y)) => Some(x.min(y)),
+                (x, y) => x.or(y),
+            };
+            slot.2 = slot.2.max(telemetry);
         }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
         let stmt = tx
             .prepare_cached(
-                "UPDATE devices SET last_seen_ms = $2
-                 WHERE id = $1 AND (last_seen_ms IS NULL OR last_seen_ms < $2)",
+                "UPDATE devices SET
+                   last_seen_ms = GREATEST(last_seen_ms, $2),
+                   first_connect_ms = COALESCE(first_connect_ms, $3),
+                   first_telemetry_ms = COALESCE(first_telemetry_ms, $4),
+                   last_telemetry_ms = GREATEST(last_telemetry_ms, $4)
+                 WHERE id = $1",
             )
             .await
             .map_err(pg_error)?;
-        for (id, ts) in &newest {
-            tx.execute(&stmt, &[id, ts]).await.map_err(pg_error)?;
+        for (id, (seen, connected, telemetry)) in &merged {
+            tx.execute(&stmt, &[id, seen, connected, telemetry])
+                .await
+                .map_err(pg_error)?;
         }
         tx.commit().await.map_err(pg_error)
+    }
+
+    async fn set_installation(&self, id: &str, i: Installation) -> Result<bool> {
+        let at_ms = ts_to_sql("installation at_ms", i.at_ms)?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE devices SET installed_at_ms = $2, installed_by = $3,
+                   installed_location = $4, installed_notes = $5
+                 WHERE id = $1",
+            )
+            .await
+            .map_err(pg_error)?;
+        let n = client
+            .execute(&stmt, &[&id, &at_ms, &i.by, &i.location, &i.notes])
+            .await
+            .map_err(pg_error)?;
+        Ok(n > 0)
+    }
+
+    async fn record_step_error(&self, id: &str, step: &str, error: StepError) -> Result<()> {
+        let at_ms = ts_to_sql("step error at_ms", error.at_ms)?;
+        let entry = serde_json::json!({
+            step: {"at_ms": at_ms, "message": clip_step_error(&error.message)}
+        });
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE devices SET provisioning_errors =
+                   COALESCE(provisioning_errors, '{}'::jsonb) || $2
+                 WHERE id = $1",
+            )
+            .await
+            .map_err(pg_error)?;
+        client
+            .execute(&stmt, &[&id, &Json(&entry)])
+            .await
+            .map_err(pg_error)?;
+        Ok(())
     }
 }

@@ -1,4 +1,5 @@
-//! [`DeviceStore`] for SQLite: devices, their tags, pinned certificates and last-seen times.
+//! [`DeviceStore`] for SQLite: devices, their tags, pinned certificates (and their ledger rows)
+//! and last-seen times.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,11 +12,23 @@ use super::{
     SqliteStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{DeviceFilter, DeviceRecord, NewDevice, VersionCounts};
+use crate::model::{
+    clip_step_error, step_errors_from_json, CertRecord, DeviceActivity, DeviceFilter, DeviceRecord,
+    Installation, NewDevice, PipelineCounts, StepError, VersionCounts,
+};
 use crate::store::DeviceStore;
 
 const DEVICE_COLUMNS: &str =
-    "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, last_seen_ms";
+    "id, tags, created_at_ms, cert_sha256, cert_serial, cert_not_after_ms, \
+    last_seen_ms, first_connect_ms, first_telemetry_ms, last_telemetry_ms, installed_at_ms, \
+    installed_by, installed_location, installed_notes, provisioning_errors";
+
+fn opt_u64_column(row: &Row<'_>, index: usize) -> rusqlite::Result<Option<u64>> {
+    match row.get::<_, Option<i64>>(index)? {
+        None => Ok(None),
+        Some(_) => u64_column(row, index).map(Some),
+    }
+}
 
 fn tags_to_sql(tags: &BTreeMap<String, String>) -> Result<String> {
     serde_json::to_string(tags).map_err(|e| StoreError::InvalidInput(format!("tags: {e}")))
@@ -32,10 +45,20 @@ fn device_from_row(row: &Row<'_>) -> rusqlite::Result<DeviceRecord> {
         cert_sha256: row.get(3)?,
         cert_serial: row.get(4)?,
         cert_not_after_ms: u64_column(row, 5)?,
-        last_seen_ms: match row.get::<_, Option<i64>>(6)? {
+        last_seen_ms: opt_u64_column(row, 6)?,
+        first_connect_ms: opt_u64_column(row, 7)?,
+        first_telemetry_ms: opt_u64_column(row, 8)?,
+        last_telemetry_ms: opt_u64_column(row, 9)?,
+        installation: match opt_u64_column(row, 10)? {
             None => None,
-            Some(_) => Some(u64_column(row, 6)?),
+            Some(at_ms) => Some(Installation {
+                at_ms,
+                by: row.get::<_, Option<String>>(11)?.unwrap_or_default(),
+                location: row.get::<_, Option<String>>(12)?.unwrap_or_default(),
+                notes: row.get::<_, Option<String>>(13)?.unwrap_or_default(),
+            }),
         },
+        provisioning_errors: step_errors_from_json(row.get::<_, Option<String>>(14)?.as_deref()),
     })
 }
 
@@ -66,6 +89,8 @@ fn write_tags(
 impl DeviceStore for SqliteStore {
     async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
         d.validate()?;
+        let cert = CertRecord::of_new_device(&d);
+        cert.validate()?;
         let record = d.into_record();
         let tags = tags_to_sql(&record.tags)?;
         let created_at_ms = ts_to_sql("created_at_ms", record.created_at_ms)?;
@@ -79,6 +104,7 @@ impl DeviceStore for SqliteStore {
             match inserted {
                 Ok(_) => {
                     write_tags(conn, record.id.as_str(), &record.tags, false)?;
+                    super::certs::insert_cert(conn, &cert)?;
                     Ok(record)
                 }
                 Err(e) if is_constraint_violation(&e) => {
@@ -157,6 +183,8 @@ impl DeviceStore for SqliteStore {
                     .db()?;
                 tx.execute(super::telemetry::DELETE_DEVICE_LATEST_SQL, params![id])
                     .db()?;
+                tx.execute("DELETE FROM device_certs WHERE device_id = ?1", params![id])
+                    .db()?;
                 tx.commit().db()?;
                 deleted > 0
             };
@@ -226,13 +254,44 @@ impl DeviceStore for SqliteStore {
         super::fleet::count_device_versions(self, filter, versions_max).await
     }
 
-    async fn record_last_seen(&self, seen: &[(String, u64)]) -> Result<()> {
-        if seen.is_empty() {
+    async fn count_pipeline(&self, filter: &DeviceFilter) -> Result<PipelineCounts> {
+        let (cond, params) = super::fleet::filter_sql(filter)?;
+        let sql = format!(
+            "SELECT count(*), count(d.first_connect_ms), count(d.first_telemetry_ms),
+                    count(d.installed_at_ms)
+             FROM devices d WHERE {cond}"
+        );
+        self.read(move |conn| {
+            conn.prepare_cached(&sql)
+                .db()?
+                .query_row(rusqlite::params_from_iter(params), |r| {
+                    Ok(PipelineCounts {
+                        devices: u64_column(r, 0)?,
+                        connected: u64_column(r, 1)?,
+                        reporting: u64_column(r, 2)?,
+                        installed: u64_column(r, 3)?,
+                    })
+                })
+                .db()
+        })
+        .await
+    }
+
+    async fn record_activity(&self, activity: &[DeviceActivity]) -> Result<()> {
+        if activity.is_empty() {
             return Ok(());
         }
-        let seen = seen
+        let opt = |what: &str, ts: Option<u64>| ts.map(|t| ts_to_sql(what, t)).transpose();
+        let rows = activity
             .iter()
-            .map(|(id, ts)| Ok((id.clone(), ts_to_sql("last_seen_ms", *ts)?)))
+            .map(|a| {
+                Ok((
+                    a.id.clone(),
+                    ts_to_sql("last_seen_ms", a.last_seen_ms)?,
+                    opt("connected_at_ms", a.connected_at_ms)?,
+                    opt("telemetry_at_ms", a.telemetry_at_ms)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         self.write(move |conn| {
             // The group commit runs this write in a savepoint of its own.
@@ -240,14 +299,55 @@ impl DeviceStore for SqliteStore {
             {
                 let mut stmt = tx
                     .prepare_cached(
-                        "UPDATE devices SET last_seen_ms = ?2
-                         WHERE id = ?1 AND (last_seen_ms IS NULL OR last_seen_ms < ?2)",
+                        "UPDATE devices SET
+                           last_seen_ms = max(COALESCE(last_seen_ms, ?2), ?2),
+                           first_connect_ms = COALESCE(first_connect_ms, ?3),
+                           first_telemetry_ms = COALESCE(first_telemetry_ms, ?4),
+                           last_telemetry_ms = CASE WHEN ?4 IS NULL THEN last_telemetry_ms
+                             ELSE max(COALESCE(last_telemetry_ms, ?4), ?4) END
+                         WHERE id = ?1",
                     )
                     .db()?;
-                for (id, ts) in &seen {
-                    stmt.execute(params![id, ts]).db()?;
+                for (id, seen, connected, telemetry) in &rows {
+                    stmt.execute(params![id, seen, connected, telemetry]).db()?;
                 }
             }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_installation(&self, id: &str, i: Installation) -> Result<bool> {
+        let id = id.to_owned();
+        let at_ms = ts_to_sql("installation at_ms", i.at_ms)?;
+        self.write(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE devices SET installed_at_ms = ?2, installed_by = ?3,
+                       installed_location = ?4, installed_notes = ?5
+                     WHERE id = ?1",
+                    params![id, at_ms, i.by, i.location, i.notes],
+                )
+                .db()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn record_step_error(&self, id: &str, step: &str, error: StepError) -> Result<()> {
+        let id = id.to_owned();
+        let path = format!("$.\"{}\"", step.replace(['"', '\\'], ""));
+        let at_ms = ts_to_sql("step error at_ms", error.at_ms)?;
+        let message = clip_step_error(&error.message);
+        self.write(move |conn| {
+            conn.execute(
+                "UPDATE devices SET provisioning_errors = json_set(
+                   COALESCE(provisioning_errors, '{}'), ?2,
+                   json_object('at_ms', ?3, 'message', ?4))
+                 WHERE id = ?1",
+                params![id, path, at_ms, message],
+            )
+            .db()?;
             Ok(())
         })
         .await

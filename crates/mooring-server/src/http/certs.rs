@@ -1,0 +1,98 @@
+//! Certificate ledger handlers (issue 16): a device's certificates, certificates expiring soon,
+//! and revocation (of a device's certificates, or of one by serial).
+
+use super::{ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
+use crate::app::App;
+use axum::extract::State;
+use axum::{Extension, Json};
+use mooring_api::{Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked};
+use mooring_store::CertRecord;
+use std::sync::Arc;
+
+/// A ledger row as the API shows it.
+fn cert_body(c: CertRecord) -> Certificate {
+    Certificate {
+        serial: c.serial,
+        device_id: c.device_id.into_string(),
+        sha256: c.sha256,
+        not_before: c.not_before_ms,
+        not_after: c.not_after_ms,
+        issued_at: c.issued_at_ms,
+        issuer: c.issuer,
+        state: c.state.as_str().to_owned(),
+        revoked_at: c.revoked_at_ms,
+        revoke_reason: c.revoke_reason,
+    }
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{id}/certificates", params(("id" = String, Path)),
+    responses((status = 200, body = CertificateList, description = "newest issued first"), (status = 404, body = ErrorBody)))]
+pub(super) async fn device_certificates(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<CertificateList>> {
+    let certs = app
+        .registry
+        .device_certificates(&caller.access, &id)
+        .await?;
+    Ok(Json(CertificateList {
+        certificates: certs.into_iter().map(cert_body).collect(),
+        next_cursor: None,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/certificates", params(ExpiringParams),
+    responses((status = 200, body = CertificateList, description = "active certificates expiring within the window (expired ones included), soonest first"),
+        (status = 400, body = ErrorBody)))]
+pub(super) async fn expiring_certificates(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiQuery(p): ApiQuery<ExpiringParams>,
+) -> ApiResult<Json<CertificateList>> {
+    let (certs, next_cursor) = app
+        .registry
+        .expiring_certificates(
+            &caller.access,
+            p.expiring_within_ms,
+            p.limit,
+            p.after.as_deref(),
+        )
+        .await?;
+    Ok(Json(CertificateList {
+        certificates: certs.into_iter().map(cert_body).collect(),
+        next_cursor,
+    }))
+}
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", params(("id" = String, Path)), request_body = RevokeRequest,
+    responses((status = 200, body = Revoked, description = "every active certificate of the device revoked; its live sessions closed on every node"),
+        (status = 404, body = ErrorBody)))]
+pub(super) async fn revoke_device(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<RevokeRequest>,
+) -> ApiResult<Json<Revoked>> {
+    let revoked = app
+        .registry
+        .revoke_device(&caller.access, &id, req.reason.as_deref())
+        .await?;
+    Ok(Json(Revoked { revoked }))
+}
+
+#[utoipa::path(post, path = "/api/v1/certificates/{serial}/revoke", params(("serial" = String, Path)), request_body = RevokeRequest,
+    responses((status = 200, body = Revoked, description = "revoked (or already revoked: empty list); a live session using it closed on every node"),
+        (status = 404, body = ErrorBody, description = "certificate_not_found")))]
+pub(super) async fn revoke_certificate(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(serial): ApiPath<String>,
+    ApiJson(req): ApiJson<RevokeRequest>,
+) -> ApiResult<Json<Revoked>> {
+    let revoked = app
+        .registry
+        .revoke_certificate(&caller.access, &serial, req.reason.as_deref())
+        .await?;
+    Ok(Json(Revoked { revoked }))
+}

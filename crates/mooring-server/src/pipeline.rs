@@ -1,0 +1,316 @@
+//! The provisioning pipeline of each device (issue 16) and installation confirmations.
+//!
+//! A device's first boot is a sequence of steps — claimed, certificate issued, registered,
+//! first connect, first telemetry — any of which can fail halfway. [`Pipeline::steps`] shows
+//! where a device is: each step's time from the device record (first connect and first
+//! telemetry are set once by presence's batched `record_activity`), and the last error of a
+//! step that failed ([`Pipeline::step_failed`], kept per device and step, so it is bounded by
+//! the registry).
+//!
+//! An installer confirms an installation with [`Pipeline::record_installation`]: accepted only
+//! while the device's telemetry is recent (`[installations] seen_within_ms`), so the record
+//! says the unit works where it was mounted.
+
+use crate::access::Access;
+use crate::app::Core;
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::registry::{DeviceView, Registry};
+use mooring_api::{PipelineStep, Provisioning, StepFailure, StepState};
+use mooring_store::{DeviceRecord, Installation, StepError};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// A pipeline step, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Step {
+    Claimed,
+    CertificateIssued,
+    Registered,
+    FirstConnect,
+    FirstTelemetry,
+}
+
+impl Step {
+    pub const ALL: [Step; 5] = [
+        Step::Claimed,
+        Step::CertificateIssued,
+        Step::Registered,
+        Step::FirstConnect,
+        Step::FirstTelemetry,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Claimed => "claimed",
+            Step::CertificateIssued => "certificate_issued",
+            Step::Registered => "registered",
+            Step::FirstConnect => "first_connect",
+            Step::FirstTelemetry => "first_telemetry",
+        }
+    }
+}
+
+/// A step's failures of one device are written at most once per this interval (a device
+/// retrying with a revoked certificate every second costs one write per interval).
+pub const STEP_ERROR_WRITE_INTERVAL_MS: u64 = 10_000;
+/// (device, step) pairs whose last write time is remembered; when full, the memory starts over.
+const STEP_ERROR_THROTTLE_LEN_MAX: usize = 10_000;
+
+/// The pipeline service.
+pub struct Pipeline {
+    core: Arc<Core>,
+    registry: Arc<Registry>,
+    written: Mutex<HashMap<(String, Step), u64>>,
+}
+
+impl Pipeline {
+    pub(crate) fn new(core: Arc<Core>, registry: Arc<Registry>) -> Self {
+        Self {
+            core,
+            registry,
+            written: Mutex::default(),
+        }
+    }
+
+    /// Where device `id` is in its pipeline (not found outside `access`).
+    pub async fn steps(&self, access: &Access, id: &str) -> ServiceResult<Provisioning> {
+        let view = self.registry.get_device(access, id).await?;
+        let cert = self.core.store.get_cert(&view.record.cert_serial).await?;
+        let facts = Facts {
+            certificate_issued_ms: cert.map_or(view.record.created_at_ms, |c| c.issued_at_ms),
+        };
+        Ok(provisioning(&view.record, &facts))
+    }
+
+    /// How many devices (matching `selector`, inside `access`) reached each step.
+    pub async fn funnel(
+        &self,
+        access: &Access,
+        selector: Option<&str>,
+    ) -> ServiceResult<mooring_api::Funnel> {
+        let sel = match selector {
+            Some(text) => Some(crate::commands::parse_selector(text)?),
+            None => None,
+        };
+        let sel = access
+            .narrow(sel)
+            .unwrap_or(mooring_proto::selector::Selector { terms: Vec::new() });
+        let c = self
+            .core
+            .store
+            .count_pipeline(&self.registry.filter_of(&sel))
+            .await?;
+        let stage = |step: &str, devices: u64| mooring_api::FunnelStage {
+            step: step.to_owned(),
+            devices,
+        };
+        Ok(mooring_api::Funnel {
+            selector: selector.map(str::to_owned),
+            stages: vec![
+                stage("registered", c.devices),
+                stage("first_connect", c.connected),
+                stage("first_telemetry", c.reporting),
+                stage("installed", c.installed),
+            ],
+        })
+    }
+
+    /// Records that `step` failed for device `id` (an existing device; others are ignored,
+    /// so nobody can grow this by naming devices). Written in the background, throttled.
+    pub fn step_failed(&self, id: &str, step: Step, message: String) {
+        let now_ms = self.core.now_ms();
+        {
+            let mut written = mooring_proto::sync::lock(&self.written);
+            let key = (id.to_owned(), step);
+            if written
+                .get(&key)
+                .is_some_and(|&at| now_ms < at.saturating_add(STEP_ERROR_WRITE_INTERVAL_MS))
+            {
+                return;
+            }
+            if written.len() >= STEP_ERROR_THROTTLE_LEN_MAX {
+                written.clear();
+            }
+            written.insert(key, now_ms);
+        }
+        let store = Arc::clone(&self.core.store);
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let error = StepError {
+                at_ms: now_ms,
+                message,
+            };
+            if let Err(e) = store.record_step_error(&id, step.as_str(), error).await {
+                tracing::warn!(device = %id, step = step.as_str(), error = %e, "recording a provisioning step error failed");
+            }
+        });
+    }
+
+    /// An installer confirms device `id` is installed at `location`. Accepted only while its
+    /// telemetry is recent (`409 device_not_seen` otherwise, naming when it was last heard
+    /// from); the newest confirmation is kept with the device.
+    pub async fn record_installation(
+        &self,
+        access: &Access,
+        by: &str,
+        id: &str,
+        location: &str,
+        notes: Option<&str>,
+    ) -> ServiceResult<DeviceView> {
+        let location = location.trim();
+        if location.is_empty()
+            || location.chars().count() > mooring_api::INSTALLATION_LOCATION_LEN_MAX
+        {
+            return Err(ServiceError::invalid(
+                "invalid_location",
+                format!(
+                    "location must be 1 to {} characters",
+                    mooring_api::INSTALLATION_LOCATION_LEN_MAX
+                ),
+            ));
+        }
+        let notes = notes.unwrap_or("");
+        if notes.chars().count() > mooring_api::INSTALLATION_NOTES_LEN_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_notes",
+                format!(
+                    "notes must be at most {} characters",
+                    mooring_api::INSTALLATION_NOTES_LEN_MAX
+                ),
+            ));
+        }
+        if location.chars().chain(notes.chars()).any(|c| c == '\0') {
+            return Err(ServiceError::invalid(
+                "invalid_location",
+                "location and notes may not contain NUL characters",
+            ));
+        }
+        let view = self.registry.get_device(access, id).await?;
+        let now_ms = self.core.now_ms();
+        let window_ms = self.core.config.installations.seen_within_ms;
+        let telemetry_ms = view
+            .record
+            .last_telemetry_ms
+            .max(self.registry.presence().unflushed_telemetry_ms(id));
+        let recent = telemetry_ms.is_some_and(|t| now_ms.saturating_sub(t) <= window_ms);
+        if !recent {
+            let minutes = window_ms / 60_000;
+            let window = if minutes > 0 {
+                format!("{minutes} minutes")
+            } else {
+                format!("{} seconds", window_ms / 1000)
+            };
+            let message = match (telemetry_ms, view.last_seen_ms) {
+                (Some(t), _) => format!(
+                    "device {id} has not sent telemetry since {} (more than {window} ago); \
+                     power it on and check its connection, then confirm again",
+                    utc(t)
+                ),
+                (None, Some(seen)) => format!(
+                    "device {id} has never sent telemetry (last seen {}); confirm once it reports",
+                    utc(seen)
+                ),
+                (None, None) => format!(
+                    "device {id} has never connected; power it on and confirm once it reports"
+                ),
+            };
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "device_not_seen",
+                message,
+            ));
+        }
+        let installation = Installation {
+            at_ms: now_ms,
+            by: by.to_owned(),
+            location: location.to_owned(),
+            notes: notes.to_owned(),
+        };
+        if !self
+            .core
+            .store
+            .set_installation(id, installation.clone())
+            .await?
+        {
+            return Err(ServiceError::not_found(
+                "device_not_found",
+                format!("device {id} not found"),
+            ));
+        }
+        let mut view = view;
+        view.record.installation = Some(installation);
+        Ok(view)
+    }
+}
+
+/// What the pipeline needs beyond the device record.
+struct Facts {
+    /// When the device's current certificate was issued (the ledger).
+    certificate_issued_ms: u64,
+}
+
+/// The pipeline as the API shows it, from a device record.
+fn provisioning(record: &DeviceRecord, facts: &Facts) -> Provisioning {
+    let steps = Step::ALL
+        .iter()
+        .map(|&step| {
+            let (state, at) = match step {
+                // A device registered by an operator was never claimed.
+                Step::Claimed => (StepState::Skipped, None),
+                Step::CertificateIssued => (StepState::Done, Some(facts.certificate_issued_ms)),
+                Step::Registered => (StepState::Done, Some(record.created_at_ms)),
+                Step::FirstConnect => done_at(record.first_connect_ms),
+                Step::FirstTelemetry => done_at(record.first_telemetry_ms),
+            };
+            PipelineStep {
+                step: step.as_str().to_owned(),
+                state,
+                at,
+                last_error: record
+                    .provisioning_errors
+                    .get(step.as_str())
+                    .map(|e| StepFailure {
+                        at: e.at_ms,
+                        message: e.message.clone(),
+                    }),
+            }
+        })
+        .collect();
+    Provisioning {
+        device_id: record.id.to_string(),
+        steps,
+        installation: record
+            .installation
+            .clone()
+            .map(|i| mooring_api::Installation {
+                at: i.at_ms,
+                by: i.by,
+                location: i.location,
+                notes: i.notes,
+            }),
+    }
+}
+
+fn done_at(at: Option<u64>) -> (StepState, Option<u64>) {
+    match at {
+        Some(at) => (StepState::Done, Some(at)),
+        None => (StepState::Pending, None),
+    }
+}
+
+/// `2026-12-01 09:30:00 UTC`: a time in a message people read.
+fn utc(ms: u64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
+        Ok(t) => format!(
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        ),
+        Err(_) => format!("{ms} ms"),
+    }
+}

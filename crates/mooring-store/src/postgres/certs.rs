@@ -1,0 +1,197 @@
+//! [`CertStore`] for PostgreSQL: the certificate ledger (`device_certs`), as `sqlite/certs.rs`.
+
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+
+use super::{
+    bound_to_sql, column, count_to_sql, device_id_column, is_foreign_key_violation,
+    is_unique_violation, opt_ts_to_sql, opt_u64_column, pg_error, ts_to_sql, u64_column, PgStore,
+};
+use crate::error::{Result, StoreError};
+use crate::model::{check_text, CertRecord, CertState};
+use crate::store::CertStore;
+
+const CERT_COLUMNS: &str = "serial, device_id, sha256, not_before_ms, not_after_ms, \
+     issued_at_ms, issuer, state, revoked_at_ms, revoke_reason";
+
+fn cert_from_row(row: &Row) -> Result<CertRecord> {
+    let state: &str = column(row, 7)?;
+    Ok(CertRecord {
+        serial: column(row, 0)?,
+        device_id: device_id_column(row, 1)?,
+        sha256: column(row, 2)?,
+        not_before_ms: u64_column(row, 3)?,
+        not_after_ms: u64_column(row, 4)?,
+        issued_at_ms: u64_column(row, 5)?,
+        issuer: column(row, 6)?,
+        state: state.parse::<CertState>()?,
+        revoked_at_ms: opt_u64_column(row, 8)?,
+        revoke_reason: column(row, 9)?,
+    })
+}
+
+/// Inserts a ledger row on `client` (a transaction or a pooled connection): a taken serial or
+/// SHA-256 is `AlreadyExists`, a missing device `NotFound`.
+pub(super) async fn insert_cert<C: GenericClient + Sync>(client: &C, c: &CertRecord) -> Result<()> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "INSERT INTO device_certs ({CERT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
+        ))
+        .await
+        .map_err(pg_error)?;
+    let inserted = client
+        .execute(
+            &stmt,
+            &[
+                &c.serial,
+                &c.device_id.as_str(),
+                &c.sha256,
+                &ts_to_sql("not_before_ms", c.not_before_ms)?,
+                &ts_to_sql("not_after_ms", c.not_after_ms)?,
+                &ts_to_sql("issued_at_ms", c.issued_at_ms)?,
+                &c.issuer,
+                &c.state.as_str(),
+                &opt_ts_to_sql("revoked_at_ms", c.revoked_at_ms)?,
+                &c.revoke_reason,
+            ],
+        )
+        .await;
+    match inserted {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => Err(StoreError::AlreadyExists(format!(
+            "certificate {} (serial or fingerprint taken)",
+            c.serial
+        ))),
+        Err(e) if is_foreign_key_violation(&e) => {
+            Err(StoreError::NotFound(format!("device {}", c.device_id)))
+        }
+        Err(e) => Err(pg_error(e)),
+    }
+}
+
+#[async_trait::async_trait]
+impl CertStore for PgStore {
+    async fn add_cert(&self, cert: CertRecord) -> Result<()> {
+        cert.validate()?;
+        let client = self.client().await?;
+        insert_cert(&client, &cert).await
+    }
+
+    async fn find_cert_by_sha256(&self, sha256: &str) -> Result<Option<CertRecord>> {
+        let sql = format!("SELECT {CERT_COLUMNS} FROM device_certs WHERE sha256 = $1");
+        let row = self.query_opt(&sql, &[&sha256]).await?;
+        row.as_ref().map(cert_from_row).transpose()
+    }
+
+    async fn get_cert(&self, serial: &str) -> Result<Option<CertRecord>> {
+        let sql = format!("SELECT {CERT_COLUMNS} FROM device_certs WHERE serial = $1");
+        let row = self.query_opt(&sql, &[&serial]).await?;
+        row.as_ref().map(cert_from_row).transpose()
+    }
+
+    async fn list_device_certs(&self, device_id: &str, limit: usize) -> Result<Vec<CertRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT {CERT_COLUMNS} FROM device_certs WHERE device_id = $1
+             ORDER BY issued_at_ms DESC, serial LIMIT $2"
+        );
+        let rows = self
+            .query(&sql, &[&device_id, &count_to_sql(limit)])
+            .await?;
+        rows.iter().map(cert_from_row).collect()
+    }
+
+    async fn revoke_cert(&self, serial: &str, at_ms: u64, reason: Option<&str>) -> Result<bool> {
+        check_text("revoke reason", reason.unwrap_or(""))?;
+        let at_ms = ts_to_sql("revoked_at_ms", at_ms)?;
+        let changed = self
+            .execute(
+                "UPDATE device_certs SET state = 'revoked', revoked_at_ms = $2, revoke_reason = $3
+                 WHERE serial = $1 AND state = 'active'",
+                &[&serial, &at_ms, &reason],
+                || format!("certificate {serial}"),
+            )
+            .await?;
+        Ok(changed > 0)
+    }
+
+    async fn revoke_device_certs(
+        &self,
+        device_id: &str,
+        at_ms: u64,
+        reason: Option<&str>,
+    ) -> Result<Vec<String>> {
+        check_text("revoke reason", reason.unwrap_or(""))?;
+        let at_ms = ts_to_sql("revoked_at_ms", at_ms)?;
+        let rows = self
+            .query(
+                "UPDATE device_certs SET state = 'revoked', revoked_at_ms = $2, revoke_reason = $3
+                 WHERE device_id = $1 AND state = 'active' RETURNING serial",
+                &[&device_id, &at_ms, &reason],
+            )
+            .await?;
+        let mut serials = rows
+            .iter()
+            .map(|r| column::<String>(r, 0))
+            .collect::<Result<Vec<_>>>()?;
+        serials.sort();
+        Ok(serials)
+    }
+
+    async fn expiring_certs(
+        &self,
+        before_ms: u64,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<CertRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (after_ms, after_serial) = match after {
+            Some((ms, serial)) => (bound_to_sql(ms), super::nul_free_cursor(serial)),
+            None => (-1, ""),
+        };
+        let sql = format!(
+            "SELECT {CERT_COLUMNS} FROM device_certs
+             WHERE state = 'active' AND not_after_ms < $1
+               AND (not_after_ms, serial) > ($2, $3)
+             ORDER BY not_after_ms, serial LIMIT $4"
+        );
+        let rows = self
+            .query(
+                &sql,
+                &[
+                    &bound_to_sql(before_ms),
+                    &after_ms,
+                    &after_serial,
+                    &count_to_sql(limit),
+                ],
+            )
+            .await?;
+        rows.iter().map(cert_from_row).collect()
+    }
+
+    async fn count_expiring_certs(&self, before_ms: u64) -> Result<u64> {
+        let row = self
+            .query_opt(
+                "SELECT count(*) FROM device_certs WHERE state = 'active' AND not_after_ms < $1",
+                &[&bound_to_sql(before_ms)],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Backend("count returned no row".into()))?;
+        u64_column(&row, 0)
+    }
+
+    async fn count_revoked_certs(&self) -> Result<u64> {
+        let row = self
+            .query_opt(
+                "SELECT count(*) FROM device_certs WHERE state = 'revoked'",
+                &[],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Backend("count returned no row".into()))?;
+        u64_column(&row, 0)
+    }
+}

@@ -1,0 +1,129 @@
+//! `mooring cert ...` and `mooring device revoke`: the certificate ledger (issue 16).
+
+use super::{call, parse_duration_ms, parse_id, usage, ApiArgs, EXIT_OK};
+use crate::output::{print_json, rfc3339, OutputArgs, Table};
+use clap::Subcommand;
+use mooring_api::{Certificate, CertificateList, ExpiringParams, RevokeRequest};
+
+/// Most certificates `cert expiring` prints (pages of 1000 are followed up to this).
+const EXPIRING_SHOWN_MAX: usize = 100_000;
+
+#[derive(Subcommand)]
+pub enum CertCommand {
+    /// Revoke one certificate by serial (hex): refused at the next handshake, and a live
+    /// session using it closed within a second, on every node.
+    Revoke {
+        /// Certificate serial number (hex, as `cert list` shows it).
+        serial: String,
+        /// Why (kept with the certificate; at most 256 characters).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List a device's certificates, newest issued first.
+    List {
+        /// Device id.
+        #[arg(long, value_name = "ID")]
+        device: String,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// List active certificates expiring within a duration (expired ones included), soonest
+    /// first: the devices at risk.
+    Expiring {
+        /// How far ahead, e.g. 30d, 12h, 90m.
+        #[arg(long, value_name = "DURATION", default_value = "30d")]
+        within: String,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+fn print_certs(certs: Vec<Certificate>, output: OutputArgs) -> anyhow::Result<()> {
+    if output.json() {
+        return print_json(&CertificateList {
+            certificates: certs,
+            next_cursor: None,
+        });
+    }
+    let mut t = Table::new(&[
+        "SERIAL",
+        "DEVICE",
+        "STATE",
+        "NOT AFTER",
+        "ISSUER",
+        "REVOKED",
+    ]);
+    for c in certs {
+        let revoked = match (c.revoked_at, c.revoke_reason) {
+            (Some(at), Some(reason)) => format!("{} ({reason})", rfc3339(at)),
+            (Some(at), None) => rfc3339(at),
+            (None, _) => String::new(),
+        };
+        t.row(vec![
+            c.serial,
+            c.device_id,
+            c.state,
+            rfc3339(c.not_after),
+            c.issuer,
+            revoked,
+        ]);
+    }
+    t.print();
+    Ok(())
+}
+
+fn print_revoked(what: &str, revoked: &[String]) {
+    if revoked.is_empty() {
+        println!("{what}: nothing to revoke (already revoked)");
+    } else {
+        println!("{what}: revoked {}", revoked.join(", "));
+    }
+}
+
+pub async fn cert(args: ApiArgs, command: CertCommand) -> anyhow::Result<u8> {
+    match command {
+        CertCommand::Revoke { serial, reason } => {
+            if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return usage(format!("{serial:?} is not a serial number (hex)"));
+            }
+            let req = RevokeRequest { reason };
+            let done = call(args.connect()?.revoke_certificate(&serial, &req).await)?;
+            print_revoked(&format!("certificate {serial}"), &done.revoked);
+        }
+        CertCommand::List { device, output } => {
+            let id = parse_id(&device)?;
+            let list = call(args.connect()?.device_certificates(id.as_str()).await)?;
+            print_certs(list.certificates, output)?;
+        }
+        CertCommand::Expiring { within, output } => {
+            let within_ms = parse_duration_ms(&within)?;
+            let api = args.connect()?;
+            let mut certs = Vec::new();
+            let mut after = None;
+            loop {
+                let params = ExpiringParams {
+                    expiring_within_ms: within_ms,
+                    limit: Some(1000),
+                    after: after.take(),
+                };
+                let page = call(api.expiring_certificates(&params).await)?;
+                certs.extend(page.certificates);
+                match page.next_cursor {
+                    Some(c) if certs.len() < EXPIRING_SHOWN_MAX => after = Some(c),
+                    _ => break,
+                }
+            }
+            print_certs(certs, output)?;
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// `mooring device revoke <ID>`.
+pub async fn revoke_device(args: ApiArgs, id: &str, reason: Option<String>) -> anyhow::Result<u8> {
+    let id = parse_id(id)?;
+    let req = RevokeRequest { reason };
+    let done = call(args.connect()?.revoke_device(id.as_str(), &req).await)?;
+    print_revoked(&format!("device {id}"), &done.revoked);
+    Ok(EXIT_OK)
+}
