@@ -442,6 +442,8 @@ pub trait ClaimStore: Send + Sync + 'static {
         e: EnrollmentRecord,
         now_ms: u64,
     ) -> Result<EnrollmentReserve>;
+    /// The newest enrollment that named device `device_id` (which claim enrolled it, when).
+    async fn enrollment_of_device(&self, device_id: &str) -> Result<Option<EnrollmentRecord>>;
     /// Undoes a reservation (its device could not be created): deletes the enrollment and
     /// gives its use back, in one transaction. `false` if there was none.
     async fn release_enrollment(&self, claim_id: &str, key_sha256: &str) -> Result<bool>;

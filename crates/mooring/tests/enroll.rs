@@ -327,6 +327,13 @@ async fn a_device_enrolls_over_mqtt_with_a_claim_and_publishes_with_its_own_key(
     assert_eq!(status, 200, "{device}");
     assert_eq!(device["tags"]["site"], "berlin", "{device}");
     publish_as_device(&server, tmp.path(), "sn-0042", "own.key", cert).await;
+    // Its pipeline: claimed, then every later step done.
+    let (_, pipeline) = server
+        .api("GET", "/api/v1/devices/sn-0042/provisioning", None)
+        .await;
+    assert_eq!(pipeline["steps"][0]["step"], "claimed", "{pipeline}");
+    assert_eq!(pipeline["steps"][0]["state"], "done", "{pipeline}");
+    assert!(pipeline["steps"][0]["at"].as_u64().is_some(), "{pipeline}");
 
     // It lost the answer and asks again: the same certificate, no use taken.
     let mut client = ClaimClient::connect(&server, token, "sn-0042")

@@ -31,3 +31,6 @@ CREATE TABLE claim_enrollments (
     created_at_ms BIGINT NOT NULL,
     PRIMARY KEY (claim_id, key_sha256)
 );
+
+-- Which claim enrolled a device (its provisioning pipeline's `claimed` step).
+CREATE INDEX claim_enrollments_by_device ON claim_enrollments (device_id);

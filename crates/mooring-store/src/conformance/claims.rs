@@ -208,6 +208,14 @@ pub async fn enrollment_reservations_take_uses_once_per_key<S: ClaimStore + ?Siz
     );
     assert_eq!(uses(store.get_claim("clm_0001").await.expect("get")), 2);
     assert_eq!(
+        store.enrollment_of_device("sn-2").await.expect("of device"),
+        Some(e2.clone())
+    );
+    assert_eq!(
+        store.enrollment_of_device("sn-9").await.expect("of device"),
+        None
+    );
+    assert_eq!(
         store.list_enrollments("clm_0001", 10).await.expect("list"),
         vec![e1.clone(), e2.clone()]
     );

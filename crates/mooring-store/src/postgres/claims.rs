@@ -213,6 +213,18 @@ impl ClaimStore for PgStore {
         enrollment_of(&client, claim_id, key_sha256).await
     }
 
+    async fn enrollment_of_device(&self, device_id: &str) -> Result<Option<EnrollmentRecord>> {
+        if check_text("device id", device_id).is_err() {
+            return Ok(None);
+        }
+        let sql = format!(
+            "SELECT {ENROLLMENT_COLUMNS} FROM claim_enrollments WHERE device_id = $1
+             ORDER BY created_at_ms DESC, claim_id DESC LIMIT 1"
+        );
+        let row = self.query_opt(&sql, &[&device_id]).await?;
+        row.as_ref().map(enrollment_from_row).transpose()
+    }
+
     async fn reserve_enrollment(
         &self,
         e: EnrollmentRecord,

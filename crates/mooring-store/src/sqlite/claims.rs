@@ -195,6 +195,21 @@ impl ClaimStore for SqliteStore {
             .await
     }
 
+    async fn enrollment_of_device(&self, device_id: &str) -> Result<Option<EnrollmentRecord>> {
+        let device_id = device_id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(&format!(
+                "SELECT {ENROLLMENT_COLUMNS} FROM claim_enrollments WHERE device_id = ?1
+                 ORDER BY created_at_ms DESC, claim_id DESC LIMIT 1"
+            ))
+            .db()?
+            .query_row(params![device_id], enrollment_from_row)
+            .optional()
+            .db()
+        })
+        .await
+    }
+
     async fn reserve_enrollment(
         &self,
         e: EnrollmentRecord,
