@@ -23,6 +23,7 @@ mod events;
 mod fleet;
 mod jobs;
 mod pipeline;
+mod provision;
 mod shadow;
 mod telemetry;
 mod tokens;
@@ -51,6 +52,9 @@ pub use pipeline::{
     Funnel, FunnelParams, FunnelStage, Installation, PipelineStep, Provisioning,
     RecordInstallation, StepFailure, StepState, INSTALLATION_LOCATION_LEN_MAX,
     INSTALLATION_NOTES_LEN_MAX,
+};
+pub use provision::{
+    parse_duration_ms, Claim, ClaimList, CreateClaim, CreatedClaim, EnrollRequest, EnrollResponse,
 };
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};

@@ -76,8 +76,23 @@ impl Pipeline {
     pub async fn steps(&self, access: &Access, id: &str) -> ServiceResult<Provisioning> {
         let view = self.registry.get_device(access, id).await?;
         let cert = self.core.store.get_cert(&view.record.cert_serial).await?;
+        // Claimed if an enrollment named it and issued a certificate of this very device (a
+        // device deleted and registered again by an operator has no such ledger row).
+        let mut claimed = None;
+        if let Some(e) = self
+            .core
+            .store
+            .enrollment_of_device(view.record.id.as_str())
+            .await?
+        {
+            let cert_of_enrollment = self.core.store.get_cert(&e.cert_serial).await?;
+            if cert_of_enrollment.is_some_and(|c| c.device_id == view.record.id) {
+                claimed = Some(e);
+            }
+        }
         let facts = Facts {
             certificate_issued_ms: cert.map_or(view.record.created_at_ms, |c| c.issued_at_ms),
+            claimed_ms: claimed.map(|e| e.created_at_ms),
         };
         Ok(provisioning(&view.record, &facts))
     }
@@ -247,6 +262,9 @@ impl Pipeline {
 struct Facts {
     /// When the device's current certificate was issued (the ledger).
     certificate_issued_ms: u64,
+    /// When it enrolled with a claim (`None`: an operator registered it, or the claim was
+    /// pruned a week after it ended).
+    claimed_ms: Option<u64>,
 }
 
 /// The pipeline as the API shows it, from a device record.
@@ -256,7 +274,10 @@ fn provisioning(record: &DeviceRecord, facts: &Facts) -> Provisioning {
         .map(|&step| {
             let (state, at) = match step {
                 // A device registered by an operator was never claimed.
-                Step::Claimed => (StepState::Skipped, None),
+                Step::Claimed => match facts.claimed_ms {
+                    Some(at) => (StepState::Done, Some(at)),
+                    None => (StepState::Skipped, None),
+                },
                 Step::CertificateIssued => (StepState::Done, Some(facts.certificate_issued_ms)),
                 Step::Registered => (StepState::Done, Some(record.created_at_ms)),
                 Step::FirstConnect => done_at(record.first_connect_ms),

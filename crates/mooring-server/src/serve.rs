@@ -856,6 +856,14 @@ async fn retention_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
             Ok(n) => tracing::debug!(rows = n, "ended sessions and old login failures removed"),
             Err(e) => tracing::warn!(error = %e, "session pruning failed"),
         }
+        match app.provisioning.prune().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                claims = n,
+                "claims revoked or expired over 7 days ago removed"
+            ),
+            Err(e) => tracing::warn!(error = %e, "claim pruning failed"),
+        }
     })
     .await;
 }

@@ -34,6 +34,7 @@ mod accounts;
 mod audit;
 mod broker;
 mod certs;
+mod claims;
 mod cluster;
 mod commands;
 mod devices;
@@ -63,6 +64,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0005_fleet_samples.sql"),
     include_str!("../migrations/postgres/0006_jobs.sql"),
     include_str!("../migrations/postgres/0007_device_certs.sql"),
+    include_str!("../migrations/postgres/0008_claims.sql"),
     include_str!("../migrations/postgres/0009_device_activity.sql"),
 ];
 

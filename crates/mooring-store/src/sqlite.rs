@@ -36,6 +36,7 @@ mod accounts;
 mod audit;
 mod broker;
 mod certs;
+mod claims;
 mod cluster;
 mod commands;
 mod devices;
@@ -70,6 +71,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0008_fleet_samples.sql"),
     include_str!("../migrations/0009_jobs.sql"),
     include_str!("../migrations/0010_device_certs.sql"),
+    include_str!("../migrations/0011_claims.sql"),
     include_str!("../migrations/0012_device_activity.sql"),
 ];
 

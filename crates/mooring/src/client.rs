@@ -6,7 +6,7 @@ pub use certs::{cert, CertCommand};
 
 use crate::credentials::CredentialFiles;
 use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};
-use crate::{CommandCommand, DeviceCommand, JobCommand, TokenCommand, UserCommand};
+use crate::{ClaimCommand, CommandCommand, DeviceCommand, JobCommand, TokenCommand, UserCommand};
 use anyhow::Context;
 use clap::Args;
 use mooring_api::{AnyCommand, Command, Device, FleetCommand, Job};
@@ -562,29 +562,82 @@ fn check_role(role: &str) -> anyhow::Result<()> {
 
 /// A duration like `90d`, `12h`, `30m`, `3600s` or `500ms`, in milliseconds.
 pub fn parse_duration_ms(text: &str) -> anyhow::Result<u64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (n, unit) = t.split_at(split);
-    let n: u64 = match n.parse() {
-        Ok(n) if n > 0 => n,
-        _ => {
-            return usage(format!(
-                "{text:?} is not a duration like 90d, 12h, 30m or 3600s"
-            ))
+    mooring_api::parse_duration_ms(text).or_else(usage)
+}
+
+pub async fn claim(args: ApiArgs, command: ClaimCommand) -> anyhow::Result<u8> {
+    match command {
+        ClaimCommand::Create {
+            count,
+            ttl,
+            tags,
+            assign_ids,
+            name,
+            output,
+        } => {
+            let req = mooring_api::CreateClaim {
+                count: Some(count),
+                ttl_ms: Some(parse_duration_ms(&ttl)?),
+                ttl: None,
+                tags: parse_tags(&tags, "--tag")?,
+                assign_ids,
+                name,
+            };
+            let c = call(args.connect()?.create_claim(&req).await)?;
+            if output.json() {
+                print_json(&c)?;
+            } else {
+                println!("{}", c.token);
+                eprintln!(
+                    "claim {}: {} use{}, expires {}{}",
+                    c.claim.id,
+                    c.claim.uses_max,
+                    if c.claim.uses_max == 1 { "" } else { "s" },
+                    rfc3339(c.claim.expires_at),
+                    if c.claim.assign_ids {
+                        ", the server assigns device ids"
+                    } else {
+                        ""
+                    }
+                );
+            }
         }
-    };
-    let unit_ms: u64 = match unit {
-        "ms" => 1,
-        "s" => 1000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return usage(format!("{text:?}: the unit must be ms, s, m, h or d")),
-    };
-    match n.checked_mul(unit_ms) {
-        Some(ms) => Ok(ms),
-        None => usage(format!("{text:?} is too long")),
+        ClaimCommand::List { output } => {
+            let all = call(args.connect()?.list_all_claims().await)?;
+            if output.json() {
+                print_json(&all)?;
+            } else {
+                let mut t = Table::new(&[
+                    "ID",
+                    "NAME",
+                    "STATE",
+                    "USES",
+                    "TAGS",
+                    "IDS",
+                    "EXPIRES",
+                    "CREATED BY",
+                ]);
+                for c in &all {
+                    t.row(vec![
+                        c.id.clone(),
+                        c.name.clone().unwrap_or_else(|| "-".into()),
+                        c.state.clone(),
+                        format!("{}/{}", c.uses, c.uses_max),
+                        tags_text(&c.tags),
+                        if c.assign_ids { "assigned" } else { "proposed" }.into(),
+                        rfc3339(c.expires_at),
+                        c.created_by.clone(),
+                    ]);
+                }
+                t.print();
+            }
+        }
+        ClaimCommand::Revoke { id } => {
+            call(args.connect()?.revoke_claim(&id).await)?;
+            eprintln!("claim {id} revoked");
+        }
     }
+    Ok(EXIT_OK)
 }
 
 pub async fn token(args: ApiArgs, command: TokenCommand) -> anyhow::Result<u8> {

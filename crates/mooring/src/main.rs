@@ -100,6 +100,14 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Claim tokens: devices enroll with their own key and a token (docs/provisioning.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Claim {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: ClaimCommand,
+    },
     /// Manage the people who log in (roles admin, operator, installer, viewer, service).
     #[command(after_help = EXIT_STATUS_HELP)]
     User {
@@ -475,6 +483,42 @@ enum TokenCommand {
 }
 
 #[derive(Subcommand)]
+enum ClaimCommand {
+    /// Create a claim; prints its token once (stored hashed), then its id, uses and expiry on
+    /// stderr. Devices enroll with the token over MQTT (username `claim`) or HTTPS.
+    Create {
+        /// How many devices (keys) may enroll with the token (1: single use).
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        count: u32,
+        /// How long the token is valid: e.g. 24h, 30d, 90m (at most 365d by default).
+        #[arg(long, default_value = "24h", value_name = "DURATION")]
+        ttl: String,
+        /// A tag every enrolled device gets, as key=value (repeatable).
+        #[arg(long = "tag", value_name = "KEY=VALUE")]
+        tags: Vec<String>,
+        /// The server chooses device ids (d- and 12 hex digits); ids devices propose are ignored.
+        #[arg(long)]
+        assign_ids: bool,
+        /// A name for people, e.g. the production batch.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// List claims (never their tokens).
+    List {
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Revoke a claim: no device enrolls with it from now on (enrolled devices keep their
+    /// certificates).
+    Revoke {
+        /// Claim id (`clm_...`, from `claim list`).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum UserCommand {
     /// Create a user; prints a one-time password-set link (or reads the password from stdin).
     Create {
@@ -580,6 +624,7 @@ fn run(command: Command) -> ExitCode {
             Command::Device { api, command } => client::device(api, command).await,
             Command::Cert { api, command } => client::cert(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
+            Command::Claim { api, command } => client::claim(api, command).await,
             Command::User { api, command } => client::user(api, command).await,
             Command::Audit { api, args } => client::audit(api, args).await,
             Command::Events { api, args } => client::events(api, args).await,

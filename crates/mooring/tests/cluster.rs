@@ -1029,3 +1029,154 @@ async fn a_revocation_on_one_node_closes_the_session_on_another_within_a_second(
     ]));
     assert!(!support::mosquitto_pub(&args).status.success());
 }
+
+/// A new EC key `<name>.key` in `dir` and its CSR (PEM), made with openssl as a device would.
+fn device_key_and_csr(dir: &Path, name: &str) -> String {
+    for args in [
+        vec![
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            &format!("{name}.key"),
+        ],
+        vec![
+            "req",
+            "-new",
+            "-key",
+            &format!("{name}.key"),
+            "-subj",
+            "/CN=ignored",
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    ] {
+        let out = std::process::Command::new("openssl")
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::read_to_string(dir.join(format!("{name}.csr"))).expect("csr")
+}
+
+/// Enrollment across nodes (issue 16): a claim made on one node enrolls on another; of six
+/// devices enrolling at once on two nodes with one single-use claim, exactly one wins; an
+/// enrollment over MQTT on one node gives a certificate another node accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_claim_enrolls_exactly_one_device_across_nodes() {
+    let env = Env::new().await;
+    let a = env.start("a");
+    let b = env.start("b");
+    let (status, claim) = a.api("POST", "/api/v1/claims", Some(json!({}))).await;
+    assert_eq!(status, 201, "{claim}");
+    let token = claim["token"].as_str().expect("token").to_owned();
+
+    let mut attempts = Vec::new();
+    for i in 0..6 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let csr = device_key_and_csr(env.tmp.path(), &format!("k{i}"));
+        let url = format!("{}/api/v1/provision/enroll", node.url());
+        let body = json!({"claim_token": token, "csr_pem": csr, "device_id": format!("sn-{i}")});
+        attempts.push(async move {
+            let resp = support::http()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .expect("http");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        });
+    }
+    let answers = futures::future::join_all(attempts).await;
+    let won: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 201)
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(won.len(), 1, "{answers:?}");
+    for (status, body) in answers.iter().filter(|(s, _)| *s != 201) {
+        assert_eq!(
+            (*status, body["error"]["code"].as_str()),
+            (409, Some("claim_used")),
+            "{body}"
+        );
+    }
+    let (_, devices) = b.api("GET", "/api/v1/devices", None).await;
+    assert_eq!(
+        devices["devices"].as_array().map(Vec::len),
+        Some(1),
+        "{devices}"
+    );
+
+    // Over MQTT on b with a claim made on a; the device then connects to a.
+    let (_, claim) = a
+        .api(
+            "POST",
+            "/api/v1/claims",
+            Some(json!({"tags": {"site": "x"}})),
+        )
+        .await;
+    let token = claim["token"].as_str().expect("token");
+    let csr = device_key_and_csr(env.tmp.path(), "m");
+    // The fleet CA lives in the database in a cluster: the one the first enrollment answered.
+    let ca = env.tmp.path().join("fleet-ca.crt");
+    std::fs::write(&ca, won[0]["ca_pem"].as_str().expect("ca_pem")).expect("ca");
+    let request = json!({"v": 1, "csr_pem": csr, "device_id": "sn-m"}).to_string();
+    let port = b.mqtt.port().to_string();
+    let out = std::process::Command::new("mosquitto_rr")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--cafile",
+            ca.to_str().expect("utf8"),
+            "-V",
+            "mqttv5",
+            "-u",
+            "claim",
+            "-P",
+            token,
+            "-i",
+            "sn-m",
+            "-q",
+            "1",
+            "-t",
+            "provision/sn-m/request",
+            "-e",
+            "provision/sn-m/accepted",
+            "-m",
+            &request,
+            "-W",
+            "20",
+        ])
+        .output()
+        .expect("mosquitto_rr");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).expect("answer");
+    let dir = env.tmp.path().join("sn-m");
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(
+        dir.join("device.crt"),
+        answer["certificate_pem"].as_str().expect("pem"),
+    )
+    .expect("crt");
+    std::fs::copy(env.tmp.path().join("m.key"), dir.join("device.key")).expect("key");
+    std::fs::copy(&ca, dir.join("ca.crt")).expect("ca");
+    let creds = Creds { dir };
+    let _dev = online(&a, &creds, "sn-m").await;
+    wait_online(&b, "sn-m", true).await;
+}

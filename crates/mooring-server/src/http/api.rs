@@ -27,7 +27,9 @@ use utoipa::OpenApi;
         super::events::events, super::fleet::summary, super::fleet::history, super::jobs::create_job, super::jobs::list_jobs, super::jobs::get_job,
         super::jobs::cancel_job, super::certs::device_certificates, super::certs::expiring_certificates,
         super::certs::revoke_device, super::certs::revoke_certificate,
-        super::pipeline::provisioning, super::pipeline::record_installation, super::pipeline::funnel),
+        super::pipeline::provisioning, super::pipeline::record_installation, super::pipeline::funnel,
+        super::provision::create_claim, super::provision::list_claims,
+        super::provision::get_claim, super::provision::revoke_claim, super::provision::enroll),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
         mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
         mooring_api::CreateUser, mooring_api::CreatedUser, mooring_api::UpdateUser, mooring_api::UserList, mooring_api::PasswordLink,
@@ -39,7 +41,9 @@ use utoipa::OpenApi;
         mooring_api::CreateJob, mooring_api::JobCommand, mooring_api::Job, mooring_api::JobErrorEntry, mooring_api::JobList,
         mooring_api::Certificate, mooring_api::CertificateList, mooring_api::RevokeRequest, mooring_api::Revoked,
         mooring_api::RecordInstallation, mooring_api::Installation, mooring_api::Provisioning, mooring_api::PipelineStep,
-        mooring_api::StepState, mooring_api::StepFailure, mooring_api::Funnel, mooring_api::FunnelStage)),
+        mooring_api::StepState, mooring_api::StepFailure, mooring_api::Funnel, mooring_api::FunnelStage,
+        mooring_api::CreateClaim, mooring_api::Claim, mooring_api::CreatedClaim, mooring_api::ClaimList,
+        mooring_api::EnrollRequest, mooring_api::EnrollResponse)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

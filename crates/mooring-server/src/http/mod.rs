@@ -13,6 +13,7 @@ mod events;
 mod fleet;
 mod jobs;
 mod pipeline;
+mod provision;
 pub mod routes;
 mod web;
 
