@@ -69,7 +69,7 @@ pub const HALT_ENV: &str = "MOORING_AGENT_TEST_HALT_AFTER";
 const CLIENT_ID_HEX_LEN: usize = 16;
 
 /// What `enroll` needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EnrollConfig {
     /// PEM CA certificate(s) that signed the server certificate: the only roots trusted.
     pub ca_path: PathBuf,
@@ -79,6 +79,17 @@ pub struct EnrollConfig {
     pub state_dir: PathBuf,
     /// The device id to propose; `None` uses [`default_device_id`] (if any).
     pub device_id: Option<DeviceId>,
+}
+
+impl std::fmt::Debug for EnrollConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a credential: never in logs.
+        f.debug_struct("EnrollConfig")
+            .field("ca_path", &self.ca_path)
+            .field("state_dir", &self.state_dir)
+            .field("device_id", &self.device_id)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where the enrolled identity is: what the normal run uses.
@@ -152,16 +163,22 @@ pub async fn enroll(
     })
 }
 
+/// Creates the state dir if missing (0700: the key lives there); an existing one is left as the
+/// operator made it (the key file itself is 0600 either way).
 fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating state dir {}", dir.display()))?;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
     #[cfg(unix)]
     {
-        use std::os::unix::fs::PermissionsExt as _;
-        // The key lives here: nobody else needs to list it.
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        use std::os::unix::fs::DirBuilderExt as _;
+        builder.mode(0o700);
     }
-    Ok(())
+    builder
+        .create(dir)
+        .with_context(|| format!("creating state dir {}", dir.display()))
 }
 
 /// The test hook ([`HALT_ENV`]): parks forever after `step`.

@@ -352,3 +352,97 @@ async fn shutdown_signal() {
         () = term => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand, option and argument says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && path.trim().contains(' ') {
+                missing.push(format!("{path}: the command"));
+            }
+            for arg in cmd.get_arguments() {
+                if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
+                    continue;
+                }
+                if arg.get_help().is_none() {
+                    missing.push(format!("{path}: {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &path, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no help line: {missing:#?}");
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mooring-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_flat_invocation_is_unchanged_and_enroll_is_a_subcommand() {
+        let flat = [
+            "--server",
+            "h:1",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--ca",
+            "a",
+            "--state-dir",
+            "s",
+        ];
+        let cli = parse(&flat).expect("flat");
+        assert!(cli.command.is_none());
+        assert!(flat_paths(&cli).is_ok());
+        assert!(parse(&flat[..8]).is_err(), "--state-dir still required");
+
+        let cli = parse(&[
+            "enroll",
+            "--server",
+            "h:1",
+            "--ca",
+            "a",
+            "--claim",
+            "t",
+            "--state-dir",
+            "s",
+            "--device-id",
+            "sn-1",
+            "--interval-secs",
+            "0",
+        ])
+        .expect("enroll");
+        let Some(Sub::Enroll(e)) = cli.command else {
+            panic!("enroll expected")
+        };
+        assert_eq!(e.device_id.as_deref(), Some("sn-1"));
+        assert_eq!(e.run.interval_secs, 0);
+        // Flags of one form are not taken by the other.
+        assert!(parse(&["--cert", "c", "enroll", "--claim", "t"]).is_err());
+        assert!(parse(&[
+            "enroll",
+            "--server",
+            "h:1",
+            "--ca",
+            "a",
+            "--claim",
+            "t",
+            "--state-dir",
+            "s",
+            "--cert",
+            "c"
+        ])
+        .is_err());
+    }
+}
