@@ -285,3 +285,39 @@ async fn a_used_single_use_claim_is_refused_for_another_key_with_a_clear_message
     let (_, list) = server.api("GET", "/api/v1/devices", None).await;
     assert_eq!(list["devices"].as_array().map(Vec::len), Some(1), "{list}");
 }
+
+#[tokio::test]
+async fn enrollment_killed_at_random_points_ends_enrolled_exactly_once() {
+    use rand::{Rng as _, SeedableRng as _};
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let (claim_id, token) = claim(&server, json!({})).await;
+    let st = state(tmp.path(), "rnd");
+    let seed: u64 = rand::random();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for _ in 0..6 {
+        let mut child = enroll_command(&server, &st, &token, "rnd-1")
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        // Not a wait for readiness: a random point of the pipeline to kill it at.
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
+        child.kill().expect("kill -9");
+        let _ = child.wait();
+    }
+    let (status, err) = run_to_end(
+        enroll_command(&server, &st, &token, "rnd-1"),
+        &[r#"{"n":7}"#],
+    );
+    assert!(status.success(), "seed {seed}: {status}: {err}");
+    server
+        .wait_for("/api/v1/devices/rnd-1/telemetry?metric=n", |v| {
+            points(v).len() == 1
+        })
+        .await;
+    assert_one_device_one_cert(&server, "rnd-1", &st).await;
+    let (_, c) = server
+        .api("GET", &format!("/api/v1/claims/{claim_id}"), None)
+        .await;
+    assert_eq!(c["uses"], 1, "seed {seed}: one use of the claim: {c}");
+}
