@@ -2,11 +2,12 @@
 //! and out, every failure an [`Error`] that says what the server answered.
 
 use crate::{
-    AnyCommand, AuditList, AuditParams, Command, CommandList, CommandListParams, CreateCommand,
-    CreateDevice, CreateFleetCommand, CreateJob, CreateToken, CreateUser, CreatedDevice,
-    CreatedToken, CreatedUser, Device, DeviceList, ErrorBody, Event, EventsParams, FleetCommand,
-    Job, JobList, JobListParams, LatestMetrics, ListDevicesParams, Me, PageParams, PasswordLink,
-    Shadow, ShadowPatch, StreamItem, TelemetryParams, TelemetryPoints, TokenList, UpdateUser, User,
+    AnyCommand, AuditList, AuditParams, Claim, ClaimList, Command, CommandList, CommandListParams,
+    CreateClaim, CreateCommand, CreateDevice, CreateFleetCommand, CreateJob, CreateToken,
+    CreateUser, CreatedClaim, CreatedDevice, CreatedToken, CreatedUser, Device, DeviceList,
+    EnrollRequest, EnrollResponse, ErrorBody, Event, EventsParams, FleetCommand, Job, JobList,
+    JobListParams, LatestMetrics, ListDevicesParams, Me, PageParams, PasswordLink, Shadow,
+    ShadowPatch, StreamItem, TelemetryParams, TelemetryPoints, TokenList, UpdateUser, User,
     UserList, WaitParams,
 };
 use reqwest::{Method, StatusCode, Url};
@@ -380,6 +381,46 @@ impl Client {
     pub async fn rotate_admin_token(&self) -> Result<CreatedToken> {
         let url = self.url(&["api", "v1", "tokens", "rotate-admin"], None::<&()>)?;
         Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
+    }
+
+    /// `POST /api/v1/claims`: a claim and its token (shown once).
+    pub async fn create_claim(&self, req: &CreateClaim) -> Result<CreatedClaim> {
+        let url = self.url(&["api", "v1", "claims"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/claims`: one page.
+    pub async fn list_claims(&self, params: &PageParams) -> Result<ClaimList> {
+        self.get(self.url(&["api", "v1", "claims"], Some(params))?)
+            .await
+    }
+
+    /// Every claim, following `next_cursor` page by page.
+    pub async fn list_all_claims(&self) -> Result<Vec<Claim>> {
+        all_pages(|cursor| async move {
+            let page = self.list_claims(&page_params(cursor)).await?;
+            Ok((page.claims, page.next_cursor))
+        })
+        .await
+    }
+
+    /// `GET /api/v1/claims/{id}`.
+    pub async fn get_claim(&self, id: &str) -> Result<Claim> {
+        self.get(self.url(&["api", "v1", "claims", id], None::<&()>)?)
+            .await
+    }
+
+    /// `DELETE /api/v1/claims/{id}`: revoke; the claim as it is now.
+    pub async fn revoke_claim(&self, id: &str) -> Result<Claim> {
+        let url = self.url(&["api", "v1", "claims", id], None::<&()>)?;
+        Ok(self.json(Method::DELETE, url, None::<&()>, None).await?.1)
+    }
+
+    /// `POST /api/v1/provision/enroll` (the claim token is the credential; the client's own
+    /// token is not needed).
+    pub async fn enroll(&self, req: &EnrollRequest) -> Result<EnrollResponse> {
+        let url = self.url(&["api", "v1", "provision", "enroll"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
     }
 
     /// `GET /api/v1/auth/me`.

@@ -21,6 +21,7 @@ mod error;
 mod events;
 mod fleet;
 mod jobs;
+mod provision;
 mod shadow;
 mod telemetry;
 mod tokens;
@@ -44,6 +45,9 @@ pub use fleet::{
     VersionCount, FLEET_VERSIONS_MAX,
 };
 pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
+pub use provision::{
+    parse_duration_ms, Claim, ClaimList, CreateClaim, CreatedClaim, EnrollRequest, EnrollResponse,
+};
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
 pub use tokens::{CreateToken, CreatedToken, PageParams, TokenInfo, TokenList};

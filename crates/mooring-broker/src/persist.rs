@@ -291,9 +291,13 @@ impl SessionValue {
                 put_str(&mut b, name);
             }
             Principal::Dev => b.put_u8(2),
-            Principal::Claim { client_id } => {
+            Principal::Claim {
+                client_id,
+                claim_id,
+            } => {
                 b.put_u8(3);
                 put_str(&mut b, client_id);
+                put_str(&mut b, claim_id);
             }
         }
         put_str(&mut b, &self.client_id);
@@ -347,6 +351,7 @@ impl SessionValue {
             2 => Principal::Dev,
             3 => Principal::Claim {
                 client_id: r.string()?,
+                claim_id: r.string()?,
             },
             _ => return None,
         };

@@ -32,8 +32,9 @@ pub enum Principal {
     Dev,
     /// A device enrolling with a claim token (username `claim`, no certificate yet): it may
     /// only publish `provision/<client id>/request` and subscribe within
-    /// `provision/<client id>/#`, whatever the configured rules say.
-    Claim { client_id: String },
+    /// `provision/<client id>/#`, whatever the configured rules say. `claim_id` is the id of
+    /// the claim whose token it presented (not the token): what its requests enroll with.
+    Claim { client_id: String, claim_id: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,7 +119,7 @@ impl Policy {
 
     /// May `who` publish to the concrete topic `topic`?
     pub fn may_publish(&self, who: &Principal, topic: &str) -> bool {
-        if let Principal::Claim { client_id } = who {
+        if let Principal::Claim { client_id, .. } = who {
             return topic == crate::provision::request_topic(client_id);
         }
         *who == Principal::Dev
@@ -136,7 +137,7 @@ impl Policy {
         if *who == Principal::Dev {
             return true;
         }
-        if let Principal::Claim { client_id } = who {
+        if let Principal::Claim { client_id, .. } = who {
             return !is_shared_filter(filter)
                 && filter_covers(&crate::provision::subtree_filter(client_id), filter);
         }
@@ -265,6 +266,7 @@ mod tests {
         let p = Policy::with_rules(vec![everything]).expect("valid rule");
         let c = Principal::Claim {
             client_id: "sn-1".into(),
+            claim_id: "clm_1".into(),
         };
         assert!(p.may_publish(&c, "provision/sn-1/request"));
         assert!(!p.may_publish(&c, "provision/sn-1/accepted"));

@@ -4,7 +4,7 @@
 //! Each service owns its state behind private fields and is reached only through its methods;
 //! HTTP handlers, MQTT hooks, the CLI and the simulator never touch the storage underneath.
 //! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`;
-//! `Registry`, `Commands` ← `Jobs`.
+//! `Registry`, `Commands` ← `Jobs`; `Registry` ← `Provisioning`.
 
 use crate::accounts::Accounts;
 use crate::audit::Audit;
@@ -18,6 +18,7 @@ use crate::jobs::Jobs;
 use crate::metrics::Counters;
 use crate::pki::Pki;
 use crate::presence::Presence;
+use crate::provision::Provisioning;
 use crate::registry::Registry;
 use crate::shadow::Shadows;
 use crate::telemetry::Telemetry;
@@ -87,6 +88,8 @@ pub struct App {
     pub fleet: Arc<Fleet>,
     /// Background jobs: bulk actions on a selection of devices.
     pub jobs: Arc<Jobs>,
+    /// Claim tokens and enrollment (issue 16).
+    pub provisioning: Provisioning,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -134,6 +137,7 @@ impl App {
             accounts: Accounts::new(core.clone()),
             audit: Audit::new(core.clone()),
             fleet: Arc::new(Fleet::new(core.clone(), registry.clone())),
+            provisioning: Provisioning::new(core.clone(), registry.clone()),
             registry,
             presence,
             events,

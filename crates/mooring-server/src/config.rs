@@ -55,6 +55,45 @@ pub struct ServerConfig {
     pub fleet: FleetConfig,
     /// Background jobs: bulk actions on a selection of devices (docs/jobs.md).
     pub jobs: JobsConfig,
+    /// Enrollment with claim tokens (docs/provisioning.md).
+    pub provisioning: ProvisioningConfig,
+}
+
+/// `[provisioning]`: the bounds of claims and of enrolling clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisioningConfig {
+    /// Live (not revoked, not expired) claims one creator (token or user) may hold.
+    pub claims_per_creator_max: u32,
+    /// Live claims in all.
+    pub claims_max: u32,
+    /// Longest claim lifetime (`--ttl`).
+    pub claim_ttl_max_ms: u64,
+    /// MQTT connections with one claim's token at once.
+    pub connections_per_claim_max: u32,
+    /// MQTT claim connections at once on this node.
+    pub connections_max: u32,
+    /// Enrollment requests one MQTT claim client (by client id) may send per minute; more are
+    /// rejected with `rate_limited`.
+    pub requests_per_minute_max: u32,
+    /// Failed enrollments (unknown, expired or revoked token) from one address within
+    /// `[auth] login_window_ms`, over HTTPS and MQTT together, after which that address is
+    /// refused (`too_many_attempts`) until the window ends.
+    pub enroll_failures_per_address_max: u32,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        Self {
+            claims_per_creator_max: 1_000,
+            claims_max: 100_000,
+            claim_ttl_max_ms: crate::provision::CLAIM_TTL_MS_MAX,
+            connections_per_claim_max: 100,
+            connections_max: 10_000,
+            requests_per_minute_max: 10,
+            enroll_failures_per_address_max: 20,
+        }
+    }
 }
 
 /// `[fleet]`.
@@ -537,6 +576,7 @@ impl Default for ServerConfig {
             events: crate::events::EventsConfig::default(),
             fleet: FleetConfig::default(),
             jobs: JobsConfig::default(),
+            provisioning: ProvisioningConfig::default(),
         }
     }
 }
@@ -754,6 +794,25 @@ impl ServerConfig {
         }
         if self.jobs.poll_interval_ms == 0 || self.jobs.batch_pause_ms > 60_000 {
             bail!("jobs.poll_interval_ms must be at least 1 and jobs.batch_pause_ms at most 60000");
+        }
+        let p = &self.provisioning;
+        if p.claims_per_creator_max == 0
+            || p.claims_max == 0
+            || p.connections_per_claim_max == 0
+            || p.connections_max == 0
+            || p.requests_per_minute_max == 0
+            || p.enroll_failures_per_address_max == 0
+        {
+            bail!("every provisioning.*_max must be at least 1");
+        }
+        if !(crate::provision::CLAIM_TTL_MS_MIN..=crate::provision::CLAIM_TTL_MS_MAX)
+            .contains(&p.claim_ttl_max_ms)
+        {
+            bail!(
+                "provisioning.claim_ttl_max_ms must be between {} and {}",
+                crate::provision::CLAIM_TTL_MS_MIN,
+                crate::provision::CLAIM_TTL_MS_MAX
+            );
         }
         if self.store.pool_size == 0 {
             bail!("store.pool_size must be at least 1");

@@ -6,7 +6,9 @@
 //! nothing (no identity). Telemetry from a device on its own `devices/<id>/telemetry` topic is
 //! acknowledged only once the group-commit writer reports it durable; command acks/results and
 //! shadow reports on its own topics only once the state change is stored. Connects and
-//! subscriptions covering `devices/<id>/commands/+` wake the command dispatcher.
+//! subscriptions covering `devices/<id>/commands/+` wake the command dispatcher. A device with
+//! no certificate yet connects with username `claim` and a claim token as the password
+//! (`Principal::Claim`) and enrolls by publishing to `provision/<client id>/request`.
 
 use crate::app::App;
 use crate::metrics::Counters;
@@ -92,6 +94,88 @@ async fn take_over(app: &App, principal: &Principal, client_id: &str, clean_star
     }
 }
 
+/// MQTT v5 reason code: retain not supported (a claim client may not retain).
+pub const REASON_RETAIN_NOT_SUPPORTED: u8 = 0x9A;
+/// MQTT v5 reason code: no matching subscribers (a handled enrollment request: answered on its
+/// own topic, routed to nobody).
+pub const REASON_NO_MATCHING_SUBSCRIBERS: u8 = 0x10;
+
+/// An enrollment request from a claim client (the policy let it publish only to its own
+/// `provision/<client id>/request`): enroll, and answer on `.../accepted` or `.../rejected` to
+/// that client only. The request itself is routed to nobody (its PUBACK: 0x10), never retained.
+async fn on_claim_request(
+    app: &App,
+    principal: &Principal,
+    client_id: &str,
+    claim_id: &str,
+    msg: &Message,
+) -> PublishVerdict {
+    use mooring_proto::provision::{self as p, EnrollAccepted, EnrollRejected, EnrollRequest};
+    if msg.retain {
+        return PublishVerdict::Reject(REASON_RETAIN_NOT_SUPPORTED);
+    }
+    let mut verdict = PublishVerdict::Reject(REASON_NO_MATCHING_SUBSCRIBERS);
+    let outcome = match app.provisioning.count_request(client_id) {
+        Err(e) => Err(e),
+        Ok(()) => match EnrollRequest::parse(&msg.payload) {
+            Err(e) => {
+                verdict = PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID);
+                Err(crate::error::ServiceError::invalid(
+                    "invalid_request",
+                    e.to_string(),
+                ))
+            }
+            Ok(req) => {
+                app.provisioning
+                    .enroll_with_claim(claim_id, &req.csr_pem, req.device_id.as_deref())
+                    .await
+            }
+        },
+    };
+    let (topic, payload, status, detail) = match outcome {
+        Ok(e) => (
+            p::accepted_topic(client_id),
+            EnrollAccepted {
+                v: p::SCHEMA_VERSION,
+                device_id: e.device_id,
+                certificate_pem: e.certificate_pem,
+                ca_pem: e.ca_pem,
+            }
+            .to_bytes(),
+            if e.created { 201 } else { 200 },
+            String::new(),
+        ),
+        Err(e) => {
+            if e.kind == crate::error::ErrorKind::Unavailable {
+                verdict = not_stored(true);
+            }
+            (
+                p::rejected_topic(client_id),
+                EnrollRejected::new(e.code, e.message).to_bytes(),
+                e.kind.http_status(),
+                e.code.to_owned(),
+            )
+        }
+    };
+    if let Some(broker) = app.broker() {
+        let reply = Message::new(topic, payload, 1, false);
+        broker.publish_to(&mooring_broker::PrincipalKey::of(principal), reply);
+    }
+    if detail != "rate_limited" {
+        app.audit
+            .record(crate::audit::AuditEntryIn {
+                actor: format!("claim:{claim_id}"),
+                action: "provision.enroll",
+                target: p::request_topic(client_id),
+                source: "mqtt".to_owned(),
+                status,
+                detail,
+            })
+            .await;
+    }
+    verdict
+}
+
 /// The broker's hooks. They hold the server only weakly: the app holds the broker, the broker
 /// holds its hooks, so a strong reference here would be a cycle that keeps the app (its store,
 /// its writers) alive after shutdown. Once the app is gone, every question is answered "no".
@@ -113,6 +197,51 @@ impl ServerHooks {
 
     fn app(&self) -> Option<Arc<App>> {
         self.app.upgrade()
+    }
+
+    /// A device enrolling: username `claim`, the claim token as the password, a client id of
+    /// device-id syntax (empty: `claim-<hex>`). Its session is a [`Principal::Claim`], which the
+    /// policy confines to `provision/<client id>/`.
+    async fn authenticate_claim(
+        &self,
+        app: &App,
+        req: &ConnectRequest<'_>,
+    ) -> Result<Authenticated, ConnectRefusal> {
+        use crate::provision::ClaimConnectRefusal as R;
+        let token = req
+            .password
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .unwrap_or("");
+        let peer = req
+            .info
+            .peer
+            .map_or_else(|| "unknown".to_owned(), |p| p.ip().to_string());
+        match app
+            .provisioning
+            .authenticate_claim(token, req.client_id, &peer)
+            .await
+        {
+            Ok((claim, client_id)) => {
+                let principal = Principal::Claim {
+                    client_id: client_id.clone(),
+                    claim_id: claim.id,
+                };
+                // Claim sessions are never resumed: always a clean start.
+                take_over(app, &principal, &client_id, true).await;
+                Ok(Authenticated {
+                    client_id,
+                    principal,
+                })
+            }
+            Err(refusal) => {
+                Counters::inc(&app.counters().connects_refused);
+                Err(match refusal {
+                    R::BadToken => ConnectRefusal::BadUsernameOrPassword,
+                    R::BadClientId => ConnectRefusal::BadClientId,
+                    R::Busy | R::Unavailable => ConnectRefusal::ServerUnavailable,
+                })
+            }
+        }
     }
 
     fn generated_client_id(prefix: &str) -> String {
@@ -179,6 +308,9 @@ impl Hooks for ServerHooks {
                 client_id,
                 principal,
             });
+        }
+        if req.username == Some(mooring_proto::provision::CLAIM_USERNAME) {
+            return self.authenticate_claim(&app, &req).await;
         }
         // TLS without a client certificate: only services, with a token as the password.
         let token = req
@@ -265,6 +397,16 @@ impl Hooks for ServerHooks {
         if let Some(app) = self.app() {
             crate::metrics::Counters::inc(&app.counters().mqtt_publishes_received);
         }
+        if let Principal::Claim {
+            client_id,
+            claim_id,
+        } = principal
+        {
+            let Some(app) = self.app() else {
+                return PublishVerdict::Disconnect;
+            };
+            return on_claim_request(&app, principal, client_id, claim_id, msg).await;
+        }
         let Principal::Device { id, .. } = principal else {
             return PublishVerdict::Accept;
         };
@@ -312,6 +454,10 @@ impl Hooks for ServerHooks {
     }
 
     fn on_connected(&self, _client_id: &str, principal: &Principal) {
+        if let (Principal::Claim { claim_id, .. }, Some(app)) = (principal, self.app()) {
+            app.provisioning.connected(claim_id);
+            return;
+        }
         if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
             if !app.presence.connected(id, app.now_ms()) {
                 // A newer session of this device opened on another node while this one was
@@ -359,6 +505,10 @@ impl Hooks for ServerHooks {
     }
 
     fn on_disconnected(&self, _client_id: &str, principal: &Principal) {
+        if let (Principal::Claim { claim_id, .. }, Some(app)) = (principal, self.app()) {
+            app.provisioning.disconnected(claim_id);
+            return;
+        }
         if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
             app.presence.disconnected(id, app.now_ms());
             tracing::debug!(device = %id, "offline");

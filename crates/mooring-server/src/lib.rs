@@ -24,6 +24,8 @@
 //!     history of devices, online, points and messages per interval.
 //!   * [`jobs`]: background jobs: bulk actions (tag, untag, command, delete) on a selection
 //!     of devices, run once across a cluster with their progress stored per batch.
+//!   * [`provision`]: claim tokens and enrollment (a device's own key, a certificate from the
+//!     fleet CA, the device created with the claim's tags), over HTTPS and MQTT.
 //!   * [`events`]: live events (presence, telemetry, commands, shadows) for SSE streams,
 //!     resumable on any node.
 //! * [`http`]: the JSON API (`/api/v1`), `/healthz`, `/metrics`, `/api/v1/openapi.json`.
@@ -57,6 +59,7 @@ pub mod metrics;
 pub mod oidc;
 pub mod pki;
 pub mod presence;
+pub mod provision;
 pub mod registry;
 mod serve;
 pub mod shadow;

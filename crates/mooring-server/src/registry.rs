@@ -134,6 +134,24 @@ impl Registry {
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
     }
 
+    /// A certificate for device `id` and the public key `key` (a CSR's), issued by the fleet CA
+    /// with the server's own serial, validity and key usage (enrollment with a claim: the
+    /// provisioning service stores it before the device is created).
+    pub(crate) fn issue_cert_for_key(
+        &self,
+        id: &DeviceId,
+        key: &impl rcgen::PublicKeyData,
+    ) -> ServiceResult<IssuedCert> {
+        self.pki
+            .issue_device_cert_for_key(
+                id.as_str(),
+                key,
+                self.now_datetime(),
+                self.core.config.certificates.device_validity_days,
+            )
+            .map_err(ServiceError::internal)
+    }
+
     pub fn parse_id(id: &str) -> ServiceResult<DeviceId> {
         DeviceId::parse(id).map_err(|e| ServiceError::invalid("invalid_device_id", e.to_string()))
     }

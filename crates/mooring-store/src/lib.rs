@@ -21,6 +21,8 @@
 //! * [`FleetStore`]: the fleet's history, one sample per node per interval, summed per interval.
 //! * [`JobStore`]: background jobs (bulk actions on devices) with progress, compare-and-set
 //!   updates and pruning of finished ones.
+//! * [`ClaimStore`]: claim tokens (by the SHA-256 of the token) with their live-claim bounds,
+//!   and the enrollments made with them (one per claim and public key), uses taken atomically.
 //!
 //! [`Store`] is all of them at once (blanket impl); the server holds an `Arc<dyn Store>`.
 //!
@@ -80,19 +82,20 @@ pub mod writer;
 pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_MAX};
 pub use error::{Result, StoreError};
 pub use model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceId,
-    DeviceRecord, FleetSample, FleetTotals, JobError, JobRecord, JobState, MetricValue, NewDevice,
-    OnlineFilter, Point, Role, SessionOp, SessionRecord, ShadowRecord, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts, TS_MS_MAX,
+    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, ClaimCreate, ClaimRecord,
+    CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceFilter,
+    DeviceId, DeviceRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
+    JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter, Point, Role, SessionOp,
+    SessionRecord, ShadowRecord, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
+    UserRecord, VersionCounts, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    AccountStore, AuditStore, BrokerStateStore, ClusterStore, CommandStore, DeviceStore,
-    FleetStore, JobStore, ShadowStore, Store, TelemetryStore, TokenStore, COMMAND_BATCH_LEN_MAX,
-    SESSION_LOOKUP_LEN_MAX,
+    AccountStore, AuditStore, BrokerStateStore, ClaimStore, ClusterStore, CommandStore,
+    DeviceStore, FleetStore, JobStore, ShadowStore, Store, TelemetryStore, TokenStore,
+    COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

@@ -819,3 +819,95 @@ pub(crate) fn job_errors_from_json(text: &str) -> Result<Vec<JobError>> {
         })
         .collect())
 }
+
+/// A claim token (issue 16): a secret a device enrolls with. Only the token's SHA-256 is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRecord {
+    /// `clm_<hex>`.
+    pub id: String,
+    /// Lowercase hex of the SHA-256 of the token; unique.
+    pub token_sha256: String,
+    pub name: Option<String>,
+    /// How many keys (devices) may enroll with it.
+    pub uses_max: u32,
+    /// How many have (reservations included).
+    pub uses: u32,
+    /// Tags every device enrolled with it gets.
+    pub tags: BTreeMap<String, String>,
+    /// The server chooses device ids (a proposed id is ignored).
+    pub assign_ids: bool,
+    /// Refused from this time on.
+    pub expires_at_ms: u64,
+    /// Who created it (a token or user id).
+    pub created_by: String,
+    pub created_at_ms: u64,
+    pub revoked_at_ms: Option<u64>,
+}
+
+impl ClaimRecord {
+    /// Not revoked and not expired at `now_ms`: devices may enroll with it.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        self.revoked_at_ms.is_none() && now_ms < self.expires_at_ms
+    }
+
+    /// Refuses U+0000 in any of its texts (see [`check_text`]).
+    pub(crate) fn check_text(&self) -> Result<()> {
+        check_text("claim id", &self.id)?;
+        check_text("claim hash", &self.token_sha256)?;
+        check_text("claim name", self.name.as_deref().unwrap_or(""))?;
+        check_text("claim creator", &self.created_by)?;
+        for (k, v) in &self.tags {
+            check_text("claim tag", k)?;
+            check_text("claim tag", v)?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`crate::ClaimStore::create_claim`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimCreate {
+    Created,
+    /// The creator already holds its maximum of live claims; nothing stored.
+    CreatorFull,
+    /// The store holds its maximum of live claims; nothing stored.
+    TotalFull,
+}
+
+/// One key's enrollment with a claim: the device and certificate it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentRecord {
+    pub claim_id: String,
+    /// Lowercase hex of the SHA-256 of the key's DER SubjectPublicKeyInfo.
+    pub key_sha256: String,
+    pub device_id: String,
+    pub cert_serial: String,
+    pub cert_sha256: String,
+    pub cert_not_after_ms: u64,
+    pub cert_pem: String,
+    pub created_at_ms: u64,
+}
+
+impl EnrollmentRecord {
+    pub(crate) fn check_text(&self) -> Result<()> {
+        check_text("claim id", &self.claim_id)?;
+        check_text("key hash", &self.key_sha256)?;
+        check_text("device id", &self.device_id)?;
+        check_text("certificate serial", &self.cert_serial)?;
+        check_text("certificate hash", &self.cert_sha256)?;
+        check_text("certificate", &self.cert_pem)
+    }
+}
+
+/// What [`crate::ClaimStore::reserve_enrollment`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnrollmentReserve {
+    /// Stored, and one use of the claim taken.
+    Reserved,
+    /// This key already has an enrollment with this claim (no use taken): it.
+    Existing(EnrollmentRecord),
+    /// No such claim, or it is revoked or expired; nothing stored.
+    ClaimInvalid,
+    /// Every use of the claim is taken; nothing stored.
+    Exhausted,
+}

@@ -33,6 +33,7 @@
 mod accounts;
 mod audit;
 mod broker;
+mod claims;
 mod cluster;
 mod commands;
 mod devices;
@@ -61,6 +62,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0004_accounts.sql"),
     include_str!("../migrations/postgres/0005_fleet_samples.sql"),
     include_str!("../migrations/postgres/0006_jobs.sql"),
+    // 0007 is another branch's (device certificates); the lead orders them when merging.
+    include_str!("../migrations/postgres/0008_claims.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

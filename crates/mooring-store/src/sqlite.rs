@@ -35,6 +35,7 @@ use crate::model::{check_ts, TS_MS_MAX};
 mod accounts;
 mod audit;
 mod broker;
+mod claims;
 mod cluster;
 mod commands;
 mod devices;
@@ -68,6 +69,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0007_accounts.sql"),
     include_str!("../migrations/0008_fleet_samples.sql"),
     include_str!("../migrations/0009_jobs.sql"),
+    // 0010 is another branch's (device certificates); the lead orders them when merging.
+    include_str!("../migrations/0011_claims.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

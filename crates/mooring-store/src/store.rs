@@ -4,10 +4,11 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CommandParentRecord,
-    CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceRecord, FleetSample,
-    FleetTotals, JobRecord, MetricValue, NewDevice, Point, SessionOp, SessionRecord, ShadowRecord,
-    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, ClaimCreate, ClaimRecord,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceFilter, DeviceRecord,
+    EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals, JobRecord, MetricValue,
+    NewDevice, Point, SessionOp, SessionRecord, ShadowRecord, StoredSession, TelemetryQuery,
+    TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -355,6 +356,48 @@ pub trait JobStore: Send + Sync + 'static {
     async fn prune_jobs_of(&self, created_by: &str, keep_max: usize) -> Result<u64>;
 }
 
+/// Claim tokens and the enrollments made with them (issue 16). Whatever must hold across
+/// servers (the live-claim bounds, a claim's uses) is decided inside one transaction here.
+#[async_trait::async_trait]
+pub trait ClaimStore: Send + Sync + 'static {
+    /// Stores a new claim unless its creator already holds `per_creator_max` live claims (not
+    /// revoked, not expired at `now_ms`) or the store holds `total_max`. `AlreadyExists` if
+    /// the id or the token hash is taken.
+    async fn create_claim(
+        &self,
+        claim: ClaimRecord,
+        now_ms: u64,
+        per_creator_max: u32,
+        total_max: u32,
+    ) -> Result<ClaimCreate>;
+    async fn get_claim(&self, id: &str) -> Result<Option<ClaimRecord>>;
+    async fn find_claim(&self, token_sha256: &str) -> Result<Option<ClaimRecord>>;
+    /// At most `limit` claims with `id > after_id`, ordered by id (keyset pagination).
+    async fn list_claims(&self, limit: usize, after_id: Option<&str>) -> Result<Vec<ClaimRecord>>;
+    /// Revokes the claim at `at_ms` (a revoked one keeps its first time) and returns it as
+    /// stored now; `None` if there is no such claim.
+    async fn revoke_claim(&self, id: &str, at_ms: u64) -> Result<Option<ClaimRecord>>;
+    async fn get_enrollment(
+        &self,
+        claim_id: &str,
+        key_sha256: &str,
+    ) -> Result<Option<EnrollmentRecord>>;
+    /// In one transaction: if the claim is live at `now_ms` and has no enrollment for this key
+    /// and a use left, stores `e` and takes one use. Of concurrent reservations for the last
+    /// use, exactly one wins.
+    async fn reserve_enrollment(
+        &self,
+        e: EnrollmentRecord,
+        now_ms: u64,
+    ) -> Result<EnrollmentReserve>;
+    /// Undoes a reservation (its device could not be created): deletes the enrollment and
+    /// gives its use back, in one transaction. `false` if there was none.
+    async fn release_enrollment(&self, claim_id: &str, key_sha256: &str) -> Result<bool>;
+    /// A claim's enrollments, oldest first, at most `limit`.
+    async fn list_enrollments(&self, claim_id: &str, limit: usize)
+        -> Result<Vec<EnrollmentRecord>>;
+}
+
 /// Everything a Mooring server needs from storage.
 pub trait Store:
     DeviceStore
@@ -368,6 +411,7 @@ pub trait Store:
     + AuditStore
     + FleetStore
     + JobStore
+    + ClaimStore
 {
 }
 
@@ -383,5 +427,6 @@ impl<T> Store for T where
         + AuditStore
         + FleetStore
         + JobStore
+        + ClaimStore
 {
 }

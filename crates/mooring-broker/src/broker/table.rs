@@ -86,7 +86,7 @@ impl Owner {
             Principal::Device { id, .. } => Owner::Device(id.to_string()),
             Principal::Service { id, .. } => Owner::Service(id.clone()),
             Principal::Dev => Owner::Dev,
-            Principal::Claim { client_id } => Owner::Claim(client_id.clone()),
+            Principal::Claim { client_id, .. } => Owner::Claim(client_id.clone()),
         }
     }
 

@@ -326,7 +326,11 @@ where
             }
         }
 
-        let expiry_secs = if v5 {
+        let expiry_secs = if matches!(principal, Principal::Claim { .. }) {
+            // An enrolling device's session never outlives its connection (nothing of it is
+            // stored); a v5 client is told so in the CONNACK.
+            0
+        } else if v5 {
             c.session_expiry_secs.min(cfg.session_expiry_secs_max)
         } else if c.clean {
             0

@@ -25,7 +25,8 @@ use utoipa::OpenApi;
         super::commands::cancel_command, super::commands::create_fleet_command, super::commands::get_any_command,
         super::commands::put_tags, super::commands::get_shadow, super::commands::patch_shadow,
         super::events::events, super::fleet::summary, super::fleet::history, super::jobs::create_job, super::jobs::list_jobs, super::jobs::get_job,
-        super::jobs::cancel_job),
+        super::jobs::cancel_job, super::provision::create_claim, super::provision::list_claims,
+        super::provision::get_claim, super::provision::revoke_claim, super::provision::enroll),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
         mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
         mooring_api::CreateUser, mooring_api::CreatedUser, mooring_api::UpdateUser, mooring_api::UserList, mooring_api::PasswordLink,
@@ -34,7 +35,9 @@ use utoipa::OpenApi;
         mooring_api::HistoryEntry, mooring_api::CommandResultBody, mooring_api::FleetCommand, mooring_api::AnyCommand,
         mooring_api::Shadow, mooring_api::ShadowPatch, mooring_api::Event, mooring_api::EventBody, mooring_api::EventsReset,
         mooring_api::FleetSummary, mooring_api::VersionCount, mooring_api::FleetHistory, mooring_api::FleetSamplePoint,
-        mooring_api::CreateJob, mooring_api::JobCommand, mooring_api::Job, mooring_api::JobErrorEntry, mooring_api::JobList)),
+        mooring_api::CreateJob, mooring_api::JobCommand, mooring_api::Job, mooring_api::JobErrorEntry, mooring_api::JobList,
+        mooring_api::CreateClaim, mooring_api::Claim, mooring_api::CreatedClaim, mooring_api::ClaimList,
+        mooring_api::EnrollRequest, mooring_api::EnrollResponse)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -11,6 +11,7 @@ mod commands;
 mod events;
 mod fleet;
 mod jobs;
+mod provision;
 pub mod routes;
 mod web;
 

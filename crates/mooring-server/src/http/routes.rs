@@ -3,7 +3,7 @@
 //! without a declared permission; `tests/access.rs` walks every row × every role against a
 //! running server.
 
-use super::{accounts, api, commands, events, fleet, jobs};
+use super::{accounts, api, commands, events, fleet, jobs, provision};
 use crate::access::{role_allows, Permission};
 use crate::app::App;
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
@@ -90,6 +90,13 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(get, "/api/v1/jobs", DevicesRead, "job.list", jobs::list_jobs),
         row!(get, "/api/v1/jobs/{id}", DevicesRead, "job.get", jobs::get_job),
         row!(post, "/api/v1/jobs/{id}/cancel", DevicesWrite, "job.cancel", jobs::cancel_job),
+        // Provisioning (issue 16): claim tokens; enrollment is Public (the claim token is the
+        // credential, failures are throttled per address).
+        row!(post, "/api/v1/claims", DevicesWrite, "claim.create", provision::create_claim),
+        row!(get, "/api/v1/claims", DevicesRead, "claim.list", provision::list_claims),
+        row!(get, "/api/v1/claims/{id}", DevicesRead, "claim.get", provision::get_claim),
+        row!(delete, "/api/v1/claims/{id}", DevicesWrite, "claim.revoke", provision::revoke_claim),
+        row!(post, "/api/v1/provision/enroll", Public, "provision.enroll", provision::enroll),
     ]
 }
 

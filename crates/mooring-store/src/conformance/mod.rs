@@ -16,12 +16,13 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`, `claims.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
 mod audit;
 mod broker_state;
+mod claims;
 mod cluster;
 mod commands;
 mod devices;
@@ -35,6 +36,7 @@ mod writer;
 pub use accounts::*;
 pub use audit::*;
 pub use broker_state::*;
+pub use claims::*;
 pub use cluster::*;
 pub use commands::*;
 pub use devices::*;
@@ -64,6 +66,9 @@ macro_rules! conformance_tests {
         $crate::conformance_cluster_tests!($factory);
         $crate::conformance_account_audit_tests!($factory);
         $crate::conformance_tests!(@by_ref $factory;
+            claim_create_get_find_list_revoke_round_trip,
+            claim_live_bounds_per_creator_and_in_total,
+            enrollment_reservations_take_uses_once_per_key,
             job_create_get_round_trips,
             job_update_is_compare_and_set_on_rev,
             job_list_is_newest_first_with_cursor,
@@ -103,6 +108,7 @@ macro_rules! conformance_tests {
             device_selection_matches_selector_semantics,
         );
         $crate::conformance_tests!(@by_arc $factory;
+            concurrent_reservations_of_a_single_use_claim_have_one_winner,
             writer_group_commits_concurrent_appends_and_reports_duplicates,
             writer_drains_queue_and_stops_when_handles_are_dropped,
             writer_refuses_invalid_record_without_failing_others,
