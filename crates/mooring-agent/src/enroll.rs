@@ -56,14 +56,16 @@ pub const REPLY_QUEUE_MAX: usize = 8;
 pub const KEEPALIVE_SECS: u64 = 30;
 /// Rejection codes that are worth asking again after a backoff (the server was busy or failed);
 /// every other code is final.
-pub const TRANSIENT_CODES: [&str; 4] = [
+pub const TRANSIENT_CODES: [&str; 5] = [
     "rate_limited",
+    "too_many_attempts",
     "too_many_requests",
     "unavailable",
     "internal",
 ];
 /// Test hook: `key`, `request` or `sent` parks the agent right after that step (the step's file
-/// written, or the request's PUBACK received), so a test can kill it exactly there.
+/// written; for `sent`, the server has the request: its PUBACK or its answer arrived, and the
+/// answer is not stored), so a test can kill it exactly there.
 pub const HALT_ENV: &str = "MOORING_AGENT_TEST_HALT_AFTER";
 /// The random part of a generated client id, in hex digits.
 const CLIENT_ID_HEX_LEN: usize = 16;
@@ -442,6 +444,7 @@ async fn ask_until_answered(
                 let Some(msg) = reply else {
                     return Err(link_ended(tasks.join_next().await));
                 };
+                halt_if("sent").await;
                 if msg.topic == accepted_topic {
                     match EnrollAccepted::parse(&msg.payload) {
                         Ok(a) => return Ok(a),
