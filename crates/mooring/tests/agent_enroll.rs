@@ -29,6 +29,13 @@ async fn claim(server: &Server, body: Value) -> (String, String) {
 /// `mooring-agent enroll` for `server`, state in `state`, proposing `device_id`; telemetry from
 /// stdin, exiting once it is drained.
 fn enroll_command(server: &Server, state: &Path, token: &str, device_id: &str) -> Command {
+    let mut cmd = enroll_command_default_id(server, state, token);
+    cmd.args(["--device-id", device_id]);
+    cmd
+}
+
+/// [`enroll_command`] without `--device-id` (the agent proposes its default).
+fn enroll_command_default_id(server: &Server, state: &Path, token: &str) -> Command {
     let bin = Path::new(BIN).with_file_name("mooring-agent");
     assert!(
         bin.exists(),
@@ -42,7 +49,6 @@ fn enroll_command(server: &Server, state: &Path, token: &str, device_id: &str) -
         .arg(server.data_dir.join("ca.crt"))
         .arg("--state-dir")
         .arg(state)
-        .args(["--device-id", device_id])
         .args([
             "--interval-secs",
             "0",
@@ -320,4 +326,47 @@ async fn enrollment_killed_at_random_points_ends_enrolled_exactly_once() {
         .api("GET", &format!("/api/v1/claims/{claim_id}"), None)
         .await;
     assert_eq!(c["uses"], 1, "seed {seed}: one use of the claim: {c}");
+}
+
+#[tokio::test]
+async fn a_claim_that_assigns_ids_names_the_device_and_the_agent_runs_as_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let (_, token) = claim(&server, json!({"assign_ids": true})).await;
+    let st = state(tmp.path(), "assigned");
+    // No --device-id: whatever the agent proposes (machine serial or nothing), the server names it.
+    let (status, err) = run_to_end(
+        enroll_command_default_id(&server, &st, &token),
+        &[r#"{"n":5}"#],
+    );
+    assert!(status.success(), "{status}: {err}");
+    let (_, list) = server.api("GET", "/api/v1/devices", None).await;
+    let devices = list["devices"].as_array().expect("devices");
+    assert_eq!(devices.len(), 1, "{list}");
+    let id = devices[0]["id"].as_str().expect("id").to_owned();
+    server
+        .wait_for(&format!("/api/v1/devices/{id}/telemetry?metric=n"), |v| {
+            points(v).len() == 1
+        })
+        .await;
+    assert_one_device_one_cert(&server, &id, &st).await;
+}
+
+#[tokio::test]
+async fn an_unknown_token_is_refused_at_connect_and_nothing_is_retried() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let st = state(tmp.path(), "x");
+    let (status, err) = run_to_end(
+        enroll_command(&server, &st, "mct_not-a-real-token", "x-1"),
+        &[],
+    );
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("the claim token is unknown, expired or revoked"),
+        "a clear reason: {err}"
+    );
+    assert!(!st.join("device.crt").exists());
+    let (status, _) = server.api("GET", "/api/v1/devices/x-1", None).await;
+    assert_eq!(status, 404);
 }
