@@ -399,6 +399,7 @@ async fn exchange(
     result
 }
 
+/// The PUBACK token of the request (the only QoS 1 publish of the enrollment link).
 const REQUEST_TOKEN: u64 = 1;
 
 async fn ask_until_answered(
