@@ -138,7 +138,7 @@ pub fn connector(host: &str, port: u16, ca_path: &Path) -> anyhow::Result<transp
 }
 
 /// Runs the pipeline from the step reached (see the module doc). `connector` makes what opens
-/// streams to the enrollment endpoint (called only if the exchange is needed); `rng_seed` seeds
+/// streams to the enrollment endpoint (not called when already enrolled); `rng_seed` seeds
 /// reconnect and retry jitter.
 pub async fn enroll(
     config: &EnrollConfig,
@@ -151,12 +151,14 @@ pub async fn enroll(
         tracing::info!(cert = %paths.cert_path.display(), "already enrolled; provisioning not contacted");
         return Ok(paths);
     }
+    // Settings (the CA) are checked before anything is made.
+    let connector = connector()?;
     create_state_dir(dir)?;
     let key = ensure_key(dir)?;
     halt_if("key").await;
     let request = ensure_request(dir, &key, config.device_id.as_ref())?;
     halt_if("request").await;
-    let accepted = exchange(config, &request, connector()?, rng_seed).await?;
+    let accepted = exchange(config, &request, connector, rng_seed).await?;
     store_certificate(dir, &key, &accepted, &config.ca_path)?;
     tracing::info!(device = %accepted.device_id, dir = %dir.display(), "enrolled; certificate stored");
     Ok(Enrolled {
