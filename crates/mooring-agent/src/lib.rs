@@ -20,6 +20,8 @@
 //! ```
 //!
 //! * [`config`]: [`AgentConfig`] (CLI flags + the `--config` TOML file, [`config::AgentFile`]).
+//! * [`enroll`]: `mooring-agent enroll`, from a claim token to a certificate for a key made
+//!   here, as resumable persisted steps over the same link (username/password, no client cert).
 //! * [`transport`]: the [`transport::Connector`] trait (any byte stream) and the production
 //!   TCP + rustls mTLS connector; identity (device id = client certificate CN).
 //! * [`link`]: our small MQTT 3.1.1 client session on the sans-IO `mqtt-protocol-core`
@@ -58,6 +60,7 @@
 pub mod commands;
 pub mod config;
 pub mod diag;
+pub mod enroll;
 pub mod input;
 pub mod link;
 pub mod metrics;
@@ -349,6 +352,8 @@ pub async fn run_with(
                 tx: shadow_tx,
             },
         ],
+        credentials: None,
+        give_up_on: None,
     };
     let outputs = link::LinkOutputs {
         state: core.link.clone(),

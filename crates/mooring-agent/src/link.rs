@@ -166,10 +166,43 @@ pub struct Inbound {
 /// Where and how to connect.
 #[derive(Clone)]
 pub struct LinkSettings {
+    /// The MQTT client id (a device's id; an enrolling agent's client id has the same syntax).
     pub device_id: DeviceId,
     pub connector: Arc<dyn Connector>,
     pub keepalive: Duration,
     pub routes: Vec<Route>,
+    /// CONNECT username and password; `None` for a device proving itself by its certificate.
+    pub credentials: Option<Credentials>,
+    /// When a refused CONNECT ends [`drive`] (with [`LinkEnd::Refused`]) instead of being
+    /// retried: `None` retries every refusal (a running device waits for the operator).
+    pub give_up_on: Option<fn(ConnectReturnCode) -> bool>,
+}
+
+/// CONNECT username and password (enrollment: [`mooring_proto::provision::CLAIM_USERNAME`] and
+/// the claim token).
+#[derive(Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why [`drive`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkEnd {
+    /// We sent DISCONNECT on request.
+    Disconnected,
+    /// Nobody listens any more.
+    Unwanted,
+    /// The server refused the CONNECT with a code [`LinkSettings::give_up_on`] says is final.
+    Refused(ConnectReturnCode),
 }
 
 /// The channels the connection task reports on.
@@ -181,9 +214,9 @@ pub struct LinkOutputs {
     pub diag: Diagnostics,
 }
 
-/// Connects, reports, reconnects with backoff; returns after a requested DISCONNECT or when
-/// nobody listens any more.
-pub async fn drive(settings: LinkSettings, mut backoff: Backoff, out: LinkOutputs) {
+/// Connects, reports, reconnects with backoff; returns after a requested DISCONNECT, when
+/// nobody listens any more, or on a refusal [`LinkSettings::give_up_on`] calls final.
+pub async fn drive(settings: LinkSettings, mut backoff: Backoff, out: LinkOutputs) -> LinkEnd {
     let server = settings.connector.describe();
     let mut conn_no = 0u64;
     loop {
@@ -199,10 +232,15 @@ pub async fn drive(settings: LinkSettings, mut backoff: Backoff, out: LinkOutput
         let why = match result {
             Ok(SessionEnd::Disconnected) => {
                 tracing::info!(%server, "disconnected");
-                return;
+                return LinkEnd::Disconnected;
             }
-            Ok(SessionEnd::Unwanted) => return,
-            Err(why) => why,
+            Ok(SessionEnd::Unwanted) => return LinkEnd::Unwanted,
+            Err(SessionError::Refused(code)) if settings.give_up_on.is_some_and(|f| f(code)) => {
+                tracing::warn!(%server, ?code, "connection refused; not retrying");
+                return LinkEnd::Refused(code);
+            }
+            Err(SessionError::Refused(code)) => format!("connection refused: {code:?}"),
+            Err(SessionError::Other(why)) => why,
         };
         out.diag
             .link
@@ -228,6 +266,20 @@ enum SessionEnd {
     Unwanted,
 }
 
+/// Why a connection ended against our wish.
+enum SessionError {
+    /// CONNACK with this refusal.
+    Refused(ConnectReturnCode),
+    /// Anything else (I/O, timeout, protocol).
+    Other(String),
+}
+
+impl From<String> for SessionError {
+    fn from(why: String) -> Self {
+        Self::Other(why)
+    }
+}
+
 /// One connection, from connect to close.
 async fn session(
     settings: &LinkSettings,
@@ -236,7 +288,7 @@ async fn session(
     out: &LinkOutputs,
     connected: &mut bool,
     backoff: &mut Backoff,
-) -> Result<SessionEnd, String> {
+) -> Result<SessionEnd, SessionError> {
     let connect_timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
     let stream = tokio::time::timeout(connect_timeout, settings.connector.connect())
         .await
@@ -261,19 +313,24 @@ async fn session(
 
     // CONNECT → CONNACK, bounded in time.
     let keepalive_secs = u16::try_from(settings.keepalive.as_secs()).unwrap_or(u16::MAX);
-    let connect = v3_1_1::Connect::builder()
+    let mut connect = v3_1_1::Connect::builder()
         .client_id(settings.device_id.as_str())
         .map_err(|e| format!("client id: {e:?}"))?
         .clean_session(true)
-        .keep_alive(keepalive_secs)
-        .build()
-        .map_err(|e| format!("CONNECT: {e:?}"))?;
+        .keep_alive(keepalive_secs);
+    if let Some(c) = &settings.credentials {
+        connect = connect
+            .user_name(c.username.as_str())
+            .and_then(|b| b.password(c.password.as_str()))
+            .map_err(|e| format!("CONNECT credentials: {e:?}"))?;
+    }
+    let connect = connect.build().map_err(|e| format!("CONNECT: {e:?}"))?;
     s.send(connect.into());
     let connack = tokio::time::timeout(connect_timeout, s.read_until_connack())
         .await
         .map_err(|_| "no CONNACK in time".to_owned())??;
     if connack != ConnectReturnCode::Accepted {
-        return Err(format!("connection refused: {connack:?}"));
+        return Err(SessionError::Refused(connack));
     }
     *connected = true;
     backoff.reset();
@@ -303,7 +360,11 @@ async fn session(
     loop {
         s.flush().await?;
         if s.close {
-            return Err("closed by the protocol layer (keep-alive or protocol error)".into());
+            return Err(
+                "closed by the protocol layer (keep-alive or protocol error)"
+                    .to_owned()
+                    .into(),
+            );
         }
         // Deliver what the last step produced.
         for pid in s.released.drain(..) {
@@ -347,8 +408,8 @@ async fn session(
                 qos,
                 token,
             })) => s.publish(&topic, payload, qos, token),
-            Step::Read(Err(e)) => return Err(e.to_string()),
-            Step::Read(Ok(0)) => return Err("connection closed by the server".into()),
+            Step::Read(Err(e)) => return Err(e.to_string().into()),
+            Step::Read(Ok(0)) => return Err("connection closed by the server".to_owned().into()),
             Step::Read(Ok(n)) => s.recv(&buf[..n]),
             Step::PingSend => {
                 s.ping_send = None;
@@ -360,7 +421,7 @@ async fn session(
                 s.pong_recv = None;
                 let events = s.mqtt.notify_timer_fired(TimerKind::PingrespRecv);
                 s.apply(events);
-                return Err("no PINGRESP within the keep-alive".into());
+                return Err("no PINGRESP within the keep-alive".to_owned().into());
             }
         }
     }

@@ -1,8 +1,9 @@
-//! `mooring-agent`: the device agent binary (clap flags + `--config` file → [`mooring_agent::AgentConfig`] → [`mooring_agent::run_with`]).
+//! `mooring-agent`: the device agent binary (clap flags + `--config` file → [`mooring_agent::AgentConfig`] → [`mooring_agent::run_with`]; `enroll` first runs [`mooring_agent::enroll`]).
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use mooring_agent::config::{self, AgentConfig, AgentFile, InputSource};
-use mooring_agent::{AgentDeps, Diagnostics};
+use mooring_agent::{enroll, AgentDeps, Diagnostics};
+use mooring_proto::DeviceId;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,24 +12,93 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Mooring device agent: sends host metrics and JSON lines as telemetry over MQTT/mTLS, with a
 /// durable outbox so nothing is lost while the server is unreachable.
+///
+/// Run it with a device certificate (`mooring-agent --server ... --cert ... --key ...`), or let
+/// it make its own key and get its certificate with a claim token first (`mooring-agent enroll`).
 #[derive(Debug, Parser)]
-#[command(name = "mooring-agent", version)]
+#[command(
+    name = "mooring-agent",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
+    /// Mooring server MQTT/TLS endpoint, HOST:PORT ([v6addr]:PORT for IPv6).
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "MOORING_AGENT_SERVER",
+        required = true
+    )]
+    server: Option<String>,
+    /// Client certificate (PEM); its subject CN is the device id.
+    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CERT", required = true)]
+    cert: Option<PathBuf>,
+    /// Private key of the client certificate (PEM).
+    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_KEY", required = true)]
+    key: Option<PathBuf>,
+    /// CA certificate (PEM) that signed the server certificate; the only trusted root.
+    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CA", required = true)]
+    ca: Option<PathBuf>,
+    /// Directory for durable state (the outbox); created if missing.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MOORING_AGENT_STATE_DIR",
+        required = true
+    )]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Print a shell completion script (packaging).
+    #[arg(long, value_name = "SHELL", hide = true, exclusive = true)]
+    completions: Option<clap_complete::Shell>,
+    /// Write the man page into DIR (packaging).
+    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
+    man: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Sub {
+    /// Enroll with a claim token, then run: make a key in the state dir (it never leaves it),
+    /// get a certificate for it over MQTT/TLS, store it, and run as that device. Interrupted, it
+    /// resumes from the step it reached; with a certificate in the state dir it just runs.
+    Enroll(EnrollArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct EnrollArgs {
     /// Mooring server MQTT/TLS endpoint, HOST:PORT ([v6addr]:PORT for IPv6).
     #[arg(long, value_name = "HOST:PORT", env = "MOORING_AGENT_SERVER")]
     server: String,
-    /// Client certificate (PEM); its subject CN is the device id.
-    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CERT")]
-    cert: PathBuf,
-    /// Private key of the client certificate (PEM).
-    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_KEY")]
-    key: PathBuf,
     /// CA certificate (PEM) that signed the server certificate; the only trusted root.
     #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CA")]
     ca: PathBuf,
-    /// Directory for durable state (the outbox); created if missing.
+    /// Claim token from `mooring claim create` (prefer the environment variable: command lines
+    /// are visible to other users).
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "MOORING_AGENT_CLAIM",
+        hide_env_values = true
+    )]
+    claim: String,
+    /// Directory for the key, the certificate and durable state; created if missing.
     #[arg(long, value_name = "DIR", env = "MOORING_AGENT_STATE_DIR")]
     state_dir: PathBuf,
+    /// Device id to propose [default: the DMI product serial, else /etc/machine-id; none if
+    /// neither is usable, for claims whose server assigns ids].
+    #[arg(long, value_name = "ID", env = "MOORING_AGENT_DEVICE_ID")]
+    device_id: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// How the agent runs (the same for both invocations).
+#[derive(Debug, clap::Args)]
+struct RunArgs {
     /// Seconds between host-metric samples (0 disables host metrics).
     #[arg(
         long,
@@ -49,13 +119,10 @@ struct Cli {
     /// Agent config file (TOML): command handlers, reboot command, firmware version.
     #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CONFIG")]
     config: Option<PathBuf>,
-    /// Print a shell completion script (packaging).
-    #[arg(long, value_name = "SHELL", hide = true, exclusive = true)]
-    completions: Option<clap_complete::Shell>,
-    /// Write the man page into DIR (packaging).
-    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
-    man: Option<PathBuf>,
 }
+
+/// Exit status of a refused enrollment (the claim, the id or the CSR was refused).
+const EXIT_REFUSED: u8 = 3;
 
 /// `--completions SHELL` / `--man DIR`: generated from the clap definition for the packages.
 /// Checked before the other flags are read, since those are required for a run.
@@ -103,7 +170,122 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    let (host, port) = match config::parse_server(&cli.server) {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match cli.command {
+        Some(Sub::Enroll(args)) => enroll_then_run(args, &runtime, diagnostics),
+        None => match flat_paths(&cli) {
+            Ok((server, cert, key, ca, state_dir)) => run_agent(
+                &server,
+                cert,
+                key,
+                ca,
+                state_dir,
+                &cli.run,
+                &runtime,
+                diagnostics,
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
+    };
+    // A blocking stdin read cannot be cancelled; do not wait for it.
+    runtime.shutdown_background();
+    code
+}
+
+type FlatPaths = (String, PathBuf, PathBuf, PathBuf, PathBuf);
+
+/// The flat invocation's required flags (clap enforces them; checked again, never unwrapped).
+fn flat_paths(cli: &Cli) -> Result<FlatPaths, &'static str> {
+    Ok((
+        cli.server.clone().ok_or("--server is required")?,
+        cli.cert.clone().ok_or("--cert is required")?,
+        cli.key.clone().ok_or("--key is required")?,
+        cli.ca.clone().ok_or("--ca is required")?,
+        cli.state_dir.clone().ok_or("--state-dir is required")?,
+    ))
+}
+
+/// `mooring-agent enroll`: the enrollment pipeline ([`mooring_agent::enroll`]), then the run.
+fn enroll_then_run(
+    args: EnrollArgs,
+    runtime: &tokio::runtime::Runtime,
+    diagnostics: Diagnostics,
+) -> ExitCode {
+    let (host, port) = match config::parse_server(&args.server) {
+        Ok(hp) => hp,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let device_id = match args.device_id.as_deref().map(DeviceId::parse).transpose() {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("error: --device-id: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = enroll::EnrollConfig {
+        ca_path: args.ca,
+        claim_token: args.claim,
+        state_dir: args.state_dir.clone(),
+        device_id,
+    };
+    let result = runtime.block_on(async {
+        let connector = || -> anyhow::Result<Arc<dyn mooring_agent::Connector>> {
+            Ok(Arc::new(enroll::connector(&host, port, &config.ca_path)?))
+        };
+        tokio::select! {
+            r = enroll::enroll(&config, connector, rand::random()) => r.map(Some),
+            () = shutdown_signal() => Ok(None),
+        }
+    });
+    let enrolled = match result {
+        Ok(Some(e)) => e,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e @ (enroll::EnrollError::Rejected { .. } | enroll::EnrollError::Refused(_))) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+        Err(enroll::EnrollError::Local(e)) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    run_agent(
+        &args.server,
+        enrolled.cert_path,
+        enrolled.key_path,
+        enrolled.ca_path,
+        args.state_dir,
+        &args.run,
+        runtime,
+        diagnostics,
+    )
+}
+
+/// The normal run with a certificate.
+#[allow(clippy::too_many_arguments)]
+fn run_agent(
+    server: &str,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    state_dir: PathBuf,
+    run: &RunArgs,
+    runtime: &tokio::runtime::Runtime,
+    diagnostics: Diagnostics,
+) -> ExitCode {
+    let (host, port) = match config::parse_server(server) {
         Ok(hp) => hp,
         Err(e) => {
             eprintln!("error: {e}");
@@ -111,13 +293,13 @@ fn main() -> ExitCode {
         }
     };
     let mut config = AgentConfig {
-        interval_secs: cli.interval_secs,
-        input: cli.input.as_deref().map(InputSource::from_arg),
-        exit_when_drained: cli.exit_when_drained,
-        outbox_max: cli.outbox_max,
-        ..AgentConfig::new(host, port, cli.cert, cli.key, cli.ca, cli.state_dir)
+        interval_secs: run.interval_secs,
+        input: run.input.as_deref().map(InputSource::from_arg),
+        exit_when_drained: run.exit_when_drained,
+        outbox_max: run.outbox_max,
+        ..AgentConfig::new(host, port, cert, key, ca, state_dir)
     };
-    if let Some(path) = &cli.config {
+    if let Some(path) = &run.config {
         match AgentFile::load(path) {
             Ok(file) => file.apply(&mut config),
             Err(e) => {
@@ -130,13 +312,6 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let clock = Arc::new(mooring_proto::SystemClock);
     let result = runtime.block_on(async {
         let deps = AgentDeps {
@@ -145,8 +320,6 @@ fn main() -> ExitCode {
         };
         mooring_agent::run_with(deps, config, shutdown_signal()).await
     });
-    // A blocking stdin read cannot be cancelled; do not wait for it.
-    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -177,5 +350,99 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand, option and argument says what it is for in `--help`.
+    #[test]
+    fn every_argument_has_a_help_line() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && path.trim().contains(' ') {
+                missing.push(format!("{path}: the command"));
+            }
+            for arg in cmd.get_arguments() {
+                if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
+                    continue;
+                }
+                if arg.get_help().is_none() {
+                    missing.push(format!("{path}: {}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &path, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(missing.is_empty(), "no help line: {missing:#?}");
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("mooring-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_flat_invocation_is_unchanged_and_enroll_is_a_subcommand() {
+        let flat = [
+            "--server",
+            "h:1",
+            "--cert",
+            "c",
+            "--key",
+            "k",
+            "--ca",
+            "a",
+            "--state-dir",
+            "s",
+        ];
+        let cli = parse(&flat).expect("flat");
+        assert!(cli.command.is_none());
+        assert!(flat_paths(&cli).is_ok());
+        assert!(parse(&flat[..8]).is_err(), "--state-dir still required");
+
+        let cli = parse(&[
+            "enroll",
+            "--server",
+            "h:1",
+            "--ca",
+            "a",
+            "--claim",
+            "t",
+            "--state-dir",
+            "s",
+            "--device-id",
+            "sn-1",
+            "--interval-secs",
+            "0",
+        ])
+        .expect("enroll");
+        let Some(Sub::Enroll(e)) = cli.command else {
+            panic!("enroll expected")
+        };
+        assert_eq!(e.device_id.as_deref(), Some("sn-1"));
+        assert_eq!(e.run.interval_secs, 0);
+        // Flags of one form are not taken by the other.
+        assert!(parse(&["--cert", "c", "enroll", "--claim", "t"]).is_err());
+        assert!(parse(&[
+            "enroll",
+            "--server",
+            "h:1",
+            "--ca",
+            "a",
+            "--claim",
+            "t",
+            "--state-dir",
+            "s",
+            "--cert",
+            "c"
+        ])
+        .is_err());
     }
 }

@@ -100,17 +100,7 @@ pub fn load_identity(
     let key = PrivateKeyDer::from_pem_file(key_path)
         .with_context(|| format!("reading private key {}", key_path.display()))?;
 
-    let mut roots = rustls::RootCertStore::empty();
-    let cas = CertificateDer::pem_file_iter(ca_path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .with_context(|| format!("reading CA certificate {}", ca_path.display()))?;
-    anyhow::ensure!(!cas.is_empty(), "no certificate in {}", ca_path.display());
-    for ca in cas {
-        roots
-            .add(ca)
-            .with_context(|| format!("CA certificate {}", ca_path.display()))?;
-    }
-
+    let roots = load_roots(ca_path)?;
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -123,6 +113,35 @@ pub fn load_identity(
         device_id,
         tls: Arc::new(tls),
     })
+}
+
+/// The CA certificate(s) in `ca_path` as the only trusted roots.
+fn load_roots(ca_path: &Path) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    let cas = CertificateDer::pem_file_iter(ca_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .with_context(|| format!("reading CA certificate {}", ca_path.display()))?;
+    anyhow::ensure!(!cas.is_empty(), "no certificate in {}", ca_path.display());
+    for ca in cas {
+        roots
+            .add(ca)
+            .with_context(|| format!("CA certificate {}", ca_path.display()))?;
+    }
+    Ok(roots)
+}
+
+/// TLS that authenticates the server only (roots = only the CA in `ca_path`, no client
+/// certificate): how an agent without a certificate yet reaches the enrollment endpoint.
+pub fn server_auth_tls(ca_path: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let roots = load_roots(ca_path)?;
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS protocol versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(tls))
 }
 
 /// The device id carried in a certificate's subject CN.
