@@ -723,3 +723,62 @@ fn a_cluster_loses_nodes_under_load_and_keeps_every_promise() -> anyhow::Result<
     assert!(html.contains("node node-2: alive (started 2 times, killed once)"));
     Ok(())
 }
+
+/// scenarios/enroll-claims.toml at 500 devices (5 claims of 100 uses): every device starts
+/// without a certificate and runs the agent's real enrollment over a claim session while its
+/// link drops before the request, after the request before the reply, before the first connect
+/// with its certificate, and its process is killed after the reply before storing it. Every
+/// device ends registered with the certificate it stored, one active certificate each, each
+/// claim used exactly by its devices; then they connect with that certificate and report.
+#[test]
+fn devices_enrolling_with_claims_under_faults_end_enrolled_exactly_once() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/enroll-claims.toml");
+    let s = Scenario::load(&path)?.scaled_to(500)?;
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    let e = r.enrollment.as_ref().expect("an enrollment report");
+    assert!(e.enrolled_exactly_once, "{:?}", e.not_enrolled_examples);
+    assert_eq!((e.devices, e.enrolled, e.claims), (500, 500, 5));
+    assert_eq!(e.duplicate_certificates, 0);
+    assert_eq!(e.devices_in_store, 500);
+    assert!(e.refusals.is_empty(), "{:?}", e.refusals);
+    // Every step reached by every device, in order.
+    let steps: Vec<(&str, u64)> = e
+        .funnel
+        .iter()
+        .map(|f| (f.step.as_str(), f.devices))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("key_made", 500),
+            ("request_sent", 500),
+            ("registered", 500),
+            ("certificate_received", 500),
+            ("first_connect", 500),
+            ("first_telemetry", 500),
+        ]
+    );
+    for w in e.funnel.windows(2) {
+        assert!(w[0].p50_ms <= w[1].p50_ms, "{:?}", e.funnel);
+    }
+    // Each fault point fired for about a quarter of the devices, and every device it hit still
+    // ended enrolled exactly once ("detected" counts those for the enrollment faults).
+    let enroll_faults: Vec<_> = r
+        .faults
+        .iter()
+        .filter(|(kind, _)| kind.starts_with("enroll:"))
+        .collect();
+    assert_eq!(enroll_faults.len(), 4, "{:?}", r.faults);
+    for (kind, f) in enroll_faults {
+        assert!((60..=190).contains(&f.injected), "{kind}: {f:?}");
+        assert_eq!(f.detected, f.injected, "{kind}");
+    }
+    assert_eq!(
+        e.process_restarts,
+        r.faults["enroll: process kill after the reply, before storing"].injected
+    );
+    assert_eq!(r.lost_acked_telemetry, 0);
+    assert_eq!(r.online_at_end, 500);
+    Ok(())
+}
