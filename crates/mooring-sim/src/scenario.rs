@@ -832,6 +832,40 @@ mod tests {
     }
 
     #[test]
+    fn enroll_cohorts_are_validated() {
+        let base = r#"
+            name = "t"
+            duration = "1h"
+            [[cohort]]
+            name = "s"
+            count = 10
+        "#;
+        let parse = |extra: &str| -> anyhow::Result<Scenario> {
+            let s: Scenario = toml::from_str(&format!("{base}{extra}"))?;
+            s.validate()?;
+            Ok(s)
+        };
+        let s = parse("[cohort.enroll]\nclaim_uses = 3\nfault_rate = 0.5\n[expect]\nenrolled_exactly_once = true\nmax_duplicate_certificates = 0\n")
+            .expect("valid");
+        let e = s.cohorts[0].enroll.as_ref().expect("enroll");
+        assert_eq!((e.claim_uses, e.first_connect_outage.0), (3, 30_000));
+        assert!(parse("[cohort.enroll]\nclaim_uses = 0\n").is_err());
+        assert!(parse("[cohort.enroll]\nfault_rate = 1.5\n").is_err());
+        assert!(parse("[cohort.enroll]\nunknown = 1\n").is_err());
+        // The enrollment expectations need an enrolling cohort.
+        assert!(parse("[expect]\nenrolled_exactly_once = true\n").is_err());
+        // Only against the in-process server.
+        let cluster = r#"
+            [server]
+            mode = "cluster"
+            nodes = 2
+            [cohort.enroll]
+        "#;
+        let err = parse(cluster).expect_err("cluster").to_string();
+        assert!(err.contains("enroll needs the in-process server"), "{err}");
+    }
+
+    #[test]
     fn parses_and_validates() {
         let s: Scenario = toml::from_str(
             r#"

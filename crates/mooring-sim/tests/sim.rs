@@ -780,5 +780,17 @@ fn devices_enrolling_with_claims_under_faults_end_enrolled_exactly_once() -> any
     );
     assert_eq!(r.lost_acked_telemetry, 0);
     assert_eq!(r.online_at_end, 500);
+    // The printed summary and the HTML report show the funnel.
+    assert!(r.table().contains("certificate_received"), "{}", r.table());
+    let html = r.html();
+    assert!(html.contains("<h2>Enrollment funnel</h2>"), "{html}");
+    assert!(
+        html.contains("<b>500 enrolled exactly once</b> (every device)"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<td>first telemetry</td><td>500</td>"),
+        "{html}"
+    );
     Ok(())
 }
