@@ -794,3 +794,24 @@ fn devices_enrolling_with_claims_under_faults_end_enrolled_exactly_once() -> any
     );
     Ok(())
 }
+
+/// The enrollment funnel is part of the simulator's promise: the same seed gives the same
+/// funnel, faults and verdict.
+#[test]
+fn enrollment_with_the_same_seed_gives_the_same_funnel() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/enroll-claims.toml");
+    let s = Scenario::load(&path)?.scaled_to(100)?;
+    let a = run(&s)?;
+    let b = run(&s)?;
+    let json = |r: &Report| serde_json::to_string(&r.enrollment).expect("json");
+    assert_eq!(json(&a), json(&b));
+    assert_eq!(
+        serde_json::to_string(&a.faults)?,
+        serde_json::to_string(&b.faults)?
+    );
+    assert!(a
+        .enrollment
+        .as_ref()
+        .is_some_and(|e| e.enrolled_exactly_once));
+    Ok(())
+}
