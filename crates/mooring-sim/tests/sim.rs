@@ -761,7 +761,13 @@ fn devices_enrolling_with_claims_under_faults_end_enrolled_exactly_once() -> any
     );
     for w in e.funnel.windows(2) {
         assert!(w[0].p50_ms <= w[1].p50_ms, "{:?}", e.funnel);
+        assert!(
+            w[0].since_key_max_ms <= w[1].since_key_max_ms,
+            "{:?}",
+            e.funnel
+        );
     }
+    assert_eq!(e.funnel[0].since_key_max_ms, 0, "key_made is the origin");
     // Each fault point fired for about a quarter of the devices, and every device it hit still
     // ended enrolled exactly once ("detected" counts those for the enrollment faults).
     let enroll_faults: Vec<_> = r

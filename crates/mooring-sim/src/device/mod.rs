@@ -14,7 +14,7 @@ mod lifecycle;
 mod link;
 mod probes;
 
-pub use enroll::{enroll_device, EnrollProbe, FAULTS, STEPS, STEP_REGISTERED};
+pub use enroll::{enroll_device, EnrollProbe, FAULTS, STEPS, STEP_KEY, STEP_REGISTERED};
 pub use lifecycle::{run_device, BATTERY_ON_PCT};
 pub use link::{DeviceLink, Net, SimConnector, LATENCY_CHUNK_BYTES, PIPE_SIZE_BYTES};
 pub use probes::{LedgerStore, SimHandler};

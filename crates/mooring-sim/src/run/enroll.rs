@@ -1,7 +1,7 @@
 //! Enrolling cohorts: their claims at the start, and at the end the exactly-once checks against
 //! the server (registry, certificate ledger, claims) and the pipeline funnel.
 
-use crate::device::{DeviceState, EnrollProbe, FAULTS, STEPS, STEP_REGISTERED};
+use crate::device::{DeviceState, EnrollProbe, FAULTS, STEPS, STEP_KEY, STEP_REGISTERED};
 use crate::harness::InProcessServer;
 use crate::report::{EnrollmentReport, FunnelStep};
 use crate::scenario::Scenario;
@@ -212,17 +212,27 @@ pub(super) async fn report(
         && r.claims_uses_mismatched == 0
         && r.devices_in_store == r.devices_expected;
     for (i, step) in STEPS.iter().enumerate() {
-        let mut at: Vec<u64> = enrolling
-            .iter()
-            .filter_map(|(_, p)| p.reached_at(i))
-            .collect();
+        let mut at: Vec<u64> = Vec::new();
+        let mut since_key: Vec<u64> = Vec::new();
+        for (_, p) in &enrolling {
+            if let Some(t) = p.reached_at(i) {
+                at.push(t);
+                if let Some(k) = p.reached_at(STEP_KEY) {
+                    since_key.push(t.saturating_sub(k));
+                }
+            }
+        }
         at.sort_unstable();
+        since_key.sort_unstable();
         r.funnel.push(FunnelStep {
             step: (*step).to_owned(),
             devices: at.len() as u64,
             p50_ms: quantile(&at, 0.5),
             p99_ms: quantile(&at, 0.99),
             max_ms: at.last().copied().unwrap_or(0),
+            since_key_p50_ms: quantile(&since_key, 0.5),
+            since_key_p99_ms: quantile(&since_key, 0.99),
+            since_key_max_ms: since_key.last().copied().unwrap_or(0),
         });
     }
     Ok(Some(r))
