@@ -821,3 +821,55 @@ fn enrollment_with_the_same_seed_gives_the_same_funnel() -> anyhow::Result<()> {
         .is_some_and(|e| e.enrolled_exactly_once));
     Ok(())
 }
+
+/// The checks catch what goes wrong: devices proposing ids that are taken are refused
+/// (`device_exists`, final), counted by code, and the run fails `enrolled_exactly_once` while
+/// the claim is charged only for the devices it enrolled.
+#[test]
+fn refused_enrollments_are_counted_by_code_and_fail_the_exactly_once_check() -> anyhow::Result<()> {
+    let s = scenario(
+        r#"
+        name = "enroll-refused"
+        duration = "5m"
+        [[cohort]]
+        name = "old"
+        count = 3
+        id_prefix = "x-"
+        connect_spread = "10s"
+        [[cohort]]
+        name = "new"
+        count = 6
+        id_prefix = "x-"
+        connect_spread = "10s"
+        [cohort.enroll]
+        claim_uses = 10
+        [expect]
+        enrolled_exactly_once = true
+        max_duplicate_certificates = 0
+        "#,
+    )?;
+    let r = run(&s)?;
+    let e = r.enrollment.as_ref().expect("an enrollment report");
+    assert_eq!((e.devices, e.claims, e.enrolled), (6, 1, 3));
+    assert_eq!(
+        e.refusals,
+        [("device_exists".to_owned(), 3)].into_iter().collect()
+    );
+    assert_eq!(e.claims_uses_mismatched, 0, "{:?}", e.not_enrolled_examples);
+    assert!(!e.enrolled_exactly_once);
+    assert_eq!(
+        failed(&r),
+        ["enrolled_exactly_once: expected true, got false"]
+    );
+    assert!(
+        e.not_enrolled_examples
+            .iter()
+            .any(|x| x.starts_with("x-0: ") && x.contains("device_exists")),
+        "{:?}",
+        e.not_enrolled_examples
+    );
+    // The refused devices stopped at the request; the others went all the way.
+    let reached: Vec<u64> = e.funnel.iter().map(|f| f.devices).collect();
+    assert_eq!(reached, [6, 6, 3, 3, 3, 3]);
+    Ok(())
+}

@@ -125,8 +125,25 @@ pub(super) async fn report(
             .lookup(id)
             .await
             .with_context(|| format!("looking up {id}"))?;
+        let identity = d.link.identity();
         if let Some(rec) = &record {
-            p.reached(STEP_REGISTERED, rec.created_at_ms.saturating_sub(epoch_ms));
+            // Registered by this device's enrollment: the record holds the certificate the
+            // device stored, or (answer not stored yet) the server's pipeline says a claim
+            // enrollment named it. A record of that id made otherwise is someone else's.
+            let by_enrollment = match &identity {
+                Some((_, sha256)) if *sha256 == rec.cert_sha256 => true,
+                _ => app
+                    .pipeline
+                    .steps(&all, id)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{id}'s pipeline: {e}"))?
+                    .steps
+                    .iter()
+                    .any(|s| s.step == "claimed" && s.at.is_some()),
+            };
+            if by_enrollment {
+                p.reached(STEP_REGISTERED, rec.created_at_ms.saturating_sub(epoch_ms));
+            }
         }
         let active = match &record {
             Some(_) => app
@@ -142,11 +159,9 @@ pub(super) async fn report(
         if active > 1 {
             r.duplicate_certificates += 1;
         }
-        let why = match (&record, d.link.identity()) {
+        let why = match (&record, identity) {
             (None, _) => Some("not in the registry".to_owned()),
-            (Some(_), None) => {
-                Some("registered, but no certificate stored on the device".to_owned())
-            }
+            (Some(_), None) => Some("no certificate stored on the device".to_owned()),
             (Some(rec), Some((cn, sha256))) if rec.cert_sha256 != sha256 || cn != id => {
                 Some("registered with another certificate than the one it stored".to_owned())
             }
