@@ -873,3 +873,18 @@ fn refused_enrollments_are_counted_by_code_and_fail_the_exactly_once_check() -> 
     assert_eq!(reached, [6, 6, 3, 3, 3, 3]);
     Ok(())
 }
+
+/// scenarios/enroll-claims.toml at full size (10,000 devices; about 50 s in a release build,
+/// longer in a debug one): `cargo test --release -p mooring-sim --test sim -- --ignored
+/// enroll_claims_at_full_size`.
+#[test]
+#[ignore = "full size: run on demand (see docs/simulator.md)"]
+fn enroll_claims_at_full_size() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/enroll-claims.toml");
+    let r = run(&Scenario::load(&path)?)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    let e = r.enrollment.as_ref().expect("an enrollment report");
+    assert!(e.enrolled_exactly_once, "{:?}", e.not_enrolled_examples);
+    assert_eq!(e.enrolled, 10_000);
+    Ok(())
+}
