@@ -89,6 +89,8 @@ pub struct App {
     pub jobs: Arc<Jobs>,
     /// Where each device is in its provisioning pipeline; installation confirmations.
     pub pipeline: crate::pipeline::Pipeline,
+    /// Registered manufacturer CAs, the MQTT listener's TLS trust, just-in-time registration.
+    pub cas: crate::cas::Cas,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -131,6 +133,7 @@ impl App {
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
             jobs: Arc::new(Jobs::new(core.clone(), registry.clone(), commands.clone())),
             pipeline: crate::pipeline::Pipeline::new(core.clone(), registry.clone()),
+            cas: crate::cas::Cas::new(core.clone(), registry.clone()),
             commands,
             shadows: Shadows::new(core.clone(), registry.clone()),
             tokens: Tokens::new(core.clone()),

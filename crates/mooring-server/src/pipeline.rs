@@ -76,8 +76,17 @@ impl Pipeline {
     pub async fn steps(&self, access: &Access, id: &str) -> ServiceResult<Provisioning> {
         let view = self.registry.get_device(access, id).await?;
         let cert = self.core.store.get_cert(&view.record.cert_serial).await?;
+        // A certificate from a registered CA (just-in-time registration, issuer `ca:<id>`) was
+        // issued by its manufacturer: its not-before is when; the server learned of it at
+        // registration.
         let facts = Facts {
-            certificate_issued_ms: cert.map_or(view.record.created_at_ms, |c| c.issued_at_ms),
+            certificate_issued_ms: cert.map_or(view.record.created_at_ms, |c| {
+                if c.issuer.starts_with("ca:") {
+                    c.not_before_ms
+                } else {
+                    c.issued_at_ms
+                }
+            }),
         };
         Ok(provisioning(&view.record, &facts))
     }

@@ -27,7 +27,8 @@ use utoipa::OpenApi;
         super::events::events, super::fleet::summary, super::fleet::history, super::jobs::create_job, super::jobs::list_jobs, super::jobs::get_job,
         super::jobs::cancel_job, super::certs::device_certificates, super::certs::expiring_certificates,
         super::certs::revoke_device, super::certs::revoke_certificate,
-        super::pipeline::provisioning, super::pipeline::record_installation),
+        super::pipeline::provisioning, super::pipeline::record_installation,
+        super::cas::register_ca, super::cas::list_cas, super::cas::disable_ca, super::cas::enable_ca),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
         mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
         mooring_api::CreateUser, mooring_api::CreatedUser, mooring_api::UpdateUser, mooring_api::UserList, mooring_api::PasswordLink,
@@ -39,7 +40,7 @@ use utoipa::OpenApi;
         mooring_api::CreateJob, mooring_api::JobCommand, mooring_api::Job, mooring_api::JobErrorEntry, mooring_api::JobList,
         mooring_api::Certificate, mooring_api::CertificateList, mooring_api::RevokeRequest, mooring_api::Revoked,
         mooring_api::RecordInstallation, mooring_api::Installation, mooring_api::Provisioning, mooring_api::PipelineStep,
-        mooring_api::StepState, mooring_api::StepFailure)),
+        mooring_api::StepState, mooring_api::StepFailure, mooring_api::RegisterCa, mooring_api::Ca, mooring_api::CaList)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;
