@@ -22,7 +22,7 @@ use mooring_proto::DeviceId;
 use mooring_store::{cert_issuer_of_ca, CaRecord, CertRecord, CertState, NewDevice, StoreError};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 pub use mooring_api::CA_PEM_LEN_MAX;
@@ -62,6 +62,10 @@ pub struct Cas {
     loaded: RwLock<Option<Loaded>>,
     /// One rebuild at a time, so an older set never replaces a newer one.
     reload_lock: tokio::sync::Mutex<()>,
+    /// The registered CA whose certificate each device's latest session on this node
+    /// authenticated with (none for fleet certificates), to close those sessions when the CA
+    /// stops being trusted. At most one entry per device that connected here.
+    session_cas: std::sync::Mutex<HashMap<DeviceId, String>>,
 }
 
 impl Cas {
@@ -71,6 +75,7 @@ impl Cas {
             registry,
             loaded: RwLock::new(None),
             reload_lock: tokio::sync::Mutex::new(()),
+            session_cas: std::sync::Mutex::default(),
         }
     }
 
@@ -142,11 +147,62 @@ impl Cas {
             "MQTT listener trusts the fleet CA and {} registered CA(s)",
             ids.len()
         );
+        let before: BTreeSet<String> = self.trusted().iter().map(|t| t.record.id.clone()).collect();
+        let after: BTreeSet<String> = usable.iter().map(|t| t.record.id.clone()).collect();
         *mooring_proto::sync::write(&self.loaded) = Some(Loaded {
             tls,
             trusted: Arc::new(usable),
         });
+        let gone: BTreeSet<&String> = before.difference(&after).collect();
+        if !gone.is_empty() {
+            self.close_sessions_of(&gone);
+        }
         Ok(())
+    }
+
+    /// Remembers which registered CA (if any) issued the certificate `der` device `id`'s
+    /// session authenticated with.
+    pub fn note_session(&self, id: &DeviceId, der: Option<&[u8]>) {
+        let ca = if self.trusted().is_empty() {
+            None
+        } else {
+            der.and_then(|d| self.issuing_ca_id(d))
+        };
+        let mut sessions = mooring_proto::sync::lock(&self.session_cas);
+        match ca {
+            Some(ca) => {
+                sessions.insert(id.clone(), ca);
+            }
+            None => {
+                sessions.remove(id);
+            }
+        }
+    }
+
+    /// Closes this node's device sessions that authenticated with a certificate from one of
+    /// the CAs `gone` (no longer trusted: disabled).
+    fn close_sessions_of(&self, gone: &BTreeSet<&String>) {
+        let closing: Vec<(DeviceId, String)> = {
+            let mut sessions = mooring_proto::sync::lock(&self.session_cas);
+            let ids: Vec<DeviceId> = sessions
+                .iter()
+                .filter(|(_, ca)| gone.contains(ca))
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| sessions.remove(&id).map(|ca| (id, ca)))
+                .collect()
+        };
+        let Some(broker) = self.core.broker() else {
+            return;
+        };
+        for (id, ca) in closing {
+            broker.kick(
+                &mooring_broker::PrincipalKey::device(id.as_str()),
+                mooring_broker::KickReason::NotAuthorized,
+            );
+            tracing::info!(device = %id, ca = %ca, "closed the device's session: its certificate's CA is no longer trusted");
+        }
     }
 
     async fn reload_or_fail(&self) -> ServiceResult<()> {

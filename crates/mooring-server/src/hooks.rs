@@ -233,6 +233,8 @@ impl Hooks for ServerHooks {
                 return Err(ConnectRefusal::BadClientId);
             }
             app.registry.note_session_cert(&record.id, sha256);
+            app.cas
+                .note_session(&record.id, req.info.cert_der.as_deref());
             let principal = Principal::Device {
                 id: record.id,
                 tags: record.tags,

@@ -1032,7 +1032,7 @@ async fn a_revocation_on_one_node_closes_the_session_on_another_within_a_second(
 
 /// Just-in-time registration (issue 16) across nodes: a manufacturer CA registered on a is
 /// trusted by b (which re-reads the registered CAs every second), the device registered on its
-/// first connection there; disabled on a, b refuses it too.
+/// first connection there; disabled on a, b closes the device's live session and refuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_registered_on_one_node_is_trusted_by_another() {
     let env = Env::new().await;
@@ -1077,10 +1077,22 @@ async fn a_ca_registered_on_one_node_is_trusted_by_another() {
     assert_eq!(status, 200, "{device}");
     assert_eq!(device["tags"], json!({"vendor": "acme"}));
 
+    // Disabled on a: the device's live session on b is closed, and b refuses it from then on.
+    let mut args = creds.mosquitto_args(b.mqtt);
+    args.extend(support::s(&[
+        "-V",
+        "mqttv5",
+        "-i",
+        "tracker-1",
+        "-t",
+        "devices/tracker-1/#",
+    ]));
+    let mut live = support::Sub::start(&args);
     let id = ca["id"].as_str().expect("id");
     let (status, v) = a
         .api("POST", &format!("/api/v1/cas/{id}/disable"), None)
         .await;
     assert_eq!(status, 200, "{v}");
+    live.wait_line(|l| l.contains("DISCONNECT (135)"));
     wait("b refuses the CA disabled on a", &|| !publish(&b));
 }

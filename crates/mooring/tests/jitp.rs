@@ -122,8 +122,21 @@ async fn auto_register_ca_registers_its_device_on_first_connect_and_disable_refu
     // `ca list` shows it; disabled, its device fails the handshake; enabled, it is back.
     let list = cli_json(&server, &["ca", "list", "-o", "json"]);
     assert_eq!(list["cas"][0]["id"], ca_id.as_str());
+    // A live session of its device is closed (MQTT 5: DISCONNECT 0x87, not authorized).
+    let mut args = creds.mosquitto_args(server.mqtt);
+    args.extend(s(&[
+        "-V",
+        "mqttv5",
+        "-i",
+        "sensor-1",
+        "-t",
+        "devices/sensor-1/#",
+    ]));
+    let mut live = support::Sub::start(&args);
     let disabled = cli_json(&server, &["ca", "disable", &ca_id, "-o", "json"]);
     assert_eq!(disabled["enabled"], false);
+    live.wait_line(|l| l.contains("DISCONNECT (135)"));
+    server.wait_log("its certificate's CA is no longer trusted");
     assert!(
         !can_publish(&server, &creds, "sensor-1"),
         "a disabled CA's device is refused"
