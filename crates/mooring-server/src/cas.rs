@@ -52,7 +52,13 @@ pub enum Jitp {
 struct Loaded {
     tls: Arc<rustls::ServerConfig>,
     trusted: Arc<Vec<TrustedCa>>,
+    /// The enabled set as read (fingerprint, auto-register, tags), usable or not: what a
+    /// reload compares with.
+    read: Vec<CaKey>,
 }
+
+/// What of an enabled CA a reload compares.
+type CaKey = (String, bool, BTreeMap<String, String>);
 
 /// The registered-CA service.
 pub struct Cas {
@@ -111,19 +117,20 @@ impl Cas {
                 }
             }
         }
-        let key = |list: &[TrustedCa]| -> Vec<(String, bool, BTreeMap<String, String>)> {
-            list.iter()
-                .map(|t| {
-                    (
-                        t.record.sha256.clone(),
-                        t.record.auto_register,
-                        t.record.tags.clone(),
-                    )
-                })
-                .collect()
-        };
-        let first = mooring_proto::sync::read(&self.loaded).is_none();
-        if !first && key(&self.trusted()) == key(&trusted) {
+        let read: Vec<CaKey> = trusted
+            .iter()
+            .map(|t| {
+                (
+                    t.record.sha256.clone(),
+                    t.record.auto_register,
+                    t.record.tags.clone(),
+                )
+            })
+            .collect();
+        if mooring_proto::sync::read(&self.loaded)
+            .as_ref()
+            .is_some_and(|l| l.read == read)
+        {
             return Ok(());
         }
         let mut ders: Vec<Vec<u8>> = Vec::with_capacity(trusted.len());
@@ -152,6 +159,7 @@ impl Cas {
         *mooring_proto::sync::write(&self.loaded) = Some(Loaded {
             tls,
             trusted: Arc::new(usable),
+            read,
         });
         let gone: BTreeSet<&String> = before.difference(&after).collect();
         if !gone.is_empty() {
