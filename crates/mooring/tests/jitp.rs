@@ -193,6 +193,12 @@ async fn without_auto_register_and_for_taken_or_invalid_ids_devices_are_refused_
         .api("GET", "/api/v1/devices/meter-3/certificates", None)
         .await;
     assert_eq!(before, after, "the device's certificates are unchanged");
+    // The device's pipeline says why its connection was refused.
+    server
+        .wait_for("/api/v1/devices/meter-3/provisioning", |p| {
+            p.to_string().contains("its certificate from CA ")
+        })
+        .await;
 
     // A CN that is not a valid device id.
     let creds = acme.make_device("bad id!", &fleet);
