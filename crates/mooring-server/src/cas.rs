@@ -35,6 +35,8 @@ pub const CA_RELOAD_INTERVAL_MS: u64 = 1_000;
 struct TrustedCa {
     record: CaRecord,
     der: Vec<u8>,
+    /// Its subject (DER), which a certificate it issued names as issuer.
+    subject_der: Vec<u8>,
 }
 
 /// What [`Cas::just_in_time`] decided for a certificate.
@@ -108,10 +110,16 @@ impl Cas {
         let mut trusted = Vec::new();
         for ca in cas.into_iter().filter(|c| c.enabled) {
             match CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()) {
-                Ok(der) => trusted.push(TrustedCa {
-                    record: ca,
-                    der: der.as_ref().to_vec(),
-                }),
+                Ok(der) => match x509_parser::parse_x509_certificate(der.as_ref()) {
+                    Ok((_, parsed)) => trusted.push(TrustedCa {
+                        subject_der: parsed.subject().as_raw().to_vec(),
+                        der: der.as_ref().to_vec(),
+                        record: ca,
+                    }),
+                    Err(e) => {
+                        tracing::warn!(ca = %ca.id, error = %e, "registered CA unreadable; not trusted")
+                    }
+                },
                 Err(e) => {
                     tracing::warn!(ca = %ca.id, error = %e, "registered CA unreadable; not trusted")
                 }
@@ -317,11 +325,16 @@ impl Cas {
     /// The enabled registered CA that issued the DER certificate `leaf` (issuer name and
     /// signature), if any.
     fn issuer_of(&self, leaf: &x509_parser::certificate::X509Certificate<'_>) -> Option<CaRecord> {
+        let issuer = leaf.issuer().as_raw();
         self.trusted().iter().find_map(|t| {
+            // The name first (a byte comparison), the signature only for a CA of that name.
+            if t.subject_der != issuer {
+                return None;
+            }
             let (_, ca) = x509_parser::parse_x509_certificate(&t.der).ok()?;
-            (ca.subject().as_raw() == leaf.issuer().as_raw()
-                && leaf.verify_signature(Some(ca.public_key())).is_ok())
-            .then(|| t.record.clone())
+            leaf.verify_signature(Some(ca.public_key()))
+                .is_ok()
+                .then(|| t.record.clone())
         })
     }
 
