@@ -54,6 +54,9 @@ pub enum Jitp {
 struct Loaded {
     tls: Arc<rustls::ServerConfig>,
     trusted: Arc<Vec<TrustedCa>>,
+    /// The disabled CAs: a connection whose handshake began while one was still trusted is
+    /// refused at CONNECT.
+    disabled: Arc<Vec<TrustedCa>>,
     /// The enabled set as read (fingerprint, auto-register, tags), usable or not: what a
     /// reload compares with.
     read: Vec<CaKey>,
@@ -107,22 +110,13 @@ impl Cas {
     pub async fn reload(&self) -> anyhow::Result<()> {
         let _one = self.reload_lock.lock().await;
         let cas = self.core.store.list_cas().await?;
-        let mut trusted = Vec::new();
-        for ca in cas.into_iter().filter(|c| c.enabled) {
-            match CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()) {
-                Ok(der) => match x509_parser::parse_x509_certificate(der.as_ref()) {
-                    Ok((_, parsed)) => trusted.push(TrustedCa {
-                        subject_der: parsed.subject().as_raw().to_vec(),
-                        der: der.as_ref().to_vec(),
-                        record: ca,
-                    }),
-                    Err(e) => {
-                        tracing::warn!(ca = %ca.id, error = %e, "registered CA unreadable; not trusted")
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(ca = %ca.id, error = %e, "registered CA unreadable; not trusted")
-                }
+        let (mut trusted, mut disabled) = (Vec::new(), Vec::new());
+        for ca in cas {
+            let enabled = ca.enabled;
+            match parse_stored(ca) {
+                Some(t) if enabled => trusted.push(t),
+                Some(t) => disabled.push(t),
+                None => {}
             }
         }
         let read: Vec<CaKey> = trusted
@@ -167,6 +161,7 @@ impl Cas {
         *mooring_proto::sync::write(&self.loaded) = Some(Loaded {
             tls,
             trusted: Arc::new(usable),
+            disabled: Arc::new(disabled),
             read,
         });
         let gone: BTreeSet<&String> = before.difference(&after).collect();
@@ -176,22 +171,38 @@ impl Cas {
         Ok(())
     }
 
-    /// Remembers which registered CA (if any) issued the certificate `der` device `id`'s
-    /// session authenticated with.
-    pub fn note_session(&self, id: &DeviceId, der: Option<&[u8]>) {
-        let ca = if self.trusted().is_empty() {
-            None
-        } else {
-            der.and_then(|d| self.issuing_ca_id(d))
+    /// Admits device `id`'s session with certificate `der` as far as registered CAs go, and
+    /// remembers which one (if any) issued it. `Err` (why, for the log) if a disabled CA issued
+    /// it: its handshake began while the CA was still trusted.
+    pub fn admit_session(&self, id: &DeviceId, der: Option<&[u8]>) -> Result<(), String> {
+        let (trusted, disabled) = match mooring_proto::sync::read(&self.loaded).as_ref() {
+            Some(l) => (l.trusted.clone(), l.disabled.clone()),
+            None => (Arc::default(), Arc::default()),
+        };
+        let leaf = match der {
+            Some(der) if !(trusted.is_empty() && disabled.is_empty()) => {
+                x509_parser::parse_x509_certificate(der)
+                    .ok()
+                    .map(|(_, c)| c)
+            }
+            _ => None,
         };
         let mut sessions = mooring_proto::sync::lock(&self.session_cas);
-        match ca {
-            Some(ca) => {
-                sessions.insert(id.clone(), ca);
-            }
-            None => {
-                sessions.remove(id);
-            }
+        let Some(leaf) = leaf else {
+            sessions.remove(id);
+            return Ok(());
+        };
+        if let Some(ca) = issued_by(&trusted, &leaf) {
+            sessions.insert(id.clone(), ca.id);
+            return Ok(());
+        }
+        sessions.remove(id);
+        match issued_by(&disabled, &leaf) {
+            Some(ca) => Err(format!(
+                "refused: certificate of {id} is from CA {}, which is disabled",
+                ca.id
+            )),
+            None => Ok(()),
         }
     }
 
@@ -325,17 +336,7 @@ impl Cas {
     /// The enabled registered CA that issued the DER certificate `leaf` (issuer name and
     /// signature), if any.
     fn issuer_of(&self, leaf: &x509_parser::certificate::X509Certificate<'_>) -> Option<CaRecord> {
-        let issuer = leaf.issuer().as_raw();
-        self.trusted().iter().find_map(|t| {
-            // The name first (a byte comparison), the signature only for a CA of that name.
-            if t.subject_der != issuer {
-                return None;
-            }
-            let (_, ca) = x509_parser::parse_x509_certificate(&t.der).ok()?;
-            leaf.verify_signature(Some(ca.public_key()))
-                .is_ok()
-                .then(|| t.record.clone())
-        })
+        issued_by(&self.trusted(), leaf)
     }
 
     /// Just-in-time registration of a device presenting certificate `der` (CN `cn`, SHA-256
@@ -463,6 +464,47 @@ pub async fn run_reload(app: Arc<crate::app::App>, mut stop: tokio::sync::watch:
             tracing::warn!(error = %e, "re-reading the registered CAs failed");
         }
     }
+}
+
+/// The CA of `cas` that issued `leaf`: the name first (a byte comparison), the signature only
+/// for a CA of that name.
+fn issued_by(
+    cas: &[TrustedCa],
+    leaf: &x509_parser::certificate::X509Certificate<'_>,
+) -> Option<CaRecord> {
+    let issuer = leaf.issuer().as_raw();
+    cas.iter().find_map(|t| {
+        if t.subject_der != issuer {
+            return None;
+        }
+        let (_, ca) = x509_parser::parse_x509_certificate(&t.der).ok()?;
+        leaf.verify_signature(Some(ca.public_key()))
+            .is_ok()
+            .then(|| t.record.clone())
+    })
+}
+
+/// A stored CA parsed (`None`, logged, if it cannot be read).
+fn parse_stored(ca: CaRecord) -> Option<TrustedCa> {
+    let der = match CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()) {
+        Ok(der) => der.as_ref().to_vec(),
+        Err(e) => {
+            tracing::warn!(ca = %ca.id, error = %e, "registered CA unreadable; not trusted");
+            return None;
+        }
+    };
+    let subject_der = match x509_parser::parse_x509_certificate(&der) {
+        Ok((_, parsed)) => parsed.subject().as_raw().to_vec(),
+        Err(e) => {
+            tracing::warn!(ca = %ca.id, error = %e, "registered CA unreadable; not trusted");
+            return None;
+        }
+    };
+    Some(TrustedCa {
+        record: ca,
+        der,
+        subject_der,
+    })
 }
 
 fn unscoped(access: &Access) -> ServiceResult<()> {

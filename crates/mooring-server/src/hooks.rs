@@ -232,9 +232,17 @@ impl Hooks for ServerHooks {
                 );
                 return Err(ConnectRefusal::BadClientId);
             }
+            if let Err(why) = app
+                .cas
+                .admit_session(&record.id, req.info.cert_der.as_deref())
+            {
+                Counters::inc(&app.counters().connects_refused);
+                Counters::inc(&app.counters().connects_refused_certificate);
+                tracing::info!(device = cn, "{why}");
+                app.pipeline.step_failed(cn, Step::FirstConnect, why);
+                return Err(ConnectRefusal::NotAuthorized);
+            }
             app.registry.note_session_cert(&record.id, sha256);
-            app.cas
-                .note_session(&record.id, req.info.cert_der.as_deref());
             let principal = Principal::Device {
                 id: record.id,
                 tags: record.tags,
