@@ -332,6 +332,28 @@ async fn bad_ca_certificates_are_400_with_nothing_stored_and_only_admins_may_reg
         ],
     );
     let expired_pem = std::fs::read_to_string(old.join("ca.crt")).expect("old ca");
+    // A CA certificate whose key usage lacks keyCertSign.
+    openssl(
+        &old,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-config",
+            "openssl.cnf",
+            "-extensions",
+            "v3_ca_nosign",
+            "-key",
+            "ca.key",
+            "-subj",
+            "/CN=No Sign CA",
+            "-days",
+            "30",
+            "-out",
+            "nosign.crt",
+        ],
+    );
+    let nosign_pem = std::fs::read_to_string(old.join("nosign.crt")).expect("nosign ca");
 
     let cases: Vec<(&str, String, &str)> = vec![
         ("garbage", "hello".to_owned(), "no certificate"),
@@ -351,6 +373,7 @@ async fn bad_ca_certificates_are_400_with_nothing_stored_and_only_admins_may_reg
             "private key",
         ),
         ("an expired CA", expired_pem, "expired"),
+        ("no keyCertSign", nosign_pem, "keyCertSign"),
         ("the fleet CA", fleet_pem, "fleet CA"),
         ("too long", "x".repeat(16 * 1024 + 1), "longer than"),
     ];

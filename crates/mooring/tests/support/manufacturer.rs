@@ -16,6 +16,9 @@ CN = unused
 basicConstraints = critical,CA:TRUE
 keyUsage = critical,keyCertSign,cRLSign
 subjectKeyIdentifier = hash
+[v3_ca_nosign]
+basicConstraints = critical,CA:TRUE
+keyUsage = critical,digitalSignature
 [v3_dev]
 basicConstraints = CA:FALSE
 keyUsage = critical,digitalSignature
