@@ -1,7 +1,9 @@
 //! The API-facing commands (`mooring device|command|token ...`): arguments in, one typed
 //! [`mooring_api::Client`] call out, the answer printed as a table or as the API's JSON.
 
+mod cas;
 mod certs;
+pub use cas::{ca, CaCommand};
 pub use certs::{cert, CertCommand};
 
 use crate::credentials::CredentialFiles;

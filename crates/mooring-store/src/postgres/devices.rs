@@ -48,12 +48,14 @@ fn device_from_row(row: &Row) -> Result<DeviceRecord> {
     })
 }
 
-#[async_trait::async_trait]
-impl DeviceStore for PgStore {
-    /// The device row, its tags and its certificate's ledger row, in one transaction.
-    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+impl PgStore {
+    /// Inserts a device and its certificate's ledger row in one transaction.
+    pub(super) async fn insert_device(
+        &self,
+        d: NewDevice,
+        cert: CertRecord,
+    ) -> Result<DeviceRecord> {
         d.validate()?;
-        let cert = CertRecord::of_new_device(&d);
         cert.validate()?;
         let record = d.into_record();
         let created_at_ms = ts_to_sql("created_at_ms", record.created_at_ms)?;
@@ -90,6 +92,15 @@ impl DeviceStore for PgStore {
         super::certs::insert_cert(&tx, &cert).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(record)
+    }
+}
+
+#[async_trait::async_trait]
+impl DeviceStore for PgStore {
+    /// The device row, its tags and its certificate's ledger row, in one transaction.
+    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+        let cert = CertRecord::of_new_device(&d);
+        self.insert_device(d, cert).await
     }
 
     async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {

@@ -85,11 +85,14 @@ fn write_tags(
     Ok(())
 }
 
-#[async_trait::async_trait]
-impl DeviceStore for SqliteStore {
-    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+impl SqliteStore {
+    /// Inserts a device and its certificate's ledger row in one transaction.
+    pub(super) async fn insert_device(
+        &self,
+        d: NewDevice,
+        cert: CertRecord,
+    ) -> Result<DeviceRecord> {
         d.validate()?;
-        let cert = CertRecord::of_new_device(&d);
         cert.validate()?;
         let record = d.into_record();
         let tags = tags_to_sql(&record.tags)?;
@@ -114,6 +117,14 @@ impl DeviceStore for SqliteStore {
             }
         })
         .await
+    }
+}
+
+#[async_trait::async_trait]
+impl DeviceStore for SqliteStore {
+    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+        let cert = CertRecord::of_new_device(&d);
+        self.insert_device(d, cert).await
     }
 
     async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {

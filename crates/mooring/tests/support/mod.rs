@@ -10,6 +10,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod manufacturer;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_mooring");
 
 /// Longest a test waits for an expected condition before failing (never a sleep-for-readiness).
