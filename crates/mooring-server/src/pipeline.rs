@@ -153,7 +153,12 @@ impl Pipeline {
                 return;
             }
             if written.len() >= STEP_ERROR_THROTTLE_LEN_MAX {
-                written.clear();
+                // Forget what is past its interval; if still full (a mass failure), this error
+                // is not written: the ones recorded already say what happened.
+                written.retain(|_, at| now_ms < at.saturating_add(STEP_ERROR_WRITE_INTERVAL_MS));
+                if written.len() >= STEP_ERROR_THROTTLE_LEN_MAX {
+                    return;
+                }
             }
             written.insert(key, now_ms);
         }

@@ -396,8 +396,11 @@ impl Provisioning {
 
     /// The live claim with this token, or `claim_invalid` (counted against `source`; the log
     /// says whether the token was unknown, expired or revoked).
+    ///
+    /// A live token is never throttled: the address bound only keeps unknown tokens from being
+    /// tried at the database's expense (a 256-bit token cannot be guessed), so devices behind
+    /// one NAT or load balancer are not locked out by a neighbour with a stale token.
     async fn live_claim(&self, token: &str, source: &str) -> ServiceResult<ClaimRecord> {
-        self.check_address(source).await?;
         let now_ms = self.core.now_ms();
         let found = if token.starts_with(CLAIM_TOKEN_PREFIX) && token.len() <= 128 {
             self.core
@@ -419,6 +422,7 @@ impl Provisioning {
                         tracing::info!(source, claim = %c.id, "enrollment refused: claim expired")
                     }
                 }
+                self.check_address(source).await?;
                 self.count_failure(source).await;
                 Err(claim_invalid())
             }
@@ -600,7 +604,13 @@ impl Provisioning {
         };
         let claim = match self.live_claim(token, peer).await {
             Ok(c) => c,
-            Err(e) if e.kind == ErrorKind::Unavailable || e.kind == ErrorKind::Internal => {
+            // Throttled: "try again later" (a device retries), not "bad token" (it gives up).
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::Unavailable | ErrorKind::Internal | ErrorKind::TooManyRequests
+                ) =>
+            {
                 return Err(ClaimConnectRefusal::Unavailable)
             }
             Err(_) => return Err(ClaimConnectRefusal::BadToken),
@@ -642,7 +652,17 @@ impl Provisioning {
         let max = self.core.config.provisioning.requests_per_minute_max;
         let mut s = self.sessions();
         if s.requests.len() >= REQUEST_COUNTERS_LEN_MAX && !s.requests.contains_key(client_id) {
-            s.requests.clear();
+            // Forget the counters of past minutes only: clearing them all would reset the
+            // clients being limited.
+            s.requests
+                .retain(|_, (since, _)| now_ms < since.saturating_add(MINUTE_MS));
+            if s.requests.len() >= REQUEST_COUNTERS_LEN_MAX {
+                return Err(ServiceError::new(
+                    ErrorKind::TooManyRequests,
+                    "rate_limited",
+                    "too many enrolling clients at once; try again in a minute",
+                ));
+            }
         }
         let entry = s
             .requests

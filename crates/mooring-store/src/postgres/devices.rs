@@ -152,6 +152,12 @@ impl DeviceStore for PgStore {
                 .await
                 .map_err(pg_error)?;
             tx.execute(&latest, &[&id]).await.map_err(pg_error)?;
+            // Its claim enrollments too (see sqlite/devices.rs).
+            let enrollments = tx
+                .prepare_cached("DELETE FROM claim_enrollments WHERE device_id = $1")
+                .await
+                .map_err(pg_error)?;
+            tx.execute(&enrollments, &[&id]).await.map_err(pg_error)?;
             tx.commit().await.map_err(pg_error)?;
             deleted > 0
         };

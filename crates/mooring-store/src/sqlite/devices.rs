@@ -196,6 +196,14 @@ impl DeviceStore for SqliteStore {
                     .db()?;
                 tx.execute("DELETE FROM device_certs WHERE device_id = ?1", params![id])
                     .db()?;
+                // Its claim enrollments too: a stored enrollment is answered again (and its
+                // device re-created) for the same key, which must not bring a deleted device
+                // back with its old certificate.
+                tx.execute(
+                    "DELETE FROM claim_enrollments WHERE device_id = ?1",
+                    params![id],
+                )
+                .db()?;
                 tx.commit().db()?;
                 deleted > 0
             };

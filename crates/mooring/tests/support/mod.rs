@@ -476,6 +476,11 @@ impl Sub {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Whether mosquitto_sub is still running (its connection not closed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
 }
 
 impl Drop for Sub {
