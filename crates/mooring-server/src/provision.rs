@@ -466,6 +466,48 @@ impl Provisioning {
         self.enroll_claim(claim, csr_pem, proposed_id).await
     }
 
+    /// Why the claim's creator may no longer register `device_id` with the claim's tags
+    /// (`None`: it still may): a claim acts for whoever made it, so a user disabled or deleted,
+    /// a token revoked or expired, a role that lost `devices.write` or a scope that no longer
+    /// covers the claim's tags ends it, as it does a job.
+    async fn creator_refused(
+        &self,
+        claim: &ClaimRecord,
+        device_id: &DeviceId,
+    ) -> ServiceResult<Option<String>> {
+        // The server's own claims (the simulator's) name no user or token.
+        if !(claim.created_by.starts_with("usr_") || claim.created_by.starts_with("tok_")) {
+            return Ok(None);
+        }
+        let store = &self.core.store;
+        let (role, scope) = match store.get_user(&claim.created_by).await? {
+            Some(u) if u.disabled => return Ok(Some(format!("user {} is disabled", u.email))),
+            Some(u) => (u.role, u.scope),
+            None => match store.get_token(&claim.created_by).await? {
+                Some(t) if t.is_live(self.core.now_ms()) => (t.role, t.scope),
+                Some(_) => return Ok(Some(format!("token {} expired", claim.created_by))),
+                None => return Ok(Some(format!("{} was revoked or deleted", claim.created_by))),
+            },
+        };
+        if !crate::access::role_allows(role, crate::access::Permission::DevicesWrite) {
+            return Ok(Some(format!(
+                "{} no longer may create devices (role {})",
+                claim.created_by,
+                role.as_str()
+            )));
+        }
+        if let Some(scope) = scope {
+            let access = Access::scoped(crate::access::parse_scope(&scope)?);
+            if !access.sees_facts(device_id.as_str(), &claim.tags) {
+                return Ok(Some(format!(
+                    "the scope of {} no longer covers the claim's tags",
+                    claim.created_by
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     async fn enroll_claim(
         &self,
         claim: ClaimRecord,
@@ -502,6 +544,10 @@ impl Provisioning {
             })?;
             Registry::parse_id(proposed)?
         };
+        if let Some(why) = self.creator_refused(&claim, &device_id).await? {
+            tracing::info!(claim = %claim.id, reason = %why, "enrollment refused: the claim's creator may no longer create this device");
+            return Err(claim_invalid());
+        }
         if self.registry.lookup(device_id.as_str()).await?.is_some() {
             return Err(device_exists(device_id.as_str()));
         }

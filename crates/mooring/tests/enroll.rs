@@ -953,4 +953,49 @@ async fn a_deleted_device_is_not_revived_by_replaying_its_enrollment_and_a_live_
     )
     .await;
     assert_eq!(status, 201, "{ok}");
+
+    // A claim acts for its creator: once the operator's token is revoked, it enrolls no one.
+    let (status, op) = server
+        .api(
+            "POST",
+            "/api/v1/tokens",
+            Some(json!({"name": "line-3", "role": "operator"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{op}");
+    let secret = op["token"].as_str().expect("secret");
+    let made = support::call(
+        &server,
+        "post",
+        "/api/v1/claims",
+        Some(secret),
+        None,
+        &[],
+        Some(json!({"count": 5})),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.body);
+    let line_token = made.body["token"].as_str().expect("claim token").to_owned();
+    let csr = key_and_csr(tmp.path(), "line-1");
+    let (status, body) = https_enroll(
+        &server,
+        json!({"claim_token": line_token, "csr_pem": csr, "device_id": "line-1"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _) = server
+        .api(
+            "DELETE",
+            &format!("/api/v1/tokens/{}", op["id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let csr = key_and_csr(tmp.path(), "line-2");
+    let (status, body) = https_enroll(
+        &server,
+        json!({"claim_token": line_token, "csr_pem": csr, "device_id": "line-2"}),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (401, "claim_invalid"), "{body}");
 }
