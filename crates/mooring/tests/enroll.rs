@@ -9,21 +9,7 @@ mod support;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::{mosquitto_pub, s, Server};
-
-fn openssl(args: &[&str], dir: &Path) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::{mosquitto_pub, openssl, s, Server};
 
 /// A device's own EC P-256 key `<name>.key` and a CSR `<name>.csr` for it that asks for what it
 /// must not get (another CN, a CA flag, a DNS name); returns the CSR's PEM.

@@ -8,42 +8,14 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::Command;
 use support::manufacturer::{hex_name, openssl, Manufacturer, OPENSSL_CNF};
-use support::{mosquitto_pub, s, Creds, Server};
-
-/// Whether device `id` can connect with `creds` and publish one QoS 1 telemetry message.
-fn can_publish(server: &Server, creds: &Creds, id: &str) -> bool {
-    let mut args = creds.mosquitto_args(server.mqtt);
-    args.extend(s(&[
-        "-V",
-        "mqttv5",
-        "-i",
-        id,
-        "-q",
-        "1",
-        "-t",
-        &format!("devices/{id}/telemetry"),
-        "-m",
-        r#"{"temp":21.5}"#,
-    ]));
-    mosquitto_pub(&args).status.success()
-}
-
-fn cli_json(server: &Server, args: &[&str]) -> Value {
-    let out = server.cli(args);
-    assert!(
-        out.status.success(),
-        "mooring {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json output")
-}
+use support::{s, Server};
 
 fn register(server: &Server, m: &Manufacturer, extra: &[&str]) -> Value {
     let cert = m.ca_cert();
     let mut args = vec!["ca", "register", "--cert", cert.to_str().expect("utf8")];
     args.extend_from_slice(extra);
     args.extend_from_slice(&["-o", "json"]);
-    cli_json(server, &args)
+    server.cli_json(&args)
 }
 
 fn fleet_ca(server: &Server) -> PathBuf {
@@ -73,7 +45,7 @@ async fn auto_register_ca_registers_its_device_on_first_connect_and_disable_refu
     assert_eq!(status, 404, "not registered before it connects");
     let creds = acme.make_device("sensor-1", &fleet_ca(&server));
     assert!(
-        can_publish(&server, &creds, "sensor-1"),
+        support::device_can_publish(&server, &creds, "sensor-1"),
         "first connection admitted; log:\n{}",
         server.log_text()
     );
@@ -113,14 +85,14 @@ async fn auto_register_ca_registers_its_device_on_first_connect_and_disable_refu
     assert_eq!(step("registered")["state"], "done");
 
     // Known now: the next connection is an ordinary one.
-    assert!(can_publish(&server, &creds, "sensor-1"));
+    assert!(support::device_can_publish(&server, &creds, "sensor-1"));
     assert_eq!(
         server.log_text().matches("registered just in time").count(),
         1
     );
 
     // `ca list` shows it; disabled, its device fails the handshake; enabled, it is back.
-    let list = cli_json(&server, &["ca", "list", "-o", "json"]);
+    let list = server.cli_json(&["ca", "list", "-o", "json"]);
     assert_eq!(list["cas"][0]["id"], ca_id.as_str());
     // A live session of its device is closed (MQTT 5: DISCONNECT 0x87, not authorized).
     let mut args = creds.mosquitto_args(server.mqtt);
@@ -133,18 +105,18 @@ async fn auto_register_ca_registers_its_device_on_first_connect_and_disable_refu
         "devices/sensor-1/#",
     ]));
     let mut live = support::Sub::start(&args);
-    let disabled = cli_json(&server, &["ca", "disable", &ca_id, "-o", "json"]);
+    let disabled = server.cli_json(&["ca", "disable", &ca_id, "-o", "json"]);
     assert_eq!(disabled["enabled"], false);
     live.wait_line(|l| l.contains("DISCONNECT (135)"));
     server.wait_log("its certificate's CA is no longer trusted");
     assert!(
-        !can_publish(&server, &creds, "sensor-1"),
+        !support::device_can_publish(&server, &creds, "sensor-1"),
         "a disabled CA's device is refused"
     );
     server.wait_log("TLS handshake failed");
-    let enabled = cli_json(&server, &["ca", "enable", &ca_id, "-o", "json"]);
+    let enabled = server.cli_json(&["ca", "enable", &ca_id, "-o", "json"]);
     assert_eq!(enabled["enabled"], true);
-    assert!(can_publish(&server, &creds, "sensor-1"));
+    assert!(support::device_can_publish(&server, &creds, "sensor-1"));
 
     // The audit log names the actions.
     let (_, audit) = server.api("GET", "/api/v1/audit", None).await;
@@ -167,7 +139,7 @@ async fn without_auto_register_and_for_taken_or_invalid_ids_devices_are_refused_
     let ca_id = ca["id"].as_str().expect("id").to_owned();
     assert_eq!(ca["auto_register"], false);
     let creds = quiet.make_device("meter-2", &fleet);
-    assert!(!can_publish(&server, &creds, "meter-2"));
+    assert!(!support::device_can_publish(&server, &creds, "meter-2"));
     server.wait_log(&format!(
         "refused: certificate of meter-2 chains to registered CA {ca_id}, which does not auto-register"
     ));
@@ -185,7 +157,7 @@ async fn without_auto_register_and_for_taken_or_invalid_ids_devices_are_refused_
         .api("GET", "/api/v1/devices/meter-3/certificates", None)
         .await;
     let creds = acme.make_device("meter-3", &fleet);
-    assert!(!can_publish(&server, &creds, "meter-3"));
+    assert!(!support::device_can_publish(&server, &creds, "meter-3"));
     server.wait_log(&format!(
         "device meter-3 exists; its certificate from CA {acme_id} is not registered"
     ));
@@ -202,7 +174,7 @@ async fn without_auto_register_and_for_taken_or_invalid_ids_devices_are_refused_
 
     // A CN that is not a valid device id.
     let creds = acme.make_device("bad id!", &fleet);
-    assert!(!can_publish(&server, &creds, "bad id!"));
+    assert!(!support::device_can_publish(&server, &creds, "bad id!"));
     server.wait_log("is not a valid device id");
     let (_, list) = server.api("GET", "/api/v1/devices", None).await;
     let ids: Vec<&str> = list["devices"]
@@ -262,7 +234,7 @@ async fn concurrent_first_connections_register_the_device_once() {
         1,
         "one registration"
     );
-    assert!(can_publish(&server, &creds, "valve-7"));
+    assert!(support::device_can_publish(&server, &creds, "valve-7"));
 }
 
 #[tokio::test]

@@ -3,7 +3,6 @@
 
 use super::Creds;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// openssl config: the CA's and the devices' extensions, and `openssl ca` settings.
 pub const OPENSSL_CNF: &str = "\
@@ -38,16 +37,7 @@ commonName = supplied
 ";
 
 pub fn openssl(dir: &Path, args: &[&str]) {
-    let o = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    super::openssl(args, dir);
 }
 
 /// A manufacturer: its CA (`<dir>/ca.crt`, `ca.key`) and the devices it makes.
