@@ -1,0 +1,268 @@
+//! Certificate rotation (issue 16) against the real binary: a device renews its certificate by CSR
+//! over its own session (`devices/<id>/cert/request`); the new certificate is active beside the
+//! old one until the device connects with it, which makes it current and revokes the old one
+//! ("rotated"), on whatever node. At most one unconfirmed renewal per device.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use support::{mosquitto_pub, s, Creds, MqttDevice, Server};
+
+/// A new EC P-256 key `<name>.key` in `dir` and a CSR for it (PEM) whose subject names another
+/// device: the server must use only the key.
+fn new_key_and_csr(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .args(["-subj", "/CN=forged-other-device"])
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (key, std::fs::read_to_string(&csr).expect("csr"))
+}
+
+/// Credentials made of the old ones' CA, `key` and the PEM `cert`, in `dir`.
+fn creds_with(old: &Creds, dir: &Path, key: &Path, cert: &str) -> Creds {
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::copy(old.ca(), dir.join("ca.crt")).expect("ca");
+    std::fs::copy(key, dir.join("device.key")).expect("key");
+    std::fs::write(dir.join("device.crt"), cert).expect("cert");
+    Creds {
+        dir: dir.to_owned(),
+    }
+}
+
+/// Whether the device can connect and publish one QoS 1 message with `creds`.
+fn can_publish(server: &Server, creds: &Creds, id: &str) -> bool {
+    let mut args = creds.mosquitto_args(server.mqtt);
+    args.extend(s(&[
+        "-V",
+        "mqttv5",
+        "-i",
+        id,
+        "-q",
+        "1",
+        "-t",
+        &format!("devices/{id}/telemetry"),
+        "-m",
+        r#"{"probe":1}"#,
+    ]));
+    mosquitto_pub(&args).status.success()
+}
+
+/// The renewal request for `csr` and the answer: (topic, payload).
+async fn renew(dev: &mut MqttDevice, id: &str, csr: &str) -> (String, Value) {
+    dev.publish(
+        &format!("devices/{id}/cert/request"),
+        &json!({"v": 1, "csr_pem": csr}).to_string(),
+    )
+    .await;
+    dev.next_json().await
+}
+
+/// The device's certificates: serial -> (state, revoke_reason).
+async fn ledger(server: &Server, id: &str) -> Vec<(String, String, Value)> {
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/devices/{id}/certificates"), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v["certificates"]
+        .as_array()
+        .expect("certificates")
+        .iter()
+        .map(|c| {
+            (
+                c["serial"].as_str().expect("serial").to_owned(),
+                c["state"].as_str().expect("state").to_owned(),
+                c["revoke_reason"].clone(),
+            )
+        })
+        .collect()
+}
+
+async fn current_serial(server: &Server, id: &str) -> String {
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/devices/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v["cert_serial"].as_str().expect("cert_serial").to_owned()
+}
+
+async fn telemetry_count(server: &Server, id: &str, metric: &str) -> usize {
+    let (status, v) = server
+        .api(
+            "GET",
+            &format!("/api/v1/devices/{id}/telemetry?metric={metric}&limit=1000"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v["points"].as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test]
+async fn a_device_renews_over_its_session_and_connecting_with_the_new_certificate_revokes_the_old()
+{
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let old = server.create_device("r1", tmp.path());
+    let old_serial = current_serial(&server, "r1").await;
+    let mut dev = MqttDevice::connect(&server, &old, "r1").await;
+    dev.subscribe("devices/r1/cert/#").await;
+    let mut sent = 0u32;
+    for _ in 0..5 {
+        sent += 1;
+        dev.publish(
+            "devices/r1/telemetry",
+            &json!({"seq": sent, "temp": sent}).to_string(),
+        )
+        .await;
+    }
+
+    // A CSR with a forged subject: the certificate names the device, for the CSR's key.
+    let (key, csr) = new_key_and_csr(tmp.path(), "next");
+    let (topic, accepted) = renew(&mut dev, "r1", &csr).await;
+    assert_eq!(topic, "devices/r1/cert/accepted", "{accepted}");
+    assert_eq!(accepted["device_id"], "r1");
+    let cert_pem = accepted["certificate_pem"]
+        .as_str()
+        .expect("pem")
+        .to_owned();
+    assert!(accepted["ca_pem"]
+        .as_str()
+        .expect("ca")
+        .contains("BEGIN CERTIFICATE"));
+    // The same key again: the same certificate.
+    let (topic, again) = renew(&mut dev, "r1", &csr).await;
+    assert_eq!(topic, "devices/r1/cert/accepted");
+    assert_eq!(again["certificate_pem"], cert_pem.as_str());
+    for _ in 0..5 {
+        sent += 1;
+        dev.publish(
+            "devices/r1/telemetry",
+            &json!({"seq": sent, "temp": sent}).to_string(),
+        )
+        .await;
+    }
+    // Both certificates are active until the device connects with the new one.
+    let before = ledger(&server, "r1").await;
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(
+        before.iter().all(|(_, state, _)| state == "active"),
+        "{before:?}"
+    );
+    assert_eq!(current_serial(&server, "r1").await, old_serial);
+    let new_serial = before
+        .iter()
+        .map(|(serial, _, _)| serial.clone())
+        .find(|serial| *serial != old_serial)
+        .expect("new serial");
+
+    // The device reconnects with its new pair and goes on sending.
+    let new = creds_with(&old, &tmp.path().join("r1-next"), &key, &cert_pem);
+    drop(dev);
+    let mut dev = MqttDevice::connect(&server, &new, "r1").await;
+    for _ in 0..5 {
+        sent += 1;
+        dev.publish(
+            "devices/r1/telemetry",
+            &json!({"seq": sent, "temp": sent}).to_string(),
+        )
+        .await;
+    }
+    assert_eq!(current_serial(&server, "r1").await, new_serial);
+    let after = ledger(&server, "r1").await;
+    let state_of = |serial: &str| {
+        after
+            .iter()
+            .find(|(s, _, _)| s == serial)
+            .map(|(_, state, reason)| (state.clone(), reason.clone()))
+            .expect("in the ledger")
+    };
+    assert_eq!(
+        state_of(&old_serial),
+        ("revoked".to_owned(), json!("rotated"))
+    );
+    assert_eq!(state_of(&new_serial).0, "active");
+    // No telemetry lost across the rotation; the old certificate is refused from now on.
+    assert_eq!(telemetry_count(&server, "r1", "temp").await, sent as usize);
+    assert!(
+        !can_publish(&server, &old, "r1"),
+        "the old certificate still works"
+    );
+    assert!(can_publish(&server, &new, "r1"));
+    // The rotation is in the audit log.
+    let (_, audit) = server
+        .api("GET", "/api/v1/audit?action=cert.rotated&limit=10", None)
+        .await;
+    assert_eq!(
+        audit["entries"].as_array().map_or(0, Vec::len),
+        1,
+        "{audit}"
+    );
+}
+
+#[tokio::test]
+async fn a_renewal_with_another_key_replaces_the_unconfirmed_one_and_bad_requests_are_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let old = server.create_device("r2", tmp.path());
+    let mut dev = MqttDevice::connect(&server, &old, "r2").await;
+    dev.subscribe("devices/r2/cert/#").await;
+
+    let (topic, rejected) = renew(&mut dev, "r2", "not a csr").await;
+    assert_eq!(topic, "devices/r2/cert/rejected", "{rejected}");
+    assert_eq!(rejected["code"], "invalid_csr");
+    assert_eq!(ledger(&server, "r2").await.len(), 1);
+
+    let (key_a, csr_a) = new_key_and_csr(tmp.path(), "a");
+    let (_, a) = renew(&mut dev, "r2", &csr_a).await;
+    let cert_a = a["certificate_pem"].as_str().expect("pem").to_owned();
+    let (key_b, csr_b) = new_key_and_csr(tmp.path(), "b");
+    let (_, b) = renew(&mut dev, "r2", &csr_b).await;
+    let cert_b = b["certificate_pem"].as_str().expect("pem").to_owned();
+    assert_ne!(cert_a, cert_b);
+    // One unconfirmed certificate at most: a's is revoked, b's is active.
+    let certs = ledger(&server, "r2").await;
+    assert_eq!(certs.len(), 3, "{certs:?}");
+    let replaced: Vec<_> = certs.iter().filter(|(_, st, _)| st == "revoked").collect();
+    assert_eq!(replaced.len(), 1, "{certs:?}");
+    assert_eq!(replaced[0].2, json!("renewal replaced"));
+    let with_a = creds_with(&old, &tmp.path().join("r2-a"), &key_a, &cert_a);
+    let with_b = creds_with(&old, &tmp.path().join("r2-b"), &key_b, &cert_b);
+    drop(dev);
+    assert!(
+        !can_publish(&server, &with_a, "r2"),
+        "the replaced certificate works"
+    );
+    assert!(can_publish(&server, &with_b, "r2"));
+    assert!(
+        !can_publish(&server, &old, "r2"),
+        "the old certificate still works"
+    );
+    // The rotated device can renew again.
+    let mut dev = MqttDevice::connect(&server, &with_b, "r2").await;
+    dev.subscribe("devices/r2/cert/#").await;
+    let (_, csr_c) = new_key_and_csr(tmp.path(), "c");
+    let (topic, _) = renew(&mut dev, "r2", &csr_c).await;
+    assert_eq!(topic, "devices/r2/cert/accepted");
+}
