@@ -66,3 +66,14 @@ pub struct Revoked {
     /// The serials revoked by this call (empty: they were revoked already).
     pub revoked: Vec<String>,
 }
+
+/// `POST /api/v1/devices/{id}/certificates/rotate`: tell the device to renew its certificate
+/// now. Delivered as the reserved command `mooring.cert.rotate` (handled inside the agent), so
+/// it waits while the device is offline, up to `ttl_secs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// How long the request waits for an offline device (default: the server's command TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}

@@ -548,6 +548,20 @@ impl Client {
             .await
     }
 
+    /// `POST /api/v1/devices/{id}/certificates/rotate`: the device renews its certificate (the
+    /// command carrying the request).
+    pub async fn rotate_certificate(
+        &self,
+        id: &str,
+        req: &crate::RotateRequest,
+    ) -> Result<Command> {
+        let url = self.url(
+            &["api", "v1", "devices", id, "certificates", "rotate"],
+            None::<&()>,
+        )?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
     /// `POST /api/v1/devices/{id}/revoke`: revokes every active certificate of the device.
     pub async fn revoke_device(
         &self,

@@ -35,7 +35,9 @@ pub use accounts::{
     AuditEntry, AuditList, AuditParams, CreateUser, CreatedUser, LoginRequest, LoginResponse, Me,
     PasswordLink, SetPassword, UpdateUser, User, UserList,
 };
-pub use certs::{Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked};
+pub use certs::{
+    Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked, RotateRequest,
+};
 pub use commands::{
     AnyCommand, Command, CommandList, CommandListParams, CommandResultBody, CreateCommand,
     CreateFleetCommand, FleetCommand, HistoryEntry, WaitParams,

@@ -266,3 +266,201 @@ async fn a_renewal_with_another_key_replaces_the_unconfirmed_one_and_bad_request
     let (topic, _) = renew(&mut dev, "r2", &csr_c).await;
     assert_eq!(topic, "devices/r2/cert/accepted");
 }
+
+/// The `n` values stored for the device.
+async fn stored_ns(server: &Server, id: &str) -> Vec<f64> {
+    let (_, v) = server
+        .api(
+            "GET",
+            &format!("/api/v1/devices/{id}/telemetry?metric=n&limit=10000"),
+            None,
+        )
+        .await;
+    v["points"]
+        .as_array()
+        .map(|p| p.iter().filter_map(|x| x["value"].as_f64()).collect())
+        .unwrap_or_default()
+}
+
+/// A copy of `creds` in `dir` (the agent replaces its files when it rotates).
+fn copy_creds(creds: &Creds, dir: &Path) -> Creds {
+    std::fs::create_dir_all(dir).expect("dir");
+    for f in ["ca.crt", "device.crt", "device.key"] {
+        std::fs::copy(creds.dir.join(f), dir.join(f)).expect("copy");
+    }
+    Creds {
+        dir: dir.to_owned(),
+    }
+}
+
+/// Polls the device's current serial until it is not `old`; panics after 60 s.
+async fn wait_serial_change(server: &Server, id: &str, old: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let now = current_serial(server, id).await;
+        if now != old {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the device's certificate did not change"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_agent_past_the_lifetime_fraction_renews_under_a_live_session_without_losing_telemetry()
+{
+    use std::io::Write as _;
+    let tmp = tempfile::tempdir().expect("tmp");
+    // One-day certificates, issued 5 minutes back-dated: 0.0035 of their life is past ~3.5 s
+    // after issue.
+    let cfg = support::config_args(tmp.path(), "[certificates]\ndevice_validity_days = 1\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let creds = server.create_device("a1", tmp.path());
+    let old = copy_creds(&creds, &tmp.path().join("a1-old"));
+    let old_serial = current_serial(&server, "a1").await;
+    let agent_cfg = tmp.path().join("agent.toml");
+    std::fs::write(&agent_cfg, "renew_at_lifetime_fraction = 0.0035\n").expect("agent config");
+    let state = tmp.path().join("a1-state");
+    let mut agent = support::agent_command(&server, &creds, &state)
+        .args([
+            "--interval-secs",
+            "0",
+            "--input",
+            "-",
+            "--exit-when-drained",
+        ])
+        .arg("--config")
+        .arg(&agent_cfg)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn mooring-agent");
+    let mut stdin = agent.stdin.take().expect("stdin");
+    // Telemetry flows all along: before, during and after the rotation.
+    let mut sent = 0u32;
+    let mut new_serial = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while new_serial.is_none() || sent < 80 {
+        writeln!(stdin, "{{\"n\":{sent}}}").expect("write");
+        stdin.flush().expect("flush");
+        sent += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if new_serial.is_none() {
+            let now = current_serial(&server, "a1").await;
+            if now != old_serial {
+                new_serial = Some(now);
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not rotate its certificate"
+        );
+    }
+    drop(stdin);
+    let exit_deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = agent.try_wait().expect("try_wait") {
+            break status;
+        }
+        if std::time::Instant::now() > exit_deadline {
+            let _ = agent.kill();
+            panic!("agent did not drain its outbox and exit");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "agent exit: {status}");
+    // Every point once, none lost.
+    let mut ns = stored_ns(&server, "a1").await;
+    ns.sort_by(f64::total_cmp);
+    let expected: Vec<f64> = (0..sent).map(f64::from).collect();
+    assert_eq!(ns, expected);
+    // The old certificate is revoked ("rotated") and refused; the agent's files are a pair the
+    // server accepts.
+    let certs = ledger(&server, "a1").await;
+    let old_row = certs
+        .iter()
+        .find(|(s, _, _)| *s == old_serial)
+        .expect("old certificate in the ledger");
+    assert_eq!(
+        (old_row.1.as_str(), &old_row.2),
+        ("revoked", &json!("rotated"))
+    );
+    assert!(
+        !can_publish(&server, &old, "a1"),
+        "the old certificate still works"
+    );
+    assert!(
+        can_publish(&server, &creds, "a1"),
+        "the agent's rotated files do not work"
+    );
+    drop(state);
+}
+
+#[tokio::test]
+async fn cert_rotate_makes_a_healthy_agent_renew_even_when_told_while_it_was_offline() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let creds = server.create_device("a2", tmp.path());
+    let old = copy_creds(&creds, &tmp.path().join("a2-old"));
+    let old_serial = current_serial(&server, "a2").await;
+    // Told while offline: the request waits for the device.
+    let out = server.cli(&["cert", "rotate", "--device", "a2", "--ttl", "1h"]);
+    assert!(
+        out.status.success(),
+        "cert rotate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("told to renew"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Unknown devices are not found.
+    let out = server.cli(&["cert", "rotate", "--device", "nope"]);
+    assert!(!out.status.success());
+    let state = tmp.path().join("a2-state");
+    let mut agent = support::agent_command(&server, &creds, &state)
+        .args(["--interval-secs", "0"])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn mooring-agent");
+    let new_serial = wait_serial_change(&server, "a2", &old_serial).await;
+    // The command succeeded; the old certificate is revoked, refused; the agent's files work.
+    let (_, cmds) = server.api("GET", "/api/v1/devices/a2/commands", None).await;
+    assert_eq!(cmds["commands"][0]["name"], "mooring.cert.rotate", "{cmds}");
+    let certs = ledger(&server, "a2").await;
+    assert!(
+        certs
+            .iter()
+            .any(|(s, st, r)| *s == old_serial && st == "revoked" && *r == json!("rotated")),
+        "{certs:?}"
+    );
+    assert!(certs
+        .iter()
+        .any(|(s, st, _)| *s == new_serial && st == "active"));
+    assert!(
+        !can_publish(&server, &old, "a2"),
+        "the old certificate still works"
+    );
+    // The agent swapped its files (after its CONNACK with the new pair): wait for that, then
+    // a client with them gets in, and no renewed pair is left waiting.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::read(creds.cert()).expect("cert") == std::fs::read(old.cert()).expect("cert")
+        || state.join("device.next.key").exists()
+    {
+        assert!(std::time::Instant::now() < deadline, "files not swapped");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(can_publish(&server, &creds, "a2"));
+    assert!(!state.join("device.next.crt").exists());
+}

@@ -5,7 +5,9 @@ use super::{ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
 use crate::app::App;
 use axum::extract::State;
 use axum::{Extension, Json};
-use mooring_api::{Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked};
+use mooring_api::{
+    Certificate, CertificateList, Command, ExpiringParams, RevokeRequest, Revoked, RotateRequest,
+};
 use mooring_store::CertRecord;
 use std::sync::Arc;
 
@@ -95,4 +97,34 @@ pub(super) async fn revoke_certificate(
         .revoke_certificate(&caller.access, &serial, req.reason.as_deref())
         .await?;
     Ok(Json(Revoked { revoked }))
+}
+
+/// The reserved command the agent handles by renewing its certificate.
+pub const ROTATE_COMMAND: &str = "mooring.cert.rotate";
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/certificates/rotate", params(("id" = String, Path)), request_body = RotateRequest,
+    responses((status = 202, body = Command, description = "the device is told to renew its certificate (the command `mooring.cert.rotate`, delivered when it is online, up to ttl_secs); once it connects with the new certificate the old one is revoked"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn rotate_certificate(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<RotateRequest>,
+) -> ApiResult<(axum::http::StatusCode, Json<Command>)> {
+    let c = crate::commands::NewCommand {
+        name: ROTATE_COMMAND.to_owned(),
+        params: serde_json::json!({}),
+        ttl_secs: req.ttl_secs,
+        max_attempts: None,
+        idempotency_key: None,
+        result_timeout_secs: None,
+    };
+    let (_, record) = app
+        .commands
+        .create_command(&caller.access, &id, c, None)
+        .await?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(super::commands::command_body(record)),
+    ))
 }

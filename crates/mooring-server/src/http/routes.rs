@@ -76,6 +76,7 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         // Certificates (issue 16).
         row!(get, "/api/v1/devices/{id}/certificates", DevicesRead, "cert.list", certs::device_certificates),
         row!(post, "/api/v1/devices/{id}/revoke", DevicesWrite, "device.revoke", certs::revoke_device),
+        row!(post, "/api/v1/devices/{id}/certificates/rotate", DevicesWrite, "cert.rotate", certs::rotate_certificate),
         row!(get, "/api/v1/certificates", DevicesRead, "cert.expiring", certs::expiring_certificates),
         row!(post, "/api/v1/certificates/{serial}/revoke", DevicesWrite, "cert.revoke", certs::revoke_certificate),
         // Provisioning pipeline and installations.

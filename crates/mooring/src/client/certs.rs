@@ -3,7 +3,7 @@
 use super::{call, parse_duration_ms, parse_id, usage, ApiArgs, EXIT_OK};
 use crate::output::{print_json, rfc3339, OutputArgs, Table};
 use clap::Subcommand;
-use mooring_api::{Certificate, CertificateList, ExpiringParams, RevokeRequest};
+use mooring_api::{Certificate, CertificateList, ExpiringParams, RevokeRequest, RotateRequest};
 
 /// Most certificates `cert expiring` prints (pages of 1000 are followed up to this).
 const EXPIRING_SHOWN_MAX: usize = 100_000;
@@ -18,6 +18,18 @@ pub enum CertCommand {
         /// Why (kept with the certificate; at most 256 characters).
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// Tell a device to renew its certificate now (its agent makes a new key, gets a
+    /// certificate for it, reconnects with it; then the old one is revoked). Waits for an
+    /// offline device up to --ttl.
+    Rotate {
+        /// Device id.
+        #[arg(long, value_name = "ID")]
+        device: String,
+        /// How long the request waits for an offline device, e.g. 7d, 12h (default: the
+        /// server's command TTL).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
     },
     /// List a device's certificates, newest issued first.
     List {
@@ -89,6 +101,20 @@ pub async fn cert(args: ApiArgs, command: CertCommand) -> anyhow::Result<u8> {
             let req = RevokeRequest { reason };
             let done = call(args.connect()?.revoke_certificate(&serial, &req).await)?;
             print_revoked(&format!("certificate {serial}"), &done.revoked);
+        }
+        CertCommand::Rotate { device, ttl } => {
+            let id = parse_id(&device)?;
+            let ttl_secs = ttl
+                .as_deref()
+                .map(parse_duration_ms)
+                .transpose()?
+                .map(|ms| ms.div_ceil(1000));
+            let req = RotateRequest { ttl_secs };
+            let c = call(args.connect()?.rotate_certificate(id.as_str(), &req).await)?;
+            println!(
+                "device {id} told to renew its certificate (command {}, {})",
+                c.id, c.state
+            );
         }
         CertCommand::List { device, output } => {
             let id = parse_id(&device)?;
