@@ -36,7 +36,8 @@ pub use accounts::{
     PasswordLink, SetPassword, UpdateUser, User, UserList,
 };
 pub use certs::{
-    Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked, RotateRequest,
+    Certificate, CertificateList, CreateRotation, ExpiringParams, RevokeRequest, Revoked,
+    RotateRequest, Rotation, RotationList,
 };
 pub use commands::{
     AnyCommand, Command, CommandList, CommandListParams, CommandResultBody, CreateCommand,

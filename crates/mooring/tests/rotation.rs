@@ -464,3 +464,170 @@ async fn cert_rotate_makes_a_healthy_agent_renew_even_when_told_while_it_was_off
     assert!(can_publish(&server, &creds, "a2"));
     assert!(!state.join("device.next.crt").exists());
 }
+
+/// The `mooring.cert.rotate` commands of each device: device -> created_at (ms) of each.
+async fn rotate_commands(server: &Server, ids: &[String]) -> Vec<(String, Vec<u64>)> {
+    let mut out = Vec::new();
+    for id in ids {
+        let (_, v) = server
+            .api("GET", &format!("/api/v1/devices/{id}/commands"), None)
+            .await;
+        let times = v["commands"]
+            .as_array()
+            .map(|cs| {
+                cs.iter()
+                    .filter(|c| c["name"] == "mooring.cert.rotate")
+                    .filter_map(|c| c["created_at"].as_u64())
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((id.clone(), times));
+    }
+    out
+}
+
+/// `mooring cert rotation status <id> --json`.
+fn rotation_status(server: &Server, id: &str) -> Value {
+    let out = server.cli(&["cert", "rotation", "status", id, "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "rotation status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// Starts a fleet rotation with the CLI; returns its id.
+fn start_rotation(server: &Server, within: &str, per_minute: &str) -> String {
+    let out = server.cli(&[
+        "cert",
+        "rotate",
+        "--expiring-within",
+        within,
+        "--max-per-minute",
+        per_minute,
+    ]);
+    assert!(
+        out.status.success(),
+        "cert rotate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .find(|w| w.starts_with("job_"))
+        .expect("rotation id")
+        .to_owned()
+}
+
+/// Polls the rotation until `pred` holds; panics after 90 s.
+async fn wait_rotation(server: &Server, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let v = rotation_status(server, id);
+        if pred(&v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "rotation stuck: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_fleet_rotation_is_throttled_as_asked_and_every_agent_confirms() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    // 10-day certificates; the rotation picks those expiring within 10 days of its start: all
+    // of them, and none of the ones it causes (issued later).
+    let cfg = support::config_args(tmp.path(), "[certificates]\ndevice_validity_days = 10\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let ids: Vec<String> = (1..=4).map(|i| format!("f{i}")).collect();
+    let mut agents = Vec::new();
+    for id in &ids {
+        let creds = server.create_device(id, tmp.path());
+        agents.push(
+            support::agent_command(&server, &creds, &tmp.path().join(format!("{id}-state")))
+                .args(["--interval-secs", "0"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("spawn mooring-agent"),
+        );
+    }
+    let old: Vec<String> = {
+        let mut v = Vec::new();
+        for id in &ids {
+            v.push(current_serial(&server, id).await);
+        }
+        v
+    };
+    // 60 a minute: one a second.
+    let rot = start_rotation(&server, "10d", "60");
+    let done = wait_rotation(&server, &rot, |v| {
+        v["job"]["state"] == "succeeded" && v["confirmed"] == 4
+    })
+    .await;
+    assert_eq!(done["selected"], 4, "{done}");
+    assert_eq!(done["requested"], 4, "{done}");
+    assert_eq!(done["pending"], 0, "{done}");
+    assert_eq!(done["failed"], 0, "{done}");
+    // One request per device, spaced by a second at least (some slack for the clock).
+    let cmds = rotate_commands(&server, &ids).await;
+    let mut times: Vec<u64> = cmds
+        .iter()
+        .map(|(id, t)| {
+            assert_eq!(t.len(), 1, "{id}: {t:?}");
+            t[0]
+        })
+        .collect();
+    times.sort_unstable();
+    for pair in times.windows(2) {
+        assert!(pair[1] - pair[0] >= 900, "requests too close: {times:?}");
+    }
+    // Every device rotated: a new current certificate, the old one revoked.
+    for (id, old_serial) in ids.iter().zip(&old) {
+        assert_ne!(&current_serial(&server, id).await, old_serial);
+        let certs = ledger(&server, id).await;
+        assert!(
+            certs
+                .iter()
+                .any(|(s, st, r)| s == old_serial && st == "revoked" && *r == json!("rotated")),
+            "{id}: {certs:?}"
+        );
+    }
+    for mut a in agents {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_fleet_rotation_resumes_after_a_server_restart_without_asking_twice() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let cfg = support::config_args(tmp.path(), "[certificates]\ndevice_validity_days = 10\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let ids: Vec<String> = (1..=3).map(|i| format!("g{i}")).collect();
+    for id in &ids {
+        server.create_device(id, tmp.path());
+    }
+    // 20 a minute: one every 3 s. The devices are offline: the requests wait for them.
+    let rot = start_rotation(&server, "10d", "20");
+    wait_rotation(&server, &rot, |v| v["requested"] == 1).await;
+    let (mqtt, http) = (server.mqtt.to_string(), server.http.to_string());
+    server.stop();
+    let server = Server::start_with(&data, &mqtt, &http, &cfg);
+    let done = wait_rotation(&server, &rot, |v| v["job"]["state"] == "succeeded").await;
+    assert_eq!(done["selected"], 3, "{done}");
+    assert_eq!(done["requested"], 3, "{done}");
+    assert_eq!(done["confirmed"], 0, "{done}");
+    assert_eq!(done["pending"], 3, "{done}");
+    for (id, t) in rotate_commands(&server, &ids).await {
+        assert_eq!(t.len(), 1, "{id} asked {} times", t.len());
+    }
+    // Without an id: the newest rotation.
+    let out = server.cli(&["cert", "rotation", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(&rot), "{text}");
+    assert!(text.contains("pending    3"), "{text}");
+}

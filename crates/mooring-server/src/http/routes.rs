@@ -79,6 +79,9 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(post, "/api/v1/devices/{id}/certificates/rotate", DevicesWrite, "cert.rotate", certs::rotate_certificate),
         row!(get, "/api/v1/certificates", DevicesRead, "cert.expiring", certs::expiring_certificates),
         row!(post, "/api/v1/certificates/{serial}/revoke", DevicesWrite, "cert.revoke", certs::revoke_certificate),
+        row!(post, "/api/v1/certificates/rotations", DevicesWrite, "cert.rotate_fleet", certs::create_rotation),
+        row!(get, "/api/v1/certificates/rotations", DevicesRead, "cert.rotations", certs::list_rotations),
+        row!(get, "/api/v1/certificates/rotations/{id}", DevicesRead, "cert.rotation", certs::get_rotation),
         // Provisioning pipeline and installations.
         row!(get, "/api/v1/devices/{id}/provisioning", DevicesRead, "device.provisioning", pipeline::provisioning),
         row!(post, "/api/v1/devices/{id}/installation", InstallationsWrite, "device.install", pipeline::record_installation),
