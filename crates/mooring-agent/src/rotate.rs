@@ -149,6 +149,11 @@ impl Rotation {
         Ok(())
     }
 
+    #[cfg(test)]
+    fn pick_current_for_test(&self) -> Arc<rustls::ClientConfig> {
+        lock(&self.state).current.clone()
+    }
+
     fn has_next(&self) -> bool {
         lock(&self.state).next.is_some()
     }
@@ -221,7 +226,26 @@ impl Rotation {
 #[async_trait::async_trait]
 impl Connector for Rotation {
     async fn connect(&self) -> std::io::Result<Box<dyn Stream>> {
-        let tls = {
+        let tls = self.pick();
+        TlsConnector {
+            host: self.host.clone(),
+            port: self.port,
+            tls,
+        }
+        .connect()
+        .await
+    }
+
+    fn describe(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl Rotation {
+    /// The identity for the next connection attempt: the renewed pair if one waits (not right
+    /// after it failed, and not after [`NEXT_ATTEMPTS_MAX`] failures), else the current one.
+    fn pick(&self) -> Arc<rustls::ClientConfig> {
+        {
             let mut s = lock(&self.state);
             if s.trying_next {
                 // The last attempt with the renewed pair did not come up.
@@ -243,18 +267,7 @@ impl Connector for Rotation {
                     s.current.clone()
                 }
             }
-        };
-        TlsConnector {
-            host: self.host.clone(),
-            port: self.port,
-            tls,
         }
-        .connect()
-        .await
-    }
-
-    fn describe(&self) -> String {
-        format!("{}:{}", self.host, self.port)
     }
 }
 
@@ -464,5 +477,134 @@ pub fn files_of(config: &crate::AgentConfig) -> CertFiles {
         key_path: config.key_path.clone(),
         ca_path: config.ca_path.clone(),
         state_dir: config.state_dir.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA and a device certificate + key for `id` signed by it, in `dir` as `ca.crt`,
+    /// `<name>.crt`, `<name>.key`.
+    fn issue(dir: &std::path::Path, name: &str, id: &str) {
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let ca_path = dir.join("ca.crt");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        if !ca_path.exists() {
+            std::fs::write(&ca_path, ca.pem()).expect("ca file");
+        }
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, id);
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let cert = params.signed_by(&key, &issuer).expect("cert");
+        std::fs::write(dir.join(format!("{name}.crt")), cert.pem()).expect("crt");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("key");
+    }
+
+    fn files(dir: &std::path::Path) -> CertFiles {
+        CertFiles {
+            cert_path: dir.join("device.crt"),
+            key_path: dir.join("device.key"),
+            ca_path: dir.join("ca.crt"),
+            state_dir: dir.join("state"),
+        }
+    }
+
+    fn rotation(dir: &std::path::Path) -> Arc<Rotation> {
+        let f = files(dir);
+        let current = transport::load_identity(&f.cert_path, &f.key_path, &f.ca_path)
+            .expect("identity")
+            .tls;
+        Rotation::new(f, "localhost".into(), 1, current)
+    }
+
+    #[test]
+    fn a_kill_between_the_two_renames_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(dir.path().join("state")).expect("state");
+        issue(dir.path(), "device", "d1");
+        issue(dir.path(), "state/device.next", "d1");
+        let f = files(dir.path());
+        // Killed after the key was moved: the new key is in place, the new certificate waits.
+        let next_key = std::fs::read(f.state_dir.join(NEXT_KEY_FILE)).expect("key");
+        std::fs::write(&f.key_path, &next_key).expect("key");
+        std::fs::remove_file(f.state_dir.join(NEXT_KEY_FILE)).expect("rm");
+        let next_cert = std::fs::read(f.state_dir.join(NEXT_CERT_FILE)).expect("crt");
+        recover(&f).expect("recover");
+        assert_eq!(std::fs::read(&f.cert_path).expect("crt"), next_cert);
+        assert!(!f.state_dir.join(NEXT_CERT_FILE).exists());
+        // The pair on the paths is usable; nothing more to do.
+        transport::load_identity(&f.cert_path, &f.key_path, &f.ca_path).expect("identity");
+        recover(&f).expect("again");
+    }
+
+    #[test]
+    fn a_waiting_pair_is_tried_first_then_the_current_one_after_a_failure_and_dropped_at_last() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(dir.path().join("state")).expect("state");
+        issue(dir.path(), "device", "d1");
+        let r = rotation(dir.path());
+        let current = r.pick();
+        assert!(!r.has_next());
+        // A renewed pair waiting in the state dir (an agent killed before it connected).
+        issue(dir.path(), "state/device.next", "d1");
+        let r = rotation(dir.path());
+        assert!(r.has_next());
+        let first = r.pick();
+        assert!(!Arc::ptr_eq(&first, &r.pick_current_for_test()));
+        // That attempt did not come up: the next one uses the current pair, then the new again.
+        let second = r.pick();
+        assert!(Arc::ptr_eq(&second, &r.pick_current_for_test()));
+        assert!(Arc::ptr_eq(&r.pick(), &first));
+        let _ = current;
+        // It comes up: promoted; the files are swapped, nothing waits.
+        assert!(r.link_up());
+        let next_key = std::fs::read(dir.path().join("state").join(NEXT_KEY_FILE)).expect("key");
+        r.promote().expect("promote");
+        assert_eq!(
+            std::fs::read(dir.path().join("device.key")).expect("key"),
+            next_key
+        );
+        assert!(!dir.path().join("state").join(NEXT_KEY_FILE).exists());
+        assert!(!dir.path().join("state").join(NEXT_CERT_FILE).exists());
+        assert!(!r.has_next());
+        assert!(Arc::ptr_eq(&r.pick(), &first));
+        assert!(!r.link_up());
+        // A pair refused NEXT_ATTEMPTS_MAX times is no longer tried.
+        issue(dir.path(), "state/device.next", "d1");
+        let r = rotation(dir.path());
+        for _ in 0..NEXT_ATTEMPTS_MAX {
+            let _tried = r.pick();
+            let _fallback = r.pick();
+        }
+        let cur = r.pick_current_for_test();
+        assert!(Arc::ptr_eq(&r.pick(), &cur));
+        assert!(Arc::ptr_eq(&r.pick(), &cur));
+    }
+
+    #[test]
+    fn renewal_is_due_at_the_share_of_the_lifetime() {
+        let dir = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(dir.path().join("state")).expect("state");
+        issue(dir.path(), "device", "d1");
+        let r = rotation(dir.path());
+        // rcgen's default validity: 1975-01-01 to 4096-01-01.
+        let start = r.renew_at_ms(0.0).expect("start");
+        let end = r.renew_at_ms(1.0).expect("end");
+        let two_thirds = r
+            .renew_at_ms(RENEW_AT_LIFETIME_FRACTION_DEFAULT)
+            .expect("2/3");
+        assert!(start < two_thirds && two_thirds < end);
+        let expected = start + (end - start) * 2 / 3;
+        assert!(
+            two_thirds.abs_diff(expected) < 1000,
+            "{two_thirds} {expected}"
+        );
     }
 }

@@ -631,3 +631,57 @@ async fn a_fleet_rotation_resumes_after_a_server_restart_without_asking_twice() 
     assert!(out.status.success() && text.contains(&rot), "{text}");
     assert!(text.contains("pending    3"), "{text}");
 }
+
+#[tokio::test]
+async fn an_agent_killed_with_its_renewed_pair_waiting_resumes_with_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let creds = server.create_device("a3", tmp.path());
+    let old = copy_creds(&creds, &tmp.path().join("a3-old"));
+    let old_serial = current_serial(&server, "a3").await;
+    // What a kill right after step 2 leaves: the new key and its certificate in the state dir.
+    let state = tmp.path().join("a3-state");
+    std::fs::create_dir_all(&state).expect("state");
+    let (key, csr) = new_key_and_csr(tmp.path(), "a3-next");
+    let mut dev = MqttDevice::connect(&server, &creds, "a3").await;
+    dev.subscribe("devices/a3/cert/#").await;
+    let (_, accepted) = renew(&mut dev, "a3", &csr).await;
+    drop(dev);
+    let cert_pem = accepted["certificate_pem"]
+        .as_str()
+        .expect("pem")
+        .to_owned();
+    std::fs::copy(&key, state.join("device.next.key")).expect("key");
+    std::fs::write(state.join("device.next.crt"), &cert_pem).expect("crt");
+    let mut agent = support::agent_command(&server, &creds, &state)
+        .args(["--interval-secs", "0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn mooring-agent");
+    let new_serial = wait_serial_change(&server, "a3", &old_serial).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while state.join("device.next.key").exists() || state.join("device.next.crt").exists() {
+        assert!(std::time::Instant::now() < deadline, "files not swapped");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert_eq!(
+        std::fs::read_to_string(creds.cert()).expect("crt"),
+        cert_pem
+    );
+    assert_eq!(
+        std::fs::read(creds.key()).expect("key"),
+        std::fs::read(&key).expect("key")
+    );
+    let certs = ledger(&server, "a3").await;
+    assert!(certs
+        .iter()
+        .any(|(s, st, _)| *s == new_serial && st == "active"));
+    assert!(
+        !can_publish(&server, &old, "a3"),
+        "the old certificate still works"
+    );
+    assert!(can_publish(&server, &creds, "a3"));
+}
