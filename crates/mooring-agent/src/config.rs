@@ -322,6 +322,9 @@ mod tests {
             "[handlers.x]\nexec = \"/bin/true\"\nextra = 1",
             "[handlers.\"a b\"]\nexec = \"/bin/true\"",
             "reboot_command = []",
+            "renew_at_lifetime_fraction = 0",
+            "renew_at_lifetime_fraction = 1.5",
+            "renew_at_lifetime_fraction = nan",
         ] {
             assert!(AgentFile::parse(bad).is_err(), "{bad}");
         }
@@ -329,6 +332,18 @@ mod tests {
             AgentFile::parse("").expect("empty is fine"),
             AgentFile::default()
         );
+    }
+
+    #[test]
+    fn the_renewal_share_defaults_to_two_thirds_and_the_file_sets_it() {
+        let mut c = AgentConfig::new("h", 8883, "c", "k", "ca", "s");
+        assert_eq!(c.renew_at_lifetime_fraction, 2.0 / 3.0);
+        AgentFile::parse("renew_at_lifetime_fraction = 0.5")
+            .expect("valid")
+            .apply(&mut c);
+        assert_eq!(c.renew_at_lifetime_fraction, 0.5);
+        AgentFile::parse("").expect("valid").apply(&mut c);
+        assert_eq!(c.renew_at_lifetime_fraction, 0.5, "kept when not given");
     }
 
     #[test]

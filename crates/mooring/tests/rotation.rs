@@ -685,3 +685,30 @@ async fn an_agent_killed_with_its_renewed_pair_waiting_resumes_with_it() {
     );
     assert!(can_publish(&server, &creds, "a3"));
 }
+
+#[tokio::test]
+async fn renewal_requests_are_rate_limited_per_device() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = support::config_args(tmp.path(), "[provisioning]\nrequests_per_minute_max = 2\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let creds = server.create_device("r4", tmp.path());
+    let other = server.create_device("r5", tmp.path());
+    let mut dev = MqttDevice::connect(&server, &creds, "r4").await;
+    dev.subscribe("devices/r4/cert/#").await;
+    let (_, csr) = new_key_and_csr(tmp.path(), "r4-next");
+    for _ in 0..2 {
+        let (topic, _) = renew(&mut dev, "r4", &csr).await;
+        assert_eq!(topic, "devices/r4/cert/accepted");
+    }
+    let (topic, rejected) = renew(&mut dev, "r4", &csr).await;
+    assert_eq!(topic, "devices/r4/cert/rejected", "{rejected}");
+    assert_eq!(rejected["code"], "rate_limited");
+    // Per device: another one is not held back; nothing more was issued to the first.
+    assert_eq!(ledger(&server, "r4").await.len(), 2);
+    let mut dev5 = MqttDevice::connect(&server, &other, "r5").await;
+    dev5.subscribe("devices/r5/cert/#").await;
+    let (_, csr5) = new_key_and_csr(tmp.path(), "r5-next");
+    let (topic, _) = renew(&mut dev5, "r5", &csr5).await;
+    assert_eq!(topic, "devices/r5/cert/accepted");
+}
