@@ -17,6 +17,12 @@
 //! command whose id the job stores *before* creating it, so it is never created twice. A cancel
 //! is a compare-and-set to `canceled`: the runner's next progress write fails and it stops.
 //!
+//! Action `rotate_certs` (a fleet certificate rotation, issue 16; created by
+//! [`Jobs::create_rotation`]) has no device selector: it walks the ledger's certificates expiring
+//! before a fixed time (cursor `<not_after>.<serial>`), sending each device the command
+//! `mooring.cert.rotate` with the job id as idempotency key, spaced `60 s / max_per_minute`, its
+//! progress stored after each device.
+//!
 //! Adding an action is one [`JobAction`] variant: its name, parameters, permission and what it
 //! does to one device (or to the whole selection, as `command` does).
 
@@ -867,9 +873,9 @@ impl Jobs {
                 .create_command(&Access::all(), cert.device_id.as_str(), c, None)
                 .await
             {
-                Ok((true, _)) => job.done += 1,
-                // Asked already (a device with two expiring certificates, or handled again).
-                Ok((false, _)) => {}
+                // Not created: asked already by this rotation (handled again after a restart
+                // between the request and its progress write: it was not counted then).
+                Ok(_) => job.done += 1,
                 Err(e) if e.kind == ErrorKind::Internal || e.kind == ErrorKind::Unavailable => {
                     return Err(e)
                 }
