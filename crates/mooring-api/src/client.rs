@@ -618,6 +618,28 @@ impl Client {
             .await
     }
 
+    /// `POST /api/v1/cas`: registers a manufacturer CA.
+    pub async fn register_ca(&self, req: &crate::RegisterCa) -> Result<crate::Ca> {
+        let url = self.url(&["api", "v1", "cas"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/cas`: the registered CAs, oldest first.
+    pub async fn list_cas(&self) -> Result<crate::CaList> {
+        self.get(self.url(&["api", "v1", "cas"], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/cas/{id}/disable` (`enable: false`) or `/enable`.
+    pub async fn set_ca_enabled(&self, id: &str, enable: bool) -> Result<crate::Ca> {
+        let action = if enable { "enable" } else { "disable" };
+        let url = self.url(&["api", "v1", "cas", id, action], None::<&()>)?;
+        Ok(self
+            .json(Method::POST, url, Some(&serde_json::json!({})), None)
+            .await?
+            .1)
+    }
+
     /// `POST /api/v1/jobs`: a bulk action, run in the background.
     pub async fn create_job(&self, req: &CreateJob) -> Result<Job> {
         let url = self.url(&["api", "v1", "jobs"], None::<&()>)?;

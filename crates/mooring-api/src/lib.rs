@@ -15,6 +15,7 @@
 //! client need not parse them first.
 
 mod accounts;
+mod cas;
 mod certs;
 mod commands;
 mod devices;
@@ -35,6 +36,7 @@ pub use accounts::{
     AuditEntry, AuditList, AuditParams, CreateUser, CreatedUser, LoginRequest, LoginResponse, Me,
     PasswordLink, SetPassword, UpdateUser, User, UserList,
 };
+pub use cas::{Ca, CaList, RegisterCa, CA_PEM_LEN_MAX};
 pub use certs::{
     Certificate, CertificateList, CreateRotation, ExpiringParams, RevokeRequest, Revoked,
     RotateRequest, Rotation, RotationList,

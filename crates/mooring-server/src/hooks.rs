@@ -11,6 +11,7 @@
 //! (`Principal::Claim`) and enrolls by publishing to `provision/<client id>/request`.
 
 use crate::app::App;
+use crate::cas::Jitp;
 use crate::metrics::Counters;
 use crate::pipeline::Step;
 use crate::registry::CertVerdict;
@@ -358,25 +359,54 @@ impl Hooks for ServerHooks {
             return Err(ConnectRefusal::ServerUnavailable);
         };
         if let Some(cn) = req.info.cert_identity.as_deref() {
+            let sha256 = req.info.cert_sha256.as_deref().unwrap_or("");
             let record = match app.registry.lookup(cn).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    Counters::inc(&app.counters().connects_refused);
-                    tracing::info!(device = cn, "refused: no such device (deleted?)");
-                    return Err(ConnectRefusal::NotAuthorized);
+                    // Just-in-time registration: a certificate from a registered CA.
+                    let jitp = match req.info.cert_der.as_deref() {
+                        Some(der) => app.cas.just_in_time(cn, sha256, der).await,
+                        None => Ok(Jitp::NotApplicable),
+                    };
+                    match jitp {
+                        Ok(Jitp::Registered(r)) => *r,
+                        Ok(Jitp::Refused(why)) => {
+                            Counters::inc(&app.counters().connects_refused);
+                            Counters::inc(&app.counters().connects_refused_certificate);
+                            tracing::info!(device = cn, "{why}");
+                            return Err(ConnectRefusal::NotAuthorized);
+                        }
+                        Ok(Jitp::NotApplicable) => {
+                            Counters::inc(&app.counters().connects_refused);
+                            tracing::info!(device = cn, "refused: no such device (deleted?)");
+                            return Err(ConnectRefusal::NotAuthorized);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "just-in-time registration failed");
+                            return Err(ConnectRefusal::ServerUnavailable);
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "device lookup failed");
                     return Err(ConnectRefusal::ServerUnavailable);
                 }
             };
-            let sha256 = req.info.cert_sha256.as_deref().unwrap_or("");
             match app.registry.check_certificate(cn, sha256).await {
                 Ok(CertVerdict::Valid) => {}
                 Ok(refused) => {
                     Counters::inc(&app.counters().connects_refused);
                     Counters::inc(&app.counters().connects_refused_certificate);
-                    let why = certificate_refusal_text(cn, &refused);
+                    let from_ca = match (&refused, req.info.cert_der.as_deref()) {
+                        (CertVerdict::Unknown, Some(der)) => app.cas.issuing_ca_id(der),
+                        _ => None,
+                    };
+                    let why = match from_ca {
+                        Some(ca) => format!(
+                            "refused: device {cn} exists; its certificate from CA {ca} is not registered"
+                        ),
+                        None => certificate_refusal_text(cn, &refused),
+                    };
                     tracing::info!(device = cn, "{why}");
                     app.pipeline.step_failed(cn, Step::FirstConnect, why);
                     return Err(ConnectRefusal::NotAuthorized);
@@ -402,6 +432,16 @@ impl Hooks for ServerHooks {
                     ),
                 );
                 return Err(ConnectRefusal::BadClientId);
+            }
+            if let Err(why) = app
+                .cas
+                .admit_session(&record.id, req.info.cert_der.as_deref())
+            {
+                Counters::inc(&app.counters().connects_refused);
+                Counters::inc(&app.counters().connects_refused_certificate);
+                tracing::info!(device = cn, "{why}");
+                app.pipeline.step_failed(cn, Step::FirstConnect, why);
+                return Err(ConnectRefusal::NotAuthorized);
             }
             app.registry.note_session_cert(&record.id, sha256);
             // A device connecting with its pending renewal certificate: rotation confirmed.

@@ -107,6 +107,15 @@ impl Registry {
         self.pki.ca_pem()
     }
 
+    /// The MQTT listener's TLS config, trusting the fleet CA and the CA certificates `extra`
+    /// (DER) for client certificates.
+    pub(crate) fn mqtt_tls_config(
+        &self,
+        extra: &[Vec<u8>],
+    ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        self.pki.mqtt_tls_config_with(extra)
+    }
+
     /// The stored record of `id` as it is, without validating the id (the MQTT hooks look up a
     /// certificate's CN and a service's client id). Store errors are returned as they are.
     pub async fn lookup(&self, id: &str) -> mooring_store::Result<Option<DeviceRecord>> {

@@ -1103,3 +1103,44 @@ pub enum EnrollmentReserve {
     /// Every use of the claim is taken; nothing stored.
     Exhausted,
 }
+/// The issuer a ledger row of a certificate from registered CA `ca_id` names (`ca:<id>`).
+pub fn cert_issuer_of_ca(ca_id: &str) -> String {
+    format!("ca:{ca_id}")
+}
+
+/// A registered manufacturer CA (issue 16, just-in-time registration): the MQTT listener
+/// trusts client certificates chained to it while it is enabled, and with `auto_register` a
+/// device presenting one is registered on its first connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaRecord {
+    /// `ca_<hex>`.
+    pub id: String,
+    /// The certificate's subject, as people read it.
+    pub subject: String,
+    pub cert_pem: String,
+    /// Lowercase hex of the SHA-256 of the certificate (DER); unique.
+    pub sha256: String,
+    pub auto_register: bool,
+    /// Given to every device it registers.
+    pub tags: BTreeMap<String, String>,
+    pub enabled: bool,
+    pub created_at_ms: u64,
+    /// Who registered it (the audit log's name of the caller).
+    pub created_by: String,
+}
+
+impl CaRecord {
+    /// Refuses U+0000 in its texts and times beyond [`TS_MS_MAX`].
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_text("CA id", &self.id)?;
+        check_text("CA subject", &self.subject)?;
+        check_text("CA certificate", &self.cert_pem)?;
+        check_text("CA sha256", &self.sha256)?;
+        check_text("CA creator", &self.created_by)?;
+        for (k, v) in &self.tags {
+            check_text("CA tag", k)?;
+            check_text("CA tag", v)?;
+        }
+        check_ts("created_at_ms", self.created_at_ms)
+    }
+}

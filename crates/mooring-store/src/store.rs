@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, CertRenewal,
-    ClaimCreate, ClaimRecord, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
-    DeviceActivity, DeviceFilter, DeviceRecord, EnrollmentRecord, EnrollmentReserve, FleetSample,
-    FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts, Point, SessionOp,
-    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
-    TokenRecord, UserRecord, VersionCounts,
+    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord, CertRecord,
+    CertRenewal, ClaimCreate, ClaimRecord, CommandParentRecord, CommandRecord, CommandState,
+    CreateOutcome, DeviceActivity, DeviceFilter, DeviceRecord, EnrollmentRecord, EnrollmentReserve,
+    FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts,
+    Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery,
+    TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -58,6 +58,27 @@ pub trait DeviceStore: Send + Sync + 'static {
     /// How many devices match `filter`, and how many of them have connected, have sent
     /// telemetry and have a recorded installation (the provisioning funnel).
     async fn count_pipeline(&self, filter: &DeviceFilter) -> Result<PipelineCounts>;
+}
+
+/// Most registered CAs a store keeps ([`CaStore::add_ca`] refuses more).
+pub const CAS_MAX: usize = 100;
+
+/// Registered manufacturer CAs (issue 16, just-in-time registration).
+#[async_trait::async_trait]
+pub trait CaStore: Send + Sync + 'static {
+    /// Registers a CA. `AlreadyExists` if its id or SHA-256 is taken; `InvalidInput` if
+    /// [`CAS_MAX`] CAs are registered already (decided in the same transaction).
+    async fn add_ca(&self, ca: CaRecord) -> Result<()>;
+    async fn get_ca(&self, id: &str) -> Result<Option<CaRecord>>;
+    /// Every registered CA, oldest first (ties: by id); at most [`CAS_MAX`].
+    async fn list_cas(&self) -> Result<Vec<CaRecord>>;
+    /// Enables or disables a CA; `false` if there is no such CA.
+    async fn set_ca_enabled(&self, id: &str, enabled: bool) -> Result<bool>;
+    /// Registers a device together with its certificate's ledger row `cert` (a certificate
+    /// issued outside, e.g. by a registered CA), in one transaction. `AlreadyExists` if the id,
+    /// or the certificate's serial or SHA-256, is taken: nothing is stored then.
+    async fn create_device_with_cert(&self, d: NewDevice, cert: CertRecord)
+        -> Result<DeviceRecord>;
 }
 
 /// Most certificates one ledger query returns.
@@ -495,6 +516,7 @@ pub trait Store:
     + JobStore
     + CertStore
     + ClaimStore
+    + CaStore
 {
 }
 
@@ -512,5 +534,6 @@ impl<T> Store for T where
         + JobStore
         + CertStore
         + ClaimStore
+        + CaStore
 {
 }

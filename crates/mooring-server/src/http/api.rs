@@ -29,7 +29,8 @@ use utoipa::OpenApi;
         super::certs::revoke_device, super::certs::revoke_certificate, super::certs::rotate_certificate, super::certs::create_rotation, super::certs::get_rotation, super::certs::list_rotations,
         super::pipeline::provisioning, super::pipeline::record_installation, super::pipeline::funnel,
         super::provision::create_claim, super::provision::list_claims,
-        super::provision::get_claim, super::provision::revoke_claim, super::provision::enroll),
+        super::provision::get_claim, super::provision::revoke_claim, super::provision::enroll,
+        super::cas::register_ca, super::cas::list_cas, super::cas::disable_ca, super::cas::enable_ca),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
         mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
         mooring_api::CreateUser, mooring_api::CreatedUser, mooring_api::UpdateUser, mooring_api::UserList, mooring_api::PasswordLink,
@@ -43,7 +44,8 @@ use utoipa::OpenApi;
         mooring_api::RecordInstallation, mooring_api::Installation, mooring_api::Provisioning, mooring_api::PipelineStep,
         mooring_api::StepState, mooring_api::StepFailure, mooring_api::Funnel, mooring_api::FunnelStage,
         mooring_api::CreateClaim, mooring_api::Claim, mooring_api::CreatedClaim, mooring_api::ClaimList,
-        mooring_api::EnrollRequest, mooring_api::EnrollResponse)),
+        mooring_api::EnrollRequest, mooring_api::EnrollResponse,
+        mooring_api::RegisterCa, mooring_api::Ca, mooring_api::CaList)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -7,6 +7,7 @@
 
 mod accounts;
 mod api;
+mod cas;
 mod certs;
 mod commands;
 mod events;

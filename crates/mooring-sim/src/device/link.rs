@@ -226,6 +226,7 @@ impl mooring_agent::Connector for SimConnector {
                     peer: None,
                     cert_identity: Some(self.link.id.clone()),
                     cert_sha256: Some(crate::harness::sim_cert_sha256(&self.link.id)),
+                    cert_der: None,
                     listener: ListenerKind::Tls,
                 };
                 self.net.conns.spawn(async move {

@@ -10,6 +10,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod manufacturer;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_mooring");
 
 /// Longest a test waits for an expected condition before failing (never a sleep-for-readiness).
@@ -473,6 +475,11 @@ impl Sub {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Whether mosquitto_sub is still running (its connection not closed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 }
 
