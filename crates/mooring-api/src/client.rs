@@ -548,6 +548,38 @@ impl Client {
             .await
     }
 
+    /// `POST /api/v1/devices/{id}/certificates/rotate`: the device renews its certificate (the
+    /// command carrying the request).
+    pub async fn rotate_certificate(
+        &self,
+        id: &str,
+        req: &crate::RotateRequest,
+    ) -> Result<Command> {
+        let url = self.url(
+            &["api", "v1", "devices", id, "certificates", "rotate"],
+            None::<&()>,
+        )?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `POST /api/v1/certificates/rotations`: starts a fleet rotation.
+    pub async fn create_rotation(&self, req: &crate::CreateRotation) -> Result<crate::Rotation> {
+        let url = self.url(&["api", "v1", "certificates", "rotations"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/certificates/rotations/{id}`.
+    pub async fn rotation(&self, id: &str) -> Result<crate::Rotation> {
+        let url = self.url(&["api", "v1", "certificates", "rotations", id], None::<&()>)?;
+        Ok(self.json(Method::GET, url, None::<&()>, None).await?.1)
+    }
+
+    /// `GET /api/v1/certificates/rotations`: newest first.
+    pub async fn rotations(&self) -> Result<crate::RotationList> {
+        let url = self.url(&["api", "v1", "certificates", "rotations"], None::<&()>)?;
+        Ok(self.json(Method::GET, url, None::<&()>, None).await?.1)
+    }
+
     /// `POST /api/v1/devices/{id}/revoke`: revokes every active certificate of the device.
     pub async fn revoke_device(
         &self,

@@ -37,7 +37,10 @@ pub use accounts::{
     PasswordLink, SetPassword, UpdateUser, User, UserList,
 };
 pub use cas::{Ca, CaList, RegisterCa, CA_PEM_LEN_MAX};
-pub use certs::{Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked};
+pub use certs::{
+    Certificate, CertificateList, CreateRotation, ExpiringParams, RevokeRequest, Revoked,
+    RotateRequest, Rotation, RotationList,
+};
 pub use commands::{
     AnyCommand, Command, CommandList, CommandListParams, CommandResultBody, CreateCommand,
     CreateFleetCommand, FleetCommand, HistoryEntry, WaitParams,

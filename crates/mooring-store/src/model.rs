@@ -955,6 +955,31 @@ impl CertRecord {
     }
 }
 
+/// A device's pending certificate renewal (issue 16): a certificate issued for the device's new
+/// key, active in the ledger, that the device has not yet connected with. At most one per device;
+/// confirmed ([`crate::CertStore::confirm_renewal`]) when the device connects with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRenewal {
+    pub device_id: DeviceId,
+    /// SHA-256 (lowercase hex) of the new key's SubjectPublicKeyInfo: the same key asked again
+    /// gets the same certificate.
+    pub key_sha256: String,
+    /// The renewal certificate's serial (its ledger row).
+    pub serial: String,
+    /// The certificate (PEM), to answer a repeated request with.
+    pub cert_pem: String,
+    pub requested_at_ms: u64,
+}
+
+impl CertRenewal {
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_text("key hash", &self.key_sha256)?;
+        check_text("certificate serial", &self.serial)?;
+        check_text("certificate", &self.cert_pem)?;
+        check_ts("requested_at_ms", self.requested_at_ms)
+    }
+}
+
 /// Longest step-error message a store keeps (longer ones are cut at a character boundary).
 pub const STEP_ERROR_LEN_MAX: usize = 512;
 

@@ -75,6 +75,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0011_claims.sql"),
     include_str!("../migrations/0012_device_activity.sql"),
     include_str!("../migrations/0013_registered_cas.sql"),
+    include_str!("../migrations/0014_cert_renewals.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::model::{
     AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord, CertRecord,
-    ClaimCreate, ClaimRecord, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
-    DeviceActivity, DeviceFilter, DeviceRecord, EnrollmentRecord, EnrollmentReserve, FleetSample,
-    FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts, Point, SessionOp,
-    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
-    TokenRecord, UserRecord, VersionCounts,
+    CertRenewal, ClaimCreate, ClaimRecord, CommandParentRecord, CommandRecord, CommandState,
+    CreateOutcome, DeviceActivity, DeviceFilter, DeviceRecord, EnrollmentRecord, EnrollmentReserve,
+    FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts,
+    Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery,
+    TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -120,6 +120,31 @@ pub trait CertStore: Send + Sync + 'static {
     async fn count_expiring_certs(&self, before_ms: u64) -> Result<u64>;
     /// How many certificates are revoked.
     async fn count_revoked_certs(&self) -> Result<u64>;
+    /// The device's pending renewal, if any.
+    async fn get_renewal(&self, device_id: &str) -> Result<Option<CertRenewal>>;
+    /// In one transaction: adds `cert` (the renewal's certificate, active) to the ledger and
+    /// makes `renewal` the device's pending renewal. A previous pending renewal's certificate is
+    /// revoked (`replaced_reason`, at `renewal.requested_at_ms`) and its serial returned (at
+    /// most one unconfirmed certificate per device). `NotFound` if the device does not exist,
+    /// `AlreadyExists` if the serial or the SHA-256 is taken.
+    async fn put_renewal(
+        &self,
+        renewal: CertRenewal,
+        cert: CertRecord,
+        replaced_reason: &str,
+    ) -> Result<Option<String>>;
+    /// If `serial` is the device's pending renewal, in one transaction: it becomes the device's
+    /// current certificate (`cert_serial`, `cert_sha256`, `cert_not_after_ms` of the device),
+    /// every other active certificate of the device is revoked (`reason`, at `at_ms`), and the
+    /// pending renewal is removed; returns the serials revoked (sorted). `None` if `serial` is
+    /// not the pending renewal (already confirmed, replaced, or never one).
+    async fn confirm_renewal(
+        &self,
+        device_id: &str,
+        serial: &str,
+        at_ms: u64,
+        reason: &str,
+    ) -> Result<Option<Vec<String>>>;
 }
 
 /// The fleet's history: one sample per node per interval (devices, online, points, messages).

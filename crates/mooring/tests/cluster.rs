@@ -1247,3 +1247,69 @@ async fn a_ca_registered_on_one_node_is_trusted_by_another() {
     live.wait_line(|l| l.contains("DISCONNECT (135)"));
     wait("b refuses the CA disabled on a", &|| !publish(&b));
 }
+
+/// Certificate rotation across nodes (issue 16): a device renews over its session on one node
+/// and connects with the new certificate to another, which confirms the rotation: the old
+/// certificate is revoked ("rotated") and refused on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_requested_on_one_node_is_confirmed_on_another() {
+    let env = Env::new().await;
+    let (a, b) = (env.start("a"), env.start("b"));
+    let creds = a.create_device("r1", env.tmp.path());
+    let (_, dev) = a.api("GET", "/api/v1/devices/r1", None).await;
+    let old_serial = dev["cert_serial"].as_str().expect("serial").to_owned();
+    let csr = device_key_and_csr(env.tmp.path(), "r1-next");
+    let mut d = MqttDevice::connect(&a, &creds, "r1").await;
+    d.subscribe("devices/r1/cert/#").await;
+    d.publish(
+        "devices/r1/cert/request",
+        &json!({"v": 1, "csr_pem": csr}).to_string(),
+    )
+    .await;
+    let (topic, accepted) = d.next_json().await;
+    assert_eq!(topic, "devices/r1/cert/accepted", "{accepted}");
+    drop(d);
+    let next = env.tmp.path().join("r1-next-creds");
+    std::fs::create_dir_all(&next).expect("dir");
+    std::fs::copy(creds.ca(), next.join("ca.crt")).expect("ca");
+    std::fs::copy(env.tmp.path().join("r1-next.key"), next.join("device.key")).expect("key");
+    std::fs::write(
+        next.join("device.crt"),
+        accepted["certificate_pem"].as_str().expect("pem"),
+    )
+    .expect("crt");
+    let next = Creds { dir: next };
+    let mut d = MqttDevice::connect(&b, &next, "r1").await;
+    d.publish("devices/r1/telemetry", r#"{"seq":1,"t":1}"#)
+        .await;
+    let (_, certs) = a.api("GET", "/api/v1/devices/r1/certificates", None).await;
+    let old = certs["certificates"]
+        .as_array()
+        .expect("certificates")
+        .iter()
+        .find(|c| c["serial"] == old_serial.as_str())
+        .cloned()
+        .expect("old certificate");
+    assert_eq!(old["state"], "revoked", "{certs}");
+    assert_eq!(old["revoke_reason"], "rotated", "{certs}");
+    let (_, dev) = a.api("GET", "/api/v1/devices/r1", None).await;
+    assert_ne!(dev["cert_serial"], old_serial.as_str());
+    drop(d);
+    for node in [&a, &b] {
+        let mut args = creds.mosquitto_args(node.mqtt);
+        args.extend(support::s(&[
+            "-i",
+            "r1",
+            "-q",
+            "1",
+            "-t",
+            "devices/r1/telemetry",
+            "-m",
+            "{}",
+        ]));
+        assert!(
+            !support::mosquitto_pub(&args).status.success(),
+            "the old certificate still works"
+        );
+    }
+}

@@ -76,8 +76,12 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         // Certificates (issue 16).
         row!(get, "/api/v1/devices/{id}/certificates", DevicesRead, "cert.list", certs::device_certificates),
         row!(post, "/api/v1/devices/{id}/revoke", DevicesWrite, "device.revoke", certs::revoke_device),
+        row!(post, "/api/v1/devices/{id}/certificates/rotate", DevicesWrite, "cert.rotate", certs::rotate_certificate),
         row!(get, "/api/v1/certificates", DevicesRead, "cert.expiring", certs::expiring_certificates),
         row!(post, "/api/v1/certificates/{serial}/revoke", DevicesWrite, "cert.revoke", certs::revoke_certificate),
+        row!(post, "/api/v1/certificates/rotations", DevicesWrite, "cert.rotate_fleet", certs::create_rotation),
+        row!(get, "/api/v1/certificates/rotations", DevicesRead, "cert.rotations", certs::list_rotations),
+        row!(get, "/api/v1/certificates/rotations/{id}", DevicesRead, "cert.rotation", certs::get_rotation),
         // Registered manufacturer CAs, just-in-time registration (issue 16).
         row!(post, "/api/v1/cas", PkiManage, "ca.register", cas::register_ca),
         row!(get, "/api/v1/cas", PkiManage, "ca.list", cas::list_cas),

@@ -194,6 +194,11 @@ impl DeviceStore for SqliteStore {
                     .db()?;
                 tx.execute(super::telemetry::DELETE_DEVICE_LATEST_SQL, params![id])
                     .db()?;
+                tx.execute(
+                    "DELETE FROM cert_renewals WHERE device_id = ?1",
+                    params![id],
+                )
+                .db()?;
                 tx.execute("DELETE FROM device_certs WHERE device_id = ?1", params![id])
                     .db()?;
                 // Its claim enrollments too: a stored enrollment is answered again (and its
