@@ -136,7 +136,13 @@ export function useApi(path, deps = []) {
     return () => ctrl.abort();
   }, [path, tick, ...deps]);
   const reload = useCallback(() => setTick((t) => t + 1), []);
-  return { ...state, reload, setData: (data) => setState((s) => ({ ...s, data })) };
+  return {
+    ...state,
+    reload,
+    setData: (data) => setState((s) => ({ ...s, data })),
+    /** Changes the loaded data from its current value (not the one this render saw). */
+    update: (f) => setState((s) => (s.data == null ? s : { ...s, data: f(s.data) })),
+  };
 }
 
 /** Calls `fn` every `ms` while `active`. */

@@ -269,6 +269,61 @@ test("an installer follows a device's pipeline and confirms its installation onc
   await page.context().close();
 });
 
+test("provisioning: the funnel, a claim created with its token shown once, then revoked", async () => {
+  const page = await newPage();
+  await login(page, ADMIN);
+  await page.getByTestId("nav-provisioning").click();
+  // The funnel counts what the API counts.
+  const funnel = await api("/api/v1/provisioning/funnel");
+  for (const stage of funnel.stages) {
+    await page.locator(`[data-testid="funnel-${stage.step}"][data-count="${stage.devices}"]`).waitFor();
+  }
+  assert.equal(funnel.stages[0].devices, 1000);
+  // No certificate of this fleet expires soon (ten-year validity).
+  await page.getByTestId("expiring").getByText("No active certificate expires").waitFor();
+  // A claim for two devices: the token is shown once.
+  await page.getByTestId("claim-create").click();
+  await page.getByTestId("claim-name").fill("batch 7");
+  await page.getByTestId("claim-count").fill("2");
+  await page.getByTestId("claim-tags").fill("site=oslo, batch=7");
+  await page.getByTestId("claim-submit").click();
+  const token = (await page.getByTestId("claim-token").innerText()).trim();
+  assert.match(token, /^mct_/);
+  await page.getByTestId("claim-dialog").getByRole("button", { name: "Done" }).click();
+  const row = page.locator('[data-testid="claim-row"]').filter({ hasText: "batch 7" });
+  await row.waitFor();
+  assert.equal((await row.getByTestId("claim-uses").innerText()).replace(/\s/g, ""), "0/2");
+  const id = await row.getAttribute("data-claim-id");
+  const claim = await api(`/api/v1/claims/${id}`);
+  assert.deepEqual(claim.tags, { site: "oslo", batch: "7" });
+  assert.equal(claim.uses_max, 2);
+  // The token works (a bad CSR is the only complaint), until the claim is revoked.
+  const enroll = async () => {
+    const r = await fetch(`${BASE}/api/v1/provision/enroll`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ claim_token: token, csr_pem: "not a csr", device_id: "sn-1" }),
+    });
+    return (await r.json()).error.code;
+  };
+  assert.equal(await enroll(), "invalid_csr");
+  await row.getByTestId("claim-revoke").click();
+  await page.getByRole("dialog").getByRole("button", { name: "Revoke" }).click();
+  await page.locator(`[data-testid="claim-row"][data-claim-id="${id}"][data-state="revoked"]`).waitFor();
+  assert.equal(await enroll(), "claim_invalid");
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+  // A viewer sees the page but cannot create or revoke claims.
+  const viewer = await newPage();
+  await login(viewer, VIEWER);
+  await viewer.getByTestId("nav-provisioning").click();
+  await viewer.locator(`[data-testid="claim-row"][data-claim-id="${id}"]`).waitFor();
+  assert.equal(await viewer.getByTestId("claim-create").count(), 0);
+  assert.equal(await viewer.getByTestId("claim-revoke").count(), 0);
+  assert.deepEqual(viewer.errors, []);
+  await viewer.context().close();
+});
+
 // Screenshots of every page, desktop and phone width, light and dark (docs/screenshots/).
 test("screenshots", { skip: !process.env.SCREENSHOTS }, async () => {
   const dir = process.env.SCREENSHOTS;

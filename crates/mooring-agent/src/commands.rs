@@ -216,6 +216,9 @@ async fn run_handler(core: &Arc<Core>, name: &str, params: Value) -> CommandResu
             }
             "set_config" => return outcome_to_result(set_config(core, params)),
             "diagnostics" => return outcome_to_result(Ok(diagnostics(core))),
+            crate::rotate::ROTATE_COMMAND => {
+                return outcome_to_result(crate::rotate::request(core))
+            }
             _ => return failed(reason(format!("unknown command {name}"))),
         }
     };

@@ -17,7 +17,13 @@ pub const HANDLER_TIMEOUT_SECS_MAX: u64 = 3600;
 /// Most user command handlers in one config file.
 pub const HANDLERS_MAX: usize = 64;
 /// Names of the built-in command handlers; a user handler cannot take these.
-pub const BUILTIN_HANDLERS: [&str; 4] = ["ping", "reboot", "set_config", "diagnostics"];
+pub const BUILTIN_HANDLERS: [&str; 5] = [
+    "ping",
+    "reboot",
+    "set_config",
+    "diagnostics",
+    crate::rotate::ROTATE_COMMAND,
+];
 
 /// Where extra telemetry lines come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +46,7 @@ impl InputSource {
 }
 
 /// Everything the agent needs to run. Built by the CLI; the simulator builds it directly.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     /// Server host name or IP address; also the TLS server name checked against the server
     /// certificate.
@@ -72,6 +78,9 @@ pub struct AgentConfig {
     pub reboot_command: Option<Vec<String>>,
     /// From `--config`: the firmware version reported in the shadow (`reported.version`).
     pub firmware_version: Option<String>,
+    /// From `--config`: the share of its lifetime after which the certificate is renewed
+    /// ([`crate::rotate`]), in (0, 1].
+    pub renew_at_lifetime_fraction: f64,
 }
 
 /// A user command handler: an executable given the params JSON on stdin, answering with the
@@ -101,7 +110,7 @@ fn handler_timeout_default() -> u64 {
 /// args = ["--graceful"]
 /// timeout_secs = 60
 /// ```
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentFile {
     #[serde(default)]
@@ -110,6 +119,9 @@ pub struct AgentFile {
     pub reboot_command: Option<Vec<String>>,
     #[serde(default)]
     pub handlers: BTreeMap<String, ExecHandler>,
+    /// Renew the certificate after this share of its lifetime (default 2/3).
+    #[serde(default)]
+    pub renew_at_lifetime_fraction: Option<f64>,
 }
 
 impl AgentFile {
@@ -133,6 +145,13 @@ impl AgentFile {
         let bad = |m: String| Err(ConfigError::File(m));
         if self.handlers.len() > HANDLERS_MAX {
             return bad(format!("at most {HANDLERS_MAX} handlers"));
+        }
+        if let Some(f) = self.renew_at_lifetime_fraction {
+            if !(f > 0.0 && f <= 1.0) {
+                return bad(format!(
+                    "renew_at_lifetime_fraction must be in (0, 1], not {f}"
+                ));
+            }
         }
         for (name, h) in &self.handlers {
             if !mooring_proto::command::is_valid_command_name(name) {
@@ -161,6 +180,9 @@ impl AgentFile {
         config.firmware_version = self.firmware_version;
         config.reboot_command = self.reboot_command;
         config.handlers = self.handlers;
+        if let Some(f) = self.renew_at_lifetime_fraction {
+            config.renew_at_lifetime_fraction = f;
+        }
     }
 }
 
@@ -190,6 +212,7 @@ impl AgentConfig {
             handlers: BTreeMap::new(),
             reboot_command: None,
             firmware_version: None,
+            renew_at_lifetime_fraction: crate::rotate::RENEW_AT_LIFETIME_FRACTION_DEFAULT,
         }
     }
 
@@ -299,6 +322,9 @@ mod tests {
             "[handlers.x]\nexec = \"/bin/true\"\nextra = 1",
             "[handlers.\"a b\"]\nexec = \"/bin/true\"",
             "reboot_command = []",
+            "renew_at_lifetime_fraction = 0",
+            "renew_at_lifetime_fraction = 1.5",
+            "renew_at_lifetime_fraction = nan",
         ] {
             assert!(AgentFile::parse(bad).is_err(), "{bad}");
         }
@@ -306,6 +332,18 @@ mod tests {
             AgentFile::parse("").expect("empty is fine"),
             AgentFile::default()
         );
+    }
+
+    #[test]
+    fn the_renewal_share_defaults_to_two_thirds_and_the_file_sets_it() {
+        let mut c = AgentConfig::new("h", 8883, "c", "k", "ca", "s");
+        assert_eq!(c.renew_at_lifetime_fraction, 2.0 / 3.0);
+        AgentFile::parse("renew_at_lifetime_fraction = 0.5")
+            .expect("valid")
+            .apply(&mut c);
+        assert_eq!(c.renew_at_lifetime_fraction, 0.5);
+        AgentFile::parse("").expect("valid").apply(&mut c);
+        assert_eq!(c.renew_at_lifetime_fraction, 0.5, "kept when not given");
     }
 
     #[test]

@@ -540,12 +540,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
         .with_context(|| format!("{} has no file name", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let written = (|| -> std::io::Result<()> {
+        // A temp file left by a crash (or planted: a file or a link) is removed first, and the
+        // new one must be created here, not followed: it gets `mode` whatever was there.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         {
             use std::os::unix::fs::OpenOptionsExt as _;
-            opts.mode(mode);
+            opts.mode(mode).custom_flags(libc::O_NOFOLLOW);
         }
         #[cfg(not(unix))]
         let _ = mode;

@@ -33,6 +33,8 @@
 //! * [`shadow`]: applies deltas to `desired.json`, reports applied keys and versions.
 //! * [`diag`]: link quality, bounded rings of recent errors and log lines (`diagnostics`).
 //! * [`metrics`]: the [`metrics::MetricsSource`] trait and the host sampler.
+//! * [`rotate`]: certificate rotation (renewal by CSR over the live session, the swap after
+//!   a successful connection with the new pair; `mooring.cert.rotate` forces it).
 //! * [`input`]: the `--input` line reader.
 //!
 //! ## Supervision
@@ -64,6 +66,7 @@ pub mod enroll;
 pub mod input;
 pub mod link;
 pub mod metrics;
+pub mod rotate;
 pub mod shadow;
 pub mod sqlite_store;
 pub mod store;
@@ -184,6 +187,8 @@ impl AgentDeps {
     /// the SQLite store in `state_dir` (created if missing), host metrics, jitter seeded from
     /// `config.jitter_seed` or the OS.
     pub fn production(config: &AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let files = rotate::files_of(config);
+        rotate::recover(&files)?;
         let identity =
             transport::load_identity(&config.cert_path, &config.key_path, &config.ca_path)?;
         std::fs::create_dir_all(&config.state_dir)
@@ -194,11 +199,13 @@ impl AgentDeps {
         let store =
             sqlite_store::SqliteStore::open(&config.state_dir, config.outbox_max, first_seq)
                 .with_context(|| format!("opening the outbox in {}", config.state_dir.display()))?;
-        let connector = transport::TlsConnector {
-            host: config.server_host.clone(),
-            port: config.server_port,
-            tls: identity.tls,
-        };
+        // The TLS connector, able to switch to a renewed certificate (rotate.rs).
+        let connector = rotate::RotatingConnector(rotate::Rotation::new(
+            files,
+            config.server_host.clone(),
+            config.server_port,
+            identity.tls,
+        ));
         let rng_seed = config.jitter_seed.unwrap_or_else(rand::random);
         Ok(Self {
             rng_seed,
@@ -251,6 +258,12 @@ pub(crate) struct Core {
     pub(crate) started_at: tokio::time::Instant,
     /// Set once `exit_when_drained` is satisfied.
     pub(crate) drained: watch::Sender<bool>,
+    /// The certificate rotation, when the connector rotates (`rotate.rs`).
+    pub(crate) rotation: Option<Arc<rotate::Rotation>>,
+    /// Answers to renewal requests (`devices/<id>/cert/#`).
+    pub(crate) cert_rx: tokio::sync::Mutex<mpsc::Receiver<link::Inbound>>,
+    /// Poked by the `mooring.cert.rotate` command.
+    pub(crate) rotate_now: Notify,
 }
 
 impl Core {
@@ -279,6 +292,8 @@ pub async fn run_with(
     let (acks_tx, acks_rx) = mpsc::channel(ACK_CHANNEL_CAP);
     let (commands_tx, commands_rx) = mpsc::channel(commands::COMMAND_QUEUE_MAX);
     let (shadow_tx, shadow_rx) = mpsc::channel(shadow::SHADOW_QUEUE_MAX);
+    let (cert_tx, cert_rx) = mpsc::channel(rotate::REPLY_QUEUE_MAX);
+    let rotation = deps.connector.rotation();
     let (link_tx, _) = watch::channel(None);
     let (drained_tx, _) = watch::channel(false);
 
@@ -321,6 +336,9 @@ pub async fn run_with(
         diag: deps.diagnostics,
         started_at: tokio::time::Instant::now(),
         drained: drained_tx,
+        rotation: rotation.clone(),
+        cert_rx: tokio::sync::Mutex::new(cert_rx),
+        rotate_now: Notify::new(),
     });
     {
         let store = core.store();
@@ -342,7 +360,7 @@ pub async fn run_with(
         device_id: device_id.clone(),
         connector: deps.connector,
         keepalive: Duration::from_secs(config.keepalive_secs),
-        routes: vec![
+        routes: [
             link::Route {
                 filter: Topic::commands_filter(&device_id),
                 tx: commands_tx,
@@ -351,7 +369,13 @@ pub async fn run_with(
                 filter: Topic::shadow_delta(&device_id),
                 tx: shadow_tx,
             },
-        ],
+        ]
+        .into_iter()
+        .chain(rotation.is_some().then(|| link::Route {
+            filter: format!("{}/{device_id}/cert/#", mooring_proto::topic::DEVICES_ROOT),
+            tx: cert_tx,
+        }))
+        .collect(),
         credentials: None,
         give_up_on: None,
     };
@@ -421,6 +445,10 @@ pub async fn run_with(
     .child("shadow", {
         let core = c();
         move || shadow::run(core.clone())
+    })
+    .child("rotation", {
+        let core = c();
+        move || rotate::run(core.clone())
     });
 
     let stop = {

@@ -117,6 +117,8 @@ pub enum Request {
     },
     /// Send DISCONNECT and stop (agent shutdown).
     Disconnect,
+    /// Send DISCONNECT and connect again (a renewed certificate to use).
+    Reconnect,
 }
 
 /// Publishes on the connection it was handed out for; useless (every send fails) once that
@@ -144,6 +146,11 @@ impl LinkHandle {
     /// Asks for a clean DISCONNECT.
     pub fn disconnect(&self) -> bool {
         self.tx.try_send(Request::Disconnect).is_ok()
+    }
+
+    /// Asks for a clean DISCONNECT and a new connection.
+    pub fn reconnect(&self) -> bool {
+        self.tx.try_send(Request::Reconnect).is_ok()
     }
 }
 
@@ -401,6 +408,12 @@ async fn session(
                 s.flush().await?;
                 let _ = s.stream.shutdown().await;
                 return Ok(SessionEnd::Disconnected);
+            }
+            Step::Request(Some(Request::Reconnect)) => {
+                s.send(v3_1_1::Disconnect::new().into());
+                s.flush().await?;
+                let _ = s.stream.shutdown().await;
+                return Err("reconnecting (renewed certificate)".to_owned().into());
             }
             Step::Request(Some(Request::Publish {
                 topic,

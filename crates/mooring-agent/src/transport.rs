@@ -25,6 +25,10 @@ pub trait Connector: Send + Sync + 'static {
     async fn connect(&self) -> std::io::Result<Box<dyn Stream>>;
     /// Where this connects to, for logs.
     fn describe(&self) -> String;
+    /// The certificate rotation behind this connector, if it rotates ([`crate::rotate`]).
+    fn rotation(&self) -> Option<Arc<crate::rotate::Rotation>> {
+        None
+    }
 }
 
 /// TCP to `host:port`, then TLS with the device certificate (ring provider, the fleet CA as

@@ -66,3 +66,51 @@ pub struct Revoked {
     /// The serials revoked by this call (empty: they were revoked already).
     pub revoked: Vec<String>,
 }
+
+/// `POST /api/v1/devices/{id}/certificates/rotate`: tell the device to renew its certificate
+/// now. Delivered as the reserved command `mooring.cert.rotate` (handled inside the agent), so
+/// it waits while the device is offline, up to `ttl_secs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateRequest {
+    /// How long the request waits for an offline device (default: the server's command TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// `POST /api/v1/certificates/rotations`: a fleet rotation. Every device whose active
+/// certificate expires within `expiring_within_ms` from now is told to renew it, at most
+/// `max_per_minute` a minute (evenly spaced), by a resumable background job.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRotation {
+    /// Milliseconds from now, e.g. 2592000000 for 30 days.
+    pub expiring_within_ms: u64,
+    /// Renewal requests per minute at most, 1..=60000.
+    pub max_per_minute: u32,
+}
+
+/// A fleet rotation and its progress.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Rotation {
+    /// The job that runs it (`GET /api/v1/jobs/{id}`, cancel with `POST /api/v1/jobs/{id}/cancel`).
+    pub job: crate::Job,
+    /// Certificates selected (active, expiring before the window's end when the job started);
+    /// null until counted.
+    pub selected: Option<u64>,
+    /// Devices told to renew.
+    pub requested: u64,
+    /// Selected certificates replaced since: the device connected with its new one, the old one
+    /// was revoked.
+    pub confirmed: u64,
+    /// Requested and not yet confirmed.
+    pub pending: u64,
+    /// Devices that could not be told (deleted meanwhile, ...); see `job.errors`.
+    pub failed: u64,
+}
+
+/// `GET /api/v1/certificates/rotations`: newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RotationList {
+    pub rotations: Vec<Rotation>,
+}

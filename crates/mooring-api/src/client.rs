@@ -548,6 +548,38 @@ impl Client {
             .await
     }
 
+    /// `POST /api/v1/devices/{id}/certificates/rotate`: the device renews its certificate (the
+    /// command carrying the request).
+    pub async fn rotate_certificate(
+        &self,
+        id: &str,
+        req: &crate::RotateRequest,
+    ) -> Result<Command> {
+        let url = self.url(
+            &["api", "v1", "devices", id, "certificates", "rotate"],
+            None::<&()>,
+        )?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `POST /api/v1/certificates/rotations`: starts a fleet rotation.
+    pub async fn create_rotation(&self, req: &crate::CreateRotation) -> Result<crate::Rotation> {
+        let url = self.url(&["api", "v1", "certificates", "rotations"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/certificates/rotations/{id}`.
+    pub async fn rotation(&self, id: &str) -> Result<crate::Rotation> {
+        let url = self.url(&["api", "v1", "certificates", "rotations", id], None::<&()>)?;
+        Ok(self.json(Method::GET, url, None::<&()>, None).await?.1)
+    }
+
+    /// `GET /api/v1/certificates/rotations`: newest first.
+    pub async fn rotations(&self) -> Result<crate::RotationList> {
+        let url = self.url(&["api", "v1", "certificates", "rotations"], None::<&()>)?;
+        Ok(self.json(Method::GET, url, None::<&()>, None).await?.1)
+    }
+
     /// `POST /api/v1/devices/{id}/revoke`: revokes every active certificate of the device.
     pub async fn revoke_device(
         &self,
@@ -584,6 +616,28 @@ impl Client {
     ) -> Result<crate::CertificateList> {
         self.get(self.url(&["api", "v1", "certificates"], Some(params))?)
             .await
+    }
+
+    /// `POST /api/v1/cas`: registers a manufacturer CA.
+    pub async fn register_ca(&self, req: &crate::RegisterCa) -> Result<crate::Ca> {
+        let url = self.url(&["api", "v1", "cas"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/cas`: the registered CAs, oldest first.
+    pub async fn list_cas(&self) -> Result<crate::CaList> {
+        self.get(self.url(&["api", "v1", "cas"], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/cas/{id}/disable` (`enable: false`) or `/enable`.
+    pub async fn set_ca_enabled(&self, id: &str, enable: bool) -> Result<crate::Ca> {
+        let action = if enable { "enable" } else { "disable" };
+        let url = self.url(&["api", "v1", "cas", id, action], None::<&()>)?;
+        Ok(self
+            .json(Method::POST, url, Some(&serde_json::json!({})), None)
+            .await?
+            .1)
     }
 
     /// `POST /api/v1/jobs`: a bulk action, run in the background.

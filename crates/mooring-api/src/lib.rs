@@ -15,6 +15,7 @@
 //! client need not parse them first.
 
 mod accounts;
+mod cas;
 mod certs;
 mod commands;
 mod devices;
@@ -35,7 +36,11 @@ pub use accounts::{
     AuditEntry, AuditList, AuditParams, CreateUser, CreatedUser, LoginRequest, LoginResponse, Me,
     PasswordLink, SetPassword, UpdateUser, User, UserList,
 };
-pub use certs::{Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked};
+pub use cas::{Ca, CaList, RegisterCa, CA_PEM_LEN_MAX};
+pub use certs::{
+    Certificate, CertificateList, CreateRotation, ExpiringParams, RevokeRequest, Revoked,
+    RotateRequest, Rotation, RotationList,
+};
 pub use commands::{
     AnyCommand, Command, CommandList, CommandListParams, CommandResultBody, CreateCommand,
     CreateFleetCommand, FleetCommand, HistoryEntry, WaitParams,

@@ -19,6 +19,9 @@ pub struct ConnInfo {
     pub cert_identity: Option<String>,
     /// SHA-256 (lower-case hex) of the client certificate, for embedders that pin certificates.
     pub cert_sha256: Option<String>,
+    /// The client certificate (DER), for embedders that register certificates they have not
+    /// seen before (just-in-time registration). Dropped once the CONNECT is handled.
+    pub cert_der: Option<std::sync::Arc<[u8]>>,
     pub listener: ListenerKind,
 }
 

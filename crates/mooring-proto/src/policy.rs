@@ -122,6 +122,13 @@ impl Policy {
         if let Principal::Claim { client_id, .. } = who {
             return topic == crate::provision::request_topic(client_id);
         }
+        // Only the server answers on an enrolling client's topics: no rule lets a device or a
+        // service publish there (a forged `accepted` would hand an agent another trust root).
+        if *who != Principal::Dev
+            && topic.split('/').next() == Some(crate::provision::PROVISION_ROOT)
+        {
+            return false;
+        }
         *who == Principal::Dev
             || self
                 .granted(who, Action::Publish)
@@ -277,6 +284,30 @@ mod tests {
         assert!(!p.may_subscribe(&c, "provision/+/accepted"));
         assert!(!p.may_subscribe(&c, "$share/g/provision/sn-1/#"));
         assert!(!p.may_subscribe(&c, "#"));
+    }
+
+    #[test]
+    fn no_rule_lets_a_device_or_service_publish_on_provision_topics() {
+        let everything = |principal| Rule {
+            principal,
+            action: Action::Both,
+            filter: "#".into(),
+        };
+        let p = Policy::with_rules(vec![
+            everything(PrincipalKind::Device),
+            everything(PrincipalKind::Service),
+        ])
+        .expect("valid rules");
+        let svc = Principal::Service {
+            id: "t1".into(),
+            name: "s".into(),
+        };
+        for who in [device("d1", &[]), svc] {
+            assert!(!p.may_publish(&who, "provision/sn-1/accepted"));
+            assert!(!p.may_publish(&who, "provision/sn-1/request"));
+            assert!(p.may_publish(&who, "fleet/x"));
+        }
+        assert!(p.may_publish(&Principal::Dev, "provision/sn-1/accepted"));
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub enum Permission {
     UsersManage,
     /// Read the audit log.
     AuditRead,
+    /// Register, list, enable and disable manufacturer CAs (admins only: a registered CA can
+    /// register devices).
+    PkiManage,
 }
 
 impl Permission {
@@ -63,6 +66,7 @@ impl Permission {
             Permission::TokensManage => "tokens.manage",
             Permission::UsersManage => "users.manage",
             Permission::AuditRead => "audit.read",
+            Permission::PkiManage => "pki.manage",
         }
     }
 }

@@ -92,6 +92,8 @@ pub struct App {
     pub pipeline: crate::pipeline::Pipeline,
     /// Claim tokens and enrollment (issue 16).
     pub provisioning: Provisioning,
+    /// Registered manufacturer CAs, the MQTT listener's TLS trust, just-in-time registration.
+    pub cas: crate::cas::Cas,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -134,6 +136,7 @@ impl App {
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
             jobs: Arc::new(Jobs::new(core.clone(), registry.clone(), commands.clone())),
             pipeline: crate::pipeline::Pipeline::new(core.clone(), registry.clone()),
+            cas: crate::cas::Cas::new(core.clone(), registry.clone()),
             commands,
             shadows: Shadows::new(core.clone(), registry.clone()),
             tokens: Tokens::new(core.clone()),

@@ -11,6 +11,7 @@
 //! (`Principal::Claim`) and enrolls by publishing to `provision/<client id>/request`.
 
 use crate::app::App;
+use crate::cas::Jitp;
 use crate::metrics::Counters;
 use crate::pipeline::Step;
 use crate::registry::CertVerdict;
@@ -206,6 +207,77 @@ async fn on_claim_request(
     verdict
 }
 
+/// A renewal request from an enrolled device on its own `devices/<id>/cert/request` (issue 16,
+/// `registry/rotation.rs`): answered on `.../cert/accepted` or `.../cert/rejected` to that
+/// device only; the request itself is routed to nobody (its PUBACK: 0x10), never retained.
+async fn on_renew_request(
+    app: &App,
+    id: &mooring_proto::DeviceId,
+    msg: &Message,
+) -> PublishVerdict {
+    use mooring_proto::provision::{self as p, EnrollAccepted, EnrollRejected, RenewRequest};
+    if msg.retain {
+        return PublishVerdict::Reject(REASON_NOT_AUTHORIZED);
+    }
+    let mut verdict = PublishVerdict::Reject(REASON_NO_MATCHING_SUBSCRIBERS);
+    let outcome = match RenewRequest::parse(&msg.payload) {
+        Err(e) => {
+            verdict = PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID);
+            Err(crate::error::ServiceError::invalid(
+                "invalid_request",
+                e.to_string(),
+            ))
+        }
+        Ok(req) => app.registry.renew_certificate(id, &req.csr_pem).await,
+    };
+    let (topic, payload, status, detail) = match outcome {
+        Ok(r) => (
+            p::renew_accepted_topic(id),
+            EnrollAccepted {
+                v: p::SCHEMA_VERSION,
+                device_id: id.to_string(),
+                certificate_pem: r.certificate_pem,
+                ca_pem: r.ca_pem,
+            }
+            .to_bytes(),
+            if r.created { 201 } else { 200 },
+            match r.replaced {
+                Some(old) => format!("serial {} (replaces unconfirmed {old})", r.serial),
+                None => format!("serial {}", r.serial),
+            },
+        ),
+        Err(e) => {
+            if e.kind == crate::error::ErrorKind::Unavailable {
+                verdict = not_stored(true);
+            }
+            tracing::info!(device = %id, code = e.code, error = %e.message, "certificate renewal refused");
+            (
+                p::renew_rejected_topic(id),
+                EnrollRejected::new(e.code, e.message).to_bytes(),
+                e.kind.http_status(),
+                e.code.to_owned(),
+            )
+        }
+    };
+    if let Some(broker) = app.broker() {
+        let reply = Message::new(topic, payload, 1, false);
+        broker.publish_to(&mooring_broker::PrincipalKey::device(id.as_str()), reply);
+    }
+    if detail != "rate_limited" {
+        app.audit
+            .record(crate::audit::AuditEntryIn {
+                actor: format!("device:{id}"),
+                action: "cert.renew",
+                target: id.to_string(),
+                source: "mqtt".to_owned(),
+                status,
+                detail,
+            })
+            .await;
+    }
+    verdict
+}
+
 /// The broker's hooks. They hold the server only weakly: the app holds the broker, the broker
 /// holds its hooks, so a strong reference here would be a cycle that keeps the app (its store,
 /// its writers) alive after shutdown. Once the app is gone, every question is answered "no".
@@ -287,25 +359,54 @@ impl Hooks for ServerHooks {
             return Err(ConnectRefusal::ServerUnavailable);
         };
         if let Some(cn) = req.info.cert_identity.as_deref() {
+            let sha256 = req.info.cert_sha256.as_deref().unwrap_or("");
             let record = match app.registry.lookup(cn).await {
                 Ok(Some(r)) => r,
                 Ok(None) => {
-                    Counters::inc(&app.counters().connects_refused);
-                    tracing::info!(device = cn, "refused: no such device (deleted?)");
-                    return Err(ConnectRefusal::NotAuthorized);
+                    // Just-in-time registration: a certificate from a registered CA.
+                    let jitp = match req.info.cert_der.as_deref() {
+                        Some(der) => app.cas.just_in_time(cn, sha256, der).await,
+                        None => Ok(Jitp::NotApplicable),
+                    };
+                    match jitp {
+                        Ok(Jitp::Registered(r)) => *r,
+                        Ok(Jitp::Refused(why)) => {
+                            Counters::inc(&app.counters().connects_refused);
+                            Counters::inc(&app.counters().connects_refused_certificate);
+                            tracing::info!(device = cn, "{why}");
+                            return Err(ConnectRefusal::NotAuthorized);
+                        }
+                        Ok(Jitp::NotApplicable) => {
+                            Counters::inc(&app.counters().connects_refused);
+                            tracing::info!(device = cn, "refused: no such device (deleted?)");
+                            return Err(ConnectRefusal::NotAuthorized);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "just-in-time registration failed");
+                            return Err(ConnectRefusal::ServerUnavailable);
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "device lookup failed");
                     return Err(ConnectRefusal::ServerUnavailable);
                 }
             };
-            let sha256 = req.info.cert_sha256.as_deref().unwrap_or("");
             match app.registry.check_certificate(cn, sha256).await {
                 Ok(CertVerdict::Valid) => {}
                 Ok(refused) => {
                     Counters::inc(&app.counters().connects_refused);
                     Counters::inc(&app.counters().connects_refused_certificate);
-                    let why = certificate_refusal_text(cn, &refused);
+                    let from_ca = match (&refused, req.info.cert_der.as_deref()) {
+                        (CertVerdict::Unknown, Some(der)) => app.cas.issuing_ca_id(der),
+                        _ => None,
+                    };
+                    let why = match from_ca {
+                        Some(ca) => format!(
+                            "refused: device {cn} exists; its certificate from CA {ca} is not registered"
+                        ),
+                        None => certificate_refusal_text(cn, &refused),
+                    };
                     tracing::info!(device = cn, "{why}");
                     app.pipeline.step_failed(cn, Step::FirstConnect, why);
                     return Err(ConnectRefusal::NotAuthorized);
@@ -332,7 +433,38 @@ impl Hooks for ServerHooks {
                 );
                 return Err(ConnectRefusal::BadClientId);
             }
+            if let Err(why) = app
+                .cas
+                .admit_session(&record.id, req.info.cert_der.as_deref())
+            {
+                Counters::inc(&app.counters().connects_refused);
+                Counters::inc(&app.counters().connects_refused_certificate);
+                tracing::info!(device = cn, "{why}");
+                app.pipeline.step_failed(cn, Step::FirstConnect, why);
+                return Err(ConnectRefusal::NotAuthorized);
+            }
             app.registry.note_session_cert(&record.id, sha256);
+            // A device connecting with its pending renewal certificate: rotation confirmed.
+            if let Some(rotated) = app
+                .registry
+                .confirm_rotation(&record.id, sha256, &record.cert_sha256)
+                .await
+            {
+                app.audit
+                    .record(crate::audit::AuditEntryIn {
+                        actor: format!("device:{}", record.id),
+                        action: "cert.rotated",
+                        target: record.id.to_string(),
+                        source: "mqtt".to_owned(),
+                        status: 200,
+                        detail: format!(
+                            "serial {} current; revoked {}",
+                            rotated.serial,
+                            rotated.revoked.join(", ")
+                        ),
+                    })
+                    .await;
+            }
             let principal = Principal::Device {
                 id: record.id,
                 tags: record.tags,
@@ -462,6 +594,9 @@ impl Hooks for ServerHooks {
         };
         let now_ms = app.now_ms();
         app.presence.seen(id, now_ms);
+        if msg.topic == mooring_proto::provision::renew_request_topic(id) {
+            return on_renew_request(&app, id, msg).await;
+        }
         let topic = Topic::parse(&msg.topic).filter(|t| t.device() == id);
         match topic {
             Some(Topic::Telemetry(_)) => {}

@@ -17,6 +17,12 @@
 //! command whose id the job stores *before* creating it, so it is never created twice. A cancel
 //! is a compare-and-set to `canceled`: the runner's next progress write fails and it stops.
 //!
+//! Action `rotate_certs` (a fleet certificate rotation, issue 16; created by
+//! [`Jobs::create_rotation`]) has no device selector: it walks the ledger's certificates expiring
+//! before a fixed time (cursor `<not_after>.<serial>`), sending each device the command
+//! `mooring.cert.rotate` with the job id as idempotency key, spaced `60 s / max_per_minute`, its
+//! progress stored after each device.
+//!
 //! Adding an action is one [`JobAction`] variant: its name, parameters, permission and what it
 //! does to one device (or to the whole selection, as `command` does).
 
@@ -68,7 +74,25 @@ pub enum JobAction {
     Command(JobCommand),
     /// Delete the devices.
     Delete,
+    /// Fleet certificate rotation (issue 16): tell every device with an active certificate
+    /// expiring before a time to renew it, throttled; created by
+    /// [`Jobs::create_rotation`], not through `POST /api/v1/jobs`.
+    RotateCerts(RotateCerts),
 }
+
+/// The parameters of a fleet rotation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RotateCerts {
+    /// Certificates with `not_after` before this (unix ms), fixed when the rotation is made.
+    pub before_ms: u64,
+    /// Renewal requests per minute at most (they are spaced evenly).
+    pub max_per_minute: u32,
+}
+
+/// Most renewal requests per minute a fleet rotation may ask for.
+pub const ROTATIONS_PER_MINUTE_MAX: u32 = 60_000;
+/// The job action name of a fleet rotation.
+pub const ROTATE_CERTS_ACTION: &str = "rotate_certs";
 
 /// The command of an action `command`.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +111,7 @@ impl JobAction {
             JobAction::Untag(_) => "untag",
             JobAction::Command(_) => "command",
             JobAction::Delete => "delete",
+            JobAction::RotateCerts(_) => ROTATE_CERTS_ACTION,
         }
     }
 
@@ -94,7 +119,10 @@ impl JobAction {
     pub fn extra_permission(&self) -> Option<Permission> {
         match self {
             JobAction::Command(_) => Some(Permission::CommandsWrite),
-            JobAction::Tag(_) | JobAction::Untag(_) | JobAction::Delete => None,
+            JobAction::Tag(_)
+            | JobAction::Untag(_)
+            | JobAction::Delete
+            | JobAction::RotateCerts(_) => None,
         }
     }
 
@@ -118,6 +146,9 @@ impl JobAction {
                 json!({ "command": cmd })
             }
             JobAction::Delete => json!({}),
+            JobAction::RotateCerts(r) => json!({
+                "rotate": {"before_ms": r.before_ms, "max_per_minute": r.max_per_minute}
+            }),
         }
     }
 
@@ -201,6 +232,15 @@ impl JobAction {
                 Ok(())
             }
             JobAction::Delete => Ok(()),
+            JobAction::RotateCerts(r) => {
+                if r.max_per_minute == 0 || r.max_per_minute > ROTATIONS_PER_MINUTE_MAX {
+                    return Err(ServiceError::invalid(
+                        "invalid_max_per_minute",
+                        format!("max_per_minute must be between 1 and {ROTATIONS_PER_MINUTE_MAX}"),
+                    ));
+                }
+                Ok(())
+            }
         }
     }
 
@@ -222,6 +262,16 @@ impl JobAction {
                 })
             }
             "delete" => JobAction::Delete,
+            ROTATE_CERTS_ACTION => {
+                let r = &params["rotate"];
+                JobAction::RotateCerts(RotateCerts {
+                    before_ms: r["before_ms"].as_u64().ok_or("no before_ms")?,
+                    max_per_minute: r["max_per_minute"]
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .ok_or("no max_per_minute")?,
+                })
+            }
             other => return Err(format!("unknown action {other:?}")),
         };
         Ok(a)
@@ -295,17 +345,32 @@ impl Jobs {
         if let JobAction::Command(c) = &action {
             self.commands.check_command(&c.new_command())?;
         }
-        let sel = crate::commands::parse_selector(selector)?;
-        let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
-        // The job stores the narrowed selector as text and the runner (and `visible`) parse
-        // it again: the scope's terms must not push it past the parser's bounds (terms, ids,
-        // length), or the job would fail later and be hidden from its own creator.
-        if let Err(e) = Selector::parse(&sel.to_string()) {
-            return Err(ServiceError::invalid(
-                "invalid_selector",
-                format!("the selector narrowed by your scope is too large: {e}"),
-            ));
-        }
+        action.validate()?;
+        let sel = if let JobAction::RotateCerts(_) = &action {
+            // Not a device selector: the ledger's expiring certificates, fleet-wide.
+            if access.scope().is_some() {
+                return Err(ServiceError::new(
+                    ErrorKind::Forbidden,
+                    "forbidden",
+                    "a fleet-wide rotation needs an unscoped caller; rotate devices in your scope one by one (--device)",
+                ));
+            }
+            selector.to_owned()
+        } else {
+            let sel = crate::commands::parse_selector(selector)?;
+            let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
+            // The job stores the narrowed selector as text and the runner (and `visible`)
+            // parse it again: the scope's terms must not push it past the parser's bounds
+            // (terms, ids, length), or the job would fail later and be hidden from its own
+            // creator.
+            if let Err(e) = Selector::parse(&sel.to_string()) {
+                return Err(ServiceError::invalid(
+                    "invalid_selector",
+                    format!("the selector narrowed by your scope is too large: {e}"),
+                ));
+            }
+            sel.to_string()
+        };
         let _one_at_a_time = self.creating.lock().await;
         let unfinished = self.core.store.count_unfinished_jobs(&creator.name).await?;
         if unfinished >= JOBS_UNFINISHED_PER_CREATOR_MAX {
@@ -321,7 +386,7 @@ impl Jobs {
         let job = JobRecord {
             id: new_job_id(now_ms),
             action: action.name().to_owned(),
-            selector: sel.to_string(),
+            selector: sel,
             params: action.params(),
             scope: access.scope().map(|s| s.to_string()),
             state: JobState::Queued,
@@ -494,8 +559,11 @@ impl Jobs {
             }
         }
         let plan = JobAction::from_stored(&job.action, &job.params).and_then(|a| {
+            if matches!(a, JobAction::RotateCerts(_)) {
+                return Ok((a, None));
+            }
             Selector::parse(&job.selector)
-                .map(|s| (a, s))
+                .map(|s| (a, Some(s)))
                 .map_err(|e| format!("stored selector {:?}: {e}", job.selector))
         });
         let (action, sel) = match plan {
@@ -524,6 +592,12 @@ impl Jobs {
         if let JobAction::Command(c) = &action {
             return self.run_command(job, &access, c).await;
         }
+        let Some(sel) = sel else {
+            return match &action {
+                JobAction::RotateCerts(r) => self.run_rotation(job, r, stop).await,
+                _ => Ok(()),
+            };
+        };
         if job.total.is_none() {
             job.total = Some(self.count(&sel).await?);
             if !self.save(&mut job).await? {
@@ -666,9 +740,9 @@ impl Jobs {
                 }
                 out
             }
-            JobAction::Command(_) => ids
+            JobAction::Command(_) | JobAction::RotateCerts(_) => ids
                 .iter()
-                .map(|_| Err(ServiceError::internal("command jobs act on the selection")))
+                .map(|_| Err(ServiceError::internal("this job acts on the selection")))
                 .collect(),
         }
     }
@@ -719,6 +793,114 @@ impl Jobs {
                 });
                 self.finish(&mut job, JobState::Failed).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Creates a fleet rotation: every device whose active certificate expires within
+    /// `within_ms` from now is told to renew it (the command `mooring.cert.rotate`), at most
+    /// `max_per_minute` requests a minute, by the job runner (module doc: stored progress,
+    /// resumed after a restart, once across a cluster).
+    pub async fn create_rotation(
+        &self,
+        access: &Access,
+        creator: &Creator,
+        within_ms: u64,
+        max_per_minute: u32,
+    ) -> ServiceResult<JobRecord> {
+        let before_ms = self.core.now_ms().saturating_add(within_ms);
+        let action = JobAction::RotateCerts(RotateCerts {
+            before_ms,
+            max_per_minute,
+        });
+        let what = format!("certificates expiring before {before_ms} ms");
+        self.create(access, creator, &what, action).await
+    }
+
+    /// What a rotation has done: `(confirmed, still_expiring)`. Confirmed are the selected
+    /// certificates no longer active and expiring (rotated: revoked at confirmation).
+    pub async fn rotation_progress(&self, job: &JobRecord) -> ServiceResult<(u64, u64)> {
+        let Ok(JobAction::RotateCerts(r)) = JobAction::from_stored(&job.action, &job.params) else {
+            return Err(job_not_found(&job.id));
+        };
+        let still = self.core.store.count_expiring_certs(r.before_ms).await?;
+        Ok((job.total.unwrap_or(0).saturating_sub(still), still))
+    }
+
+    /// One turn of a fleet rotation: up to a tenth of a minute's requests, spaced evenly, the
+    /// cursor (`<not_after>.<serial>` of the last certificate handled) stored after each.
+    /// Requests carry the job id as idempotency key: one handled again after a restart is not
+    /// sent twice.
+    async fn run_rotation(
+        &self,
+        mut job: JobRecord,
+        r: &RotateCerts,
+        stop: &watch::Receiver<bool>,
+    ) -> ServiceResult<()> {
+        let store = &self.core.store;
+        if job.total.is_none() {
+            job.total = Some(store.count_expiring_certs(r.before_ms).await?);
+            if !self.save(&mut job).await? {
+                return Ok(());
+            }
+        }
+        let per_turn = (r.max_per_minute as usize / 6).clamp(1, BATCH_LEN_MAX);
+        let interval = Duration::from_millis(60_000 / u64::from(r.max_per_minute.max(1)));
+        if *stop.borrow() || !self.holds_lease().await {
+            return Ok(());
+        }
+        let cursor = job.cursor.clone();
+        let after = cursor.as_deref().and_then(|c| {
+            let (ms, serial) = c.split_once('.')?;
+            Some((ms.parse::<u64>().ok()?, serial))
+        });
+        let page = store.expiring_certs(r.before_ms, per_turn, after).await?;
+        let last_page = page.len() < per_turn;
+        for cert in page {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            let c = NewCommand {
+                name: crate::http::ROTATE_COMMAND.to_owned(),
+                params: json!({}),
+                ttl_secs: None,
+                max_attempts: None,
+                idempotency_key: Some(job.id.clone()),
+                result_timeout_secs: None,
+            };
+            match self
+                .commands
+                .create_command(&Access::all(), cert.device_id.as_str(), c, None)
+                .await
+            {
+                // Not created: asked already by this rotation (handled again after a restart
+                // between the request and its progress write: it was not counted then).
+                Ok(_) => job.done += 1,
+                Err(e) if e.kind == ErrorKind::Internal || e.kind == ErrorKind::Unavailable => {
+                    return Err(e)
+                }
+                Err(e) => {
+                    job.failed += 1;
+                    if job.errors.len() < JOB_ERRORS_MAX {
+                        job.errors.push(JobError {
+                            device_id: cert.device_id.to_string(),
+                            message: e.message,
+                        });
+                    }
+                }
+            }
+            job.cursor = Some(format!("{}.{}", cert.not_after_ms, cert.serial));
+            if !self.save(&mut job).await? {
+                return Ok(());
+            }
+            let mut stop = stop.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => return Ok(()),
+            }
+        }
+        if last_page {
+            self.finish(&mut job, JobState::Succeeded).await?;
         }
         Ok(())
     }

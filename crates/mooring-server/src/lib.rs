@@ -46,6 +46,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod broker_state;
+pub mod cas;
 pub mod cluster;
 pub mod commands;
 pub mod config;

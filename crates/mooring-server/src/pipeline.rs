@@ -91,7 +91,16 @@ impl Pipeline {
             }
         }
         let facts = Facts {
-            certificate_issued_ms: cert.map_or(view.record.created_at_ms, |c| c.issued_at_ms),
+            // A certificate from a registered CA (just-in-time registration, issuer `ca:<id>`)
+            // was issued by its manufacturer: its not-before is when; the server learned of it
+            // at registration.
+            certificate_issued_ms: cert.map_or(view.record.created_at_ms, |c| {
+                if c.issuer.starts_with("ca:") {
+                    c.not_before_ms
+                } else {
+                    c.issued_at_ms
+                }
+            }),
             claimed_ms: claimed.map(|e| e.created_at_ms),
         };
         Ok(provisioning(&view.record, &facts))
@@ -144,7 +153,12 @@ impl Pipeline {
                 return;
             }
             if written.len() >= STEP_ERROR_THROTTLE_LEN_MAX {
-                written.clear();
+                // Forget what is past its interval; if still full (a mass failure), this error
+                // is not written: the ones recorded already say what happened.
+                written.retain(|_, at| now_ms < at.saturating_add(STEP_ERROR_WRITE_INTERVAL_MS));
+                if written.len() >= STEP_ERROR_THROTTLE_LEN_MAX {
+                    return;
+                }
             }
             written.insert(key, now_ms);
         }

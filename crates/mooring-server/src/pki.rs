@@ -285,9 +285,19 @@ impl Pki {
     /// presented; a client without one may still finish the handshake but must then present a
     /// service token at CONNECT (devices never get in without a certificate).
     pub fn mqtt_tls_config(&self) -> anyhow::Result<Arc<TlsServerConfig>> {
+        self.mqtt_tls_config_with(&[])
+    }
+
+    /// [`Pki::mqtt_tls_config`] trusting, besides the fleet CA, the CA certificates `extra`
+    /// (DER; the enabled registered CAs) for client certificates.
+    pub fn mqtt_tls_config_with(&self, extra: &[Vec<u8>]) -> anyhow::Result<Arc<TlsServerConfig>> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = self.roots()?;
+        for der in extra {
+            roots.add(CertificateDer::from(der.clone()))?;
+        }
         let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(self.roots()?), provider.clone())
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .allow_unauthenticated()
                 .build()?;
         let (chain, key) = self.server_chain()?;

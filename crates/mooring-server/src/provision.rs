@@ -396,8 +396,11 @@ impl Provisioning {
 
     /// The live claim with this token, or `claim_invalid` (counted against `source`; the log
     /// says whether the token was unknown, expired or revoked).
+    ///
+    /// A live token is never throttled: the address bound only keeps unknown tokens from being
+    /// tried at the database's expense (a 256-bit token cannot be guessed), so devices behind
+    /// one NAT or load balancer are not locked out by a neighbour with a stale token.
     async fn live_claim(&self, token: &str, source: &str) -> ServiceResult<ClaimRecord> {
-        self.check_address(source).await?;
         let now_ms = self.core.now_ms();
         let found = if token.starts_with(CLAIM_TOKEN_PREFIX) && token.len() <= 128 {
             self.core
@@ -419,6 +422,7 @@ impl Provisioning {
                         tracing::info!(source, claim = %c.id, "enrollment refused: claim expired")
                     }
                 }
+                self.check_address(source).await?;
                 self.count_failure(source).await;
                 Err(claim_invalid())
             }
@@ -462,6 +466,48 @@ impl Provisioning {
         self.enroll_claim(claim, csr_pem, proposed_id).await
     }
 
+    /// Why the claim's creator may no longer register `device_id` with the claim's tags
+    /// (`None`: it still may): a claim acts for whoever made it, so a user disabled or deleted,
+    /// a token revoked or expired, a role that lost `devices.write` or a scope that no longer
+    /// covers the claim's tags ends it, as it does a job.
+    async fn creator_refused(
+        &self,
+        claim: &ClaimRecord,
+        device_id: &DeviceId,
+    ) -> ServiceResult<Option<String>> {
+        // The server's own claims (the simulator's) name no user or token.
+        if !(claim.created_by.starts_with("usr_") || claim.created_by.starts_with("tok_")) {
+            return Ok(None);
+        }
+        let store = &self.core.store;
+        let (role, scope) = match store.get_user(&claim.created_by).await? {
+            Some(u) if u.disabled => return Ok(Some(format!("user {} is disabled", u.email))),
+            Some(u) => (u.role, u.scope),
+            None => match store.get_token(&claim.created_by).await? {
+                Some(t) if t.is_live(self.core.now_ms()) => (t.role, t.scope),
+                Some(_) => return Ok(Some(format!("token {} expired", claim.created_by))),
+                None => return Ok(Some(format!("{} was revoked or deleted", claim.created_by))),
+            },
+        };
+        if !crate::access::role_allows(role, crate::access::Permission::DevicesWrite) {
+            return Ok(Some(format!(
+                "{} no longer may create devices (role {})",
+                claim.created_by,
+                role.as_str()
+            )));
+        }
+        if let Some(scope) = scope {
+            let access = Access::scoped(crate::access::parse_scope(&scope)?);
+            if !access.sees_facts(device_id.as_str(), &claim.tags) {
+                return Ok(Some(format!(
+                    "the scope of {} no longer covers the claim's tags",
+                    claim.created_by
+                )));
+            }
+        }
+        Ok(None)
+    }
+
     async fn enroll_claim(
         &self,
         claim: ClaimRecord,
@@ -498,6 +544,10 @@ impl Provisioning {
             })?;
             Registry::parse_id(proposed)?
         };
+        if let Some(why) = self.creator_refused(&claim, &device_id).await? {
+            tracing::info!(claim = %claim.id, reason = %why, "enrollment refused: the claim's creator may no longer create this device");
+            return Err(claim_invalid());
+        }
         if self.registry.lookup(device_id.as_str()).await?.is_some() {
             return Err(device_exists(device_id.as_str()));
         }
@@ -600,7 +650,13 @@ impl Provisioning {
         };
         let claim = match self.live_claim(token, peer).await {
             Ok(c) => c,
-            Err(e) if e.kind == ErrorKind::Unavailable || e.kind == ErrorKind::Internal => {
+            // Throttled: "try again later" (a device retries), not "bad token" (it gives up).
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::Unavailable | ErrorKind::Internal | ErrorKind::TooManyRequests
+                ) =>
+            {
                 return Err(ClaimConnectRefusal::Unavailable)
             }
             Err(_) => return Err(ClaimConnectRefusal::BadToken),
@@ -642,7 +698,17 @@ impl Provisioning {
         let max = self.core.config.provisioning.requests_per_minute_max;
         let mut s = self.sessions();
         if s.requests.len() >= REQUEST_COUNTERS_LEN_MAX && !s.requests.contains_key(client_id) {
-            s.requests.clear();
+            // Forget the counters of past minutes only: clearing them all would reset the
+            // clients being limited.
+            s.requests
+                .retain(|_, (since, _)| now_ms < since.saturating_add(MINUTE_MS));
+            if s.requests.len() >= REQUEST_COUNTERS_LEN_MAX {
+                return Err(ServiceError::new(
+                    ErrorKind::TooManyRequests,
+                    "rate_limited",
+                    "too many enrolling clients at once; try again in a minute",
+                ));
+            }
         }
         let entry = s
             .requests

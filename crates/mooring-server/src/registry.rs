@@ -21,9 +21,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 mod certs;
+mod rotation;
 pub use certs::{
     CertGauges, CertVerdict, CERT_GAUGES_TTL_MS, CERT_LIST_LEN_DEFAULT, REVOKE_REASON_LEN_MAX,
 };
+pub use rotation::{Renewed, Rotated, REPLACED_REASON, ROTATED_REASON};
 
 /// Most devices one list call returns.
 pub const DEVICE_PAGE_LEN_MAX: usize = 1000;
@@ -46,6 +48,9 @@ pub struct Registry {
     session_certs: std::sync::Mutex<std::collections::HashMap<DeviceId, String>>,
     /// The certificate gauges of `/metrics` and when they were counted.
     cert_gauges: std::sync::Mutex<Option<(u64, CertGauges)>>,
+    /// Renewal requests per device in the current minute (`registry/rotation.rs`): when the
+    /// minute began, how many.
+    renew_requests: std::sync::Mutex<std::collections::HashMap<DeviceId, (u64, u32)>>,
 }
 
 /// How long a device's cached facts (tags, online, version) serve event filters. Changes made
@@ -88,6 +93,7 @@ impl Registry {
             facts: std::sync::Mutex::default(),
             session_certs: std::sync::Mutex::default(),
             cert_gauges: std::sync::Mutex::default(),
+            renew_requests: std::sync::Mutex::default(),
         }
     }
 
@@ -99,6 +105,15 @@ impl Registry {
 
     pub fn ca_pem(&self) -> &str {
         self.pki.ca_pem()
+    }
+
+    /// The MQTT listener's TLS config, trusting the fleet CA and the CA certificates `extra`
+    /// (DER) for client certificates.
+    pub(crate) fn mqtt_tls_config(
+        &self,
+        extra: &[Vec<u8>],
+    ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+        self.pki.mqtt_tls_config_with(extra)
     }
 
     /// The stored record of `id` as it is, without validating the id (the MQTT hooks look up a

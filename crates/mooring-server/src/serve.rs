@@ -317,7 +317,6 @@ impl RunningServer {
                 .await?
         };
         restrict_data_dir(&config.data_dir)?;
-        let mqtt_tls = TlsAcceptor::from(pki.mqtt_tls_config()?);
         let http_tls = if config.http_tls {
             Some(TlsAcceptor::from(pki.http_tls_config()?))
         } else {
@@ -381,6 +380,12 @@ impl RunningServer {
                 .context("[oidc]")?;
             app.set_oidc(Arc::new(oidc));
         }
+        // The MQTT listener trusts the fleet CA and the enabled registered CAs (re-read when
+        // they change: here at once, on a cluster's other nodes by `cas::run_reload`).
+        app.cas
+            .reload()
+            .await
+            .context("building the MQTT listener's TLS config")?;
         let broker =
             Broker::with_persistence(broker_config, Arc::new(ServerHooks::new(&app)), persistence);
         broker.restore(crate::broker_state::restored(stored_broker_state));
@@ -395,7 +400,7 @@ impl RunningServer {
         tracing::info!("MQTT/TLS listening on {mqtt_addr}");
         tasks.spawn(accept_mqtt(
             listeners.mqtt,
-            Some(mqtt_tls),
+            Some(MqttTls),
             ListenerKind::Tls,
             broker.clone(),
             app.clone(),
@@ -441,6 +446,7 @@ impl RunningServer {
             tasks.spawn(crate::cluster::run_outbox(cluster, stop_rx.clone()));
             tasks.spawn(crate::cluster::run_heartbeat(app.clone(), stop_rx.clone()));
             tasks.spawn(session_flush_loop(app.clone(), stop_rx.clone()));
+            tasks.spawn(crate::cas::run_reload(app.clone(), stop_rx.clone()));
         } else {
             // One node: the deltas it restored are the whole truth. (A cluster node restored
             // every retained message from the shared store already.)
@@ -558,10 +564,15 @@ impl RunningServer {
     }
 }
 
+/// TLS on an MQTT listener, with the config in force when a connection is accepted
+/// ([`crate::cas::Cas::mqtt_tls`]: the fleet CA plus the enabled registered CAs).
+#[derive(Clone, Copy)]
+struct MqttTls;
+
 #[allow(clippy::too_many_arguments)]
 async fn accept_mqtt(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<MqttTls>,
     kind: ListenerKind,
     broker: Broker,
     app: Arc<App>,
@@ -590,7 +601,6 @@ async fn accept_mqtt(
         };
         let _ = tcp.set_nodelay(true);
         let broker = broker.clone();
-        let tls = tls.clone();
         let app = app.clone();
         connections.spawn(async move {
             let _permit = permit;
@@ -600,11 +610,17 @@ async fn accept_mqtt(
                         peer: Some(peer),
                         cert_identity: None,
                         cert_sha256: None,
+                        cert_der: None,
                         listener: kind,
                     };
                     broker.serve_connection(tcp, info).await;
                 }
-                Some(acceptor) => {
+                Some(MqttTls) => {
+                    let Some(config) = app.cas.mqtt_tls() else {
+                        tracing::warn!(%peer, "no TLS config yet; connection refused");
+                        return;
+                    };
+                    let acceptor = TlsAcceptor::from(config);
                     // The handshake state is boxed and the stream moved to the heap once, so this
                     // task (and the broker's, which takes the stream) stays small while idle.
                     let handshake = Box::pin(acceptor.accept(tcp));
@@ -627,20 +643,25 @@ async fn accept_mqtt(
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .map(|c| c.as_ref().to_vec());
-                    let (cert_identity, cert_sha256) = match leaf {
+                    let (cert_identity, cert_sha256, cert_der) = match leaf {
                         Some(der) => match cert_common_name(&der) {
-                            Some(cn) => (Some(cn), Some(cert_sha256_hex(&der))),
+                            Some(cn) => (
+                                Some(cn),
+                                Some(cert_sha256_hex(&der)),
+                                Some(Arc::<[u8]>::from(der)),
+                            ),
                             None => {
                                 tracing::info!(%peer, "client certificate without a single CN; refused");
                                 return;
                             }
                         },
-                        None => (None, None),
+                        None => (None, None, None),
                     };
                     let info = ConnInfo {
                         peer: Some(peer),
                         cert_identity,
                         cert_sha256,
+                        cert_der,
                         listener: kind,
                     };
                     broker.serve_connection(Box::new(stream), info).await;

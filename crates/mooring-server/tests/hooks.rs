@@ -30,6 +30,7 @@ fn tls(cert: Option<(&str, &str)>) -> ConnInfo {
         peer: None,
         cert_identity: cert.map(|(cn, _)| cn.to_owned()),
         cert_sha256: cert.map(|(_, sha)| sha.to_owned()),
+        cert_der: None,
         listener: ListenerKind::Tls,
     }
 }

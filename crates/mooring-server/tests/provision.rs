@@ -50,7 +50,7 @@ async fn claim(server: &RunningServer, uses_max: u32, ttl_ms: u64) -> (String, S
         .provisioning
         .create_claim(
             &Access::all(),
-            "tok_test",
+            "test-harness",
             NewClaim {
                 uses_max: Some(uses_max),
                 ttl_ms: Some(ttl_ms),
@@ -101,7 +101,7 @@ async fn expired_claims_are_invalid_and_failed_enrollments_are_throttled_per_add
     let e = p
         .create_claim(
             &Access::all(),
-            "tok_test",
+            "test-harness",
             NewClaim {
                 ttl_ms: Some(366 * 86_400_000),
                 ..NewClaim::default()

@@ -82,21 +82,22 @@ pub mod writer;
 pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_MAX};
 pub use error::{Result, StoreError};
 pub use model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, CertState,
-    ClaimCreate, ClaimRecord, CommandOutcome, CommandParentRecord, CommandRecord, CommandState,
-    CreateOutcome, DeviceActivity, DeviceFilter, DeviceId, DeviceRecord, EnrollmentRecord,
-    EnrollmentReserve, FleetSample, FleetTotals, Installation, JobError, JobRecord, JobState,
-    MetricValue, NewDevice, OnlineFilter, PipelineCounts, Point, Role, SessionOp, SessionRecord,
-    ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
-    UserRecord, VersionCounts, CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
+    cert_issuer_of_ca, AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord,
+    CertRecord, CertRenewal, CertState, ClaimCreate, ClaimRecord, CommandOutcome,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceActivity, DeviceFilter,
+    DeviceId, DeviceRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
+    Installation, JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter,
+    PipelineCounts, Point, Role, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
+    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts, CERT_ISSUER_FLEET,
+    STEP_ERROR_LEN_MAX, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    AccountStore, AuditStore, BrokerStateStore, CertStore, ClaimStore, ClusterStore, CommandStore,
-    DeviceStore, FleetStore, JobStore, ShadowStore, Store, TelemetryStore, TokenStore,
-    CERT_PAGE_LEN_MAX, COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
+    AccountStore, AuditStore, BrokerStateStore, CaStore, CertStore, ClaimStore, ClusterStore,
+    CommandStore, DeviceStore, FleetStore, JobStore, ShadowStore, Store, TelemetryStore,
+    TokenStore, CAS_MAX, CERT_PAGE_LEN_MAX, COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

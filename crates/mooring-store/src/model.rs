@@ -955,6 +955,31 @@ impl CertRecord {
     }
 }
 
+/// A device's pending certificate renewal (issue 16): a certificate issued for the device's new
+/// key, active in the ledger, that the device has not yet connected with. At most one per device;
+/// confirmed ([`crate::CertStore::confirm_renewal`]) when the device connects with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertRenewal {
+    pub device_id: DeviceId,
+    /// SHA-256 (lowercase hex) of the new key's SubjectPublicKeyInfo: the same key asked again
+    /// gets the same certificate.
+    pub key_sha256: String,
+    /// The renewal certificate's serial (its ledger row).
+    pub serial: String,
+    /// The certificate (PEM), to answer a repeated request with.
+    pub cert_pem: String,
+    pub requested_at_ms: u64,
+}
+
+impl CertRenewal {
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_text("key hash", &self.key_sha256)?;
+        check_text("certificate serial", &self.serial)?;
+        check_text("certificate", &self.cert_pem)?;
+        check_ts("requested_at_ms", self.requested_at_ms)
+    }
+}
+
 /// Longest step-error message a store keeps (longer ones are cut at a character boundary).
 pub const STEP_ERROR_LEN_MAX: usize = 512;
 
@@ -1077,4 +1102,45 @@ pub enum EnrollmentReserve {
     ClaimInvalid,
     /// Every use of the claim is taken; nothing stored.
     Exhausted,
+}
+/// The issuer a ledger row of a certificate from registered CA `ca_id` names (`ca:<id>`).
+pub fn cert_issuer_of_ca(ca_id: &str) -> String {
+    format!("ca:{ca_id}")
+}
+
+/// A registered manufacturer CA (issue 16, just-in-time registration): the MQTT listener
+/// trusts client certificates chained to it while it is enabled, and with `auto_register` a
+/// device presenting one is registered on its first connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaRecord {
+    /// `ca_<hex>`.
+    pub id: String,
+    /// The certificate's subject, as people read it.
+    pub subject: String,
+    pub cert_pem: String,
+    /// Lowercase hex of the SHA-256 of the certificate (DER); unique.
+    pub sha256: String,
+    pub auto_register: bool,
+    /// Given to every device it registers.
+    pub tags: BTreeMap<String, String>,
+    pub enabled: bool,
+    pub created_at_ms: u64,
+    /// Who registered it (the audit log's name of the caller).
+    pub created_by: String,
+}
+
+impl CaRecord {
+    /// Refuses U+0000 in its texts and times beyond [`TS_MS_MAX`].
+    pub(crate) fn validate(&self) -> Result<()> {
+        check_text("CA id", &self.id)?;
+        check_text("CA subject", &self.subject)?;
+        check_text("CA certificate", &self.cert_pem)?;
+        check_text("CA sha256", &self.sha256)?;
+        check_text("CA creator", &self.created_by)?;
+        for (k, v) in &self.tags {
+            check_text("CA tag", k)?;
+            check_text("CA tag", v)?;
+        }
+        check_ts("created_at_ms", self.created_at_ms)
+    }
 }

@@ -33,6 +33,7 @@
 mod accounts;
 mod audit;
 mod broker;
+mod cas;
 mod certs;
 mod claims;
 mod cluster;
@@ -66,6 +67,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0007_device_certs.sql"),
     include_str!("../migrations/postgres/0008_claims.sql"),
     include_str!("../migrations/postgres/0009_device_activity.sql"),
+    include_str!("../migrations/postgres/0010_registered_cas.sql"),
+    include_str!("../migrations/postgres/0011_cert_renewals.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

@@ -35,6 +35,7 @@ use crate::model::{check_ts, TS_MS_MAX};
 mod accounts;
 mod audit;
 mod broker;
+mod cas;
 mod certs;
 mod claims;
 mod cluster;
@@ -73,6 +74,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0010_device_certs.sql"),
     include_str!("../migrations/0011_claims.sql"),
     include_str!("../migrations/0012_device_activity.sql"),
+    include_str!("../migrations/0013_registered_cas.sql"),
+    include_str!("../migrations/0014_cert_renewals.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

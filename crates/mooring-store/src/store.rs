@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CertRecord, ClaimCreate,
-    ClaimRecord, CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceActivity,
-    DeviceFilter, DeviceRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
-    Installation, JobRecord, MetricValue, NewDevice, PipelineCounts, Point, SessionOp,
-    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
-    TokenRecord, UserRecord, VersionCounts,
+    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord, CertRecord,
+    CertRenewal, ClaimCreate, ClaimRecord, CommandParentRecord, CommandRecord, CommandState,
+    CreateOutcome, DeviceActivity, DeviceFilter, DeviceRecord, EnrollmentRecord, EnrollmentReserve,
+    FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts,
+    Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery,
+    TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -60,6 +60,27 @@ pub trait DeviceStore: Send + Sync + 'static {
     async fn count_pipeline(&self, filter: &DeviceFilter) -> Result<PipelineCounts>;
 }
 
+/// Most registered CAs a store keeps ([`CaStore::add_ca`] refuses more).
+pub const CAS_MAX: usize = 100;
+
+/// Registered manufacturer CAs (issue 16, just-in-time registration).
+#[async_trait::async_trait]
+pub trait CaStore: Send + Sync + 'static {
+    /// Registers a CA. `AlreadyExists` if its id or SHA-256 is taken; `InvalidInput` if
+    /// [`CAS_MAX`] CAs are registered already (decided in the same transaction).
+    async fn add_ca(&self, ca: CaRecord) -> Result<()>;
+    async fn get_ca(&self, id: &str) -> Result<Option<CaRecord>>;
+    /// Every registered CA, oldest first (ties: by id); at most [`CAS_MAX`].
+    async fn list_cas(&self) -> Result<Vec<CaRecord>>;
+    /// Enables or disables a CA; `false` if there is no such CA.
+    async fn set_ca_enabled(&self, id: &str, enabled: bool) -> Result<bool>;
+    /// Registers a device together with its certificate's ledger row `cert` (a certificate
+    /// issued outside, e.g. by a registered CA), in one transaction. `AlreadyExists` if the id,
+    /// or the certificate's serial or SHA-256, is taken: nothing is stored then.
+    async fn create_device_with_cert(&self, d: NewDevice, cert: CertRecord)
+        -> Result<DeviceRecord>;
+}
+
 /// Most certificates one ledger query returns.
 pub const CERT_PAGE_LEN_MAX: usize = 1000;
 
@@ -99,6 +120,31 @@ pub trait CertStore: Send + Sync + 'static {
     async fn count_expiring_certs(&self, before_ms: u64) -> Result<u64>;
     /// How many certificates are revoked.
     async fn count_revoked_certs(&self) -> Result<u64>;
+    /// The device's pending renewal, if any.
+    async fn get_renewal(&self, device_id: &str) -> Result<Option<CertRenewal>>;
+    /// In one transaction: adds `cert` (the renewal's certificate, active) to the ledger and
+    /// makes `renewal` the device's pending renewal. A previous pending renewal's certificate is
+    /// revoked (`replaced_reason`, at `renewal.requested_at_ms`) and its serial returned (at
+    /// most one unconfirmed certificate per device). `NotFound` if the device does not exist,
+    /// `AlreadyExists` if the serial or the SHA-256 is taken.
+    async fn put_renewal(
+        &self,
+        renewal: CertRenewal,
+        cert: CertRecord,
+        replaced_reason: &str,
+    ) -> Result<Option<String>>;
+    /// If `serial` is the device's pending renewal, in one transaction: it becomes the device's
+    /// current certificate (`cert_serial`, `cert_sha256`, `cert_not_after_ms` of the device),
+    /// every other active certificate of the device is revoked (`reason`, at `at_ms`), and the
+    /// pending renewal is removed; returns the serials revoked (sorted). `None` if `serial` is
+    /// not the pending renewal (already confirmed, replaced, or never one).
+    async fn confirm_renewal(
+        &self,
+        device_id: &str,
+        serial: &str,
+        at_ms: u64,
+        reason: &str,
+    ) -> Result<Option<Vec<String>>>;
 }
 
 /// The fleet's history: one sample per node per interval (devices, online, points, messages).
@@ -470,6 +516,7 @@ pub trait Store:
     + JobStore
     + CertStore
     + ClaimStore
+    + CaStore
 {
 }
 
@@ -487,5 +534,6 @@ impl<T> Store for T where
         + JobStore
         + CertStore
         + ClaimStore
+        + CaStore
 {
 }

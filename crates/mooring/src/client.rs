@@ -1,7 +1,9 @@
 //! The API-facing commands (`mooring device|command|token ...`): arguments in, one typed
 //! [`mooring_api::Client`] call out, the answer printed as a table or as the API's JSON.
 
+mod cas;
 mod certs;
+pub use cas::{ca, CaCommand};
 pub use certs::{cert, CertCommand};
 
 use crate::credentials::CredentialFiles;
@@ -272,16 +274,11 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8>
             let id = parse_id(&id)?;
             let api = args.connect()?;
             let d = call(api.get_device(id.as_str()).await)?;
-            let p = call(api.provisioning(id.as_str()).await)?;
-            if output.json() {
-                let mut v = serde_json::to_value(&d)?;
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("provisioning".into(), serde_json::to_value(&p.steps)?);
-                }
-                print_json(&v)?;
-            } else {
-                print_device(&d, output)?;
-                print_pipeline(&p);
+            // `-o json` is the API's device body, as for every command; the table adds the
+            // provisioning pipeline (`GET /devices/{id}/provisioning`).
+            print_device(&d, output)?;
+            if !output.json() {
+                print_pipeline(&call(api.provisioning(id.as_str()).await)?);
             }
         }
         DeviceCommand::Install {

@@ -89,6 +89,16 @@ enum Command {
         #[command(subcommand)]
         command: client::CertCommand,
     },
+    /// Manufacturer CAs: register one so devices with its certificates are trusted (and
+    /// registered on their first connection with --auto-register); list, disable, enable
+    /// (docs/provisioning.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Ca {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::CaCommand,
+    },
     /// Benchmarks against a private Mosquitto on loopback, side by side (docs/benchmarks.md).
     Bench(mooring_bench::BenchArgs),
     /// Manage API tokens for apps and machines (e.g. a `service` token for a data pipeline's
@@ -623,6 +633,7 @@ fn run(command: Command) -> ExitCode {
             Command::Serve(args) => serve(args).await.map(|()| client::EXIT_OK),
             Command::Device { api, command } => client::device(api, command).await,
             Command::Cert { api, command } => client::cert(api, command).await,
+            Command::Ca { api, command } => client::ca(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
             Command::Claim { api, command } => client::claim(api, command).await,
             Command::User { api, command } => client::user(api, command).await,

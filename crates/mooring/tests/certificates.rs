@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use support::{config_args, mosquitto_pub, s, Creds, Server, Sub};
+use support::{config_args, s, Creds, Server, Sub};
 
 /// MQTT v5 DISCONNECT reason 0x87 (not authorized), as mosquitto_sub -d prints it.
 const DISCONNECT_NOT_AUTHORIZED: &str = "DISCONNECT (135)";
@@ -27,24 +27,6 @@ fn live_session(server: &Server, creds: &Creds, id: &str) -> Sub {
     Sub::start(&args)
 }
 
-/// Whether the device can connect and publish one QoS 1 message with `creds`.
-fn can_publish(server: &Server, creds: &Creds, id: &str) -> bool {
-    let mut args = creds.mosquitto_args(server.mqtt);
-    args.extend(s(&[
-        "-V",
-        "mqttv5",
-        "-i",
-        id,
-        "-q",
-        "1",
-        "-t",
-        &format!("devices/{id}/telemetry"),
-        "-m",
-        r#"{"x":1}"#,
-    ]));
-    mosquitto_pub(&args).status.success()
-}
-
 fn cli_ok(server: &Server, args: &[&str]) -> String {
     let out = server.cli(args);
     assert!(
@@ -53,10 +35,6 @@ fn cli_ok(server: &Server, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn cli_json(server: &Server, args: &[&str]) -> Value {
-    serde_json::from_str(&cli_ok(server, args)).expect("json output")
 }
 
 async fn serial_of(server: &Server, id: &str) -> String {
@@ -102,19 +80,19 @@ async fn device_revoke_kicks_the_live_session_and_its_certificate_stays_refused_
     );
     assert!(out.contains(&serial), "{out}");
     assert!(
-        !can_publish(&server, &d1, "d1"),
+        !support::device_can_publish(&server, &d1, "d1"),
         "a revoked certificate connected"
     );
     server.wait_log(&format!(
         "refused: certificate {serial} of d1 was revoked at "
     ));
     assert!(
-        can_publish(&server, &d2, "d2"),
+        support::device_can_publish(&server, &d2, "d2"),
         "another device is not affected"
     );
 
     // The ledger shows it, the device stays registered, a second revoke changes nothing.
-    let list = cli_json(&server, &["cert", "list", "--device", "d1", "-o", "json"]);
+    let list = server.cli_json(&["cert", "list", "--device", "d1", "-o", "json"]);
     let cert = &list["certificates"][0];
     assert_eq!(cert["serial"], serial.as_str());
     assert_eq!(cert["state"], "revoked");
@@ -151,10 +129,10 @@ async fn device_revoke_kicks_the_live_session_and_its_certificate_stays_refused_
     server.stop();
     let server = Server::start(&data);
     assert!(
-        !can_publish(&server, &d1, "d1"),
+        !support::device_can_publish(&server, &d1, "d1"),
         "revocation lost in a restart"
     );
-    assert!(can_publish(&server, &d2, "d2"));
+    assert!(support::device_can_publish(&server, &d2, "d2"));
 }
 
 #[tokio::test]
@@ -171,7 +149,7 @@ async fn cert_revoke_by_serial_kicks_its_session_and_an_unknown_serial_is_404() 
     let upper = serial.to_ascii_uppercase();
     let out = revoke_and_see_the_session_closed(&server, &mut sub, &["cert", "revoke", &upper]);
     assert!(out.contains(&serial), "{out}");
-    assert!(!can_publish(&server, &d1, "d1"));
+    assert!(!support::device_can_publish(&server, &d1, "d1"));
     let (status, v) = server
         .api(
             "POST",
@@ -297,11 +275,11 @@ async fn an_expired_certificate_is_refused() {
     let d1 = server.create_device("d1", tmp.path());
     let expired = sign_expired(&data, &d1, "d1", &tmp.path().join("expired"));
     assert!(
-        !can_publish(&server, &expired, "d1"),
+        !support::device_can_publish(&server, &expired, "d1"),
         "an expired certificate connected"
     );
     assert!(
-        can_publish(&server, &d1, "d1"),
+        support::device_can_publish(&server, &d1, "d1"),
         "the device's current certificate works"
     );
 }
@@ -335,21 +313,14 @@ async fn expiring_lists_the_devices_at_risk_and_the_metric_counts_them() {
         ids.sort();
         ids
     };
-    let within_30d = cli_json(
-        &server,
-        &["cert", "expiring", "--within", "30d", "-o", "json"],
-    );
+    let within_30d = server.cli_json(&["cert", "expiring", "--within", "30d", "-o", "json"]);
     assert_eq!(devices(&within_30d), ["e1", "e2"], "{within_30d}");
-    let everything = cli_json(
-        &server,
-        &["cert", "expiring", "--within", "3651d", "-o", "json"],
-    );
+    let everything = server.cli_json(&["cert", "expiring", "--within", "3651d", "-o", "json"]);
     assert_eq!(devices(&everything), ["e1", "e2", "e3"]);
-    assert!(devices(&cli_json(
-        &server,
-        &["cert", "expiring", "--within", "90m", "-o", "json"]
-    ))
-    .is_empty());
+    assert!(
+        devices(&server.cli_json(&["cert", "expiring", "--within", "90m", "-o", "json"]))
+            .is_empty()
+    );
     let table = cli_ok(&server, &["cert", "expiring", "--within", "12h"]);
     assert!(table.starts_with("SERIAL"), "{table}");
     let table = cli_ok(&server, &["cert", "expiring"]);
@@ -395,10 +366,7 @@ async fn expiring_lists_the_devices_at_risk_and_the_metric_counts_them() {
         .await;
     // Revoked certificates are no longer "at risk".
     cli_ok(&server, &["device", "revoke", "e1"]);
-    let within_30d = cli_json(
-        &server,
-        &["cert", "expiring", "--within", "30d", "-o", "json"],
-    );
+    let within_30d = server.cli_json(&["cert", "expiring", "--within", "30d", "-o", "json"]);
     assert_eq!(devices(&within_30d), ["e2"]);
     server
         .wait_metric("mooring_certificates_expiring", |v| v == 1.0)
@@ -470,7 +438,7 @@ async fn a_scoped_operator_reaches_only_the_certificates_in_its_scope() {
         .collect();
     assert_eq!(ids, ["in1"]);
     // Nothing of out1 changed; in1 is the operator's to revoke.
-    assert!(can_publish(&server, &paris, "out1"));
+    assert!(support::device_can_publish(&server, &paris, "out1"));
     let r = as_scoped("POST", "/api/v1/devices/in1/revoke".into(), Some(json!({}))).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["revoked"].as_array().map_or(0, Vec::len), 1);

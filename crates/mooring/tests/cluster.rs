@@ -1180,3 +1180,136 @@ async fn a_single_use_claim_enrolls_exactly_one_device_across_nodes() {
     let _dev = online(&a, &creds, "sn-m").await;
     wait_online(&b, "sn-m", true).await;
 }
+
+/// Just-in-time registration (issue 16) across nodes: a manufacturer CA registered on a is
+/// trusted by b (which re-reads the registered CAs every second), the device registered on its
+/// first connection there; disabled on a, b closes the device's live session and refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_registered_on_one_node_is_trusted_by_another() {
+    let env = Env::new().await;
+    let (a, b) = (env.start("a"), env.start("b"));
+    // Any device's credentials carry the cluster's fleet CA, which the device checks b with.
+    let fleet = a.create_device("probe-0", env.tmp.path()).ca();
+    let acme = support::manufacturer::Manufacturer::new(env.tmp.path(), "Acme");
+    let creds = acme.make_device("tracker-1", &fleet);
+    let publish = |node: &Server| {
+        let mut args = creds.mosquitto_args(node.mqtt);
+        args.extend(support::s(&[
+            "-i",
+            "tracker-1",
+            "-q",
+            "1",
+            "-t",
+            "devices/tracker-1/telemetry",
+            "-m",
+            "{\"x\":1}",
+        ]));
+        support::mosquitto_pub(&args).status.success()
+    };
+    let wait = |what: &str, cond: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    assert!(!publish(&b), "not trusted before the CA is registered");
+
+    let (status, ca) = a
+        .api(
+            "POST",
+            "/api/v1/cas",
+            Some(json!({"cert_pem": acme.ca_pem(), "auto_register": true, "tags": {"vendor": "acme"}})),
+        )
+        .await;
+    assert_eq!(status, 201, "{ca}");
+    wait("b trusts the CA registered on a", &|| publish(&b));
+    let (status, device) = a.api("GET", "/api/v1/devices/tracker-1", None).await;
+    assert_eq!(status, 200, "{device}");
+    assert_eq!(device["tags"], json!({"vendor": "acme"}));
+
+    // Disabled on a: the device's live session on b is closed, and b refuses it from then on.
+    let mut args = creds.mosquitto_args(b.mqtt);
+    args.extend(support::s(&[
+        "-V",
+        "mqttv5",
+        "-i",
+        "tracker-1",
+        "-t",
+        "devices/tracker-1/#",
+    ]));
+    let mut live = support::Sub::start(&args);
+    let id = ca["id"].as_str().expect("id");
+    let (status, v) = a
+        .api("POST", &format!("/api/v1/cas/{id}/disable"), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    live.wait_line(|l| l.contains("DISCONNECT (135)"));
+    wait("b refuses the CA disabled on a", &|| !publish(&b));
+}
+
+/// Certificate rotation across nodes (issue 16): a device renews over its session on one node
+/// and connects with the new certificate to another, which confirms the rotation: the old
+/// certificate is revoked ("rotated") and refused on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_requested_on_one_node_is_confirmed_on_another() {
+    let env = Env::new().await;
+    let (a, b) = (env.start("a"), env.start("b"));
+    let creds = a.create_device("r1", env.tmp.path());
+    let (_, dev) = a.api("GET", "/api/v1/devices/r1", None).await;
+    let old_serial = dev["cert_serial"].as_str().expect("serial").to_owned();
+    let csr = device_key_and_csr(env.tmp.path(), "r1-next");
+    let mut d = MqttDevice::connect(&a, &creds, "r1").await;
+    d.subscribe("devices/r1/cert/#").await;
+    d.publish(
+        "devices/r1/cert/request",
+        &json!({"v": 1, "csr_pem": csr}).to_string(),
+    )
+    .await;
+    let (topic, accepted) = d.next_json().await;
+    assert_eq!(topic, "devices/r1/cert/accepted", "{accepted}");
+    drop(d);
+    let next = env.tmp.path().join("r1-next-creds");
+    std::fs::create_dir_all(&next).expect("dir");
+    std::fs::copy(creds.ca(), next.join("ca.crt")).expect("ca");
+    std::fs::copy(env.tmp.path().join("r1-next.key"), next.join("device.key")).expect("key");
+    std::fs::write(
+        next.join("device.crt"),
+        accepted["certificate_pem"].as_str().expect("pem"),
+    )
+    .expect("crt");
+    let next = Creds { dir: next };
+    let mut d = MqttDevice::connect(&b, &next, "r1").await;
+    d.publish("devices/r1/telemetry", r#"{"seq":1,"t":1}"#)
+        .await;
+    let (_, certs) = a.api("GET", "/api/v1/devices/r1/certificates", None).await;
+    let old = certs["certificates"]
+        .as_array()
+        .expect("certificates")
+        .iter()
+        .find(|c| c["serial"] == old_serial.as_str())
+        .cloned()
+        .expect("old certificate");
+    assert_eq!(old["state"], "revoked", "{certs}");
+    assert_eq!(old["revoke_reason"], "rotated", "{certs}");
+    let (_, dev) = a.api("GET", "/api/v1/devices/r1", None).await;
+    assert_ne!(dev["cert_serial"], old_serial.as_str());
+    drop(d);
+    for node in [&a, &b] {
+        let mut args = creds.mosquitto_args(node.mqtt);
+        args.extend(support::s(&[
+            "-i",
+            "r1",
+            "-q",
+            "1",
+            "-t",
+            "devices/r1/telemetry",
+            "-m",
+            "{}",
+        ]));
+        assert!(
+            !support::mosquitto_pub(&args).status.success(),
+            "the old certificate still works"
+        );
+    }
+}

@@ -6,22 +6,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
-use support::{mosquitto_pub, Server};
-
-fn openssl(args: &[&str], dir: &Path) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::{mosquitto_pub, openssl, Server};
 
 /// An EC P-256 key and a CSR for it that asks for things it must not get: another CN, a CA
 /// flag, a DNS name.

@@ -9,21 +9,7 @@ mod support;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::{mosquitto_pub, s, Server};
-
-fn openssl(args: &[&str], dir: &Path) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use support::{mosquitto_pub, openssl, s, Server};
 
 /// A device's own EC P-256 key `<name>.key` and a CSR `<name>.csr` for it that asks for what it
 /// must not get (another CN, a CA flag, a DNS name); returns the CSR's PEM.
@@ -778,6 +764,28 @@ async fn a_claim_client_is_confined_to_its_provision_topics_and_a_wrong_token_is
     server
         .wait_metric("mooring_mqtt_sessions", |v| v == 0.0)
         .await;
+
+    // The holder of another claim cannot take over an enrolling device's session by using its
+    // client id (its serial is easy to guess): refused as "client identifier not valid" while
+    // the first is connected, which keeps its session.
+    let other = create_claim(&server, json!({})).await;
+    let mut first = support::Sub::start(&{
+        let mut a = claim_args(&server, token, "sn-7");
+        a.extend(s(&["-t", "provision/sn-7/#"]));
+        a
+    });
+    let mut args = claim_args(&server, other["token"].as_str().expect("token"), "sn-7");
+    args.extend(s(&["-q", "1", "-t", "provision/sn-7/request", "-m", "{}"]));
+    let out = mosquitto_pub(&args);
+    assert!(!out.status.success(), "a second claim took the client id");
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .to_lowercase()
+            .contains("client identifier"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(first.is_running(), "the first session was closed");
 }
 
 #[tokio::test]
@@ -877,4 +885,103 @@ async fn claim_connections_and_requests_are_bounded() {
         assert!(std::time::Instant::now() < deadline, "place never freed");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+}
+
+/// A revoked and deleted device does not come back when its key enrolls again with the same
+/// claim (a stolen unit replaying its request): the stored enrollment went with the device.
+/// Failed attempts from one address do not lock out a live token from the same address (many
+/// devices share a factory NAT or a load balancer).
+#[tokio::test]
+async fn a_deleted_device_is_not_revived_by_replaying_its_enrollment_and_a_live_token_is_never_throttled(
+) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let claim = create_claim(&server, json!({"count": 1, "ttl": "1h"})).await;
+    let token = claim["token"].as_str().expect("token");
+    let csr = key_and_csr(tmp.path(), "stolen");
+    let request = json!({"claim_token": token, "csr_pem": csr, "device_id": "lock-5"});
+    let (status, first) = https_enroll(&server, request.clone()).await;
+    assert_eq!(status, 201, "{first}");
+    let out = server.cli(&["device", "revoke", "lock-5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = server.cli(&["device", "delete", "lock-5"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, again) = https_enroll(&server, request).await;
+    assert_eq!((status, code(&again)), (409, "claim_used"), "{again}");
+    let (status, _) = server.api("GET", "/api/v1/devices/lock-5", None).await;
+    assert_eq!(status, 404, "the deleted device stays deleted");
+
+    // Unknown tokens from this address until it is throttled; a live token still enrolls.
+    let live = create_claim(&server, json!({"count": 1, "ttl": "1h"})).await;
+    let bogus = json!({"claim_token": "mct_0000", "csr_pem": "x", "device_id": "x-1"});
+    let mut throttled = false;
+    for _ in 0..100 {
+        let (status, body) = https_enroll(&server, bogus.clone()).await;
+        if status == 429 {
+            throttled = true;
+            break;
+        }
+        assert_eq!(code(&body), "claim_invalid", "{body}");
+    }
+    assert!(throttled, "unknown tokens are throttled per address");
+    let csr = key_and_csr(tmp.path(), "fresh");
+    let (status, ok) = https_enroll(
+        &server,
+        json!({"claim_token": live["token"], "csr_pem": csr, "device_id": "lock-6"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{ok}");
+
+    // A claim acts for its creator: once the operator's token is revoked, it enrolls no one.
+    let (status, op) = server
+        .api(
+            "POST",
+            "/api/v1/tokens",
+            Some(json!({"name": "line-3", "role": "operator"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{op}");
+    let secret = op["token"].as_str().expect("secret");
+    let made = support::call(
+        &server,
+        "post",
+        "/api/v1/claims",
+        Some(secret),
+        None,
+        &[],
+        Some(json!({"count": 5})),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.body);
+    let line_token = made.body["token"].as_str().expect("claim token").to_owned();
+    let csr = key_and_csr(tmp.path(), "line-1");
+    let (status, body) = https_enroll(
+        &server,
+        json!({"claim_token": line_token, "csr_pem": csr, "device_id": "line-1"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _) = server
+        .api(
+            "DELETE",
+            &format!("/api/v1/tokens/{}", op["id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204);
+    let csr = key_and_csr(tmp.path(), "line-2");
+    let (status, body) = https_enroll(
+        &server,
+        json!({"claim_token": line_token, "csr_pem": csr, "device_id": "line-2"}),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (401, "claim_invalid"), "{body}");
 }

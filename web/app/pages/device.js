@@ -22,6 +22,13 @@ const PAGES_MAX = 5;
 /** Points kept in the chart per metric while live points arrive. */
 const LIVE_POINTS_MAX = 20_000;
 const CANCELLABLE = new Set(["queued", "delivered"]);
+/** How far along a command state is: live events, a reload and a send's answer can arrive in
+ * any order, and a row never goes back to an earlier state. */
+const STATE_RANK = { queued: 0, delivered: 1, acknowledged: 2 };
+const rank = (state) => STATE_RANK[state] ?? 3;
+const newer = (a, b) => (b && rank(b) > rank(a) ? b : a);
+/** Command ids whose newest live state is remembered (beyond this the memory starts over). */
+const LIVE_STATES_MAX = 500;
 const COMMANDS_PAGE = 20;
 
 const enc = encodeURIComponent;
@@ -371,14 +378,15 @@ function Commands({ id, commandRef }) {
   const [params, setParams] = useState("{}");
   const [error, setError] = useState(null);
   const [busy, setBusy] = useState(false);
+  const live = useRef(new Map());
   commandRef.current = (ev) => {
     if (!res.data) return;
-    const cmds = res.data.commands;
-    const i = cmds.findIndex((c) => c.id === ev.command_id);
-    if (i >= 0) {
-      const copy = [...cmds];
-      copy[i] = { ...cmds[i], state: ev.state };
-      res.setData({ ...res.data, commands: copy });
+    if (live.current.size >= LIVE_STATES_MAX) live.current.clear();
+    live.current.set(ev.command_id, newer(ev.state, live.current.get(ev.command_id)));
+    if (res.data.commands.some((c) => c.id === ev.command_id)) {
+      res.update((d) => ({ ...d, commands: d.commands.map((c) => (c.id === ev.command_id ? { ...c, state: newer(c.state, ev.state) } : c)) }));
+      // A final state has a result the event does not carry.
+      if (rank(ev.state) === 3) res.reload();
     } else res.reload();
   };
   if (!can("commands.read")) return null;
@@ -392,7 +400,8 @@ function Commands({ id, commandRef }) {
     try {
       const c = await api("POST", `/devices/${enc(id)}/commands`, { name: name.trim(), params: p });
       toast(`Command ${c.name} queued`);
-      res.setData({ ...res.data, commands: [c, ...res.data.commands.filter((x) => x.id !== c.id)] });
+      // An event may have brought it in already (with a newer state than this answer's).
+      res.update((d) => (d.commands.some((x) => x.id === c.id) ? d : { ...d, commands: [c, ...d.commands] }));
     } catch (e2) {
       setError(e2.message);
     } finally {
@@ -426,7 +435,7 @@ function Commands({ id, commandRef }) {
     </form>`}
     <${Async} res=${res}>${(d) => d.commands.length === 0 ? html`<${Empty}>No commands sent to this device yet.</${Empty}>` : html`<div class="table-wrap"><table class="table">
       <thead><tr><th>Command</th><th>State</th><th>Created</th><th>Result</th><th><span class="sr-only">Actions</span></th></tr></thead>
-      <tbody>${d.commands.map((c) => html`<tr key=${c.id} data-testid="command-row" data-command-id=${c.id} data-state=${c.state}>
+      <tbody>${d.commands.map((c) => ({ ...c, state: newer(c.state, live.current.get(c.id)) })).map((c) => html`<tr key=${c.id} data-testid="command-row" data-command-id=${c.id} data-state=${c.state}>
         <td data-label="Command"><strong>${c.name}</strong> <code class="muted">${JSON.stringify(c.params)}</code></td>
         <td data-label="State"><${StateBadge} state=${c.state} /></td>
         <td data-label="Created">${fmtTime(c.created_at)}</td>

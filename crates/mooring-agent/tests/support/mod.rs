@@ -83,6 +83,7 @@ impl Connector for MemConnector {
             peer: None,
             cert_identity: None,
             cert_sha256: None,
+            cert_der: None,
             listener: ListenerKind::Dev,
         };
         {

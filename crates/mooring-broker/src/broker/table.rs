@@ -86,7 +86,12 @@ impl Owner {
             Principal::Device { id, .. } => Owner::Device(id.to_string()),
             Principal::Service { id, .. } => Owner::Service(id.clone()),
             Principal::Dev => Owner::Dev,
-            Principal::Claim { client_id, .. } => Owner::Claim(client_id.clone()),
+            // A claim session is keyed by its claim too: a holder of another claim cannot take
+            // over (or receive the answers of) an enrolling device's session by its client id.
+            Principal::Claim {
+                client_id,
+                claim_id,
+            } => Owner::Claim(format!("{claim_id}/{client_id}")),
         }
     }
 

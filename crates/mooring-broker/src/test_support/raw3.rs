@@ -81,6 +81,7 @@ impl Raw3<DuplexStream> {
             peer: None,
             cert_identity: None,
             cert_sha256: None,
+            cert_der: None,
             listener: ListenerKind::Dev,
         };
         tokio::spawn(async move { b.serve_connection(server, info).await });

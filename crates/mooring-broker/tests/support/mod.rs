@@ -70,6 +70,7 @@ pub fn dev_info() -> ConnInfo {
         peer: None,
         cert_identity: None,
         cert_sha256: None,
+        cert_der: None,
         listener: ListenerKind::Dev,
     }
 }
@@ -100,6 +101,7 @@ pub async fn serve_tcp(broker: &Broker) -> u16 {
                         peer: Some(peer),
                         cert_identity: None,
                         cert_sha256: None,
+                        cert_der: None,
                         listener: ListenerKind::Dev,
                     },
                 )

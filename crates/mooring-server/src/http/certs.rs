@@ -5,7 +5,10 @@ use super::{ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
 use crate::app::App;
 use axum::extract::State;
 use axum::{Extension, Json};
-use mooring_api::{Certificate, CertificateList, ExpiringParams, RevokeRequest, Revoked};
+use mooring_api::{
+    Certificate, CertificateList, Command, CreateRotation, ExpiringParams, RevokeRequest, Revoked,
+    RotateRequest, Rotation, RotationList,
+};
 use mooring_store::CertRecord;
 use std::sync::Arc;
 
@@ -95,4 +98,114 @@ pub(super) async fn revoke_certificate(
         .revoke_certificate(&caller.access, &serial, req.reason.as_deref())
         .await?;
     Ok(Json(Revoked { revoked }))
+}
+
+/// The reserved command the agent handles by renewing its certificate.
+pub const ROTATE_COMMAND: &str = "mooring.cert.rotate";
+
+#[utoipa::path(post, path = "/api/v1/devices/{id}/certificates/rotate", params(("id" = String, Path)), request_body = RotateRequest,
+    responses((status = 202, body = Command, description = "the device is told to renew its certificate (the command `mooring.cert.rotate`, delivered when it is online, up to ttl_secs); once it connects with the new certificate the old one is revoked"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn rotate_certificate(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<RotateRequest>,
+) -> ApiResult<(axum::http::StatusCode, Json<Command>)> {
+    let c = crate::commands::NewCommand {
+        name: ROTATE_COMMAND.to_owned(),
+        params: serde_json::json!({}),
+        ttl_secs: req.ttl_secs,
+        max_attempts: None,
+        idempotency_key: None,
+        result_timeout_secs: None,
+    };
+    let (_, record) = app
+        .commands
+        .create_command(&caller.access, &id, c, None)
+        .await?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(super::commands::command_body(record)),
+    ))
+}
+
+/// Fleet rotations listed at most (the newest).
+pub const ROTATIONS_LISTED_MAX: usize = 50;
+
+/// A rotation job as the API shows it, with its confirmed count read now.
+async fn rotation_body(app: &App, job: mooring_store::JobRecord) -> ApiResult<Rotation> {
+    let (confirmed, _) = app.jobs.rotation_progress(&job).await?;
+    let confirmed = confirmed.min(job.done);
+    Ok(Rotation {
+        selected: job.total,
+        requested: job.done,
+        confirmed,
+        pending: job.done.saturating_sub(confirmed),
+        failed: job.failed,
+        job: super::jobs::job_body(job),
+    })
+}
+
+#[utoipa::path(post, path = "/api/v1/certificates/rotations", request_body = CreateRotation,
+    responses((status = 202, body = Rotation, description = "queued; the job runner tells the devices at the rate asked"),
+        (status = 400, body = ErrorBody), (status = 403, body = ErrorBody, description = "a scoped caller"),
+        (status = 429, body = ErrorBody, description = "too_many_jobs")))]
+pub(super) async fn create_rotation(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(req): ApiJson<CreateRotation>,
+) -> ApiResult<(axum::http::StatusCode, Json<Rotation>)> {
+    let job = app
+        .jobs
+        .create_rotation(
+            &caller.access,
+            &super::jobs::creator(&caller),
+            req.expiring_within_ms,
+            req.max_per_minute,
+        )
+        .await?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(rotation_body(&app, job).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/certificates/rotations/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Rotation), (status = 404, body = ErrorBody)))]
+pub(super) async fn get_rotation(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Rotation>> {
+    let job = app.jobs.get(&caller.access, &id).await?;
+    if job.action != crate::jobs::ROTATE_CERTS_ACTION {
+        return Err(crate::error::ServiceError::not_found(
+            "rotation_not_found",
+            format!("rotation {id} not found"),
+        )
+        .into());
+    }
+    Ok(Json(rotation_body(&app, job).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/certificates/rotations",
+    responses((status = 200, body = RotationList, description = "newest first, among the newest jobs")))]
+pub(super) async fn list_rotations(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<RotationList>> {
+    let (jobs, _) = app
+        .jobs
+        .list(&caller.access, Some(crate::jobs::JOB_PAGE_LEN_MAX), None)
+        .await?;
+    let mut rotations = Vec::new();
+    for job in jobs
+        .into_iter()
+        .filter(|j| j.action == crate::jobs::ROTATE_CERTS_ACTION)
+        .take(ROTATIONS_LISTED_MAX)
+    {
+        rotations.push(rotation_body(&app, job).await?);
+    }
+    Ok(Json(RotationList { rotations }))
 }

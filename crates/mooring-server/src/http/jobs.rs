@@ -11,7 +11,7 @@ use mooring_store::JobRecord;
 use std::sync::Arc;
 
 /// A stored job as the API shows it.
-fn job_body(j: JobRecord) -> Job {
+pub(super) fn job_body(j: JobRecord) -> Job {
     Job {
         id: j.id,
         action: j.action,
@@ -38,7 +38,7 @@ fn job_body(j: JobRecord) -> Job {
 }
 
 /// How jobs name a caller: a user's email, a token's id.
-fn creator(caller: &Caller) -> Creator {
+pub(super) fn creator(caller: &Caller) -> Creator {
     Creator {
         name: match &caller.kind {
             CallerKind::User { email, .. } => email.clone(),

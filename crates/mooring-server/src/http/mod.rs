@@ -7,6 +7,7 @@
 
 mod accounts;
 mod api;
+mod cas;
 mod certs;
 mod commands;
 mod events;
@@ -36,6 +37,7 @@ use utoipa::OpenApi;
 
 pub(crate) use accounts::cookie;
 pub use api::ApiDoc;
+pub use certs::ROTATE_COMMAND;
 pub use events::ConnectionCloser;
 pub use mooring_api::{ErrorBody, ErrorDetail};
 pub use routes::{route_specs, RouteSpec};

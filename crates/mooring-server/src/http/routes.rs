@@ -3,7 +3,7 @@
 //! without a declared permission; `tests/access.rs` walks every row × every role against a
 //! running server.
 
-use super::{accounts, api, certs, commands, events, fleet, jobs, pipeline, provision};
+use super::{accounts, api, cas, certs, commands, events, fleet, jobs, pipeline, provision};
 use crate::access::{role_allows, Permission};
 use crate::app::App;
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
@@ -76,8 +76,17 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         // Certificates (issue 16).
         row!(get, "/api/v1/devices/{id}/certificates", DevicesRead, "cert.list", certs::device_certificates),
         row!(post, "/api/v1/devices/{id}/revoke", DevicesWrite, "device.revoke", certs::revoke_device),
+        row!(post, "/api/v1/devices/{id}/certificates/rotate", DevicesWrite, "cert.rotate", certs::rotate_certificate),
         row!(get, "/api/v1/certificates", DevicesRead, "cert.expiring", certs::expiring_certificates),
         row!(post, "/api/v1/certificates/{serial}/revoke", DevicesWrite, "cert.revoke", certs::revoke_certificate),
+        row!(post, "/api/v1/certificates/rotations", DevicesWrite, "cert.rotate_fleet", certs::create_rotation),
+        row!(get, "/api/v1/certificates/rotations", DevicesRead, "cert.rotations", certs::list_rotations),
+        row!(get, "/api/v1/certificates/rotations/{id}", DevicesRead, "cert.rotation", certs::get_rotation),
+        // Registered manufacturer CAs, just-in-time registration (issue 16).
+        row!(post, "/api/v1/cas", PkiManage, "ca.register", cas::register_ca),
+        row!(get, "/api/v1/cas", PkiManage, "ca.list", cas::list_cas),
+        row!(post, "/api/v1/cas/{id}/disable", PkiManage, "ca.disable", cas::disable_ca),
+        row!(post, "/api/v1/cas/{id}/enable", PkiManage, "ca.enable", cas::enable_ca),
         // Provisioning pipeline and installations.
         row!(get, "/api/v1/devices/{id}/provisioning", DevicesRead, "device.provisioning", pipeline::provisioning),
         row!(post, "/api/v1/devices/{id}/installation", InstallationsWrite, "device.install", pipeline::record_installation),

@@ -175,7 +175,7 @@ impl Registry {
     }
 
     /// Closes the sessions here, tells the other nodes (they re-read the device and do the same).
-    async fn after_revocation(&self, id: &DeviceId, serials: &[String]) {
+    pub(super) async fn after_revocation(&self, id: &DeviceId, serials: &[String]) {
         if !serials.is_empty() {
             tracing::info!(device = %id, serials = ?serials, "revoked certificates");
         }

@@ -156,18 +156,19 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The device's certificate as the broker sees it after a verified TLS handshake: its CN and the
-/// SHA-256 of its DER.
-fn identity_of(cert_path: &std::path::Path) -> anyhow::Result<(String, String)> {
+/// The device's certificate as the broker sees it after a verified TLS handshake: its CN, the
+/// SHA-256 of its DER and the DER.
+fn identity_of(cert_path: &std::path::Path) -> anyhow::Result<super::link::Certificate> {
     let pem = std::fs::read(cert_path)?;
     let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)
         .map_err(|e| anyhow::anyhow!("{}: not PEM: {e}", cert_path.display()))?;
     let der = rustls_pki_types::CertificateDer::from(pem.contents.clone());
     let cn = mooring_agent::transport::device_id_from_cert(&der)?;
-    Ok((
-        cn.into_string(),
-        mooring_server::pki::cert_sha256_hex(&pem.contents),
-    ))
+    Ok(super::link::Certificate {
+        cn: cn.into_string(),
+        sha256: mooring_server::pki::cert_sha256_hex(&pem.contents),
+        der: Arc::from(pem.contents.as_slice()),
+    })
 }
 
 /// Enrolls the device (resuming from its state dir after each kill) and leaves its link with the

@@ -125,9 +125,19 @@ pub struct DeviceLink {
     reconnects: Mutex<Vec<(u64, u64)>>,
     /// The node slot + 1 of the last stream opened (0: none yet).
     node: AtomicUsize,
-    /// An enrolled device's certificate (CN, SHA-256 of the DER); `None`: the simulated
-    /// certificate the harness registered.
-    identity: Mutex<Option<(String, String)>>,
+    /// An enrolled device's certificate; `None`: the simulated certificate the harness
+    /// registered.
+    identity: Mutex<Option<Certificate>>,
+}
+
+/// A certificate as the broker sees it after a verified TLS handshake.
+#[derive(Debug, Clone)]
+pub struct Certificate {
+    /// Its CN.
+    pub cn: String,
+    /// Lowercase hex SHA-256 of its DER.
+    pub sha256: String,
+    pub der: Arc<[u8]>,
 }
 
 impl DeviceLink {
@@ -148,12 +158,14 @@ impl DeviceLink {
 
     /// The enrolled certificate connections present (CN, SHA-256 of the DER), if any.
     pub fn identity(&self) -> Option<(String, String)> {
-        lock(&self.identity).clone()
+        lock(&self.identity)
+            .as_ref()
+            .map(|c| (c.cn.clone(), c.sha256.clone()))
     }
 
-    /// From now on, connections present this certificate (CN, SHA-256 of the DER).
-    pub fn set_identity(&self, identity: (String, String)) {
-        *lock(&self.identity) = Some(identity);
+    /// From now on, connections present this certificate.
+    pub fn set_identity(&self, cert: Certificate) {
+        *lock(&self.identity) = Some(cert);
     }
 
     /// The node slot (0-based) this device's open connection goes to; `None` when no
@@ -240,14 +252,15 @@ impl mooring_agent::Connector for SimConnector {
                     return Err(io::ErrorKind::ConnectionRefused.into());
                 };
                 let (device_end, server_end) = tokio::io::duplex(PIPE_SIZE_BYTES);
-                let (cert_identity, cert_sha256) = if self.claim {
-                    (None, None)
+                let (cert_identity, cert_sha256, cert_der) = if self.claim {
+                    (None, None, None)
                 } else {
                     match lock(&self.link.identity).clone() {
-                        Some((cn, sha256)) => (Some(cn), Some(sha256)),
+                        Some(c) => (Some(c.cn), Some(c.sha256), Some(c.der)),
                         None => (
                             Some(self.link.id.clone()),
                             Some(crate::harness::sim_cert_sha256(&self.link.id)),
+                            None,
                         ),
                     }
                 };
@@ -255,6 +268,7 @@ impl mooring_agent::Connector for SimConnector {
                     peer: None,
                     cert_identity,
                     cert_sha256,
+                    cert_der,
                     listener: ListenerKind::Tls,
                 };
                 self.net.conns.spawn(async move {

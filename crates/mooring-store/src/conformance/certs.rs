@@ -1,7 +1,7 @@
 //! Conformance cases for [`CertStore`](crate::CertStore): the certificate ledger.
 
 use super::*;
-use crate::{CertRecord, CertState, CERT_ISSUER_FLEET};
+use crate::{CertRecord, CertRenewal, CertState, CERT_ISSUER_FLEET};
 
 fn cert(device: &str, serial: &str, not_after_ms: u64) -> CertRecord {
     CertRecord {
@@ -219,4 +219,157 @@ pub async fn cert_expiring_lists_active_ones_soonest_first_in_pages<S: Store + ?
         store.count_expiring_certs(u64::MAX).await.expect("count"),
         7
     );
+}
+
+fn renewal(device: &str, key: &str, serial: &str, at_ms: u64) -> CertRenewal {
+    CertRenewal {
+        device_id: id(device),
+        key_sha256: key.to_owned(),
+        serial: serial.to_owned(),
+        cert_pem: format!("pem-{serial}"),
+        requested_at_ms: at_ms,
+    }
+}
+
+pub async fn cert_renewal_is_one_pending_per_device_and_confirmation_revokes_the_others<
+    S: Store + ?Sized,
+>(
+    store: &S,
+) {
+    let t = 1_700_000_100_000;
+    // No device: nothing stored.
+    let orphan = store
+        .put_renewal(
+            renewal("d9", "k", "r9", t),
+            cert("d9", "r9", 1_900_000_000_000),
+            "replaced",
+        )
+        .await;
+    assert!(matches!(orphan, Err(StoreError::NotFound(_))), "{orphan:?}");
+    assert_eq!(store.get_cert("r9").await.expect("get"), None);
+
+    store.create_device(new_device("d1")).await.expect("create");
+    store.create_device(new_device("d2")).await.expect("create");
+    assert_eq!(store.get_renewal("d1").await.expect("get"), None);
+    let first = store
+        .put_renewal(
+            renewal("d1", "k1", "r1", t),
+            cert("d1", "r1", 1_900_000_000_000),
+            "replaced",
+        )
+        .await
+        .expect("put");
+    assert_eq!(first, None);
+    assert_eq!(
+        store.get_renewal("d1").await.expect("get"),
+        Some(renewal("d1", "k1", "r1", t))
+    );
+    assert_eq!(
+        store.get_cert("r1").await.expect("get").map(|c| c.state),
+        Some(CertState::Active)
+    );
+    // Another key replaces (revokes) the unconfirmed certificate.
+    let replaced = store
+        .put_renewal(
+            renewal("d1", "k2", "r2", t + 1),
+            cert("d1", "r2", 1_900_000_000_000),
+            "replaced",
+        )
+        .await
+        .expect("put");
+    assert_eq!(replaced.as_deref(), Some("r1"));
+    let r1 = store.get_cert("r1").await.expect("get").expect("r1");
+    assert_eq!(r1.state, CertState::Revoked);
+    assert_eq!(r1.revoke_reason.as_deref(), Some("replaced"));
+    assert_eq!(r1.revoked_at_ms, Some(t + 1));
+    assert_eq!(
+        store.get_renewal("d1").await.expect("get"),
+        Some(renewal("d1", "k2", "r2", t + 1))
+    );
+    // A taken serial: nothing changes.
+    let taken = store
+        .put_renewal(
+            renewal("d1", "k3", "r2", t + 2),
+            cert("d1", "r2", 1_900_000_000_000),
+            "replaced",
+        )
+        .await;
+    assert!(
+        matches!(taken, Err(StoreError::AlreadyExists(_))),
+        "{taken:?}"
+    );
+    assert_eq!(
+        store.get_renewal("d1").await.expect("get"),
+        Some(renewal("d1", "k2", "r2", t + 1))
+    );
+    // Confirming anything but the pending renewal does nothing.
+    assert_eq!(
+        store
+            .confirm_renewal("d1", "r1", t + 3, "rotated")
+            .await
+            .expect("confirm"),
+        None
+    );
+    assert_eq!(
+        store
+            .confirm_renewal("d2", "r2", t + 3, "rotated")
+            .await
+            .expect("confirm"),
+        None
+    );
+    // Confirmation: current certificate updated, the others revoked, the renewal gone.
+    let revoked = store
+        .confirm_renewal("d1", "r2", t + 4, "rotated")
+        .await
+        .expect("confirm");
+    assert_eq!(revoked, Some(vec!["serial-d1".to_owned()]));
+    let d1 = store.get_device("d1").await.expect("get").expect("d1");
+    assert_eq!(d1.cert_serial, "r2");
+    assert_eq!(d1.cert_sha256, "sha-r2");
+    assert_eq!(d1.cert_not_after_ms, 1_900_000_000_000);
+    let old = store
+        .get_cert("serial-d1")
+        .await
+        .expect("get")
+        .expect("old");
+    assert_eq!(old.state, CertState::Revoked);
+    assert_eq!(old.revoke_reason.as_deref(), Some("rotated"));
+    assert_eq!(old.revoked_at_ms, Some(t + 4));
+    assert_eq!(
+        store.get_cert("r2").await.expect("get").map(|c| c.state),
+        Some(CertState::Active)
+    );
+    assert_eq!(store.get_renewal("d1").await.expect("get"), None);
+    // Confirming twice: nothing more.
+    assert_eq!(
+        store
+            .confirm_renewal("d1", "r2", t + 5, "rotated")
+            .await
+            .expect("confirm"),
+        None
+    );
+    // The other device is untouched; a renewal goes with its device.
+    assert_eq!(
+        store
+            .get_cert("serial-d2")
+            .await
+            .expect("get")
+            .map(|c| c.state),
+        Some(CertState::Active)
+    );
+    store
+        .put_renewal(
+            renewal("d2", "k", "r3", t),
+            cert("d2", "r3", 1_900_000_000_000),
+            "replaced",
+        )
+        .await
+        .expect("put");
+    assert!(store.delete_device("d2").await.expect("delete"));
+    assert_eq!(store.get_renewal("d2").await.expect("get"), None);
+    store
+        .create_device(new_device("d2"))
+        .await
+        .expect("create again");
+    assert_eq!(store.get_renewal("d2").await.expect("get"), None);
 }

@@ -16,12 +16,13 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`, `certs.rs`, `claims.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`, `certs.rs`, `claims.rs`, `cas.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
 mod audit;
 mod broker_state;
+mod cas;
 mod certs;
 mod claims;
 mod cluster;
@@ -37,6 +38,7 @@ mod writer;
 pub use accounts::*;
 pub use audit::*;
 pub use broker_state::*;
+pub use cas::*;
 pub use certs::*;
 pub use claims::*;
 pub use cluster::*;
@@ -114,6 +116,11 @@ macro_rules! conformance_tests {
             cert_add_lists_newest_first_and_refuses_taken_or_orphan,
             cert_revoke_is_idempotent_and_per_device_revokes_only_active,
             cert_expiring_lists_active_ones_soonest_first_in_pages,
+            cert_renewal_is_one_pending_per_device_and_confirmation_revokes_the_others,
+            ca_add_get_list_and_enable_round_trip,
+            ca_taken_fingerprint_or_id_is_refused,
+            ca_count_is_bounded,
+            device_with_cert_is_created_whole_or_not_at_all,
         );
         $crate::conformance_tests!(@by_arc $factory;
             concurrent_reservations_of_a_single_use_claim_have_one_winner,

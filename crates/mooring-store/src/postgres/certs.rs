@@ -8,7 +8,7 @@ use super::{
     is_unique_violation, opt_ts_to_sql, opt_u64_column, pg_error, ts_to_sql, u64_column, PgStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{check_text, CertRecord, CertState};
+use crate::model::{check_text, CertRecord, CertRenewal, CertState};
 use crate::store::CertStore;
 
 const CERT_COLUMNS: &str = "serial, device_id, sha256, not_before_ms, not_after_ms, \
@@ -193,5 +193,154 @@ impl CertStore for PgStore {
             .await?
             .ok_or_else(|| StoreError::Backend("count returned no row".into()))?;
         u64_column(&row, 0)
+    }
+
+    async fn get_renewal(&self, device_id: &str) -> Result<Option<CertRenewal>> {
+        let row = self
+            .query_opt(
+                "SELECT device_id, key_sha256, serial, cert_pem, requested_at_ms
+                 FROM cert_renewals WHERE device_id = $1",
+                &[&device_id],
+            )
+            .await?;
+        row.map(|row| {
+            Ok(CertRenewal {
+                device_id: device_id_column(&row, 0)?,
+                key_sha256: column(&row, 1)?,
+                serial: column(&row, 2)?,
+                cert_pem: column(&row, 3)?,
+                requested_at_ms: u64_column(&row, 4)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Locks the device's row first (`FOR NO KEY UPDATE`): two nodes renewing one device at
+    /// once take turns, so at most one renewal stays pending.
+    async fn put_renewal(
+        &self,
+        renewal: CertRenewal,
+        cert: CertRecord,
+        replaced_reason: &str,
+    ) -> Result<Option<String>> {
+        renewal.validate()?;
+        cert.validate()?;
+        check_text("revoke reason", replaced_reason)?;
+        let at_ms = ts_to_sql("requested_at_ms", renewal.requested_at_ms)?;
+        let device_id = renewal.device_id.as_str();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let locked = tx
+            .query_opt(
+                "SELECT 1 FROM devices WHERE id = $1 FOR NO KEY UPDATE",
+                &[&device_id],
+            )
+            .await
+            .map_err(pg_error)?;
+        if locked.is_none() {
+            return Err(StoreError::NotFound(format!("device {device_id}")));
+        }
+        let previous: Option<String> = tx
+            .query_opt(
+                "SELECT serial FROM cert_renewals WHERE device_id = $1",
+                &[&device_id],
+            )
+            .await
+            .map_err(pg_error)?
+            .map(|r| column(&r, 0))
+            .transpose()?;
+        insert_cert(&tx, &cert).await?;
+        let mut replaced = None;
+        if let Some(old) = previous.filter(|s| *s != renewal.serial) {
+            let changed = tx
+                .execute(
+                    "UPDATE device_certs SET state = 'revoked', revoked_at_ms = $2, revoke_reason = $3
+                     WHERE serial = $1 AND state = 'active'",
+                    &[&old, &at_ms, &replaced_reason],
+                )
+                .await
+                .map_err(pg_error)?;
+            if changed > 0 {
+                replaced = Some(old);
+            }
+        }
+        tx.execute(
+            "INSERT INTO cert_renewals (device_id, key_sha256, serial, cert_pem, requested_at_ms)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (device_id) DO UPDATE SET key_sha256 = excluded.key_sha256,
+                 serial = excluded.serial, cert_pem = excluded.cert_pem,
+                 requested_at_ms = excluded.requested_at_ms",
+            &[
+                &device_id,
+                &renewal.key_sha256,
+                &renewal.serial,
+                &renewal.cert_pem,
+                &at_ms,
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(replaced)
+    }
+
+    async fn confirm_renewal(
+        &self,
+        device_id: &str,
+        serial: &str,
+        at_ms: u64,
+        reason: &str,
+    ) -> Result<Option<Vec<String>>> {
+        check_text("revoke reason", reason)?;
+        let at_ms = ts_to_sql("revoked_at_ms", at_ms)?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        let removed = tx
+            .execute(
+                "DELETE FROM cert_renewals WHERE device_id = $1 AND serial = $2",
+                &[&device_id, &serial],
+            )
+            .await
+            .map_err(pg_error)?;
+        if removed == 0 {
+            return Ok(None);
+        }
+        let sql =
+            format!("SELECT {CERT_COLUMNS} FROM device_certs WHERE serial = $1 AND device_id = $2");
+        let Some(row) = tx
+            .query_opt(&sql, &[&serial, &device_id])
+            .await
+            .map_err(pg_error)?
+        else {
+            return Ok(None);
+        };
+        let cert = cert_from_row(&row)?;
+        tx.execute(
+            "UPDATE devices SET cert_serial = $2, cert_sha256 = $3, cert_not_after_ms = $4
+             WHERE id = $1",
+            &[
+                &device_id,
+                &cert.serial,
+                &cert.sha256,
+                &ts_to_sql("not_after_ms", cert.not_after_ms)?,
+            ],
+        )
+        .await
+        .map_err(pg_error)?;
+        let rows = tx
+            .query(
+                "UPDATE device_certs SET state = 'revoked', revoked_at_ms = $3, revoke_reason = $4
+                 WHERE device_id = $1 AND serial <> $2 AND state = 'active' RETURNING serial",
+                &[&device_id, &serial, &at_ms, &reason],
+            )
+            .await
+            .map_err(pg_error)?;
+        let mut serials = rows
+            .iter()
+            .map(|r| column::<String>(r, 0))
+            .collect::<Result<Vec<_>>>()?;
+        serials.sort();
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(serials))
     }
 }

@@ -48,12 +48,14 @@ fn device_from_row(row: &Row) -> Result<DeviceRecord> {
     })
 }
 
-#[async_trait::async_trait]
-impl DeviceStore for PgStore {
-    /// The device row, its tags and its certificate's ledger row, in one transaction.
-    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+impl PgStore {
+    /// Inserts a device and its certificate's ledger row in one transaction.
+    pub(super) async fn insert_device(
+        &self,
+        d: NewDevice,
+        cert: CertRecord,
+    ) -> Result<DeviceRecord> {
         d.validate()?;
-        let cert = CertRecord::of_new_device(&d);
         cert.validate()?;
         let record = d.into_record();
         let created_at_ms = ts_to_sql("created_at_ms", record.created_at_ms)?;
@@ -90,6 +92,15 @@ impl DeviceStore for PgStore {
         super::certs::insert_cert(&tx, &cert).await?;
         tx.commit().await.map_err(pg_error)?;
         Ok(record)
+    }
+}
+
+#[async_trait::async_trait]
+impl DeviceStore for PgStore {
+    /// The device row, its tags and its certificate's ledger row, in one transaction.
+    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+        let cert = CertRecord::of_new_device(&d);
+        self.insert_device(d, cert).await
     }
 
     async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
@@ -141,6 +152,12 @@ impl DeviceStore for PgStore {
                 .await
                 .map_err(pg_error)?;
             tx.execute(&latest, &[&id]).await.map_err(pg_error)?;
+            // Its claim enrollments too (see sqlite/devices.rs).
+            let enrollments = tx
+                .prepare_cached("DELETE FROM claim_enrollments WHERE device_id = $1")
+                .await
+                .map_err(pg_error)?;
+            tx.execute(&enrollments, &[&id]).await.map_err(pg_error)?;
             tx.commit().await.map_err(pg_error)?;
             deleted > 0
         };

@@ -9,7 +9,7 @@ use super::{
     SqliteStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{check_text, CertRecord, CertState};
+use crate::model::{check_text, CertRecord, CertRenewal, CertState};
 use crate::store::CertStore;
 
 pub(super) const CERT_COLUMNS: &str = "serial, device_id, sha256, not_before_ms, not_after_ms, \
@@ -234,6 +234,155 @@ impl CertStore for SqliteStore {
                 .db()?
                 .query_row([], |r| u64_column(r, 0))
                 .db()
+        })
+        .await
+    }
+
+    async fn get_renewal(&self, device_id: &str) -> Result<Option<CertRenewal>> {
+        let device_id = device_id.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT device_id, key_sha256, serial, cert_pem, requested_at_ms
+                 FROM cert_renewals WHERE device_id = ?1",
+            )
+            .db()?
+            .query_row(params![device_id], |row| {
+                Ok(CertRenewal {
+                    device_id: super::device_id_column(row, 0)?,
+                    key_sha256: row.get(1)?,
+                    serial: row.get(2)?,
+                    cert_pem: row.get(3)?,
+                    requested_at_ms: u64_column(row, 4)?,
+                })
+            })
+            .optional()
+            .db()
+        })
+        .await
+    }
+
+    async fn put_renewal(
+        &self,
+        renewal: CertRenewal,
+        cert: CertRecord,
+        replaced_reason: &str,
+    ) -> Result<Option<String>> {
+        renewal.validate()?;
+        cert.validate()?;
+        check_text("revoke reason", replaced_reason)?;
+        let replaced_reason = replaced_reason.to_owned();
+        self.write(move |conn| {
+            let exists = conn
+                .prepare_cached("SELECT 1 FROM devices WHERE id = ?1")
+                .db()?
+                .query_row(params![renewal.device_id.as_str()], |_| Ok(()))
+                .optional()
+                .db()?
+                .is_some();
+            if !exists {
+                return Err(StoreError::NotFound(format!("device {}", renewal.device_id)));
+            }
+            let previous: Option<String> = conn
+                .prepare_cached("SELECT serial FROM cert_renewals WHERE device_id = ?1")
+                .db()?
+                .query_row(params![renewal.device_id.as_str()], |r| r.get(0))
+                .optional()
+                .db()?;
+            insert_cert(conn, &cert)?;
+            let at_ms = ts_to_sql("requested_at_ms", renewal.requested_at_ms)?;
+            let mut replaced = None;
+            if let Some(old) = previous.filter(|s| *s != renewal.serial) {
+                let changed = conn
+                    .prepare_cached(
+                        "UPDATE device_certs SET state = 'revoked', revoked_at_ms = ?2, revoke_reason = ?3
+                         WHERE serial = ?1 AND state = 'active'",
+                    )
+                    .db()?
+                    .execute(params![old, at_ms, replaced_reason])
+                    .db()?;
+                if changed > 0 {
+                    replaced = Some(old);
+                }
+            }
+            conn.prepare_cached(
+                "INSERT INTO cert_renewals (device_id, key_sha256, serial, cert_pem, requested_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (device_id) DO UPDATE SET key_sha256 = excluded.key_sha256,
+                     serial = excluded.serial, cert_pem = excluded.cert_pem,
+                     requested_at_ms = excluded.requested_at_ms",
+            )
+            .db()?
+            .execute(params![
+                renewal.device_id.as_str(),
+                renewal.key_sha256,
+                renewal.serial,
+                renewal.cert_pem,
+                at_ms
+            ])
+            .db()?;
+            Ok(replaced)
+        })
+        .await
+    }
+
+    async fn confirm_renewal(
+        &self,
+        device_id: &str,
+        serial: &str,
+        at_ms: u64,
+        reason: &str,
+    ) -> Result<Option<Vec<String>>> {
+        check_text("revoke reason", reason)?;
+        let device_id = device_id.to_owned();
+        let serial = serial.to_owned();
+        let reason = reason.to_owned();
+        let at_ms = ts_to_sql("revoked_at_ms", at_ms)?;
+        self.write(move |conn| {
+            let removed = conn
+                .prepare_cached("DELETE FROM cert_renewals WHERE device_id = ?1 AND serial = ?2")
+                .db()?
+                .execute(params![device_id, serial])
+                .db()?;
+            if removed == 0 {
+                return Ok(None);
+            }
+            let cert = conn
+                .prepare_cached(&format!(
+                    "SELECT {CERT_COLUMNS} FROM device_certs WHERE serial = ?1 AND device_id = ?2"
+                ))
+                .db()?
+                .query_row(params![serial, device_id], cert_from_row)
+                .optional()
+                .db()?;
+            let Some(cert) = cert else {
+                return Ok(None);
+            };
+            conn.prepare_cached(
+                "UPDATE devices SET cert_serial = ?2, cert_sha256 = ?3, cert_not_after_ms = ?4
+                 WHERE id = ?1",
+            )
+            .db()?
+            .execute(params![
+                device_id,
+                cert.serial,
+                cert.sha256,
+                ts_to_sql("not_after_ms", cert.not_after_ms)?
+            ])
+            .db()?;
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE device_certs SET state = 'revoked', revoked_at_ms = ?3, revoke_reason = ?4
+                     WHERE device_id = ?1 AND serial <> ?2 AND state = 'active' RETURNING serial",
+                )
+                .db()?;
+            let rows = stmt
+                .query_map(params![device_id, serial, at_ms, reason], |r| {
+                    r.get::<_, String>(0)
+                })
+                .db()?;
+            let mut serials = rows.collect::<rusqlite::Result<Vec<_>>>().db()?;
+            serials.sort();
+            Ok(Some(serials))
         })
         .await
     }

@@ -85,11 +85,14 @@ fn write_tags(
     Ok(())
 }
 
-#[async_trait::async_trait]
-impl DeviceStore for SqliteStore {
-    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+impl SqliteStore {
+    /// Inserts a device and its certificate's ledger row in one transaction.
+    pub(super) async fn insert_device(
+        &self,
+        d: NewDevice,
+        cert: CertRecord,
+    ) -> Result<DeviceRecord> {
         d.validate()?;
-        let cert = CertRecord::of_new_device(&d);
         cert.validate()?;
         let record = d.into_record();
         let tags = tags_to_sql(&record.tags)?;
@@ -114,6 +117,14 @@ impl DeviceStore for SqliteStore {
             }
         })
         .await
+    }
+}
+
+#[async_trait::async_trait]
+impl DeviceStore for SqliteStore {
+    async fn create_device(&self, d: NewDevice) -> Result<DeviceRecord> {
+        let cert = CertRecord::of_new_device(&d);
+        self.insert_device(d, cert).await
     }
 
     async fn get_device(&self, id: &str) -> Result<Option<DeviceRecord>> {
@@ -183,8 +194,21 @@ impl DeviceStore for SqliteStore {
                     .db()?;
                 tx.execute(super::telemetry::DELETE_DEVICE_LATEST_SQL, params![id])
                     .db()?;
+                tx.execute(
+                    "DELETE FROM cert_renewals WHERE device_id = ?1",
+                    params![id],
+                )
+                .db()?;
                 tx.execute("DELETE FROM device_certs WHERE device_id = ?1", params![id])
                     .db()?;
+                // Its claim enrollments too: a stored enrollment is answered again (and its
+                // device re-created) for the same key, which must not bring a deleted device
+                // back with its old certificate.
+                tx.execute(
+                    "DELETE FROM claim_enrollments WHERE device_id = ?1",
+                    params![id],
+                )
+                .db()?;
                 tx.commit().db()?;
                 deleted > 0
             };

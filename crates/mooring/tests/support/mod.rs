@@ -10,6 +10,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod manufacturer;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_mooring");
 
 /// Longest a test waits for an expected condition before failing (never a sleep-for-readiness).
@@ -222,6 +224,17 @@ impl Server {
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+    }
+
+    /// Runs `mooring args... -o json`-style commands that must succeed; their JSON output.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "mooring {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json output")
     }
 
     /// Runs the `mooring` CLI against this server.
@@ -473,6 +486,11 @@ impl Sub {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Whether mosquitto_sub is still running (its connection not closed).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 }
 
@@ -889,4 +907,38 @@ pub fn cookie_header(cookies: &[String]) -> String {
         .filter_map(|c| c.split(';').next())
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Runs `openssl args...` in `dir`; its stdout. Fails the test with openssl's stderr if it fails.
+pub fn openssl(args: &[&str], dir: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether device `id` can connect with `creds` (MQTT 5) and publish one QoS 1 telemetry
+/// message.
+pub fn device_can_publish(server: &Server, creds: &Creds, id: &str) -> bool {
+    let mut args = creds.mosquitto_args(server.mqtt);
+    args.extend(s(&[
+        "-V",
+        "mqttv5",
+        "-i",
+        id,
+        "-q",
+        "1",
+        "-t",
+        &format!("devices/{id}/telemetry"),
+        "-m",
+        r#"{"temp":21.5}"#,
+    ]));
+    mosquitto_pub(&args).status.success()
 }

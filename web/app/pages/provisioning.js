@@ -1,0 +1,157 @@
+// #/provisioning: how devices get their identity (issue 16): the pipeline funnel, claim tokens
+// (create — the token is shown once —, list, revoke), registered manufacturer CAs, and the
+// certificates that expire soon.
+import { html, useState, api, useApi, can, toast, Empty, Async, Dialog, Confirm, PageTitle, fmtTime, fmtNum } from "../lib.js";
+
+const enc = encodeURIComponent;
+const DAY_MS = 86_400_000;
+const TTLS = [
+  { label: "1 hour", value: "1h" },
+  { label: "24 hours", value: "24h" },
+  { label: "7 days", value: "7d" },
+  { label: "30 days", value: "30d" },
+];
+const EXPIRING = [7, 30, 90];
+const STAGE_LABELS = {
+  registered: "Registered",
+  first_connect: "First connect",
+  first_telemetry: "First telemetry",
+  installed: "Installed",
+};
+
+function Funnel() {
+  const res = useApi("/provisioning/funnel");
+  return html`<section class="card" data-testid="funnel">
+    <h2>Pipeline funnel</h2>
+    <${Async} res=${res} label="Counting…">${(f) => {
+      const top = Math.max(1, f.stages[0]?.devices ?? 0);
+      return html`<ol class="funnel">
+        ${f.stages.map((s) => html`<li key=${s.step} data-testid=${"funnel-" + s.step} data-count=${s.devices}>
+          <span class="funnel-label">${STAGE_LABELS[s.step] || s.step}</span>
+          <span class="funnel-bar" style=${{ width: `${Math.round((100 * s.devices) / top)}%` }}></span>
+          <span class="funnel-count">${fmtNum(s.devices)}</span>
+        </li>`)}
+      </ol>`;
+    }}</${Async}>
+  </section>`;
+}
+
+/** `k=v, k2=v2` typed by a person: the tags, or an error message. */
+function parseTags(text) {
+  const tags = {};
+  for (const part of text.split(",").map((s) => s.trim()).filter(Boolean)) {
+    const i = part.indexOf("=");
+    if (i <= 0) return [null, `"${part}" is not key=value`];
+    tags[part.slice(0, i).trim()] = part.slice(i + 1).trim();
+  }
+  return [tags, null];
+}
+
+function CreateClaim({ onCreated, onClose }) {
+  const [count, setCount] = useState("1");
+  const [ttl, setTtl] = useState("24h");
+  const [tags, setTags] = useState("");
+  const [name, setName] = useState("");
+  const [assignIds, setAssignIds] = useState(false);
+  const [error, setError] = useState(null);
+  const [created, setCreated] = useState(null);
+  const submit = async (e) => {
+    e.preventDefault();
+    setError(null);
+    const [t, bad] = parseTags(tags);
+    if (bad) return setError(bad);
+    const n = Number(count);
+    if (!Number.isInteger(n) || n < 1) return setError("Devices must be a whole number, at least 1");
+    try {
+      const body = { count: n, ttl, tags: t, assign_ids: assignIds };
+      if (name.trim()) body.name = name.trim();
+      const c = await api("POST", "/claims", body);
+      setCreated(c);
+      onCreated();
+    } catch (err) {
+      setError(err.message);
+    }
+  };
+  if (created) {
+    return html`<${Dialog} title="Claim created" onClose=${onClose} testid="claim-dialog">
+      <p>Copy the token now: it is shown only this once. ${created.uses_max === 1 ? "One device" : `${fmtNum(created.uses_max)} devices`} may enroll with it until ${fmtTime(created.expires_at)}.</p>
+      <p class="secret mono" data-testid="claim-token">${created.token}</p>
+      <p class="hint">On the device: <code>mooring-agent enroll --claim …</code> (docs/provisioning.md).</p>
+      <div class="actions"><button type="button" class="btn primary" onClick=${onClose}>Done</button></div>
+    </${Dialog}>`;
+  }
+  return html`<${Dialog} title="New claim token" onClose=${onClose} testid="claim-dialog">
+    <form onSubmit=${submit}>
+      <label>Name (optional)<input data-testid="claim-name" value=${name} onInput=${(e) => setName(e.target.value)} placeholder="batch 2026-12" autofocus /></label>
+      <label>Devices that may enroll<input type="number" min="1" data-testid="claim-count" value=${count} onInput=${(e) => setCount(e.target.value)} required /></label>
+      <label>Valid for<select data-testid="claim-ttl" value=${ttl} onChange=${(e) => setTtl(e.target.value)}>${TTLS.map((x) => html`<option value=${x.value}>${x.label}</option>`)}</select></label>
+      <label>Tags for the devices (optional)<input class="mono" data-testid="claim-tags" placeholder="site=oslo, batch=7" value=${tags} onInput=${(e) => setTags(e.target.value)} /></label>
+      <label class="check-chip"><input type="checkbox" data-testid="claim-assign-ids" checked=${assignIds} onChange=${(e) => setAssignIds(e.target.checked)} /> The server chooses device ids</label>
+      ${error && html`<p class="form-error" role="alert" data-testid="claim-error">${error}</p>`}
+      <div class="actions"><button type="button" class="btn" onClick=${onClose}>Cancel</button><button type="submit" class="btn primary" data-testid="claim-submit">Create claim</button></div>
+    </form>
+  </${Dialog}>`;
+}
+
+function Claims() {
+  const res = useApi("/claims?limit=500");
+  const [creating, setCreating] = useState(false);
+  const [revoking, setRevoking] = useState(null);
+  const revoke = async (c) => {
+    try {
+      await api("DELETE", `/claims/${enc(c.id)}`);
+      toast(`Claim ${c.name || c.id} revoked`);
+      res.reload();
+    } catch (e) {
+      toast(e.message, "error");
+    }
+    setRevoking(null);
+  };
+  const tagText = (tags) => Object.entries(tags || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+  return html`<section class="card" data-testid="claims">
+    <div class="card-head"><h2>Claim tokens</h2>
+      ${can("devices.write") && html`<button type="button" class="btn primary small" data-testid="claim-create" onClick=${() => setCreating(true)}>New claim</button>`}
+    </div>
+    <${Async} res=${res} label="Loading claims…">${(d) => d.claims.length === 0 ? html`<${Empty}>No claims. A claim lets devices enroll with their own key.</${Empty}>` : html`<div class="table-wrap"><table class="table">
+      <thead><tr><th>Claim</th><th>Enrolled</th><th>Tags</th><th>State</th><th>Expires</th><th><span class="sr-only">Actions</span></th></tr></thead>
+      <tbody>${d.claims.map((c) => html`<tr key=${c.id} data-testid="claim-row" data-claim-id=${c.id} data-state=${c.state}>
+        <td data-label="Claim"><strong>${c.name || "—"}</strong> <code class="muted">${c.id}</code>${c.assign_ids ? html` <span class="badge">ids assigned</span>` : ""}</td>
+        <td data-label="Enrolled" data-testid="claim-uses">${fmtNum(c.uses)} / ${fmtNum(c.uses_max)}</td>
+        <td data-label="Tags">${tagText(c.tags) ? html`<code>${tagText(c.tags)}</code>` : html`<span class="muted">none</span>`}</td>
+        <td data-label="State"><span class=${"badge " + (c.state === "live" ? "on" : "off")}>${c.state}</span></td>
+        <td data-label="Expires">${fmtTime(c.expires_at)}</td>
+        <td class="row-actions">${can("devices.write") && c.state !== "revoked" && html`<button type="button" class="btn small danger" data-testid="claim-revoke" onClick=${() => setRevoking(c)}>Revoke</button>`}</td>
+      </tr>`)}</tbody></table></div>`}</${Async}>
+    ${creating && html`<${CreateClaim} onClose=${() => setCreating(false)} onCreated=${() => res.reload()} />`}
+    ${revoking && html`<${Confirm} title="Revoke claim" text=${`Revoke ${revoking.name || revoking.id}? Devices not yet enrolled with it are refused from now on; enrolled ones keep their certificates.`} okLabel="Revoke" danger onOk=${() => revoke(revoking)} onCancel=${() => setRevoking(null)} />`}
+  </section>`;
+}
+
+function Expiring() {
+  const [days, setDays] = useState(30);
+  const res = useApi(`/certificates?expiring_within_ms=${days * DAY_MS}&limit=100`, [days]);
+  return html`<section class="card" data-testid="expiring">
+    <div class="card-head"><h2>Certificates expiring soon</h2>
+      <label class="inline">Within <select data-testid="expiring-days" value=${days} onChange=${(e) => setDays(Number(e.target.value))}>${EXPIRING.map((d) => html`<option value=${d}>${d} days</option>`)}</select></label>
+    </div>
+    <${Async} res=${res} label="Loading certificates…">${(d) => d.certificates.length === 0 ? html`<${Empty}>No active certificate expires within ${days} days.</${Empty}>` : html`<div class="table-wrap"><table class="table">
+      <thead><tr><th>Device</th><th>Serial</th><th>Expires</th></tr></thead>
+      <tbody>${d.certificates.map((c) => html`<tr key=${c.serial} data-testid="expiring-row" data-device-id=${c.device_id}>
+        <td data-label="Device"><a href=${"#/devices/" + enc(c.device_id)}>${c.device_id}</a></td>
+        <td data-label="Serial"><code>${c.serial}</code></td>
+        <td data-label="Expires">${fmtTime(c.not_after)}</td>
+      </tr>`)}</tbody></table>
+      ${d.next_cursor && html`<p class="muted">The first 100 are shown: <code>mooring cert expiring --within ${days}d</code> lists them all.</p>`}</div>`}</${Async}>
+  </section>`;
+}
+
+export default function Provisioning() {
+  return html`
+    <${PageTitle} sub="How devices get their identity: claims, certificates, the pipeline.">Provisioning</${PageTitle}>
+    <div class="grid2">
+      <${Funnel} />
+      <${Expiring} />
+    </div>
+    <${Claims} />
+  `;
+}
