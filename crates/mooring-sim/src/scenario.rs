@@ -242,6 +242,40 @@ pub struct Cohort {
     /// How long a device takes to boot after a power loss, crash or empty battery.
     #[serde(default = "default_boot_delay")]
     pub boot_delay: DurationMs,
+    /// Devices start unenrolled and enroll with a claim (the agent's real `enroll`) instead of
+    /// being registered up front.
+    #[serde(default)]
+    pub enroll: Option<Enroll>,
+}
+
+/// A cohort whose devices enroll with claims (issue 16): the harness creates
+/// `ceil(count / claim_uses)` claims through the server's provisioning service; device `n`
+/// uses claim `n / claim_uses`, proposes its id, and runs the agent's `enroll` (key, request,
+/// certificate) and then the normal agent with the certificate it received.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enroll {
+    /// Uses of each claim (devices per claim token), 1 to 1,000,000.
+    #[serde(default = "default_claim_uses")]
+    pub claim_uses: u32,
+    /// Probability, for each point of the pipeline independently, that the device's link drops
+    /// (or its process is killed) there once: before the request, after the request before the
+    /// reply, after the reply before the certificate is stored (a process kill; the agent
+    /// resumes from its state dir), before the first connect with the certificate.
+    #[serde(default)]
+    pub fault_rate: f64,
+    /// How long the link stays down when it drops before the first connect with the
+    /// certificate (at most; each device draws a time up to this).
+    #[serde(default = "default_enroll_outage")]
+    pub first_connect_outage: DurationMs,
+}
+
+fn default_claim_uses() -> u32 {
+    1
+}
+
+fn default_enroll_outage() -> DurationMs {
+    DurationMs(30_000)
 }
 
 fn default_keepalive() -> DurationMs {
@@ -430,6 +464,12 @@ pub struct Expect {
     /// `{ bus_dropped = 0, outbox_dropped = 0 }`: no notice may be lost under load.
     #[serde(default)]
     pub max_cluster_counters: BTreeMap<String, u64>,
+    /// Enrolling cohorts: every device ended enrolled exactly once (registered with the very
+    /// certificate it stored, each claim's uses equal to its enrolled devices, no device in the
+    /// store beyond the cohorts).
+    pub enrolled_exactly_once: Option<bool>,
+    /// Enrolling cohorts: most devices with more than one active certificate in the ledger.
+    pub max_duplicate_certificates: Option<u64>,
 }
 
 impl Scenario {
@@ -549,6 +589,20 @@ impl Scenario {
                     bail!("cohort {}: {what} must be a non-negative number", c.name);
                 }
             }
+            if let Some(e) = &c.enroll {
+                if e.claim_uses == 0 || e.claim_uses > 1_000_000 {
+                    bail!(
+                        "cohort {}: enroll.claim_uses must be between 1 and 1000000",
+                        c.name
+                    );
+                }
+                if !(0.0..=1.0).contains(&e.fault_rate) {
+                    bail!(
+                        "cohort {}: enroll.fault_rate must be between 0 and 1",
+                        c.name
+                    );
+                }
+            }
             let prefix = c
                 .id_prefix
                 .clone()
@@ -556,6 +610,21 @@ impl Scenario {
             mooring_proto::DeviceId::parse(&format!("{prefix}{}", c.count)).map_err(|e| {
                 anyhow::anyhow!("cohort {}: device ids would be invalid: {e}", c.name)
             })?;
+        }
+        if !matches!(self.server, ServerTarget::InProcess) {
+            if let Some(c) = self.cohorts.iter().find(|c| c.enroll.is_some()) {
+                bail!(
+                    "cohort {}: enroll needs the in-process server ([server] mode = \"in-process\")",
+                    c.name
+                );
+            }
+        }
+        let enrolling = self.cohorts.iter().any(|c| c.enroll.is_some());
+        if !enrolling
+            && (self.expect.enrolled_exactly_once.is_some()
+                || self.expect.max_duplicate_certificates.is_some())
+        {
+            bail!("[expect] enrolled_exactly_once and max_duplicate_certificates need a cohort with enroll");
         }
         match &self.server {
             ServerTarget::Cluster {
@@ -760,6 +829,40 @@ mod tests {
         assert!(DurationMs::parse("5").is_err());
         assert!(DurationMs::parse("5y").is_err());
         assert!(DurationMs::parse("m").is_err());
+    }
+
+    #[test]
+    fn enroll_cohorts_are_validated() {
+        let base = r#"
+            name = "t"
+            duration = "1h"
+            [[cohort]]
+            name = "s"
+            count = 10
+        "#;
+        let parse = |extra: &str| -> anyhow::Result<Scenario> {
+            let s: Scenario = toml::from_str(&format!("{base}{extra}"))?;
+            s.validate()?;
+            Ok(s)
+        };
+        let s = parse("[cohort.enroll]\nclaim_uses = 3\nfault_rate = 0.5\n[expect]\nenrolled_exactly_once = true\nmax_duplicate_certificates = 0\n")
+            .expect("valid");
+        let e = s.cohorts[0].enroll.as_ref().expect("enroll");
+        assert_eq!((e.claim_uses, e.first_connect_outage.0), (3, 30_000));
+        assert!(parse("[cohort.enroll]\nclaim_uses = 0\n").is_err());
+        assert!(parse("[cohort.enroll]\nfault_rate = 1.5\n").is_err());
+        assert!(parse("[cohort.enroll]\nunknown = 1\n").is_err());
+        // The enrollment expectations need an enrolling cohort.
+        assert!(parse("[expect]\nenrolled_exactly_once = true\n").is_err());
+        // Only against the in-process server.
+        let cluster = r#"
+            [server]
+            mode = "cluster"
+            nodes = 2
+            [cohort.enroll]
+        "#;
+        let err = parse(cluster).expect_err("cluster").to_string();
+        assert!(err.contains("enroll needs the in-process server"), "{err}");
     }
 
     #[test]

@@ -723,3 +723,168 @@ fn a_cluster_loses_nodes_under_load_and_keeps_every_promise() -> anyhow::Result<
     assert!(html.contains("node node-2: alive (started 2 times, killed once)"));
     Ok(())
 }
+
+/// scenarios/enroll-claims.toml at 500 devices (5 claims of 100 uses): every device starts
+/// without a certificate and runs the agent's real enrollment over a claim session while its
+/// link drops before the request, after the request before the reply, before the first connect
+/// with its certificate, and its process is killed after the reply before storing it. Every
+/// device ends registered with the certificate it stored, one active certificate each, each
+/// claim used exactly by its devices; then they connect with that certificate and report.
+#[test]
+fn devices_enrolling_with_claims_under_faults_end_enrolled_exactly_once() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/enroll-claims.toml");
+    let s = Scenario::load(&path)?.scaled_to(500)?;
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    let e = r.enrollment.as_ref().expect("an enrollment report");
+    assert!(e.enrolled_exactly_once, "{:?}", e.not_enrolled_examples);
+    assert_eq!((e.devices, e.enrolled, e.claims), (500, 500, 5));
+    assert_eq!(e.duplicate_certificates, 0);
+    assert_eq!(e.devices_in_store, 500);
+    assert!(e.refusals.is_empty(), "{:?}", e.refusals);
+    // Every step reached by every device, in order.
+    let steps: Vec<(&str, u64)> = e
+        .funnel
+        .iter()
+        .map(|f| (f.step.as_str(), f.devices))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("key_made", 500),
+            ("request_sent", 500),
+            ("registered", 500),
+            ("certificate_received", 500),
+            ("first_connect", 500),
+            ("first_telemetry", 500),
+        ]
+    );
+    for w in e.funnel.windows(2) {
+        assert!(w[0].p50_ms <= w[1].p50_ms, "{:?}", e.funnel);
+        assert!(
+            w[0].since_key_max_ms <= w[1].since_key_max_ms,
+            "{:?}",
+            e.funnel
+        );
+    }
+    assert_eq!(e.funnel[0].since_key_max_ms, 0, "key_made is the origin");
+    // Each fault point fired for about a quarter of the devices, and every device it hit still
+    // ended enrolled exactly once ("detected" counts those for the enrollment faults).
+    let enroll_faults: Vec<_> = r
+        .faults
+        .iter()
+        .filter(|(kind, _)| kind.starts_with("enroll:"))
+        .collect();
+    assert_eq!(enroll_faults.len(), 4, "{:?}", r.faults);
+    for (kind, f) in enroll_faults {
+        assert!((60..=190).contains(&f.injected), "{kind}: {f:?}");
+        assert_eq!(f.detected, f.injected, "{kind}");
+    }
+    assert_eq!(
+        e.process_restarts,
+        r.faults["enroll: process kill after the reply, before storing"].injected
+    );
+    assert_eq!(r.lost_acked_telemetry, 0);
+    assert_eq!(r.online_at_end, 500);
+    // The printed summary and the HTML report show the funnel.
+    assert!(r.table().contains("certificate_received"), "{}", r.table());
+    let html = r.html();
+    assert!(html.contains("<h2>Enrollment funnel</h2>"), "{html}");
+    assert!(
+        html.contains("<b>500 enrolled exactly once</b> (every device)"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<td>first telemetry</td><td>500</td>"),
+        "{html}"
+    );
+    Ok(())
+}
+
+/// The enrollment funnel is part of the simulator's promise: the same seed gives the same
+/// funnel, faults and verdict.
+#[test]
+fn enrollment_with_the_same_seed_gives_the_same_funnel() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/enroll-claims.toml");
+    let s = Scenario::load(&path)?.scaled_to(100)?;
+    let a = run(&s)?;
+    let b = run(&s)?;
+    let json = |r: &Report| serde_json::to_string(&r.enrollment).expect("json");
+    assert_eq!(json(&a), json(&b));
+    assert_eq!(
+        serde_json::to_string(&a.faults)?,
+        serde_json::to_string(&b.faults)?
+    );
+    assert!(a
+        .enrollment
+        .as_ref()
+        .is_some_and(|e| e.enrolled_exactly_once));
+    Ok(())
+}
+
+/// The checks catch what goes wrong: devices proposing ids that are taken are refused
+/// (`device_exists`, final), counted by code, and the run fails `enrolled_exactly_once` while
+/// the claim is charged only for the devices it enrolled.
+#[test]
+fn refused_enrollments_are_counted_by_code_and_fail_the_exactly_once_check() -> anyhow::Result<()> {
+    let s = scenario(
+        r#"
+        name = "enroll-refused"
+        duration = "5m"
+        [[cohort]]
+        name = "old"
+        count = 3
+        id_prefix = "x-"
+        connect_spread = "10s"
+        [[cohort]]
+        name = "new"
+        count = 6
+        id_prefix = "x-"
+        connect_spread = "10s"
+        [cohort.enroll]
+        claim_uses = 10
+        [expect]
+        enrolled_exactly_once = true
+        max_duplicate_certificates = 0
+        "#,
+    )?;
+    let r = run(&s)?;
+    let e = r.enrollment.as_ref().expect("an enrollment report");
+    assert_eq!((e.devices, e.claims, e.enrolled), (6, 1, 3));
+    assert_eq!(
+        e.refusals,
+        [("device_exists".to_owned(), 3)].into_iter().collect()
+    );
+    assert_eq!(e.claims_uses_mismatched, 0, "{:?}", e.not_enrolled_examples);
+    assert!(!e.enrolled_exactly_once);
+    assert_eq!(
+        failed(&r),
+        ["enrolled_exactly_once: expected true, got false"]
+    );
+    assert!(
+        e.not_enrolled_examples
+            .iter()
+            .any(|x| x.starts_with("x-0: ") && x.contains("device_exists")),
+        "{:?}",
+        e.not_enrolled_examples
+    );
+    // The refused devices stopped at the request; the others went all the way.
+    let reached: Vec<u64> = e.funnel.iter().map(|f| f.devices).collect();
+    assert_eq!(reached, [6, 6, 3, 3, 3, 3]);
+    Ok(())
+}
+
+/// scenarios/enroll-claims.toml at full size (10,000 devices; about 50 s in a release build,
+/// longer in a debug one): `cargo test --release -p mooring-sim --test sim -- --ignored
+/// enroll_claims_at_full_size`.
+#[test]
+#[ignore = "full size: run on demand (see docs/simulator.md)"]
+fn enroll_claims_at_full_size() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/enroll-claims.toml");
+    let r = run(&Scenario::load(&path)?)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    let e = r.enrollment.as_ref().expect("an enrollment report");
+    assert!(e.enrolled_exactly_once, "{:?}", e.not_enrolled_examples);
+    assert_eq!(e.enrolled, 10_000);
+    Ok(())
+}

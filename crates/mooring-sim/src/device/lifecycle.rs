@@ -50,6 +50,9 @@ pub async fn run_device(
     let mut rng = StdRng::seed_from_u64(derive_seed(seed, dev.index as u64, SALT_DEVICE));
     let offset = rng.random_range(0..=c.connect_spread.0 / BOOT_GRID_MS) * BOOT_GRID_MS;
     tokio::time::sleep_until(start + Duration::from_millis(offset)).await;
+    if !super::enroll_device(&dev, &model, &net, seed).await {
+        return; // refused for good: nothing to run
+    }
     let stats = net.stats.clone();
     let mut agent = Agent {
         task: JoinSet::new(),
@@ -266,6 +269,8 @@ fn boot(
             link: dev.link.clone(),
             net: net.clone(),
             tls: dev.tls.clone(),
+            claim: false,
+            probe: dev.enroll.clone(),
         }),
         store: Box::new(LedgerStore {
             inner: dev.flash.clone(),

@@ -125,6 +125,19 @@ pub struct DeviceLink {
     reconnects: Mutex<Vec<(u64, u64)>>,
     /// The node slot + 1 of the last stream opened (0: none yet).
     node: AtomicUsize,
+    /// An enrolled device's certificate; `None`: the simulated certificate the harness
+    /// registered.
+    identity: Mutex<Option<Certificate>>,
+}
+
+/// A certificate as the broker sees it after a verified TLS handshake.
+#[derive(Debug, Clone)]
+pub struct Certificate {
+    /// Its CN.
+    pub cn: String,
+    /// Lowercase hex SHA-256 of its DER.
+    pub sha256: String,
+    pub der: Arc<[u8]>,
 }
 
 impl DeviceLink {
@@ -139,7 +152,20 @@ impl DeviceLink {
             reconnect_since_ms: AtomicU64::new(0),
             reconnects: Mutex::new(Vec::new()),
             node: AtomicUsize::new(0),
+            identity: Mutex::new(None),
         }
+    }
+
+    /// The enrolled certificate connections present (CN, SHA-256 of the DER), if any.
+    pub fn identity(&self) -> Option<(String, String)> {
+        lock(&self.identity)
+            .as_ref()
+            .map(|c| (c.cn.clone(), c.sha256.clone()))
+    }
+
+    /// From now on, connections present this certificate.
+    pub fn set_identity(&self, cert: Certificate) {
+        *lock(&self.identity) = Some(cert);
     }
 
     /// The node slot (0-based) this device's open connection goes to; `None` when no
@@ -205,6 +231,10 @@ pub struct SimConnector {
     pub net: Arc<Net>,
     /// Remote mode: TCP + TLS with the device's certificate instead of the in-process broker.
     pub tls: Option<mooring_agent::transport::TlsConnector>,
+    /// A claim session (enrollment): no client certificate; the claim is in the CONNECT.
+    pub claim: bool,
+    /// An enrolling device's pipeline: where its steps are noted and its faults fire.
+    pub probe: Option<Arc<super::EnrollProbe>>,
 }
 
 #[async_trait::async_trait]
@@ -222,11 +252,23 @@ impl mooring_agent::Connector for SimConnector {
                     return Err(io::ErrorKind::ConnectionRefused.into());
                 };
                 let (device_end, server_end) = tokio::io::duplex(PIPE_SIZE_BYTES);
+                let (cert_identity, cert_sha256, cert_der) = if self.claim {
+                    (None, None, None)
+                } else {
+                    match lock(&self.link.identity).clone() {
+                        Some(c) => (Some(c.cn), Some(c.sha256), Some(c.der)),
+                        None => (
+                            Some(self.link.id.clone()),
+                            Some(crate::harness::sim_cert_sha256(&self.link.id)),
+                            None,
+                        ),
+                    }
+                };
                 let info = ConnInfo {
                     peer: None,
-                    cert_identity: Some(self.link.id.clone()),
-                    cert_sha256: Some(crate::harness::sim_cert_sha256(&self.link.id)),
-                    cert_der: None,
+                    cert_identity,
+                    cert_sha256,
+                    cert_der,
                     listener: ListenerKind::Tls,
                 };
                 self.net.conns.spawn(async move {
@@ -260,6 +302,10 @@ impl mooring_agent::Connector for SimConnector {
             observed: false,
             delay,
             connack: ConnackWatch::default(),
+            claim: self.claim,
+            probe: self.probe.clone(),
+            tail: Vec::new(),
+            answered: false,
         }))
     }
 
@@ -279,6 +325,13 @@ struct SimStream {
     observed: bool,
     delay: Option<Box<Delay>>,
     connack: ConnackWatch,
+    /// A claim session (see [`SimConnector::claim`]).
+    claim: bool,
+    probe: Option<Arc<super::EnrollProbe>>,
+    /// Claim session: the last bytes received, so a topic split over two reads is seen.
+    tail: Vec<u8>,
+    /// Claim session: the accepted answer was seen on this connection.
+    answered: bool,
 }
 
 /// The first four bytes the device receives on a connection: an MQTT 3.1.1 server sends its
@@ -346,7 +399,37 @@ impl AsyncRead for SimStream {
         let polled = self.as_mut().poll_read_link(cx, out);
         let this = &mut *self;
         if matches!(polled, Poll::Ready(Ok(()))) && this.connack.feed(&out.filled()[before..]) {
-            this.link.accepted(this.clock.elapsed_ms());
+            let now_ms = this.clock.elapsed_ms();
+            this.link.accepted(now_ms);
+            if let (Some(p), false) = (&this.probe, this.claim) {
+                p.reached(super::enroll::STEP_FIRST_CONNECT, now_ms);
+            }
+        }
+        if let (Some(p), true, Poll::Ready(Ok(()))) = (this.probe.clone(), this.claim, &polled) {
+            if !this.answered {
+                let new = &out.filled()[before..];
+                this.tail.extend_from_slice(new);
+                if p.is_accepted(&this.tail) {
+                    this.answered = true;
+                    if p.drop_before_reply.swap(false, Ordering::Relaxed) {
+                        // The server answered; the answer is lost with the link.
+                        inc(&this.stats.enroll_drops_before_reply);
+                        p.fire(super::enroll::FAULT_BEFORE_REPLY);
+                        out.set_filled(before);
+                        this.link.cut(0, &this.stats);
+                        this.observed = true;
+                        inc(&this.stats.cuts_observed);
+                        return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+                    }
+                    if p.kill_before_store.swap(false, Ordering::Relaxed) {
+                        p.kill_now();
+                    }
+                }
+                let keep = p.topic_tail_len();
+                if this.tail.len() > keep {
+                    this.tail.drain(..this.tail.len() - keep);
+                }
+            }
         }
         polled
     }
@@ -409,6 +492,24 @@ impl AsyncWrite for SimStream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.check()?;
+        if let (Some(p), true) = (self.probe.clone(), self.claim) {
+            if p.is_request(buf) {
+                if p.drop_before_request.swap(false, Ordering::Relaxed) {
+                    // The link drops as the request goes out: the server never gets it.
+                    inc(&self.stats.enroll_drops_before_request);
+                    p.fire(super::enroll::FAULT_BEFORE_REQUEST);
+                    self.link.cut(0, &self.stats);
+                    self.observed = true;
+                    inc(&self.stats.cuts_observed);
+                    return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+                }
+                let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+                if matches!(written, Poll::Ready(Ok(_))) {
+                    p.reached(super::enroll::STEP_REQUEST, self.clock.elapsed_ms());
+                }
+                return written;
+            }
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 

@@ -9,10 +9,12 @@
 //! Here: the device's state and the run-wide [`Stats`]; `link.rs` is the in-memory network,
 //! `probes.rs` the measurement hooks and `lifecycle.rs` the device task.
 
+mod enroll;
 mod lifecycle;
 mod link;
 mod probes;
 
+pub use enroll::{enroll_device, EnrollProbe, FAULTS, STEPS, STEP_KEY, STEP_REGISTERED};
 pub use lifecycle::{run_device, BATTERY_ON_PCT};
 pub use link::{DeviceLink, Net, SimConnector, LATENCY_CHUNK_BYTES, PIPE_SIZE_BYTES};
 pub use probes::{LedgerStore, SimHandler};
@@ -79,6 +81,14 @@ pub struct Stats {
     /// Telemetry acknowledged, per sample interval of simulated time.
     pub acked_per_bucket: Vec<AtomicU64>,
     pub bucket_ms: u64,
+    /// Enrollment faults fired: the link dropped before the request reached the server.
+    pub enroll_drops_before_request: AtomicU64,
+    /// ... after the server answered, before the answer reached the device.
+    pub enroll_drops_before_reply: AtomicU64,
+    /// The process was killed after the answer arrived, before the certificate was stored.
+    pub enroll_kills: AtomicU64,
+    /// The link was down when the device first connected with its certificate.
+    pub enroll_drops_before_first_connect: AtomicU64,
 }
 
 impl Stats {
@@ -118,6 +128,8 @@ pub struct DeviceState {
     pub generated: AtomicU64,
     /// Executions per scenario event index (command), counted by the injected handlers.
     pub executions: Mutex<Vec<(u32, u32)>>,
+    /// An enrolling cohort's device: its pipeline (set before the run starts).
+    pub enroll: Option<Arc<EnrollProbe>>,
 }
 
 impl DeviceState {
@@ -155,6 +167,7 @@ impl DeviceState {
             acked: Mutex::new(Vec::new()),
             generated: AtomicU64::new(0),
             executions: Mutex::new(Vec::new()),
+            enroll: None,
         })
     }
 

@@ -80,6 +80,9 @@ impl AgentStore for LedgerStore {
             self.stats
                 .acked_at(self.clock.elapsed_ms(), ns.len() as u64);
             lock(&self.dev.acked).extend(ns);
+            if let Some(p) = &self.dev.enroll {
+                p.reached(super::enroll::STEP_FIRST_TELEMETRY, self.clock.elapsed_ms());
+            }
         }
         Ok(removed)
     }

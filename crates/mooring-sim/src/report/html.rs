@@ -100,6 +100,7 @@ pub fn page(r: &Report) -> String {
         seed = r.seed,
     );
     banner(r, &mut out);
+    enrollment(r, &mut out);
     events_and_faults(r, &mut out);
     charts(r, &mut out);
     figures(r, &mut out);
@@ -291,6 +292,66 @@ fn legend(series: &[(&str, &str, &[f64])], out: &mut String) {
 }
 
 /// The main numbers as tiles.
+/// Enrolling cohorts: the exactly-once verdict and the pipeline funnel (how many devices
+/// reached each step, and when), with a bar per step.
+fn enrollment(r: &Report, out: &mut String) {
+    let Some(e) = &r.enrollment else {
+        return;
+    };
+    let _ = write!(
+        out,
+        "<h2>Enrollment funnel</h2><p>{devices} devices enrolling with {claims} claims: \
+         <b>{enrolled} enrolled exactly once</b> ({verdict}); {dups} with two active \
+         certificates; {wrong} claims whose uses differ from their devices; {stored} of \
+         {expected} devices in the registry; {restarts} processes killed and resumed.</p>\
+         <table><tr><th>step</th><th>devices</th><th></th><th>p50</th><th>p99</th>\
+         <th>max</th><th>after its key: p50</th><th>p99</th><th>max</th></tr>",
+        devices = count(e.devices),
+        claims = count(e.claims),
+        enrolled = count(e.enrolled),
+        verdict = if e.enrolled_exactly_once {
+            "every device"
+        } else {
+            "NOT every device"
+        },
+        dups = count(e.duplicate_certificates),
+        wrong = count(e.claims_uses_mismatched),
+        stored = count(e.devices_in_store),
+        expected = count(e.devices_expected),
+        restarts = count(e.process_restarts),
+    );
+    for f in &e.funnel {
+        let pct = f.devices as f64 * 100.0 / e.devices.max(1) as f64;
+        let _ = write!(
+            out,
+            "<tr><td>{step}</td><td>{n}</td><td><svg width=200 height=12>\
+             <rect width='{w:.1}' height=12 fill='#4a7'/></svg></td><td>{p50}</td>\
+             <td>{p99}</td><td>{max}</td><td>{k50}</td><td>{k99}</td><td>{kmax}</td></tr>",
+            step = escape(&f.step.replace('_', " ")),
+            n = count(f.devices),
+            w = pct * 2.0,
+            p50 = words::duration(f.p50_ms),
+            p99 = words::duration(f.p99_ms),
+            max = words::duration(f.max_ms),
+            k50 = words::duration(f.since_key_p50_ms),
+            k99 = words::duration(f.since_key_p99_ms),
+            kmax = words::duration(f.since_key_max_ms),
+        );
+    }
+    out.push_str("</table>");
+    if !e.refusals.is_empty() {
+        out.push_str("<p>Enrollments refused, by code:</p><ul>");
+        for (code, n) in &e.refusals {
+            let _ = write!(out, "<li><code>{}</code>: {}</li>", escape(code), count(*n));
+        }
+        out.push_str("</ul>");
+    }
+    out.push_str(
+        "<p class=sub>Virtual time from the start of the run, and after each device made its \
+         key (the device's own pipeline, faults and retries included).</p>",
+    );
+}
+
 fn figures(r: &Report, out: &mut String) {
     let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1_048_576.0);
     let figs = [

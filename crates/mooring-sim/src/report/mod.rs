@@ -219,7 +219,106 @@ pub struct Report {
     pub events: Vec<String>,
     /// Each scenario event with its time, reach and outcome, in the order played.
     pub timeline: Vec<TimelineEvent>,
+    /// Cohorts that enroll with claims: the pipeline funnel and the exactly-once checks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enrollment: Option<EnrollmentReport>,
     pub expectations: Vec<ExpectationResult>,
+}
+
+/// The enrolling cohorts at the end of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EnrollmentReport {
+    /// Devices that started unenrolled.
+    pub devices: u64,
+    /// Claims the harness created for them.
+    pub claims: u64,
+    /// Devices registered with the very certificate they stored, and with exactly one active
+    /// certificate in the ledger.
+    pub enrolled: u64,
+    /// Devices with more than one active certificate in the ledger.
+    pub duplicate_certificates: u64,
+    /// Claims whose `uses` differ from the devices enrolled with them.
+    pub claims_uses_mismatched: u64,
+    /// Devices in the server's registry at the end, and how many there should be (every
+    /// cohort's devices, deleted ones aside).
+    pub devices_in_store: u64,
+    pub devices_expected: u64,
+    /// `enrolled == devices`, no duplicate certificate, every claim's uses right, no device
+    /// beyond the cohorts.
+    pub enrolled_exactly_once: bool,
+    /// How many devices reached each step and when (virtual ms from the start).
+    pub funnel: Vec<FunnelStep>,
+    /// Enrollments that ended refused, by code.
+    pub refusals: BTreeMap<String, u64>,
+    /// Processes killed during the enrollment (and resumed from their state dir).
+    pub process_restarts: u64,
+    /// Per enrollment fault (as named in `faults`): the devices it hit that still ended
+    /// enrolled exactly once (the fault table's "detected" column for these).
+    pub survived_faults: BTreeMap<String, u64>,
+    /// The first few devices not enrolled exactly once, with why.
+    pub not_enrolled_examples: Vec<String>,
+}
+
+/// One step of the enrollment funnel.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FunnelStep {
+    pub step: String,
+    pub devices: u64,
+    /// When the devices reached it: virtual ms since the start of the run.
+    pub p50_ms: u64,
+    pub p99_ms: u64,
+    pub max_ms: u64,
+    /// How long after its own `key_made` each device reached it (its pipeline's duration so
+    /// far, faults and retries included), virtual ms.
+    pub since_key_p50_ms: u64,
+    pub since_key_p99_ms: u64,
+    pub since_key_max_ms: u64,
+}
+
+impl EnrollmentReport {
+    /// The funnel and the checks, as lines of the printed summary.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![format!(
+            "enrollment: {} devices, {} claims, {} enrolled exactly once: {} (duplicate certificates {}, claims with wrong uses {}, devices in store {} of {}), {} process restarts",
+            self.devices,
+            self.claims,
+            self.enrolled,
+            self.enrolled_exactly_once,
+            self.duplicate_certificates,
+            self.claims_uses_mismatched,
+            self.devices_in_store,
+            self.devices_expected,
+            self.process_restarts,
+        )];
+        out.push(format!(
+            "{:<24} {:>8} {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}",
+            "funnel step", "devices", "p50", "p99", "max", "from key:", "p99", "max"
+        ));
+        for f in &self.funnel {
+            out.push(format!(
+                "{:<24} {:>8} {:>9} {:>9} {:>9}   {:>9} {:>9} {:>9}",
+                f.step,
+                f.devices,
+                fmt_secs(f.p50_ms),
+                fmt_secs(f.p99_ms),
+                fmt_secs(f.max_ms),
+                fmt_secs(f.since_key_p50_ms),
+                fmt_secs(f.since_key_p99_ms),
+                fmt_secs(f.since_key_max_ms),
+            ));
+        }
+        for (code, n) in &self.refusals {
+            out.push(format!("enrollment refused ({code}): {n}"));
+        }
+        for e in &self.not_enrolled_examples {
+            out.push(format!("NOT ENROLLED {e}"));
+        }
+        out
+    }
+}
+
+fn fmt_secs(ms: u64) -> String {
+    format!("{:.1}s", ms as f64 / 1000.0)
 }
 
 impl Report {
@@ -312,6 +411,11 @@ impl Report {
             );
             for (k, f) in &self.faults {
                 let _ = writeln!(out, "  {k:<52} {:>10} {:>10}", f.injected, f.detected);
+            }
+        }
+        if let Some(e) = &self.enrollment {
+            for line in e.lines() {
+                let _ = writeln!(out, "  {line}");
             }
         }
         for line in self.event_lines().iter().chain(&self.fault_lines()) {

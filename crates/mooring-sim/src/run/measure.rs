@@ -154,6 +154,18 @@ pub(super) fn check_expectations(
 ) -> Vec<ExpectationResult> {
     let e = &s.expect;
     let mut out = Vec::new();
+    if let Some(want) = e.enrolled_exactly_once {
+        let got = r
+            .enrollment
+            .as_ref()
+            .is_some_and(|en| en.enrolled_exactly_once);
+        out.push(ExpectationResult {
+            name: "enrolled_exactly_once".into(),
+            expected: want.to_string(),
+            actual: got.to_string(),
+            ok: got == want,
+        });
+    }
     let mut at_most = |name: &str, want: Option<u64>, got: u64| {
         if let Some(w) = want {
             out.push(ExpectationResult {
@@ -185,6 +197,13 @@ pub(super) fn check_expectations(
         r.commands_sent
             .saturating_sub(r.commands_deleted)
             .saturating_sub(r.commands_succeeded),
+    );
+    at_most(
+        "max_duplicate_certificates",
+        e.max_duplicate_certificates,
+        r.enrollment
+            .as_ref()
+            .map_or(0, |en| en.duplicate_certificates),
     );
     at_most(
         "max_jobs_not_succeeded",

@@ -10,6 +10,7 @@
 //! This file starts, runs and stops the fleet and assembles the [`Report`]; `events.rs` plays the
 //! scenario's events and `measure.rs` samples the fleet and reads back what the server stored.
 
+mod enroll;
 mod events;
 mod measure;
 
@@ -407,6 +408,10 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         .collect();
     command_names.sort();
     command_names.dedup();
+    let claims = match server {
+        Some(server) => enroll::Claims::create(s, server).await?,
+        None => enroll::Claims::default(),
+    };
     let mut models = Vec::with_capacity(s.cohorts.len());
     for (ci, c) in s.cohorts.iter().enumerate() {
         for n in 0..c.count {
@@ -417,7 +422,10 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
             let id =
                 DeviceId::parse(&name).map_err(|e| anyhow::anyhow!("cohort {}: {e}", c.name))?;
             let mut dev = DeviceState::new(devices.len(), id, ci, c, s.seed)?;
+            dev.enroll = claims.probe(s, ci, n, dev.index, dev.id.as_str(), data_dir);
             match (server, &remote, &creds_dir) {
+                // An enrolling device registers itself, with the certificate it asks for.
+                (Some(_), _, _) if dev.enroll.is_some() => {}
                 (Some(server), _, _) => server.register(dev.id.as_str(), c.tags.clone()).await?,
                 (None, Some(api), Some(dir)) => {
                     dev.tls = Some(api.register(dev.id.as_str(), &c.tags, dir.path()).await?);
@@ -540,6 +548,13 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
             .filter(|id| !lock(&control.deleted).contains(id))
             .collect();
         control.cluster_online(&ids).await?
+    };
+    let enrollment = match control.app() {
+        Some(app) => {
+            let expected = (devices.len() - lock(&control.deleted).len()) as u64;
+            enroll::report(&app, &devices, &claims, epoch_ms, expected).await?
+        }
+        None => None,
     };
     let jobs = control.job_reports().await;
     for j in &jobs {
@@ -742,6 +757,19 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         panicked_failures,
     );
     control.fault("agent_exit (supervisor gave up)", 0, st(&stats.agent_exits));
+    let enroll_fired = [
+        st(&stats.enroll_drops_before_request),
+        st(&stats.enroll_drops_before_reply),
+        st(&stats.enroll_kills),
+        st(&stats.enroll_drops_before_first_connect),
+    ];
+    for (kind, fired) in device::FAULTS.iter().zip(enroll_fired) {
+        let survived = enrollment
+            .as_ref()
+            .and_then(|e| e.survived_faults.get(*kind).copied())
+            .unwrap_or(0);
+        control.fault(kind, fired, survived);
+    }
     let mut faults = lock(&control.faults).clone();
     faults.retain(|_, f| f.injected > 0 || f.detected > 0);
 
@@ -782,6 +810,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         samples,
         events: lock(&control.event_log).clone(),
         timeline: measure::timeline(&control, &devices),
+        enrollment,
         expectations: Vec::new(),
     };
     for event in &mut report.timeline {
