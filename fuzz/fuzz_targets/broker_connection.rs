@@ -141,6 +141,7 @@ fn info() -> ConnInfo {
         peer: None,
         cert_identity: None,
         cert_sha256: None,
+        cert_der: None,
         listener: ListenerKind::Dev,
     }
 }
