@@ -124,9 +124,7 @@ impl Policy {
         }
         // Only the server answers on an enrolling client's topics: no rule lets a device or a
         // service publish there (a forged `accepted` would hand an agent another trust root).
-        if *who != Principal::Dev
-            && topic.split('/').next() == Some(crate::provision::PROVISION_ROOT)
-        {
+        if *who != Principal::Dev && under_provision(topic) {
             return false;
         }
         *who == Principal::Dev
@@ -162,6 +160,11 @@ impl Policy {
         } else {
             filter
         };
+        // Nor subscribe there by name (what may be published there and what may be subscribed
+        // to there stay the same set).
+        if under_provision(filter) {
+            return false;
+        }
         self.granted(who, Action::Subscribe)
             .any(|allowed| filter_covers(&allowed, filter))
     }
@@ -187,6 +190,11 @@ impl Policy {
                 .filter_map(move |r| substitute(&r.filter, who)),
         )
     }
+}
+
+/// Whether a topic or filter's first level is `provision` (the enrollment topics).
+fn under_provision(topic: &str) -> bool {
+    topic.split('/').next() == Some(crate::provision::PROVISION_ROOT)
 }
 
 fn validate_pattern(pattern: &str) -> Result<(), PolicyError> {
@@ -308,6 +316,14 @@ mod tests {
             assert!(p.may_publish(&who, "fleet/x"));
         }
         assert!(p.may_publish(&Principal::Dev, "provision/sn-1/accepted"));
+        let svc = Principal::Service {
+            id: "t1".into(),
+            name: "s".into(),
+        };
+        for filter in ["provision", "provision/#", "$share/g/provision/+/request"] {
+            assert!(!p.may_subscribe(&svc, filter), "{filter}");
+        }
+        assert!(p.may_subscribe(&svc, "#"));
     }
 
     #[test]
