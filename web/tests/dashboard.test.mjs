@@ -269,7 +269,7 @@ test("an installer follows a device's pipeline and confirms its installation onc
   await page.context().close();
 });
 
-test("provisioning: the funnel, a claim created with its token shown once, then revoked", async () => {
+test("provisioning: the funnel, a claim created with its token shown once, then revoked; a registered CA disabled", async () => {
   const page = await newPage();
   await login(page, ADMIN);
   await page.getByTestId("nav-provisioning").click();
@@ -311,6 +311,14 @@ test("provisioning: the funnel, a claim created with its token shown once, then 
   await page.getByRole("dialog").getByRole("button", { name: "Revoke" }).click();
   await page.locator(`[data-testid="claim-row"][data-claim-id="${id}"][data-state="revoked"]`).waitFor();
   assert.equal(await enroll(), "claim_invalid");
+  // The registered manufacturer CA: disabled from the page, and the API agrees.
+  const caRow = page.locator('[data-testid="ca-row"]').filter({ hasText: "Acme" });
+  await caRow.waitFor();
+  assert.equal(await caRow.getAttribute("data-enabled"), "true");
+  await caRow.getByTestId("ca-toggle").click();
+  await page.locator('[data-testid="ca-row"][data-enabled="false"]').filter({ hasText: "Acme" }).waitFor();
+  const cas = await api("/api/v1/cas");
+  assert.equal(cas.cas.find((c) => c.subject.includes("Acme")).enabled, false);
   assert.deepEqual(page.errors, []);
   await page.context().close();
   // A viewer sees the page but cannot create or revoke claims.
@@ -320,6 +328,7 @@ test("provisioning: the funnel, a claim created with its token shown once, then 
   await viewer.locator(`[data-testid="claim-row"][data-claim-id="${id}"]`).waitFor();
   assert.equal(await viewer.getByTestId("claim-create").count(), 0);
   assert.equal(await viewer.getByTestId("claim-revoke").count(), 0);
+  assert.equal(await viewer.getByTestId("cas").count(), 0, "registered CAs shown to a viewer");
   assert.deepEqual(viewer.errors, []);
   await viewer.context().close();
 });

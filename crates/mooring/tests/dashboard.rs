@@ -109,6 +109,23 @@ async fn the_dashboard_in_a_real_browser() {
     server.create_user("admin@example.com", "admin", PASSWORD);
     server.create_user("viewer@example.com", "viewer", PASSWORD);
     server.create_user("installer@example.com", "installer", PASSWORD);
+    // A manufacturer's CA, registered (the provisioning page lists it for admins).
+    let acme = support::manufacturer::Manufacturer::new(tmp.path(), "Acme");
+    let cert = acme.ca_cert();
+    let out = server.cli(&[
+        "ca",
+        "register",
+        "--cert",
+        cert.to_str().expect("utf8"),
+        "--auto-register",
+        "--tag",
+        "vendor=acme",
+    ]);
+    assert!(
+        out.status.success(),
+        "ca register: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // 999 devices through the API plus the live one: 1,000.
     seed_devices(&server, DEVICES - 1).await;

@@ -1,6 +1,6 @@
 // #/provisioning: how devices get their identity (issue 16): the pipeline funnel, claim tokens
-// (create — the token is shown once —, list, revoke), registered manufacturer CAs, and the
-// certificates that expire soon.
+// (create — the token is shown once —, list, revoke), the certificates that expire soon, and
+// (admins) the registered manufacturer CAs (disable, enable).
 import { html, useState, api, useApi, can, toast, Empty, Async, Dialog, Confirm, PageTitle, fmtTime, fmtNum } from "../lib.js";
 
 const enc = encodeURIComponent;
@@ -145,6 +145,37 @@ function Expiring() {
   </section>`;
 }
 
+function Cas() {
+  const res = useApi("/cas");
+  const [busy, setBusy] = useState(null);
+  const toggle = async (ca) => {
+    setBusy(ca.id);
+    try {
+      await api("POST", `/cas/${enc(ca.id)}/${ca.enabled ? "disable" : "enable"}`);
+      toast(`CA ${ca.subject} ${ca.enabled ? "disabled" : "enabled"}`);
+      res.reload();
+    } catch (e) {
+      toast(e.message, "error");
+    }
+    setBusy(null);
+  };
+  const tagText = (tags) => Object.entries(tags || {}).map(([k, v]) => `${k}=${v}`).join(", ");
+  return html`<section class="card" data-testid="cas">
+    <h2>Registered manufacturer CAs</h2>
+    <p class="muted">Devices whose certificates chain to an enabled CA may connect; with auto-register they are registered on their first connection. Register one with <code>mooring ca register --cert ca.pem</code>.</p>
+    <${Async} res=${res} label="Loading CAs…">${(d) => d.cas.length === 0 ? html`<${Empty}>No registered CAs.</${Empty}>` : html`<div class="table-wrap"><table class="table">
+      <thead><tr><th>CA</th><th>Auto-register</th><th>Tags</th><th>State</th><th>Expires</th><th><span class="sr-only">Actions</span></th></tr></thead>
+      <tbody>${d.cas.map((ca) => html`<tr key=${ca.id} data-testid="ca-row" data-ca-id=${ca.id} data-enabled=${String(ca.enabled)}>
+        <td data-label="CA"><strong>${ca.subject}</strong> <code class="muted">${ca.id}</code></td>
+        <td data-label="Auto-register">${ca.auto_register ? "yes" : "no"}</td>
+        <td data-label="Tags">${tagText(ca.tags) ? html`<code>${tagText(ca.tags)}</code>` : html`<span class="muted">none</span>`}</td>
+        <td data-label="State"><span class=${"badge " + (ca.enabled ? "on" : "off")}>${ca.enabled ? "enabled" : "disabled"}</span></td>
+        <td data-label="Expires">${fmtTime(ca.not_after)}</td>
+        <td class="row-actions"><button type="button" class=${"btn small" + (ca.enabled ? " danger" : "")} data-testid="ca-toggle" disabled=${busy === ca.id} onClick=${() => toggle(ca)}>${ca.enabled ? "Disable" : "Enable"}</button></td>
+      </tr>`)}</tbody></table></div>`}</${Async}>
+  </section>`;
+}
+
 export default function Provisioning() {
   return html`
     <${PageTitle} sub="How devices get their identity: claims, certificates, the pipeline.">Provisioning</${PageTitle}>
@@ -153,5 +184,6 @@ export default function Provisioning() {
       <${Expiring} />
     </div>
     <${Claims} />
+    ${can("pki.manage") && html`<${Cas} />`}
   `;
 }
