@@ -29,6 +29,9 @@ pub enum Topic {
     ShadowReported(DeviceId),
     /// `devices/<id>/shadow/delta`: server → device, retained; desired minus reported.
     ShadowDelta(DeviceId),
+    /// `devices/<id>/cert/request`: device → server, a certificate renewal
+    /// ([`crate::provision::RenewRequest`]).
+    CertRequest(DeviceId),
     /// Any other topic under `devices/<id>/`; the string is the rest after `devices/<id>/`.
     DeviceOther(DeviceId, String),
 }
@@ -57,6 +60,7 @@ impl Topic {
             }
             [SHADOW, "reported"] => Topic::ShadowReported(id),
             [SHADOW, "delta"] => Topic::ShadowDelta(id),
+            ["cert", "request"] => Topic::CertRequest(id),
             _ => Topic::DeviceOther(id, rest.to_owned()),
         })
     }
@@ -104,6 +108,7 @@ impl Topic {
             | Topic::CommandResult(id, _)
             | Topic::ShadowReported(id)
             | Topic::ShadowDelta(id)
+            | Topic::CertRequest(id)
             | Topic::DeviceOther(id, _) => id,
         }
     }
@@ -118,6 +123,7 @@ impl fmt::Display for Topic {
             Topic::CommandResult(id, c) => f.write_str(&Topic::command_result(id, c)),
             Topic::ShadowReported(id) => f.write_str(&Topic::shadow_reported(id)),
             Topic::ShadowDelta(id) => f.write_str(&Topic::shadow_delta(id)),
+            Topic::CertRequest(id) => f.write_str(&crate::provision::renew_request_topic(id)),
             Topic::DeviceOther(id, rest) => write!(f, "{DEVICES_ROOT}/{id}/{rest}"),
         }
     }

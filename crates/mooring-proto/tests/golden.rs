@@ -307,6 +307,14 @@ fn provision_v1_topics() {
         "devices/lock-01/cert/request"
     );
     assert_eq!(
+        Topic::parse("devices/lock-01/cert/request"),
+        Some(Topic::CertRequest(id("lock-01")))
+    );
+    assert_eq!(
+        Topic::CertRequest(id("lock-01")).to_string(),
+        "devices/lock-01/cert/request"
+    );
+    assert_eq!(
         p::renew_accepted_topic(&id("lock-01")),
         "devices/lock-01/cert/accepted"
     );

@@ -138,6 +138,13 @@ impl Access {
     }
 
     /// `selector` narrowed to the scope (`None` and unscoped: everything).
+    /// What a caller asks for with an optional selector text (`?selector=`): parsed, narrowed
+    /// to the scope; every device it reaches when absent.
+    pub fn selection(&self, selector: Option<&str>) -> ServiceResult<Selector> {
+        let sel = selector.map(crate::commands::parse_selector).transpose()?;
+        Ok(self.narrow(sel).unwrap_or(Selector { terms: Vec::new() }))
+    }
+
     pub fn narrow(&self, selector: Option<Selector>) -> Option<Selector> {
         match (selector, self.scope.as_deref()) {
             (s, None) => s,

@@ -14,7 +14,7 @@ use crate::app::Core;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use crate::registry::Registry;
 use mooring_api::{FleetHistory, FleetSamplePoint, FleetSummary, VersionCount};
-use mooring_proto::selector::{Selector, Term};
+use mooring_proto::selector::Term;
 use mooring_store::FleetSample;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -49,11 +49,7 @@ impl Fleet {
         access: &Access,
         selector: Option<&str>,
     ) -> ServiceResult<FleetSummary> {
-        let sel = match selector {
-            Some(text) => Some(crate::commands::parse_selector(text)?),
-            None => None,
-        };
-        let sel = access.narrow(sel).unwrap_or(Selector { terms: Vec::new() });
+        let sel = access.selection(selector)?;
         let generated_ms = self.core.now_ms();
         let counts = self
             .core

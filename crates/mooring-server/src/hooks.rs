@@ -87,18 +87,9 @@ impl FailureLog {
     }
 }
 
-/// The log line of a device certificate the ledger refuses.
 /// Why a certificate was refused, as the log and the device's pipeline say it.
 fn certificate_refusal_text(device: &str, verdict: &CertVerdict) -> String {
-    let at = |ms: u64| {
-        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_else(|| format!("{ms} ms"))
-    };
+    let at = crate::pipeline::utc;
     match verdict {
         CertVerdict::Revoked { serial, at_ms } => format!(
             "refused: certificate {serial} of {device} was revoked at {}",
@@ -593,13 +584,14 @@ impl Hooks for ServerHooks {
             return PublishVerdict::Disconnect;
         };
         let now_ms = app.now_ms();
-        app.presence.seen(id, now_ms);
-        if msg.topic == mooring_proto::provision::renew_request_topic(id) {
-            return on_renew_request(&app, id, msg).await;
-        }
         let topic = Topic::parse(&msg.topic).filter(|t| t.device() == id);
+        // Telemetry marks the device seen after ingest, in the same presence update.
+        if !matches!(topic, Some(Topic::Telemetry(_))) {
+            app.presence.seen(id, now_ms);
+        }
         match topic {
             Some(Topic::Telemetry(_)) => {}
+            Some(Topic::CertRequest(_)) => return on_renew_request(&app, id, msg).await,
             Some(Topic::CommandAck(_, cmd)) => {
                 return store_verdict(app.commands.on_reply(id, &cmd, None).await, id);
             }
@@ -618,11 +610,14 @@ impl Hooks for ServerHooks {
             }
             _ => return PublishVerdict::Accept,
         }
-        match app.telemetry.ingest(id, &msg.payload, now_ms).await {
-            Ingest::Stored | Ingest::Duplicate => {
-                app.presence.telemetry(id, now_ms);
-                PublishVerdict::Accept
-            }
+        let ingested = app.telemetry.ingest(id, &msg.payload, now_ms).await;
+        if matches!(ingested, Ingest::Stored | Ingest::Duplicate) {
+            app.presence.telemetry(id, now_ms);
+        } else {
+            app.presence.seen(id, now_ms);
+        }
+        match ingested {
+            Ingest::Stored | Ingest::Duplicate => PublishVerdict::Accept,
             Ingest::Invalid(e) => {
                 tracing::debug!(device = %id, error = %e, "invalid telemetry dropped");
                 app.pipeline.step_failed(

@@ -112,13 +112,7 @@ impl Pipeline {
         access: &Access,
         selector: Option<&str>,
     ) -> ServiceResult<mooring_api::Funnel> {
-        let sel = match selector {
-            Some(text) => Some(crate::commands::parse_selector(text)?),
-            None => None,
-        };
-        let sel = access
-            .narrow(sel)
-            .unwrap_or(mooring_proto::selector::Selector { terms: Vec::new() });
+        let sel = access.selection(selector)?;
         let c = self
             .core
             .store
@@ -326,6 +320,16 @@ fn provisioning(record: &DeviceRecord, facts: &Facts) -> Provisioning {
     }
 }
 
+/// An installation as the API shows it (the device body and the pipeline).
+pub(crate) fn installation_body(i: Installation) -> mooring_api::Installation {
+    mooring_api::Installation {
+        at: i.at_ms,
+        by: i.by,
+        location: i.location,
+        notes: i.notes,
+    }
+}
+
 fn done_at(at: Option<u64>) -> (StepState, Option<u64>) {
     match at {
         Some(at) => (StepState::Done, Some(at)),
@@ -333,19 +337,14 @@ fn done_at(at: Option<u64>) -> (StepState, Option<u64>) {
     }
 }
 
-/// `2026-12-01 09:30:00 UTC`: a time in a message people read.
-fn utc(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    match time::OffsetDateTime::from_unix_timestamp_nanos(nanos) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => format!("{ms} ms"),
-    }
+/// A unix-ms time as RFC 3339 in UTC (`2026-12-01T09:30:00.123Z`), for messages and log lines
+/// people read.
+pub(crate) fn utc(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{ms} ms"))
 }

@@ -303,7 +303,8 @@ impl Presence {
     }
 
     /// Telemetry of `id` was stored at `now_ms` (the pipeline's "first telemetry", and what an
-    /// installation confirmation checks).
+    /// installation confirmation checks); it was seen then too, so this is [`Presence::seen`]
+    /// as well.
     pub fn telemetry(&self, id: &str, now_ms: u64) {
         self.with(|m| {
             if let Some(e) = m.get_mut(id) {

@@ -78,17 +78,11 @@ impl From<DeviceView> for Device {
             cert_serial: v.record.cert_serial,
             cert_sha256: v.record.cert_sha256,
             cert_not_after: v.record.cert_not_after_ms,
-            installation: v.record.installation.map(installation_json),
+            installation: v
+                .record
+                .installation
+                .map(crate::pipeline::installation_body),
         }
-    }
-}
-
-pub(super) fn installation_json(i: mooring_store::Installation) -> mooring_api::Installation {
-    mooring_api::Installation {
-        at: i.at_ms,
-        by: i.by,
-        location: i.location,
-        notes: i.notes,
     }
 }
 
