@@ -8,7 +8,7 @@ mod support;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::{mosquitto_pub, s, Creds, MqttDevice, Server};
+use support::{Creds, MqttDevice, Server};
 
 /// A new EC P-256 key `<name>.key` in `dir` and a CSR for it (PEM) whose subject names another
 /// device: the server must use only the key.
@@ -49,24 +49,6 @@ fn creds_with(old: &Creds, dir: &Path, key: &Path, cert: &str) -> Creds {
     Creds {
         dir: dir.to_owned(),
     }
-}
-
-/// Whether the device can connect and publish one QoS 1 message with `creds`.
-fn can_publish(server: &Server, creds: &Creds, id: &str) -> bool {
-    let mut args = creds.mosquitto_args(server.mqtt);
-    args.extend(s(&[
-        "-V",
-        "mqttv5",
-        "-i",
-        id,
-        "-q",
-        "1",
-        "-t",
-        &format!("devices/{id}/telemetry"),
-        "-m",
-        r#"{"probe":1}"#,
-    ]));
-    mosquitto_pub(&args).status.success()
 }
 
 /// The renewal request for `csr` and the answer: (topic, payload).
@@ -206,10 +188,10 @@ async fn a_device_renews_over_its_session_and_connecting_with_the_new_certificat
     // No telemetry lost across the rotation; the old certificate is refused from now on.
     assert_eq!(telemetry_count(&server, "r1", "temp").await, sent as usize);
     assert!(
-        !can_publish(&server, &old, "r1"),
+        !support::device_can_publish(&server, &old, "r1"),
         "the old certificate still works"
     );
-    assert!(can_publish(&server, &new, "r1"));
+    assert!(support::device_can_publish(&server, &new, "r1"));
     // The rotation is in the audit log.
     let (_, audit) = server
         .api("GET", "/api/v1/audit?action=cert.rotated&limit=10", None)
@@ -251,12 +233,12 @@ async fn a_renewal_with_another_key_replaces_the_unconfirmed_one_and_bad_request
     let with_b = creds_with(&old, &tmp.path().join("r2-b"), &key_b, &cert_b);
     drop(dev);
     assert!(
-        !can_publish(&server, &with_a, "r2"),
+        !support::device_can_publish(&server, &with_a, "r2"),
         "the replaced certificate works"
     );
-    assert!(can_publish(&server, &with_b, "r2"));
+    assert!(support::device_can_publish(&server, &with_b, "r2"));
     assert!(
-        !can_publish(&server, &old, "r2"),
+        !support::device_can_publish(&server, &old, "r2"),
         "the old certificate still works"
     );
     // The rotated device can renew again.
@@ -392,11 +374,11 @@ async fn an_agent_past_the_lifetime_fraction_renews_under_a_live_session_without
         ("revoked", &json!("rotated"))
     );
     assert!(
-        !can_publish(&server, &old, "a1"),
+        !support::device_can_publish(&server, &old, "a1"),
         "the old certificate still works"
     );
     assert!(
-        can_publish(&server, &creds, "a1"),
+        support::device_can_publish(&server, &creds, "a1"),
         "the agent's rotated files do not work"
     );
     drop(state);
@@ -447,7 +429,7 @@ async fn cert_rotate_makes_a_healthy_agent_renew_even_when_told_while_it_was_off
         .iter()
         .any(|(s, st, _)| *s == new_serial && st == "active"));
     assert!(
-        !can_publish(&server, &old, "a2"),
+        !support::device_can_publish(&server, &old, "a2"),
         "the old certificate still works"
     );
     // The agent swapped its files (after its CONNACK with the new pair): wait for that, then
@@ -461,7 +443,7 @@ async fn cert_rotate_makes_a_healthy_agent_renew_even_when_told_while_it_was_off
     }
     let _ = agent.kill();
     let _ = agent.wait();
-    assert!(can_publish(&server, &creds, "a2"));
+    assert!(support::device_can_publish(&server, &creds, "a2"));
     assert!(!state.join("device.next.crt").exists());
 }
 
@@ -680,10 +662,10 @@ async fn an_agent_killed_with_its_renewed_pair_waiting_resumes_with_it() {
         .iter()
         .any(|(s, st, _)| *s == new_serial && st == "active"));
     assert!(
-        !can_publish(&server, &old, "a3"),
+        !support::device_can_publish(&server, &old, "a3"),
         "the old certificate still works"
     );
-    assert!(can_publish(&server, &creds, "a3"));
+    assert!(support::device_can_publish(&server, &creds, "a3"));
 }
 
 #[tokio::test]
