@@ -52,6 +52,12 @@ pub const CHECK_INTERVAL_MS: u64 = 3_600_000;
 pub const NEXT_ATTEMPTS_MAX: u32 = 5;
 /// Renewal answers buffered between the connection and the rotation child.
 pub const REPLY_QUEUE_MAX: usize = 4;
+/// The fleet's trust bundle the server sent with the last renewal, in the state dir: trusted
+/// for the server's certificate instead of the `--ca` file from then on (a fleet CA rollover
+/// reaches the device this way, before the server's certificate changes).
+pub const TRUST_FILE: &str = "trust.crt";
+/// Most CA certificates a trust bundle may hold.
+pub const TRUST_CERTS_MAX: usize = 8;
 
 /// The files of the device's identity.
 #[derive(Debug, Clone)]
@@ -71,6 +77,54 @@ impl CertFiles {
     }
     fn requested(&self) -> PathBuf {
         self.state_dir.join(REQUESTED_FILE)
+    }
+    fn trust(&self) -> PathBuf {
+        self.state_dir.join(TRUST_FILE)
+    }
+    /// The CA certificates trusted for the server: the bundle from the last renewal
+    /// ([`TRUST_FILE`]) if there is one, else the `--ca` file.
+    pub fn roots_path(&self) -> PathBuf {
+        let trust = self.trust();
+        if trust.exists() {
+            trust
+        } else {
+            self.ca_path.clone()
+        }
+    }
+
+    /// Stores the trust bundle `bundle_pem` of a renewal answer as [`TRUST_FILE`] if it differs
+    /// from the roots in force. Refused unless it keeps at least one of them (the server this
+    /// agent verified vouches for the new CA; a bundle sharing nothing with what verified it
+    /// would lock the agent out). `true` if stored.
+    pub fn store_trust_bundle(&self, bundle_pem: &str) -> anyhow::Result<bool> {
+        let parse = |pem: &[u8]| -> anyhow::Result<Vec<Vec<u8>>> {
+            use rustls::pki_types::pem::PemObject as _;
+            let ders = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+                .map(|c| c.map(|c| c.to_vec()))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!("not PEM certificates: {e:?}"))?;
+            Ok(ders)
+        };
+        let new = parse(bundle_pem.as_bytes()).context("the trust bundle")?;
+        anyhow::ensure!(
+            !new.is_empty() && new.len() <= TRUST_CERTS_MAX,
+            "the trust bundle holds {} certificates (1..={TRUST_CERTS_MAX})",
+            new.len()
+        );
+        let roots = self.roots_path();
+        let current =
+            parse(&std::fs::read(&roots).with_context(|| format!("reading {}", roots.display()))?)?;
+        if new == current {
+            return Ok(false);
+        }
+        anyhow::ensure!(
+            new.iter().any(|c| current.contains(c)),
+            "the trust bundle shares no CA with {}; kept that",
+            roots.display()
+        );
+        write_atomic(&self.trust(), bundle_pem.as_bytes(), 0o644)?;
+        tracing::info!(cas = new.len(), file = %self.trust().display(), "stored the fleet's new trust bundle");
+        Ok(true)
     }
 }
 
@@ -141,7 +195,7 @@ impl Rotation {
         if !(key.exists() && cert.exists()) {
             return Ok(());
         }
-        let identity = transport::load_identity(&cert, &key, &self.files.ca_path)?;
+        let identity = transport::load_identity(&cert, &key, &self.files.roots_path())?;
         let mut s = lock(&self.state);
         s.next = Some(identity.tls);
         s.next_failures = 0;
@@ -460,6 +514,13 @@ async fn renew(
         cert.public_key().raw == key.subject_public_key_info(),
         "the issued certificate is not for the new key"
     );
+    // The fleet's trust bundle first: the new certificate may be from a new fleet CA, whose
+    // server certificate the agent must accept once the previous CA is retired.
+    if !accepted.ca_pem.is_empty() {
+        if let Err(e) = rotation.files.store_trust_bundle(&accepted.ca_pem) {
+            tracing::warn!(error = %format!("{e:#}"), "the trust bundle sent with the renewal is unusable");
+        }
+    }
     write_atomic(
         &rotation.files.next_cert(),
         accepted.certificate_pem.as_bytes(),
@@ -514,6 +575,42 @@ mod tests {
             ca_path: dir.join("ca.crt"),
             state_dir: dir.join("state"),
         }
+    }
+
+    fn self_signed_ca() -> String {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).expect("ca").pem()
+    }
+
+    #[test]
+    fn a_trust_bundle_is_stored_only_when_new_and_keeping_a_trusted_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = files(dir.path());
+        std::fs::create_dir_all(&f.state_dir).expect("state dir");
+        let (old, new, other) = (self_signed_ca(), self_signed_ca(), self_signed_ca());
+        std::fs::write(&f.ca_path, &old).expect("ca");
+        assert_eq!(f.roots_path(), f.ca_path, "--ca until a bundle arrives");
+        // The same roots again: nothing to store.
+        assert!(!f.store_trust_bundle(&old).expect("same"));
+        assert_eq!(f.roots_path(), f.ca_path);
+        // A CA sharing nothing with the trusted one is refused.
+        let err = f.store_trust_bundle(&other).expect_err("disjoint");
+        assert!(err.to_string().contains("shares no CA"), "{err:#}");
+        assert!(f.store_trust_bundle("not pem").is_err());
+        // A rollover's bundle (previous + new) is stored and trusted from then on ...
+        assert!(f
+            .store_trust_bundle(&format!("{old}{new}"))
+            .expect("overlap"));
+        assert_eq!(f.roots_path(), f.state_dir.join(TRUST_FILE));
+        // ... and after the retirement the new CA alone (it shares the new one).
+        assert!(f.store_trust_bundle(&new).expect("retired"));
+        assert_eq!(std::fs::read_to_string(f.roots_path()).expect("read"), new);
+        assert!(
+            f.store_trust_bundle(&old).is_err(),
+            "the retired CA alone is refused"
+        );
     }
 
     fn rotation(dir: &std::path::Path) -> Arc<Rotation> {

@@ -51,3 +51,73 @@ pub struct Ca {
 pub struct CaList {
     pub cas: Vec<Ca>,
 }
+
+/// One fleet CA (the CA the server issues device certificates with).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FleetCa {
+    /// Lowercase hex of the SHA-256 of the certificate (DER).
+    pub sha256: String,
+    /// The certificate's subject (RFC 4514).
+    pub subject: String,
+    /// Unix ms.
+    pub not_before: u64,
+    /// Unix ms.
+    pub not_after: u64,
+}
+
+/// `GET /api/v1/cas/fleet`: the fleet CA(s) and how far a rollover is.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FleetCas {
+    /// The CA that issues device certificates.
+    pub issuing: FleetCa,
+    /// During a rollover: the previous CA, still trusted; it signed the server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<FleetCa>,
+    /// `true` between `POST /api/v1/cas/fleet/rollover` and `POST /api/v1/cas/fleet/retire`.
+    pub rolling_over: bool,
+    /// During a rollover: devices' live certificates from the previous CA (the rotation moves
+    /// them; retiring waits for 0).
+    pub previous_certificates: u64,
+    /// During a rollover: the fleet rotation moving devices to the new CA
+    /// (`GET /api/v1/certificates/rotations/{id}`), if one was started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_id: Option<String>,
+    /// The trust bundle devices and clients should trust (PEM): both CAs during a rollover.
+    pub ca_pem: String,
+}
+
+/// Default renewal requests per minute of a rollover's rotation.
+pub const ROLLOVER_ROTATIONS_PER_MINUTE_DEFAULT: u32 = 100;
+
+/// `POST /api/v1/cas/fleet/rollover`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BeginRollover {
+    /// Renewal requests per minute of the rotation that moves devices to the new CA
+    /// (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_minute: Option<u32>,
+    /// Only add the new CA; start no rotation (run `POST /api/v1/certificates/rotations` or
+    /// rotate devices one by one later).
+    #[serde(default)]
+    pub no_rotation: bool,
+}
+
+/// `POST /api/v1/cas/fleet/retire`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetireCa {
+    /// Retire even while devices hold live certificates from the previous CA: they are revoked
+    /// (their sessions close) and those devices can no longer connect.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The answer to `POST /api/v1/cas/fleet/retire`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RetiredCa {
+    /// The fleet CA now (one CA; a new server certificate from it).
+    pub fleet: FleetCas,
+    /// Certificates of the previous CA revoked by `force`.
+    pub revoked: u64,
+}

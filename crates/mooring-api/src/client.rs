@@ -640,6 +640,24 @@ impl Client {
             .1)
     }
 
+    /// `GET /api/v1/cas/fleet`: the fleet CA(s) and how far a rollover is.
+    pub async fn fleet_cas(&self) -> Result<crate::FleetCas> {
+        self.get(self.url(&["api", "v1", "cas", "fleet"], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/cas/fleet/rollover`: a new fleet CA, trusted beside the current one.
+    pub async fn begin_rollover(&self, req: &crate::BeginRollover) -> Result<crate::FleetCas> {
+        let url = self.url(&["api", "v1", "cas", "fleet", "rollover"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `POST /api/v1/cas/fleet/retire`: ends a rollover; the previous CA is no longer trusted.
+    pub async fn retire_ca(&self, req: &crate::RetireCa) -> Result<crate::RetiredCa> {
+        let url = self.url(&["api", "v1", "cas", "fleet", "retire"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
     /// `POST /api/v1/jobs`: a bulk action, run in the background.
     pub async fn create_job(&self, req: &CreateJob) -> Result<Job> {
         let url = self.url(&["api", "v1", "jobs"], None::<&()>)?;

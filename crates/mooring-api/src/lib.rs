@@ -36,7 +36,10 @@ pub use accounts::{
     AuditEntry, AuditList, AuditParams, CreateUser, CreatedUser, LoginRequest, LoginResponse, Me,
     PasswordLink, SetPassword, UpdateUser, User, UserList,
 };
-pub use cas::{Ca, CaList, RegisterCa, CA_PEM_LEN_MAX};
+pub use cas::{
+    BeginRollover, Ca, CaList, FleetCa, FleetCas, RegisterCa, RetireCa, RetiredCa, CA_PEM_LEN_MAX,
+    ROLLOVER_ROTATIONS_PER_MINUTE_DEFAULT,
+};
 pub use certs::{
     Certificate, CertificateList, CreateRotation, ExpiringParams, RevokeRequest, Revoked,
     RotateRequest, Rotation, RotationList,

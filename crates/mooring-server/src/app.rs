@@ -106,6 +106,7 @@ impl App {
         config: ServerConfig,
         store: Arc<dyn Store>,
         pki: Pki,
+        pki_home: crate::registry::PkiHome,
         policy: Policy,
         clock: Arc<dyn Clock>,
         writer: TelemetryWriter,
@@ -130,7 +131,7 @@ impl App {
             events: events.clone(),
         });
         let presence = Arc::new(Presence::new(core.store.clone(), node));
-        let registry = Arc::new(Registry::new(core.clone(), pki, presence.clone()));
+        let registry = Arc::new(Registry::new(core.clone(), pki, pki_home, presence.clone()));
         let commands = Arc::new(Commands::new(core.clone(), registry.clone()));
         Self {
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),

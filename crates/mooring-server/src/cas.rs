@@ -60,6 +60,8 @@ struct Loaded {
     /// The enabled set as read (fingerprint, auto-register, tags), usable or not: what a
     /// reload compares with.
     read: Vec<CaKey>,
+    /// The fleet PKI's generation it was built from (a CA rollover step replaces the PKI).
+    pki_generation: u64,
 }
 
 /// What of an enabled CA a reload compares.
@@ -129,9 +131,10 @@ impl Cas {
                 )
             })
             .collect();
+        let pki_generation = self.registry.pki_generation();
         if mooring_proto::sync::read(&self.loaded)
             .as_ref()
-            .is_some_and(|l| l.read == read)
+            .is_some_and(|l| l.read == read && l.pki_generation == pki_generation)
         {
             return Ok(());
         }
@@ -163,6 +166,7 @@ impl Cas {
             trusted: Arc::new(usable),
             disabled: Arc::new(disabled),
             read,
+            pki_generation,
         });
         let gone: BTreeSet<&String> = before.difference(&after).collect();
         if !gone.is_empty() {
@@ -417,6 +421,7 @@ impl Cas {
             cert_sha256: sha256.to_owned(),
             cert_serial: serial,
             cert_not_after_ms: not_after_ms,
+            cert_issuer: cert_issuer_of_ca(&ca.id),
         };
         match store.create_device_with_cert(device, cert).await {
             Ok(record) => {
@@ -451,14 +456,18 @@ impl Cas {
     }
 }
 
-/// Cluster nodes re-read the registered CAs every [`CA_RELOAD_INTERVAL_MS`] (a change made on
-/// another node is trusted or refused here within about that).
+/// Cluster nodes re-read the registered CAs and the fleet PKI every [`CA_RELOAD_INTERVAL_MS`] (a
+/// change made on another node, a CA registered or disabled or a fleet CA rollover step, is in
+/// force here within about that).
 pub async fn run_reload(app: Arc<crate::app::App>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let interval = std::time::Duration::from_millis(CA_RELOAD_INTERVAL_MS);
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(e) = app.registry.reload_shared_pki().await {
+            tracing::warn!(error = %e, "re-reading the cluster's fleet PKI failed");
         }
         if let Err(e) = app.cas.reload().await {
             tracing::warn!(error = %e, "re-reading the registered CAs failed");

@@ -87,6 +87,32 @@ pub struct RotateCerts {
     pub before_ms: u64,
     /// Renewal requests per minute at most (they are spaced evenly).
     pub max_per_minute: u32,
+    /// A fleet CA rollover's rotation: instead of expiring ones, the fleet certificates not
+    /// from the CA the ledger names so (the previous CA's, `registry/rollover.rs`).
+    pub fleet_issuer: Option<String>,
+}
+
+impl RotateCerts {
+    /// One page of the certificates this rotation moves, after `after`.
+    async fn page(
+        &self,
+        store: &dyn mooring_store::Store,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> mooring_store::Result<Vec<mooring_store::CertRecord>> {
+        match &self.fleet_issuer {
+            Some(current) => store.old_fleet_certs(current, limit, after).await,
+            None => store.expiring_certs(self.before_ms, limit, after).await,
+        }
+    }
+
+    /// How many certificates this rotation would still move.
+    async fn count(&self, store: &dyn mooring_store::Store) -> mooring_store::Result<u64> {
+        match &self.fleet_issuer {
+            Some(current) => store.count_old_fleet_certs(current).await,
+            None => store.count_expiring_certs(self.before_ms).await,
+        }
+    }
 }
 
 /// Most renewal requests per minute a fleet rotation may ask for.
@@ -147,7 +173,8 @@ impl JobAction {
             }
             JobAction::Delete => json!({}),
             JobAction::RotateCerts(r) => json!({
-                "rotate": {"before_ms": r.before_ms, "max_per_minute": r.max_per_minute}
+                "rotate": {"before_ms": r.before_ms, "max_per_minute": r.max_per_minute,
+                    "fleet_issuer": r.fleet_issuer}
             }),
         }
     }
@@ -270,6 +297,7 @@ impl JobAction {
                         .as_u64()
                         .and_then(|n| u32::try_from(n).ok())
                         .ok_or("no max_per_minute")?,
+                    fleet_issuer: r["fleet_issuer"].as_str().map(str::to_owned),
                 })
             }
             other => return Err(format!("unknown action {other:?}")),
@@ -812,8 +840,27 @@ impl Jobs {
         let action = JobAction::RotateCerts(RotateCerts {
             before_ms,
             max_per_minute,
+            fleet_issuer: None,
         });
         let what = format!("certificates expiring before {before_ms} ms");
+        self.create(access, creator, &what, action).await
+    }
+
+    /// A fleet CA rollover's rotation (`registry/rollover.rs`): every active fleet certificate
+    /// not from the CA the ledger names `fleet_issuer` (the previous CA's), at `max_per_minute`.
+    pub async fn create_rollover_rotation(
+        &self,
+        access: &Access,
+        creator: &Creator,
+        fleet_issuer: &str,
+        max_per_minute: u32,
+    ) -> ServiceResult<JobRecord> {
+        let action = JobAction::RotateCerts(RotateCerts {
+            before_ms: u64::MAX,
+            max_per_minute,
+            fleet_issuer: Some(fleet_issuer.to_owned()),
+        });
+        let what = format!("certificates of fleet CAs other than {fleet_issuer}");
         self.create(access, creator, &what, action).await
     }
 
@@ -823,7 +870,7 @@ impl Jobs {
         let Ok(JobAction::RotateCerts(r)) = JobAction::from_stored(&job.action, &job.params) else {
             return Err(job_not_found(&job.id));
         };
-        let still = self.core.store.count_expiring_certs(r.before_ms).await?;
+        let still = r.count(self.core.store.as_ref()).await?;
         Ok((job.total.unwrap_or(0).saturating_sub(still), still))
     }
 
@@ -839,7 +886,7 @@ impl Jobs {
     ) -> ServiceResult<()> {
         let store = &self.core.store;
         if job.total.is_none() {
-            job.total = Some(store.count_expiring_certs(r.before_ms).await?);
+            job.total = Some(r.count(store.as_ref()).await?);
             if !self.save(&mut job).await? {
                 return Ok(());
             }
@@ -854,7 +901,7 @@ impl Jobs {
             let (ms, serial) = c.split_once('.')?;
             Some((ms.parse::<u64>().ok()?, serial))
         });
-        let page = store.expiring_certs(r.before_ms, per_turn, after).await?;
+        let page = r.page(store.as_ref(), per_turn, after).await?;
         let last_page = page.len() < per_turn;
         for cert in page {
             if *stop.borrow() {

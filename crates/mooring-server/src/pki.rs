@@ -33,15 +33,87 @@ pub struct IssuedCert {
     pub sha256_hex: String,
     pub serial_hex: String,
     pub not_after_ms: u64,
+    /// The issuing fleet CA as the ledger names it (`fleet:<hash prefix>`).
+    pub issuer: String,
 }
 
-/// The fleet CA plus the server's own certificate, loaded from (or created in) the data dir.
+/// The fleet CA plus the server's own certificate, loaded from (or created in) the data dir or
+/// the cluster's database.
+///
+/// During a fleet CA rollover ([`Pki::begin_rollover`]) there are two CAs: the new one issues
+/// every certificate, the previous one (which signed the server certificate devices still
+/// verify) stays trusted. [`Pki::retire_previous`] ends the overlap: a new server certificate
+/// from the new CA, and the previous CA is no longer trusted.
 pub struct Pki {
-    ca_cert_pem: String,
-    ca_issuer: Issuer<'static, KeyPair>,
+    /// The CA that issues device certificates.
+    ca: FleetCa,
+    /// During a rollover: the previous CA, still trusted for client certificates; it signed the
+    /// server certificate.
+    previous: Option<FleetCa>,
     server_cert_pem: String,
     server_key_pem: String,
 }
+
+/// One fleet CA: its certificate and what signs with its key.
+struct FleetCa {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    /// How the ledger names certificates it issued ([`mooring_store::cert_issuer_of_fleet_ca`]).
+    label: String,
+    /// Its subject (DER), which its certificates name as issuer.
+    subject_der: Vec<u8>,
+}
+
+impl FleetCa {
+    fn new(cert_pem: String, key_pem: &str) -> anyhow::Result<FleetCa> {
+        let issuer = issuer(&cert_pem, key_pem)?;
+        let der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("parsing a fleet CA")?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| anyhow!("parsing a fleet CA: {e}"))?;
+        Ok(FleetCa {
+            label: mooring_store::cert_issuer_of_fleet_ca(&cert_sha256_hex(der.as_ref())),
+            subject_der: cert.subject().as_raw().to_vec(),
+            cert_pem,
+            issuer,
+        })
+    }
+
+    fn der(&self) -> anyhow::Result<CertificateDer<'static>> {
+        CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).context("parsing a fleet CA")
+    }
+
+    /// The rollover's facts of this CA.
+    fn info(&self) -> anyhow::Result<FleetCaInfo> {
+        let der = self.der()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+            .map_err(|e| anyhow!("parsing a fleet CA: {e}"))?;
+        let ms = |t: x509_parser::time::ASN1Time| {
+            u64::try_from(t.timestamp())
+                .unwrap_or(0)
+                .saturating_mul(1000)
+        };
+        Ok(FleetCaInfo {
+            sha256: cert_sha256_hex(der.as_ref()),
+            subject: cert.subject().to_string(),
+            not_before_ms: ms(cert.validity().not_before),
+            not_after_ms: ms(cert.validity().not_after),
+        })
+    }
+}
+
+/// What the API shows of a fleet CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetCaInfo {
+    pub sha256: String,
+    pub subject: String,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+}
+
+/// A fleet CA's `notBefore` lies this far before its creation (clock skew between the server
+/// and devices).
+const CA_NOT_BEFORE_SLACK_MS: u64 = 3_600_000;
 
 /// Writes a data-dir file, 0600 (keys are secret; certificates are public, but everything in
 /// the data dir is the server user's only), and syncs it. A key is created new (never
@@ -118,7 +190,8 @@ pub fn cert_common_name(der: &[u8]) -> Option<String> {
 }
 
 impl Pki {
-    /// Loads the CA and server certificate from `dir`, creating them on first start.
+    /// Loads the CA and server certificate from `dir`, creating them on first start (and
+    /// finishing a retirement a crash interrupted, [`Pki::retire_previous_in_dir`]).
     /// Returns the PKI and whether it was created now.
     pub fn load_or_create(
         dir: &Path,
@@ -126,33 +199,78 @@ impl Pki {
         now: OffsetDateTime,
     ) -> anyhow::Result<(Pki, bool)> {
         let paths = PkiPaths::new(dir);
+        paths.finish_retirement()?;
         let created = !paths.ca_key.exists();
         if created {
-            let (ca_cert_pem, ca_key_pem) = new_ca(now)?;
+            let (ca_cert_pem, ca_key_pem) = new_ca(now, false)?;
             write_private(&paths.ca_key, &ca_key_pem, false)?;
             write_private(&paths.ca_cert, &ca_cert_pem, true)?;
         }
-        let ca_cert_pem = std::fs::read_to_string(&paths.ca_cert)
-            .with_context(|| format!("reading {}", paths.ca_cert.display()))?;
-        let ca_key_pem = std::fs::read_to_string(&paths.ca_key)
-            .with_context(|| format!("reading {}", paths.ca_key.display()))?;
-        let ca_issuer = issuer(&ca_cert_pem, &ca_key_pem)?;
+        let first = FleetCa::new(read(&paths.ca_cert)?, &read(&paths.ca_key)?)?;
         if !paths.server_key.exists() {
-            let (cert_pem, key_pem) = new_server_cert(&ca_issuer, server_names, now)?;
+            let (cert_pem, key_pem) = new_server_cert(&first.issuer, server_names, now)?;
             write_private(&paths.server_key, &key_pem, false)?;
             write_private(&paths.server_cert, &cert_pem, true)?;
         }
-        let server_cert_pem = std::fs::read_to_string(&paths.server_cert)?;
-        let server_key_pem = std::fs::read_to_string(&paths.server_key)?;
+        // A rollover in progress: both `ca.next.*` files (the new CA) are there.
+        let (ca, previous) = if paths.next_ca_key.exists() && paths.next_ca_cert.exists() {
+            let next = FleetCa::new(read(&paths.next_ca_cert)?, &read(&paths.next_ca_key)?)?;
+            (next, Some(first))
+        } else {
+            (first, None)
+        };
         Ok((
             Pki {
-                ca_cert_pem,
-                ca_issuer,
-                server_cert_pem,
-                server_key_pem,
+                ca,
+                previous,
+                server_cert_pem: read(&paths.server_cert)?,
+                server_key_pem: read(&paths.server_key)?,
             },
             created,
         ))
+    }
+
+    /// Begins a rollover of the fleet CA kept in `dir`: a new CA (`ca.next.crt`, `ca.next.key`)
+    /// issues from now on, the current one stays trusted and keeps signing the server
+    /// certificate. `Err` if a rollover is in progress already.
+    pub fn begin_rollover_in_dir(
+        dir: &Path,
+        server_names: &[String],
+        now: OffsetDateTime,
+    ) -> anyhow::Result<Pki> {
+        let paths = PkiPaths::new(dir);
+        anyhow::ensure!(!paths.next_ca_key.exists(), "a rollover is in progress");
+        let (cert_pem, key_pem) = new_ca(now, true)?;
+        // The certificate first: a crash before the key leaves a lone `ca.next.crt`, which the
+        // next attempt overwrites (a rollover needs both files).
+        write_private(&paths.next_ca_cert, &cert_pem, true)?;
+        write_private(&paths.next_ca_key, &key_pem, false)?;
+        sync_dir(dir)?;
+        Ok(Pki::load_or_create(dir, server_names, now)?.0)
+    }
+
+    /// Ends the rollover of the CA kept in `dir`: a new server certificate from the new CA,
+    /// then the new CA replaces the previous one (`ca.crt`, `ca.key`), which is no longer
+    /// trusted. Each step is a rename; a crash between them is finished at the next start.
+    pub fn retire_previous_in_dir(
+        dir: &Path,
+        server_names: &[String],
+        now: OffsetDateTime,
+    ) -> anyhow::Result<Pki> {
+        let paths = PkiPaths::new(dir);
+        anyhow::ensure!(
+            paths.next_ca_key.exists() && paths.next_ca_cert.exists(),
+            "no rollover is in progress"
+        );
+        let next = FleetCa::new(read(&paths.next_ca_cert)?, &read(&paths.next_ca_key)?)?;
+        let (cert_pem, key_pem) = new_server_cert(&next.issuer, server_names, now)?;
+        write_private(&paths.next_server_key, &key_pem, true)?;
+        write_private(&paths.next_server_cert, &cert_pem, true)?;
+        sync_dir(dir)?;
+        // From here on the retirement is decided: `ca.next.crt` gone means "finish it".
+        rename(&paths.next_ca_cert, &paths.ca_cert)?;
+        paths.finish_retirement()?;
+        Ok(Pki::load_or_create(dir, server_names, now)?.0)
     }
 
     /// The cluster's PKI, kept in the shared database under [`SHARED_PKI_KEY`] with both private
@@ -173,7 +291,7 @@ impl Pki {
         let (bytes, created) = match stored {
             Some(b) => (b, false),
             None => {
-                let (ca_cert_pem, ca_key_pem) = new_ca(now)?;
+                let (ca_cert_pem, ca_key_pem) = new_ca(now, false)?;
                 let ca_issuer = issuer(&ca_cert_pem, &ca_key_pem)?;
                 let (server_cert_pem, server_key_pem) =
                     new_server_cert(&ca_issuer, server_names, now)?;
@@ -183,6 +301,8 @@ impl Pki {
                     ca_key: key.seal(ca_key_pem.as_bytes(), b"ca.key")?,
                     server_cert_pem,
                     server_key: key.seal(server_key_pem.as_bytes(), b"server.key")?,
+                    next_ca_cert_pem: None,
+                    next_ca_key: None,
                 })?;
                 let stored = store
                     .put_value_once(SHARED_PKI_KEY, ours.clone())
@@ -192,29 +312,137 @@ impl Pki {
                 (stored, created)
             }
         };
-        let shared: SharedPki = serde_json::from_slice(&bytes)
-            .context("the cluster's PKI in the database is corrupt")?;
-        anyhow::ensure!(
-            shared.version == 1,
-            "the cluster's PKI in the database has format {}, this build reads 1",
-            shared.version
-        );
-        let ca_key_pem = key.open(&shared.ca_key, b"ca.key")?;
-        let server_key_pem = key.open(&shared.server_key, b"server.key")?;
-        let ca_issuer = issuer(&shared.ca_cert_pem, &ca_key_pem)?;
+        Ok((Pki::from_shared(&bytes, key)?, created))
+    }
+
+    /// The cluster's PKI as stored now (`bytes`, to compare with a later read).
+    pub async fn read_shared(
+        store: &dyn ClusterStore,
+        key: &SecretKey,
+    ) -> anyhow::Result<(Pki, Vec<u8>)> {
+        let bytes = store
+            .get_value(SHARED_PKI_KEY)
+            .await
+            .context("reading the cluster's PKI from the database")?
+            .context("the cluster's PKI is not in the database")?;
+        Ok((Pki::from_shared(&bytes, key)?, bytes))
+    }
+
+    fn from_shared(bytes: &[u8], key: &SecretKey) -> anyhow::Result<Pki> {
+        let shared = SharedPki::parse(bytes)?;
+        let first = FleetCa::new(shared.ca_cert_pem, &key.open(&shared.ca_key, b"ca.key")?)?;
+        let (ca, previous) = match (shared.next_ca_cert_pem, shared.next_ca_key) {
+            (Some(cert), Some(sealed)) => {
+                let next = FleetCa::new(cert, &key.open(&sealed, b"ca.next.key")?)?;
+                (next, Some(first))
+            }
+            _ => (first, None),
+        };
+        Ok(Pki {
+            ca,
+            previous,
+            server_cert_pem: shared.server_cert_pem,
+            server_key_pem: key.open(&shared.server_key, b"server.key")?,
+        })
+    }
+
+    /// [`Pki::begin_rollover_in_dir`] for the cluster's PKI: the new CA is stored beside the
+    /// current one by a compare-and-set, so of two nodes beginning at once one wins and the
+    /// other is told a rollover is in progress.
+    pub async fn begin_rollover_shared(
+        store: &dyn ClusterStore,
+        key: &SecretKey,
+        now: OffsetDateTime,
+    ) -> anyhow::Result<Result<Pki, RolloverRefused>> {
+        let (_, bytes) = Pki::read_shared(store, key).await?;
+        let mut shared = SharedPki::parse(&bytes)?;
+        if shared.next_ca_cert_pem.is_some() {
+            return Ok(Err(RolloverRefused::InProgress));
+        }
+        let (cert_pem, key_pem) = new_ca(now, true)?;
+        shared.next_ca_cert_pem = Some(cert_pem);
+        shared.next_ca_key = Some(key.seal(key_pem.as_bytes(), b"ca.next.key")?);
+        Pki::replace_shared(store, key, &bytes, &shared, RolloverRefused::InProgress).await
+    }
+
+    /// [`Pki::retire_previous_in_dir`] for the cluster's PKI, by a compare-and-set.
+    pub async fn retire_previous_shared(
+        store: &dyn ClusterStore,
+        key: &SecretKey,
+        server_names: &[String],
+        now: OffsetDateTime,
+    ) -> anyhow::Result<Result<Pki, RolloverRefused>> {
+        let (pki, bytes) = Pki::read_shared(store, key).await?;
+        let mut shared = SharedPki::parse(&bytes)?;
+        let (Some(cert), Some(sealed)) =
+            (shared.next_ca_cert_pem.take(), shared.next_ca_key.take())
+        else {
+            return Ok(Err(RolloverRefused::NotInProgress));
+        };
+        let (server_cert_pem, server_key_pem) = new_server_cert(&pki.ca.issuer, server_names, now)?;
+        shared.ca_cert_pem = cert;
+        // Sealed again under the label of the one CA key.
+        shared.ca_key = key.seal(key.open(&sealed, b"ca.next.key")?.as_bytes(), b"ca.key")?;
+        shared.server_cert_pem = server_cert_pem;
+        shared.server_key = key.seal(server_key_pem.as_bytes(), b"server.key")?;
+        Pki::replace_shared(store, key, &bytes, &shared, RolloverRefused::NotInProgress).await
+    }
+
+    async fn replace_shared(
+        store: &dyn ClusterStore,
+        key: &SecretKey,
+        before: &[u8],
+        shared: &SharedPki,
+        raced: RolloverRefused,
+    ) -> anyhow::Result<Result<Pki, RolloverRefused>> {
+        let bytes = serde_json::to_vec(shared)?;
+        if !store
+            .replace_value(SHARED_PKI_KEY, before, bytes.clone())
+            .await
+            .context("storing the cluster's PKI in the database")?
+        {
+            // Another node changed it first.
+            return Ok(Err(raced));
+        }
+        Ok(Ok(Pki::from_shared(&bytes, key)?))
+    }
+
+    /// The CA that issues now, and during a rollover the previous one.
+    pub fn fleet_cas(&self) -> anyhow::Result<(FleetCaInfo, Option<FleetCaInfo>)> {
         Ok((
-            Pki {
-                ca_cert_pem: shared.ca_cert_pem,
-                ca_issuer,
-                server_cert_pem: shared.server_cert_pem,
-                server_key_pem,
-            },
-            created,
+            self.ca.info()?,
+            self.previous.as_ref().map(FleetCa::info).transpose()?,
         ))
     }
 
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_cert_pem
+    /// Whether a rollover is in progress (two CAs).
+    pub fn rolling_over(&self) -> bool {
+        self.previous.is_some()
+    }
+
+    /// How the ledger names certificates the issuing CA issued.
+    pub fn issuer_label(&self) -> &str {
+        &self.ca.label
+    }
+
+    /// The ledger's name of the fleet CA that issued the PEM certificate `cert_pem` (matched by
+    /// issuer name: every fleet CA has its own), if one of this PKI's did.
+    pub fn issuer_label_of(&self, cert_pem: &str) -> Option<String> {
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let issuer = cert.issuer().as_raw();
+        std::iter::once(&self.ca)
+            .chain(self.previous.as_ref())
+            .find(|ca| ca.subject_der == issuer)
+            .map(|ca| ca.label.clone())
+    }
+
+    /// The fleet's trust bundle (PEM): the CA, and during a rollover the previous one too.
+    pub fn ca_pem(&self) -> String {
+        match &self.previous {
+            Some(p) => format!("{}{}", p.cert_pem, self.ca.cert_pem),
+            None => self.ca.cert_pem.clone(),
+        }
     }
 
     /// Issues a certificate and a fresh key for device `id` (the quick-start path: the key is
@@ -252,20 +480,22 @@ impl Pki {
         let not_after = now + Duration::days(i64::from(validity_days));
         params.not_after = not_after;
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(key, &self.ca_issuer)?;
+        let cert = params.signed_by(key, &self.ca.issuer)?;
         Ok(IssuedCert {
             certificate_pem: cert.pem(),
             private_key_pem: None,
             sha256_hex: cert_sha256_hex(cert.der()),
             serial_hex,
             not_after_ms: (not_after.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+            issuer: self.ca.label.clone(),
         })
     }
 
     fn roots(&self) -> anyhow::Result<RootCertStore> {
         let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_slice_iter(self.ca_cert_pem.as_bytes()) {
-            roots.add(cert.context("parsing ca.crt")?)?;
+        roots.add(self.ca.der()?)?;
+        if let Some(p) = &self.previous {
+            roots.add(p.der()?)?;
         }
         Ok(roots)
     }
@@ -324,15 +554,27 @@ impl Pki {
     }
 }
 
-/// A new self-signed fleet CA: `(certificate PEM, private key PEM)`.
-fn new_ca(now: OffsetDateTime) -> anyhow::Result<(String, String)> {
+/// A new self-signed fleet CA: `(certificate PEM, private key PEM)`. The first is named
+/// "Mooring fleet CA"; a rollover's gets the date and a random suffix, so every fleet CA has
+/// its own name (certificates name their issuer by it, [`Pki::issuer_label_of`]).
+fn new_ca(now: OffsetDateTime, rollover: bool) -> anyhow::Result<(String, String)> {
     let ca_key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
-    params.distinguished_name = dn("Mooring fleet CA");
+    params.distinguished_name = if rollover {
+        let suffix: u16 = rand::random();
+        dn(&format!(
+            "Mooring fleet CA {:04}-{:02}-{:02} {suffix:04x}",
+            now.year(),
+            u8::from(now.month()),
+            now.day()
+        ))
+    } else {
+        dn("Mooring fleet CA")
+    };
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     params.serial_number = Some(random_serial());
-    params.not_before = now - Duration::hours(1);
+    params.not_before = now - Duration::milliseconds(CA_NOT_BEFORE_SLACK_MS as i64);
     params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
     let ca = params.self_signed(&ca_key)?;
     Ok((ca.pem(), ca_key.serialize_pem()))
@@ -378,6 +620,8 @@ pub const SHARED_PKI_KEY: &str = "pki.v1";
 
 /// The cluster's PKI as stored: certificates in clear, private keys sealed with the cluster
 /// key (hex of nonce ‖ AES-256-GCM ciphertext and tag).
+/// During a rollover the new CA is stored beside it (`next_*`; absent otherwise, so a PKI
+/// without one reads as before).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SharedPki {
     version: u32,
@@ -385,6 +629,32 @@ struct SharedPki {
     ca_key: String,
     server_cert_pem: String,
     server_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_ca_cert_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_ca_key: Option<String>,
+}
+
+impl SharedPki {
+    fn parse(bytes: &[u8]) -> anyhow::Result<SharedPki> {
+        let shared: SharedPki = serde_json::from_slice(bytes)
+            .context("the cluster's PKI in the database is corrupt")?;
+        anyhow::ensure!(
+            shared.version == 1,
+            "the cluster's PKI in the database has format {}, this build reads 1",
+            shared.version
+        );
+        Ok(shared)
+    }
+}
+
+/// Why a rollover step was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloverRefused {
+    /// Begin: one is in progress already (or began on another node just now).
+    InProgress,
+    /// Retire: none is in progress (or it was retired on another node just now).
+    NotInProgress,
 }
 
 /// The cluster key (`[cluster] secret_key_file`): 32 bytes every node has, sealing the private
@@ -493,12 +763,18 @@ impl SecretKey {
     }
 }
 
-/// Where the PKI files live inside the data dir.
+/// Where the PKI files live inside the data dir. `ca.next.*`: the new CA of a rollover in
+/// progress; `server.next.*`: the server certificate a retirement is putting in place.
 pub struct PkiPaths {
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    pub next_ca_cert: PathBuf,
+    pub next_ca_key: PathBuf,
+    pub next_server_cert: PathBuf,
+    pub next_server_key: PathBuf,
+    dir: PathBuf,
 }
 
 impl PkiPaths {
@@ -508,8 +784,60 @@ impl PkiPaths {
             ca_key: dir.join("ca.key"),
             server_cert: dir.join("server.crt"),
             server_key: dir.join("server.key"),
+            next_ca_cert: dir.join("ca.next.crt"),
+            next_ca_key: dir.join("ca.next.key"),
+            next_server_cert: dir.join("server.next.crt"),
+            next_server_key: dir.join("server.next.key"),
+            dir: dir.to_owned(),
         }
     }
+
+    /// Finishes a retirement ([`Pki::retire_previous_in_dir`]) from wherever a crash left it.
+    /// Its renames in order: `ca.next.crt` → `ca.crt` (the decision), `ca.next.key` → `ca.key`,
+    /// `server.next.key` → `server.key`, `server.next.crt` → `server.crt`. Without the
+    /// decision, leftover `server.next.*` files are an unfinished attempt and go.
+    fn finish_retirement(&self) -> anyhow::Result<()> {
+        if self.next_ca_cert.exists() {
+            for stale in [&self.next_server_key, &self.next_server_cert] {
+                if stale.exists() {
+                    std::fs::remove_file(stale)
+                        .with_context(|| format!("removing {}", stale.display()))?;
+                }
+            }
+            return Ok(());
+        }
+        if self.next_ca_key.exists() {
+            rename(&self.next_ca_key, &self.ca_key)?;
+        }
+        if self.next_server_key.exists() {
+            anyhow::ensure!(
+                self.next_server_cert.exists(),
+                "{} without {}: remove both to keep the current server certificate",
+                self.next_server_key.display(),
+                self.next_server_cert.display()
+            );
+            rename(&self.next_server_key, &self.server_key)?;
+        }
+        if self.next_server_cert.exists() {
+            rename(&self.next_server_cert, &self.server_cert)?;
+        }
+        sync_dir(&self.dir)
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn rename(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::rename(from, to)
+        .with_context(|| format!("renaming {} to {}", from.display(), to.display()))
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 #[cfg(test)]
@@ -571,6 +899,201 @@ mod tests {
         assert!(err.to_string().contains("chmod 600"), "{err:#}");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         SecretKey::from_file(&path).expect("accepted at 0600");
+    }
+
+    /// The issuer (subject DER) of a PEM certificate and the subject of each CA in `bundle`.
+    fn issuer_of(cert_pem: &str) -> Vec<u8> {
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("pem");
+        let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
+        c.issuer().as_raw().to_vec()
+    }
+
+    fn subjects(bundle: &str) -> Vec<Vec<u8>> {
+        CertificateDer::pem_slice_iter(bundle.as_bytes())
+            .map(|d| {
+                let d = d.expect("pem");
+                let (_, c) = x509_parser::parse_x509_certificate(d.as_ref()).expect("x509");
+                c.subject().as_raw().to_vec()
+            })
+            .collect()
+    }
+
+    fn serial_of(cert_pem: &str) -> Vec<u8> {
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).expect("pem");
+        let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).expect("x509");
+        c.raw_serial().to_vec()
+    }
+
+    fn ca_serials(bundle: &str) -> Vec<Vec<u8>> {
+        CertificateDer::pem_slice_iter(bundle.as_bytes())
+            .map(|d| {
+                let d = d.expect("pem");
+                let (_, c) = x509_parser::parse_x509_certificate(d.as_ref()).expect("x509");
+                c.raw_serial().to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_rollover_in_the_data_dir_trusts_both_then_retires_the_previous_ca() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = OffsetDateTime::now_utc();
+        let names = vec!["localhost".to_string()];
+        let (before, _) = Pki::load_or_create(dir.path(), &names, now).expect("create");
+        assert!(!before.rolling_over());
+        let old_ca = before.ca_pem();
+        let server_before = before.server_cert_pem.clone();
+
+        let during = Pki::begin_rollover_in_dir(dir.path(), &names, now).expect("begin");
+        assert!(
+            Pki::begin_rollover_in_dir(dir.path(), &names, now).is_err(),
+            "one at a time"
+        );
+        let bundle = during.ca_pem();
+        assert_eq!(subjects(&bundle).len(), 2, "both CAs are trusted");
+        assert!(bundle.starts_with(&old_ca));
+        assert!(during.rolling_over());
+        assert_ne!(during.issuer_label(), before.issuer_label());
+        // Issued by the new CA; the server certificate is still the previous CA's.
+        let issued = during.issue_device_cert("d1", now, 30).expect("issue");
+        let (new_info, prev_info) = during.fleet_cas().expect("cas");
+        assert_eq!(
+            prev_info.expect("previous").sha256,
+            before.fleet_cas().expect("cas").0.sha256
+        );
+        assert_eq!(during.server_cert_pem, server_before);
+        assert_eq!(issuer_of(&issued.certificate_pem), subjects(&bundle)[1]);
+        assert_eq!(issued.issuer, during.issuer_label());
+        // Each CA names its own certificates.
+        let old_one = before.issue_device_cert("d0", now, 30).expect("issue");
+        assert_eq!(
+            during.issuer_label_of(&old_one.certificate_pem).as_deref(),
+            Some(before.issuer_label())
+        );
+        assert_eq!(
+            during.issuer_label_of(&issued.certificate_pem).as_deref(),
+            Some(during.issuer_label())
+        );
+        during.mqtt_tls_config().expect("tls trusts both");
+        // A restart in the middle of the overlap finds it as it was.
+        let (again, created) = Pki::load_or_create(dir.path(), &names, now).expect("reload");
+        assert!(!created);
+        assert_eq!(again.ca_pem(), bundle);
+
+        let after = Pki::retire_previous_in_dir(dir.path(), &names, now).expect("retire");
+        assert!(
+            Pki::retire_previous_in_dir(dir.path(), &names, now).is_err(),
+            "retired once"
+        );
+        assert_eq!(after.fleet_cas().expect("cas").0, new_info);
+        assert_eq!(
+            ca_serials(&after.ca_pem()),
+            vec![ca_serials(&bundle)[1].clone()]
+        );
+        assert_ne!(
+            after.server_cert_pem, server_before,
+            "a new server certificate"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("ca.crt")).expect("ca.crt"),
+            after.ca_pem()
+        );
+        assert_ne!(serial_of(&after.server_cert_pem), serial_of(&server_before));
+        for f in [
+            "ca.next.crt",
+            "ca.next.key",
+            "server.next.crt",
+            "server.next.key",
+        ] {
+            assert!(!dir.path().join(f).exists(), "{f} is gone");
+        }
+    }
+
+    #[test]
+    fn a_retirement_cut_short_is_finished_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = OffsetDateTime::now_utc();
+        let names = vec!["localhost".to_string()];
+        Pki::load_or_create(dir.path(), &names, now).expect("create");
+        let during = Pki::begin_rollover_in_dir(dir.path(), &names, now).expect("begin");
+        let new_serial = ca_serials(&during.ca_pem())[1].clone();
+        // The retirement's first steps by hand: the new server pair, then the decision.
+        let paths = PkiPaths::new(dir.path());
+        let (cert, key) = new_server_cert(&during.ca.issuer, &names, now).expect("server");
+        write_private(&paths.next_server_key, &key, true).expect("key");
+        write_private(&paths.next_server_cert, &cert, true).expect("cert");
+        std::fs::rename(&paths.next_ca_cert, &paths.ca_cert).expect("decide");
+        let (after, _) = Pki::load_or_create(dir.path(), &names, now).expect("finish");
+        assert_eq!(ca_serials(&after.ca_pem()), vec![new_serial]);
+        assert_eq!(after.server_cert_pem, cert);
+        assert!(!after.rolling_over());
+        after
+            .issue_device_cert("d1", now, 30)
+            .expect("the new CA's key is in place");
+        // Without the decision, a leftover server pair is an abandoned attempt.
+        let during = Pki::begin_rollover_in_dir(dir.path(), &names, now).expect("begin again");
+        write_private(&paths.next_server_cert, "junk", true).expect("junk");
+        let (again, _) = Pki::load_or_create(dir.path(), &names, now).expect("load");
+        assert_eq!(again.ca_pem(), during.ca_pem());
+        assert_eq!(again.server_cert_pem, cert);
+        assert!(!paths.next_server_cert.exists());
+    }
+
+    #[tokio::test]
+    async fn a_shared_rollover_is_one_compare_and_set_per_step() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = mooring_store::SqliteStore::open(dir.path()).expect("store");
+        let key = SecretKey::from_hex(&"ab".repeat(32)).expect("key");
+        let names = vec!["localhost".to_string()];
+        let now = OffsetDateTime::now_utc();
+        let (before, _) = Pki::load_or_create_shared(&store, &key, &names, now)
+            .await
+            .expect("create");
+        let (a, b) = tokio::join!(
+            Pki::begin_rollover_shared(&store, &key, now),
+            Pki::begin_rollover_shared(&store, &key, now),
+        );
+        let (a, b) = (a.expect("a"), b.expect("b"));
+        assert!(a.is_ok() ^ b.is_ok(), "one node begins it");
+        let during = a.or(b).expect("the winner");
+        let (read, _) = Pki::read_shared(&store, &key).await.expect("read");
+        assert_eq!(
+            read.ca_pem(),
+            during.ca_pem(),
+            "every node reads the overlap"
+        );
+        assert!(during.ca_pem().starts_with(&before.ca_pem()));
+        assert!(matches!(
+            Pki::begin_rollover_shared(&store, &key, now)
+                .await
+                .expect("again"),
+            Err(RolloverRefused::InProgress)
+        ));
+        let after = Pki::retire_previous_shared(&store, &key, &names, now)
+            .await
+            .expect("retire")
+            .expect("retired");
+        assert_eq!(
+            ca_serials(&after.ca_pem()),
+            vec![ca_serials(&during.ca_pem())[1].clone()]
+        );
+        assert_ne!(after.server_cert_pem, before.server_cert_pem);
+        let (read, _) = Pki::read_shared(&store, &key).await.expect("read");
+        assert_eq!(read.ca_pem(), after.ca_pem());
+        read.issue_device_cert("d1", now, 30)
+            .expect("issues with the new CA");
+        assert!(matches!(
+            Pki::retire_previous_shared(&store, &key, &names, now)
+                .await
+                .expect("again"),
+            Err(RolloverRefused::NotInProgress)
+        ));
+        let stored = store
+            .get_value(SHARED_PKI_KEY)
+            .await
+            .expect("get")
+            .expect("stored");
+        assert!(!String::from_utf8_lossy(&stored).contains("PRIVATE KEY"));
     }
 
     #[test]

@@ -597,6 +597,12 @@ impl Provisioning {
             sha256_hex: e.cert_sha256.clone(),
             serial_hex: e.cert_serial.clone(),
             not_after_ms: e.cert_not_after_ms,
+            // Issued when the enrollment was reserved, by whichever fleet CA issued then.
+            issuer: self
+                .registry
+                .pki()
+                .issuer_label_of(&e.cert_pem)
+                .unwrap_or_else(|| mooring_store::CERT_ISSUER_FLEET.to_owned()),
         };
         match self
             .registry

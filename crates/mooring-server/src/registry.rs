@@ -21,10 +21,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 mod certs;
+mod rollover;
 mod rotation;
 pub use certs::{
     CertGauges, CertVerdict, CERT_GAUGES_TTL_MS, CERT_LIST_LEN_DEFAULT, REVOKE_REASON_LEN_MAX,
 };
+pub use rollover::{CaRollover, PkiHome, RETIRED_REASON};
 pub use rotation::{Renewed, Rotated, REPLACED_REASON, ROTATED_REASON};
 
 /// Most devices one list call returns.
@@ -34,7 +36,16 @@ pub const DEVICE_PAGE_LEN_DEFAULT: usize = 100;
 /// The registry service.
 pub struct Registry {
     core: Arc<Core>,
-    pki: Pki,
+    /// The fleet PKI in force; replaced whole by a CA rollover step (`registry/rollover.rs`).
+    pki: std::sync::RwLock<Arc<Pki>>,
+    /// Bumped at each replacement, so the MQTT listener's TLS config is rebuilt (`cas.rs`).
+    pki_generation: std::sync::atomic::AtomicU64,
+    /// Where the PKI lives, for rollover steps; the shared PKI as last read (cluster nodes
+    /// compare it to notice a step taken on another node).
+    pki_home: PkiHome,
+    pki_read: std::sync::Mutex<Vec<u8>>,
+    /// One rollover step at a time on this node.
+    rollover_lock: tokio::sync::Mutex<()>,
     presence: Arc<Presence>,
     /// Tag changes are stored and handed to the broker in one step, so two concurrent changes
     /// cannot leave the broker with the older tags.
@@ -73,6 +84,9 @@ pub struct PinnedCert {
     pub sha256_hex: String,
     pub serial_hex: String,
     pub not_after_ms: u64,
+    /// Who issued it, as the ledger names it (`mooring_store::CERT_ISSUER_FLEET` for the
+    /// simulator's).
+    pub issuer: String,
 }
 
 /// A device as the API shows it.
@@ -84,10 +98,19 @@ pub struct DeviceView {
 }
 
 impl Registry {
-    pub(crate) fn new(core: Arc<Core>, pki: Pki, presence: Arc<Presence>) -> Self {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        pki: Pki,
+        pki_home: PkiHome,
+        presence: Arc<Presence>,
+    ) -> Self {
         Self {
             core,
-            pki,
+            pki: std::sync::RwLock::new(Arc::new(pki)),
+            pki_generation: std::sync::atomic::AtomicU64::new(0),
+            pki_home,
+            pki_read: std::sync::Mutex::default(),
+            rollover_lock: tokio::sync::Mutex::new(()),
             presence,
             tags_lock: tokio::sync::Mutex::new(()),
             facts: std::sync::Mutex::default(),
@@ -103,17 +126,29 @@ impl Registry {
         &self.presence
     }
 
-    pub fn ca_pem(&self) -> &str {
-        self.pki.ca_pem()
+    /// The fleet's trust bundle (PEM): the fleet CA, and during a CA rollover the previous one.
+    pub fn ca_pem(&self) -> String {
+        self.pki().ca_pem()
     }
 
-    /// The MQTT listener's TLS config, trusting the fleet CA and the CA certificates `extra`
+    /// The fleet PKI in force.
+    pub(crate) fn pki(&self) -> Arc<Pki> {
+        mooring_proto::sync::read(&self.pki).clone()
+    }
+
+    /// Changes with every replacement of the PKI.
+    pub(crate) fn pki_generation(&self) -> u64 {
+        self.pki_generation
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The MQTT listener's TLS config, trusting the fleet CA(s) and the CA certificates `extra`
     /// (DER) for client certificates.
     pub(crate) fn mqtt_tls_config(
         &self,
         extra: &[Vec<u8>],
     ) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-        self.pki.mqtt_tls_config_with(extra)
+        self.pki().mqtt_tls_config_with(extra)
     }
 
     /// The stored record of `id` as it is, without validating the id (the MQTT hooks look up a
@@ -139,6 +174,7 @@ impl Registry {
             cert_sha256: cert.sha256_hex,
             cert_serial: cert.serial_hex,
             cert_not_after_ms: cert.not_after_ms,
+            cert_issuer: cert.issuer,
         })
         .await
     }
@@ -172,7 +208,7 @@ impl Registry {
         id: &DeviceId,
         key: &impl rcgen::PublicKeyData,
     ) -> ServiceResult<IssuedCert> {
-        self.pki
+        self.pki()
             .issue_device_cert_for_key(
                 id.as_str(),
                 key,
@@ -213,16 +249,12 @@ impl Registry {
             ));
         }
         let validity_days = self.core.config.certificates.device_validity_days;
+        let pki = self.pki();
         let issued = match &csr_key {
-            Some(key) => self.pki.issue_device_cert_for_key(
-                id.as_str(),
-                key,
-                self.now_datetime(),
-                validity_days,
-            ),
-            None => self
-                .pki
-                .issue_device_cert(id.as_str(), self.now_datetime(), validity_days),
+            Some(key) => {
+                pki.issue_device_cert_for_key(id.as_str(), key, self.now_datetime(), validity_days)
+            }
+            None => pki.issue_device_cert(id.as_str(), self.now_datetime(), validity_days),
         }
         .map_err(ServiceError::internal)?;
         let record = self
@@ -233,6 +265,7 @@ impl Registry {
                 cert_sha256: issued.sha256_hex.clone(),
                 cert_serial: issued.serial_hex.clone(),
                 cert_not_after_ms: issued.not_after_ms,
+                cert_issuer: issued.issuer.clone(),
             })
             .await?;
         Ok((record, issued))

@@ -138,7 +138,7 @@ async fn open_bus(config: &ServerConfig) -> anyhow::Result<Arc<dyn mooring_bus::
 /// key (which seals the PKI kept in the store).
 struct SharedParts {
     bus: Arc<dyn mooring_bus::Bus>,
-    key: crate::pki::SecretKey,
+    key: Arc<crate::pki::SecretKey>,
 }
 
 /// Joins the cluster on `bus`: this node's first heartbeat, the sessions a previous run of this
@@ -247,7 +247,7 @@ impl RunningServer {
         let store = open_store(&config).await?;
         let shared = match &config.cluster.secret_key_file {
             Some(key_file) if config.is_shared() => Some(SharedParts {
-                key: crate::pki::SecretKey::from_file(key_file)?,
+                key: Arc::new(crate::pki::SecretKey::from_file(key_file)?),
                 bus: open_bus(&config).await?,
             }),
             _ => None,
@@ -278,7 +278,10 @@ impl RunningServer {
             listeners,
             clock,
             store,
-            Some(SharedParts { bus, key }),
+            Some(SharedParts {
+                bus,
+                key: Arc::new(key),
+            }),
         )
         .await
     }
@@ -309,6 +312,10 @@ impl RunningServer {
         if created {
             tracing::info!("created the fleet CA and the server certificate");
         }
+        let pki_home = match &shared {
+            Some(parts) => crate::registry::PkiHome::Shared(parts.key.clone()),
+            None => crate::registry::PkiHome::DataDir(config.data_dir.clone()),
+        };
         let new_admin_token = if shared.is_some() {
             crate::auth::ensure_shared_admin_token(store.as_ref(), &config.data_dir, clock.now_ms())
                 .await?
@@ -366,6 +373,7 @@ impl RunningServer {
             config,
             store,
             pki,
+            pki_home,
             policy,
             clock,
             writer,

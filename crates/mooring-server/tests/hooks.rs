@@ -65,6 +65,7 @@ async fn connect_is_decided_by_the_pinned_certificate_the_client_id_and_service_
         sha256_hex: SHA.to_owned(),
         serial_hex: "01".into(),
         not_after_ms: 4_102_444_800_000,
+        issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
     };
     app.registry
         .create_device_pinned("lock-1", tags.clone(), pinned)
@@ -175,6 +176,7 @@ async fn connect_needs_an_active_unexpired_certificate_of_the_device_in_the_ledg
         sha256_hex: sha.to_owned(),
         serial_hex: serial.to_owned(),
         not_after_ms,
+        issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
     };
     let (old, fresh, other) = ("a1".repeat(32), "b2".repeat(32), "c3".repeat(32));
     app.registry
@@ -268,6 +270,7 @@ async fn publishes_are_routed_to_telemetry_commands_and_shadow_and_presence_foll
         sha256_hex: SHA.to_owned(),
         serial_hex: "01".into(),
         not_after_ms: 4_102_444_800_000,
+        issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
     };
     app.registry
         .create_device_pinned("lock-1", BTreeMap::new(), pinned)

@@ -235,6 +235,7 @@ async fn a_half_done_enrollment_is_finished_by_the_retry_or_released_if_its_id_w
                 sha256_hex: "f".repeat(64),
                 serial_hex: "03".to_owned(),
                 not_after_ms: T0 + 86_400_000,
+                issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
             },
         )
         .await

@@ -24,6 +24,7 @@ fn cert(id: &str) -> PinnedCert {
         sha256_hex: format!("{:0>64}", hex::encode(id)),
         serial_hex: hex::encode(id),
         not_after_ms: 4_102_444_800_000,
+        issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
     }
 }
 

@@ -168,6 +168,7 @@ impl InProcessServer {
                     // Unique, as the certificate ledger wants (its key).
                     serial_hex: sim_cert_sha256(id),
                     not_after_ms: u64::MAX / 2,
+                    issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
                 },
             )
             .await

@@ -82,14 +82,14 @@ pub mod writer;
 pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_MAX};
 pub use error::{Result, StoreError};
 pub use model::{
-    cert_issuer_of_ca, AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord,
-    CertRecord, CertRenewal, CertState, ClaimCreate, ClaimRecord, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceActivity, DeviceFilter,
-    DeviceId, DeviceRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
-    Installation, JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter,
-    PipelineCounts, Point, Role, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts, CERT_ISSUER_FLEET,
-    STEP_ERROR_LEN_MAX, TS_MS_MAX,
+    cert_issuer_of_ca, cert_issuer_of_fleet_ca, AppendOutcome, AuditQuery, AuditRecord, BrokerOp,
+    BrokerState, CaRecord, CertRecord, CertRenewal, CertState, ClaimCreate, ClaimRecord,
+    CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
+    DeviceActivity, DeviceFilter, DeviceId, DeviceRecord, EnrollmentRecord, EnrollmentReserve,
+    FleetSample, FleetTotals, Installation, JobError, JobRecord, JobState, MetricValue, NewDevice,
+    OnlineFilter, PipelineCounts, Point, Role, SessionOp, SessionRecord, ShadowRecord, StepError,
+    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;

@@ -83,6 +83,9 @@ pub struct NewDevice {
     pub cert_sha256: String,
     pub cert_serial: String,
     pub cert_not_after_ms: u64,
+    /// Who issued the certificate, as the ledger names it ([`CERT_ISSUER_FLEET`],
+    /// [`cert_issuer_of_fleet_ca`]).
+    pub cert_issuer: String,
 }
 
 impl NewDevice {
@@ -903,8 +906,19 @@ impl FromStr for CertState {
     }
 }
 
-/// Who issued a certificate of the ledger: the fleet CA.
+/// Who issued a certificate of the ledger: the fleet CA (which one unrecorded: certificates
+/// issued before fleet CA rollovers existed, and the simulator's).
 pub const CERT_ISSUER_FLEET: &str = "fleet";
+
+/// The issuer a ledger row of a certificate from the fleet CA with SHA-256 `ca_sha256_hex` names:
+/// `fleet:<first 16 hex digits>`, so a fleet CA rollover knows which certificates the previous
+/// CA issued.
+pub fn cert_issuer_of_fleet_ca(ca_sha256_hex: &str) -> String {
+    format!(
+        "{CERT_ISSUER_FLEET}:{}",
+        &ca_sha256_hex[..ca_sha256_hex.len().min(16)]
+    )
+}
 
 /// One certificate issued to a device (the ledger, issue 16). MQTT authentication accepts a
 /// certificate only while it is `Active` and `now < not_after_ms`.
@@ -918,7 +932,8 @@ pub struct CertRecord {
     pub not_before_ms: u64,
     pub not_after_ms: u64,
     pub issued_at_ms: u64,
-    /// `fleet` ([`CERT_ISSUER_FLEET`]) or `ca:<id>`.
+    /// `fleet` ([`CERT_ISSUER_FLEET`]), `fleet:<CA hash prefix>` ([`cert_issuer_of_fleet_ca`])
+    /// or `ca:<id>` ([`cert_issuer_of_ca`]).
     pub issuer: String,
     pub state: CertState,
     pub revoked_at_ms: Option<u64>,
@@ -935,7 +950,7 @@ impl CertRecord {
             not_before_ms: d.created_at_ms,
             not_after_ms: d.cert_not_after_ms,
             issued_at_ms: d.created_at_ms,
-            issuer: CERT_ISSUER_FLEET.to_owned(),
+            issuer: d.cert_issuer.clone(),
             state: CertState::Active,
             revoked_at_ms: None,
             revoke_reason: None,

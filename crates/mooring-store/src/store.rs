@@ -118,6 +118,17 @@ pub trait CertStore: Send + Sync + 'static {
     ) -> Result<Vec<CertRecord>>;
     /// How many active certificates have `not_after_ms < before_ms`.
     async fn count_expiring_certs(&self, before_ms: u64) -> Result<u64>;
+    /// Active certificates from a fleet CA other than the one whose issuer is `current_issuer`
+    /// (issuer `fleet` or `fleet:<hash>` but not `current_issuer`: during a fleet CA rollover,
+    /// the previous CA's), ordered by `(not_after_ms, serial)` after `after`, at most `limit`.
+    async fn old_fleet_certs(
+        &self,
+        current_issuer: &str,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<CertRecord>>;
+    /// How many active certificates [`CertStore::old_fleet_certs`] selects.
+    async fn count_old_fleet_certs(&self, current_issuer: &str) -> Result<u64>;
     /// How many certificates are revoked.
     async fn count_revoked_certs(&self) -> Result<u64>;
     /// The device's pending renewal, if any.
@@ -424,6 +435,10 @@ pub trait ClusterStore: Send + Sync + 'static {
     /// its value. Values are never replaced.
     async fn put_value_once(&self, key: &str, value: Vec<u8>) -> Result<Vec<u8>>;
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Replaces the value under `key` with `value` if it is still `expected` (compare and
+    /// set); `true` if it was replaced. Of several callers replacing the same value at once,
+    /// exactly one succeeds.
+    async fn replace_value(&self, key: &str, expected: &[u8], value: Vec<u8>) -> Result<bool>;
 }
 
 /// Background jobs (issue 15): bulk actions on a selection of devices, with their progress.

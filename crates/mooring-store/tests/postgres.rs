@@ -729,6 +729,7 @@ fn device(id: &str) -> mooring_store::NewDevice {
         cert_sha256: format!("sha-{id}"),
         cert_serial: format!("serial-{id}"),
         cert_not_after_ms: 2,
+        cert_issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
     }
 }
 

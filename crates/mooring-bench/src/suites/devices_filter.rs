@@ -194,6 +194,7 @@ async fn seed(data_dir: &std::path::Path) -> anyhow::Result<()> {
                         cert_sha256: format!("{i:064x}"),
                         cert_serial: format!("{i:x}"),
                         cert_not_after_ms: u64::MAX / 4,
+                        cert_issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
                     })
                     .await?;
                 id

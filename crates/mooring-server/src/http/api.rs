@@ -30,7 +30,8 @@ use utoipa::OpenApi;
         super::pipeline::provisioning, super::pipeline::record_installation, super::pipeline::funnel,
         super::provision::create_claim, super::provision::list_claims,
         super::provision::get_claim, super::provision::revoke_claim, super::provision::enroll,
-        super::cas::register_ca, super::cas::list_cas, super::cas::disable_ca, super::cas::enable_ca),
+        super::cas::register_ca, super::cas::list_cas, super::cas::disable_ca, super::cas::enable_ca,
+        super::cas::fleet_cas, super::cas::begin_rollover, super::cas::retire_ca),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
         mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
         mooring_api::CreateUser, mooring_api::CreatedUser, mooring_api::UpdateUser, mooring_api::UserList, mooring_api::PasswordLink,
@@ -45,7 +46,9 @@ use utoipa::OpenApi;
         mooring_api::StepState, mooring_api::StepFailure, mooring_api::Funnel, mooring_api::FunnelStage,
         mooring_api::CreateClaim, mooring_api::Claim, mooring_api::CreatedClaim, mooring_api::ClaimList,
         mooring_api::EnrollRequest, mooring_api::EnrollResponse,
-        mooring_api::RegisterCa, mooring_api::Ca, mooring_api::CaList)),
+        mooring_api::RegisterCa, mooring_api::Ca, mooring_api::CaList,
+        mooring_api::FleetCa, mooring_api::FleetCas, mooring_api::BeginRollover, mooring_api::RetireCa,
+        mooring_api::RetiredCa)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

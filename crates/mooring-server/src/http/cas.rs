@@ -1,12 +1,13 @@
 //! Registered manufacturer CA handlers (issue 16, just-in-time registration): register, list,
-//! enable, disable. Admins only (`pki.manage`).
+//! enable, disable; and the fleet CA's rollover (`registry/rollover.rs`): show, begin, retire.
+//! Admins only (`pki.manage`).
 
 use super::{ApiJson, ApiPath, ApiResult, Caller, ErrorBody};
 use crate::app::App;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use mooring_api::{Ca, CaList, RegisterCa};
+use mooring_api::{BeginRollover, Ca, CaList, FleetCas, RegisterCa, RetireCa, RetiredCa};
 use mooring_store::CaRecord;
 use std::sync::Arc;
 
@@ -82,4 +83,120 @@ pub(super) async fn enable_ca(
 ) -> ApiResult<Json<Ca>> {
     let ca = app.cas.set_enabled(&caller.access, &id, true).await?;
     Ok(Json(ca_body(ca)))
+}
+
+fn fleet_ca_body(c: crate::pki::FleetCaInfo) -> mooring_api::FleetCa {
+    mooring_api::FleetCa {
+        sha256: c.sha256,
+        subject: c.subject,
+        not_before: c.not_before_ms,
+        not_after: c.not_after_ms,
+    }
+}
+
+/// The fleet CA(s) as the API shows them, with the rollover's rotation if one is among the
+/// newest jobs.
+async fn fleet_cas_body(
+    app: &App,
+    caller: &Caller,
+    r: crate::registry::CaRollover,
+) -> ApiResult<FleetCas> {
+    let rotation_id = match r.previous {
+        Some(_) => app
+            .jobs
+            .list(&caller.access, Some(crate::jobs::JOB_PAGE_LEN_MAX), None)
+            .await?
+            .0
+            .into_iter()
+            .find(|j| {
+                j.action == crate::jobs::ROTATE_CERTS_ACTION
+                    && j.params["rotate"]["fleet_issuer"].as_str() == Some(&r.issuer_label)
+            })
+            .map(|j| j.id),
+        None => None,
+    };
+    Ok(FleetCas {
+        rolling_over: r.previous.is_some(),
+        issuing: fleet_ca_body(r.issuing),
+        previous: r.previous.map(fleet_ca_body),
+        previous_certificates: r.previous_certificates,
+        rotation_id,
+        ca_pem: app.registry.ca_pem(),
+    })
+}
+
+#[utoipa::path(get, path = "/api/v1/cas/fleet",
+    responses((status = 200, body = FleetCas, description = "the fleet CA, and during a rollover the previous one with the certificates it still has live")))]
+pub(super) async fn fleet_cas(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<FleetCas>> {
+    let r = app.registry.ca_rollover(&caller.access).await?;
+    Ok(Json(fleet_cas_body(&app, &caller, r).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/cas/fleet/rollover", request_body = BeginRollover,
+    responses((status = 201, body = FleetCas, description = "a new fleet CA issues from now on; both are trusted; unless no_rotation, a throttled rotation moves the devices to it"),
+        (status = 400, body = ErrorBody, description = "invalid_max_per_minute"),
+        (status = 409, body = ErrorBody, description = "rollover_in_progress")))]
+pub(super) async fn begin_rollover(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(req): ApiJson<BeginRollover>,
+) -> ApiResult<(StatusCode, Json<FleetCas>)> {
+    let max_per_minute = req
+        .max_per_minute
+        .unwrap_or(mooring_api::ROLLOVER_ROTATIONS_PER_MINUTE_DEFAULT);
+    if max_per_minute == 0 || max_per_minute > crate::jobs::ROTATIONS_PER_MINUTE_MAX {
+        return Err(crate::error::ServiceError::invalid(
+            "invalid_max_per_minute",
+            format!(
+                "max_per_minute must be between 1 and {}",
+                crate::jobs::ROTATIONS_PER_MINUTE_MAX
+            ),
+        )
+        .into());
+    }
+    let r = app.registry.begin_ca_rollover(&caller.access).await?;
+    // Embedded: the listener trusts both CAs at once (a cluster's other nodes within a second).
+    app.cas
+        .reload()
+        .await
+        .map_err(crate::error::ServiceError::internal)?;
+    if !req.no_rotation {
+        app.jobs
+            .create_rollover_rotation(
+                &caller.access,
+                &super::jobs::creator(&caller),
+                &r.issuer_label,
+                max_per_minute,
+            )
+            .await?;
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(fleet_cas_body(&app, &caller, r).await?),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/cas/fleet/retire", request_body = RetireCa,
+    responses((status = 200, body = RetiredCa, description = "the previous CA is no longer trusted; the server presents a certificate from the new one"),
+        (status = 409, body = ErrorBody, description = "no_rollover; rollover_incomplete: devices still hold live certificates from the previous CA (retry with force to revoke them)")))]
+pub(super) async fn retire_ca(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(req): ApiJson<RetireCa>,
+) -> ApiResult<Json<RetiredCa>> {
+    let (r, revoked) = app
+        .registry
+        .retire_previous_ca(&caller.access, req.force)
+        .await?;
+    app.cas
+        .reload()
+        .await
+        .map_err(crate::error::ServiceError::internal)?;
+    Ok(Json(RetiredCa {
+        fleet: fleet_cas_body(&app, &caller, r).await?,
+        revoked,
+    }))
 }

@@ -87,6 +87,10 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(get, "/api/v1/cas", PkiManage, "ca.list", cas::list_cas),
         row!(post, "/api/v1/cas/{id}/disable", PkiManage, "ca.disable", cas::disable_ca),
         row!(post, "/api/v1/cas/{id}/enable", PkiManage, "ca.enable", cas::enable_ca),
+        // The fleet CA and its rollover.
+        row!(get, "/api/v1/cas/fleet", PkiManage, "ca.fleet", cas::fleet_cas),
+        row!(post, "/api/v1/cas/fleet/rollover", PkiManage, "ca.rotate_fleet", cas::begin_rollover),
+        row!(post, "/api/v1/cas/fleet/retire", PkiManage, "ca.retire", cas::retire_ca),
         // Provisioning pipeline and installations.
         row!(get, "/api/v1/devices/{id}/provisioning", DevicesRead, "device.provisioning", pipeline::provisioning),
         row!(post, "/api/v1/devices/{id}/installation", InstallationsWrite, "device.install", pipeline::record_installation),

@@ -13,7 +13,7 @@
 use super::Registry;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use mooring_proto::DeviceId;
-use mooring_store::{CertRecord, CertRenewal, CertState, CERT_ISSUER_FLEET};
+use mooring_store::{CertRecord, CertRenewal, CertState};
 use sha2::{Digest, Sha256};
 
 /// The revocation reason of the certificates a confirmed rotation replaced.
@@ -84,7 +84,11 @@ impl Registry {
                 .get_cert(&pending.serial)
                 .await?
                 .is_some_and(|c| c.state == CertState::Active);
-            if pending.key_sha256 == key_sha256 && active {
+            // Not one from a fleet CA since retired or rolled over (a renewal asked before a
+            // rollover is made again with the CA that issues now).
+            let current_ca = self.pki().issuer_label_of(&pending.cert_pem).as_deref()
+                == Some(self.pki().issuer_label());
+            if pending.key_sha256 == key_sha256 && active && current_ca {
                 return Ok(Renewed {
                     serial: pending.serial,
                     certificate_pem: pending.cert_pem,
@@ -103,7 +107,7 @@ impl Registry {
             not_before_ms: now_ms.saturating_sub(5 * MINUTE_MS),
             not_after_ms: issued.not_after_ms,
             issued_at_ms: now_ms,
-            issuer: CERT_ISSUER_FLEET.to_owned(),
+            issuer: issued.issuer.clone(),
             state: CertState::Active,
             revoked_at_ms: None,
             revoke_reason: None,

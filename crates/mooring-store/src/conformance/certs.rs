@@ -221,6 +221,83 @@ pub async fn cert_expiring_lists_active_ones_soonest_first_in_pages<S: Store + ?
     );
 }
 
+pub async fn cert_old_fleet_ones_are_the_active_certs_of_other_fleet_cas_in_pages<
+    S: Store + ?Sized,
+>(
+    store: &S,
+) {
+    for d in ["d1", "d2"] {
+        store.create_device(new_device(d)).await.expect("create");
+    }
+    let from = |device: &str, serial: &str, not_after_ms: u64, issuer: &str| CertRecord {
+        issuer: issuer.to_owned(),
+        ..cert(device, serial, not_after_ms)
+    };
+    let (previous, current) = (
+        crate::cert_issuer_of_fleet_ca("aaaa"),
+        crate::cert_issuer_of_fleet_ca("bbbb"),
+    );
+    store
+        .add_cert(from("d1", "o2", 7_000, &previous))
+        .await
+        .expect("add");
+    store
+        .add_cert(from("d2", "o1", 7_000, &previous))
+        .await
+        .expect("add");
+    store
+        .add_cert(from("d2", "o3", 8_000, CERT_ISSUER_FLEET))
+        .await
+        .expect("add");
+    // The current CA's, a revoked one, a registered CA's: not to move.
+    store
+        .add_cert(from("d1", "n1", 1_000, &current))
+        .await
+        .expect("add");
+    store
+        .add_cert(from("d1", "rv", 1_000, &previous))
+        .await
+        .expect("add");
+    assert!(store.revoke_cert("rv", 6, None).await.expect("revoke"));
+    store
+        .add_cert(from("d2", "jt", 1_000, &crate::cert_issuer_of_ca("ca_x")))
+        .await
+        .expect("add");
+
+    // new_device's own certificates are `fleet` (issuer unrecorded): moved too.
+    let expected = ["o1", "o2", "o3", "serial-d1", "serial-d2"];
+    let mut paged = Vec::new();
+    let mut after: Option<(u64, String)> = None;
+    for _ in 0..10 {
+        let page = store
+            .old_fleet_certs(&current, 2, after.as_ref().map(|(t, s)| (*t, s.as_str())))
+            .await
+            .expect("page");
+        assert!(page.len() <= 2);
+        let Some(last) = page.last() else { break };
+        after = Some((last.not_after_ms, last.serial.clone()));
+        paged.extend(page.into_iter().map(|c| c.serial));
+    }
+    assert_eq!(
+        paged, expected,
+        "other fleet CAs' active ones, soonest expiry first"
+    );
+    assert_eq!(
+        store.count_old_fleet_certs(&current).await.expect("count"),
+        5
+    );
+    // From the previous CA's point of view the current one's is the old one.
+    assert_eq!(
+        store.count_old_fleet_certs(&previous).await.expect("count"),
+        4
+    );
+    assert!(store
+        .old_fleet_certs(&current, 0, None)
+        .await
+        .expect("limit 0")
+        .is_empty());
+}
+
 fn renewal(device: &str, key: &str, serial: &str, at_ms: u64) -> CertRenewal {
     CertRenewal {
         device_id: id(device),

@@ -211,3 +211,38 @@ pub async fn cluster_value_is_created_once<S: ClusterStore + ?Sized>(store: &S) 
         a
     );
 }
+
+pub async fn cluster_value_is_replaced_only_from_what_it_is<S: ClusterStore + ?Sized>(store: &S) {
+    assert!(
+        !store
+            .replace_value("cas", b"v1", b"v2".to_vec())
+            .await
+            .expect("absent"),
+        "nothing to replace"
+    );
+    assert_eq!(store.get_value("cas").await.expect("get"), None);
+    store
+        .put_value_once("cas", b"v1".to_vec())
+        .await
+        .expect("put");
+    let (a, b) = tokio::join!(
+        store.replace_value("cas", b"v1", b"from a".to_vec()),
+        store.replace_value("cas", b"v1", b"from b".to_vec()),
+    );
+    let (a, b) = (a.expect("a"), b.expect("b"));
+    assert!(a ^ b, "exactly one racer replaces v1");
+    let now = store.get_value("cas").await.expect("get").expect("stored");
+    assert_eq!(
+        now,
+        if a {
+            b"from a".to_vec()
+        } else {
+            b"from b".to_vec()
+        }
+    );
+    assert!(!store
+        .replace_value("cas", b"v1", b"stale".to_vec())
+        .await
+        .expect("stale"));
+    assert_eq!(store.get_value("cas").await.expect("get"), Some(now));
+}

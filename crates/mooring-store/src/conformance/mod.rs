@@ -116,6 +116,7 @@ macro_rules! conformance_tests {
             cert_add_lists_newest_first_and_refuses_taken_or_orphan,
             cert_revoke_is_idempotent_and_per_device_revokes_only_active,
             cert_expiring_lists_active_ones_soonest_first_in_pages,
+            cert_old_fleet_ones_are_the_active_certs_of_other_fleet_cas_in_pages,
             cert_renewal_is_one_pending_per_device_and_confirmation_revokes_the_others,
             ca_add_get_list_and_enable_round_trip,
             ca_taken_fingerprint_or_id_is_refused,
@@ -188,6 +189,7 @@ macro_rules! conformance_cluster_tests {
             cluster_lease_race_has_one_winner,
             cluster_sessions_follow_open_close_and_node_liveness,
             cluster_value_is_created_once,
+            cluster_value_is_replaced_only_from_what_it_is,
         );
     };
 }
@@ -248,6 +250,7 @@ fn new_device(id: &str) -> NewDevice {
         cert_sha256: format!("sha-{id}"),
         cert_serial: format!("serial-{id}"),
         cert_not_after_ms: 1_800_000_000_000,
+        cert_issuer: crate::CERT_ISSUER_FLEET.to_owned(),
     }
 }
 

@@ -8,7 +8,7 @@ use super::{
     is_unique_violation, opt_ts_to_sql, opt_u64_column, pg_error, ts_to_sql, u64_column, PgStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{check_text, CertRecord, CertRenewal, CertState};
+use crate::model::{check_text, CertRecord, CertRenewal, CertState, CERT_ISSUER_FLEET};
 use crate::store::CertStore;
 
 const CERT_COLUMNS: &str = "serial, device_id, sha256, not_before_ms, not_after_ms, \
@@ -178,6 +178,59 @@ impl CertStore for PgStore {
             .query_opt(
                 "SELECT count(*) FROM device_certs WHERE state = 'active' AND not_after_ms < $1",
                 &[&bound_to_sql(before_ms)],
+            )
+            .await?
+            .ok_or_else(|| StoreError::Backend("count returned no row".into()))?;
+        u64_column(&row, 0)
+    }
+
+    async fn old_fleet_certs(
+        &self,
+        current_issuer: &str,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<CertRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (after_ms, after_serial) = match after {
+            Some((ms, serial)) => (bound_to_sql(ms), super::nul_free_cursor(serial)),
+            None => (-1, ""),
+        };
+        let sql = format!(
+            "SELECT {CERT_COLUMNS} FROM device_certs
+             WHERE state = 'active' AND (issuer = $1 OR issuer LIKE $2) AND issuer <> $3
+               AND (not_after_ms, serial) > ($4, $5)
+             ORDER BY not_after_ms, serial LIMIT $6"
+        );
+        let like = format!("{CERT_ISSUER_FLEET}:%");
+        let rows = self
+            .query(
+                &sql,
+                &[
+                    &CERT_ISSUER_FLEET,
+                    &like,
+                    &super::nul_free_cursor(current_issuer),
+                    &after_ms,
+                    &after_serial,
+                    &count_to_sql(limit),
+                ],
+            )
+            .await?;
+        rows.iter().map(cert_from_row).collect()
+    }
+
+    async fn count_old_fleet_certs(&self, current_issuer: &str) -> Result<u64> {
+        let like = format!("{CERT_ISSUER_FLEET}:%");
+        let row = self
+            .query_opt(
+                "SELECT count(*) FROM device_certs
+                 WHERE state = 'active' AND (issuer = $1 OR issuer LIKE $2) AND issuer <> $3",
+                &[
+                    &CERT_ISSUER_FLEET,
+                    &like,
+                    &super::nul_free_cursor(current_issuer),
+                ],
             )
             .await?
             .ok_or_else(|| StoreError::Backend("count returned no row".into()))?;

@@ -213,6 +213,17 @@ impl ClusterStore for PgStore {
         }
     }
 
+    async fn replace_value(&self, key: &str, expected: &[u8], value: Vec<u8>) -> Result<bool> {
+        let n = self
+            .execute(
+                "UPDATE cluster_values SET value = $3 WHERE key = $1 AND value = $2",
+                &[&key, &expected, &value],
+                || format!("value {key}"),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let row = self
             .query_opt("SELECT value FROM cluster_values WHERE key = $1", &[&key])

@@ -9,7 +9,7 @@ use super::{
     SqliteStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{check_text, CertRecord, CertRenewal, CertState};
+use crate::model::{check_text, CertRecord, CertRenewal, CertState, CERT_ISSUER_FLEET};
 use crate::store::CertStore;
 
 pub(super) const CERT_COLUMNS: &str = "serial, device_id, sha256, not_before_ms, not_after_ms, \
@@ -223,6 +223,66 @@ impl CertStore for SqliteStore {
             )
             .db()?
             .query_row(params![before], |r| u64_column(r, 0))
+            .db()
+        })
+        .await
+    }
+
+    async fn old_fleet_certs(
+        &self,
+        current_issuer: &str,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<CertRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let current = current_issuer.to_owned();
+        let like = format!("{CERT_ISSUER_FLEET}:%");
+        let (after_ms, after_serial) = match after {
+            Some((ms, serial)) => (bound_to_sql(ms), serial.to_owned()),
+            None => (-1, String::new()),
+        };
+        let limit = count_to_sql(limit);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {CERT_COLUMNS} FROM device_certs
+                     WHERE state = 'active' AND (issuer = ?1 OR issuer LIKE ?2) AND issuer <> ?3
+                       AND (not_after_ms, serial) > (?4, ?5)
+                     ORDER BY not_after_ms, serial LIMIT ?6"
+                ))
+                .db()?;
+            let rows = stmt
+                .query_map(
+                    params![
+                        CERT_ISSUER_FLEET,
+                        like,
+                        current,
+                        after_ms,
+                        after_serial,
+                        limit
+                    ],
+                    cert_from_row,
+                )
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
+        })
+        .await
+    }
+
+    async fn count_old_fleet_certs(&self, current_issuer: &str) -> Result<u64> {
+        let current = current_issuer.to_owned();
+        let like = format!("{CERT_ISSUER_FLEET}:%");
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT count(*) FROM device_certs
+                 WHERE state = 'active' AND (issuer = ?1 OR issuer LIKE ?2) AND issuer <> ?3",
+            )
+            .db()?
+            .query_row(params![CERT_ISSUER_FLEET, like, current], |r| {
+                u64_column(r, 0)
+            })
             .db()
         })
         .await

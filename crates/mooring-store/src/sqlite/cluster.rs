@@ -243,6 +243,21 @@ impl ClusterStore for SqliteStore {
         .await
     }
 
+    async fn replace_value(&self, key: &str, expected: &[u8], value: Vec<u8>) -> Result<bool> {
+        let (key, expected) = (key.to_owned(), expected.to_vec());
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE cluster_values SET value = ?3 WHERE key = ?1 AND value = ?2",
+                )
+                .db()?
+                .execute(params![key, expected, value])
+                .db()?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     async fn get_value(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let key = key.to_owned();
         self.read(move |conn| {
