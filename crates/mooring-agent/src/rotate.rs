@@ -17,8 +17,14 @@
 //!
 //! A kill at any point resumes: the files are the state. A forced rotation is remembered in
 //! `<state dir>/rotate.requested` until a renewal was answered.
+//!
+//! A key in a PKCS#11 token (`--key pkcs11:...`, [`crate::key`]) is kept: the renewal is a new
+//! certificate for the same token key (secure elements often have fixed key slots, and the key
+//! never left the token). Steps 2-4 are the same with only `device.next.crt`; at step 3 only the
+//! certificate is swapped.
 
-use crate::enroll::write_atomic;
+use crate::enroll::{write_atomic, DeviceKey};
+use crate::key::{KeyRef, TokenKey};
 use crate::link::Inbound;
 use crate::transport::{self, Connector, Stream, TlsConnector};
 use crate::Core;
@@ -26,7 +32,7 @@ use anyhow::Context as _;
 use mooring_proto::provision::{self as p, EnrollAccepted, EnrollRejected, RenewRequest};
 use mooring_proto::sync::lock;
 use rcgen::PublicKeyData as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -57,7 +63,7 @@ pub const REPLY_QUEUE_MAX: usize = 4;
 #[derive(Debug, Clone)]
 pub struct CertFiles {
     pub cert_path: PathBuf,
-    pub key_path: PathBuf,
+    pub key: KeyRef,
     pub ca_path: PathBuf,
     pub state_dir: PathBuf,
 }
@@ -77,6 +83,15 @@ impl CertFiles {
 /// Finishes a swap a kill interrupted (step 3 of the module doc): `device.next.crt` without
 /// `device.next.key` means the key is in place already and the certificate must follow.
 pub fn recover(files: &CertFiles) -> anyhow::Result<()> {
+    if files.key.file().is_none() {
+        // A token key stays: a waiting certificate is tried first, not swapped in blind.
+        return Ok(());
+    }
+    swap_cert(files)
+}
+
+/// Moves `device.next.crt` (if there and its key is in place) over the certificate.
+fn swap_cert(files: &CertFiles) -> anyhow::Result<()> {
     let (next_key, next_cert) = (files.next_key(), files.next_cert());
     if next_cert.exists() && !next_key.exists() {
         let pem = std::fs::read(&next_cert)
@@ -138,7 +153,12 @@ impl Rotation {
     /// Loads `device.next.key` + `device.next.crt` as the identity to try, if both are there.
     fn load_next(&self) -> anyhow::Result<()> {
         let (key, cert) = (self.files.next_key(), self.files.next_cert());
-        if !(key.exists() && cert.exists()) {
+        // A token key is renewed in place: only the certificate is new.
+        let key = match &self.files.key {
+            KeyRef::File(_) => KeyRef::File(key),
+            token @ KeyRef::Pkcs11(_) => token.clone(),
+        };
+        if !(key.file().is_none_or(Path::exists) && cert.exists()) {
             return Ok(());
         }
         let identity = transport::load_identity(&cert, &key, &self.files.ca_path)?;
@@ -185,13 +205,15 @@ impl Rotation {
     /// The renewed pair worked: it becomes the identity, in memory and on disk (module doc,
     /// step 3).
     fn promote(&self) -> anyhow::Result<()> {
-        let next_key = self.files.next_key();
-        let key =
-            std::fs::read(&next_key).with_context(|| format!("reading {}", next_key.display()))?;
-        write_atomic(&self.files.key_path, &key, 0o600)?;
-        std::fs::remove_file(&next_key)
-            .with_context(|| format!("removing {}", next_key.display()))?;
-        recover(&self.files)?;
+        if let Some(key_path) = self.files.key.file() {
+            let next_key = self.files.next_key();
+            let key = std::fs::read(&next_key)
+                .with_context(|| format!("reading {}", next_key.display()))?;
+            write_atomic(key_path, &key, 0o600)?;
+            std::fs::remove_file(&next_key)
+                .with_context(|| format!("removing {}", next_key.display()))?;
+        }
+        swap_cert(&self.files)?;
         let mut s = lock(&self.state);
         if let Some(next) = s.next.take() {
             s.current = next;
@@ -404,18 +426,7 @@ async fn renew(
     h: &crate::link::LinkHandle,
     replies: &mut tokio::sync::mpsc::Receiver<Inbound>,
 ) -> anyhow::Result<()> {
-    let path = rotation.files.next_key();
-    let key = match std::fs::read_to_string(&path) {
-        Ok(pem) => rcgen::KeyPair::from_pem(&pem)
-            .with_context(|| format!("{} is not a usable private key", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                .context("generating the new key")?;
-            write_atomic(&path, key.serialize_pem().as_bytes(), 0o600)?;
-            key
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
+    let key = next_key(&rotation.files)?;
     let csr_pem = crate::enroll::make_csr(&key, core.device_id.as_str())?;
     // Answers to earlier requests are stale.
     while replies.try_recv().is_ok() {}
@@ -470,11 +481,30 @@ async fn renew(
     Ok(())
 }
 
+/// The key to renew for: a new one in `device.next.key` (made unless there), or the token key.
+fn next_key(files: &CertFiles) -> anyhow::Result<DeviceKey> {
+    if let KeyRef::Pkcs11(uri) = &files.key {
+        return Ok(DeviceKey::Token(TokenKey::open(uri, false)?.0));
+    }
+    let path = files.next_key();
+    Ok(DeviceKey::File(match std::fs::read_to_string(&path) {
+        Ok(pem) => rcgen::KeyPair::from_pem(&pem)
+            .with_context(|| format!("{} is not a usable private key", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .context("generating the new key")?;
+            write_atomic(&path, key.serialize_pem().as_bytes(), 0o600)?;
+            key
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }))
+}
+
 /// The files and TLS of `config`'s identity, for [`Rotation::new`].
 pub fn files_of(config: &crate::AgentConfig) -> CertFiles {
     CertFiles {
         cert_path: config.cert_path.clone(),
-        key_path: config.key_path.clone(),
+        key: config.key.clone(),
         ca_path: config.ca_path.clone(),
         state_dir: config.state_dir.clone(),
     }
@@ -510,7 +540,7 @@ mod tests {
     fn files(dir: &std::path::Path) -> CertFiles {
         CertFiles {
             cert_path: dir.join("device.crt"),
-            key_path: dir.join("device.key"),
+            key: KeyRef::File(dir.join("device.key")),
             ca_path: dir.join("ca.crt"),
             state_dir: dir.join("state"),
         }
@@ -518,7 +548,7 @@ mod tests {
 
     fn rotation(dir: &std::path::Path) -> Arc<Rotation> {
         let f = files(dir);
-        let current = transport::load_identity(&f.cert_path, &f.key_path, &f.ca_path)
+        let current = transport::load_identity(&f.cert_path, &f.key, &f.ca_path)
             .expect("identity")
             .tls;
         Rotation::new(f, "localhost".into(), 1, current)
@@ -533,14 +563,14 @@ mod tests {
         let f = files(dir.path());
         // Killed after the key was moved: the new key is in place, the new certificate waits.
         let next_key = std::fs::read(f.state_dir.join(NEXT_KEY_FILE)).expect("key");
-        std::fs::write(&f.key_path, &next_key).expect("key");
+        std::fs::write(f.key.file().expect("file"), &next_key).expect("key");
         std::fs::remove_file(f.state_dir.join(NEXT_KEY_FILE)).expect("rm");
         let next_cert = std::fs::read(f.state_dir.join(NEXT_CERT_FILE)).expect("crt");
         recover(&f).expect("recover");
         assert_eq!(std::fs::read(&f.cert_path).expect("crt"), next_cert);
         assert!(!f.state_dir.join(NEXT_CERT_FILE).exists());
         // The pair on the paths is usable; nothing more to do.
-        transport::load_identity(&f.cert_path, &f.key_path, &f.ca_path).expect("identity");
+        transport::load_identity(&f.cert_path, &f.key, &f.ca_path).expect("identity");
         recover(&f).expect("again");
     }
 
