@@ -58,7 +58,10 @@ impl KeyRef {
         if s.starts_with(SCHEME) {
             return Ok(Self::Pkcs11(Pkcs11Uri::parse(s)?));
         }
-        anyhow::ensure!(!s.is_empty(), "the key is empty: give a file or a pkcs11: URI");
+        anyhow::ensure!(
+            !s.is_empty(),
+            "the key is empty: give a file or a pkcs11: URI"
+        );
         Ok(Self::File(PathBuf::from(s)))
     }
 
@@ -371,7 +374,9 @@ pub fn ecdsa_raw_to_der(raw: &[u8]) -> anyhow::Result<Vec<u8>> {
 /// bare point (some older modules).
 fn ec_point(attr: &[u8]) -> anyhow::Result<Vec<u8>> {
     let point = match attr {
-        [0x04, len, rest @ ..] if usize::from(*len) == rest.len() && rest.len() == P256_POINT_LEN => {
+        [0x04, len, rest @ ..]
+            if usize::from(*len) == rest.len() && rest.len() == P256_POINT_LEN =>
+        {
             rest
         }
         bare if bare.len() == P256_POINT_LEN => bare,
@@ -424,7 +429,9 @@ fn ck(what: &str, e: CkError) -> anyhow::Error {
         CkError::Pkcs11(RvError::PinLenRange | RvError::PinInvalid, _) => {
             ": the PIN is not valid for this token"
         }
-        CkError::Pkcs11(RvError::UserNotLoggedIn, _) => ": a PIN is needed (pin-value, pin-source or MOORING_PKCS11_PIN)",
+        CkError::Pkcs11(RvError::UserNotLoggedIn, _) => {
+            ": a PIN is needed (pin-value, pin-source or MOORING_PKCS11_PIN)"
+        }
         _ => "",
     };
     anyhow::anyhow!("{what}{hint} ({e})")
@@ -486,12 +493,7 @@ impl TokenKey {
         if let Some(pin) = pin {
             match session.login(UserType::User, Some(&pin)) {
                 Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-                Err(e) => {
-                    return Err(ck(
-                        &format!("logging in to token {:?}", uri.token),
-                        e,
-                    ))
-                }
+                Err(e) => return Err(ck(&format!("logging in to token {:?}", uri.token), e)),
             }
         }
         let (private, public, created) = match find_pair(&session, uri)? {
@@ -802,14 +804,23 @@ mod tests {
         for (uri, says) in [
             ("pkcs11:object=device", "token= is required"),
             ("pkcs11:token=mooring", "object= is required"),
-            ("pkcs11:token=a;object=b;slot-id=1", "unsupported path attribute"),
-            ("pkcs11:token=a;object=b?pin=1", "unsupported query attribute"),
+            (
+                "pkcs11:token=a;object=b;slot-id=1",
+                "unsupported path attribute",
+            ),
+            (
+                "pkcs11:token=a;object=b?pin=1",
+                "unsupported query attribute",
+            ),
             ("pkcs11:token=a;object=b;token=c", "given twice"),
             ("pkcs11:token=a%zz;object=b", "bad percent-escape"),
             ("pkcs11:token=a;object=%4", "bad percent-escape"),
             ("pkcs11:token=a;object", "not name=value"),
             ("pkcs11:token=a;object=b;type=public", "type must be"),
-            ("pkcs11:token=a;object=b?pin-value=1&pin-source=file:/p", "not both"),
+            (
+                "pkcs11:token=a;object=b?pin-value=1&pin-source=file:/p",
+                "not both",
+            ),
             ("pkcs11:token=a;object=b?pin-source=relative", "absolute"),
             ("pkcs11:token=;object=b", "token= is empty"),
             ("pkcs11:token=%ff;object=b", "not UTF-8"),
@@ -837,9 +848,11 @@ mod tests {
     fn raw_signatures_become_der_that_verifies() {
         use ring::signature::{self, KeyPair as _};
         let rng = ring::rand::SystemRandom::new();
-        let pkcs8 =
-            signature::EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
-                .expect("key");
+        let pkcs8 = signature::EcdsaKeyPair::generate_pkcs8(
+            &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &rng,
+        )
+        .expect("key");
         let key = signature::EcdsaKeyPair::from_pkcs8(
             &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
             pkcs8.as_ref(),
@@ -863,7 +876,11 @@ mod tests {
         raw[32] = 0x80;
         assert_eq!(
             ecdsa_raw_to_der(&raw).expect("der"),
-            [&[0x30, 0x26, 0x02, 0x01, 0x01, 0x02, 0x21, 0x00, 0x80][..], &[0u8; 31]].concat()
+            [
+                &[0x30, 0x26, 0x02, 0x01, 0x01, 0x02, 0x21, 0x00, 0x80][..],
+                &[0u8; 31]
+            ]
+            .concat()
         );
         assert!(ecdsa_raw_to_der(&[0u8; 63]).is_err());
     }

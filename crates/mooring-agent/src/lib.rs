@@ -192,8 +192,7 @@ impl AgentDeps {
     pub fn production(config: &AgentConfig, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let files = rotate::files_of(config);
         rotate::recover(&files)?;
-        let identity =
-            transport::load_identity(&config.cert_path, &config.key, &config.ca_path)?;
+        let identity = transport::load_identity(&config.cert_path, &config.key, &config.ca_path)?;
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
         // A brand-new outbox starts its seq at unix-ms × 1000, so a device whose state dir was

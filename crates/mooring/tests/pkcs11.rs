@@ -183,7 +183,10 @@ fn token_key_protection(conf: &Path, token: &str) -> (bool, bool, bool, bool, us
         .get_slots_with_token()
         .expect("slots")
         .into_iter()
-        .find(|s| ctx.get_token_info(*s).is_ok_and(|i| i.label().trim_end() == token))
+        .find(|s| {
+            ctx.get_token_info(*s)
+                .is_ok_and(|i| i.label().trim_end() == token)
+        })
         .expect("the token");
     let session = ctx.open_ro_session(slot).expect("session");
     session
@@ -287,7 +290,10 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
         &[r#"{"n":1}"#, r#"{"n":2}"#],
     );
     assert!(status.success(), "{status}: {err}");
-    assert!(err.contains("made the device key inside the token"), "{err}");
+    assert!(
+        err.contains("made the device key inside the token"),
+        "{err}"
+    );
     assert_eq!(points(&server, 2).await, [1.0, 2.0]);
     assert!(state.join("device.crt").exists());
     assert_no_key_file(&state);
