@@ -409,7 +409,6 @@ pub struct TokenKey {
     /// cryptoki's session is `Send`, not `Sync`: one signature at a time.
     session: Mutex<Session>,
     private: ObjectHandle,
-    public: ObjectHandle,
     point: Vec<u8>,
 }
 
@@ -441,61 +440,7 @@ impl TokenKey {
     /// Opens the key `uri` names; with `create` a missing one is generated in the token
     /// (module doc). Returns the key and whether it was made now.
     pub fn open(uri: &Pkcs11Uri, create: bool) -> anyhow::Result<(Self, bool)> {
-        let module = uri.module()?;
-        let ctx = Pkcs11::new(&module).map_err(|e| {
-            anyhow::anyhow!(
-                "loading the PKCS#11 module {}: {e} (is it installed? module-path= or {MODULE_ENV} names it)",
-                module.display()
-            )
-        })?;
-        match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
-            // Another key of this process opened the module already.
-            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
-            Err(e) => {
-                return Err(ck(
-                    &format!("initializing the PKCS#11 module {}", module.display()),
-                    e,
-                ))
-            }
-        }
-        let slots = ctx
-            .get_slots_with_token()
-            .map_err(|e| ck("listing the PKCS#11 slots", e))?;
-        let mut labels = Vec::new();
-        let mut found = None;
-        for slot in slots {
-            let info = ctx
-                .get_token_info(slot)
-                .map_err(|e| ck("reading a token's info", e))?;
-            let label = info.label().trim_end().to_owned();
-            if label == uri.token {
-                found = Some((slot, info.login_required()));
-                break;
-            }
-            labels.push(label);
-        }
-        let (slot, login_required) = found.with_context(|| {
-            format!(
-                "no PKCS#11 token labelled {:?} in {} (tokens: {labels:?})",
-                uri.token,
-                module.display()
-            )
-        })?;
-        let session = ctx
-            .open_rw_session(slot)
-            .map_err(|e| ck(&format!("opening a session on token {:?}", uri.token), e))?;
-        let pin = uri.pin()?;
-        anyhow::ensure!(
-            pin.is_some() || !login_required,
-            "token {:?} needs its user PIN: add pin-source=file:/path (or pin-value=) to the pkcs11: URI, or set {PIN_ENV}",
-            uri.token
-        );
-        if let Some(pin) = pin {
-            match session.login(UserType::User, Some(&pin)) {
-                Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
-                Err(e) => return Err(ck(&format!("logging in to token {:?}", uri.token), e)),
-            }
-        }
+        let session = open_session(uri)?;
         let (private, public, created) = match find_pair(&session, uri)? {
             Some((private, public)) => (private, public, false),
             None if create => {
@@ -532,7 +477,6 @@ impl TokenKey {
                 uri: uri.clone(),
                 session: Mutex::new(session),
                 private,
-                public,
                 point,
             },
             created,
@@ -581,28 +525,125 @@ impl TokenKey {
             value_readable,
         })
     }
+}
 
-    /// Renames the key pair (CKA_LABEL of both objects).
-    pub fn relabel(&self, object: &str) -> anyhow::Result<()> {
-        let session = lock(&self.session);
-        for h in [self.private, self.public] {
-            session
-                .update_attributes(h, &[Attribute::Label(object.as_bytes().to_vec())])
-                .map_err(|e| ck("relabelling the key", e))?;
+/// Makes the key labelled `from` the one labelled `uri.object` (rotation): per object class, the
+/// objects labelled `uri.object` are destroyed and those labelled `from` take the label. Each
+/// step is idempotent, so an interrupted run is finished by running it again.
+pub fn promote_key(uri: &Pkcs11Uri, from: &str) -> anyhow::Result<()> {
+    let session = open_session(uri)?;
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        let next = find_labelled(&session, uri, class, from)?;
+        if next.is_empty() {
+            // Done already (or never there): nothing to move for this class.
+            continue;
         }
-        Ok(())
+        for old in find_labelled(&session, uri, class, &uri.object)? {
+            session
+                .destroy_object(old)
+                .map_err(|e| ck("destroying the old key", e))?;
+        }
+        for h in next {
+            session
+                .update_attributes(h, &[Attribute::Label(uri.object.as_bytes().to_vec())])
+                .map_err(|e| ck("relabelling the new key", e))?;
+        }
     }
+    Ok(())
+}
 
-    /// Destroys the key pair in the token.
-    pub fn destroy(self) -> anyhow::Result<()> {
-        let session = lock(&self.session);
-        for h in [self.private, self.public] {
+/// Destroys the key objects labelled `label` (a renewed key that was given up).
+pub fn destroy_key(uri: &Pkcs11Uri, label: &str) -> anyhow::Result<()> {
+    let session = open_session(uri)?;
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        for h in find_labelled(&session, uri, class, label)? {
             session
                 .destroy_object(h)
                 .map_err(|e| ck("destroying the key", e))?;
         }
-        Ok(())
     }
+    Ok(())
+}
+
+/// The EC key objects of `class` labelled `label` (and with `uri.id`).
+fn find_labelled(
+    session: &Session,
+    uri: &Pkcs11Uri,
+    class: ObjectClass,
+    label: &str,
+) -> anyhow::Result<Vec<ObjectHandle>> {
+    let mut template = vec![
+        Attribute::Class(class),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    if let Some(id) = &uri.id {
+        template.push(Attribute::Id(id.clone()));
+    }
+    session
+        .find_objects(&template)
+        .map_err(|e| ck("searching the token", e))
+}
+
+/// A logged-in read/write session on the token `uri` names (module loaded, token found by
+/// label, the user PIN given).
+fn open_session(uri: &Pkcs11Uri) -> anyhow::Result<Session> {
+    let module = uri.module()?;
+    let ctx = Pkcs11::new(&module).map_err(|e| {
+        anyhow::anyhow!(
+            "loading the PKCS#11 module {}: {e} (is it installed? module-path= or {MODULE_ENV} names it)",
+            module.display()
+        )
+    })?;
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        // Another key of this process opened the module already.
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => {
+            return Err(ck(
+                &format!("initializing the PKCS#11 module {}", module.display()),
+                e,
+            ))
+        }
+    }
+    let slots = ctx
+        .get_slots_with_token()
+        .map_err(|e| ck("listing the PKCS#11 slots", e))?;
+    let mut labels = Vec::new();
+    let mut found = None;
+    for slot in slots {
+        let info = ctx
+            .get_token_info(slot)
+            .map_err(|e| ck("reading a token's info", e))?;
+        let label = info.label().trim_end().to_owned();
+        if label == uri.token {
+            found = Some((slot, info.login_required()));
+            break;
+        }
+        labels.push(label);
+    }
+    let (slot, login_required) = found.with_context(|| {
+        format!(
+            "no PKCS#11 token labelled {:?} in {} (tokens: {labels:?})",
+            uri.token,
+            module.display()
+        )
+    })?;
+    let session = ctx
+        .open_rw_session(slot)
+        .map_err(|e| ck(&format!("opening a session on token {:?}", uri.token), e))?;
+    let pin = uri.pin()?;
+    anyhow::ensure!(
+        pin.is_some() || !login_required,
+        "token {:?} needs its user PIN: add pin-source=file:/path (or pin-value=) to the pkcs11: URI, or set {PIN_ENV}",
+        uri.token
+    );
+    if let Some(pin) = pin {
+        match session.login(UserType::User, Some(&pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e) => return Err(ck(&format!("logging in to token {:?}", uri.token), e)),
+        }
+    }
+    Ok(session)
 }
 
 /// The private and public key objects labelled `uri.object` (and with `uri.id`), if any.
@@ -610,19 +651,7 @@ fn find_pair(
     session: &Session,
     uri: &Pkcs11Uri,
 ) -> anyhow::Result<Option<(ObjectHandle, ObjectHandle)>> {
-    let find = |class| -> anyhow::Result<Vec<ObjectHandle>> {
-        let mut template = vec![
-            Attribute::Class(class),
-            Attribute::KeyType(KeyType::EC),
-            Attribute::Label(uri.object.as_bytes().to_vec()),
-        ];
-        if let Some(id) = &uri.id {
-            template.push(Attribute::Id(id.clone()));
-        }
-        session
-            .find_objects(&template)
-            .map_err(|e| ck("searching the token", e))
-    };
+    let find = |class| find_labelled(session, uri, class, &uri.object);
     let privates = find(ObjectClass::PRIVATE_KEY)?;
     let private = match privates.as_slice() {
         [] => return Ok(None),

@@ -18,10 +18,11 @@
 //! A kill at any point resumes: the files are the state. A forced rotation is remembered in
 //! `<state dir>/rotate.requested` until a renewal was answered.
 //!
-//! A key in a PKCS#11 token (`--key pkcs11:...`, [`crate::key`]) is kept: the renewal is a new
-//! certificate for the same token key (secure elements often have fixed key slots, and the key
-//! never left the token). Steps 2-4 are the same with only `device.next.crt`; at step 3 only the
-//! certificate is swapped.
+//! A key in a PKCS#11 token (`--key pkcs11:...;object=L`, [`crate::key`]): the new key is made
+//! in the token too, labelled `L.next` (never extractable, reused if there); at step 3
+//! `<state dir>/rotate.promoting` is written first, then the old key objects are destroyed and
+//! the `L.next` ones relabelled `L` (per object class, each step idempotent), then the
+//! certificate is swapped and the marker removed. A start that finds the marker finishes that.
 
 use crate::enroll::{write_atomic, DeviceKey};
 use crate::key::{KeyRef, TokenKey};
@@ -46,6 +47,10 @@ pub const NEXT_KEY_FILE: &str = "device.next.key";
 pub const NEXT_CERT_FILE: &str = "device.next.crt";
 /// Marker of a forced rotation not yet answered, in the state dir.
 pub const REQUESTED_FILE: &str = "rotate.requested";
+/// Marker of a token key being swapped in (a PKCS#11 key), in the state dir.
+pub const PROMOTING_FILE: &str = "rotate.promoting";
+/// Appended to the token key's label for the renewed key.
+pub const NEXT_LABEL_SUFFIX: &str = ".next";
 /// How long the agent waits for the answer to a renewal request.
 pub const REPLY_WAIT_MS: u64 = 30_000;
 /// Retry delays after a failed renewal: from this ...
@@ -78,16 +83,49 @@ impl CertFiles {
     fn requested(&self) -> PathBuf {
         self.state_dir.join(REQUESTED_FILE)
     }
+    fn promoting(&self) -> PathBuf {
+        self.state_dir.join(PROMOTING_FILE)
+    }
+    /// Where the renewed key is: `device.next.key`, or `L.next` in the token.
+    fn next_key_ref(&self) -> KeyRef {
+        match &self.key {
+            KeyRef::File(_) => KeyRef::File(self.next_key()),
+            KeyRef::Pkcs11(uri) => {
+                KeyRef::Pkcs11(uri.with_object(&format!("{}{NEXT_LABEL_SUFFIX}", uri.object)))
+            }
+        }
+    }
 }
 
 /// Finishes a swap a kill interrupted (step 3 of the module doc): `device.next.crt` without
 /// `device.next.key` means the key is in place already and the certificate must follow.
 pub fn recover(files: &CertFiles) -> anyhow::Result<()> {
-    if files.key.file().is_none() {
-        // A token key stays: a waiting certificate is tried first, not swapped in blind.
-        return Ok(());
+    match &files.key {
+        KeyRef::File(_) => swap_cert(files),
+        // A waiting renewed pair is tried first; only a begun swap is finished.
+        KeyRef::Pkcs11(uri) if files.promoting().exists() => promote_token_key(files, uri),
+        KeyRef::Pkcs11(_) => Ok(()),
     }
-    swap_cert(files)
+}
+
+/// Swaps in the renewed token key and its certificate (module doc); idempotent.
+fn promote_token_key(files: &CertFiles, uri: &crate::key::Pkcs11Uri) -> anyhow::Result<()> {
+    let KeyRef::Pkcs11(next) = files.next_key_ref() else {
+        anyhow::bail!("not a token key");
+    };
+    crate::key::promote_key(uri, &next.object)?;
+    let next_cert = files.next_cert();
+    if next_cert.exists() {
+        let pem = std::fs::read(&next_cert)
+            .with_context(|| format!("reading {}", next_cert.display()))?;
+        write_atomic(&files.cert_path, &pem, 0o644)?;
+        std::fs::remove_file(&next_cert)
+            .with_context(|| format!("removing {}", next_cert.display()))?;
+    }
+    std::fs::remove_file(files.promoting())
+        .with_context(|| format!("removing {}", files.promoting().display()))?;
+    tracing::info!(key = %uri, "swapped in the renewed token key");
+    Ok(())
 }
 
 /// Moves `device.next.crt` (if there and its key is in place) over the certificate.
@@ -152,12 +190,7 @@ impl Rotation {
 
     /// Loads `device.next.key` + `device.next.crt` as the identity to try, if both are there.
     fn load_next(&self) -> anyhow::Result<()> {
-        let (key, cert) = (self.files.next_key(), self.files.next_cert());
-        // A token key is renewed in place: only the certificate is new.
-        let key = match &self.files.key {
-            KeyRef::File(_) => KeyRef::File(key),
-            token @ KeyRef::Pkcs11(_) => token.clone(),
-        };
+        let (key, cert) = (self.files.next_key_ref(), self.files.next_cert());
         if !(key.file().is_none_or(Path::exists) && cert.exists()) {
             return Ok(());
         }
@@ -192,6 +225,13 @@ impl Rotation {
                 }
             }
         }
+        if let (KeyRef::Pkcs11(uri), KeyRef::Pkcs11(next)) =
+            (&self.files.key, self.files.next_key_ref())
+        {
+            if let Err(e) = crate::key::destroy_key(uri, &next.object) {
+                tracing::warn!(key = %next, error = %format!("{e:#}"), "destroying the renewed token key failed");
+            }
+        }
     }
 
     /// A connection came up (CONNACK accepted): whether it used the renewed pair.
@@ -205,15 +245,21 @@ impl Rotation {
     /// The renewed pair worked: it becomes the identity, in memory and on disk (module doc,
     /// step 3).
     fn promote(&self) -> anyhow::Result<()> {
-        if let Some(key_path) = self.files.key.file() {
-            let next_key = self.files.next_key();
-            let key = std::fs::read(&next_key)
-                .with_context(|| format!("reading {}", next_key.display()))?;
-            write_atomic(key_path, &key, 0o600)?;
-            std::fs::remove_file(&next_key)
-                .with_context(|| format!("removing {}", next_key.display()))?;
+        match &self.files.key {
+            KeyRef::File(key_path) => {
+                let next_key = self.files.next_key();
+                let key = std::fs::read(&next_key)
+                    .with_context(|| format!("reading {}", next_key.display()))?;
+                write_atomic(key_path, &key, 0o600)?;
+                std::fs::remove_file(&next_key)
+                    .with_context(|| format!("removing {}", next_key.display()))?;
+                swap_cert(&self.files)?;
+            }
+            KeyRef::Pkcs11(uri) => {
+                write_atomic(&self.files.promoting(), b"", 0o600)?;
+                promote_token_key(&self.files, uri)?;
+            }
         }
-        swap_cert(&self.files)?;
         let mut s = lock(&self.state);
         if let Some(next) = s.next.take() {
             s.current = next;
@@ -481,10 +527,11 @@ async fn renew(
     Ok(())
 }
 
-/// The key to renew for: a new one in `device.next.key` (made unless there), or the token key.
+/// The key to renew for: a new one in `device.next.key`, or `L.next` in the token (made unless
+/// there).
 fn next_key(files: &CertFiles) -> anyhow::Result<DeviceKey> {
-    if let KeyRef::Pkcs11(uri) = &files.key {
-        return Ok(DeviceKey::Token(TokenKey::open(uri, false)?.0));
+    if let KeyRef::Pkcs11(next) = files.next_key_ref() {
+        return Ok(DeviceKey::Token(TokenKey::open(&next, true)?.0));
     }
     let path = files.next_key();
     Ok(DeviceKey::File(match std::fs::read_to_string(&path) {

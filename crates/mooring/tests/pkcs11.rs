@@ -1,8 +1,9 @@
 //! The agent's device key behind PKCS#11, with SoftHSM2 as the token (Debian `softhsm2`; CI
 //! installs it): `mooring-agent enroll --key pkcs11:...` makes the key inside the token, never
 //! extractable, enrolls with a CSR the token signed, connects over mTLS signing in the token,
-//! its telemetry arrives, and no key file is written; a forced rotation renews the certificate
-//! for the same token key; a wrong PIN or an unknown token is a clear error and a failing exit.
+//! its telemetry arrives, and no key file is written; a forced rotation makes the new key in the
+//! token too and swaps it in under the same label; a wrong PIN or an unknown token is a clear
+//! error and a failing exit.
 
 mod support;
 
@@ -21,6 +22,8 @@ use support::{Server, BIN};
 const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 const PIN: &str = "1234";
 const SO_PIN: &str = "5678";
+/// The marker of a token key swap in progress (the agent's `rotate::PROMOTING_FILE`).
+const PROMOTING_FILE: &str = "rotate.promoting";
 /// How long an agent run may take.
 const RUN_MAX: Duration = Duration::from_secs(60);
 
@@ -171,8 +174,9 @@ async fn current_serial(server: &Server) -> String {
 }
 
 /// What the token itself says of the private key labelled `device`: (CKA_SENSITIVE,
-/// CKA_EXTRACTABLE, CKA_NEVER_EXTRACTABLE, CKA_VALUE readable, number of such keys).
-fn token_key_protection(conf: &Path, token: &str) -> (bool, bool, bool, bool, usize) {
+/// CKA_EXTRACTABLE, CKA_NEVER_EXTRACTABLE, CKA_VALUE readable, number of such keys, number of
+/// key objects labelled `device.next`).
+fn token_key_protection(conf: &Path, token: &str) -> (bool, bool, bool, bool, usize, usize) {
     // SoftHSM2 reads its configuration when the module is initialized; only this test opens it
     // in this process.
     std::env::set_var("SOFTHSM2_CONF", conf);
@@ -199,6 +203,10 @@ fn token_key_protection(conf: &Path, token: &str) -> (bool, bool, bool, bool, us
         ])
         .expect("find");
     let key = *keys.first().expect("the device key is in the token");
+    let next_keys = session
+        .find_objects(&[Attribute::Label(b"device.next".to_vec())])
+        .expect("find")
+        .len();
     let attrs = session
         .get_attributes(
             key,
@@ -226,6 +234,7 @@ fn token_key_protection(conf: &Path, token: &str) -> (bool, bool, bool, bool, us
         flag(AttributeType::NeverExtractable).expect("CKA_NEVER_EXTRACTABLE"),
         value_readable,
         keys.len(),
+        next_keys,
     )
 }
 
@@ -324,7 +333,8 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
     assert!(!status.success(), "{err}");
     assert!(err.contains("wrong PIN"), "{err}");
 
-    // A forced rotation renews the certificate for the same token key.
+    // A forced rotation: a new key in the token, a new certificate for it, the same label.
+    let old_spki = support::openssl(&["x509", "-in", "device.crt", "-noout", "-pubkey"], &state);
     let old_serial = current_serial(&server).await;
     let old_cert = std::fs::read(state.join("device.crt")).expect("cert");
     let out = server.cli(&["cert", "rotate", "--device", "hsm-1", "--ttl", "1h"]);
@@ -360,7 +370,10 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
         .collect();
     assert_eq!(revoked.len(), 1, "{certs}");
     assert_eq!(revoked[0]["state"], "revoked", "{certs}");
-    // The renewed certificate works with the token key.
+    let new_spki = support::openssl(&["x509", "-in", "device.crt", "-noout", "-pubkey"], &state);
+    assert_ne!(old_spki, new_spki, "the rotation made a new key");
+    assert!(!state.join(PROMOTING_FILE).exists());
+    // The renewed certificate works with the token key now labelled `device`.
     let mut cmd = run_command(&server, &conf, &state, &key);
     cmd.args([
         "--interval-secs",
@@ -375,9 +388,10 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
     assert_no_key_file(&state);
 
     // The key never left the token: sensitive, never extractable, its value unreadable; and
-    // the rotation made no second key.
-    let (sensitive, extractable, never_extractable, value_readable, keys) =
+    // the old key is gone, the new one relabelled.
+    let (sensitive, extractable, never_extractable, value_readable, keys, next_keys) =
         token_key_protection(&conf, "mooring");
+    assert_eq!(next_keys, 0, "no device.next key left");
     assert!(sensitive, "CKA_SENSITIVE");
     assert!(!extractable, "CKA_EXTRACTABLE");
     assert!(never_extractable, "CKA_NEVER_EXTRACTABLE");
