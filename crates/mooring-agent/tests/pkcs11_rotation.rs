@@ -1,6 +1,6 @@
-//! Rotation with a token key (SoftHSM2; Debian `softhsm2`, CI installs it): a start finishes a
-//! swap a kill interrupted half-way through the token's objects, and leaves a renewal that was
-//! not confirmed yet alone.
+//! A token key (SoftHSM2; Debian `softhsm2`, CI installs it): a missing PIN is named; a start
+//! finishes a rotation's key swap a kill interrupted half-way through the token's objects, and
+//! leaves a renewal that was not confirmed yet alone.
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
@@ -96,6 +96,14 @@ fn a_token_key_swap_killed_half_way_is_finished_at_the_next_start() {
         "pkcs11:token=rot;object=device?module-path={MODULE}&pin-value={PIN}"
     ))
     .expect("uri");
+    // Without a PIN: said so, not "no key".
+    std::env::remove_var(mooring_agent::key::PIN_ENV);
+    let no_pin = Pkcs11Uri::parse(&format!(
+        "pkcs11:token=rot;object=device?module-path={MODULE}"
+    ))
+    .expect("uri");
+    let err = TokenKey::open(&no_pin, true).expect_err("no PIN");
+    assert!(format!("{err:#}").contains("needs its user PIN"), "{err:#}");
     let next_uri = uri.with_object(&format!("device{}", rotate::NEXT_LABEL_SUFFIX));
     let (old, made) = TokenKey::open(&uri, true).expect("old key");
     assert!(made);
