@@ -54,8 +54,8 @@ pub struct AgentConfig {
     pub server_port: u16,
     /// PEM client certificate (chain); its subject CN is the device id.
     pub cert_path: PathBuf,
-    /// PEM private key of the client certificate.
-    pub key_path: PathBuf,
+    /// The private key of the client certificate: a PEM file or a key in a PKCS#11 token.
+    pub key: crate::key::KeyRef,
     /// PEM CA certificate(s): the only roots trusted for the server certificate.
     pub ca_path: PathBuf,
     /// Directory holding the outbox database (created if missing).
@@ -192,7 +192,7 @@ impl AgentConfig {
         server_host: impl Into<String>,
         server_port: u16,
         cert_path: impl Into<PathBuf>,
-        key_path: impl Into<PathBuf>,
+        key: impl Into<crate::key::KeyRef>,
         ca_path: impl Into<PathBuf>,
         state_dir: impl Into<PathBuf>,
     ) -> Self {
@@ -200,7 +200,7 @@ impl AgentConfig {
             server_host: server_host.into(),
             server_port,
             cert_path: cert_path.into(),
-            key_path: key_path.into(),
+            key: key.into(),
             ca_path: ca_path.into(),
             state_dir: state_dir.into(),
             interval_secs: INTERVAL_SECS_DEFAULT,

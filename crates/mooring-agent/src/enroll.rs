@@ -9,6 +9,9 @@
 //!  (d) store    DIR/ca.crt, then DIR/device.crt (its presence means "enrolled")
 //! ```
 //!
+//! With `--key pkcs11:...` ([`crate::key`]) step (a) finds the key in the token or generates it
+//! there (never extractable); no key file is written and the token signs the CSR.
+//!
 //! A run starts at the first step whose file is missing, so an agent killed (or cut off) at any
 //! point resumes where it was: the same key, the same request. Asking again is safe because the
 //! server answers the same claim + the same public key with the same certificate. With
@@ -25,6 +28,7 @@
 //! `DIR/enroll.json`.
 
 use crate::diag::Diagnostics;
+use crate::key::{KeyRef, Pkcs11Uri, TokenKey};
 use crate::link::{self, Backoff, Credentials, Inbound, LinkEnd, LinkOutputs, LinkSettings, Route};
 use crate::transport::{self, Connector};
 use anyhow::Context as _;
@@ -32,7 +36,6 @@ use mooring_proto::provision::{self, EnrollAccepted, EnrollRejected, EnrollReque
 use mooring_proto::DeviceId;
 use mqtt_protocol_core::mqtt::result_code::ConnectReturnCode;
 use rand::SeedableRng as _;
-use rcgen::PublicKeyData as _;
 use serde::{Deserialize, Serialize};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -81,6 +84,8 @@ pub struct EnrollConfig {
     pub state_dir: PathBuf,
     /// The device id to propose; `None` uses [`default_device_id`] (if any).
     pub device_id: Option<DeviceId>,
+    /// Where the key is (made there if missing); `None`: `DIR/device.key`.
+    pub key: Option<KeyRef>,
 }
 
 impl std::fmt::Debug for EnrollConfig {
@@ -90,6 +95,7 @@ impl std::fmt::Debug for EnrollConfig {
             .field("ca_path", &self.ca_path)
             .field("state_dir", &self.state_dir)
             .field("device_id", &self.device_id)
+            .field("key", &self.key)
             .finish_non_exhaustive()
     }
 }
@@ -98,7 +104,7 @@ impl std::fmt::Debug for EnrollConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enrolled {
     pub cert_path: PathBuf,
-    pub key_path: PathBuf,
+    pub key: KeyRef,
     pub ca_path: PathBuf,
     /// `false` when the certificate was already there and nothing was contacted.
     pub fresh: bool,
@@ -117,11 +123,13 @@ pub enum EnrollError {
     Local(#[from] anyhow::Error),
 }
 
-/// The paths of the enrolled identity in `state_dir`.
-pub fn enrolled_paths(state_dir: &Path) -> Enrolled {
+/// The paths of the enrolled identity in `state_dir` (the key file there, or `key`).
+pub fn enrolled_paths(state_dir: &Path, key: Option<&KeyRef>) -> Enrolled {
     Enrolled {
         cert_path: state_dir.join(CERT_FILE),
-        key_path: state_dir.join(KEY_FILE),
+        key: key
+            .cloned()
+            .unwrap_or_else(|| KeyRef::File(state_dir.join(KEY_FILE))),
         ca_path: state_dir.join(CA_FILE),
         fresh: false,
     }
@@ -146,7 +154,7 @@ pub async fn enroll(
     rng_seed: u64,
 ) -> Result<Enrolled, EnrollError> {
     let dir = &config.state_dir;
-    let paths = enrolled_paths(dir);
+    let paths = enrolled_paths(dir, config.key.as_ref());
     if paths.cert_path.exists() {
         tracing::info!(cert = %paths.cert_path.display(), "already enrolled; provisioning not contacted");
         return Ok(paths);
@@ -154,7 +162,11 @@ pub async fn enroll(
     // Settings (the CA) are checked before anything is made.
     let connector = connector()?;
     create_state_dir(dir)?;
-    let key = ensure_key(dir)?;
+    let key = match &config.key {
+        Some(KeyRef::Pkcs11(uri)) => DeviceKey::Token(ensure_token_key(dir, uri)?),
+        Some(KeyRef::File(path)) => DeviceKey::File(ensure_key_file(dir, path)?),
+        None => DeviceKey::File(ensure_key(dir)?),
+    };
     halt_if("key").await;
     let request = ensure_request(dir, &key, config.device_id.as_ref())?;
     halt_if("request").await;
@@ -193,9 +205,55 @@ async fn halt_if(step: &str) {
     }
 }
 
+/// The device key enrollment made or found: a file's or a token's.
+#[derive(Debug)]
+pub enum DeviceKey {
+    File(rcgen::KeyPair),
+    Token(TokenKey),
+}
+
+impl rcgen::PublicKeyData for DeviceKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            Self::File(k) => k.der_bytes(),
+            Self::Token(k) => k.der_bytes(),
+        }
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        match self {
+            Self::File(k) => k.algorithm(),
+            Self::Token(k) => k.algorithm(),
+        }
+    }
+}
+
+impl rcgen::SigningKey for DeviceKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        match self {
+            Self::File(k) => rcgen::SigningKey::sign(k, msg),
+            Self::Token(k) => rcgen::SigningKey::sign(k, msg),
+        }
+    }
+}
+
+/// Step (a) with a token key: found in the token, else generated there (never extractable).
+pub fn ensure_token_key(dir: &Path, uri: &Pkcs11Uri) -> anyhow::Result<TokenKey> {
+    let (key, created) = TokenKey::open(uri, true)?;
+    if created {
+        // A request made for another key must not survive the new one.
+        remove_if_present(&dir.join(REQUEST_FILE))?;
+    }
+    Ok(key)
+}
+
 /// Step (a): the key in `DIR/device.key`, made unless present.
 pub fn ensure_key(dir: &Path) -> anyhow::Result<rcgen::KeyPair> {
-    let path = dir.join(KEY_FILE);
+    ensure_key_file(dir, &dir.join(KEY_FILE))
+}
+
+/// Step (a): the key in the file `path`, made unless present.
+pub fn ensure_key_file(dir: &Path, path: &Path) -> anyhow::Result<rcgen::KeyPair> {
+    let path = path.to_owned();
     match std::fs::read_to_string(&path) {
         Ok(pem) => {
             return rcgen::KeyPair::from_pem(&pem)
@@ -226,7 +284,7 @@ pub struct PendingRequest {
 /// Step (b): the request in `DIR/enroll.json`, made unless present (and made for this key).
 pub fn ensure_request(
     dir: &Path,
-    key: &rcgen::KeyPair,
+    key: &impl rcgen::SigningKey,
     explicit_id: Option<&DeviceId>,
 ) -> anyhow::Result<PendingRequest> {
     let path = dir.join(REQUEST_FILE);
@@ -279,7 +337,7 @@ pub fn ensure_request(
 }
 
 /// A PKCS#10 CSR for `key` (CN = `cn`; the server ignores everything but the public key).
-pub fn make_csr(key: &rcgen::KeyPair, cn: &str) -> anyhow::Result<String> {
+pub fn make_csr(key: &impl rcgen::SigningKey, cn: &str) -> anyhow::Result<String> {
     let mut params =
         rcgen::CertificateParams::new(Vec::<String>::new()).context("CSR parameters")?;
     params.distinguished_name = rcgen::DistinguishedName::new();
@@ -292,7 +350,7 @@ pub fn make_csr(key: &rcgen::KeyPair, cn: &str) -> anyhow::Result<String> {
         .context("making the CSR")
 }
 
-fn csr_matches_key(csr_pem: &str, key: &rcgen::KeyPair) -> bool {
+fn csr_matches_key(csr_pem: &str, key: &impl rcgen::PublicKeyData) -> bool {
     let Ok((_, pem)) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes()) else {
         return false;
     };
@@ -488,7 +546,7 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 /// Step (d): checks the answer against our key and stores `ca.crt`, then `device.crt`.
 fn store_certificate(
     dir: &Path,
-    key: &rcgen::KeyPair,
+    key: &impl rcgen::PublicKeyData,
     accepted: &EnrollAccepted,
     ca_path: &Path,
 ) -> anyhow::Result<()> {

@@ -22,6 +22,8 @@
 //! * [`config`]: [`AgentConfig`] (CLI flags + the `--config` TOML file, [`config::AgentFile`]).
 //! * [`enroll`]: `mooring-agent enroll`, from a claim token to a certificate for a key made
 //!   here, as resumable persisted steps over the same link (username/password, no client cert).
+//! * [`key`]: `--key` is a PEM file or a `pkcs11:` URI; a token key (secure element, SoftHSM2)
+//!   is made in the token and signs the CSR and the TLS handshake there, never extractable.
 //! * [`transport`]: the [`transport::Connector`] trait (any byte stream) and the production
 //!   TCP + rustls mTLS connector; identity (device id = client certificate CN).
 //! * [`link`]: our small MQTT 3.1.1 client session on the sans-IO `mqtt-protocol-core`
@@ -64,6 +66,7 @@ pub mod config;
 pub mod diag;
 pub mod enroll;
 pub mod input;
+pub mod key;
 pub mod link;
 pub mod metrics;
 pub mod rotate;
@@ -191,7 +194,7 @@ impl AgentDeps {
         rotate::recover(&files)?;
         // The roots: the trust bundle of the last renewal if there is one, else `--ca`.
         let identity =
-            transport::load_identity(&config.cert_path, &config.key_path, &files.roots_path())?;
+            transport::load_identity(&config.cert_path, &config.key, &files.roots_path())?;
         std::fs::create_dir_all(&config.state_dir)
             .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
         // A brand-new outbox starts its seq at unix-ms × 1000, so a device whose state dir was

@@ -2,6 +2,7 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use mooring_agent::config::{self, AgentConfig, AgentFile, InputSource};
+use mooring_agent::key::KeyRef;
 use mooring_agent::{enroll, AgentDeps, Diagnostics};
 use mooring_proto::DeviceId;
 use std::path::PathBuf;
@@ -36,9 +37,15 @@ struct Cli {
     /// Client certificate (PEM); its subject CN is the device id.
     #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CERT", required = true)]
     cert: Option<PathBuf>,
-    /// Private key of the client certificate (PEM).
-    #[arg(long, value_name = "FILE", env = "MOORING_AGENT_KEY", required = true)]
-    key: Option<PathBuf>,
+    /// Private key of the client certificate: a PEM file, or a key in a PKCS#11 token
+    /// (`pkcs11:token=LABEL;object=LABEL?module-path=/path/module.so&pin-source=file:/path`).
+    #[arg(
+        long,
+        value_name = "FILE|URI",
+        env = "MOORING_AGENT_KEY",
+        required = true
+    )]
+    key: Option<String>,
     /// CA certificate (PEM) that signed the server certificate; the only trusted root.
     #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CA", required = true)]
     ca: Option<PathBuf>,
@@ -92,6 +99,12 @@ struct EnrollArgs {
     /// neither is usable, for claims whose server assigns ids].
     #[arg(long, value_name = "ID", env = "MOORING_AGENT_DEVICE_ID")]
     device_id: Option<String>,
+    /// Where the device key is, made there if missing [default: DIR/device.key]: a PEM file,
+    /// or a PKCS#11 token (`pkcs11:token=LABEL;object=LABEL?module-path=...&pin-value=...`):
+    /// the key is generated inside the token and never leaves it. (No environment variable:
+    /// MOORING_AGENT_KEY names the key of the flat invocation.)
+    #[arg(long, value_name = "FILE|URI")]
+    key: Option<String>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -201,14 +214,15 @@ fn main() -> ExitCode {
     code
 }
 
-type FlatPaths = (String, PathBuf, PathBuf, PathBuf, PathBuf);
+type FlatPaths = (String, PathBuf, KeyRef, PathBuf, PathBuf);
 
 /// The flat invocation's required flags (clap enforces them; checked again, never unwrapped).
-fn flat_paths(cli: &Cli) -> Result<FlatPaths, &'static str> {
+fn flat_paths(cli: &Cli) -> Result<FlatPaths, String> {
+    let key = cli.key.as_deref().ok_or("--key is required")?;
     Ok((
         cli.server.clone().ok_or("--server is required")?,
         cli.cert.clone().ok_or("--cert is required")?,
-        cli.key.clone().ok_or("--key is required")?,
+        KeyRef::parse(key).map_err(|e| format!("--key: {e:#}"))?,
         cli.ca.clone().ok_or("--ca is required")?,
         cli.state_dir.clone().ok_or("--state-dir is required")?,
     ))
@@ -234,11 +248,19 @@ fn enroll_then_run(
             return ExitCode::from(2);
         }
     };
+    let key = match args.key.as_deref().map(KeyRef::parse).transpose() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("error: --key: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let config = enroll::EnrollConfig {
         ca_path: args.ca,
         claim_token: args.claim,
         state_dir: args.state_dir.clone(),
         device_id,
+        key,
     };
     let result = runtime.block_on(async {
         let connector = || -> anyhow::Result<Arc<dyn mooring_agent::Connector>> {
@@ -264,7 +286,7 @@ fn enroll_then_run(
     run_agent(
         &args.server,
         enrolled.cert_path,
-        enrolled.key_path,
+        enrolled.key,
         enrolled.ca_path,
         args.state_dir,
         &args.run,
@@ -278,7 +300,7 @@ fn enroll_then_run(
 fn run_agent(
     server: &str,
     cert: PathBuf,
-    key: PathBuf,
+    key: KeyRef,
     ca: PathBuf,
     state_dir: PathBuf,
     run: &RunArgs,

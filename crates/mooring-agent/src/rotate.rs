@@ -17,8 +17,15 @@
 //!
 //! A kill at any point resumes: the files are the state. A forced rotation is remembered in
 //! `<state dir>/rotate.requested` until a renewal was answered.
+//!
+//! A key in a PKCS#11 token (`--key pkcs11:...;object=L`, [`crate::key`]): the new key is made
+//! in the token too, labelled `L.next` (never extractable, reused if there); at step 3
+//! `<state dir>/rotate.promoting` is written first, then the old key objects are destroyed and
+//! the `L.next` ones relabelled `L` (per object class, each step idempotent), then the
+//! certificate is swapped and the marker removed. A start that finds the marker finishes that.
 
-use crate::enroll::write_atomic;
+use crate::enroll::{write_atomic, DeviceKey};
+use crate::key::{KeyRef, TokenKey};
 use crate::link::Inbound;
 use crate::transport::{self, Connector, Stream, TlsConnector};
 use crate::Core;
@@ -26,7 +33,7 @@ use anyhow::Context as _;
 use mooring_proto::provision::{self as p, EnrollAccepted, EnrollRejected, RenewRequest};
 use mooring_proto::sync::lock;
 use rcgen::PublicKeyData as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +47,10 @@ pub const NEXT_KEY_FILE: &str = "device.next.key";
 pub const NEXT_CERT_FILE: &str = "device.next.crt";
 /// Marker of a forced rotation not yet answered, in the state dir.
 pub const REQUESTED_FILE: &str = "rotate.requested";
+/// Marker of a token key being swapped in (a PKCS#11 key), in the state dir.
+pub const PROMOTING_FILE: &str = "rotate.promoting";
+/// Appended to the token key's label for the renewed key.
+pub const NEXT_LABEL_SUFFIX: &str = ".next";
 /// How long the agent waits for the answer to a renewal request.
 pub const REPLY_WAIT_MS: u64 = 30_000;
 /// Retry delays after a failed renewal: from this ...
@@ -63,7 +74,7 @@ pub const TRUST_CERTS_MAX: usize = 8;
 #[derive(Debug, Clone)]
 pub struct CertFiles {
     pub cert_path: PathBuf,
-    pub key_path: PathBuf,
+    pub key: KeyRef,
     pub ca_path: PathBuf,
     pub state_dir: PathBuf,
 }
@@ -126,11 +137,53 @@ impl CertFiles {
         tracing::info!(cas = new.len(), file = %self.trust().display(), "stored the fleet's new trust bundle");
         Ok(true)
     }
+    fn promoting(&self) -> PathBuf {
+        self.state_dir.join(PROMOTING_FILE)
+    }
+    /// Where the renewed key is: `device.next.key`, or `L.next` in the token.
+    fn next_key_ref(&self) -> KeyRef {
+        match &self.key {
+            KeyRef::File(_) => KeyRef::File(self.next_key()),
+            KeyRef::Pkcs11(uri) => {
+                KeyRef::Pkcs11(uri.with_object(&format!("{}{NEXT_LABEL_SUFFIX}", uri.object)))
+            }
+        }
+    }
 }
 
 /// Finishes a swap a kill interrupted (step 3 of the module doc): `device.next.crt` without
 /// `device.next.key` means the key is in place already and the certificate must follow.
 pub fn recover(files: &CertFiles) -> anyhow::Result<()> {
+    match &files.key {
+        KeyRef::File(_) => swap_cert(files),
+        // A waiting renewed pair is tried first; only a begun swap is finished.
+        KeyRef::Pkcs11(uri) if files.promoting().exists() => promote_token_key(files, uri),
+        KeyRef::Pkcs11(_) => Ok(()),
+    }
+}
+
+/// Swaps in the renewed token key and its certificate (module doc); idempotent.
+fn promote_token_key(files: &CertFiles, uri: &crate::key::Pkcs11Uri) -> anyhow::Result<()> {
+    let KeyRef::Pkcs11(next) = files.next_key_ref() else {
+        anyhow::bail!("not a token key");
+    };
+    crate::key::promote_key(uri, &next.object)?;
+    let next_cert = files.next_cert();
+    if next_cert.exists() {
+        let pem = std::fs::read(&next_cert)
+            .with_context(|| format!("reading {}", next_cert.display()))?;
+        write_atomic(&files.cert_path, &pem, 0o644)?;
+        std::fs::remove_file(&next_cert)
+            .with_context(|| format!("removing {}", next_cert.display()))?;
+    }
+    std::fs::remove_file(files.promoting())
+        .with_context(|| format!("removing {}", files.promoting().display()))?;
+    tracing::info!(key = %uri, "swapped in the renewed token key");
+    Ok(())
+}
+
+/// Moves `device.next.crt` (if there and its key is in place) over the certificate.
+fn swap_cert(files: &CertFiles) -> anyhow::Result<()> {
     let (next_key, next_cert) = (files.next_key(), files.next_cert());
     if next_cert.exists() && !next_key.exists() {
         let pem = std::fs::read(&next_cert)
@@ -191,8 +244,8 @@ impl Rotation {
 
     /// Loads `device.next.key` + `device.next.crt` as the identity to try, if both are there.
     fn load_next(&self) -> anyhow::Result<()> {
-        let (key, cert) = (self.files.next_key(), self.files.next_cert());
-        if !(key.exists() && cert.exists()) {
+        let (key, cert) = (self.files.next_key_ref(), self.files.next_cert());
+        if !(key.file().is_none_or(Path::exists) && cert.exists()) {
             return Ok(());
         }
         let identity = transport::load_identity(&cert, &key, &self.files.roots_path())?;
@@ -226,6 +279,13 @@ impl Rotation {
                 }
             }
         }
+        if let (KeyRef::Pkcs11(uri), KeyRef::Pkcs11(next)) =
+            (&self.files.key, self.files.next_key_ref())
+        {
+            if let Err(e) = crate::key::destroy_key(uri, &next.object) {
+                tracing::warn!(key = %next, error = %format!("{e:#}"), "destroying the renewed token key failed");
+            }
+        }
     }
 
     /// A connection came up (CONNACK accepted): whether it used the renewed pair.
@@ -239,13 +299,21 @@ impl Rotation {
     /// The renewed pair worked: it becomes the identity, in memory and on disk (module doc,
     /// step 3).
     fn promote(&self) -> anyhow::Result<()> {
-        let next_key = self.files.next_key();
-        let key =
-            std::fs::read(&next_key).with_context(|| format!("reading {}", next_key.display()))?;
-        write_atomic(&self.files.key_path, &key, 0o600)?;
-        std::fs::remove_file(&next_key)
-            .with_context(|| format!("removing {}", next_key.display()))?;
-        recover(&self.files)?;
+        match &self.files.key {
+            KeyRef::File(key_path) => {
+                let next_key = self.files.next_key();
+                let key = std::fs::read(&next_key)
+                    .with_context(|| format!("reading {}", next_key.display()))?;
+                write_atomic(key_path, &key, 0o600)?;
+                std::fs::remove_file(&next_key)
+                    .with_context(|| format!("removing {}", next_key.display()))?;
+                swap_cert(&self.files)?;
+            }
+            KeyRef::Pkcs11(uri) => {
+                write_atomic(&self.files.promoting(), b"", 0o600)?;
+                promote_token_key(&self.files, uri)?;
+            }
+        }
         let mut s = lock(&self.state);
         if let Some(next) = s.next.take() {
             s.current = next;
@@ -458,18 +526,7 @@ async fn renew(
     h: &crate::link::LinkHandle,
     replies: &mut tokio::sync::mpsc::Receiver<Inbound>,
 ) -> anyhow::Result<()> {
-    let path = rotation.files.next_key();
-    let key = match std::fs::read_to_string(&path) {
-        Ok(pem) => rcgen::KeyPair::from_pem(&pem)
-            .with_context(|| format!("{} is not a usable private key", path.display()))?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-                .context("generating the new key")?;
-            write_atomic(&path, key.serialize_pem().as_bytes(), 0o600)?;
-            key
-        }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
+    let key = next_key(&rotation.files)?;
     let csr_pem = crate::enroll::make_csr(&key, core.device_id.as_str())?;
     // Answers to earlier requests are stale.
     while replies.try_recv().is_ok() {}
@@ -531,11 +588,31 @@ async fn renew(
     Ok(())
 }
 
+/// The key to renew for: a new one in `device.next.key`, or `L.next` in the token (made unless
+/// there).
+fn next_key(files: &CertFiles) -> anyhow::Result<DeviceKey> {
+    if let KeyRef::Pkcs11(next) = files.next_key_ref() {
+        return Ok(DeviceKey::Token(TokenKey::open(&next, true)?.0));
+    }
+    let path = files.next_key();
+    Ok(DeviceKey::File(match std::fs::read_to_string(&path) {
+        Ok(pem) => rcgen::KeyPair::from_pem(&pem)
+            .with_context(|| format!("{} is not a usable private key", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .context("generating the new key")?;
+            write_atomic(&path, key.serialize_pem().as_bytes(), 0o600)?;
+            key
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }))
+}
+
 /// The files and TLS of `config`'s identity, for [`Rotation::new`].
 pub fn files_of(config: &crate::AgentConfig) -> CertFiles {
     CertFiles {
         cert_path: config.cert_path.clone(),
-        key_path: config.key_path.clone(),
+        key: config.key.clone(),
         ca_path: config.ca_path.clone(),
         state_dir: config.state_dir.clone(),
     }
@@ -571,7 +648,7 @@ mod tests {
     fn files(dir: &std::path::Path) -> CertFiles {
         CertFiles {
             cert_path: dir.join("device.crt"),
-            key_path: dir.join("device.key"),
+            key: KeyRef::File(dir.join("device.key")),
             ca_path: dir.join("ca.crt"),
             state_dir: dir.join("state"),
         }
@@ -615,7 +692,7 @@ mod tests {
 
     fn rotation(dir: &std::path::Path) -> Arc<Rotation> {
         let f = files(dir);
-        let current = transport::load_identity(&f.cert_path, &f.key_path, &f.ca_path)
+        let current = transport::load_identity(&f.cert_path, &f.key, &f.ca_path)
             .expect("identity")
             .tls;
         Rotation::new(f, "localhost".into(), 1, current)
@@ -630,14 +707,14 @@ mod tests {
         let f = files(dir.path());
         // Killed after the key was moved: the new key is in place, the new certificate waits.
         let next_key = std::fs::read(f.state_dir.join(NEXT_KEY_FILE)).expect("key");
-        std::fs::write(&f.key_path, &next_key).expect("key");
+        std::fs::write(f.key.file().expect("file"), &next_key).expect("key");
         std::fs::remove_file(f.state_dir.join(NEXT_KEY_FILE)).expect("rm");
         let next_cert = std::fs::read(f.state_dir.join(NEXT_CERT_FILE)).expect("crt");
         recover(&f).expect("recover");
         assert_eq!(std::fs::read(&f.cert_path).expect("crt"), next_cert);
         assert!(!f.state_dir.join(NEXT_CERT_FILE).exists());
         // The pair on the paths is usable; nothing more to do.
-        transport::load_identity(&f.cert_path, &f.key_path, &f.ca_path).expect("identity");
+        transport::load_identity(&f.cert_path, &f.key, &f.ca_path).expect("identity");
         recover(&f).expect("again");
     }
 

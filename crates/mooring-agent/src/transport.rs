@@ -6,6 +6,7 @@
 //! small MQTT client instead of rumqttc: rumqttc owns its transport (TCP/TLS/WebSocket only) and
 //! its timers, so it cannot run over in-memory streams on a paused, virtual tokio clock.
 
+use crate::key::{ClientCert, KeyRef, TlsKey, TokenKey};
 use anyhow::Context as _;
 use mooring_proto::DeviceId;
 use rustls::pki_types::pem::PemObject as _;
@@ -84,12 +85,9 @@ impl std::fmt::Debug for Identity {
 }
 
 /// Loads the client certificate, key and CA, reads the device id from the certificate's CN
-/// and builds the mTLS client config (ring provider, roots = only the given CA).
-pub fn load_identity(
-    cert_path: &Path,
-    key_path: &Path,
-    ca_path: &Path,
-) -> anyhow::Result<Identity> {
+/// and builds the mTLS client config (ring provider, roots = only the given CA). A token key
+/// ([`KeyRef::Pkcs11`]) signs the handshake in the token.
+pub fn load_identity(cert_path: &Path, key: &KeyRef, ca_path: &Path) -> anyhow::Result<Identity> {
     // Other crates may have installed a provider already; either way ring is what we use.
     let _ = rustls::crypto::ring::default_provider().install_default();
 
@@ -101,18 +99,36 @@ pub fn load_identity(
         .with_context(|| format!("no certificate in {}", cert_path.display()))?;
     let device_id = device_id_from_cert(leaf)
         .with_context(|| format!("client certificate {}", cert_path.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .with_context(|| format!("reading private key {}", key_path.display()))?;
 
     let roots = load_roots(ca_path)?;
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .context("TLS protocol versions")?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(certs, key)
-    .context("client certificate and key do not form a usable identity")?;
+    .with_root_certificates(roots);
+    let tls = match key {
+        KeyRef::File(key_path) => {
+            let key = PrivateKeyDer::from_pem_file(key_path)
+                .with_context(|| format!("reading private key {}", key_path.display()))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .context("client certificate and key do not form a usable identity")?
+        }
+        KeyRef::Pkcs11(uri) => {
+            let (token_key, _) = TokenKey::open(uri, false)?;
+            let token_key = Arc::new(token_key);
+            let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+                .map_err(|e| anyhow::anyhow!("client certificate: {e}"))?;
+            anyhow::ensure!(
+                cert.public_key().raw == rcgen::PublicKeyData::subject_public_key_info(&*token_key),
+                "client certificate {} is not for the key {uri}",
+                cert_path.display()
+            );
+            let certified = rustls::sign::CertifiedKey::new(certs, Arc::new(TlsKey(token_key)));
+            builder.with_client_cert_resolver(Arc::new(ClientCert(Arc::new(certified))))
+        }
+    };
     Ok(Identity {
         device_id,
         tls: Arc::new(tls),

@@ -193,6 +193,7 @@ fn config(dir: &Path, id: Option<&str>, token: &str) -> EnrollConfig {
         claim_token: token.into(),
         state_dir: dir.join("state"),
         device_id: id.map(|i| mooring_proto::DeviceId::parse(i).expect("id")),
+        key: None,
     }
 }
 
@@ -228,9 +229,8 @@ async fn enrolls_with_its_own_key_and_never_asks_again_once_enrolled() {
     assert!(cert_is_for_key(&cert, &read(tmp.path(), "device.key")));
     assert_eq!(read(tmp.path(), "ca.crt"), server.ca_pem);
     // The stored identity is what the normal run loads.
-    let identity =
-        mooring_agent::transport::load_identity(&got.cert_path, &got.key_path, &got.ca_path)
-            .expect("usable identity");
+    let identity = mooring_agent::transport::load_identity(&got.cert_path, &got.key, &got.ca_path)
+        .expect("usable identity");
     assert_eq!(identity.device_id.as_str(), "sn-0042");
 
     // Again, even with a token that would now be refused: nothing is contacted.

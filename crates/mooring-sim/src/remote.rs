@@ -116,7 +116,7 @@ impl RemoteApi {
             .context("the server returned no private key")?;
         std::fs::write(&key, key_pem)?;
         std::fs::write(&ca, &created.ca_pem)?;
-        let identity = mooring_agent::transport::load_identity(&cert, &key, &ca)?;
+        let identity = mooring_agent::transport::load_identity(&cert, &key.as_path().into(), &ca)?;
         Ok(TlsConnector {
             host: self.mqtt_host.clone(),
             port: self.mqtt_port,

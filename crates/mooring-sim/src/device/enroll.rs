@@ -190,6 +190,7 @@ pub async fn enroll_device(
         claim_token: p.token.clone(),
         state_dir: p.state_dir.clone(),
         device_id: Some(dev.id.clone()),
+        key: None,
     };
     let fail = |why: String| {
         tracing::debug!(device = %dev.id, why, "enrollment ended");
