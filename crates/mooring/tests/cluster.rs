@@ -1313,3 +1313,68 @@ async fn a_rotation_requested_on_one_node_is_confirmed_on_another() {
         );
     }
 }
+
+/// A fleet CA rollover across nodes (issue 16): begun on one node, the other issues with the
+/// new CA and trusts both within a second; retired (forced) on the other, the first stops
+/// trusting the previous CA and presents a server certificate from the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_ca_rollover_begun_on_one_node_is_in_force_on_another() {
+    let env = Env::new().await;
+    let (a, b) = (env.start("a"), env.start("b"));
+    let old = a.create_device("roll-old", env.tmp.path());
+    let (status, begun) = a
+        .api(
+            "POST",
+            "/api/v1/cas/fleet/rollover",
+            Some(json!({"no_rotation": true})),
+        )
+        .await;
+    assert_eq!(status, 201, "{begun}");
+    assert_eq!(begun["rotation_id"], Value::Null, "{begun}");
+    let bundle = begun["ca_pem"].as_str().expect("ca_pem").to_owned();
+    b.wait_for("/api/v1/cas/fleet", |v| v["ca_pem"] == bundle.as_str())
+        .await;
+    // b issues with the new CA; a trusts it; b still trusts the previous CA's certificate.
+    let new = b.create_device("roll-new", env.tmp.path());
+    assert_eq!(std::fs::read_to_string(new.ca()).expect("ca"), bundle);
+    assert!(support::device_can_publish(&a, &new, "roll-new"));
+    assert!(support::device_can_publish(&b, &old, "roll-old"));
+    let (_, fleet) = a.api("GET", "/api/v1/cas/fleet", None).await;
+    assert_eq!(fleet["previous_certificates"], 1, "{fleet}");
+
+    // Retired on b (forced: roll-old never moved).
+    let (status, v) = b
+        .api("POST", "/api/v1/cas/fleet/retire", Some(json!({})))
+        .await;
+    assert_eq!(status, 409, "{v}");
+    assert_eq!(v["error"]["code"], "rollover_incomplete", "{v}");
+    let (status, retired) = b
+        .api(
+            "POST",
+            "/api/v1/cas/fleet/retire",
+            Some(json!({"force": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{retired}");
+    assert_eq!(retired["revoked"], 1, "{retired}");
+    let new_ca = retired["fleet"]["ca_pem"].as_str().expect("ca").to_owned();
+    a.wait_for("/api/v1/cas/fleet", |v| v["ca_pem"] == new_ca.as_str())
+        .await;
+    // a presents the new server certificate: a client trusting only the new CA gets in.
+    let only_new = env.tmp.path().join("roll-new-only");
+    std::fs::create_dir_all(&only_new).expect("dir");
+    for f in ["device.crt", "device.key"] {
+        std::fs::copy(new.dir.join(f), only_new.join(f)).expect("copy");
+    }
+    std::fs::write(only_new.join("ca.crt"), &new_ca).expect("ca");
+    let only_new = support::Creds { dir: only_new };
+    let deadline = std::time::Instant::now() + WAIT;
+    while !support::device_can_publish(&a, &only_new, "roll-new") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a presents the new server certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!support::device_can_publish(&a, &old, "roll-old"));
+}
