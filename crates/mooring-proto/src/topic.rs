@@ -32,6 +32,12 @@ pub enum Topic {
     /// `devices/<id>/cert/request`: device → server, a certificate renewal
     /// ([`crate::provision::RenewRequest`]).
     CertRequest(DeviceId),
+    /// `devices/<id>/ota/status`: device → server, an update's transition
+    /// ([`crate::ota::StatusReport`]).
+    OtaStatus(DeviceId),
+    /// `devices/<id>/ota/link/request`: device → server, a fresh download link
+    /// ([`crate::ota::LinkRequest`]).
+    OtaLinkRequest(DeviceId),
     /// Any other topic under `devices/<id>/`; the string is the rest after `devices/<id>/`.
     DeviceOther(DeviceId, String),
 }
@@ -61,6 +67,8 @@ impl Topic {
             [SHADOW, "reported"] => Topic::ShadowReported(id),
             [SHADOW, "delta"] => Topic::ShadowDelta(id),
             ["cert", "request"] => Topic::CertRequest(id),
+            ["ota", "status"] => Topic::OtaStatus(id),
+            ["ota", "link", "request"] => Topic::OtaLinkRequest(id),
             _ => Topic::DeviceOther(id, rest.to_owned()),
         })
     }
@@ -109,6 +117,8 @@ impl Topic {
             | Topic::ShadowReported(id)
             | Topic::ShadowDelta(id)
             | Topic::CertRequest(id)
+            | Topic::OtaStatus(id)
+            | Topic::OtaLinkRequest(id)
             | Topic::DeviceOther(id, _) => id,
         }
     }
@@ -124,6 +134,8 @@ impl fmt::Display for Topic {
             Topic::ShadowReported(id) => f.write_str(&Topic::shadow_reported(id)),
             Topic::ShadowDelta(id) => f.write_str(&Topic::shadow_delta(id)),
             Topic::CertRequest(id) => f.write_str(&crate::provision::renew_request_topic(id)),
+            Topic::OtaStatus(id) => f.write_str(&crate::ota::status_topic(id)),
+            Topic::OtaLinkRequest(id) => f.write_str(&crate::ota::link_request_topic(id)),
             Topic::DeviceOther(id, rest) => write!(f, "{DEVICES_ROOT}/{id}/{rest}"),
         }
     }

@@ -353,3 +353,92 @@ fn provision_v1_encoding_is_stable() {
     assert_eq!(String::from_utf8(no.to_bytes()).expect("utf8"), pinned);
     assert_eq!(EnrollRejected::parse(pinned.as_bytes()).expect("valid"), no);
 }
+
+#[test]
+fn ota_v1_topics() {
+    use mooring_proto::ota;
+    let d = id("lock-1");
+    assert_eq!(ota::status_topic(&d), "devices/lock-1/ota/status");
+    assert_eq!(
+        ota::link_request_topic(&d),
+        "devices/lock-1/ota/link/request"
+    );
+    assert_eq!(
+        ota::link_accepted_topic(&d),
+        "devices/lock-1/ota/link/accepted"
+    );
+    assert_eq!(
+        ota::link_rejected_topic(&d),
+        "devices/lock-1/ota/link/rejected"
+    );
+    assert_eq!(ota::link_filter(&d), "devices/lock-1/ota/link/#");
+    assert_eq!(
+        Topic::parse("devices/lock-1/ota/status"),
+        Some(Topic::OtaStatus(d.clone()))
+    );
+    assert_eq!(
+        Topic::parse("devices/lock-1/ota/link/request"),
+        Some(Topic::OtaLinkRequest(d.clone()))
+    );
+    assert_eq!(ota::UPDATE_COMMAND, "mooring.update");
+    assert_eq!(ota::CANCEL_COMMAND, "mooring.update.cancel");
+}
+
+#[test]
+fn ota_v1_encoding_is_stable() {
+    use mooring_proto::ota::{
+        Link, Manifest, SignedManifest, StatusReport, UpdateParams, UpdateState,
+    };
+    let m = Manifest {
+        v: 1,
+        artifact_id: "art_00112233445566778899aabb".into(),
+        version: "1.4.0".into(),
+        sha256: "ab".repeat(32),
+        size: 1048576,
+        compatible: vec!["rev-b".into(), "rev-c".into()],
+        created_at: 1796000000000,
+    };
+    let pinned = format!(
+        r#"{{"v":1,"artifact_id":"art_00112233445566778899aabb","version":"1.4.0","sha256":"{}","size":1048576,"compatible":["rev-b","rev-c"],"created_at":1796000000000}}"#,
+        "ab".repeat(32)
+    );
+    assert_eq!(String::from_utf8(m.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(Manifest::parse(pinned.as_bytes()).expect("valid"), m);
+
+    let params = UpdateParams {
+        v: 1,
+        deployment_id: "dep_1".into(),
+        signed: SignedManifest {
+            manifest: "M".into(),
+            signature: "S".into(),
+        },
+        link: Link {
+            url: "https://h:8080/api/v1/ota/artifacts/art_1/download".into(),
+            token: "T".into(),
+            expires_at: 7,
+        },
+        allow_downgrade: false,
+    };
+    let pinned = r#"{"v":1,"deployment_id":"dep_1","manifest":"M","signature":"S","link":{"url":"https://h:8080/api/v1/ota/artifacts/art_1/download","token":"T","expires_at":7},"allow_downgrade":false}"#;
+    assert_eq!(serde_json::to_string(&params).expect("json"), pinned);
+    assert_eq!(
+        serde_json::from_str::<UpdateParams>(pinned).expect("valid"),
+        params
+    );
+
+    let r = StatusReport {
+        v: 1,
+        deployment_id: "dep_1".into(),
+        artifact_id: "art_00112233445566778899aabb".into(),
+        version: "1.4.0".into(),
+        state: UpdateState::RolledBack,
+        progress_pct: None,
+        reason: Some("health_check_failed: check exited 1".into()),
+        running_version: Some("1.3.0".into()),
+        at: 5,
+        seq: 9,
+    };
+    let pinned = r#"{"v":1,"deployment_id":"dep_1","artifact_id":"art_00112233445566778899aabb","version":"1.4.0","state":"rolled_back","reason":"health_check_failed: check exited 1","running_version":"1.3.0","at":5,"seq":9}"#;
+    assert_eq!(String::from_utf8(r.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(StatusReport::parse(pinned.as_bytes()).expect("valid"), r);
+}
