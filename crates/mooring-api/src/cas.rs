@@ -116,8 +116,11 @@ pub struct RetireCa {
 /// The answer to `POST /api/v1/cas/fleet/retire`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct RetiredCa {
-    /// The fleet CA now (one CA; a new server certificate from it).
+    /// The fleet CA now (one CA and a new server certificate from it, once `retired`).
     pub fleet: FleetCas,
-    /// Certificates of the previous CA revoked by `force`.
+    /// Certificates of the previous CA revoked by this call (`force`).
     pub revoked: u64,
+    /// `false`: `force` had more certificates to revoke than one call does (5,000); call again
+    /// to go on (`fleet.previous_certificates` says how many are left).
+    pub retired: bool,
 }

@@ -107,6 +107,7 @@ impl App {
         store: Arc<dyn Store>,
         pki: Pki,
         pki_home: crate::registry::PkiHome,
+        server_cert: Arc<crate::pki::ServerCert>,
         policy: Policy,
         clock: Arc<dyn Clock>,
         writer: TelemetryWriter,
@@ -131,7 +132,13 @@ impl App {
             events: events.clone(),
         });
         let presence = Arc::new(Presence::new(core.store.clone(), node));
-        let registry = Arc::new(Registry::new(core.clone(), pki, pki_home, presence.clone()));
+        let registry = Arc::new(Registry::new(
+            core.clone(),
+            pki,
+            pki_home,
+            server_cert,
+            presence.clone(),
+        ));
         let commands = Arc::new(Commands::new(core.clone(), registry.clone()));
         Self {
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),

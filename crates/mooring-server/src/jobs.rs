@@ -93,23 +93,29 @@ pub struct RotateCerts {
 }
 
 impl RotateCerts {
-    /// One page of the certificates this rotation moves, after `after`.
+    /// One page of the certificates this rotation moves (a rollover's: unexpired at `now_ms`),
+    /// after `after`.
     async fn page(
         &self,
         store: &dyn mooring_store::Store,
+        now_ms: u64,
         limit: usize,
         after: Option<(u64, &str)>,
     ) -> mooring_store::Result<Vec<mooring_store::CertRecord>> {
         match &self.fleet_issuer {
-            Some(current) => store.old_fleet_certs(current, limit, after).await,
+            Some(current) => store.old_fleet_certs(current, now_ms, limit, after).await,
             None => store.expiring_certs(self.before_ms, limit, after).await,
         }
     }
 
     /// How many certificates this rotation would still move.
-    async fn count(&self, store: &dyn mooring_store::Store) -> mooring_store::Result<u64> {
+    async fn count(
+        &self,
+        store: &dyn mooring_store::Store,
+        now_ms: u64,
+    ) -> mooring_store::Result<u64> {
         match &self.fleet_issuer {
-            Some(current) => store.count_old_fleet_certs(current).await,
+            Some(current) => store.count_old_fleet_certs(current, now_ms).await,
             None => store.count_expiring_certs(self.before_ms).await,
         }
     }
@@ -870,7 +876,9 @@ impl Jobs {
         let Ok(JobAction::RotateCerts(r)) = JobAction::from_stored(&job.action, &job.params) else {
             return Err(job_not_found(&job.id));
         };
-        let still = r.count(self.core.store.as_ref()).await?;
+        let still = r
+            .count(self.core.store.as_ref(), self.core.now_ms())
+            .await?;
         Ok((job.total.unwrap_or(0).saturating_sub(still), still))
     }
 
@@ -886,7 +894,7 @@ impl Jobs {
     ) -> ServiceResult<()> {
         let store = &self.core.store;
         if job.total.is_none() {
-            job.total = Some(r.count(store.as_ref()).await?);
+            job.total = Some(r.count(store.as_ref(), self.core.now_ms()).await?);
             if !self.save(&mut job).await? {
                 return Ok(());
             }
@@ -901,7 +909,9 @@ impl Jobs {
             let (ms, serial) = c.split_once('.')?;
             Some((ms.parse::<u64>().ok()?, serial))
         });
-        let page = r.page(store.as_ref(), per_turn, after).await?;
+        let page = r
+            .page(store.as_ref(), self.core.now_ms(), per_turn, after)
+            .await?;
         let last_page = page.len() < per_turn;
         for cert in page {
             if *stop.borrow() {

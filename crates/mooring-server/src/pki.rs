@@ -66,11 +66,16 @@ struct FleetCa {
 
 impl FleetCa {
     fn new(cert_pem: String, key_pem: &str) -> anyhow::Result<FleetCa> {
-        let issuer = issuer(&cert_pem, key_pem)?;
         let der =
             CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("parsing a fleet CA")?;
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
             .map_err(|e| anyhow!("parsing a fleet CA: {e}"))?;
+        anyhow::ensure!(
+            key_matches(key_pem, cert.public_key().raw),
+            "the fleet CA's private key does not belong to its certificate ({})",
+            cert.subject()
+        );
+        let issuer = issuer(&cert_pem, key_pem)?;
         Ok(FleetCa {
             label: mooring_store::cert_issuer_of_fleet_ca(&cert_sha256_hex(der.as_ref())),
             subject_der: cert.subject().as_raw().to_vec(),
@@ -244,7 +249,10 @@ impl Pki {
         // The certificate first: a crash before the key leaves a lone `ca.next.crt`, which the
         // next attempt overwrites (a rollover needs both files).
         write_private(&paths.next_ca_cert, &cert_pem, true)?;
-        write_private(&paths.next_ca_key, &key_pem, false)?;
+        // The key appears whole or not at all (a torn key file would stop the next start).
+        let tmp = dir.join("ca.next.key.tmp");
+        write_private(&tmp, &key_pem, true)?;
+        rename(&tmp, &paths.next_ca_key)?;
         sync_dir(dir)?;
         Ok(Pki::load_or_create(dir, server_names, now)?.0)
     }
@@ -353,7 +361,7 @@ impl Pki {
         store: &dyn ClusterStore,
         key: &SecretKey,
         now: OffsetDateTime,
-    ) -> anyhow::Result<Result<Pki, RolloverRefused>> {
+    ) -> anyhow::Result<Result<(Pki, Vec<u8>), RolloverRefused>> {
         let (_, bytes) = Pki::read_shared(store, key).await?;
         let mut shared = SharedPki::parse(&bytes)?;
         if shared.next_ca_cert_pem.is_some() {
@@ -365,14 +373,20 @@ impl Pki {
         Pki::replace_shared(store, key, &bytes, &shared, RolloverRefused::InProgress).await
     }
 
-    /// [`Pki::retire_previous_in_dir`] for the cluster's PKI, by a compare-and-set.
+    /// [`Pki::retire_previous_in_dir`] for the cluster's PKI, by a compare-and-set; only if
+    /// the CA issuing there is still the one the caller checked (`issuer_label`: another node
+    /// may have taken a step this node has not read yet).
     pub async fn retire_previous_shared(
         store: &dyn ClusterStore,
         key: &SecretKey,
+        issuer_label: &str,
         server_names: &[String],
         now: OffsetDateTime,
-    ) -> anyhow::Result<Result<Pki, RolloverRefused>> {
+    ) -> anyhow::Result<Result<(Pki, Vec<u8>), RolloverRefused>> {
         let (pki, bytes) = Pki::read_shared(store, key).await?;
+        if !pki.rolling_over() || pki.issuer_label() != issuer_label {
+            return Ok(Err(RolloverRefused::NotInProgress));
+        }
         let mut shared = SharedPki::parse(&bytes)?;
         let (Some(cert), Some(sealed)) =
             (shared.next_ca_cert_pem.take(), shared.next_ca_key.take())
@@ -394,7 +408,7 @@ impl Pki {
         before: &[u8],
         shared: &SharedPki,
         raced: RolloverRefused,
-    ) -> anyhow::Result<Result<Pki, RolloverRefused>> {
+    ) -> anyhow::Result<Result<(Pki, Vec<u8>), RolloverRefused>> {
         let bytes = serde_json::to_vec(shared)?;
         if !store
             .replace_value(SHARED_PKI_KEY, before, bytes.clone())
@@ -404,7 +418,7 @@ impl Pki {
             // Another node changed it first.
             return Ok(Err(raced));
         }
-        Ok(Ok(Pki::from_shared(&bytes, key)?))
+        Ok(Ok((Pki::from_shared(&bytes, key)?, bytes)))
     }
 
     /// The CA that issues now, and during a rollover the previous one.
@@ -539,18 +553,61 @@ impl Pki {
         Ok(Arc::new(config))
     }
 
-    /// TLS for the HTTP API (`--http-tls`): server certificate only.
-    pub fn http_tls_config(&self) -> anyhow::Result<Arc<TlsServerConfig>> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+    /// The server certificate and its signing key, for [`ServerCert`].
+    pub fn certified_key(&self) -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> {
+        let provider = rustls::crypto::ring::default_provider();
         let (chain, key) = self.server_chain()?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key)
+            .context("loading server.key")?;
+        Ok(Arc::new(rustls::sign::CertifiedKey::new(chain, signing)))
+    }
+
+    /// TLS for the HTTP API (`--http-tls`): server certificate only, the one `cert` holds (a
+    /// fleet CA retirement replaces it without a restart).
+    pub fn http_tls_config(cert: Arc<ServerCert>) -> anyhow::Result<Arc<TlsServerConfig>> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = TlsServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(chain, key)?;
+            .with_cert_resolver(cert);
         // HTTP/1.1 only: the API listener's bounds (header read and idle keep-alive timeout) are
         // hyper HTTP/1 settings; hyper's HTTP/2 server has no idle timeout.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
+    }
+}
+
+/// The server certificate in force for the HTTPS API listener, replaced when the PKI is.
+pub struct ServerCert(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl ServerCert {
+    pub fn new(pki: &Pki) -> anyhow::Result<Arc<ServerCert>> {
+        Ok(Arc::new(ServerCert(std::sync::RwLock::new(
+            pki.certified_key()?,
+        ))))
+    }
+
+    /// Puts `pki`'s server certificate in force.
+    pub fn set(&self, pki: &Pki) -> anyhow::Result<()> {
+        *mooring_proto::sync::write(&self.0) = pki.certified_key()?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for ServerCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerCert")
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(mooring_proto::sync::read(&self.0).clone())
     }
 }
 
@@ -807,6 +864,24 @@ impl PkiPaths {
             return Ok(());
         }
         if self.next_ca_key.exists() {
+            // Decided (ca.next.crt already moved to ca.crt) only if the waiting key belongs to
+            // ca.crt: a lone ca.next.key otherwise (a rollover abandoned by hand) must not
+            // replace the CA's key.
+            let cert_pem = read(&self.ca_cert)?;
+            let der =
+                CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("parsing ca.crt")?;
+            let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+                .map_err(|e| anyhow!("parsing ca.crt: {e}"))?;
+            anyhow::ensure!(
+                key_matches(&read(&self.next_ca_key)?, cert.public_key().raw),
+                "{} does not belong to {} and {} is missing (a rollover abandoned by hand?): \
+                 remove {} or restore {} to start",
+                self.next_ca_key.display(),
+                self.ca_cert.display(),
+                self.next_ca_cert.display(),
+                self.next_ca_key.display(),
+                self.next_ca_cert.display()
+            );
             rename(&self.next_ca_key, &self.ca_key)?;
         }
         if self.next_server_key.exists() {
@@ -823,6 +898,12 @@ impl PkiPaths {
         }
         sync_dir(&self.dir)
     }
+}
+
+/// Whether the PEM private key `key_pem` is the one of the DER SubjectPublicKeyInfo `spki`.
+fn key_matches(key_pem: &str, spki: &[u8]) -> bool {
+    use rcgen::PublicKeyData as _;
+    KeyPair::from_pem(key_pem).is_ok_and(|k| k.subject_public_key_info() == spki)
 }
 
 fn read(path: &Path) -> anyhow::Result<String> {
@@ -1039,6 +1120,44 @@ mod tests {
         assert!(!paths.next_server_cert.exists());
     }
 
+    #[test]
+    fn a_stray_next_key_never_replaces_the_ca_key_and_a_wrong_key_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = OffsetDateTime::now_utc();
+        let names = vec!["localhost".to_string()];
+        let (pki, _) = Pki::load_or_create(dir.path(), &names, now).expect("create");
+        let paths = PkiPaths::new(dir.path());
+        let ca_key = std::fs::read_to_string(&paths.ca_key).expect("ca.key");
+        // A rollover abandoned by hand: ca.next.crt removed, ca.next.key left.
+        let during = Pki::begin_rollover_in_dir(dir.path(), &names, now).expect("begin");
+        assert!(during.rolling_over());
+        std::fs::remove_file(&paths.next_ca_cert).expect("rm");
+        let err = Pki::load_or_create(dir.path(), &names, now)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("does not belong"), "{err:#}");
+        assert_eq!(
+            std::fs::read_to_string(&paths.ca_key).expect("ca.key"),
+            ca_key,
+            "the CA key is untouched"
+        );
+        std::fs::remove_file(&paths.next_ca_key).expect("rm");
+        let (again, _) = Pki::load_or_create(dir.path(), &names, now).expect("starts");
+        assert_eq!(again.ca_pem(), pki.ca_pem());
+        // A CA key that is not the certificate's is refused, not used to sign.
+        std::fs::remove_file(&paths.ca_key).expect("rm");
+        write_private(
+            &paths.ca_key,
+            &KeyPair::generate().expect("key").serialize_pem(),
+            false,
+        )
+        .expect("write");
+        let err = Pki::load_or_create(dir.path(), &names, now)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("does not belong"), "{err:#}");
+    }
+
     #[tokio::test]
     async fn a_shared_rollover_is_one_compare_and_set_per_step() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1055,7 +1174,7 @@ mod tests {
         );
         let (a, b) = (a.expect("a"), b.expect("b"));
         assert!(a.is_ok() ^ b.is_ok(), "one node begins it");
-        let during = a.or(b).expect("the winner");
+        let (during, _) = a.or(b).expect("the winner");
         let (read, _) = Pki::read_shared(&store, &key).await.expect("read");
         assert_eq!(
             read.ca_pem(),
@@ -1069,10 +1188,18 @@ mod tests {
                 .expect("again"),
             Err(RolloverRefused::InProgress)
         ));
-        let after = Pki::retire_previous_shared(&store, &key, &names, now)
-            .await
-            .expect("retire")
-            .expect("retired");
+        // A node that read another CA as issuing is refused (it counted the wrong certificates).
+        assert!(matches!(
+            Pki::retire_previous_shared(&store, &key, before.issuer_label(), &names, now)
+                .await
+                .expect("stale"),
+            Err(RolloverRefused::NotInProgress)
+        ));
+        let (after, _) =
+            Pki::retire_previous_shared(&store, &key, during.issuer_label(), &names, now)
+                .await
+                .expect("retire")
+                .expect("retired");
         assert_eq!(
             ca_serials(&after.ca_pem()),
             vec![ca_serials(&during.ca_pem())[1].clone()]
@@ -1083,7 +1210,7 @@ mod tests {
         read.issue_device_cert("d1", now, 30)
             .expect("issues with the new CA");
         assert!(matches!(
-            Pki::retire_previous_shared(&store, &key, &names, now)
+            Pki::retire_previous_shared(&store, &key, after.issuer_label(), &names, now)
                 .await
                 .expect("again"),
             Err(RolloverRefused::NotInProgress)

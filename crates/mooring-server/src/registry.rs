@@ -26,7 +26,7 @@ mod rotation;
 pub use certs::{
     CertGauges, CertVerdict, CERT_GAUGES_TTL_MS, CERT_LIST_LEN_DEFAULT, REVOKE_REASON_LEN_MAX,
 };
-pub use rollover::{CaRollover, PkiHome, RETIRED_REASON};
+pub use rollover::{CaRollover, PkiHome, Retirement, RETIRED_REASON, RETIRE_REVOKE_MAX};
 pub use rotation::{Renewed, Rotated, REPLACED_REASON, ROTATED_REASON};
 
 /// Most devices one list call returns.
@@ -44,6 +44,8 @@ pub struct Registry {
     /// compare it to notice a step taken on another node).
     pki_home: PkiHome,
     pki_read: std::sync::Mutex<Vec<u8>>,
+    /// The server certificate the HTTPS API listener presents (follows the PKI).
+    server_cert: Arc<crate::pki::ServerCert>,
     /// One rollover step at a time on this node.
     rollover_lock: tokio::sync::Mutex<()>,
     presence: Arc<Presence>,
@@ -102,9 +104,11 @@ impl Registry {
         core: Arc<Core>,
         pki: Pki,
         pki_home: PkiHome,
+        server_cert: Arc<crate::pki::ServerCert>,
         presence: Arc<Presence>,
     ) -> Self {
         Self {
+            server_cert,
             core,
             pki: std::sync::RwLock::new(Arc::new(pki)),
             pki_generation: std::sync::atomic::AtomicU64::new(0),

@@ -324,8 +324,12 @@ impl RunningServer {
                 .await?
         };
         restrict_data_dir(&config.data_dir)?;
+        // The HTTPS listener's certificate follows the PKI (a fleet CA retirement replaces it).
+        let server_cert = crate::pki::ServerCert::new(&pki)?;
         let http_tls = if config.http_tls {
-            Some(TlsAcceptor::from(pki.http_tls_config()?))
+            Some(TlsAcceptor::from(Pki::http_tls_config(
+                server_cert.clone(),
+            )?))
         } else {
             None
         };
@@ -374,6 +378,7 @@ impl RunningServer {
             store,
             pki,
             pki_home,
+            server_cert,
             policy,
             clock,
             writer,

@@ -120,15 +120,17 @@ pub trait CertStore: Send + Sync + 'static {
     async fn count_expiring_certs(&self, before_ms: u64) -> Result<u64>;
     /// Active certificates from a fleet CA other than the one whose issuer is `current_issuer`
     /// (issuer `fleet` or `fleet:<hash>` but not `current_issuer`: during a fleet CA rollover,
-    /// the previous CA's), ordered by `(not_after_ms, serial)` after `after`, at most `limit`.
+    /// the previous CA's) with `not_after_ms > alive_at_ms` (expired ones are of no device that
+    /// can still connect), ordered by `(not_after_ms, serial)` after `after`, at most `limit`.
     async fn old_fleet_certs(
         &self,
         current_issuer: &str,
+        alive_at_ms: u64,
         limit: usize,
         after: Option<(u64, &str)>,
     ) -> Result<Vec<CertRecord>>;
     /// How many active certificates [`CertStore::old_fleet_certs`] selects.
-    async fn count_old_fleet_certs(&self, current_issuer: &str) -> Result<u64>;
+    async fn count_old_fleet_certs(&self, current_issuer: &str, alive_at_ms: u64) -> Result<u64>;
     /// How many certificates are revoked.
     async fn count_revoked_certs(&self) -> Result<u64>;
     /// The device's pending renewal, if any.

@@ -173,3 +173,40 @@ async fn a_fleet_ca_rollover_moves_agents_to_the_new_ca_then_retires_the_previou
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no fleet CA rollover"), "{err}");
 }
+
+/// Over an HTTPS API (`--http-tls`), the CLI trusts the data dir's `ca.crt`: after retirement
+/// that is the new CA, and the listener presents a certificate from it without a restart.
+#[tokio::test]
+async fn the_https_api_presents_the_new_server_certificate_after_retirement() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &["--http-tls"]);
+    let url = format!("https://localhost:{}", server.http.port());
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(support::BIN)
+            .args(args)
+            .args(["--server", &url, "--data-dir"])
+            .arg(&data)
+            .env_remove("MOORING_TOKEN")
+            .output()
+            .expect("cli");
+        assert!(
+            out.status.success(),
+            "mooring {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let old_ca = std::fs::read_to_string(data.join("ca.crt")).expect("ca.crt");
+    cli(&["ca", "rotate-fleet", "--no-rotation"]);
+    let text = cli(&["ca", "rotate-fleet", "retire"]);
+    assert!(text.contains("retired"), "{text}");
+    assert_ne!(
+        std::fs::read_to_string(data.join("ca.crt")).expect("ca.crt"),
+        old_ca
+    );
+    // The CLI now trusts only the new CA; the listener answers with a certificate from it.
+    let text = cli(&["ca", "rotate-fleet", "status"]);
+    assert!(text.contains("rolling_over"), "{text}");
+    assert!(text.contains("false"), "{text}");
+}

@@ -180,14 +180,14 @@ pub(super) async fn begin_rollover(
 }
 
 #[utoipa::path(post, path = "/api/v1/cas/fleet/retire", request_body = RetireCa,
-    responses((status = 200, body = RetiredCa, description = "the previous CA is no longer trusted; the server presents a certificate from the new one"),
+    responses((status = 200, body = RetiredCa, description = "retired: the previous CA is no longer trusted and the server presents a certificate from the new one (MQTT and HTTPS); or, with force and more than 5,000 certificates to revoke, retired false: call again"),
         (status = 409, body = ErrorBody, description = "no_rollover; rollover_incomplete: devices still hold live certificates from the previous CA (retry with force to revoke them)")))]
 pub(super) async fn retire_ca(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<RetireCa>,
 ) -> ApiResult<Json<RetiredCa>> {
-    let (r, revoked) = app
+    let r = app
         .registry
         .retire_previous_ca(&caller.access, req.force)
         .await?;
@@ -196,7 +196,8 @@ pub(super) async fn retire_ca(
         .await
         .map_err(crate::error::ServiceError::internal)?;
     Ok(Json(RetiredCa {
-        fleet: fleet_cas_body(&app, &caller, r).await?,
-        revoked,
+        fleet: fleet_cas_body(&app, &caller, r.rollover).await?,
+        revoked: r.revoked,
+        retired: r.retired,
     }))
 }

@@ -33,6 +33,21 @@ use std::sync::Arc;
 pub const RETIRED_REASON: &str = "ca_retired";
 /// Certificates revoked per store page by a forced retirement.
 const RETIRE_PAGE_LEN: usize = 500;
+/// Most certificates one forced retirement call revokes: a larger remainder is left for the next
+/// call (the answer says how many), so one request stays short.
+pub const RETIRE_REVOKE_MAX: u64 = 5_000;
+
+/// What a retirement call did.
+#[derive(Debug, Clone)]
+pub struct Retirement {
+    /// The fleet CA(s) now.
+    pub rollover: CaRollover,
+    /// Certificates of the previous CA revoked by this call (`force`).
+    pub revoked: u64,
+    /// Whether the previous CA is retired now; `false`: more than [`RETIRE_REVOKE_MAX`] were
+    /// left, the next call goes on.
+    pub retired: bool,
+}
 
 /// Where the fleet PKI is kept.
 #[derive(Clone)]
@@ -67,7 +82,10 @@ impl Registry {
         let (issuing, previous) = pki.fleet_cas().map_err(ServiceError::internal)?;
         let issuer_label = pki.issuer_label().to_owned();
         let previous_certificates = if pki.rolling_over() {
-            self.core.store.count_old_fleet_certs(&issuer_label).await?
+            self.core
+                .store
+                .count_old_fleet_certs(&issuer_label, self.core.now_ms())
+                .await?
         } else {
             0
         };
@@ -105,7 +123,10 @@ impl Registry {
                     .await
                     .map_err(ServiceError::internal)?
                 {
-                    Ok(pki) => pki,
+                    Ok((pki, bytes)) => {
+                        *mooring_proto::sync::lock(&self.pki_read) = bytes;
+                        pki
+                    }
                     Err(_) => return Err(in_progress()),
                 }
             }
@@ -117,14 +138,14 @@ impl Registry {
     }
 
     /// Retires the previous CA (module doc, step 2). `409 no_rollover` without a rollover;
-    /// `409 rollover_incomplete` while devices hold live certificates of the previous CA,
-    /// unless `force` (they are revoked first). Returns the rollover as it is now and how many
-    /// certificates were revoked.
+    /// `409 rollover_incomplete` while devices hold live (unexpired, active) certificates of
+    /// the previous CA, unless `force` (they are revoked first, at most [`RETIRE_REVOKE_MAX`]
+    /// per call; the CA is retired by the call that revokes the last).
     pub async fn retire_previous_ca(
         &self,
         access: &Access,
         force: bool,
-    ) -> ServiceResult<(CaRollover, u64)> {
+    ) -> ServiceResult<Retirement> {
         unscoped(access)?;
         let _one = self.rollover_lock.lock().await;
         let no_rollover = || {
@@ -139,7 +160,11 @@ impl Registry {
             return Err(no_rollover());
         }
         let current = pki.issuer_label().to_owned();
-        let left = self.core.store.count_old_fleet_certs(&current).await?;
+        let left = self
+            .core
+            .store
+            .count_old_fleet_certs(&current, self.core.now_ms())
+            .await?;
         let mut revoked = 0;
         if left > 0 && !force {
             return Err(ServiceError::new(
@@ -154,6 +179,21 @@ impl Registry {
         }
         if left > 0 {
             revoked = self.revoke_previous_ca_certs(&current).await?;
+            if revoked < left {
+                let rollover = self.rollover_view(&pki).await?;
+                if rollover.previous_certificates > 0 {
+                    tracing::info!(
+                        revoked,
+                        left = rollover.previous_certificates,
+                        "forced retirement: revoked a batch; call again to go on"
+                    );
+                    return Ok(Retirement {
+                        rollover,
+                        revoked,
+                        retired: false,
+                    });
+                }
+            }
         }
         let now = self.now_datetime();
         let names = &self.core.config.server_names;
@@ -162,11 +202,20 @@ impl Registry {
                 Pki::retire_previous_in_dir(dir, names, now).map_err(ServiceError::internal)?
             }
             PkiHome::Shared(key) => {
-                match Pki::retire_previous_shared(self.core.store.as_ref(), key, names, now)
-                    .await
-                    .map_err(ServiceError::internal)?
+                match Pki::retire_previous_shared(
+                    self.core.store.as_ref(),
+                    key,
+                    &current,
+                    names,
+                    now,
+                )
+                .await
+                .map_err(ServiceError::internal)?
                 {
-                    Ok(pki) => pki,
+                    Ok((pki, bytes)) => {
+                        *mooring_proto::sync::lock(&self.pki_read) = bytes;
+                        pki
+                    }
                     Err(RolloverRefused::NotInProgress | RolloverRefused::InProgress) => {
                         return Err(no_rollover())
                     }
@@ -176,22 +225,28 @@ impl Registry {
         let view = self.rollover_view(&pki).await?;
         tracing::info!(ca = %view.issuing.sha256, revoked, "previous fleet CA retired: a new server certificate, one CA trusted");
         self.put_pki(pki, None);
-        Ok((view, revoked))
+        Ok(Retirement {
+            rollover: view,
+            revoked,
+            retired: true,
+        })
     }
 
     /// Revokes every live certificate of the previous CA (their sessions close on every node).
     async fn revoke_previous_ca_certs(&self, current: &str) -> ServiceResult<u64> {
         let mut revoked = 0;
+        let mut handled = 0;
         loop {
             // Revoked rows leave the selection, so the first page is always the next one.
             let page = self
                 .core
                 .store
-                .old_fleet_certs(current, RETIRE_PAGE_LEN, None)
+                .old_fleet_certs(current, self.core.now_ms(), RETIRE_PAGE_LEN, None)
                 .await?;
-            if page.is_empty() {
+            if page.is_empty() || handled >= RETIRE_REVOKE_MAX {
                 return Ok(revoked);
             }
+            handled += page.len() as u64;
             for cert in page {
                 let now_ms = self.core.now_ms();
                 if self
@@ -234,10 +289,14 @@ impl Registry {
         Ok(!first)
     }
 
-    /// Puts `pki` in force (the TLS config follows at the next `Cas::reload`).
+    /// Puts `pki` in force: the HTTPS listener's certificate at once, the MQTT listener's TLS
+    /// config at the next `Cas::reload`.
     fn put_pki(&self, pki: Pki, read: Option<Vec<u8>>) {
         if let Some(bytes) = read {
             *mooring_proto::sync::lock(&self.pki_read) = bytes;
+        }
+        if let Err(e) = self.server_cert.set(&pki) {
+            tracing::error!(error = %format!("{e:#}"), "the new server certificate is unusable; HTTPS keeps the previous one");
         }
         *mooring_proto::sync::write(&self.pki) = Arc::new(pki);
         self.pki_generation

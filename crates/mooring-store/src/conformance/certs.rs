@@ -270,7 +270,12 @@ pub async fn cert_old_fleet_ones_are_the_active_certs_of_other_fleet_cas_in_page
     let mut after: Option<(u64, String)> = None;
     for _ in 0..10 {
         let page = store
-            .old_fleet_certs(&current, 2, after.as_ref().map(|(t, s)| (*t, s.as_str())))
+            .old_fleet_certs(
+                &current,
+                0,
+                2,
+                after.as_ref().map(|(t, s)| (*t, s.as_str())),
+            )
             .await
             .expect("page");
         assert!(page.len() <= 2);
@@ -283,16 +288,38 @@ pub async fn cert_old_fleet_ones_are_the_active_certs_of_other_fleet_cas_in_page
         "other fleet CAs' active ones, soonest expiry first"
     );
     assert_eq!(
-        store.count_old_fleet_certs(&current).await.expect("count"),
+        store
+            .count_old_fleet_certs(&current, 0)
+            .await
+            .expect("count"),
         5
     );
     // From the previous CA's point of view the current one's is the old one.
     assert_eq!(
-        store.count_old_fleet_certs(&previous).await.expect("count"),
+        store
+            .count_old_fleet_certs(&previous, 0)
+            .await
+            .expect("count"),
         4
     );
+    // Expired ones (not_after <= alive_at) are of no device that can still connect.
+    assert_eq!(
+        store
+            .count_old_fleet_certs(&current, 7_000)
+            .await
+            .expect("count"),
+        3
+    );
+    let alive: Vec<String> = store
+        .old_fleet_certs(&current, 7_000, 10, None)
+        .await
+        .expect("alive")
+        .into_iter()
+        .map(|c| c.serial)
+        .collect();
+    assert_eq!(alive, ["o3", "serial-d1", "serial-d2"]);
     assert!(store
-        .old_fleet_certs(&current, 0, None)
+        .old_fleet_certs(&current, 0, 0, None)
         .await
         .expect("limit 0")
         .is_empty());

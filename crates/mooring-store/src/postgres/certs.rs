@@ -187,6 +187,7 @@ impl CertStore for PgStore {
     async fn old_fleet_certs(
         &self,
         current_issuer: &str,
+        alive_at_ms: u64,
         limit: usize,
         after: Option<(u64, &str)>,
     ) -> Result<Vec<CertRecord>> {
@@ -200,7 +201,7 @@ impl CertStore for PgStore {
         let sql = format!(
             "SELECT {CERT_COLUMNS} FROM device_certs
              WHERE state = 'active' AND (issuer = $1 OR issuer LIKE $2) AND issuer <> $3
-               AND (not_after_ms, serial) > ($4, $5)
+               AND not_after_ms > $7 AND (not_after_ms, serial) > ($4, $5)
              ORDER BY not_after_ms, serial LIMIT $6"
         );
         let like = format!("{CERT_ISSUER_FLEET}:%");
@@ -214,22 +215,25 @@ impl CertStore for PgStore {
                     &after_ms,
                     &after_serial,
                     &count_to_sql(limit),
+                    &bound_to_sql(alive_at_ms),
                 ],
             )
             .await?;
         rows.iter().map(cert_from_row).collect()
     }
 
-    async fn count_old_fleet_certs(&self, current_issuer: &str) -> Result<u64> {
+    async fn count_old_fleet_certs(&self, current_issuer: &str, alive_at_ms: u64) -> Result<u64> {
         let like = format!("{CERT_ISSUER_FLEET}:%");
         let row = self
             .query_opt(
                 "SELECT count(*) FROM device_certs
-                 WHERE state = 'active' AND (issuer = $1 OR issuer LIKE $2) AND issuer <> $3",
+                 WHERE state = 'active' AND (issuer = $1 OR issuer LIKE $2) AND issuer <> $3
+                   AND not_after_ms > $4",
                 &[
                     &CERT_ISSUER_FLEET,
                     &like,
                     &super::nul_free_cursor(current_issuer),
+                    &bound_to_sql(alive_at_ms),
                 ],
             )
             .await?

@@ -231,12 +231,14 @@ impl CertStore for SqliteStore {
     async fn old_fleet_certs(
         &self,
         current_issuer: &str,
+        alive_at_ms: u64,
         limit: usize,
         after: Option<(u64, &str)>,
     ) -> Result<Vec<CertRecord>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
+        let alive = bound_to_sql(alive_at_ms);
         let current = current_issuer.to_owned();
         let like = format!("{CERT_ISSUER_FLEET}:%");
         let (after_ms, after_serial) = match after {
@@ -249,7 +251,7 @@ impl CertStore for SqliteStore {
                 .prepare_cached(&format!(
                     "SELECT {CERT_COLUMNS} FROM device_certs
                      WHERE state = 'active' AND (issuer = ?1 OR issuer LIKE ?2) AND issuer <> ?3
-                       AND (not_after_ms, serial) > (?4, ?5)
+                       AND not_after_ms > ?7 AND (not_after_ms, serial) > (?4, ?5)
                      ORDER BY not_after_ms, serial LIMIT ?6"
                 ))
                 .db()?;
@@ -261,7 +263,8 @@ impl CertStore for SqliteStore {
                         current,
                         after_ms,
                         after_serial,
-                        limit
+                        limit,
+                        alive
                     ],
                     cert_from_row,
                 )
@@ -271,16 +274,18 @@ impl CertStore for SqliteStore {
         .await
     }
 
-    async fn count_old_fleet_certs(&self, current_issuer: &str) -> Result<u64> {
+    async fn count_old_fleet_certs(&self, current_issuer: &str, alive_at_ms: u64) -> Result<u64> {
+        let alive = bound_to_sql(alive_at_ms);
         let current = current_issuer.to_owned();
         let like = format!("{CERT_ISSUER_FLEET}:%");
         self.read(move |conn| {
             conn.prepare_cached(
                 "SELECT count(*) FROM device_certs
-                 WHERE state = 'active' AND (issuer = ?1 OR issuer LIKE ?2) AND issuer <> ?3",
+                 WHERE state = 'active' AND (issuer = ?1 OR issuer LIKE ?2) AND issuer <> ?3
+                   AND not_after_ms > ?4",
             )
             .db()?
-            .query_row(params![CERT_ISSUER_FLEET, like, current], |r| {
+            .query_row(params![CERT_ISSUER_FLEET, like, current, alive], |r| {
                 u64_column(r, 0)
             })
             .db()

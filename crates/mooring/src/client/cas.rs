@@ -217,7 +217,19 @@ pub async fn ca(args: ApiArgs, command: CaCommand) -> anyhow::Result<u8> {
             if output.json() {
                 return print_json(&r).map(|()| EXIT_OK);
             }
-            print_fleet(&r.fleet, &[("revoked", r.revoked.to_string())]);
+            print_fleet(
+                &r.fleet,
+                &[
+                    ("revoked", r.revoked.to_string()),
+                    ("retired", r.retired.to_string()),
+                ],
+            );
+            if !r.retired {
+                eprintln!(
+                    "revoked {} certificates of the previous CA; {} left: run `mooring ca rotate-fleet retire --force` again",
+                    r.revoked, r.fleet.previous_certificates
+                );
+            }
         }
     }
     Ok(EXIT_OK)
