@@ -266,8 +266,20 @@ impl Pkcs11Uri {
             Some(PinSource::Value(v)) => Some(v.clone()),
             Some(PinSource::File(p)) => {
                 use std::io::Read as _;
+                use std::os::unix::fs::PermissionsExt as _;
                 let f = std::fs::File::open(p)
                     .with_context(|| format!("reading the PIN file {}", p.display()))?;
+                let mode = f
+                    .metadata()
+                    .with_context(|| format!("reading the PIN file {}", p.display()))?
+                    .permissions()
+                    .mode();
+                anyhow::ensure!(
+                    mode & 0o077 == 0,
+                    "the PIN file {} is readable by others (mode {:o}); chmod 600 it",
+                    p.display(),
+                    mode & 0o777
+                );
                 let mut s = String::new();
                 f.take(PIN_FILE_LEN_MAX)
                     .read_to_string(&mut s)
@@ -314,7 +326,8 @@ fn percent_decode(s: &str) -> anyhow::Result<Vec<u8>> {
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .with_context(|| format!("bad percent-escape at byte {i} of {s:?}"))?;
+                // Not the value itself: it may be a PIN.
+                .with_context(|| format!("bad percent-escape at byte {i}"))?;
             out.push(hex);
             i += 3;
         } else {
@@ -472,15 +485,24 @@ impl TokenKey {
             uri.token
         );
         let point = ec_point(&point.context("the token's public key has no CKA_EC_POINT")?)?;
-        Ok((
-            Self {
-                uri: uri.clone(),
-                session: Mutex::new(session),
-                private,
-                point,
-            },
-            created,
-        ))
+        let key = Self {
+            uri: uri.clone(),
+            session: Mutex::new(session),
+            private,
+            point,
+        };
+        // A key found in the token (made elsewhere) must be as protected as one made here.
+        let p = key.protection()?;
+        anyhow::ensure!(
+            p.sensitive && !p.extractable && !p.value_readable,
+            "the key {:?} on token {:?} can be read out of the token (CKA_SENSITIVE {}, \
+             CKA_EXTRACTABLE {}): refused; delete it and let `mooring-agent enroll --key` make one",
+            uri.object,
+            uri.token,
+            p.sensitive,
+            p.extractable
+        );
+        Ok((key, created))
     }
 
     /// The URI this key was opened with.

@@ -314,6 +314,17 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
         "pkcs11:token=mooring;object=device?module-path={MODULE}&pin-source=file:{}",
         pin_file.display()
     );
+    {
+        // Readable by others: refused, like a key file would be.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut cmd = run_command(&server, &conf, &state, &key_from_file);
+        cmd.args(["--interval-secs", "0", "--exit-when-drained"]);
+        let (status, err) = run_to_end(cmd, &[]);
+        assert!(!status.success());
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
     let mut cmd = run_command(&server, &conf, &state, &key_from_file);
     cmd.args([
         "--interval-secs",
