@@ -523,6 +523,9 @@ pub struct CertificateConfig {
     /// `/metrics` counts active certificates expiring within this many days
     /// (`mooring_certificates_expiring`); 1..=3650.
     pub expiring_warn_days: u32,
+    /// How often each node re-checks its live device sessions' certificates (expired while
+    /// connected, revoked elsewhere with the notice lost); 100..=3600000.
+    pub session_sweep_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -621,6 +624,7 @@ impl Default for CertificateConfig {
         Self {
             device_validity_days: 3650,
             expiring_warn_days: 30,
+            session_sweep_interval_ms: crate::registry::SESSION_CERT_SWEEP_INTERVAL_MS,
         }
     }
 }
@@ -757,6 +761,9 @@ impl ServerConfig {
         }
         if self.certificates.device_validity_days == 0 {
             bail!("certificates.device_validity_days must be at least 1");
+        }
+        if !(100..=3_600_000).contains(&self.certificates.session_sweep_interval_ms) {
+            bail!("certificates.session_sweep_interval_ms must be between 100 and 3600000");
         }
         if !(1..=3650).contains(&self.certificates.expiring_warn_days) {
             bail!("certificates.expiring_warn_days must be between 1 and 3650");

@@ -434,7 +434,8 @@ impl Hooks for ServerHooks {
                 app.pipeline.step_failed(cn, Step::FirstConnect, why);
                 return Err(ConnectRefusal::NotAuthorized);
             }
-            app.registry.note_session_cert(&record.id, sha256);
+            app.registry
+                .note_session_cert(&record.id, sha256, req.info.cert_der.as_deref());
             // A device connecting with its pending renewal certificate: rotation confirmed.
             if let Some(rotated) = app
                 .registry

@@ -24,7 +24,8 @@ mod certs;
 mod rollover;
 mod rotation;
 pub use certs::{
-    CertGauges, CertVerdict, CERT_GAUGES_TTL_MS, CERT_LIST_LEN_DEFAULT, REVOKE_REASON_LEN_MAX,
+    run_session_cert_sweep, CertGauges, CertVerdict, CERT_GAUGES_TTL_MS, CERT_LIST_LEN_DEFAULT,
+    REVOKE_REASON_LEN_MAX, SESSION_CERT_SWEEP_INTERVAL_MS,
 };
 pub use rollover::{CaRollover, PkiHome, Retirement, RETIRED_REASON, RETIRE_REVOKE_MAX};
 pub use rotation::{Renewed, Rotated, REPLACED_REASON, ROTATED_REASON};
@@ -58,7 +59,7 @@ pub struct Registry {
     /// The certificate (SHA-256) each device's latest session on this node authenticated
     /// with, to close it when that certificate is revoked (`certs.rs`). One entry per device
     /// that connected here, removed with the device.
-    session_certs: std::sync::Mutex<std::collections::HashMap<DeviceId, String>>,
+    session_certs: std::sync::Mutex<std::collections::HashMap<DeviceId, certs::SessionCert>>,
     /// The certificate gauges of `/metrics` and when they were counted.
     cert_gauges: std::sync::Mutex<Option<(u64, CertGauges)>>,
     /// Renewal requests per device in the current minute (`registry/rotation.rs`): when the

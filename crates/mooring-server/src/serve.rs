@@ -478,6 +478,10 @@ impl RunningServer {
             stop_rx.clone(),
         ));
         tasks.spawn(crate::jobs::run_jobs(app.jobs.clone(), stop_rx.clone()));
+        tasks.spawn(crate::registry::run_session_cert_sweep(
+            app.clone(),
+            stop_rx.clone(),
+        ));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(token_expiry_loop(app.clone(), stop_rx.clone()));

@@ -69,6 +69,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0009_device_activity.sql"),
     include_str!("../migrations/postgres/0010_registered_cas.sql"),
     include_str!("../migrations/postgres/0011_cert_renewals.sql"),
+    include_str!("../migrations/postgres/0012_revoked_certs_index.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

@@ -76,6 +76,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0012_device_activity.sql"),
     include_str!("../migrations/0013_registered_cas.sql"),
     include_str!("../migrations/0014_cert_renewals.sql"),
+    include_str!("../migrations/0015_revoked_certs_index.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

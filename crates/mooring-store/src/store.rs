@@ -133,6 +133,15 @@ pub trait CertStore: Send + Sync + 'static {
     async fn count_old_fleet_certs(&self, current_issuer: &str, alive_at_ms: u64) -> Result<u64>;
     /// How many certificates are revoked.
     async fn count_revoked_certs(&self) -> Result<u64>;
+    /// Certificates revoked at or after `since_ms`, ordered by `(revoked_at_ms, serial)` after
+    /// `after` (the last pair of the previous page), at most `limit`: what the live-session
+    /// sweep re-checks.
+    async fn revoked_certs_since(
+        &self,
+        since_ms: u64,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<CertRecord>>;
     /// The device's pending renewal, if any.
     async fn get_renewal(&self, device_id: &str) -> Result<Option<CertRenewal>>;
     /// In one transaction: adds `cert` (the renewal's certificate, active) to the ledger and

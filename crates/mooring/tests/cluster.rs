@@ -108,7 +108,8 @@ impl Env {
                  [bus]\nurl = \"{}\"\nprefix = \"{}\"\n\
                  [cluster]\nsecret_key_file = \"{}\"\nheartbeat_interval_ms = 200\nnode_lease_ms = 1000\n\
                  [commands]\nretry_backoff_initial_ms = 100\nretry_backoff_max_ms = 200\nscheduler_tick_ms = 50\n\
-                 [fleet]\nsample_interval_ms = 200\n",
+                 [fleet]\nsample_interval_ms = 200\n\
+                 [certificates]\nsession_sweep_interval_ms = 300\n",
                 self.db_url(),
                 nats_url(),
                 self.prefix,
@@ -1377,4 +1378,46 @@ async fn a_fleet_ca_rollover_begun_on_one_node_is_in_force_on_another() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!support::device_can_publish(&a, &old, "roll-old"));
+}
+
+/// The live-session sweep (issue 16): a revocation whose cluster notice never came (written to
+/// the database behind the nodes' backs) still closes the session within a sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_without_its_notice_closes_the_session_at_the_next_sweep() {
+    let env = Env::new().await;
+    let a = env.start("a");
+    let creds = a.create_device("sw1", env.tmp.path());
+    let mut args = creds.mosquitto_args(a.mqtt);
+    args.extend(support::s(&[
+        "-V",
+        "mqttv5",
+        "-i",
+        "sw1",
+        "-t",
+        "devices/sw1/#",
+    ]));
+    let mut sub = support::Sub::start(&args);
+    wait_online(&a, "sw1", true).await;
+    // No API call, no bus notice: only the store knows.
+    let (client, connection) = tokio_postgres::connect(&env.db_url(), tokio_postgres::NoTls)
+        .await
+        .expect("database");
+    let driver = tokio::spawn(connection);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let n = client
+        .execute(
+            "UPDATE device_certs SET state = 'revoked', revoked_at_ms = $1, revoke_reason = 'behind their backs' WHERE device_id = 'sw1'",
+            &[&now_ms],
+        )
+        .await
+        .expect("revoke in the database");
+    assert_eq!(n, 1);
+    drop(client);
+    let _ = driver.await;
+    sub.wait_line(|l| l.contains("DISCONNECT (135)"));
+    sub.wait_exit();
+    assert!(!support::device_can_publish(&a, &creds, "sw1"));
 }

@@ -5,6 +5,11 @@
 //! when a device changes (a revocation here, a `cluster.device` notice from another node:
 //! [`Registry::refresh_device`]) the certificate is looked up again, and a session whose
 //! certificate is no longer active and unexpired is closed (v5 DISCONNECT 0x87).
+//!
+//! A backstop for what that misses ([`run_session_cert_sweep`], every
+//! [`SESSION_CERT_SWEEP_INTERVAL_MS`]): a session whose certificate expires while it is
+//! connected, and a revocation whose cluster notice was lost (the bus is at most once), are
+//! found by re-reading the revocations of the last minutes from the store.
 
 use super::Registry;
 use crate::access::Access;
@@ -19,6 +24,23 @@ pub const REVOKE_REASON_LEN_MAX: usize = 256;
 pub const CERT_LIST_LEN_DEFAULT: usize = 100;
 /// How long the certificate gauges of `/metrics` are reused before counting again.
 pub const CERT_GAUGES_TTL_MS: u64 = 5_000;
+/// How often live sessions' certificates are swept by default (module doc;
+/// `[certificates] session_sweep_interval_ms`).
+pub const SESSION_CERT_SWEEP_INTERVAL_MS: u64 = 30_000;
+/// How far before its last run a sweep reads revocations again (clock skew between nodes,
+/// revocations committed late).
+const SWEEP_OVERLAP_MS: u64 = 60_000;
+/// Revocations read per sweep page, and pages per sweep at most.
+const SWEEP_PAGE_LEN: usize = 1_000;
+const SWEEP_PAGES_MAX: usize = 20;
+
+/// The certificate a device's latest session on this node authenticated with.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionCert {
+    sha256: String,
+    /// From the certificate presented (`None`: no certificate at hand, the simulator's pins).
+    not_after_ms: Option<u64>,
+}
 
 /// What the ledger says of a certificate presented by a device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,9 +78,83 @@ impl Registry {
         Ok(verdict(cert.as_ref(), id, self.core.now_ms()))
     }
 
-    /// The certificate a device session authenticated with (see the module doc).
-    pub fn note_session_cert(&self, id: &DeviceId, sha256: &str) {
-        mooring_proto::sync::lock(&self.session_certs).insert(id.clone(), sha256.to_owned());
+    /// The certificate a device session authenticated with (see the module doc): its SHA-256
+    /// and, from the DER presented, its expiry.
+    pub fn note_session_cert(&self, id: &DeviceId, sha256: &str, der: Option<&[u8]>) {
+        let not_after_ms = der
+            .and_then(|d| x509_parser::parse_x509_certificate(d).ok())
+            .map(|(_, c)| {
+                u64::try_from(c.validity().not_after.timestamp())
+                    .unwrap_or(0)
+                    .saturating_mul(1000)
+            });
+        mooring_proto::sync::lock(&self.session_certs).insert(
+            id.clone(),
+            SessionCert {
+                sha256: sha256.to_owned(),
+                not_after_ms,
+            },
+        );
+    }
+
+    /// One sweep (module doc): closes this node's sessions whose certificate expired, or was
+    /// revoked at or after `since_ms`. Returns how many it closed.
+    pub(crate) async fn sweep_session_certs(&self, since_ms: u64) -> mooring_store::Result<usize> {
+        let now_ms = self.core.now_ms();
+        let mut doomed: Vec<(DeviceId, &'static str)> =
+            mooring_proto::sync::lock(&self.session_certs)
+                .iter()
+                .filter(|(_, s)| s.not_after_ms.is_some_and(|t| t <= now_ms))
+                .map(|(id, _)| (id.clone(), "expired"))
+                .collect();
+        let mut after: Option<(u64, String)> = None;
+        for _ in 0..SWEEP_PAGES_MAX {
+            let page = self
+                .core
+                .store
+                .revoked_certs_since(
+                    since_ms,
+                    SWEEP_PAGE_LEN,
+                    after.as_ref().map(|(t, s)| (*t, s.as_str())),
+                )
+                .await?;
+            let full = page.len() == SWEEP_PAGE_LEN;
+            if let Some(last) = page.last() {
+                after = Some((last.revoked_at_ms.unwrap_or(0), last.serial.clone()));
+            }
+            {
+                let sessions = mooring_proto::sync::lock(&self.session_certs);
+                for cert in &page {
+                    if sessions
+                        .get(&cert.device_id)
+                        .is_some_and(|s| s.sha256 == cert.sha256)
+                    {
+                        doomed.push((cert.device_id.clone(), "revoked"));
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        let mut closed = 0;
+        for (id, why) in doomed {
+            if mooring_proto::sync::lock(&self.session_certs)
+                .remove(&id)
+                .is_none()
+            {
+                continue;
+            }
+            if let Some(broker) = self.core.broker() {
+                broker.kick(
+                    &PrincipalKey::device(id.as_str()),
+                    KickReason::NotAuthorized,
+                );
+            }
+            closed += 1;
+            tracing::info!(device = %id, "closed the device's session: its certificate is {why} (sweep)");
+        }
+        Ok(closed)
     }
 
     /// Closes this node's sessions of `id` if the certificate they authenticated with is no
@@ -66,7 +162,7 @@ impl Registry {
     pub(super) async fn close_sessions_if_cert_invalid(&self, id: &DeviceId) {
         let Some(sha256) = mooring_proto::sync::lock(&self.session_certs)
             .get(id)
-            .cloned()
+            .map(|s| s.sha256.clone())
         else {
             return;
         };
@@ -303,4 +399,26 @@ fn check_reason(reason: Option<&str>) -> ServiceResult<Option<&str>> {
         }
     }
     Ok(reason)
+}
+
+/// Sweeps this node's live sessions' certificates every [`SESSION_CERT_SWEEP_INTERVAL_MS`]
+/// (module doc) until `stop`.
+pub async fn run_session_cert_sweep(
+    app: std::sync::Arc<crate::app::App>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let interval =
+        std::time::Duration::from_millis(app.config().certificates.session_sweep_interval_ms);
+    let mut since_ms = app.registry.core.now_ms().saturating_sub(SWEEP_OVERLAP_MS);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let started_ms = app.registry.core.now_ms();
+        match app.registry.sweep_session_certs(since_ms).await {
+            Ok(_) => since_ms = started_ms.saturating_sub(SWEEP_OVERLAP_MS),
+            Err(e) => tracing::warn!(error = %e, "sweeping live sessions' certificates failed"),
+        }
+    }
 }

@@ -325,6 +325,48 @@ pub async fn cert_old_fleet_ones_are_the_active_certs_of_other_fleet_cas_in_page
         .is_empty());
 }
 
+pub async fn cert_revoked_since_lists_revocations_oldest_first_in_pages<S: Store + ?Sized>(
+    store: &S,
+) {
+    for d in ["d1", "d2"] {
+        store.create_device(new_device(d)).await.expect("create");
+    }
+    for (device, serial) in [("d1", "a1"), ("d1", "a2"), ("d2", "b1"), ("d2", "b2")] {
+        store
+            .add_cert(cert(device, serial, 9_000))
+            .await
+            .expect("add");
+    }
+    assert!(store.revoke_cert("a2", 100, None).await.expect("revoke"));
+    assert!(store.revoke_cert("b1", 100, None).await.expect("revoke"));
+    assert!(store.revoke_cert("a1", 50, None).await.expect("revoke"));
+    assert!(store.revoke_cert("b2", 200, None).await.expect("revoke"));
+    let page = |since, after: Option<(u64, String)>, limit| async move {
+        store
+            .revoked_certs_since(since, limit, after.as_ref().map(|(t, s)| (*t, s.as_str())))
+            .await
+            .expect("page")
+            .into_iter()
+            .map(|c| (c.revoked_at_ms.expect("at"), c.serial))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        page(100, None, 10).await,
+        [
+            (100, "a2".to_owned()),
+            (100, "b1".to_owned()),
+            (200, "b2".to_owned())
+        ],
+        "since inclusive, oldest first, then by serial; active ones never"
+    );
+    let first = page(0, None, 2).await;
+    assert_eq!(first, [(50, "a1".to_owned()), (100, "a2".to_owned())]);
+    let next = page(0, first.last().cloned(), 2).await;
+    assert_eq!(next, [(100, "b1".to_owned()), (200, "b2".to_owned())]);
+    assert!(page(201, None, 10).await.is_empty());
+    assert!(page(0, None, 0).await.is_empty());
+}
+
 fn renewal(device: &str, key: &str, serial: &str, at_ms: u64) -> CertRenewal {
     CertRenewal {
         device_id: id(device),

@@ -117,6 +117,7 @@ macro_rules! conformance_tests {
             cert_revoke_is_idempotent_and_per_device_revokes_only_active,
             cert_expiring_lists_active_ones_soonest_first_in_pages,
             cert_old_fleet_ones_are_the_active_certs_of_other_fleet_cas_in_pages,
+            cert_revoked_since_lists_revocations_oldest_first_in_pages,
             cert_renewal_is_one_pending_per_device_and_confirmation_revokes_the_others,
             ca_add_get_list_and_enable_round_trip,
             ca_taken_fingerprint_or_id_is_refused,

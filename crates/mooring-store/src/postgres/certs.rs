@@ -241,6 +241,39 @@ impl CertStore for PgStore {
         u64_column(&row, 0)
     }
 
+    async fn revoked_certs_since(
+        &self,
+        since_ms: u64,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<CertRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (after_ms, after_serial) = match after {
+            Some((ms, serial)) => (bound_to_sql(ms), super::nul_free_cursor(serial)),
+            None => (-1, ""),
+        };
+        let sql = format!(
+            "SELECT {CERT_COLUMNS} FROM device_certs
+             WHERE state = 'revoked' AND revoked_at_ms >= $1
+               AND (revoked_at_ms, serial) > ($2, $3)
+             ORDER BY revoked_at_ms, serial LIMIT $4"
+        );
+        let rows = self
+            .query(
+                &sql,
+                &[
+                    &bound_to_sql(since_ms),
+                    &after_ms,
+                    &after_serial,
+                    &count_to_sql(limit),
+                ],
+            )
+            .await?;
+        rows.iter().map(cert_from_row).collect()
+    }
+
     async fn count_revoked_certs(&self) -> Result<u64> {
         let row = self
             .query_opt(

@@ -293,6 +293,38 @@ impl CertStore for SqliteStore {
         .await
     }
 
+    async fn revoked_certs_since(
+        &self,
+        since_ms: u64,
+        limit: usize,
+        after: Option<(u64, &str)>,
+    ) -> Result<Vec<CertRecord>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let since = bound_to_sql(since_ms);
+        let (after_ms, after_serial) = match after {
+            Some((ms, serial)) => (bound_to_sql(ms), serial.to_owned()),
+            None => (-1, String::new()),
+        };
+        let limit = count_to_sql(limit);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {CERT_COLUMNS} FROM device_certs
+                     WHERE state = 'revoked' AND revoked_at_ms >= ?1
+                       AND (revoked_at_ms, serial) > (?2, ?3)
+                     ORDER BY revoked_at_ms, serial LIMIT ?4"
+                ))
+                .db()?;
+            let rows = stmt
+                .query_map(params![since, after_ms, after_serial, limit], cert_from_row)
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
+        })
+        .await
+    }
+
     async fn count_revoked_certs(&self) -> Result<u64> {
         self.read(move |conn| {
             conn.prepare_cached("SELECT count(*) FROM device_certs WHERE state = 'revoked'")
