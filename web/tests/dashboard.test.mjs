@@ -269,7 +269,7 @@ test("an installer follows a device's pipeline and confirms its installation onc
   await page.context().close();
 });
 
-test("provisioning: the funnel, a claim created with its token shown once, then revoked; a registered CA disabled", async () => {
+test("provisioning: the funnel, a claim created with its token shown once, then revoked; a registered CA disabled; a fleet CA rollover begun", async () => {
   const page = await newPage();
   await login(page, ADMIN);
   await page.getByTestId("nav-provisioning").click();
@@ -319,6 +319,20 @@ test("provisioning: the funnel, a claim created with its token shown once, then 
   await page.locator('[data-testid="ca-row"][data-enabled="false"]').filter({ hasText: "Acme" }).waitFor();
   const cas = await api("/api/v1/cas");
   assert.equal(cas.cas.find((c) => c.subject.includes("Acme")).enabled, false);
+  // The fleet CA: one, until a rollover begun from the page shows both (the API agrees).
+  const fleet = page.getByTestId("fleet-ca-state");
+  await page.locator('[data-testid="fleet-ca-state"][data-rolling-over="false"]').waitFor();
+  await page.getByTestId("fleet-ca-rollover").click();
+  await page.getByRole("dialog").getByRole("button", { name: "Roll over" }).click();
+  await page.locator('[data-testid="fleet-ca-state"][data-rolling-over="true"]').waitFor();
+  const rollover = await api("/api/v1/cas/fleet");
+  assert.equal(rollover.rolling_over, true);
+  assert.match(await fleet.innerText(), /Previous \(still trusted\)/);
+  assert.equal(
+    (await page.getByTestId("fleet-ca-left").innerText()).split(/\s/)[0].replace(/,/g, ""),
+    String(rollover.previous_certificates),
+  );
+  assert.equal(await page.getByTestId("fleet-ca-retire").isDisabled(), rollover.previous_certificates > 0);
   assert.deepEqual(page.errors, []);
   await page.context().close();
   // A viewer sees the page but cannot create or revoke claims.
@@ -329,6 +343,7 @@ test("provisioning: the funnel, a claim created with its token shown once, then 
   assert.equal(await viewer.getByTestId("claim-create").count(), 0);
   assert.equal(await viewer.getByTestId("claim-revoke").count(), 0);
   assert.equal(await viewer.getByTestId("cas").count(), 0, "registered CAs shown to a viewer");
+  assert.equal(await viewer.getByTestId("fleet-ca").count(), 0, "the fleet CA shown to a viewer");
   assert.deepEqual(viewer.errors, []);
   await viewer.context().close();
 });

@@ -1,6 +1,7 @@
 // #/provisioning: how devices get their identity (issue 16): the pipeline funnel, claim tokens
 // (create — the token is shown once —, list, revoke), the certificates that expire soon, and
-// (admins) the registered manufacturer CAs (disable, enable).
+// (admins) the fleet CA with its rollover (begin, follow, retire) and the registered
+// manufacturer CAs (disable, enable).
 import { html, useState, api, useApi, can, toast, Empty, Async, Dialog, Confirm, PageTitle, fmtTime, fmtNum } from "../lib.js";
 
 const enc = encodeURIComponent;
@@ -145,6 +146,44 @@ function Expiring() {
   </section>`;
 }
 
+function FleetCa() {
+  const res = useApi("/cas/fleet");
+  const [asking, setAsking] = useState(null);
+  const [busy, setBusy] = useState(false);
+  const step = async (what) => {
+    setBusy(true);
+    try {
+      if (what === "begin") {
+        await api("POST", "/cas/fleet/rollover", {});
+        toast("A new fleet CA issues now; both are trusted. Devices are being moved to it.");
+      } else {
+        await api("POST", "/cas/fleet/retire", {});
+        toast("The previous fleet CA is retired.");
+      }
+      res.reload();
+    } catch (e) {
+      toast(e.message, "error");
+    }
+    setBusy(false);
+    setAsking(null);
+  };
+  const caLine = (ca) => html`<strong>${ca.subject}</strong> <code class="muted" title=${ca.sha256}>${ca.sha256.slice(0, 16)}</code>, expires ${fmtTime(ca.not_after)}`;
+  return html`<section class="card" data-testid="fleet-ca">
+    <div class="card-head"><h2>Fleet CA</h2>
+      ${res.data && (res.data.rolling_over
+        ? html`<button type="button" class="btn small danger" data-testid="fleet-ca-retire" disabled=${busy || res.data.previous_certificates > 0} onClick=${() => setAsking("retire")}>Retire previous CA</button>`
+        : html`<button type="button" class="btn small" data-testid="fleet-ca-rollover" disabled=${busy} onClick=${() => setAsking("begin")}>Roll over…</button>`)}
+    </div>
+    <${Async} res=${res} label="Loading the fleet CA…">${(d) => html`<dl class="facts" data-testid="fleet-ca-state" data-rolling-over=${String(d.rolling_over)}>
+      <dt>Issuing</dt><dd>${caLine(d.issuing)}</dd>
+      ${d.previous && html`<dt>Previous (still trusted)</dt><dd>${caLine(d.previous)}</dd>
+        <dt>Devices still on it</dt><dd data-testid="fleet-ca-left">${fmtNum(d.previous_certificates)}${d.previous_certificates > 0 && html` <span class="muted">— retire once this is 0 (the rotation moves them${d.rotation_id ? html`: <code>${d.rotation_id}</code>` : ""}), or with <code>mooring ca rotate-fleet retire --force</code></span>`}</dd>`}
+    </dl>`}</${Async}>
+    ${asking === "begin" && html`<${Confirm} title="Roll over the fleet CA" text="A new fleet CA will issue every certificate from now on. Both CAs stay trusted, and a rotation moves every device to a certificate from the new one (100 a minute). Retire the previous CA once no device holds one of its certificates." okLabel="Roll over" onOk=${() => step("begin")} onCancel=${() => setAsking(null)} busy=${busy} />`}
+    ${asking === "retire" && html`<${Confirm} title="Retire the previous fleet CA" text="The previous CA will no longer be trusted, and the server will present a certificate from the new one. Clients that do not trust the new CA yet can no longer connect." okLabel="Retire" danger onOk=${() => step("retire")} onCancel=${() => setAsking(null)} busy=${busy} />`}
+  </section>`;
+}
+
 function Cas() {
   const res = useApi("/cas");
   const [busy, setBusy] = useState(null);
@@ -184,6 +223,7 @@ export default function Provisioning() {
       <${Expiring} />
     </div>
     <${Claims} />
+    ${can("pki.manage") && html`<${FleetCa} />`}
     ${can("pki.manage") && html`<${Cas} />`}
   `;
 }
