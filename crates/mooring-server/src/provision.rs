@@ -394,8 +394,10 @@ impl Provisioning {
         }
     }
 
-    /// The live claim with this token, or `claim_invalid` (counted against `source`; the log
-    /// says whether the token was unknown, expired or revoked).
+    /// The claim with this token if it is live, or expired or revoked but used (a device whose
+    /// answer was lost may still ask again: [`Provisioning::enroll_claim`] then only answers
+    /// again, nothing new); else `claim_invalid` (counted against `source`; the log says
+    /// whether the token was unknown, expired or revoked).
     ///
     /// A live token is never throttled: the address bound only keeps unknown tokens from being
     /// tried at the database's expense (a 256-bit token cannot be guessed), so devices behind
@@ -411,7 +413,7 @@ impl Provisioning {
             None
         };
         match found {
-            Some(c) if c.is_live(now_ms) => Ok(c),
+            Some(c) if c.is_live(now_ms) || c.uses > 0 => Ok(c),
             other => {
                 match &other {
                     None => tracing::info!(source, "enrollment refused: unknown claim token"),
@@ -450,19 +452,13 @@ impl Provisioning {
         csr_pem: &str,
         proposed_id: Option<&str>,
     ) -> ServiceResult<Enrolled> {
-        let claim = self
-            .core
-            .store
-            .get_claim(claim_id)
-            .await?
-            .filter(|c| c.is_live(self.core.now_ms()))
-            .ok_or_else(|| {
-                tracing::info!(
-                    claim = claim_id,
-                    "enrollment refused: claim expired or revoked since the client connected"
-                );
-                claim_invalid()
-            })?;
+        let claim = self.core.store.get_claim(claim_id).await?.ok_or_else(|| {
+            tracing::info!(
+                claim = claim_id,
+                "enrollment refused: claim deleted since the client connected"
+            );
+            claim_invalid()
+        })?;
         self.enroll_claim(claim, csr_pem, proposed_id).await
     }
 
@@ -517,6 +513,7 @@ impl Provisioning {
         let key =
             crate::pki::parse_csr(csr_pem).map_err(|m| ServiceError::invalid("invalid_csr", m))?;
         let key_sha256 = key_sha256(&key);
+        let live = claim.is_live(self.core.now_ms());
         // The same key again: the same certificate (finishing a half-done enrollment).
         if let Some(e) = self
             .core
@@ -524,7 +521,28 @@ impl Provisioning {
             .get_enrollment(&claim.id, &key_sha256)
             .await?
         {
-            return self.finish(&claim, e).await;
+            if live {
+                return self.finish(&claim, e).await;
+            }
+            // The claim expired or was revoked since: a device that exists with this
+            // enrollment's certificate gets its answer again (it was lost); nothing is created.
+            return match self.registry.lookup(&e.device_id).await? {
+                Some(d) if d.cert_sha256 == e.cert_sha256 => Ok(Enrolled {
+                    claim_id: claim.id.clone(),
+                    device_id: e.device_id.clone(),
+                    certificate_pem: e.cert_pem.clone(),
+                    ca_pem: self.registry.ca_pem(),
+                    created: false,
+                }),
+                _ => {
+                    tracing::info!(claim = %claim.id, "enrollment refused: claim expired or revoked before this enrollment finished");
+                    Err(claim_invalid())
+                }
+            };
+        }
+        if !live {
+            tracing::info!(claim = %claim.id, "enrollment refused: claim expired or revoked");
+            return Err(claim_invalid());
         }
         if claim.uses >= claim.uses_max {
             return Err(no_use_left(&claim));

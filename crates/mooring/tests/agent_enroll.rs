@@ -263,6 +263,40 @@ async fn enrollment_killed_after_each_step_resumes_to_one_device_and_one_certifi
     );
 }
 
+/// The answer lost, then the claim revoked (or expired) before the agent came back: the agent
+/// still finishes, with the certificate issued to it; a new key under that claim is refused.
+#[tokio::test]
+async fn an_agent_whose_answer_was_lost_finishes_after_its_claim_was_revoked() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let (claim_id, token) = claim(&server, json!({"count": 2})).await;
+    let st = state(tmp.path(), "late-1");
+    kill_after(enroll_command(&server, &st, &token, "late-1"), "sent");
+    assert!(!st.join("device.crt").exists());
+    let (status, c) = server
+        .api("DELETE", &format!("/api/v1/claims/{claim_id}"), None)
+        .await;
+    assert_eq!(status, 200, "{c}");
+    let (status, err) = run_to_end(
+        enroll_command(&server, &st, &token, "late-1"),
+        &[r#"{"n":1}"#],
+    );
+    assert!(status.success(), "{status}: {err}");
+    server
+        .wait_for("/api/v1/devices/late-1/telemetry?metric=n", |v| {
+            points(v).len() == 1
+        })
+        .await;
+    assert_one_device_one_cert(&server, "late-1", &st).await;
+    // Another device (another key) under the revoked claim: refused, final, nothing created.
+    let other = state(tmp.path(), "late-2");
+    let (status, err) = run_to_end(enroll_command(&server, &other, &token, "late-2"), &[]);
+    assert!(!status.success());
+    assert!(err.contains("claim_invalid"), "{err}");
+    let (status, _) = server.api("GET", "/api/v1/devices/late-2", None).await;
+    assert_eq!(status, 404);
+}
+
 #[tokio::test]
 async fn a_used_single_use_claim_is_refused_for_another_key_with_a_clear_message() {
     let tmp = tempfile::tempdir().expect("tmp");

@@ -494,15 +494,26 @@ async fn https_enrollment_is_idempotent_per_key_and_refusals_change_nothing() {
         (200, json!("revoked")),
         "{revoked}"
     );
+    // A new key: refused like an unknown token. A key that enrolled: its answer again (a
+    // device whose reply was lost before the claim ended resumes), nothing new.
     let (status, after) = https_enroll(
         &server,
-        json!({"claim_token": token, "csr_pem": csrs[0], "device_id": "meter-1"}),
+        json!({"claim_token": token, "csr_pem": csrs[2], "device_id": "meter-3"}),
     )
     .await;
     assert_eq!(
         (status, after["error"].clone()),
         (401, unknown["error"].clone())
     );
+    let (status, again) = https_enroll(
+        &server,
+        json!({"claim_token": token, "csr_pem": csrs[0], "device_id": "meter-1"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again, first, "the same certificate, re-answered");
+    let (status, _) = server.api("GET", "/api/v1/devices/meter-3", None).await;
+    assert_eq!(status, 404);
     // The enrolled devices keep working.
     let (status, _) = server.api("GET", "/api/v1/devices/meter-2", None).await;
     assert_eq!(status, 200);
