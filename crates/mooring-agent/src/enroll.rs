@@ -566,11 +566,22 @@ fn store_certificate(
         cert.public_key().raw == key.subject_public_key_info(),
         "the issued certificate is not for this device's key"
     );
-    // The trust bundle from the answer; the operator's --ca if the server sent none.
+    // The trust bundle from the answer if it keeps a CA of the operator's --ca (which
+    // verified this server); else --ca itself.
+    let ca = std::fs::read(ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
     let ca_pem = if accepted.ca_pem.trim().is_empty() {
-        std::fs::read(ca_path).with_context(|| format!("reading {}", ca_path.display()))?
+        ca
     } else {
-        accepted.ca_pem.as_bytes().to_vec()
+        let ours = transport::pem_certs(&ca)?;
+        match transport::pem_certs(accepted.ca_pem.as_bytes()) {
+            Ok(theirs) if theirs.iter().any(|c| ours.contains(c)) => {
+                accepted.ca_pem.as_bytes().to_vec()
+            }
+            _ => {
+                tracing::warn!(ca = %ca_path.display(), "the CA bundle in the answer does not include the --ca that verified the server; keeping --ca");
+                ca
+            }
+        }
     };
     write_atomic(&dir.join(CA_FILE), &ca_pem, 0o644)?;
     write_atomic(
@@ -631,6 +642,57 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A self-signed CA and a certificate it issued to `id` for `key`.
+    fn ca_and_cert(id: &str, key: &rcgen::KeyPair) -> (String, String) {
+        let ca_key = rcgen::KeyPair::generate().expect("ca key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("ca");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, id);
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let cert = params.signed_by(key, &issuer).expect("cert");
+        (ca.pem(), cert.pem())
+    }
+
+    #[test]
+    fn the_answers_ca_bundle_is_kept_only_if_it_includes_the_ca_that_verified_the_server() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let (ca, cert) = ca_and_cert("sn-1", &key);
+        let (other_ca, _) = ca_and_cert("x", &key);
+        let ca_path = dir.path().join("operator-ca.crt");
+        std::fs::write(&ca_path, &ca).expect("ca");
+        let answer = |ca_pem: String| EnrollAccepted {
+            v: 1,
+            device_id: "sn-1".into(),
+            certificate_pem: cert.clone(),
+            ca_pem,
+        };
+        // A rollover's bundle that keeps --ca: stored.
+        let bundle = format!("{ca}{other_ca}");
+        store_certificate(dir.path(), &key, &answer(bundle.clone()), &ca_path).expect("store");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(CA_FILE)).expect("ca"),
+            bundle
+        );
+        // One without it: --ca is kept instead.
+        store_certificate(dir.path(), &key, &answer(other_ca), &ca_path).expect("store");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(CA_FILE)).expect("ca"),
+            ca
+        );
+        // None: --ca.
+        store_certificate(dir.path(), &key, &answer(String::new()), &ca_path).expect("store");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(CA_FILE)).expect("ca"),
+            ca
+        );
+    }
 
     #[test]
     fn key_is_made_once_private_and_reused() {

@@ -108,14 +108,7 @@ impl CertFiles {
     /// agent verified vouches for the new CA; a bundle sharing nothing with what verified it
     /// would lock the agent out). `true` if stored.
     pub fn store_trust_bundle(&self, bundle_pem: &str) -> anyhow::Result<bool> {
-        let parse = |pem: &[u8]| -> anyhow::Result<Vec<Vec<u8>>> {
-            use rustls::pki_types::pem::PemObject as _;
-            let ders = rustls::pki_types::CertificateDer::pem_slice_iter(pem)
-                .map(|c| c.map(|c| c.to_vec()))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| anyhow::anyhow!("not PEM certificates: {e:?}"))?;
-            Ok(ders)
-        };
+        let parse = transport::pem_certs;
         let new = parse(bundle_pem.as_bytes()).context("the trust bundle")?;
         anyhow::ensure!(
             !new.is_empty() && new.len() <= TRUST_CERTS_MAX,

@@ -164,6 +164,14 @@ pub fn server_auth_tls(ca_path: &Path) -> anyhow::Result<Arc<rustls::ClientConfi
     Ok(Arc::new(tls))
 }
 
+/// The certificates of a PEM bundle, as DER.
+pub fn pem_certs(pem: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    CertificateDer::pem_slice_iter(pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("not PEM certificates: {e:?}"))
+}
+
 /// The device id carried in a certificate's subject CN.
 pub fn device_id_from_cert(der: &CertificateDer<'_>) -> anyhow::Result<DeviceId> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
