@@ -43,6 +43,8 @@ pub const CLAIM_USES_MAX: u32 = 1_000_000;
 pub const CLAIM_NAME_LEN_MAX: usize = 128;
 /// Most claims one list call returns.
 pub const CLAIM_PAGE_LEN_MAX: usize = 1000;
+/// Store pages one claim listing reads at most to fill a scoped caller's page.
+const CLAIM_SCAN_PAGES_MAX: usize = 20;
 pub const CLAIM_PAGE_LEN_DEFAULT: usize = 100;
 /// Most enrolled device ids `GET /api/v1/claims/{id}` shows.
 pub const CLAIM_DEVICES_SHOWN_MAX: usize = 100;
@@ -293,15 +295,32 @@ impl Provisioning {
                 format!("limit must be between 1 and {CLAIM_PAGE_LEN_MAX}"),
             ));
         }
-        let page = self.core.store.list_claims(limit, cursor).await?;
-        let next = (page.len() == limit)
-            .then(|| page.last().map(|c| c.id.clone()))
-            .flatten();
-        let visible = page
-            .into_iter()
-            .filter(|c| claim_in_scope(access, &c.tags))
-            .collect();
-        Ok((visible, next))
+        // A scoped caller's page is filled from as many store pages as it takes (at most
+        // CLAIM_SCAN_PAGES_MAX; then the cursor says where to go on), so it is not cut short
+        // by claims outside the scope.
+        let mut visible = Vec::with_capacity(limit);
+        let mut cursor = cursor.map(str::to_owned);
+        for _ in 0..CLAIM_SCAN_PAGES_MAX {
+            let page = self
+                .core
+                .store
+                .list_claims(limit, cursor.as_deref())
+                .await?;
+            let full = page.len() == limit;
+            for c in page {
+                cursor = Some(c.id.clone());
+                if claim_in_scope(access, &c.tags) {
+                    visible.push(c);
+                    if visible.len() == limit {
+                        return Ok((visible, cursor));
+                    }
+                }
+            }
+            if !full {
+                return Ok((visible, None));
+            }
+        }
+        Ok((visible, cursor))
     }
 
     /// The claim and the ids of the devices enrolled with it (at most

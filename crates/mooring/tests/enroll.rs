@@ -691,6 +691,49 @@ async fn a_scoped_caller_creates_claims_only_for_devices_inside_its_scope() {
         .expect("http");
     let list: Value = resp.json().await.expect("json");
     assert_eq!(list["claims"].as_array().map(Vec::len), Some(1), "{list}");
+    // Pages are filled past claims outside the scope: with one per page, each page holds one
+    // of the caller's claims, and the walk ends without empty pages in between.
+    for _ in 0..4 {
+        create_claim(&server, json!({"tags": {"customer": "other"}})).await;
+    }
+    let (status, second) = post(json!({"tags": {"customer": "acme"}})).await;
+    assert_eq!(status, 201, "{second}");
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..5 {
+        let mut url = format!("{}/api/v1/claims?limit=1", server.url());
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let page: Value = support::http()
+            .get(url)
+            .bearer_auth(&scoped)
+            .send()
+            .await
+            .expect("http")
+            .json()
+            .await
+            .expect("json");
+        let claims = page["claims"].as_array().expect("claims").clone();
+        cursor = page["next_cursor"].as_str().map(str::to_owned);
+        if claims.is_empty() {
+            assert!(cursor.is_none(), "an empty page ends the walk: {page}");
+            break;
+        }
+        assert!(
+            claims.iter().all(|c| c["tags"]["customer"] == "acme"),
+            "{page}"
+        );
+        seen.extend(claims.iter().map(|c| c["id"].clone()));
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both of the caller's claims, one per page: {seen:?}"
+    );
 }
 
 #[tokio::test]
