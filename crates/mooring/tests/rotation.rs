@@ -582,6 +582,46 @@ async fn a_fleet_rotation_is_throttled_as_asked_and_every_agent_confirms() {
     }
 }
 
+/// A fleet rotation of 1,000 devices (offline: their requests wait for them) keeps to the rate
+/// it was given: at 6,000 a minute, never more than 100 requests within a second, one per
+/// device, all of them.
+#[tokio::test]
+async fn a_fleet_rotation_of_a_thousand_devices_keeps_to_its_rate() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = support::config_args(tmp.path(), "[certificates]\ndevice_validity_days = 10\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&tmp.path().join("data"), "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let ids: Vec<String> = (0..1000).map(|i| format!("k{i:04}")).collect();
+    for id in &ids {
+        let (status, v) = server
+            .api("POST", "/api/v1/devices", Some(json!({"id": id})))
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let rot = start_rotation(&server, "10d", "6000");
+    let done = wait_rotation(&server, &rot, |v| v["job"]["state"] == "succeeded").await;
+    assert_eq!(done["selected"], 1000, "{done}");
+    assert_eq!(done["requested"], 1000, "{done}");
+    assert_eq!(done["failed"], 0, "{done}");
+    let mut times: Vec<u64> = rotate_commands(&server, &ids)
+        .await
+        .into_iter()
+        .map(|(id, t)| {
+            assert_eq!(t.len(), 1, "{id}: {t:?}");
+            t[0]
+        })
+        .collect();
+    times.sort_unstable();
+    // 100 a second: the 101st request comes a second (less timer slack) after the first.
+    for w in times.windows(101) {
+        assert!(
+            w[100] - w[0] >= 950,
+            "101 requests within {} ms",
+            w[100] - w[0]
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_fleet_rotation_resumes_after_a_server_restart_without_asking_twice() {
     let tmp = tempfile::tempdir().expect("tmp");
