@@ -474,8 +474,13 @@ async fn ask_until_answered(
     let topic = provision::request_topic(&request.client_id);
     let accepted_topic = provision::accepted_topic(&request.client_id);
     let rejected_topic = provision::rejected_topic(&request.client_id);
-    // When to (re)send on the current connection; `None` while disconnected.
-    let mut send_at: Option<tokio::time::Instant> = None;
+    // When to (re)send on the current connection; `None` while disconnected. A connection that
+    // came up before this loop began asks at once (its change was already seen: no `changed()`
+    // will come for it).
+    let mut send_at: Option<tokio::time::Instant> = state
+        .borrow_and_update()
+        .is_some()
+        .then(tokio::time::Instant::now);
     loop {
         let handle = state.borrow_and_update().clone();
         if let (Some(h), Some(at)) = (&handle, send_at) {
@@ -572,9 +577,10 @@ fn store_certificate(
     let ca_pem = if accepted.ca_pem.trim().is_empty() {
         ca
     } else {
-        let ours = transport::pem_certs(&ca)?;
+        // (A --ca without certificates verified nothing: an in-memory link's.)
+        let ours = transport::pem_certs(&ca).unwrap_or_default();
         match transport::pem_certs(accepted.ca_pem.as_bytes()) {
-            Ok(theirs) if theirs.iter().any(|c| ours.contains(c)) => {
+            Ok(theirs) if ours.is_empty() || theirs.iter().any(|c| ours.contains(c)) => {
                 accepted.ca_pem.as_bytes().to_vec()
             }
             _ => {

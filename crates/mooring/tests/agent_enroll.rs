@@ -8,9 +8,9 @@ mod support;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 use serde_json::{json, Value};
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{Server, BIN, WAIT};
 
@@ -63,33 +63,6 @@ fn enroll_command_default_id(server: &Server, state: &Path, token: &str) -> Comm
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     cmd
-}
-
-/// Runs the agent to its end with `lines` as input; returns its status and stderr.
-fn run_to_end(mut cmd: Command, lines: &[&str]) -> (ExitStatus, String) {
-    let mut child = cmd.spawn().expect("spawn mooring-agent");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        for l in lines {
-            writeln!(stdin, "{l}").expect("write");
-        }
-    } // closed: the agent exits once everything is acknowledged
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            let out = child.wait_with_output().expect("output");
-            return (status, String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "agent did not finish; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Starts the agent with the test hook parking it after `step`, waits until it says so, and
@@ -173,7 +146,7 @@ async fn agent_enrolls_with_a_claim_and_its_telemetry_arrives_and_never_asks_aga
     let (claim_id, token) = claim(&server, json!({"tags": {"site": "lab"}})).await;
     let st = state(tmp.path(), "pump-1");
 
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &st, &token, "pump-1"),
         &[r#"{"n":1}"#, r#"{"n":2}"#],
     );
@@ -204,7 +177,7 @@ async fn agent_enrolls_with_a_claim_and_its_telemetry_arrives_and_never_asks_aga
         .await;
     assert!((200..300).contains(&status), "{status} {v}");
     let cert_before = std::fs::read(st.join("device.crt")).expect("cert");
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &st, &token, "pump-1"),
         &[r#"{"n":3}"#],
     );
@@ -237,7 +210,8 @@ async fn enrollment_killed_after_each_step_resumes_to_one_device_and_one_certifi
         let key = std::fs::read(st.join("device.key")).expect("key kept");
 
         let line = format!(r#"{{"n":{n}}}"#);
-        let (status, err) = run_to_end(enroll_command(&server, &st, &token, &id), &[&line]);
+        let (status, err) =
+            support::run_agent_to_end(enroll_command(&server, &st, &token, &id), &[&line]);
         assert!(status.success(), "{step}: {status}: {err}");
         assert_eq!(
             std::fs::read(st.join("device.key")).expect("key"),
@@ -277,7 +251,7 @@ async fn an_agent_whose_answer_was_lost_finishes_after_its_claim_was_revoked() {
         .api("DELETE", &format!("/api/v1/claims/{claim_id}"), None)
         .await;
     assert_eq!(status, 200, "{c}");
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &st, &token, "late-1"),
         &[r#"{"n":1}"#],
     );
@@ -290,7 +264,8 @@ async fn an_agent_whose_answer_was_lost_finishes_after_its_claim_was_revoked() {
     assert_one_device_one_cert(&server, "late-1", &st).await;
     // Another device (another key) under the revoked claim: refused, final, nothing created.
     let other = state(tmp.path(), "late-2");
-    let (status, err) = run_to_end(enroll_command(&server, &other, &token, "late-2"), &[]);
+    let (status, err) =
+        support::run_agent_to_end(enroll_command(&server, &other, &token, "late-2"), &[]);
     assert!(!status.success());
     assert!(err.contains("claim_invalid"), "{err}");
     let (status, _) = server.api("GET", "/api/v1/devices/late-2", None).await;
@@ -302,7 +277,7 @@ async fn a_used_single_use_claim_is_refused_for_another_key_with_a_clear_message
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start(&tmp.path().join("data"));
     let (_, token) = claim(&server, json!({})).await;
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &state(tmp.path(), "a"), &token, "first-1"),
         &[r#"{"n":1}"#],
     );
@@ -310,7 +285,7 @@ async fn a_used_single_use_claim_is_refused_for_another_key_with_a_clear_message
 
     // Another agent (another state dir, so another key) with the same token.
     let second = state(tmp.path(), "b");
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &second, &token, "second-1"),
         &[r#"{"n":1}"#],
     );
@@ -345,7 +320,7 @@ async fn enrollment_killed_at_random_points_ends_enrolled_exactly_once() {
         child.kill().expect("kill -9");
         let _ = child.wait();
     }
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &st, &token, "rnd-1"),
         &[r#"{"n":7}"#],
     );
@@ -369,7 +344,7 @@ async fn a_claim_that_assigns_ids_names_the_device_and_the_agent_runs_as_it() {
     let (_, token) = claim(&server, json!({"assign_ids": true})).await;
     let st = state(tmp.path(), "assigned");
     // No --device-id: whatever the agent proposes (machine serial or nothing), the server names it.
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command_default_id(&server, &st, &token),
         &[r#"{"n":5}"#],
     );
@@ -391,7 +366,7 @@ async fn an_unknown_token_is_refused_at_connect_and_nothing_is_retried() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start(&tmp.path().join("data"));
     let st = state(tmp.path(), "x");
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &st, "mct_not-a-real-token", "x-1"),
         &[],
     );

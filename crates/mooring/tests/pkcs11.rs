@@ -12,9 +12,8 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass};
 use cryptoki::session::UserType;
 use cryptoki::types::AuthPin;
 use serde_json::Value;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{Server, BIN};
 
@@ -120,39 +119,6 @@ fn run_command(server: &Server, conf: &Path, state: &Path, key: &str) -> Command
         .env("SOFTHSM2_CONF", conf)
         .env("RUST_LOG", "info");
     cmd
-}
-
-/// Runs the agent to its end with `lines` as input: its status and stderr.
-fn run_to_end(mut cmd: Command, lines: &[&str]) -> (ExitStatus, String) {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mooring-agent");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        for l in lines {
-            // The agent may have exited already (a refused key): not a test failure here.
-            let _ = writeln!(stdin, "{l}");
-        }
-    }
-    let deadline = Instant::now() + RUN_MAX;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            let out = child.wait_with_output().expect("output");
-            return (status, String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "agent did not finish; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 async fn points(server: &Server, n: usize) -> Vec<f64> {
@@ -274,7 +240,7 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
     let state = tmp.path().join("state");
 
     // A wrong PIN: a clear error, a failing exit, nothing asked of the server.
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &conf, &state, &token, &uri("mooring", "0000")),
         &[],
     );
@@ -282,7 +248,7 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
     assert!(err.contains("wrong PIN"), "{err}");
     assert!(!state.join("device.crt").exists());
     // An unknown token: named, with the tokens there are.
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &conf, &state, &token, &uri("nope", PIN)),
         &[],
     );
@@ -294,7 +260,7 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
 
     // Enrolled with the key made in the token; its telemetry arrives over mTLS signed there.
     let key = uri("mooring", PIN);
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         enroll_command(&server, &conf, &state, &token, &key),
         &[r#"{"n":1}"#, r#"{"n":2}"#],
     );
@@ -320,7 +286,7 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
         std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let mut cmd = run_command(&server, &conf, &state, &key_from_file);
         cmd.args(["--interval-secs", "0", "--exit-when-drained"]);
-        let (status, err) = run_to_end(cmd, &[]);
+        let (status, err) = support::run_agent_to_end(cmd, &[]);
         assert!(!status.success());
         assert!(err.contains("chmod 600"), "{err}");
         std::fs::set_permissions(&pin_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
@@ -333,11 +299,11 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
         "-",
         "--exit-when-drained",
     ]);
-    let (status, err) = run_to_end(cmd, &[r#"{"n":3}"#]);
+    let (status, err) = support::run_agent_to_end(cmd, &[r#"{"n":3}"#]);
     assert!(status.success(), "{status}: {err}");
     assert_eq!(points(&server, 3).await, [1.0, 2.0, 3.0]);
     // ... and with a wrong PIN: refused before connecting.
-    let (status, err) = run_to_end(
+    let (status, err) = support::run_agent_to_end(
         run_command(&server, &conf, &state, &uri("mooring", "0000")),
         &[],
     );
@@ -393,7 +359,7 @@ async fn a_token_key_enrolls_connects_rotates_and_never_leaves_the_token() {
         "-",
         "--exit-when-drained",
     ]);
-    let (status, err) = run_to_end(cmd, &[r#"{"n":4}"#]);
+    let (status, err) = support::run_agent_to_end(cmd, &[r#"{"n":4}"#]);
     assert!(status.success(), "{status}: {err}");
     assert_eq!(points(&server, 4).await, [1.0, 2.0, 3.0, 4.0]);
     assert_no_key_file(&state);

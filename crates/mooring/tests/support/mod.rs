@@ -942,3 +942,39 @@ pub fn device_can_publish(server: &Server, creds: &Creds, id: &str) -> bool {
     ]));
     mosquitto_pub(&args).status.success()
 }
+
+/// Runs an agent command to its end with `lines` on its stdin (then closed): its exit status
+/// and stderr. Panics after 60 s. A line the agent no longer reads (it exited: a refusal) is
+/// not an error here.
+#[allow(dead_code)]
+pub fn run_agent_to_end(mut cmd: Command, lines: &[&str]) -> (std::process::ExitStatus, String) {
+    use std::io::Write as _;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mooring-agent");
+    {
+        let mut stdin = child.stdin.take().expect("stdin");
+        for l in lines {
+            let _ = writeln!(stdin, "{l}");
+        }
+    } // closed: the agent exits once everything is acknowledged
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            let out = child.wait_with_output().expect("output");
+            return (status, String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "agent did not finish; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
