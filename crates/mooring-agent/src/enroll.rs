@@ -573,11 +573,14 @@ fn store_certificate(
     );
     // The trust bundle from the answer if it keeps a CA of the operator's --ca (which
     // verified this server); else --ca itself.
-    let ca = std::fs::read(ca_path).with_context(|| format!("reading {}", ca_path.display()))?;
+    let read_ca =
+        || std::fs::read(ca_path).with_context(|| format!("reading {}", ca_path.display()));
     let ca_pem = if accepted.ca_pem.trim().is_empty() {
-        ca
+        read_ca()?
     } else {
-        // (A --ca without certificates verified nothing: an in-memory link's.)
+        // (A --ca that is absent or holds no certificate verified nothing: an in-memory
+        // link's, the simulator's.)
+        let ca = read_ca().unwrap_or_default();
         let ours = transport::pem_certs(&ca).unwrap_or_default();
         match transport::pem_certs(accepted.ca_pem.as_bytes()) {
             Ok(theirs) if ours.is_empty() || theirs.iter().any(|c| ours.contains(c)) => {
