@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord, CertRecord,
-    CertRenewal, ClaimCreate, ClaimRecord, CommandParentRecord, CommandRecord, CommandState,
-    CreateOutcome, DeviceActivity, DeviceFilter, DeviceRecord, EnrollmentRecord, EnrollmentReserve,
-    FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts,
-    Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery,
-    TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    AppendOutcome, ArtifactCreate, ArtifactDelete, ArtifactRecord, AuditQuery, AuditRecord,
+    BrokerOp, BrokerState, CaRecord, CertRecord, CertRenewal, ClaimCreate, ClaimRecord,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceActivity, DeviceFilter,
+    DeviceRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals, Installation,
+    JobRecord, MetricValue, NewDevice, PipelineCounts, Point, SessionOp, SessionRecord,
+    ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
+    UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -516,6 +517,46 @@ pub trait ClaimStore: Send + Sync + 'static {
         -> Result<Vec<EnrollmentRecord>>;
 }
 
+/// OTA artifacts (issue 17): what each uploaded file is, its manifest and how far its upload
+/// got. The bytes are an [`ArtifactBlobs`]' concern.
+#[async_trait::async_trait]
+pub trait ArtifactStore: Send + Sync + 'static {
+    /// Stores a new artifact unless another has its version or the store holds `count_max`.
+    /// `AlreadyExists` if the id is taken.
+    async fn create_artifact(&self, a: ArtifactRecord, count_max: u32) -> Result<ArtifactCreate>;
+    async fn get_artifact(&self, id: &str) -> Result<Option<ArtifactRecord>>;
+    /// At most `limit` artifacts with `id > after_id`, ordered by id (keyset pagination).
+    async fn list_artifacts(
+        &self,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> Result<Vec<ArtifactRecord>>;
+    /// Moves an uploading artifact's `stored_bytes` from `from` to `to` (compare-and-set: two
+    /// uploaders of one artifact never both advance it); `false` if it was not at `from`, is
+    /// not uploading, or is gone.
+    async fn advance_artifact(&self, id: &str, from: u64, to: u64) -> Result<bool>;
+    /// Marks an uploading artifact ready with its signature; `false` if it was not uploading.
+    async fn mark_artifact_ready(&self, id: &str, signature: &str) -> Result<bool>;
+    /// Whether a deployment names the artifact (it may not be deleted then).
+    async fn artifact_in_use(&self, id: &str) -> Result<bool>;
+    /// Deletes the artifact (and the chunks the database holds of it) unless a deployment
+    /// names it, in one transaction.
+    async fn delete_artifact(&self, id: &str) -> Result<ArtifactDelete>;
+}
+
+/// The bytes of artifacts, chunked: the data dir's files ([`crate::FileBlobs`]) for the
+/// embedded server, the database's chunk table (every [`Store`]) for a cluster.
+#[async_trait::async_trait]
+pub trait ArtifactBlobs: Send + Sync + 'static {
+    /// Writes `data` at `offset`; whatever was stored from `offset` on is replaced. Durable when
+    /// it returns.
+    async fn write_blob(&self, id: &str, offset: u64, data: Vec<u8>) -> Result<()>;
+    /// Up to `len` bytes from `offset` (fewer at the end; none past it).
+    async fn read_blob(&self, id: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Deletes every byte of the artifact (nothing to delete is fine).
+    async fn delete_blob(&self, id: &str) -> Result<()>;
+}
+
 /// Everything a Mooring server needs from storage.
 pub trait Store:
     DeviceStore
@@ -532,6 +573,8 @@ pub trait Store:
     + CertStore
     + ClaimStore
     + CaStore
+    + ArtifactStore
+    + ArtifactBlobs
 {
 }
 
@@ -550,5 +593,7 @@ impl<T> Store for T where
         + CertStore
         + ClaimStore
         + CaStore
+        + ArtifactStore
+        + ArtifactBlobs
 {
 }
