@@ -37,3 +37,21 @@ CREATE TABLE ota_deployments (
     canceled_at_ms  INTEGER
 ) STRICT, WITHOUT ROWID;
 CREATE INDEX ota_deployments_by_artifact ON ota_deployments (artifact_id);
+
+-- Each device's update of a deployment, as its reports tell it (the newest `seq` wins): state,
+-- reason, download progress, what it runs now; the `mooring.update` command that carries it.
+CREATE TABLE ota_device_updates (
+    deployment_id   TEXT    NOT NULL REFERENCES ota_deployments (id) ON DELETE CASCADE,
+    device_id       TEXT    NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    artifact_id     TEXT    NOT NULL,
+    version         TEXT    NOT NULL,
+    command_id      TEXT,
+    state           TEXT    NOT NULL,
+    reason          TEXT,
+    progress_pct    INTEGER,
+    running_version TEXT,
+    seq             INTEGER,
+    updated_at_ms   INTEGER NOT NULL,
+    PRIMARY KEY (deployment_id, device_id)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX ota_device_updates_by_device ON ota_device_updates (device_id, updated_at_ms);

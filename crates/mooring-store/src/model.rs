@@ -1242,3 +1242,62 @@ pub enum ArtifactDelete {
     /// A deployment names it; nothing deleted.
     InUse,
 }
+
+/// A deployment (issue 17): one artifact to the devices a selector matched when it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentRecord {
+    /// `dep_<hex>`.
+    pub id: String,
+    pub artifact_id: String,
+    /// The selector as given (narrowed by the creator's scope).
+    pub selector: String,
+    pub allow_downgrade: bool,
+    pub created_by: String,
+    pub created_at_ms: u64,
+    pub canceled_at_ms: Option<u64>,
+}
+
+/// One device's update in a deployment, as its reports tell it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceUpdateRecord {
+    pub deployment_id: String,
+    pub device_id: String,
+    pub artifact_id: String,
+    pub version: String,
+    /// The `mooring.update` command carrying it (once created).
+    pub command_id: Option<String>,
+    pub state: mooring_proto::ota::UpdateState,
+    pub reason: Option<String>,
+    pub progress_pct: Option<u8>,
+    pub running_version: Option<String>,
+    /// The newest report's `seq` (`None`: no report yet).
+    pub seq: Option<u64>,
+    pub updated_at_ms: u64,
+}
+
+impl DeviceUpdateRecord {
+    pub(crate) fn check_text(&self) -> Result<()> {
+        for (what, v) in [
+            ("deployment id", self.deployment_id.as_str()),
+            ("device id", &self.device_id),
+            ("artifact id", &self.artifact_id),
+            ("version", &self.version),
+            ("command id", self.command_id.as_deref().unwrap_or("")),
+            ("reason", self.reason.as_deref().unwrap_or("")),
+            (
+                "running version",
+                self.running_version.as_deref().unwrap_or(""),
+            ),
+        ] {
+            check_text(what, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// An update state from its stored name.
+pub(crate) fn update_state_of(s: &str) -> Option<mooring_proto::ota::UpdateState> {
+    mooring_proto::ota::UpdateState::ALL
+        .into_iter()
+        .find(|x| x.as_str() == s)
+}

@@ -6,11 +6,11 @@ use crate::error::Result;
 use crate::model::{
     AppendOutcome, ArtifactCreate, ArtifactDelete, ArtifactRecord, AuditQuery, AuditRecord,
     BrokerOp, BrokerState, CaRecord, CertRecord, CertRenewal, ClaimCreate, ClaimRecord,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeviceActivity, DeviceFilter,
-    DeviceRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals, Installation,
-    JobRecord, MetricValue, NewDevice, PipelineCounts, Point, SessionOp, SessionRecord,
-    ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
-    UserRecord, VersionCounts,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentRecord,
+    DeviceActivity, DeviceFilter, DeviceRecord, DeviceUpdateRecord, EnrollmentRecord,
+    EnrollmentReserve, FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice,
+    PipelineCounts, Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
+    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -557,6 +557,54 @@ pub trait ArtifactBlobs: Send + Sync + 'static {
     async fn delete_blob(&self, id: &str) -> Result<()>;
 }
 
+/// OTA deployments (issue 17): which devices get which artifact, and where each device's
+/// update is as its reports tell it.
+#[async_trait::async_trait]
+pub trait DeploymentStore: Send + Sync + 'static {
+    /// Stores the deployment and its devices' updates (pending) in one transaction;
+    /// `NotFound` if the artifact is gone, `AlreadyExists` if the id is taken.
+    async fn create_deployment(
+        &self,
+        d: DeploymentRecord,
+        updates: Vec<DeviceUpdateRecord>,
+    ) -> Result<()>;
+    async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRecord>>;
+    /// Newest first (by creation time, then id), at most `limit`.
+    async fn list_deployments(&self, limit: usize) -> Result<Vec<DeploymentRecord>>;
+    /// Sets the cancel time (the first one stays); the deployment as stored now.
+    async fn cancel_deployment(&self, id: &str, at_ms: u64) -> Result<Option<DeploymentRecord>>;
+    /// Records which command carries a device's update.
+    async fn set_update_command(
+        &self,
+        deployment_id: &str,
+        device_id: &str,
+        command_id: &str,
+    ) -> Result<bool>;
+    /// Stores a device's report unless the stored one has a `seq` at or above `u.seq`;
+    /// `false` if ignored (older, or no such update).
+    async fn apply_update_report(&self, u: DeviceUpdateRecord) -> Result<bool>;
+    async fn get_update(
+        &self,
+        deployment_id: &str,
+        device_id: &str,
+    ) -> Result<Option<DeviceUpdateRecord>>;
+    /// A deployment's updates by device id, after `after_device`, at most `limit`.
+    async fn list_updates(
+        &self,
+        deployment_id: &str,
+        after_device: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeviceUpdateRecord>>;
+    /// How many of a deployment's updates are in each state.
+    async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>>;
+    /// A device's updates, newest first, at most `limit`.
+    async fn device_updates(
+        &self,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<DeviceUpdateRecord>>;
+}
+
 /// Everything a Mooring server needs from storage.
 pub trait Store:
     DeviceStore
@@ -575,6 +623,7 @@ pub trait Store:
     + CaStore
     + ArtifactStore
     + ArtifactBlobs
+    + DeploymentStore
 {
 }
 
@@ -595,5 +644,6 @@ impl<T> Store for T where
         + CaStore
         + ArtifactStore
         + ArtifactBlobs
+        + DeploymentStore
 {
 }

@@ -158,3 +158,157 @@ where
     );
     store.delete_blob(&a.id).await.expect("delete nothing");
 }
+
+fn update(dep: &str, device: &str) -> crate::DeviceUpdateRecord {
+    crate::DeviceUpdateRecord {
+        deployment_id: dep.to_owned(),
+        device_id: device.to_owned(),
+        artifact_id: artifact(11, "5.0.0").id,
+        version: "5.0.0".to_owned(),
+        command_id: None,
+        state: mooring_proto::ota::UpdateState::Pending,
+        reason: None,
+        progress_pct: None,
+        running_version: None,
+        seq: None,
+        updated_at_ms: T0,
+    }
+}
+
+/// A deployment is stored with its devices' updates (pending); reports apply only when newer
+/// (`seq`); counts per state; a device's history; cancel keeps its first time; an artifact a
+/// deployment names is in use and not deleted; a deployment of a missing artifact is
+/// `NotFound`.
+pub async fn deployment_updates_follow_newer_reports_and_hold_the_artifact<S>(store: &S)
+where
+    S: crate::Store + ?Sized,
+{
+    use crate::DeploymentRecord;
+    use mooring_proto::ota::UpdateState;
+    for d in ["d1", "d2"] {
+        store
+            .create_device(super::new_device(d))
+            .await
+            .expect("device");
+    }
+    let a = artifact(11, "5.0.0");
+    store.create_artifact(a.clone(), 10).await.expect("create");
+    let dep = DeploymentRecord {
+        id: "dep_0001".to_owned(),
+        artifact_id: a.id.clone(),
+        selector: "tag:site=north".to_owned(),
+        allow_downgrade: false,
+        created_by: "tok_admin".to_owned(),
+        created_at_ms: T0,
+        canceled_at_ms: None,
+    };
+    store
+        .create_deployment(
+            dep.clone(),
+            vec![update("dep_0001", "d1"), update("dep_0001", "d2")],
+        )
+        .await
+        .expect("deploy");
+    assert_eq!(
+        store.get_deployment("dep_0001").await.expect("get"),
+        Some(dep.clone())
+    );
+    assert_eq!(
+        store.list_deployments(10).await.expect("list"),
+        vec![dep.clone()]
+    );
+    let mut missing = dep.clone();
+    missing.id = "dep_0002".to_owned();
+    missing.artifact_id = "art_ffffffff".to_owned();
+    assert!(matches!(
+        store.create_deployment(missing, Vec::new()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(store
+        .set_update_command("dep_0001", "d1", "c_1")
+        .await
+        .expect("cmd"));
+    let mut r = update("dep_0001", "d1");
+    r.state = UpdateState::Downloading;
+    r.progress_pct = Some(40);
+    r.seq = Some(5);
+    r.updated_at_ms = T0 + 5;
+    assert!(store.apply_update_report(r.clone()).await.expect("apply"));
+    let mut older = r.clone();
+    older.state = UpdateState::Deferred;
+    older.seq = Some(4);
+    assert!(!store
+        .apply_update_report(older.clone())
+        .await
+        .expect("older"));
+    older.seq = Some(5);
+    assert!(!store.apply_update_report(older).await.expect("same seq"));
+    let got = store
+        .get_update("dep_0001", "d1")
+        .await
+        .expect("get")
+        .expect("some");
+    assert_eq!(
+        (
+            got.state,
+            got.progress_pct,
+            got.seq,
+            got.command_id.as_deref()
+        ),
+        (UpdateState::Downloading, Some(40), Some(5), Some("c_1"))
+    );
+    let mut done = r.clone();
+    done.state = UpdateState::Committed;
+    done.running_version = Some("5.0.0".to_owned());
+    done.seq = Some(9);
+    assert!(store.apply_update_report(done).await.expect("apply"));
+    let mut unknown = r.clone();
+    unknown.device_id = "d9".to_owned();
+    assert!(!store
+        .apply_update_report(unknown)
+        .await
+        .expect("no such update"));
+    let counts = store.count_updates("dep_0001").await.expect("count");
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        vec![("committed".to_owned(), 1), ("pending".to_owned(), 1)]
+    );
+    let page = store.list_updates("dep_0001", None, 1).await.expect("list");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].device_id, "d1");
+    let page = store
+        .list_updates("dep_0001", Some("d1"), 10)
+        .await
+        .expect("list");
+    assert_eq!(
+        page.iter()
+            .map(|u| u.device_id.as_str())
+            .collect::<Vec<_>>(),
+        ["d2"]
+    );
+    let history = store.device_updates("d1", 10).await.expect("history");
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].running_version.as_deref(), Some("5.0.0"));
+    let c = store
+        .cancel_deployment("dep_0001", T0 + 10)
+        .await
+        .expect("cancel")
+        .expect("some");
+    assert_eq!(c.canceled_at_ms, Some(T0 + 10));
+    let c = store
+        .cancel_deployment("dep_0001", T0 + 20)
+        .await
+        .expect("cancel")
+        .expect("some");
+    assert_eq!(
+        c.canceled_at_ms,
+        Some(T0 + 10),
+        "the first cancel time stays"
+    );
+    assert!(store.artifact_in_use(&a.id).await.expect("in use"));
+    assert_eq!(
+        store.delete_artifact(&a.id).await.expect("delete"),
+        ArtifactDelete::InUse
+    );
+    assert!(store.get_artifact(&a.id).await.expect("get").is_some());
+}
