@@ -492,6 +492,42 @@ impl Client {
         Ok(self.json(Method::POST, url, Some(req), None).await?.1)
     }
 
+    /// `POST /api/v1/ota/deployments`.
+    pub async fn create_deployment(
+        &self,
+        req: &crate::CreateDeployment,
+    ) -> Result<crate::Deployment> {
+        let url = self.url(&["api", "v1", "ota", "deployments"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/ota/deployments/{id}`.
+    pub async fn get_deployment(&self, id: &str) -> Result<crate::Deployment> {
+        self.get(self.url(&["api", "v1", "ota", "deployments", id], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/ota/deployments`.
+    pub async fn list_deployments(&self) -> Result<crate::DeploymentList> {
+        self.get(self.url(&["api", "v1", "ota", "deployments"], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/ota/deployments/{id}/cancel`.
+    pub async fn cancel_deployment(&self, id: &str) -> Result<crate::Deployment> {
+        let url = self.url(
+            &["api", "v1", "ota", "deployments", id, "cancel"],
+            None::<&()>,
+        )?;
+        Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
+    }
+
+    /// `GET /api/v1/devices/{id}/ota`.
+    pub async fn device_updates(&self, id: &str) -> Result<crate::DeviceUpdates> {
+        self.get(self.url(&["api", "v1", "devices", id, "ota"], None::<&()>)?)
+            .await
+    }
+
     /// `GET /api/v1/ota/update-key`.
     pub async fn update_key(&self) -> Result<crate::UpdateKeyInfo> {
         self.get(self.url(&["api", "v1", "ota", "update-key"], None::<&()>)?)

@@ -58,8 +58,8 @@ pub use fleet::{
 };
 pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
 pub use ota::{
-    Artifact, ArtifactList, CompleteArtifact, CreateArtifact, CreateLink, DownloadLink,
-    UpdateKeyInfo,
+    Artifact, ArtifactList, CompleteArtifact, CreateArtifact, CreateDeployment, CreateLink,
+    Deployment, DeploymentList, DeviceUpdate, DeviceUpdates, DownloadLink, UpdateKeyInfo,
 };
 pub use pipeline::{
     Funnel, FunnelParams, FunnelStage, Installation, PipelineStep, Provisioning,

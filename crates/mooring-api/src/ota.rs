@@ -88,3 +88,64 @@ pub struct UpdateKeyInfo {
     /// Whether the server signs manifests (false: the private key is kept offline).
     pub server_signs: bool,
 }
+
+/// `POST /api/v1/ota/deployments`: send a ready artifact to the devices a selector matches.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeployment {
+    pub artifact_id: String,
+    /// A device selector (`tag:site=berlin`, `id:d1,d2`, `all`...), narrowed by the caller's scope.
+    pub selector: String,
+    /// Devices install it even if it is older than what they run.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+}
+
+/// A deployment with its devices' states.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Deployment {
+    /// `dep_<hex>`.
+    pub id: String,
+    pub artifact_id: String,
+    pub version: String,
+    /// The selector as applied (with the creator's scope).
+    pub selector: String,
+    pub allow_downgrade: bool,
+    pub created_by: String,
+    pub created_at: u64,
+    pub canceled_at: Option<u64>,
+    /// Devices per update state (`pending`, `deferred`, `downloading`, `verifying`,
+    /// `installing`, `rebooting`, `health_checking`, `committed`, `rolled_back`, `failed`).
+    pub counts: std::collections::BTreeMap<String, u64>,
+    /// Devices in the deployment.
+    pub total: u64,
+}
+
+/// `GET /api/v1/ota/deployments`: the newest (at most 100).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeploymentList {
+    pub deployments: Vec<Deployment>,
+}
+
+/// One update of a device, as its reports tell it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeviceUpdate {
+    pub deployment_id: String,
+    pub device_id: String,
+    pub artifact_id: String,
+    pub version: String,
+    pub state: String,
+    /// `<code>: <text>` for deferred, rolled back and failed.
+    pub reason: Option<String>,
+    pub progress_pct: Option<u8>,
+    /// What the device reported it runs.
+    pub running_version: Option<String>,
+    pub command_id: Option<String>,
+    pub updated_at: u64,
+}
+
+/// `GET /api/v1/devices/{id}/ota`: the device's updates, newest first (at most 100).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeviceUpdates {
+    pub updates: Vec<DeviceUpdate>,
+}

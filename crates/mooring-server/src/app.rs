@@ -146,7 +146,13 @@ impl App {
             ))
         };
         Self {
-            ota: crate::ota::Ota::new(core.clone(), registry.clone(), blobs, ota_keys),
+            ota: crate::ota::Ota::new(
+                core.clone(),
+                registry.clone(),
+                commands.clone(),
+                blobs,
+                ota_keys,
+            ),
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
             jobs: Arc::new(Jobs::new(core.clone(), registry.clone(), commands.clone())),
             pipeline: crate::pipeline::Pipeline::new(core.clone(), registry.clone()),

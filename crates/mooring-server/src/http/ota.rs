@@ -11,7 +11,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use mooring_api::{
-    Artifact, ArtifactList, CompleteArtifact, CreateArtifact, CreateLink, DownloadLink, PageParams,
+    Artifact, ArtifactList, CompleteArtifact, CreateArtifact, CreateDeployment, CreateLink,
+    Deployment, DeploymentList, DeviceUpdate, DeviceUpdates, DownloadLink, PageParams,
     UpdateKeyInfo,
 };
 use mooring_store::ArtifactRecord;
@@ -329,4 +330,98 @@ mod tests {
         assert_eq!(parse_range("items=0-", 10), None);
         assert_eq!(parse_range("bytes=0-", 0), None);
     }
+}
+
+fn deployment_body(v: crate::ota::DeploymentView) -> Deployment {
+    Deployment {
+        id: v.deployment.id,
+        artifact_id: v.deployment.artifact_id,
+        version: v.version,
+        selector: v.deployment.selector,
+        allow_downgrade: v.deployment.allow_downgrade,
+        created_by: v.deployment.created_by,
+        created_at: v.deployment.created_at_ms,
+        canceled_at: v.deployment.canceled_at_ms,
+        counts: v.counts,
+        total: v.total,
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/ota/deployments", request_body = CreateDeployment,
+    responses((status = 201, body = Deployment, description = "one mooring.update command per matching device"),
+        (status = 400, body = ErrorBody, description = "invalid_selector, no_matching_devices, too_many_devices"),
+        (status = 404, body = ErrorBody, description = "artifact_not_found"), (status = 409, body = ErrorBody, description = "artifact_not_ready")))]
+pub(super) async fn create_deployment(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(req): ApiJson<CreateDeployment>,
+) -> ApiResult<(StatusCode, Json<Deployment>)> {
+    let v = app
+        .ota
+        .deploy(
+            &caller.access,
+            caller.principal(),
+            &req.artifact_id,
+            &req.selector,
+            req.allow_downgrade,
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(deployment_body(v))))
+}
+
+#[utoipa::path(get, path = "/api/v1/ota/deployments",
+    responses((status = 200, body = DeploymentList, description = "the newest 100, with counts per state")))]
+pub(super) async fn list_deployments(
+    State(app): State<Arc<App>>,
+) -> ApiResult<Json<DeploymentList>> {
+    let list = app.ota.list_deployments().await?;
+    Ok(Json(DeploymentList {
+        deployments: list.into_iter().map(deployment_body).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/ota/deployments/{id}", params(("id" = String, Path)),
+    responses((status = 200, body = Deployment, description = "devices per update state"), (status = 404, body = ErrorBody)))]
+pub(super) async fn get_deployment(
+    State(app): State<Arc<App>>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Deployment>> {
+    Ok(Json(deployment_body(app.ota.deployment(&id).await?)))
+}
+
+#[utoipa::path(post, path = "/api/v1/ota/deployments/{id}/cancel", params(("id" = String, Path)),
+    responses((status = 200, body = Deployment, description = "canceled: pending updates withdrawn, started ones sent mooring.update.cancel"),
+        (status = 404, body = ErrorBody)))]
+pub(super) async fn cancel_deployment(
+    State(app): State<Arc<App>>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<Deployment>> {
+    Ok(Json(deployment_body(app.ota.cancel(&id).await?)))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{id}/ota", params(("id" = String, Path)),
+    responses((status = 200, body = DeviceUpdates, description = "the device's updates, newest first"), (status = 404, body = ErrorBody)))]
+pub(super) async fn device_updates(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<DeviceUpdates>> {
+    let list = app.ota.device_history(&caller.access, &id).await?;
+    Ok(Json(DeviceUpdates {
+        updates: list
+            .into_iter()
+            .map(|u| DeviceUpdate {
+                deployment_id: u.deployment_id,
+                device_id: u.device_id,
+                artifact_id: u.artifact_id,
+                version: u.version,
+                state: u.state.as_str().to_owned(),
+                reason: u.reason,
+                progress_pct: u.progress_pct,
+                running_version: u.running_version,
+                command_id: u.command_id,
+                updated_at: u.updated_at_ms,
+            })
+            .collect(),
+    }))
 }

@@ -130,6 +130,11 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(post, "/api/v1/ota/artifacts/{id}/complete", DevicesWrite, "ota.artifact_complete", ota::complete_artifact),
         row!(post, "/api/v1/ota/artifacts/{id}/links", DevicesWrite, "ota.link_create", ota::create_link),
         row!(get, "/api/v1/ota/artifacts/{id}/download", Public, "ota.download", ota::download),
+        row!(post, "/api/v1/ota/deployments", DevicesWrite, "ota.deploy", ota::create_deployment),
+        row!(get, "/api/v1/ota/deployments", DevicesRead, "ota.deployment_list", ota::list_deployments),
+        row!(get, "/api/v1/ota/deployments/{id}", DevicesRead, "ota.deployment_get", ota::get_deployment),
+        row!(post, "/api/v1/ota/deployments/{id}/cancel", DevicesWrite, "ota.deployment_cancel", ota::cancel_deployment),
+        row!(get, "/api/v1/devices/{id}/ota", DevicesRead, "ota.device_history", ota::device_updates),
     ]
 }
 

@@ -1,6 +1,6 @@
-//! `mooring ota ...`: over-the-air update artifacts (issue 17): upload (chunked, resumable,
-//! signed by the server or with an offline key), list, show, delete, and `keygen` for the
-//! offline update key.
+//! `mooring ota ...`: over-the-air updates (issue 17): artifacts (upload: chunked, resumable,
+//! signed by the server or with an offline key; list, show, delete), `keygen` for the offline
+//! update key, and deployments (deploy, status, cancel, a device's history).
 
 use super::{call, usage, ApiArgs, EXIT_OK};
 use crate::output::{print_fields, print_json, rfc3339, OutputArgs, Table};
@@ -62,6 +62,43 @@ pub enum OtaCommand {
         /// Artifact id (`art_...`).
         id: String,
     },
+    /// Deploy a ready artifact to the devices a selector matches: one update command each
+    /// (devices report every step; `ota status` counts them). Prints the deployment id.
+    Deploy {
+        /// Artifact id (`art_...`).
+        #[arg(long)]
+        artifact: String,
+        /// Which devices: a selector such as tag:site=berlin, id:d1,d2 or all.
+        #[arg(long = "to", value_name = "SELECTOR")]
+        to: String,
+        /// Devices install it even when it is older than what they run.
+        #[arg(long)]
+        allow_downgrade: bool,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// A deployment's devices per update state.
+    Status {
+        /// Deployment id (`dep_...`).
+        id: String,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// Cancel a deployment: updates not picked up yet are withdrawn; devices that started are
+    /// asked to stop (one that is installing finishes and reports what happened).
+    Cancel {
+        /// Deployment id (`dep_...`).
+        id: String,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+    /// A device's updates, newest first.
+    History {
+        /// Device id.
+        device: String,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
     /// Create an update key to keep offline: writes the private key to FILE (0600, never
     /// overwritten) and prints the public key for the server's `[ota] update_public_key` and
     /// the agents' config.
@@ -93,6 +130,33 @@ fn print_artifact(a: &Artifact, output: &OutputArgs) -> anyhow::Result<()> {
             a.signature.clone().unwrap_or_else(|| "-".into()),
         ),
     ]);
+    Ok(())
+}
+
+fn print_deployment(d: &mooring_api::Deployment, output: &OutputArgs) -> anyhow::Result<()> {
+    if output.json() {
+        return print_json(d);
+    }
+    let mut fields = vec![
+        ("id", d.id.clone()),
+        (
+            "artifact",
+            format!("{} (version {})", d.artifact_id, d.version),
+        ),
+        ("selector", d.selector.clone()),
+        ("devices", d.total.to_string()),
+        ("created", rfc3339(d.created_at)),
+        (
+            "canceled",
+            d.canceled_at.map_or_else(|| "-".to_owned(), rfc3339),
+        ),
+    ];
+    for state in mooring_proto::ota::UpdateState::ALL {
+        if let Some(n) = d.counts.get(state.as_str()) {
+            fields.push((state.as_str(), n.to_string()));
+        }
+    }
+    print_fields(&fields);
     Ok(())
 }
 
@@ -257,6 +321,71 @@ pub async fn ota(args: ApiArgs, command: OtaCommand) -> anyhow::Result<u8> {
         OtaCommand::Show { id, output } => {
             let a = call(args.connect()?.get_artifact(&id).await)?;
             print_artifact(&a, &output)?;
+        }
+        OtaCommand::Deploy {
+            artifact,
+            to,
+            allow_downgrade,
+            output,
+        } => {
+            let d = call(
+                args.connect()?
+                    .create_deployment(&mooring_api::CreateDeployment {
+                        artifact_id: artifact,
+                        selector: to,
+                        allow_downgrade,
+                    })
+                    .await,
+            )?;
+            if output.json() {
+                print_json(&d)?;
+            } else {
+                println!("{}", d.id);
+                eprintln!(
+                    "deployment {}: version {} to {} device{}",
+                    d.id,
+                    d.version,
+                    d.total,
+                    if d.total == 1 { "" } else { "s" }
+                );
+            }
+        }
+        OtaCommand::Status { id, output } => {
+            let d = call(args.connect()?.get_deployment(&id).await)?;
+            print_deployment(&d, &output)?;
+        }
+        OtaCommand::Cancel { id, output } => {
+            let d = call(args.connect()?.cancel_deployment(&id).await)?;
+            print_deployment(&d, &output)?;
+        }
+        OtaCommand::History { device, output } => {
+            let h = call(args.connect()?.device_updates(&device).await)?;
+            if output.json() {
+                print_json(&h)?;
+            } else {
+                let mut t = Table::new(&[
+                    "DEPLOYMENT",
+                    "VERSION",
+                    "STATE",
+                    "REASON",
+                    "RUNNING",
+                    "UPDATED",
+                ]);
+                for u in &h.updates {
+                    t.row(vec![
+                        u.deployment_id.clone(),
+                        u.version.clone(),
+                        match u.progress_pct {
+                            Some(p) if u.state == "downloading" => format!("downloading {p}%"),
+                            _ => u.state.clone(),
+                        },
+                        u.reason.clone().unwrap_or_else(|| "-".into()),
+                        u.running_version.clone().unwrap_or_else(|| "-".into()),
+                        rfc3339(u.updated_at),
+                    ]);
+                }
+                t.print();
+            }
         }
         OtaCommand::Delete { id } => {
             call(args.connect()?.delete_artifact(&id).await)?;
