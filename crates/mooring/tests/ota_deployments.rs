@@ -193,6 +193,9 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
         "{v}"
     );
     let canceled = server.cli_json(&["ota", "cancel", &dep_id, "-o", "json"]);
+    // `status --watch` ends at once on a canceled deployment, with the counts on stderr.
+    let watched = server.cli(&["ota", "status", &dep_id, "--watch"]);
+    assert!(String::from_utf8_lossy(&watched.stderr).contains("committed 1, failed 1 (of 2)"));
     assert!(canceled["canceled_at"].is_u64(), "{canceled}");
     assert_eq!(canceled["counts"], json!({"committed": 1, "failed": 1}));
     let (_, history) = server.api("GET", "/api/v1/devices/d2/ota", None).await;

@@ -81,6 +81,10 @@ pub enum OtaCommand {
     Status {
         /// Deployment id (`dep_...`).
         id: String,
+        /// Keep showing the counts (every second, on stderr) until every device's update is
+        /// final or the deployment is canceled.
+        #[arg(long)]
+        watch: bool,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -158,6 +162,32 @@ fn print_deployment(d: &mooring_api::Deployment, output: &OutputArgs) -> anyhow:
     }
     print_fields(&fields);
     Ok(())
+}
+
+/// How often `ota status --watch` asks.
+const WATCH_INTERVAL_MS: u64 = 1000;
+
+/// Whether every device's update is over (committed, rolled back or failed).
+fn all_final(d: &mooring_api::Deployment) -> bool {
+    let done: u64 = mooring_proto::ota::UpdateState::ALL
+        .into_iter()
+        .filter(|s| s.is_final())
+        .filter_map(|s| d.counts.get(s.as_str()))
+        .sum();
+    done == d.total
+}
+
+/// `pending 3, downloading 2, committed 5 (of 10)`, in pipeline order.
+fn counts_line(d: &mooring_api::Deployment) -> String {
+    let parts: Vec<String> = mooring_proto::ota::UpdateState::ALL
+        .into_iter()
+        .filter_map(|s| {
+            d.counts
+                .get(s.as_str())
+                .map(|n| format!("{} {n}", s.as_str()))
+        })
+        .collect();
+    format!("{} (of {})", parts.join(", "), d.total)
 }
 
 fn mib(n: u64) -> String {
@@ -350,8 +380,17 @@ pub async fn ota(args: ApiArgs, command: OtaCommand) -> anyhow::Result<u8> {
                 );
             }
         }
-        OtaCommand::Status { id, output } => {
-            let d = call(args.connect()?.get_deployment(&id).await)?;
+        OtaCommand::Status { id, watch, output } => {
+            let client = args.connect()?;
+            let mut d = call(client.get_deployment(&id).await)?;
+            while watch && d.canceled_at.is_none() && !all_final(&d) {
+                eprint!("\r{}", counts_line(&d));
+                tokio::time::sleep(std::time::Duration::from_millis(WATCH_INTERVAL_MS)).await;
+                d = call(client.get_deployment(&id).await)?;
+            }
+            if watch {
+                eprintln!("\r{}", counts_line(&d));
+            }
             print_deployment(&d, &output)?;
         }
         OtaCommand::Cancel { id, output } => {
