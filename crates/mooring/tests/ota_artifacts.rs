@@ -511,3 +511,79 @@ async fn an_offline_key_signs_and_unsigned_or_wrongly_signed_uploads_are_refused
         art["signature"].as_str().expect("signature")
     ));
 }
+
+#[tokio::test]
+async fn artifact_bounds_refuse_with_a_code_size_count_and_chunk() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let config = tmp.path().join("mooring.toml");
+    std::fs::write(
+        &config,
+        "[ota]\nartifacts_max = 1\nartifact_size_bytes_max = 16777216\n",
+    )
+    .expect("config");
+    let server = Server::start_custom(&data, |cmd| {
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--mqtt-dev-addr", "127.0.0.1:0"]);
+    });
+    let create = |version: &str, size: u64| json!({"version": version, "compatible": ["rev-b"], "sha256": sha256_hex(b"x"), "size": size});
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(create("1.0.0", 16_777_217)),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_size")),
+        "{v}"
+    );
+    let (status, v) = server
+        .api("POST", "/api/v1/ota/artifacts", Some(create("1.0.0", 0)))
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_size")),
+        "{v}"
+    );
+    let (status, first) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(create("1.0.0", 16_777_216)),
+        )
+        .await;
+    assert_eq!(status, 201, "{first}");
+    let (status, v) = server
+        .api("POST", "/api/v1/ota/artifacts", Some(create("2.0.0", 10)))
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("too_many_artifacts")),
+        "{v}"
+    );
+    // A chunk over 8 MiB is refused whole; nothing is stored.
+    let id = first["id"].as_str().expect("id");
+    let (status, v) = put_chunk(&server, id, 0, &vec![0u8; 8 * 1024 * 1024 + 1]).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (413, Some("chunk_too_large")),
+        "{v}"
+    );
+    let (_, v) = server
+        .api("GET", &format!("/api/v1/ota/artifacts/{id}"), None)
+        .await;
+    assert_eq!(v["stored_bytes"], 0);
+    // Unknown ids and routes of artifacts that do not exist answer not found.
+    let (status, v) = put_chunk(&server, "art_ffffffffffffffff", 0, b"x").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("artifact_not_found")),
+        "{v}"
+    );
+}
