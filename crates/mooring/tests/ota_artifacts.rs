@@ -238,6 +238,13 @@ async fn server_signed_upload_resumes_downloads_with_scoped_tokens_and_ranges_an
         assert!(Instant::now() < deadline, "a 1 ms token never expired");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
+    assert!(server.metric("mooring_ota_downloads_refused_total").await >= 6.0);
+    assert!(server.metric("mooring_ota_downloads_total").await >= 3.0);
+    assert!(server.metric("mooring_ota_download_bytes_total").await >= bytes.len() as f64);
+    assert_eq!(
+        server.metric("mooring_ota_artifacts_ready_total").await,
+        2.0
+    );
     // Links are only for devices that exist and artifacts that are ready.
     let (status, v) = server
         .api(

@@ -137,6 +137,11 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
         })
         .await;
     assert_eq!(status["counts"], json!({"committed": 1, "pending": 1}));
+    assert_eq!(
+        server.metric("mooring_ota_status_reports_total").await,
+        2.0,
+        "the older report is not stored"
+    );
     let text =
         String::from_utf8_lossy(&server.cli(&["ota", "status", &dep_id]).stdout).into_owned();
     assert!(

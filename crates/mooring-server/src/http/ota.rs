@@ -229,13 +229,17 @@ pub(super) async fn download(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| {
+            app.ota.count_download(false);
             ServiceError::new(
                 ErrorKind::Unauthorized,
                 "invalid_download_token",
                 "a download needs `Authorization: Bearer <download token>` (from the update's link)",
             )
         })?;
-    app.ota.verify_token(token.trim(), &id)?;
+    if let Err(e) = app.ota.verify_token(token.trim(), &id) {
+        app.ota.count_download(false);
+        return Err(e.into());
+    }
     let a = app.ota.downloadable(&id).await?;
     let range = match headers.get(header::RANGE) {
         None => None,
@@ -289,6 +293,7 @@ pub(super) async fn download(
             Ok(Some((axum::body::Bytes::from(piece), next)))
         }
     });
+    app.ota.count_download(true);
     let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
     h.insert(

@@ -281,7 +281,7 @@ impl Ota {
     pub async fn on_status(&self, device: &str, payload: &[u8]) -> ServiceResult<bool> {
         let r =
             StatusReport::parse(payload).map_err(|e| ServiceError::invalid("invalid_report", e))?;
-        Ok(self
+        let stored = self
             .core
             .store
             .apply_update_report(DeviceUpdateRecord {
@@ -297,7 +297,11 @@ impl Ota {
                 seq: Some(r.seq),
                 updated_at_ms: self.core.now_ms(),
             })
-            .await?)
+            .await?;
+        if stored {
+            crate::metrics::Counters::inc(&self.core.counters.ota_status_reports);
+        }
+        Ok(stored)
     }
 
     /// A device's request for a new download link: the link, or why not (code + message).

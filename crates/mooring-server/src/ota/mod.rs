@@ -322,7 +322,9 @@ impl Ota {
             }
             (UpdateKey::Server(pair), None) => sign_manifest(pair, &a.manifest),
         };
-        self.core.store.mark_artifact_ready(id, &signature).await?;
+        if self.core.store.mark_artifact_ready(id, &signature).await? {
+            crate::metrics::Counters::inc(&self.core.counters.ota_artifacts_ready);
+        }
         self.get_artifact(id).await
     }
 
@@ -438,8 +440,23 @@ impl Ota {
         Ok(a)
     }
 
-    /// Up to `len` bytes of an artifact from `offset`.
+    /// Up to `len` bytes of an artifact from `offset` (counted as sent).
     pub async fn read(&self, id: &str, offset: u64, len: usize) -> ServiceResult<Vec<u8>> {
-        Ok(self.blobs.read_blob(id, offset, len).await?)
+        let piece = self.blobs.read_blob(id, offset, len).await?;
+        self.core
+            .counters
+            .ota_download_bytes
+            .fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(piece)
+    }
+
+    /// Counts a download served, or one refused for its token.
+    pub fn count_download(&self, served: bool) {
+        let c = &self.core.counters;
+        crate::metrics::Counters::inc(if served {
+            &c.ota_downloads
+        } else {
+            &c.ota_downloads_refused
+        });
     }
 }
