@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 
 /// Most devices one deployment reaches (the rollout engine, with waves, is the next issue).
 pub const DEPLOYMENT_DEVICES_MAX: usize = 10_000;
+/// Update commands a deployment creates at once.
+const SEND_CONCURRENCY_MAX: usize = 16;
 /// Devices read per page when a deployment selects or cancels.
 const DEPLOYMENT_PAGE_LEN: usize = 500;
 /// Most entries of a device's OTA history.
@@ -111,10 +113,14 @@ impl Ota {
             .create_deployment(d.clone(), updates)
             .await?;
         // Stored first: a crash here leaves updates without a command, which `deploy` does not
-        // resend (documented); each command is idempotent per deployment and device.
-        for device in &devices {
-            self.send_update(&d, &a, device).await?;
-        }
+        // resend (documented); each command is idempotent per deployment and device. A few at
+        // once, so the store commits them in groups.
+        use futures::stream::TryStreamExt;
+        futures::stream::iter(devices.iter().map(Ok::<_, ServiceError>))
+            .try_for_each_concurrent(SEND_CONCURRENCY_MAX, |device| {
+                self.send_update(&d, &a, device)
+            })
+            .await?;
         self.deployment(&d.id).await
     }
 
