@@ -215,6 +215,11 @@ impl Client {
         for (name, value) in headers {
             req = req.header(*name, value);
         }
+        self.answer(req, url).await
+    }
+
+    /// Sends a built request: the 2xx status and the body's text, or the error it answered.
+    async fn answer(&self, req: reqwest::RequestBuilder, url: Url) -> Result<(StatusCode, String)> {
         let transport = |source| Error::Transport {
             base: self.base().to_owned(),
             source,
@@ -403,6 +408,130 @@ impl Client {
     pub async fn rotate_admin_token(&self) -> Result<CreatedToken> {
         let url = self.url(&["api", "v1", "tokens", "rotate-admin"], None::<&()>)?;
         Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
+    }
+
+    /// `POST /api/v1/ota/artifacts`: announce an artifact; the answer has its manifest.
+    pub async fn create_artifact(&self, req: &crate::CreateArtifact) -> Result<crate::Artifact> {
+        let url = self.url(&["api", "v1", "ota", "artifacts"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `PUT /api/v1/ota/artifacts/{id}/content?offset=N`: one chunk of the file.
+    pub async fn put_artifact_content(
+        &self,
+        id: &str,
+        offset: u64,
+        chunk: Vec<u8>,
+    ) -> Result<crate::Artifact> {
+        let url = self.url(
+            &["api", "v1", "ota", "artifacts", id, "content"],
+            Some(&[("offset", offset)]),
+        )?;
+        let req = self
+            .http
+            .put(url.clone())
+            .bearer_auth(&self.token)
+            .header("content-type", "application/octet-stream")
+            .body(chunk);
+        let (_, text) = self.answer(req, url.clone()).await?;
+        serde_json::from_str(&text).map_err(|source| Error::Decode {
+            url: url.to_string(),
+            source,
+        })
+    }
+
+    /// `POST /api/v1/ota/artifacts/{id}/complete`: check and sign (or verify `signature`).
+    pub async fn complete_artifact(
+        &self,
+        id: &str,
+        req: &crate::CompleteArtifact,
+    ) -> Result<crate::Artifact> {
+        let url = self.url(
+            &["api", "v1", "ota", "artifacts", id, "complete"],
+            None::<&()>,
+        )?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/ota/artifacts/{id}`.
+    pub async fn get_artifact(&self, id: &str) -> Result<crate::Artifact> {
+        self.get(self.url(&["api", "v1", "ota", "artifacts", id], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/ota/artifacts`: one page.
+    pub async fn list_artifacts(&self, params: &PageParams) -> Result<crate::ArtifactList> {
+        self.get(self.url(&["api", "v1", "ota", "artifacts"], Some(params))?)
+            .await
+    }
+
+    /// Every artifact, following `next_cursor` page by page.
+    pub async fn list_all_artifacts(&self) -> Result<Vec<crate::Artifact>> {
+        all_pages(|cursor| async move {
+            let page = self.list_artifacts(&page_params(cursor)).await?;
+            Ok((page.artifacts, page.next_cursor))
+        })
+        .await
+    }
+
+    /// `DELETE /api/v1/ota/artifacts/{id}`.
+    pub async fn delete_artifact(&self, id: &str) -> Result<()> {
+        let url = self.url(&["api", "v1", "ota", "artifacts", id], None::<&()>)?;
+        self.send(Method::DELETE, url, None::<&()>, &[], None)
+            .await
+            .map(|_| ())
+    }
+
+    /// `POST /api/v1/ota/artifacts/{id}/links`: a download link for one device.
+    pub async fn create_download_link(
+        &self,
+        id: &str,
+        req: &crate::CreateLink,
+    ) -> Result<crate::DownloadLink> {
+        let url = self.url(&["api", "v1", "ota", "artifacts", id, "links"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `POST /api/v1/ota/deployments`.
+    pub async fn create_deployment(
+        &self,
+        req: &crate::CreateDeployment,
+    ) -> Result<crate::Deployment> {
+        let url = self.url(&["api", "v1", "ota", "deployments"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/ota/deployments/{id}`.
+    pub async fn get_deployment(&self, id: &str) -> Result<crate::Deployment> {
+        self.get(self.url(&["api", "v1", "ota", "deployments", id], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/ota/deployments`.
+    pub async fn list_deployments(&self) -> Result<crate::DeploymentList> {
+        self.get(self.url(&["api", "v1", "ota", "deployments"], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/ota/deployments/{id}/cancel`.
+    pub async fn cancel_deployment(&self, id: &str) -> Result<crate::Deployment> {
+        let url = self.url(
+            &["api", "v1", "ota", "deployments", id, "cancel"],
+            None::<&()>,
+        )?;
+        Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
+    }
+
+    /// `GET /api/v1/devices/{id}/ota`.
+    pub async fn device_updates(&self, id: &str) -> Result<crate::DeviceUpdates> {
+        self.get(self.url(&["api", "v1", "devices", id, "ota"], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/ota/update-key`.
+    pub async fn update_key(&self) -> Result<crate::UpdateKeyInfo> {
+        self.get(self.url(&["api", "v1", "ota", "update-key"], None::<&()>)?)
+            .await
     }
 
     /// `POST /api/v1/claims`: a claim and its token (shown once).

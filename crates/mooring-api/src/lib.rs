@@ -23,6 +23,7 @@ mod error;
 mod events;
 mod fleet;
 mod jobs;
+mod ota;
 mod pipeline;
 mod provision;
 mod shadow;
@@ -56,6 +57,10 @@ pub use fleet::{
     VersionCount, FLEET_VERSIONS_MAX,
 };
 pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
+pub use ota::{
+    Artifact, ArtifactList, CompleteArtifact, CreateArtifact, CreateDeployment, CreateLink,
+    Deployment, DeploymentList, DeviceUpdate, DeviceUpdates, DownloadLink, UpdateKeyInfo,
+};
 pub use pipeline::{
     Funnel, FunnelParams, FunnelStage, Installation, PipelineStep, Provisioning,
     RecordInstallation, StepFailure, StepState, INSTALLATION_LOCATION_LEN_MAX,

@@ -94,6 +94,8 @@ pub struct App {
     pub provisioning: Provisioning,
     /// Registered manufacturer CAs, the MQTT listener's TLS trust, just-in-time registration.
     pub cas: crate::cas::Cas,
+    /// Over-the-air updates: artifacts, the update key, download links (issue 17).
+    pub ota: crate::ota::Ota,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -113,6 +115,7 @@ impl App {
         writer: TelemetryWriter,
         broker_state: BrokerStateWriter,
         cluster: Option<Arc<Cluster>>,
+        ota_keys: crate::ota::OtaKeys,
     ) -> Self {
         let node = cluster.as_ref().map(|c| c.node().to_owned());
         let events = Arc::new(Events::new(
@@ -140,7 +143,23 @@ impl App {
             presence.clone(),
         ));
         let commands = Arc::new(Commands::new(core.clone(), registry.clone()));
+        // A cluster's artifacts live in the shared store (any node serves any download); the
+        // embedded server's in files beside its database.
+        let blobs: Arc<dyn mooring_store::ArtifactBlobs> = if core.cluster.is_some() {
+            Arc::new(mooring_store::StoreBlobs(core.store.clone()))
+        } else {
+            Arc::new(mooring_store::FileBlobs::new(
+                core.config.data_dir.join(crate::ota::ARTIFACTS_DIR),
+            ))
+        };
         Self {
+            ota: crate::ota::Ota::new(
+                core.clone(),
+                registry.clone(),
+                commands.clone(),
+                blobs,
+                ota_keys,
+            ),
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
             jobs: Arc::new(Jobs::new(core.clone(), registry.clone(), commands.clone())),
             pipeline: crate::pipeline::Pipeline::new(core.clone(), registry.clone()),

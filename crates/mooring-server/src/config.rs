@@ -59,6 +59,35 @@ pub struct ServerConfig {
     pub provisioning: ProvisioningConfig,
     /// Installation confirmations (docs/provisioning.md).
     pub installations: InstallationsConfig,
+    /// Over-the-air updates: artifacts, the update key, download tokens (docs/ota.md).
+    pub ota: OtaConfig,
+}
+
+/// `[ota]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtaConfig {
+    /// Largest artifact file (default 1 GiB).
+    pub artifact_size_bytes_max: u64,
+    /// Most artifacts stored at once (default 1000).
+    pub artifacts_max: u32,
+    /// The update key's public half (64 hex digits) when its private key is kept offline
+    /// (`mooring ota keygen`): the server never signs, and an upload completes only with a
+    /// signature that verifies. Absent: the server's own key (created at first start) signs.
+    pub update_public_key: Option<String>,
+    /// How long a download link's token is valid (default 1 hour).
+    pub download_token_ttl_ms: u64,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        Self {
+            artifact_size_bytes_max: 1024 * 1024 * 1024,
+            artifacts_max: 1000,
+            update_public_key: None,
+            download_token_ttl_ms: 3_600_000,
+        }
+    }
 }
 
 /// `[installations]`.
@@ -601,6 +630,7 @@ impl Default for ServerConfig {
             events: crate::events::EventsConfig::default(),
             fleet: FleetConfig::default(),
             installations: InstallationsConfig::default(),
+            ota: OtaConfig::default(),
             jobs: JobsConfig::default(),
             provisioning: ProvisioningConfig::default(),
         }
@@ -815,6 +845,26 @@ impl ServerConfig {
             }
         }
         self.events.validate()?;
+        let o = &self.ota;
+        if !(1..=crate::ota::ARTIFACT_SIZE_BYTES_LIMIT).contains(&o.artifact_size_bytes_max) {
+            bail!(
+                "ota.artifact_size_bytes_max must be between 1 and {}",
+                crate::ota::ARTIFACT_SIZE_BYTES_LIMIT
+            );
+        }
+        if !(1..=crate::ota::ARTIFACTS_LIMIT).contains(&o.artifacts_max) {
+            bail!(
+                "ota.artifacts_max must be between 1 and {}",
+                crate::ota::ARTIFACTS_LIMIT
+            );
+        }
+        if !(60_000..=7 * 86_400_000).contains(&o.download_token_ttl_ms) {
+            bail!("ota.download_token_ttl_ms must be between 60000 (1 min) and 604800000 (7 days)");
+        }
+        if let Some(key) = &o.update_public_key {
+            crate::ota::parse_public_key(key)
+                .map_err(|e| anyhow::anyhow!("ota.update_public_key: {e}"))?;
+        }
         if !(1_000..=30 * 86_400_000).contains(&self.installations.seen_within_ms) {
             bail!(
                 "installations.seen_within_ms must be between 1000 (1 s) and 2592000000 (30 days)"

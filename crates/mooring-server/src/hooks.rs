@@ -269,6 +269,44 @@ async fn on_renew_request(
     verdict
 }
 
+/// A device asks for a new download link (`devices/<id>/ota/link/request`): the link on
+/// `.../ota/link/accepted`, or the refusal (code + message) on `.../ota/link/rejected`.
+async fn on_link_request(
+    app: &App,
+    id: &mooring_proto::DeviceId,
+    msg: &mooring_broker::Message,
+) -> PublishVerdict {
+    use mooring_proto::ota;
+    use mooring_proto::provision::EnrollRejected;
+    let mut verdict = PublishVerdict::Accept;
+    let (topic, payload) = match app.ota.on_link_request(id.as_str(), &msg.payload).await {
+        Ok(link) => (
+            ota::link_accepted_topic(id),
+            serde_json::to_vec(&link).unwrap_or_default(),
+        ),
+        Err(e) => {
+            match e.kind {
+                crate::error::ErrorKind::InvalidArgument => {
+                    verdict = PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID)
+                }
+                crate::error::ErrorKind::Unavailable | crate::error::ErrorKind::Internal => {
+                    verdict = not_stored(true)
+                }
+                _ => {}
+            }
+            (
+                ota::link_rejected_topic(id),
+                EnrollRejected::new(e.code, e.message).to_bytes(),
+            )
+        }
+    };
+    if let Some(broker) = app.broker() {
+        let reply = Message::new(topic, payload, 1, false);
+        broker.publish_to(&mooring_broker::PrincipalKey::device(id.as_str()), reply);
+    }
+    verdict
+}
+
 /// The broker's hooks. They hold the server only weakly: the app holds the broker, the broker
 /// holds its hooks, so a strong reference here would be a cycle that keeps the app (its store,
 /// its writers) alive after shutdown. Once the app is gone, every question is answered "no".
@@ -602,6 +640,20 @@ impl Hooks for ServerHooks {
                     id,
                 );
             }
+            Some(Topic::OtaStatus(_)) => {
+                return match app.ota.on_status(id.as_str(), &msg.payload).await {
+                    Ok(_) => PublishVerdict::Accept,
+                    Err(e) if e.kind == crate::error::ErrorKind::InvalidArgument => {
+                        tracing::debug!(device = %id, error = %e, "invalid OTA status report");
+                        PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID)
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %id, error = %e, "OTA status report not stored");
+                        not_stored(e.kind == crate::error::ErrorKind::Unavailable)
+                    }
+                };
+            }
+            Some(Topic::OtaLinkRequest(_)) => return on_link_request(&app, id, msg).await,
             Some(Topic::ShadowReported(_)) => {
                 return match app.shadows.on_reported(id, &msg.payload).await {
                     Ok(true) => PublishVerdict::Accept,

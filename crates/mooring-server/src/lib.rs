@@ -58,6 +58,7 @@ pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod oidc;
+pub mod ota;
 pub mod pipeline;
 pub mod pki;
 pub mod presence;

@@ -36,6 +36,16 @@ pub struct Counters {
     pub tls_handshake_failures: AtomicU64,
     /// Device commands created (fleet commands count once per device).
     pub commands_created: AtomicU64,
+    /// OTA artifacts whose upload completed (checked and signed).
+    pub ota_artifacts_ready: AtomicU64,
+    /// OTA downloads served (whole or a range).
+    pub ota_downloads: AtomicU64,
+    /// OTA downloads refused for their token (missing, forged, expired, another artifact's).
+    pub ota_downloads_refused: AtomicU64,
+    /// Bytes of artifacts sent.
+    pub ota_download_bytes: AtomicU64,
+    /// OTA status reports stored (older ones ignored are not counted).
+    pub ota_status_reports: AtomicU64,
     /// Commands handed to a device session for the first time.
     pub commands_delivered: AtomicU64,
     /// Redeliveries of unacknowledged commands.
@@ -344,6 +354,31 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_telemetry_messages_total",
         "Telemetry messages stored",
         load(&c.telemetry_messages),
+    )
+    .counter(
+        "mooring_ota_artifacts_ready_total",
+        "OTA artifacts whose upload completed (size, SHA-256 and signature checked)",
+        load(&c.ota_artifacts_ready),
+    )
+    .counter(
+        "mooring_ota_downloads_total",
+        "OTA downloads served (whole files or ranges)",
+        load(&c.ota_downloads),
+    )
+    .counter(
+        "mooring_ota_downloads_refused_total",
+        "OTA downloads refused for their token (missing, forged, expired, another artifact's)",
+        load(&c.ota_downloads_refused),
+    )
+    .counter(
+        "mooring_ota_download_bytes_total",
+        "Bytes of OTA artifacts sent",
+        load(&c.ota_download_bytes),
+    )
+    .counter(
+        "mooring_ota_status_reports_total",
+        "OTA status reports from devices stored (older ones by seq are ignored, not counted)",
+        load(&c.ota_status_reports),
     )
     .counter(
         "mooring_commands_created_total",

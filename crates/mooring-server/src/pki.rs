@@ -123,7 +123,7 @@ const CA_NOT_BEFORE_SLACK_MS: u64 = 3_600_000;
 /// Writes a data-dir file, 0600 (keys are secret; certificates are public, but everything in
 /// the data dir is the server user's only), and syncs it. A key is created new (never
 /// overwritten); a certificate `replace`s what is there.
-fn write_private(path: &Path, contents: &str, replace: bool) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str, replace: bool) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut opts = std::fs::OpenOptions::new();
@@ -723,6 +723,8 @@ pub struct SecretKey {
     /// The key OpenID Connect login states are sealed with (derived likewise), so a login
     /// begun on one node finishes on any.
     oidc_state: [u8; 32],
+    /// The key OTA download tokens are signed with (derived likewise).
+    ota_token: ring::hmac::Key,
 }
 
 impl SecretKey {
@@ -760,7 +762,9 @@ impl SecretKey {
         oidc_state.copy_from_slice(
             &ring::hmac::sign(&derive, b"mooring oidc state key v1").as_ref()[..32],
         );
+        let ota_token_bytes = ring::hmac::sign(&derive, b"mooring ota download token key v1");
         Ok(SecretKey {
+            ota_token: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ota_token_bytes.as_ref()),
             aead: ring::aead::LessSafeKey::new(key),
             bus: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bus_bytes.as_ref()),
             oidc_state,
@@ -772,6 +776,12 @@ impl SecretKey {
         self.oidc_state
     }
 
+    /// The key OTA download tokens are signed with (HMAC-SHA256, derived from the cluster key),
+    /// so any node verifies a token another node minted.
+    pub fn ota_token_key(&self) -> ring::hmac::Key {
+        self.ota_token.clone()
+    }
+
     /// The key every node signs its bus messages with (HMAC-SHA256).
     pub fn bus_key(&self) -> ring::hmac::Key {
         self.bus.clone()
@@ -779,7 +789,7 @@ impl SecretKey {
 
     /// `plain` sealed under the key, bound to `label` (a value moved to another label does not
     /// open): hex of a random 96-bit nonce followed by the ciphertext and tag.
-    fn seal(&self, plain: &[u8], label: &[u8]) -> anyhow::Result<String> {
+    pub(crate) fn seal(&self, plain: &[u8], label: &[u8]) -> anyhow::Result<String> {
         let nonce_bytes: [u8; 12] = rand::random();
         let mut buf = plain.to_vec();
         self.aead
@@ -794,7 +804,7 @@ impl SecretKey {
         Ok(hex::encode(out))
     }
 
-    fn open(&self, sealed: &str, label: &[u8]) -> anyhow::Result<String> {
+    pub(crate) fn open(&self, sealed: &str, label: &[u8]) -> anyhow::Result<String> {
         let wrong = || {
             anyhow!(
                 "cannot decrypt the cluster's {} from the database: the cluster key file differs \

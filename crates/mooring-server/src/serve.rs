@@ -323,6 +323,16 @@ impl RunningServer {
             crate::auth::ensure_admin_token(store.as_ref(), &config.data_dir, clock.now_ms())
                 .await?
         };
+        let ota_keys = match &shared {
+            Some(parts) => {
+                crate::ota::OtaKeys::load_or_create_shared(&config, store.as_ref(), &parts.key)
+                    .await
+                    .context("the OTA update key")?
+            }
+            None => {
+                crate::ota::OtaKeys::load_or_create_in_dir(&config).context("the OTA update key")?
+            }
+        };
         restrict_data_dir(&config.data_dir)?;
         // The HTTPS listener's certificate follows the PKI (a fleet CA retirement replaces it).
         let server_cert = crate::pki::ServerCert::new(&pki)?;
@@ -384,6 +394,7 @@ impl RunningServer {
             writer,
             broker_state,
             cluster.as_ref().map(|(c, _)| c.clone()),
+            ota_keys,
         ));
         if let Some(oidc_config) = &app.config().oidc {
             // Login states are sealed under a key every node derives from the cluster key; a

@@ -67,6 +67,7 @@
 //! only with the `conformance` feature, which this crate's dev-dependencies turn on (test code
 //! stays out of the production build).
 
+pub mod blobs;
 pub mod broker_writer;
 pub mod chunk;
 #[cfg(feature = "conformance")]
@@ -79,25 +80,28 @@ pub mod sqlite;
 pub mod store;
 pub mod writer;
 
+pub use blobs::{FileBlobs, StoreBlobs};
 pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_MAX};
 pub use error::{Result, StoreError};
 pub use model::{
-    cert_issuer_of_ca, cert_issuer_of_fleet_ca, AppendOutcome, AuditQuery, AuditRecord, BrokerOp,
-    BrokerState, CaRecord, CertRecord, CertRenewal, CertState, ClaimCreate, ClaimRecord,
-    CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
-    DeviceActivity, DeviceFilter, DeviceId, DeviceRecord, EnrollmentRecord, EnrollmentReserve,
-    FleetSample, FleetTotals, Installation, JobError, JobRecord, JobState, MetricValue, NewDevice,
-    OnlineFilter, PipelineCounts, Point, Role, SessionOp, SessionRecord, ShadowRecord, StepError,
-    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
-    CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
+    cert_issuer_of_ca, cert_issuer_of_fleet_ca, AppendOutcome, ArtifactCreate, ArtifactDelete,
+    ArtifactRecord, ArtifactState, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord,
+    CertRecord, CertRenewal, CertState, ClaimCreate, ClaimRecord, CommandOutcome,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentRecord,
+    DeviceActivity, DeviceFilter, DeviceId, DeviceRecord, DeviceUpdateRecord, EnrollmentRecord,
+    EnrollmentReserve, FleetSample, FleetTotals, Installation, JobError, JobRecord, JobState,
+    MetricValue, NewDevice, OnlineFilter, PipelineCounts, Point, Role, SessionOp, SessionRecord,
+    ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
+    UserRecord, VersionCounts, CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    AccountStore, AuditStore, BrokerStateStore, CaStore, CertStore, ClaimStore, ClusterStore,
-    CommandStore, DeviceStore, FleetStore, JobStore, ShadowStore, Store, TelemetryStore,
-    TokenStore, CAS_MAX, CERT_PAGE_LEN_MAX, COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
+    AccountStore, ArtifactBlobs, ArtifactStore, AuditStore, BrokerStateStore, CaStore, CertStore,
+    ClaimStore, ClusterStore, CommandStore, DeploymentStore, DeviceStore, FleetStore, JobStore,
+    ShadowStore, Store, TelemetryStore, TokenStore, CAS_MAX, CERT_PAGE_LEN_MAX,
+    COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

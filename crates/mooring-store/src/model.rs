@@ -1159,3 +1159,145 @@ impl CaRecord {
         check_ts("created_at_ms", self.created_at_ms)
     }
 }
+
+/// Where an OTA artifact's upload is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactState {
+    /// Created; its bytes are being uploaded.
+    Uploading,
+    /// Every byte stored, size and hash checked, the manifest signed: devices may get it.
+    Ready,
+}
+
+impl ArtifactState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Uploading => "uploading",
+            Self::Ready => "ready",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "uploading" => Some(Self::Uploading),
+            "ready" => Some(Self::Ready),
+            _ => None,
+        }
+    }
+}
+
+/// An OTA artifact (issue 17): the file's facts and its manifest, as stored. The bytes live
+/// behind [`crate::ArtifactBlobs`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactRecord {
+    /// `art_<hex>`.
+    pub id: String,
+    pub version: String,
+    /// Lowercase hex SHA-256 of the whole file (as announced; checked at completion).
+    pub sha256: String,
+    pub size: u64,
+    pub compatible: Vec<String>,
+    pub notes: Option<String>,
+    /// The manifest's JSON bytes, exactly as signed.
+    pub manifest: Vec<u8>,
+    /// Hex Ed25519 signature over `manifest` (set when the artifact becomes ready).
+    pub signature: Option<String>,
+    pub state: ArtifactState,
+    /// How many bytes of the file are stored (from the start; the next chunk goes here).
+    pub stored_bytes: u64,
+    pub created_at_ms: u64,
+    pub created_by: String,
+}
+
+impl ArtifactRecord {
+    /// Refuses U+0000 in any of its texts (see [`check_text`]).
+    pub(crate) fn check_text(&self) -> Result<()> {
+        check_text("artifact id", &self.id)?;
+        check_text("artifact version", &self.version)?;
+        check_text("artifact sha256", &self.sha256)?;
+        check_text("artifact notes", self.notes.as_deref().unwrap_or(""))?;
+        check_text("artifact creator", &self.created_by)?;
+        for c in &self.compatible {
+            check_text("artifact hardware revision", c)?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`crate::ArtifactStore::create_artifact`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactCreate {
+    Created,
+    /// Another artifact has this version; nothing stored.
+    VersionTaken,
+    /// The store holds its maximum of artifacts; nothing stored.
+    Full,
+}
+
+/// What [`crate::ArtifactStore::delete_artifact`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactDelete {
+    Deleted,
+    NotFound,
+    /// A deployment names it; nothing deleted.
+    InUse,
+}
+
+/// A deployment (issue 17): one artifact to the devices a selector matched when it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentRecord {
+    /// `dep_<hex>`.
+    pub id: String,
+    pub artifact_id: String,
+    /// The selector as given (narrowed by the creator's scope).
+    pub selector: String,
+    pub allow_downgrade: bool,
+    pub created_by: String,
+    pub created_at_ms: u64,
+    pub canceled_at_ms: Option<u64>,
+}
+
+/// One device's update in a deployment, as its reports tell it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceUpdateRecord {
+    pub deployment_id: String,
+    pub device_id: String,
+    pub artifact_id: String,
+    pub version: String,
+    /// The `mooring.update` command carrying it (once created).
+    pub command_id: Option<String>,
+    pub state: mooring_proto::ota::UpdateState,
+    pub reason: Option<String>,
+    pub progress_pct: Option<u8>,
+    pub running_version: Option<String>,
+    /// The newest report's `seq` (`None`: no report yet).
+    pub seq: Option<u64>,
+    pub updated_at_ms: u64,
+}
+
+impl DeviceUpdateRecord {
+    pub(crate) fn check_text(&self) -> Result<()> {
+        for (what, v) in [
+            ("deployment id", self.deployment_id.as_str()),
+            ("device id", &self.device_id),
+            ("artifact id", &self.artifact_id),
+            ("version", &self.version),
+            ("command id", self.command_id.as_deref().unwrap_or("")),
+            ("reason", self.reason.as_deref().unwrap_or("")),
+            (
+                "running version",
+                self.running_version.as_deref().unwrap_or(""),
+            ),
+        ] {
+            check_text(what, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// An update state from its stored name.
+pub(crate) fn update_state_of(s: &str) -> Option<mooring_proto::ota::UpdateState> {
+    mooring_proto::ota::UpdateState::ALL
+        .into_iter()
+        .find(|x| x.as_str() == s)
+}

@@ -31,6 +31,7 @@
 //! Applied versions are rows of `schema_migrations`.
 
 mod accounts;
+mod artifacts;
 mod audit;
 mod broker;
 mod cas;
@@ -70,6 +71,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0010_registered_cas.sql"),
     include_str!("../migrations/postgres/0011_cert_renewals.sql"),
     include_str!("../migrations/postgres/0012_revoked_certs_index.sql"),
+    include_str!("../migrations/postgres/0013_ota_artifacts.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

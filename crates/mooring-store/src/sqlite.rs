@@ -33,6 +33,7 @@ use crate::error::{Result, StoreError};
 use crate::model::{check_ts, TS_MS_MAX};
 
 mod accounts;
+mod artifacts;
 mod audit;
 mod broker;
 mod cas;
@@ -77,6 +78,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0013_registered_cas.sql"),
     include_str!("../migrations/0014_cert_renewals.sql"),
     include_str!("../migrations/0015_revoked_certs_index.sql"),
+    include_str!("../migrations/0016_ota_artifacts.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

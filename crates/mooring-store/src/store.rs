@@ -4,12 +4,13 @@ use std::collections::BTreeMap;
 
 use crate::error::Result;
 use crate::model::{
-    AppendOutcome, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord, CertRecord,
-    CertRenewal, ClaimCreate, ClaimRecord, CommandParentRecord, CommandRecord, CommandState,
-    CreateOutcome, DeviceActivity, DeviceFilter, DeviceRecord, EnrollmentRecord, EnrollmentReserve,
-    FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts,
-    Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery,
-    TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    AppendOutcome, ArtifactCreate, ArtifactDelete, ArtifactRecord, AuditQuery, AuditRecord,
+    BrokerOp, BrokerState, CaRecord, CertRecord, CertRenewal, ClaimCreate, ClaimRecord,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentRecord,
+    DeviceActivity, DeviceFilter, DeviceRecord, DeviceUpdateRecord, EnrollmentRecord,
+    EnrollmentReserve, FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice,
+    PipelineCounts, Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
+    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -527,6 +528,94 @@ pub trait ClaimStore: Send + Sync + 'static {
         -> Result<Vec<EnrollmentRecord>>;
 }
 
+/// OTA artifacts (issue 17): what each uploaded file is, its manifest and how far its upload
+/// got. The bytes are an [`ArtifactBlobs`]' concern.
+#[async_trait::async_trait]
+pub trait ArtifactStore: Send + Sync + 'static {
+    /// Stores a new artifact unless another has its version or the store holds `count_max`.
+    /// `AlreadyExists` if the id is taken.
+    async fn create_artifact(&self, a: ArtifactRecord, count_max: u32) -> Result<ArtifactCreate>;
+    async fn get_artifact(&self, id: &str) -> Result<Option<ArtifactRecord>>;
+    /// At most `limit` artifacts with `id > after_id`, ordered by id (keyset pagination).
+    async fn list_artifacts(
+        &self,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> Result<Vec<ArtifactRecord>>;
+    /// Moves an uploading artifact's `stored_bytes` from `from` to `to` (compare-and-set: two
+    /// uploaders of one artifact never both advance it); `false` if it was not at `from`, is
+    /// not uploading, or is gone.
+    async fn advance_artifact(&self, id: &str, from: u64, to: u64) -> Result<bool>;
+    /// Marks an uploading artifact ready with its signature; `false` if it was not uploading.
+    async fn mark_artifact_ready(&self, id: &str, signature: &str) -> Result<bool>;
+    /// Whether a deployment names the artifact (it may not be deleted then).
+    async fn artifact_in_use(&self, id: &str) -> Result<bool>;
+    /// Deletes the artifact (and the chunks the database holds of it) unless a deployment
+    /// names it, in one transaction.
+    async fn delete_artifact(&self, id: &str) -> Result<ArtifactDelete>;
+}
+
+/// The bytes of artifacts, chunked: the data dir's files ([`crate::FileBlobs`]) for the
+/// embedded server, the database's chunk table (every [`Store`]) for a cluster.
+#[async_trait::async_trait]
+pub trait ArtifactBlobs: Send + Sync + 'static {
+    /// Writes `data` at `offset`; whatever was stored from `offset` on is replaced. Durable when
+    /// it returns.
+    async fn write_blob(&self, id: &str, offset: u64, data: Vec<u8>) -> Result<()>;
+    /// Up to `len` bytes from `offset` (fewer at the end; none past it).
+    async fn read_blob(&self, id: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Deletes every byte of the artifact (nothing to delete is fine).
+    async fn delete_blob(&self, id: &str) -> Result<()>;
+}
+
+/// OTA deployments (issue 17): which devices get which artifact, and where each device's
+/// update is as its reports tell it.
+#[async_trait::async_trait]
+pub trait DeploymentStore: Send + Sync + 'static {
+    /// Stores the deployment and its devices' updates (pending) in one transaction;
+    /// `NotFound` if the artifact is gone, `AlreadyExists` if the id is taken.
+    async fn create_deployment(
+        &self,
+        d: DeploymentRecord,
+        updates: Vec<DeviceUpdateRecord>,
+    ) -> Result<()>;
+    async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRecord>>;
+    /// Newest first (by creation time, then id), at most `limit`.
+    async fn list_deployments(&self, limit: usize) -> Result<Vec<DeploymentRecord>>;
+    /// Sets the cancel time (the first one stays); the deployment as stored now.
+    async fn cancel_deployment(&self, id: &str, at_ms: u64) -> Result<Option<DeploymentRecord>>;
+    /// Records which command carries a device's update.
+    async fn set_update_command(
+        &self,
+        deployment_id: &str,
+        device_id: &str,
+        command_id: &str,
+    ) -> Result<bool>;
+    /// Stores a device's report unless the stored one has a `seq` at or above `u.seq`;
+    /// `false` if ignored (older, or no such update).
+    async fn apply_update_report(&self, u: DeviceUpdateRecord) -> Result<bool>;
+    async fn get_update(
+        &self,
+        deployment_id: &str,
+        device_id: &str,
+    ) -> Result<Option<DeviceUpdateRecord>>;
+    /// A deployment's updates by device id, after `after_device`, at most `limit`.
+    async fn list_updates(
+        &self,
+        deployment_id: &str,
+        after_device: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeviceUpdateRecord>>;
+    /// How many of a deployment's updates are in each state.
+    async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>>;
+    /// A device's updates, newest first, at most `limit`.
+    async fn device_updates(
+        &self,
+        device_id: &str,
+        limit: usize,
+    ) -> Result<Vec<DeviceUpdateRecord>>;
+}
+
 /// Everything a Mooring server needs from storage.
 pub trait Store:
     DeviceStore
@@ -543,6 +632,9 @@ pub trait Store:
     + CertStore
     + ClaimStore
     + CaStore
+    + ArtifactStore
+    + ArtifactBlobs
+    + DeploymentStore
 {
 }
 
@@ -561,5 +653,8 @@ impl<T> Store for T where
         + CertStore
         + ClaimStore
         + CaStore
+        + ArtifactStore
+        + ArtifactBlobs
+        + DeploymentStore
 {
 }

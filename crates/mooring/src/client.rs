@@ -3,8 +3,10 @@
 
 mod cas;
 mod certs;
+mod ota;
 pub use cas::{ca, CaCommand};
 pub use certs::{cert, CertCommand};
+pub use ota::{ota, OtaCommand};
 
 use crate::credentials::CredentialFiles;
 use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};

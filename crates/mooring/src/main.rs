@@ -110,6 +110,15 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Over-the-air updates: upload, list, show and delete artifacts; keygen for an offline
+    /// update key (docs/ota.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Ota {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::OtaCommand,
+    },
     /// Claim tokens: devices enroll with their own key and a token (docs/provisioning.md).
     #[command(after_help = EXIT_STATUS_HELP)]
     Claim {
@@ -636,6 +645,7 @@ fn run(command: Command) -> ExitCode {
             Command::Ca { api, command } => client::ca(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
             Command::Claim { api, command } => client::claim(api, command).await,
+            Command::Ota { api, command } => client::ota(api, command).await,
             Command::User { api, command } => client::user(api, command).await,
             Command::Audit { api, args } => client::audit(api, args).await,
             Command::Events { api, args } => client::events(api, args).await,

@@ -1421,3 +1421,65 @@ async fn a_revocation_without_its_notice_closes_the_session_at_the_next_sweep() 
     sub.wait_exit();
     assert!(!support::device_can_publish(&a, &creds, "sw1"));
 }
+
+/// OTA artifacts in a cluster (issue 17): an upload through one node is stored in the database
+/// (chunks), both nodes hold the same update key (sealed in the store), and a download link
+/// minted on one node works, resumed with `Range`, on the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_uploaded_on_one_node_downloads_from_another_with_its_token() {
+    let env = Env::new().await;
+    let (a, b) = (env.start("a"), env.start("b"));
+    let bytes: Vec<u8> = (0..1_500_000u32).map(|i| (i % 253) as u8).collect();
+    let file = env.tmp.path().join("fw.img");
+    std::fs::write(&file, &bytes).expect("write");
+    let out = a.cli(&[
+        "ota",
+        "upload",
+        file.to_str().expect("utf8"),
+        "--version",
+        "1.0.0",
+        "--compatible",
+        "rev-b",
+        "--chunk-bytes",
+        "500000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        !env.data_dir("a").join("artifacts").exists(),
+        "bytes in the database"
+    );
+    let (_, ka) = a.api("GET", "/api/v1/ota/update-key", None).await;
+    let (_, kb) = b.api("GET", "/api/v1/ota/update-key", None).await;
+    assert_eq!(
+        ka["public_key"], kb["public_key"],
+        "one update key for the cluster"
+    );
+    a.create_device("d1", env.tmp.path());
+    let (status, link) = a
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{id}/links"),
+            Some(json!({"device_id": "d1"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{link}");
+    let token = link["token"].as_str().expect("token");
+    let got = support::http()
+        .get(format!("{}/api/v1/ota/artifacts/{id}/download", b.url()))
+        .bearer_auth(token)
+        .header("range", "bytes=700000-")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(got.status().as_u16(), 206);
+    assert!(got.bytes().await.expect("body").as_ref() == &bytes[700_000..]);
+    let (status, shown) = b
+        .api("GET", &format!("/api/v1/ota/artifacts/{id}"), None)
+        .await;
+    assert_eq!((status, shown["state"].as_str()), (200, Some("ready")));
+}

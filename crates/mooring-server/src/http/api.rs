@@ -31,7 +31,11 @@ use utoipa::OpenApi;
         super::provision::create_claim, super::provision::list_claims,
         super::provision::get_claim, super::provision::revoke_claim, super::provision::enroll,
         super::cas::register_ca, super::cas::list_cas, super::cas::disable_ca, super::cas::enable_ca,
-        super::cas::fleet_cas, super::cas::begin_rollover, super::cas::retire_ca),
+        super::cas::fleet_cas, super::cas::begin_rollover, super::cas::retire_ca,
+        super::ota::update_key, super::ota::create_artifact, super::ota::list_artifacts, super::ota::get_artifact,
+        super::ota::delete_artifact, super::ota::put_content, super::ota::complete_artifact, super::ota::create_link,
+        super::ota::download, super::ota::create_deployment, super::ota::list_deployments, super::ota::get_deployment,
+        super::ota::cancel_deployment, super::ota::device_updates),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
         mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
         mooring_api::CreateUser, mooring_api::CreatedUser, mooring_api::UpdateUser, mooring_api::UserList, mooring_api::PasswordLink,
@@ -48,7 +52,9 @@ use utoipa::OpenApi;
         mooring_api::EnrollRequest, mooring_api::EnrollResponse,
         mooring_api::RegisterCa, mooring_api::Ca, mooring_api::CaList,
         mooring_api::FleetCa, mooring_api::FleetCas, mooring_api::BeginRollover, mooring_api::RetireCa,
-        mooring_api::RetiredCa)),
+        mooring_api::RetiredCa, mooring_api::CreateArtifact, mooring_api::Artifact, mooring_api::ArtifactList,
+        mooring_api::CompleteArtifact, mooring_api::CreateLink, mooring_api::DownloadLink, mooring_api::UpdateKeyInfo,
+        mooring_api::CreateDeployment, mooring_api::Deployment, mooring_api::DeploymentList, mooring_api::DeviceUpdate, mooring_api::DeviceUpdates)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

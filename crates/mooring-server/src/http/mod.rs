@@ -13,6 +13,7 @@ mod commands;
 mod events;
 mod fleet;
 mod jobs;
+mod ota;
 mod pipeline;
 mod provision;
 pub mod routes;

@@ -3,7 +3,7 @@
 //! without a declared permission; `tests/access.rs` walks every row × every role against a
 //! running server.
 
-use super::{accounts, api, cas, certs, commands, events, fleet, jobs, pipeline, provision};
+use super::{accounts, api, cas, certs, commands, events, fleet, jobs, ota, pipeline, provision};
 use crate::access::{role_allows, Permission};
 use crate::app::App;
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
@@ -119,6 +119,22 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(get, "/api/v1/claims/{id}", DevicesRead, "claim.get", provision::get_claim),
         row!(delete, "/api/v1/claims/{id}", DevicesWrite, "claim.revoke", provision::revoke_claim),
         row!(post, "/api/v1/provision/enroll", Public, "provision.enroll", provision::enroll),
+        // Over-the-air updates (issue 17): artifacts; the download is Public (its token, scoped
+        // to one device and one artifact, is the credential).
+        row!(get, "/api/v1/ota/update-key", DevicesRead, "ota.update_key", ota::update_key),
+        row!(post, "/api/v1/ota/artifacts", DevicesWrite, "ota.artifact_create", ota::create_artifact),
+        row!(get, "/api/v1/ota/artifacts", DevicesRead, "ota.artifact_list", ota::list_artifacts),
+        row!(get, "/api/v1/ota/artifacts/{id}", DevicesRead, "ota.artifact_get", ota::get_artifact),
+        row!(delete, "/api/v1/ota/artifacts/{id}", DevicesWrite, "ota.artifact_delete", ota::delete_artifact),
+        row!(put, "/api/v1/ota/artifacts/{id}/content", DevicesWrite, "ota.artifact_upload", ota::put_content),
+        row!(post, "/api/v1/ota/artifacts/{id}/complete", DevicesWrite, "ota.artifact_complete", ota::complete_artifact),
+        row!(post, "/api/v1/ota/artifacts/{id}/links", DevicesWrite, "ota.link_create", ota::create_link),
+        row!(get, "/api/v1/ota/artifacts/{id}/download", Public, "ota.download", ota::download),
+        row!(post, "/api/v1/ota/deployments", DevicesWrite, "ota.deploy", ota::create_deployment),
+        row!(get, "/api/v1/ota/deployments", DevicesRead, "ota.deployment_list", ota::list_deployments),
+        row!(get, "/api/v1/ota/deployments/{id}", DevicesRead, "ota.deployment_get", ota::get_deployment),
+        row!(post, "/api/v1/ota/deployments/{id}/cancel", DevicesWrite, "ota.deployment_cancel", ota::cancel_deployment),
+        row!(get, "/api/v1/devices/{id}/ota", DevicesRead, "ota.device_history", ota::device_updates),
     ]
 }
 

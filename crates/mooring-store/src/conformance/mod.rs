@@ -16,10 +16,11 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`, `certs.rs`, `claims.rs`, `cas.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`, `certs.rs`, `claims.rs`, `cas.rs`, `artifacts.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
+mod artifacts;
 mod audit;
 mod broker_state;
 mod cas;
@@ -36,6 +37,7 @@ mod tokens;
 mod writer;
 
 pub use accounts::*;
+pub use artifacts::*;
 pub use audit::*;
 pub use broker_state::*;
 pub use cas::*;
@@ -70,6 +72,10 @@ macro_rules! conformance_tests {
         $crate::conformance_cluster_tests!($factory);
         $crate::conformance_account_audit_tests!($factory);
         $crate::conformance_tests!(@by_ref $factory;
+            artifact_create_get_list_round_trip,
+            artifact_advance_is_compare_and_set_and_ready_once,
+            artifact_chunks_replace_read_by_range_and_go_with_the_artifact,
+            deployment_updates_follow_newer_reports_and_hold_the_artifact,
             claim_create_get_find_list_revoke_round_trip,
             claim_live_bounds_per_creator_and_in_total,
             enrollment_reservations_take_uses_once_per_key,

@@ -1,0 +1,353 @@
+//! OTA deployments: one `mooring.update` command per matching device, each device's state from
+//! its status reports (newest `seq` wins), link refresh, cancel, a device's history.
+
+use super::Ota;
+use crate::access::Access;
+use crate::commands::NewCommand;
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use mooring_proto::ota::{
+    self, CancelParams, Link, LinkRequest, SignedManifest, StatusReport, UpdateParams, UpdateState,
+};
+use mooring_store::{ArtifactRecord, ArtifactState, DeploymentRecord, DeviceUpdateRecord};
+use std::collections::BTreeMap;
+
+/// Most devices one deployment reaches (the rollout engine, with waves, is the next issue).
+pub const DEPLOYMENT_DEVICES_MAX: usize = 10_000;
+/// Update commands a deployment creates at once.
+const SEND_CONCURRENCY_MAX: usize = 16;
+/// Devices read per page when a deployment selects or cancels.
+const DEPLOYMENT_PAGE_LEN: usize = 500;
+/// Most entries of a device's OTA history.
+pub const DEVICE_HISTORY_LEN_MAX: usize = 100;
+/// Most deployments a listing shows.
+pub const DEPLOYMENT_LIST_LEN_MAX: usize = 100;
+
+/// A deployment and its devices' states.
+#[derive(Debug, Clone)]
+pub struct DeploymentView {
+    pub deployment: DeploymentRecord,
+    pub version: String,
+    /// Devices per update state (`pending`, `downloading`, ..., `committed`).
+    pub counts: BTreeMap<String, u64>,
+    pub total: u64,
+}
+
+impl Ota {
+    fn deployment_not_found(id: &str) -> ServiceError {
+        ServiceError::not_found("deployment_not_found", format!("no deployment {id}"))
+    }
+
+    /// Sends `artifact_id` to every device `selector` matches (narrowed by the caller's
+    /// scope): one `mooring.update` command each, tracked per device from its reports.
+    pub async fn deploy(
+        &self,
+        access: &Access,
+        created_by: &str,
+        artifact_id: &str,
+        selector: &str,
+        allow_downgrade: bool,
+    ) -> ServiceResult<DeploymentView> {
+        let a = self.get_artifact(artifact_id).await?;
+        if a.state != ArtifactState::Ready {
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "artifact_not_ready",
+                format!("artifact {artifact_id} is still uploading"),
+            ));
+        }
+        let given = crate::commands::parse_selector(selector)?;
+        let sel = access.narrow(Some(given.clone())).unwrap_or(given);
+        let mut devices = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let (page, next) = self
+                .registry
+                .select_devices(&sel, cursor.as_deref(), DEPLOYMENT_PAGE_LEN)
+                .await?;
+            devices.extend(page.into_iter().map(|d| d.record.id.to_string()));
+            if devices.len() > DEPLOYMENT_DEVICES_MAX {
+                return Err(ServiceError::invalid(
+                    "too_many_devices",
+                    format!("the selector matches more than {DEPLOYMENT_DEVICES_MAX} devices; narrow it"),
+                ));
+            }
+            match next {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        if devices.is_empty() {
+            return Err(ServiceError::invalid(
+                "no_matching_devices",
+                format!("no device matches {sel}"),
+            ));
+        }
+        let now = self.core.now_ms();
+        let d = DeploymentRecord {
+            id: format!("dep_{:016x}", rand::random::<u64>()),
+            artifact_id: a.id.clone(),
+            selector: sel.to_string(),
+            allow_downgrade,
+            created_by: created_by.to_owned(),
+            created_at_ms: now,
+            canceled_at_ms: None,
+        };
+        let updates = devices
+            .iter()
+            .map(|device| DeviceUpdateRecord {
+                deployment_id: d.id.clone(),
+                device_id: device.clone(),
+                artifact_id: a.id.clone(),
+                version: a.version.clone(),
+                command_id: None,
+                state: UpdateState::Pending,
+                reason: None,
+                progress_pct: None,
+                running_version: None,
+                seq: None,
+                updated_at_ms: now,
+            })
+            .collect();
+        self.core
+            .store
+            .create_deployment(d.clone(), updates)
+            .await?;
+        // Stored first: a crash here leaves updates without a command, which `deploy` does not
+        // resend (documented); each command is idempotent per deployment and device. A few at
+        // once, so the store commits them in groups.
+        use futures::stream::TryStreamExt;
+        futures::stream::iter(devices.iter().map(Ok::<_, ServiceError>))
+            .try_for_each_concurrent(SEND_CONCURRENCY_MAX, |device| {
+                self.send_update(&d, &a, device)
+            })
+            .await?;
+        self.deployment(&d.id).await
+    }
+
+    async fn send_update(
+        &self,
+        d: &DeploymentRecord,
+        a: &ArtifactRecord,
+        device: &str,
+    ) -> ServiceResult<()> {
+        let params = UpdateParams {
+            v: ota::SCHEMA_VERSION,
+            deployment_id: d.id.clone(),
+            signed: SignedManifest {
+                manifest: String::from_utf8_lossy(&a.manifest).into_owned(),
+                signature: a.signature.clone().unwrap_or_default(),
+            },
+            link: self.link_for(device, &a.id, self.core.config.ota.download_token_ttl_ms),
+            allow_downgrade: d.allow_downgrade,
+        };
+        let (_, cmd) = self
+            .commands
+            .create_command(
+                &Access::all(),
+                device,
+                NewCommand {
+                    name: ota::UPDATE_COMMAND.to_owned(),
+                    params: serde_json::to_value(&params).map_err(ServiceError::internal)?,
+                    ttl_secs: Some(crate::commands::TTL_SECS_MAX),
+                    max_attempts: None,
+                    idempotency_key: Some(format!("ota:{}", d.id)),
+                    result_timeout_secs: Some(0),
+                },
+                None,
+            )
+            .await?;
+        self.core
+            .store
+            .set_update_command(&d.id, device, &cmd.id)
+            .await?;
+        Ok(())
+    }
+
+    /// A deployment with its counts per state.
+    pub async fn deployment(&self, id: &str) -> ServiceResult<DeploymentView> {
+        let d = self
+            .core
+            .store
+            .get_deployment(id)
+            .await?
+            .ok_or_else(|| Self::deployment_not_found(id))?;
+        let counts = self.core.store.count_updates(id).await?;
+        let version = self
+            .core
+            .store
+            .get_artifact(&d.artifact_id)
+            .await?
+            .map(|a| a.version)
+            .unwrap_or_default();
+        Ok(DeploymentView {
+            total: counts.values().sum(),
+            deployment: d,
+            version,
+            counts,
+        })
+    }
+
+    /// The newest deployments.
+    pub async fn list_deployments(&self) -> ServiceResult<Vec<DeploymentView>> {
+        let list = self
+            .core
+            .store
+            .list_deployments(DEPLOYMENT_LIST_LEN_MAX)
+            .await?;
+        let mut out = Vec::with_capacity(list.len());
+        for d in list {
+            out.push(self.deployment(&d.id).await?);
+        }
+        Ok(out)
+    }
+
+    /// Cancels a deployment: updates not yet picked up lose their command (and are `failed`,
+    /// reason `canceled`); devices that started get `mooring.update.cancel` (a device that is
+    /// installing already finishes and reports truthfully).
+    pub async fn cancel(&self, id: &str) -> ServiceResult<DeploymentView> {
+        let d = self
+            .core
+            .store
+            .cancel_deployment(id, self.core.now_ms())
+            .await?
+            .ok_or_else(|| Self::deployment_not_found(id))?;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .core
+                .store
+                .list_updates(id, after.as_deref(), DEPLOYMENT_PAGE_LEN)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.device_id.clone());
+            for u in page {
+                if u.state.is_final() {
+                    continue;
+                }
+                let withdrawn = match (&u.command_id, u.state) {
+                    (Some(cmd), UpdateState::Pending) => self
+                        .commands
+                        .cancel_command(&Access::all(), &u.device_id, cmd)
+                        .await
+                        .is_ok(),
+                    _ => false,
+                };
+                if withdrawn {
+                    let mut failed = u.clone();
+                    failed.state = UpdateState::Failed;
+                    failed.reason = Some(format!(
+                        "{}: the deployment was canceled before the device picked it up",
+                        ota::reason::CANCELED
+                    ));
+                    failed.updated_at_ms = self.core.now_ms();
+                    self.core.store.apply_update_report(failed).await?;
+                } else {
+                    let params = CancelParams {
+                        v: ota::SCHEMA_VERSION,
+                        deployment_id: d.id.clone(),
+                    };
+                    self.commands
+                        .create_command(
+                            &Access::all(),
+                            &u.device_id,
+                            NewCommand {
+                                name: ota::CANCEL_COMMAND.to_owned(),
+                                params: serde_json::to_value(&params)
+                                    .map_err(ServiceError::internal)?,
+                                ttl_secs: None,
+                                max_attempts: None,
+                                idempotency_key: Some(format!("ota-cancel:{}", d.id)),
+                                result_timeout_secs: None,
+                            },
+                            None,
+                        )
+                        .await?;
+                }
+            }
+        }
+        self.deployment(id).await
+    }
+
+    /// A device's updates, newest first.
+    pub async fn device_history(
+        &self,
+        access: &Access,
+        device: &str,
+    ) -> ServiceResult<Vec<DeviceUpdateRecord>> {
+        let id = self.registry.get_device(access, device).await?.record.id;
+        Ok(self
+            .core
+            .store
+            .device_updates(id.as_str(), DEVICE_HISTORY_LEN_MAX)
+            .await?)
+    }
+
+    /// A device's status report (`devices/<id>/ota/status`): stored if newer than what is
+    /// stored for its deployment. `Err(invalid)` for a malformed report.
+    pub async fn on_status(&self, device: &str, payload: &[u8]) -> ServiceResult<bool> {
+        let r =
+            StatusReport::parse(payload).map_err(|e| ServiceError::invalid("invalid_report", e))?;
+        let stored = self
+            .core
+            .store
+            .apply_update_report(DeviceUpdateRecord {
+                deployment_id: r.deployment_id,
+                device_id: device.to_owned(),
+                artifact_id: r.artifact_id,
+                version: r.version,
+                command_id: None,
+                state: r.state,
+                reason: r.reason,
+                progress_pct: r.progress_pct,
+                running_version: r.running_version,
+                seq: Some(r.seq),
+                updated_at_ms: self.core.now_ms(),
+            })
+            .await?;
+        if stored {
+            crate::metrics::Counters::inc(&self.core.counters.ota_status_reports);
+        }
+        Ok(stored)
+    }
+
+    /// A device's request for a new download link: the link, or why not (code + message).
+    pub async fn on_link_request(&self, device: &str, payload: &[u8]) -> ServiceResult<Link> {
+        let req: LinkRequest = serde_json::from_slice(payload)
+            .map_err(|e| ServiceError::invalid("invalid_request", e.to_string()))?;
+        let refused = || {
+            ServiceError::not_found(
+                "update_not_found",
+                format!(
+                    "no update of artifact {} in deployment {} for this device",
+                    req.artifact_id, req.deployment_id
+                ),
+            )
+        };
+        let u = self
+            .core
+            .store
+            .get_update(&req.deployment_id, device)
+            .await?
+            .filter(|u| u.artifact_id == req.artifact_id)
+            .ok_or_else(refused)?;
+        let d = self
+            .core
+            .store
+            .get_deployment(&u.deployment_id)
+            .await?
+            .ok_or_else(refused)?;
+        if d.canceled_at_ms.is_some() {
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "deployment_canceled",
+                format!("deployment {} was canceled", d.id),
+            ));
+        }
+        self.downloadable(&u.artifact_id).await?;
+        Ok(self.link_for(
+            device,
+            &u.artifact_id,
+            self.core.config.ota.download_token_ttl_ms,
+        ))
+    }
+}

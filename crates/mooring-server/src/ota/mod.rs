@@ -1,0 +1,462 @@
+//! Over-the-air updates (issue 17), server side: artifacts (chunked, resumable uploads checked
+//! for size and SHA-256, manifests signed with the fleet's Ed25519 update key or by the user
+//! offline), download links whose tokens any node verifies without a database read, and
+//! deployments (one `mooring.update` command per matching device, each device's state from its
+//! status reports, link refresh, cancel).
+//!
+//! * The update key: `<data>/update.key` (64 hex digits of the Ed25519 seed, 0600) on the
+//!   embedded server; sealed under the cluster key in `cluster_values` (`ota.update_key.v1`) in
+//!   a cluster, created once by whichever node starts first. With `[ota] update_public_key` the
+//!   private key stays offline and the server only verifies.
+//! * Download tokens: `<expires_ms>.<artifact>.<device>.<hex HMAC-SHA256>` under a secret
+//!   (`<data>/ota.secret`, or derived from the cluster key), scoped to one device and one
+//!   artifact, valid until `expires_ms`.
+//! * The bytes live behind [`ArtifactBlobs`]: files in `<data>/artifacts/` (embedded) or the
+//!   store's chunk table (a cluster: any node serves any artifact).
+
+use crate::access::Access;
+use crate::app::Core;
+use crate::commands::Commands;
+use crate::error::{ErrorKind, ServiceError, ServiceResult};
+use crate::registry::Registry;
+use mooring_proto::ota::{self, Link, Manifest};
+use mooring_store::{ArtifactBlobs, ArtifactCreate, ArtifactDelete, ArtifactRecord, ArtifactState};
+use sha2::Digest;
+use std::sync::Arc;
+
+mod deploy;
+mod keys;
+
+pub use deploy::{
+    DeploymentView, DEPLOYMENT_DEVICES_MAX, DEPLOYMENT_LIST_LEN_MAX, DEVICE_HISTORY_LEN_MAX,
+};
+pub use keys::{
+    generate_key, key_from_seed_hex, parse_public_key, sha256_file, sign_manifest, verify_manifest,
+    OtaKeys, UpdateKey,
+};
+
+/// Largest `[ota] artifact_size_bytes_max` allowed (64 GiB).
+pub const ARTIFACT_SIZE_BYTES_LIMIT: u64 = 64 * 1024 * 1024 * 1024;
+/// Largest `[ota] artifacts_max` allowed.
+pub const ARTIFACTS_LIMIT: u32 = 100_000;
+/// Largest chunk one `PUT .../content` takes.
+pub const CHUNK_SIZE_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// What a download reads from the blobs at a time.
+pub const READ_PIECE_BYTES: usize = 1024 * 1024;
+/// Longest release notes.
+pub const NOTES_LEN_MAX: usize = 4096;
+/// Most artifacts one list page holds.
+pub const ARTIFACT_PAGE_LEN_MAX: usize = 1000;
+/// Where the cluster keeps its sealed update key.
+const SHARED_UPDATE_KEY: &str = "ota.update_key.v1";
+/// File names in the data dir.
+pub const UPDATE_KEY_FILE: &str = "update.key";
+pub const TOKEN_SECRET_FILE: &str = "ota.secret";
+pub const ARTIFACTS_DIR: &str = "artifacts";
+
+/// What `POST /api/v1/ota/artifacts` asks for.
+pub struct NewArtifact {
+    pub version: String,
+    pub compatible: Vec<String>,
+    pub notes: Option<String>,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Why a download token is refused.
+fn token_refused(code: &'static str, message: &str) -> ServiceError {
+    ServiceError::new(ErrorKind::Unauthorized, code, message)
+}
+
+/// Artifacts and their downloads.
+pub struct Ota {
+    core: Arc<Core>,
+    registry: Arc<Registry>,
+    commands: Arc<Commands>,
+    blobs: Arc<dyn ArtifactBlobs>,
+    keys: OtaKeys,
+}
+
+impl Ota {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        registry: Arc<Registry>,
+        commands: Arc<Commands>,
+        blobs: Arc<dyn ArtifactBlobs>,
+        keys: OtaKeys,
+    ) -> Self {
+        Self {
+            core,
+            registry,
+            commands,
+            blobs,
+            keys,
+        }
+    }
+
+    /// The update key's public half, hex.
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.keys.update.public_key())
+    }
+
+    /// Whether the server signs manifests itself (else uploads carry signatures).
+    pub fn signs(&self) -> bool {
+        matches!(self.keys.update, UpdateKey::Server(_))
+    }
+
+    fn not_found(id: &str) -> ServiceError {
+        ServiceError::not_found("artifact_not_found", format!("no artifact {id}"))
+    }
+
+    /// Creates an artifact (state uploading) with its manifest, ready for its bytes.
+    pub async fn create_artifact(
+        &self,
+        created_by: &str,
+        new: NewArtifact,
+    ) -> ServiceResult<ArtifactRecord> {
+        let max = self.core.config.ota.artifact_size_bytes_max;
+        if new.size == 0 || new.size > max {
+            return Err(ServiceError::invalid(
+                "invalid_size",
+                format!("size must be between 1 and {max} bytes ([ota] artifact_size_bytes_max)"),
+            ));
+        }
+        if let Some(n) = &new.notes {
+            if n.chars().count() > NOTES_LEN_MAX || n.contains('\0') {
+                return Err(ServiceError::invalid(
+                    "invalid_notes",
+                    format!("notes must be at most {NOTES_LEN_MAX} characters"),
+                ));
+            }
+        }
+        let id = format!("art_{:016x}", rand::random::<u64>());
+        let manifest = Manifest {
+            v: ota::SCHEMA_VERSION,
+            artifact_id: id.clone(),
+            version: new.version,
+            sha256: new.sha256,
+            size: new.size,
+            compatible: new.compatible,
+            created_at: self.core.now_ms(),
+        };
+        manifest
+            .check()
+            .map_err(|m| ServiceError::invalid("invalid_artifact", m))?;
+        let record = ArtifactRecord {
+            id,
+            version: manifest.version.clone(),
+            sha256: manifest.sha256.clone(),
+            size: manifest.size,
+            compatible: manifest.compatible.clone(),
+            notes: new.notes,
+            manifest: manifest.to_bytes(),
+            signature: None,
+            state: ArtifactState::Uploading,
+            stored_bytes: 0,
+            created_at_ms: manifest.created_at,
+            created_by: created_by.to_owned(),
+        };
+        let max_count = self.core.config.ota.artifacts_max;
+        match self
+            .core
+            .store
+            .create_artifact(record.clone(), max_count)
+            .await?
+        {
+            ArtifactCreate::Created => Ok(record),
+            ArtifactCreate::VersionTaken => Err(ServiceError::new(
+                ErrorKind::AlreadyExists,
+                "artifact_version_exists",
+                format!(
+                    "an artifact with version {} exists (versions are unique; delete it first)",
+                    record.version
+                ),
+            )),
+            ArtifactCreate::Full => Err(ServiceError::new(
+                ErrorKind::Unavailable,
+                "too_many_artifacts",
+                format!("the server holds its maximum of {max_count} artifacts ([ota] artifacts_max); delete one first"),
+            )),
+        }
+    }
+
+    pub async fn get_artifact(&self, id: &str) -> ServiceResult<ArtifactRecord> {
+        if !ota::is_valid_artifact_id(id) {
+            return Err(Self::not_found(id));
+        }
+        self.core
+            .store
+            .get_artifact(id)
+            .await?
+            .ok_or_else(|| Self::not_found(id))
+    }
+
+    /// One page by id; the cursor is the last id of the previous page.
+    pub async fn list_artifacts(
+        &self,
+        limit: usize,
+        after_id: Option<&str>,
+    ) -> ServiceResult<Vec<ArtifactRecord>> {
+        Ok(self
+            .core
+            .store
+            .list_artifacts(limit.clamp(1, ARTIFACT_PAGE_LEN_MAX), after_id)
+            .await?)
+    }
+
+    /// Stores one chunk at `offset`, which must be where the upload is (`stored_bytes`).
+    pub async fn put_content(
+        &self,
+        id: &str,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> ServiceResult<ArtifactRecord> {
+        let a = self.get_artifact(id).await?;
+        if a.state != ArtifactState::Uploading {
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "artifact_not_uploading",
+                format!("artifact {id} is {} already", a.state.as_str()),
+            ));
+        }
+        if offset != a.stored_bytes {
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "offset_mismatch",
+                format!(
+                    "the upload of {id} is at byte {}: send the chunk at offset={}",
+                    a.stored_bytes, a.stored_bytes
+                ),
+            ));
+        }
+        if data.is_empty() {
+            return Err(ServiceError::invalid("empty_chunk", "the chunk is empty"));
+        }
+        let end = offset.saturating_add(data.len() as u64);
+        if end > a.size {
+            return Err(ServiceError::invalid(
+                "chunk_past_size",
+                format!(
+                    "the chunk ends at byte {end}, past the artifact's announced size {}",
+                    a.size
+                ),
+            ));
+        }
+        self.blobs.write_blob(id, offset, data).await?;
+        if !self.core.store.advance_artifact(id, offset, end).await? {
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "offset_mismatch",
+                format!("another upload of {id} moved it on; GET it to see where it is"),
+            ));
+        }
+        self.get_artifact(id).await
+    }
+
+    /// Checks what is stored (size, SHA-256) and the signature (or signs), then marks the
+    /// artifact ready. A hash mismatch throws the stored bytes away (upload again).
+    pub async fn complete(
+        &self,
+        id: &str,
+        signature: Option<String>,
+    ) -> ServiceResult<ArtifactRecord> {
+        let a = self.get_artifact(id).await?;
+        if a.state == ArtifactState::Ready {
+            if signature.is_none() || signature == a.signature {
+                return Ok(a);
+            }
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "artifact_not_uploading",
+                format!("artifact {id} is ready already, with another signature"),
+            ));
+        }
+        if a.stored_bytes != a.size {
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "upload_incomplete",
+                format!(
+                    "{} of {} bytes of {id} are stored; send the rest first",
+                    a.stored_bytes, a.size
+                ),
+            ));
+        }
+        let mut hasher = sha2::Sha256::new();
+        let mut at = 0u64;
+        while at < a.size {
+            let piece = self.blobs.read_blob(id, at, READ_PIECE_BYTES).await?;
+            if piece.is_empty() {
+                break;
+            }
+            at += piece.len() as u64;
+            hasher.update(&piece);
+        }
+        let got = hex::encode(hasher.finalize());
+        if at != a.size || got != a.sha256 {
+            // Start over: the stored bytes are not the announced file.
+            self.blobs.delete_blob(id).await?;
+            self.core.store.advance_artifact(id, a.size, 0).await?;
+            return Err(ServiceError::invalid(
+                "sha256_mismatch",
+                format!(
+                    "the stored bytes hash to {got}, not the announced {}; they were discarded, upload again",
+                    a.sha256
+                ),
+            ));
+        }
+        let signature = match (&self.keys.update, signature) {
+            (UpdateKey::Offline(_), None) => {
+                return Err(ServiceError::invalid(
+                    "signature_required",
+                    "the update key is kept offline ([ota] update_public_key): sign the manifest (mooring ota upload --sign-key FILE) and send its signature",
+                ))
+            }
+            (key, Some(sig)) => {
+                if !verify_manifest(&key.public_key(), &a.manifest, &sig) {
+                    return Err(ServiceError::invalid(
+                        "bad_signature",
+                        "the signature does not verify with the fleet's update key over the manifest bytes",
+                    ));
+                }
+                sig.to_ascii_lowercase()
+            }
+            (UpdateKey::Server(pair), None) => sign_manifest(pair, &a.manifest),
+        };
+        if self.core.store.mark_artifact_ready(id, &signature).await? {
+            crate::metrics::Counters::inc(&self.core.counters.ota_artifacts_ready);
+        }
+        self.get_artifact(id).await
+    }
+
+    /// Deletes an artifact no deployment uses, and its bytes.
+    pub async fn delete_artifact(&self, id: &str) -> ServiceResult<()> {
+        if !ota::is_valid_artifact_id(id) {
+            return Err(Self::not_found(id));
+        }
+        match self.core.store.delete_artifact(id).await? {
+            ArtifactDelete::Deleted => {
+                self.blobs.delete_blob(id).await?;
+                Ok(())
+            }
+            ArtifactDelete::NotFound => Err(Self::not_found(id)),
+            ArtifactDelete::InUse => Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "artifact_in_use",
+                format!("a deployment uses artifact {id}; it cannot be deleted"),
+            )),
+        }
+    }
+
+    fn token_mac(&self, expires_at: u64, artifact: &str, device: &str) -> ring::hmac::Tag {
+        ring::hmac::sign(
+            &self.keys.token,
+            format!("mooring ota download v1\n{expires_at}\n{artifact}\n{device}").as_bytes(),
+        )
+    }
+
+    /// A download link for `device` (in `access`) to the ready artifact `id`, valid `ttl_ms`
+    /// (default `[ota] download_token_ttl_ms`).
+    pub async fn mint_link(
+        &self,
+        access: &Access,
+        device: &str,
+        id: &str,
+        ttl_ms: Option<u64>,
+    ) -> ServiceResult<Link> {
+        let device = self.registry.get_device(access, device).await?.record.id;
+        let a = self.get_artifact(id).await?;
+        if a.state != ArtifactState::Ready {
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "artifact_not_ready",
+                format!("artifact {id} is still uploading"),
+            ));
+        }
+        let max = self.core.config.ota.download_token_ttl_ms;
+        let ttl = ttl_ms.unwrap_or(max);
+        if ttl == 0 || ttl > max {
+            return Err(ServiceError::invalid(
+                "invalid_ttl",
+                format!("ttl_ms must be between 1 and {max} ([ota] download_token_ttl_ms)"),
+            ));
+        }
+        Ok(self.link_for(device.as_str(), id, ttl))
+    }
+
+    /// The link itself (no checks): what deployments hand devices.
+    pub fn link_for(&self, device: &str, artifact: &str, ttl_ms: u64) -> Link {
+        let expires_at = self.core.now_ms().saturating_add(ttl_ms);
+        let mac = self.token_mac(expires_at, artifact, device);
+        Link {
+            url: format!(
+                "{}/api/v1/ota/artifacts/{artifact}/download",
+                self.core.config.public_url()
+            ),
+            token: format!("{expires_at}.{artifact}.{device}.{}", hex::encode(mac)),
+            expires_at,
+        }
+    }
+
+    /// Checks a download token for artifact `id`: the device it was minted for.
+    pub fn verify_token(&self, token: &str, id: &str) -> ServiceResult<String> {
+        let bad = || token_refused("invalid_download_token", "the download token is not valid");
+        let (body, mac) = token.rsplit_once('.').ok_or_else(bad)?;
+        let mut parts = body.splitn(3, '.');
+        let (Some(expires), Some(artifact), Some(device)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let expires_at: u64 = expires.parse().map_err(|_| bad())?;
+        let mac = hex::decode(mac).map_err(|_| bad())?;
+        ring::hmac::verify(
+            &self.keys.token,
+            format!("mooring ota download v1\n{expires_at}\n{artifact}\n{device}").as_bytes(),
+            &mac,
+        )
+        .map_err(|_| bad())?;
+        if artifact != id {
+            return Err(ServiceError::new(
+                ErrorKind::Forbidden,
+                "wrong_artifact",
+                "the download token is for another artifact",
+            ));
+        }
+        if self.core.now_ms() >= expires_at {
+            return Err(token_refused(
+                "download_token_expired",
+                "the download token has expired; ask for a new link",
+            ));
+        }
+        Ok(device.to_owned())
+    }
+
+    /// The ready artifact a download serves.
+    pub async fn downloadable(&self, id: &str) -> ServiceResult<ArtifactRecord> {
+        let a = self.get_artifact(id).await?;
+        if a.state != ArtifactState::Ready {
+            return Err(Self::not_found(id));
+        }
+        Ok(a)
+    }
+
+    /// Up to `len` bytes of an artifact from `offset` (counted as sent).
+    pub async fn read(&self, id: &str, offset: u64, len: usize) -> ServiceResult<Vec<u8>> {
+        let piece = self.blobs.read_blob(id, offset, len).await?;
+        self.core
+            .counters
+            .ota_download_bytes
+            .fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(piece)
+    }
+
+    /// Counts a download served, or one refused for its token.
+    pub fn count_download(&self, served: bool) {
+        let c = &self.core.counters;
+        crate::metrics::Counters::inc(if served {
+            &c.ota_downloads
+        } else {
+            &c.ota_downloads_refused
+        });
+    }
+}

@@ -1,0 +1,314 @@
+//! Conformance cases for [`ArtifactStore`](crate::ArtifactStore) and the store's chunk-table
+//! [`ArtifactBlobs`](crate::ArtifactBlobs): round trip, one artifact per version, the count
+//! bound, compare-and-set upload progress, ready once, chunks replaced and read by range,
+//! deleted with their artifact.
+
+use crate::{
+    ArtifactBlobs, ArtifactCreate, ArtifactDelete, ArtifactRecord, ArtifactState, ArtifactStore,
+    StoreError,
+};
+
+const T0: u64 = 1_700_000_000_000;
+
+fn artifact(n: u32, version: &str) -> ArtifactRecord {
+    ArtifactRecord {
+        id: format!("art_{n:016x}"),
+        version: version.to_owned(),
+        sha256: format!("{n:064x}"),
+        size: 10,
+        compatible: vec!["rev-b".to_owned(), "rev-c".to_owned()],
+        notes: Some("fixes the sensor drift".to_owned()),
+        manifest: format!("{{\"v\":1,\"n\":{n}}}").into_bytes(),
+        signature: None,
+        state: ArtifactState::Uploading,
+        stored_bytes: 0,
+        created_at_ms: T0 + u64::from(n),
+        created_by: "tok_admin".to_owned(),
+    }
+}
+
+/// Create and get back field for field; list by id with a cursor; a taken version is
+/// `VersionTaken`, a taken id `AlreadyExists`, a full store `Full` (nothing stored).
+pub async fn artifact_create_get_list_round_trip<S: ArtifactStore + ?Sized>(store: &S) {
+    let a1 = artifact(1, "1.4.0");
+    let mut a2 = artifact(2, "1.5.0-rc1");
+    a2.notes = None;
+    for a in [&a1, &a2] {
+        assert_eq!(
+            store.create_artifact(a.clone(), 10).await.expect("create"),
+            ArtifactCreate::Created
+        );
+    }
+    assert_eq!(
+        store.get_artifact(&a1.id).await.expect("get"),
+        Some(a1.clone())
+    );
+    assert_eq!(
+        store.get_artifact(&a2.id).await.expect("get"),
+        Some(a2.clone())
+    );
+    assert_eq!(store.get_artifact("art_ffffffff").await.expect("get"), None);
+    assert_eq!(
+        store
+            .create_artifact(artifact(3, "1.4.0"), 10)
+            .await
+            .expect("create"),
+        ArtifactCreate::VersionTaken
+    );
+    let mut same_id = artifact(1, "9.9.9");
+    same_id.sha256 = "f".repeat(64);
+    assert!(matches!(
+        store.create_artifact(same_id, 10).await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert_eq!(
+        store
+            .create_artifact(artifact(4, "2.0.0"), 2)
+            .await
+            .expect("create"),
+        ArtifactCreate::Full
+    );
+    assert_eq!(
+        store.get_artifact(&artifact(4, "x").id).await.expect("get"),
+        None
+    );
+    let page = store.list_artifacts(1, None).await.expect("list");
+    assert_eq!(page, vec![a1.clone()]);
+    let page = store.list_artifacts(10, Some(&a1.id)).await.expect("list");
+    assert_eq!(page, vec![a2]);
+    assert!(store
+        .list_artifacts(0, None)
+        .await
+        .expect("list")
+        .is_empty());
+}
+
+/// Upload progress moves only from where it is (two uploaders never both advance it), never
+/// past the size, and not once ready; ready is set once, with its signature.
+pub async fn artifact_advance_is_compare_and_set_and_ready_once<S: ArtifactStore + ?Sized>(
+    store: &S,
+) {
+    let a = artifact(7, "3.0.0");
+    store.create_artifact(a.clone(), 10).await.expect("create");
+    assert!(store.advance_artifact(&a.id, 0, 4).await.expect("advance"));
+    assert!(!store.advance_artifact(&a.id, 0, 4).await.expect("stale"));
+    assert!(!store
+        .advance_artifact(&a.id, 4, 11)
+        .await
+        .expect("past size"));
+    assert!(store.advance_artifact(&a.id, 4, 10).await.expect("advance"));
+    assert!(!store
+        .advance_artifact("art_ffffffff", 0, 1)
+        .await
+        .expect("gone"));
+    let sig = "ab".repeat(64);
+    assert!(store.mark_artifact_ready(&a.id, &sig).await.expect("ready"));
+    assert!(!store.mark_artifact_ready(&a.id, "cd").await.expect("twice"));
+    let got = store.get_artifact(&a.id).await.expect("get").expect("some");
+    assert_eq!(got.state, ArtifactState::Ready);
+    assert_eq!(got.signature.as_deref(), Some(sig.as_str()));
+    assert_eq!(got.stored_bytes, 10);
+    assert!(!store.advance_artifact(&a.id, 10, 10).await.expect("ready"));
+    assert!(!store.artifact_in_use(&a.id).await.expect("in use"));
+}
+
+/// Chunks are stored at their offsets; a write replaces what was stored from its offset on;
+/// reads take any range; the chunks go with their artifact, and a chunk for no artifact is
+/// `NotFound`.
+pub async fn artifact_chunks_replace_read_by_range_and_go_with_the_artifact<S>(store: &S)
+where
+    S: ArtifactStore + ArtifactBlobs + ?Sized,
+{
+    let a = artifact(9, "4.0.0");
+    store.create_artifact(a.clone(), 10).await.expect("create");
+    store
+        .write_blob(&a.id, 0, b"hello ".to_vec())
+        .await
+        .expect("w");
+    store
+        .write_blob(&a.id, 6, b"wxrld!!".to_vec())
+        .await
+        .expect("w");
+    store
+        .write_blob(&a.id, 6, b"world".to_vec())
+        .await
+        .expect("rewrite");
+    assert_eq!(
+        store.read_blob(&a.id, 0, 100).await.expect("r"),
+        b"hello world"
+    );
+    assert_eq!(store.read_blob(&a.id, 4, 3).await.expect("r"), b"o w");
+    assert_eq!(store.read_blob(&a.id, 6, 5).await.expect("r"), b"world");
+    assert!(store.read_blob(&a.id, 11, 5).await.expect("r").is_empty());
+    // A write inside a chunk cuts it there.
+    store.write_blob(&a.id, 3, b"p!".to_vec()).await.expect("w");
+    assert_eq!(store.read_blob(&a.id, 0, 100).await.expect("r"), b"help!");
+    assert!(matches!(
+        store.write_blob("art_ffffffff", 0, vec![1]).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store.delete_artifact(&a.id).await.expect("delete"),
+        ArtifactDelete::Deleted
+    );
+    assert!(store.read_blob(&a.id, 0, 100).await.expect("r").is_empty());
+    assert_eq!(
+        store.delete_artifact(&a.id).await.expect("delete"),
+        ArtifactDelete::NotFound
+    );
+    store.delete_blob(&a.id).await.expect("delete nothing");
+}
+
+fn update(dep: &str, device: &str) -> crate::DeviceUpdateRecord {
+    crate::DeviceUpdateRecord {
+        deployment_id: dep.to_owned(),
+        device_id: device.to_owned(),
+        artifact_id: artifact(11, "5.0.0").id,
+        version: "5.0.0".to_owned(),
+        command_id: None,
+        state: mooring_proto::ota::UpdateState::Pending,
+        reason: None,
+        progress_pct: None,
+        running_version: None,
+        seq: None,
+        updated_at_ms: T0,
+    }
+}
+
+/// A deployment is stored with its devices' updates (pending); reports apply only when newer
+/// (`seq`); counts per state; a device's history; cancel keeps its first time; an artifact a
+/// deployment names is in use and not deleted; a deployment of a missing artifact is
+/// `NotFound`.
+pub async fn deployment_updates_follow_newer_reports_and_hold_the_artifact<S>(store: &S)
+where
+    S: crate::Store + ?Sized,
+{
+    use crate::DeploymentRecord;
+    use mooring_proto::ota::UpdateState;
+    for d in ["d1", "d2"] {
+        store
+            .create_device(super::new_device(d))
+            .await
+            .expect("device");
+    }
+    let a = artifact(11, "5.0.0");
+    store.create_artifact(a.clone(), 10).await.expect("create");
+    let dep = DeploymentRecord {
+        id: "dep_0001".to_owned(),
+        artifact_id: a.id.clone(),
+        selector: "tag:site=north".to_owned(),
+        allow_downgrade: false,
+        created_by: "tok_admin".to_owned(),
+        created_at_ms: T0,
+        canceled_at_ms: None,
+    };
+    store
+        .create_deployment(
+            dep.clone(),
+            vec![update("dep_0001", "d1"), update("dep_0001", "d2")],
+        )
+        .await
+        .expect("deploy");
+    assert_eq!(
+        store.get_deployment("dep_0001").await.expect("get"),
+        Some(dep.clone())
+    );
+    assert_eq!(
+        store.list_deployments(10).await.expect("list"),
+        vec![dep.clone()]
+    );
+    let mut missing = dep.clone();
+    missing.id = "dep_0002".to_owned();
+    missing.artifact_id = "art_ffffffff".to_owned();
+    assert!(matches!(
+        store.create_deployment(missing, Vec::new()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(store
+        .set_update_command("dep_0001", "d1", "c_1")
+        .await
+        .expect("cmd"));
+    let mut r = update("dep_0001", "d1");
+    r.state = UpdateState::Downloading;
+    r.progress_pct = Some(40);
+    r.seq = Some(5);
+    r.updated_at_ms = T0 + 5;
+    assert!(store.apply_update_report(r.clone()).await.expect("apply"));
+    let mut older = r.clone();
+    older.state = UpdateState::Deferred;
+    older.seq = Some(4);
+    assert!(!store
+        .apply_update_report(older.clone())
+        .await
+        .expect("older"));
+    older.seq = Some(5);
+    assert!(!store.apply_update_report(older).await.expect("same seq"));
+    let got = store
+        .get_update("dep_0001", "d1")
+        .await
+        .expect("get")
+        .expect("some");
+    assert_eq!(
+        (
+            got.state,
+            got.progress_pct,
+            got.seq,
+            got.command_id.as_deref()
+        ),
+        (UpdateState::Downloading, Some(40), Some(5), Some("c_1"))
+    );
+    let mut done = r.clone();
+    done.state = UpdateState::Committed;
+    done.running_version = Some("5.0.0".to_owned());
+    done.seq = Some(9);
+    assert!(store.apply_update_report(done).await.expect("apply"));
+    let mut unknown = r.clone();
+    unknown.device_id = "d9".to_owned();
+    assert!(!store
+        .apply_update_report(unknown)
+        .await
+        .expect("no such update"));
+    let counts = store.count_updates("dep_0001").await.expect("count");
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        vec![("committed".to_owned(), 1), ("pending".to_owned(), 1)]
+    );
+    let page = store.list_updates("dep_0001", None, 1).await.expect("list");
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].device_id, "d1");
+    let page = store
+        .list_updates("dep_0001", Some("d1"), 10)
+        .await
+        .expect("list");
+    assert_eq!(
+        page.iter()
+            .map(|u| u.device_id.as_str())
+            .collect::<Vec<_>>(),
+        ["d2"]
+    );
+    let history = store.device_updates("d1", 10).await.expect("history");
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].running_version.as_deref(), Some("5.0.0"));
+    let c = store
+        .cancel_deployment("dep_0001", T0 + 10)
+        .await
+        .expect("cancel")
+        .expect("some");
+    assert_eq!(c.canceled_at_ms, Some(T0 + 10));
+    let c = store
+        .cancel_deployment("dep_0001", T0 + 20)
+        .await
+        .expect("cancel")
+        .expect("some");
+    assert_eq!(
+        c.canceled_at_ms,
+        Some(T0 + 10),
+        "the first cancel time stays"
+    );
+    assert!(store.artifact_in_use(&a.id).await.expect("in use"));
+    assert_eq!(
+        store.delete_artifact(&a.id).await.expect("delete"),
+        ArtifactDelete::InUse
+    );
+    assert!(store.get_artifact(&a.id).await.expect("get").is_some());
+}

@@ -1,0 +1,596 @@
+//! OTA artifacts end to end (issue 17), against the real binary: uploads with the CLI (signed by
+//! the server, or offline with `mooring ota keygen` + `--sign-key`), resumed uploads, list /
+//! show / delete, downloads with a device-scoped token and `Range`, and every refusal.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Instant;
+use support::{Server, WAIT};
+
+/// Deterministic bytes that are not all alike.
+fn file_bytes(len: usize, seed: u8) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
+}
+
+fn verifies(public_key_hex: &str, manifest: &str, signature_hex: &str) -> bool {
+    let pk = hex::decode(public_key_hex).expect("hex key");
+    let sig = hex::decode(signature_hex).expect("hex signature");
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, pk)
+        .verify(manifest.as_bytes(), &sig)
+        .is_ok()
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).expect("meta").permissions().mode() & 0o777
+}
+
+/// `GET` the download with `token` (and a `Range`): status, headers, body.
+async fn download(
+    server: &Server,
+    id: &str,
+    token: Option<&str>,
+    range: Option<&str>,
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut req = support::http().get(format!(
+        "{}/api/v1/ota/artifacts/{id}/download",
+        server.url()
+    ));
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(r) = range {
+        req = req.header("range", r);
+    }
+    let resp = req.send().await.expect("download");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.bytes().await.expect("body").to_vec())
+}
+
+fn error_code(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    v["error"]["code"].as_str().unwrap_or("").to_owned()
+}
+
+async fn link(server: &Server, id: &str, device: &str, ttl_ms: Option<u64>) -> String {
+    let mut body = json!({ "device_id": device });
+    if let Some(t) = ttl_ms {
+        body["ttl_ms"] = t.into();
+    }
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{id}/links"),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    assert!(v["url"]
+        .as_str()
+        .expect("url")
+        .ends_with(&format!("/api/v1/ota/artifacts/{id}/download")));
+    v["token"].as_str().expect("token").to_owned()
+}
+
+async fn put_chunk(server: &Server, id: &str, offset: u64, bytes: &[u8]) -> (u16, Value) {
+    let resp = support::http()
+        .put(format!(
+            "{}/api/v1/ota/artifacts/{id}/content?offset={offset}",
+            server.url()
+        ))
+        .bearer_auth(&server.token)
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .expect("put");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn server_signed_upload_resumes_downloads_with_scoped_tokens_and_ranges_and_deletes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let bytes = file_bytes(3 * 1024 * 1024 + 123, 1);
+    let file = tmp.path().join("fw-1.4.0.img");
+    std::fs::write(&file, &bytes).expect("write");
+    let f = file.to_str().expect("utf8");
+
+    // Upload with the CLI: chunked, then signed by the server's key (created at first start).
+    let art = server.cli_json(&[
+        "ota",
+        "upload",
+        f,
+        "--version",
+        "1.4.0",
+        "--compatible",
+        "rev-b,rev-c",
+        "--notes",
+        "fixes the drift",
+        "--chunk-bytes",
+        "1048576",
+        "-o",
+        "json",
+    ]);
+    let id = art["id"].as_str().expect("id").to_owned();
+    assert_eq!(art["state"], "ready", "{art}");
+    assert_eq!(art["size"], bytes.len());
+    assert_eq!(art["sha256"], sha256_hex(&bytes));
+    assert_eq!(art["compatible"], json!(["rev-b", "rev-c"]));
+    assert_eq!(mode_of(&data.join("update.key")), 0o600);
+    assert_eq!(mode_of(&data.join("artifacts").join(&id)), 0o600);
+    let (status, key) = server.api("GET", "/api/v1/ota/update-key", None).await;
+    assert_eq!((status, key["server_signs"].as_bool()), (200, Some(true)));
+    let manifest = art["manifest"].as_str().expect("manifest");
+    let public_key = key["public_key"].as_str().expect("key");
+    assert!(verifies(
+        public_key,
+        manifest,
+        art["signature"].as_str().expect("sig")
+    ));
+    let m: Value = serde_json::from_str(manifest).expect("manifest json");
+    assert_eq!(
+        (m["artifact_id"].as_str(), m["version"].as_str(), &m["size"]),
+        (Some(id.as_str()), Some("1.4.0"), &json!(bytes.len()))
+    );
+
+    // list / show.
+    let list = server.cli_json(&["ota", "list", "-o", "json"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    let shown = server.cli_json(&["ota", "show", &id, "-o", "json"]);
+    assert_eq!(shown["signature"], art["signature"]);
+    let table = server.cli(&["ota", "list"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("1.4.0"));
+
+    // Downloads: a token for one device and this artifact; whole, then resumed with Range.
+    server.create_device("d1", tmp.path());
+    let token = link(&server, &id, "d1", None).await;
+    let (status, headers, body) = download(&server, &id, Some(&token), None).await;
+    assert_eq!(status, 200);
+    assert!(body == bytes, "the whole file");
+    assert_eq!(headers["accept-ranges"], "bytes");
+    let (status, headers, body) =
+        download(&server, &id, Some(&token), Some("bytes=1000000-")).await;
+    assert_eq!(status, 206);
+    assert_eq!(
+        headers["content-range"].to_str().expect("range"),
+        format!("bytes 1000000-{}/{}", bytes.len() - 1, bytes.len())
+    );
+    assert!(body == bytes[1_000_000..], "the rest from the offset");
+    let (status, _, body) = download(&server, &id, Some(&token), Some("bytes=10-19")).await;
+    assert_eq!((status, body.as_slice()), (206, &bytes[10..20]));
+    let past = format!("bytes={}-", bytes.len());
+    let (status, headers, body) = download(&server, &id, Some(&token), Some(&past)).await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (416, "range_not_satisfiable")
+    );
+    assert_eq!(
+        headers["content-range"].to_str().expect("range"),
+        format!("bytes */{}", bytes.len())
+    );
+
+    // Refused: no token, garbage, a token edited to name another device, a token for another
+    // artifact, an expired token.
+    for (token, code) in [
+        (None, "invalid_download_token"),
+        (Some("garbage".to_owned()), "invalid_download_token"),
+        (
+            Some(token.replace(".d1.", ".d2.")),
+            "invalid_download_token",
+        ),
+        (Some(server.token.clone()), "invalid_download_token"),
+    ] {
+        let (status, _, body) = download(&server, &id, token.as_deref(), None).await;
+        assert_eq!(
+            (status, error_code(&body).as_str()),
+            (401, code),
+            "{token:?}"
+        );
+    }
+    let other = file_bytes(1000, 2);
+    let other_file = tmp.path().join("fw-1.5.0.img");
+    std::fs::write(&other_file, &other).expect("write");
+    let out = server.cli(&[
+        "ota",
+        "upload",
+        other_file.to_str().expect("utf8"),
+        "--version",
+        "1.5.0",
+        "--compatible",
+        "rev-b",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let other_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (status, _, body) = download(&server, &other_id, Some(&token), None).await;
+    assert_eq!(
+        (status, error_code(&body).as_str()),
+        (403, "wrong_artifact")
+    );
+    let short = link(&server, &id, "d1", Some(1)).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _, body) = download(&server, &id, Some(&short), None).await;
+        if status == 401 {
+            assert_eq!(error_code(&body), "download_token_expired");
+            break;
+        }
+        assert!(Instant::now() < deadline, "a 1 ms token never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(server.metric("mooring_ota_downloads_refused_total").await >= 6.0);
+    assert!(server.metric("mooring_ota_downloads_total").await >= 3.0);
+    assert!(server.metric("mooring_ota_download_bytes_total").await >= bytes.len() as f64);
+    assert_eq!(
+        server.metric("mooring_ota_artifacts_ready_total").await,
+        2.0
+    );
+    // Links are only for devices that exist and artifacts that are ready.
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{id}/links"),
+            Some(json!({"device_id": "nobody"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{v}");
+
+    // A tampered upload (the bytes are not the announced hash) is refused and discarded.
+    let (status, created) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(json!({"version": "2.0.0", "compatible": ["rev-b"], "sha256": sha256_hex(b"the real one"), "size": 12})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let bad_id = created["id"].as_str().expect("id").to_owned();
+    let (status, v) = put_chunk(&server, &bad_id, 0, b"evil payload").await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{bad_id}/complete"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("sha256_mismatch")),
+        "{v}"
+    );
+    let (_, v) = server
+        .api("GET", &format!("/api/v1/ota/artifacts/{bad_id}"), None)
+        .await;
+    assert_eq!(
+        (v["state"].as_str(), &v["stored_bytes"]),
+        (Some("uploading"), &json!(0))
+    );
+    // Chunks only where the upload is, never past the size; complete only when whole.
+    let (status, v) = put_chunk(&server, &bad_id, 5, b"x").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("offset_mismatch")),
+        "{v}"
+    );
+    let (status, v) = put_chunk(&server, &bad_id, 0, b"thirteen byte").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("chunk_past_size")),
+        "{v}"
+    );
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{bad_id}/complete"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("upload_incomplete")),
+        "{v}"
+    );
+    // A taken version, a bad hash.
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(json!({"version": "1.4.0", "compatible": ["rev-b"], "sha256": sha256_hex(b"x"), "size": 1})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("artifact_version_exists")),
+        "{v}"
+    );
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(
+                json!({"version": "3.0.0", "compatible": ["rev-b"], "sha256": "nothex", "size": 1}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_artifact")),
+        "{v}"
+    );
+    // An upload that is not the file refused (its version is taken with another hash).
+    let out = server.cli(&[
+        "ota",
+        "upload",
+        f,
+        "--version",
+        "2.0.0",
+        "--compatible",
+        "rev-b",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("delete it first"));
+
+    // A half-done upload of the same file and version resumes where it stopped.
+    let third = file_bytes(2 * 1024 * 1024 + 7, 3);
+    let third_file = tmp.path().join("fw-2.1.0.img");
+    std::fs::write(&third_file, &third).expect("write");
+    let (status, created) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(json!({"version": "2.1.0", "compatible": ["rev-c"], "sha256": sha256_hex(&third), "size": third.len()})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let third_id = created["id"].as_str().expect("id").to_owned();
+    let (status, v) = put_chunk(&server, &third_id, 0, &third[..1_000_000]).await;
+    assert_eq!(
+        (status, &v["stored_bytes"]),
+        (200, &json!(1_000_000)),
+        "{v}"
+    );
+    let out = server.cli(&[
+        "ota",
+        "upload",
+        third_file.to_str().expect("utf8"),
+        "--version",
+        "2.1.0",
+        "--compatible",
+        "rev-c",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("resuming the upload") && stderr.contains("at byte 1000000"),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), third_id);
+    let token = link(&server, &third_id, "d1", None).await;
+    let (status, _, body) = download(&server, &third_id, Some(&token), None).await;
+    assert!(
+        status == 200 && body == third,
+        "the resumed upload is the file"
+    );
+
+    // Delete: the bytes go too; a second delete is not found.
+    let out = server.cli(&["ota", "delete", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!data.join("artifacts").join(&id).exists());
+    let (status, _) = server
+        .api("GET", &format!("/api/v1/ota/artifacts/{id}"), None)
+        .await;
+    assert_eq!(status, 404);
+    let (status, v) = server
+        .api("DELETE", &format!("/api/v1/ota/artifacts/{id}"), None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("artifact_not_found"))
+    );
+    let (status, _, _) = download(&server, &id, Some(&token), None).await;
+    assert_eq!(status, 403, "a token for another artifact");
+}
+
+#[tokio::test]
+async fn an_offline_key_signs_and_unsigned_or_wrongly_signed_uploads_are_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    // keygen: the private key 0600, the public key on stdout; never overwrites.
+    let key_file = tmp.path().join("update.key");
+    let out = std::process::Command::new(support::BIN)
+        .args(["ota", "keygen", "--out"])
+        .arg(&key_file)
+        .output()
+        .expect("keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let public_key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(public_key.len(), 64);
+    assert_eq!(mode_of(&key_file), 0o600);
+    let again = std::process::Command::new(support::BIN)
+        .args(["ota", "keygen", "--out"])
+        .arg(&key_file)
+        .output()
+        .expect("keygen");
+    assert!(!again.status.success(), "keygen never overwrites");
+    let wrong_key = tmp.path().join("wrong.key");
+    let out = std::process::Command::new(support::BIN)
+        .args(["ota", "keygen", "--out"])
+        .arg(&wrong_key)
+        .output()
+        .expect("keygen");
+    assert!(out.status.success());
+
+    let config = tmp.path().join("mooring.toml");
+    std::fs::write(
+        &config,
+        format!("[ota]\nupdate_public_key = \"{public_key}\"\n"),
+    )
+    .expect("config");
+    let server = Server::start_custom(&data, |cmd| {
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--mqtt-dev-addr", "127.0.0.1:0"]);
+    });
+    assert!(
+        !data.join("update.key").exists(),
+        "the server holds no private key"
+    );
+    let (_, key) = server.api("GET", "/api/v1/ota/update-key", None).await;
+    assert_eq!(
+        (key["public_key"].as_str(), key["server_signs"].as_bool()),
+        (Some(public_key.as_str()), Some(false))
+    );
+
+    let bytes = file_bytes(300_000, 4);
+    let file = tmp.path().join("fw.img");
+    std::fs::write(&file, &bytes).expect("write");
+    let f = file.to_str().expect("utf8");
+    let upload = |key: Option<&Path>| {
+        let mut args = vec![
+            "ota",
+            "upload",
+            f,
+            "--version",
+            "7.0.0",
+            "--compatible",
+            "rev-b",
+        ];
+        if let Some(k) = key {
+            args.extend(["--sign-key", k.to_str().expect("utf8")]);
+        }
+        server.cli(&args)
+    };
+    let out = upload(None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("signature_required"));
+    let out = upload(Some(&wrong_key));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad_signature"));
+    // The bytes are all there; the right key completes it.
+    let out = upload(Some(&key_file));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let art = server.cli_json(&["ota", "show", &id, "-o", "json"]);
+    assert_eq!(art["state"], "ready");
+    assert!(verifies(
+        &public_key,
+        art["manifest"].as_str().expect("manifest"),
+        art["signature"].as_str().expect("signature")
+    ));
+}
+
+#[tokio::test]
+async fn artifact_bounds_refuse_with_a_code_size_count_and_chunk() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let config = tmp.path().join("mooring.toml");
+    std::fs::write(
+        &config,
+        "[ota]\nartifacts_max = 1\nartifact_size_bytes_max = 16777216\n",
+    )
+    .expect("config");
+    let server = Server::start_custom(&data, |cmd| {
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--mqtt-dev-addr", "127.0.0.1:0"]);
+    });
+    let create = |version: &str, size: u64| json!({"version": version, "compatible": ["rev-b"], "sha256": sha256_hex(b"x"), "size": size});
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(create("1.0.0", 16_777_217)),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_size")),
+        "{v}"
+    );
+    let (status, v) = server
+        .api("POST", "/api/v1/ota/artifacts", Some(create("1.0.0", 0)))
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_size")),
+        "{v}"
+    );
+    let (status, first) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(create("1.0.0", 16_777_216)),
+        )
+        .await;
+    assert_eq!(status, 201, "{first}");
+    let (status, v) = server
+        .api("POST", "/api/v1/ota/artifacts", Some(create("2.0.0", 10)))
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("too_many_artifacts")),
+        "{v}"
+    );
+    // A chunk over 8 MiB is refused whole; nothing is stored.
+    let id = first["id"].as_str().expect("id");
+    let (status, v) = put_chunk(&server, id, 0, &vec![0u8; 8 * 1024 * 1024 + 1]).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (413, Some("chunk_too_large")),
+        "{v}"
+    );
+    let (_, v) = server
+        .api("GET", &format!("/api/v1/ota/artifacts/{id}"), None)
+        .await;
+    assert_eq!(v["stored_bytes"], 0);
+    // Unknown ids and routes of artifacts that do not exist answer not found.
+    let (status, v) = put_chunk(&server, "art_ffffffffffffffff", 0, b"x").await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("artifact_not_found")),
+        "{v}"
+    );
+}

@@ -1,0 +1,226 @@
+//! OTA deployments end to end (issue 17), against the real binary with devices speaking MQTT
+//! over mutual TLS: `mooring ota deploy` sends one `mooring.update` per matching device (signed
+//! manifest + a working download link), status reports move the device's state (older `seq`
+//! ignored), link refresh, `mooring ota status` counts, the device's history, cancel, and an
+//! artifact in use cannot be deleted.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{MqttDevice, Server};
+
+fn report(dep: &str, art: &str, state: &str, seq: u64, extra: Value) -> String {
+    let mut r = json!({
+        "v": 1, "deployment_id": dep, "artifact_id": art, "version": "1.4.0",
+        "state": state, "at": 1, "seq": seq,
+    });
+    if let (Some(r), Some(extra)) = (r.as_object_mut(), extra.as_object()) {
+        for (k, v) in extra {
+            r.insert(k.clone(), v.clone());
+        }
+    }
+    r.to_string()
+}
+
+/// The next answer on `devices/<id>/ota/link/#` (the device's own requests, which its filter
+/// covers too, are skipped).
+async fn link_answer(dev: &mut MqttDevice) -> (String, Value) {
+    loop {
+        let (topic, v) = dev.next_json().await;
+        if !topic.ends_with("/request") {
+            return (topic, v);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_cancels() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"));
+    let creds1 = server.create_device("d1", tmp.path());
+    server.create_device("d2", tmp.path());
+    server.create_device("d3", tmp.path());
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let file = tmp.path().join("fw.img");
+    std::fs::write(&file, &bytes).expect("write");
+    let out = server.cli(&[
+        "ota",
+        "upload",
+        file.to_str().expect("utf8"),
+        "--version",
+        "1.4.0",
+        "--compatible",
+        "rev-b",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let art = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+
+    let mut d1 = MqttDevice::connect(&server, &creds1, "d1").await;
+    d1.subscribe("devices/d1/commands/+").await;
+    d1.subscribe("devices/d1/ota/link/#").await;
+    let dep = server.cli_json(&[
+        "ota",
+        "deploy",
+        "--artifact",
+        &art,
+        "--to",
+        "id:d1,d2",
+        "-o",
+        "json",
+    ]);
+    let dep_id = dep["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        (dep["total"].as_u64(), &dep["counts"]),
+        (Some(2), &json!({"pending": 2}))
+    );
+
+    // The device gets the update: the signed manifest and a link that downloads the file.
+    let (topic, cmd) = d1.next_json().await;
+    assert!(topic.starts_with("devices/d1/commands/"), "{topic}");
+    assert_eq!(cmd["name"], "mooring.update");
+    let p = &cmd["params"];
+    assert_eq!(
+        (p["deployment_id"].as_str(), p["allow_downgrade"].as_bool()),
+        (Some(dep_id.as_str()), Some(false))
+    );
+    let (_, key) = server.api("GET", "/api/v1/ota/update-key", None).await;
+    let pk = hex::decode(key["public_key"].as_str().expect("key")).expect("hex");
+    let manifest = p["manifest"].as_str().expect("manifest");
+    let sig = hex::decode(p["signature"].as_str().expect("signature")).expect("hex");
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, pk)
+        .verify(manifest.as_bytes(), &sig)
+        .expect("the manifest verifies with the update key");
+    let got = support::http()
+        .get(p["link"]["url"].as_str().expect("url"))
+        .bearer_auth(p["link"]["token"].as_str().expect("token"))
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(got.status().as_u16(), 200);
+    assert!(got.bytes().await.expect("body").as_ref() == bytes.as_slice());
+
+    // Reports move the state; an older one (lower seq) is ignored.
+    d1.publish(
+        "devices/d1/ota/status",
+        &report(
+            &dep_id,
+            &art,
+            "downloading",
+            1,
+            json!({"progress_pct": 50, "running_version": "1.3.0"}),
+        ),
+    )
+    .await;
+    d1.publish(
+        "devices/d1/ota/status",
+        &report(
+            &dep_id,
+            &art,
+            "committed",
+            5,
+            json!({"running_version": "1.4.0"}),
+        ),
+    )
+    .await;
+    d1.publish(
+        "devices/d1/ota/status",
+        &report(&dep_id, &art, "installing", 3, json!({})),
+    )
+    .await;
+    let status = server
+        .wait_for(&format!("/api/v1/ota/deployments/{dep_id}"), |v| {
+            v["counts"]["committed"] == 1
+        })
+        .await;
+    assert_eq!(status["counts"], json!({"committed": 1, "pending": 1}));
+    assert_eq!(
+        server.metric("mooring_ota_status_reports_total").await,
+        2.0,
+        "the older report is not stored"
+    );
+    let text =
+        String::from_utf8_lossy(&server.cli(&["ota", "status", &dep_id]).stdout).into_owned();
+    assert!(
+        text.contains("committed") && text.contains("pending"),
+        "{text}"
+    );
+    let (_, history) = server.api("GET", "/api/v1/devices/d1/ota", None).await;
+    let u = &history["updates"][0];
+    assert_eq!(
+        (
+            u["state"].as_str(),
+            u["running_version"].as_str(),
+            u["deployment_id"].as_str()
+        ),
+        (Some("committed"), Some("1.4.0"), Some(dep_id.as_str()))
+    );
+
+    // A link refresh answers a new link; one for an update the device was never sent is
+    // refused with a code.
+    d1.publish(
+        "devices/d1/ota/link/request",
+        &json!({"v": 1, "deployment_id": dep_id, "artifact_id": art}).to_string(),
+    )
+    .await;
+    let (topic, link) = link_answer(&mut d1).await;
+    assert_eq!(topic, "devices/d1/ota/link/accepted");
+    let got = support::http()
+        .get(link["url"].as_str().expect("url"))
+        .bearer_auth(link["token"].as_str().expect("token"))
+        .header("range", "bytes=100000-")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(got.status().as_u16(), 206);
+    assert!(got.bytes().await.expect("body").as_ref() == &bytes[100_000..]);
+    d1.publish(
+        "devices/d1/ota/link/request",
+        &json!({"v": 1, "deployment_id": "dep_nope", "artifact_id": art}).to_string(),
+    )
+    .await;
+    let (topic, refused) = link_answer(&mut d1).await;
+    assert_eq!(
+        (topic.as_str(), refused["code"].as_str()),
+        ("devices/d1/ota/link/rejected", Some("update_not_found"))
+    );
+
+    // The artifact is in use; cancel withdraws d2's undelivered update.
+    let (status, v) = server
+        .api("DELETE", &format!("/api/v1/ota/artifacts/{art}"), None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("artifact_in_use")),
+        "{v}"
+    );
+    let canceled = server.cli_json(&["ota", "cancel", &dep_id, "-o", "json"]);
+    // `status --watch` ends at once on a canceled deployment, with the counts on stderr.
+    let watched = server.cli(&["ota", "status", &dep_id, "--watch"]);
+    assert!(String::from_utf8_lossy(&watched.stderr).contains("committed 1, failed 1 (of 2)"));
+    assert!(canceled["canceled_at"].is_u64(), "{canceled}");
+    assert_eq!(canceled["counts"], json!({"committed": 1, "failed": 1}));
+    let (_, history) = server.api("GET", "/api/v1/devices/d2/ota", None).await;
+    assert!(history["updates"][0]["reason"]
+        .as_str()
+        .expect("reason")
+        .starts_with("canceled"));
+    let (_, cmds) = server.api("GET", "/api/v1/devices/d2/commands", None).await;
+    assert_eq!(cmds["commands"][0]["state"], "canceled", "{cmds}");
+    // Nothing matches: refused with a code.
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/ota/deployments",
+            Some(json!({"artifact_id": art, "selector": "id:nobody"})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("no_matching_devices")),
+        "{v}"
+    );
+}
