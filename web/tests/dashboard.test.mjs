@@ -349,6 +349,68 @@ test("provisioning: the funnel, a claim created with its token shown once, then 
 });
 
 // Screenshots of every page, desktop and phone width, light and dark (docs/screenshots/).
+test("updates: an artifact deployed to a device from the page, followed there and on the device page, then canceled", async () => {
+  const { createHash } = await import("node:crypto");
+  const send = async (method, path, body, raw) => {
+    const r = await fetch(`${BASE}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${TOKEN}`, "content-type": raw ? "application/octet-stream" : "application/json" },
+      body: raw ?? JSON.stringify(body),
+    });
+    const text = await r.text();
+    assert.ok(r.ok, `${method} ${path}: ${r.status} ${text}`);
+    return text ? JSON.parse(text) : null;
+  };
+  // An artifact, uploaded the way `mooring ota upload` does (the server signs its manifest).
+  const image = Buffer.alloc(200_000, 7);
+  const sha256 = createHash("sha256").update(image).digest("hex");
+  const created = await send("POST", "/api/v1/ota/artifacts", { version: "9.9.0", compatible: ["rev-b"], notes: "browser test", sha256, size: image.length });
+  await send("PUT", `/api/v1/ota/artifacts/${created.id}/content?offset=0`, null, image);
+  await send("POST", `/api/v1/ota/artifacts/${created.id}/complete`, {});
+
+  const page = await newPage();
+  await login(page, ADMIN);
+  await page.getByTestId("nav-ota").click();
+  await page.locator(`[data-testid="artifact-row"][data-artifact-id="${created.id}"][data-state="ready"]`).waitFor();
+  await page.getByTestId("deploy-open").click();
+  const dialog = page.getByTestId("deploy-dialog");
+  await dialog.getByTestId("deploy-artifact").selectOption(created.id);
+  await dialog.getByTestId("deploy-selector").fill(`id:${LIVE}`);
+  await dialog.getByTestId("deploy-submit").click();
+  const row = page.locator('[data-testid="deployment-row"]').filter({ hasText: "9.9.0" });
+  await row.waitFor();
+  const id = await row.getAttribute("data-deployment-id");
+  const dep = await api(`/api/v1/ota/deployments/${id}`);
+  assert.equal(dep.total, 1);
+  assert.equal(dep.artifact_id, created.id);
+  // The device's update as the page counts it, then on the device page.
+  const counted = await row.locator('[data-testid="deploy-count"]').first();
+  assert.equal(await counted.getAttribute("data-state"), Object.keys(dep.counts)[0]);
+  await page.goto(`${BASE}/#/devices/${encodeURIComponent(LIVE)}`);
+  const history = page.getByTestId("device-ota");
+  await history.locator('[data-testid="ota-row"]').filter({ hasText: "9.9.0" }).waitFor();
+  const updates = await api(`/api/v1/devices/${encodeURIComponent(LIVE)}/ota`);
+  assert.equal(updates.updates[0].deployment_id, id);
+  // Canceled from the page: the API agrees.
+  await page.getByTestId("nav-ota").click();
+  await row.getByTestId("deployment-cancel").click();
+  await page.getByRole("dialog").getByRole("button", { name: "Cancel deployment" }).click();
+  await page.locator(`[data-testid="deployment-row"][data-deployment-id="${id}"][data-canceled="true"]`).waitFor();
+  assert.ok((await api(`/api/v1/ota/deployments/${id}`)).canceled_at);
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+  // A viewer sees both lists but no deploy, cancel or delete.
+  const viewer = await newPage();
+  await login(viewer, VIEWER);
+  await viewer.getByTestId("nav-ota").click();
+  await viewer.locator(`[data-testid="deployment-row"][data-deployment-id="${id}"]`).waitFor();
+  assert.equal(await viewer.getByTestId("deploy-open").count(), 0);
+  assert.equal(await viewer.getByTestId("deployment-cancel").count(), 0);
+  assert.equal(await viewer.getByTestId("artifact-delete").count(), 0);
+  assert.deepEqual(viewer.errors, []);
+  await viewer.context().close();
+});
+
 test("screenshots", { skip: !process.env.SCREENSHOTS }, async () => {
   const dir = process.env.SCREENSHOTS;
   const pages = [

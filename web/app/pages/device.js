@@ -1,12 +1,14 @@
 // #/devices/<id>: one device: facts and tags, its provisioning pipeline and installation (with
 // the installer's confirmation form), live telemetry chart, shadow (reported vs desired, with an
-// editor), commands (history with live states, send, cancel), delete.
+// editor), commands (history with live states, send, cancel), updates (OTA history and the A/B
+// slots its agent reports), delete.
 import {
-  html, useState, useEffect, useMemo, useRef, useCallback, api, qs, useApi, useEvents, can, toast,
+  html, useState, useEffect, useMemo, useRef, useCallback, api, qs, useApi, useEvents, useInterval, can, toast,
   navigate, Loading, Empty, ErrorBox, Async, Dialog, Confirm, PageTitle, OnlineBadge, StateBadge,
   fmtTime, fmtAgo, fmtNum, parseJson,
 } from "../lib.js";
 import { TimeChart } from "../chart.js";
+import { STATES as OTA_STATES } from "./ota.js";
 
 const RANGES = [
   { key: "15m", label: "Last 15 minutes", ms: 15 * 60_000 },
@@ -171,6 +173,43 @@ function Provisioning({ id, reloadRef }) {
       </div>
       ${can("installations.write") && html`<${InstallForm} id=${id} onDone=${res.reload} />`}
     `}</${Async}>
+  </section>`;
+}
+
+// ---------------------------------------------------------------- updates (OTA)
+
+const OTA_LABELS = Object.fromEntries(OTA_STATES);
+const OTA_FINAL = new Set(["committed", "rolled_back", "failed"]);
+
+/** The device's updates, newest first, and its A/B slots as its agent reports them (shadow
+ *  `reported.ota`); live while an update is on its way. */
+function Updates({ id }) {
+  const res = useApi(`/devices/${enc(id)}/ota`, [id]);
+  const shadow = useApi(can("shadow.read") ? `/devices/${enc(id)}/shadow` : null, [id]);
+  const running = (res.data?.updates || []).some((u) => !OTA_FINAL.has(u.state));
+  useInterval(() => {
+    res.reload();
+    shadow.reload();
+  }, 3000, running);
+  const ota = shadow.data?.reported?.ota;
+  return html`<section class="card" data-testid="device-ota">
+    <h2>Updates</h2>
+    ${ota && ota.slots && html`<div class="slots" data-testid="slots">
+      ${Object.entries(ota.slots).map(([name, slot]) => html`<div class=${"slot" + (ota.active === name ? " active" : "")} data-testid="slot" data-slot=${name} data-active=${String(ota.active === name)}>
+        <strong>Slot ${name.toUpperCase()}</strong> ${ota.active === name ? html`<span class="badge on">running</span>` : ""}
+        <div>${slot.version || html`<span class="muted">empty</span>`}</div>
+        ${slot.state && html`<div class="muted">${slot.state}</div>`}
+      </div>`)}
+    </div>`}
+    <${Async} res=${res} label="Loading updates…">${(d) => d.updates.length === 0 ? html`<${Empty}>No update sent to this device.</${Empty}>` : html`<div class="table-wrap"><table class="table">
+      <thead><tr><th>Version</th><th>State</th><th>Running</th><th>Deployment</th><th>Updated</th></tr></thead>
+      <tbody>${d.updates.map((u) => html`<tr key=${u.deployment_id} data-testid="ota-row" data-state=${u.state}>
+        <td data-label="Version">${u.version}</td>
+        <td data-label="State"><span class=${"badge ota-" + u.state}>${OTA_LABELS[u.state] || u.state}${u.state === "downloading" && u.progress_pct != null ? ` ${u.progress_pct}%` : ""}</span>${u.reason ? html`<div class="muted" data-testid="ota-reason">${u.reason}</div>` : ""}</td>
+        <td data-label="Running">${u.running_version || html`<span class="muted">–</span>`}</td>
+        <td data-label="Deployment"><a href="#/ota"><code>${u.deployment_id}</code></a></td>
+        <td data-label="Updated">${fmtTime(u.updated_at)}</td>
+      </tr>`)}</tbody></table></div>`}</${Async}>
   </section>`;
 }
 
@@ -496,6 +535,7 @@ export default function Device({ params }) {
       <${Provisioning} id=${id} reloadRef=${pipeline} />
       <${Telemetry} id=${id} liveRef=${live} />
       <${Commands} id=${id} commandRef=${command} />
+      <${Updates} id=${id} />
       ${can("devices.write") && html`<section class="card danger-zone">
         <h2>Delete</h2>
         <p>Deleting removes the device, its telemetry and commands; its certificate stops working.</p>
