@@ -69,6 +69,7 @@ pub mod input;
 pub mod key;
 pub mod link;
 pub mod metrics;
+pub mod ota;
 pub mod rotate;
 pub mod shadow;
 pub mod sqlite_store;

@@ -1,0 +1,1 @@
+//! The agent's side of OTA: the `[update]` config, the `ota` child that drives the [`super::Updater`], its [`super::Env`] (preconditions, HTTPS, link refresh over MQTT, health checks, reports through the outbox).
