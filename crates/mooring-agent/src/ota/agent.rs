@@ -5,7 +5,7 @@ use crate::store::Entry;
 use crate::Core;
 use mooring_proto::ota::{self, reason, Link, LinkRequest, StatusReport};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -284,7 +284,13 @@ impl<'a> AgentEnv<'a> {
         link_rx: &'a mut mpsc::Receiver<crate::link::Inbound>,
     ) -> anyhow::Result<Self> {
         let roots = crate::rotate::files_of(&core.config).roots_path();
-        let tls = super::fetch::fleet_tls(&roots).ok();
+        let tls = match super::fetch::fleet_tls(&roots) {
+            Ok(tls) => Some(tls),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "no fleet roots for downloads; HTTPS downloads will fail");
+                None
+            }
+        };
         Ok(Self {
             http: super::fetch::client(tls)?,
             core,
@@ -403,28 +409,30 @@ impl Env for AgentEnv<'_> {
         ) {
             return Err(FetchError::Transient("the connection is busy".into()));
         }
-        let reply = tokio::time::timeout(
-            Duration::from_millis(LINK_REPLY_WAIT_MS),
-            self.link_rx.recv(),
-        )
-        .await;
-        let Ok(Some(msg)) = reply else {
-            return Err(FetchError::Transient(
-                "no answer to the link request".into(),
-            ));
-        };
-        if msg.topic == ota::link_accepted_topic(&self.core.device_id) {
-            serde_json::from_slice::<Link>(&msg.payload)
-                .map_err(|e| FetchError::Transient(format!("invalid link: {e}")))
-        } else {
-            let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-            Err(FetchError::Fatal(format!(
-                "link refused: {}",
-                v["message"]
-                    .as_str()
-                    .or(v["code"].as_str())
-                    .unwrap_or("no reason")
-            )))
+        let accepted = ota::link_accepted_topic(&self.core.device_id);
+        let rejected = ota::link_rejected_topic(&self.core.device_id);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(LINK_REPLY_WAIT_MS);
+        loop {
+            // The filter also matches our own request: only the answers count.
+            let Ok(Some(msg)) = tokio::time::timeout_at(deadline, self.link_rx.recv()).await else {
+                return Err(FetchError::Transient(
+                    "no answer to the link request".into(),
+                ));
+            };
+            if msg.topic == accepted {
+                return serde_json::from_slice::<Link>(&msg.payload)
+                    .map_err(|e| FetchError::Transient(format!("invalid link: {e}")));
+            }
+            if msg.topic == rejected {
+                let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
+                return Err(FetchError::Fatal(format!(
+                    "link refused: {}",
+                    v["message"]
+                        .as_str()
+                        .or(v["code"].as_str())
+                        .unwrap_or("no reason")
+                )));
+            }
         }
     }
 
@@ -479,7 +487,43 @@ impl Env for AgentEnv<'_> {
     }
 }
 
-/// `{"reason": ...}` for an OTA refusal (the command result).
-pub fn refused(text: &str) -> Value {
-    json!({ "reason": text })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_parse_and_wrap_past_midnight() {
+        assert_eq!(parse_window("02:00-05:00"), Ok((120, 300)));
+        for bad in ["2-5", "02:00", "25:00-01:00", "02:00-02:00", "02:60-03:00"] {
+            assert!(parse_window(bad).is_err(), "{bad}");
+        }
+        let at = |h: u64, m: u64| (h * 60 + m) * 60_000 + 20_000 * 86_400_000;
+        assert!(in_window((120, 300), at(2, 0)));
+        assert!(!in_window((120, 300), at(5, 0)));
+        assert!(in_window((22 * 60, 60), at(23, 30)));
+        assert!(in_window((22 * 60, 60), at(0, 30)));
+        assert!(!in_window((22 * 60, 60), at(12, 0)));
+    }
+
+    #[test]
+    fn the_update_table_is_checked_at_load() {
+        let key = "ab".repeat(32);
+        let ok = format!("[update]\npublic_key = \"{key}\"\nhw_revision = \"rev-b\"\nwindow = \"02:00-05:00\"\nbattery_file = \"/sys/class/power_supply/BAT0/capacity\"\nhealth_command = [\"/usr/local/bin/check\"]\n");
+        let f = crate::config::AgentFile::parse(&ok).expect("valid");
+        let u = f.update.expect("update");
+        assert_eq!(u.battery_min_pct, BATTERY_MIN_PCT_DEFAULT);
+        assert_eq!(u.health_deadline_secs, HEALTH_DEADLINE_SECS_DEFAULT);
+        assert!(!u.allow_downgrade);
+        for bad in [
+            "[update]\npublic_key = \"zz\"\nhw_revision = \"rev-b\"".to_owned(),
+            format!("[update]\npublic_key = \"{key}\"\nhw_revision = \"rev b\""),
+            format!("[update]\npublic_key = \"{key}\"\nhw_revision = \"r\"\nwindow = \"2-5\""),
+            format!("[update]\npublic_key = \"{key}\"\nhw_revision = \"r\"\nbattery_file = \"/a\"\nbattery_command = [\"/b\"]"),
+            format!("[update]\npublic_key = \"{key}\"\nhw_revision = \"r\"\nhealth_command = []"),
+            format!("[update]\npublic_key = \"{key}\"\nhw_revision = \"r\"\nnope = 1"),
+            "[handlers.\"mooring.update\"]\nexec = \"/bin/true\"".to_owned(),
+        ] {
+            assert!(crate::config::AgentFile::parse(&bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -9,16 +9,23 @@ pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// Longest wait for the next chunk before the attempt counts as a link loss.
 pub const CHUNK_TIMEOUT_MS: u64 = 30_000;
 
-/// An HTTP client for downloads. `roots`: the TLS config (the fleet roots); `None` for plain
-/// HTTP (tests).
+/// An HTTP client for downloads. `tls`: the TLS config (the fleet roots); `None` trusts no
+/// server at all (HTTPS fails; plain HTTP, for tests, works).
 pub fn client(tls: Option<rustls::ClientConfig>) -> anyhow::Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder()
+    let tls = match tls {
+        Some(tls) => tls,
+        None => rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth(),
+    };
+    Ok(reqwest::Client::builder()
         .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
-        .redirect(reqwest::redirect::Policy::none());
-    if let Some(tls) = tls {
-        b = b.use_preconfigured_tls(tls);
-    }
-    Ok(b.build()?)
+        .redirect(reqwest::redirect::Policy::none())
+        .use_preconfigured_tls(tls)
+        .build()?)
 }
 
 /// TLS trusting only the CA certificates in `roots_path` (the agent's fleet roots).
