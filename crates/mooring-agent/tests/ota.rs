@@ -285,6 +285,28 @@ async fn a_good_update_downloads_with_a_resume_reboots_into_the_trial_and_commit
         std::fs::read(state.path().join("slots/b.img")).expect("image"),
         image
     );
+    // `mooring-agent slots status` reads the same files.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mooring-agent"))
+        .args(["slots", "status", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .expect("slots status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("b ") && l.contains("2.0") && l.contains("active (committed)")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("a ") && l.contains("1.0") && l.contains("inactive")),
+        "{text}"
+    );
+    assert!(
+        text.contains("dep_good") && text.contains("committed"),
+        "{text}"
+    );
     responder.abort();
 }
 

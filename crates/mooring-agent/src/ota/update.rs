@@ -275,6 +275,16 @@ impl Updater {
         text: String,
     ) -> Result<Value, Value> {
         tracing::warn!(deployment = %params.deployment_id, reason = %text, "update refused");
+        // Names the artifact in the report even when its signature did not verify (identification
+        // only; nothing of an unverified manifest is acted on).
+        let unverified;
+        let manifest = match manifest {
+            Some(m) => Some(m),
+            None => {
+                unverified = Manifest::parse(params.signed.manifest.as_bytes()).ok();
+                unverified.as_ref()
+            }
+        };
         let report = StatusReport {
             v: ota::SCHEMA_VERSION,
             deployment_id: params.deployment_id.clone(),
