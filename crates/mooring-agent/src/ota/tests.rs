@@ -187,7 +187,7 @@ fn check_boot(slots: &MemSlots, old: &[u8], new: &[u8], new_version: &str) {
     }
 }
 
-async fn run_one(seed: u64) -> (Kind, UpdateState, u32) {
+async fn run_one(seed: u64) -> (Kind, UpdateState, u32, u32) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let key = Key::new(7);
     let old: Vec<u8> = (0..rng.random_range(1_000..5_000))
@@ -242,7 +242,7 @@ async fn run_one(seed: u64) -> (Kind, UpdateState, u32) {
         up.accept(&mut world, params).expect("accepted");
     }
     // The first cut somewhere in the whole run; after each power loss maybe another.
-    power.cut_after(rng.random_range(0..80));
+    power.cut_after(rng.random_range(0..40));
     let mut cuts = 0u32;
     let mut restarts = 0;
     'device: loop {
@@ -270,8 +270,8 @@ async fn run_one(seed: u64) -> (Kind, UpdateState, u32) {
                     assert!(power.is_out(), "seed {seed}: only power loss fails here");
                     cuts += 1;
                     power.restore();
-                    if rng.random_bool(0.3) {
-                        power.cut_after(rng.random_range(0..40));
+                    if rng.random_bool(0.5) {
+                        power.cut_after(rng.random_range(0..30));
                     }
                     continue 'device;
                 }
@@ -337,7 +337,7 @@ async fn run_one(seed: u64) -> (Kind, UpdateState, u32) {
         }
         other => panic!("seed {seed}: {other:?} {why:?} after {cuts} cuts"),
     }
-    (kind, state, world.resumed_opens)
+    (kind, state, world.resumed_opens, cuts)
 }
 
 #[tokio::test]
@@ -345,8 +345,10 @@ async fn power_loss_at_1000_random_cut_points_never_bricks_and_ends_truthfully()
     let mut committed = 0;
     let mut rolled_back = 0;
     let mut resumed = 0;
+    let mut cut_total = 0;
     for seed in 0..1_200 {
-        let (_, state, resumes) = run_one(seed).await;
+        let (_, state, resumes, cuts) = run_one(seed).await;
+        cut_total += cuts;
         committed += u32::from(state == UpdateState::Committed);
         rolled_back += u32::from(state == UpdateState::RolledBack);
         resumed += resumes;
@@ -354,6 +356,7 @@ async fn power_loss_at_1000_random_cut_points_never_bricks_and_ends_truthfully()
     assert!(committed > 100, "{committed}");
     assert!(rolled_back > 100, "{rolled_back}");
     assert!(resumed > 100, "downloads resumed with Range: {resumed}");
+    assert!(cut_total >= 1_000, "power lost {cut_total} times");
 }
 
 fn fresh(key: &Key) -> (Updater, World, MemSlots) {
