@@ -333,6 +333,7 @@ pub async fn run_with(
         }
         let (requests_tx, requests_rx) = mpsc::channel(ota::agent::REQUEST_QUEUE_MAX);
         ota::agent::OtaParts {
+            reported: Mutex::new(up.reported()),
             updater: tokio::sync::Mutex::new(Some(up)),
             requests_tx,
             requests_rx: tokio::sync::Mutex::new(requests_rx),

@@ -266,6 +266,21 @@ async fn a_good_update_downloads_with_a_resume_reboots_into_the_trial_and_commit
     let agent = power_on(&world, &id, &store, state.path(), "/bin/true");
     let done = wait_state(&world, &id, "committed").await;
     assert_eq!(done["running_version"], "2.0");
+    // The shadow tells the dashboard which slot runs what.
+    let reported = Topic::shadow_reported(&id);
+    world
+        .wait_for("the committed slots in the shadow", |w| {
+            w.on(&reported).iter().any(|r| {
+                r["ota"]["committed"] == "b"
+                    && r["ota"]["active"] == "b"
+                    && r["ota"]["slots"]["b"]["version"] == "2.0"
+            })
+        })
+        .await;
+    assert!(
+        world.on(&reported).iter().any(|r| r["version"] == "2.0"),
+        "the running slot's version is reported.version after the reboot"
+    );
     agent.stop().await.expect("stop");
     let s = states(&world, &id);
     for want in [

@@ -154,6 +154,8 @@ pub(crate) struct OtaParts {
     pub(crate) requests_tx: mpsc::Sender<Request>,
     pub(crate) requests_rx: tokio::sync::Mutex<mpsc::Receiver<Request>>,
     pub(crate) link_rx: tokio::sync::Mutex<mpsc::Receiver<crate::link::Inbound>>,
+    /// The slots as last reported in the shadow (`reported.ota`).
+    pub(crate) reported: std::sync::Mutex<Value>,
 }
 
 /// `mooring.update` / `mooring.update.cancel`: handed to the `ota` child, answered when it
@@ -235,6 +237,19 @@ pub(crate) async fn run(core: Arc<Core>) -> anyhow::Result<()> {
                 answer(up, &mut env, req);
                 wait = Some(Duration::ZERO);
             }
+        }
+        // The slots changed (written, armed, committed, reverted): say so in the shadow.
+        let now = up.reported();
+        let changed = {
+            let mut last = mooring_proto::sync::lock(&parts.reported);
+            let changed = *last != now;
+            *last = now.clone();
+            changed
+        };
+        if changed {
+            let mut patch = serde_json::Map::new();
+            patch.insert("ota".into(), now);
+            crate::shadow::report(&core, patch)?;
         }
     }
 }

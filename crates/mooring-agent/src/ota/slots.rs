@@ -97,6 +97,19 @@ impl BootControl {
     pub fn info(&self, slot: Slot) -> &SlotInfo {
         &self.slots[slot.idx()]
     }
+    /// What the agent reports in the shadow (`reported.ota`): `{"active", "committed",
+    /// "slots": {"a": {"version", "size", "state"}, "b": {...}}}`.
+    pub fn to_reported(&self) -> serde_json::Value {
+        let slot = |s: Slot| {
+            let i = self.info(s);
+            serde_json::json!({"version": i.version, "size": i.size, "state": self.state_of(s)})
+        };
+        serde_json::json!({
+            "active": self.running().as_str(),
+            "committed": self.committed.as_str(),
+            "slots": {"a": slot(Slot::A), "b": slot(Slot::B)},
+        })
+    }
     /// `active`, `trial`, `inactive` or `trial (armed)`.
     pub fn state_of(&self, slot: Slot) -> &'static str {
         match self.trial {

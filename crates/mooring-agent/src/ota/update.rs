@@ -207,6 +207,11 @@ impl Updater {
         c.info(c.running()).version.clone()
     }
 
+    /// The slots as reported in the shadow ([`super::BootControl::to_reported`]).
+    pub fn reported(&self) -> Value {
+        self.slots.control().to_reported()
+    }
+
     pub fn job(&self) -> Option<&Job> {
         self.job.as_ref()
     }
