@@ -135,7 +135,21 @@ async fn handle(core: &Arc<Core>, topic: &str, payload: &[u8]) -> anyhow::Result
     if req.name == "reboot" && !core.handlers.contains_key("reboot") {
         return reboot(core, &req).await;
     }
-    let result = run_handler(core, &req.name, req.params).await;
+    let ota = matches!(
+        req.name.as_str(),
+        mooring_proto::ota::UPDATE_COMMAND | mooring_proto::ota::CANCEL_COMMAND
+    );
+    let result = if ota && !core.handlers.contains_key(&req.name) {
+        // Answered as soon as the updater has journaled it; progress goes on `ota/status`.
+        outcome_to_result(crate::ota::agent::request(core, &req.name, req.params).await)
+    } else {
+        core.commands_running
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let r = run_handler(core, &req.name, req.params).await;
+        core.commands_running
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        r
+    };
     finish(core, &req.id, result)
 }
 

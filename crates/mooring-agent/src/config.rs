@@ -17,12 +17,14 @@ pub const HANDLER_TIMEOUT_SECS_MAX: u64 = 3600;
 /// Most user command handlers in one config file.
 pub const HANDLERS_MAX: usize = 64;
 /// Names of the built-in command handlers; a user handler cannot take these.
-pub const BUILTIN_HANDLERS: [&str; 5] = [
+pub const BUILTIN_HANDLERS: [&str; 7] = [
     "ping",
     "reboot",
     "set_config",
     "diagnostics",
     crate::rotate::ROTATE_COMMAND,
+    mooring_proto::ota::UPDATE_COMMAND,
+    mooring_proto::ota::CANCEL_COMMAND,
 ];
 
 /// Where extra telemetry lines come from.
@@ -81,6 +83,8 @@ pub struct AgentConfig {
     /// From `--config`: the share of its lifetime after which the certificate is renewed
     /// ([`crate::rotate`]), in (0, 1].
     pub renew_at_lifetime_fraction: f64,
+    /// From `--config`: the `[update]` table (OTA); `None` refuses updates.
+    pub update: Option<crate::ota::agent::UpdateConfig>,
 }
 
 /// A user command handler: an executable given the params JSON on stdin, answering with the
@@ -122,6 +126,9 @@ pub struct AgentFile {
     /// Renew the certificate after this share of its lifetime (default 2/3).
     #[serde(default)]
     pub renew_at_lifetime_fraction: Option<f64>,
+    /// Over-the-air updates (docs/agent.md, "Updates").
+    #[serde(default)]
+    pub update: Option<crate::ota::agent::UpdateConfig>,
 }
 
 impl AgentFile {
@@ -169,6 +176,9 @@ impl AgentFile {
                 ));
             }
         }
+        if let Some(u) = &self.update {
+            u.validate().map_err(ConfigError::File)?;
+        }
         if self.reboot_command.as_ref().is_some_and(|c| c.is_empty()) {
             return bad("reboot_command is empty (leave it out to refuse reboots)".into());
         }
@@ -180,6 +190,7 @@ impl AgentFile {
         config.firmware_version = self.firmware_version;
         config.reboot_command = self.reboot_command;
         config.handlers = self.handlers;
+        config.update = self.update;
         if let Some(f) = self.renew_at_lifetime_fraction {
             config.renew_at_lifetime_fraction = f;
         }
@@ -213,6 +224,7 @@ impl AgentConfig {
             reboot_command: None,
             firmware_version: None,
             renew_at_lifetime_fraction: crate::rotate::RENEW_AT_LIFETIME_FRACTION_DEFAULT,
+            update: None,
         }
     }
 

@@ -37,6 +37,8 @@
 //! * [`metrics`]: the [`metrics::MetricsSource`] trait and the host sampler.
 //! * [`rotate`]: certificate rotation (renewal by CSR over the live session, the swap after
 //!   a successful connection with the new pair; `mooring.cert.rotate` forces it).
+//! * [`ota`]: the A/B updater (`mooring.update`): slots, journal, resumable download,
+//!   verification, trial boot, health check, commit or revert; the `ota` child.
 //! * [`input`]: the `--input` line reader.
 //!
 //! ## Supervision
@@ -69,6 +71,7 @@ pub mod input;
 pub mod key;
 pub mod link;
 pub mod metrics;
+pub mod ota;
 pub mod rotate;
 pub mod shadow;
 pub mod sqlite_store;
@@ -141,6 +144,8 @@ pub struct AgentDeps {
     pub handlers: Handlers,
     /// Rings and counters `diagnostics` reports; the binary also feeds its log ring from tracing.
     pub diagnostics: Diagnostics,
+    /// The A/B updater (already booted: [`ota::Updater::start`]); `None`: updates are refused.
+    pub ota: Option<ota::Updater>,
 }
 
 impl std::fmt::Debug for AgentDeps {
@@ -183,6 +188,7 @@ impl AgentDeps {
             input: None,
             handlers: Handlers::new(),
             diagnostics: Diagnostics::default(),
+            ota: None,
         }
     }
 
@@ -211,8 +217,26 @@ impl AgentDeps {
             identity.tls,
         ));
         let rng_seed = config.jitter_seed.unwrap_or_else(rand::random);
+        // `[update]`: the slots boot here, as a bootloader would at power-on.
+        let ota = match &config.update {
+            None => None,
+            Some(u) => {
+                let settings = u.settings().map_err(anyhow::Error::msg)?;
+                let slots = ota::FileSlots::open(
+                    &ota::slots_dir(&config.state_dir),
+                    config.firmware_version.clone(),
+                )?;
+                let files = ota::FileUpdateFiles::open(&ota::journal_dir(&config.state_dir))?;
+                Some(ota::Updater::start(
+                    settings,
+                    Box::new(slots),
+                    Box::new(files),
+                )?)
+            }
+        };
         Ok(Self {
             rng_seed,
+            ota,
             metrics: Box::new(metrics::HostSampler::new()),
             ..Self::new(
                 identity.device_id,
@@ -268,6 +292,10 @@ pub(crate) struct Core {
     pub(crate) cert_rx: tokio::sync::Mutex<mpsc::Receiver<link::Inbound>>,
     /// Poked by the `mooring.cert.rotate` command.
     pub(crate) rotate_now: Notify,
+    /// Commands being run by the executor (an update waits while one runs).
+    pub(crate) commands_running: std::sync::atomic::AtomicUsize,
+    /// The updater and its channels, when `[update]` is configured.
+    pub(crate) ota: Option<ota::agent::OtaParts>,
 }
 
 impl Core {
@@ -284,8 +312,8 @@ impl Core {
 /// `keepalive_secs` and the handler settings are read from `config`; the server address,
 /// certificate paths, state dir and outbox bound are the deps' business.
 pub async fn run_with(
-    deps: AgentDeps,
-    config: AgentConfig,
+    mut deps: AgentDeps,
+    mut config: AgentConfig,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -297,6 +325,22 @@ pub async fn run_with(
     let (commands_tx, commands_rx) = mpsc::channel(commands::COMMAND_QUEUE_MAX);
     let (shadow_tx, shadow_rx) = mpsc::channel(shadow::SHADOW_QUEUE_MAX);
     let (cert_tx, cert_rx) = mpsc::channel(rotate::REPLY_QUEUE_MAX);
+    let (ota_link_tx, ota_link_rx) = mpsc::channel(ota::agent::LINK_QUEUE_MAX);
+    let ota = deps.ota.take().map(|up| {
+        // The running slot's version is the firmware version (shadow `reported.version`).
+        if let Some(v) = up.running_version() {
+            config.firmware_version = Some(v);
+        }
+        let (requests_tx, requests_rx) = mpsc::channel(ota::agent::REQUEST_QUEUE_MAX);
+        ota::agent::OtaParts {
+            reported: Mutex::new(up.reported()),
+            updater: tokio::sync::Mutex::new(Some(up)),
+            requests_tx,
+            requests_rx: tokio::sync::Mutex::new(requests_rx),
+            link_rx: tokio::sync::Mutex::new(ota_link_rx),
+        }
+    });
+    let ota_enabled = ota.is_some();
     let rotation = deps.connector.rotation();
     let (link_tx, _) = watch::channel(None);
     let (drained_tx, _) = watch::channel(false);
@@ -343,6 +387,8 @@ pub async fn run_with(
         rotation: rotation.clone(),
         cert_rx: tokio::sync::Mutex::new(cert_rx),
         rotate_now: Notify::new(),
+        commands_running: std::sync::atomic::AtomicUsize::new(0),
+        ota,
     });
     {
         let store = core.store();
@@ -378,6 +424,10 @@ pub async fn run_with(
         .chain(rotation.is_some().then(|| link::Route {
             filter: format!("{}/{device_id}/cert/#", mooring_proto::topic::DEVICES_ROOT),
             tx: cert_tx,
+        }))
+        .chain(ota_enabled.then(|| link::Route {
+            filter: mooring_proto::ota::link_filter(&device_id),
+            tx: ota_link_tx,
         }))
         .collect(),
         credentials: None,
@@ -453,6 +503,10 @@ pub async fn run_with(
     .child("rotation", {
         let core = c();
         move || rotate::run(core.clone())
+    })
+    .child("ota", {
+        let core = c();
+        move || ota::agent::run(core.clone())
     });
 
     let stop = {

@@ -73,6 +73,22 @@ enum Sub {
     /// get a certificate for it over MQTT/TLS, store it, and run as that device. Interrupted, it
     /// resumes from the step it reached; with a certificate in the state dir it just runs.
     Enroll(EnrollArgs),
+    /// The A/B slots of over-the-air updates.
+    #[command(subcommand)]
+    Slots(SlotsSub),
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotsSub {
+    /// Print both slots (version, active / inactive / trial) and the update in progress.
+    Status {
+        /// The agent's state directory.
+        #[arg(long, value_name = "DIR", env = "MOORING_AGENT_STATE_DIR")]
+        state_dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -192,6 +208,7 @@ fn main() -> ExitCode {
     };
     let code = match cli.command {
         Some(Sub::Enroll(args)) => enroll_then_run(args, &runtime, diagnostics),
+        Some(Sub::Slots(SlotsSub::Status { state_dir, json })) => slots_status(&state_dir, json),
         None => match flat_paths(&cli) {
             Ok((server, cert, key, ca, state_dir)) => run_agent(
                 &server,
@@ -212,6 +229,73 @@ fn main() -> ExitCode {
     // A blocking stdin read cannot be cancelled; do not wait for it.
     runtime.shutdown_background();
     code
+}
+
+/// `mooring-agent slots status`: reads `<state dir>/slots/bootctl.json` and the update journal
+/// (never changes them).
+fn slots_status(state_dir: &std::path::Path, json: bool) -> ExitCode {
+    use mooring_agent::ota;
+    let control = match ota::FileSlots::peek(&ota::slots_dir(state_dir)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let job = match ota::FileUpdateFiles::peek(&ota::journal_dir(state_dir)) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        let v = serde_json::json!({"slots": control, "update": job});
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return ExitCode::SUCCESS;
+    }
+    let Some(c) = control else {
+        println!(
+            "no slots in {} (the agent creates them at its first start with an [update] table)",
+            ota::slots_dir(state_dir).display()
+        );
+        return ExitCode::SUCCESS;
+    };
+    println!("SLOT  VERSION           SIZE        STATE");
+    for slot in [ota::Slot::A, ota::Slot::B] {
+        let info = c.info(slot);
+        println!(
+            "{:<5} {:<17} {:<11} {}",
+            slot.as_str(),
+            info.version.as_deref().unwrap_or("-"),
+            info.size,
+            c.state_of(slot)
+        );
+    }
+    if let Some(s) = c.reverted {
+        println!(
+            "last trial of slot {} was abandoned by the boot counter",
+            s.as_str()
+        );
+    }
+    match job {
+        None => println!("update: none"),
+        Some(j) => {
+            println!(
+                "update: deployment {} artifact {} version {} (from {}): {}{}",
+                j.deployment_id,
+                j.artifact_id,
+                j.version,
+                j.from_version.as_deref().unwrap_or("-"),
+                j.phase.state().as_str(),
+                j.phase
+                    .reason()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 type FlatPaths = (String, PathBuf, KeyRef, PathBuf, PathBuf);

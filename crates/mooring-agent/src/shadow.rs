@@ -1,7 +1,8 @@
 //! The device side of the shadow: apply `shadow/delta` to the local desired state and report back; report agent and firmware versions on every connect.
 //!
 //! * On each new connection: queue a reported update
-//!   `{"agent": {"version": <agent version>}, "version": <firmware_version, if configured>}`.
+//!   `{"agent": {"version": <agent version>}, "version": <firmware_version, if configured>}`,
+//!   plus `"ota"` (the A/B slots, [`crate::ota::BootControl::to_reported`]) with `[update]`.
 //! * On a delta (`ShadowDelta {version, delta}`, retained, so one arrives after every
 //!   subscribe): merge it into the local desired-state document (`<state dir>/desired.json`,
 //!   JSON Merge Patch) and queue the applied keys as a reported update (a merge patch on
@@ -52,6 +53,12 @@ fn connect_report(core: &Core) -> Map<String, Value> {
     if let Some(v) = &core.config.firmware_version {
         m.insert("version".into(), Value::String(v.clone()));
     }
+    if let Some(ota) = &core.ota {
+        m.insert(
+            "ota".into(),
+            mooring_proto::sync::lock(&ota.reported).clone(),
+        );
+    }
     m
 }
 
@@ -100,7 +107,7 @@ fn apply(core: &Core, payload: &[u8]) -> anyhow::Result<()> {
 }
 
 /// Queues a reported update (merge patch) in the outbox.
-fn report(core: &Core, patch: Map<String, Value>) -> anyhow::Result<()> {
+pub(crate) fn report(core: &Core, patch: Map<String, Value>) -> anyhow::Result<()> {
     let payload = Value::Object(patch).to_string().into_bytes();
     let mut store = core.store();
     let seq = store.next_seq();

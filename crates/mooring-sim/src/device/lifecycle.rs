@@ -288,6 +288,7 @@ fn boot(
         input: Some(rx),
         handlers,
         diagnostics: dev.diag.clone(),
+        ota: None,
     };
     agent.input = tx;
     agent.task.spawn(mooring_agent::run_with(
