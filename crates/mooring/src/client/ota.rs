@@ -243,6 +243,8 @@ pub async fn ota(args: ApiArgs, command: OtaCommand) -> anyhow::Result<u8> {
             };
             let (sha256, size) = mooring_server::ota::sha256_file(&file)
                 .with_context(|| format!("reading {}", file.display()))?;
+            let (file_sha256, file_size) = (sha256.clone(), size);
+            let (want_version, want_compatible) = (version.clone(), compatible.clone());
             let client = args.connect()?;
             let existing = call(client.list_all_artifacts().await)?
                 .into_iter()
@@ -310,9 +312,25 @@ pub async fn ota(args: ApiArgs, command: OtaCommand) -> anyhow::Result<u8> {
                 );
             }
             eprintln!();
-            let signature = key
-                .as_ref()
-                .map(|k| mooring_server::ota::sign_manifest(k, art.manifest.as_bytes()));
+            // An offline key signs only a manifest that says what this file is: a server that
+            // was tampered with must not get another image signed (its sha256, size, version,
+            // hardware or id would differ).
+            let signature = match key.as_ref() {
+                Some(k) => {
+                    check_manifest(
+                        &art,
+                        &file_sha256,
+                        file_size,
+                        &want_version,
+                        &want_compatible,
+                    )?;
+                    Some(mooring_server::ota::sign_manifest(
+                        k,
+                        art.manifest.as_bytes(),
+                    ))
+                }
+                None => None,
+            };
             let done = call(
                 client
                     .complete_artifact(&art.id, &CompleteArtifact { signature })
@@ -432,4 +450,122 @@ pub async fn ota(args: ApiArgs, command: OtaCommand) -> anyhow::Result<u8> {
         }
     }
     Ok(EXIT_OK)
+}
+
+/// Refuses to sign a manifest that does not describe the file being uploaded as asked (what a
+/// tampered server could try with a user's offline key).
+fn check_manifest(
+    art: &mooring_api::Artifact,
+    sha256: &str,
+    size: u64,
+    version: &str,
+    compatible: &[String],
+) -> anyhow::Result<()> {
+    let m = mooring_proto::ota::Manifest::parse(art.manifest.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the server's manifest for {}: {e}; not signed", art.id))?;
+    let mut wrong = Vec::new();
+    if m.artifact_id != art.id {
+        wrong.push(format!("artifact_id {} (not {})", m.artifact_id, art.id));
+    }
+    if m.sha256 != sha256 {
+        wrong.push(format!("sha256 {} (the file's is {sha256})", m.sha256));
+    }
+    if m.size != size {
+        wrong.push(format!("size {} (the file's is {size})", m.size));
+    }
+    if m.version != version {
+        wrong.push(format!("version {} (not {version})", m.version));
+    }
+    if m.compatible != compatible {
+        wrong.push(format!(
+            "compatible {} (not {})",
+            m.compatible.join(","),
+            compatible.join(",")
+        ));
+    }
+    anyhow::ensure!(
+        wrong.is_empty(),
+        "the server's manifest for {} does not describe this upload, so it was not signed: {}",
+        art.id,
+        wrong.join("; ")
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn artifact(m: &mooring_proto::ota::Manifest) -> mooring_api::Artifact {
+        mooring_api::Artifact {
+            id: m.artifact_id.clone(),
+            version: m.version.clone(),
+            sha256: m.sha256.clone(),
+            size: m.size,
+            compatible: m.compatible.clone(),
+            notes: None,
+            state: "uploading".into(),
+            stored_bytes: m.size,
+            manifest: String::from_utf8(m.to_bytes()).expect("utf8"),
+            signature: None,
+            created_at: 1,
+            created_by: "usr_1".into(),
+        }
+    }
+
+    #[test]
+    fn an_offline_key_signs_only_a_manifest_of_the_file_being_uploaded() {
+        let good = mooring_proto::ota::Manifest {
+            v: 1,
+            artifact_id: "art_0123456789abcdef".into(),
+            version: "1.4.0".into(),
+            sha256: "ab".repeat(32),
+            size: 10,
+            compatible: vec!["rev-b".into()],
+            created_at: 1,
+        };
+        let rev_b = vec!["rev-b".to_owned()];
+        let sha = "ab".repeat(32);
+        check_manifest(&artifact(&good), &sha, 10, "1.4.0", &rev_b).expect("ours");
+        // What a tampered server could hand out instead: each is refused, and says why.
+        for (m, why) in [
+            (
+                mooring_proto::ota::Manifest {
+                    sha256: "cd".repeat(32),
+                    ..good.clone()
+                },
+                "sha256",
+            ),
+            (
+                mooring_proto::ota::Manifest {
+                    size: 11,
+                    ..good.clone()
+                },
+                "size",
+            ),
+            (
+                mooring_proto::ota::Manifest {
+                    version: "9.9.9".into(),
+                    ..good.clone()
+                },
+                "version",
+            ),
+            (
+                mooring_proto::ota::Manifest {
+                    compatible: vec!["rev-b".into(), "rev-z".into()],
+                    ..good.clone()
+                },
+                "compatible",
+            ),
+        ] {
+            let err = check_manifest(&artifact(&m), &sha, 10, "1.4.0", &rev_b).expect_err(why);
+            assert!(err.to_string().contains(why), "{err:#}");
+        }
+        let mut other_id = artifact(&good);
+        other_id.id = "art_ffffffffffffffff".into();
+        assert!(check_manifest(&other_id, &sha, 10, "1.4.0", &rev_b).is_err());
+        let mut garbage = artifact(&good);
+        garbage.manifest = "{}".into();
+        assert!(check_manifest(&garbage, &sha, 10, "1.4.0", &rev_b).is_err());
+    }
 }
