@@ -77,6 +77,11 @@ pub struct OtaConfig {
     pub update_public_key: Option<String>,
     /// How long a download link's token is valid (default 1 hour).
     pub download_token_ttl_ms: u64,
+    /// Artifact downloads served at once by this node (default 64): the rest of the HTTP
+    /// connection slots stay for the API. Beyond it: 503 `too_many_downloads`, retry later.
+    pub downloads_max: usize,
+    /// Downloads one device may have at once (default 2): beyond it, 429 `too_many_downloads`.
+    pub downloads_per_device_max: usize,
 }
 
 impl Default for OtaConfig {
@@ -86,6 +91,8 @@ impl Default for OtaConfig {
             artifacts_max: 1000,
             update_public_key: None,
             download_token_ttl_ms: 3_600_000,
+            downloads_max: 64,
+            downloads_per_device_max: 2,
         }
     }
 }
@@ -857,6 +864,12 @@ impl ServerConfig {
                 "ota.artifacts_max must be between 1 and {}",
                 crate::ota::ARTIFACTS_LIMIT
             );
+        }
+        if o.downloads_max == 0 || o.downloads_per_device_max == 0 {
+            bail!("ota.downloads_max and ota.downloads_per_device_max must be at least 1");
+        }
+        if o.downloads_max >= self.http.connections_max {
+            bail!("ota.downloads_max must be below http.connections_max (the API needs connections too)");
         }
         if !(60_000..=7 * 86_400_000).contains(&o.download_token_ttl_ms) {
             bail!("ota.download_token_ttl_ms must be between 60000 (1 min) and 604800000 (7 days)");

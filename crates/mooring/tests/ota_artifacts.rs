@@ -594,3 +594,107 @@ async fn artifact_bounds_refuse_with_a_code_size_count_and_chunk() {
         "{v}"
     );
 }
+
+/// Downloads are bounded per node and per device (`[ota] downloads_max`,
+/// `downloads_per_device_max`), so devices that open many and read slowly cannot take the API's
+/// connections; a place frees when a download ends.
+#[tokio::test]
+async fn downloads_are_bounded_per_node_and_per_device() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let config = tmp.path().join("mooring.toml");
+    std::fs::write(
+        &config,
+        "[ota]\ndownloads_max = 3\ndownloads_per_device_max = 2\n",
+    )
+    .expect("config");
+    let server = Server::start_custom(&data, |cmd| {
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--mqtt-dev-addr", "127.0.0.1:0"]);
+    });
+    // 16 MiB: more than the sockets buffer, so a download nobody reads stays in progress.
+    let image: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let (status, art) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(json!({"version": "2.0.0", "compatible": ["rev-b"], "sha256": sha256_hex(&image), "size": image.len()})),
+        )
+        .await;
+    assert_eq!(status, 201, "{art}");
+    let id = art["id"].as_str().expect("id").to_owned();
+    for (n, chunk) in image.chunks(8 * 1024 * 1024).enumerate() {
+        let (status, v) = put_chunk(&server, &id, (n * 8 * 1024 * 1024) as u64, chunk).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{id}/complete"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    for d in ["d1", "d2"] {
+        let (status, v) = server
+            .api("POST", "/api/v1/devices", Some(json!({"id": d})))
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let (t1, t2) = (
+        link(&server, &id, "d1", None).await,
+        link(&server, &id, "d2", None).await,
+    );
+    // Each client its own connection; the responses are held, their bodies never read.
+    let open = |token: String| {
+        let url = format!("{}/api/v1/ota/artifacts/{id}/download", server.url());
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("download")
+        }
+    };
+    let a = open(t1.clone()).await;
+    let b = open(t1.clone()).await;
+    assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+    let third = open(t1.clone()).await;
+    assert_eq!(third.status().as_u16(), 429);
+    assert_eq!(
+        error_code(&third.bytes().await.expect("body")),
+        "too_many_downloads"
+    );
+    let c = open(t2.clone()).await;
+    assert_eq!(c.status().as_u16(), 200, "another device still gets one");
+    let full = open(t2.clone()).await;
+    assert_eq!(full.status().as_u16(), 503, "the node serves 3 at most");
+    assert_eq!(
+        error_code(&full.bytes().await.expect("body")),
+        "too_many_downloads"
+    );
+    // The API is still answering meanwhile.
+    let (status, _) = server.api("GET", "/api/v1/ota/artifacts", None).await;
+    assert_eq!(status, 200);
+    // A download read to its end gives its place back.
+    let whole = b.bytes().await.expect("body");
+    assert_eq!(whole.len(), image.len());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let again = open(t1.clone()).await;
+        if again.status().as_u16() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place never came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop((a, c));
+}

@@ -236,10 +236,15 @@ pub(super) async fn download(
                 "a download needs `Authorization: Bearer <download token>` (from the update's link)",
             )
         })?;
-    if let Err(e) = app.ota.verify_token(token.trim(), &id) {
-        app.ota.count_download(false);
-        return Err(e.into());
-    }
+    let device = match app.ota.verify_token(token.trim(), &id) {
+        Ok(device) => device,
+        Err(e) => {
+            app.ota.count_download(false);
+            return Err(e.into());
+        }
+    };
+    // Held by the body until it is sent or dropped: bounds downloads per node and per device.
+    let slot = app.ota.download_slot(&device)?;
     let a = app.ota.downloadable(&id).await?;
     let range = match headers.get(header::RANGE) {
         None => None,
@@ -271,9 +276,11 @@ pub(super) async fn download(
     // The body streams piece by piece from the blobs, never the whole file in memory.
     let ota_app = app.clone();
     let id_owned = a.id.clone();
+    let slot = Arc::new(slot);
     let stream = futures::stream::try_unfold(start, move |at| {
         let app = ota_app.clone();
         let id = id_owned.clone();
+        let _slot = slot.clone();
         async move {
             if at > end {
                 return Ok::<_, std::io::Error>(None);

@@ -75,6 +75,31 @@ pub struct Ota {
     commands: Arc<Commands>,
     blobs: Arc<dyn ArtifactBlobs>,
     keys: OtaKeys,
+    /// Downloads served at once by this node (`[ota] downloads_max`).
+    downloads: Arc<tokio::sync::Semaphore>,
+    /// Downloads in progress per device (`[ota] downloads_per_device_max`); an entry goes with
+    /// its last download.
+    device_downloads: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+/// A download in progress: holds its place in the node's and the device's bounds until
+/// dropped (with the response body).
+pub struct DownloadSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    device: String,
+    device_downloads: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Drop for DownloadSlot {
+    fn drop(&mut self) {
+        let mut m = mooring_proto::sync::lock(&self.device_downloads);
+        if let Some(n) = m.get_mut(&self.device) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.device);
+            }
+        }
+    }
 }
 
 impl Ota {
@@ -85,13 +110,44 @@ impl Ota {
         blobs: Arc<dyn ArtifactBlobs>,
         keys: OtaKeys,
     ) -> Self {
+        let downloads = Arc::new(tokio::sync::Semaphore::new(core.config.ota.downloads_max));
         Self {
             core,
             registry,
             commands,
             blobs,
             keys,
+            downloads,
+            device_downloads: Arc::default(),
         }
+    }
+
+    /// A place for one download by `device`: `429 too_many_downloads` if the device has
+    /// `[ota] downloads_per_device_max` going, `503 too_many_downloads` if the node serves
+    /// `downloads_max` (a device retries later, resuming with `Range`).
+    pub fn download_slot(&self, device: &str) -> ServiceResult<DownloadSlot> {
+        let mut m = mooring_proto::sync::lock(&self.device_downloads);
+        let n = m.get(device).copied().unwrap_or(0);
+        if n >= self.core.config.ota.downloads_per_device_max {
+            return Err(ServiceError::new(
+                ErrorKind::TooManyRequests,
+                "too_many_downloads",
+                format!("device {device} has {n} downloads going; finish one first"),
+            ));
+        }
+        let permit = self.downloads.clone().try_acquire_owned().map_err(|_| {
+            ServiceError::new(
+                ErrorKind::Unavailable,
+                "too_many_downloads",
+                "this node serves as many downloads as it may; retry later (resume with Range)",
+            )
+        })?;
+        m.insert(device.to_owned(), n + 1);
+        Ok(DownloadSlot {
+            _permit: permit,
+            device: device.to_owned(),
+            device_downloads: self.device_downloads.clone(),
+        })
     }
 
     /// The update key's public half, hex.
