@@ -55,8 +55,9 @@ impl Body for HttpBody {
 }
 
 /// Opens `link` from byte `offset` (module doc). Statuses: 200/206 → the body; 401/403 →
-/// [`FetchError::Expired`]; 416 → [`FetchError::RangeNotSatisfiable`]; 5xx, 429 and network
-/// errors → [`FetchError::Transient`]; anything else → [`FetchError::Fatal`].
+/// [`FetchError::Expired`]; 416 → [`FetchError::RangeNotSatisfiable`]; 429 and 503 (the server
+/// serves as many downloads as it may) → [`FetchError::Busy`]; other 5xx and network errors →
+/// [`FetchError::Transient`]; anything else → [`FetchError::Fatal`].
 pub async fn open(
     http: &reqwest::Client,
     link: &Link,
@@ -103,7 +104,8 @@ pub async fn open(
         }
         401 | 403 => Err(FetchError::Expired(format!("{status} from {}", link.url))),
         416 => Err(FetchError::RangeNotSatisfiable),
-        429 | 500..=599 => Err(FetchError::Transient(format!("{status} from {}", link.url))),
+        429 | 503 => Err(FetchError::Busy(format!("{status} from {}", link.url))),
+        500..=599 => Err(FetchError::Transient(format!("{status} from {}", link.url))),
         _ => Err(FetchError::Fatal(format!("{status} from {}", link.url))),
     }
 }

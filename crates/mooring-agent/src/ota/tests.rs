@@ -1,6 +1,6 @@
 //! The updater under power loss at random cut points, and the refusals.
 
-use super::update::{Body, Env, FetchError, Next, UpdateSettings, Updater};
+use super::update::{Body, Env, FetchError, Next, UpdateSettings, Updater, DOWNLOAD_ATTEMPTS_MAX};
 use super::*;
 use mooring_proto::ota::{
     reason, CancelParams, Link, Manifest, SignedManifest, StatusReport, UpdateParams, UpdateState,
@@ -68,6 +68,8 @@ struct World {
     reports: Arc<Mutex<Vec<StatusReport>>>,
     resumed_opens: u32,
     refreshed: u32,
+    /// Opens answered "busy" (429/503) before the server serves.
+    busy_first: u32,
 }
 
 struct MemBody {
@@ -109,6 +111,10 @@ impl Env for World {
     async fn open(&mut self, link: &Link, offset: u64) -> Result<Box<dyn Body>, FetchError> {
         if link.expires_at <= self.now_ms {
             return Err(FetchError::Expired("401".into()));
+        }
+        if self.busy_first > 0 {
+            self.busy_first -= 1;
+            return Err(FetchError::Busy("503 from mem://artifact".into()));
         }
         if offset > self.served.len() as u64 {
             return Err(FetchError::RangeNotSatisfiable);
@@ -230,6 +236,7 @@ async fn run_one(seed: u64) -> (Kind, UpdateState, u32, u32) {
         reports: reports.clone(),
         resumed_opens: 0,
         refreshed: 0,
+        busy_first: 0,
     };
     let params = key.params("dep_1", "2.0", &new, HW);
     {
@@ -382,6 +389,7 @@ fn fresh(key: &Key) -> (Updater, World, MemSlots) {
         reports: Arc::default(),
         resumed_opens: 0,
         refreshed: 0,
+        busy_first: 0,
     };
     (up, world, slots)
 }
@@ -509,4 +517,38 @@ async fn an_expired_link_is_refreshed_and_the_update_commits_after_the_reboot() 
         "{states:?}"
     );
     assert_eq!(start().booted(), BootOutcome::Committed(Slot::B));
+}
+
+#[tokio::test]
+async fn a_busy_server_is_waited_for_without_giving_up() {
+    let key = Key::new(9);
+    let (mut up, mut w, _) = fresh(&key);
+    let image = b"the new image".to_vec();
+    w.served = image.clone();
+    // More busy answers in a row than the attempts without progress that fail a download.
+    w.busy_first = DOWNLOAD_ATTEMPTS_MAX * 3;
+    up.accept(&mut w, key.params("dep_1", "2.0", &image, HW))
+        .expect("accepted");
+    let mut waits = 0;
+    loop {
+        match up.drive(&mut w).await.expect("drive") {
+            Next::RetryAfterMs(ms) => {
+                waits += 1;
+                w.now_ms += ms;
+                assert!(waits < 1_000, "never finished");
+            }
+            Next::Reboot => break,
+            other => panic!(
+                "{other:?} before the reboot: {:?}",
+                mooring_proto::sync::lock(&w.reports).last()
+            ),
+        }
+    }
+    assert!(waits >= (DOWNLOAD_ATTEMPTS_MAX * 3) as usize, "{waits}");
+    assert!(
+        mooring_proto::sync::lock(&w.reports)
+            .iter()
+            .all(|r| r.state != UpdateState::Failed),
+        "busy is not a failure"
+    );
 }

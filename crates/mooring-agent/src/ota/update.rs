@@ -32,6 +32,9 @@ pub enum FetchError {
     Expired(String),
     /// Network trouble: try again later from the bytes on disk.
     Transient(String),
+    /// The server is busy (429, 503: it serves as many downloads as it may): wait and try
+    /// again; this does not count toward giving up.
+    Busy(String),
     /// 416: the bytes on disk are not a prefix of the artifact; start over.
     RangeNotSatisfiable,
     /// Not retryable (404, a link refused, ...).
@@ -663,6 +666,13 @@ impl Updater {
         match e {
             FetchError::Transient(text) => {
                 tracing::info!(error = %text, "download interrupted; resuming later");
+                Ok(self.backoff())
+            }
+            FetchError::Busy(text) => {
+                // A fleet-wide deployment meets the server's download bound: waiting is
+                // expected, not a failure.
+                self.stalled = self.stalled.saturating_sub(1);
+                tracing::info!(error = %text, "the server is busy; downloading later");
                 Ok(self.backoff())
             }
             FetchError::RangeNotSatisfiable => {
