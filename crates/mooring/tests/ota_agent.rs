@@ -1,0 +1,260 @@
+//! OTA end to end (issue 17): the real server and real `mooring-agent`s. An artifact uploaded with
+//! `mooring ota upload` and deployed with `mooring ota deploy` is downloaded by each agent over the
+//! server's HTTP listener with its token, verified, written into the inactive slot and tried once
+//! after a "reboot" (the agent exits 75; the test restarts it, as a service manager would). A
+//! healthy device commits; one whose health check fails rolls back; an artifact whose stored bytes
+//! were tampered with is never installed. The server shows each device's true final state.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::{Creds, Server};
+
+/// The exit status that asks the service manager to restart the agent (docs/ota.md).
+const REBOOT_EXIT: i32 = 75;
+
+/// An agent under a tiny service manager: restarted whenever it exits with [`REBOOT_EXIT`].
+struct Supervised {
+    stop: Arc<AtomicBool>,
+    child: Arc<Mutex<Option<Child>>>,
+    restarts: Arc<Mutex<u32>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Supervised {
+    fn start(server: &Server, creds: &Creds, state: &Path, config: &Path) -> Supervised {
+        let (stop, child, restarts) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(Mutex::new(None::<Child>)),
+            Arc::new(Mutex::new(0u32)),
+        );
+        let make = {
+            let mut cmd = support::agent_command(server, creds, state);
+            cmd.arg("--config")
+                .arg(config)
+                .args(["--interval-secs", "0"])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            Arc::new(Mutex::new(cmd))
+        };
+        let thread = {
+            let (stop, child, restarts) = (stop.clone(), child.clone(), restarts.clone());
+            std::thread::spawn(move || loop {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let spawned = make
+                    .lock()
+                    .expect("cmd")
+                    .spawn()
+                    .expect("spawn mooring-agent");
+                *child.lock().expect("child") = Some(spawned);
+                let status = loop {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let done = child
+                        .lock()
+                        .expect("child")
+                        .as_mut()
+                        .and_then(|c| c.try_wait().expect("try_wait"));
+                    if let Some(s) = done {
+                        break s;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                if status.code() != Some(REBOOT_EXIT) {
+                    return;
+                }
+                *restarts.lock().expect("restarts") += 1;
+            })
+        };
+        Supervised {
+            stop,
+            child,
+            restarts,
+            thread: Some(thread),
+        }
+    }
+
+    fn reboots(&self) -> u32 {
+        *self.restarts.lock().expect("restarts")
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(mut c) = self.child.lock().expect("child").take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn agent_config(dir: &Path, name: &str, public_key: &str, health: Option<&str>) -> PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    let mut text = format!(
+        "firmware_version = \"1.0.0\"\n\n[update]\npublic_key = \"{public_key}\"\nhw_revision = \"rev-b\"\nhealth_deadline_secs = 30\n"
+    );
+    if let Some(cmd) = health {
+        text.push_str(&format!("health_command = [\"{cmd}\"]\n"));
+    }
+    std::fs::write(&path, text).expect("agent config");
+    path
+}
+
+/// `mooring ota upload` of `bytes` as `version`: the artifact id.
+fn upload(server: &Server, dir: &Path, version: &str, bytes: &[u8]) -> String {
+    let file = dir.join(format!("fw-{version}.img"));
+    std::fs::write(&file, bytes).expect("image");
+    let out = server.cli(&[
+        "ota",
+        "upload",
+        file.to_str().expect("utf8"),
+        "--version",
+        version,
+        "--compatible",
+        "rev-b",
+    ]);
+    assert!(
+        out.status.success(),
+        "ota upload: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn deploy(server: &Server, artifact: &str, to: &str) {
+    let out = server.cli(&["ota", "deploy", "--artifact", artifact, "--to", to]);
+    assert!(
+        out.status.success(),
+        "ota deploy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The device's update for `version` once it is final.
+async fn final_update(server: &Server, device: &str, version: &str) -> Value {
+    let v = server
+        .wait_for(&format!("/api/v1/devices/{device}/ota"), |v| {
+            v["updates"].as_array().is_some_and(|us| {
+                us.iter().any(|u| {
+                    u["version"] == version
+                        && matches!(
+                            u["state"].as_str(),
+                            Some("committed" | "rolled_back" | "failed")
+                        )
+                })
+            })
+        })
+        .await;
+    v["updates"]
+        .as_array()
+        .and_then(|us| us.iter().find(|u| u["version"] == version).cloned())
+        .expect("the update")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_commit_a_good_version_roll_back_a_bad_one_and_never_install_a_tampered_one() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let server = Server::start(&data);
+    let (status, key) = server.api("GET", "/api/v1/ota/update-key", None).await;
+    assert_eq!(status, 200, "{key}");
+    let public_key = key["public_key"].as_str().expect("public key").to_owned();
+
+    let good = server.create_device("ota-good", tmp.path());
+    let bad = server.create_device("ota-bad", tmp.path());
+    let good_cfg = agent_config(tmp.path(), "good", &public_key, None);
+    let bad_cfg = agent_config(tmp.path(), "bad", &public_key, Some("/bin/false"));
+    let good_state = tmp.path().join("good-state");
+    let g = Supervised::start(&server, &good, &good_state, &good_cfg);
+    let b = Supervised::start(&server, &bad, &tmp.path().join("bad-state"), &bad_cfg);
+    for id in ["ota-good", "ota-bad"] {
+        server
+            .wait_for(&format!("/api/v1/devices/{id}"), |v| v["online"] == true)
+            .await;
+    }
+
+    // 2.0.0 to both: the healthy device commits it, the other tries it once and rolls back.
+    let image: Vec<u8> = (0..600_000u32).map(|i| (i % 241) as u8).collect();
+    let v2 = upload(&server, tmp.path(), "2.0.0", &image);
+    deploy(&server, &v2, "id:ota-good,ota-bad");
+    let done = final_update(&server, "ota-good", "2.0.0").await;
+    assert_eq!(done["state"], "committed", "{done}");
+    assert_eq!(done["running_version"], "2.0.0", "{done}");
+    let rolled = final_update(&server, "ota-bad", "2.0.0").await;
+    assert_eq!(rolled["state"], "rolled_back", "{rolled}");
+    assert_eq!(rolled["running_version"], "1.0.0", "{rolled}");
+    assert!(
+        rolled["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("health_check_failed")),
+        "{rolled}"
+    );
+    assert!(
+        g.reboots() >= 1 && b.reboots() >= 2,
+        "a trial boot each, and the revert"
+    );
+    // The running version comes from the agents, in their shadows.
+    server
+        .wait_for("/api/v1/devices/ota-good/shadow", |v| {
+            v["reported"]["version"] == "2.0.0" && v["reported"]["ota"]["active"] == "b"
+        })
+        .await;
+    server
+        .wait_for("/api/v1/devices/ota-bad/shadow", |v| {
+            v["reported"]["version"] == "1.0.0"
+        })
+        .await;
+    let (_, deployments) = server.api("GET", "/api/v1/ota/deployments", None).await;
+    let counts = &deployments["deployments"][0]["counts"];
+    assert_eq!(
+        counts,
+        &json!({"committed": 1, "rolled_back": 1}),
+        "{deployments}"
+    );
+
+    // 2.1.0 whose stored bytes were changed after upload (same size): refused, never installed.
+    let v21 = upload(&server, tmp.path(), "2.1.0", &image);
+    let stored = data.join("artifacts").join(&v21);
+    let mut tampered = std::fs::read(&stored).expect("stored artifact");
+    tampered[1000] ^= 0xff;
+    std::fs::write(&stored, &tampered).expect("tamper");
+    deploy(&server, &v21, "id:ota-good");
+    let refused = final_update(&server, "ota-good", "2.1.0").await;
+    assert_eq!(refused["state"], "failed", "{refused}");
+    assert!(
+        refused["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("hash_mismatch")),
+        "{refused}"
+    );
+    assert_eq!(refused["running_version"], "2.0.0", "{refused}");
+    // The agent's own view agrees: slot B committed with 2.0.0.
+    let out = std::process::Command::new(Path::new(support::BIN).with_file_name("mooring-agent"))
+        .args(["slots", "status", "--json", "--state-dir"])
+        .arg(&good_state)
+        .output()
+        .expect("slots status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let slots: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(slots["slots"]["committed"], "b", "{slots}");
+    assert_eq!(slots["slots"]["slots"][1]["version"], "2.0.0", "{slots}");
+    assert_eq!(slots["update"]["phase"]["state"], "failed", "{slots}");
+    drop((g, b));
+}
