@@ -368,7 +368,7 @@ pub(super) async fn create_deployment(
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateDeployment>,
 ) -> ApiResult<(StatusCode, Json<Deployment>)> {
-    let v = app
+    let (v, pending) = app
         .ota
         .deploy(
             &caller.access,
@@ -378,6 +378,10 @@ pub(super) async fn create_deployment(
             req.allow_downgrade,
         )
         .await?;
+    // Apart from the request: a client that goes away (a CLI timeout on a large selector) does
+    // not cut the sending short.
+    let sender = app.clone();
+    tokio::spawn(async move { sender.ota.send_updates(pending).await });
     Ok((StatusCode::CREATED, Json(deployment_body(v))))
 }
 

@@ -22,6 +22,13 @@ pub const DEVICE_HISTORY_LEN_MAX: usize = 100;
 /// Most deployments a listing shows.
 pub const DEPLOYMENT_LIST_LEN_MAX: usize = 100;
 
+/// What [`Ota::deploy`] stored and [`Ota::send_updates`] sends.
+pub struct PendingSends {
+    deployment: DeploymentRecord,
+    artifact: ArtifactRecord,
+    devices: Vec<String>,
+}
+
 /// A deployment and its devices' states.
 #[derive(Debug, Clone)]
 pub struct DeploymentView {
@@ -37,8 +44,10 @@ impl Ota {
         ServiceError::not_found("deployment_not_found", format!("no deployment {id}"))
     }
 
-    /// Sends `artifact_id` to every device `selector` matches (narrowed by the caller's
-    /// scope): one `mooring.update` command each, tracked per device from its reports.
+    /// Stores a deployment of `artifact_id` to every device `selector` matches (narrowed by
+    /// the caller's scope), each device's update pending; [`Ota::send_updates`] then sends one
+    /// `mooring.update` command each (the caller runs it apart from the request, so a client
+    /// that goes away does not cut it short), tracked per device from its reports.
     pub async fn deploy(
         &self,
         access: &Access,
@@ -46,7 +55,7 @@ impl Ota {
         artifact_id: &str,
         selector: &str,
         allow_downgrade: bool,
-    ) -> ServiceResult<DeploymentView> {
+    ) -> ServiceResult<(DeploymentView, PendingSends)> {
         let a = self.get_artifact(artifact_id).await?;
         if a.state != ArtifactState::Ready {
             return Err(ServiceError::new(
@@ -112,16 +121,47 @@ impl Ota {
             .store
             .create_deployment(d.clone(), updates)
             .await?;
-        // Stored first: a crash here leaves updates without a command, which `deploy` does not
-        // resend (documented); each command is idempotent per deployment and device. A few at
-        // once, so the store commits them in groups.
-        use futures::stream::TryStreamExt;
-        futures::stream::iter(devices.iter().map(Ok::<_, ServiceError>))
-            .try_for_each_concurrent(SEND_CONCURRENCY_MAX, |device| {
-                self.send_update(&d, &a, device)
+        let view = self.deployment(&d.id).await?;
+        Ok((
+            view,
+            PendingSends {
+                deployment: d,
+                artifact: a,
+                devices,
+            },
+        ))
+    }
+
+    /// Sends the stored deployment's update commands, a few at once (the store commits them in
+    /// groups). A device that fails (deleted meanwhile, say) is logged and skipped: the others
+    /// still get theirs. Stops sending once the deployment is canceled. A crash meanwhile leaves
+    /// the rest pending without a command (documented). Each command is idempotent per
+    /// deployment and device.
+    pub async fn send_updates(&self, p: PendingSends) {
+        use futures::stream::StreamExt;
+        let PendingSends {
+            deployment: d,
+            artifact: a,
+            devices,
+        } = p;
+        futures::stream::iter(devices.iter())
+            .for_each_concurrent(SEND_CONCURRENCY_MAX, |device| {
+                let (d, a) = (&d, &a);
+                async move {
+                    match self.core.store.get_deployment(&d.id).await {
+                        Ok(Some(now)) if now.canceled_at_ms.is_some() => return,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(deployment = %d.id, device, error = %e, "update not sent");
+                            return;
+                        }
+                    }
+                    if let Err(e) = self.send_update(d, a, device).await {
+                        tracing::warn!(deployment = %d.id, device, error = %e.message, "update not sent");
+                    }
+                }
             })
-            .await?;
-        self.deployment(&d.id).await
+            .await;
     }
 
     async fn send_update(
@@ -224,12 +264,25 @@ impl Ota {
                 if u.state.is_final() {
                     continue;
                 }
+                // Withdrawn only if its command was still queued (never sent to the device): a
+                // delivered one may be starting on the device, which the cancel command below
+                // stops before it installs, and which reports truthfully either way.
                 let withdrawn = match (&u.command_id, u.state) {
-                    (Some(cmd), UpdateState::Pending) => self
-                        .commands
-                        .cancel_command(&Access::all(), &u.device_id, cmd)
-                        .await
-                        .is_ok(),
+                    (Some(cmd), UpdateState::Pending) => {
+                        let queued = self
+                            .commands
+                            .get_command(&Access::all(), &u.device_id, cmd, None)
+                            .await
+                            .is_ok_and(|c| c.state == mooring_store::CommandState::Queued);
+                        queued
+                            && self
+                                .commands
+                                .cancel_command(&Access::all(), &u.device_id, cmd)
+                                .await
+                                .is_ok()
+                    }
+                    // Not sent yet (the sending stops on seeing the cancel).
+                    (None, UpdateState::Pending) => true,
                     _ => false,
                 };
                 if withdrawn {
