@@ -698,3 +698,132 @@ async fn downloads_are_bounded_per_node_and_per_device() {
     }
     drop((a, c));
 }
+
+/// A caller limited to a scope deploys only to its devices and sees and cancels only its own
+/// deployments; artifacts are fleet-wide, so it cannot upload or delete them.
+#[tokio::test]
+async fn a_scoped_caller_deploys_and_sees_only_inside_its_scope() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"));
+    let out = server.cli(&[
+        "token",
+        "create",
+        "acme-ops",
+        "--role",
+        "operator",
+        "--scope",
+        "tag:customer=acme",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let scoped = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let as_scoped = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let (scoped, url) = (scoped.clone(), format!("{}{path}", server.url()));
+        async move {
+            let mut req = support::http().request(method, url).bearer_auth(scoped);
+            if let Some(b) = body {
+                req = req.json(&b);
+            }
+            let resp = req.send().await.expect("http");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for (id, customer) in [("acme-1", "acme"), ("other-1", "other")] {
+        let (status, v) = server
+            .api(
+                "POST",
+                "/api/v1/devices",
+                Some(json!({"id": id, "tags": {"customer": customer}})),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let image = b"firmware".to_vec();
+    let create = json!({"version": "3.0.0", "compatible": ["rev-b"], "sha256": sha256_hex(&image), "size": image.len()});
+    // Artifacts: the scoped caller may not create one; the admin does.
+    let (status, v) = as_scoped(
+        reqwest::Method::POST,
+        "/api/v1/ota/artifacts".into(),
+        Some(create.clone()),
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{v}"
+    );
+    let (status, art) = server
+        .api("POST", "/api/v1/ota/artifacts", Some(create))
+        .await;
+    assert_eq!(status, 201, "{art}");
+    let id = art["id"].as_str().expect("id").to_owned();
+    let (status, v) = put_chunk(&server, &id, 0, &image).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{id}/complete"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    // The admin deploys to the other customer's device; the scoped caller to both: its own.
+    let (status, theirs) = server
+        .api(
+            "POST",
+            "/api/v1/ota/deployments",
+            Some(json!({"artifact_id": id, "selector": "id:other-1"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{theirs}");
+    let (status, ours) = as_scoped(
+        reqwest::Method::POST,
+        "/api/v1/ota/deployments".into(),
+        Some(json!({"artifact_id": id, "selector": "id:acme-1,other-1"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{ours}");
+    assert_eq!(ours["total"], 1, "narrowed to its scope: {ours}");
+    let (_, list) = as_scoped(reqwest::Method::GET, "/api/v1/ota/deployments".into(), None).await;
+    let ids: Vec<&str> = list["deployments"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(ids, [ours["id"].as_str().expect("id")], "{list}");
+    let other = theirs["id"].as_str().expect("id");
+    let (status, _) = as_scoped(
+        reqwest::Method::GET,
+        format!("/api/v1/ota/deployments/{other}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = as_scoped(
+        reqwest::Method::POST,
+        format!("/api/v1/ota/deployments/{other}/cancel"),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (_, still) = server
+        .api("GET", &format!("/api/v1/ota/deployments/{other}"), None)
+        .await;
+    assert_eq!(still["canceled_at"], Value::Null, "untouched: {still}");
+    let (status, v) = as_scoped(
+        reqwest::Method::DELETE,
+        format!("/api/v1/ota/artifacts/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (403, Some("forbidden")),
+        "{v}"
+    );
+}

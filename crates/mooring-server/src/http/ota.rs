@@ -56,6 +56,7 @@ pub(super) async fn create_artifact(
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateArtifact>,
 ) -> ApiResult<(StatusCode, Json<Artifact>)> {
+    crate::ota::artifacts_unscoped(&caller.access)?;
     let a = app
         .ota
         .create_artifact(
@@ -106,8 +107,10 @@ pub(super) async fn get_artifact(
         (status = 409, body = ErrorBody, description = "artifact_in_use: a deployment uses it")))]
 pub(super) async fn delete_artifact(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<StatusCode> {
+    crate::ota::artifacts_unscoped(&caller.access)?;
     app.ota.delete_artifact(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -128,10 +131,12 @@ pub(super) struct OffsetParams {
         (status = 413, body = ErrorBody, description = "chunk_too_large")))]
 pub(super) async fn put_content(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiQuery(p): ApiQuery<OffsetParams>,
     body: Body,
 ) -> ApiResult<Json<Artifact>> {
+    crate::ota::artifacts_unscoped(&caller.access)?;
     let data = axum::body::to_bytes(body, CHUNK_SIZE_BYTES_MAX)
         .await
         .map_err(|e| {
@@ -160,9 +165,11 @@ pub(super) async fn put_content(
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "upload_incomplete")))]
 pub(super) async fn complete_artifact(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<CompleteArtifact>,
 ) -> ApiResult<Json<Artifact>> {
+    crate::ota::artifacts_unscoped(&caller.access)?;
     Ok(Json(artifact_body(
         app.ota.complete(&id, req.signature).await?,
     )))
@@ -389,8 +396,9 @@ pub(super) async fn create_deployment(
     responses((status = 200, body = DeploymentList, description = "the newest 100, with counts per state")))]
 pub(super) async fn list_deployments(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<DeploymentList>> {
-    let list = app.ota.list_deployments().await?;
+    let list = app.ota.list_deployments(&caller.access).await?;
     Ok(Json(DeploymentList {
         deployments: list.into_iter().map(deployment_body).collect(),
     }))
@@ -400,9 +408,12 @@ pub(super) async fn list_deployments(
     responses((status = 200, body = Deployment, description = "devices per update state"), (status = 404, body = ErrorBody)))]
 pub(super) async fn get_deployment(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Deployment>> {
-    Ok(Json(deployment_body(app.ota.deployment(&id).await?)))
+    Ok(Json(deployment_body(
+        app.ota.visible_deployment(&caller.access, &id).await?,
+    )))
 }
 
 #[utoipa::path(post, path = "/api/v1/ota/deployments/{id}/cancel", params(("id" = String, Path)),
@@ -410,9 +421,12 @@ pub(super) async fn get_deployment(
         (status = 404, body = ErrorBody)))]
 pub(super) async fn cancel_deployment(
     State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
     ApiPath(id): ApiPath<String>,
 ) -> ApiResult<Json<Deployment>> {
-    Ok(Json(deployment_body(app.ota.cancel(&id).await?)))
+    Ok(Json(deployment_body(
+        app.ota.cancel(&caller.access, &id).await?,
+    )))
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/ota", params(("id" = String, Path)),

@@ -39,6 +39,28 @@ pub struct DeploymentView {
     pub total: u64,
 }
 
+/// Whether a scoped caller sees (and may cancel) a deployment: its selector carries every term
+/// of the caller's scope (a scoped caller's own deployments do: `deploy` narrows by the scope).
+pub fn deployment_visible(access: &Access, d: &DeploymentRecord) -> bool {
+    match access.scope() {
+        None => true,
+        Some(scope) => mooring_proto::selector::Selector::parse(&d.selector)
+            .is_ok_and(|s| scope.terms.iter().all(|t| s.terms.contains(t))),
+    }
+}
+
+/// Artifacts are fleet-wide: a caller limited to a scope may deploy them, not upload or delete.
+pub fn artifacts_unscoped(access: &Access) -> ServiceResult<()> {
+    if access.scope().is_some() {
+        return Err(ServiceError::new(
+            ErrorKind::Forbidden,
+            "forbidden",
+            "artifacts are fleet-wide: a caller limited to a scope cannot upload, sign or delete them",
+        ));
+    }
+    Ok(())
+}
+
 impl Ota {
     fn deployment_not_found(id: &str) -> ServiceError {
         ServiceError::not_found("deployment_not_found", format!("no deployment {id}"))
@@ -203,6 +225,18 @@ impl Ota {
         Ok(())
     }
 
+    /// A deployment `access` sees, with its counts per state.
+    pub async fn visible_deployment(
+        &self,
+        access: &Access,
+        id: &str,
+    ) -> ServiceResult<DeploymentView> {
+        match self.core.store.get_deployment(id).await? {
+            Some(d) if deployment_visible(access, &d) => self.deployment(id).await,
+            _ => Err(Self::deployment_not_found(id)),
+        }
+    }
+
     /// A deployment with its counts per state.
     pub async fn deployment(&self, id: &str) -> ServiceResult<DeploymentView> {
         let d = self
@@ -227,15 +261,15 @@ impl Ota {
         })
     }
 
-    /// The newest deployments.
-    pub async fn list_deployments(&self) -> ServiceResult<Vec<DeploymentView>> {
+    /// The newest deployments `access` sees.
+    pub async fn list_deployments(&self, access: &Access) -> ServiceResult<Vec<DeploymentView>> {
         let list = self
             .core
             .store
             .list_deployments(DEPLOYMENT_LIST_LEN_MAX)
             .await?;
         let mut out = Vec::with_capacity(list.len());
-        for d in list {
+        for d in list.into_iter().filter(|d| deployment_visible(access, d)) {
             out.push(self.deployment(&d.id).await?);
         }
         Ok(out)
@@ -244,7 +278,8 @@ impl Ota {
     /// Cancels a deployment: updates not yet picked up lose their command (and are `failed`,
     /// reason `canceled`); devices that started get `mooring.update.cancel` (a device that is
     /// installing already finishes and reports truthfully).
-    pub async fn cancel(&self, id: &str) -> ServiceResult<DeploymentView> {
+    pub async fn cancel(&self, access: &Access, id: &str) -> ServiceResult<DeploymentView> {
+        self.visible_deployment(access, id).await?;
         let d = self
             .core
             .store

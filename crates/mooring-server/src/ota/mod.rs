@@ -28,7 +28,8 @@ mod deploy;
 mod keys;
 
 pub use deploy::{
-    DeploymentView, DEPLOYMENT_DEVICES_MAX, DEPLOYMENT_LIST_LEN_MAX, DEVICE_HISTORY_LEN_MAX,
+    artifacts_unscoped, deployment_visible, DeploymentView, PendingSends, DEPLOYMENT_DEVICES_MAX,
+    DEPLOYMENT_LIST_LEN_MAX, DEVICE_HISTORY_LEN_MAX,
 };
 pub use keys::{
     generate_key, key_from_seed_hex, parse_public_key, sha256_file, sign_manifest, verify_manifest,
