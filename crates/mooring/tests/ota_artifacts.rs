@@ -697,6 +697,15 @@ async fn downloads_are_bounded_per_node_and_per_device() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     drop((a, c));
+    // A deleted device's links stop working at once, not when they expire.
+    let (status, v) = server.api("DELETE", "/api/v1/devices/d2", None).await;
+    assert_eq!(status, 204, "{v}");
+    let gone = open(t2).await;
+    assert_eq!(gone.status().as_u16(), 401);
+    assert_eq!(
+        error_code(&gone.bytes().await.expect("body")),
+        "invalid_download_token"
+    );
 }
 
 /// A caller limited to a scope deploys only to its devices and sees and cancels only its own

@@ -103,6 +103,35 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
     assert_eq!(got.status().as_u16(), 200);
     assert!(got.bytes().await.expect("body").as_ref() == bytes.as_slice());
 
+    // A link refresh answers a new link; one for an update the device was never sent is
+    // refused with a code.
+    d1.publish(
+        "devices/d1/ota/link/request",
+        &json!({"v": 1, "deployment_id": dep_id, "artifact_id": art}).to_string(),
+    )
+    .await;
+    let (topic, link) = link_answer(&mut d1).await;
+    assert_eq!(topic, "devices/d1/ota/link/accepted");
+    let got = support::http()
+        .get(link["url"].as_str().expect("url"))
+        .bearer_auth(link["token"].as_str().expect("token"))
+        .header("range", "bytes=100000-")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(got.status().as_u16(), 206);
+    assert!(got.bytes().await.expect("body").as_ref() == &bytes[100_000..]);
+    d1.publish(
+        "devices/d1/ota/link/request",
+        &json!({"v": 1, "deployment_id": "dep_nope", "artifact_id": art}).to_string(),
+    )
+    .await;
+    let (topic, refused) = link_answer(&mut d1).await;
+    assert_eq!(
+        (topic.as_str(), refused["code"].as_str()),
+        ("devices/d1/ota/link/rejected", Some("update_not_found"))
+    );
+
     // Reports move the state; an older one (lower seq) is ignored.
     d1.publish(
         "devices/d1/ota/status",
@@ -158,34 +187,16 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
         ),
         (Some("committed"), Some("1.4.0"), Some(dep_id.as_str()))
     );
-
-    // A link refresh answers a new link; one for an update the device was never sent is
-    // refused with a code.
+    // Once the update is over on the device, no new link.
     d1.publish(
         "devices/d1/ota/link/request",
         &json!({"v": 1, "deployment_id": dep_id, "artifact_id": art}).to_string(),
     )
     .await;
-    let (topic, link) = link_answer(&mut d1).await;
-    assert_eq!(topic, "devices/d1/ota/link/accepted");
-    let got = support::http()
-        .get(link["url"].as_str().expect("url"))
-        .bearer_auth(link["token"].as_str().expect("token"))
-        .header("range", "bytes=100000-")
-        .send()
-        .await
-        .expect("download");
-    assert_eq!(got.status().as_u16(), 206);
-    assert!(got.bytes().await.expect("body").as_ref() == &bytes[100_000..]);
-    d1.publish(
-        "devices/d1/ota/link/request",
-        &json!({"v": 1, "deployment_id": "dep_nope", "artifact_id": art}).to_string(),
-    )
-    .await;
-    let (topic, refused) = link_answer(&mut d1).await;
+    let (topic, over) = link_answer(&mut d1).await;
     assert_eq!(
-        (topic.as_str(), refused["code"].as_str()),
-        ("devices/d1/ota/link/rejected", Some("update_not_found"))
+        (topic.as_str(), over["code"].as_str()),
+        ("devices/d1/ota/link/rejected", Some("update_over"))
     );
 
     // The artifact is in use; cancel withdraws d2's undelivered update.

@@ -250,6 +250,23 @@ pub(super) async fn download(
             return Err(e.into());
         }
     };
+    // The token is a bearer credential minted for one device: that device must still exist
+    // (a deleted device's links stop working at once, not when they expire).
+    if app
+        .registry
+        .lookup(&device)
+        .await
+        .map_err(ServiceError::from)?
+        .is_none()
+    {
+        app.ota.count_download(false);
+        return Err(ServiceError::new(
+            ErrorKind::Unauthorized,
+            "invalid_download_token",
+            format!("the download token is for device {device}, which no longer exists"),
+        )
+        .into());
+    }
     // Held by the body until it is sent or dropped: bounds downloads per node and per device.
     let slot = app.ota.download_slot(&device)?;
     let a = app.ota.downloadable(&id).await?;

@@ -375,6 +375,13 @@ impl Ota {
     pub async fn on_status(&self, device: &str, payload: &[u8]) -> ServiceResult<bool> {
         let r =
             StatusReport::parse(payload).map_err(|e| ServiceError::invalid("invalid_report", e))?;
+        // Stored as a signed 64-bit number: a larger one would freeze the update's state.
+        if i64::try_from(r.seq).is_err() {
+            return Err(ServiceError::invalid(
+                "invalid_report",
+                "seq is above 9223372036854775807",
+            ));
+        }
         let stored = self
             .core
             .store
@@ -429,6 +436,17 @@ impl Ota {
                 ErrorKind::Conflict,
                 "deployment_canceled",
                 format!("deployment {} was canceled", d.id),
+            ));
+        }
+        if u.state.is_final() {
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "update_over",
+                format!(
+                    "the update of deployment {} is over on this device ({})",
+                    d.id,
+                    u.state.as_str()
+                ),
             ));
         }
         self.downloadable(&u.artifact_id).await?;
