@@ -169,6 +169,106 @@ async fn agents_commit_a_good_version_roll_back_a_bad_one_and_never_install_a_ta
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
     let server = Server::start(&data);
+    let _ = run(&tmp, &data, &server).await;
+}
+
+/// Over an HTTPS API (`--http-tls`): the agent downloads over TLS, trusting only the fleet CA
+/// (its `--ca`), and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_downloads_over_https_trusting_only_the_fleet_ca() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &["--http-tls"]);
+    let base = format!("https://localhost:{}", server.http.port());
+    let ca = std::fs::read(data.join("ca.crt")).expect("ca.crt");
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca"))
+        .build()
+        .expect("client");
+    let get = |path: String| {
+        let (client, url, token) = (
+            client.clone(),
+            format!("{base}{path}"),
+            server.token.clone(),
+        );
+        async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("https")
+                .json::<Value>()
+                .await
+                .expect("json")
+        }
+    };
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(support::BIN)
+            .args(args)
+            .args(["--server", &base, "--data-dir"])
+            .arg(&data)
+            .env_remove("MOORING_TOKEN")
+            .output()
+            .expect("cli");
+        assert!(
+            out.status.success(),
+            "mooring {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let public_key = get("/api/v1/ota/update-key".into()).await["public_key"]
+        .as_str()
+        .expect("public key")
+        .to_owned();
+    let creds_dir = tmp.path().join("ota-tls");
+    cli(&[
+        "device",
+        "create",
+        "ota-tls",
+        "--out",
+        creds_dir.to_str().expect("utf8"),
+    ]);
+    let dev = Creds { dir: creds_dir };
+    let cfg = agent_config(tmp.path(), "tls", &public_key, None);
+    let _agent = Supervised::start(&server, &dev, &tmp.path().join("tls-state"), &cfg);
+    let image: Vec<u8> = (0..300_000u32).map(|i| (i % 239) as u8).collect();
+    let file = tmp.path().join("fw-5.img");
+    std::fs::write(&file, &image).expect("image");
+    let art = cli(&[
+        "ota",
+        "upload",
+        file.to_str().expect("utf8"),
+        "--version",
+        "5.0.0",
+        "--compatible",
+        "rev-b",
+    ]);
+    cli(&["ota", "deploy", "--artifact", &art, "--to", "id:ota-tls"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let v = get("/api/v1/devices/ota-tls/ota".into()).await;
+        let u = v["updates"][0].clone();
+        if u["state"] == "committed" || u["state"] == "failed" || u["state"] == "rolled_back" {
+            break u;
+        }
+        assert!(std::time::Instant::now() < deadline, "not final: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["state"], "committed", "{done}");
+    assert_eq!(done["running_version"], "5.0.0", "{done}");
+    let cmds = get("/api/v1/devices/ota-tls/commands".into()).await;
+    let url = cmds["commands"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "mooring.update"))
+        .and_then(|c| c["params"]["link"]["url"].as_str())
+        .expect("the update's link")
+        .to_owned();
+    assert!(url.starts_with("https://"), "{url}");
+}
+
+async fn run(tmp: &tempfile::TempDir, data: &Path, server: &Server) {
     let (status, key) = server.api("GET", "/api/v1/ota/update-key", None).await;
     assert_eq!(status, 200, "{key}");
     let public_key = key["public_key"].as_str().expect("public key").to_owned();
