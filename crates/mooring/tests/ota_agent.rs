@@ -278,8 +278,8 @@ async fn run(tmp: &tempfile::TempDir, data: &Path, server: &Server) {
     let good_cfg = agent_config(tmp.path(), "good", &public_key, None);
     let bad_cfg = agent_config(tmp.path(), "bad", &public_key, Some("/bin/false"));
     let good_state = tmp.path().join("good-state");
-    let g = Supervised::start(&server, &good, &good_state, &good_cfg);
-    let b = Supervised::start(&server, &bad, &tmp.path().join("bad-state"), &bad_cfg);
+    let g = Supervised::start(server, &good, &good_state, &good_cfg);
+    let b = Supervised::start(server, &bad, &tmp.path().join("bad-state"), &bad_cfg);
     for id in ["ota-good", "ota-bad"] {
         server
             .wait_for(&format!("/api/v1/devices/{id}"), |v| v["online"] == true)
@@ -288,12 +288,12 @@ async fn run(tmp: &tempfile::TempDir, data: &Path, server: &Server) {
 
     // 2.0.0 to both: the healthy device commits it, the other tries it once and rolls back.
     let image: Vec<u8> = (0..600_000u32).map(|i| (i % 241) as u8).collect();
-    let v2 = upload(&server, tmp.path(), "2.0.0", &image);
-    deploy(&server, &v2, "id:ota-good,ota-bad");
-    let done = final_update(&server, "ota-good", "2.0.0").await;
+    let v2 = upload(server, tmp.path(), "2.0.0", &image);
+    deploy(server, &v2, "id:ota-good,ota-bad");
+    let done = final_update(server, "ota-good", "2.0.0").await;
     assert_eq!(done["state"], "committed", "{done}");
     assert_eq!(done["running_version"], "2.0.0", "{done}");
-    let rolled = final_update(&server, "ota-bad", "2.0.0").await;
+    let rolled = final_update(server, "ota-bad", "2.0.0").await;
     assert_eq!(rolled["state"], "rolled_back", "{rolled}");
     assert_eq!(rolled["running_version"], "1.0.0", "{rolled}");
     assert!(
@@ -326,13 +326,13 @@ async fn run(tmp: &tempfile::TempDir, data: &Path, server: &Server) {
     );
 
     // 2.1.0 whose stored bytes were changed after upload (same size): refused, never installed.
-    let v21 = upload(&server, tmp.path(), "2.1.0", &image);
+    let v21 = upload(server, tmp.path(), "2.1.0", &image);
     let stored = data.join("artifacts").join(&v21);
     let mut tampered = std::fs::read(&stored).expect("stored artifact");
     tampered[1000] ^= 0xff;
     std::fs::write(&stored, &tampered).expect("tamper");
-    deploy(&server, &v21, "id:ota-good");
-    let refused = final_update(&server, "ota-good", "2.1.0").await;
+    deploy(server, &v21, "id:ota-good");
+    let refused = final_update(server, "ota-good", "2.1.0").await;
     assert_eq!(refused["state"], "failed", "{refused}");
     assert!(
         refused["reason"]
