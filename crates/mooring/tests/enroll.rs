@@ -637,21 +637,7 @@ async fn the_cli_creates_lists_and_revokes_claims_and_assign_ids_ignores_propose
 async fn a_scoped_caller_creates_claims_only_for_devices_inside_its_scope() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start(&tmp.path().join("data"));
-    let out = server.cli(&[
-        "token",
-        "create",
-        "acme-ops",
-        "--role",
-        "operator",
-        "--scope",
-        "tag:customer=acme",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let scoped = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let scoped = support::scoped_token(&server, "acme-ops", "operator", "tag:customer=acme");
     let post = |body: Value| {
         let scoped = scoped.clone();
         let url = format!("{}/api/v1/claims", server.url());

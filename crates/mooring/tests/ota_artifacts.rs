@@ -523,20 +523,12 @@ async fn an_offline_key_signs_and_unsigned_or_wrongly_signed_uploads_are_refused
 async fn artifact_bounds_refuse_with_a_code_size_count_and_chunk() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let config = tmp.path().join("mooring.toml");
-    std::fs::write(
-        &config,
+    let cfg = support::config_args(
+        tmp.path(),
         "[ota]\nartifacts_max = 1\nartifact_size_bytes_max = 16777216\n",
-    )
-    .expect("config");
-    let server = Server::start_custom(&data, |cmd| {
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .args(["--mqtt-dev-addr", "127.0.0.1:0"]);
-    });
+    );
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
     let create = |version: &str, size: u64| json!({"version": version, "compatible": ["rev-b"], "sha256": sha256_hex(b"x"), "size": size});
     let (status, v) = server
         .api(
@@ -602,20 +594,12 @@ async fn artifact_bounds_refuse_with_a_code_size_count_and_chunk() {
 async fn downloads_are_bounded_per_node_and_per_device() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let config = tmp.path().join("mooring.toml");
-    std::fs::write(
-        &config,
+    let cfg = support::config_args(
+        tmp.path(),
         "[ota]\ndownloads_max = 3\ndownloads_per_device_max = 2\n",
-    )
-    .expect("config");
-    let server = Server::start_custom(&data, |cmd| {
-        cmd.arg("--config")
-            .arg(&config)
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .args(["--mqtt-dev-addr", "127.0.0.1:0"]);
-    });
+    );
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
     // 16 MiB: more than the sockets buffer, so a download nobody reads stays in progress.
     let image: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let (status, art) = server
@@ -714,21 +698,7 @@ async fn downloads_are_bounded_per_node_and_per_device() {
 async fn a_scoped_caller_deploys_and_sees_only_inside_its_scope() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&tmp.path().join("data"));
-    let out = server.cli(&[
-        "token",
-        "create",
-        "acme-ops",
-        "--role",
-        "operator",
-        "--scope",
-        "tag:customer=acme",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let scoped = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let scoped = support::scoped_token(&server, "acme-ops", "operator", "tag:customer=acme");
     let as_scoped = |method: reqwest::Method, path: String, body: Option<Value>| {
         let (scoped, url) = (scoped.clone(), format!("{}{path}", server.url()));
         async move {

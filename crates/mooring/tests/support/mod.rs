@@ -978,3 +978,15 @@ pub fn run_agent_to_end(mut cmd: Command, lines: &[&str]) -> (std::process::Exit
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A new API token (`mooring token create NAME --role ROLE --scope SCOPE`): its secret.
+#[allow(dead_code)]
+pub fn scoped_token(server: &Server, name: &str, role: &str, scope: &str) -> String {
+    let out = server.cli(&["token", "create", name, "--role", role, "--scope", scope]);
+    assert!(
+        out.status.success(),
+        "token create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
