@@ -139,6 +139,9 @@ where
     );
     assert_eq!(store.read_blob(&a.id, 4, 3).await.expect("r"), b"o w");
     assert_eq!(store.read_blob(&a.id, 6, 5).await.expect("r"), b"world");
+    // Inside one chunk, both ends cut.
+    assert_eq!(store.read_blob(&a.id, 7, 2).await.expect("r"), b"or");
+    assert_eq!(store.read_blob(&a.id, 1, 1).await.expect("r"), b"e");
     assert!(store.read_blob(&a.id, 11, 5).await.expect("r").is_empty());
     // A write inside a chunk cuts it there.
     store.write_blob(&a.id, 3, b"p!".to_vec()).await.expect("w");

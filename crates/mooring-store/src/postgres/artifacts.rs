@@ -258,7 +258,13 @@ impl ArtifactBlobs for PgStore {
         }
         let rows = self
             .query(
-                "SELECT offset_bytes, data FROM ota_artifact_chunks
+                // Only the asked part of each chunk leaves the database (a 1 MiB read of 8 MiB
+                // chunks reads 1 MiB, not 8 or 16).
+                "SELECT GREATEST(offset_bytes, $2),
+                        substring(data FROM (GREATEST($2 - offset_bytes, 0) + 1)::int
+                                       FOR (LEAST(offset_bytes + length(data), $3)
+                                            - GREATEST(offset_bytes, $2))::int)
+                 FROM ota_artifact_chunks
                  WHERE artifact_id = $1 AND offset_bytes < $3
                    AND offset_bytes + length(data) > $2
                  ORDER BY offset_bytes",

@@ -259,7 +259,11 @@ impl ArtifactBlobs for SqliteStore {
         self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(
-                    "SELECT offset_bytes, data FROM ota_artifact_chunks
+                    // Only the asked part of each chunk is read out.
+                    "SELECT max(offset_bytes, ?2),
+                            substr(data, max(?2 - offset_bytes, 0) + 1,
+                                   min(offset_bytes + length(data), ?3) - max(offset_bytes, ?2))
+                     FROM ota_artifact_chunks
                      WHERE artifact_id = ?1 AND offset_bytes < ?3
                        AND offset_bytes + length(data) > ?2
                      ORDER BY offset_bytes",
