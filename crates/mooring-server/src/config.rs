@@ -77,8 +77,9 @@ pub struct OtaConfig {
     pub update_public_key: Option<String>,
     /// How long a download link's token is valid (default 1 hour).
     pub download_token_ttl_ms: u64,
-    /// Artifact downloads served at once by this node (default 64): the rest of the HTTP
-    /// connection slots stay for the API. Beyond it: 503 `too_many_downloads`, retry later.
+    /// Artifact downloads served at once by this node (default 64; at most half of
+    /// `[http] connections_max`, so the rest stay for the API). Beyond it: 503
+    /// `too_many_downloads`, retry later.
     pub downloads_max: usize,
     /// Downloads one device may have at once (default 2): beyond it, 429 `too_many_downloads`.
     pub downloads_per_device_max: usize,
@@ -867,9 +868,6 @@ impl ServerConfig {
         }
         if o.downloads_max == 0 || o.downloads_per_device_max == 0 {
             bail!("ota.downloads_max and ota.downloads_per_device_max must be at least 1");
-        }
-        if o.downloads_max >= self.http.connections_max {
-            bail!("ota.downloads_max must be below http.connections_max (the API needs connections too)");
         }
         if !(60_000..=7 * 86_400_000).contains(&o.download_token_ttl_ms) {
             bail!("ota.download_token_ttl_ms must be between 60000 (1 min) and 604800000 (7 days)");

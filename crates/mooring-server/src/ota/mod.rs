@@ -111,7 +111,13 @@ impl Ota {
         blobs: Arc<dyn ArtifactBlobs>,
         keys: OtaKeys,
     ) -> Self {
-        let downloads = Arc::new(tokio::sync::Semaphore::new(core.config.ota.downloads_max));
+        // At most half the HTTP connections: the other half stays for the API.
+        let downloads = Arc::new(tokio::sync::Semaphore::new(
+            core.config
+                .ota
+                .downloads_max
+                .min((core.config.http.connections_max / 2).max(1)),
+        ));
         Self {
             core,
             registry,
