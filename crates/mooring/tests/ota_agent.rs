@@ -181,6 +181,8 @@ async fn an_agent_downloads_over_https_trusting_only_the_fleet_ca() {
     let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &["--http-tls"]);
     let base = format!("https://localhost:{}", server.http.port());
     let ca = std::fs::read(data.join("ca.crt")).expect("ca.crt");
+    // reqwest's TLS needs a process-wide crypto provider (the harness's client installs ring).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).expect("ca"))
         .build()
