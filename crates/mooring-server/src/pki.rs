@@ -336,7 +336,8 @@ impl Pki {
         Ok((Pki::from_shared(&bytes, key)?, bytes))
     }
 
-    fn from_shared(bytes: &[u8], key: &SecretKey) -> anyhow::Result<Pki> {
+    /// The cluster's PKI from the stored bytes of [`SHARED_PKI_KEY`].
+    pub(crate) fn from_shared(bytes: &[u8], key: &SecretKey) -> anyhow::Result<Pki> {
         let shared = SharedPki::parse(bytes)?;
         let first = FleetCa::new(shared.ca_cert_pem, &key.open(&shared.ca_key, b"ca.key")?)?;
         let (ca, previous) = match (shared.next_ca_cert_pem, shared.next_ca_key) {

@@ -280,7 +280,7 @@ impl Registry {
         if *mooring_proto::sync::lock(&self.pki_read) == bytes {
             return Ok(false);
         }
-        let (pki, bytes) = Pki::read_shared(self.core.store.as_ref(), key).await?;
+        let pki = Pki::from_shared(&bytes, key)?;
         let first = mooring_proto::sync::lock(&self.pki_read).is_empty();
         self.put_pki(pki, Some(bytes));
         if !first {
