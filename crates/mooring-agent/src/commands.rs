@@ -210,7 +210,7 @@ fn finish(core: &Core, id: &str, result: CommandResult) -> anyhow::Result<()> {
 }
 
 /// Finds and runs the handler for `name` in its own task (panics contained, time bounded).
-async fn run_handler(core: &Arc<Core>, name: &str, params: Value) -> CommandResult {
+pub(crate) async fn run_handler(core: &Arc<Core>, name: &str, params: Value) -> CommandResult {
     let injected_timeout = Duration::from_secs(INJECTED_HANDLER_TIMEOUT_SECS);
     let task: tokio::task::JoinHandle<Outcome> = if let Some(h) = core.handlers.get(name) {
         let h = h.clone();

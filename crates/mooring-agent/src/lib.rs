@@ -146,6 +146,9 @@ pub struct AgentDeps {
     pub diagnostics: Diagnostics,
     /// The A/B updater (already booted: [`ota::Updater::start`]); `None`: updates are refused.
     pub ota: Option<ota::Updater>,
+    /// What the device's platform does for the updater ([`ota::Platform`]); `None`: HTTPS
+    /// downloads, `reboot_command` / exit 75 and the `[update]` hooks.
+    pub ota_platform: Option<Arc<dyn ota::Platform>>,
 }
 
 impl std::fmt::Debug for AgentDeps {
@@ -189,6 +192,7 @@ impl AgentDeps {
             handlers: Handlers::new(),
             diagnostics: Diagnostics::default(),
             ota: None,
+            ota_platform: None,
         }
     }
 
@@ -338,6 +342,7 @@ pub async fn run_with(
             requests_tx,
             requests_rx: tokio::sync::Mutex::new(requests_rx),
             link_rx: tokio::sync::Mutex::new(ota_link_rx),
+            platform: deps.ota_platform.take(),
         }
     });
     let ota_enabled = ota.is_some();

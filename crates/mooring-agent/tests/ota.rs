@@ -126,17 +126,36 @@ fn update_config(health: &str) -> UpdateConfig {
         window: None,
         busy_command: None,
         health_command: Some(vec![health.into()]),
+        health_handlers: Vec::new(),
         health_deadline_secs: 30,
     }
 }
 
 /// Powers the device on: the slots boot, the agent starts.
 fn power_on(world: &World, id: &DeviceId, store: &MemStore, state: &Path, health: &str) -> Agent {
+    power_on_with(
+        world,
+        id,
+        store,
+        state,
+        update_config(health),
+        Handlers::new(),
+    )
+}
+
+/// [`power_on`] with this `[update]` table and these injected handlers.
+fn power_on_with(
+    world: &World,
+    id: &DeviceId,
+    store: &MemStore,
+    state: &Path,
+    cfg: UpdateConfig,
+    handlers: Handlers,
+) -> Agent {
     let _ = tracing_subscriber::fmt()
         .with_test_writer()
         .with_env_filter("mooring_agent=debug")
         .try_init();
-    let cfg = update_config(health);
     let slots = FileSlots::open(&ota::slots_dir(state), Some("1.0".into())).expect("slots");
     let files = FileUpdateFiles::open(&ota::journal_dir(state)).expect("journal");
     let up = Updater::start(
@@ -145,7 +164,7 @@ fn power_on(world: &World, id: &DeviceId, store: &MemStore, state: &Path, health
         Box::new(files),
     )
     .expect("boot");
-    let mut deps = world.deps(id, store, Handlers::new());
+    let mut deps = world.deps(id, store, handlers);
     deps.ota = Some(up);
     let config = AgentConfig {
         interval_secs: 0,
@@ -362,6 +381,82 @@ async fn a_version_that_fails_its_health_check_is_rolled_back() {
         .control();
     assert_eq!((c.committed, c.trial), (Slot::A, None));
     responder.abort();
+}
+
+/// A handler that answers like the new firmware's broken sensor driver: it fails, and says the
+/// params it got.
+struct DeadSensor;
+
+#[async_trait::async_trait]
+impl mooring_agent::CommandHandler for DeadSensor {
+    async fn run(&self, params: Value) -> mooring_agent::Outcome {
+        Err(serde_json::json!({"reason": format!("sensor dead (params {params})")}))
+    }
+}
+
+/// `[update] health_handlers`: a handler that fails during the trial boot rolls the update back,
+/// with the handler's reason, though the device connected and `health_command` passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_fails_during_the_trial_boot_rolls_the_update_back() {
+    let world = World::new();
+    let id = device("ota-handler");
+    let store = MemStore::new(1_000, 1).expect("store");
+    let state = tempfile::tempdir().expect("tempdir");
+    let image = b"a version whose sensor driver is broken".to_vec();
+    let (url, _) = file_server(image.clone()).await;
+    let responder = answer_link_requests(&world, &id, &url);
+    let cfg = UpdateConfig {
+        health_handlers: vec!["ping".into(), "sensor".into()],
+        ..update_config("/bin/true")
+    };
+    let handlers = || {
+        let mut h = Handlers::new();
+        let dead: Arc<dyn mooring_agent::CommandHandler> = Arc::new(DeadSensor);
+        h.insert("sensor".into(), dead);
+        h
+    };
+    let agent = power_on_with(&world, &id, &store, state.path(), cfg.clone(), handlers());
+    send_update(
+        &world,
+        &id,
+        "c1",
+        params("dep_handler", "2.0", &image, &url),
+    );
+    wait_state(&world, &id, "rebooting").await;
+    agent.stop().await.expect("stop");
+    let agent = power_on_with(&world, &id, &store, state.path(), cfg.clone(), handlers());
+    world
+        .wait_for("the revert", |w| {
+            states(w, &id).iter().filter(|s| *s == "rebooting").count() >= 2
+        })
+        .await;
+    agent.stop().await.expect("stop");
+    let agent = power_on_with(&world, &id, &store, state.path(), cfg, handlers());
+    let done = wait_state(&world, &id, "rolled_back").await;
+    assert_eq!(done["running_version"], "1.0");
+    let why = done["reason"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("health_check_failed: handler sensor failed: sensor dead (params {\"health_check\":true})"),
+        "{done}"
+    );
+    agent.stop().await.expect("stop");
+    responder.abort();
+}
+
+#[test]
+fn health_handlers_that_change_the_device_are_refused_at_load() {
+    for name in ["reboot", "set_config", "mooring.update", ""] {
+        let cfg = UpdateConfig {
+            health_handlers: vec![name.into()],
+            ..update_config("/bin/true")
+        };
+        assert!(cfg.validate().is_err(), "{name:?}");
+    }
+    let ok = UpdateConfig {
+        health_handlers: vec!["ping".into(), "selftest".into()],
+        ..update_config("/bin/true")
+    };
+    assert_eq!(ok.validate(), Ok(()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

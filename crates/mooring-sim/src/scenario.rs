@@ -102,11 +102,31 @@ pub struct Scenario {
     pub job_batch_pause: DurationMs,
     #[serde(rename = "cohort")]
     pub cohorts: Vec<Cohort>,
+    /// Firmware the run uploads before the devices boot (`ota_deploy` events deploy it).
+    #[serde(default, rename = "artifact")]
+    pub artifacts: Vec<Artifact>,
     #[serde(default, rename = "event")]
     pub events: Vec<Event>,
     #[serde(default)]
     pub expect: Expect,
 }
+
+/// `[[artifact]]`: a firmware image the run makes (deterministic bytes from the seed and the
+/// version), uploads through the server's OTA service and has it sign with the fleet's update
+/// key, before any device boots.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Artifact {
+    pub version: String,
+    /// Size of the image in bytes (1 to [`ARTIFACT_BYTES_MAX`]); every device holds up to
+    /// three copies (two slots and the download), so keep it small at fleet scale.
+    pub size_bytes: u64,
+    /// Hardware revisions it is built for (the cohorts' `[cohort.ota] hw_revision`).
+    pub compatible: Vec<String>,
+}
+
+/// Largest `[[artifact]] size_bytes`.
+pub const ARTIFACT_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
 fn default_seed() -> u64 {
     1
@@ -246,6 +266,65 @@ pub struct Cohort {
     /// being registered up front.
     #[serde(default)]
     pub enroll: Option<Enroll>,
+    /// The devices run the agent's A/B updater (issue 17) on in-memory slots.
+    #[serde(default)]
+    pub ota: Option<CohortOta>,
+}
+
+/// `[cohort.ota]`: the cohort's devices run the agent's real updater (`mooring.update`,
+/// journal, resumable download, verify, install, trial boot, health check, commit or revert)
+/// on in-memory slots that survive power losses, booting from slot A with the cohort's
+/// `version`. Downloads go through the in-process server's HTTP router (the real download
+/// handler: token, `Range`, `[ota] downloads_max`) over the device's simulated link, at
+/// `download_bytes_per_s`; a link cut breaks a download in flight, which resumes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CohortOta {
+    /// The devices' hardware revision (matched against an artifact's `compatible`).
+    #[serde(default = "default_hw_revision")]
+    pub hw_revision: String,
+    /// Versions whose trial boot fails its health check on this cohort (a bad build): the
+    /// device must roll back to the version it ran and say so.
+    #[serde(default)]
+    pub fails_health: Vec<String>,
+    /// Download speed of each device.
+    #[serde(default = "default_download_bytes_per_s")]
+    pub download_bytes_per_s: u64,
+    /// The updater's `battery_min_pct` (with a `[cohort.battery]` model: an update waits,
+    /// reported `deferred`, while the battery is below it).
+    #[serde(default = "default_ota_battery_min_pct")]
+    pub battery_min_pct: u8,
+    /// The updater's `health_deadline_secs`.
+    #[serde(default = "default_health_deadline")]
+    pub health_deadline: DurationMs,
+    /// Probability that a device loses power once during its update, at a time drawn within
+    /// `power_loss_within` of the start of its first download: mid-download, while rebooting,
+    /// during the trial boot, ... (the report counts the hits by the phase they interrupted; a
+    /// time after the update finished does nothing).
+    #[serde(default)]
+    pub power_loss_rate: f64,
+    #[serde(default = "default_power_loss_within")]
+    pub power_loss_within: DurationMs,
+}
+
+fn default_hw_revision() -> String {
+    "rev-a".into()
+}
+
+fn default_download_bytes_per_s() -> u64 {
+    16 * 1024
+}
+
+fn default_ota_battery_min_pct() -> u8 {
+    30
+}
+
+fn default_health_deadline() -> DurationMs {
+    DurationMs(120_000)
+}
+
+fn default_power_loss_within() -> DurationMs {
+    DurationMs(300_000)
 }
 
 /// A cohort whose devices enroll with claims (issue 16): the harness creates
@@ -413,6 +492,15 @@ pub enum Action {
     KillNode { node: usize },
     /// Cluster mode: start a killed node again, with the same node id, on the shared store.
     RestartNode { node: usize },
+    /// Deploy the `[[artifact]]` of `version` to the devices matching `to` (a selector) through
+    /// the server's OTA service: one `mooring.update` command per device, tracked per device
+    /// from its reports (`POST /api/v1/ota/deployments`).
+    OtaDeploy {
+        version: String,
+        to: String,
+        #[serde(default)]
+        allow_downgrade: bool,
+    },
 }
 
 impl Action {
@@ -427,6 +515,7 @@ impl Action {
             Action::RestartServer { .. } => "restart_server",
             Action::KillNode { .. } => "kill_node",
             Action::RestartNode { .. } => "restart_node",
+            Action::OtaDeploy { .. } => "ota_deploy",
         }
     }
 }
@@ -470,6 +559,17 @@ pub struct Expect {
     pub enrolled_exactly_once: Option<bool>,
     /// Enrolling cohorts: most devices with more than one active certificate in the ledger.
     pub max_duplicate_certificates: Option<u64>,
+    /// OTA: most devices whose slots would not boot a whole, verified image at the end (the
+    /// slot the bootloader picks holds no image, a partial one, or bytes of no known version).
+    pub max_ota_unbootable: Option<u64>,
+    /// OTA: most devices whose final state the server shows is not what the device is (the
+    /// server says committed and the device does not run that version committed, or the
+    /// device has nothing left to report and the server shows another state).
+    pub max_ota_untruthful: Option<u64>,
+    /// OTA: fewest devices that committed the deployed version.
+    pub min_ota_committed: Option<u64>,
+    /// OTA: fewest devices that rolled back (a cohort whose `fails_health` names the version).
+    pub min_ota_rolled_back: Option<u64>,
 }
 
 impl Scenario {
@@ -603,6 +703,33 @@ impl Scenario {
                     );
                 }
             }
+            if let Some(o) = &c.ota {
+                if !mooring_proto::ota::is_valid_hw_revision(&o.hw_revision) {
+                    bail!(
+                        "cohort {}: ota.hw_revision {:?} is not a valid hardware revision",
+                        c.name,
+                        o.hw_revision
+                    );
+                }
+                if o.download_bytes_per_s == 0 {
+                    bail!(
+                        "cohort {}: ota.download_bytes_per_s must be positive",
+                        c.name
+                    );
+                }
+                if o.battery_min_pct > 100 {
+                    bail!("cohort {}: ota.battery_min_pct must be 0..=100", c.name);
+                }
+                if o.health_deadline.0 < 1_000 || o.health_deadline.0 > 86_400_000 {
+                    bail!(
+                        "cohort {}: ota.health_deadline must be between 1s and 24h",
+                        c.name
+                    );
+                }
+                if !(0.0..=1.0).contains(&o.power_loss_rate) || o.power_loss_within.0 == 0 {
+                    bail!("cohort {}: ota.power_loss_rate must be between 0 and 1 and power_loss_within positive", c.name);
+                }
+            }
             let prefix = c
                 .id_prefix
                 .clone()
@@ -619,6 +746,7 @@ impl Scenario {
                 );
             }
         }
+        self.validate_ota()?;
         let enrolling = self.cohorts.iter().any(|c| c.enroll.is_some());
         if !enrolling
             && (self.expect.enrolled_exactly_once.is_some()
@@ -725,6 +853,57 @@ impl Scenario {
     /// Cluster mode: plays the `kill_node` and `restart_node` events in order (by time, then
     /// as written, as the run plays them): no node is killed twice or restarted while it runs,
     /// and one node always stays alive.
+    /// `[[artifact]]`s, `ota_deploy` events, `[cohort.ota]` and the OTA expectations agree.
+    fn validate_ota(&self) -> anyhow::Result<()> {
+        let mut versions = std::collections::BTreeSet::new();
+        for a in &self.artifacts {
+            if !versions.insert(a.version.as_str()) {
+                bail!("[[artifact]] version {:?} is given twice", a.version);
+            }
+            if a.size_bytes == 0 || a.size_bytes > ARTIFACT_BYTES_MAX {
+                bail!(
+                    "[[artifact]] {}: size_bytes must be between 1 and {ARTIFACT_BYTES_MAX}",
+                    a.version
+                );
+            }
+            if a.compatible.is_empty() {
+                bail!(
+                    "[[artifact]] {}: compatible names no hardware revision",
+                    a.version
+                );
+            }
+        }
+        let updating = self.cohorts.iter().any(|c| c.ota.is_some());
+        if updating && !matches!(self.server, ServerTarget::InProcess) {
+            bail!("[cohort.ota] needs the in-process server ([server] mode = \"in-process\")");
+        }
+        if !self.artifacts.is_empty() && !matches!(self.server, ServerTarget::InProcess) {
+            bail!("[[artifact]] needs the in-process server ([server] mode = \"in-process\")");
+        }
+        for e in &self.events {
+            if let Action::OtaDeploy { version, to, .. } = &e.action {
+                if !versions.contains(version.as_str()) {
+                    bail!(
+                        "ota_deploy event at {} ms: no [[artifact]] has version {version:?}",
+                        e.at.0
+                    );
+                }
+                mooring_proto::selector::Selector::parse(to).map_err(|err| {
+                    anyhow::anyhow!("ota_deploy event at {} ms: selector {to:?}: {err}", e.at.0)
+                })?;
+            }
+        }
+        let x = &self.expect;
+        let wants_ota = x.max_ota_unbootable.is_some()
+            || x.max_ota_untruthful.is_some()
+            || x.min_ota_committed.is_some()
+            || x.min_ota_rolled_back.is_some();
+        if wants_ota && !updating {
+            bail!("[expect] max_ota_* and min_ota_* need a cohort with [cohort.ota]");
+        }
+        Ok(())
+    }
+
     fn validate_node_events(&self) -> anyhow::Result<()> {
         let Some(nodes) = self.server.cluster_nodes() else {
             return Ok(());
@@ -800,6 +979,8 @@ impl Scenario {
         e.min_telemetry_stored = e.min_telemetry_stored.map(down);
         e.min_commands_succeeded = e.min_commands_succeeded.map(down);
         e.max_commands_not_succeeded = e.max_commands_not_succeeded.map(up);
+        e.min_ota_committed = e.min_ota_committed.map(down);
+        e.min_ota_rolled_back = e.min_ota_rolled_back.map(down);
         s.validate()?;
         Ok(s)
     }

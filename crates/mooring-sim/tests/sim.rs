@@ -888,3 +888,114 @@ fn enroll_claims_at_full_size() -> anyhow::Result<()> {
     assert_eq!(e.enrolled, 10_000);
     Ok(())
 }
+
+/// scenarios/ota-update.toml at 300 devices: one update deployed to the whole fleet through
+/// the server's OTA service while links drop (downloads cut mid-transfer and resumed with
+/// `Range`), the server's download bound turns most devices away for a while, 30 % of the
+/// devices lose power in the middle of their update, a cohort's hardware fails the new
+/// version's health check and a cohort waits for its battery. At the end every device's slots
+/// and journal are checked against what the server shows.
+#[test]
+fn an_update_to_the_fleet_under_link_drops_and_power_losses_ends_bootable_and_truthful(
+) -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/ota-update.toml");
+    let s = Scenario::load(&path)?.scaled_to(300)?;
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    let o = r.ota.as_ref().expect("an ota report");
+    assert_eq!((o.devices, o.targeted, o.deployments.len()), (300, 300, 1));
+    assert_eq!(o.unbootable, 0, "{:?}", o.unbootable_examples);
+    assert_eq!(o.untruthful, 0, "{:?}", o.untruthful_examples);
+    // Every device finished: committed, or rolled back with the reason.
+    assert_eq!(o.committed + o.rolled_back, 300, "{:?}", o.final_states);
+    assert_eq!(
+        o.running_versions.get("1.1.0").copied().unwrap_or(0),
+        o.committed
+    );
+    assert_eq!(
+        o.running_versions.get("1.0.0").copied().unwrap_or(0),
+        o.rolled_back
+    );
+    // The 30 locks (fails_health) all rolled back because their health check failed ...
+    assert!(
+        o.reasons.get("rolled_back: health_check_failed").copied() >= Some(30),
+        "{:?}",
+        o.reasons
+    );
+    // ... and every other rollback is a trial boot a power loss interrupted.
+    let other: u64 = o
+        .reasons
+        .iter()
+        .filter(|(k, _)| k.as_str() != "rolled_back: health_check_failed")
+        .map(|(k, n)| {
+            assert_eq!(k, "rolled_back: trial_boot_not_committed");
+            *n
+        })
+        .sum();
+    assert!(other <= o.power_losses, "{other} > {}", o.power_losses);
+    // The faults really happened: downloads cut and resumed, turned away by the server's
+    // bound, power lost mid-update.
+    assert!(o.downloads_cut > 0 && o.downloads_resumed > 0, "{o:?}");
+    assert!(o.downloads_busy > 0, "{o:?}");
+    assert!(o.power_losses > 0, "{o:?}");
+    assert!(o.reboots >= 300, "{o:?}");
+    // The states over time: the carts waited for their battery (deferred), everyone ended.
+    assert!(
+        r.samples
+            .iter()
+            .any(|s| s.ota.get("deferred").copied().unwrap_or(0) >= 15),
+        "{:?}",
+        r.samples
+    );
+    let last = r.samples.last().expect("samples");
+    assert_eq!(last.ota.values().sum::<u64>(), 300, "{:?}", last.ota);
+    assert_eq!(r.lost_acked_telemetry, 0);
+    let html = r.html();
+    assert!(html.contains("<h2>Updates by state</h2>"), "{html}");
+    assert!(r.table().contains("ota: unbootable 0, untruthful 0"));
+    Ok(())
+}
+
+/// An update built for other hardware is refused by every device before it downloads a byte,
+/// each refusal reported with its reason: nothing installed, every device still runs what it
+/// ran, and the run's expectation of commits fails as it should.
+#[test]
+fn an_update_for_other_hardware_is_refused_by_every_device_with_its_reason() -> anyhow::Result<()> {
+    let s = scenario(
+        r#"
+        name = "ota-wrong-hardware"
+        duration = "10m"
+        [[artifact]]
+        version = "2.0.0"
+        size_bytes = 4096
+        compatible = ["rev-b"]
+        [[cohort]]
+        name = "m"
+        count = 20
+        tags = { kind = "m" }
+        [cohort.ota]
+        hw_revision = "rev-a"
+        [[event]]
+        at = "2m"
+        action = "ota_deploy"
+        version = "2.0.0"
+        to = "tag:kind=m"
+        [expect]
+        max_ota_unbootable = 0
+        max_ota_untruthful = 0
+        min_ota_committed = 1
+        "#,
+    )?;
+    let r = run(&s)?;
+    assert_eq!(
+        failed(&r),
+        ["min_ota_committed: expected >= 1, got 0".to_owned()]
+    );
+    let o = r.ota.as_ref().expect("an ota report");
+    assert_eq!(o.final_states.get("failed").copied(), Some(20), "{o:?}");
+    assert_eq!(o.running_versions.get("1.0.0").copied(), Some(20));
+    assert_eq!(o.downloads, 0);
+    assert_eq!(o.reboots, 0);
+    assert_eq!(o.reasons.len(), 1, "{:?}", o.reasons);
+    Ok(())
+}

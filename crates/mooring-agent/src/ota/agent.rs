@@ -21,6 +21,10 @@ pub const HOOK_TIMEOUT_SECS: u64 = 60;
 pub const LINK_REPLY_WAIT_MS: u64 = 30_000;
 /// How long a reboot waits for the queued reports to be acknowledged.
 pub const REBOOT_REPORT_WAIT_MS: u64 = 10_000;
+/// Most `[update] health_handlers`.
+pub const HEALTH_HANDLERS_MAX: usize = 16;
+/// Built-in commands that change the device, so never run as a health check.
+const NOT_HEALTH_HANDLERS: [&str; 2] = ["reboot", "set_config"];
 /// Requests (update / cancel commands) buffered for the `ota` child.
 pub const REQUEST_QUEUE_MAX: usize = 4;
 /// Link answers buffered for the `ota` child.
@@ -55,6 +59,11 @@ pub struct UpdateConfig {
     /// Must exit 0 during a trial boot.
     #[serde(default)]
     pub health_command: Option<Vec<String>>,
+    /// Command handlers (config `[handlers.*]`, built-in `ping`, ...) that must answer
+    /// `succeeded` during a trial boot, each run with `{"health_check": true}`: the new
+    /// version's handlers respond.
+    #[serde(default)]
+    pub health_handlers: Vec<String>,
     #[serde(default = "health_deadline_default")]
     pub health_deadline_secs: u64,
 }
@@ -91,6 +100,21 @@ impl UpdateConfig {
         ] {
             if c.as_ref().is_some_and(|c| c.is_empty()) {
                 return Err(format!("update.{name} is empty (leave it out)"));
+            }
+        }
+        if self.health_handlers.len() > HEALTH_HANDLERS_MAX {
+            return Err(format!(
+                "update.health_handlers names more than {HEALTH_HANDLERS_MAX} handlers"
+            ));
+        }
+        for h in &self.health_handlers {
+            if h.is_empty()
+                || NOT_HEALTH_HANDLERS.contains(&h.as_str())
+                || h.starts_with("mooring.")
+            {
+                return Err(format!(
+                    "update.health_handlers: {h:?} cannot be a health check (it changes the device)"
+                ));
             }
         }
         if self.health_deadline_secs == 0 || self.health_deadline_secs > 86_400 {
@@ -141,6 +165,31 @@ pub fn in_window((start, end): (u32, u32), now_ms: u64) -> bool {
     }
 }
 
+/// What the device's platform gives the updater beyond the config file: how a download is
+/// opened, how the device reboots, its battery level and checks of a trial boot of its own.
+/// `mooring-agent` itself has none ([`AgentDeps::ota_platform`](crate::AgentDeps) `None`): HTTPS
+/// downloads, `reboot_command` (or an exit with [`super::EXIT_REBOOT`]) and the `[update]`
+/// hooks. The simulator gives its own: downloads through the in-process server's router over
+/// the device's simulated link, a reboot of the simulated device, its battery model.
+#[async_trait::async_trait]
+pub trait Platform: Send + Sync {
+    /// `GET link.url` from byte `offset`.
+    async fn open(&self, link: &Link, offset: u64) -> Result<Box<dyn Body>, FetchError>;
+    /// Reboots the device. Returns only when it could not; the agent then carries on and the
+    /// updater asks again later.
+    async fn reboot(&self);
+    /// The battery level in percent, when the platform knows it (the `[update]` battery hooks
+    /// are then not asked).
+    fn battery_pct(&self) -> Option<f64> {
+        None
+    }
+    /// Checks of a trial boot of the platform's own, after the agent is connected and
+    /// `health_command` passed; `Err(why)` fails the trial.
+    async fn health_check(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 /// A request from the command executor to the `ota` child.
 pub(crate) struct Request {
     pub(crate) name: String,
@@ -156,6 +205,8 @@ pub(crate) struct OtaParts {
     pub(crate) link_rx: tokio::sync::Mutex<mpsc::Receiver<crate::link::Inbound>>,
     /// The slots as last reported in the shadow (`reported.ota`).
     pub(crate) reported: std::sync::Mutex<Value>,
+    /// The platform's downloads, reboot, battery and checks; `None`: the agent's own.
+    pub(crate) platform: Option<Arc<dyn Platform>>,
 }
 
 /// `mooring.update` / `mooring.update.cancel`: handed to the `ota` child, answered when it
@@ -208,7 +259,7 @@ pub(crate) async fn run(core: Arc<Core>) -> anyhow::Result<()> {
     };
     let mut requests = parts.requests_rx.lock().await;
     let mut link_rx = parts.link_rx.lock().await;
-    let mut env = AgentEnv::new(core.clone(), &mut link_rx)?;
+    let mut env = AgentEnv::new(core.clone(), parts.platform.clone(), &mut link_rx)?;
     let mut wait = Some(Duration::ZERO);
     loop {
         let step = async {
@@ -226,7 +277,7 @@ pub(crate) async fn run(core: Arc<Core>) -> anyhow::Result<()> {
                     Some(Ok(Next::Idle)) | None => wait = None,
                     Some(Ok(Next::RetryAfterMs(ms))) => wait = Some(Duration::from_millis(ms)),
                     Some(Ok(Next::Reboot)) => {
-                        reboot(&core).await;
+                        reboot(&core, parts.platform.as_deref()).await;
                         wait = Some(Duration::from_secs(60));
                     }
                     Some(Err(e)) => return Err(e.into()),
@@ -254,13 +305,19 @@ pub(crate) async fn run(core: Arc<Core>) -> anyhow::Result<()> {
     }
 }
 
-/// Waits (bounded) for the queued reports to be acknowledged, then reboots: the configured
-/// `reboot_command`, or an exit with [`super::EXIT_REBOOT`] for the service manager.
-async fn reboot(core: &Core) {
+/// Waits (bounded) for the queued reports to be acknowledged, then reboots: the platform's
+/// reboot, the configured `reboot_command`, or an exit with [`super::EXIT_REBOOT`] for the
+/// service manager.
+async fn reboot(core: &Core, platform: Option<&dyn Platform>) {
     let deadline = tokio::time::Instant::now() + Duration::from_millis(REBOOT_REPORT_WAIT_MS);
     while !core.store().is_empty() && tokio::time::Instant::now() < deadline {
-        // Production-only wait on the outbox, bounded by the deadline.
+        // A bounded wait on the outbox (the clock may be virtual: the simulator's).
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(p) = platform {
+        tracing::warn!("rebooting for the update (platform)");
+        p.reboot().await;
+        return;
     }
     match &core.config.reboot_command {
         Some(argv) => {
@@ -289,6 +346,7 @@ async fn reboot(core: &Core) {
 
 struct AgentEnv<'a> {
     core: Arc<Core>,
+    platform: Option<Arc<dyn Platform>>,
     http: reqwest::Client,
     link_rx: &'a mut mpsc::Receiver<crate::link::Inbound>,
 }
@@ -296,8 +354,18 @@ struct AgentEnv<'a> {
 impl<'a> AgentEnv<'a> {
     fn new(
         core: Arc<Core>,
+        platform: Option<Arc<dyn Platform>>,
         link_rx: &'a mut mpsc::Receiver<crate::link::Inbound>,
     ) -> anyhow::Result<Self> {
+        if platform.is_some() {
+            // The platform downloads: no HTTPS client (nor fleet roots) needed.
+            return Ok(Self {
+                http: reqwest::Client::new(),
+                core,
+                platform,
+                link_rx,
+            });
+        }
         let roots = crate::rotate::files_of(&core.config).roots_path();
         let tls = match super::fetch::fleet_tls(&roots) {
             Ok(tls) => Some(tls),
@@ -309,6 +377,7 @@ impl<'a> AgentEnv<'a> {
         Ok(Self {
             http: super::fetch::client(tls)?,
             core,
+            platform,
             link_rx,
         })
     }
@@ -355,7 +424,9 @@ impl Env for AgentEnv<'_> {
             }
         }
         let level =
-            if let Some(f) = &c.battery_file {
+            if let Some(pct) = self.platform.as_ref().and_then(|p| p.battery_pct()) {
+                Some(pct.to_string())
+            } else if let Some(f) = &c.battery_file {
                 Some(std::fs::read_to_string(f).map_err(|e| {
                     format!("{}: reading {}: {e}", reason::BATTERY_LOW, f.display())
                 })?)
@@ -396,7 +467,10 @@ impl Env for AgentEnv<'_> {
     }
 
     async fn open(&mut self, link: &Link, offset: u64) -> Result<Box<dyn Body>, FetchError> {
-        super::fetch::open(&self.http, link, offset).await
+        match &self.platform {
+            Some(p) => p.open(link, offset).await,
+            None => super::fetch::open(&self.http, link, offset).await,
+        }
     }
 
     async fn refresh_link(
@@ -476,6 +550,43 @@ impl Env for AgentEnv<'_> {
                 }
                 Ok(Err(e)) => return Err(format!("health_command: {e}")),
                 Ok(Ok(_)) => {}
+            }
+        }
+        let handlers = self
+            .update_config()
+            .map(|c| c.health_handlers.clone())
+            .unwrap_or_default();
+        for name in handlers {
+            let left = deadline.saturating_sub(started.elapsed());
+            let run = crate::commands::run_handler(
+                &self.core,
+                &name,
+                serde_json::json!({"health_check": true}),
+            );
+            match tokio::time::timeout(left, run).await {
+                Err(_) => {
+                    return Err(format!(
+                        "handler {name} did not answer within {deadline_secs} s"
+                    ))
+                }
+                Ok(r) if r.status == mooring_proto::command::ResultStatus::Succeeded => {}
+                Ok(r) => {
+                    return Err(format!(
+                        "handler {name} failed: {}",
+                        r.output["reason"].as_str().unwrap_or("no reason given")
+                    ))
+                }
+            }
+        }
+        if let Some(p) = &self.platform {
+            let left = deadline.saturating_sub(started.elapsed());
+            match tokio::time::timeout(left, p.health_check()).await {
+                Err(_) => {
+                    return Err(format!(
+                        "the checks did not finish within {deadline_secs} s"
+                    ))
+                }
+                Ok(r) => r?,
             }
         }
         Ok(())

@@ -78,19 +78,38 @@ pub async fn open(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    match status.as_u16() {
+    let total = answer(
+        status.as_u16(),
+        header(reqwest::header::CONTENT_RANGE).as_deref(),
+        resp.content_length(),
+        offset,
+        &link.url,
+    )?;
+    Ok(Box::new(HttpBody { resp, total }))
+}
+
+/// What a download's response means for an attempt from byte `offset` (the statuses in
+/// [`open`]'s doc): `Ok(total size)` when its body is the artifact from `offset` on. Shared
+/// with downloads that do not go through reqwest (the simulator's).
+pub fn answer(
+    status: u16,
+    content_range: Option<&str>,
+    content_length: Option<u64>,
+    offset: u64,
+    url: &str,
+) -> Result<Option<u64>, FetchError> {
+    match status {
         200 => {
             if offset > 0 {
                 // The server ignored the Range: we cannot append its bytes.
                 return Err(FetchError::RangeNotSatisfiable);
             }
-            let total = resp.content_length();
-            Ok(Box::new(HttpBody { resp, total }))
+            Ok(content_length)
         }
         206 => {
             // Content-Range: bytes START-END/TOTAL
-            let range = header(reqwest::header::CONTENT_RANGE).unwrap_or_default();
-            let parsed = range
+            let parsed = content_range
+                .unwrap_or_default()
                 .strip_prefix("bytes ")
                 .and_then(|r| r.split_once('/'))
                 .and_then(|(span, total)| {
@@ -98,14 +117,14 @@ pub async fn open(
                     Some((start, total.parse::<u64>().ok()))
                 });
             match parsed {
-                Some((start, total)) if start == offset => Ok(Box::new(HttpBody { resp, total })),
+                Some((start, total)) if start == offset => Ok(total),
                 _ => Err(FetchError::RangeNotSatisfiable),
             }
         }
-        401 | 403 => Err(FetchError::Expired(format!("{status} from {}", link.url))),
+        401 | 403 => Err(FetchError::Expired(format!("{status} from {url}"))),
         416 => Err(FetchError::RangeNotSatisfiable),
-        429 | 503 => Err(FetchError::Busy(format!("{status} from {}", link.url))),
-        500..=599 => Err(FetchError::Transient(format!("{status} from {}", link.url))),
-        _ => Err(FetchError::Fatal(format!("{status} from {}", link.url))),
+        429 | 503 => Err(FetchError::Busy(format!("{status} from {url}"))),
+        500..=599 => Err(FetchError::Transient(format!("{status} from {url}"))),
+        _ => Err(FetchError::Fatal(format!("{status} from {url}"))),
     }
 }

@@ -22,9 +22,10 @@ pub mod update;
 #[cfg(test)]
 mod tests;
 
+pub use agent::Platform;
 pub use journal::{FileUpdateFiles, Job, MemUpdateFiles, Phase, UpdateFiles};
 pub use slots::{BootControl, BootOutcome, FileSlots, MemSlots, Power, Slot, Slots};
-pub use update::{Env, FetchError, Next, UpdateSettings, Updater};
+pub use update::{Body, Env, FetchError, Next, UpdateSettings, Updater};
 
 /// Exit status of the agent when an update needs a reboot and no `reboot_command` is
 /// configured: the service manager restarts it (systemd: `Restart=always` or

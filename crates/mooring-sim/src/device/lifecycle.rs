@@ -99,6 +99,14 @@ pub async fn run_device(
             _ => never,
         };
         let msg_at = if powered { next_msg } else { never };
+        if let Some(ota) = &dev.ota {
+            ota.set_battery(battery);
+        }
+        let ota_loss = dev
+            .ota
+            .as_ref()
+            .and_then(|o| o.loss_at_ms())
+            .map_or(never, |ms| start + Duration::from_millis(ms));
         let wake = [
             msg_at,
             next_drop,
@@ -106,12 +114,29 @@ pub async fn run_device(
             next_power_loss,
             next_crash,
             next_battery,
+            ota_loss,
         ]
         .into_iter()
         .min()
         .unwrap_or(never);
+        let reboot = async {
+            match &dev.ota {
+                Some(o) => o.reboot.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = tokio::time::sleep_until(wake) => {}
+            () = reboot => {
+                // The updater rebooted the device (into its trial, or back): a clean reboot,
+                // its flash synced.
+                kill(&mut agent).await;
+                tokio::time::sleep(c.boot_delay.as_std()).await;
+                if powered {
+                    boot(&mut agent, &dev, &model, &net, seed);
+                }
+                continue;
+            }
             joined = agent.task.join_next(), if !agent.task.is_empty() => {
                 // The agent stopped on its own (its supervisor gave up): the service manager
                 // restarts it, like systemd's Restart=always.
@@ -172,6 +197,18 @@ pub async fn run_device(
                 dev.flash.power_loss();
                 tokio::time::sleep(c.boot_delay.as_std()).await;
                 boot(&mut agent, &dev, &model, &net, seed);
+            }
+        }
+        if let Some(ota) = &dev.ota {
+            if ota.take_due_loss(net.clock.elapsed_ms()) && powered {
+                // Only a loss that hits an update in progress counts (and happens).
+                if let Some(phase) = ota.phase_in_progress() {
+                    stats.ota_power_losses.add(&phase);
+                    kill(&mut agent).await;
+                    dev.flash.power_loss();
+                    tokio::time::sleep(c.boot_delay.as_std()).await;
+                    boot(&mut agent, &dev, &model, &net, seed);
+                }
             }
         }
         if now >= next_crash {
@@ -289,7 +326,35 @@ fn boot(
         handlers,
         diagnostics: dev.diag.clone(),
         ota: None,
+        ota_platform: None,
     };
+    let mut deps = deps;
+    if let (Some(ota), Some(update)) = (&dev.ota, &model.agent_config.update) {
+        // Power on: the bootloader picks a slot (a trial's one chance, or back to the
+        // committed one), then the updater resumes from its journal.
+        let started = update
+            .settings()
+            .map_err(anyhow::Error::msg)
+            .and_then(|settings| {
+                Ok(mooring_agent::ota::Updater::start(
+                    settings,
+                    Box::new(ota.slots.clone()),
+                    Box::new(ota.files.clone()),
+                )?)
+            });
+        match started {
+            Ok(up) => {
+                deps.ota = Some(up);
+                deps.ota_platform = Some(Arc::new(super::ota::SimPlatform {
+                    dev: dev.clone(),
+                    net: net.clone(),
+                }));
+            }
+            Err(e) => {
+                tracing::warn!(device = %dev.id, error = %format!("{e:#}"), "updater did not start")
+            }
+        }
+    }
     agent.input = tx;
     agent.task.spawn(mooring_agent::run_with(
         deps,

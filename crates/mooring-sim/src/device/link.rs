@@ -39,6 +39,8 @@ pub struct Net {
 struct NodeLink {
     broker: Broker,
     killed: CancellationToken,
+    /// The node's HTTP API (its router, called in process), for OTA downloads.
+    http: Option<axum::Router>,
 }
 
 impl Net {
@@ -64,8 +66,22 @@ impl Net {
             *slot = broker.map(|broker| NodeLink {
                 broker,
                 killed: CancellationToken::new(),
+                http: None,
             });
         }
+    }
+
+    /// Node `i`'s HTTP API (set after [`Net::set_node`]; gone with the node).
+    pub fn set_http(&self, i: usize, router: axum::Router) {
+        if let Some(Some(node)) = write(&self.nodes).get_mut(i) {
+            node.http = Some(router);
+        }
+    }
+
+    /// The HTTP API device `index` reaches (the node [`Net::route`] picks), if it is up.
+    pub fn http_route(&self, index: usize) -> Option<axum::Router> {
+        let (slot, _, _) = self.route(index)?;
+        read(&self.nodes).get(slot)?.as_ref()?.http.clone()
     }
 
     /// Takes node `i` off the network and drops every connection to it where it is, as the
@@ -208,6 +224,16 @@ impl DeviceLink {
         {
             lock(&self.reconnects).push((since, now_ms));
         }
+    }
+
+    /// Bumped by every cut: a transfer that began under another epoch was cut.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Whether connections are refused at `now_ms` (virtual ms since the start).
+    pub fn is_down(&self, now_ms: u64) -> bool {
+        self.down_until_ms.load(Ordering::Relaxed) > now_ms
     }
 
     /// Cuts the live connection (if any) and refuses new ones until `until_ms` (virtual ms since

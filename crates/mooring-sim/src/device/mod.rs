@@ -12,6 +12,7 @@
 mod enroll;
 mod lifecycle;
 mod link;
+pub mod ota;
 mod probes;
 
 pub use enroll::{enroll_device, EnrollProbe, FAULTS, STEPS, STEP_KEY, STEP_REGISTERED};
@@ -89,6 +90,18 @@ pub struct Stats {
     pub enroll_kills: AtomicU64,
     /// The link was down when the device first connected with its certificate.
     pub enroll_drops_before_first_connect: AtomicU64,
+    /// OTA downloads the server answered with the artifact's bytes (whole or from an offset).
+    pub ota_downloads: AtomicU64,
+    /// ... of them from an offset (a resumed download).
+    pub ota_downloads_resumed: AtomicU64,
+    /// Downloads refused because the server served as many as it may (429/503).
+    pub ota_downloads_busy: AtomicU64,
+    /// Downloads broken by a link cut.
+    pub ota_downloads_cut: AtomicU64,
+    /// Reboots the updaters asked for (into a trial, or back after a failed one).
+    pub ota_reboots: AtomicU64,
+    /// Power losses injected during an update (`[cohort.ota] power_loss_rate`), by phase.
+    pub ota_power_losses: ota::LossesByPhase,
 }
 
 impl Stats {
@@ -130,6 +143,8 @@ pub struct DeviceState {
     pub executions: Mutex<Vec<(u32, u32)>>,
     /// An enrolling cohort's device: its pipeline (set before the run starts).
     pub enroll: Option<Arc<EnrollProbe>>,
+    /// An updating cohort's device: its slots and journal (`[cohort.ota]`).
+    pub ota: Option<ota::DeviceOta>,
 }
 
 impl DeviceState {
@@ -168,6 +183,10 @@ impl DeviceState {
             generated: AtomicU64::new(0),
             executions: Mutex::new(Vec::new()),
             enroll: None,
+            ota: cohort
+                .ota
+                .as_ref()
+                .map(|o| ota::DeviceOta::new(o, &cohort.version, seed, index as u64)),
         })
     }
 

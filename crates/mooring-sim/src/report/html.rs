@@ -246,6 +246,7 @@ fn charts(r: &Report, out: &mut String) {
         &[("messages / min", "#2da44e", &rate)],
         false,
     ));
+    ota_chart(r, &frame, out);
     let states: BTreeSet<&String> = r.samples.iter().flat_map(|s| s.commands.keys()).collect();
     if states.is_empty() {
         return;
@@ -276,6 +277,57 @@ fn charts(r: &Report, out: &mut String) {
         &refs,
         true,
     ));
+}
+
+/// The OTA deployments' devices by update state over time, in the updater's order.
+fn ota_chart(r: &Report, frame: &Frame<'_>, out: &mut String) {
+    let present: BTreeSet<&String> = r.samples.iter().flat_map(|s| s.ota.keys()).collect();
+    if present.is_empty() {
+        return;
+    }
+    let order: Vec<&str> = mooring_proto::ota::UpdateState::ALL
+        .iter()
+        .map(|s| s.as_str())
+        .filter(|s| present.iter().any(|p| p.as_str() == *s))
+        .collect();
+    let series: Vec<(&str, &str, Vec<f64>)> = order
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            (
+                *st,
+                ota_color(st).unwrap_or(PALETTE[i % PALETTE.len()]),
+                r.samples
+                    .iter()
+                    .map(|s| s.ota.get(*st).copied().unwrap_or(0) as f64)
+                    .collect(),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &str, &[f64])> = series
+        .iter()
+        .map(|(n, c, v)| (*n, *c, v.as_slice()))
+        .collect();
+    out.push_str("<h2>Updates by state</h2>");
+    legend(&refs, out);
+    out.push_str(&frame.chart(
+        "devices of the OTA deployments by update state, as the server shows them",
+        "devices",
+        &refs,
+        true,
+    ));
+}
+
+fn ota_color(state: &str) -> Option<&'static str> {
+    Some(match state {
+        "committed" => "#2da44e",
+        "rolled_back" => "#cf222e",
+        "failed" => "#1f2328",
+        "downloading" => "#0969da",
+        "deferred" => "#bf8700",
+        "pending" => "#8c959f",
+        _ => return None,
+    })
 }
 
 /// A chart's legend: a swatch and the name of each series.

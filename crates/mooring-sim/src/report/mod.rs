@@ -24,6 +24,9 @@ pub struct Sample {
     /// Cluster mode: devices with a session on each live node, by node id.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub nodes: BTreeMap<String, u64>,
+    /// OTA: the deployments' devices by update state, as the server shows them.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ota: BTreeMap<String, u64>,
 }
 
 /// A fault kind: how many were injected and how many the server or the agents noticed.
@@ -222,7 +225,100 @@ pub struct Report {
     /// Cohorts that enroll with claims: the pipeline funnel and the exactly-once checks.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enrollment: Option<EnrollmentReport>,
+    /// Cohorts with `[cohort.ota]`: the deployments' outcome and every device checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ota: Option<OtaReport>,
     pub expectations: Vec<ExpectationResult>,
+}
+
+/// The updating cohorts at the end of the run: what the server shows, checked against every
+/// device's slots and journal.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OtaReport {
+    /// The `ota_deploy` events' deployment ids.
+    pub deployments: Vec<String>,
+    /// Devices the deployments reached.
+    pub targeted: u64,
+    /// Devices with the updater (deleted ones aside).
+    pub devices: u64,
+    /// The deployments' devices by final update state, as the server shows them.
+    pub final_states: BTreeMap<String, u64>,
+    pub committed: u64,
+    pub rolled_back: u64,
+    /// Devices whose final state came with a reason, by `state: reason code`.
+    pub reasons: BTreeMap<String, u64>,
+    /// What the devices run at the end (their slots), by version.
+    pub running_versions: BTreeMap<String, u64>,
+    /// Devices whose committed slot, or the slot that boots next, does not hold a whole image
+    /// of a known version: must be 0.
+    pub unbootable: u64,
+    pub unbootable_examples: Vec<String>,
+    /// Devices the server shows in a state they are not in (see the simulator docs): must be 0.
+    pub untruthful: u64,
+    pub untruthful_examples: Vec<String>,
+    /// Devices with messages still in their outbox at the end (their newest report may not
+    /// have reached the server: only lies that cannot be explained by that count above).
+    pub unsettled: u64,
+    /// Downloads the server served (whole or from an offset).
+    pub downloads: u64,
+    /// ... resumed from an offset after a link cut or a power loss.
+    pub downloads_resumed: u64,
+    /// Download attempts refused because the server served as many as it may.
+    pub downloads_busy: u64,
+    /// Downloads broken by a link cut.
+    pub downloads_cut: u64,
+    /// Reboots the updaters made (into a trial, or back from a failed one).
+    pub reboots: u64,
+    /// Power losses in the middle of an update, and the phase each interrupted.
+    pub power_losses: u64,
+    pub power_losses_by_phase: BTreeMap<String, u64>,
+}
+
+impl OtaReport {
+    /// As lines of the printed summary.
+    pub fn lines(&self) -> Vec<String> {
+        let join = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut out = vec![
+            format!(
+                "ota: {} devices, {} targeted by {} deployment(s); final states: {}",
+                self.devices,
+                self.targeted,
+                self.deployments.len(),
+                join(&self.final_states)
+            ),
+            format!("ota: running at the end: {}", join(&self.running_versions)),
+            format!("ota: reasons given: {}", join(&self.reasons)),
+            format!(
+                "ota: unbootable {}, untruthful {} (unsettled outboxes {})",
+                self.unbootable, self.untruthful, self.unsettled
+            ),
+            format!(
+                "ota: downloads {} ({} resumed, {} cut by the link, {} refused busy), reboots {}",
+                self.downloads,
+                self.downloads_resumed,
+                self.downloads_cut,
+                self.downloads_busy,
+                self.reboots
+            ),
+            format!(
+                "ota: power losses during an update {} ({})",
+                self.power_losses,
+                join(&self.power_losses_by_phase)
+            ),
+        ];
+        for e in &self.unbootable_examples {
+            out.push(format!("UNBOOTABLE {e}"));
+        }
+        for e in &self.untruthful_examples {
+            out.push(format!("UNTRUTHFUL {e}"));
+        }
+        out
+    }
 }
 
 /// The enrolling cohorts at the end of the run.
@@ -415,6 +511,11 @@ impl Report {
         }
         if let Some(e) = &self.enrollment {
             for line in e.lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        if let Some(o) = &self.ota {
+            for line in o.lines() {
                 let _ = writeln!(out, "  {line}");
             }
         }

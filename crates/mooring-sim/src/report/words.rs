@@ -272,13 +272,14 @@ fn all_or(n: u64, of: u64) -> String {
 
 /// Fault kinds in the order a reader follows them: the link, power and restarts, storage,
 /// commands, deletions; kinds not listed come after, by name.
-const FAULT_ORDER: [&str; 11] = [
+const FAULT_ORDER: [&str; 12] = [
     "link_cut (drops, outages, cut_link)",
     "link_drop",
     "link_outage",
     "power_loss",
     "firmware_crash",
     "battery_empty",
+    "ota_power_loss (during an update)",
     "restart_recovered (power loss + crash + battery)",
     "agent_exit (supervisor gave up)",
     "flash_write_failure",
@@ -322,12 +323,15 @@ pub fn fault_lines(r: &Report) -> Vec<String> {
                 format!("firmware crashes: {i} times an agent crashed and was restarted")
             }
             "restart_recovered (power loss + crash + battery)" => format!(
-                "restarts (power loss, crash, battery): {} restarted agents connected again",
+                "restarts (power loss, crash, battery, update reboots): {} restarted agents connected again",
                 all_or(detected, injected)
             ),
             "battery_empty" => {
                 format!("battery: {i} times a device ran flat; {d} recharged and booted again")
             }
+            "ota_power_loss (during an update)" => format!(
+                "updates: {i} times a device lost power in the middle of its update (see the ota lines for where)"
+            ),
             "flash_write_failure" => {
                 format!("flash: {i} writes failed; {d} reached the agent as store errors")
             }

@@ -201,6 +201,20 @@ pub(super) async fn run_events(
                     Err(err) => Err(format!("{err:#}")),
                 }
             }
+            Action::OtaDeploy {
+                version,
+                to,
+                allow_downgrade,
+            } => super::ota::deploy(&control, version, to, *allow_downgrade)
+                .await
+                .map(|d| {
+                    control.log(format!(
+                        "{at}: ota_deploy {version} to {to:?}: deployment {} to {} devices",
+                        d.id, d.devices
+                    ));
+                    ev.devices = d.devices;
+                    ev.detail = format!("{} ({})", ev.detail, d.id);
+                }),
             Action::KillNode { node } => {
                 kill_node(&control, &devices, *node, e.at.0)
                     .await
@@ -322,6 +336,7 @@ fn describe(action: &Action) -> (String, String) {
             (String::new(), format!("{} down", fmt_ms(downtime.0)))
         }
         Action::KillNode { node } | Action::RestartNode { node } => (node_id(*node), String::new()),
+        Action::OtaDeploy { version, to, .. } => (to.clone(), version.clone()),
     }
 }
 

@@ -46,10 +46,12 @@ pub(super) async fn run_sampler(
                 .collect(),
             None => BTreeMap::new(),
         };
+        let ota = super::ota::states(&control).await;
         lock(&control.samples).push(Sample {
             t_ms: (interval * k).as_millis() as u64,
             online,
             nodes,
+            ota,
             ..Sample::default()
         });
         k += 1;
@@ -205,6 +207,9 @@ pub(super) fn check_expectations(
             .as_ref()
             .map_or(0, |en| en.duplicate_certificates),
     );
+    let ota = r.ota.clone().unwrap_or_default();
+    at_most("max_ota_unbootable", e.max_ota_unbootable, ota.unbootable);
+    at_most("max_ota_untruthful", e.max_ota_untruthful, ota.untruthful);
     at_most(
         "max_jobs_not_succeeded",
         e.max_jobs_not_succeeded,
@@ -220,6 +225,12 @@ pub(super) fn check_expectations(
             });
         }
     };
+    at_least("min_ota_committed", e.min_ota_committed, ota.committed);
+    at_least(
+        "min_ota_rolled_back",
+        e.min_ota_rolled_back,
+        ota.rolled_back,
+    );
     at_least(
         "min_online_at_end",
         e.min_online_at_end.map(|v| v as u64),

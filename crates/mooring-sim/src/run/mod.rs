@@ -13,6 +13,7 @@
 mod enroll;
 mod events;
 mod measure;
+mod ota;
 
 pub use measure::parse_metrics;
 
@@ -98,6 +99,10 @@ struct Control {
     timeline: Mutex<Vec<(TimelineEvent, Option<Watch>)>>,
     /// Remote mode: the server's API (no in-process server then).
     remote: Option<Arc<RemoteApi>>,
+    /// The `[[artifact]]`s as uploaded.
+    artifacts: Vec<ota::SimArtifact>,
+    /// The `ota_deploy` events' deployments, in the order made.
+    deployments: Mutex<Vec<ota::SimDeployment>>,
 }
 
 /// Cluster mode: one node's past, by slot.
@@ -161,6 +166,8 @@ impl Control {
     /// Puts the server of `slot` on the network.
     fn put_server(&self, slot: usize, s: &InProcessServer) {
         self.net.set_node(slot, s.server.app.broker().cloned());
+        self.net
+            .set_http(slot, mooring_server::http::router(s.server.app.clone()));
         self.set_app(slot, Some(s.server.app.clone()));
     }
 
@@ -412,6 +419,11 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         Some(server) => enroll::Claims::create(s, server).await?,
         None => enroll::Claims::default(),
     };
+    let artifacts = match server {
+        Some(server) => ota::upload(s, &server.server.app).await?,
+        None => Vec::new(),
+    };
+    let update_key = server.map(|server| server.server.app.ota.public_key_hex());
     let mut models = Vec::with_capacity(s.cohorts.len());
     for (ci, c) in s.cohorts.iter().enumerate() {
         for n in 0..c.count {
@@ -439,6 +451,22 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
             keepalive_secs: c.keepalive.0 / 1000,
             outbox_max: c.outbox_max,
             firmware_version: Some(c.version.clone()),
+            update: match (&c.ota, &update_key) {
+                (Some(o), Some(key)) => Some(mooring_agent::ota::agent::UpdateConfig {
+                    public_key: key.clone(),
+                    hw_revision: o.hw_revision.clone(),
+                    allow_downgrade: false,
+                    battery_file: None,
+                    battery_command: None,
+                    battery_min_pct: o.battery_min_pct,
+                    window: None,
+                    busy_command: None,
+                    health_command: None,
+                    health_handlers: Vec::new(),
+                    health_deadline_secs: (o.health_deadline.0 / 1000).max(1),
+                }),
+                _ => None,
+            },
             ..mooring_agent::AgentConfig::new("sim", 1, "-", "-", "-", "-")
         };
         let device_clock: Arc<dyn Clock> = Arc::new(clock.skewed(c.clock_skew_ms));
@@ -480,6 +508,8 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         samples: Mutex::new(Vec::new()),
         timeline: Mutex::new(Vec::new()),
         remote: remote.clone(),
+        artifacts,
+        deployments: Mutex::new(Vec::new()),
     });
     for (slot, server) in servers.iter().enumerate() {
         if let Some(server) = server {
@@ -582,6 +612,11 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     while watchers.join_next().await.is_some() {}
     fleet.abort_all();
     while fleet.join_next().await.is_some() {}
+    // The fleet has stopped and the server still runs: neither side of an update moves.
+    let ota_report = {
+        let deleted = lock(&control.deleted).clone();
+        ota::report(&control, s, &devices, &deleted).await?
+    };
     let reader = match &remote {
         Some(api) => Reader::Remote(api.clone()),
         None => {
@@ -735,9 +770,11 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     let restarts = st(&stats.power_losses_injected) + st(&stats.crashes_injected);
     control.fault("power_loss", st(&stats.power_losses_injected), 0);
     control.fault("firmware_crash", st(&stats.crashes_injected), 0);
+    let ota_power_losses: u64 = lock(&stats.ota_power_losses.0).values().sum();
+    control.fault("ota_power_loss (during an update)", ota_power_losses, 0);
     control.fault(
         "restart_recovered (power loss + crash + battery)",
-        restarts + st(&stats.battery_recharged),
+        restarts + st(&stats.battery_recharged) + st(&stats.ota_reboots) + ota_power_losses,
         st(&stats.restarts_recovered),
     );
     control.fault(
@@ -811,6 +848,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         events: lock(&control.event_log).clone(),
         timeline: measure::timeline(&control, &devices),
         enrollment,
+        ota: ota_report,
         expectations: Vec::new(),
     };
     for event in &mut report.timeline {

@@ -1,0 +1,292 @@
+//! OTA in a run (issue 17): the `[[artifact]]`s uploaded before the fleet boots, `ota_deploy`
+//! events, the update states over time, and at the end every updating device's slots and
+//! journal against what the server shows for it.
+
+use super::Control;
+use crate::device::ota::{image_bytes, sha256_hex, FACTORY_IMAGE_BYTES};
+use crate::device::DeviceState;
+use crate::report::OtaReport;
+use crate::scenario::Scenario;
+use mooring_agent::ota::{BootControl, Slot, Slots as _, UpdateFiles as _};
+use mooring_proto::ota::UpdateState;
+use mooring_proto::sync::lock;
+use mooring_server::access::Access;
+use mooring_server::app::App;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+/// Devices named in each list of examples.
+const EXAMPLES_MAX: usize = 20;
+/// Bytes sent per upload call.
+const UPLOAD_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// An `[[artifact]]` as uploaded.
+#[derive(Debug, Clone)]
+pub(super) struct SimArtifact {
+    pub(super) id: String,
+    pub(super) version: String,
+    pub(super) sha256: String,
+}
+
+/// A deployment an `ota_deploy` event made.
+#[derive(Debug, Clone)]
+pub(super) struct SimDeployment {
+    pub(super) id: String,
+    pub(super) devices: u64,
+}
+
+/// Uploads every `[[artifact]]` (deterministic bytes from the seed) through the server's OTA
+/// service, which checks size and hash and signs the manifest with the fleet's update key.
+pub(super) async fn upload(s: &Scenario, app: &App) -> anyhow::Result<Vec<SimArtifact>> {
+    let mut out = Vec::with_capacity(s.artifacts.len());
+    for a in &s.artifacts {
+        let bytes = image_bytes(s.seed, &a.version, a.size_bytes);
+        let sha256 = sha256_hex(&bytes);
+        let created = app
+            .ota
+            .create_artifact(
+                "sim",
+                mooring_server::ota::NewArtifact {
+                    version: a.version.clone(),
+                    compatible: a.compatible.clone(),
+                    notes: Some("made by mooring sim".into()),
+                    sha256: sha256.clone(),
+                    size: a.size_bytes,
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("artifact {}: {e}", a.version))?;
+        let mut at = 0usize;
+        for chunk in bytes.chunks(UPLOAD_CHUNK_BYTES) {
+            app.ota
+                .put_content(&created.id, at as u64, chunk.to_vec())
+                .await
+                .map_err(|e| anyhow::anyhow!("artifact {}: {e}", a.version))?;
+            at += chunk.len();
+        }
+        app.ota
+            .complete(&created.id, None)
+            .await
+            .map_err(|e| anyhow::anyhow!("artifact {}: {e}", a.version))?;
+        out.push(SimArtifact {
+            id: created.id,
+            version: a.version.clone(),
+            sha256,
+        });
+    }
+    Ok(out)
+}
+
+/// An `ota_deploy` event: the deployment is stored, its commands go out in the background (as
+/// `POST /api/v1/ota/deployments` does).
+pub(super) async fn deploy(
+    control: &Control,
+    version: &str,
+    to: &str,
+    allow_downgrade: bool,
+) -> Result<SimDeployment, String> {
+    let app = control
+        .app()
+        .ok_or_else(|| "needs a running server".to_owned())?;
+    let artifact = control
+        .artifacts
+        .iter()
+        .find(|a| a.version == version)
+        .ok_or_else(|| format!("no artifact {version}"))?;
+    let (view, pending) = app
+        .ota
+        .deploy(&Access::all(), "sim", &artifact.id, to, allow_downgrade)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sender = app.clone();
+    tokio::spawn(async move { sender.ota.send_updates(pending).await });
+    let d = SimDeployment {
+        id: view.deployment.id.clone(),
+        devices: view.total,
+    };
+    lock(&control.deployments).push(d.clone());
+    Ok(d)
+}
+
+/// The deployments' devices by update state now (summed over deployments).
+pub(super) async fn states(control: &Control) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let deployments = lock(&control.deployments).clone();
+    let Some(app) = control.app() else {
+        return out;
+    };
+    for d in deployments {
+        if let Ok(view) = app.ota.deployment(&d.id).await {
+            for (state, n) in view.counts {
+                *out.entry(state).or_default() += n;
+            }
+        }
+    }
+    out
+}
+
+/// Whether a slot holds a whole image of a known version: its bytes hash to that version's
+/// image and the boot-control record names the version.
+fn whole(
+    ota: &crate::device::ota::DeviceOta,
+    c: &BootControl,
+    slot: Slot,
+    known: &HashMap<String, String>,
+) -> bool {
+    let info = c.info(slot);
+    let Some(version) = &info.version else {
+        return false;
+    };
+    let image = ota.slots.image(slot);
+    image.len() as u64 == info.size
+        && known
+            .get(version)
+            .is_some_and(|sha| *sha == sha256_hex(&image))
+}
+
+/// Every updating device's slots and journal against the server's records (read while the
+/// server is still up and the fleet has stopped, so neither moves).
+pub(super) async fn report(
+    control: &Control,
+    s: &Scenario,
+    devices: &[Arc<DeviceState>],
+    deleted: &HashSet<String>,
+) -> anyhow::Result<Option<OtaReport>> {
+    if !devices.iter().any(|d| d.ota.is_some()) {
+        return Ok(None);
+    }
+    let stats = &control.net.stats;
+    let deployments = lock(&control.deployments).clone();
+    let mut r = OtaReport {
+        deployments: deployments.iter().map(|d| d.id.clone()).collect(),
+        targeted: deployments.iter().map(|d| d.devices).sum(),
+        downloads: stats
+            .ota_downloads
+            .load(std::sync::atomic::Ordering::Relaxed),
+        downloads_resumed: stats
+            .ota_downloads_resumed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        downloads_busy: stats
+            .ota_downloads_busy
+            .load(std::sync::atomic::Ordering::Relaxed),
+        downloads_cut: stats
+            .ota_downloads_cut
+            .load(std::sync::atomic::Ordering::Relaxed),
+        reboots: stats.ota_reboots.load(std::sync::atomic::Ordering::Relaxed),
+        power_losses_by_phase: lock(&stats.ota_power_losses.0).clone(),
+        ..OtaReport::default()
+    };
+    r.power_losses = r.power_losses_by_phase.values().sum();
+    // Every whole image there is: the factory images and the artifacts.
+    let mut known: HashMap<String, String> = control
+        .artifacts
+        .iter()
+        .map(|a| (a.version.clone(), a.sha256.clone()))
+        .collect();
+    for c in &s.cohorts {
+        known
+            .entry(c.version.clone())
+            .or_insert_with(|| sha256_hex(&image_bytes(s.seed, &c.version, FACTORY_IMAGE_BYTES)));
+    }
+    let app = control.app();
+    let ours: HashSet<&str> = deployments.iter().map(|d| d.id.as_str()).collect();
+    for d in devices {
+        let Some(ota) = &d.ota else { continue };
+        if deleted.contains(d.id.as_str()) {
+            continue;
+        }
+        r.devices += 1;
+        let c = ota.slots.control();
+        // The slot the bootloader boots next: an armed trial not yet booted, else the
+        // committed one (a booted, uncommitted trial is abandoned at the next boot).
+        let next = match c.trial {
+            Some(t) if c.trial_boots == 0 => t,
+            _ => c.committed,
+        };
+        if !whole(ota, &c, c.committed, &known) || !whole(ota, &c, next, &known) {
+            r.unbootable += 1;
+            if r.unbootable_examples.len() < EXAMPLES_MAX {
+                r.unbootable_examples
+                    .push(format!("{} {:?}", d.id, c.to_reported()));
+            }
+        }
+        let running = c.info(c.running()).version.clone().unwrap_or_default();
+        *r.running_versions.entry(running.clone()).or_default() += 1;
+        let job = ota.files.load_journal().ok().flatten();
+        // Settled: no status report of its own is still waiting in its outbox.
+        let status_topic = mooring_proto::ota::status_topic(&d.id);
+        let settled = !mooring_agent::AgentStore::peek_after(&d.flash, 0, usize::MAX)
+            .unwrap_or_default()
+            .iter()
+            .any(|e| e.topic.as_deref() == Some(status_topic.as_str()));
+        if !settled {
+            r.unsettled += 1;
+        }
+        let history = match &app {
+            Some(app) => app
+                .ota
+                .device_history(&Access::all(), d.id.as_str())
+                .await
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        for u in history
+            .iter()
+            .filter(|u| ours.contains(u.deployment_id.as_str()))
+        {
+            *r.final_states
+                .entry(u.state.as_str().to_owned())
+                .or_default() += 1;
+            if let Some(why) = &u.reason {
+                let code = why.split(':').next().unwrap_or_default();
+                *r.reasons
+                    .entry(format!("{}: {code}", u.state.as_str()))
+                    .or_default() += 1;
+            }
+            // What the device is, for this deployment.
+            let truth = match &job {
+                Some(j) if j.deployment_id == u.deployment_id => j.phase.state(),
+                // Its journal holds a later update, or none: it never took this one.
+                _ => UpdateState::Pending,
+            };
+            let mut lie = None;
+            if u.state == UpdateState::Committed && (running != u.version || c.trial.is_some()) {
+                lie = Some(format!(
+                    "the server says committed {} but the device runs {running} ({})",
+                    u.version,
+                    c.state_of(c.running())
+                ));
+            } else if truth == UpdateState::Committed && (running != u.version || c.trial.is_some())
+            {
+                lie = Some(format!(
+                    "the device's journal says committed {} but it runs {running}",
+                    u.version
+                ));
+            } else if settled && truth != u.state && truth != UpdateState::Pending {
+                lie = Some(format!(
+                    "the server says {} but the device is {} with nothing left to send",
+                    u.state.as_str(),
+                    truth.as_str()
+                ));
+            } else if truth == UpdateState::Pending
+                && !matches!(u.state, UpdateState::Pending | UpdateState::Failed)
+            {
+                // Without a journal entry the device either never got the update or refused
+                // it when it came (wrong hardware, a bad signature: reported failed).
+                lie = Some(format!(
+                    "the server says {} but the device never took the update",
+                    u.state.as_str()
+                ));
+            }
+            if let Some(why) = lie {
+                r.untruthful += 1;
+                if r.untruthful_examples.len() < EXAMPLES_MAX {
+                    r.untruthful_examples.push(format!("{} {why}", d.id));
+                }
+            }
+        }
+    }
+    r.committed = r.final_states.get("committed").copied().unwrap_or(0);
+    r.rolled_back = r.final_states.get("rolled_back").copied().unwrap_or(0);
+    Ok(Some(r))
+}
