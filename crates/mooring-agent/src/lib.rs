@@ -298,6 +298,8 @@ pub(crate) struct Core {
     pub(crate) rotate_now: Notify,
     /// Commands being run by the executor (an update waits while one runs).
     pub(crate) commands_running: std::sync::atomic::AtomicUsize,
+    /// The deps' `rng_seed`: every random stream of the agent derives from it.
+    pub(crate) rng_seed: u64,
     /// The updater and its channels, when `[update]` is configured.
     pub(crate) ota: Option<ota::agent::OtaParts>,
 }
@@ -393,6 +395,7 @@ pub async fn run_with(
         cert_rx: tokio::sync::Mutex::new(cert_rx),
         rotate_now: Notify::new(),
         commands_running: std::sync::atomic::AtomicUsize::new(0),
+        rng_seed: deps.rng_seed,
         ota,
     });
     {

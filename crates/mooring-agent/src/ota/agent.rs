@@ -346,6 +346,8 @@ async fn reboot(core: &Core, platform: Option<&dyn Platform>) {
 
 struct AgentEnv<'a> {
     core: Arc<Core>,
+    /// Retry jitter, seeded from the agent's seed (the simulator's runs repeat).
+    rng: rand::rngs::StdRng,
     platform: Option<Arc<dyn Platform>>,
     http: reqwest::Client,
     link_rx: &'a mut mpsc::Receiver<crate::link::Inbound>,
@@ -357,9 +359,13 @@ impl<'a> AgentEnv<'a> {
         platform: Option<Arc<dyn Platform>>,
         link_rx: &'a mut mpsc::Receiver<crate::link::Inbound>,
     ) -> anyhow::Result<Self> {
+        use rand::SeedableRng as _;
+        // A stream of its own (the link's reconnect jitter uses seed + n).
+        let rng = rand::rngs::StdRng::seed_from_u64(core.rng_seed ^ 0x6f74_615f_6a69_7474);
         if platform.is_some() {
             // The platform downloads: no HTTPS client (nor fleet roots) needed.
             return Ok(Self {
+                rng,
                 http: reqwest::Client::new(),
                 core,
                 platform,
@@ -375,6 +381,7 @@ impl<'a> AgentEnv<'a> {
             }
         };
         Ok(Self {
+            rng,
             http: super::fetch::client(tls)?,
             core,
             platform,
@@ -594,6 +601,15 @@ impl Env for AgentEnv<'_> {
 
     fn now_ms(&self) -> u64 {
         self.core.clock.now_ms()
+    }
+
+    fn random_below(&mut self, n: u64) -> u64 {
+        use rand::Rng as _;
+        if n == 0 {
+            0
+        } else {
+            self.rng.random_range(0..n)
+        }
     }
 
     fn report(&mut self, mut r: StatusReport) -> std::io::Result<()> {

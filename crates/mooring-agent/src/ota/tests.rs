@@ -151,6 +151,13 @@ impl Env for World {
     fn now_ms(&self) -> u64 {
         self.now_ms
     }
+    fn random_below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.rng.random_range(0..n)
+        }
+    }
     fn report(&mut self, mut r: StatusReport) -> std::io::Result<()> {
         self.power.spend()?;
         self.seq += 1;

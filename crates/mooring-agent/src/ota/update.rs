@@ -67,6 +67,8 @@ pub trait Env: Send {
     async fn health_check(&mut self) -> Result<(), String>;
     /// Unix ms now.
     fn now_ms(&self) -> u64;
+    /// A random number in `0..n` (retry jitter; `0` when `n` is 0).
+    fn random_below(&mut self, n: u64) -> u64;
     /// Queues a report durably; fills in `at` and `seq`.
     fn report(&mut self, report: StatusReport) -> std::io::Result<()>;
 }
@@ -546,10 +548,16 @@ impl Updater {
         }
     }
 
-    fn backoff(&mut self) -> Next {
-        let ms = self.retry_ms;
+    /// The next wait: the retry interval doubles up to [`DOWNLOAD_RETRY_CAP_MS`], and the wait
+    /// is drawn between half of it and all of it ("equal jitter"). Without the jitter every
+    /// device a busy server turned away comes back at the same instant, and all but a few are
+    /// turned away again (the simulator showed a fleet-wide deployment using a sixth of the
+    /// server's download capacity that way).
+    fn backoff(&mut self, env: &mut dyn Env) -> Next {
+        let interval = self.retry_ms;
         self.retry_ms = (self.retry_ms * 2).min(DOWNLOAD_RETRY_CAP_MS);
-        Next::RetryAfterMs(ms)
+        let half = interval / 2;
+        Next::RetryAfterMs(half + env.random_below(interval - half + 1))
     }
 
     /// One download attempt: `Some(next)` to wait (or the update ended), `None` when complete.
@@ -666,18 +674,18 @@ impl Updater {
         match e {
             FetchError::Transient(text) => {
                 tracing::info!(error = %text, "download interrupted; resuming later");
-                Ok(self.backoff())
+                Ok(self.backoff(env))
             }
             FetchError::Busy(text) => {
                 // A fleet-wide deployment meets the server's download bound: waiting is
                 // expected, not a failure.
                 self.stalled = self.stalled.saturating_sub(1);
                 tracing::info!(error = %text, "the server is busy; downloading later");
-                Ok(self.backoff())
+                Ok(self.backoff(env))
             }
             FetchError::RangeNotSatisfiable => {
                 self.files.clear_partial()?;
-                Ok(self.backoff())
+                Ok(self.backoff(env))
             }
             FetchError::Expired(text) | FetchError::Fatal(text) => {
                 self.finish(
@@ -715,7 +723,7 @@ impl Updater {
                 )?;
                 Ok(Err(Next::Idle))
             }
-            Err(_) => Ok(Err(self.backoff())),
+            Err(_) => Ok(Err(self.backoff(env))),
         }
     }
 
