@@ -28,6 +28,11 @@
 //! let evaluation = evaluate("disconnects", SignalKind::Rate, &cohorts, &Config::default())?;
 //! let alerts: Vec<String> = evaluation.flagged().iter().map(|t| t.describe()).collect();
 //! assert_eq!(alerts, ["hw=rev-b on 1.4.0: disconnects 6.2× fleet rate (n=412, p<0.001)"]);
+//! // The numbers of docs/health.md's worked example.
+//! let bad = evaluation.flagged()[0];
+//! assert!((bad.p_value / 7.353e-91 - 1.0).abs() < 1e-4);
+//! assert!((bad.q_value / (3.0 * bad.p_value) - 1.0).abs() < 1e-12);
+//! assert_eq!((bad.rest_events, bad.rest_exposure), (460, 115_200.0));
 //! # Ok::<(), mooring_health::HealthError>(())
 //! ```
 //!
