@@ -240,6 +240,71 @@ pub fn evaluate(
             count: cohorts.len(),
         });
     }
+    let fleet = totals(kind, cohorts)?;
+    let mut tested = Vec::new();
+    let mut skipped = Vec::new();
+    for cohort in cohorts {
+        let rest_events = fleet.events - cohort.events;
+        // Exact for trials (whole numbers below 2^53); for device-hours the rounding of one
+        // subtraction, and never below zero.
+        let rest_exposure = (fleet.exposure - cohort.exposure).max(0.0);
+        match test_against(signal, kind, cohort, rest_events, rest_exposure, config) {
+            Ok(test) => tested.push(test),
+            Err(skip) => skipped.push(skip),
+        }
+    }
+    let p_values: Vec<f64> = tested.iter().map(|t| t.p_value).collect();
+    for (test, q_value) in tested.iter_mut().zip(benjamini_hochberg(&p_values)) {
+        test.q_value = q_value;
+        test.flagged = q_value <= config.fdr_q && test.rate_ratio >= config.rate_ratio_min;
+    }
+    Ok(Evaluation {
+        signal: signal.to_owned(),
+        kind,
+        fleet,
+        tested,
+        skipped,
+    })
+}
+
+/// What [`compare`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Tested(CohortTest),
+    Skipped(Skipped),
+}
+
+/// One cohort against a rest chosen by the caller, for the rollout health gate: the devices on
+/// the new version against those still on the old one. The same test, minimums and minimum
+/// effect as [`evaluate`], as a family of one: `q_value` is `p_value`, so `fdr_q` is the
+/// significance level. `rest`'s label and devices are not used (and `rest` is never checked
+/// against the minimums: only that it has exposure).
+pub fn compare(
+    signal: &str,
+    kind: SignalKind,
+    cohort: &Cohort,
+    rest: &Cohort,
+    config: &Config,
+) -> Result<Outcome, HealthError> {
+    config.validate()?;
+    totals(kind, [cohort, rest])?;
+    Ok(
+        match test_against(signal, kind, cohort, rest.events, rest.exposure, config) {
+            Ok(mut test) => {
+                test.flagged =
+                    test.p_value <= config.fdr_q && test.rate_ratio >= config.rate_ratio_min;
+                Outcome::Tested(test)
+            }
+            Err(skip) => Outcome::Skipped(skip),
+        },
+    )
+}
+
+/// Checks every cohort and adds them up, within the bounds.
+fn totals<'a>(
+    kind: SignalKind,
+    cohorts: impl IntoIterator<Item = &'a Cohort>,
+) -> Result<FleetTotals, HealthError> {
     let mut fleet = FleetTotals {
         devices: 0,
         events: 0,
@@ -267,89 +332,77 @@ pub fn evaluate(
             what: "trials add up to more than 2^53",
         });
     }
+    Ok(fleet)
+}
 
-    let mut tested = Vec::new();
-    let mut skipped = Vec::new();
-    for cohort in cohorts {
-        let rest_events = fleet.events - cohort.events;
-        // Exact for trials (whole numbers below 2^53); for device-hours the rounding of one
-        // subtraction, and never below zero.
-        let rest_exposure = (fleet.exposure - cohort.exposure).max(0.0);
-        let skip = if cohort.devices < config.devices_min {
-            Some(SkipReason::TooFewDevices)
-        } else if cohort.exposure <= 0.0 || cohort.exposure < config.exposure_min {
-            Some(SkipReason::TooLittleExposure)
-        } else if rest_exposure <= 0.0 {
-            Some(SkipReason::NoRestOfFleet)
-        } else {
-            None
-        };
-        if let Some(reason) = skip {
-            skipped.push(Skipped {
-                label: cohort.label.clone(),
-                devices: cohort.devices,
-                events: cohort.events,
-                exposure: cohort.exposure,
-                reason,
-            });
-            continue;
-        }
-        let p_value = match kind {
-            SignalKind::Rate => {
-                // Given k1 + k2 events, k1 ~ Binomial(k1 + k2, e1 / (e1 + e2)) if the rates
-                // are equal.
-                let both = cohort.exposure + rest_exposure;
-                binomial_upper_tail(
-                    cohort.events,
-                    cohort.events + rest_events,
-                    cohort.exposure / both,
-                    rest_exposure / both,
-                )
-            }
-            SignalKind::Proportion => hypergeometric_upper_tail(
+/// The cohort against the given rest: its p-value (q-value = p-value, not flagged yet), or why
+/// it is not tested.
+fn test_against(
+    signal: &str,
+    kind: SignalKind,
+    cohort: &Cohort,
+    rest_events: u64,
+    rest_exposure: f64,
+    config: &Config,
+) -> Result<CohortTest, Skipped> {
+    let skip = |reason| Skipped {
+        label: cohort.label.clone(),
+        devices: cohort.devices,
+        events: cohort.events,
+        exposure: cohort.exposure,
+        reason,
+    };
+    if cohort.devices < config.devices_min {
+        return Err(skip(SkipReason::TooFewDevices));
+    }
+    if cohort.exposure <= 0.0 || cohort.exposure < config.exposure_min {
+        return Err(skip(SkipReason::TooLittleExposure));
+    }
+    if rest_exposure <= 0.0 {
+        return Err(skip(SkipReason::NoRestOfFleet));
+    }
+    let p_value = match kind {
+        SignalKind::Rate => {
+            // Given k1 + k2 events, k1 ~ Binomial(k1 + k2, e1 / (e1 + e2)) if the rates are
+            // equal.
+            let both = cohort.exposure + rest_exposure;
+            binomial_upper_tail(
                 cohort.events,
-                cohort.exposure as u64,
-                rest_exposure as u64,
                 cohort.events + rest_events,
-            ),
-        };
-        let rate = cohort.events as f64 / cohort.exposure;
-        let rest_rate = rest_events as f64 / rest_exposure;
-        let rate_ratio = if rest_rate > 0.0 {
-            rate / rest_rate
-        } else if rate > 0.0 {
-            f64::INFINITY
-        } else {
-            1.0
-        };
-        tested.push(CohortTest {
-            signal: signal.to_owned(),
-            label: cohort.label.clone(),
-            devices: cohort.devices,
-            events: cohort.events,
-            exposure: cohort.exposure,
-            rate,
-            rest_events,
-            rest_exposure,
-            rest_rate,
-            rate_ratio,
-            p_value,
-            q_value: 1.0,
-            flagged: false,
-        });
-    }
-
-    let p_values: Vec<f64> = tested.iter().map(|t| t.p_value).collect();
-    for (test, q_value) in tested.iter_mut().zip(benjamini_hochberg(&p_values)) {
-        test.q_value = q_value;
-        test.flagged = q_value <= config.fdr_q && test.rate_ratio >= config.rate_ratio_min;
-    }
-    Ok(Evaluation {
+                cohort.exposure / both,
+                rest_exposure / both,
+            )
+        }
+        SignalKind::Proportion => hypergeometric_upper_tail(
+            cohort.events,
+            cohort.exposure as u64,
+            rest_exposure as u64,
+            cohort.events + rest_events,
+        ),
+    };
+    let rate = cohort.events as f64 / cohort.exposure;
+    let rest_rate = rest_events as f64 / rest_exposure;
+    let rate_ratio = if rest_rate > 0.0 {
+        rate / rest_rate
+    } else if rate > 0.0 {
+        f64::INFINITY
+    } else {
+        1.0
+    };
+    Ok(CohortTest {
         signal: signal.to_owned(),
-        kind,
-        fleet,
-        tested,
-        skipped,
+        label: cohort.label.clone(),
+        devices: cohort.devices,
+        events: cohort.events,
+        exposure: cohort.exposure,
+        rate,
+        rest_events,
+        rest_exposure,
+        rest_rate,
+        rate_ratio,
+        p_value,
+        q_value: p_value,
+        flagged: false,
     })
 }
 

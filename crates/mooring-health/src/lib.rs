@@ -50,6 +50,9 @@
 //!   cohort is flagged if its q-value is <= [`Config::fdr_q`] (default 0.01) and its rate is at
 //!   least [`Config::rate_ratio_min`] (default 1.5) times the rest's.
 //!
+//! [`compare`] is the same test for one cohort against a rest the caller chooses (the rollout
+//! gate: the new version's devices against the old one's), without the FDR family.
+//!
 //! `dist` computes the tails exactly in log space (Loader's saddle-point masses, tails summed
 //! from their largest term), so counts up to 2^53 neither overflow nor lose precision; `fdr` is
 //! Benjamini-Hochberg. docs/health.md ("The cohort test") explains it all with a worked example.
@@ -64,6 +67,6 @@ pub mod dist;
 pub mod fdr;
 
 pub use cohort::{
-    evaluate, Cohort, CohortTest, Config, Evaluation, FleetTotals, HealthError, SignalKind,
-    SkipReason, Skipped, COHORTS_MAX, EVENTS_MAX,
+    compare, evaluate, Cohort, CohortTest, Config, Evaluation, FleetTotals, HealthError, Outcome,
+    SignalKind, SkipReason, Skipped, COHORTS_MAX, EVENTS_MAX,
 };

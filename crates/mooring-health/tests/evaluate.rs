@@ -2,8 +2,8 @@
 
 use mooring_health::dist::{binomial_upper_tail, hypergeometric_upper_tail};
 use mooring_health::{
-    evaluate, Cohort, CohortTest, Config, HealthError, SignalKind, SkipReason, COHORTS_MAX,
-    EVENTS_MAX,
+    compare, evaluate, Cohort, CohortTest, Config, HealthError, Outcome, SignalKind, SkipReason,
+    COHORTS_MAX, EVENTS_MAX,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -243,6 +243,15 @@ fn extreme_inputs_give_sensible_answers() {
         .tested
         .iter()
         .all(|t| (0.0..=1.0).contains(&t.p_value)));
+    // The same huge fleet, healthy: every cohort sits near its expected count, the slowest
+    // case for an exact tail (it sums about nine standard deviations, here ~600,000 terms).
+    huge[7].events /= 3;
+    let evaluation = rate(&huge);
+    assert!(evaluation.flagged().is_empty());
+    for test in &evaluation.tested {
+        // P(X >= its mean) for a binomial with a standard deviation of ~69,000: just over 1/2.
+        assert!((0.5..0.501).contains(&test.p_value), "{test:?}");
+    }
 }
 
 #[test]
@@ -364,4 +373,57 @@ fn random_fleets_never_panic_and_keep_the_invariants() {
             }
         }
     }
+}
+
+#[test]
+fn compare_is_the_rollout_gate_one_cohort_against_a_chosen_rest() {
+    let config = Config::default();
+    let old = cohort("version=1.3.2", 5000, 250, 120_000.0);
+    // The canary: 200 devices on 1.4.0 crash three times as often.
+    let canary = cohort("version=1.4.0", 200, 30, 4800.0);
+    let Outcome::Tested(test) =
+        compare("crashes", SignalKind::Rate, &canary, &old, &config).expect("valid")
+    else {
+        panic!("the canary is big enough to test");
+    };
+    assert!((test.rate_ratio - 3.0).abs() < 1e-12);
+    assert_eq!(test.q_value, test.p_value); // a family of one
+    let p = binomial_upper_tail(30, 280, 4800.0 / 124_800.0, 120_000.0 / 124_800.0);
+    assert_eq!(test.p_value, p);
+    assert!(test.flagged && p < 1e-5, "{p:e}");
+    assert_eq!(
+        test.describe(),
+        "version=1.4.0: crashes 3.0× fleet rate (n=200, p<0.001)"
+    );
+    // The same p-value as the two-cohort evaluation gives it (there BH doubles its q-value).
+    let evaluation = rate(&[canary.clone(), old.clone()]);
+    assert_eq!(evaluation.tested[0].p_value, p);
+
+    // As healthy as the old version: not flagged.
+    let fine = cohort("version=1.4.0", 200, 10, 4800.0);
+    let Outcome::Tested(test) =
+        compare("crashes", SignalKind::Rate, &fine, &old, &config).expect("valid")
+    else {
+        panic!("tested");
+    };
+    assert!(!test.flagged && test.p_value > 0.3, "{test:?}");
+
+    // Too few devices updated yet: not tested, whatever happened.
+    let early = cohort("version=1.4.0", 3, 3, 12.0);
+    assert!(matches!(
+        compare("crashes", SignalKind::Rate, &early, &old, &config),
+        Ok(Outcome::Skipped(ref s)) if s.reason == SkipReason::TooFewDevices
+    ));
+    // Nothing to compare with.
+    let nothing = cohort("none", 0, 0, 0.0);
+    assert!(matches!(
+        compare("crashes", SignalKind::Rate, &canary, &nothing, &config),
+        Ok(Outcome::Skipped(ref s)) if s.reason == SkipReason::NoRestOfFleet
+    ));
+    // Invalid counts are refused, on either side.
+    let bad = cohort("version=1.3.2", 10, 11, 10.0);
+    assert!(matches!(
+        compare("rollbacks", SignalKind::Proportion, &canary, &bad, &config),
+        Err(HealthError::Cohort { .. })
+    ));
 }
