@@ -4,8 +4,8 @@
 //! at 100 % width, so they use the page's width), and event details are SVG `<title>` tooltips.
 
 use super::words::{self, clock, count};
-use super::{Report, TimelineEvent};
-use std::collections::BTreeSet;
+use super::{Report, Sample, TimelineEvent};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 const STYLE: &str = "\
@@ -246,60 +246,67 @@ fn charts(r: &Report, out: &mut String) {
         &[("messages / min", "#2da44e", &rate)],
         false,
     ));
-    ota_chart(r, &frame, out);
-    let states: BTreeSet<&String> = r.samples.iter().flat_map(|s| s.commands.keys()).collect();
-    if states.is_empty() {
-        return;
-    }
-    let series: Vec<(String, &str, Vec<f64>)> = states
-        .iter()
-        .enumerate()
-        .map(|(i, st)| {
-            (
-                (*st).clone(),
-                state_color(st).unwrap_or(PALETTE[i % PALETTE.len()]),
-                r.samples
-                    .iter()
-                    .map(|s| s.commands.get(*st).copied().unwrap_or(0) as f64)
-                    .collect(),
-            )
-        })
-        .collect();
-    let refs: Vec<(&str, &str, &[f64])> = series
-        .iter()
-        .map(|(n, c, v)| (n.as_str(), *c, v.as_slice()))
-        .collect();
-    out.push_str("<h2>Commands by state</h2>");
-    legend(&refs, out);
-    out.push_str(&frame.chart(
-        "commands of the scenario's fleet commands, by state",
-        "commands",
-        &refs,
-        true,
-    ));
-}
-
-/// The OTA deployments' devices by update state over time, in the updater's order.
-fn ota_chart(r: &Report, frame: &Frame<'_>, out: &mut String) {
+    // The OTA deployments' devices by update state, in the updater's order.
     let present: BTreeSet<&String> = r.samples.iter().flat_map(|s| s.ota.keys()).collect();
-    if present.is_empty() {
-        return;
-    }
     let order: Vec<&str> = mooring_proto::ota::UpdateState::ALL
         .iter()
         .map(|s| s.as_str())
         .filter(|s| present.iter().any(|p| p.as_str() == *s))
         .collect();
+    states_chart(
+        &frame,
+        &r.samples,
+        out,
+        &order,
+        |s| &s.ota,
+        ota_color,
+        (
+            "Updates by state",
+            "devices of the OTA deployments by update state, as the server shows them",
+            "devices",
+        ),
+    );
+    let states: BTreeSet<&String> = r.samples.iter().flat_map(|s| s.commands.keys()).collect();
+    let order: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+    states_chart(
+        &frame,
+        &r.samples,
+        out,
+        &order,
+        |s| &s.commands,
+        state_color,
+        (
+            "Commands by state",
+            "commands of the scenario's fleet commands, by state",
+            "commands",
+        ),
+    );
+}
+
+/// A chart of counts by state over time (one series per state in `order`, none if empty):
+/// (heading, caption, unit).
+fn states_chart(
+    frame: &Frame<'_>,
+    samples: &[Sample],
+    out: &mut String,
+    order: &[&str],
+    counts: impl Fn(&Sample) -> &BTreeMap<String, u64>,
+    color: fn(&str) -> Option<&'static str>,
+    (heading, caption, unit): (&str, &str, &str),
+) {
+    if order.is_empty() {
+        return;
+    }
     let series: Vec<(&str, &str, Vec<f64>)> = order
         .iter()
         .enumerate()
         .map(|(i, st)| {
             (
                 *st,
-                ota_color(st).unwrap_or(PALETTE[i % PALETTE.len()]),
-                r.samples
+                color(st).unwrap_or(PALETTE[i % PALETTE.len()]),
+                samples
                     .iter()
-                    .map(|s| s.ota.get(*st).copied().unwrap_or(0) as f64)
+                    .map(|s| counts(s).get(*st).copied().unwrap_or(0) as f64)
                     .collect(),
             )
         })
@@ -308,14 +315,9 @@ fn ota_chart(r: &Report, frame: &Frame<'_>, out: &mut String) {
         .iter()
         .map(|(n, c, v)| (*n, *c, v.as_slice()))
         .collect();
-    out.push_str("<h2>Updates by state</h2>");
+    let _ = write!(out, "<h2>{}</h2>", escape(heading));
     legend(&refs, out);
-    out.push_str(&frame.chart(
-        "devices of the OTA deployments by update state, as the server shows them",
-        "devices",
-        &refs,
-        true,
-    ));
+    out.push_str(&frame.chart(caption, unit, &refs, true));
 }
 
 fn ota_color(state: &str) -> Option<&'static str> {
