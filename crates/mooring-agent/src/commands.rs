@@ -352,6 +352,7 @@ async fn reboot(core: &Arc<Core>, req: &CommandRequest) -> anyhow::Result<()> {
         return Ok(());
     };
     tracing::warn!(program = %prog, "rebooting on command");
+    crate::boots::record_stop(core);
     match tokio::process::Command::new(prog)
         .args(args)
         .stdin(Stdio::null())
@@ -359,12 +360,16 @@ async fn reboot(core: &Arc<Core>, req: &CommandRequest) -> anyhow::Result<()> {
         .await
     {
         Ok(status) if status.success() => {}
-        Ok(status) => core
-            .diag
-            .error(format!("reboot command exited with {status}")),
-        Err(e) => core
-            .diag
-            .error(format!("reboot command failed to start: {e}")),
+        Ok(status) => {
+            crate::boots::record_running(core);
+            core.diag
+                .error(format!("reboot command exited with {status}"))
+        }
+        Err(e) => {
+            crate::boots::record_running(core);
+            core.diag
+                .error(format!("reboot command failed to start: {e}"))
+        }
     }
     Ok(())
 }

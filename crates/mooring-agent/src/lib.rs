@@ -63,6 +63,7 @@
 //! [`mooring_proto::Clock`]; randomness (jitter) comes from a seeded RNG. Every task the agent
 //! starts belongs to the supervisor's `JoinSet` (or to a handler task the executor owns).
 
+pub mod boots;
 pub mod commands;
 pub mod config;
 pub mod diag;
@@ -300,6 +301,8 @@ pub(crate) struct Core {
     pub(crate) commands_running: std::sync::atomic::AtomicUsize,
     /// The deps' `rng_seed`: every random stream of the agent derives from it.
     pub(crate) rng_seed: u64,
+    /// This start's counts (`boots.rs`), reported in the shadow.
+    pub(crate) boots: boots::Boots,
     /// The updater and its channels, when `[update]` is configured.
     pub(crate) ota: Option<ota::agent::OtaParts>,
 }
@@ -373,12 +376,14 @@ pub async fn run_with(
     };
     let input_done = reader.is_none() && input_tx.is_some();
 
+    let mut store = deps.store;
+    let boots = boots::record_start(store.as_mut());
     let core = Arc::new(Core {
         telemetry_topic: Topic::telemetry(&device_id),
         device_id: device_id.clone(),
         config: config.clone(),
         clock: deps.clock,
-        store: Mutex::new(deps.store),
+        store: Mutex::new(store),
         outbox_changed: Notify::new(),
         link: link_tx,
         acks_rx: tokio::sync::Mutex::new(acks_rx),
@@ -396,6 +401,7 @@ pub async fn run_with(
         rotate_now: Notify::new(),
         commands_running: std::sync::atomic::AtomicUsize::new(0),
         rng_seed: deps.rng_seed,
+        boots,
         ota,
     });
     {
@@ -544,6 +550,7 @@ pub async fn run_with(
         }
     };
     let result = sup.run(stop).await;
+    boots::record_stop(&core);
     {
         let store = core.store();
         tracing::info!(

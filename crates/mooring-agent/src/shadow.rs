@@ -1,7 +1,8 @@
 //! The device side of the shadow: apply `shadow/delta` to the local desired state and report back; report agent and firmware versions on every connect.
 //!
 //! * On each new connection: queue a reported update
-//!   `{"agent": {"version": <agent version>}, "version": <firmware_version, if configured>}`,
+//!   `{"agent": {"version": <agent version>, "boots": n, "unclean_stops": n}, "version":
+//!   <firmware_version, if configured>}` (the counts: `boots.rs`),
 //!   plus `"ota"` (the A/B slots, [`crate::ota::BootControl::to_reported`]) with `[update]`.
 //! * On a delta (`ShadowDelta {version, delta}`, retained, so one arrives after every
 //!   subscribe): merge it into the local desired-state document (`<state dir>/desired.json`,
@@ -49,7 +50,11 @@ pub(crate) async fn run(core: Arc<Core>) -> anyhow::Result<()> {
 
 fn connect_report(core: &Core) -> Map<String, Value> {
     let mut m = Map::new();
-    m.insert("agent".into(), json!({"version": crate::VERSION}));
+    let mut agent = json!({"version": crate::VERSION});
+    if let (Value::Object(a), Value::Object(b)) = (&mut agent, core.boots.to_json()) {
+        a.extend(b);
+    }
+    m.insert("agent".into(), agent);
     if let Some(v) = &core.config.firmware_version {
         m.insert("version".into(), Value::String(v.clone()));
     }

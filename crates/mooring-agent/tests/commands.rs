@@ -351,7 +351,7 @@ async fn shadow_delta_is_applied_and_reported_and_versions_are_reported_on_conne
         .await;
     let r = world.on(&reported);
     assert!(
-        r.contains(&json!({"agent": {"version": env!("CARGO_PKG_VERSION")}, "version": "1.4.2"})),
+        r.contains(&json!({"agent": {"version": env!("CARGO_PKG_VERSION"), "boots": 1, "unclean_stops": 0}, "version": "1.4.2"})),
         "{r:?}"
     );
     assert!(

@@ -314,6 +314,8 @@ async fn reboot(core: &Core, platform: Option<&dyn Platform>) {
         // A bounded wait on the outbox (the clock may be virtual: the simulator's).
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A reboot the agent asks for is a clean stop.
+    crate::boots::record_stop(core);
     if let Some(p) = platform {
         tracing::warn!("rebooting for the update (platform)");
         p.reboot().await;
