@@ -219,6 +219,7 @@ pub fn render_metrics(app: &App) -> String {
                 crate::cluster::LEASE_COMPACTION,
                 crate::cluster::LEASE_REAPER,
                 crate::cluster::LEASE_JOBS,
+                crate::cluster::LEASE_OTA,
             ]
             .into_iter()
             .map(|l| (l, if held.contains(&l) { 1.0 } else { 0.0 })),

@@ -606,6 +606,14 @@ pub trait DeploymentStore: Send + Sync + 'static {
         after_device: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeviceUpdateRecord>>;
+    /// Updates still `pending` without a command, of deployments not canceled, by deployment
+    /// then device, after `after` (a `(deployment, device)` cursor), at most `limit`: what a
+    /// crash cut short of sending.
+    async fn unsent_updates(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>>;
     /// How many of a deployment's updates are in each state.
     async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>>;
     /// A device's updates, newest first, at most `limit`.

@@ -235,3 +235,101 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
         "{v}"
     );
 }
+
+/// Uploads a small artifact with the CLI; its id.
+fn upload(server: &Server, dir: &std::path::Path, version: &str) -> String {
+    let file = dir.join(format!("fw-{version}.img"));
+    std::fs::write(&file, vec![7u8; 4096]).expect("write");
+    let out = server.cli(&[
+        "ota",
+        "upload",
+        file.to_str().expect("utf8"),
+        "--version",
+        version,
+        "--compatible",
+        "rev-b",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_crash_while_sending_a_deployment_is_resumed_at_restart_one_command_per_device() {
+    const DEVICES: usize = 300;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let server = std::sync::Arc::new(Server::start(&data));
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("m{i:04}")).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in ids.chunks(DEVICES / 10) {
+        let (chunk, server) = (chunk.to_vec(), server.clone());
+        tasks.spawn(async move {
+            for id in chunk {
+                let (status, body) = server
+                    .api(
+                        "POST",
+                        "/api/v1/devices",
+                        Some(json!({"id": id, "tags": {"site": "m"}})),
+                    )
+                    .await;
+                assert_eq!(status, 201, "{body}");
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("create devices");
+    }
+    let art = upload(&server, tmp.path(), "2.0.0");
+    let (status, dep) = server
+        .api(
+            "POST",
+            "/api/v1/ota/deployments",
+            Some(json!({"artifact_id": art, "selector": "tag:site=m"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{dep}");
+    let dep_id = dep["id"].as_str().expect("id").to_owned();
+    // Killed while the updates go out (kill -9: no shutdown): once the first one went.
+    server
+        .wait_for(&format!("/api/v1/devices/{}/ota", ids[0]), |v| {
+            v["updates"][0]["command_id"].is_string()
+        })
+        .await;
+    let Ok(server) = std::sync::Arc::try_unwrap(server) else {
+        panic!("server still shared");
+    };
+    server.kill9();
+
+    let server = Server::start(&data);
+    // Every device ends up with its update's command, and exactly one.
+    for id in &ids {
+        let history = server
+            .wait_for(&format!("/api/v1/devices/{id}/ota"), |v| {
+                v["updates"][0]["command_id"].is_string()
+            })
+            .await;
+        assert_eq!(history["updates"][0]["deployment_id"], dep_id.as_str());
+        let (_, cmds) = server
+            .api("GET", &format!("/api/v1/devices/{id}/commands"), None)
+            .await;
+        let updates: Vec<&Value> = cmds["commands"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .filter(|c| c["name"] == "mooring.update")
+            .collect();
+        assert_eq!(updates.len(), 1, "{id}: {cmds}");
+        assert_eq!(updates[0]["id"], history["updates"][0]["command_id"]);
+    }
+    let log = server.log_text();
+    eprintln!(
+        "resumed after the restart: {}",
+        log.lines()
+            .find(|l| l.contains("resumed sending updates"))
+            .unwrap_or("nothing (all were sent before the kill)")
+    );
+}

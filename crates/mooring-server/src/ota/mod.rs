@@ -48,6 +48,9 @@ pub const READ_PIECE_BYTES: usize = 1024 * 1024;
 pub const NOTES_LEN_MAX: usize = 4096;
 /// Most artifacts one list page holds.
 pub const ARTIFACT_PAGE_LEN_MAX: usize = 1000;
+/// Longest time between two passes of the OTA sweeper ([`Ota::sweep`]): sending updates a
+/// crash left unsent, deleting abandoned uploads.
+pub const SWEEP_INTERVAL_MS_MAX: u64 = 60_000;
 /// Where the cluster keeps its sealed update key.
 const SHARED_UPDATE_KEY: &str = "ota.update_key.v1";
 /// File names in the data dir.
@@ -81,6 +84,8 @@ pub struct Ota {
     /// Downloads in progress per device (`[ota] downloads_per_device_max`); an entry goes with
     /// its last download.
     device_downloads: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// Deployments whose updates this node is sending now.
+    sending: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A download in progress: holds its place in the node's and the device's bounds until
@@ -126,6 +131,7 @@ impl Ota {
             keys,
             downloads,
             device_downloads: Arc::default(),
+            sending: Default::default(),
         }
     }
 
@@ -155,6 +161,24 @@ impl Ota {
             device: device.to_owned(),
             device_downloads: self.device_downloads.clone(),
         })
+    }
+
+    /// How often [`Ota::sweep`] runs.
+    pub fn sweep_interval_ms(&self) -> u64 {
+        SWEEP_INTERVAL_MS_MAX
+    }
+
+    /// One pass of the sweeper (at start, then every [`Ota::sweep_interval_ms`]; once-only
+    /// work, on the holder of the lease `ota.sweeper` in a cluster): sends what a crash left
+    /// unsent.
+    pub async fn sweep(&self) {
+        match self.resume_sends().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(updates = n, "resumed sending updates left unsent"),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "resuming unsent updates failed; will retry")
+            }
+        }
     }
 
     /// The update key's public half, hex.

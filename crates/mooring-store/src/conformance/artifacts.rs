@@ -315,3 +315,80 @@ where
     );
     assert!(store.get_artifact(&a.id).await.expect("get").is_some());
 }
+
+/// `unsent_updates` lists updates still pending without a command, of deployments not
+/// canceled, by deployment then device, from a cursor: what a restart sends.
+pub async fn deployment_unsent_updates_skip_sent_reported_and_canceled<S>(store: &S)
+where
+    S: crate::Store + ?Sized,
+{
+    use crate::DeploymentRecord;
+    use mooring_proto::ota::UpdateState;
+    for d in ["d1", "d2", "d3"] {
+        store
+            .create_device(super::new_device(d))
+            .await
+            .expect("device");
+    }
+    let a = artifact(11, "5.0.0");
+    store.create_artifact(a.clone(), 10).await.expect("create");
+    let dep = |id: &str| DeploymentRecord {
+        id: id.to_owned(),
+        artifact_id: a.id.clone(),
+        selector: "tag:site=north".to_owned(),
+        allow_downgrade: false,
+        created_by: "tok_admin".to_owned(),
+        created_at_ms: T0,
+        canceled_at_ms: None,
+    };
+    for id in ["dep_0001", "dep_0002", "dep_0003"] {
+        store
+            .create_deployment(
+                dep(id),
+                ["d1", "d2", "d3"].iter().map(|d| update(id, d)).collect(),
+            )
+            .await
+            .expect("deploy");
+    }
+    // dep_0001: d1 sent, d2 reported (a device may report before its command id is stored).
+    assert!(store
+        .set_update_command("dep_0001", "d1", "c_1")
+        .await
+        .expect("cmd"));
+    let mut r = update("dep_0001", "d2");
+    r.state = UpdateState::Downloading;
+    r.seq = Some(1);
+    assert!(store.apply_update_report(r).await.expect("report"));
+    // dep_0003 is canceled.
+    store
+        .cancel_deployment("dep_0003", T0 + 1)
+        .await
+        .expect("cancel");
+    let pairs = |v: Vec<(String, String)>| {
+        v.into_iter()
+            .map(|(a, b)| format!("{a}/{b}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        pairs(store.unsent_updates(None, 100).await.expect("unsent")),
+        ["dep_0001/d3", "dep_0002/d1", "dep_0002/d2", "dep_0002/d3"]
+    );
+    assert_eq!(
+        pairs(store.unsent_updates(None, 2).await.expect("unsent")),
+        ["dep_0001/d3", "dep_0002/d1"]
+    );
+    assert_eq!(
+        pairs(
+            store
+                .unsent_updates(Some(("dep_0002", "d1")), 100)
+                .await
+                .expect("unsent")
+        ),
+        ["dep_0002/d2", "dep_0002/d3"]
+    );
+    assert!(store
+        .unsent_updates(None, 0)
+        .await
+        .expect("none")
+        .is_empty());
+}

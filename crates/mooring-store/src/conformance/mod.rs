@@ -76,6 +76,7 @@ macro_rules! conformance_tests {
             artifact_advance_is_compare_and_set_and_ready_once,
             artifact_chunks_replace_read_by_range_and_go_with_the_artifact,
             deployment_updates_follow_newer_reports_and_hold_the_artifact,
+            deployment_unsent_updates_skip_sent_reported_and_canceled,
             claim_create_get_find_list_revoke_round_trip,
             claim_live_bounds_per_creator_and_in_total,
             enrollment_reservations_take_uses_once_per_key,

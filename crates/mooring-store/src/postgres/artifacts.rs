@@ -533,6 +533,33 @@ impl DeploymentStore for PgStore {
         rows.iter().map(update_from_row).collect()
     }
 
+    async fn unsent_updates(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (dep, dev) = after.unwrap_or(("", ""));
+        let (dep, dev) = (nul_free_cursor(dep), nul_free_cursor(dev));
+        let limit = count_to_sql(limit);
+        let rows = self
+            .query(
+                "SELECT u.deployment_id, u.device_id FROM ota_device_updates u
+                 JOIN ota_deployments d ON d.id = u.deployment_id
+                 WHERE u.command_id IS NULL AND u.state = 'pending'
+                   AND d.canceled_at_ms IS NULL
+                   AND (u.deployment_id, u.device_id) > ($1, $2)
+                 ORDER BY u.deployment_id, u.device_id LIMIT $3",
+                &[&dep, &dev, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((column::<String>(r, 0)?, column::<String>(r, 1)?)))
+            .collect()
+    }
+
     async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>> {
         if check_text("deployment id", deployment_id).is_err() {
             return Ok(BTreeMap::new());

@@ -565,6 +565,33 @@ impl DeploymentStore for SqliteStore {
         .await
     }
 
+    async fn unsent_updates(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let (dep, dev) = after.unwrap_or(("", ""));
+        let (dep, dev) = (dep.to_owned(), dev.to_owned());
+        let limit = count_to_sql(limit);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT u.deployment_id, u.device_id FROM ota_device_updates u
+                     JOIN ota_deployments d ON d.id = u.deployment_id
+                     WHERE u.command_id IS NULL AND u.state = 'pending'
+                       AND d.canceled_at_ms IS NULL
+                       AND (u.deployment_id, u.device_id) > (?1, ?2)
+                     ORDER BY u.deployment_id, u.device_id LIMIT ?3",
+                )
+                .db()?;
+            let rows = stmt
+                .query_map(params![dep, dev, limit], |r| Ok((r.get(0)?, r.get(1)?)))
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
+        })
+        .await
+    }
+
     async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>> {
         let dep = deployment_id.to_owned();
         self.read(move |conn| {
