@@ -333,3 +333,94 @@ async fn a_crash_while_sending_a_deployment_is_resumed_at_restart_one_command_pe
             .unwrap_or("nothing (all were sent before the kill)")
     );
 }
+
+#[tokio::test]
+async fn command_reads_show_an_update_without_its_download_token_which_only_the_device_gets() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"));
+    let creds = server.create_device("d1", tmp.path());
+    let art = upload(&server, tmp.path(), "3.0.0");
+    let out = server.cli(&["token", "create", "watcher", "--role", "viewer"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let viewer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut d1 = MqttDevice::connect(&server, &creds, "d1").await;
+    d1.subscribe("devices/d1/commands/+").await;
+    server.cli_json(&[
+        "ota",
+        "deploy",
+        "--artifact",
+        &art,
+        "--to",
+        "id:d1",
+        "-o",
+        "json",
+    ]);
+    // The device gets the real token, which downloads.
+    let (_, cmd) = d1.next_json().await;
+    assert_eq!(cmd["name"], "mooring.update");
+    let real = cmd["params"]["link"]["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    assert_ne!(real, "redacted");
+    let url = cmd["params"]["link"]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let got = support::http()
+        .get(&url)
+        .bearer_auth(&real)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(got.status().as_u16(), 200);
+
+    // A viewer reading the device's commands (a list, one, the any-command view) sees the
+    // update with its token redacted, and the rest of the link as it is.
+    let list = support::call(
+        &server,
+        "GET",
+        "/api/v1/devices/d1/commands",
+        Some(&viewer),
+        None,
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    let shown = &list.body["commands"][0];
+    assert_eq!(shown["name"], "mooring.update");
+    assert_eq!(shown["params"]["link"]["token"], "redacted", "{shown}");
+    assert_eq!(shown["params"]["link"]["url"], url.as_str());
+    assert!(shown["params"]["link"]["expires_at"].is_u64());
+    assert_eq!(shown["params"]["manifest"], cmd["params"]["manifest"]);
+    let id = shown["id"].as_str().expect("id").to_owned();
+    for path in [
+        format!("/api/v1/devices/d1/commands/{id}"),
+        format!("/api/v1/commands/{id}"),
+    ] {
+        let one = support::call(&server, "GET", &path, Some(&viewer), None, &[], None).await;
+        assert_eq!(one.status, 200, "{path}: {}", one.body);
+        assert_eq!(one.body["params"]["link"]["token"], "redacted", "{path}");
+        assert!(!one.body.to_string().contains(&real), "{path}");
+    }
+    // "redacted" downloads nothing.
+    let refused = support::http()
+        .get(&url)
+        .bearer_auth("redacted")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(refused.status().as_u16(), 401);
+    // The CLI shows what the API shows.
+    let out = server.cli(&["command", "list", "d1", "-o", "json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("redacted") && !text.contains(&real),
+        "{text}"
+    );
+}

@@ -67,6 +67,24 @@ pub struct NewArtifact {
     pub size: u64,
 }
 
+/// What a download token reads as in a command shown to an API or CLI caller.
+pub const REDACTED_TOKEN: &str = "redacted";
+
+/// A command's parameters as API and CLI callers see them: a `mooring.update`'s download token
+/// (`params.link.token`, a bearer credential that downloads the artifact as the device) reads
+/// [`REDACTED_TOKEN`]. Only the device gets the real one (over MQTT); anything else passes as is.
+pub fn redacted_params(name: &str, mut params: serde_json::Value) -> serde_json::Value {
+    if name == ota::UPDATE_COMMAND {
+        if let Some(token) = params
+            .get_mut("link")
+            .and_then(|link| link.get_mut("token"))
+        {
+            *token = serde_json::Value::String(REDACTED_TOKEN.to_owned());
+        }
+    }
+    params
+}
+
 /// Why a download token is refused.
 fn token_refused(code: &'static str, message: &str) -> ServiceError {
     ServiceError::new(ErrorKind::Unauthorized, code, message)
