@@ -83,6 +83,9 @@ pub struct OtaConfig {
     pub downloads_max: usize,
     /// Downloads one device may have at once (default 2): beyond it, 429 `too_many_downloads`.
     pub downloads_per_device_max: usize,
+    /// A download whose client has not taken the next 64 KiB within this long (default 60 s)
+    /// ends and gives its place back (the device resumes with `Range`).
+    pub download_idle_timeout_ms: u64,
 }
 
 impl Default for OtaConfig {
@@ -94,6 +97,7 @@ impl Default for OtaConfig {
             download_token_ttl_ms: 3_600_000,
             downloads_max: 64,
             downloads_per_device_max: 2,
+            download_idle_timeout_ms: 60_000,
         }
     }
 }
@@ -871,6 +875,9 @@ impl ServerConfig {
         }
         if !(60_000..=7 * 86_400_000).contains(&o.download_token_ttl_ms) {
             bail!("ota.download_token_ttl_ms must be between 60000 (1 min) and 604800000 (7 days)");
+        }
+        if !(100..=3_600_000).contains(&o.download_idle_timeout_ms) {
+            bail!("ota.download_idle_timeout_ms must be between 100 and 3600000 (1 h)");
         }
         if let Some(key) = &o.update_public_key {
             crate::ota::parse_public_key(key)

@@ -44,6 +44,9 @@ pub const ARTIFACTS_LIMIT: u32 = 100_000;
 pub const CHUNK_SIZE_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// What a download reads from the blobs at a time.
 pub const READ_PIECE_BYTES: usize = 1024 * 1024;
+/// What a download hands the connection at a time: a client must take this much within
+/// `[ota] download_idle_timeout_ms`, or the download ends.
+pub const DOWNLOAD_FRAME_BYTES: usize = 64 * 1024;
 /// Longest release notes.
 pub const NOTES_LEN_MAX: usize = 4096;
 /// Most artifacts one list page holds.
@@ -553,6 +556,11 @@ impl Ota {
             .ota_download_bytes
             .fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(piece)
+    }
+
+    /// Counts a download ended because its client stopped reading.
+    pub fn count_download_idle(&self) {
+        crate::metrics::Counters::inc(&self.core.counters.ota_downloads_idle);
     }
 
     /// Counts a download served, or one refused for its token.
