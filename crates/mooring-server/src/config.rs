@@ -86,6 +86,9 @@ pub struct OtaConfig {
     /// A download whose client has not taken the next 64 KiB within this long (default 60 s)
     /// ends and gives its place back (the device resumes with `Range`).
     pub download_idle_timeout_ms: u64,
+    /// An artifact still `uploading` this long after it was created (default 24 h) is an
+    /// abandoned upload: the OTA sweeper deletes it with its bytes.
+    pub upload_ttl_ms: u64,
 }
 
 impl Default for OtaConfig {
@@ -98,6 +101,7 @@ impl Default for OtaConfig {
             downloads_max: 64,
             downloads_per_device_max: 2,
             download_idle_timeout_ms: 60_000,
+            upload_ttl_ms: 86_400_000,
         }
     }
 }
@@ -878,6 +882,9 @@ impl ServerConfig {
         }
         if !(100..=3_600_000).contains(&o.download_idle_timeout_ms) {
             bail!("ota.download_idle_timeout_ms must be between 100 and 3600000 (1 h)");
+        }
+        if !(1_000..=30 * 86_400_000).contains(&o.upload_ttl_ms) {
+            bail!("ota.upload_ttl_ms must be between 1000 (1 s) and 2592000000 (30 days)");
         }
         if let Some(key) = &o.update_public_key {
             crate::ota::parse_public_key(key)

@@ -553,6 +553,10 @@ pub trait ArtifactStore: Send + Sync + 'static {
     /// Deletes the artifact (and the chunks the database holds of it) unless a deployment
     /// names it, in one transaction.
     async fn delete_artifact(&self, id: &str) -> Result<ArtifactDelete>;
+    /// Deletes up to `limit` artifacts still `uploading` that were created before
+    /// `created_before_ms` (abandoned uploads), with the chunks the database holds of them, in
+    /// one statement (an upload completed meanwhile stays); their ids.
+    async fn expire_uploads(&self, created_before_ms: u64, limit: usize) -> Result<Vec<String>>;
 }
 
 /// The bytes of artifacts, chunked: the data dir's files ([`crate::FileBlobs`]) for the

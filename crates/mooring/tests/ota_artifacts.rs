@@ -797,6 +797,78 @@ async fn a_download_whose_client_stops_reading_ends_and_frees_its_place() {
     drop(stalled);
 }
 
+/// An upload left `uploading` longer than `[ota] upload_ttl_ms` is deleted with its bytes by
+/// the sweeper; a ready artifact of the same age stays, and the abandoned one takes no chunk.
+#[tokio::test]
+async fn an_abandoned_upload_expires_with_its_bytes_and_a_ready_artifact_stays() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let cfg = support::config_args(tmp.path(), "[ota]\nupload_ttl_ms = 1000\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let create = |version: &'static str, bytes: Vec<u8>| {
+        let server = &server;
+        async move {
+            let (status, art) = server
+                .api(
+                    "POST",
+                    "/api/v1/ota/artifacts",
+                    Some(json!({"version": version, "compatible": ["rev-b"], "sha256": sha256_hex(&bytes), "size": bytes.len()})),
+                )
+                .await;
+            assert_eq!(status, 201, "{art}");
+            art["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let whole = file_bytes(1000, 1);
+    let ready = create("1.0.0", whole.clone()).await;
+    let (status, v) = put_chunk(&server, &ready, 0, &whole).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{ready}/complete"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!((status, &v["state"]), (200, &json!("ready")), "{v}");
+    let abandoned = create("2.0.0", file_bytes(1000, 2)).await;
+    let (status, v) = put_chunk(&server, &abandoned, 0, &file_bytes(400, 2)).await;
+    assert_eq!(status, 200, "{v}");
+    let file = data.join("artifacts").join(&abandoned);
+    assert!(file.exists(), "the first bytes are stored");
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _) = server
+            .api("GET", &format!("/api/v1/ota/artifacts/{abandoned}"), None)
+            .await;
+        if status == 404 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned upload never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!file.exists(), "its bytes went with it");
+    let (status, v) = put_chunk(&server, &abandoned, 400, &file_bytes(600, 2)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("artifact_not_found")),
+        "{v}"
+    );
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/ota/artifacts/{ready}"), None)
+        .await;
+    assert_eq!((status, &v["state"]), (200, &json!("ready")), "{v}");
+    assert!(server.log_text().contains("abandoned upload deleted"));
+    // Its version is free again.
+    create("2.0.0", file_bytes(10, 3)).await;
+}
+
 /// A caller limited to a scope deploys only to its devices and sees and cancels only its own
 /// deployments; artifacts are fleet-wide, so it cannot upload or delete them.
 #[tokio::test]

@@ -184,20 +184,53 @@ impl Ota {
         })
     }
 
-    /// How often [`Ota::sweep`] runs.
+    /// How often [`Ota::sweep`] runs: every minute, or twice per `[ota] upload_ttl_ms` if that
+    /// is shorter.
     pub fn sweep_interval_ms(&self) -> u64 {
-        SWEEP_INTERVAL_MS_MAX
+        (self.core.config.ota.upload_ttl_ms / 2).clamp(1, SWEEP_INTERVAL_MS_MAX)
     }
 
     /// One pass of the sweeper (at start, then every [`Ota::sweep_interval_ms`]; once-only
     /// work, on the holder of the lease `ota.sweeper` in a cluster): sends what a crash left
-    /// unsent.
+    /// unsent, deletes abandoned uploads.
     pub async fn sweep(&self) {
         match self.resume_sends().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(updates = n, "resumed sending updates left unsent"),
             Err(e) => {
                 tracing::warn!(error = %e.message, "resuming unsent updates failed; will retry")
+            }
+        }
+        match self.expire_uploads().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(artifacts = n, "abandoned uploads deleted"),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "deleting abandoned uploads failed; will retry")
+            }
+        }
+    }
+
+    /// Deletes every artifact still `uploading` `[ota] upload_ttl_ms` after its creation, with
+    /// its bytes; how many.
+    pub async fn expire_uploads(&self) -> ServiceResult<usize> {
+        let before = self
+            .core
+            .now_ms()
+            .saturating_sub(self.core.config.ota.upload_ttl_ms);
+        let mut n = 0;
+        loop {
+            let gone = self
+                .core
+                .store
+                .expire_uploads(before, ARTIFACT_PAGE_LEN_MAX)
+                .await?;
+            for id in &gone {
+                tracing::info!(artifact = %id, "abandoned upload deleted ([ota] upload_ttl_ms)");
+                self.blobs.delete_blob(id).await?;
+            }
+            n += gone.len();
+            if gone.len() < ARTIFACT_PAGE_LEN_MAX {
+                return Ok(n);
             }
         }
     }
@@ -352,6 +385,11 @@ impl Ota {
         }
         self.blobs.write_blob(id, offset, data).await?;
         if !self.core.store.advance_artifact(id, offset, end).await? {
+            if self.core.store.get_artifact(id).await?.is_none() {
+                // Deleted meanwhile (an abandoned upload expired): its bytes go too.
+                self.blobs.delete_blob(id).await?;
+                return Err(Self::not_found(id));
+            }
             return Err(ServiceError::new(
                 ErrorKind::Conflict,
                 "offset_mismatch",

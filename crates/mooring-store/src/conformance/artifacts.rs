@@ -162,6 +162,58 @@ where
     store.delete_blob(&a.id).await.expect("delete nothing");
 }
 
+/// `expire_uploads` deletes only artifacts still uploading created before the time, oldest ids
+/// first up to the limit, with their chunks; ready ones and newer uploads stay.
+pub async fn artifact_expire_uploads_deletes_only_old_uploading_ones_with_their_chunks<S>(store: &S)
+where
+    S: crate::Store + ?Sized,
+{
+    let (a1, a2, mut a3, a4) = (
+        artifact(1, "1.0.0"),
+        artifact(2, "2.0.0"),
+        artifact(3, "3.0.0"),
+        artifact(4, "4.0.0"),
+    );
+    a3.state = ArtifactState::Ready;
+    a3.signature = Some("ab".repeat(64));
+    for a in [&a1, &a2, &a3, &a4] {
+        store.create_artifact(a.clone(), 10).await.expect("create");
+    }
+    store
+        .write_blob(&a2.id, 0, b"hello".to_vec())
+        .await
+        .expect("chunk");
+    assert_eq!(
+        store.expire_uploads(T0 + 4, 1).await.expect("expire"),
+        vec![a1.id.clone()]
+    );
+    assert_eq!(
+        store.expire_uploads(T0 + 4, 10).await.expect("expire"),
+        vec![a2.id.clone()]
+    );
+    assert!(store
+        .expire_uploads(T0 + 4, 10)
+        .await
+        .expect("again")
+        .is_empty());
+    assert!(store
+        .expire_uploads(T0 + 100, 0)
+        .await
+        .expect("none")
+        .is_empty());
+    for gone in [&a1, &a2] {
+        assert!(store.get_artifact(&gone.id).await.expect("get").is_none());
+    }
+    assert!(store
+        .read_blob(&a2.id, 0, 100)
+        .await
+        .expect("read")
+        .is_empty());
+    for kept in [&a3, &a4] {
+        assert!(store.get_artifact(&kept.id).await.expect("get").is_some());
+    }
+}
+
 fn update(dep: &str, device: &str) -> crate::DeviceUpdateRecord {
     crate::DeviceUpdateRecord {
         deployment_id: dep.to_owned(),

@@ -75,6 +75,7 @@ macro_rules! conformance_tests {
             artifact_create_get_list_round_trip,
             artifact_advance_is_compare_and_set_and_ready_once,
             artifact_chunks_replace_read_by_range_and_go_with_the_artifact,
+            artifact_expire_uploads_deletes_only_old_uploading_ones_with_their_chunks,
             deployment_updates_follow_newer_reports_and_hold_the_artifact,
             deployment_unsent_updates_skip_sent_reported_and_canceled,
             claim_create_get_find_list_revoke_round_trip,

@@ -209,6 +209,24 @@ impl ArtifactStore for PgStore {
             Err(e) => Err(pg_error(e)),
         }
     }
+
+    async fn expire_uploads(&self, created_before_ms: u64, limit: usize) -> Result<Vec<String>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let before = bound_to_sql(created_before_ms);
+        let limit = count_to_sql(limit);
+        let rows = self
+            .query(
+                "DELETE FROM ota_artifacts WHERE id IN (
+                     SELECT id FROM ota_artifacts
+                     WHERE state = 'uploading' AND created_at_ms < $1 ORDER BY id LIMIT $2)
+                 RETURNING id",
+                &[&before, &limit],
+            )
+            .await?;
+        rows.iter().map(|r| column::<String>(r, 0)).collect()
+    }
 }
 
 #[async_trait::async_trait]

@@ -212,6 +212,24 @@ impl ArtifactStore for SqliteStore {
         })
         .await
     }
+
+    async fn expire_uploads(&self, created_before_ms: u64, limit: usize) -> Result<Vec<String>> {
+        let before = bound_to_sql(created_before_ms);
+        let limit = count_to_sql(limit);
+        self.write(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "DELETE FROM ota_artifacts WHERE id IN (
+                         SELECT id FROM ota_artifacts
+                         WHERE state = 'uploading' AND created_at_ms < ?1 ORDER BY id LIMIT ?2)
+                     RETURNING id",
+                )
+                .db()?;
+            let rows = stmt.query_map(params![before, limit], |r| r.get(0)).db()?;
+            rows.collect::<rusqlite::Result<Vec<String>>>().db()
+        })
+        .await
+    }
 }
 
 #[async_trait::async_trait]
