@@ -89,6 +89,9 @@ pub struct OtaConfig {
     /// An artifact still `uploading` this long after it was created (default 24 h) is an
     /// abandoned upload: the OTA sweeper deletes it with its bytes.
     pub upload_ttl_ms: u64,
+    /// Deployments stored at once (default 1000): creating one more is refused (503
+    /// `too_many_deployments`) until one is deleted.
+    pub deployments_max: u32,
 }
 
 impl Default for OtaConfig {
@@ -102,6 +105,7 @@ impl Default for OtaConfig {
             downloads_per_device_max: 2,
             download_idle_timeout_ms: 60_000,
             upload_ttl_ms: 86_400_000,
+            deployments_max: 1000,
         }
     }
 }
@@ -882,6 +886,12 @@ impl ServerConfig {
         }
         if !(100..=3_600_000).contains(&o.download_idle_timeout_ms) {
             bail!("ota.download_idle_timeout_ms must be between 100 and 3600000 (1 h)");
+        }
+        if !(1..=crate::ota::DEPLOYMENTS_LIMIT).contains(&o.deployments_max) {
+            bail!(
+                "ota.deployments_max must be between 1 and {}",
+                crate::ota::DEPLOYMENTS_LIMIT
+            );
         }
         if !(1_000..=30 * 86_400_000).contains(&o.upload_ttl_ms) {
             bail!("ota.upload_ttl_ms must be between 1000 (1 s) and 2592000000 (30 days)");

@@ -6,11 +6,12 @@ use crate::error::Result;
 use crate::model::{
     AppendOutcome, ArtifactCreate, ArtifactDelete, ArtifactRecord, AuditQuery, AuditRecord,
     BrokerOp, BrokerState, CaRecord, CertRecord, CertRenewal, ClaimCreate, ClaimRecord,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentRecord,
-    DeviceActivity, DeviceFilter, DeviceRecord, DeviceUpdateRecord, EnrollmentRecord,
-    EnrollmentReserve, FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice,
-    PipelineCounts, Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentCreate,
+    DeploymentDelete, DeploymentRecord, DeviceActivity, DeviceFilter, DeviceRecord,
+    DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
+    Installation, JobRecord, MetricValue, NewDevice, PipelineCounts, Point, SessionOp,
+    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
+    TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -576,13 +577,18 @@ pub trait ArtifactBlobs: Send + Sync + 'static {
 /// update is as its reports tell it.
 #[async_trait::async_trait]
 pub trait DeploymentStore: Send + Sync + 'static {
-    /// Stores the deployment and its devices' updates (pending) in one transaction;
-    /// `NotFound` if the artifact is gone, `AlreadyExists` if the id is taken.
+    /// Stores the deployment and its devices' updates (pending) in one transaction, unless
+    /// `count_max` deployments are stored (`Full`); `NotFound` if the artifact is gone,
+    /// `AlreadyExists` if the id is taken.
     async fn create_deployment(
         &self,
         d: DeploymentRecord,
         updates: Vec<DeviceUpdateRecord>,
-    ) -> Result<()>;
+        count_max: u32,
+    ) -> Result<DeploymentCreate>;
+    /// Deletes a deployment with its devices' updates, in one transaction, if it is canceled or
+    /// every update is final (`committed`, `rolled_back`, `failed`); else `Active`.
+    async fn delete_deployment(&self, id: &str) -> Result<DeploymentDelete>;
     async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRecord>>;
     /// Newest first (by creation time, then id), at most `limit`.
     async fn list_deployments(&self, limit: usize) -> Result<Vec<DeploymentRecord>>;

@@ -424,3 +424,146 @@ async fn command_reads_show_an_update_without_its_download_token_which_only_the_
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn deployments_are_bounded_and_deleted_only_once_over_which_frees_the_artifact() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let cfg = support::config_args(tmp.path(), "[ota]\ndeployments_max = 2\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let creds = server.create_device("d1", tmp.path());
+    let art = upload(&server, tmp.path(), "1.4.0");
+    let deploy = || {
+        server.api(
+            "POST",
+            "/api/v1/ota/deployments",
+            Some(json!({"artifact_id": art, "selector": "id:d1"})),
+        )
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, v) = deploy().await;
+        assert_eq!(status, 201, "{v}");
+        ids.push(v["id"].as_str().expect("id").to_owned());
+    }
+    // A third is refused, through the API and the CLI.
+    let (status, v) = deploy().await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("too_many_deployments")),
+        "{v}"
+    );
+    let out = server.cli(&["ota", "deploy", "--artifact", &art, "--to", "id:d1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too_many_deployments")
+            || String::from_utf8_lossy(&out.stderr).contains("deployments_max"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A deployment still going is not deleted; canceled, it is (and gone).
+    let (status, v) = server
+        .api(
+            "DELETE",
+            &format!("/api/v1/ota/deployments/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("deployment_active")),
+        "{v}"
+    );
+    let out = server.cli(&["ota", "delete", &ids[0]]);
+    assert!(!out.status.success(), "refused by the CLI too");
+    server.cli_json(&["ota", "cancel", &ids[0], "-o", "json"]);
+    let (status, v) = server
+        .api(
+            "DELETE",
+            &format!("/api/v1/ota/deployments/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{v}");
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/ota/deployments/{}", ids[0]), None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("deployment_not_found"))
+    );
+    let (status, v) = server
+        .api(
+            "DELETE",
+            &format!("/api/v1/ota/deployments/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("deployment_not_found"))
+    );
+    // A place is free again.
+    let (status, v) = deploy().await;
+    assert_eq!(status, 201, "{v}");
+    let third = v["id"].as_str().expect("id").to_owned();
+
+    // Once every device's update is final (the device reports it committed), the CLI deletes
+    // it by its dep_ id.
+    let mut d1 = MqttDevice::connect(&server, &creds, "d1").await;
+    d1.publish(
+        "devices/d1/ota/status",
+        &report(
+            &ids[1],
+            &art,
+            "committed",
+            1,
+            json!({"running_version": "1.4.0"}),
+        ),
+    )
+    .await;
+    server
+        .wait_for(&format!("/api/v1/ota/deployments/{}", ids[1]), |v| {
+            v["counts"]["committed"] == 1
+        })
+        .await;
+    let out = server.cli(&["ota", "delete", &ids[1]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deployment"));
+    let (_, history) = server.api("GET", "/api/v1/devices/d1/ota", None).await;
+    assert!(
+        history["updates"]
+            .as_array()
+            .expect("updates")
+            .iter()
+            .all(|u| u["deployment_id"] == third.as_str()),
+        "the deleted deployments' updates went with them: {history}"
+    );
+
+    // The artifact is in use while the last deployment names it, free once it is deleted.
+    let out = server.cli(&["ota", "delete", &art]);
+    assert!(!out.status.success());
+    server.cli_json(&["ota", "cancel", &third, "-o", "json"]);
+    let out = server.cli(&["ota", "delete", &third]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = server.cli(&["ota", "delete", &art]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, _) = server
+        .api("GET", &format!("/api/v1/ota/artifacts/{art}"), None)
+        .await;
+    assert_eq!(status, 404);
+}

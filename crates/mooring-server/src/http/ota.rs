@@ -409,7 +409,8 @@ fn deployment_body(v: crate::ota::DeploymentView) -> Deployment {
 #[utoipa::path(post, path = "/api/v1/ota/deployments", request_body = CreateDeployment,
     responses((status = 201, body = Deployment, description = "one mooring.update command per matching device"),
         (status = 400, body = ErrorBody, description = "invalid_selector, no_matching_devices, too_many_devices"),
-        (status = 404, body = ErrorBody, description = "artifact_not_found"), (status = 409, body = ErrorBody, description = "artifact_not_ready")))]
+        (status = 404, body = ErrorBody, description = "artifact_not_found"), (status = 409, body = ErrorBody, description = "artifact_not_ready"),
+        (status = 503, body = ErrorBody, description = "too_many_deployments: [ota] deployments_max are stored; delete one that is over")))]
 pub(super) async fn create_deployment(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
@@ -467,6 +468,19 @@ pub(super) async fn cancel_deployment(
     Ok(Json(deployment_body(
         app.ota.cancel(&caller.access, &id).await?,
     )))
+}
+
+#[utoipa::path(delete, path = "/api/v1/ota/deployments/{id}", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted with its devices' updates (their history); its artifact is free to delete once no deployment names it"),
+        (status = 404, body = ErrorBody, description = "deployment_not_found"),
+        (status = 409, body = ErrorBody, description = "deployment_active: not canceled and an update is not final yet")))]
+pub(super) async fn delete_deployment(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    app.ota.delete_deployment(&caller.access, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/ota", params(("id" = String, Path)),

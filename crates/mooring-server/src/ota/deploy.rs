@@ -8,7 +8,10 @@ use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use mooring_proto::ota::{
     self, CancelParams, Link, LinkRequest, SignedManifest, StatusReport, UpdateParams, UpdateState,
 };
-use mooring_store::{ArtifactRecord, ArtifactState, DeploymentRecord, DeviceUpdateRecord};
+use mooring_store::{
+    ArtifactRecord, ArtifactState, DeploymentCreate, DeploymentDelete, DeploymentRecord,
+    DeviceUpdateRecord,
+};
 use std::collections::BTreeMap;
 
 /// Most devices one deployment reaches (the rollout engine, with waves, is the next issue).
@@ -162,10 +165,22 @@ impl Ota {
                 updated_at_ms: now,
             })
             .collect();
-        self.core
+        let max = self.core.config.ota.deployments_max;
+        match self
+            .core
             .store
-            .create_deployment(d.clone(), updates)
-            .await?;
+            .create_deployment(d.clone(), updates, max)
+            .await?
+        {
+            DeploymentCreate::Created => {}
+            DeploymentCreate::Full => {
+                return Err(ServiceError::new(
+                    ErrorKind::Unavailable,
+                    "too_many_deployments",
+                    format!("the server holds its maximum of {max} deployments ([ota] deployments_max); delete one that is over first"),
+                ))
+            }
+        }
         let view = self.deployment(&d.id).await?;
         Ok((
             view,
@@ -433,6 +448,22 @@ impl Ota {
             }
         }
         self.deployment(id).await
+    }
+
+    /// Deletes a deployment `access` sees, with its devices' updates (their history goes), if it
+    /// is canceled or every device's update is final; else `409 deployment_active`. Its
+    /// artifact may be deleted once no other deployment names it.
+    pub async fn delete_deployment(&self, access: &Access, id: &str) -> ServiceResult<()> {
+        self.visible_deployment(access, id).await?;
+        match self.core.store.delete_deployment(id).await? {
+            DeploymentDelete::Deleted => Ok(()),
+            DeploymentDelete::NotFound => Err(Self::deployment_not_found(id)),
+            DeploymentDelete::Active => Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "deployment_active",
+                format!("deployment {id} is still going (an update is not final); cancel it first or wait"),
+            )),
+        }
     }
 
     /// A device's updates, newest first.

@@ -40,6 +40,8 @@ pub use keys::{
 pub const ARTIFACT_SIZE_BYTES_LIMIT: u64 = 64 * 1024 * 1024 * 1024;
 /// Largest `[ota] artifacts_max` allowed.
 pub const ARTIFACTS_LIMIT: u32 = 100_000;
+/// Largest `[ota] deployments_max` allowed.
+pub const DEPLOYMENTS_LIMIT: u32 = 100_000;
 /// Largest chunk one `PUT .../content` takes.
 pub const CHUNK_SIZE_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// What a download reads from the blobs at a time.

@@ -261,6 +261,7 @@ where
         .create_deployment(
             dep.clone(),
             vec![update("dep_0001", "d1"), update("dep_0001", "d2")],
+            10,
         )
         .await
         .expect("deploy");
@@ -276,7 +277,7 @@ where
     missing.id = "dep_0002".to_owned();
     missing.artifact_id = "art_ffffffff".to_owned();
     assert!(matches!(
-        store.create_deployment(missing, Vec::new()).await,
+        store.create_deployment(missing, Vec::new(), 10).await,
         Err(StoreError::NotFound(_))
     ));
     assert!(store
@@ -398,6 +399,7 @@ where
             .create_deployment(
                 dep(id),
                 ["d1", "d2", "d3"].iter().map(|d| update(id, d)).collect(),
+                10,
             )
             .await
             .expect("deploy");
@@ -443,4 +445,131 @@ where
         .await
         .expect("none")
         .is_empty());
+}
+
+/// Creating a deployment past the count bound is `Full` (nothing stored); a deployment is
+/// deleted (with its updates, freeing its artifact) only when canceled or every update is final,
+/// else `Active`; a missing one is `NotFound`.
+pub async fn deployment_count_bound_and_delete_only_when_over<S>(store: &S)
+where
+    S: crate::Store + ?Sized,
+{
+    use crate::{DeploymentCreate, DeploymentDelete, DeploymentRecord};
+    use mooring_proto::ota::UpdateState;
+    for d in ["d1", "d2"] {
+        store
+            .create_device(super::new_device(d))
+            .await
+            .expect("device");
+    }
+    let a = artifact(11, "5.0.0");
+    store.create_artifact(a.clone(), 10).await.expect("create");
+    let dep = |id: &str| DeploymentRecord {
+        id: id.to_owned(),
+        artifact_id: a.id.clone(),
+        selector: "tag:site=north".to_owned(),
+        allow_downgrade: false,
+        created_by: "tok_admin".to_owned(),
+        created_at_ms: T0,
+        canceled_at_ms: None,
+    };
+    let updates = |id: &str| vec![update(id, "d1"), update(id, "d2")];
+    for id in ["dep_0001", "dep_0002"] {
+        assert_eq!(
+            store
+                .create_deployment(dep(id), updates(id), 2)
+                .await
+                .expect("deploy"),
+            DeploymentCreate::Created
+        );
+    }
+    assert_eq!(
+        store
+            .create_deployment(dep("dep_0003"), updates("dep_0003"), 2)
+            .await
+            .expect("full"),
+        DeploymentCreate::Full
+    );
+    assert!(store
+        .get_deployment("dep_0003")
+        .await
+        .expect("get")
+        .is_none());
+    assert!(store
+        .get_update("dep_0003", "d1")
+        .await
+        .expect("get")
+        .is_none());
+
+    // dep_0001: one device committed, one still downloading: active.
+    let report = |dep: &str, device: &str, state: UpdateState, seq: u64| {
+        let mut r = update(dep, device);
+        r.state = state;
+        r.seq = Some(seq);
+        r
+    };
+    for r in [
+        report("dep_0001", "d1", UpdateState::Committed, 1),
+        report("dep_0001", "d2", UpdateState::Downloading, 1),
+    ] {
+        assert!(store.apply_update_report(r).await.expect("report"));
+    }
+    assert_eq!(
+        store.delete_deployment("dep_0001").await.expect("delete"),
+        DeploymentDelete::Active
+    );
+    // Every update final: deleted, with its updates.
+    assert!(store
+        .apply_update_report(report("dep_0001", "d2", UpdateState::RolledBack, 2))
+        .await
+        .expect("report"));
+    assert_eq!(
+        store.delete_deployment("dep_0001").await.expect("delete"),
+        DeploymentDelete::Deleted
+    );
+    assert!(store
+        .get_deployment("dep_0001")
+        .await
+        .expect("get")
+        .is_none());
+    assert!(store
+        .get_update("dep_0001", "d1")
+        .await
+        .expect("get")
+        .is_none());
+    assert_eq!(
+        store.device_updates("d1", 10).await.expect("history").len(),
+        1
+    );
+    assert_eq!(
+        store.delete_deployment("dep_0001").await.expect("again"),
+        DeploymentDelete::NotFound
+    );
+    // dep_0002: pending, so active, until canceled.
+    assert_eq!(
+        store.delete_deployment("dep_0002").await.expect("delete"),
+        DeploymentDelete::Active
+    );
+    store
+        .cancel_deployment("dep_0002", T0 + 1)
+        .await
+        .expect("cancel");
+    assert_eq!(
+        store.delete_deployment("dep_0002").await.expect("delete"),
+        DeploymentDelete::Deleted
+    );
+    assert!(store.list_deployments(10).await.expect("list").is_empty());
+    // The artifact is free again; a place is free for a new deployment.
+    assert!(!store.artifact_in_use(&a.id).await.expect("in use"));
+    assert_eq!(
+        store
+            .create_deployment(dep("dep_0003"), updates("dep_0003"), 2)
+            .await
+            .expect("deploy"),
+        DeploymentCreate::Created
+    );
+    assert!(store
+        .delete_deployment("dep_\0x")
+        .await
+        .is_ok_and(|d| d == DeploymentDelete::NotFound));
 }

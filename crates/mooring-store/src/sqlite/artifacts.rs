@@ -13,8 +13,8 @@ use super::{
 use crate::blobs::append_range;
 use crate::error::{Result, StoreError};
 use crate::model::{
-    update_state_of, ArtifactCreate, ArtifactDelete, ArtifactRecord, ArtifactState,
-    DeploymentRecord, DeviceUpdateRecord,
+    final_update_states_sql, update_state_of, ArtifactCreate, ArtifactDelete, ArtifactRecord,
+    ArtifactState, DeploymentCreate, DeploymentDelete, DeploymentRecord, DeviceUpdateRecord,
 };
 use crate::store::{ArtifactBlobs, ArtifactStore, DeploymentStore};
 
@@ -383,12 +383,21 @@ impl DeploymentStore for SqliteStore {
         &self,
         d: DeploymentRecord,
         updates: Vec<DeviceUpdateRecord>,
-    ) -> Result<()> {
+        count_max: u32,
+    ) -> Result<DeploymentCreate> {
         for u in &updates {
             u.check_text()?;
         }
         let created = ts_to_sql("created_at_ms", d.created_at_ms)?;
         self.write(move |conn| {
+            let count: i64 = conn
+                .prepare_cached("SELECT count(*) FROM ota_deployments")
+                .db()?
+                .query_row([], |r| r.get(0))
+                .db()?;
+            if count >= i64::from(count_max) {
+                return Ok(DeploymentCreate::Full);
+            }
             let exists: bool = conn
                 .prepare_cached("SELECT EXISTS (SELECT 1 FROM ota_artifacts WHERE id = ?1)")
                 .db()?
@@ -439,7 +448,46 @@ impl DeploymentStore for SqliteStore {
                 ])
                 .db()?;
             }
-            Ok(())
+            Ok(DeploymentCreate::Created)
+        })
+        .await
+    }
+
+    async fn delete_deployment(&self, id: &str) -> Result<DeploymentDelete> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            let canceled: Option<Option<i64>> = conn
+                .prepare_cached("SELECT canceled_at_ms FROM ota_deployments WHERE id = ?1")
+                .db()?
+                .query_row(params![id], |r| r.get(0))
+                .optional()
+                .db()?;
+            let Some(canceled) = canceled else {
+                return Ok(DeploymentDelete::NotFound);
+            };
+            if canceled.is_none() {
+                let active: bool = conn
+                    .prepare_cached(&format!(
+                        "SELECT EXISTS (SELECT 1 FROM ota_device_updates
+                         WHERE deployment_id = ?1 AND state NOT IN ({}))",
+                        final_update_states_sql()
+                    ))
+                    .db()?
+                    .query_row(params![id], |r| r.get(0))
+                    .db()?;
+                if active {
+                    return Ok(DeploymentDelete::Active);
+                }
+            }
+            conn.prepare_cached("DELETE FROM ota_device_updates WHERE deployment_id = ?1")
+                .db()?
+                .execute(params![id])
+                .db()?;
+            conn.prepare_cached("DELETE FROM ota_deployments WHERE id = ?1")
+                .db()?
+                .execute(params![id])
+                .db()?;
+            Ok(DeploymentDelete::Deleted)
         })
         .await
     }
