@@ -89,6 +89,9 @@ pub struct OtaConfig {
     /// An artifact still `uploading` this long after it was created (default 24 h) is an
     /// abandoned upload: the OTA sweeper deletes it with its bytes.
     pub upload_ttl_ms: u64,
+    /// How often the OTA sweeper runs (default 60 s; at start too): it sends the updates a crash
+    /// left unsent and deletes abandoned uploads (one node of a cluster, lease `ota.sweeper`).
+    pub sweep_interval_ms: u64,
     /// Deployments stored at once (default 1000): creating one more is refused (503
     /// `too_many_deployments`) until one is deleted.
     pub deployments_max: u32,
@@ -105,6 +108,7 @@ impl Default for OtaConfig {
             downloads_per_device_max: 2,
             download_idle_timeout_ms: 60_000,
             upload_ttl_ms: 86_400_000,
+            sweep_interval_ms: 60_000,
             deployments_max: 1000,
         }
     }
@@ -892,6 +896,9 @@ impl ServerConfig {
                 "ota.deployments_max must be between 1 and {}",
                 crate::ota::DEPLOYMENTS_LIMIT
             );
+        }
+        if !(100..=3_600_000).contains(&o.sweep_interval_ms) {
+            bail!("ota.sweep_interval_ms must be between 100 and 3600000 (1 h)");
         }
         if !(1_000..=30 * 86_400_000).contains(&o.upload_ttl_ms) {
             bail!("ota.upload_ttl_ms must be between 1000 (1 s) and 2592000000 (30 days)");

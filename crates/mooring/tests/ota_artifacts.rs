@@ -803,7 +803,10 @@ async fn a_download_whose_client_stops_reading_ends_and_frees_its_place() {
 async fn an_abandoned_upload_expires_with_its_bytes_and_a_ready_artifact_stays() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("data");
-    let cfg = support::config_args(tmp.path(), "[ota]\nupload_ttl_ms = 1000\n");
+    let cfg = support::config_args(
+        tmp.path(),
+        "[ota]\nupload_ttl_ms = 1000\nsweep_interval_ms = 200\n",
+    );
     let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
     let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
     let create = |version: &'static str, bytes: Vec<u8>| {

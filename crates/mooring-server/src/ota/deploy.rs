@@ -228,7 +228,7 @@ impl Ota {
 
     /// Sends what a crash cut short: every update still pending without a command, of
     /// deployments not canceled (except those this node is sending now). Runs at start and then
-    /// every [`super::SWEEP_INTERVAL_MS_MAX`] at most (on the holder of the lease `ota.sweeper`
+    /// every `[ota] sweep_interval_ms` (on the holder of the lease `ota.sweeper`
     /// in a cluster); a command another node sends at the same time is created once (its
     /// idempotency key). The number of updates it tried to send.
     pub async fn resume_sends(&self) -> ServiceResult<usize> {

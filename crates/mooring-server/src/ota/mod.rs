@@ -53,9 +53,6 @@ pub const DOWNLOAD_FRAME_BYTES: usize = 64 * 1024;
 pub const NOTES_LEN_MAX: usize = 4096;
 /// Most artifacts one list page holds.
 pub const ARTIFACT_PAGE_LEN_MAX: usize = 1000;
-/// Longest time between two passes of the OTA sweeper ([`Ota::sweep`]): sending updates a
-/// crash left unsent, deleting abandoned uploads.
-pub const SWEEP_INTERVAL_MS_MAX: u64 = 60_000;
 /// Where the cluster keeps its sealed update key.
 const SHARED_UPDATE_KEY: &str = "ota.update_key.v1";
 /// File names in the data dir.
@@ -186,10 +183,9 @@ impl Ota {
         })
     }
 
-    /// How often [`Ota::sweep`] runs: every minute, or twice per `[ota] upload_ttl_ms` if that
-    /// is shorter.
+    /// How often [`Ota::sweep`] runs (`[ota] sweep_interval_ms`).
     pub fn sweep_interval_ms(&self) -> u64 {
-        (self.core.config.ota.upload_ttl_ms / 2).clamp(1, SWEEP_INTERVAL_MS_MAX)
+        self.core.config.ota.sweep_interval_ms
     }
 
     /// One pass of the sweeper (at start, then every [`Ota::sweep_interval_ms`]; once-only
