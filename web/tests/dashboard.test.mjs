@@ -349,7 +349,7 @@ test("provisioning: the funnel, a claim created with its token shown once, then 
 });
 
 // Screenshots of every page, desktop and phone width, light and dark (docs/screenshots/).
-test("updates: an artifact deployed to a device from the page, followed there and on the device page, then canceled", async () => {
+test("updates: an artifact deployed to a device from the page, followed there and on the device page, then canceled and deleted", async () => {
   const { createHash } = await import("node:crypto");
   const send = async (method, path, body, raw) => {
     const r = await fetch(`${BASE}${path}`, {
@@ -406,9 +406,22 @@ test("updates: an artifact deployed to a device from the page, followed there an
   await viewer.locator(`[data-testid="deployment-row"][data-deployment-id="${id}"]`).waitFor();
   assert.equal(await viewer.getByTestId("deploy-open").count(), 0);
   assert.equal(await viewer.getByTestId("deployment-cancel").count(), 0);
+  assert.equal(await viewer.getByTestId("deployment-delete").count(), 0);
   assert.equal(await viewer.getByTestId("artifact-delete").count(), 0);
   assert.deepEqual(viewer.errors, []);
   await viewer.context().close();
+  // Canceled, it is over: deleted from the page, the API no longer has it.
+  const admin = await newPage();
+  await login(admin, ADMIN);
+  await admin.getByTestId("nav-ota").click();
+  const over = admin.locator(`[data-testid="deployment-row"][data-deployment-id="${id}"]`);
+  await over.getByTestId("deployment-delete").click();
+  await admin.getByRole("dialog").getByRole("button", { name: "Delete deployment" }).click();
+  await over.waitFor({ state: "detached" });
+  const gone = await fetch(`${BASE}/api/v1/ota/deployments/${id}`, { headers: { authorization: `Bearer ${TOKEN}` } });
+  assert.equal(gone.status, 404);
+  assert.deepEqual(admin.errors, []);
+  await admin.context().close();
 });
 
 test("screenshots", { skip: !process.env.SCREENSHOTS }, async () => {

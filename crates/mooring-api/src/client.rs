@@ -513,6 +513,14 @@ impl Client {
             .await
     }
 
+    /// `DELETE /api/v1/ota/deployments/{id}`.
+    pub async fn delete_deployment(&self, id: &str) -> Result<()> {
+        let url = self.url(&["api", "v1", "ota", "deployments", id], None::<&()>)?;
+        self.send(Method::DELETE, url, None::<&()>, &[], None)
+            .await
+            .map(|_| ())
+    }
+
     /// `POST /api/v1/ota/deployments/{id}/cancel`.
     pub async fn cancel_deployment(&self, id: &str) -> Result<crate::Deployment> {
         let url = self.url(

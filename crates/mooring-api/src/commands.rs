@@ -94,6 +94,8 @@ pub struct Command {
     pub id: String,
     pub device_id: String,
     pub name: String,
+    /// As created, except a `mooring.update`'s download token (`link.token`), which reads
+    /// `redacted`: only the device gets it.
     #[schema(value_type = Object)]
     pub params: serde_json::Value,
     /// queued, delivered, acknowledged, succeeded, failed, expired or canceled.

@@ -83,6 +83,18 @@ pub struct OtaConfig {
     pub downloads_max: usize,
     /// Downloads one device may have at once (default 2): beyond it, 429 `too_many_downloads`.
     pub downloads_per_device_max: usize,
+    /// A download whose client has not taken the next 64 KiB within this long (default 60 s)
+    /// ends and gives its place back (the device resumes with `Range`).
+    pub download_idle_timeout_ms: u64,
+    /// An artifact still `uploading` this long after it was created (default 24 h) is an
+    /// abandoned upload: the OTA sweeper deletes it with its bytes.
+    pub upload_ttl_ms: u64,
+    /// How often the OTA sweeper runs (default 60 s; at start too): it sends the updates a crash
+    /// left unsent and deletes abandoned uploads (one node of a cluster, lease `ota.sweeper`).
+    pub sweep_interval_ms: u64,
+    /// Deployments stored at once (default 1000): creating one more is refused (503
+    /// `too_many_deployments`) until one is deleted.
+    pub deployments_max: u32,
 }
 
 impl Default for OtaConfig {
@@ -94,6 +106,10 @@ impl Default for OtaConfig {
             download_token_ttl_ms: 3_600_000,
             downloads_max: 64,
             downloads_per_device_max: 2,
+            download_idle_timeout_ms: 60_000,
+            upload_ttl_ms: 86_400_000,
+            sweep_interval_ms: 60_000,
+            deployments_max: 1000,
         }
     }
 }
@@ -871,6 +887,21 @@ impl ServerConfig {
         }
         if !(60_000..=7 * 86_400_000).contains(&o.download_token_ttl_ms) {
             bail!("ota.download_token_ttl_ms must be between 60000 (1 min) and 604800000 (7 days)");
+        }
+        if !(100..=3_600_000).contains(&o.download_idle_timeout_ms) {
+            bail!("ota.download_idle_timeout_ms must be between 100 and 3600000 (1 h)");
+        }
+        if !(1..=crate::ota::DEPLOYMENTS_LIMIT).contains(&o.deployments_max) {
+            bail!(
+                "ota.deployments_max must be between 1 and {}",
+                crate::ota::DEPLOYMENTS_LIMIT
+            );
+        }
+        if !(100..=3_600_000).contains(&o.sweep_interval_ms) {
+            bail!("ota.sweep_interval_ms must be between 100 and 3600000 (1 h)");
+        }
+        if !(1_000..=30 * 86_400_000).contains(&o.upload_ttl_ms) {
+            bail!("ota.upload_ttl_ms must be between 1000 (1 s) and 2592000000 (30 days)");
         }
         if let Some(key) = &o.update_public_key {
             crate::ota::parse_public_key(key)

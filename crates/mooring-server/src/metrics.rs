@@ -42,6 +42,9 @@ pub struct Counters {
     pub ota_downloads: AtomicU64,
     /// OTA downloads refused for their token (missing, forged, expired, another artifact's).
     pub ota_downloads_refused: AtomicU64,
+    /// OTA downloads ended because their client stopped taking the body
+    /// (`[ota] download_idle_timeout_ms`).
+    pub ota_downloads_idle: AtomicU64,
     /// Bytes of artifacts sent.
     pub ota_download_bytes: AtomicU64,
     /// OTA status reports stored (older ones ignored are not counted).
@@ -219,6 +222,7 @@ pub fn render_metrics(app: &App) -> String {
                 crate::cluster::LEASE_COMPACTION,
                 crate::cluster::LEASE_REAPER,
                 crate::cluster::LEASE_JOBS,
+                crate::cluster::LEASE_OTA,
             ]
             .into_iter()
             .map(|l| (l, if held.contains(&l) { 1.0 } else { 0.0 })),
@@ -369,6 +373,11 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_ota_downloads_refused_total",
         "OTA downloads refused for their token (missing, forged, expired, another artifact's)",
         load(&c.ota_downloads_refused),
+    )
+    .counter(
+        "mooring_ota_downloads_idle_total",
+        "OTA downloads ended because their client stopped reading ([ota] download_idle_timeout_ms)",
+        load(&c.ota_downloads_idle),
     )
     .counter(
         "mooring_ota_download_bytes_total",

@@ -497,6 +497,7 @@ impl RunningServer {
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(token_expiry_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(compaction_loop(app.clone(), stop_rx.clone()));
+        tasks.spawn(ota_sweep_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(crate::fleet::run_sampler(
             app.fleet.clone(),
             stop_rx.clone(),
@@ -867,6 +868,27 @@ async fn session_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
         }
     })
     .await;
+}
+
+/// The OTA sweeper ([`crate::ota::Ota::sweep`]): at start, then every
+/// `Ota::sweep_interval_ms`, under the lease `ota.sweeper` in a cluster. A pass in progress is
+/// dropped at shutdown (what it left is found by the next one).
+async fn ota_sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(app.ota.sweep_interval_ms().max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if !runs(&app, crate::cluster::LEASE_OTA).await {
+            continue;
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = app.ota.sweep() => {}
+        }
+    }
 }
 
 async fn compaction_loop(app: Arc<App>, stop: watch::Receiver<bool>) {

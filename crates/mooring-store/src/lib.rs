@@ -87,12 +87,13 @@ pub use model::{
     cert_issuer_of_ca, cert_issuer_of_fleet_ca, AppendOutcome, ArtifactCreate, ArtifactDelete,
     ArtifactRecord, ArtifactState, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord,
     CertRecord, CertRenewal, CertState, ClaimCreate, ClaimRecord, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentRecord,
-    DeviceActivity, DeviceFilter, DeviceId, DeviceRecord, DeviceUpdateRecord, EnrollmentRecord,
-    EnrollmentReserve, FleetSample, FleetTotals, Installation, JobError, JobRecord, JobState,
-    MetricValue, NewDevice, OnlineFilter, PipelineCounts, Point, Role, SessionOp, SessionRecord,
-    ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord,
-    UserRecord, VersionCounts, CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentCreate,
+    DeploymentDelete, DeploymentRecord, DeviceActivity, DeviceFilter, DeviceId, DeviceRecord,
+    DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
+    Installation, JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter,
+    PipelineCounts, Point, Role, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
+    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts, CERT_ISSUER_FLEET,
+    STEP_ERROR_LEN_MAX, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;

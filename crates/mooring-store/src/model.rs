@@ -1243,6 +1243,23 @@ pub enum ArtifactDelete {
     InUse,
 }
 
+/// What [`crate::DeploymentStore::create_deployment`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeploymentCreate {
+    Created,
+    /// The store holds its maximum of deployments; nothing stored.
+    Full,
+}
+
+/// What [`crate::DeploymentStore::delete_deployment`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeploymentDelete {
+    Deleted,
+    NotFound,
+    /// Not canceled and a device's update is not final yet; nothing deleted.
+    Active,
+}
+
 /// A deployment (issue 17): one artifact to the devices a selector matched when it was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeploymentRecord {
@@ -1293,6 +1310,17 @@ impl DeviceUpdateRecord {
         }
         Ok(())
     }
+}
+
+/// The final update states as an SQL list (`'committed', 'rolled_back', 'failed'`), from
+/// [`mooring_proto::ota::UpdateState::is_final`].
+pub(crate) fn final_update_states_sql() -> String {
+    mooring_proto::ota::UpdateState::ALL
+        .into_iter()
+        .filter(|s| s.is_final())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// An update state from its stored name.

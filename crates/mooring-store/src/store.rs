@@ -6,11 +6,12 @@ use crate::error::Result;
 use crate::model::{
     AppendOutcome, ArtifactCreate, ArtifactDelete, ArtifactRecord, AuditQuery, AuditRecord,
     BrokerOp, BrokerState, CaRecord, CertRecord, CertRenewal, ClaimCreate, ClaimRecord,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentRecord,
-    DeviceActivity, DeviceFilter, DeviceRecord, DeviceUpdateRecord, EnrollmentRecord,
-    EnrollmentReserve, FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice,
-    PipelineCounts, Point, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentCreate,
+    DeploymentDelete, DeploymentRecord, DeviceActivity, DeviceFilter, DeviceRecord,
+    DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
+    Installation, JobRecord, MetricValue, NewDevice, PipelineCounts, Point, SessionOp,
+    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
+    TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -553,6 +554,10 @@ pub trait ArtifactStore: Send + Sync + 'static {
     /// Deletes the artifact (and the chunks the database holds of it) unless a deployment
     /// names it, in one transaction.
     async fn delete_artifact(&self, id: &str) -> Result<ArtifactDelete>;
+    /// Deletes up to `limit` artifacts still `uploading` that were created before
+    /// `created_before_ms` (abandoned uploads), with the chunks the database holds of them, in
+    /// one statement (an upload completed meanwhile stays); their ids.
+    async fn expire_uploads(&self, created_before_ms: u64, limit: usize) -> Result<Vec<String>>;
 }
 
 /// The bytes of artifacts, chunked: the data dir's files ([`crate::FileBlobs`]) for the
@@ -572,13 +577,18 @@ pub trait ArtifactBlobs: Send + Sync + 'static {
 /// update is as its reports tell it.
 #[async_trait::async_trait]
 pub trait DeploymentStore: Send + Sync + 'static {
-    /// Stores the deployment and its devices' updates (pending) in one transaction;
-    /// `NotFound` if the artifact is gone, `AlreadyExists` if the id is taken.
+    /// Stores the deployment and its devices' updates (pending) in one transaction, unless
+    /// `count_max` deployments are stored (`Full`); `NotFound` if the artifact is gone,
+    /// `AlreadyExists` if the id is taken.
     async fn create_deployment(
         &self,
         d: DeploymentRecord,
         updates: Vec<DeviceUpdateRecord>,
-    ) -> Result<()>;
+        count_max: u32,
+    ) -> Result<DeploymentCreate>;
+    /// Deletes a deployment with its devices' updates, in one transaction, if it is canceled or
+    /// every update is final (`committed`, `rolled_back`, `failed`); else `Active`.
+    async fn delete_deployment(&self, id: &str) -> Result<DeploymentDelete>;
     async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRecord>>;
     /// Newest first (by creation time, then id), at most `limit`.
     async fn list_deployments(&self, limit: usize) -> Result<Vec<DeploymentRecord>>;
@@ -606,6 +616,14 @@ pub trait DeploymentStore: Send + Sync + 'static {
         after_device: Option<&str>,
         limit: usize,
     ) -> Result<Vec<DeviceUpdateRecord>>;
+    /// Updates still `pending` without a command, of deployments not canceled, by deployment
+    /// then device, after `after` (a `(deployment, device)` cursor), at most `limit`: what a
+    /// crash cut short of sending.
+    async fn unsent_updates(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>>;
     /// How many of a deployment's updates are in each state.
     async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>>;
     /// A device's updates, newest first, at most `limit`.

@@ -109,7 +109,8 @@ impl Env {
                  [cluster]\nsecret_key_file = \"{}\"\nheartbeat_interval_ms = 200\nnode_lease_ms = 1000\n\
                  [commands]\nretry_backoff_initial_ms = 100\nretry_backoff_max_ms = 200\nscheduler_tick_ms = 50\n\
                  [fleet]\nsample_interval_ms = 200\n\
-                 [certificates]\nsession_sweep_interval_ms = 300\n",
+                 [certificates]\nsession_sweep_interval_ms = 300\n\
+                 [ota]\nsweep_interval_ms = 300\n",
                 self.db_url(),
                 nats_url(),
                 self.prefix,
@@ -1482,4 +1483,86 @@ async fn an_artifact_uploaded_on_one_node_downloads_from_another_with_its_token(
         .api("GET", &format!("/api/v1/ota/artifacts/{id}"), None)
         .await;
     assert_eq!((status, shown["state"].as_str()), (200, Some("ready")));
+}
+
+/// A deployment whose sending node dies midway (kill -9) is finished by the live node that holds
+/// (or takes over) the OTA sweeper's lease: every device ends with exactly one update command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_cut_short_by_a_dead_node_is_sent_by_a_live_one() {
+    const DEVICES: usize = 200;
+    let env = Env::new().await;
+    let (a, b) = (env.start("a"), env.start("b"));
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("m{i:04}")).collect();
+    for id in &ids {
+        let (status, v) = b
+            .api(
+                "POST",
+                "/api/v1/devices",
+                Some(json!({"id": id, "tags": {"site": "m"}})),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let file = env.tmp.path().join("fw.img");
+    std::fs::write(&file, vec![3u8; 4096]).expect("write");
+    let out = b.cli(&[
+        "ota",
+        "upload",
+        file.to_str().expect("utf8"),
+        "--version",
+        "2.0.0",
+        "--compatible",
+        "rev-b",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let art = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (status, dep) = a
+        .api(
+            "POST",
+            "/api/v1/ota/deployments",
+            Some(json!({"artifact_id": art, "selector": "tag:site=m"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{dep}");
+    let dep_id = dep["id"].as_str().expect("id").to_owned();
+    // a dies once its first update went out.
+    b.wait_for(&format!("/api/v1/devices/{}/ota", ids[0]), |v| {
+        v["updates"][0]["command_id"].is_string()
+    })
+    .await;
+    a.kill9();
+
+    for id in &ids {
+        let history = b
+            .wait_for(&format!("/api/v1/devices/{id}/ota"), |v| {
+                v["updates"][0]["command_id"].is_string()
+            })
+            .await;
+        assert_eq!(history["updates"][0]["deployment_id"], dep_id.as_str());
+        let (_, cmds) = b
+            .api("GET", &format!("/api/v1/devices/{id}/commands"), None)
+            .await;
+        let updates: Vec<&Value> = cmds["commands"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .filter(|c| c["name"] == "mooring.update")
+            .collect();
+        assert_eq!(updates.len(), 1, "{id}: {cmds}");
+    }
+    b.wait_metric("mooring_cluster_lease_held{lease=\"ota.sweeper\"}", |v| {
+        v == 1.0
+    })
+    .await;
+    eprintln!(
+        "b after a died: {}",
+        b.log_text()
+            .lines()
+            .find(|l| l.contains("resumed sending updates"))
+            .unwrap_or("nothing to resume (a sent every update before it died)")
+    );
 }

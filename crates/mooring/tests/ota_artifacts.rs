@@ -692,6 +692,186 @@ async fn downloads_are_bounded_per_node_and_per_device() {
     );
 }
 
+/// A download whose client reads the headers and then stops reading ends after
+/// `[ota] download_idle_timeout_ms` and gives its place back: with `downloads_max = 1`, the next
+/// download is refused while it holds the place and served once it timed out.
+#[tokio::test]
+async fn a_download_whose_client_stops_reading_ends_and_frees_its_place() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let cfg = support::config_args(
+        tmp.path(),
+        "[ota]\ndownloads_max = 1\ndownload_idle_timeout_ms = 1000\n",
+    );
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    // 16 MiB: more than the sockets buffer, so the stalled client's download cannot finish.
+    let image = file_bytes(16 * 1024 * 1024, 5);
+    let (status, art) = server
+        .api(
+            "POST",
+            "/api/v1/ota/artifacts",
+            Some(json!({"version": "2.0.0", "compatible": ["rev-b"], "sha256": sha256_hex(&image), "size": image.len()})),
+        )
+        .await;
+    assert_eq!(status, 201, "{art}");
+    let id = art["id"].as_str().expect("id").to_owned();
+    for (n, chunk) in image.chunks(8 * 1024 * 1024).enumerate() {
+        let (status, v) = put_chunk(&server, &id, (n * 8 * 1024 * 1024) as u64, chunk).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{id}/complete"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    for d in ["d1", "d2"] {
+        let (status, v) = server
+            .api("POST", "/api/v1/devices", Some(json!({"id": d})))
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let (t1, t2) = (
+        link(&server, &id, "d1", None).await,
+        link(&server, &id, "d2", None).await,
+    );
+
+    // The stalled client: sends the request, reads the status line and headers, then never
+    // reads again (and keeps its connection open to the end of the test).
+    let addr = server.url().trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(
+            format!(
+                "GET /api/v1/ota/artifacts/{id}/download HTTP/1.1\r\nHost: {addr}\r\n\
+                 Authorization: Bearer {t1}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert!(head.len() < 8192, "headers too long");
+        let n = stalled.read(&mut byte).await.expect("read");
+        assert_eq!(n, 1, "closed before the headers");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+
+    // Another device's download: refused while the stalled one holds the only place, served
+    // (whole) once it timed out.
+    let url = format!("{}/api/v1/ota/artifacts/{id}/download", server.url());
+    let deadline = Instant::now() + WAIT;
+    let mut refused = 0;
+    let served = loop {
+        let resp = support::http()
+            .get(&url)
+            .bearer_auth(&t2)
+            .send()
+            .await
+            .expect("download");
+        if resp.status().as_u16() == 200 {
+            break resp.bytes().await.expect("body");
+        }
+        assert_eq!(resp.status().as_u16(), 503);
+        assert_eq!(
+            error_code(&resp.bytes().await.expect("body")),
+            "too_many_downloads"
+        );
+        refused += 1;
+        assert!(Instant::now() < deadline, "the place never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(served.as_ref() == image.as_slice());
+    assert!(refused >= 1, "the stalled download held the place at first");
+    assert_eq!(server.metric("mooring_ota_downloads_idle_total").await, 1.0);
+    drop(stalled);
+}
+
+/// An upload left `uploading` longer than `[ota] upload_ttl_ms` is deleted with its bytes by
+/// the sweeper; a ready artifact of the same age stays, and the abandoned one takes no chunk.
+#[tokio::test]
+async fn an_abandoned_upload_expires_with_its_bytes_and_a_ready_artifact_stays() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let cfg = support::config_args(
+        tmp.path(),
+        "[ota]\nupload_ttl_ms = 1000\nsweep_interval_ms = 200\n",
+    );
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let create = |version: &'static str, bytes: Vec<u8>| {
+        let server = &server;
+        async move {
+            let (status, art) = server
+                .api(
+                    "POST",
+                    "/api/v1/ota/artifacts",
+                    Some(json!({"version": version, "compatible": ["rev-b"], "sha256": sha256_hex(&bytes), "size": bytes.len()})),
+                )
+                .await;
+            assert_eq!(status, 201, "{art}");
+            art["id"].as_str().expect("id").to_owned()
+        }
+    };
+    let whole = file_bytes(1000, 1);
+    let ready = create("1.0.0", whole.clone()).await;
+    let (status, v) = put_chunk(&server, &ready, 0, &whole).await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/ota/artifacts/{ready}/complete"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!((status, &v["state"]), (200, &json!("ready")), "{v}");
+    let abandoned = create("2.0.0", file_bytes(1000, 2)).await;
+    let (status, v) = put_chunk(&server, &abandoned, 0, &file_bytes(400, 2)).await;
+    assert_eq!(status, 200, "{v}");
+    let file = data.join("artifacts").join(&abandoned);
+    assert!(file.exists(), "the first bytes are stored");
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _) = server
+            .api("GET", &format!("/api/v1/ota/artifacts/{abandoned}"), None)
+            .await;
+        if status == 404 {
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned upload never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(!file.exists(), "its bytes went with it");
+    let (status, v) = put_chunk(&server, &abandoned, 400, &file_bytes(600, 2)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("artifact_not_found")),
+        "{v}"
+    );
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/ota/artifacts/{ready}"), None)
+        .await;
+    assert_eq!((status, &v["state"]), (200, &json!("ready")), "{v}");
+    assert!(server.log_text().contains("abandoned upload deleted"));
+    // Its version is free again.
+    create("2.0.0", file_bytes(10, 3)).await;
+}
+
 /// A caller limited to a scope deploys only to its devices and sees and cancels only its own
 /// deployments; artifacts are fleet-wide, so it cannot upload or delete them.
 #[tokio::test]

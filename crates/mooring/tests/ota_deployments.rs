@@ -235,3 +235,335 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
         "{v}"
     );
 }
+
+/// Uploads a small artifact with the CLI; its id.
+fn upload(server: &Server, dir: &std::path::Path, version: &str) -> String {
+    let file = dir.join(format!("fw-{version}.img"));
+    std::fs::write(&file, vec![7u8; 4096]).expect("write");
+    let out = server.cli(&[
+        "ota",
+        "upload",
+        file.to_str().expect("utf8"),
+        "--version",
+        version,
+        "--compatible",
+        "rev-b",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_crash_while_sending_a_deployment_is_resumed_at_restart_one_command_per_device() {
+    const DEVICES: usize = 300;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let server = std::sync::Arc::new(Server::start(&data));
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("m{i:04}")).collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in ids.chunks(DEVICES / 10) {
+        let (chunk, server) = (chunk.to_vec(), server.clone());
+        tasks.spawn(async move {
+            for id in chunk {
+                let (status, body) = server
+                    .api(
+                        "POST",
+                        "/api/v1/devices",
+                        Some(json!({"id": id, "tags": {"site": "m"}})),
+                    )
+                    .await;
+                assert_eq!(status, 201, "{body}");
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("create devices");
+    }
+    let art = upload(&server, tmp.path(), "2.0.0");
+    let (status, dep) = server
+        .api(
+            "POST",
+            "/api/v1/ota/deployments",
+            Some(json!({"artifact_id": art, "selector": "tag:site=m"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{dep}");
+    let dep_id = dep["id"].as_str().expect("id").to_owned();
+    // Killed while the updates go out (kill -9: no shutdown): once the first one went.
+    server
+        .wait_for(&format!("/api/v1/devices/{}/ota", ids[0]), |v| {
+            v["updates"][0]["command_id"].is_string()
+        })
+        .await;
+    let Ok(server) = std::sync::Arc::try_unwrap(server) else {
+        panic!("server still shared");
+    };
+    server.kill9();
+
+    let server = Server::start(&data);
+    // Every device ends up with its update's command, and exactly one.
+    for id in &ids {
+        let history = server
+            .wait_for(&format!("/api/v1/devices/{id}/ota"), |v| {
+                v["updates"][0]["command_id"].is_string()
+            })
+            .await;
+        assert_eq!(history["updates"][0]["deployment_id"], dep_id.as_str());
+        let (_, cmds) = server
+            .api("GET", &format!("/api/v1/devices/{id}/commands"), None)
+            .await;
+        let updates: Vec<&Value> = cmds["commands"]
+            .as_array()
+            .expect("commands")
+            .iter()
+            .filter(|c| c["name"] == "mooring.update")
+            .collect();
+        assert_eq!(updates.len(), 1, "{id}: {cmds}");
+        assert_eq!(updates[0]["id"], history["updates"][0]["command_id"]);
+    }
+    let log = server.log_text();
+    eprintln!(
+        "resumed after the restart: {}",
+        log.lines()
+            .find(|l| l.contains("resumed sending updates"))
+            .unwrap_or("nothing (all were sent before the kill)")
+    );
+}
+
+#[tokio::test]
+async fn command_reads_show_an_update_without_its_download_token_which_only_the_device_gets() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"));
+    let creds = server.create_device("d1", tmp.path());
+    let art = upload(&server, tmp.path(), "3.0.0");
+    let out = server.cli(&["token", "create", "watcher", "--role", "viewer"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let viewer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut d1 = MqttDevice::connect(&server, &creds, "d1").await;
+    d1.subscribe("devices/d1/commands/+").await;
+    server.cli_json(&[
+        "ota",
+        "deploy",
+        "--artifact",
+        &art,
+        "--to",
+        "id:d1",
+        "-o",
+        "json",
+    ]);
+    // The device gets the real token, which downloads.
+    let (_, cmd) = d1.next_json().await;
+    assert_eq!(cmd["name"], "mooring.update");
+    let real = cmd["params"]["link"]["token"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    assert_ne!(real, "redacted");
+    let url = cmd["params"]["link"]["url"]
+        .as_str()
+        .expect("url")
+        .to_owned();
+    let got = support::http()
+        .get(&url)
+        .bearer_auth(&real)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(got.status().as_u16(), 200);
+
+    // A viewer reading the device's commands (a list, one, the any-command view) sees the
+    // update with its token redacted, and the rest of the link as it is.
+    let list = support::call(
+        &server,
+        "GET",
+        "/api/v1/devices/d1/commands",
+        Some(&viewer),
+        None,
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(list.status, 200, "{}", list.body);
+    let shown = &list.body["commands"][0];
+    assert_eq!(shown["name"], "mooring.update");
+    assert_eq!(shown["params"]["link"]["token"], "redacted", "{shown}");
+    assert_eq!(shown["params"]["link"]["url"], url.as_str());
+    assert!(shown["params"]["link"]["expires_at"].is_u64());
+    assert_eq!(shown["params"]["manifest"], cmd["params"]["manifest"]);
+    let id = shown["id"].as_str().expect("id").to_owned();
+    for path in [
+        format!("/api/v1/devices/d1/commands/{id}"),
+        format!("/api/v1/commands/{id}"),
+    ] {
+        let one = support::call(&server, "GET", &path, Some(&viewer), None, &[], None).await;
+        assert_eq!(one.status, 200, "{path}: {}", one.body);
+        assert_eq!(one.body["params"]["link"]["token"], "redacted", "{path}");
+        assert!(!one.body.to_string().contains(&real), "{path}");
+    }
+    // "redacted" downloads nothing.
+    let refused = support::http()
+        .get(&url)
+        .bearer_auth("redacted")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(refused.status().as_u16(), 401);
+    // The CLI shows what the API shows.
+    let out = server.cli(&["command", "list", "d1", "-o", "json"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("redacted") && !text.contains(&real),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn deployments_are_bounded_and_deleted_only_once_over_which_frees_the_artifact() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    let cfg = support::config_args(tmp.path(), "[ota]\ndeployments_max = 2\n");
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    let creds = server.create_device("d1", tmp.path());
+    let art = upload(&server, tmp.path(), "1.4.0");
+    let deploy = || {
+        server.api(
+            "POST",
+            "/api/v1/ota/deployments",
+            Some(json!({"artifact_id": art, "selector": "id:d1"})),
+        )
+    };
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, v) = deploy().await;
+        assert_eq!(status, 201, "{v}");
+        ids.push(v["id"].as_str().expect("id").to_owned());
+    }
+    // A third is refused, through the API and the CLI.
+    let (status, v) = deploy().await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (503, Some("too_many_deployments")),
+        "{v}"
+    );
+    let out = server.cli(&["ota", "deploy", "--artifact", &art, "--to", "id:d1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("too_many_deployments")
+            || String::from_utf8_lossy(&out.stderr).contains("deployments_max"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A deployment still going is not deleted; canceled, it is (and gone).
+    let (status, v) = server
+        .api(
+            "DELETE",
+            &format!("/api/v1/ota/deployments/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("deployment_active")),
+        "{v}"
+    );
+    let out = server.cli(&["ota", "delete", &ids[0]]);
+    assert!(!out.status.success(), "refused by the CLI too");
+    server.cli_json(&["ota", "cancel", &ids[0], "-o", "json"]);
+    let (status, v) = server
+        .api(
+            "DELETE",
+            &format!("/api/v1/ota/deployments/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(status, 204, "{v}");
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/ota/deployments/{}", ids[0]), None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("deployment_not_found"))
+    );
+    let (status, v) = server
+        .api(
+            "DELETE",
+            &format!("/api/v1/ota/deployments/{}", ids[0]),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("deployment_not_found"))
+    );
+    // A place is free again.
+    let (status, v) = deploy().await;
+    assert_eq!(status, 201, "{v}");
+    let third = v["id"].as_str().expect("id").to_owned();
+
+    // Once every device's update is final (the device reports it committed), the CLI deletes
+    // it by its dep_ id.
+    let mut d1 = MqttDevice::connect(&server, &creds, "d1").await;
+    d1.publish(
+        "devices/d1/ota/status",
+        &report(
+            &ids[1],
+            &art,
+            "committed",
+            1,
+            json!({"running_version": "1.4.0"}),
+        ),
+    )
+    .await;
+    server
+        .wait_for(&format!("/api/v1/ota/deployments/{}", ids[1]), |v| {
+            v["counts"]["committed"] == 1
+        })
+        .await;
+    let out = server.cli(&["ota", "delete", &ids[1]]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deployment"));
+    let (_, history) = server.api("GET", "/api/v1/devices/d1/ota", None).await;
+    assert!(
+        history["updates"]
+            .as_array()
+            .expect("updates")
+            .iter()
+            .all(|u| u["deployment_id"] == third.as_str()),
+        "the deleted deployments' updates went with them: {history}"
+    );
+
+    // The artifact is in use while the last deployment names it, free once it is deleted.
+    let out = server.cli(&["ota", "delete", &art]);
+    assert!(!out.status.success());
+    server.cli_json(&["ota", "cancel", &third, "-o", "json"]);
+    let out = server.cli(&["ota", "delete", &third]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = server.cli(&["ota", "delete", &art]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, _) = server
+        .api("GET", &format!("/api/v1/ota/artifacts/{art}"), None)
+        .await;
+    assert_eq!(status, 404);
+}

@@ -88,6 +88,7 @@ function Deployments({ reloadRef }) {
   const res = useApi("/ota/deployments");
   reloadRef.current = res.reload;
   const [canceling, setCanceling] = useState(null);
+  const [deleting, setDeleting] = useState(null);
   const live = (res.data?.deployments || []).some((d) => !d.canceled_at && inFlight(d) > 0);
   useInterval(() => res.reload(), 2000, live);
   const cancel = async (d) => {
@@ -100,6 +101,16 @@ function Deployments({ reloadRef }) {
     }
     setCanceling(null);
   };
+  const remove = async (d) => {
+    try {
+      await api("DELETE", `/ota/deployments/${enc(d.id)}`);
+      toast(`Deployment ${d.id} deleted`);
+      res.reload();
+    } catch (e) {
+      toast(e.message, "error");
+    }
+    setDeleting(null);
+  };
   return html`<section class="card" data-testid="deployments">
     <h2>Deployments</h2>
     <${Async} res=${res} label="Loading deployments…">${(d) => d.deployments.length === 0 ? html`<${Empty}>No deployment yet.</${Empty}>` : html`<div class="table-wrap"><table class="table">
@@ -110,8 +121,11 @@ function Deployments({ reloadRef }) {
         <td data-label="Devices">${fmtNum(x.total)}</td>
         <td data-label="States"><${StateCounts} counts=${x.counts} total=${x.total} /></td>
         <td data-label="Created">${fmtTime(x.created_at)}<div class="muted">${x.created_by}</div>${x.canceled_at ? html`<div class="badge off">canceled ${fmtTime(x.canceled_at)}</div>` : ""}</td>
-        <td class="row-actions">${can("devices.write") && !x.canceled_at && inFlight(x) > 0 && html`<button type="button" class="btn small danger" data-testid="deployment-cancel" onClick=${() => setCanceling(x)}>Cancel</button>`}</td>
+        <td class="row-actions">${can("devices.write") && (!x.canceled_at && inFlight(x) > 0
+          ? html`<button type="button" class="btn small danger" data-testid="deployment-cancel" onClick=${() => setCanceling(x)}>Cancel</button>`
+          : html`<button type="button" class="btn small danger" data-testid="deployment-delete" onClick=${() => setDeleting(x)}>Delete</button>`)}</td>
       </tr>`)}</tbody></table></div>`}</${Async}>
+    ${deleting && html`<${Confirm} title="Delete deployment" text=${`Delete ${deleting.id}? Its devices' update records go with it (their history), and its artifact can then be deleted.`} okLabel="Delete deployment" danger onOk=${() => remove(deleting)} onCancel=${() => setDeleting(null)} />`}
     ${canceling && html`<${Confirm} title="Cancel deployment" text=${`Cancel ${canceling.id}? Devices that have not started it will not; devices installing or rebooting finish what they started (an update is never cut halfway).`} okLabel="Cancel deployment" danger onOk=${() => cancel(canceling)} onCancel=${() => setCanceling(null)} />`}
   </section>`;
 }

@@ -35,7 +35,7 @@ use utoipa::OpenApi;
         super::ota::update_key, super::ota::create_artifact, super::ota::list_artifacts, super::ota::get_artifact,
         super::ota::delete_artifact, super::ota::put_content, super::ota::complete_artifact, super::ota::create_link,
         super::ota::download, super::ota::create_deployment, super::ota::list_deployments, super::ota::get_deployment,
-        super::ota::cancel_deployment, super::ota::device_updates),
+        super::ota::cancel_deployment, super::ota::delete_deployment, super::ota::device_updates),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
         mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
         mooring_api::CreateUser, mooring_api::CreatedUser, mooring_api::UpdateUser, mooring_api::UserList, mooring_api::PasswordLink,

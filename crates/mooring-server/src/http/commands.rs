@@ -17,13 +17,14 @@ use mooring_store::{CommandRecord, CommandState};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// A stored command as the API shows it.
+/// A stored command as the API shows it (an update's download token redacted: only the device
+/// gets it).
 pub(super) fn command_body(r: CommandRecord) -> Command {
     Command {
         id: r.id,
         device_id: r.device_id.into_string(),
+        params: crate::ota::redacted_params(&r.name, r.params),
         name: r.name,
-        params: r.params,
         state: r.state.as_str().to_owned(),
         attempts: r.attempts,
         max_attempts: r.max_attempts,
@@ -52,8 +53,8 @@ impl From<FleetCommandView> for FleetCommand {
         FleetCommand {
             id: v.parent.id,
             selector: v.parent.selector,
+            params: crate::ota::redacted_params(&v.parent.name, v.parent.params),
             name: v.parent.name,
-            params: v.parent.params,
             created_at: v.parent.created_at_ms,
             expires_at: v.parent.expires_at_ms,
             total: v.parent.total,

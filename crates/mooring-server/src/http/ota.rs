@@ -4,7 +4,7 @@
 use super::{ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
 use crate::app::App;
 use crate::error::{ErrorKind, ServiceError};
-use crate::ota::{NewArtifact, CHUNK_SIZE_BYTES_MAX, READ_PIECE_BYTES};
+use crate::ota::{NewArtifact, CHUNK_SIZE_BYTES_MAX, DOWNLOAD_FRAME_BYTES, READ_PIECE_BYTES};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -297,32 +297,55 @@ pub(super) async fn download(
     };
     let (start, end) = range.unwrap_or((0, a.size.saturating_sub(1)));
     let len = end + 1 - start;
-    // The body streams piece by piece from the blobs, never the whole file in memory.
-    let ota_app = app.clone();
+    // The body streams piece by piece from the blobs, never the whole file in memory: a task
+    // reads the pieces and hands them over in frames through a one-frame channel. A client that
+    // stops reading stops hyper taking frames; once a frame waits longer than
+    // `[ota] download_idle_timeout_ms` the task gives up, and the slot goes with it (the body
+    // ends short of its length, so the connection closes). The task ends on its own: when the
+    // body is sent, when the connection goes (the channel closes), or at the timeout.
+    let idle = std::time::Duration::from_millis(app.config().ota.download_idle_timeout_ms);
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<axum::body::Bytes>>(1);
+    let feeder = app.clone();
     let id_owned = a.id.clone();
-    let slot = Arc::new(slot);
-    let stream = futures::stream::try_unfold(start, move |at| {
-        let app = ota_app.clone();
-        let id = id_owned.clone();
-        let _slot = slot.clone();
-        async move {
-            if at > end {
-                return Ok::<_, std::io::Error>(None);
-            }
+    tokio::spawn(async move {
+        let _slot = slot;
+        let mut at = start;
+        while at <= end {
             let want = usize::try_from(end + 1 - at)
                 .unwrap_or(usize::MAX)
                 .min(READ_PIECE_BYTES);
-            let piece = app
-                .ota
-                .read(&id, at, want)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            if piece.is_empty() {
-                return Err(std::io::Error::other("artifact bytes missing"));
+            let piece = match feeder.ota.read(&id_owned, at, want).await {
+                Ok(p) if !p.is_empty() => p,
+                failed => {
+                    let e = match failed {
+                        Err(e) => std::io::Error::other(e.to_string()),
+                        Ok(_) => std::io::Error::other("artifact bytes missing"),
+                    };
+                    tracing::warn!(artifact = %id_owned, at, error = %e, "download cut short");
+                    // The body fails (the connection closes) unless its client is gone.
+                    let _ = tokio::time::timeout(idle, tx.send(Err(e))).await;
+                    return;
+                }
+            };
+            at += piece.len() as u64;
+            let mut piece = axum::body::Bytes::from(piece);
+            while !piece.is_empty() {
+                let frame = piece.split_to(piece.len().min(DOWNLOAD_FRAME_BYTES));
+                match tokio::time::timeout(idle, tx.send(Ok(frame))).await {
+                    Ok(Ok(())) => {}
+                    // The client went away.
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        feeder.ota.count_download_idle();
+                        tracing::info!(artifact = %id_owned, at, "download ended: its client stopped reading");
+                        return;
+                    }
+                }
             }
-            let next = at + piece.len() as u64;
-            Ok(Some((axum::body::Bytes::from(piece), next)))
         }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
     });
     app.ota.count_download(true);
     let mut resp = Response::new(Body::from_stream(stream));
@@ -386,7 +409,8 @@ fn deployment_body(v: crate::ota::DeploymentView) -> Deployment {
 #[utoipa::path(post, path = "/api/v1/ota/deployments", request_body = CreateDeployment,
     responses((status = 201, body = Deployment, description = "one mooring.update command per matching device"),
         (status = 400, body = ErrorBody, description = "invalid_selector, no_matching_devices, too_many_devices"),
-        (status = 404, body = ErrorBody, description = "artifact_not_found"), (status = 409, body = ErrorBody, description = "artifact_not_ready")))]
+        (status = 404, body = ErrorBody, description = "artifact_not_found"), (status = 409, body = ErrorBody, description = "artifact_not_ready"),
+        (status = 503, body = ErrorBody, description = "too_many_deployments: [ota] deployments_max are stored; delete one that is over")))]
 pub(super) async fn create_deployment(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
@@ -444,6 +468,19 @@ pub(super) async fn cancel_deployment(
     Ok(Json(deployment_body(
         app.ota.cancel(&caller.access, &id).await?,
     )))
+}
+
+#[utoipa::path(delete, path = "/api/v1/ota/deployments/{id}", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted with its devices' updates (their history); its artifact is free to delete once no deployment names it"),
+        (status = 404, body = ErrorBody, description = "deployment_not_found"),
+        (status = 409, body = ErrorBody, description = "deployment_active: not canceled and an update is not final yet")))]
+pub(super) async fn delete_deployment(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<StatusCode> {
+    app.ota.delete_deployment(&caller.access, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[utoipa::path(get, path = "/api/v1/devices/{id}/ota", params(("id" = String, Path)),

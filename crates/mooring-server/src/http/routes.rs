@@ -133,6 +133,7 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(post, "/api/v1/ota/deployments", DevicesWrite, "ota.deploy", ota::create_deployment),
         row!(get, "/api/v1/ota/deployments", DevicesRead, "ota.deployment_list", ota::list_deployments),
         row!(get, "/api/v1/ota/deployments/{id}", DevicesRead, "ota.deployment_get", ota::get_deployment),
+        row!(delete, "/api/v1/ota/deployments/{id}", DevicesWrite, "ota.deployment_delete", ota::delete_deployment),
         row!(post, "/api/v1/ota/deployments/{id}/cancel", DevicesWrite, "ota.deployment_cancel", ota::cancel_deployment),
         row!(get, "/api/v1/devices/{id}/ota", DevicesRead, "ota.device_history", ota::device_updates),
     ]

@@ -8,7 +8,10 @@ use crate::error::{ErrorKind, ServiceError, ServiceResult};
 use mooring_proto::ota::{
     self, CancelParams, Link, LinkRequest, SignedManifest, StatusReport, UpdateParams, UpdateState,
 };
-use mooring_store::{ArtifactRecord, ArtifactState, DeploymentRecord, DeviceUpdateRecord};
+use mooring_store::{
+    ArtifactRecord, ArtifactState, DeploymentCreate, DeploymentDelete, DeploymentRecord,
+    DeviceUpdateRecord,
+};
 use std::collections::BTreeMap;
 
 /// Most devices one deployment reaches (the rollout engine, with waves, is the next issue).
@@ -27,6 +30,29 @@ pub struct PendingSends {
     deployment: DeploymentRecord,
     artifact: ArtifactRecord,
     devices: Vec<String>,
+}
+
+/// Marks a deployment as being sent by this node (so [`Ota::resume_sends`] leaves it alone)
+/// until dropped.
+struct SendingGuard<'a> {
+    sending: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    id: String,
+}
+
+impl<'a> SendingGuard<'a> {
+    fn new(sending: &'a std::sync::Mutex<std::collections::HashSet<String>>, id: &str) -> Self {
+        mooring_proto::sync::lock(sending).insert(id.to_owned());
+        Self {
+            sending,
+            id: id.to_owned(),
+        }
+    }
+}
+
+impl Drop for SendingGuard<'_> {
+    fn drop(&mut self) {
+        mooring_proto::sync::lock(self.sending).remove(&self.id);
+    }
 }
 
 /// A deployment and its devices' states.
@@ -139,10 +165,22 @@ impl Ota {
                 updated_at_ms: now,
             })
             .collect();
-        self.core
+        let max = self.core.config.ota.deployments_max;
+        match self
+            .core
             .store
-            .create_deployment(d.clone(), updates)
-            .await?;
+            .create_deployment(d.clone(), updates, max)
+            .await?
+        {
+            DeploymentCreate::Created => {}
+            DeploymentCreate::Full => {
+                return Err(ServiceError::new(
+                    ErrorKind::Unavailable,
+                    "too_many_deployments",
+                    format!("the server holds its maximum of {max} deployments ([ota] deployments_max); delete one that is over first"),
+                ))
+            }
+        }
         let view = self.deployment(&d.id).await?;
         Ok((
             view,
@@ -157,8 +195,9 @@ impl Ota {
     /// Sends the stored deployment's update commands, a few at once (the store commits them in
     /// groups). A device that fails (deleted meanwhile, say) is logged and skipped: the others
     /// still get theirs. Stops sending once the deployment is canceled. A crash meanwhile leaves
-    /// the rest pending without a command (documented). Each command is idempotent per
-    /// deployment and device.
+    /// the rest pending without a command: [`Ota::resume_sends`] sends them at the next start
+    /// (on one node of a cluster). Each command is idempotent per deployment and device (its
+    /// idempotency key), so sending one twice creates it once.
     pub async fn send_updates(&self, p: PendingSends) {
         use futures::stream::StreamExt;
         let PendingSends {
@@ -166,6 +205,7 @@ impl Ota {
             artifact: a,
             devices,
         } = p;
+        let _sending = SendingGuard::new(&self.sending, &d.id);
         futures::stream::iter(devices.iter())
             .for_each_concurrent(SEND_CONCURRENCY_MAX, |device| {
                 let (d, a) = (&d, &a);
@@ -184,6 +224,60 @@ impl Ota {
                 }
             })
             .await;
+    }
+
+    /// Sends what a crash cut short: every update still pending without a command, of
+    /// deployments not canceled (except those this node is sending now). Runs at start and then
+    /// every `[ota] sweep_interval_ms` (on the holder of the lease `ota.sweeper`
+    /// in a cluster); a command another node sends at the same time is created once (its
+    /// idempotency key). The number of updates it tried to send.
+    pub async fn resume_sends(&self) -> ServiceResult<usize> {
+        let mut after: Option<(String, String)> = None;
+        let mut tried = 0;
+        loop {
+            let page = self
+                .core
+                .store
+                .unsent_updates(
+                    after.as_ref().map(|(d, u)| (d.as_str(), u.as_str())),
+                    DEPLOYMENT_PAGE_LEN,
+                )
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.clone());
+            let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+            for (dep, device) in page {
+                match groups.last_mut() {
+                    Some((d, devices)) if *d == dep => devices.push(device),
+                    _ => groups.push((dep, vec![device])),
+                }
+            }
+            for (dep, devices) in groups {
+                if mooring_proto::sync::lock(&self.sending).contains(&dep) {
+                    continue;
+                }
+                let Some(deployment) = self.core.store.get_deployment(&dep).await? else {
+                    continue;
+                };
+                let Some(artifact) = self
+                    .core
+                    .store
+                    .get_artifact(&deployment.artifact_id)
+                    .await?
+                else {
+                    continue;
+                };
+                tracing::info!(deployment = %dep, devices = devices.len(), "sending updates a restart found unsent");
+                tried += devices.len();
+                self.send_updates(PendingSends {
+                    deployment,
+                    artifact,
+                    devices,
+                })
+                .await;
+            }
+        }
+        Ok(tried)
     }
 
     async fn send_update(
@@ -354,6 +448,22 @@ impl Ota {
             }
         }
         self.deployment(id).await
+    }
+
+    /// Deletes a deployment `access` sees, with its devices' updates (their history goes), if it
+    /// is canceled or every device's update is final; else `409 deployment_active`. Its
+    /// artifact may be deleted once no other deployment names it.
+    pub async fn delete_deployment(&self, access: &Access, id: &str) -> ServiceResult<()> {
+        self.visible_deployment(access, id).await?;
+        match self.core.store.delete_deployment(id).await? {
+            DeploymentDelete::Deleted => Ok(()),
+            DeploymentDelete::NotFound => Err(Self::deployment_not_found(id)),
+            DeploymentDelete::Active => Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "deployment_active",
+                format!("deployment {id} is still going (an update is not final); cancel it first or wait"),
+            )),
+        }
     }
 
     /// A device's updates, newest first.

@@ -40,10 +40,15 @@ pub use keys::{
 pub const ARTIFACT_SIZE_BYTES_LIMIT: u64 = 64 * 1024 * 1024 * 1024;
 /// Largest `[ota] artifacts_max` allowed.
 pub const ARTIFACTS_LIMIT: u32 = 100_000;
+/// Largest `[ota] deployments_max` allowed.
+pub const DEPLOYMENTS_LIMIT: u32 = 100_000;
 /// Largest chunk one `PUT .../content` takes.
 pub const CHUNK_SIZE_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// What a download reads from the blobs at a time.
 pub const READ_PIECE_BYTES: usize = 1024 * 1024;
+/// What a download hands the connection at a time: a client must take this much within
+/// `[ota] download_idle_timeout_ms`, or the download ends.
+pub const DOWNLOAD_FRAME_BYTES: usize = 64 * 1024;
 /// Longest release notes.
 pub const NOTES_LEN_MAX: usize = 4096;
 /// Most artifacts one list page holds.
@@ -64,6 +69,24 @@ pub struct NewArtifact {
     pub size: u64,
 }
 
+/// What a download token reads as in a command shown to an API or CLI caller.
+pub const REDACTED_TOKEN: &str = "redacted";
+
+/// A command's parameters as API and CLI callers see them: a `mooring.update`'s download token
+/// (`params.link.token`, a bearer credential that downloads the artifact as the device) reads
+/// [`REDACTED_TOKEN`]. Only the device gets the real one (over MQTT); anything else passes as is.
+pub fn redacted_params(name: &str, mut params: serde_json::Value) -> serde_json::Value {
+    if name == ota::UPDATE_COMMAND {
+        if let Some(token) = params
+            .get_mut("link")
+            .and_then(|link| link.get_mut("token"))
+        {
+            *token = serde_json::Value::String(REDACTED_TOKEN.to_owned());
+        }
+    }
+    params
+}
+
 /// Why a download token is refused.
 fn token_refused(code: &'static str, message: &str) -> ServiceError {
     ServiceError::new(ErrorKind::Unauthorized, code, message)
@@ -81,6 +104,8 @@ pub struct Ota {
     /// Downloads in progress per device (`[ota] downloads_per_device_max`); an entry goes with
     /// its last download.
     device_downloads: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    /// Deployments whose updates this node is sending now.
+    sending: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A download in progress: holds its place in the node's and the device's bounds until
@@ -126,6 +151,7 @@ impl Ota {
             keys,
             downloads,
             device_downloads: Arc::default(),
+            sending: Default::default(),
         }
     }
 
@@ -155,6 +181,56 @@ impl Ota {
             device: device.to_owned(),
             device_downloads: self.device_downloads.clone(),
         })
+    }
+
+    /// How often [`Ota::sweep`] runs (`[ota] sweep_interval_ms`).
+    pub fn sweep_interval_ms(&self) -> u64 {
+        self.core.config.ota.sweep_interval_ms
+    }
+
+    /// One pass of the sweeper (at start, then every [`Ota::sweep_interval_ms`]; once-only
+    /// work, on the holder of the lease `ota.sweeper` in a cluster): sends what a crash left
+    /// unsent, deletes abandoned uploads.
+    pub async fn sweep(&self) {
+        match self.resume_sends().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(updates = n, "resumed sending updates left unsent"),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "resuming unsent updates failed; will retry")
+            }
+        }
+        match self.expire_uploads().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(artifacts = n, "abandoned uploads deleted"),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "deleting abandoned uploads failed; will retry")
+            }
+        }
+    }
+
+    /// Deletes every artifact still `uploading` `[ota] upload_ttl_ms` after its creation, with
+    /// its bytes; how many.
+    pub async fn expire_uploads(&self) -> ServiceResult<usize> {
+        let before = self
+            .core
+            .now_ms()
+            .saturating_sub(self.core.config.ota.upload_ttl_ms);
+        let mut n = 0;
+        loop {
+            let gone = self
+                .core
+                .store
+                .expire_uploads(before, ARTIFACT_PAGE_LEN_MAX)
+                .await?;
+            for id in &gone {
+                tracing::info!(artifact = %id, "abandoned upload deleted ([ota] upload_ttl_ms)");
+                self.blobs.delete_blob(id).await?;
+            }
+            n += gone.len();
+            if gone.len() < ARTIFACT_PAGE_LEN_MAX {
+                return Ok(n);
+            }
+        }
     }
 
     /// The update key's public half, hex.
@@ -307,6 +383,11 @@ impl Ota {
         }
         self.blobs.write_blob(id, offset, data).await?;
         if !self.core.store.advance_artifact(id, offset, end).await? {
+            if self.core.store.get_artifact(id).await?.is_none() {
+                // Deleted meanwhile (an abandoned upload expired): its bytes go too.
+                self.blobs.delete_blob(id).await?;
+                return Err(Self::not_found(id));
+            }
             return Err(ServiceError::new(
                 ErrorKind::Conflict,
                 "offset_mismatch",
@@ -511,6 +592,11 @@ impl Ota {
             .ota_download_bytes
             .fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(piece)
+    }
+
+    /// Counts a download ended because its client stopped reading.
+    pub fn count_download_idle(&self) {
+        crate::metrics::Counters::inc(&self.core.counters.ota_downloads_idle);
     }
 
     /// Counts a download served, or one refused for its token.

@@ -162,6 +162,58 @@ where
     store.delete_blob(&a.id).await.expect("delete nothing");
 }
 
+/// `expire_uploads` deletes only artifacts still uploading created before the time, oldest ids
+/// first up to the limit, with their chunks; ready ones and newer uploads stay.
+pub async fn artifact_expire_uploads_deletes_only_old_uploading_ones_with_their_chunks<S>(store: &S)
+where
+    S: crate::Store + ?Sized,
+{
+    let (a1, a2, mut a3, a4) = (
+        artifact(1, "1.0.0"),
+        artifact(2, "2.0.0"),
+        artifact(3, "3.0.0"),
+        artifact(4, "4.0.0"),
+    );
+    a3.state = ArtifactState::Ready;
+    a3.signature = Some("ab".repeat(64));
+    for a in [&a1, &a2, &a3, &a4] {
+        store.create_artifact(a.clone(), 10).await.expect("create");
+    }
+    store
+        .write_blob(&a2.id, 0, b"hello".to_vec())
+        .await
+        .expect("chunk");
+    assert_eq!(
+        store.expire_uploads(T0 + 4, 1).await.expect("expire"),
+        vec![a1.id.clone()]
+    );
+    assert_eq!(
+        store.expire_uploads(T0 + 4, 10).await.expect("expire"),
+        vec![a2.id.clone()]
+    );
+    assert!(store
+        .expire_uploads(T0 + 4, 10)
+        .await
+        .expect("again")
+        .is_empty());
+    assert!(store
+        .expire_uploads(T0 + 100, 0)
+        .await
+        .expect("none")
+        .is_empty());
+    for gone in [&a1, &a2] {
+        assert!(store.get_artifact(&gone.id).await.expect("get").is_none());
+    }
+    assert!(store
+        .read_blob(&a2.id, 0, 100)
+        .await
+        .expect("read")
+        .is_empty());
+    for kept in [&a3, &a4] {
+        assert!(store.get_artifact(&kept.id).await.expect("get").is_some());
+    }
+}
+
 fn update(dep: &str, device: &str) -> crate::DeviceUpdateRecord {
     crate::DeviceUpdateRecord {
         deployment_id: dep.to_owned(),
@@ -209,6 +261,7 @@ where
         .create_deployment(
             dep.clone(),
             vec![update("dep_0001", "d1"), update("dep_0001", "d2")],
+            10,
         )
         .await
         .expect("deploy");
@@ -224,7 +277,7 @@ where
     missing.id = "dep_0002".to_owned();
     missing.artifact_id = "art_ffffffff".to_owned();
     assert!(matches!(
-        store.create_deployment(missing, Vec::new()).await,
+        store.create_deployment(missing, Vec::new(), 10).await,
         Err(StoreError::NotFound(_))
     ));
     assert!(store
@@ -314,4 +367,209 @@ where
         ArtifactDelete::InUse
     );
     assert!(store.get_artifact(&a.id).await.expect("get").is_some());
+}
+
+/// `unsent_updates` lists updates still pending without a command, of deployments not
+/// canceled, by deployment then device, from a cursor: what a restart sends.
+pub async fn deployment_unsent_updates_skip_sent_reported_and_canceled<S>(store: &S)
+where
+    S: crate::Store + ?Sized,
+{
+    use crate::DeploymentRecord;
+    use mooring_proto::ota::UpdateState;
+    for d in ["d1", "d2", "d3"] {
+        store
+            .create_device(super::new_device(d))
+            .await
+            .expect("device");
+    }
+    let a = artifact(11, "5.0.0");
+    store.create_artifact(a.clone(), 10).await.expect("create");
+    let dep = |id: &str| DeploymentRecord {
+        id: id.to_owned(),
+        artifact_id: a.id.clone(),
+        selector: "tag:site=north".to_owned(),
+        allow_downgrade: false,
+        created_by: "tok_admin".to_owned(),
+        created_at_ms: T0,
+        canceled_at_ms: None,
+    };
+    for id in ["dep_0001", "dep_0002", "dep_0003"] {
+        store
+            .create_deployment(
+                dep(id),
+                ["d1", "d2", "d3"].iter().map(|d| update(id, d)).collect(),
+                10,
+            )
+            .await
+            .expect("deploy");
+    }
+    // dep_0001: d1 sent, d2 reported (a device may report before its command id is stored).
+    assert!(store
+        .set_update_command("dep_0001", "d1", "c_1")
+        .await
+        .expect("cmd"));
+    let mut r = update("dep_0001", "d2");
+    r.state = UpdateState::Downloading;
+    r.seq = Some(1);
+    assert!(store.apply_update_report(r).await.expect("report"));
+    // dep_0003 is canceled.
+    store
+        .cancel_deployment("dep_0003", T0 + 1)
+        .await
+        .expect("cancel");
+    let pairs = |v: Vec<(String, String)>| {
+        v.into_iter()
+            .map(|(a, b)| format!("{a}/{b}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        pairs(store.unsent_updates(None, 100).await.expect("unsent")),
+        ["dep_0001/d3", "dep_0002/d1", "dep_0002/d2", "dep_0002/d3"]
+    );
+    assert_eq!(
+        pairs(store.unsent_updates(None, 2).await.expect("unsent")),
+        ["dep_0001/d3", "dep_0002/d1"]
+    );
+    assert_eq!(
+        pairs(
+            store
+                .unsent_updates(Some(("dep_0002", "d1")), 100)
+                .await
+                .expect("unsent")
+        ),
+        ["dep_0002/d2", "dep_0002/d3"]
+    );
+    assert!(store
+        .unsent_updates(None, 0)
+        .await
+        .expect("none")
+        .is_empty());
+}
+
+/// Creating a deployment past the count bound is `Full` (nothing stored); a deployment is
+/// deleted (with its updates, freeing its artifact) only when canceled or every update is final,
+/// else `Active`; a missing one is `NotFound`.
+pub async fn deployment_count_bound_and_delete_only_when_over<S>(store: &S)
+where
+    S: crate::Store + ?Sized,
+{
+    use crate::{DeploymentCreate, DeploymentDelete, DeploymentRecord};
+    use mooring_proto::ota::UpdateState;
+    for d in ["d1", "d2"] {
+        store
+            .create_device(super::new_device(d))
+            .await
+            .expect("device");
+    }
+    let a = artifact(11, "5.0.0");
+    store.create_artifact(a.clone(), 10).await.expect("create");
+    let dep = |id: &str| DeploymentRecord {
+        id: id.to_owned(),
+        artifact_id: a.id.clone(),
+        selector: "tag:site=north".to_owned(),
+        allow_downgrade: false,
+        created_by: "tok_admin".to_owned(),
+        created_at_ms: T0,
+        canceled_at_ms: None,
+    };
+    let updates = |id: &str| vec![update(id, "d1"), update(id, "d2")];
+    for id in ["dep_0001", "dep_0002"] {
+        assert_eq!(
+            store
+                .create_deployment(dep(id), updates(id), 2)
+                .await
+                .expect("deploy"),
+            DeploymentCreate::Created
+        );
+    }
+    assert_eq!(
+        store
+            .create_deployment(dep("dep_0003"), updates("dep_0003"), 2)
+            .await
+            .expect("full"),
+        DeploymentCreate::Full
+    );
+    assert!(store
+        .get_deployment("dep_0003")
+        .await
+        .expect("get")
+        .is_none());
+    assert!(store
+        .get_update("dep_0003", "d1")
+        .await
+        .expect("get")
+        .is_none());
+
+    // dep_0001: one device committed, one still downloading: active.
+    let report = |dep: &str, device: &str, state: UpdateState, seq: u64| {
+        let mut r = update(dep, device);
+        r.state = state;
+        r.seq = Some(seq);
+        r
+    };
+    for r in [
+        report("dep_0001", "d1", UpdateState::Committed, 1),
+        report("dep_0001", "d2", UpdateState::Downloading, 1),
+    ] {
+        assert!(store.apply_update_report(r).await.expect("report"));
+    }
+    assert_eq!(
+        store.delete_deployment("dep_0001").await.expect("delete"),
+        DeploymentDelete::Active
+    );
+    // Every update final: deleted, with its updates.
+    assert!(store
+        .apply_update_report(report("dep_0001", "d2", UpdateState::RolledBack, 2))
+        .await
+        .expect("report"));
+    assert_eq!(
+        store.delete_deployment("dep_0001").await.expect("delete"),
+        DeploymentDelete::Deleted
+    );
+    assert!(store
+        .get_deployment("dep_0001")
+        .await
+        .expect("get")
+        .is_none());
+    assert!(store
+        .get_update("dep_0001", "d1")
+        .await
+        .expect("get")
+        .is_none());
+    assert_eq!(
+        store.device_updates("d1", 10).await.expect("history").len(),
+        1
+    );
+    assert_eq!(
+        store.delete_deployment("dep_0001").await.expect("again"),
+        DeploymentDelete::NotFound
+    );
+    // dep_0002: pending, so active, until canceled.
+    assert_eq!(
+        store.delete_deployment("dep_0002").await.expect("delete"),
+        DeploymentDelete::Active
+    );
+    store
+        .cancel_deployment("dep_0002", T0 + 1)
+        .await
+        .expect("cancel");
+    assert_eq!(
+        store.delete_deployment("dep_0002").await.expect("delete"),
+        DeploymentDelete::Deleted
+    );
+    assert!(store.list_deployments(10).await.expect("list").is_empty());
+    // The artifact is free again; a place is free for a new deployment.
+    assert!(!store.artifact_in_use(&a.id).await.expect("in use"));
+    assert_eq!(
+        store
+            .create_deployment(dep("dep_0003"), updates("dep_0003"), 2)
+            .await
+            .expect("deploy"),
+        DeploymentCreate::Created
+    );
+    assert!(store
+        .delete_deployment("dep_\0x")
+        .await
+        .is_ok_and(|d| d == DeploymentDelete::NotFound));
 }

@@ -14,8 +14,9 @@ use super::{
 use crate::blobs::append_range;
 use crate::error::{Result, StoreError};
 use crate::model::{
-    check_text, update_state_of, ArtifactCreate, ArtifactDelete, ArtifactRecord, ArtifactState,
-    DeploymentRecord, DeviceUpdateRecord,
+    check_text, final_update_states_sql, update_state_of, ArtifactCreate, ArtifactDelete,
+    ArtifactRecord, ArtifactState, DeploymentCreate, DeploymentDelete, DeploymentRecord,
+    DeviceUpdateRecord,
 };
 use crate::store::{ArtifactBlobs, ArtifactStore, DeploymentStore};
 
@@ -25,6 +26,9 @@ const COLUMNS: &str = "id, version, sha256, size, compatible, notes, manifest, s
 /// Key of the transaction advisory lock artifact creation takes ("mooring" in ASCII, then
 /// 0x17: issue 17), so two servers cannot both take the last place.
 const ARTIFACT_CREATE_LOCK_KEY: i64 = 0x6d6f_6f72_696e_6717;
+/// Key of the transaction advisory lock a deployment's creation takes, so two creations never
+/// both pass the count bound.
+const DEPLOYMENT_CREATE_LOCK_KEY: i64 = 0x6d6f_6f72_696e_6718;
 
 fn artifact_from_row(row: &Row) -> Result<ArtifactRecord> {
     let Json(compatible) = column::<Json<Vec<String>>>(row, 4)?;
@@ -209,6 +213,24 @@ impl ArtifactStore for PgStore {
             Err(e) => Err(pg_error(e)),
         }
     }
+
+    async fn expire_uploads(&self, created_before_ms: u64, limit: usize) -> Result<Vec<String>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let before = bound_to_sql(created_before_ms);
+        let limit = count_to_sql(limit);
+        let rows = self
+            .query(
+                "DELETE FROM ota_artifacts WHERE id IN (
+                     SELECT id FROM ota_artifacts
+                     WHERE state = 'uploading' AND created_at_ms < $1 ORDER BY id LIMIT $2)
+                 RETURNING id",
+                &[&before, &limit],
+            )
+            .await?;
+        rows.iter().map(|r| column::<String>(r, 0)).collect()
+    }
 }
 
 #[async_trait::async_trait]
@@ -342,7 +364,8 @@ impl DeploymentStore for PgStore {
         &self,
         d: DeploymentRecord,
         updates: Vec<DeviceUpdateRecord>,
-    ) -> Result<()> {
+        count_max: u32,
+    ) -> Result<DeploymentCreate> {
         check_text("deployment selector", &d.selector)?;
         check_text("deployment creator", &d.created_by)?;
         for u in &updates {
@@ -351,6 +374,20 @@ impl DeploymentStore for PgStore {
         let created = ts_to_sql("created_at_ms", d.created_at_ms)?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            &[&DEPLOYMENT_CREATE_LOCK_KEY],
+        )
+        .await
+        .map_err(pg_error)?;
+        let count: i64 = tx
+            .query_one("SELECT count(*) FROM ota_deployments", &[])
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if count >= i64::from(count_max) {
+            return Ok(DeploymentCreate::Full);
+        }
         match tx
             .execute(
                 &format!(
@@ -410,7 +447,55 @@ impl DeploymentStore for PgStore {
                 Err(e) => return Err(pg_error(e)),
             }
         }
-        tx.commit().await.map_err(pg_error)
+        tx.commit().await.map_err(pg_error)?;
+        Ok(DeploymentCreate::Created)
+    }
+
+    async fn delete_deployment(&self, id: &str) -> Result<DeploymentDelete> {
+        if check_text("deployment id", id).is_err() {
+            return Ok(DeploymentDelete::NotFound);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        // The row locked: a cancel or a report on it waits for this transaction.
+        let Some(row) = tx
+            .query_opt(
+                "SELECT canceled_at_ms FROM ota_deployments WHERE id = $1 FOR UPDATE",
+                &[&id],
+            )
+            .await
+            .map_err(pg_error)?
+        else {
+            return Ok(DeploymentDelete::NotFound);
+        };
+        if row.get::<_, Option<i64>>(0).is_none() {
+            let active: bool = tx
+                .query_one(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM ota_device_updates
+                         WHERE deployment_id = $1 AND state NOT IN ({}))",
+                        final_update_states_sql()
+                    ),
+                    &[&id],
+                )
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            if active {
+                return Ok(DeploymentDelete::Active);
+            }
+        }
+        tx.execute(
+            "DELETE FROM ota_device_updates WHERE deployment_id = $1",
+            &[&id],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.execute("DELETE FROM ota_deployments WHERE id = $1", &[&id])
+            .await
+            .map_err(pg_error)?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(DeploymentDelete::Deleted)
     }
 
     async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRecord>> {
@@ -531,6 +616,33 @@ impl DeploymentStore for PgStore {
         );
         let rows = self.query(&sql, &[&deployment_id, &after, &limit]).await?;
         rows.iter().map(update_from_row).collect()
+    }
+
+    async fn unsent_updates(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (dep, dev) = after.unwrap_or(("", ""));
+        let (dep, dev) = (nul_free_cursor(dep), nul_free_cursor(dev));
+        let limit = count_to_sql(limit);
+        let rows = self
+            .query(
+                "SELECT u.deployment_id, u.device_id FROM ota_device_updates u
+                 JOIN ota_deployments d ON d.id = u.deployment_id
+                 WHERE u.command_id IS NULL AND u.state = 'pending'
+                   AND d.canceled_at_ms IS NULL
+                   AND (u.deployment_id, u.device_id) > ($1, $2)
+                 ORDER BY u.deployment_id, u.device_id LIMIT $3",
+                &[&dep, &dev, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| Ok((column::<String>(r, 0)?, column::<String>(r, 1)?)))
+            .collect()
     }
 
     async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>> {

@@ -13,8 +13,8 @@ use super::{
 use crate::blobs::append_range;
 use crate::error::{Result, StoreError};
 use crate::model::{
-    update_state_of, ArtifactCreate, ArtifactDelete, ArtifactRecord, ArtifactState,
-    DeploymentRecord, DeviceUpdateRecord,
+    final_update_states_sql, update_state_of, ArtifactCreate, ArtifactDelete, ArtifactRecord,
+    ArtifactState, DeploymentCreate, DeploymentDelete, DeploymentRecord, DeviceUpdateRecord,
 };
 use crate::store::{ArtifactBlobs, ArtifactStore, DeploymentStore};
 
@@ -212,6 +212,24 @@ impl ArtifactStore for SqliteStore {
         })
         .await
     }
+
+    async fn expire_uploads(&self, created_before_ms: u64, limit: usize) -> Result<Vec<String>> {
+        let before = bound_to_sql(created_before_ms);
+        let limit = count_to_sql(limit);
+        self.write(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "DELETE FROM ota_artifacts WHERE id IN (
+                         SELECT id FROM ota_artifacts
+                         WHERE state = 'uploading' AND created_at_ms < ?1 ORDER BY id LIMIT ?2)
+                     RETURNING id",
+                )
+                .db()?;
+            let rows = stmt.query_map(params![before, limit], |r| r.get(0)).db()?;
+            rows.collect::<rusqlite::Result<Vec<String>>>().db()
+        })
+        .await
+    }
 }
 
 #[async_trait::async_trait]
@@ -365,12 +383,21 @@ impl DeploymentStore for SqliteStore {
         &self,
         d: DeploymentRecord,
         updates: Vec<DeviceUpdateRecord>,
-    ) -> Result<()> {
+        count_max: u32,
+    ) -> Result<DeploymentCreate> {
         for u in &updates {
             u.check_text()?;
         }
         let created = ts_to_sql("created_at_ms", d.created_at_ms)?;
         self.write(move |conn| {
+            let count: i64 = conn
+                .prepare_cached("SELECT count(*) FROM ota_deployments")
+                .db()?
+                .query_row([], |r| r.get(0))
+                .db()?;
+            if count >= i64::from(count_max) {
+                return Ok(DeploymentCreate::Full);
+            }
             let exists: bool = conn
                 .prepare_cached("SELECT EXISTS (SELECT 1 FROM ota_artifacts WHERE id = ?1)")
                 .db()?
@@ -421,7 +448,46 @@ impl DeploymentStore for SqliteStore {
                 ])
                 .db()?;
             }
-            Ok(())
+            Ok(DeploymentCreate::Created)
+        })
+        .await
+    }
+
+    async fn delete_deployment(&self, id: &str) -> Result<DeploymentDelete> {
+        let id = id.to_owned();
+        self.write(move |conn| {
+            let canceled: Option<Option<i64>> = conn
+                .prepare_cached("SELECT canceled_at_ms FROM ota_deployments WHERE id = ?1")
+                .db()?
+                .query_row(params![id], |r| r.get(0))
+                .optional()
+                .db()?;
+            let Some(canceled) = canceled else {
+                return Ok(DeploymentDelete::NotFound);
+            };
+            if canceled.is_none() {
+                let active: bool = conn
+                    .prepare_cached(&format!(
+                        "SELECT EXISTS (SELECT 1 FROM ota_device_updates
+                         WHERE deployment_id = ?1 AND state NOT IN ({}))",
+                        final_update_states_sql()
+                    ))
+                    .db()?
+                    .query_row(params![id], |r| r.get(0))
+                    .db()?;
+                if active {
+                    return Ok(DeploymentDelete::Active);
+                }
+            }
+            conn.prepare_cached("DELETE FROM ota_device_updates WHERE deployment_id = ?1")
+                .db()?
+                .execute(params![id])
+                .db()?;
+            conn.prepare_cached("DELETE FROM ota_deployments WHERE id = ?1")
+                .db()?
+                .execute(params![id])
+                .db()?;
+            Ok(DeploymentDelete::Deleted)
         })
         .await
     }
@@ -559,6 +625,33 @@ impl DeploymentStore for SqliteStore {
                 .db()?;
             let rows = stmt
                 .query_map(params![dep, after, limit], update_from_row)
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
+        })
+        .await
+    }
+
+    async fn unsent_updates(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        let (dep, dev) = after.unwrap_or(("", ""));
+        let (dep, dev) = (dep.to_owned(), dev.to_owned());
+        let limit = count_to_sql(limit);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT u.deployment_id, u.device_id FROM ota_device_updates u
+                     JOIN ota_deployments d ON d.id = u.deployment_id
+                     WHERE u.command_id IS NULL AND u.state = 'pending'
+                       AND d.canceled_at_ms IS NULL
+                       AND (u.deployment_id, u.device_id) > (?1, ?2)
+                     ORDER BY u.deployment_id, u.device_id LIMIT ?3",
+                )
+                .db()?;
+            let rows = stmt
+                .query_map(params![dep, dev, limit], |r| Ok((r.get(0)?, r.get(1)?)))
                 .db()?;
             rows.collect::<rusqlite::Result<Vec<_>>>().db()
         })

@@ -57,9 +57,10 @@ pub enum OtaCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
-    /// Delete an artifact and its bytes (refused while a deployment uses it).
+    /// Delete an artifact and its bytes (refused while a deployment uses it), or a deployment
+    /// that is over (canceled, or every device's update final) with its devices' updates.
     Delete {
-        /// Artifact id (`art_...`).
+        /// Artifact id (`art_...`) or deployment id (`dep_...`).
         id: String,
     },
     /// Deploy a ready artifact to the devices a selector matches: one update command each
@@ -445,8 +446,13 @@ pub async fn ota(args: ApiArgs, command: OtaCommand) -> anyhow::Result<u8> {
             }
         }
         OtaCommand::Delete { id } => {
-            call(args.connect()?.delete_artifact(&id).await)?;
-            eprintln!("artifact {id} deleted");
+            if id.starts_with("dep_") {
+                call(args.connect()?.delete_deployment(&id).await)?;
+                eprintln!("deployment {id} deleted");
+            } else {
+                call(args.connect()?.delete_artifact(&id).await)?;
+                eprintln!("artifact {id} deleted");
+            }
         }
     }
     Ok(EXIT_OK)
