@@ -96,6 +96,8 @@ pub struct App {
     pub cas: crate::cas::Cas,
     /// Over-the-air updates: artifacts, the update key, download links (issue 17).
     pub ota: crate::ota::Ota,
+    /// The OTA service's background tasks (downloads, deployment sends).
+    pub ota_tasks: crate::ota::OtaTasks,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -160,6 +162,7 @@ impl App {
                 blobs,
                 ota_keys,
             ),
+            ota_tasks: crate::ota::OtaTasks::default(),
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
             jobs: Arc::new(Jobs::new(core.clone(), registry.clone(), commands.clone())),
             pipeline: crate::pipeline::Pipeline::new(core.clone(), registry.clone()),

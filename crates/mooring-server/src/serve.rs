@@ -534,6 +534,7 @@ impl RunningServer {
             ..
         } = self;
         let _ = stop.send(true);
+        app.ota_tasks.stop().await;
         app.events.close().await;
         broker.shutdown().await;
         connections.close();
@@ -576,11 +577,13 @@ impl RunningServer {
     /// persistent sessions nor wills.
     pub fn kill(self) {
         let RunningServer {
+            app,
             mut tasks,
             writer_task,
             broker_state_task,
             ..
         } = self;
+        app.ota_tasks.abort_all();
         tasks.abort_all();
         writer_task.abort();
         broker_state_task.abort();

@@ -76,3 +76,81 @@ async fn shutdown_with_a_connected_client_frees_the_app_its_store_and_its_writer
     server.shutdown().await;
     assert!(probe.upgrade().is_none());
 }
+
+/// A download in progress whose client stopped reading does not keep the server alive: its
+/// feeder task is the OTA service's, aborted by the shutdown (not left holding the app until
+/// `[ota] download_idle_timeout_ms`).
+#[tokio::test]
+async fn shutdown_during_a_stalled_download_frees_the_app() {
+    use mooring_server::registry::PinnedCert;
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path()).await;
+    let probe = server.state_probe();
+    let app = server.app.clone();
+    app.registry
+        .create_device_pinned(
+            "dl-1",
+            Default::default(),
+            PinnedCert {
+                sha256_hex: "ab".repeat(32),
+                serial_hex: "01".into(),
+                not_after_ms: u64::MAX / 2,
+                issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
+            },
+        )
+        .await
+        .expect("device");
+    // Larger than the socket buffers, so the server is left waiting on its client.
+    let bytes = vec![7u8; 16 * 1024 * 1024];
+    let a = app
+        .ota
+        .create_artifact(
+            "test",
+            mooring_server::ota::NewArtifact {
+                version: "2.0.0".into(),
+                compatible: vec!["rev-a".into()],
+                notes: None,
+                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+                size: bytes.len() as u64,
+            },
+        )
+        .await
+        .expect("artifact");
+    for (i, chunk) in bytes.chunks(4 * 1024 * 1024).enumerate() {
+        app.ota
+            .put_content(&a.id, (i * 4 * 1024 * 1024) as u64, chunk.to_vec())
+            .await
+            .expect("chunk");
+    }
+    app.ota.complete(&a.id, None).await.expect("complete");
+    let link = app.ota.link_for("dl-1", &a.id, 60_000);
+    let path = link
+        .url
+        .find("/api/")
+        .map(|i| &link.url[i..])
+        .expect("path");
+    let mut tcp = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .expect("connect");
+    tcp.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+            link.token
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("request");
+    let mut head = [0u8; 12];
+    tcp.read_exact(&mut head).await.expect("status line");
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // The client reads nothing more; the app is referenced by the download meanwhile.
+    drop(app);
+    server.shutdown().await;
+    assert!(
+        probe.upgrade().is_none(),
+        "a stalled download must not keep the app alive after shutdown"
+    );
+    drop(tcp);
+}

@@ -305,16 +305,16 @@ pub(super) async fn download(
     // body is sent, when the connection goes (the channel closes), or at the timeout.
     let idle = std::time::Duration::from_millis(app.config().ota.download_idle_timeout_ms);
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<axum::body::Bytes>>(1);
-    let feeder = app.clone();
+    let feeder = app.ota.clone();
     let id_owned = a.id.clone();
-    tokio::spawn(async move {
+    app.ota_tasks.spawn(async move {
         let _slot = slot;
         let mut at = start;
         while at <= end {
             let want = usize::try_from(end + 1 - at)
                 .unwrap_or(usize::MAX)
                 .min(READ_PIECE_BYTES);
-            let piece = match feeder.ota.read(&id_owned, at, want).await {
+            let piece = match feeder.read(&id_owned, at, want).await {
                 Ok(p) if !p.is_empty() => p,
                 failed => {
                     let e = match failed {
@@ -336,7 +336,7 @@ pub(super) async fn download(
                     // The client went away.
                     Ok(Err(_)) => return,
                     Err(_) => {
-                        feeder.ota.count_download_idle();
+                        feeder.count_download_idle();
                         tracing::info!(artifact = %id_owned, at, "download ended: its client stopped reading");
                         return;
                     }
@@ -428,8 +428,9 @@ pub(super) async fn create_deployment(
         .await?;
     // Apart from the request: a client that goes away (a CLI timeout on a large selector) does
     // not cut the sending short.
-    let sender = app.clone();
-    tokio::spawn(async move { sender.ota.send_updates(pending).await });
+    let sender = app.ota.clone();
+    app.ota_tasks
+        .spawn(async move { sender.send_updates(pending).await });
     Ok((StatusCode::CREATED, Json(deployment_body(v))))
 }
 

@@ -87,25 +87,54 @@ pub fn redacted_params(name: &str, mut params: serde_json::Value) -> serde_json:
     params
 }
 
+/// The OTA service's background tasks (a download's feeder, a deployment's sends): owned
+/// here, each holding an [`Ota`] handle (never the app), aborted at shutdown
+/// ([`OtaTasks::stop`]). Finished ones are reaped at each spawn, so the set holds at most the
+/// downloads and sends in progress.
+#[derive(Default)]
+pub struct OtaTasks(std::sync::Mutex<tokio::task::JoinSet<()>>);
+
+impl OtaTasks {
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let mut set = mooring_proto::sync::lock(&self.0);
+        while set.try_join_next().is_some() {}
+        set.spawn(task);
+    }
+
+    /// Aborts every task (a kill: nothing waits).
+    pub fn abort_all(&self) {
+        mooring_proto::sync::lock(&self.0).abort_all();
+    }
+
+    /// Aborts every task and waits until they are gone (a graceful shutdown: downloads end
+    /// short, a deployment's remaining sends are resumed by the next start's sweep).
+    pub async fn stop(&self) {
+        let mut set = std::mem::take(&mut *mooring_proto::sync::lock(&self.0));
+        set.abort_all();
+        while set.join_next().await.is_some() {}
+    }
+}
+
 /// Why a download token is refused.
 fn token_refused(code: &'static str, message: &str) -> ServiceError {
     ServiceError::new(ErrorKind::Unauthorized, code, message)
 }
 
 /// Artifacts and their downloads.
+#[derive(Clone)]
 pub struct Ota {
     core: Arc<Core>,
     registry: Arc<Registry>,
     commands: Arc<Commands>,
     blobs: Arc<dyn ArtifactBlobs>,
-    keys: OtaKeys,
+    keys: Arc<OtaKeys>,
     /// Downloads served at once by this node (`[ota] downloads_max`).
     downloads: Arc<tokio::sync::Semaphore>,
     /// Downloads in progress per device (`[ota] downloads_per_device_max`); an entry goes with
     /// its last download.
     device_downloads: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     /// Deployments whose updates this node is sending now.
-    sending: std::sync::Mutex<std::collections::HashSet<String>>,
+    sending: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// A download in progress: holds its place in the node's and the device's bounds until
@@ -148,7 +177,7 @@ impl Ota {
             registry,
             commands,
             blobs,
-            keys,
+            keys: Arc::new(keys),
             downloads,
             device_downloads: Arc::default(),
             sending: Default::default(),

@@ -98,8 +98,9 @@ pub(super) async fn deploy(
         .deploy(&Access::all(), "sim", &artifact.id, to, allow_downgrade)
         .await
         .map_err(|e| e.to_string())?;
-    let sender = app.clone();
-    tokio::spawn(async move { sender.ota.send_updates(pending).await });
+    let sender = app.ota.clone();
+    app.ota_tasks
+        .spawn(async move { sender.send_updates(pending).await });
     let d = SimDeployment {
         id: view.deployment.id.clone(),
         devices: view.total,
