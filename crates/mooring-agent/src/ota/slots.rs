@@ -160,6 +160,17 @@ pub trait Slots: Send {
 }
 
 /// Pure transitions shared by both implementations.
+///
+/// A slot about to receive a new image: it holds nothing, and `reverted` (the last abandoned
+/// trial) no longer names it, or a crash before the new image is armed would read as this
+/// update's trial having been abandoned.
+fn forget_slot(c: &mut BootControl, slot: Slot) {
+    c.slots[slot.idx()] = SlotInfo::default();
+    if c.reverted == Some(slot) {
+        c.reverted = None;
+    }
+}
+
 fn do_arm(c: &mut BootControl) -> Result<Slot, SlotError> {
     let slot = c
         .inactive()
@@ -283,8 +294,9 @@ impl Slots for FileSlots {
             .control
             .inactive()
             .ok_or_else(|| SlotError::Refused("a trial is armed; no slot is free".into()))?;
-        // Empty first: a crash mid-write leaves a slot that says it holds nothing.
-        self.update(|c| c.slots[slot.idx()] = SlotInfo::default())?;
+        // Empty first: a crash mid-write leaves a slot that says it holds nothing. An older
+        // trial's abandonment is forgotten with the old image (it says nothing of this one).
+        self.update(|c| forget_slot(c, slot))?;
         let mut f = std::fs::File::create(self.image(slot))?;
         let mut buf = vec![0u8; COPY_CHUNK_BYTES];
         let mut size = 0u64;
@@ -428,7 +440,7 @@ impl Slots for MemSlots {
             .control()
             .inactive()
             .ok_or_else(|| SlotError::Refused("a trial is armed; no slot is free".into()))?;
-        self.update(|c| c.slots[slot.idx()] = SlotInfo::default())?;
+        self.update(|c| forget_slot(c, slot))?;
         mooring_proto::sync::lock(&self.inner).images[slot.idx()].clear();
         let mut buf = vec![0u8; COPY_CHUNK_BYTES];
         loop {

@@ -526,6 +526,85 @@ async fn an_expired_link_is_refreshed_and_the_update_commits_after_the_reboot() 
     assert_eq!(start().booted(), BootOutcome::Committed(Slot::B));
 }
 
+/// A first update whose trial boot loses power is rolled back (the boot counter abandons slot
+/// B). A second update then writes B again, and the power goes at every point of it in turn:
+/// whatever the cut, the second update is reported rolled back only if its own trial booted
+/// (never because of the first one's abandonment), and a device that got through commits it.
+#[tokio::test]
+async fn an_older_abandoned_trial_is_never_taken_for_a_later_update() {
+    let key = Key::new(7);
+    let first = b"version two".to_vec();
+    let second = b"version three".to_vec();
+    for cut in 0..40u64 {
+        let (_, mut w, _) = fresh(&key);
+        let power = Power::on();
+        let slots = MemSlots::new(Some("1.0".into()), b"old".to_vec(), power.clone());
+        let files = MemUpdateFiles::new(power.clone());
+        let start = || {
+            Updater::start(
+                settings(&key),
+                Box::new(slots.clone()),
+                Box::new(files.clone()),
+            )
+        };
+        // Update 1: armed, booted once, power lost during the trial: abandoned.
+        w.served = first.clone();
+        let mut up = start().expect("start");
+        up.accept(&mut w, key.params("dep_1", "2.0", &first, HW))
+            .expect("accepted");
+        assert_eq!(up.drive(&mut w).await.expect("drive"), Next::Reboot);
+        assert_eq!(
+            start().expect("start").booted(),
+            BootOutcome::Trial(Slot::B)
+        );
+        let mut up = start().expect("start");
+        assert!(matches!(up.booted(), BootOutcome::Reverted { .. }));
+        assert_eq!(up.drive(&mut w).await.expect("drive"), Next::Idle);
+        assert_eq!(slots.control().reverted, Some(Slot::B));
+        // Update 2, with the power cut after `cut` durable steps.
+        w.served = second.clone();
+        up.accept(&mut w, key.params("dep_2", "3.0", &second, HW))
+            .expect("accepted");
+        power.cut_after(cut);
+        let _ = up.drive(&mut w).await;
+        power.restore();
+        let mut trial_booted = false;
+        for _ in 0..10 {
+            let Ok(mut up) = start() else { continue };
+            trial_booted |= up.booted() == BootOutcome::Trial(Slot::B);
+            match up.drive(&mut w).await.expect("drive") {
+                Next::Reboot => continue,
+                Next::RetryAfterMs(_) => continue,
+                Next::Idle => break,
+            }
+        }
+        let last = mooring_proto::sync::lock(&w.reports)
+            .iter()
+            .rev()
+            .find(|r| r.deployment_id == "dep_2")
+            .cloned()
+            .expect("a report of update 2");
+        match last.state {
+            UpdateState::Committed => {
+                assert_eq!(
+                    slots
+                        .control()
+                        .info(slots.control().committed)
+                        .version
+                        .as_deref(),
+                    Some("3.0")
+                );
+            }
+            UpdateState::RolledBack => assert!(
+                trial_booted,
+                "cut {cut}: update 2 reported rolled back ({:?}) though its trial never booted",
+                last.reason
+            ),
+            other => panic!("cut {cut}: update 2 ended {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_busy_server_is_waited_for_without_giving_up() {
     let key = Key::new(9);
