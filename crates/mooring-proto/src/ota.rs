@@ -164,8 +164,9 @@ pub fn is_valid_hw_revision(r: &str) -> bool {
 }
 
 /// Orders two versions: dot-separated parts (a `+build` suffix ignored, a `-pre` suffix sorting
-/// before the release), numeric parts numerically, others as text. `1.10.0 > 1.9.2`,
-/// `1.4.0-rc1 < 1.4.0`.
+/// before the release, pre-release identifiers compared one by one as semver does), the digit
+/// runs of every part as numbers and the rest as text. `1.10.0 > 1.9.2`, `1.4.0-rc1 < 1.4.0`,
+/// `1.4.0-rc9 < 1.4.0-rc10`, `1.4.0-rc.2 < 1.4.0-rc.10`.
 pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
     use std::cmp::Ordering;
     let split = |v: &str| -> (Vec<String>, Option<String>) {
@@ -178,19 +179,13 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
             None => (v.split('.').map(str::to_owned).collect(), None),
         }
     };
-    let part = |x: &str, y: &str| match (x.parse::<u64>(), y.parse::<u64>()) {
-        (Ok(x), Ok(y)) => x.cmp(&y),
-        (Ok(_), Err(_)) => Ordering::Less,
-        (Err(_), Ok(_)) => Ordering::Greater,
-        (Err(_), Err(_)) => x.cmp(y),
-    };
     let ((ca, pa), (cb, pb)) = (split(a), split(b));
     for i in 0..ca.len().max(cb.len()) {
         let (x, y) = (
             ca.get(i).map_or("0", String::as_str),
             cb.get(i).map_or("0", String::as_str),
         );
-        match part(x, y) {
+        match natural(x, y) {
             Ordering::Equal => {}
             o => return o,
         }
@@ -199,8 +194,54 @@ pub fn compare_versions(a: &str, b: &str) -> std::cmp::Ordering {
         (None, None) => Ordering::Equal,
         (None, Some(_)) => Ordering::Greater,
         (Some(_), None) => Ordering::Less,
-        (Some(x), Some(y)) => x.cmp(&y),
+        // Semver: identifier by identifier; all equal, the one with more is greater.
+        (Some(x), Some(y)) => {
+            let (xs, ys): (Vec<&str>, Vec<&str>) = (x.split('.').collect(), y.split('.').collect());
+            for (p, q) in xs.iter().zip(&ys) {
+                match natural(p, q) {
+                    Ordering::Equal => {}
+                    o => return o,
+                }
+            }
+            xs.len().cmp(&ys.len())
+        }
     }
+}
+
+/// One part of a version against another, in runs: digits as numbers (`rc9` < `rc10`,
+/// `1.9` < `1.10`), other characters as text, a number before text (semver: numeric
+/// identifiers sort before alphanumeric ones); a part that is a prefix of the other is less.
+fn natural(x: &str, y: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    fn runs(s: &str) -> Vec<(bool, &str)> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let b = s.as_bytes();
+        for i in 1..=b.len() {
+            if i == b.len() || b[i].is_ascii_digit() != b[start].is_ascii_digit() {
+                out.push((b[start].is_ascii_digit(), &s[start..i]));
+                start = i;
+            }
+        }
+        out
+    }
+    let (rx, ry) = (runs(x), runs(y));
+    for (&(dx, px), &(dy, py)) in rx.iter().zip(&ry) {
+        let o = match (dx, dy) {
+            (true, true) => {
+                // Numbers of any length: without leading zeros, longer is larger.
+                let (tx, ty) = (px.trim_start_matches('0'), py.trim_start_matches('0'));
+                tx.len().cmp(&ty.len()).then_with(|| tx.cmp(ty))
+            }
+            (true, false) => Ordering::Less,
+            (false, true) => Ordering::Greater,
+            (false, false) => px.cmp(py),
+        };
+        if o != Ordering::Equal {
+            return o;
+        }
+    }
+    rx.len().cmp(&ry.len())
 }
 
 /// Where to download an artifact from, with a token scoped to one device and one artifact.
@@ -461,6 +502,28 @@ mod tests {
         assert_eq!(compare_versions("1.4.0-rc1", "1.4.0"), Ordering::Less);
         assert_eq!(compare_versions("1.4.0+b7", "1.4.0"), Ordering::Equal);
         assert_eq!(compare_versions("2.0.0", "10.0.0"), Ordering::Less);
+        // Pre-releases and parts with letters order their numbers as numbers (semver-like).
+        assert_eq!(compare_versions("1.4.0-rc9", "1.4.0-rc10"), Ordering::Less);
+        assert_eq!(
+            compare_versions("1.4.0-rc.2", "1.4.0-rc.10"),
+            Ordering::Less
+        );
+        assert_eq!(
+            compare_versions("1.4.0-rc.1", "1.4.0-rc.1.1"),
+            Ordering::Less
+        );
+        assert_eq!(compare_versions("1.4.0-1", "1.4.0-alpha"), Ordering::Less);
+        assert_eq!(
+            compare_versions("1.4.0-alpha", "1.4.0-beta"),
+            Ordering::Less
+        );
+        assert_eq!(compare_versions("1.4.0_1", "1.4.9"), Ordering::Less);
+        assert_eq!(compare_versions("1.4.10a", "1.4.9b"), Ordering::Greater);
+        assert_eq!(compare_versions("1.007", "1.7"), Ordering::Equal);
+        assert_eq!(
+            compare_versions("1.99999999999999999999999", "1.100000000000000000000000"),
+            Ordering::Less
+        );
         assert_eq!(
             compare_versions("1.4.0-rc2", "1.4.0-rc1"),
             Ordering::Greater
