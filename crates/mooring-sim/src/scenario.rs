@@ -566,6 +566,9 @@ pub struct Expect {
     /// server says committed and the device does not run that version committed, or the
     /// device has nothing left to report and the server shows another state).
     pub max_ota_untruthful: Option<u64>,
+    /// OTA: most devices with a status report still in their outbox at the end (whose newest
+    /// state may not have reached the server).
+    pub max_ota_unsettled: Option<u64>,
     /// OTA: fewest devices that committed the deployed version.
     pub min_ota_committed: Option<u64>,
     /// OTA: fewest devices that rolled back (a cohort whose `fails_health` names the version).
@@ -896,6 +899,7 @@ impl Scenario {
         let x = &self.expect;
         let wants_ota = x.max_ota_unbootable.is_some()
             || x.max_ota_untruthful.is_some()
+            || x.max_ota_unsettled.is_some()
             || x.min_ota_committed.is_some()
             || x.min_ota_rolled_back.is_some();
         if wants_ota && !updating {

@@ -256,9 +256,11 @@ pub struct OtaReport {
     /// Devices the server shows in a state they are not in (see the simulator docs): must be 0.
     pub untruthful: u64,
     pub untruthful_examples: Vec<String>,
-    /// Devices with messages still in their outbox at the end (their newest report may not
-    /// have reached the server: only lies that cannot be explained by that count above).
+    /// Devices with a status report still in their outbox at the end (their newest report may
+    /// not have reached the server: only lies that cannot be explained by that count above).
     pub unsettled: u64,
+    /// Updates the deployments sent to devices without the updater (no `[cohort.ota]`).
+    pub targeted_without_updater: u64,
     /// Downloads the server served (whole or from an offset).
     pub downloads: u64,
     /// ... resumed from an offset after a link cut or a power loss.
@@ -294,8 +296,8 @@ impl OtaReport {
             format!("ota: running at the end: {}", join(&self.running_versions)),
             format!("ota: reasons given: {}", join(&self.reasons)),
             format!(
-                "ota: unbootable {}, untruthful {} (unsettled outboxes {})",
-                self.unbootable, self.untruthful, self.unsettled
+                "ota: unbootable {}, untruthful {} (unsettled outboxes {}, targeted without the updater {})",
+                self.unbootable, self.untruthful, self.unsettled, self.targeted_without_updater
             ),
             format!(
                 "ota: downloads {} ({} resumed, {} cut by the link, {} refused busy), reboots {}",

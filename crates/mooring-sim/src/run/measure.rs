@@ -210,6 +210,7 @@ pub(super) fn check_expectations(
     let ota = r.ota.clone().unwrap_or_default();
     at_most("max_ota_unbootable", e.max_ota_unbootable, ota.unbootable);
     at_most("max_ota_untruthful", e.max_ota_untruthful, ota.untruthful);
+    at_most("max_ota_unsettled", e.max_ota_unsettled, ota.unsettled);
     at_most(
         "max_jobs_not_succeeded",
         e.max_jobs_not_succeeded,

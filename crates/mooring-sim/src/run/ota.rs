@@ -191,11 +191,59 @@ pub(super) async fn report(
     }
     let app = control.app();
     let ours: HashSet<&str> = deployments.iter().map(|d| d.id.as_str()).collect();
+    let history_of = |id: String| {
+        let app = app.clone();
+        async move {
+            match app {
+                Some(app) => app
+                    .ota
+                    .device_history(&Access::all(), &id)
+                    .await
+                    .unwrap_or_default(),
+                None => Vec::new(),
+            }
+        }
+    };
     for d in devices {
-        let Some(ota) = &d.ota else { continue };
         if deleted.contains(d.id.as_str()) {
             continue;
         }
+        let history = history_of(d.id.as_str().to_owned()).await;
+        let history: Vec<_> = history
+            .into_iter()
+            .filter(|u| ours.contains(u.deployment_id.as_str()))
+            .collect();
+        for u in &history {
+            *r.final_states
+                .entry(u.state.as_str().to_owned())
+                .or_default() += 1;
+            if let Some(why) = &u.reason {
+                let code = why.split(':').next().unwrap_or_default();
+                *r.reasons
+                    .entry(format!("{}: {code}", u.state.as_str()))
+                    .or_default() += 1;
+            }
+        }
+        let mut lie = |why: String| {
+            r.untruthful += 1;
+            if r.untruthful_examples.len() < EXAMPLES_MAX {
+                r.untruthful_examples.push(format!("{} {why}", d.id));
+            }
+        };
+        let Some(ota) = &d.ota else {
+            // A device without the updater that a deployment reached: it refuses the update
+            // (or never gets it), so the server may show nothing else than pending or failed.
+            for u in &history {
+                r.targeted_without_updater += 1;
+                if !matches!(u.state, UpdateState::Pending | UpdateState::Failed) {
+                    lie(format!(
+                        "has no updater but the server says {}",
+                        u.state.as_str()
+                    ));
+                }
+            }
+            continue;
+        };
         r.devices += 1;
         let c = ota.slots.control();
         // The slot the bootloader boots next: an armed trial not yet booted, else the
@@ -213,6 +261,10 @@ pub(super) async fn report(
         }
         let running = c.info(c.running()).version.clone().unwrap_or_default();
         *r.running_versions.entry(running.clone()).or_default() += 1;
+        // Running a whole image of `version`, committed, no trial pending.
+        let runs_committed = |version: &str| {
+            running == version && c.trial.is_none() && whole(ota, &c, c.running(), &known)
+        };
         let job = ota.files.load_journal().ok().flatten();
         // Settled: no status report of its own is still waiting in its outbox.
         let status_topic = mooring_proto::ota::status_topic(&d.id);
@@ -223,66 +275,63 @@ pub(super) async fn report(
         if !settled {
             r.unsettled += 1;
         }
-        let history = match &app {
-            Some(app) => app
-                .ota
-                .device_history(&Access::all(), d.id.as_str())
-                .await
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
-        for u in history
-            .iter()
-            .filter(|u| ours.contains(u.deployment_id.as_str()))
-        {
-            *r.final_states
-                .entry(u.state.as_str().to_owned())
-                .or_default() += 1;
-            if let Some(why) = &u.reason {
-                let code = why.split(':').next().unwrap_or_default();
-                *r.reasons
-                    .entry(format!("{}: {code}", u.state.as_str()))
-                    .or_default() += 1;
-            }
-            // What the device is, for this deployment.
-            let truth = match &job {
-                Some(j) if j.deployment_id == u.deployment_id => j.phase.state(),
-                // Its journal holds a later update, or none: it never took this one.
-                _ => UpdateState::Pending,
-            };
-            let mut lie = None;
-            if u.state == UpdateState::Committed && (running != u.version || c.trial.is_some()) {
-                lie = Some(format!(
-                    "the server says committed {} but the device runs {running} ({})",
-                    u.version,
+        if let Some(j) = &job {
+            if j.phase.state() == UpdateState::Committed && !runs_committed(&j.version) {
+                lie(format!(
+                    "its journal says committed {} but it runs {running} ({})",
+                    j.version,
                     c.state_of(c.running())
                 ));
-            } else if truth == UpdateState::Committed && (running != u.version || c.trial.is_some())
-            {
-                lie = Some(format!(
-                    "the device's journal says committed {} but it runs {running}",
-                    u.version
-                ));
-            } else if settled && truth != u.state && truth != UpdateState::Pending {
-                lie = Some(format!(
-                    "the server says {} but the device is {} with nothing left to send",
-                    u.state.as_str(),
-                    truth.as_str()
-                ));
-            } else if truth == UpdateState::Pending
-                && !matches!(u.state, UpdateState::Pending | UpdateState::Failed)
-            {
-                // Without a journal entry the device either never got the update or refused
-                // it when it came (wrong hardware, a bad signature: reported failed).
-                lie = Some(format!(
-                    "the server says {} but the device never took the update",
-                    u.state.as_str()
-                ));
             }
-            if let Some(why) = lie {
-                r.untruthful += 1;
-                if r.untruthful_examples.len() < EXAMPLES_MAX {
-                    r.untruthful_examples.push(format!("{} {why}", d.id));
+        }
+        for u in &history {
+            let current = job.as_ref().filter(|j| j.deployment_id == u.deployment_id);
+            match (current, &job) {
+                // The update the device holds: the server must show its state (once nothing
+                // is left to send), and a final state must be what the slots say.
+                (Some(j), _) => {
+                    let truth = j.phase.state();
+                    if u.state == UpdateState::Committed && !runs_committed(&u.version) {
+                        lie(format!(
+                            "the server says committed {} but the device runs {running} ({})",
+                            u.version,
+                            c.state_of(c.running())
+                        ));
+                    } else if settled && truth != u.state {
+                        lie(format!(
+                            "the server says {} but the device is {} with nothing left to send",
+                            u.state.as_str(),
+                            truth.as_str()
+                        ));
+                    } else if matches!(u.state, UpdateState::RolledBack | UpdateState::Failed)
+                        && j.from_version.as_ref().is_some_and(|v| !runs_committed(v))
+                    {
+                        lie(format!(
+                            "the server says {} but the device does not run {} committed (it runs {running})",
+                            u.state.as_str(),
+                            j.from_version.as_deref().unwrap_or_default()
+                        ));
+                    }
+                }
+                // The device holds a later update: this one is over (one update at a time) or
+                // never reached it.
+                (None, Some(_)) => {
+                    if !(u.state.is_final() || u.state == UpdateState::Pending) {
+                        lie(format!(
+                            "the server says {} for an update the device has moved past",
+                            u.state.as_str()
+                        ));
+                    }
+                }
+                // No journal entry: the device never got the update or refused it when it came
+                // (wrong hardware, a bad signature: reported failed).
+                (None, None) => {
+                    if !matches!(u.state, UpdateState::Pending | UpdateState::Failed) {
+                        lie(format!(
+                            "the server says {} but the device never took the update",
+                            u.state.as_str()
+                        ));
+                    }
                 }
             }
         }
