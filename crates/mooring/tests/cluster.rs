@@ -1503,23 +1503,7 @@ async fn a_deployment_cut_short_by_a_dead_node_is_sent_by_a_live_one() {
             .await;
         assert_eq!(status, 201, "{v}");
     }
-    let file = env.tmp.path().join("fw.img");
-    std::fs::write(&file, vec![3u8; 4096]).expect("write");
-    let out = b.cli(&[
-        "ota",
-        "upload",
-        file.to_str().expect("utf8"),
-        "--version",
-        "2.0.0",
-        "--compatible",
-        "rev-b",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let art = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let art = b.ota_upload(&env.tmp.path().join("fw.img"), &[3u8; 4096], "2.0.0");
     let (status, dep) = a
         .api(
             "POST",

@@ -115,23 +115,7 @@ fn agent_config(dir: &Path, name: &str, public_key: &str, health: Option<&str>) 
 
 /// `mooring ota upload` of `bytes` as `version`: the artifact id.
 fn upload(server: &Server, dir: &Path, version: &str, bytes: &[u8]) -> String {
-    let file = dir.join(format!("fw-{version}.img"));
-    std::fs::write(&file, bytes).expect("image");
-    let out = server.cli(&[
-        "ota",
-        "upload",
-        file.to_str().expect("utf8"),
-        "--version",
-        version,
-        "--compatible",
-        "rev-b",
-    ]);
-    assert!(
-        out.status.success(),
-        "ota upload: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    server.ota_upload(&dir.join(format!("fw-{version}.img")), bytes, version)
 }
 
 fn deploy(server: &Server, artifact: &str, to: &str) {

@@ -205,23 +205,7 @@ async fn server_signed_upload_resumes_downloads_with_scoped_tokens_and_ranges_an
         );
     }
     let other = file_bytes(1000, 2);
-    let other_file = tmp.path().join("fw-1.5.0.img");
-    std::fs::write(&other_file, &other).expect("write");
-    let out = server.cli(&[
-        "ota",
-        "upload",
-        other_file.to_str().expect("utf8"),
-        "--version",
-        "1.5.0",
-        "--compatible",
-        "rev-b",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let other_id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let other_id = server.ota_upload(&tmp.path().join("fw-1.5.0.img"), &other, "1.5.0");
     let (status, _, body) = download(&server, &other_id, Some(&token), None).await;
     assert_eq!(
         (status, error_code(&body).as_str()),

@@ -41,23 +41,7 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
     server.create_device("d2", tmp.path());
     server.create_device("d3", tmp.path());
     let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let file = tmp.path().join("fw.img");
-    std::fs::write(&file, &bytes).expect("write");
-    let out = server.cli(&[
-        "ota",
-        "upload",
-        file.to_str().expect("utf8"),
-        "--version",
-        "1.4.0",
-        "--compatible",
-        "rev-b",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let art = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let art = server.ota_upload(&tmp.path().join("fw.img"), &bytes, "1.4.0");
 
     let mut d1 = MqttDevice::connect(&server, &creds1, "d1").await;
     d1.subscribe("devices/d1/commands/+").await;
@@ -238,23 +222,11 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
 
 /// Uploads a small artifact with the CLI; its id.
 fn upload(server: &Server, dir: &std::path::Path, version: &str) -> String {
-    let file = dir.join(format!("fw-{version}.img"));
-    std::fs::write(&file, vec![7u8; 4096]).expect("write");
-    let out = server.cli(&[
-        "ota",
-        "upload",
-        file.to_str().expect("utf8"),
-        "--version",
+    server.ota_upload(
+        &dir.join(format!("fw-{version}.img")),
+        &[7u8; 4096],
         version,
-        "--compatible",
-        "rev-b",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    )
 }
 
 #[tokio::test]

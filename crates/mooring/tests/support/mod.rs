@@ -55,6 +55,27 @@ fn parse_addr_after(line: &str, marker: &str) -> Option<SocketAddr> {
 }
 
 impl Server {
+    /// `mooring ota upload` of `bytes` (written to `file`) as `version`, built for `rev-b`: the
+    /// artifact id it prints.
+    pub fn ota_upload(&self, file: &Path, bytes: &[u8], version: &str) -> String {
+        std::fs::write(file, bytes).expect("write the image");
+        let out = self.cli(&[
+            "ota",
+            "upload",
+            file.to_str().expect("utf8"),
+            "--version",
+            version,
+            "--compatible",
+            "rev-b",
+        ]);
+        assert!(
+            out.status.success(),
+            "ota upload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     pub fn start(data_dir: &Path) -> Server {
         Self::start_with(data_dir, "127.0.0.1:0", "127.0.0.1:0", &[])
     }
