@@ -125,6 +125,8 @@ test("find a device among 1,000 by tag, watch its chart update live, send a comm
   // Open it: its chart shows points and the newest one moves on as the agent publishes.
   await byId(page, LIVE).getByRole("link").first().click();
   await page.getByTestId("device-title").filter({ hasText: LIVE }).waitFor();
+  // The firmware its agent reports running (shadow `reported.version`, on the device record).
+  await page.getByTestId("device-version").filter({ hasText: "1.4.2" }).waitFor();
   const chart = page.getByTestId("telemetry-chart");
   await page.waitForFunction(
     () => Number(document.querySelector('[data-testid="telemetry-chart"]')?.dataset.points) > 0,

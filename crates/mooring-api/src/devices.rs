@@ -46,6 +46,11 @@ pub struct Device {
     /// Who installed it, where and when; absent until an installation is recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installation: Option<crate::Installation>,
+    /// The firmware version the device runs, as its agent reports it (shadow
+    /// `reported.version`: the committed slot's version with the A/B updater), never what a
+    /// deployment sent; absent until the device reports one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

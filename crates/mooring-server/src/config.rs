@@ -86,6 +86,11 @@ pub struct OtaConfig {
     /// A download whose client has not taken the next 64 KiB within this long (default 60 s)
     /// ends and gives its place back (the device resumes with `Range`).
     pub download_idle_timeout_ms: u64,
+    /// The slowest a download may go (default 1024 bytes/s; 0: no floor): once
+    /// `download_idle_timeout_ms` has passed, a client that has taken fewer than this many bytes
+    /// per second since the download began loses it and its place (a trickling client cannot
+    /// hold a place for hours; the device resumes with `Range`).
+    pub download_min_rate_bytes_per_s: u64,
     /// An artifact still `uploading` this long after it was created (default 24 h) is an
     /// abandoned upload: the OTA sweeper deletes it with its bytes.
     pub upload_ttl_ms: u64,
@@ -107,6 +112,7 @@ impl Default for OtaConfig {
             downloads_max: 64,
             downloads_per_device_max: 2,
             download_idle_timeout_ms: 60_000,
+            download_min_rate_bytes_per_s: 1024,
             upload_ttl_ms: 86_400_000,
             sweep_interval_ms: 60_000,
             deployments_max: 1000,
@@ -890,6 +896,9 @@ impl ServerConfig {
         }
         if !(100..=3_600_000).contains(&o.download_idle_timeout_ms) {
             bail!("ota.download_idle_timeout_ms must be between 100 and 3600000 (1 h)");
+        }
+        if o.download_min_rate_bytes_per_s > 1 << 30 {
+            bail!("ota.download_min_rate_bytes_per_s must be at most 1073741824 (1 GiB/s; 0: no floor)");
         }
         if !(1..=crate::ota::DEPLOYMENTS_LIMIT).contains(&o.deployments_max) {
             bail!(

@@ -45,6 +45,9 @@ pub struct Counters {
     /// OTA downloads ended because their client stopped taking the body
     /// (`[ota] download_idle_timeout_ms`).
     pub ota_downloads_idle: AtomicU64,
+    /// OTA downloads ended because their client took the body slower than
+    /// `[ota] download_min_rate_bytes_per_s`.
+    pub ota_downloads_slow: AtomicU64,
     /// Bytes of artifacts sent.
     pub ota_download_bytes: AtomicU64,
     /// OTA status reports stored (older ones ignored are not counted).
@@ -378,6 +381,11 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_ota_downloads_idle_total",
         "OTA downloads ended because their client stopped reading ([ota] download_idle_timeout_ms)",
         load(&c.ota_downloads_idle),
+    )
+    .counter(
+        "mooring_ota_downloads_slow_total",
+        "OTA downloads ended because their client read slower than [ota] download_min_rate_bytes_per_s",
+        load(&c.ota_downloads_slow),
     )
     .counter(
         "mooring_ota_download_bytes_total",

@@ -98,6 +98,8 @@ pub struct DeviceView {
     pub record: DeviceRecord,
     pub online: bool,
     pub last_seen_ms: Option<u64>,
+    /// The firmware version the device reports running (its shadow's `reported.version`).
+    pub version: Option<String>,
 }
 
 impl Registry {
@@ -294,6 +296,17 @@ impl Registry {
             }
             None => None,
         };
+        // The running version is the device's own report (shadow `reported.version`), one
+        // read per page.
+        let mut versions = std::collections::HashMap::new();
+        let ids: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
+        for chunk in ids.chunks(mooring_store::COMMAND_BATCH_LEN_MAX) {
+            for shadow in self.core.store.get_shadows(chunk).await? {
+                if let Some(v) = shadow.reported_version() {
+                    versions.insert(shadow.device_id.to_string(), v);
+                }
+            }
+        }
         Ok(records
             .into_iter()
             .map(|record| {
@@ -306,6 +319,7 @@ impl Registry {
                     (a, b) => a.or(b),
                 };
                 DeviceView {
+                    version: versions.remove(record.id.as_str()),
                     record,
                     online,
                     last_seen_ms,

@@ -153,6 +153,12 @@ fn print_device(d: &Device, out: OutputArgs) -> anyhow::Result<()> {
             },
         ),
         ("created", rfc3339(d.created_at)),
+        (
+            "version",
+            d.version
+                .clone()
+                .unwrap_or_else(|| "not reported".to_owned()),
+        ),
         ("tags", tags_text(&d.tags)),
         ("cert serial", d.cert_serial.clone()),
         ("cert sha256", d.cert_sha256.clone()),

@@ -303,6 +303,28 @@ async fn run(tmp: &tempfile::TempDir, data: &Path, server: &Server) {
             v["reported"]["version"] == "1.0.0"
         })
         .await;
+    // ...and the device record shows it (API and CLI), not the deployment's version.
+    let (_, good) = server.api("GET", "/api/v1/devices/ota-good", None).await;
+    assert_eq!(good["version"], "2.0.0", "{good}");
+    let (_, bad) = server.api("GET", "/api/v1/devices/ota-bad", None).await;
+    assert_eq!(bad["version"], "1.0.0", "{bad}");
+    let (_, listed) = server
+        .api("GET", "/api/v1/devices?selector=version%3D2.0.0", None)
+        .await;
+    assert_eq!(listed["devices"][0]["id"], "ota-good", "{listed}");
+    assert_eq!(
+        listed["devices"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    let shown = server.cli(&["device", "show", "ota-bad"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.starts_with("version") && l.trim_end().ends_with("1.0.0")),
+        "{shown}"
+    );
     let (_, deployments) = server.api("GET", "/api/v1/ota/deployments", None).await;
     let counts = &deployments["deployments"][0]["counts"];
     assert_eq!(

@@ -781,6 +781,94 @@ async fn a_download_whose_client_stops_reading_ends_and_frees_its_place() {
     drop(stalled);
 }
 
+/// A client that keeps reading, but slower than `[ota] download_min_rate_bytes_per_s`, loses its
+/// download short of `Content-Length` (it would hold a place for hours otherwise) and the
+/// metric counts it; a client at full speed on the same server gets the whole file.
+#[tokio::test]
+async fn a_download_slower_than_the_rate_floor_ends_short() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("data");
+    // The floor is far above the trickle below but far below loopback speed.
+    let cfg = support::config_args(
+        tmp.path(),
+        "[ota]\ndownload_idle_timeout_ms = 10000\ndownload_min_rate_bytes_per_s = 4194304\n",
+    );
+    let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
+    let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
+    // 32 MiB: far more than the sockets buffer, so the trickle cannot take it all early.
+    let image = file_bytes(32 * 1024 * 1024, 9);
+    let id = server.ota_upload(&tmp.path().join("image.bin"), &image, "2.0.0");
+    for d in ["d1", "d2"] {
+        let (status, v) = server
+            .api("POST", "/api/v1/devices", Some(json!({"id": d})))
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+    let (t1, t2) = (
+        link(&server, &id, "d1", None).await,
+        link(&server, &id, "d2", None).await,
+    );
+
+    // At full speed: whole.
+    let whole = support::http()
+        .get(format!(
+            "{}/api/v1/ota/artifacts/{id}/download",
+            server.url()
+        ))
+        .bearer_auth(&t2)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(whole.status().as_u16(), 200);
+    assert!(whole.bytes().await.expect("body").as_ref() == image.as_slice());
+
+    // The trickle: 16 KiB every 50 ms (320 KiB/s), until the server ends the download (what
+    // the sockets hold still arrives after that, slowly: the metric says when it ended).
+    let addr = server.url().trim_start_matches("http://").to_owned();
+    let mut slow = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    slow.write_all(
+        format!(
+            "GET /api/v1/ota/artifacts/{id}/download HTTP/1.1\r\nHost: {addr}\r\n\
+             Authorization: Bearer {t1}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("request");
+    let deadline = Instant::now() + WAIT;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 16 * 1024];
+    for round in 0.. {
+        assert!(
+            Instant::now() < deadline,
+            "the slow download was never ended"
+        );
+        let n = slow.read(&mut buf).await.expect("read");
+        assert!(n > 0, "the connection closed before the metric counted it");
+        got += n;
+        if round % 20 == 19 && server.metric("mooring_ota_downloads_slow_total").await == 1.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Ended short: the rest of what the sockets hold, and then the connection closes.
+    loop {
+        let n = slow.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert!(
+        got < image.len(),
+        "the trickling client got the whole file ({got} bytes)"
+    );
+    assert_eq!(server.metric("mooring_ota_downloads_idle_total").await, 0.0);
+}
+
 /// An upload left `uploading` longer than `[ota] upload_ttl_ms` is deleted with its bytes by
 /// the sweeper; a ready artifact of the same age stays, and the abandoned one takes no chunk.
 #[tokio::test]

@@ -93,6 +93,7 @@ function Info({ device, online, onReload }) {
       <dt>Last seen</dt><dd>${online ? "now" : device.last_seen ? fmtTime(device.last_seen) + " (" + fmtAgo(device.last_seen) + ")" : "never"}</dd>
       <dt>Certificate</dt><dd><span class="mono" title="serial number">${device.cert_serial}</span><br /><span class="muted">valid until ${fmtTime(device.cert_not_after)}</span></dd>
       <dt>Created</dt><dd>${fmtTime(device.created_at)}</dd>
+      <dt>Firmware</dt><dd data-testid="device-version" class=${device.version ? "mono" : "muted"}>${device.version || "not reported"}</dd>
       <dt>Tags</dt><dd><${TagsEditor} device=${device} onSaved=${onReload} /></dd>
     </dl>
   </section>`;

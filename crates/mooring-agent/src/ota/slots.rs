@@ -155,7 +155,11 @@ pub trait Slots: Send {
     fn commit(&mut self) -> Result<(), SlotError>;
     /// Abandons the trial: the committed slot boots next.
     fn revert(&mut self) -> Result<(), SlotError>;
-    /// What the bootloader does at power-on (module doc).
+    /// How this power-on booted, called once as the agent starts. `FileSlots` and `MemSlots`
+    /// have no bootloader, so they do its part here (count the trial boot, abandon a trial that
+    /// booted before; module doc). An implementation over a real bootloader must only READ what
+    /// the bootloader did (its environment and the running slot), never count or switch again
+    /// (docs/ota.md, "The slots on disk and a real bootloader").
     fn boot(&mut self) -> Result<BootOutcome, SlotError>;
 }
 

@@ -91,6 +91,7 @@ impl From<DeviceView> for Device {
                 .record
                 .installation
                 .map(crate::pipeline::installation_body),
+            version: v.version,
         }
     }
 }
@@ -114,6 +115,7 @@ pub(super) async fn create_device(
         record,
         online: false,
         last_seen_ms: None,
+        version: None,
     });
     Ok((
         StatusCode::CREATED,

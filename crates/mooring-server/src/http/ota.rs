@@ -213,6 +213,27 @@ fn parse_range(text: &str, size: u64) -> Option<(u64, u64)> {
     (start <= end).then_some((start, end))
 }
 
+/// How long a download's next frame may wait to be taken, `taken` bytes into the body (this
+/// frame included): the idle timeout, or less when the rate floor is due sooner (then `true`).
+fn frame_wait(
+    began: tokio::time::Instant,
+    idle: std::time::Duration,
+    min_rate_bytes_per_s: u64,
+    taken: u64,
+) -> (std::time::Duration, bool) {
+    if min_rate_bytes_per_s == 0 {
+        return (idle, false);
+    }
+    let due_ms = taken.saturating_mul(1000) / min_rate_bytes_per_s;
+    let due = began + idle + std::time::Duration::from_millis(due_ms);
+    let left = due.saturating_duration_since(tokio::time::Instant::now());
+    if left < idle {
+        (left, true)
+    } else {
+        (idle, false)
+    }
+}
+
 #[utoipa::path(get, path = "/api/v1/ota/artifacts/{id}/download", params(("id" = String, Path)),
     security(()),
     responses((status = 200, description = "the whole file (application/octet-stream)"),
@@ -301,14 +322,20 @@ pub(super) async fn download(
     // reads the pieces and hands them over in frames through a one-frame channel. A client that
     // stops reading stops hyper taking frames; once a frame waits longer than
     // `[ota] download_idle_timeout_ms` the task gives up, and the slot goes with it (the body
-    // ends short of its length, so the connection closes). The task ends on its own: when the
-    // body is sent, when the connection goes (the channel closes), or at the timeout.
+    // ends short of its length, so the connection closes). A client that keeps reading, but
+    // slower than `[ota] download_min_rate_bytes_per_s`, ends the same way: frame by frame, the
+    // bytes taken so far must have been taken by `idle + bytes / rate` after the start. The task
+    // ends on its own: when the body is sent, when the connection goes (the channel closes), or
+    // at a timeout.
     let idle = std::time::Duration::from_millis(app.config().ota.download_idle_timeout_ms);
+    let min_rate = app.config().ota.download_min_rate_bytes_per_s;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<axum::body::Bytes>>(1);
     let feeder = app.ota.clone();
     let id_owned = a.id.clone();
     app.ota_tasks.spawn(async move {
         let _slot = slot;
+        let began = tokio::time::Instant::now();
+        let mut taken: u64 = 0;
         let mut at = start;
         while at <= end {
             let want = usize::try_from(end + 1 - at)
@@ -331,10 +358,17 @@ pub(super) async fn download(
             let mut piece = axum::body::Bytes::from(piece);
             while !piece.is_empty() {
                 let frame = piece.split_to(piece.len().min(DOWNLOAD_FRAME_BYTES));
-                match tokio::time::timeout(idle, tx.send(Ok(frame))).await {
+                taken += frame.len() as u64;
+                let (wait, floor) = frame_wait(began, idle, min_rate, taken);
+                match tokio::time::timeout(wait, tx.send(Ok(frame))).await {
                     Ok(Ok(())) => {}
                     // The client went away.
                     Ok(Err(_)) => return,
+                    Err(_) if floor => {
+                        feeder.count_download_slow();
+                        tracing::info!(artifact = %id_owned, at, taken, "download ended: its client read slower than [ota] download_min_rate_bytes_per_s");
+                        return;
+                    }
                     Err(_) => {
                         feeder.count_download_idle();
                         tracing::info!(artifact = %id_owned, at, "download ended: its client stopped reading");

@@ -628,6 +628,11 @@ impl Ota {
         crate::metrics::Counters::inc(&self.core.counters.ota_downloads_idle);
     }
 
+    /// Counts a download ended because its client read slower than the floor.
+    pub fn count_download_slow(&self) {
+        crate::metrics::Counters::inc(&self.core.counters.ota_downloads_slow);
+    }
+
     /// Counts a download served, or one refused for its token.
     pub fn count_download(&self, served: bool) {
         let c = &self.core.counters;
