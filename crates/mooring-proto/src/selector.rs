@@ -79,7 +79,8 @@ fn is_value_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')
 }
 
-fn check_value(what: &str, v: &str) -> Result<(), String> {
+/// Checks a tag key, tag value or version against the tag alphabet; `what` names it in the error.
+pub fn check_value(what: &str, v: &str) -> Result<(), String> {
     if v.is_empty() || v.len() > SELECTOR_VALUE_LEN_MAX || !v.chars().all(is_value_char) {
         return Err(format!(
             "{what} {v:?} must be 1-{SELECTOR_VALUE_LEN_MAX} characters of letters, digits, '.', '_', '-', ':'"
