@@ -377,7 +377,7 @@ pub(crate) fn duration_text(ms: u64) -> String {
         ("m", 60_000),
         ("s", 1000),
     ] {
-        if ms >= n && ms % n == 0 {
+        if ms >= n && ms.is_multiple_of(n) {
             return format!("{}{unit}", ms / n);
         }
     }
@@ -473,7 +473,7 @@ mod tests {
             assert_eq!(e.column, column, "{text}: {e}");
             assert!(e.message.contains(needle), "{text}: {e}");
         }
-        let many = vec!["alert:info"; ACTIONS_MAX + 1].join(",");
+        let many = ["alert:info"; ACTIONS_MAX + 1].join(",");
         assert!(parse_actions(&many).is_err());
     }
 }
