@@ -315,6 +315,15 @@ impl UpdateState {
         matches!(self, Self::Committed | Self::RolledBack | Self::Failed)
     }
 
+    /// Whether the device is past the point a cancel stops it (writing the slot, rebooting into
+    /// it, checking it): it finishes and reports how it ended.
+    pub fn is_switching(self) -> bool {
+        matches!(
+            self,
+            Self::Installing | Self::Rebooting | Self::HealthChecking
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -360,6 +369,11 @@ pub mod reason {
     pub const HEALTH_CHECK_FAILED: &str = "health_check_failed";
     pub const TRIAL_BOOT_FAILED: &str = "trial_boot_not_committed";
     pub const CANCELED: &str = "canceled";
+    /// Server side: the update command failed before the device reported anything (the device
+    /// refused it, e.g. it has no updater, or did not answer within the server's timeout).
+    pub const COMMAND_FAILED: &str = "command_failed";
+    /// Server side: the update command expired before the device picked it up.
+    pub const COMMAND_EXPIRED: &str = "command_expired";
     pub const ANOTHER_UPDATE: &str = "another_update_in_progress";
 }
 

@@ -100,6 +100,14 @@ pub struct OtaConfig {
     /// Deployments stored at once (default 1000): creating one more is refused (503
     /// `too_many_deployments`) until one is deleted.
     pub deployments_max: u32,
+    /// How long a device that acknowledged an update command may take to answer it (default
+    /// 10 min; the agent answers at once): past it, the command fails with `timeout` and an
+    /// update the device never reported on is `failed` (`command_failed: timeout`).
+    pub update_answer_timeout_ms: u64,
+    /// OTA status reports plus link requests one device may send per minute (default 120; an
+    /// update needs about 20): past it, refused (MQTT 5: reason `0x97`; a link request is
+    /// answered `rate_limited`).
+    pub reports_per_minute_max: u32,
 }
 
 impl Default for OtaConfig {
@@ -116,6 +124,8 @@ impl Default for OtaConfig {
             upload_ttl_ms: 86_400_000,
             sweep_interval_ms: 60_000,
             deployments_max: 1000,
+            update_answer_timeout_ms: 600_000,
+            reports_per_minute_max: 120,
         }
     }
 }
@@ -905,6 +915,12 @@ impl ServerConfig {
                 "ota.deployments_max must be between 1 and {}",
                 crate::ota::DEPLOYMENTS_LIMIT
             );
+        }
+        if !(10..=100_000).contains(&o.reports_per_minute_max) {
+            bail!("ota.reports_per_minute_max must be between 10 and 100000");
+        }
+        if !(1000..=7 * 86_400_000).contains(&o.update_answer_timeout_ms) {
+            bail!("ota.update_answer_timeout_ms must be between 1000 (1 s) and 604800000 (7 days)");
         }
         if !(100..=3_600_000).contains(&o.sweep_interval_ms) {
             bail!("ota.sweep_interval_ms must be between 100 and 3600000 (1 h)");

@@ -643,6 +643,9 @@ impl Hooks for ServerHooks {
             Some(Topic::OtaStatus(_)) => {
                 return match app.ota.on_status(id.as_str(), &msg.payload).await {
                     Ok(_) => PublishVerdict::Accept,
+                    Err(e) if e.kind == crate::error::ErrorKind::TooManyRequests => {
+                        PublishVerdict::Reject(REASON_QUOTA_EXCEEDED)
+                    }
                     Err(e) if e.kind == crate::error::ErrorKind::InvalidArgument => {
                         tracing::debug!(device = %id, error = %e, "invalid OTA status report");
                         PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID)

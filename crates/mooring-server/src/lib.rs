@@ -63,6 +63,7 @@ pub mod pipeline;
 pub mod pki;
 pub mod presence;
 pub mod provision;
+pub mod ratelimit;
 pub mod registry;
 mod serve;
 pub mod shadow;

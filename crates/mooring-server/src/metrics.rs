@@ -52,6 +52,11 @@ pub struct Counters {
     pub ota_download_bytes: AtomicU64,
     /// OTA status reports stored (older ones ignored are not counted).
     pub ota_status_reports: AtomicU64,
+    /// OTA status reports refused: no such update for the device, another artifact or version,
+    /// or `committed` to a version that is not the update's.
+    pub ota_status_reports_refused: AtomicU64,
+    /// OTA status reports and link requests over `[ota] reports_per_minute_max`.
+    pub ota_reports_rate_limited: AtomicU64,
     /// Commands handed to a device session for the first time.
     pub commands_delivered: AtomicU64,
     /// Redeliveries of unacknowledged commands.
@@ -396,6 +401,16 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_ota_status_reports_total",
         "OTA status reports from devices stored (older ones by seq are ignored, not counted)",
         load(&c.ota_status_reports),
+    )
+    .counter(
+        "mooring_ota_status_reports_refused_total",
+        "OTA status reports refused (no such update for the device, another artifact or version, committed to another version)",
+        load(&c.ota_status_reports_refused),
+    )
+    .counter(
+        "mooring_ota_reports_rate_limited_total",
+        "OTA status reports and link requests refused over [ota] reports_per_minute_max",
+        load(&c.ota_reports_rate_limited),
     )
     .counter(
         "mooring_commands_created_total",

@@ -58,7 +58,6 @@ pub const CLAIM_KEEP_DEAD_MS: u64 = 7 * 86_400_000;
 const PRUNE_ROWS_MAX: usize = 1000;
 /// Clients whose request counts are kept at once; when full the counts start over.
 const REQUEST_COUNTERS_LEN_MAX: usize = 100_000;
-const MINUTE_MS: u64 = 60_000;
 
 /// What a new claim asks for (the API's `POST /api/v1/claims`, validated here).
 #[derive(Debug, Clone, Default)]
@@ -94,13 +93,11 @@ pub enum ClaimConnectRefusal {
     Unavailable,
 }
 
-/// MQTT claim connections on this node, and each claim client's recent requests.
+/// MQTT claim connections on this node.
 #[derive(Default)]
 struct ClaimSessions {
     per_claim: HashMap<String, u32>,
     total: u32,
-    /// Client id → (minute window start, requests in it).
-    requests: HashMap<String, (u64, u32)>,
 }
 
 /// The provisioning service: claims and enrollment.
@@ -108,6 +105,8 @@ pub struct Provisioning {
     core: Arc<Core>,
     registry: Arc<Registry>,
     sessions: Mutex<ClaimSessions>,
+    /// Each claim client's requests of the current minute.
+    requests: crate::ratelimit::PerMinute,
 }
 
 fn claim_invalid() -> ServiceError {
@@ -181,6 +180,7 @@ impl Provisioning {
             core,
             registry,
             sessions: Mutex::default(),
+            requests: crate::ratelimit::PerMinute::new(REQUEST_COUNTERS_LEN_MAX),
         }
     }
 
@@ -737,38 +737,20 @@ impl Provisioning {
     /// Counts one request of a claim client; `rate_limited` over
     /// `[provisioning] requests_per_minute_max` in the current minute.
     pub fn count_request(&self, client_id: &str) -> ServiceResult<()> {
-        let now_ms = self.core.now_ms();
         let max = self.core.config.provisioning.requests_per_minute_max;
-        let mut s = self.sessions();
-        if s.requests.len() >= REQUEST_COUNTERS_LEN_MAX && !s.requests.contains_key(client_id) {
-            // Forget the counters of past minutes only: clearing them all would reset the
-            // clients being limited.
-            s.requests
-                .retain(|_, (since, _)| now_ms < since.saturating_add(MINUTE_MS));
-            if s.requests.len() >= REQUEST_COUNTERS_LEN_MAX {
-                return Err(ServiceError::new(
-                    ErrorKind::TooManyRequests,
-                    "rate_limited",
-                    "too many enrolling clients at once; try again in a minute",
-                ));
-            }
-        }
-        let entry = s
-            .requests
-            .entry(client_id.to_owned())
-            .or_insert((now_ms, 0));
-        if now_ms >= entry.0.saturating_add(MINUTE_MS) {
-            *entry = (now_ms, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-        if entry.1 > max {
-            return Err(ServiceError::new(
+        match self.requests.count(client_id, self.core.now_ms(), max) {
+            Ok(()) => Ok(()),
+            Err(crate::ratelimit::Over::Table) => Err(ServiceError::new(
+                ErrorKind::TooManyRequests,
+                "rate_limited",
+                "too many enrolling clients at once; try again in a minute",
+            )),
+            Err(crate::ratelimit::Over::Key) => Err(ServiceError::new(
                 ErrorKind::TooManyRequests,
                 "rate_limited",
                 format!("at most {max} enrollment requests per minute per client"),
-            ));
+            )),
         }
-        Ok(())
     }
 }
 

@@ -124,7 +124,14 @@ async fn shutdown_during_a_stalled_download_frees_the_app() {
             .expect("chunk");
     }
     app.ota.complete(&a.id, None).await.expect("complete");
-    let link = app.ota.link_for("dl-1", &a.id, 60_000);
+    let registered_at_ms = app
+        .registry
+        .lookup("dl-1")
+        .await
+        .expect("lookup")
+        .expect("device")
+        .created_at_ms;
+    let link = app.ota.link_for("dl-1", registered_at_ms, &a.id, 60_000);
     let path = link
         .url
         .find("/api/")

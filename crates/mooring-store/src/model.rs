@@ -1314,6 +1314,22 @@ impl DeviceUpdateRecord {
 
 /// The final update states as an SQL list (`'committed', 'rolled_back', 'failed'`), from
 /// [`mooring_proto::ota::UpdateState::is_final`].
+/// The condition on `state` of the updates that keep a deployment from being deleted: any not
+/// final, or once it is canceled, those a cancel no longer stops (their reports must still
+/// land).
+pub(crate) fn updates_holding_deployment_sql(canceled: bool) -> String {
+    if !canceled {
+        return format!("state NOT IN ({})", final_update_states_sql());
+    }
+    let switching = mooring_proto::ota::UpdateState::ALL
+        .into_iter()
+        .filter(|s| s.is_switching())
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!("state IN ({switching})")
+}
+
 pub(crate) fn final_update_states_sql() -> String {
     mooring_proto::ota::UpdateState::ALL
         .into_iter()

@@ -586,8 +586,9 @@ pub trait DeploymentStore: Send + Sync + 'static {
         updates: Vec<DeviceUpdateRecord>,
         count_max: u32,
     ) -> Result<DeploymentCreate>;
-    /// Deletes a deployment with its devices' updates, in one transaction, if it is canceled or
-    /// every update is final (`committed`, `rolled_back`, `failed`); else `Active`.
+    /// Deletes a deployment with its devices' updates, in one transaction, if every update is
+    /// final (`committed`, `rolled_back`, `failed`), or it is canceled and no update is past the
+    /// point a cancel stops it (`installing`, `rebooting`, `health_checking`); else `Active`.
     async fn delete_deployment(&self, id: &str) -> Result<DeploymentDelete>;
     async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRecord>>;
     /// Newest first (by creation time, then id), at most `limit`.
@@ -601,8 +602,10 @@ pub trait DeploymentStore: Send + Sync + 'static {
         device_id: &str,
         command_id: &str,
     ) -> Result<bool>;
-    /// Stores a device's report unless the stored one has a `seq` at or above `u.seq`;
-    /// `false` if ignored (older, or no such update).
+    /// Stores a device's report unless the stored one has a `seq` at or above `u.seq`, or is a
+    /// final state the device reported (final is sticky: a late or replayed report changes
+    /// nothing; a final state the server wrote, `seq` None, yields to the device's word);
+    /// `false` if ignored (older, final, or no such update).
     async fn apply_update_report(&self, u: DeviceUpdateRecord) -> Result<bool>;
     async fn get_update(
         &self,

@@ -135,8 +135,11 @@ async fn server_signed_upload_resumes_downloads_with_scoped_tokens_and_ranges_an
     assert_eq!(art["compatible"], json!(["rev-b", "rev-c"]));
     assert_eq!(mode_of(&data.join("update.key")), 0o600);
     assert_eq!(mode_of(&data.join("artifacts").join(&id)), 0o600);
-    let (status, key) = server.api("GET", "/api/v1/ota/update-key", None).await;
-    assert_eq!((status, key["server_signs"].as_bool()), (200, Some(true)));
+    // The update key is public: an installer reads it without a token.
+    let resp = support::get(format!("{}/api/v1/ota/update-key", server.url())).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    let key: Value = resp.json().await.expect("key json");
+    assert_eq!(key["server_signs"].as_bool(), Some(true));
     let manifest = art["manifest"].as_str().expect("manifest");
     let public_key = key["public_key"].as_str().expect("key");
     assert!(verifies(
@@ -668,12 +671,37 @@ async fn downloads_are_bounded_per_node_and_per_device() {
     // A deleted device's links stop working at once, not when they expire.
     let (status, v) = server.api("DELETE", "/api/v1/devices/d2", None).await;
     assert_eq!(status, 204, "{v}");
-    let gone = open(t2).await;
+    let gone = open(t2.clone()).await;
     assert_eq!(gone.status().as_u16(), 401);
     assert_eq!(
         error_code(&gone.bytes().await.expect("body")),
         "invalid_download_token"
     );
+    // Nor do they come back when a new device takes the same id: a token names the
+    // registration, not just the id.
+    let (status, v) = server
+        .api("POST", "/api/v1/devices", Some(json!({"id": "d2"})))
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let reborn = open(t2).await;
+    assert_eq!(reborn.status().as_u16(), 401);
+    assert_eq!(
+        error_code(&reborn.bytes().await.expect("body")),
+        "invalid_download_token"
+    );
+    // The scheme name is case-insensitive; the last N bytes are a range too.
+    let tail = support::http()
+        .get(format!(
+            "{}/api/v1/ota/artifacts/{id}/download",
+            server.url()
+        ))
+        .header("authorization", format!("bearer {t1}"))
+        .header("range", "bytes=-100")
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(tail.status().as_u16(), 206);
+    assert!(tail.bytes().await.expect("body").as_ref() == &image[image.len() - 100..]);
 }
 
 /// A download whose client reads the headers and then stops reading ends after

@@ -38,7 +38,7 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
     let tmp = tempfile::tempdir().expect("tempdir");
     let server = Server::start(&tmp.path().join("data"));
     let creds1 = server.create_device("d1", tmp.path());
-    server.create_device("d2", tmp.path());
+    let creds2 = server.create_device("d2", tmp.path());
     server.create_device("d3", tmp.path());
     let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let art = server.ota_upload(&tmp.path().join("fw.img"), &bytes, "1.4.0");
@@ -155,6 +155,30 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
         2.0,
         "the older report is not stored"
     );
+    // Committed is final: a later report (crafted or replayed) changes nothing. Reports that
+    // describe no update the server sent this device are refused and counted.
+    d1.publish(
+        "devices/d1/ota/status",
+        &report(&dep_id, &art, "rolled_back", 9, json!({"reason": "x"})),
+    )
+    .await;
+    d1.publish(
+        "devices/d1/ota/status",
+        &report(&dep_id, "art_00000000", "downloading", 10, json!({})),
+    )
+    .await;
+    d1.publish(
+        "devices/d1/ota/status",
+        &report("dep_nope", &art, "downloading", 1, json!({})),
+    )
+    .await;
+    assert_eq!(
+        server
+            .metric("mooring_ota_status_reports_refused_total")
+            .await,
+        2.0
+    );
+    assert_eq!(server.metric("mooring_ota_status_reports_total").await, 2.0);
     let text =
         String::from_utf8_lossy(&server.cli(&["ota", "status", &dep_id]).stdout).into_owned();
     assert!(
@@ -205,6 +229,28 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
         .starts_with("canceled"));
     let (_, cmds) = server.api("GET", "/api/v1/devices/d2/commands", None).await;
     assert_eq!(cmds["commands"][0]["state"], "canceled", "{cmds}");
+    // d2 committing to a version it does not run is refused (its canceled
+    // update stays as it was).
+    let mut d2 = MqttDevice::connect(&server, &creds2, "d2").await;
+    d2.publish(
+        "devices/d2/ota/status",
+        &report(
+            &dep_id,
+            &art,
+            "committed",
+            1,
+            json!({"running_version": "1.3.0"}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        server
+            .metric("mooring_ota_status_reports_refused_total")
+            .await,
+        3.0
+    );
+    let (_, history) = server.api("GET", "/api/v1/devices/d2/ota", None).await;
+    assert_eq!(history["updates"][0]["state"], "failed", "{history}");
     // Nothing matches: refused with a code.
     let (status, v) = server
         .api(
@@ -592,4 +638,135 @@ async fn the_servers_own_command_names_cannot_be_sent_by_name() {
         )
         .await;
     assert_eq!(status, 202);
+}
+
+/// An update command that ends without success before the device reported anything ends its
+/// update (`failed`, with why): a device that answers the command with a failure (an agent
+/// without the updater) and one that acknowledges and never answers within
+/// `[ota] update_answer_timeout_ms`. What the device reports afterwards still wins.
+#[tokio::test]
+async fn an_update_command_that_fails_or_goes_unanswered_fails_its_update() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let args = support::config_args(tmp.path(), "[ota]\nupdate_answer_timeout_ms = 1000\n");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &args,
+    );
+    let creds1 = server.create_device("d1", tmp.path());
+    let creds2 = server.create_device("d2", tmp.path());
+    let art = upload(&server, tmp.path(), "1.4.0");
+    let mut d1 = MqttDevice::connect(&server, &creds1, "d1").await;
+    d1.subscribe("devices/d1/commands/+").await;
+    let mut d2 = MqttDevice::connect(&server, &creds2, "d2").await;
+    d2.subscribe("devices/d2/commands/+").await;
+    let dep = server.cli_json(&[
+        "ota",
+        "deploy",
+        "--artifact",
+        &art,
+        "--to",
+        "id:d1,d2",
+        "-o",
+        "json",
+    ]);
+    let dep_id = dep["id"].as_str().expect("id").to_owned();
+
+    let (topic, _) = d1.next_json().await;
+    let cmd1 = topic.rsplit('/').next().expect("id").to_owned();
+    d1.publish(&format!("devices/d1/commands/{cmd1}/ack"), "{}")
+        .await;
+    d1.publish(
+        &format!("devices/d1/commands/{cmd1}/result"),
+        r#"{"status":"failed","output":{"reason":"unknown command mooring.update"}}"#,
+    )
+    .await;
+    let (topic, _) = d2.next_json().await;
+    let cmd2 = topic.rsplit('/').next().expect("id").to_owned();
+    d2.publish(&format!("devices/d2/commands/{cmd2}/ack"), "{}")
+        .await;
+
+    let status = server
+        .wait_for(&format!("/api/v1/ota/deployments/{dep_id}"), |v| {
+            v["counts"]["failed"] == 2
+        })
+        .await;
+    assert_eq!(status["counts"], json!({"failed": 2}), "{status}");
+    let reason = |h: &Value| h["updates"][0]["reason"].as_str().map(str::to_owned);
+    let (_, h1) = server.api("GET", "/api/v1/devices/d1/ota", None).await;
+    assert_eq!(
+        reason(&h1).as_deref(),
+        Some("command_failed: unknown command mooring.update")
+    );
+    let (_, h2) = server.api("GET", "/api/v1/devices/d2/ota", None).await;
+    assert_eq!(reason(&h2).as_deref(), Some("command_failed: timeout"));
+
+    // d2's agent was only slow: its own report replaces the server's conclusion.
+    d2.publish(
+        "devices/d2/ota/status",
+        &report(
+            &dep_id,
+            &art,
+            "committed",
+            1,
+            json!({"running_version": "1.4.0"}),
+        ),
+    )
+    .await;
+    let (_, h2) = server.api("GET", "/api/v1/devices/d2/ota", None).await;
+    assert_eq!(h2["updates"][0]["state"], "committed", "{h2}");
+}
+
+/// A device that sends OTA status reports or link requests in a loop is held to
+/// `[ota] reports_per_minute_max` (each costs the server store work): past it, a link request
+/// is answered `rate_limited` and a report is not read; both counted.
+#[tokio::test]
+async fn a_device_flooding_ota_reports_and_link_requests_is_limited_per_minute() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let args = support::config_args(tmp.path(), "[ota]\nreports_per_minute_max = 10\n");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = Server::start_with(
+        &tmp.path().join("data"),
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        &args,
+    );
+    let creds = server.create_device("d1", tmp.path());
+    let mut d1 = MqttDevice::connect(&server, &creds, "d1").await;
+    d1.subscribe("devices/d1/ota/link/#").await;
+    let ask = json!({"v": 1, "deployment_id": "dep_nope", "artifact_id": "art_00000000"});
+    for _ in 0..10 {
+        d1.publish("devices/d1/ota/link/request", &ask.to_string())
+            .await;
+        let (_, answer) = link_answer(&mut d1).await;
+        assert_eq!(answer["code"], "update_not_found", "{answer}");
+    }
+    d1.publish("devices/d1/ota/link/request", &ask.to_string())
+        .await;
+    let (topic, answer) = link_answer(&mut d1).await;
+    assert_eq!(
+        (topic.as_str(), answer["code"].as_str()),
+        ("devices/d1/ota/link/rejected", Some("rate_limited")),
+        "{answer}"
+    );
+    d1.publish(
+        "devices/d1/ota/status",
+        &report("dep_nope", "art_00000000", "downloading", 1, json!({})),
+    )
+    .await;
+    assert_eq!(
+        server
+            .metric("mooring_ota_reports_rate_limited_total")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        server
+            .metric("mooring_ota_status_reports_refused_total")
+            .await,
+        0.0,
+        "a limited report is not even read"
+    );
 }

@@ -565,6 +565,11 @@ impl Commands {
             self.count_transition(to);
             self.announce(&record);
             self.notify(id, to);
+            if to.is_final() && to != CommandState::Succeeded {
+                if let Err(e) = crate::ota::update_command_ended(&self.core, &record).await {
+                    tracing::warn!(command = id, error = %e.message, "the update of an ended update command was not marked failed");
+                }
+            }
         }
         Ok(Some((step, record)))
     }

@@ -38,6 +38,7 @@ fn artifact_body(a: ArtifactRecord) -> Artifact {
 }
 
 #[utoipa::path(get, path = "/api/v1/ota/update-key",
+    security(()),
     responses((status = 200, body = UpdateKeyInfo, description = "the fleet's Ed25519 update key (devices pin it)")))]
 pub(super) async fn update_key(State(app): State<Arc<App>>) -> ApiResult<Json<UpdateKeyInfo>> {
     Ok(Json(UpdateKeyInfo {
@@ -199,18 +200,29 @@ pub(super) async fn create_link(
     ))
 }
 
-/// `bytes=N-` or `bytes=N-M` against `size`: the inclusive range, or `None` for an
-/// unsatisfiable or malformed one.
-fn parse_range(text: &str, size: u64) -> Option<(u64, u64)> {
-    let spec = text.trim().strip_prefix("bytes=")?;
+/// A `Range` header against `size` (RFC 9110 14.2): `Some(Some(range))` for one range
+/// (`bytes=N-`, `bytes=N-M` or the last N bytes, `bytes=-N`; inclusive), `Some(None)` for a
+/// header the server ignores and answers with the whole file (another unit, or several ranges:
+/// no multipart answers), `None` for an unsatisfiable or malformed one (416).
+fn parse_range(text: &str, size: u64) -> Option<Option<(u64, u64)>> {
+    let (unit, spec) = text.trim().split_once('=')?;
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return Some(None);
+    }
     let (start, end) = spec.split_once('-')?;
-    let start: u64 = start.trim().parse().ok()?;
     let last = size.checked_sub(1)?;
-    let end = match end.trim() {
-        "" => last,
-        e => e.parse::<u64>().ok()?.min(last),
+    let (start, end) = match (start.trim(), end.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            if n == 0 {
+                return None;
+            }
+            (size - n.min(size), last)
+        }
+        (start, "") => (start.parse().ok()?, last),
+        (start, end) => (start.parse().ok()?, end.parse::<u64>().ok()?.min(last)),
     };
-    (start <= end).then_some((start, end))
+    (start <= end).then_some(Some((start, end)))
 }
 
 /// How long a download's next frame may wait to be taken, `taken` bytes into the body (this
@@ -252,10 +264,14 @@ pub(super) async fn download(
             ServiceError::not_found("artifact_not_found", format!("no artifact {id}")).into(),
         );
     }
+    // The scheme name is case-insensitive (RFC 9110 11.1).
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
+        })
         .ok_or_else(|| {
             app.ota.count_download(false);
             ServiceError::new(
@@ -264,30 +280,13 @@ pub(super) async fn download(
                 "a download needs `Authorization: Bearer <download token>` (from the update's link)",
             )
         })?;
-    let device = match app.ota.verify_token(token.trim(), &id) {
+    let device = match app.ota.verify_token(token.trim(), &id).await {
         Ok(device) => device,
         Err(e) => {
             app.ota.count_download(false);
             return Err(e.into());
         }
     };
-    // The token is a bearer credential minted for one device: that device must still exist
-    // (a deleted device's links stop working at once, not when they expire).
-    if app
-        .registry
-        .lookup(&device)
-        .await
-        .map_err(ServiceError::from)?
-        .is_none()
-    {
-        app.ota.count_download(false);
-        return Err(ServiceError::new(
-            ErrorKind::Unauthorized,
-            "invalid_download_token",
-            format!("the download token is for device {device}, which no longer exists"),
-        )
-        .into());
-    }
     // Held by the body until it is sent or dropped: bounds downloads per node and per device.
     let slot = app.ota.download_slot(&device)?;
     let a = app.ota.downloadable(&id).await?;
@@ -296,7 +295,7 @@ pub(super) async fn download(
         Some(v) => {
             let parsed = v.to_str().ok().and_then(|t| parse_range(t, a.size));
             match parsed {
-                Some(r) => Some(r),
+                Some(r) => r,
                 None => {
                     let mut resp = super::ApiError(ServiceError::new(
                         ErrorKind::InvalidArgument,
@@ -413,15 +412,25 @@ mod tests {
 
     #[test]
     fn ranges_parse_and_bad_ones_are_refused() {
-        assert_eq!(parse_range("bytes=0-", 10), Some((0, 9)));
-        assert_eq!(parse_range("bytes=4-", 10), Some((4, 9)));
-        assert_eq!(parse_range("bytes=4-6", 10), Some((4, 6)));
-        assert_eq!(parse_range("bytes=4-600", 10), Some((4, 9)));
+        assert_eq!(parse_range("bytes=0-", 10), Some(Some((0, 9))));
+        assert_eq!(parse_range("bytes=4-", 10), Some(Some((4, 9))));
+        assert_eq!(parse_range("bytes=4-6", 10), Some(Some((4, 6))));
+        assert_eq!(parse_range("Bytes = 4-6", 10), Some(Some((4, 6))));
+        assert_eq!(parse_range("bytes=4-600", 10), Some(Some((4, 9))));
+        // The last N bytes (all of them if N is larger than the file).
+        assert_eq!(parse_range("bytes=-4", 10), Some(Some((6, 9))));
+        assert_eq!(parse_range("bytes=-40", 10), Some(Some((0, 9))));
+        // Ignored: the whole file.
+        assert_eq!(parse_range("items=0-", 10), Some(None));
+        assert_eq!(parse_range("bytes=0-1,4-5", 10), Some(None));
+        // Unsatisfiable or malformed: 416.
         assert_eq!(parse_range("bytes=10-", 10), None);
         assert_eq!(parse_range("bytes=6-4", 10), None);
-        assert_eq!(parse_range("bytes=-4", 10), None);
-        assert_eq!(parse_range("items=0-", 10), None);
+        assert_eq!(parse_range("bytes=-0", 10), None);
+        assert_eq!(parse_range("bytes=-", 10), None);
+        assert_eq!(parse_range("bytes=x-", 10), None);
         assert_eq!(parse_range("bytes=0-", 0), None);
+        assert_eq!(parse_range("bytes", 10), None);
     }
 }
 

@@ -120,8 +120,9 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(delete, "/api/v1/claims/{id}", DevicesWrite, "claim.revoke", provision::revoke_claim),
         row!(post, "/api/v1/provision/enroll", Public, "provision.enroll", provision::enroll),
         // Over-the-air updates (issue 17): artifacts; the download is Public (its token, scoped
-        // to one device and one artifact, is the credential).
-        row!(get, "/api/v1/ota/update-key", DevicesRead, "ota.update_key", ota::update_key),
+        // to one device and one artifact, is the credential); so is the update key (a public
+        // key: an installer pins it into a device's config without a token).
+        row!(get, "/api/v1/ota/update-key", Public, "ota.update_key", ota::update_key),
         row!(post, "/api/v1/ota/artifacts", DevicesWrite, "ota.artifact_create", ota::create_artifact),
         row!(get, "/api/v1/ota/artifacts", DevicesRead, "ota.artifact_list", ota::list_artifacts),
         row!(get, "/api/v1/ota/artifacts/{id}", DevicesRead, "ota.artifact_get", ota::get_artifact),

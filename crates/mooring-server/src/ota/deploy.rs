@@ -55,6 +55,70 @@ impl Drop for SendingGuard<'_> {
     }
 }
 
+/// Ends the update a `mooring.update` command carried when the command ended without success
+/// before the device reported anything on it: `failed`, reason `command_failed: ...` (the device
+/// answered with a failure, e.g. it has no updater, or did not answer within
+/// `[ota] update_answer_timeout_ms`), `command_expired: ...` (never picked up within its time to
+/// live) or `canceled: ...`. Written without a `seq`, so whatever the device reports afterwards
+/// still wins. Called by the commands service once it stored such a command's final state.
+pub(crate) async fn update_command_ended(
+    core: &crate::app::Core,
+    r: &mooring_store::CommandRecord,
+) -> ServiceResult<()> {
+    use mooring_store::CommandState;
+    if r.name != ota::UPDATE_COMMAND {
+        return Ok(());
+    }
+    let reason = match r.state {
+        CommandState::Failed => {
+            let output = r.result.as_ref().map(|o| &o.output);
+            let said = output
+                .and_then(|o| o.get("reason").or_else(|| o.get("error")))
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .or_else(|| output.map(|o| o.to_string()))
+                .unwrap_or_else(|| "no answer".to_owned());
+            format!("{}: {said}", ota::reason::COMMAND_FAILED)
+        }
+        CommandState::Expired => format!(
+            "{}: the device did not pick the update up before its command expired",
+            ota::reason::COMMAND_EXPIRED
+        ),
+        CommandState::Canceled => format!(
+            "{}: the update's command was canceled before the device picked it up",
+            ota::reason::CANCELED
+        ),
+        _ => return Ok(()),
+    };
+    let Some(dep) = r.params.get("deployment_id").and_then(|v| v.as_str()) else {
+        return Ok(());
+    };
+    let Some(mut u) = core.store.get_update(dep, r.device_id.as_str()).await? else {
+        return Ok(());
+    };
+    let other_command = u.command_id.as_deref().is_some_and(|c| c != r.id);
+    if u.seq.is_some() || u.state.is_final() || other_command {
+        return Ok(());
+    }
+    u.state = UpdateState::Failed;
+    u.reason = Some(truncate(reason, ota::REASON_LEN_MAX));
+    u.progress_pct = None;
+    u.updated_at_ms = core.now_ms();
+    core.store.apply_update_report(u).await?;
+    Ok(())
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// A deployment and its devices' states.
 #[derive(Debug, Clone)]
 pub struct DeploymentView {
@@ -286,6 +350,14 @@ impl Ota {
         a: &ArtifactRecord,
         device: &str,
     ) -> ServiceResult<()> {
+        let registered_at_ms = self
+            .registry
+            .lookup(device)
+            .await?
+            .ok_or_else(|| {
+                ServiceError::not_found("device_not_found", format!("no device {device}"))
+            })?
+            .created_at_ms;
         let params = UpdateParams {
             v: ota::SCHEMA_VERSION,
             deployment_id: d.id.clone(),
@@ -293,7 +365,12 @@ impl Ota {
                 manifest: String::from_utf8_lossy(&a.manifest).into_owned(),
                 signature: a.signature.clone().unwrap_or_default(),
             },
-            link: self.link_for(device, &a.id, self.core.config.ota.download_token_ttl_ms),
+            link: self.link_for(
+                device,
+                registered_at_ms,
+                &a.id,
+                self.core.config.ota.download_token_ttl_ms,
+            ),
             allow_downgrade: d.allow_downgrade,
         };
         let (_, cmd) = self
@@ -307,7 +384,9 @@ impl Ota {
                     ttl_secs: Some(crate::commands::TTL_SECS_MAX),
                     max_attempts: None,
                     idempotency_key: Some(format!("ota:{}", d.id)),
-                    result_timeout_secs: Some(0),
+                    result_timeout_secs: Some(
+                        self.core.config.ota.update_answer_timeout_ms.div_ceil(1000),
+                    ),
                 },
                 None,
             )
@@ -450,9 +529,11 @@ impl Ota {
         self.deployment(id).await
     }
 
-    /// Deletes a deployment `access` sees, with its devices' updates (their history goes), if it
-    /// is canceled or every device's update is final; else `409 deployment_active`. Its
-    /// artifact may be deleted once no other deployment names it.
+    /// Deletes a deployment `access` sees, with its devices' updates (their history goes), if
+    /// every device's update is final, or it is canceled and no device is past the point a
+    /// cancel stops it (installing, rebooting, health checking: their reports must still land);
+    /// else `409 deployment_active`. Its artifact may be deleted once no other deployment names
+    /// it.
     pub async fn delete_deployment(&self, access: &Access, id: &str) -> ServiceResult<()> {
         self.visible_deployment(access, id).await?;
         match self.core.store.delete_deployment(id).await? {
@@ -461,7 +542,7 @@ impl Ota {
             DeploymentDelete::Active => Err(ServiceError::new(
                 ErrorKind::Conflict,
                 "deployment_active",
-                format!("deployment {id} is still going (an update is not final); cancel it first or wait"),
+                format!("deployment {id} is still going: an update is not final (cancel it first or wait), or, canceled, a device is still installing, rebooting or checking its update (wait for it)"),
             )),
         }
     }
@@ -481,8 +562,15 @@ impl Ota {
     }
 
     /// A device's status report (`devices/<id>/ota/status`): stored if newer than what is
-    /// stored for its deployment. `Err(invalid)` for a malformed report.
+    /// stored for its deployment and that is not a final state the device reported (final is
+    /// sticky). `Err(invalid)` for a malformed report, and for one that does not describe an
+    /// update the server sent this device: no such update, another artifact or version (but for
+    /// `failed`: a refusal names what it could read of the manifest), or
+    /// `committed` with a running version that is not the update's (counted in
+    /// `mooring_ota_status_reports_refused_total`); `Err(rate_limited)` past
+    /// `[ota] reports_per_minute_max`.
     pub async fn on_status(&self, device: &str, payload: &[u8]) -> ServiceResult<bool> {
+        self.count_report(device)?;
         let r =
             StatusReport::parse(payload).map_err(|e| ServiceError::invalid("invalid_report", e))?;
         // Stored as a signed 64-bit number: a larger one would freeze the update's state.
@@ -491,6 +579,31 @@ impl Ota {
                 "invalid_report",
                 "seq is above 9223372036854775807",
             ));
+        }
+        let refuse = |why: String| {
+            crate::metrics::Counters::inc(&self.core.counters.ota_status_reports_refused);
+            ServiceError::invalid("report_refused", why)
+        };
+        let Some(u) = self.core.store.get_update(&r.deployment_id, device).await? else {
+            return Err(refuse(format!(
+                "no update of deployment {} for this device",
+                r.deployment_id
+            )));
+        };
+        // A refusal names what the device could read of the manifest (maybe nothing): the
+        // deployment alone says which update failed.
+        let names_other = u.artifact_id != r.artifact_id || u.version != r.version;
+        if names_other && r.state != UpdateState::Failed {
+            return Err(refuse(format!(
+                "the report names artifact {} version {}; the update is artifact {} version {}",
+                r.artifact_id, r.version, u.artifact_id, u.version
+            )));
+        }
+        if r.state == UpdateState::Committed && r.running_version.as_deref() != Some(&u.version) {
+            return Err(refuse(format!(
+                "committed must report running_version {} (the update's version)",
+                u.version
+            )));
         }
         let stored = self
             .core
@@ -517,6 +630,7 @@ impl Ota {
 
     /// A device's request for a new download link: the link, or why not (code + message).
     pub async fn on_link_request(&self, device: &str, payload: &[u8]) -> ServiceResult<Link> {
+        self.count_report(device)?;
         let req: LinkRequest = serde_json::from_slice(payload)
             .map_err(|e| ServiceError::invalid("invalid_request", e.to_string()))?;
         let refused = || {
@@ -560,8 +674,15 @@ impl Ota {
             ));
         }
         self.downloadable(&u.artifact_id).await?;
+        let registered_at_ms = self
+            .registry
+            .lookup(device)
+            .await?
+            .ok_or_else(refused)?
+            .created_at_ms;
         Ok(self.link_for(
             device,
+            registered_at_ms,
             &u.artifact_id,
             self.core.config.ota.download_token_ttl_ms,
         ))

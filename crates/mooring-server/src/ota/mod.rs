@@ -27,6 +27,7 @@ use std::sync::Arc;
 mod deploy;
 mod keys;
 
+pub(crate) use deploy::update_command_ended;
 pub use deploy::{
     artifacts_unscoped, deployment_visible, DeploymentView, PendingSends, DEPLOYMENT_DEVICES_MAX,
     DEPLOYMENT_LIST_LEN_MAX, DEVICE_HISTORY_LEN_MAX,
@@ -135,7 +136,14 @@ pub struct Ota {
     device_downloads: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
     /// Deployments whose updates this node is sending now.
     sending: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Each device's status reports and link requests of the current minute
+    /// (`[ota] reports_per_minute_max`).
+    reports: Arc<crate::ratelimit::PerMinute>,
 }
+
+/// Most devices whose OTA messages of the current minute are counted at once: past it, a device
+/// new this minute is limited until a minute of the others is over.
+pub const OTA_REPORTERS_MAX: usize = 200_000;
 
 /// A download in progress: holds its place in the node's and the device's bounds until
 /// dropped (with the response body).
@@ -181,6 +189,33 @@ impl Ota {
             downloads,
             device_downloads: Arc::default(),
             sending: Default::default(),
+            reports: Arc::new(crate::ratelimit::PerMinute::new(OTA_REPORTERS_MAX)),
+        }
+    }
+
+    /// Counts one status report or link request of `device`: `429 rate_limited` past
+    /// `[ota] reports_per_minute_max` in the current minute (counted in
+    /// `mooring_ota_reports_rate_limited_total`). Each costs store work, so a device that
+    /// sends them in a loop is held to what a real update needs.
+    fn count_report(&self, device: &str) -> ServiceResult<()> {
+        let max = self.core.config.ota.reports_per_minute_max;
+        match self.reports.count(device, self.core.now_ms(), max) {
+            Ok(()) => Ok(()),
+            Err(over) => {
+                crate::metrics::Counters::inc(&self.core.counters.ota_reports_rate_limited);
+                Err(ServiceError::new(
+                    ErrorKind::TooManyRequests,
+                    "rate_limited",
+                    match over {
+                        crate::ratelimit::Over::Key => format!(
+                            "at most {max} OTA status reports and link requests per minute per device"
+                        ),
+                        crate::ratelimit::Over::Table => {
+                            "too many devices reporting at once; try again in a minute".to_owned()
+                        }
+                    },
+                ))
+            }
         }
     }
 
@@ -520,11 +555,16 @@ impl Ota {
         }
     }
 
-    fn token_mac(&self, expires_at: u64, artifact: &str, device: &str) -> ring::hmac::Tag {
-        ring::hmac::sign(
-            &self.keys.token,
-            format!("mooring ota download v1\n{expires_at}\n{artifact}\n{device}").as_bytes(),
-        )
+    /// What a download token signs: its expiry, the artifact, and the device as registered
+    /// (its id and registration time, so a device deleted and created again under the same id
+    /// does not inherit the old one's links).
+    fn token_message(
+        expires_at: u64,
+        registered_at_ms: u64,
+        artifact: &str,
+        device: &str,
+    ) -> String {
+        format!("mooring ota download v2\n{expires_at}\n{registered_at_ms}\n{artifact}\n{device}")
     }
 
     /// A download link for `device` (in `access`) to the ready artifact `id`, valid `ttl_ms`
@@ -536,7 +576,8 @@ impl Ota {
         id: &str,
         ttl_ms: Option<u64>,
     ) -> ServiceResult<Link> {
-        let device = self.registry.get_device(access, device).await?.record.id;
+        let record = self.registry.get_device(access, device).await?.record;
+        let (device, registered_at_ms) = (record.id, record.created_at_ms);
         let a = self.get_artifact(id).await?;
         if a.state != ArtifactState::Ready {
             return Err(ServiceError::new(
@@ -553,38 +594,53 @@ impl Ota {
                 format!("ttl_ms must be between 1 and {max} ([ota] download_token_ttl_ms)"),
             ));
         }
-        Ok(self.link_for(device.as_str(), id, ttl))
+        Ok(self.link_for(device.as_str(), registered_at_ms, id, ttl))
     }
 
     /// The link itself (no checks): what deployments hand devices.
-    pub fn link_for(&self, device: &str, artifact: &str, ttl_ms: u64) -> Link {
+    pub fn link_for(
+        &self,
+        device: &str,
+        registered_at_ms: u64,
+        artifact: &str,
+        ttl_ms: u64,
+    ) -> Link {
         let expires_at = self.core.now_ms().saturating_add(ttl_ms);
-        let mac = self.token_mac(expires_at, artifact, device);
+        let mac = ring::hmac::sign(
+            &self.keys.token,
+            Self::token_message(expires_at, registered_at_ms, artifact, device).as_bytes(),
+        );
         Link {
             url: format!(
                 "{}/api/v1/ota/artifacts/{artifact}/download",
                 self.core.config.public_url()
             ),
-            token: format!("{expires_at}.{artifact}.{device}.{}", hex::encode(mac)),
+            token: format!(
+                "{expires_at}.{registered_at_ms}.{artifact}.{device}.{}",
+                hex::encode(mac)
+            ),
             expires_at,
         }
     }
 
-    /// Checks a download token for artifact `id`: the device it was minted for.
-    pub fn verify_token(&self, token: &str, id: &str) -> ServiceResult<String> {
+    /// Checks a download token for artifact `id`: the device it was minted for, which must still
+    /// be the same registration (a deleted device's links stop working at once, and a new
+    /// device under the same id does not inherit them).
+    pub async fn verify_token(&self, token: &str, id: &str) -> ServiceResult<String> {
         let bad = || token_refused("invalid_download_token", "the download token is not valid");
         let (body, mac) = token.rsplit_once('.').ok_or_else(bad)?;
-        let mut parts = body.splitn(3, '.');
-        let (Some(expires), Some(artifact), Some(device)) =
-            (parts.next(), parts.next(), parts.next())
+        let mut parts = body.splitn(4, '.');
+        let (Some(expires), Some(registered), Some(artifact), Some(device)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(bad());
         };
         let expires_at: u64 = expires.parse().map_err(|_| bad())?;
+        let registered_at_ms: u64 = registered.parse().map_err(|_| bad())?;
         let mac = hex::decode(mac).map_err(|_| bad())?;
         ring::hmac::verify(
             &self.keys.token,
-            format!("mooring ota download v1\n{expires_at}\n{artifact}\n{device}").as_bytes(),
+            Self::token_message(expires_at, registered_at_ms, artifact, device).as_bytes(),
             &mac,
         )
         .map_err(|_| bad())?;
@@ -601,7 +657,13 @@ impl Ota {
                 "the download token has expired; ask for a new link",
             ));
         }
-        Ok(device.to_owned())
+        match self.registry.lookup(device).await? {
+            Some(d) if d.created_at_ms == registered_at_ms => Ok(device.to_owned()),
+            _ => Err(token_refused(
+                "invalid_download_token",
+                "the download token is for a device that no longer exists",
+            )),
+        }
     }
 
     /// The ready artifact a download serves.

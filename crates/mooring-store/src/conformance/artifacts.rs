@@ -317,7 +317,15 @@ where
     done.state = UpdateState::Committed;
     done.running_version = Some("5.0.0".to_owned());
     done.seq = Some(9);
-    assert!(store.apply_update_report(done).await.expect("apply"));
+    assert!(store
+        .apply_update_report(done.clone())
+        .await
+        .expect("apply"));
+    // Final is sticky: a later report (crafted or replayed) changes nothing.
+    let mut late = done.clone();
+    late.state = UpdateState::RolledBack;
+    late.seq = Some(10);
+    assert!(!store.apply_update_report(late).await.expect("late"));
     let mut unknown = r.clone();
     unknown.device_id = "d9".to_owned();
     assert!(!store
@@ -361,6 +369,17 @@ where
         Some(T0 + 10),
         "the first cancel time stays"
     );
+    // A final state the server wrote (no seq: the cancel) yields to the device's own report.
+    let mut guessed = update("dep_0001", "d2");
+    guessed.state = UpdateState::Failed;
+    guessed.reason = Some("canceled".to_owned());
+    assert!(store.apply_update_report(guessed).await.expect("server"));
+    let mut told = update("dep_0001", "d2");
+    told.state = UpdateState::Committed;
+    told.seq = Some(1);
+    assert!(store.apply_update_report(told).await.expect("device"));
+    let got = store.get_update("dep_0001", "d2").await.expect("get");
+    assert_eq!(got.map(|u| u.state), Some(UpdateState::Committed));
     assert!(store.artifact_in_use(&a.id).await.expect("in use"));
     assert_eq!(
         store.delete_artifact(&a.id).await.expect("delete"),
@@ -448,8 +467,9 @@ where
 }
 
 /// Creating a deployment past the count bound is `Full` (nothing stored); a deployment is
-/// deleted (with its updates, freeing its artifact) only when canceled or every update is final,
-/// else `Active`; a missing one is `NotFound`.
+/// deleted (with its updates, freeing its artifact) only when every update is final, or when it
+/// is canceled and no device is past the point a cancel stops it; else `Active`; a missing one is
+/// `NotFound`.
 pub async fn deployment_count_bound_and_delete_only_when_over<S>(store: &S)
 where
     S: crate::Store + ?Sized,
@@ -545,15 +565,28 @@ where
         store.delete_deployment("dep_0001").await.expect("again"),
         DeploymentDelete::NotFound
     );
-    // dep_0002: pending, so active, until canceled.
+    // dep_0002: pending, so active, until canceled; canceled, still held while a device is
+    // past the point a cancel stops it (installing), until that one ends.
     assert_eq!(
         store.delete_deployment("dep_0002").await.expect("delete"),
         DeploymentDelete::Active
     );
+    assert!(store
+        .apply_update_report(report("dep_0002", "d1", UpdateState::Installing, 1))
+        .await
+        .expect("report"));
     store
         .cancel_deployment("dep_0002", T0 + 1)
         .await
         .expect("cancel");
+    assert_eq!(
+        store.delete_deployment("dep_0002").await.expect("delete"),
+        DeploymentDelete::Active
+    );
+    assert!(store
+        .apply_update_report(report("dep_0002", "d1", UpdateState::Committed, 2))
+        .await
+        .expect("report"));
     assert_eq!(
         store.delete_deployment("dep_0002").await.expect("delete"),
         DeploymentDelete::Deleted

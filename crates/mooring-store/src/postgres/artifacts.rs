@@ -14,9 +14,9 @@ use super::{
 use crate::blobs::append_range;
 use crate::error::{Result, StoreError};
 use crate::model::{
-    check_text, final_update_states_sql, update_state_of, ArtifactCreate, ArtifactDelete,
-    ArtifactRecord, ArtifactState, DeploymentCreate, DeploymentDelete, DeploymentRecord,
-    DeviceUpdateRecord,
+    check_text, final_update_states_sql, update_state_of, updates_holding_deployment_sql,
+    ArtifactCreate, ArtifactDelete, ArtifactRecord, ArtifactState, DeploymentCreate,
+    DeploymentDelete, DeploymentRecord, DeviceUpdateRecord,
 };
 use crate::store::{ArtifactBlobs, ArtifactStore, DeploymentStore};
 
@@ -468,22 +468,21 @@ impl DeploymentStore for PgStore {
         else {
             return Ok(DeploymentDelete::NotFound);
         };
-        if row.get::<_, Option<i64>>(0).is_none() {
-            let active: bool = tx
-                .query_one(
-                    &format!(
-                        "SELECT EXISTS (SELECT 1 FROM ota_device_updates
-                         WHERE deployment_id = $1 AND state NOT IN ({}))",
-                        final_update_states_sql()
-                    ),
-                    &[&id],
-                )
-                .await
-                .map_err(pg_error)?
-                .get(0);
-            if active {
-                return Ok(DeploymentDelete::Active);
-            }
+        let canceled = row.get::<_, Option<i64>>(0).is_some();
+        let active: bool = tx
+            .query_one(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM ota_device_updates
+                     WHERE deployment_id = $1 AND {})",
+                    updates_holding_deployment_sql(canceled)
+                ),
+                &[&id],
+            )
+            .await
+            .map_err(pg_error)?
+            .get(0);
+        if active {
+            return Ok(DeploymentDelete::Active);
         }
         tx.execute(
             "DELETE FROM ota_device_updates WHERE deployment_id = $1",
@@ -561,10 +560,14 @@ impl DeploymentStore for PgStore {
         let at = bound_to_sql(u.updated_at_ms);
         let n = self
             .execute(
-                "UPDATE ota_device_updates
-                 SET state = $3, reason = $4, progress_pct = $5, running_version = $6,
-                     seq = $7, updated_at_ms = $8
-                 WHERE deployment_id = $1 AND device_id = $2 AND (seq IS NULL OR seq < $7)",
+                &format!(
+                    "UPDATE ota_device_updates
+                     SET state = $3, reason = $4, progress_pct = $5, running_version = $6,
+                         seq = $7, updated_at_ms = $8
+                     WHERE deployment_id = $1 AND device_id = $2
+                       AND (seq IS NULL OR (seq < $7 AND state NOT IN ({})))",
+                    final_update_states_sql()
+                ),
                 &[
                     &u.deployment_id,
                     &u.device_id,

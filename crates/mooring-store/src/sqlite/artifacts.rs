@@ -13,8 +13,9 @@ use super::{
 use crate::blobs::append_range;
 use crate::error::{Result, StoreError};
 use crate::model::{
-    final_update_states_sql, update_state_of, ArtifactCreate, ArtifactDelete, ArtifactRecord,
-    ArtifactState, DeploymentCreate, DeploymentDelete, DeploymentRecord, DeviceUpdateRecord,
+    final_update_states_sql, update_state_of, updates_holding_deployment_sql, ArtifactCreate,
+    ArtifactDelete, ArtifactRecord, ArtifactState, DeploymentCreate, DeploymentDelete,
+    DeploymentRecord, DeviceUpdateRecord,
 };
 use crate::store::{ArtifactBlobs, ArtifactStore, DeploymentStore};
 
@@ -465,19 +466,17 @@ impl DeploymentStore for SqliteStore {
             let Some(canceled) = canceled else {
                 return Ok(DeploymentDelete::NotFound);
             };
-            if canceled.is_none() {
-                let active: bool = conn
-                    .prepare_cached(&format!(
-                        "SELECT EXISTS (SELECT 1 FROM ota_device_updates
-                         WHERE deployment_id = ?1 AND state NOT IN ({}))",
-                        final_update_states_sql()
-                    ))
-                    .db()?
-                    .query_row(params![id], |r| r.get(0))
-                    .db()?;
-                if active {
-                    return Ok(DeploymentDelete::Active);
-                }
+            let active: bool = conn
+                .prepare_cached(&format!(
+                    "SELECT EXISTS (SELECT 1 FROM ota_device_updates
+                     WHERE deployment_id = ?1 AND {})",
+                    updates_holding_deployment_sql(canceled.is_some())
+                ))
+                .db()?
+                .query_row(params![id], |r| r.get(0))
+                .db()?;
+            if active {
+                return Ok(DeploymentDelete::Active);
             }
             conn.prepare_cached("DELETE FROM ota_device_updates WHERE deployment_id = ?1")
                 .db()?
@@ -572,13 +571,14 @@ impl DeploymentStore for SqliteStore {
         u.check_text()?;
         self.write(move |conn| {
             let n = conn
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "UPDATE ota_device_updates
                      SET state = ?3, reason = ?4, progress_pct = ?5, running_version = ?6,
                          seq = ?7, updated_at_ms = ?8
                      WHERE deployment_id = ?1 AND device_id = ?2
-                       AND (seq IS NULL OR seq < ?7)",
-                )
+                       AND (seq IS NULL OR (seq < ?7 AND state NOT IN ({})))",
+                    final_update_states_sql()
+                ))
                 .db()?
                 .execute(params![
                     u.deployment_id,
