@@ -377,22 +377,26 @@ test("updates: an artifact deployed to a device from the page, followed there an
   await page.getByTestId("deploy-open").click();
   const dialog = page.getByTestId("deploy-dialog");
   await dialog.getByTestId("deploy-artifact").selectOption(created.id);
-  await dialog.getByTestId("deploy-selector").fill(`id:${LIVE}`);
+  // The live agent has no updater: it refuses the update command, and the page shows its update
+  // failed with the reason; the offline device's stays pending (so the deployment can be canceled).
+  await dialog.getByTestId("deploy-selector").fill(`id:${LIVE},dev-0003`);
   await dialog.getByTestId("deploy-submit").click();
   const row = page.locator('[data-testid="deployment-row"]').filter({ hasText: "9.9.0" });
   await row.waitFor();
   const id = await row.getAttribute("data-deployment-id");
   const dep = await api(`/api/v1/ota/deployments/${id}`);
-  assert.equal(dep.total, 1);
+  assert.equal(dep.total, 2);
   assert.equal(dep.artifact_id, created.id);
-  // The device's update as the page counts it, then on the device page.
-  const counted = await row.locator('[data-testid="deploy-count"]').first();
-  assert.equal(await counted.getAttribute("data-state"), Object.keys(dep.counts)[0]);
+  // The devices' updates as the page counts them (it follows a deployment in flight), then the
+  // live device's on its page.
+  await row.locator('[data-testid="deploy-count"][data-state="failed"]').waitFor();
+  await row.locator('[data-testid="deploy-count"][data-state="pending"]').waitFor();
   await page.goto(`${BASE}/#/devices/${encodeURIComponent(LIVE)}`);
   const history = page.getByTestId("device-ota");
-  await history.locator('[data-testid="ota-row"]').filter({ hasText: "9.9.0" }).waitFor();
+  await history.locator('[data-testid="ota-row"]').filter({ hasText: "9.9.0" }).filter({ hasText: "command_failed" }).waitFor();
   const updates = await api(`/api/v1/devices/${encodeURIComponent(LIVE)}/ota`);
   assert.equal(updates.updates[0].deployment_id, id);
+  assert.equal(updates.updates[0].state, "failed");
   // Canceled from the page: the API agrees.
   await page.getByTestId("nav-ota").click();
   await row.getByTestId("deployment-cancel").click();

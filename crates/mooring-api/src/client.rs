@@ -507,9 +507,26 @@ impl Client {
             .await
     }
 
-    /// `GET /api/v1/ota/deployments`.
-    pub async fn list_deployments(&self) -> Result<crate::DeploymentList> {
-        self.get(self.url(&["api", "v1", "ota", "deployments"], None::<&()>)?)
+    /// Every deployment the caller sees, newest first (pages of 100, the most a page holds).
+    pub async fn list_all_deployments(&self) -> Result<Vec<crate::Deployment>> {
+        all_pages(|cursor| async move {
+            let page = self
+                .list_deployments(&PageParams {
+                    limit: Some(100),
+                    cursor,
+                })
+                .await?;
+            Ok((page.deployments, page.next_cursor))
+        })
+        .await
+    }
+
+    /// `GET /api/v1/ota/deployments`: a page, newest first.
+    pub async fn list_deployments(
+        &self,
+        page: &crate::PageParams,
+    ) -> Result<crate::DeploymentList> {
+        self.get(self.url(&["api", "v1", "ota", "deployments"], Some(page))?)
             .await
     }
 

@@ -121,10 +121,13 @@ pub struct Deployment {
     pub total: u64,
 }
 
-/// `GET /api/v1/ota/deployments`: the newest (at most 100).
+/// `GET /api/v1/ota/deployments`: a page, newest first (`limit` 1..=100, default 100).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DeploymentList {
     pub deployments: Vec<Deployment>,
+    /// Pass as `cursor` to get the next (older) page; null on the last page.
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 /// One update of a device, as its reports tell it.

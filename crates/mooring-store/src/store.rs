@@ -591,8 +591,13 @@ pub trait DeploymentStore: Send + Sync + 'static {
     /// point a cancel stops it (`installing`, `rebooting`, `health_checking`); else `Active`.
     async fn delete_deployment(&self, id: &str) -> Result<DeploymentDelete>;
     async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRecord>>;
-    /// Newest first (by creation time, then id), at most `limit`.
-    async fn list_deployments(&self, limit: usize) -> Result<Vec<DeploymentRecord>>;
+    /// Newest first (by creation time, then id), at most `limit`, those after `before` (the
+    /// creation time and id of the last one of the previous page) if given.
+    async fn list_deployments(
+        &self,
+        before: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<DeploymentRecord>>;
     /// Sets the cancel time (the first one stays); the deployment as stored now.
     async fn cancel_deployment(&self, id: &str, at_ms: u64) -> Result<Option<DeploymentRecord>>;
     /// Records which command carries a device's update.

@@ -465,6 +465,50 @@ async fn deployments_are_bounded_and_deleted_only_once_over_which_frees_the_arti
         assert_eq!(status, 201, "{v}");
         ids.push(v["id"].as_str().expect("id").to_owned());
     }
+    // The list pages newest first (same millisecond: by id) with a cursor; the CLI lists all.
+    let (status, all) = server.api("GET", "/api/v1/ota/deployments", None).await;
+    assert_eq!(status, 200, "{all}");
+    let order: Vec<String> = all["deployments"]
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|d| d["id"].as_str().map(str::to_owned))
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(sorted, expected);
+    let mut cursor = String::new();
+    for want in order.iter().map(Some).chain([None]) {
+        let query = match cursor.as_str() {
+            "" => "limit=1".to_owned(),
+            c => format!("limit=1&cursor={c}"),
+        };
+        let (status, page) = server
+            .api("GET", &format!("/api/v1/ota/deployments?{query}"), None)
+            .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(
+            page["deployments"][0]["id"].as_str(),
+            want.map(String::as_str)
+        );
+        cursor = page["next_cursor"].as_str().unwrap_or_default().to_owned();
+    }
+    for bad in ["limit=0", "limit=101", "cursor=nope", "cursor=1.dep_zz"] {
+        let (status, v) = server
+            .api("GET", &format!("/api/v1/ota/deployments?{bad}"), None)
+            .await;
+        assert_eq!(status, 400, "{bad}: {v}");
+    }
+    let listed = server.cli_json(&["ota", "deployments", "-o", "json"]);
+    let listed: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|d| d["id"].as_str())
+        .collect();
+    assert_eq!(listed, order);
     // A third is refused, through the API and the CLI.
     let (status, v) = deploy().await;
     assert_eq!(

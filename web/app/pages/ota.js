@@ -2,7 +2,7 @@
 // the deployments with their devices counted per update state (live while one runs; cancel),
 // and a form to deploy an artifact to a selector. Uploading stays with the CLI
 // (`mooring ota upload`): it signs and streams large files.
-import { html, useState, useRef, api, useApi, useInterval, can, toast, Empty, Async, Dialog, Confirm, PageTitle, fmtTime, fmtNum } from "../lib.js";
+import { html, useState, useEffect, useRef, qs, api, useApi, useInterval, can, toast, Empty, Async, Dialog, Confirm, PageTitle, fmtTime, fmtNum } from "../lib.js";
 
 const enc = encodeURIComponent;
 /** The update states in pipeline order (mooring-proto ota::UpdateState), with their colours. */
@@ -84,9 +84,21 @@ export function StateCounts({ counts, total }) {
   </div>`;
 }
 
+// Deployments per page (the API's most).
+const DEPLOYMENTS_PAGE = 100;
+
 function Deployments({ reloadRef }) {
-  const res = useApi("/ota/deployments");
+  // One cursor per page seen (null: the first); reloads keep the page shown.
+  const [cursors, setCursors] = useState([null]);
+  const [pageIx, setPageIx] = useState(0);
+  const res = useApi("/ota/deployments" + qs({ limit: DEPLOYMENTS_PAGE, cursor: cursors[pageIx] }));
   reloadRef.current = res.reload;
+  useEffect(() => {
+    if (res.data && res.data.next_cursor && cursors.length === pageIx + 1) {
+      setCursors([...cursors, res.data.next_cursor]);
+    }
+  }, [res.data]);
+  const hasNext = !!(res.data && res.data.next_cursor) && cursors.length > pageIx + 1;
   const [canceling, setCanceling] = useState(null);
   const [deleting, setDeleting] = useState(null);
   const live = (res.data?.deployments || []).some((d) => !d.canceled_at && inFlight(d) > 0);
@@ -125,6 +137,10 @@ function Deployments({ reloadRef }) {
           ? html`<button type="button" class="btn small danger" data-testid="deployment-cancel" onClick=${() => setCanceling(x)}>Cancel</button>`
           : html`<button type="button" class="btn small danger" data-testid="deployment-delete" onClick=${() => setDeleting(x)}>Delete</button>`)}</td>
       </tr>`)}</tbody></table></div>`}</${Async}>
+    ${(pageIx > 0 || hasNext) && html`<nav class="pager" aria-label="Deployment pages">
+      <button type="button" class="btn small" data-testid="deployments-newer" disabled=${pageIx === 0} onClick=${() => setPageIx(pageIx - 1)}>← Newer</button>
+      <button type="button" class="btn small" data-testid="deployments-older" disabled=${!hasNext} onClick=${() => setPageIx(pageIx + 1)}>Older →</button>
+    </nav>`}
     ${deleting && html`<${Confirm} title="Delete deployment" text=${`Delete ${deleting.id}? Its devices' update records go with it (their history), and its artifact can then be deleted.`} okLabel="Delete deployment" danger onOk=${() => remove(deleting)} onCancel=${() => setDeleting(null)} />`}
     ${canceling && html`<${Confirm} title="Cancel deployment" text=${`Cancel ${canceling.id}? Devices that have not started it will not; devices installing or rebooting finish what they started (an update is never cut halfway).`} okLabel="Cancel deployment" danger onOk=${() => cancel(canceling)} onCancel=${() => setCanceling(null)} />`}
   </section>`;

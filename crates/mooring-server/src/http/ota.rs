@@ -477,15 +477,21 @@ pub(super) async fn create_deployment(
     Ok((StatusCode::CREATED, Json(deployment_body(v))))
 }
 
-#[utoipa::path(get, path = "/api/v1/ota/deployments",
-    responses((status = 200, body = DeploymentList, description = "the newest 100, with counts per state")))]
+#[utoipa::path(get, path = "/api/v1/ota/deployments", params(PageParams),
+    responses((status = 200, body = DeploymentList, description = "a page, newest first, with counts per state (limit 1..=100, default 100)"),
+        (status = 400, body = ErrorBody, description = "invalid_limit, invalid_cursor")))]
 pub(super) async fn list_deployments(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
+    ApiQuery(p): ApiQuery<PageParams>,
 ) -> ApiResult<Json<DeploymentList>> {
-    let list = app.ota.list_deployments(&caller.access).await?;
+    let (list, next_cursor) = app
+        .ota
+        .list_deployments(&caller.access, p.cursor.as_deref(), p.limit)
+        .await?;
     Ok(Json(DeploymentList {
         deployments: list.into_iter().map(deployment_body).collect(),
+        next_cursor,
     }))
 }
 

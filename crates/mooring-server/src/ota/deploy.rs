@@ -119,6 +119,20 @@ fn truncate(mut text: String, max: usize) -> String {
     text
 }
 
+/// `<created_at_ms>.<id>` (a deployment list's cursor) → its parts; `400 invalid_cursor`.
+fn parse_deployment_cursor(cursor: &str) -> ServiceResult<(u64, String)> {
+    let bad = || ServiceError::invalid("invalid_cursor", "cursor is not valid");
+    let (at, id) = cursor.split_once('.').ok_or_else(bad)?;
+    let at: u64 = at.parse().map_err(|_| bad())?;
+    let id_ok = id.strip_prefix("dep_").is_some_and(|h| {
+        !h.is_empty() && h.len() <= 32 && h.bytes().all(|b| b.is_ascii_hexdigit())
+    });
+    if !id_ok {
+        return Err(bad());
+    }
+    Ok((at, id.to_owned()))
+}
+
 /// A deployment and its devices' states.
 #[derive(Debug, Clone)]
 pub struct DeploymentView {
@@ -434,18 +448,47 @@ impl Ota {
         })
     }
 
-    /// The newest deployments `access` sees.
-    pub async fn list_deployments(&self, access: &Access) -> ServiceResult<Vec<DeploymentView>> {
-        let list = self
-            .core
-            .store
-            .list_deployments(DEPLOYMENT_LIST_LEN_MAX)
-            .await?;
-        let mut out = Vec::with_capacity(list.len());
-        for d in list.into_iter().filter(|d| deployment_visible(access, d)) {
-            out.push(self.deployment(&d.id).await?);
+    /// The deployments `access` sees, newest first, a page of at most `limit` (default and
+    /// most [`DEPLOYMENT_LIST_LEN_MAX`]) after `cursor` (the previous page's next cursor); the
+    /// cursor of the page after this one, if there may be one. A scoped caller's page is filled
+    /// from as many stored deployments as it takes (at most `[ota] deployments_max`).
+    pub async fn list_deployments(
+        &self,
+        access: &Access,
+        cursor: Option<&str>,
+        limit: Option<usize>,
+    ) -> ServiceResult<(Vec<DeploymentView>, Option<String>)> {
+        let limit = limit.unwrap_or(DEPLOYMENT_LIST_LEN_MAX);
+        if limit == 0 || limit > DEPLOYMENT_LIST_LEN_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {DEPLOYMENT_LIST_LEN_MAX}"),
+            ));
         }
-        Ok(out)
+        let mut before = cursor.map(parse_deployment_cursor).transpose()?;
+        let mut out = Vec::new();
+        loop {
+            let page = self
+                .core
+                .store
+                .list_deployments(before.as_ref().map(|(at, id)| (*at, id.as_str())), limit)
+                .await?;
+            let more = page.len() == limit;
+            for d in page {
+                before = Some((d.created_at_ms, d.id.clone()));
+                if !deployment_visible(access, &d) {
+                    continue;
+                }
+                out.push(self.deployment(&d.id).await?);
+                if out.len() == limit {
+                    let next = format!("{}.{}", d.created_at_ms, d.id);
+                    return Ok((out, Some(next)));
+                }
+            }
+            if !more {
+                return Ok((out, None));
+            }
+        }
     }
 
     /// Cancels a deployment: updates not yet picked up lose their command (and are `failed`,

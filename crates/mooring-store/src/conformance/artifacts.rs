@@ -270,7 +270,7 @@ where
         Some(dep.clone())
     );
     assert_eq!(
-        store.list_deployments(10).await.expect("list"),
+        store.list_deployments(None, 10).await.expect("list"),
         vec![dep.clone()]
     );
     let mut missing = dep.clone();
@@ -521,6 +521,20 @@ where
         .expect("get")
         .is_none());
 
+    // Pages, newest first (same creation time: by id), each after the last of the previous.
+    let ids = |l: Vec<DeploymentRecord>| l.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    let first = ids(store.list_deployments(None, 1).await.expect("page"));
+    assert_eq!(first, ["dep_0002"]);
+    let second = ids(store
+        .list_deployments(Some((T0, "dep_0002")), 1)
+        .await
+        .expect("page"));
+    assert_eq!(second, ["dep_0001"]);
+    assert!(store
+        .list_deployments(Some((T0, "dep_0001")), 1)
+        .await
+        .expect("page")
+        .is_empty());
     // dep_0001: one device committed, one still downloading: active.
     let report = |dep: &str, device: &str, state: UpdateState, seq: u64| {
         let mut r = update(dep, device);
@@ -591,7 +605,11 @@ where
         store.delete_deployment("dep_0002").await.expect("delete"),
         DeploymentDelete::Deleted
     );
-    assert!(store.list_deployments(10).await.expect("list").is_empty());
+    assert!(store
+        .list_deployments(None, 10)
+        .await
+        .expect("list")
+        .is_empty());
     // The artifact is free again; a place is free for a new deployment.
     assert!(!store.artifact_in_use(&a.id).await.expect("in use"));
     assert_eq!(

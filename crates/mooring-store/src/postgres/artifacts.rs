@@ -506,13 +506,31 @@ impl DeploymentStore for PgStore {
         row.as_ref().map(deployment_from_row).transpose()
     }
 
-    async fn list_deployments(&self, limit: usize) -> Result<Vec<DeploymentRecord>> {
+    async fn list_deployments(
+        &self,
+        before: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<DeploymentRecord>> {
         let limit = count_to_sql(limit);
-        let sql = format!(
-            "SELECT {DEPLOYMENT_COLUMNS} FROM ota_deployments
-             ORDER BY created_at_ms DESC, id DESC LIMIT $1"
-        );
-        let rows = self.query(&sql, &[&limit]).await?;
+        let rows = match before {
+            None => {
+                let sql = format!(
+                    "SELECT {DEPLOYMENT_COLUMNS} FROM ota_deployments
+                     ORDER BY created_at_ms DESC, id DESC LIMIT $1"
+                );
+                self.query(&sql, &[&limit]).await?
+            }
+            Some((at, id)) => {
+                check_text("cursor", id)?;
+                let at = bound_to_sql(at);
+                let sql = format!(
+                    "SELECT {DEPLOYMENT_COLUMNS} FROM ota_deployments
+                     WHERE (created_at_ms, id) < ($2, $3)
+                     ORDER BY created_at_ms DESC, id DESC LIMIT $1"
+                );
+                self.query(&sql, &[&limit, &at, &id]).await?
+            }
+        };
         rows.iter().map(deployment_from_row).collect()
     }
 

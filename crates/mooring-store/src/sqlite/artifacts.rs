@@ -505,16 +505,27 @@ impl DeploymentStore for SqliteStore {
         .await
     }
 
-    async fn list_deployments(&self, limit: usize) -> Result<Vec<DeploymentRecord>> {
+    async fn list_deployments(
+        &self,
+        before: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<DeploymentRecord>> {
         let limit = count_to_sql(limit);
+        let (at, id) = match before {
+            Some((at, id)) => (Some(bound_to_sql(at)), Some(id.to_owned())),
+            None => (None, None),
+        };
         self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached(&format!(
                     "SELECT {DEPLOYMENT_COLUMNS} FROM ota_deployments
+                     WHERE ?2 IS NULL OR (created_at_ms, id) < (?2, ?3)
                      ORDER BY created_at_ms DESC, id DESC LIMIT ?1"
                 ))
                 .db()?;
-            let rows = stmt.query_map(params![limit], deployment_from_row).db()?;
+            let rows = stmt
+                .query_map(params![limit, at, id], deployment_from_row)
+                .db()?;
             rows.collect::<rusqlite::Result<Vec<_>>>().db()
         })
         .await

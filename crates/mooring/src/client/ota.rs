@@ -78,6 +78,11 @@ pub enum OtaCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// List deployments, newest first, with their devices per update state.
+    Deployments {
+        #[command(flatten)]
+        output: OutputArgs,
+    },
     /// A deployment's devices per update state.
     Status {
         /// Deployment id (`dep_...`).
@@ -397,6 +402,28 @@ pub async fn ota(args: ApiArgs, command: OtaCommand) -> anyhow::Result<u8> {
                     d.total,
                     if d.total == 1 { "" } else { "s" }
                 );
+            }
+        }
+        OtaCommand::Deployments { output } => {
+            let all = call(args.connect()?.list_all_deployments().await)?;
+            if output.json() {
+                print_json(&all)?;
+            } else {
+                let mut t = Table::new(&["ID", "VERSION", "SELECTOR", "STATES", "CREATED"]);
+                for d in &all {
+                    let mut states = counts_line(d);
+                    if d.canceled_at.is_some() {
+                        states.push_str(", canceled");
+                    }
+                    t.row(vec![
+                        d.id.clone(),
+                        d.version.clone(),
+                        d.selector.clone(),
+                        states,
+                        rfc3339(d.created_at),
+                    ]);
+                }
+                t.print();
             }
         }
         OtaCommand::Status { id, watch, output } => {
