@@ -1049,9 +1049,15 @@ where
     let mut all = Vec::new();
     let mut cursor = None;
     loop {
-        let (page, next) = fetch(cursor).await?;
+        let (page, next) = fetch(cursor.clone()).await?;
         all.extend(page);
         match next {
+            // A server that hands back the cursor it was given would never end the loop.
+            Some(c) if cursor.as_deref() == Some(c.as_str()) => {
+                return Err(Error::Stream(format!(
+                    "the server answered the same page cursor twice ({c}); stopping"
+                )))
+            }
             Some(c) => cursor = Some(c),
             None => return Ok(all),
         }

@@ -315,15 +315,6 @@ impl UpdateState {
         matches!(self, Self::Committed | Self::RolledBack | Self::Failed)
     }
 
-    /// Whether the device is past the point a cancel stops it (writing the slot, rebooting into
-    /// it, checking it): it finishes and reports how it ended.
-    pub fn is_switching(self) -> bool {
-        matches!(
-            self,
-            Self::Installing | Self::Rebooting | Self::HealthChecking
-        )
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -433,6 +424,10 @@ impl StatusReport {
 pub fn status_topic(id: &DeviceId) -> String {
     format!("devices/{id}/ota/status")
 }
+
+/// The code of a link request refused for now (`[ota] reports_per_minute_max`): the device asks
+/// again later. Every other refusal on `.../ota/link/rejected` is final for that update.
+pub const LINK_RATE_LIMITED: &str = "rate_limited";
 
 /// `devices/<id>/ota/link/request`.
 pub fn link_request_topic(id: &DeviceId) -> String {

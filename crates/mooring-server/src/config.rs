@@ -104,9 +104,10 @@ pub struct OtaConfig {
     /// 10 min; the agent answers at once): past it, the command fails with `timeout` and an
     /// update the device never reported on is `failed` (`command_failed: timeout`).
     pub update_answer_timeout_ms: u64,
-    /// OTA status reports plus link requests one device may send per minute (default 120; an
-    /// update needs about 20): past it, refused (MQTT 5: reason `0x97`; a link request is
-    /// answered `rate_limited`).
+    /// OTA status reports plus link requests one device may send per minute (default 120, at
+    /// least 60; an update needs about 20): past it, a report is not acknowledged (MQTT 5:
+    /// reason `0x97`; 3.1.1: the connection closes) so the device sends it again later, and a
+    /// link request is answered `rate_limited` (the agent retries).
     pub reports_per_minute_max: u32,
 }
 
@@ -916,8 +917,8 @@ impl ServerConfig {
                 crate::ota::DEPLOYMENTS_LIMIT
             );
         }
-        if !(10..=100_000).contains(&o.reports_per_minute_max) {
-            bail!("ota.reports_per_minute_max must be between 10 and 100000");
+        if !(60..=100_000).contains(&o.reports_per_minute_max) {
+            bail!("ota.reports_per_minute_max must be between 60 and 100000");
         }
         if !(1000..=7 * 86_400_000).contains(&o.update_answer_timeout_ms) {
             bail!("ota.update_answer_timeout_ms must be between 1000 (1 s) and 604800000 (7 days)");

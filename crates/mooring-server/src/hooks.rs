@@ -643,8 +643,10 @@ impl Hooks for ServerHooks {
             Some(Topic::OtaStatus(_)) => {
                 return match app.ota.on_status(id.as_str(), &msg.payload).await {
                     Ok(_) => PublishVerdict::Accept,
+                    // Not acknowledged (v3.1.1: the connection closes), so the device's outbox
+                    // sends it again later: a report is never lost to the limit.
                     Err(e) if e.kind == crate::error::ErrorKind::TooManyRequests => {
-                        PublishVerdict::Reject(REASON_QUOTA_EXCEEDED)
+                        PublishVerdict::Failed(REASON_QUOTA_EXCEEDED)
                     }
                     Err(e) if e.kind == crate::error::ErrorKind::InvalidArgument => {
                         tracing::debug!(device = %id, error = %e, "invalid OTA status report");

@@ -1315,19 +1315,15 @@ impl DeviceUpdateRecord {
 /// The final update states as an SQL list (`'committed', 'rolled_back', 'failed'`), from
 /// [`mooring_proto::ota::UpdateState::is_final`].
 /// The condition on `state` of the updates that keep a deployment from being deleted: any not
-/// final, or once it is canceled, those a cancel no longer stops (their reports must still
-/// land).
+/// final, or once it is canceled, any the device started (not final and not `pending`): it
+/// stops at the cancel or finishes, and either way its report must land.
 pub(crate) fn updates_holding_deployment_sql(canceled: bool) -> String {
-    if !canceled {
-        return format!("state NOT IN ({})", final_update_states_sql());
-    }
-    let switching = mooring_proto::ota::UpdateState::ALL
-        .into_iter()
-        .filter(|s| s.is_switching())
-        .map(|s| format!("'{}'", s.as_str()))
-        .collect::<Vec<_>>()
-        .join(", ");
-    format!("state IN ({switching})")
+    let pending = if canceled {
+        format!(", '{}'", mooring_proto::ota::UpdateState::Pending.as_str())
+    } else {
+        String::new()
+    };
+    format!("state NOT IN ({}{pending})", final_update_states_sql())
 }
 
 pub(crate) fn final_update_states_sql() -> String {

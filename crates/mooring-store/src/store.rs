@@ -587,8 +587,8 @@ pub trait DeploymentStore: Send + Sync + 'static {
         count_max: u32,
     ) -> Result<DeploymentCreate>;
     /// Deletes a deployment with its devices' updates, in one transaction, if every update is
-    /// final (`committed`, `rolled_back`, `failed`), or it is canceled and no update is past the
-    /// point a cancel stops it (`installing`, `rebooting`, `health_checking`); else `Active`.
+    /// final (`committed`, `rolled_back`, `failed`), or it is canceled and every update is final
+    /// or still `pending` (the device never started it); else `Active`.
     async fn delete_deployment(&self, id: &str) -> Result<DeploymentDelete>;
     async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRecord>>;
     /// Newest first (by creation time, then id), at most `limit`, those after `before` (the

@@ -22,6 +22,11 @@ fn report(dep: &str, art: &str, state: &str, seq: u64, extra: Value) -> String {
     r.to_string()
 }
 
+/// `mooring ota deploy --artifact <art> --to <selector> -o json`: the deployment.
+fn deploy(server: &Server, art: &str, to: &str) -> Value {
+    server.cli_json(&["ota", "deploy", "--artifact", art, "--to", to, "-o", "json"])
+}
+
 /// The next answer on `devices/<id>/ota/link/#` (the device's own requests, which its filter
 /// covers too, are skipped).
 async fn link_answer(dev: &mut MqttDevice) -> (String, Value) {
@@ -46,16 +51,7 @@ async fn a_deployment_updates_each_device_tracks_reports_refreshes_links_and_can
     let mut d1 = MqttDevice::connect(&server, &creds1, "d1").await;
     d1.subscribe("devices/d1/commands/+").await;
     d1.subscribe("devices/d1/ota/link/#").await;
-    let dep = server.cli_json(&[
-        "ota",
-        "deploy",
-        "--artifact",
-        &art,
-        "--to",
-        "id:d1,d2",
-        "-o",
-        "json",
-    ]);
+    let dep = deploy(&server, &art, "id:d1,d2");
     let dep_id = dep["id"].as_str().expect("id").to_owned();
     assert_eq!(
         (dep["total"].as_u64(), &dep["counts"]),
@@ -691,14 +687,7 @@ async fn the_servers_own_command_names_cannot_be_sent_by_name() {
 #[tokio::test]
 async fn an_update_command_that_fails_or_goes_unanswered_fails_its_update() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let args = support::config_args(tmp.path(), "[ota]\nupdate_answer_timeout_ms = 1000\n");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start_with(
-        &tmp.path().join("data"),
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &args,
-    );
+    let server = Server::start_configured(tmp.path(), "[ota]\nupdate_answer_timeout_ms = 1000\n");
     let creds1 = server.create_device("d1", tmp.path());
     let creds2 = server.create_device("d2", tmp.path());
     let art = upload(&server, tmp.path(), "1.4.0");
@@ -706,17 +695,10 @@ async fn an_update_command_that_fails_or_goes_unanswered_fails_its_update() {
     d1.subscribe("devices/d1/commands/+").await;
     let mut d2 = MqttDevice::connect(&server, &creds2, "d2").await;
     d2.subscribe("devices/d2/commands/+").await;
-    let dep = server.cli_json(&[
-        "ota",
-        "deploy",
-        "--artifact",
-        &art,
-        "--to",
-        "id:d1,d2",
-        "-o",
-        "json",
-    ]);
-    let dep_id = dep["id"].as_str().expect("id").to_owned();
+    let dep_id = deploy(&server, &art, "id:d1,d2")["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
 
     let (topic, _) = d1.next_json().await;
     let cmd1 = topic.rsplit('/').next().expect("id").to_owned();
@@ -765,23 +747,17 @@ async fn an_update_command_that_fails_or_goes_unanswered_fails_its_update() {
 
 /// A device that sends OTA status reports or link requests in a loop is held to
 /// `[ota] reports_per_minute_max` (each costs the server store work): past it, a link request
-/// is answered `rate_limited` and a report is not read; both counted.
+/// is answered `rate_limited` and a report is not read and not acknowledged (MQTT 5: PUBACK
+/// 0x97, so the device sends it again later); both counted.
 #[tokio::test]
 async fn a_device_flooding_ota_reports_and_link_requests_is_limited_per_minute() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let args = support::config_args(tmp.path(), "[ota]\nreports_per_minute_max = 10\n");
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let server = Server::start_with(
-        &tmp.path().join("data"),
-        "127.0.0.1:0",
-        "127.0.0.1:0",
-        &args,
-    );
+    let server = Server::start_configured(tmp.path(), "[ota]\nreports_per_minute_max = 60\n");
     let creds = server.create_device("d1", tmp.path());
     let mut d1 = MqttDevice::connect(&server, &creds, "d1").await;
     d1.subscribe("devices/d1/ota/link/#").await;
     let ask = json!({"v": 1, "deployment_id": "dep_nope", "artifact_id": "art_00000000"});
-    for _ in 0..10 {
+    for _ in 0..60 {
         d1.publish("devices/d1/ota/link/request", &ask.to_string())
             .await;
         let (_, answer) = link_answer(&mut d1).await;
@@ -795,11 +771,25 @@ async fn a_device_flooding_ota_reports_and_link_requests_is_limited_per_minute()
         ("devices/d1/ota/link/rejected", Some("rate_limited")),
         "{answer}"
     );
-    d1.publish(
+    // A report: PUBACK 0x97 (quota exceeded), as mosquitto_pub over MQTT 5 shows.
+    drop(d1);
+    let mut args = creds.mosquitto_args(server.mqtt);
+    let payload = report("dep_nope", "art_00000000", "downloading", 1, json!({}));
+    args.extend(support::s(&[
+        "-V",
+        "mqttv5",
+        "-q",
+        "1",
+        "-i",
+        "d1",
+        "-t",
         "devices/d1/ota/status",
-        &report("dep_nope", "art_00000000", "downloading", 1, json!({})),
-    )
-    .await;
+        "-m",
+        &payload,
+    ]));
+    let out = support::mosquitto_pub(&args);
+    let said = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(said.contains("quota exceeded"), "{said}");
     assert_eq!(
         server
             .metric("mooring_ota_reports_rate_limited_total")

@@ -523,13 +523,18 @@ impl Env for AgentEnv<'_> {
             }
             if msg.topic == rejected {
                 let v: Value = serde_json::from_slice(&msg.payload).unwrap_or(Value::Null);
-                return Err(FetchError::Fatal(format!(
+                let text = format!(
                     "link refused: {}",
                     v["message"]
                         .as_str()
                         .or(v["code"].as_str())
                         .unwrap_or("no reason")
-                )));
+                );
+                // Refused for now (the server's per-device limit): ask again later.
+                if v["code"] == ota::LINK_RATE_LIMITED {
+                    return Err(FetchError::Transient(text));
+                }
+                return Err(FetchError::Fatal(text));
             }
         }
     }

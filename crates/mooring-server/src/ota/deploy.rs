@@ -471,9 +471,12 @@ impl Ota {
             let page = self
                 .core
                 .store
-                .list_deployments(before.as_ref().map(|(at, id)| (*at, id.as_str())), limit)
+                .list_deployments(
+                    before.as_ref().map(|(at, id)| (*at, id.as_str())),
+                    DEPLOYMENT_LIST_LEN_MAX,
+                )
                 .await?;
-            let more = page.len() == limit;
+            let more = page.len() == DEPLOYMENT_LIST_LEN_MAX;
             for d in page {
                 before = Some((d.created_at_ms, d.id.clone()));
                 if !deployment_visible(access, &d) {
@@ -558,7 +561,9 @@ impl Ota {
                                 name: ota::CANCEL_COMMAND.to_owned(),
                                 params: serde_json::to_value(&params)
                                     .map_err(ServiceError::internal)?,
-                                ttl_secs: None,
+                                // As long as the update command: a device that comes back
+                                // late gets the cancel with the update.
+                                ttl_secs: Some(crate::commands::TTL_SECS_MAX),
                                 max_attempts: None,
                                 idempotency_key: Some(format!("ota-cancel:{}", d.id)),
                                 result_timeout_secs: None,
@@ -573,9 +578,9 @@ impl Ota {
     }
 
     /// Deletes a deployment `access` sees, with its devices' updates (their history goes), if
-    /// every device's update is final, or it is canceled and no device is past the point a
-    /// cancel stops it (installing, rebooting, health checking: their reports must still land);
-    /// else `409 deployment_active`. Its artifact may be deleted once no other deployment names
+    /// every device's update is final, or it is canceled and every update is final or still
+    /// pending (a device that started stops at the cancel or finishes; either way its report
+    /// must land); else `409 deployment_active`. Its artifact may be deleted once no other deployment names
     /// it.
     pub async fn delete_deployment(&self, access: &Access, id: &str) -> ServiceResult<()> {
         self.visible_deployment(access, id).await?;
@@ -585,7 +590,7 @@ impl Ota {
             DeploymentDelete::Active => Err(ServiceError::new(
                 ErrorKind::Conflict,
                 "deployment_active",
-                format!("deployment {id} is still going: an update is not final (cancel it first or wait), or, canceled, a device is still installing, rebooting or checking its update (wait for it)"),
+                format!("deployment {id} is still going: an update is not final (cancel it first or wait), or, canceled, a device that started it has not reported how it ended (wait for it; a device that never comes back goes with `mooring device delete`)"),
             )),
         }
     }
@@ -705,7 +710,9 @@ impl Ota {
                 format!("deployment {} was canceled", d.id),
             ));
         }
-        if u.state.is_final() {
+        // Over only if the device said so: a `failed` the server wrote (its command failed,
+        // say) yields to a device that is downloading after all.
+        if u.state.is_final() && u.seq.is_some() {
             return Err(ServiceError::new(
                 ErrorKind::Conflict,
                 "update_over",

@@ -205,7 +205,7 @@ impl Ota {
                 crate::metrics::Counters::inc(&self.core.counters.ota_reports_rate_limited);
                 Err(ServiceError::new(
                     ErrorKind::TooManyRequests,
-                    "rate_limited",
+                    ota::LINK_RATE_LIMITED,
                     match over {
                         crate::ratelimit::Over::Key => format!(
                             "at most {max} OTA status reports and link requests per minute per device"

@@ -298,7 +298,14 @@ where
         .await
         .expect("older"));
     older.seq = Some(5);
-    assert!(!store.apply_update_report(older).await.expect("same seq"));
+    assert!(!store
+        .apply_update_report(older.clone())
+        .await
+        .expect("same seq"));
+    // The server's own conclusion (no seq) never overwrites what the device reported.
+    older.seq = None;
+    older.state = UpdateState::Failed;
+    assert!(!store.apply_update_report(older).await.expect("server"));
     let got = store
         .get_update("dep_0001", "d1")
         .await
@@ -468,7 +475,7 @@ where
 
 /// Creating a deployment past the count bound is `Full` (nothing stored); a deployment is
 /// deleted (with its updates, freeing its artifact) only when every update is final, or when it
-/// is canceled and no device is past the point a cancel stops it; else `Active`; a missing one is
+/// is canceled and every update is final or still pending; else `Active`; a missing one is
 /// `NotFound`.
 pub async fn deployment_count_bound_and_delete_only_when_over<S>(store: &S)
 where
@@ -579,8 +586,8 @@ where
         store.delete_deployment("dep_0001").await.expect("again"),
         DeploymentDelete::NotFound
     );
-    // dep_0002: pending, so active, until canceled; canceled, still held while a device is
-    // past the point a cancel stops it (installing), until that one ends.
+    // dep_0002: pending, so active, until canceled; canceled, still held while a device started
+    // it (installing; deferred or downloading would hold it too), until that one ends.
     assert_eq!(
         store.delete_deployment("dep_0002").await.expect("delete"),
         DeploymentDelete::Active

@@ -457,7 +457,7 @@ impl DeploymentStore for PgStore {
         }
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        // The row locked: a cancel or a report on it waits for this transaction.
+        // The row locked: a cancel waits for this transaction.
         let Some(row) = tx
             .query_opt(
                 "SELECT canceled_at_ms FROM ota_deployments WHERE id = $1 FOR UPDATE",
@@ -469,6 +469,14 @@ impl DeploymentStore for PgStore {
             return Ok(DeploymentDelete::NotFound);
         };
         let canceled = row.get::<_, Option<i64>>(0).is_some();
+        // The updates locked too: a device's report on one waits for this transaction (and then
+        // finds nothing), or committed before it and is seen by the check below.
+        tx.execute(
+            "SELECT 1 FROM ota_device_updates WHERE deployment_id = $1 FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .map_err(pg_error)?;
         let active: bool = tx
             .query_one(
                 &format!(

@@ -80,6 +80,14 @@ impl Server {
         Self::start_with(data_dir, "127.0.0.1:0", "127.0.0.1:0", &[])
     }
 
+    /// A server on ports 0 with its data in `dir/data` and the config file `toml` (written to
+    /// `dir/mooring.toml`).
+    pub fn start_configured(dir: &Path, toml: &str) -> Server {
+        let args = config_args(dir, toml);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_with(&dir.join("data"), "127.0.0.1:0", "127.0.0.1:0", &args)
+    }
+
     pub fn start_with(data_dir: &Path, mqtt: &str, http: &str, extra: &[&str]) -> Server {
         Self::start_custom(data_dir, |cmd| {
             cmd.arg("--data-dir")
