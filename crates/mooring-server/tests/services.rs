@@ -182,3 +182,103 @@ async fn registry_telemetry_commands_and_shadows_through_their_services() {
 fn lock1() -> mooring_proto::DeviceId {
     mooring_proto::DeviceId::parse("lock-1").expect("valid id")
 }
+
+/// The server stops between storing that an update command failed and failing its update (the
+/// commands service does the two one after the other): the OTA sweep (at start, then every
+/// `[ota] sweep_interval_ms`) finds the update still pending, unreported, with an ended command,
+/// and fails it with the reason.
+#[tokio::test]
+async fn an_update_left_pending_by_a_stop_after_its_command_failed_is_failed_by_the_sweep() {
+    use mooring_server::access::Access;
+    use mooring_store::{CommandOutcome, CommandStore};
+    use sha2::Digest as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path()).await;
+    let app = server.app.clone();
+    app.registry
+        .create_device_pinned(
+            "ota-1",
+            Default::default(),
+            PinnedCert {
+                sha256_hex: "cd".repeat(32),
+                serial_hex: "02".into(),
+                not_after_ms: u64::MAX / 2,
+                issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
+            },
+        )
+        .await
+        .expect("device");
+    let bytes = vec![3u8; 4096];
+    let a = app
+        .ota
+        .create_artifact(
+            "test",
+            mooring_server::ota::NewArtifact {
+                version: "2.0.0".into(),
+                compatible: vec!["rev-a".into()],
+                notes: None,
+                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+                size: bytes.len() as u64,
+            },
+        )
+        .await
+        .expect("artifact");
+    app.ota.put_content(&a.id, 0, bytes).await.expect("content");
+    app.ota.complete(&a.id, None).await.expect("complete");
+    let (view, pending) = app
+        .ota
+        .deploy(&Access::all(), "test", &a.id, "id:ota-1", false)
+        .await
+        .expect("deploy");
+    app.ota.send_updates(pending).await;
+    let dep = view.deployment.id;
+    drop(app);
+    server.shutdown().await;
+
+    // What the commands service stored before the stop: the command failed (the device said it
+    // has no updater); the update was never failed.
+    let store = mooring_store::SqliteStore::open(dir.path()).expect("store");
+    let cmd = store
+        .list_commands("ota-1", None, 10, None)
+        .await
+        .expect("commands")
+        .pop()
+        .expect("the update command");
+    let mut failed = cmd.clone();
+    failed.state = CommandState::Failed;
+    failed
+        .history
+        .push((CommandState::Failed, cmd.created_at_ms + 1));
+    failed.result = Some(CommandOutcome {
+        succeeded: false,
+        output: json!({"reason": "no updater"}),
+    });
+    assert!(store
+        .update_command(failed, cmd.state)
+        .await
+        .expect("fail the command"));
+    drop(store);
+
+    let server = start(dir.path()).await;
+    let app = server.app.clone();
+    // The sweep runs at start; one more pass here makes the outcome certain before reading it
+    // (whichever pass came first did the work, the other finds nothing left).
+    app.ota.fail_ended_updates().await.expect("sweep");
+    let history = app
+        .ota
+        .device_history(&Access::all(), "ota-1")
+        .await
+        .expect("history");
+    assert_eq!(history[0].deployment_id, dep);
+    assert_eq!(history[0].state, mooring_proto::ota::UpdateState::Failed);
+    assert_eq!(
+        history[0].reason.as_deref(),
+        Some("command_failed: no updater")
+    );
+    assert!(
+        app.ota.fail_ended_updates().await.expect("sweep") == 0,
+        "nothing is left for the next pass"
+    );
+    drop(app);
+    server.shutdown().await;
+}

@@ -73,6 +73,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0012_revoked_certs_index.sql"),
     include_str!("../migrations/postgres/0013_ota_artifacts.sql"),
     include_str!("../migrations/postgres/0014_ota_unsent_updates.sql"),
+    include_str!("../migrations/postgres/0015_ota_unanswered_updates.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

@@ -80,6 +80,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0015_revoked_certs_index.sql"),
     include_str!("../migrations/0016_ota_artifacts.sql"),
     include_str!("../migrations/0017_ota_unsent_updates.sql"),
+    include_str!("../migrations/0018_ota_unanswered_updates.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

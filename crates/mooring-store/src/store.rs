@@ -632,6 +632,15 @@ pub trait DeploymentStore: Send + Sync + 'static {
         after: Option<(&str, &str)>,
         limit: usize,
     ) -> Result<Vec<(String, String)>>;
+    /// Updates still `pending` that the device never reported on (no `seq`) whose command
+    /// ended without success (`failed`, `expired`, `canceled`), as (deployment, device, command),
+    /// by deployment then device, after `after`, at most `limit`: what a crash kept from being
+    /// failed when its command ended.
+    async fn ended_update_commands(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String, String)>>;
     /// How many of a deployment's updates are in each state.
     async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>>;
     /// A device's updates, newest first, at most `limit`.

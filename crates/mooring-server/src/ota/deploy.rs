@@ -304,6 +304,35 @@ impl Ota {
             .await;
     }
 
+    /// Fails every update a crash left pending after its command ended without success (the
+    /// commands service stores the command's end, then [`update_command_ended`]; a stop between
+    /// the two is finished here). How many it looked at.
+    pub async fn fail_ended_updates(&self) -> ServiceResult<usize> {
+        let mut after: Option<(String, String)> = None;
+        let mut seen = 0;
+        loop {
+            let page = self
+                .core
+                .store
+                .ended_update_commands(
+                    after.as_ref().map(|(d, u)| (d.as_str(), u.as_str())),
+                    DEPLOYMENT_PAGE_LEN,
+                )
+                .await?;
+            let Some((dep, device, _)) = page.last() else {
+                break;
+            };
+            after = Some((dep.clone(), device.clone()));
+            for (_, _, command) in page {
+                if let Some(record) = self.core.store.get_command(&command).await? {
+                    update_command_ended(&self.core, &record).await?;
+                    seen += 1;
+                }
+            }
+        }
+        Ok(seen)
+    }
+
     /// Sends what a crash cut short: every update still pending without a command, of
     /// deployments not canceled (except those this node is sending now). Runs at start and then
     /// every `[ota] sweep_interval_ms` (on the holder of the lease `ota.sweeper`

@@ -254,13 +254,21 @@ impl Ota {
 
     /// One pass of the sweeper (at start, then every [`Ota::sweep_interval_ms`]; once-only
     /// work, on the holder of the lease `ota.sweeper` in a cluster): sends what a crash left
-    /// unsent, deletes abandoned uploads.
+    /// unsent, fails the updates whose command ended while the server could not say so, deletes
+    /// abandoned uploads.
     pub async fn sweep(&self) {
         match self.resume_sends().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(updates = n, "resumed sending updates left unsent"),
             Err(e) => {
                 tracing::warn!(error = %e.message, "resuming unsent updates failed; will retry")
+            }
+        }
+        match self.fail_ended_updates().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(updates = n, "failed updates whose command had ended"),
+            Err(e) => {
+                tracing::warn!(error = %e.message, "failing updates of ended commands failed; will retry")
             }
         }
         match self.expire_uploads().await {

@@ -631,3 +631,110 @@ where
         .await
         .is_ok_and(|d| d == DeploymentDelete::NotFound));
 }
+
+/// `ended_update_commands` lists the updates still pending and never reported on whose command
+/// ended without success (failed, expired, canceled), from a cursor: not those whose command is
+/// still going or succeeded, nor those the device reported on.
+pub async fn deployment_ended_update_commands_list_unreported_updates_of_ended_commands<S>(
+    store: &S,
+) where
+    S: crate::Store + ?Sized,
+{
+    use crate::{CommandRecord, CommandState, DeploymentRecord};
+    use mooring_proto::ota::UpdateState;
+    let devices = ["d1", "d2", "d3", "d4", "d5"];
+    for d in devices {
+        store
+            .create_device(super::new_device(d))
+            .await
+            .expect("device");
+    }
+    let a = artifact(11, "5.0.0");
+    store.create_artifact(a.clone(), 10).await.expect("create");
+    let dep = DeploymentRecord {
+        id: "dep_0001".to_owned(),
+        artifact_id: a.id.clone(),
+        selector: "tag:site=north".to_owned(),
+        allow_downgrade: false,
+        created_by: "tok_admin".to_owned(),
+        created_at_ms: T0,
+        canceled_at_ms: None,
+    };
+    let updates = devices.iter().map(|d| update("dep_0001", d)).collect();
+    store
+        .create_deployment(dep, updates, 10)
+        .await
+        .expect("deploy");
+    // d1 failed, d2 expired, d3 succeeded, d4 still queued, d5 failed but reported on.
+    let ends = [
+        ("d1", Some(CommandState::Failed)),
+        ("d2", Some(CommandState::Expired)),
+        ("d3", Some(CommandState::Succeeded)),
+        ("d4", None),
+        ("d5", Some(CommandState::Failed)),
+    ];
+    for (device, end) in ends {
+        let id = format!("c_{device}");
+        let queued = CommandRecord {
+            id: id.clone(),
+            device_id: super::id(device),
+            name: "mooring.update".to_owned(),
+            params: serde_json::json!({"deployment_id": "dep_0001"}),
+            state: CommandState::Queued,
+            attempts: 0,
+            max_attempts: 5,
+            created_at_ms: T0,
+            expires_at_ms: T0 + 60_000,
+            next_attempt_at_ms: T0,
+            parent_id: None,
+            idempotency_key: None,
+            history: vec![(CommandState::Queued, T0)],
+            result: None,
+            result_timeout_ms: 0,
+        };
+        store
+            .create_commands(None, vec![queued.clone()])
+            .await
+            .expect("command");
+        if let Some(state) = end {
+            let mut ended = queued;
+            ended.state = state;
+            ended.history.push((state, T0 + 1));
+            assert!(store
+                .update_command(ended, CommandState::Queued)
+                .await
+                .expect("end"));
+        }
+        assert!(store
+            .set_update_command("dep_0001", device, &id)
+            .await
+            .expect("cmd"));
+    }
+    let mut r = update("dep_0001", "d5");
+    r.state = UpdateState::Downloading;
+    r.seq = Some(1);
+    assert!(store.apply_update_report(r).await.expect("report"));
+    let triples = |v: Vec<(String, String, String)>| {
+        v.into_iter()
+            .map(|(a, b, c)| format!("{a}/{b}/{c}"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        triples(store.ended_update_commands(None, 100).await.expect("ended")),
+        ["dep_0001/d1/c_d1", "dep_0001/d2/c_d2"]
+    );
+    assert_eq!(
+        triples(
+            store
+                .ended_update_commands(Some(("dep_0001", "d1")), 1)
+                .await
+                .expect("ended")
+        ),
+        ["dep_0001/d2/c_d2"]
+    );
+    assert!(store
+        .ended_update_commands(None, 0)
+        .await
+        .expect("none")
+        .is_empty());
+}

@@ -78,6 +78,7 @@ macro_rules! conformance_tests {
             artifact_expire_uploads_deletes_only_old_uploading_ones_with_their_chunks,
             deployment_updates_follow_newer_reports_and_hold_the_artifact,
             deployment_unsent_updates_skip_sent_reported_and_canceled,
+            deployment_ended_update_commands_list_unreported_updates_of_ended_commands,
             deployment_count_bound_and_delete_only_when_over,
             claim_create_get_find_list_revoke_round_trip,
             claim_live_bounds_per_creator_and_in_total,

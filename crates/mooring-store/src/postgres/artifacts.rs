@@ -674,6 +674,39 @@ impl DeploymentStore for PgStore {
             .collect()
     }
 
+    async fn ended_update_commands(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String, String)>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (dep, dev) = after.unwrap_or(("", ""));
+        let (dep, dev) = (nul_free_cursor(dep), nul_free_cursor(dev));
+        let limit = count_to_sql(limit);
+        let rows = self
+            .query(
+                "SELECT u.deployment_id, u.device_id, u.command_id FROM ota_device_updates u
+                 JOIN commands c ON c.id = u.command_id
+                 WHERE u.command_id IS NOT NULL AND u.seq IS NULL AND u.state = 'pending'
+                   AND c.state IN ('failed', 'expired', 'canceled')
+                   AND (u.deployment_id, u.device_id) > ($1, $2)
+                 ORDER BY u.deployment_id, u.device_id LIMIT $3",
+                &[&dep, &dev, &limit],
+            )
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    column::<String>(r, 0)?,
+                    column::<String>(r, 1)?,
+                    column::<String>(r, 2)?,
+                ))
+            })
+            .collect()
+    }
+
     async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>> {
         if check_text("deployment id", deployment_id).is_err() {
             return Ok(BTreeMap::new());

@@ -669,6 +669,35 @@ impl DeploymentStore for SqliteStore {
         .await
     }
 
+    async fn ended_update_commands(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<(String, String, String)>> {
+        let (dep, dev) = after.unwrap_or(("", ""));
+        let (dep, dev) = (dep.to_owned(), dev.to_owned());
+        let limit = count_to_sql(limit);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT u.deployment_id, u.device_id, u.command_id FROM ota_device_updates u
+                     JOIN commands c ON c.id = u.command_id
+                     WHERE u.command_id IS NOT NULL AND u.seq IS NULL AND u.state = 'pending'
+                       AND c.state IN ('failed', 'expired', 'canceled')
+                       AND (u.deployment_id, u.device_id) > (?1, ?2)
+                     ORDER BY u.deployment_id, u.device_id LIMIT ?3",
+                )
+                .db()?;
+            let rows = stmt
+                .query_map(params![dep, dev, limit], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
+        })
+        .await
+    }
+
     async fn count_updates(&self, deployment_id: &str) -> Result<BTreeMap<String, u64>> {
         let dep = deployment_id.to_owned();
         self.read(move |conn| {
