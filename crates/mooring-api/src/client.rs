@@ -1066,11 +1066,7 @@ where
 
 fn truncate(mut text: String) -> String {
     if text.len() > ERROR_TEXT_BYTES_MAX {
-        let mut end = ERROR_TEXT_BYTES_MAX;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
+        text.truncate(text.floor_char_boundary(ERROR_TEXT_BYTES_MAX));
         text.push('…');
     }
     text

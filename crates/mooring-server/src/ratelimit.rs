@@ -55,13 +55,10 @@ impl PerMinute {
         Ok(())
     }
 
-    /// Keys held now (for tests and metrics).
-    pub fn len(&self) -> usize {
+    /// Keys held now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
         mooring_proto::sync::lock(&self.counts).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -191,40 +191,11 @@ fn lock1() -> mooring_proto::DeviceId {
 async fn an_update_left_pending_by_a_stop_after_its_command_failed_is_failed_by_the_sweep() {
     use mooring_server::access::Access;
     use mooring_store::{CommandOutcome, CommandStore};
-    use sha2::Digest as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let server = start(dir.path()).await;
     let app = server.app.clone();
-    app.registry
-        .create_device_pinned(
-            "ota-1",
-            Default::default(),
-            PinnedCert {
-                sha256_hex: "cd".repeat(32),
-                serial_hex: "02".into(),
-                not_after_ms: u64::MAX / 2,
-                issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
-            },
-        )
-        .await
-        .expect("device");
-    let bytes = vec![3u8; 4096];
-    let a = app
-        .ota
-        .create_artifact(
-            "test",
-            mooring_server::ota::NewArtifact {
-                version: "2.0.0".into(),
-                compatible: vec!["rev-a".into()],
-                notes: None,
-                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
-                size: bytes.len() as u64,
-            },
-        )
-        .await
-        .expect("artifact");
-    app.ota.put_content(&a.id, 0, bytes).await.expect("content");
-    app.ota.complete(&a.id, None).await.expect("complete");
+    support::pinned_device(&app, "ota-1", 0xcd).await;
+    let a = support::ready_artifact(&app, "2.0.0", &[3u8; 4096]).await;
     let (view, pending) = app
         .ota
         .deploy(&Access::all(), "test", &a.id, "id:ota-1", false)

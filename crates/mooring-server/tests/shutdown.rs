@@ -82,48 +82,13 @@ async fn shutdown_with_a_connected_client_frees_the_app_its_store_and_its_writer
 /// `[ota] download_idle_timeout_ms`).
 #[tokio::test]
 async fn shutdown_during_a_stalled_download_frees_the_app() {
-    use mooring_server::registry::PinnedCert;
-    use sha2::Digest as _;
     let dir = tempfile::tempdir().expect("tempdir");
     let server = start(dir.path()).await;
     let probe = server.state_probe();
     let app = server.app.clone();
-    app.registry
-        .create_device_pinned(
-            "dl-1",
-            Default::default(),
-            PinnedCert {
-                sha256_hex: "ab".repeat(32),
-                serial_hex: "01".into(),
-                not_after_ms: u64::MAX / 2,
-                issuer: mooring_store::CERT_ISSUER_FLEET.to_owned(),
-            },
-        )
-        .await
-        .expect("device");
+    support::pinned_device(&app, "dl-1", 0xab).await;
     // Larger than the socket buffers, so the server is left waiting on its client.
-    let bytes = vec![7u8; 16 * 1024 * 1024];
-    let a = app
-        .ota
-        .create_artifact(
-            "test",
-            mooring_server::ota::NewArtifact {
-                version: "2.0.0".into(),
-                compatible: vec!["rev-a".into()],
-                notes: None,
-                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
-                size: bytes.len() as u64,
-            },
-        )
-        .await
-        .expect("artifact");
-    for (i, chunk) in bytes.chunks(4 * 1024 * 1024).enumerate() {
-        app.ota
-            .put_content(&a.id, (i * 4 * 1024 * 1024) as u64, chunk.to_vec())
-            .await
-            .expect("chunk");
-    }
-    app.ota.complete(&a.id, None).await.expect("complete");
+    let a = support::ready_artifact(&app, "2.0.0", &vec![7u8; 16 * 1024 * 1024]).await;
     let registered_at_ms = app
         .registry
         .lookup("dl-1")

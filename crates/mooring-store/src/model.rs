@@ -1020,11 +1020,7 @@ pub(crate) fn step_errors_from_json(text: Option<&str>) -> BTreeMap<String, Step
 
 /// `message` cut to [`STEP_ERROR_LEN_MAX`] bytes at a character boundary.
 pub(crate) fn clip_step_error(message: &str) -> String {
-    let mut end = message.len().min(STEP_ERROR_LEN_MAX);
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    message[..end].to_owned()
+    message[..message.floor_char_boundary(STEP_ERROR_LEN_MAX)].to_owned()
 }
 
 /// A claim token (issue 16): a secret a device enrolls with. Only the token's SHA-256 is stored.

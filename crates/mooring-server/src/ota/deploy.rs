@@ -69,7 +69,7 @@ pub(crate) async fn update_command_ended(
     if r.name != ota::UPDATE_COMMAND {
         return Ok(());
     }
-    let reason = match r.state {
+    let mut reason = match r.state {
         CommandState::Failed => {
             let output = r.result.as_ref().map(|o| &o.output);
             let said = output
@@ -100,23 +100,12 @@ pub(crate) async fn update_command_ended(
         return Ok(());
     }
     u.state = UpdateState::Failed;
-    u.reason = Some(truncate(reason, ota::REASON_LEN_MAX));
+    reason.truncate(reason.floor_char_boundary(ota::REASON_LEN_MAX));
+    u.reason = Some(reason);
     u.progress_pct = None;
     u.updated_at_ms = core.now_ms();
     core.store.apply_update_report(u).await?;
     Ok(())
-}
-
-/// `text` cut to at most `max` bytes on a character boundary.
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 /// `<created_at_ms>.<id>` (a deployment list's cursor) → its parts; `400 invalid_cursor`.

@@ -230,6 +230,19 @@ fn update(dep: &str, device: &str) -> crate::DeviceUpdateRecord {
     }
 }
 
+/// A deployment of artifact 11 (the one [`update`] names), created at `T0`, not canceled.
+fn deployment(id: &str) -> crate::DeploymentRecord {
+    crate::DeploymentRecord {
+        id: id.to_owned(),
+        artifact_id: artifact(11, "5.0.0").id,
+        selector: "tag:site=north".to_owned(),
+        allow_downgrade: false,
+        created_by: "tok_admin".to_owned(),
+        created_at_ms: T0,
+        canceled_at_ms: None,
+    }
+}
+
 /// A deployment is stored with its devices' updates (pending); reports apply only when newer
 /// (`seq`); counts per state; a device's history; cancel keeps its first time; an artifact a
 /// deployment names is in use and not deleted; a deployment of a missing artifact is
@@ -238,7 +251,6 @@ pub async fn deployment_updates_follow_newer_reports_and_hold_the_artifact<S>(st
 where
     S: crate::Store + ?Sized,
 {
-    use crate::DeploymentRecord;
     use mooring_proto::ota::UpdateState;
     for d in ["d1", "d2"] {
         store
@@ -248,15 +260,7 @@ where
     }
     let a = artifact(11, "5.0.0");
     store.create_artifact(a.clone(), 10).await.expect("create");
-    let dep = DeploymentRecord {
-        id: "dep_0001".to_owned(),
-        artifact_id: a.id.clone(),
-        selector: "tag:site=north".to_owned(),
-        allow_downgrade: false,
-        created_by: "tok_admin".to_owned(),
-        created_at_ms: T0,
-        canceled_at_ms: None,
-    };
+    let dep = deployment("dep_0001");
     store
         .create_deployment(
             dep.clone(),
@@ -401,7 +405,6 @@ pub async fn deployment_unsent_updates_skip_sent_reported_and_canceled<S>(store:
 where
     S: crate::Store + ?Sized,
 {
-    use crate::DeploymentRecord;
     use mooring_proto::ota::UpdateState;
     for d in ["d1", "d2", "d3"] {
         store
@@ -411,19 +414,10 @@ where
     }
     let a = artifact(11, "5.0.0");
     store.create_artifact(a.clone(), 10).await.expect("create");
-    let dep = |id: &str| DeploymentRecord {
-        id: id.to_owned(),
-        artifact_id: a.id.clone(),
-        selector: "tag:site=north".to_owned(),
-        allow_downgrade: false,
-        created_by: "tok_admin".to_owned(),
-        created_at_ms: T0,
-        canceled_at_ms: None,
-    };
     for id in ["dep_0001", "dep_0002", "dep_0003"] {
         store
             .create_deployment(
-                dep(id),
+                deployment(id),
                 ["d1", "d2", "d3"].iter().map(|d| update(id, d)).collect(),
                 10,
             )
@@ -491,20 +485,11 @@ where
     }
     let a = artifact(11, "5.0.0");
     store.create_artifact(a.clone(), 10).await.expect("create");
-    let dep = |id: &str| DeploymentRecord {
-        id: id.to_owned(),
-        artifact_id: a.id.clone(),
-        selector: "tag:site=north".to_owned(),
-        allow_downgrade: false,
-        created_by: "tok_admin".to_owned(),
-        created_at_ms: T0,
-        canceled_at_ms: None,
-    };
     let updates = |id: &str| vec![update(id, "d1"), update(id, "d2")];
     for id in ["dep_0001", "dep_0002"] {
         assert_eq!(
             store
-                .create_deployment(dep(id), updates(id), 2)
+                .create_deployment(deployment(id), updates(id), 2)
                 .await
                 .expect("deploy"),
             DeploymentCreate::Created
@@ -512,7 +497,7 @@ where
     }
     assert_eq!(
         store
-            .create_deployment(dep("dep_0003"), updates("dep_0003"), 2)
+            .create_deployment(deployment("dep_0003"), updates("dep_0003"), 2)
             .await
             .expect("full"),
         DeploymentCreate::Full
@@ -621,7 +606,7 @@ where
     assert!(!store.artifact_in_use(&a.id).await.expect("in use"));
     assert_eq!(
         store
-            .create_deployment(dep("dep_0003"), updates("dep_0003"), 2)
+            .create_deployment(deployment("dep_0003"), updates("dep_0003"), 2)
             .await
             .expect("deploy"),
         DeploymentCreate::Created
@@ -640,7 +625,7 @@ pub async fn deployment_ended_update_commands_list_unreported_updates_of_ended_c
 ) where
     S: crate::Store + ?Sized,
 {
-    use crate::{CommandRecord, CommandState, DeploymentRecord};
+    use crate::{CommandRecord, CommandState};
     use mooring_proto::ota::UpdateState;
     let devices = ["d1", "d2", "d3", "d4", "d5"];
     for d in devices {
@@ -651,15 +636,7 @@ pub async fn deployment_ended_update_commands_list_unreported_updates_of_ended_c
     }
     let a = artifact(11, "5.0.0");
     store.create_artifact(a.clone(), 10).await.expect("create");
-    let dep = DeploymentRecord {
-        id: "dep_0001".to_owned(),
-        artifact_id: a.id.clone(),
-        selector: "tag:site=north".to_owned(),
-        allow_downgrade: false,
-        created_by: "tok_admin".to_owned(),
-        created_at_ms: T0,
-        canceled_at_ms: None,
-    };
+    let dep = deployment("dep_0001");
     let updates = devices.iter().map(|d| update("dep_0001", d)).collect();
     store
         .create_deployment(dep, updates, 10)
