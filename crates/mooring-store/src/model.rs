@@ -1308,8 +1308,6 @@ impl DeviceUpdateRecord {
     }
 }
 
-/// The final update states as an SQL list (`'committed', 'rolled_back', 'failed'`), from
-/// [`mooring_proto::ota::UpdateState::is_final`].
 /// The condition on `state` of the updates that keep a deployment from being deleted: any not
 /// final, or once it is canceled, any the device started (not final and not `pending`): it
 /// stops at the cancel or finishes, and either way its report must land.
@@ -1322,6 +1320,8 @@ pub(crate) fn updates_holding_deployment_sql(canceled: bool) -> String {
     format!("state NOT IN ({}{pending})", final_update_states_sql())
 }
 
+/// The final update states as an SQL list (`'committed', 'rolled_back', 'failed'`), from
+/// [`mooring_proto::ota::UpdateState::is_final`].
 pub(crate) fn final_update_states_sql() -> String {
     mooring_proto::ota::UpdateState::ALL
         .into_iter()
