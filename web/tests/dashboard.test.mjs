@@ -397,6 +397,13 @@ test("updates: an artifact deployed to a device from the page, followed there an
   const updates = await api(`/api/v1/devices/${encodeURIComponent(LIVE)}/ota`);
   assert.equal(updates.updates[0].deployment_id, id);
   assert.equal(updates.updates[0].state, "failed");
+  // Its health card counts the refused update command among its command failures, as the API.
+  const health = await api(`/api/v1/devices/${encodeURIComponent(LIVE)}/health`);
+  assert.ok(health.totals.command_failures >= 1, JSON.stringify(health));
+  assert.ok(health.totals.connects >= 1, JSON.stringify(health));
+  await page.getByTestId("device-health")
+    .locator(`[data-testid="health-count"][data-signal="command_failures"][data-total="${health.totals.command_failures}"]`)
+    .waitFor();
   // Canceled from the page: the API agrees.
   await page.getByTestId("nav-ota").click();
   await row.getByTestId("deployment-cancel").click();

@@ -303,6 +303,21 @@ impl Client {
             .await
     }
 
+    /// `GET /api/v1/devices/{id}/health`.
+    pub async fn device_health(&self, id: &str) -> Result<crate::DeviceHealth> {
+        self.get(self.url(&["api", "v1", "devices", id, "health"], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/health`.
+    pub async fn health_summary(
+        &self,
+        params: &crate::HealthParams,
+    ) -> Result<crate::HealthSummary> {
+        self.get(self.url(&["api", "v1", "health"], Some(params))?)
+            .await
+    }
+
     /// `GET /api/v1/fleet/history`.
     pub async fn fleet_history(
         &self,

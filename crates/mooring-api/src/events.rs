@@ -64,6 +64,16 @@ pub enum EventBody {
         reported: serde_json::Map<String, serde_json::Value>,
         version: u64,
     },
+    /// A device reported a new state of an over-the-air update (stored first).
+    Update {
+        deployment_id: String,
+        artifact_id: String,
+        version: String,
+        /// `deferred`, `downloading`, ..., `committed`, `rolled_back`, `failed`.
+        state: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
 }
 
 impl EventBody {
@@ -74,6 +84,7 @@ impl EventBody {
             EventBody::Telemetry { .. } => "telemetry",
             EventBody::Command { .. } => "command",
             EventBody::Shadow { .. } => "shadow",
+            EventBody::Update { .. } => "update",
         }
     }
 }
@@ -151,7 +162,7 @@ mod tests {
             },
             Event {
                 at: 4,
-                device_id: d,
+                device_id: d.clone(),
                 body: EventBody::Shadow {
                     desired: json!({"led": "on"})
                         .as_object()
@@ -159,6 +170,17 @@ mod tests {
                         .unwrap_or_default(),
                     reported: serde_json::Map::new(),
                     version: 2,
+                },
+            },
+            Event {
+                at: 5,
+                device_id: d,
+                body: EventBody::Update {
+                    deployment_id: "dep1".into(),
+                    artifact_id: "art1".into(),
+                    version: "1.4.0".into(),
+                    state: "rolled_back".into(),
+                    reason: Some("health check failed".into()),
                 },
             },
         ]
@@ -176,6 +198,7 @@ mod tests {
             r#"{"at":2,"device_id":"d1","kind":"telemetry","seq":7,"ts":1700000000000,"points":{"door":true,"temp":21.5}}"#,
             r#"{"at":3,"device_id":"d1","kind":"command","command_id":"c1","name":"reboot","state":"queued"}"#,
             r#"{"at":4,"device_id":"d1","kind":"shadow","desired":{"led":"on"},"reported":{},"version":2}"#,
+            r#"{"at":5,"device_id":"d1","kind":"update","deployment_id":"dep1","artifact_id":"art1","version":"1.4.0","state":"rolled_back","reason":"health check failed"}"#,
         ];
         assert_eq!(got, want);
         for (e, text) in one_of_each().into_iter().zip(want) {

@@ -22,6 +22,7 @@ mod devices;
 mod error;
 mod events;
 mod fleet;
+mod health;
 mod jobs;
 mod ota;
 mod pipeline;
@@ -55,6 +56,11 @@ pub use events::{Event, EventBody, EventsParams, EventsReset, StreamItem, RESET_
 pub use fleet::{
     FleetHistory, FleetHistoryParams, FleetSamplePoint, FleetSummary, FleetSummaryParams,
     VersionCount, FLEET_VERSIONS_MAX,
+};
+pub use health::{
+    AgentHealth, BatteryHealth, DeviceHealth, DiagnosticsRef, HealthAnomaly, HealthCounts,
+    HealthGroup, HealthParams, HealthSummary, TelemetryHealth, UpdateProblem,
+    HEALTH_GROUP_KEYS_MAX, HEALTH_TESTED_SIGNALS, HEALTH_WINDOW_HOURS,
 };
 pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
 pub use ota::{

@@ -4,7 +4,9 @@
 //! Each service owns its state behind private fields and is reached only through its methods;
 //! HTTP handlers, MQTT hooks, the CLI and the simulator never touch the storage underneath.
 //! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`;
-//! `Registry`, `Commands` ← `Jobs`; `Registry` ← `Provisioning`.
+//! `Registry`, `Commands` ← `Jobs`; `Registry` ← `Provisioning`; `Registry`, the health
+//! `Tracker` ← `Health`. `Events` holds the tracker as an observer (the tracker holds only the
+//! store), so no service owns a path back to itself.
 
 use crate::accounts::Accounts;
 use crate::audit::Audit;
@@ -96,6 +98,8 @@ pub struct App {
     pub cas: crate::cas::Cas,
     /// Over-the-air updates: artifacts, the update key, download links (issue 17).
     pub ota: crate::ota::Ota,
+    /// Fleet health: per-device signals, the summary per cohort (issue 18).
+    pub health: crate::health::Health,
     /// The OTA service's background tasks (downloads, deployment sends).
     pub ota_tasks: crate::ota::OtaTasks,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
@@ -120,11 +124,16 @@ impl App {
         ota_keys: crate::ota::OtaKeys,
     ) -> Self {
         let node = cluster.as_ref().map(|c| c.node().to_owned());
+        let tracker = Arc::new(crate::health::Tracker::new(
+            config.health.clone(),
+            store.clone(),
+        ));
         let events = Arc::new(Events::new(
             config.events.clone(),
             clock.clone(),
             config.node_id.clone(),
             cluster.clone(),
+            vec![tracker.clone()],
         ));
         let core = Arc::new(Core {
             config,
@@ -155,6 +164,13 @@ impl App {
             ))
         };
         Self {
+            health: crate::health::Health::new(
+                tracker,
+                registry.clone(),
+                core.store.clone(),
+                core.clock.clone(),
+                core.config.health.clone(),
+            ),
             ota: crate::ota::Ota::new(
                 core.clone(),
                 registry.clone(),

@@ -61,6 +61,8 @@ pub struct ServerConfig {
     pub installations: InstallationsConfig,
     /// Over-the-air updates: artifacts, the update key, download tokens (docs/ota.md).
     pub ota: OtaConfig,
+    /// Fleet health signals and the cohort test (docs/health.md).
+    pub health: crate::health::HealthConfig,
 }
 
 /// `[ota]`.
@@ -672,6 +674,7 @@ impl Default for ServerConfig {
             fleet: FleetConfig::default(),
             installations: InstallationsConfig::default(),
             ota: OtaConfig::default(),
+            health: crate::health::HealthConfig::default(),
             jobs: JobsConfig::default(),
             provisioning: ProvisioningConfig::default(),
         }
@@ -886,6 +889,7 @@ impl ServerConfig {
             }
         }
         self.events.validate()?;
+        self.health.validate()?;
         let o = &self.ota;
         if !(1..=crate::ota::ARTIFACT_SIZE_BYTES_LIMIT).contains(&o.artifact_size_bytes_max) {
             bail!(

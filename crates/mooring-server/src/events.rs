@@ -290,6 +290,12 @@ pub struct EventCounters {
     pub resets: AtomicU64,
 }
 
+/// Sees every event this node originates as it is published (fleet health's signals). Called
+/// on the publisher's task: must not block or wait (a short lock at most).
+pub trait Observer: Send + Sync {
+    fn observe(&self, at_ms: u64, device: Option<&DeviceId>, body: &EventBody);
+}
+
 /// The events service: this node's origin and ring, its streams and what it sends other nodes.
 pub struct Events {
     config: EventsConfig,
@@ -301,6 +307,7 @@ pub struct Events {
     /// The ring's end position, for streams waiting for more.
     head: watch::Sender<u64>,
     cluster: Option<Arc<crate::cluster::Cluster>>,
+    observers: Vec<Arc<dyn Observer>>,
     streams: Arc<AtomicUsize>,
     /// Open streams per principal (user or token id); an entry leaves with its last stream.
     per_caller: Arc<Mutex<HashMap<String, usize>>>,
@@ -351,6 +358,7 @@ impl Events {
         clock: Arc<dyn Clock>,
         node: String,
         cluster: Option<Arc<crate::cluster::Cluster>>,
+        observers: Vec<Arc<dyn Observer>>,
     ) -> Self {
         Self {
             config,
@@ -361,6 +369,7 @@ impl Events {
             ring: Mutex::default(),
             head: watch::Sender::new(0),
             cluster,
+            observers,
             streams: Arc::new(AtomicUsize::new(0)),
             per_caller: Arc::default(),
             tasks: TaskTracker::new(),
@@ -377,6 +386,9 @@ impl Events {
     /// Publishes an event that happened here: never waits (a lock held for a push).
     pub fn publish(&self, device: Option<&DeviceId>, body: EventBody) {
         let at_ms = self.clock.now_ms();
+        for o in &self.observers {
+            o.observe(at_ms, device, &body);
+        }
         let kind = body.kind();
         let event = Event {
             at: at_ms,

@@ -53,6 +53,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod health;
 pub mod hooks;
 pub mod http;
 pub mod jobs;

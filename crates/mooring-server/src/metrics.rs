@@ -338,6 +338,16 @@ pub fn render_metrics(app: &App) -> String {
         load(&app.events.counters.published),
     )
     .counter(
+        "mooring_health_flushed_total",
+        "Per-device health deltas this node wrote to the store",
+        load(&app.health.tracker().counters.flushed),
+    )
+    .counter(
+        "mooring_health_dropped_total",
+        "Device events not tracked for health: [health] pending_devices_max devices were waiting for a flush",
+        load(&app.health.tracker().counters.dropped),
+    )
+    .counter(
         "mooring_events_received_total",
         "Live events received from other nodes",
         load(&app.events.counters.received),

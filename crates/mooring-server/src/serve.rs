@@ -494,6 +494,7 @@ impl RunningServer {
             stop_rx.clone(),
         ));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
+        tasks.spawn(health_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(token_expiry_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(compaction_loop(app.clone(), stop_rx.clone()));
@@ -542,6 +543,9 @@ impl RunningServer {
         while tasks.join_next().await.is_some() {}
         if let Err(e) = app.presence.flush().await {
             tracing::warn!(error = %e, "final presence flush failed");
+        }
+        if let Err(e) = app.health.tracker().flush().await {
+            tracing::warn!(error = %e, "final health flush failed");
         }
         if let Some(cluster) = app.cluster() {
             if let Err(e) = app.presence.flush_sessions().await {
@@ -847,6 +851,17 @@ async fn presence_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
     run_every(period, stop, || async {
         if let Err(e) = app.presence.flush().await {
             tracing::warn!(error = %e, "presence flush failed; will retry");
+        }
+    })
+    .await;
+}
+
+/// Fleet health: the signals this node saw reach the store every `[health] flush_interval_ms`.
+async fn health_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
+    let period = Duration::from_millis(app.health.tracker().flush_interval_ms().max(1));
+    run_every(period, stop, || async {
+        if let Err(e) = app.health.tracker().flush().await {
+            tracing::warn!(error = %e, "health flush failed; will retry");
         }
     })
     .await;

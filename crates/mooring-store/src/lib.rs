@@ -73,6 +73,7 @@ pub mod chunk;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
+pub mod health;
 pub mod model;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -100,9 +101,9 @@ pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
     AccountStore, ArtifactBlobs, ArtifactStore, AuditStore, BrokerStateStore, CaStore, CertStore,
-    ClaimStore, ClusterStore, CommandStore, DeploymentStore, DeviceStore, FleetStore, JobStore,
-    ShadowStore, Store, TelemetryStore, TokenStore, CAS_MAX, CERT_PAGE_LEN_MAX,
-    COMMAND_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
+    ClaimStore, ClusterStore, CommandStore, DeploymentStore, DeviceStore, FleetStore, HealthStore,
+    JobStore, ShadowStore, Store, TelemetryStore, TokenStore, CAS_MAX, CERT_PAGE_LEN_MAX,
+    COMMAND_BATCH_LEN_MAX, HEALTH_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

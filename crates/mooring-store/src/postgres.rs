@@ -41,6 +41,7 @@ mod cluster;
 mod commands;
 mod devices;
 mod fleet;
+mod health;
 mod jobs;
 mod shadows;
 mod telemetry;
@@ -74,6 +75,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0013_ota_artifacts.sql"),
     include_str!("../migrations/postgres/0014_ota_unsent_updates.sql"),
     include_str!("../migrations/postgres/0015_ota_unanswered_updates.sql"),
+    include_str!("../migrations/postgres/0016_device_health.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

@@ -43,6 +43,7 @@ mod cluster;
 mod commands;
 mod devices;
 mod fleet;
+mod health;
 mod jobs;
 mod shadows;
 mod telemetry;
@@ -81,6 +82,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0016_ota_artifacts.sql"),
     include_str!("../migrations/0017_ota_unsent_updates.sql"),
     include_str!("../migrations/0018_ota_unanswered_updates.sql"),
+    include_str!("../migrations/0019_device_health.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::Result;
+use crate::health::{DeviceHealth, HealthDelta};
 use crate::model::{
     AppendOutcome, ArtifactCreate, ArtifactDelete, ArtifactRecord, AuditQuery, AuditRecord,
     BrokerOp, BrokerState, CaRecord, CertRecord, CertRenewal, ClaimCreate, ClaimRecord,
@@ -651,6 +652,22 @@ pub trait DeploymentStore: Send + Sync + 'static {
     ) -> Result<Vec<DeviceUpdateRecord>>;
 }
 
+/// Per-device health records (issue 18; [`crate::health`]).
+#[async_trait::async_trait]
+pub trait HealthStore: Send + Sync + 'static {
+    /// Folds each delta into its device's record ([`DeviceHealth::apply`]; a record is
+    /// created for a device with none), all in one transaction; a delta of a device that does
+    /// not exist (any more) is dropped. At most [`HEALTH_BATCH_LEN_MAX`] deltas. Returns how
+    /// many were applied.
+    async fn merge_device_health(&self, deltas: Vec<HealthDelta>, gap_ms: u64) -> Result<usize>;
+    /// The records of those of `ids` that have one, in no particular order. At most
+    /// [`HEALTH_BATCH_LEN_MAX`] ids.
+    async fn get_device_health(&self, ids: &[String]) -> Result<Vec<(String, DeviceHealth)>>;
+}
+
+/// Most deltas one merge, or ids one read, takes.
+pub const HEALTH_BATCH_LEN_MAX: usize = 1000;
+
 /// Everything a Mooring server needs from storage.
 pub trait Store:
     DeviceStore
@@ -670,6 +687,7 @@ pub trait Store:
     + ArtifactStore
     + ArtifactBlobs
     + DeploymentStore
+    + HealthStore
 {
 }
 
@@ -691,5 +709,6 @@ impl<T> Store for T where
         + ArtifactStore
         + ArtifactBlobs
         + DeploymentStore
+        + HealthStore
 {
 }

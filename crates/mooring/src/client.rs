@@ -3,6 +3,7 @@
 
 mod cas;
 mod certs;
+pub mod health;
 mod ota;
 pub use cas::{ca, CaCommand};
 pub use certs::{cert, CertCommand};
@@ -277,6 +278,9 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8>
                 }
                 t.print();
             }
+        }
+        DeviceCommand::Health { id, output } => {
+            return health::device_health(args, &id, output).await;
         }
         DeviceCommand::Show { id, output } => {
             let id = parse_id(&id)?;

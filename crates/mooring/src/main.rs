@@ -80,6 +80,21 @@ enum Command {
         #[command(subcommand)]
         command: FleetCommand,
     },
+    /// Fleet health per cohort (`--group-by tag:site,version`), and the cohorts whose rate of a
+    /// failure signal is significantly above the rest's (docs/health.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Health {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        /// Only devices matching this selector, e.g. 'tag:site=berlin' [default: all].
+        #[arg(long)]
+        selector: Option<String>,
+        /// Cohorts: up to 3 comma-separated keys, each tag:<key> or version.
+        #[arg(long, value_name = "KEYS")]
+        group_by: Option<String>,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
     /// Device certificates: list a device's, list those expiring soon, revoke one
     /// (docs/provisioning.md).
     #[command(after_help = EXIT_STATUS_HELP)]
@@ -257,6 +272,14 @@ enum DeviceCommand {
     },
     /// Show one device, its installation and where it is in its provisioning pipeline.
     Show {
+        /// Device id.
+        id: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// A device's health signals: reconnects, time online, telemetry gaps, command failures,
+    /// restarts and crashes, update rollbacks, battery level and trend (docs/health.md).
+    Health {
         /// Device id.
         id: String,
         #[command(flatten)]
@@ -674,6 +697,12 @@ fn run(command: Command) -> ExitCode {
                     client::fleet_history(api, &since, output).await
                 }
             },
+            Command::Health {
+                api,
+                selector,
+                group_by,
+                output,
+            } => client::health::summary(api, selector, group_by, output).await,
             Command::Bench(args) => mooring_bench::run(args).await.map(|()| client::EXIT_OK),
             Command::Commands { api, command } => client::command(api, command).await,
             Command::Job { api, command } => client::job(api, command).await,

@@ -292,6 +292,17 @@ async fn run(tmp: &tempfile::TempDir, data: &Path, server: &Server) {
         g.reboots() >= 1 && b.reboots() >= 2,
         "a trial boot each, and the revert"
     );
+    // Fleet health counts the rollback among the device's signals (docs/health.md).
+    let (_, h) = server
+        .api("GET", "/api/v1/devices/ota-bad/health", None)
+        .await;
+    assert_eq!(h["totals"]["update_rollbacks"], 1, "{h}");
+    assert_eq!(h["last_update_problem"]["state"], "rolled_back", "{h}");
+    assert_eq!(h["last_update_problem"]["version"], "2.0.0", "{h}");
+    let (_, h) = server
+        .api("GET", "/api/v1/devices/ota-good/health", None)
+        .await;
+    assert_eq!(h["totals"]["update_rollbacks"], 0, "{h}");
     // The running version comes from the agents, in their shadows.
     server
         .wait_for("/api/v1/devices/ota-good/shadow", |v| {

@@ -1,7 +1,7 @@
 // #/devices/<id>: one device: facts and tags, its provisioning pipeline and installation (with
 // the installer's confirmation form), live telemetry chart, shadow (reported vs desired, with an
 // editor), commands (history with live states, send, cancel), updates (OTA history and the A/B
-// slots its agent reports), delete.
+// slots its agent reports), health signals, delete.
 import {
   html, useState, useEffect, useMemo, useRef, useCallback, api, qs, useApi, useEvents, useInterval, can, toast,
   navigate, Loading, Empty, ErrorBox, Async, Dialog, Confirm, PageTitle, OnlineBadge, StateBadge,
@@ -173,6 +173,60 @@ function Provisioning({ id, reloadRef }) {
           : html`<p class="muted">No installation recorded yet.</p>`}
       </div>
       ${can("installations.write") && html`<${InstallForm} id=${id} onDone=${res.reload} />`}
+    `}</${Async}>
+  </section>`;
+}
+
+// ---------------------------------------------------------------- health
+
+const HEALTH_SIGNALS = [
+  ["connects", "Connects"],
+  ["disconnects", "Disconnects"],
+  ["telemetry_gaps", "Telemetry gaps"],
+  ["command_failures", "Command failures"],
+  ["command_timeouts", "Command timeouts"],
+  ["restarts", "Agent restarts"],
+  ["crashes", "Crashes"],
+  ["update_rollbacks", "Update rollbacks"],
+  ["update_failures", "Update failures"],
+];
+/** How often the health card reloads (the server writes signals every few seconds). */
+const HEALTH_RELOAD_MS = 5000;
+
+function fmtDuration(ms) {
+  const s = Math.round(ms / 1000);
+  if (s < 60) return s + " s";
+  if (s < 3600) return Math.round(s / 60) + " min";
+  if (s < 86400) return (s / 3600).toFixed(1) + " h";
+  return (s / 86400).toFixed(1) + " d";
+}
+
+/** The device's health signals (GET /devices/{id}/health, docs/health.md). */
+function Health({ id }) {
+  const res = useApi(`/devices/${enc(id)}/health`, [id]);
+  useInterval(() => res.reload(), HEALTH_RELOAD_MS);
+  return html`<section class="card" data-testid="device-health">
+    <h2>Health</h2>
+    <${Async} res=${res} label="Loading health…">${(h) => html`
+      <div class="grid2">
+        <dl class="facts">
+          <dt>Reconnects</dt><dd data-testid="health-reconnects">${h.reconnects_per_hour.toFixed(2)} per hour</dd>
+          <dt>Online for</dt><dd>${fmtDuration(h.online_ms)}${h.since_ms ? html` <span class="muted">since ${fmtTime(h.since_ms)}</span>` : ""}</dd>
+          <dt>Telemetry</dt><dd>${h.telemetry.last_ms ? fmtAgo(h.telemetry.last_ms) : "never"}${h.telemetry.longest_gap_ms > 0 ? html` <span class="muted">longest gap ${fmtDuration(h.telemetry.longest_gap_ms)}</span>` : ""}</dd>
+          <dt>Battery</dt><dd data-testid="health-battery">${h.battery
+            ? html`${fmtNum(h.battery.level)}${h.battery.trend_per_hour != null ? html` <span class="muted">(${h.battery.trend_per_hour >= 0 ? "+" : ""}${h.battery.trend_per_hour.toFixed(2)}/h${h.battery.hours_to_empty != null ? `, empty in ${h.battery.hours_to_empty.toFixed(0)} h` : ""})</span>` : ""}`
+            : html`<span class="muted">not reported</span>`}</dd>
+          <dt>Agent</dt><dd>${h.agent.boots != null ? `${h.agent.boots} starts, ${h.agent.unclean_stops ?? 0} unclean` : html`<span class="muted">not reported</span>`}</dd>
+          <dt>Diagnostics</dt><dd>${h.last_diagnostics ? html`<span class="mono">${h.last_diagnostics.command_id}</span> ${h.last_diagnostics.state} <span class="muted">${fmtAgo(h.last_diagnostics.at_ms)}</span>` : html`<span class="muted">none</span>`}</dd>
+          <dt>Update problem</dt><dd>${h.last_update_problem ? html`${h.last_update_problem.version} ${h.last_update_problem.state}${h.last_update_problem.reason ? ": " + h.last_update_problem.reason : ""} <span class="muted">${fmtAgo(h.last_update_problem.at_ms)}</span>` : html`<span class="muted">none</span>`}</dd>
+        </dl>
+        <div class="table-wrap"><table class="table">
+          <thead><tr><th>Signal</th><th>Last 24 h</th><th>Total</th></tr></thead>
+          <tbody>${HEALTH_SIGNALS.map(([key, label]) => html`<tr key=${key} data-testid="health-count" data-signal=${key} data-total=${String(h.totals[key])}>
+            <td>${label}</td><td>${h.last_24h[key]}</td><td>${h.totals[key]}</td>
+          </tr>`)}</tbody>
+        </table></div>
+      </div>
     `}</${Async}>
   </section>`;
 }
@@ -537,6 +591,7 @@ export default function Device({ params }) {
       <${Telemetry} id=${id} liveRef=${live} />
       <${Commands} id=${id} commandRef=${command} />
       <${Updates} id=${id} />
+      <${Health} id=${id} />
       ${can("devices.write") && html`<section class="card danger-zone">
         <h2>Delete</h2>
         <p>Deleting removes the device, its telemetry and commands; its certificate stops working.</p>

@@ -3,7 +3,9 @@
 //! without a declared permission; `tests/access.rs` walks every row × every role against a
 //! running server.
 
-use super::{accounts, api, cas, certs, commands, events, fleet, jobs, ota, pipeline, provision};
+use super::{
+    accounts, api, cas, certs, commands, events, fleet, health, jobs, ota, pipeline, provision,
+};
 use crate::access::{role_allows, Permission};
 use crate::app::App;
 use axum::routing::{delete, get, patch, post, put, MethodRouter};
@@ -98,6 +100,9 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         // Fleet statistics.
         row!(get, "/api/v1/fleet/summary", DevicesRead, "fleet.summary", fleet::summary),
         row!(get, "/api/v1/fleet/history", DevicesRead, "fleet.history", fleet::history),
+        // Fleet health.
+        row!(get, "/api/v1/devices/{id}/health", DevicesRead, "device.health", health::device_health),
+        row!(get, "/api/v1/health", DevicesRead, "health.summary", health::summary),
         // Commands and shadows.
         row!(post, "/api/v1/devices/{id}/commands", CommandsWrite, "command.create", commands::create_command),
         row!(get, "/api/v1/devices/{id}/commands", CommandsRead, "command.list", commands::list_commands),

@@ -671,6 +671,13 @@ impl Ota {
                 u.version
             )));
         }
+        let event = mooring_api::EventBody::Update {
+            deployment_id: r.deployment_id.clone(),
+            artifact_id: r.artifact_id.clone(),
+            version: r.version.clone(),
+            state: r.state.as_str().to_owned(),
+            reason: r.reason.clone(),
+        };
         let stored = self
             .core
             .store
@@ -690,6 +697,9 @@ impl Ota {
             .await?;
         if stored {
             crate::metrics::Counters::inc(&self.core.counters.ota_status_reports);
+            if let Ok(id) = mooring_proto::DeviceId::parse(device) {
+                self.core.events.publish(Some(&id), event);
+            }
         }
         Ok(stored)
     }

@@ -16,7 +16,7 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `jobs.rs`, `certs.rs`, `claims.rs`, `cas.rs`, `artifacts.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `health.rs`, `jobs.rs`, `certs.rs`, `claims.rs`, `cas.rs`, `artifacts.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
@@ -30,6 +30,7 @@ mod cluster;
 mod commands;
 mod devices;
 mod fleet;
+mod health;
 mod jobs;
 mod shadows;
 mod telemetry;
@@ -47,6 +48,7 @@ pub use cluster::*;
 pub use commands::*;
 pub use devices::*;
 pub use fleet::*;
+pub use health::*;
 pub use jobs::*;
 pub use shadows::*;
 pub use telemetry::*;
@@ -84,6 +86,8 @@ macro_rules! conformance_tests {
             claim_live_bounds_per_creator_and_in_total,
             enrollment_reservations_take_uses_once_per_key,
             claim_prune_deletes_dead_claims_with_their_enrollments,
+            health_deltas_fold_into_one_record_per_device,
+            health_batches_are_bounded,
             job_create_get_round_trips,
             job_update_is_compare_and_set_on_rev,
             job_list_is_newest_first_with_cursor,

@@ -1,0 +1,709 @@
+//! Fleet health (issue 18): per-device health signals, and the fleet's health per cohort with
+//! the cohorts significantly worse than the rest (docs/health.md).
+//!
+//! Signals come from what the server already sees, with no extra device traffic: the
+//! [`Tracker`] observes every event this node originates ([`crate::events::Observer`]:
+//! presence, telemetry, command outcomes, shadow reports of the agent's start counts, update
+//! reports) as it is published, and keeps one [`HealthDelta`] per device in memory. Every
+//! `[health] flush_interval_ms` (and before every read this node answers, and at shutdown)
+//! the deltas are folded into the stored records ([`mooring_store::HealthStore`]), so no
+//! evaluation reads the telemetry table. In a cluster each node flushes what it saw; a read
+//! on one node includes the others' deltas up to one flush interval late.
+//!
+//! Bounds: the deltas waiting for a flush are at most `[health] pending_devices_max` devices
+//! (beyond, new devices' events are not tracked until the next flush, counted in
+//! `mooring_health_dropped_total`); a delta's battery samples are at most
+//! [`mooring_store::health::BATTERY_SAMPLES_MAX`]; open sessions tracked are bounded the same.
+//!
+//! The fleet summary reads the selection a page of devices at a time (their records by id),
+//! sums each cohort's window counts and device-hours, and runs the cohort test of
+//! [`mooring_health::evaluate`] per failure signal.
+
+use crate::access::Access;
+use crate::error::{ServiceError, ServiceResult};
+use crate::metrics::Counters;
+use crate::registry::{DeviceView, Registry};
+use mooring_api::{EventBody, HealthCounts as ApiCounts, HEALTH_WINDOW_HOURS};
+use mooring_proto::sync::lock;
+use mooring_proto::{Clock, DeviceId};
+use mooring_store::health::{DeviceHealth, DiagnosticsRef, HealthCounts, HealthDelta, UpdateRef};
+use mooring_store::Store;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+
+/// Devices read per page by the fleet summary.
+const SUMMARY_PAGE_LEN: usize = 1000;
+
+/// `[health]`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// The telemetry metric that is the battery level (default `battery`).
+    pub battery_metric: String,
+    /// Below this battery level a device counts in a cohort's `battery_low` (default 20).
+    pub battery_low_level: f64,
+    /// Telemetry that resumes after more than this silence counts a gap (default 15 min).
+    pub telemetry_gap_ms: u64,
+    /// How often each node writes the signals it saw (default 5 s).
+    pub flush_interval_ms: u64,
+    /// Devices whose signals wait for one flush at most (default 200,000).
+    pub pending_devices_max: usize,
+    /// The cohort test: cohorts with fewer devices are not tested (default 20).
+    pub cohort_devices_min: u64,
+    /// The cohort test's false discovery rate across cohorts (default 0.01).
+    pub fdr_q: f64,
+    /// A cohort is flagged only if its rate is at least this many times the rest's (1.5).
+    pub rate_ratio_min: f64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            battery_metric: "battery".to_owned(),
+            battery_low_level: 20.0,
+            telemetry_gap_ms: 15 * 60 * 1000,
+            flush_interval_ms: 5_000,
+            pending_devices_max: 200_000,
+            cohort_devices_min: 20,
+            fdr_q: 0.01,
+            rate_ratio_min: 1.5,
+        }
+    }
+}
+
+impl HealthConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::bail;
+        if self.battery_metric.is_empty() || self.battery_metric.len() > 128 {
+            bail!("health.battery_metric must be 1 to 128 bytes");
+        }
+        if !self.battery_low_level.is_finite() {
+            bail!("health.battery_low_level must be a number");
+        }
+        if !(1_000..=7 * 86_400_000).contains(&self.telemetry_gap_ms) {
+            bail!("health.telemetry_gap_ms must be between 1000 (1 s) and 604800000 (7 days)");
+        }
+        if !(100..=600_000).contains(&self.flush_interval_ms) {
+            bail!("health.flush_interval_ms must be between 100 and 600000 (10 min)");
+        }
+        if !(1..=10_000_000).contains(&self.pending_devices_max) {
+            bail!("health.pending_devices_max must be between 1 and 10000000");
+        }
+        self.cohort_config()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("health: {e}"))?;
+        if self.cohort_devices_min == 0 {
+            bail!("health.cohort_devices_min must be at least 1");
+        }
+        Ok(())
+    }
+
+    fn cohort_config(&self) -> mooring_health::Config {
+        mooring_health::Config {
+            fdr_q: self.fdr_q,
+            devices_min: self.cohort_devices_min,
+            exposure_min: 0.0,
+            rate_ratio_min: self.rate_ratio_min,
+        }
+    }
+}
+
+/// Counters of the tracker (`/metrics`).
+#[derive(Default)]
+pub struct HealthCounters {
+    /// Events not tracked: `pending_devices_max` devices were waiting for a flush.
+    pub dropped: AtomicU64,
+    /// Deltas written to the store.
+    pub flushed: AtomicU64,
+}
+
+#[derive(Default)]
+struct Pending {
+    deltas: HashMap<String, HealthDelta>,
+    /// Sessions open on this node: when each opened.
+    open: HashMap<String, u64>,
+}
+
+/// Sees every event this node originates and keeps the health deltas until a flush.
+pub struct Tracker {
+    config: HealthConfig,
+    store: Arc<dyn Store>,
+    pending: Mutex<Pending>,
+    /// One flush at a time (the loop's, a read's, the last one's), so deltas reach the store
+    /// in the order they were taken.
+    flushing: tokio::sync::Mutex<()>,
+    pub counters: HealthCounters,
+}
+
+impl Tracker {
+    pub(crate) fn new(config: HealthConfig, store: Arc<dyn Store>) -> Self {
+        Tracker {
+            config,
+            store,
+            pending: Mutex::default(),
+            flushing: tokio::sync::Mutex::new(()),
+            counters: HealthCounters::default(),
+        }
+    }
+
+    pub fn flush_interval_ms(&self) -> u64 {
+        self.config.flush_interval_ms
+    }
+
+    /// Writes every waiting delta; on an error they are put back for the next flush.
+    pub async fn flush(&self) -> mooring_store::Result<usize> {
+        let _one = self.flushing.lock().await;
+        let taken: Vec<HealthDelta> = {
+            let mut p = lock(&self.pending);
+            p.deltas.drain().map(|(_, d)| d).collect()
+        };
+        let mut written = 0;
+        let mut rest = taken.into_iter().peekable();
+        while rest.peek().is_some() {
+            let batch: Vec<HealthDelta> = rest
+                .by_ref()
+                .take(mooring_store::HEALTH_BATCH_LEN_MAX)
+                .collect();
+            let n = batch.len();
+            if let Err(e) = self
+                .store
+                .merge_device_health(batch.clone(), self.config.telemetry_gap_ms)
+                .await
+            {
+                self.put_back(batch.into_iter().chain(rest));
+                return Err(e);
+            }
+            written += n;
+            Counters::add(&self.counters.flushed, n as u64);
+        }
+        Ok(written)
+    }
+
+    /// Deltas a failed flush took: merged under what arrived meanwhile (older first).
+    fn put_back(&self, deltas: impl Iterator<Item = HealthDelta>) {
+        let mut p = lock(&self.pending);
+        for mut old in deltas {
+            let key = old.device_id.clone();
+            if let Some(newer) = p.deltas.remove(&key) {
+                old.absorb(newer);
+            }
+            p.deltas.insert(key, old);
+        }
+    }
+
+    /// One event this node originated.
+    fn observe_event(&self, at_ms: u64, device: &DeviceId, body: &EventBody) {
+        let mut p = lock(&self.pending);
+        let p = &mut *p;
+        let id = device.as_str();
+        if !p.deltas.contains_key(id) && p.deltas.len() >= self.config.pending_devices_max {
+            Counters::inc(&self.counters.dropped);
+            return;
+        }
+        let d = p
+            .deltas
+            .entry(id.to_owned())
+            .or_insert_with(|| HealthDelta::new(id, at_ms));
+        match body {
+            EventBody::Presence { online: true, .. } => {
+                d.count(at_ms, |c| c.connects += 1);
+                d.session = Some(Some(at_ms));
+                if p.open.len() < self.config.pending_devices_max || p.open.contains_key(id) {
+                    p.open.insert(id.to_owned(), at_ms);
+                }
+            }
+            EventBody::Presence { online: false, .. } => {
+                d.count(at_ms, |c| c.disconnects += 1);
+                d.session = Some(None);
+                if let Some(since) = p.open.remove(id) {
+                    d.online_ms += at_ms.saturating_sub(since);
+                }
+            }
+            EventBody::Telemetry { points, .. } => {
+                d.telemetry(at_ms, self.config.telemetry_gap_ms);
+                if let Some(level) = points
+                    .get(&self.config.battery_metric)
+                    .and_then(serde_json::Value::as_f64)
+                {
+                    d.battery(at_ms, level);
+                }
+            }
+            EventBody::Command {
+                command_id,
+                name,
+                state,
+                ..
+            } => {
+                match state.as_str() {
+                    "failed" => d.count(at_ms, |c| c.command_failures += 1),
+                    "expired" => d.count(at_ms, |c| c.command_timeouts += 1),
+                    _ => {}
+                }
+                let ended = matches!(state.as_str(), "succeeded" | "failed" | "expired");
+                if ended && name == "diagnostics" {
+                    d.diagnostics = Some(DiagnosticsRef {
+                        command_id: command_id.clone(),
+                        state: state.clone(),
+                        at_ms,
+                    });
+                }
+            }
+            EventBody::Shadow { reported, .. } => {
+                let agent = reported.get("agent");
+                let count = |key: &str| agent.and_then(|a| a.get(key)).and_then(|v| v.as_u64());
+                d.agent_counts(at_ms, count("boots"), count("unclean_stops"));
+            }
+            EventBody::Update {
+                deployment_id,
+                version,
+                state,
+                reason,
+                ..
+            } => {
+                let problem = match state.as_str() {
+                    "rolled_back" => {
+                        d.count(at_ms, |c| c.update_rollbacks += 1);
+                        true
+                    }
+                    "failed" => {
+                        d.count(at_ms, |c| c.update_failures += 1);
+                        true
+                    }
+                    _ => false,
+                };
+                if problem {
+                    d.update_problem = Some(UpdateRef {
+                        deployment_id: deployment_id.clone(),
+                        version: version.clone(),
+                        state: state.clone(),
+                        reason: reason.clone(),
+                        at_ms,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl crate::events::Observer for Tracker {
+    fn observe(&self, at_ms: u64, device: Option<&DeviceId>, body: &EventBody) {
+        if let Some(device) = device {
+            self.observe_event(at_ms, device, body);
+        }
+    }
+}
+
+/// The health service: the tracker's records read per device and per cohort.
+pub struct Health {
+    tracker: Arc<Tracker>,
+    registry: Arc<Registry>,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: HealthConfig,
+}
+
+fn api_counts(c: &HealthCounts) -> ApiCounts {
+    ApiCounts {
+        connects: c.connects,
+        disconnects: c.disconnects,
+        telemetry_gaps: c.telemetry_gaps,
+        command_failures: c.command_failures,
+        command_timeouts: c.command_timeouts,
+        restarts: c.restarts,
+        crashes: c.crashes,
+        update_rollbacks: c.update_rollbacks,
+        update_failures: c.update_failures,
+    }
+}
+
+/// One `group_by` key.
+#[derive(Debug, Clone, PartialEq)]
+enum GroupKey {
+    Tag(String),
+    Version,
+}
+
+impl GroupKey {
+    fn name(&self) -> String {
+        match self {
+            GroupKey::Tag(k) => format!("tag:{k}"),
+            GroupKey::Version => "version".to_owned(),
+        }
+    }
+
+    fn value_of(&self, v: &DeviceView) -> Option<String> {
+        match self {
+            GroupKey::Tag(k) => v.record.tags.get(k).cloned(),
+            GroupKey::Version => v.version.clone(),
+        }
+    }
+}
+
+fn parse_group_by(text: Option<&str>) -> ServiceResult<Vec<GroupKey>> {
+    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let invalid = |why: String| ServiceError::invalid("invalid_group_by", why);
+    let mut keys = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let key = if part == "version" {
+            GroupKey::Version
+        } else if let Some(tag) = part.strip_prefix("tag:") {
+            if tag.is_empty() || tag.len() > 64 {
+                return Err(invalid(format!("{part:?}: a tag key is 1 to 64 bytes")));
+            }
+            GroupKey::Tag(tag.to_owned())
+        } else {
+            return Err(invalid(format!(
+                "{part:?} is not a group key: use tag:<key> or version, comma-separated"
+            )));
+        };
+        if keys.contains(&key) {
+            return Err(invalid(format!("{part:?} is named twice")));
+        }
+        keys.push(key);
+    }
+    if keys.len() > mooring_api::HEALTH_GROUP_KEYS_MAX {
+        return Err(invalid(format!(
+            "at most {} group keys",
+            mooring_api::HEALTH_GROUP_KEYS_MAX
+        )));
+    }
+    Ok(keys)
+}
+
+/// A cohort's label: `hw=rev-b on 1.4.0`, `site=berlin`, `version=1.4.0`; `-` for a missing
+/// value; `all` with no keys.
+fn group_label(keys: &[GroupKey], values: &[Option<String>]) -> String {
+    let shown = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    let tags: Vec<String> = keys
+        .iter()
+        .zip(values)
+        .filter_map(|(k, v)| match k {
+            GroupKey::Tag(t) => Some(format!("{t}={}", shown(v))),
+            GroupKey::Version => None,
+        })
+        .collect();
+    let version = keys
+        .iter()
+        .zip(values)
+        .find(|(k, _)| **k == GroupKey::Version)
+        .map(|(_, v)| shown(v));
+    match (tags.is_empty(), version) {
+        (true, None) => "all".to_owned(),
+        (true, Some(v)) => format!("version={v}"),
+        (false, None) => tags.join(","),
+        (false, Some(v)) => format!("{} on {v}", tags.join(",")),
+    }
+}
+
+#[derive(Default)]
+struct GroupSum {
+    values: Vec<Option<String>>,
+    devices: u64,
+    reporting: u64,
+    online: u64,
+    device_hours: f64,
+    counts: ApiCounts,
+    battery_sum: f64,
+    battery_n: u64,
+    battery_low: u64,
+}
+
+impl Health {
+    pub(crate) fn new(
+        tracker: Arc<Tracker>,
+        registry: Arc<Registry>,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: HealthConfig,
+    ) -> Self {
+        Health {
+            tracker,
+            registry,
+            store,
+            clock,
+            config,
+        }
+    }
+
+    /// The tracker (flushes, counters).
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    /// One device's health (`device_not_found` outside `access`).
+    pub async fn device(
+        &self,
+        access: &Access,
+        id: &str,
+    ) -> ServiceResult<mooring_api::DeviceHealth> {
+        let view = self.registry.get_device(access, id).await?;
+        self.tracker.flush().await?;
+        let id = view.record.id.to_string();
+        let record = self
+            .store
+            .get_device_health(std::slice::from_ref(&id))
+            .await?
+            .into_iter()
+            .next()
+            .map(|(_, h)| h);
+        let now = self.clock.now_ms();
+        Ok(device_view(id, view.online, record.as_ref(), now))
+    }
+
+    /// The selection's health per cohort, and its anomalies.
+    pub async fn summary(
+        &self,
+        access: &Access,
+        selector: Option<&str>,
+        group_by: Option<&str>,
+    ) -> ServiceResult<mooring_api::HealthSummary> {
+        let keys = parse_group_by(group_by)?;
+        let sel = access.selection(selector)?;
+        self.tracker.flush().await?;
+        let now = self.clock.now_ms();
+        let mut groups: BTreeMap<String, GroupSum> = BTreeMap::new();
+        let mut devices = 0u64;
+        let mut cursor: Option<String> = None;
+        loop {
+            let (page, next) = self
+                .registry
+                .select_devices(&sel, cursor.as_deref(), SUMMARY_PAGE_LEN)
+                .await?;
+            let ids: Vec<String> = page.iter().map(|v| v.record.id.to_string()).collect();
+            let records: HashMap<String, DeviceHealth> = self
+                .store
+                .get_device_health(&ids)
+                .await?
+                .into_iter()
+                .collect();
+            for v in &page {
+                devices += 1;
+                let values: Vec<Option<String>> = keys.iter().map(|k| k.value_of(v)).collect();
+                let label = group_label(&keys, &values);
+                if !groups.contains_key(&label) && groups.len() >= mooring_health::COHORTS_MAX {
+                    return Err(ServiceError::invalid(
+                        "too_many_groups",
+                        format!(
+                            "group_by makes more than {} cohorts; group by fewer keys or narrow the selector",
+                            mooring_health::COHORTS_MAX
+                        ),
+                    ));
+                }
+                let g = groups.entry(label).or_insert_with(|| GroupSum {
+                    values,
+                    ..GroupSum::default()
+                });
+                g.devices += 1;
+                g.online += u64::from(v.online);
+                if let Some(h) = records.get(v.record.id.as_str()) {
+                    let (counts, hours) = h.window(now);
+                    g.reporting += 1;
+                    g.device_hours += hours;
+                    g.counts.add(&api_counts(&counts));
+                    if let Some(b) = &h.battery {
+                        g.battery_sum += b.level;
+                        g.battery_n += 1;
+                        g.battery_low += u64::from(b.level < self.config.battery_low_level);
+                    }
+                }
+            }
+            match next {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+        }
+        let anomalies = self.anomalies(&groups)?;
+        let mut out: Vec<mooring_api::HealthGroup> = groups
+            .into_iter()
+            .map(|(label, g)| mooring_api::HealthGroup {
+                key: keys
+                    .iter()
+                    .zip(g.values)
+                    .map(|(k, v)| (k.name(), v))
+                    .collect(),
+                devices: g.devices,
+                reporting: g.reporting,
+                online: g.online,
+                device_hours: g.device_hours,
+                rates: mooring_api::HEALTH_TESTED_SIGNALS
+                    .iter()
+                    .map(|s| {
+                        let n = g.counts.get(s).unwrap_or(0) as f64;
+                        let rate = if g.device_hours > 0.0 {
+                            n / g.device_hours
+                        } else {
+                            0.0
+                        };
+                        ((*s).to_owned(), rate)
+                    })
+                    .collect(),
+                last_24h: g.counts,
+                battery_mean: (g.battery_n > 0).then(|| g.battery_sum / g.battery_n as f64),
+                battery_low: g.battery_low,
+                label,
+            })
+            .collect();
+        out.sort_by(|a, b| b.devices.cmp(&a.devices).then(a.label.cmp(&b.label)));
+        Ok(mooring_api::HealthSummary {
+            selector: selector.map(str::to_owned),
+            group_by: keys.iter().map(GroupKey::name).collect(),
+            window_hours: HEALTH_WINDOW_HOURS,
+            devices,
+            groups: out,
+            anomalies,
+            generated_ms: now,
+        })
+    }
+
+    /// The cohort test per tested signal, over the groups (at least two).
+    fn anomalies(
+        &self,
+        groups: &BTreeMap<String, GroupSum>,
+    ) -> ServiceResult<Vec<mooring_api::HealthAnomaly>> {
+        let mut out = Vec::new();
+        if groups.len() < 2 {
+            return Ok(out);
+        }
+        let config = self.config.cohort_config();
+        for signal in mooring_api::HEALTH_TESTED_SIGNALS {
+            let cohorts: Vec<mooring_health::Cohort> = groups
+                .iter()
+                .map(|(label, g)| mooring_health::Cohort {
+                    label: label.clone(),
+                    devices: g.reporting,
+                    events: g.counts.get(signal).unwrap_or(0),
+                    exposure: g.device_hours,
+                })
+                .collect();
+            let evaluation = mooring_health::evaluate(
+                signal,
+                mooring_health::SignalKind::Rate,
+                &cohorts,
+                &config,
+            )
+            .map_err(|e| ServiceError::internal(format!("cohort test: {e}")))?;
+            for t in evaluation.flagged() {
+                out.push(mooring_api::HealthAnomaly {
+                    signal: signal.to_owned(),
+                    cohort: t.label.clone(),
+                    devices: t.devices,
+                    events: t.events,
+                    rate_ratio: t.rate_ratio,
+                    p_value: t.p_value,
+                    q_value: t.q_value,
+                    description: t.describe(),
+                });
+            }
+        }
+        out.sort_by(|a, b| {
+            a.q_value
+                .total_cmp(&b.q_value)
+                .then(a.cohort.cmp(&b.cohort))
+                .then(a.signal.cmp(&b.signal))
+        });
+        Ok(out)
+    }
+}
+
+/// What `GET /api/v1/devices/{id}/health` answers for a record (or none) at `now`.
+fn device_view(
+    device_id: String,
+    online: bool,
+    record: Option<&DeviceHealth>,
+    now: u64,
+) -> mooring_api::DeviceHealth {
+    let empty = DeviceHealth::default();
+    let h = record.unwrap_or(&empty);
+    let (window, hours) = if record.is_some() {
+        h.window(now)
+    } else {
+        (HealthCounts::default(), 0.0)
+    };
+    mooring_api::DeviceHealth {
+        device_id,
+        online,
+        since_ms: record.map(|h| h.since_ms),
+        window_hours: hours,
+        reconnects_per_hour: if hours > 0.0 {
+            window.connects as f64 / hours
+        } else {
+            0.0
+        },
+        last_24h: api_counts(&window),
+        totals: api_counts(&h.totals),
+        online_ms: h.online_ms_at(now),
+        telemetry: mooring_api::TelemetryHealth {
+            last_ms: h.last_telemetry_ms,
+            silent_ms: h.last_telemetry_ms.map(|t| now.saturating_sub(t)),
+            longest_gap_ms: h.longest_gap_ms,
+        },
+        battery: h.battery.map(|b| mooring_api::BatteryHealth {
+            level: b.level,
+            at_ms: b.at_ms,
+            trend_per_hour: b.trend_per_hour,
+            hours_to_empty: b
+                .trend_per_hour
+                .filter(|t| *t < 0.0 && b.level > 0.0)
+                .map(|t| b.level / -t),
+        }),
+        agent: mooring_api::AgentHealth {
+            boots: h.boots,
+            unclean_stops: h.unclean_stops,
+        },
+        last_diagnostics: h
+            .last_diagnostics
+            .as_ref()
+            .map(|d| mooring_api::DiagnosticsRef {
+                command_id: d.command_id.clone(),
+                state: d.state.clone(),
+                at_ms: d.at_ms,
+            }),
+        last_update_problem: h
+            .last_update_problem
+            .as_ref()
+            .map(|u| mooring_api::UpdateProblem {
+                deployment_id: u.deployment_id.clone(),
+                version: u.version.clone(),
+                state: u.state.clone(),
+                reason: u.reason.clone(),
+                at_ms: u.at_ms,
+            }),
+        generated_ms: now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_by_parses_tags_and_version_and_refuses_the_rest() {
+        assert_eq!(parse_group_by(None).ok(), Some(Vec::new()));
+        assert_eq!(
+            parse_group_by(Some("tag:hw, version")).ok(),
+            Some(vec![GroupKey::Tag("hw".into()), GroupKey::Version])
+        );
+        for bad in [
+            "site",
+            "tag:",
+            "version,version",
+            "tag:a,tag:b,tag:c,version",
+        ] {
+            let e = parse_group_by(Some(bad)).err().map(|e| e.code);
+            assert_eq!(e, Some("invalid_group_by"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn labels_read_like_the_alerts() {
+        let keys = [GroupKey::Tag("hw".into()), GroupKey::Version];
+        let label = group_label(&keys, &[Some("rev-b".into()), Some("1.4.0".into())]);
+        assert_eq!(label, "hw=rev-b on 1.4.0");
+        assert_eq!(group_label(&keys[..1], &[None]), "hw=-");
+        assert_eq!(group_label(&keys[1..], &[Some("2".into())]), "version=2");
+        assert_eq!(group_label(&[], &[]), "all");
+    }
+}
