@@ -437,6 +437,55 @@ test("updates: an artifact deployed to a device from the page, followed there an
   await admin.context().close();
 });
 
+test("alerts: a rule refused with the column of its error, then created from the page; its alert followed, acknowledged; a viewer sees no actions; deleting the rule resolves it", async () => {
+  const page = await newPage();
+  await login(page, ADMIN);
+  await page.getByTestId("nav-alerts").click();
+  await page.getByTestId("rule-create").click();
+  const dialog = page.getByTestId("rule-dialog");
+  await dialog.getByTestId("rule-name").fill("live-memory");
+  await dialog.getByTestId("rule-when").fill("mem.used_bytes >> 0");
+  await dialog.getByTestId("rule-selector").fill(`id:${LIVE}`);
+  await dialog.getByTestId("rule-then").fill("alert:critical");
+  await dialog.getByTestId("rule-submit").click();
+  await dialog.getByTestId("rule-error").filter({ hasText: "column" }).waitFor();
+  // Fixed: any memory reading of the live agent (it reports every second) fires it.
+  await dialog.getByTestId("rule-when").fill("mem.used_bytes > 0");
+  await dialog.getByTestId("rule-submit").click();
+  const row = page.locator('[data-testid="rule-row"][data-name="live-memory"][data-status="active"]');
+  await row.waitFor();
+  const ruleId = await row.getAttribute("data-rule-id");
+  const alert = page.locator(`[data-testid="alert-row"][data-device-id="${LIVE}"][data-state="firing"]`);
+  await alert.waitFor();
+  const alertId = await alert.getAttribute("data-alert-id");
+  const fired = await api(`/api/v1/alerts/${alertId}`);
+  assert.equal(fired.rule_id, ruleId);
+  assert.equal(fired.severity, "critical");
+  await alert.getByTestId("alert-ack").click();
+  await page.locator(`[data-testid="alert-row"][data-alert-id="${alertId}"][data-state="acknowledged"]`).waitFor();
+  assert.equal((await api(`/api/v1/alerts/${alertId}`)).state, "acknowledged");
+  assert.deepEqual(page.errors, []);
+  // A viewer sees the alert and the rule, and no action.
+  const viewer = await newPage();
+  await login(viewer, VIEWER);
+  await viewer.getByTestId("nav-alerts").click();
+  await viewer.locator(`[data-testid="alert-row"][data-alert-id="${alertId}"]`).waitFor();
+  await viewer.locator(`[data-testid="rule-row"][data-rule-id="${ruleId}"]`).waitFor();
+  assert.equal(await viewer.getByTestId("rule-create").count(), 0);
+  assert.equal(await viewer.getByTestId("rule-delete").count(), 0);
+  assert.equal(await viewer.getByTestId("alert-resolve").count(), 0);
+  assert.deepEqual(viewer.errors, []);
+  await viewer.context().close();
+  // Deleted from the page: its open alert is resolved.
+  await row.getByTestId("rule-delete").click();
+  await page.getByRole("dialog").getByRole("button", { name: "Delete" }).click();
+  await page.locator(`[data-testid="rule-row"][data-rule-id="${ruleId}"]`).waitFor({ state: "detached" });
+  const gone = await api(`/api/v1/alerts/${alertId}`);
+  assert.equal(gone.state, "resolved");
+  assert.equal(gone.resolved_by, "rule_deleted");
+  await page.context().close();
+});
+
 test("screenshots", { skip: !process.env.SCREENSHOTS }, async () => {
   const dir = process.env.SCREENSHOTS;
   const pages = [

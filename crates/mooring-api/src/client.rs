@@ -303,6 +303,62 @@ impl Client {
             .await
     }
 
+    /// `POST /api/v1/rules`.
+    pub async fn create_rule(&self, req: &crate::CreateRule) -> Result<crate::Rule> {
+        let url = self.url(&["api", "v1", "rules"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/rules`.
+    pub async fn list_rules(&self) -> Result<crate::RuleList> {
+        self.get(self.url(&["api", "v1", "rules"], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/rules/{id}`.
+    pub async fn get_rule(&self, id: &str) -> Result<crate::Rule> {
+        self.get(self.url(&["api", "v1", "rules", id], None::<&()>)?)
+            .await
+    }
+
+    /// `PATCH /api/v1/rules/{id}`.
+    pub async fn update_rule(&self, id: &str, req: &crate::UpdateRule) -> Result<crate::Rule> {
+        let url = self.url(&["api", "v1", "rules", id], None::<&()>)?;
+        Ok(self.json(Method::PATCH, url, Some(req), None).await?.1)
+    }
+
+    /// `DELETE /api/v1/rules/{id}`.
+    pub async fn delete_rule(&self, id: &str) -> Result<()> {
+        let url = self.url(&["api", "v1", "rules", id], None::<&()>)?;
+        self.send(Method::DELETE, url, None::<&()>, &[], None)
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /api/v1/alerts` (one page).
+    pub async fn list_alerts(&self, params: &crate::AlertListParams) -> Result<crate::AlertList> {
+        self.get(self.url(&["api", "v1", "alerts"], Some(params))?)
+            .await
+    }
+
+    /// `GET /api/v1/alerts/{id}`.
+    pub async fn get_alert(&self, id: &str) -> Result<crate::Alert> {
+        self.get(self.url(&["api", "v1", "alerts", id], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/alerts/{id}/acknowledge`.
+    pub async fn acknowledge_alert(&self, id: &str) -> Result<crate::Alert> {
+        let url = self.url(&["api", "v1", "alerts", id, "acknowledge"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
+    }
+
+    /// `POST /api/v1/alerts/{id}/resolve`.
+    pub async fn resolve_alert(&self, id: &str) -> Result<crate::Alert> {
+        let url = self.url(&["api", "v1", "alerts", id, "resolve"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
+    }
+
     /// `GET /api/v1/devices/{id}/health`.
     pub async fn device_health(&self, id: &str) -> Result<crate::DeviceHealth> {
         self.get(self.url(&["api", "v1", "devices", id, "health"], None::<&()>)?)

@@ -27,6 +27,7 @@ mod jobs;
 mod ota;
 mod pipeline;
 mod provision;
+mod rules;
 mod shadow;
 mod telemetry;
 mod tokens;
@@ -75,6 +76,7 @@ pub use pipeline::{
 pub use provision::{
     parse_duration_ms, Claim, ClaimList, CreateClaim, CreatedClaim, EnrollRequest, EnrollResponse,
 };
+pub use rules::{Alert, AlertList, AlertListParams, CreateRule, Rule, RuleList, UpdateRule};
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
 pub use tokens::{CreateToken, CreatedToken, PageParams, TokenInfo, TokenList};

@@ -177,6 +177,32 @@ pub fn parse_scope(text: &str) -> ServiceResult<Selector> {
     Ok(sel)
 }
 
+/// The role and scope (as stored: the parsed selector's text) that `principal` holds now: a
+/// user (an email) must exist and be enabled, a token (its id) exist, unrevoked and unexpired.
+/// `Err` says why it holds none. Work that outlives its request (jobs, rules) re-checks its
+/// creator with this, so it stops when the creator could no longer start it.
+pub(crate) async fn principal_now(
+    store: &dyn mooring_store::Store,
+    principal: &str,
+    now_ms: u64,
+) -> ServiceResult<Result<(Role, Option<String>), String>> {
+    let (role, scope) = if principal.contains('@') {
+        match store.find_user_by_email(principal).await? {
+            Some(u) if !u.disabled => (u.role, u.scope),
+            Some(_) => return Ok(Err(format!("{principal} was disabled"))),
+            None => return Ok(Err(format!("{principal} was deleted"))),
+        }
+    } else {
+        match store.get_token(principal).await? {
+            Some(t) if !t.is_live(now_ms) => return Ok(Err(format!("token {principal} expired"))),
+            Some(t) => (t.role, t.scope),
+            None => return Ok(Err(format!("token {principal} was revoked"))),
+        }
+    };
+    let scope = scope.map(|s| Selector::parse(&s).map_or(s, |sel| sel.to_string()));
+    Ok(Ok((role, scope)))
+}
+
 /// The access of a stored scope text (already validated when it was stored). A stored scope
 /// that no longer parses grants no device rather than every device.
 pub fn access_of(scope: Option<&str>) -> Access {

@@ -5,8 +5,9 @@
 //! HTTP handlers, MQTT hooks, the CLI and the simulator never touch the storage underneath.
 //! Dependencies point one way: `Presence` ← `Registry` ← `Telemetry`, `Commands`, `Shadows`;
 //! `Registry`, `Commands` ← `Jobs`; `Registry` ← `Provisioning`; `Registry`, the health
-//! `Tracker` ← `Health`. `Events` holds the tracker as an observer (the tracker holds only the
-//! store), so no service owns a path back to itself.
+//! `Tracker` ← `Health`; `Registry`, `Commands` ← `Rules`. `Events` holds the tracker and the
+//! rules' feed as observers (they hold only the store and a queue sender), so no service owns
+//! a path back to itself.
 
 use crate::accounts::Accounts;
 use crate::audit::Audit;
@@ -98,6 +99,8 @@ pub struct App {
     pub cas: crate::cas::Cas,
     /// Over-the-air updates: artifacts, the update key, download links (issue 17).
     pub ota: crate::ota::Ota,
+    /// Rules and alerts: evaluated on this node's events (issue 18).
+    pub rules: Arc<crate::rules::Rules>,
     /// Fleet health: per-device signals, the summary per cohort (issue 18).
     pub health: crate::health::Health,
     /// The OTA service's background tasks (downloads, deployment sends).
@@ -128,12 +131,13 @@ impl App {
             config.health.clone(),
             store.clone(),
         ));
+        let (rule_feed, rule_rx) = crate::rules::Rules::feed(&config.rules);
         let events = Arc::new(Events::new(
             config.events.clone(),
             clock.clone(),
             config.node_id.clone(),
             cluster.clone(),
-            vec![tracker.clone()],
+            vec![tracker.clone(), rule_feed.clone()],
         ));
         let core = Arc::new(Core {
             config,
@@ -164,6 +168,13 @@ impl App {
             ))
         };
         Self {
+            rules: Arc::new(crate::rules::Rules::new(
+                core.clone(),
+                registry.clone(),
+                commands.clone(),
+                rule_feed,
+                rule_rx,
+            )),
             health: crate::health::Health::new(
                 tracker,
                 registry.clone(),

@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub ota: OtaConfig,
     /// Fleet health signals and the cohort test (docs/health.md).
     pub health: crate::health::HealthConfig,
+    /// Rules and alerts (docs/health.md).
+    pub rules: crate::rules::RulesConfig,
 }
 
 /// `[ota]`.
@@ -675,6 +677,7 @@ impl Default for ServerConfig {
             installations: InstallationsConfig::default(),
             ota: OtaConfig::default(),
             health: crate::health::HealthConfig::default(),
+            rules: crate::rules::RulesConfig::default(),
             jobs: JobsConfig::default(),
             provisioning: ProvisioningConfig::default(),
         }
@@ -890,6 +893,7 @@ impl ServerConfig {
         }
         self.events.validate()?;
         self.health.validate()?;
+        self.rules.validate()?;
         let o = &self.ota;
         if !(1..=crate::ota::ARTIFACT_SIZE_BYTES_LIMIT).contains(&o.artifact_size_bytes_max) {
             bail!(

@@ -698,24 +698,16 @@ impl Jobs {
         job: &JobRecord,
         action: &JobAction,
     ) -> ServiceResult<Option<String>> {
-        let store = &self.core.store;
-        let (role, scope) = if job.created_by.contains('@') {
-            match store.find_user_by_email(&job.created_by).await? {
-                Some(u) if !u.disabled => (u.role, u.scope),
-                Some(_) => return Ok(Some(format!("{} was disabled", job.created_by))),
-                None => return Ok(Some(format!("{} was deleted", job.created_by))),
-            }
-        } else {
-            match store.get_token(&job.created_by).await? {
-                Some(t) if !t.is_live(self.core.now_ms()) => {
-                    return Ok(Some(format!("token {} expired", job.created_by)))
-                }
-                Some(t) => (t.role, t.scope),
-                None => return Ok(Some(format!("token {} was revoked", job.created_by))),
-            }
+        let (role, scope) = match crate::access::principal_now(
+            self.core.store.as_ref(),
+            &job.created_by,
+            self.core.now_ms(),
+        )
+        .await?
+        {
+            Ok(held) => held,
+            Err(why) => return Ok(Some(why)),
         };
-        // Compared as the job stores it: the parsed selector's text.
-        let scope = scope.map(|s| Selector::parse(&s).map_or(s, |sel| sel.to_string()));
         if !action.allowed_for(role) {
             return Ok(Some(format!(
                 "{} no longer has the permissions this job needs (role {})",

@@ -66,6 +66,7 @@ pub mod presence;
 pub mod provision;
 pub mod ratelimit;
 pub mod registry;
+pub mod rules;
 mod serve;
 pub mod shadow;
 pub mod telemetry;

@@ -231,6 +231,7 @@ pub fn render_metrics(app: &App) -> String {
                 crate::cluster::LEASE_REAPER,
                 crate::cluster::LEASE_JOBS,
                 crate::cluster::LEASE_OTA,
+                crate::cluster::LEASE_RULES,
             ]
             .into_iter()
             .map(|l| (l, if held.contains(&l) { 1.0 } else { 0.0 })),
@@ -336,6 +337,46 @@ pub fn render_metrics(app: &App) -> String {
         "mooring_events_published_total",
         "Live events this node originated",
         load(&app.events.counters.published),
+    )
+    .counter(
+        "mooring_rules_events_dropped_total",
+        "Events not evaluated by rules: the evaluation queue ([rules] queue_len) was full",
+        load(&app.rules.counters.events_dropped),
+    )
+    .counter(
+        "mooring_rules_evaluated_total",
+        "Events evaluated against a rule that applies to their device",
+        load(&app.rules.counters.evaluated),
+    )
+    .counter(
+        "mooring_rules_fired_total",
+        "Times a rule's condition started to hold for a device",
+        load(&app.rules.counters.fired),
+    )
+    .counter(
+        "mooring_rules_cleared_total",
+        "Times a rule's condition stopped holding for a device",
+        load(&app.rules.counters.cleared),
+    )
+    .counter(
+        "mooring_rules_states_dropped_total",
+        "Devices a rule could not follow: [rules] states_max (rule, device) states were held",
+        load(&app.rules.counters.states_dropped),
+    )
+    .counter(
+        "mooring_rules_alerts_dropped_total",
+        "Alerts not raised: [rules] alerts_open_max alerts were open",
+        load(&app.rules.counters.alerts_dropped),
+    )
+    .counter(
+        "mooring_rules_actions_failed_total",
+        "Rule actions that failed (see the log)",
+        load(&app.rules.counters.actions_failed),
+    )
+    .gauge(
+        "mooring_rules_states",
+        "(rule, device) states this node holds",
+        app.rules.states_len() as f64,
     )
     .counter(
         "mooring_health_flushed_total",

@@ -495,6 +495,7 @@ impl RunningServer {
         ));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(health_flush_loop(app.clone(), stop_rx.clone()));
+        tasks.spawn(crate::rules::run_rules(app.rules.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(token_expiry_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(compaction_loop(app.clone(), stop_rx.clone()));

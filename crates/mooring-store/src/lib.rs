@@ -85,25 +85,25 @@ pub use blobs::{FileBlobs, StoreBlobs};
 pub use broker_writer::{BrokerStateWriter, BrokerWriterStats, BROKER_BATCH_OPS_MAX};
 pub use error::{Result, StoreError};
 pub use model::{
-    cert_issuer_of_ca, cert_issuer_of_fleet_ca, AppendOutcome, ArtifactCreate, ArtifactDelete,
-    ArtifactRecord, ArtifactState, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord,
-    CertRecord, CertRenewal, CertState, ClaimCreate, ClaimRecord, CommandOutcome,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentCreate,
-    DeploymentDelete, DeploymentRecord, DeviceActivity, DeviceFilter, DeviceId, DeviceRecord,
-    DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
-    Installation, JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter,
-    PipelineCounts, Point, Role, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts, CERT_ISSUER_FLEET,
-    STEP_ERROR_LEN_MAX, TS_MS_MAX,
+    cert_issuer_of_ca, cert_issuer_of_fleet_ca, AlertFire, AlertRecord, AlertState, AppendOutcome,
+    ArtifactCreate, ArtifactDelete, ArtifactRecord, ArtifactState, AuditQuery, AuditRecord,
+    BrokerOp, BrokerState, CaRecord, CertRecord, CertRenewal, CertState, ClaimCreate, ClaimRecord,
+    CommandOutcome, CommandParentRecord, CommandRecord, CommandState, CreateOutcome,
+    DeploymentCreate, DeploymentDelete, DeploymentRecord, DeviceActivity, DeviceFilter, DeviceId,
+    DeviceRecord, DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve, FleetSample,
+    FleetTotals, Installation, JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter,
+    PipelineCounts, Point, Role, RuleRecord, SessionOp, SessionRecord, ShadowRecord, StepError,
+    StoredSession, TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    AccountStore, ArtifactBlobs, ArtifactStore, AuditStore, BrokerStateStore, CaStore, CertStore,
-    ClaimStore, ClusterStore, CommandStore, DeploymentStore, DeviceStore, FleetStore, HealthStore,
-    JobStore, ShadowStore, Store, TelemetryStore, TokenStore, CAS_MAX, CERT_PAGE_LEN_MAX,
-    COMMAND_BATCH_LEN_MAX, HEALTH_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
+    AccountStore, AlertFilter, ArtifactBlobs, ArtifactStore, AuditStore, BrokerStateStore, CaStore,
+    CertStore, ClaimStore, ClusterStore, CommandStore, DeploymentStore, DeviceStore, FleetStore,
+    HealthStore, JobStore, RuleStore, ShadowStore, Store, TelemetryStore, TokenStore, CAS_MAX,
+    CERT_PAGE_LEN_MAX, COMMAND_BATCH_LEN_MAX, HEALTH_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

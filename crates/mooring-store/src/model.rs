@@ -1337,3 +1337,93 @@ pub(crate) fn update_state_of(s: &str) -> Option<mooring_proto::ota::UpdateState
         .into_iter()
         .find(|x| x.as_str() == s)
 }
+
+/// A stored rule (issue 18; docs/health.md "Rules"): the texts as given, checked by the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleRecord {
+    pub id: String,
+    /// Unique.
+    pub name: String,
+    /// The condition (`--when`).
+    pub when: String,
+    /// The devices it applies to (`None`: every device the creator may see).
+    pub selector: Option<String>,
+    /// The creator's scope when it was created: the rule never reaches beyond it.
+    pub scope: Option<String>,
+    /// The actions (`--then`).
+    pub then: String,
+    pub enabled: bool,
+    pub created_by: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+}
+
+/// Where an alert is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AlertState {
+    Firing,
+    Acknowledged,
+    Resolved,
+}
+
+impl AlertState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertState::Firing => "firing",
+            AlertState::Acknowledged => "acknowledged",
+            AlertState::Resolved => "resolved",
+        }
+    }
+}
+
+impl FromStr for AlertState {
+    type Err = StoreError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "firing" => Ok(AlertState::Firing),
+            "acknowledged" => Ok(AlertState::Acknowledged),
+            "resolved" => Ok(AlertState::Resolved),
+            other => Err(StoreError::Backend(format!(
+                "unknown alert state {other:?}"
+            ))),
+        }
+    }
+}
+
+/// An alert: one per rule and device while open (firing or acknowledged); a rule that fires
+/// again for the device while its alert is open counts one more occurrence of that alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRecord {
+    pub id: String,
+    pub rule_id: String,
+    pub rule_name: String,
+    /// The device (empty: an alert about the fleet, not one device).
+    pub device_id: String,
+    /// `info`, `warning` or `critical`.
+    pub severity: String,
+    pub state: AlertState,
+    /// What was seen when it last fired.
+    pub detail: String,
+    /// Times it fired while open.
+    pub count: u64,
+    pub first_fired_ms: u64,
+    pub last_fired_ms: u64,
+    pub acknowledged_at_ms: Option<u64>,
+    pub acknowledged_by: Option<String>,
+    pub resolved_at_ms: Option<u64>,
+    /// Who resolved it: a user or token, or `auto` (the condition cleared), `rule_deleted`.
+    pub resolved_by: Option<String>,
+}
+
+/// An alert to raise ([`crate::RuleStore::fire_alert`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertFire {
+    /// The id a new alert gets (unused when an open one counts the occurrence).
+    pub id: String,
+    pub rule_id: String,
+    pub rule_name: String,
+    pub device_id: String,
+    pub severity: String,
+    pub detail: String,
+    pub at_ms: u64,
+}

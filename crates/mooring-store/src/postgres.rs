@@ -43,6 +43,7 @@ mod devices;
 mod fleet;
 mod health;
 mod jobs;
+mod rules;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -76,6 +77,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0014_ota_unsent_updates.sql"),
     include_str!("../migrations/postgres/0015_ota_unanswered_updates.sql"),
     include_str!("../migrations/postgres/0016_device_health.sql"),
+    include_str!("../migrations/postgres/0017_rules_alerts.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

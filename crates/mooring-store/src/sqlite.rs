@@ -45,6 +45,7 @@ mod devices;
 mod fleet;
 mod health;
 mod jobs;
+mod rules;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -83,6 +84,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0017_ota_unsent_updates.sql"),
     include_str!("../migrations/0018_ota_unanswered_updates.sql"),
     include_str!("../migrations/0019_device_health.sql"),
+    include_str!("../migrations/0020_rules_alerts.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

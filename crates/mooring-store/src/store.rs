@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use crate::error::Result;
 use crate::health::{DeviceHealth, HealthDelta};
 use crate::model::{
-    AppendOutcome, ArtifactCreate, ArtifactDelete, ArtifactRecord, AuditQuery, AuditRecord,
-    BrokerOp, BrokerState, CaRecord, CertRecord, CertRenewal, ClaimCreate, ClaimRecord,
-    CommandParentRecord, CommandRecord, CommandState, CreateOutcome, DeploymentCreate,
-    DeploymentDelete, DeploymentRecord, DeviceActivity, DeviceFilter, DeviceRecord,
-    DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve, FleetSample, FleetTotals,
-    Installation, JobRecord, MetricValue, NewDevice, PipelineCounts, Point, SessionOp,
-    SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery, TelemetryRecord,
-    TokenRecord, UserRecord, VersionCounts,
+    AlertFire, AlertRecord, AlertState, AppendOutcome, ArtifactCreate, ArtifactDelete,
+    ArtifactRecord, AuditQuery, AuditRecord, BrokerOp, BrokerState, CaRecord, CertRecord,
+    CertRenewal, ClaimCreate, ClaimRecord, CommandParentRecord, CommandRecord, CommandState,
+    CreateOutcome, DeploymentCreate, DeploymentDelete, DeploymentRecord, DeviceActivity,
+    DeviceFilter, DeviceRecord, DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve,
+    FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts,
+    Point, RuleRecord, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
+    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
 };
 
 /// The device registry.
@@ -665,6 +665,73 @@ pub trait HealthStore: Send + Sync + 'static {
     async fn get_device_health(&self, ids: &[String]) -> Result<Vec<(String, DeviceHealth)>>;
 }
 
+/// Rules and the alerts they raise (issue 18).
+#[async_trait::async_trait]
+pub trait RuleStore: Send + Sync + 'static {
+    /// Stores a new rule unless the store holds `rules_max` already (`Ok(false)`).
+    /// `AlreadyExists` if the id or the name is taken.
+    async fn create_rule(&self, rule: RuleRecord, rules_max: usize) -> Result<bool>;
+    async fn get_rule(&self, id: &str) -> Result<Option<RuleRecord>>;
+    /// Every rule, by name (at most the `rules_max` that could be created).
+    async fn list_rules(&self) -> Result<Vec<RuleRecord>>;
+    /// Sets `enabled` (and `updated_at_ms`); the rule as stored after, `None` if there is none.
+    async fn set_rule_enabled(
+        &self,
+        id: &str,
+        enabled: bool,
+        at_ms: u64,
+    ) -> Result<Option<RuleRecord>>;
+    /// Deletes the rule and resolves its open alerts (`resolved_by` `rule_deleted`), in one
+    /// transaction; `false` if there was no such rule.
+    async fn delete_rule(&self, id: &str, at_ms: u64) -> Result<bool>;
+
+    /// Raises an alert for (rule, device): the open one (firing or acknowledged) counts one more
+    /// occurrence (`count`, `last_fired_ms`, `detail`), else a new firing alert is stored unless
+    /// `open_max` alerts are open already (`None`). The bool: whether it is new.
+    async fn fire_alert(
+        &self,
+        fire: AlertFire,
+        open_max: usize,
+    ) -> Result<Option<(AlertRecord, bool)>>;
+    /// Resolves the open alert of (rule, device), if any, as `by` at `at_ms`.
+    async fn resolve_open_alert(
+        &self,
+        rule_id: &str,
+        device_id: &str,
+        by: &str,
+        at_ms: u64,
+    ) -> Result<Option<AlertRecord>>;
+    /// Firing -> acknowledged by `by`; an alert in another state is returned unchanged.
+    async fn acknowledge_alert(
+        &self,
+        id: &str,
+        by: &str,
+        at_ms: u64,
+    ) -> Result<Option<AlertRecord>>;
+    /// Firing or acknowledged -> resolved by `by`; a resolved alert is returned unchanged.
+    async fn resolve_alert(&self, id: &str, by: &str, at_ms: u64) -> Result<Option<AlertRecord>>;
+    async fn get_alert(&self, id: &str) -> Result<Option<AlertRecord>>;
+    /// Newest first (by id descending), at most `limit`, filtered by any of `state`, `rule_id`,
+    /// `device_id`, with ids below `before_id` if given.
+    async fn list_alerts(
+        &self,
+        filter: &AlertFilter,
+        limit: usize,
+        before_id: Option<&str>,
+    ) -> Result<Vec<AlertRecord>>;
+    /// Deletes resolved alerts resolved before `resolved_before_ms`, and resolved alerts beyond
+    /// the newest `keep_max` alerts (by id); never an open one. Returns how many.
+    async fn prune_alerts(&self, resolved_before_ms: u64, keep_max: usize) -> Result<u64>;
+}
+
+/// What [`RuleStore::list_alerts`] lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertFilter {
+    pub state: Option<AlertState>,
+    pub rule_id: Option<String>,
+    pub device_id: Option<String>,
+}
+
 /// Most deltas one merge, or ids one read, takes.
 pub const HEALTH_BATCH_LEN_MAX: usize = 1000;
 
@@ -688,6 +755,7 @@ pub trait Store:
     + ArtifactBlobs
     + DeploymentStore
     + HealthStore
+    + RuleStore
 {
 }
 
@@ -710,5 +778,6 @@ impl<T> Store for T where
         + ArtifactBlobs
         + DeploymentStore
         + HealthStore
+        + RuleStore
 {
 }

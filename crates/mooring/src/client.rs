@@ -5,9 +5,11 @@ mod cas;
 mod certs;
 pub mod health;
 mod ota;
+mod rules;
 pub use cas::{ca, CaCommand};
 pub use certs::{cert, CertCommand};
 pub use ota::{ota, OtaCommand};
+pub use rules::{alert, rule, AlertCommand, RuleCommand};
 
 use crate::credentials::CredentialFiles;
 use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};

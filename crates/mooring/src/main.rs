@@ -95,6 +95,23 @@ enum Command {
         #[command(flatten)]
         output: output::OutputArgs,
     },
+    /// Rules: a condition on each device's telemetry and events, and what to do when it starts
+    /// to hold (raise an alert, send a command, tag the device) (docs/health.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Rule {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::RuleCommand,
+    },
+    /// Alerts raised by rules: list, show, acknowledge, resolve (docs/health.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Alert {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::AlertCommand,
+    },
     /// Device certificates: list a device's, list those expiring soon, revoke one
     /// (docs/provisioning.md).
     #[command(after_help = EXIT_STATUS_HELP)]
@@ -666,6 +683,8 @@ fn run(command: Command) -> ExitCode {
             Command::Device { api, command } => client::device(api, command).await,
             Command::Cert { api, command } => client::cert(api, command).await,
             Command::Ca { api, command } => client::ca(api, command).await,
+            Command::Rule { api, command } => client::rule(api, command).await,
+            Command::Alert { api, command } => client::alert(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
             Command::Claim { api, command } => client::claim(api, command).await,
             Command::Ota { api, command } => client::ota(api, command).await,

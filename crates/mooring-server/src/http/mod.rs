@@ -18,6 +18,7 @@ mod ota;
 mod pipeline;
 mod provision;
 pub mod routes;
+mod rules;
 mod web;
 
 use crate::access::{access_of, role_allows, Access, Permission};

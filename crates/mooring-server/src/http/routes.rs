@@ -5,6 +5,7 @@
 
 use super::{
     accounts, api, cas, certs, commands, events, fleet, health, jobs, ota, pipeline, provision,
+    rules,
 };
 use crate::access::{role_allows, Permission};
 use crate::app::App;
@@ -103,6 +104,16 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         // Fleet health.
         row!(get, "/api/v1/devices/{id}/health", DevicesRead, "device.health", health::device_health),
         row!(get, "/api/v1/health", DevicesRead, "health.summary", health::summary),
+        // Rules and alerts.
+        row!(post, "/api/v1/rules", DevicesWrite, "rule.create", rules::create_rule),
+        row!(get, "/api/v1/rules", DevicesRead, "rule.list", rules::list_rules),
+        row!(get, "/api/v1/rules/{id}", DevicesRead, "rule.get", rules::get_rule),
+        row!(patch, "/api/v1/rules/{id}", DevicesWrite, "rule.update", rules::update_rule),
+        row!(delete, "/api/v1/rules/{id}", DevicesWrite, "rule.delete", rules::delete_rule),
+        row!(get, "/api/v1/alerts", DevicesRead, "alert.list", rules::list_alerts),
+        row!(get, "/api/v1/alerts/{id}", DevicesRead, "alert.get", rules::get_alert),
+        row!(post, "/api/v1/alerts/{id}/acknowledge", DevicesWrite, "alert.acknowledge", rules::acknowledge_alert),
+        row!(post, "/api/v1/alerts/{id}/resolve", DevicesWrite, "alert.resolve", rules::resolve_alert),
         // Commands and shadows.
         row!(post, "/api/v1/devices/{id}/commands", CommandsWrite, "command.create", commands::create_command),
         row!(get, "/api/v1/devices/{id}/commands", CommandsRead, "command.list", commands::list_commands),

@@ -16,7 +16,7 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `health.rs`, `jobs.rs`, `certs.rs`, `claims.rs`, `cas.rs`, `artifacts.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `health.rs`, `jobs.rs`, `rules.rs`, `certs.rs`, `claims.rs`, `cas.rs`, `artifacts.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
@@ -32,6 +32,7 @@ mod devices;
 mod fleet;
 mod health;
 mod jobs;
+mod rules;
 mod shadows;
 mod telemetry;
 mod tokens;
@@ -50,6 +51,7 @@ pub use devices::*;
 pub use fleet::*;
 pub use health::*;
 pub use jobs::*;
+pub use rules::*;
 pub use shadows::*;
 pub use telemetry::*;
 pub use tokens::*;
@@ -88,6 +90,8 @@ macro_rules! conformance_tests {
             claim_prune_deletes_dead_claims_with_their_enrollments,
             health_deltas_fold_into_one_record_per_device,
             health_batches_are_bounded,
+            rules_are_bounded_unique_by_name_and_deleted_with_their_open_alerts,
+            alerts_open_once_per_rule_and_device_and_follow_their_lifecycle,
             job_create_get_round_trips,
             job_update_is_compare_and_set_on_rev,
             job_list_is_newest_first_with_cursor,
