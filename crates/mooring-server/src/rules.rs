@@ -13,14 +13,18 @@
 //!   the rule fires again; resolved by itself (`resolved_by` `auto`) when the condition clears;
 //!   acknowledged or resolved by people through the API. Open alerts are bounded
 //!   (`[rules] alerts_open_max`); resolved ones are pruned after `alerts_keep_ms` or beyond
-//!   `alerts_keep_max`. A new alert is also the event `health_alert` for the device's other
+//!   `alerts_keep_max` (by the lease holder). A new alert is also the event `health_alert` for the device's other
 //!   rules.
 //! * `command:<name>` sends the device that command, `tag:<k>=<v>` sets the tag; both with the
 //!   rule creator's scope.
 //!
 //! The rules are read from the store every `[rules] reload_interval_ms` (and at once on this
 //! node when one changes), so every node of a cluster runs the same rules; each node evaluates
-//! the devices connected to it. A rule acts only while its creator could still create it (a
+//! the devices connected to it, but for absences (`no telemetry for 30m`): the node holding the
+//! lease `rules.sweeper` (a single node always does) watches every device an absence rule
+//! selects, connected anywhere or not at all (it arms a state for each, again every minute for
+//! new devices), and before an absence fires it reads when the device last sent from the store
+//! (telemetry that went through another node). A rule acts only while its creator could still create it (a
 //! user enabled and with the role, a token live, the same scope): otherwise it is `suspended`,
 //! with the reason, until that changes back.
 
@@ -48,6 +52,12 @@ pub const RULE_NAME_LEN_MAX: usize = 64;
 pub const ALERT_PAGE_LEN_MAX: usize = 500;
 /// Alerts per page by default.
 pub const ALERT_PAGE_LEN_DEFAULT: usize = 100;
+/// Devices read per page when the leading node arms absence rules.
+const ARM_PAGE_LEN: usize = 1000;
+
+fn is_absence(c: &Condition) -> bool {
+    matches!(c, Condition::Absent { .. })
+}
 
 /// `[rules]`.
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -208,6 +218,9 @@ pub struct Rules {
     rx: Mutex<Option<mpsc::Receiver<Fed>>>,
     compiled: RwLock<Arc<Vec<Compiled>>>,
     states: Mutex<HashMap<(String, DeviceId), DeviceState>>,
+    /// Whether this node watches absences (`no telemetry for`): one node does, the holder of
+    /// the lease `rules.sweeper` (always, on its own), for every device its rules select.
+    leads: AtomicBool,
     changed: Notify,
     pub counters: Arc<RuleCounters>,
 }
@@ -348,6 +361,7 @@ impl Rules {
             rx: Mutex::new(Some(rx)),
             compiled: RwLock::new(Arc::new(Vec::new())),
             states: Mutex::default(),
+            leads: AtomicBool::new(false),
             changed: Notify::new(),
             counters,
         }
@@ -355,6 +369,15 @@ impl Rules {
 
     fn config(&self) -> &RulesConfig {
         &self.core.config.rules
+    }
+
+    /// The live absence rules' ids.
+    fn absence_rule_ids(&self) -> std::collections::BTreeSet<String> {
+        mooring_proto::sync::read(&self.compiled)
+            .iter()
+            .filter(|c| c.rec.enabled && c.suspended.is_none() && is_absence(&c.cond))
+            .map(|c| c.rec.id.clone())
+            .collect()
     }
 
     /// (rule, device) states held now.
@@ -779,30 +802,91 @@ impl Rules {
         };
         for (rule, device, change) in changes {
             // An absence seen here may be telemetry stored through another node (the device
-            // moved): the shared record says when it last sent any.
-            if let (
-                Change::Fire { .. },
-                Condition::Absent {
-                    metric: None,
-                    for_ms,
-                },
-            ) = (&change, &rule.cond)
+            // is connected there): the store says when it last sent.
+            if let (Change::Fire { .. }, Condition::Absent { metric, for_ms }) =
+                (&change, &rule.cond)
             {
-                let last = self
-                    .registry
-                    .lookup(device.as_str())
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|d| d.last_telemetry_ms);
+                let last = self.last_sent_ms(&device, metric.as_deref()).await;
                 if last.is_some_and(|t| now.saturating_sub(t) < *for_ms) {
                     if let Some(st) = lock(&self.states).get_mut(&(rule.rec.id.clone(), device)) {
-                        let _ = rule.cond.on_point(st, "", 0.0, last.unwrap_or(now));
+                        // Back to "not firing" at the stored time: the absence starts again.
+                        let _ = rule.cond.on_point(
+                            st,
+                            metric.as_deref().unwrap_or(""),
+                            0.0,
+                            last.unwrap_or(now),
+                        );
                     }
                     continue;
                 }
             }
             self.take(rule, &device, change, now).await;
+        }
+    }
+
+    /// When `device` last sent telemetry (`metric`: a point of it), as the store knows.
+    async fn last_sent_ms(&self, device: &DeviceId, metric: Option<&str>) -> Option<u64> {
+        match metric {
+            None => self
+                .registry
+                .lookup(device.as_str())
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.last_telemetry_ms),
+            Some(m) => self
+                .core
+                .store
+                .latest(device.as_str())
+                .await
+                .ok()
+                .and_then(|l| l.get(m).map(|(ts, _)| *ts)),
+        }
+    }
+
+    /// The leading node watches every device an absence rule selects, connected or not: a
+    /// device that never sends again (even one silent since before the rule existed or the
+    /// server started) is found. States are added for the devices that have none.
+    async fn arm_absences(&self) {
+        let now = self.core.now_ms();
+        let rules = mooring_proto::sync::read(&self.compiled).clone();
+        for rule in rules
+            .iter()
+            .filter(|c| c.rec.enabled && c.suspended.is_none() && is_absence(&c.cond))
+        {
+            let sel = rule.sel.clone().unwrap_or(Selector { terms: Vec::new() });
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = match self
+                    .registry
+                    .select_devices(&sel, cursor.as_deref(), ARM_PAGE_LEN)
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(rule = %rule.rec.name, error = %e, "listing devices for an absence rule failed");
+                        break;
+                    }
+                };
+                {
+                    let mut states = lock(&self.states);
+                    for v in &page.0 {
+                        let key = (rule.rec.id.clone(), v.record.id.clone());
+                        if states.contains_key(&key) {
+                            continue;
+                        }
+                        if states.len() >= self.config().states_max {
+                            Counters::inc(&self.counters.states_dropped);
+                            break;
+                        }
+                        states.insert(key, DeviceState::new(now));
+                    }
+                }
+                match page.1 {
+                    Some(next) => cursor = Some(next),
+                    None => break,
+                }
+            }
         }
     }
 
@@ -987,12 +1071,19 @@ pub async fn run_rules(rules: Arc<Rules>, mut stop: watch::Receiver<bool>) {
     for t in [&mut reload, &mut tick, &mut prune] {
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
+    // The absence rules armed (their devices given states) since this node leads; a new one
+    // is armed at the next reload rather than waiting for the minute.
+    let mut armed_rules: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             _ = reload.tick() => {
                 if let Err(e) = rules.reload().await {
                     tracing::warn!(error = %e, "reading the rules failed; will retry");
+                }
+                if rules.leads.load(Ordering::Relaxed) && rules.absence_rule_ids() != armed_rules {
+                    rules.arm_absences().await;
+                    armed_rules = rules.absence_rule_ids();
                 }
             }
             () = rules.changed.notified() => {
@@ -1006,8 +1097,15 @@ pub async fn run_rules(rules: Arc<Rules>, mut stop: watch::Receiver<bool>) {
                     Some(cluster) => cluster.holds(crate::cluster::LEASE_RULES).await,
                     None => true,
                 };
+                let was = rules.leads.swap(leads, Ordering::Relaxed);
                 if leads {
+                    if !was {
+                        // Just took over: the previous holder's states are not here.
+                        armed_rules.clear();
+                    }
                     rules.prune().await;
+                    rules.arm_absences().await;
+                    armed_rules = rules.absence_rule_ids();
                 }
             }
             fed = rx.recv() => match fed {

@@ -374,6 +374,8 @@ async fn an_absence_fires_after_its_duration_and_clears_on_the_next_point() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start_configured(tmp.path(), CONFIG);
     let creds = create(&server, "meter-1", "site=a", tmp.path());
+    // A device that never connects at all is watched too.
+    let _ = create(&server, "meter-2", "site=a", tmp.path());
     let rule = server.cli_json(&[
         "rule",
         "create",
@@ -390,13 +392,17 @@ async fn an_absence_fires_after_its_duration_and_clears_on_the_next_point() {
     let mut dev = MqttDevice::connect(&server, &creds, "meter-1").await;
     dev.publish("devices/meter-1/telemetry", r#"{"kwh": 1}"#)
         .await;
-    // Silent for a second: the tick raises the alert.
+    // Silent for a second: the tick raises the alert, for the silent and the absent device.
     let open = server
-        .wait_for("/api/v1/alerts?state=firing", |v| {
+        .wait_for("/api/v1/alerts?state=firing&device_id=meter-1", |v| {
             v["alerts"].as_array().is_some_and(|a| a.len() == 1)
         })
         .await;
-    assert_eq!(open["alerts"][0]["device_id"], "meter-1", "{open}");
+    server
+        .wait_for("/api/v1/alerts?state=firing&device_id=meter-2", |v| {
+            v["alerts"].as_array().is_some_and(|a| a.len() == 1)
+        })
+        .await;
     assert!(
         open["alerts"][0]["detail"]
             .as_str()
