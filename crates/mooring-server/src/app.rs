@@ -181,6 +181,7 @@ impl App {
                 core.store.clone(),
                 core.clock.clone(),
                 core.config.health.clone(),
+                core.config.rules.alerts_open_max,
             ),
             ota: crate::ota::Ota::new(
                 core.clone(),

@@ -55,6 +55,11 @@ pub struct HealthConfig {
     pub fdr_q: f64,
     /// A cohort is flagged only if its rate is at least this many times the rest's (1.5).
     pub rate_ratio_min: f64,
+    /// The groupings the cohort sweeper tests, each a `group_by` (default `["version"]`): a
+    /// flagged cohort raises one alert (resolved when it is no longer flagged).
+    pub cohort_group_by: Vec<String>,
+    /// How often the sweeper runs (default 5 min; 0: never).
+    pub cohort_interval_ms: u64,
 }
 
 impl Default for HealthConfig {
@@ -68,6 +73,8 @@ impl Default for HealthConfig {
             cohort_devices_min: 20,
             fdr_q: 0.01,
             rate_ratio_min: 1.5,
+            cohort_group_by: vec!["version".to_owned()],
+            cohort_interval_ms: 300_000,
         }
     }
 }
@@ -95,6 +102,19 @@ impl HealthConfig {
             .map_err(|e| anyhow::anyhow!("health: {e}"))?;
         if self.cohort_devices_min == 0 {
             bail!("health.cohort_devices_min must be at least 1");
+        }
+        if self.cohort_group_by.len() > 16 {
+            bail!("health.cohort_group_by: at most 16 groupings");
+        }
+        for g in &self.cohort_group_by {
+            parse_group_by(Some(g))
+                .map_err(|e| anyhow::anyhow!("health.cohort_group_by {g:?}: {}", e.message))?;
+        }
+        if self.cohort_interval_ms != 0 && !(1_000..=86_400_000).contains(&self.cohort_interval_ms)
+        {
+            bail!(
+                "health.cohort_interval_ms must be 0 (never) or between 1000 and 86400000 (1 day)"
+            );
         }
         Ok(())
     }
@@ -301,6 +321,13 @@ pub struct Health {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: HealthConfig,
+    /// `[rules] alerts_open_max`: cohort alerts share the bound.
+    alerts_open_max: usize,
+}
+
+/// The rule id of a cohort alert: `cohort:<group_by>:<signal>:<cohort label>`.
+fn cohort_rule_id(group_by: &str, signal: &str, cohort: &str) -> String {
+    format!("cohort:{group_by}:{signal}:{cohort}")
 }
 
 fn api_counts(c: &HealthCounts) -> ApiCounts {
@@ -418,6 +445,7 @@ impl Health {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         config: HealthConfig,
+        alerts_open_max: usize,
     ) -> Self {
         Health {
             tracker,
@@ -425,7 +453,75 @@ impl Health {
             store,
             clock,
             config,
+            alerts_open_max,
         }
+    }
+
+    /// How often the cohort sweeper runs (0: never).
+    pub fn cohort_interval_ms(&self) -> u64 {
+        self.config.cohort_interval_ms
+    }
+
+    /// The cohort sweeper: each `[health] cohort_group_by` grouping of the whole fleet is
+    /// tested; a flagged cohort raises one alert (device `null`, rule `cohort:<group_by>:
+    /// <signal>:<cohort>`, counted again while it stays flagged) and an open cohort alert whose
+    /// cohort is no longer flagged is resolved (`auto`). Returns the flagged cohorts.
+    pub async fn sweep_cohorts(&self) -> ServiceResult<usize> {
+        let mut flagged = std::collections::BTreeSet::new();
+        for group_by in &self.config.cohort_group_by {
+            let s = self.summary(&Access::all(), None, Some(group_by)).await?;
+            for a in s.anomalies {
+                let rule_id = cohort_rule_id(group_by, &a.signal, &a.cohort);
+                let fired = self
+                    .store
+                    .fire_alert(
+                        mooring_store::AlertFire {
+                            id: crate::rules::new_id("alert", s.generated_ms),
+                            rule_id: rule_id.clone(),
+                            rule_name: format!("cohort {group_by}"),
+                            device_id: String::new(),
+                            severity: "warning".to_owned(),
+                            detail: a.description,
+                            at_ms: s.generated_ms,
+                        },
+                        self.alerts_open_max,
+                    )
+                    .await?;
+                if fired.is_none() {
+                    tracing::warn!(alert = %rule_id, "a cohort alert was not raised: [rules] alerts_open_max alerts are open");
+                }
+                flagged.insert(rule_id);
+            }
+        }
+        let now = self.clock.now_ms();
+        for state in [
+            mooring_store::AlertState::Firing,
+            mooring_store::AlertState::Acknowledged,
+        ] {
+            let filter = mooring_store::AlertFilter {
+                state: Some(state),
+                rule_id: None,
+                device_id: Some(String::new()),
+            };
+            let mut cursor: Option<String> = None;
+            loop {
+                let page = self
+                    .store
+                    .list_alerts(&filter, 500, cursor.as_deref())
+                    .await?;
+                let full = page.len() == 500;
+                cursor = page.last().map(|a| a.id.clone());
+                for a in page {
+                    if a.rule_id.starts_with("cohort:") && !flagged.contains(&a.rule_id) {
+                        self.store.resolve_alert(&a.id, "auto", now).await?;
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(flagged.len())
     }
 
     /// The tracker (flushes, counters).

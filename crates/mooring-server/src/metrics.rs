@@ -232,6 +232,7 @@ pub fn render_metrics(app: &App) -> String {
                 crate::cluster::LEASE_JOBS,
                 crate::cluster::LEASE_OTA,
                 crate::cluster::LEASE_RULES,
+                crate::cluster::LEASE_HEALTH,
             ]
             .into_iter()
             .map(|l| (l, if held.contains(&l) { 1.0 } else { 0.0 })),

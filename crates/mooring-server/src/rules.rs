@@ -226,7 +226,7 @@ pub struct Rules {
 }
 
 /// A new id that sorts by creation time.
-fn new_id(prefix: &str, now_ms: u64) -> String {
+pub(crate) fn new_id(prefix: &str, now_ms: u64) -> String {
     let r: u32 = rand::random();
     format!("{prefix}_{now_ms:012x}{r:08x}")
 }

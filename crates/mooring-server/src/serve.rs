@@ -495,6 +495,7 @@ impl RunningServer {
         ));
         tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(health_flush_loop(app.clone(), stop_rx.clone()));
+        tasks.spawn(health_cohort_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(crate::rules::run_rules(app.rules.clone(), stop_rx.clone()));
         tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
         tasks.spawn(token_expiry_loop(app.clone(), stop_rx.clone()));
@@ -863,6 +864,24 @@ async fn health_flush_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
     run_every(period, stop, || async {
         if let Err(e) = app.health.tracker().flush().await {
             tracing::warn!(error = %e, "health flush failed; will retry");
+        }
+    })
+    .await;
+}
+
+/// Fleet health: the cohort sweeper every `[health] cohort_interval_ms` (0: never), under the
+/// lease `health.sweeper` in a cluster.
+async fn health_cohort_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
+    let every = app.health.cohort_interval_ms();
+    if every == 0 {
+        return;
+    }
+    run_every(Duration::from_millis(every), stop, || async {
+        if !runs(&app, crate::cluster::LEASE_HEALTH).await {
+            return;
+        }
+        if let Err(e) = app.health.sweep_cohorts().await {
+            tracing::warn!(error = %e, "the cohort sweep failed; will retry");
         }
     })
     .await;

@@ -6,8 +6,9 @@ mod support;
 use serde_json::{json, Value};
 use support::{MqttDevice, Server};
 
-/// Cohorts of 3 devices are tested (the default minimum is 20).
-const CONFIG: &str = "[health]\ncohort_devices_min = 3\n";
+/// Cohorts of 3 devices are tested (the default minimum is 20); the cohort sweeper tests the
+/// sites every second.
+const CONFIG: &str = "[health]\ncohort_devices_min = 3\ncohort_group_by = [\"tag:site\"]\ncohort_interval_ms = 1000\n";
 
 async fn health(server: &Server, id: &str) -> Value {
     let (status, v) = server
@@ -208,6 +209,27 @@ async fn a_cohort_that_disconnects_more_than_the_rest_is_one_anomaly() {
             .as_f64()
             .is_some_and(|r| r >= 7.9),
         "{s}"
+    );
+
+    // The cohort sweeper raised one alert for the cohort, none for its devices.
+    let cohort = server
+        .wait_for("/api/v1/alerts?state=open", |v| {
+            v["alerts"].as_array().is_some_and(|a| !a.is_empty())
+        })
+        .await;
+    let open = cohort["alerts"].as_array().expect("alerts");
+    assert_eq!(open.len(), 1, "{cohort}");
+    assert_eq!(open[0]["device_id"], Value::Null, "{cohort}");
+    assert_eq!(open[0]["rule_name"], "cohort tag:site", "{cohort}");
+    assert_eq!(
+        open[0]["rule_id"], "cohort:tag:site:disconnects:site=b",
+        "{cohort}"
+    );
+    assert!(
+        open[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("site=b: disconnects ")),
+        "{cohort}"
     );
 
     // Not grouped: one cohort, nothing to compare it with.
