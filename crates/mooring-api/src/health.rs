@@ -19,6 +19,10 @@ pub const HEALTH_TESTED_SIGNALS: [&str; 6] = [
     "update_rollbacks",
 ];
 
+/// The proportion signal the fleet summary also tests: devices whose battery is below
+/// `[health] battery_low_level`, of the devices that report one (Fisher's exact test).
+pub const HEALTH_BATTERY_SIGNAL: &str = "battery_low";
+
 /// Counts of each signal over a period.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HealthCounts {
@@ -59,16 +63,18 @@ impl HealthCounts {
         })
     }
 
+    /// Adds `o` (saturating: a sum never wraps).
     pub fn add(&mut self, o: &HealthCounts) {
-        self.connects += o.connects;
-        self.disconnects += o.disconnects;
-        self.telemetry_gaps += o.telemetry_gaps;
-        self.command_failures += o.command_failures;
-        self.command_timeouts += o.command_timeouts;
-        self.restarts += o.restarts;
-        self.crashes += o.crashes;
-        self.update_rollbacks += o.update_rollbacks;
-        self.update_failures += o.update_failures;
+        let add = |a: &mut u64, b: u64| *a = a.saturating_add(b);
+        add(&mut self.connects, o.connects);
+        add(&mut self.disconnects, o.disconnects);
+        add(&mut self.telemetry_gaps, o.telemetry_gaps);
+        add(&mut self.command_failures, o.command_failures);
+        add(&mut self.command_timeouts, o.command_timeouts);
+        add(&mut self.restarts, o.restarts);
+        add(&mut self.crashes, o.crashes);
+        add(&mut self.update_rollbacks, o.update_rollbacks);
+        add(&mut self.update_failures, o.update_failures);
     }
 }
 

@@ -61,7 +61,7 @@ pub use fleet::{
 pub use health::{
     AgentHealth, BatteryHealth, DeviceHealth, DiagnosticsRef, HealthAnomaly, HealthCounts,
     HealthGroup, HealthParams, HealthSummary, TelemetryHealth, UpdateProblem,
-    HEALTH_GROUP_KEYS_MAX, HEALTH_TESTED_SIGNALS, HEALTH_WINDOW_HOURS,
+    HEALTH_BATTERY_SIGNAL, HEALTH_GROUP_KEYS_MAX, HEALTH_TESTED_SIGNALS, HEALTH_WINDOW_HOURS,
 };
 pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
 pub use ota::{

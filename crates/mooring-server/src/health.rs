@@ -5,10 +5,10 @@
 //! [`Tracker`] observes every event this node originates ([`crate::events::Observer`]:
 //! presence, telemetry, command outcomes, shadow reports of the agent's start counts, update
 //! reports) as it is published, and keeps one [`HealthDelta`] per device in memory. Every
-//! `[health] flush_interval_ms` (and before every read this node answers, and at shutdown)
-//! the deltas are folded into the stored records ([`mooring_store::HealthStore`]), so no
-//! evaluation reads the telemetry table. In a cluster each node flushes what it saw; a read
-//! on one node includes the others' deltas up to one flush interval late.
+//! `[health] flush_interval_ms` (and at shutdown) the deltas are folded into the stored
+//! records ([`mooring_store::HealthStore`]), so no evaluation reads the telemetry table. A read
+//! folds this node's unflushed deltas in memory; in a cluster the other nodes' arrive up to one
+//! flush interval late.
 //!
 //! Bounds: the deltas waiting for a flush are at most `[health] pending_devices_max` devices
 //! (beyond, new devices' events are not tracked until the next flush, counted in
@@ -171,6 +171,11 @@ impl Tracker {
         self.config.flush_interval_ms
     }
 
+    /// This node's delta of `id` not yet flushed.
+    fn pending_of(&self, id: &str) -> Option<HealthDelta> {
+        lock(&self.pending).deltas.get(id).cloned()
+    }
+
     /// Writes every waiting delta; on an error they are put back for the next flush.
     pub async fn flush(&self) -> mooring_store::Result<usize> {
         let _one = self.flushing.lock().await;
@@ -228,14 +233,14 @@ impl Tracker {
         match body {
             EventBody::Presence { online: true, .. } => {
                 d.count(at_ms, |c| c.connects += 1);
-                d.session = Some(Some(at_ms));
+                d.session = Some((at_ms, true));
                 if p.open.len() < self.config.pending_devices_max || p.open.contains_key(id) {
                     p.open.insert(id.to_owned(), at_ms);
                 }
             }
             EventBody::Presence { online: false, .. } => {
                 d.count(at_ms, |c| c.disconnects += 1);
-                d.session = Some(None);
+                d.session = Some((at_ms, false));
                 if let Some(since) = p.open.remove(id) {
                     d.online_ms += at_ms.saturating_sub(since);
                 }
@@ -468,8 +473,16 @@ impl Health {
     /// cohort is no longer flagged is resolved (`auto`). Returns the flagged cohorts.
     pub async fn sweep_cohorts(&self) -> ServiceResult<usize> {
         let mut flagged = std::collections::BTreeSet::new();
+        let mut failed = Vec::new();
         for group_by in &self.config.cohort_group_by {
-            let s = self.summary(&Access::all(), None, Some(group_by)).await?;
+            let s = match self.summary(&Access::all(), None, Some(group_by)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(group_by = %group_by, error = %e, "a cohort sweep grouping failed");
+                    failed.push(format!("cohort:{group_by}:"));
+                    continue;
+                }
+            };
             for a in s.anomalies {
                 let rule_id = cohort_rule_id(group_by, &a.signal, &a.cohort);
                 let fired = self
@@ -483,6 +496,7 @@ impl Health {
                             severity: "warning".to_owned(),
                             detail: a.description,
                             at_ms: s.generated_ms,
+                            rule_must_exist: false,
                         },
                         self.alerts_open_max,
                     )
@@ -494,31 +508,28 @@ impl Health {
             }
         }
         let now = self.clock.now_ms();
-        for state in [
-            mooring_store::AlertState::Firing,
-            mooring_store::AlertState::Acknowledged,
-        ] {
-            let filter = mooring_store::AlertFilter {
-                state: Some(state),
-                rule_id: None,
-                device_id: Some(String::new()),
-            };
-            let mut cursor: Option<String> = None;
-            loop {
-                let page = self
-                    .store
-                    .list_alerts(&filter, 500, cursor.as_deref())
-                    .await?;
-                let full = page.len() == 500;
-                cursor = page.last().map(|a| a.id.clone());
-                for a in page {
-                    if a.rule_id.starts_with("cohort:") && !flagged.contains(&a.rule_id) {
-                        self.store.resolve_alert(&a.id, "auto", now).await?;
-                    }
+        let filter = mooring_store::AlertFilter {
+            open: true,
+            device_id: Some(String::new()),
+            ..mooring_store::AlertFilter::default()
+        };
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .list_alerts(&filter, 500, cursor.as_deref())
+                .await?;
+            let full = page.len() == 500;
+            cursor = page.last().map(|a| a.id.clone());
+            for a in page {
+                // A grouping that failed this time keeps its alerts as they are.
+                let kept = failed.iter().any(|p| a.rule_id.starts_with(p.as_str()));
+                if a.rule_id.starts_with("cohort:") && !flagged.contains(&a.rule_id) && !kept {
+                    self.store.resolve_alert(&a.id, "auto", now).await?;
                 }
-                if !full {
-                    break;
-                }
+            }
+            if !full {
+                break;
             }
         }
         Ok(flagged.len())
@@ -536,15 +547,24 @@ impl Health {
         id: &str,
     ) -> ServiceResult<mooring_api::DeviceHealth> {
         let view = self.registry.get_device(access, id).await?;
-        self.tracker.flush().await?;
         let id = view.record.id.to_string();
-        let record = self
+        let mut record = self
             .store
             .get_device_health(std::slice::from_ref(&id))
             .await?
             .into_iter()
             .next()
             .map(|(_, h)| h);
+        // What this node saw since its last flush, folded in memory (a read writes nothing).
+        if let Some(d) = self
+            .tracker
+            .pending_of(&id)
+            .filter(|d| d.first_ms >= view.record.created_at_ms)
+        {
+            record
+                .get_or_insert_with(DeviceHealth::default)
+                .apply(&d, self.config.telemetry_gap_ms);
+        }
         let now = self.clock.now_ms();
         Ok(device_view(id, view.online, record.as_ref(), now))
     }
@@ -558,7 +578,8 @@ impl Health {
     ) -> ServiceResult<mooring_api::HealthSummary> {
         let keys = parse_group_by(group_by)?;
         let sel = access.selection(selector)?;
-        self.tracker.flush().await?;
+        // This node's deltas not yet flushed are folded in memory (a read writes nothing); other
+        // nodes' arrive with their next flush.
         let now = self.clock.now_ms();
         let mut groups: BTreeMap<String, GroupSum> = BTreeMap::new();
         let mut devices = 0u64;
@@ -594,7 +615,17 @@ impl Health {
                 });
                 g.devices += 1;
                 g.online += u64::from(v.online);
-                if let Some(h) = records.get(v.record.id.as_str()) {
+                let mut record = records.get(v.record.id.as_str()).cloned();
+                if let Some(d) = self
+                    .tracker
+                    .pending_of(v.record.id.as_str())
+                    .filter(|d| d.first_ms >= v.record.created_at_ms)
+                {
+                    record
+                        .get_or_insert_with(DeviceHealth::default)
+                        .apply(&d, self.config.telemetry_gap_ms);
+                }
+                if let Some(h) = &record {
                     let (counts, hours) = h.window(now);
                     g.reporting += 1;
                     g.device_hours += hours;
@@ -664,23 +695,42 @@ impl Health {
             return Ok(out);
         }
         let config = self.config.cohort_config();
-        for signal in mooring_api::HEALTH_TESTED_SIGNALS {
+        let rates = mooring_api::HEALTH_TESTED_SIGNALS
+            .iter()
+            .map(|s| (*s, mooring_health::SignalKind::Rate));
+        // Low batteries: a proportion (devices below `battery_low_level` of those reporting a
+        // battery), Fisher's exact test.
+        let proportions = std::iter::once((
+            mooring_api::HEALTH_BATTERY_SIGNAL,
+            mooring_health::SignalKind::Proportion,
+        ));
+        for (signal, kind) in rates.chain(proportions) {
             let cohorts: Vec<mooring_health::Cohort> = groups
                 .iter()
-                .map(|(label, g)| mooring_health::Cohort {
-                    label: label.clone(),
-                    devices: g.reporting,
-                    events: g.counts.get(signal).unwrap_or(0),
-                    exposure: g.device_hours,
+                .map(|(label, g)| match kind {
+                    mooring_health::SignalKind::Rate => mooring_health::Cohort {
+                        label: label.clone(),
+                        devices: g.reporting,
+                        events: g.counts.get(signal).unwrap_or(0),
+                        exposure: g.device_hours,
+                    },
+                    mooring_health::SignalKind::Proportion => mooring_health::Cohort {
+                        label: label.clone(),
+                        devices: g.battery_n,
+                        events: g.battery_low,
+                        exposure: g.battery_n as f64,
+                    },
                 })
                 .collect();
-            let evaluation = mooring_health::evaluate(
-                signal,
-                mooring_health::SignalKind::Rate,
-                &cohorts,
-                &config,
-            )
-            .map_err(|e| ServiceError::internal(format!("cohort test: {e}")))?;
+            // A signal the test cannot take (counts past its bounds) is left out, not the
+            // summary: one device's absurd report must not hide the others' signals.
+            let evaluation = match mooring_health::evaluate(signal, kind, &cohorts, &config) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(signal, error = %e, "the cohort test skipped a signal");
+                    continue;
+                }
+            };
             for t in evaluation.flagged() {
                 out.push(mooring_api::HealthAnomaly {
                     signal: signal.to_owned(),

@@ -374,6 +374,11 @@ pub fn render_metrics(app: &App) -> String {
         "Rule actions that failed (see the log)",
         load(&app.rules.counters.actions_failed),
     )
+    .counter(
+        "mooring_rules_actions_suppressed_total",
+        "Command and tag actions not taken: the rule acted on the device within [rules] action_cooldown_ms",
+        load(&app.rules.counters.actions_suppressed),
+    )
     .gauge(
         "mooring_rules_states",
         "(rule, device) states this node holds",

@@ -52,6 +52,8 @@ pub const RULE_NAME_LEN_MAX: usize = 64;
 pub const ALERT_PAGE_LEN_MAX: usize = 500;
 /// Alerts per page by default.
 pub const ALERT_PAGE_LEN_DEFAULT: usize = 100;
+/// Store pages one alert listing reads at most (a scoped caller's page skips alerts).
+const ALERT_PAGES_READ_MAX: usize = 20;
 /// Devices read per page when the leading node arms absence rules.
 const ARM_PAGE_LEN: usize = 1000;
 
@@ -79,6 +81,10 @@ pub struct RulesConfig {
     pub alerts_keep_ms: u64,
     /// ...and at most this many alerts in all (default 100,000).
     pub alerts_keep_max: usize,
+    /// A rule sends a device commands and sets its tags at most once per this long (default
+    /// 1 min): `on command_failed` with `command:diagnostics`, or a flapping link with an
+    /// `on disconnected` rule, cannot loop at the device's pace. Alerts still count each firing.
+    pub action_cooldown_ms: u64,
 }
 
 impl Default for RulesConfig {
@@ -92,6 +98,7 @@ impl Default for RulesConfig {
             alerts_open_max: 100_000,
             alerts_keep_ms: 30 * 86_400_000,
             alerts_keep_max: 100_000,
+            action_cooldown_ms: 60_000,
         }
     }
 }
@@ -123,6 +130,9 @@ impl RulesConfig {
         if !(1..=100_000_000).contains(&self.alerts_keep_max) {
             bail!("rules.alerts_keep_max must be between 1 and 100000000");
         }
+        if self.action_cooldown_ms > 86_400_000 {
+            bail!("rules.action_cooldown_ms must be at most 86400000 (1 day)");
+        }
         Ok(())
     }
 }
@@ -137,6 +147,8 @@ pub struct RuleCounters {
     pub states_dropped: AtomicU64,
     pub alerts_dropped: AtomicU64,
     pub actions_failed: AtomicU64,
+    /// Command and tag actions not taken: the rule acted on the device within the cooldown.
+    pub actions_suppressed: AtomicU64,
 }
 
 /// One event for the evaluator.
@@ -156,7 +168,18 @@ pub struct RuleFeed {
     tx: mpsc::Sender<Fed>,
     /// Whether any rule is enabled (no copies otherwise).
     active: AtomicBool,
+    /// The metrics live rules read (`None`: every message matters, as a marker: an absence of
+    /// any telemetry); only those points are copied.
+    metrics: RwLock<Arc<MetricsRead>>,
     dropped: Arc<RuleCounters>,
+}
+
+/// What of a telemetry message the live rules read.
+#[derive(Default)]
+struct MetricsRead {
+    names: std::collections::BTreeSet<String>,
+    /// A `no telemetry for` rule: any message, even one without a point named above.
+    any: bool,
 }
 
 impl crate::events::Observer for RuleFeed {
@@ -166,16 +189,22 @@ impl crate::events::Observer for RuleFeed {
             return;
         }
         let what = match body {
-            EventBody::Telemetry { points, .. } => Fact::Points(
-                points
+            EventBody::Telemetry { points, .. } => {
+                let read = mooring_proto::sync::read(&self.metrics).clone();
+                let copied: Vec<(String, f64)> = points
                     .iter()
+                    .filter(|(k, _)| read.names.contains(k.as_str()))
                     .filter_map(|(k, v)| {
                         v.as_f64()
                             .or_else(|| v.as_bool().map(|b| f64::from(u8::from(b))))
                             .map(|x| (k.clone(), x))
                     })
-                    .collect(),
-            ),
+                    .collect();
+                if copied.is_empty() && !read.any {
+                    return;
+                }
+                Fact::Points(copied)
+            }
             EventBody::Presence { online: true, .. } => Fact::Event(Event::Connected),
             EventBody::Presence { online: false, .. } => Fact::Event(Event::Disconnected),
             EventBody::Command { state, .. } if state == "failed" => {
@@ -218,6 +247,9 @@ pub struct Rules {
     rx: Mutex<Option<mpsc::Receiver<Fed>>>,
     compiled: RwLock<Arc<Vec<Compiled>>>,
     states: Mutex<HashMap<(String, DeviceId), DeviceState>>,
+    /// When each (rule, device) last sent a command or set a tag (the cooldown); entries older
+    /// than the cooldown are dropped every minute.
+    acted: Mutex<HashMap<(String, DeviceId), u64>>,
     /// Whether this node watches absences (`no telemetry for`): one node does, the holder of
     /// the lease `rules.sweeper` (always, on its own), for every device its rules select.
     leads: AtomicBool,
@@ -339,6 +371,7 @@ impl Rules {
             Arc::new(RuleFeed {
                 tx,
                 active: AtomicBool::new(false),
+                metrics: RwLock::new(Arc::default()),
                 dropped: Arc::new(RuleCounters::default()),
             }),
             rx,
@@ -361,6 +394,7 @@ impl Rules {
             rx: Mutex::new(Some(rx)),
             compiled: RwLock::new(Arc::new(Vec::new())),
             states: Mutex::default(),
+            acted: Mutex::default(),
             leads: AtomicBool::new(false),
             changed: Notify::new(),
             counters,
@@ -369,6 +403,17 @@ impl Rules {
 
     fn config(&self) -> &RulesConfig {
         &self.core.config.rules
+    }
+
+    /// This node stopped leading: the absences are watched elsewhere now.
+    fn drop_absence_states(&self) {
+        let rules = mooring_proto::sync::read(&self.compiled).clone();
+        let absences: std::collections::HashSet<&str> = rules
+            .iter()
+            .filter(|c| is_absence(&c.cond))
+            .map(|c| c.rec.id.as_str())
+            .collect();
+        lock(&self.states).retain(|(rule, _), _| !absences.contains(rule.as_str()));
     }
 
     /// The live absence rules' ids.
@@ -544,36 +589,38 @@ impl Rules {
         };
         let filter = AlertFilter {
             state,
+            open,
             rule_id: p.rule_id.clone(),
             device_id: p.device_id.clone(),
         };
         let mut out = Vec::new();
         let mut cursor = p.cursor.clone();
-        // A scoped caller's (or an `open`) page may skip alerts: read on until it is full.
-        loop {
+        // A scoped caller's page may skip alerts: read on until it is full, at most
+        // ALERT_PAGES_READ_MAX store pages per request (then the page is short, with a cursor).
+        for _ in 0..ALERT_PAGES_READ_MAX {
             let page = self
                 .core
                 .store
                 .list_alerts(&filter, limit, cursor.as_deref())
                 .await?;
             let full = page.len() == limit;
-            cursor = page.last().map(|a| a.id.clone());
+            let last = page.last().map(|a| a.id.clone());
             for a in page {
-                if open && a.state == AlertState::Resolved {
-                    continue;
-                }
+                let id = a.id.clone();
                 if !self.sees_alert(access, &a).await {
                     continue;
                 }
                 out.push(alert_view(&a));
                 if out.len() == limit {
-                    return Ok((out, cursor));
+                    return Ok((out, Some(id)));
                 }
             }
             if !full {
                 return Ok((out, None));
             }
+            cursor = last;
         }
+        Ok((out, cursor))
     }
 
     async fn sees_alert(&self, access: &Access, a: &AlertRecord) -> bool {
@@ -708,6 +755,14 @@ impl Rules {
         self.feed
             .active
             .store(compiled.iter().any(live), Ordering::Relaxed);
+        let mut read = MetricsRead::default();
+        for c in compiled.iter().filter(|c| live(c)) {
+            match &c.cond {
+                Condition::Absent { metric: None, .. } => read.any = true,
+                cond => read.names.extend(cond.metric().map(str::to_owned)),
+            }
+        }
+        *mooring_proto::sync::write(&self.feed.metrics) = Arc::new(read);
         {
             let keep: HashMap<&str, &Compiled> = compiled
                 .iter()
@@ -751,6 +806,12 @@ impl Rules {
                 let mut changes = Vec::new();
                 match &fed.what {
                     Fact::Points(points) => {
+                        if points.is_empty() {
+                            // A message with no point a rule reads: still telemetry.
+                            if let Condition::Absent { metric: None, .. } = &rule.cond {
+                                changes.extend(rule.cond.on_point(st, "", 0.0, fed.at_ms));
+                            }
+                        }
                         for (metric, value) in points {
                             let reads = match &rule.cond {
                                 Condition::Absent { metric: None, .. } => true,
@@ -782,9 +843,11 @@ impl Rules {
     async fn tick(&self) {
         let now = self.core.now_ms();
         let rules = mooring_proto::sync::read(&self.compiled).clone();
+        let leads = self.leads.load(Ordering::Relaxed);
         let ticking: HashMap<&str, &Compiled> = rules
             .iter()
             .filter(|c| c.rec.enabled && c.suspended.is_none() && c.cond.needs_tick())
+            .filter(|c| leads || !is_absence(&c.cond))
             .map(|c| (c.rec.id.as_str(), c))
             .collect();
         if ticking.is_empty() {
@@ -806,7 +869,18 @@ impl Rules {
             if let (Change::Fire { .. }, Condition::Absent { metric, for_ms }) =
                 (&change, &rule.cond)
             {
-                let last = self.last_sent_ms(&device, metric.as_deref()).await;
+                let last = match self.last_sent_ms(&device, metric.as_deref()).await {
+                    Ok(last) => last,
+                    Err(e) => {
+                        // Unknown is not silent: checked again at the next tick.
+                        tracing::warn!(device = %device, error = %e, "reading a device's last telemetry failed");
+                        if let Some(st) = lock(&self.states).get_mut(&(rule.rec.id.clone(), device))
+                        {
+                            *st = DeviceState::new(now.saturating_sub(*for_ms));
+                        }
+                        continue;
+                    }
+                };
                 if last.is_some_and(|t| now.saturating_sub(t) < *for_ms) {
                     if let Some(st) = lock(&self.states).get_mut(&(rule.rec.id.clone(), device)) {
                         // Back to "not firing" at the stored time: the absence starts again.
@@ -825,23 +899,90 @@ impl Rules {
     }
 
     /// When `device` last sent telemetry (`metric`: a point of it), as the store knows.
-    async fn last_sent_ms(&self, device: &DeviceId, metric: Option<&str>) -> Option<u64> {
-        match metric {
+    async fn last_sent_ms(
+        &self,
+        device: &DeviceId,
+        metric: Option<&str>,
+    ) -> mooring_store::Result<Option<u64>> {
+        Ok(match metric {
             None => self
                 .registry
                 .lookup(device.as_str())
-                .await
-                .ok()
-                .flatten()
+                .await?
                 .and_then(|d| d.last_telemetry_ms),
             Some(m) => self
                 .core
                 .store
                 .latest(device.as_str())
-                .await
-                .ok()
-                .and_then(|l| l.get(m).map(|(ts, _)| *ts)),
+                .await?
+                .get(m)
+                .map(|(ts, _)| *ts),
+        })
+    }
+
+    /// Once a minute: states of devices a rule no longer applies to (deleted, re-tagged out of
+    /// its selector) are dropped and their open alerts resolved; on the leading node, firing
+    /// absences whose device sent through another node since are cleared; cooldowns that ran
+    /// out are forgotten.
+    async fn maintain(&self) {
+        let now = self.core.now_ms();
+        let rules = mooring_proto::sync::read(&self.compiled).clone();
+        let by_id: HashMap<&str, &Compiled> =
+            rules.iter().map(|c| (c.rec.id.as_str(), c)).collect();
+        let keys: Vec<(String, DeviceId, bool)> = lock(&self.states)
+            .iter()
+            .map(|((r, d), st)| (r.clone(), d.clone(), st.firing()))
+            .collect();
+        let all = Selector { terms: Vec::new() };
+        for (rule_id, device, firing) in keys {
+            let Some(rule) = by_id.get(rule_id.as_str()) else {
+                lock(&self.states).remove(&(rule_id, device));
+                continue;
+            };
+            let sel = rule.sel.as_ref().unwrap_or(&all);
+            if !self.registry.matches_cached(sel, &device).await {
+                lock(&self.states).remove(&(rule_id.clone(), device.clone()));
+                self.take(rule, &device, Change::Clear, now).await;
+                continue;
+            }
+            if let (true, Condition::Absent { metric, for_ms }) = (firing, &rule.cond) {
+                let Ok(Some(last)) = self.last_sent_ms(&device, metric.as_deref()).await else {
+                    continue;
+                };
+                if now.saturating_sub(last) >= *for_ms {
+                    continue;
+                }
+                let change = lock(&self.states)
+                    .get_mut(&(rule_id.clone(), device.clone()))
+                    .and_then(|st| {
+                        rule.cond
+                            .on_point(st, metric.as_deref().unwrap_or(""), 0.0, last)
+                    });
+                if let Some(change) = change {
+                    self.take(rule, &device, change, now).await;
+                }
+            }
         }
+        let cooldown = self.config().action_cooldown_ms;
+        lock(&self.acted).retain(|_, at| now.saturating_sub(*at) < cooldown);
+    }
+
+    /// Whether (rule, device) may act now (the cooldown); records the action if so.
+    fn may_act(&self, rule: &Compiled, device: &DeviceId, at_ms: u64) -> bool {
+        let cooldown = self.config().action_cooldown_ms;
+        let mut acted = lock(&self.acted);
+        let key = (rule.rec.id.clone(), device.clone());
+        if acted
+            .get(&key)
+            .is_some_and(|last| at_ms.saturating_sub(*last) < cooldown)
+        {
+            return false;
+        }
+        if acted.len() >= self.config().states_max && !acted.contains_key(&key) {
+            return false;
+        }
+        acted.insert(key, at_ms);
+        true
     }
 
     /// The leading node watches every device an absence rule selects, connected or not: a
@@ -907,9 +1048,14 @@ impl Rules {
             }
             Change::Fire { detail } => {
                 Counters::inc(&self.counters.fired);
+                // Commands and tags at most once per cooldown (for the whole firing).
+                let device_actions = self.may_act(rule, device, at_ms);
                 let mut raised = false;
                 for action in &rule.actions {
-                    match self.act(rule, device, action, &detail, at_ms).await {
+                    match self
+                        .act(rule, device, action, &detail, at_ms, device_actions)
+                        .await
+                    {
                         Ok(new_alert) => raised |= new_alert,
                         Err(e) => {
                             Counters::inc(&self.counters.actions_failed);
@@ -956,8 +1102,12 @@ impl Rules {
             };
             if let Some(Change::Fire { detail }) = change {
                 Counters::inc(&self.counters.fired);
+                let device_actions = self.may_act(rule, device, at_ms);
                 for action in &rule.actions {
-                    if let Err(e) = self.act(rule, device, action, &detail, at_ms).await {
+                    if let Err(e) = self
+                        .act(rule, device, action, &detail, at_ms, device_actions)
+                        .await
+                    {
                         Counters::inc(&self.counters.actions_failed);
                         tracing::warn!(rule = %rule.rec.name, device = %device, error = %e, "a rule action failed");
                     }
@@ -974,6 +1124,7 @@ impl Rules {
         action: &Action,
         detail: &str,
         at_ms: u64,
+        device_actions: bool,
     ) -> ServiceResult<bool> {
         match action {
             Action::Alert(severity) => {
@@ -989,6 +1140,7 @@ impl Rules {
                             severity: severity.as_str().to_owned(),
                             detail: detail.to_owned(),
                             at_ms,
+                            rule_must_exist: true,
                         },
                         self.config().alerts_open_max,
                     )
@@ -1000,6 +1152,10 @@ impl Rules {
                         Ok(false)
                     }
                 }
+            }
+            Action::Command(_) | Action::Tag { .. } if !device_actions => {
+                Counters::inc(&self.counters.actions_suppressed);
+                Ok(false)
             }
             Action::Command(name) => {
                 let c = NewCommand {
@@ -1098,6 +1254,10 @@ pub async fn run_rules(rules: Arc<Rules>, mut stop: watch::Receiver<bool>) {
                     None => true,
                 };
                 let was = rules.leads.swap(leads, Ordering::Relaxed);
+                if was && !leads {
+                    rules.drop_absence_states();
+                }
+                rules.maintain().await;
                 if leads {
                     if !was {
                         // Just took over: the previous holder's states are not here.

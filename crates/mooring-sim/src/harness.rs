@@ -72,27 +72,46 @@ impl ClusterParts {
 
 /// A server's configuration in the simulator: its data dir, loopback port 0 for the TCP
 /// listeners (the HTTP API stays usable for inspection; devices do not use them).
-fn config(data_dir: &Path, job_batch_pause_ms: u64) -> anyhow::Result<ServerConfig> {
+fn config(data_dir: &Path, tuning: &Tuning) -> anyhow::Result<ServerConfig> {
     let mut config = ServerConfig {
         data_dir: data_dir.to_owned(),
         mqtt_addr: "127.0.0.1:0".parse()?,
         http_addr: "127.0.0.1:0".parse()?,
         ..ServerConfig::default()
     };
-    config.jobs.batch_pause_ms = job_batch_pause_ms;
+    config.jobs.batch_pause_ms = tuning.job_batch_pause_ms;
+    config.health = tuning.health.clone();
     Ok(config)
+}
+
+/// What a scenario sets of the server's configuration, for every start.
+#[derive(Debug, Clone, Default)]
+pub struct Tuning {
+    /// `[jobs] batch_pause_ms` (the scenario's `job_batch_pause`).
+    pub job_batch_pause_ms: u64,
+    /// `[health]` (the scenario's `[health]` table).
+    pub health: mooring_server::health::HealthConfig,
+}
+
+impl Tuning {
+    fn of(config: &ServerConfig) -> Tuning {
+        Tuning {
+            job_batch_pause_ms: config.jobs.batch_pause_ms,
+            health: config.health.clone(),
+        }
+    }
 }
 
 impl InProcessServer {
     /// Starts a server with its data in `data_dir` on `clock`. Devices reach it through
     /// [`crate::device::SimConnector`], not its TCP listeners.
-    /// `job_batch_pause_ms`: the scenario's `job_batch_pause`.
+    /// `tuning`: what the scenario sets of its configuration.
     pub async fn start(
         data_dir: &Path,
         clock: Arc<dyn Clock>,
-        job_batch_pause_ms: u64,
+        tuning: &Tuning,
     ) -> anyhow::Result<Self> {
-        let config = config(data_dir, job_batch_pause_ms)?;
+        let config = config(data_dir, tuning)?;
         let listeners = Listeners::bind(&config).await?;
         let server = RunningServer::start(config, listeners, clock)
             .await
@@ -112,9 +131,9 @@ impl InProcessServer {
         clock: Arc<dyn Clock>,
         parts: &ClusterParts,
         n: usize,
-        job_batch_pause_ms: u64,
+        tuning: &Tuning,
     ) -> anyhow::Result<Self> {
-        let mut config = config(data_dir, job_batch_pause_ms)?;
+        let mut config = config(data_dir, tuning)?;
         config.node_id = node_id(n);
         config.cluster.heartbeat_interval_ms = parts.heartbeat_interval_ms;
         config.cluster.node_lease_ms = parts.node_lease_ms;
@@ -146,9 +165,9 @@ impl InProcessServer {
     /// same data dir.
     pub async fn restart(self, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let dir = self.data_dir.clone();
-        let job_batch_pause_ms = self.server.app.config().jobs.batch_pause_ms;
+        let tuning = Tuning::of(self.server.app.config());
         self.server.shutdown().await;
-        Self::start(&dir, clock, job_batch_pause_ms).await
+        Self::start(&dir, clock, &tuning).await
     }
 
     pub async fn shutdown(self) {

@@ -107,8 +107,25 @@ pub struct Scenario {
     pub artifacts: Vec<Artifact>,
     #[serde(default, rename = "event")]
     pub events: Vec<Event>,
+    /// The server's `[health]` table (docs/health.md), as in its config file.
+    #[serde(default)]
+    pub health: Option<mooring_server::health::HealthConfig>,
+    /// Rules the run creates before the devices boot (docs/health.md "Rules").
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleSpec>,
     #[serde(default)]
     pub expect: Expect,
+}
+
+/// `[[rule]]`: a rule created as `POST /api/v1/rules` makes it, by an admin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    pub name: String,
+    pub when: String,
+    #[serde(default)]
+    pub selector: Option<String>,
+    pub then: String,
 }
 
 /// `[[artifact]]`: a firmware image the run makes (deterministic bytes from the seed and the
@@ -573,6 +590,17 @@ pub struct Expect {
     pub min_ota_committed: Option<u64>,
     /// OTA: fewest devices that rolled back (a cohort whose `fails_health` names the version).
     pub min_ota_rolled_back: Option<u64>,
+    /// Fleet health: exactly these cohort alerts were raised (any state at the end), each
+    /// named `<cohort>: <signal>`, e.g. `["site=c: disconnects"]`; `[]`: none.
+    pub cohort_alerts: Option<Vec<String>>,
+    /// Fleet health: per rule name, the devices that got an alert from it are exactly those
+    /// the selector matches, e.g. `{ fast-drain = "tag:drain=fast" }`.
+    #[serde(default)]
+    pub rule_alerts: BTreeMap<String, String>,
+    /// Fleet health: the first alert of each (a cohort alert `<cohort>: <signal>` or a rule
+    /// name) was raised at most this far into the run.
+    #[serde(default)]
+    pub max_detection: BTreeMap<String, DurationMs>,
 }
 
 impl Scenario {

@@ -393,6 +393,39 @@ fn broker_bounds_never_refuse_a_well_behaved_fleet_under_faults() -> anyhow::Res
     Ok(())
 }
 
+/// scenarios/fleet-health.toml at 600 devices (240, 180, 180 on sites a, b, c) for its 8
+/// simulated hours: site b's fast battery drain and site c's 30-minute outage are each found by
+/// the cohort sweeper once per signal (and nothing else), within the stated simulated time; the
+/// rule on the battery's rate alerts exactly site b's devices.
+#[test]
+fn fleet_health_finds_each_problem_once_and_nothing_else() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/fleet-health.toml");
+    let s = Scenario::load(&path)?.scaled_to(600)?;
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    let health = r.health.as_ref().expect("a health report");
+    let cohort: Vec<&str> = health
+        .alerts
+        .iter()
+        .filter(|(_, a)| a.cohort)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    assert_eq!(
+        cohort,
+        [
+            "site=b: battery_low",
+            "site=c: disconnects",
+            "site=c: telemetry_gaps"
+        ]
+    );
+    // One alert per cohort and signal, counted at every sweep while it stays flagged.
+    for (key, a) in health.alerts.iter().filter(|(_, a)| a.cohort) {
+        assert_eq!(a.alerts, 1, "{key}: {a:?}");
+    }
+    assert_eq!(health.alerts["fast-drain"].devices, 180);
+    Ok(())
+}
+
 /// scenarios/bulk-tag-job.toml at 1,000 devices, with batches far enough apart that the
 /// server restart falls between the job's two batches: the job resumes from its cursor after
 /// the restart and ends with every device tagged and counted once.

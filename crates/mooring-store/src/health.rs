@@ -24,6 +24,10 @@ pub const HOUR_MS: u64 = 3_600_000;
 pub const BATTERY_SAMPLES_MAX: usize = 16;
 /// The battery trend is a slope over at least this long (shorter steps wait for more).
 pub const BATTERY_TREND_STEP_MS: u64 = 10 * 60 * 1000;
+/// Most restarts (or crashes) one increase of the agent's reported counts adds: the counts come
+/// from the device, and a device that jumps them by 2^40 must not swamp its cohort's totals.
+pub const AGENT_STEP_MAX: u64 = 1000;
+
 /// Weight of the newest slope in the battery trend (an exponentially weighted mean).
 const BATTERY_TREND_WEIGHT: f64 = 0.3;
 
@@ -52,16 +56,18 @@ pub struct HealthCounts {
 }
 
 impl HealthCounts {
+    /// Adds `o` (saturating: a count never wraps).
     pub fn add(&mut self, o: &HealthCounts) {
-        self.connects += o.connects;
-        self.disconnects += o.disconnects;
-        self.telemetry_gaps += o.telemetry_gaps;
-        self.command_failures += o.command_failures;
-        self.command_timeouts += o.command_timeouts;
-        self.restarts += o.restarts;
-        self.crashes += o.crashes;
-        self.update_rollbacks += o.update_rollbacks;
-        self.update_failures += o.update_failures;
+        let add = |a: &mut u64, b: u64| *a = a.saturating_add(b);
+        add(&mut self.connects, o.connects);
+        add(&mut self.disconnects, o.disconnects);
+        add(&mut self.telemetry_gaps, o.telemetry_gaps);
+        add(&mut self.command_failures, o.command_failures);
+        add(&mut self.command_timeouts, o.command_timeouts);
+        add(&mut self.restarts, o.restarts);
+        add(&mut self.crashes, o.crashes);
+        add(&mut self.update_rollbacks, o.update_rollbacks);
+        add(&mut self.update_failures, o.update_failures);
     }
 
     pub fn is_zero(&self) -> bool {
@@ -159,6 +165,11 @@ pub struct DeviceHealth {
     pub online_ms: u64,
     /// When the open session started (`None`: no session open, as far as deltas said).
     pub online_since_ms: Option<u64>,
+    /// When the newest session change applied happened (an older one from another node's
+    /// late flush does not undo it).
+    pub session_changed_ms: u64,
+    /// When the agent's counts applied were reported.
+    pub agent_at_ms: u64,
     pub last_telemetry_ms: Option<u64>,
     /// The longest silence between two telemetry messages.
     pub longest_gap_ms: u64,
@@ -180,8 +191,8 @@ pub struct HealthDelta {
     pub hours: BTreeMap<u64, HealthCounts>,
     /// Time online of sessions that opened and closed on this node.
     pub online_ms: u64,
-    /// The newest session change: `Some(Some(t))` opened at `t`, `Some(None)` closed.
-    pub session: Option<Option<u64>>,
+    /// The newest session change: (when, opened).
+    pub session: Option<(u64, bool)>,
     /// The first and newest telemetry in this delta (server time), and the longest silence
     /// between two of them.
     pub telemetry_first_ms: Option<u64>,
@@ -196,6 +207,9 @@ pub struct HealthDelta {
     pub boots: Option<u64>,
     pub unclean_stops_first: Option<u64>,
     pub unclean_stops: Option<u64>,
+    /// When the first and the newest of those counts were reported.
+    pub agent_first_ms: u64,
+    pub agent_last_ms: u64,
     pub diagnostics: Option<DiagnosticsRef>,
     pub update_problem: Option<UpdateRef>,
 }
@@ -246,9 +260,18 @@ impl HealthDelta {
 
     /// The agent reported its start counts at `at_ms`.
     pub fn agent_counts(&mut self, at_ms: u64, boots: Option<u64>, unclean_stops: Option<u64>) {
+        if boots.is_none() && unclean_stops.is_none() {
+            return;
+        }
+        if self.boots.is_none() && self.unclean_stops.is_none() {
+            self.agent_first_ms = at_ms;
+        }
+        self.agent_last_ms = self.agent_last_ms.max(at_ms);
         if let Some(b) = boots {
             match self.boots {
-                Some(old) if b > old => self.count(at_ms, |c| c.restarts += b - old),
+                Some(old) if b > old => {
+                    self.count(at_ms, |c| c.restarts += (b - old).min(AGENT_STEP_MAX))
+                }
                 Some(_) => {}
                 None => self.boots_first = Some(b),
             }
@@ -256,7 +279,9 @@ impl HealthDelta {
         }
         if let Some(u) = unclean_stops {
             match self.unclean_stops {
-                Some(old) if u > old => self.count(at_ms, |c| c.crashes += u - old),
+                Some(old) if u > old => {
+                    self.count(at_ms, |c| c.crashes += (u - old).min(AGENT_STEP_MAX))
+                }
                 Some(_) => {}
                 None => self.unclean_stops_first = Some(u),
             }
@@ -271,7 +296,7 @@ impl HealthDelta {
         for (start, counts) in newer.hours {
             self.hours.entry(start).or_default().add(&counts);
         }
-        self.online_ms += newer.online_ms;
+        self.online_ms = self.online_ms.saturating_add(newer.online_ms);
         if newer.session.is_some() {
             self.session = newer.session;
         }
@@ -284,9 +309,13 @@ impl HealthDelta {
         for (at, level) in newer.battery {
             self.battery(at, level);
         }
-        let at = newer.first_ms;
         // The newer delta's first counts, then its newest (its own increases are in its hours).
-        self.agent_counts(at, newer.boots_first, newer.unclean_stops_first);
+        self.agent_counts(
+            newer.agent_first_ms,
+            newer.boots_first,
+            newer.unclean_stops_first,
+        );
+        self.agent_last_ms = self.agent_last_ms.max(newer.agent_last_ms);
         if newer.boots.is_some() {
             self.boots = newer.boots;
         }
@@ -326,19 +355,27 @@ impl DeviceHealth {
         }
         // Restarts and crashes: increases of the agent's own counts (a smaller count is a new
         // state directory: a new base, nothing counted).
-        let now_hour = hour_of(d.first_ms);
-        if let (Some(first), Some(old)) = (d.boots_first, self.boots) {
-            if first > old {
-                hours.entry(now_hour).or_default().restarts += first - old;
+        // A delta reported before what is stored (another node's late flush) neither counts
+        // against the stored counts nor replaces them.
+        let now_hour = hour_of(d.agent_first_ms);
+        if d.agent_first_ms >= self.agent_at_ms {
+            if let (Some(first), Some(old)) = (d.boots_first, self.boots) {
+                if first > old {
+                    hours.entry(now_hour).or_default().restarts +=
+                        (first - old).min(AGENT_STEP_MAX);
+                }
+            }
+            if let (Some(first), Some(old)) = (d.unclean_stops_first, self.unclean_stops) {
+                if first > old {
+                    hours.entry(now_hour).or_default().crashes += (first - old).min(AGENT_STEP_MAX);
+                }
             }
         }
-        if let (Some(first), Some(old)) = (d.unclean_stops_first, self.unclean_stops) {
-            if first > old {
-                hours.entry(now_hour).or_default().crashes += first - old;
-            }
+        if (d.boots.is_some() || d.unclean_stops.is_some()) && d.agent_last_ms >= self.agent_at_ms {
+            self.boots = d.boots.or(self.boots);
+            self.unclean_stops = d.unclean_stops.or(self.unclean_stops);
+            self.agent_at_ms = d.agent_last_ms;
         }
-        self.boots = d.boots.or(self.boots);
-        self.unclean_stops = d.unclean_stops.or(self.unclean_stops);
         for (start, counts) in hours {
             self.totals.add(&counts);
             match self.hours.binary_search_by_key(&start, |h| h.start_ms) {
@@ -356,11 +393,12 @@ impl DeviceHealth {
             let oldest_kept = newest.saturating_sub((HEALTH_WINDOW_HOURS as u64 - 1) * HOUR_MS);
             self.hours.retain(|h| h.start_ms >= oldest_kept);
         }
-        self.online_ms += d.online_ms;
-        match d.session {
-            Some(Some(t)) => self.online_since_ms = Some(t),
-            Some(None) => self.online_since_ms = None,
-            None => {}
+        self.online_ms = self.online_ms.saturating_add(d.online_ms);
+        if let Some((at, opened)) = d.session {
+            if at >= self.session_changed_ms {
+                self.session_changed_ms = at;
+                self.online_since_ms = opened.then_some(at);
+            }
         }
         for &(at, level) in &d.battery {
             Battery::sample(&mut self.battery, at, level);
@@ -489,6 +527,28 @@ mod tests {
     }
 
     #[test]
+    fn a_device_cannot_jump_its_counts_past_the_step() {
+        let mut h = DeviceHealth::default();
+        let mut d = HealthDelta::new("d", HOUR_MS);
+        d.agent_counts(HOUR_MS, Some(0), Some(0));
+        d.agent_counts(HOUR_MS, Some(1 << 41), Some(u64::MAX));
+        h.apply(&d, GAP);
+        let mut d = HealthDelta::new("d", 2 * HOUR_MS);
+        d.agent_counts(2 * HOUR_MS, Some(0), Some(0));
+        d.agent_counts(2 * HOUR_MS, Some(u64::MAX), Some(u64::MAX));
+        h.apply(&d, GAP);
+        assert_eq!(
+            (h.totals.restarts, h.totals.crashes),
+            (2 * AGENT_STEP_MAX, 2 * AGENT_STEP_MAX)
+        );
+        // A late delta from another node (reported before what is stored) changes nothing.
+        let mut late = HealthDelta::new("d", HOUR_MS / 2);
+        late.agent_counts(HOUR_MS / 2, Some(3), Some(3));
+        h.apply(&late, GAP);
+        assert_eq!(h.boots, Some(u64::MAX));
+    }
+
+    #[test]
     fn battery_trend_is_the_slope_per_hour() {
         let mut h = DeviceHealth::default();
         let mut d = HealthDelta::new("d", 0);
@@ -508,7 +568,7 @@ mod tests {
         let mut h = DeviceHealth::default();
         h.apply(
             &HealthDelta {
-                session: Some(Some(1_000)),
+                session: Some((1_000, true)),
                 ..HealthDelta::new("d", 1_000)
             },
             GAP,
@@ -517,7 +577,7 @@ mod tests {
         h.apply(
             &HealthDelta {
                 online_ms: 60_000,
-                session: Some(None),
+                session: Some((61_000, false)),
                 ..HealthDelta::new("d", 61_000)
             },
             GAP,

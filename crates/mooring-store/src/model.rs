@@ -1426,4 +1426,7 @@ pub struct AlertFire {
     pub severity: String,
     pub detail: String,
     pub at_ms: u64,
+    /// A new alert only if `rule_id` names an enabled rule (rules' alerts; not the cohort
+    /// sweeper's, which have no rule row).
+    pub rule_must_exist: bool,
 }

@@ -657,7 +657,8 @@ pub trait DeploymentStore: Send + Sync + 'static {
 pub trait HealthStore: Send + Sync + 'static {
     /// Folds each delta into its device's record ([`DeviceHealth::apply`]; a record is
     /// created for a device with none), all in one transaction; a delta of a device that does
-    /// not exist (any more) is dropped. At most [`HEALTH_BATCH_LEN_MAX`] deltas. Returns how
+    /// not exist (any more), or that began before the device was registered (an id deleted and
+    /// registered again), is dropped. At most [`HEALTH_BATCH_LEN_MAX`] deltas. Returns how
     /// many were applied.
     async fn merge_device_health(&self, deltas: Vec<HealthDelta>, gap_ms: u64) -> Result<usize>;
     /// The records of those of `ids` that have one, in no particular order. At most
@@ -687,7 +688,8 @@ pub trait RuleStore: Send + Sync + 'static {
 
     /// Raises an alert for (rule, device): the open one (firing or acknowledged) counts one more
     /// occurrence (`count`, `last_fired_ms`, `detail`), else a new firing alert is stored unless
-    /// `open_max` alerts are open already (`None`). The bool: whether it is new.
+    /// `open_max` alerts are open already, or `fire.rule_must_exist` and the rule is gone or
+    /// disabled (`None`: a rule deleted while an evaluator still held it raises nothing). The bool: whether it is new.
     async fn fire_alert(
         &self,
         fire: AlertFire,
@@ -728,6 +730,8 @@ pub trait RuleStore: Send + Sync + 'static {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AlertFilter {
     pub state: Option<AlertState>,
+    /// Only open alerts (firing or acknowledged).
+    pub open: bool,
     pub rule_id: Option<String>,
     pub device_id: Option<String>,
 }

@@ -157,6 +157,10 @@ async fn a_rule_alerts_commands_and_tags_and_its_alert_resolves_when_the_conditi
         .await;
     let second = open["alerts"][0]["id"].as_str().expect("id").to_owned();
     assert_ne!(second, alert_id);
+    // Within the cooldown the second firing sends no second command and sets no tag again.
+    server
+        .wait_metric("mooring_rules_actions_suppressed_total", |v| v >= 1.0)
+        .await;
     let out = server.cli(&["alert", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains(&second));
     let out = server.cli(&["rule", "delete", "low-battery"]);

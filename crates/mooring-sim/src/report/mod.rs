@@ -228,7 +228,63 @@ pub struct Report {
     /// Cohorts with `[cohort.ota]`: the deployments' outcome and every device checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ota: Option<OtaReport>,
+    /// Scenarios with `[health]`, `[[rule]]`s or health expectations: the alerts at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthReport>,
     pub expectations: Vec<ExpectationResult>,
+}
+
+/// The alerts at the end of a run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HealthReport {
+    /// By cohort alert (`<cohort>: <signal>`) or rule name.
+    pub alerts: BTreeMap<String, AlertSummary>,
+    /// `expect.rule_alerts`: per rule, (devices the selector names, of those without an alert,
+    /// alerted devices it does not name).
+    pub rule_mismatches: BTreeMap<String, (u64, u64, u64)>,
+}
+
+/// One cohort alert, or one rule's alerts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AlertSummary {
+    pub cohort: bool,
+    /// Alerts raised (a rule's: one per device and firing; a cohort's: one while flagged).
+    pub alerts: u64,
+    /// A rule's: distinct devices.
+    pub devices: u64,
+    /// Times fired, counted on open alerts.
+    pub occurrences: u64,
+    pub open_at_end: u64,
+    /// Simulated time of the first (ms into the run).
+    pub first_raised_ms: u64,
+    /// What the first said.
+    pub detail: String,
+}
+
+impl HealthReport {
+    /// As lines of the printed summary.
+    pub fn lines(&self) -> Vec<String> {
+        if self.alerts.is_empty() {
+            return vec!["health: no alert raised".to_owned()];
+        }
+        self.alerts
+            .iter()
+            .map(|(key, a)| {
+                let what = if a.cohort {
+                    format!("cohort alert {key}")
+                } else {
+                    format!("rule {key}: {} alerts on {} devices", a.alerts, a.devices)
+                };
+                format!(
+                    "health: {what}, first at {} ({}), {} fired, {} open at the end",
+                    crate::run::fmt_ms(a.first_raised_ms),
+                    a.detail,
+                    a.occurrences,
+                    a.open_at_end
+                )
+            })
+            .collect()
+    }
 }
 
 /// The updating cohorts at the end of the run: what the server shows, checked against every
@@ -518,6 +574,11 @@ impl Report {
         }
         if let Some(o) = &self.ota {
             for line in o.lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        if let Some(h) = &self.health {
+            for line in h.lines() {
                 let _ = writeln!(out, "  {line}");
             }
         }

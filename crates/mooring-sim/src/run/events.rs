@@ -469,7 +469,7 @@ async fn watch_leases(control: Arc<Control>, key: (u64, String), leases: Vec<Str
     }
 }
 
-pub(super) fn fmt_ms(ms: u64) -> String {
+pub(crate) fn fmt_ms(ms: u64) -> String {
     match ms {
         m if m % 3_600_000 == 0 && m > 0 => format!("{}h", m / 3_600_000),
         m if m % 60_000 == 0 && m > 0 => format!("{}m", m / 60_000),

@@ -149,6 +149,52 @@ pub fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
+/// `cohort_alerts`, `rule_alerts`, `max_detection` against the report's alerts.
+fn health_expectations(s: &Scenario, r: &Report, out: &mut Vec<ExpectationResult>) {
+    let e = &s.expect;
+    let health = r.health.clone().unwrap_or_default();
+    if let Some(want) = &e.cohort_alerts {
+        let want: std::collections::BTreeSet<&str> = want.iter().map(String::as_str).collect();
+        let got: std::collections::BTreeSet<&str> = health
+            .alerts
+            .iter()
+            .filter(|(_, a)| a.cohort)
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let show = |set: &std::collections::BTreeSet<&str>| {
+            format!("[{}]", set.iter().copied().collect::<Vec<_>>().join(", "))
+        };
+        out.push(ExpectationResult {
+            name: "cohort_alerts".into(),
+            expected: show(&want),
+            actual: show(&got),
+            ok: got == want,
+        });
+    }
+    for rule in e.rule_alerts.keys() {
+        let (named, missing, extra) = health
+            .rule_mismatches
+            .get(rule)
+            .copied()
+            .unwrap_or_default();
+        out.push(ExpectationResult {
+            name: format!("rule_alerts.{rule}"),
+            expected: format!("the {named} devices its selector names"),
+            actual: format!("{missing} of them without an alert, {extra} others alerted"),
+            ok: missing == 0 && extra == 0 && named > 0,
+        });
+    }
+    for (key, bound) in &e.max_detection {
+        let first = health.alerts.get(key).map(|a| a.first_raised_ms);
+        out.push(ExpectationResult {
+            name: format!("max_detection.{key}"),
+            expected: format!("<= {}", super::fmt_ms(bound.0)),
+            actual: first.map_or_else(|| "never raised".to_owned(), super::fmt_ms),
+            ok: first.is_some_and(|t| t <= bound.0),
+        });
+    }
+}
+
 pub(super) fn check_expectations(
     s: &Scenario,
     r: &Report,
@@ -156,6 +202,7 @@ pub(super) fn check_expectations(
 ) -> Vec<ExpectationResult> {
     let e = &s.expect;
     let mut out = Vec::new();
+    health_expectations(s, r, &mut out);
     if let Some(want) = e.enrolled_exactly_once {
         let got = r
             .enrollment

@@ -12,9 +12,11 @@
 
 mod enroll;
 mod events;
+mod health;
 mod measure;
 mod ota;
 
+pub(crate) use events::fmt_ms;
 pub use measure::parse_metrics;
 
 use events::run_events;
@@ -22,7 +24,7 @@ use measure::{check_expectations, run_sampler, Reader};
 
 use crate::clock::VirtualClock;
 use crate::device::{self, CohortModel, DeviceState, Net, Stats};
-use crate::harness::{node_id, ClusterParts, InProcessServer};
+use crate::harness::{node_id, ClusterParts, InProcessServer, Tuning};
 use crate::remote::RemoteApi;
 use crate::report::{Completed, FaultCount, LeaseMove, NodeReport, Report, Sample, TimelineEvent};
 use crate::scenario::{Action, Scenario, ServerTarget};
@@ -84,8 +86,8 @@ struct Control {
     fleet_commands: Mutex<Vec<(usize, String, u64)>>,
     /// The `tag_job` events' job ids, in the order created.
     jobs: Mutex<Vec<String>>,
-    /// The scenario's `job_batch_pause`, for every server start.
-    job_batch_pause_ms: u64,
+    /// What the scenario sets of the server's configuration, for every start.
+    tuning: Tuning,
     /// In-process: fleet command id -> wall ms from its creation until every device command
     /// was final (watched by polling its counts every simulated 100 ms).
     fleet_done_wall_ms: Mutex<HashMap<String, u64>>,
@@ -132,13 +134,11 @@ async fn start_server(
     clock: Arc<dyn Clock>,
     cluster: Option<&ClusterParts>,
     slot: usize,
-    job_batch_pause_ms: u64,
+    tuning: &Tuning,
 ) -> anyhow::Result<InProcessServer> {
     match cluster {
-        Some(parts) => {
-            InProcessServer::start_node(data_dir, clock, parts, slot + 1, job_batch_pause_ms).await
-        }
-        None => InProcessServer::start(data_dir, clock, job_batch_pause_ms).await,
+        Some(parts) => InProcessServer::start_node(data_dir, clock, parts, slot + 1, tuning).await,
+        None => InProcessServer::start(data_dir, clock, tuning).await,
     }
 }
 
@@ -177,7 +177,7 @@ impl Control {
             self.server_clock.clone(),
             self.cluster.as_ref(),
             slot,
-            self.job_batch_pause_ms,
+            &self.tuning,
         )
         .await
     }
@@ -381,6 +381,10 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         )?),
         _ => None,
     };
+    let tuning = Tuning {
+        job_batch_pause_ms: s.job_batch_pause.0,
+        health: s.health.clone().unwrap_or_default(),
+    };
     let mut servers: Vec<Option<InProcessServer>> = Vec::new();
     if remote.is_none() {
         for slot in 0..slots {
@@ -389,7 +393,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
                 server_clock.clone(),
                 cluster.as_ref(),
                 slot,
-                s.job_batch_pause.0,
+                &tuning,
             )
             .await?;
             servers.push(Some(server));
@@ -423,6 +427,9 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         Some(server) => ota::upload(s, &server.server.app).await?,
         None => Vec::new(),
     };
+    if let Some(server) = server {
+        health::create_rules(s, &server.server.app).await?;
+    }
     let update_key = server.map(|server| server.server.app.ota.public_key_hex());
     let mut models = Vec::with_capacity(s.cohorts.len());
     for (ci, c) in s.cohorts.iter().enumerate() {
@@ -499,7 +506,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         watchers: Mutex::new(JoinSet::new()),
         fleet_commands: Mutex::new(Vec::new()),
         jobs: Mutex::new(Vec::new()),
-        job_batch_pause_ms: s.job_batch_pause.0,
+        tuning: tuning.clone(),
         fleet_done_wall_ms: Mutex::new(HashMap::new()),
         event_log: Mutex::new(Vec::new()),
         event_errors: Mutex::new(Vec::new()),
@@ -616,6 +623,10 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     let ota_report = {
         let deleted = lock(&control.deleted).clone();
         ota::report(&control, s, &devices, &deleted).await?
+    };
+    let health_report = match control.app() {
+        Some(app) => health::report(s, &app, epoch_ms).await?,
+        None => None,
     };
     let reader = match &remote {
         Some(api) => Reader::Remote(api.clone()),
@@ -849,6 +860,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         timeline: measure::timeline(&control, &devices),
         enrollment,
         ota: ota_report,
+        health: health_report,
         expectations: Vec::new(),
     };
     for event in &mut report.timeline {

@@ -23,7 +23,8 @@ pub async fn health_deltas_fold_into_one_record_per_device(store: &dyn Store) {
         .create_device(new_device("h-2"))
         .await
         .expect("create");
-    let at = 500 * HOUR_MS;
+    // After the devices were registered (new_device: 1,700,000,000,000), on an hour.
+    let at = 472_300 * HOUR_MS;
     let applied = store
         .merge_device_health(
             vec![
@@ -55,12 +56,15 @@ pub async fn health_deltas_fold_into_one_record_per_device(store: &dyn Store) {
     assert_eq!(h1.hours.len(), 2);
     assert_eq!(got[1].1.totals.connects, 1);
 
-    // The record goes with its device; a device created again starts with none.
+    // The record goes with its device; a device created again starts with none, and a delta
+    // that began before it was registered again is not its own.
     store.delete_device("h-1").await.expect("delete");
-    store
-        .create_device(new_device("h-1"))
-        .await
-        .expect("create again");
+    let mut again = new_device("h-1");
+    again.created_at_ms = at + 3 * HOUR_MS;
+    store.create_device(again).await.expect("create again");
+    let old = connects("h-1", at + 2 * HOUR_MS + 1, 5);
+    let applied = store.merge_device_health(vec![old], GAP_MS).await;
+    assert_eq!(applied.expect("merge"), 0);
     let got = store.get_device_health(&ids).await.expect("get");
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].0, "h-2");

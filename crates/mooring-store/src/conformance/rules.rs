@@ -28,6 +28,7 @@ fn fire(id: &str, rule_id: &str, device: &str, at_ms: u64) -> AlertFire {
         severity: "warning".to_owned(),
         detail: format!("battery = {at_ms}"),
         at_ms,
+        rule_must_exist: false,
     }
 }
 
@@ -199,7 +200,7 @@ pub async fn alerts_open_once_per_rule_and_device_and_follow_their_lifecycle(sto
     let firing = AlertFilter {
         state: Some(AlertState::Firing),
         rule_id: Some("r1".into()),
-        device_id: None,
+        ..AlertFilter::default()
     };
     assert_eq!(
         ids(store.list_alerts(&firing, 10, None).await.expect("list")),
@@ -212,6 +213,15 @@ pub async fn alerts_open_once_per_rule_and_device_and_follow_their_lifecycle(sto
     assert_eq!(
         ids(store.list_alerts(&d1, 10, None).await.expect("list")),
         ["a6", "a4", "a1"]
+    );
+
+    let open = AlertFilter {
+        open: true,
+        ..AlertFilter::default()
+    };
+    assert_eq!(
+        ids(store.list_alerts(&open, 10, None).await.expect("list")),
+        ["a6", "a5", "a4"]
     );
 
     // Pruning removes resolved alerts only.
@@ -233,4 +243,37 @@ pub async fn alerts_open_once_per_rule_and_device_and_follow_their_lifecycle(sto
         ids(store.list_alerts(&all, 10, None).await.expect("list")),
         ["a6", "a4"]
     );
+}
+
+pub async fn a_rules_alert_needs_its_rule_enabled(store: &dyn Store) {
+    let must = |id: &str, rule: &str| AlertFire {
+        rule_must_exist: true,
+        ..fire(id, rule, "d1", 1_000)
+    };
+    let none = store.fire_alert(must("a1", "r1"), 10).await.expect("fire");
+    assert_eq!(none, None, "no rule r1");
+    assert!(store
+        .create_rule(rule("r1", "low"), 10)
+        .await
+        .expect("create"));
+    assert!(store
+        .fire_alert(must("a1", "r1"), 10)
+        .await
+        .expect("fire")
+        .is_some());
+    store
+        .set_rule_enabled("r1", false, 2_000)
+        .await
+        .expect("disable");
+    store
+        .resolve_open_alert("r1", "d1", "auto", 2_000)
+        .await
+        .expect("resolve");
+    let none = store.fire_alert(must("a2", "r1"), 10).await.expect("fire");
+    assert_eq!(none, None, "disabled");
+    // Without the requirement (the cohort sweeper's alerts have no rule row).
+    let cohort = store
+        .fire_alert(fire("a3", "cohort:x", "", 3_000), 10)
+        .await;
+    assert!(cohort.expect("fire").is_some());
 }

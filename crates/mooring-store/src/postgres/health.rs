@@ -25,6 +25,23 @@ impl HealthStore for PgStore {
         ids.dedup();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
+        let created: HashMap<String, i64> = tx
+            .query(
+                "SELECT id, created_at_ms FROM devices WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await
+            .map_err(pg_error)?
+            .iter()
+            .map(|r| Ok((column::<String>(r, 0)?, column::<i64>(r, 1)?)))
+            .collect::<Result<_>>()?;
+        // Seen of a device deleted since, whose id was registered again: not its record.
+        deltas.retain(|d| {
+            let first = i64::try_from(d.first_ms).unwrap_or(i64::MAX);
+            created.get(&d.device_id).is_some_and(|c| first >= *c)
+        });
+        let mut ids: Vec<&str> = deltas.iter().map(|d| d.device_id.as_str()).collect();
+        ids.dedup();
         tx.execute(
             "INSERT INTO device_health (device_id, signals, updated_ms)
              SELECT id, '{}', 0 FROM devices WHERE id = ANY($1) ORDER BY id

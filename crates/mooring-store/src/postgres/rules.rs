@@ -210,6 +210,7 @@ impl RuleStore for PgStore {
                     "INSERT INTO alerts ({ALERT_COLUMNS})
                      SELECT $1, $2, $3, $4, $5, 'firing', $6, 1, $7, $7, NULL, NULL, NULL, NULL
                      WHERE (SELECT count(*) FROM alerts WHERE state <> 'resolved') < $8
+                       AND (NOT $9 OR EXISTS (SELECT 1 FROM rules WHERE id = $2 AND enabled))
                      ON CONFLICT (rule_id, device_id) WHERE state <> 'resolved' DO UPDATE
                        SET count = alerts.count + 1,
                            last_fired_ms = GREATEST(alerts.last_fired_ms, EXCLUDED.last_fired_ms),
@@ -225,6 +226,7 @@ impl RuleStore for PgStore {
                     &fire.detail,
                     &at,
                     &max,
+                    &fire.rule_must_exist,
                 ],
             )
             .await?;
@@ -289,9 +291,10 @@ impl RuleStore for PgStore {
                 "SELECT {ALERT_COLUMNS} FROM alerts
                  WHERE ($1::TEXT IS NULL OR state = $1) AND ($2::TEXT IS NULL OR rule_id = $2)
                    AND ($3::TEXT IS NULL OR device_id = $3) AND ($4::TEXT IS NULL OR id < $4)
+                   AND (NOT $6 OR state <> 'resolved')
                  ORDER BY id DESC LIMIT $5"
             ),
-            &[&state, &rule, &device, &before, &limit],
+            &[&state, &rule, &device, &before, &limit, &filter.open],
         )
         .await?
         .iter()

@@ -22,7 +22,7 @@ impl HealthStore for SqliteStore {
         self.write(move |conn| {
             let mut read = conn
                 .prepare_cached(
-                    "SELECT d.id, h.signals FROM devices d
+                    "SELECT d.created_at_ms, h.signals FROM devices d
                      LEFT JOIN device_health h ON h.device_id = d.id WHERE d.id = ?1",
                 )
                 .db()?;
@@ -35,13 +35,16 @@ impl HealthStore for SqliteStore {
                 .db()?;
             let mut applied = 0;
             for d in &deltas {
-                let row: Option<(String, Option<String>)> = read
+                let row: Option<(i64, Option<String>)> = read
                     .query_row(params![d.device_id], |r| Ok((r.get(0)?, r.get(1)?)))
                     .optional()
                     .db()?;
-                let Some((_, stored)) = row else {
+                let Some((created_at_ms, stored)) = row else {
                     continue; // the device is gone
                 };
+                if i64::try_from(d.first_ms).unwrap_or(i64::MAX) < created_at_ms {
+                    continue; // seen of a device deleted since, whose id was registered again
+                }
                 let mut h = stored
                     .as_deref()
                     .map(DeviceHealth::from_json)

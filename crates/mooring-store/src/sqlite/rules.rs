@@ -240,6 +240,17 @@ impl RuleStore for SqliteStore {
             if open_now >= max {
                 return Ok(None);
             }
+            if fire.rule_must_exist {
+                let live: Option<i64> = conn
+                    .prepare_cached("SELECT 1 FROM rules WHERE id = ?1 AND enabled <> 0")
+                    .db()?
+                    .query_row(params![fire.rule_id], |r| r.get(0))
+                    .optional()
+                    .db()?;
+                if live.is_none() {
+                    return Ok(None);
+                }
+            }
             conn.prepare_cached(&format!(
                 "INSERT INTO alerts ({ALERT_COLUMNS})
                  VALUES (?1, ?2, ?3, ?4, ?5, 'firing', ?6, 1, ?7, ?7, NULL, NULL, NULL, NULL)"
@@ -343,6 +354,7 @@ impl RuleStore for SqliteStore {
         let state = filter.state.map(|s| s.as_str().to_owned());
         let rule = filter.rule_id.clone();
         let device = filter.device_id.clone();
+        let open = i64::from(filter.open);
         let before = before_id.map(str::to_owned);
         let limit = count_to_sql(limit);
         let rows = self
@@ -352,11 +364,15 @@ impl RuleStore for SqliteStore {
                         "SELECT {ALERT_COLUMNS} FROM alerts
                          WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR rule_id = ?2)
                            AND (?3 IS NULL OR device_id = ?3) AND (?4 IS NULL OR id < ?4)
+                           AND (?6 = 0 OR state <> 'resolved')
                          ORDER BY id DESC LIMIT ?5"
                     ))
                     .db()?;
                 let rows = stmt
-                    .query_map(params![state, rule, device, before, limit], alert_from_row)
+                    .query_map(
+                        params![state, rule, device, before, limit, open],
+                        alert_from_row,
+                    )
                     .db()?;
                 rows.collect::<rusqlite::Result<Vec<_>>>().db()
             })
@@ -367,7 +383,7 @@ impl RuleStore for SqliteStore {
     async fn prune_alerts(&self, resolved_before_ms: u64, keep_max: usize) -> Result<u64> {
         let before = bound_to_sql(resolved_before_ms);
         let keep = count_to_sql(keep_max);
-        self.write(move |conn| {
+        self.write_background(move |conn| {
             let old = conn
                 .prepare_cached(
                     "DELETE FROM alerts WHERE state = 'resolved' AND resolved_at_ms < ?1",
