@@ -393,14 +393,14 @@ fn broker_bounds_never_refuse_a_well_behaved_fleet_under_faults() -> anyhow::Res
     Ok(())
 }
 
-/// scenarios/fleet-health.toml at 600 devices (240, 180, 180 on sites a, b, c) for its 8
+/// scenarios/fleet-health.toml at 300 devices (120, 90, 90 on sites a, b, c) for its 8
 /// simulated hours: site b's fast battery drain and site c's 30-minute outage are each found by
 /// the cohort sweeper once per signal (and nothing else), within the stated simulated time; the
 /// rule on the battery's rate alerts exactly site b's devices.
 #[test]
 fn fleet_health_finds_each_problem_once_and_nothing_else() -> anyhow::Result<()> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/fleet-health.toml");
-    let s = Scenario::load(&path)?.scaled_to(600)?;
+    let s = Scenario::load(&path)?.scaled_to(300)?;
     let r = run(&s)?;
     assert_eq!(failed(&r), Vec::<String>::new());
     let health = r.health.as_ref().expect("a health report");
@@ -422,7 +422,7 @@ fn fleet_health_finds_each_problem_once_and_nothing_else() -> anyhow::Result<()>
     for (key, a) in health.alerts.iter().filter(|(_, a)| a.cohort) {
         assert_eq!(a.alerts, 1, "{key}: {a:?}");
     }
-    assert_eq!(health.alerts["fast-drain"].devices, 180);
+    assert_eq!(health.alerts["fast-drain"].devices, 90);
     Ok(())
 }
 
