@@ -36,24 +36,30 @@ pub enum RuleCommand {
     },
     /// Show one rule (id or name).
     Show {
+        /// Rule id (`rule_...`) or name.
         rule: String,
         #[command(flatten)]
         output: OutputArgs,
     },
     /// Enable a rule (id or name).
     Enable {
+        /// Rule id (`rule_...`) or name.
         rule: String,
         #[command(flatten)]
         output: OutputArgs,
     },
     /// Disable a rule (id or name): it stops acting; its open alerts stay open.
     Disable {
+        /// Rule id (`rule_...`) or name.
         rule: String,
         #[command(flatten)]
         output: OutputArgs,
     },
     /// Delete a rule (id or name); its open alerts are resolved.
-    Delete { rule: String },
+    Delete {
+        /// Rule id (`rule_...`) or name.
+        rule: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -77,18 +83,21 @@ pub enum AlertCommand {
     },
     /// Show one alert.
     Show {
+        /// Alert id (`alert_...`, as `alert list` shows it).
         id: String,
         #[command(flatten)]
         output: OutputArgs,
     },
     /// Acknowledge an alert: someone is on it (it resolves when its condition clears).
     Ack {
+        /// Alert id (`alert_...`, as `alert list` shows it).
         id: String,
         #[command(flatten)]
         output: OutputArgs,
     },
     /// Resolve an alert by hand.
     Resolve {
+        /// Alert id (`alert_...`, as `alert list` shows it).
         id: String,
         #[command(flatten)]
         output: OutputArgs,
