@@ -462,6 +462,27 @@ impl Health {
         }
     }
 
+    /// A device's stored record with what this node saw of it since its last flush folded in,
+    /// in memory (a read writes nothing); a delta that began before the device was registered
+    /// (an id deleted and registered again) is not its own.
+    fn with_pending(
+        &self,
+        stored: Option<DeviceHealth>,
+        id: &str,
+        created_at_ms: u64,
+    ) -> Option<DeviceHealth> {
+        let Some(d) = self
+            .tracker
+            .pending_of(id)
+            .filter(|d| d.first_ms >= created_at_ms)
+        else {
+            return stored;
+        };
+        let mut record = stored.unwrap_or_default();
+        record.apply(&d, self.config.telemetry_gap_ms);
+        Some(record)
+    }
+
     /// How often the cohort sweeper runs (0: never).
     pub fn cohort_interval_ms(&self) -> u64 {
         self.config.cohort_interval_ms
@@ -548,23 +569,14 @@ impl Health {
     ) -> ServiceResult<mooring_api::DeviceHealth> {
         let view = self.registry.get_device(access, id).await?;
         let id = view.record.id.to_string();
-        let mut record = self
+        let stored = self
             .store
             .get_device_health(std::slice::from_ref(&id))
             .await?
             .into_iter()
             .next()
             .map(|(_, h)| h);
-        // What this node saw since its last flush, folded in memory (a read writes nothing).
-        if let Some(d) = self
-            .tracker
-            .pending_of(&id)
-            .filter(|d| d.first_ms >= view.record.created_at_ms)
-        {
-            record
-                .get_or_insert_with(DeviceHealth::default)
-                .apply(&d, self.config.telemetry_gap_ms);
-        }
+        let record = self.with_pending(stored, &id, view.record.created_at_ms);
         let now = self.clock.now_ms();
         Ok(device_view(id, view.online, record.as_ref(), now))
     }
@@ -615,16 +627,11 @@ impl Health {
                 });
                 g.devices += 1;
                 g.online += u64::from(v.online);
-                let mut record = records.get(v.record.id.as_str()).cloned();
-                if let Some(d) = self
-                    .tracker
-                    .pending_of(v.record.id.as_str())
-                    .filter(|d| d.first_ms >= v.record.created_at_ms)
-                {
-                    record
-                        .get_or_insert_with(DeviceHealth::default)
-                        .apply(&d, self.config.telemetry_gap_ms);
-                }
+                let record = self.with_pending(
+                    records.get(v.record.id.as_str()).cloned(),
+                    v.record.id.as_str(),
+                    v.record.created_at_ms,
+                );
                 if let Some(h) = &record {
                     let (counts, hours) = h.window(now);
                     g.reporting += 1;

@@ -785,24 +785,18 @@ impl Rules {
     /// One fed event: every live rule whose selector matches the device.
     async fn evaluate(&self, fed: Fed) {
         let rules = mooring_proto::sync::read(&self.compiled).clone();
+        // Absences are watched by the leading node only (it ticks them).
+        let leads = self.leads.load(Ordering::Relaxed);
         for rule in rules
             .iter()
             .filter(|c| c.rec.enabled && c.suspended.is_none())
+            .filter(|c| leads || !is_absence(&c.cond))
         {
             if !self.applies(rule, &fed.device).await {
                 continue;
             }
             Counters::inc(&self.counters.evaluated);
-            let changes = {
-                let mut states = lock(&self.states);
-                let key = (rule.rec.id.clone(), fed.device.clone());
-                if !states.contains_key(&key) && states.len() >= self.config().states_max {
-                    Counters::inc(&self.counters.states_dropped);
-                    continue;
-                }
-                let st = states
-                    .entry(key)
-                    .or_insert_with(|| DeviceState::new(fed.at_ms));
+            let changes = self.with_state(rule, &fed.device, fed.at_ms, |st| {
                 let mut changes = Vec::new();
                 match &fed.what {
                     Fact::Points(points) => {
@@ -825,11 +819,31 @@ impl Rules {
                     Fact::Event(e) => changes.extend(rule.cond.on_event(st, *e, fed.at_ms)),
                 }
                 changes
-            };
-            for change in changes {
+            });
+            for change in changes.into_iter().flatten() {
                 self.take(rule, &fed.device, change, fed.at_ms).await;
             }
         }
+    }
+
+    /// `f` on the state of (rule, device), made if there is none; `None` (counted) when
+    /// `states_max` states are held already.
+    fn with_state<R>(
+        &self,
+        rule: &Compiled,
+        device: &DeviceId,
+        at_ms: u64,
+        f: impl FnOnce(&mut DeviceState) -> R,
+    ) -> Option<R> {
+        let mut states = lock(&self.states);
+        let key = (rule.rec.id.clone(), device.clone());
+        if !states.contains_key(&key) && states.len() >= self.config().states_max {
+            Counters::inc(&self.counters.states_dropped);
+            return None;
+        }
+        Some(f(states
+            .entry(key)
+            .or_insert_with(|| DeviceState::new(at_ms))))
     }
 
     async fn applies(&self, rule: &Compiled, device: &DeviceId) -> bool {
@@ -1047,27 +1061,32 @@ impl Rules {
                 }
             }
             Change::Fire { detail } => {
-                Counters::inc(&self.counters.fired);
-                // Commands and tags at most once per cooldown (for the whole firing).
-                let device_actions = self.may_act(rule, device, at_ms);
-                let mut raised = false;
-                for action in &rule.actions {
-                    match self
-                        .act(rule, device, action, &detail, at_ms, device_actions)
-                        .await
-                    {
-                        Ok(new_alert) => raised |= new_alert,
-                        Err(e) => {
-                            Counters::inc(&self.counters.actions_failed);
-                            tracing::warn!(rule = %rule.rec.name, device = %device, action = %action, error = %e, "a rule action failed");
-                        }
-                    }
-                }
-                if raised {
+                if self.fire(rule, device, &detail, at_ms).await {
                     Box::pin(self.evaluate_health_alert(rule, device, at_ms)).await;
                 }
             }
         }
+    }
+
+    /// A rule fired for a device: every action (commands and tags at most once per cooldown,
+    /// for the whole firing). Returns whether it raised a new alert.
+    async fn fire(&self, rule: &Compiled, device: &DeviceId, detail: &str, at_ms: u64) -> bool {
+        Counters::inc(&self.counters.fired);
+        let device_actions = self.may_act(rule, device, at_ms);
+        let mut raised = false;
+        for action in &rule.actions {
+            match self
+                .act(rule, device, action, detail, at_ms, device_actions)
+                .await
+            {
+                Ok(new_alert) => raised |= new_alert,
+                Err(e) => {
+                    Counters::inc(&self.counters.actions_failed);
+                    tracing::warn!(rule = %rule.rec.name, device = %device, action = %action, error = %e, "a rule action failed");
+                }
+            }
+        }
+        raised
     }
 
     /// A new alert is the event `health_alert` for the device's other rules (one level: an
@@ -1091,27 +1110,12 @@ impl Rules {
             if !self.applies(rule, device).await {
                 continue;
             }
-            let change = {
-                let mut states = lock(&self.states);
-                let key = (rule.rec.id.clone(), device.clone());
-                if !states.contains_key(&key) && states.len() >= self.config().states_max {
-                    continue;
-                }
-                let st = states.entry(key).or_insert_with(|| DeviceState::new(at_ms));
+            let change = self.with_state(rule, device, at_ms, |st| {
                 rule.cond.on_event(st, Event::HealthAlert, at_ms)
-            };
-            if let Some(Change::Fire { detail }) = change {
-                Counters::inc(&self.counters.fired);
-                let device_actions = self.may_act(rule, device, at_ms);
-                for action in &rule.actions {
-                    if let Err(e) = self
-                        .act(rule, device, action, &detail, at_ms, device_actions)
-                        .await
-                    {
-                        Counters::inc(&self.counters.actions_failed);
-                        tracing::warn!(rule = %rule.rec.name, device = %device, error = %e, "a rule action failed");
-                    }
-                }
+            });
+            if let Some(Some(Change::Fire { detail })) = change {
+                // Not fed again: one level.
+                let _ = self.fire(rule, device, &detail, at_ms).await;
             }
         }
     }
