@@ -219,8 +219,23 @@ pub struct JobsConfig {
     /// How often the runner looks for queued jobs when it was not woken (a job created on
     /// this node wakes it at once).
     pub poll_interval_ms: u64,
-    /// A pause after every batch (0: none). For tests and to go easy on a busy server.
+    /// A pause after every turn of a job (a batch, a report's page; 0: none). For tests and to
+    /// go easy on a busy server.
     pub batch_pause_ms: u64,
+    /// Worker tasks in this node (0: this node runs no jobs; a `mooring worker` or another
+    /// node does). `mooring worker` runs this many too.
+    pub workers: usize,
+    /// A worker's lease on the job it runs, renewed by every progress write: a worker that
+    /// dies mid-turn has its job taken over this long after its last write.
+    pub lease_ms: u64,
+    /// Attempts (failed turns, or turns whose worker died) before a job is `dead`.
+    pub attempts_max: u32,
+    /// The wait before the first retry of a failed turn; it doubles with each attempt.
+    pub retry_backoff_ms: u64,
+    /// Telemetry points a report reads per turn (its progress is stored after each).
+    pub report_points_per_turn: usize,
+    /// The largest report result; a report that would be larger fails, saying so.
+    pub report_bytes_max: u64,
 }
 
 impl Default for JobsConfig {
@@ -229,6 +244,12 @@ impl Default for JobsConfig {
             batch_len: crate::jobs::BATCH_LEN_MAX,
             poll_interval_ms: 1_000,
             batch_pause_ms: 0,
+            workers: 1,
+            lease_ms: 30_000,
+            attempts_max: 5,
+            retry_backoff_ms: 1_000,
+            report_points_per_turn: 10_000,
+            report_bytes_max: 1 << 30,
         }
     }
 }
@@ -959,6 +980,23 @@ impl ServerConfig {
         }
         if self.jobs.poll_interval_ms == 0 || self.jobs.batch_pause_ms > 60_000 {
             bail!("jobs.poll_interval_ms must be at least 1 and jobs.batch_pause_ms at most 60000");
+        }
+        if self.jobs.workers > 64 {
+            bail!("jobs.workers must be at most 64");
+        }
+        if self.jobs.lease_ms < 1_000
+            || self.jobs.attempts_max == 0
+            || self.jobs.retry_backoff_ms == 0
+        {
+            bail!("jobs.lease_ms must be at least 1000, jobs.attempts_max and jobs.retry_backoff_ms at least 1");
+        }
+        if !(1..=crate::reports::POINTS_PER_TURN_MAX).contains(&self.jobs.report_points_per_turn)
+            || self.jobs.report_bytes_max == 0
+        {
+            bail!(
+                "jobs.report_points_per_turn must be between 1 and {}, jobs.report_bytes_max at least 1",
+                crate::reports::POINTS_PER_TURN_MAX
+            );
         }
         let p = &self.provisioning;
         if p.claims_per_creator_max == 0

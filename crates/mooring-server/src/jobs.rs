@@ -1,21 +1,33 @@
-//! Background jobs (issue 15): one bulk action (tag, untag, command, delete) on the devices a
-//! selector matches, run by one runner per cluster with its progress stored as it goes.
+//! Background jobs (issue 15) on a durable work queue (issue 18): one bulk action (tag, untag,
+//! command, delete) on the devices a selector matches, a fleet certificate rotation, or a report
+//! (`crate::reports`), run in turns by any worker with its progress stored as it goes.
 //!
 //! `POST /api/v1/jobs` validates the action and selector, narrows the selector by the creator's
 //! scope, bounds the creator's unfinished jobs ([`JOBS_UNFINISHED_PER_CREATOR_MAX`]) and stores
-//! the job `queued`. The runner ([`run_jobs`], under the lease `jobs.runner`, so once across a
-//! cluster) runs unfinished jobs in turns, one batch of each creator's oldest per turn: it
-//! counts a job's matching devices (`total`), then walks them in id order in batches of `[jobs] batch_len` (≤ [`BATCH_LEN_MAX`]), acting on each
-//! device through the registry with the creator's scope (so a scoped creator's job cannot tag a
-//! device out of its scope), and stores `done`, `failed`, the first errors and the cursor (the
-//! last id handled) after each batch with compare-and-set on the job's `rev`.
+//! the job `queued`. Workers ([`run_jobs`]: `[jobs] workers` tasks in every node, and the
+//! `mooring worker` process) claim one turn of a job at a time from the store
+//! (`JobStore::claim_job`: the job waiting longest, under a lease of `[jobs] lease_ms` that every
+//! progress write renews), so jobs interleave turn by turn across jobs and workers. A turn counts
+//! a job's matching devices (`total`), then handles one batch of `[jobs] batch_len`
+//! (≤ [`BATCH_LEN_MAX`]) devices in id order, acting on each through the registry with the
+//! creator's scope (so a scoped creator's job cannot tag a device out of its scope), and stores
+//! `done`, `failed`, the first errors and the cursor (the last id handled) with compare-and-set
+//! on the job's `rev`, then releases the job for its next turn (after `[jobs] batch_pause_ms`).
 //!
-//! Invariants: a job's stored progress only moves forward; after a restart (or a lease
-//! hand-over) the walk continues after the stored cursor, so at most the one batch in flight is
-//! applied again, and every per-device action is idempotent (tag and untag leave a device as
-//! they found it the second time, delete skips what is gone). Action `command` creates one fleet
-//! command whose id the job stores *before* creating it, so it is never created twice. A cancel
-//! is a compare-and-set to `canceled`: the runner's next progress write fails and it stops.
+//! Failures: a turn that fails (the store, a report's source) is retried after a backoff
+//! (`[jobs] retry_backoff_ms`, doubling, at most [`RETRY_BACKOFF_MAX_MS`]); a worker that dies
+//! mid-turn leaves its lease to expire, and the next claim takes the job over, counting an
+//! attempt. After `[jobs] attempts_max` attempts without a successful turn the job is `dead`
+//! (the dead letter list, `GET /api/v1/jobs?state=dead`) with `last_error`.
+//!
+//! Invariants: a job's stored progress only moves forward; one worker holds a job at a time (a
+//! worker whose lease was taken over fails its next write and stops); after a crash the walk
+//! continues after the stored cursor, so at most the one batch in flight is applied again, and
+//! every per-device action is idempotent (tag and untag leave a device as they found it the
+//! second time, delete skips what is gone; a report rewrites its result from the stored
+//! offset). Action `command` creates one fleet command whose id the job stores *before*
+//! creating it, so it is never created twice. A cancel is a compare-and-set to `canceled`: the
+//! worker's next progress write fails and it stops.
 //!
 //! Action `rotate_certs` (a fleet certificate rotation, issue 16; created by
 //! [`Jobs::create_rotation`]) has no device selector: it walks the ledger's certificates expiring
@@ -58,10 +70,12 @@ pub const JOB_PAGE_LEN_DEFAULT: usize = 50;
 pub const JOB_PAGE_LEN_MAX: usize = 200;
 /// Keys one untag job removes at most; tags one tag job sets at most (as a device holds).
 pub const UNTAG_KEYS_MAX: usize = 64;
-/// Unfinished jobs one runner pass reads.
-const RUNNER_JOBS_PER_PASS: usize = 1_000;
+/// Turns one worker pass runs at most, so pruning and the stop signal get their turn.
+const TURNS_PER_PASS: usize = 1_000;
 /// How often finished jobs are pruned.
 const PRUNE_INTERVAL_MS: u64 = 60_000;
+/// The longest wait before a failed turn is retried.
+pub const RETRY_BACKOFF_MAX_MS: u64 = 300_000;
 
 /// What a job does. The stored form is [`JobAction::name`] plus [`JobAction::params`].
 #[derive(Debug, Clone, PartialEq)]
@@ -78,6 +92,8 @@ pub enum JobAction {
     /// expiring before a time to renew it, throttled; created by
     /// [`Jobs::create_rotation`], not through `POST /api/v1/jobs`.
     RotateCerts(RotateCerts),
+    /// A report (issue 18): created by `POST /api/v1/reports`, its result kept with the job.
+    Report(crate::reports::ReportSpec),
 }
 
 /// The parameters of a fleet rotation.
@@ -144,6 +160,7 @@ impl JobAction {
             JobAction::Command(_) => "command",
             JobAction::Delete => "delete",
             JobAction::RotateCerts(_) => ROTATE_CERTS_ACTION,
+            JobAction::Report(_) => crate::reports::REPORT_ACTION,
         }
     }
 
@@ -151,6 +168,7 @@ impl JobAction {
     pub fn extra_permission(&self) -> Option<Permission> {
         match self {
             JobAction::Command(_) => Some(Permission::CommandsWrite),
+            JobAction::Report(_) => Some(Permission::TelemetryRead),
             JobAction::Tag(_)
             | JobAction::Untag(_)
             | JobAction::Delete
@@ -158,10 +176,19 @@ impl JobAction {
         }
     }
 
-    /// Whether `role` may run this action: `devices.write` and the action's own permission.
-    /// Checked when the job is created and again before every batch.
+    /// What the creator needs besides the action's own permission: `devices.write`, or for
+    /// a report (which changes nothing) `devices.read`.
+    pub fn base_permission(&self) -> Permission {
+        match self {
+            JobAction::Report(_) => Permission::DevicesRead,
+            _ => Permission::DevicesWrite,
+        }
+    }
+
+    /// Whether `role` may run this action: its base and its own permission. Checked when the
+    /// job is created and again before every batch.
     pub fn allowed_for(&self, role: Role) -> bool {
-        role_allows(role, Permission::DevicesWrite)
+        role_allows(role, self.base_permission())
             && self.extra_permission().is_none_or(|p| role_allows(role, p))
     }
 
@@ -182,6 +209,7 @@ impl JobAction {
                 "rotate": {"before_ms": r.before_ms, "max_per_minute": r.max_per_minute,
                     "fleet_issuer": r.fleet_issuer}
             }),
+            JobAction::Report(r) => json!({ "report": r.to_json() }),
         }
     }
 
@@ -265,6 +293,7 @@ impl JobAction {
                 Ok(())
             }
             JobAction::Delete => Ok(()),
+            JobAction::Report(r) => r.validate(),
             JobAction::RotateCerts(r) => {
                 if r.max_per_minute == 0 || r.max_per_minute > ROTATIONS_PER_MINUTE_MAX {
                     return Err(ServiceError::invalid(
@@ -306,6 +335,9 @@ impl JobAction {
                     fleet_issuer: r["fleet_issuer"].as_str().map(str::to_owned),
                 })
             }
+            crate::reports::REPORT_ACTION => {
+                JobAction::Report(crate::reports::ReportSpec::from_json(&params["report"])?)
+            }
             other => return Err(format!("unknown action {other:?}")),
         };
         Ok(a)
@@ -333,6 +365,17 @@ pub struct Creator {
     pub role: Role,
 }
 
+/// How a turn of a job ended (errors aside: those are retried).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// Progress stored; the job is this worker's until it releases it.
+    Done,
+    /// The job is final, or no longer this worker's (canceled, taken over): nothing to release.
+    Lost,
+    /// The worker is stopping mid-turn: release the job for another.
+    Stopped,
+}
+
 /// The jobs service.
 pub struct Jobs {
     core: Arc<Core>,
@@ -356,7 +399,15 @@ impl Jobs {
         }
     }
 
-    /// Creates a job (queued) and wakes the runner.
+    pub(crate) fn core(&self) -> &Core {
+        &self.core
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Creates a job (queued) and wakes a worker.
     pub async fn create(
         &self,
         access: &Access,
@@ -365,11 +416,10 @@ impl Jobs {
         action: JobAction,
     ) -> ServiceResult<JobRecord> {
         if !action.allowed_for(creator.role) {
+            let base = action.base_permission().as_str();
             let needs = action
                 .extra_permission()
-                .map_or("devices.write".to_owned(), |p| {
-                    format!("devices.write and {}", p.as_str())
-                });
+                .map_or(base.to_owned(), |p| format!("{base} and {}", p.as_str()));
             return Err(ServiceError::new(
                 ErrorKind::Forbidden,
                 "forbidden",
@@ -435,6 +485,12 @@ impl Jobs {
             started_ms: None,
             finished_ms: None,
             rev: 0,
+            worker: None,
+            lease_until_ms: None,
+            attempts: 0,
+            run_after_ms: 0,
+            last_error: None,
+            result: None,
         };
         self.core.store.create_job(job.clone()).await?;
         // The bound per creator on kept jobs: one creator's many (finished at once, say) never
@@ -519,35 +575,83 @@ impl Jobs {
         ))
     }
 
-    /// One runner pass: runs the unfinished jobs in turns until none is left, `stop` is set or
-    /// this node loses the runner lease. A turn gives each creator's oldest unfinished job one
-    /// batch, so one creator's long jobs never hold up another's (their jobs interleave batch
-    /// by batch). Returns how many turns of a job it ran.
-    pub async fn run_pass(&self, stop: &watch::Receiver<bool>) -> ServiceResult<usize> {
+    /// One worker pass: claims and runs turns of jobs until none is due, `stop` is set, or
+    /// it ran `turns_max`. Returns when the soonest job it released is due again (its next
+    /// batch after `[jobs] batch_pause_ms`, or a retry), so the worker looks again then.
+    pub async fn run_pass(
+        &self,
+        worker: &str,
+        stop: &watch::Receiver<bool>,
+        turns_max: usize,
+    ) -> ServiceResult<Option<u64>> {
+        let cfg = &self.core.config.jobs;
         let mut turns = 0;
-        loop {
-            if *stop.borrow() || !self.holds_lease().await {
-                return Ok(turns);
-            }
-            let jobs = self
+        let mut next_due_ms: Option<u64> = None;
+        let mut due = |job: &JobRecord| {
+            next_due_ms = Some(next_due_ms.map_or(job.run_after_ms, |d| d.min(job.run_after_ms)));
+        };
+        while turns < turns_max && !*stop.borrow() {
+            let now = self.core.now_ms();
+            let Some(mut job) = self
                 .core
                 .store
-                .unfinished_jobs(RUNNER_JOBS_PER_PASS)
-                .await?;
-            if jobs.is_empty() {
-                return Ok(turns);
+                .claim_job(worker, now, cfg.lease_ms.max(1))
+                .await?
+            else {
+                return Ok(next_due_ms);
+            };
+            turns += 1;
+            if job.attempts >= cfg.attempts_max.max(1) {
+                let why = job
+                    .last_error
+                    .clone()
+                    .unwrap_or_else(|| "its worker stopped mid-turn".to_owned());
+                tracing::warn!(job = %job.id, attempts = job.attempts, error = %why, "job is dead");
+                job.last_error = Some(format!("{} attempts failed; the last: {why}", job.attempts));
+                self.finish(&mut job, JobState::Dead).await?;
+                continue;
             }
-            let mut creators = std::collections::HashSet::new();
-            for job in jobs {
-                if *stop.borrow() {
-                    return Ok(turns);
+            let attempts = job.attempts;
+            match self.run_job(&mut job, stop).await {
+                Ok(Turn::Done) => {
+                    // The next turn, for whoever claims it.
+                    job.attempts = 0;
+                    job.last_error = None;
+                    if self.release(&mut job, cfg.batch_pause_ms).await? {
+                        due(&job);
+                    }
                 }
-                if creators.insert(job.created_by.clone()) {
-                    self.run_job(job, stop).await?;
-                    turns += 1;
+                Ok(Turn::Lost) => {}
+                Ok(Turn::Stopped) => {
+                    // Shutting down: the job is free for another worker at once.
+                    self.release(&mut job, 0).await?;
+                }
+                Err(e) => {
+                    job.attempts = attempts.saturating_add(1);
+                    job.last_error = Some(e.message.clone());
+                    let backoff = cfg
+                        .retry_backoff_ms
+                        .saturating_mul(1u64 << (job.attempts - 1).min(20))
+                        .min(RETRY_BACKOFF_MAX_MS);
+                    tracing::warn!(job = %job.id, attempts = job.attempts, backoff_ms = backoff, error = %e, "job turn failed; will retry");
+                    // At the job's latest rev; if the store fails this too, the lease runs
+                    // out and the job is taken over (counting the attempt then).
+                    if let Ok(true) = self.release(&mut job, backoff).await {
+                        due(&job);
+                    }
                 }
             }
         }
+        // Stopped, or more turns due than one pass runs: look again at once.
+        Ok(Some(self.core.now_ms()))
+    }
+
+    /// Gives up this worker's lease on `job`: claimable again `after_ms` from now.
+    async fn release(&self, job: &mut JobRecord, after_ms: u64) -> ServiceResult<bool> {
+        job.worker = None;
+        job.lease_until_ms = None;
+        job.run_after_ms = self.core.now_ms().saturating_add(after_ms);
+        self.save(job).await
     }
 
     async fn holds_lease(&self) -> bool {
@@ -557,20 +661,31 @@ impl Jobs {
         }
     }
 
-    /// Stores `job` at its rev; `false` if it changed meanwhile (canceled): the caller stops.
+    /// Stores `job` at its rev, renewing this worker's lease; `false` if it changed meanwhile
+    /// (canceled, or taken over after the lease ran out): the caller stops.
     async fn save(&self, job: &mut JobRecord) -> ServiceResult<bool> {
+        if job.worker.is_some() {
+            job.lease_until_ms = Some(
+                self.core
+                    .now_ms()
+                    .saturating_add(self.core.config.jobs.lease_ms.max(1)),
+            );
+        }
         if self.core.store.update_job(job.clone()).await? {
             job.rev += 1;
             Ok(true)
         } else {
-            tracing::info!(job = %job.id, "job changed elsewhere (canceled); stopping");
+            tracing::info!(job = %job.id, "job changed elsewhere (canceled or taken over); stopping");
             Ok(false)
         }
     }
 
+    /// Stores `job` final (`state`), its lease released.
     async fn finish(&self, job: &mut JobRecord, state: JobState) -> ServiceResult<bool> {
         job.state = state;
         job.finished_ms = Some(self.core.now_ms());
+        job.worker = None;
+        job.lease_until_ms = None;
         let saved = self.save(job).await?;
         if saved {
             let elapsed_ms = job
@@ -582,14 +697,38 @@ impl Jobs {
         Ok(saved)
     }
 
-    /// One turn of `job`: started if queued, counted if not yet, then one batch (or, for action
-    /// `command`, the fleet command), its progress stored before the next turn.
-    async fn run_job(&self, mut job: JobRecord, stop: &watch::Receiver<bool>) -> ServiceResult<()> {
+    /// Stores progress mid-turn: [`Turn::Lost`] if the job is no longer this worker's.
+    pub(crate) async fn save_progress(&self, job: &mut JobRecord) -> ServiceResult<Turn> {
+        Ok(if self.save(job).await? {
+            Turn::Done
+        } else {
+            Turn::Lost
+        })
+    }
+
+    /// Stores `job` final; the turn is over either way.
+    pub(crate) async fn finish_turn(
+        &self,
+        job: &mut JobRecord,
+        state: JobState,
+    ) -> ServiceResult<Turn> {
+        self.finish(job, state).await?;
+        Ok(Turn::Lost)
+    }
+
+    /// One turn of `job` (leased to this worker): started if queued, counted if not yet, then
+    /// one batch (for action `command`, the fleet command; for a report, one page), its
+    /// progress stored.
+    async fn run_job(
+        &self,
+        job: &mut JobRecord,
+        stop: &watch::Receiver<bool>,
+    ) -> ServiceResult<Turn> {
         if job.state == JobState::Queued {
             job.state = JobState::Running;
             job.started_ms = Some(self.core.now_ms());
-            if !self.save(&mut job).await? {
-                return Ok(());
+            if !self.save(job).await? {
+                return Ok(Turn::Lost);
             }
         }
         let plan = JobAction::from_stored(&job.action, &job.params).and_then(|a| {
@@ -607,20 +746,18 @@ impl Jobs {
                     device_id: String::new(),
                     message,
                 });
-                self.finish(&mut job, JobState::Failed).await?;
-                return Ok(());
+                return self.finish_turn(job, JobState::Failed).await;
             }
         };
         // The creator is re-checked every turn (before every batch): a job stops (failed,
         // with the reason) once its creator is disabled, deleted, revoked, expired, or given
         // another role or scope.
-        if let Some(reason) = self.creator_refused(&job, &action).await? {
+        if let Some(reason) = self.creator_refused(job, &action).await? {
             job.errors.push(JobError {
                 device_id: String::new(),
                 message: reason,
             });
-            self.finish(&mut job, JobState::Failed).await?;
-            return Ok(());
+            return self.finish_turn(job, JobState::Failed).await;
         }
         let access = access_of(job.scope.as_deref());
         if let JobAction::Command(c) = &action {
@@ -629,21 +766,23 @@ impl Jobs {
         let Some(sel) = sel else {
             return match &action {
                 JobAction::RotateCerts(r) => self.run_rotation(job, r, stop).await,
-                _ => Ok(()),
+                _ => Ok(Turn::Done),
             };
         };
         if job.total.is_none() {
             job.total = Some(self.count(&sel).await?);
-            if !self.save(&mut job).await? {
-                return Ok(());
+            if !self.save(job).await? {
+                return Ok(Turn::Lost);
             }
         }
-        let batch_len = self.core.config.jobs.batch_len.clamp(1, BATCH_LEN_MAX);
-        let pause = Duration::from_millis(self.core.config.jobs.batch_pause_ms);
-        if *stop.borrow() || !self.holds_lease().await {
-            // Resumed from the stored cursor by whoever runs jobs next.
-            return Ok(());
+        if *stop.borrow() {
+            // Resumed from the stored cursor by whoever claims it next.
+            return Ok(Turn::Stopped);
         }
+        if let JobAction::Report(spec) = &action {
+            return crate::reports::run_turn(self, job, spec, &sel).await;
+        }
+        let batch_len = self.core.config.jobs.batch_len.clamp(1, BATCH_LEN_MAX);
         let (page, next) = self
             .registry
             .select_devices(&sel, job.cursor.as_deref(), batch_len)
@@ -673,20 +812,9 @@ impl Jobs {
             job.cursor = Some(last.record.id.to_string());
         }
         if next.is_none() {
-            self.finish(&mut job, JobState::Succeeded).await?;
-            return Ok(());
+            return self.finish_turn(job, JobState::Succeeded).await;
         }
-        if !self.save(&mut job).await? {
-            return Ok(());
-        }
-        if !pause.is_zero() {
-            let mut stop = stop.clone();
-            tokio::select! {
-                _ = tokio::time::sleep(pause) => {}
-                _ = stop.changed() => {}
-            }
-        }
-        Ok(())
+        self.save_progress(job).await
     }
 
     /// Why the job's creator may no longer do what the job does (`None`: it still may): a user
@@ -766,7 +894,7 @@ impl Jobs {
                 }
                 out
             }
-            JobAction::Command(_) | JobAction::RotateCerts(_) => ids
+            JobAction::Command(_) | JobAction::RotateCerts(_) | JobAction::Report(_) => ids
                 .iter()
                 .map(|_| Err(ServiceError::internal("this job acts on the selection")))
                 .collect(),
@@ -776,16 +904,16 @@ impl Jobs {
     /// Action `command`: one fleet command to the selection, under an id stored first.
     async fn run_command(
         &self,
-        mut job: JobRecord,
+        job: &mut JobRecord,
         access: &Access,
         c: &JobCommand,
-    ) -> ServiceResult<()> {
+    ) -> ServiceResult<Turn> {
         let parent_id = match &job.command_id {
             Some(id) => id.clone(),
             None => {
                 job.command_id = Some(crate::commands::new_fleet_command_id());
-                if !self.save(&mut job).await? {
-                    return Ok(());
+                if !self.save(job).await? {
+                    return Ok(Turn::Lost);
                 }
                 job.command_id.clone().unwrap_or_default()
             }
@@ -807,20 +935,17 @@ impl Jobs {
             Ok(v) => {
                 job.total = Some(v.parent.total);
                 job.done = v.parent.total;
-                self.finish(&mut job, JobState::Succeeded).await?;
+                self.finish_turn(job, JobState::Succeeded).await
             }
-            Err(e) if e.kind == ErrorKind::Internal || e.kind == ErrorKind::Unavailable => {
-                return Err(e)
-            }
+            Err(e) if e.kind == ErrorKind::Internal || e.kind == ErrorKind::Unavailable => Err(e),
             Err(e) => {
                 job.errors.push(JobError {
                     device_id: String::new(),
                     message: e.message,
                 });
-                self.finish(&mut job, JobState::Failed).await?;
+                self.finish_turn(job, JobState::Failed).await
             }
         }
-        Ok(())
     }
 
     /// Creates a fleet rotation: every device whose active certificate expires within
@@ -880,21 +1005,21 @@ impl Jobs {
     /// sent twice.
     async fn run_rotation(
         &self,
-        mut job: JobRecord,
+        job: &mut JobRecord,
         r: &RotateCerts,
         stop: &watch::Receiver<bool>,
-    ) -> ServiceResult<()> {
+    ) -> ServiceResult<Turn> {
         let store = &self.core.store;
         if job.total.is_none() {
             job.total = Some(r.count(store.as_ref(), self.core.now_ms()).await?);
-            if !self.save(&mut job).await? {
-                return Ok(());
+            if !self.save(job).await? {
+                return Ok(Turn::Lost);
             }
         }
         let per_turn = (r.max_per_minute as usize / 6).clamp(1, BATCH_LEN_MAX);
         let interval = Duration::from_millis(60_000 / u64::from(r.max_per_minute.max(1)));
-        if *stop.borrow() || !self.holds_lease().await {
-            return Ok(());
+        if *stop.borrow() {
+            return Ok(Turn::Stopped);
         }
         let cursor = job.cursor.clone();
         let after = cursor.as_deref().and_then(|c| {
@@ -907,7 +1032,7 @@ impl Jobs {
         let last_page = page.len() < per_turn;
         for cert in page {
             if *stop.borrow() {
-                return Ok(());
+                return Ok(Turn::Stopped);
             }
             let c = NewCommand {
                 name: crate::http::ROTATE_COMMAND.to_owned(),
@@ -939,19 +1064,19 @@ impl Jobs {
                 }
             }
             job.cursor = Some(format!("{}.{}", cert.not_after_ms, cert.serial));
-            if !self.save(&mut job).await? {
-                return Ok(());
+            if !self.save(job).await? {
+                return Ok(Turn::Lost);
             }
             let mut stop = stop.clone();
             tokio::select! {
                 _ = tokio::time::sleep(interval) => {}
-                _ = stop.changed() => return Ok(()),
+                _ = stop.changed() => return Ok(Turn::Stopped),
             }
         }
         if last_page {
-            self.finish(&mut job, JobState::Succeeded).await?;
+            return self.finish_turn(job, JobState::Succeeded).await;
         }
-        Ok(())
+        Ok(Turn::Done)
     }
 
     /// How many devices `sel` matches now (one store count, no scan).
@@ -991,21 +1116,36 @@ fn new_job_id(now_ms: u64) -> String {
     format!("job_{now_ms:012x}{r:08x}")
 }
 
-/// The runner: a pass at once, then whenever a job is created here or every
-/// `[jobs] poll_interval_ms`; prunes finished jobs once a minute. Stops with the server; a job
-/// it was running is resumed from its stored progress by the next runner.
-pub async fn run_jobs(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
+/// One worker (`[jobs] workers` of them in every node; `mooring worker`'s): a pass at once,
+/// then whenever a job is created on this node or every `[jobs] poll_interval_ms`; with
+/// `prune`, it also prunes finished jobs once a minute while this node holds the lease
+/// `jobs.runner`. Stops with the server, releasing the job it was running for another worker.
+pub async fn run_jobs(
+    jobs: Arc<Jobs>,
+    worker: String,
+    prune: bool,
+    mut stop: watch::Receiver<bool>,
+) {
     let poll = Duration::from_millis(jobs.core.config.jobs.poll_interval_ms.max(1));
     let mut last_prune_ms = 0u64;
     loop {
         if *stop.borrow() {
             return;
         }
-        if let Err(e) = jobs.run_pass(&stop).await {
-            tracing::warn!(error = %e, "job runner pass failed; will retry");
+        let mut wait = poll;
+        match jobs.run_pass(&worker, &stop, TURNS_PER_PASS).await {
+            Ok(Some(due_ms)) => {
+                let in_ms = due_ms.saturating_sub(jobs.core.now_ms());
+                wait = wait.min(Duration::from_millis(in_ms));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "job worker pass failed; will retry"),
         }
         let now = jobs.core.now_ms();
-        if now.saturating_sub(last_prune_ms) >= PRUNE_INTERVAL_MS && jobs.holds_lease().await {
+        if prune
+            && now.saturating_sub(last_prune_ms) >= PRUNE_INTERVAL_MS
+            && jobs.holds_lease().await
+        {
             last_prune_ms = now;
             match jobs.prune().await {
                 Ok(0) => {}
@@ -1016,7 +1156,7 @@ pub async fn run_jobs(jobs: Arc<Jobs>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = stop.changed() => return,
             _ = jobs.wake.notified() => {}
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
     }
 }

@@ -66,6 +66,7 @@ pub mod presence;
 pub mod provision;
 pub mod ratelimit;
 pub mod registry;
+pub mod reports;
 pub mod rules;
 mod serve;
 pub mod shadow;

@@ -488,7 +488,7 @@ impl RunningServer {
             app.commands.clone(),
             stop_rx.clone(),
         ));
-        tasks.spawn(crate::jobs::run_jobs(app.jobs.clone(), stop_rx.clone()));
+        spawn_job_workers(&mut tasks, &app, &stop_rx);
         tasks.spawn(crate::registry::run_session_cert_sweep(
             app.clone(),
             stop_rx.clone(),
@@ -827,6 +827,19 @@ async fn serve_http_connection<I>(
             Counters::inc(&counters.http_header_timeouts);
         }
         tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+/// `[jobs] workers` job workers (`<node id>/<n>`), the first also pruning finished jobs.
+fn spawn_job_workers(tasks: &mut JoinSet<()>, app: &Arc<App>, stop: &watch::Receiver<bool>) {
+    let node = app.config().node_id.clone();
+    for n in 0..app.config().jobs.workers {
+        tasks.spawn(crate::jobs::run_jobs(
+            app.jobs.clone(),
+            format!("{node}/{n}"),
+            n == 0,
+            stop.clone(),
+        ));
     }
 }
 

@@ -759,7 +759,7 @@ pub struct FleetTotals {
 }
 
 /// Where a background job (issue 15: a bulk action on a selection of devices) is in its life.
-/// `succeeded`, `failed` and `canceled` are final and never change again.
+/// `succeeded`, `failed`, `canceled` and `dead` are final and never change again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum JobState {
     Queued,
@@ -767,15 +767,19 @@ pub enum JobState {
     Succeeded,
     Failed,
     Canceled,
+    /// Retried `[jobs] attempts_max` times without success (the dead letter list):
+    /// `last_error` says why.
+    Dead,
 }
 
 impl JobState {
-    pub const ALL: [JobState; 5] = [
+    pub const ALL: [JobState; 6] = [
         JobState::Queued,
         JobState::Running,
         JobState::Succeeded,
         JobState::Failed,
         JobState::Canceled,
+        JobState::Dead,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -785,10 +789,11 @@ impl JobState {
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
             JobState::Canceled => "canceled",
+            JobState::Dead => "dead",
         }
     }
 
-    /// `succeeded`, `failed`, `canceled`.
+    /// `succeeded`, `failed`, `canceled`, `dead`.
     pub fn is_final(self) -> bool {
         !matches!(self, JobState::Queued | JobState::Running)
     }
@@ -848,6 +853,19 @@ pub struct JobRecord {
     pub finished_ms: Option<u64>,
     /// Revision for compare-and-set: each successful [`crate::JobStore::update_job`] adds one.
     pub rev: u64,
+    /// The worker holding the job's lease (running a turn of it), if any.
+    pub worker: Option<String>,
+    /// Until when that lease holds; after it, any worker may take the job over.
+    pub lease_until_ms: Option<u64>,
+    /// Turns that failed or whose worker vanished (a lease taken over), since the last
+    /// success.
+    pub attempts: u32,
+    /// No worker claims the job before this (the next turn's time; a retry's backoff).
+    pub run_after_ms: u64,
+    /// Why the last failed turn failed (a dead job's reason).
+    pub last_error: Option<String>,
+    /// What a finished job made (a report: its format, rows and size), as the server wrote it.
+    pub result: Option<serde_json::Value>,
 }
 
 /// Job errors as stored (a JSON array of `{"device_id", "message"}`), the same on every backend.

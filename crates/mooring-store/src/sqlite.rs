@@ -85,6 +85,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0018_ota_unanswered_updates.sql"),
     include_str!("../migrations/0019_device_health.sql"),
     include_str!("../migrations/0020_rules_alerts.sql"),
+    include_str!("../migrations/0021_work_queue.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

@@ -481,6 +481,32 @@ pub trait JobStore: Send + Sync + 'static {
     /// job that is not final, nor another creator's. Returns how many. (The bound per creator:
     /// one creator's many jobs never push out the others'.)
     async fn prune_jobs_of(&self, created_by: &str, keep_max: usize) -> Result<u64>;
+    /// The work queue: takes the unfinished job waiting longest (`run_after_ms`, then id) whose
+    /// `run_after_ms` has come and whose lease is free or expired at `now_ms`, and leases it to
+    /// `worker` until `now_ms + lease_ms` (`rev + 1`, returned as stored). Taking over a lease
+    /// that expired (its worker vanished mid-turn) adds one to `attempts`. Two workers never
+    /// hold one job: a claim is atomic, and a worker that lost its lease finds out at its next
+    /// [`JobStore::update_job`] (the rev moved).
+    async fn claim_job(
+        &self,
+        worker: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<JobRecord>>;
+    /// Writes `data` at `offset` of job `id`'s result, replacing whatever was stored from
+    /// `offset` on (a turn retried from its stored progress writes again where it left off),
+    /// if the job's rev is still `rev` (else `false` and nothing written: a worker that lost
+    /// the job never overwrites its new holder's bytes). Durable when it returns; the bytes go
+    /// with the job.
+    async fn write_job_result(
+        &self,
+        id: &str,
+        rev: u64,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<bool>;
+    /// Up to `len` bytes of job `id`'s result from `offset` (fewer at the end; none past it).
+    async fn read_job_result(&self, id: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
 }
 
 /// Claim tokens and the enrollments made with them (issue 16). Whatever must hold across

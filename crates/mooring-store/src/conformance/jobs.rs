@@ -24,6 +24,12 @@ fn job(n: u64, created_by: &str) -> JobRecord {
         started_ms: None,
         finished_ms: None,
         rev: 0,
+        worker: None,
+        lease_until_ms: None,
+        attempts: 0,
+        run_after_ms: 0,
+        last_error: None,
+        result: None,
     }
 }
 
@@ -41,6 +47,12 @@ pub async fn job_create_get_round_trips<S: JobStore + ?Sized>(store: &S) {
     j.cursor = Some("d-250".to_owned());
     j.command_id = Some("f0123".to_owned());
     j.started_ms = Some(T0 + 5);
+    j.worker = Some("node-a".to_owned());
+    j.lease_until_ms = Some(T0 + 30_000);
+    j.attempts = 2;
+    j.run_after_ms = T0 + 7;
+    j.last_error = Some("store unavailable".to_owned());
+    j.result = Some(serde_json::json!({"format": "csv", "rows": 12, "bytes": 345}));
     store.create_job(j.clone()).await.expect("create");
     assert_eq!(store.get_job(&j.id).await.expect("get"), Some(j.clone()));
     assert_eq!(store.get_job("job_missing").await.expect("get"), None);
@@ -211,4 +223,154 @@ pub async fn job_prune_of_one_creator_leaves_the_others<S: JobStore + ?Sized>(st
     // Keep none of bob's: all four final ones go.
     assert_eq!(store.prune_jobs_of("bob", 0).await.expect("bob"), 4);
     assert_eq!(store.list_jobs(100, None).await.expect("list").len(), 3);
+}
+
+/// The work queue: a claim takes the job waiting longest whose time has come and whose lease
+/// is free or expired, leases it (rev + 1), never to two workers; a lease taken over after it
+/// expired counts an attempt; final jobs are never claimed.
+pub async fn job_claims_lease_one_worker_and_take_over_expired_leases<S: JobStore + ?Sized>(
+    store: &S,
+) {
+    let now = T0 + 1_000;
+    let mut later = job(1, "ann");
+    later.run_after_ms = now + 500;
+    let first = job(2, "bob");
+    let mut done = job(3, "cy");
+    done.state = JobState::Succeeded;
+    for j in [&later, &first, &done] {
+        store.create_job(j.clone()).await.expect("create");
+    }
+    let a = store
+        .claim_job("a", now, 1_000)
+        .await
+        .expect("claim")
+        .expect("a job");
+    assert_eq!(a.id, first.id, "the one whose time has come");
+    assert_eq!(
+        (a.worker.as_deref(), a.lease_until_ms, a.rev, a.attempts),
+        (Some("a"), Some(now + 1_000), 1, 0)
+    );
+    assert_eq!(store.get_job(&a.id).await.expect("get"), Some(a.clone()));
+    // Leased: nobody else gets it; the other is not due yet.
+    assert_eq!(
+        store.claim_job("b", now + 50, 100).await.expect("claim"),
+        None
+    );
+    // After run_after_ms, b gets the other one.
+    let b = store
+        .claim_job("b", now + 500, 100_000)
+        .await
+        .expect("claim")
+        .expect("due");
+    assert_eq!(b.id, later.id);
+    // a's lease expired without a write (a crashed): c takes it over, one attempt counted,
+    // and a's next write fails.
+    let c = store
+        .claim_job("c", now + 1_000, 100)
+        .await
+        .expect("claim")
+        .expect("expired");
+    assert_eq!(
+        (c.id.as_str(), c.worker.as_deref(), c.attempts, c.rev),
+        (first.id.as_str(), Some("c"), 1, 2)
+    );
+    let mut stale = a.clone();
+    stale.done = 5;
+    assert!(
+        !store.update_job(stale).await.expect("update"),
+        "a lost its lease"
+    );
+    // A released job (no lease) is claimed again without counting an attempt.
+    let mut released = c.clone();
+    released.worker = None;
+    released.lease_until_ms = None;
+    released.run_after_ms = now + 1_050;
+    assert!(store.update_job(released).await.expect("release"));
+    let d = store
+        .claim_job("d", now + 1_050, 100)
+        .await
+        .expect("claim")
+        .expect("released");
+    assert_eq!((d.id.as_str(), d.attempts), (first.id.as_str(), 1));
+    // Finished jobs are never claimed.
+    let mut fin = d.clone();
+    fin.state = JobState::Dead;
+    fin.worker = None;
+    fin.lease_until_ms = None;
+    assert!(store.update_job(fin).await.expect("finish"));
+    let mut b_fin = b.clone();
+    b_fin.state = JobState::Canceled;
+    assert!(store.update_job(b_fin).await.expect("cancel"));
+    assert_eq!(
+        store
+            .claim_job("e", now + 10_000, 100)
+            .await
+            .expect("claim"),
+        None
+    );
+}
+
+/// A job's result bytes: written at offsets (a rewrite from an offset replaces the rest) only
+/// at the job's current rev, read by range, deleted with the job.
+pub async fn job_results_are_written_by_offset_and_go_with_the_job<S: JobStore + ?Sized>(
+    store: &S,
+) {
+    let j = job(1, "ann");
+    store.create_job(j.clone()).await.expect("create");
+    store
+        .write_job_result(&j.id, 0, 0, b"id,ts\n".to_vec())
+        .await
+        .expect("write")
+        .then_some(())
+        .expect("at the rev");
+    store
+        .write_job_result(&j.id, 0, 6, b"d1,1\nd2,2\n".to_vec())
+        .await
+        .expect("write")
+        .then_some(())
+        .expect("at the rev");
+    // A retried turn writes again from where its stored progress ended.
+    store
+        .write_job_result(&j.id, 0, 11, b"d2,3\n".to_vec())
+        .await
+        .expect("rewrite")
+        .then_some(())
+        .expect("at the rev");
+    assert_eq!(
+        store.read_job_result(&j.id, 0, 1_000).await.expect("read"),
+        b"id,ts\nd1,1\nd2,3\n"
+    );
+    assert_eq!(
+        store.read_job_result(&j.id, 6, 5).await.expect("read"),
+        b"d1,1\n"
+    );
+    assert_eq!(
+        store.read_job_result(&j.id, 100, 5).await.expect("read"),
+        b""
+    );
+    assert!(
+        !store
+            .write_job_result("job_missing", 0, 0, b"x".to_vec())
+            .await
+            .expect("write"),
+        "no job, no write"
+    );
+    let mut fin = j.clone();
+    fin.state = JobState::Succeeded;
+    fin.finished_ms = Some(T0 + 5);
+    assert!(store.update_job(fin).await.expect("finish"));
+    // A worker holding rev 0 lost the job: its bytes are not written.
+    assert!(!store
+        .write_job_result(&j.id, 0, 0, b"stale".to_vec())
+        .await
+        .expect("write"));
+    assert_eq!(
+        store.read_job_result(&j.id, 0, 5).await.expect("read"),
+        b"id,ts"
+    );
+    assert_eq!(store.prune_jobs(T0 + 10, 1_000).await.expect("prune"), 1);
+    assert_eq!(
+        store.read_job_result(&j.id, 0, 1_000).await.expect("read"),
+        b""
+    );
 }

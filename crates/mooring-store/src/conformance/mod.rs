@@ -99,6 +99,8 @@ macro_rules! conformance_tests {
             job_unfinished_list_and_count_per_creator,
             job_prune_keeps_unfinished_and_the_newest,
             job_prune_of_one_creator_leaves_the_others,
+            job_claims_lease_one_worker_and_take_over_expired_leases,
+            job_results_are_written_by_offset_and_go_with_the_job,
             device_delete_removes_device_telemetry_latest_and_dedupe_keys,
             telemetry_append_then_query_round_trips,
             telemetry_duplicate_seq_in_one_batch_is_stored_once,

@@ -236,70 +236,14 @@ impl ArtifactStore for PgStore {
 #[async_trait::async_trait]
 impl ArtifactBlobs for PgStore {
     async fn write_blob(&self, id: &str, offset: u64, data: Vec<u8>) -> Result<()> {
-        let offset = size_to_sql("offset", offset)?;
-        check_text("artifact id", id)?;
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(pg_error)?;
-        // Replace everything from `offset` on: later chunks go, one spanning it is cut.
-        tx.execute(
-            "DELETE FROM ota_artifact_chunks WHERE artifact_id = $1 AND offset_bytes >= $2",
-            &[&id, &offset],
-        )
-        .await
-        .map_err(pg_error)?;
-        tx.execute(
-            "UPDATE ota_artifact_chunks
-             SET data = substring(data FROM 1 FOR ($2 - offset_bytes)::INTEGER)
-             WHERE artifact_id = $1 AND offset_bytes < $2 AND offset_bytes + length(data) > $2",
-            &[&id, &offset],
-        )
-        .await
-        .map_err(pg_error)?;
-        match tx
-            .execute(
-                "INSERT INTO ota_artifact_chunks (artifact_id, offset_bytes, data)
-                 VALUES ($1, $2, $3)",
-                &[&id, &offset, &data],
-            )
+        ARTIFACT_CHUNKS
+            .write(self, id, None, offset, data)
             .await
-        {
-            Ok(_) => {}
-            Err(e) if is_foreign_key_violation(&e) => {
-                return Err(StoreError::NotFound(format!("artifact {id}")))
-            }
-            Err(e) => return Err(pg_error(e)),
-        }
-        tx.commit().await.map_err(pg_error)
+            .map(|_| ())
     }
 
     async fn read_blob(&self, id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let start = size_to_sql("offset", offset)?;
-        let end = start.saturating_add(count_to_sql(len));
-        if check_text("artifact id", id).is_err() {
-            return Ok(Vec::new());
-        }
-        let rows = self
-            .query(
-                // Only the asked part of each chunk leaves the database (a 1 MiB read of 8 MiB
-                // chunks reads 1 MiB, not 8 or 16).
-                "SELECT GREATEST(offset_bytes, $2),
-                        substring(data FROM (GREATEST($2 - offset_bytes, 0) + 1)::int
-                                       FOR (LEAST(offset_bytes + length(data), $3)
-                                            - GREATEST(offset_bytes, $2))::int)
-                 FROM ota_artifact_chunks
-                 WHERE artifact_id = $1 AND offset_bytes < $3
-                   AND offset_bytes + length(data) > $2
-                 ORDER BY offset_bytes",
-                &[&id, &start, &end],
-            )
-            .await?;
-        let mut out = Vec::new();
-        for row in &rows {
-            let at: i64 = column(row, 0)?;
-            let data: Vec<u8> = column(row, 1)?;
-            append_range(&mut out, at, &data, start, end);
-        }
-        Ok(out)
+        ARTIFACT_CHUNKS.read(self, id, offset, len).await
     }
 
     async fn delete_blob(&self, id: &str) -> Result<()> {
@@ -313,6 +257,131 @@ impl ArtifactBlobs for PgStore {
         )
         .await
         .map(|_| ())
+    }
+}
+
+/// A table of `bytea` chunks keyed by (owner id, offset), the owner's rows going with it (a
+/// foreign key): an artifact's bytes, a job's result.
+pub(super) struct ChunkTable {
+    pub table: &'static str,
+    /// The owner's id column.
+    pub key: &'static str,
+    /// The owner, for a `NotFound` ("artifact", "job").
+    pub what: &'static str,
+    /// The owners' table (with `id` and, for a guarded write, `rev`).
+    pub owner: &'static str,
+}
+
+pub(super) const ARTIFACT_CHUNKS: ChunkTable = ChunkTable {
+    table: "ota_artifact_chunks",
+    key: "artifact_id",
+    what: "artifact",
+    owner: "ota_artifacts",
+};
+
+impl ChunkTable {
+    /// Writes `data` at `offset` in one transaction, replacing everything from `offset` on;
+    /// with `rev`, only while the owner's `rev` is still that (`false`, nothing written, if
+    /// not).
+    pub(super) async fn write(
+        &self,
+        store: &PgStore,
+        id: &str,
+        rev: Option<u64>,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<bool> {
+        let offset = size_to_sql("offset", offset)?;
+        let (table, key, what, owner) = (self.table, self.key, self.what, self.owner);
+        check_text(what, id)?;
+        let mut client = store.client().await?;
+        let tx = client.transaction().await.map_err(pg_error)?;
+        if let Some(rev) = rev {
+            // The owner's row stays locked (its rev unchanged) until this commits.
+            let rev = i64::try_from(rev).unwrap_or(i64::MAX);
+            let held = tx
+                .query_opt(
+                    &format!("SELECT 1 FROM {owner} WHERE id = $1 AND rev = $2 FOR UPDATE"),
+                    &[&id, &rev],
+                )
+                .await
+                .map_err(pg_error)?;
+            if held.is_none() {
+                return Ok(false);
+            }
+        }
+        // Replace everything from `offset` on: later chunks go, one spanning it is cut.
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE {key} = $1 AND offset_bytes >= $2"),
+            &[&id, &offset],
+        )
+        .await
+        .map_err(pg_error)?;
+        tx.execute(
+            &format!(
+                "UPDATE {table}
+                 SET data = substring(data FROM 1 FOR ($2 - offset_bytes)::INTEGER)
+                 WHERE {key} = $1 AND offset_bytes < $2 AND offset_bytes + length(data) > $2"
+            ),
+            &[&id, &offset],
+        )
+        .await
+        .map_err(pg_error)?;
+        match tx
+            .execute(
+                &format!("INSERT INTO {table} ({key}, offset_bytes, data) VALUES ($1, $2, $3)"),
+                &[&id, &offset, &data],
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_foreign_key_violation(&e) => {
+                return Err(StoreError::NotFound(format!("{what} {id}")))
+            }
+            Err(e) => return Err(pg_error(e)),
+        }
+        tx.commit().await.map_err(pg_error)?;
+        Ok(true)
+    }
+
+    /// Up to `len` bytes from `offset`.
+    pub(super) async fn read(
+        &self,
+        store: &PgStore,
+        id: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        let start = size_to_sql("offset", offset)?;
+        let end = start.saturating_add(count_to_sql(len));
+        let (table, key) = (self.table, self.key);
+        if check_text(self.what, id).is_err() {
+            return Ok(Vec::new());
+        }
+        let rows = store
+            .query(
+                // Only the asked part of each chunk leaves the database (a 1 MiB read of 8 MiB
+                // chunks reads 1 MiB, not 8 or 16).
+                &format!(
+                    "SELECT GREATEST(offset_bytes, $2),
+                            substring(data FROM (GREATEST($2 - offset_bytes, 0) + 1)::int
+                                           FOR (LEAST(offset_bytes + length(data), $3)
+                                                - GREATEST(offset_bytes, $2))::int)
+                     FROM {table}
+                     WHERE {key} = $1 AND offset_bytes < $3
+                       AND offset_bytes + length(data) > $2
+                     ORDER BY offset_bytes"
+                ),
+                &[&id, &start, &end],
+            )
+            .await?;
+        let mut out = Vec::new();
+        for row in &rows {
+            let at: i64 = column(row, 0)?;
+            let data: Vec<u8> = column(row, 1)?;
+            append_range(&mut out, at, &data, start, end);
+        }
+        Ok(out)
     }
 }
 

@@ -3,17 +3,19 @@
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use super::artifacts::ChunkTable;
 use super::{
     bound_to_sql, column, count_to_sql, nul_free_cursor, opt_u64_column, ts_to_sql, u64_column,
     PgStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{job_errors_from_json, job_errors_to_json, JobRecord, JobState};
+use crate::model::{check_text, job_errors_from_json, job_errors_to_json, JobRecord, JobState};
 use crate::store::JobStore;
 
 const JOB_COLUMNS: &str =
     "id, action, selector, params, scope, state, total, done, failed, errors, \
-     cursor, command_id, created_by, created_ms, started_ms, finished_ms, rev";
+     cursor, command_id, created_by, created_ms, started_ms, finished_ms, rev, \
+     worker, lease_until_ms, attempts, run_after_ms, last_error, result";
 
 fn job_from_row(row: &Row) -> Result<JobRecord> {
     let params: String = column(row, 3)?;
@@ -40,6 +42,17 @@ fn job_from_row(row: &Row) -> Result<JobRecord> {
         started_ms: opt_u64_column(row, 14)?,
         finished_ms: opt_u64_column(row, 15)?,
         rev: u64_column(row, 16)?,
+        worker: column(row, 17)?,
+        lease_until_ms: opt_u64_column(row, 18)?,
+        attempts: u32::try_from(u64_column(row, 19)?).unwrap_or(u32::MAX),
+        run_after_ms: u64_column(row, 20)?,
+        last_error: column(row, 21)?,
+        result: column::<Option<String>>(row, 22)?
+            .map(|t| {
+                serde_json::from_str(&t)
+                    .map_err(|e| StoreError::Backend(format!("stored job result: {e}")))
+            })
+            .transpose()?,
     })
 }
 
@@ -66,6 +79,12 @@ struct Encoded {
     started_ms: Option<i64>,
     finished_ms: Option<i64>,
     rev: i64,
+    worker: Option<String>,
+    lease_until_ms: Option<i64>,
+    attempts: i64,
+    run_after_ms: i64,
+    last_error: Option<String>,
+    result: Option<String>,
 }
 
 impl Encoded {
@@ -88,6 +107,15 @@ impl Encoded {
                 .map(|t| ts_to_sql("finished_ms", t))
                 .transpose()?,
             rev: count(j.rev),
+            lease_until_ms: j
+                .lease_until_ms
+                .map(|t| ts_to_sql("lease_until_ms", t))
+                .transpose()?,
+            attempts: i64::from(j.attempts),
+            run_after_ms: ts_to_sql("run_after_ms", j.run_after_ms)?,
+            result: j.result.map(|r| r.to_string()),
+            worker: j.worker,
+            last_error: j.last_error,
             id: j.id,
             action: j.action,
             selector: j.selector,
@@ -98,7 +126,7 @@ impl Encoded {
         })
     }
 
-    fn params(&self) -> [&(dyn ToSql + Sync); 17] {
+    fn params(&self) -> [&(dyn ToSql + Sync); 23] {
         [
             &self.id,
             &self.action,
@@ -117,6 +145,12 @@ impl Encoded {
             &self.started_ms,
             &self.finished_ms,
             &self.rev,
+            &self.worker,
+            &self.lease_until_ms,
+            &self.attempts,
+            &self.run_after_ms,
+            &self.last_error,
+            &self.result,
         ]
     }
 }
@@ -129,7 +163,8 @@ impl JobStore for PgStore {
         self.execute(
             &format!(
                 "INSERT INTO jobs ({JOB_COLUMNS})
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                         $17, $18, $19, $20, $21, $22, $23)"
             ),
             &e.params(),
             || format!("job {id}"),
@@ -174,7 +209,9 @@ impl JobStore for PgStore {
                 "UPDATE jobs SET action = $2, selector = $3, params = $4, scope = $5,
                      state = $6, total = $7, done = $8, failed = $9, errors = $10,
                      cursor = $11, command_id = $12, created_by = $13, created_ms = $14,
-                     started_ms = $15, finished_ms = $16, rev = rev + 1
+                     started_ms = $15, finished_ms = $16, worker = $18,
+                     lease_until_ms = $19, attempts = $20, run_after_ms = $21,
+                     last_error = $22, result = $23, rev = rev + 1
                  WHERE id = $1 AND rev = $17",
                 &e.params(),
                 || "job".to_owned(),
@@ -248,4 +285,55 @@ impl JobStore for PgStore {
         )
         .await
     }
+
+    async fn claim_job(
+        &self,
+        worker: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<JobRecord>> {
+        check_text("worker", worker)?;
+        let now = bound_to_sql(now_ms);
+        let until = bound_to_sql(now_ms.saturating_add(lease_ms));
+        // SKIP LOCKED: workers claiming at once take different jobs instead of queueing on one.
+        self.query_opt(
+            &format!(
+                "UPDATE jobs SET worker = $1, lease_until_ms = $3, rev = rev + 1,
+                     attempts = attempts + (CASE WHEN worker IS NULL THEN 0 ELSE 1 END)
+                 WHERE id = (SELECT id FROM jobs WHERE state IN ('queued', 'running')
+                                 AND run_after_ms <= $2
+                                 AND (lease_until_ms IS NULL OR lease_until_ms <= $2)
+                             ORDER BY run_after_ms, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING {JOB_COLUMNS}"
+            ),
+            &[&worker, &now, &until],
+        )
+        .await?
+        .as_ref()
+        .map(job_from_row)
+        .transpose()
+    }
+
+    async fn write_job_result(
+        &self,
+        id: &str,
+        rev: u64,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<bool> {
+        JOB_RESULT_CHUNKS
+            .write(self, id, Some(rev), offset, data)
+            .await
+    }
+
+    async fn read_job_result(&self, id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        JOB_RESULT_CHUNKS.read(self, id, offset, len).await
+    }
 }
+
+const JOB_RESULT_CHUNKS: ChunkTable = ChunkTable {
+    table: "job_result_chunks",
+    key: "job_id",
+    what: "job",
+    owner: "jobs",
+};

@@ -236,71 +236,14 @@ impl ArtifactStore for SqliteStore {
 #[async_trait::async_trait]
 impl ArtifactBlobs for SqliteStore {
     async fn write_blob(&self, id: &str, offset: u64, data: Vec<u8>) -> Result<()> {
-        let offset = size_to_sql("offset", offset)?;
-        let id = id.to_owned();
-        self.write(move |conn| {
-            // Replace everything from `offset` on: later chunks go, one spanning it is cut.
-            conn.prepare_cached(
-                "DELETE FROM ota_artifact_chunks WHERE artifact_id = ?1 AND offset_bytes >= ?2",
-            )
-            .db()?
-            .execute(params![id, offset])
-            .db()?;
-            conn.prepare_cached(
-                "UPDATE ota_artifact_chunks SET data = substr(data, 1, ?2 - offset_bytes)
-                 WHERE artifact_id = ?1 AND offset_bytes < ?2 AND offset_bytes + length(data) > ?2",
-            )
-            .db()?
-            .execute(params![id, offset])
-            .db()?;
-            match conn
-                .prepare_cached(
-                    "INSERT INTO ota_artifact_chunks (artifact_id, offset_bytes, data)
-                     VALUES (?1, ?2, ?3)",
-                )
-                .db()?
-                .execute(params![id, offset, data])
-            {
-                Ok(_) => Ok(()),
-                Err(e) if is_constraint_violation(&e) => {
-                    Err(StoreError::NotFound(format!("artifact {id}")))
-                }
-                Err(e) => Err(store_error(e)),
-            }
-        })
-        .await
+        ARTIFACT_CHUNKS
+            .write(self, id, None, offset, data)
+            .await
+            .map(|_| ())
     }
 
     async fn read_blob(&self, id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let start = size_to_sql("offset", offset)?;
-        let end = start.saturating_add(count_to_sql(len));
-        let id = id.to_owned();
-        self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    // Only the asked part of each chunk is read out.
-                    "SELECT max(offset_bytes, ?2),
-                            substr(data, max(?2 - offset_bytes, 0) + 1,
-                                   min(offset_bytes + length(data), ?3) - max(offset_bytes, ?2))
-                     FROM ota_artifact_chunks
-                     WHERE artifact_id = ?1 AND offset_bytes < ?3
-                       AND offset_bytes + length(data) > ?2
-                     ORDER BY offset_bytes",
-                )
-                .db()?;
-            let rows = stmt
-                .query_map(params![id, start, end], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
-                .db()?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (at, data) = row.db()?;
-                append_range(&mut out, at, &data, start, end);
-            }
-            Ok(out)
-        })
-        .await
+        ARTIFACT_CHUNKS.read(self, id, offset, len).await
     }
 
     async fn delete_blob(&self, id: &str) -> Result<()> {
@@ -313,6 +256,129 @@ impl ArtifactBlobs for SqliteStore {
             Ok(())
         })
         .await
+    }
+}
+
+/// A table of byte chunks keyed by (owner id, offset), the owner's rows going with it (a
+/// foreign key): an artifact's bytes, a job's result.
+pub(super) struct ChunkTable {
+    pub table: &'static str,
+    /// The owner's id column.
+    pub key: &'static str,
+    /// The owner, for a `NotFound` ("artifact", "job").
+    pub what: &'static str,
+    /// The owners' table (with `id` and, for a guarded write, `rev`).
+    pub owner: &'static str,
+}
+
+pub(super) const ARTIFACT_CHUNKS: ChunkTable = ChunkTable {
+    table: "ota_artifact_chunks",
+    key: "artifact_id",
+    what: "artifact",
+    owner: "ota_artifacts",
+};
+
+impl ChunkTable {
+    /// Writes `data` at `offset`, replacing everything from `offset` on; with `rev`, only
+    /// while the owner's `rev` is still that (`false`, nothing written, if not).
+    pub(super) async fn write(
+        &self,
+        store: &SqliteStore,
+        id: &str,
+        rev: Option<u64>,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<bool> {
+        let offset = size_to_sql("offset", offset)?;
+        let id = id.to_owned();
+        let (table, key, what, owner) = (self.table, self.key, self.what, self.owner);
+        let rev = rev.map(|r| i64::try_from(r).unwrap_or(i64::MAX));
+        store
+            .write(move |conn| {
+                if let Some(rev) = rev {
+                    // One writer connection: nothing changes the rev between this and the write.
+                    let held = conn
+                        .prepare_cached(&format!(
+                            "SELECT 1 FROM {owner} WHERE id = ?1 AND rev = ?2"
+                        ))
+                        .db()?
+                        .query_row(params![id, rev], |_| Ok(()))
+                        .optional()
+                        .db()?;
+                    if held.is_none() {
+                        return Ok(false);
+                    }
+                }
+                // Replace everything from `offset` on: later chunks go, one spanning it is cut.
+                conn.prepare_cached(&format!(
+                    "DELETE FROM {table} WHERE {key} = ?1 AND offset_bytes >= ?2"
+                ))
+                .db()?
+                .execute(params![id, offset])
+                .db()?;
+                conn.prepare_cached(&format!(
+                    "UPDATE {table} SET data = substr(data, 1, ?2 - offset_bytes)
+                     WHERE {key} = ?1 AND offset_bytes < ?2 AND offset_bytes + length(data) > ?2"
+                ))
+                .db()?
+                .execute(params![id, offset])
+                .db()?;
+                match conn
+                    .prepare_cached(&format!(
+                        "INSERT INTO {table} ({key}, offset_bytes, data) VALUES (?1, ?2, ?3)"
+                    ))
+                    .db()?
+                    .execute(params![id, offset, data])
+                {
+                    Ok(_) => Ok(true),
+                    Err(e) if is_constraint_violation(&e) => {
+                        Err(StoreError::NotFound(format!("{what} {id}")))
+                    }
+                    Err(e) => Err(store_error(e)),
+                }
+            })
+            .await
+    }
+
+    /// Up to `len` bytes from `offset`.
+    pub(super) async fn read(
+        &self,
+        store: &SqliteStore,
+        id: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>> {
+        let start = size_to_sql("offset", offset)?;
+        let end = start.saturating_add(count_to_sql(len));
+        let id = id.to_owned();
+        let (table, key) = (self.table, self.key);
+        store
+            .read(move |conn| {
+                let mut stmt = conn
+                    .prepare_cached(&format!(
+                        // Only the asked part of each chunk is read out.
+                        "SELECT max(offset_bytes, ?2),
+                                substr(data, max(?2 - offset_bytes, 0) + 1,
+                                       min(offset_bytes + length(data), ?3) - max(offset_bytes, ?2))
+                         FROM {table}
+                         WHERE {key} = ?1 AND offset_bytes < ?3
+                           AND offset_bytes + length(data) > ?2
+                         ORDER BY offset_bytes"
+                    ))
+                    .db()?;
+                let rows = stmt
+                    .query_map(params![id, start, end], |r| {
+                        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                    })
+                    .db()?;
+                let mut out = Vec::new();
+                for row in rows {
+                    let (at, data) = row.db()?;
+                    append_range(&mut out, at, &data, start, end);
+                }
+                Ok(out)
+            })
+            .await
     }
 }
 

@@ -2,6 +2,7 @@
 
 use rusqlite::{params, OptionalExtension, Row};
 
+use super::artifacts::ChunkTable;
 use super::{
     bound_to_sql, count_to_sql, is_constraint_violation, store_error, ts_to_sql, Db, SqliteStore,
 };
@@ -11,7 +12,8 @@ use crate::store::JobStore;
 
 const JOB_COLUMNS: &str =
     "id, action, selector, params, scope, state, total, done, failed, errors, \
-     cursor, command_id, created_by, created_ms, started_ms, finished_ms, rev";
+     cursor, command_id, created_by, created_ms, started_ms, finished_ms, rev, \
+     worker, lease_until_ms, attempts, run_after_ms, last_error, result";
 
 /// A row as read, decoded outside rusqlite's error type.
 struct RawJob {
@@ -32,6 +34,12 @@ struct RawJob {
     started_ms: Option<i64>,
     finished_ms: Option<i64>,
     rev: i64,
+    worker: Option<String>,
+    lease_until_ms: Option<i64>,
+    attempts: i64,
+    run_after_ms: i64,
+    last_error: Option<String>,
+    result: Option<String>,
 }
 
 fn raw_job(row: &Row<'_>) -> rusqlite::Result<RawJob> {
@@ -53,6 +61,12 @@ fn raw_job(row: &Row<'_>) -> rusqlite::Result<RawJob> {
         started_ms: row.get(14)?,
         finished_ms: row.get(15)?,
         rev: row.get(16)?,
+        worker: row.get(17)?,
+        lease_until_ms: row.get(18)?,
+        attempts: row.get(19)?,
+        run_after_ms: row.get(20)?,
+        last_error: row.get(21)?,
+        result: row.get(22)?,
     })
 }
 
@@ -82,6 +96,21 @@ fn decode(r: RawJob) -> Result<JobRecord> {
             .map(|t| unsigned("finished_ms", t))
             .transpose()?,
         rev: unsigned("rev", r.rev)?,
+        lease_until_ms: r
+            .lease_until_ms
+            .map(|t| unsigned("lease_until_ms", t))
+            .transpose()?,
+        attempts: u32::try_from(r.attempts).unwrap_or(u32::MAX),
+        run_after_ms: unsigned("run_after_ms", r.run_after_ms)?,
+        result: r
+            .result
+            .map(|t| {
+                serde_json::from_str(&t)
+                    .map_err(|e| StoreError::Backend(format!("stored job result: {e}")))
+            })
+            .transpose()?,
+        worker: r.worker,
+        last_error: r.last_error,
         id: r.id,
         action: r.action,
         selector: r.selector,
@@ -111,6 +140,12 @@ type Encoded = (
     Option<i64>,
     Option<i64>,
     i64,
+    Option<String>,
+    Option<i64>,
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
 );
 
 fn count(v: u64) -> i64 {
@@ -142,6 +177,14 @@ fn encode(j: JobRecord) -> Result<Encoded> {
             .map(|t| ts_to_sql("finished_ms", t))
             .transpose()?,
         count(j.rev),
+        j.worker,
+        j.lease_until_ms
+            .map(|t| ts_to_sql("lease_until_ms", t))
+            .transpose()?,
+        i64::from(j.attempts),
+        ts_to_sql("run_after_ms", j.run_after_ms)?,
+        j.last_error,
+        j.result.map(|r| r.to_string()),
     ))
 }
 
@@ -154,11 +197,12 @@ impl JobStore for SqliteStore {
             let r = conn.execute(
                 &format!(
                     "INSERT INTO jobs ({JOB_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                             ?17, ?18, ?19, ?20, ?21, ?22, ?23)"
                 ),
                 params![
-                    e.0, e.1, e.2, e.3, e.4, e.5, e.6, e.7, e.8, e.9, e.10, e.11, e.12, e.13,
-                    e.14, e.15, e.16
+                    e.0, e.1, e.2, e.3, e.4, e.5, e.6, e.7, e.8, e.9, e.10, e.11, e.12, e.13, e.14,
+                    e.15, e.16, e.17, e.18, e.19, e.20, e.21, e.22
                 ],
             );
             match r {
@@ -212,13 +256,15 @@ impl JobStore for SqliteStore {
                     "UPDATE jobs SET action = ?2, selector = ?3, params = ?4, scope = ?5,
                          state = ?6, total = ?7, done = ?8, failed = ?9, errors = ?10,
                          cursor = ?11, command_id = ?12, created_by = ?13, created_ms = ?14,
-                         started_ms = ?15, finished_ms = ?16, rev = rev + 1
+                         started_ms = ?15, finished_ms = ?16, worker = ?18,
+                         lease_until_ms = ?19, attempts = ?20, run_after_ms = ?21,
+                         last_error = ?22, result = ?23, rev = rev + 1
                      WHERE id = ?1 AND rev = ?17",
                 )
                 .db()?
                 .execute(params![
                     e.0, e.1, e.2, e.3, e.4, e.5, e.6, e.7, e.8, e.9, e.10, e.11, e.12, e.13, e.14,
-                    e.15, e.16
+                    e.15, e.16, e.17, e.18, e.19, e.20, e.21, e.22
                 ])
                 .db()?;
             Ok(n == 1)
@@ -298,4 +344,65 @@ impl JobStore for SqliteStore {
         })
         .await
     }
+
+    async fn claim_job(
+        &self,
+        worker: &str,
+        now_ms: u64,
+        lease_ms: u64,
+    ) -> Result<Option<JobRecord>> {
+        let worker = worker.to_owned();
+        let now = bound_to_sql(now_ms);
+        let until = bound_to_sql(now_ms.saturating_add(lease_ms));
+        let raw = self
+            .write(move |conn| {
+                // One writer connection: the select and the update are one step.
+                let id: Option<String> = conn
+                    .prepare_cached(
+                        "SELECT id FROM jobs WHERE state IN ('queued', 'running')
+                             AND run_after_ms <= ?1
+                             AND (lease_until_ms IS NULL OR lease_until_ms <= ?1)
+                         ORDER BY run_after_ms, id LIMIT 1",
+                    )
+                    .db()?
+                    .query_row(params![now], |r| r.get(0))
+                    .optional()
+                    .db()?;
+                let Some(id) = id else { return Ok(None) };
+                conn.prepare_cached(&format!(
+                    "UPDATE jobs SET worker = ?2, lease_until_ms = ?3, rev = rev + 1,
+                         attempts = attempts + (CASE WHEN worker IS NULL THEN 0 ELSE 1 END)
+                     WHERE id = ?1 RETURNING {JOB_COLUMNS}"
+                ))
+                .db()?
+                .query_row(params![id, worker, until], raw_job)
+                .optional()
+                .db()
+            })
+            .await?;
+        raw.map(decode).transpose()
+    }
+
+    async fn write_job_result(
+        &self,
+        id: &str,
+        rev: u64,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<bool> {
+        JOB_RESULT_CHUNKS
+            .write(self, id, Some(rev), offset, data)
+            .await
+    }
+
+    async fn read_job_result(&self, id: &str, offset: u64, len: usize) -> Result<Vec<u8>> {
+        JOB_RESULT_CHUNKS.read(self, id, offset, len).await
+    }
 }
+
+const JOB_RESULT_CHUNKS: ChunkTable = ChunkTable {
+    table: "job_result_chunks",
+    key: "job_id",
+    what: "job",
+    owner: "jobs",
+};

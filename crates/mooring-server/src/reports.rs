@@ -1,0 +1,441 @@
+//! Reports (issue 18): long reads run as jobs on the work queue (`crate::jobs`) instead of a
+//! request the caller waits on; `POST /api/v1/reports` makes one, `GET /api/v1/jobs/{id}`
+//! shows its progress and `GET /api/v1/jobs/{id}/result` downloads what it made.
+//!
+//! Kind `telemetry`: the points of the devices a selector matches (narrowed by the creator's
+//! scope) in `[from_ms, to_ms)`, optionally of some metrics only, as CSV
+//! (`device_id,ts_ms,time,metric,value`) or JSON lines (`{"device_id","ts_ms","metric","value"}`),
+//! device by device in id order, each device's points oldest first. A turn reads at most
+//! `[jobs] report_points_per_turn` points, appends their rows to the job's result at the stored
+//! offset (only while the job is still this worker's: `JobStore::write_job_result` at the job's
+//! rev), then stores its progress: the devices done (`done` of `total`), the cursor (the last
+//! device finished; the device in progress, the timestamp reached in it and how many of its
+//! points at that timestamp were read) and the result so far (`points`, `bytes`). A turn that
+//! fails or whose worker dies is run again from the stored progress, rewriting the result from
+//! the stored offset: every point is in the result once.
+//!
+//! Adding a kind is one [`ReportKind`] variant: its parameters, validation and turn.
+
+use crate::error::{ServiceError, ServiceResult};
+use crate::jobs::{Jobs, Turn};
+use mooring_proto::selector::Selector;
+use mooring_proto::telemetry::MetricValue;
+use mooring_store::{JobError, JobRecord, JobState, TelemetryQuery};
+use serde_json::{json, Value};
+
+/// The job action of a report.
+pub const REPORT_ACTION: &str = "report";
+/// The most points one turn reads (the largest `[jobs] report_points_per_turn`).
+pub const POINTS_PER_TURN_MAX: usize = 100_000;
+/// The most metrics a report names.
+pub const METRICS_MAX: usize = 64;
+
+/// What a report makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportKind {
+    /// Telemetry points of a selection of devices.
+    Telemetry,
+}
+
+/// How a report's rows are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportFormat {
+    Csv,
+    Jsonl,
+}
+
+impl ReportFormat {
+    pub fn parse(s: &str) -> ServiceResult<Self> {
+        match s {
+            "csv" => Ok(ReportFormat::Csv),
+            "jsonl" => Ok(ReportFormat::Jsonl),
+            other => Err(ServiceError::invalid(
+                "invalid_format",
+                format!("format {other:?} is not one of csv, jsonl"),
+            )),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportFormat::Csv => "csv",
+            ReportFormat::Jsonl => "jsonl",
+        }
+    }
+
+    /// The result's media type.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ReportFormat::Csv => "text/csv; charset=utf-8",
+            ReportFormat::Jsonl => "application/x-ndjson",
+        }
+    }
+}
+
+/// A report's parameters, as stored with its job (the selector is the job's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportSpec {
+    pub kind: ReportKind,
+    pub format: ReportFormat,
+    /// Inclusive.
+    pub from_ms: u64,
+    /// Exclusive.
+    pub to_ms: u64,
+    /// Only these metrics (empty: every metric).
+    pub metrics: Vec<String>,
+}
+
+impl ReportSpec {
+    /// Builds a spec from a request's fields, validated.
+    pub fn from_request(
+        kind: &str,
+        format: &str,
+        from_ms: u64,
+        to_ms: u64,
+        metrics: Vec<String>,
+    ) -> ServiceResult<Self> {
+        let kind = match kind {
+            "telemetry" => ReportKind::Telemetry,
+            other => {
+                return Err(ServiceError::invalid(
+                    "invalid_kind",
+                    format!("report kind {other:?} is not one of telemetry"),
+                ))
+            }
+        };
+        let spec = ReportSpec {
+            kind,
+            format: ReportFormat::parse(format)?,
+            from_ms,
+            to_ms,
+            metrics,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> ServiceResult<()> {
+        if self.from_ms >= self.to_ms || self.to_ms > mooring_store::TS_MS_MAX {
+            return Err(ServiceError::invalid(
+                "invalid_range",
+                format!(
+                    "from_ms must be before to_ms (and to_ms at most {})",
+                    mooring_store::TS_MS_MAX
+                ),
+            ));
+        }
+        if self.metrics.len() > METRICS_MAX
+            || self.metrics.iter().any(|m| {
+                m.is_empty()
+                    || m.len() > mooring_proto::telemetry::METRIC_NAME_LEN_MAX
+                    || m.chars().any(|c| c.is_control() || c == ' ')
+            })
+        {
+            return Err(ServiceError::invalid(
+                "invalid_metrics",
+                format!("metrics must be at most {METRICS_MAX} valid metric names"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "kind": "telemetry",
+            "format": self.format.as_str(),
+            "from_ms": self.from_ms,
+            "to_ms": self.to_ms,
+            "metrics": self.metrics,
+        })
+    }
+
+    /// The spec of a stored job.
+    pub fn from_json(v: &Value) -> Result<Self, String> {
+        let metrics = match &v["metrics"] {
+            Value::Null => Vec::new(),
+            m => serde_json::from_value(m.clone()).map_err(|e| e.to_string())?,
+        };
+        ReportSpec::from_request(
+            v["kind"].as_str().ok_or("no report kind")?,
+            v["format"].as_str().ok_or("no report format")?,
+            v["from_ms"].as_u64().ok_or("no from_ms")?,
+            v["to_ms"].as_u64().ok_or("no to_ms")?,
+            metrics,
+        )
+        .map_err(|e| e.message)
+    }
+}
+
+/// Where a telemetry report is, as stored in the job's cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Cursor {
+    /// The last device finished.
+    after: Option<String>,
+    /// The device in progress.
+    device: Option<String>,
+    /// In it: the timestamp reached…
+    from_ms: u64,
+    /// …and how many of its points at exactly that timestamp were read.
+    skip: usize,
+}
+
+/// The result so far, as stored in the job's `result`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Written {
+    points: u64,
+    bytes: u64,
+}
+
+impl Written {
+    fn of(job: &JobRecord) -> Self {
+        let r = job.result.as_ref();
+        let n = |k: &str| r.and_then(|r| r[k].as_u64()).unwrap_or(0);
+        Written {
+            points: n("points"),
+            bytes: n("bytes"),
+        }
+    }
+
+    fn to_json(&self, format: ReportFormat) -> Value {
+        json!({
+            "format": format.as_str(),
+            "content_type": format.content_type(),
+            "points": self.points,
+            "bytes": self.bytes,
+        })
+    }
+}
+
+/// The CSV header.
+const CSV_HEADER: &str = "device_id,ts_ms,time,metric,value\n";
+
+/// One row of the result.
+fn write_row(
+    out: &mut String,
+    format: ReportFormat,
+    device: &str,
+    ts_ms: u64,
+    metric: &str,
+    value: MetricValue,
+) {
+    match format {
+        ReportFormat::Csv => {
+            let time =
+                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_ms) * 1_000_000)
+                    .ok()
+                    .and_then(|t| {
+                        t.format(&time::format_description::well_known::Rfc3339)
+                            .ok()
+                    })
+                    .unwrap_or_default();
+            let value = match value {
+                MetricValue::Number(n) => n.to_string(),
+                MetricValue::Bool(b) => b.to_string(),
+            };
+            out.push_str(&csv_field(device));
+            out.push(',');
+            out.push_str(&ts_ms.to_string());
+            out.push(',');
+            out.push_str(&time);
+            out.push(',');
+            out.push_str(&csv_field(metric));
+            out.push(',');
+            out.push_str(&value);
+            out.push('\n');
+        }
+        ReportFormat::Jsonl => {
+            let row = json!({"device_id": device, "ts_ms": ts_ms, "metric": metric, "value": value.to_json()});
+            out.push_str(&row.to_string());
+            out.push('\n');
+        }
+    }
+}
+
+/// A CSV field, quoted when it must be (RFC 4180).
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\"")).into()
+    } else {
+        s.into()
+    }
+}
+
+/// One turn of a report: at most `[jobs] report_points_per_turn` points read and appended,
+/// the progress stored (module doc).
+pub(crate) async fn run_turn(
+    jobs: &Jobs,
+    job: &mut JobRecord,
+    spec: &ReportSpec,
+    sel: &Selector,
+) -> ServiceResult<Turn> {
+    let core = jobs.core();
+    let budget = core
+        .config
+        .jobs
+        .report_points_per_turn
+        .clamp(1, POINTS_PER_TURN_MAX);
+    let mut cursor: Cursor = match job.cursor.as_deref() {
+        None => Cursor::default(),
+        Some(c) => serde_json::from_str(c)
+            .map_err(|e| ServiceError::internal(format!("stored report cursor: {e}")))?,
+    };
+    let mut written = Written::of(job);
+    let mut out = String::new();
+    if written.bytes == 0 && spec.format == ReportFormat::Csv {
+        out.push_str(CSV_HEADER);
+    }
+    let one_metric = match spec.metrics.as_slice() {
+        [m] => Some(m.clone()),
+        _ => None,
+    };
+    let mut read = 0usize;
+    let mut finished = false;
+    while read < budget {
+        let device = match &cursor.device {
+            Some(d) => d.clone(),
+            None => {
+                let (page, _) = jobs
+                    .registry()
+                    .select_devices(sel, cursor.after.as_deref(), 1)
+                    .await?;
+                let Some(d) = page.into_iter().next() else {
+                    finished = true;
+                    break;
+                };
+                let id = d.record.id.to_string();
+                cursor.device = Some(id.clone());
+                cursor.from_ms = spec.from_ms;
+                cursor.skip = 0;
+                id
+            }
+        };
+        let limit = (budget - read).saturating_add(cursor.skip);
+        let device_id = mooring_proto::DeviceId::parse(&device)
+            .map_err(|e| ServiceError::internal(format!("stored report cursor: {e}")))?;
+        let points = core
+            .store
+            .query(TelemetryQuery {
+                device_id,
+                metric: one_metric.clone(),
+                from_ms: Some(cursor.from_ms),
+                to_ms: Some(spec.to_ms),
+                limit,
+            })
+            .await?;
+        let full = points.len() == limit;
+        for p in points.iter().skip(cursor.skip) {
+            read += 1;
+            if spec.metrics.is_empty() || spec.metrics.contains(&p.metric) {
+                write_row(&mut out, spec.format, &device, p.ts_ms, &p.metric, p.value);
+                written.points += 1;
+            }
+        }
+        match points.last() {
+            Some(last) if full => {
+                let at_last = points.iter().filter(|p| p.ts_ms == last.ts_ms).count();
+                cursor.skip = at_last;
+                cursor.from_ms = last.ts_ms;
+            }
+            _ => {
+                // This device is done.
+                cursor.after = cursor.device.take();
+                job.done += 1;
+            }
+        }
+        if points.len() <= cursor.skip && full {
+            // Cannot happen (a full page moves the cursor); guards the loop all the same.
+            break;
+        }
+    }
+    let bytes = out.into_bytes();
+    let len = bytes.len() as u64;
+    if written.bytes.saturating_add(len) > core.config.jobs.report_bytes_max {
+        job.errors.push(JobError {
+            device_id: String::new(),
+            message: format!(
+                "the report is larger than [jobs] report_bytes_max ({} bytes); ask for a shorter range, fewer devices or metrics",
+                core.config.jobs.report_bytes_max
+            ),
+        });
+        return jobs.finish_turn(job, JobState::Failed).await;
+    }
+    if !bytes.is_empty()
+        && !core
+            .store
+            .write_job_result(&job.id, job.rev, written.bytes, bytes)
+            .await?
+    {
+        return Ok(Turn::Lost);
+    }
+    written.bytes += len;
+    job.result = Some(written.to_json(spec.format));
+    job.cursor = Some(
+        serde_json::to_string(&cursor)
+            .map_err(|e| ServiceError::internal(format!("report cursor: {e}")))?,
+    );
+    if finished {
+        return jobs.finish_turn(job, JobState::Succeeded).await;
+    }
+    jobs.save_progress(job).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_round_trip_and_bad_ones_say_why() {
+        let spec = ReportSpec::from_request("telemetry", "csv", 10, 20, vec!["temp".into()])
+            .expect("valid");
+        assert_eq!(ReportSpec::from_json(&spec.to_json()), Ok(spec));
+        for (kind, format, from, to, code) in [
+            ("fleet", "csv", 1, 2, "invalid_kind"),
+            ("telemetry", "xml", 1, 2, "invalid_format"),
+            ("telemetry", "csv", 2, 2, "invalid_range"),
+        ] {
+            let e = ReportSpec::from_request(kind, format, from, to, vec![]).expect_err(code);
+            assert_eq!(e.code, code);
+        }
+        let e = ReportSpec::from_request("telemetry", "jsonl", 1, 2, vec!["a b".into()])
+            .expect_err("bad metric");
+        assert_eq!(e.code, "invalid_metrics");
+    }
+
+    #[test]
+    fn rows_are_csv_with_quoting_or_json_lines() {
+        let mut out = String::new();
+        write_row(
+            &mut out,
+            ReportFormat::Csv,
+            "d1",
+            1_700_000_000_000,
+            "temp",
+            MetricValue::Number(21.5),
+        );
+        write_row(
+            &mut out,
+            ReportFormat::Csv,
+            "a,\"b",
+            0,
+            "on",
+            MetricValue::Bool(true),
+        );
+        assert_eq!(
+            out,
+            "d1,1700000000000,2023-11-14T22:13:20Z,temp,21.5\n\"a,\"\"b\",0,1970-01-01T00:00:00Z,on,true\n"
+        );
+        let mut out = String::new();
+        write_row(
+            &mut out,
+            ReportFormat::Jsonl,
+            "d1",
+            5,
+            "on",
+            MetricValue::Bool(false),
+        );
+        assert_eq!(
+            out,
+            "{\"device_id\":\"d1\",\"ts_ms\":5,\"metric\":\"on\",\"value\":false}\n"
+        );
+    }
+}
