@@ -3,10 +3,10 @@
 
 use crate::{
     AnyCommand, AuditList, AuditParams, Claim, ClaimList, Command, CommandList, CommandListParams,
-    CreateClaim, CreateCommand, CreateDevice, CreateFleetCommand, CreateJob, CreateToken,
-    CreateUser, CreatedClaim, CreatedDevice, CreatedToken, CreatedUser, Device, DeviceList,
-    EnrollRequest, EnrollResponse, ErrorBody, Event, EventsParams, FleetCommand, Job, JobList,
-    JobListParams, LatestMetrics, ListDevicesParams, Me, PageParams, PasswordLink, Shadow,
+    CreateClaim, CreateCommand, CreateDevice, CreateFleetCommand, CreateJob, CreateReport,
+    CreateToken, CreateUser, CreatedClaim, CreatedDevice, CreatedToken, CreatedUser, Device,
+    DeviceList, EnrollRequest, EnrollResponse, ErrorBody, Event, EventsParams, FleetCommand, Job,
+    JobList, JobListParams, LatestMetrics, ListDevicesParams, Me, PageParams, PasswordLink, Shadow,
     ShadowPatch, StreamItem, TelemetryParams, TelemetryPoints, TokenList, UpdateUser, User,
     UserList, WaitParams,
 };
@@ -230,18 +230,7 @@ impl Client {
         if status.is_success() {
             return Ok((status, text));
         }
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(b) => Error::Api {
-                status: status.as_u16(),
-                code: b.error.code,
-                message: b.error.message,
-            },
-            Err(_) => Error::Status {
-                status: status.as_u16(),
-                url: url.to_string(),
-                text: truncate(text),
-            },
-        })
+        Err(api_error(status, text, &url))
     }
 
     async fn json<T: DeserializeOwned>(
@@ -907,6 +896,64 @@ impl Client {
         Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
     }
 
+    /// `POST /api/v1/reports`: a report, made in the background as a job.
+    pub async fn create_report(&self, req: &CreateReport) -> Result<Job> {
+        let url = self.url(&["api", "v1", "reports"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/jobs/{id}/result`: a succeeded job's result, written to `out` as it
+    /// arrives; the bytes written. No total deadline (a report may be large): the call fails
+    /// if the server is silent for [`EVENT_STREAM_IDLE_MAX`] or the body ends short.
+    pub async fn download_job_result(
+        &self,
+        id: &str,
+        out: &mut (impl std::io::Write + ?Sized),
+    ) -> Result<u64> {
+        let url = self.url(&["api", "v1", "jobs", id, "result"], None::<&()>)?;
+        let req = self
+            .http
+            .get(url.clone())
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(365 * 24 * 3600));
+        let transport = |source| Error::Transport {
+            base: self.base().to_owned(),
+            source,
+        };
+        let mut resp = tokio::time::timeout(self.timeout, req.send())
+            .await
+            .map_err(|_| Error::Stream(format!("no answer from {url} in {:?}", self.timeout)))?
+            .map_err(transport)?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.map_err(transport)?;
+            return Err(api_error(status, text, &url));
+        }
+        let expected = resp.content_length();
+        let mut written = 0u64;
+        loop {
+            let chunk = tokio::time::timeout(EVENT_STREAM_IDLE_MAX, resp.chunk())
+                .await
+                .map_err(|_| {
+                    Error::Stream(format!(
+                        "the download was silent for {EVENT_STREAM_IDLE_MAX:?}"
+                    ))
+                })?
+                .map_err(|e| Error::Stream(format!("the download broke off: {e}")))?;
+            let Some(chunk) = chunk else { break };
+            out.write_all(&chunk)
+                .map_err(|e| Error::Config(format!("writing the result: {e}")))?;
+            written += chunk.len() as u64;
+        }
+        if expected.is_some_and(|n| n != written) {
+            return Err(Error::Stream(format!(
+                "the download ended after {written} of {} bytes",
+                expected.unwrap_or(0)
+            )));
+        }
+        Ok(written)
+    }
+
     /// `GET /api/v1/devices/{id}/shadow`.
     pub async fn get_shadow(&self, id: &str) -> Result<Shadow> {
         self.get(self.url(&["api", "v1", "devices", id, "shadow"], None::<&()>)?)
@@ -977,18 +1024,7 @@ impl Client {
         let status = resp.status();
         if !status.is_success() {
             let text = resp.text().await.map_err(transport)?;
-            return Err(match serde_json::from_str::<ErrorBody>(&text) {
-                Ok(b) => Error::Api {
-                    status: status.as_u16(),
-                    code: b.error.code,
-                    message: b.error.message,
-                },
-                Err(_) => Error::Status {
-                    status: status.as_u16(),
-                    url: url.to_string(),
-                    text: truncate(text),
-                },
-            });
+            return Err(api_error(status, text, &url));
         }
         Ok(EventStream {
             resp,
@@ -1132,6 +1168,22 @@ where
             Some(c) => cursor = Some(c),
             None => return Ok(all),
         }
+    }
+}
+
+/// The error a non-2xx answer stands for: the API's JSON error, or the status and text.
+fn api_error(status: StatusCode, text: String, url: &Url) -> Error {
+    match serde_json::from_str::<ErrorBody>(&text) {
+        Ok(b) => Error::Api {
+            status: status.as_u16(),
+            code: b.error.code,
+            message: b.error.message,
+        },
+        Err(_) => Error::Status {
+            status: status.as_u16(),
+            url: url.to_string(),
+            text: truncate(text),
+        },
     }
 }
 

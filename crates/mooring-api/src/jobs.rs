@@ -59,7 +59,8 @@ pub struct Job {
     /// The tags, keys or command given.
     #[schema(value_type = Object)]
     pub params: serde_json::Value,
-    /// `queued`, `running`, `succeeded`, `failed` or `canceled`.
+    /// `queued`, `running`, `succeeded`, `failed`, `canceled` or `dead` (out of attempts:
+    /// see `last_error`).
     pub state: String,
     /// Devices matched; null until counted.
     pub total: Option<u64>,
@@ -77,13 +78,47 @@ pub struct Job {
     pub created_ms: u64,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
+    /// The worker running its current turn (`<node id>/<n>`); null between turns.
+    pub worker: Option<String>,
+    /// Turns of the current step that failed or whose worker stopped (reset when a turn
+    /// succeeds); at `[jobs] attempts_max` the job is `dead`.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+    /// A report: what it made so far (`format`, `content_type`, `points`, `bytes`); download
+    /// it from `GET /api/v1/jobs/{id}/result` once `succeeded`.
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
 }
 
 impl Job {
-    /// `succeeded`, `failed` or `canceled`: the job does nothing more.
+    /// `succeeded`, `failed`, `canceled` or `dead`: the job does nothing more.
     pub fn is_finished(&self) -> bool {
-        matches!(self.state.as_str(), "succeeded" | "failed" | "canceled")
+        matches!(
+            self.state.as_str(),
+            "succeeded" | "failed" | "canceled" | "dead"
+        )
     }
+}
+
+/// `POST /api/v1/reports`: a report made in the background as a job.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateReport {
+    /// `telemetry`: the points of the selected devices.
+    pub kind: String,
+    /// Which devices, e.g. `tag:site=berlin`; narrowed by the caller's scope.
+    pub selector: String,
+    /// Points from this Unix ms (inclusive)…
+    pub from_ms: u64,
+    /// …to this one (exclusive).
+    pub to_ms: u64,
+    /// `csv` (default; `device_id,ts_ms,time,metric,value`) or `jsonl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Only these metrics (default: all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<String>,
 }
 
 /// `GET /api/v1/jobs`: newest first.
@@ -105,4 +140,7 @@ pub struct JobListParams {
     /// `next_cursor` of the previous page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+    /// Only jobs in this state, e.g. `dead` (the dead letter list).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }

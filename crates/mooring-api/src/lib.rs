@@ -63,7 +63,7 @@ pub use health::{
     HealthGroup, HealthParams, HealthSummary, TelemetryHealth, UpdateProblem,
     HEALTH_BATTERY_SIGNAL, HEALTH_GROUP_KEYS_MAX, HEALTH_TESTED_SIGNALS, HEALTH_WINDOW_HOURS,
 };
-pub use jobs::{CreateJob, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
+pub use jobs::{CreateJob, CreateReport, Job, JobCommand, JobErrorEntry, JobList, JobListParams};
 pub use ota::{
     Artifact, ArtifactList, CompleteArtifact, CreateArtifact, CreateDeployment, CreateLink,
     Deployment, DeploymentList, DeviceUpdate, DeviceUpdates, DownloadLink, UpdateKeyInfo,

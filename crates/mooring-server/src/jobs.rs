@@ -514,12 +514,40 @@ impl Jobs {
             .ok_or_else(|| job_not_found(id))
     }
 
-    /// Jobs the caller sees, newest first; the cursor is the last id of the previous page.
+    /// A succeeded job's result as it was stored: the job (its `result` says the length and
+    /// media type). `409 no_result` while it runs, if it failed, or for an action that makes
+    /// none.
+    pub async fn result(&self, access: &Access, id: &str) -> ServiceResult<(JobRecord, u64)> {
+        let job = self.get(access, id).await?;
+        let bytes = job.result.as_ref().and_then(|r| r["bytes"].as_u64());
+        match bytes {
+            Some(bytes) if job.state == JobState::Succeeded => Ok((job, bytes)),
+            _ => Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "no_result",
+                match (job.result.is_some(), job.state) {
+                    (false, _) => format!("job {id} (action {}) makes no result", job.action),
+                    (true, state) => format!(
+                        "job {id} is {state}; its result can be downloaded once it has succeeded"
+                    ),
+                },
+            )),
+        }
+    }
+
+    /// `len` bytes at most of a job's stored result from `offset` (as [`Jobs::result`] found it).
+    pub async fn read_result(&self, id: &str, offset: u64, len: usize) -> ServiceResult<Vec<u8>> {
+        Ok(self.core.store.read_job_result(id, offset, len).await?)
+    }
+
+    /// Jobs the caller sees (in `state` only, if given), newest first; the cursor is the last
+    /// id of the previous page.
     pub async fn list(
         &self,
         access: &Access,
         limit: Option<usize>,
         cursor: Option<&str>,
+        state: Option<&str>,
     ) -> ServiceResult<(Vec<JobRecord>, Option<String>)> {
         let limit = limit.unwrap_or(JOB_PAGE_LEN_DEFAULT);
         if limit == 0 || limit > JOB_PAGE_LEN_MAX {
@@ -528,6 +556,16 @@ impl Jobs {
                 format!("limit must be between 1 and {JOB_PAGE_LEN_MAX}"),
             ));
         }
+        let state = match state {
+            None => None,
+            Some(s) => Some(s.parse::<JobState>().map_err(|_| {
+                let all: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+                ServiceError::invalid(
+                    "invalid_state",
+                    format!("state {s:?} is not one of {}", all.join(", ")),
+                )
+            })?),
+        };
         let mut out = Vec::new();
         let mut before = cursor.map(str::to_owned);
         // A scoped caller's page may skip jobs it does not see: read on until it is full. The
@@ -537,7 +575,7 @@ impl Jobs {
             let full = page.len() == limit;
             before = page.last().map(|j| j.id.clone());
             for j in page {
-                if visible(access, &j) {
+                if visible(access, &j) && state.is_none_or(|s| s == j.state) {
                     out.push(j);
                     if out.len() == limit {
                         let next = out.last().map(|j| j.id.clone());

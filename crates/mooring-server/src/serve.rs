@@ -252,7 +252,38 @@ impl RunningServer {
             }),
             _ => None,
         };
-        Self::start_on(config, listeners, clock, store, shared).await
+        Self::start_on(config, Some(listeners), clock, store, shared).await
+    }
+
+    /// Starts `mooring worker`: a cluster member that only runs job workers (`[jobs]
+    /// workers` of them, taking turns of the shared queue with every node's) and the cluster's
+    /// heartbeat and bus; it listens on nothing. Needs a cluster's config (`[store] url`,
+    /// `[bus] url`, `[cluster] secret_key_file`).
+    pub async fn start_worker(
+        config: ServerConfig,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<RunningServer> {
+        config.validate()?;
+        anyhow::ensure!(
+            config.is_shared() && config.cluster.secret_key_file.is_some(),
+            "`mooring worker` takes turns of a cluster's job queue: its config needs [store] url \
+             (PostgreSQL), [bus] url and [cluster] secret_key_file, as the cluster's nodes have; \
+             on SQLite `mooring serve` runs the jobs itself ([jobs] workers)"
+        );
+        anyhow::ensure!(
+            config.jobs.workers > 0,
+            "[jobs] workers is 0: this worker would run nothing"
+        );
+        prepare_data_dir(&config.data_dir)?;
+        let store = open_store(&config).await?;
+        let shared = match &config.cluster.secret_key_file {
+            Some(key_file) => Some(SharedParts {
+                key: Arc::new(crate::pki::SecretKey::from_file(key_file)?),
+                bus: open_bus(&config).await?,
+            }),
+            None => None,
+        };
+        Self::start_on(config, None, clock, store, shared).await
     }
 
     /// Starts a cluster node on a store and a bus the caller opened (and shares with the
@@ -275,7 +306,7 @@ impl RunningServer {
         prepare_data_dir(&config.data_dir)?;
         Self::start_on(
             config,
-            listeners,
+            Some(listeners),
             clock,
             store,
             Some(SharedParts {
@@ -286,17 +317,18 @@ impl RunningServer {
         .await
     }
 
-    /// The start itself, on an open store; `shared`: a cluster node's bus and key.
+    /// The start itself, on an open store; `shared`: a cluster node's bus and key. Without
+    /// `listeners`, a worker ([`RunningServer::start_worker`]).
     async fn start_on(
         mut config: ServerConfig,
-        listeners: Listeners,
+        listeners: Option<Listeners>,
         clock: Arc<dyn Clock>,
         store: Arc<dyn Store>,
         shared: Option<SharedParts>,
     ) -> anyhow::Result<RunningServer> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         // The address actually bound (port 0 picks one), for links the server hands out.
-        if let Ok(addr) = listeners.http.local_addr() {
+        if let Some(Ok(addr)) = listeners.as_ref().map(|l| l.http.local_addr()) {
             config.http_addr = addr;
         }
         let now =
@@ -420,47 +452,55 @@ impl RunningServer {
         let connections = TaskTracker::new();
         let conn_limit = Arc::new(Semaphore::new(app.config().limits.mqtt_connections_max));
 
-        let mqtt_addr = listeners.mqtt.local_addr()?;
-        tracing::info!("MQTT/TLS listening on {mqtt_addr}");
-        tasks.spawn(accept_mqtt(
-            listeners.mqtt,
-            Some(MqttTls),
-            ListenerKind::Tls,
-            broker.clone(),
-            app.clone(),
-            connections.clone(),
-            conn_limit.clone(),
-            stop_rx.clone(),
-        ));
-        let mut mqtt_dev_addr = None;
-        if let Some(dev) = listeners.mqtt_dev {
-            let addr = dev.local_addr()?;
-            anyhow::ensure!(
-                addr.ip().is_loopback(),
-                "the MQTT dev listener must be on a loopback address, not {addr}"
-            );
-            tracing::warn!("MQTT dev listener (plain, anonymous, unrestricted; for local experiments only) listening on {addr}");
-            mqtt_dev_addr = Some(addr);
-            tasks.spawn(accept_mqtt(
-                dev,
-                None,
-                ListenerKind::Dev,
-                broker.clone(),
-                app.clone(),
-                connections.clone(),
-                conn_limit.clone(),
-                stop_rx.clone(),
-            ));
-        }
-        let http_addr = listeners.http.local_addr()?;
-        let scheme = if http_tls.is_some() { "https" } else { "http" };
-        tracing::info!("HTTP API listening on {scheme}://{http_addr}");
-        tasks.spawn(serve_http(
-            listeners.http,
-            http_tls,
-            app.clone(),
-            stop_rx.clone(),
-        ));
+        let worker = listeners.is_none();
+        let (mqtt_addr, mqtt_dev_addr, http_addr) = match listeners {
+            Some(listeners) => {
+                let spawn = |tasks: &mut JoinSet<()>, listener, tls, kind| {
+                    tasks.spawn(accept_mqtt(
+                        listener,
+                        tls,
+                        kind,
+                        broker.clone(),
+                        app.clone(),
+                        connections.clone(),
+                        conn_limit.clone(),
+                        stop_rx.clone(),
+                    ));
+                };
+                let mqtt_addr = listeners.mqtt.local_addr()?;
+                tracing::info!("MQTT/TLS listening on {mqtt_addr}");
+                spawn(&mut tasks, listeners.mqtt, Some(MqttTls), ListenerKind::Tls);
+                let mut mqtt_dev_addr = None;
+                if let Some(dev) = listeners.mqtt_dev {
+                    let addr = dev.local_addr()?;
+                    anyhow::ensure!(
+                        addr.ip().is_loopback(),
+                        "the MQTT dev listener must be on a loopback address, not {addr}"
+                    );
+                    tracing::warn!("MQTT dev listener (plain, anonymous, unrestricted; for local experiments only) listening on {addr}");
+                    mqtt_dev_addr = Some(addr);
+                    spawn(&mut tasks, dev, None, ListenerKind::Dev);
+                }
+                let http_addr = listeners.http.local_addr()?;
+                let scheme = if http_tls.is_some() { "https" } else { "http" };
+                tracing::info!("HTTP API listening on {scheme}://{http_addr}");
+                tasks.spawn(serve_http(
+                    listeners.http,
+                    http_tls,
+                    app.clone(),
+                    stop_rx.clone(),
+                ));
+                (mqtt_addr, mqtt_dev_addr, http_addr)
+            }
+            None => {
+                tracing::info!(
+                    workers = app.config().jobs.workers,
+                    "job worker: listening on nothing, taking turns of the cluster's job queue"
+                );
+                let none = SocketAddr::from(([0, 0, 0, 0], 0));
+                (none, None, none)
+            }
+        };
         if let Some((cluster, inbox)) = cluster {
             tasks.spawn(crate::cluster::run_inbox(
                 app.clone(),
@@ -469,8 +509,10 @@ impl RunningServer {
             ));
             tasks.spawn(crate::cluster::run_outbox(cluster, stop_rx.clone()));
             tasks.spawn(crate::cluster::run_heartbeat(app.clone(), stop_rx.clone()));
-            tasks.spawn(session_flush_loop(app.clone(), stop_rx.clone()));
-            tasks.spawn(crate::cas::run_reload(app.clone(), stop_rx.clone()));
+            if !worker {
+                tasks.spawn(session_flush_loop(app.clone(), stop_rx.clone()));
+                tasks.spawn(crate::cas::run_reload(app.clone(), stop_rx.clone()));
+            }
         } else {
             // One node: the deltas it restored are the whole truth. (A cluster node restored
             // every retained message from the shared store already.)
@@ -479,6 +521,22 @@ impl RunningServer {
                 Ok(n) => tracing::info!(shadows = n, "republished retained shadow deltas"),
                 Err(e) => tracing::warn!(error = %e, "republishing shadow deltas failed"),
             }
+        }
+        if worker {
+            spawn_job_workers(&mut tasks, &app, &stop_rx);
+            return Ok(RunningServer {
+                app,
+                mqtt_addr,
+                mqtt_dev_addr,
+                http_addr,
+                new_admin_token,
+                stop,
+                tasks,
+                connections,
+                broker,
+                writer_task,
+                broker_state_task,
+            });
         }
         tasks.spawn(crate::commands::run_dispatcher(
             app.commands.clone(),

@@ -5,10 +5,12 @@ mod cas;
 mod certs;
 pub mod health;
 mod ota;
+mod reports;
 mod rules;
 pub use cas::{ca, CaCommand};
 pub use certs::{cert, CertCommand};
 pub use ota::{ota, OtaCommand};
+pub use reports::{report, ReportCommand};
 pub use rules::{alert, rule, AlertCommand, RuleCommand};
 
 use crate::credentials::CredentialFiles;
@@ -1078,7 +1080,14 @@ pub async fn fleet_history(args: ApiArgs, since: &str, output: OutputArgs) -> an
 
 fn job_progress(j: &Job) -> String {
     let total = j.total.map_or_else(|| "?".to_owned(), |t| t.to_string());
-    format!("{}/{total} done, {} failed", j.done, j.failed)
+    let mut p = format!("{}/{total} done, {} failed", j.done, j.failed);
+    if let Some(points) = j.result.as_ref().and_then(|r| r["points"].as_u64()) {
+        p.push_str(&format!(", {points} points"));
+    }
+    if j.attempts > 0 {
+        p.push_str(&format!(", attempt {} failed", j.attempts));
+    }
+    p
 }
 
 fn print_job(j: &Job, out: OutputArgs) -> anyhow::Result<()> {
@@ -1102,6 +1111,21 @@ fn print_job(j: &Job, out: OutputArgs) -> anyhow::Result<()> {
     }
     if let Some(f) = j.finished_ms {
         fields.push(("finished", rfc3339(f)));
+    }
+    if let Some(w) = &j.worker {
+        fields.push(("worker", w.clone()));
+    }
+    if let Some(e) = &j.last_error {
+        fields.push(("last error", format!("{e} ({} attempts)", j.attempts)));
+    }
+    if let Some(r) = &j.result {
+        let bytes = r["bytes"].as_u64().unwrap_or(0);
+        let fetch = if j.state == "succeeded" {
+            format!(" (mooring job result {} -o FILE)", j.id)
+        } else {
+            String::new()
+        };
+        fields.push(("result", format!("{bytes} bytes{fetch}")));
     }
     for e in &j.errors {
         let what = if e.device_id.is_empty() {
@@ -1209,12 +1233,17 @@ pub async fn job(args: ApiArgs, command: JobCommand) -> anyhow::Result<u8> {
             print_job(&job, output)?;
             Ok(job_exit(&job))
         }
-        JobCommand::List { output } => {
+        JobCommand::Result { id, out } => {
+            let id = job_id(&id)?;
+            reports::job_result(args, id, out.as_deref()).await
+        }
+        JobCommand::List { state, output } => {
             let api = args.connect()?;
             let page = call(
                 api.list_jobs(&mooring_api::JobListParams {
                     limit: Some(200),
                     cursor: None,
+                    state,
                 })
                 .await,
             )?;

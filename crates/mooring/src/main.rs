@@ -37,6 +37,10 @@ struct Cli {
 enum Command {
     /// Run the server: MQTT over TLS (per-device certificates), HTTP API, telemetry store.
     Serve(ServeArgs),
+    /// Run a job worker of a cluster: takes turns of the shared job queue (reports, bulk
+    /// actions, rotations) with the nodes' workers; listens on nothing. Its config is a
+    /// cluster node's ([store] url, [bus] url, [cluster] secret_key_file) (docs/cluster.md).
+    Worker(WorkerArgs),
     /// Manage devices through the running server's API.
     #[command(after_help = EXIT_STATUS_HELP)]
     Device {
@@ -61,6 +65,15 @@ enum Command {
         api: client::ApiArgs,
         #[command(subcommand)]
         command: JobCommand,
+    },
+    /// Reports made in the background as jobs: the telemetry of a selection as CSV or JSON
+    /// lines, with progress, then downloaded (docs/reports.md).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Report {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::ReportCommand,
     },
     /// Follow live events (presence, telemetry, commands, shadows) as JSON lines
     /// (docs/events.md); reconnects and resumes by itself.
@@ -243,6 +256,21 @@ struct ServeArgs {
     /// ones built into the binary, to edit them without rebuilding.
     #[arg(long, env = "MOORING_WEB_DIR")]
     web_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// TOML config file: the cluster's ([store] url, [bus] url, [cluster] secret_key_file);
+    /// `[jobs] workers` sets how many jobs it runs at once.
+    #[arg(long, env = "MOORING_CONFIG")]
+    config: PathBuf,
+    /// Data directory [default: ./mooring-data].
+    #[arg(long, env = "MOORING_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// This worker's name (its jobs show `<node id>/<n>` as their worker) [default: the host
+    /// name].
+    #[arg(long, env = "MOORING_NODE_ID")]
+    node_id: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -478,8 +506,20 @@ enum JobCommand {
     },
     /// List jobs, newest first (at most 200).
     List {
+        /// Only jobs in this state: queued, running, succeeded, failed, canceled or dead (out
+        /// of attempts: the dead letter list).
+        #[arg(long)]
+        state: Option<String>,
         #[command(flatten)]
         output: output::OutputArgs,
+    },
+    /// Download a succeeded job's result (a report) to a file or stdout.
+    Result {
+        /// Job id (`job_...`).
+        id: String,
+        /// Write it to this file (replaced only once complete) [default: stdout].
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
     },
     /// Show a job and its progress.
     Show {
@@ -680,6 +720,7 @@ fn run(command: Command) -> ExitCode {
             // Handled in main, before any runtime exists (it builds its own).
             Command::Sim { .. } => Ok(client::EXIT_OK),
             Command::Serve(args) => serve(args).await.map(|()| client::EXIT_OK),
+            Command::Worker(args) => worker(args).await.map(|()| client::EXIT_OK),
             Command::Device { api, command } => client::device(api, command).await,
             Command::Cert { api, command } => client::cert(api, command).await,
             Command::Ca { api, command } => client::ca(api, command).await,
@@ -725,6 +766,7 @@ fn run(command: Command) -> ExitCode {
             Command::Bench(args) => mooring_bench::run(args).await.map(|()| client::EXIT_OK),
             Command::Commands { api, command } => client::command(api, command).await,
             Command::Job { api, command } => client::job(api, command).await,
+            Command::Report { api, command } => client::report(api, command).await,
             Command::Backup(args) => ops::backup(args).map(|()| client::EXIT_OK),
             Command::Restore(args) => ops::restore(args).map(|()| client::EXIT_OK),
             Command::Completions(args) => ops::completions(args).map(|()| client::EXIT_OK),
@@ -798,6 +840,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         () = shutdown_signal() => {}
         () = reload => {}
     }
+    tracing::info!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// `mooring worker`: job workers only, until SIGINT/SIGTERM (the turn in progress is handed
+/// back to the queue).
+async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(ops::server_log_filter())
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let mut config = ServerConfig::load(&args.config)?;
+    if let Some(d) = args.data_dir {
+        config.data_dir = d;
+    }
+    if let Some(n) = args.node_id {
+        config.node_id = n;
+    }
+    let clock = std::sync::Arc::new(mooring_proto::SystemClock);
+    let server = mooring_server::RunningServer::start_worker(config, clock)
+        .await
+        .context("starting the worker")?;
+    tracing::info!("ready");
+    shutdown_signal().await;
     tracing::info!("shutting down");
     server.shutdown().await;
     Ok(())

@@ -104,7 +104,12 @@ async fn fleet_cas_body(
     let rotation_id = match r.previous {
         Some(_) => app
             .jobs
-            .list(&caller.access, Some(crate::jobs::JOB_PAGE_LEN_MAX), None)
+            .list(
+                &caller.access,
+                Some(crate::jobs::JOB_PAGE_LEN_MAX),
+                None,
+                None,
+            )
             .await?
             .0
             .into_iter()

@@ -197,7 +197,12 @@ pub(super) async fn list_rotations(
 ) -> ApiResult<Json<RotationList>> {
     let (jobs, _) = app
         .jobs
-        .list(&caller.access, Some(crate::jobs::JOB_PAGE_LEN_MAX), None)
+        .list(
+            &caller.access,
+            Some(crate::jobs::JOB_PAGE_LEN_MAX),
+            None,
+            None,
+        )
         .await?;
     let mut rotations = Vec::new();
     for job in jobs

@@ -127,6 +127,8 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(post, "/api/v1/jobs", DevicesWrite, "job.create", jobs::create_job),
         row!(get, "/api/v1/jobs", DevicesRead, "job.list", jobs::list_jobs),
         row!(get, "/api/v1/jobs/{id}", DevicesRead, "job.get", jobs::get_job),
+        row!(get, "/api/v1/jobs/{id}/result", TelemetryRead, "job.result", jobs::get_job_result),
+        row!(post, "/api/v1/reports", TelemetryRead, "report.create", jobs::create_report),
         row!(post, "/api/v1/jobs/{id}/cancel", DevicesWrite, "job.cancel", jobs::cancel_job),
         // Provisioning (issue 16): claim tokens; enrollment is Public (the claim token is the
         // credential, failures are throttled per address).

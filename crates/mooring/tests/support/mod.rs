@@ -1019,3 +1019,18 @@ pub fn scoped_token(server: &Server, name: &str, role: &str, scope: &str) -> Str
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// Publishes `n` telemetry messages as `id` over its own MQTT/TLS connection, message `i` at
+/// `t0_ms + i * 1000` with three points: `temp` = i, `hum` = 50 + i, `on` = (i is even).
+/// Returns once every one is acknowledged (stored).
+#[allow(dead_code)]
+pub async fn publish_series(server: &Server, creds: &Creds, id: &str, t0_ms: u64, n: u64) {
+    let mut dev = MqttDevice::connect(server, creds, id).await;
+    for i in 0..n {
+        let payload = serde_json::json!({
+            "ts": t0_ms + i * 1000, "temp": i, "hum": 50 + i, "on": i % 2 == 0,
+        });
+        dev.publish(&format!("devices/{id}/telemetry"), &payload.to_string())
+            .await;
+    }
+}

@@ -1,0 +1,187 @@
+//! `mooring report ...` and `mooring job result`: reports made in the background as jobs,
+//! followed with their progress and downloaded (docs/reports.md).
+
+use super::{call, job_exit, print_job, usage, wait_job, ApiArgs, UsageError, EXIT_OK};
+use crate::output::OutputArgs;
+use anyhow::Context;
+use clap::Subcommand;
+use mooring_proto::selector::Selector;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum ReportCommand {
+    /// The telemetry of a selection of devices, as CSV or JSON lines, e.g.
+    /// `mooring report telemetry --selector tag:site=berlin --from 24h -o berlin.csv`. Waits
+    /// with progress on stderr, then writes the report to --out (or stdout).
+    Telemetry {
+        /// Which devices, e.g. 'tag:site=berlin' or d1,d2 (narrowed by your scope).
+        #[arg(long)]
+        selector: String,
+        /// From (inclusive): a duration ago (24h, 30m, 7d), Unix ms, or RFC 3339
+        /// (2026-12-01T00:00:00Z).
+        #[arg(long, value_name = "TIME", default_value = "24h")]
+        from: String,
+        /// To (exclusive): `now`, a duration ago, Unix ms or RFC 3339.
+        #[arg(long, value_name = "TIME", default_value = "now")]
+        to: String,
+        /// csv (device_id,ts_ms,time,metric,value) or jsonl.
+        #[arg(long, default_value = "csv")]
+        format: String,
+        /// Only this metric (repeatable) [default: all].
+        #[arg(long = "metric", value_name = "NAME")]
+        metrics: Vec<String>,
+        /// Write the report to this file (replaced only once complete) [default: stdout].
+        #[arg(long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Print the job and return at once; download it later with `mooring job result`.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
+}
+
+pub async fn report(args: ApiArgs, command: ReportCommand) -> anyhow::Result<u8> {
+    match command {
+        ReportCommand::Telemetry {
+            selector,
+            from,
+            to,
+            format,
+            metrics,
+            out,
+            no_wait,
+            output,
+        } => {
+            Selector::parse(&selector)
+                .map_err(|e| UsageError(format!("invalid --selector: {e}")))?;
+            if !matches!(format.as_str(), "csv" | "jsonl") {
+                return usage(format!("--format {format:?} is not one of csv, jsonl"));
+            }
+            let now_ms = now_ms();
+            let from_ms = parse_time_ms(&from, now_ms, "--from")?;
+            let to_ms = parse_time_ms(&to, now_ms, "--to")?;
+            if from_ms >= to_ms {
+                return usage(format!("--from ({from}) must be before --to ({to})"));
+            }
+            let req = mooring_api::CreateReport {
+                kind: "telemetry".to_owned(),
+                selector,
+                from_ms,
+                to_ms,
+                format: Some(format),
+                metrics,
+            };
+            let api = args.connect()?;
+            let job = call(api.create_report(&req).await)?;
+            if no_wait {
+                print_job(&job, output)?;
+                return Ok(EXIT_OK);
+            }
+            let job = wait_job(&api, job).await?;
+            if job.state != "succeeded" {
+                print_job(&job, output)?;
+                return Ok(job_exit(&job));
+            }
+            download(&api, &job.id, out.as_deref()).await?;
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// `mooring job result ID [-o FILE]`.
+pub async fn job_result(args: ApiArgs, id: &str, out: Option<&Path>) -> anyhow::Result<u8> {
+    let api = args.connect()?;
+    download(&api, id, out).await?;
+    Ok(EXIT_OK)
+}
+
+/// Writes a succeeded job's result to `out` (through `<out>.part`, renamed once complete) or
+/// stdout.
+async fn download(api: &mooring_api::Client, id: &str, out: Option<&Path>) -> anyhow::Result<()> {
+    let Some(path) = out else {
+        let stdout = std::io::stdout();
+        let mut w = std::io::BufWriter::new(stdout.lock());
+        call(api.download_job_result(id, &mut w).await)?;
+        w.flush().context("writing to stdout")?;
+        return Ok(());
+    };
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    let part = PathBuf::from(part);
+    let file = std::fs::File::create(&part)
+        .with_context(|| format!("cannot create {}", part.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    let written = match api.download_job_result(id, &mut w).await {
+        Ok(n) => n,
+        Err(e) => {
+            drop(w);
+            let _ = std::fs::remove_file(&part);
+            return call(Err(e));
+        }
+    };
+    w.flush()
+        .and_then(|()| w.get_ref().sync_all())
+        .with_context(|| format!("writing {}", part.display()))?;
+    std::fs::rename(&part, path)
+        .with_context(|| format!("cannot rename {} to {}", part.display(), path.display()))?;
+    eprintln!("{id}: {written} bytes written to {}", path.display());
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A point in time: `now`, a duration ago (`24h`), Unix ms, or RFC 3339.
+fn parse_time_ms(text: &str, now_ms: u64, flag: &str) -> anyhow::Result<u64> {
+    let text = text.trim();
+    if text == "now" {
+        return Ok(now_ms);
+    }
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse()
+            .or_else(|_| usage(format!("{flag} {text:?} is too large")));
+    }
+    if let Ok(t) = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+    {
+        let ms = t.unix_timestamp_nanos() / 1_000_000;
+        return u64::try_from(ms).or_else(|_| usage(format!("{flag} {text:?} is before 1970")));
+    }
+    match mooring_api::parse_duration_ms(text) {
+        Ok(d) => Ok(now_ms.saturating_sub(d)),
+        Err(_) => usage(format!(
+            "{flag} {text:?} is not `now`, a duration ago (24h), Unix ms or RFC 3339 (2026-12-01T00:00:00Z)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_time_ms;
+
+    #[test]
+    fn times_are_now_durations_ago_unix_ms_or_rfc3339() {
+        let now = 1_800_000_000_000;
+        assert_eq!(parse_time_ms("now", now, "--to").ok(), Some(now));
+        assert_eq!(
+            parse_time_ms("24h", now, "--from").ok(),
+            Some(now - 86_400_000)
+        );
+        assert_eq!(
+            parse_time_ms("1700000000000", now, "--from").ok(),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(
+            parse_time_ms("2023-11-14T22:13:20Z", now, "--from").ok(),
+            Some(1_700_000_000_000)
+        );
+        for bad in ["", "yesterday", "-5", "1969-12-31T00:00:00Z"] {
+            assert!(parse_time_ms(bad, now, "--from").is_err(), "{bad}");
+        }
+    }
+}

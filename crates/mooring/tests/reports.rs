@@ -1,0 +1,333 @@
+//! Reports (issue 18): telemetry of a selection made in the background as a job on the work
+//! queue, followed and downloaded through the API and the CLI, on SQLite. Real devices
+//! (rumqttc over mutual TLS) publish the points. The PostgreSQL case, a worker killed mid-report
+//! and another finishing it, is in cluster.rs.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use support::{publish_series, Server};
+
+/// Tiny turns (7 points, so a turn often ends between two points of one timestamp) with no
+/// pause between them.
+const CONFIG: &str = "[jobs]\nreport_points_per_turn = 7\nbatch_pause_ms = 0\n";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What `publish_series` stored for `id` in messages `from..to`: (device, ts, metric, value).
+fn series(id: &str, t0: u64, from: u64, to: u64) -> BTreeSet<(String, u64, String, String)> {
+    let mut out = BTreeSet::new();
+    for i in from..to {
+        let ts = t0 + i * 1000;
+        for (m, v) in [
+            ("temp", i.to_string()),
+            ("hum", (50 + i).to_string()),
+            ("on", (i % 2 == 0).to_string()),
+        ] {
+            out.insert((id.to_owned(), ts, m.to_owned(), v));
+        }
+    }
+    out
+}
+
+async fn finished(server: &Server, id: &str) -> Value {
+    server
+        .wait_for(&format!("/api/v1/jobs/{id}"), |j| {
+            ["succeeded", "failed", "canceled", "dead"].contains(&j["state"].as_str().unwrap_or(""))
+        })
+        .await
+}
+
+#[tokio::test]
+async fn a_telemetry_report_runs_as_a_job_and_downloads_every_point_once() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    let t0 = (now_ms() - 3_600_000) / 1000 * 1000;
+    for (id, site) in [("b1", "berlin"), ("b2", "berlin"), ("p1", "paris")] {
+        let dir = tmp.path().join(id);
+        let out = server.cli(&[
+            "device",
+            "create",
+            id,
+            "--out",
+            dir.to_str().expect("utf8"),
+            "--tag",
+            &format!("site={site}"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let creds = support::Creds { dir };
+        publish_series(&server, &creds, id, t0, 40).await;
+    }
+
+    // Messages 5..35 of the Berlin devices: 2 x 30 x 3 points.
+    let (status, job) = server
+        .api(
+            "POST",
+            "/api/v1/reports",
+            Some(json!({"kind": "telemetry", "selector": "tag:site=berlin",
+                "from_ms": t0 + 5_000, "to_ms": t0 + 35_000, "format": "csv"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["action"], "report");
+    assert_eq!(job["state"], "queued");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let job = finished(&server, &id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        (&job["total"], &job["done"]),
+        (&json!(2), &json!(2)),
+        "{job}"
+    );
+    assert_eq!(job["result"]["points"], 180, "{job}");
+    assert_eq!(job["result"]["format"], "csv");
+    assert_eq!(job["attempts"], 0);
+    assert_eq!(job["worker"], Value::Null);
+
+    // The download: its media type, its length, every point once, devices in id order and
+    // each device's points oldest first.
+    let resp = support::http()
+        .get(format!("{}/api/v1/jobs/{id}/result", server.url()))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["content-type"].to_str().ok(),
+        Some("text/csv; charset=utf-8")
+    );
+    let text = resp.text().await.expect("body");
+    assert_eq!(Some(text.len() as u64), job["result"]["bytes"].as_u64());
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("device_id,ts_ms,time,metric,value"));
+    let mut rows = Vec::new();
+    for line in lines {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 5, "{line}");
+        rows.push((
+            f[0].to_owned(),
+            f[1].parse::<u64>().expect("ts"),
+            f[3].to_owned(),
+            f[4].to_owned(),
+        ));
+        assert!(f[2].ends_with('Z'), "RFC 3339 time: {line}");
+    }
+    assert_eq!(rows.len(), 180, "no point twice");
+    assert!(
+        rows.windows(2)
+            .all(|w| (&w[0].0, w[0].1) <= (&w[1].0, w[1].1)),
+        "device by device, oldest first"
+    );
+    let mut want = series("b1", t0, 5, 35);
+    want.extend(series("b2", t0, 5, 35));
+    assert_eq!(rows.into_iter().collect::<BTreeSet<_>>(), want);
+
+    // The same through the CLI: one metric as JSON lines into a file.
+    let out_file = tmp.path().join("temp.jsonl");
+    let out = server.cli(&[
+        "report",
+        "telemetry",
+        "--selector",
+        "tag:site=berlin",
+        "--from",
+        &(t0 + 5_000).to_string(),
+        "--to",
+        &(t0 + 35_000).to_string(),
+        "--format",
+        "jsonl",
+        "--metric",
+        "temp",
+        "--out",
+        out_file.to_str().expect("utf8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("60 points"), "progress on stderr: {stderr}");
+    let text = std::fs::read_to_string(&out_file).expect("report file");
+    let got: BTreeSet<(String, u64, String, String)> = text
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("a JSON line");
+            (
+                v["device_id"].as_str().expect("device").to_owned(),
+                v["ts_ms"].as_u64().expect("ts"),
+                v["metric"].as_str().expect("metric").to_owned(),
+                // Numbers are stored as f64: 5 comes back as 5.0.
+                v["value"]
+                    .as_f64()
+                    .map_or_else(|| v["value"].to_string(), |n| n.to_string()),
+            )
+        })
+        .collect();
+    assert_eq!(text.lines().count(), 60);
+    let want: BTreeSet<_> = want.into_iter().filter(|r| r.2 == "temp").collect();
+    assert_eq!(got, want);
+    assert!(!tmp.path().join("temp.jsonl.part").exists());
+
+    // `mooring job result` downloads it again, to stdout.
+    let out = server.cli(&["job", "result", &id]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        text_of(&server, &id).await
+    );
+}
+
+async fn text_of(server: &Server, id: &str) -> String {
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/jobs/{id}/result"), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v.as_str().expect("text").to_owned()
+}
+
+#[tokio::test]
+async fn bad_reports_are_refused_and_results_only_come_from_succeeded_reports() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    let base =
+        json!({"kind": "telemetry", "selector": "tag:site=berlin", "from_ms": 1000, "to_ms": 2000});
+    for (change, code) in [
+        (json!({"kind": "fleet"}), "invalid_kind"),
+        (json!({"format": "xml"}), "invalid_format"),
+        (json!({"to_ms": 1000}), "invalid_range"),
+        (json!({"metrics": ["a b"]}), "invalid_metrics"),
+        (json!({"selector": "tag:"}), "invalid_selector"),
+    ] {
+        let mut body = base.clone();
+        for (k, v) in change.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let (status, v) = server.api("POST", "/api/v1/reports", Some(body)).await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{v}"
+        );
+    }
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/reports",
+            Some(json!({"kind": "telemetry"})),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+
+    // A tag job makes no result.
+    let (status, job) = server
+        .api(
+            "POST",
+            "/api/v1/jobs",
+            Some(json!({"selector": "tag:site=none", "action": "tag", "tags": {"a": "b"}})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id");
+    finished(&server, id).await;
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/jobs/{id}/result"), None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("no_result")),
+        "{v}"
+    );
+    let (status, v) = server
+        .api("GET", "/api/v1/jobs/job_000000000000000000/result", None)
+        .await;
+    assert_eq!(status, 404, "{v}");
+
+    // The dead letter list is a state filter; an unknown state is an error.
+    let (status, v) = server.api("GET", "/api/v1/jobs?state=dead", None).await;
+    assert_eq!((status, &v["jobs"]), (200, &json!([])), "{v}");
+    let (status, v) = server.api("GET", "/api/v1/jobs?state=zombie", None).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_state")),
+        "{v}"
+    );
+    let (status, v) = server
+        .api("GET", "/api/v1/jobs?state=succeeded", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(v["jobs"].as_array().map(Vec::len), Some(1), "{v}");
+
+    // A report of no devices succeeds, empty but for the header.
+    let (status, job) = server.api("POST", "/api/v1/reports", Some(base)).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id");
+    let job = finished(&server, id).await;
+    assert_eq!(
+        (&job["state"], &job["result"]["points"]),
+        (&json!("succeeded"), &json!(0))
+    );
+    assert_eq!(
+        text_of(&server, id).await,
+        "device_id,ts_ms,time,metric,value\n"
+    );
+
+    // The CLI refuses bad flags before calling the server (exit 2).
+    for args in [
+        &[
+            "report",
+            "telemetry",
+            "--selector",
+            "tag:a=b",
+            "--format",
+            "xml",
+        ][..],
+        &[
+            "report",
+            "telemetry",
+            "--selector",
+            "tag:a=b",
+            "--from",
+            "yesterday",
+        ],
+        &[
+            "report",
+            "telemetry",
+            "--selector",
+            "tag:a=b",
+            "--from",
+            "1h",
+            "--to",
+            "2h",
+        ],
+        &["job", "result", "nope"],
+    ] {
+        let out = server.cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(!out.stderr.is_empty());
+    }
+    // A viewer may export what it may read: its scope narrows the report's selector.
+    let secret = support::scoped_token(&server, "analyst", "viewer", "tag:site=paris");
+    let resp = support::http()
+        .post(format!("{}/api/v1/reports", server.url()))
+        .bearer_auth(&secret)
+        .json(
+            &json!({"kind": "telemetry", "selector": "tag:site=berlin", "from_ms": 1, "to_ms": 2}),
+        )
+        .send()
+        .await
+        .expect("report");
+    assert_eq!(resp.status(), 202);
+    let job: Value = resp.json().await.expect("job");
+    let selector = job["selector"].as_str().unwrap_or("");
+    assert!(
+        selector.contains("tag:site=berlin") && selector.contains("tag:site=paris"),
+        "{job}"
+    );
+}
