@@ -83,7 +83,8 @@ pub struct Job {
     /// Turns of the current step that failed or whose worker stopped (reset when a turn
     /// succeeds); at `[jobs] attempts_max` the job is `dead`.
     pub attempts: u32,
-    /// Why the last attempt failed.
+    /// Why the last failed attempt failed (a turn's error, or `worker <w> stopped mid-turn
+    /// (its lease ran out)`); kept after the job recovered.
     pub last_error: Option<String>,
     /// A report: what it made so far (`format`, `content_type`, `points`, `bytes`); download
     /// it from `GET /api/v1/jobs/{id}/result` once `succeeded`.

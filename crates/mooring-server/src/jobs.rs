@@ -652,9 +652,9 @@ impl Jobs {
             let attempts = job.attempts;
             match self.run_job(&mut job, stop).await {
                 Ok(Turn::Done) => {
-                    // The next turn, for whoever claims it.
+                    // The next turn, for whoever claims it. `last_error` stays: the job's
+                    // history shows what it recovered from.
                     job.attempts = 0;
-                    job.last_error = None;
                     if self.release(&mut job, cfg.batch_pause_ms).await? {
                         due(&job);
                     }

@@ -484,7 +484,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// The work queue: takes the unfinished job waiting longest (`run_after_ms`, then id) whose
     /// `run_after_ms` has come and whose lease is free or expired at `now_ms`, and leases it to
     /// `worker` until `now_ms + lease_ms` (`rev + 1`, returned as stored). Taking over a lease
-    /// that expired (its worker vanished mid-turn) adds one to `attempts`. Two workers never
+    /// that expired (its worker vanished mid-turn) adds one to `attempts` and says so in
+    /// `last_error` (`worker <w> stopped mid-turn (its lease ran out)`). Two workers never
     /// hold one job: a claim is atomic, and a worker that lost its lease finds out at its next
     /// [`JobStore::update_job`] (the rev moved).
     async fn claim_job(

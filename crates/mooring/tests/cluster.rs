@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use support::{config_args, Creds, MqttDevice, Server, WAIT};
+use support::{config_args, publish_series, Creds, MqttDevice, Server, WAIT};
 
 fn postgres_admin_url() -> String {
     std::env::var("MOORING_TEST_POSTGRES_URL")
@@ -98,6 +98,11 @@ impl Env {
 
     /// The config file of `node`: shared store and bus, fast heartbeats and command retries.
     fn config(&self, node: &str) -> Vec<String> {
+        self.config_with(node, "")
+    }
+
+    /// [`Env::config`] and `extra` (TOML sections of its own) at its end.
+    fn config_with(&self, node: &str, extra: &str) -> Vec<String> {
         let dir = self.data_dir(node);
         std::fs::create_dir_all(&dir).expect("node dir");
         config_args(
@@ -110,7 +115,7 @@ impl Env {
                  [commands]\nretry_backoff_initial_ms = 100\nretry_backoff_max_ms = 200\nscheduler_tick_ms = 50\n\
                  [fleet]\nsample_interval_ms = 200\n\
                  [certificates]\nsession_sweep_interval_ms = 300\n\
-                 [ota]\nsweep_interval_ms = 300\n",
+                 [ota]\nsweep_interval_ms = 300\n{extra}",
                 self.db_url(),
                 nats_url(),
                 self.prefix,
@@ -131,7 +136,11 @@ impl Env {
     }
 
     fn start_on(&self, node: &str, mqtt: &str, http: &str) -> Server {
-        let args = self.config(node);
+        self.start_configured(node, mqtt, http, "")
+    }
+
+    fn start_configured(&self, node: &str, mqtt: &str, http: &str, extra: &str) -> Server {
+        let args = self.config_with(node, extra);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let dir = self.data_dir(node);
         if !dir.join("admin.token").exists() {
@@ -1549,4 +1558,153 @@ async fn a_deployment_cut_short_by_a_dead_node_is_sent_by_a_live_one() {
             .find(|l| l.contains("resumed sending updates"))
             .unwrap_or("nothing to resume (a sent every update before it died)")
     );
+}
+
+/// `mooring worker` with the cluster's config and `extra`: job workers only, no listeners.
+/// Killed (SIGKILL) when dropped.
+struct Worker {
+    child: std::process::Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Worker {
+    /// Starts it; returns once it logged `ready`.
+    fn start(env: &Env, name: &str, extra: &str) -> Worker {
+        use std::io::BufRead;
+        let args = env.config_with(name, extra);
+        let mut child = std::process::Command::new(support::BIN)
+            .arg("worker")
+            .args(&args)
+            .arg("--data-dir")
+            .arg(env.data_dir(name))
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn mooring worker");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let ready = line.contains(" ready");
+                log2.lock().expect("log").push(line);
+                if ready {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(WAIT).is_err() {
+            panic!(
+                "worker {name} did not start: {:#?}",
+                log.lock().expect("log")
+            );
+        }
+        Worker { child, log }
+    }
+
+    fn logged(&self, text: &str) -> bool {
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains(text))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The work queue across processes: a node that runs no jobs itself queues a report; a
+/// `mooring worker` runs it turn by turn and is killed (-9) mid-report; another worker takes
+/// the job over (at once if it was between turns, after the lease ran out if it was mid-turn)
+/// and finishes it from the stored progress. The report holds every point exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_survives_its_worker_killed_mid_way_and_holds_every_point_once() {
+    let env = Env::new().await;
+    let a = env.start_configured("a", "127.0.0.1:0", "127.0.0.1:0", "[jobs]\nworkers = 0\n");
+    let t0 = (now_ms() - 3_600_000) / 1000 * 1000;
+    let ids = ["r1", "r2", "r3", "r4"];
+    for id in ids {
+        let creds = a.create_device(id, env.tmp.path());
+        publish_series(&a, &creds, id, t0, 60).await;
+    }
+    let worker_config = "[jobs]\nworkers = 1\nreport_points_per_turn = 10\nbatch_pause_ms = 50\n\
+                         lease_ms = 1000\npoll_interval_ms = 100\nretry_backoff_ms = 100\n";
+    let (status, job) = a
+        .api(
+            "POST",
+            "/api/v1/reports",
+            Some(json!({"kind": "telemetry", "selector": "r1,r2,r3,r4",
+                "from_ms": t0, "to_ms": t0 + 60_000})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let path = format!("/api/v1/jobs/{id}");
+    // Nobody runs it on the node itself.
+    let (_, still) = a.api("GET", &path, None).await;
+    assert_eq!(still["state"], "queued", "{still}");
+
+    // w1 takes the job again at once after each turn: killed, it most likely held it.
+    let fast = worker_config.replace("batch_pause_ms = 50", "batch_pause_ms = 0");
+    let w1 = Worker::start(&env, "w1", &fast);
+    a.wait_for(&path, |j| {
+        j["result"]["points"].as_u64().unwrap_or(0) >= 100
+    })
+    .await;
+    drop(w1); // SIGKILL
+    let (_, part) = a.api("GET", &path, None).await;
+    assert_eq!(part["state"], "running", "{part}");
+    assert!(
+        part["result"]["points"].as_u64().unwrap_or(0) < 720,
+        "{part}"
+    );
+    let held = part["worker"] == "w1/0";
+
+    let w2 = Worker::start(&env, "w2", worker_config);
+    let done = a
+        .wait_for(&path, |j| {
+            !["queued", "running"].contains(&j["state"].as_str().unwrap_or(""))
+        })
+        .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        (&done["done"], &done["total"]),
+        (&json!(4), &json!(4)),
+        "{done}"
+    );
+    assert_eq!(done["result"]["points"], 720, "{done}");
+    assert!(w2.logged("job finished"), "the second worker finished it");
+    // Taken over after w1's lease ran out (the attempt counted, then reset by the turn that
+    // succeeded), or simply claimed if w1 died between turns.
+    let taken_over = json!("worker w1/0 stopped mid-turn (its lease ran out)");
+    assert_eq!(done["last_error"] == taken_over, held, "{part}\n{done}");
+    eprintln!("w1 killed while holding the job: {held}");
+
+    let (status, text) = a.api("GET", &format!("{path}/result"), None).await;
+    assert_eq!(status, 200);
+    let text = text.as_str().expect("CSV text");
+    let mut rows = std::collections::BTreeSet::new();
+    for line in text.lines().skip(1) {
+        assert!(rows.insert(line.to_owned()), "a point twice: {line}");
+    }
+    assert_eq!(rows.len(), 720);
+    for id in ids {
+        for i in 0..60 {
+            let ts = t0 + i * 1000;
+            assert!(
+                rows.iter()
+                    .any(|r| r.starts_with(&format!("{id},{ts},"))
+                        && r.ends_with(&format!(",temp,{i}"))),
+                "{id} point {i} missing"
+            );
+        }
+    }
 }

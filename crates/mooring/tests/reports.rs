@@ -331,3 +331,26 @@ async fn bad_reports_are_refused_and_results_only_come_from_succeeded_reports() 
         "{job}"
     );
 }
+
+/// `mooring worker` takes turns of a cluster's shared queue: on a single node's config
+/// (SQLite) it refuses to start, saying what it needs.
+#[test]
+fn a_worker_refuses_a_config_without_a_cluster() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let args = support::config_args(tmp.path(), "[jobs]\nworkers = 2\n");
+    let out = std::process::Command::new(support::BIN)
+        .arg("worker")
+        .args(&args)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .output()
+        .expect("run mooring worker");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("[store] url"), "{stderr}");
+    let out = std::process::Command::new(support::BIN)
+        .arg("worker")
+        .output()
+        .expect("run mooring worker");
+    assert_eq!(out.status.code(), Some(2), "--config is required");
+}

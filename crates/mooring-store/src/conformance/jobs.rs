@@ -274,6 +274,10 @@ pub async fn job_claims_lease_one_worker_and_take_over_expired_leases<S: JobStor
         (c.id.as_str(), c.worker.as_deref(), c.attempts, c.rev),
         (first.id.as_str(), Some("c"), 1, 2)
     );
+    assert_eq!(
+        c.last_error.as_deref(),
+        Some("worker a stopped mid-turn (its lease ran out)")
+    );
     let mut stale = a.clone();
     stale.done = 5;
     assert!(
@@ -292,6 +296,7 @@ pub async fn job_claims_lease_one_worker_and_take_over_expired_leases<S: JobStor
         .expect("claim")
         .expect("released");
     assert_eq!((d.id.as_str(), d.attempts), (first.id.as_str(), 1));
+    assert_eq!(d.last_error, c.last_error, "kept as it was");
     // Finished jobs are never claimed.
     let mut fin = d.clone();
     fin.state = JobState::Dead;

@@ -299,7 +299,9 @@ impl JobStore for PgStore {
         self.query_opt(
             &format!(
                 "UPDATE jobs SET worker = $1, lease_until_ms = $3, rev = rev + 1,
-                     attempts = attempts + (CASE WHEN worker IS NULL THEN 0 ELSE 1 END)
+                     attempts = attempts + (CASE WHEN worker IS NULL THEN 0 ELSE 1 END),
+                     last_error = (CASE WHEN worker IS NULL THEN last_error
+                         ELSE 'worker ' || worker || ' stopped mid-turn (its lease ran out)' END)
                  WHERE id = (SELECT id FROM jobs WHERE state IN ('queued', 'running')
                                  AND run_after_ms <= $2
                                  AND (lease_until_ms IS NULL OR lease_until_ms <= $2)

@@ -371,7 +371,9 @@ impl JobStore for SqliteStore {
                 let Some(id) = id else { return Ok(None) };
                 conn.prepare_cached(&format!(
                     "UPDATE jobs SET worker = ?2, lease_until_ms = ?3, rev = rev + 1,
-                         attempts = attempts + (CASE WHEN worker IS NULL THEN 0 ELSE 1 END)
+                         attempts = attempts + (CASE WHEN worker IS NULL THEN 0 ELSE 1 END),
+                         last_error = (CASE WHEN worker IS NULL THEN last_error
+                             ELSE 'worker ' || worker || ' stopped mid-turn (its lease ran out)' END)
                      WHERE id = ?1 RETURNING {JOB_COLUMNS}"
                 ))
                 .db()?
