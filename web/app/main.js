@@ -17,6 +17,7 @@ const PAGES = [
   { path: "provisioning", load: () => import("./pages/provisioning.js"), perm: "devices.read", nav: "Provisioning" },
   { path: "ota", load: () => import("./pages/ota.js"), perm: "devices.read", nav: "Updates" },
   { path: "alerts", load: () => import("./pages/alerts.js"), perm: "devices.read", nav: "Alerts" },
+  { path: "jobs", load: () => import("./pages/jobs.js"), perm: "devices.read", nav: "Jobs" },
   { path: "users", load: () => import("./pages/users.js"), perm: "users.manage", nav: "Users" },
   { path: "tokens", load: () => import("./pages/tokens.js"), perm: "tokens.manage", nav: "Tokens" },
   { path: "audit", load: () => import("./pages/audit.js"), perm: "audit.read", nav: "Audit log" },

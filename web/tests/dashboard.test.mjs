@@ -486,6 +486,49 @@ test("alerts: a rule refused with the column of its error, then created from the
   await page.context().close();
 });
 
+test("jobs: a telemetry report queued from the page runs as a job and downloads as CSV; the dead letter filter; a viewer sees no cancel", async () => {
+  const page = await newPage();
+  await login(page, ADMIN);
+  await page.getByTestId("nav-jobs").click();
+  await page.getByTestId("report-create").click();
+  const dialog = page.getByTestId("report-dialog");
+  await dialog.getByTestId("report-selector").fill("tag:");
+  await dialog.getByTestId("report-submit").click();
+  await dialog.getByTestId("report-error").filter({ hasText: "term 1" }).waitFor();
+  // The live agent reports every second: its last hour has points.
+  await dialog.getByTestId("report-selector").fill(`tag:${LIVE_TAG}`);
+  await dialog.getByTestId("report-range").selectOption("3600000");
+  await dialog.getByTestId("report-submit").click();
+  const row = page.locator('[data-testid="job-row"][data-action="report"][data-state="succeeded"]');
+  await row.waitFor();
+  const id = await row.getAttribute("data-job-id");
+  const job = await api(`/api/v1/jobs/${id}`);
+  assert.equal(job.selector, `tag:${LIVE_TAG}`);
+  assert.ok(job.result.points > 0, JSON.stringify(job));
+  // The link downloads with the session's cookie, as the browser would.
+  const link = row.getByTestId("job-download");
+  assert.equal(await link.getAttribute("href"), `/api/v1/jobs/${id}/result`);
+  const csv = await page.evaluate(async (href) => (await fetch(href)).text(), `/api/v1/jobs/${id}/result`);
+  const lines = csv.trim().split("\n");
+  assert.equal(lines[0], "device_id,ts_ms,time,metric,value");
+  assert.equal(lines.length - 1, job.result.points);
+  assert.ok(lines.slice(1).every((l) => l.startsWith(`${LIVE},`)), lines[1]);
+  // Nothing is dead.
+  await page.getByTestId("job-state").selectOption("dead");
+  await page.getByText("No jobs in this state.").waitFor();
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+  // A viewer may export (it reads telemetry) but cancels nothing.
+  const viewer = await newPage();
+  await login(viewer, VIEWER);
+  await viewer.getByTestId("nav-jobs").click();
+  await viewer.locator(`[data-testid="job-row"][data-job-id="${id}"]`).waitFor();
+  assert.equal(await viewer.getByTestId("job-cancel").count(), 0);
+  assert.equal(await viewer.getByTestId("report-create").count(), 1);
+  assert.deepEqual(viewer.errors, []);
+  await viewer.context().close();
+});
+
 test("screenshots", { skip: !process.env.SCREENSHOTS }, async () => {
   const dir = process.env.SCREENSHOTS;
   const pages = [
@@ -495,6 +538,7 @@ test("screenshots", { skip: !process.env.SCREENSHOTS }, async () => {
     ["users", "#/users", "user-row"],
     ["tokens", "#/tokens", "token-row"],
     ["audit", "#/audit", "audit-row"],
+    ["jobs", "#/jobs", "job-row"],
   ];
   const sizes = [
     ["desktop", { width: 1280, height: 800 }],
