@@ -80,6 +80,9 @@ fn config(data_dir: &Path, tuning: &Tuning) -> anyhow::Result<ServerConfig> {
         ..ServerConfig::default()
     };
     config.jobs.batch_pause_ms = tuning.job_batch_pause_ms;
+    if let Some(n) = tuning.job_report_points_per_turn {
+        config.jobs.report_points_per_turn = n;
+    }
     config.health = tuning.health.clone();
     Ok(config)
 }
@@ -89,6 +92,8 @@ fn config(data_dir: &Path, tuning: &Tuning) -> anyhow::Result<ServerConfig> {
 pub struct Tuning {
     /// `[jobs] batch_pause_ms` (the scenario's `job_batch_pause`).
     pub job_batch_pause_ms: u64,
+    /// `[jobs] report_points_per_turn` (the scenario's `job_report_points_per_turn`).
+    pub job_report_points_per_turn: Option<usize>,
     /// `[health]` (the scenario's `[health]` table).
     pub health: mooring_server::health::HealthConfig,
 }
@@ -97,6 +102,7 @@ impl Tuning {
     fn of(config: &ServerConfig) -> Tuning {
         Tuning {
             job_batch_pause_ms: config.jobs.batch_pause_ms,
+            job_report_points_per_turn: Some(config.jobs.report_points_per_turn),
             health: config.health.clone(),
         }
     }

@@ -100,6 +100,10 @@ pub struct Scenario {
     /// batch of a bulk job, so a job spans simulated time and a restart can fall inside it.
     #[serde(default)]
     pub job_batch_pause: DurationMs,
+    /// The server's `[jobs] report_points_per_turn` (default: the server's, 10,000): smaller
+    /// makes a `report_job` take more turns.
+    #[serde(default)]
+    pub job_report_points_per_turn: Option<usize>,
     #[serde(rename = "cohort")]
     pub cohorts: Vec<Cohort>,
     /// Firmware the run uploads before the devices boot (`ota_deploy` events deploy it).
@@ -499,6 +503,18 @@ pub enum Action {
         to: String,
         tags: BTreeMap<String, String>,
     },
+    /// A telemetry report (`POST /api/v1/reports`, CSV) of the devices matching `to`: their
+    /// points timestamped from `since` to `until` (simulated time from the start; `until` at
+    /// most the event's time), made in the background as a job. At the end the simulator reads
+    /// the file and checks that it holds every stored point of the selection in that range
+    /// exactly once (`max_jobs_not_succeeded`).
+    ReportJob {
+        to: String,
+        since: DurationMs,
+        until: DurationMs,
+        #[serde(default)]
+        metrics: Vec<String>,
+    },
     /// Restart the in-process server (stop, then start on the same data dir).
     RestartServer {
         #[serde(default)]
@@ -529,6 +545,7 @@ impl Action {
             Action::DeleteDevice { .. } => "delete_device",
             Action::Retag { .. } => "retag",
             Action::TagJob { .. } => "tag_job",
+            Action::ReportJob { .. } => "report_job",
             Action::RestartServer { .. } => "restart_server",
             Action::KillNode { .. } => "kill_node",
             Action::RestartNode { .. } => "restart_node",
@@ -553,8 +570,9 @@ pub struct Expect {
     pub min_commands_succeeded: Option<u64>,
     /// Most commands that ended `failed` or are still not final.
     pub max_commands_not_succeeded: Option<u64>,
-    /// Most `tag_job` jobs that did not succeed on every device they counted (not finished,
-    /// failed, canceled, a device failed, or `done` differs from `total`) by the end.
+    /// Most `tag_job` and `report_job` jobs that did not succeed on every device they counted
+    /// (not finished, failed, canceled, a device failed, or `done` differs from `total`; a
+    /// report's file missing a stored point of its range or holding one twice) by the end.
     pub max_jobs_not_succeeded: Option<u64>,
     /// Most MQTT refusals per reason (`mooring_mqtt_refusals_total{reason}` of the server as it
     /// is at the end, i.e. since its last restart), e.g. `{ session_quota = 0, write_stalled = 0 }`:
@@ -850,6 +868,25 @@ impl Scenario {
                     if matches!(self.server, ServerTarget::Remote { .. }) {
                         bail!(
                             "tag_job event at {} ms: needs the in-process server or a cluster",
+                            e.at.0
+                        );
+                    }
+                }
+                Action::ReportJob {
+                    to, since, until, ..
+                } => {
+                    mooring_proto::selector::Selector::parse(to).map_err(|err| {
+                        anyhow::anyhow!("report_job event at {} ms: selector {to:?}: {err}", e.at.0)
+                    })?;
+                    if since.0 >= until.0 || until.0 > e.at.0 {
+                        bail!(
+                            "report_job event at {} ms: needs since < until <= the event's time",
+                            e.at.0
+                        );
+                    }
+                    if matches!(self.server, ServerTarget::Remote { .. }) {
+                        bail!(
+                            "report_job event at {} ms: needs the in-process server or a cluster",
                             e.at.0
                         );
                     }

@@ -1032,3 +1032,31 @@ fn an_update_for_other_hardware_is_refused_by_every_device_with_its_reason() -> 
     assert_eq!(o.reasons.len(), 1, "{:?}", o.reasons);
     Ok(())
 }
+
+/// scenarios/report-job.toml at 300 devices, in turns of 200 points 20 simulated seconds apart
+/// so the server restart falls inside the report: it resumes from its stored progress and its
+/// file holds every stored point of its range exactly once (read back against the store).
+#[test]
+fn a_report_job_survives_a_server_restart_and_holds_every_point_once() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/report-job.toml");
+    let mut s = Scenario::load(&path)?.scaled_to(300)?;
+    s.job_batch_pause = mooring_sim::scenario::DurationMs(2_000);
+    s.job_report_points_per_turn = Some(200);
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    assert!(
+        r.events
+            .iter()
+            .any(|e| e.contains("is running at") && e.contains("as the server stops")),
+        "{:#?}",
+        r.events
+    );
+    let job = r.jobs.first().expect("the job");
+    assert_eq!(
+        (job.action.as_str(), job.state.as_str(), job.total, job.done),
+        ("report", "succeeded", Some(300), 300)
+    );
+    assert!(job.points.unwrap_or(0) >= 300, "{job:?}");
+    assert_eq!((job.duplicate_points, job.missing_points), (0, 0));
+    Ok(())
+}

@@ -77,7 +77,7 @@ fn event_color(e: &TimelineEvent) -> &'static str {
         "restart_node" => "#2da44e",
         "command" => "#0969da",
         "delete_device" => "#8250df",
-        "retag" | "tag_job" => "#1b7c83",
+        "retag" | "tag_job" | "report_job" => "#1b7c83",
         _ => "#57606a",
     }
 }

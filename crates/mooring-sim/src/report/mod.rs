@@ -139,10 +139,12 @@ pub struct Completed {
     pub wall_ms: Option<u64>,
 }
 
-/// A `tag_job` event's job as it was at the end of the run.
+/// A `tag_job` or `report_job` event's job as it was at the end of the run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct JobReport {
     pub id: String,
+    /// `tag` or `report`.
+    pub action: String,
     /// `queued`, `running`, `succeeded`, `failed`, `canceled`, or `unknown` (the server was
     /// down at the end).
     pub state: String,
@@ -151,12 +153,22 @@ pub struct JobReport {
     pub failed: u64,
     /// Simulated ms from its start to its end (pauses and restarts included).
     pub run_ms: Option<u64>,
+    /// A succeeded report: the points in its file, those in it twice, and the points stored
+    /// for its devices and range that it lacks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub points: Option<u64>,
+    pub duplicate_points: u64,
+    pub missing_points: u64,
 }
 
 impl JobReport {
     /// Succeeded on every device it counted.
     pub fn succeeded(&self) -> bool {
-        self.state == "succeeded" && self.failed == 0 && self.total == Some(self.done)
+        self.state == "succeeded"
+            && self.failed == 0
+            && self.total == Some(self.done)
+            && self.duplicate_points == 0
+            && self.missing_points == 0
     }
 }
 
@@ -197,7 +209,7 @@ pub struct Report {
     /// Commands (device, command) whose handler ran exactly once.
     pub commands_executed_once: u64,
     pub commands_executed_twice: u64,
-    /// The `tag_job` events' jobs at the end.
+    /// The `tag_job` and `report_job` events' jobs at the end.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<JobReport>,
     /// Connections the agents lost or failed to open (their `reconnects_total`).

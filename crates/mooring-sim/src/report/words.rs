@@ -202,6 +202,7 @@ fn event_said(e: &TimelineEvent, at: &str) -> String {
             e.detail
         ),
         "tag_job" => format!("tag_job {}{at}: set {}", e.target, e.detail),
+        "report_job" => format!("report_job {}{at}: {}", e.target, e.detail),
         other => format!("{other} {}{at}: {}", e.target, devices(e.devices)),
     }
 }

@@ -8,7 +8,9 @@ use crate::harness::node_id;
 use crate::report::{LeaseMove, TimelineEvent};
 use crate::scenario::{Action, DurationMs, Scenario};
 use mooring_proto::sync::lock;
+use mooring_proto::Clock;
 use mooring_server::app::App;
+use mooring_server::jobs::JobAction;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -111,39 +113,40 @@ pub(super) async fn run_events(
             }
             Action::TagJob { to, tags } => match control.app() {
                 None => Err("needs a running server".to_owned()),
-                // Created as a real principal (an operator token), as the API would: the
-                // runner re-checks the creator before every batch.
-                Some(app) => match app
-                    .tokens
-                    .create(mooring_server::auth::NewToken {
-                        name: "sim-jobs".to_owned(),
-                        role: mooring_store::Role::Operator,
-                        scope: None,
-                        expires_in_ms: None,
-                    })
+                Some(app) => create_job(&app, to, JobAction::Tag(tags.clone()))
                     .await
-                {
-                    Err(e) => Err(e.to_string()),
-                    Ok((token, _secret)) => app
-                        .jobs
-                        .create(
-                            &mooring_server::access::Access::all(),
-                            &mooring_server::jobs::Creator {
-                                name: token.id,
-                                role: mooring_store::Role::Operator,
-                            },
-                            to,
-                            mooring_server::jobs::JobAction::Tag(tags.clone()),
-                        )
-                        .await
-                        .map(|job| {
-                            control
-                                .log(format!("{at}: tag_job {to:?} -> {tags:?}: job {}", job.id));
-                            ev.detail = format!("{} ({})", ev.detail, job.id);
-                            lock(&control.jobs).push(job.id);
-                        })
-                        .map_err(|e| e.to_string()),
-                },
+                    .map(|id| {
+                        control.log(format!("{at}: tag_job {to:?} -> {tags:?}: job {id}"));
+                        ev.detail = format!("{} ({id})", ev.detail);
+                        lock(&control.jobs).push(id);
+                    }),
+            },
+            Action::ReportJob {
+                to,
+                since,
+                until,
+                metrics,
+            } => match control.app() {
+                None => Err("needs a running server".to_owned()),
+                Some(app) => {
+                    let clock = &control.net.clock;
+                    let epoch_ms = clock.now_ms().saturating_sub(clock.elapsed_ms());
+                    let spec = mooring_server::reports::ReportSpec::from_request(
+                        "telemetry",
+                        "csv",
+                        epoch_ms + since.0,
+                        epoch_ms + until.0,
+                        metrics.clone(),
+                    );
+                    match spec {
+                        Err(e) => Err(e.to_string()),
+                        Ok(spec) => create_job(&app, to, JobAction::Report(spec)).await.map(|id| {
+                            control.log(format!("{at}: report_job {to:?}: job {id}"));
+                            ev.detail = format!("{} ({id})", ev.detail);
+                            lock(&control.jobs).push(id);
+                        }),
+                    }
+                }
             },
             Action::RestartServer { .. } if control.remote.is_some() => {
                 Err("needs the in-process server (remote mode cannot restart a server)".to_owned())
@@ -325,6 +328,12 @@ fn describe(action: &Action) -> (String, String) {
         }
         Action::CutLink { region, .. } => (format!("region {region}"), String::new()),
         Action::DeleteDevice { device } => (device.clone(), String::new()),
+        Action::ReportJob {
+            to, since, until, ..
+        } => (
+            to.clone(),
+            format!("points {}..{}", fmt_ms(since.0), fmt_ms(until.0)),
+        ),
         Action::Retag { to, tags } | Action::TagJob { to, tags } => (
             to.clone(),
             tags.iter()
@@ -510,4 +519,37 @@ pub(super) async fn retag(
             .map_err(|e| e.to_string())?;
     }
     Ok(ids.len() as u64)
+}
+
+/// Creates a job as a real principal (an operator token), as the API would: the workers
+/// re-check the creator before every turn. Its id.
+async fn create_job(
+    app: &App,
+    selector: &str,
+    action: JobAction,
+) -> Result<String, String> {
+    let (token, _secret) = app
+        .tokens
+        .create(mooring_server::auth::NewToken {
+            name: "sim-jobs".to_owned(),
+            role: mooring_store::Role::Operator,
+            scope: None,
+            expires_in_ms: None,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let job = app
+        .jobs
+        .create(
+            &mooring_server::access::Access::all(),
+            &mooring_server::jobs::Creator {
+                name: token.id,
+                role: mooring_store::Role::Operator,
+            },
+            selector,
+            action,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(job.id)
 }

@@ -15,6 +15,7 @@ mod events;
 mod health;
 mod measure;
 mod ota;
+mod reports;
 
 pub(crate) use events::fmt_ms;
 pub use measure::parse_metrics;
@@ -197,17 +198,27 @@ impl Control {
                 None => None,
             };
             out.push(match job {
-                Some(j) => crate::report::JobReport {
-                    id,
-                    state: j.state.as_str().to_owned(),
-                    total: j.total,
-                    done: j.done,
-                    failed: j.failed,
-                    run_ms: j
-                        .finished_ms
-                        .zip(j.started_ms)
-                        .map(|(f, s)| f.saturating_sub(s)),
-                },
+                Some(j) => {
+                    let mut r = crate::report::JobReport {
+                        id,
+                        action: j.action.clone(),
+                        state: j.state.as_str().to_owned(),
+                        total: j.total,
+                        done: j.done,
+                        failed: j.failed,
+                        run_ms: j
+                            .finished_ms
+                            .zip(j.started_ms)
+                            .map(|(f, s)| f.saturating_sub(s)),
+                        ..Default::default()
+                    };
+                    if let Some(app) = app.as_ref().filter(|_| r.state == "succeeded") {
+                        if j.action == mooring_server::reports::REPORT_ACTION {
+                            reports::check(app, &j, &mut r).await;
+                        }
+                    }
+                    r
+                }
                 None => crate::report::JobReport {
                     id,
                     state: "unknown".to_owned(),
@@ -383,6 +394,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     };
     let tuning = Tuning {
         job_batch_pause_ms: s.job_batch_pause.0,
+        job_report_points_per_turn: s.job_report_points_per_turn,
         health: s.health.clone().unwrap_or_default(),
     };
     let mut servers: Vec<Option<InProcessServer>> = Vec::new();
