@@ -125,6 +125,7 @@ impl App {
         broker_state: BrokerStateWriter,
         cluster: Option<Arc<Cluster>>,
         ota_keys: crate::ota::OtaKeys,
+        webhooks: Arc<crate::webhooks::Webhooks>,
     ) -> Self {
         let node = cluster.as_ref().map(|c| c.node().to_owned());
         let tracker = Arc::new(crate::health::Tracker::new(
@@ -167,11 +168,18 @@ impl App {
                 core.config.data_dir.join(crate::ota::ARTIFACTS_DIR),
             ))
         };
+        let jobs = Arc::new(Jobs::new(
+            core.clone(),
+            registry.clone(),
+            commands.clone(),
+            webhooks,
+        ));
         Self {
             rules: Arc::new(crate::rules::Rules::new(
                 core.clone(),
                 registry.clone(),
                 commands.clone(),
+                jobs.clone(),
                 rule_feed,
                 rule_rx,
             )),
@@ -192,7 +200,7 @@ impl App {
             ),
             ota_tasks: crate::ota::OtaTasks::default(),
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
-            jobs: Arc::new(Jobs::new(core.clone(), registry.clone(), commands.clone())),
+            jobs,
             pipeline: crate::pipeline::Pipeline::new(core.clone(), registry.clone()),
             cas: crate::cas::Cas::new(core.clone(), registry.clone()),
             commands,

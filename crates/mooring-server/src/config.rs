@@ -65,6 +65,9 @@ pub struct ServerConfig {
     pub health: crate::health::HealthConfig,
     /// Rules and alerts (docs/health.md).
     pub rules: crate::rules::RulesConfig,
+    /// Webhooks rules notify (`[[webhook]]`, docs/health.md).
+    #[serde(rename = "webhook")]
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
 }
 
 /// `[ota]`.
@@ -699,6 +702,7 @@ impl Default for ServerConfig {
             ota: OtaConfig::default(),
             health: crate::health::HealthConfig::default(),
             rules: crate::rules::RulesConfig::default(),
+            webhooks: Vec::new(),
             jobs: JobsConfig::default(),
             provisioning: ProvisioningConfig::default(),
         }
@@ -981,6 +985,7 @@ impl ServerConfig {
         if self.jobs.poll_interval_ms == 0 || self.jobs.batch_pause_ms > 60_000 {
             bail!("jobs.poll_interval_ms must be at least 1 and jobs.batch_pause_ms at most 60000");
         }
+        crate::webhooks::validate(&self.webhooks)?;
         if self.jobs.workers > 64 {
             bail!("jobs.workers must be at most 64");
         }

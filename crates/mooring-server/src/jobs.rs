@@ -70,6 +70,8 @@ pub const JOB_PAGE_LEN_DEFAULT: usize = 50;
 pub const JOB_PAGE_LEN_MAX: usize = 200;
 /// Keys one untag job removes at most; tags one tag job sets at most (as a device holds).
 pub const UNTAG_KEYS_MAX: usize = 64;
+/// `created_by` of a rule's webhook notifications: `rule:<rule id>`.
+pub const RULE_CREATOR_PREFIX: &str = "rule:";
 /// Turns one worker pass runs at most, so pruning and the stop signal get their turn.
 const TURNS_PER_PASS: usize = 1_000;
 /// How often finished jobs are pruned.
@@ -94,6 +96,9 @@ pub enum JobAction {
     RotateCerts(RotateCerts),
     /// A report (issue 18): created by `POST /api/v1/reports`, its result kept with the job.
     Report(crate::reports::ReportSpec),
+    /// A rule's webhook notification (issue 18): created by [`Jobs::enqueue_delivery`] when a
+    /// rule fires, one POST, deleted once delivered.
+    Webhook(crate::webhooks::Delivery),
 }
 
 /// The parameters of a fleet rotation.
@@ -161,6 +166,7 @@ impl JobAction {
             JobAction::Delete => "delete",
             JobAction::RotateCerts(_) => ROTATE_CERTS_ACTION,
             JobAction::Report(_) => crate::reports::REPORT_ACTION,
+            JobAction::Webhook(_) => crate::webhooks::WEBHOOK_ACTION,
         }
     }
 
@@ -172,7 +178,8 @@ impl JobAction {
             JobAction::Tag(_)
             | JobAction::Untag(_)
             | JobAction::Delete
-            | JobAction::RotateCerts(_) => None,
+            | JobAction::RotateCerts(_)
+            | JobAction::Webhook(_) => None,
         }
     }
 
@@ -210,6 +217,7 @@ impl JobAction {
                     "fleet_issuer": r.fleet_issuer}
             }),
             JobAction::Report(r) => json!({ "report": r.to_json() }),
+            JobAction::Webhook(d) => d.params(),
         }
     }
 
@@ -292,7 +300,7 @@ impl JobAction {
                 }
                 Ok(())
             }
-            JobAction::Delete => Ok(()),
+            JobAction::Delete | JobAction::Webhook(_) => Ok(()),
             JobAction::Report(r) => r.validate(),
             JobAction::RotateCerts(r) => {
                 if r.max_per_minute == 0 || r.max_per_minute > ROTATIONS_PER_MINUTE_MAX {
@@ -338,6 +346,9 @@ impl JobAction {
             crate::reports::REPORT_ACTION => {
                 JobAction::Report(crate::reports::ReportSpec::from_json(&params["report"])?)
             }
+            crate::webhooks::WEBHOOK_ACTION => {
+                JobAction::Webhook(crate::webhooks::Delivery::from_params(params)?)
+            }
             other => return Err(format!("unknown action {other:?}")),
         };
         Ok(a)
@@ -381,6 +392,7 @@ pub struct Jobs {
     core: Arc<Core>,
     registry: Arc<Registry>,
     commands: Arc<Commands>,
+    webhooks: Arc<crate::webhooks::Webhooks>,
     /// Wakes the runner when a job is created on this node.
     wake: Notify,
     /// Creations on this node one at a time, so the per-creator bound holds here exactly
@@ -389,10 +401,16 @@ pub struct Jobs {
 }
 
 impl Jobs {
-    pub(crate) fn new(core: Arc<Core>, registry: Arc<Registry>, commands: Arc<Commands>) -> Self {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        registry: Arc<Registry>,
+        commands: Arc<Commands>,
+        webhooks: Arc<crate::webhooks::Webhooks>,
+    ) -> Self {
         Self {
             core,
             registry,
+            webhooks,
             commands,
             wake: Notify::new(),
             creating: Mutex::new(()),
@@ -501,6 +519,71 @@ impl Jobs {
             .await?;
         self.wake.notify_one();
         Ok(job)
+    }
+
+    /// The webhooks rules may notify.
+    pub fn webhooks(&self) -> &crate::webhooks::Webhooks {
+        &self.webhooks
+    }
+
+    /// Queues a rule's webhook notification about `device` (created by `rule:<rule id>`, under
+    /// the rule's scope). `Ok(false)`: dropped, the rule already has
+    /// [`crate::webhooks::PENDING_PER_RULE_MAX`] unfinished (counted).
+    pub async fn enqueue_delivery(
+        &self,
+        rule_id: &str,
+        access: &Access,
+        device: &DeviceId,
+        delivery: crate::webhooks::Delivery,
+    ) -> ServiceResult<bool> {
+        let creator = format!("{RULE_CREATOR_PREFIX}{rule_id}");
+        let pending = self.core.store.count_unfinished_jobs(&creator).await?;
+        if pending >= crate::webhooks::PENDING_PER_RULE_MAX {
+            self.webhooks
+                .counters
+                .dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(false);
+        }
+        let sel = Selector {
+            terms: vec![mooring_proto::selector::Term::Ids(vec![device.clone()])],
+        };
+        let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
+        let now_ms = self.core.now_ms();
+        let action = JobAction::Webhook(delivery);
+        let job = JobRecord {
+            id: new_job_id(now_ms),
+            action: action.name().to_owned(),
+            selector: sel.to_string(),
+            params: action.params(),
+            scope: access.scope().map(|s| s.to_string()),
+            state: JobState::Queued,
+            total: Some(1),
+            done: 0,
+            failed: 0,
+            errors: Vec::new(),
+            cursor: None,
+            command_id: None,
+            created_by: creator.clone(),
+            created_ms: now_ms,
+            started_ms: None,
+            finished_ms: None,
+            rev: 0,
+            worker: None,
+            lease_until_ms: None,
+            attempts: 0,
+            run_after_ms: 0,
+            last_error: None,
+            result: None,
+        };
+        self.core.store.create_job(job).await?;
+        // Its dead letters: the newest JOBS_KEPT_PER_CREATOR_MAX (delivered ones are deleted).
+        self.core
+            .store
+            .prune_jobs_of(&creator, JOBS_KEPT_PER_CREATOR_MAX)
+            .await?;
+        self.wake.notify_one();
+        Ok(true)
     }
 
     /// A job the caller sees (else `job_not_found`): a scoped caller sees the jobs whose
@@ -790,7 +873,15 @@ impl Jobs {
         // The creator is re-checked every turn (before every batch): a job stops (failed,
         // with the reason) once its creator is disabled, deleted, revoked, expired, or given
         // another role or scope.
-        if let Some(reason) = self.creator_refused(job, &action).await? {
+        let refused = match job.created_by.strip_prefix(RULE_CREATOR_PREFIX) {
+            Some(rule_id) => match self.core.store.get_rule(rule_id).await? {
+                Some(rule) if rule.enabled => None,
+                Some(rule) => Some(format!("rule {} was disabled", rule.name)),
+                None => Some(format!("rule {rule_id} was deleted")),
+            },
+            None => self.creator_refused(job, &action).await?,
+        };
+        if let Some(reason) = refused {
             job.errors.push(JobError {
                 device_id: String::new(),
                 message: reason,
@@ -798,6 +889,16 @@ impl Jobs {
             return self.finish_turn(job, JobState::Failed).await;
         }
         let access = access_of(job.scope.as_deref());
+        if let JobAction::Webhook(d) = &action {
+            // Every failure is retried by the queue (backoff, then dead).
+            self.webhooks.deliver(&job.id, d).await?;
+            if self.core.store.delete_job(&job.id, job.rev).await? {
+                // Delivered and gone: nothing of it is left to release.
+                return Ok(Turn::Lost);
+            }
+            job.done = 1;
+            return self.finish_turn(job, JobState::Succeeded).await;
+        }
         if let JobAction::Command(c) = &action {
             return self.run_command(job, &access, c).await;
         }
@@ -932,7 +1033,10 @@ impl Jobs {
                 }
                 out
             }
-            JobAction::Command(_) | JobAction::RotateCerts(_) | JobAction::Report(_) => ids
+            JobAction::Command(_)
+            | JobAction::RotateCerts(_)
+            | JobAction::Report(_)
+            | JobAction::Webhook(_) => ids
                 .iter()
                 .map(|_| Err(ServiceError::internal("this job acts on the selection")))
                 .collect(),

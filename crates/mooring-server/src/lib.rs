@@ -71,6 +71,7 @@ pub mod rules;
 mod serve;
 pub mod shadow;
 pub mod telemetry;
+pub mod webhooks;
 
 pub use config::ServerConfig;
 pub use metrics::render_metrics;

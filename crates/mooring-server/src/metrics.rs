@@ -384,6 +384,16 @@ pub fn render_metrics(app: &App) -> String {
         "(rule, device) states this node holds",
         app.rules.states_len() as f64,
     )
+    .labeled_counters(
+        "mooring_webhook_deliveries_total",
+        "Webhook notification tries by outcome: delivered (2xx), failed (retried, or dead after [jobs] attempts_max), dropped (the rule had 1000 unfinished)",
+        "outcome",
+        [
+            ("delivered", load(&app.jobs.webhooks().counters.delivered)),
+            ("failed", load(&app.jobs.webhooks().counters.failed)),
+            ("dropped", load(&app.jobs.webhooks().counters.dropped)),
+        ],
+    )
     .counter(
         "mooring_health_flushed_total",
         "Per-device health deltas this node wrote to the store",

@@ -804,7 +804,7 @@ fn roots_from_file(path: &Path) -> anyhow::Result<rustls::RootCertStore> {
 }
 
 /// The operating system's trust roots (those that parse; the rest are logged).
-fn system_roots() -> rustls::RootCertStore {
+pub(crate) fn system_roots() -> rustls::RootCertStore {
     let found = rustls_native_certs::load_native_certs();
     for e in &found.errors {
         tracing::warn!(error = %e, "reading the system's trust roots");
@@ -812,11 +812,7 @@ fn system_roots() -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
     let (added, ignored) = roots.add_parsable_certificates(found.certs);
     if ignored > 0 || added == 0 {
-        tracing::warn!(
-            added,
-            ignored,
-            "system trust roots for the OpenID provider's HTTPS"
-        );
+        tracing::warn!(added, ignored, "system trust roots for outgoing HTTPS");
     }
     roots
 }

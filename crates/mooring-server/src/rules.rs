@@ -243,6 +243,8 @@ pub struct Rules {
     core: Arc<Core>,
     registry: Arc<Registry>,
     commands: Arc<Commands>,
+    /// Webhook notifications go to the work queue.
+    jobs: Arc<crate::jobs::Jobs>,
     feed: Arc<RuleFeed>,
     rx: Mutex<Option<mpsc::Receiver<Fed>>>,
     compiled: RwLock<Arc<Vec<Compiled>>>,
@@ -280,15 +282,23 @@ fn check_name(name: &str) -> ServiceResult<()> {
 }
 
 /// The actions this server takes (the rest of the language is refused until it does).
-fn check_actions(text: &str) -> ServiceResult<Vec<Action>> {
+fn check_actions(text: &str, webhooks: &crate::webhooks::Webhooks) -> ServiceResult<Vec<Action>> {
     let actions = mooring_rules::parse_actions(text)
         .map_err(|e| ServiceError::invalid("invalid_rule", format!("then: {e}")))?;
     for a in &actions {
-        if matches!(a, Action::Webhook(_) | Action::Nats(_) | Action::Job(_)) {
+        if matches!(a, Action::Nats(_) | Action::Job(_)) {
             return Err(ServiceError::invalid(
                 "unsupported_action",
-                format!("then: {a}: webhook, nats and job actions are not available in this version (docs/health.md)"),
+                format!("then: {a}: nats and job actions are not available in this version (docs/health.md)"),
             ));
+        }
+        if let Action::Webhook(name) = a {
+            if !webhooks.has(name) {
+                return Err(ServiceError::invalid(
+                    "unknown_webhook",
+                    format!("then: {a}: no [[webhook]] named {name:?} in the server's config (docs/health.md#webhooks)"),
+                ));
+            }
         }
         if let Action::Tag { key, value } = a {
             let tags = [(key.clone(), value.clone())].into_iter().collect();
@@ -382,6 +392,7 @@ impl Rules {
         core: Arc<Core>,
         registry: Arc<Registry>,
         commands: Arc<Commands>,
+        jobs: Arc<crate::jobs::Jobs>,
         feed: Arc<RuleFeed>,
         rx: mpsc::Receiver<Fed>,
     ) -> Self {
@@ -390,6 +401,7 @@ impl Rules {
             core,
             registry,
             commands,
+            jobs,
             feed,
             rx: Mutex::new(Some(rx)),
             compiled: RwLock::new(Arc::new(Vec::new())),
@@ -441,7 +453,7 @@ impl Rules {
         check_name(&req.name)?;
         let cond = Condition::parse(&req.when)
             .map_err(|e| ServiceError::invalid("invalid_rule", format!("when: {e}")))?;
-        let actions = check_actions(&req.then)?;
+        let actions = check_actions(&req.then, self.jobs.webhooks())?;
         if !allowed_for(role, &actions) {
             return Err(ServiceError::new(
                 ErrorKind::Forbidden,
@@ -1157,7 +1169,7 @@ impl Rules {
                     }
                 }
             }
-            Action::Command(_) | Action::Tag { .. } if !device_actions => {
+            Action::Command(_) | Action::Tag { .. } | Action::Webhook(_) if !device_actions => {
                 Counters::inc(&self.counters.actions_suppressed);
                 Ok(false)
             }
@@ -1186,7 +1198,25 @@ impl Rules {
                 results.into_iter().next().unwrap_or(Ok(()))?;
                 Ok(false)
             }
-            Action::Webhook(_) | Action::Nats(_) | Action::Job(_) => Ok(false),
+            Action::Webhook(name) => {
+                let body = serde_json::json!({
+                    "event": "rule.fired",
+                    "rule": rule.rec.name,
+                    "rule_id": rule.rec.id,
+                    "device_id": device.as_str(),
+                    "detail": detail,
+                    "fired_ms": at_ms,
+                });
+                let delivery = crate::webhooks::Delivery {
+                    webhook: name.clone(),
+                    body,
+                };
+                self.jobs
+                    .enqueue_delivery(&rule.rec.id, &rule.access, device, delivery)
+                    .await?;
+                Ok(false)
+            }
+            Action::Nats(_) | Action::Job(_) => Ok(false),
         }
     }
 

@@ -415,6 +415,10 @@ impl RunningServer {
         let (broker_state, broker_state_task) = BrokerStateWriter::spawn(store.clone());
         let persistence = Arc::new(StorePersistence::new(broker_state.clone(), clock.clone()));
         let app_clock = clock.clone();
+        let webhooks = Arc::new(
+            crate::webhooks::Webhooks::load(&config.webhooks, clock.clone())
+                .context("[[webhook]]")?,
+        );
         let app = Arc::new(App::new(
             config,
             store,
@@ -427,6 +431,7 @@ impl RunningServer {
             broker_state,
             cluster.as_ref().map(|(c, _)| c.clone()),
             ota_keys,
+            webhooks,
         ));
         if let Some(oidc_config) = &app.config().oidc {
             // Login states are sealed under a key every node derives from the cluster key; a

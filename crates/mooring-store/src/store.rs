@@ -474,6 +474,9 @@ pub trait JobStore: Send + Sync + 'static {
     async fn unfinished_jobs(&self, limit: usize) -> Result<Vec<JobRecord>>;
     /// How many of `created_by`'s jobs are not final.
     async fn count_unfinished_jobs(&self, created_by: &str) -> Result<u64>;
+    /// Deletes the job `id` (and its result) if it is still at `rev`; `false` if it changed
+    /// or is gone.
+    async fn delete_job(&self, id: &str, rev: u64) -> Result<bool>;
     /// Deletes final jobs that finished before `finished_before_ms`, and final jobs beyond
     /// the newest `keep_max` jobs (by id); never a job that is not final. Returns how many.
     async fn prune_jobs(&self, finished_before_ms: u64, keep_max: usize) -> Result<u64>;

@@ -96,12 +96,8 @@ impl Env {
         self.tmp.path().join(node)
     }
 
-    /// The config file of `node`: shared store and bus, fast heartbeats and command retries.
-    fn config(&self, node: &str) -> Vec<String> {
-        self.config_with(node, "")
-    }
-
-    /// [`Env::config`] and `extra` (TOML sections of its own) at its end.
+    /// The config file of `node`: shared store and bus, fast heartbeats and command retries,
+    /// and `extra` (TOML sections of its own) at its end.
     fn config_with(&self, node: &str, extra: &str) -> Vec<String> {
         let dir = self.data_dir(node);
         std::fs::create_dir_all(&dir).expect("node dir");

@@ -140,11 +140,13 @@ pub(super) async fn run_events(
                     );
                     match spec {
                         Err(e) => Err(e.to_string()),
-                        Ok(spec) => create_job(&app, to, JobAction::Report(spec)).await.map(|id| {
-                            control.log(format!("{at}: report_job {to:?}: job {id}"));
-                            ev.detail = format!("{} ({id})", ev.detail);
-                            lock(&control.jobs).push(id);
-                        }),
+                        Ok(spec) => create_job(&app, to, JobAction::Report(spec))
+                            .await
+                            .map(|id| {
+                                control.log(format!("{at}: report_job {to:?}: job {id}"));
+                                ev.detail = format!("{} ({id})", ev.detail);
+                                lock(&control.jobs).push(id);
+                            }),
                     }
                 }
             },
@@ -523,11 +525,7 @@ pub(super) async fn retag(
 
 /// Creates a job as a real principal (an operator token), as the API would: the workers
 /// re-check the creator before every turn. Its id.
-async fn create_job(
-    app: &App,
-    selector: &str,
-    action: JobAction,
-) -> Result<String, String> {
+async fn create_job(app: &App, selector: &str, action: JobAction) -> Result<String, String> {
     let (token, _secret) = app
         .tokens
         .create(mooring_server::auth::NewToken {

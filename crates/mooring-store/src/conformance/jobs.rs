@@ -378,4 +378,19 @@ pub async fn job_results_are_written_by_offset_and_go_with_the_job<S: JobStore +
         store.read_job_result(&j.id, 0, 1_000).await.expect("read"),
         b""
     );
+    // Deleted only at its rev, its result with it.
+    let k = job(2, "ann");
+    store.create_job(k.clone()).await.expect("create");
+    assert!(store
+        .write_job_result(&k.id, 0, 0, b"abc".to_vec())
+        .await
+        .expect("write"));
+    assert!(!store.delete_job(&k.id, 1).await.expect("stale rev"));
+    assert!(store.delete_job(&k.id, 0).await.expect("delete"));
+    assert!(store.get_job(&k.id).await.expect("get").is_none());
+    assert_eq!(
+        store.read_job_result(&k.id, 0, 10).await.expect("read"),
+        b""
+    );
+    assert!(!store.delete_job(&k.id, 0).await.expect("gone"));
 }

@@ -250,6 +250,21 @@ impl JobStore for PgStore {
         }
     }
 
+    async fn delete_job(&self, id: &str, rev: u64) -> Result<bool> {
+        if id.contains('\0') {
+            return Ok(false);
+        }
+        let rev = bound_to_sql(rev);
+        let n = self
+            .execute(
+                "DELETE FROM jobs WHERE id = $1 AND rev = $2",
+                &[&id, &rev],
+                || "job".to_owned(),
+            )
+            .await?;
+        Ok(n == 1)
+    }
+
     async fn prune_jobs(&self, finished_before_ms: u64, keep_max: usize) -> Result<u64> {
         let before = bound_to_sql(finished_before_ms);
         let keep = count_to_sql(keep_max);

@@ -305,6 +305,20 @@ impl JobStore for SqliteStore {
         .await
     }
 
+    async fn delete_job(&self, id: &str, rev: u64) -> Result<bool> {
+        let id = id.to_owned();
+        let rev = bound_to_sql(rev);
+        self.write(move |conn| {
+            let n = conn
+                .prepare_cached("DELETE FROM jobs WHERE id = ?1 AND rev = ?2")
+                .db()?
+                .execute(params![id, rev])
+                .db()?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
     async fn prune_jobs(&self, finished_before_ms: u64, keep_max: usize) -> Result<u64> {
         let before = bound_to_sql(finished_before_ms);
         let keep = count_to_sql(keep_max);

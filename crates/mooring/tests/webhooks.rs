@@ -1,0 +1,222 @@
+//! Webhooks (issue 18): a rule's `webhook:<name>` action notifies a local receiver (an axum
+//! app on port 0) through the work queue. The receiver checks every request's HMAC-SHA256
+//! signature and refuses the first tries, so the delivery is retried (the same delivery id
+//! each time) until it is accepted; a webhook whose receiver never answers ends in the dead
+//! letter list. A real device (rumqttc over mutual TLS) publishes the telemetry that fires the
+//! rules.
+
+mod support;
+
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::{MqttDevice, Server, WAIT};
+
+const SECRET: &str = "a-webhook-secret-of-some-length";
+
+/// What the receiver got: (headers, body) per request.
+type Got = Arc<Mutex<Vec<(HeaderMap, Vec<u8>)>>>;
+
+/// A receiver that answers 500 to its first `refuse` requests, then 204.
+async fn receiver(refuse: usize) -> (std::net::SocketAddr, Got) {
+    let got: Got = Arc::default();
+    let state = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let state = state.clone();
+            async move {
+                let mut got = state.lock().expect("lock");
+                got.push((headers, body.to_vec()));
+                if got.len() <= refuse {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::NO_CONTENT
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, got)
+}
+
+/// What a receiver does to trust a request: HMAC-SHA256 of `<timestamp>.<body>` under the
+/// shared secret, compared in constant time.
+fn signature_ok(headers: &HeaderMap, body: &[u8]) -> bool {
+    let (Some(ts), Some(sig)) = (
+        headers
+            .get("x-mooring-timestamp")
+            .and_then(|v| v.to_str().ok()),
+        headers
+            .get("x-mooring-signature")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("sha256=")),
+    ) else {
+        return false;
+    };
+    let Ok(sig) = hex::decode(sig) else {
+        return false;
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+    let mut signed = format!("{ts}.").into_bytes();
+    signed.extend_from_slice(body);
+    ring::hmac::verify(&key, &signed, &sig).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_webhook_is_signed_retried_until_accepted_and_a_dead_one_is_listed() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let secret_file = tmp.path().join("webhook.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).expect("secret");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (addr, got) = receiver(2).await;
+    // A port nobody listens on: every try is refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let config = format!(
+        "[jobs]\nretry_backoff_ms = 100\npoll_interval_ms = 100\nattempts_max = 4\n\
+         [[webhook]]\nname = \"ops\"\nurl = \"http://{addr}/hook\"\nsecret_file = \"{s}\"\n\
+         [[webhook]]\nname = \"broken\"\nurl = \"http://{closed}/hook\"\nsecret_file = \"{s}\"\ntimeout_ms = 500\n",
+        s = secret_file.display()
+    );
+    let server = Server::start_configured(tmp.path(), &config);
+
+    // Only configured webhooks may be named.
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/rules",
+            Some(json!({"name": "x", "when": "temp > 50", "then": "webhook:nope"})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("unknown_webhook")),
+        "{v}"
+    );
+    for (name, then) in [
+        ("hot", "webhook:ops,alert:warning"),
+        ("hot-broken", "webhook:broken"),
+    ] {
+        let (status, v) = server
+            .api(
+                "POST",
+                "/api/v1/rules",
+                Some(json!({"name": name, "when": "temp > 50", "then": then})),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+    }
+
+    let creds = server.create_device("d1", tmp.path());
+    let mut dev = MqttDevice::connect(&server, &creds, "d1").await;
+    dev.publish("devices/d1/telemetry", r#"{"temp": 61}"#).await;
+
+    // Refused twice, accepted the third time: three tries of one delivery, each signed.
+    let deadline = Instant::now() + WAIT;
+    while got.lock().expect("lock").len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the webhook was not retried to success"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tries = got.lock().expect("lock").clone();
+    let ids: Vec<&str> = tries
+        .iter()
+        .map(|(h, _)| {
+            h.get("x-mooring-delivery")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+        })
+        .collect();
+    assert!(ids[0].starts_with("job_"), "{ids:?}");
+    assert!(ids.iter().all(|i| *i == ids[0]), "one delivery: {ids:?}");
+    for (h, body) in &tries {
+        assert!(signature_ok(h, body), "a bad signature: {h:?}");
+        assert_eq!(h["content-type"], "application/json");
+    }
+    let body: Value = serde_json::from_slice(&tries[2].1).expect("JSON body");
+    assert_eq!(
+        (&body["event"], &body["rule"], &body["device_id"]),
+        (&json!("rule.fired"), &json!("hot"), &json!("d1")),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains("61")),
+        "{body}"
+    );
+    // A body changed on the way fails the check.
+    let mut forged = tries[2].1.clone();
+    forged[0] = b' ';
+    assert!(!signature_ok(&tries[2].0, &forged));
+
+    // Delivered, it is gone from the queue; the broken one is dead after 4 tries.
+    let dead = server
+        .wait_for("/api/v1/jobs?state=dead", |v| {
+            v["jobs"].as_array().is_some_and(|j| !j.is_empty())
+        })
+        .await;
+    let job = &dead["jobs"][0];
+    assert_eq!(job["action"], "webhook", "{job}");
+    assert_eq!(job["params"]["webhook"], "broken", "{job}");
+    assert!(
+        job["created_by"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("rule:")),
+        "{job}"
+    );
+    assert!(
+        job["last_error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("4 attempts failed") && e.contains("broken")),
+        "{job}"
+    );
+    let (status, _) = server
+        .api("GET", &format!("/api/v1/jobs/{}", ids[0]), None)
+        .await;
+    assert_eq!(status, 404, "a delivered notification is deleted");
+    assert_eq!(got.lock().expect("lock").len(), 3, "delivered once");
+    let metrics = server.metrics_text().await;
+    assert!(
+        metrics.contains("mooring_webhook_deliveries_total{outcome=\"delivered\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// A secret file others may read stops the start, saying so.
+#[test]
+fn a_webhook_secret_readable_by_others_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let secret_file = tmp.path().join("webhook.secret");
+    std::fs::write(&secret_file, SECRET).expect("secret");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let args = support::config_args(
+        tmp.path(),
+        &format!(
+            "[[webhook]]\nname = \"ops\"\nurl = \"http://127.0.0.1:9/hook\"\nsecret_file = \"{}\"\n",
+            secret_file.display()
+        ),
+    );
+    let out = std::process::Command::new(support::BIN)
+        .arg("serve")
+        .args(&args)
+        .args(["--data-dir"])
+        .arg(tmp.path().join("data"))
+        .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .output()
+        .expect("run mooring serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("readable by others"), "{stderr}");
+}
