@@ -79,15 +79,19 @@ pub struct Job {
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
     /// The worker running its current turn (`<node id>/<n>`); null between turns.
+    #[serde(default)]
     pub worker: Option<String>,
     /// Turns of the current step that failed or whose worker stopped (reset when a turn
     /// succeeds); at `[jobs] attempts_max` the job is `dead`.
+    #[serde(default)]
     pub attempts: u32,
     /// Why the last failed attempt failed (a turn's error, or `worker <w> stopped mid-turn
     /// (its lease ran out)`); kept after the job recovered.
+    #[serde(default)]
     pub last_error: Option<String>,
     /// A report: what it made so far (`format`, `content_type`, `points`, `bytes`); download
     /// it from `GET /api/v1/jobs/{id}/result` once `succeeded`.
+    #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub result: Option<serde_json::Value>,
 }

@@ -252,7 +252,7 @@ impl Default for JobsConfig {
             attempts_max: 5,
             retry_backoff_ms: 1_000,
             report_points_per_turn: 10_000,
-            report_bytes_max: 1 << 30,
+            report_bytes_max: 256 << 20,
         }
     }
 }
@@ -986,6 +986,9 @@ impl ServerConfig {
             bail!("jobs.poll_interval_ms must be at least 1 and jobs.batch_pause_ms at most 60000");
         }
         crate::webhooks::validate(&self.webhooks)?;
+        if self.jobs.workers == 0 && !self.is_shared() {
+            bail!("jobs.workers = 0 leaves a single node's jobs to nobody: it is for the nodes of a cluster whose jobs run on `mooring worker`s");
+        }
         if self.jobs.workers > 64 {
             bail!("jobs.workers must be at most 64");
         }

@@ -683,8 +683,13 @@ impl Jobs {
             }
             job.state = JobState::Canceled;
             job.finished_ms = Some(self.core.now_ms());
+            // A worker in the middle of a turn finds out at its next write (the rev moved).
+            job.worker = None;
+            job.lease_until_ms = None;
+            drop_partial_result(&mut job);
             if self.core.store.update_job(job.clone()).await? {
                 job.rev += 1;
+                self.clear_result_of(&job).await;
                 tracing::info!(job = id, "job canceled");
                 return Ok(job);
             }
@@ -748,6 +753,16 @@ impl Jobs {
                     self.release(&mut job, 0).await?;
                 }
                 Err(e) => {
+                    // The job as last stored, not as the failed turn left it in memory (a
+                    // batch half counted, a cursor not moved): the retry redoes the turn from
+                    // there, counting each device once. Not ours any more (its rev moved):
+                    // nothing to release. If the store fails this too, the lease runs out and
+                    // the job is taken over (counting the attempt then).
+                    let stored = match self.core.store.get_job(&job.id).await {
+                        Ok(Some(stored)) if stored.rev == job.rev => stored,
+                        _ => continue,
+                    };
+                    job = stored;
                     job.attempts = attempts.saturating_add(1);
                     job.last_error = Some(e.message.clone());
                     let backoff = cfg
@@ -755,8 +770,6 @@ impl Jobs {
                         .saturating_mul(1u64 << (job.attempts - 1).min(20))
                         .min(RETRY_BACKOFF_MAX_MS);
                     tracing::warn!(job = %job.id, attempts = job.attempts, backoff_ms = backoff, error = %e, "job turn failed; will retry");
-                    // At the job's latest rev; if the store fails this too, the lease runs
-                    // out and the job is taken over (counting the attempt then).
                     if let Ok(true) = self.release(&mut job, backoff).await {
                         due(&job);
                     }
@@ -807,8 +820,12 @@ impl Jobs {
         job.finished_ms = Some(self.core.now_ms());
         job.worker = None;
         job.lease_until_ms = None;
+        if state != JobState::Succeeded {
+            drop_partial_result(job);
+        }
         let saved = self.save(job).await?;
         if saved {
+            self.clear_result_of(job).await;
             let elapsed_ms = job
                 .finished_ms
                 .unwrap_or(0)
@@ -816,6 +833,22 @@ impl Jobs {
             tracing::info!(job = %job.id, action = %job.action, state = %job.state, done = job.done, failed = job.failed, elapsed_ms, "job finished");
         }
         Ok(saved)
+    }
+
+    /// A job that ended without succeeding keeps no partial result: its chunks go (bounded by
+    /// `[jobs] report_bytes_max` while it ran, nothing after).
+    async fn clear_result_of(&self, job: &JobRecord) {
+        if job.state == JobState::Succeeded || job.result.is_none() {
+            return;
+        }
+        if let Err(e) = self
+            .core
+            .store
+            .write_job_result(&job.id, job.rev, 0, Vec::new())
+            .await
+        {
+            tracing::warn!(job = %job.id, error = %e, "dropping a partial result failed");
+        }
     }
 
     /// Stores progress mid-turn: [`Turn::Lost`] if the job is no longer this worker's.
@@ -919,7 +952,7 @@ impl Jobs {
             return Ok(Turn::Stopped);
         }
         if let JobAction::Report(spec) = &action {
-            return crate::reports::run_turn(self, job, spec, &sel).await;
+            return crate::reports::run_turn(self, job, spec, &sel, stop).await;
         }
         let batch_len = self.core.config.jobs.batch_len.clamp(1, BATCH_LEN_MAX);
         let (page, next) = self
@@ -1249,6 +1282,13 @@ fn visible(access: &Access, job: &JobRecord) -> bool {
 
 fn job_not_found(id: &str) -> ServiceError {
     ServiceError::not_found("job_not_found", format!("job {id} not found"))
+}
+
+/// A job ending without success shows no result bytes (they are dropped once it is stored).
+fn drop_partial_result(job: &mut JobRecord) {
+    if let Some(r) = job.result.as_mut() {
+        r["bytes"] = json!(0);
+    }
 }
 
 /// `job_<creation ms, 12 hex digits><8 random hex digits>`: ids sort by creation time, which

@@ -27,6 +27,8 @@ use serde_json::{json, Value};
 pub const REPORT_ACTION: &str = "report";
 /// The most points one turn reads (the largest `[jobs] report_points_per_turn`).
 pub const POINTS_PER_TURN_MAX: usize = 100_000;
+/// The most new points one store query of a report reads.
+const QUERY_POINTS_MAX: usize = 10_000;
 /// The most metrics a report names.
 pub const METRICS_MAX: usize = 64;
 
@@ -251,12 +253,19 @@ fn write_row(
     }
 }
 
-/// A CSV field, quoted when it must be (RFC 4180).
+/// A CSV text field (a device id, a metric name: what a device chose), quoted when it must be
+/// (RFC 4180). One a spreadsheet would take for a formula (`=`, `+`, `-`, `@`, a tab or CR
+/// first) gets a leading `'`, so opening a report never runs what a device sent.
 fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    let s: std::borrow::Cow<'_, str> = if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}").into()
+    } else {
+        s.into()
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\"")).into()
     } else {
-        s.into()
+        s
     }
 }
 
@@ -267,6 +276,7 @@ pub(crate) async fn run_turn(
     job: &mut JobRecord,
     spec: &ReportSpec,
     sel: &Selector,
+    stop: &tokio::sync::watch::Receiver<bool>,
 ) -> ServiceResult<Turn> {
     let core = jobs.core();
     let budget = core
@@ -288,9 +298,24 @@ pub(crate) async fn run_turn(
         [m] => Some(m.clone()),
         _ => None,
     };
+    // A turn also ends after [jobs] batch_len devices (most may have no points in range) and
+    // a third of the lease, so it never outlives its lease, and when the worker stops.
+    let devices_max = core
+        .config
+        .jobs
+        .batch_len
+        .clamp(1, crate::jobs::BATCH_LEN_MAX);
+    let began_ms = core.now_ms();
+    let time_max_ms = core.config.jobs.lease_ms / 3;
+    let mut devices = 0usize;
     let mut read = 0usize;
     let mut finished = false;
-    while read < budget {
+    while read < budget
+        && devices < devices_max
+        && core.now_ms().saturating_sub(began_ms) < time_max_ms
+        && !*stop.borrow()
+    {
+        devices += 1;
         let device = match &cursor.device {
             Some(d) => d.clone(),
             None => {
@@ -309,7 +334,10 @@ pub(crate) async fn run_turn(
                 id
             }
         };
-        let limit = (budget - read).saturating_add(cursor.skip);
+        // One query reads at most QUERY_POINTS_MAX new points (as the API's page).
+        let limit = (budget - read)
+            .min(QUERY_POINTS_MAX)
+            .saturating_add(cursor.skip);
         let device_id = mooring_proto::DeviceId::parse(&device)
             .map_err(|e| ServiceError::internal(format!("stored report cursor: {e}")))?;
         let points = core
@@ -343,7 +371,8 @@ pub(crate) async fn run_turn(
             }
         }
         if points.len() <= cursor.skip && full {
-            // Cannot happen (a full page moves the cursor); guards the loop all the same.
+            // A page of one timestamp: the next turn reads past it (its limit grows by the
+            // points skipped).
             break;
         }
     }
@@ -423,6 +452,19 @@ mod tests {
         assert_eq!(
             out,
             "d1,1700000000000,2023-11-14T22:13:20Z,temp,21.5\n\"a,\"\"b\",0,1970-01-01T00:00:00Z,on,true\n"
+        );
+        let mut out = String::new();
+        write_row(
+            &mut out,
+            ReportFormat::Csv,
+            "d1",
+            0,
+            "=HYPERLINK(\"x\")",
+            MetricValue::Number(-1.0),
+        );
+        assert_eq!(
+            out,
+            "d1,0,1970-01-01T00:00:00Z,\"'=HYPERLINK(\"\"x\"\")\",-1\n"
         );
         let mut out = String::new();
         write_row(

@@ -267,8 +267,8 @@ struct WorkerArgs {
     /// Data directory [default: ./mooring-data].
     #[arg(long, env = "MOORING_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// This worker's name (its jobs show `<node id>/<n>` as their worker) [default: the host
-    /// name].
+    /// This worker's name (its jobs show `<node id>/<n>` as their worker) [default: the
+    /// config's node_id, or `<host name>-worker-<pid>`].
     #[arg(long, env = "MOORING_NODE_ID")]
     node_id: Option<String>,
 }
@@ -857,8 +857,14 @@ async fn worker(args: WorkerArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
-    if let Some(n) = args.node_id {
-        config.node_id = n;
+    match args.node_id {
+        Some(n) => config.node_id = n,
+        // Not the host's own name, which a `mooring serve` on the same host goes by: two
+        // members with one id would share heartbeats and leases.
+        None if config.node_id == ServerConfig::default().node_id => {
+            config.node_id = format!("{}-worker-{}", config.node_id, std::process::id());
+        }
+        None => {}
     }
     let clock = std::sync::Arc::new(mooring_proto::SystemClock);
     let server = mooring_server::RunningServer::start_worker(config, clock)

@@ -354,3 +354,48 @@ fn a_worker_refuses_a_config_without_a_cluster() {
         .expect("run mooring worker");
     assert_eq!(out.status.code(), Some(2), "--config is required");
 }
+
+/// A report canceled half way keeps no partial file; the worker running it stops at its next
+/// write.
+#[tokio::test]
+async fn a_canceled_report_keeps_no_partial_file() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(
+        tmp.path(),
+        "[jobs]\nreport_points_per_turn = 5\nbatch_pause_ms = 300\n",
+    );
+    let t0 = (now_ms() - 3_600_000) / 1000 * 1000;
+    let creds = server.create_device("c1", tmp.path());
+    publish_series(&server, &creds, "c1", t0, 20).await;
+    let (status, job) = server
+        .api(
+            "POST",
+            "/api/v1/reports",
+            Some(
+                json!({"kind": "telemetry", "selector": "c1", "from_ms": t0, "to_ms": t0 + 20_000}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id").to_owned();
+    server
+        .wait_for(&format!("/api/v1/jobs/{id}"), |j| {
+            j["result"]["points"].as_u64().unwrap_or(0) > 0
+        })
+        .await;
+    let (status, job) = server
+        .api("POST", &format!("/api/v1/jobs/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["state"], "canceled", "{job}");
+    assert_eq!(job["result"]["bytes"], 0, "{job}");
+    assert_eq!(job["worker"], Value::Null, "{job}");
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/jobs/{id}/result"), None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("no_result")),
+        "{v}"
+    );
+}

@@ -110,24 +110,47 @@ async fn download(api: &mooring_api::Client, id: &str, out: Option<&Path>) -> an
     let mut part = path.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
-    let file = std::fs::File::create(&part)
-        .with_context(|| format!("cannot create {}", part.display()))?;
-    let mut w = std::io::BufWriter::new(file);
-    let written = match api.download_job_result(id, &mut w).await {
-        Ok(n) => n,
-        Err(e) => {
-            drop(w);
-            let _ = std::fs::remove_file(&part);
-            return call(Err(e));
+    // A new file of our own (a stale .part, or a link planted there, is replaced, not
+    // followed), readable by its owner only: a report holds a fleet's telemetry.
+    match std::fs::remove_file(&part) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot replace {}", part.display()));
         }
+        _ => {}
+    }
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&part)
+            .with_context(|| format!("cannot create {}", part.display()))?
     };
+    let written = write_part(api, id, file, &part, path).await;
+    if written.is_err() {
+        let _ = std::fs::remove_file(&part);
+    }
+    eprintln!("{id}: {} bytes written to {}", written?, path.display());
+    Ok(())
+}
+
+/// Downloads into `file` (at `part`), then renames it to `path`; the bytes written.
+async fn write_part(
+    api: &mooring_api::Client,
+    id: &str,
+    file: std::fs::File,
+    part: &Path,
+    path: &Path,
+) -> anyhow::Result<u64> {
+    let mut w = std::io::BufWriter::new(file);
+    let written = call(api.download_job_result(id, &mut w).await)?;
     w.flush()
         .and_then(|()| w.get_ref().sync_all())
         .with_context(|| format!("writing {}", part.display()))?;
-    std::fs::rename(&part, path)
+    std::fs::rename(part, path)
         .with_context(|| format!("cannot rename {} to {}", part.display(), path.display()))?;
-    eprintln!("{id}: {written} bytes written to {}", path.display());
-    Ok(())
+    Ok(written)
 }
 
 fn now_ms() -> u64 {
@@ -143,6 +166,13 @@ fn parse_time_ms(text: &str, now_ms: u64, flag: &str) -> anyhow::Result<u64> {
         return Ok(now_ms);
     }
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        // Unix ms have 13 digits today; a short number is more likely a duration without
+        // its unit than a time in 1970.
+        if text.len() < 10 {
+            return usage(format!(
+                "{flag} {text:?}: a duration needs a unit (e.g. {text}d, {text}h); Unix ms have 13 digits"
+            ));
+        }
         return text
             .parse()
             .or_else(|_| usage(format!("{flag} {text:?} is too large")));
@@ -180,7 +210,7 @@ mod tests {
             parse_time_ms("2023-11-14T22:13:20Z", now, "--from").ok(),
             Some(1_700_000_000_000)
         );
-        for bad in ["", "yesterday", "-5", "1969-12-31T00:00:00Z"] {
+        for bad in ["", "yesterday", "-5", "7", "1969-12-31T00:00:00Z"] {
             assert!(parse_time_ms(bad, now, "--from").is_err(), "{bad}");
         }
     }
