@@ -513,6 +513,19 @@ test("jobs: a telemetry report queued from the page runs as a job and downloads 
   assert.equal(lines[0], "device_id,ts_ms,time,metric,value");
   assert.equal(lines.length - 1, job.result.points);
   assert.ok(lines.slice(1).every((l) => l.startsWith(`${LIVE},`)), lines[1]);
+  // A fleet report of every device, grouped by site, as an HTML page.
+  await page.getByTestId("report-create").click();
+  await dialog.getByTestId("report-kind").selectOption("fleet");
+  await dialog.getByTestId("report-group-by").fill("tag:site");
+  await dialog.getByTestId("report-submit").click();
+  const fleetRow = page.locator(`[data-testid="job-row"][data-action="report"][data-state="succeeded"]:not([data-job-id="${id}"])`).first();
+  await fleetRow.waitFor();
+  const fleetId = await fleetRow.getAttribute("data-job-id");
+  const fleetJob = await api(`/api/v1/jobs/${fleetId}`);
+  assert.equal(fleetJob.result.format, "html");
+  assert.equal(fleetJob.params.report.group_by, "tag:site");
+  const page2 = await page.evaluate(async (href) => (await fetch(href)).text(), `/api/v1/jobs/${fleetId}/result`);
+  assert.ok(page2.includes("<h2>Health per cohort</h2>") && page2.includes("site=s3"), page2.slice(0, 300));
   // Nothing is dead.
   await page.getByTestId("job-state").selectOption("dead");
   await page.getByText("No jobs in this state.").waitFor();

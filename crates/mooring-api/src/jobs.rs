@@ -110,17 +110,26 @@ impl Job {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateReport {
-    /// `telemetry`: the points of the selected devices.
+    /// `telemetry`: the points of the selected devices; `fleet`: their health per cohort,
+    /// firmware versions and open alerts.
     pub kind: String,
-    /// Which devices, e.g. `tag:site=berlin`; narrowed by the caller's scope.
+    /// Which devices, e.g. `tag:site=berlin`; narrowed by the caller's scope. A fleet report
+    /// without one covers every device the caller may see.
+    #[serde(default)]
     pub selector: String,
-    /// Points from this Unix ms (inclusive)…
-    pub from_ms: u64,
+    /// `telemetry`: points from this Unix ms (inclusive)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_ms: Option<u64>,
     /// …to this one (exclusive).
-    pub to_ms: u64,
-    /// `csv` (default; `device_id,ts_ms,time,metric,value`) or `jsonl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_ms: Option<u64>,
+    /// `telemetry`: `csv` (default; `device_id,ts_ms,time,metric,value`) or `jsonl`; `fleet`:
+    /// `html` (default) or `csv` (the cohort table).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// `fleet`: the cohorts, e.g. `tag:site,version` (as `GET /api/v1/health`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_by: Option<String>,
     /// Only these metrics (default: all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<String>,

@@ -102,7 +102,7 @@ pub struct App {
     /// Rules and alerts: evaluated on this node's events (issue 18).
     pub rules: Arc<crate::rules::Rules>,
     /// Fleet health: per-device signals, the summary per cohort (issue 18).
-    pub health: crate::health::Health,
+    pub health: Arc<crate::health::Health>,
     /// The OTA service's background tasks (downloads, deployment sends).
     pub ota_tasks: crate::ota::OtaTasks,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
@@ -168,11 +168,24 @@ impl App {
                 core.config.data_dir.join(crate::ota::ARTIFACTS_DIR),
             ))
         };
+        let health = Arc::new(crate::health::Health::new(
+            tracker,
+            registry.clone(),
+            core.store.clone(),
+            core.clock.clone(),
+            core.config.health.clone(),
+            core.config.rules.alerts_open_max,
+        ));
+        let fleet = Arc::new(Fleet::new(core.clone(), registry.clone()));
         let jobs = Arc::new(Jobs::new(
             core.clone(),
             registry.clone(),
             commands.clone(),
             webhooks,
+            crate::jobs::ReportSources {
+                health: health.clone(),
+                fleet: fleet.clone(),
+            },
         ));
         Self {
             rules: Arc::new(crate::rules::Rules::new(
@@ -183,14 +196,7 @@ impl App {
                 rule_feed,
                 rule_rx,
             )),
-            health: crate::health::Health::new(
-                tracker,
-                registry.clone(),
-                core.store.clone(),
-                core.clock.clone(),
-                core.config.health.clone(),
-                core.config.rules.alerts_open_max,
-            ),
+            health,
             ota: crate::ota::Ota::new(
                 core.clone(),
                 registry.clone(),
@@ -208,7 +214,7 @@ impl App {
             tokens: Tokens::new(core.clone()),
             accounts: Accounts::new(core.clone()),
             audit: Audit::new(core.clone()),
-            fleet: Arc::new(Fleet::new(core.clone(), registry.clone())),
+            fleet,
             provisioning: Provisioning::new(core.clone(), registry.clone()),
             registry,
             presence,

@@ -372,6 +372,11 @@ impl GroupKey {
     }
 }
 
+/// Checks `group_by` text (as `GET /api/v1/health` takes it).
+pub(crate) fn check_group_by(text: Option<&str>) -> ServiceResult<()> {
+    parse_group_by(text).map(|_| ())
+}
+
 fn parse_group_by(text: Option<&str>) -> ServiceResult<Vec<GroupKey>> {
     let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
         return Ok(Vec::new());

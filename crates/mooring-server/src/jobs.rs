@@ -70,6 +70,12 @@ pub const JOB_PAGE_LEN_DEFAULT: usize = 50;
 pub const JOB_PAGE_LEN_MAX: usize = 200;
 /// Keys one untag job removes at most; tags one tag job sets at most (as a device holds).
 pub const UNTAG_KEYS_MAX: usize = 64;
+/// The services a fleet report reads (`crate::reports`).
+pub struct ReportSources {
+    pub health: Arc<crate::health::Health>,
+    pub fleet: Arc<crate::fleet::Fleet>,
+}
+
 /// `created_by` of a rule's webhook notifications: `rule:<rule id>`.
 pub const RULE_CREATOR_PREFIX: &str = "rule:";
 /// Turns one worker pass runs at most, so pruning and the stop signal get their turn.
@@ -393,6 +399,7 @@ pub struct Jobs {
     registry: Arc<Registry>,
     commands: Arc<Commands>,
     webhooks: Arc<crate::webhooks::Webhooks>,
+    sources: ReportSources,
     /// Wakes the runner when a job is created on this node.
     wake: Notify,
     /// Creations on this node one at a time, so the per-creator bound holds here exactly
@@ -406,11 +413,13 @@ impl Jobs {
         registry: Arc<Registry>,
         commands: Arc<Commands>,
         webhooks: Arc<crate::webhooks::Webhooks>,
+        sources: ReportSources,
     ) -> Self {
         Self {
             core,
             registry,
             webhooks,
+            sources,
             commands,
             wake: Notify::new(),
             creating: Mutex::new(()),
@@ -458,6 +467,11 @@ impl Jobs {
                 ));
             }
             selector.to_owned()
+        } else if selector.trim().is_empty()
+            && matches!(&action, JobAction::Report(r) if r.kind == crate::reports::ReportKind::Fleet)
+        {
+            // A fleet report of every device the creator may see.
+            access.selection(None)?.to_string()
         } else {
             let sel = crate::commands::parse_selector(selector)?;
             let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
@@ -519,6 +533,11 @@ impl Jobs {
             .await?;
         self.wake.notify_one();
         Ok(job)
+    }
+
+    /// What fleet reports read.
+    pub(crate) fn sources(&self) -> &ReportSources {
+        &self.sources
     }
 
     /// The webhooks rules may notify.
@@ -889,7 +908,7 @@ impl Jobs {
             if matches!(a, JobAction::RotateCerts(_)) {
                 return Ok((a, None));
             }
-            Selector::parse(&job.selector)
+            stored_selector(&job.selector)
                 .map(|s| (a, Some(s)))
                 .map_err(|e| format!("stored selector {:?}: {e}", job.selector))
         });
@@ -1275,9 +1294,19 @@ impl Jobs {
 fn visible(access: &Access, job: &JobRecord) -> bool {
     match access.scope() {
         None => true,
-        Some(scope) => Selector::parse(&job.selector)
+        Some(scope) => stored_selector(&job.selector)
             .is_ok_and(|s| scope.terms.iter().all(|t| s.terms.contains(t))),
     }
+}
+
+/// A job's stored selector; empty (a fleet report of every device, made unscoped) selects all.
+pub(crate) fn stored_selector(
+    text: &str,
+) -> Result<Selector, mooring_proto::selector::SelectorError> {
+    if text.is_empty() {
+        return Ok(Selector { terms: Vec::new() });
+    }
+    Selector::parse(text)
 }
 
 fn job_not_found(id: &str) -> ServiceError {

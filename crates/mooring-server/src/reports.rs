@@ -16,6 +16,8 @@
 //!
 //! Adding a kind is one [`ReportKind`] variant: its parameters, validation and turn.
 
+mod fleet;
+
 use crate::error::{ServiceError, ServiceResult};
 use crate::jobs::{Jobs, Turn};
 use mooring_proto::selector::Selector;
@@ -37,6 +39,8 @@ pub const METRICS_MAX: usize = 64;
 pub enum ReportKind {
     /// Telemetry points of a selection of devices.
     Telemetry,
+    /// The selection's health per cohort, its firmware versions and open alerts.
+    Fleet,
 }
 
 /// How a report's rows are written.
@@ -44,6 +48,7 @@ pub enum ReportKind {
 pub enum ReportFormat {
     Csv,
     Jsonl,
+    Html,
 }
 
 impl ReportFormat {
@@ -51,9 +56,10 @@ impl ReportFormat {
         match s {
             "csv" => Ok(ReportFormat::Csv),
             "jsonl" => Ok(ReportFormat::Jsonl),
+            "html" => Ok(ReportFormat::Html),
             other => Err(ServiceError::invalid(
                 "invalid_format",
-                format!("format {other:?} is not one of csv, jsonl"),
+                format!("format {other:?} is not one of csv, jsonl, html"),
             )),
         }
     }
@@ -62,6 +68,7 @@ impl ReportFormat {
         match self {
             ReportFormat::Csv => "csv",
             ReportFormat::Jsonl => "jsonl",
+            ReportFormat::Html => "html",
         }
     }
 
@@ -70,6 +77,7 @@ impl ReportFormat {
         match self {
             ReportFormat::Csv => "text/csv; charset=utf-8",
             ReportFormat::Jsonl => "application/x-ndjson",
+            ReportFormat::Html => "text/html; charset=utf-8",
         }
     }
 }
@@ -85,6 +93,8 @@ pub struct ReportSpec {
     pub to_ms: u64,
     /// Only these metrics (empty: every metric).
     pub metrics: Vec<String>,
+    /// Kind `fleet`: the cohorts (`tag:site,version`, as `GET /api/v1/health`).
+    pub group_by: Option<String>,
 }
 
 impl ReportSpec {
@@ -101,7 +111,7 @@ impl ReportSpec {
             other => {
                 return Err(ServiceError::invalid(
                     "invalid_kind",
-                    format!("report kind {other:?} is not one of telemetry"),
+                    format!("report kind {other:?} is not one of telemetry, fleet"),
                 ))
             }
         };
@@ -111,12 +121,81 @@ impl ReportSpec {
             from_ms,
             to_ms,
             metrics,
+            group_by: None,
         };
         spec.validate()?;
         Ok(spec)
     }
 
+    /// A fleet report (`csv` or `html`), its cohorts by `group_by`.
+    pub fn fleet(format: &str, group_by: Option<String>) -> ServiceResult<Self> {
+        let spec = ReportSpec {
+            kind: ReportKind::Fleet,
+            format: ReportFormat::parse(format)?,
+            from_ms: 0,
+            to_ms: 0,
+            metrics: Vec::new(),
+            group_by,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// A spec from `POST /api/v1/reports`'s fields: `telemetry` needs `from_ms` and `to_ms`
+    /// (format `csv` by default), `fleet` takes `group_by` (format `html` by default).
+    pub fn from_api(
+        kind: &str,
+        format: Option<&str>,
+        from_ms: Option<u64>,
+        to_ms: Option<u64>,
+        metrics: Vec<String>,
+        group_by: Option<String>,
+    ) -> ServiceResult<Self> {
+        match kind {
+            "fleet" => {
+                if from_ms.is_some() || to_ms.is_some() || !metrics.is_empty() {
+                    return Err(ServiceError::invalid(
+                        "invalid_params",
+                        "a fleet report takes no from_ms, to_ms or metrics (its window is the health signals' last 24 hours)",
+                    ));
+                }
+                ReportSpec::fleet(format.unwrap_or("html"), group_by)
+            }
+            _ => {
+                if group_by.is_some() {
+                    return Err(ServiceError::invalid(
+                        "invalid_params",
+                        "group_by is for fleet reports",
+                    ));
+                }
+                let (Some(from_ms), Some(to_ms)) = (from_ms, to_ms) else {
+                    return Err(ServiceError::invalid(
+                        "invalid_range",
+                        "a telemetry report needs from_ms and to_ms",
+                    ));
+                };
+                ReportSpec::from_request(kind, format.unwrap_or("csv"), from_ms, to_ms, metrics)
+            }
+        }
+    }
+
     pub fn validate(&self) -> ServiceResult<()> {
+        if self.kind == ReportKind::Fleet {
+            if !matches!(self.format, ReportFormat::Csv | ReportFormat::Html) {
+                return Err(ServiceError::invalid(
+                    "invalid_format",
+                    "a fleet report is csv or html",
+                ));
+            }
+            crate::health::check_group_by(self.group_by.as_deref())?;
+            return Ok(());
+        }
+        if self.format == ReportFormat::Html {
+            return Err(ServiceError::invalid(
+                "invalid_format",
+                "a telemetry report is csv or jsonl",
+            ));
+        }
         if self.from_ms >= self.to_ms || self.to_ms > mooring_store::TS_MS_MAX {
             return Err(ServiceError::invalid(
                 "invalid_range",
@@ -142,6 +221,9 @@ impl ReportSpec {
     }
 
     pub fn to_json(&self) -> Value {
+        if self.kind == ReportKind::Fleet {
+            return json!({"kind": "fleet", "format": self.format.as_str(), "group_by": self.group_by});
+        }
         json!({
             "kind": "telemetry",
             "format": self.format.as_str(),
@@ -153,6 +235,13 @@ impl ReportSpec {
 
     /// The spec of a stored job.
     pub fn from_json(v: &Value) -> Result<Self, String> {
+        if v["kind"] == "fleet" {
+            return ReportSpec::fleet(
+                v["format"].as_str().ok_or("no report format")?,
+                v["group_by"].as_str().map(str::to_owned),
+            )
+            .map_err(|e| e.message);
+        }
         let metrics = match &v["metrics"] {
             Value::Null => Vec::new(),
             m => serde_json::from_value(m.clone()).map_err(|e| e.to_string())?,
@@ -245,7 +334,7 @@ fn write_row(
             out.push_str(&value);
             out.push('\n');
         }
-        ReportFormat::Jsonl => {
+        ReportFormat::Jsonl | ReportFormat::Html => {
             let row = json!({"device_id": device, "ts_ms": ts_ms, "metric": metric, "value": value.to_json()});
             out.push_str(&row.to_string());
             out.push('\n');
@@ -278,6 +367,9 @@ pub(crate) async fn run_turn(
     sel: &Selector,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> ServiceResult<Turn> {
+    if spec.kind == ReportKind::Fleet {
+        return fleet::run(jobs, job, spec).await;
+    }
     let core = jobs.core();
     let budget = core
         .config
@@ -417,8 +509,15 @@ mod tests {
         let spec = ReportSpec::from_request("telemetry", "csv", 10, 20, vec!["temp".into()])
             .expect("valid");
         assert_eq!(ReportSpec::from_json(&spec.to_json()), Ok(spec));
+        let fleet = ReportSpec::fleet("html", Some("tag:site,version".into())).expect("valid");
+        assert_eq!(ReportSpec::from_json(&fleet.to_json()), Ok(fleet));
+        assert_eq!(
+            ReportSpec::fleet("jsonl", None).expect_err("jsonl").code,
+            "invalid_format"
+        );
         for (kind, format, from, to, code) in [
-            ("fleet", "csv", 1, 2, "invalid_kind"),
+            ("uptime", "csv", 1, 2, "invalid_kind"),
+            ("telemetry", "html", 1, 2, "invalid_format"),
             ("telemetry", "xml", 1, 2, "invalid_format"),
             ("telemetry", "csv", 2, 2, "invalid_range"),
         ] {

@@ -199,7 +199,7 @@ async fn bad_reports_are_refused_and_results_only_come_from_succeeded_reports() 
     let base =
         json!({"kind": "telemetry", "selector": "tag:site=berlin", "from_ms": 1000, "to_ms": 2000});
     for (change, code) in [
-        (json!({"kind": "fleet"}), "invalid_kind"),
+        (json!({"kind": "uptime"}), "invalid_kind"),
         (json!({"format": "xml"}), "invalid_format"),
         (json!({"to_ms": 1000}), "invalid_range"),
         (json!({"metrics": ["a b"]}), "invalid_metrics"),
@@ -398,4 +398,154 @@ async fn a_canceled_report_keeps_no_partial_file() {
         (409, Some("no_result")),
         "{v}"
     );
+}
+
+/// The fleet report: health per cohort, versions and open alerts in one HTML page (served so
+/// a browser runs nothing in it), or the cohort table as CSV through the CLI.
+#[tokio::test]
+async fn a_fleet_report_shows_health_per_cohort_versions_and_open_alerts() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    for (id, site) in [("f1", "berlin"), ("f2", "berlin"), ("f3", "paris")] {
+        let dir = tmp.path().join(id);
+        let out = server.cli(&[
+            "device",
+            "create",
+            id,
+            "--out",
+            dir.to_str().expect("utf8"),
+            "--tag",
+            &format!("site={site}"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/rules",
+            Some(json!({"name": "hot", "when": "temp > 50", "then": "alert:critical"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let creds = support::Creds {
+        dir: tmp.path().join("f1"),
+    };
+    let mut dev = support::MqttDevice::connect(&server, &creds, "f1").await;
+    dev.publish("devices/f1/shadow/reported", r#"{"version": "1.4.0"}"#)
+        .await;
+    dev.publish("devices/f1/telemetry", r#"{"temp": 60}"#).await;
+    server
+        .wait_for("/api/v1/alerts?state=open", |v| {
+            v["alerts"].as_array().is_some_and(|a| a.len() == 1)
+        })
+        .await;
+
+    let (status, job) = server
+        .api(
+            "POST",
+            "/api/v1/reports",
+            Some(json!({"kind": "fleet", "group_by": "tag:site"})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    assert_eq!(job["selector"], "", "every device");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let job = finished(&server, &id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(
+        (&job["total"], &job["result"]["format"]),
+        (&json!(3), &json!("html"))
+    );
+    let resp = support::http()
+        .get(format!("{}/api/v1/jobs/{id}/result", server.url()))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(resp.status(), 200);
+    let h = resp.headers().clone();
+    assert_eq!(h["content-type"], "text/html; charset=utf-8");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert!(h["content-security-policy"]
+        .to_str()
+        .is_ok_and(|c| c.contains("default-src 'none'") && c.contains("sandbox")));
+    assert!(h["content-disposition"]
+        .to_str()
+        .is_ok_and(|c| c.contains(".html")));
+    let page = resp.text().await.expect("page");
+    for want in [
+        "<h2>Health per cohort</h2>",
+        "site=berlin",
+        "site=paris",
+        "<h2>Firmware versions</h2>",
+        "1.4.0",
+        "1 critical",
+        "<td>f1</td>",
+    ] {
+        assert!(page.contains(want), "{want} missing from:\n{page}");
+    }
+    assert!(!page.contains("<script"), "{page}");
+
+    // The cohort table as CSV, through the CLI, for Berlin only.
+    let out_file = tmp.path().join("fleet.csv");
+    let out = server.cli(&[
+        "report",
+        "fleet",
+        "--selector",
+        "tag:site=berlin",
+        "--group-by",
+        "tag:site",
+        "--format",
+        "csv",
+        "--out",
+        out_file.to_str().expect("utf8"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = std::fs::read_to_string(&out_file).expect("csv");
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(
+        lines[0].starts_with("cohort,devices,online,reporting,device_hours,"),
+        "{csv}"
+    );
+    assert_eq!(lines.len(), 2, "one cohort: {csv}");
+    assert!(lines[1].starts_with("site=berlin,2,"), "{csv}");
+
+    // Fleet reports take no range; telemetry ones no group_by.
+    for (body, code) in [
+        (
+            json!({"kind": "fleet", "from_ms": 1, "to_ms": 2}),
+            "invalid_params",
+        ),
+        (
+            json!({"kind": "fleet", "format": "jsonl"}),
+            "invalid_format",
+        ),
+        (
+            json!({"kind": "fleet", "group_by": "colour"}),
+            "invalid_group_by",
+        ),
+        (
+            json!({"kind": "telemetry", "selector": "f1", "from_ms": 1, "to_ms": 2, "group_by": "tag:site"}),
+            "invalid_params",
+        ),
+        (
+            json!({"kind": "telemetry", "selector": "f1"}),
+            "invalid_range",
+        ),
+    ] {
+        let (status, v) = server.api("POST", "/api/v1/reports", Some(body)).await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{v}"
+        );
+    }
 }

@@ -30,6 +30,8 @@ function fmtBytes(n) {
 }
 
 function NewReport({ onCreated, onClose }) {
+  const [kind, setKind] = useState("telemetry");
+  const [groupBy, setGroupBy] = useState("");
   const [selector, setSelector] = useState("");
   const [range, setRange] = useState("86400000");
   const [format, setFormat] = useState("csv");
@@ -41,10 +43,16 @@ function NewReport({ onCreated, onClose }) {
     setError(null);
     setBusy(true);
     try {
-      const to_ms = Date.now();
-      const body = { kind: "telemetry", selector: selector.trim(), from_ms: to_ms - Number(range), to_ms, format };
-      const names = metrics.split(",").map((m) => m.trim()).filter(Boolean);
-      if (names.length) body.metrics = names;
+      let body;
+      if (kind === "fleet") {
+        body = { kind, selector: selector.trim(), format: format === "jsonl" ? "html" : format };
+        if (groupBy.trim()) body.group_by = groupBy.trim();
+      } else {
+        const to_ms = Date.now();
+        body = { kind, selector: selector.trim(), from_ms: to_ms - Number(range), to_ms, format: format === "html" ? "csv" : format };
+        const names = metrics.split(",").map((m) => m.trim()).filter(Boolean);
+        if (names.length) body.metrics = names;
+      }
       const job = await api("POST", "/reports", body);
       toast(`Report ${job.id} queued`);
       onCreated();
@@ -55,12 +63,17 @@ function NewReport({ onCreated, onClose }) {
       setBusy(false);
     }
   };
-  return html`<${Dialog} title="New telemetry report" onClose=${onClose} testid="report-dialog">
+  const fleet = kind === "fleet";
+  return html`<${Dialog} title="New report" onClose=${onClose} testid="report-dialog">
     <form onSubmit=${submit}>
-      <label>Devices (selector)<input required class="mono" data-testid="report-selector" value=${selector} onInput=${(e) => setSelector(e.target.value)} autofocus placeholder="tag:site=berlin" /></label>
-      <label>Range<select data-testid="report-range" value=${range} onChange=${(e) => setRange(e.target.value)}>${RANGES.map(([v, l]) => html`<option value=${v}>${l}</option>`)}</select></label>
-      <label>Format<select data-testid="report-format" value=${format} onChange=${(e) => setFormat(e.target.value)}><option value="csv">CSV</option><option value="jsonl">JSON lines</option></select></label>
-      <label>Metrics (comma-separated, optional)<input class="mono" data-testid="report-metrics" value=${metrics} onInput=${(e) => setMetrics(e.target.value)} placeholder="battery, temp" /></label>
+      <label>Kind<select data-testid="report-kind" value=${kind} onChange=${(e) => { setKind(e.target.value); setFormat(e.target.value === "fleet" ? "html" : "csv"); }}><option value="telemetry">Telemetry (points of the devices)</option><option value="fleet">Fleet (health per cohort, versions, alerts)</option></select></label>
+      <label>Devices (selector${fleet ? ", optional" : ""})<input required=${!fleet} class="mono" data-testid="report-selector" value=${selector} onInput=${(e) => setSelector(e.target.value)} autofocus placeholder="tag:site=berlin" /></label>
+      ${fleet
+        ? html`<label>Cohorts (group by, optional)<input class="mono" data-testid="report-group-by" value=${groupBy} onInput=${(e) => setGroupBy(e.target.value)} placeholder="tag:site,version" /></label>
+          <label>Format<select data-testid="report-format" value=${format} onChange=${(e) => setFormat(e.target.value)}><option value="html">HTML page</option><option value="csv">CSV (cohort table)</option></select></label>`
+        : html`<label>Range<select data-testid="report-range" value=${range} onChange=${(e) => setRange(e.target.value)}>${RANGES.map(([v, l]) => html`<option value=${v}>${l}</option>`)}</select></label>
+          <label>Format<select data-testid="report-format" value=${format} onChange=${(e) => setFormat(e.target.value)}><option value="csv">CSV</option><option value="jsonl">JSON lines</option></select></label>
+          <label>Metrics (comma-separated, optional)<input class="mono" data-testid="report-metrics" value=${metrics} onInput=${(e) => setMetrics(e.target.value)} placeholder="battery, temp" /></label>`}
       <p class="hint">The report runs in the background as a job; download it here once it has succeeded.</p>
       ${error && html`<p class="form-error mono" data-testid="report-error" role="alert">${error}</p>`}
       <div class="actions"><button type="button" class="btn" onClick=${onClose}>Cancel</button><button type="submit" class="btn primary" data-testid="report-submit" disabled=${busy}>Queue report</button></div>

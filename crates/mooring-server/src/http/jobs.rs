@@ -84,19 +84,20 @@ pub(super) async fn create_job(
 
 #[utoipa::path(post, path = "/api/v1/reports", request_body = CreateReport,
     responses((status = 202, body = Job, description = "queued as a job with action `report`; poll GET /api/v1/jobs/{id}, then download GET /api/v1/jobs/{id}/result"),
-        (status = 400, body = ErrorBody, description = "invalid_kind, invalid_format, invalid_range, invalid_metrics, invalid_selector"),
+        (status = 400, body = ErrorBody, description = "invalid_kind, invalid_format, invalid_range, invalid_metrics, invalid_selector, invalid_group_by, invalid_params"),
         (status = 429, body = ErrorBody, description = "too_many_jobs: 10 of the caller's jobs are unfinished")))]
 pub(super) async fn create_report(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateReport>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
-    let spec = ReportSpec::from_request(
+    let spec = ReportSpec::from_api(
         &req.kind,
-        req.format.as_deref().unwrap_or("csv"),
+        req.format.as_deref(),
         req.from_ms,
         req.to_ms,
         req.metrics,
+        req.group_by,
     )?;
     let job = app
         .jobs
@@ -164,10 +165,19 @@ pub(super) async fn get_job_result(
     if let Ok(v) = HeaderValue::from_str(&len.to_string()) {
         h.insert(header::CONTENT_LENGTH, v);
     }
-    let ext = if content_type.starts_with("text/csv") {
-        "csv"
-    } else {
-        "jsonl"
+    // Never shown as a page of the API's origin: a download, with nothing it could run.
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; sandbox"),
+    );
+    let ext = match content_type.split(';').next().unwrap_or("") {
+        "text/csv" => "csv",
+        "text/html" => "html",
+        _ => "jsonl",
     };
     if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{}.{ext}\"", job.id)) {
         h.insert(header::CONTENT_DISPOSITION, v);

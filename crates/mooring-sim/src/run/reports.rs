@@ -54,7 +54,11 @@ async fn try_check(app: &App, job: &JobRecord, r: &mut JobReport) -> Result<(), 
         rows += 1;
         seen.insert(((*device).to_owned(), ts, (*metric).to_owned()));
     }
-    let sel = Selector::parse(&job.selector).map_err(|e| e.to_string())?;
+    let sel = if job.selector.is_empty() {
+        Selector { terms: Vec::new() }
+    } else {
+        Selector::parse(&job.selector).map_err(|e| e.to_string())?
+    };
     let readback = app.readback();
     let (mut expected, mut missing) = (0u64, 0u64);
     let mut cursor: Option<String> = None;

@@ -40,6 +40,29 @@ pub enum ReportCommand {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// The fleet report: health per cohort over the last 24 hours, flagged cohorts, firmware
+    /// versions and open alerts, as one HTML page (or the cohort table as CSV), e.g.
+    /// `mooring report fleet --group-by tag:site,version --out fleet.html`.
+    Fleet {
+        /// Which devices, e.g. 'tag:customer=acme' [default: every device you may see].
+        #[arg(long)]
+        selector: Option<String>,
+        /// Cohorts: up to 3 comma-separated keys, each tag:<key> or version [default: none,
+        /// the whole selection].
+        #[arg(long, value_name = "KEYS")]
+        group_by: Option<String>,
+        /// html (every section) or csv (the cohort table).
+        #[arg(long, default_value = "html")]
+        format: String,
+        /// Write the report to this file (replaced only once complete) [default: stdout].
+        #[arg(long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Print the job and return at once; download it later with `mooring job result`.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        output: OutputArgs,
+    },
 }
 
 pub async fn report(args: ApiArgs, command: ReportCommand) -> anyhow::Result<u8> {
@@ -68,26 +91,59 @@ pub async fn report(args: ApiArgs, command: ReportCommand) -> anyhow::Result<u8>
             let req = mooring_api::CreateReport {
                 kind: "telemetry".to_owned(),
                 selector,
-                from_ms,
-                to_ms,
+                from_ms: Some(from_ms),
+                to_ms: Some(to_ms),
                 format: Some(format),
                 metrics,
+                group_by: None,
             };
-            let api = args.connect()?;
-            let job = call(api.create_report(&req).await)?;
-            if no_wait {
-                print_job(&job, output)?;
-                return Ok(EXIT_OK);
+            make(&args, &req, out.as_deref(), no_wait, output).await
+        }
+        ReportCommand::Fleet {
+            selector,
+            group_by,
+            format,
+            out,
+            no_wait,
+            output,
+        } => {
+            let selector = selector.unwrap_or_default();
+            if !matches!(format.as_str(), "html" | "csv") {
+                return usage(format!("--format {format:?} is not one of html, csv"));
             }
-            let job = wait_job(&api, job).await?;
-            if job.state != "succeeded" {
-                print_job(&job, output)?;
-                return Ok(job_exit(&job));
-            }
-            download(&api, &job.id, out.as_deref()).await?;
-            Ok(EXIT_OK)
+            let req = mooring_api::CreateReport {
+                kind: "fleet".to_owned(),
+                selector,
+                format: Some(format),
+                group_by,
+                ..Default::default()
+            };
+            make(&args, &req, out.as_deref(), no_wait, output).await
         }
     }
+}
+
+/// Queues the report; unless `no_wait`, follows it and downloads it once it has succeeded.
+async fn make(
+    args: &ApiArgs,
+    req: &mooring_api::CreateReport,
+    out: Option<&Path>,
+    no_wait: bool,
+    output: OutputArgs,
+) -> anyhow::Result<u8> {
+    let api = args.connect()?;
+    let job = call(api.create_report(req).await)?;
+    if no_wait {
+        print_job(&job, output)?;
+        return Ok(EXIT_OK);
+    }
+    let job = wait_job(&api, job).await?;
+    if job.state != "succeeded" {
+        print_job(&job, output)?;
+        return Ok(job_exit(&job));
+    }
+    download(&api, &job.id, out).await?;
+    Ok(EXIT_OK)
 }
 
 /// `mooring job result ID [-o FILE]`.
