@@ -986,6 +986,11 @@ impl ServerConfig {
             bail!("jobs.poll_interval_ms must be at least 1 and jobs.batch_pause_ms at most 60000");
         }
         crate::webhooks::validate(&self.webhooks)?;
+        for name in &self.rules.alert_webhooks {
+            if !self.webhooks.iter().any(|w| &w.name == name) {
+                bail!("rules.alert_webhooks names {name:?}, which no [[webhook]] defines");
+            }
+        }
         if self.jobs.workers == 0 && !self.is_shared() {
             bail!("jobs.workers = 0 leaves a single node's jobs to nobody: it is for the nodes of a cluster whose jobs run on `mooring worker`s");
         }

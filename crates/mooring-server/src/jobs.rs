@@ -78,6 +78,8 @@ pub struct ReportSources {
 
 /// `created_by` of a rule's webhook notifications: `rule:<rule id>`.
 pub const RULE_CREATOR_PREFIX: &str = "rule:";
+/// `created_by` of the notifications of alert changes (`[rules] alert_webhooks`).
+pub const ALERTS_CREATOR: &str = "alerts";
 /// Turns one worker pass runs at most, so pruning and the stop signal get their turn.
 const TURNS_PER_PASS: usize = 1_000;
 /// How often finished jobs are pruned.
@@ -545,17 +547,18 @@ impl Jobs {
         &self.webhooks
     }
 
-    /// Queues a rule's webhook notification about `device` (created by `rule:<rule id>`, under
-    /// the rule's scope). `Ok(false)`: dropped, the rule already has
-    /// [`crate::webhooks::PENDING_PER_RULE_MAX`] unfinished (counted).
+    /// Queues a webhook notification about `device` (none: about the fleet) by `creator`: a
+    /// rule's (`rule:<rule id>`, under the rule's scope) or the alerts' ([`ALERTS_CREATOR`]).
+    /// `Ok(false)`: dropped, `creator` already has [`crate::webhooks::PENDING_PER_RULE_MAX`]
+    /// unfinished (counted).
     pub async fn enqueue_delivery(
         &self,
-        rule_id: &str,
+        creator: &str,
         access: &Access,
-        device: &DeviceId,
+        device: Option<&DeviceId>,
         delivery: crate::webhooks::Delivery,
     ) -> ServiceResult<bool> {
-        let creator = format!("{RULE_CREATOR_PREFIX}{rule_id}");
+        let creator = creator.to_owned();
         let pending = self.core.store.count_unfinished_jobs(&creator).await?;
         if pending >= crate::webhooks::PENDING_PER_RULE_MAX {
             self.webhooks
@@ -565,7 +568,9 @@ impl Jobs {
             return Ok(false);
         }
         let sel = Selector {
-            terms: vec![mooring_proto::selector::Term::Ids(vec![device.clone()])],
+            terms: device
+                .map(|d| vec![mooring_proto::selector::Term::Ids(vec![d.clone()])])
+                .unwrap_or_default(),
         };
         let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
         let now_ms = self.core.now_ms();
@@ -931,6 +936,10 @@ impl Jobs {
                 Some(rule) => Some(format!("rule {} was disabled", rule.name)),
                 None => Some(format!("rule {rule_id} was deleted")),
             },
+            // The server's own: notifications of alert changes ([rules] alert_webhooks).
+            None if job.created_by == ALERTS_CREATOR && matches!(action, JobAction::Webhook(_)) => {
+                None
+            }
             None => self.creator_refused(job, &action).await?,
         };
         if let Some(reason) = refused {

@@ -85,6 +85,9 @@ pub struct RulesConfig {
     /// 1 min): `on command_failed` with `command:diagnostics`, or a flapping link with an
     /// `on disconnected` rule, cannot loop at the device's pace. Alerts still count each firing.
     pub action_cooldown_ms: u64,
+    /// `[[webhook]]`s told of every rule alert's changes: raised (`alert.firing`),
+    /// acknowledged, resolved (by hand, by its condition clearing).
+    pub alert_webhooks: Vec<String>,
 }
 
 impl Default for RulesConfig {
@@ -99,6 +102,7 @@ impl Default for RulesConfig {
             alerts_keep_ms: 30 * 86_400_000,
             alerts_keep_max: 100_000,
             action_cooldown_ms: 60_000,
+            alert_webhooks: Vec::new(),
         }
     }
 }
@@ -673,13 +677,16 @@ impl Rules {
         id: &str,
         by: &str,
     ) -> ServiceResult<mooring_api::Alert> {
-        self.visible_alert(access, id).await?;
+        let before = self.visible_alert(access, id).await?;
         let a = self
             .core
             .store
             .acknowledge_alert(id, by, self.core.now_ms())
             .await?
             .ok_or_else(|| alert_not_found(id))?;
+        if before.state == AlertState::Firing && a.state == AlertState::Acknowledged {
+            self.notify_alert("alert.acknowledged", &a).await;
+        }
         if a.state == AlertState::Resolved {
             return Err(ServiceError::new(
                 ErrorKind::Conflict,
@@ -697,13 +704,16 @@ impl Rules {
         id: &str,
         by: &str,
     ) -> ServiceResult<mooring_api::Alert> {
-        self.visible_alert(access, id).await?;
+        let before = self.visible_alert(access, id).await?;
         let a = self
             .core
             .store
             .resolve_alert(id, by, self.core.now_ms())
             .await?
             .ok_or_else(|| alert_not_found(id))?;
+        if before.state != AlertState::Resolved && a.state == AlertState::Resolved {
+            self.notify_alert("alert.resolved", &a).await;
+        }
         Ok(alert_view(&a))
     }
 
@@ -1062,14 +1072,18 @@ impl Rules {
         match change {
             Change::Clear => {
                 Counters::inc(&self.counters.cleared);
-                if let Err(e) = self
+                match self
                     .core
                     .store
                     .resolve_open_alert(&rule.rec.id, device.as_str(), "auto", at_ms)
                     .await
                 {
-                    Counters::inc(&self.counters.actions_failed);
-                    tracing::warn!(rule = %rule.rec.name, device = %device, error = %e, "resolving an alert failed");
+                    Ok(Some(a)) => self.notify_alert("alert.resolved", &a).await,
+                    Ok(None) => {}
+                    Err(e) => {
+                        Counters::inc(&self.counters.actions_failed);
+                        tracing::warn!(rule = %rule.rec.name, device = %device, error = %e, "resolving an alert failed");
+                    }
                 }
             }
             Change::Fire { detail } => {
@@ -1162,7 +1176,12 @@ impl Rules {
                     )
                     .await?;
                 match fired {
-                    Some((_, new)) => Ok(new),
+                    Some((a, new)) => {
+                        if new {
+                            self.notify_alert("alert.firing", &a).await;
+                        }
+                        Ok(new)
+                    }
                     None => {
                         Counters::inc(&self.counters.alerts_dropped);
                         Ok(false)
@@ -1211,12 +1230,43 @@ impl Rules {
                     webhook: name.clone(),
                     body,
                 };
+                let creator = format!("{}{}", crate::jobs::RULE_CREATOR_PREFIX, rule.rec.id);
                 self.jobs
-                    .enqueue_delivery(&rule.rec.id, &rule.access, device, delivery)
+                    .enqueue_delivery(&creator, &rule.access, Some(device), delivery)
                     .await?;
                 Ok(false)
             }
             Action::Nats(_) | Action::Job(_) => Ok(false),
+        }
+    }
+
+    /// Queues a notification of an alert's change to every `[rules] alert_webhooks` (failures
+    /// are counted and logged; the change stands).
+    async fn notify_alert(&self, event: &str, a: &AlertRecord) {
+        let names = &self.config().alert_webhooks;
+        if names.is_empty() {
+            return;
+        }
+        let device = DeviceId::parse(&a.device_id).ok();
+        let body = serde_json::json!({"event": event, "alert": alert_view(a)});
+        for name in names {
+            let delivery = crate::webhooks::Delivery {
+                webhook: name.clone(),
+                body: body.clone(),
+            };
+            if let Err(e) = self
+                .jobs
+                .enqueue_delivery(
+                    crate::jobs::ALERTS_CREATOR,
+                    &Access::all(),
+                    device.as_ref(),
+                    delivery,
+                )
+                .await
+            {
+                Counters::inc(&self.counters.actions_failed);
+                tracing::warn!(alert = %a.id, webhook = %name, error = %e, "queueing an alert notification failed");
+            }
         }
     }
 

@@ -78,12 +78,15 @@ async fn a_rules_webhook_is_signed_retried_until_accepted_and_a_dead_one_is_list
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let (addr, got) = receiver(2).await;
+    let (alerts_addr, alerts_got) = receiver(0).await;
     // A port nobody listens on: every try is refused.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port");
     let config = format!(
         "[jobs]\nretry_backoff_ms = 100\npoll_interval_ms = 100\nattempts_max = 4\n\
+         [rules]\nalert_webhooks = [\"alerts\"]\n\
+         [[webhook]]\nname = \"alerts\"\nurl = \"http://{alerts_addr}/hook\"\nsecret_file = \"{s}\"\n\
          [[webhook]]\nname = \"ops\"\nurl = \"http://{addr}/hook\"\nsecret_file = \"{s}\"\n\
          [[webhook]]\nname = \"broken\"\nurl = \"http://{closed}/hook\"\nsecret_file = \"{s}\"\ntimeout_ms = 500\n",
         s = secret_file.display()
@@ -186,11 +189,48 @@ async fn a_rules_webhook_is_signed_retried_until_accepted_and_a_dead_one_is_list
         .await;
     assert_eq!(status, 404, "a delivered notification is deleted");
     assert_eq!(got.lock().expect("lock").len(), 3, "delivered once");
-    let metrics = server.metrics_text().await;
-    assert!(
-        metrics.contains("mooring_webhook_deliveries_total{outcome=\"delivered\"} 1"),
-        "{metrics}"
+    // The alert the rule raised was told to the alert webhook, then its acknowledgement and
+    // its resolution (each change once, signed like the rest).
+    let (_, open) = server.api("GET", "/api/v1/alerts?state=open", None).await;
+    let alert_id = open["alerts"][0]["id"]
+        .as_str()
+        .expect("an open alert")
+        .to_owned();
+    for verb in ["acknowledge", "resolve"] {
+        let (status, v) = server
+            .api("POST", &format!("/api/v1/alerts/{alert_id}/{verb}"), None)
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let deadline = Instant::now() + WAIT;
+    while alerts_got.lock().expect("lock").len() < 3 {
+        assert!(Instant::now() < deadline, "alert changes were not all told");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let told = alerts_got.lock().expect("lock").clone();
+    let mut events = Vec::new();
+    for (h, body) in &told {
+        assert!(signature_ok(h, body));
+        let v: Value = serde_json::from_slice(body).expect("JSON");
+        assert_eq!(v["alert"]["id"], alert_id.as_str(), "{v}");
+        events.push(v["event"].as_str().unwrap_or("").to_owned());
+    }
+    events.sort();
+    assert_eq!(
+        events,
+        ["alert.acknowledged", "alert.firing", "alert.resolved"],
+        "{told:?}"
     );
+    // Counted once each answer is in (the receiver saw the request a moment before).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let metrics = server.metrics_text().await;
+        if metrics.contains("mooring_webhook_deliveries_total{outcome=\"delivered\"} 4") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// A secret file others may read stops the start, saying so.
