@@ -118,6 +118,9 @@ impl Outbox {
     }
 }
 
+/// Where rules' `nats:SUBJECT` notifications go: `<bus prefix>.rules.<subject>`.
+pub const RULES_SUBJECT_PREFIX: &str = "rules.";
+
 /// Cluster counters (`/metrics`, `mooring_cluster_*`).
 #[derive(Debug, Default)]
 pub struct ClusterCounters {
@@ -187,6 +190,19 @@ impl Cluster {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// A rule's `nats:SUBJECT` notification: `payload` as is (not signed; for other programs,
+    /// not for the nodes) on `<bus prefix>.rules.<subject>`, apart from the subjects the nodes
+    /// use.
+    pub async fn publish_for_rules(
+        &self,
+        subject: &str,
+        payload: Bytes,
+    ) -> Result<(), mooring_bus::BusError> {
+        self.bus
+            .publish(&format!("{RULES_SUBJECT_PREFIX}{subject}"), payload)
+            .await
     }
 
     /// Nodes heard from at or after this time are alive.

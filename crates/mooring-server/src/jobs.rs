@@ -107,6 +107,9 @@ pub enum JobAction {
     /// A rule's webhook notification (issue 18): created by [`Jobs::enqueue_delivery`] when a
     /// rule fires, one POST, deleted once delivered.
     Webhook(crate::webhooks::Delivery),
+    /// A rule's NATS notification (issue 18): one publish on the cluster's NATS, deleted once
+    /// published.
+    Publish(crate::webhooks::Publish),
 }
 
 /// The parameters of a fleet rotation.
@@ -175,6 +178,7 @@ impl JobAction {
             JobAction::RotateCerts(_) => ROTATE_CERTS_ACTION,
             JobAction::Report(_) => crate::reports::REPORT_ACTION,
             JobAction::Webhook(_) => crate::webhooks::WEBHOOK_ACTION,
+            JobAction::Publish(_) => crate::webhooks::NATS_ACTION,
         }
     }
 
@@ -187,7 +191,8 @@ impl JobAction {
             | JobAction::Untag(_)
             | JobAction::Delete
             | JobAction::RotateCerts(_)
-            | JobAction::Webhook(_) => None,
+            | JobAction::Webhook(_)
+            | JobAction::Publish(_) => None,
         }
     }
 
@@ -226,6 +231,7 @@ impl JobAction {
             }),
             JobAction::Report(r) => json!({ "report": r.to_json() }),
             JobAction::Webhook(d) => d.params(),
+            JobAction::Publish(p) => p.params(),
         }
     }
 
@@ -308,7 +314,7 @@ impl JobAction {
                 }
                 Ok(())
             }
-            JobAction::Delete | JobAction::Webhook(_) => Ok(()),
+            JobAction::Delete | JobAction::Webhook(_) | JobAction::Publish(_) => Ok(()),
             JobAction::Report(r) => r.validate(),
             JobAction::RotateCerts(r) => {
                 if r.max_per_minute == 0 || r.max_per_minute > ROTATIONS_PER_MINUTE_MAX {
@@ -356,6 +362,9 @@ impl JobAction {
             }
             crate::webhooks::WEBHOOK_ACTION => {
                 JobAction::Webhook(crate::webhooks::Delivery::from_params(params)?)
+            }
+            crate::webhooks::NATS_ACTION => {
+                JobAction::Publish(crate::webhooks::Publish::from_params(params)?)
             }
             other => return Err(format!("unknown action {other:?}")),
         };
@@ -556,7 +565,7 @@ impl Jobs {
         creator: &str,
         access: &Access,
         device: Option<&DeviceId>,
-        delivery: crate::webhooks::Delivery,
+        action: JobAction,
     ) -> ServiceResult<bool> {
         let creator = creator.to_owned();
         let pending = self.core.store.count_unfinished_jobs(&creator).await?;
@@ -574,7 +583,6 @@ impl Jobs {
         };
         let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
         let now_ms = self.core.now_ms();
-        let action = JobAction::Webhook(delivery);
         let job = JobRecord {
             id: new_job_id(now_ms),
             action: action.name().to_owned(),
@@ -608,6 +616,45 @@ impl Jobs {
             .await?;
         self.wake.notify_one();
         Ok(true)
+    }
+
+    /// A rule's NATS notification, published once (every failure is retried by the queue).
+    async fn publish(&self, p: &crate::webhooks::Publish) -> ServiceResult<()> {
+        use std::sync::atomic::Ordering;
+        let counters = &self.webhooks.counters;
+        let Some(cluster) = self.core.cluster() else {
+            return Err(ServiceError::new(
+                ErrorKind::Unavailable,
+                "no_nats",
+                "nats notifications need the cluster's NATS ([bus] url)",
+            ));
+        };
+        let body = serde_json::to_vec(&p.body)
+            .map_err(|e| ServiceError::internal(format!("notification body: {e}")))?;
+        match cluster.publish_for_rules(&p.subject, body.into()).await {
+            Ok(()) => {
+                counters.nats_published.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                counters.nats_failed.fetch_add(1, Ordering::Relaxed);
+                Err(ServiceError::new(
+                    ErrorKind::Unavailable,
+                    "nats_failed",
+                    format!("publishing on {}: {e}", p.subject),
+                ))
+            }
+        }
+    }
+
+    /// A notification sent: its job is deleted (the dead letters are what stays).
+    async fn delivered(&self, job: &mut JobRecord) -> ServiceResult<Turn> {
+        if self.core.store.delete_job(&job.id, job.rev).await? {
+            // Gone: nothing of it is left to release.
+            return Ok(Turn::Lost);
+        }
+        job.done = 1;
+        self.finish_turn(job, JobState::Succeeded).await
     }
 
     /// A job the caller sees (else `job_not_found`): a scoped caller sees the jobs whose
@@ -937,7 +984,9 @@ impl Jobs {
                 None => Some(format!("rule {rule_id} was deleted")),
             },
             // The server's own: notifications of alert changes ([rules] alert_webhooks).
-            None if job.created_by == ALERTS_CREATOR && matches!(action, JobAction::Webhook(_)) => {
+            None if job.created_by == ALERTS_CREATOR
+                && matches!(action, JobAction::Webhook(_) | JobAction::Publish(_)) =>
+            {
                 None
             }
             None => self.creator_refused(job, &action).await?,
@@ -953,12 +1002,11 @@ impl Jobs {
         if let JobAction::Webhook(d) = &action {
             // Every failure is retried by the queue (backoff, then dead).
             self.webhooks.deliver(&job.id, d).await?;
-            if self.core.store.delete_job(&job.id, job.rev).await? {
-                // Delivered and gone: nothing of it is left to release.
-                return Ok(Turn::Lost);
-            }
-            job.done = 1;
-            return self.finish_turn(job, JobState::Succeeded).await;
+            return self.delivered(job).await;
+        }
+        if let JobAction::Publish(p) = &action {
+            self.publish(p).await?;
+            return self.delivered(job).await;
         }
         if let JobAction::Command(c) = &action {
             return self.run_command(job, &access, c).await;
@@ -1097,7 +1145,8 @@ impl Jobs {
             JobAction::Command(_)
             | JobAction::RotateCerts(_)
             | JobAction::Report(_)
-            | JobAction::Webhook(_) => ids
+            | JobAction::Webhook(_)
+            | JobAction::Publish(_) => ids
                 .iter()
                 .map(|_| Err(ServiceError::internal("this job acts on the selection")))
                 .collect(),

@@ -394,6 +394,15 @@ pub fn render_metrics(app: &App) -> String {
             ("dropped", load(&app.jobs.webhooks().counters.dropped)),
         ],
     )
+    .labeled_counters(
+        "mooring_rule_nats_total",
+        "Rules' NATS notifications by outcome: published, failed (retried, or dead after [jobs] attempts_max)",
+        "outcome",
+        [
+            ("published", load(&app.jobs.webhooks().counters.nats_published)),
+            ("failed", load(&app.jobs.webhooks().counters.nats_failed)),
+        ],
+    )
     .counter(
         "mooring_health_flushed_total",
         "Per-device health deltas this node wrote to the store",

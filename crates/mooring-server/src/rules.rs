@@ -286,15 +286,32 @@ fn check_name(name: &str) -> ServiceResult<()> {
 }
 
 /// The actions this server takes (the rest of the language is refused until it does).
-fn check_actions(text: &str, webhooks: &crate::webhooks::Webhooks) -> ServiceResult<Vec<Action>> {
+fn check_actions(
+    text: &str,
+    webhooks: &crate::webhooks::Webhooks,
+    nats: bool,
+) -> ServiceResult<Vec<Action>> {
     let actions = mooring_rules::parse_actions(text)
         .map_err(|e| ServiceError::invalid("invalid_rule", format!("then: {e}")))?;
     for a in &actions {
-        if matches!(a, Action::Nats(_) | Action::Job(_)) {
+        if matches!(a, Action::Job(_)) {
             return Err(ServiceError::invalid(
                 "unsupported_action",
-                format!("then: {a}: nats and job actions are not available in this version (docs/health.md)"),
+                format!(
+                    "then: {a}: job actions are not available in this version (docs/health.md)"
+                ),
             ));
+        }
+        if let Action::Nats(subject) = a {
+            if !nats {
+                return Err(ServiceError::invalid(
+                    "unsupported_action",
+                    format!("then: {a}: nats notifications need a cluster on NATS ([bus] url = \"nats://...\")"),
+                ));
+            }
+            let full = format!("{}{subject}", crate::cluster::RULES_SUBJECT_PREFIX);
+            mooring_bus::names::validate_subject(&full)
+                .map_err(|e| ServiceError::invalid("invalid_rule", format!("then: {a}: {e}")))?;
         }
         if let Action::Webhook(name) = a {
             if !webhooks.has(name) {
@@ -318,6 +335,14 @@ fn check_actions(text: &str, webhooks: &crate::webhooks::Webhooks) -> ServiceRes
         }
     }
     Ok(actions)
+}
+
+/// The webhook name of a `webhook:NAME` action.
+fn action_target(a: &Action) -> &str {
+    match a {
+        Action::Webhook(name) => name,
+        _ => "",
+    }
 }
 
 /// What the creator of a rule needs: `devices.write`, and `commands.write` to send commands.
@@ -457,7 +482,15 @@ impl Rules {
         check_name(&req.name)?;
         let cond = Condition::parse(&req.when)
             .map_err(|e| ServiceError::invalid("invalid_rule", format!("when: {e}")))?;
-        let actions = check_actions(&req.then, self.jobs.webhooks())?;
+        let nats = self.core.cluster().is_some()
+            && self
+                .core
+                .config
+                .bus
+                .url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("nats://"));
+        let actions = check_actions(&req.then, self.jobs.webhooks(), nats)?;
         if !allowed_for(role, &actions) {
             return Err(ServiceError::new(
                 ErrorKind::Forbidden,
@@ -1188,7 +1221,9 @@ impl Rules {
                     }
                 }
             }
-            Action::Command(_) | Action::Tag { .. } | Action::Webhook(_) if !device_actions => {
+            Action::Command(_) | Action::Tag { .. } | Action::Webhook(_) | Action::Nats(_)
+                if !device_actions =>
+            {
                 Counters::inc(&self.counters.actions_suppressed);
                 Ok(false)
             }
@@ -1217,7 +1252,7 @@ impl Rules {
                 results.into_iter().next().unwrap_or(Ok(()))?;
                 Ok(false)
             }
-            Action::Webhook(name) => {
+            Action::Webhook(_) | Action::Nats(_) => {
                 let body = serde_json::json!({
                     "event": "rule.fired",
                     "rule": rule.rec.name,
@@ -1226,9 +1261,17 @@ impl Rules {
                     "detail": detail,
                     "fired_ms": at_ms,
                 });
-                let delivery = crate::webhooks::Delivery {
-                    webhook: name.clone(),
-                    body,
+                let delivery = match action {
+                    Action::Nats(subject) => {
+                        crate::jobs::JobAction::Publish(crate::webhooks::Publish {
+                            subject: subject.clone(),
+                            body,
+                        })
+                    }
+                    _ => crate::jobs::JobAction::Webhook(crate::webhooks::Delivery {
+                        webhook: action_target(action).to_owned(),
+                        body,
+                    }),
                 };
                 let creator = format!("{}{}", crate::jobs::RULE_CREATOR_PREFIX, rule.rec.id);
                 self.jobs
@@ -1236,7 +1279,7 @@ impl Rules {
                     .await?;
                 Ok(false)
             }
-            Action::Nats(_) | Action::Job(_) => Ok(false),
+            Action::Job(_) => Ok(false),
         }
     }
 
@@ -1250,10 +1293,10 @@ impl Rules {
         let device = DeviceId::parse(&a.device_id).ok();
         let body = serde_json::json!({"event": event, "alert": alert_view(a)});
         for name in names {
-            let delivery = crate::webhooks::Delivery {
+            let delivery = crate::jobs::JobAction::Webhook(crate::webhooks::Delivery {
                 webhook: name.clone(),
                 body: body.clone(),
-            };
+            });
             if let Err(e) = self
                 .jobs
                 .enqueue_delivery(

@@ -122,6 +122,31 @@ impl Delivery {
     }
 }
 
+/// The job action of a rule's `nats:SUBJECT` notification.
+pub const NATS_ACTION: &str = "nats";
+
+/// A rule's NATS notification, as stored with its job: `body` published on
+/// `<bus prefix>.rules.<subject>` (`crate::cluster::Cluster::publish_for_rules`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publish {
+    pub subject: String,
+    pub body: Value,
+}
+
+impl Publish {
+    pub fn params(&self) -> Value {
+        serde_json::json!({"subject": self.subject, "body": self.body})
+    }
+
+    pub fn from_params(v: &Value) -> Result<Self, String> {
+        let subject = v["subject"].as_str().ok_or("no subject")?.to_owned();
+        Ok(Publish {
+            subject,
+            body: v["body"].clone(),
+        })
+    }
+}
+
 struct Endpoint {
     url: reqwest::Url,
     key: ring::hmac::Key,
@@ -134,6 +159,9 @@ pub struct WebhookCounters {
     pub delivered: AtomicU64,
     pub failed: AtomicU64,
     pub dropped: AtomicU64,
+    /// Rules' NATS notifications published, and tries that failed.
+    pub nats_published: AtomicU64,
+    pub nats_failed: AtomicU64,
 }
 
 /// The configured webhooks and the HTTP client that calls them.

@@ -1704,3 +1704,58 @@ async fn a_report_survives_its_worker_killed_mid_way_and_holds_every_point_once(
         }
     }
 }
+
+/// A rule's `nats:SUBJECT` action on a cluster: the notification is published on the
+/// cluster's NATS as `<prefix>.rules.<subject>`, where any NATS client can take it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_nats_action_publishes_on_the_clusters_nats() {
+    let env = Env::new().await;
+    let a = env.start("a");
+    use mooring_bus::Bus;
+    let listener =
+        mooring_bus::NatsBus::connect(mooring_bus::NatsConfig::new(nats_url(), env.prefix.clone()))
+            .await
+            .expect("a NATS client");
+    let mut sub = listener
+        .subscribe("rules.fleet.hot")
+        .await
+        .expect("subscribe");
+    let (status, v) = a
+        .api(
+            "POST",
+            "/api/v1/rules",
+            Some(json!({"name": "hot", "when": "temp > 50", "then": "nats:fleet.hot"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let (status, v) = a
+        .api(
+            "POST",
+            "/api/v1/rules",
+            Some(json!({"name": "bad", "when": "temp > 50", "then": "nats:fleet.*"})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_rule")),
+        "{v}"
+    );
+    let creds = a.create_device("n1", env.tmp.path());
+    let mut dev = MqttDevice::connect(&a, &creds, "n1").await;
+    dev.publish("devices/n1/telemetry", r#"{"temp": 70}"#).await;
+    let msg = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("published within the wait")
+        .expect("a message");
+    assert_eq!(msg.subject, "rules.fleet.hot");
+    let body: Value = serde_json::from_slice(&msg.payload).expect("JSON");
+    assert_eq!(
+        (&body["event"], &body["rule"], &body["device_id"]),
+        (&json!("rule.fired"), &json!("hot"), &json!("n1")),
+        "{body}"
+    );
+    a.wait_metric("mooring_rule_nats_total{outcome=\"published\"}", |n| {
+        n >= 1.0
+    })
+    .await;
+}

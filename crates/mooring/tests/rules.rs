@@ -263,6 +263,13 @@ async fn bad_rules_are_refused_with_the_reason_and_a_rule_stops_when_its_creator
         post(json!({"name": "x", "when": "battery < 15", "then": "webhook:ops"})).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
+        (400, Some("unknown_webhook")),
+        "{body}"
+    );
+    let (status, body) =
+        post(json!({"name": "x", "when": "battery < 15", "then": "job:report"})).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
         (400, Some("unsupported_action")),
         "{body}"
     );

@@ -106,6 +106,19 @@ async fn a_rules_webhook_is_signed_retried_until_accepted_and_a_dead_one_is_list
         (400, Some("unknown_webhook")),
         "{v}"
     );
+    // NATS notifications need a cluster on NATS.
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/rules",
+            Some(json!({"name": "x", "when": "temp > 50", "then": "nats:fleet.hot"})),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("unsupported_action")),
+        "{v}"
+    );
     for (name, then) in [
         ("hot", "webhook:ops,alert:warning"),
         ("hot-broken", "webhook:broken"),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 #[utoipa::path(post, path = "/api/v1/rules", request_body = CreateRule,
     responses((status = 201, body = Rule, description = "created; every node evaluates it within [rules] reload_interval_ms"),
-        (status = 400, body = ErrorBody, description = "invalid_rule (the message names the column of the error), invalid_name, invalid_selector, unsupported_action"),
+        (status = 400, body = ErrorBody, description = "invalid_rule (the message names the column of the error), invalid_name, invalid_selector, unsupported_action (job:, or nats: without a cluster on NATS), unknown_webhook"),
         (status = 403, body = ErrorBody, description = "a command action without commands.write"),
         (status = 409, body = ErrorBody, description = "rule_exists, too_many_rules")))]
 pub(super) async fn create_rule(
