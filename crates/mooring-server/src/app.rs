@@ -126,6 +126,7 @@ impl App {
         cluster: Option<Arc<Cluster>>,
         ota_keys: crate::ota::OtaKeys,
         webhooks: Arc<crate::webhooks::Webhooks>,
+        emails: Arc<crate::emails::Emails>,
     ) -> Self {
         let node = cluster.as_ref().map(|c| c.node().to_owned());
         let tracker = Arc::new(crate::health::Tracker::new(
@@ -182,6 +183,7 @@ impl App {
             registry.clone(),
             commands.clone(),
             webhooks,
+            emails,
             crate::jobs::ReportSources {
                 health: health.clone(),
                 fleet: fleet.clone(),

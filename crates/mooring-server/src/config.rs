@@ -68,6 +68,9 @@ pub struct ServerConfig {
     /// Webhooks rules notify (`[[webhook]]`, docs/health.md).
     #[serde(rename = "webhook")]
     pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    /// Email channels alerts go to (`[[email]]`, docs/health.md).
+    #[serde(rename = "email")]
+    pub emails: Vec<crate::emails::EmailConfig>,
 }
 
 /// `[ota]`.
@@ -703,6 +706,7 @@ impl Default for ServerConfig {
             health: crate::health::HealthConfig::default(),
             rules: crate::rules::RulesConfig::default(),
             webhooks: Vec::new(),
+            emails: Vec::new(),
             jobs: JobsConfig::default(),
             provisioning: ProvisioningConfig::default(),
         }
@@ -986,6 +990,12 @@ impl ServerConfig {
             bail!("jobs.poll_interval_ms must be at least 1 and jobs.batch_pause_ms at most 60000");
         }
         crate::webhooks::validate(&self.webhooks)?;
+        crate::emails::validate(&self.emails)?;
+        for name in &self.rules.alert_emails {
+            if !self.emails.iter().any(|e| &e.name == name) {
+                bail!("rules.alert_emails names {name:?}, which no [[email]] defines");
+            }
+        }
         for name in &self.rules.alert_webhooks {
             if !self.webhooks.iter().any(|w| &w.name == name) {
                 bail!("rules.alert_webhooks names {name:?}, which no [[webhook]] defines");

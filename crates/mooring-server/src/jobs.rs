@@ -110,6 +110,9 @@ pub enum JobAction {
     /// A rule's NATS notification (issue 18): one publish on the cluster's NATS, deleted once
     /// published.
     Publish(crate::webhooks::Publish),
+    /// An alert email (issue 18): one message through an `[[email]]` channel, deleted once
+    /// the SMTP server took it.
+    Email(crate::emails::EmailNote),
 }
 
 /// The parameters of a fleet rotation.
@@ -179,6 +182,7 @@ impl JobAction {
             JobAction::Report(_) => crate::reports::REPORT_ACTION,
             JobAction::Webhook(_) => crate::webhooks::WEBHOOK_ACTION,
             JobAction::Publish(_) => crate::webhooks::NATS_ACTION,
+            JobAction::Email(_) => crate::emails::EMAIL_ACTION,
         }
     }
 
@@ -192,7 +196,8 @@ impl JobAction {
             | JobAction::Delete
             | JobAction::RotateCerts(_)
             | JobAction::Webhook(_)
-            | JobAction::Publish(_) => None,
+            | JobAction::Publish(_)
+            | JobAction::Email(_) => None,
         }
     }
 
@@ -232,6 +237,7 @@ impl JobAction {
             JobAction::Report(r) => json!({ "report": r.to_json() }),
             JobAction::Webhook(d) => d.params(),
             JobAction::Publish(p) => p.params(),
+            JobAction::Email(e) => e.params(),
         }
     }
 
@@ -314,7 +320,10 @@ impl JobAction {
                 }
                 Ok(())
             }
-            JobAction::Delete | JobAction::Webhook(_) | JobAction::Publish(_) => Ok(()),
+            JobAction::Delete
+            | JobAction::Webhook(_)
+            | JobAction::Publish(_)
+            | JobAction::Email(_) => Ok(()),
             JobAction::Report(r) => r.validate(),
             JobAction::RotateCerts(r) => {
                 if r.max_per_minute == 0 || r.max_per_minute > ROTATIONS_PER_MINUTE_MAX {
@@ -366,6 +375,9 @@ impl JobAction {
             crate::webhooks::NATS_ACTION => {
                 JobAction::Publish(crate::webhooks::Publish::from_params(params)?)
             }
+            crate::emails::EMAIL_ACTION => {
+                JobAction::Email(crate::emails::EmailNote::from_params(params)?)
+            }
             other => return Err(format!("unknown action {other:?}")),
         };
         Ok(a)
@@ -410,6 +422,7 @@ pub struct Jobs {
     registry: Arc<Registry>,
     commands: Arc<Commands>,
     webhooks: Arc<crate::webhooks::Webhooks>,
+    emails: Arc<crate::emails::Emails>,
     sources: ReportSources,
     /// Wakes the runner when a job is created on this node.
     wake: Notify,
@@ -424,12 +437,14 @@ impl Jobs {
         registry: Arc<Registry>,
         commands: Arc<Commands>,
         webhooks: Arc<crate::webhooks::Webhooks>,
+        emails: Arc<crate::emails::Emails>,
         sources: ReportSources,
     ) -> Self {
         Self {
             core,
             registry,
             webhooks,
+            emails,
             sources,
             commands,
             wake: Notify::new(),
@@ -549,6 +564,11 @@ impl Jobs {
     /// What fleet reports read.
     pub(crate) fn sources(&self) -> &ReportSources {
         &self.sources
+    }
+
+    /// The email channels alerts go to.
+    pub fn emails(&self) -> &crate::emails::Emails {
+        &self.emails
     }
 
     /// The webhooks rules may notify.
@@ -985,7 +1005,10 @@ impl Jobs {
             },
             // The server's own: notifications of alert changes ([rules] alert_webhooks).
             None if job.created_by == ALERTS_CREATOR
-                && matches!(action, JobAction::Webhook(_) | JobAction::Publish(_)) =>
+                && matches!(
+                    action,
+                    JobAction::Webhook(_) | JobAction::Publish(_) | JobAction::Email(_)
+                ) =>
             {
                 None
             }
@@ -1006,6 +1029,10 @@ impl Jobs {
         }
         if let JobAction::Publish(p) = &action {
             self.publish(p).await?;
+            return self.delivered(job).await;
+        }
+        if let JobAction::Email(e) = &action {
+            self.emails.send(e).await?;
             return self.delivered(job).await;
         }
         if let JobAction::Command(c) = &action {
@@ -1146,7 +1173,8 @@ impl Jobs {
             | JobAction::RotateCerts(_)
             | JobAction::Report(_)
             | JobAction::Webhook(_)
-            | JobAction::Publish(_) => ids
+            | JobAction::Publish(_)
+            | JobAction::Email(_) => ids
                 .iter()
                 .map(|_| Err(ServiceError::internal("this job acts on the selection")))
                 .collect(),

@@ -50,6 +50,7 @@ pub mod cas;
 pub mod cluster;
 pub mod commands;
 pub mod config;
+pub mod emails;
 pub mod error;
 pub mod events;
 pub mod fleet;

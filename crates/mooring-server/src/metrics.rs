@@ -395,6 +395,15 @@ pub fn render_metrics(app: &App) -> String {
         ],
     )
     .labeled_counters(
+        "mooring_alert_emails_total",
+        "Alert emails by outcome: sent (the SMTP server took it), failed (retried, or dead after [jobs] attempts_max)",
+        "outcome",
+        [
+            ("sent", load(&app.jobs.emails().counters.sent)),
+            ("failed", load(&app.jobs.emails().counters.failed)),
+        ],
+    )
+    .labeled_counters(
         "mooring_rule_nats_total",
         "Rules' NATS notifications by outcome: published, failed (retried, or dead after [jobs] attempts_max)",
         "outcome",

@@ -88,6 +88,8 @@ pub struct RulesConfig {
     /// `[[webhook]]`s told of every rule alert's changes: raised (`alert.firing`),
     /// acknowledged, resolved (by hand, by its condition clearing).
     pub alert_webhooks: Vec<String>,
+    /// `[[email]]` channels told of the same changes.
+    pub alert_emails: Vec<String>,
 }
 
 impl Default for RulesConfig {
@@ -103,6 +105,7 @@ impl Default for RulesConfig {
             alerts_keep_max: 100_000,
             action_cooldown_ms: 60_000,
             alert_webhooks: Vec::new(),
+            alert_emails: Vec::new(),
         }
     }
 }
@@ -335,6 +338,40 @@ fn check_actions(
         }
     }
     Ok(actions)
+}
+
+/// An alert change as an email: its subject and plain text.
+fn alert_email(event: &str, a: &AlertRecord) -> (String, String) {
+    let change = event.strip_prefix("alert.").unwrap_or(event);
+    let device = if a.device_id.is_empty() {
+        "the fleet"
+    } else {
+        a.device_id.as_str()
+    };
+    let subject = format!(
+        "[Mooring] {} {change}: {} on {device}",
+        a.severity, a.rule_name
+    );
+    let mut text = format!(
+        "Alert {id} is {change}.\n\nRule:     {rule}\nDevice:   {device}\nSeverity: {sev}\nSeen:     {detail}\nFired:    {count} time(s)\n",
+        id = a.id,
+        rule = a.rule_name,
+        sev = a.severity,
+        detail = a.detail,
+        count = a.count,
+    );
+    if let Some(by) = a
+        .acknowledged_by
+        .as_deref()
+        .filter(|_| change == "acknowledged")
+    {
+        text.push_str(&format!("By:       {by}\n"));
+    }
+    if let Some(by) = a.resolved_by.as_deref().filter(|_| change == "resolved") {
+        text.push_str(&format!("By:       {by}\n"));
+    }
+    text.push_str(&format!("\nmooring alert show {id}\n", id = a.id));
+    (subject, text)
 }
 
 /// The webhook name of a `webhook:NAME` action.
@@ -1286,17 +1323,34 @@ impl Rules {
     /// Queues a notification of an alert's change to every `[rules] alert_webhooks` (failures
     /// are counted and logged; the change stands).
     async fn notify_alert(&self, event: &str, a: &AlertRecord) {
-        let names = &self.config().alert_webhooks;
-        if names.is_empty() {
+        let c = self.config();
+        if c.alert_webhooks.is_empty() && c.alert_emails.is_empty() {
             return;
         }
         let device = DeviceId::parse(&a.device_id).ok();
-        let body = serde_json::json!({"event": event, "alert": alert_view(a)});
-        for name in names {
-            let delivery = crate::jobs::JobAction::Webhook(crate::webhooks::Delivery {
-                webhook: name.clone(),
-                body: body.clone(),
-            });
+        let view = alert_view(a);
+        let body = serde_json::json!({"event": event, "alert": view});
+        let (subject, text) = alert_email(event, a);
+        let webhooks = c.alert_webhooks.iter().map(|name| {
+            (
+                name,
+                crate::jobs::JobAction::Webhook(crate::webhooks::Delivery {
+                    webhook: name.clone(),
+                    body: body.clone(),
+                }),
+            )
+        });
+        let emails = c.alert_emails.iter().map(|name| {
+            (
+                name,
+                crate::jobs::JobAction::Email(crate::emails::EmailNote {
+                    email: name.clone(),
+                    subject: subject.clone(),
+                    text: text.clone(),
+                }),
+            )
+        });
+        for (name, delivery) in webhooks.chain(emails) {
             if let Err(e) = self
                 .jobs
                 .enqueue_delivery(
@@ -1308,7 +1362,7 @@ impl Rules {
                 .await
             {
                 Counters::inc(&self.counters.actions_failed);
-                tracing::warn!(alert = %a.id, webhook = %name, error = %e, "queueing an alert notification failed");
+                tracing::warn!(alert = %a.id, channel = %name, error = %e, "queueing an alert notification failed");
             }
         }
     }

@@ -419,6 +419,7 @@ impl RunningServer {
             crate::webhooks::Webhooks::load(&config.webhooks, clock.clone())
                 .context("[[webhook]]")?,
         );
+        let emails = Arc::new(crate::emails::Emails::load(&config.emails).context("[[email]]")?);
         let app = Arc::new(App::new(
             config,
             store,
@@ -432,6 +433,7 @@ impl RunningServer {
             cluster.as_ref().map(|(c, _)| c.clone()),
             ota_keys,
             webhooks,
+            emails,
         ));
         if let Some(oidc_config) = &app.config().oidc {
             // Login states are sealed under a key every node derives from the cluster key; a

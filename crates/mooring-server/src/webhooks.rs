@@ -179,7 +179,7 @@ impl Webhooks {
         validate(configs)?;
         let mut endpoints = BTreeMap::new();
         for w in configs {
-            let secret = read_secret(&w.secret_file)
+            let secret = read_secret(&w.secret_file, 16)
                 .with_context(|| format!("[[webhook]] {}: secret_file", w.name))?;
             endpoints.insert(
                 w.name.clone(),
@@ -274,8 +274,8 @@ impl Webhooks {
     }
 }
 
-/// The secret in `path`: owner-only, not empty.
-fn read_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+/// The secret in `path`: owner-only, at least `len_min` bytes (trailing whitespace dropped).
+pub(crate) fn read_secret(path: &std::path::Path, len_min: usize) -> anyhow::Result<Vec<u8>> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
     anyhow::ensure!(
@@ -289,8 +289,8 @@ fn read_secret(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
         secret.pop();
     }
     anyhow::ensure!(
-        secret.len() >= 16,
-        "{} holds fewer than 16 bytes",
+        secret.len() >= len_min,
+        "{} holds fewer than {len_min} bytes",
         path.display()
     );
     Ok(secret)
