@@ -233,6 +233,33 @@ impl Client {
         Err(api_error(status, text, &url))
     }
 
+    /// A GET whose body is read as it comes, with no total deadline (the caller bounds the
+    /// silences between its chunks): the response once it answered 2xx within the timeout.
+    async fn open_stream(&self, url: Url, headers: &[(&str, &str)]) -> Result<reqwest::Response> {
+        let mut req = self
+            .http
+            .get(url.clone())
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(365 * 24 * 3600));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let transport = |source| Error::Transport {
+            base: self.base().to_owned(),
+            source,
+        };
+        let resp = tokio::time::timeout(self.timeout, req.send())
+            .await
+            .map_err(|_| Error::Stream(format!("no answer from {url} in {:?}", self.timeout)))?
+            .map_err(transport)?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.map_err(transport)?;
+            return Err(api_error(status, text, &url));
+        }
+        Ok(resp)
+    }
+
     async fn json<T: DeserializeOwned>(
         &self,
         method: Method,
@@ -911,24 +938,7 @@ impl Client {
         out: &mut (impl std::io::Write + ?Sized),
     ) -> Result<u64> {
         let url = self.url(&["api", "v1", "jobs", id, "result"], None::<&()>)?;
-        let req = self
-            .http
-            .get(url.clone())
-            .bearer_auth(&self.token)
-            .timeout(Duration::from_secs(365 * 24 * 3600));
-        let transport = |source| Error::Transport {
-            base: self.base().to_owned(),
-            source,
-        };
-        let mut resp = tokio::time::timeout(self.timeout, req.send())
-            .await
-            .map_err(|_| Error::Stream(format!("no answer from {url} in {:?}", self.timeout)))?
-            .map_err(transport)?;
-        let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.map_err(transport)?;
-            return Err(api_error(status, text, &url));
-        }
+        let mut resp = self.open_stream(url, &[]).await?;
         let expected = resp.content_length();
         let mut written = 0u64;
         loop {
@@ -1003,29 +1013,11 @@ impl Client {
         last_event_id: Option<&str>,
     ) -> Result<EventStream> {
         let url = self.url(&["api", "v1", "events"], Some(params))?;
-        let mut req = self
-            .http
-            .get(url.clone())
-            .bearer_auth(&self.token)
-            .header("accept", "text/event-stream")
-            // The stream has no total deadline: the idle bound below replaces it.
-            .timeout(Duration::from_secs(365 * 24 * 3600));
+        let mut headers = vec![("accept", "text/event-stream")];
         if let Some(id) = last_event_id {
-            req = req.header("last-event-id", id);
+            headers.push(("last-event-id", id));
         }
-        let transport = |source| Error::Transport {
-            base: self.base().to_owned(),
-            source,
-        };
-        let resp = tokio::time::timeout(self.timeout, req.send())
-            .await
-            .map_err(|_| Error::Stream(format!("no answer from {url} in {:?}", self.timeout)))?
-            .map_err(transport)?;
-        let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.map_err(transport)?;
-            return Err(api_error(status, text, &url));
-        }
+        let resp = self.open_stream(url, &headers).await?;
         Ok(EventStream {
             resp,
             buf: Vec::new(),

@@ -524,32 +524,13 @@ impl Jobs {
                 ),
             ));
         }
-        let now_ms = self.core.now_ms();
-        let job = JobRecord {
-            id: new_job_id(now_ms),
-            action: action.name().to_owned(),
-            selector: sel,
-            params: action.params(),
-            scope: access.scope().map(|s| s.to_string()),
-            state: JobState::Queued,
-            total: None,
-            done: 0,
-            failed: 0,
-            errors: Vec::new(),
-            cursor: None,
-            command_id: None,
-            created_by: creator.name.clone(),
-            created_ms: now_ms,
-            started_ms: None,
-            finished_ms: None,
-            rev: 0,
-            worker: None,
-            lease_until_ms: None,
-            attempts: 0,
-            run_after_ms: 0,
-            last_error: None,
-            result: None,
-        };
+        let job = queued_job(
+            self.core.now_ms(),
+            &action,
+            sel,
+            access,
+            creator.name.clone(),
+        );
         self.core.store.create_job(job.clone()).await?;
         // The bound per creator on kept jobs: one creator's many (finished at once, say) never
         // push the others' out of the newest JOBS_KEPT_MAX.
@@ -602,32 +583,14 @@ impl Jobs {
                 .unwrap_or_default(),
         };
         let sel = access.narrow(Some(sel.clone())).unwrap_or(sel);
-        let now_ms = self.core.now_ms();
-        let job = JobRecord {
-            id: new_job_id(now_ms),
-            action: action.name().to_owned(),
-            selector: sel.to_string(),
-            params: action.params(),
-            scope: access.scope().map(|s| s.to_string()),
-            state: JobState::Queued,
-            total: Some(1),
-            done: 0,
-            failed: 0,
-            errors: Vec::new(),
-            cursor: None,
-            command_id: None,
-            created_by: creator.clone(),
-            created_ms: now_ms,
-            started_ms: None,
-            finished_ms: None,
-            rev: 0,
-            worker: None,
-            lease_until_ms: None,
-            attempts: 0,
-            run_after_ms: 0,
-            last_error: None,
-            result: None,
-        };
+        let mut job = queued_job(
+            self.core.now_ms(),
+            &action,
+            sel.to_string(),
+            access,
+            creator.clone(),
+        );
+        job.total = Some(1);
         self.core.store.create_job(job).await?;
         // Its dead letters: the newest JOBS_KEPT_PER_CREATOR_MAX (delivered ones are deleted).
         self.core
@@ -1397,6 +1360,41 @@ pub(crate) fn stored_selector(
 
 fn job_not_found(id: &str) -> ServiceError {
     ServiceError::not_found("job_not_found", format!("job {id} not found"))
+}
+
+/// A new job, queued: `action` on `selector` under `access`'s scope, by `created_by`.
+fn queued_job(
+    now_ms: u64,
+    action: &JobAction,
+    selector: String,
+    access: &Access,
+    created_by: String,
+) -> JobRecord {
+    JobRecord {
+        id: new_job_id(now_ms),
+        action: action.name().to_owned(),
+        selector,
+        params: action.params(),
+        scope: access.scope().map(|s| s.to_string()),
+        state: JobState::Queued,
+        total: None,
+        done: 0,
+        failed: 0,
+        errors: Vec::new(),
+        cursor: None,
+        command_id: None,
+        created_by,
+        created_ms: now_ms,
+        started_ms: None,
+        finished_ms: None,
+        rev: 0,
+        worker: None,
+        lease_until_ms: None,
+        attempts: 0,
+        run_after_ms: 0,
+        last_error: None,
+        result: None,
+    }
 }
 
 /// A job ending without success shows no result bytes (they are dropped once it is stored).

@@ -529,48 +529,10 @@ impl RunningServer {
                 Err(e) => tracing::warn!(error = %e, "republishing shadow deltas failed"),
             }
         }
-        if worker {
-            spawn_job_workers(&mut tasks, &app, &stop_rx);
-            return Ok(RunningServer {
-                app,
-                mqtt_addr,
-                mqtt_dev_addr,
-                http_addr,
-                new_admin_token,
-                stop,
-                tasks,
-                connections,
-                broker,
-                writer_task,
-                broker_state_task,
-            });
-        }
-        tasks.spawn(crate::commands::run_dispatcher(
-            app.commands.clone(),
-            stop_rx.clone(),
-        ));
-        tasks.spawn(crate::commands::run_scheduler(
-            app.commands.clone(),
-            stop_rx.clone(),
-        ));
         spawn_job_workers(&mut tasks, &app, &stop_rx);
-        tasks.spawn(crate::registry::run_session_cert_sweep(
-            app.clone(),
-            stop_rx.clone(),
-        ));
-        tasks.spawn(presence_flush_loop(app.clone(), stop_rx.clone()));
-        tasks.spawn(health_flush_loop(app.clone(), stop_rx.clone()));
-        tasks.spawn(health_cohort_loop(app.clone(), stop_rx.clone()));
-        tasks.spawn(crate::rules::run_rules(app.rules.clone(), stop_rx.clone()));
-        tasks.spawn(retention_loop(app.clone(), stop_rx.clone()));
-        tasks.spawn(token_expiry_loop(app.clone(), stop_rx.clone()));
-        tasks.spawn(compaction_loop(app.clone(), stop_rx.clone()));
-        tasks.spawn(ota_sweep_loop(app.clone(), stop_rx.clone()));
-        tasks.spawn(crate::fleet::run_sampler(
-            app.fleet.clone(),
-            stop_rx.clone(),
-        ));
-
+        if !worker {
+            spawn_node_tasks(&mut tasks, &app, &stop_rx);
+        }
         Ok(RunningServer {
             app,
             mqtt_addr,
@@ -893,6 +855,32 @@ async fn serve_http_connection<I>(
         }
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
+}
+
+/// What a node runs besides listeners and job workers (a `mooring worker` runs none of it):
+/// command dispatch and scheduling, sweeps, flushes, rules, retention, the fleet sampler.
+fn spawn_node_tasks(tasks: &mut JoinSet<()>, app: &Arc<App>, stop: &watch::Receiver<bool>) {
+    tasks.spawn(crate::commands::run_dispatcher(
+        app.commands.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(crate::commands::run_scheduler(
+        app.commands.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(crate::registry::run_session_cert_sweep(
+        app.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(presence_flush_loop(app.clone(), stop.clone()));
+    tasks.spawn(health_flush_loop(app.clone(), stop.clone()));
+    tasks.spawn(health_cohort_loop(app.clone(), stop.clone()));
+    tasks.spawn(crate::rules::run_rules(app.rules.clone(), stop.clone()));
+    tasks.spawn(retention_loop(app.clone(), stop.clone()));
+    tasks.spawn(token_expiry_loop(app.clone(), stop.clone()));
+    tasks.spawn(compaction_loop(app.clone(), stop.clone()));
+    tasks.spawn(ota_sweep_loop(app.clone(), stop.clone()));
+    tasks.spawn(crate::fleet::run_sampler(app.fleet.clone(), stop.clone()));
 }
 
 /// `[jobs] workers` job workers (`<node id>/<n>`), the first also pruning finished jobs.

@@ -36,6 +36,26 @@ fn series(id: &str, t0: u64, from: u64, to: u64) -> BTreeSet<(String, u64, Strin
     out
 }
 
+/// `mooring device create ID --tag site=SITE`, its credentials under `root`.
+fn create_tagged(server: &Server, root: &std::path::Path, id: &str, site: &str) -> support::Creds {
+    let dir = root.join(id);
+    let out = server.cli(&[
+        "device",
+        "create",
+        id,
+        "--out",
+        dir.to_str().expect("utf8"),
+        "--tag",
+        &format!("site={site}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    support::Creds { dir }
+}
+
 async fn finished(server: &Server, id: &str) -> Value {
     server
         .wait_for(&format!("/api/v1/jobs/{id}"), |j| {
@@ -50,22 +70,7 @@ async fn a_telemetry_report_runs_as_a_job_and_downloads_every_point_once() {
     let server = Server::start_configured(tmp.path(), CONFIG);
     let t0 = (now_ms() - 3_600_000) / 1000 * 1000;
     for (id, site) in [("b1", "berlin"), ("b2", "berlin"), ("p1", "paris")] {
-        let dir = tmp.path().join(id);
-        let out = server.cli(&[
-            "device",
-            "create",
-            id,
-            "--out",
-            dir.to_str().expect("utf8"),
-            "--tag",
-            &format!("site={site}"),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let creds = support::Creds { dir };
+        let creds = create_tagged(&server, tmp.path(), id, site);
         publish_series(&server, &creds, id, t0, 40).await;
     }
 
@@ -407,21 +412,7 @@ async fn a_fleet_report_shows_health_per_cohort_versions_and_open_alerts() {
     let tmp = tempfile::tempdir().expect("tmp");
     let server = Server::start_configured(tmp.path(), CONFIG);
     for (id, site) in [("f1", "berlin"), ("f2", "berlin"), ("f3", "paris")] {
-        let dir = tmp.path().join(id);
-        let out = server.cli(&[
-            "device",
-            "create",
-            id,
-            "--out",
-            dir.to_str().expect("utf8"),
-            "--tag",
-            &format!("site={site}"),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        create_tagged(&server, tmp.path(), id, site);
     }
     let (status, v) = server
         .api(
