@@ -118,7 +118,8 @@ impl Outbox {
     }
 }
 
-/// Where rules' `nats:SUBJECT` notifications go: `<bus prefix>.rules.<subject>`.
+/// Where rules' `nats:SUBJECT` notifications go: `rules.<subject>` on the bus, the NATS
+/// subject `<bus prefix>.b.rules.<subject>`.
 pub const RULES_SUBJECT_PREFIX: &str = "rules.";
 
 /// Cluster counters (`/metrics`, `mooring_cluster_*`).
@@ -193,8 +194,9 @@ impl Cluster {
     }
 
     /// A rule's `nats:SUBJECT` notification: `payload` as is (not signed; for other programs,
-    /// not for the nodes) on `<bus prefix>.rules.<subject>`, apart from the subjects the nodes
-    /// use.
+    /// not for the nodes) on the NATS subject `<bus prefix>.b.rules.<subject>`, apart from the
+    /// subjects the nodes use. Core NATS: subscribers connected now get it; the client buffers
+    /// it while NATS is unreachable.
     pub async fn publish_for_rules(
         &self,
         subject: &str,

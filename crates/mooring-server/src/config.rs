@@ -996,6 +996,19 @@ impl ServerConfig {
                 bail!("rules.alert_emails names {name:?}, which no [[email]] defines");
             }
         }
+        // A notification's try ends well within its lease, so it is not taken over (and sent
+        // again) while it is still running.
+        let try_max_ms = self.jobs.lease_ms / 2;
+        for (what, name, ms) in self
+            .webhooks
+            .iter()
+            .map(|w| ("webhook", &w.name, w.timeout_ms))
+            .chain(self.emails.iter().map(|e| ("email", &e.name, e.timeout_ms)))
+        {
+            if ms > try_max_ms {
+                bail!("[[{what}]] {name}: timeout_ms ({ms}) must be at most half of jobs.lease_ms ({try_max_ms})");
+            }
+        }
         for name in &self.rules.alert_webhooks {
             if !self.webhooks.iter().any(|w| &w.name == name) {
                 bail!("rules.alert_webhooks names {name:?}, which no [[webhook]] defines");

@@ -97,6 +97,14 @@ pub fn validate(emails: &[EmailConfig]) -> anyhow::Result<()> {
             "[[email]] {}: username and password_file go together",
             e.name
         );
+        // A password never crosses the network in the clear (nor after a stripped STARTTLS).
+        anyhow::ensure!(
+            e.username.is_none()
+                || e.smtp_url.starts_with("smtps://")
+                || e.smtp_url.contains("tls=required"),
+            "[[email]] {}: a login needs TLS: smtps://host:465 or smtp://host:587?tls=required",
+            e.name
+        );
         anyhow::ensure!(
             (100..=120_000).contains(&e.timeout_ms),
             "[[email]] {}: timeout_ms must be between 100 and 120000",
@@ -138,6 +146,8 @@ struct Channel {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
     to: Vec<Mailbox>,
+    /// The whole send (lettre bounds only the connect).
+    timeout: Duration,
 }
 
 /// Emails by outcome, for `/metrics`.
@@ -145,6 +155,8 @@ struct Channel {
 pub struct EmailCounters {
     pub sent: AtomicU64,
     pub failed: AtomicU64,
+    /// Not queued: the channel had 1,000 unfinished.
+    pub dropped: AtomicU64,
 }
 
 /// The configured channels.
@@ -180,6 +192,7 @@ impl Emails {
                     transport: builder.build(),
                     from: e.from.parse()?,
                     to,
+                    timeout: Duration::from_millis(e.timeout_ms),
                 },
             );
         }
@@ -194,8 +207,10 @@ impl Emails {
         self.channels.contains_key(name)
     }
 
-    /// One try: `Ok` once the server took the message.
-    pub async fn send(&self, note: &EmailNote) -> ServiceResult<()> {
+    /// One try, within the channel's `timeout_ms`: `Ok` once the server took the message. Its
+    /// `Message-ID` is `<delivery_id@mooring>` on every try, so a mail system can tell a
+    /// repeat (a try that timed out after the server took it) from a new message.
+    pub async fn send(&self, delivery_id: &str, note: &EmailNote) -> ServiceResult<()> {
         let Some(ch) = self.channels.get(&note.email) else {
             return Err(ServiceError::new(
                 ErrorKind::Unavailable,
@@ -207,6 +222,7 @@ impl Emails {
             ));
         };
         let mut builder = Message::builder()
+            .message_id(Some(format!("<{delivery_id}@mooring>")))
             .from(ch.from.clone())
             .subject(note.subject.clone())
             .header(ContentType::TEXT_PLAIN);
@@ -216,19 +232,21 @@ impl Emails {
         let message = builder
             .body(note.text.clone())
             .map_err(|e| ServiceError::internal(format!("building an email: {e}")))?;
-        match ch.transport.send(message).await {
-            Ok(_) => {
+        let failed = |why: String| {
+            self.counters.failed.fetch_add(1, Ordering::Relaxed);
+            Err(ServiceError::new(
+                ErrorKind::Unavailable,
+                "email_failed",
+                format!("email channel {}: {why}", note.email),
+            ))
+        };
+        match tokio::time::timeout(ch.timeout, ch.transport.send(message)).await {
+            Ok(Ok(_)) => {
                 self.counters.sent.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(e) => {
-                self.counters.failed.fetch_add(1, Ordering::Relaxed);
-                Err(ServiceError::new(
-                    ErrorKind::Unavailable,
-                    "email_failed",
-                    format!("email channel {}: {e}", note.email),
-                ))
-            }
+            Ok(Err(e)) => failed(e.to_string()),
+            Err(_) => failed(format!("no answer within {} ms", ch.timeout.as_millis())),
         }
     }
 }

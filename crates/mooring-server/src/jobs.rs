@@ -78,8 +78,9 @@ pub struct ReportSources {
 
 /// `created_by` of a rule's webhook notifications: `rule:<rule id>`.
 pub const RULE_CREATOR_PREFIX: &str = "rule:";
-/// `created_by` of the notifications of alert changes (`[rules] alert_webhooks`).
-pub const ALERTS_CREATOR: &str = "alerts";
+/// `created_by` of the notifications of alert changes: `alerts:webhook:<name>`,
+/// `alerts:email:<name>` (one per channel, so one channel's backlog never crowds out another).
+pub const ALERTS_CREATOR_PREFIX: &str = "alerts:";
 /// Turns one worker pass runs at most, so pruning and the stop signal get their turn.
 const TURNS_PER_PASS: usize = 1_000;
 /// How often finished jobs are pruned.
@@ -558,7 +559,8 @@ impl Jobs {
     }
 
     /// Queues a webhook notification about `device` (none: about the fleet) by `creator`: a
-    /// rule's (`rule:<rule id>`, under the rule's scope) or the alerts' ([`ALERTS_CREATOR`]).
+    /// rule's (`rule:<rule id>`, under the rule's scope) or an alert channel's
+    /// ([`ALERTS_CREATOR_PREFIX`]).
     /// `Ok(false)`: dropped, `creator` already has [`crate::webhooks::PENDING_PER_RULE_MAX`]
     /// unfinished (counted).
     pub async fn enqueue_delivery(
@@ -571,10 +573,11 @@ impl Jobs {
         let creator = creator.to_owned();
         let pending = self.core.store.count_unfinished_jobs(&creator).await?;
         if pending >= crate::webhooks::PENDING_PER_RULE_MAX {
-            self.webhooks
-                .counters
-                .dropped
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dropped = match action {
+                JobAction::Email(_) => &self.emails.counters.dropped,
+                _ => &self.webhooks.counters.dropped,
+            };
+            dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok(false);
         }
         let sel = Selector {
@@ -967,7 +970,7 @@ impl Jobs {
                 None => Some(format!("rule {rule_id} was deleted")),
             },
             // The server's own: notifications of alert changes ([rules] alert_webhooks).
-            None if job.created_by == ALERTS_CREATOR
+            None if job.created_by.starts_with(ALERTS_CREATOR_PREFIX)
                 && matches!(
                     action,
                     JobAction::Webhook(_) | JobAction::Publish(_) | JobAction::Email(_)
@@ -995,7 +998,7 @@ impl Jobs {
             return self.delivered(job).await;
         }
         if let JobAction::Email(e) = &action {
-            self.emails.send(e).await?;
+            self.emails.send(&job.id, e).await?;
             return self.delivered(job).await;
         }
         if let JobAction::Command(c) = &action {

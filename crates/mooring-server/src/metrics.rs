@@ -396,11 +396,12 @@ pub fn render_metrics(app: &App) -> String {
     )
     .labeled_counters(
         "mooring_alert_emails_total",
-        "Alert emails by outcome: sent (the SMTP server took it), failed (retried, or dead after [jobs] attempts_max)",
+        "Alert emails by outcome: sent (the SMTP server took it), failed (retried, or dead after [jobs] attempts_max), dropped (the channel had 1000 unfinished)",
         "outcome",
         [
             ("sent", load(&app.jobs.emails().counters.sent)),
             ("failed", load(&app.jobs.emails().counters.failed)),
+            ("dropped", load(&app.jobs.emails().counters.dropped)),
         ],
     )
     .labeled_counters(

@@ -528,6 +528,15 @@ impl Rules {
                 .as_deref()
                 .is_some_and(|u| u.starts_with("nats://"));
         let actions = check_actions(&req.then, self.jobs.webhooks(), nats)?;
+        // NATS subjects are one space for the whole cluster: a scoped caller could speak on a
+        // subject another tenant's programs read.
+        if access.scope().is_some() && actions.iter().any(|a| matches!(a, Action::Nats(_))) {
+            return Err(ServiceError::new(
+                ErrorKind::Forbidden,
+                "forbidden",
+                "nats notifications need an unscoped caller (NATS subjects are shared by every scope)",
+            ));
+        }
         if !allowed_for(role, &actions) {
             return Err(ServiceError::new(
                 ErrorKind::Forbidden,
@@ -1324,7 +1333,8 @@ impl Rules {
     /// are counted and logged; the change stands).
     async fn notify_alert(&self, event: &str, a: &AlertRecord) {
         let c = self.config();
-        if c.alert_webhooks.is_empty() && c.alert_emails.is_empty() {
+        // Cohort alerts (about the fleet, no device) are not notified.
+        if (c.alert_webhooks.is_empty() && c.alert_emails.is_empty()) || a.device_id.is_empty() {
             return;
         }
         let device = DeviceId::parse(&a.device_id).ok();
@@ -1333,7 +1343,7 @@ impl Rules {
         let (subject, text) = alert_email(event, a);
         let webhooks = c.alert_webhooks.iter().map(|name| {
             (
-                name,
+                format!("{}webhook:{name}", crate::jobs::ALERTS_CREATOR_PREFIX),
                 crate::jobs::JobAction::Webhook(crate::webhooks::Delivery {
                     webhook: name.clone(),
                     body: body.clone(),
@@ -1342,7 +1352,7 @@ impl Rules {
         });
         let emails = c.alert_emails.iter().map(|name| {
             (
-                name,
+                format!("{}email:{name}", crate::jobs::ALERTS_CREATOR_PREFIX),
                 crate::jobs::JobAction::Email(crate::emails::EmailNote {
                     email: name.clone(),
                     subject: subject.clone(),
@@ -1353,12 +1363,7 @@ impl Rules {
         for (name, delivery) in webhooks.chain(emails) {
             if let Err(e) = self
                 .jobs
-                .enqueue_delivery(
-                    crate::jobs::ALERTS_CREATOR,
-                    &Access::all(),
-                    device.as_ref(),
-                    delivery,
-                )
+                .enqueue_delivery(&name, &Access::all(), device.as_ref(), delivery)
                 .await
             {
                 Counters::inc(&self.counters.actions_failed);

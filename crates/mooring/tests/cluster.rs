@@ -1740,6 +1740,16 @@ async fn a_rules_nats_action_publishes_on_the_clusters_nats() {
         (400, Some("invalid_rule")),
         "{v}"
     );
+    // NATS subjects are shared by every scope: a scoped caller may not publish on them.
+    let scoped = support::scoped_token(&a, "acme-ops", "operator", "tag:customer=acme");
+    let resp = support::http()
+        .post(format!("{}/api/v1/rules", a.url()))
+        .bearer_auth(&scoped)
+        .json(&json!({"name": "acme", "when": "temp > 50", "then": "nats:acme.hot"}))
+        .send()
+        .await
+        .expect("create rule");
+    assert_eq!(resp.status(), 403);
     let creds = a.create_device("n1", env.tmp.path());
     let mut dev = MqttDevice::connect(&a, &creds, "n1").await;
     dev.publish("devices/n1/telemetry", r#"{"temp": 70}"#).await;

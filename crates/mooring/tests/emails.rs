@@ -163,6 +163,14 @@ fn bad_email_channels_stop_the_start() {
             "[[email]]\nname = \"x\"\nsmtp_url = \"smtps://u:p@mail.example.com\"\nfrom = \"m@example.com\"\nto = [\"a@example.com\"]\n",
             "username and password_file",
         ),
+        (
+            "[[email]]\nname = \"x\"\nsmtp_url = \"smtp://mail.example.com:25\"\nfrom = \"m@example.com\"\nto = [\"a@example.com\"]\nusername = \"u\"\npassword_file = \"/nonexistent\"\n",
+            "a login needs TLS",
+        ),
+        (
+            "[[email]]\nname = \"x\"\nsmtp_url = \"smtps://mail.example.com\"\nfrom = \"m@example.com\"\nto = [\"a@example.com\"]\ntimeout_ms = 20000\n",
+            "at most half of jobs.lease_ms",
+        ),
     ] {
         let tmp = tempfile::tempdir().expect("tmp");
         let args = support::config_args(tmp.path(), toml);

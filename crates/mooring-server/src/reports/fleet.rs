@@ -31,10 +31,22 @@ pub(super) async fn run(
     let src = jobs.sources();
     // The stored selector is already narrowed by the creator's scope; empty: every device.
     let selector = Some(job.selector.as_str()).filter(|s| !s.is_empty());
-    let health = src
+    let health = match src
         .health
         .summary(&access, selector, spec.group_by.as_deref())
-        .await?;
+        .await
+    {
+        Ok(h) => h,
+        // Not worth a retry (e.g. more cohorts than the test takes): failed, saying why.
+        Err(e) if e.kind == crate::error::ErrorKind::InvalidArgument => {
+            job.errors.push(mooring_store::JobError {
+                device_id: String::new(),
+                message: e.message,
+            });
+            return jobs.finish_turn(job, JobState::Failed).await;
+        }
+        Err(e) => return Err(e),
+    };
     let fleet = src.fleet.summary(&access, selector).await?;
     let alerts = open_alerts(jobs, &job.selector).await?;
     let text = match spec.format {
