@@ -540,3 +540,43 @@ async fn a_fleet_report_shows_health_per_cohort_versions_and_open_alerts() {
         );
     }
 }
+
+/// A report larger than `[jobs] report_bytes_max` fails, saying so, and keeps nothing: one
+/// caller's export cannot fill the store.
+#[tokio::test]
+async fn a_report_past_its_byte_bound_fails_and_keeps_nothing() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(
+        tmp.path(),
+        "[jobs]\nreport_points_per_turn = 5\nbatch_pause_ms = 0\nreport_bytes_max = 300\n",
+    );
+    let t0 = (now_ms() - 3_600_000) / 1000 * 1000;
+    let creds = server.create_device("big1", tmp.path());
+    publish_series(&server, &creds, "big1", t0, 20).await;
+    let (status, job) = server
+        .api(
+            "POST",
+            "/api/v1/reports",
+            Some(json!({"kind": "telemetry", "selector": "big1", "from_ms": t0, "to_ms": t0 + 20_000})),
+        )
+        .await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().expect("id").to_owned();
+    let job = finished(&server, &id).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(
+        job["errors"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("report_bytes_max (300 bytes)")),
+        "{job}"
+    );
+    assert_eq!(job["result"]["bytes"], 0, "{job}");
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/jobs/{id}/result"), None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("no_result")),
+        "{v}"
+    );
+}
