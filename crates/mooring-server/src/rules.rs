@@ -374,12 +374,16 @@ fn alert_email(event: &str, a: &AlertRecord) -> (String, String) {
     (subject, text)
 }
 
-/// The webhook name of a `webhook:NAME` action.
-fn action_target(a: &Action) -> &str {
-    match a {
-        Action::Webhook(name) => name,
-        _ => "",
-    }
+/// The body of a rule's notification (webhook or NATS) that it fired for a device.
+fn fired_body(rule: &Compiled, device: &DeviceId, detail: &str, at_ms: u64) -> serde_json::Value {
+    serde_json::json!({
+        "event": "rule.fired",
+        "rule": rule.rec.name,
+        "rule_id": rule.rec.id,
+        "device_id": device.as_str(),
+        "detail": detail,
+        "fired_ms": at_ms,
+    })
 }
 
 /// What the creator of a rule needs: `devices.write`, and `commands.write` to send commands.
@@ -1298,35 +1302,40 @@ impl Rules {
                 results.into_iter().next().unwrap_or(Ok(()))?;
                 Ok(false)
             }
-            Action::Webhook(_) | Action::Nats(_) => {
-                let body = serde_json::json!({
-                    "event": "rule.fired",
-                    "rule": rule.rec.name,
-                    "rule_id": rule.rec.id,
-                    "device_id": device.as_str(),
-                    "detail": detail,
-                    "fired_ms": at_ms,
-                });
-                let delivery = match action {
-                    Action::Nats(subject) => {
-                        crate::jobs::JobAction::Publish(crate::webhooks::Publish {
-                            subject: subject.clone(),
-                            body,
-                        })
-                    }
-                    _ => crate::jobs::JobAction::Webhook(crate::webhooks::Delivery {
-                        webhook: action_target(action).to_owned(),
-                        body,
-                    }),
+            Action::Webhook(name) => {
+                let body = fired_body(rule, device, detail, at_ms);
+                let delivery = crate::webhooks::Delivery {
+                    webhook: name.clone(),
+                    body,
                 };
-                let creator = format!("{}{}", crate::jobs::RULE_CREATOR_PREFIX, rule.rec.id);
-                self.jobs
-                    .enqueue_delivery(&creator, &rule.access, Some(device), delivery)
-                    .await?;
-                Ok(false)
+                self.notify_fired(rule, device, crate::jobs::JobAction::Webhook(delivery))
+                    .await
+            }
+            Action::Nats(subject) => {
+                let body = fired_body(rule, device, detail, at_ms);
+                let publish = crate::webhooks::Publish {
+                    subject: subject.clone(),
+                    body,
+                };
+                self.notify_fired(rule, device, crate::jobs::JobAction::Publish(publish))
+                    .await
             }
             Action::Job(_) => Ok(false),
         }
+    }
+
+    /// Queues a rule's notification (webhook or NATS) about `device`, as the rule.
+    async fn notify_fired(
+        &self,
+        rule: &Compiled,
+        device: &DeviceId,
+        action: crate::jobs::JobAction,
+    ) -> ServiceResult<bool> {
+        let creator = format!("{}{}", crate::jobs::RULE_CREATOR_PREFIX, rule.rec.id);
+        self.jobs
+            .enqueue_delivery(&creator, &rule.access, Some(device), action)
+            .await?;
+        Ok(false)
     }
 
     /// Queues a notification of an alert's change to every `[rules] alert_webhooks` (failures

@@ -467,11 +467,9 @@ pub trait JobStore: Send + Sync + 'static {
     /// (keyset pagination: pass the last id of a page).
     async fn list_jobs(&self, limit: usize, before_id: Option<&str>) -> Result<Vec<JobRecord>>;
     /// Replaces the stored job with `job` if the stored `rev` is still `job.rev`, storing
-    /// `rev + 1` (compare-and-set); `false` if it was not (or the job is gone). This is also
-    /// how a runner claims a queued job: `queued` -> `running` at the `rev` it read.
+    /// `rev + 1` (compare-and-set); `false` if it was not (or the job is gone): how a worker
+    /// finds out it lost the job (canceled, or taken over by [`JobStore::claim_job`]).
     async fn update_job(&self, job: JobRecord) -> Result<bool>;
-    /// Jobs not final (`queued` or `running`), oldest first, at most `limit`.
-    async fn unfinished_jobs(&self, limit: usize) -> Result<Vec<JobRecord>>;
     /// How many of `created_by`'s jobs are not final.
     async fn count_unfinished_jobs(&self, created_by: &str) -> Result<u64>;
     /// Deletes the job `id` (and its result) if it is still at `rev`; `false` if it changed

@@ -862,12 +862,7 @@ pub struct AuditArgs {
 pub async fn audit(args: ApiArgs, a: AuditArgs) -> anyhow::Result<u8> {
     let since = match a.since.as_deref() {
         None => None,
-        Some(d) => {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            Some(now_ms.saturating_sub(parse_duration_ms(d)?))
-        }
+        Some(d) => Some(crate::output::now_ms().saturating_sub(parse_duration_ms(d)?)),
     };
     if a.limit == 0 || a.limit > 1000 {
         return usage("--limit must be between 1 and 1000");
@@ -1048,9 +1043,7 @@ pub async fn fleet_funnel(
 /// `mooring fleet history`.
 pub async fn fleet_history(args: ApiArgs, since: &str, output: OutputArgs) -> anyhow::Result<u8> {
     let window_ms = parse_duration_ms(since)?;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let now_ms = crate::output::now_ms();
     let params = mooring_api::FleetHistoryParams {
         from_ms: Some(now_ms.saturating_sub(window_ms)),
         to_ms: Some(now_ms.saturating_add(1)),

@@ -43,12 +43,16 @@ pub fn rfc3339(ms: u64) -> String {
     }
 }
 
+/// The time now, unix ms.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// How long ago a unix-ms time was, e.g. `42 s ago`, `3 min ago`, `5 h ago`, `2 d ago`.
 pub fn ago(ms: u64) -> String {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let Some(secs) = now_ms.checked_sub(ms).map(|d| d / 1000) else {
+    let Some(secs) = now_ms().checked_sub(ms).map(|d| d / 1000) else {
         return "just now".to_owned();
     };
     match secs {

@@ -1,5 +1,5 @@
 //! Conformance cases for [`JobStore`](crate::JobStore): round trip, compare-and-set, listing
-//! newest first with a cursor, the unfinished list and count, pruning.
+//! newest first with a cursor, the unfinished count, the work queue (claims, leases, results), pruning.
 
 use crate::{JobError, JobRecord, JobState, JobStore, StoreError};
 
@@ -121,8 +121,8 @@ pub async fn job_list_is_newest_first_with_cursor<S: JobStore + ?Sized>(store: &
         .is_empty());
 }
 
-/// Unfinished jobs oldest first; the count is per creator and leaves final ones out.
-pub async fn job_unfinished_list_and_count_per_creator<S: JobStore + ?Sized>(store: &S) {
+/// The count of unfinished jobs is per creator and leaves final ones out.
+pub async fn job_unfinished_count_per_creator<S: JobStore + ?Sized>(store: &S) {
     for n in 1..=4 {
         store.create_job(job(n, "ann")).await.expect("create");
     }
@@ -154,15 +154,6 @@ pub async fn job_unfinished_list_and_count_per_creator<S: JobStore + ?Sized>(sto
         store.count_unfinished_jobs("nobody").await.expect("count"),
         0
     );
-    let unfinished: Vec<u64> = store
-        .unfinished_jobs(10)
-        .await
-        .expect("unfinished")
-        .iter()
-        .map(|j| j.created_ms - T0)
-        .collect();
-    assert_eq!(unfinished, vec![1, 2, 5]);
-    assert_eq!(store.unfinished_jobs(1).await.expect("limit").len(), 1);
 }
 
 /// Pruning removes final jobs finished before the cutoff and final jobs beyond the newest

@@ -96,7 +96,7 @@ macro_rules! conformance_tests {
             job_create_get_round_trips,
             job_update_is_compare_and_set_on_rev,
             job_list_is_newest_first_with_cursor,
-            job_unfinished_list_and_count_per_creator,
+            job_unfinished_count_per_creator,
             job_prune_keeps_unfinished_and_the_newest,
             job_prune_of_one_creator_leaves_the_others,
             job_claims_lease_one_worker_and_take_over_expired_leases,

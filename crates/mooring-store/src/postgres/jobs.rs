@@ -220,20 +220,6 @@ impl JobStore for PgStore {
         Ok(n == 1)
     }
 
-    async fn unfinished_jobs(&self, limit: usize) -> Result<Vec<JobRecord>> {
-        let limit = count_to_sql(limit);
-        let rows = self
-            .query(
-                &format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs
-                     WHERE state IN ('queued', 'running') ORDER BY id LIMIT $1"
-                ),
-                &[&limit],
-            )
-            .await?;
-        rows.iter().map(job_from_row).collect()
-    }
-
     async fn count_unfinished_jobs(&self, created_by: &str) -> Result<u64> {
         if created_by.contains('\0') {
             return Ok(0);

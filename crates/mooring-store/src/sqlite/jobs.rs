@@ -272,23 +272,6 @@ impl JobStore for SqliteStore {
         .await
     }
 
-    async fn unfinished_jobs(&self, limit: usize) -> Result<Vec<JobRecord>> {
-        let limit = count_to_sql(limit);
-        let rows = self
-            .read(move |conn| {
-                let mut stmt = conn
-                    .prepare_cached(&format!(
-                        "SELECT {JOB_COLUMNS} FROM jobs
-                         WHERE state IN ('queued', 'running') ORDER BY id LIMIT ?1"
-                    ))
-                    .db()?;
-                let rows = stmt.query_map(params![limit], raw_job).db()?;
-                rows.collect::<rusqlite::Result<Vec<_>>>().db()
-            })
-            .await?;
-        rows.into_iter().map(decode).collect()
-    }
-
     async fn count_unfinished_jobs(&self, created_by: &str) -> Result<u64> {
         let created_by = created_by.to_owned();
         self.read(move |conn| {

@@ -2,7 +2,7 @@
 //! followed with their progress and downloaded (docs/reports.md).
 
 use super::{call, job_exit, print_job, usage, wait_job, ApiArgs, UsageError, EXIT_OK};
-use crate::output::OutputArgs;
+use crate::output::{now_ms, OutputArgs};
 use anyhow::Context;
 use clap::Subcommand;
 use mooring_proto::selector::Selector;
@@ -207,12 +207,6 @@ async fn write_part(
     std::fs::rename(part, path)
         .with_context(|| format!("cannot rename {} to {}", part.display(), path.display()))?;
     Ok(written)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A point in time: `now`, a duration ago (`24h`), Unix ms, or RFC 3339.
