@@ -1433,6 +1433,37 @@ pub struct AlertRecord {
     pub resolved_by: Option<String>,
 }
 
+/// A field-service ticket a playbook opened (issue 18): the devices to visit and the parts to
+/// bring. Ids sort by creation time (the server makes them so).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketRecord {
+    pub id: String,
+    /// The `[[playbook]]` that opened it.
+    pub playbook: String,
+    /// The alert that ran the playbook (empty: a rule's `job:` action did).
+    pub alert_id: String,
+    pub title: String,
+    /// `open` or `closed`.
+    pub open: bool,
+    pub created_at_ms: u64,
+    pub closed_at_ms: Option<u64>,
+    /// Who closed it (a user's email or a token's name).
+    pub closed_by: Option<String>,
+    /// The ticket's devices, sites, installation records and parts, as the server's JSON
+    /// (`mooring_api::Ticket`): the store keeps it as it is.
+    pub body: String,
+}
+
+/// What [`crate::RuleStore::create_ticket`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketCreate {
+    Created,
+    /// A ticket with that id exists already (a retried playbook opens nothing twice).
+    Exists,
+    /// `open_max` tickets are open already.
+    Full,
+}
+
 /// An alert to raise ([`crate::RuleStore::fire_alert`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertFire {

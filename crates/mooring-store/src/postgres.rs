@@ -79,6 +79,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0016_device_health.sql"),
     include_str!("../migrations/postgres/0017_rules_alerts.sql"),
     include_str!("../migrations/postgres/0018_work_queue.sql"),
+    include_str!("../migrations/postgres/0019_tickets.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

@@ -86,6 +86,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0019_device_health.sql"),
     include_str!("../migrations/0020_rules_alerts.sql"),
     include_str!("../migrations/0021_work_queue.sql"),
+    include_str!("../migrations/0022_tickets.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

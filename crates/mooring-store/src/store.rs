@@ -12,7 +12,8 @@ use crate::model::{
     DeviceFilter, DeviceRecord, DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve,
     FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts,
     Point, RuleRecord, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
-    TelemetryQuery, TelemetryRecord, TokenRecord, UserRecord, VersionCounts,
+    TelemetryQuery, TelemetryRecord, TicketCreate, TicketRecord, TokenRecord, UserRecord,
+    VersionCounts,
 };
 
 /// The device registry.
@@ -752,6 +753,33 @@ pub trait RuleStore: Send + Sync + 'static {
     /// Deletes resolved alerts resolved before `resolved_before_ms`, and resolved alerts beyond
     /// the newest `keep_max` alerts (by id); never an open one. Returns how many.
     async fn prune_alerts(&self, resolved_before_ms: u64, keep_max: usize) -> Result<u64>;
+
+    /// Stores a new open ticket unless one with its id exists (`Exists`, unchanged) or
+    /// `open_max` tickets are open (`Full`).
+    async fn create_ticket(&self, ticket: TicketRecord, open_max: usize) -> Result<TicketCreate>;
+    async fn get_ticket(&self, id: &str) -> Result<Option<TicketRecord>>;
+    /// Newest first (by id descending), at most `limit`, filtered by any of `open`, `playbook`
+    /// and `alert_id`, with ids below `before_id` if given.
+    async fn list_tickets(
+        &self,
+        filter: &TicketFilter,
+        limit: usize,
+        before_id: Option<&str>,
+    ) -> Result<Vec<TicketRecord>>;
+    /// Open -> closed by `by`; a closed ticket is returned unchanged.
+    async fn close_ticket(&self, id: &str, by: &str, at_ms: u64) -> Result<Option<TicketRecord>>;
+    /// Deletes closed tickets closed before `closed_before_ms`, and closed tickets beyond the
+    /// newest `keep_max` (by id); never an open one. Returns how many.
+    async fn prune_tickets(&self, closed_before_ms: u64, keep_max: usize) -> Result<u64>;
+}
+
+/// What [`RuleStore::list_tickets`] lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TicketFilter {
+    /// `Some(true)`: open ones only; `Some(false)`: closed ones only.
+    pub open: Option<bool>,
+    pub playbook: Option<String>,
+    pub alert_id: Option<String>,
 }
 
 /// What [`RuleStore::list_alerts`] lists.

@@ -93,6 +93,7 @@ macro_rules! conformance_tests {
             rules_are_bounded_unique_by_name_and_deleted_with_their_open_alerts,
             alerts_open_once_per_rule_and_device_and_follow_their_lifecycle,
             a_rules_alert_needs_its_rule_enabled,
+            tickets_open_once_by_id_bounded_close_list_and_prune,
             job_create_get_round_trips,
             job_update_is_compare_and_set_on_rev,
             job_list_is_newest_first_with_cursor,

@@ -2,7 +2,9 @@
 //! alerts open once per (rule, device), their lifecycle, listing and pruning.
 
 use super::*;
-use crate::{AlertFilter, AlertFire, AlertState, RuleRecord};
+use crate::{
+    AlertFilter, AlertFire, AlertState, RuleRecord, TicketCreate, TicketFilter, TicketRecord,
+};
 
 fn rule(id: &str, name: &str) -> RuleRecord {
     RuleRecord {
@@ -276,4 +278,133 @@ pub async fn a_rules_alert_needs_its_rule_enabled(store: &dyn Store) {
         .fire_alert(fire("a3", "cohort:x", "", 3_000), 10)
         .await;
     assert!(cohort.expect("fire").is_some());
+}
+
+fn ticket(id: &str, playbook: &str, alert: &str) -> TicketRecord {
+    TicketRecord {
+        id: id.to_owned(),
+        playbook: playbook.to_owned(),
+        alert_id: alert.to_owned(),
+        title: format!("{playbook}: {alert}"),
+        open: true,
+        created_at_ms: 1_000,
+        closed_at_ms: None,
+        closed_by: None,
+        body: format!("{{\"devices\":[\"{id}\"]}}"),
+    }
+}
+
+pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn Store) {
+    let t1 = ticket("t1", "visit", "a1");
+    assert_eq!(
+        store.create_ticket(t1.clone(), 2).await.unwrap(),
+        TicketCreate::Created
+    );
+    // The same id again (a retried playbook) changes nothing.
+    let mut again = ticket("t1", "other", "a9");
+    again.body = "{}".to_owned();
+    assert_eq!(
+        store.create_ticket(again, 2).await.unwrap(),
+        TicketCreate::Exists
+    );
+    assert_eq!(store.get_ticket("t1").await.unwrap(), Some(t1.clone()));
+    assert_eq!(
+        store
+            .create_ticket(ticket("t2", "visit", "a2"), 2)
+            .await
+            .unwrap(),
+        TicketCreate::Created
+    );
+    // Two open: the bound refuses a third.
+    assert_eq!(
+        store
+            .create_ticket(ticket("t3", "batteries", "a3"), 2)
+            .await
+            .unwrap(),
+        TicketCreate::Full
+    );
+    assert_eq!(store.get_ticket("t3").await.unwrap(), None);
+
+    let closed = store
+        .close_ticket("t1", "ops@example.com", 5_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!closed.open);
+    assert_eq!(closed.closed_at_ms, Some(5_000));
+    assert_eq!(closed.closed_by.as_deref(), Some("ops@example.com"));
+    // Closing again returns it unchanged.
+    let twice = store
+        .close_ticket("t1", "someone", 9_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(twice, closed);
+    assert_eq!(store.close_ticket("nope", "x", 1).await.unwrap(), None);
+    // A closed ticket frees its place under the bound.
+    assert_eq!(
+        store
+            .create_ticket(ticket("t3", "batteries", "a3"), 2)
+            .await
+            .unwrap(),
+        TicketCreate::Created
+    );
+
+    let ids = |v: Vec<TicketRecord>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    let all = TicketFilter::default();
+    assert_eq!(
+        ids(store.list_tickets(&all, 10, None).await.unwrap()),
+        ["t3", "t2", "t1"]
+    );
+    assert_eq!(
+        ids(store.list_tickets(&all, 1, Some("t3")).await.unwrap()),
+        ["t2"]
+    );
+    let open = TicketFilter {
+        open: Some(true),
+        ..TicketFilter::default()
+    };
+    assert_eq!(
+        ids(store.list_tickets(&open, 10, None).await.unwrap()),
+        ["t3", "t2"]
+    );
+    let shut = TicketFilter {
+        open: Some(false),
+        ..TicketFilter::default()
+    };
+    assert_eq!(
+        ids(store.list_tickets(&shut, 10, None).await.unwrap()),
+        ["t1"]
+    );
+    let visit = TicketFilter {
+        playbook: Some("visit".to_owned()),
+        ..TicketFilter::default()
+    };
+    assert_eq!(
+        ids(store.list_tickets(&visit, 10, None).await.unwrap()),
+        ["t2", "t1"]
+    );
+    let of_a3 = TicketFilter {
+        alert_id: Some("a3".to_owned()),
+        ..TicketFilter::default()
+    };
+    assert_eq!(
+        ids(store.list_tickets(&of_a3, 10, None).await.unwrap()),
+        ["t3"]
+    );
+
+    // Pruning never deletes an open ticket, and deletes closed ones that are old or beyond
+    // the newest kept.
+    assert_eq!(store.prune_tickets(1_000, 1).await.unwrap(), 1);
+    assert_eq!(
+        ids(store.list_tickets(&all, 10, None).await.unwrap()),
+        ["t3", "t2"]
+    );
+    store.close_ticket("t3", "ops", 6_000).await.unwrap();
+    assert_eq!(store.prune_tickets(0, 10).await.unwrap(), 0);
+    assert_eq!(store.prune_tickets(7_000, 10).await.unwrap(), 1);
+    assert_eq!(
+        ids(store.list_tickets(&all, 10, None).await.unwrap()),
+        ["t2"]
+    );
 }

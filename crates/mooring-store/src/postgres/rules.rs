@@ -9,8 +9,8 @@ use super::{
     u64_column, PgStore,
 };
 use crate::error::Result;
-use crate::model::{AlertFire, AlertRecord, AlertState, RuleRecord};
-use crate::store::{AlertFilter, RuleStore};
+use crate::model::{AlertFire, AlertRecord, AlertState, RuleRecord, TicketCreate, TicketRecord};
+use crate::store::{AlertFilter, RuleStore, TicketFilter};
 
 const RULE_COLUMNS: &str = "id, name, when_text, selector, scope, then_text, enabled, created_by, \
      created_at_ms, updated_at_ms";
@@ -30,6 +30,23 @@ fn rule_from_row(r: &Row) -> Result<RuleRecord> {
         created_by: column(r, 7)?,
         created_at_ms: u64_column(r, 8)?,
         updated_at_ms: u64_column(r, 9)?,
+    })
+}
+
+const TICKET_COLUMNS: &str =
+    "id, playbook, alert_id, title, open, created_at_ms, closed_at_ms, closed_by, body";
+
+fn ticket_from_row(r: &Row) -> Result<TicketRecord> {
+    Ok(TicketRecord {
+        id: column(r, 0)?,
+        playbook: column(r, 1)?,
+        alert_id: column(r, 2)?,
+        title: column(r, 3)?,
+        open: column(r, 4)?,
+        created_at_ms: u64_column(r, 5)?,
+        closed_at_ms: opt_u64_column(r, 6)?,
+        closed_by: column(r, 7)?,
+        body: column(r, 8)?,
     })
 }
 
@@ -318,6 +335,109 @@ impl RuleStore for PgStore {
                    (SELECT id FROM alerts ORDER BY id DESC LIMIT $1)",
                 &[&keep],
                 || "alert".to_owned(),
+            )
+            .await?;
+        Ok(old + over)
+    }
+
+    async fn create_ticket(&self, t: TicketRecord, open_max: usize) -> Result<TicketCreate> {
+        let created = ts_to_sql("created_at_ms", t.created_at_ms)?;
+        let max = count_to_sql(open_max);
+        // One statement: the count and the insert see one snapshot; two nodes opening tickets
+        // at once may pass the bound by one each, never without bound.
+        let row = self
+            .query_opt(
+                "WITH n AS (SELECT count(*) AS open FROM tickets WHERE open)
+                 INSERT INTO tickets (id, playbook, alert_id, title, open, created_at_ms, body)
+                 SELECT $1, $2, $3, $4, TRUE, $5, $6 FROM n WHERE n.open < $7
+                 ON CONFLICT (id) DO NOTHING
+                 RETURNING id",
+                &[
+                    &nul_free_cursor(&t.id),
+                    &t.playbook,
+                    &t.alert_id,
+                    &t.title,
+                    &created,
+                    &t.body,
+                    &max,
+                ],
+            )
+            .await?;
+        if row.is_some() {
+            return Ok(TicketCreate::Created);
+        }
+        Ok(if self.get_ticket(&t.id).await?.is_some() {
+            TicketCreate::Exists
+        } else {
+            TicketCreate::Full
+        })
+    }
+
+    async fn get_ticket(&self, id: &str) -> Result<Option<TicketRecord>> {
+        self.query_opt(
+            &format!("SELECT {TICKET_COLUMNS} FROM tickets WHERE id = $1"),
+            &[&nul_free_cursor(id)],
+        )
+        .await?
+        .as_ref()
+        .map(ticket_from_row)
+        .transpose()
+    }
+
+    async fn list_tickets(
+        &self,
+        filter: &TicketFilter,
+        limit: usize,
+        before_id: Option<&str>,
+    ) -> Result<Vec<TicketRecord>> {
+        let playbook = filter.playbook.as_deref().map(nul_free_cursor);
+        let alert = filter.alert_id.as_deref().map(nul_free_cursor);
+        let before = before_id.map(nul_free_cursor);
+        let limit = count_to_sql(limit);
+        self.query(
+            &format!(
+                "SELECT {TICKET_COLUMNS} FROM tickets
+                 WHERE ($1::BOOLEAN IS NULL OR open = $1) AND ($2::TEXT IS NULL OR playbook = $2)
+                   AND ($3::TEXT IS NULL OR alert_id = $3) AND ($4::TEXT IS NULL OR id < $4)
+                 ORDER BY id DESC LIMIT $5"
+            ),
+            &[&filter.open, &playbook, &alert, &before, &limit],
+        )
+        .await?
+        .iter()
+        .map(ticket_from_row)
+        .collect()
+    }
+
+    async fn close_ticket(&self, id: &str, by: &str, at_ms: u64) -> Result<Option<TicketRecord>> {
+        let at = ts_to_sql("at_ms", at_ms)?;
+        let id = nul_free_cursor(id);
+        self.execute(
+            "UPDATE tickets SET open = FALSE, closed_at_ms = $2, closed_by = $3
+             WHERE id = $1 AND open",
+            &[&id, &at, &by],
+            || "ticket".to_owned(),
+        )
+        .await?;
+        self.get_ticket(&id).await
+    }
+
+    async fn prune_tickets(&self, closed_before_ms: u64, keep_max: usize) -> Result<u64> {
+        let before = bound_to_sql(closed_before_ms);
+        let keep = count_to_sql(keep_max);
+        let old = self
+            .execute(
+                "DELETE FROM tickets WHERE NOT open AND closed_at_ms < $1",
+                &[&before],
+                || "ticket".to_owned(),
+            )
+            .await?;
+        let over = self
+            .execute(
+                "DELETE FROM tickets WHERE NOT open AND id NOT IN
+                   (SELECT id FROM tickets ORDER BY id DESC LIMIT $1)",
+                &[&keep],
+                || "ticket".to_owned(),
             )
             .await?;
         Ok(old + over)

@@ -9,8 +9,8 @@ use super::{
     SqliteStore,
 };
 use crate::error::{Result, StoreError};
-use crate::model::{AlertFire, AlertRecord, AlertState, RuleRecord};
-use crate::store::{AlertFilter, RuleStore};
+use crate::model::{AlertFire, AlertRecord, AlertState, RuleRecord, TicketCreate, TicketRecord};
+use crate::store::{AlertFilter, RuleStore, TicketFilter};
 
 const RULE_COLUMNS: &str = "id, name, when_text, selector, scope, then_text, enabled, created_by, \
      created_at_ms, updated_at_ms";
@@ -31,6 +31,33 @@ fn rule_from_row(r: &Row<'_>) -> rusqlite::Result<RuleRecord> {
         created_at_ms: u64_column(r, 8)?,
         updated_at_ms: u64_column(r, 9)?,
     })
+}
+
+const TICKET_COLUMNS: &str =
+    "id, playbook, alert_id, title, open, created_at_ms, closed_at_ms, closed_by, body";
+
+fn ticket_from_row(r: &Row<'_>) -> rusqlite::Result<TicketRecord> {
+    Ok(TicketRecord {
+        id: r.get(0)?,
+        playbook: r.get(1)?,
+        alert_id: r.get(2)?,
+        title: r.get(3)?,
+        open: r.get::<_, i64>(4)? != 0,
+        created_at_ms: u64_column(r, 5)?,
+        closed_at_ms: opt_u64_column(r, 6)?,
+        closed_by: r.get(7)?,
+        body: r.get(8)?,
+    })
+}
+
+fn ticket_where(conn: &Connection, id: &str) -> Result<Option<TicketRecord>> {
+    conn.prepare_cached(&format!(
+        "SELECT {TICKET_COLUMNS} FROM tickets WHERE id = ?1"
+    ))
+    .db()?
+    .query_row(params![id], ticket_from_row)
+    .optional()
+    .db()
 }
 
 fn alert_from_row(r: &Row<'_>) -> rusqlite::Result<(AlertRecord, String)> {
@@ -395,6 +422,107 @@ impl RuleStore for SqliteStore {
                 .prepare_cached(
                     "DELETE FROM alerts WHERE state = 'resolved' AND id NOT IN
                        (SELECT id FROM alerts ORDER BY id DESC LIMIT ?1)",
+                )
+                .db()?
+                .execute(params![keep])
+                .db()?;
+            Ok((old + over) as u64)
+        })
+        .await
+    }
+
+    async fn create_ticket(&self, t: TicketRecord, open_max: usize) -> Result<TicketCreate> {
+        let created = ts_to_sql("created_at_ms", t.created_at_ms)?;
+        let max = count_to_sql(open_max);
+        self.write(move |conn| {
+            if ticket_where(conn, &t.id)?.is_some() {
+                return Ok(TicketCreate::Exists);
+            }
+            let n: i64 = conn
+                .prepare_cached("SELECT count(*) FROM tickets WHERE open = 1")
+                .db()?
+                .query_row([], |r| r.get(0))
+                .db()?;
+            if n >= max {
+                return Ok(TicketCreate::Full);
+            }
+            conn.prepare_cached(&format!(
+                "INSERT INTO tickets ({TICKET_COLUMNS}) VALUES (?1, ?2, ?3, ?4, 1, ?5, NULL, NULL, ?6)"
+            ))
+            .db()?
+            .execute(params![t.id, t.playbook, t.alert_id, t.title, created, t.body])
+            .db()?;
+            Ok(TicketCreate::Created)
+        })
+        .await
+    }
+
+    async fn get_ticket(&self, id: &str) -> Result<Option<TicketRecord>> {
+        let id = id.to_owned();
+        self.read(move |conn| ticket_where(conn, &id)).await
+    }
+
+    async fn list_tickets(
+        &self,
+        filter: &TicketFilter,
+        limit: usize,
+        before_id: Option<&str>,
+    ) -> Result<Vec<TicketRecord>> {
+        let open = filter.open.map(i64::from);
+        let playbook = filter.playbook.clone();
+        let alert = filter.alert_id.clone();
+        let before = before_id.map(str::to_owned);
+        let limit = count_to_sql(limit);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {TICKET_COLUMNS} FROM tickets
+                     WHERE (?1 IS NULL OR open = ?1) AND (?2 IS NULL OR playbook = ?2)
+                       AND (?3 IS NULL OR alert_id = ?3) AND (?4 IS NULL OR id < ?4)
+                     ORDER BY id DESC LIMIT ?5"
+                ))
+                .db()?;
+            let rows = stmt
+                .query_map(
+                    params![open, playbook, alert, before, limit],
+                    ticket_from_row,
+                )
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
+        })
+        .await
+    }
+
+    async fn close_ticket(&self, id: &str, by: &str, at_ms: u64) -> Result<Option<TicketRecord>> {
+        let id = id.to_owned();
+        let by = by.to_owned();
+        let at = ts_to_sql("at_ms", at_ms)?;
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE tickets SET open = 0, closed_at_ms = ?2, closed_by = ?3
+                 WHERE id = ?1 AND open = 1",
+            )
+            .db()?
+            .execute(params![id, at, by])
+            .db()?;
+            ticket_where(conn, &id)
+        })
+        .await
+    }
+
+    async fn prune_tickets(&self, closed_before_ms: u64, keep_max: usize) -> Result<u64> {
+        let before = bound_to_sql(closed_before_ms);
+        let keep = count_to_sql(keep_max);
+        self.write_background(move |conn| {
+            let old = conn
+                .prepare_cached("DELETE FROM tickets WHERE open = 0 AND closed_at_ms < ?1")
+                .db()?
+                .execute(params![before])
+                .db()?;
+            let over = conn
+                .prepare_cached(
+                    "DELETE FROM tickets WHERE open = 0 AND id NOT IN
+                       (SELECT id FROM tickets ORDER BY id DESC LIMIT ?1)",
                 )
                 .db()?
                 .execute(params![keep])
