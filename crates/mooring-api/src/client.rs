@@ -369,6 +369,27 @@ impl Client {
         Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
     }
 
+    /// `GET /api/v1/tickets`.
+    pub async fn list_tickets(
+        &self,
+        params: &crate::TicketListParams,
+    ) -> Result<crate::TicketList> {
+        self.get(self.url(&["api", "v1", "tickets"], Some(params))?)
+            .await
+    }
+
+    /// `GET /api/v1/tickets/{id}`.
+    pub async fn get_ticket(&self, id: &str) -> Result<crate::Ticket> {
+        self.get(self.url(&["api", "v1", "tickets", id], None::<&()>)?)
+            .await
+    }
+
+    /// `POST /api/v1/tickets/{id}/close`.
+    pub async fn close_ticket(&self, id: &str) -> Result<crate::Ticket> {
+        let url = self.url(&["api", "v1", "tickets", id, "close"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, None::<&()>, None).await?.1)
+    }
+
     /// `POST /api/v1/alerts/{id}/resolve`.
     pub async fn resolve_alert(&self, id: &str) -> Result<crate::Alert> {
         let url = self.url(&["api", "v1", "alerts", id, "resolve"], None::<&()>)?;

@@ -30,6 +30,7 @@ mod provision;
 mod rules;
 mod shadow;
 mod telemetry;
+mod tickets;
 mod tokens;
 
 #[cfg(feature = "client")]
@@ -79,6 +80,7 @@ pub use provision::{
 pub use rules::{Alert, AlertList, AlertListParams, CreateRule, Rule, RuleList, UpdateRule};
 pub use shadow::{Shadow, ShadowPatch};
 pub use telemetry::{LatestMetrics, LatestValue, TelemetryParams, TelemetryPoint, TelemetryPoints};
+pub use tickets::{Ticket, TicketDevice, TicketList, TicketListParams};
 pub use tokens::{CreateToken, CreatedToken, PageParams, TokenInfo, TokenList};
 
 #[cfg(feature = "client")]

@@ -178,12 +178,20 @@ impl App {
             core.config.rules.alerts_open_max,
         ));
         let fleet = Arc::new(Fleet::new(core.clone(), registry.clone()));
+        let playbooks = Arc::new(crate::playbooks::Playbooks::new(
+            core.store.clone(),
+            core.clock.clone(),
+            registry.clone(),
+            core.config.playbooks.clone(),
+            core.config.parts.clone(),
+        ));
         let jobs = Arc::new(Jobs::new(
             core.clone(),
             registry.clone(),
             commands.clone(),
             webhooks,
             emails,
+            playbooks,
             crate::jobs::ReportSources {
                 health: health.clone(),
                 fleet: fleet.clone(),

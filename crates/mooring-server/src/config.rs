@@ -71,6 +71,12 @@ pub struct ServerConfig {
     /// Email channels alerts go to (`[[email]]`, docs/health.md).
     #[serde(rename = "email")]
     pub emails: Vec<crate::emails::EmailConfig>,
+    /// Playbooks alerts run (`[[playbook]]`, docs/health.md#playbooks).
+    #[serde(rename = "playbook")]
+    pub playbooks: Vec<crate::playbooks::PlaybookConfig>,
+    /// The parts tickets suggest (`[[part]]`, docs/health.md#playbooks).
+    #[serde(rename = "part")]
+    pub parts: Vec<crate::playbooks::PartConfig>,
 }
 
 /// `[ota]`.
@@ -707,6 +713,8 @@ impl Default for ServerConfig {
             rules: crate::rules::RulesConfig::default(),
             webhooks: Vec::new(),
             emails: Vec::new(),
+            playbooks: Vec::new(),
+            parts: Vec::new(),
             jobs: JobsConfig::default(),
             provisioning: ProvisioningConfig::default(),
         }
@@ -991,6 +999,7 @@ impl ServerConfig {
         }
         crate::webhooks::validate(&self.webhooks)?;
         crate::emails::validate(&self.emails)?;
+        crate::playbooks::validate(&self.playbooks, &self.parts)?;
         for name in &self.rules.alert_emails {
             if !self.emails.iter().any(|e| &e.name == name) {
                 bail!("rules.alert_emails names {name:?}, which no [[email]] defines");

@@ -330,6 +330,46 @@ pub struct Health {
     alerts_open_max: usize,
 }
 
+/// What one cohort sweep did.
+#[derive(Debug, Default)]
+pub struct CohortSweep {
+    /// Cohorts flagged (alerts raised or counted again).
+    pub flagged: usize,
+    /// Alerts this sweep raised new (their playbooks run).
+    pub raised: Vec<RaisedCohortAlert>,
+}
+
+/// A cohort alert raised new.
+#[derive(Debug, Clone)]
+pub struct RaisedCohortAlert {
+    pub alert: mooring_store::AlertRecord,
+    pub group_by: String,
+    pub signal: String,
+    pub cohort: String,
+}
+
+/// A signal on one device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SignalOn {
+    pub id: String,
+    /// `None`: the device has no record of it.
+    pub value: Option<f64>,
+    /// Whether the signal shows on it (a count above 0, a battery below the low level).
+    pub affected: bool,
+}
+
+/// Signals a `[[part]]` or a playbook may name besides the counts.
+pub const SIGNALS_EXTRA: [&str; 3] = [
+    "battery",
+    mooring_api::HEALTH_BATTERY_SIGNAL,
+    "reconnects_per_hour",
+];
+
+/// Whether `signal` is one [`Health::signal_on_devices`] knows.
+pub fn is_known_signal(signal: &str) -> bool {
+    SIGNALS_EXTRA.contains(&signal) || ApiCounts::default().get(signal).is_some()
+}
+
 /// The rule id of a cohort alert: `cohort:<group_by>:<signal>:<cohort label>`.
 fn cohort_rule_id(group_by: &str, signal: &str, cohort: &str) -> String {
     format!("cohort:{group_by}:{signal}:{cohort}")
@@ -497,7 +537,8 @@ impl Health {
     /// tested; a flagged cohort raises one alert (device `null`, rule `cohort:<group_by>:
     /// <signal>:<cohort>`, counted again while it stays flagged) and an open cohort alert whose
     /// cohort is no longer flagged is resolved (`auto`). Returns the flagged cohorts.
-    pub async fn sweep_cohorts(&self) -> ServiceResult<usize> {
+    pub async fn sweep_cohorts(&self) -> ServiceResult<CohortSweep> {
+        let mut raised = Vec::new();
         let mut flagged = std::collections::BTreeSet::new();
         let mut failed = Vec::new();
         for group_by in &self.config.cohort_group_by {
@@ -527,8 +568,17 @@ impl Health {
                         self.alerts_open_max,
                     )
                     .await?;
-                if fired.is_none() {
-                    tracing::warn!(alert = %rule_id, "a cohort alert was not raised: [rules] alerts_open_max alerts are open");
+                match fired {
+                    None => {
+                        tracing::warn!(alert = %rule_id, "a cohort alert was not raised: [rules] alerts_open_max alerts are open");
+                    }
+                    Some((alert, true)) => raised.push(RaisedCohortAlert {
+                        alert,
+                        group_by: group_by.clone(),
+                        signal: a.signal.clone(),
+                        cohort: a.cohort.clone(),
+                    }),
+                    Some(_) => {}
                 }
                 flagged.insert(rule_id);
             }
@@ -558,7 +608,121 @@ impl Health {
                 break;
             }
         }
-        Ok(flagged.len())
+        Ok(CohortSweep {
+            flagged: flagged.len(),
+            raised,
+        })
+    }
+
+    /// Every device of cohort `cohort` (its label) of grouping `group_by`, with `signal` on
+    /// each (`battery_low`: its battery level, affected below `[health] battery_low_level`;
+    /// a count: its count in the last 24 hours, affected above 0). Pages through the fleet.
+    pub async fn cohort_members(
+        &self,
+        group_by: &str,
+        cohort: &str,
+        signal: &str,
+    ) -> ServiceResult<Vec<SignalOn>> {
+        let keys = parse_group_by(Some(group_by))?;
+        let sel = Access::all().selection(None)?;
+        let now = self.clock.now_ms();
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let (page, next) = self
+                .registry
+                .select_devices(&sel, cursor.as_deref(), SUMMARY_PAGE_LEN)
+                .await?;
+            let members: Vec<&DeviceView> = page
+                .iter()
+                .filter(|v| {
+                    let values: Vec<Option<String>> = keys.iter().map(|k| k.value_of(v)).collect();
+                    group_label(&keys, &values) == cohort
+                })
+                .collect();
+            let ids: Vec<String> = members.iter().map(|v| v.record.id.to_string()).collect();
+            let records: HashMap<String, DeviceHealth> = self
+                .store
+                .get_device_health(&ids)
+                .await?
+                .into_iter()
+                .collect();
+            for v in members {
+                let record = self.with_pending(
+                    records.get(v.record.id.as_str()).cloned(),
+                    v.record.id.as_str(),
+                    v.record.created_at_ms,
+                );
+                let (value, affected) = self.signal_on(record.as_ref(), signal, now);
+                out.push(SignalOn {
+                    id: v.record.id.to_string(),
+                    value,
+                    affected,
+                });
+            }
+            match next {
+                Some(n) => cursor = Some(n),
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// `signal` on each of `devices` (id, when it was registered), this node's deltas not
+    /// yet flushed folded in (at most [`mooring_store::HEALTH_BATCH_LEN_MAX`] per read).
+    pub async fn signal_on_devices(
+        &self,
+        devices: &[(String, u64)],
+        signal: &str,
+    ) -> ServiceResult<Vec<SignalOn>> {
+        let now = self.clock.now_ms();
+        let mut out = Vec::with_capacity(devices.len());
+        for batch in devices.chunks(mooring_store::HEALTH_BATCH_LEN_MAX) {
+            let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
+            let records: HashMap<String, DeviceHealth> = self
+                .store
+                .get_device_health(&ids)
+                .await?
+                .into_iter()
+                .collect();
+            for (id, created_at_ms) in batch {
+                let record = self.with_pending(records.get(id).cloned(), id, *created_at_ms);
+                let (value, affected) = self.signal_on(record.as_ref(), signal, now);
+                out.push(SignalOn {
+                    id: id.clone(),
+                    value,
+                    affected,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// A signal's value on a device's record: `battery` / `battery_low` (its level; affected
+    /// below `[health] battery_low_level`), `reconnects_per_hour`, or a count's name (in the
+    /// last 24 hours; affected above 0).
+    fn signal_on(&self, h: Option<&DeviceHealth>, signal: &str, now: u64) -> (Option<f64>, bool) {
+        let Some(h) = h else {
+            return (None, false);
+        };
+        match signal {
+            "battery" | mooring_api::HEALTH_BATTERY_SIGNAL => match &h.battery {
+                Some(b) => (Some(b.level), b.level < self.config.battery_low_level),
+                None => (None, false),
+            },
+            "reconnects_per_hour" => {
+                let (counts, hours) = h.window(now);
+                let rate = counts.connects as f64 / hours;
+                (Some(rate), counts.connects > 0)
+            }
+            name => {
+                let (counts, _) = h.window(now);
+                match api_counts(&counts).get(name) {
+                    Some(n) => (Some(n as f64), n > 0),
+                    None => (None, false),
+                }
+            }
+        }
     }
 
     /// The tracker (flushes, counters).

@@ -103,6 +103,9 @@ pub enum JobAction {
     /// expiring before a time to renew it, throttled; created by
     /// [`Jobs::create_rotation`], not through `POST /api/v1/jobs`.
     RotateCerts(RotateCerts),
+    /// A playbook run (issue 18): queued when an alert it runs on is raised, or by a rule's
+    /// `job:<playbook>` action ([`Jobs::run_playbooks_on`], [`Jobs::enqueue_playbook`]).
+    Playbook(crate::playbooks::PlaybookRun),
     /// A report (issue 18): created by `POST /api/v1/reports`, its result kept with the job.
     Report(crate::reports::ReportSpec),
     /// A rule's webhook notification (issue 18): created by [`Jobs::enqueue_delivery`] when a
@@ -184,6 +187,7 @@ impl JobAction {
             JobAction::Webhook(_) => crate::webhooks::WEBHOOK_ACTION,
             JobAction::Publish(_) => crate::webhooks::NATS_ACTION,
             JobAction::Email(_) => crate::emails::EMAIL_ACTION,
+            JobAction::Playbook(_) => crate::playbooks::PLAYBOOK_ACTION,
         }
     }
 
@@ -198,7 +202,8 @@ impl JobAction {
             | JobAction::RotateCerts(_)
             | JobAction::Webhook(_)
             | JobAction::Publish(_)
-            | JobAction::Email(_) => None,
+            | JobAction::Email(_)
+            | JobAction::Playbook(_) => None,
         }
     }
 
@@ -239,6 +244,7 @@ impl JobAction {
             JobAction::Webhook(d) => d.params(),
             JobAction::Publish(p) => p.params(),
             JobAction::Email(e) => e.params(),
+            JobAction::Playbook(p) => p.params(),
         }
     }
 
@@ -324,7 +330,8 @@ impl JobAction {
             JobAction::Delete
             | JobAction::Webhook(_)
             | JobAction::Publish(_)
-            | JobAction::Email(_) => Ok(()),
+            | JobAction::Email(_)
+            | JobAction::Playbook(_) => Ok(()),
             JobAction::Report(r) => r.validate(),
             JobAction::RotateCerts(r) => {
                 if r.max_per_minute == 0 || r.max_per_minute > ROTATIONS_PER_MINUTE_MAX {
@@ -379,6 +386,9 @@ impl JobAction {
             crate::emails::EMAIL_ACTION => {
                 JobAction::Email(crate::emails::EmailNote::from_params(params)?)
             }
+            crate::playbooks::PLAYBOOK_ACTION => {
+                JobAction::Playbook(crate::playbooks::PlaybookRun::from_params(params)?)
+            }
             other => return Err(format!("unknown action {other:?}")),
         };
         Ok(a)
@@ -424,6 +434,7 @@ pub struct Jobs {
     commands: Arc<Commands>,
     webhooks: Arc<crate::webhooks::Webhooks>,
     emails: Arc<crate::emails::Emails>,
+    playbooks: Arc<crate::playbooks::Playbooks>,
     sources: ReportSources,
     /// Wakes the runner when a job is created on this node.
     wake: Notify,
@@ -439,6 +450,7 @@ impl Jobs {
         commands: Arc<Commands>,
         webhooks: Arc<crate::webhooks::Webhooks>,
         emails: Arc<crate::emails::Emails>,
+        playbooks: Arc<crate::playbooks::Playbooks>,
         sources: ReportSources,
     ) -> Self {
         Self {
@@ -446,6 +458,7 @@ impl Jobs {
             registry,
             webhooks,
             emails,
+            playbooks,
             sources,
             commands,
             wake: Notify::new(),
@@ -575,6 +588,7 @@ impl Jobs {
         if pending >= crate::webhooks::PENDING_PER_RULE_MAX {
             let dropped = match action {
                 JobAction::Email(_) => &self.emails.counters.dropped,
+                JobAction::Playbook(_) => &self.playbooks.counters.dropped,
                 _ => &self.webhooks.counters.dropped,
             };
             dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -602,6 +616,95 @@ impl Jobs {
             .await?;
         self.wake.notify_one();
         Ok(true)
+    }
+
+    /// The playbooks.
+    pub fn playbooks(&self) -> &crate::playbooks::Playbooks {
+        &self.playbooks
+    }
+
+    /// Queues every playbook that runs on alert kind `kind` (`cohort:<signal>`,
+    /// `rule:<name>`) for a new alert. A playbook with 1,000 unfinished runs queues none
+    /// (counted).
+    pub async fn run_playbooks_on(
+        &self,
+        kind: &str,
+        alert: &mooring_store::AlertRecord,
+        target: crate::playbooks::Target,
+    ) {
+        let names: Vec<String> = self.playbooks.on_kind(kind).map(str::to_owned).collect();
+        for name in names {
+            let title = match &target {
+                crate::playbooks::Target::Cohort { .. } => alert.detail.clone(),
+                crate::playbooks::Target::Device(d) => {
+                    format!("{} on {d}: {}", alert.rule_name, alert.detail)
+                }
+            };
+            let run = crate::playbooks::PlaybookRun {
+                playbook: name.clone(),
+                alert_id: Some(alert.id.clone()),
+                title,
+                target: target.clone(),
+            };
+            let creator = format!("{}{name}", crate::playbooks::PLAYBOOK_CREATOR_PREFIX);
+            if let Err(e) = self.enqueue_playbook(&creator, &Access::all(), run).await {
+                tracing::warn!(playbook = %name, alert = %alert.id, error = %e, "queuing a playbook failed");
+            }
+        }
+    }
+
+    /// Queues one playbook run by `creator` under `access`.
+    pub async fn enqueue_playbook(
+        &self,
+        creator: &str,
+        access: &Access,
+        run: crate::playbooks::PlaybookRun,
+    ) -> ServiceResult<bool> {
+        let device =
+            match &run.target {
+                crate::playbooks::Target::Device(d) => Some(DeviceId::parse(d).map_err(|e| {
+                    ServiceError::invalid("invalid_device_id", format!("{d:?}: {e}"))
+                })?),
+                crate::playbooks::Target::Cohort { .. } => None,
+            };
+        self.enqueue_delivery(creator, access, device.as_ref(), JobAction::Playbook(run))
+            .await
+    }
+
+    /// A playbook run, in one turn (each step is idempotent on a retry).
+    async fn run_playbook(
+        &self,
+        job: &mut JobRecord,
+        access: &Access,
+        run: &crate::playbooks::PlaybookRun,
+    ) -> ServiceResult<Turn> {
+        use std::sync::atomic::Ordering;
+        let ctx = crate::playbooks::RunContext {
+            health: &self.sources.health,
+            commands: &self.commands,
+            access,
+            job_id: &job.id,
+            now_ms: self.core.now_ms(),
+        };
+        match self.playbooks.run(ctx, run).await {
+            Ok(said) => {
+                self.playbooks
+                    .counters
+                    .succeeded
+                    .fetch_add(1, Ordering::Relaxed);
+                job.done = 1;
+                job.last_error = None;
+                tracing::info!(job = %job.id, playbook = %run.playbook, outcome = %said, "playbook ran");
+                self.finish_turn(job, JobState::Succeeded).await
+            }
+            Err(e) => {
+                self.playbooks
+                    .counters
+                    .failed
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
     }
 
     /// A rule's NATS notification, published once (every failure is retried by the queue).
@@ -978,6 +1081,14 @@ impl Jobs {
             {
                 None
             }
+            // The config's playbooks, run on an alert.
+            None if job
+                .created_by
+                .starts_with(crate::playbooks::PLAYBOOK_CREATOR_PREFIX)
+                && matches!(action, JobAction::Playbook(_)) =>
+            {
+                None
+            }
             None => self.creator_refused(job, &action).await?,
         };
         if let Some(reason) = refused {
@@ -996,6 +1107,9 @@ impl Jobs {
         if let JobAction::Publish(p) = &action {
             self.publish(p).await?;
             return self.delivered(job).await;
+        }
+        if let JobAction::Playbook(p) = &action {
+            return self.run_playbook(job, &access, p).await;
         }
         if let JobAction::Email(e) = &action {
             self.emails.send(&job.id, e).await?;
@@ -1140,7 +1254,8 @@ impl Jobs {
             | JobAction::Report(_)
             | JobAction::Webhook(_)
             | JobAction::Publish(_)
-            | JobAction::Email(_) => ids
+            | JobAction::Email(_)
+            | JobAction::Playbook(_) => ids
                 .iter()
                 .map(|_| Err(ServiceError::internal("this job acts on the selection")))
                 .collect(),

@@ -63,6 +63,7 @@ pub mod oidc;
 pub mod ota;
 pub mod pipeline;
 pub mod pki;
+pub mod playbooks;
 pub mod presence;
 pub mod provision;
 pub mod ratelimit;

@@ -405,6 +405,25 @@ pub fn render_metrics(app: &App) -> String {
         ],
     )
     .labeled_counters(
+        "mooring_playbook_runs_total",
+        "Playbook runs by outcome: succeeded, failed (retried, or dead after [jobs] attempts_max), dropped (the playbook or rule had 1000 unfinished)",
+        "outcome",
+        [
+            ("succeeded", load(&app.jobs.playbooks().counters.succeeded)),
+            ("failed", load(&app.jobs.playbooks().counters.failed)),
+            ("dropped", load(&app.jobs.playbooks().counters.dropped)),
+        ],
+    )
+    .labeled_counters(
+        "mooring_tickets_total",
+        "Tickets playbooks opened, and refused (1000 were open)",
+        "outcome",
+        [
+            ("opened", load(&app.jobs.playbooks().counters.tickets_opened)),
+            ("refused", load(&app.jobs.playbooks().counters.tickets_refused)),
+        ],
+    )
+    .labeled_counters(
         "mooring_rule_nats_total",
         "Rules' NATS notifications by outcome: published, failed (retried, or dead after [jobs] attempts_max)",
         "outcome",

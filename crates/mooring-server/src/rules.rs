@@ -292,18 +292,19 @@ fn check_name(name: &str) -> ServiceResult<()> {
 fn check_actions(
     text: &str,
     webhooks: &crate::webhooks::Webhooks,
+    playbooks: &crate::playbooks::Playbooks,
     nats: bool,
 ) -> ServiceResult<Vec<Action>> {
     let actions = mooring_rules::parse_actions(text)
         .map_err(|e| ServiceError::invalid("invalid_rule", format!("then: {e}")))?;
     for a in &actions {
-        if matches!(a, Action::Job(_)) {
-            return Err(ServiceError::invalid(
-                "unsupported_action",
-                format!(
-                    "then: {a}: job actions are not available in this version (docs/health.md)"
-                ),
-            ));
+        if let Action::Job(name) = a {
+            if !playbooks.has(name) {
+                return Err(ServiceError::invalid(
+                    "unknown_playbook",
+                    format!("then: {a}: no [[playbook]] named {name:?} in the server's config (docs/health.md#playbooks)"),
+                ));
+            }
         }
         if let Action::Nats(subject) = a {
             if !nats {
@@ -386,10 +387,13 @@ fn fired_body(rule: &Compiled, device: &DeviceId, detail: &str, at_ms: u64) -> s
     })
 }
 
-/// What the creator of a rule needs: `devices.write`, and `commands.write` to send commands.
+/// What the creator of a rule needs: `devices.write`, and `commands.write` to send commands
+/// (a playbook's `diagnostics` step sends them).
 fn allowed_for(role: mooring_store::Role, actions: &[Action]) -> bool {
     role_allows(role, Permission::DevicesWrite)
-        && (!actions.iter().any(|a| matches!(a, Action::Command(_)))
+        && (!actions
+            .iter()
+            .any(|a| matches!(a, Action::Command(_) | Action::Job(_)))
             || role_allows(role, Permission::CommandsWrite))
 }
 
@@ -531,7 +535,7 @@ impl Rules {
                 .url
                 .as_deref()
                 .is_some_and(|u| u.starts_with("nats://"));
-        let actions = check_actions(&req.then, self.jobs.webhooks(), nats)?;
+        let actions = check_actions(&req.then, self.jobs.webhooks(), self.jobs.playbooks(), nats)?;
         // NATS subjects are one space for the whole cluster: a scoped caller could speak on a
         // subject another tenant's programs read.
         if access.scope().is_some() && actions.iter().any(|a| matches!(a, Action::Nats(_))) {
@@ -845,7 +849,12 @@ impl Rules {
                         "the scope of {} changed since the rule was created",
                         rec.created_by
                     )),
-                    Ok(_) => None,
+                    Ok(_) => actions.iter().find_map(|a| match a {
+                        Action::Job(name) if !self.jobs.playbooks().has(name) => Some(format!(
+                            "no [[playbook]] named {name:?} in the server's config"
+                        )),
+                        _ => None,
+                    }),
                 };
             compiled.push(Compiled {
                 rec,
@@ -1262,6 +1271,9 @@ impl Rules {
                     Some((a, new)) => {
                         if new {
                             self.notify_alert("alert.firing", &a).await;
+                            let kind = format!("rule:{}", rule.rec.name);
+                            let target = crate::playbooks::Target::Device(device.to_string());
+                            self.jobs.run_playbooks_on(&kind, &a, target).await;
                         }
                         Ok(new)
                     }
@@ -1271,7 +1283,11 @@ impl Rules {
                     }
                 }
             }
-            Action::Command(_) | Action::Tag { .. } | Action::Webhook(_) | Action::Nats(_)
+            Action::Command(_)
+            | Action::Tag { .. }
+            | Action::Webhook(_)
+            | Action::Nats(_)
+            | Action::Job(_)
                 if !device_actions =>
             {
                 Counters::inc(&self.counters.actions_suppressed);
@@ -1320,7 +1336,19 @@ impl Rules {
                 self.notify_fired(rule, device, crate::jobs::JobAction::Publish(publish))
                     .await
             }
-            Action::Job(_) => Ok(false),
+            Action::Job(playbook) => {
+                let run = crate::playbooks::PlaybookRun {
+                    playbook: playbook.clone(),
+                    alert_id: None,
+                    title: format!("{} on {device}: {detail}", rule.rec.name),
+                    target: crate::playbooks::Target::Device(device.to_string()),
+                };
+                let creator = format!("{}{}", crate::jobs::RULE_CREATOR_PREFIX, rule.rec.id);
+                self.jobs
+                    .enqueue_playbook(&creator, &rule.access, run)
+                    .await?;
+                Ok(false)
+            }
         }
     }
 

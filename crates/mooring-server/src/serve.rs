@@ -946,8 +946,19 @@ async fn health_cohort_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
         if !runs(&app, crate::cluster::LEASE_HEALTH).await {
             return;
         }
-        if let Err(e) = app.health.sweep_cohorts().await {
-            tracing::warn!(error = %e, "the cohort sweep failed; will retry");
+        match app.health.sweep_cohorts().await {
+            Ok(sweep) => {
+                for r in sweep.raised {
+                    let kind = format!("cohort:{}", r.signal);
+                    let target = crate::playbooks::Target::Cohort {
+                        group_by: r.group_by,
+                        cohort: r.cohort,
+                        signal: r.signal,
+                    };
+                    app.jobs.run_playbooks_on(&kind, &r.alert, target).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "the cohort sweep failed; will retry"),
         }
     })
     .await;
@@ -1030,6 +1041,11 @@ async fn retention_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(rows = n, "ended sessions and old login failures removed"),
             Err(e) => tracing::warn!(error = %e, "session pruning failed"),
+        }
+        match app.jobs.playbooks().prune().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(tickets = n, "closed tickets removed"),
+            Err(e) => tracing::warn!(error = %e, "ticket pruning failed"),
         }
         match app.provisioning.prune().await {
             Ok(0) => {}

@@ -7,11 +7,13 @@ pub mod health;
 mod ota;
 mod reports;
 mod rules;
+mod tickets;
 pub use cas::{ca, CaCommand};
 pub use certs::{cert, CertCommand};
 pub use ota::{ota, OtaCommand};
 pub use reports::{report, ReportCommand};
 pub use rules::{alert, rule, AlertCommand, RuleCommand};
+pub use tickets::{ticket, TicketCommand};
 
 use crate::credentials::CredentialFiles;
 use crate::output::{ago, print_fields, print_json, rfc3339, OutputArgs, Table};

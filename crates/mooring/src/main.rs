@@ -125,6 +125,14 @@ enum Command {
         #[command(subcommand)]
         command: client::AlertCommand,
     },
+    /// Field-service tickets playbooks open: list, show, close (docs/health.md#playbooks).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Ticket {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::TicketCommand,
+    },
     /// Device certificates: list a device's, list those expiring soon, revoke one
     /// (docs/provisioning.md).
     #[command(after_help = EXIT_STATUS_HELP)]
@@ -726,6 +734,7 @@ fn run(command: Command) -> ExitCode {
             Command::Ca { api, command } => client::ca(api, command).await,
             Command::Rule { api, command } => client::rule(api, command).await,
             Command::Alert { api, command } => client::alert(api, command).await,
+            Command::Ticket { api, command } => client::ticket(api, command).await,
             Command::Token { api, command } => client::token(api, command).await,
             Command::Claim { api, command } => client::claim(api, command).await,
             Command::Ota { api, command } => client::ota(api, command).await,

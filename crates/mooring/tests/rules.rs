@@ -270,7 +270,7 @@ async fn bad_rules_are_refused_with_the_reason_and_a_rule_stops_when_its_creator
         post(json!({"name": "x", "when": "battery < 15", "then": "job:report"})).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
-        (400, Some("unsupported_action")),
+        (400, Some("unknown_playbook")),
         "{body}"
     );
     let (status, body) =

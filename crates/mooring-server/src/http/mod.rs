@@ -19,6 +19,7 @@ mod pipeline;
 mod provision;
 pub mod routes;
 mod rules;
+mod tickets;
 mod web;
 
 use crate::access::{access_of, role_allows, Access, Permission};

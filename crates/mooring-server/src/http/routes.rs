@@ -5,7 +5,7 @@
 
 use super::{
     accounts, api, cas, certs, commands, events, fleet, health, jobs, ota, pipeline, provision,
-    rules,
+    rules, tickets,
 };
 use crate::access::{role_allows, Permission};
 use crate::app::App;
@@ -114,6 +114,9 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(get, "/api/v1/alerts/{id}", DevicesRead, "alert.get", rules::get_alert),
         row!(post, "/api/v1/alerts/{id}/acknowledge", DevicesWrite, "alert.acknowledge", rules::acknowledge_alert),
         row!(post, "/api/v1/alerts/{id}/resolve", DevicesWrite, "alert.resolve", rules::resolve_alert),
+        row!(get, "/api/v1/tickets", DevicesRead, "ticket.list", tickets::list_tickets),
+        row!(get, "/api/v1/tickets/{id}", DevicesRead, "ticket.get", tickets::get_ticket),
+        row!(post, "/api/v1/tickets/{id}/close", DevicesWrite, "ticket.close", tickets::close_ticket),
         // Commands and shadows.
         row!(post, "/api/v1/devices/{id}/commands", CommandsWrite, "command.create", commands::create_command),
         row!(get, "/api/v1/devices/{id}/commands", CommandsRead, "command.list", commands::list_commands),

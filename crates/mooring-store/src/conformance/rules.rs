@@ -297,22 +297,25 @@ fn ticket(id: &str, playbook: &str, alert: &str) -> TicketRecord {
 pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn Store) {
     let t1 = ticket("t1", "visit", "a1");
     assert_eq!(
-        store.create_ticket(t1.clone(), 2).await.unwrap(),
+        store.create_ticket(t1.clone(), 2).await.expect("store"),
         TicketCreate::Created
     );
     // The same id again (a retried playbook) changes nothing.
     let mut again = ticket("t1", "other", "a9");
     again.body = "{}".to_owned();
     assert_eq!(
-        store.create_ticket(again, 2).await.unwrap(),
+        store.create_ticket(again, 2).await.expect("store"),
         TicketCreate::Exists
     );
-    assert_eq!(store.get_ticket("t1").await.unwrap(), Some(t1.clone()));
+    assert_eq!(
+        store.get_ticket("t1").await.expect("store"),
+        Some(t1.clone())
+    );
     assert_eq!(
         store
             .create_ticket(ticket("t2", "visit", "a2"), 2)
             .await
-            .unwrap(),
+            .expect("store"),
         TicketCreate::Created
     );
     // Two open: the bound refuses a third.
@@ -320,16 +323,16 @@ pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn St
         store
             .create_ticket(ticket("t3", "batteries", "a3"), 2)
             .await
-            .unwrap(),
+            .expect("store"),
         TicketCreate::Full
     );
-    assert_eq!(store.get_ticket("t3").await.unwrap(), None);
+    assert_eq!(store.get_ticket("t3").await.expect("store"), None);
 
     let closed = store
         .close_ticket("t1", "ops@example.com", 5_000)
         .await
-        .unwrap()
-        .unwrap();
+        .expect("store")
+        .expect("store");
     assert!(!closed.open);
     assert_eq!(closed.closed_at_ms, Some(5_000));
     assert_eq!(closed.closed_by.as_deref(), Some("ops@example.com"));
@@ -337,27 +340,33 @@ pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn St
     let twice = store
         .close_ticket("t1", "someone", 9_000)
         .await
-        .unwrap()
-        .unwrap();
+        .expect("store")
+        .expect("store");
     assert_eq!(twice, closed);
-    assert_eq!(store.close_ticket("nope", "x", 1).await.unwrap(), None);
+    assert_eq!(
+        store.close_ticket("nope", "x", 1).await.expect("store"),
+        None
+    );
     // A closed ticket frees its place under the bound.
     assert_eq!(
         store
             .create_ticket(ticket("t3", "batteries", "a3"), 2)
             .await
-            .unwrap(),
+            .expect("store"),
         TicketCreate::Created
     );
 
     let ids = |v: Vec<TicketRecord>| v.into_iter().map(|t| t.id).collect::<Vec<_>>();
     let all = TicketFilter::default();
     assert_eq!(
-        ids(store.list_tickets(&all, 10, None).await.unwrap()),
+        ids(store.list_tickets(&all, 10, None).await.expect("store")),
         ["t3", "t2", "t1"]
     );
     assert_eq!(
-        ids(store.list_tickets(&all, 1, Some("t3")).await.unwrap()),
+        ids(store
+            .list_tickets(&all, 1, Some("t3"))
+            .await
+            .expect("store")),
         ["t2"]
     );
     let open = TicketFilter {
@@ -365,7 +374,7 @@ pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn St
         ..TicketFilter::default()
     };
     assert_eq!(
-        ids(store.list_tickets(&open, 10, None).await.unwrap()),
+        ids(store.list_tickets(&open, 10, None).await.expect("store")),
         ["t3", "t2"]
     );
     let shut = TicketFilter {
@@ -373,7 +382,7 @@ pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn St
         ..TicketFilter::default()
     };
     assert_eq!(
-        ids(store.list_tickets(&shut, 10, None).await.unwrap()),
+        ids(store.list_tickets(&shut, 10, None).await.expect("store")),
         ["t1"]
     );
     let visit = TicketFilter {
@@ -381,7 +390,7 @@ pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn St
         ..TicketFilter::default()
     };
     assert_eq!(
-        ids(store.list_tickets(&visit, 10, None).await.unwrap()),
+        ids(store.list_tickets(&visit, 10, None).await.expect("store")),
         ["t2", "t1"]
     );
     let of_a3 = TicketFilter {
@@ -389,22 +398,22 @@ pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn St
         ..TicketFilter::default()
     };
     assert_eq!(
-        ids(store.list_tickets(&of_a3, 10, None).await.unwrap()),
+        ids(store.list_tickets(&of_a3, 10, None).await.expect("store")),
         ["t3"]
     );
 
     // Pruning never deletes an open ticket, and deletes closed ones that are old or beyond
     // the newest kept.
-    assert_eq!(store.prune_tickets(1_000, 1).await.unwrap(), 1);
+    assert_eq!(store.prune_tickets(1_000, 1).await.expect("store"), 1);
     assert_eq!(
-        ids(store.list_tickets(&all, 10, None).await.unwrap()),
+        ids(store.list_tickets(&all, 10, None).await.expect("store")),
         ["t3", "t2"]
     );
-    store.close_ticket("t3", "ops", 6_000).await.unwrap();
-    assert_eq!(store.prune_tickets(0, 10).await.unwrap(), 0);
-    assert_eq!(store.prune_tickets(7_000, 10).await.unwrap(), 1);
+    store.close_ticket("t3", "ops", 6_000).await.expect("store");
+    assert_eq!(store.prune_tickets(0, 10).await.expect("store"), 0);
+    assert_eq!(store.prune_tickets(7_000, 10).await.expect("store"), 1);
     assert_eq!(
-        ids(store.list_tickets(&all, 10, None).await.unwrap()),
+        ids(store.list_tickets(&all, 10, None).await.expect("store")),
         ["t2"]
     );
 }

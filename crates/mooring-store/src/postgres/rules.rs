@@ -419,7 +419,7 @@ impl RuleStore for PgStore {
             || "ticket".to_owned(),
         )
         .await?;
-        self.get_ticket(&id).await
+        self.get_ticket(id).await
     }
 
     async fn prune_tickets(&self, closed_before_ms: u64, keep_max: usize) -> Result<u64> {

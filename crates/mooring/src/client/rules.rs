@@ -20,7 +20,8 @@ pub enum RuleCommand {
         /// The devices it watches, e.g. 'tag:hw=rev-b' [default: every device you may see].
         #[arg(long)]
         selector: Option<String>,
-        /// The actions, comma-separated: alert:info|warning|critical, command:<name>, tag:<k>=<v>.
+        /// The actions, comma-separated: alert:info|warning|critical, command:<name>, tag:<k>=<v>,
+        /// webhook:<name>, nats:<subject>, job:<playbook>.
         #[arg(long)]
         then: String,
         /// Create it disabled.
