@@ -5,6 +5,7 @@
 //   MOORING_URL, MOORING_TOKEN (admin API token), ADMIN_EMAIL, VIEWER_EMAIL, INSTALLER_EMAIL, PASSWORD,
 //   LIVE_DEVICE (the agent's device id), LIVE_TAG (a tag only it carries: key=value),
 //   BULK_SELECTOR + BULK_COUNT (a tag selector and how many devices it matches),
+//   TICKET_ID (an open ticket a playbook opened for the live device),
 //   CHROMIUM (the browser binary), SCREENSHOTS (optional: a directory for page screenshots).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
@@ -25,6 +26,7 @@ const LIVE = env("LIVE_DEVICE");
 const LIVE_TAG = env("LIVE_TAG");
 const BULK_SELECTOR = env("BULK_SELECTOR");
 const BULK_COUNT = Number(env("BULK_COUNT"));
+const TICKET = env("TICKET_ID");
 const WAIT_MS = 20_000;
 
 let browser;
@@ -542,6 +544,55 @@ test("jobs: a telemetry report queued from the page runs as a job and downloads 
   await viewer.context().close();
 });
 
+test("tickets: a playbook's ticket listed and opened with its device and site; a viewer sees no close; closed from the page", async () => {
+  const ticket = await api(`/api/v1/tickets/${TICKET}`);
+  assert.equal(ticket.state, "open", JSON.stringify(ticket));
+  // A viewer sees the open ticket and its devices, and no way to close it.
+  const viewer = await newPage();
+  await login(viewer, VIEWER);
+  await viewer.getByTestId("nav-tickets").click();
+  const viewerRow = viewer.locator(`[data-testid="ticket-row"][data-ticket-id="${TICKET}"][data-state="open"]`);
+  await viewerRow.waitFor();
+  await viewerRow.getByTestId("ticket-link").click();
+  await viewer.locator(`[data-testid="ticket-device-row"][data-device-id="${LIVE}"]`).waitFor();
+  assert.equal(await viewer.getByTestId("ticket-close").count(), 0, "ticket-close shown to a viewer");
+  assert.deepEqual(viewer.errors, []);
+  await viewer.context().close();
+
+  const page = await newPage();
+  await login(page, ADMIN);
+  await page.getByTestId("nav-tickets").click();
+  const row = page.locator(`[data-testid="ticket-row"][data-ticket-id="${TICKET}"]`);
+  await row.waitFor();
+  assert.match(await row.innerText(), new RegExp(`visit-cart on ${LIVE}`));
+  assert.match(await row.innerText(), /\bvisit\b/);
+  await row.getByTestId("ticket-link").click();
+  await page.getByTestId("ticket-title").filter({ hasText: `visit-cart on ${LIVE}` }).waitFor();
+  assert.match(page.url(), new RegExp(`#/tickets/${TICKET}$`));
+  // The device to visit, its site and a link to its page.
+  const device = page.locator(`[data-testid="ticket-device-row"][data-device-id="${LIVE}"]`);
+  await device.waitFor();
+  assert.match(await device.innerText(), /\bdepot\b/);
+  assert.equal(await device.getByRole("link").getAttribute("href"), `#/devices/${LIVE}`);
+  assert.match(await page.getByTestId("ticket-steps").innerText(), /tagged 1 device\(s\) visit=due/);
+  // Closed from the page: the page and the API agree.
+  await page.getByTestId("ticket-close").click();
+  await page.locator(`[data-testid="ticket"][data-ticket-id="${TICKET}"][data-state="closed"]`).waitFor();
+  assert.equal(await page.getByTestId("ticket-close").count(), 0);
+  const closed = await api(`/api/v1/tickets/${TICKET}`);
+  assert.equal(closed.state, "closed");
+  assert.equal(closed.closed_by, ADMIN);
+  // The list's closed filter has it; the open one no longer does.
+  await page.getByRole("link", { name: "← Tickets" }).click();
+  await page.getByTestId("ticket-state").selectOption("closed");
+  await page.locator(`[data-testid="ticket-row"][data-ticket-id="${TICKET}"][data-state="closed"]`).waitFor();
+  assert.match(page.url(), /state=closed/);
+  await page.getByTestId("ticket-state").selectOption("open");
+  await row.waitFor({ state: "detached" });
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+});
+
 test("screenshots", { skip: !process.env.SCREENSHOTS }, async () => {
   const dir = process.env.SCREENSHOTS;
   const pages = [
@@ -552,6 +603,8 @@ test("screenshots", { skip: !process.env.SCREENSHOTS }, async () => {
     ["tokens", "#/tokens", "token-row"],
     ["audit", "#/audit", "audit-row"],
     ["jobs", "#/jobs", "job-row"],
+    ["tickets", "#/tickets?state=all", "ticket-row"],
+    ["ticket", `#/tickets/${TICKET}`, "ticket-device-row"],
   ];
   const sizes = [
     ["desktop", { width: 1280, height: 800 }],

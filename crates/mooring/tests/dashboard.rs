@@ -100,9 +100,13 @@ async fn the_dashboard_in_a_real_browser() {
     // A sample of the fleet's history every second (default: a minute), so the overview's
     // charts have points within the run.
     // Presence flushed every second, so the pipeline's first connect shows up within the run.
+    // A playbook a rule's `job:` action runs for the live device: it tags it and opens a ticket
+    // (the tickets page lists it).
     let cfg = support::config_args(
         tmp.path(),
-        "[fleet]\nsample_interval_ms = 1000\n[limits]\npresence_flush_interval_secs = 1\n",
+        "[fleet]\nsample_interval_ms = 1000\n[limits]\npresence_flush_interval_secs = 1\n\
+         [[playbook]]\nname = \"visit\"\nsteps = [\"tag:visit=due\", \"ticket\"]\n\
+         [[part]]\npart = \"battery pack\"\nsignal = \"battery\"\nbelow = 20\n",
     );
     let cfg: Vec<&str> = cfg.iter().map(String::as_str).collect();
     let server = Server::start_with(&data, "127.0.0.1:0", "127.0.0.1:0", &cfg);
@@ -162,6 +166,30 @@ async fn the_dashboard_in_a_real_browser() {
     server
         .wait_for(&format!("/api/v1/devices/{live}"), |v| v["online"] == true)
         .await;
+    // A rule whose condition every reading of the agent meets: its `job:visit` action runs the
+    // playbook for the device, which opens a ticket.
+    let (status, body) = server
+        .api(
+            "POST",
+            "/api/v1/rules",
+            Some(json!({
+                "name": "visit-cart",
+                "when": "uptime_secs > -1",
+                "then": "job:visit",
+                "selector": format!("id:{live}"),
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let tickets = server
+        .wait_for("/api/v1/tickets", |v| {
+            v["tickets"].as_array().is_some_and(|t| !t.is_empty())
+        })
+        .await;
+    let ticket = tickets["tickets"][0]["id"]
+        .as_str()
+        .expect("ticket id")
+        .to_owned();
 
     let mut node = Command::new("node");
     node.args(["--test", "--test-reporter=spec", "--test-concurrency=1"])
@@ -176,6 +204,7 @@ async fn the_dashboard_in_a_real_browser() {
         .env("LIVE_TAG", "asset=a-77")
         .env("BULK_SELECTOR", "tag:site=s3")
         .env("BULK_COUNT", "100")
+        .env("TICKET_ID", &ticket)
         .env("CHROMIUM", &chromium)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
