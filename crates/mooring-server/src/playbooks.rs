@@ -828,7 +828,11 @@ mod tests {
     #[test]
     fn playbooks_and_parts_are_checked() {
         let ok = playbook(&["diagnostics", "tag:visit=due", "ticket"]);
-        validate(std::slice::from_ref(&ok), &[part(Some("rssi"), None, Some(-85.0))]).expect("valid");
+        validate(
+            std::slice::from_ref(&ok),
+            &[part(Some("rssi"), None, Some(-85.0))],
+        )
+        .expect("valid");
         let err = |p: PlaybookConfig, parts: &[PartConfig]| {
             validate(&[p], parts).expect_err("refused").to_string()
         };

@@ -84,6 +84,8 @@ fn config(data_dir: &Path, tuning: &Tuning) -> anyhow::Result<ServerConfig> {
         config.jobs.report_points_per_turn = n;
     }
     config.health = tuning.health.clone();
+    config.playbooks = tuning.playbooks.clone();
+    config.parts = tuning.parts.clone();
     Ok(config)
 }
 
@@ -96,6 +98,9 @@ pub struct Tuning {
     pub job_report_points_per_turn: Option<usize>,
     /// `[health]` (the scenario's `[health]` table).
     pub health: mooring_server::health::HealthConfig,
+    /// `[[playbook]]` and `[[part]]` (the scenario's).
+    pub playbooks: Vec<mooring_server::playbooks::PlaybookConfig>,
+    pub parts: Vec<mooring_server::playbooks::PartConfig>,
 }
 
 impl Tuning {
@@ -104,6 +109,8 @@ impl Tuning {
             job_batch_pause_ms: config.jobs.batch_pause_ms,
             job_report_points_per_turn: Some(config.jobs.report_points_per_turn),
             health: config.health.clone(),
+            playbooks: config.playbooks.clone(),
+            parts: config.parts.clone(),
         }
     }
 }

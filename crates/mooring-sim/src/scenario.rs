@@ -117,6 +117,12 @@ pub struct Scenario {
     /// Rules the run creates before the devices boot (docs/health.md "Rules").
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleSpec>,
+    /// The server's `[[playbook]]`s (docs/health.md#playbooks), as in its config file.
+    #[serde(default, rename = "playbook")]
+    pub playbooks: Vec<mooring_server::playbooks::PlaybookConfig>,
+    /// The server's `[[part]]` table.
+    #[serde(default, rename = "part")]
+    pub parts: Vec<mooring_server::playbooks::PartConfig>,
     #[serde(default)]
     pub expect: Expect,
 }
@@ -619,6 +625,11 @@ pub struct Expect {
     /// name) was raised at most this far into the run.
     #[serde(default)]
     pub max_detection: BTreeMap<String, DurationMs>,
+    /// Playbooks: per playbook name, it opened exactly one ticket, every device it lists is
+    /// one the selector names, and its cohort is exactly those devices, e.g.
+    /// `{ link-visit = "tag:site=c" }`.
+    #[serde(default)]
+    pub tickets: BTreeMap<String, String>,
 }
 
 impl Scenario {
@@ -639,6 +650,12 @@ impl Scenario {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.cohorts.is_empty() {
             bail!("a scenario needs at least one [[cohort]]");
+        }
+        mooring_server::playbooks::validate(&self.playbooks, &self.parts)?;
+        for name in self.expect.tickets.keys() {
+            if !self.playbooks.iter().any(|p| &p.name == name) {
+                bail!("expect.tickets names {name:?}, which no [[playbook]] defines");
+            }
         }
         let n = self.device_count();
         if n == 0 || n > DEVICES_MAX {

@@ -396,7 +396,8 @@ fn broker_bounds_never_refuse_a_well_behaved_fleet_under_faults() -> anyhow::Res
 /// scenarios/fleet-health.toml at 300 devices (120, 90, 90 on sites a, b, c) for its 8
 /// simulated hours: site b's fast battery drain and site c's 30-minute outage are each found by
 /// the cohort sweeper once per signal (and nothing else), within the stated simulated time; the
-/// rule on the battery's rate alerts exactly site b's devices.
+/// rule on the battery's rate alerts exactly site b's devices; each problem's playbook opens one
+/// ticket listing the right devices.
 #[test]
 fn fleet_health_finds_each_problem_once_and_nothing_else() -> anyhow::Result<()> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/fleet-health.toml");
@@ -423,6 +424,41 @@ fn fleet_health_finds_each_problem_once_and_nothing_else() -> anyhow::Result<()>
         assert_eq!(a.alerts, 1, "{key}: {a:?}");
     }
     assert_eq!(health.alerts["fast-drain"].devices, 90);
+    // Each problem ran its playbook once: one ticket listing only the cohort's devices, with
+    // the parts the signals suggest.
+    let link = &health.tickets["link-visit"];
+    assert_eq!(
+        (
+            link.tickets,
+            link.devices_total,
+            link.listed_outside_selector
+        ),
+        (1, 90, 0),
+        "{link:?}"
+    );
+    assert!(link.title.starts_with("site=c: disconnects"), "{link:?}");
+    assert!(
+        link.parts.get("wireless repeater").is_some_and(|n| *n > 0),
+        "{link:?}"
+    );
+    assert_eq!(
+        link.steps[0], "diagnostics requested from 10 device(s)",
+        "{link:?}"
+    );
+    let battery = &health.tickets["battery-visit"];
+    assert_eq!(
+        (
+            battery.tickets,
+            battery.devices_total,
+            battery.listed_outside_selector
+        ),
+        (1, 90, 0),
+        "{battery:?}"
+    );
+    assert!(
+        battery.parts.get("battery pack").is_some_and(|n| *n > 0),
+        "{battery:?}"
+    );
     Ok(())
 }
 

@@ -254,6 +254,26 @@ pub struct HealthReport {
     /// `expect.rule_alerts`: per rule, (devices the selector names, of those without an alert,
     /// alerted devices it does not name).
     pub rule_mismatches: BTreeMap<String, (u64, u64, u64)>,
+    /// Per playbook, the tickets it opened.
+    pub tickets: BTreeMap<String, TicketSummary>,
+}
+
+/// The tickets one playbook opened by the end.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TicketSummary {
+    pub tickets: u64,
+    /// Of the first ticket: its title, when it was opened (ms into the run), the devices it
+    /// lists, how many of the cohort showed the signal, the cohort's size, and its parts.
+    pub title: String,
+    pub first_opened_ms: u64,
+    pub devices_listed: u64,
+    pub devices_affected: u64,
+    pub devices_total: u64,
+    pub parts: BTreeMap<String, u64>,
+    pub steps: Vec<String>,
+    /// `expect.tickets`: (devices the selector names, listed devices it does not name).
+    pub selector_devices: u64,
+    pub listed_outside_selector: u64,
 }
 
 /// One cohort alert, or one rule's alerts.

@@ -2,7 +2,7 @@
 //! end (the server still up) every alert read back: cohort alerts by `<cohort>: <signal>`, rule
 //! alerts by rule with the devices they named, each with when it was first raised.
 
-use crate::report::{AlertSummary, HealthReport};
+use crate::report::{AlertSummary, HealthReport, TicketSummary};
 use crate::scenario::Scenario;
 use mooring_server::access::Access;
 use mooring_server::app::App;
@@ -74,6 +74,7 @@ pub async fn report(
         && s.rules.is_empty()
         && e.cohort_alerts.is_none()
         && e.rule_alerts.is_empty()
+        && s.playbooks.is_empty()
     {
         return Ok(None);
     }
@@ -133,31 +134,95 @@ pub async fn report(
     // `rule_alerts`: the devices alerted against those the selector names.
     let mut rule_mismatches = BTreeMap::new();
     for (rule, selector) in &e.rule_alerts {
-        let sel = mooring_proto::selector::Selector::parse(selector)
+        let want = selected(app, selector)
+            .await
             .map_err(|e| anyhow::anyhow!("expect.rule_alerts.{rule}: {e}"))?;
-        let mut want = BTreeSet::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let (page, next) = app
-                .registry
-                .select_devices(&sel, cursor.as_deref(), PAGE_LEN)
-                .await
-                .map_err(|e| anyhow::anyhow!("selecting {selector}: {}", e.message))?;
-            want.extend(page.into_iter().map(|v| v.record.id.to_string()));
-            match next {
-                Some(n) => cursor = Some(n),
-                None => break,
-            }
-        }
         let got = rule_devices.get(rule).cloned().unwrap_or_default();
         let missing = want.difference(&got).count() as u64;
         let extra = got.difference(&want).count() as u64;
         rule_mismatches.insert(rule.clone(), (want.len() as u64, missing, extra));
     }
+    let tickets = tickets(s, app, epoch_ms).await?;
     Ok(Some(HealthReport {
         alerts: by_key,
         rule_mismatches,
+        tickets,
     }))
+}
+
+/// The devices `selector` names.
+async fn selected(app: &App, selector: &str) -> anyhow::Result<BTreeSet<String>> {
+    let sel = mooring_proto::selector::Selector::parse(selector)?;
+    let mut want = BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let (page, next) = app
+            .registry
+            .select_devices(&sel, cursor.as_deref(), PAGE_LEN)
+            .await
+            .map_err(|e| anyhow::anyhow!("selecting {selector}: {}", e.message))?;
+        want.extend(page.into_iter().map(|v| v.record.id.to_string()));
+        match next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    Ok(want)
+}
+
+/// Every ticket at the end, per playbook; `expect.tickets` checked against its selector.
+async fn tickets(
+    s: &Scenario,
+    app: &App,
+    epoch_ms: u64,
+) -> anyhow::Result<BTreeMap<String, TicketSummary>> {
+    let mut out: BTreeMap<String, TicketSummary> = BTreeMap::new();
+    let mut listed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let params = mooring_api::TicketListParams {
+            limit: Some(mooring_server::playbooks::TICKET_PAGE_LEN_MAX),
+            cursor: cursor.clone(),
+            ..Default::default()
+        };
+        let (page, next) = app
+            .jobs
+            .playbooks()
+            .list(&Access::all(), &params)
+            .await
+            .map_err(|e| anyhow::anyhow!("listing tickets: {}", e.message))?;
+        // Newest first: the last one seen of a playbook is its first.
+        for t in page {
+            let sum = out.entry(t.playbook.clone()).or_default();
+            sum.tickets += 1;
+            sum.title = t.title.clone();
+            sum.first_opened_ms = t.created_at.saturating_sub(epoch_ms);
+            sum.devices_listed = t.devices.len() as u64;
+            sum.devices_affected = t.devices_affected;
+            sum.devices_total = t.devices_total;
+            sum.parts = t.parts.clone();
+            sum.steps = t.steps.clone();
+            listed.insert(
+                t.playbook.clone(),
+                t.devices.iter().map(|d| d.device_id.clone()).collect(),
+            );
+        }
+        match next {
+            Some(n) => cursor = Some(n),
+            None => break,
+        }
+    }
+    for (playbook, selector) in &s.expect.tickets {
+        let want = selected(app, selector)
+            .await
+            .map_err(|e| anyhow::anyhow!("expect.tickets.{playbook}: {e}"))?;
+        let sum = out.entry(playbook.clone()).or_default();
+        sum.selector_devices = want.len() as u64;
+        sum.listed_outside_selector = listed
+            .get(playbook)
+            .map_or(0, |l| l.difference(&want).count() as u64);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -184,6 +184,24 @@ fn health_expectations(s: &Scenario, r: &Report, out: &mut Vec<ExpectationResult
             ok: missing == 0 && extra == 0 && named > 0,
         });
     }
+    for playbook in e.tickets.keys() {
+        let t = health.tickets.get(playbook).cloned().unwrap_or_default();
+        out.push(ExpectationResult {
+            name: format!("tickets.{playbook}"),
+            expected: format!(
+                "one ticket, for the {} devices its selector names",
+                t.selector_devices
+            ),
+            actual: format!(
+                "{} ticket(s); the first lists {} device(s) ({} outside the selector) of a cohort of {}",
+                t.tickets, t.devices_listed, t.listed_outside_selector, t.devices_total
+            ),
+            ok: t.tickets == 1
+                && t.devices_listed > 0
+                && t.listed_outside_selector == 0
+                && t.devices_total == t.selector_devices,
+        });
+    }
     for (key, bound) in &e.max_detection {
         let first = health.alerts.get(key).map(|a| a.first_raised_ms);
         out.push(ExpectationResult {

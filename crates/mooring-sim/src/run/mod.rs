@@ -396,6 +396,8 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         job_batch_pause_ms: s.job_batch_pause.0,
         job_report_points_per_turn: s.job_report_points_per_turn,
         health: s.health.clone().unwrap_or_default(),
+        playbooks: s.playbooks.clone(),
+        parts: s.parts.clone(),
     };
     let mut servers: Vec<Option<InProcessServer>> = Vec::new();
     if remote.is_none() {
