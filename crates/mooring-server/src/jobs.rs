@@ -626,11 +626,14 @@ impl Jobs {
     /// Queues every playbook that runs on alert kind `kind` (`cohort:<signal>`,
     /// `rule:<name>`) for a new alert. A playbook with 1,000 unfinished runs queues none
     /// (counted).
+    /// `by`: the rule that raised the alert (its creator id `rule:<id>` and access): the run
+    /// acts as the rule; `None` (a cohort alert): as the server, creator `playbook:<name>`.
     pub async fn run_playbooks_on(
         &self,
         kind: &str,
         alert: &mooring_store::AlertRecord,
         target: crate::playbooks::Target,
+        by: Option<(&str, &Access)>,
     ) {
         let names: Vec<String> = self.playbooks.on_kind(kind).map(str::to_owned).collect();
         for name in names {
@@ -646,8 +649,15 @@ impl Jobs {
                 title,
                 target: target.clone(),
             };
-            let creator = format!("{}{name}", crate::playbooks::PLAYBOOK_CREATOR_PREFIX);
-            if let Err(e) = self.enqueue_playbook(&creator, &Access::all(), run).await {
+            let all = Access::all();
+            let (creator, access) = match by {
+                Some((creator, access)) => (creator.to_owned(), access),
+                None => (
+                    format!("{}{name}", crate::playbooks::PLAYBOOK_CREATOR_PREFIX),
+                    &all,
+                ),
+            };
+            if let Err(e) = self.enqueue_playbook(&creator, access, run).await {
                 tracing::warn!(playbook = %name, alert = %alert.id, error = %e, "queuing a playbook failed");
             }
         }
@@ -702,6 +712,14 @@ impl Jobs {
                     .counters
                     .failed
                     .fetch_add(1, Ordering::Relaxed);
+                if e.kind == ErrorKind::InvalidArgument {
+                    // Removed from the config, or no longer valid: a retry cannot help.
+                    job.errors.push(JobError {
+                        device_id: String::new(),
+                        message: e.message,
+                    });
+                    return self.finish_turn(job, JobState::Failed).await;
+                }
                 Err(e)
             }
         }
@@ -1068,6 +1086,31 @@ impl Jobs {
         // another role or scope.
         let refused = match job.created_by.strip_prefix(RULE_CREATOR_PREFIX) {
             Some(rule_id) => match self.core.store.get_rule(rule_id).await? {
+                // A playbook a rule runs (its `job:` action, or an alert it raised) acts as the
+                // rule's creator: it needs `commands.write` (the diagnostics step) and the
+                // scope the rule was made in.
+                Some(rule) if rule.enabled && matches!(action, JobAction::Playbook(_)) => {
+                    match crate::access::principal_now(
+                        self.core.store.as_ref(),
+                        &rule.created_by,
+                        self.core.now_ms(),
+                    )
+                    .await?
+                    {
+                        Err(why) => Some(why),
+                        Ok((role, _)) if !role_allows(role, Permission::CommandsWrite) => {
+                            Some(format!(
+                                "{} (who made rule {}) may not send commands, which the playbook does",
+                                rule.created_by, rule.name
+                            ))
+                        }
+                        Ok((_, scope)) if scope != rule.scope => Some(format!(
+                            "the scope of {} changed since rule {} was made",
+                            rule.created_by, rule.name
+                        )),
+                        Ok(_) => None,
+                    }
+                }
                 Some(rule) if rule.enabled => None,
                 Some(rule) => Some(format!("rule {} was disabled", rule.name)),
                 None => Some(format!("rule {rule_id} was deleted")),

@@ -45,7 +45,9 @@ pub const STEPS_MAX: usize = 16;
 pub const SAMPLE_MAX: usize = 100;
 /// A playbook's `devices_max` at most.
 pub const DEVICES_MAX_LIMIT: usize = 2_000;
-/// Open tickets at most; a run past it opens none (counted, and said in its job).
+/// Open tickets per playbook at most; a run past it opens none (counted in
+/// `mooring_tickets_total{outcome="refused"}` and logged), so a storm of one rule's alerts
+/// cannot starve another playbook's tickets.
 pub const TICKETS_OPEN_MAX: usize = 1_000;
 /// Closed tickets kept at most, and for how long.
 pub const TICKETS_KEPT_MAX: usize = 10_000;
@@ -451,7 +453,13 @@ impl Playbooks {
                 // A battery is worse lower; a count, higher. Ties by id, so a retry picks the same.
                 let low_is_worse = signal == mooring_api::HEALTH_BATTERY_SIGNAL;
                 hit.sort_by(|a, b| {
-                    let (x, y) = (a.value.unwrap_or(0.0), b.value.unwrap_or(0.0));
+                    // A device with no value is the least worse.
+                    let none = if low_is_worse {
+                        f64::INFINITY
+                    } else {
+                        f64::NEG_INFINITY
+                    };
+                    let (x, y) = (a.value.unwrap_or(none), b.value.unwrap_or(none));
                     let worse = if low_is_worse {
                         x.total_cmp(&y)
                     } else {
@@ -505,21 +513,23 @@ impl Playbooks {
                             .await
                         {
                             Ok(_) => sent += 1,
-                            Err(e) if e.kind == ErrorKind::NotFound => failed += 1,
-                            Err(e) => return Err(e),
+                            Err(e) if is_retryable(&e) => return Err(e),
+                            // One device's refusal (gone, out of scope, its queue full) does
+                            // not stop the others' run.
+                            Err(_) => failed += 1,
                         }
                     }
                     done.push(format!(
                         "diagnostics requested from {sent} device(s){}",
                         if failed > 0 {
-                            format!(" ({failed} gone)")
+                            format!(" ({failed} refused)")
                         } else {
                             String::new()
                         }
                     ));
                 }
                 Step::Tag(k, v) => {
-                    let mut tagged = 0u64;
+                    let (mut tagged, mut refused) = (0u64, 0u64);
                     for batch in ids.chunks(TAG_BATCH_LEN) {
                         let (k, v) = (k.clone(), v.clone());
                         let results = self
@@ -531,12 +541,20 @@ impl Playbooks {
                         for r in results {
                             match r {
                                 Ok(()) => tagged += 1,
-                                Err(e) if e.kind == ErrorKind::NotFound => {}
-                                Err(e) => return Err(e),
+                                Err(e) if is_retryable(&e) => return Err(e),
+                                // Gone, or refused (its tags full): the others still are.
+                                Err(_) => refused += 1,
                             }
                         }
                     }
-                    done.push(format!("tagged {tagged} device(s) {k}={v}"));
+                    done.push(format!(
+                        "tagged {tagged} device(s) {k}={v}{}",
+                        if refused > 0 {
+                            format!(" ({refused} refused)")
+                        } else {
+                            String::new()
+                        }
+                    ));
                 }
                 Step::Ticket => {}
             }
@@ -592,7 +610,7 @@ impl Playbooks {
                     .tickets_refused
                     .fetch_add(1, Ordering::Relaxed);
                 done.push(format!(
-                    "no ticket opened: {TICKETS_OPEN_MAX} tickets are open (close some)"
+                    "no ticket opened: {TICKETS_OPEN_MAX} tickets of this playbook are open (close some)"
                 ));
             }
         }
@@ -789,6 +807,12 @@ impl Playbooks {
             .prune_tickets(now_ms.saturating_sub(TICKETS_KEPT_MS), TICKETS_KEPT_MAX)
             .await?)
     }
+}
+
+/// Whether a step's error is the server's (the store unreachable: retry the run), not one
+/// device's.
+fn is_retryable(e: &ServiceError) -> bool {
+    e.kind == ErrorKind::Internal || e.code == "storage_unavailable"
 }
 
 /// A run's ticket id: from its job's, so a retried run opens the same one.

@@ -1273,7 +1273,11 @@ impl Rules {
                             self.notify_alert("alert.firing", &a).await;
                             let kind = format!("rule:{}", rule.rec.name);
                             let target = crate::playbooks::Target::Device(device.to_string());
-                            self.jobs.run_playbooks_on(&kind, &a, target).await;
+                            let creator =
+                                format!("{}{}", crate::jobs::RULE_CREATOR_PREFIX, rule.rec.id);
+                            self.jobs
+                                .run_playbooks_on(&kind, &a, target, Some((&creator, &rule.access)))
+                                .await;
                         }
                         Ok(new)
                     }

@@ -955,7 +955,9 @@ async fn health_cohort_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
                         cohort: r.cohort,
                         signal: r.signal,
                     };
-                    app.jobs.run_playbooks_on(&kind, &r.alert, target).await;
+                    app.jobs
+                        .run_playbooks_on(&kind, &r.alert, target, None)
+                        .await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "the cohort sweep failed; will retry"),

@@ -755,7 +755,7 @@ pub trait RuleStore: Send + Sync + 'static {
     async fn prune_alerts(&self, resolved_before_ms: u64, keep_max: usize) -> Result<u64>;
 
     /// Stores a new open ticket unless one with its id exists (`Exists`, unchanged) or
-    /// `open_max` tickets are open (`Full`).
+    /// `open_max` tickets of its playbook are open (`Full`).
     async fn create_ticket(&self, ticket: TicketRecord, open_max: usize) -> Result<TicketCreate>;
     async fn get_ticket(&self, id: &str) -> Result<Option<TicketRecord>>;
     /// Newest first (by id descending), at most `limit`, filtered by any of `open`, `playbook`

@@ -151,13 +151,15 @@ async fn a_fleet_ca_rollover_moves_agents_to_the_new_ca_then_retires_the_previou
     assert_eq!(certs["certificates"][0]["state"], "revoked", "{certs}");
     assert_eq!(certs["certificates"][0]["revoke_reason"], "ca_retired");
     assert!(!support::device_can_publish(&server, &b, "rb"));
+    // The agent stops first: connected as `ra`, it would take the session back from the
+    // checks below (and they from it) mid-publish.
+    let _ = agent.kill();
+    let _ = agent.wait();
     // A client trusting only the previous CA no longer accepts the server; the new CA does.
     assert!(!support::device_can_publish(&server, &only_old, "ra"));
     assert!(support::device_can_publish(&server, &only_new, "ra"));
 
     // The agent, restarted, connects with its trust bundle (its --ca file is the old CA).
-    let _ = agent.kill();
-    let _ = agent.wait();
     server
         .wait_for("/api/v1/devices/ra", |v| v["online"] == false)
         .await;

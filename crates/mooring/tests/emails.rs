@@ -172,18 +172,7 @@ fn bad_email_channels_stop_the_start() {
             "at most half of jobs.lease_ms",
         ),
     ] {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let args = support::config_args(tmp.path(), toml);
-        let out = std::process::Command::new(support::BIN)
-            .arg("serve")
-            .args(&args)
-            .arg("--data-dir")
-            .arg(tmp.path().join("data"))
-            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .output()
-            .expect("run mooring serve");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{stderr}");
+        let stderr = support::serve_refused(toml);
         assert!(stderr.contains(why), "{why}: {stderr}");
     }
 }

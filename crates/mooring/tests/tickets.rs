@@ -190,6 +190,24 @@ async fn a_rules_alert_runs_its_playbook_which_asks_tags_and_opens_a_ticket() {
     let (_, device) = server.api("GET", "/api/v1/devices/lock-1", None).await;
     assert_eq!(device["tags"]["visit"], "due", "{device}");
 
+    // A run a rule started acts as the rule (its scope, its creator's permissions).
+    let (_, jobs) = server
+        .api("GET", "/api/v1/jobs?state=succeeded", None)
+        .await;
+    let run = jobs["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .find(|j| j["action"] == "playbook" && j["params"]["playbook"] == "battery-visit")
+        .cloned()
+        .expect("the playbook's job");
+    assert!(
+        run["created_by"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("rule:rule_")),
+        "{run}"
+    );
+
     // The weak-link rule's job: action ran `check` for the device, with no alert.
     let check = tickets(&server, "playbook=check", 1).await;
     assert_eq!(check[0]["alert_id"], Value::Null, "{check:?}");
@@ -447,18 +465,7 @@ fn a_bad_playbook_stops_the_start() {
             "exactly one of below or above",
         ),
     ] {
-        let tmp = tempfile::tempdir().expect("tmp");
-        let args = support::config_args(tmp.path(), config);
-        let out = std::process::Command::new(support::BIN)
-            .arg("serve")
-            .args(&args)
-            .args(["--data-dir"])
-            .arg(tmp.path().join("data"))
-            .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .output()
-            .expect("run mooring serve");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{stderr}");
+        let stderr = support::serve_refused(config);
         assert!(stderr.contains(want), "{want}: {stderr}");
     }
 }

@@ -11,4 +11,5 @@ CREATE TABLE tickets (
     closed_by     TEXT,
     body          TEXT NOT NULL
 );
+CREATE INDEX tickets_open_by_playbook ON tickets (playbook) WHERE open;
 CREATE INDEX tickets_by_closed ON tickets (closed_at_ms) WHERE closed_at_ms IS NOT NULL;

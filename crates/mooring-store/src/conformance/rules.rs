@@ -318,15 +318,15 @@ pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn St
             .expect("store"),
         TicketCreate::Created
     );
-    // Two open: the bound refuses a third.
+    // Two of `visit` open: the bound refuses a third of it, not another playbook's.
     assert_eq!(
         store
-            .create_ticket(ticket("t3", "batteries", "a3"), 2)
+            .create_ticket(ticket("t9", "visit", "a9"), 2)
             .await
             .expect("store"),
         TicketCreate::Full
     );
-    assert_eq!(store.get_ticket("t3").await.expect("store"), None);
+    assert_eq!(store.get_ticket("t9").await.expect("store"), None);
 
     let closed = store
         .close_ticket("t1", "ops@example.com", 5_000)
@@ -347,7 +347,7 @@ pub async fn tickets_open_once_by_id_bounded_close_list_and_prune(store: &dyn St
         store.close_ticket("nope", "x", 1).await.expect("store"),
         None
     );
-    // A closed ticket frees its place under the bound.
+    // Another playbook has a bound of its own.
     assert_eq!(
         store
             .create_ticket(ticket("t3", "batteries", "a3"), 2)

@@ -347,7 +347,7 @@ impl RuleStore for PgStore {
         // at once may pass the bound by one each, never without bound.
         let row = self
             .query_opt(
-                "WITH n AS (SELECT count(*) AS open FROM tickets WHERE open)
+                "WITH n AS (SELECT count(*) AS open FROM tickets WHERE open AND playbook = $2)
                  INSERT INTO tickets (id, playbook, alert_id, title, open, created_at_ms, body)
                  SELECT $1, $2, $3, $4, TRUE, $5, $6 FROM n WHERE n.open < $7
                  ON CONFLICT (id) DO NOTHING

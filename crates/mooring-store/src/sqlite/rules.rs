@@ -439,9 +439,9 @@ impl RuleStore for SqliteStore {
                 return Ok(TicketCreate::Exists);
             }
             let n: i64 = conn
-                .prepare_cached("SELECT count(*) FROM tickets WHERE open = 1")
+                .prepare_cached("SELECT count(*) FROM tickets WHERE open = 1 AND playbook = ?1")
                 .db()?
-                .query_row([], |r| r.get(0))
+                .query_row(params![t.playbook], |r| r.get(0))
                 .db()?;
             if n >= max {
                 return Ok(TicketCreate::Full);

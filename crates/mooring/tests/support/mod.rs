@@ -565,6 +565,24 @@ impl Sub {
     }
 }
 
+/// Starts `mooring serve` with the config `toml` in a fresh directory, expecting it to refuse
+/// to start: asserts it exited non-zero and returns its stderr.
+pub fn serve_refused(toml: &str) -> String {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let args = config_args(tmp.path(), toml);
+    let out = Command::new(BIN)
+        .arg("serve")
+        .args(&args)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .args(["--mqtt-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .output()
+        .expect("run mooring serve");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{stderr}");
+    stderr
+}
+
 /// Writes a TOML config file into `dir` and returns `--config <path>` arguments.
 pub fn config_args(dir: &Path, toml: &str) -> Vec<String> {
     let path = dir.join("mooring.toml");
