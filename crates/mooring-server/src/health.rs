@@ -625,47 +625,28 @@ impl Health {
     ) -> ServiceResult<Vec<SignalOn>> {
         let keys = parse_group_by(Some(group_by))?;
         let sel = Access::all().selection(None)?;
-        let now = self.clock.now_ms();
-        let mut out = Vec::new();
+        let mut members: Vec<(String, u64)> = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
             let (page, next) = self
                 .registry
                 .select_devices(&sel, cursor.as_deref(), SUMMARY_PAGE_LEN)
                 .await?;
-            let members: Vec<&DeviceView> = page
-                .iter()
-                .filter(|v| {
-                    let values: Vec<Option<String>> = keys.iter().map(|k| k.value_of(v)).collect();
-                    group_label(&keys, &values) == cohort
-                })
-                .collect();
-            let ids: Vec<String> = members.iter().map(|v| v.record.id.to_string()).collect();
-            let records: HashMap<String, DeviceHealth> = self
-                .store
-                .get_device_health(&ids)
-                .await?
-                .into_iter()
-                .collect();
-            for v in members {
-                let record = self.with_pending(
-                    records.get(v.record.id.as_str()).cloned(),
-                    v.record.id.as_str(),
-                    v.record.created_at_ms,
-                );
-                let (value, affected) = self.signal_on(record.as_ref(), signal, now);
-                out.push(SignalOn {
-                    id: v.record.id.to_string(),
-                    value,
-                    affected,
-                });
-            }
+            members.extend(
+                page.iter()
+                    .filter(|v| {
+                        let values: Vec<Option<String>> =
+                            keys.iter().map(|k| k.value_of(v)).collect();
+                        group_label(&keys, &values) == cohort
+                    })
+                    .map(|v| (v.record.id.to_string(), v.record.created_at_ms)),
+            );
             match next {
                 Some(n) => cursor = Some(n),
                 None => break,
             }
         }
-        Ok(out)
+        self.signal_on_devices(&members, signal).await
     }
 
     /// `signal` on each of `devices` (id, when it was registered), this node's deltas not

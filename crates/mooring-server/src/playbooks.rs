@@ -148,14 +148,6 @@ fn parse_step(s: &str) -> Result<Step, String> {
     }
 }
 
-fn is_valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-}
-
 /// Checks `[[playbook]]` and `[[part]]` entries.
 pub fn validate(playbooks: &[PlaybookConfig], parts: &[PartConfig]) -> anyhow::Result<()> {
     anyhow::ensure!(
@@ -169,7 +161,7 @@ pub fn validate(playbooks: &[PlaybookConfig], parts: &[PartConfig]) -> anyhow::R
     let mut names = std::collections::BTreeSet::new();
     for p in playbooks {
         anyhow::ensure!(
-            is_valid_name(&p.name),
+            crate::webhooks::is_valid_name(&p.name),
             "[[playbook]] name {:?}: letters, digits, '.', '_', '-' (at most 64)",
             p.name
         );
@@ -184,7 +176,7 @@ pub fn validate(playbooks: &[PlaybookConfig], parts: &[PartConfig]) -> anyhow::R
                     mooring_api::HEALTH_TESTED_SIGNALS.contains(&signal)
                         || signal == mooring_api::HEALTH_BATTERY_SIGNAL
                 }
-                Some(("rule", name)) => is_valid_name(name),
+                Some(("rule", name)) => crate::webhooks::is_valid_name(name),
                 _ => false,
             };
             anyhow::ensure!(
@@ -695,15 +687,14 @@ impl Playbooks {
 
     /// Whether `access` sees the ticket: an unscoped caller sees every ticket; a scoped one
     /// those all of whose devices it sees.
-    async fn sees(&self, access: &Access, t: &TicketRecord) -> ServiceResult<bool> {
+    async fn sees(&self, access: &Access, t: &mooring_api::Ticket) -> ServiceResult<bool> {
         if access.scope().is_none() {
             return Ok(true);
         }
-        let body: TicketBody = serde_json::from_str(&t.body).unwrap_or_default();
-        if body.devices.is_empty() {
+        if t.devices.is_empty() {
             return Ok(false);
         }
-        for d in &body.devices {
+        for d in &t.devices {
             match self.registry.lookup(&d.device_id).await? {
                 Some(rec) if access.sees(&rec) => {}
                 _ => return Ok(false),
@@ -712,20 +703,18 @@ impl Playbooks {
         Ok(true)
     }
 
-    async fn visible(&self, access: &Access, id: &str) -> ServiceResult<TicketRecord> {
+    /// The ticket as the caller sees it (else `ticket_not_found`).
+    pub async fn get(&self, access: &Access, id: &str) -> ServiceResult<mooring_api::Ticket> {
         let t = self
             .store
             .get_ticket(id)
             .await?
             .ok_or_else(|| ticket_not_found(id))?;
-        if !self.sees(access, &t).await? {
+        let view = ticket_view(&t);
+        if !self.sees(access, &view).await? {
             return Err(ticket_not_found(id));
         }
-        Ok(t)
-    }
-
-    pub async fn get(&self, access: &Access, id: &str) -> ServiceResult<mooring_api::Ticket> {
-        Ok(ticket_view(&self.visible(access, id).await?))
+        Ok(view)
     }
 
     /// Open -> closed by `by` (closing a closed ticket changes nothing).
@@ -735,7 +724,7 @@ impl Playbooks {
         id: &str,
         by: &str,
     ) -> ServiceResult<mooring_api::Ticket> {
-        self.visible(access, id).await?;
+        self.get(access, id).await?;
         let t = self
             .store
             .close_ticket(id, by, self.clock.now_ms())
@@ -783,10 +772,11 @@ impl Playbooks {
             let full = page.len() == limit;
             let last = page.last().map(|t| t.id.clone());
             for t in page {
-                if !self.sees(access, &t).await? {
+                let view = ticket_view(&t);
+                if !self.sees(access, &view).await? {
                     continue;
                 }
-                out.push(ticket_view(&t));
+                out.push(view);
                 if out.len() == limit {
                     return Ok((out, Some(t.id)));
                 }
