@@ -273,3 +273,84 @@ fn a_webhook_secret_readable_by_others_is_refused() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("readable by others"), "{stderr}");
 }
+
+/// A rule whose receiver is down cannot grow the queue without bound: past 1,000 unfinished
+/// notifications the rule's next ones are dropped and counted, and the queue holds exactly
+/// 1,000 of its notifications. A real device (rumqttc) makes the rule fire 1,010 times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_past_its_pending_bound_drops_and_counts_new_notifications() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let secret_file = tmp.path().join("webhook.secret");
+    std::fs::write(&secret_file, SECRET).expect("secret");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    // Every try is refused and the next one is an hour away: nothing leaves the queue.
+    let config = format!(
+        "[jobs]\nretry_backoff_ms = 3600000\nattempts_max = 5\n\
+         [rules]\naction_cooldown_ms = 0\n\
+         [[webhook]]\nname = \"down\"\nurl = \"http://{closed}/hook\"\nsecret_file = \"{}\"\ntimeout_ms = 500\n",
+        secret_file.display()
+    );
+    let server = Server::start_configured(tmp.path(), &config);
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/rules",
+            Some(json!({"name": "hot", "when": "temp > 50", "then": "webhook:down"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let creds = server.create_device("d1", tmp.path());
+    let mut dev = MqttDevice::connect(&server, &creds, "d1").await;
+    const FIRINGS: usize = 1_010;
+    for _ in 0..FIRINGS {
+        dev.publish("devices/d1/telemetry", r#"{"temp": 61}"#).await;
+        dev.publish("devices/d1/telemetry", r#"{"temp": 20}"#).await;
+    }
+
+    // Every firing is either queued or dropped; the queue never holds more than 1,000.
+    let deadline = Instant::now() + WAIT;
+    let (queued, dropped) = loop {
+        let dropped = server
+            .metric("mooring_webhook_deliveries_total{outcome=\"dropped\"}")
+            .await as usize;
+        // Nothing finishes (no try succeeds, none is retried within the test), so every job
+        // listed is one of the rule's unfinished notifications.
+        let mut queued = 0;
+        let mut cursor: Option<String> = None;
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/api/v1/jobs?limit=200&cursor={c}"),
+                None => "/api/v1/jobs?limit=200".to_owned(),
+            };
+            let (status, page) = server.api("GET", &path, None).await;
+            assert_eq!(status, 200, "{page}");
+            let jobs = page["jobs"].as_array().expect("jobs");
+            assert!(
+                jobs.iter()
+                    .all(|j| j["action"] == "webhook" && j["state"] != "dead"),
+                "{page}"
+            );
+            queued += jobs.len();
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+        }
+        if queued + dropped >= FIRINGS || Instant::now() > deadline {
+            break (queued, dropped);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(queued, 1_000, "the rule's unfinished notifications");
+    assert_eq!(dropped, FIRINGS - 1_000, "the rest dropped and counted");
+    assert_eq!(
+        server
+            .metric("mooring_webhook_deliveries_total{outcome=\"delivered\"}")
+            .await,
+        0.0
+    );
+}
