@@ -27,6 +27,7 @@ mod jobs;
 mod ota;
 mod pipeline;
 mod provision;
+mod rollouts;
 mod rules;
 mod shadow;
 mod telemetry;
@@ -76,6 +77,10 @@ pub use pipeline::{
 };
 pub use provision::{
     parse_duration_ms, Claim, ClaimList, CreateClaim, CreatedClaim, EnrollRequest, EnrollResponse,
+};
+pub use rollouts::{
+    check_waves, gate_signal, parse_pct, parse_waves, pct_to_bp, Bp, Cmp, CreateRollout,
+    Requirement, RolloutSpec, Window, BP_ALL,
 };
 pub use rules::{Alert, AlertList, AlertListParams, CreateRule, Rule, RuleList, UpdateRule};
 pub use shadow::{Shadow, ShadowPatch};

@@ -69,6 +69,7 @@ pub mod provision;
 pub mod ratelimit;
 pub mod registry;
 pub mod reports;
+pub mod rollouts;
 pub mod rules;
 mod serve;
 pub mod shadow;
