@@ -92,9 +92,10 @@ pub use model::{
     DeploymentCreate, DeploymentDelete, DeploymentRecord, DeviceActivity, DeviceFilter, DeviceId,
     DeviceRecord, DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve, FleetSample,
     FleetTotals, Installation, JobError, JobRecord, JobState, MetricValue, NewDevice, OnlineFilter,
-    PipelineCounts, Point, Role, RuleRecord, SessionOp, SessionRecord, ShadowRecord, StepError,
-    StoredSession, TelemetryQuery, TelemetryRecord, TicketCreate, TicketRecord, TokenRecord,
-    UserRecord, VersionCounts, CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
+    PipelineCounts, Point, Role, RolloutCreate, RolloutDeviceRecord, RolloutEventRecord,
+    RolloutRecord, RuleRecord, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
+    TelemetryQuery, TelemetryRecord, TicketCreate, TicketRecord, TokenRecord, UserRecord,
+    VersionCounts, WaveProgress, CERT_ISSUER_FLEET, STEP_ERROR_LEN_MAX, TS_MS_MAX,
 };
 #[cfg(feature = "postgres")]
 pub use postgres::PgStore;
@@ -102,9 +103,9 @@ pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
     AccountStore, AlertFilter, ArtifactBlobs, ArtifactStore, AuditStore, BrokerStateStore, CaStore,
     CertStore, ClaimStore, ClusterStore, CommandStore, DeploymentStore, DeviceStore, FleetStore,
-    HealthStore, JobStore, RuleStore, ShadowStore, Store, TelemetryStore, TicketFilter, TokenStore,
-    CAS_MAX, CERT_PAGE_LEN_MAX, COMMAND_BATCH_LEN_MAX, HEALTH_BATCH_LEN_MAX,
-    SESSION_LOOKUP_LEN_MAX,
+    HealthStore, JobStore, RolloutStore, RuleStore, ShadowStore, Store, TelemetryStore,
+    TicketFilter, TokenStore, CAS_MAX, CERT_PAGE_LEN_MAX, COMMAND_BATCH_LEN_MAX,
+    HEALTH_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

@@ -1479,3 +1479,184 @@ pub struct AlertFire {
     /// sweeper's, which have no rule row).
     pub rule_must_exist: bool,
 }
+
+/// A rollout (issue 19): one deployment sent in waves, each gated on the health of the devices
+/// already updated against a control cohort. The server owns every field's meaning; the store
+/// keeps `spec` and `gate` as the server's JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutRecord {
+    /// `rol_<hex>`.
+    pub id: String,
+    /// The deployment carrying its devices' updates (created with it, no updates at first).
+    pub deployment_id: String,
+    pub artifact_id: String,
+    /// The target as applied (narrowed by the creator's scope).
+    pub selector: String,
+    /// The checked request (waves, control, throttles, thresholds, gate, preconditions).
+    pub spec: String,
+    /// Seeds the random order of devices ([`RolloutDeviceRecord::rank`]).
+    pub seed: u64,
+    /// `running`, `paused`, `aborted` or `completed`.
+    pub state: String,
+    /// The wave being rolled out: 0.. for the waves, the number of waves for the control
+    /// cohort (last).
+    pub wave: u32,
+    /// Why it is paused or aborted.
+    pub reason: Option<String>,
+    /// The last gate comparison (the server's JSON).
+    pub gate: Option<String>,
+    /// When the current wave's health window began (every device it started had ended).
+    pub window_started_at_ms: Option<u64>,
+    /// The rollout this one rolls back (its devices go back to what they ran).
+    pub rollback_of: Option<String>,
+    pub created_by: String,
+    pub created_at_ms: u64,
+    pub updated_at_ms: u64,
+    /// Bumped by every [`crate::RolloutStore::update_rollout`] (compare-and-set).
+    pub revision: u64,
+}
+
+impl RolloutRecord {
+    pub(crate) fn check_text(&self) -> Result<()> {
+        for (what, v) in [
+            ("rollout id", self.id.as_str()),
+            ("deployment id", &self.deployment_id),
+            ("artifact id", &self.artifact_id),
+            ("rollout selector", &self.selector),
+            ("rollout spec", &self.spec),
+            ("rollout state", &self.state),
+            ("rollout reason", self.reason.as_deref().unwrap_or("")),
+            ("rollout gate", self.gate.as_deref().unwrap_or("")),
+            ("rollback of", self.rollback_of.as_deref().unwrap_or("")),
+            ("rollout creator", &self.created_by),
+        ] {
+            check_text(what, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// One device of a rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutDeviceRecord {
+    pub rollout_id: String,
+    pub device_id: String,
+    /// Its wave (0..); the number of waves for the control cohort.
+    pub wave: u32,
+    /// Its place in the rollout's random order, below 2^63 (devices of a wave start by rank).
+    pub rank: u64,
+    /// When its update was started (its update added to the deployment).
+    pub started_at_ms: Option<u64>,
+    /// What it ran when it started (what a rollback takes it back to).
+    pub from_version: Option<String>,
+    /// Why it was not started on the last try (a precondition unmet); `None` once started.
+    pub deferred: Option<String>,
+    /// Its health counts when the current health window began (the server's JSON).
+    pub baseline: Option<String>,
+}
+
+impl RolloutDeviceRecord {
+    pub(crate) fn check_text(&self) -> Result<()> {
+        for (what, v) in [
+            ("device id", self.device_id.as_str()),
+            ("from version", self.from_version.as_deref().unwrap_or("")),
+            ("deferral", self.deferred.as_deref().unwrap_or("")),
+            ("baseline", self.baseline.as_deref().unwrap_or("")),
+        ] {
+            check_text(what, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// What [`crate::RolloutStore::create_rollout`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloutCreate {
+    Created,
+    /// The store holds `count_max` rollouts; nothing stored.
+    Full,
+    /// The artifact is gone; nothing stored.
+    ArtifactNotFound,
+}
+
+/// One wave's devices by where they are: not started (and of those, deferred), and by their
+/// update's state once started (`pending`, ..., `committed`, `rolled_back`, `failed`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WaveProgress {
+    pub wave: u32,
+    pub total: u64,
+    pub waiting: u64,
+    pub deferred: u64,
+    pub states: BTreeMap<String, u64>,
+}
+
+/// An entry of a rollout's event log: what changed, when, and who did it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutEventRecord {
+    pub rollout_id: String,
+    /// 1, 2, ... per rollout (the store assigns it).
+    pub seq: u64,
+    pub at_ms: u64,
+    /// A user's email, a token's name, `server` (the rollout controller) or `playbook:<name>`.
+    pub by: String,
+    /// `created`, `wave_started`, `gate_passed`, `gate_failed`, `paused`, `resumed`,
+    /// `aborted`, `completed`, `devices_added`, ...
+    pub kind: String,
+    pub detail: String,
+}
+
+impl RolloutEventRecord {
+    pub(crate) fn check_text(&self) -> Result<()> {
+        for (what, v) in [
+            ("rollout id", self.rollout_id.as_str()),
+            ("event actor", &self.by),
+            ("event kind", &self.kind),
+            ("event detail", &self.detail),
+        ] {
+            check_text(what, v)?;
+        }
+        Ok(())
+    }
+}
+
+/// The rollout's record and its deployment's must agree on what they are.
+pub(crate) fn check_rollout_deployment(r: &RolloutRecord, d: &DeploymentRecord) -> Result<()> {
+    if r.deployment_id != d.id || r.artifact_id != d.artifact_id {
+        return Err(StoreError::InvalidInput(format!(
+            "rollout {} names deployment {} of artifact {}, but the deployment is {} of {}",
+            r.id, r.deployment_id, r.artifact_id, d.id, d.artifact_id
+        )));
+    }
+    Ok(())
+}
+
+/// One group of a rollout's devices: a wave, whether not started, whether deferred, the state of
+/// its update (started devices), how many.
+pub(crate) struct ProgressRow {
+    pub wave: u32,
+    pub waiting: bool,
+    pub deferred: bool,
+    pub state: Option<String>,
+    pub n: u64,
+}
+
+/// Every wave's counts, by wave.
+pub(crate) fn progress_of(rows: Vec<ProgressRow>) -> Vec<WaveProgress> {
+    let mut waves: BTreeMap<u32, WaveProgress> = BTreeMap::new();
+    for row in rows {
+        let w = waves.entry(row.wave).or_insert_with(|| WaveProgress {
+            wave: row.wave,
+            ..WaveProgress::default()
+        });
+        w.total += row.n;
+        if row.waiting {
+            w.waiting += row.n;
+            if row.deferred {
+                w.deferred += row.n;
+            }
+        } else if let Some(state) = row.state {
+            *w.states.entry(state).or_default() += row.n;
+        }
+    }
+    waves.into_values().collect()
+}

@@ -43,6 +43,7 @@ mod devices;
 mod fleet;
 mod health;
 mod jobs;
+mod rollouts;
 mod rules;
 mod shadows;
 mod telemetry;
@@ -80,6 +81,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0017_rules_alerts.sql"),
     include_str!("../migrations/postgres/0018_work_queue.sql"),
     include_str!("../migrations/postgres/0019_tickets.sql"),
+    include_str!("../migrations/postgres/0020_rollouts.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

@@ -45,6 +45,7 @@ mod devices;
 mod fleet;
 mod health;
 mod jobs;
+mod rollouts;
 mod rules;
 mod shadows;
 mod telemetry;
@@ -87,6 +88,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0020_rules_alerts.sql"),
     include_str!("../migrations/0021_work_queue.sql"),
     include_str!("../migrations/0022_tickets.sql"),
+    include_str!("../migrations/0023_rollouts.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

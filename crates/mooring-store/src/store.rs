@@ -11,9 +11,10 @@ use crate::model::{
     CreateOutcome, DeploymentCreate, DeploymentDelete, DeploymentRecord, DeviceActivity,
     DeviceFilter, DeviceRecord, DeviceUpdateRecord, EnrollmentRecord, EnrollmentReserve,
     FleetSample, FleetTotals, Installation, JobRecord, MetricValue, NewDevice, PipelineCounts,
-    Point, RuleRecord, SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession,
-    TelemetryQuery, TelemetryRecord, TicketCreate, TicketRecord, TokenRecord, UserRecord,
-    VersionCounts,
+    Point, RolloutCreate, RolloutDeviceRecord, RolloutEventRecord, RolloutRecord, RuleRecord,
+    SessionOp, SessionRecord, ShadowRecord, StepError, StoredSession, TelemetryQuery,
+    TelemetryRecord, TicketCreate, TicketRecord, TokenRecord, UserRecord, VersionCounts,
+    WaveProgress,
 };
 
 /// The device registry.
@@ -681,6 +682,94 @@ pub trait DeploymentStore: Send + Sync + 'static {
     ) -> Result<Vec<DeviceUpdateRecord>>;
 }
 
+/// Rollouts (issue 19): which device is in which wave, when each started (its update added to
+/// the rollout's deployment), and the rollout's event log.
+#[async_trait::async_trait]
+pub trait RolloutStore: Send + Sync + 'static {
+    /// Stores the rollout, its deployment (with no updates) and its devices in one transaction,
+    /// unless `count_max` rollouts are stored (`Full`) or the artifact is gone
+    /// (`ArtifactNotFound`); an id taken is [`crate::StoreError::AlreadyExists`].
+    async fn create_rollout(
+        &self,
+        r: RolloutRecord,
+        deployment: DeploymentRecord,
+        devices: Vec<RolloutDeviceRecord>,
+        count_max: u32,
+    ) -> Result<RolloutCreate>;
+    async fn get_rollout(&self, id: &str) -> Result<Option<RolloutRecord>>;
+    /// Newest first (by creation time, then id), those after `before` (the creation time and
+    /// id of the last one of the previous page) if given, at most `limit`.
+    async fn list_rollouts(
+        &self,
+        before: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<RolloutRecord>>;
+    /// Rollouts `running` or `paused`, by id, after `after_id`, at most `limit`.
+    async fn active_rollouts(
+        &self,
+        after_id: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<RolloutRecord>>;
+    /// Compare-and-set: stores `r` with `revision + 1` if the stored rollout's revision is
+    /// `r.revision`; `false` if it moved meanwhile (or is gone), and nothing changes.
+    async fn update_rollout(&self, r: &RolloutRecord) -> Result<bool>;
+    /// Adds devices to a rollout (one already in it stays as it is); how many were added.
+    async fn add_rollout_devices(&self, id: &str, devices: Vec<RolloutDeviceRecord>)
+        -> Result<u64>;
+    /// Devices of waves `<= wave` not started yet, by (rank, device id), after `after` (the
+    /// rank and id of the last one of the previous page), at most `limit`.
+    async fn waiting_rollout_devices(
+        &self,
+        id: &str,
+        wave: u32,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> Result<Vec<RolloutDeviceRecord>>;
+    /// Starts devices, in one transaction: each of `starts` (device id, the version it runs)
+    /// that is in the rollout and not started yet gets `started_at_ms = at_ms`, its
+    /// `from_version`, no deferral, and a copy of `update` (a `pending` update of the rollout's
+    /// deployment) with its device id added to the deployment. Returns the devices started;
+    /// those started already (or not in the rollout) are skipped, so no device starts twice.
+    async fn start_rollout_devices(
+        &self,
+        id: &str,
+        starts: Vec<(String, Option<String>)>,
+        update: DeviceUpdateRecord,
+        at_ms: u64,
+    ) -> Result<Vec<String>>;
+    /// Sets why devices not started yet were not started (a device started is left alone).
+    async fn defer_rollout_devices(&self, id: &str, deferred: Vec<(String, String)>) -> Result<()>;
+    /// Every wave with a device in it, by wave: its devices not started, deferred, and by
+    /// their update's state.
+    async fn rollout_progress(&self, id: &str) -> Result<Vec<WaveProgress>>;
+    /// How many of the rollout's devices started at or after `since_ms`.
+    async fn count_rollout_started_since(&self, id: &str, since_ms: u64) -> Result<u64>;
+    /// The rollout's devices by device id, after `after_device`, at most `limit`, each with
+    /// its update's state once started.
+    async fn list_rollout_devices(
+        &self,
+        id: &str,
+        after_device: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(RolloutDeviceRecord, Option<mooring_proto::ota::UpdateState>)>>;
+    /// Sets (or with `None` clears) devices' health baselines.
+    async fn set_rollout_baselines(
+        &self,
+        id: &str,
+        baselines: Vec<(String, Option<String>)>,
+    ) -> Result<()>;
+    /// Appends an event with the next `seq` of its rollout (`e.seq` is ignored) and keeps the
+    /// rollout's newest `keep_max`; the `seq` given.
+    async fn append_rollout_event(&self, e: RolloutEventRecord, keep_max: usize) -> Result<u64>;
+    /// A rollout's events with `seq > after_seq`, oldest first, at most `limit`.
+    async fn list_rollout_events(
+        &self,
+        id: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<RolloutEventRecord>>;
+}
+
 /// Per-device health records (issue 18; [`crate::health`]).
 #[async_trait::async_trait]
 pub trait HealthStore: Send + Sync + 'static {
@@ -814,6 +903,7 @@ pub trait Store:
     + ArtifactStore
     + ArtifactBlobs
     + DeploymentStore
+    + RolloutStore
     + HealthStore
     + RuleStore
 {
@@ -837,6 +927,7 @@ impl<T> Store for T where
         + ArtifactStore
         + ArtifactBlobs
         + DeploymentStore
+        + RolloutStore
         + HealthStore
         + RuleStore
 {

@@ -10,7 +10,7 @@ use crate::{
 
 const T0: u64 = 1_700_000_000_000;
 
-fn artifact(n: u32, version: &str) -> ArtifactRecord {
+pub(super) fn artifact(n: u32, version: &str) -> ArtifactRecord {
     ArtifactRecord {
         id: format!("art_{n:016x}"),
         version: version.to_owned(),

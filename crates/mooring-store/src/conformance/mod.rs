@@ -16,7 +16,7 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `health.rs`, `jobs.rs`, `rules.rs`, `certs.rs`, `claims.rs`, `cas.rs`, `artifacts.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `health.rs`, `jobs.rs`, `rules.rs`, `certs.rs`, `claims.rs`, `cas.rs`, `artifacts.rs`, `rollouts.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
@@ -32,6 +32,7 @@ mod devices;
 mod fleet;
 mod health;
 mod jobs;
+mod rollouts;
 mod rules;
 mod shadows;
 mod telemetry;
@@ -51,6 +52,7 @@ pub use devices::*;
 pub use fleet::*;
 pub use health::*;
 pub use jobs::*;
+pub use rollouts::*;
 pub use rules::*;
 pub use shadows::*;
 pub use telemetry::*;
@@ -94,6 +96,7 @@ macro_rules! conformance_tests {
             alerts_open_once_per_rule_and_device_and_follow_their_lifecycle,
             a_rules_alert_needs_its_rule_enabled,
             tickets_open_once_by_id_bounded_close_list_and_prune,
+            rollouts_start_each_device_once_progress_cas_and_event_log,
             job_create_get_round_trips,
             job_update_is_compare_and_set_on_rev,
             job_list_is_newest_first_with_cursor,

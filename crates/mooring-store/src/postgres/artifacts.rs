@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use tokio_postgres::types::{Json, ToSql};
-use tokio_postgres::Row;
+use tokio_postgres::{Row, Transaction};
 
 use super::{
     bound_to_sql, column, count_to_sql, is_foreign_key_violation, is_unique_violation,
@@ -387,7 +387,8 @@ impl ChunkTable {
 
 const DEPLOYMENT_COLUMNS: &str =
     "id, artifact_id, selector, allow_downgrade, created_by, created_at_ms, canceled_at_ms";
-const UPDATE_COLUMNS: &str = "deployment_id, device_id, artifact_id, version, command_id, state, \
+pub(super) const UPDATE_COLUMNS: &str =
+    "deployment_id, device_id, artifact_id, version, command_id, state, \
      reason, progress_pct, running_version, seq, updated_at_ms";
 
 fn deployment_from_row(row: &Row) -> Result<DeploymentRecord> {
@@ -423,8 +424,43 @@ fn update_from_row(row: &Row) -> Result<DeviceUpdateRecord> {
     })
 }
 
-fn seq_to_sql_ord(seq: u64) -> i64 {
+pub(super) fn seq_to_sql_ord(seq: u64) -> i64 {
     i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+/// Inserts a deployment (not canceled) created at `created` (its `created_at_ms` as stored); a
+/// taken id is `AlreadyExists`, a missing artifact `NotFound`.
+pub(super) async fn insert_deployment(
+    tx: &Transaction<'_>,
+    d: &DeploymentRecord,
+    created: i64,
+) -> Result<()> {
+    match tx
+        .execute(
+            &format!(
+                "INSERT INTO ota_deployments ({DEPLOYMENT_COLUMNS})
+                 VALUES ($1, $2, $3, $4, $5, $6, NULL)"
+            ),
+            &[
+                &d.id,
+                &d.artifact_id,
+                &d.selector,
+                &d.allow_downgrade,
+                &d.created_by,
+                &created,
+            ],
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if is_unique_violation(&e) => {
+            Err(StoreError::AlreadyExists(format!("deployment {}", d.id)))
+        }
+        Err(e) if is_foreign_key_violation(&e) => {
+            Err(StoreError::NotFound(format!("artifact {}", d.artifact_id)))
+        }
+        Err(e) => Err(pg_error(e)),
+    }
 }
 
 #[async_trait::async_trait]
@@ -457,32 +493,7 @@ impl DeploymentStore for PgStore {
         if count >= i64::from(count_max) {
             return Ok(DeploymentCreate::Full);
         }
-        match tx
-            .execute(
-                &format!(
-                    "INSERT INTO ota_deployments ({DEPLOYMENT_COLUMNS})
-                     VALUES ($1, $2, $3, $4, $5, $6, NULL)"
-                ),
-                &[
-                    &d.id,
-                    &d.artifact_id,
-                    &d.selector,
-                    &d.allow_downgrade,
-                    &d.created_by,
-                    &created,
-                ],
-            )
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_unique_violation(&e) => {
-                return Err(StoreError::AlreadyExists(format!("deployment {}", d.id)))
-            }
-            Err(e) if is_foreign_key_violation(&e) => {
-                return Err(StoreError::NotFound(format!("artifact {}", d.artifact_id)))
-            }
-            Err(e) => return Err(pg_error(e)),
-        }
+        insert_deployment(&tx, &d, created).await?;
         let stmt = tx
             .prepare_cached(&format!(
                 "INSERT INTO ota_device_updates ({UPDATE_COLUMNS})

@@ -444,6 +444,59 @@ fn get_update(conn: &Connection, dep: &str, device: &str) -> Result<Option<Devic
     .db()
 }
 
+/// Inserts a deployment (not canceled) created at `created` (its `created_at_ms` as stored);
+/// a taken id is `AlreadyExists`. The caller checked that its artifact exists.
+pub(super) fn insert_deployment(
+    conn: &Connection,
+    d: &DeploymentRecord,
+    created: i64,
+) -> Result<()> {
+    match conn.execute(
+        &format!(
+            "INSERT INTO ota_deployments ({DEPLOYMENT_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)"
+        ),
+        params![
+            d.id,
+            d.artifact_id,
+            d.selector,
+            d.allow_downgrade,
+            d.created_by,
+            created
+        ],
+    ) {
+        Ok(_) => Ok(()),
+        Err(e) if is_constraint_violation(&e) => {
+            Err(StoreError::AlreadyExists(format!("deployment {}", d.id)))
+        }
+        Err(e) => Err(store_error(e)),
+    }
+}
+
+/// Inserts a device's update (a deployment's creation, a rollout starting a device).
+pub(super) fn insert_update(conn: &Connection, u: &DeviceUpdateRecord) -> Result<()> {
+    conn.prepare_cached(&format!(
+        "INSERT INTO ota_device_updates ({UPDATE_COLUMNS})
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ))
+    .db()?
+    .execute(params![
+        u.deployment_id,
+        u.device_id,
+        u.artifact_id,
+        u.version,
+        u.command_id,
+        u.state.as_str(),
+        u.reason,
+        u.progress_pct.map(i64::from),
+        u.running_version,
+        u.seq.map(seq_to_sql_ord),
+        bound_to_sql(u.updated_at_ms)
+    ])
+    .db()?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl DeploymentStore for SqliteStore {
     async fn create_deployment(
@@ -473,47 +526,9 @@ impl DeploymentStore for SqliteStore {
             if !exists {
                 return Err(StoreError::NotFound(format!("artifact {}", d.artifact_id)));
             }
-            match conn.execute(
-                &format!(
-                    "INSERT INTO ota_deployments ({DEPLOYMENT_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)"
-                ),
-                params![
-                    d.id,
-                    d.artifact_id,
-                    d.selector,
-                    d.allow_downgrade,
-                    d.created_by,
-                    created
-                ],
-            ) {
-                Ok(_) => {}
-                Err(e) if is_constraint_violation(&e) => {
-                    return Err(StoreError::AlreadyExists(format!("deployment {}", d.id)))
-                }
-                Err(e) => return Err(store_error(e)),
-            }
-            let mut stmt = conn
-                .prepare_cached(&format!(
-                    "INSERT INTO ota_device_updates ({UPDATE_COLUMNS})
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
-                ))
-                .db()?;
-            for u in updates {
-                stmt.execute(params![
-                    u.deployment_id,
-                    u.device_id,
-                    u.artifact_id,
-                    u.version,
-                    u.command_id,
-                    u.state.as_str(),
-                    u.reason,
-                    u.progress_pct.map(i64::from),
-                    u.running_version,
-                    u.seq.map(seq_to_sql_ord),
-                    bound_to_sql(u.updated_at_ms)
-                ])
-                .db()?;
+            insert_deployment(conn, &d, created)?;
+            for u in &updates {
+                insert_update(conn, u)?;
             }
             Ok(DeploymentCreate::Created)
         })
