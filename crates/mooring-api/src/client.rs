@@ -609,6 +609,53 @@ impl Client {
         Ok(self.json(Method::POST, url, Some(req), None).await?.1)
     }
 
+    /// `POST /api/v1/rollouts`.
+    pub async fn create_rollout(&self, req: &crate::CreateRollout) -> Result<crate::Rollout> {
+        let url = self.url(&["api", "v1", "rollouts"], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(req), None).await?.1)
+    }
+
+    /// `GET /api/v1/rollouts`.
+    pub async fn list_rollouts(&self, page: &crate::PageParams) -> Result<crate::RolloutList> {
+        self.get(self.url(&["api", "v1", "rollouts"], Some(page))?)
+            .await
+    }
+
+    /// `GET /api/v1/rollouts/{id}`.
+    pub async fn get_rollout(&self, id: &str) -> Result<crate::Rollout> {
+        self.get(self.url(&["api", "v1", "rollouts", id], None::<&()>)?)
+            .await
+    }
+
+    /// `GET /api/v1/rollouts/{id}/events?after=`.
+    pub async fn rollout_events(&self, id: &str, after: u64) -> Result<crate::RolloutEventList> {
+        self.get(self.url(
+            &["api", "v1", "rollouts", id, "events"],
+            Some(&[("after", after)]),
+        )?)
+        .await
+    }
+
+    /// `POST /api/v1/rollouts/{id}/{verb}` (`pause`, `resume`, `abort`).
+    pub async fn rollout_action(
+        &self,
+        id: &str,
+        verb: &str,
+        action: &crate::RolloutAction,
+    ) -> Result<crate::Rollout> {
+        let url = self.url(&["api", "v1", "rollouts", id, verb], None::<&()>)?;
+        Ok(self.json(Method::POST, url, Some(action), None).await?.1)
+    }
+
+    /// `POST /api/v1/rollouts/{id}/devices`.
+    pub async fn add_rollout_devices(&self, id: &str, selector: &str) -> Result<crate::Rollout> {
+        let url = self.url(&["api", "v1", "rollouts", id, "devices"], None::<&()>)?;
+        let req = crate::AddRolloutDevices {
+            selector: selector.to_owned(),
+        };
+        Ok(self.json(Method::POST, url, Some(&req), None).await?.1)
+    }
+
     /// `GET /api/v1/ota/deployments/{id}`.
     pub async fn get_deployment(&self, id: &str) -> Result<crate::Deployment> {
         self.get(self.url(&["api", "v1", "ota", "deployments", id], None::<&()>)?)

@@ -79,8 +79,10 @@ pub use provision::{
     parse_duration_ms, Claim, ClaimList, CreateClaim, CreatedClaim, EnrollRequest, EnrollResponse,
 };
 pub use rollouts::{
-    check_waves, gate_signal, parse_pct, parse_waves, pct_to_bp, Bp, Cmp, CreateRollout,
-    Requirement, RolloutSpec, Window, BP_ALL,
+    check_waves, gate_signal, parse_pct, parse_waves, pct_to_bp, AddRolloutDevices, Bp, Cmp,
+    CreateRollout, Gate, GateCounts, GateSignal, Requirement, Rollout, RolloutAction, RolloutEvent,
+    RolloutEventList, RolloutList, RolloutSpec, RolloutWave, Window, BP_ALL, GATE_SIGNALS,
+    WAVES_MAX,
 };
 pub use rules::{Alert, AlertList, AlertListParams, CreateRule, Rule, RuleList, UpdateRule};
 pub use shadow::{Shadow, ShadowPatch};

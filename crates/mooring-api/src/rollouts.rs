@@ -20,10 +20,15 @@ pub const ABORT_FAILURE_RATE_DEFAULT_PCT: f64 = 5.0;
 /// Devices that must have tried before the abort threshold counts (20).
 pub const MIN_DEVICES_DEFAULT: u64 = 20;
 /// What the gate compares when none is named: every health signal the cohort test takes.
-pub const GATE_DEFAULT: [&str; 4] = [
+pub const GATE_DEFAULT: [&str; 4] = ["disconnects", "crashes", "restarts", "telemetry_gaps"];
+/// Every signal a gate may compare: the health signals of the cohort test and agent restarts.
+pub const GATE_SIGNALS: [&str; 7] = [
     "disconnects",
-    "crashes",
     "telemetry_gaps",
+    "command_failures",
+    "command_timeouts",
+    "crashes",
+    "restarts",
     "update_rollbacks",
 ];
 
@@ -232,9 +237,9 @@ impl std::fmt::Display for Requirement {
     }
 }
 
-/// A gate signal's canonical name: a health signal the cohort test takes
-/// ([`crate::HEALTH_TESTED_SIGNALS`]), also by its short names `reconnects` (disconnects),
-/// `gaps` (telemetry_gaps) and `rollbacks` (update_rollbacks); or why not.
+/// A gate signal's canonical name: one of [`GATE_SIGNALS`], also by its short names
+/// `reconnects` (disconnects), `gaps` (telemetry_gaps) and `rollbacks` (update_rollbacks); or
+/// why not.
 pub fn gate_signal(name: &str) -> Result<&'static str, String> {
     let canonical = match name.trim() {
         "reconnects" => "disconnects",
@@ -242,21 +247,22 @@ pub fn gate_signal(name: &str) -> Result<&'static str, String> {
         "rollbacks" => "update_rollbacks",
         other => other,
     };
-    crate::HEALTH_TESTED_SIGNALS
+    GATE_SIGNALS
         .iter()
         .find(|s| **s == canonical)
         .copied()
         .ok_or_else(|| {
             format!(
-                "gate signal {name:?}: one of reconnects, {}",
-                crate::HEALTH_TESTED_SIGNALS.join(", ")
+                "gate signal {name:?}: one of reconnects, {} (a metric's values are not \
+                 compared yet)",
+                GATE_SIGNALS.join(", ")
             )
         })
 }
 
 /// `POST /api/v1/rollouts`: update the devices a selector matches in waves, each gated on the
 /// health of the devices already updated against a control cohort kept on the old version.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRollout {
     pub artifact_id: String,
@@ -284,7 +290,7 @@ pub struct CreateRollout {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_window_ms: Option<u64>,
     /// Health signals compared against the control cohort (default: disconnects, crashes,
-    /// telemetry_gaps, update_rollbacks).
+    /// restarts, telemetry_gaps).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<Vec<String>>,
     /// Per-device preconditions (`battery>=30`); unmet ones defer the device.
@@ -394,6 +400,158 @@ impl CreateRollout {
             auto_abort: self.auto_abort,
         })
     }
+}
+
+/// One wave of a rollout (the last entry, `control: true`, is the control cohort, updated
+/// after every wave passed).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RolloutWave {
+    /// 0, 1, ...
+    pub wave: u32,
+    /// The share of the target updated once this wave is done (cumulative); `null` for the
+    /// control cohort.
+    pub pct: Option<f64>,
+    pub control: bool,
+    /// Devices in it.
+    pub total: u64,
+    /// Not started yet (of those, `deferred`: a precondition was unmet at the last try).
+    pub waiting: u64,
+    pub deferred: u64,
+    /// Started devices by update state (`pending`, `downloading`, ..., `committed`,
+    /// `rolled_back`, `failed`).
+    pub states: std::collections::BTreeMap<String, u64>,
+}
+
+/// One group's counts of a gate signal over the health window.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GateCounts {
+    pub devices: u64,
+    pub events: u64,
+    /// Device-hours watched.
+    pub hours: f64,
+    /// Events per device-hour (`null` without exposure).
+    pub rate: Option<f64>,
+}
+
+/// One gate signal: the updated devices against the control cohort.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GateSignal {
+    pub signal: String,
+    pub updated: GateCounts,
+    pub control: GateCounts,
+    /// `updated.rate / control.rate` (`null` when the control's rate is 0 or unknown).
+    pub ratio: Option<f64>,
+    /// The one-sided p-value that the updated devices fail more, when tested.
+    pub p_value: Option<f64>,
+    /// `pass`, `fail` or `unclear`.
+    pub verdict: String,
+    /// Why it is unclear.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The last gate comparison of a rollout.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Gate {
+    /// The wave whose health it judged.
+    pub wave: u32,
+    /// `pass` (the next wave started), `fail` (paused or aborted) or `wait` (not clear yet).
+    pub verdict: String,
+    /// Unix ms.
+    pub checked_at: u64,
+    /// The margin: the updated devices fail the gate only at this many times the control's
+    /// rate or more (and significantly, `p <= alpha`).
+    pub margin: f64,
+    pub alpha: f64,
+    pub signals: Vec<GateSignal>,
+}
+
+/// A rollout with its waves' progress and its last gate comparison.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Rollout {
+    /// `rol_<hex>`.
+    pub id: String,
+    pub artifact_id: String,
+    pub version: String,
+    /// The deployment carrying its updates (`mooring ota status` shows it too).
+    pub deployment_id: String,
+    /// The target as applied (with the creator's scope).
+    pub selector: String,
+    /// `running`, `paused`, `aborted` or `completed`.
+    pub state: String,
+    /// Why it is paused or aborted.
+    pub reason: Option<String>,
+    /// The wave being rolled out (`waves.len() - 1` is the control cohort).
+    pub wave: u32,
+    pub waves: Vec<RolloutWave>,
+    /// Devices by where they are, over every wave.
+    pub total: u64,
+    pub committed: u64,
+    pub failed: u64,
+    pub rolled_back: u64,
+    /// Started and not ended yet.
+    pub in_flight: u64,
+    pub waiting: u64,
+    pub deferred: u64,
+    /// When the current wave's health window began and ends (Unix ms), while it runs.
+    pub window_started_at: Option<u64>,
+    pub window_ends_at: Option<u64>,
+    pub gate: Option<Gate>,
+    /// The request as checked, defaults filled in.
+    pub spec: CreateRollout,
+    pub seed: u64,
+    /// The rollout this one rolls back.
+    pub rollback_of: Option<String>,
+    pub created_by: String,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+/// `GET /api/v1/rollouts`: newest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RolloutList {
+    pub rollouts: Vec<Rollout>,
+    pub next_cursor: Option<String>,
+}
+
+/// An entry of a rollout's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RolloutEvent {
+    pub seq: u64,
+    /// Unix ms.
+    pub at: u64,
+    /// Who: a user's email, a token's name, `server` (the rollout controller).
+    pub by: String,
+    /// `created`, `wave_started`, `window_started`, `gate_passed`, `gate_failed`, `paused`,
+    /// `resumed`, `aborted`, `completed`, `devices_added`, `rollback_created`.
+    pub kind: String,
+    pub detail: String,
+}
+
+/// `GET /api/v1/rollouts/{id}/events`: oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RolloutEventList {
+    pub events: Vec<RolloutEvent>,
+}
+
+/// `POST /api/v1/rollouts/{id}/pause|resume|abort`: an optional note for the event log; an
+/// abort may roll the updated devices back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutAction {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Abort only: also roll the devices that committed back to what they ran.
+    #[serde(default)]
+    pub rollback: bool,
+}
+
+/// `POST /api/v1/rollouts/{id}/devices`: add the devices a selector matches now (those in the
+/// rollout already stay where they are).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddRolloutDevices {
+    pub selector: String,
 }
 
 #[cfg(test)]

@@ -105,6 +105,7 @@ pub struct App {
     pub health: Arc<crate::health::Health>,
     /// The OTA service's background tasks (downloads, deployment sends).
     pub ota_tasks: crate::ota::OtaTasks,
+    pub rollouts: Arc<crate::rollouts::Rollouts>,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -197,7 +198,21 @@ impl App {
                 fleet: fleet.clone(),
             },
         ));
+        let ota = crate::ota::Ota::new(
+            core.clone(),
+            registry.clone(),
+            commands.clone(),
+            blobs,
+            ota_keys,
+        );
+        let rollouts = Arc::new(crate::rollouts::Rollouts::new(
+            core.clone(),
+            registry.clone(),
+            ota.clone(),
+            health.clone(),
+        ));
         Self {
+            rollouts,
             rules: Arc::new(crate::rules::Rules::new(
                 core.clone(),
                 registry.clone(),
@@ -207,13 +222,7 @@ impl App {
                 rule_rx,
             )),
             health,
-            ota: crate::ota::Ota::new(
-                core.clone(),
-                registry.clone(),
-                commands.clone(),
-                blobs,
-                ota_keys,
-            ),
+            ota,
             ota_tasks: crate::ota::OtaTasks::default(),
             telemetry: Telemetry::new(core.clone(), registry.clone(), writer),
             jobs,

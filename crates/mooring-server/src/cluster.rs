@@ -86,6 +86,7 @@ pub(crate) const LEASE_JOBS: &str = "jobs.runner";
 pub(crate) const LEASE_OTA: &str = "ota.sweeper";
 pub(crate) const LEASE_RULES: &str = "rules.sweeper";
 pub(crate) const LEASE_HEALTH: &str = "health.sweeper";
+pub(crate) const LEASE_ROLLOUTS: &str = "rollouts.controller";
 
 /// Session rows of dead nodes removed per reaper pass.
 const REAP_BATCH_LEN: usize = 10_000;

@@ -65,6 +65,8 @@ pub struct ServerConfig {
     pub health: crate::health::HealthConfig,
     /// Rules and alerts (docs/health.md).
     pub rules: crate::rules::RulesConfig,
+    /// Staged rollouts gated on fleet health (docs/ota.md#rollouts).
+    pub rollouts: crate::rollouts::RolloutsConfig,
     /// Webhooks rules notify (`[[webhook]]`, docs/health.md).
     #[serde(rename = "webhook")]
     pub webhooks: Vec<crate::webhooks::WebhookConfig>,
@@ -710,6 +712,7 @@ impl Default for ServerConfig {
             installations: InstallationsConfig::default(),
             ota: OtaConfig::default(),
             health: crate::health::HealthConfig::default(),
+            rollouts: crate::rollouts::RolloutsConfig::default(),
             rules: crate::rules::RulesConfig::default(),
             webhooks: Vec::new(),
             emails: Vec::new(),
@@ -930,6 +933,7 @@ impl ServerConfig {
         }
         self.events.validate()?;
         self.health.validate()?;
+        self.rollouts.validate()?;
         self.rules.validate()?;
         let o = &self.ota;
         if !(1..=crate::ota::ARTIFACT_SIZE_BYTES_LIMIT).contains(&o.artifact_size_bytes_max) {

@@ -375,6 +375,11 @@ fn cohort_rule_id(group_by: &str, signal: &str, cohort: &str) -> String {
     format!("cohort:{group_by}:{signal}:{cohort}")
 }
 
+/// A stored count by its signal's name (`None`: no such count).
+pub(crate) fn count_of(c: &HealthCounts, signal: &str) -> Option<u64> {
+    api_counts(c).get(signal)
+}
+
 fn api_counts(c: &HealthCounts) -> ApiCounts {
     ApiCounts {
         connects: c.connects,

@@ -233,6 +233,7 @@ pub fn render_metrics(app: &App) -> String {
                 crate::cluster::LEASE_OTA,
                 crate::cluster::LEASE_RULES,
                 crate::cluster::LEASE_HEALTH,
+                crate::cluster::LEASE_ROLLOUTS,
             ]
             .into_iter()
             .map(|l| (l, if held.contains(&l) { 1.0 } else { 0.0 })),

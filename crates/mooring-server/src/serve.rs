@@ -880,6 +880,7 @@ fn spawn_node_tasks(tasks: &mut JoinSet<()>, app: &Arc<App>, stop: &watch::Recei
     tasks.spawn(token_expiry_loop(app.clone(), stop.clone()));
     tasks.spawn(compaction_loop(app.clone(), stop.clone()));
     tasks.spawn(ota_sweep_loop(app.clone(), stop.clone()));
+    tasks.spawn(rollout_loop(app.clone(), stop.clone()));
     tasks.spawn(crate::fleet::run_sampler(app.fleet.clone(), stop.clone()));
 }
 
@@ -1006,6 +1007,19 @@ async fn ota_sweep_loop(app: Arc<App>, mut stop: watch::Receiver<bool>) {
             _ = app.ota.sweep() => {}
         }
     }
+}
+
+/// The rollout controller ([`crate::rollouts::Rollouts::tick`]) every `[rollouts] tick_ms`,
+/// under the lease `rollouts.controller` in a cluster.
+async fn rollout_loop(app: Arc<App>, stop: watch::Receiver<bool>) {
+    let period = Duration::from_millis(app.rollouts.tick_ms().max(1));
+    run_every(period, stop, || async {
+        if !runs(&app, crate::cluster::LEASE_ROLLOUTS).await {
+            return;
+        }
+        app.rollouts.tick().await;
+    })
+    .await;
 }
 
 async fn compaction_loop(app: Arc<App>, stop: watch::Receiver<bool>) {

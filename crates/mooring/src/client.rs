@@ -6,12 +6,14 @@ mod certs;
 pub mod health;
 mod ota;
 mod reports;
+mod rollouts;
 mod rules;
 mod tickets;
 pub use cas::{ca, CaCommand};
 pub use certs::{cert, CertCommand};
 pub use ota::{ota, OtaCommand};
 pub use reports::{report, ReportCommand};
+pub use rollouts::{rollout, RolloutCommand};
 pub use rules::{alert, rule, AlertCommand, RuleCommand};
 pub use tickets::{ticket, TicketCommand};
 

@@ -172,6 +172,15 @@ enum Command {
         #[command(subcommand)]
         command: client::OtaCommand,
     },
+    /// Staged rollouts gated on fleet health: create, list, show, watch, events, pause, resume,
+    /// abort, add-devices (docs/ota.md#rollouts).
+    #[command(after_help = EXIT_STATUS_HELP)]
+    Rollout {
+        #[command(flatten)]
+        api: client::ApiArgs,
+        #[command(subcommand)]
+        command: client::RolloutCommand,
+    },
     /// Claim tokens: devices enroll with their own key and a token (docs/provisioning.md).
     #[command(after_help = EXIT_STATUS_HELP)]
     Claim {
@@ -738,6 +747,7 @@ fn run(command: Command) -> ExitCode {
             Command::Token { api, command } => client::token(api, command).await,
             Command::Claim { api, command } => client::claim(api, command).await,
             Command::Ota { api, command } => client::ota(api, command).await,
+            Command::Rollout { api, command } => client::rollout(api, command).await,
             Command::User { api, command } => client::user(api, command).await,
             Command::Audit { api, args } => client::audit(api, args).await,
             Command::Events { api, args } => client::events(api, args).await,

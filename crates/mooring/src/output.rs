@@ -80,6 +80,11 @@ impl Table {
     }
 
     pub fn print(&self) {
+        print!("{}", self.render());
+    }
+
+    /// The table as text, one line per row.
+    pub fn render(&self) -> String {
         let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..columns)
             .map(|c| {
@@ -91,6 +96,7 @@ impl Table {
                     .unwrap_or(0)
             })
             .collect();
+        let mut out = String::new();
         for row in &self.rows {
             let mut line = String::new();
             for (c, cell) in row.iter().enumerate() {
@@ -102,8 +108,10 @@ impl Table {
                     line.push_str(&" ".repeat(pad + 2));
                 }
             }
-            println!("{}", line.trim_end());
+            out.push_str(line.trim_end());
+            out.push('\n');
         }
+        out
     }
 }
 

@@ -17,6 +17,7 @@ mod jobs;
 mod ota;
 mod pipeline;
 mod provision;
+mod rollouts;
 pub mod routes;
 mod rules;
 mod tickets;

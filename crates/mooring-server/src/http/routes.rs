@@ -5,7 +5,7 @@
 
 use super::{
     accounts, api, cas, certs, commands, events, fleet, health, jobs, ota, pipeline, provision,
-    rules, tickets,
+    rollouts, rules, tickets,
 };
 use crate::access::{role_allows, Permission};
 use crate::app::App;
@@ -157,6 +157,16 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(get, "/api/v1/ota/deployments/{id}", DevicesRead, "ota.deployment_get", ota::get_deployment),
         row!(delete, "/api/v1/ota/deployments/{id}", DevicesWrite, "ota.deployment_delete", ota::delete_deployment),
         row!(post, "/api/v1/ota/deployments/{id}/cancel", DevicesWrite, "ota.deployment_cancel", ota::cancel_deployment),
+        // Rollouts: waves gated on fleet health.
+        row!(post, "/api/v1/rollouts", DevicesWrite, "rollout.create", rollouts::create_rollout),
+        row!(get, "/api/v1/rollouts", DevicesRead, "rollout.list", rollouts::list_rollouts),
+        row!(get, "/api/v1/rollouts/{id}", DevicesRead, "rollout.get", rollouts::get_rollout),
+        row!(get, "/api/v1/rollouts/{id}/events", DevicesRead, "rollout.events", rollouts::rollout_events),
+        row!(get, "/api/v1/rollouts/{id}/stream", DevicesRead, "rollout.stream", rollouts::rollout_stream),
+        row!(post, "/api/v1/rollouts/{id}/pause", DevicesWrite, "rollout.pause", rollouts::pause_rollout),
+        row!(post, "/api/v1/rollouts/{id}/resume", DevicesWrite, "rollout.resume", rollouts::resume_rollout),
+        row!(post, "/api/v1/rollouts/{id}/abort", DevicesWrite, "rollout.abort", rollouts::abort_rollout),
+        row!(post, "/api/v1/rollouts/{id}/devices", DevicesWrite, "rollout.add_devices", rollouts::add_rollout_devices),
         row!(get, "/api/v1/devices/{id}/ota", DevicesRead, "ota.device_history", ota::device_updates),
     ]
 }

@@ -32,6 +32,22 @@ pub struct PendingSends {
     devices: Vec<String>,
 }
 
+impl PendingSends {
+    /// Updates already stored as pending in `deployment` (a rollout's devices as it starts
+    /// them), for [`Ota::send_updates`].
+    pub(crate) fn new(
+        deployment: DeploymentRecord,
+        artifact: ArtifactRecord,
+        devices: Vec<String>,
+    ) -> Self {
+        Self {
+            deployment,
+            artifact,
+            devices,
+        }
+    }
+}
+
 /// Marks a deployment as being sent by this node (so [`Ota::resume_sends`] leaves it alone)
 /// until dropped.
 struct SendingGuard<'a> {
@@ -602,6 +618,28 @@ impl Ota {
     /// it.
     pub async fn delete_deployment(&self, access: &Access, id: &str) -> ServiceResult<()> {
         self.visible_deployment(access, id).await?;
+        // A running or paused rollout's deployment goes with the rollout (the store deletes a
+        // rollout with its deployment): abort the rollout first.
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .core
+                .store
+                .active_rollouts(after.as_deref(), DEPLOYMENT_PAGE_LEN)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            if let Some(r) = page.iter().find(|r| r.deployment_id == id) {
+                return Err(ServiceError::new(
+                    ErrorKind::Conflict,
+                    "deployment_active",
+                    format!(
+                        "deployment {id} carries rollout {}, which is {}: abort the rollout first",
+                        r.id, r.state
+                    ),
+                ));
+            }
+        }
         match self.core.store.delete_deployment(id).await? {
             DeploymentDelete::Deleted => Ok(()),
             DeploymentDelete::NotFound => Err(Self::deployment_not_found(id)),

@@ -7,8 +7,8 @@ use mooring_api::{Bp, RolloutSpec, BP_ALL};
 use mooring_health::{Cohort, Config, Outcome, SignalKind};
 use sha2::{Digest, Sha256};
 
-/// A device's place in the rollout's random order: the first 8 bytes of
-/// SHA-256(seed, device id). Independent of the order devices are listed in and of the other
+/// A device's place in the rollout's random order: the first 63 bits of
+/// SHA-256(seed, device id) (below 2^63, so every store orders it as a signed 64-bit integer). Independent of the order devices are listed in and of the other
 /// devices, so the same seed puts the same device in the same place, and a device added later
 /// finds its place without moving anyone else.
 pub fn rank(seed: u64, device: &str) -> u64 {
@@ -18,7 +18,7 @@ pub fn rank(seed: u64, device: &str) -> u64 {
     let d = h.finalize();
     let mut first = [0u8; 8];
     first.copy_from_slice(&d[..8]);
-    u64::from_be_bytes(first)
+    u64::from_be_bytes(first) >> 1
 }
 
 /// Who is in the control cohort and in each wave.

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod agents;
 pub mod manufacturer;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mooring");

@@ -1,0 +1,575 @@
+//! Rollouts (issue 19) end to end: the real server and real `mooring-agent`s, driven with the
+//! `mooring rollout` CLI and the API. A good version rolls out wave by wave, each wave gated on
+//! the updated devices' health against the control cohort, which is updated only at the end; a
+//! version that fails its health check on the devices rolls back there and the rollout aborts
+//! at the threshold with the rest of the fleet untouched; a version whose devices reconnect far
+//! more than the control cohort's stops at the gate before the next wave; a device whose
+//! precondition fails waits (never fails) until it holds.
+
+mod support;
+
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+use support::agents::{agent_config, Supervised};
+use support::{MqttDevice, Server};
+
+/// Fast ticks and health flushes, so waves move in seconds.
+const CONFIG: &str = "[rollouts]\ntick_ms = 200\n[health]\nflush_interval_ms = 200\n";
+
+/// Devices `prefix-0..n` with supervised agents (a failing health check if `healthy` is false),
+/// online; the agents and the update key's public half.
+async fn fleet(
+    server: &Server,
+    dir: &Path,
+    prefix: &str,
+    n: usize,
+    healthy: bool,
+) -> Vec<Supervised> {
+    let (_, key) = server.api("GET", "/api/v1/ota/update-key", None).await;
+    let public_key = key["public_key"].as_str().expect("public key").to_owned();
+    let health = (!healthy).then_some("/bin/false");
+    let mut agents = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let creds = server.create_device(&id, dir);
+        let cfg = agent_config(dir, &id, &public_key, health);
+        agents.push(Supervised::start(
+            server,
+            &creds,
+            &dir.join(format!("{id}-state")),
+            &cfg,
+        ));
+    }
+    for i in 0..n {
+        server
+            .wait_for(&format!("/api/v1/devices/{prefix}-{i}"), |v| {
+                v["online"] == true
+            })
+            .await;
+    }
+    agents
+}
+
+/// `id:prefix-0,...,prefix-(n-1)`.
+fn ids(prefix: &str, n: usize) -> String {
+    let list: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    format!("id:{}", list.join(","))
+}
+
+fn cli_ok(server: &Server, args: &[&str]) -> String {
+    let out = server.cli(args);
+    assert!(
+        out.status.success(),
+        "mooring {args:?}: {}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until the rollout satisfies `pred`; returns it.
+async fn wait_rollout(server: &Server, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    server
+        .wait_for(&format!("/api/v1/rollouts/{id}"), pred)
+        .await
+}
+
+async fn events(server: &Server, id: &str) -> Vec<Value> {
+    let (status, v) = server
+        .api("GET", &format!("/api/v1/rollouts/{id}/events"), None)
+        .await;
+    assert_eq!(status, 200, "{v}");
+    v["events"].as_array().cloned().unwrap_or_default()
+}
+
+/// Every `event: rollout` frame of `GET /api/v1/rollouts/{id}/stream` until the server ends it.
+async fn sse_rollouts(server: &Server, id: &str) -> Vec<Value> {
+    let mut resp = reqwest::Client::new()
+        .get(format!("{}/api/v1/rollouts/{id}/stream", server.url()))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(resp.status(), 200);
+    let mut text = String::new();
+    while let Some(chunk) = resp.chunk().await.expect("chunk") {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text.split("\n\n")
+        .filter(|block| block.lines().any(|l| l == "event: rollout"))
+        .filter_map(|block| {
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            serde_json::from_str(data).ok()
+        })
+        .collect()
+}
+
+/// The devices of a wave (by the rollout's own listing of updates: a device has an update in
+/// the rollout's deployment once started).
+async fn started(server: &Server, deployment: &str, devices: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    for d in devices {
+        let (_, v) = server
+            .api("GET", &format!("/api/v1/devices/{d}/ota"), None)
+            .await;
+        let has = v["updates"]
+            .as_array()
+            .is_some_and(|us| us.iter().any(|u| u["deployment_id"] == deployment));
+        if has {
+            out.push(d.clone());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_version_rolls_out_in_gated_waves_and_the_control_cohort_goes_last() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    let _agents = fleet(&server, tmp.path(), "good", 6, true).await;
+    let target = ids("good", 6);
+    let image: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let art = server.ota_upload(&tmp.path().join("fw-2.img"), &image, "2.0.0");
+
+    // Bad requests are refused with what is wrong, before anything is stored.
+    let out = server.cli(&[
+        "rollout",
+        "create",
+        "--artifact",
+        &art,
+        "--target",
+        &target,
+        "--waves",
+        "50,10,100",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("waves"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/rollouts",
+            Some(
+                serde_json::json!({"artifact_id": art, "selector": target, "window": "25:00-01:00"}),
+            ),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_rollout")),
+        "{v}"
+    );
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/rollouts",
+            Some(serde_json::json!({"artifact_id": "art_0000000000000000", "selector": target})),
+        )
+        .await;
+    assert_eq!(status, 404, "{v}");
+
+    // A target nothing matches is refused (exit 1, the server's message).
+    let out = server.cli(&[
+        "rollout",
+        "create",
+        "--artifact",
+        &art,
+        "--target",
+        "tag:fleet=none",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no device matches"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Six devices: two in the control cohort (34 %), then two waves of two.
+    let out = server.cli(&[
+        "rollout",
+        "create",
+        "--artifact",
+        &art,
+        "--target",
+        &target,
+        "--waves",
+        "50,100",
+        "--control",
+        "34%",
+        "--min-devices",
+        "1",
+        "--health-window",
+        "2s",
+        "--seed",
+        "7",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(id.starts_with("rol_"), "{id}");
+
+    // The live stream: the rollout at once, then each change, ending after it completes.
+    let frames = tokio::time::timeout(support::WAIT, sse_rollouts(&server, &id))
+        .await
+        .expect("the stream ends once the rollout is over");
+    assert!(frames.len() >= 2, "{frames:?}");
+    assert_eq!(
+        frames.last().map(|f| f["state"].clone()),
+        Some("completed".into())
+    );
+    assert!(
+        frames.windows(2).all(|w| w[0] != w[1]),
+        "only changes are sent"
+    );
+
+    let r = wait_rollout(&server, &id, |v| v["state"] == "completed").await;
+    assert_eq!(
+        (r["total"].as_u64(), r["committed"].as_u64()),
+        (Some(6), Some(6)),
+        "{r}"
+    );
+    let waves = r["waves"].as_array().expect("waves");
+    let sizes: Vec<u64> = waves
+        .iter()
+        .map(|w| w["total"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(sizes, [2, 2, 2], "two waves and the control cohort: {r}");
+    assert_eq!(waves[2]["control"], true);
+    assert_eq!(r["spec"]["seed"], 7);
+    assert_eq!(r["gate"]["verdict"], "pass", "{r}");
+
+    // The log tells the story in order: each wave's window and gate, the control cohort last.
+    let log = events(&server, &id).await;
+    let kinds: Vec<&str> = log.iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "window_started",
+            "gate_passed",
+            "wave_started",
+            "window_started",
+            "gate_passed",
+            "wave_started",
+            "completed"
+        ],
+        "{log:?}"
+    );
+    assert!(
+        log[0]["by"].as_str().is_some_and(|b| !b.is_empty()),
+        "{log:?}"
+    );
+    assert_eq!(log[1]["by"], "server");
+    assert!(
+        log[6]["detail"].as_str() == Some("the control cohort"),
+        "{log:?}"
+    );
+    // The control cohort's updates began only after the last gate passed.
+    let control_start = log[6]["at"].as_u64().expect("at");
+    let (_, list) = server
+        .api(
+            "GET",
+            &format!(
+                "/api/v1/ota/deployments/{}",
+                r["deployment_id"].as_str().unwrap_or("")
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(list["total"], 6, "{list}");
+    let mut control_devices = Vec::new();
+    for i in 0..6 {
+        let d = format!("good-{i}");
+        let (_, h) = server
+            .api("GET", &format!("/api/v1/devices/{d}/commands"), None)
+            .await;
+        let created = h["commands"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == "mooring.update"))
+            .and_then(|c| c["created_at"].as_u64())
+            .expect("an update command");
+        if created >= control_start {
+            control_devices.push(d);
+        }
+    }
+    assert_eq!(
+        control_devices.len(),
+        2,
+        "exactly the control cohort updated last"
+    );
+
+    // The CLI: show, list, events, and watch (which ends at once, completed: exit 0).
+    let shown = cli_ok(&server, &["rollout", "show", &id]);
+    assert!(
+        shown.contains("completed") && shown.contains("control"),
+        "{shown}"
+    );
+    assert!(cli_ok(&server, &["rollout", "list"]).contains(&id));
+    assert!(cli_ok(&server, &["rollout", "events", &id]).contains("gate_passed"));
+    let watched = cli_ok(&server, &["rollout", "watch", &id]);
+    assert!(watched.contains("gate after wave 2: pass"), "{watched}");
+    // Over: pausing is a conflict.
+    let (status, v) = server
+        .api("POST", &format!("/api/v1/rollouts/{id}/pause"), None)
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("rollout_over")),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_fails_on_the_devices_aborts_at_the_threshold_and_spares_the_rest() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    let _agents = fleet(&server, tmp.path(), "bad", 8, false).await;
+    let target = ids("bad", 8);
+    let image: Vec<u8> = (0..100_000u32).map(|i| (i % 233) as u8).collect();
+    let art = server.ota_upload(&tmp.path().join("fw-3.img"), &image, "3.0.0");
+    // 8 devices, no control: the first wave is 2 devices; both roll back (their health check
+    // fails), 2 of 2 is above 5 % once 2 devices tried.
+    let id = cli_ok(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--artifact",
+            &art,
+            "--target",
+            &target,
+            "--waves",
+            "25,100",
+            "--control",
+            "0",
+            "--min-devices",
+            "2",
+            "--health-window",
+            "1s",
+        ],
+    )
+    .trim()
+    .to_owned();
+    let r = wait_rollout(&server, &id, |v| v["state"] == "aborted").await;
+    assert_eq!(r["rolled_back"], 2, "{r}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|x| x.contains("2 of 2") && x.contains("rolled back")),
+        "{r}"
+    );
+    let devices: Vec<String> = (0..8).map(|i| format!("bad-{i}")).collect();
+    let dep = r["deployment_id"].as_str().expect("deployment").to_owned();
+    let touched = started(&server, &dep, &devices).await;
+    assert_eq!(
+        touched.len(),
+        2,
+        "only the first wave was started: {touched:?}"
+    );
+    // Nothing starts later either: the rollout is over.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(started(&server, &dep, &devices).await, touched);
+    // The devices that tried run what they ran.
+    for d in &touched {
+        server
+            .wait_for(&format!("/api/v1/devices/{d}/shadow"), |v| {
+                v["reported"]["version"] == "1.0.0"
+            })
+            .await;
+    }
+    let log = events(&server, &id).await;
+    assert!(
+        log.iter()
+            .any(|e| e["kind"] == "aborted" && e["by"] == "server"),
+        "{log:?}"
+    );
+    // `watch` on an aborted rollout exits 1.
+    let out = server.cli(&["rollout", "watch", &id]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_whose_devices_reconnect_far_more_stops_at_the_gate() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    let _agents = fleet(&server, tmp.path(), "flap", 8, true).await;
+    let target = ids("flap", 8);
+    let image: Vec<u8> = (0..100_000u32).map(|i| (i % 227) as u8).collect();
+    let art = server.ota_upload(&tmp.path().join("fw-4.img"), &image, "4.0.0");
+    // 8 devices: 3 in the control cohort (37.5 % rounds to 3), then 3 of the other 5 in the
+    // first wave (50 % rounded up), a health window of 15 s.
+    let out = server.cli(&[
+        "rollout",
+        "create",
+        "--artifact",
+        &art,
+        "--target",
+        &target,
+        "--waves",
+        "50,100",
+        "--control",
+        "37.5%",
+        "--min-devices",
+        "3",
+        "--health-window",
+        "15s",
+        "--gate",
+        "reconnects",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let r = wait_rollout(&server, &id, |v| v["window_started_at"].is_u64()).await;
+    let dep = r["deployment_id"].as_str().expect("deployment").to_owned();
+    let devices: Vec<String> = (0..8).map(|i| format!("flap-{i}")).collect();
+    let updated = started(&server, &dep, &devices).await;
+    assert_eq!(updated.len(), 3, "{r}");
+    // The new version "reconnects" a lot: each updated device's session is taken over four
+    // times during the window (its agent reconnects after each), the control's never.
+    for round in 0..4 {
+        for d in &updated {
+            let creds = support::Creds {
+                dir: tmp.path().join(d),
+            };
+            let dev = MqttDevice::connect(&server, &creds, d).await;
+            drop(dev);
+            let _ = round;
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    let r = wait_rollout(&server, &id, |v| v["state"] == "paused").await;
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|x| x.starts_with("gate failed") && x.contains("disconnects")),
+        "{r}"
+    );
+    let gate = &r["gate"];
+    assert_eq!(gate["verdict"], "fail", "{r}");
+    let s = &gate["signals"][0];
+    assert_eq!(s["signal"], "disconnects");
+    assert_eq!(s["verdict"], "fail", "{s}");
+    assert_eq!(
+        (
+            s["updated"]["devices"].as_u64(),
+            s["control"]["devices"].as_u64()
+        ),
+        (Some(3), Some(3))
+    );
+    assert!(s["updated"]["events"].as_u64().unwrap_or(0) >= 8, "{s}");
+    assert!(s["p_value"].as_f64().is_some_and(|p| p <= 0.01), "{s}");
+    // Stopped before the next wave: still only the first wave's devices were started.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(started(&server, &dep, &devices).await, updated);
+    // `show` gives the comparison; an operator aborts it, and the log says who.
+    let shown = cli_ok(&server, &["rollout", "show", &id]);
+    assert!(
+        shown.contains("disconnects") && shown.contains("fail"),
+        "{shown}"
+    );
+    cli_ok(
+        &server,
+        &["rollout", "abort", &id, "--reason", "flapping links"],
+    );
+    let log = events(&server, &id).await;
+    let aborted = log
+        .iter()
+        .find(|e| e["kind"] == "aborted")
+        .expect("aborted");
+    assert!(
+        aborted["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("flapping links")),
+        "{aborted}"
+    );
+    assert_ne!(aborted["by"], "server");
+    assert!(log.iter().any(|e| e["kind"] == "gate_failed"), "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmet_precondition_defers_a_device_until_it_holds_and_pause_holds_everyone() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    let _agents = fleet(&server, tmp.path(), "pre", 2, true).await;
+    let target = ids("pre", 2);
+    let image: Vec<u8> = (0..50_000u32).map(|i| (i % 211) as u8).collect();
+    let art = server.ota_upload(&tmp.path().join("fw-5.img"), &image, "5.0.0");
+    // pre-0 reports a full battery, pre-1 a low one.
+    for (d, pct) in [("pre-0", 90), ("pre-1", 10)] {
+        let creds = support::Creds {
+            dir: tmp.path().join(d),
+        };
+        let mut dev = MqttDevice::connect(&server, &creds, d).await;
+        dev.publish(
+            &format!("devices/{d}/telemetry"),
+            &format!("{{\"battery\": {pct}}}"),
+        )
+        .await;
+    }
+    let id = cli_ok(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--artifact",
+            &art,
+            "--target",
+            &target,
+            "--waves",
+            "100",
+            "--control",
+            "0",
+            "--min-devices",
+            "1",
+            "--health-window",
+            "1s",
+            "--require",
+            "battery>=30",
+            "--max-concurrent",
+            "1",
+        ],
+    )
+    .trim()
+    .to_owned();
+    let r = wait_rollout(&server, &id, |v| v["committed"] == 1 && v["deferred"] == 1).await;
+    assert_eq!(r["failed"], 0, "deferred, never failed: {r}");
+    let dep = r["deployment_id"].as_str().expect("deployment").to_owned();
+    let devices = vec!["pre-0".to_owned(), "pre-1".to_owned()];
+    assert_eq!(started(&server, &dep, &devices).await, ["pre-0"]);
+    // Paused, a device that now qualifies still waits.
+    cli_ok(&server, &["rollout", "pause", &id]);
+    let creds = support::Creds {
+        dir: tmp.path().join("pre-1"),
+    };
+    let mut dev = MqttDevice::connect(&server, &creds, "pre-1").await;
+    dev.publish("devices/pre-1/telemetry", "{\"battery\": 80}")
+        .await;
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(started(&server, &dep, &devices).await, ["pre-0"]);
+    // Resumed, it starts and the rollout completes.
+    cli_ok(&server, &["rollout", "resume", &id]);
+    let r = wait_rollout(&server, &id, |v| v["state"] == "completed").await;
+    assert_eq!(r["committed"], 2, "{r}");
+    let kinds: Vec<String> = events(&server, &id)
+        .await
+        .iter()
+        .filter_map(|e| e["kind"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        kinds.contains(&"paused".to_owned()) && kinds.contains(&"resumed".to_owned()),
+        "{kinds:?}"
+    );
+}
