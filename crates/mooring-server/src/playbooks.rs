@@ -18,7 +18,8 @@
 //!    `[[part]]` table suggests from their latest telemetry and health signals. Its id comes
 //!    from the job's, so a retried run opens one ticket.
 //!
-//! Pausing rollouts that touch a cohort comes with rollouts (issue 19).
+//! `pause_rollouts` pauses the running rollouts whose target selects any of the devices
+//! (`crate::rollouts::pause_touching`), as `playbook:<name>`.
 
 use crate::access::Access;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
@@ -125,6 +126,7 @@ impl PartConfig {
 enum Step {
     Diagnostics,
     Tag(String, String),
+    PauseRollouts,
     Ticket,
 }
 
@@ -132,9 +134,7 @@ fn parse_step(s: &str) -> Result<Step, String> {
     match s {
         "diagnostics" => Ok(Step::Diagnostics),
         "ticket" => Ok(Step::Ticket),
-        "pause_rollouts" => {
-            Err("pause_rollouts comes with rollouts; it is not available yet".to_owned())
-        }
+        "pause_rollouts" => Ok(Step::PauseRollouts),
         other => match other.strip_prefix("tag:").and_then(|kv| kv.split_once('=')) {
             Some((k, v)) => {
                 let tags = [(k.to_owned(), v.to_owned())].into_iter().collect();
@@ -142,7 +142,7 @@ fn parse_step(s: &str) -> Result<Step, String> {
                 Ok(Step::Tag(k.to_owned(), v.to_owned()))
             }
             None => Err(format!(
-                "unknown step {other:?} (expected diagnostics, tag:KEY=VALUE or ticket)"
+                "unknown step {other:?} (expected diagnostics, tag:KEY=VALUE, pause_rollouts or ticket)"
             )),
         },
     }
@@ -548,6 +548,23 @@ impl Playbooks {
                         }
                     ));
                 }
+                Step::PauseRollouts => {
+                    let paused = crate::rollouts::pause_touching(
+                        &self.store,
+                        &self.registry,
+                        ctx.now_ms,
+                        ctx.access,
+                        &ids,
+                        &format!("playbook:{}", pb.name),
+                        &run.title,
+                    )
+                    .await?;
+                    done.push(if paused.is_empty() {
+                        "no running rollout touches these devices".to_owned()
+                    } else {
+                        format!("paused rollout(s) {}", paused.join(", "))
+                    });
+                }
                 Step::Ticket => {}
             }
         }
@@ -851,7 +868,7 @@ mod tests {
             validate(&[p], parts).expect_err("refused").to_string()
         };
         assert!(err(playbook(&["reboot"]), &[]).contains("unknown step \"reboot\""));
-        assert!(err(playbook(&["pause_rollouts"]), &[]).contains("comes with rollouts"));
+        assert!(err(playbook(&["pause_rolouts"]), &[]).contains("pause_rollouts"));
         assert!(err(playbook(&[]), &[]).contains("steps: 1 to"));
         let mut on = ok.clone();
         on.on = vec!["cohort:nonsense".to_owned()];

@@ -573,3 +573,71 @@ async fn an_unmet_precondition_defers_a_device_until_it_holds_and_pause_holds_ev
         "{kinds:?}"
     );
 }
+
+/// Fleet health's playbook step `pause_rollouts` (docs/health.md#playbooks): a rule alert on a
+/// device pauses the running rollouts whose target holds it, and leaves the others running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_playbook_pauses_the_rollouts_that_touch_its_devices() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let config = format!(
+        "{CONFIG}[[playbook]]\nname = \"hold\"\non = [\"rule:low-battery\"]\nsteps = [\"pause_rollouts\", \"ticket\"]\n"
+    );
+    let server = Server::start_configured(tmp.path(), &config);
+    let p1 = server.create_device("p1", tmp.path());
+    server.create_device("p2", tmp.path());
+    let image: Vec<u8> = (0..10_000u32).map(|i| (i % 199) as u8).collect();
+    let art = server.ota_upload(&tmp.path().join("fw-6.img"), &image, "6.0.0");
+    let mut ids = Vec::new();
+    for target in ["id:p1,p2", "id:p2"] {
+        let (status, v) = server
+            .api(
+                "POST",
+                "/api/v1/rollouts",
+                Some(serde_json::json!({"artifact_id": art, "selector": target, "control_pct": 0})),
+            )
+            .await;
+        assert_eq!(status, 201, "{v}");
+        ids.push(v["id"].as_str().expect("id").to_owned());
+    }
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/rules",
+            Some(serde_json::json!({"name": "low-battery", "when": "battery < 15", "then": "alert:warning"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let mut dev = MqttDevice::connect(&server, &p1, "p1").await;
+    dev.publish("devices/p1/telemetry", r#"{"battery": 9}"#)
+        .await;
+
+    let r = wait_rollout(&server, &ids[0], |v| v["state"] == "paused").await;
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|x| x.starts_with("paused by playbook:hold")),
+        "{r}"
+    );
+    let log = events(&server, &ids[0]).await;
+    assert!(
+        log.iter()
+            .any(|e| e["kind"] == "paused" && e["by"] == "playbook:hold"),
+        "{log:?}"
+    );
+    // The ticket says what the run did.
+    let t = server
+        .wait_for("/api/v1/tickets", |v| {
+            v["tickets"].as_array().is_some_and(|t| !t.is_empty())
+        })
+        .await;
+    let steps = t["tickets"][0]["steps"].to_string();
+    assert!(
+        steps.contains(&format!("paused rollout(s) {}", ids[0])),
+        "{t}"
+    );
+    // The rollout without p1 still runs.
+    let (_, other) = server
+        .api("GET", &format!("/api/v1/rollouts/{}", ids[1]), None)
+        .await;
+    assert_eq!(other["state"], "running", "{other}");
+}

@@ -209,6 +209,79 @@ fn spec_of(r: &RolloutRecord) -> ServiceResult<(CreateRollout, RolloutSpec)> {
     Ok((req, spec))
 }
 
+/// Pauses every running rollout `access` sees whose target selects any of `devices` (by the
+/// registry's cached facts): the playbook step `pause_rollouts` (docs/health.md#playbooks), so a
+/// cohort in trouble gets no more updates until someone has looked. Each pause is a
+/// compare-and-set like an operator's and is logged as `by`; the rollouts paused.
+pub(crate) async fn pause_touching(
+    store: &Arc<dyn mooring_store::Store>,
+    registry: &Registry,
+    now_ms: u64,
+    access: &Access,
+    devices: &[DeviceId],
+    by: &str,
+    reason: &str,
+) -> ServiceResult<Vec<String>> {
+    let mut paused = Vec::new();
+    if devices.is_empty() {
+        return Ok(paused);
+    }
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.active_rollouts(after.as_deref(), PAGE_LEN).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        for r in page {
+            if r.state != "running" || !visible(access, &r) {
+                continue;
+            }
+            let Ok(sel) = Selector::parse(&r.selector) else {
+                continue;
+            };
+            let mut touches = false;
+            for d in devices {
+                if registry.matches_cached(&sel, d).await {
+                    touches = true;
+                    break;
+                }
+            }
+            if !touches {
+                continue;
+            }
+            // Compare-and-set, again on a conflict with the controller (a few times).
+            for _ in 0..20 {
+                let Some(mut cur) = store.get_rollout(&r.id).await? else {
+                    break;
+                };
+                if cur.state != "running" {
+                    break;
+                }
+                cur.state = "paused".to_owned();
+                cur.reason = Some(format!("paused by {by}: {reason}"));
+                cur.updated_at_ms = now_ms;
+                if store.update_rollout(&cur).await? {
+                    store
+                        .append_rollout_event(
+                            RolloutEventRecord {
+                                rollout_id: cur.id.clone(),
+                                seq: 0,
+                                at_ms: now_ms,
+                                by: by.to_owned(),
+                                kind: "paused".to_owned(),
+                                detail: reason.to_owned(),
+                            },
+                            EVENTS_KEPT_MAX,
+                        )
+                        .await?;
+                    paused.push(cur.id);
+                    break;
+                }
+            }
+        }
+    }
+    Ok(paused)
+}
+
 /// Whether a scoped caller sees a rollout: its target carries every term of the caller's scope
 /// (as a deployment's does).
 fn visible(access: &Access, r: &RolloutRecord) -> bool {
