@@ -83,6 +83,18 @@ async fn events(server: &Server, id: &str) -> Vec<Value> {
     v["events"].as_array().cloned().unwrap_or_default()
 }
 
+/// The new version "reconnects" a lot: each of `devices`' sessions is taken over four times
+/// (its agent reconnects after each), 1.5 s apart.
+async fn flap(server: &Server, dir: &Path, devices: &[String]) {
+    for _ in 0..4 {
+        for d in devices {
+            let creds = support::Creds { dir: dir.join(d) };
+            drop(MqttDevice::connect(server, &creds, d).await);
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+}
+
 /// Every `event: rollout` frame of `GET /api/v1/rollouts/{id}/stream` until the server ends it.
 async fn sse_rollouts(server: &Server, id: &str) -> Vec<Value> {
     let mut resp = reqwest::Client::new()
@@ -206,6 +218,8 @@ async fn a_good_version_rolls_out_in_gated_waves_and_the_control_cohort_goes_las
         "2s",
         "--seed",
         "7",
+        "--max-concurrent",
+        "1",
     ]);
     assert!(
         out.status.success(),
@@ -285,6 +299,9 @@ async fn a_good_version_rolls_out_in_gated_waves_and_the_control_cohort_goes_las
         )
         .await;
     assert_eq!(list["total"], 6, "{list}");
+    // (command created, update final) per device: one at a time (--max-concurrent 1), each
+    // started only once the one before ended.
+    let mut spans = Vec::new();
     let mut control_devices = Vec::new();
     for i in 0..6 {
         let d = format!("good-{i}");
@@ -296,6 +313,11 @@ async fn a_good_version_rolls_out_in_gated_waves_and_the_control_cohort_goes_las
             .and_then(|cs| cs.iter().find(|c| c["name"] == "mooring.update"))
             .and_then(|c| c["created_at"].as_u64())
             .expect("an update command");
+        let (_, u) = server
+            .api("GET", &format!("/api/v1/devices/{d}/ota"), None)
+            .await;
+        let ended = u["updates"][0]["updated_at"].as_u64().expect("updated_at");
+        spans.push((created, ended));
         if created >= control_start {
             control_devices.push(d);
         }
@@ -304,6 +326,11 @@ async fn a_good_version_rolls_out_in_gated_waves_and_the_control_cohort_goes_las
         control_devices.len(),
         2,
         "exactly the control cohort updated last"
+    );
+    spans.sort_unstable();
+    assert!(
+        spans.windows(2).all(|w| w[1].0 >= w[0].1),
+        "one update at a time: {spans:?}"
     );
 
     // The CLI: show, list, events, and watch (which ends at once, completed: exit 0).
@@ -436,19 +463,7 @@ async fn a_version_whose_devices_reconnect_far_more_stops_at_the_gate() {
     let devices: Vec<String> = (0..8).map(|i| format!("flap-{i}")).collect();
     let updated = started(&server, &dep, &devices).await;
     assert_eq!(updated.len(), 3, "{r}");
-    // The new version "reconnects" a lot: each updated device's session is taken over four
-    // times during the window (its agent reconnects after each), the control's never.
-    for round in 0..4 {
-        for d in &updated {
-            let creds = support::Creds {
-                dir: tmp.path().join(d),
-            };
-            let dev = MqttDevice::connect(&server, &creds, d).await;
-            drop(dev);
-            let _ = round;
-        }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-    }
+    flap(&server, tmp.path(), &updated).await;
     let r = wait_rollout(&server, &id, |v| v["state"] == "paused").await;
     assert!(
         r["reason"]
@@ -640,4 +655,79 @@ async fn a_playbook_pauses_the_rollouts_that_touch_its_devices() {
         .api("GET", &format!("/api/v1/rollouts/{}", ids[1]), None)
         .await;
     assert_eq!(other["state"], "running", "{other}");
+}
+
+/// `--auto-abort`: a gate failure aborts the rollout and rolls the devices that committed back
+/// to what they ran, by a rollout of that version's artifact marked `rollback_of`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_abort_rolls_the_updated_devices_back_to_their_version() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    let _agents = fleet(&server, tmp.path(), "back", 8, true).await;
+    let target = ids("back", 8);
+    let old: Vec<u8> = (0..60_000u32).map(|i| (i % 197) as u8).collect();
+    server.ota_upload(&tmp.path().join("fw-1.img"), &old, "1.0.0");
+    let new: Vec<u8> = (0..60_000u32).map(|i| (i % 193) as u8).collect();
+    let art = server.ota_upload(&tmp.path().join("fw-7.img"), &new, "7.0.0");
+    let id = cli_ok(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--artifact",
+            &art,
+            "--target",
+            &target,
+            "--waves",
+            "50,100",
+            "--control",
+            "37.5%",
+            "--min-devices",
+            "3",
+            "--health-window",
+            "15s",
+            "--gate",
+            "reconnects",
+            "--auto-abort",
+        ],
+    )
+    .trim()
+    .to_owned();
+    let r = wait_rollout(&server, &id, |v| v["window_started_at"].is_u64()).await;
+    let dep = r["deployment_id"].as_str().expect("deployment").to_owned();
+    let devices: Vec<String> = (0..8).map(|i| format!("back-{i}")).collect();
+    let updated = started(&server, &dep, &devices).await;
+    assert_eq!(updated.len(), 3, "{r}");
+    flap(&server, tmp.path(), &updated).await;
+    let r = wait_rollout(&server, &id, |v| v["state"] == "aborted").await;
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|x| x.contains("gate failed")),
+        "{r}"
+    );
+    // The rollback: a rollout of 1.0.0 for exactly the devices that committed 7.0.0.
+    let (_, list) = server.api("GET", "/api/v1/rollouts", None).await;
+    let back = list["rollouts"]
+        .as_array()
+        .and_then(|l| l.iter().find(|x| x["rollback_of"] == id.as_str()).cloned())
+        .expect("a rollback rollout");
+    assert_eq!(back["version"], "1.0.0", "{back}");
+    assert_eq!(back["total"], 3, "{back}");
+    let back_id = back["id"].as_str().expect("id").to_owned();
+    let done = wait_rollout(&server, &back_id, |v| v["state"] == "completed").await;
+    assert_eq!(done["committed"], 3, "{done}");
+    for d in &updated {
+        server
+            .wait_for(&format!("/api/v1/devices/{d}/shadow"), |v| {
+                v["reported"]["version"] == "1.0.0"
+            })
+            .await;
+    }
+    let log = events(&server, &id).await;
+    assert!(
+        log.iter().any(|e| e["kind"] == "rollback_created"
+            && e["detail"].as_str().is_some_and(|d| d.contains(&back_id))),
+        "{log:?}"
+    );
 }
