@@ -1,8 +1,8 @@
 //! Several `mooring serve` processes on loopback as one cluster, on the PostgreSQL and NATS
 //! this machine runs (as CI does): one identity for all nodes, any node serving any device or
 //! API call, a session moving between nodes, commands across nodes, kill -9 under QoS 1 load
-//! with nothing acknowledged lost, leases moving off a dead node, and a rolling restart with
-//! the API polled every 100 ms.
+//! with nothing acknowledged lost, leases moving off a dead node, a rolling restart with the
+//! API polled every 100 ms, and a rollout that outlives the node running its controller.
 //!
 //! Needs PostgreSQL at `MOORING_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`; every test creates a database of its own and
@@ -1768,4 +1768,86 @@ async fn a_rules_nats_action_publishes_on_the_clusters_nats() {
         n >= 1.0
     })
     .await;
+}
+
+/// Rollouts (issue 19) on a cluster: a rollout created on one node is moved on by whichever
+/// node holds the lease `rollouts.controller`. That node is killed (kill -9) in the middle of
+/// the rollout (a node taking its addresses if it served the agents): the lease moves, the
+/// rollout completes from what the store holds, and no device was started twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_survives_the_death_of_its_controller_node_and_starts_no_device_twice() {
+    use support::agents::{agent_config, Supervised};
+    let env = Env::new().await;
+    let extra = "[rollouts]\ntick_ms = 200\n[health]\nflush_interval_ms = 200\n";
+    let a = env.start_configured("a", "127.0.0.1:0", "127.0.0.1:0", extra);
+    let b = env.start_configured("b", "127.0.0.1:0", "127.0.0.1:0", extra);
+    let (_, key) = a.api("GET", "/api/v1/ota/update-key", None).await;
+    let public_key = key["public_key"].as_str().expect("public key").to_owned();
+    let mut agents = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let id = format!("node-dev-{i}");
+        let creds = a.create_device(&id, env.tmp.path());
+        let cfg = agent_config(env.tmp.path(), &id, &public_key, None);
+        let state = env.tmp.path().join(format!("{id}-state"));
+        agents.push(Supervised::start(&a, &creds, &state, &cfg));
+        ids.push(id);
+    }
+    for id in &ids {
+        a.wait_for(&format!("/api/v1/devices/{id}"), |v| v["online"] == true)
+            .await;
+    }
+    let image: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let art = a.ota_upload(&env.tmp.path().join("fw-2.img"), &image, "2.0.0");
+    let (status, r) = b
+        .api(
+            "POST",
+            "/api/v1/rollouts",
+            Some(json!({
+                "artifact_id": art, "selector": format!("id:{}", ids.join(",")),
+                "waves": [50, 100], "control_pct": 34, "min_devices": 1, "health_window_ms": 3000
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{r}");
+    let id = r["id"].as_str().expect("id").to_owned();
+    // The first wave ended: its health window runs.
+    a.wait_for(&format!("/api/v1/rollouts/{id}"), |v| {
+        v["window_started_at"].is_u64()
+    })
+    .await;
+    let held = |text: &str| {
+        text.lines()
+            .any(|l| l == "mooring_cluster_lease_held{lease=\"rollouts.controller\"} 1")
+    };
+    let a_holds = held(&a.metrics_text().await);
+    let b_holds = held(&b.metrics_text().await);
+    assert!(a_holds ^ b_holds, "exactly one node runs the controller");
+    let survivor = if b_holds {
+        b.kill9();
+        a
+    } else {
+        // a served the agents: c takes its addresses, as a restarted node would.
+        let (mqtt, http) = (a.mqtt.to_string(), a.http.to_string());
+        a.kill9();
+        let c = env.start_configured("c", &mqtt, &http, extra);
+        drop(b);
+        c
+    };
+    let done = survivor
+        .wait_for(&format!("/api/v1/rollouts/{id}"), |v| {
+            v["state"] == "completed"
+        })
+        .await;
+    assert_eq!(done["committed"], 6, "{done}");
+    for d in &ids {
+        let (_, cmds) = survivor
+            .api("GET", &format!("/api/v1/devices/{d}/commands"), None)
+            .await;
+        let updates = cmds["commands"].as_array().map_or(0, |cs| {
+            cs.iter().filter(|c| c["name"] == "mooring.update").count()
+        });
+        assert_eq!(updates, 1, "{d} was started once: {cmds}");
+    }
+    drop(agents);
 }
