@@ -7,6 +7,9 @@
 //! (`apt-get install -y chromium`; another binary with `MOORING_TEST_CHROMIUM`). With
 //! `SCREENSHOTS=<dir>` set, also writes every page's screenshot there
 //! (`web/scripts/screenshots.sh` keeps docs/screenshots/ up to date that way).
+//!
+//! `rollouts_in_a_real_browser` does the same for the rollouts page on a small server of its
+//! own (`web/tests/rollouts.test.mjs`).
 
 mod support;
 
@@ -89,6 +92,63 @@ async fn seed_devices(server: &Server, n: usize) {
     while let Some(r) = set.join_next().await {
         r.expect("seed task");
     }
+}
+
+/// Runs `web/tests/<file>` with Node's test runner against `server`: the environment every file
+/// takes (MOORING_URL, MOORING_TOKEN, PASSWORD, CHROMIUM, SCREENSHOTS when set) plus `env`. A
+/// run longer than [`BROWSER_RUN_MAX`] is killed. A failure is its output and the server's log
+/// (returned, so the caller stops what it started before failing).
+async fn run_browser_tests(
+    server: &Server,
+    chromium: &Path,
+    file: &str,
+    env: &[(&str, &str)],
+) -> Result<(), String> {
+    let mut node = Command::new("node");
+    node.args(["--test", "--test-reporter=spec", "--test-concurrency=1"])
+        .arg(web_dir().join("tests").join(file))
+        .env("MOORING_URL", server.url())
+        .env("MOORING_TOKEN", &server.token)
+        .env("PASSWORD", PASSWORD)
+        .env("CHROMIUM", chromium)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(dir) = std::env::var_os("SCREENSHOTS") {
+        std::fs::create_dir_all(&dir).expect("screenshots dir");
+        node.env("SCREENSHOTS", dir);
+    }
+    let child = node
+        .spawn()
+        .expect("node not found: the browser tests need Node.js");
+    let pid = child.id();
+    let started = Instant::now();
+    let watchdog = std::thread::spawn(move || {
+        // Kill a hung browser run instead of hanging CI.
+        while started.elapsed() < BROWSER_RUN_MAX {
+            std::thread::sleep(Duration::from_millis(200));
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                return;
+            }
+        }
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("join")
+        .expect("node output");
+    let _ = watchdog.join();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "browser tests failed ({}):\n{stdout}\n{}\nserver log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,56 +251,80 @@ async fn the_dashboard_in_a_real_browser() {
         .expect("ticket id")
         .to_owned();
 
-    let mut node = Command::new("node");
-    node.args(["--test", "--test-reporter=spec", "--test-concurrency=1"])
-        .arg(web_dir().join("tests/dashboard.test.mjs"))
-        .env("MOORING_URL", server.url())
-        .env("MOORING_TOKEN", &server.token)
-        .env("ADMIN_EMAIL", "admin@example.com")
-        .env("VIEWER_EMAIL", "viewer@example.com")
-        .env("INSTALLER_EMAIL", "installer@example.com")
-        .env("PASSWORD", PASSWORD)
-        .env("LIVE_DEVICE", live)
-        .env("LIVE_TAG", "asset=a-77")
-        .env("BULK_SELECTOR", "tag:site=s3")
-        .env("BULK_COUNT", "100")
-        .env("TICKET_ID", &ticket)
-        .env("CHROMIUM", &chromium)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(dir) = std::env::var_os("SCREENSHOTS") {
-        std::fs::create_dir_all(&dir).expect("screenshots dir");
-        node.env("SCREENSHOTS", dir);
-    }
-    let child = node
-        .spawn()
-        .expect("node not found: the browser tests need Node.js");
-    let pid = child.id();
-    let started = Instant::now();
-    let watchdog = std::thread::spawn(move || {
-        // Kill a hung browser run instead of hanging CI.
-        while started.elapsed() < BROWSER_RUN_MAX {
-            std::thread::sleep(Duration::from_millis(200));
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                return;
-            }
-        }
-        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-    });
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
-        .await
-        .expect("join")
-        .expect("node output");
-    let _ = watchdog.join();
+    let run = run_browser_tests(
+        &server,
+        &chromium,
+        "dashboard.test.mjs",
+        &[
+            ("ADMIN_EMAIL", "admin@example.com"),
+            ("VIEWER_EMAIL", "viewer@example.com"),
+            ("INSTALLER_EMAIL", "installer@example.com"),
+            ("LIVE_DEVICE", live),
+            ("LIVE_TAG", "asset=a-77"),
+            ("BULK_SELECTOR", "tag:site=s3"),
+            ("BULK_COUNT", "100"),
+            ("TICKET_ID", &ticket),
+        ],
+    )
+    .await;
     let _ = agent.kill();
     let _ = agent.wait();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    println!("{stdout}");
-    assert!(
-        out.status.success(),
-        "browser tests failed ({}):\n{stdout}\n{}\nserver log:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        server.log_text()
-    );
+    if let Err(e) = run {
+        panic!("{e}");
+    }
+}
+
+/// The rollouts page: three devices that stay offline (so the rollout's first wave is deferred,
+/// `offline`), a rollout with a control cohort, followed by a viewer (no buttons) and an admin
+/// who pauses, resumes and aborts it from the page (`web/tests/rollouts.test.mjs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollouts_in_a_real_browser() {
+    let chromium = chromium();
+    ensure_node_modules();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The rollout controller every 200 ms (default 5 s): deferrals show within the run.
+    let server = Server::start_configured(tmp.path(), "[rollouts]\ntick_ms = 200\n");
+    server.create_user("admin@example.com", "admin", PASSWORD);
+    server.create_user("viewer@example.com", "viewer", PASSWORD);
+    let image: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let artifact = server.ota_upload(&tmp.path().join("fw-2.img"), &image, "2.0.0");
+    for id in ["d1", "d2", "d3"] {
+        server.create_device(id, tmp.path());
+    }
+    let (status, rollout) = server
+        .api(
+            "POST",
+            "/api/v1/rollouts",
+            Some(json!({
+                "artifact_id": artifact,
+                "selector": "id:d1,d2,d3",
+                "control_pct": 34,
+                "min_devices": 1,
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{rollout}");
+    let id = rollout["id"].as_str().expect("rollout id").to_owned();
+    assert_eq!(rollout["total"], 3, "{rollout}");
+    // The devices never connect: the first wave's are deferred (offline), never started.
+    let rollout = server
+        .wait_for(&format!("/api/v1/rollouts/{id}"), |v| {
+            v["deferred"].as_u64().is_some_and(|n| n > 0)
+        })
+        .await;
+    println!("{rollout:#}");
+    let run = run_browser_tests(
+        &server,
+        &chromium,
+        "rollouts.test.mjs",
+        &[
+            ("ADMIN_EMAIL", "admin@example.com"),
+            ("VIEWER_EMAIL", "viewer@example.com"),
+            ("ROLLOUT_ID", &id),
+        ],
+    )
+    .await;
+    if let Err(e) = run {
+        panic!("{e}");
+    }
 }
