@@ -18,8 +18,8 @@
 //!    `[[part]]` table suggests from their latest telemetry and health signals. Its id comes
 //!    from the job's, so a retried run opens one ticket.
 //!
-//! `pause_rollouts` pauses the running rollouts whose target selects any of the devices
-//! (`crate::rollouts::pause_touching`), as `playbook:<name>`.
+//! `pause_rollouts` pauses the running rollouts that hold any of the devices (rollbacks
+//! aside; `crate::rollouts::pause_touching`), as `playbook:<name>`.
 
 use crate::access::Access;
 use crate::error::{ErrorKind, ServiceError, ServiceResult};
@@ -551,7 +551,6 @@ impl Playbooks {
                 Step::PauseRollouts => {
                     let paused = crate::rollouts::pause_touching(
                         &self.store,
-                        &self.registry,
                         ctx.now_ms,
                         ctx.access,
                         &ids,

@@ -729,7 +729,9 @@ pub trait RolloutStore: Send + Sync + 'static {
     /// that is in the rollout and not started yet gets `started_at_ms = at_ms`, its
     /// `from_version`, no deferral, and a copy of `update` (a `pending` update of the rollout's
     /// deployment) with its device id added to the deployment. Returns the devices started;
-    /// those started already (or not in the rollout) are skipped, so no device starts twice.
+    /// those started already (or not in the rollout) are skipped, so no device starts twice,
+    /// and none starts unless the rollout is `running` and its deployment not canceled (a
+    /// pause or abort stored meanwhile stops a start pass at once).
     async fn start_rollout_devices(
         &self,
         id: &str,
@@ -752,6 +754,8 @@ pub trait RolloutStore: Send + Sync + 'static {
         after_device: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(RolloutDeviceRecord, Option<mooring_proto::ota::UpdateState>)>>;
+    /// The rollouts `device_id` is in, by id, at most `limit`.
+    async fn device_rollouts(&self, device_id: &str, limit: usize) -> Result<Vec<String>>;
     /// Sets (or with `None` clears) devices' health baselines.
     async fn set_rollout_baselines(
         &self,

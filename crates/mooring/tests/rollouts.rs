@@ -184,6 +184,24 @@ async fn a_good_version_rolls_out_in_gated_waves_and_the_control_cohort_goes_las
         .await;
     assert_eq!(status, 404, "{v}");
 
+    // A gate that could never compare (2 devices in control, 2 in the first wave, fewer
+    // than the default min_devices 20) is refused when the rollout is created.
+    let out = server.cli(&[
+        "rollout",
+        "create",
+        "--artifact",
+        &art,
+        "--target",
+        &target,
+        "--control",
+        "34%",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could never compare"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A target nothing matches is refused (exit 1, the server's message).
     let out = server.cli(&[
         "rollout",

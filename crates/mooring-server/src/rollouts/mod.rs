@@ -62,6 +62,9 @@ pub const GATE_ALPHA: f64 = 0.01;
 /// The gate's margin: a signal fails only if the updated devices' rate is at least this many
 /// times the control cohort's.
 pub const GATE_MARGIN: f64 = 1.5;
+/// A gate that waits (unclear) is compared again this often, not at every tick: each
+/// comparison reads every compared device's health.
+pub const GATE_WAIT_RECHECK_MS: u64 = 60_000;
 /// Longest note a pause or abort carries.
 pub const REASON_LEN_MAX: usize = 500;
 
@@ -139,6 +142,26 @@ impl Drop for StreamSlot {
     }
 }
 
+/// What a device's health says at one moment, for the gate: its counts and its time online
+/// so far (sessions ended plus the open one). A baseline is one of these, as JSON.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, Deserialize)]
+struct HealthSample {
+    counts: HealthCounts,
+    online_ms: u64,
+}
+
+impl HealthSample {
+    fn of(h: &mooring_store::health::DeviceHealth, now: u64) -> Self {
+        let open = h
+            .online_since_ms
+            .map_or(0, |since| now.saturating_sub(since));
+        Self {
+            counts: h.totals,
+            online_ms: h.online_ms.saturating_add(open),
+        }
+    }
+}
+
 /// A rollout's devices summed over its waves.
 #[derive(Debug, Default, Clone, Copy)]
 struct Sums {
@@ -209,73 +232,51 @@ fn spec_of(r: &RolloutRecord) -> ServiceResult<(CreateRollout, RolloutSpec)> {
     Ok((req, spec))
 }
 
-/// Pauses every running rollout `access` sees whose target selects any of `devices` (by the
-/// registry's cached facts): the playbook step `pause_rollouts` (docs/health.md#playbooks), so a
+/// Pauses every running rollout `access` sees that holds any of `devices` (a rollback aside:
+/// it is the way back): the playbook step `pause_rollouts` (docs/health.md#playbooks), so a
 /// cohort in trouble gets no more updates until someone has looked. Each pause is a
 /// compare-and-set like an operator's and is logged as `by`; the rollouts paused.
 pub(crate) async fn pause_touching(
     store: &Arc<dyn mooring_store::Store>,
-    registry: &Registry,
     now_ms: u64,
     access: &Access,
     devices: &[DeviceId],
     by: &str,
     reason: &str,
 ) -> ServiceResult<Vec<String>> {
-    let mut paused = Vec::new();
-    if devices.is_empty() {
-        return Ok(paused);
+    let mut holding = std::collections::BTreeSet::new();
+    for d in devices {
+        holding.extend(store.device_rollouts(d.as_str(), PAGE_LEN).await?);
     }
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.active_rollouts(after.as_deref(), PAGE_LEN).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
-        for r in page {
-            if r.state != "running" || !visible(access, &r) {
-                continue;
-            }
-            let Ok(sel) = Selector::parse(&r.selector) else {
-                continue;
+    let mut paused = Vec::new();
+    for id in holding {
+        // Compare-and-set, again on a conflict with the controller (a few times).
+        for _ in 0..20 {
+            let Some(mut cur) = store.get_rollout(&id).await? else {
+                break;
             };
-            let mut touches = false;
-            for d in devices {
-                if registry.matches_cached(&sel, d).await {
-                    touches = true;
-                    break;
-                }
+            if cur.state != "running" || cur.rollback_of.is_some() || !visible(access, &cur) {
+                break;
             }
-            if !touches {
-                continue;
-            }
-            // Compare-and-set, again on a conflict with the controller (a few times).
-            for _ in 0..20 {
-                let Some(mut cur) = store.get_rollout(&r.id).await? else {
-                    break;
-                };
-                if cur.state != "running" {
-                    break;
-                }
-                cur.state = "paused".to_owned();
-                cur.reason = Some(format!("paused by {by}: {reason}"));
-                cur.updated_at_ms = now_ms;
-                if store.update_rollout(&cur).await? {
-                    store
-                        .append_rollout_event(
-                            RolloutEventRecord {
-                                rollout_id: cur.id.clone(),
-                                seq: 0,
-                                at_ms: now_ms,
-                                by: by.to_owned(),
-                                kind: "paused".to_owned(),
-                                detail: reason.to_owned(),
-                            },
-                            EVENTS_KEPT_MAX,
-                        )
-                        .await?;
-                    paused.push(cur.id);
-                    break;
-                }
+            cur.state = "paused".to_owned();
+            cur.reason = Some(format!("paused by {by}: {reason}"));
+            cur.updated_at_ms = now_ms;
+            if store.update_rollout(&cur).await? {
+                store
+                    .append_rollout_event(
+                        RolloutEventRecord {
+                            rollout_id: cur.id.clone(),
+                            seq: 0,
+                            at_ms: now_ms,
+                            by: by.to_owned(),
+                            kind: "paused".to_owned(),
+                            detail: reason.to_owned(),
+                        },
+                        EVENTS_KEPT_MAX,
+                    )
+                    .await?;
+                paused.push(cur.id);
+                break;
             }
         }
     }
@@ -397,6 +398,21 @@ impl Rollouts {
         let given = crate::commands::parse_selector(&req.selector)?;
         let sel = access.narrow(Some(given.clone())).unwrap_or(given);
         let devices = self.select(&sel).await?;
+        // A gate that could never compare would hold the rollout at its first wave for good.
+        let (control_n, upto) = plan::sizes(devices.len() as u64, &spec);
+        let first = upto.first().copied().unwrap_or(0);
+        if !spec.gate.is_empty() && control_n > 0 && control_n.min(first) < spec.min_devices {
+            return Err(ServiceError::invalid(
+                "invalid_rollout",
+                format!(
+                    "{} device(s): the control cohort would have {control_n} and the first wave {first}, \
+                     fewer than min_devices {}, so the health gate could never compare them; \
+                     take larger waves or control, a smaller min_devices, or control 0 (no gate)",
+                    devices.len(),
+                    spec.min_devices
+                ),
+            ));
+        }
         let seed = req.seed.unwrap_or_else(rand::random);
         let now = self.core.now_ms();
         let id = format!("rol_{:016x}", rand::random::<u64>());
@@ -748,7 +764,25 @@ impl Rollouts {
                 r.reason = None;
                 Ok(())
             }
-            "running" => Ok(()),
+            "running" => {
+                // A gate that waits (too few devices or too little exposure to tell) is passed
+                // by hand: the operator judged it.
+                let waiting = r
+                    .gate
+                    .as_deref()
+                    .and_then(|g| serde_json::from_str::<Gate>(g).ok())
+                    .is_some_and(|g| g.wave == r.wave && g.verdict == "wait");
+                if waiting && r.window_started_at_ms.is_some() {
+                    r.wave += 1;
+                    r.window_started_at_ms = None;
+                    detail = format!(
+                        "past the waiting gate to wave {}{}",
+                        r.wave + 1,
+                        note_suffix(&note)
+                    );
+                }
+                Ok(())
+            }
             other => Err(over(id, other)),
         })
         .await?;
@@ -783,6 +817,21 @@ impl Rollouts {
         reason: String,
         rollback: bool,
     ) -> ServiceResult<()> {
+        let r = self
+            .core
+            .store
+            .get_rollout(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        if r.state == "completed" {
+            return Err(over(id, &r.state));
+        }
+        // The deployment is canceled first: a stop right after leaves a canceled deployment,
+        // which the controller turns into this abort at its next tick.
+        let d = self.core.store.get_deployment(&r.deployment_id).await?;
+        if d.is_some_and(|d| d.canceled_at_ms.is_none()) {
+            self.ota.cancel(&Access::all(), &r.deployment_id).await?;
+        }
         let mut was_over = false;
         let r = self
             .change(id, |r| match r.state.as_str() {
@@ -798,18 +847,39 @@ impl Rollouts {
                 other => Err(over(id, other)),
             })
             .await?;
-        if was_over {
-            return Ok(());
+        if !was_over {
+            self.log(id, by, "aborted", reason).await?;
         }
-        let d = self.core.store.get_deployment(&r.deployment_id).await?;
-        if d.is_some_and(|d| d.canceled_at_ms.is_none()) {
-            self.ota.cancel(&Access::all(), &r.deployment_id).await?;
-        }
-        self.log(id, by, "aborted", reason).await?;
-        if rollback {
+        // An abort asked again with a rollback (after the threshold aborted it, or after a
+        // stop cut a rollback short) rolls back what was not yet.
+        if rollback && !self.has_rollback(id).await? {
             self.roll_back(&r, by).await?;
         }
         Ok(())
+    }
+
+    /// Whether a rollout rolling `id` back exists.
+    async fn has_rollback(&self, id: &str) -> ServiceResult<bool> {
+        let mut before: Option<(u64, String)> = None;
+        loop {
+            let page = self
+                .core
+                .store
+                .list_rollouts(
+                    before.as_ref().map(|(at, id)| (*at, id.as_str())),
+                    LIST_LEN_MAX,
+                )
+                .await?;
+            if page.iter().any(|r| r.rollback_of.as_deref() == Some(id)) {
+                return Ok(true);
+            }
+            match page.last() {
+                Some(last) if page.len() == LIST_LEN_MAX => {
+                    before = Some((last.created_at_ms, last.id.clone()));
+                }
+                _ => return Ok(false),
+            }
+        }
     }
 
     /// Creates one rollout per version the committed devices ran before (when an artifact of
@@ -855,6 +925,9 @@ impl Rollouts {
                 control_pct: Some(0.0),
                 health_window_ms: Some(0),
                 gate: Some(Vec::new()),
+                // A rollback goes on whatever fails: stopping it would leave devices on the
+                // version being rolled back.
+                abort_failure_rate_pct: Some(100.0),
                 allow_downgrade: true,
                 ..Default::default()
             };
@@ -931,7 +1004,18 @@ impl Rollouts {
             return Err(over(id, &r.state));
         }
         let (_, spec) = spec_of(&r)?;
-        let given = crate::commands::parse_selector(selector)?;
+        if r.rollback_of.is_some() {
+            return Err(ServiceError::new(
+                ErrorKind::Conflict,
+                "rollout_is_rollback",
+                format!("rollout {id} rolls devices back; it takes no more devices"),
+            ));
+        }
+        // Within the rollout's target (so its visibility and its scope hold for what is added)
+        // and the caller's scope: devices provisioned since, or deleted and added again.
+        let mut given = crate::commands::parse_selector(selector)?;
+        let target = Selector::parse(&r.selector).map_err(ServiceError::internal)?;
+        given.terms.extend(target.terms);
         let sel = access.narrow(Some(given.clone())).unwrap_or(given);
         let devices = self.select(&sel).await?;
         // Where each would have gone: the plan over the old and new devices together keeps
@@ -949,6 +1033,12 @@ impl Rollouts {
             after = Some(last.0.device_id.clone());
             all.extend(page.into_iter().map(|(d, _)| d.device_id));
         }
+        let known: std::collections::HashSet<&str> = all.iter().map(String::as_str).collect();
+        let devices: Vec<String> = devices
+            .into_iter()
+            .filter(|d| !known.contains(d.as_str()))
+            .collect();
+        drop(known);
         if all.len() + devices.len() > ROLLOUT_DEVICES_MAX {
             return Err(ServiceError::invalid(
                 "too_many_devices",
@@ -995,6 +1085,7 @@ impl Rollouts {
     pub async fn tick(&self) -> usize {
         let mut after: Option<String> = None;
         let mut seen = 0;
+        let mut active = std::collections::HashSet::new();
         loop {
             let page = match self
                 .core
@@ -1009,14 +1100,14 @@ impl Rollouts {
                 }
             };
             let Some(last) = page.last() else {
+                // Scan cursors of rollouts no longer active (over, or moved on elsewhere) go.
+                mooring_proto::sync::lock(&self.scan).retain(|id, _| active.contains(id));
                 return seen;
             };
             after = Some(last.id.clone());
             for r in page {
                 seen += 1;
-                if r.state != "running" {
-                    continue;
-                }
+                active.insert(r.id.clone());
                 if let Err(e) = self.advance(r.clone()).await {
                     tracing::warn!(rollout = %r.id, error = %e.message, "rollout step failed; will retry");
                 }
@@ -1024,41 +1115,44 @@ impl Rollouts {
         }
     }
 
-    /// Moves one running rollout on (see the module's docs).
+    /// What aborts a rollout whatever its state (running or paused): its deployment deleted or
+    /// canceled, or failures above the threshold. `Some(progress)` if none did.
+    async fn guard(
+        &self,
+        r: &RolloutRecord,
+        spec: &RolloutSpec,
+    ) -> ServiceResult<Option<(DeploymentRecord, Sums)>> {
+        let reason = match self.core.store.get_deployment(&r.deployment_id).await? {
+            None => "its deployment was deleted".to_owned(),
+            Some(d) if d.canceled_at_ms.is_some() => "its deployment was canceled".to_owned(),
+            Some(dep) => {
+                let all = Sums::of(&self.core.store.rollout_progress(&r.id).await?);
+                let broken = all.failed + all.rolled_back;
+                if !plan::abort_due(spec, all.tried(), broken) {
+                    return Ok(Some((dep, all)));
+                }
+                let reason = format!(
+                    "{broken} of {} device(s) that tried failed or rolled back, above {}%",
+                    all.tried(),
+                    f64::from(spec.abort_failure_rate) / 100.0
+                );
+                self.abort_as(&r.id, BY_SERVER, reason, spec.auto_abort)
+                    .await?;
+                return Ok(None);
+            }
+        };
+        self.abort_as(&r.id, BY_SERVER, reason, false).await?;
+        Ok(None)
+    }
+
+    /// Moves one running rollout on (see the module's docs); a paused one is only guarded.
     async fn advance(&self, mut r: RolloutRecord) -> ServiceResult<()> {
         let (_, spec) = spec_of(&r)?;
-        let Some(dep) = self.core.store.get_deployment(&r.deployment_id).await? else {
-            return self
-                .abort_as(
-                    &r.id,
-                    BY_SERVER,
-                    "its deployment was deleted".to_owned(),
-                    false,
-                )
-                .await;
+        let Some((dep, all)) = self.guard(&r, &spec).await? else {
+            return Ok(());
         };
-        if dep.canceled_at_ms.is_some() {
-            return self
-                .abort_as(
-                    &r.id,
-                    BY_SERVER,
-                    "its deployment was canceled".to_owned(),
-                    false,
-                )
-                .await;
-        }
-        let progress = self.core.store.rollout_progress(&r.id).await?;
-        let all = Sums::of(&progress);
-        let broken = all.failed + all.rolled_back;
-        if plan::abort_due(&spec, all.tried(), broken) {
-            let reason = format!(
-                "{broken} of {} device(s) that tried failed or rolled back, above {}%",
-                all.tried(),
-                f64::from(spec.abort_failure_rate) / 100.0
-            );
-            return self
-                .abort_as(&r.id, BY_SERVER, reason, spec.auto_abort)
-                .await;
+        if r.state != "running" {
+            return Ok(());
         }
         let control_wave = spec.waves.len() as u32;
         let k = r.wave.min(control_wave);
@@ -1081,12 +1175,12 @@ impl Rollouts {
         if k == control_wave {
             let all = Sums::of(&progress);
             if all.waiting == 0 && all.in_flight == 0 {
-                let r = self
-                    .change(&r.id, |x| {
-                        x.state = "completed".to_owned();
-                        Ok(())
-                    })
-                    .await?;
+                // Compare-and-set on what this tick read: an abort or pause made meanwhile wins.
+                r.state = "completed".to_owned();
+                r.updated_at_ms = now;
+                if !self.core.store.update_rollout(&r).await? {
+                    return Ok(());
+                }
                 self.log(
                     &r.id,
                     BY_SERVER,
@@ -1100,15 +1194,13 @@ impl Rollouts {
             }
             return Ok(());
         }
-        if !drained {
-            if r.window_started_at_ms.is_some() {
-                r.window_started_at_ms = None;
-                r.updated_at_ms = now;
-                self.core.store.update_rollout(&r).await?;
-            }
-            return Ok(());
-        }
+        // The window opens once the wave's devices have all ended (deferred ones aside); once
+        // open it stays open: a deferred device that starts later has no baseline, so it is
+        // left out of this gate's comparison and cannot hold the gate back.
         let Some(window_start) = r.window_started_at_ms else {
+            if !drained {
+                return Ok(());
+            }
             self.set_baselines(&r, k, control_wave).await?;
             r.window_started_at_ms = Some(now);
             r.updated_at_ms = now;
@@ -1131,7 +1223,17 @@ impl Rollouts {
         if now < window_start.saturating_add(spec.health_window_ms) {
             return Ok(());
         }
-        let gate = self.gate(&r, &spec, k, window_start, now).await?;
+        let last_wait = r
+            .gate
+            .as_deref()
+            .and_then(|g| serde_json::from_str::<Gate>(g).ok())
+            .filter(|g| g.wave == k && g.verdict == "wait")
+            .map(|g| g.checked_at);
+        let recheck_ms = GATE_WAIT_RECHECK_MS.min(spec.health_window_ms.max(1_000));
+        if last_wait.is_some_and(|at| now.saturating_sub(at) < recheck_ms) {
+            return Ok(());
+        }
+        let gate = self.gate(&r, &spec, k, now).await?;
         let verdict = gate.verdict.clone();
         let before = r
             .gate
@@ -1366,8 +1468,45 @@ impl Rollouts {
         Ok(view.version.clone())
     }
 
-    /// Records every compared device's health counts now: the updated devices of waves `<= k`
-    /// that committed, and the control cohort.
+    /// The compared devices of a page of the rollout's devices (see [`compared`]) with their
+    /// health now; `with_baseline`: only those that have a baseline.
+    async fn sample_page(
+        &self,
+        page: &[(RolloutDeviceRecord, Option<UpdateState>)],
+        k: u32,
+        control_wave: u32,
+        with_baseline: bool,
+        now: u64,
+    ) -> ServiceResult<Vec<(RolloutDeviceRecord, HealthSample)>> {
+        let chosen: Vec<&RolloutDeviceRecord> = page
+            .iter()
+            .filter(|(d, state)| {
+                compared(d, *state, k, control_wave) && (!with_baseline || d.baseline.is_some())
+            })
+            .map(|(d, _)| d)
+            .collect();
+        let ids: Vec<String> = chosen.iter().map(|d| d.device_id.clone()).collect();
+        let health: HashMap<String, mooring_store::health::DeviceHealth> = self
+            .core
+            .store
+            .get_device_health(&ids)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(chosen
+            .into_iter()
+            .map(|d| {
+                let sample = health
+                    .get(&d.device_id)
+                    .map(|h| HealthSample::of(h, now))
+                    .unwrap_or_default();
+                (d.clone(), sample)
+            })
+            .collect())
+    }
+
+    /// Records every compared device's health now as its baseline: the updated devices of
+    /// waves `<= k` that committed, and the control cohort.
     async fn set_baselines(
         &self,
         r: &RolloutRecord,
@@ -1377,6 +1516,7 @@ impl Rollouts {
         if let Err(e) = self.health.tracker().flush().await {
             tracing::warn!(error = %e, "health flush before a rollout baseline failed");
         }
+        let now = self.core.now_ms();
         let mut after: Option<String> = None;
         loop {
             let page = self
@@ -1386,26 +1526,11 @@ impl Rollouts {
                 .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.0.device_id.clone());
-            let compared: Vec<&RolloutDeviceRecord> = page
-                .iter()
-                .filter(|(d, state)| compared(d, *state, k, control_wave))
-                .map(|(d, _)| d)
-                .collect();
-            let ids: Vec<String> = compared.iter().map(|d| d.device_id.clone()).collect();
-            let now: HashMap<String, HealthCounts> = self
-                .core
-                .store
-                .get_device_health(&ids)
+            let baselines = self
+                .sample_page(&page, k, control_wave, false, now)
                 .await?
                 .into_iter()
-                .map(|(id, h)| (id, h.totals))
-                .collect();
-            let baselines = ids
-                .into_iter()
-                .map(|id| {
-                    let counts = now.get(&id).copied().unwrap_or_default();
-                    (id, serde_json::to_string(&counts).ok())
-                })
+                .map(|(d, sample)| (d.device_id, serde_json::to_string(&sample).ok()))
                 .collect();
             self.core
                 .store
@@ -1415,29 +1540,26 @@ impl Rollouts {
         Ok(())
     }
 
-    /// The gate after wave `k`: each gate signal's events since the baselines, updated devices
-    /// against the control cohort, over the same window.
+    /// The gate after wave `k`: each gate signal's events since the baselines per hour online
+    /// since then, updated devices against the control cohort, over the same window. A device
+    /// not online at all in the window is not counted.
     async fn gate(
         &self,
         r: &RolloutRecord,
         spec: &RolloutSpec,
         k: u32,
-        window_start: u64,
         now: u64,
     ) -> ServiceResult<Gate> {
         if let Err(e) = self.health.tracker().flush().await {
             tracing::warn!(error = %e, "health flush before a rollout gate failed");
         }
-        let hours = now.saturating_sub(window_start) as f64 / 3_600_000.0;
-        let n = spec.gate.len();
-        let mut updated = vec![
-            plan::Counts {
-                devices: 0,
-                events: 0,
-                exposure: 0.0
-            };
-            n
-        ];
+        let control_wave = spec.waves.len() as u32;
+        let zero = plan::Counts {
+            devices: 0,
+            events: 0,
+            exposure: 0.0,
+        };
+        let mut updated = vec![zero; spec.gate.len()];
         let mut control = updated.clone();
         let mut after: Option<String> = None;
         loop {
@@ -1448,37 +1570,24 @@ impl Rollouts {
                 .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.0.device_id.clone());
-            let compared: Vec<&RolloutDeviceRecord> = page
-                .iter()
-                .filter(|(d, state)| {
-                    compared(d, *state, k, spec.waves.len() as u32) && d.baseline.is_some()
-                })
-                .map(|(d, _)| d)
-                .collect();
-            let ids: Vec<String> = compared.iter().map(|d| d.device_id.clone()).collect();
-            let now_counts: HashMap<String, HealthCounts> = self
-                .core
-                .store
-                .get_device_health(&ids)
-                .await?
-                .into_iter()
-                .map(|(id, h)| (id, h.totals))
-                .collect();
-            for d in compared {
-                let base: HealthCounts = d
+            for (d, current) in self.sample_page(&page, k, control_wave, true, now).await? {
+                let base: HealthSample = d
                     .baseline
                     .as_deref()
                     .and_then(|b| serde_json::from_str(b).ok())
                     .unwrap_or_default();
-                let current = now_counts.get(&d.device_id).copied().unwrap_or_default();
-                let side = if d.wave == spec.waves.len() as u32 {
+                let hours = current.online_ms.saturating_sub(base.online_ms) as f64 / 3_600_000.0;
+                if hours <= 0.0 {
+                    continue;
+                }
+                let side = if d.wave == control_wave {
                     &mut control
                 } else {
                     &mut updated
                 };
                 for (i, signal) in spec.gate.iter().enumerate() {
-                    let c = crate::health::count_of(&current, signal).unwrap_or(0);
-                    let b = crate::health::count_of(&base, signal).unwrap_or(0);
+                    let c = crate::health::count_of(&current.counts, signal).unwrap_or(0);
+                    let b = crate::health::count_of(&base.counts, signal).unwrap_or(0);
                     side[i].devices += 1;
                     side[i].events += c.saturating_sub(b);
                     side[i].exposure += hours;

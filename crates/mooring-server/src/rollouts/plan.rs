@@ -46,21 +46,35 @@ pub fn assign(devices: &[String], seed: u64, spec: &RolloutSpec) -> Assignment {
         .collect();
     ranked.sort_unstable();
     ranked.dedup_by(|a, b| a.1 == b.1);
-    let n = ranked.len() as u64;
-    let control_n = share(n, spec.control);
-    let treated = n - control_n;
+    let (control_n, upto) = sizes(ranked.len() as u64, spec);
     let mut order = ranked.into_iter().map(|(_, d)| d.to_owned());
     let control: Vec<String> = order.by_ref().take(control_n as usize).collect();
     let mut waves = Vec::with_capacity(spec.waves.len());
     let mut done = 0u64;
-    for w in &spec.waves {
-        let upto = (treated * u64::from(*w))
-            .div_ceil(u64::from(BP_ALL))
-            .max(done);
-        waves.push(order.by_ref().take((upto - done) as usize).collect());
-        done = upto;
+    for u in upto {
+        waves.push(order.by_ref().take((u - done) as usize).collect());
+        done = u;
     }
     Assignment { control, waves }
+}
+
+/// For a target of `n` devices: the control cohort's size and how many devices are updated
+/// once each wave is done (cumulative), as [`assign`] splits them.
+pub fn sizes(n: u64, spec: &RolloutSpec) -> (u64, Vec<u64>) {
+    let control = share(n, spec.control);
+    let treated = n - control;
+    let mut done = 0u64;
+    let upto = spec
+        .waves
+        .iter()
+        .map(|w| {
+            done = (treated * u64::from(*w))
+                .div_ceil(u64::from(BP_ALL))
+                .max(done);
+            done
+        })
+        .collect();
+    (control, upto)
 }
 
 /// One gate signal's counts in a group of devices over the health window: events and exposure

@@ -374,6 +374,35 @@ pub async fn rollouts_start_each_device_once_progress_cas_and_event_log(store: &
         .await
         .expect("start again");
     assert!(again.is_empty(), "no device starts twice: {again:?}");
+    // A paused rollout starts nobody (a pause stored during a start pass stops it at once).
+    let mut paused = store.get_rollout(&r1.id).await.expect("get").expect("r1");
+    let state = paused.state.clone();
+    paused.state = "paused".to_owned();
+    assert!(store.update_rollout(&paused).await.expect("pause"));
+    assert!(store
+        .start_rollout_devices(
+            &r1.id,
+            vec![("d3".to_owned(), None)],
+            pending(&r1),
+            T0 + 120
+        )
+        .await
+        .expect("paused")
+        .is_empty());
+    let mut back = store.get_rollout(&r1.id).await.expect("get").expect("r1");
+    back.state = state;
+    assert!(store.update_rollout(&back).await.expect("resume"));
+    // Which rollouts a device is in.
+    assert!(store
+        .device_rollouts("d4", 10)
+        .await
+        .expect("rollouts")
+        .contains(&r1.id));
+    assert!(store
+        .device_rollouts("ghost", 10)
+        .await
+        .expect("rollouts")
+        .is_empty());
     assert!(store
         .start_rollout_devices("rol_none", vec![("d3".to_owned(), None)], pending(&r1), T0)
         .await

@@ -440,7 +440,25 @@ impl RolloutStore for PgStore {
         let updated = bound_to_sql(update.updated_at_ms);
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(pg_error)?;
-        let Some(deployment) = lock_rollout(&tx, id).await? else {
+        if lock_rollout(&tx, id).await?.is_none() {
+            return Ok(Vec::new());
+        }
+        // Only a running rollout of a deployment not canceled starts devices (the rollout's
+        // row is locked: a pause or abort waits for this transaction, or this one sees it).
+        let startable = tx
+            .query_opt(
+                "SELECT r.deployment_id FROM rollouts r
+                 JOIN ota_deployments d ON d.id = r.deployment_id
+                 WHERE r.id = $1 AND r.state = 'running' AND d.canceled_at_ms IS NULL",
+                &[&id],
+            )
+            .await
+            .map_err(pg_error)?;
+        let Some(deployment) = startable
+            .as_ref()
+            .map(|r| column::<String>(r, 0))
+            .transpose()?
+        else {
             return Ok(Vec::new());
         };
         // Each device not started yet is marked started and, only then, its update (a copy of
@@ -553,6 +571,21 @@ impl RolloutStore for PgStore {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(progress_of(rows))
+    }
+
+    async fn device_rollouts(&self, device_id: &str, limit: usize) -> Result<Vec<String>> {
+        if check_text("device id", device_id).is_err() {
+            return Ok(Vec::new());
+        }
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "SELECT rollout_id FROM rollout_devices WHERE device_id = $1
+                 ORDER BY rollout_id LIMIT $2",
+                &[&device_id, &limit],
+            )
+            .await?;
+        rows.iter().map(|r| column(r, 0)).collect()
     }
 
     async fn count_rollout_started_since(&self, id: &str, since_ms: u64) -> Result<u64> {

@@ -405,7 +405,18 @@ impl RolloutStore for SqliteStore {
         let at = ts_to_sql("at_ms", at_ms)?;
         let id = id.to_owned();
         self.write(move |conn| {
-            let Some(deployment) = rollout_deployment(conn, &id)? else {
+            // Only a running rollout of a deployment not canceled starts devices.
+            let startable: Option<String> = conn
+                .prepare_cached(
+                    "SELECT r.deployment_id FROM rollouts r
+                     JOIN ota_deployments d ON d.id = r.deployment_id
+                     WHERE r.id = ?1 AND r.state = 'running' AND d.canceled_at_ms IS NULL",
+                )
+                .db()?
+                .query_row(params![id], |r| r.get(0))
+                .optional()
+                .db()?;
+            let Some(deployment) = startable else {
                 return Ok(Vec::new());
             };
             let mut update = update;
@@ -482,6 +493,24 @@ impl RolloutStore for SqliteStore {
                 .db()?;
             let rows = rows.collect::<rusqlite::Result<Vec<_>>>().db()?;
             Ok(progress_of(rows))
+        })
+        .await
+    }
+
+    async fn device_rollouts(&self, device_id: &str, limit: usize) -> Result<Vec<String>> {
+        let device_id = device_id.to_owned();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT rollout_id FROM rollout_devices WHERE device_id = ?1
+                     ORDER BY rollout_id LIMIT ?2",
+                )
+                .db()?;
+            let rows = stmt
+                .query_map(params![device_id, limit], |r| r.get(0))
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<String>>>().db()
         })
         .await
     }
