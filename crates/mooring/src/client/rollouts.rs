@@ -27,6 +27,7 @@ pub enum RolloutCommand {
     },
     /// Follow a rollout live (progress per wave, the gate) until it completes or aborts.
     Watch {
+        /// Rollout id (`rol_...`).
         id: String,
         /// How often to ask, in milliseconds.
         #[arg(long, default_value_t = 2000)]
@@ -34,12 +35,14 @@ pub enum RolloutCommand {
     },
     /// The rollout's event log: every change, when and by whom.
     Events {
+        /// Rollout id (`rol_...`).
         id: String,
         #[command(flatten)]
         output: OutputArgs,
     },
     /// Pause: no device starts until it is resumed (those updating finish).
     Pause {
+        /// Rollout id (`rol_...`).
         id: String,
         /// A note for the event log.
         #[arg(long)]
@@ -49,7 +52,9 @@ pub enum RolloutCommand {
     },
     /// Resume a paused rollout (after a failed gate: on to the next wave).
     Resume {
+        /// Rollout id (`rol_...`).
         id: String,
+        /// A note for the event log.
         #[arg(long)]
         reason: Option<String>,
         #[command(flatten)]
@@ -57,7 +62,9 @@ pub enum RolloutCommand {
     },
     /// Abort: no device starts again and the updates not begun are withdrawn.
     Abort {
+        /// Rollout id (`rol_...`).
         id: String,
+        /// A note for the event log.
         #[arg(long)]
         reason: Option<String>,
         /// Also roll the devices that committed back to the version they ran.
@@ -68,7 +75,9 @@ pub enum RolloutCommand {
     },
     /// Add the devices a selector matches now; each joins the wave the rollout's order gives it.
     AddDevices {
+        /// Rollout id (`rol_...`).
         id: String,
+        /// The devices to add: a selector, narrowed by the rollout's target and your scope.
         #[arg(long)]
         target: String,
         #[command(flatten)]
