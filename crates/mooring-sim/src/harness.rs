@@ -84,6 +84,7 @@ fn config(data_dir: &Path, tuning: &Tuning) -> anyhow::Result<ServerConfig> {
         config.jobs.report_points_per_turn = n;
     }
     config.health = tuning.health.clone();
+    config.rollouts = tuning.rollouts.clone();
     config.playbooks = tuning.playbooks.clone();
     config.parts = tuning.parts.clone();
     Ok(config)
@@ -98,6 +99,8 @@ pub struct Tuning {
     pub job_report_points_per_turn: Option<usize>,
     /// `[health]` (the scenario's `[health]` table).
     pub health: mooring_server::health::HealthConfig,
+    /// `[rollouts]` (the scenario's `[rollouts]` table).
+    pub rollouts: mooring_server::rollouts::RolloutsConfig,
     /// `[[playbook]]` and `[[part]]` (the scenario's).
     pub playbooks: Vec<mooring_server::playbooks::PlaybookConfig>,
     pub parts: Vec<mooring_server::playbooks::PartConfig>,
@@ -109,6 +112,7 @@ impl Tuning {
             job_batch_pause_ms: config.jobs.batch_pause_ms,
             job_report_points_per_turn: Some(config.jobs.report_points_per_turn),
             health: config.health.clone(),
+            rollouts: config.rollouts.clone(),
             playbooks: config.playbooks.clone(),
             parts: config.parts.clone(),
         }

@@ -114,6 +114,9 @@ pub struct Scenario {
     /// The server's `[health]` table (docs/health.md), as in its config file.
     #[serde(default)]
     pub health: Option<mooring_server::health::HealthConfig>,
+    /// The server's `[rollouts]` table (docs/ota.md#rollouts), e.g. `tick_ms`.
+    #[serde(default)]
+    pub rollouts: Option<mooring_server::rollouts::RolloutsConfig>,
     /// Rules the run creates before the devices boot (docs/health.md "Rules").
     #[serde(default, rename = "rule")]
     pub rules: Vec<RuleSpec>,
@@ -332,6 +335,28 @@ pub struct CohortOta {
     pub power_loss_rate: f64,
     #[serde(default = "default_power_loss_within")]
     pub power_loss_within: DurationMs,
+    /// Link faults that replace the cohort's `[cohort.link]` ones while the device's committed
+    /// version is the key: a version that makes the link worse on this hardware, e.g.
+    /// `{ "1.1.0" = { drops_per_day = 200 } }`. Checked every [`LINK_BY_VERSION_CHECK_MS`]
+    /// (and at every boot), so it takes effect within that of the commit.
+    #[serde(default)]
+    pub link_by_version: BTreeMap<String, VersionLink>,
+}
+
+/// How often a device whose cohort has `[cohort.ota] link_by_version` looks at the version it
+/// committed (simulated ms).
+pub const LINK_BY_VERSION_CHECK_MS: u64 = 30_000;
+
+/// `[cohort.ota] link_by_version` entry: each given field replaces the `[cohort.link]` field of
+/// the same name while the device runs the version committed; the others stay the cohort's.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionLink {
+    /// Expected spontaneous connection drops per device per day.
+    pub drops_per_day: Option<f64>,
+    /// Expected outages per device per day.
+    pub outages_per_day: Option<f64>,
+    pub outage_duration: Option<DurationMs>,
 }
 
 fn default_hw_revision() -> String {
@@ -540,6 +565,71 @@ pub enum Action {
         #[serde(default)]
         allow_downgrade: bool,
     },
+    /// A staged rollout of the `[[artifact]]` of `version` to the devices matching `to`
+    /// (docs/ota.md#rollouts), created through the server's rollouts service
+    /// (`POST /api/v1/rollouts`); the server's controller runs it from there.
+    Rollout(Box<Rollout>),
+}
+
+/// `action = "rollout"`: what `POST /api/v1/rollouts` takes, with the artifact named by its
+/// `[[artifact]]` version, the target by `to` (or `selector`) and the health window as a
+/// duration. Unset fields take the server's defaults; `seed` defaults to the scenario's, so
+/// the waves repeat with the run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollout {
+    pub version: String,
+    #[serde(alias = "selector")]
+    pub to: String,
+    /// Cumulative shares of the target in percent, the last 100 (default 1, 10, 50, 100).
+    pub waves: Option<Vec<f64>>,
+    /// The control cohort's share in percent (default 5).
+    pub control_pct: Option<f64>,
+    /// How long each gate watches the updated devices against the control (default 30m).
+    pub health_window: Option<DurationMs>,
+    /// Devices each side of the gate needs, and that must have tried before the abort
+    /// threshold counts (default 20).
+    pub min_devices: Option<u64>,
+    /// Abort when more than this share (percent) of the devices that tried failed (default 5).
+    pub abort_failure_rate_pct: Option<f64>,
+    pub max_per_minute: Option<u32>,
+    pub max_concurrent: Option<u32>,
+    /// The gate's signals (default disconnects, crashes, restarts, telemetry_gaps).
+    pub gate: Option<Vec<String>>,
+    /// Per-device preconditions, e.g. `["battery>=30"]`.
+    #[serde(default)]
+    pub require: Vec<String>,
+    /// A maintenance window in the device's local time, e.g. `"02:00-05:00"`.
+    pub window: Option<String>,
+    #[serde(default)]
+    pub auto_abort: bool,
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// The seed of the waves' random order (default: the scenario's seed).
+    pub seed: Option<u64>,
+}
+
+impl Rollout {
+    /// The API's request for this rollout of artifact `artifact_id`.
+    pub fn request(&self, artifact_id: &str, scenario_seed: u64) -> mooring_api::CreateRollout {
+        mooring_api::CreateRollout {
+            artifact_id: artifact_id.to_owned(),
+            selector: self.to.clone(),
+            waves: self.waves.clone(),
+            control_pct: self.control_pct,
+            max_per_minute: self.max_per_minute,
+            max_concurrent: self.max_concurrent,
+            abort_failure_rate_pct: self.abort_failure_rate_pct,
+            min_devices: self.min_devices,
+            health_window_ms: self.health_window.map(|d| d.0),
+            gate: self.gate.clone(),
+            require: self.require.clone(),
+            window: self.window.clone(),
+            auto_abort: self.auto_abort,
+            allow_downgrade: self.allow_downgrade,
+            seed: Some(self.seed.unwrap_or(scenario_seed)),
+        }
+    }
 }
 
 impl Action {
@@ -556,6 +646,7 @@ impl Action {
             Action::KillNode { .. } => "kill_node",
             Action::RestartNode { .. } => "restart_node",
             Action::OtaDeploy { .. } => "ota_deploy",
+            Action::Rollout(_) => "rollout",
         }
     }
 }
@@ -630,7 +721,28 @@ pub struct Expect {
     /// `{ link-visit = "tag:site=c" }`.
     #[serde(default)]
     pub tickets: BTreeMap<String, String>,
+    /// Rollouts, by the `[[artifact]]` version of their `rollout` event (every rollout event of
+    /// that version must meet it), e.g. `{ "1.1.0" = { state = "completed" } }`.
+    #[serde(default)]
+    pub rollouts: BTreeMap<String, RolloutExpect>,
 }
+
+/// `[expect] rollouts.<version>`: how a rollout must stand at the end.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutExpect {
+    /// Its state at the end: `running`, `paused`, `aborted` or `completed`.
+    pub state: Option<String>,
+    /// At most this many of its waves started (the control cohort's update not counted).
+    pub waves_started_max: Option<u32>,
+    /// Per cohort name: at most this share (0..1) of the cohort's devices got the update from
+    /// the rollout (its update was started on them, whatever came of it).
+    #[serde(default)]
+    pub cohort_updated_share_max: BTreeMap<String, f64>,
+}
+
+/// The states a rollout can be in.
+pub const ROLLOUT_STATES: [&str; 4] = ["running", "paused", "aborted", "completed"];
 
 impl Scenario {
     pub fn load(path: &Path) -> anyhow::Result<Scenario> {
@@ -977,6 +1089,65 @@ impl Scenario {
                     anyhow::anyhow!("ota_deploy event at {} ms: selector {to:?}: {err}", e.at.0)
                 })?;
             }
+            if let Action::Rollout(r) = &e.action {
+                if !versions.contains(r.version.as_str()) {
+                    bail!(
+                        "rollout event at {} ms: no [[artifact]] has version {:?}",
+                        e.at.0,
+                        r.version
+                    );
+                }
+                mooring_proto::selector::Selector::parse(&r.to).map_err(|err| {
+                    anyhow::anyhow!("rollout event at {} ms: selector {:?}: {err}", e.at.0, r.to)
+                })?;
+                r.request("art_check", self.seed)
+                    .spec()
+                    .map_err(|err| anyhow::anyhow!("rollout event at {} ms: {err}", e.at.0))?;
+            }
+        }
+        if let Some(r) = &self.rollouts {
+            r.validate()?;
+        }
+        for c in &self.cohorts {
+            let Some(o) = &c.ota else { continue };
+            for (version, l) in &o.link_by_version {
+                for (what, v) in [
+                    ("drops_per_day", l.drops_per_day),
+                    ("outages_per_day", l.outages_per_day),
+                ] {
+                    if v.is_some_and(|r| !(r >= 0.0 && r.is_finite())) {
+                        bail!(
+                            "cohort {}: ota.link_by_version.{version:?}.{what} must be a non-negative number",
+                            c.name
+                        );
+                    }
+                }
+            }
+        }
+        for (version, want) in &self.expect.rollouts {
+            let has = self
+                .events
+                .iter()
+                .any(|e| matches!(&e.action, Action::Rollout(r) if r.version == *version));
+            if !has {
+                bail!("[expect] rollouts names {version:?}, which no rollout event rolls out");
+            }
+            if let Some(st) = &want.state {
+                if !ROLLOUT_STATES.contains(&st.as_str()) {
+                    bail!(
+                        "[expect] rollouts.{version:?}.state: {st:?} is not one of {}",
+                        ROLLOUT_STATES.join(", ")
+                    );
+                }
+            }
+            for (cohort, share) in &want.cohort_updated_share_max {
+                if !self.cohorts.iter().any(|c| &c.name == cohort) {
+                    bail!("[expect] rollouts.{version:?}.cohort_updated_share_max: no cohort {cohort:?}");
+                }
+                if !(0.0..=1.0).contains(share) {
+                    bail!("[expect] rollouts.{version:?}.cohort_updated_share_max.{cohort}: a share from 0 to 1");
+                }
+            }
         }
         let x = &self.expect;
         let wants_ota = x.max_ota_unbootable.is_some()
@@ -1130,6 +1301,66 @@ mod tests {
         "#;
         let err = parse(cluster).expect_err("cluster").to_string();
         assert!(err.contains("enroll needs the in-process server"), "{err}");
+    }
+
+    #[test]
+    fn rollout_events_and_their_expectations_are_checked() {
+        let parse = |event: &str, expect: &str| -> anyhow::Result<Scenario> {
+            let s: Scenario = toml::from_str(&format!(
+                "name = \"r\"\nduration = \"1h\"\n\
+                 [rollouts]\ntick_ms = 1000\n\
+                 [[artifact]]\nversion = \"2.0.0\"\nsize_bytes = 10\ncompatible = [\"rev-a\"]\n\
+                 [[cohort]]\nname = \"a\"\ncount = 10\n\
+                 [cohort.ota]\nlink_by_version = {{ \"2.0.0\" = {{ drops_per_day = 100 }} }}\n\
+                 [[event]]\nat = \"5m\"\naction = \"rollout\"\nversion = \"2.0.0\"\n{event}\n\
+                 [expect]\n{expect}\n"
+            ))?;
+            s.validate()?;
+            Ok(s)
+        };
+        let s = parse(
+            "selector = \"tag:x=y\"\nwaves = [10, 100]\nhealth_window = \"10m\"",
+            "rollouts = { \"2.0.0\" = { state = \"paused\", waves_started_max = 1, cohort_updated_share_max = { a = 0.1 } } }",
+        )
+        .expect("valid");
+        let Action::Rollout(r) = &s.events[0].action else {
+            panic!("a rollout event");
+        };
+        let req = r.request("art_1", s.seed);
+        assert_eq!(
+            (req.selector.as_str(), req.health_window_ms, req.seed),
+            ("tag:x=y", Some(600_000), Some(1))
+        );
+        assert_eq!(s.rollouts.as_ref().map(|r| r.tick_ms), Some(1000));
+        let ota = s.cohorts[0].ota.as_ref().expect("ota");
+        assert_eq!(ota.link_by_version["2.0.0"].drops_per_day, Some(100.0));
+        // The rollout's own rules are the API's.
+        assert!(
+            error(parse("to = \"tag:x=y\"\nwaves = [10, 50]", "")).contains("the last one is 100")
+        );
+        assert!(error(parse("to = \"tag:x=y\"\nbogus = 1", "")).contains("bogus"));
+        assert!(error(parse("to = \"tag:x=y\"\nversion = \"3.0.0\"", "")).contains("duplicate"));
+        // Expectations name a rolled-out version, a known state and cohort, a share.
+        let to = "to = \"tag:x=y\"";
+        assert!(error(parse(
+            to,
+            "rollouts = { \"9.9.9\" = { state = \"paused\" } }"
+        ))
+        .contains("no rollout event rolls out"));
+        assert!(
+            error(parse(to, "rollouts = { \"2.0.0\" = { state = \"done\" } }"))
+                .contains("is not one of")
+        );
+        assert!(error(parse(
+            to,
+            "rollouts = { \"2.0.0\" = { cohort_updated_share_max = { b = 0.1 } } }"
+        ))
+        .contains("no cohort \"b\""));
+        assert!(error(parse(
+            to,
+            "rollouts = { \"2.0.0\" = { cohort_updated_share_max = { a = 2 } } }"
+        ))
+        .contains("a share from 0 to 1"));
     }
 
     #[test]

@@ -462,6 +462,74 @@ fn fleet_health_finds_each_problem_once_and_nothing_else() -> anyhow::Result<()>
     Ok(())
 }
 
+/// scenarios/rollout-bad-rev-b.toml at 400 devices (200 rev-a, 200 rev-b) for 45 simulated
+/// minutes: a staged rollout of a version whose rev-b devices, once they committed it, drop their
+/// link 50 times as often. At this size a first wave of 1 % would be 4 devices, fewer than a gate
+/// can judge, so the test's rollout has waves 10, 50, 100 % and a 10 % control cohort (36
+/// devices in the first wave, 40 in the control). The first wave's gate must fail on the
+/// disconnects and pause the rollout: no second wave, and rev-b untouched beyond its part of the
+/// first wave.
+#[test]
+fn a_rollout_of_a_version_bad_on_one_hardware_stops_at_the_first_gate() -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scenarios/rollout-bad-rev-b.toml");
+    let mut s = Scenario::load(&path)?.scaled_to(400)?;
+    s.duration = mooring_sim::scenario::DurationMs(45 * 60_000);
+    for e in &mut s.events {
+        if let mooring_sim::scenario::Action::Rollout(r) = &mut e.action {
+            r.waves = Some(vec![10.0, 50.0, 100.0]);
+            r.control_pct = Some(10.0);
+            r.min_devices = Some(10);
+        }
+    }
+    s.expect
+        .rollouts
+        .get_mut("1.1.0")
+        .expect("a rollout expectation")
+        .cohort_updated_share_max
+        .insert("rev-b".into(), 0.15);
+    s.validate()?;
+    let r = run(&s)?;
+    assert_eq!(failed(&r), Vec::<String>::new());
+    let x = &r.rollouts[0];
+    assert_eq!((x.state.as_str(), x.waves_started), ("paused", 1), "{x:?}");
+    assert_eq!((x.devices, x.waves.len()), (400, 4), "{x:?}");
+    let first = &x.waves[0];
+    assert_eq!(first.devices, 36, "{x:?}");
+    assert_eq!(first.committed, 36, "{x:?}");
+    assert_eq!(first.started_ms, Some(5 * 60_000), "{x:?}");
+    // The gate failed after the whole health window, on the disconnects.
+    assert_eq!(first.gate.as_deref(), Some("fail"), "{x:?}");
+    let (window, gate) = (
+        first.window_ms.expect("window"),
+        first.gate_ms.expect("gate"),
+    );
+    assert!(gate >= window + 30 * 60_000, "{x:?}");
+    assert!(x.waves[1..]
+        .iter()
+        .all(|w| w.started_ms.is_none() && w.committed == 0));
+    let g = x.gate.as_ref().expect("the gate");
+    let disconnects = g
+        .signals
+        .iter()
+        .find(|s| s.signal == "disconnects")
+        .expect("disconnects compared");
+    assert_eq!(disconnects.verdict, "fail", "{g:?}");
+    assert!(
+        x.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("disconnects")),
+        "{x:?}"
+    );
+    // rev-b got the update only as part of the first wave; rev-a likewise.
+    let b = &x.cohorts["rev-b"];
+    let a = &x.cohorts["rev-a"];
+    assert_eq!(a.started + b.started, 36, "{x:?}");
+    assert!(b.started > 0 && b.updated_share <= 0.15, "{b:?}");
+    assert!(r.table().contains("rollout 1.1.0 (rol_"), "{}", r.table());
+    assert!(r.html().contains("<h2>Rollout 1.1.0"));
+    Ok(())
+}
+
 /// scenarios/bulk-tag-job.toml at 1,000 devices, with batches far enough apart that the
 /// server restart falls between the job's two batches: the job resumes from its cursor after
 /// the restart and ends with every device tagged and counted once.

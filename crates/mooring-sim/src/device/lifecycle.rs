@@ -5,7 +5,7 @@ use super::{
     derive_seed, inc, CohortModel, DeviceState, LedgerStore, Net, SimConnector, SimHandler,
     BOOT_GRID_MS, INPUT_QUEUE_MAX, SALT_AGENT, SALT_DEVICE, SALT_HANDLER,
 };
-use crate::scenario::{Cohort, MetricModel, SEQ_METRIC};
+use crate::scenario::{Cohort, MetricModel, LINK_BY_VERSION_CHECK_MS, SEQ_METRIC};
 use mooring_agent::{AgentDeps, CommandHandler};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
@@ -67,8 +67,16 @@ pub async fn run_device(
         next_arrival(rng, per_day).map_or(never, |d| Instant::now() + d)
     };
     let mut next_msg = Instant::now();
-    let mut next_drop = after(&mut rng, c.link.drops_per_day);
-    let mut next_outage = after(&mut rng, c.link.outages_per_day);
+    // The link's faults follow the version the device committed (`link_by_version`).
+    let watch_version = dev
+        .ota
+        .as_ref()
+        .is_some_and(|o| !o.model.link_by_version.is_empty());
+    let mut committed = dev.ota.as_ref().and_then(|o| o.committed_version());
+    let mut link = link_faults(c, &dev, committed.as_deref());
+    let mut next_drop = after(&mut rng, link.drops_per_day);
+    let mut next_outage = after(&mut rng, link.outages_per_day);
+    let mut next_version_check = Instant::now();
     let mut next_power_loss = after(&mut rng, c.power_loss_per_day);
     let mut next_crash = after(&mut rng, c.crash_per_day);
     let mut battery = c.battery.as_ref().map(|b| b.start_pct);
@@ -76,6 +84,17 @@ pub async fn run_device(
     let mut powered = true;
     let interval = c.telemetry_interval.as_std();
     loop {
+        if watch_version && Instant::now() >= next_version_check {
+            next_version_check = Instant::now() + Duration::from_millis(LINK_BY_VERSION_CHECK_MS);
+            let now_committed = dev.ota.as_ref().and_then(|o| o.committed_version());
+            if now_committed != committed {
+                // Arrivals are memoryless: drawing anew from now at the new rates is exact.
+                committed = now_committed;
+                link = link_faults(c, &dev, committed.as_deref());
+                next_drop = after(&mut rng, link.drops_per_day);
+                next_outage = after(&mut rng, link.outages_per_day);
+            }
+        }
         // When the battery crosses a threshold (empty while on, 5 % while off).
         let next_battery = match (&c.battery, battery) {
             (Some(b), Some(level)) => {
@@ -115,6 +134,11 @@ pub async fn run_device(
             next_crash,
             next_battery,
             ota_loss,
+            if watch_version {
+                next_version_check
+            } else {
+                never
+            },
         ]
         .into_iter()
         .min()
@@ -181,13 +205,13 @@ pub async fn run_device(
         if now >= next_drop {
             inc(&stats.drops_injected);
             dev.link.cut(0, &stats);
-            next_drop = after(&mut rng, c.link.drops_per_day);
+            next_drop = after(&mut rng, link.drops_per_day);
         }
         if now >= next_outage {
             inc(&stats.outages_injected);
-            let until = net.clock.elapsed_ms() + c.link.outage_duration.0;
+            let until = net.clock.elapsed_ms() + link.outage_duration_ms;
             dev.link.cut(until, &stats);
-            next_outage = after(&mut rng, c.link.outages_per_day);
+            next_outage = after(&mut rng, link.outages_per_day);
         }
         if now >= next_power_loss {
             next_power_loss = after(&mut rng, c.power_loss_per_day);
@@ -235,6 +259,29 @@ pub async fn run_device(
             }
         }
     }
+}
+
+/// A device's link faults now: its cohort's `[cohort.link]`, with what `[cohort.ota]
+/// link_by_version` gives for the version it committed.
+struct LinkFaults {
+    drops_per_day: f64,
+    outages_per_day: f64,
+    outage_duration_ms: u64,
+}
+
+fn link_faults(c: &Cohort, dev: &DeviceState, committed: Option<&str>) -> LinkFaults {
+    let mut l = LinkFaults {
+        drops_per_day: c.link.drops_per_day,
+        outages_per_day: c.link.outages_per_day,
+        outage_duration_ms: c.link.outage_duration.0,
+    };
+    let by_version = committed.and_then(|v| dev.ota.as_ref()?.model.link_by_version.get(v));
+    if let Some(v) = by_version {
+        l.drops_per_day = v.drops_per_day.unwrap_or(l.drops_per_day);
+        l.outages_per_day = v.outages_per_day.unwrap_or(l.outages_per_day);
+        l.outage_duration_ms = v.outage_duration.map_or(l.outage_duration_ms, |d| d.0);
+    }
+    l
 }
 
 /// A device whose battery was empty turns on again above this level.

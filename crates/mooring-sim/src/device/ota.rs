@@ -121,6 +121,12 @@ impl DeviceOta {
         (!job.phase.is_done()).then(|| job.phase.state().as_str().to_owned())
     }
 
+    /// The version the device committed (the slot it boots when no trial is pending).
+    pub fn committed_version(&self) -> Option<String> {
+        let c = self.slots.control();
+        c.info(c.committed).version.clone()
+    }
+
     /// The version the slots run now.
     pub fn running_version(&self) -> Option<String> {
         let c = self.slots.control();

@@ -102,6 +102,7 @@ pub fn page(r: &Report) -> String {
     banner(r, &mut out);
     enrollment(r, &mut out);
     events_and_faults(r, &mut out);
+    rollouts(r, &mut out);
     charts(r, &mut out);
     figures(r, &mut out);
     let _ = write!(
@@ -111,6 +112,114 @@ pub fn page(r: &Report) -> String {
         escape(&r.table())
     );
     out
+}
+
+/// One section per rollout: its state, each wave (when it started, its health window and gate,
+/// its devices), the last gate's comparison, the cohorts it updated, and its event log.
+fn rollouts(r: &Report, out: &mut String) {
+    let t = |ms: Option<u64>| ms.map_or_else(|| "–".to_owned(), clock);
+    for x in &r.rollouts {
+        let _ = write!(
+            out,
+            "<h2>Rollout {version} <span class=sub>({id}, to <code>{sel}</code>, from {at})</span></h2>\
+             <p><b>{state}</b> at {reached}{reason}</p><table><tr><th>wave</th><th>devices</th>\
+             <th>started</th><th>window</th><th>gate</th><th>committed</th><th>failed</th>\
+             <th>rolled back</th><th>updating</th><th>waiting</th></tr>",
+            version = escape(&x.version),
+            id = escape(&x.id),
+            sel = escape(&x.selector),
+            at = clock(x.at_ms),
+            state = escape(&x.state),
+            reached = if x.control_started {
+                "the control cohort".to_owned()
+            } else {
+                format!("wave {} of {}", x.waves_started, x.waves_planned)
+            },
+            reason = x
+                .reason
+                .as_deref()
+                .map_or_else(String::new, |why| format!(": {}", escape(why))),
+        );
+        for w in &x.waves {
+            let name = match w.pct {
+                Some(p) if !w.control => format!("{} ({p}%)", w.wave),
+                _ => "control".to_owned(),
+            };
+            let gate = match (&w.gate, w.gate_ms) {
+                (Some(v), Some(at)) => {
+                    let class = if v == "pass" { "ok" } else { "bad" };
+                    format!("<span class={class}>{v}</span> {}", clock(at))
+                }
+                _ => "–".to_owned(),
+            };
+            let _ = write!(
+                out,
+                "<tr class=num><td>{name}</td><td>{}</td><td>{}</td><td>{}</td><td>{gate}</td>\
+                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                count(w.devices),
+                t(w.started_ms),
+                t(w.window_ms),
+                count(w.committed),
+                count(w.failed),
+                count(w.rolled_back),
+                count(w.in_flight),
+                count(w.waiting),
+            );
+        }
+        out.push_str("</table>");
+        if let Some(g) = &x.gate {
+            let _ = write!(
+                out,
+                "<p>Last gate, after wave {}: <b>{}</b> (a signal fails at {}× the control's rate \
+                 with p ≤ {})</p><table><tr><th>signal</th><th>updated</th><th>control</th>\
+                 <th>ratio</th><th>p</th><th>result</th></tr>",
+                g.wave + 1,
+                escape(&g.verdict),
+                g.margin,
+                g.alpha
+            );
+            for sig in &g.signals {
+                let side = |c: &mooring_api::GateCounts| {
+                    format!(
+                        "{} on {} devices ({}/device-h)",
+                        c.events,
+                        c.devices,
+                        c.rate.map_or_else(|| "–".to_owned(), |r| format!("{r:.3}"))
+                    )
+                };
+                let _ = write!(
+                    out,
+                    "<tr class=num><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    escape(&sig.signal),
+                    side(&sig.updated),
+                    side(&sig.control),
+                    sig.ratio.map_or_else(|| "–".to_owned(), |r| format!("{r:.2}×")),
+                    sig.p_value.map_or_else(|| "–".to_owned(), |p| format!("{p:.4}")),
+                    escape(&sig.verdict),
+                );
+            }
+            out.push_str("</table>");
+        }
+        let cohorts: Vec<String> = x
+            .cohorts
+            .iter()
+            .map(|(name, c)| {
+                format!(
+                    "{} {} of {} ({:.2} %)",
+                    escape(name),
+                    count(c.started),
+                    count(c.devices),
+                    c.updated_share * 100.0
+                )
+            })
+            .collect();
+        let _ = write!(
+            out,
+            "<p>Updated per cohort: {}</p><details><summary>Event log</summary><pre>{}</pre></details>",
+            cohorts.join(", "),
+            escape(&x.log.join("\n"))
+        );
+    }
 }
 
 /// PASSED / FAILED with every expectation and what was measured.

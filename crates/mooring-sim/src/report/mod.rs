@@ -7,6 +7,9 @@
 mod html;
 mod words;
 
+/// A simulated time as a clock reading since the start (`0:20`, `1:05:30`, `2d 6:00`).
+pub use words::clock as clock_of;
+
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -243,6 +246,9 @@ pub struct Report {
     /// Scenarios with `[health]`, `[[rule]]`s or health expectations: the alerts at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthReport>,
+    /// Each `rollout` event's rollout as it stood at the end, in the order played.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<RolloutReport>,
     pub expectations: Vec<ExpectationResult>,
 }
 
@@ -323,9 +329,9 @@ impl HealthReport {
 /// device's slots and journal.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct OtaReport {
-    /// The `ota_deploy` events' deployment ids.
+    /// The `ota_deploy` events' deployment ids, then the rollouts' deployments.
     pub deployments: Vec<String>,
-    /// Devices the deployments reached.
+    /// Devices the deployments reached (a rollout's: the devices whose update it started).
     pub targeted: u64,
     /// Devices with the updater (deleted ones aside).
     pub devices: u64,
@@ -407,6 +413,203 @@ impl OtaReport {
         for e in &self.untruthful_examples {
             out.push(format!("UNTRUTHFUL {e}"));
         }
+        out
+    }
+}
+
+/// A `rollout` event's rollout at the end of the run, as the server shows it, with when each
+/// wave started (from its event log) and how many devices of each cohort it updated.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RolloutReport {
+    /// Simulated ms of its event.
+    pub at_ms: u64,
+    pub id: String,
+    pub version: String,
+    pub selector: String,
+    /// `running`, `paused`, `aborted` or `completed` (`unknown`: no server to ask at the end).
+    pub state: String,
+    /// Why it is paused or aborted.
+    pub reason: Option<String>,
+    /// Waves planned (the control cohort aside).
+    pub waves_planned: u32,
+    /// Waves started (the control cohort aside): the wave it reached.
+    pub waves_started: u32,
+    /// Every wave passed its gate and the control cohort's update started.
+    pub control_started: bool,
+    /// Its devices: the target, and how their updates stand.
+    pub devices: u64,
+    pub committed: u64,
+    pub failed: u64,
+    pub rolled_back: u64,
+    pub in_flight: u64,
+    pub waiting: u64,
+    pub deferred: u64,
+    /// Each wave, then the control cohort.
+    pub waves: Vec<RolloutWaveReport>,
+    /// The last gate comparison (updated devices against the control cohort).
+    pub gate: Option<mooring_api::Gate>,
+    /// Per cohort (of the scenario): its devices and what the rollout did to them.
+    pub cohorts: BTreeMap<String, RolloutCohort>,
+    /// Its event log: `<simulated time> [wall <s>] <kind> (<by>): <detail>` (the wall time at
+    /// which the simulator saw the entry, in-process).
+    pub log: Vec<String>,
+}
+
+/// One wave of a rollout (or its control cohort).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RolloutWaveReport {
+    /// 1-based; the control cohort is `waves_planned + 1`.
+    pub wave: u32,
+    /// Its cumulative share of the target in percent (`None` for the control cohort).
+    pub pct: Option<f64>,
+    pub control: bool,
+    pub devices: u64,
+    pub committed: u64,
+    pub failed: u64,
+    pub rolled_back: u64,
+    /// Started, not ended yet.
+    pub in_flight: u64,
+    /// Not started yet (deferred ones included).
+    pub waiting: u64,
+    pub deferred: u64,
+    /// Simulated ms when it started (`None`: not started).
+    pub started_ms: Option<u64>,
+    /// Simulated ms when its health window last opened (every device of the waves so far ended).
+    pub window_ms: Option<u64>,
+    /// Simulated ms and verdict (`pass`, `fail`) of its gate, if it was decided.
+    pub gate_ms: Option<u64>,
+    pub gate: Option<String>,
+    /// In-process: wall ms since the run started at which the simulator saw it start, its
+    /// window open and its gate decided (its event log is polled every simulated 10 s): what
+    /// each phase cost this machine.
+    pub started_wall_ms: Option<u64>,
+    pub window_wall_ms: Option<u64>,
+    pub gate_wall_ms: Option<u64>,
+}
+
+/// What a rollout did to one cohort's devices.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RolloutCohort {
+    /// The cohort's devices (deleted ones aside).
+    pub devices: u64,
+    /// Devices whose update the rollout started (whatever came of it).
+    pub started: u64,
+    pub committed: u64,
+    pub rolled_back: u64,
+    pub failed: u64,
+    /// `started / devices`.
+    pub updated_share: f64,
+}
+
+impl RolloutReport {
+    /// As lines of the printed summary.
+    pub fn lines(&self) -> Vec<String> {
+        let t = |ms: Option<u64>| ms.map_or_else(|| "-".to_owned(), words::clock);
+        let wave_reached = if self.control_started {
+            "the control cohort".to_owned()
+        } else {
+            format!("wave {} of {}", self.waves_started, self.waves_planned)
+        };
+        let mut out = vec![format!(
+            "rollout {} ({}) to {:?} at {}: {} at {}{}",
+            self.version,
+            self.id,
+            self.selector,
+            words::clock(self.at_ms),
+            self.state,
+            wave_reached,
+            self.reason
+                .as_deref()
+                .map_or_else(String::new, |r| format!(" ({r})"))
+        )];
+        out.push(format!(
+            "rollout {}: {} devices: committed {}, failed {}, rolled back {}, updating {}, waiting {} ({} deferred)",
+            self.version,
+            self.devices,
+            self.committed,
+            self.failed,
+            self.rolled_back,
+            self.in_flight,
+            self.waiting,
+            self.deferred
+        ));
+        for w in &self.waves {
+            let name = match w.pct {
+                Some(p) if !w.control => format!("wave {} ({p}%)", w.wave),
+                _ => "control".to_owned(),
+            };
+            let wall = |ms: Option<u64>| {
+                ms.map_or_else(
+                    || "-".to_owned(),
+                    |ms| format!("{:.0}s", ms as f64 / 1000.0),
+                )
+            };
+            out.push(format!(
+                "rollout {}:   {name:<16} {:>6} devices  started {:>8}  window {:>8}  gate {:>8} {:<4}  committed {}, failed {}, rolled back {}, updating {}, waiting {}  (wall: started {}, window {}, gate {})",
+                self.version,
+                w.devices,
+                t(w.started_ms),
+                t(w.window_ms),
+                t(w.gate_ms),
+                w.gate.as_deref().unwrap_or(""),
+                w.committed,
+                w.failed,
+                w.rolled_back,
+                w.in_flight,
+                w.waiting,
+                wall(w.started_wall_ms),
+                wall(w.window_wall_ms),
+                wall(w.gate_wall_ms)
+            ));
+        }
+        if let Some(g) = &self.gate {
+            out.push(format!(
+                "rollout {}: last gate, after wave {}: {} (fails at {}x the control's rate with p <= {})",
+                self.version,
+                g.wave + 1,
+                g.verdict,
+                g.margin,
+                g.alpha
+            ));
+            for s in &g.signals {
+                let rate = |r: Option<f64>| r.map_or_else(|| "-".to_owned(), |r| format!("{r:.3}"));
+                out.push(format!(
+                    "rollout {}:   {:<15} updated {} on {} devices ({}/device-h)  control {} on {} devices ({}/device-h)  ratio {}  p {}  {}{}",
+                    self.version,
+                    s.signal,
+                    s.updated.events,
+                    s.updated.devices,
+                    rate(s.updated.rate),
+                    s.control.events,
+                    s.control.devices,
+                    rate(s.control.rate),
+                    s.ratio.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}x")),
+                    s.p_value.map_or_else(|| "-".to_owned(), |p| format!("{p:.4}")),
+                    s.verdict,
+                    s.reason.as_deref().map_or_else(String::new, |r| format!(" ({r})"))
+                ));
+            }
+        }
+        let cohorts: Vec<String> = self
+            .cohorts
+            .iter()
+            .map(|(name, c)| {
+                format!(
+                    "{name} {} of {} ({:.2}%; committed {}, rolled back {}, failed {})",
+                    c.started,
+                    c.devices,
+                    c.updated_share * 100.0,
+                    c.committed,
+                    c.rolled_back,
+                    c.failed
+                )
+            })
+            .collect();
+        out.push(format!(
+            "rollout {}: updated per cohort: {}",
+            self.version,
+            cohorts.join(", ")
+        ));
         out
     }
 }
@@ -611,6 +814,11 @@ impl Report {
         }
         if let Some(h) = &self.health {
             for line in h.lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        for r in &self.rollouts {
+            for line in r.lines() {
                 let _ = writeln!(out, "  {line}");
             }
         }

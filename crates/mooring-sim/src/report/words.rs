@@ -203,6 +203,12 @@ fn event_said(e: &TimelineEvent, at: &str) -> String {
         ),
         "tag_job" => format!("tag_job {}{at}: set {}", e.target, e.detail),
         "report_job" => format!("report_job {}{at}: {}", e.target, e.detail),
+        "rollout" => format!(
+            "rollout {} to {}{at}: {} targeted in waves (see the rollout's section)",
+            e.detail,
+            e.target,
+            devices(e.devices)
+        ),
         other => format!("{other} {}{at}: {}", e.target, devices(e.devices)),
     }
 }

@@ -220,6 +220,30 @@ pub(super) async fn run_events(
                     ev.devices = d.devices;
                     ev.detail = format!("{} ({})", ev.detail, d.id);
                 }),
+            Action::Rollout(r) => super::rollouts::create(&control, r, s.seed, e.at.0)
+                .await
+                .map(|v| {
+                    control.log(format!(
+                        "{at}: rollout {} to {:?}: {} ({} devices, waves {}, control {}%)",
+                        r.version,
+                        r.to,
+                        v.id,
+                        v.total,
+                        v.spec
+                            .waves
+                            .as_deref()
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|w| format!("{w}%"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        v.spec.control_pct.unwrap_or_default()
+                    ));
+                    ev.devices = v.total;
+                    ev.detail = format!("{} ({})", ev.detail, v.id);
+                    lock(&control.watchers)
+                        .spawn(super::rollouts::watch(control.clone(), v.id.clone()));
+                }),
             Action::KillNode { node } => {
                 kill_node(&control, &devices, *node, e.at.0)
                     .await
@@ -348,6 +372,7 @@ fn describe(action: &Action) -> (String, String) {
         }
         Action::KillNode { node } | Action::RestartNode { node } => (node_id(*node), String::new()),
         Action::OtaDeploy { version, to, .. } => (to.clone(), version.clone()),
+        Action::Rollout(r) => (r.to.clone(), r.version.clone()),
     }
 }
 

@@ -347,6 +347,7 @@ pub(super) fn check_expectations(
             ok: got <= *max,
         });
     }
+    rollout_expectations(s, r, &mut out);
     for err in event_errors {
         out.push(ExpectationResult {
             name: "event".into(),
@@ -356,6 +357,56 @@ pub(super) fn check_expectations(
         });
     }
     out
+}
+
+/// `[expect] rollouts`: each rollout of the version (there must be one) meets each bound.
+fn rollout_expectations(s: &Scenario, r: &Report, out: &mut Vec<ExpectationResult>) {
+    for (version, want) in &s.expect.rollouts {
+        let name = |what: &str| format!("rollouts.{version}.{what}");
+        let of_version: Vec<_> = r
+            .rollouts
+            .iter()
+            .filter(|x| x.version == *version)
+            .collect();
+        if of_version.is_empty() {
+            out.push(ExpectationResult {
+                name: format!("rollouts.{version}"),
+                expected: "a rollout".into(),
+                actual: "none was created".into(),
+                ok: false,
+            });
+        }
+        for x in of_version {
+            if let Some(state) = &want.state {
+                out.push(ExpectationResult {
+                    name: name("state"),
+                    expected: state.clone(),
+                    actual: match &x.reason {
+                        Some(why) => format!("{} ({why})", x.state),
+                        None => x.state.clone(),
+                    },
+                    ok: x.state == *state,
+                });
+            }
+            if let Some(max) = want.waves_started_max {
+                out.push(ExpectationResult {
+                    name: name("waves_started_max"),
+                    expected: format!("<= {max}"),
+                    actual: x.waves_started.to_string(),
+                    ok: x.waves_started <= max,
+                });
+            }
+            for (cohort, max) in &want.cohort_updated_share_max {
+                let c = x.cohorts.get(cohort).cloned().unwrap_or_default();
+                out.push(ExpectationResult {
+                    name: name(&format!("cohort_updated_share_max.{cohort}")),
+                    expected: format!("<= {max}"),
+                    actual: format!("{:.4} ({} of {})", c.updated_share, c.started, c.devices),
+                    ok: c.updated_share <= *max,
+                });
+            }
+        }
+    }
 }
 
 /// The events' outcomes as played, each `cut_link`, `restart_server` and `kill_node` with how

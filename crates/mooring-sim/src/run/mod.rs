@@ -16,6 +16,7 @@ mod health;
 mod measure;
 mod ota;
 mod reports;
+mod rollouts;
 
 pub(crate) use events::fmt_ms;
 pub use measure::parse_metrics;
@@ -106,6 +107,13 @@ struct Control {
     artifacts: Vec<ota::SimArtifact>,
     /// The `ota_deploy` events' deployments, in the order made.
     deployments: Mutex<Vec<ota::SimDeployment>>,
+    /// The `rollout` events' rollouts, in the order made.
+    rollouts: Mutex<Vec<rollouts::SimRollout>>,
+    /// Per rollout id: the wall ms since the run started at which each entry of its event log
+    /// (by seq) was seen (polled every simulated 10 s).
+    rollout_wall_ms: Mutex<HashMap<String, BTreeMap<u64, u64>>>,
+    /// When the run started (wall clock).
+    wall_start: std::time::Instant,
 }
 
 /// Cluster mode: one node's past, by slot.
@@ -396,6 +404,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         job_batch_pause_ms: s.job_batch_pause.0,
         job_report_points_per_turn: s.job_report_points_per_turn,
         health: s.health.clone().unwrap_or_default(),
+        rollouts: s.rollouts.clone().unwrap_or_default(),
         playbooks: s.playbooks.clone(),
         parts: s.parts.clone(),
     };
@@ -531,6 +540,9 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         remote: remote.clone(),
         artifacts,
         deployments: Mutex::new(Vec::new()),
+        rollouts: Mutex::new(Vec::new()),
+        rollout_wall_ms: Mutex::new(HashMap::new()),
+        wall_start,
     });
     for (slot, server) in servers.iter().enumerate() {
         if let Some(server) = server {
@@ -607,6 +619,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         }
         None => None,
     };
+    let mut rollout_reports = rollouts::read(&control, epoch_ms).await;
     let jobs = control.job_reports().await;
     for j in &jobs {
         control.log(format!(
@@ -636,7 +649,9 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
     // The fleet has stopped and the server still runs: neither side of an update moves.
     let ota_report = {
         let deleted = lock(&control.deleted).clone();
-        ota::report(&control, s, &devices, &deleted).await?
+        let (ota, by_rollout) = ota::report(&control, s, &devices, &deleted).await?;
+        rollouts::add_cohorts(&mut rollout_reports, &control, s, &by_rollout, &deleted);
+        ota
     };
     let health_report = match control.app() {
         Some(app) => health::report(s, &app, epoch_ms).await?,
@@ -875,6 +890,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         enrollment,
         ota: ota_report,
         health: health_report,
+        rollouts: rollout_reports,
         expectations: Vec::new(),
     };
     for event in &mut report.timeline {

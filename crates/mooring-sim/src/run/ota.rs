@@ -5,7 +5,7 @@
 use super::Control;
 use crate::device::ota::{image_bytes, sha256_hex, FACTORY_IMAGE_BYTES};
 use crate::device::DeviceState;
-use crate::report::OtaReport;
+use crate::report::{OtaReport, RolloutCohort};
 use crate::scenario::Scenario;
 use mooring_agent::ota::{BootControl, Slot, Slots as _, UpdateFiles as _};
 use mooring_proto::ota::UpdateState;
@@ -109,10 +109,14 @@ pub(super) async fn deploy(
     Ok(d)
 }
 
-/// The deployments' devices by update state now (summed over deployments).
+/// The deployments' devices by update state now (summed over deployments, the rollouts' too).
 pub(super) async fn states(control: &Control) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    let deployments = lock(&control.deployments).clone();
+    let mut deployments = lock(&control.deployments).clone();
+    deployments.extend(lock(&control.rollouts).iter().map(|r| SimDeployment {
+        id: r.deployment_id.clone(),
+        devices: 0,
+    }));
     let Some(app) = control.app() else {
         return out;
     };
@@ -145,21 +149,35 @@ fn whole(
             .is_some_and(|sha| *sha == sha256_hex(&image))
 }
 
+/// Per rollout deployment id, per cohort name: what the rollout did to the cohort's devices
+/// (`devices` and `updated_share` are filled in by the rollout report).
+pub(super) type RolloutCohorts = HashMap<String, BTreeMap<String, RolloutCohort>>;
+
 /// Every updating device's slots and journal against the server's records (read while the
-/// server is still up and the fleet has stopped, so neither moves).
+/// server is still up and the fleet has stopped, so neither moves). The updates of the
+/// rollouts' deployments are checked like the `ota_deploy` ones, and counted per cohort.
 pub(super) async fn report(
     control: &Control,
     s: &Scenario,
     devices: &[Arc<DeviceState>],
     deleted: &HashSet<String>,
-) -> anyhow::Result<Option<OtaReport>> {
+) -> anyhow::Result<(Option<OtaReport>, RolloutCohorts)> {
+    let mut by_rollout = RolloutCohorts::new();
     if !devices.iter().any(|d| d.ota.is_some()) {
-        return Ok(None);
+        return Ok((None, by_rollout));
     }
     let stats = &control.net.stats;
     let deployments = lock(&control.deployments).clone();
+    let rollout_deployments: HashSet<String> = lock(&control.rollouts)
+        .iter()
+        .map(|r| r.deployment_id.clone())
+        .collect();
     let mut r = OtaReport {
-        deployments: deployments.iter().map(|d| d.id.clone()).collect(),
+        deployments: deployments
+            .iter()
+            .map(|d| d.id.clone())
+            .chain(rollout_deployments.iter().cloned())
+            .collect(),
         targeted: deployments.iter().map(|d| d.devices).sum(),
         downloads: stats
             .ota_downloads
@@ -190,7 +208,11 @@ pub(super) async fn report(
             .or_insert_with(|| sha256_hex(&image_bytes(s.seed, &c.version, FACTORY_IMAGE_BYTES)));
     }
     let app = control.app();
-    let ours: HashSet<&str> = deployments.iter().map(|d| d.id.as_str()).collect();
+    let ours: HashSet<&str> = deployments
+        .iter()
+        .map(|d| d.id.as_str())
+        .chain(rollout_deployments.iter().map(String::as_str))
+        .collect();
     let history_of = |id: String| {
         let app = app.clone();
         async move {
@@ -213,6 +235,24 @@ pub(super) async fn report(
             .into_iter()
             .filter(|u| ours.contains(u.deployment_id.as_str()))
             .collect();
+        for u in history
+            .iter()
+            .filter(|u| rollout_deployments.contains(&u.deployment_id))
+        {
+            r.targeted += 1;
+            let c = by_rollout
+                .entry(u.deployment_id.clone())
+                .or_default()
+                .entry(s.cohorts[d.cohort].name.clone())
+                .or_default();
+            c.started += 1;
+            match u.state {
+                UpdateState::Committed => c.committed += 1,
+                UpdateState::RolledBack => c.rolled_back += 1,
+                UpdateState::Failed => c.failed += 1,
+                _ => {}
+            }
+        }
         for u in &history {
             *r.final_states
                 .entry(u.state.as_str().to_owned())
@@ -338,5 +378,5 @@ pub(super) async fn report(
     }
     r.committed = r.final_states.get("committed").copied().unwrap_or(0);
     r.rolled_back = r.final_states.get("rolled_back").copied().unwrap_or(0);
-    Ok(Some(r))
+    Ok((Some(r), by_rollout))
 }
