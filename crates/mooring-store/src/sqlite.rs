@@ -780,20 +780,23 @@ mod tests {
         assert_eq!(pragma(&reader, "journal_mode"), "Text(\"wal\")");
     }
 
+    /// SQLite's plan for `sql`, its steps joined by `; ` (what an index test looks for).
+    pub(crate) fn query_plan(conn: &rusqlite::Connection, sql: &str) -> String {
+        let mut stmt = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .expect("prepare");
+        let rows = stmt
+            .query_map([], |row| row.get::<_, String>(3))
+            .expect("plan");
+        rows.map(|r| r.expect("row")).collect::<Vec<_>>().join("; ")
+    }
+
     #[test]
     fn queries_use_the_intended_indexes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(dir.path()).expect("open");
         let conn = store.inner.reader().expect("reader");
-        let plan = |sql: &str| -> String {
-            let mut stmt = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .expect("prepare");
-            let rows = stmt
-                .query_map([], |row| row.get::<_, String>(3))
-                .expect("plan");
-            rows.map(|r| r.expect("row")).collect::<Vec<_>>().join("; ")
-        };
+        let plan = |sql: &str| query_plan(&conn, sql);
         let retention = plan("SELECT id FROM telemetry_points WHERE ts_ms < 5 LIMIT 10");
         assert!(retention.contains("telemetry_points_by_ts"), "{retention}");
         let chunks = plan("SELECT id FROM telemetry_chunks WHERE ts_min_ms < 5 LIMIT 10");

@@ -749,3 +749,55 @@ async fn auto_abort_rolls_the_updated_devices_back_to_their_version() {
         "{log:?}"
     );
 }
+
+/// Live rollout streams are bounded per caller (8 on a node): a ninth is refused with 429
+/// `too_many_streams`, and a place freed by a closed stream can be taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_holds_at_most_eight_rollout_streams() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    server.create_device("s1", tmp.path());
+    let image: Vec<u8> = (0..10_000u32).map(|i| (i % 191) as u8).collect();
+    let art = server.ota_upload(&tmp.path().join("fw-8.img"), &image, "8.0.0");
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/rollouts",
+            Some(serde_json::json!({"artifact_id": art, "selector": "id:s1", "control_pct": 0})),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_owned();
+    let client = reqwest::Client::new();
+    let open = || {
+        client
+            .get(format!("{}/api/v1/rollouts/{id}/stream", server.url()))
+            .bearer_auth(&server.token)
+            .send()
+    };
+    // The device stays offline: the rollout keeps running and its streams stay open.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let resp = open().await.expect("stream");
+        assert_eq!(resp.status(), 200);
+        held.push(resp);
+    }
+    let refused = open().await.expect("ninth");
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    drop(held.pop());
+    // The server notices the closed connection when it next writes to it (at most a second).
+    let deadline = std::time::Instant::now() + support::WAIT;
+    loop {
+        let resp = open().await.expect("again");
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the place was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

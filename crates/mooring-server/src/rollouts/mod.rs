@@ -162,6 +162,19 @@ impl HealthSample {
     }
 }
 
+/// What [`Rollouts::store_new`] stores: a checked request for an artifact, its target's
+/// devices, and whether it rolls another rollout back.
+struct NewRollout<'a> {
+    req: &'a CreateRollout,
+    spec: &'a RolloutSpec,
+    seed: u64,
+    /// The target as applied.
+    selector: String,
+    artifact: &'a ArtifactRecord,
+    devices: Vec<String>,
+    rollback_of: Option<String>,
+}
+
 /// A rollout's devices summed over its waves.
 #[derive(Debug, Default, Clone, Copy)]
 struct Sums {
@@ -250,37 +263,81 @@ pub(crate) async fn pause_touching(
     }
     let mut paused = Vec::new();
     for id in holding {
-        // Compare-and-set, again on a conflict with the controller (a few times).
-        for _ in 0..20 {
-            let Some(mut cur) = store.get_rollout(&id).await? else {
-                break;
-            };
-            if cur.state != "running" || cur.rollback_of.is_some() || !visible(access, &cur) {
-                break;
+        let not_paused = || ServiceError::new(ErrorKind::Conflict, "rollout_not_paused", "");
+        let changed = change_stored(store, now_ms, &id, |cur| {
+            if cur.state != "running" || cur.rollback_of.is_some() || !visible(access, cur) {
+                return Err(not_paused());
             }
             cur.state = "paused".to_owned();
             cur.reason = Some(format!("paused by {by}: {reason}"));
-            cur.updated_at_ms = now_ms;
-            if store.update_rollout(&cur).await? {
-                store
-                    .append_rollout_event(
-                        RolloutEventRecord {
-                            rollout_id: cur.id.clone(),
-                            seq: 0,
-                            at_ms: now_ms,
-                            by: by.to_owned(),
-                            kind: "paused".to_owned(),
-                            detail: reason.to_owned(),
-                        },
-                        EVENTS_KEPT_MAX,
-                    )
-                    .await?;
+            Ok(())
+        })
+        .await;
+        match changed {
+            Ok(cur) => {
+                log_event(store, &cur.id, now_ms, by, "paused", reason.to_owned()).await?;
                 paused.push(cur.id);
-                break;
             }
+            // Not running, a rollback, out of scope, gone, or kept moving: left as it is.
+            Err(e)
+                if matches!(
+                    e.code,
+                    "rollout_not_paused" | "rollout_not_found" | "rollout_busy"
+                ) => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(paused)
+}
+
+/// Changes a stored rollout by compare-and-set, again when something else (the controller, an
+/// operator) moved it meanwhile, at most 20 times; `change` says what to do with the record as
+/// stored (`Err`: refuse, nothing written). The record as written.
+async fn change_stored(
+    store: &Arc<dyn mooring_store::Store>,
+    now_ms: u64,
+    id: &str,
+    mut change: impl FnMut(&mut RolloutRecord) -> ServiceResult<()>,
+) -> ServiceResult<RolloutRecord> {
+    for _ in 0..20 {
+        let mut r = store.get_rollout(id).await?.ok_or_else(|| not_found(id))?;
+        change(&mut r)?;
+        r.updated_at_ms = now_ms;
+        if store.update_rollout(&r).await? {
+            r.revision += 1;
+            return Ok(r);
+        }
+    }
+    Err(ServiceError::new(
+        ErrorKind::Conflict,
+        "rollout_busy",
+        format!("rollout {id} kept changing; try again"),
+    ))
+}
+
+/// Appends an entry to a rollout's event log (its newest [`EVENTS_KEPT_MAX`] are kept).
+async fn log_event(
+    store: &Arc<dyn mooring_store::Store>,
+    id: &str,
+    at_ms: u64,
+    by: &str,
+    kind: &str,
+    detail: String,
+) -> ServiceResult<()> {
+    store
+        .append_rollout_event(
+            RolloutEventRecord {
+                rollout_id: id.to_owned(),
+                seq: 0,
+                at_ms,
+                by: by.to_owned(),
+                kind: kind.to_owned(),
+                detail,
+            },
+            EVENTS_KEPT_MAX,
+        )
+        .await?;
+    Ok(())
 }
 
 /// Whether a scoped caller sees a rollout: its target carries every term of the caller's scope
@@ -413,29 +470,19 @@ impl Rollouts {
                 ),
             ));
         }
-        let seed = req.seed.unwrap_or_else(rand::random);
-        let now = self.core.now_ms();
-        let id = format!("rol_{:016x}", rand::random::<u64>());
-        let record = RolloutRecord {
-            id: id.clone(),
-            deployment_id: format!("dep_{:016x}", rand::random::<u64>()),
-            artifact_id: artifact.id.clone(),
-            selector: sel.to_string(),
-            spec: serde_json::to_string(&normalized(&req, &spec, seed))
-                .map_err(ServiceError::internal)?,
-            seed,
-            state: "running".to_owned(),
-            wave: 0,
-            reason: None,
-            gate: None,
-            window_started_at_ms: None,
-            rollback_of: None,
-            created_by: by.to_owned(),
-            created_at_ms: now,
-            updated_at_ms: now,
-            revision: 0,
-        };
-        self.store_new(record, &artifact, &spec, devices, req.allow_downgrade, by)
+        let id = self
+            .store_new(
+                NewRollout {
+                    req: &req,
+                    spec: &spec,
+                    seed: req.seed.unwrap_or_else(rand::random),
+                    selector: sel.to_string(),
+                    artifact: &artifact,
+                    devices,
+                    rollback_of: None,
+                },
+                by,
+            )
             .await?;
         self.view(&id).await
     }
@@ -473,15 +520,36 @@ impl Rollouts {
     }
 
     /// Stores a new rollout with its deployment and its devices' waves, and logs `created`.
-    async fn store_new(
-        &self,
-        record: RolloutRecord,
-        artifact: &ArtifactRecord,
-        spec: &RolloutSpec,
-        devices: Vec<String>,
-        allow_downgrade: bool,
-        by: &str,
-    ) -> ServiceResult<()> {
+    async fn store_new(&self, new: NewRollout<'_>, by: &str) -> ServiceResult<String> {
+        let NewRollout {
+            req,
+            spec,
+            seed,
+            selector,
+            artifact,
+            devices,
+            rollback_of,
+        } = new;
+        let now = self.core.now_ms();
+        let record = RolloutRecord {
+            id: format!("rol_{:016x}", rand::random::<u64>()),
+            deployment_id: format!("dep_{:016x}", rand::random::<u64>()),
+            artifact_id: artifact.id.clone(),
+            selector,
+            spec: serde_json::to_string(&normalized(req, spec, seed))
+                .map_err(ServiceError::internal)?,
+            seed,
+            state: "running".to_owned(),
+            wave: 0,
+            reason: None,
+            gate: None,
+            window_started_at_ms: None,
+            rollback_of,
+            created_by: by.to_owned(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            revision: 0,
+        };
         let a = plan::assign(&devices, record.seed, spec);
         let control_wave = spec.waves.len() as u32;
         let row = |d: String, wave: u32| RolloutDeviceRecord {
@@ -517,7 +585,7 @@ impl Rollouts {
             id: record.deployment_id.clone(),
             artifact_id: artifact.id.clone(),
             selector: record.selector.clone(),
-            allow_downgrade,
+            allow_downgrade: req.allow_downgrade,
             created_by: by.to_owned(),
             created_at_ms: record.created_at_ms,
             canceled_at_ms: None,
@@ -546,25 +614,12 @@ impl Rollouts {
                 ))
             }
         }
-        self.log(&record.id, by, "created", detail).await
+        self.log(&record.id, by, "created", detail).await?;
+        Ok(record.id)
     }
 
     async fn log(&self, id: &str, by: &str, kind: &str, detail: String) -> ServiceResult<()> {
-        self.core
-            .store
-            .append_rollout_event(
-                RolloutEventRecord {
-                    rollout_id: id.to_owned(),
-                    seq: 0,
-                    at_ms: self.core.now_ms(),
-                    by: by.to_owned(),
-                    kind: kind.to_owned(),
-                    detail,
-                },
-                EVENTS_KEPT_MAX,
-            )
-            .await?;
-        Ok(())
+        log_event(&self.core.store, id, self.core.now_ms(), by, kind, detail).await
     }
 
     async fn record(&self, access: &Access, id: &str) -> ServiceResult<RolloutRecord> {
@@ -576,8 +631,8 @@ impl Rollouts {
 
     /// A rollout the caller sees, with its waves' progress.
     pub async fn get(&self, access: &Access, id: &str) -> ServiceResult<Rollout> {
-        self.record(access, id).await?;
-        self.view(id).await
+        let r = self.record(access, id).await?;
+        self.view_of(r).await
     }
 
     async fn view(&self, id: &str) -> ServiceResult<Rollout> {
@@ -587,7 +642,12 @@ impl Rollouts {
             .get_rollout(id)
             .await?
             .ok_or_else(|| not_found(id))?;
-        let progress = self.core.store.rollout_progress(id).await?;
+        self.view_of(r).await
+    }
+
+    /// A stored rollout as the API shows it, with its waves' progress.
+    async fn view_of(&self, r: RolloutRecord) -> ServiceResult<Rollout> {
+        let progress = self.core.store.rollout_progress(&r.id).await?;
         let version = self
             .core
             .store
@@ -637,9 +697,10 @@ impl Rollouts {
                 if !visible(access, &r) {
                     continue;
                 }
-                out.push(self.view(&r.id).await?);
+                let next = format!("{}.{}", r.created_at_ms, r.id);
+                out.push(self.view_of(r).await?);
                 if out.len() == limit {
-                    return Ok((out, Some(format!("{}.{}", r.created_at_ms, r.id))));
+                    return Ok((out, Some(next)));
                 }
             }
             if !more {
@@ -681,32 +742,13 @@ impl Rollouts {
             .collect())
     }
 
-    /// Changes a rollout's state by compare-and-set, retried when the controller moved it
-    /// meanwhile; `change` says what to do with the stored record (`Err`: refuse).
+    /// Changes a rollout by compare-and-set ([`change_stored`]).
     async fn change(
         &self,
         id: &str,
-        mut change: impl FnMut(&mut RolloutRecord) -> ServiceResult<()>,
+        change: impl FnMut(&mut RolloutRecord) -> ServiceResult<()>,
     ) -> ServiceResult<RolloutRecord> {
-        for _ in 0..20 {
-            let mut r = self
-                .core
-                .store
-                .get_rollout(id)
-                .await?
-                .ok_or_else(|| not_found(id))?;
-            change(&mut r)?;
-            r.updated_at_ms = self.core.now_ms();
-            if self.core.store.update_rollout(&r).await? {
-                r.revision += 1;
-                return Ok(r);
-            }
-        }
-        Err(ServiceError::new(
-            ErrorKind::Conflict,
-            "rollout_busy",
-            format!("rollout {id} kept changing; try again"),
-        ))
+        change_stored(&self.core.store, self.core.now_ms(), id, change).await
     }
 
     /// Pauses a running rollout: no device starts until it is resumed (those updating finish).
@@ -932,30 +974,20 @@ impl Rollouts {
                 ..Default::default()
             };
             let spec = req.spec().map_err(ServiceError::internal)?;
-            let now = self.core.now_ms();
-            let id = format!("rol_{:016x}", rand::random::<u64>());
-            let seed = rand::random();
-            let record = RolloutRecord {
-                id: id.clone(),
-                deployment_id: format!("dep_{:016x}", rand::random::<u64>()),
-                artifact_id: artifact.id.clone(),
-                selector: r.selector.clone(),
-                spec: serde_json::to_string(&normalized(&req, &spec, seed))
-                    .map_err(ServiceError::internal)?,
-                seed,
-                state: "running".to_owned(),
-                wave: 0,
-                reason: None,
-                gate: None,
-                window_started_at_ms: None,
-                rollback_of: Some(r.id.clone()),
-                created_by: by.to_owned(),
-                created_at_ms: now,
-                updated_at_ms: now,
-                revision: 0,
-            };
             let n = devices.len();
-            self.store_new(record, &artifact, &spec, devices, true, by)
+            let id = self
+                .store_new(
+                    NewRollout {
+                        req: &req,
+                        spec: &spec,
+                        seed: rand::random(),
+                        selector: r.selector.clone(),
+                        artifact: &artifact,
+                        devices,
+                        rollback_of: Some(r.id.clone()),
+                    },
+                    by,
+                )
                 .await?;
             self.log(
                 &r.id,

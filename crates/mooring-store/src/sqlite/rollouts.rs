@@ -663,15 +663,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = SqliteStore::open(dir.path()).expect("open");
         let conn = store.inner.reader().expect("reader");
-        let plan = |sql: &str| -> String {
-            let mut stmt = conn
-                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-                .expect("prepare");
-            let rows = stmt
-                .query_map([], |row| row.get::<_, String>(3))
-                .expect("plan");
-            rows.map(|r| r.expect("row")).collect::<Vec<_>>().join("; ")
-        };
+        let plan = |sql: &str| super::super::tests::query_plan(&conn, sql);
         let waiting = plan(&format!(
             "SELECT {} FROM rollout_devices
              WHERE rollout_id = 'r' AND started_at_ms IS NULL AND wave <= 2
