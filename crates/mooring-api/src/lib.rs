@@ -80,9 +80,9 @@ pub use provision::{
 };
 pub use rollouts::{
     check_waves, gate_signal, parse_pct, parse_waves, pct_to_bp, AddRolloutDevices, Bp, Cmp,
-    CreateRollout, Gate, GateCounts, GateSignal, Requirement, Rollout, RolloutAction, RolloutEvent,
-    RolloutEventList, RolloutList, RolloutSpec, RolloutWave, Window, BP_ALL, GATE_SIGNALS,
-    WAVES_MAX,
+    CreateRollout, Gate, GateCounts, GateSignal, MetricGate, Requirement, Rollout, RolloutAction,
+    RolloutEvent, RolloutEventList, RolloutList, RolloutSpec, RolloutWave, Window, Worse, BP_ALL,
+    GATE_SIGNALS, WAVES_MAX,
 };
 pub use rules::{Alert, AlertList, AlertListParams, CreateRule, Rule, RuleList, UpdateRule};
 pub use shadow::{Shadow, ShadowPatch};

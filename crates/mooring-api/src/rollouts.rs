@@ -214,11 +214,7 @@ impl Requirement {
             return Err(bad());
         };
         let metric = metric.trim();
-        let name_ok = !metric.is_empty()
-            && metric.len() <= 64
-            && metric
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        let name_ok = is_metric_name(metric);
         let level: f64 = level.trim().parse().map_err(|_| bad())?;
         if !name_ok || !level.is_finite() {
             return Err(bad());
@@ -253,11 +249,75 @@ pub fn gate_signal(name: &str) -> Result<&'static str, String> {
         .copied()
         .ok_or_else(|| {
             format!(
-                "gate signal {name:?}: one of reconnects, {} (a metric's values are not \
-                 compared yet)",
+                "gate signal {name:?}: one of reconnects, {}, or a telemetry metric's name \
+                 (battery.v, temp:up)",
                 GATE_SIGNALS.join(", ")
             )
         })
+}
+
+/// Which way a gated metric's shift is bad.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Worse {
+    /// `metric:down`: lower is worse.
+    Down,
+    /// `metric:up`: higher is worse.
+    Up,
+    /// `metric`: a shift either way is.
+    Either,
+}
+
+/// A gate on a telemetry metric's values (`battery.v`, `battery.v:down`, `temp:up`): each
+/// compared device's mean of it over the health window, updated against control; `battery`
+/// means the fleet's battery metric (`[health] battery_metric`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricGate {
+    pub metric: String,
+    pub worse: Worse,
+}
+
+impl MetricGate {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let (metric, worse) = match t.rsplit_once(':') {
+            Some((m, "down")) => (m, Worse::Down),
+            Some((m, "up")) => (m, Worse::Up),
+            Some(_) => {
+                return Err(format!(
+                    "gate {text:?}: a metric's direction is :down (lower is worse) or :up \
+                     (higher is worse)"
+                ))
+            }
+            None => (t, Worse::Either),
+        };
+        if !is_metric_name(metric) {
+            return Err(gate_signal(text).err().unwrap_or_default());
+        }
+        Ok(Self {
+            metric: metric.to_owned(),
+            worse,
+        })
+    }
+}
+
+impl std::fmt::Display for MetricGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dir = match self.worse {
+            Worse::Down => ":down",
+            Worse::Up => ":up",
+            Worse::Either => "",
+        };
+        write!(f, "{}{dir}", self.metric)
+    }
+}
+
+/// A metric name a rollout may name (preconditions, gates): 1 to 64 of `A-Z a-z 0-9 . _ -`.
+fn is_metric_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// `POST /api/v1/rollouts`: update the devices a selector matches in waves, each gated on the
@@ -290,7 +350,7 @@ pub struct CreateRollout {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_window_ms: Option<u64>,
     /// Health signals compared against the control cohort (default: disconnects, crashes,
-    /// restarts, telemetry_gaps).
+    /// restarts, telemetry_gaps), and telemetry metrics whose values are (`battery.v:down`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<Vec<String>>,
     /// Per-device preconditions (`battery>=30`); unmet ones defer the device.
@@ -321,6 +381,7 @@ pub struct RolloutSpec {
     pub min_devices: u64,
     pub health_window_ms: u64,
     pub gate: Vec<&'static str>,
+    pub gate_metrics: Vec<MetricGate>,
     pub require: Vec<Requirement>,
     pub window: Option<Window>,
     pub auto_abort: bool,
@@ -364,20 +425,26 @@ impl CreateRollout {
         if health_window_ms > 7 * 86_400_000 {
             return Err("health_window_ms: at most 7 days".to_owned());
         }
-        let gate = match &self.gate {
-            None => GATE_DEFAULT.to_vec(),
+        let (mut gate, mut gate_metrics) = (Vec::new(), Vec::<MetricGate>::new());
+        match &self.gate {
+            None => gate = GATE_DEFAULT.to_vec(),
             Some(g) => {
-                let mut out = Vec::new();
                 for name in g {
-                    let s = gate_signal(name)?;
-                    if !out.contains(&s) {
-                        out.push(s);
+                    match gate_signal(name) {
+                        Ok(s) if !gate.contains(&s) => gate.push(s),
+                        Ok(_) => {}
+                        Err(_) => {
+                            let m = MetricGate::parse(name)?;
+                            if gate_metrics.iter().any(|x| x.metric == m.metric) {
+                                return Err(format!("gate: {} named twice", m.metric));
+                            }
+                            gate_metrics.push(m);
+                        }
                     }
                 }
-                out
             }
-        };
-        if gate.len() > CONDITIONS_MAX || self.require.len() > CONDITIONS_MAX {
+        }
+        if gate.len() + gate_metrics.len() > CONDITIONS_MAX || self.require.len() > CONDITIONS_MAX {
             return Err(format!("gate and require: at most {CONDITIONS_MAX} each"));
         }
         let require = self
@@ -395,6 +462,7 @@ impl CreateRollout {
             min_devices: self.min_devices.unwrap_or(MIN_DEVICES_DEFAULT),
             health_window_ms,
             gate,
+            gate_metrics,
             require,
             window,
             auto_abort: self.auto_abort,
@@ -422,7 +490,8 @@ pub struct RolloutWave {
     pub states: std::collections::BTreeMap<String, u64>,
 }
 
-/// One group's counts of a gate signal over the health window.
+/// One group's counts of a gate signal over the health window (for a metric: `events` is the
+/// points read, `hours` 0, `rate` null, and `mean` the mean of the devices' means).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GateCounts {
     pub devices: u64,
@@ -431,23 +500,39 @@ pub struct GateCounts {
     pub hours: f64,
     /// Events per device-hour (`null` without exposure).
     pub rate: Option<f64>,
+    /// A metric gate's mean value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean: Option<f64>,
 }
 
 /// One gate signal: the updated devices against the control cohort.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct GateSignal {
     pub signal: String,
+    /// `rate` (a health signal's events per device-hour) or `metric` (a telemetry metric's
+    /// values: `mean` and `effect` instead of `rate` and `ratio`).
+    #[serde(default = "rate_kind")]
+    pub kind: String,
     pub updated: GateCounts,
     pub control: GateCounts,
     /// `updated.rate / control.rate` (`null` when the control's rate is 0 or unknown).
     pub ratio: Option<f64>,
-    /// The one-sided p-value that the updated devices fail more, when tested.
+    /// The one-sided p-value that the updated devices fail more, when tested (a metric: that
+    /// its values shifted the bad way, by the Mann-Whitney U test).
     pub p_value: Option<f64>,
+    /// A metric gate's shift: the difference of the means in pooled standard deviations
+    /// (negative: lower); the gate fails at 0.5 the bad way, with `p <= alpha`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effect: Option<f64>,
     /// `pass`, `fail` or `unclear`.
     pub verdict: String,
     /// Why it is unclear.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+fn rate_kind() -> String {
+    "rate".to_owned()
 }
 
 /// The last gate comparison of a rollout.
@@ -669,8 +754,27 @@ mod tests {
         .spec()
         .expect("spec");
         assert_eq!(spec.gate, ["disconnects", "crashes"]);
+        assert!(spec.gate_metrics.is_empty());
         assert_eq!(spec.require.len(), 1);
         assert!(spec.window.is_some());
+        let metric_spec = CreateRollout {
+            gate: Some(vec![
+                "reconnects".into(),
+                "battery.v".into(),
+                "temp:up".into(),
+            ]),
+            ..Default::default()
+        }
+        .spec()
+        .expect("metric gates");
+        assert_eq!(metric_spec.gate, ["disconnects"]);
+        let metrics: Vec<String> = metric_spec
+            .gate_metrics
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(metrics, ["battery.v", "temp:up"]);
+        assert_eq!(metric_spec.gate_metrics[0].worse, Worse::Either);
         for bad in [
             CreateRollout {
                 waves: Some(vec![50.0, 10.0, 100.0]),
@@ -685,7 +789,15 @@ mod tests {
                 ..Default::default()
             },
             CreateRollout {
-                gate: Some(vec!["battery.v".into()]),
+                gate: Some(vec!["battery.v:sideways".into()]),
+                ..Default::default()
+            },
+            CreateRollout {
+                gate: Some(vec!["battery v".into()]),
+                ..Default::default()
+            },
+            CreateRollout {
+                gate: Some(vec!["temp".into(), "temp:up".into()]),
                 ..Default::default()
             },
             CreateRollout {

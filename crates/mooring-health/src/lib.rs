@@ -53,6 +53,11 @@
 //! [`compare`] is the same test for one cohort against a rest the caller chooses (the rollout
 //! gate: the new version's devices against the old one's), without the FDR family.
 //!
+//! [`compare_values`] is the gate on a telemetry metric's values (`--gate battery.v`): one mean
+//! per device, the updated devices against the control's, by the Mann-Whitney U test, failing
+//! on a significant shift of at least [`EFFECT_MIN_DEFAULT`] pooled standard deviations the bad
+//! way ([`Worse`]).
+//!
 //! `dist` computes the tails exactly in log space (Loader's saddle-point masses, tails summed
 //! from their largest term), so counts up to 2^53 neither overflow nor lose precision; `fdr` is
 //! Benjamini-Hochberg. docs/health.md ("The cohort test") explains it all with a worked example.
@@ -65,8 +70,12 @@
 mod cohort;
 pub mod dist;
 pub mod fdr;
+mod values;
 
 pub use cohort::{
     compare, evaluate, Cohort, CohortTest, Config, Evaluation, FleetTotals, HealthError, Outcome,
     SignalKind, SkipReason, Skipped, COHORTS_MAX, EVENTS_MAX,
+};
+pub use values::{
+    compare_values, ValuesConfig, ValuesOutcome, ValuesTest, Worse, EFFECT_MIN_DEFAULT, VALUES_MAX,
 };

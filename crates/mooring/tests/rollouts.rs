@@ -801,3 +801,150 @@ async fn a_caller_holds_at_most_eight_rollout_streams() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A gate on a telemetry metric (`--gate battery.v:down`): the first wave's devices commit the
+/// new version and then report a battery voltage 0.15 V below the control cohort's (the same
+/// spread), so the rank-sum test fails the gate and the rollout pauses before the second wave.
+/// The devices are raw MQTT clients speaking the update protocol (update command in, status
+/// reports and telemetry out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_that_lowers_a_gated_metric_stops_at_the_gate() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), CONFIG);
+    let n = 18;
+    let ids_: Vec<String> = (0..n).map(|i| format!("volt-{i}")).collect();
+    let mut devices = Vec::new();
+    for id in &ids_ {
+        let creds = server.create_device(id, tmp.path());
+        let mut d = MqttDevice::connect(&server, &creds, id).await;
+        d.subscribe(&format!("devices/{id}/commands/+")).await;
+        devices.push(d);
+    }
+    for id in &ids_ {
+        server
+            .wait_for(&format!("/api/v1/devices/{id}"), |v| v["online"] == true)
+            .await;
+    }
+    let image: Vec<u8> = (0..50_000u32).map(|i| (i % 229) as u8).collect();
+    let art = server.ota_upload(&tmp.path().join("fw-5.img"), &image, "5.0.0");
+    // 18 devices: 6 in control (33.34 %), then 6 of the other 12 in the first wave.
+    let created = cli_ok(
+        &server,
+        &[
+            "rollout",
+            "create",
+            "--artifact",
+            &art,
+            "--target",
+            &ids("volt", n),
+            "--waves",
+            "50,100",
+            "--control",
+            "33.34%",
+            "--min-devices",
+            "6",
+            "--health-window",
+            "10s",
+            "--gate",
+            "battery.v:down",
+        ],
+    );
+    let id = created.trim().to_owned();
+    let r = wait_rollout(&server, &id, |v| v["waves"][0]["waiting"] == 0).await;
+    let dep = r["deployment_id"].as_str().expect("deployment").to_owned();
+    assert_eq!(
+        r["spec"]["gate"],
+        serde_json::json!(["battery.v:down"]),
+        "{r}"
+    );
+    let first = started(&server, &dep, &ids_).await;
+    assert_eq!(first.len(), 6, "{r}");
+    // The first wave commits the new version.
+    for d in devices.iter_mut().filter(|d| first.contains(&d.id)) {
+        let (topic, cmd) = d.next_json().await;
+        assert!(
+            topic.starts_with(&format!("devices/{}/commands/", d.id)),
+            "{topic}"
+        );
+        assert_eq!(cmd["name"], "mooring.update", "{cmd}");
+        for (seq, state) in [(1, "downloading"), (2, "committed")] {
+            let report = serde_json::json!({
+                "v": 1, "deployment_id": dep, "artifact_id": art, "version": "5.0.0",
+                "state": state, "at": 1, "seq": seq, "running_version": "5.0.0",
+            });
+            d.publish(&format!("devices/{}/ota/status", d.id), &report.to_string())
+                .await;
+        }
+    }
+    let r = wait_rollout(&server, &id, |v| v["window_started_at"].is_u64()).await;
+    let window_start = r["window_started_at"].as_u64().expect("window start");
+    // Over the window every device reports its battery: the updated ones 0.15 V low.
+    for round in 0..3u64 {
+        for (i, d) in devices.iter_mut().enumerate() {
+            let base = if first.contains(&d.id) { 3.55 } else { 3.70 };
+            let volts = base + (i % 6) as f64 * 0.01 + round as f64 * 0.001;
+            let payload =
+                serde_json::json!({"ts": window_start + 500 + round * 1000, "battery.v": volts});
+            d.publish(&format!("devices/{}/telemetry", d.id), &payload.to_string())
+                .await;
+        }
+    }
+    let r = wait_rollout(&server, &id, |v| v["state"] != "running").await;
+    assert_eq!(r["state"], "paused", "{r}");
+    let s = &r["gate"]["signals"][0];
+    assert_eq!(
+        (
+            s["signal"].as_str(),
+            s["kind"].as_str(),
+            s["verdict"].as_str()
+        ),
+        (Some("battery.v:down"), Some("metric"), Some("fail")),
+        "{r}"
+    );
+    assert_eq!(
+        (
+            s["updated"]["devices"].as_u64(),
+            s["control"]["devices"].as_u64()
+        ),
+        (Some(6), Some(6)),
+        "{s}"
+    );
+    let (mu, mc) = (
+        s["updated"]["mean"].as_f64().expect("mean"),
+        s["control"]["mean"].as_f64().expect("mean"),
+    );
+    assert!((mc - mu - 0.15).abs() < 0.02, "{s}");
+    assert!(s["effect"].as_f64().is_some_and(|e| e < -0.5), "{s}");
+    assert!(s["p_value"].as_f64().is_some_and(|p| p <= 0.01), "{s}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .is_some_and(|x| x.contains("battery.v:down mean") && x.contains("sd")),
+        "{r}"
+    );
+    // Stopped before the next wave, and `show` prints the comparison in means.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(started(&server, &dep, &ids_).await, first);
+    let shown = cli_ok(&server, &["rollout", "show", &id]);
+    assert!(
+        shown.contains("battery.v:down") && shown.contains("mean 3.5") && shown.contains("sd"),
+        "{shown}"
+    );
+    // A metric name the gate cannot take is refused with the field named.
+    let out = server.cli(&[
+        "rollout",
+        "create",
+        "--artifact",
+        &art,
+        "--target",
+        "id:volt-0",
+        "--gate",
+        "battery.v:sideways",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(":down"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

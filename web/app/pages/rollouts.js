@@ -46,6 +46,9 @@ function fmtRate(rate) {
 /** The updated devices' rate over the control's: "∞×" when the control saw none and the
  *  updated devices some. */
 function fmtRatio(s) {
+  if (s.kind === "metric") {
+    return s.effect === null || s.effect === undefined ? "–" : `${s.effect >= 0 ? "+" : ""}${s.effect.toFixed(2)} sd`;
+  }
   if (s.ratio === null || s.ratio === undefined) return s.updated.events > 0 ? "∞×" : "–";
   return `${s.ratio.toFixed(2)}×`;
 }
@@ -180,7 +183,11 @@ function Waves({ r }) {
   </section>`;
 }
 
-function GateSide({ c, testid }) {
+function GateSide({ c, metric, testid }) {
+  if (metric) {
+    const mean = c.mean === null || c.mean === undefined ? "–" : c.mean.toFixed(3);
+    return html`<span data-testid=${testid} data-mean=${c.mean ?? ""} data-devices=${c.devices}>mean ${mean} on ${fmtNum(c.devices)} devices <span class="muted">(${fmtNum(c.events)} points)</span></span>`;
+  }
   return html`<span data-testid=${testid} data-events=${c.events} data-devices=${c.devices}>${fmtNum(c.events)} on ${fmtNum(c.devices)} devices <span class="muted">(${fmtRate(c.rate)}/device-h)</span></span>`;
 }
 
@@ -190,13 +197,13 @@ function GateTable({ r }) {
     <h2>Health gate</h2>
     ${r.window_ends_at && html`<p data-testid="rollout-window">Health window of ${waveLabel(currentWave(r))}: ${r.window_started_at ? html`since <span title=${fmtTime(r.window_started_at)}>${fmtAgo(r.window_started_at)}</span>, ` : ""}ends ${fmtTime(r.window_ends_at)}.</p>`}
     ${!g ? html`<${Empty}>No comparison yet: the gate compares a wave's updated devices with the control cohort once its health window is over.</${Empty}>` : html`
-      <p data-testid="rollout-gate-verdict" data-verdict=${g.verdict}>After ${waveLabel(r.waves.find((w) => w.wave === g.wave) || { wave: g.wave })}: <${StateBadge} state=${g.verdict} /> <span class="muted">checked ${fmtTime(g.checked_at)}; a signal fails at ${g.margin}× the control's rate with p ≤ ${g.alpha}</span></p>
+      <p data-testid="rollout-gate-verdict" data-verdict=${g.verdict}>After ${waveLabel(r.waves.find((w) => w.wave === g.wave) || { wave: g.wave })}: <${StateBadge} state=${g.verdict} /> <span class="muted">checked ${fmtTime(g.checked_at)}; a signal fails at ${g.margin}× the control's rate (a metric: shifted 0.5 sd the bad way) with p ≤ ${g.alpha}</span></p>
       ${g.signals.length === 0 ? html`<${Empty}>Nothing compared: the rollout has no control cohort, so only its abort threshold guards it.</${Empty}>` : html`<div class="table-wrap"><table class="table">
         <thead><tr><th>Signal</th><th>Updated</th><th>Control</th><th>Ratio</th><th>p</th><th>Result</th></tr></thead>
         <tbody>${g.signals.map((s) => html`<tr key=${s.signal} data-testid="rollout-gate-signal" data-signal=${s.signal} data-verdict=${s.verdict}>
           <td data-label="Signal"><code>${s.signal}</code></td>
-          <td data-label="Updated"><${GateSide} c=${s.updated} testid="rollout-gate-updated" /></td>
-          <td data-label="Control"><${GateSide} c=${s.control} testid="rollout-gate-control" /></td>
+          <td data-label="Updated"><${GateSide} c=${s.updated} metric=${s.kind === "metric"} testid="rollout-gate-updated" /></td>
+          <td data-label="Control"><${GateSide} c=${s.control} metric=${s.kind === "metric"} testid="rollout-gate-control" /></td>
           <td data-label="Ratio" data-testid="rollout-gate-ratio">${fmtRatio(s)}</td>
           <td data-label="p" data-testid="rollout-gate-p">${fmtP(s.p_value)}</td>
           <td data-label="Result"><${StateBadge} state=${s.verdict} />${s.reason ? html`<div class="muted">${s.reason}</div>` : ""}</td>

@@ -65,6 +65,14 @@ pub const GATE_MARGIN: f64 = 1.5;
 /// A gate that waits (unclear) is compared again this often, not at every tick: each
 /// comparison reads every compared device's health.
 pub const GATE_WAIT_RECHECK_MS: u64 = 60_000;
+/// How long after its deployment was canceled a rollout is aborted for it: an operator's abort
+/// (which cancels the deployment first) has that long to record its own reason.
+pub const CANCELED_ABORT_GRACE_MS: u64 = 10_000;
+/// Most devices per side whose values a metric gate reads (the first in id order past it are
+/// a sample large enough for the rank-sum test).
+pub const METRIC_GATE_DEVICES_MAX: usize = 1_000;
+/// Most points of one device a metric gate averages (the earliest in the window).
+pub const METRIC_GATE_POINTS_MAX: usize = 1_000;
 /// Longest note a pause or abort carries.
 pub const REASON_LEN_MAX: usize = 500;
 
@@ -229,7 +237,13 @@ fn normalized(req: &CreateRollout, spec: &RolloutSpec, seed: u64) -> CreateRollo
         abort_failure_rate_pct: Some(pct(spec.abort_failure_rate)),
         min_devices: Some(spec.min_devices),
         health_window_ms: Some(spec.health_window_ms),
-        gate: Some(spec.gate.iter().map(|s| (*s).to_owned()).collect()),
+        gate: Some(
+            spec.gate
+                .iter()
+                .map(|s| (*s).to_owned())
+                .chain(spec.gate_metrics.iter().map(ToString::to_string))
+                .collect(),
+        ),
         require: spec.require.iter().map(ToString::to_string).collect(),
         window: spec.window.map(|w| w.to_string()),
         auto_abort: spec.auto_abort,
@@ -458,7 +472,7 @@ impl Rollouts {
         // A gate that could never compare would hold the rollout at its first wave for good.
         let (control_n, upto) = plan::sizes(devices.len() as u64, &spec);
         let first = upto.first().copied().unwrap_or(0);
-        if !spec.gate.is_empty() && control_n > 0 && control_n.min(first) < spec.min_devices {
+        if gates(&spec) && control_n > 0 && control_n.min(first) < spec.min_devices {
             return Err(ServiceError::invalid(
                 "invalid_rollout",
                 format!(
@@ -1156,6 +1170,17 @@ impl Rollouts {
     ) -> ServiceResult<Option<(DeploymentRecord, Sums)>> {
         let reason = match self.core.store.get_deployment(&r.deployment_id).await? {
             None => "its deployment was deleted".to_owned(),
+            // An operator's abort cancels the deployment first and then aborts the rollout
+            // with its own reason; the grace keeps this tick from taking that abort over (and
+            // its reason and author with it). Nothing starts meanwhile: the store starts no
+            // device of a canceled deployment.
+            Some(d)
+                if d.canceled_at_ms.is_some_and(|at| {
+                    self.core.now_ms() < at.saturating_add(CANCELED_ABORT_GRACE_MS)
+                }) =>
+            {
+                return Ok(None);
+            }
             Some(d) if d.canceled_at_ms.is_some() => "its deployment was canceled".to_owned(),
             Some(dep) => {
                 let all = Sums::of(&self.core.store.rollout_progress(&r.id).await?);
@@ -1500,6 +1525,45 @@ impl Rollouts {
         Ok(view.version.clone())
     }
 
+    /// A device's mean of `metric` (`battery`: the fleet's battery metric) over
+    /// `[from_ms, to_ms)`, of its first [`METRIC_GATE_POINTS_MAX`] numeric points, and how many
+    /// points that was; `None` without any.
+    async fn metric_mean(
+        &self,
+        device: &str,
+        metric: &str,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> ServiceResult<Option<(f64, u64)>> {
+        let Ok(device_id) = DeviceId::parse(device) else {
+            return Ok(None);
+        };
+        let metric = if metric == "battery" {
+            self.core.config.health.battery_metric.clone()
+        } else {
+            metric.to_owned()
+        };
+        let points = self
+            .core
+            .store
+            .query(mooring_store::TelemetryQuery {
+                device_id,
+                metric: Some(metric),
+                from_ms: Some(from_ms),
+                to_ms: Some(to_ms),
+                limit: METRIC_GATE_POINTS_MAX,
+            })
+            .await?;
+        let (sum, n) = points
+            .iter()
+            .filter_map(|p| match p.value {
+                mooring_store::MetricValue::Number(v) => Some(v),
+                mooring_store::MetricValue::Bool(_) => None,
+            })
+            .fold((0.0, 0u64), |(s, n), v| (s + v, n + 1));
+        Ok((n > 0).then(|| (sum / n as f64, n)))
+    }
+
     /// The compared devices of a page of the rollout's devices (see [`compared`]) with their
     /// health now; `with_baseline`: only those that have a baseline.
     async fn sample_page(
@@ -1593,6 +1657,11 @@ impl Rollouts {
         };
         let mut updated = vec![zero; spec.gate.len()];
         let mut control = updated.clone();
+        let mut metrics = vec![plan::MetricValues::default(); spec.gate_metrics.len()];
+        let window_start = r
+            .window_started_at_ms
+            .unwrap_or_else(|| now.saturating_sub(spec.health_window_ms));
+        let mut control_seen = 0u64;
         let mut after: Option<String> = None;
         loop {
             let page = self
@@ -1612,7 +1681,9 @@ impl Rollouts {
                 if hours <= 0.0 {
                     continue;
                 }
-                let side = if d.wave == control_wave {
+                let in_control = d.wave == control_wave;
+                control_seen += u64::from(in_control);
+                let side = if in_control {
                     &mut control
                 } else {
                     &mut updated
@@ -1624,9 +1695,27 @@ impl Rollouts {
                     side[i].events += c.saturating_sub(b);
                     side[i].exposure += hours;
                 }
+                for (i, m) in spec.gate_metrics.iter().enumerate() {
+                    let values = &mut metrics[i];
+                    let (means, points) = if in_control {
+                        (&mut values.control, &mut values.control_points)
+                    } else {
+                        (&mut values.updated, &mut values.updated_points)
+                    };
+                    if means.len() >= METRIC_GATE_DEVICES_MAX {
+                        continue;
+                    }
+                    if let Some((mean, n)) = self
+                        .metric_mean(&d.device_id, &m.metric, window_start, now)
+                        .await?
+                    {
+                        means.push(mean);
+                        *points += n;
+                    }
+                }
             }
         }
-        if control.first().is_none_or(|c| c.devices == 0) && !spec.gate.is_empty() {
+        if control_seen == 0 && gates(spec) {
             let in_control = self
                 .core
                 .store
@@ -1673,12 +1762,19 @@ impl Rollouts {
                 )
             })
             .collect();
-        let (verdict, results) = plan::gate(&signals, &config);
-        let counts = |c: &plan::Counts, rate: Option<f64>| GateCounts {
+        let metrics: Vec<(String, mooring_api::Worse, plan::MetricValues)> = spec
+            .gate_metrics
+            .iter()
+            .zip(metrics)
+            .map(|(m, v)| (m.to_string(), m.worse, v))
+            .collect();
+        let (verdict, results) = plan::gate(&signals, &metrics, &config);
+        let counts = |c: &plan::Counts, rate: Option<f64>, mean: Option<f64>| GateCounts {
             devices: c.devices,
             events: c.events,
             hours: c.exposure,
             rate,
+            mean,
         };
         Ok(Gate {
             wave: k,
@@ -1700,11 +1796,13 @@ impl Rollouts {
                         plan::SignalVerdict::Unclear(why) => ("unclear", Some(why)),
                     };
                     GateSignal {
-                        updated: counts(&s.updated, s.updated_rate),
-                        control: counts(&s.control, s.control_rate),
+                        kind: if s.metric { "metric" } else { "rate" }.to_owned(),
+                        updated: counts(&s.updated, s.updated_rate, s.means.map(|m| m.0)),
+                        control: counts(&s.control, s.control_rate, s.means.map(|m| m.1)),
                         signal: s.signal,
                         ratio: s.ratio,
                         p_value: s.p_value,
+                        effect: s.effect,
                         verdict: verdict.to_owned(),
                         reason,
                     }
@@ -1712,6 +1810,11 @@ impl Rollouts {
                 .collect(),
         })
     }
+}
+
+/// Whether a rollout's gate compares anything (a health signal or a metric).
+fn gates(spec: &RolloutSpec) -> bool {
+    !spec.gate.is_empty() || !spec.gate_metrics.is_empty()
 }
 
 /// Whether a device is compared at the gate after wave `k`: an updated device of waves `<= k`
@@ -1728,6 +1831,27 @@ fn compared(
 }
 
 /// One line of a gate's comparison: `disconnects 2.1× control (p<0.001) fail; crashes ...`.
+/// A metric gate's line: `battery.v:down mean 3.55 on 40 updated device(s) vs 3.70 on 40 in
+/// control (shift -1.50 sd, p<0.001): fail`; `None` for a rate signal.
+fn metric_summary(s: &GateSignal, p: &str, why: &str) -> Option<String> {
+    if s.kind != "metric" {
+        return None;
+    }
+    let mean = |m: Option<f64>| m.map_or_else(|| "-".to_owned(), |m| format!("{m:.3}"));
+    let shift = s
+        .effect
+        .map_or_else(|| "no spread".to_owned(), |e| format!("shift {e:+.2} sd"));
+    Some(format!(
+        "{} mean {} on {} updated device(s) vs {} on {} in control ({shift}{p}): {}{why}",
+        s.signal,
+        mean(s.updated.mean),
+        s.updated.devices,
+        mean(s.control.mean),
+        s.control.devices,
+        s.verdict
+    ))
+}
+
 fn gate_summary(g: &Gate) -> String {
     let lines: Vec<String> = g
         .signals
@@ -1748,6 +1872,9 @@ fn gate_summary(g: &Gate) -> String {
                 .as_deref()
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
+            if let Some(line) = metric_summary(s, &p, &why) {
+                return line;
+            }
             format!(
                 "{} {} on {} updated device(s) vs {} on {} in control ({ratio} the control's rate{p}): {}{why}",
                 s.signal,
@@ -1804,6 +1931,7 @@ fn to_api(r: RolloutRecord, progress: &[WaveProgress], version: String) -> Rollo
             min_devices: 0,
             health_window_ms: 0,
             gate: Vec::new(),
+            gate_metrics: Vec::new(),
             require: Vec::new(),
             window: None,
             auto_abort: false,

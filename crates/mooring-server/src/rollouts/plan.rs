@@ -3,8 +3,8 @@
 //! the next one start (the fleet health issue's cohort test, updated devices against the
 //! control cohort), when failures abort, and how many devices may start now.
 
-use mooring_api::{Bp, RolloutSpec, BP_ALL};
-use mooring_health::{Cohort, Config, Outcome, SignalKind};
+use mooring_api::{Bp, RolloutSpec, Worse, BP_ALL};
+use mooring_health::{Cohort, Config, Outcome, SignalKind, ValuesConfig, ValuesOutcome};
 use sha2::{Digest, Sha256};
 
 /// A device's place in the rollout's random order: the first 63 bits of
@@ -110,7 +110,22 @@ pub struct SignalGate {
     pub ratio: Option<f64>,
     /// The one-sided p-value of "the updated devices fail more", when tested.
     pub p_value: Option<f64>,
+    /// A metric gate (else a rate): its means (updated, control) and its shift in pooled
+    /// standard deviations.
+    pub metric: bool,
+    pub means: Option<(f64, f64)>,
+    pub effect: Option<f64>,
     pub verdict: SignalVerdict,
+}
+
+/// A metric gate's input: each compared device's mean of the metric over the window, and the
+/// points those means were taken of.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricValues {
+    pub updated: Vec<f64>,
+    pub control: Vec<f64>,
+    pub updated_points: u64,
+    pub control_points: u64,
 }
 
 /// The whole gate.
@@ -131,6 +146,7 @@ pub enum GateVerdict {
 /// devices, too little exposure) makes it wait.
 pub fn gate(
     signals: &[(String, SignalKind, Counts, Counts)],
+    metrics: &[(String, Worse, MetricValues)],
     config: &Config,
 ) -> (GateVerdict, Vec<SignalGate>) {
     let mut out = Vec::with_capacity(signals.len());
@@ -177,8 +193,14 @@ pub fn gate(
             control_rate,
             ratio,
             p_value,
+            metric: false,
+            means: None,
+            effect: None,
             verdict,
         });
+    }
+    for (metric, worse, values) in metrics {
+        out.push(metric_gate(metric, *worse, values, config));
     }
     let verdict = if out.iter().any(|s| s.verdict == SignalVerdict::Fail) {
         GateVerdict::Fail
@@ -188,6 +210,54 @@ pub fn gate(
         GateVerdict::Wait
     };
     (verdict, out)
+}
+
+/// One metric gate: the updated devices' means against the control's, by
+/// `mooring_health::compare_values` at the same significance level, each group needing
+/// `config.devices_min` devices (at least 3).
+fn metric_gate(metric: &str, worse: Worse, values: &MetricValues, config: &Config) -> SignalGate {
+    let counts = |v: &[f64], points: u64| Counts {
+        devices: v.len() as u64,
+        events: points,
+        exposure: 0.0,
+    };
+    let worse_health = match worse {
+        Worse::Down => mooring_health::Worse::Down,
+        Worse::Up => mooring_health::Worse::Up,
+        Worse::Either => mooring_health::Worse::Either,
+    };
+    let vc = ValuesConfig {
+        alpha: config.fdr_q,
+        effect_min: mooring_health::EFFECT_MIN_DEFAULT,
+        devices_min: config.devices_min.max(3),
+    };
+    let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let mut g = SignalGate {
+        signal: metric.to_owned(),
+        updated: counts(&values.updated, values.updated_points),
+        control: counts(&values.control, values.control_points),
+        updated_rate: None,
+        control_rate: None,
+        ratio: None,
+        p_value: None,
+        metric: true,
+        means: mean(&values.updated).zip(mean(&values.control)),
+        effect: None,
+        verdict: SignalVerdict::Pass,
+    };
+    match mooring_health::compare_values(&values.updated, &values.control, worse_health, &vc) {
+        Ok(ValuesOutcome::Tested(t)) => {
+            g.p_value = Some(t.p_value);
+            g.effect = t.effect;
+            g.means = Some((t.updated_mean, t.control_mean));
+            if t.flagged {
+                g.verdict = SignalVerdict::Fail;
+            }
+        }
+        Ok(ValuesOutcome::Skipped(why)) => g.verdict = SignalVerdict::Unclear(why),
+        Err(e) => g.verdict = SignalVerdict::Unclear(e.to_string()),
+    }
+    g
 }
 
 /// Whether failures abort the rollout now: at least `spec.min_devices` devices tried (ended
@@ -329,6 +399,7 @@ mod tests {
                 ),
                 signal("crashes", counts(950, 2, 475.0), counts(500, 1, 250.0)),
             ],
+            &[],
             &Config::default(),
         );
         assert_eq!(v, GateVerdict::Fail);
@@ -346,6 +417,7 @@ mod tests {
                 counts(950, 195, 475.0),
                 counts(500, 100, 250.0),
             )],
+            &[],
             &Config::default(),
         );
         assert_eq!(v, GateVerdict::Pass, "{s:?}");
@@ -360,6 +432,7 @@ mod tests {
                 counts(5, 0, 2.5),
                 counts(500, 100, 250.0),
             )],
+            &[],
             &cfg,
         );
         assert_eq!(v, GateVerdict::Wait);
@@ -373,6 +446,7 @@ mod tests {
                 counts(950, 0, 475.0),
                 counts(3, 0, 1.5),
             )],
+            &[],
             &cfg,
         );
         assert_eq!(v, GateVerdict::Wait);
@@ -386,6 +460,7 @@ mod tests {
                 counts(950, 0, 0.0),
                 counts(500, 0, 0.0),
             )],
+            &[],
             &cfg,
         );
         assert_eq!(v, GateVerdict::Wait);
@@ -399,9 +474,41 @@ mod tests {
                     counts(500, 100, 250.0),
                 ),
             ],
+            &[],
             &cfg,
         );
         assert_eq!(v, GateVerdict::Fail);
+    }
+
+    #[test]
+    fn a_metric_gate_fails_a_version_that_lowers_the_metric_and_waits_on_too_few() {
+        // Control devices' battery means spread 3.60..3.79 V; the updated ones 0.15 V lower.
+        let control: Vec<f64> = (0..40).map(|i| 3.6 + f64::from(i % 20) * 0.01).collect();
+        let lower: Vec<f64> = control.iter().map(|v| v - 0.15).collect();
+        let values = |updated: &[f64]| MetricValues {
+            updated: updated.to_vec(),
+            control: control.clone(),
+            updated_points: updated.len() as u64 * 6,
+            control_points: 240,
+        };
+        let cfg = Config::default();
+        let down = |v: MetricValues| [("battery.v".to_owned(), Worse::Down, v)];
+        let (v, s) = gate(&[], &down(values(&lower)), &cfg);
+        assert_eq!(v, GateVerdict::Fail, "{s:?}");
+        assert!(s[0].effect.expect("effect") < -1.0 && s[0].p_value.expect("p") < 1e-6);
+        let (mu, mc) = s[0].means.expect("means");
+        assert!((mc - mu - 0.15).abs() < 1e-9);
+        assert_eq!((s[0].updated.events, s[0].control.devices), (240, 40));
+        // The same values pass; a higher metric passes when only lower is worse.
+        let (v, _) = gate(&[], &down(values(&control)), &cfg);
+        assert_eq!(v, GateVerdict::Pass);
+        let higher: Vec<f64> = control.iter().map(|v| v + 0.15).collect();
+        let (v, _) = gate(&[], &down(values(&higher)), &cfg);
+        assert_eq!(v, GateVerdict::Pass);
+        // Too few updated devices with a value: wait.
+        let (v, s) = gate(&[], &down(values(&lower[..5])), &cfg);
+        assert_eq!(v, GateVerdict::Wait);
+        assert!(matches!(&s[0].verdict, SignalVerdict::Unclear(r) if r.contains("fewer than")));
     }
 
     #[test]

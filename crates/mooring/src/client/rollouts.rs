@@ -114,7 +114,9 @@ pub struct CreateArgs {
     #[arg(long)]
     health_window: Option<String>,
     /// Health signals compared with the control cohort (default
-    /// disconnects,crashes,restarts,telemetry_gaps; `reconnects` is disconnects).
+    /// disconnects,crashes,restarts,telemetry_gaps; `reconnects` is disconnects), and
+    /// telemetry metrics whose values are: `battery.v` (a shift either way fails),
+    /// `battery.v:down` (lower is worse), `temp:up` (higher is worse).
     #[arg(long)]
     gate: Option<String>,
     /// A per-device precondition on its latest telemetry (`battery>=30`); repeat for
@@ -210,7 +212,8 @@ fn render(r: &Rollout) -> String {
     }
     if let Some(g) = &r.gate {
         out.push_str(&format!(
-            "gate after wave {}: {} (fails at {}x the control's rate with p <= {})\n",
+            "gate after wave {}: {} (a signal fails at {}x the control's rate, a metric at a \
+             0.5 sd shift the bad way, with p <= {})\n",
             g.wave + 1,
             g.verdict,
             g.margin,
@@ -218,19 +221,27 @@ fn render(r: &Rollout) -> String {
         ));
         let mut t = Table::new(&["SIGNAL", "UPDATED", "CONTROL", "RATIO", "P", "RESULT"]);
         for s in &g.signals {
-            let side = |c: &mooring_api::GateCounts| {
-                format!(
+            // A metric gate (`battery.v:down`) compares means, its "ratio" is the shift in
+            // pooled standard deviations.
+            let metric = s.kind == "metric";
+            let side = |c: &mooring_api::GateCounts| match (metric, c.mean) {
+                (true, Some(m)) => format!("mean {m:.3} on {} devices", c.devices),
+                (true, None) => format!("no values on {} devices", c.devices),
+                (false, _) => format!(
                     "{} on {} devices ({}/device-h)",
                     c.events,
                     c.devices,
                     c.rate.map_or_else(|| "-".to_owned(), |r| format!("{r:.2}"))
-                )
+                ),
             };
             t.row(vec![
                 s.signal.clone(),
                 side(&s.updated),
                 side(&s.control),
                 match s.ratio {
+                    _ if metric => s
+                        .effect
+                        .map_or_else(|| "-".to_owned(), |e| format!("{e:+.2}sd")),
                     Some(r) => format!("{r:.2}x"),
                     None if s.updated.events > 0 => "inf".to_owned(),
                     None => "1.00x".to_owned(),
