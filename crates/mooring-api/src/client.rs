@@ -440,6 +440,37 @@ impl Client {
         Ok(self.json(Method::PUT, url, Some(tags), None).await?.1)
     }
 
+    /// `PUT /api/v1/devices/{id}/gateway`: attaches the device to a gateway.
+    pub async fn attach_gateway(
+        &self,
+        child: &str,
+        gateway: &str,
+    ) -> Result<crate::GatewayAttachment> {
+        let url = self.url(&["api", "v1", "devices", child, "gateway"], None::<&()>)?;
+        let req = crate::AttachGateway {
+            gateway: gateway.to_owned(),
+        };
+        Ok(self.json(Method::PUT, url, Some(&req), None).await?.1)
+    }
+
+    /// `DELETE /api/v1/devices/{id}/gateway`: detaches the device from its gateway.
+    pub async fn detach_gateway(&self, child: &str) -> Result<()> {
+        let url = self.url(&["api", "v1", "devices", child, "gateway"], None::<&()>)?;
+        self.send(Method::DELETE, url, None::<&()>, &[], None)
+            .await?;
+        Ok(())
+    }
+
+    /// `GET /api/v1/devices/{id}/children`: one page of a gateway's children.
+    pub async fn gateway_children(
+        &self,
+        gateway: &str,
+        params: &crate::ChildrenParams,
+    ) -> Result<crate::GatewayChildren> {
+        self.get(self.url(&["api", "v1", "devices", gateway, "children"], Some(params))?)
+            .await
+    }
+
     /// `POST /api/v1/devices/{id}/installation`: records who installed the device, where.
     pub async fn record_installation(
         &self,

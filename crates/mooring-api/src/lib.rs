@@ -22,6 +22,7 @@ mod devices;
 mod error;
 mod events;
 mod fleet;
+mod gateways;
 mod health;
 mod jobs;
 mod ota;
@@ -59,6 +60,9 @@ pub use events::{Event, EventBody, EventsParams, EventsReset, StreamItem, RESET_
 pub use fleet::{
     FleetHistory, FleetHistoryParams, FleetSamplePoint, FleetSummary, FleetSummaryParams,
     VersionCount, FLEET_VERSIONS_MAX,
+};
+pub use gateways::{
+    AttachGateway, ChildrenParams, GatewayAttachment, GatewayChild, GatewayChildren,
 };
 pub use health::{
     AgentHealth, BatteryHealth, DeviceHealth, DiagnosticsRef, HealthAnomaly, HealthCounts,

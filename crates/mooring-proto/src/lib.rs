@@ -12,6 +12,7 @@
 //! * [`command`]: command request / result payloads (schema v1) and command-id rules.
 //! * [`shadow`]: shadow delta payload, merge-patch and delta rules (schema v1).
 //! * [`provision`]: enrollment with a claim token and certificate renewal (schema v1).
+//! * [`gateway`]: what a gateway may do for its children, and child presence (schema v1).
 //! * [`ota`]: over-the-air updates: signed manifests, the update command, status reports (v1).
 //! * [`selector`]: the fleet selector syntax (`tag:site=berlin and online`), parsed and evaluated.
 //! * [`clock`]: the injected notion of "now" so business logic can run on virtual time.
@@ -23,6 +24,7 @@
 
 pub mod clock;
 pub mod command;
+pub mod gateway;
 pub mod id;
 pub mod ota;
 pub mod policy;

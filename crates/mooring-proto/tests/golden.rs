@@ -442,3 +442,17 @@ fn ota_v1_encoding_is_stable() {
     assert_eq!(String::from_utf8(r.to_bytes()).expect("utf8"), pinned);
     assert_eq!(StatusReport::parse(pinned.as_bytes()).expect("valid"), r);
 }
+
+#[test]
+fn gateway_v1_child_presence() {
+    use mooring_proto::gateway::{presence_topic, ChildPresence};
+    assert_eq!(presence_topic(&id("lock-01")), "devices/lock-01/presence");
+    assert_eq!(
+        ChildPresence::new(false).to_json(),
+        r#"{"v":1,"online":false}"#
+    );
+    assert_eq!(
+        ChildPresence::parse(br#"{"online":true,"v":1}"#),
+        Ok(ChildPresence::new(true))
+    );
+}

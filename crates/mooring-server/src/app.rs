@@ -106,6 +106,8 @@ pub struct App {
     /// The OTA service's background tasks (downloads, deployment sends).
     pub ota_tasks: crate::ota::OtaTasks,
     pub rollouts: Arc<crate::rollouts::Rollouts>,
+    /// Gateways and their children (issue 20).
+    pub gateways: crate::gateways::Gateways,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -213,6 +215,7 @@ impl App {
         ));
         Self {
             rollouts,
+            gateways: crate::gateways::Gateways::new(core.clone(), registry.clone()),
             rules: Arc::new(crate::rules::Rules::new(
                 core.clone(),
                 registry.clone(),

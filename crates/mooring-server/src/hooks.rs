@@ -269,6 +269,42 @@ async fn on_renew_request(
     verdict
 }
 
+/// `devices/<child>/presence` from the child's gateway: the child is online while its gateway
+/// says so (and is connected). A payload other than `{"v":1,"online":...}` is refused.
+fn on_child_presence(
+    app: &App,
+    gateway: &mooring_proto::DeviceId,
+    child: &mooring_proto::DeviceId,
+    payload: &[u8],
+    now_ms: u64,
+) -> PublishVerdict {
+    let Ok(p) = mooring_proto::gateway::ChildPresence::parse(payload) else {
+        return PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID);
+    };
+    if !app
+        .registry
+        .gateways()
+        .child_presence(gateway.as_str(), child.as_str(), p.online)
+    {
+        return PublishVerdict::Accept;
+    }
+    if p.online {
+        app.presence.connected(child, now_ms);
+        tracing::debug!(device = %child, gateway = %gateway, "online through its gateway");
+        app.events.publish(
+            Some(child),
+            mooring_api::EventBody::Presence {
+                online: true,
+                node: app.events.node().to_owned(),
+            },
+        );
+        app.commands.kick_local(child, true);
+    } else {
+        app.registry.child_offline(child);
+    }
+    PublishVerdict::Accept
+}
+
 /// A device asks for a new download link (`devices/<id>/ota/link/request`): the link on
 /// `.../ota/link/accepted`, or the refusal (code + message) on `.../ota/link/rejected`.
 async fn on_link_request(
@@ -588,13 +624,17 @@ impl Hooks for ServerHooks {
     }
 
     fn may_publish(&self, principal: &Principal, topic: &str) -> bool {
-        self.app()
-            .is_some_and(|app| app.policy().may_publish(principal, topic))
+        self.app().is_some_and(|app| {
+            app.policy().may_publish(principal, topic)
+                || app.registry.gateways().may_publish(principal, topic)
+        })
     }
 
     fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
-        self.app()
-            .is_some_and(|app| app.policy().may_subscribe(principal, filter))
+        self.app().is_some_and(|app| {
+            app.policy().may_subscribe(principal, filter)
+                || app.registry.gateways().may_subscribe(principal, filter)
+        })
     }
 
     async fn on_publish(
@@ -616,14 +656,29 @@ impl Hooks for ServerHooks {
             };
             return on_claim_request(&app, principal, client_id, claim_id, msg).await;
         }
-        let Principal::Device { id, .. } = principal else {
+        let Principal::Device { id: sender, .. } = principal else {
             return PublishVerdict::Accept;
         };
         let Some(app) = self.app() else {
             return PublishVerdict::Disconnect;
         };
         let now_ms = app.now_ms();
-        let topic = Topic::parse(&msg.topic).filter(|t| t.device() == id);
+        // A gateway relays on its children's topics: the message is the child's (the hooks'
+        // `may_publish` let it through only for a child attached to the sender).
+        let parsed = Topic::parse(&msg.topic);
+        let acting = parsed
+            .as_ref()
+            .and_then(|t| app.registry.gateways().acting_for(sender, t));
+        let topic = parsed.filter(|_| acting.is_some());
+        let id = acting.as_ref().unwrap_or(sender);
+        if id != sender {
+            app.presence.seen(sender, now_ms);
+            if let Some(Topic::DeviceOther(child, rest)) = &topic {
+                if rest == mooring_proto::gateway::PRESENCE {
+                    return on_child_presence(&app, sender, child, &msg.payload, now_ms);
+                }
+            }
+        }
         // Telemetry marks the device seen after ingest, in the same presence update.
         if !matches!(topic, Some(Topic::Telemetry(_))) {
             app.presence.seen(id, now_ms);
@@ -735,6 +790,20 @@ impl Hooks for ServerHooks {
         {
             app.commands.kick_local(id, true);
         }
+        // A gateway subscribing to a child's commands: the child's queued commands go out.
+        for f in filters {
+            if let Some(child) = mooring_proto::gateway::filter_device(f) {
+                if &child != id
+                    && app
+                        .registry
+                        .gateways()
+                        .is_attached(child.as_str(), id.as_str())
+                    && mooring_proto::topic::filter_matches(f, &Topic::command(&child, "c"))
+                {
+                    app.commands.kick_local(&child, true);
+                }
+            }
+        }
     }
 
     fn forwards(&self) -> bool {
@@ -753,6 +822,12 @@ impl Hooks for ServerHooks {
             return;
         }
         if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
+            // A gateway gone: the children it said were online here are not any more.
+            for child in app.registry.gateways().gateway_gone(id.as_str()) {
+                if let Ok(child) = mooring_proto::DeviceId::parse(&child) {
+                    app.registry.child_offline(&child);
+                }
+            }
             app.presence.disconnected(id, app.now_ms());
             tracing::debug!(device = %id, "offline");
             if !app.presence.is_here(id) {

@@ -54,6 +54,7 @@ pub mod emails;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod gateways;
 pub mod health;
 pub mod hooks;
 pub mod http;

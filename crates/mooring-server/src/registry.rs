@@ -60,6 +60,9 @@ pub struct Registry {
     /// with, to close it when that certificate is revoked (`certs.rs`). One entry per device
     /// that connected here, removed with the device.
     session_certs: std::sync::Mutex<std::collections::HashMap<DeviceId, certs::SessionCert>>,
+    /// Which gateway may act for which child (issue 20), and the children online through a
+    /// gateway here.
+    gateways: crate::gateways::GatewayMap,
     /// The certificate gauges of `/metrics` and when they were counted.
     cert_gauges: std::sync::Mutex<Option<(u64, CertGauges)>>,
     /// Renewal requests per device in the current minute (`registry/rotation.rs`): when the
@@ -122,8 +125,81 @@ impl Registry {
             tags_lock: tokio::sync::Mutex::new(()),
             facts: std::sync::Mutex::default(),
             session_certs: std::sync::Mutex::default(),
+            gateways: crate::gateways::GatewayMap::default(),
             cert_gauges: std::sync::Mutex::default(),
             renew_requests: std::sync::Mutex::default(),
+        }
+    }
+
+    /// The gateway attachments this node knows (issue 20).
+    pub fn gateways(&self) -> &crate::gateways::GatewayMap {
+        &self.gateways
+    }
+
+    /// Reads every gateway attachment from the store (at start).
+    pub(crate) async fn load_gateways(&self) -> ServiceResult<usize> {
+        self.gateways.load(self.core.store.as_ref()).await
+    }
+
+    /// `child`'s gateway is now `gateway` in the store: this node follows. A gateway that lost
+    /// it has its subscriptions for the child removed at once, and if the child was online
+    /// through it here, the child goes offline.
+    pub(crate) async fn gateway_changed(&self, child: &DeviceId, gateway: Option<&str>) {
+        let Some((old, was_online)) = self.gateways.set(child.as_str(), gateway) else {
+            return;
+        };
+        if was_online {
+            self.child_offline(child);
+        }
+        self.reauthorize(&old).await;
+    }
+
+    /// A child a gateway said was online here is not any more.
+    pub(crate) fn child_offline(&self, child: &DeviceId) {
+        self.presence
+            .disconnected(child.as_str(), self.core.now_ms());
+        if !self.presence.is_here(child.as_str()) {
+            self.core.events.publish(
+                Some(child),
+                mooring_api::EventBody::Presence {
+                    online: false,
+                    node: self.core.events.node().to_owned(),
+                },
+            );
+        }
+    }
+
+    /// Authorizes `id`'s sessions again against what is stored now (its tags, the children
+    /// attached to it): what they no longer allow is removed.
+    async fn reauthorize(&self, id: &str) {
+        let Some(broker) = self.core.broker() else {
+            return;
+        };
+        match self.core.store.get_device(id).await {
+            Ok(Some(record)) => {
+                let removed = broker.update_principal(mooring_proto::policy::Principal::Device {
+                    id: record.id,
+                    tags: record.tags,
+                });
+                if removed > 0 {
+                    tracing::info!(
+                        gateway = id,
+                        removed,
+                        "a child left the gateway: its subscriptions for it were removed"
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(gateway = id, error = %e, "re-reading a gateway failed"),
+        }
+    }
+
+    /// A device was deleted: it is no one's gateway or child any more.
+    fn forget_gateway_links(&self, id: &DeviceId) {
+        for child in self.gateways.forget_device(id.as_str()) {
+            if let Ok(child) = DeviceId::parse(&child) {
+                self.child_offline(&child);
+            }
         }
     }
 
@@ -345,6 +421,15 @@ impl Registry {
         self.forget_facts(&id);
         match self.core.store.get_device(id.as_str()).await {
             Ok(Some(record)) => {
+                match self.core.store.gateway_of(id.as_str()).await {
+                    Ok(gateway) => {
+                        self.gateway_changed(&id, gateway.as_ref().map(|(g, _)| g.as_str()))
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = %id, error = %e, "re-reading a child's gateway failed")
+                    }
+                }
                 if let Some(broker) = self.core.broker() {
                     broker.update_principal(mooring_proto::policy::Principal::Device {
                         id: id.clone(),
@@ -354,6 +439,7 @@ impl Registry {
                 self.close_sessions_if_cert_invalid(&id).await;
             }
             Ok(None) => {
+                self.forget_gateway_links(&id);
                 mooring_proto::sync::lock(&self.session_certs).remove(&id);
                 if let Some(broker) = self.core.broker() {
                     let prefix = mooring_proto::topic::device_topic_prefix(&id);
@@ -670,6 +756,7 @@ impl Registry {
             let prefix = mooring_proto::topic::device_topic_prefix(&id);
             broker.remove_device(id.as_str(), Some(&prefix));
         }
+        self.forget_gateway_links(&id);
         self.presence.forget(id.as_str());
         self.forget_facts(&id);
         mooring_proto::sync::lock(&self.session_certs).remove(&id);

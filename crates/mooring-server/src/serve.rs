@@ -449,6 +449,12 @@ impl RunningServer {
             .reload()
             .await
             .context("building the MQTT listener's TLS config")?;
+        // Before any session is restored: a gateway's subscriptions for its children are
+        // judged by the attachments.
+        app.registry
+            .load_gateways()
+            .await
+            .map_err(|e| anyhow::anyhow!("loading gateway attachments: {}", e.message))?;
         let broker =
             Broker::with_persistence(broker_config, Arc::new(ServerHooks::new(&app)), persistence);
         broker.restore(crate::broker_state::restored(stored_broker_state));

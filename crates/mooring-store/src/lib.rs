@@ -101,11 +101,11 @@ pub use model::{
 pub use postgres::PgStore;
 pub use sqlite::{backup_database, BackupInfo, SqliteStore, DB_FILE_NAME};
 pub use store::{
-    AccountStore, AlertFilter, ArtifactBlobs, ArtifactStore, AuditStore, BrokerStateStore, CaStore,
-    CertStore, ClaimStore, ClusterStore, CommandStore, DeploymentStore, DeviceStore, FleetStore,
-    HealthStore, JobStore, RolloutStore, RuleStore, ShadowStore, Store, TelemetryStore,
-    TicketFilter, TokenStore, CAS_MAX, CERT_PAGE_LEN_MAX, COMMAND_BATCH_LEN_MAX,
-    HEALTH_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
+    AccountStore, AlertFilter, ArtifactBlobs, ArtifactStore, AttachOutcome, AuditStore,
+    BrokerStateStore, CaStore, CertStore, ClaimStore, ClusterStore, CommandStore, DeploymentStore,
+    DeviceStore, FleetStore, GatewayStore, HealthStore, JobStore, RolloutStore, RuleStore,
+    ShadowStore, Store, TelemetryStore, TicketFilter, TokenStore, CAS_MAX, CERT_PAGE_LEN_MAX,
+    COMMAND_BATCH_LEN_MAX, GATEWAY_PAGE_LEN_MAX, HEALTH_BATCH_LEN_MAX, SESSION_LOOKUP_LEN_MAX,
 };
 pub use writer::{
     run_compaction_pass, run_retention_pass, TelemetryWriter, TelemetryWriterConfig, WriterStats,

@@ -41,6 +41,7 @@ mod cluster;
 mod commands;
 mod devices;
 mod fleet;
+mod gateways;
 mod health;
 mod jobs;
 mod rollouts;
@@ -82,6 +83,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0018_work_queue.sql"),
     include_str!("../migrations/postgres/0019_tickets.sql"),
     include_str!("../migrations/postgres/0020_rollouts.sql"),
+    include_str!("../migrations/postgres/0021_gateways.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

@@ -43,6 +43,7 @@ mod cluster;
 mod commands;
 mod devices;
 mod fleet;
+mod gateways;
 mod health;
 mod jobs;
 mod rollouts;
@@ -89,6 +90,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0021_work_queue.sql"),
     include_str!("../migrations/0022_tickets.sql"),
     include_str!("../migrations/0023_rollouts.sql"),
+    include_str!("../migrations/0024_gateways.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

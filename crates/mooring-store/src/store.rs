@@ -682,6 +682,60 @@ pub trait DeploymentStore: Send + Sync + 'static {
     ) -> Result<Vec<DeviceUpdateRecord>>;
 }
 
+/// What [`GatewayStore::attach_child`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachOutcome {
+    /// Attached; the gateway it had before, if any.
+    Attached(Option<String>),
+    /// The gateway has its maximum of children already; nothing changed.
+    GatewayFull,
+}
+
+/// Most rows one [`GatewayStore::children_of`] or [`GatewayStore::list_attachments`] call
+/// returns: a larger `limit` is cut to it (page on from the last row until a page is empty).
+pub const GATEWAY_PAGE_LEN_MAX: usize = 10_000;
+
+/// Gateways and their children (issue 20): which gateway may act for which device. A child has
+/// at most one gateway; a gateway is never itself a child, and a child is never a gateway (no
+/// chains). Deleting either device deletes the attachment.
+#[async_trait::async_trait]
+pub trait GatewayStore: Send + Sync + 'static {
+    /// Attaches `child` to `gateway` at `at_ms`, replacing an earlier gateway of the child, in
+    /// one transaction. `Attached(previous)`: the gateway the child had before, if any
+    /// (`Some(gateway)` itself when it was attached there already: nothing changes then,
+    /// `attached_at_ms` included). `GatewayFull`: `gateway` already has `children_max` children
+    /// (the child not counted if it is one), nothing changed.
+    /// Errors: `NotFound` if either device does not exist; `InvalidInput` if `child == gateway`,
+    /// if `gateway` is attached to a gateway itself, or if `child` has children.
+    async fn attach_child(
+        &self,
+        child: &str,
+        gateway: &str,
+        at_ms: u64,
+        children_max: usize,
+    ) -> Result<AttachOutcome>;
+    /// Detaches `child`; returns the gateway it was attached to (`None`: it was not).
+    async fn detach_child(&self, child: &str) -> Result<Option<String>>;
+    /// The gateway `child` is attached to and since when (Unix ms).
+    async fn gateway_of(&self, child: &str) -> Result<Option<(String, u64)>>;
+    /// The children of `gateway` with the time each was attached, by child id ascending, after
+    /// `after` (exclusive), at most `limit` (and [`GATEWAY_PAGE_LEN_MAX`]).
+    async fn children_of(
+        &self,
+        gateway: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>>;
+    /// Every attachment as `(child, gateway)`, by child id ascending, after `after`
+    /// (exclusive), at most `limit` (and [`GATEWAY_PAGE_LEN_MAX`]; a node loads them all at
+    /// start, page by page).
+    async fn list_attachments(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>>;
+}
+
 /// Rollouts (issue 19): which device is in which wave, when each started (its update added to
 /// the rollout's deployment), and the rollout's event log.
 #[async_trait::async_trait]
@@ -908,6 +962,7 @@ pub trait Store:
     + ArtifactBlobs
     + DeploymentStore
     + RolloutStore
+    + GatewayStore
     + HealthStore
     + RuleStore
 {
@@ -932,6 +987,7 @@ impl<T> Store for T where
         + ArtifactBlobs
         + DeploymentStore
         + RolloutStore
+        + GatewayStore
         + HealthStore
         + RuleStore
 {

@@ -12,9 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use mooring_store::{
-    AppendOutcome, BrokerOp, BrokerStateStore, CommandRecord, CommandState, CommandStore,
-    CreateOutcome, DeviceStore, MetricValue, PgStore, ShadowRecord, ShadowStore, Store, StoreError,
-    TelemetryQuery, TelemetryRecord, TelemetryStore,
+    AppendOutcome, AttachOutcome, BrokerOp, BrokerStateStore, CommandRecord, CommandState,
+    CommandStore, CreateOutcome, DeviceStore, GatewayStore, MetricValue, PgStore, ShadowRecord,
+    ShadowStore, Store, StoreError, TelemetryQuery, TelemetryRecord, TelemetryStore,
 };
 use tokio_postgres::NoTls;
 
@@ -570,6 +570,72 @@ async fn one_idempotency_key_on_two_servers_at_once_is_one_command() {
         .await
         .expect("list");
     assert_eq!(listed, created);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_attaches_to_one_gateway_on_two_servers_respect_its_bound() {
+    const BOUND: usize = 3;
+    let db = TestDb::create().await;
+    let servers = [Arc::new(db.store().await), Arc::new(db.store().await)];
+    for i in 0..20 {
+        servers[0]
+            .create_device(device(&format!("c{i:02}")))
+            .await
+            .expect("child");
+    }
+    servers[0]
+        .create_device(device("g"))
+        .await
+        .expect("gateway");
+    let mut attaches = tokio::task::JoinSet::new();
+    for i in 0..20u64 {
+        let store = Arc::clone(&servers[usize::try_from(i % 2).expect("small")]);
+        attaches.spawn(async move {
+            store
+                .attach_child(&format!("c{i:02}"), "g", 1_000 + i, BOUND)
+                .await
+        });
+    }
+    let mut attached = 0;
+    while let Some(joined) = attaches.join_next().await {
+        match joined.expect("task").expect("attach") {
+            AttachOutcome::Attached(None) => attached += 1,
+            AttachOutcome::GatewayFull => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(attached, BOUND);
+    let children = servers[1]
+        .children_of("g", None, 100)
+        .await
+        .expect("children");
+    assert_eq!(children.len(), BOUND);
+}
+
+/// `a -> b` and `b -> c` (and the like) attached at once: never both, so never a chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crossing_attaches_on_two_servers_never_make_a_chain() {
+    let db = TestDb::create().await;
+    let servers = [Arc::new(db.store().await), Arc::new(db.store().await)];
+    for round in 0..10 {
+        let ids: Vec<String> = (0..3).map(|i| format!("r{round}d{i}")).collect();
+        for id in &ids {
+            servers[0].create_device(device(id)).await.expect("device");
+        }
+        let (a, b) = (Arc::clone(&servers[0]), Arc::clone(&servers[1]));
+        let (x, y) = (ids.clone(), ids.clone());
+        let first = tokio::spawn(async move { a.attach_child(&x[0], &x[1], 1, 10).await });
+        let second = tokio::spawn(async move { b.attach_child(&y[1], &y[2], 1, 10).await });
+        let outcomes = [first.await.expect("task"), second.await.expect("task")];
+        let ok = outcomes.iter().filter(|o| o.is_ok()).count();
+        assert_eq!(ok, 1, "{outcomes:?}");
+        assert!(
+            outcomes
+                .iter()
+                .any(|o| matches!(o, Err(StoreError::InvalidInput(_)))),
+            "{outcomes:?}"
+        );
+    }
 }
 
 /// The conformance case on two servers: every count lands, none is lost or repeated.

@@ -332,6 +332,59 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8>
             let d = call(api.set_tags(id.as_str(), &current).await)?;
             print_device(&d, output)?;
         }
+        DeviceCommand::Attach {
+            child,
+            gateway,
+            output,
+        } => {
+            let child = parse_id(&child)?;
+            let gateway = parse_id(&gateway)?;
+            let a = call(
+                args.connect()?
+                    .attach_gateway(child.as_str(), gateway.as_str())
+                    .await,
+            )?;
+            if output.json() {
+                print_json(&a)?;
+            } else {
+                println!("attached {} to gateway {}", a.child, a.gateway);
+            }
+        }
+        DeviceCommand::Detach { child } => {
+            let child = parse_id(&child)?;
+            call(args.connect()?.detach_gateway(child.as_str()).await)?;
+            println!("detached {child} from its gateway");
+        }
+        DeviceCommand::Children { gateway, output } => {
+            let gateway = parse_id(&gateway)?;
+            let api = args.connect()?;
+            let mut params = mooring_api::ChildrenParams {
+                limit: Some(1000),
+                cursor: None,
+            };
+            let mut all = Vec::new();
+            loop {
+                let page = call(api.gateway_children(gateway.as_str(), &params).await)?;
+                all.extend(page.children);
+                match page.next_cursor {
+                    Some(c) => params.cursor = Some(c),
+                    None => break,
+                }
+            }
+            if output.json() {
+                print_json(&all)?;
+            } else {
+                let mut t = Table::new(&["CHILD", "ONLINE", "ATTACHED"]);
+                for c in &all {
+                    t.row(vec![
+                        c.id.clone(),
+                        c.online.to_string(),
+                        rfc3339(c.attached_at),
+                    ]);
+                }
+                print!("{}", t.render());
+            }
+        }
         DeviceCommand::Delete { id } => {
             let id = parse_id(&id)?;
             call(args.connect()?.delete_device(id.as_str()).await)?;

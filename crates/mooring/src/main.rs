@@ -361,6 +361,29 @@ enum DeviceCommand {
         #[command(flatten)]
         output: output::OutputArgs,
     },
+    /// Attach a device (a child) to a gateway, which may then relay for it on its own topics
+    /// (docs/edge.md): `mooring device attach lock-7 --gateway gw-1`.
+    Attach {
+        /// The child's device id.
+        child: String,
+        /// The gateway's device id.
+        #[arg(long)]
+        gateway: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
+    /// Detach a device from its gateway: the gateway may no longer act for it, at once.
+    Detach {
+        /// The child's device id.
+        child: String,
+    },
+    /// List a gateway's children (every page), and whether each is online through it.
+    Children {
+        /// The gateway's device id.
+        gateway: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
     /// Delete a device: its certificate is refused from now on and a live session closed.
     Delete {
         /// Device id.

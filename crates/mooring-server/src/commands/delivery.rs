@@ -23,9 +23,9 @@ impl Commands {
         let Some(broker) = self.core.broker() else {
             return Ok(());
         };
-        if !broker.device_is_subscribed(device_id, &Topic::command(device_id, "c")) {
+        let Some(carrier) = self.carrier(device_id) else {
             return Ok(());
-        }
+        };
         let pending = self
             .core
             .store
@@ -72,7 +72,7 @@ impl Commands {
                 );
                 // Queued (even if older QoS 0 messages made room for it) means sent: record
                 // the attempt. Refused: the session cannot take it now; try again later.
-                if !broker.publish_to_device(device_id, msg).is_enqueued() {
+                if !broker.publish_to_device(&carrier, msg).is_enqueued() {
                     break;
                 }
                 record.attempts = record.attempts.saturating_add(1);
@@ -145,9 +145,7 @@ impl Commands {
             } else if c.attempts >= c.max_attempts {
                 self.transition(None, &c.id, Event::GiveUp).await?;
             } else {
-                let subscribed = self.core.broker().is_some_and(|b| {
-                    b.device_is_subscribed(&c.device_id, &Topic::command(&c.device_id, "c"))
-                });
+                let subscribed = self.carrier(&c.device_id).is_some();
                 if subscribed || elsewhere.contains(c.device_id.as_str()) {
                     self.kick(&c.device_id, false);
                 } else {

@@ -100,9 +100,7 @@ impl Commands {
     /// other nodes (the one holding its session delivers).
     pub fn kick(&self, device_id: &DeviceId, all_delivered: bool) {
         if let Some(cluster) = self.core.cluster() {
-            let here = self.core.broker().is_some_and(|b| {
-                b.device_is_subscribed(device_id, &mooring_proto::Topic::command(device_id, "c"))
-            });
+            let here = self.carrier(device_id).is_some();
             if !here {
                 cluster.kick(device_id, all_delivered);
                 return;
@@ -116,12 +114,23 @@ impl Commands {
         let Ok(device_id) = DeviceId::parse(device_id) else {
             return;
         };
-        let here = self.core.broker().is_some_and(|b| {
-            b.device_is_subscribed(&device_id, &mooring_proto::Topic::command(&device_id, "c"))
-        });
-        if here {
+        if self.carrier(&device_id).is_some() {
             self.kick_local(&device_id, all_delivered);
         }
+    }
+
+    /// Whose connected session here takes `device_id`'s commands: its own, or, for a child, its
+    /// gateway's (subscribed on the child's commands topic, docs/edge.md). `None`: neither.
+    pub(crate) fn carrier(&self, device_id: &DeviceId) -> Option<String> {
+        let broker = self.core.broker()?;
+        let topic = mooring_proto::Topic::command(device_id, "c");
+        if broker.device_is_subscribed(device_id, &topic) {
+            return Some(device_id.to_string());
+        }
+        let gateway = self.registry.gateways().gateway_of(device_id.as_str())?;
+        broker
+            .device_is_subscribed(&gateway, &topic)
+            .then_some(gateway)
     }
 
     /// [`Commands::kick`] on this node only (the device's session is here).

@@ -12,6 +12,7 @@ mod certs;
 mod commands;
 mod events;
 mod fleet;
+mod gateways;
 mod health;
 mod jobs;
 mod ota;

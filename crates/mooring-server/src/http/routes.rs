@@ -4,8 +4,8 @@
 //! running server.
 
 use super::{
-    accounts, api, cas, certs, commands, events, fleet, health, jobs, ota, pipeline, provision,
-    rollouts, rules, tickets,
+    accounts, api, cas, certs, commands, events, fleet, gateways, health, jobs, ota, pipeline,
+    provision, rollouts, rules, tickets,
 };
 use crate::access::{role_allows, Permission};
 use crate::app::App;
@@ -74,6 +74,10 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(get, "/api/v1/devices/{id}", DevicesRead, "device.get", api::get_device),
         row!(delete, "/api/v1/devices/{id}", DevicesWrite, "device.delete", api::delete_device),
         row!(put, "/api/v1/devices/{id}/tags", DevicesWrite, "device.tag", commands::put_tags),
+        row!(put, "/api/v1/devices/{id}/gateway", DevicesWrite, "device.attach", gateways::attach_gateway),
+        row!(get, "/api/v1/devices/{id}/gateway", DevicesRead, "device.gateway", gateways::get_gateway),
+        row!(delete, "/api/v1/devices/{id}/gateway", DevicesWrite, "device.detach", gateways::detach_gateway),
+        row!(get, "/api/v1/devices/{id}/children", DevicesRead, "device.children", gateways::list_children),
         row!(get, "/api/v1/devices/{id}/telemetry", TelemetryRead, "telemetry.query", api::device_telemetry),
         row!(get, "/api/v1/devices/{id}/telemetry/latest", TelemetryRead, "telemetry.latest", api::device_telemetry_latest),
         // Certificates (issue 16).

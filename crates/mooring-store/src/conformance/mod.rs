@@ -16,7 +16,7 @@
 //! `conformance` feature (this module exists only with it) as dev-dependencies.
 //!
 //! The cases live one file per store trait (`devices.rs`, `tokens.rs`, `telemetry.rs`,
-//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `health.rs`, `jobs.rs`, `rules.rs`, `certs.rs`, `claims.rs`, `cas.rs`, `artifacts.rs`, `rollouts.rs`) plus `writer.rs` for the group-commit writer and
+//! `commands.rs`, `shadows.rs`, `broker_state.rs`, `cluster.rs`, `accounts.rs`, `audit.rs`, `fleet.rs`, `health.rs`, `jobs.rs`, `rules.rs`, `certs.rs`, `claims.rs`, `cas.rs`, `artifacts.rs`, `rollouts.rs`, `gateways.rs`) plus `writer.rs` for the group-commit writer and
 //! the retention pass; the helpers they share are here.
 
 mod accounts;
@@ -30,6 +30,7 @@ mod cluster;
 mod commands;
 mod devices;
 mod fleet;
+mod gateways;
 mod health;
 mod jobs;
 mod rollouts;
@@ -50,6 +51,7 @@ pub use cluster::*;
 pub use commands::*;
 pub use devices::*;
 pub use fleet::*;
+pub use gateways::*;
 pub use health::*;
 pub use jobs::*;
 pub use rollouts::*;
@@ -97,6 +99,7 @@ macro_rules! conformance_tests {
             a_rules_alert_needs_its_rule_enabled,
             tickets_open_once_by_id_bounded_close_list_and_prune,
             rollouts_start_each_device_once_progress_cas_and_event_log,
+            gateways_attach_detach_bounds_and_no_chains,
             job_create_get_round_trips,
             job_update_is_compare_and_set_on_rev,
             job_list_is_newest_first_with_cursor,

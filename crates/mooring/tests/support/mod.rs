@@ -702,6 +702,35 @@ impl MqttDevice {
         let _ = self.wait(|e| matches!(e, Ev::PubAck)).await;
     }
 
+    /// Publishes at QoS 1 without waiting for the PUBACK (the server may close instead).
+    #[allow(dead_code)]
+    pub async fn publish_no_wait(&mut self, topic: &str, payload: &str) {
+        self.client
+            .publish(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.as_bytes().to_vec(),
+            )
+            .await
+            .expect("publish");
+    }
+
+    /// Waits until the server closes the connection.
+    #[allow(dead_code)]
+    pub async fn closed(&mut self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("device: the connection was not closed in time")
+            {
+                Some(Ev::Closed(_)) | None => return,
+                Some(_) => {}
+            }
+        }
+    }
+
     /// The next received message: topic and raw payload.
     pub async fn next_raw(&mut self) -> (String, Vec<u8>) {
         if let Some(m) = self.pending.pop_front() {
