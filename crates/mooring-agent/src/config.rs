@@ -85,6 +85,9 @@ pub struct AgentConfig {
     pub renew_at_lifetime_fraction: f64,
     /// From `--config`: the `[update]` table (OTA); `None` refuses updates.
     pub update: Option<crate::ota::agent::UpdateConfig>,
+    /// `--gateway-socket` / `[gateway]`: relay for child devices ([`crate::gateway`]);
+    /// `None`: not a gateway.
+    pub gateway: Option<crate::gateway::GatewayConfig>,
 }
 
 /// A user command handler: an executable given the params JSON on stdin, answering with the
@@ -129,6 +132,9 @@ pub struct AgentFile {
     /// Over-the-air updates (docs/agent.md, "Updates").
     #[serde(default)]
     pub update: Option<crate::ota::agent::UpdateConfig>,
+    /// Gateway mode (`socket`, `children_max`); `--gateway-socket` overrides the socket.
+    #[serde(default)]
+    pub gateway: Option<crate::gateway::GatewayConfig>,
 }
 
 impl AgentFile {
@@ -179,6 +185,9 @@ impl AgentFile {
         if let Some(u) = &self.update {
             u.validate().map_err(ConfigError::File)?;
         }
+        if let Some(g) = &self.gateway {
+            g.validate().map_err(ConfigError::File)?;
+        }
         if self.reboot_command.as_ref().is_some_and(|c| c.is_empty()) {
             return bad("reboot_command is empty (leave it out to refuse reboots)".into());
         }
@@ -191,6 +200,9 @@ impl AgentFile {
         config.reboot_command = self.reboot_command;
         config.handlers = self.handlers;
         config.update = self.update;
+        if self.gateway.is_some() {
+            config.gateway = self.gateway;
+        }
         if let Some(f) = self.renew_at_lifetime_fraction {
             config.renew_at_lifetime_fraction = f;
         }
@@ -225,6 +237,7 @@ impl AgentConfig {
             firmware_version: None,
             renew_at_lifetime_fraction: crate::rotate::RENEW_AT_LIFETIME_FRACTION_DEFAULT,
             update: None,
+            gateway: None,
         }
     }
 
@@ -241,6 +254,9 @@ impl AgentConfig {
         }
         if self.keepalive_secs < 5 {
             return Err(ConfigError::Invalid("keepalive must be at least 5 seconds"));
+        }
+        if let Some(g) = &self.gateway {
+            g.validate().map_err(ConfigError::File)?;
         }
         Ok(())
     }
@@ -344,6 +360,28 @@ mod tests {
             AgentFile::parse("").expect("empty is fine"),
             AgentFile::default()
         );
+    }
+
+    #[test]
+    fn the_gateway_table_sets_gateway_mode() {
+        let mut c = AgentConfig::new("h", 8883, "c", "k", "ca", "s");
+        AgentFile::parse("[gateway]\nsocket = \"/run/mooring/gw.sock\"")
+            .expect("valid")
+            .apply(&mut c);
+        let g = c.gateway.clone().expect("gateway");
+        assert_eq!(g.socket, PathBuf::from("/run/mooring/gw.sock"));
+        assert_eq!(g.children_max, crate::gateway::CHILDREN_MAX_DEFAULT);
+        assert!(c.validate().is_ok());
+        let f = AgentFile::parse("[gateway]\nsocket = \"/x\"\nchildren_max = 3").expect("valid");
+        assert_eq!(f.gateway.map(|g| g.children_max), Some(3));
+        for bad in [
+            "[gateway]\nchildren_max = 3",
+            "[gateway]\nsocket = \"\"",
+            "[gateway]\nsocket = \"/x\"\nchildren_max = 0",
+            "[gateway]\nsocket = \"/x\"\nother = 1",
+        ] {
+            assert!(AgentFile::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -421,6 +421,7 @@ async fn exchange(
             filter: provision::subtree_filter(client_id.as_str()),
             tx: replies_tx,
         }],
+        dynamic: None,
         credentials: Some(Credentials {
             username: provision::CLAIM_USERNAME.to_owned(),
             password: config.claim_token.clone(),

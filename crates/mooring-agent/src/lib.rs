@@ -40,15 +40,19 @@
 //! * [`ota`]: the A/B updater (`mooring.update`): slots, journal, resumable download,
 //!   verification, trial boot, health check, commit or revert; the `ota` child.
 //! * [`input`]: the `--input` line reader.
+//! * [`gateway`]: gateway mode (`--gateway-socket`): children on a Unix socket, relayed under
+//!   their own identities on `devices/<child>/...` ([`gateway::relay`]).
 //!
 //! ## Supervision
 //!
 //! [`run_with`] builds one shared [`Core`] (store behind a mutex, channels whose receivers
 //! survive restarts) and runs the parts as children of a one-for-one [`supervisor::Supervisor`]
 //! (at most [`RESTARTS_MAX`] restarts in [`RESTART_PERIOD_MS`]): `link`, `outbox`, `metrics`,
-//! `input`, `commands`, `shadow`. A failing part (a store error, a panic) is restarted alone;
-//! telemetry keeps flowing while the command executor restarts. Past the limit `run_with`
-//! returns the error and the binary exits non-zero, for systemd to restart it.
+//! `input`, `commands`, `shadow`, and in gateway mode `gateway-socket` (the children's
+//! transport) and `gateway` (the relay, [`gateway::relay`]). A failing part (a store error, a
+//! panic) is restarted alone; telemetry keeps flowing while the command executor restarts.
+//! Past the limit `run_with` returns the error and the binary exits non-zero, for systemd to
+//! restart it.
 //!
 //! ## Delivery
 //!
@@ -68,6 +72,7 @@ pub mod commands;
 pub mod config;
 pub mod diag;
 pub mod enroll;
+pub mod gateway;
 pub mod input;
 pub mod key;
 pub mod link;
@@ -305,6 +310,8 @@ pub(crate) struct Core {
     pub(crate) boots: boots::Boots,
     /// The updater and its channels, when `[update]` is configured.
     pub(crate) ota: Option<ota::agent::OtaParts>,
+    /// The children's transport and channels, in gateway mode.
+    pub(crate) gateway: Option<gateway::relay::GatewayParts>,
 }
 
 impl Core {
@@ -376,6 +383,18 @@ pub async fn run_with(
     };
     let input_done = reader.is_none() && input_tx.is_some();
 
+    // Gateway mode: the socket is bound now, so an unusable path is a setup error.
+    let (gateway, gateway_inbound) = match &config.gateway {
+        None => (None, None),
+        Some(g) => {
+            g.validate().map_err(anyhow::Error::msg)?;
+            let transport = gateway::unix::UnixTransport::bind(&g.socket, g.children_max)
+                .with_context(|| format!("gateway socket {}", g.socket.display()))?;
+            let (parts, inbound) = gateway::relay::parts(g.clone(), Box::new(transport));
+            (Some(parts), Some(inbound))
+        }
+    };
+
     let mut store = deps.store;
     let boots = boots::record_start(store.as_mut());
     let core = Arc::new(Core {
@@ -403,6 +422,7 @@ pub async fn run_with(
         rng_seed: deps.rng_seed,
         boots,
         ota,
+        gateway,
     });
     {
         let store = core.store();
@@ -444,6 +464,7 @@ pub async fn run_with(
             tx: ota_link_tx,
         }))
         .collect(),
+        dynamic: gateway_inbound,
         credentials: None,
         give_up_on: None,
     };
@@ -521,6 +542,14 @@ pub async fn run_with(
     .child("ota", {
         let core = c();
         move || ota::agent::run(core.clone())
+    })
+    .child("gateway-socket", {
+        let core = c();
+        move || gateway::relay::serve(core.clone())
+    })
+    .child("gateway", {
+        let core = c();
+        move || gateway::relay::run(core.clone())
     });
 
     let stop = {

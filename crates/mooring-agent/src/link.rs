@@ -119,6 +119,11 @@ pub enum Request {
     Disconnect,
     /// Send DISCONNECT and connect again (a renewed certificate to use).
     Reconnect,
+    /// SUBSCRIBE (QoS 1) to more filters on this connection (gateway children); what arrives
+    /// on them goes to [`LinkSettings::dynamic`].
+    Subscribe(Vec<String>),
+    /// UNSUBSCRIBE from filters added with [`Request::Subscribe`].
+    Unsubscribe(Vec<String>),
 }
 
 /// Publishes on the connection it was handed out for; useless (every send fails) once that
@@ -141,6 +146,17 @@ impl LinkHandle {
                 token,
             })
             .is_ok()
+    }
+
+    /// Queues a SUBSCRIBE (QoS 1) to `filters` on this connection; `false` if the queue is
+    /// full or the connection gone. A new connection starts without them (clean session).
+    pub fn try_subscribe(&self, filters: Vec<String>) -> bool {
+        self.tx.try_send(Request::Subscribe(filters)).is_ok()
+    }
+
+    /// Queues an UNSUBSCRIBE from `filters`; `false` if the queue is full or the connection gone.
+    pub fn try_unsubscribe(&self, filters: Vec<String>) -> bool {
+        self.tx.try_send(Request::Unsubscribe(filters)).is_ok()
     }
 
     /// Asks for a clean DISCONNECT.
@@ -178,6 +194,9 @@ pub struct LinkSettings {
     pub connector: Arc<dyn Connector>,
     pub keepalive: Duration,
     pub routes: Vec<Route>,
+    /// Where inbound messages matching no route go (the filters [`LinkHandle::try_subscribe`]
+    /// added: a gateway's children); `None`: they are ignored.
+    pub dynamic: Option<mpsc::Sender<Inbound>>,
     /// CONNECT username and password; `None` for a device proving itself by its certificate.
     pub credentials: Option<Credentials>,
     /// When a refused CONNECT ends [`drive`] (with [`LinkEnd::Refused`]) instead of being
@@ -311,6 +330,7 @@ async fn session(
         pong_recv: None,
         ping_sent_at: None,
         tokens: HashMap::new(),
+        subscribes: HashMap::new(),
         received: Vec::new(),
         released: Vec::new(),
     };
@@ -358,6 +378,10 @@ async fn session(
             .entries(entries)
             .build()
             .map_err(|e| format!("SUBSCRIBE: {e:?}"))?;
+        s.subscribes.insert(
+            pid,
+            settings.routes.iter().map(|r| r.filter.clone()).collect(),
+        );
         s.send(sub.into());
     }
     s.flush().await?;
@@ -421,6 +445,8 @@ async fn session(
                 qos,
                 token,
             })) => s.publish(&topic, payload, qos, token),
+            Step::Request(Some(Request::Subscribe(filters))) => s.subscribe(filters),
+            Step::Request(Some(Request::Unsubscribe(filters))) => s.unsubscribe(filters),
             Step::Read(Err(e)) => return Err(e.to_string().into()),
             Step::Read(Ok(0)) => return Err("connection closed by the server".to_owned().into()),
             Step::Read(Ok(n)) => s.recv(&buf[..n]),
@@ -464,7 +490,18 @@ fn handle_packet(
                             .error(format!("inbound message dropped: {}", p.topic_name()));
                     }
                 }
-                None => tracing::debug!(topic = %msg.topic, "message without a route; ignored"),
+                None => match &settings.dynamic {
+                    Some(tx) => {
+                        if tx.try_send(msg).is_err() {
+                            tracing::warn!(topic = %p.topic_name(), "inbound queue full; message dropped");
+                            out.diag
+                                .error(format!("inbound message dropped: {}", p.topic_name()));
+                        }
+                    }
+                    None => {
+                        tracing::debug!(topic = %msg.topic, "message without a route; ignored");
+                    }
+                },
             }
         }
         GenericPacket::V3_1_1Pingresp(_) => {
@@ -474,11 +511,11 @@ fn handle_packet(
             }
         }
         GenericPacket::V3_1_1Suback(p) => {
-            for (route, rc) in settings.routes.iter().zip(p.return_codes()) {
+            let filters = s.subscribes.remove(&p.packet_id()).unwrap_or_default();
+            for (filter, rc) in filters.iter().zip(p.return_codes()) {
                 if rc == SubackReturnCode::Failure {
-                    tracing::warn!(filter = %route.filter, "subscription refused by the server");
-                    out.diag
-                        .error(format!("subscription refused: {}", route.filter));
+                    tracing::warn!(%filter, "subscription refused by the server");
+                    out.diag.error(format!("subscription refused: {filter}"));
                 }
             }
         }
@@ -504,6 +541,8 @@ struct Session {
     ping_sent_at: Option<Instant>,
     /// Packet id → token of an unacknowledged QoS 1 publish.
     tokens: HashMap<u16, u64>,
+    /// Packet id → filters of an unacknowledged SUBSCRIBE (to name refused ones).
+    subscribes: HashMap<u16, Vec<String>>,
     received: Vec<GenericPacket<u16>>,
     released: Vec<u16>,
 }
@@ -592,6 +631,63 @@ impl Session {
             }
             self.recv(&buf[..n]);
             self.flush().await?;
+        }
+    }
+
+    fn subscribe(&mut self, filters: Vec<String>) {
+        if filters.is_empty() {
+            return;
+        }
+        let pid = match self.mqtt.acquire_packet_id() {
+            Ok(pid) => pid,
+            Err(e) => {
+                tracing::warn!(error = ?e, "no packet id free; SUBSCRIBE not sent");
+                return;
+            }
+        };
+        let built = filters
+            .iter()
+            .map(|f| SubEntry::new(f.as_str(), SubOpts::new().set_qos(Qos::AtLeastOnce)))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|entries| {
+                v3_1_1::Subscribe::builder()
+                    .packet_id(pid)
+                    .entries(entries)
+                    .build()
+            });
+        match built {
+            Ok(sub) => {
+                self.subscribes.insert(pid, filters);
+                self.send(sub.into());
+            }
+            Err(e) => {
+                tracing::warn!(error = ?e, ?filters, "cannot build SUBSCRIBE; not sent");
+                let _ = self.mqtt.release_packet_id(pid);
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, filters: Vec<String>) {
+        if filters.is_empty() {
+            return;
+        }
+        let pid = match self.mqtt.acquire_packet_id() {
+            Ok(pid) => pid,
+            Err(e) => {
+                tracing::warn!(error = ?e, "no packet id free; UNSUBSCRIBE not sent");
+                return;
+            }
+        };
+        let built = v3_1_1::Unsubscribe::builder()
+            .packet_id(pid)
+            .entries(filters.iter().map(String::as_str))
+            .and_then(|b| b.build());
+        match built {
+            Ok(unsub) => self.send(unsub.into()),
+            Err(e) => {
+                tracing::warn!(error = ?e, ?filters, "cannot build UNSUBSCRIBE; not sent");
+                let _ = self.mqtt.release_packet_id(pid);
+            }
         }
     }
 

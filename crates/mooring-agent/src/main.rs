@@ -2,6 +2,7 @@
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use mooring_agent::config::{self, AgentConfig, AgentFile, InputSource};
+use mooring_agent::gateway::GatewayConfig;
 use mooring_agent::key::KeyRef;
 use mooring_agent::{enroll, AgentDeps, Diagnostics};
 use mooring_proto::DeviceId;
@@ -76,6 +77,20 @@ enum Sub {
     /// The A/B slots of over-the-air updates.
     #[command(subcommand)]
     Slots(SlotsSub),
+    /// A reference child device for gateway mode: connects to a gateway's socket as ID, sends
+    /// each JSON object read from stdin as its telemetry, prints every line the gateway sends,
+    /// and answers each command with `succeeded` `{"echo": <params>}`.
+    Child(ChildArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ChildArgs {
+    /// The gateway's socket (its `--gateway-socket`).
+    #[arg(long, value_name = "PATH")]
+    socket: PathBuf,
+    /// This child's device id (attached to the gateway on the server).
+    #[arg(long, value_name = "ID")]
+    id: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,6 +163,10 @@ struct RunArgs {
     /// Agent config file (TOML): command handlers, reboot command, firmware version.
     #[arg(long, value_name = "FILE", env = "MOORING_AGENT_CONFIG")]
     config: Option<PathBuf>,
+    /// Gateway mode: relay for child devices connecting to this Unix socket (created mode
+    /// 0660; a stale socket file is replaced). Overrides `[gateway] socket` of --config.
+    #[arg(long, value_name = "PATH", env = "MOORING_AGENT_GATEWAY_SOCKET")]
+    gateway_socket: Option<PathBuf>,
 }
 
 /// Exit status of a refused enrollment (the claim, the id or the CSR was refused).
@@ -209,6 +228,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Some(Sub::Enroll(args)) => enroll_then_run(args, &runtime, diagnostics),
         Some(Sub::Slots(SlotsSub::Status { state_dir, json })) => slots_status(&state_dir, json),
+        Some(Sub::Child(args)) => run_child(&args, &runtime),
         None => match flat_paths(&cli) {
             Ok((server, cert, key, ca, state_dir)) => run_agent(
                 &server,
@@ -414,6 +434,16 @@ fn run_agent(
             }
         }
     }
+    if let Some(socket) = &run.gateway_socket {
+        let gateway = config
+            .gateway
+            .take()
+            .unwrap_or_else(|| GatewayConfig::new(socket.clone()));
+        config.gateway = Some(GatewayConfig {
+            socket: socket.clone(),
+            ..gateway
+        });
+    }
     if let Err(e) = config.validate() {
         eprintln!("error: {e}");
         return ExitCode::from(2);
@@ -430,6 +460,35 @@ fn run_agent(
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `mooring-agent child`: the reference child ([`mooring_agent::gateway::child`]).
+fn run_child(args: &ChildArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
+    let id = match DeviceId::parse(&args.id) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("error: --id: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        tokio::select! {
+            r = mooring_agent::gateway::child::run(
+                &args.socket,
+                &id,
+                tokio::io::stdin(),
+                tokio::io::stdout(),
+            ) => r,
+            () = shutdown_signal() => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -534,6 +593,22 @@ mod tests {
         };
         assert_eq!(e.device_id.as_deref(), Some("sn-1"));
         assert_eq!(e.run.interval_secs, 0);
+        let mut gw = flat.to_vec();
+        gw.extend(["--gateway-socket", "/run/gw.sock"]);
+        let cli = parse(&gw).expect("gateway");
+        assert_eq!(
+            cli.run.gateway_socket.as_deref(),
+            Some(std::path::Path::new("/run/gw.sock"))
+        );
+        let cli = parse(&["child", "--socket", "/run/gw.sock", "--id", "lock-7"]).expect("child");
+        let Some(Sub::Child(c)) = cli.command else {
+            panic!("child expected")
+        };
+        assert_eq!(c.id, "lock-7");
+        assert!(
+            parse(&["child", "--socket", "/run/gw.sock"]).is_err(),
+            "--id required"
+        );
         // Flags of one form are not taken by the other.
         assert!(parse(&["--cert", "c", "enroll", "--claim", "t"]).is_err());
         assert!(parse(&[

@@ -822,13 +822,16 @@ impl Hooks for ServerHooks {
             return;
         }
         if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
-            // A gateway gone: the children it said were online here are not any more.
-            for child in app.registry.gateways().gateway_gone(id.as_str()) {
-                if let Ok(child) = mooring_proto::DeviceId::parse(&child) {
-                    app.registry.child_offline(&child);
+            app.presence.disconnected(id, app.now_ms());
+            // A gateway gone: the children it said were online here are not any more (unless
+            // a newer session of it here took over: that one keeps them, and says again).
+            if !app.presence.is_here(id) {
+                for child in app.registry.gateways().gateway_gone(id.as_str()) {
+                    if let Ok(child) = mooring_proto::DeviceId::parse(&child) {
+                        app.registry.child_offline(&child);
+                    }
                 }
             }
-            app.presence.disconnected(id, app.now_ms());
             tracing::debug!(device = %id, "offline");
             if !app.presence.is_here(id) {
                 app.events.publish(

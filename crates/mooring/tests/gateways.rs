@@ -234,3 +234,100 @@ async fn a_gateway_relays_for_its_attached_children_only() {
         .await;
     assert_eq!(points(&t), 1, "{t}");
 }
+
+/// The real thing end to end: `mooring-agent --gateway-socket` holds one connection for the
+/// reference child `mooring-agent child`, which speaks the line protocol over a Unix socket.
+/// The child's telemetry is stored under the child, a command to the child reaches it through
+/// the gateway and its result comes back, and the child goes offline when it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_relays_for_a_reference_child_over_a_unix_socket() {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let gw = server.create_device("gw-9", tmp.path());
+    server.create_device("meter-3", tmp.path());
+    cli_ok(
+        &server,
+        &["device", "attach", "meter-3", "--gateway", "gw-9"],
+    );
+    let socket = tmp.path().join("gw.sock");
+    let _agent = Killed(
+        support::agent_command(&server, &gw, &tmp.path().join("gw-state"))
+            .arg("--gateway-socket")
+            .arg(&socket)
+            .args(["--interval-secs", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mooring-agent"),
+    );
+    server
+        .wait_for("/api/v1/devices/gw-9", |v| v["online"] == true)
+        .await;
+    let agent_bin = std::path::Path::new(support::BIN).with_file_name("mooring-agent");
+    let mut child = Killed(
+        std::process::Command::new(agent_bin)
+            .args(["child", "--socket"])
+            .arg(&socket)
+            .args(["--id", "meter-3"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mooring-agent child"),
+    );
+    server
+        .wait_for("/api/v1/devices/meter-3", |v| v["online"] == true)
+        .await;
+    let mut stdin = child.0.stdin.take().expect("stdin");
+    writeln!(stdin, r#"{{"kwh": 1234.5, "seq": 7}}"#).expect("write");
+    writeln!(stdin, r#"{{"kwh": 1234.5, "seq": 7}}"#).expect("write"); // a repeat: stored once
+    writeln!(stdin, r#"{{"kwh": 1240.0, "seq": 8}}"#).expect("write");
+    stdin.flush().expect("flush");
+    let t = server
+        .wait_for("/api/v1/devices/meter-3/telemetry", |v| points(v) >= 2)
+        .await;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let (_, t2) = server
+        .api("GET", "/api/v1/devices/meter-3/telemetry", None)
+        .await;
+    assert_eq!(points(&t2), 2, "{t}");
+    let (status, c) = server
+        .api(
+            "POST",
+            "/api/v1/devices/meter-3/commands",
+            Some(json!({"name": "read-register", "params": {"register": 40001}})),
+        )
+        .await;
+    assert!(status == 200 || status == 202, "{c}");
+    let cmd = c["id"].as_str().expect("command id").to_owned();
+    let done = server
+        .wait_for(&format!("/api/v1/devices/meter-3/commands/{cmd}"), |v| {
+            v["state"] == "succeeded"
+        })
+        .await;
+    assert_eq!(
+        done["result"]["output"]["echo"],
+        json!({"register": 40001}),
+        "{done}"
+    );
+    // The child leaves: offline; the gateway stays.
+    drop(stdin);
+    drop(child);
+    server
+        .wait_for("/api/v1/devices/meter-3", |v| v["online"] == false)
+        .await;
+    let (_, g) = server.api("GET", "/api/v1/devices/gw-9", None).await;
+    assert_eq!(g["online"], true, "{g}");
+}
+
+/// A process killed (and reaped) when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
