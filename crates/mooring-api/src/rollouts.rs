@@ -520,8 +520,9 @@ pub struct GateSignal {
     /// The one-sided p-value that the updated devices fail more, when tested (a metric: that
     /// its values shifted the bad way, by the Mann-Whitney U test).
     pub p_value: Option<f64>,
-    /// A metric gate's shift: the difference of the means in pooled standard deviations
-    /// (negative: lower); the gate fails at 0.5 the bad way, with `p <= alpha`.
+    /// A metric gate's shift: the rank-biserial correlation, -1..=1, `2 P(updated > control)
+    /// - 1` over every pair of devices (negative: lower); the gate fails at 0.3 the bad way,
+    /// with `p <= alpha`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effect: Option<f64>,
     /// `pass`, `fail` or `unclear`.

@@ -55,8 +55,8 @@
 //!
 //! [`compare_values`] is the gate on a telemetry metric's values (`--gate battery.v`): one mean
 //! per device, the updated devices against the control's, by the Mann-Whitney U test, failing
-//! on a significant shift of at least [`EFFECT_MIN_DEFAULT`] pooled standard deviations the bad
-//! way ([`Worse`]).
+//! on a significant shift with a rank-biserial correlation of at least [`EFFECT_MIN_DEFAULT`]
+//! the bad way ([`Worse`]).
 //!
 //! `dist` computes the tails exactly in log space (Loader's saddle-point masses, tails summed
 //! from their largest term), so counts up to 2^53 neither overflow nor lose precision; `fdr` is

@@ -9,18 +9,20 @@
 //! within a few percent of the exact one from about 8 devices per group (the gate's minimum is
 //! the rollout's `min_devices`, 20 by default).
 //!
-//! A shift fails the gate only if it is significant (`p <= alpha`) and material: the difference
-//! of the means is at least `effect_min` pooled standard deviations (Cohen's d; 0.5, a "medium"
-//! effect, by default), the bad way. The scale-free margin works for volts, percent and degrees
-//! alike, including metrics whose mean is near zero, where a relative margin would not.
+//! A shift fails the gate only if it is significant (`p <= alpha`) and material: the
+//! rank-biserial correlation `r = 2 U / (n1 n2) - 1` (the chance that an updated device's value
+//! is above a control device's, ties counting half, rescaled to -1..1) is at least `effect_min`
+//! (0.3 by default, about half a standard deviation for normal data) the bad way. Like the test,
+//! it depends on the values' order only: one device reporting a sentinel (65.535, 0, -1) can
+//! neither hide a shift nor make one, where a margin in means and standard deviations could.
 
 use crate::HealthError;
 
 /// Most values per group (a caller samples a wave larger than this).
 pub const VALUES_MAX: usize = 1_000_000;
 
-/// The default materiality margin, in pooled standard deviations.
-pub const EFFECT_MIN_DEFAULT: f64 = 0.5;
+/// The default materiality margin: a rank-biserial correlation of 0.3 the bad way.
+pub const EFFECT_MIN_DEFAULT: f64 = 0.3;
 
 /// Which way a shift of the metric is bad.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,9 +51,9 @@ pub struct ValuesTest {
     pub control_devices: u64,
     pub updated_mean: f64,
     pub control_mean: f64,
-    /// `(updated_mean - control_mean) / pooled standard deviation`; `None` when neither group
-    /// has any spread (every value of a group the same).
-    pub effect: Option<f64>,
+    /// The rank-biserial correlation, -1..=1: `2 P(updated > control) - 1` over every pair
+    /// (ties half); negative means the updated devices' values are lower.
+    pub effect: f64,
     /// The p-value of the shift the bad way (both ways for [`Worse::Either`]).
     pub p_value: f64,
     /// Significant and material the bad way.
@@ -80,9 +82,9 @@ pub fn compare_values(
             config.alpha
         )));
     }
-    if !(config.effect_min.is_finite() && config.effect_min >= 0.0) || config.devices_min < 3 {
+    if !(0.0..=1.0).contains(&config.effect_min) || config.devices_min < 3 {
         return Err(HealthError::Config(
-            "effect_min must be finite and >= 0, devices_min >= 3".to_owned(),
+            "effect_min must be in [0, 1], devices_min >= 3".to_owned(),
         ));
     }
     for (label, values) in [("updated", updated), ("control", control)] {
@@ -105,27 +107,19 @@ pub fn compare_values(
             )));
         }
     }
-    let (n1, n2) = (updated.len() as f64, control.len() as f64);
-    let (m1, v1) = mean_var(updated);
-    let (m2, v2) = mean_var(control);
-    let pooled = (((n1 - 1.0) * v1 + (n2 - 1.0) * v2) / (n1 + n2 - 2.0)).sqrt();
-    let effect = (pooled > 0.0).then(|| (m1 - m2) / pooled);
-    let (p_up, p_down) = rank_sum_tails(updated, control);
+    let (m1, _) = mean_var(updated);
+    let (m2, _) = mean_var(control);
+    let ranks = rank_sum(updated, control);
     let p_value = match worse {
-        Worse::Up => p_up,
-        Worse::Down => p_down,
-        Worse::Either => (2.0 * p_up.min(p_down)).min(1.0),
+        Worse::Up => ranks.p_up,
+        Worse::Down => ranks.p_down,
+        Worse::Either => (2.0 * ranks.p_up.min(ranks.p_down)).min(1.0),
     };
-    // No spread at all: any difference of the means is as large as an effect gets.
-    let d = effect.unwrap_or(if m1 == m2 {
-        0.0
-    } else {
-        (m1 - m2).signum() * f64::MAX
-    });
+    let effect = ranks.effect;
     let material = match worse {
-        Worse::Up => d >= config.effect_min,
-        Worse::Down => -d >= config.effect_min,
-        Worse::Either => d.abs() >= config.effect_min,
+        Worse::Up => effect >= config.effect_min,
+        Worse::Down => -effect >= config.effect_min,
+        Worse::Either => effect.abs() >= config.effect_min,
     };
     Ok(ValuesOutcome::Tested(ValuesTest {
         updated_devices: updated.len() as u64,
@@ -138,7 +132,7 @@ pub fn compare_values(
     }))
 }
 
-/// Mean and sample variance (Welford's, stable for values far from zero).
+/// Mean and sample variance (Welford's: no overflow to infinity for large finite values).
 fn mean_var(values: &[f64]) -> (f64, f64) {
     let (mut mean, mut m2) = (0.0, 0.0);
     for (i, v) in values.iter().enumerate() {
@@ -154,10 +148,19 @@ fn mean_var(values: &[f64]) -> (f64, f64) {
     (mean, var.max(0.0))
 }
 
-/// The Mann-Whitney U test's one-sided p-values that `a` is stochastically larger than `b`,
-/// and smaller: average ranks for ties, the tie-corrected variance, the normal approximation
-/// with a continuity correction. Both are 1 when every value is the same.
-fn rank_sum_tails(a: &[f64], b: &[f64]) -> (f64, f64) {
+/// The Mann-Whitney U test of `a` against `b`.
+struct RankSum {
+    /// One-sided p-value that `a` is stochastically larger than `b`.
+    p_up: f64,
+    /// ... and smaller.
+    p_down: f64,
+    /// The rank-biserial correlation `2 U / (n1 n2) - 1`.
+    effect: f64,
+}
+
+/// Average ranks for ties, the tie-corrected variance, the normal approximation with a
+/// continuity correction. Both p-values are 1 when every value is the same.
+fn rank_sum(a: &[f64], b: &[f64]) -> RankSum {
     let mut all: Vec<(f64, bool)> = a
         .iter()
         .map(|v| (*v, true))
@@ -182,15 +185,22 @@ fn rank_sum_tails(a: &[f64], b: &[f64]) -> (f64, f64) {
     }
     let u = rank_sum_a - n1 * (n1 + 1.0) / 2.0;
     let mu = n1 * n2 / 2.0;
+    let effect = (2.0 * u / (n1 * n2) - 1.0).clamp(-1.0, 1.0);
     let var = n1 * n2 / 12.0 * ((n + 1.0) - ties / (n * (n - 1.0)));
     if var <= 0.0 {
-        return (1.0, 1.0);
+        return RankSum {
+            p_up: 1.0,
+            p_down: 1.0,
+            effect,
+        };
     }
     let sd = var.sqrt();
-    let upper = |z: f64| 0.5 * libm::erfc(z / std::f64::consts::SQRT_2);
-    let z_up = (u - mu - 0.5) / sd;
-    let z_down = (mu - u - 0.5) / sd;
-    (upper(z_up).min(1.0), upper(z_down).min(1.0))
+    let upper = |z: f64| (0.5 * libm::erfc(z / std::f64::consts::SQRT_2)).min(1.0);
+    RankSum {
+        p_up: upper((u - mu - 0.5) / sd),
+        p_down: upper((mu - u - 0.5) / sd),
+        effect,
+    }
 }
 
 #[cfg(test)]
@@ -231,9 +241,10 @@ mod tests {
         // of the one-sided p is Φ(-(50 - 0.5) / sqrt(175)) = 9.2e-5 (the exact one is 5.4e-6).
         let a: Vec<f64> = (1..=10).map(f64::from).collect();
         let b: Vec<f64> = (11..=20).map(f64::from).collect();
-        let (up, down) = rank_sum_tails(&a, &b);
-        assert!((down / 9.2e-5 - 1.0).abs() < 0.02, "{down}");
-        assert!(up > 0.999);
+        let r = rank_sum(&a, &b);
+        assert!((r.p_down / 9.2e-5 - 1.0).abs() < 0.02, "{}", r.p_down);
+        assert!(r.p_up > 0.999);
+        assert_eq!(r.effect, -1.0);
     }
 
     #[test]
@@ -243,7 +254,7 @@ mod tests {
         let lower = normal(&mut rng, 200, 3.6, 0.1);
         let t = tested(run(&lower, &control, Worse::Down));
         assert!(t.flagged, "{t:?}");
-        assert!(t.effect.expect("effect") < -0.5);
+        assert!(t.effect < -0.3, "{t:?}");
         // Higher is fine when only lower is bad; suspect when either way is.
         let higher = normal(&mut rng, 200, 3.8, 0.1);
         let t = tested(run(&higher, &control, Worse::Down));
@@ -276,13 +287,27 @@ mod tests {
     }
 
     #[test]
+    fn one_sentinel_value_neither_hides_a_shift_nor_makes_one() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let control = normal(&mut rng, 40, 3.70, 0.05);
+        let mut lower = normal(&mut rng, 40, 3.55, 0.05);
+        lower[0] = 65.535; // a broken sensor on the new version
+        let t = tested(run(&lower, &control, Worse::Down));
+        assert!(t.flagged, "{t:?}");
+        let mut same = normal(&mut rng, 40, 3.70, 0.05);
+        same[0] = -1.0;
+        let t = tested(run(&same, &control, Worse::Either));
+        assert!(!t.flagged, "{t:?}");
+    }
+
+    #[test]
     fn constant_values_and_small_groups() {
         let same = vec![4.0; 30];
         let t = tested(run(&same, &same, Worse::Either));
-        assert!(!t.flagged && t.p_value == 1.0 && t.effect.is_none());
+        assert!(!t.flagged && t.p_value == 1.0 && t.effect == 0.0);
         let lower = vec![3.0; 30];
         let t = tested(run(&lower, &same, Worse::Down));
-        assert!(t.flagged && t.effect.is_none(), "{t:?}");
+        assert!(t.flagged && t.effect == -1.0, "{t:?}");
         assert!(matches!(
             run(&lower[..5], &same, Worse::Down),
             ValuesOutcome::Skipped(_)

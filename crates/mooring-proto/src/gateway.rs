@@ -60,10 +60,23 @@ impl ChildPresence {
     }
 }
 
-/// May a gateway publish `topic`, parsed, for an attached child? Everything under the child's
-/// subtree except its certificate renewal.
+/// May a gateway publish `topic`, parsed, for an attached child? What the child itself would
+/// send the server: telemetry, command acks and results, reported shadow state, update status
+/// and link requests, and its presence. Never its certificate renewal (a child has no
+/// certificate of its own on the gateway's link), and never what the server sends a device
+/// (commands, shadow deltas, answers): a gateway must not forge those for anyone, not even
+/// retained for a later session.
 pub fn may_relay(topic: &Topic) -> bool {
-    !matches!(topic, Topic::CertRequest(_))
+    match topic {
+        Topic::Telemetry(_)
+        | Topic::CommandAck(..)
+        | Topic::CommandResult(..)
+        | Topic::ShadowReported(_)
+        | Topic::OtaStatus(_)
+        | Topic::OtaLinkRequest(_) => true,
+        Topic::DeviceOther(_, rest) => rest == PRESENCE,
+        Topic::Command(..) | Topic::ShadowDelta(_) | Topic::CertRequest(_) => false,
+    }
 }
 
 /// May a gateway subscribe to `filter` for `child`? Only within the child's subtree
@@ -110,6 +123,10 @@ mod tests {
         assert!(may_relay(&t("devices/lock-7/telemetry")));
         assert!(may_relay(&t("devices/lock-7/presence")));
         assert!(!may_relay(&t("devices/lock-7/cert/request")));
+        assert!(!may_relay(&t("devices/lock-7/commands/c1")));
+        assert!(!may_relay(&t("devices/lock-7/shadow/delta")));
+        assert!(!may_relay(&t("devices/lock-7/ota/link/accepted")));
+        assert!(may_relay(&t("devices/lock-7/ota/status")));
         assert!(may_relay_filter(&c, "devices/lock-7/commands/+"));
         assert!(may_relay_filter(&c, "devices/lock-7/#"));
         assert!(!may_relay_filter(&c, "devices/+/commands/+"));

@@ -75,6 +75,25 @@ impl GatewayMap {
         self.with(|m| m.gateway_of.get(child).cloned())
     }
 
+    /// The children whose gateway differs between this map and `fresh`, with `fresh`'s.
+    pub(crate) fn differences(&self, fresh: &GatewayMap) -> Vec<(String, Option<String>)> {
+        let new = fresh.with(|m| m.gateway_of.clone());
+        self.with(|m| {
+            let mut out: Vec<(String, Option<String>)> = new
+                .iter()
+                .filter(|(c, g)| m.gateway_of.get(*c) != Some(*g))
+                .map(|(c, g)| (c.clone(), Some(g.clone())))
+                .collect();
+            out.extend(
+                m.gateway_of
+                    .keys()
+                    .filter(|c| !new.contains_key(*c))
+                    .map(|c| (c.clone(), None)),
+            );
+            out
+        })
+    }
+
     /// Whether `child` is attached to `gateway`.
     pub fn is_attached(&self, child: &str, gateway: &str) -> bool {
         self.with(|m| m.gateway_of.get(child).is_some_and(|g| g == gateway))
@@ -95,22 +114,35 @@ impl GatewayMap {
     }
 
     /// A device was deleted: it is no one's child and no one's gateway any more. Returns the
-    /// children that were online through it here (they go offline).
-    pub(crate) fn forget_device(&self, id: &str) -> Vec<String> {
+    /// gateway it was a child of (whose sessions must drop their subscriptions for it) and the
+    /// children that were online through it here (they go offline). A child that was online
+    /// through its gateway is forgotten without going offline: presence forgets it whole.
+    pub(crate) fn forget_device(&self, id: &str) -> (Option<String>, Vec<String>) {
         self.with(|m| {
-            m.gateway_of.remove(id);
+            let gateway = m.gateway_of.remove(id);
             m.gateway_of.retain(|_, g| g != id);
-            m.online
+            if let Some(g) = &gateway {
+                if let Some(set) = m.online.get_mut(g) {
+                    set.remove(id);
+                }
+            }
+            let children = m
+                .online
                 .remove(id)
                 .map(|s| s.into_iter().collect())
-                .unwrap_or_default()
+                .unwrap_or_default();
+            (gateway, children)
         })
     }
 
-    /// The gateway says `child` is online or offline. Returns whether that changed anything.
+    /// The gateway says `child` is online or offline. Returns whether that changed anything
+    /// (online: only for a child attached to it, checked under the same lock as detaching).
     pub(crate) fn child_presence(&self, gateway: &str, child: &str, online: bool) -> bool {
         self.with(|m| {
             if online {
+                if m.gateway_of.get(child).is_none_or(|g| g != gateway) {
+                    return false;
+                }
                 m.online
                     .entry(gateway.to_owned())
                     .or_default()
@@ -227,7 +259,7 @@ impl Gateways {
                 format!("gateway {gateway} has {CHILDREN_PER_GATEWAY_MAX} children, the most one gateway has"),
             ));
         }
-        self.changed(&child, Some(&gateway)).await;
+        self.changed(&child).await;
         self.gateway_of(access, child.as_str()).await
     }
 
@@ -236,7 +268,7 @@ impl Gateways {
         let child = self.registry.get_device(access, child).await?.record.id;
         match self.core.store.detach_child(child.as_str()).await? {
             Some(_) => {
-                self.changed(&child, None).await;
+                self.changed(&child).await;
                 Ok(())
             }
             None => Err(not_attached(child.as_str())),
@@ -256,6 +288,10 @@ impl Gateways {
             .gateway_of(child.as_str())
             .await?
             .ok_or_else(|| not_attached(child.as_str()))?;
+        // A scoped caller sees an attachment only if it sees both devices.
+        if self.registry.get_device(access, &gateway).await.is_err() {
+            return Err(not_attached(child.as_str()));
+        }
         Ok(GatewayAttachment {
             child: child.to_string(),
             gateway,
@@ -314,12 +350,35 @@ impl Gateways {
 
     /// After an attachment of `child` changed in the store: this node's map, the old gateway's
     /// sessions, the child's presence, the other nodes.
-    async fn changed(&self, child: &DeviceId, gateway: Option<&DeviceId>) {
-        self.registry
-            .gateway_changed(child, gateway.map(DeviceId::as_str))
-            .await;
+    async fn changed(&self, child: &DeviceId) {
+        // What the store says now, not what this call wrote: a racing attach may have
+        // written after it.
+        self.registry.refresh_gateway(child).await;
         if let Some(cluster) = self.core.cluster() {
             cluster.device_changed(child.as_str());
+        }
+    }
+}
+
+/// How often a cluster node re-reads every attachment (a notice it missed is caught up then).
+pub const RECONCILE_INTERVAL_MS: u64 = 30_000;
+
+/// A cluster node's catch-up: every [`RECONCILE_INTERVAL_MS`], the attachments as the store has
+/// them, followed where this node's map differs.
+pub async fn run_reconcile(
+    app: Arc<crate::app::App>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let interval = std::time::Duration::from_millis(RECONCILE_INTERVAL_MS);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        match app.registry.reconcile_gateways().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(children = n, "gateway attachments caught up with the store"),
+            Err(e) => tracing::warn!(error = %e.message, "re-reading gateway attachments failed"),
         }
     }
 }
@@ -350,6 +409,7 @@ mod tests {
         let (gw1, gw2) = (device("gw-1"), device("gw-2"));
         assert!(map.may_publish(&gw1, "devices/lock-1/telemetry"));
         assert!(map.may_publish(&gw1, "devices/lock-1/commands/c1/result"));
+        assert!(!map.may_publish(&gw1, "devices/lock-1/commands/c1"));
         assert!(!map.may_publish(&gw1, "devices/lock-1/cert/request"));
         assert!(!map.may_publish(&gw2, "devices/lock-1/telemetry"));
         assert!(!map.may_publish(&gw1, "devices/lock-2/telemetry"));
@@ -365,8 +425,20 @@ mod tests {
         assert!(!map.may_publish(&gw1, "devices/lock-1/telemetry"));
         assert!(map.may_publish(&gw2, "devices/lock-1/telemetry"));
         // Deleting the gateway ends every attachment to it.
-        map.child_presence("gw-2", "lock-1", true);
-        assert_eq!(map.forget_device("gw-2"), ["lock-1"]);
+        assert!(map.child_presence("gw-2", "lock-1", true));
+        assert!(
+            !map.child_presence("gw-1", "lock-1", true),
+            "not gw-1's child"
+        );
+        assert_eq!(map.forget_device("gw-2"), (None, vec!["lock-1".to_owned()]));
         assert!(!map.may_publish(&gw2, "devices/lock-1/telemetry"));
+        // Deleting a child: its gateway is returned (its subscriptions for it go).
+        map.set("lock-2", Some("gw-3"));
+        assert!(map.child_presence("gw-3", "lock-2", true));
+        assert_eq!(
+            map.forget_device("lock-2"),
+            (Some("gw-3".to_owned()), Vec::new())
+        );
+        assert!(!map.online_through("gw-3", "lock-2"));
     }
 }

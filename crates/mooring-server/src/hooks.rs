@@ -281,6 +281,11 @@ fn on_child_presence(
     let Ok(p) = mooring_proto::gateway::ChildPresence::parse(payload) else {
         return PublishVerdict::Reject(REASON_PAYLOAD_FORMAT_INVALID);
     };
+    if p.online && !app.presence.is_here(gateway) {
+        // A will or a late message of a gateway no longer connected here: its children went
+        // offline with it, and only a live session brings them back.
+        return PublishVerdict::Accept;
+    }
     if !app
         .registry
         .gateways()
@@ -669,9 +674,17 @@ impl Hooks for ServerHooks {
         let acting = parsed
             .as_ref()
             .and_then(|t| app.registry.gateways().acting_for(sender, t));
+        if parsed.as_ref().is_some_and(|t| t.device() != sender) && acting.is_none() {
+            // Detached between the broker's check and here: not the sender's to publish.
+            return PublishVerdict::Reject(REASON_NOT_AUTHORIZED);
+        }
         let topic = parsed.filter(|_| acting.is_some());
         let id = acting.as_ref().unwrap_or(sender);
         if id != sender {
+            if msg.retain {
+                // Nothing a gateway relays outlives it on the broker.
+                return PublishVerdict::Reject(REASON_NOT_AUTHORIZED);
+            }
             app.presence.seen(sender, now_ms);
             if let Some(Topic::DeviceOther(child, rest)) = &topic {
                 if rest == mooring_proto::gateway::PRESENCE {

@@ -63,6 +63,9 @@ pub struct Registry {
     /// Which gateway may act for which child (issue 20), and the children online through a
     /// gateway here.
     gateways: crate::gateways::GatewayMap,
+    /// One re-read of attachments at a time, so the map ends as the store's last word (two
+    /// attaches racing, notices handled out of order).
+    gateway_refresh: tokio::sync::Mutex<()>,
     /// The certificate gauges of `/metrics` and when they were counted.
     cert_gauges: std::sync::Mutex<Option<(u64, CertGauges)>>,
     /// Renewal requests per device in the current minute (`registry/rotation.rs`): when the
@@ -126,6 +129,7 @@ impl Registry {
             facts: std::sync::Mutex::default(),
             session_certs: std::sync::Mutex::default(),
             gateways: crate::gateways::GatewayMap::default(),
+            gateway_refresh: tokio::sync::Mutex::new(()),
             cert_gauges: std::sync::Mutex::default(),
             renew_requests: std::sync::Mutex::default(),
         }
@@ -139,6 +143,35 @@ impl Registry {
     /// Reads every gateway attachment from the store (at start).
     pub(crate) async fn load_gateways(&self) -> ServiceResult<usize> {
         self.gateways.load(self.core.store.as_ref()).await
+    }
+
+    /// Re-reads `child`'s gateway from the store and follows it (see [`Self::gateway_changed`]).
+    pub(crate) async fn refresh_gateway(&self, child: &DeviceId) {
+        let _one = self.gateway_refresh.lock().await;
+        match self.core.store.gateway_of(child.as_str()).await {
+            Ok(gateway) => {
+                self.gateway_changed(child, gateway.as_ref().map(|(g, _)| g.as_str()))
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(device = %child, error = %e, "re-reading a child's gateway failed")
+            }
+        }
+    }
+
+    /// Re-reads every attachment and follows what changed (a cluster node that missed a notice
+    /// catches up). Returns how many children changed.
+    pub(crate) async fn reconcile_gateways(&self) -> ServiceResult<usize> {
+        let _one = self.gateway_refresh.lock().await;
+        let fresh = crate::gateways::GatewayMap::default();
+        fresh.load(self.core.store.as_ref()).await?;
+        let changed = self.gateways.differences(&fresh);
+        for (child, gateway) in &changed {
+            if let Ok(child) = DeviceId::parse(child) {
+                self.gateway_changed(&child, gateway.as_deref()).await;
+            }
+        }
+        Ok(changed.len())
     }
 
     /// `child`'s gateway is now `gateway` in the store: this node follows. A gateway that lost
@@ -194,12 +227,18 @@ impl Registry {
         }
     }
 
-    /// A device was deleted: it is no one's gateway or child any more.
-    fn forget_gateway_links(&self, id: &DeviceId) {
-        for child in self.gateways.forget_device(id.as_str()) {
+    /// A device was deleted: it is no one's gateway or child any more. Its gateway's sessions
+    /// lose their subscriptions for it (an id created again starts with nothing), and the
+    /// children online through it go offline.
+    async fn forget_gateway_links(&self, id: &DeviceId) {
+        let (gateway, children) = self.gateways.forget_device(id.as_str());
+        for child in children {
             if let Ok(child) = DeviceId::parse(&child) {
                 self.child_offline(&child);
             }
+        }
+        if let Some(gateway) = gateway {
+            self.reauthorize(&gateway).await;
         }
     }
 
@@ -421,15 +460,7 @@ impl Registry {
         self.forget_facts(&id);
         match self.core.store.get_device(id.as_str()).await {
             Ok(Some(record)) => {
-                match self.core.store.gateway_of(id.as_str()).await {
-                    Ok(gateway) => {
-                        self.gateway_changed(&id, gateway.as_ref().map(|(g, _)| g.as_str()))
-                            .await
-                    }
-                    Err(e) => {
-                        tracing::warn!(device = %id, error = %e, "re-reading a child's gateway failed")
-                    }
-                }
+                self.refresh_gateway(&id).await;
                 if let Some(broker) = self.core.broker() {
                     broker.update_principal(mooring_proto::policy::Principal::Device {
                         id: id.clone(),
@@ -439,7 +470,7 @@ impl Registry {
                 self.close_sessions_if_cert_invalid(&id).await;
             }
             Ok(None) => {
-                self.forget_gateway_links(&id);
+                self.forget_gateway_links(&id).await;
                 mooring_proto::sync::lock(&self.session_certs).remove(&id);
                 if let Some(broker) = self.core.broker() {
                     let prefix = mooring_proto::topic::device_topic_prefix(&id);
@@ -756,7 +787,7 @@ impl Registry {
             let prefix = mooring_proto::topic::device_topic_prefix(&id);
             broker.remove_device(id.as_str(), Some(&prefix));
         }
-        self.forget_gateway_links(&id);
+        self.forget_gateway_links(&id).await;
         self.presence.forget(id.as_str());
         self.forget_facts(&id);
         mooring_proto::sync::lock(&self.session_certs).remove(&id);

@@ -525,6 +525,7 @@ impl RunningServer {
             if !worker {
                 tasks.spawn(session_flush_loop(app.clone(), stop_rx.clone()));
                 tasks.spawn(crate::cas::run_reload(app.clone(), stop_rx.clone()));
+                tasks.spawn(crate::gateways::run_reconcile(app.clone(), stop_rx.clone()));
             }
         } else {
             // One node: the deltas it restored are the whole truth. (A cluster node restored

@@ -187,6 +187,42 @@ async fn a_gateway_relays_for_its_attached_children_only() {
         .await;
     assert_eq!(points(&t), 1, "{t}");
 
+    // Even for its own child a gateway may send only what the child would send the server:
+    // never a command or a shadow delta for it, and nothing retained.
+    cli_ok(
+        &server,
+        &["device", "attach", "lock-2", "--gateway", "gw-2"],
+    );
+    for (topic, retain) in [
+        ("devices/lock-2/commands/forged", false),
+        ("devices/lock-2/shadow/delta", false),
+        ("devices/lock-2/telemetry", true),
+    ] {
+        let mut args = gw2.mosquitto_args(server.mqtt);
+        args.extend(s(&[
+            "-i",
+            "gw-2",
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+            r#"{"seq":5,"x":1}"#,
+        ]));
+        if retain {
+            args.push("-r".into());
+        }
+        let out = mosquitto_pub(&args);
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(err.contains("not authorized"), "{topic}: {err}");
+    }
+    let (_, t) = server
+        .api("GET", "/api/v1/devices/lock-2/telemetry", None)
+        .await;
+    assert_eq!(points(&t), 0, "{t}");
+
     // Detached: at once the gateway may no longer act for it, and the child is offline.
     cli_ok(&server, &["device", "detach", "lock-1"]);
     server
@@ -330,4 +366,47 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Deleting a child ends its gateway's subscriptions for it: a device created again with the
+/// same id starts with nothing, and what it publishes does not reach the old gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_child_leaves_nothing_to_its_old_gateway() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start(&tmp.path().join("data"));
+    let gw = server.create_device("gw-5", tmp.path());
+    server.create_device("pump-1", tmp.path());
+    cli_ok(
+        &server,
+        &["device", "attach", "pump-1", "--gateway", "gw-5"],
+    );
+    let mut g = MqttDevice::connect(&server, &gw, "gw-5").await;
+    g.subscribe("devices/pump-1/#").await;
+    g.publish("devices/pump-1/presence", r#"{"v":1,"online":true}"#)
+        .await;
+    let (topic, _) = g.next_raw().await; // its own presence, through its subscription
+    assert_eq!(topic, "devices/pump-1/presence");
+    server
+        .wait_for("/api/v1/devices/pump-1", |v| v["online"] == true)
+        .await;
+    cli_ok(&server, &["device", "delete", "pump-1"]);
+    let again = tmp.path().join("again");
+    std::fs::create_dir_all(&again).expect("dir");
+    let creds = server.create_device("pump-1", &again);
+    let (_, d) = server.api("GET", "/api/v1/devices/pump-1", None).await;
+    assert_eq!(d["online"], false, "{d}");
+    let (status, _) = server
+        .api("GET", "/api/v1/devices/pump-1/gateway", None)
+        .await;
+    assert_eq!(status, 404);
+    // The new pump-1 speaks for itself; the old gateway hears none of it.
+    let mut p = MqttDevice::connect(&server, &creds, "pump-1").await;
+    p.publish("devices/pump-1/telemetry", r#"{"seq":1,"flow":3}"#)
+        .await;
+    let heard = tokio::time::timeout(std::time::Duration::from_millis(1500), g.next_raw()).await;
+    assert!(heard.is_err(), "the old gateway received {heard:?}");
+    assert!(
+        server.metrics_text().await.contains("subscription_revoked"),
+        "the revocation is counted"
+    );
 }

@@ -919,7 +919,7 @@ async fn a_version_that_lowers_a_gated_metric_stops_at_the_gate() {
     assert!(
         r["reason"]
             .as_str()
-            .is_some_and(|x| x.contains("battery.v:down mean") && x.contains("sd")),
+            .is_some_and(|x| x.contains("battery.v:down mean") && x.contains("r=-1.00")),
         "{r}"
     );
     // Stopped before the next wave, and `show` prints the comparison in means.
@@ -927,7 +927,7 @@ async fn a_version_that_lowers_a_gated_metric_stops_at_the_gate() {
     assert_eq!(started(&server, &dep, &ids_).await, first);
     let shown = cli_ok(&server, &["rollout", "show", &id]);
     assert!(
-        shown.contains("battery.v:down") && shown.contains("mean 3.5") && shown.contains("sd"),
+        shown.contains("battery.v:down") && shown.contains("mean 3.5") && shown.contains("r=-1.00"),
         "{shown}"
     );
     // A metric name the gate cannot take is refused with the field named.

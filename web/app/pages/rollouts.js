@@ -47,7 +47,7 @@ function fmtRate(rate) {
  *  updated devices some. */
 function fmtRatio(s) {
   if (s.kind === "metric") {
-    return s.effect === null || s.effect === undefined ? "–" : `${s.effect >= 0 ? "+" : ""}${s.effect.toFixed(2)} sd`;
+    return s.effect === null || s.effect === undefined ? "–" : `r = ${s.effect >= 0 ? "+" : ""}${s.effect.toFixed(2)}`;
   }
   if (s.ratio === null || s.ratio === undefined) return s.updated.events > 0 ? "∞×" : "–";
   return `${s.ratio.toFixed(2)}×`;
@@ -197,7 +197,7 @@ function GateTable({ r }) {
     <h2>Health gate</h2>
     ${r.window_ends_at && html`<p data-testid="rollout-window">Health window of ${waveLabel(currentWave(r))}: ${r.window_started_at ? html`since <span title=${fmtTime(r.window_started_at)}>${fmtAgo(r.window_started_at)}</span>, ` : ""}ends ${fmtTime(r.window_ends_at)}.</p>`}
     ${!g ? html`<${Empty}>No comparison yet: the gate compares a wave's updated devices with the control cohort once its health window is over.</${Empty}>` : html`
-      <p data-testid="rollout-gate-verdict" data-verdict=${g.verdict}>After ${waveLabel(r.waves.find((w) => w.wave === g.wave) || { wave: g.wave })}: <${StateBadge} state=${g.verdict} /> <span class="muted">checked ${fmtTime(g.checked_at)}; a signal fails at ${g.margin}× the control's rate (a metric: shifted 0.5 sd the bad way) with p ≤ ${g.alpha}</span></p>
+      <p data-testid="rollout-gate-verdict" data-verdict=${g.verdict}>After ${waveLabel(r.waves.find((w) => w.wave === g.wave) || { wave: g.wave })}: <${StateBadge} state=${g.verdict} /> <span class="muted">checked ${fmtTime(g.checked_at)}; a signal fails at ${g.margin}× the control's rate (a metric: a rank-biserial r of 0.3 the bad way) with p ≤ ${g.alpha}</span></p>
       ${g.signals.length === 0 ? html`<${Empty}>Nothing compared: the rollout has no control cohort, so only its abort threshold guards it.</${Empty}>` : html`<div class="table-wrap"><table class="table">
         <thead><tr><th>Signal</th><th>Updated</th><th>Control</th><th>Ratio</th><th>p</th><th>Result</th></tr></thead>
         <tbody>${g.signals.map((s) => html`<tr key=${s.signal} data-testid="rollout-gate-signal" data-signal=${s.signal} data-verdict=${s.verdict}>

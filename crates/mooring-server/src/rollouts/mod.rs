@@ -1561,7 +1561,8 @@ impl Rollouts {
                 mooring_store::MetricValue::Bool(_) => None,
             })
             .fold((0.0, 0u64), |(s, n), v| (s + v, n + 1));
-        Ok((n > 0).then(|| (sum / n as f64, n)))
+        // A device whose values overflow their sum says nothing usable: left out.
+        Ok((n > 0 && sum.is_finite()).then(|| (sum / n as f64, n)))
     }
 
     /// The compared devices of a page of the rollout's devices (see [`compared`]) with their
@@ -1658,6 +1659,11 @@ impl Rollouts {
         let mut updated = vec![zero; spec.gate.len()];
         let mut control = updated.clone();
         let mut metrics = vec![plan::MetricValues::default(); spec.gate_metrics.len()];
+        // Telemetry reads per side (updated, control) and metric.
+        let mut metric_reads = [
+            vec![0usize; spec.gate_metrics.len()],
+            vec![0usize; spec.gate_metrics.len()],
+        ];
         let window_start = r
             .window_started_at_ms
             .unwrap_or_else(|| now.saturating_sub(spec.health_window_ms));
@@ -1702,9 +1708,15 @@ impl Rollouts {
                     } else {
                         (&mut values.updated, &mut values.updated_points)
                     };
-                    if means.len() >= METRIC_GATE_DEVICES_MAX {
+                    // Bounded in reads too: a metric few devices send (or a typo) costs at
+                    // most twice the sample's reads a side.
+                    let asked = &mut metric_reads[usize::from(in_control)][i];
+                    if means.len() >= METRIC_GATE_DEVICES_MAX
+                        || *asked >= 2 * METRIC_GATE_DEVICES_MAX
+                    {
                         continue;
                     }
+                    *asked += 1;
                     if let Some((mean, n)) = self
                         .metric_mean(&d.device_id, &m.metric, window_start, now)
                         .await?
@@ -1832,7 +1844,7 @@ fn compared(
 
 /// One line of a gate's comparison: `disconnects 2.1× control (p<0.001) fail; crashes ...`.
 /// A metric gate's line: `battery.v:down mean 3.55 on 40 updated device(s) vs 3.70 on 40 in
-/// control (shift -1.50 sd, p<0.001): fail`; `None` for a rate signal.
+/// control (r=-1.00, p<0.001): fail`; `None` for a rate signal.
 fn metric_summary(s: &GateSignal, p: &str, why: &str) -> Option<String> {
     if s.kind != "metric" {
         return None;
@@ -1840,7 +1852,7 @@ fn metric_summary(s: &GateSignal, p: &str, why: &str) -> Option<String> {
     let mean = |m: Option<f64>| m.map_or_else(|| "-".to_owned(), |m| format!("{m:.3}"));
     let shift = s
         .effect
-        .map_or_else(|| "no spread".to_owned(), |e| format!("shift {e:+.2} sd"));
+        .map_or_else(|| "not compared".to_owned(), |e| format!("r={e:+.2}"));
     Some(format!(
         "{} mean {} on {} updated device(s) vs {} on {} in control ({shift}{p}): {}{why}",
         s.signal,

@@ -212,8 +212,8 @@ fn render(r: &Rollout) -> String {
     }
     if let Some(g) = &r.gate {
         out.push_str(&format!(
-            "gate after wave {}: {} (a signal fails at {}x the control's rate, a metric at a \
-             0.5 sd shift the bad way, with p <= {})\n",
+            "gate after wave {}: {} (a signal fails at {}x the control's rate, a metric at \
+             r=0.3 the bad way, with p <= {})\n",
             g.wave + 1,
             g.verdict,
             g.margin,
@@ -221,8 +221,8 @@ fn render(r: &Rollout) -> String {
         ));
         let mut t = Table::new(&["SIGNAL", "UPDATED", "CONTROL", "RATIO", "P", "RESULT"]);
         for s in &g.signals {
-            // A metric gate (`battery.v:down`) compares means, its "ratio" is the shift in
-            // pooled standard deviations.
+            // A metric gate (`battery.v:down`) compares values, its "ratio" is the shift as
+            // the rank-biserial correlation r (-1..1).
             let metric = s.kind == "metric";
             let side = |c: &mooring_api::GateCounts| match (metric, c.mean) {
                 (true, Some(m)) => format!("mean {m:.3} on {} devices", c.devices),
@@ -241,7 +241,7 @@ fn render(r: &Rollout) -> String {
                 match s.ratio {
                     _ if metric => s
                         .effect
-                        .map_or_else(|| "-".to_owned(), |e| format!("{e:+.2}sd")),
+                        .map_or_else(|| "-".to_owned(), |e| format!("r={e:+.2}")),
                     Some(r) => format!("{r:.2}x"),
                     None if s.updated.events > 0 => "inf".to_owned(),
                     None => "1.00x".to_owned(),
