@@ -287,12 +287,16 @@ fn set_config(core: &Core, params: Value) -> Outcome {
     Ok(config)
 }
 
-/// `diagnostics`: version, uptime, outbox depth, last errors, recent log lines, link quality;
+/// `diagnostics`: version, uptime, outbox depth and drops (all, and other than telemetry), last errors, recent log lines, link quality;
 /// log lines are trimmed (oldest first) to keep the output under [`OUTPUT_BYTES_MAX`].
 fn diagnostics(core: &Core) -> Value {
-    let (depth, dropped) = {
+    let (depth, dropped, precious) = {
         let store = core.store();
-        (store.len(), store.dropped_total())
+        (
+            store.len(),
+            store.dropped_total(),
+            store.dropped_precious_total(),
+        )
     };
     let mut logs = core.diag.logs.snapshot();
     loop {
@@ -302,6 +306,8 @@ fn diagnostics(core: &Core) -> Value {
             "uptime_secs": core.started_at.elapsed().as_secs(),
             "outbox_depth": depth,
             "outbox_dropped_total": dropped,
+            // Of those, results and status reports (dropped only when nothing else was left).
+            "outbox_dropped_precious_total": precious,
             "errors": core.diag.errors.snapshot(),
             "logs": logs,
             "link": core.diag.link.to_json(),

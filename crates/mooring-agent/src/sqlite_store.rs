@@ -26,6 +26,7 @@ pub struct SqliteStore {
     len: u64,
     next_seq: u64,
     dropped_total: u64,
+    dropped_precious_total: u64,
 }
 
 impl SqliteStore {
@@ -77,8 +78,13 @@ impl SqliteStore {
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('dropped_total', 0)",
             [],
         )?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('dropped_precious_total', 0)",
+            [],
+        )?;
         let mut next_seq = read_meta(&conn, "next_seq")?;
         let dropped_total = read_meta(&conn, "dropped_total")?;
+        let dropped_precious_total = read_meta(&conn, "dropped_precious_total")?;
         // Never hand out a seq at or below one still in the table.
         let max_seq: Option<i64> =
             conn.query_row("SELECT MAX(seq) FROM outbox", [], |r| r.get(0))?;
@@ -93,18 +99,29 @@ impl SqliteStore {
             len: from_sql_u64(len),
             next_seq,
             dropped_total,
+            dropped_precious_total,
         })
     }
 }
 
-/// Inserts `entries` and trims to `capacity` inside `tx`; returns (new next seq, dropped).
+/// What [`push_in`] did: the new next seq and length, the entries dropped, and of those the
+/// ones that were not telemetry.
+struct PushedIn {
+    next_seq: u64,
+    len: u64,
+    dropped: u64,
+    precious: u64,
+}
+
+/// Inserts `entries` and trims to `capacity` inside `tx`: the oldest telemetry first, then (only
+/// if no telemetry is left) the oldest of anything.
 fn push_in(
     tx: &rusqlite::Transaction<'_>,
     mut next_seq: u64,
     len: u64,
     capacity: u64,
     entries: Vec<Entry>,
-) -> Result<(u64, u64, u64), StoreError> {
+) -> Result<PushedIn, StoreError> {
     let mut added = 0u64;
     {
         let mut insert =
@@ -119,13 +136,25 @@ fn push_in(
             added += 1;
         }
     }
-    let mut dropped = 0;
+    let (mut dropped, mut precious) = (0, 0);
     let len = len + added;
     if len > capacity {
         dropped = tx.execute(
-            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?1)",
+            "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox \
+             WHERE topic IS NULL OR topic LIKE '%/telemetry' ORDER BY seq LIMIT ?1)",
             params![to_sql_u64(len - capacity)],
         )? as u64;
+        if len - dropped > capacity {
+            precious = tx.execute(
+                "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox ORDER BY seq LIMIT ?1)",
+                params![to_sql_u64(len - dropped - capacity)],
+            )? as u64;
+            dropped += precious;
+            tx.execute(
+                "UPDATE meta SET value = value + ?1 WHERE key = 'dropped_precious_total'",
+                params![to_sql_u64(precious)],
+            )?;
+        }
         tx.execute(
             "UPDATE meta SET value = value + ?1 WHERE key = 'dropped_total'",
             params![to_sql_u64(dropped)],
@@ -135,7 +164,27 @@ fn push_in(
         "UPDATE meta SET value = ?1 WHERE key = 'next_seq'",
         params![to_sql_u64(next_seq)],
     )?;
-    Ok((next_seq, len - dropped, dropped))
+    Ok(PushedIn {
+        next_seq,
+        len: len - dropped,
+        dropped,
+        precious,
+    })
+}
+
+impl SqliteStore {
+    /// Takes what a committed [`push_in`] did.
+    fn pushed(&mut self, p: PushedIn) -> Pushed {
+        self.next_seq = p.next_seq;
+        self.len = p.len;
+        self.dropped_total += p.dropped;
+        self.dropped_precious_total += p.precious;
+        assert!(self.len <= self.capacity, "outbox over capacity");
+        Pushed {
+            seq: p.next_seq.saturating_sub(1),
+            dropped: p.dropped,
+        }
+    }
 }
 
 impl AgentStore for SqliteStore {
@@ -145,17 +194,9 @@ impl AgentStore for SqliteStore {
 
     fn push(&mut self, entries: Vec<Entry>) -> Result<Pushed, StoreError> {
         let tx = self.conn.transaction()?;
-        let (next_seq, len, dropped) =
-            push_in(&tx, self.next_seq, self.len, self.capacity, entries)?;
+        let pushed = push_in(&tx, self.next_seq, self.len, self.capacity, entries)?;
         tx.commit()?;
-        self.next_seq = next_seq;
-        self.len = len;
-        self.dropped_total += dropped;
-        assert!(self.len <= self.capacity, "outbox over capacity");
-        Ok(Pushed {
-            seq: next_seq.saturating_sub(1),
-            dropped,
-        })
+        Ok(self.pushed(pushed))
     }
 
     fn peek_after(&self, after: u64, n: usize) -> Result<Vec<Entry>, StoreError> {
@@ -201,6 +242,10 @@ impl AgentStore for SqliteStore {
         self.dropped_total
     }
 
+    fn dropped_precious_total(&self) -> u64 {
+        self.dropped_precious_total
+    }
+
     fn command(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
         let row: Option<Option<Vec<u8>>> = self
             .conn
@@ -240,16 +285,9 @@ impl AgentStore for SqliteStore {
             params![id, result],
         )?;
         trim_commands(&tx)?;
-        let (next_seq, len, dropped) =
-            push_in(&tx, self.next_seq, self.len, self.capacity, vec![entry])?;
+        let pushed = push_in(&tx, self.next_seq, self.len, self.capacity, vec![entry])?;
         tx.commit()?;
-        self.next_seq = next_seq;
-        self.len = len;
-        self.dropped_total += dropped;
-        Ok(Pushed {
-            seq: next_seq.saturating_sub(1),
-            dropped,
-        })
+        Ok(self.pushed(pushed))
     }
 
     fn doc(&self, name: &str) -> Result<Option<Value>, StoreError> {

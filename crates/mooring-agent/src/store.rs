@@ -4,8 +4,11 @@
 //! returned `Ok` is on disk). The simulator uses [`MemStore`], which can fail writes at a rate
 //! drawn from a seeded RNG and can model a flash that acknowledges writes before they are
 //! synced, so "power loss" rolls back the unsynced tail. Every implementation keeps the same
-//! bounds: the outbox holds at most `capacity` entries (oldest dropped, counted) and at most
-//! [`EXECUTED_COMMANDS_MAX`] command records are kept (oldest dropped).
+//! bounds: the outbox holds at most `capacity` entries and at most [`EXECUTED_COMMANDS_MAX`]
+//! command records are kept (oldest dropped). When the outbox is full the oldest *telemetry*
+//! goes first (the device's own and its children's): command results, update status reports,
+//! shadow reports and presence are dropped only when nothing but them is left, and those drops
+//! are counted apart ([`AgentStore::dropped_precious_total`], in `diagnostics`).
 
 use rand::rngs::StdRng;
 use rand::Rng as _;
@@ -44,6 +47,18 @@ pub struct Entry {
     pub payload: Vec<u8>,
 }
 
+/// The topic suffix of telemetry (a gateway's children's too): what a full outbox drops first.
+pub const TELEMETRY_SUFFIX: &str = "/telemetry";
+
+impl Entry {
+    /// Telemetry (the device's own or a child's), which a full outbox drops first.
+    pub fn is_telemetry(&self) -> bool {
+        self.topic
+            .as_deref()
+            .is_none_or(|t| t.ends_with(TELEMETRY_SUFFIX))
+    }
+}
+
 /// What [`AgentStore::push`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pushed {
@@ -69,7 +84,8 @@ pub trait AgentStore: Send + 'static {
     /// The seq the next pushed message gets.
     fn next_seq(&self) -> u64;
     /// Appends `entries` in one durable step. Their seqs must be `next_seq()`, `next_seq()+1`, ...
-    /// When full, the oldest entries are dropped first.
+    /// When full, the oldest telemetry is dropped first; other entries (results, status
+    /// reports) only when nothing else is left, oldest first.
     fn push(&mut self, entries: Vec<Entry>) -> Result<Pushed, StoreError>;
     /// Up to `n` entries with a seq greater than `after`, in seq order.
     fn peek_after(&self, after: u64, n: usize) -> Result<Vec<Entry>, StoreError>;
@@ -84,6 +100,9 @@ pub trait AgentStore: Send + 'static {
     fn capacity(&self) -> u64;
     /// Messages ever dropped because the outbox was full.
     fn dropped_total(&self) -> u64;
+    /// Of those, the ones that were not telemetry (results, status reports: dropped only when
+    /// the outbox held nothing else).
+    fn dropped_precious_total(&self) -> u64;
 
     /// What is known about command `id`.
     fn command(&self, id: &str) -> Result<Option<CommandRecord>, StoreError>;
@@ -127,6 +146,7 @@ struct MemInner {
     capacity: u64,
     next_seq: u64,
     dropped_total: u64,
+    dropped_precious_total: u64,
     outbox: VecDeque<Entry>,
     commands: HashMap<String, CommandRecord>,
     command_order: VecDeque<String>,
@@ -142,6 +162,7 @@ enum Undo {
     State {
         next_seq: u64,
         dropped_total: u64,
+        dropped_precious_total: u64,
         outbox: VecDeque<Entry>,
     },
     Command {
@@ -168,6 +189,7 @@ impl MemStore {
                 capacity,
                 next_seq: first_seq.max(1),
                 dropped_total: 0,
+                dropped_precious_total: 0,
                 outbox: VecDeque::new(),
                 commands: HashMap::new(),
                 command_order: VecDeque::new(),
@@ -220,10 +242,12 @@ impl MemInner {
             Undo::State {
                 next_seq,
                 dropped_total,
+                dropped_precious_total,
                 outbox,
             } => {
                 self.next_seq = next_seq;
                 self.dropped_total = dropped_total;
+                self.dropped_precious_total = dropped_precious_total;
                 self.outbox = outbox;
             }
             Undo::Command {
@@ -282,6 +306,7 @@ impl MemInner {
         Undo::State {
             next_seq: self.next_seq,
             dropped_total: self.dropped_total,
+            dropped_precious_total: self.dropped_precious_total,
             outbox: self.outbox.clone(),
         }
     }
@@ -297,7 +322,16 @@ impl MemInner {
         }
         let mut dropped = 0;
         while self.outbox.len() as u64 > self.capacity {
-            self.outbox.pop_front();
+            // The oldest telemetry; the oldest of anything only when no telemetry is left.
+            match self.outbox.iter().position(Entry::is_telemetry) {
+                Some(i) => {
+                    self.outbox.remove(i);
+                }
+                None => {
+                    self.outbox.pop_front();
+                    self.dropped_precious_total += 1;
+                }
+            }
             dropped += 1;
         }
         self.dropped_total += dropped;
@@ -360,6 +394,10 @@ impl AgentStore for MemStore {
 
     fn dropped_total(&self) -> u64 {
         self.lock().dropped_total
+    }
+
+    fn dropped_precious_total(&self) -> u64 {
+        self.lock().dropped_precious_total
     }
 
     fn command(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
@@ -473,6 +511,43 @@ pub fn conformance<S: AgentStore>(
     assert_eq!(s.command("c1")?, None, "oldest record forgotten");
     assert_eq!(s.command("x4")?, None);
     assert_eq!(s.command("x5")?, Some(CommandRecord::Started));
+    // Full: the oldest telemetry (the device's own or a child's) goes first; results and
+    // status reports only when nothing else is left, counted apart (and kept across restarts).
+    let present: Vec<u64> = s.peek_after(0, 10)?.iter().map(|e| e.seq).collect();
+    s.ack(&present)?;
+    let (d0, p0) = (s.dropped_total(), s.dropped_precious_total());
+    let n = s.next_seq();
+    s.push(vec![
+        e(n, ""),
+        e(n + 1, "devices/x/commands/c/result"),
+        e(n + 2, "devices/kid/telemetry"),
+    ])?;
+    assert_eq!(s.push(vec![e(n + 3, "devices/x/ota/status")])?.dropped, 1);
+    assert_eq!(
+        s.push(vec![e(n + 4, "devices/x/commands/d/result")])?
+            .dropped,
+        1
+    );
+    let kept: Vec<u64> = s.peek_after(0, 10)?.iter().map(|e| e.seq).collect();
+    assert_eq!(kept, vec![n + 1, n + 3, n + 4], "telemetry went first");
+    assert_eq!(s.dropped_precious_total(), p0);
+    assert_eq!(s.push(vec![e(n + 5, "r2")])?.dropped, 1);
+    let kept: Vec<u64> = s.peek_after(0, 10)?.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        kept,
+        vec![n + 3, n + 4, n + 5],
+        "then the oldest of anything"
+    );
+    assert_eq!(
+        (s.dropped_total(), s.dropped_precious_total()),
+        (d0 + 3, p0 + 1)
+    );
+    drop(s);
+    let s = reopen();
+    assert_eq!(
+        (s.dropped_total(), s.dropped_precious_total()),
+        (d0 + 3, p0 + 1)
+    );
     Ok(())
 }
 
