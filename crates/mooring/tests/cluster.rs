@@ -248,16 +248,27 @@ async fn wait_online(server: &Server, id: &str, want: bool) {
 
 /// Sends a command through `server` and waits (up to 15 s) for it to end; `dev` answers it.
 async fn command_round_trip(server: &Server, dev: &mut MqttDevice, name: &str) -> Value {
-    let url = format!("/api/v1/devices/{}/commands?wait_ms=15000", dev.id);
+    let id = dev.id.clone();
+    command_round_trip_for(server, dev, &id, name).await
+}
+
+/// [`command_round_trip`] for `device`, answered by `dev` (the device, or its gateway).
+async fn command_round_trip_for(
+    server: &Server,
+    dev: &mut MqttDevice,
+    device: &str,
+    name: &str,
+) -> Value {
+    let url = format!("/api/v1/devices/{device}/commands?wait_ms=15000");
     let post = server.api("POST", &url, Some(json!({ "name": name })));
     let answer = async {
         let (topic, req) = dev.next_json().await;
         assert_eq!(req["name"], json!(name), "{topic}");
         let cmd = topic.rsplit('/').next().unwrap_or_default().to_owned();
-        dev.publish(&format!("devices/{}/commands/{cmd}/ack", dev.id), "{}")
+        dev.publish(&format!("devices/{device}/commands/{cmd}/ack"), "{}")
             .await;
         dev.publish(
-            &format!("devices/{}/commands/{cmd}/result", dev.id),
+            &format!("devices/{device}/commands/{cmd}/result"),
             r#"{"status":"succeeded"}"#,
         )
         .await;
@@ -1850,4 +1861,60 @@ async fn a_rollout_survives_the_death_of_its_controller_node_and_starts_no_devic
         assert_eq!(updates, 1, "{d} was started once: {cmds}");
     }
     drop(agents);
+}
+
+/// Gateways across nodes (issue 20): a child relayed by its gateway connected to node b is
+/// online on every node through it, a command created on node a reaches it through the gateway
+/// on b, and a detach through a ends the gateway's rights on b at once (b hears of it): the
+/// child goes offline everywhere and the gateway's next publish for it is refused, storing
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_attached_on_one_node_is_relayed_by_its_gateway_on_another() {
+    let env = Env::new().await;
+    let (a, b) = (env.start("a"), env.start("b"));
+    let gw = a.create_device("gw-1", env.tmp.path());
+    a.create_device("lock-9", env.tmp.path());
+    let (status, v) = b
+        .api(
+            "PUT",
+            "/api/v1/devices/lock-9/gateway",
+            Some(json!({"gateway": "gw-1"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let mut g = MqttDevice::connect(&b, &gw, "gw-1").await;
+    g.subscribe("devices/lock-9/commands/+").await;
+    g.publish("devices/lock-9/presence", r#"{"v":1,"online":true}"#)
+        .await;
+    for node in [&a, &b] {
+        wait_online(node, "lock-9", true).await;
+    }
+    g.publish(
+        "devices/lock-9/telemetry",
+        &format!(r#"{{"seq":1,"ts":{},"battery":55}}"#, now_ms()),
+    )
+    .await;
+    a.wait_for("/api/v1/devices/lock-9/telemetry", |v| {
+        v["points"].as_array().is_some_and(|p| p.len() == 1)
+    })
+    .await;
+    let done = command_round_trip_for(&a, &mut g, "lock-9", "unlock").await;
+    assert_eq!(done["state"], json!("succeeded"), "{done}");
+
+    // Detached through a: on b the gateway loses the child at once.
+    let (status, _) = a
+        .api("DELETE", "/api/v1/devices/lock-9/gateway", None)
+        .await;
+    assert_eq!(status, 204);
+    for node in [&a, &b] {
+        wait_online(node, "lock-9", false).await;
+    }
+    g.publish_no_wait(
+        "devices/lock-9/telemetry",
+        &format!(r#"{{"seq":2,"ts":{},"battery":54}}"#, now_ms()),
+    )
+    .await;
+    g.closed().await;
+    let (_, t) = a.api("GET", "/api/v1/devices/lock-9/telemetry", None).await;
+    assert_eq!(t["points"].as_array().map(Vec::len), Some(1), "{t}");
 }
