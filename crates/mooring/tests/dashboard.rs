@@ -9,7 +9,8 @@
 //! (`web/scripts/screenshots.sh` keeps docs/screenshots/ up to date that way).
 //!
 //! `rollouts_in_a_real_browser` does the same for the rollouts page on a small server of its
-//! own (`web/tests/rollouts.test.mjs`).
+//! own (`web/tests/rollouts.test.mjs`), and `gateways_in_a_real_browser` for the device page's
+//! Gateway section (`web/tests/gateways.test.mjs`).
 
 mod support;
 
@@ -321,6 +322,50 @@ async fn rollouts_in_a_real_browser() {
             ("ADMIN_EMAIL", "admin@example.com"),
             ("VIEWER_EMAIL", "viewer@example.com"),
             ("ROLLOUT_ID", &id),
+        ],
+    )
+    .await;
+    if let Err(e) = run {
+        panic!("{e}");
+    }
+}
+
+/// The device page's Gateway section: a gateway, a child attached to it through the API and a
+/// lone device, all offline; a viewer sees the attachment and no write control, an admin follows
+/// the child's link to its gateway (which lists it), attaches the lone device from its page (a
+/// gateway that does not exist refused with the server's message) and detaches it again
+/// (`web/tests/gateways.test.mjs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_in_a_real_browser() {
+    let chromium = chromium();
+    ensure_node_modules();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&tmp.path().join("data"));
+    server.create_user("admin@example.com", "admin", PASSWORD);
+    server.create_user("viewer@example.com", "viewer", PASSWORD);
+    let (gateway, child, lone) = ("gw-1", "lock-1", "lock-2");
+    for id in [gateway, child, lone] {
+        server.create_device(id, tmp.path());
+    }
+    let (status, body) = server
+        .api(
+            "PUT",
+            &format!("/api/v1/devices/{child}/gateway"),
+            Some(json!({"gateway": gateway})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["gateway"], gateway, "{body}");
+    let run = run_browser_tests(
+        &server,
+        &chromium,
+        "gateways.test.mjs",
+        &[
+            ("ADMIN_EMAIL", "admin@example.com"),
+            ("VIEWER_EMAIL", "viewer@example.com"),
+            ("GATEWAY", gateway),
+            ("CHILD", child),
+            ("LONE", lone),
         ],
     )
     .await;

@@ -1,7 +1,8 @@
-// #/devices/<id>: one device: facts and tags, its provisioning pipeline and installation (with
-// the installer's confirmation form), live telemetry chart, shadow (reported vs desired, with an
-// editor), commands (history with live states, send, cancel), updates (OTA history and the A/B
-// slots its agent reports), health signals, delete.
+// #/devices/<id>: one device: facts and tags, its gateway or its children (attach, detach), its
+// provisioning pipeline and installation (with the installer's confirmation form), live
+// telemetry chart, shadow (reported vs desired, with an editor), commands (history with live
+// states, send, cancel), updates (OTA history and the A/B slots its agent reports), health
+// signals, delete.
 import {
   html, useState, useEffect, useMemo, useRef, useCallback, api, qs, useApi, useEvents, useInterval, can, toast,
   navigate, Loading, Empty, ErrorBox, Async, Dialog, Confirm, PageTitle, OnlineBadge, StateBadge,
@@ -32,6 +33,8 @@ const newer = (a, b) => (b && rank(b) > rank(a) ? b : a);
 /** Command ids whose newest live state is remembered (beyond this the memory starts over). */
 const LIVE_STATES_MAX = 500;
 const COMMANDS_PAGE = 20;
+/** Children listed per request on a gateway's page (the API's default page). */
+const CHILDREN_PAGE = 100;
 
 const enc = encodeURIComponent;
 
@@ -96,6 +99,102 @@ function Info({ device, online, onReload }) {
       <dt>Firmware</dt><dd data-testid="device-version" class=${device.version ? "mono" : "muted"}>${device.version || "not reported"}</dd>
       <dt>Tags</dt><dd><${TagsEditor} device=${device} onSaved=${onReload} /></dd>
     </dl>
+  </section>`;
+}
+
+// ---------------------------------------------------------------- gateway
+
+function AttachForm({ id, onDone }) {
+  const [gateway, setGateway] = useState("");
+  const [busy, setBusy] = useState(false);
+  const [error, setError] = useState(null);
+  const submit = async (e) => {
+    e.preventDefault();
+    if (!gateway.trim()) return setError("Enter the gateway's device id.");
+    setBusy(true);
+    setError(null);
+    try {
+      const a = await api("PUT", `/devices/${enc(id)}/gateway`, { gateway: gateway.trim() });
+      toast(`${id} attached to gateway ${a.gateway}`);
+      setGateway("");
+      onDone();
+    } catch (err) {
+      setError(err.message);
+    } finally {
+      setBusy(false);
+    }
+  };
+  return html`<form class="filters" data-testid="gateway-attach-form" onSubmit=${submit}>
+    <label>Attach to gateway<input data-testid="gateway-attach-id" class="mono" value=${gateway} onInput=${(e) => setGateway(e.target.value)} placeholder="gw-1" autocomplete="off" spellcheck="false" required /></label>
+    <button type="submit" class="btn primary" data-testid="gateway-attach-submit" disabled=${busy}>Attach</button>
+  </form>
+  ${error && html`<p class="form-error" data-testid="gateway-attach-error" role="alert">${error}</p>`}`;
+}
+
+/** The gateway this device is attached to (GET /devices/{id}/gateway, 404 `not_attached` when
+ *  none) and the children attached to it (GET /devices/{id}/children), docs/edge.md. */
+function Gateway({ id }) {
+  const gw = useApi(`/devices/${enc(id)}/gateway`, [id]);
+  const kids = useApi(`/devices/${enc(id)}/children` + qs({ limit: CHILDREN_PAGE }), [id]);
+  const [confirmDetach, setConfirmDetach] = useState(false);
+  const [busy, setBusy] = useState(false);
+  // Not being a child is no error here.
+  const alone = gw.error && gw.error.code === "not_attached";
+  const attachment = gw.data;
+  const reload = () => {
+    gw.reload();
+    kids.reload();
+  };
+  const detach = async () => {
+    setBusy(true);
+    try {
+      await api("DELETE", `/devices/${enc(id)}/gateway`);
+      toast(`${id} detached from gateway ${attachment.gateway}`);
+      reload();
+    } catch (e) {
+      toast("Detach failed: " + e.message, "error");
+    } finally {
+      setBusy(false);
+      setConfirmDetach(false);
+    }
+  };
+  const more = async () => {
+    try {
+      const next = await api("GET", `/devices/${enc(id)}/children` + qs({ limit: CHILDREN_PAGE, cursor: kids.data.next_cursor }));
+      const seen = new Set(kids.data.children.map((c) => c.id));
+      kids.setData({ ...next, children: [...kids.data.children, ...next.children.filter((c) => !seen.has(c.id))] });
+    } catch (e) {
+      toast("Could not load more children: " + e.message, "error");
+    }
+  };
+  const body = () => {
+    if (gw.error && !alone) return html`<${ErrorBox} error=${gw.error} retry=${gw.reload} />`;
+    if (kids.error) return html`<${ErrorBox} error=${kids.error} retry=${kids.reload} />`;
+    if ((!attachment && !alone) || !kids.data) return html`<${Loading} label="Loading the gateway…" />`;
+    const children = kids.data.children;
+    return html`
+      ${attachment && html`<div class="card-head">
+        <p data-testid="gateway-attached" data-gateway=${attachment.gateway}>Attached to gateway <a href=${"#/devices/" + enc(attachment.gateway)} class="mono" data-testid="gateway-link">${attachment.gateway}</a>
+          <span class="muted"> since ${fmtTime(attachment.attached_at)} (${fmtAgo(attachment.attached_at)})</span></p>
+        ${can("devices.write") && html`<button type="button" class="btn small" data-testid="gateway-detach" onClick=${() => setConfirmDetach(true)}>Detach</button>`}
+      </div>`}
+      ${children.length > 0 && html`<h3>Children</h3>
+        <div class="table-wrap"><table class="table" aria-label=${"Children of gateway " + id}>
+          <thead><tr><th>Device</th><th>State</th><th>Attached</th></tr></thead>
+          <tbody>${children.map((c) => html`<tr key=${c.id} data-testid="gateway-child" data-child-id=${c.id} data-online=${String(c.online)}>
+            <td data-label="Device"><a href=${"#/devices/" + enc(c.id)} class="mono">${c.id}</a></td>
+            <td data-label="State"><${OnlineBadge} online=${c.online} /></td>
+            <td data-label="Attached">${fmtTime(c.attached_at)}</td>
+          </tr>`)}</tbody></table></div>
+        ${kids.data.next_cursor && html`<div class="pager"><button type="button" class="btn small" data-testid="gateway-children-more" onClick=${more}>Show more children</button></div>`}`}
+      ${!attachment && children.length === 0 && html`<${Empty}>Not attached to a gateway and no children.</${Empty}>
+        ${can("devices.write") && html`<${AttachForm} id=${id} onDone=${reload} />`}`}`;
+  };
+  return html`<section class="card" data-testid="device-gateway">
+    <h2>Gateway</h2>
+    ${body()}
+    ${confirmDetach && attachment && html`<${Confirm} title="Detach from gateway" text=${`Detach ${id} from gateway ${attachment.gateway}? The gateway may no longer act for it, and it goes offline until it is attached again.`}
+      okLabel="Detach" danger busy=${busy} onOk=${detach} onCancel=${() => setConfirmDetach(false)} />`}
   </section>`;
 }
 
@@ -587,6 +686,7 @@ export default function Device({ params }) {
         <${Info} device=${d} online=${online ?? d.online} onReload=${dev.reload} />
         <${Shadow} id=${id} shadowRef=${shadow} />
       </div>
+      <${Gateway} key=${id} id=${id} />
       <${Provisioning} id=${id} reloadRef=${pipeline} />
       <${Telemetry} id=${id} liveRef=${live} />
       <${Commands} id=${id} commandRef=${command} />
