@@ -155,6 +155,9 @@ pub struct AgentDeps {
     /// What the device's platform does for the updater ([`ota::Platform`]); `None`: HTTPS
     /// downloads, `reboot_command` / exit 75 and the `[update]` hooks.
     pub ota_platform: Option<Arc<dyn ota::Platform>>,
+    /// Gateway mode (`config.gateway` set): where children come from instead of the Unix
+    /// socket (the simulator's in-memory children); `None`: the socket of `config.gateway`.
+    pub child_transport: Option<Box<dyn gateway::ChildTransport>>,
 }
 
 impl std::fmt::Debug for AgentDeps {
@@ -199,6 +202,7 @@ impl AgentDeps {
             diagnostics: Diagnostics::default(),
             ota: None,
             ota_platform: None,
+            child_transport: None,
         }
     }
 
@@ -388,9 +392,14 @@ pub async fn run_with(
         None => (None, None),
         Some(g) => {
             g.validate().map_err(anyhow::Error::msg)?;
-            let transport = gateway::unix::UnixTransport::bind(&g.socket, g.children_max)
-                .with_context(|| format!("gateway socket {}", g.socket.display()))?;
-            let (parts, inbound) = gateway::relay::parts(g.clone(), Box::new(transport));
+            let transport: Box<dyn gateway::ChildTransport> = match deps.child_transport.take() {
+                Some(t) => t,
+                None => Box::new(
+                    gateway::unix::UnixTransport::bind(&g.socket, g.children_max)
+                        .with_context(|| format!("gateway socket {}", g.socket.display()))?,
+                ),
+            };
+            let (parts, inbound) = gateway::relay::parts(g.clone(), transport);
             (Some(parts), Some(inbound))
         }
     };

@@ -299,6 +299,36 @@ pub struct Cohort {
     /// The devices run the agent's A/B updater (issue 17) on in-memory slots.
     #[serde(default)]
     pub ota: Option<CohortOta>,
+    /// Every device of the cohort is a gateway (the agent's gateway mode, issue 20) with
+    /// `children` children attached to it.
+    #[serde(default)]
+    pub gateway: Option<CohortGateway>,
+}
+
+/// `[cohort.gateway]`: each device of the cohort runs the agent in gateway mode. Before the
+/// fleet boots, the harness registers `<gateway id>-c<k>` (k = 0..children) and attaches each
+/// to its gateway on the server. The agent gets an in-memory [`ChildTransport`] instead of
+/// its Unix socket: every child says hello when the agent starts, then sends
+/// `{"seq": n, "sim.n": n, "sim.child": k}` every `child_telemetry_interval` with its own
+/// counter `n` (1, 2, 3, ... kept across gateway restarts). One task per gateway drives all
+/// its children.
+///
+/// [`ChildTransport`]: mooring_agent::gateway::ChildTransport
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CohortGateway {
+    /// Children per gateway.
+    pub children: usize,
+    /// How often each child sends telemetry.
+    #[serde(default = "default_child_telemetry_interval")]
+    pub child_telemetry_interval: DurationMs,
+}
+
+/// Most children one simulated gateway may have.
+pub const CHILDREN_PER_GATEWAY_MAX: usize = 1_000;
+
+fn default_child_telemetry_interval() -> DurationMs {
+    DurationMs(300_000)
 }
 
 /// `[cohort.ota]`: the cohort's devices run the agent's real updater (`mooring.update`,
@@ -685,6 +715,15 @@ pub struct Expect {
     /// `{ bus_dropped = 0, outbox_dropped = 0 }`: no notice may be lost under load.
     #[serde(default)]
     pub max_cluster_counters: BTreeMap<String, u64>,
+    /// Gateway cohorts: most child telemetry messages handed to a gateway that are neither
+    /// in the server's store nor still in the gateway's outbox at the end.
+    pub children_telemetry_lost: Option<u64>,
+    /// Gateway cohorts: most children whose stored telemetry is not exactly once and in
+    /// order (oldest first, the child's seqs must read 1, 2, 3, ... without a gap or repeat).
+    pub children_out_of_order: Option<u64>,
+    /// Gateway cohorts: fewest gateways online at the end (`min_online_at_end` counts the
+    /// children the gateways announce too).
+    pub min_gateways_online_at_end: Option<u64>,
     /// Enrolling cohorts: every device ended enrolled exactly once (registered with the very
     /// certificate it stored, each claim's uses equal to its enrolled devices, no device in the
     /// store beyond the cohorts).
@@ -786,11 +825,23 @@ impl Scenario {
             .cohorts
             .iter()
             .map(|c| {
-                (c.count as u64).saturating_mul(self.duration.0 / c.telemetry_interval.0.max(1))
+                let children = c.gateway.as_ref().map_or(0, |g| {
+                    (g.children as u64)
+                        .saturating_mul(self.duration.0 / g.child_telemetry_interval.0.max(1))
+                });
+                (c.count as u64).saturating_mul(
+                    (self.duration.0 / c.telemetry_interval.0.max(1)).saturating_add(children),
+                )
             })
             .sum();
         if messages > MESSAGES_MAX {
             bail!("the cohorts would send about {messages} messages; at most {MESSAGES_MAX} are allowed");
+        }
+        let children_expected = self.expect.children_telemetry_lost.is_some()
+            || self.expect.children_out_of_order.is_some()
+            || self.expect.min_gateways_online_at_end.is_some();
+        if children_expected && self.cohorts.iter().all(|c| c.gateway.is_none()) {
+            bail!("expect.children_* and min_gateways_online_at_end need a cohort with [cohort.gateway]");
         }
         let mut names = std::collections::BTreeSet::new();
         for c in &self.cohorts {
@@ -865,6 +916,23 @@ impl Scenario {
             ] {
                 if !(r >= 0.0 && r.is_finite()) {
                     bail!("cohort {}: {what} must be a non-negative number", c.name);
+                }
+            }
+            if let Some(g) = &c.gateway {
+                if g.children == 0 || g.children > CHILDREN_PER_GATEWAY_MAX {
+                    bail!(
+                        "cohort {}: gateway.children must be between 1 and {CHILDREN_PER_GATEWAY_MAX}",
+                        c.name
+                    );
+                }
+                if g.child_telemetry_interval.0 == 0 {
+                    bail!(
+                        "cohort {}: gateway.child_telemetry_interval must be positive",
+                        c.name
+                    );
+                }
+                if c.enroll.is_some() {
+                    bail!("cohort {}: a gateway cohort cannot enroll", c.name);
                 }
             }
             if let Some(e) = &c.enroll {

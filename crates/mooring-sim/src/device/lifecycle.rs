@@ -374,6 +374,15 @@ fn boot(
         diagnostics: dev.diag.clone(),
         ota: None,
         ota_platform: None,
+        child_transport: dev.gateway.as_ref().map(|g| {
+            let t: Box<dyn mooring_agent::gateway::ChildTransport> =
+                Box::new(super::gateway::SimChildren {
+                    children: g.clone(),
+                    stats: net.stats.clone(),
+                    clock: net.clock,
+                });
+            t
+        }),
     };
     let mut deps = deps;
     if let (Some(ota), Some(update)) = (&dev.ota, &model.agent_config.update) {

@@ -10,6 +10,7 @@
 //! `probes.rs` the measurement hooks and `lifecycle.rs` the device task.
 
 mod enroll;
+pub mod gateway;
 mod lifecycle;
 mod link;
 pub mod ota;
@@ -102,6 +103,8 @@ pub struct Stats {
     pub ota_reboots: AtomicU64,
     /// Power losses injected during an update (`[cohort.ota] power_loss_rate`), by phase.
     pub ota_power_losses: ota::LossesByPhase,
+    /// Telemetry messages gateways' children handed to their gateway (`[cohort.gateway]`).
+    pub children_telemetry_sent: AtomicU64,
 }
 
 impl Stats {
@@ -145,6 +148,8 @@ pub struct DeviceState {
     pub enroll: Option<Arc<EnrollProbe>>,
     /// An updating cohort's device: its slots and journal (`[cohort.ota]`).
     pub ota: Option<ota::DeviceOta>,
+    /// A gateway cohort's device: its children (set before the run starts).
+    pub gateway: Option<Arc<gateway::GatewayChildren>>,
 }
 
 impl DeviceState {
@@ -187,6 +192,7 @@ impl DeviceState {
                 .ota
                 .as_ref()
                 .map(|o| ota::DeviceOta::new(o, &cohort.version, seed, index as u64)),
+            gateway: None,
         })
     }
 

@@ -95,6 +95,9 @@ impl AgentStore for LedgerStore {
     fn dropped_total(&self) -> u64 {
         self.inner.dropped_total()
     }
+    fn dropped_precious_total(&self) -> u64 {
+        self.inner.dropped_precious_total()
+    }
     fn command(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
         self.inner.command(id)
     }

@@ -246,6 +246,9 @@ pub struct Report {
     /// Scenarios with `[health]`, `[[rule]]`s or health expectations: the alerts at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthReport>,
+    /// Gateway cohorts (`[cohort.gateway]`): the children's telemetry at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<GatewayReport>,
     /// Each `rollout` event's rollout as it stood at the end, in the order played.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rollouts: Vec<RolloutReport>,
@@ -614,6 +617,62 @@ impl RolloutReport {
     }
 }
 
+/// The gateway cohorts' children at the end of the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GatewayReport {
+    pub gateways: u64,
+    /// Gateways with a session at the end.
+    pub gateways_online_at_end: u64,
+    pub children: u64,
+    /// Children the server shows online at the end (announced by their gateway).
+    pub children_online_at_end: u64,
+    /// Telemetry messages the children handed to their gateway.
+    pub telemetry_sent: u64,
+    /// Distinct child messages in the server's store at the end.
+    pub telemetry_stored: u64,
+    /// Child messages still in a gateway's outbox at the end (not yet acknowledged).
+    pub telemetry_in_outbox_at_end: u64,
+    /// Handed over, but neither stored nor in an outbox: must be 0.
+    pub telemetry_lost: u64,
+    /// Stored points beyond the first of the same child and seq.
+    pub telemetry_duplicated: u64,
+    /// Children whose stored seqs, oldest first, are not exactly 1, 2, 3, ...
+    pub children_out_of_order: u64,
+    /// The first few lost messages and out-of-order children.
+    pub examples: Vec<String>,
+}
+
+impl GatewayReport {
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![
+            format!(
+                "gateways: {} ({} online at the end), {} children ({} online at the end)",
+                self.gateways,
+                self.gateways_online_at_end,
+                self.children,
+                self.children_online_at_end
+            ),
+            format!(
+                "children's telemetry sent / stored / in outbox at end / lost / duplicated: {} / {} / {} / {} / {}",
+                self.telemetry_sent,
+                self.telemetry_stored,
+                self.telemetry_in_outbox_at_end,
+                self.telemetry_lost,
+                self.telemetry_duplicated
+            ),
+            format!(
+                "children stored exactly once and in order: {} of {}",
+                self.children.saturating_sub(self.children_out_of_order),
+                self.children
+            ),
+        ];
+        for e in &self.examples {
+            out.push(format!("  {e}"));
+        }
+        out
+    }
+}
+
 /// The enrolling cohorts at the end of the run.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct EnrollmentReport {
@@ -814,6 +873,11 @@ impl Report {
         }
         if let Some(h) = &self.health {
             for line in h.lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        if let Some(g) = &self.gateways {
+            for line in g.lines() {
                 let _ = writeln!(out, "  {line}");
             }
         }

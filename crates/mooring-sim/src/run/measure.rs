@@ -248,6 +248,17 @@ pub(super) fn check_expectations(
         e.lost_acked_telemetry,
         r.lost_acked_telemetry,
     );
+    let gw = r.gateways.clone().unwrap_or_default();
+    at_most(
+        "children_telemetry_lost",
+        e.children_telemetry_lost,
+        gw.telemetry_lost,
+    );
+    at_most(
+        "children_out_of_order",
+        e.children_out_of_order,
+        gw.children_out_of_order,
+    );
     at_most(
         "commands_executed_twice",
         e.commands_executed_twice,
@@ -292,6 +303,11 @@ pub(super) fn check_expectations(
         }
     };
     at_least("min_ota_committed", e.min_ota_committed, ota.committed);
+    at_least(
+        "min_gateways_online_at_end",
+        e.min_gateways_online_at_end,
+        gw.gateways_online_at_end,
+    );
     at_least(
         "min_ota_rolled_back",
         e.min_ota_rolled_back,

@@ -12,6 +12,7 @@
 
 mod enroll;
 mod events;
+mod gateways;
 mod health;
 mod measure;
 mod ota;
@@ -465,10 +466,26 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
                 DeviceId::parse(&name).map_err(|e| anyhow::anyhow!("cohort {}: {e}", c.name))?;
             let mut dev = DeviceState::new(devices.len(), id, ci, c, s.seed)?;
             dev.enroll = claims.probe(s, ci, n, dev.index, dev.id.as_str(), data_dir);
+            if let Some(g) = &c.gateway {
+                dev.gateway = Some(Arc::new(device::gateway::GatewayChildren::new(
+                    &dev.id,
+                    g,
+                    s.duration.0,
+                )?));
+            }
             match (server, &remote, &creds_dir) {
                 // An enrolling device registers itself, with the certificate it asks for.
                 (Some(_), _, _) if dev.enroll.is_some() => {}
-                (Some(server), _, _) => server.register(dev.id.as_str(), c.tags.clone()).await?,
+                (Some(server), _, _) => {
+                    server.register(dev.id.as_str(), c.tags.clone()).await?;
+                    gateways::register_children(server, &dev).await?;
+                }
+                (None, Some(_), _) if dev.gateway.is_some() => {
+                    anyhow::bail!(
+                        "cohort {}: gateway cohorts need the in-process server",
+                        c.name
+                    )
+                }
                 (None, Some(api), Some(dir)) => {
                     dev.tls = Some(api.register(dev.id.as_str(), &c.tags, dir.path()).await?);
                 }
@@ -497,6 +514,13 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
                 }),
                 _ => None,
             },
+            gateway: c
+                .gateway
+                .as_ref()
+                .map(|g| mooring_agent::gateway::GatewayConfig {
+                    children_max: g.children,
+                    ..mooring_agent::gateway::GatewayConfig::new("sim-children")
+                }),
             ..mooring_agent::AgentConfig::new("sim", 1, "-", "-", "-", "-")
         };
         let device_clock: Arc<dyn Clock> = Arc::new(clock.skewed(c.clock_skew_ms));
@@ -589,6 +613,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
 
     // The end, read before anything else moves.
     let online_at_end = control.online_count().await;
+    let gateways_online = gateways::online(&control, &devices).await;
     let server_metrics = control.server_metrics().await;
     let reconnects: u64 = devices.iter().map(|d| d.reconnects_total()).sum();
     // A deleted device is detected when its session is gone and stays refused.
@@ -704,6 +729,8 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
             }
         }
     }
+
+    let gateway_report = gateways::report(&reader, &devices, &deleted, gateways_online).await?;
 
     // Commands: final states from the store; the time series from each command's history.
     let fleet_commands = lock(&control.fleet_commands).clone();
@@ -890,6 +917,7 @@ pub async fn run(s: &Scenario, data_dir: &Path) -> anyhow::Result<Report> {
         enrollment,
         ota: ota_report,
         health: health_report,
+        gateways: gateway_report,
         rollouts: rollout_reports,
         expectations: Vec::new(),
     };
