@@ -305,7 +305,7 @@ fn on_child_presence(
         );
         app.commands.kick_local(child, true);
     } else {
-        app.registry.child_offline(child);
+        app.registry.session_ended(child);
     }
     PublishVerdict::Accept
 }
@@ -835,25 +835,15 @@ impl Hooks for ServerHooks {
             return;
         }
         if let (Principal::Device { id, .. }, Some(app)) = (principal, self.app()) {
-            app.presence.disconnected(id, app.now_ms());
+            tracing::debug!(device = %id, "offline");
             // A gateway gone: the children it said were online here are not any more (unless
             // a newer session of it here took over: that one keeps them, and says again).
-            if !app.presence.is_here(id) {
+            if app.registry.session_ended(id) {
                 for child in app.registry.gateways().gateway_gone(id.as_str()) {
                     if let Ok(child) = mooring_proto::DeviceId::parse(&child) {
-                        app.registry.child_offline(&child);
+                        app.registry.session_ended(&child);
                     }
                 }
-            }
-            tracing::debug!(device = %id, "offline");
-            if !app.presence.is_here(id) {
-                app.events.publish(
-                    Some(id),
-                    mooring_api::EventBody::Presence {
-                        online: false,
-                        node: app.events.node().to_owned(),
-                    },
-                );
             }
         }
     }

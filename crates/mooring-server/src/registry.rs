@@ -182,24 +182,27 @@ impl Registry {
             return;
         };
         if was_online {
-            self.child_offline(child);
+            self.session_ended(child);
         }
         self.reauthorize(&old).await;
     }
 
-    /// A child a gateway said was online here is not any more.
-    pub(crate) fn child_offline(&self, child: &DeviceId) {
-        self.presence
-            .disconnected(child.as_str(), self.core.now_ms());
-        if !self.presence.is_here(child.as_str()) {
+    /// One of `id`'s sessions here ended: its own MQTT session, or (a child) the word of the
+    /// gateway it was online through. Presence counts it, and the offline event goes out once
+    /// no session of it is left here. Returns whether none is.
+    pub(crate) fn session_ended(&self, id: &DeviceId) -> bool {
+        self.presence.disconnected(id.as_str(), self.core.now_ms());
+        let gone = !self.presence.is_here(id.as_str());
+        if gone {
             self.core.events.publish(
-                Some(child),
+                Some(id),
                 mooring_api::EventBody::Presence {
                     online: false,
                     node: self.core.events.node().to_owned(),
                 },
             );
         }
+        gone
     }
 
     /// Authorizes `id`'s sessions again against what is stored now (its tags, the children
@@ -234,7 +237,7 @@ impl Registry {
         let (gateway, children) = self.gateways.forget_device(id.as_str());
         for child in children {
             if let Ok(child) = DeviceId::parse(&child) {
-                self.child_offline(&child);
+                self.session_ended(&child);
             }
         }
         if let Some(gateway) = gateway {
