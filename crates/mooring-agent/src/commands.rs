@@ -62,8 +62,56 @@ pub fn reason(why: impl Into<String>) -> Value {
 /// Runs the executor until its input closes. Errors are store failures.
 pub(crate) async fn executor(core: Arc<Core>) -> anyhow::Result<()> {
     let mut rx = core.commands_rx.lock().await;
-    while let Some(msg) = rx.recv().await {
-        handle(&core, &msg.topic, &msg.payload).await?;
+    let Some(local) = &core.local else {
+        while let Some(msg) = rx.recv().await {
+            handle(&core, &msg.topic, &msg.payload).await?;
+        }
+        return Ok(());
+    };
+    // Local commands (the local API) share the executor: one at a time, in arrival order.
+    let mut local_rx = local.rx.lock().await;
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { return Ok(()) };
+                handle(&core, &msg.topic, &msg.payload).await?;
+            }
+            req = local_rx.recv() => {
+                let Some(req) = req else { return Ok(()) };
+                handle_local(&core, req).await?;
+            }
+        }
+    }
+}
+
+/// A command from the local API: the same steps as one from the server, without the ack, and
+/// the result goes back to the local client too.
+async fn handle_local(core: &Arc<Core>, l: crate::local::LocalRequest) -> anyhow::Result<()> {
+    let id = l.req.id.clone();
+    let known = core.store().command(&id)?;
+    let result = match known {
+        // Asked again: the recorded answer (already queued for the server once).
+        Some(CommandRecord::Done(bytes)) => CommandResult::parse(&bytes).ok(),
+        Some(CommandRecord::Started) => {
+            let r = failed(reason("interrupted"));
+            finish(core, &id, r.clone())?;
+            Some(r)
+        }
+        None if l.req.expires_at < core.clock.now_ms() => {
+            crate::local::remember(core, &l.req, l.requested_at);
+            let r = failed(reason("expired"));
+            finish(core, &id, r.clone())?;
+            Some(r)
+        }
+        None => {
+            crate::local::remember(core, &l.req, l.requested_at);
+            core.store().command_started(&id)?;
+            tracing::info!(id = %id, name = %l.req.name, "running local command");
+            run_started(core, l.req).await?
+        }
+    };
+    if let Some(r) = result {
+        let _ = l.reply.send(r);
     }
     Ok(())
 }
@@ -74,6 +122,10 @@ async fn handle(core: &Arc<Core>, topic: &str, payload: &[u8]) -> anyhow::Result
         return Ok(());
     };
     if device != core.device_id {
+        return Ok(());
+    }
+    if crate::local::is_local_id(&cmd_id) {
+        tracing::warn!(id = %cmd_id, "a command from the server with a local command's id; ignored");
         return Ok(());
     }
     // The id decides first: a known id is never run again, whatever the payload says.
@@ -132,8 +184,17 @@ async fn handle(core: &Arc<Core>, topic: &str, payload: &[u8]) -> anyhow::Result
         );
     }
     tracing::info!(id = %req.id, name = %req.name, "running command");
+    run_started(core, req).await.map(|_| ())
+}
+
+/// Runs a command already recorded as started, records its result and queues it. The result,
+/// or `None` for `reboot` (it records its own before rebooting).
+async fn run_started(
+    core: &Arc<Core>,
+    req: CommandRequest,
+) -> anyhow::Result<Option<CommandResult>> {
     if req.name == "reboot" && !core.handlers.contains_key("reboot") {
-        return reboot(core, &req).await;
+        return reboot(core, &req).await.map(|_| None);
     }
     let ota = matches!(
         req.name.as_str(),
@@ -150,13 +211,15 @@ async fn handle(core: &Arc<Core>, topic: &str, payload: &[u8]) -> anyhow::Result
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         r
     };
-    finish(core, &req.id, result)
+    finish(core, &req.id, result.clone())?;
+    Ok(Some(result))
 }
 
 fn failed(output: Value) -> CommandResult {
     CommandResult {
         status: ResultStatus::Failed,
         output,
+        local: None,
     }
 }
 
@@ -171,7 +234,11 @@ fn outcome_to_result(outcome: Outcome) -> CommandResult {
             "output is {size} bytes, more than {OUTPUT_BYTES_MAX}"
         )));
     }
-    CommandResult { status, output }
+    CommandResult {
+        status,
+        output,
+        local: None,
+    }
 }
 
 /// Attempts at recording a result before giving up (a failed flash write changes nothing, so
@@ -179,7 +246,11 @@ fn outcome_to_result(outcome: Outcome) -> CommandResult {
 pub const FINISH_ATTEMPTS_MAX: usize = 5;
 
 /// Records the result and queues it, in one durable step (retried on a failed write).
-fn finish(core: &Core, id: &str, result: CommandResult) -> anyhow::Result<()> {
+fn finish(core: &Core, id: &str, mut result: CommandResult) -> anyhow::Result<()> {
+    if result.local.is_none() && crate::local::is_local_id(id) {
+        // What ran and when: the server records it as executed locally.
+        result.local = Some(crate::local::execution(core, id));
+    }
     let payload = result.to_bytes();
     let topic = Topic::command_result(&core.device_id, id);
     let mut attempt = 1;
@@ -335,6 +406,7 @@ async fn reboot(core: &Arc<Core>, req: &CommandRequest) -> anyhow::Result<()> {
         CommandResult {
             status: ResultStatus::Succeeded,
             output: json!({"rebooting": true}),
+            local: None,
         },
     )?;
     let seq = core.store().next_seq().saturating_sub(1);

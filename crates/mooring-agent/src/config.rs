@@ -88,6 +88,9 @@ pub struct AgentConfig {
     /// `--gateway-socket` / `[gateway]`: relay for child devices ([`crate::gateway`]);
     /// `None`: not a gateway.
     pub gateway: Option<crate::gateway::GatewayConfig>,
+    /// `--local-listen` / `--local-socket` / `[local]`: the local API ([`crate::local`]);
+    /// `None`: no local API.
+    pub local: Option<crate::local::LocalConfig>,
 }
 
 /// A user command handler: an executable given the params JSON on stdin, answering with the
@@ -135,6 +138,9 @@ pub struct AgentFile {
     /// Gateway mode (`socket`, `children_max`); `--gateway-socket` overrides the socket.
     #[serde(default)]
     pub gateway: Option<crate::gateway::GatewayConfig>,
+    /// The local API (`listen`, `socket`); `--local-listen` / `--local-socket` override.
+    #[serde(default)]
+    pub local: Option<crate::local::LocalConfig>,
 }
 
 impl AgentFile {
@@ -188,6 +194,9 @@ impl AgentFile {
         if let Some(g) = &self.gateway {
             g.validate().map_err(ConfigError::File)?;
         }
+        if let Some(l) = &self.local {
+            l.validate().map_err(ConfigError::File)?;
+        }
         if self.reboot_command.as_ref().is_some_and(|c| c.is_empty()) {
             return bad("reboot_command is empty (leave it out to refuse reboots)".into());
         }
@@ -202,6 +211,9 @@ impl AgentFile {
         config.update = self.update;
         if self.gateway.is_some() {
             config.gateway = self.gateway;
+        }
+        if self.local.is_some() {
+            config.local = self.local;
         }
         if let Some(f) = self.renew_at_lifetime_fraction {
             config.renew_at_lifetime_fraction = f;
@@ -238,6 +250,7 @@ impl AgentConfig {
             renew_at_lifetime_fraction: crate::rotate::RENEW_AT_LIFETIME_FRACTION_DEFAULT,
             update: None,
             gateway: None,
+            local: None,
         }
     }
 
@@ -257,6 +270,9 @@ impl AgentConfig {
         }
         if let Some(g) = &self.gateway {
             g.validate().map_err(ConfigError::File)?;
+        }
+        if let Some(l) = &self.local {
+            l.validate().map_err(ConfigError::File)?;
         }
         Ok(())
     }

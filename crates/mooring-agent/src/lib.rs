@@ -76,6 +76,7 @@ pub mod gateway;
 pub mod input;
 pub mod key;
 pub mod link;
+pub mod local;
 pub mod metrics;
 pub mod ota;
 pub mod rotate;
@@ -316,6 +317,8 @@ pub(crate) struct Core {
     pub(crate) ota: Option<ota::agent::OtaParts>,
     /// The children's transport and channels, in gateway mode.
     pub(crate) gateway: Option<gateway::relay::GatewayParts>,
+    /// The local API's channels and key, when `[local]` is configured.
+    pub(crate) local: Option<local::LocalParts>,
 }
 
 impl Core {
@@ -404,6 +407,14 @@ pub async fn run_with(
         }
     };
 
+    let (local, local_key_tx) = match &config.local {
+        None => (None, None),
+        Some(l) => {
+            l.validate().map_err(anyhow::Error::msg)?;
+            let (parts, key_tx) = local::parts(l.clone(), &config.state_dir);
+            (Some(parts), Some(key_tx))
+        }
+    };
     let mut store = deps.store;
     let boots = boots::record_start(store.as_mut());
     let core = Arc::new(Core {
@@ -432,6 +443,7 @@ pub async fn run_with(
         boots,
         ota,
         gateway,
+        local,
     });
     {
         let store = core.store();
@@ -471,6 +483,10 @@ pub async fn run_with(
         .chain(ota_enabled.then(|| link::Route {
             filter: mooring_proto::ota::link_filter(&device_id),
             tx: ota_link_tx,
+        }))
+        .chain(local_key_tx.map(|tx| link::Route {
+            filter: mooring_proto::local::key_topic(&device_id),
+            tx,
         }))
         .collect(),
         dynamic: gateway_inbound,
@@ -551,6 +567,14 @@ pub async fn run_with(
     .child("ota", {
         let core = c();
         move || ota::agent::run(core.clone())
+    })
+    .child("local-key", {
+        let core = c();
+        move || local::keep_key(core.clone())
+    })
+    .child("local-api", {
+        let core = c();
+        move || local::serve(core.clone())
     })
     .child("gateway-socket", {
         let core = c();

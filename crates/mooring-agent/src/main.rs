@@ -73,7 +73,7 @@ enum Sub {
     /// Enroll with a claim token, then run: make a key in the state dir (it never leaves it),
     /// get a certificate for it over MQTT/TLS, store it, and run as that device. Interrupted, it
     /// resumes from the step it reached; with a certificate in the state dir it just runs.
-    Enroll(EnrollArgs),
+    Enroll(Box<EnrollArgs>),
     /// The A/B slots of over-the-air updates.
     #[command(subcommand)]
     Slots(SlotsSub),
@@ -167,6 +167,13 @@ struct RunArgs {
     /// 0660; a stale socket file is replaced). Overrides `[gateway] socket` of --config.
     #[arg(long, value_name = "PATH", env = "MOORING_AGENT_GATEWAY_SOCKET")]
     gateway_socket: Option<PathBuf>,
+    /// Serve the local API (docs/edge.md) over HTTP on ADDR:PORT, e.g. 0.0.0.0:8484 on the
+    /// LAN. Overrides `[local] listen` of --config.
+    #[arg(long, value_name = "ADDR:PORT", env = "MOORING_AGENT_LOCAL_LISTEN")]
+    local_listen: Option<std::net::SocketAddr>,
+    /// Serve the local API on this Unix socket (created 0660). Overrides `[local] socket`.
+    #[arg(long, value_name = "PATH", env = "MOORING_AGENT_LOCAL_SOCKET")]
+    local_socket: Option<PathBuf>,
 }
 
 /// Exit status of a refused enrollment (the claim, the id or the CSR was refused).
@@ -226,7 +233,7 @@ fn main() -> ExitCode {
         }
     };
     let code = match cli.command {
-        Some(Sub::Enroll(args)) => enroll_then_run(args, &runtime, diagnostics),
+        Some(Sub::Enroll(args)) => enroll_then_run(*args, &runtime, diagnostics),
         Some(Sub::Slots(SlotsSub::Status { state_dir, json })) => slots_status(&state_dir, json),
         Some(Sub::Child(args)) => run_child(&args, &runtime),
         None => match flat_paths(&cli) {
@@ -443,6 +450,22 @@ fn run_agent(
             socket: socket.clone(),
             ..gateway
         });
+    }
+    if run.local_listen.is_some() || run.local_socket.is_some() {
+        let mut local = config
+            .local
+            .take()
+            .unwrap_or(mooring_agent::local::LocalConfig {
+                listen: None,
+                socket: None,
+            });
+        if run.local_listen.is_some() {
+            local.listen = run.local_listen;
+        }
+        if run.local_socket.is_some() {
+            local.socket = run.local_socket.clone();
+        }
+        config.local = Some(local);
     }
     if let Err(e) = config.validate() {
         eprintln!("error: {e}");

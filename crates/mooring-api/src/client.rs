@@ -471,6 +471,12 @@ impl Client {
             .await
     }
 
+    /// `GET /api/v1/devices/{id}/local-key`: the key the device's local API accepts.
+    pub async fn local_key(&self, id: &str) -> Result<crate::LocalKeyView> {
+        self.get(self.url(&["api", "v1", "devices", id, "local-key"], None::<&()>)?)
+            .await
+    }
+
     /// `POST /api/v1/devices/{id}/installation`: records who installed the device, where.
     pub async fn record_installation(
         &self,

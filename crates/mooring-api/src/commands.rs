@@ -113,6 +113,18 @@ pub struct Command {
     /// Seconds it may stay acknowledged without a result before it fails with `timeout` (0: no
     /// limit). A result that comes later is kept as `result.output.late_result`.
     pub result_timeout_secs: u64,
+    /// `cloud`: created here and sent to the device. `local`: asked for on the device's local
+    /// API (docs/edge.md), recorded when its result synced; its `created_at` and `history` are
+    /// the device's own times and `idempotency_key` is the id the device ran it under.
+    #[serde(default = "cloud_origin")]
+    pub origin: String,
+    /// For a `local` command: when its result reached the server (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synced_at: Option<u64>,
+}
+
+fn cloud_origin() -> String {
+    "cloud".to_owned()
 }
 
 impl Command {
@@ -158,6 +170,8 @@ pub struct FleetCommand {
 /// A fleet command (`f...`) with its aggregate status, or a single device command (`c...`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
+// One value per API answer, moved once: the size of the larger variant costs nothing here.
+#[allow(clippy::large_enum_variant)]
 pub enum AnyCommand {
     Fleet(FleetCommand),
     Device(Command),

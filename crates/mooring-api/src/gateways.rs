@@ -48,3 +48,18 @@ pub struct ChildrenParams {
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
 }
+
+/// `GET /api/v1/devices/{id}/local-key`: the key a local client (a phone app, a technician's
+/// laptop) presents to the device's local API, `Authorization: Bearer <key>`. It is derived from
+/// the certificate the device last connected with: a rotated certificate means a new key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LocalKeyView {
+    pub device_id: String,
+    /// 64 lowercase hex digits.
+    pub key: String,
+    /// The certificate it belongs to: SHA-256 of its DER, lowercase hex.
+    pub cert_sha256: String,
+    pub cert_serial: String,
+    /// When that certificate (and so the key) stops being used, unix ms.
+    pub cert_not_after: u64,
+}

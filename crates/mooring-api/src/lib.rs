@@ -62,7 +62,7 @@ pub use fleet::{
     VersionCount, FLEET_VERSIONS_MAX,
 };
 pub use gateways::{
-    AttachGateway, ChildrenParams, GatewayAttachment, GatewayChild, GatewayChildren,
+    AttachGateway, ChildrenParams, GatewayAttachment, GatewayChild, GatewayChildren, LocalKeyView,
 };
 pub use health::{
     AgentHealth, BatteryHealth, DeviceHealth, DiagnosticsRef, HealthAnomaly, HealthCounts,

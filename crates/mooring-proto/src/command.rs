@@ -62,6 +62,10 @@ pub struct CommandResult {
     pub status: ResultStatus,
     #[serde(default)]
     pub output: Value,
+    /// Set when the command was asked for on the device's local API (issue 20), not by the
+    /// server: what ran and when, on the device's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<crate::local::LocalExecution>,
 }
 
 /// Device → server, on `devices/<id>/commands/<cmd>/ack`: "received, starting". The payload may

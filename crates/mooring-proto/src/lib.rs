@@ -26,6 +26,7 @@ pub mod clock;
 pub mod command;
 pub mod gateway;
 pub mod id;
+pub mod local;
 pub mod ota;
 pub mod policy;
 pub mod provision;

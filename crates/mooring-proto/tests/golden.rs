@@ -206,6 +206,7 @@ fn command_v1_result_encoding_is_stable() {
     let ok = CommandResult {
         status: ResultStatus::Succeeded,
         output: json!({"applied": true, "took_ms": 12}),
+        local: None,
     };
     let pinned = r#"{"status":"succeeded","output":{"applied":true,"took_ms":12}}"#;
     assert_eq!(String::from_utf8(ok.to_bytes()).expect("utf8"), pinned);
@@ -214,6 +215,7 @@ fn command_v1_result_encoding_is_stable() {
     let failed = CommandResult {
         status: ResultStatus::Failed,
         output: json!({"reason": "expired"}),
+        local: None,
     };
     let pinned = r#"{"status":"failed","output":{"reason":"expired"}}"#;
     assert_eq!(String::from_utf8(failed.to_bytes()).expect("utf8"), pinned);
@@ -221,6 +223,47 @@ fn command_v1_result_encoding_is_stable() {
         CommandResult::parse(pinned.as_bytes()).expect("valid"),
         failed
     );
+}
+
+#[test]
+fn command_v1_local_result_encoding_is_stable() {
+    let r = CommandResult {
+        status: ResultStatus::Succeeded,
+        output: json!({"opened": true}),
+        local: Some(mooring_proto::local::LocalExecution {
+            name: "unlock".into(),
+            params: json!({"door": 1}),
+            requested_at: 1_700_000_000_000,
+            finished_at: 1_700_000_000_250,
+        }),
+    };
+    let pinned = r#"{"status":"succeeded","output":{"opened":true},"local":{"name":"unlock","params":{"door":1},"requested_at":1700000000000,"finished_at":1700000000250}}"#;
+    assert_eq!(String::from_utf8(r.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(CommandResult::parse(pinned.as_bytes()).expect("valid"), r);
+}
+
+#[test]
+fn local_key_v1_encoding_is_stable() {
+    use mooring_proto::local::{self, LocalKey};
+    let d = mooring_proto::DeviceId::parse("lock-7").expect("id");
+    assert_eq!(
+        local::key_request_topic(&d),
+        "devices/lock-7/local/key/request"
+    );
+    assert_eq!(local::key_topic(&d), "devices/lock-7/local/key");
+    assert_eq!(local::key_request_payload(), br#"{"v":1}"#);
+    let k = LocalKey {
+        v: 1,
+        key: "0f".repeat(32),
+        cert_sha256: "ab".repeat(32),
+    };
+    let pinned = format!(
+        r#"{{"v":1,"key":"{}","cert_sha256":"{}"}}"#,
+        "0f".repeat(32),
+        "ab".repeat(32)
+    );
+    assert_eq!(String::from_utf8(k.to_bytes()).expect("utf8"), pinned);
+    assert_eq!(LocalKey::parse(pinned.as_bytes()), Some(k));
 }
 
 #[test]

@@ -108,6 +108,8 @@ pub struct App {
     pub rollouts: Arc<crate::rollouts::Rollouts>,
     /// Gateways and their children (issue 20).
     pub gateways: crate::gateways::Gateways,
+    /// Devices' local keys (issue 20).
+    pub local: crate::local::Local,
     /// Group commit for the broker's retained messages and persistent sessions (stats only).
     broker_state: BrokerStateWriter,
     /// OpenID Connect login, when `[oidc]` is configured.
@@ -128,6 +130,7 @@ impl App {
         broker_state: BrokerStateWriter,
         cluster: Option<Arc<Cluster>>,
         ota_keys: crate::ota::OtaKeys,
+        local_secret: ring::hmac::Key,
         webhooks: Arc<crate::webhooks::Webhooks>,
         emails: Arc<crate::emails::Emails>,
     ) -> Self {
@@ -216,6 +219,7 @@ impl App {
         Self {
             rollouts,
             gateways: crate::gateways::Gateways::new(core.clone(), registry.clone()),
+            local: crate::local::Local::new(registry.clone(), local_secret),
             rules: Arc::new(crate::rules::Rules::new(
                 core.clone(),
                 registry.clone(),

@@ -42,7 +42,10 @@ fn store_verdict(r: crate::error::ServiceResult<()>, device: &str) -> PublishVer
         Ok(()) => PublishVerdict::Accept,
         Err(e) => {
             tracing::debug!(device, error = %e, "command/shadow update not stored; not acknowledged");
-            not_stored(e.kind == crate::error::ErrorKind::Unavailable)
+            not_stored(matches!(
+                e.kind,
+                crate::error::ErrorKind::Unavailable | crate::error::ErrorKind::TooManyRequests
+            ))
         }
     }
 }
@@ -196,6 +199,40 @@ async fn on_claim_request(
             .await;
     }
     verdict
+}
+
+/// A device asks for its local key (issue 20, `local.rs`) on its own
+/// `devices/<id>/local/key/request`: answered on `devices/<id>/local/key` to that device only
+/// (the key of the certificate it last connected with); routed to nobody (PUBACK 0x10), never
+/// retained. Past the per-device rate, or for a device gone, there is no answer.
+async fn on_local_key_request(
+    app: &App,
+    id: &mooring_proto::DeviceId,
+    msg: &Message,
+    now_ms: u64,
+) -> PublishVerdict {
+    if msg.retain {
+        return PublishVerdict::Reject(REASON_NOT_AUTHORIZED);
+    }
+    match app.local.key_for_device(id.as_str(), now_ms).await {
+        Ok(Some(key)) => {
+            if let Some(broker) = app.broker() {
+                let reply = Message::new(
+                    mooring_proto::local::key_topic(id),
+                    key.to_bytes(),
+                    1,
+                    false,
+                );
+                broker.publish_to_device(id.as_str(), reply);
+            }
+            PublishVerdict::Reject(REASON_NO_MATCHING_SUBSCRIBERS)
+        }
+        Ok(None) => PublishVerdict::Reject(REASON_QUOTA_EXCEEDED),
+        Err(e) => {
+            tracing::debug!(device = %id, error = %e, "local key request not answered");
+            not_stored(e.kind == crate::error::ErrorKind::Unavailable)
+        }
+    }
 }
 
 /// A renewal request from an enrolled device on its own `devices/<id>/cert/request` (issue 16,
@@ -699,6 +736,11 @@ impl Hooks for ServerHooks {
         match topic {
             Some(Topic::Telemetry(_)) => {}
             Some(Topic::CertRequest(_)) => return on_renew_request(&app, id, msg).await,
+            Some(Topic::DeviceOther(_, rest))
+                if rest == mooring_proto::local::KEY_REQUEST && id == sender =>
+            {
+                return on_local_key_request(&app, id, msg, now_ms).await;
+            }
             Some(Topic::CommandAck(_, cmd)) => {
                 return store_verdict(app.commands.on_reply(id, &cmd, None).await, id);
             }

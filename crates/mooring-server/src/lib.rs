@@ -59,6 +59,7 @@ pub mod health;
 pub mod hooks;
 pub mod http;
 pub mod jobs;
+pub mod local;
 pub mod metrics;
 pub mod oidc;
 pub mod ota;

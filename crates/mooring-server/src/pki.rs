@@ -726,6 +726,8 @@ pub struct SecretKey {
     oidc_state: [u8; 32],
     /// The key OTA download tokens are signed with (derived likewise).
     ota_token: ring::hmac::Key,
+    /// The key devices' local keys are derived with (derived likewise).
+    local: ring::hmac::Key,
 }
 
 impl SecretKey {
@@ -764,7 +766,9 @@ impl SecretKey {
             &ring::hmac::sign(&derive, b"mooring oidc state key v1").as_ref()[..32],
         );
         let ota_token_bytes = ring::hmac::sign(&derive, b"mooring ota download token key v1");
+        let local_bytes = ring::hmac::sign(&derive, b"mooring device local key v1");
         Ok(SecretKey {
+            local: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, local_bytes.as_ref()),
             ota_token: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, ota_token_bytes.as_ref()),
             aead: ring::aead::LessSafeKey::new(key),
             bus: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bus_bytes.as_ref()),
@@ -781,6 +785,12 @@ impl SecretKey {
     /// so any node verifies a token another node minted.
     pub fn ota_token_key(&self) -> ring::hmac::Key {
         self.ota_token.clone()
+    }
+
+    /// The key devices' local keys are derived with (HMAC-SHA256, derived from the cluster key),
+    /// so every node hands out the same key for a device.
+    pub fn local_key_key(&self) -> ring::hmac::Key {
+        self.local.clone()
     }
 
     /// The key every node signs its bus messages with (HMAC-SHA256).

@@ -365,6 +365,12 @@ impl RunningServer {
                 crate::ota::OtaKeys::load_or_create_in_dir(&config).context("the OTA update key")?
             }
         };
+        let local_secret = match &shared {
+            Some(parts) => crate::local::shared_secret(&parts.key),
+            None => {
+                crate::local::secret_in_dir(&config.data_dir).context("the local key secret")?
+            }
+        };
         restrict_data_dir(&config.data_dir)?;
         // The HTTPS listener's certificate follows the PKI (a fleet CA retirement replaces it).
         let server_cert = crate::pki::ServerCert::new(&pki)?;
@@ -432,6 +438,7 @@ impl RunningServer {
             broker_state,
             cluster.as_ref().map(|(c, _)| c.clone()),
             ota_keys,
+            local_secret,
             webhooks,
             emails,
         ));

@@ -515,6 +515,9 @@ pub struct CommandRecord {
     /// How long the command may stay `acknowledged` without a result (0: no limit). While it is
     /// acknowledged, `next_attempt_at_ms` is that deadline.
     pub result_timeout_ms: u64,
+    /// Set only for a command executed on the device's local API (issue 20), which the server
+    /// never sent: when its result reached the server. Its history holds the device's times.
+    pub synced_at_ms: Option<u64>,
 }
 
 impl CommandRecord {

@@ -84,6 +84,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/postgres/0019_tickets.sql"),
     include_str!("../migrations/postgres/0020_rollouts.sql"),
     include_str!("../migrations/postgres/0021_gateways.sql"),
+    include_str!("../migrations/postgres/0022_local_commands.sql"),
 ];
 
 /// Key of the transaction advisory lock every migration transaction takes first ("mooring" in

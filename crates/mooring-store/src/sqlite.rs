@@ -91,6 +91,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0022_tickets.sql"),
     include_str!("../migrations/0023_rollouts.sql"),
     include_str!("../migrations/0024_gateways.sql"),
+    include_str!("../migrations/0025_local_commands.sql"),
 ];
 
 /// The embedded SQLite backend. Cheap to share: hold it in an `Arc`.

@@ -816,6 +816,7 @@ fn command(id: &str, device: &str) -> CommandRecord {
         history: vec![(CommandState::Queued, 1_000)],
         result: None,
         result_timeout_ms: 0,
+        synced_at_ms: None,
     }
 }
 

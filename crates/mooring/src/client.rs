@@ -385,6 +385,20 @@ pub async fn device(args: ApiArgs, command: DeviceCommand) -> anyhow::Result<u8>
                 print!("{}", t.render());
             }
         }
+        DeviceCommand::LocalKey { id, output } => {
+            let id = parse_id(&id)?;
+            let k = call(args.connect()?.local_key(id.as_str()).await)?;
+            if output.json() {
+                print_json(&k)?;
+            } else {
+                println!("{}", k.key);
+                eprintln!(
+                    "for certificate {} (until {}); it changes when the certificate does",
+                    k.cert_serial,
+                    rfc3339(k.cert_not_after)
+                );
+            }
+        }
         DeviceCommand::Delete { id } => {
             let id = parse_id(&id)?;
             call(args.connect()?.delete_device(id.as_str()).await)?;

@@ -384,6 +384,15 @@ enum DeviceCommand {
         #[command(flatten)]
         output: output::OutputArgs,
     },
+    /// Print the key a phone app or a laptop presents to the device's local API while the cloud
+    /// is unreachable (docs/edge.md). It changes when the device's certificate does; the read
+    /// is audited. Needs commands.write (operator or admin).
+    LocalKey {
+        /// Device id.
+        id: String,
+        #[command(flatten)]
+        output: output::OutputArgs,
+    },
     /// Delete a device: its certificate is refused from now on and a live session closed.
     Delete {
         /// Device id.

@@ -242,6 +242,8 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
 /// What a [`ChildTransport`] reports to the relay. `conn` numbers connections, so the relay
 /// tells a replaced connection's late events from the current one's.
 #[derive(Debug)]
+// Events sit in a bounded channel briefly; boxing the message would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum ChildEvent {
     /// A child said hello; `tx` reaches it (bounded: use `try_send`). Dropping every clone of
     /// `tx` closes the connection.

@@ -480,6 +480,7 @@ mod tests {
                 result: CommandResult {
                     status: ResultStatus::Succeeded,
                     output: json!({"echo":1}),
+                    local: None,
                 },
             }),
             1,

@@ -22,6 +22,28 @@ pub const PENDING_CONNECTIONS_MAX: usize = 16;
 pub const ACCEPT_RETRY_MS: u64 = 100;
 
 /// The socket children connect to. The file is removed when the transport is dropped.
+/// Binds a Unix socket at `path` (replacing a stale socket file there; any other kind of file
+/// is an error) and makes it `rw-rw----`: the gateway's socket and the local API's.
+pub fn bind_socket(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            tracing::info!(path = %path.display(), "removing a stale socket");
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+    Ok(listener)
+}
+
 #[derive(Debug)]
 pub struct UnixTransport {
     listener: UnixListener,
@@ -34,22 +56,7 @@ impl UnixTransport {
     /// and makes it `rw-rw----`. At most `children_max` children, plus a few connections still
     /// to say hello, are served at once; more are answered `{"error":...}` and closed.
     pub fn bind(path: &Path, children_max: usize) -> std::io::Result<Self> {
-        match std::fs::symlink_metadata(path) {
-            Ok(m) if m.file_type().is_socket() => {
-                tracing::info!(path = %path.display(), "removing a stale gateway socket");
-                std::fs::remove_file(path)?;
-            }
-            Ok(_) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+        let listener = bind_socket(path)?;
         tracing::info!(path = %path.display(), children_max, "gateway socket listening");
         Ok(Self {
             listener,

@@ -16,6 +16,7 @@
 //! to the device's live, subscribed session.
 
 mod delivery;
+pub mod local;
 pub mod state;
 
 pub use delivery::{run_dispatcher, run_scheduler};
@@ -78,6 +79,8 @@ pub struct Commands {
     waiters: Mutex<HashMap<String, watch::Sender<CommandState>>>,
     kicks: Mutex<BTreeMap<DeviceId, bool>>,
     kick_notify: Notify,
+    /// Local command results synced per device this minute ([`local`]).
+    local_syncs: crate::ratelimit::PerMinute,
 }
 
 impl Commands {
@@ -91,6 +94,7 @@ impl Commands {
             waiters: Mutex::default(),
             kicks: Mutex::default(),
             kick_notify: Notify::new(),
+            local_syncs: crate::ratelimit::PerMinute::new(local::LOCAL_SYNCERS_MAX),
         }
     }
 
@@ -360,6 +364,7 @@ impl Commands {
             history: vec![(CommandState::Queued, now_ms)],
             result: None,
             result_timeout_ms: result_timeout_secs.saturating_mul(1000),
+            synced_at_ms: None,
         })
     }
 
@@ -662,6 +667,10 @@ impl Commands {
         let event = match result {
             None => Event::Acked,
             Some(payload) => match CommandResult::parse(payload) {
+                Ok(r) if r.local.is_some() => {
+                    // Executed on the device's local API: the server never sent it.
+                    return self.record_local(device_id, id, r).await.map(|_| ());
+                }
                 Ok(r) => Event::Finished(CommandOutcome {
                     succeeded: r.status == ResultStatus::Succeeded,
                     output: r.output,

@@ -127,6 +127,7 @@ mod tests {
             history: vec![(Queued, 1)],
             result: None,
             result_timeout_ms: 0,
+            synced_at_ms: None,
         }
     }
 

@@ -41,7 +41,7 @@ use utoipa::OpenApi;
         super::ota::cancel_deployment, super::ota::delete_deployment, super::ota::device_updates,
         super::rollouts::create_rollout, super::rollouts::list_rollouts, super::rollouts::get_rollout, super::rollouts::rollout_events, super::rollouts::rollout_stream,
         super::rollouts::pause_rollout, super::rollouts::resume_rollout, super::rollouts::abort_rollout, super::rollouts::add_rollout_devices,
-        super::gateways::attach_gateway, super::gateways::get_gateway, super::gateways::detach_gateway, super::gateways::list_children),
+        super::gateways::attach_gateway, super::gateways::get_gateway, super::gateways::detach_gateway, super::gateways::list_children, super::gateways::local_key),
     components(schemas(ErrorBody, CreateDevice, CreatedDevice, Device, DeviceList, TelemetryPoints, TelemetryPoint, LatestMetrics, LatestValue, mooring_api::CreateToken, mooring_api::CreatedToken,
         mooring_api::TokenInfo, mooring_api::TokenList, mooring_api::LoginRequest, mooring_api::LoginResponse, mooring_api::User,
         mooring_api::CreateUser, mooring_api::CreatedUser, mooring_api::UpdateUser, mooring_api::UserList, mooring_api::PasswordLink,
@@ -67,7 +67,7 @@ use utoipa::OpenApi;
         mooring_api::RetiredCa, mooring_api::CreateArtifact, mooring_api::Artifact, mooring_api::ArtifactList,
         mooring_api::CompleteArtifact, mooring_api::CreateLink, mooring_api::DownloadLink, mooring_api::UpdateKeyInfo,
         mooring_api::CreateDeployment, mooring_api::Deployment, mooring_api::DeploymentList, mooring_api::DeviceUpdate, mooring_api::DeviceUpdates,
-        mooring_api::AttachGateway, mooring_api::GatewayAttachment, mooring_api::GatewayChild, mooring_api::GatewayChildren)),
+        mooring_api::AttachGateway, mooring_api::GatewayAttachment, mooring_api::GatewayChild, mooring_api::GatewayChildren, mooring_api::LocalKeyView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -45,6 +45,13 @@ pub(super) fn command_body(r: CommandRecord) -> Command {
             output: o.output,
         }),
         result_timeout_secs: r.result_timeout_ms / 1000,
+        origin: if r.synced_at_ms.is_some() {
+            "local"
+        } else {
+            "cloud"
+        }
+        .to_owned(),
+        synced_at: r.synced_at_ms,
     }
 }
 

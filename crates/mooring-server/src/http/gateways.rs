@@ -1,11 +1,14 @@
-//! `/api/v1/devices/{id}/gateway` and `/api/v1/devices/{id}/children` (docs/edge.md).
+//! `/api/v1/devices/{id}/gateway`, `/api/v1/devices/{id}/children` and
+//! `/api/v1/devices/{id}/local-key` (docs/edge.md).
 
 use super::{ApiJson, ApiPath, ApiQuery, ApiResult, Caller, ErrorBody};
 use crate::app::App;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
-use mooring_api::{AttachGateway, ChildrenParams, GatewayAttachment, GatewayChildren};
+use mooring_api::{
+    AttachGateway, ChildrenParams, GatewayAttachment, GatewayChildren, LocalKeyView,
+};
 use std::sync::Arc;
 
 #[utoipa::path(put, path = "/api/v1/devices/{id}/gateway", params(("id" = String, Path, description = "the child")),
@@ -65,4 +68,15 @@ pub(super) async fn list_children(
             .children(&caller.access, &id, p.cursor.as_deref(), p.limit)
             .await?,
     ))
+}
+
+#[utoipa::path(get, path = "/api/v1/devices/{id}/local-key", params(("id" = String, Path, description = "the device")),
+    responses((status = 200, body = LocalKeyView, description = "the key the device's local API accepts (`Authorization: Bearer <key>`) while it uses its current certificate; the read is audited"),
+        (status = 404, body = ErrorBody, description = "device_not_found, no_certificate")))]
+pub(super) async fn local_key(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<LocalKeyView>> {
+    Ok(Json(app.local.key(&caller.access, &id).await?))
 }

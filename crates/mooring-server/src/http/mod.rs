@@ -329,6 +329,9 @@ async fn authenticate(
     }))
 }
 
+/// Reads that hand out a secret: logged in the audit log like a write.
+const AUDITED_READS: &[&str] = &["device.local_key"];
+
 /// Every route's check: authenticates the caller, checks its role against the route's one
 /// permission, and after the handler logs a write (and a refused write by an authenticated
 /// caller) in the audit log.
@@ -340,7 +343,7 @@ async fn authorize(
     if spec.permission == Permission::Public {
         return next.run(req).await;
     }
-    let write = is_write(req.method());
+    let write = is_write(req.method()) || AUDITED_READS.contains(&spec.action);
     let target = req.uri().path().to_owned();
     let source = client_addr(&app, &req);
     let method = req.method().clone();

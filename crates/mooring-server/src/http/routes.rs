@@ -78,6 +78,7 @@ pub(super) fn table() -> Vec<(RouteSpec, Handler)> {
         row!(get, "/api/v1/devices/{id}/gateway", DevicesRead, "device.gateway", gateways::get_gateway),
         row!(delete, "/api/v1/devices/{id}/gateway", DevicesWrite, "device.detach", gateways::detach_gateway),
         row!(get, "/api/v1/devices/{id}/children", DevicesRead, "device.children", gateways::list_children),
+        row!(get, "/api/v1/devices/{id}/local-key", CommandsWrite, "device.local_key", gateways::local_key),
         row!(get, "/api/v1/devices/{id}/telemetry", TelemetryRead, "telemetry.query", api::device_telemetry),
         row!(get, "/api/v1/devices/{id}/telemetry/latest", TelemetryRead, "telemetry.latest", api::device_telemetry_latest),
         // Certificates (issue 16).

@@ -113,7 +113,7 @@ fn read_private_hex(path: &Path) -> anyhow::Result<String> {
 
 /// Reads `<dir>/<name>` (64 hex digits), creating it with fresh random bytes (0600) first if
 /// it does not exist.
-fn load_or_create_secret_file(dir: &Path, name: &str) -> anyhow::Result<String> {
+pub(crate) fn load_or_create_secret_file(dir: &Path, name: &str) -> anyhow::Result<String> {
     let path = dir.join(name);
     if !path.exists() {
         let seed: [u8; 32] = rand::random();

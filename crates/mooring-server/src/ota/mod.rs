@@ -32,6 +32,7 @@ pub use deploy::{
     artifacts_unscoped, deployment_visible, DeploymentView, PendingSends, DEPLOYMENT_DEVICES_MAX,
     DEPLOYMENT_LIST_LEN_MAX, DEVICE_HISTORY_LEN_MAX,
 };
+pub(crate) use keys::load_or_create_secret_file;
 pub use keys::{
     generate_key, key_from_seed_hex, parse_public_key, sha256_file, sign_manifest, verify_manifest,
     OtaKeys, UpdateKey,

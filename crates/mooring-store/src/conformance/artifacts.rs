@@ -668,6 +668,7 @@ pub async fn deployment_ended_update_commands_list_unreported_updates_of_ended_c
             history: vec![(CommandState::Queued, T0)],
             result: None,
             result_timeout_ms: 0,
+            synced_at_ms: None,
         };
         store
             .create_commands(None, vec![queued.clone()])

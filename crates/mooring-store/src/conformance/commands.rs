@@ -19,6 +19,7 @@ fn command(id: &str, device: &str, created_at_ms: u64) -> CommandRecord {
         history: vec![(CommandState::Queued, created_at_ms)],
         result: None,
         result_timeout_ms: 0,
+        synced_at_ms: None,
     }
 }
 
@@ -87,6 +88,50 @@ pub async fn command_idempotency_key_returns_the_existing_command(store: &dyn St
         create_one(store, other_device).await,
         CreateOutcome::Created(_)
     ));
+}
+
+/// A command executed on the device's local API is stored finished, with when it synced, and a
+/// second delivery of the same result (same id, same key) stores nothing new.
+pub async fn command_executed_locally_is_stored_once_with_its_sync_time(store: &dyn Store) {
+    store.create_device(new_device("d1")).await.expect("device");
+    let mut local = command("lx1", "d1", 1000);
+    local.state = CommandState::Succeeded;
+    local.history = vec![
+        (CommandState::Queued, 1000),
+        (CommandState::Succeeded, 1250),
+    ];
+    local.result = Some(CommandOutcome {
+        succeeded: true,
+        output: serde_json::json!({"opened": true}),
+    });
+    local.idempotency_key = Some("l-1".into());
+    local.synced_at_ms = Some(90_000);
+    assert_eq!(
+        create_one(store, local.clone()).await,
+        CreateOutcome::Created(local.clone())
+    );
+    assert_eq!(
+        store.get_command("lx1").await.expect("get"),
+        Some(local.clone())
+    );
+    let mut again = local.clone();
+    again.synced_at_ms = Some(95_000);
+    assert_eq!(
+        create_one(store, again).await,
+        CreateOutcome::Existing(local.clone())
+    );
+    // Finished: never due, never pending.
+    assert!(store
+        .due_commands(10_000_000, 10)
+        .await
+        .expect("due")
+        .is_empty());
+    let listed = store
+        .list_commands("d1", None, 10, None)
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].synced_at_ms, Some(90_000));
 }
 
 pub async fn command_for_a_missing_device_is_not_found_and_nothing_is_stored(store: &dyn Store) {

@@ -128,6 +128,7 @@ macro_rules! conformance_tests {
             telemetry_metrics_per_device_bound_refuses_new_names_only,
             command_create_get_and_compare_and_set_update,
             command_idempotency_key_returns_the_existing_command,
+            command_executed_locally_is_stored_once_with_its_sync_time,
             command_for_a_missing_device_is_not_found_and_nothing_is_stored,
             command_list_is_newest_first_with_state_filter_and_cursor,
             command_pending_and_due_queries_follow_state_and_times,

@@ -23,7 +23,7 @@ use crate::store::{CommandStore, COMMAND_BATCH_LEN_MAX};
 
 const COMMAND_COLUMNS: &str = "id, device_id, name, params, state, attempts, max_attempts, \
      created_at_ms, expires_at_ms, next_attempt_at_ms, parent_id, idempotency_key, history, \
-     result_succeeded, result_output, result_timeout_ms";
+     result_succeeded, result_output, result_timeout_ms, synced_at_ms";
 
 const PARENT_COLUMNS: &str = "id, selector, name, params, created_at_ms, expires_at_ms, total";
 
@@ -39,6 +39,7 @@ struct Encoded {
     result_succeeded: Option<bool>,
     result_output: Option<Value>,
     result_timeout_ms: i64,
+    synced_at_ms: Option<i64>,
 }
 
 fn encode(r: &CommandRecord) -> Result<Encoded> {
@@ -59,6 +60,10 @@ fn encode(r: &CommandRecord) -> Result<Encoded> {
         result_succeeded: r.result.as_ref().map(|o| o.succeeded),
         result_output: r.result.as_ref().map(|o| o.output.clone()),
         result_timeout_ms: ts_to_sql("result_timeout_ms", r.result_timeout_ms)?,
+        synced_at_ms: r
+            .synced_at_ms
+            .map(|at| ts_to_sql("synced_at_ms", at))
+            .transpose()?,
     })
 }
 
@@ -111,6 +116,9 @@ fn command_at(row: &Row, b: usize) -> Result<CommandRecord> {
         history,
         result,
         result_timeout_ms: u64_column(row, b + 15)?,
+        synced_at_ms: column::<Option<i64>>(row, b + 16)?
+            .map(|v| u64::try_from(v).map_err(|e| corrupt(b + 16, e)))
+            .transpose()?,
     })
 }
 
@@ -152,16 +160,16 @@ enum Plan {
 const INSERT_COMMANDS_SQL: &str =
     "INSERT INTO commands (id, device_id, name, params, state, attempts,
        max_attempts, created_at_ms, expires_at_ms, next_attempt_at_ms, parent_id, idempotency_key,
-       history, result_succeeded, result_output, result_timeout_ms)
+       history, result_succeeded, result_output, result_timeout_ms, synced_at_ms)
      SELECT id, device_id, name, params::json, state, attempts, max_attempts, created_at_ms,
        expires_at_ms, next_attempt_at_ms, parent_id, idempotency_key, history::json,
-       result_succeeded, result_output::json, result_timeout_ms
+       result_succeeded, result_output::json, result_timeout_ms, synced_at_ms
      FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
        $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::text[],
-       $13::text[], $14::bool[], $15::text[], $16::bigint[])
+       $13::text[], $14::bool[], $15::text[], $16::bigint[], $17::bigint[])
        WITH ORDINALITY AS u(id, device_id, name, params, state, attempts, max_attempts,
          created_at_ms, expires_at_ms, next_attempt_at_ms, parent_id, idempotency_key, history,
-         result_succeeded, result_output, result_timeout_ms, n)
+         result_succeeded, result_output, result_timeout_ms, synced_at_ms, n)
      ORDER BY n
      ON CONFLICT DO NOTHING
      RETURNING id";
@@ -185,6 +193,7 @@ struct CommandColumns {
     result_succeeded: Vec<Option<bool>>,
     result_output: Vec<Option<String>>,
     result_timeout_ms: Vec<i64>,
+    synced_at_ms: Vec<Option<i64>>,
 }
 
 impl CommandColumns {
@@ -210,6 +219,7 @@ impl CommandColumns {
                 .transpose()?,
         );
         self.result_timeout_ms.push(e.result_timeout_ms);
+        self.synced_at_ms.push(e.synced_at_ms);
         Ok(())
     }
 }
@@ -369,6 +379,7 @@ impl CommandStore for PgStore {
                     &rows.result_succeeded,
                     &rows.result_output,
                     &rows.result_timeout_ms,
+                    &rows.synced_at_ms,
                 ],
             )
             .await

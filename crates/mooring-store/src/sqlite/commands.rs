@@ -14,7 +14,7 @@ use crate::store::{CommandStore, COMMAND_BATCH_LEN_MAX};
 
 const COMMAND_COLUMNS: &str = "id, device_id, name, params, state, attempts, max_attempts, \
      created_at_ms, expires_at_ms, next_attempt_at_ms, parent_id, idempotency_key, history, \
-     result_succeeded, result_output, result_timeout_ms";
+     result_succeeded, result_output, result_timeout_ms, synced_at_ms";
 
 /// A command's columns as stored (everything after `id, device_id` that can change).
 struct Encoded {
@@ -29,6 +29,7 @@ struct Encoded {
     result_succeeded: Option<i64>,
     result_output: Option<String>,
     result_timeout_ms: i64,
+    synced_at_ms: Option<i64>,
 }
 
 fn json_text(what: &str, v: &impl serde::Serialize) -> Result<String> {
@@ -54,6 +55,10 @@ fn encode(r: &CommandRecord) -> Result<Encoded> {
             .map(|o| json_text("output", &o.output))
             .transpose()?,
         result_timeout_ms: ts_to_sql("result_timeout_ms", r.result_timeout_ms)?,
+        synced_at_ms: r
+            .synced_at_ms
+            .map(|at| ts_to_sql("synced_at_ms", at))
+            .transpose()?,
     })
 }
 
@@ -113,6 +118,12 @@ fn command_at(row: &Row<'_>, b: usize) -> rusqlite::Result<CommandRecord> {
         history,
         result,
         result_timeout_ms: u64_column(row, b + 15)?,
+        synced_at_ms: row
+            .get::<_, Option<i64>>(b + 16)?
+            .map(|v| {
+                u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(b + 16, v))
+            })
+            .transpose()?,
     })
 }
 
@@ -191,7 +202,7 @@ impl CommandStore for SqliteStore {
                 let mut insert = tx
                     .prepare_cached(&format!(
                         "INSERT INTO commands ({COMMAND_COLUMNS})
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
                     ))
                     .db()?;
                 for (c, e) in commands.into_iter().zip(encoded) {
@@ -228,7 +239,8 @@ impl CommandStore for SqliteStore {
                         e.history,
                         e.result_succeeded,
                         e.result_output,
-                        e.result_timeout_ms
+                        e.result_timeout_ms,
+                        e.synced_at_ms
                     ]);
                     match inserted {
                         Ok(_) => outcomes.push(CreateOutcome::Created(c)),
