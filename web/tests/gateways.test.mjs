@@ -5,7 +5,8 @@
 // test (`cargo test -p mooring --test dashboard gateways`), which passes everything in the
 // environment:
 //   MOORING_URL, MOORING_TOKEN (admin API token), ADMIN_EMAIL, VIEWER_EMAIL, PASSWORD,
-//   GATEWAY (the gateway), CHILD (attached to it), LONE (neither), CHROMIUM (the browser binary).
+//   GATEWAY (the gateway), CHILD (attached to it), LONE (neither), LOCAL_DEVICE (one whose
+//   command ran on its local API and synced), CHROMIUM (the browser binary).
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
@@ -23,6 +24,7 @@ const VIEWER = env("VIEWER_EMAIL");
 const GATEWAY = env("GATEWAY");
 const CHILD = env("CHILD");
 const LONE = env("LONE");
+const LOCAL_DEVICE = env("LOCAL_DEVICE");
 const MISSING = "gw-does-not-exist";
 const WAIT_MS = 20_000;
 
@@ -187,6 +189,20 @@ test("gateways: an admin follows a child to its gateway, attaches a lone device 
   await child(section, CHILD).waitFor();
   assert.equal(await child(section, LONE).count(), 0);
   assert.equal(await section.getByTestId("gateway-child").count(), 1);
+  assert.deepEqual(page.errors, []);
+  await page.context().close();
+});
+
+test("local control: a command run on the device's local API reads executed locally, on device time with when it synced", async () => {
+  const page = await newPage();
+  await login(page, VIEWER);
+  await openDevice(page, LOCAL_DEVICE);
+  const row = page.getByTestId("command-row").filter({ hasText: "unlock" });
+  await row.waitFor();
+  assert.equal(await row.getAttribute("data-state"), "succeeded");
+  assert.equal((await row.getByTestId("command-local").innerText()).trim(), "executed locally");
+  assert.match(await row.getByTestId("command-synced").innerText(), /device time; synced /);
+  assert.match(await row.innerText(), /succeeded \{"opened":true\}/);
   assert.deepEqual(page.errors, []);
   await page.context().close();
 });

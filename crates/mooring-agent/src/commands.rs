@@ -107,7 +107,14 @@ async fn handle_local(core: &Arc<Core>, l: crate::local::LocalRequest) -> anyhow
             crate::local::remember(core, &l.req, l.requested_at);
             core.store().command_started(&id)?;
             tracing::info!(id = %id, name = %l.req.name, "running local command");
-            run_started(core, l.req).await?
+            match run_started(core, l.req).await? {
+                Some(r) => Some(r),
+                // `reboot` recorded its own result (when it comes back here at all).
+                None => match core.store().command(&id)? {
+                    Some(CommandRecord::Done(bytes)) => CommandResult::parse(&bytes).ok(),
+                    _ => None,
+                },
+            }
         }
     };
     if let Some(r) = result {
@@ -250,6 +257,16 @@ fn finish(core: &Core, id: &str, mut result: CommandResult) -> anyhow::Result<()
     if result.local.is_none() && crate::local::is_local_id(id) {
         // What ran and when: the server records it as executed locally.
         result.local = Some(crate::local::execution(core, id));
+        if result.to_bytes().len() > COMMAND_BODY_SIZE_BYTES_MAX {
+            // The server refuses a larger result: the params go first, then the output.
+            if let Some(l) = &mut result.local {
+                l.params = json!({"truncated": true});
+            }
+        }
+        if result.to_bytes().len() > COMMAND_BODY_SIZE_BYTES_MAX {
+            result.status = ResultStatus::Failed;
+            result.output = reason("output too large to sync");
+        }
     }
     let payload = result.to_bytes();
     let topic = Topic::command_result(&core.device_id, id);

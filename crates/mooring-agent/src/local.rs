@@ -16,7 +16,8 @@
 //!   what ran and when ([`mooring_proto::local::LocalExecution`]): the server records it as
 //!   executed locally once the link is back, exactly once, in order with everything else.
 //! - **Bounds.** Bodies of at most [`BODY_BYTES_MAX`]; at most [`CONNECTIONS_MAX`] requests at
-//!   once; at most [`QUEUE_MAX`] local commands waiting for the executor (`429` past that); an
+//!   once (`503 busy` past that; the key is checked before the body is read); at most
+//!   [`QUEUE_MAX`] local commands waiting for the executor (`429` past that); an
 //!   answer waits at most [`WAIT_MS`] for the result, then says `running` (ask again by id).
 
 use crate::link::Inbound;
@@ -38,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Largest request body, in bytes.
 pub const BODY_BYTES_MAX: usize = 128 * 1024;
-/// Requests handled at once (more wait for a slot).
+/// Requests handled at once (more are refused, `503 busy`).
 pub const CONNECTIONS_MAX: usize = 16;
 /// Local commands waiting for the executor.
 pub const QUEUE_MAX: usize = 16;
@@ -47,9 +48,12 @@ pub const WAIT_MS: u64 = 30_000;
 /// How long a local command may wait for the executor before it is not started (`expired`).
 pub const START_WITHIN_MS: u64 = 60_000;
 /// The executor's id of a local command: this prefix and the client's id.
-pub const ID_PREFIX: &str = "l-";
+pub const ID_PREFIX: &str = mooring_proto::local::LOCAL_ID_PREFIX;
 /// The file the key is kept in, in the state dir.
 pub const KEY_FILE: &str = "local.key";
+/// How long the agent waits for its key before asking again (the server answers at most 6
+/// requests a minute).
+pub const KEY_RETRY_MS: u64 = 30_000;
 /// Key answers buffered from the connection.
 pub const KEY_QUEUE_MAX: usize = 4;
 
@@ -99,6 +103,8 @@ pub(crate) struct LocalParts {
     /// What the executor runs now, if it is local: executor id → (name, params, asked at). One
     /// at a time (the executor is sequential), so at most one entry.
     running: std::sync::Mutex<Option<(String, LocalExecution)>>,
+    /// Requests being served ([`CONNECTIONS_MAX`]).
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// The parts, and the sender the connection routes key answers to.
@@ -121,6 +127,7 @@ pub(crate) fn parts(
             key: std::sync::Mutex::new(key),
             key_path,
             running: std::sync::Mutex::new(None),
+            slots: Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX)),
         },
         key_tx,
     )
@@ -177,22 +184,26 @@ pub(crate) async fn keep_key(core: Arc<Core>) -> anyhow::Result<()> {
     let mut answers = local.key_rx.lock().await;
     let mut link_rx = core.link.subscribe();
     let topic = mooring_proto::local::key_request_topic(&core.device_id);
-    if let Some(h) = link_rx.borrow_and_update().clone() {
-        h.try_publish(&topic, mooring_proto::local::key_request_payload(), 1, None);
-    }
+    // Asked on this connection and not answered yet: asked again every KEY_RETRY_MS.
+    let mut waiting = link_rx.borrow_and_update().is_some();
     loop {
+        if waiting {
+            if let Some(h) = link_rx.borrow().clone() {
+                h.try_publish(&topic, mooring_proto::local::key_request_payload(), 1, None);
+            }
+        }
+        let retry = tokio::time::sleep(std::time::Duration::from_millis(KEY_RETRY_MS));
         tokio::select! {
             changed = link_rx.changed() => {
                 if changed.is_err() {
                     return Ok(());
                 }
-                let link = link_rx.borrow_and_update().clone();
-                if let Some(h) = link {
-                    h.try_publish(&topic, mooring_proto::local::key_request_payload(), 1, None);
-                }
+                waiting = link_rx.borrow_and_update().is_some();
             }
+            () = retry, if waiting => {}
             msg = answers.recv() => {
                 let Some(msg) = msg else { return Ok(()) };
+                waiting = false;
                 let Some(key) = LocalKey::parse(&msg.payload) else {
                     tracing::warn!("invalid local key answer ignored");
                     continue;
@@ -217,10 +228,9 @@ pub(crate) async fn serve(core: Arc<Core>) -> anyhow::Result<()> {
         .route("/v1/commands", post(run_command))
         .route("/v1/commands/{id}", get(get_command))
         .route("/v1/status", get(status))
+        // The key and a free slot are checked before anything reads the body.
+        .route_layer(axum::middleware::from_fn_with_state(core.clone(), gate))
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-            CONNECTIONS_MAX,
-        ))
         .with_state(core.clone());
     let mut servers = tokio::task::JoinSet::new();
     if let Some(addr) = local.config.listen {
@@ -241,6 +251,29 @@ pub(crate) async fn serve(core: Arc<Core>) -> anyhow::Result<()> {
         done??;
     }
     Ok(())
+}
+
+/// Every request: the key first, then one of [`CONNECTIONS_MAX`] slots (refused when none is
+/// free: a client that holds requests open cannot queue the others behind it).
+async fn gate(
+    State(core): State<Arc<Core>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(r) = refusal(&core, req.headers()) {
+        return r;
+    }
+    let Some(local) = &core.local else {
+        return error(StatusCode::NOT_FOUND, "not_found", "no local API");
+    };
+    let Ok(_slot) = local.slots.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{CONNECTIONS_MAX} requests are being served; try again"),
+        );
+    };
+    next.run(req).await
 }
 
 /// An error answer: `{"error": code, "message": ...}`.
@@ -340,12 +373,8 @@ fn running(id: &str) -> Response {
 
 async fn run_command(
     State(core): State<Arc<Core>>,
-    headers: HeaderMap,
     body: Result<Json<RunCommand>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if let Some(r) = refusal(&core, &headers) {
-        return r;
-    }
     let Json(body) = match body {
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_request", e.body_text()),
@@ -405,14 +434,7 @@ async fn run_command(
     }
 }
 
-async fn get_command(
-    State(core): State<Arc<Core>>,
-    headers: HeaderMap,
-    Path(client_id): Path<String>,
-) -> Response {
-    if let Some(r) = refusal(&core, &headers) {
-        return r;
-    }
+async fn get_command(State(core): State<Arc<Core>>, Path(client_id): Path<String>) -> Response {
     let id = format!("{ID_PREFIX}{client_id}");
     if !mooring_proto::command::is_valid_command_id(&id) {
         return error(
@@ -437,10 +459,7 @@ async fn get_command(
     }
 }
 
-async fn status(State(core): State<Arc<Core>>, headers: HeaderMap) -> Response {
-    if let Some(r) = refusal(&core, &headers) {
-        return r;
-    }
+async fn status(State(core): State<Arc<Core>>) -> Response {
     let online = core.link.borrow().is_some();
     let queued = core.store().len();
     Json(json!({

@@ -24,6 +24,9 @@ pub const KEY_REQUEST: &str = "local/key/request";
 pub const KEY: &str = "local/key";
 /// Schema version of the payloads here.
 pub const SCHEMA_VERSION: u32 = 1;
+/// The first characters of every local command's id (on the result topic and in the server's
+/// record as its idempotency key). The server never uses such an id or key for its own commands.
+pub const LOCAL_ID_PREFIX: &str = "l-";
 /// Hex digits of a local key (256 bits).
 pub const KEY_HEX_LEN: usize = 64;
 

@@ -602,7 +602,7 @@ pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<u
             if output.json() {
                 print_json(&page)?;
             } else {
-                let mut t = Table::new(&["ID", "NAME", "STATE", "ATTEMPTS", "CREATED"]);
+                let mut t = Table::new(&["ID", "NAME", "STATE", "ATTEMPTS", "CREATED", "ORIGIN"]);
                 for c in &page.commands {
                     t.row(vec![
                         c.id.clone(),
@@ -610,6 +610,11 @@ pub async fn command(args: ApiArgs, command: CommandCommand) -> anyhow::Result<u
                         c.state.clone(),
                         format!("{}/{}", c.attempts, c.max_attempts),
                         rfc3339(c.created_at),
+                        // Executed on the device's local API: its time, then when it synced.
+                        match c.synced_at {
+                            Some(at) => format!("local (synced {})", rfc3339(at)),
+                            None => c.origin.clone(),
+                        },
                     ]);
                 }
                 t.print();

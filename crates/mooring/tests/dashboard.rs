@@ -356,6 +356,22 @@ async fn gateways_in_a_real_browser() {
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["gateway"], gateway, "{body}");
+    // A device that ran a command on its local API syncs the result (docs/edge.md).
+    let local = "lock-9";
+    let creds = server.create_device(local, tmp.path());
+    let mut device = support::MqttDevice::connect(&server, &creds, local).await;
+    device
+        .publish(
+            &format!("devices/{local}/commands/l-door-1/result"),
+            r#"{"status":"succeeded","output":{"opened":true},"local":{"name":"unlock","params":{"door":1},"requested_at":1700000000000,"finished_at":1700000000250}}"#,
+        )
+        .await;
+    drop(device);
+    server
+        .wait_for(&format!("/api/v1/devices/{local}/commands"), |v| {
+            v["commands"][0]["origin"] == "local"
+        })
+        .await;
     let run = run_browser_tests(
         &server,
         &chromium,
@@ -366,6 +382,7 @@ async fn gateways_in_a_real_browser() {
             ("GATEWAY", gateway),
             ("CHILD", child),
             ("LONE", lone),
+            ("LOCAL_DEVICE", local),
         ],
     )
     .await;

@@ -137,6 +137,19 @@ async fn local_commands_work_offline_survive_power_loss_and_sync_once_in_order()
         (401, Some("unauthorized"))
     );
 
+    // The server never uses a local command's id space for its own commands.
+    let (status, body) = server
+        .api(
+            "POST",
+            "/api/v1/devices/lock-1/commands",
+            Some(serde_json::json!({"name": "ping", "idempotency_key": "l-a1"})),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("invalid_idempotency_key"))
+    );
+
     // The cloud goes down.
     server.stop();
     let (status, body) = local(

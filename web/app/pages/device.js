@@ -629,9 +629,9 @@ function Commands({ id, commandRef }) {
     <${Async} res=${res}>${(d) => d.commands.length === 0 ? html`<${Empty}>No commands sent to this device yet.</${Empty}>` : html`<div class="table-wrap"><table class="table">
       <thead><tr><th>Command</th><th>State</th><th>Created</th><th>Result</th><th><span class="sr-only">Actions</span></th></tr></thead>
       <tbody>${d.commands.map((c) => ({ ...c, state: newer(c.state, live.current.get(c.id)) })).map((c) => html`<tr key=${c.id} data-testid="command-row" data-command-id=${c.id} data-state=${c.state}>
-        <td data-label="Command"><strong>${c.name}</strong> <code class="muted">${JSON.stringify(c.params)}</code></td>
+        <td data-label="Command"><strong>${c.name}</strong> ${c.origin === "local" && html`<span class="badge" data-testid="command-local" title="Run on the device's local API while it could not reach the server">executed locally</span>`} <code class="muted">${JSON.stringify(c.params)}</code></td>
         <td data-label="State"><${StateBadge} state=${c.state} /></td>
-        <td data-label="Created">${fmtTime(c.created_at)}</td>
+        <td data-label="Created">${fmtTime(c.created_at)}${c.synced_at && html`<br /><span class="muted" data-testid="command-synced">device time; synced ${fmtTime(c.synced_at)}</span>`}</td>
         <td data-label="Result">${c.result ? html`<code>${c.result.status} ${JSON.stringify(c.result.output)}</code>` : html`<span class="muted">–</span>`}</td>
         <td>${CANCELLABLE.has(c.state) && can("commands.write") && html`<button type="button" class="btn small" data-testid="command-cancel" onClick=${() => cancel(c)}>Cancel</button>`}</td>
       </tr>`)}</tbody></table></div>

@@ -60,6 +60,16 @@ impl Commands {
         let Some(local) = result.local else {
             return Ok(LocalSync::Invalid);
         };
+        if !local_id.starts_with(mooring_proto::local::LOCAL_ID_PREFIX) {
+            // Only `l-` ids are local: anything else could meet an operator's idempotency key.
+            Counters::inc(&self.core.counters.command_replies_ignored);
+            tracing::info!(
+                device,
+                local_id,
+                "local command result without the l- prefix ignored"
+            );
+            return Ok(LocalSync::Invalid);
+        }
         let now_ms = self.core.now_ms();
         if self
             .local_syncs

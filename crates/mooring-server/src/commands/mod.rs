@@ -338,6 +338,17 @@ impl Commands {
                     ),
                 ));
             }
+            if k.starts_with(mooring_proto::local::LOCAL_ID_PREFIX) {
+                // The keys of commands run on devices' local APIs: a command from here must
+                // never meet one (issue 20).
+                return Err(ServiceError::invalid(
+                    "invalid_idempotency_key",
+                    format!(
+                        "idempotency keys starting with {:?} are reserved for commands run on a device's local API",
+                        mooring_proto::local::LOCAL_ID_PREFIX
+                    ),
+                ));
+            }
         }
         let result_timeout_secs = c
             .result_timeout_secs
