@@ -20,19 +20,8 @@ impl Drop for Killed {
 }
 
 fn agent(server_mqtt: &str, creds: &Creds, state: &Path, socket: &Path) -> Killed {
-    let bin = Path::new(support::BIN).with_file_name("mooring-agent");
-    let (host, port) = server_mqtt.rsplit_once(':').expect("addr");
     Killed(
-        Command::new(bin)
-            .args(["--server", &format!("{host}:{port}")])
-            .arg("--cert")
-            .arg(creds.cert())
-            .arg("--key")
-            .arg(creds.key())
-            .arg("--ca")
-            .arg(creds.ca())
-            .arg("--state-dir")
-            .arg(state)
+        support::agent_command_at(server_mqtt, creds, state)
             .arg("--local-socket")
             .arg(socket)
             .args(["--interval-secs", "0"])
@@ -41,6 +30,11 @@ fn agent(server_mqtt: &str, creds: &Creds, state: &Path, socket: &Path) -> Kille
             .spawn()
             .expect("mooring-agent"),
     )
+}
+
+/// `POST /v1/commands` with `body`: (status, answer).
+fn run(socket: &Path, body: &str, key: &str) -> (u16, Value) {
+    local(socket, "POST", "/v1/commands", Some(body), key)
 }
 
 /// An HTTP request to the local API over its Unix socket with curl: (status, JSON body).
@@ -152,37 +146,19 @@ async fn local_commands_work_offline_survive_power_loss_and_sync_once_in_order()
 
     // The cloud goes down.
     server.stop();
-    let (status, body) = local(
-        &socket,
-        "POST",
-        "/v1/commands",
-        Some(r#"{"id":"a1","name":"ping"}"#),
-        &key,
-    );
+    let (status, body) = run(&socket, r#"{"id":"a1","name":"ping"}"#, &key);
     assert_eq!(
         (status, body["status"].as_str()),
         (200, Some("succeeded")),
         "{body}"
     );
-    let (status, body) = local(
-        &socket,
-        "POST",
-        "/v1/commands",
-        Some(r#"{"id":"a2","name":"diagnostics"}"#),
-        &key,
-    );
+    let (status, body) = run(&socket, r#"{"id":"a2","name":"diagnostics"}"#, &key);
     assert_eq!(
         (status, body["status"].as_str()),
         (200, Some("succeeded")),
         "{body}"
     );
-    let (status, body) = local(
-        &socket,
-        "POST",
-        "/v1/commands",
-        Some(r#"{"id":"a3","name":"no-such-handler"}"#),
-        &key,
-    );
+    let (status, body) = run(&socket, r#"{"id":"a3","name":"no-such-handler"}"#, &key);
     assert_eq!(
         (status, body["status"].as_str()),
         (200, Some("failed")),
@@ -193,13 +169,7 @@ async fn local_commands_work_offline_survive_power_loss_and_sync_once_in_order()
         .unwrap_or("")
         .contains("unknown command"));
     // Asked again with the same id: the recorded answer, nothing runs or syncs twice.
-    let (status, again) = local(
-        &socket,
-        "POST",
-        "/v1/commands",
-        Some(r#"{"id":"a3","name":"ping"}"#),
-        &key,
-    );
+    let (status, again) = run(&socket, r#"{"id":"a3","name":"ping"}"#, &key);
     assert_eq!(
         (status, again["status"].as_str()),
         (200, Some("failed")),
@@ -230,11 +200,9 @@ async fn local_commands_work_offline_survive_power_loss_and_sync_once_in_order()
     let _device = agent(&mqtt, &creds, &state, &socket);
     let key_after = wait_for_key(&state, &socket);
     assert_eq!(key_after, key, "the key is kept across a restart");
-    let (status, body) = local(
+    let (status, body) = run(
         &socket,
-        "POST",
-        "/v1/commands",
-        Some(r#"{"id":"a4","name":"ping","params":{"door":2}}"#),
+        r#"{"id":"a4","name":"ping","params":{"door":2}}"#,
         &key,
     );
     assert_eq!(

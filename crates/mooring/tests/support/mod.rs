@@ -368,6 +368,11 @@ impl Drop for Server {
 /// `mooring-agent` (built beside `mooring` by `cargo test --workspace`) as device `creds`
 /// against `server`, its state in `state_dir`; callers add the rest of the arguments.
 pub fn agent_command(server: &Server, creds: &Creds, state_dir: &Path) -> Command {
+    agent_command_at(&server.mqtt.to_string(), creds, state_dir)
+}
+
+/// [`agent_command`] for the server at `mqtt_addr` (one that is down now, or not yet started).
+pub fn agent_command_at(mqtt_addr: &str, creds: &Creds, state_dir: &Path) -> Command {
     let bin = Path::new(BIN).with_file_name("mooring-agent");
     assert!(
         bin.exists(),
@@ -375,7 +380,7 @@ pub fn agent_command(server: &Server, creds: &Creds, state_dir: &Path) -> Comman
         bin.display()
     );
     let mut cmd = Command::new(bin);
-    cmd.args(["--server", &server.mqtt.to_string()])
+    cmd.args(["--server", mqtt_addr])
         .arg("--cert")
         .arg(creds.cert())
         .arg("--key")
