@@ -61,6 +61,13 @@ pub fn reason(why: impl Into<String>) -> Value {
 
 /// Runs the executor until its input closes. Errors are store failures.
 pub(crate) async fn executor(core: Arc<Core>) -> anyhow::Result<()> {
+    // A local command a restart interrupted: no one will ask for it by id again from the
+    // server, so it is finished now (`interrupted`, not run again) and syncs like any result.
+    let unfinished = core.store().unfinished_commands()?;
+    for id in unfinished.iter().filter(|id| crate::local::is_local_id(id)) {
+        tracing::warn!(id = %id, "local command was interrupted by a restart; not run again");
+        finish(&core, id, failed(reason("interrupted")))?;
+    }
     let mut rx = core.commands_rx.lock().await;
     let Some(local) = &core.local else {
         while let Some(msg) = rx.recv().await {

@@ -261,6 +261,16 @@ impl AgentStore for SqliteStore {
         }))
     }
 
+    fn unfinished_commands(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id FROM commands WHERE result IS NULL ORDER BY id")?;
+        let ids = stmt
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
+        Ok(ids)
+    }
+
     fn command_started(&mut self, id: &str) -> Result<(), StoreError> {
         let tx = self.conn.transaction()?;
         tx.execute(

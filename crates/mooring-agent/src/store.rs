@@ -106,6 +106,8 @@ pub trait AgentStore: Send + 'static {
 
     /// What is known about command `id`.
     fn command(&self, id: &str) -> Result<Option<CommandRecord>, StoreError>;
+    /// The ids recorded as started without a result (commands a restart interrupted).
+    fn unfinished_commands(&self) -> Result<Vec<String>, StoreError>;
     /// Records that command `id` is about to run (bounded: the oldest record is forgotten).
     fn command_started(&mut self, id: &str) -> Result<(), StoreError>;
     /// Records the result of command `id` and queues `entry` (the result message) in the
@@ -404,6 +406,18 @@ impl AgentStore for MemStore {
         Ok(self.lock().commands.get(id).cloned())
     }
 
+    fn unfinished_commands(&self) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self
+            .lock()
+            .commands
+            .iter()
+            .filter(|(_, r)| **r == CommandRecord::Started)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
     fn command_started(&mut self, id: &str) -> Result<(), StoreError> {
         let mut inner = self.lock();
         inner.begin_write()?;
@@ -488,12 +502,14 @@ pub fn conformance<S: AgentStore>(
     assert_eq!(s.command("c1")?, None);
     s.command_started("c1")?;
     assert_eq!(s.command("c1")?, Some(CommandRecord::Started));
+    assert_eq!(s.unfinished_commands()?, vec!["c1".to_owned()]);
     let pushed = s.command_done("c1", b"{\"status\":\"succeeded\"}".to_vec(), e(5, "r"))?;
     assert_eq!(pushed.seq, 5);
     assert_eq!(
         s.command("c1")?,
         Some(CommandRecord::Done(b"{\"status\":\"succeeded\"}".to_vec()))
     );
+    assert!(s.unfinished_commands()?.is_empty());
     s.put_doc("config", &serde_json::json!({"a": 1}))?;
     drop(s);
     let mut s = reopen();

@@ -19,9 +19,18 @@ impl Drop for Killed {
     }
 }
 
+/// The agent with its local API on `socket` and a `slow` handler (sleeps 30 s).
 fn agent(server_mqtt: &str, creds: &Creds, state: &Path, socket: &Path) -> Killed {
+    let config = state.with_extension("toml");
+    std::fs::write(
+        &config,
+        "[handlers.slow]\nexec = \"/bin/sleep\"\nargs = [\"30\"]\ntimeout_secs = 60\n",
+    )
+    .expect("agent config");
     Killed(
         support::agent_command_at(server_mqtt, creds, state)
+            .arg("--config")
+            .arg(&config)
             .arg("--local-socket")
             .arg(socket)
             .args(["--interval-secs", "0"])
@@ -193,13 +202,41 @@ async fn local_commands_work_offline_survive_power_loss_and_sync_once_in_order()
     assert_eq!(status, 200);
     assert_eq!(st["device_id"], "lock-1");
 
-    // Power loss right after the answers: kill -9, start again, still offline.
+    // Power loss right after the answers, with one more command still running: kill -9, start
+    // again, still offline.
+    let mut slow = Command::new("curl")
+        .args(["-sS", "--max-time", "40", "-o", "/dev/null"])
+        .arg("--unix-socket")
+        .arg(&socket)
+        .args(["-H", &format!("Authorization: Bearer {key}")])
+        .args(["-H", "Content-Type: application/json"])
+        .args([
+            "--data",
+            r#"{"id":"s1","name":"slow"}"#,
+            "http://device/v1/commands",
+        ])
+        .spawn()
+        .expect("curl");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while local(&socket, "GET", "/v1/commands/s1", None, &key).0 != 202 {
+        assert!(Instant::now() < deadline, "the slow command never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let _ = device.0.kill();
     let _ = device.0.wait();
     drop(device);
     let _device = agent(&mqtt, &creds, &state, &socket);
     let key_after = wait_for_key(&state, &socket);
     assert_eq!(key_after, key, "the key is kept across a restart");
+    let _ = slow.wait();
+    // The interrupted one is finished, not run again.
+    let (status, body) = local(&socket, "GET", "/v1/commands/s1", None, &key);
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("failed")),
+        "{body}"
+    );
+    assert_eq!(body["output"]["reason"], "interrupted");
     let (status, body) = run(
         &socket,
         r#"{"id":"a4","name":"ping","params":{"door":2}}"#,
@@ -215,7 +252,7 @@ async fn local_commands_work_offline_survive_power_loss_and_sync_once_in_order()
     let server = Server::start_with(&data, &mqtt, "127.0.0.1:0", &[]);
     let list = server
         .wait_for("/api/v1/devices/lock-1/commands?limit=100", |v| {
-            local_commands(v).len() >= 4
+            local_commands(v).len() >= 5
         })
         .await;
     // A moment for anything sent twice to arrive; then count again.
@@ -225,19 +262,27 @@ async fn local_commands_work_offline_survive_power_loss_and_sync_once_in_order()
     let (_, list2) = server
         .api("GET", "/api/v1/devices/lock-1/commands?limit=100", None)
         .await;
-    assert_eq!(local_commands(&list2).len(), 4, "{list2}");
+    assert_eq!(local_commands(&list2).len(), 5, "{list2}");
     let locals = local_commands(&list);
-    // Newest first: a4, a3, a2, a1.
+    // Newest first: a4, the interrupted s1 (finished at the restart), a3, a2, a1.
     let keys: Vec<&str> = locals
         .iter()
         .map(|c| c["idempotency_key"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(keys, ["l-a4", "l-a3", "l-a2", "l-a1"]);
+    assert_eq!(keys, ["l-a4", "l-s1", "l-a3", "l-a2", "l-a1"]);
     let states: Vec<&str> = locals
         .iter()
         .map(|c| c["state"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(states, ["succeeded", "failed", "succeeded", "succeeded"]);
+    assert_eq!(
+        states,
+        ["succeeded", "failed", "failed", "succeeded", "succeeded"]
+    );
+    assert_eq!(locals[1]["result"]["output"]["reason"], "interrupted");
+    let locals: Vec<&Value> = locals
+        .into_iter()
+        .filter(|c| c["idempotency_key"] != "l-s1")
+        .collect();
     assert_eq!(locals[0]["name"], "ping");
     assert_eq!(locals[0]["params"]["door"], 2);
     assert_eq!(locals[1]["name"], "no-such-handler");

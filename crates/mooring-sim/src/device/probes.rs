@@ -101,6 +101,9 @@ impl AgentStore for LedgerStore {
     fn command(&self, id: &str) -> Result<Option<CommandRecord>, StoreError> {
         self.inner.command(id)
     }
+    fn unfinished_commands(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.unfinished_commands()
+    }
     fn command_started(&mut self, id: &str) -> Result<(), StoreError> {
         let r = self.inner.command_started(id);
         self.surfaced(r)
