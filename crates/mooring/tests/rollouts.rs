@@ -948,3 +948,74 @@ async fn a_version_that_lowers_a_gated_metric_stops_at_the_gate() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `battery` in a gate names `[health] battery_metric`: gating on it and on that metric by name
+/// is one metric twice, refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gate_naming_the_battery_metric_twice_is_refused() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(tmp.path(), "[health]\nbattery_metric = \"battery.v\"\n");
+    let (status, v) = server
+        .api(
+            "POST",
+            "/api/v1/rollouts",
+            Some(serde_json::json!({
+                "artifact_id": "art_0000000000000000",
+                "selector": "all",
+                "gate": ["battery", "battery.v:down"],
+            })),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (400, Some("invalid_rollout")),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("same metric")),
+        "{v}"
+    );
+}
+
+/// One caller may keep at most `[rollouts] active_per_creator_max` rollouts running or paused:
+/// one more is refused until one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_may_keep_only_so_many_rollouts_going() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let server = Server::start_configured(
+        tmp.path(),
+        "[rollouts]\ntick_ms = 60000\nactive_per_creator_max = 1\n",
+    );
+    for i in 0..2 {
+        server.create_device(&format!("cap-{i}"), tmp.path());
+    }
+    let image: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let art = server.ota_upload(&tmp.path().join("fw-2.img"), &image, "2.0.0");
+    let body = serde_json::json!({"artifact_id": art, "selector": "cap-0,cap-1", "control_pct": 0.0, "waves": [100.0]});
+    let (status, first) = server
+        .api("POST", "/api/v1/rollouts", Some(body.clone()))
+        .await;
+    assert!(status == 200 || status == 201, "{status} {first}");
+    let (status, v) = server
+        .api("POST", "/api/v1/rollouts", Some(body.clone()))
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (429, Some("too_many_rollouts")),
+        "{v}"
+    );
+    // Once the first ends, there is room again.
+    let id = first["id"].as_str().expect("id");
+    let (status, v) = server
+        .api(
+            "POST",
+            &format!("/api/v1/rollouts/{id}/abort"),
+            Some(serde_json::json!({"reason": "test"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = server.api("POST", "/api/v1/rollouts", Some(body)).await;
+    assert!(status == 200 || status == 201, "{status} {v}");
+}

@@ -94,6 +94,9 @@ pub struct RolloutsConfig {
     pub tick_ms: u64,
     /// Most rollouts stored (each with its deployment); one more is `503 too_many_rollouts`.
     pub rollouts_max: u32,
+    /// Most rollouts running or paused that one caller (a user or token) created; one more is
+    /// `429 too_many_rollouts`. Rollbacks the server makes do not count against it.
+    pub active_per_creator_max: u32,
 }
 
 impl Default for RolloutsConfig {
@@ -101,6 +104,7 @@ impl Default for RolloutsConfig {
         Self {
             tick_ms: 5_000,
             rollouts_max: 1_000,
+            active_per_creator_max: 20,
         }
     }
 }
@@ -114,6 +118,10 @@ impl RolloutsConfig {
         anyhow::ensure!(
             (1..=100_000).contains(&self.rollouts_max),
             "rollouts.rollouts_max must be from 1 to 100000"
+        );
+        anyhow::ensure!(
+            (1..=self.rollouts_max).contains(&self.active_per_creator_max),
+            "rollouts.active_per_creator_max must be from 1 to rollouts.rollouts_max"
         );
         Ok(())
     }
@@ -458,6 +466,19 @@ impl Rollouts {
         let spec = req
             .spec()
             .map_err(|m| ServiceError::invalid("invalid_rollout", m))?;
+        // `battery` names `[health] battery_metric`: gating on both would test one metric twice.
+        let battery = self.core.config.health.battery_metric.as_str();
+        if battery != "battery"
+            && spec.gate_metrics.iter().any(|g| g.metric == "battery")
+            && spec.gate_metrics.iter().any(|g| g.metric == battery)
+        {
+            return Err(ServiceError::invalid(
+                "invalid_rollout",
+                format!(
+                    "gate: battery and {battery} are the same metric ([health] battery_metric)"
+                ),
+            ));
+        }
         let artifact = self.ota.get_artifact(&req.artifact_id).await?;
         if artifact.state != ArtifactState::Ready {
             return Err(ServiceError::new(
@@ -484,6 +505,7 @@ impl Rollouts {
                 ),
             ));
         }
+        self.check_creator_bound(by).await?;
         let id = self
             .store_new(
                 NewRollout {
@@ -499,6 +521,37 @@ impl Rollouts {
             )
             .await?;
         self.view(&id).await
+    }
+
+    /// `429 too_many_rollouts` when `by` has `[rollouts] active_per_creator_max` rollouts running
+    /// or paused (at most `rollouts_max` are read). Two creations racing may pass together: the
+    /// bound is per caller, the store's `rollouts_max` the hard one.
+    async fn check_creator_bound(&self, by: &str) -> ServiceResult<()> {
+        let max = self.core.config.rollouts.active_per_creator_max;
+        let mut mine = 0u32;
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .core
+                .store
+                .active_rollouts(after.as_deref(), PAGE_LEN)
+                .await?;
+            mine += page.iter().filter(|r| r.created_by == by).count() as u32;
+            if mine >= max {
+                return Err(ServiceError::new(
+                    ErrorKind::TooManyRequests,
+                    "too_many_rollouts",
+                    format!(
+                        "{by} has {max} rollouts running or paused ([rollouts] active_per_creator_max); \
+                         finish or abort one first"
+                    ),
+                ));
+            }
+            match page.last() {
+                Some(r) if page.len() == PAGE_LEN => after = Some(r.id.clone()),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Every device `sel` matches, at most [`ROLLOUT_DEVICES_MAX`]; at least one.
