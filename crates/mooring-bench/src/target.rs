@@ -326,6 +326,12 @@ pub fn parse_vm_rss_kib(status: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// Ports tried for a mosquitto target when the chosen one was taken meanwhile.
+const PORT_ATTEMPTS_MAX: u32 = 5;
+/// How long a mosquitto that answered a connect must stay up to count as listening (one that
+/// could not bind exits at once).
+const PORT_CHECK_MS: u64 = 200;
+
 /// A free loopback port (bound then released; never 1883, which is outside the ephemeral range).
 fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -638,26 +644,44 @@ impl Target {
                     let _ = std::fs::remove_dir_all(db);
                     std::fs::create_dir_all(db)?;
                 }
-                let conf = mosquitto_conf(s.port, &s.files, s.queue_bounds, db_dir.as_deref());
-                std::fs::write(&s.conf, conf)
-                    .with_context(|| format!("writing {}", s.conf.display()))?;
-                let args: Vec<OsString> = vec!["-c".into(), s.conf.clone().into()];
-                let mut proc = Proc::spawn(&s.bin, &args, &[], self.fd_limit)?;
-                let addr = SocketAddr::from(([127, 0, 0, 1], s.port));
-                let deadline = Instant::now() + START_TIMEOUT;
-                loop {
-                    proc.check_alive("mosquitto")?;
-                    if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                        break;
+                // The port was free when chosen, but another process may have taken it since:
+                // then mosquitto exits at once (address in use) and the next free port is tried.
+                let mut attempt = 1;
+                let (proc, addr) = loop {
+                    let conf = mosquitto_conf(s.port, &s.files, s.queue_bounds, db_dir.as_deref());
+                    std::fs::write(&s.conf, conf)
+                        .with_context(|| format!("writing {}", s.conf.display()))?;
+                    let args: Vec<OsString> = vec!["-c".into(), s.conf.clone().into()];
+                    let mut proc = Proc::spawn(&s.bin, &args, &[], self.fd_limit)?;
+                    let addr = SocketAddr::from(([127, 0, 0, 1], s.port));
+                    let deadline = Instant::now() + START_TIMEOUT;
+                    let listening = loop {
+                        if proc.check_alive("mosquitto").is_err() {
+                            break false;
+                        }
+                        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                            // Connected, but to mosquitto? One that lost the port is gone by now.
+                            tokio::time::sleep(Duration::from_millis(PORT_CHECK_MS)).await;
+                            break proc.check_alive("mosquitto").is_ok();
+                        }
+                        if Instant::now() > deadline {
+                            bail!(
+                                "mosquitto did not listen on {addr} within {START_TIMEOUT:?}; log:\n{}",
+                                proc.log_tail()
+                            );
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    };
+                    if listening {
+                        break (proc, addr);
                     }
-                    if Instant::now() > deadline {
-                        bail!(
-                            "mosquitto did not listen on {addr} within {START_TIMEOUT:?}; log:\n{}",
-                            proc.log_tail()
-                        );
+                    if attempt >= PORT_ATTEMPTS_MAX {
+                        proc.check_alive("mosquitto")?;
                     }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                    attempt += 1;
+                    s.port = free_port()?;
+                    anyhow::ensure!(s.port != 1883, "refusing port 1883 (the system Mosquitto)");
+                };
                 self.endpoint = Some(Endpoint::new(addr, &s.pki.ca_pem)?);
                 self.proc = Some(proc);
             }
